@@ -1,0 +1,417 @@
+"""Offline datasets: safe loading, validation, normalisation and the device-resident batch sampler.
+
+Two on-disk formats are read:
+
+* the DT pickle ``{env}-{dataset}-v2.pkl``: a list of per-trajectory dicts with numpy arrays ``observations``,
+  ``actions``, ``rewards`` (and ``terminals``, ``next_observations``). It is read with a restricted unpickler that
+  only rebuilds numpy arrays, lists, dicts and plain scalars, so a malicious file cannot run code;
+* D4RL's flat hdf5 ``{env}_{dataset with '-'->'_'}-v2.hdf5``, split into episodes at terminals and timeouts
+  exactly as the originals' conversion script did.
+
+The sampler keeps the originals' semantics (length-weighted trajectory choice with replacement, uniform start,
+left padding with their pad values, RTG / scale, clipped timesteps) but builds a whole batch with index
+arithmetic over flat tensors that live on the training device.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from decision_transformer.envs import EnvSpec, check_dataset_name, get_env_spec
+from decision_transformer.errors import UserError
+
+# Padding values of the originals' ``get_batch`` (training). Evaluation pads with zeros instead.
+PAD_ACTION = -10.0
+PAD_DONE = 2
+PAD_STATE_RAW = 0.0  # raw state 0, normalised afterwards -> -mean/std
+
+REQUIRED_KEYS = ("observations", "actions", "rewards")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# File names and lookup
+# --------------------------------------------------------------------------------------------------------------
+
+def pkl_name(env: str, dataset: str) -> str:
+    return f"{env}-{dataset}-v2.pkl"
+
+
+def hdf5_name(env: str, dataset: str) -> str:
+    return f"{env}_{dataset.replace('-', '_')}-v2.hdf5"
+
+
+def find_dataset_file(data_path: str | os.PathLike, env: str, dataset: str) -> Path:
+    """The pkl in ``data_path`` if present, else a D4RL hdf5 with D4RL's name in ``data_path`` or D4RL's cache."""
+    data_path = Path(data_path)
+    candidates = [data_path / pkl_name(env, dataset), data_path / hdf5_name(env, dataset)]
+    d4rl_dir = os.environ.get("D4RL_DATASET_DIR", os.path.join(os.path.expanduser("~"), ".d4rl", "datasets"))
+    candidates.append(Path(d4rl_dir) / hdf5_name(env, dataset))
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise UserError(
+        f"dataset not found: {candidates[0]} (also looked for {candidates[1]} and {candidates[2]}); "
+        f"convert D4RL hdf5 files with `python data/download_d4rl_datasets.py --hdf5 FILE --data_path {data_path}` "
+        f"or pass --data_path to the folder that holds {pkl_name(env, dataset)}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Safe pickle loading
+# --------------------------------------------------------------------------------------------------------------
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("collections", "OrderedDict"),
+    ("builtins", "bool"),
+    ("builtins", "int"),
+    ("builtins", "float"),
+    ("builtins", "complex"),
+    ("builtins", "bytes"),
+    ("builtins", "bytearray"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module in ("numpy", "numpy.dtypes") and name.endswith("DType"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+
+
+def safe_pickle_load(path: str | os.PathLike):
+    """Unpickle numpy arrays, lists, dicts and scalars only; anything else (code, objects) is refused."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return _RestrictedUnpickler(io.BufferedReader(f)).load()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refused to load ({e}); only numpy arrays, lists and dicts are allowed") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, ImportError, MemoryError) as e:
+        raise UserError(f"{path}: not a readable trajectory pickle ({type(e).__name__}: {e})") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# D4RL hdf5
+# --------------------------------------------------------------------------------------------------------------
+
+def read_hdf5(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every dataset of a D4RL hdf5 file, keyed by its path (``infos/qpos``)."""
+    import h5py
+
+    path = Path(path)
+    out: dict[str, np.ndarray] = {}
+    try:
+        with h5py.File(path, "r") as f:
+            def visit(name, obj):
+                if isinstance(obj, h5py.Dataset):
+                    out[name] = obj[()]
+            f.visititems(visit)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except OSError as e:
+        raise UserError(f"{path}: not a readable hdf5 file ({e})") from None
+    return out
+
+
+def split_episodes(data: dict[str, np.ndarray], source: str = "dataset") -> list[dict[str, np.ndarray]]:
+    """Split flat D4RL arrays into trajectories, as the originals' conversion script did.
+
+    A row closes its episode if ``terminals`` is set, or ``timeouts`` when the file has them; files without
+    ``timeouts`` (v0) close an episode when the in-episode counter equals 999 (the originals' off-by-one: the
+    first episode gets 1000 steps, later ones 999). Rows after the last closing flag are dropped. Float arrays are
+    cast to float32 (medium-replay files are float64).
+    """
+    for key in REQUIRED_KEYS + ("terminals",):
+        if key not in data:
+            raise UserError(f"{source}: missing key {key!r}")
+    n = len(data["rewards"])
+    keys = [k for k in ("observations", "next_observations", "actions", "rewards", "terminals") if k in data]
+    for k in keys:
+        if len(data[k]) != n:
+            raise UserError(f"{source}: {k!r} has {len(data[k])} rows, rewards has {n}")
+    terminals = np.asarray(data["terminals"]).astype(bool)
+    use_timeouts = "timeouts" in data
+    if use_timeouts:
+        ends = terminals | np.asarray(data["timeouts"]).astype(bool)
+    else:
+        ends = np.zeros(n, dtype=bool)
+        step = 0
+        for i in range(n):
+            if terminals[i] or step == 999:
+                ends[i] = True
+                step = 0
+            else:
+                step += 1
+    end_idx = np.flatnonzero(ends)
+    trajs = []
+    start = 0
+    for e in end_idx:
+        traj = {}
+        for k in keys:
+            arr = np.asarray(data[k][start:e + 1])
+            if k == "terminals":
+                arr = arr.astype(bool)
+            elif np.issubdtype(arr.dtype, np.floating):
+                arr = arr.astype(np.float32, copy=False)
+            traj[k] = arr
+        trajs.append(traj)
+        start = e + 1
+    return trajs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------------------
+
+def validate_trajectories(trajs, spec: EnvSpec, source: str) -> list[dict[str, np.ndarray]]:
+    """Check structure, lengths, dtypes, dimensions and finiteness; return float32 copies of the arrays used."""
+    if not isinstance(trajs, list) or not trajs:
+        raise UserError(f"{source}: expected a non-empty list of trajectory dicts, got {type(trajs).__name__}"
+                        + (" (empty)" if isinstance(trajs, list) else ""))
+    out = []
+    for i, t in enumerate(trajs):
+        where = f"{source}: trajectory {i}"
+        if not isinstance(t, dict):
+            raise UserError(f"{where} is a {type(t).__name__}, expected a dict")
+        for k in REQUIRED_KEYS:
+            if k not in t:
+                raise UserError(f"{where} lacks key {k!r}")
+            if not isinstance(t[k], np.ndarray):
+                raise UserError(f"{where}: {k!r} is a {type(t[k]).__name__}, expected a numpy array")
+            if not (np.issubdtype(t[k].dtype, np.floating) or np.issubdtype(t[k].dtype, np.integer)):
+                raise UserError(f"{where}: {k!r} has dtype {t[k].dtype}, expected a float array")
+        obs, act, rew = t["observations"], t["actions"], t["rewards"]
+        n = len(rew)
+        if n == 0:
+            raise UserError(f"{where} is empty")
+        if obs.ndim != 2 or obs.shape[1] != spec.state_dim:
+            raise UserError(f"{where}: observations have shape {obs.shape}, expected (T, {spec.state_dim}) "
+                            f"for {spec.name}")
+        if act.ndim != 2 or act.shape[1] != spec.act_dim:
+            raise UserError(f"{where}: actions have shape {act.shape}, expected (T, {spec.act_dim}) for {spec.name}")
+        if rew.ndim != 1 and not (rew.ndim == 2 and rew.shape[1] == 1):
+            raise UserError(f"{where}: rewards have shape {rew.shape}, expected (T,)")
+        if len(obs) != n or len(act) != n:
+            raise UserError(f"{where}: lengths differ (observations {len(obs)}, actions {len(act)}, rewards {n})")
+        clean = {
+            "observations": obs.astype(np.float32, copy=False),
+            "actions": act.astype(np.float32, copy=False),
+            "rewards": rew.reshape(-1).astype(np.float32, copy=False),
+        }
+        for k, v in clean.items():
+            if not np.isfinite(v).all():
+                raise UserError(f"{where}: {k!r} contains NaN or inf")
+        term = t.get("terminals", t.get("dones"))
+        if term is not None:
+            term = np.asarray(term).reshape(-1)
+            if len(term) != n:
+                raise UserError(f"{where}: terminals have length {len(term)}, expected {n}")
+            clean["terminals"] = term.astype(bool)
+        else:
+            clean["terminals"] = np.zeros(n, dtype=bool)
+        out.append(clean)
+    return out
+
+
+def load_trajectories(path: str | os.PathLike, env: str) -> list[dict[str, np.ndarray]]:
+    """Load and validate a pkl or D4RL hdf5 file for ``env``."""
+    path = Path(path)
+    spec = get_env_spec(env)
+    if path.suffix in (".hdf5", ".h5"):
+        trajs = split_episodes(read_hdf5(path), source=str(path))
+    else:
+        trajs = safe_pickle_load(path)
+    return validate_trajectories(trajs, spec, str(path))
+
+
+def load_dataset(data_path: str | os.PathLike, env: str, dataset: str) -> tuple[Path, list[dict[str, np.ndarray]]]:
+    get_env_spec(env)
+    check_dataset_name(dataset)
+    path = find_dataset_file(data_path, env, dataset)
+    return path, load_trajectories(path, env)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Preprocessing shared by the fast sampler and the reference sampler in the tests
+# --------------------------------------------------------------------------------------------------------------
+
+def discount_cumsum(x: np.ndarray, gamma: float = 1.0) -> np.ndarray:
+    """Reverse discounted cumulative sum, computed from the end as the originals did (same float ops)."""
+    out = np.zeros_like(x)
+    out[-1] = x[-1]
+    for t in reversed(range(x.shape[0] - 1)):
+        out[t] = x[t] + gamma * out[t + 1]
+    return out
+
+
+def apply_delayed_mode(trajs):
+    """``--mode delayed``: the whole return is paid on the last step."""
+    out = []
+    for t in trajs:
+        t = dict(t)
+        r = np.zeros_like(t["rewards"])
+        r[-1] = t["rewards"].sum()
+        t["rewards"] = r
+        out.append(t)
+    return out
+
+
+def state_stats(trajs) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (+1e-6) over every observation of the dataset, float32, as the originals."""
+    states = np.concatenate([t["observations"] for t in trajs], axis=0)
+    return np.mean(states, axis=0), np.std(states, axis=0) + 1e-6
+
+
+def select_top_trajectories(returns: np.ndarray, lengths: np.ndarray, pct_traj: float) -> np.ndarray:
+    """Indices of the best-return trajectories whose lengths add up to at most ``pct_traj`` of all timesteps.
+
+    Uses KZL's final ``<=`` (every trajectory kept at 1.0); REID/TAKAGI/LAWSON's ``<`` dropped the worst one.
+    """
+    if not 0.0 < pct_traj <= 1.0:
+        raise UserError(f"--pct_traj must be in (0, 1], got {pct_traj}")
+    budget = max(int(pct_traj * lengths.sum()), 1)
+    order = np.argsort(returns, kind="stable")  # ascending, as the originals
+    total = lengths[order[-1]]
+    n = 1
+    ind = len(order) - 2
+    while ind >= 0 and total + lengths[order[ind]] <= budget:
+        total += lengths[order[ind]]
+        n += 1
+        ind -= 1
+    return order[-n:]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The device-resident dataset and sampler
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """One training batch. Shapes: states [B, K, ds], actions [B, K, da], rewards [B, K, 1], dones [B, K],
+    rtg [B, K + 1, 1] (already divided by the scale), timesteps [B, K], mask [B, K] (1 = real step)."""
+
+    states: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    dones: torch.Tensor
+    rtg: torch.Tensor
+    timesteps: torch.Tensor
+    mask: torch.Tensor
+
+
+class TrajectoryDataset:
+    """Flat tensors of every trajectory on ``device``, with normalised states and precomputed returns-to-go.
+
+    ``states`` is stored normalised with the dataset's own mean/std unless ``state_mean``/``state_std`` are given
+    (the multi-task script can take them from elsewhere).
+    """
+
+    def __init__(self, trajs, env: str, *, mode: str = "normal", pct_traj: float = 1.0, device="cpu",
+                 state_mean: np.ndarray | None = None, state_std: np.ndarray | None = None):
+        spec = get_env_spec(env)
+        if mode == "delayed":
+            trajs = apply_delayed_mode(trajs)
+        elif mode not in ("normal", "noise"):
+            raise UserError(f"unknown --mode {mode!r}; choose normal, delayed or noise")
+        self.spec = spec
+        self.env = env
+        self.scale = spec.scale
+        self.max_ep_len = spec.max_ep_len
+        self.device = torch.device(device)
+        mean, std = state_stats(trajs)
+        self.state_mean = mean if state_mean is None else np.asarray(state_mean, dtype=np.float32)
+        self.state_std = std if state_std is None else np.asarray(state_std, dtype=np.float32)
+
+        lengths = np.array([len(t["rewards"]) for t in trajs], dtype=np.int64)
+        returns = np.array([t["rewards"].sum() for t in trajs], dtype=np.float64)
+        self.traj_lens_all = lengths
+        self.traj_returns_all = returns
+        self.num_timesteps = int(lengths.sum())
+        self.kept = select_top_trajectories(returns, lengths, pct_traj)  # indices into trajs, worst..best
+
+        obs = np.concatenate([t["observations"] for t in trajs], axis=0)
+        norm_obs = (obs - self.state_mean) / self.state_std
+        rtg = np.concatenate([discount_cumsum(t["rewards"], 1.0) for t in trajs], axis=0)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        dv = self.device
+        self.states = torch.from_numpy(norm_obs.astype(np.float32)).to(dv)                      # [N, ds]
+        self.actions = torch.from_numpy(np.concatenate([t["actions"] for t in trajs])).to(dv)   # [N, da]
+        self.rewards = torch.from_numpy(np.concatenate([t["rewards"] for t in trajs])).to(dv)   # [N]
+        self.dones = torch.from_numpy(np.concatenate([t["terminals"] for t in trajs]).astype(np.int64)).to(dv)
+        self.rtg = torch.from_numpy(rtg.astype(np.float32)).to(dv)                               # [N]
+        self.traj_starts = torch.from_numpy(starts).to(dv)
+        self.traj_lens = torch.from_numpy(lengths).to(dv)
+        pad_state = (np.zeros(spec.state_dim, dtype=np.float32) - self.state_mean) / self.state_std
+        self.pad_state = torch.from_numpy(pad_state.astype(np.float32)).to(dv)
+        # Uniform sampling over the kept timesteps == length-weighted trajectory choice + uniform start.
+        kept_lens = lengths[self.kept]
+        self.kept_idx = torch.from_numpy(self.kept.astype(np.int64)).to(dv)
+        self.kept_cum = torch.from_numpy(np.cumsum(kept_lens)).to(dv)
+        self.num_kept_timesteps = int(kept_lens.sum())
+
+    def __len__(self):
+        return len(self.traj_lens_all)
+
+    # ---- sampling ---------------------------------------------------------------------------------------------
+    def sample_indices(self, batch_size: int, generator: torch.Generator | None = None):
+        """(trajectory index, start) pairs: trajectory with probability len/sum(len) over the kept set,
+        start uniform in [0, len - 1]. Drawn as one uniform timestep of the kept set, which is the same law."""
+        u = torch.randint(0, self.num_kept_timesteps, (batch_size,), device=self.device, generator=generator)
+        j = torch.searchsorted(self.kept_cum, u, right=True)                     # position in the kept list
+        traj = self.kept_idx[j]
+        start = u - (self.kept_cum[j] - self.traj_lens[traj])
+        return traj, start
+
+    def sample_batch(self, batch_size: int, K: int, generator: torch.Generator | None = None) -> Batch:
+        traj, start = self.sample_indices(batch_size, generator)
+        return self.get_windows(traj, start, K)
+
+    def get_windows(self, traj: torch.Tensor, start: torch.Tensor, K: int) -> Batch:
+        """Windows of K steps from ``start`` in ``traj``, left-padded as the originals' ``get_batch``."""
+        dv = self.device
+        traj = traj.to(dv)
+        start = start.to(dv)
+        B = traj.shape[0]
+        length = self.traj_lens[traj]                                            # [B]
+        tlen = torch.clamp(length - start, max=K)                                # real steps per window
+        pad = K - tlen                                                           # [B]
+        j = torch.arange(K, device=dv).unsqueeze(0)                              # [1, K]
+        offset = j - pad.unsqueeze(1)                                            # step offset from start
+        real = offset >= 0                                                       # [B, K]
+        flat = self.traj_starts[traj].unsqueeze(1) + start.unsqueeze(1) + offset.clamp(min=0)
+        flat = torch.where(real, flat, torch.zeros_like(flat))
+
+        states = torch.where(real.unsqueeze(-1), self.states[flat], self.pad_state)
+        actions = torch.where(real.unsqueeze(-1), self.actions[flat], torch.full_like(self.actions[flat], PAD_ACTION))
+        rewards = torch.where(real, self.rewards[flat], torch.zeros((), device=dv)).unsqueeze(-1)
+        dones = torch.where(real, self.dones[flat], torch.full((), PAD_DONE, device=dv, dtype=torch.long))
+        timesteps = torch.where(real, start.unsqueeze(1) + offset, torch.zeros((), device=dv, dtype=torch.long))
+        timesteps = timesteps.clamp(max=self.max_ep_len - 1)
+
+        # RTG has K + 1 entries: tlen + 1 values from start (0 past the episode end), left-padded with zeros.
+        j1 = torch.arange(K + 1, device=dv).unsqueeze(0)
+        off1 = j1 - pad.unsqueeze(1)
+        in_ep = (off1 >= 0) & (start.unsqueeze(1) + off1 < length.unsqueeze(1))
+        flat1 = self.traj_starts[traj].unsqueeze(1) + start.unsqueeze(1) + off1.clamp(min=0)
+        flat1 = torch.where(in_ep, flat1, torch.zeros_like(flat1))
+        rtg = torch.where(in_ep, self.rtg[flat1], torch.zeros((), device=dv)) / self.scale
+        mask = real.to(torch.float32)
+        return Batch(states, actions, rewards, dones, rtg.unsqueeze(-1), timesteps, mask)

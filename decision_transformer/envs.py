@@ -1,0 +1,75 @@
+"""One table of environment facts: gymnasium ids, dimensions, return targets, RTG scale, D4RL reference returns.
+
+Every other module asks this one; no env literal is repeated elsewhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from decision_transformer.errors import UserError
+
+#: Gymnasium MuJoCo version used for evaluation. ``v4`` has the v3 dynamics the originals evaluated on.
+DEFAULT_ENV_VERSION = "v4"
+SUPPORTED_ENV_VERSIONS = ("v4", "v5")
+
+#: Dataset qualities of the D4RL gym-mujoco v2 suite.
+DATASETS = ("random", "medium", "medium-replay", "medium-expert", "expert")
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    name: str               # short name used on the command line and in file names (``hopper``)
+    gym_name: str           # gymnasium id without version (``Hopper``)
+    state_dim: int
+    act_dim: int
+    max_ep_len: int
+    targets: tuple[float, ...]  # return-to-go targets, first = the one LAWSON evaluates
+    scale: float            # returns-to-go are divided by this
+    ref_min_score: float    # D4RL REF_MIN_SCORE (random policy)
+    ref_max_score: float    # D4RL REF_MAX_SCORE (expert policy)
+
+    def gym_id(self, version: str = DEFAULT_ENV_VERSION) -> str:
+        if version not in SUPPORTED_ENV_VERSIONS:
+            raise UserError(f"unsupported --env_version {version!r}; choose one of {', '.join(SUPPORTED_ENV_VERSIONS)}")
+        return f"{self.gym_name}-{version}"
+
+    def d4rl_score(self, returns):
+        """D4RL-normalised score (x100) of raw returns (scalar or array)."""
+        return 100.0 * (returns - self.ref_min_score) / (self.ref_max_score - self.ref_min_score)
+
+
+ENVS: dict[str, EnvSpec] = {
+    "hopper": EnvSpec("hopper", "Hopper", 11, 3, 1000, (3600.0, 1800.0), 1000.0, -20.272305, 3234.3),
+    "halfcheetah": EnvSpec("halfcheetah", "HalfCheetah", 17, 6, 1000, (12000.0, 6000.0), 1000.0, -280.178953, 12135.0),
+    "walker2d": EnvSpec("walker2d", "Walker2d", 17, 6, 1000, (5000.0, 2500.0), 1000.0, 1.629008, 4592.3),
+}
+
+
+def get_env_spec(name: str) -> EnvSpec:
+    try:
+        return ENVS[name]
+    except KeyError:
+        raise UserError(f"unknown env {name!r}; choose one of {', '.join(ENVS)}") from None
+
+
+def check_dataset_name(dataset: str) -> str:
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    return dataset
+
+
+def make_env(name: str, version: str = DEFAULT_ENV_VERSION):
+    """A gymnasium env for ``name`` (no rendering). Imports gymnasium lazily: training alone does not need it."""
+    import warnings
+
+    spec = get_env_spec(name)
+    gym_id = spec.gym_id(version)
+    try:
+        import gymnasium as gym
+    except ImportError as e:  # pragma: no cover - gymnasium is a hard dependency
+        raise UserError(f"gymnasium[mujoco] is required for evaluation ({e})") from None
+    with warnings.catch_warnings():
+        # v4 is marked out of date in gymnasium 1.x; it is the version with the originals' (v3) dynamics.
+        warnings.filterwarnings("ignore", message=".*out of date.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        return gym.make(gym_id, disable_env_checker=True)

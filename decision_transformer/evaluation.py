@@ -1,0 +1,162 @@
+"""Return-conditioned evaluation in MuJoCo: all episodes of an evaluation step in lockstep.
+
+At environment step t every live episode has the same history length, so one batched forward of the model
+gives every episode its next action. Episode i of every evaluation resets with seed ``10000 * seed + i``
+(common random numbers across targets, iterations and checkpoints). ``rollout_episode`` is the originals'
+one-episode loop, kept as the slow reference path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from decision_transformer.envs import DEFAULT_ENV_VERSION, get_env_spec, make_env
+
+
+@dataclass
+class EvalResult:
+    target: float
+    returns: np.ndarray   # [num_episodes] undiscounted episode returns
+    lengths: np.ndarray   # [num_episodes]
+
+    def metrics(self, env: str, prefix: str = "") -> dict[str, float]:
+        spec = get_env_spec(env)
+        key = f"{prefix}target_{int(self.target)}"
+        scores = spec.d4rl_score(self.returns)
+        return {
+            f"{key}_return_mean": float(np.mean(self.returns)),
+            f"{key}_return_std": float(np.std(self.returns)),
+            f"{key}_length_mean": float(np.mean(self.lengths)),
+            f"{key}_length_std": float(np.std(self.lengths)),
+            f"{key}_d4rl_score_mean": float(np.mean(scores)),
+            f"{key}_d4rl_score_std": float(np.std(scores)),
+        }
+
+
+def episode_seed(seed: int, i: int) -> int:
+    return 10000 * int(seed) + int(i)
+
+
+def _initial_obs(env, seed: int, i: int, mode: str) -> np.ndarray:
+    obs, _ = env.reset(seed=episode_seed(seed, i))
+    if mode == "noise":
+        obs = obs + np.random.default_rng(episode_seed(seed, i)).normal(0, 0.1, size=obs.shape)
+    return obs
+
+
+class EnvPool:
+    """Gymnasium envs reused across evaluations (creating MuJoCo envs is not free)."""
+
+    def __init__(self, env: str, version: str = DEFAULT_ENV_VERSION):
+        self.env, self.version = env, version
+        self.envs: list = []
+
+    def get(self, n: int) -> list:
+        while len(self.envs) < n:
+            self.envs.append(make_env(self.env, self.version))
+        return self.envs[:n]
+
+    def close(self):
+        for e in self.envs:
+            e.close()
+        self.envs = []
+
+
+@torch.no_grad()
+def evaluate_episodes(model, env: str, target: float, num_episodes: int, state_mean, state_std, *,
+                      seed: int = 0, mode: str = "normal", device="cpu", pool: EnvPool | None = None,
+                      env_version: str = DEFAULT_ENV_VERSION, progress=None) -> EvalResult:
+    """Roll out ``num_episodes`` return-conditioned episodes in lockstep with one batched forward per env step."""
+    spec = get_env_spec(env)
+    device = torch.device(device)
+    pool = pool or EnvPool(env, env_version)
+    envs = pool.get(num_episodes)
+    M, L = num_episodes, spec.max_ep_len
+    mean = torch.as_tensor(state_mean, dtype=torch.float32, device=device)
+    std = torch.as_tensor(state_std, dtype=torch.float32, device=device)
+
+    # History buffers, [M, L(+1), ...]: states hold normalised observations, rtg the conditioning returns.
+    states = torch.zeros(M, L + 1, spec.state_dim, device=device)
+    actions = torch.zeros(M, L, spec.act_dim, device=device)
+    rtg = torch.zeros(M, L + 1, 1, device=device)
+    timesteps = torch.arange(L + 1, device=device).unsqueeze(0).expand(M, -1)
+    obs0 = np.stack([_initial_obs(e, seed, i, mode) for i, e in enumerate(envs)])
+    states[:, 0] = (torch.as_tensor(obs0, device=device).to(torch.float32) - mean) / std
+    rtg[:, 0, 0] = torch.tensor(target / spec.scale, dtype=torch.float32)
+
+    returns = np.zeros(M)
+    lengths = np.zeros(M, dtype=np.int64)
+    live = np.ones(M, dtype=bool)
+    K = model.config.max_length
+    for t in range(L):
+        idx = np.flatnonzero(live)
+        if len(idx) == 0:
+            break
+        lo = max(0, t + 1 - K)
+        ti = torch.as_tensor(idx, device=device)
+        # the current step's action slot is zero, as the originals' placeholder
+        act = model.get_action(states[ti, lo:t + 1], actions[ti, lo:t + 1], rtg[ti, lo:t + 1], timesteps[ti, lo:t + 1])
+        actions[ti, t] = act
+        act_np = act.detach().to("cpu", torch.float32).numpy()
+        new_obs = np.zeros((len(idx), spec.state_dim))
+        rewards = np.zeros(len(idx))
+        for j, i in enumerate(idx):
+            obs, r, terminated, truncated, _ = envs[i].step(act_np[j])
+            new_obs[j], rewards[j] = obs, r
+            returns[i] += r
+            lengths[i] += 1
+            if terminated or truncated:
+                live[i] = False
+        states[ti, t + 1] = (torch.as_tensor(new_obs, device=device).to(torch.float32) - mean) / std
+        decrement = torch.as_tensor(rewards, device=device).to(torch.float32) / spec.scale
+        if mode == "delayed":
+            decrement = torch.zeros_like(decrement)
+        rtg[ti, t + 1, 0] = rtg[ti, t, 0] - decrement
+        if progress is not None:
+            progress.update(int(len(idx) - live[idx].sum()))
+    return EvalResult(target, returns, lengths)
+
+
+@torch.no_grad()
+def rollout_episode(model, env_obj, target: float, state_mean, state_std, *, env: str, seed: int, index: int,
+                    mode: str = "normal", device="cpu") -> tuple[float, int]:
+    """One episode with a batch-1 forward per step: the originals' ``evaluate_episode_rtg`` loop (slow path)."""
+    spec = get_env_spec(env)
+    device = torch.device(device)
+    mean = torch.as_tensor(state_mean, dtype=torch.float32, device=device)
+    std = torch.as_tensor(state_std, dtype=torch.float32, device=device)
+    obs = _initial_obs(env_obj, seed, index, mode)
+    states = torch.as_tensor(obs, device=device).reshape(1, spec.state_dim).to(torch.float32)
+    actions = torch.zeros((0, spec.act_dim), device=device, dtype=torch.float32)
+    target_return = torch.tensor(target / spec.scale, device=device, dtype=torch.float32).reshape(1, 1)
+    timesteps = torch.tensor(0, device=device, dtype=torch.long).reshape(1, 1)
+    ep_return, ep_len = 0.0, 0
+    for t in range(spec.max_ep_len):
+        actions = torch.cat([actions, torch.zeros((1, spec.act_dim), device=device)], dim=0)
+        action = model.get_action(((states - mean) / std)[None], actions[None],
+                                  target_return.reshape(1, -1, 1), timesteps)[0]
+        actions[-1] = action
+        obs, reward, terminated, truncated, _ = env_obj.step(action.detach().cpu().numpy())
+        states = torch.cat([states, torch.as_tensor(obs, device=device).reshape(1, spec.state_dim).to(torch.float32)])
+        pred_return = target_return[0, -1] - (torch.tensor(reward, dtype=torch.float32, device=device) / spec.scale
+                                              if mode != "delayed" else 0)
+        target_return = torch.cat([target_return, pred_return.reshape(1, 1)], dim=1)
+        timesteps = torch.cat([timesteps, torch.ones((1, 1), device=device, dtype=torch.long) * (t + 1)], dim=1)
+        ep_return += reward
+        ep_len += 1
+        if terminated or truncated:
+            break
+    return ep_return, ep_len
+
+
+def evaluate_episodes_sequential(model, env: str, target: float, num_episodes: int, state_mean, state_std, *,
+                                 seed: int = 0, mode: str = "normal", device="cpu", pool: EnvPool | None = None,
+                                 env_version: str = DEFAULT_ENV_VERSION) -> EvalResult:
+    """The slow path: episodes one after another with batch-1 forwards (benchmarks and equivalence tests)."""
+    pool = pool or EnvPool(env, env_version)
+    env_obj = pool.get(1)[0]
+    out = [rollout_episode(model, env_obj, target, state_mean, state_std, env=env, seed=seed, index=i, mode=mode,
+                           device=device) for i in range(num_episodes)]
+    return EvalResult(target, np.array([r for r, _ in out]), np.array([n for _, n in out], dtype=np.int64))

@@ -1,0 +1,138 @@
+"""The Decision Transformer: (R̂, s, a) token triples through a GPT-2 backbone, action read at the state token."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from decision_transformer.models.gpt2 import BackboneConfig, GPT2Backbone
+
+EMBED_ORDERS = ("ln_then_time", "time_then_ln")
+
+
+@dataclass
+class DTConfig:
+    state_dim: int
+    act_dim: int
+    max_length: int = 20             # K, context timesteps
+    max_ep_len: int = 1000           # rows of the timestep table
+    action_tanh: bool = True
+    share_input_output_proj: bool = False
+    # ``ln_then_time``: LayerNorm on the stacked modality embeddings, then the timestep embedding is added
+    # (REID / TAKAGI / LAWSON, the default). ``time_then_ln``: the original DT paper's order (KZL, transformers).
+    embed_order: str = "ln_then_time"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.n_embd
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DTConfig":
+        names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        d["backbone"] = BackboneConfig.from_dict(d.get("backbone", {}))
+        return cls(**d)
+
+
+@dataclass
+class DTOutput:
+    state_preds: torch.Tensor      # [B, K, ds], from the action token
+    action_preds: torch.Tensor     # [B, K, da], from the state token
+    return_preds: torch.Tensor     # [B, K, 1], from the action token
+    all_embs: torch.Tensor         # [B, 3K, H] post-LN modality embeddings (``ln_then_time``) for the k-means loss
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+class DecisionTransformer(nn.Module):
+    """Decision Transformer over a GPT-2 backbone (no position embedding added inside the backbone).
+
+    Parameter names follow the originals (``embed_timestep``, ``embed_return``, ``embed_state``, ``embed_action``,
+    ``embed_ln``, ``transformer.*``, ``predict_state``, ``predict_action.0``, ``predict_return``), so their state dicts
+    load. With ``share_input_output_proj`` the heads are x @ W_embed (no bias, no parameters of their own).
+    """
+
+    def __init__(self, cfg: DTConfig, seed: int | None = None):
+        if seed is not None:
+            # As TAKAGI: the initial weights are a function of the seed only, so epoch-0 models can be rebuilt.
+            torch.manual_seed(seed)
+        super().__init__()
+        if cfg.embed_order not in EMBED_ORDERS:
+            raise ValueError(f"embed_order must be one of {EMBED_ORDERS}, got {cfg.embed_order!r}")
+        self.config = cfg
+        H = cfg.hidden_size
+        self.transformer = GPT2Backbone(cfg.backbone)
+        self.embed_timestep = nn.Embedding(cfg.max_ep_len, H)
+        self.embed_return = nn.Linear(1, H)
+        self.embed_state = nn.Linear(cfg.state_dim, H)
+        self.embed_action = nn.Linear(cfg.act_dim, H)
+        self.embed_ln = nn.LayerNorm(H)
+        if not cfg.share_input_output_proj:
+            self.predict_state = nn.Linear(H, cfg.state_dim)
+            self.predict_action = nn.Sequential(nn.Linear(H, cfg.act_dim), *([nn.Tanh()] if cfg.action_tanh else []))
+            self.predict_return = nn.Linear(H, 1)
+
+    # ---- heads -------------------------------------------------------------------------------------------------
+    def _heads(self, x):
+        """x: [B, 3, K, H] (token type, step) -> (state, action, return) predictions."""
+        if self.config.share_input_output_proj:
+            # Tied: x @ W where W is the [H, d] weight of the input embedding, no bias.
+            state = x[:, 2] @ self.embed_state.weight
+            action = x[:, 1] @ self.embed_action.weight
+            if self.config.action_tanh:
+                action = torch.tanh(action)
+            ret = x[:, 2] @ self.embed_return.weight
+        else:
+            state = self.predict_state(x[:, 2])
+            action = self.predict_action(x[:, 1])
+            ret = self.predict_return(x[:, 2])
+        return state, action, ret
+
+    def forward(self, states, actions, returns_to_go, timesteps, attention_mask=None,
+                output_attentions: bool = False, output_hidden_states: bool = False) -> DTOutput:
+        """states [B, K, ds], actions [B, K, da], returns_to_go [B, K, 1], timesteps [B, K] (long),
+        attention_mask [B, K] (1 = real step; None = all real)."""
+        B, K = states.shape[:2]
+        H = self.config.hidden_size
+        if attention_mask is None:
+            attention_mask = torch.ones(B, K, dtype=states.dtype, device=states.device)
+        time_emb = self.embed_timestep(timesteps)                                        # [B, K, H]
+        embs = [self.embed_return(returns_to_go), self.embed_state(states), self.embed_action(actions)]
+        if self.config.embed_order == "time_then_ln":
+            embs = [e + time_emb for e in embs]
+        # interleave (R̂_1, s_1, a_1, R̂_2, ...): [B, K, 3, H] -> [B, 3K, H]
+        stacked = torch.stack(embs, dim=2).reshape(B, 3 * K, H)
+        all_embs = self.embed_ln(stacked)
+        if self.config.embed_order == "ln_then_time":
+            inputs = all_embs + time_emb.repeat_interleave(3, dim=1)
+        else:
+            inputs = all_embs
+        mask = attention_mask.repeat_interleave(3, dim=1)                                  # [B, 3K]
+        out = self.transformer(inputs, attention_mask=mask, output_attentions=output_attentions,
+                               output_hidden_states=output_hidden_states)
+        x = out.last_hidden_state.reshape(B, K, 3, H).permute(0, 2, 1, 3)                 # [B, 3, K, H]
+        state_preds, action_preds, return_preds = self._heads(x)
+        return DTOutput(state_preds, action_preds, return_preds, all_embs, out.hidden_states, out.attentions)
+
+    @torch.no_grad()
+    def get_action(self, states, actions, returns_to_go, timesteps):
+        """Next actions for M histories of equal length t: states [M, t, ds], actions [M, t, da],
+        returns_to_go [M, t, 1], timesteps [M, t]. Keeps the last K steps, left-pads with zeros (mask 0), and
+        returns the action predicted at the last state token, [M, da]."""
+        K = self.config.max_length
+        states, actions = states[:, -K:], actions[:, -K:]
+        returns_to_go, timesteps = returns_to_go[:, -K:], timesteps[:, -K:]
+        t = states.shape[1]
+        pad = K - t
+        mask = torch.cat([torch.zeros(states.shape[0], pad, device=states.device),
+                          torch.ones(states.shape[0], t, device=states.device)], dim=1)
+        states, actions, returns_to_go = (F.pad(x, (0, 0, pad, 0)) for x in (states, actions, returns_to_go))
+        timesteps = F.pad(timesteps, (pad, 0))
+        out = self(states, actions, returns_to_go, timesteps, attention_mask=mask)
+        return out.action_preds[:, -1]

@@ -1,0 +1,208 @@
+"""A GPT-2 backbone for Decision Transformers, with transformers-compatible parameter names and layout.
+
+Differences from ``transformers.GPT2Model`` that the Decision Transformer needs (as in the originals'
+``trajectory_gpt2.py``): the learned position table ``wpe`` is **not** added to ``inputs_embeds``; blocks can skip
+their attention branch (``disable_attention``); the MLP can be a gated GEGLU; every block owns its activation
+module (so per-block hooks see per-block activations); attention probabilities can be returned.
+
+Weights use GPT-2's ``Conv1D`` layout ([in, out]) and names (``h.{i}.attn.c_attn.weight`` ...), so GPT-2
+checkpoints, the originals' state dicts and merge code line up.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Added to attention logits of masked (future or padding) keys; the originals' value.
+MASK_VALUE = -1e4
+
+
+@dataclass
+class BackboneConfig:
+    n_embd: int = 128
+    n_layer: int = 3
+    n_head: int = 1
+    n_inner: int | None = None          # None -> 4 * n_embd
+    activation_function: str = "relu"
+    resid_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    vocab_size: int = 50257             # the unused ``wte`` of the originals, kept for state-dict compatibility
+    n_positions: int = 1024
+    disable_attention: bool = False
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BackboneConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class Conv1D(nn.Module):
+    """GPT-2's linear layer with the weight stored as [in, out]: y = x @ W + b."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x):
+        size_out = x.shape[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(size_out)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU: the input's two halves (value u, gate g) -> u * GELU(g) (exact erf GELU)."""
+
+    def forward(self, x):
+        u, g = x.chunk(2, dim=-1)
+        return u * F.gelu(g)
+
+
+def make_activation(name: str) -> nn.Module:
+    if name == "geglu":
+        return GEGLU()
+    from transformers.activations import ACT2CLS
+
+    if name not in ACT2CLS:
+        raise ValueError(f"unknown activation function {name!r}; choose geglu or one of {', '.join(sorted(ACT2CLS))}")
+    cls = ACT2CLS[name]
+    return cls[0](**cls[1]) if isinstance(cls, tuple) else cls()
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"hidden size {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.c_attn = Conv1D(3 * cfg.n_embd, cfg.n_embd)
+        self.c_proj = Conv1D(cfg.n_embd, cfg.n_embd)
+        self.attn_pdrop = cfg.attn_pdrop
+        self.attn_dropout = nn.Dropout(cfg.attn_pdrop)
+        self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, x, bias, output_attentions: bool = False):
+        B, T, H = x.shape
+        q, k, v = self.c_attn(x).split(H, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, nh, T, hd]
+        if output_attentions:
+            w = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim) + bias
+            probs = torch.softmax(w, dim=-1)
+            y = self.attn_dropout(probs) @ v
+        else:
+            probs = None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                               dropout_p=self.attn_pdrop if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, H)
+        return self.resid_dropout(self.c_proj(y)), probs
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        inner = cfg.inner_dim
+        gated = cfg.activation_function == "geglu"
+        self.c_fc = Conv1D(2 * inner if gated else inner, cfg.n_embd)
+        self.act = make_activation(cfg.activation_function)
+        self.c_proj = Conv1D(cfg.n_embd, inner)
+        self.dropout = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN GPT-2 block: h += Attn(LN1(h)); h += MLP(LN2(h))."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+        self.disable_attention = cfg.disable_attention
+
+    def forward(self, h, bias, output_attentions: bool = False):
+        probs = None
+        if not self.disable_attention:  # the original computed and discarded the branch; skipping it is equivalent
+            a, probs = self.attn(self.ln_1(h), bias, output_attentions)
+            h = h + a
+        return h + self.mlp(self.ln_2(h)), probs
+
+
+@dataclass
+class BackboneOutput:
+    last_hidden_state: torch.Tensor                       # [B, T, H], after ln_f
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # input of each block, then ln_f(output)
+    attentions: tuple[torch.Tensor, ...] | None = None     # per block [B, n_head, T, T]
+
+
+def attention_bias(attention_mask: torch.Tensor | None, T: int, device, dtype) -> torch.Tensor:
+    """Additive attention bias [B or 1, 1, T, T]: 0 where allowed, MASK_VALUE for future keys and padding keys."""
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    bias = torch.zeros(T, T, device=device, dtype=dtype).masked_fill(~causal, MASK_VALUE)[None, None]
+    if attention_mask is not None:
+        bias = bias + ((1.0 - attention_mask.to(dtype)) * MASK_VALUE)[:, None, None, :]
+    return bias
+
+
+class GPT2Backbone(nn.Module):
+    """``inputs_embeds`` -> dropout -> blocks -> ln_f. ``wte``/``wpe`` exist for compatibility but are not added."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.embd_pdrop)
+        self.h = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        """GPT-2 initialisation, including the scaled residual projections."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, Conv1D)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        if isinstance(module, (Attention, MLP)):
+            nn.init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def forward(self, inputs_embeds, attention_mask=None, output_attentions=False, output_hidden_states=False):
+        B, T, _ = inputs_embeds.shape
+        bias = attention_bias(attention_mask, T, inputs_embeds.device, inputs_embeds.dtype)
+        h = self.drop(inputs_embeds)
+        hidden, attns = [], []
+        for block in self.h:
+            if output_hidden_states:
+                hidden.append(h)
+            h, probs = block(h, bias, output_attentions)
+            if output_attentions:
+                attns.append(probs)
+        h = self.ln_f(h)
+        if output_hidden_states:
+            hidden.append(h)
+        return BackboneOutput(h, tuple(hidden) if output_hidden_states else None,
+                              tuple(attns) if output_attentions else None)
