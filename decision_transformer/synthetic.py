@@ -1,0 +1,76 @@
+"""Small real-MuJoCo datasets from a seeded random (or given) policy, in the D4RL and DT layouts.
+
+Used by the tests and for smoke runs on a fresh machine; real experiments use D4RL-style datasets.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from decision_transformer.envs import DEFAULT_ENV_VERSION, get_env_spec, make_env
+
+
+def rollout_flat(env: str, num_transitions: int, seed: int = 0, policy=None, max_ep_len: int | None = None,
+                 env_version: str = DEFAULT_ENV_VERSION) -> dict[str, np.ndarray]:
+    """Flat D4RL-layout arrays (observations, next_observations, actions, rewards, terminals, timeouts) of
+    ``num_transitions`` steps. ``policy(obs, rng) -> action``; default uniform random in [-1, 1]."""
+    spec = get_env_spec(env)
+    max_ep_len = max_ep_len or spec.max_ep_len
+    rng = np.random.default_rng(seed)
+    e = make_env(env, env_version)
+    cols = {k: [] for k in ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts")}
+    obs, _ = e.reset(seed=seed)
+    t, ep = 0, 0
+    for _ in range(num_transitions):
+        a = rng.uniform(-1, 1, spec.act_dim) if policy is None else policy(obs, rng)
+        a = np.asarray(a, dtype=np.float32)
+        nobs, r, term, trunc, _ = e.step(a)
+        t += 1
+        timeout = (t >= max_ep_len or trunc) and not term
+        for k, v in zip(cols, (obs, nobs, a, r, term, timeout)):
+            cols[k].append(v)
+        obs = nobs
+        if term or timeout:
+            ep += 1
+            obs, _ = e.reset(seed=seed + ep)
+            t = 0
+    e.close()
+    out = {k: np.asarray(v) for k, v in cols.items()}
+    for k in ("observations", "next_observations", "actions", "rewards"):
+        out[k] = out[k].astype(np.float32)
+    out["terminals"] = out["terminals"].astype(bool)
+    out["timeouts"] = out["timeouts"].astype(bool)
+    return out
+
+
+def write_hdf5(path: str | os.PathLike, data: dict[str, np.ndarray]) -> Path:
+    import h5py
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        for k, v in data.items():
+            f.create_dataset(k, data=v)
+    return path
+
+
+def write_pkl(path: str | os.PathLike, trajectories: list[dict[str, np.ndarray]]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(trajectories, f)
+    os.replace(tmp, path)
+    return path
+
+
+def make_dataset(data_path: str | os.PathLike, env: str, dataset: str, num_transitions: int, seed: int = 0,
+                 max_ep_len: int | None = None) -> Path:
+    """Write ``{data_path}/{env}-{dataset}-v2.pkl`` from random-policy rollouts; returns its path."""
+    from decision_transformer.data import pkl_name, split_episodes
+
+    trajs = split_episodes(rollout_flat(env, num_transitions, seed, max_ep_len=max_ep_len))
+    return write_pkl(Path(data_path) / pkl_name(env, dataset), trajs)
