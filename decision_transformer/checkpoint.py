@@ -1,0 +1,127 @@
+"""Checkpoints as plain dicts (loadable with ``torch.load(..., weights_only=True)``), atomic writes, run naming."""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from decision_transformer.errors import UserError
+
+FORMAT_VERSION = 1
+DEFAULT_K = 20
+# Buffers present in the originals' state dicts that this implementation computes on the fly.
+_IGNORED_KEYS = (".attn.bias", ".attn.masked_bias")
+
+
+# ---- naming -----------------------------------------------------------------------------------------------------
+
+def new_exp_id() -> int:
+    """A 6-digit run id from OS entropy (not the seeded RNG, so equal-seed runs do not collide)."""
+    return 100000 + secrets.randbelow(900000)
+
+
+def model_name(pretrained_lm: str | None, pretrained_block: int | None = None) -> str:
+    """TAKAGI's model name: ``dt`` (random init or block replacement), ``igpt``, or the LM's last path component."""
+    if not pretrained_lm or pretrained_block is not None:
+        return "dt"
+    if "imagegpt" in pretrained_lm:
+        return "igpt"
+    return Path(pretrained_lm.rstrip("/")).name
+
+
+def run_suffix(K: int, remove_grad_clip: bool, pretrained_block: int | None, sep: str) -> str:
+    s = ""
+    if K != DEFAULT_K:
+        s += f"{sep}K{K}"
+    if remove_grad_clip:
+        s += f"{sep}no{sep}grad{sep}clip"
+    if pretrained_block is not None:
+        s += f"{sep}block{pretrained_block}"
+    return s
+
+
+def run_dir_name(model: str, dataset: str, env: str, seed: int, K: int = DEFAULT_K, remove_grad_clip: bool = False,
+                 pretrained_block: int | None = None) -> str:
+    """``{model}_{dataset}_{env}_{seed}[_K{K}][_no_grad_clip][_block{b}]`` (TAKAGI)."""
+    return f"{model}_{dataset}_{env}_{seed}" + run_suffix(K, remove_grad_clip, pretrained_block, "_")
+
+
+def wandb_run_name(env: str, dataset: str, model: str, seed: int, K: int = DEFAULT_K, remove_grad_clip: bool = False,
+                   pretrained_block: int | None = None) -> str:
+    """``gym-experiment-{env}-{dataset}-{model}-{seed}[-K{K}][-no-grad-clip][-block{b}]`` (TAKAGI)."""
+    return f"gym-experiment-{env}-{dataset}-{model}-{seed}" + run_suffix(K, remove_grad_clip, pretrained_block, "-")
+
+
+# ---- saving -----------------------------------------------------------------------------------------------------
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def make_checkpoint(state_dict: dict, config: dict, state_mean=None, state_std=None, **extra) -> dict:
+    ckpt = {
+        "format_version": FORMAT_VERSION,
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "config": config,
+    }
+    if state_mean is not None:
+        ckpt["state_mean"] = torch.as_tensor(np.asarray(state_mean, dtype=np.float32))
+        ckpt["state_std"] = torch.as_tensor(np.asarray(state_std, dtype=np.float32))
+    ckpt.update(extra)
+    return ckpt
+
+
+# ---- loading ----------------------------------------------------------------------------------------------------
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load one of our checkpoints (or a plain state dict, returned as ``{"state_dict": ...}``) without
+    executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a loadable checkpoint ({first[:200]})") from None
+    if isinstance(obj, dict) and "state_dict" in obj:
+        return obj
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {"state_dict": obj}
+    raise UserError(f"{path}: not a checkpoint (expected a dict with a 'state_dict' or a state dict)")
+
+
+def check_finite_state(state_dict: dict, source: str):
+    for k, v in state_dict.items():
+        if torch.is_floating_point(v) and not torch.isfinite(v).all():
+            raise UserError(f"{source}: tensor {k} contains NaN or inf")
+
+
+def load_state_into(model: torch.nn.Module, state_dict: dict, source: str, strict: bool = True):
+    """Strict load that names the mismatched tensors instead of dumping a traceback."""
+    state_dict = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_KEYS)}
+    check_finite_state(state_dict, source)
+    own = model.state_dict()
+    shape_bad = [f"{k} (checkpoint {list(v.shape)}, model {list(own[k].shape)})"
+                 for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    problems = []
+    if shape_bad:
+        problems.append(f"shape mismatch for {shape_bad[0]}" + (f" and {len(shape_bad) - 1} more" if len(shape_bad) > 1 else ""))
+    if strict and missing:
+        problems.append(f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if strict and unexpected:
+        problems.append(f"unexpected {unexpected[0]}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+    if problems:
+        raise UserError(f"{source} does not match the model: " + "; ".join(problems))
+    model.load_state_dict(state_dict, strict=strict)

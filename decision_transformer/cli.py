@@ -1,0 +1,140 @@
+"""Command-line flags of ``experiment.py``, spelled and defaulted as the originals (see the README's flag tables)."""
+from __future__ import annotations
+
+import argparse
+
+from decision_transformer.envs import DEFAULT_ENV_VERSION, SUPPORTED_ENV_VERSIONS
+
+
+def add_data_flags(p: argparse.ArgumentParser):
+    g = p.add_argument_group("data, environment, context")
+    g.add_argument("--data_path", type=str, default="data", help="folder with {env}-{dataset}-v2.pkl (or D4RL hdf5)")
+    g.add_argument("--env", type=str, default="hopper", help="hopper, halfcheetah or walker2d")
+    g.add_argument("--dataset", type=str, default="medium",
+                   help="random, medium, medium-replay, medium-expert or expert")
+    g.add_argument("--mode", type=str, default="normal", help="normal, delayed (return on the last step) or noise")
+    g.add_argument("--K", type=int, default=20, help="context length in timesteps (3K tokens)")
+    g.add_argument("--pct_traj", type=float, default=1.0, help="train on the top-return trajectories covering this "
+                                                                  "fraction of timesteps")
+    g.add_argument("--batch_size", type=int, default=64)
+    g.add_argument("--model_type", type=str, default="dt", help="dt (bc is not supported yet)")
+
+
+def add_model_flags(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model")
+    g.add_argument("--embed_dim", type=int, default=128)
+    g.add_argument("--n_layer", type=int, default=3)
+    g.add_argument("--n_head", type=int, default=1)
+    g.add_argument("--activation_function", type=str, default="relu", help="transformers ACT2FN name or geglu")
+    g.add_argument("--dropout", type=float, default=0.1, help="residual dropout; attention dropout is fixed at 0.1")
+    g.add_argument("--disable_attention", action="store_true", help="blocks skip their attention branch")
+    g.add_argument("--share_input_output_proj", action="store_true",
+                   help="bias-free prediction heads tied to the input embeddings")
+    g.add_argument("--embed_order", choices=["ln_then_time", "time_then_ln"], default="ln_then_time",
+                   help="ln_then_time: LayerNorm, then add the timestep embedding (the seeds); "
+                        "time_then_ln: the original DT paper's order")
+    g.add_argument("--frozen", action="store_true", help="freeze transformer.h")
+    g.add_argument("--freeze_subset", nargs="*", default=None, help="freeze parameters whose name contains any of these")
+    g.add_argument("--load_checkpoint", type=str, default=None, help="load these weights (strictly) before training")
+    g.add_argument("--pretrained_lm", "-plm", type=str, default=None, help="(not supported yet)")
+    g.add_argument("--pretrained_block", "-pb", type=int, default=None, help="(not supported yet)")
+    g.add_argument("--extend_positions", action="store_true", help="(not supported yet)")
+    g.add_argument("--igpt_legacy_ln", action="store_true", help="(not supported yet)")
+
+
+def add_kmeans_flags(p: argparse.ArgumentParser):
+    g = p.add_argument_group("k-means language alignment (not supported yet)")
+    g.add_argument("--gpt_kmeans", type=int, default=None)
+    g.add_argument("--gpt_kmeans_const", type=float, default=None)
+    g.add_argument("--kmeans_cache", type=str, default=None)
+    g.add_argument("--kmeans_mean", action="store_true")
+    g.add_argument("--kmeans_form", type=str, default="dim")
+
+
+def add_optim_flags(p: argparse.ArgumentParser):
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--learning_rate", "-lr", type=float, default=1e-4)
+    g.add_argument("--lm_learning_rate", "-lmlr", type=float, default=None,
+                   help="transformer-group lr with --custom_transformer_decay")
+    g.add_argument("--weight_decay", "-wd", type=float, default=1e-4)
+    g.add_argument("--warmup_steps", type=int, default=10000)
+    g.add_argument("--custom_transformer_decay", action="store_true",
+                   help="transformer group: wd 0, lr -lmlr or -lr; other parameters: wd -wd")
+    g.add_argument("--remove_grad_clip", "-rgc", action="store_true", help="no 0.25 grad-norm clip")
+    g.add_argument("--fp16", action="store_true", help="accepted for compatibility; no effect in this script")
+
+
+def add_run_flags(p: argparse.ArgumentParser, *, project: str = "decision-transformer", seed_default=666,
+                  outdir_default="checkpoints"):
+    g = p.add_argument_group("schedule, evaluation, logging, saving")
+    g.add_argument("--num_eval_episodes", type=int, default=100)
+    g.add_argument("--max_iters", type=int, default=40)
+    g.add_argument("--num_steps_per_iter", type=int, default=2500, help="0 = evaluate only")
+    g.add_argument("--env_targets", type=str, default=None,
+                   help="comma-separated return targets; default: both standard targets of the env")
+    g.add_argument("--env_version", type=str, default=DEFAULT_ENV_VERSION, choices=SUPPORTED_ENV_VERSIONS)
+    g.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N (cuda falls back to cpu "
+                                                               "with a warning when no GPU is present)")
+    g.add_argument("--seed", type=int, default=seed_default)
+    g.add_argument("--log_to_wandb", "-w", action="store_true", help="log to WandB (offline without credentials)")
+    g.add_argument("--project", type=str, default=project, help="WandB project")
+    g.add_argument("--outdir", type=str, default=outdir_default,
+                   help="per-iteration checkpoints in {outdir}/{run_dir}/model_{iter}.pt; '' disables")
+    g.add_argument("--save_model", action="store_true", help="also save models/{env}/dt_{exp_prefix}[_best].pt")
+    g.add_argument("--save_mode", choices=["last", "best", "both"], default="last")
+    g.add_argument("--resume", action="store_true", help="continue the run in {outdir}/{run_dir} from its last "
+                                                          "checkpoint")
+    g.add_argument("--end_break", action="store_true", help="enter the debugger at the end")
+    # Dead in the originals: parsed, recorded in the config, otherwise ignored.
+    g.add_argument("--note", type=str, default=None, help=argparse.SUPPRESS)
+    for flag in ("--naive", "--enable_merge_return", "--enable_merge_embed_ln", "--enable_timesteps",
+                 "--enable_all_embed"):
+        g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+
+
+def add_merge_flags(p: argparse.ArgumentParser):
+    g = p.add_argument_group("merging (not supported yet)")
+    g.add_argument("--pretrained_models", nargs="*", default=[])
+    g.add_argument("--include", nargs="*", default=[])
+    g.add_argument("--exclude", nargs="*", default=[])
+    g.add_argument("--p", type=float, default=0.5)
+    for flag in ("--copy_model", "--flip", "--copy_include", "--merge_frozen", "--identity_layers", "--use_fisher",
+                 "--no_trace_norm"):
+        g.add_argument(flag, action="store_true")
+    g.add_argument("--f_batch_size", type=int, default=64)
+    g.add_argument("--f_num_batches", type=int, default=100)
+
+
+def experiment_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train and evaluate a Decision Transformer on an offline MuJoCo dataset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_data_flags(p)
+    add_model_flags(p)
+    add_kmeans_flags(p)
+    add_optim_flags(p)
+    add_run_flags(p)
+    add_merge_flags(p)
+    return p
+
+
+#: Flags parsed for compatibility whose features this version does not implement yet: (attribute, is_set).
+UNSUPPORTED = {
+    "pretrained_lm": lambda v: v is not None,
+    "pretrained_block": lambda v: v is not None,
+    "extend_positions": bool,
+    "igpt_legacy_ln": bool,
+    "gpt_kmeans": lambda v: v is not None,
+    "pretrained_models": bool,
+    "use_fisher": bool,
+}
+
+
+def reject_unsupported(args, parser_name: str = "experiment.py"):
+    from decision_transformer.errors import UserError
+
+    for attr, is_set in UNSUPPORTED.items():
+        if hasattr(args, attr) and is_set(getattr(args, attr)):
+            raise UserError(f"--{attr} is not supported by this version of {parser_name} yet")
+    if getattr(args, "model_type", "dt") != "dt":
+        raise UserError(f"--model_type {args.model_type!r} is not supported yet; use dt")

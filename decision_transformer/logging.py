@@ -1,0 +1,88 @@
+"""Run logging: WandB (online, offline or disabled), a local ``metrics.jsonl`` and ``config.json``, progress bars."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+def wandb_credentials_present() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def _plain(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else str(v)
+    if hasattr(v, "item") and callable(v.item):
+        return _plain(v.item())
+    return v
+
+
+class RunLogger:
+    """``log(metrics, step)`` appends one JSON line to ``{run_dir}/metrics.jsonl`` and logs to WandB when enabled.
+
+    WandB honours ``WANDB_MODE``; with no credentials configured it runs offline (sync later with ``wandb sync``).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike | None, config: dict, *, use_wandb: bool = False,
+                 project: str = "decision-transformer", group: str | None = None, name: str | None = None,
+                 resume: bool = False):
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.wandb_run = None
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+            if not resume:
+                (self.run_dir / "metrics.jsonl").write_text("")
+        if use_wandb:
+            import wandb
+
+            mode = os.environ.get("WANDB_MODE")
+            if mode is None and not wandb_credentials_present():
+                mode = "offline"
+                print("wandb: no credentials found, logging offline (sync later with `wandb sync`)", file=sys.stderr)
+            self.wandb_run = wandb.init(project=project, group=group, name=name, config=config, mode=mode)
+
+    def log(self, metrics: dict, step: int | None = None):
+        if self.run_dir is not None:
+            row = {k: _plain(v) for k, v in metrics.items()}
+            if step is not None:
+                row["iteration"] = step
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics)
+
+    def finish(self):
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def progress(total: int, desc: str, leave: bool = False):
+    """A progress bar on stderr; silent when stderr is not a terminal (CI logs stay readable)."""
+    return tqdm(total=total, desc=desc, leave=leave, dynamic_ncols=True, disable=None, file=sys.stderr)
+
+
+def summary_line(iteration: int, max_iters: int, logs: dict, targets_keys: list[str]) -> str:
+    parts = [f"iter {iteration}/{max_iters}"]
+    loss = logs.get("training/train_loss_mean")
+    if loss is not None and not (isinstance(loss, float) and math.isnan(loss)):
+        parts.append(f"loss {loss:.4f}")
+    for key in targets_keys:
+        mean = logs.get(f"evaluation/{key}_return_mean")
+        score = logs.get(f"evaluation/{key}_d4rl_score_mean")
+        if mean is not None:
+            parts.append(f"{key} return {mean:.1f} (d4rl {score:.1f})")
+    parts.append(f"train {logs.get('time/training', 0):.1f}s eval {logs.get('time/evaluation', 0):.1f}s")
+    return " | ".join(parts)

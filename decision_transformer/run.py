@@ -1,0 +1,233 @@
+"""The single-task pipeline behind ``experiment.py``: data -> model -> training -> evaluation -> checkpoints."""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from decision_transformer.checkpoint import (atomic_save, load_checkpoint, load_state_into, make_checkpoint,
+                                             model_name, new_exp_id, run_dir_name, wandb_run_name)
+from decision_transformer.cli import reject_unsupported
+from decision_transformer.data import TrajectoryDataset, load_dataset
+from decision_transformer.envs import check_dataset_name, get_env_spec
+from decision_transformer.errors import UserError
+from decision_transformer.evaluation import EnvPool, evaluate_episodes
+from decision_transformer.logging import RunLogger, progress, summary_line
+from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+from decision_transformer.training import GRAD_CLIP, Trainer, freeze, make_optimizer, warmup_schedule
+
+TRAIN_STATE = "train_state.pt"
+
+
+# ---- small helpers ----------------------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print(f"warning: --device {name} requested but CUDA is not available; running on cpu", file=sys.stderr)
+        return torch.device("cpu")
+    return dev
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    st = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [st[0], st[1].tolist(), int(st[2]), int(st[3]), float(st[4])],
+            "python": [list(random.getstate()[1]), random.getstate()[0]]}
+
+
+def set_rng_state(st: dict):
+    torch.set_rng_state(st["torch"])
+    if st.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+    n = st["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    random.setstate((st["python"][1], tuple(st["python"][0]), None))
+
+
+def parse_targets(env_targets: str | None, default) -> list[float]:
+    if env_targets is None:
+        return list(default)
+    try:
+        targets = [float(t) for t in env_targets.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--env_targets must be comma-separated numbers, got {env_targets!r}") from None
+    if not targets:
+        raise UserError("--env_targets is empty")
+    return targets
+
+
+def check_args(args):
+    checks = [("K", args.K >= 1), ("batch_size", args.batch_size >= 1), ("max_iters", args.max_iters >= 0),
+              ("num_steps_per_iter", args.num_steps_per_iter >= 0), ("num_eval_episodes", args.num_eval_episodes >= 0),
+              ("dropout", 0.0 <= args.dropout < 1.0), ("learning_rate", args.learning_rate > 0),
+              ("warmup_steps", args.warmup_steps >= 0), ("embed_dim", args.embed_dim >= 1),
+              ("n_layer", args.n_layer >= 1), ("n_head", args.n_head >= 1)]
+    for name, ok in checks:
+        if not ok:
+            raise UserError(f"invalid --{name} {getattr(args, name)}")
+    if args.embed_dim % args.n_head:
+        raise UserError(f"--embed_dim {args.embed_dim} is not divisible by --n_head {args.n_head}")
+    if args.K > 1000:
+        raise UserError(f"--K {args.K} exceeds the episode length 1000")
+
+
+def build_model_config(args, spec) -> DTConfig:
+    backbone = BackboneConfig(n_embd=args.embed_dim, n_layer=args.n_layer, n_head=args.n_head,
+                              n_inner=4 * args.embed_dim, activation_function=args.activation_function,
+                              resid_pdrop=args.dropout, attn_pdrop=0.1, disable_attention=args.disable_attention)
+    return DTConfig(state_dim=spec.state_dim, act_dim=spec.act_dim, max_length=args.K, max_ep_len=spec.max_ep_len,
+                    share_input_output_proj=args.share_input_output_proj, embed_order=args.embed_order,
+                    backbone=backbone)
+
+
+def build_model(cfg: DTConfig, seed: int) -> DecisionTransformer:
+    try:
+        return DecisionTransformer(cfg, seed=seed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+
+def run_experiment(args) -> dict:
+    """Train and evaluate as ``experiment.py``; returns the last iteration's logs."""
+    reject_unsupported(args)
+    spec = get_env_spec(args.env)
+    check_dataset_name(args.dataset)
+    check_args(args)
+    targets = parse_targets(args.env_targets, spec.targets)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+
+    data_file, trajs = load_dataset(args.data_path, args.env, args.dataset)
+    dataset = TrajectoryDataset(trajs, args.env, mode=args.mode, pct_traj=args.pct_traj, device=device)
+    print(f"data: {data_file} | {len(dataset)} trajectories, {dataset.num_timesteps} timesteps | returns "
+          f"mean {dataset.traj_returns_all.mean():.2f} std {dataset.traj_returns_all.std():.2f} "
+          f"max {dataset.traj_returns_all.max():.2f} min {dataset.traj_returns_all.min():.2f} | "
+          f"training on {len(dataset.kept)} trajectories", file=sys.stderr)
+
+    cfg = build_model_config(args, spec)
+    model = build_model(cfg, args.seed).to(device)
+    if args.load_checkpoint:
+        load_state_into(model, load_checkpoint(args.load_checkpoint)["state_dict"], args.load_checkpoint)
+    frozen = []
+    if args.frozen:
+        frozen += freeze(model, ["transformer.h."])
+    if args.freeze_subset:
+        frozen += freeze(model, args.freeze_subset)
+    if frozen:
+        print(f"frozen: {len(frozen)} parameter tensors", file=sys.stderr)
+
+    mname = model_name(args.pretrained_lm, args.pretrained_block)
+    group = f"gym-experiment-{args.env}-{args.dataset}"
+    run_dir = Path(args.outdir) / run_dir_name(mname, args.dataset, args.env, args.seed, args.K,
+                                               args.remove_grad_clip, args.pretrained_block) if args.outdir else None
+
+    optimizer = make_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay,
+                               pretrained_lm=bool(args.pretrained_lm),
+                               custom_transformer_decay=args.custom_transformer_decay, lm_lr=args.lm_learning_rate)
+    scheduler = warmup_schedule(optimizer, args.warmup_steps)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(args.seed)
+    trainer = Trainer(model, optimizer, scheduler, dataset, batch_size=args.batch_size, K=args.K, generator=generator,
+                      grad_clip=None if args.remove_grad_clip else GRAD_CLIP)
+
+    start_iter, best_score, exp_id = 0, -float("inf"), new_exp_id()
+    if args.resume:
+        if run_dir is None:
+            raise UserError("--resume needs --outdir (the run folder holds the state to resume)")
+        st_path = run_dir / TRAIN_STATE
+        if not st_path.is_file():
+            raise UserError(f"nothing to resume: {st_path} does not exist")
+        st = load_checkpoint(st_path)
+        load_state_into(model, st["state_dict"], str(st_path))
+        try:
+            optimizer.load_state_dict(st["optimizer"])
+            scheduler.load_state_dict(st["scheduler"])
+            generator.set_state(st["generator"].to(generator.get_state().device))
+            set_rng_state(st["rng"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise UserError(f"{st_path}: cannot restore the training state ({e})") from None
+        start_iter, best_score, exp_id = int(st["iteration"]), float(st["best_score"]), int(st["exp_id"])
+        trainer.step = int(st["step"])
+        print(f"resuming {run_dir} after iteration {start_iter}", file=sys.stderr)
+    elif run_dir is not None and any(run_dir.glob("model_*.pt")):
+        print(f"warning: {run_dir} already holds checkpoints; they will be replaced (use --resume to continue)",
+              file=sys.stderr)
+    exp_prefix = f"{group}-{exp_id}"
+
+    config = {**vars(args), "exp_id": exp_id, "exp_prefix": exp_prefix, "model_name": mname,
+              "data_file": str(data_file), "device_used": str(device), "targets": targets,
+              "model_config": cfg.to_dict()}
+    ckpt_extra = dict(state_mean=dataset.state_mean, state_std=dataset.state_std)
+    if run_dir is not None and not args.resume:
+        atomic_save(make_checkpoint(model.state_dict(), config, iteration=0, **ckpt_extra), run_dir / "model_0.pt")
+    logger = RunLogger(run_dir, config, use_wandb=args.log_to_wandb, project=args.project, group=group,
+                       name=wandb_run_name(args.env, args.dataset, mname, args.seed, args.K, args.remove_grad_clip,
+                                           args.pretrained_block), resume=args.resume)
+    models_dir = Path("models") / args.env
+    best_key = f"evaluation/target_{int(targets[0])}_return_mean"
+    pool = EnvPool(args.env, args.env_version)
+    t0 = time.time()
+    logs: dict = {}
+    try:
+        for it in range(start_iter + 1, args.max_iters + 1):
+            with progress(args.num_steps_per_iter, f"iter {it} train") as bar:
+                logs = trainer.train_iteration(args.num_steps_per_iter, it, bar)
+            model.eval()
+            eval_start = time.time()
+            if args.num_eval_episodes:
+                for target in targets:
+                    with progress(args.num_eval_episodes, f"iter {it} eval {int(target)}") as bar:
+                        res = evaluate_episodes(model, args.env, target, args.num_eval_episodes, dataset.state_mean,
+                                                dataset.state_std, seed=args.seed, mode=args.mode, device=device,
+                                                pool=pool, progress=bar)
+                    logs.update({f"evaluation/{k}": v for k, v in res.metrics(args.env).items()})
+            logs["time/evaluation"] = time.time() - eval_start
+            logs["time/total"] = time.time() - t0
+            logger.log(logs, it)
+            print(summary_line(it, args.max_iters, logs, [f"target_{int(t)}" for t in targets]), file=sys.stderr)
+
+            improved = best_key in logs and logs[best_key] > best_score
+            if improved:
+                best_score = logs[best_key]
+            if run_dir is not None:
+                atomic_save(make_checkpoint(model.state_dict(), config, iteration=it, **ckpt_extra),
+                            run_dir / f"model_{it}.pt")
+                atomic_save({**make_checkpoint(model.state_dict(), config, **ckpt_extra), "iteration": it,
+                             "step": trainer.step, "best_score": best_score, "exp_id": exp_id,
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "generator": generator.get_state(), "rng": rng_state()}, run_dir / TRAIN_STATE)
+            if args.save_model and improved and args.save_mode in ("best", "both"):
+                atomic_save(make_checkpoint(model.state_dict(), config, iteration=it, specializations=[args.env],
+                                            **ckpt_extra), models_dir / f"dt_{exp_prefix}_best.pt")
+        if args.save_model and args.save_mode in ("last", "both"):
+            atomic_save(make_checkpoint(model.state_dict(), config, iteration=args.max_iters,
+                                        specializations=[args.env], **ckpt_extra), models_dir / f"dt_{exp_prefix}.pt")
+    finally:
+        logger.finish()
+        pool.close()
+    if args.end_break:
+        breakpoint()
+    return logs
+
+

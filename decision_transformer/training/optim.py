@@ -1,0 +1,48 @@
+"""Optimiser groups and the warm-up schedule of the originals."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def trainable(params):
+    return [p for p in params if p.requires_grad]
+
+
+def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, pretrained_lm: bool = False,
+                   custom_transformer_decay: bool = False, lm_lr: float | None = None,
+                   fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW with the originals' effective groups.
+
+    * no LM: one group, eps 1e-8;
+    * LM, no flag: one group, eps 1e-6 (the originals' LM group matched nothing, so this is what ran);
+    * ``custom_transformer_decay``: the backbone (``model.transformer``) with wd 0 and lr ``lm_lr or lr``, every other
+      trainable parameter with ``weight_decay``; eps 1e-6. A tensor shared by both (``--extend_positions``) is listed
+      once, in the transformer group.
+    """
+    kw = {} if fused is None else {"fused": fused}
+    if custom_transformer_decay:
+        t_params = trainable(model.transformer.parameters())
+        t_ids = {id(p) for p in t_params}
+        rest = [p for p in trainable(model.parameters()) if id(p) not in t_ids]
+        groups = [{"params": t_params, "lr": lm_lr if lm_lr is not None else lr, "weight_decay": 0.0},
+                  {"params": rest, "lr": lr, "weight_decay": weight_decay}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=1e-6, **kw)
+    eps = 1e-6 if pretrained_lm else 1e-8
+    return torch.optim.AdamW(trainable(model.parameters()), lr=lr, weight_decay=weight_decay, eps=eps, **kw)
+
+
+def warmup_schedule(optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from lr/warmup to lr over ``warmup_steps`` scheduler steps, then constant."""
+    warmup_steps = max(int(warmup_steps), 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min((n + 1) / warmup_steps, 1.0))
+
+
+def freeze(model: nn.Module, substrings) -> list[str]:
+    """``requires_grad = False`` on every parameter whose name contains one of ``substrings``; returns the names."""
+    names = []
+    for name, p in model.named_parameters():
+        if any(s in name for s in substrings):
+            p.requires_grad_(False)
+            names.append(name)
+    return names

@@ -1,0 +1,23 @@
+"""Train, merge and evaluate Decision Transformers on offline MuJoCo data (flags as the originals).
+
+    python experiment.py --env hopper --dataset medium --model_type dt -w
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any working directory without installing
+
+from decision_transformer.cli import experiment_parser  # noqa: E402
+from decision_transformer.errors import cli_entry  # noqa: E402
+
+
+@cli_entry
+def main(argv=None):
+    args = experiment_parser().parse_args(argv)
+    from decision_transformer.run import run_experiment
+
+    run_experiment(args)
+
+
+if __name__ == "__main__":
+    main()
