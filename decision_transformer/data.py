@@ -104,7 +104,8 @@ def safe_pickle_load(path: str | os.PathLike):
         raise UserError(f"{path}: file not found") from None
     except pickle.UnpicklingError as e:
         raise UserError(f"{path}: refused to load ({e}); only numpy arrays, lists and dicts are allowed") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, ImportError, MemoryError) as e:
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, ImportError, MemoryError,
+            OverflowError, SystemError, RuntimeError) as e:
         raise UserError(f"{path}: not a readable trajectory pickle ({type(e).__name__}: {e})") from None
 
 
@@ -158,8 +159,7 @@ def split_episodes(data: dict[str, np.ndarray], source: str = "dataset") -> list
             if terminals[i] or step == 999:
                 ends[i] = True
                 step = 0
-            else:
-                step += 1
+            step += 1  # as the originals: the counter restarts at 1 after a closed episode
     end_idx = np.flatnonzero(ends)
     trajs = []
     start = 0
@@ -276,7 +276,7 @@ def apply_delayed_mode(trajs):
 
 def state_stats(trajs) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std (+1e-6) over every observation of the dataset, float32, as the originals."""
-    states = np.concatenate([t["observations"] for t in trajs], axis=0)
+    states = np.concatenate([t["observations"] for t in trajs], axis=0).astype(np.float32, copy=False)
     return np.mean(states, axis=0), np.std(states, axis=0) + 1e-6
 
 
@@ -348,7 +348,8 @@ class TrajectoryDataset:
         self.kept = select_top_trajectories(returns, lengths, pct_traj)  # indices into trajs, worst..best
 
         obs = np.concatenate([t["observations"] for t in trajs], axis=0)
-        norm_obs = (obs - self.state_mean) / self.state_std
+        # The originals normalise in float64 (their padded arrays are float64) and cast afterwards.
+        norm_obs = (obs.astype(np.float64) - self.state_mean) / self.state_std
         rtg = np.concatenate([discount_cumsum(t["rewards"], 1.0) for t in trajs], axis=0)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         dv = self.device
@@ -359,7 +360,7 @@ class TrajectoryDataset:
         self.rtg = torch.from_numpy(rtg.astype(np.float32)).to(dv)                               # [N]
         self.traj_starts = torch.from_numpy(starts).to(dv)
         self.traj_lens = torch.from_numpy(lengths).to(dv)
-        pad_state = (np.zeros(spec.state_dim, dtype=np.float32) - self.state_mean) / self.state_std
+        pad_state = (np.zeros(spec.state_dim, dtype=np.float64) - self.state_mean) / self.state_std
         self.pad_state = torch.from_numpy(pad_state.astype(np.float32)).to(dv)
         # Uniform sampling over the kept timesteps == length-weighted trajectory choice + uniform start.
         kept_lens = lengths[self.kept]

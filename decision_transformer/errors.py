@@ -10,6 +10,9 @@ class UserError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message: str = ""):
+        super().__init__(" ".join(str(message).split()))  # always one line
+
 
 class TrainingDiverged(UserError):
     exit_code = 3

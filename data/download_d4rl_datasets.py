@@ -1,0 +1,56 @@
+"""Convert D4RL gym-mujoco hdf5 files into the DT trajectory pickles ``{env}-{dataset}-v2.pkl``.
+
+    python data/download_d4rl_datasets.py --hdf5 ~/.d4rl/datasets/hopper_medium-v2.hdf5 --data_path data
+
+Files are recognised by D4RL's names (``hopper_medium_replay-v2.hdf5``). Episodes are split at terminals and
+timeouts, the unfinished tail is dropped and arrays are stored as float32.
+"""
+import argparse
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from decision_transformer.errors import UserError, cli_entry  # noqa: E402
+
+NAME_RE = re.compile(r"^(hopper|halfcheetah|walker2d)_(random|medium|medium_replay|medium_expert|expert)-v2\.hdf5$")
+
+
+def parse_name(path: str) -> tuple[str, str]:
+    m = NAME_RE.match(os.path.basename(path))
+    if not m:
+        raise UserError(f"{path}: not a D4RL gym-mujoco v2 file name (expected e.g. hopper_medium_replay-v2.hdf5)")
+    return m.group(1), m.group(2).replace("_", "-")
+
+
+def convert(path: str, data_path: str) -> str:
+    import numpy as np
+
+    from decision_transformer.data import pkl_name, read_hdf5, split_episodes, validate_trajectories
+    from decision_transformer.envs import get_env_spec
+    from decision_transformer.synthetic import write_pkl
+
+    env, dataset = parse_name(path)
+    trajs = split_episodes(read_hdf5(path), source=path)
+    validate_trajectories(trajs, get_env_spec(env), path)
+    out = write_pkl(os.path.join(data_path, pkl_name(env, dataset)), trajs)
+    returns = np.array([t["rewards"].sum() for t in trajs])
+    steps = sum(len(t["rewards"]) for t in trajs)
+    print(f"{out}: {len(trajs)} trajectories, {steps} timesteps, return mean {returns.mean():.2f} "
+          f"std {returns.std():.2f} max {returns.max():.2f} min {returns.min():.2f}")
+    return str(out)
+
+
+@cli_entry
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hdf5", nargs="+", required=True, help="D4RL hdf5 files to convert")
+    p.add_argument("--data_path", default="data", help="output folder")
+    args = p.parse_args(argv)
+    for path in args.hdf5:
+        convert(path, args.data_path)
+
+
+if __name__ == "__main__":
+    main()

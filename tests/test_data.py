@@ -1,0 +1,838 @@
+"""Tests of decision_transformer.data: the batch sampler against a per-sample transcription of the originals'
+``get_batch``, sampling frequencies, pct_traj, delayed mode, state statistics, episode splitting, file lookup and
+the refusal of unsafe or malformed input (reference: shared/reference/training.md sections 1-4).
+
+Everything is offline, seeded and deterministic; only the last test steps real MuJoCo (a few thousand steps).
+"""
+from __future__ import annotations
+
+import collections
+import math
+import os
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from decision_transformer import synthetic
+from decision_transformer.data import (
+    Batch,
+    TrajectoryDataset,
+    load_dataset,
+    load_trajectories,
+    select_top_trajectories,
+    split_episodes,
+)
+from decision_transformer.errors import UserError
+
+STATE_DIM, ACT_DIM = 11, 3          # hopper
+MAX_EP_LEN, SCALE = 1000, 1000.0    # hopper
+FIELDS = ("states", "actions", "rewards", "dones", "rtg", "timesteps", "mask")
+
+# Per-dimension scale and offset of the synthetic observations: wide ranges so that normalisation really rounds.
+_OBS_SCALE = np.geomspace(0.01, 50.0, STATE_DIM)
+_OBS_SHIFT = np.linspace(-3.0, 7.0, STATE_DIM)
+CONST_DIM, CONST_VALUE = 3, 0.5     # one constant observation dimension: its std is exactly the +1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+def make_trajs(lengths, seed=0, first_rewards=None):
+    """Validated-format trajectories (float32 arrays, bool terminals) of the given lengths.
+
+    With ``first_rewards`` every reward is 0 except rewards[0] = first_rewards[i], so returns are exact."""
+    rng = np.random.default_rng(seed)
+    trajs = []
+    for i, n in enumerate(lengths):
+        obs = (rng.normal(size=(n, STATE_DIM)) * _OBS_SCALE + _OBS_SHIFT).astype(np.float32)
+        obs[:, CONST_DIM] = CONST_VALUE
+        act = rng.uniform(-1, 1, size=(n, ACT_DIM)).astype(np.float32)
+        if first_rewards is None:
+            rew = rng.uniform(-1.0, 4.0, size=n).astype(np.float32)
+        else:
+            rew = np.zeros(n, dtype=np.float32)
+            rew[0] = first_rewards[i]
+        term = rng.random(n) < 0.3
+        trajs.append({"observations": obs, "actions": act, "rewards": rew, "terminals": term})
+    return trajs
+
+
+def original_discount_cumsum(x, gamma):
+    """The originals' discount_cumsum, verbatim."""
+    discount_cumsum = np.zeros_like(x)
+    discount_cumsum[-1] = x[-1]
+    for t in reversed(range(x.shape[0] - 1)):
+        discount_cumsum[t] = x[t] + gamma * discount_cumsum[t + 1]
+    return discount_cumsum
+
+
+def original_state_stats(trajectories):
+    states = np.concatenate([path["observations"] for path in trajectories], axis=0)
+    return np.mean(states, axis=0), np.std(states, axis=0) + 1e-6
+
+
+def reference_get_batch(trajectories, pairs, max_len, state_mean, state_std, max_ep_len=MAX_EP_LEN, scale=SCALE):
+    """Per-sample transcription of the originals' ``get_batch`` for given (trajectory index, start) pairs.
+
+    The only change from the original loop is that (traj, si) are given instead of drawn; the final torch
+    conversion uses the originals' dtypes (mask float32, which training.md §4.7 declares equivalent)."""
+    state_dim = trajectories[0]["observations"].shape[1]
+    act_dim = trajectories[0]["actions"].shape[1]
+    s, a, r, d, rtg, timesteps, mask = [], [], [], [], [], [], []
+    for idx, si in pairs:
+        traj = trajectories[int(idx)]
+        si = int(si)
+        s.append(traj["observations"][si:si + max_len].reshape(1, -1, state_dim))
+        a.append(traj["actions"][si:si + max_len].reshape(1, -1, act_dim))
+        r.append(traj["rewards"][si:si + max_len].reshape(1, -1, 1))
+        d.append(traj["terminals"][si:si + max_len].reshape(1, -1))
+        timesteps.append(np.arange(si, si + s[-1].shape[1]).reshape(1, -1))
+        timesteps[-1][timesteps[-1] >= max_ep_len] = max_ep_len - 1  # padding cutoff
+        rtg.append(original_discount_cumsum(traj["rewards"][si:], gamma=1.)[:s[-1].shape[1] + 1].reshape(1, -1, 1))
+        if rtg[-1].shape[1] <= s[-1].shape[1]:
+            rtg[-1] = np.concatenate([rtg[-1], np.zeros((1, 1, 1))], axis=1)
+
+        # padding and state + reward normalization
+        tlen = s[-1].shape[1]
+        s[-1] = np.concatenate([np.zeros((1, max_len - tlen, state_dim)), s[-1]], axis=1)
+        s[-1] = (s[-1] - state_mean) / state_std
+        a[-1] = np.concatenate([np.ones((1, max_len - tlen, act_dim)) * -10., a[-1]], axis=1)
+        r[-1] = np.concatenate([np.zeros((1, max_len - tlen, 1)), r[-1]], axis=1)
+        d[-1] = np.concatenate([np.ones((1, max_len - tlen)) * 2, d[-1]], axis=1)
+        rtg[-1] = np.concatenate([np.zeros((1, max_len - tlen, 1)), rtg[-1]], axis=1) / scale
+        timesteps[-1] = np.concatenate([np.zeros((1, max_len - tlen)), timesteps[-1]], axis=1)
+        mask.append(np.concatenate([np.zeros((1, max_len - tlen)), np.ones((1, tlen))], axis=1))
+
+    return {
+        "states": torch.from_numpy(np.concatenate(s, axis=0)).to(dtype=torch.float32),
+        "actions": torch.from_numpy(np.concatenate(a, axis=0)).to(dtype=torch.float32),
+        "rewards": torch.from_numpy(np.concatenate(r, axis=0)).to(dtype=torch.float32),
+        "dones": torch.from_numpy(np.concatenate(d, axis=0)).to(dtype=torch.long),
+        "rtg": torch.from_numpy(np.concatenate(rtg, axis=0)).to(dtype=torch.float32),
+        "timesteps": torch.from_numpy(np.concatenate(timesteps, axis=0)).to(dtype=torch.long),
+        "mask": torch.from_numpy(np.concatenate(mask, axis=0)).to(dtype=torch.float32),
+    }
+
+
+def assert_field_equal(name, got, expected):
+    assert got.dtype == expected.dtype, f"{name}: dtype {got.dtype}, expected {expected.dtype}"
+    assert got.shape == expected.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
+    if not torch.equal(got, expected):
+        bad = (got != expected).nonzero()
+        first = tuple(bad[0].tolist())
+        raise AssertionError(f"{name}: {len(bad)} of {got.numel()} entries differ; first at {first}: "
+                             f"got {got[first].item()!r}, expected {expected[first].item()!r}")
+
+
+def assert_batch_matches_reference(batch: Batch, ref, pairs, *, exact_states: bool):
+    """Every field bit-exact; states bit-exact on padding and, unless exact_states, within 1 ulp on real steps."""
+    for f in FIELDS:
+        if f != "states":
+            assert_field_equal(f, getattr(batch, f), ref[f])
+    got, exp = batch.states, ref["states"]
+    assert got.dtype == exp.dtype == torch.float32 and got.shape == exp.shape
+    if exact_states:
+        assert_field_equal("states", got, exp)
+    else:
+        pad = ref["mask"] == 0
+        assert_field_equal("states[padding]", got[pad], exp[pad])
+        np.testing.assert_array_max_ulp(got[~pad].numpy(), exp[~pad].numpy(), maxulp=1)
+
+
+def window_pairs(lengths, K, seed=0):
+    """(trajectory, start) pairs: every start of the short trajectories; for long ones the edges (0, 1, around
+    len-K, len-1) and the region around the max_ep_len clipping, plus random starts."""
+    rng = np.random.default_rng(seed + K)
+    pairs = []
+    for i, n in enumerate(lengths):
+        if n <= 60:
+            starts = range(n)
+        else:
+            cand = {0, 1, 2, n - K - 1, n - K, n - K + 1, n - 2, n - 1,
+                    MAX_EP_LEN - K - 1, MAX_EP_LEN - K, MAX_EP_LEN - 2, MAX_EP_LEN - 1, MAX_EP_LEN, MAX_EP_LEN + 1}
+            cand |= set(rng.integers(0, n, size=25).tolist())
+            starts = sorted(c for c in cand if 0 <= c < n)
+        pairs += [(i, s) for s in starts]
+    return pairs
+
+
+def windows(ds, pairs, K):
+    traj = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+    start = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+    return ds.get_windows(traj, start, K)
+
+
+def user_error_message(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg and "\r" not in msg, f"UserError message is not one line: {msg!r}"
+    return msg
+
+
+@pytest.fixture(autouse=True)
+def _no_d4rl_cache(monkeypatch, tmp_path_factory):
+    """Never look at the user's real ~/.d4rl cache."""
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path_factory.mktemp("empty_d4rl_cache")))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. get_windows against the reference sampler
+# ----------------------------------------------------------------------------------------------------------------
+
+WINDOW_LENGTHS = (1, 2, 4, 19, 20, 21, 57, 1234)
+
+
+@pytest.fixture(scope="module")
+def window_data():
+    trajs = make_trajs(WINDOW_LENGTHS, seed=1)
+    return trajs, TrajectoryDataset(trajs, "hopper")
+
+
+@pytest.mark.parametrize("K", [1, 5, 20])
+def test_windows_match_reference_sampler(window_data, K):
+    trajs, ds = window_data
+    pairs = window_pairs(WINDOW_LENGTHS, K)
+    assert (0, 0) in pairs and (7, 1233) in pairs and (7, MAX_EP_LEN - 2) in pairs
+    mean, std = original_state_stats(trajs)
+    ref = reference_get_batch(trajs, pairs, K, mean, std)
+    batch = windows(ds, pairs, K)
+    assert_batch_matches_reference(batch, ref, pairs, exact_states=False)
+    # the cases the brief asks for are really exercised
+    assert (ref["mask"] == 0).any() or K == 1
+    assert (ref["timesteps"] == MAX_EP_LEN - 1).sum() > 1
+
+
+@pytest.mark.parametrize("K", [1, 5, 20])
+def test_window_states_bit_exact_with_original_normalisation(window_data, K):
+    """The originals normalise the float64 left-padded state array ((zeros float64 ++ s) - mean) / std and only then
+    cast to float32; every normalised state must be bit-identical to that."""
+    trajs, ds = window_data
+    pairs = window_pairs(WINDOW_LENGTHS, K)
+    mean, std = original_state_stats(trajs)
+    ref = reference_get_batch(trajs, pairs, K, mean, std)
+    assert_field_equal("states", windows(ds, pairs, K).states, ref["states"])
+
+
+def test_window_hand_computed_values():
+    """One window checked against literal values (independent of the reference transcription)."""
+    trajs = make_trajs([3, 2], seed=2)
+    trajs[0]["rewards"] = np.array([1.0, 2.0, 4.0], dtype=np.float32)
+    trajs[0]["terminals"] = np.array([False, True, False])
+    ds = TrajectoryDataset(trajs, "hopper")
+    b = ds.get_windows(torch.tensor([0]), torch.tensor([1]), 5)
+    assert b.rewards[0, :, 0].tolist() == [0, 0, 0, 2, 4]
+    assert torch.equal(b.rtg[0, :, 0], torch.tensor([0, 0, 0, 6, 4, 0], dtype=torch.float32) / 1000.0)
+    assert b.dones[0].tolist() == [2, 2, 2, 1, 0]
+    assert b.timesteps[0].tolist() == [0, 0, 0, 1, 2]
+    assert b.mask[0].tolist() == [0, 0, 0, 1, 1]
+    assert (b.actions[0, :3] == -10).all()
+    assert torch.equal(b.actions[0, 3:], torch.from_numpy(trajs[0]["actions"][1:3]))
+    mean, std = original_state_stats(trajs)
+    pad = torch.from_numpy(((0.0 - mean.astype(np.float64)) / std).astype(np.float32))
+    assert torch.equal(b.states[0, 0], pad) and torch.equal(b.states[0, 2], pad)
+    assert b.states[0, 0, CONST_DIM].item() == pytest.approx(-CONST_VALUE / 1e-6, rel=1e-5)
+    torch.testing.assert_close(b.states[0, 3:], torch.from_numpy((trajs[0]["observations"][1:3] - mean) / std))
+    # window from the start of a long-enough trajectory: no padding at all
+    b = ds.get_windows(torch.tensor([0]), torch.tensor([0]), 3)
+    assert b.mask[0].tolist() == [1, 1, 1] and b.timesteps[0].tolist() == [0, 1, 2]
+    assert torch.equal(b.rtg[0, :, 0], torch.tensor([7, 6, 4, 0], dtype=torch.float32) / 1000.0)
+
+
+def test_timesteps_clipped_for_long_trajectory(window_data):
+    trajs, ds = window_data
+    long_i = WINDOW_LENGTHS.index(1234)
+    b = ds.get_windows(torch.tensor([long_i, long_i]), torch.tensor([990, 1200]), 20)
+    assert b.timesteps[0].tolist() == list(range(990, 1000)) + [999] * 10
+    assert b.timesteps[1].tolist() == [999] * 20          # 34 steps left: no padding, all clipped
+    assert b.mask.tolist() == [[1.0] * 20] * 2
+    b = ds.get_windows(torch.tensor([long_i]), torch.tensor([1226]), 20)   # 8 real steps at the episode end
+    assert b.timesteps[0].tolist() == [0] * 12 + [999] * 8
+
+
+def test_batch_shapes_and_dtypes(window_data):
+    _, ds = window_data
+    b = ds.sample_batch(7, 20, torch.Generator().manual_seed(0))
+    assert b.states.shape == (7, 20, STATE_DIM) and b.states.dtype == torch.float32
+    assert b.actions.shape == (7, 20, ACT_DIM) and b.actions.dtype == torch.float32
+    assert b.rewards.shape == (7, 20, 1) and b.rewards.dtype == torch.float32
+    assert b.dones.shape == (7, 20) and b.dones.dtype == torch.int64
+    assert b.rtg.shape == (7, 21, 1) and b.rtg.dtype == torch.float32
+    assert b.timesteps.shape == (7, 20) and b.timesteps.dtype == torch.int64
+    assert b.mask.shape == (7, 20) and b.mask.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Sampling law and pct_traj
+# ----------------------------------------------------------------------------------------------------------------
+
+FREQ_LENGTHS = (5, 20, 75, 100, 300)
+
+
+def _binomial_check(counts, n, probs, sigmas=5.0):
+    for i, (c, p) in enumerate(zip(counts, probs)):
+        sd = math.sqrt(n * p * (1 - p))
+        assert abs(c - n * p) <= sigmas * sd, f"index {i}: {c} draws, expected {n * p:.0f} +- {sigmas}*{sd:.1f}"
+
+
+def test_sample_indices_law():
+    ds = TrajectoryDataset(make_trajs(FREQ_LENGTHS, seed=3), "hopper")
+    n = 200_000
+    traj, start = ds.sample_indices(n, torch.Generator().manual_seed(123))
+    assert traj.dtype == torch.int64 and start.dtype == torch.int64 and traj.shape == start.shape == (n,)
+    traj, start = traj.numpy(), start.numpy()
+    lengths = np.array(FREQ_LENGTHS)
+    # trajectory ~ len / sum(len), with replacement (5-sigma binomial bound per trajectory)
+    counts = np.bincount(traj, minlength=len(lengths))
+    _binomial_check(counts, n, lengths / lengths.sum())
+    for i, L in enumerate(lengths):
+        s = start[traj == i]
+        assert s.min() == 0 and s.max() == L - 1, f"trajectory {i}: starts span [{s.min()}, {s.max()}], not [0, {L - 1}]"
+    # start uniform within one trajectory: chi-square over the 300 starts of the longest one (df = 299). Bound:
+    # df + 5 * sqrt(2 df) = 421 (the 5-sigma normal approximation; the exact chi2(299) tail there is ~1e-5).
+    s = start[traj == 4]
+    obs = np.bincount(s, minlength=300)
+    exp = len(s) / 300
+    chi2 = ((obs - exp) ** 2 / exp).sum()
+    assert chi2 < 299 + 5 * math.sqrt(2 * 299), chi2
+    # and on the shortest one (5 starts) per-bin binomial bounds
+    s = start[traj == 0]
+    _binomial_check(np.bincount(s, minlength=5), len(s), [0.2] * 5)
+
+
+def test_sample_batch_is_get_windows_of_sample_indices():
+    ds = TrajectoryDataset(make_trajs(FREQ_LENGTHS, seed=3), "hopper")
+    traj, start = ds.sample_indices(64, torch.Generator().manual_seed(5))
+    b1 = ds.get_windows(traj, start, 10)
+    b2 = ds.sample_batch(64, 10, torch.Generator().manual_seed(5))
+    for f in FIELDS:
+        assert torch.equal(getattr(b1, f), getattr(b2, f)), f
+
+
+# returns (via rewards[0]) and lengths of a small hand-made case for pct_traj; sum of lengths = 100
+PCT_RETURNS = (10.0, 40.0, 30.0, 20.0, 5.0)
+PCT_LENGTHS = (10, 20, 30, 35, 5)
+# Ascending by return: 4 (5), 0 (10), 3 (20), 2 (30), 1 (40). Best first: 1 (len 20), 2 (30), 3 (35), 0 (10), 4 (5).
+PCT_EXPECTED = [
+    (1.0, {0, 1, 2, 3, 4}),   # budget 100: all (the strict '<' of R/T/L would drop trajectory 4)
+    (0.95, {0, 1, 2, 3}),     # budget 95: 20+30+35+10 = 95 <= 95 ('<' would stop at {1, 2, 3})
+    (0.5, {1, 2}),            # budget 50: 20+30 = 50 <= 50; + 35 > 50
+    (0.6, {1, 2}),            # budget 60: + 35 = 85 > 60 -> stop, even though trajectory 0 (len 10) would still fit
+    (0.3, {1}),               # budget 30: 20, + 30 = 50 > 30
+    (0.001, {1}),             # budget max(0, 1) = 1: the best trajectory is always kept
+]
+
+
+@pytest.mark.parametrize("pct, expected", PCT_EXPECTED)
+def test_pct_traj_selection(pct, expected):
+    kept = select_top_trajectories(np.array(PCT_RETURNS), np.array(PCT_LENGTHS), pct)
+    assert set(kept.tolist()) == expected
+    ds = TrajectoryDataset(make_trajs(PCT_LENGTHS, seed=4, first_rewards=PCT_RETURNS), "hopper", pct_traj=pct)
+    assert set(ds.kept.tolist()) == expected
+
+
+def test_pct_traj_restricts_sampling():
+    ds = TrajectoryDataset(make_trajs(PCT_LENGTHS, seed=4, first_rewards=PCT_RETURNS), "hopper", pct_traj=0.5)
+    n = 50_000
+    traj, start = ds.sample_indices(n, torch.Generator().manual_seed(7))
+    traj, start = traj.numpy(), start.numpy()
+    assert set(np.unique(traj).tolist()) == {1, 2}
+    counts = np.bincount(traj, minlength=5)
+    _binomial_check(counts[[1, 2]], n, [20 / 50, 30 / 50])
+    assert start[traj == 1].max() == 19 and start[traj == 2].max() == 29 and start.min() == 0
+    # the batch windows come from the kept trajectories only: check via the unique rewards[0] of each trajectory
+    b = ds.sample_batch(512, 40, torch.Generator().manual_seed(8))
+    assert set(b.rewards[b.rewards != 0].tolist()) == {40.0, 30.0}   # only rewards[0] of each trajectory are non-zero
+
+
+@pytest.mark.parametrize("pct", [0.0, -0.5, 1.5])
+def test_pct_traj_out_of_range(pct):
+    with pytest.raises(UserError):
+        TrajectoryDataset(make_trajs(PCT_LENGTHS, seed=4), "hopper", pct_traj=pct)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Seeding
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_same_seed_same_batch_different_seed_different_batch():
+    ds = TrajectoryDataset(make_trajs(FREQ_LENGTHS, seed=3), "hopper")
+    a = ds.sample_batch(32, 20, torch.Generator().manual_seed(42))
+    b = ds.sample_batch(32, 20, torch.Generator().manual_seed(42))
+    c = ds.sample_batch(32, 20, torch.Generator().manual_seed(43))
+    for f in FIELDS:
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    assert not torch.equal(a.states, c.states)
+    assert not torch.equal(a.timesteps, c.timesteps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Delayed mode
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_delayed_mode():
+    lengths = (3, 10, 25, 1)
+    trajs = make_trajs(lengths, seed=5)
+    originals = [{k: v.copy() for k, v in t.items()} for t in trajs]
+    ds = TrajectoryDataset(trajs, "hopper", mode="delayed")
+    # the caller's trajectories are left alone
+    for t, o in zip(trajs, originals):
+        for k in o:
+            assert np.array_equal(t[k], o[k])
+    # reference: the originals' in-place transformation, then the reference sampler
+    delayed = [{k: v.copy() for k, v in t.items()} for t in trajs]
+    for path in delayed:
+        path["rewards"][-1] = path["rewards"].sum()
+        path["rewards"][:-1] = 0.
+    K = 12
+    pairs = window_pairs(lengths, K)
+    mean, std = original_state_stats(trajs)
+    ref = reference_get_batch(delayed, pairs, K, mean, std)
+    batch = windows(ds, pairs, K)
+    assert_batch_matches_reference(batch, ref, pairs, exact_states=False)
+    # and explicitly: one reward at the last step, rtg = the whole return on every real step, 0 after the end
+    b = ds.get_windows(torch.tensor([2]), torch.tensor([20]), K)
+    S = np.float32(trajs[2]["rewards"].sum())
+    assert b.rewards[0, :, 0].tolist() == [0.0] * (K - 1) + [S]
+    assert torch.equal(b.rtg[0, :, 0], torch.tensor([0.0] * 7 + [S / np.float32(1000)] * 5 + [0.0]))
+    # returns (for pct_traj) are unchanged by the move
+    np.testing.assert_allclose(ds.traj_returns_all, [t["rewards"].sum() for t in trajs], rtol=1e-6)
+
+
+def test_unknown_mode():
+    with pytest.raises(UserError):
+        TrajectoryDataset(make_trajs([5], seed=0), "hopper", mode="delay")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. State statistics
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_state_stats_over_all_observations_before_pct_filtering():
+    trajs = make_trajs(PCT_LENGTHS, seed=6, first_rewards=PCT_RETURNS)
+    # make the trajectories that pct_traj drops clearly different, so kept-only stats would differ
+    for i in (0, 3, 4):
+        trajs[i]["observations"][:, 0] += 100.0
+    all_obs = np.concatenate([t["observations"] for t in trajs])
+    exp_mean = np.mean(all_obs, axis=0)
+    exp_std = np.std(all_obs, axis=0) + 1e-6
+    assert exp_mean.dtype == exp_std.dtype == np.float32
+    for pct in (1.0, 0.5):
+        ds = TrajectoryDataset(trajs, "hopper", pct_traj=pct)
+        assert ds.state_mean.dtype == np.float32 and ds.state_std.dtype == np.float32
+        assert np.array_equal(ds.state_mean, exp_mean)
+        assert np.array_equal(ds.state_std, exp_std)
+    kept_obs = np.concatenate([trajs[i]["observations"] for i in (1, 2)])
+    assert not np.allclose(np.mean(kept_obs, axis=0), exp_mean)
+    # independent float64 check of the values, and the +1e-6 on the constant dimension
+    np.testing.assert_allclose(ds.state_mean, all_obs.astype(np.float64).mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ds.state_std, all_obs.astype(np.float64).std(0) + 1e-6, rtol=1e-5, atol=1e-7)
+    assert ds.state_mean[CONST_DIM] == np.float32(CONST_VALUE)
+    assert ds.state_std[CONST_DIM] == np.float32(1e-6)
+
+
+def test_given_state_stats_are_used():
+    trajs = make_trajs([30, 40], seed=7)
+    mean = np.arange(STATE_DIM, dtype=np.float32)
+    std = np.full(STATE_DIM, 2.0, dtype=np.float32)
+    ds = TrajectoryDataset(trajs, "hopper", state_mean=mean, state_std=std)
+    b = ds.get_windows(torch.tensor([0, 1]), torch.tensor([25, 0]), 10)
+    assert torch.equal(b.states[0, 0], torch.from_numpy(-mean / std))               # padding
+    assert torch.equal(b.states[1], torch.from_numpy((trajs[1]["observations"][:10] - mean) / std))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. split_episodes and the hdf5 round trip
+# ----------------------------------------------------------------------------------------------------------------
+
+def original_split(dataset):
+    """The originals' conversion loop (download_d4rl_datasets.py), verbatim apart from the keys present."""
+    N = dataset["rewards"].shape[0]
+    data_ = collections.defaultdict(list)
+    use_timeouts = "timeouts" in dataset
+    episode_step = 0
+    paths = []
+    for i in range(N):
+        done_bool = bool(dataset["terminals"][i])
+        if use_timeouts:
+            final_timestep = dataset["timeouts"][i]
+        else:
+            final_timestep = (episode_step == 1000 - 1)
+        for k in ["observations", "next_observations", "actions", "rewards", "terminals"]:
+            data_[k].append(dataset[k][i])
+        if done_bool or final_timestep:
+            episode_step = 0
+            episode_data = {}
+            for k in data_:
+                episode_data[k] = np.array(data_[k])
+            paths.append(episode_data)
+            data_ = collections.defaultdict(list)
+        episode_step += 1
+    return paths
+
+
+def make_flat(n, seed=0, dtype=np.float32, terminal_rows=(), timeout_rows=None):
+    rng = np.random.default_rng(seed)
+    d = {
+        "observations": rng.normal(size=(n, STATE_DIM)).astype(dtype),
+        "next_observations": rng.normal(size=(n, STATE_DIM)).astype(dtype),
+        "actions": rng.uniform(-1, 1, size=(n, ACT_DIM)).astype(dtype),
+        "rewards": rng.normal(size=n).astype(dtype),
+        "terminals": np.zeros(n, dtype=bool),
+    }
+    d["terminals"][list(terminal_rows)] = True
+    if timeout_rows is not None:
+        d["timeouts"] = np.zeros(n, dtype=bool)
+        d["timeouts"][list(timeout_rows)] = True
+    return d
+
+
+def assert_trajs_equal(got, expected):
+    assert [len(t["rewards"]) for t in got] == [len(t["rewards"]) for t in expected]
+    for g, e in zip(got, expected):
+        assert set(g) == set(e)
+        for k in e:
+            want = e[k].astype(bool) if k == "terminals" else e[k].astype(np.float32)
+            assert g[k].dtype == want.dtype, (k, g[k].dtype)
+            assert np.array_equal(g[k], want), k
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_split_episodes_with_timeouts(dtype):
+    d = make_flat(20, seed=1, dtype=dtype, terminal_rows=(4, 15), timeout_rows=(9,))
+    trajs = split_episodes(d)
+    assert [len(t["rewards"]) for t in trajs] == [5, 5, 6]          # rows 16..19 (unfinished) dropped
+    for t, (a, b) in zip(trajs, [(0, 5), (5, 10), (10, 16)]):
+        for k in ("observations", "next_observations", "actions", "rewards"):
+            assert t[k].dtype == np.float32
+            assert np.array_equal(t[k], d[k][a:b].astype(np.float32))
+        assert t["terminals"].dtype == bool and np.array_equal(t["terminals"], d["terminals"][a:b])
+        assert "timeouts" not in t
+    assert_trajs_equal(trajs, original_split(d))
+
+
+def test_split_episodes_without_timeouts_counter_rule():
+    """v0 files: an episode closes when the counter equals 999; the counter restarts at 1 after a close (the
+    originals' off-by-one), so the first episode has 1000 steps and later ones 999."""
+    trajs = split_episodes(make_flat(3500, seed=2))
+    assert [len(t["rewards"]) for t in trajs] == [1000, 999, 999]    # rows 2998..3499 dropped
+
+
+def test_split_episodes_without_timeouts_after_terminal():
+    # a terminal at row 49 closes a 50-step episode; the next episodes are capped at 999 steps
+    trajs = split_episodes(make_flat(2600, seed=3, terminal_rows=(49,)))
+    assert [len(t["rewards"]) for t in trajs] == [50, 999, 999]
+
+
+@pytest.mark.parametrize("timeouts", [False, True])
+def test_split_episodes_matches_original_conversion(timeouts):
+    # terminals placed so that, without timeouts, counter closes follow both a terminal and a counter close
+    n = 4200
+    terminal_rows = (300, 1998, 1999, 2500)
+    timeout_rows = (999, 1500, 3200, 4000) if timeouts else None
+    d = make_flat(n, seed=4, dtype=np.float64, terminal_rows=terminal_rows, timeout_rows=timeout_rows)
+    expected = original_split(d)
+    if timeouts:
+        assert [len(t["rewards"]) for t in expected] == [301, 699, 501, 498, 1, 501, 700, 800]
+    else:
+        assert [len(t["rewards"]) for t in expected] == [301, 999, 699, 1, 501, 999]
+    assert_trajs_equal(split_episodes(d), expected)
+
+
+def test_split_episodes_bad_input():
+    d = make_flat(10, terminal_rows=(9,))
+    del d["terminals"]
+    with pytest.raises(UserError, match="terminals"):
+        split_episodes(d, source="x.hdf5")
+    d = make_flat(10, terminal_rows=(9,))
+    d["actions"] = d["actions"][:9]
+    with pytest.raises(UserError, match="actions"):
+        split_episodes(d, source="x.hdf5")
+
+
+def test_hdf5_round_trip(tmp_path):
+    d = make_flat(40, seed=5, terminal_rows=(7, 30), timeout_rows=(19,))
+    d["infos/qpos"] = np.zeros((40, 6), dtype=np.float32)
+    d["metadata/algorithm"] = np.bytes_(b"SAC")
+    path = synthetic.write_hdf5(tmp_path / "hopper_medium-v2.hdf5", d)
+    found, trajs = load_dataset(tmp_path, "hopper", "medium")
+    assert found == path
+    assert [len(t["rewards"]) for t in trajs] == [8, 12, 11]
+    for t, (a, b) in zip(trajs, [(0, 8), (8, 20), (20, 31)]):
+        assert np.array_equal(t["observations"], d["observations"][a:b])
+        assert np.array_equal(t["actions"], d["actions"][a:b])
+        assert np.array_equal(t["rewards"], d["rewards"][a:b])
+        assert np.array_equal(t["terminals"], d["terminals"][a:b])
+    # the pkl is preferred when both exist
+    pkl_trajs = [{k: v for k, v in t.items()} for t in make_trajs([6, 9], seed=6)]
+    synthetic.write_pkl(tmp_path / "hopper-medium-v2.pkl", pkl_trajs)
+    found, trajs = load_dataset(tmp_path, "hopper", "medium")
+    assert found == tmp_path / "hopper-medium-v2.pkl"
+    assert [len(t["rewards"]) for t in trajs] == [6, 9]
+    assert np.array_equal(trajs[1]["observations"], pkl_trajs[1]["observations"])
+
+
+def test_hdf5_medium_replay_float64_and_d4rl_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    d = make_flat(30, seed=6, dtype=np.float64, terminal_rows=(9,), timeout_rows=(24,))
+    synthetic.write_hdf5(cache / "hopper_medium_replay-v2.hdf5", d)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(cache))
+    found, trajs = load_dataset(tmp_path / "data", "hopper", "medium-replay")
+    assert found == cache / "hopper_medium_replay-v2.hdf5"
+    assert [len(t["rewards"]) for t in trajs] == [10, 15]
+    assert all(t[k].dtype == np.float32 for t in trajs for k in ("observations", "actions", "rewards"))
+    assert np.array_equal(trajs[1]["observations"], d["observations"][10:25].astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Safety and bad input
+# ----------------------------------------------------------------------------------------------------------------
+
+def _pkl_path(tmp_path):
+    return tmp_path / "hopper-medium-v2.pkl"
+
+
+def _write_bytes(tmp_path, data: bytes):
+    p = _pkl_path(tmp_path)
+    p.write_bytes(data)
+    return p
+
+
+def _good_trajs():
+    rng = np.random.default_rng(0)
+    out = []
+    for n in (4, 7):
+        out.append({
+            "observations": rng.normal(size=(n, STATE_DIM)).astype(np.float32),
+            "next_observations": rng.normal(size=(n, STATE_DIM)),                # float64
+            "actions": rng.uniform(-1, 1, size=(n, ACT_DIM)),                    # float64
+            "rewards": rng.normal(size=n).astype(np.float32),
+            "terminals": np.array([False] * (n - 1) + [True]),
+        })
+    return out
+
+
+@pytest.mark.parametrize("protocol", [None, 3, 4, 5])
+def test_plain_pickle_loads(tmp_path, protocol):
+    trajs = _good_trajs()
+    with open(_pkl_path(tmp_path), "wb") as f:
+        if protocol is None:
+            pickle.dump(trajs, f)
+        else:
+            pickle.dump(trajs, f, protocol=protocol)
+    found, loaded = load_dataset(tmp_path, "hopper", "medium")
+    assert found == _pkl_path(tmp_path) and len(loaded) == 2
+    for t, o in zip(loaded, trajs):
+        assert t["observations"].dtype == t["actions"].dtype == t["rewards"].dtype == np.float32
+        assert t["terminals"].dtype == bool
+        assert np.array_equal(t["observations"], o["observations"])
+        assert np.array_equal(t["actions"], o["actions"].astype(np.float32))
+        assert np.array_equal(t["terminals"], o["terminals"])
+
+
+def test_missing_dataset(tmp_path):
+    with pytest.raises(UserError) as ei:
+        load_dataset(tmp_path, "hopper", "medium")
+    msg = user_error_message(ei)
+    assert str(_pkl_path(tmp_path)) in msg and "not found" in msg and "download_d4rl_datasets" in msg
+
+
+class _Payload:
+    def __init__(self, func, arg):
+        self.func, self.arg = func, arg
+
+    def __reduce__(self):
+        return self.func, (self.arg,)
+
+
+@pytest.mark.parametrize("kind", ["os.system", "exec", "nested"])
+def test_malicious_pickle_is_refused(tmp_path, kind):
+    sentinel = tmp_path / "PWNED"
+    control = tmp_path / "CONTROL"
+
+    def make(target):
+        if kind == "os.system":
+            return _Payload(os.system, f"touch '{target}'")
+        return _Payload(exec, f"open({str(target)!r}, 'w').write('x')")
+
+    # the payload is live: plain pickle would run it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pickle.loads(pickle.dumps(make(control)))
+    assert control.exists()
+    obj = make(sentinel)
+    if kind == "nested":  # hidden inside an otherwise valid trajectory list
+        trajs = _good_trajs()
+        trajs[1]["terminals"] = obj
+        obj = trajs
+    p = _write_bytes(tmp_path, pickle.dumps(obj))
+    with pytest.raises(UserError) as ei:
+        load_dataset(tmp_path, "hopper", "medium")
+    assert not sentinel.exists()
+    msg = user_error_message(ei)
+    assert str(p) in msg and ("forbidden" in msg or "refused" in msg)
+
+
+def _truncated():
+    b = pickle.dumps(_good_trajs(), protocol=4)
+    return b[: len(b) // 2]
+
+
+CORRUPT_BYTES = {
+    "garbage": bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8)),
+    "text": b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n",
+    "empty_file": b"",
+    "truncated": _truncated(),
+    "newline_load_key": b"\n\n<html>not found</html>",
+    "huge_frame": b"\x80\x04\x95" + b"\xff" * 8,
+    "huge_binbytes8": b"\x80\x04\x8e" + b"\xff" * 8,
+    "persistent_id": b"P0\n.",
+}
+
+
+@pytest.mark.parametrize("name", list(CORRUPT_BYTES))
+def test_corrupt_pickle(tmp_path, name):
+    p = _write_bytes(tmp_path, CORRUPT_BYTES[name])
+    with pytest.raises(UserError) as ei:
+        load_dataset(tmp_path, "hopper", "medium")
+    msg = user_error_message(ei)
+    assert str(p) in msg
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numpy noise from broken buffers
+def test_fuzzed_pickles_load_or_raise_user_error(tmp_path):
+    """Every truncation and 400 seeded single-byte corruptions of a valid pickle (protocols 3-5): the loader either
+    returns validated trajectories or raises a one-line UserError naming the file, never anything else."""
+    rng = np.random.default_rng(0)
+    p = _pkl_path(tmp_path)
+    failures = []
+    for protocol in (3, 4, 5):
+        b = pickle.dumps(_good_trajs(), protocol=protocol)
+        cases = [b[:i] for i in range(0, len(b), 7)]
+        for _ in range(400):
+            bb = bytearray(b)
+            bb[rng.integers(len(bb))] = rng.integers(256)
+            cases.append(bytes(bb))
+        for data in cases:
+            p.write_bytes(data)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    load_trajectories(p, "hopper")
+            except UserError as e:
+                if "\n" in str(e) or str(p) not in str(e):
+                    failures.append((protocol, "UserError message", str(e)[:120]))
+            except Exception as e:  # noqa: BLE001
+                failures.append((protocol, type(e).__name__, str(e)[:120]))
+    assert not failures, f"{len(failures)} bad outcomes, e.g. {sorted(set(failures))[:6]}"
+
+
+def _bad_trajs(kind):
+    t = _good_trajs()
+    if kind == "dict":
+        return {"trajectories": t}
+    if kind == "empty":
+        return []
+    if kind == "no_actions":
+        del t[1]["actions"]
+    elif kind == "obs_dim":
+        t[0]["observations"] = t[0]["observations"][:, :7]
+    elif kind == "lengths":
+        t[1]["actions"] = t[1]["actions"][:-1]
+    elif kind == "nan":
+        t[1]["rewards"][2] = np.nan
+    elif kind == "not_dict":
+        t[0] = [1, 2, 3]
+    elif kind == "list_not_array":
+        t[0]["rewards"] = t[0]["rewards"].tolist()
+    return t
+
+
+BAD_CONTENT = {            # kind -> words the message must contain
+    "dict": ["list", "dict"],
+    "empty": ["empty"],
+    "no_actions": ["trajectory 1", "actions"],
+    "obs_dim": ["trajectory 0", "observations", "11"],
+    "lengths": ["trajectory 1", "length"],
+    "nan": ["trajectory 1", "rewards", "NaN"],
+    "not_dict": ["trajectory 0", "dict"],
+    "list_not_array": ["trajectory 0", "rewards", "numpy"],
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_CONTENT))
+def test_bad_trajectory_content(tmp_path, kind):
+    p = _write_bytes(tmp_path, pickle.dumps(_bad_trajs(kind)))
+    with pytest.raises(UserError) as ei:
+        load_dataset(tmp_path, "hopper", "medium")
+    msg = user_error_message(ei)
+    assert str(p) in msg
+    for word in BAD_CONTENT[kind]:
+        assert word in msg, (word, msg)
+
+
+def test_corrupt_hdf5(tmp_path):
+    p = tmp_path / "hopper_medium-v2.hdf5"
+    p.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(range(256)) * 4)
+    with pytest.raises(UserError) as ei:
+        load_dataset(tmp_path, "hopper", "medium")
+    msg = user_error_message(ei)
+    assert str(p) in msg and "hdf5" in msg
+
+
+def test_hdf5_wrong_dim(tmp_path):
+    d = make_flat(10, terminal_rows=(9,))
+    d["observations"] = np.zeros((10, 17), dtype=np.float32)  # a walker2d file under hopper's name
+    p = synthetic.write_hdf5(tmp_path / "hopper_medium-v2.hdf5", d)
+    with pytest.raises(UserError) as ei:
+        load_dataset(tmp_path, "hopper", "medium")
+    msg = user_error_message(ei)
+    assert str(p) in msg and "observations" in msg and "11" in msg
+
+
+def test_unknown_env_and_dataset(tmp_path):
+    with pytest.raises(UserError) as ei:
+        load_dataset(tmp_path, "hoppr", "medium")
+    msg = user_error_message(ei)
+    assert "hoppr" in msg and "hopper" in msg
+    with pytest.raises(UserError) as ei:
+        load_dataset(tmp_path, "hopper", "meduim")
+    msg = user_error_message(ei)
+    assert "meduim" in msg and "medium-replay" in msg
+    with pytest.raises(UserError):
+        TrajectoryDataset(make_trajs([5]), "hoppr")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. Real MuJoCo data
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_synthetic_mujoco_dataset(tmp_path):
+    path = synthetic.make_dataset(tmp_path, "hopper", "medium", 2000, seed=0, max_ep_len=100)
+    assert path == tmp_path / "hopper-medium-v2.pkl"
+    found, trajs = load_dataset(tmp_path, "hopper", "medium")
+    assert found == path
+    lengths = [len(t["rewards"]) for t in trajs]
+    assert len(trajs) > 1 and max(lengths) <= 100 and sum(lengths) <= 2000
+    ds = TrajectoryDataset(trajs, "hopper")
+    B, K = 16, 20
+    b = ds.sample_batch(B, K, torch.Generator().manual_seed(0))
+    assert b.states.shape == (B, K, STATE_DIM) and b.states.dtype == torch.float32
+    assert b.actions.shape == (B, K, ACT_DIM) and b.actions.dtype == torch.float32
+    assert b.rewards.shape == (B, K, 1) and b.rewards.dtype == torch.float32
+    assert b.dones.shape == (B, K) and b.dones.dtype == torch.int64
+    assert b.rtg.shape == (B, K + 1, 1) and b.rtg.dtype == torch.float32
+    assert b.timesteps.shape == (B, K) and b.timesteps.dtype == torch.int64
+    assert b.mask.shape == (B, K) and b.mask.dtype == torch.float32
+    assert set(b.mask.unique().tolist()) <= {0.0, 1.0}
+    assert (b.timesteps < 100).all()
+    real = b.mask.bool()
+    assert (b.actions[real].abs() <= 1).all() and (b.actions[~real] == -10).all()
+    # and the sampled windows agree with the reference sampler on real MuJoCo data
+    traj, start = ds.sample_indices(200, torch.Generator().manual_seed(1))
+    pairs = list(zip(traj.tolist(), start.tolist()))
+    mean, std = original_state_stats(trajs)
+    ref = reference_get_batch(trajs, pairs, K, mean, std)
+    assert_batch_matches_reference(ds.get_windows(traj, start, K), ref, pairs, exact_states=False)

@@ -1,0 +1,383 @@
+"""Tests of return-conditioned evaluation (lockstep vs one-by-one rollouts, seeding, metrics, env errors).
+
+Reference behaviour: /work/shared/reference/evaluation.md. MuJoCo envs (gymnasium v4) run locally; no network.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from decision_transformer import evaluation as ev
+from decision_transformer.envs import get_env_spec, make_env
+from decision_transformer.errors import UserError
+from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+
+MODES = ("normal", "noise", "delayed")
+N_EPISODES = 3
+SEED = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fixtures and helpers
+# ---------------------------------------------------------------------------------------------------------------------
+def make_model(env: str) -> DecisionTransformer:
+    """Random-init models. Hopper: small (episodes terminate after ~20 steps, with different lengths).
+    HalfCheetah never terminates (1000 steps per episode), so the model is tiny."""
+    spec = get_env_spec(env)
+    if env == "hopper":
+        bb = BackboneConfig(n_embd=16, n_layer=2, n_head=2, vocab_size=1)
+        K = 4
+    else:
+        bb = BackboneConfig(n_embd=8, n_layer=1, n_head=1, vocab_size=1)
+        K = 3
+    return DecisionTransformer(DTConfig(spec.state_dim, spec.act_dim, max_length=K, backbone=bb), seed=1).eval()
+
+
+def norm_stats(env: str):
+    d = get_env_spec(env).state_dim
+    return np.linspace(-0.2, 0.2, d), np.linspace(0.5, 1.5, d)
+
+
+class RowwiseModel:
+    """The same policy, but every row of a batched ``get_action`` is computed with its own batch-1 forward.
+
+    CPU BLAS kernels round a row's result differently depending on how many rows are in the matrix product (1 ulp in
+    the first ``nn.Linear``), so batch-1 and batch-M forwards of one history are not bit-identical. With this wrapper
+    the lockstep loop performs exactly the forwards the sequential loop performs, so any difference in the returns is
+    a bookkeeping error (histories, RTG updates, reset seeds, done masks)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.config = model.config
+
+    def get_action(self, states, actions, returns_to_go, timesteps):
+        return torch.cat([self.model.get_action(states[i:i + 1], actions[i:i + 1], returns_to_go[i:i + 1],
+                                                timesteps[i:i + 1]) for i in range(states.shape[0])])
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {env: make_model(env) for env in ("hopper", "halfcheetah")}
+
+
+@pytest.fixture(scope="module")
+def pools():
+    p = {env: ev.EnvPool(env) for env in ("hopper", "halfcheetah")}
+    yield p
+    for pool in p.values():
+        pool.close()
+
+
+_CACHE: dict = {}
+
+
+def run_eval(kind, env, mode, models, pools, num_episodes=N_EPISODES, seed=SEED):
+    """Cached evaluations: kind in {'sequential', 'lockstep', 'rowwise'}."""
+    key = (kind, env, mode, num_episodes, seed)
+    if key not in _CACHE:
+        model = models[env]
+        target = get_env_spec(env).targets[0]
+        mean, std = norm_stats(env)
+        kw = dict(seed=seed, mode=mode, pool=pools[env])
+        if kind == "sequential":
+            res = ev.evaluate_episodes_sequential(model, env, target, num_episodes, mean, std, **kw)
+        elif kind == "lockstep":
+            res = ev.evaluate_episodes(model, env, target, num_episodes, mean, std, **kw)
+        else:
+            res = ev.evaluate_episodes(RowwiseModel(model), env, target, num_episodes, mean, std, **kw)
+        _CACHE[key] = res
+    return _CACHE[key]
+
+
+def record_actions(kind, env, mode, models, pools, num_episodes=N_EPISODES):
+    """Per-episode list of the actions chosen at each step (uncached; used for the divergence diagnosis)."""
+    model = models[env]
+    calls = []
+
+    class Spy:
+        config = model.config
+
+        def get_action(self, s, a, r, t):
+            out = model.get_action(s, a, r, t)
+            calls.append(out.clone())
+            return out
+
+    target = get_env_spec(env).targets[0]
+    mean, std = norm_stats(env)
+    if kind == "sequential":
+        res = ev.evaluate_episodes_sequential(Spy(), env, target, num_episodes, mean, std, seed=SEED, mode=mode,
+                                              pool=pools[env])
+        per_ep, i = [], 0
+        for n in res.lengths:
+            per_ep.append(torch.cat(calls[i:i + n]))
+            i += n
+    else:
+        res = ev.evaluate_episodes(Spy(), env, target, num_episodes, mean, std, seed=SEED, mode=mode, pool=pools[env])
+        per_ep = [torch.stack([c[e] for c in calls[:n]]) for e, n in enumerate(res.lengths)]  # all live (no term.)
+    return res, per_ep
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. lockstep == one-by-one
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("env", ["hopper", "halfcheetah"])
+def test_lockstep_bookkeeping_equals_sequential(env, mode, models, pools):
+    """Exact equality, with per-row forwards in the lockstep loop (see RowwiseModel)."""
+    seq = run_eval("sequential", env, mode, models, pools)
+    lock = run_eval("rowwise", env, mode, models, pools)
+    assert seq.returns.shape == lock.returns.shape == (N_EPISODES,)
+    np.testing.assert_array_equal(lock.lengths, seq.lengths)
+    np.testing.assert_array_equal(lock.returns, seq.returns)
+    assert lock.lengths.dtype == np.int64 and seq.lengths.dtype == np.int64
+    if env == "halfcheetah":
+        assert (seq.lengths == 1000).all()   # never terminates: TimeLimit
+    else:
+        assert (seq.lengths < 1000).all()    # the random hopper falls
+
+
+def test_hopper_episode_lengths_differ(models, pools):
+    """The hopper check exercises the done mask: episodes end at different steps."""
+    seq = run_eval("sequential", "hopper", "normal", models, pools)
+    assert len(set(seq.lengths.tolist())) > 1, seq.lengths
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lockstep_batched_model_equals_sequential_hopper(mode, models, pools):
+    """The real batched forward (one forward for all live episodes): exact equality on hopper."""
+    seq = run_eval("sequential", "hopper", mode, models, pools)
+    lock = run_eval("lockstep", "hopper", mode, models, pools)
+    np.testing.assert_array_equal(lock.lengths, seq.lengths)
+    np.testing.assert_array_equal(lock.returns, seq.returns)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Float batching: a batch-M forward rounds rows differently from a batch-1 forward (1 ulp in embed_state); "
+    "HalfCheetah's 1000 chaotic steps amplify this to return differences of ~10%. Remove this marker if evaluation "
+    "becomes batch-invariant."))
+def test_lockstep_batched_model_equals_sequential_halfcheetah(models, pools):
+    seq = run_eval("sequential", "halfcheetah", "normal", models, pools)
+    lock = run_eval("lockstep", "halfcheetah", "normal", models, pools)
+    np.testing.assert_array_equal(lock.lengths, seq.lengths)
+    np.testing.assert_array_equal(lock.returns, seq.returns)
+
+
+def test_halfcheetah_divergence_starts_at_rounding_level(models, pools):
+    """Where the batched and sequential halfcheetah rollouts part, the first differing action differs by rounding
+    only (identical inputs up to that step): the divergence is float batching, not a logic error."""
+    _, seq = record_actions("sequential", "halfcheetah", "normal", models, pools)
+    _, lock = record_actions("lockstep", "halfcheetah", "normal", models, pools)
+    for e in range(N_EPISODES):
+        assert seq[e].shape == lock[e].shape == (1000, 6)
+        diff = (seq[e] - lock[e]).abs().amax(dim=1)
+        nz = torch.nonzero(diff).flatten()
+        if len(nz):
+            assert diff[nz[0]] < 1e-6, (e, int(nz[0]), float(diff[nz[0]]))
+
+
+def test_modes_change_the_rollout(models, pools):
+    res = {m: run_eval("rowwise", "hopper", m, models, pools) for m in MODES}
+    assert not np.array_equal(res["normal"].returns, res["noise"].returns)
+    assert not np.array_equal(res["normal"].returns, res["delayed"].returns)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# what get_action receives: seeds, normalisation, RTG, timesteps
+# ---------------------------------------------------------------------------------------------------------------------
+class CallRecorder:
+    def __init__(self, model):
+        self.model, self.config, self.calls = model, model.config, []
+
+    def get_action(self, s, a, r, t):
+        self.calls.append((s.clone(), a.clone(), r.clone(), t.clone()))
+        return self.model.get_action(s, a, r, t)
+
+
+@pytest.mark.parametrize("mode", ["normal", "noise"])
+def test_initial_observation_seed_and_normalisation(mode, models, pools):
+    env, seed, n = "hopper", 3, 2
+    spec = get_env_spec(env)
+    mean, std = norm_stats(env)
+    rec = CallRecorder(models[env])
+    ev.evaluate_episodes(rec, env, 3600.0, n, mean, std, seed=seed, mode=mode, pool=pools[env])
+    s0, a0, r0, t0 = rec.calls[0]
+    assert s0.shape == (n, 1, spec.state_dim)
+    e = make_env(env)
+    for i in range(n):
+        assert ev.episode_seed(seed, i) == 10000 * seed + i
+        obs, _ = e.reset(seed=10000 * seed + i)
+        if mode == "noise":
+            obs = obs + np.random.default_rng(10000 * seed + i).normal(0, 0.1, size=obs.shape)
+        expected = (torch.as_tensor(obs).float() - torch.as_tensor(mean).float()) / torch.as_tensor(std).float()
+        torch.testing.assert_close(s0[i, 0], expected, atol=1e-6, rtol=0)
+    e.close()
+    assert torch.equal(a0, torch.zeros(n, 1, spec.act_dim))           # the current action slot is a zero placeholder
+    torch.testing.assert_close(r0, torch.full((n, 1, 1), 3600.0 / 1000.0))
+    assert torch.equal(t0, torch.zeros(n, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mode", ["normal", "delayed"])
+def test_rtg_and_timestep_histories(mode, models, pools):
+    env = "hopper"
+    mean, std = norm_stats(env)
+    rec = CallRecorder(models[env])
+    res = ev.evaluate_episodes_sequential(rec, env, 3600.0, 1, mean, std, seed=SEED, mode=mode, pool=pools[env])
+    n = int(res.lengths[0])
+    assert len(rec.calls) == n
+    s, a, r, t = rec.calls[-1]                 # full history at the last decision (sequential path)
+    assert torch.equal(t[0], torch.arange(n))
+    assert torch.count_nonzero(a[0, -1]) == 0  # placeholder
+    if mode == "delayed":
+        assert torch.all(r == 3.6)
+    else:
+        # R̂ decreases by r/1000 each step: after n-1 steps it has dropped by (return - last reward)/1000
+        dropped = float(r[0, 0, 0] - r[0, -1, 0]) * 1000.0
+        assert 0 < dropped < res.returns[0]
+        assert res.returns[0] - dropped < 5.0
+    # lockstep sees the same last-K window
+    rec2 = CallRecorder(models[env])
+    ev.evaluate_episodes(rec2, env, 3600.0, 1, mean, std, seed=SEED, mode=mode, pool=pools[env])
+    K = models[env].config.max_length
+    s2, a2, r2, t2 = rec2.calls[n - 1]
+    assert torch.equal(s2, s[:, -K:]) and torch.equal(a2, a[:, -K:])
+    assert torch.equal(r2, r[:, -K:]) and torch.equal(t2, t[:, -K:])
+
+
+def test_progress_counts_finished_episodes(models, pools):
+    class Counter:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    c = Counter()
+    mean, std = norm_stats("hopper")
+    ev.evaluate_episodes(models["hopper"], "hopper", 3600.0, 4, mean, std, seed=SEED, pool=pools["hopper"], progress=c)
+    assert c.n == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. seeding
+# ---------------------------------------------------------------------------------------------------------------------
+def test_same_seed_same_returns_different_seed_different(models, pools):
+    env = "hopper"
+    mean, std = norm_stats(env)
+    m = models[env]
+    a = ev.evaluate_episodes(m, env, 3600.0, 3, mean, std, seed=5, pool=pools[env])
+    b = ev.evaluate_episodes(m, env, 3600.0, 3, mean, std, seed=5)            # fresh pool
+    c = ev.evaluate_episodes(m, env, 3600.0, 3, mean, std, seed=6, pool=pools[env])
+    np.testing.assert_array_equal(a.returns, b.returns)
+    np.testing.assert_array_equal(a.lengths, b.lengths)
+    assert not np.array_equal(a.returns, c.returns)
+    # the episodes within one evaluation differ from each other (distinct reset seeds)
+    assert len(set(a.returns.tolist())) == 3
+
+
+@pytest.mark.parametrize("mode", ["normal", "noise"])
+def test_episode_return_independent_of_num_episodes(mode, models, pools):
+    env = "hopper"
+    mean, std = norm_stats(env)
+    m = models[env]
+    two = ev.evaluate_episodes(m, env, 3600.0, 2, mean, std, seed=SEED, mode=mode, pool=pools[env])
+    four = ev.evaluate_episodes(m, env, 3600.0, 4, mean, std, seed=SEED, mode=mode, pool=pools[env])
+    np.testing.assert_array_equal(four.returns[:2], two.returns)
+    np.testing.assert_array_equal(four.lengths[:2], two.lengths)
+    # ... also for the sequential path
+    seq = ev.evaluate_episodes_sequential(m, env, 3600.0, 4, mean, std, seed=SEED, mode=mode, pool=pools[env])
+    np.testing.assert_array_equal(seq.returns[:2], two.returns)
+
+
+def test_evaluation_uses_eval_mode(models, pools):
+    """evaluation.md §3: actions come from the model in eval mode (no dropout), as the originals'
+    ``evaluate_episode_rtg`` (which calls ``model.eval()``). A model handed over straight from ``Trainer``
+    (left in train mode) must evaluate exactly like the same model in eval mode."""
+    env = "hopper"
+    mean, std = norm_stats(env)
+    m = make_model(env)
+    ref = ev.evaluate_episodes(m.eval(), env, 3600.0, 3, mean, std, seed=SEED, pool=pools[env])
+    m.train()
+    torch.manual_seed(0)
+    got = ev.evaluate_episodes(m, env, 3600.0, 3, mean, std, seed=SEED, pool=pools[env])
+    np.testing.assert_array_equal(got.returns, ref.returns)
+    np.testing.assert_array_equal(got.lengths, ref.lengths)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. metrics
+# ---------------------------------------------------------------------------------------------------------------------
+def test_metrics_keys_and_values():
+    returns = np.array([100.0, 250.0, 400.0, -10.0])
+    lengths = np.array([10, 25, 40, 3], dtype=np.int64)
+    res = ev.EvalResult(3600.0, returns, lengths)
+    m = res.metrics("hopper")
+    p = "target_3600"
+    assert set(m) == {f"{p}_return_mean", f"{p}_return_std", f"{p}_length_mean", f"{p}_length_std",
+                      f"{p}_d4rl_score_mean", f"{p}_d4rl_score_std"}
+    assert all(type(v) is float for v in m.values())
+    rmin, rmax = -20.272305, 3234.3
+    scores = [100.0 * (r - rmin) / (rmax - rmin) for r in returns]
+
+    def pstd(xs):
+        mu = sum(xs) / len(xs)
+        return (sum((x - mu) ** 2 for x in xs) / len(xs)) ** 0.5      # population std (ddof 0)
+
+    assert m[f"{p}_return_mean"] == pytest.approx(185.0)
+    assert m[f"{p}_return_std"] == pytest.approx(pstd(returns.tolist()))
+    assert m[f"{p}_return_std"] != pytest.approx(float(np.std(returns, ddof=1)))
+    assert m[f"{p}_length_mean"] == pytest.approx(19.5)
+    assert m[f"{p}_length_std"] == pytest.approx(pstd(lengths.tolist()))
+    assert m[f"{p}_d4rl_score_mean"] == pytest.approx(sum(scores) / 4)
+    assert m[f"{p}_d4rl_score_std"] == pytest.approx(pstd(scores))
+    # a known point: the expert return scores 100, the random one 0
+    one = ev.EvalResult(1800.0, np.array([3234.3, -20.272305]), np.array([1000, 5])).metrics("hopper", prefix="ev/")
+    assert set(one) == {f"ev/target_1800_{s}" for s in ("return_mean", "return_std", "length_mean", "length_std",
+                                                         "d4rl_score_mean", "d4rl_score_std")}
+    assert one["ev/target_1800_d4rl_score_mean"] == pytest.approx(50.0)
+    assert one["ev/target_1800_d4rl_score_std"] == pytest.approx(50.0)
+
+
+def test_metrics_other_env_constants():
+    r = ev.EvalResult(12000.0, np.array([12135.0]), np.array([1000])).metrics("halfcheetah")
+    assert r["target_12000_d4rl_score_mean"] == pytest.approx(100.0)
+    assert r["target_12000_return_std"] == 0.0
+    r = ev.EvalResult(5000.0, np.array([1.629008]), np.array([1000])).metrics("walker2d")
+    assert r["target_5000_d4rl_score_mean"] == pytest.approx(0.0, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. errors
+# ---------------------------------------------------------------------------------------------------------------------
+def test_unknown_env_is_user_error(models):
+    with pytest.raises(UserError):
+        get_env_spec("ant")
+    with pytest.raises(UserError):
+        make_env("ant")
+    with pytest.raises(UserError):
+        ev.evaluate_episodes(models["hopper"], "ant", 3600.0, 1, np.zeros(11), np.ones(11))
+    with pytest.raises(UserError):
+        ev.evaluate_episodes_sequential(models["hopper"], "ant", 3600.0, 1, np.zeros(11), np.ones(11))
+    with pytest.raises(UserError):
+        ev.EvalResult(3600.0, np.zeros(2), np.zeros(2)).metrics("ant")
+
+
+def test_unsupported_env_version_is_user_error(models):
+    with pytest.raises(UserError, match="v3"):
+        make_env("hopper", "v3")
+    with pytest.raises(UserError):
+        ev.EnvPool("hopper", "v3").get(1)
+    with pytest.raises(UserError):
+        ev.evaluate_episodes(models["hopper"], "hopper", 3600.0, 1, np.zeros(11), np.ones(11), env_version="v3")
+    with pytest.raises(UserError):
+        ev.evaluate_episodes_sequential(models["hopper"], "hopper", 3600.0, 1, np.zeros(11), np.ones(11),
+                                        env_version="v3")
+    # the supported versions build
+    for v in ("v4", "v5"):
+        e = make_env("hopper", v)
+        assert e.spec.id == f"Hopper-{v}"
+        e.close()

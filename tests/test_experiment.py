@@ -1,0 +1,209 @@
+"""End-to-end runs of experiment.py on small real-MuJoCo data, and its bad-input behaviour."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+import experiment
+from decision_transformer.checkpoint import load_checkpoint
+
+TINY = ["--embed_dim", "32", "--n_layer", "1", "--K", "5", "--batch_size", "8", "--warmup_steps", "10",
+        "--num_eval_episodes", "2"]
+
+
+def run(tmp_path, monkeypatch, data, *extra):
+    """Run ``experiment.main`` in ``tmp_path`` (relative paths resolve there) with tiny budgets."""
+    monkeypatch.chdir(tmp_path)
+    experiment.main(["--data_path", str(data), *TINY, *extra])
+    return tmp_path
+
+
+def run_dir(tmp_path, name="dt_medium_hopper_666_K5"):
+    return tmp_path / "checkpoints" / name
+
+
+def test_seed_command_as_written(tmp_path, hopper_data):
+    """The pre-training seed's command, from another working directory, WandB offline without credentials."""
+    cmd = [sys.executable, str(ROOT / "experiment.py"), "--env", "hopper", "--dataset", "medium", "--model_type", "dt",
+           "--seed", "666", "--outdir", "checkpoints", "--dropout", "0.2", "--share_input_output_proj",
+           "--warmup_steps", "5000", "--embed_dim", "768", "--n_layer", "12", "-w",
+           "--data_path", str(hopper_data), "--max_iters", "1", "--num_steps_per_iter", "10",
+           "--num_eval_episodes", "2",
+           "--batch_size", "2"]  # only to keep a 12 x 768 model fast on two CPU cores
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    env["HOME"] = str(tmp_path)  # no ~/.netrc -> no credentials
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rd = tmp_path / "checkpoints" / "dt_medium_hopper_666"
+    for f in ("model_0.pt", "model_1.pt", "config.json", "metrics.jsonl"):
+        assert (rd / f).is_file(), f
+    ckpt = torch.load(rd / "model_1.pt", weights_only=True)
+    assert ckpt["config"]["model_config"]["backbone"]["n_layer"] == 12
+    assert not any(k.startswith("predict_") for k in ckpt["state_dict"])  # tied heads
+    rows = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and "evaluation/target_3600_return_mean" in rows[0]
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "WandB should run offline without credentials"
+
+
+def test_training_outputs_and_metrics(tmp_path, monkeypatch, hopper_data):
+    run(tmp_path, monkeypatch, hopper_data, "--max_iters", "2", "--num_steps_per_iter", "5", "--save_model",
+        "--save_mode", "both")
+    rd = run_dir(tmp_path)
+    assert sorted(p.name for p in rd.glob("model_*.pt")) == ["model_0.pt", "model_1.pt", "model_2.pt"]
+    rows = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    keys = {"time/training", "time/evaluation", "time/total", "training/train_loss_mean", "training/train_loss_std",
+            "training/action_error"}
+    for t in (3600, 1800):
+        keys |= {f"evaluation/target_{t}_{s}" for s in ("return_mean", "return_std", "length_mean", "length_std",
+                                                         "d4rl_score_mean", "d4rl_score_std")}
+    assert keys <= set(rows[0])
+    cfg = json.loads((rd / "config.json").read_text())
+    assert cfg["seed"] == 666 and cfg["K"] == 5
+    saved = list((tmp_path / "models" / "hopper").glob("dt_gym-experiment-hopper-medium-*.pt"))
+    names = sorted(p.name for p in saved)
+    assert len(names) == 2 and names[1].endswith("_best.pt") and names[0][:-3] + "_best.pt" == names[1]
+    ckpt = load_checkpoint(saved[0])
+    assert ckpt["format_version"] == 1 and ckpt["state_mean"].shape == (11,)
+    # model_0.pt holds the exact initial weights: rebuilding the model from the seed gives them again
+    from decision_transformer.models import DecisionTransformer, DTConfig
+
+    init = DecisionTransformer(DTConfig.from_dict(ckpt["config"]["model_config"]), seed=666).state_dict()
+    m0 = load_checkpoint(rd / "model_0.pt")["state_dict"]
+    assert all(torch.equal(init[k], m0[k]) for k in init)
+    m2 = load_checkpoint(rd / "model_2.pt")["state_dict"]
+    assert not torch.equal(m0["embed_state.weight"], m2["embed_state.weight"])
+
+
+def test_run_folder_names(tmp_path, monkeypatch, hopper_data):
+    run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "1", "--remove_grad_clip",
+        "--seed", "42", "--num_eval_episodes", "0")
+    assert (tmp_path / "checkpoints" / "dt_medium_hopper_42_K5_no_grad_clip" / "model_1.pt").is_file()
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, hopper_data):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    run(a, monkeypatch, hopper_data, "--max_iters", "3", "--num_steps_per_iter", "4")
+    run(b, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "4")
+    run(b, monkeypatch, hopper_data, "--max_iters", "3", "--num_steps_per_iter", "4", "--resume")
+    sa = load_checkpoint(run_dir(a) / "model_3.pt")["state_dict"]
+    sb = load_checkpoint(run_dir(b) / "model_3.pt")["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ra = (run_dir(a) / "metrics.jsonl").read_text().splitlines()
+    rb = (run_dir(b) / "metrics.jsonl").read_text().splitlines()
+    assert len(rb) == 3
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if not k.startswith("time/")}  # noqa: E731
+    assert [strip(x) for x in ra] == [strip(x) for x in rb]
+
+
+def test_evaluate_only_and_load_checkpoint(tmp_path, monkeypatch, hopper_data):
+    run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "5")
+    trained = json.loads((run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()[0])
+    ckpt = run_dir(tmp_path) / "model_1.pt"
+    (tmp_path / "eval").mkdir()
+    run(tmp_path / "eval", monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "0",
+        "--load_checkpoint", str(ckpt))
+    evaluated = json.loads((run_dir(tmp_path / "eval") / "metrics.jsonl").read_text().splitlines()[0])
+    for k in trained:
+        if k.startswith("evaluation/"):
+            assert evaluated[k] == trained[k], k
+    assert evaluated["training/train_loss_mean"] is None  # NaN for an empty iteration, written as null
+
+
+def test_frozen_blocks_stay_fixed(tmp_path, monkeypatch, hopper_data):
+    run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "5", "--frozen",
+        "--num_eval_episodes", "0")
+    s0 = load_checkpoint(run_dir(tmp_path) / "model_0.pt")["state_dict"]
+    s1 = load_checkpoint(run_dir(tmp_path) / "model_1.pt")["state_dict"]
+    for k in s0:
+        if k.startswith("transformer.h."):
+            assert torch.equal(s0[k], s1[k]), k
+    assert not torch.equal(s0["embed_state.weight"], s1["embed_state.weight"])
+
+
+# ---- bad input --------------------------------------------------------------------------------------------------
+
+def expect_error(capsys, argv, code=2):
+    with pytest.raises(SystemExit) as e:
+        experiment.main(argv)
+    assert e.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ")
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_missing_dataset(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    msg = expect_error(capsys, ["--data_path", str(tmp_path / "nowhere"), *TINY])
+    assert "hopper-medium-v2.pkl" in msg and "download_d4rl_datasets.py" in msg
+
+
+@pytest.mark.parametrize("flag,value,needle", [("--env", "ant", "unknown env 'ant'"),
+                                               ("--dataset", "medium-v2", "unknown dataset"),
+                                               ("--env_targets", "abc", "--env_targets"),
+                                               ("--K", "0", "invalid --K")])
+def test_bad_flags(tmp_path, monkeypatch, capsys, hopper_data, flag, value, needle):
+    monkeypatch.chdir(tmp_path)
+    assert needle in expect_error(capsys, ["--data_path", str(hopper_data), *TINY, flag, value])
+
+
+def test_corrupt_dataset(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hopper-medium-v2.pkl").write_bytes(b"\x80\x04garbage")
+    msg = expect_error(capsys, ["--data_path", str(tmp_path), *TINY])
+    assert "hopper-medium-v2.pkl" in msg
+
+
+def test_checkpoint_mismatch_names_tensor(tmp_path, monkeypatch, capsys, hopper_data):
+    run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "1", "--num_eval_episodes", "0")
+    ckpt = run_dir(tmp_path) / "model_1.pt"
+    argv = ["--data_path", str(hopper_data), *TINY, "--embed_dim", "64", "--load_checkpoint", str(ckpt)]
+    msg = expect_error(capsys, argv)
+    assert "does not match the model" in msg and "shape mismatch for transformer.wte.weight" in msg
+    assert "(checkpoint [50257, 32], model [50257, 64])" in msg
+
+
+def test_malicious_checkpoint_is_refused(tmp_path, monkeypatch, capsys, hopper_data):
+    sentinel = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(sentinel), "w"))
+
+    bad = tmp_path / "evil.pt"
+    bad.write_bytes(pickle.dumps({"state_dict": Evil()}))
+    monkeypatch.chdir(tmp_path)
+    msg = expect_error(capsys, ["--data_path", str(hopper_data), *TINY, "--load_checkpoint", str(bad)])
+    assert "evil.pt" in msg and not sentinel.exists()
+
+
+def test_nan_loss_stops_and_keeps_earlier_checkpoints(tmp_path, monkeypatch, capsys, hopper_data):
+    from decision_transformer.training import trainer as trainer_mod
+
+    real = trainer_mod.masked_action_mse
+    calls = {"n": 0}
+
+    def poisoned(pred, target, mask):
+        calls["n"] += 1
+        loss = real(pred, target, mask)
+        return loss * float("nan") if calls["n"] > 6 else loss  # iteration 2 (steps 6..10) diverges
+
+    monkeypatch.setattr(trainer_mod, "masked_action_mse", poisoned)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data_path", str(hopper_data), *TINY, "--max_iters", "3", "--num_steps_per_iter", "5",
+            "--num_eval_episodes", "0"]
+    msg = expect_error(capsys, argv, code=3)
+    assert "iteration 2" in msg and "step 2" in msg
+    rd = run_dir(tmp_path)
+    assert (rd / "model_1.pt").is_file() and not (rd / "model_2.pt").exists()
+    good = load_checkpoint(rd / "model_1.pt")["state_dict"]
+    assert all(torch.isfinite(v).all() for v in good.values() if v.is_floating_point())
+    assert len((rd / "metrics.jsonl").read_text().splitlines()) == 1
