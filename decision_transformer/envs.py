@@ -58,6 +58,31 @@ def check_dataset_name(dataset: str) -> str:
     return dataset
 
 
+_MUJOCO_HANDLER_SET = False
+
+
+def _route_mujoco_warnings():
+    """MuJoCo prints compiler warnings to stderr and appends them to ``MUJOCO_LOG.TXT`` in the working directory.
+    The v4 HalfCheetah model triggers a harmless deprecation notice on every build; route MuJoCo's warnings
+    through Python's ``warnings`` instead, dropping that one."""
+    global _MUJOCO_HANDLER_SET
+    if _MUJOCO_HANDLER_SET:
+        return
+    try:
+        import mujoco
+    except ImportError:  # pragma: no cover
+        return
+
+    def handler(msg):
+        if "settotalmass" not in msg:
+            import warnings
+
+            warnings.warn(f"MuJoCo: {msg}", RuntimeWarning, stacklevel=2)
+
+    mujoco.set_mju_user_warning(handler)
+    _MUJOCO_HANDLER_SET = True
+
+
 def make_env(name: str, version: str = DEFAULT_ENV_VERSION):
     """A gymnasium env for ``name`` (no rendering). Imports gymnasium lazily: training alone does not need it."""
     import warnings
@@ -68,6 +93,7 @@ def make_env(name: str, version: str = DEFAULT_ENV_VERSION):
         import gymnasium as gym
     except ImportError as e:  # pragma: no cover - gymnasium is a hard dependency
         raise UserError(f"gymnasium[mujoco] is required for evaluation ({e})") from None
+    _route_mujoco_warnings()
     with warnings.catch_warnings():
         # v4 is marked out of date in gymnasium 1.x; it is the version with the originals' (v3) dynamics.
         warnings.filterwarnings("ignore", message=".*out of date.*")

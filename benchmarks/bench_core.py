@@ -1,0 +1,124 @@
+"""Sampler and evaluation throughput: the fast paths against the slow paths they replace.
+
+    python benchmarks/bench_core.py [--device cpu] [--quick]
+
+Prints a table: sampler batches/s (vectorised on-device sampler vs the originals' per-sample Python loop) and
+evaluation episodes/s (lockstep batched rollouts vs one episode at a time with batch-1 forwards). Evaluation uses
+HalfCheetah-v4 (episodes never terminate early, so every episode is 1000 steps) and a randomly initialised DT of the
+default size (128 hidden, 3 layers, 1 head, K=20). The one-by-one rate is measured on a few episodes: its cost is
+linear in the number of episodes.
+"""
+import argparse
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from decision_transformer.data import TrajectoryDataset, state_stats  # noqa: E402
+from decision_transformer.envs import get_env_spec  # noqa: E402
+from decision_transformer.evaluation import EnvPool, evaluate_episodes, evaluate_episodes_sequential  # noqa: E402
+from decision_transformer.models import DecisionTransformer, DTConfig  # noqa: E402
+from test_data import reference_get_batch  # noqa: E402  (the originals' per-sample loop)
+
+
+def synthetic_trajectories(env, num_timesteps, seed=0):
+    """Random arrays with hopper-medium-like episode lengths (sampling cost does not depend on the values)."""
+    spec = get_env_spec(env)
+    rng = np.random.default_rng(seed)
+    trajs, total = [], 0
+    while total < num_timesteps:
+        n = int(rng.integers(100, 1000))
+        trajs.append({"observations": rng.normal(size=(n, spec.state_dim)).astype(np.float32),
+                      "actions": rng.uniform(-1, 1, (n, spec.act_dim)).astype(np.float32),
+                      "rewards": rng.uniform(0, 3, n).astype(np.float32),
+                      "terminals": np.zeros(n, dtype=bool)})
+        total += n
+    return trajs
+
+
+def rate(fn, min_time=2.0, min_reps=3):
+    fn()  # warm-up
+    reps, start = 0, time.perf_counter()
+    while reps < min_reps or time.perf_counter() - start < min_time:
+        fn()
+        reps += 1
+    return reps / (time.perf_counter() - start)
+
+
+def bench_sampler(device, batch_size=64, K=20, num_timesteps=1_000_000):
+    trajs = synthetic_trajectories("hopper", num_timesteps)
+    ds = TrajectoryDataset(trajs, "hopper", device=device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0)
+    mean, std = state_stats(trajs)
+    lens = np.array([len(t["rewards"]) for t in trajs])
+    p = lens / lens.sum()
+
+    def fast():
+        b = ds.sample_batch(batch_size, K, gen)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return b
+
+    def slow():  # the originals: numpy trajectory choice, Python start index, per-sample slicing, host->device copy
+        idx = np.random.choice(len(trajs), size=batch_size, replace=True, p=p)
+        pairs = [(i, random.randint(0, lens[i] - 1)) for i in idx]
+        b = reference_get_batch(trajs, pairs, K, mean, std)
+        return {k: v.to(device) for k, v in b.items()}
+
+    return rate(fast), rate(slow)
+
+
+def bench_eval(device, episodes_list, seq_episodes):
+    spec = get_env_spec("halfcheetah")
+    model = DecisionTransformer(DTConfig(spec.state_dim, spec.act_dim), seed=0).to(device).eval()
+    mean, std = np.zeros(spec.state_dim, np.float32), np.ones(spec.state_dim, np.float32)
+    pool = EnvPool("halfcheetah")
+    pool.get(max(episodes_list))
+    rows = []
+    start = time.perf_counter()
+    evaluate_episodes_sequential(model, "halfcheetah", 6000, seq_episodes, mean, std, device=device, pool=pool)
+    seq_rate = seq_episodes / (time.perf_counter() - start)
+    for n in episodes_list:
+        start = time.perf_counter()
+        evaluate_episodes(model, "halfcheetah", 6000, n, mean, std, device=device, pool=pool)
+        rows.append((n, n / (time.perf_counter() - start), seq_rate))
+    pool.close()
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="fewer episodes (10 only) and a 2-episode one-by-one baseline")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads'})")
+    print(f"torch {torch.__version__}\n")
+
+    fast, slow = bench_sampler(device)
+    print("| sampler (batch 64, K 20, 1M timesteps) | batches/s | ratio |")
+    print("|---|---:|---:|")
+    print(f"| per-sample loop (originals) | {slow:,.0f} | 1.0x |")
+    print(f"| vectorised on-device | {fast:,.0f} | {fast / slow:.1f}x |\n")
+
+    episodes = [10] if args.quick else [10, 50]
+    rows = bench_eval(device, episodes, 2 if args.quick else 5)
+    print("| evaluation (HalfCheetah-v4, 1000-step episodes, DT 128x3) | episodes | one-by-one ep/s | batched ep/s | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    for n, batched, seq in rows:
+        print(f"| | {n} | {seq:.2f} | {batched:.2f} | {batched / seq:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
