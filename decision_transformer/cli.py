@@ -115,6 +115,9 @@ def experiment_parser() -> argparse.ArgumentParser:
     add_optim_flags(p)
     add_run_flags(p)
     add_merge_flags(p)
+    for action in p._actions:  # show every default in --help
+        if action.help is None:
+            action.help = "(default: %(default)s)"
     return p
 
 
