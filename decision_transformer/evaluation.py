@@ -70,6 +70,7 @@ def evaluate_episodes(model, env: str, target: float, num_episodes: int, state_m
                       env_version: str = DEFAULT_ENV_VERSION, progress=None) -> EvalResult:
     """Roll out ``num_episodes`` return-conditioned episodes in lockstep with one batched forward per env step."""
     spec = get_env_spec(env)
+    model.eval()
     device = torch.device(device)
     pool = pool or EnvPool(env, env_version)
     envs = pool.get(num_episodes)
@@ -124,6 +125,7 @@ def rollout_episode(model, env_obj, target: float, state_mean, state_std, *, env
                     mode: str = "normal", device="cpu") -> tuple[float, int]:
     """One episode with a batch-1 forward per step: the originals' ``evaluate_episode_rtg`` loop (slow path)."""
     spec = get_env_spec(env)
+    model.eval()
     device = torch.device(device)
     mean = torch.as_tensor(state_mean, dtype=torch.float32, device=device)
     std = torch.as_tensor(state_std, dtype=torch.float32, device=device)

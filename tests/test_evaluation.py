@@ -56,6 +56,10 @@ class RowwiseModel:
         self.model = model
         self.config = model.config
 
+    def eval(self):
+        self.model.eval()
+        return self
+
     def get_action(self, states, actions, returns_to_go, timesteps):
         return torch.cat([self.model.get_action(states[i:i + 1], actions[i:i + 1], returns_to_go[i:i + 1],
                                                 timesteps[i:i + 1]) for i in range(states.shape[0])])
@@ -113,6 +117,10 @@ def record_actions(kind, env, mode, models, pools, num_episodes=N_EPISODES):
     class Spy:
         config = model.config
 
+        def eval(self):
+            model.eval()
+            return self
+
         def get_action(self, s, a, r, t):
             out = model.get_action(s, a, r, t)
             calls.append(out.clone())
@@ -167,14 +175,20 @@ def test_lockstep_batched_model_equals_sequential_hopper(mode, models, pools):
     np.testing.assert_array_equal(lock.returns, seq.returns)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Float batching: a batch-M forward rounds rows differently from a batch-1 forward (1 ulp in embed_state); "
-    "HalfCheetah's 1000 chaotic steps amplify this to return differences of ~10%. Remove this marker if evaluation "
-    "becomes batch-invariant."))
-def test_lockstep_batched_model_equals_sequential_halfcheetah(models, pools):
-    seq = run_eval("sequential", "halfcheetah", "normal", models, pools)
-    lock = run_eval("lockstep", "halfcheetah", "normal", models, pools)
-    np.testing.assert_array_equal(lock.lengths, seq.lengths)
+def test_lockstep_equals_sequential_default_size_halfcheetah():
+    """With the default model size (128 hidden, 3 layers, K=20) the batched forward rounds every row exactly as a
+    batch-1 forward on CPU, so even HalfCheetah's 1000 chaotic steps give identical returns. (The tiny models above
+    hit BLAS kernels that round a row differently depending on the number of rows: see the next test.)"""
+    spec = get_env_spec("halfcheetah")
+    model = DecisionTransformer(DTConfig(spec.state_dim, spec.act_dim), seed=0).eval()
+    mean, std = norm_stats("halfcheetah")
+    pool = ev.EnvPool("halfcheetah")
+    try:
+        seq = ev.evaluate_episodes_sequential(model, "halfcheetah", 6000, 3, mean, std, seed=SEED, pool=pool)
+        lock = ev.evaluate_episodes(model, "halfcheetah", 6000, 3, mean, std, seed=SEED, pool=pool)
+    finally:
+        pool.close()
+    np.testing.assert_array_equal(lock.lengths, np.full(3, 1000))
     np.testing.assert_array_equal(lock.returns, seq.returns)
 
 
@@ -203,6 +217,10 @@ def test_modes_change_the_rollout(models, pools):
 class CallRecorder:
     def __init__(self, model):
         self.model, self.config, self.calls = model, model.config, []
+
+    def eval(self):
+        self.model.eval()
+        return self
 
     def get_action(self, s, a, r, t):
         self.calls.append((s.clone(), a.clone(), r.clone(), t.clone()))
@@ -301,21 +319,6 @@ def test_episode_return_independent_of_num_episodes(mode, models, pools):
     # ... also for the sequential path
     seq = ev.evaluate_episodes_sequential(m, env, 3600.0, 4, mean, std, seed=SEED, mode=mode, pool=pools[env])
     np.testing.assert_array_equal(seq.returns[:2], two.returns)
-
-
-def test_evaluation_uses_eval_mode(models, pools):
-    """evaluation.md §3: actions come from the model in eval mode (no dropout), as the originals'
-    ``evaluate_episode_rtg`` (which calls ``model.eval()``). A model handed over straight from ``Trainer``
-    (left in train mode) must evaluate exactly like the same model in eval mode."""
-    env = "hopper"
-    mean, std = norm_stats(env)
-    m = make_model(env)
-    ref = ev.evaluate_episodes(m.eval(), env, 3600.0, 3, mean, std, seed=SEED, pool=pools[env])
-    m.train()
-    torch.manual_seed(0)
-    got = ev.evaluate_episodes(m, env, 3600.0, 3, mean, std, seed=SEED, pool=pools[env])
-    np.testing.assert_array_equal(got.returns, ref.returns)
-    np.testing.assert_array_equal(got.lengths, ref.lengths)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -364,9 +364,10 @@ def test_attention_maps():
             q_real = tok_mask[b]
             Ab = A[b][:, q_real]                                   # [nh, n_real_q, T] real queries
             # causal: no weight on future keys (for real query rows)
-            assert Ab[:, future[q_real]].abs().max() <= 1e-12 if future[q_real].any() else True
+            assert Ab[:, future[q_real]].abs().max() <= 1e-12
             # no weight on padded keys from real queries
-            assert Ab[:, :, ~tok_mask[b]].abs().max() <= 1e-12 if (~tok_mask[b]).any() else True
+            if pads[b]:
+                assert Ab[:, :, ~tok_mask[b]].abs().max() <= 1e-12
         # a real query attends somewhere other than itself (the map is not trivially the identity)
         assert A[0, :, -1, :-1].sum() > 1e-3
     # without padding the whole map is lower-triangular
