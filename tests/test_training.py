@@ -1,0 +1,108 @@
+"""Optimiser groups, warm-up schedule, clipping, freezing and the masked loss."""
+import pytest
+import torch
+
+from decision_transformer.data import TrajectoryDataset
+from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+from decision_transformer.training import GRAD_CLIP, Trainer, freeze, make_optimizer, masked_action_mse, warmup_schedule
+
+
+def tiny_model(seed=0):
+    return DecisionTransformer(DTConfig(11, 3, max_length=4, backbone=BackboneConfig(n_embd=16, n_layer=2, n_head=2)),
+                               seed=seed)
+
+
+def test_masked_mse_equals_boolean_indexing():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(5, 7, 3, generator=g), torch.randn(5, 7, 3, generator=g)
+    mask = (torch.rand(5, 7, generator=g) > 0.4).float()
+    sel = mask.reshape(-1) > 0
+    expected = torch.mean((pred.reshape(-1, 3)[sel] - target.reshape(-1, 3)[sel]) ** 2)
+    torch.testing.assert_close(masked_action_mse(pred, target, mask), expected, rtol=1e-6, atol=0)
+
+
+def test_single_group_eps():
+    m = tiny_model()
+    opt = make_optimizer(m, lr=1e-4, weight_decay=1e-4)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["eps"] == 1e-8
+    assert opt.param_groups[0]["weight_decay"] == 1e-4
+    assert make_optimizer(m, lr=1e-4, weight_decay=1e-4, pretrained_lm=True).param_groups[0]["eps"] == 1e-6
+
+
+def test_custom_transformer_decay_groups():
+    m = tiny_model()
+    opt = make_optimizer(m, lr=1e-4, weight_decay=1e-3, custom_transformer_decay=True, lm_lr=5e-5)
+    g_t, g_rest = opt.param_groups
+    t_ids = {id(p) for p in m.transformer.parameters()}
+    assert {id(p) for p in g_t["params"]} == t_ids
+    assert g_t["weight_decay"] == 0.0 and g_t["lr"] == 5e-5 and g_t["eps"] == 1e-6
+    assert g_rest["weight_decay"] == 1e-3 and g_rest["lr"] == 1e-4
+    assert {id(p) for p in g_rest["params"]} == {id(p) for p in m.parameters()} - t_ids
+    # a tensor shared by both (the LM's wpe used as the timestep table) is listed once, in the transformer group
+    m.embed_timestep = m.transformer.wpe
+    opt = make_optimizer(m, lr=1e-4, weight_decay=1e-3, custom_transformer_decay=True)
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) and id(m.transformer.wpe.weight) in {id(p) for p in opt.param_groups[0]["params"]}
+
+
+def test_warmup_then_constant():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    sched = warmup_schedule(opt, 4)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_freeze_subset_and_frozen_get_no_update():
+    m = tiny_model()
+    names = freeze(m, ["ln_f", "embed_timestep"])
+    assert set(names) == {"transformer.ln_f.weight", "transformer.ln_f.bias", "embed_timestep.weight"}
+    assert all(not p.requires_grad for n, p in m.named_parameters() if n in names)
+    opt = make_optimizer(m, lr=1e-4, weight_decay=1e-4)
+    assert not {id(p) for n, p in m.named_parameters() if n in names} & {id(p) for p in opt.param_groups[0]["params"]}
+
+
+def _trainer(grad_clip, lr=1e-3):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    trajs = [{"observations": rng.normal(size=(30, 11)).astype(np.float32) * 50,
+              "actions": rng.uniform(-1, 1, (30, 3)).astype(np.float32),
+              "rewards": rng.normal(size=30).astype(np.float32),
+              "terminals": np.zeros(30, bool)} for _ in range(3)]
+    ds = TrajectoryDataset(trajs, "hopper")
+    m = tiny_model()
+    opt = make_optimizer(m, lr=lr, weight_decay=0.0)
+    return Trainer(m, opt, warmup_schedule(opt, 1), ds, batch_size=8, K=4,
+                   generator=torch.Generator().manual_seed(0), grad_clip=grad_clip)
+
+
+@pytest.mark.parametrize("clip", [GRAD_CLIP, None])
+def test_grad_clip(clip, monkeypatch):
+    tr = _trainer(clip)
+    norms = []
+    real_step = tr.optimizer.step
+
+    def spy_step(*a, **k):
+        grads = [p.grad for p in tr.params if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(tr.optimizer, "step", spy_step)
+    tr.train_iteration(5, 1)
+    if clip is None:
+        assert max(norms) > GRAD_CLIP  # the test's data give large gradients
+    else:
+        assert max(norms) <= GRAD_CLIP * (1 + 1e-5)
+
+
+def test_train_iteration_logs_and_counts_steps():
+    tr = _trainer(GRAD_CLIP)
+    logs = tr.train_iteration(7, 1)
+    assert tr.step == 7 and tr.scheduler.last_epoch == 7
+    assert set(logs) == {"time/training", "training/train_loss_mean", "training/train_loss_std", "training/action_error"}
+    assert logs["training/train_loss_mean"] > 0
