@@ -390,7 +390,6 @@ class TrajectoryDataset:
         dv = self.device
         traj = traj.to(dv)
         start = start.to(dv)
-        B = traj.shape[0]
         length = self.traj_lens[traj]                                            # [B]
         tlen = torch.clamp(length - start, max=K)                                # real steps per window
         pad = K - tlen                                                           # [B]

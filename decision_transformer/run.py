@@ -1,11 +1,9 @@
 """The single-task pipeline behind ``experiment.py``: data -> model -> training -> evaluation -> checkpoints."""
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from decision_transformer.envs import check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError
 from decision_transformer.evaluation import EnvPool, evaluate_episodes
 from decision_transformer.logging import RunLogger, progress, summary_line
-from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+from decision_transformer.model_factory import build_model_from_args, make_extra_loss
 from decision_transformer.training import GRAD_CLIP, Trainer, freeze, make_optimizer, warmup_schedule
 
 TRAIN_STATE = "train_state.pt"
@@ -90,22 +88,6 @@ def check_args(args):
         raise UserError(f"--K {args.K} exceeds the episode length 1000")
 
 
-def build_model_config(args, spec) -> DTConfig:
-    backbone = BackboneConfig(n_embd=args.embed_dim, n_layer=args.n_layer, n_head=args.n_head,
-                              n_inner=4 * args.embed_dim, activation_function=args.activation_function,
-                              resid_pdrop=args.dropout, attn_pdrop=0.1, disable_attention=args.disable_attention)
-    return DTConfig(state_dim=spec.state_dim, act_dim=spec.act_dim, max_length=args.K, max_ep_len=spec.max_ep_len,
-                    share_input_output_proj=args.share_input_output_proj, embed_order=args.embed_order,
-                    backbone=backbone)
-
-
-def build_model(cfg: DTConfig, seed: int) -> DecisionTransformer:
-    try:
-        return DecisionTransformer(cfg, seed=seed)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
 # ---- the run ----------------------------------------------------------------------------------------------------
 
 def run_experiment(args) -> dict:
@@ -125,8 +107,12 @@ def run_experiment(args) -> dict:
           f"max {dataset.traj_returns_all.max():.2f} min {dataset.traj_returns_all.min():.2f} | "
           f"training on {len(dataset.kept)} trajectories", file=sys.stderr)
 
-    cfg = build_model_config(args, spec)
-    model = build_model(cfg, args.seed).to(device)
+    model = build_model_from_args(args, spec).to(device)
+    cfg = model.config
+    if args.pretrained_models:
+        from decision_transformer.merge_setup import apply_merge
+
+        model = apply_merge(args, model, spec, device)
     if args.load_checkpoint:
         load_state_into(model, load_checkpoint(args.load_checkpoint)["state_dict"], args.load_checkpoint)
     frozen = []
@@ -149,7 +135,8 @@ def run_experiment(args) -> dict:
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
     trainer = Trainer(model, optimizer, scheduler, dataset, batch_size=args.batch_size, K=args.K, generator=generator,
-                      grad_clip=None if args.remove_grad_clip else GRAD_CLIP)
+                      grad_clip=None if args.remove_grad_clip else GRAD_CLIP,
+                      extra_loss=make_extra_loss(args, model))
 
     start_iter, best_score, exp_id = 0, -float("inf"), new_exp_id()
     if args.resume:
