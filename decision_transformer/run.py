@@ -140,6 +140,8 @@ def run_experiment(args) -> dict:
 
     start_iter, best_score, exp_id = 0, -float("inf"), new_exp_id()
     if args.resume:
+        if args.pretrained_models:
+            raise UserError("--resume is not available for merge runs (each has its own run folder)")
         if run_dir is None:
             raise UserError("--resume needs --outdir (the run folder holds the state to resume)")
         st_path = run_dir / TRAIN_STATE
@@ -161,6 +163,9 @@ def run_experiment(args) -> dict:
         print(f"warning: {run_dir} already holds checkpoints; they will be replaced (use --resume to continue)",
               file=sys.stderr)
     exp_prefix = f"{group}-{exp_id}"
+    if args.pretrained_models and run_dir is not None:
+        # merge runs share (model, dataset, env, seed): a per-run suffix keeps them from overwriting each other
+        run_dir = run_dir.with_name(f"{run_dir.name}_{exp_id}")
 
     config = {**vars(args), "exp_id": exp_id, "exp_prefix": exp_prefix, "model_name": mname,
               "data_file": str(data_file), "device_used": str(device), "targets": targets,
