@@ -36,19 +36,34 @@ def add_model_flags(p: argparse.ArgumentParser):
     g.add_argument("--frozen", action="store_true", help="freeze transformer.h")
     g.add_argument("--freeze_subset", nargs="*", default=None, help="freeze parameters whose name contains any of these")
     g.add_argument("--load_checkpoint", type=str, default=None, help="load these weights (strictly) before training")
-    g.add_argument("--pretrained_lm", "-plm", type=str, default=None, help="(not supported yet)")
-    g.add_argument("--pretrained_block", "-pb", type=int, default=None, help="(not supported yet)")
-    g.add_argument("--extend_positions", action="store_true", help="(not supported yet)")
-    g.add_argument("--igpt_legacy_ln", action="store_true", help="(not supported yet)")
+    g.add_argument("--pretrained_lm", "-plm", type=str, default=None,
+                   help="initialise from a pretrained LM: gpt2, openai/imagegpt-small or a save_pretrained directory "
+                        "(e.g. checkpoints/ChibiT); looked up locally, in checkpoints/ and in the HF cache, never "
+                        "downloaded. Its config replaces --embed_dim/--n_layer/--n_head/--activation_function")
+    g.add_argument("--pretrained_block", "-pb", type=int, default=None,
+                   help="put block b of --pretrained_lm into a random-init DT (needs --embed_dim = the LM's hidden "
+                        "size); 0 works")
+    g.add_argument("--extend_positions", action="store_true",
+                   help="the timestep embedding is transformer.wpe (the LM's position table, tiled when shorter "
+                        "than an episode)")
+    g.add_argument("--igpt_legacy_ln", action="store_true",
+                   help="load ImageGPT into GPT-2 LayerNorms with zero biases, as the originals (default: "
+                        "ImageGPT's own RMS-style norm)")
 
 
 def add_kmeans_flags(p: argparse.ArgumentParser):
-    g = p.add_argument_group("k-means language alignment (not supported yet)")
-    g.add_argument("--gpt_kmeans", type=int, default=None)
-    g.add_argument("--gpt_kmeans_const", type=float, default=None)
-    g.add_argument("--kmeans_cache", type=str, default=None)
-    g.add_argument("--kmeans_mean", action="store_true")
-    g.add_argument("--kmeans_form", type=str, default="dim")
+    g = p.add_argument_group("k-means language alignment (needs --pretrained_lm)")
+    g.add_argument("--gpt_kmeans", type=int, default=None,
+                   help="number of k-means centres of the LM's token embeddings; switches the alignment loss on")
+    g.add_argument("--gpt_kmeans_const", type=float, default=None,
+                   help="weight of the alignment loss (required with --gpt_kmeans; the papers use 0.1)")
+    g.add_argument("--kmeans_cache", type=str, default=None,
+                   help="[N, H] centre file: read when present, else computed and saved there; "
+                        "none = computed in memory")
+    g.add_argument("--kmeans_mean", action="store_true", help="mean over centres instead of max")
+    g.add_argument("--kmeans_form", choices=["dim", "cosine"], default="dim",
+                   help="dim: the originals' per-dimension max (as implemented); cosine: the paper's max cosine "
+                        "similarity per token")
 
 
 def add_optim_flags(p: argparse.ArgumentParser):
@@ -123,11 +138,6 @@ def experiment_parser() -> argparse.ArgumentParser:
 
 #: Flags parsed for compatibility whose features this version does not implement yet: (attribute, is_set).
 UNSUPPORTED = {
-    "pretrained_lm": lambda v: v is not None,
-    "pretrained_block": lambda v: v is not None,
-    "extend_positions": bool,
-    "igpt_legacy_ln": bool,
-    "gpt_kmeans": lambda v: v is not None,
     "pretrained_models": bool,
     "use_fisher": bool,
 }

@@ -1,17 +1,78 @@
-"""Build the DT that ``experiment.py``'s flags describe, and the auxiliary losses they switch on."""
+"""Build the DT that the scripts' flags describe, and the auxiliary losses they switch on.
+
+Model variants (model.md §2, §8-§10):
+
+* random init: GPT-2 config from ``--embed_dim --n_layer --n_head --activation_function``;
+* ``--pretrained_lm``: the LM's architecture and weights (GPT-2 family or ImageGPT with its own norm;
+  ``--igpt_legacy_ln`` = the originals' load into GPT-2 LayerNorms), attention dropout 0.1, residual ``--dropout``;
+* ``--pretrained_block b``: a random-init DT whose block b is the LM's block b (architecture and weights);
+* ``--extend_positions``: the timestep table is ``transformer.wpe`` (the LM's table, tiled when shorter than an
+  episode).
+
+Everything needed to rebuild the module structure is in ``DTConfig`` (``model.config.to_dict()`` is stored in every
+checkpoint), so ``DecisionTransformer(DTConfig.from_dict(...))`` rebuilds any run without the LM files.
+"""
 from __future__ import annotations
+
+import sys
+
+import torch
 
 from decision_transformer.errors import UserError
 from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
 
 
-def build_model_config(args, spec) -> DTConfig:
-    backbone = BackboneConfig(n_embd=args.embed_dim, n_layer=args.n_layer, n_head=args.n_head,
-                              n_inner=4 * args.embed_dim, activation_function=args.activation_function,
-                              resid_pdrop=args.dropout, attn_pdrop=0.1, disable_attention=args.disable_attention)
+def _random_backbone(args) -> BackboneConfig:
+    return BackboneConfig(n_embd=args.embed_dim, n_layer=args.n_layer, n_head=args.n_head,
+                          n_inner=4 * args.embed_dim, activation_function=args.activation_function,
+                          resid_pdrop=args.dropout, attn_pdrop=0.1, disable_attention=args.disable_attention)
+
+
+def locate_pretrained(args):
+    """The ``PretrainedLM`` of ``--pretrained_lm`` (config read, weights not yet), or None."""
+    if not getattr(args, "pretrained_lm", None):
+        if getattr(args, "pretrained_block", None) is not None:
+            raise UserError("--pretrained_block needs --pretrained_lm (the model the block comes from), "
+                            "e.g. --pretrained_lm gpt2")
+        return None
+    from decision_transformer.models.pretrained import locate_lm
+
+    return locate_lm(args.pretrained_lm)
+
+
+def build_model_config(args, spec, lm=None) -> DTConfig:
+    """``lm``: the located LM (``locate_pretrained(args)``); looked up here when not given."""
+    if lm is None:
+        lm = locate_pretrained(args)
+    legacy = bool(getattr(args, "igpt_legacy_ln", False))
+    if legacy and (lm is None or lm.model_type != "imagegpt"):
+        raise UserError("--igpt_legacy_ln only applies with an ImageGPT --pretrained_lm (openai/imagegpt-small)")
+    block = getattr(args, "pretrained_block", None)
+    if lm is None:
+        backbone = _random_backbone(args)
+    elif block is None:
+        from decision_transformer.models.pretrained import backbone_config_from_lm
+
+        backbone = backbone_config_from_lm(lm, dropout=args.dropout, legacy_ln=legacy,
+                                           disable_attention=args.disable_attention)
+    else:
+        from decision_transformer.models.pretrained import block_override_from_lm
+
+        backbone = _random_backbone(args)
+        if backbone.n_embd != lm.n_embd:
+            raise UserError(f"--pretrained_block needs the host's --embed_dim to equal the LM's hidden size "
+                            f"{lm.n_embd} (got {backbone.n_embd}); e.g. --embed_dim {lm.n_embd}")
+        n_lm = int(lm.hf_config.n_layer)
+        if not 0 <= block < min(backbone.n_layer, n_lm):
+            raise UserError(f"--pretrained_block {block} is out of range: the host has {backbone.n_layer} blocks "
+                            f"and {args.pretrained_lm} has {n_lm}")
+        backbone.block_overrides = {str(block): block_override_from_lm(lm, dropout=args.dropout, legacy_ln=legacy)}
+    if getattr(args, "extend_positions", False):
+        backbone.n_positions = max(backbone.n_positions, spec.max_ep_len)
     return DTConfig(state_dim=spec.state_dim, act_dim=spec.act_dim, max_length=args.K, max_ep_len=spec.max_ep_len,
-                    share_input_output_proj=args.share_input_output_proj, embed_order=args.embed_order,
-                    backbone=backbone)
+                    share_input_output_proj=args.share_input_output_proj,
+                    embed_order=getattr(args, "embed_order", "ln_then_time"),
+                    extend_positions=bool(getattr(args, "extend_positions", False)), backbone=backbone)
 
 
 def build_model(cfg: DTConfig, seed: int) -> DecisionTransformer:
@@ -21,11 +82,105 @@ def build_model(cfg: DTConfig, seed: int) -> DecisionTransformer:
         raise UserError(str(e)) from None
 
 
-def build_model_from_args(args, spec) -> DecisionTransformer:
-    """The model of a run (seeded construction), before any checkpoint or merge is loaded into it."""
-    return build_model(build_model_config(args, spec), args.seed)
+def build_model_from_args(args, spec, lm=None) -> DecisionTransformer:
+    """The model of a run before any checkpoint or merge is loaded into it. Construction is reseeded with
+    ``--seed`` (TAKAGI), then the LM's weights (or its block b) are copied in."""
+    if lm is None:
+        lm = locate_pretrained(args)
+    cfg = build_model_config(args, spec, lm)
+    model = build_model(cfg, args.seed)
+    if lm is not None:
+        from decision_transformer.models.pretrained import load_lm_into_backbone, transplant_block
+
+        block = getattr(args, "pretrained_block", None)
+        if block is None:
+            load_lm_into_backbone(model.transformer, lm)
+        else:
+            transplant_block(model.transformer, lm, block)
+        print(f"pretrained: {lm.path} ({lm.model_type}, {lm.source}, hidden {lm.n_embd}, "
+              f"{lm.hf_config.n_layer} layers)" + (f", block {block} only" if block is not None else ""),
+              file=sys.stderr)
+    return model
 
 
-def make_extra_loss(args, model):
-    """A callable ``(model, out, batch, step) -> loss`` added to the action MSE, or None."""
-    return None
+# ---- auxiliary losses -------------------------------------------------------------------------------------------
+
+class AuxLosses:
+    """Sum of the switched-on auxiliary terms, called by the Trainer as ``(model, out, batch, step)``. Keeps
+    per-iteration means of each term on the device (no host sync per step); ``pop_logs()`` returns and resets them.
+
+    Logged: ``training/kmeans_loss`` (unweighted) and ``training/kmeans_weight``, ``training/init_reg_loss``
+    (weighted, as added), ``training/lm_loss`` (unweighted cross-entropy) and ``training/lm_const``.
+    """
+
+    def __init__(self, kmeans=None, init_reg=None, lm=None):
+        self.kmeans, self.init_reg, self.lm = kmeans, init_reg, lm
+        self._sums: dict[str, torch.Tensor | float] = {}
+        self._n = 0
+
+    def _add(self, key, value):
+        v = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+        self._sums[key] = self._sums.get(key, 0.0) + v
+
+    def __call__(self, model, out, batch, step: int) -> torch.Tensor:
+        s = step + 1                       # the originals' step counter starts at 1
+        total = out.action_preds.new_zeros((), dtype=torch.float32)
+        if self.kmeans is not None:
+            w = self.kmeans.weight(s)
+            km = self.kmeans.loss(out.all_embs)
+            total = total + w * km
+            self._add("training/kmeans_loss", km)
+            self._add("training/kmeans_weight", w)
+        if self.init_reg is not None:
+            reg = self.init_reg.loss()
+            total = total + reg
+            self._add("training/init_reg_loss", reg)
+        if self.lm is not None:
+            w = self.lm.weight(s)
+            ll = self.lm.loss(model)
+            total = total + w * ll
+            self._add("training/lm_loss", ll)
+            self._add("training/lm_const", w)
+        self._n += 1
+        return total
+
+    def pop_logs(self) -> dict:
+        n, sums = self._n, self._sums
+        self._sums, self._n = {}, 0
+        return {k: float(v) / n for k, v in sums.items()} if n else {}
+
+
+def make_extra_loss(args, model, *, script: str = "experiment", lm=None, device=None):
+    """The auxiliary losses of a run as an ``AuxLosses`` (or None when none is on).
+
+    ``script``: ``experiment`` (k-means on L2-normalised embeddings, anneal horizon 5000) or ``lm_cotraining``
+    (unnormalised, horizon 15000, ``--disable_k_annealing``, ``--init_reg``, ``--joint``). Built after any checkpoint
+    is loaded, so ``init_reg``'s reference weights are the ones training starts from.
+    """
+    from decision_transformer.training.kmeans import ANNEAL_STEPS, KMeansAlignment, load_or_compute_centres
+
+    device = device if device is not None else next(model.parameters()).device
+    kmeans = init_reg = lm_term = None
+    if getattr(args, "gpt_kmeans", None) is not None:
+        if not getattr(args, "pretrained_lm", None) or getattr(args, "pretrained_block", None) is not None:
+            raise UserError("--gpt_kmeans needs a model initialised from --pretrained_lm (centres of its token "
+                            "embeddings)")
+        if args.gpt_kmeans_const is None:
+            raise UserError("--gpt_kmeans needs --gpt_kmeans_const (the loss weight; the papers use 0.1)")
+        centres = load_or_compute_centres(model.transformer.wte.weight, args.gpt_kmeans, args.kmeans_cache,
+                                          seed=args.seed)
+        horizon = None if getattr(args, "disable_k_annealing", False) else ANNEAL_STEPS[script]
+        kmeans = KMeansAlignment(centres, const=args.gpt_kmeans_const, form=getattr(args, "kmeans_form", "dim"),
+                                 mean=args.kmeans_mean, normalize=script == "experiment",
+                                 anneal_steps=horizon).to(device)
+    if getattr(args, "init_reg", None):
+        from decision_transformer.training.init_reg import InitReg
+
+        init_reg = InitReg(model, args.init_reg)
+    if getattr(args, "joint", False):
+        from decision_transformer.training.lm_cotrain import build_lm_cotraining
+
+        lm_term = build_lm_cotraining(args, model, lm if lm is not None else locate_pretrained(args), device)
+    if kmeans is None and init_reg is None and lm_term is None:
+        return None
+    return AuxLosses(kmeans, init_reg, lm_term)

@@ -1,4 +1,8 @@
-"""The single-task pipeline behind ``experiment.py``: data -> model -> training -> evaluation -> checkpoints."""
+"""The single-task pipeline behind ``experiment.py`` and ``lm_cotraining/experiment.py``:
+data -> model -> training -> evaluation -> checkpoints.
+
+The two scripts share this pipeline; ``SCRIPTS`` holds what differs (run folder and WandB naming, the k-means
+trainer variant, resume, fp16)."""
 from __future__ import annotations
 
 import random
@@ -17,10 +21,13 @@ from decision_transformer.envs import check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError
 from decision_transformer.evaluation import EnvPool, evaluate_episodes
 from decision_transformer.logging import RunLogger, progress, summary_line
-from decision_transformer.model_factory import build_model_from_args, make_extra_loss
+from decision_transformer.model_factory import build_model_from_args, locate_pretrained, make_extra_loss
 from decision_transformer.training import GRAD_CLIP, Trainer, freeze, make_optimizer, warmup_schedule
 
 TRAIN_STATE = "train_state.pt"
+EXPERIMENT, LM_COTRAINING = "experiment", "lm_cotraining"
+#: the script each pipeline variant belongs to (for messages)
+SCRIPTS = {EXPERIMENT: "experiment.py", LM_COTRAINING: "lm_cotraining/experiment.py"}
 
 
 # ---- small helpers ----------------------------------------------------------------------------------------------
@@ -92,12 +99,29 @@ def check_args(args):
 
 def run_experiment(args) -> dict:
     """Train and evaluate as ``experiment.py``; returns the last iteration's logs."""
-    reject_unsupported(args)
+    return _run(args, EXPERIMENT)
+
+
+def run_lm_cotraining(args) -> dict:
+    """Train and evaluate as ``lm_cotraining/experiment.py`` (LM-initialised DT, k-means alignment with the LM
+    script's normalisation and annealing, ``--init_reg``, ``--joint``, ``--fp16``)."""
+    if not args.pretrained_lm:
+        raise UserError("lm_cotraining/experiment.py needs --pretrained_lm (a GPT-2-family model directory such as "
+                        "checkpoints/ChibiT, or gpt2); see checkpoints/README.md")
+    return _run(args, LM_COTRAINING)
+
+
+def _run(args, script: str) -> dict:
+    lm_script = script == LM_COTRAINING
+    reject_unsupported(args, SCRIPTS[script])
     spec = get_env_spec(args.env)
     check_dataset_name(args.dataset)
     check_args(args)
     targets = parse_targets(args.env_targets, spec.targets)
     device = resolve_device(args.device)
+    if getattr(args, "gpt_kmeans", None) is not None and args.gpt_kmeans_const is None:
+        raise UserError("--gpt_kmeans needs --gpt_kmeans_const (the loss weight; the papers use 0.1)")
+    lm = locate_pretrained(args)  # before the data: a missing model is reported at once
     seed_everything(args.seed)
 
     data_file, trajs = load_dataset(args.data_path, args.env, args.dataset)
@@ -107,7 +131,7 @@ def run_experiment(args) -> dict:
           f"max {dataset.traj_returns_all.max():.2f} min {dataset.traj_returns_all.min():.2f} | "
           f"training on {len(dataset.kept)} trajectories", file=sys.stderr)
 
-    model = build_model_from_args(args, spec).to(device)
+    model = build_model_from_args(args, spec, lm).to(device)
     cfg = model.config
     if args.pretrained_models:
         from decision_transformer.merge_setup import apply_merge
@@ -127,6 +151,8 @@ def run_experiment(args) -> dict:
     group = f"gym-experiment-{args.env}-{args.dataset}"
     run_dir = Path(args.outdir) / run_dir_name(mname, args.dataset, args.env, args.seed, args.K,
                                                args.remove_grad_clip, args.pretrained_block) if args.outdir else None
+    if lm_script:  # LAWSON: {outdir or models/{env}}/dt_{exp_prefix}/ (named once the run id is drawn, below)
+        run_dir = None if args.outdir == "" else Path(args.outdir or Path("models") / args.env)
 
     optimizer = make_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay,
                                pretrained_lm=bool(args.pretrained_lm),
@@ -134,9 +160,18 @@ def run_experiment(args) -> dict:
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
-    trainer = Trainer(model, optimizer, scheduler, dataset, batch_size=args.batch_size, K=args.K, generator=generator,
-                      grad_clip=None if args.remove_grad_clip else GRAD_CLIP,
-                      extra_loss=make_extra_loss(args, model))
+    extra_loss = make_extra_loss(args, model, script=script, lm=lm, device=device)
+    trainer_cls = Trainer
+    if lm_script and args.fp16:
+        if device.type == "cuda":
+            from decision_transformer.training.lm_cotrain import AmpTrainer
+
+            trainer_cls = AmpTrainer
+        else:
+            print("warning: --fp16 uses CUDA autocast + GradScaler; on cpu training stays in fp32", file=sys.stderr)
+    trainer = trainer_cls(model, optimizer, scheduler, dataset, batch_size=args.batch_size, K=args.K,
+                          generator=generator, grad_clip=None if args.remove_grad_clip else GRAD_CLIP,
+                          extra_loss=extra_loss)
 
     start_iter, best_score, exp_id = 0, -float("inf"), new_exp_id()
     if args.resume:
@@ -163,19 +198,23 @@ def run_experiment(args) -> dict:
         print(f"warning: {run_dir} already holds checkpoints; they will be replaced (use --resume to continue)",
               file=sys.stderr)
     exp_prefix = f"{group}-{exp_id}"
+    if lm_script and run_dir is not None:
+        run_dir = run_dir / f"dt_{exp_prefix}"
     if args.pretrained_models and run_dir is not None:
         # merge runs share (model, dataset, env, seed): a per-run suffix keeps them from overwriting each other
         run_dir = run_dir.with_name(f"{run_dir.name}_{exp_id}")
 
     config = {**vars(args), "exp_id": exp_id, "exp_prefix": exp_prefix, "model_name": mname,
               "data_file": str(data_file), "device_used": str(device), "targets": targets,
-              "model_config": cfg.to_dict()}
+              "model_config": cfg.to_dict(), "script": SCRIPTS[script],
+              "pretrained_lm_path": str(lm.path) if lm is not None else None}
     ckpt_extra = dict(state_mean=dataset.state_mean, state_std=dataset.state_std)
     if run_dir is not None and not args.resume:
         atomic_save(make_checkpoint(model.state_dict(), config, iteration=0, **ckpt_extra), run_dir / "model_0.pt")
+    wandb_name = exp_prefix if lm_script else wandb_run_name(args.env, args.dataset, mname, args.seed, args.K,
+                                                             args.remove_grad_clip, args.pretrained_block)
     logger = RunLogger(run_dir, config, use_wandb=args.log_to_wandb, project=args.project, group=group,
-                       name=wandb_run_name(args.env, args.dataset, mname, args.seed, args.K, args.remove_grad_clip,
-                                           args.pretrained_block), resume=args.resume)
+                       name=wandb_name, resume=args.resume)
     models_dir = Path("models") / args.env
     best_key = f"evaluation/target_{int(targets[0])}_return_mean"
     pool = EnvPool(args.env, args.env_version)
@@ -185,6 +224,8 @@ def run_experiment(args) -> dict:
         for it in range(start_iter + 1, args.max_iters + 1):
             with progress(args.num_steps_per_iter, f"iter {it} train") as bar:
                 logs = trainer.train_iteration(args.num_steps_per_iter, it, bar)
+            if extra_loss is not None:
+                logs.update(extra_loss.pop_logs())
             model.eval()
             eval_start = time.time()
             if args.num_eval_episodes:
@@ -205,6 +246,7 @@ def run_experiment(args) -> dict:
             if run_dir is not None:
                 atomic_save(make_checkpoint(model.state_dict(), config, iteration=it, **ckpt_extra),
                             run_dir / f"model_{it}.pt")
+            if run_dir is not None and not lm_script:  # the LM script has no --resume: no training state kept
                 atomic_save({**make_checkpoint(model.state_dict(), config, **ckpt_extra), "iteration": it,
                              "step": trainer.step, "best_score": best_score, "exp_id": exp_id,
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

@@ -23,6 +23,9 @@ class DTConfig:
     # ``ln_then_time``: LayerNorm on the stacked modality embeddings, then the timestep embedding is added
     # (REID / TAKAGI / LAWSON, the default). ``time_then_ln``: the original DT paper's order (KZL, transformers).
     embed_order: str = "ln_then_time"
+    # --extend_positions: the timestep table *is* ``transformer.wpe`` (one module, both state-dict keys). Needs
+    # ``backbone.n_positions >= max_ep_len`` (model_factory tiles a shorter pretrained table).
+    extend_positions: bool = False
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
     @property
@@ -68,7 +71,13 @@ class DecisionTransformer(nn.Module):
         self.config = cfg
         H = cfg.hidden_size
         self.transformer = GPT2Backbone(cfg.backbone)
-        self.embed_timestep = nn.Embedding(cfg.max_ep_len, H)
+        if cfg.extend_positions:
+            if cfg.backbone.n_positions < cfg.max_ep_len:
+                raise ValueError(f"extend_positions needs at least max_ep_len={cfg.max_ep_len} position embeddings, "
+                                 f"the backbone has {cfg.backbone.n_positions}")
+            self.embed_timestep = self.transformer.wpe      # shared module, as the originals
+        else:
+            self.embed_timestep = nn.Embedding(cfg.max_ep_len, H)
         self.embed_return = nn.Linear(1, H)
         self.embed_state = nn.Linear(cfg.state_dim, H)
         self.embed_action = nn.Linear(cfg.act_dim, H)

@@ -3,7 +3,9 @@
 Differences from ``transformers.GPT2Model`` that the Decision Transformer needs (as in the originals'
 ``trajectory_gpt2.py``): the learned position table ``wpe`` is **not** added to ``inputs_embeds``; blocks can skip
 their attention branch (``disable_attention``); the MLP can be a gated GEGLU; every block owns its activation
-module (so per-block hooks see per-block activations); attention probabilities can be returned.
+module (so per-block hooks see per-block activations); attention probabilities can be returned. Two additions
+for LM-initialised models: ImageGPT's RMS-style norm (``norm_type="imagegpt"``) and per-block architecture
+overrides (``block_overrides``, a pretrained block transplanted into a random-init host).
 
 Weights use GPT-2's ``Conv1D`` layout ([in, out]) and names (``h.{i}.attn.c_attn.weight`` ...), so GPT-2
 checkpoints, the originals' state dicts and merge code line up.
@@ -11,7 +13,8 @@ checkpoints, the originals' state dicts and merge code line up.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+import copy
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +37,33 @@ class BackboneConfig:
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02
     vocab_size: int = 50257             # the unused ``wte`` of the originals, kept for state-dict compatibility
-    n_positions: int = 1024
+    n_positions: int = 1024             # rows of ``wpe`` (with --extend_positions: at least max_ep_len)
     disable_attention: bool = False
+    # ``layernorm``: GPT-2's mean-centring LayerNorm (weight and bias). ``imagegpt``: ImageGPT's RMS-style norm,
+    # y = w * x / sqrt(mean(x^2) + eps), weight only (so ImageGPT blocks have no ``ln_*.bias`` tensors).
+    norm_type: str = "layernorm"
+    # Per-block architecture that differs from the rest: {"<block index>": {field: value}}. Used by
+    # --pretrained_block (e.g. GPT-2's 12-head gelu_new block inside a 1-head ReLU host). String keys keep the
+    # config JSON- and ``weights_only``-safe.
+    block_overrides: dict = field(default_factory=dict)
+
+    #: fields a block override may change (everything that shapes one block and nothing global)
+    BLOCK_FIELDS = ("n_head", "n_inner", "activation_function", "resid_pdrop", "attn_pdrop", "layer_norm_epsilon",
+                    "norm_type", "disable_attention")
 
     @property
     def inner_dim(self) -> int:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    def for_block(self, i: int) -> "BackboneConfig":
+        """The configuration block ``i`` is built from (this one, with its override applied)."""
+        over = self.block_overrides.get(str(i))
+        if not over:
+            return self
+        bad = set(over) - set(self.BLOCK_FIELDS)
+        if bad:
+            raise ValueError(f"block_overrides[{i}] sets {sorted(bad)}; only {self.BLOCK_FIELDS} may differ per block")
+        return replace(self, block_overrides={}, **over)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,7 +71,33 @@ class BackboneConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "BackboneConfig":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        d = {k: copy.deepcopy(v) for k, v in d.items() if k in names}
+        if d.get("block_overrides"):
+            d["block_overrides"] = {str(k): dict(v) for k, v in d["block_overrides"].items()}
+        return cls(**d)
+
+
+NORM_TYPES = ("layernorm", "imagegpt")
+
+
+class ImageGPTNorm(nn.Module):
+    """ImageGPT's norm: no mean-centring, no bias. y = weight * x / sqrt(mean(x^2) + eps) over the last dim."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def make_norm(cfg: BackboneConfig) -> nn.Module:
+    if cfg.norm_type == "layernorm":
+        return nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+    if cfg.norm_type == "imagegpt":
+        return ImageGPTNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+    raise ValueError(f"unknown norm_type {cfg.norm_type!r}; choose one of {NORM_TYPES}")
 
 
 class Conv1D(nn.Module):
@@ -132,9 +182,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.ln_1 = make_norm(cfg)
         self.attn = Attention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.disable_attention = cfg.disable_attention
 
@@ -171,8 +221,8 @@ class GPT2Backbone(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
         self.drop = nn.Dropout(cfg.embd_pdrop)
-        self.h = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.h = nn.ModuleList([Block(cfg.for_block(i)) for i in range(cfg.n_layer)])
+        self.ln_f = make_norm(cfg)
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -187,6 +237,8 @@ class GPT2Backbone(nn.Module):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, ImageGPTNorm):
+            nn.init.ones_(module.weight)
         if isinstance(module, (Attention, MLP)):
             nn.init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
@@ -206,3 +258,13 @@ class GPT2Backbone(nn.Module):
             hidden.append(h)
         return BackboneOutput(h, tuple(hidden) if output_hidden_states else None,
                               tuple(attns) if output_attentions else None)
+
+    def lm_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The language-model path of the LM-initialised DT (the originals' ``use_positional=True``): token ids
+        [B, L] -> wte(ids) + wpe(0..L-1) -> blocks -> ln_f -> logits [B, L, V] through the tied head ``wte``."""
+        L = input_ids.shape[1]
+        if L > self.wpe.num_embeddings:
+            raise ValueError(f"sequence of {L} tokens exceeds the {self.wpe.num_embeddings} position embeddings")
+        pos = torch.arange(L, device=input_ids.device)
+        h = self(self.wte(input_ids) + self.wpe(pos)[None]).last_hidden_state
+        return h @ self.wte.weight.t()

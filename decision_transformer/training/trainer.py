@@ -17,7 +17,8 @@ class Trainer:
     """Owns the model, optimiser, schedule and batch generator; ``train_iteration`` runs ``num_steps`` steps."""
 
     def __init__(self, model, optimizer, scheduler, dataset: TrajectoryDataset, *, batch_size: int, K: int,
-                 generator: torch.Generator, grad_clip: float | None = GRAD_CLIP, extra_loss=None):
+                 generator: torch.Generator, grad_clip: float | None = GRAD_CLIP, extra_loss=None,
+                 amp_dtype: torch.dtype | None = None):
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -29,11 +30,16 @@ class Trainer:
         self.extra_loss = extra_loss      # optional callable(model, out, batch, step) -> (loss, logs)
         self.step = 0                     # global step counter, never reset
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # bf16 autocast (CUDA): no loss scaling needed; the loss itself is computed in fp32
+        self.amp_dtype = amp_dtype
+        self.device_type = next(model.parameters()).device.type
 
     def train_step(self) -> torch.Tensor:
         batch = self.dataset.sample_batch(self.batch_size, self.K, self.generator)
-        out = self.model(batch.states, batch.actions, batch.rtg[:, :-1], batch.timesteps, attention_mask=batch.mask)
-        loss = masked_action_mse(out.action_preds, batch.actions, batch.mask)
+        with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+            out = self.model(batch.states, batch.actions, batch.rtg[:, :-1], batch.timesteps,
+                             attention_mask=batch.mask)
+        loss = masked_action_mse(out.action_preds.float(), batch.actions, batch.mask)
         total = loss
         if self.extra_loss is not None:
             total = total + self.extra_loss(self.model, out, batch, self.step)

@@ -1,0 +1,70 @@
+"""SAC update throughput: the textbook update against the project's fast update (eager and compiled).
+
+    python benchmarks/bench_sac.py [--threads 1 2] [--env halfcheetah] [--seconds 10] [--no_compile]
+
+Prints updates/s per variant and thread count (256-256 MLPs, two critics, batch 256, dims of the env), and the
+ratio to the textbook update. Batches are drawn from random tensors: the cost of an update does not depend on the
+values. Measure on an idle machine; other processes on the same cores make every number smaller.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from decision_transformer.envs import get_env_spec  # noqa: E402
+from decision_transformer.sac import SAC, ReferenceSAC  # noqa: E402
+
+
+def batches(ds, da, n=64, b=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, ds, generator=g), torch.rand(b, da, generator=g) * 2 - 1, torch.randn(b, generator=g),
+             torch.randn(b, ds, generator=g), (torch.rand(b, generator=g) < 0.05).float()) for _ in range(n)]
+
+
+def rate(step, data, seconds, warmup=20):
+    for i in range(warmup):
+        step(*data[i % len(data)])
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step(*data[n % len(data)])
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default="halfcheetah")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--no_compile", action="store_true")
+    args = p.parse_args()
+    spec = get_env_spec(args.env)
+    data = batches(spec.state_dim, spec.act_dim)
+    print(f"SAC update, {args.env} dims ({spec.state_dim}/{spec.act_dim}), 256-256, 2 critics, batch 256, "
+          f"torch {torch.__version__}")
+    print(f"{'variant':<34}{'threads':>8}{'updates/s':>12}{'x textbook':>12}")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        variants = [("textbook (3 optimisers, 2 MLPs)", lambda: ReferenceSAC(spec.state_dim, spec.act_dim).update),
+                    ("fast eager (ensemble, 1 backward)", lambda: SAC(spec.state_dim, spec.act_dim).update)]
+        if not args.no_compile:
+            variants.append(("fast + torch.compile",
+                             lambda: SAC(spec.state_dim, spec.act_dim, compile=True).update))
+        base = None
+        for name, make in variants:
+            t0 = time.perf_counter()
+            step = make()
+            step(*data[0])  # compile happens here
+            setup = time.perf_counter() - t0
+            r = rate(step, data, args.seconds)
+            base = base or r
+            extra = f"   (first call {setup:.0f} s)" if setup > 2 else ""
+            print(f"{name:<34}{threads:>8}{r:>12.1f}{r / base:>12.2f}{extra}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

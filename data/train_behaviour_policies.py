@@ -1,0 +1,57 @@
+"""Train the bundled SAC behaviour policies (one-time job; resumable across sessions and machines).
+
+    nice -n 19 python data/train_behaviour_policies.py --env hopper --max_minutes 60
+
+Each call continues from ``--state_dir/{env}/state.pt`` (small, git-tracked: networks, Adam state, RNGs, counters)
+and stops after ``--total_steps`` environment steps or ``--max_minutes``, checkpointing every few minutes. Progress
+goes to stdout and ``--state_dir/{env}/progress.jsonl``. Policies land in ``--policy_dir/{env}/``: ``medium.pt``,
+``expert.pt`` and the ``replay/`` snapshots that medium-replay is regenerated from. The replay buffer
+(``replay_buffer.npz``, git-ignored) makes a resume on the same machine exact; elsewhere the buffer is refilled
+with the current policy first.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from decision_transformer.errors import cli_entry  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+@cli_entry
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", nargs="+", default=["hopper"], choices=["hopper", "halfcheetah", "walker2d"],
+                   help="trained one after the other")
+    p.add_argument("--total_steps", type=int, default=1_000_000)
+    p.add_argument("--max_minutes", type=float, default=None, help="per env; stop (checkpointed) after this")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the SAC losses (needs a C++ compiler)")
+    p.add_argument("--checkpoint_minutes", type=float, default=5.0)
+    p.add_argument("--state_dir", default=os.path.join(HERE, "policies_training"))
+    p.add_argument("--policy_dir", default=os.path.join(ROOT, "decision_transformer", "policies"))
+    args = p.parse_args(argv)
+
+    import torch
+
+    from decision_transformer.generation import MEDIUM_TARGET_SCORE
+    from decision_transformer.sac import train_behaviour_policy
+
+    torch.set_num_threads(args.threads)
+    for env in args.env:
+        meta = train_behaviour_policy(
+            env, os.path.join(args.state_dir, env), os.path.join(args.policy_dir, env),
+            total_steps=args.total_steps, seed=args.seed, compile=args.compile,
+            max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes,
+            checkpoint_every_s=60.0 * args.checkpoint_minutes, medium_score=MEDIUM_TARGET_SCORE[env],
+            log=lambda m: print(m, flush=True))
+        print(f"{env}: {meta['env_steps']} env steps; medium at {meta['medium_step']} "
+              f"(score {meta['medium_eval']}); best score {meta['best_eval']} at {meta['best_step']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

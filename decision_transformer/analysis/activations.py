@@ -1,0 +1,87 @@
+"""Per-block activations through forward hooks (TAKAGI's ``signal_propagation.get_activation``).
+
+Nine entries per block, in the originals' order: ``ln_1``, ``attn.c_attn``, ``attn.c_proj``,
+``attn.resid_dropout``, ``ln_2``, ``mlp.c_fc``, ``mlp.c_proj``, ``mlp.act``, ``mlp.dropout`` (108 for 12 blocks). Keys
+are ``"{block}.{entry}"``. ``mlp.dropout`` is the MLP branch output before the residual add ("block output" in the
+paper). Every block owns its modules, so each hook sees its own block (the originals' shared activation module
+made every ``i.mlp.act`` hold the last block's output); a module shared between blocks is refused.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from decision_transformer.analysis.runs import model_inputs
+from decision_transformer.errors import UserError
+
+BLOCK_ENTRIES = ("ln_1", "attn.c_attn", "attn.c_proj", "attn.resid_dropout", "ln_2", "mlp.c_fc", "mlp.c_proj",
+                 "mlp.act", "mlp.dropout")
+BLOCK_OUTPUT = "mlp.dropout"
+
+
+def blocks(model) -> torch.nn.ModuleList:
+    try:
+        return model.transformer.h
+    except AttributeError:
+        raise UserError(f"{type(model).__name__} has no transformer.h blocks to analyse") from None
+
+
+def depth(model) -> int:
+    return len(blocks(model))
+
+
+def hooked_modules(model, entries=BLOCK_ENTRIES) -> dict[str, torch.nn.Module]:
+    """``{"{i}.{entry}": module}`` in block-major, entry order; entries a block lacks are skipped."""
+    out, seen = {}, {}
+    for i, block in enumerate(blocks(model)):
+        for name in entries:
+            try:
+                mod = block.get_submodule(name)
+            except AttributeError:
+                continue
+            key = f"{i}.{name}"
+            if id(mod) in seen:
+                raise UserError(f"modules {seen[id(mod)]} and {key} are the same object; their activations "
+                                f"cannot be told apart")
+            seen[id(mod)] = key
+            out[key] = mod
+    return out
+
+
+@torch.no_grad()
+def get_activations(model, batch, entries=BLOCK_ENTRIES,
+                    select: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """One forward of ``batch`` in eval mode; returns the (``select``-reduced) output of every hooked module as a
+    float32 CPU tensor, keyed and ordered as ``hooked_modules``. Full outputs are [B, 3K, D] (c_attn 3D, c_fc and
+    act 4D); ``select`` keeps memory small (e.g. three token positions)."""
+    model.eval()
+    mods = hooked_modules(model, entries)
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(key):
+        def hook(_module, _inp, out):
+            t = out[0] if isinstance(out, tuple) else out
+            t = t.detach()
+            if select is not None:
+                t = select(t)
+            store[key] = t.float().cpu()
+        return hook
+
+    try:
+        for key, mod in mods.items():
+            handles.append(mod.register_forward_hook(make_hook(key)))
+        model(*model_inputs(batch)[:4], attention_mask=batch.mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: store[k] for k in mods if k in store}
+
+
+def block_of(key: str) -> int:
+    return int(key.split(".", 1)[0])
+
+
+def entry_of(key: str) -> str:
+    return key.split(".", 1)[1]

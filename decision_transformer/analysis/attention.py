@@ -1,0 +1,149 @@
+"""Section 5.6.2: how far back the attention looks, and how much fine-tuning changes that (Figure 10).
+
+Project default (the paper's method, Appendix I.2): the **K = 1** checkpoints fed K = 20 contexts; the model's own
+attention probabilities per block and head (causal and padding masks applied before the softmax, scale 1/√d_head).
+For head h of block l and sample n:
+
+    d = (1/|Q|) Σ_{q ∈ Q} Σ_{k ≤ q} A_qk |q - k|,   Q = the sample's unpadded query tokens,
+
+in tokens (``--distance_unit timestep``: |⌊q/3⌋ - ⌊k/3⌋|). The gap is |d(epoch2) - d(epoch1)| per (n, l, h).
+
+``--legacy`` reproduces TAKAGI's computation: the hooked ``attn.c_attn`` output split into Q and K over the whole
+hidden size (one head, 1/√D), softmax over all T keys *before* the causal cut (rows no longer sum to 1), no padding
+mask, d = (1/T²) Σ_ij W_ij |i - j|; with the K = 20 checkpoints it loaded.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import torch
+
+from decision_transformer.analysis import common
+from decision_transformer.analysis.activations import get_activations
+from decision_transformer.analysis.runs import RunKey, analysis_batch, analysis_dataset, load_model, model_inputs
+from decision_transformer.errors import UserError
+
+UNITS = ("token", "timestep")
+
+
+def distance_matrix(T: int, unit: str = "token", device=None) -> torch.Tensor:
+    """[T, T] |q - k| in tokens, or in timesteps (three tokens per timestep)."""
+    if unit not in UNITS:
+        raise UserError(f"unknown --distance_unit {unit!r}; choose token or timestep")
+    i = torch.arange(T, device=device)
+    if unit == "timestep":
+        i = torch.div(i, 3, rounding_mode="floor")
+    return (i[:, None] - i[None, :]).abs().to(torch.float64)
+
+
+def attention_distance(probs: torch.Tensor, token_mask: torch.Tensor | None = None, unit: str = "token") -> torch.Tensor:
+    """probs [B, H, T, T] (rows = queries) -> [B, H] mean attention distance over the unpadded queries.
+
+    Only keys k ≤ q count (the model's causal mask already gives the others ~0 weight)."""
+    B, H, T, _ = probs.shape
+    dist = distance_matrix(T, unit, probs.device).tril()                     # [T, T], zero above the diagonal
+    per_query = (probs.to(torch.float64) * dist).sum(-1)                    # [B, H, T]
+    if token_mask is None:
+        token_mask = torch.ones(B, T, device=probs.device)
+    w = token_mask.to(torch.float64)[:, None, :]                            # [B, 1, T]
+    return (per_query * w).sum(-1) / w.sum(-1).clamp(min=1)
+
+
+def legacy_attention_distance(c_attn_out: torch.Tensor) -> torch.Tensor:
+    """TAKAGI: c_attn output [B, T, 3D] -> [B]: W = tril(softmax(Q Kᵀ / √D)), d = Σ W_ij |i - j| / T²."""
+    B, T, D3 = c_attn_out.shape
+    D = D3 // 3
+    q, k = c_attn_out[..., :D].to(torch.float64), c_attn_out[..., D:2 * D].to(torch.float64)
+    w = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(D), dim=-1).tril()
+    return (w * distance_matrix(T, "token", c_attn_out.device)).sum((1, 2)) / T ** 2
+
+
+@torch.no_grad()
+def model_attention_distances(model, batch, unit: str = "token", legacy: bool = False) -> np.ndarray:
+    """[B, blocks, heads] (legacy: heads = 1) attention distances of one batch, eval mode."""
+    model.eval()
+    if legacy:
+        acts = get_activations(model, batch, entries=("attn.c_attn",))
+        return torch.stack([legacy_attention_distance(v) for v in acts.values()], dim=1)[:, :, None].numpy()
+    s, a, r, t, m = model_inputs(batch)
+    out = model(s, a, r, t, attention_mask=m, output_attentions=True)
+    if not out.attentions or any(x is None for x in out.attentions):
+        raise UserError("the model returned no attention probabilities (blocks without attention?)")
+    token_mask = m.repeat_interleave(3, dim=1)                              # [B, 3K]
+    return torch.stack([attention_distance(p, token_mask, unit) for p in out.attentions], dim=1).cpu().numpy()
+
+
+# ---- the script -------------------------------------------------------------------------------------------------
+
+def build_parser():
+    p = common.parser("Figure 10: change of the attention distance per block between two epochs.")
+    common.add_checkpoint_flags(p)
+    p.add_argument("--env_name_list", nargs="+", default=list(common.ENV_NAMES))
+    p.add_argument("--model_name_list", nargs="+", default=["gpt2", "dt"])
+    p.add_argument("--seed", type=int, default=666)
+    p.add_argument("--epoch1", type=int, default=0)
+    p.add_argument("--epoch2", type=int, default=4)
+    p.add_argument("--K_ckpt", type=int, default=None,
+                   help="context length of the runs to load (default 1, the paper; 20 with --legacy, the code)")
+    p.add_argument("--distance_unit", choices=UNITS, default="token")
+    p.add_argument("--legacy", action="store_true", help="TAKAGI's computation (see the module docstring)")
+    common.add_data_flags(p, device_default="cpu", batch_size=100)
+    common.add_output_flags(p, "attention")
+    return p
+
+
+def run(args) -> common.Outputs:
+    common.check_positive(args, "batch_size", "K")
+    device = common.resolve_device(args.device)
+    K_ckpt = args.K_ckpt if args.K_ckpt is not None else (20 if args.legacy else 1)
+    res = common.out_dir(args.results_dir)
+    outs = common.Outputs()
+    tag = f"_K{K_ckpt}" + ("_legacy" if args.legacy else "") + ("_timestep" if args.distance_unit == "timestep" else "")
+    plt = common.pyplot()
+    for env in args.env_name_list:
+        gaps = {}
+        for m in args.model_name_list:
+            key = RunKey(m, args.dataset_name, env, args.seed, K_ckpt)
+            dists = []
+            for e in (args.epoch1, args.epoch2):
+                lm = load_model(args.checkpoint_dir, key, e, device)
+                data = analysis_dataset(env, args.dataset_name, args.data_path, lm.checkpoint, device)
+                batch = analysis_batch(data, args.batch_size, args.K, args.batch_seed)
+                d = model_attention_distances(lm.model, batch, args.distance_unit, args.legacy)
+                dists.append(d)
+                outs.files.append(common.save_npy(
+                    res / f"att_dist_{e}_{m}_{env}_{args.dataset_name}_{args.seed}{tag}.npy", d))
+            gap = np.abs(dists[1] - dists[0])                                  # [B, blocks, heads]
+            gaps[m] = gap
+            outs.files.append(common.save_npy(
+                res / f"att_dist_diff_{args.epoch1}_{args.epoch2}_{m}_{env}_{args.dataset_name}_{args.seed}{tag}.npy",
+                gap))
+            print(f"{env} {m}: mean gap per block " + " ".join(f"{v:.3f}" for v in gap.mean((0, 2))), file=sys.stderr)
+        models = list(gaps)
+        nb = max(g.shape[1] for g in gaps.values())
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * nb * len(models)), 3.4))
+        width = 0.8 / len(models)
+        for j, m in enumerate(models):
+            g = gaps[m].mean(2)                                                 # head-averaged [B, blocks]
+            pos = np.arange(g.shape[1]) + (j - (len(models) - 1) / 2) * width
+            bp = ax.boxplot([g[:, b] for b in range(g.shape[1])], positions=pos, widths=width * 0.9,
+                            patch_artist=True, showfliers=False)
+            for box in bp["boxes"]:
+                box.set_facecolor(f"C{j}")
+            ax.plot([], [], color=f"C{j}", lw=6, label=common.model_label(m))
+        ax.set_xticks(np.arange(nb), [str(b) for b in range(nb)])
+        ax.set_xlabel("block")
+        ax.set_ylabel(f"|Δ attention distance| ({args.distance_unit}s)")
+        ax.set_title(f"{env}, epoch {args.epoch1} vs {args.epoch2}, K={K_ckpt} runs, {args.K}-step context")
+        ax.legend()
+        stem = f"att_dist_diff_{args.epoch1}_{args.epoch2}_{'_'.join(models)}_{env}_{args.dataset_name}_{args.seed}{tag}"
+        outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
+        outs.tables.append((f"Attention-distance change per block, {env} (median over samples of the head-averaged "
+                            f"gap, {args.distance_unit}s)",
+                            common.markdown_table(["model"] + [str(b) for b in range(nb)],
+                                                  [[common.model_label(m)] + [f"{v:.3f}" for v in
+                                                                              np.median(gaps[m].mean(2), 0)]
+                                                   for m in models])))
+    return outs

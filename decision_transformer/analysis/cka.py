@@ -1,0 +1,299 @@
+"""Centred kernel alignment (Kornblith et al. 2019) and Section 5.1's activation-similarity analysis.
+
+CKA(K, L) = <K~, L~>_F / (||K~||_F ||L~||_F + eps) for Gram matrices K = k(X, X), L = k(Y, Y) of n examples, where
+~ is the centring H G H (biased HSIC) or the unbiased centring of Song et al. (2012) (debiased HSIC, the default, as
+TAKAGI). Everything is accumulated in float64. TAKAGI adds eps = 1e-6 to the denominator (``--eps``).
+
+The analysis compares every pair of hooked layers of two checkpoints at the tokens of the **last timestep** of a
+K-step context: sequence positions -3 (R̂_K, "reward"), -2 (s_K, "state"), -1 (a_K, "action"), one example per
+batch element (X in R^{n x D}). TAKAGI's code indexed the feature axis instead (X = activation[:, :, -1|-2|-3], one
+hidden unit across the token positions); ``--legacy_feature_index`` reproduces that.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from decision_transformer.analysis import common
+from decision_transformer.analysis.activations import BLOCK_ENTRIES, BLOCK_OUTPUT, block_of, entry_of, get_activations
+from decision_transformer.analysis.runs import RunKey, analysis_batch, analysis_dataset, load_model
+from decision_transformer.errors import UserError
+
+TOKEN_POSITIONS = {"reward": -3, "state": -2, "action": -1}
+DEFAULT_EPS = 1e-6
+
+
+# ---- the estimator ----------------------------------------------------------------------------------------------
+
+def _as64(x) -> torch.Tensor:
+    t = torch.as_tensor(x)
+    return t.to(torch.float64).reshape(t.shape[0], -1)
+
+
+def gram_linear(x) -> torch.Tensor:
+    """[n, d] -> [n, n] X Xᵀ."""
+    x = _as64(x)
+    return x @ x.T
+
+
+def gram_rbf(x, threshold: float = 1.0) -> torch.Tensor:
+    """RBF Gram exp(-||x_i - x_j||² / (2 threshold² median_ij ||x_i - x_j||²)) (bandwidth = a fraction of the median
+    squared distance, as in Kornblith et al.'s code)."""
+    x = _as64(x)
+    g = x @ x.T
+    d = torch.diagonal(g)
+    sq = (d[:, None] + d[None, :] - 2 * g).clamp(min=0)
+    med = float(torch.quantile(sq.flatten(), 0.5))  # the median, averaging the middle pair as np.median does
+    if med == 0:
+        return torch.ones_like(sq)
+    return torch.exp(-sq / (2 * threshold ** 2 * med))
+
+
+def center_gram(g, unbiased: bool = False) -> torch.Tensor:
+    """Centre a symmetric Gram matrix. Biased: H G H with H = I - 11ᵀ/n. Unbiased (needs n > 3): zero the diagonal,
+    m_j = Σ_i G_ij / (n - 2), m_j -= Σ_k m_k / (2 (n - 1)), G_ij -= m_i + m_j, zero the diagonal again; then
+    <G~, L~> / (n (n - 3)) is the unbiased HSIC estimator."""
+    g = torch.as_tensor(g).to(torch.float64).clone()
+    n = g.shape[0]
+    if unbiased:
+        if n < 4:
+            raise UserError(f"debiased CKA needs at least 4 examples, got {n}")
+        g.fill_diagonal_(0)
+        m = g.sum(0) / (n - 2)
+        m = m - m.sum() / (2 * (n - 1))
+        g = g - m[:, None] - m[None, :]
+        g.fill_diagonal_(0)
+    else:
+        g = g - g.mean(0, keepdim=True)
+        g = g - g.mean(1, keepdim=True)
+    return g
+
+
+def cka(gram_x, gram_y, debiased: bool = False, eps: float = 0.0) -> float:
+    a = center_gram(gram_x, debiased)
+    b = center_gram(gram_y, debiased)
+    return float((a * b).sum() / (torch.linalg.norm(a) * torch.linalg.norm(b) + eps))
+
+
+def linear_cka(x, y, debiased: bool = False, eps: float = 0.0) -> float:
+    return cka(gram_linear(x), gram_linear(y), debiased, eps)
+
+
+def _gram(x, kernel: str, threshold: float) -> torch.Tensor:
+    if kernel == "linear":
+        return gram_linear(x)
+    if kernel == "rbf":
+        return gram_rbf(x, threshold)
+    raise UserError(f"unknown CKA kernel {kernel!r}; choose linear or rbf")
+
+
+def cka_matrix(feats1: list, feats2: list, kernel: str = "linear", debiased: bool = True, threshold: float = 1.0,
+               eps: float = DEFAULT_EPS) -> np.ndarray:
+    """CKA of every pair (feats1[i], feats2[j]), each [n, d_i] with the same n examples: [len(feats1), len(feats2)].
+
+    One centred Gram per layer, then all inner products at once (a matrix product of the flattened Grams)."""
+    def centred(feats):
+        c = torch.stack([center_gram(_gram(f, kernel, threshold), debiased).flatten() for f in feats])  # [L, n²]
+        return c, torch.linalg.norm(c, dim=1)
+
+    c1, n1 = centred(feats1)
+    c2, n2 = centred(feats2)
+    return ((c1 @ c2.T) / (n1[:, None] * n2[None, :] + eps)).numpy()
+
+
+# ---- token selection --------------------------------------------------------------------------------------------
+
+def select_tokens(act: torch.Tensor, legacy_feature_index: bool = False) -> torch.Tensor:
+    """[B, 3K, D] -> [B, 3, D]: the last timestep's (R̂, s, a) tokens; legacy: [B, 3K, 3], the last three *features*
+    (-3, -2, -1) at every position, TAKAGI's indexing."""
+    idx = [TOKEN_POSITIONS[t] for t in TOKEN_POSITIONS]
+    return act[:, :, idx] if legacy_feature_index else act[:, idx, :]
+
+
+def token_features(selected: torch.Tensor, token: str, legacy_feature_index: bool = False) -> torch.Tensor:
+    """From ``select_tokens`` output to the [n, d] matrix of one token type."""
+    j = list(TOKEN_POSITIONS).index(token)
+    return selected[:, :, j] if legacy_feature_index else selected[:, j, :]
+
+
+# ---- the analysis -----------------------------------------------------------------------------------------------
+
+def build_parser():
+    p = common.parser("Section 5.1: CKA between every pair of hooked layers of two checkpoints (Figure 1, "
+                      "appendix heatmaps).")
+    common.add_checkpoint_flags(p)
+    p.add_argument("--env_name_list", nargs="+", default=list(common.ENV_NAMES))
+    p.add_argument("--seed", type=int, default=666)
+    p.add_argument("--model_name1", type=str, default="gpt2")
+    p.add_argument("--model_name2", type=str, default="gpt2")
+    p.add_argument("--epoch1", type=int, default=0)
+    p.add_argument("--epoch2", type=int, default=40)
+    p.add_argument("--block", action="store_true", help="only the block outputs (mlp.dropout)")
+    p.add_argument("--no_context", action="store_true",
+                   help="load the K=1 runs ({run}_K1) and still feed --K-step contexts")
+    p.add_argument("--legacy_feature_index", action="store_true",
+                   help="TAKAGI's indexing: the last three hidden units across positions instead of the last three "
+                        "token positions")
+    p.add_argument("--kernel", choices=["linear", "rbf"], default="linear")
+    p.add_argument("--rbf_threshold", type=float, default=1.0, help="RBF bandwidth as a fraction of the median distance")
+    p.add_argument("--biased", action="store_true", help="biased HSIC (plain centring) instead of the debiased one")
+    p.add_argument("--eps", type=float, default=DEFAULT_EPS, help="added to the denominator (TAKAGI: 1e-6)")
+    p.add_argument("--no_heatmap", action="store_true")
+    common.add_data_flags(p, device_default="cpu", batch_size=100)
+    common.add_output_flags(p, "cka")
+    return p
+
+
+def result_stem(e1, e2, m1, m2, env, ds, seed, no_context=False, block=False, legacy=False) -> str:
+    tags = ("_K1" if no_context else "") + ("_block" if block else "") + ("_legacyidx" if legacy else "")
+    return f"cka_{e1}_{e2}_{m1}{m2}_{env}_{ds}_{seed}{tags}"
+
+
+def run(args) -> common.Outputs:
+    common.check_positive(args, "batch_size", "K")
+    device = common.resolve_device(args.device)
+    entries = (BLOCK_OUTPUT,) if args.block else BLOCK_ENTRIES
+    K_ckpt = 1 if args.no_context else 20
+    res_dir, figs_dir = common.out_dir(args.results_dir), args.figs_dir
+    outs = common.Outputs()
+    for env in args.env_name_list:
+        torch.manual_seed(args.seed)
+        k1 = RunKey(args.model_name1, args.dataset_name, env, args.seed, K_ckpt)
+        k2 = RunKey(args.model_name2, args.dataset_name, env, args.seed, K_ckpt)
+        m1 = load_model(args.checkpoint_dir, k1, args.epoch1, device)
+        m2 = load_model(args.checkpoint_dir, k2, args.epoch2, device)
+        data = analysis_dataset(env, args.dataset_name, args.data_path, m1.checkpoint, device)
+        batch = analysis_batch(data, args.batch_size, args.K, args.batch_seed)
+
+        def sel(t):
+            return select_tokens(t, args.legacy_feature_index)
+
+        a1 = get_activations(m1.model, batch, entries, sel)
+        a2 = get_activations(m2.model, batch, entries, sel)
+        del m1, m2
+        stem = result_stem(args.epoch1, args.epoch2, args.model_name1, args.model_name2, env, args.dataset_name,
+                           args.seed, args.no_context, args.block, args.legacy_feature_index)
+        outs.files.append(common.save_csv(res_dir / f"{stem}_layers.csv", ["axis", "index", "layer"],
+                                          [["rows", i, k] for i, k in enumerate(a1)]
+                                          + [["cols", i, k] for i, k in enumerate(a2)]))
+        for token in TOKEN_POSITIONS:
+            f1 = [token_features(v, token, args.legacy_feature_index) for v in a1.values()]
+            f2 = [token_features(v, token, args.legacy_feature_index) for v in a2.values()]
+            mat = cka_matrix(f1, f2, args.kernel, not args.biased, args.rbf_threshold, args.eps)
+            outs.files.append(common.save_npy(res_dir / f"{stem}_{token}.npy", mat))
+            if not args.no_heatmap:
+                outs.figures.append(plot_heatmap(mat, list(a1), list(a2), args, env, token, figs_dir, stem))
+        print(f"{env}: CKA {args.model_name1}@{args.epoch1} vs {args.model_name2}@{args.epoch2}, "
+              f"{len(a1)}x{len(a2)} layers, {args.batch_size} samples", file=sys.stderr)
+    return outs
+
+
+def plot_heatmap(mat, rows, cols, args, env, token, figs_dir, stem):
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 5.4))
+    im = ax.imshow(mat, origin="lower", cmap="magma", vmin=0, vmax=1, aspect="auto")
+    fig.colorbar(im, ax=ax, label="CKA")
+    # tick the block boundaries
+    def ticks(names):
+        pos = [i for i, k in enumerate(names) if i == 0 or block_of(names[i - 1]) != block_of(k)]
+        return pos, [str(block_of(names[i])) for i in pos]
+
+    ax.set_yticks(*ticks(rows))
+    ax.set_xticks(*ticks(cols))
+    ax.set_ylabel(f"{common.model_label(args.model_name1)} epoch {args.epoch1} (block)")
+    ax.set_xlabel(f"{common.model_label(args.model_name2)} epoch {args.epoch2} (block)")
+    ax.set_title(f"CKA, {env}, {token} token")
+    return common.save_figure(fig, figs_dir, f"{stem}_{token}")
+
+
+# ---- Figure 1: the diagonal -------------------------------------------------------------------------------------
+
+def normalise_depth(values: np.ndarray, names: list[str], target_blocks: int) -> tuple[np.ndarray, list[str]]:
+    """Average a deeper model's per-layer values onto ``target_blocks`` blocks (iGPT's 24 blocks onto 12: the same
+    entry of consecutive blocks 2b and 2b+1 is averaged; the "normalized layer" of TAKAGI's Figure 1)."""
+    nb = block_of(names[-1]) + 1
+    if nb == target_blocks or nb % target_blocks:
+        return values, names
+    f = nb // target_blocks
+    groups: dict[tuple[int, str], list[float]] = {}
+    for v, k in zip(values, names):
+        groups.setdefault((block_of(k) // f, entry_of(k)), []).append(float(v))
+    keys = list(groups)
+    return np.array([np.mean(groups[k]) for k in keys]), [f"{b}.{e}" for b, e in keys]
+
+
+def build_plot_parser():
+    p = common.parser("Figure 1: per-layer CKA of each model with itself between two epochs, with a threshold line.")
+    p.add_argument("-thr", "--threshold", dest="thr", type=float, default=0.23,
+                   help="threshold line (TAKAGI's code 0.23; the paper's appendix says 0.38)")
+    p.add_argument("--epoch1", type=int, default=0)
+    p.add_argument("--epoch2", type=int, default=40)
+    p.add_argument("--model_name_list", nargs="+", default=list(common.MODEL_NAMES))
+    p.add_argument("--env_name_list", nargs="+", default=list(common.ENV_NAMES))
+    p.add_argument("--dataset_name", type=str, default="medium")
+    p.add_argument("--seed", type=int, default=666)
+    p.add_argument("--token_list", nargs="+", default=list(TOKEN_POSITIONS), choices=list(TOKEN_POSITIONS))
+    p.add_argument("--no_context", action="store_true")
+    p.add_argument("--block", action="store_true")
+    p.add_argument("--legacy_feature_index", action="store_true")
+    common.add_output_flags(p, "cka")
+    return p
+
+
+def _read_layers(path) -> tuple[list[str], list[str]]:
+    import csv
+
+    rows, cols = [], []
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            (rows if r["axis"] == "rows" else cols).append(r["layer"])
+    return rows, cols
+
+
+def plot(args) -> common.Outputs:
+    from pathlib import Path
+
+    plt = common.pyplot()
+    res = Path(args.results_dir)
+    outs = common.Outputs()
+    for env in args.env_name_list:
+        for token in args.token_list:
+            curves, missing = {}, []
+            for m in args.model_name_list:
+                stem = result_stem(args.epoch1, args.epoch2, m, m, env, args.dataset_name, args.seed, args.no_context,
+                                   args.block, args.legacy_feature_index)
+                f = res / f"{stem}_{token}.npy"
+                if not f.is_file():
+                    missing.append(str(f))
+                    continue
+                mat = common.load_npy(f)
+                names, _ = _read_layers(res / f"{stem}_layers.csv")
+                curves[m] = (np.diagonal(mat).copy(), names)
+            if not curves:
+                raise UserError(f"no CKA results for {env}/{token}: looked for {', '.join(missing)} (run compute_cka.py "
+                                f"--model_name1 M --model_name2 M --epoch1 {args.epoch1} --epoch2 {args.epoch2})")
+            for f in missing:
+                common.warn(f"{f} not found; that model is left out of the figure")
+            target = min(block_of(n[-1]) + 1 for _, n in curves.values())
+            fig, ax = plt.subplots(figsize=(7, 3.6))
+            rows = []
+            for m, (vals, names) in curves.items():
+                vals, names = normalise_depth(vals, names, target)
+                ax.plot(np.arange(len(vals)), vals, marker=".", label=common.model_label(m))
+                above = [n for n, v in zip(names, vals) if v > args.thr]
+                rows += [[m, i, n, float(v)] for i, (n, v) in enumerate(zip(names, vals))]
+                print(f"{env}/{token} {m}: {len(above)} layers above {args.thr}: {', '.join(above)}")
+            ax.axhline(args.thr, ls="--", color="k", lw=1)
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_xlabel("normalized layer" if any(block_of(n[-1]) + 1 != target for _, n in curves.values())
+                          else "layer")
+            ax.set_ylabel(f"CKA (epoch {args.epoch1} vs {args.epoch2})")
+            ax.set_title(f"{env}, {token} token")
+            ax.legend()
+            stem = (f"cka_plot_{args.epoch1}_{args.epoch2}_{'_'.join(curves)}_{env}_{args.dataset_name}_{args.seed}"
+                    + ("_K1" if args.no_context else "") + f"_{token}")
+            outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
+            outs.files.append(common.save_csv(res / f"{stem}.csv", ["model", "index", "layer", "cka"], rows))
+    return outs

@@ -1,0 +1,224 @@
+"""Shared pieces of the analysis scripts: flags, output folders, atomic writers, figures."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from decision_transformer.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ANALYSIS_DIR = REPO_ROOT / "analysis"
+
+#: Section folders of ``analysis/`` (TAKAGI's names); scripts write ``results/`` and ``figs/`` next to themselves.
+SECTIONS = {
+    "scores": "section-4-sanity-check",
+    "cka": "section-51-activation-similarity",
+    "mi": "section-52-mutual-information",
+    "params": "section-53-parameter-similarity",
+    "grads": "section-54-gradient-analysis",
+    "no_context": "section-55-fine-tuning-no-context",
+    "attention": "section-56-dependence-on-context",
+}
+
+ENV_NAMES = ("hopper", "halfcheetah", "walker2d")
+MODEL_NAMES = ("gpt2", "igpt", "dt")
+#: Display names used in the paper's figures.
+MODEL_LABELS = {"gpt2": "GPT2", "igpt": "iGPT", "dt": "Random Init"}
+
+
+def model_label(name: str) -> str:
+    return MODEL_LABELS.get(name, name)
+
+
+# ---- flags ------------------------------------------------------------------------------------------------------
+
+def str2bool(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "t", "yes", "y", "on"):
+        return True
+    if s in ("0", "false", "f", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_checkpoint_flags(p, *, plm_alias: bool = False):
+    names = ["--checkpoint_dir"] + (["-plm"] if plm_alias else [])
+    p.add_argument(*names, dest="checkpoint_dir", type=str, default="checkpoints",
+                   help="folder holding the run folders {model}_{dataset}_{env}_{seed}[_K{K}]...")
+    p.add_argument("--dataset_name", type=str, default="medium")
+
+
+def add_data_flags(p, *, device_default: str = "cpu", batch_size: int = 100):
+    p.add_argument("--data_path", type=str, default=None,
+                   help="folder with {env}-{dataset}-v2.pkl; default: the data file recorded in the checkpoint, "
+                        "else ./data")
+    p.add_argument("--batch_size", type=int, default=batch_size)
+    p.add_argument("--K", type=int, default=20, help="context length of the analysis batch (timesteps)")
+    p.add_argument("--batch_seed", type=int, default=0,
+                   help="seed of the batch sampler; every model gets the same batch")
+    p.add_argument("--device", type=str, default=device_default, help="cpu, cuda, cuda:N or auto")
+
+
+def add_output_flags(p, section: str):
+    here = ANALYSIS_DIR / SECTIONS[section]
+    p.add_argument("--results_dir", type=str, default=str(here / "results"), help="raw results (.npy/.npz/.csv)")
+    p.add_argument("--figs_dir", type=str, default=str(here / "figs"), help="figures (PNG and PDF)")
+
+
+def add_wandb_flags(p):
+    p.add_argument("--from_wandb", action="store_true",
+                   help="read the run metrics from WandB (by run name) instead of the local metrics.jsonl")
+    p.add_argument("--wandb_project", type=str, default="decision-transformer")
+    p.add_argument("--wandb_entity", type=str, default=None)
+
+
+def check_positive(args, *names):
+    for n in names:
+        v = getattr(args, n, None)
+        if v is not None and v < 1:
+            raise UserError(f"invalid --{n} {v}")
+
+
+def resolve_device(name: str):
+    from decision_transformer.run import resolve_device as _resolve
+
+    return _resolve(name)
+
+
+# ---- outputs ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Outputs:
+    """What an analysis wrote: raw result files, figures (PNG paths; a PDF sits next to each), markdown tables."""
+
+    files: list = field(default_factory=list)
+    figures: list = field(default_factory=list)
+    tables: list = field(default_factory=list)      # (title, markdown)
+    notes: list = field(default_factory=list)
+
+    def extend(self, other: "Outputs") -> "Outputs":
+        self.files += other.files
+        self.figures += other.figures
+        self.tables += other.tables
+        self.notes += other.notes
+        return self
+
+    def print_summary(self, stream=None):
+        stream = stream or sys.stdout
+        for title, md in self.tables:
+            print(f"\n{title}\n\n{md}", file=stream)
+        for n in self.notes:
+            print(f"note: {n}", file=stream)
+        for f in self.files + self.figures:
+            print(f"wrote {f}", file=stream)
+
+
+def out_dir(path) -> Path:
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {p}: {e.strerror}") from None
+    return p
+
+
+def _atomic_bytes(path: Path, data: bytes) -> Path:
+    path = Path(path)
+    out_dir(path.parent)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def save_npy(path, array) -> Path:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    return _atomic_bytes(Path(path), buf.getvalue())
+
+
+def save_npz(path, **arrays) -> Path:
+    """A dict of arrays (keys may contain dots), loadable with ``np.load(path)`` without pickle."""
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    return _atomic_bytes(Path(path), buf.getvalue())
+
+
+def load_npz(path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"{path}: not a readable .npz file ({e})") from None
+
+
+def load_npy(path) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"{path}: not a readable .npy file ({e})") from None
+
+
+def save_csv(path, header: list[str], rows: list[list]) -> Path:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return _atomic_bytes(Path(path), buf.getvalue().encode())
+
+
+def save_text(path, text: str) -> Path:
+    return _atomic_bytes(Path(path), text.encode())
+
+
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, figs_dir, stem: str, dpi: int = 120) -> Path:
+    """Write ``{stem}.png`` and ``{stem}.pdf`` (atomically) and close the figure; returns the PNG path."""
+    plt = pyplot()
+    d = out_dir(figs_dir)
+    try:
+        for ext in ("pdf", "png"):
+            buf = io.BytesIO()
+            fig.savefig(buf, format=ext, dpi=dpi, bbox_inches="tight")
+            _atomic_bytes(d / f"{stem}.{ext}", buf.getvalue())
+    finally:
+        plt.close(fig)
+    return d / f"{stem}.png"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def warn(msg: str):
+    print(f"warning: {msg}", file=sys.stderr)

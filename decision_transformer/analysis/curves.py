@@ -1,0 +1,287 @@
+"""Run metrics (local ``metrics.jsonl`` by default, WandB on request) and the learning-curve figures:
+K = 1 vs K = 20 (Figure 8), block replacement (Figure 9), the gradient-clip ablation (Appendix G.3)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from decision_transformer.analysis import common
+from decision_transformer.analysis.runs import RunKey, run_depth
+from decision_transformer.checkpoint import wandb_run_name
+from decision_transformer.errors import UserError
+
+#: TAKAGI's evaluation target per env (``target_{3600|6000|5000}_return_mean``).
+TAKAGI_TARGETS = {"hopper": 3600, "halfcheetah": 6000, "walker2d": 5000}
+ACTION_ERROR = "training/action_error"
+
+
+def return_key(env: str, target: int | None = None) -> str:
+    t = target if target is not None else TAKAGI_TARGETS.get(env)
+    if t is None:
+        raise UserError(f"no default evaluation target for {env!r}; pass --target")
+    return f"evaluation/target_{int(t)}_return_mean"
+
+
+# ---- reading metrics --------------------------------------------------------------------------------------------
+
+def read_metrics_jsonl(path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"metrics not found: {path} (runs write it next to their checkpoints; use --from_wandb to "
+                        f"read WandB instead)")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {i} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def wandb_history(run_name: str, project: str, entity: str | None = None) -> list[dict]:
+    """The logged rows of the finished WandB run called ``run_name`` (unknown names are errors, not TAKAGI's silent
+    fall-back to the last run). ``wandb`` is imported only here."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--from_wandb needs the wandb package") from None
+    path = f"{entity}/{project}" if entity else project
+    try:
+        runs = list(wandb.Api().runs(path, filters={"display_name": run_name}))
+    except Exception as e:  # network, auth, unknown project: one line for the user
+        raise UserError(f"cannot query WandB project {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    runs = [r for r in runs if getattr(r, "name", run_name) == run_name]
+    finished = [r for r in runs if getattr(r, "state", "finished") == "finished"]
+    if not finished:
+        raise UserError(f"no finished WandB run named {run_name} in {path}"
+                        + (f" ({len(runs)} unfinished)" if runs else ""))
+    if len(finished) > 1:
+        common.warn(f"{len(finished)} finished WandB runs named {run_name}; using the last one listed")
+    rows = []
+    for i, r in enumerate(finished[-1].scan_history()):
+        row = dict(r)
+        row.setdefault("iteration", int(row["_step"]) + 1 if "_step" in row else i + 1)
+        rows.append(row)
+    return rows
+
+
+def run_metrics(checkpoint_dir, key: RunKey, from_wandb: bool = False, project: str = "decision-transformer",
+                entity: str | None = None) -> list[dict]:
+    if from_wandb:
+        return wandb_history(wandb_run_name(key.env, key.dataset, key.model, key.seed, key.K, key.no_grad_clip,
+                                            key.block), project, entity)
+    return read_metrics_jsonl(key.path(checkpoint_dir) / "metrics.jsonl")
+
+
+def metric_series(rows: list[dict], key: str, source: str = "metrics") -> tuple[np.ndarray, np.ndarray]:
+    """(iterations, values) of ``key``; null / missing entries become NaN. Unknown keys are errors."""
+    if not any(key in r for r in rows):
+        avail = sorted({k for r in rows for k in r if k.endswith("return_mean")})
+        raise UserError(f"{source}: no metric {key!r}" + (f" (has {', '.join(avail[:6])})" if avail else
+                                                            " (no evaluation metrics logged)"))
+    it, val = [], []
+    for i, r in enumerate(rows):
+        if key not in r:
+            continue
+        v = r[key]
+        it.append(int(r.get("iteration", i + 1)))
+        val.append(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan)
+    return np.array(it), np.array(val, dtype=np.float64)
+
+
+def ema_smooth(x, weight: float = 0.8, legacy: bool = False) -> np.ndarray:
+    """y_n = weight·y_{n-1} + (1 - weight)·x_n with y_0 = x_0 (``legacy``: TAKAGI's filter start y_0 = 1.2·x_0)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.empty_like(x)
+    if len(x) == 0:
+        return y
+    y[0] = 1.2 * x[0] if legacy else x[0]
+    for n in range(1, len(x)):
+        y[n] = weight * y[n - 1] + (1 - weight) * x[n]
+    return y
+
+
+# ---- figures ----------------------------------------------------------------------------------------------------
+
+def _series(args, key: RunKey, metric: str, max_epoch: int | None = None):
+    rows = run_metrics(args.checkpoint_dir, key, args.from_wandb, args.wandb_project, args.wandb_entity)
+    it, val = metric_series(rows, metric, str(key.path(args.checkpoint_dir) / "metrics.jsonl")
+                            if not args.from_wandb else key.dir_name)
+    if max_epoch is not None:
+        keep = it <= max_epoch
+        it, val = it[keep], val[keep]
+    return it, val
+
+
+def _try_series(args, key, metric, max_epoch=None, missing=None):
+    try:
+        return _series(args, key, metric, max_epoch)
+    except UserError as e:
+        if missing is not None:
+            missing.append(str(e))
+        return None
+
+
+def build_no_context_parser():
+    p = common.parser("Figure 8 and Table 2 (K = 1 vs K = 20 learning curves); with -block, Figure 9 (block "
+                      "replacement).")
+    common.add_checkpoint_flags(p)
+    p.add_argument("--model_name_list", nargs="+", default=["gpt2", "dt"])
+    p.add_argument("--env_name_list", nargs="+", default=list(common.ENV_NAMES))
+    p.add_argument("--seed", type=int, default=666)
+    p.add_argument("-block", "--block", dest="block", action="store_true",
+                   help="block-replacement curves (runs {dt}_..._K1_block{b}) instead")
+    p.add_argument("--max_epoch", type=int, default=None,
+                   help="epochs shown (default: all; with -block 10 for hopper, 5 for the others, as TAKAGI)")
+    p.add_argument("--smoothing", type=float, default=0.8, help="EMA weight of the block-replacement curves")
+    p.add_argument("--legacy_smoothing", action="store_true", help="TAKAGI's filter start y0 = 1.2 x0")
+    p.add_argument("--target", type=int, default=None, help="evaluation target (default 3600/6000/5000)")
+    p.add_argument("--score_norm", choices=["d4rl", "dataset"], default="d4rl", help="Table 2's normalisation")
+    p.add_argument("--data_path", type=str, default="data", help="random/expert datasets for --score_norm dataset")
+    common.add_wandb_flags(p)
+    common.add_output_flags(p, "no_context")
+    return p
+
+
+def run_no_context(args) -> common.Outputs:
+    if args.block:
+        return run_block_replacement(args)
+    plt = common.pyplot()
+    outs = common.Outputs()
+    res = common.out_dir(args.results_dir)
+    envs = args.env_name_list
+    fig, axes = plt.subplots(1, len(envs), figsize=(4.2 * len(envs), 3.2), squeeze=False)
+    rows, missing, drawn = [], [], 0
+    for ax, env in zip(axes[0], envs):
+        metric = return_key(env, args.target)
+        for j, m in enumerate(args.model_name_list):
+            for K, ls in ((1, "-"), (20, "--")):
+                s = _try_series(args, RunKey(m, args.dataset_name, env, args.seed, K), metric, args.max_epoch, missing)
+                if s is None:
+                    continue
+                ax.plot(s[0], s[1], ls=ls, color=f"C{j}", label=f"{common.model_label(m)} K={K}")
+                rows += [[env, m, K, int(i), float(v)] for i, v in zip(*s)]
+                drawn += 1
+        ax.set_title(env)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("return (mean)")
+        ax.legend(fontsize=7)
+    if not drawn:
+        raise UserError("no runs found for the no-context figure: " + "; ".join(missing[:3]))
+    for msg in missing:
+        common.warn(msg)
+    stem = f"learning_curve_no_context_{'_'.join(args.model_name_list)}_{args.dataset_name}_{args.seed}"
+    outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
+    outs.files.append(common.save_csv(res / f"{stem}.csv", ["env", "model", "K", "epoch", "return_mean"], rows))
+    # Table 2: the K = 1 runs' normalised scores
+    from decision_transformer.analysis import scores
+
+    t_args = scores.build_parser().parse_args([])
+    for k in ("checkpoint_dir", "dataset_name", "from_wandb", "wandb_project", "wandb_entity", "target",
+              "score_norm", "data_path", "results_dir", "figs_dir"):
+        setattr(t_args, k, getattr(args, k))
+    t_args.env_name_list, t_args.model_name_list, t_args.seed_list = envs, args.model_name_list, [args.seed]
+    t_args.K, t_args.select, t_args.no_figure = 1, "best", True
+    outs.extend(scores.run(t_args))
+    return outs
+
+
+def run_block_replacement(args) -> common.Outputs:
+    plt = common.pyplot()
+    outs = common.Outputs()
+    res = common.out_dir(args.results_dir)
+    for env in args.env_name_list:
+        ref_keys = [RunKey(m, args.dataset_name, env, args.seed, 1) for m in ("gpt2", "dt")]
+        depth = None
+        for k in ref_keys[:1] + [RunKey("dt", args.dataset_name, env, args.seed, 1, block=0)]:
+            if k.path(args.checkpoint_dir).is_dir():
+                depth = run_depth(args.checkpoint_dir, k)
+                if depth:
+                    break
+        if not depth:
+            found = sorted(p.name for p in Path(args.checkpoint_dir).glob(f"dt_{args.dataset_name}_{env}_{args.seed}_K1_block*"))
+            if not found:
+                raise UserError(f"no block-replacement runs for {env}: looked for "
+                                f"{Path(args.checkpoint_dir) / RunKey('dt', args.dataset_name, env, args.seed, 1, block=0).dir_name} ...")
+            depth = 1 + max(int(n.rsplit("block", 1)[1]) for n in found)
+        max_epoch = args.max_epoch or (10 if env == "hopper" else 5)
+        metric = return_key(env, args.target)
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+        missing, rows = [], []
+        cmap = plt.get_cmap("viridis")
+        curves = [(f"block {b}", RunKey("dt", args.dataset_name, env, args.seed, 1, block=b),
+                   dict(color=cmap(b / max(depth - 1, 1)), lw=1.2)) for b in range(depth)]
+        curves += [(f"{common.model_label(k.model)} K=1", k, dict(color="k" if k.model == "gpt2" else "r", ls="--",
+                                                                 lw=1.6)) for k in ref_keys]
+        drawn = 0
+        for label, key, style in curves:
+            for ax, met in zip(axes, (metric, ACTION_ERROR)):
+                s = _try_series(args, key, met, max_epoch, missing if met == metric else None)
+                if s is None:
+                    continue
+                y = ema_smooth(s[1], args.smoothing, args.legacy_smoothing)
+                ax.plot(s[0], y, label=label, **style)
+                rows += [[label, met, int(i), float(v), float(w)] for i, v, w in zip(s[0], s[1], y)]
+                drawn += met == metric
+        if not drawn:
+            raise UserError(f"no block-replacement runs for {env}: " + "; ".join(missing[:2]))
+        for msg in missing:
+            common.warn(msg)
+        axes[0].set_ylabel("return (mean, smoothed)")
+        axes[1].set_ylabel("action error (smoothed)")
+        for ax in axes:
+            ax.set_xlabel("epoch")
+        axes[1].legend(fontsize=6, ncol=2)
+        fig.suptitle(f"{env}: one pretrained block replaced into a K=1 Random Init DT ({depth} blocks)")
+        stem = f"learning_curve_block_{env}_{args.dataset_name}_{args.seed}"
+        outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
+        outs.files.append(common.save_csv(res / f"{stem}.csv", ["curve", "metric", "epoch", "value", "smoothed"], rows))
+    return outs
+
+
+def build_grad_clip_parser():
+    p = common.parser("Appendix G.3: learning curves with and without the 0.25 gradient clip.")
+    common.add_checkpoint_flags(p)
+    p.add_argument("--model_name", type=str, default="gpt2", help="TAKAGI plotted igpt (pass --model_name igpt)")
+    p.add_argument("--env_name_list", nargs="+", default=["hopper"])
+    p.add_argument("--seed", type=int, default=666)
+    p.add_argument("--K", type=int, default=20)
+    p.add_argument("--max_epoch", type=int, default=10)
+    p.add_argument("--target", type=int, default=None)
+    common.add_wandb_flags(p)
+    common.add_output_flags(p, "grads")
+    return p
+
+
+def run_grad_clip(args) -> common.Outputs:
+    plt = common.pyplot()
+    outs = common.Outputs()
+    res = common.out_dir(args.results_dir)
+    for env in args.env_name_list:
+        metric = return_key(env, args.target)
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+        rows = []
+        for ngc, label, ls in ((False, "with grad clip", "-"), (True, "without grad clip", "--")):
+            key = RunKey(args.model_name, args.dataset_name, env, args.seed, args.K, no_grad_clip=ngc)
+            for ax, met in zip(axes, (metric, ACTION_ERROR)):
+                it, val = _series(args, key, met, args.max_epoch)
+                ax.plot(it, val, ls=ls, marker=".", label=label)
+                rows += [[label, met, int(i), float(v)] for i, v in zip(it, val)]
+        axes[0].set_ylabel("return (mean)")
+        axes[1].set_ylabel("action error")
+        for ax in axes:
+            ax.set_xlabel("epoch")
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{common.model_label(args.model_name)}, {env}")
+        stem = f"learning_curve_grad_clip_{args.model_name}_{env}_{args.dataset_name}_{args.seed}"
+        outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
+        outs.files.append(common.save_csv(res / f"{stem}.csv", ["curve", "metric", "epoch", "value"], rows))
+    return outs

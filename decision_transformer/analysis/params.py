@@ -1,0 +1,106 @@
+"""Section 5.3: how far fine-tuning moves the parameters (Figures 3 and 4).
+
+For every named ``transformer.h`` tensor of a model, θ₀ (epoch1, default the initial weights) and θ_T (epoch2):
+l2 = ||θ_T - θ₀||₂ and cos = <θ₀, θ_T> / (||θ₀|| ||θ_T|| + 1e-6), per tensor as TAKAGI's code and figures
+(ln_1.w, ln_1.b, c_attn.w, c_attn.b, attn.c_proj.w, attn.c_proj.b, ln_2.w, ln_2.b, c_fc.w, c_fc.b, mlp.c_proj.w,
+mlp.c_proj.b per block). ``--concat`` concatenates each block's tensors into one vector (the paper's wording).
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from decision_transformer.analysis import common
+from decision_transformer.analysis.runs import RunKey, load_state_dict
+from decision_transformer.errors import UserError
+
+H_PREFIX = "transformer.h."
+COS_EPS = 1e-6
+_BUFFERS = (".attn.bias", ".attn.masked_bias")
+
+
+def block_tensors(state_dict: dict) -> dict[str, torch.Tensor]:
+    """The floating-point ``transformer.h`` tensors, names without the prefix, in state-dict (block) order."""
+    return {k[len(H_PREFIX):]: v for k, v in state_dict.items()
+            if k.startswith(H_PREFIX) and not k.endswith(_BUFFERS) and torch.is_floating_point(v)}
+
+
+def parameter_similarity(sd0: dict, sd1: dict, concat: bool = False) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(names, l2 distances, cosines), per tensor or (``concat``) per block."""
+    t0, t1 = block_tensors(sd0), block_tensors(sd1)
+    if list(t0) != list(t1):
+        missing = sorted(set(t0) ^ set(t1))
+        raise UserError(f"the two checkpoints have different transformer.h tensors (e.g. {missing[:1]})")
+    groups: dict[str, list[str]] = {}
+    for k in t0:
+        groups.setdefault(k.split(".", 1)[0] if concat else k, []).append(k)
+    names, dist, cos = [], [], []
+    for g, ks in groups.items():
+        a = torch.cat([t0[k].reshape(-1).to(torch.float64) for k in ks])
+        b = torch.cat([t1[k].reshape(-1).to(torch.float64) for k in ks])
+        if a.shape != b.shape:
+            raise UserError(f"transformer.h.{ks[0]} has different shapes in the two checkpoints")
+        names.append(f"block {g}" if concat else g)
+        dist.append(float(torch.linalg.norm(b - a)))
+        cos.append(float((a @ b) / (torch.linalg.norm(a) * torch.linalg.norm(b) + COS_EPS)))
+    return names, np.array(dist), np.array(cos)
+
+
+def build_parser():
+    p = common.parser("Figures 3 and 4: per-tensor L2 distance and cosine similarity between two epochs.")
+    common.add_checkpoint_flags(p, plm_alias=True)
+    p.add_argument("--model_name_list", nargs="+", default=list(common.MODEL_NAMES))
+    p.add_argument("--env_name", type=str, default="hopper")
+    p.add_argument("--seed", type=int, default=666)
+    p.add_argument("--epoch1", type=int, default=0)
+    p.add_argument("--epoch2", type=int, default=40)
+    p.add_argument("--concat", action="store_true", help="one value per block (all its tensors concatenated)")
+    common.add_output_flags(p, "params")
+    return p
+
+
+def run(args) -> common.Outputs:
+    res = common.out_dir(args.results_dir)
+    outs = common.Outputs()
+    tag = "_concat" if args.concat else ""
+    env, ds = args.env_name, args.dataset_name
+    results = {}
+    for m in args.model_name_list:
+        key = RunKey(m, ds, env, args.seed)
+        sd0, _ = load_state_dict(args.checkpoint_dir, key, args.epoch1)
+        sd1, _ = load_state_dict(args.checkpoint_dir, key, args.epoch2)
+        names, dist, cos = parameter_similarity(sd0, sd1, args.concat)
+        results[m] = (names, dist, cos)
+        base = f"{args.epoch1}_{args.epoch2}_{m}_{env}_{ds}_{args.seed}{tag}"
+        outs.files.append(common.save_npy(res / f"paramdist_{base}.npy", dist))
+        outs.files.append(common.save_npy(res / f"paramcos_{base}.npy", cos))
+        outs.files.append(common.save_csv(res / f"paramsim_{base}.csv", ["tensor", "l2", "cosine"],
+                                          [[n, d, c] for n, d, c in zip(names, dist, cos)]))
+        print(f"{m}: mean l2 {dist.mean():.4f}, mean cosine {cos.mean():.4f} over {len(names)} "
+              f"{'blocks' if args.concat else 'tensors'}", file=sys.stderr)
+    plt = common.pyplot()
+    for what, idx, ylabel in (("paramdist", 1, "L2 distance"), ("paramcos", 2, "cosine similarity")):
+        fig, axes = plt.subplots(len(results), 1, figsize=(10, 1.9 * len(results)), squeeze=False)
+        for ax, (m, r) in zip(axes[:, 0], results.items()):
+            names, vals = r[0], r[idx]
+            ax.bar(np.arange(len(vals)), vals, width=0.9 if args.concat else 1.0, color="C0")
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.set_title(common.model_label(m), fontsize=9)
+            if idx == 2:
+                ax.set_ylim(0, 1.02)
+            if args.concat:
+                ax.set_xticks(np.arange(len(names)), [n.split()[-1] for n in names])
+            else:
+                starts = [i for i, n in enumerate(names) if n.endswith("ln_1.weight")]
+                ax.set_xticks(starts, [names[i].split(".")[0] for i in starts], fontsize=7)
+        axes[-1, 0].set_xlabel("block" + ("" if args.concat else " (bars: its tensors in order)"))
+        fig.tight_layout()
+        stem = f"{what}_{args.epoch1}_{args.epoch2}_{'_'.join(results)}_{env}_{ds}_{args.seed}{tag}"
+        outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
+    rows = [[common.model_label(m), f"{r[1].mean():.4f}", f"{r[1].max():.4f} ({r[0][int(r[1].argmax())]})",
+             f"{r[2].mean():.4f}", f"{r[2].min():.4f} ({r[0][int(r[2].argmin())]})"] for m, r in results.items()]
+    outs.tables.append((f"Parameter change {env}, epoch {args.epoch1} vs {args.epoch2}",
+                        common.markdown_table(["model", "mean L2", "max L2", "mean cosine", "min cosine"], rows)))
+    return outs

@@ -1,0 +1,215 @@
+"""Find runs and checkpoints by (model, env, dataset, seed, epoch), rebuild their models, sample analysis batches.
+
+Run folders are ``{checkpoint_dir}/{model}_{dataset}_{env}_{seed}[_K{K}][_no_grad_clip][_block{b}]`` holding
+``model_{epoch}.pt`` (``model_0.pt`` = the initial weights), ``config.json`` and ``metrics.jsonl``.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from decision_transformer.checkpoint import DEFAULT_K, load_checkpoint, load_state_into, run_dir_name
+from decision_transformer.data import Batch, TrajectoryDataset, load_dataset, load_trajectories
+from decision_transformer.envs import ENVS
+from decision_transformer.errors import UserError
+from decision_transformer.models import DecisionTransformer, DTConfig
+
+
+@dataclass(frozen=True)
+class RunKey:
+    model: str
+    dataset: str
+    env: str
+    seed: int
+    K: int = DEFAULT_K
+    no_grad_clip: bool = False
+    block: int | None = None
+
+    @property
+    def dir_name(self) -> str:
+        return run_dir_name(self.model, self.dataset, self.env, self.seed, self.K, self.no_grad_clip, self.block)
+
+    def path(self, checkpoint_dir) -> Path:
+        return Path(checkpoint_dir) / self.dir_name
+
+
+_RUN_RE = re.compile(r"^(?P<model>.+)_(?P<dataset>[^_]+)_(?P<env>" + "|".join(ENVS) + r")_(?P<seed>\d+)"
+                     r"(?:_K(?P<K>\d+))?(?P<ngc>_no_grad_clip)?(?:_block(?P<block>\d+))?$")
+
+
+def parse_run_dir(name: str) -> RunKey | None:
+    """The key of a run folder name, or None if the name is not a run folder (merge runs' ``_{id}`` suffix too)."""
+    m = _RUN_RE.match(name)
+    if not m:
+        return None
+    return RunKey(m["model"], m["dataset"], m["env"], int(m["seed"]), int(m["K"]) if m["K"] else DEFAULT_K,
+                  bool(m["ngc"]), int(m["block"]) if m["block"] is not None else None)
+
+
+def discover_runs(checkpoint_dir) -> list[RunKey]:
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        raise UserError(f"checkpoint folder not found: {root}")
+    keys = []
+    for d in sorted(root.iterdir()):
+        key = parse_run_dir(d.name) if d.is_dir() else None
+        if key is not None and (any(d.glob("model_*.pt")) or (d / "metrics.jsonl").is_file()):
+            keys.append(key)
+    return keys
+
+
+def checkpoint_epochs(checkpoint_dir, key: RunKey) -> list[int]:
+    d = key.path(checkpoint_dir)
+    out = []
+    for p in d.glob("model_*.pt"):
+        tail = p.stem[len("model_"):]
+        if tail.isdigit():
+            out.append(int(tail))
+    return sorted(out)
+
+
+def checkpoint_path(checkpoint_dir, key: RunKey, epoch: int) -> Path:
+    return key.path(checkpoint_dir) / f"model_{epoch}.pt"
+
+
+def _missing(path: Path) -> UserError:
+    d = path.parent
+    if not d.is_dir():
+        return UserError(f"checkpoint not found: {path} (no run folder {d}; train it with experiment.py --outdir "
+                         f"{d.parent})")
+    have = sorted(p.name for p in d.glob("model_*.pt"))
+    hint = f"; the folder has {', '.join(have[:6])}{' ...' if len(have) > 6 else ''}" if have else ""
+    return UserError(f"checkpoint not found: {path}{hint}")
+
+
+def model_config_of(ckpt: dict, source) -> DTConfig:
+    cfg = (ckpt.get("config") or {}).get("model_config")
+    if not isinstance(cfg, dict):
+        raise UserError(f"{source}: the checkpoint has no config['model_config'] to rebuild the model from")
+    try:
+        return DTConfig.from_dict(cfg)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{source}: invalid model_config ({e})") from None
+
+
+def _initial_from_other_epoch(checkpoint_dir, key: RunKey, path: Path) -> dict:
+    """Epoch 0 without ``model_0.pt``: a randomly initialised run's initial weights are a function of its seed
+    (the DT constructor reseeds), so rebuild them from another epoch's config. LM-initialised runs need the file."""
+    others = [e for e in checkpoint_epochs(checkpoint_dir, key) if e != 0]
+    if key.model != "dt" or key.block is not None or not others:
+        raise _missing(path)
+    src = checkpoint_path(checkpoint_dir, key, others[0])
+    ckpt = load_checkpoint(src)
+    seed = (ckpt.get("config") or {}).get("seed", key.seed)
+    model = DecisionTransformer(model_config_of(ckpt, src), seed=int(seed))
+    return {**ckpt, "state_dict": model.state_dict(), "iteration": 0}
+
+
+def load_run_checkpoint(checkpoint_dir, key: RunKey, epoch: int) -> tuple[dict, Path]:
+    path = checkpoint_path(checkpoint_dir, key, epoch)
+    if path.is_file():
+        return load_checkpoint(path), path
+    if epoch == 0:
+        return _initial_from_other_epoch(checkpoint_dir, key, path), path
+    raise _missing(path)
+
+
+@dataclass
+class LoadedModel:
+    model: DecisionTransformer
+    checkpoint: dict
+    path: Path
+    key: RunKey
+    epoch: int
+
+
+def load_model(checkpoint_dir, key: RunKey, epoch: int, device="cpu") -> LoadedModel:
+    """The model of ``key`` at ``epoch``, rebuilt from the checkpoint's own config, in eval mode on ``device``."""
+    ckpt, path = load_run_checkpoint(checkpoint_dir, key, epoch)
+    model = DecisionTransformer(model_config_of(ckpt, path))
+    load_state_into(model, ckpt["state_dict"], str(path))
+    model.to(device).eval()
+    return LoadedModel(model, ckpt, path, key, epoch)
+
+
+def load_state_dict(checkpoint_dir, key: RunKey, epoch: int) -> tuple[dict, Path]:
+    ckpt, path = load_run_checkpoint(checkpoint_dir, key, epoch)
+    return ckpt["state_dict"], path
+
+
+def read_run_config(checkpoint_dir, key: RunKey) -> dict | None:
+    p = key.path(checkpoint_dir) / "config.json"
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p}: not a readable JSON file ({e})") from None
+
+
+def run_depth(checkpoint_dir, key: RunKey) -> int | None:
+    """Number of transformer blocks of a run, from its config.json or, failing that, a checkpoint."""
+    cfg = read_run_config(checkpoint_dir, key)
+    if cfg and isinstance(cfg.get("model_config"), dict):
+        return int(cfg["model_config"].get("backbone", {}).get("n_layer", 0)) or None
+    epochs = checkpoint_epochs(checkpoint_dir, key)
+    if epochs:
+        ckpt = load_checkpoint(checkpoint_path(checkpoint_dir, key, epochs[-1]))
+        return model_config_of(ckpt, key.dir_name).backbone.n_layer
+    return None
+
+
+# ---- data and batches -------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=4)
+def _trajectories(path: str, env: str):
+    return load_trajectories(path, env)
+
+
+@lru_cache(maxsize=4)
+def _dataset(path: str, env: str, device: str) -> TrajectoryDataset:
+    return TrajectoryDataset(_trajectories(path, env), env, device=device)
+
+
+def analysis_dataset(env: str, dataset: str, data_path: str | None, checkpoint: dict | None = None,
+                     device="cpu") -> TrajectoryDataset:
+    """The run's dataset (states normalised with its own statistics, as in training).
+
+    ``data_path`` None: the data file recorded in the checkpoint's config if it still exists, else ``./data``."""
+    path = None
+    if data_path is None and checkpoint is not None:
+        recorded = (checkpoint.get("config") or {}).get("data_file")
+        cfg = checkpoint.get("config") or {}
+        if recorded and Path(recorded).is_file() and cfg.get("env", env) == env and cfg.get("dataset", dataset) == dataset:
+            path = Path(recorded)
+    if path is None:
+        path, _ = load_dataset(data_path or "data", env, dataset)
+    return _dataset(str(Path(path).resolve()), env, str(torch.device(device)))
+
+
+def batch_generator(seed: int, device) -> torch.Generator:
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(int(seed))
+    return g
+
+
+def analysis_batch(dataset: TrajectoryDataset, batch_size: int, K: int, seed: int,
+                   generator: torch.Generator | None = None) -> Batch:
+    """One training-sampler batch (length-weighted trajectories, uniform starts, training padding).
+
+    A fresh generator seeded with ``seed`` per call, so every model of an analysis sees the same batch; pass a
+    shared ``generator`` to draw successive, different batches (``--independent_batches``, as TAKAGI)."""
+    if batch_size < 1 or K < 1:
+        raise UserError(f"invalid batch size {batch_size} or context K {K}")
+    g = generator if generator is not None else batch_generator(seed, dataset.device)
+    return dataset.sample_batch(batch_size, K, g)
+
+
+def model_inputs(batch: Batch) -> tuple:
+    """(states, actions, returns_to_go [B, K, 1], timesteps, attention_mask) for ``DecisionTransformer.forward``."""
+    return batch.states, batch.actions, batch.rtg[:, :-1], batch.timesteps, batch.mask

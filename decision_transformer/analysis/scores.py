@@ -1,0 +1,162 @@
+"""Normalised-score tables: Table 1 (K = 20, Section 4's sanity check) and Table 2 (K = 1, Section 5.5).
+
+Per run: the best (max over evaluated epochs) and the last value of ``evaluation/target_{3600|6000|5000}_return_mean``,
+normalised with D4RL's reference returns (default) or TAKAGI's dataset-based reference (``--score_norm dataset``:
+100·(R - mean return of the random dataset) / (mean return of the expert dataset - that of the random one)).
+The table shows mean ± std (population std, as numpy) over seeds of the ``--select``-ed value; the CSV has both.
+``--score_norm dataset --select best`` reproduces TAKAGI's Table 1.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from decision_transformer.analysis import common
+from decision_transformer.analysis.curves import metric_series, return_key, run_metrics
+from decision_transformer.analysis.runs import RunKey
+from decision_transformer.data import load_dataset
+from decision_transformer.envs import get_env_spec
+from decision_transformer.errors import UserError
+
+#: Mean per-trajectory returns of TAKAGI's converted random / expert pkl datasets, where recorded (hopper, verified);
+#: used for ``--score_norm dataset`` only when the datasets themselves are not in ``--data_path``.
+RECORDED_DATASET_RETURNS = {"hopper": (18.40, 3511.36)}
+
+#: REID's medium results as quoted in TAKAGI's Table 1 (D4RL-normalised, 3 seeds): (mean, std).
+REID_QUOTED = {("gpt2", "hopper"): (79.1, 1.1), ("gpt2", "halfcheetah"): (42.8, 0.1), ("gpt2", "walker2d"): (78.3, 1.5),
+               ("igpt", "hopper"): (5.7, 1.5), ("igpt", "halfcheetah"): (1.5, 0.1), ("igpt", "walker2d"): (0.4, 0.4)}
+
+
+def d4rl_normalize(env: str, returns):
+    return get_env_spec(env).d4rl_score(np.asarray(returns, dtype=np.float64))
+
+
+def dataset_reference(env: str, data_path) -> tuple[float, float, str]:
+    """(random mean return, expert mean return, source) for TAKAGI's dataset-based normalisation."""
+    try:
+        means = []
+        for ds in ("random", "expert"):
+            _, trajs = load_dataset(data_path, env, ds)
+            means.append(float(np.mean([t["rewards"].sum(dtype=np.float64) for t in trajs])))
+        return means[0], means[1], f"{env}-random/expert datasets in {data_path}"
+    except UserError as e:
+        if env in RECORDED_DATASET_RETURNS:
+            r, x = RECORDED_DATASET_RETURNS[env]
+            return r, x, f"TAKAGI's recorded {env} random/expert means ({r}, {x}); datasets not found in {data_path}"
+        raise UserError(f"--score_norm dataset needs the {env} random and expert datasets: {e}") from None
+
+
+def dataset_normalize(returns, ref: tuple[float, float]):
+    r, x = ref[:2]
+    return 100.0 * (np.asarray(returns, dtype=np.float64) - r) / (x - r)
+
+
+def best_and_last(it: np.ndarray, val: np.ndarray) -> tuple[int, float, int, float]:
+    ok = ~np.isnan(val)
+    if not ok.any():
+        return -1, math.nan, -1, math.nan
+    i_best = int(np.nanargmax(val))
+    i_last = int(np.flatnonzero(ok)[-1])
+    return int(it[i_best]), float(val[i_best]), int(it[i_last]), float(val[i_last])
+
+
+def mean_std(values: list[float]) -> str:
+    v = np.array([x for x in values if not math.isnan(x)])
+    if len(v) == 0:
+        return "n/a"
+    return f"{v[0]:.2f}" if len(v) == 1 else f"{v.mean():.1f} ± {v.std():.1f}"
+
+
+def build_parser():
+    p = common.parser("Table 1 / Table 2: normalised scores (best and last epoch) per env and model, over seeds.")
+    common.add_checkpoint_flags(p)
+    p.add_argument("--env_name_list", nargs="+", default=list(common.ENV_NAMES))
+    p.add_argument("--model_name_list", nargs="+", default=list(common.MODEL_NAMES))
+    p.add_argument("--seed_list", nargs="+", type=int, default=[666, 42])
+    p.add_argument("--K", type=int, default=20, help="20: Table 1; 1: Table 2")
+    p.add_argument("--score_norm", choices=["d4rl", "dataset"], default="d4rl")
+    p.add_argument("--select", choices=["best", "last"], default="best",
+                   help="value shown in the table (the CSV always has both)")
+    p.add_argument("--target", type=int, default=None, help="evaluation target (default 3600/6000/5000)")
+    p.add_argument("--data_path", type=str, default="data", help="random/expert datasets for --score_norm dataset")
+    p.add_argument("--no_figure", action="store_true")
+    common.add_wandb_flags(p)
+    common.add_output_flags(p, "scores")
+    return p
+
+
+def run(args) -> common.Outputs:
+    outs = common.Outputs()
+    res = common.out_dir(args.results_dir)
+    records, missing = [], []
+    refs = {}
+    for env in args.env_name_list:
+        metric = return_key(env, args.target)
+        if args.score_norm == "dataset":
+            refs[env] = dataset_reference(env, args.data_path)
+            outs.notes.append(f"dataset-based normalisation for {env}: {refs[env][2]}")
+        for m in args.model_name_list:
+            for seed in args.seed_list:
+                key = RunKey(m, args.dataset_name, env, seed, args.K)
+                try:
+                    rows = run_metrics(args.checkpoint_dir, key, args.from_wandb, args.wandb_project,
+                                       args.wandb_entity)
+                except UserError as e:
+                    missing.append(str(e))
+                    continue
+                it, val = metric_series(rows, metric, str(key.path(args.checkpoint_dir) / "metrics.jsonl"))
+                be, bv, le, lv = best_and_last(it, val)
+                norm = (lambda x, env=env: float(d4rl_normalize(env, x))) if args.score_norm == "d4rl" else \
+                    (lambda x, env=env: float(dataset_normalize(x, refs[env])))
+                records.append(dict(env=env, model=m, seed=seed, run=key.dir_name, best_epoch=be, best_return=bv,
+                                    best_score=norm(bv), last_epoch=le, last_return=lv, last_score=norm(lv)))
+    if not records:
+        raise UserError("no runs found for the score table: " + "; ".join(missing[:3]))
+    for msg in missing:
+        common.warn(msg)
+    stem = f"normalized_scores_{args.dataset_name}_K{args.K}_{args.score_norm}"
+    cols = list(records[0])
+    outs.files.append(common.save_csv(res / f"{stem}.csv", cols, [[r[c] for c in cols] for r in records]))
+    header = ["env"] + [common.model_label(m) for m in args.model_name_list]
+    quoted = args.K == 20 and args.dataset_name == "medium" and args.score_norm == "d4rl"
+    rows = []
+    for env in args.env_name_list:
+        row = [env]
+        for m in args.model_name_list:
+            vals = [r[f"{args.select}_score"] for r in records if r["env"] == env and r["model"] == m]
+            cell = mean_std(vals)
+            if quoted and (m, env) in REID_QUOTED:
+                cell += " (REID {:.1f} ± {:.1f})".format(*REID_QUOTED[(m, env)])
+            row.append(cell)
+        rows.append(row)
+    table = common.markdown_table(header, rows)
+    outs.files.append(common.save_text(res / f"{stem}_{args.select}.md", table + "\n"))
+    name = "Table 1" if args.K == 20 else ("Table 2" if args.K == 1 else f"K={args.K}")
+    seeds = sorted({r["seed"] for r in records})
+    outs.tables.append((f"{name}: {args.select} normalised score ({args.score_norm}), {args.dataset_name}, "
+                        f"K={args.K}, mean ± std over seeds {seeds}", table))
+    if not args.no_figure:
+        outs.figures.append(_figure(records, args, stem))
+    return outs
+
+
+def _figure(records, args, stem):
+    plt = common.pyplot()
+    envs, models = args.env_name_list, args.model_name_list
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(envs), 3.2))
+    w = 0.8 / len(models)
+    for j, m in enumerate(models):
+        means, stds = [], []
+        for env in envs:
+            v = np.array([r[f"{args.select}_score"] for r in records if r["env"] == env and r["model"] == m])
+            v = v[~np.isnan(v)]
+            means.append(v.mean() if len(v) else np.nan)
+            stds.append(v.std() if len(v) else 0)
+        ax.bar(np.arange(len(envs)) + (j - (len(models) - 1) / 2) * w, means, w, yerr=stds,
+               label=common.model_label(m), capsize=3)
+    ax.set_xticks(np.arange(len(envs)), envs)
+    ax.set_ylabel(f"{args.select} normalised score ({args.score_norm})")
+    ax.set_title(f"{args.dataset_name}, K={args.K}")
+    ax.legend(fontsize=7)
+    return common.save_figure(fig, args.figs_dir, f"{stem}_{args.select}")

@@ -1,0 +1,273 @@
+"""Diagonal Fisher information of a Decision Transformer's blocks, for Fisher merging.
+
+Three estimators (``--fisher_type``; ``reference/merging.md`` §4):
+
+* ``batch`` — LAWSON's ``precompute_fisher.py``: model in train mode (dropout on), for each of N_b batches of B windows
+  the squared gradient of the batch's masked action MSE, summed and divided by the number of unmasked timesteps:
+  F = (1/n_tok)·Σ_b (∇L_b)². A batch-level estimate, not a per-example Fisher (E[(mean g)²] ≠ E[g²]);
+* ``empirical`` — the per-example empirical Fisher F = (1/N_w)·Σ_n (∇ℓ_n)², ℓ_n = Σ_{unmasked t,k} (â − a)² of
+  window n (a Gaussian log-likelihood up to constants), eval mode. Per-window gradients come from ``torch.func``
+  (``vmap(grad)``) over chunks of windows;
+* ``gaussian`` — the "true" Fisher of a fixed-variance Gaussian policy, F = (1/N_w)·Σ_n Σ_{unmasked t,k}
+  (∂â_{n,t,k}/∂θ)² (σ² cancels under normalisation), eval mode: one batched forward per chunk of windows, then a
+  ``vmap``-ed vector-Jacobian product per chunk of output elements (one-hot cotangents), so memory stays bounded.
+
+Files: ``<model_dir>/info/<model_stem>-bs{B}-nb{N}`` (no extension; ``-{type}`` appended for the new types), a dict
+{parameter name → F (CPU float32), ``_stats`` → {sum, mean}} (+ ``fisher_type``, ``n_examples``, ``train_mode`` for
+the new types), written atomically, loadable with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from decision_transformer.checkpoint import atomic_save
+from decision_transformer.errors import UserError
+from decision_transformer.training.losses import masked_action_mse
+
+FISHER_TYPES = ("batch", "empirical", "gaussian")
+#: The original estimates the Fisher of every parameter whose name contains this.
+FISHER_SCOPE = "transformer.h"
+#: Upper bound on the floats held by one chunk of per-example gradients / Jacobian rows.
+_CHUNK_FLOATS = 32_000_000
+
+
+def fisher_info_path(model_path: str | os.PathLike, f_batch_size: int, f_num_batches: int,
+                     fisher_type: str = "batch") -> Path:
+    """``<model_dir>/info/<model_stem>-bs{B}-nb{N}`` (+ ``-{fisher_type}`` for non-``batch`` types)."""
+    p = Path(model_path)
+    stem = p.name[:-3] if p.name.endswith(".pt") else p.stem
+    name = f"{stem}-bs{f_batch_size}-nb{f_num_batches}"
+    if fisher_type != "batch":
+        name += f"-{fisher_type}"
+    return p.parent / "info" / name
+
+
+def default_forward(model, states, actions, rtg, timesteps, mask, **kw):
+    return model(states, actions, rtg, timesteps, attention_mask=mask, **kw).action_preds
+
+
+def _params(model, scope: str):
+    return {n: p for n, p in model.named_parameters() if scope in n and p.requires_grad}
+
+
+def _stats(fisher: dict[str, torch.Tensor]) -> dict[str, float]:
+    total = sum(float(v.to(torch.float64).sum()) for v in fisher.values())
+    numel = sum(v.numel() for v in fisher.values())
+    return {"sum": total, "mean": total / max(numel, 1)}
+
+
+class _quiet(warnings.catch_warnings):
+    """functorch falls back to a loop for the fused CPU attention kernel and warns on every call: silence that."""
+
+    def __enter__(self):
+        out = super().__enter__()
+        warnings.filterwarnings("ignore", message=".*There is a performance drop.*")
+        return out
+
+
+# ---- estimators ---------------------------------------------------------------------------------------------------
+
+def fisher_batch(model, batches, *, scope: str = FISHER_SCOPE, forward: Callable = default_forward,
+                 model_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
+    """LAWSON's estimate: train mode, F = Σ_b (∇_θ L_b)² / n_tok over ``batches`` (iterable of ``data.Batch``)."""
+    model_kwargs = model_kwargs or {}
+    params = _params(model, scope)
+    if not params:
+        raise UserError(f"the model has no trainable parameters named *{scope}*")
+    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    n_tok = 0.0
+    was_training = model.training
+    model.train()
+    try:
+        for b in batches:
+            model.zero_grad(set_to_none=True)
+            preds = forward(model, b.states, b.actions, b.rtg[:, :-1], b.timesteps, b.mask, **model_kwargs)
+            loss = masked_action_mse(preds, b.actions, b.mask)
+            loss.backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    acc[n] += p.grad.detach().to(torch.float32) ** 2
+            n_tok += float(b.mask.sum())
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return {n: (v / max(n_tok, 1.0)).cpu() for n, v in acc.items()}
+
+
+def _window_chunk(n_params: int, per_window: int = 1) -> int:
+    return max(1, _CHUNK_FLOATS // max(n_params * per_window, 1))
+
+
+def fisher_empirical(model, batches, *, scope: str = FISHER_SCOPE, forward: Callable = default_forward,
+                     model_kwargs: dict | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Per-example empirical Fisher, eval mode: F = (1/N_w)·Σ_n (∇_θ ℓ_n)², ℓ_n = Σ_{unmasked t,k} (â − a)².
+    Returns (F on CPU, N_w)."""
+    from torch.func import grad, vmap
+
+    model_kwargs = model_kwargs or {}
+    params = {n: p.detach() for n, p in _params(model, scope).items()}
+    if not params:
+        raise UserError(f"the model has no trainable parameters named *{scope}*")
+    n_params = sum(p.numel() for p in params.values())
+    chunk = _window_chunk(n_params)
+
+    wrapper = _Forward(model, forward, model_kwargs)
+
+    def window_loss(p, s, a, r, t, m):
+        # one window, batch dimension added back for the model: s [K, ds] -> [1, K, ds]
+        preds = _call(wrapper, p, (s[None], a[None], r[None], t[None], m[None]))
+        return (((preds[0] - a) ** 2) * m[:, None]).sum()
+
+    per_example = vmap(grad(window_loss), in_dims=(None, 0, 0, 0, 0, 0))
+    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    n_w = 0
+    was_training = model.training
+    model.eval()
+    with _quiet():
+        try:
+            for b in batches:
+                rtg = b.rtg[:, :-1]
+                for i in range(0, b.states.shape[0], chunk):
+                    sl = slice(i, i + chunk)
+                    g = per_example(params, b.states[sl], b.actions[sl], rtg[sl], b.timesteps[sl], b.mask[sl])
+                    for n in acc:
+                        acc[n] += (g[n].to(torch.float32) ** 2).sum(0)
+                n_w += b.states.shape[0]
+        finally:
+            model.train(was_training)
+    return {n: (v / max(n_w, 1)).cpu() for n, v in acc.items()}, n_w
+
+
+class _Forward(torch.nn.Module):
+    """``forward(model, *args, **model_kwargs)`` as a module, so that ``functional_call`` can substitute parameters."""
+
+    def __init__(self, model, forward, model_kwargs):
+        super().__init__()
+        self.m = model
+        self.fwd = forward
+        self.kw = model_kwargs
+
+    def forward(self, *args):
+        return self.fwd(self.m, *args, **self.kw)
+
+
+def _call(wrapper: _Forward, params: dict, args: tuple):
+    """The wrapped forward with ``params`` (names of the inner model) substituted (``torch.func.functional_call``)."""
+    from torch.func import functional_call
+
+    return functional_call(wrapper, {f"m.{k}": v for k, v in params.items()}, args, strict=False)
+
+
+def fisher_gaussian(model, batches, *, scope: str = FISHER_SCOPE, forward: Callable = default_forward,
+                    model_kwargs: dict | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Fisher of a fixed-variance Gaussian policy, eval mode: F = (1/N_w)·Σ_n Σ_{unmasked t,k} (∂â_{n,t,k}/∂θ)².
+    Returns (F on CPU, N_w)."""
+    from torch.func import vjp, vmap
+
+    model_kwargs = model_kwargs or {}
+    params = {n: p.detach() for n, p in _params(model, scope).items()}
+    if not params:
+        raise UserError(f"the model has no trainable parameters named *{scope}*")
+    n_params = sum(p.numel() for p in params.values())
+    rows_per_chunk = _window_chunk(n_params)
+    wrapper = _Forward(model, forward, model_kwargs)
+    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    n_w = 0
+    was_training = model.training
+    model.eval()
+    with _quiet():
+        try:
+            for b in batches:
+                args = (b.states, b.actions, b.rtg[:, :-1], b.timesteps, b.mask)
+                preds, vjp_fn = vjp(lambda p: _call(wrapper, p, args), params)                          # [B, K, da]
+                # one cotangent per unmasked output element: windows are independent, so the VJP of a one-hot
+                # cotangent is that element's own Jacobian row, ∂â_{n,t,k}/∂θ
+                rows = torch.nonzero(b.mask > 0)                                                         # [R, 2] (n, t)
+                da = preds.shape[-1]
+                idx = torch.cat([rows.repeat_interleave(da, 0),
+                                 torch.arange(da, device=rows.device).repeat(rows.shape[0])[:, None]], 1)  # [R*da, 3]
+                for i in range(0, idx.shape[0], rows_per_chunk):
+                    sel = idx[i:i + rows_per_chunk]
+                    cot = torch.zeros((sel.shape[0],) + tuple(preds.shape), dtype=preds.dtype, device=preds.device)
+                    cot[torch.arange(sel.shape[0]), sel[:, 0], sel[:, 1], sel[:, 2]] = 1.0
+                    (jac,) = vmap(vjp_fn)(cot)
+                    for n in acc:
+                        acc[n] += (jac[n].to(torch.float32) ** 2).sum(0)
+                n_w += b.states.shape[0]
+        finally:
+            model.train(was_training)
+    return {n: (v / max(n_w, 1)).cpu() for n, v in acc.items()}, n_w
+
+
+def sample_batches(dataset, batch_size: int, num_batches: int, K: int, generator: torch.Generator):
+    """The training sampler's windows, ``num_batches`` batches of ``batch_size``."""
+    for _ in range(num_batches):
+        yield dataset.sample_batch(batch_size, K, generator)
+
+
+def compute_fisher(model, dataset, *, fisher_type: str = "batch", batch_size: int = 64, num_batches: int = 100,
+                   K: int = 20, seed: int = 666, scope: str = FISHER_SCOPE, forward: Callable = default_forward,
+                   model_kwargs: dict | None = None) -> dict:
+    """The Fisher of ``model`` on ``dataset`` (seeded sampler and dropout) as the dict saved in info files."""
+    if fisher_type not in FISHER_TYPES:
+        raise UserError(f"unknown --fisher_type {fisher_type!r}; choose one of {', '.join(FISHER_TYPES)}")
+    if batch_size < 1 or num_batches < 1:
+        raise UserError(f"--f_batch_size and --f_num_batches must be >= 1 (got {batch_size}, {num_batches})")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    torch.manual_seed(seed)  # dropout masks of the batch estimate
+    batches = sample_batches(dataset, batch_size, num_batches, K, gen)
+    kw = dict(scope=scope, forward=forward, model_kwargs=model_kwargs)
+    if fisher_type == "batch":
+        F = fisher_batch(model, batches, **kw)
+        n = batch_size * num_batches
+    elif fisher_type == "empirical":
+        F, n = fisher_empirical(model, batches, **kw)
+    else:
+        F, n = fisher_gaussian(model, batches, **kw)
+    out: dict = dict(F)
+    out["_stats"] = _stats(F)
+    if fisher_type != "batch":
+        out.update(fisher_type=fisher_type, n_examples=int(n), train_mode=False)
+    return out
+
+
+def fisher_tensors(info: dict) -> dict[str, torch.Tensor]:
+    """The per-parameter tensors of a Fisher info dict (metadata dropped)."""
+    return {k: v for k, v in info.items() if isinstance(v, torch.Tensor) and not k.startswith("_")}
+
+
+def save_fisher(info: dict, path: str | os.PathLike) -> Path:
+    return atomic_save(info, path)
+
+
+def load_fisher(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: Fisher file not found") from None
+    except Exception as e:
+        raise UserError(f"{path}: not a readable Fisher file ({str(e).strip().splitlines()[0][:200]})") from None
+    if not isinstance(obj, dict) or not fisher_tensors(obj):
+        raise UserError(f"{path}: not a Fisher file (expected a dict of parameter name -> tensor)")
+    return obj
+
+
+def describe(info: dict) -> str:
+    st = info.get("_stats", {})
+    s = st.get("sum", float("nan"))
+    s = float(s) if not isinstance(s, torch.Tensor) else float(s.sum())
+    n = len(fisher_tensors(info))
+    return f"{n} tensors, trace {s:.4g}"
+
+
+def log(msg: str):
+    print(msg, file=sys.stderr)

@@ -1,0 +1,408 @@
+"""D4RL-style datasets generated in the gymnasium v4 envs from the project's SAC behaviour policies.
+
+D4RL's recipe (gym-mujoco v2), as reproduced here:
+
+* ``random``: a randomly initialised SAC actor (seeded), sampled;
+* ``medium``: the stochastic policy of a SAC run stopped early (about a third of expert return);
+* ``expert``: the stochastic policy of the fully trained SAC run;
+* ``medium-replay``: the replay buffer of the SAC run up to the medium policy. Without the buffer itself it is
+  regenerated from the actor snapshots saved during training (every ``covers`` env steps): steps
+  ``[s, s + covers)`` are rolled out with the snapshot taken at step ``s``, sampled as during training, and the
+  first ``uniform_before`` steps use uniform actions (the training warm-up). This approximates the real buffer:
+  the actor changed after every update, not every ``covers`` steps.
+* ``medium-expert``: ``medium`` cut at its last episode end, followed by ``expert``.
+
+Each dataset is written in D4RL's flat hdf5 layout (``observations``, ``next_observations``, ``actions``,
+``rewards``, ``terminals``, ``timeouts``, ``infos/qpos``, ``infos/qvel``, ``infos/action_log_probs``,
+``metadata/*``) and as the DT pickle, with a stats report beside D4RL's published averages.
+Rollouts step many envs in lockstep with one batched NumPy actor call per step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from decision_transformer.data import hdf5_name, pkl_name, split_episodes
+from decision_transformer.envs import DATASETS, DEFAULT_ENV_VERSION, check_dataset_name, get_env_spec, make_env
+from decision_transformer.errors import UserError
+
+#: Where the bundled behaviour policies live: ``policies/{env}/{medium,expert}.pt`` and ``policies/{env}/replay/``.
+BUNDLED_POLICY_DIR = Path(__file__).resolve().parent / "policies"
+
+#: D4RL-normalised mean episode return of the D4RL v2 datasets. Exact values are computed from the per-trajectory
+#: means in shared/reference/evaluation.md section 5; the others are the approximate published figures.
+D4RL_AVERAGE_SCORE: dict[tuple[str, str], float] = {
+    ("hopper", "medium"): 44.3,        # mean return 1422.06
+    ("halfcheetah", "medium"): 40.7,   # 4770.33
+    ("walker2d", "medium"): 62.1,      # 2852.09
+    ("hopper", "random"): 1.2,         # 18.40
+    ("hopper", "expert"): 108.5,       # 3511.36
+    ("halfcheetah", "expert"): 88.0,   # approximate
+    ("walker2d", "expert"): 107.0,     # approximate
+}
+#: The medium policy is the first evaluated SAC actor whose stochastic score reaches this minus 5.
+MEDIUM_TARGET_SCORE = {env: D4RL_AVERAGE_SCORE[(env, "medium")] for env in ("hopper", "halfcheetah", "walker2d")}
+
+DEFAULT_NUM_TRANSITIONS = 1_000_000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Policy files
+# ----------------------------------------------------------------------------------------------------------------
+
+def load_policy(path: str | os.PathLike, env: str | None = None):
+    """(NumpyActor, metadata) from a behaviour-policy file; any defect is a one-line UserError naming the file."""
+    import torch
+
+    from decision_transformer.sac import POLICY_FORMAT, NumpyActor
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: policy file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
+        raise UserError(f"{path}: not a readable policy file ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(obj, dict) or obj.get("format") != POLICY_FORMAT or not isinstance(obj.get("actor"), dict):
+        raise UserError(f"{path}: not a behaviour-policy file (expected format {POLICY_FORMAT})")
+    try:
+        actor = NumpyActor(obj["actor"])
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: malformed actor weights ({type(e).__name__}: {e})") from None
+    if env is not None:
+        spec = get_env_spec(env)
+        if obj.get("env") != env or actor.obs_dim != spec.state_dim or actor.act_dim != spec.act_dim:
+            raise UserError(f"{path}: policy is for {obj.get('env')!r} ({actor.obs_dim}/{actor.act_dim} dims), "
+                            f"expected {env} ({spec.state_dim}/{spec.act_dim})")
+    for w in (actor.w1, actor.w2, actor.w3, actor.b1, actor.b2, actor.b3):
+        if not np.isfinite(w).all():
+            raise UserError(f"{path}: actor weights contain NaN or inf")
+    meta = {k: v for k, v in obj.items() if k != "actor"}
+    return actor, meta
+
+
+def random_policy(env: str, seed: int):
+    """A freshly initialised (seeded) SAC actor: D4RL's ``random`` behaviour."""
+    import torch
+
+    from decision_transformer.sac import Actor, NumpyActor
+
+    spec = get_env_spec(env)
+    torch.manual_seed(seed)
+    return NumpyActor({k: v.detach().clone() for k, v in Actor(spec.state_dim, spec.act_dim).state_dict().items()})
+
+
+def replay_snapshots(policy_dir: Path, env: str, until: int) -> list[tuple[int, Path]]:
+    """(step, file) of the training snapshots before env step ``until``, sorted; a gap is an error."""
+    folder = policy_dir / env / "replay"
+    snaps = []
+    for p in sorted(folder.glob("actor_*.pt")) if folder.is_dir() else []:
+        try:
+            step = int(p.stem.split("_")[1])
+        except (IndexError, ValueError):
+            continue
+        if step < until:
+            snaps.append((step, p))
+    if not snaps or snaps[0][0] != 0:
+        raise UserError(f"{folder}: no training snapshots from step 0; medium-replay cannot be regenerated")
+    return snaps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollouts
+# ----------------------------------------------------------------------------------------------------------------
+
+_FIELDS = ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts",
+           "infos/action_log_probs", "infos/qpos", "infos/qvel")
+
+
+class _Episode:
+    __slots__ = ("rows",)
+
+    def __init__(self):
+        self.rows = {k: [] for k in _FIELDS}
+
+
+def _stack(episodes: list[dict], n: int) -> dict[str, np.ndarray]:
+    out = {}
+    for k in _FIELDS:
+        arr = np.concatenate([e[k] for e in episodes])[:n]
+        out[k] = arr.astype(bool) if k in ("terminals", "timeouts") else arr.astype(np.float32)
+    return out
+
+
+def _finish(ep: _Episode) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in ep.rows.items()}
+
+
+def rollout_policy(env: str, actor, num_transitions: int, seed: int = 0, num_envs: int = 16,
+                   env_version: str = DEFAULT_ENV_VERSION, progress: bool = False) -> dict[str, np.ndarray]:
+    """``num_transitions`` rows of D4RL-layout data from ``actor`` (a NumpyActor, sampled), ``num_envs`` envs in
+    lockstep. Episodes are laid out one after the other in the order they end; the last one is cut off unfinished
+    (no terminal or timeout on its last row), as in D4RL's files."""
+    spec = get_env_spec(env)
+    envs = [make_env(env, env_version) for _ in range(num_envs)]
+    raw = [e.unwrapped for e in envs]  # the time limit is applied here; skipping wrappers saves per-step overhead
+    rng = np.random.default_rng(seed)
+    next_reset = 0
+    obs = np.zeros((num_envs, spec.state_dim), dtype=np.float32)
+    t = np.zeros(num_envs, dtype=np.int64)
+    eps = [_Episode() for _ in range(num_envs)]
+    for i, e in enumerate(envs):
+        obs[i] = e.reset(seed=seed * 1_000_003 + next_reset)[0]
+        next_reset += 1
+    done_eps, total = [], 0
+    bar = _progress(num_transitions, f"{env} rollout") if progress else None
+    while True:
+        actions, logps = actor.act(obs, rng)                                    # [N, da], [N]
+        for i in range(num_envs):
+            u = raw[i]
+            qpos, qvel = u.data.qpos.copy(), u.data.qvel.copy()
+            nobs, r, term, _, _ = u.step(actions[i])
+            t[i] += 1
+            timeout = (t[i] >= spec.max_ep_len) and not term
+            rows = eps[i].rows
+            rows["observations"].append(obs[i].copy())
+            rows["next_observations"].append(nobs)
+            rows["actions"].append(actions[i])
+            rows["rewards"].append(r)
+            rows["terminals"].append(term)
+            rows["timeouts"].append(timeout)
+            rows["infos/action_log_probs"].append(logps[i])
+            rows["infos/qpos"].append(qpos)
+            rows["infos/qvel"].append(qvel)
+            if term or timeout:
+                done_eps.append(_finish(eps[i]))
+                total += int(t[i])
+                if bar is not None:
+                    bar.update(int(t[i]))
+                eps[i] = _Episode()
+                t[i] = 0
+                nobs = envs[i].reset(seed=seed * 1_000_003 + next_reset)[0]
+                next_reset += 1
+            obs[i] = nobs
+        # Stop once finished episodes + the longest running one can fill the request: the cut-off tail is taken
+        # from the env whose episode has run longest (deterministic choice).
+        if total + int(t.max()) >= num_transitions:
+            break
+    if bar is not None:
+        bar.close()
+    for e in envs:
+        e.close()
+    longest = int(np.argmax(t))
+    if t[longest] > 0:
+        tail = _finish(eps[longest])
+        tail["timeouts"] = np.zeros_like(tail["timeouts"])  # the unfinished tail carries no end flag
+        done_eps.append(tail)
+    return _stack(done_eps, num_transitions)
+
+
+def rollout_schedule(env: str, schedule: list[tuple[int, object]], num_transitions: int, seed: int = 0,
+                     uniform_before: int = 0, env_version: str = DEFAULT_ENV_VERSION,
+                     progress: bool = False) -> dict[str, np.ndarray]:
+    """One env, one continuous stream of episodes as in SAC training: step s uses uniform actions if
+    ``s < uniform_before``, else the last policy of ``schedule`` (sorted (start step, NumpyActor)) with start ≤ s.
+    The last row of the stream is left without an end flag unless its episode really ended there."""
+    spec = get_env_spec(env)
+    e = make_env(env, env_version)
+    u = e.unwrapped
+    rng = np.random.default_rng(seed)
+    obs = e.reset(seed=seed * 1_000_003)[0].astype(np.float32)
+    resets, t = 1, 0
+    ep, eps = _Episode(), []
+    k = 0
+    bar = _progress(num_transitions, f"{env} replay rollout") if progress else None
+    for s in range(num_transitions):
+        while k + 1 < len(schedule) and schedule[k + 1][0] <= s:
+            k += 1
+        actor = schedule[k][1]
+        a, logp = actor.act(obs, rng)
+        if s < uniform_before:
+            a = rng.uniform(-1.0, 1.0, spec.act_dim).astype(np.float32)
+            logp = np.float32(-spec.act_dim * np.log(2.0))  # density of the uniform box
+        qpos, qvel = u.data.qpos.copy(), u.data.qvel.copy()
+        nobs, r, term, _, _ = u.step(a)
+        t += 1
+        timeout = t >= spec.max_ep_len and not term
+        for key, v in zip(_FIELDS, (obs, nobs, a, r, term, timeout, logp, qpos, qvel)):
+            ep.rows[key].append(v)
+        obs = np.asarray(nobs, dtype=np.float32)
+        if term or timeout:
+            eps.append(_finish(ep))
+            ep, t = _Episode(), 0
+            obs = e.reset(seed=seed * 1_000_003 + resets)[0].astype(np.float32)
+            resets += 1
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    e.close()
+    if ep.rows["rewards"]:
+        eps.append(_finish(ep))
+    return _stack(eps, num_transitions)
+
+
+def _progress(total, desc):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", unit_scale=True, mininterval=2.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------------------------
+
+def _policy_path(policy_dir: Path, env: str, kind: str) -> Path:
+    return policy_dir / env / f"{kind}.pt"
+
+
+def generate_flat(env: str, dataset: str, num_transitions: int | None = None, seed: int = 0,
+                  policy_dir: str | os.PathLike | None = None, progress: bool = False):
+    """(flat D4RL-layout arrays, metadata) for one dataset. ``num_transitions`` defaults to 1M (medium-expert: 1M
+    of each; medium-replay: every step up to the medium policy)."""
+    get_env_spec(env)
+    check_dataset_name(dataset)
+    policy_dir = Path(policy_dir) if policy_dir is not None else BUNDLED_POLICY_DIR
+    n = num_transitions or DEFAULT_NUM_TRANSITIONS
+    meta = {"algorithm": "SAC", "generator": "decision_transformer.generation", "env_id": get_env_spec(env).gym_id(),
+            "dataset": dataset, "seed": seed}
+    if dataset == "random":
+        data = rollout_policy(env, random_policy(env, seed), n, seed=seed, progress=progress)
+        meta.update(policy="random-init", iteration=0)
+    elif dataset in ("medium", "expert"):
+        actor, pm = load_policy(_policy_path(policy_dir, env, dataset), env)
+        # different env seeds per dataset, so medium-expert's halves equal the medium and expert datasets
+        data = rollout_policy(env, actor, n, seed=seed + (0 if dataset == "medium" else 1), progress=progress)
+        meta.update(policy=f"{env}/{dataset}.pt", iteration=int(pm["step"]))
+    elif dataset == "medium-expert":
+        med, mm = generate_flat(env, "medium", n, seed, policy_dir, progress)
+        exp, em = generate_flat(env, "expert", n, seed, policy_dir, progress)
+        ends = np.flatnonzero(med["terminals"] | med["timeouts"])
+        cut = int(ends[-1]) + 1 if len(ends) else 0
+        data = {k: np.concatenate([med[k][:cut], exp[k]]) for k in med}
+        meta.update(policy=f"{env}/medium.pt+{env}/expert.pt", iteration=em["iteration"])
+    else:  # medium-replay
+        _, pm = load_policy(_policy_path(policy_dir, env, "medium"), env)
+        until = int(pm["step"])
+        snaps = replay_snapshots(policy_dir, env, until)
+        schedule, uniform_before = [], 0
+        for step, path in snaps:
+            actor, sm = load_policy(path, env)
+            uniform_before = int(sm.get("uniform_before", 0))
+            schedule.append((step, actor))
+        total = until if num_transitions is None else min(num_transitions, until)
+        data = rollout_schedule(env, schedule, total, seed=seed + 2, uniform_before=uniform_before,
+                                progress=progress)
+        meta.update(policy=f"{env}/replay/*.pt", iteration=until, snapshots=len(schedule))
+    return data, meta
+
+
+def write_d4rl_hdf5(path: str | os.PathLike, data: dict[str, np.ndarray], metadata: dict | None = None) -> Path:
+    """Atomically write flat arrays (keys with '/' become groups) and ``metadata/*`` scalars."""
+    import h5py
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            for k, v in data.items():
+                f.create_dataset(k, data=v)
+            for k, v in (metadata or {}).items():
+                f.create_dataset(f"metadata/{k}", data=v)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def dataset_stats(env: str, dataset: str, trajs: list[dict]) -> dict:
+    """Transitions, episodes, return mean/std and D4RL-normalised score of complete episodes, with D4RL's average."""
+    spec = get_env_spec(env)
+    rets = np.array([float(t["rewards"].sum()) for t in trajs])
+    return {"env": env, "dataset": dataset, "episodes": len(trajs),
+            "transitions": int(sum(len(t["rewards"]) for t in trajs)),
+            "return_mean": float(rets.mean()) if len(rets) else float("nan"),
+            "return_std": float(rets.std()) if len(rets) else float("nan"),
+            "score": float(spec.d4rl_score(rets.mean())) if len(rets) else float("nan"),
+            "d4rl_average_score": D4RL_AVERAGE_SCORE.get((env, dataset))}
+
+
+def format_stats(s: dict) -> str:
+    ref = s["d4rl_average_score"]
+    return (f"{s['env']}-{s['dataset']}: {s['transitions']} transitions, {s['episodes']} episodes, return "
+            f"{s['return_mean']:.1f} +- {s['return_std']:.1f}, normalised score {s['score']:.1f} "
+            f"(D4RL average {'n/a' if ref is None else f'{ref:.1f}'})")
+
+
+def generate_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, num_transitions: int | None = None,
+                     seed: int = 0, policy_dir: str | os.PathLike | None = None, write_hdf5: bool = True,
+                     progress: bool = True, log=print) -> dict:
+    """Generate one dataset into ``data_path`` (``{env}-{dataset}-v2.pkl``, optionally D4RL's hdf5 and a
+    ``.stats.json``); returns its stats (with ``seconds`` and file paths)."""
+    from decision_transformer.synthetic import write_pkl
+
+    t0 = time.perf_counter()
+    data, meta = generate_flat(env, dataset, num_transitions, seed, policy_dir, progress)
+    data_path = Path(data_path)
+    out = {}
+    if write_hdf5:
+        out["hdf5"] = str(write_d4rl_hdf5(data_path / hdf5_name(env, dataset), data, meta))
+    trajs = split_episodes(data, source=f"generated {env}-{dataset}")
+    out["pkl"] = str(write_pkl(data_path / pkl_name(env, dataset), trajs))
+    stats = dataset_stats(env, dataset, trajs)
+    stats.update(seconds=round(time.perf_counter() - t0, 1), policy=meta["policy"], seed=seed, files=out)
+    stats_path = data_path / f"{env}-{dataset}-v2.stats.json"
+    tmp = stats_path.with_name(stats_path.name + ".tmp")
+    tmp.write_text(json.dumps(stats, indent=1))
+    os.replace(tmp, stats_path)
+    log(format_stats(stats) + f" [{stats['seconds']:.0f} s]")
+    return stats
+
+
+def bundled_policies_available(env: str, dataset: str, policy_dir: str | os.PathLike | None = None) -> bool:
+    policy_dir = Path(policy_dir) if policy_dir is not None else BUNDLED_POLICY_DIR
+    need = {"random": [], "medium": ["medium"], "expert": ["expert"], "medium-expert": ["medium", "expert"],
+            "medium-replay": ["medium"]}[dataset]
+    ok = all(_policy_path(policy_dir, env, k).is_file() for k in need)
+    if dataset == "medium-replay":
+        ok = ok and (policy_dir / env / "replay" / "actor_0000000.pt").is_file()
+    return ok
+
+
+def ensure_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, generate: bool = True,
+                   num_transitions: int | None = None, seed: int = 0, policy_dir: str | os.PathLike | None = None,
+                   log=print) -> Path:
+    """The dataset file the scripts should read: an existing ``{env}-{dataset}-v2.pkl`` (or D4RL hdf5, found as
+    ``data.find_dataset_file`` does), else one generated from the bundled behaviour policies (``generate=True``).
+    Raises a one-line UserError when neither is possible."""
+    from decision_transformer.data import find_dataset_file
+
+    get_env_spec(env)
+    check_dataset_name(dataset)
+    try:
+        return find_dataset_file(data_path, env, dataset)
+    except UserError:
+        if not generate:
+            raise
+    target = Path(data_path) / pkl_name(env, dataset)
+    if not bundled_policies_available(env, dataset, policy_dir):
+        raise UserError(
+            f"dataset not found: {target}, and no bundled behaviour policy to generate it from "
+            f"({Path(policy_dir or BUNDLED_POLICY_DIR) / env}); convert D4RL files with "
+            f"`python data/download_d4rl_datasets.py --hdf5 FILE --data_path {data_path}`")
+    log(f"{target} not found: generating {env}-{dataset} from the bundled behaviour policies "
+        f"(a few minutes; pass --no_generate to turn this off)")
+    generate_dataset(data_path, env, dataset, num_transitions=num_transitions, seed=seed, policy_dir=policy_dir,
+                     write_hdf5=False, log=log)
+    return target
+
+
+__all__ = ["DATASETS", "D4RL_AVERAGE_SCORE", "MEDIUM_TARGET_SCORE", "ensure_dataset", "generate_dataset",
+           "generate_flat", "load_policy", "dataset_stats", "rollout_policy", "rollout_schedule",
+           "write_d4rl_hdf5"]

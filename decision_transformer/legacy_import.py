@@ -1,0 +1,451 @@
+"""Model files in every format the project accepts, and the importer for the originals' whole-module pickles.
+
+LAWSON's released checkpoints (``models/{env}/dt_gym-experiment-...pt``, ``models/multi/...``) are ``torch.save(model)``
+of whole modules of its classes (``decision_transformer.models.decision_transformer.DecisionTransformer``,
+``…trajectory_gpt2.GPT2Model``, ``…multi_decision_transformer.MultiDecisionTransformer``, torch and transformers layers,
+a ``GPT2Config``). They cannot be loaded with ``weights_only=True``, and loading them normally would import and run the
+original code. The importer unpickles them with a **restricted unpickler**: every class of torch.nn, transformers or the
+original packages is mapped to an inert stand-in (:class:`LegacyObject`) that only records its pickled attributes, tensors
+are rebuilt by torch's tensor rebuild functions, a handful of plain containers are allowed, and any other global
+(``os.system``, ``builtins.eval``, an unknown class ...) stops the import with an error. No ``__init__``,
+``__setstate__`` or other method of the original classes ever runs, and none of their modules is imported. The stand-in
+tree is then walked like ``nn.Module.state_dict`` to give plain tensors under our key names, and the model config is
+read from the tensor shapes and the pickled GPT-2 config.
+
+:func:`load_model_file` is the one loader used by merging, Fisher, multi-task and results code: our checkpoints
+(``weights_only=True``), plain state dicts, and (through the importer) original pickles.
+
+    python -m decision_transformer.legacy_import models/hopper/dt_gym-experiment-hopper-medium-expert-706057_best.pt \
+        --out_dir models/imported
+"""
+from __future__ import annotations
+
+import _compat_pickle
+import argparse
+import collections
+import pickle
+import re
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from decision_transformer.checkpoint import atomic_save, load_state_into, make_checkpoint
+from decision_transformer.envs import ENVS
+from decision_transformer.errors import UserError, cli_entry
+
+#: Classes under these module paths become inert stand-ins (the originals' code is never imported).
+STUB_PREFIXES = ("torch.nn.modules.", "transformers.", "decision_transformer.", "trajectory_gpt2", "dt.",
+                 "lm_cotraining.", "__main__")
+#: Buffers of the originals that this implementation computes on the fly.
+LEGACY_BUFFERS = (".attn.bias", ".attn.masked_bias")
+#: Per-env module lists of LAWSON's MultiDecisionTransformer, and the aliases of the toggled env that it registered.
+MULTI_LISTS = ("embed_returns", "embed_states", "embed_actions", "embed_lns", "predict_actions")
+MULTI_ALIASES = ("embed_return", "embed_state", "embed_action", "embed_ln", "predict_action")
+
+
+# ---- the restricted unpickler -------------------------------------------------------------------------------------
+
+class LegacyObject:
+    """Inert stand-in for a class of the original code: keeps the pickled state, runs nothing."""
+
+    _legacy_path = "?"
+    dump_patches = False  # torch's legacy-format loader asks this of module classes
+
+    def __init__(self, *args, **kwargs):
+        self.__dict__["_legacy_args"] = args
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2 and (state[0] is None or isinstance(state[0], dict)):
+            state, slots = state
+            self.__dict__.update(slots or {})
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.__dict__["_legacy_state"] = state
+
+    def __repr__(self):
+        return f"<legacy {self._legacy_path}>"
+
+
+_STUBS: dict[str, type] = {}
+
+
+def stub_class(module: str, name: str) -> type:
+    path = f"{module}.{name}"
+    if path not in _STUBS:
+        _STUBS[path] = type(name, (LegacyObject,), {"_legacy_path": path, "__module__": __name__ + ".stubs"})
+    return _STUBS[path]
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *state):
+    return data.detach()
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    if func not in (torch._utils._rebuild_tensor_v2, _rebuild_parameter) or new_type not in (torch.Tensor,
+                                                                                           torch.nn.Parameter):
+        raise pickle.UnpicklingError("refused a tensor subclass rebuild")
+    return func(*args)
+
+
+def _reconstructor(cls, base, state):
+    if not (isinstance(cls, type) and issubclass(cls, LegacyObject)) or base is not object:
+        raise pickle.UnpicklingError(f"refused copyreg._reconstructor({cls!r}, {base!r})")
+    obj = object.__new__(cls)
+    if state is not None:
+        obj.__setstate__(state)
+    return obj
+
+
+_SAFE = {
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("torch", "Size"): torch.Size,
+    ("torch", "device"): torch.device,
+    ("copyreg", "_reconstructor"): _reconstructor,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """``find_class`` resolves only tensor rebuilders, plain containers, torch dtypes and stand-ins for module
+    classes; everything else is refused."""
+
+    def find_class(self, module, name):
+        if (module, name) in _compat_pickle.NAME_MAPPING:          # protocol-2 pickles name Python 2 modules
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if (module, name) in _SAFE:
+            return _SAFE[(module, name)]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.startswith(STUB_PREFIXES) and name.isidentifier() and name[:1].isupper():
+            return stub_class(module, name)
+        raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+
+
+#: A ``pickle_module`` for ``torch.load``: its Unpickler is the restricted one.
+restricted_pickle = types.ModuleType("restricted_pickle")
+restricted_pickle.Unpickler = RestrictedUnpickler
+restricted_pickle.load = lambda f, **kw: RestrictedUnpickler(f, **kw).load()
+restricted_pickle.UnpicklingError = pickle.UnpicklingError
+
+
+def unpickle_legacy(path: str | Path):
+    """The object tree of an original ``torch.save(model)`` file, classes replaced by :class:`LegacyObject`s."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: model file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refused to import ({e}); only torch/transformers modules and tensors are "
+                        f"allowed in an original checkpoint") from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a readable checkpoint ({first[:200]})") from None
+
+
+# ---- stand-in tree -> state dict and config ------------------------------------------------------------------------
+
+def _is_module(obj) -> bool:
+    return isinstance(obj, LegacyObject) and isinstance(obj.__dict__.get("_modules"), dict)
+
+
+def module_state(obj, prefix: str = "", skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """``nn.Module.state_dict`` of a stand-in: parameters, persistent buffers, then children, recursively."""
+    d = obj.__dict__
+    out: dict[str, torch.Tensor] = {}
+    for name, t in (d.get("_parameters") or {}).items():
+        if isinstance(t, torch.Tensor):
+            out[prefix + name] = t.detach().clone()
+    nonpersistent = d.get("_non_persistent_buffers_set") or set()
+    for name, t in (d.get("_buffers") or {}).items():
+        if isinstance(t, torch.Tensor) and name not in nonpersistent:
+            out[prefix + name] = t.detach().clone()
+    for name, m in (d.get("_modules") or {}).items():
+        if name in skip or m is None:
+            continue
+        if not _is_module(m):
+            raise UserError(f"unexpected object {m!r} in module {prefix + name}")
+        out.update(module_state(m, f"{prefix}{name}."))
+    return out
+
+
+def _attr(obj, name, default=None):
+    return obj.__dict__.get(name, default) if isinstance(obj, LegacyObject) else default
+
+
+def _backbone_config(root, state: dict[str, torch.Tensor]) -> dict:
+    """GPT-2 backbone config from the tensor shapes, completed by the pickled ``GPT2Config`` where it says more."""
+    tr = _attr(root, "_modules", {}).get("transformer")
+    gcfg = _attr(tr, "config")
+    gd = dict(gcfg.__dict__) if isinstance(gcfg, LegacyObject) else {}
+    layers = sorted({int(m.group(1)) for k in state for m in [re.match(r"transformer\.h\.(\d+)\.", k)] if m})
+    if not layers:
+        raise UserError("no transformer.h.* tensors: not a Decision Transformer")
+    H = state["transformer.h.0.ln_1.weight"].shape[0]
+    inner = state["transformer.h.0.mlp.c_proj.weight"].shape[0]
+    fc_out = state["transformer.h.0.mlp.c_fc.weight"].shape[1]
+    act = gd.get("activation_function", "relu")
+    if fc_out == 2 * inner and act != "geglu":
+        act = "geglu"  # only a gated MLP has c_fc twice as wide as c_proj's input
+    if act == "geglu" and fc_out != 2 * inner:
+        raise UserError(f"the config says geglu, but c_fc has {fc_out} outputs for an inner size {inner}: this file's "
+                        f"activation cannot be determined")
+    n_head = gd.get("n_head")
+    if n_head is None:
+        attn = _attr(_attr(_attr(tr, "_modules", {}).get("h"), "_modules", {}).get("0"), "_modules", {}).get("attn")
+        n_head = _attr(attn, "n_head", 1)
+    cfg = {"n_embd": H, "n_layer": len(layers), "n_head": int(n_head), "n_inner": inner,
+           "activation_function": act, "disable_attention": bool(gd.get("disable_attention", False))}
+    for k in ("resid_pdrop", "attn_pdrop", "embd_pdrop", "layer_norm_epsilon", "initializer_range"):
+        if isinstance(gd.get(k), (int, float)):
+            cfg[k] = float(gd[k])
+    if "transformer.wte.weight" in state:
+        cfg["vocab_size"] = state["transformer.wte.weight"].shape[0]
+    if "transformer.wpe.weight" in state:
+        cfg["n_positions"] = state["transformer.wpe.weight"].shape[0]
+    return cfg
+
+
+def _env_from_id(env_id: str) -> str:
+    """``Hopper-v3`` / ``hopper`` -> ``hopper``."""
+    base = str(env_id).split("-")[0].lower()
+    if base not in ENVS:
+        raise UserError(f"unknown env id {env_id!r} in the checkpoint")
+    return base
+
+
+def parse_model_path(path: str | Path) -> tuple[str | None, str | None]:
+    """(env, dataset) from ``models/{env}/dt_gym-experiment-{env}-{dataset}-{id}[_best].pt`` as the originals did
+    (dataset = the file name's '-'-separated tokens [3:-1]); (None, None) where the name does not say."""
+    p = Path(path)
+    tokens = p.name.split("-")
+    env = p.parent.name if p.parent.name in ENVS else (tokens[2] if len(tokens) > 2 and tokens[2] in ENVS else None)
+    dataset = "-".join(tokens[3:-1]) if len(tokens) > 4 else None
+    return env, dataset or None
+
+
+def convert_legacy(root, path: str | Path) -> dict:
+    """Our checkpoint dict for an original whole-module pickle."""
+    from decision_transformer.models import DTConfig
+    from decision_transformer.models.multi_decision_transformer import MODEL_CLASS, MULTI_ENVS, MultiDTConfig
+
+    if not _is_module(root):
+        raise UserError(f"{path}: the pickle holds a {type(root).__name__}, not a pickled model")
+    cls = root._legacy_path
+    is_multi = cls.endswith("MultiDecisionTransformer") or any(isinstance(_attr(root, n), list) for n in MULTI_LISTS)
+    env, dataset = parse_model_path(path)
+    if is_multi:
+        state = module_state(root, skip=MULTI_ALIASES)
+        for name in MULTI_LISTS:
+            mods = _attr(root, name)
+            if not isinstance(mods, list):
+                raise UserError(f"{path}: multi-task model without the per-env list {name}")
+            for i, m in enumerate(mods):
+                state.update(module_state(m, f"{name}.{i}."))
+    else:
+        state = module_state(root)
+    state = {k: v for k, v in state.items() if not k.endswith(LEGACY_BUFFERS)}
+    backbone = _backbone_config(root, state)
+    max_length = int(_attr(root, "max_length", 20) or 20)
+    max_ep_len = state["embed_timestep.weight"].shape[0]
+    meta = {"legacy_source": str(path), "legacy_class": cls, "seed": None, "dataset": dataset}
+    if is_multi:
+        ids = _attr(root, "env_ids") or _attr(root, "envs")
+        n = len(_attr(root, "embed_states"))
+        envs = [_env_from_id(e) for e in ids] if ids else list(MULTI_ENVS[:n])
+        cfg = MultiDTConfig(envs=envs, state_dims=[state[f"embed_states.{i}.weight"].shape[1] for i in range(n)],
+                            act_dims=[state[f"embed_actions.{i}.weight"].shape[1] for i in range(n)],
+                            max_length=max_length, max_ep_len=max_ep_len,
+                            action_tanh=_has_tanh(_attr(root, "predict_actions")[0]),
+                            share_input_output_proj="predict_state.weight" not in state,
+                            backbone=_bb(backbone))
+        for i, e in enumerate(envs):
+            spec = ENVS[e]
+            if (cfg.state_dims[i], cfg.act_dims[i]) != (spec.state_dim, spec.act_dim):
+                raise UserError(f"{path}: per-env layers {i} have dims {cfg.state_dims[i]}/{cfg.act_dims[i]}, "
+                                f"{e} needs {spec.state_dim}/{spec.act_dim}")
+        specs = [_env_from_id(s) for s in (_attr(root, "specializations") or [])]
+        config = {"model_class": MODEL_CLASS, "model_config": cfg.to_dict(), **meta}
+        return make_checkpoint(state, config, specializations=specs)
+    sd, ad = state["embed_state.weight"].shape[1], state["embed_action.weight"].shape[1]
+    if env is None:
+        matches = [e for e, s in ENVS.items() if (s.state_dim, s.act_dim) == (sd, ad)]
+        env = matches[0] if len(matches) == 1 else None
+    tied = "predict_action.0.weight" not in state
+    head = _attr(root, "_modules", {}).get("predict_action")
+    cfg = DTConfig(state_dim=sd, act_dim=ad, max_length=max_length, max_ep_len=max_ep_len,
+                   action_tanh=_has_tanh(head) if head is not None else True,
+                   share_input_output_proj=tied, backbone=_bb(backbone))
+    config = {"model_class": "dt", "model_config": cfg.to_dict(), "env": env, **meta}
+    return make_checkpoint(state, config, specializations=[env] if env else [])
+
+
+def _has_tanh(head) -> bool:
+    """Whether an action head (a Sequential stand-in) ends in a Tanh."""
+    children = list((_attr(head, "_modules") or {}).values())
+    return any(getattr(m, "_legacy_path", "").endswith(".Tanh") for m in children)
+
+
+def _bb(d: dict):
+    from decision_transformer.models import BackboneConfig
+
+    return BackboneConfig.from_dict(d)
+
+
+def import_legacy(path: str | Path) -> dict:
+    """Read an original whole-module pickle (safely) and return our checkpoint dict."""
+    return convert_legacy(unpickle_legacy(path), path)
+
+
+# ---- one loader for every model file -------------------------------------------------------------------------------
+
+@dataclass
+class ModelFile:
+    path: str
+    state_dict: dict[str, torch.Tensor]
+    config: dict = field(default_factory=dict)
+    specializations: list[str] = field(default_factory=list)
+    raw: dict = field(default_factory=dict)       # the whole checkpoint dict (state statistics ...)
+    legacy: bool = False
+
+    @property
+    def model_class(self) -> str:
+        return self.config.get("model_class") or "dt"
+
+    @property
+    def is_multi(self) -> bool:
+        from decision_transformer.models.multi_decision_transformer import MODEL_CLASS
+
+        return self.model_class == MODEL_CLASS
+
+    @property
+    def env(self) -> str | None:
+        env = self.config.get("env")
+        if env is None and not self.is_multi:
+            mc = self.config.get("model_config") or {}
+            env = parse_model_path(self.path)[0]
+            if env is None and mc:
+                m = [e for e, s in ENVS.items() if (s.state_dim, s.act_dim) == (mc.get("state_dim"), mc.get("act_dim"))]
+                env = m[0] if len(m) == 1 else None
+        return env
+
+    @property
+    def dataset(self) -> str | None:
+        return self.config.get("dataset") or parse_model_path(self.path)[1]
+
+
+def load_model_file(path: str | Path) -> ModelFile:
+    """Our checkpoint or a plain state dict (``weights_only=True``), else an original whole-module pickle (through
+    the restricted importer). Errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: model file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        obj = None  # holds globals beyond tensors: maybe an original whole-module pickle
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a loadable checkpoint ({first[:200]})") from None
+    if obj is None:
+        ckpt = import_legacy(path)
+        return ModelFile(str(path), ckpt["state_dict"], ckpt["config"], ckpt.get("specializations", []), ckpt, True)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        return ModelFile(str(path), obj["state_dict"], obj.get("config") or {}, list(obj.get("specializations") or []),
+                         obj)
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return ModelFile(str(path), obj, {}, [], {"state_dict": obj})
+    raise UserError(f"{path}: not a checkpoint (expected a dict with a 'state_dict', a state dict or an original "
+                    f"pickled model)")
+
+
+def infer_dt_config(state: dict[str, torch.Tensor], n_head: int = 1, activation: str | None = None,
+                    max_length: int = 20):
+    """A single-task DTConfig from a bare state dict's shapes (n_head cannot be read from weights)."""
+    from decision_transformer.models import DTConfig
+
+    holder = LegacyObject()
+    bb = _backbone_config(holder, state)
+    bb["n_head"] = n_head
+    if activation and bb["activation_function"] != "geglu":
+        bb["activation_function"] = activation
+    return DTConfig(state_dim=state["embed_state.weight"].shape[1], act_dim=state["embed_action.weight"].shape[1],
+                    max_length=max_length, max_ep_len=state["embed_timestep.weight"].shape[0],
+                    share_input_output_proj="predict_action.0.weight" not in state, backbone=_bb(bb))
+
+
+def build_model(mf: ModelFile, device=None, fallback_config=None, max_length: int | None = None) -> torch.nn.Module:
+    """The module for a model file, weights loaded strictly. ``fallback_config`` (a DTConfig) is used for bare state
+    dicts without a config; ``max_length`` overrides the stored context length (the DT itself does not depend on it)."""
+    from dataclasses import replace
+
+    from decision_transformer.models import DecisionTransformer, DTConfig
+    from decision_transformer.models.multi_decision_transformer import MultiDecisionTransformer, MultiDTConfig
+
+    mc = mf.config.get("model_config")
+    try:
+        if mf.is_multi:
+            cfg = MultiDTConfig.from_dict(mc)
+            if max_length:
+                cfg = replace(cfg, max_length=max_length)
+            model = MultiDecisionTransformer(cfg)
+            model.specializations = list(mf.specializations)
+        else:
+            if mc:
+                cfg = DTConfig.from_dict(mc)
+            elif fallback_config is not None:
+                cfg = fallback_config
+            else:
+                cfg = infer_dt_config(mf.state_dict)
+            if max_length:
+                cfg = replace(cfg, max_length=max_length)
+            model = DecisionTransformer(cfg)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{mf.path}: cannot rebuild the model from its config ({e})") from None
+    load_state_into(model, mf.state_dict, mf.path)
+    return model.to(device) if device is not None else model
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------------------
+
+@cli_entry
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Convert the originals' whole-module checkpoints into plain-dict "
+                                            "checkpoints (loadable with weights_only=True) without running their code.")
+    p.add_argument("models", nargs="+", help="original .pt files")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--out_dir", help="write <out_dir>/<same file name> for each input")
+    g.add_argument("--out", help="output file (one input only)")
+    p.add_argument("--env", default=None, help="override the env read from the path (single-task models)")
+    p.add_argument("--dataset", default=None, help="override the dataset read from the file name")
+    args = p.parse_args(argv)
+    if args.out and len(args.models) != 1:
+        raise UserError("--out takes one input model; use --out_dir for several")
+    for m in args.models:
+        ckpt = import_legacy(m)
+        if args.env:
+            ckpt["config"]["env"] = args.env
+        if args.dataset:
+            ckpt["config"]["dataset"] = args.dataset
+        out = Path(args.out) if args.out else Path(args.out_dir) / Path(m).name
+        atomic_save(ckpt, out)
+        c = ckpt["config"]
+        bb = c["model_config"]["backbone"]
+        print(f"{m} -> {out}: {c['legacy_class']}, {len(ckpt['state_dict'])} tensors, H {bb['n_embd']}, "
+              f"{bb['n_layer']} layers, {bb['n_head']} heads, {bb['activation_function']}"
+              + (f", specializations {ckpt['specializations']}" if ckpt.get("specializations") else ""), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""Merging Decision Transformers: which tensors, and how they are combined.
+
+Every function here works on state dicts (name -> tensor) and is pure: the inputs are never modified, the result is a
+new state dict. Notation (``reference/merging.md``): θᵢ is model i's state dict, i = 1 (index 0 here) is the *target*
+whose tensors fill everything outside the merged set S; θ₀ is a shared initialisation (the "base") for task-vector
+methods, τᵢ = θᵢ − θ₀.
+
+Rules shared by every method:
+
+* only floating-point tensors in S are combined (in float32, or float64 where a solve needs it); integer and bool
+  tensors (the originals' uint8 causal-mask buffers) are copied from model 1;
+* everything outside S comes from model 1;
+* tensors are combined in their stored layout (fused q|k|v ``c_attn``, Conv1D [in, out]); no permutation alignment.
+
+Methods: :func:`merge_mean` (uniform soup / 2-model lerp), :func:`merge_fisher` (diagonal Fisher weights),
+:func:`merge_task_arithmetic`, :func:`merge_ties`, :func:`merge_regmean` (with :func:`collect_grams`) and
+:func:`greedy_soup`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from decision_transformer.errors import UserError
+
+MERGE_METHODS = ("mean", "fisher", "task_arithmetic", "ties", "regmean", "greedy_soup")
+FISHER_NORMS = ("trace", "l2", "none")
+#: Defaults of the task-vector scale λ when ``--merge_lambda`` is not given.
+DEFAULT_LAMBDA = {"task_arithmetic": 0.8, "ties": 1.0}
+
+StateDict = dict[str, torch.Tensor]
+
+
+# ---- which tensors ----------------------------------------------------------------------------------------------
+
+def select_keys(keys: Sequence[str], include: Sequence[str] | None = (), exclude: Sequence[str] | None = ()) -> list[str]:
+    """S: keys containing any ``include`` substring (all keys when ``include`` is empty), minus those containing any
+    ``exclude`` substring. Order follows ``keys``."""
+    include, exclude = list(include or []), list(exclude or [])
+    out = [k for k in keys if not include or any(s in k for s in include)]
+    return [k for k in out if not any(s in k for s in exclude)]
+
+
+def mergeable(t: torch.Tensor) -> bool:
+    return torch.is_floating_point(t)
+
+
+def check_compatible(states: Sequence[StateDict], names: Sequence[str], keys: Sequence[str]):
+    """Every model must hold every key of ``keys`` with model 1's shape. Raises a one-line ``UserError`` naming the
+    offending file and the first mismatched tensor (in model 1's key order)."""
+    ref, ref_name = states[0], names[0]
+    for k in keys:
+        if k not in ref:
+            raise UserError(f"{ref_name}: has no tensor {k}")
+    for sd, name in zip(states[1:], names[1:]):
+        for k in keys:
+            if k not in sd:
+                raise UserError(f"{name}: cannot merge with {ref_name}: tensor {k} is missing "
+                                f"(different layer count or architecture?)")
+            if sd[k].shape != ref[k].shape:
+                raise UserError(f"{name}: cannot merge with {ref_name}: tensor {k} has shape {list(sd[k].shape)}, "
+                                f"{list(ref[k].shape)} in {ref_name} (different hidden size or architecture?)")
+        # keys in S of this model that model 1 lacks: e.g. model 2 has more layers
+        own = {k for k in sd}
+        extra = [k for k in own if k not in ref and any(k.startswith(p) for p in _block_prefixes(keys))]
+        if extra:
+            raise UserError(f"{name}: cannot merge with {ref_name}: tensor {sorted(extra)[0]} does not exist in "
+                            f"{ref_name} (different layer count?)")
+
+
+def _block_prefixes(keys: Sequence[str]) -> set[str]:
+    """``transformer.h.`` style prefixes of the merged keys, used to spot extra layers in other models."""
+    out = set()
+    for k in keys:
+        parts = k.split(".")
+        for i, p in enumerate(parts):
+            if p.isdigit():
+                out.add(".".join(parts[:i]) + ".")
+                break
+    return out
+
+
+def merged_fraction(state: StateDict, keys: Sequence[str]) -> tuple[int, int, float]:
+    """(merged float tensors, all float tensors, fraction of float elements merged)."""
+    keys = set(keys)
+    floats = {k: v for k, v in state.items() if mergeable(v)}
+    n_merged = sum(v.numel() for k, v in floats.items() if k in keys)
+    n_all = sum(v.numel() for v in floats.values())
+    return sum(1 for k in floats if k in keys), len(floats), n_merged / max(n_all, 1)
+
+
+def _start(states: Sequence[StateDict], device=None) -> StateDict:
+    """A new state dict: clones of model 1's tensors (the part outside S)."""
+    return {k: v.detach().clone().to(device) if device is not None else v.detach().clone()
+            for k, v in states[0].items()}
+
+
+def _float_keys(states: Sequence[StateDict], keys: Sequence[str]) -> list[str]:
+    return [k for k in keys if mergeable(states[0][k])]
+
+
+def _finish(out: StateDict, merged: dict[str, torch.Tensor], states: Sequence[StateDict], device=None) -> StateDict:
+    for k, v in merged.items():
+        v = v.to(states[0][k].dtype)
+        out[k] = v.to(device) if device is not None else v
+    return out
+
+
+# ---- uniform ------------------------------------------------------------------------------------------------------
+
+def merge_mean(states: Sequence[StateDict], keys: Sequence[str], p: float = 0.5,
+               weights: Sequence[float] | None = None, device=None) -> StateDict:
+    """Uniform merge over S. Two models: (1 − p)·θ₁ + p·θ₂; N ≥ 3 models: (1/N)·Σᵢ θᵢ (``p`` ignored), unless
+    explicit ``weights`` (summing to 1) are given. Everything outside S (and integer tensors) from model 1."""
+    n = len(states)
+    if n < 1:
+        raise UserError("nothing to merge: no models given")
+    if weights is None:
+        weights = [1.0 - p, p] if n == 2 else [1.0 / n] * n
+    if len(weights) != n:
+        raise UserError(f"{len(weights)} merge weights for {n} models")
+    merged = {}
+    for k in _float_keys(states, keys):
+        acc = torch.zeros(states[0][k].shape, dtype=torch.float32, device=states[0][k].device)
+        for w, sd in zip(weights, states):
+            acc += w * sd[k].to(acc.device, torch.float32)
+        merged[k] = acc
+    return _finish(_start(states, device), merged, states, device)
+
+
+# ---- Fisher -------------------------------------------------------------------------------------------------------
+
+def normalise_fisher(fisher: StateDict, keys: Sequence[str], norm: str = "trace") -> dict[str, torch.Tensor]:
+    """f = F / trace(F) (``trace``: the sum over **every** tensor of the Fisher file, i.e. its ``_stats.sum``, as the
+    original), F / ‖F‖₂ over the merged elements (``l2``, Matena & Raffel) or F (``none``). Returns the merged keys
+    only, in float32."""
+    if norm not in FISHER_NORMS:
+        raise UserError(f"unknown --fisher_norm {norm!r}; choose one of {', '.join(FISHER_NORMS)}")
+    sel = {k: fisher[k].to(torch.float32) for k in keys}
+    if norm == "none":
+        return sel
+    if norm == "trace":
+        denom = sum(v.to(torch.float64).sum() for k, v in fisher.items()
+                    if isinstance(v, torch.Tensor) and not k.startswith("_"))
+    else:
+        denom = torch.sqrt(sum((v.to(torch.float64) ** 2).sum() for v in sel.values()))
+    denom = float(denom)
+    if denom == 0.0:
+        raise UserError("a Fisher is zero everywhere (no gradient reached the merged tensors); cannot normalise it")
+    return {k: v / denom for k, v in sel.items()}
+
+
+def merge_fisher(states: Sequence[StateDict], fishers: Sequence[StateDict], keys: Sequence[str], *,
+                 norm: str = "trace", floor: float = 1e-6, favor_target: bool = False,
+                 coeffs: Sequence[float] | None = None, device=None, verbose: bool = False) -> StateDict:
+    """Diagonal-Fisher merge over the keys of S that every Fisher holds:
+
+        θ = Σᵢ λᵢ f̃ᵢ ⊙ θᵢ / Σⱼ λⱼ f̃ⱼ   (elementwise)
+
+    fᵢ = normalised Fisher (:func:`normalise_fisher`); the floor: f̃ᵢ = fᵢ + ε·f̄ with f̄ the mean element of the
+    normalised Fishers over all models and merged tensors (ε = ``floor``; 0 reproduces the original, where an element
+    with zero Fisher in every model gives 0/0 = NaN). ``favor_target``: only model 1 is floored, f̃₁ = max(f₁, ε·f̄),
+    so model 1 wins where every Fisher ≈ 0. λ = ``coeffs`` (default all 1, the original). Keys of S without a Fisher
+    (buffers) are taken from model 1, like everything outside S.
+    """
+    n = len(states)
+    if len(fishers) != n:
+        raise UserError(f"{len(fishers)} Fisher files for {n} models")
+    coeffs = [1.0] * n if coeffs is None else list(coeffs)
+    fkeys = [k for k in _float_keys(states, keys) if all(k in f for f in fishers)]
+    if not fkeys:
+        raise UserError("none of the merged tensors has Fisher information (the Fisher covers transformer.h only)")
+    for f in fishers:
+        for k in fkeys:
+            if f[k].shape != states[0][k].shape:
+                raise UserError(f"Fisher tensor {k} has shape {list(f[k].shape)}, the model {list(states[0][k].shape)}")
+    normed = [normalise_fisher(f, fkeys, norm) for f in fishers]
+    if floor > 0:
+        total = sum(float(v.to(torch.float64).sum()) for nf in normed for v in nf.values())
+        count = sum(v.numel() for nf in normed for v in nf.values())
+        fbar = total / count
+        if favor_target:
+            normed[0] = {k: torch.clamp(v, min=floor * fbar) for k, v in normed[0].items()}
+        else:
+            normed = [{k: v + floor * fbar for k, v in nf.items()} for nf in normed]
+    merged, share = {}, [0.0] * n
+    for k in fkeys:
+        dev = states[0][k].device
+        w = [c * nf[k].to(dev) for c, nf in zip(coeffs, normed)]
+        den = sum(w)
+        num = sum(wi * sd[k].to(dev, torch.float32) for wi, sd in zip(w, states))
+        merged[k] = num / den
+        if verbose:
+            for i in range(n):
+                share[i] += float((w[i] / den).mean())
+    if verbose:
+        print("fisher merge: mean normalised weight summed over tensors per model: "
+              + ", ".join(f"{s:.3f}" for s in share))
+    return _finish(_start(states, device), merged, states, device)
+
+
+# ---- task vectors -------------------------------------------------------------------------------------------------
+
+def task_vectors(states: Sequence[StateDict], base: StateDict, keys: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+    """τᵢ = θᵢ − θ₀ over the floating-point keys of S (float32)."""
+    fk = _float_keys(states, keys)
+    for k in fk:
+        if k not in base:
+            raise UserError(f"the merge base has no tensor {k}")
+        if base[k].shape != states[0][k].shape:
+            raise UserError(f"the merge base's tensor {k} has shape {list(base[k].shape)}, the models "
+                            f"{list(states[0][k].shape)}")
+    return [{k: sd[k].to(torch.float32) - base[k].to(sd[k].device, torch.float32) for k in fk} for sd in states]
+
+
+def merge_task_arithmetic(states: Sequence[StateDict], base: StateDict, keys: Sequence[str], lam: float = 0.8,
+                          device=None) -> StateDict:
+    """Task arithmetic (Ilharco et al.): θ = θ₀ + λ·Σᵢ τᵢ over S. λ = 1/N gives the uniform mean."""
+    taus = task_vectors(states, base, keys)
+    merged = {k: base[k].to(states[0][k].device, torch.float32) + lam * sum(t[k] for t in taus) for k in taus[0]}
+    return _finish(_start(states, device), merged, states, device)
+
+
+def _topk_mask(tau: dict[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
+    """Keep the ``density`` fraction of entries of largest magnitude over the whole flattened task vector."""
+    flat = torch.cat([v.reshape(-1).abs() for v in tau.values()])
+    k = int(round(density * flat.numel()))
+    if k <= 0:
+        return {n: torch.zeros_like(v, dtype=torch.bool) for n, v in tau.items()}
+    if k >= flat.numel():
+        return {n: torch.ones_like(v, dtype=torch.bool) for n, v in tau.items()}
+    # threshold = the k-th largest magnitude; ties at the threshold are kept (at most a few extra entries)
+    thresh = torch.topk(flat, k, largest=True, sorted=False).values.min()
+    return {n: v.abs() >= thresh for n, v in tau.items()}
+
+
+def ties_task_vector(taus: Sequence[dict[str, torch.Tensor]], density: float = 0.2) -> dict[str, torch.Tensor]:
+    """TIES (Yadav et al.) on task vectors: trim each τᵢ to its top-``density`` entries by magnitude (over all merged
+    tensors together), elect a sign per element as sign(Σᵢ τ̂ᵢ) ("mass"), and average the trimmed entries that agree
+    with the elected sign (0 where none does)."""
+    if not 0.0 < density <= 1.0:
+        raise UserError(f"--ties_density must be in (0, 1], got {density}")
+    trimmed = []
+    for tau in taus:
+        mask = _topk_mask(tau, density)
+        trimmed.append({k: torch.where(mask[k], v, torch.zeros_like(v)) for k, v in tau.items()})
+    out = {}
+    for k in taus[0]:
+        stack = torch.stack([t[k] for t in trimmed])                      # [N, ...]
+        sign = torch.sign(stack.sum(0))                                   # elected sign, 0 where the mass cancels
+        agree = (torch.sign(stack) == sign) & (stack != 0)
+        cnt = agree.sum(0)
+        out[k] = torch.where(cnt > 0, (stack * agree).sum(0) / cnt.clamp(min=1), torch.zeros_like(stack[0]))
+    return out
+
+
+def merge_ties(states: Sequence[StateDict], base: StateDict, keys: Sequence[str], density: float = 0.2,
+               lam: float = 1.0, device=None) -> StateDict:
+    """TIES-merging: θ = θ₀ + λ·τ_m with τ_m from :func:`ties_task_vector`."""
+    tau_m = ties_task_vector(task_vectors(states, base, keys), density)
+    merged = {k: base[k].to(states[0][k].device, torch.float32) + lam * v for k, v in tau_m.items()}
+    return _finish(_start(states, device), merged, states, device)
+
+
+# ---- RegMean --------------------------------------------------------------------------------------------------------
+
+def linear_modules(model: torch.nn.Module, keys: Sequence[str]) -> dict[str, tuple[torch.nn.Module, bool]]:
+    """The Conv1D / nn.Linear modules whose ``weight`` is in S: {module name: (module, is_conv1d)}."""
+    from decision_transformer.models.gpt2 import Conv1D
+
+    keys = set(keys)
+    out = {}
+    for name, mod in model.named_modules():
+        if f"{name}.weight" in keys and isinstance(mod, (Conv1D, torch.nn.Linear)):
+            out[name] = (mod, isinstance(mod, Conv1D))
+    return out
+
+
+@torch.no_grad()
+def collect_grams(model: torch.nn.Module, keys: Sequence[str], batches, forward: Callable) -> dict[str, torch.Tensor]:
+    """Gᵢ = XᵀX / n for every Conv1D / Linear layer of S, from its input activations X (one row per **unmasked**
+    token) over ``batches`` of (inputs, token mask). ``forward(model, batch)`` runs the model and returns the step
+    mask [B, K]; rows of layers that see 3K tokens use the mask repeated per token. float64 accumulation."""
+    mods = linear_modules(model, keys)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    current = {}
+
+    def hook(name):
+        def fn(mod, args):
+            x = args[0]
+            m = current["mask"]
+            if x.shape[1] != m.shape[1]:
+                m = m.repeat_interleave(x.shape[1] // m.shape[1], dim=1)
+            rows = x.reshape(-1, x.shape[-1])[m.reshape(-1) > 0].to(torch.float64)
+            g = rows.T @ rows
+            sums[name] = sums[name] + g if name in sums else g
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+        return fn
+
+    handles = [mod.register_forward_pre_hook(hook(name)) for name, (mod, _) in mods.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            current["mask"] = batch.mask
+            forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {name: sums[name] / max(counts[name], 1) for name in sums}
+
+
+def merge_regmean(states: Sequence[StateDict], grams: Sequence[dict[str, torch.Tensor]], keys: Sequence[str],
+                  alpha: float = 0.1, conv1d: dict[str, bool] | None = None, device=None) -> StateDict:
+    """RegMean (Jin et al.) for the linear layers of S:
+
+        G̃ᵢ = α·Gᵢ + (1 − α)·diag(Gᵢ),   W = (Σᵢ G̃ᵢ)⁻¹ Σᵢ G̃ᵢ Wᵢ
+
+    with W in Conv1D layout [in, out] (an ``nn.Linear`` weight [out, in] is transposed in and out; ``conv1d`` maps a
+    module name to True for Conv1D, default True). Solved in float64, never inverted. Every other float tensor of S
+    (biases, LayerNorms, layers without a Gram): the plain mean."""
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"--regmean_alpha must be in [0, 1], got {alpha}")
+    conv1d = conv1d or {}
+    fk = _float_keys(states, keys)
+    merged = {}
+    for k in fk:
+        mod = k[:-len(".weight")] if k.endswith(".weight") else None
+        if mod is not None and all(mod in g for g in grams):
+            is_conv = conv1d.get(mod, True)
+            lhs, rhs = 0, 0
+            for sd, g in zip(states, grams):
+                G = g[mod].to(torch.float64)
+                Gt = alpha * G + (1 - alpha) * torch.diag(torch.diagonal(G))
+                W = sd[k].to(G.device, torch.float64)
+                W = W if is_conv else W.T
+                lhs = lhs + Gt
+                rhs = rhs + Gt @ W
+            W = torch.linalg.solve(lhs, rhs)
+            merged[k] = (W if is_conv else W.T).to(torch.float32).to(states[0][k].device)
+        else:
+            merged[k] = sum(sd[k].to(torch.float32) for sd in states) / len(states)
+    return _finish(_start(states, device), merged, states, device)
+
+
+# ---- greedy soup --------------------------------------------------------------------------------------------------
+
+def greedy_soup(states: Sequence[StateDict], keys: Sequence[str], score: Callable[[StateDict], float],
+                device=None, verbose: bool = False) -> tuple[StateDict, list[int]]:
+    """Greedy soup (Wortsman et al.): rank candidates by the held-out ``score`` of each alone (model 1 with S taken
+    from candidate i), start from the best, and add each next candidate if the uniform mean of the kept set plus it
+    scores strictly higher. Returns the merged state and the kept candidate indices (best first)."""
+    n = len(states)
+    alone = []
+    for i in range(n):
+        sd = merge_mean([states[0], states[i]], keys, weights=[0.0, 1.0], device=device) if i else _start(states, device)
+        alone.append(float(score(sd)))
+    order = sorted(range(n), key=lambda i: -alone[i])
+    kept = [order[0]]
+    best_sd = merge_mean([states[0], states[order[0]]], keys, weights=[0.0, 1.0], device=device)
+    best = alone[order[0]]
+    for i in order[1:]:
+        cand = [states[0]] + [states[j] for j in kept + [i]]
+        w = [0.0] + [1.0 / (len(kept) + 1)] * (len(kept) + 1)
+        sd = merge_mean(cand, keys, weights=w, device=device)
+        s = float(score(sd))
+        if verbose:
+            print(f"greedy soup: candidate {i + 1} -> score {s:.4f} (best {best:.4f})")
+        if s > best:
+            kept.append(i)
+            best, best_sd = s, sd
+    if verbose:
+        print(f"greedy soup: kept models {[i + 1 for i in kept]} (held-out scores alone: "
+              + ", ".join(f"{a:.4f}" for a in alone) + ")")
+    return best_sd, kept
+
+
+# ---- identity layers ------------------------------------------------------------------------------------------------
+
+def identity_values(state: StateDict, keys: Sequence[str]) -> StateDict:
+    """``--identity_layers``: every key of S ending in ``weight`` ← 1, ending in ``bias`` ← 0 (meant for LayerNorms,
+    e.g. ``--include ln_1``). Any other kind of tensor in S is an error. Returns a new state dict."""
+    out = dict(state)
+    for k in keys:
+        if k.endswith("weight"):
+            out[k] = torch.ones_like(state[k])
+        elif k.endswith("bias"):
+            out[k] = torch.zeros_like(state[k])
+        else:
+            raise UserError(f"--identity_layers: tensor {k} is neither a weight nor a bias")
+    return out

@@ -1,0 +1,253 @@
+"""Pretrained language/image models for initialising Decision Transformers, found and read without a network.
+
+A ``--pretrained_lm NAME`` is looked up, in order, as
+
+1. a directory ``NAME`` (relative to the working directory, or absolute) holding a ``save_pretrained`` model
+   (``config.json`` + weights);
+2. ``checkpoints/NAME`` (so ``--pretrained_lm ChibiT`` finds ``checkpoints/ChibiT``);
+3. the Hugging Face cache (``HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``), with
+   ``local_files_only`` — ``gpt2`` and ``openai/imagegpt-small`` once downloaded on a networked machine.
+
+A directory that differs only in letter case is accepted (the originals spell ChibiT both ``ChibiT`` and ``chibiT``).
+Supported architectures: GPT-2 (``model_type`` ``gpt2``: GPT-2, ChibiT) and ImageGPT (``imagegpt``).
+
+The DT's backbone takes the LM's architecture with the originals' dropout overrides (model.md §2): attention dropout
+0.1, residual dropout ``--dropout``, embedding dropout the LM's own.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from decision_transformer.errors import UserError
+from decision_transformer.models.gpt2 import BackboneConfig
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "imagegpt")
+#: buffers of old GPT-2 checkpoints that our blocks compute on the fly
+_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time (tests point ``HF_HOME`` elsewhere)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+def _is_model_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def _case_variant(p: Path) -> Path | None:
+    """``p`` with its last component matched case-insensitively against its parent's entries."""
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        return None
+    want = p.name.lower()
+    for child in sorted(parent.iterdir()):
+        if child.name.lower() == want and _is_model_dir(child):
+            return child
+    return None
+
+
+def _hf_cached_snapshot(name: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
+        return None
+    try:
+        p = Path(snapshot_download(repo_id=name, local_files_only=True, cache_dir=str(hf_cache_dir())))
+    except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError):
+        return None
+    return p if _is_model_dir(p) else None
+
+
+def find_model_dir(name: str, what: str = "pretrained model", flag: str = "--pretrained_lm") -> tuple[Path, str]:
+    """Resolve ``name`` to a local directory: (path, where it was found). One-line ``UserError`` if absent."""
+    if not name:
+        raise UserError(f"{flag} is empty")
+    given = Path(name).expanduser()
+    candidates = [given]
+    if not given.is_absolute() and given.parts[:1] != ("checkpoints",):
+        candidates.append(Path("checkpoints") / name)
+    for c in candidates:
+        if _is_model_dir(c):
+            return c, "local"
+        v = _case_variant(c)
+        if v is not None:
+            return v, "local"
+    snap = _hf_cached_snapshot(name)
+    if snap is not None:
+        return snap, "hf-cache"
+    looked = " and ".join(str(c.absolute()) for c in candidates)
+    stem = given.name or name
+    raise UserError(
+        f"{what} {name!r} not found: no save_pretrained directory (config.json + weights) at {looked}, and not in the "
+        f"Hugging Face cache {hf_cache_dir()} (the Hub is not reachable from here); provide it by copying the model "
+        f"directory to checkpoints/{stem} or passing its path to {flag}, or by running `huggingface-cli download "
+        f"{name}` on a networked machine and copying its cache folder to HF_HOME (ChibiT: python "
+        f"lm_cotraining/pretrain_chibit.py; see checkpoints/README.md)")
+
+
+@dataclass
+class PretrainedLM:
+    """A located pretrained model: its directory, transformers config, and (lazily) its base-model weights."""
+
+    name: str
+    path: Path
+    source: str
+    hf_config: object
+    _state: dict | None = field(default=None, repr=False)
+
+    @property
+    def model_type(self) -> str:
+        return self.hf_config.model_type
+
+    @property
+    def n_embd(self) -> int:
+        return int(self.hf_config.n_embd)
+
+    @property
+    def n_positions(self) -> int:
+        return int(self.hf_config.n_positions)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Base-model weights (``wte``, ``wpe``, ``h.{i}.*``, ``ln_f.*``) as float32 CPU tensors."""
+        if self._state is None:
+            self._state = _read_weights(self)
+        return self._state
+
+
+def locate_lm(name: str) -> PretrainedLM:
+    """Find ``name`` (see the module docstring) and read its config; weights are read on first use."""
+    path, source = find_model_dir(name)
+    try:
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # a malformed config.json or an architecture transformers does not know
+        raise UserError(f"{path}: cannot read the model config ({str(e).strip().splitlines()[0][:200]})") from None
+    mt = getattr(hf_config, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"{path}: unsupported architecture {mt!r}; --pretrained_lm supports GPT-2-family (gpt2, "
+                        f"ChibiT) and ImageGPT models")
+    if getattr(hf_config, "scale_attn_by_inverse_layer_idx", False) or getattr(hf_config, "reorder_and_upcast_attn",
+                                                                               False):
+        raise UserError(f"{path}: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
+    if not getattr(hf_config, "scale_attn_weights", True):
+        raise UserError(f"{path}: scale_attn_weights=False is not supported")
+    return PretrainedLM(name=name, path=path, source=source, hf_config=hf_config)
+
+
+def _read_weights(lm: PretrainedLM) -> dict[str, torch.Tensor]:
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModel.from_pretrained(str(lm.path), local_files_only=True, output_loading_info=True)
+    except Exception as e:
+        raise UserError(f"{lm.path}: cannot load the model weights "
+                        f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith(_BUFFER_SUFFIXES)]
+    if missing:
+        raise UserError(f"{lm.path}: the weight files lack {missing[0]}" +
+                        (f" and {len(missing) - 1} more tensors" if len(missing) > 1 else ""))
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()
+            if not k.endswith(_BUFFER_SUFFIXES)}
+
+
+# ---- architecture and weights into our backbone ---------------------------------------------------------------
+
+def backbone_config_from_lm(lm: PretrainedLM, *, dropout: float, legacy_ln: bool = False,
+                            disable_attention: bool = False) -> BackboneConfig:
+    """The DT backbone of an LM-initialised run: the LM's shape, the originals' dropout overrides.
+
+    ImageGPT keeps its RMS-style norm unless ``legacy_ln`` (the originals loaded it into GPT-2's LayerNorm:
+    mean-centring, with zero biases that the checkpoint does not have).
+    """
+    c = lm.hf_config
+    norm = "imagegpt" if lm.model_type == "imagegpt" and not legacy_ln else "layernorm"
+    return BackboneConfig(
+        n_embd=int(c.n_embd), n_layer=int(c.n_layer), n_head=int(c.n_head),
+        n_inner=None if c.n_inner is None else int(c.n_inner),
+        activation_function=str(c.activation_function),
+        resid_pdrop=float(dropout), attn_pdrop=0.1, embd_pdrop=float(c.embd_pdrop),
+        layer_norm_epsilon=float(c.layer_norm_epsilon), initializer_range=float(c.initializer_range),
+        vocab_size=int(c.vocab_size), n_positions=int(c.n_positions), disable_attention=disable_attention,
+        norm_type=norm)
+
+
+def tile_positions(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """Extend a [P, H] position table to ``rows`` rows as the originals: rows 0 and 1 kept, rows 2..P-1 repeated
+    (new[i] = old[2 + (i - 2) mod (P - 2)] for i >= 2). A table already long enough is returned unchanged."""
+    P = table.shape[0]
+    if rows <= P:
+        return table
+    if P <= 2:
+        raise UserError(f"cannot tile a position table of {P} rows to {rows}")
+    idx = torch.arange(rows)
+    idx = torch.where(idx < 2, idx, 2 + (idx - 2) % (P - 2))
+    return table[idx]
+
+
+def _copy_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], prefix: str, source: str,
+               allow_missing: tuple[str, ...] = ()):
+    own = module.state_dict()
+    missing = [k for k in own if prefix + k not in sd and not k.endswith(allow_missing)]
+    bad = [f"{prefix}{k} (LM {list(sd[prefix + k].shape)}, DT {list(v.shape)})" for k, v in own.items()
+           if prefix + k in sd and sd[prefix + k].shape != v.shape]
+    if missing or bad:
+        what = f"lacks {prefix}{missing[0]}" if missing else f"has a different shape for {bad[0]}"
+        raise UserError(f"{source}: the pretrained weights do not fit the DT backbone: {what}")
+    with torch.no_grad():
+        for k, v in own.items():
+            if prefix + k in sd:
+                v.copy_(sd[prefix + k])
+
+
+def load_lm_into_backbone(backbone: torch.nn.Module, lm: PretrainedLM):
+    """Copy the LM's weights into ``backbone`` (built by ``backbone_config_from_lm``). A longer ``wpe`` (extended
+    positions) receives the LM's table tiled. Legacy-LN ImageGPT loads leave the LayerNorm biases at zero."""
+    sd = dict(lm.state_dict())
+    rows = backbone.wpe.weight.shape[0]
+    sd["wpe.weight"] = tile_positions(sd["wpe.weight"], rows)
+    legacy = lm.model_type == "imagegpt" and backbone.config.norm_type == "layernorm"
+    norm_biases = ("ln_1.bias", "ln_2.bias", "ln_f.bias")
+    _copy_into(backbone, sd, "", str(lm.path), allow_missing=norm_biases if legacy else ())
+    if legacy:  # the ImageGPT checkpoint has no norm biases: they are zero, as GPT-2's initialisation left them
+        with torch.no_grad():
+            for name, p in backbone.named_parameters():
+                if name.endswith(norm_biases):
+                    p.zero_()
+
+
+def transplant_block(backbone: torch.nn.Module, lm: PretrainedLM, b: int):
+    """Overwrite block ``b`` of a random-init backbone with the LM's block ``b`` (--pretrained_block)."""
+    _copy_into(backbone.h[b], lm.state_dict(), f"h.{b}.", str(lm.path))
+
+
+def block_override_from_lm(lm: PretrainedLM, *, dropout: float, legacy_ln: bool = False) -> dict:
+    """What block ``b`` of a --pretrained_block host takes from the LM (heads, MLP width, activation, norm)."""
+    bb = backbone_config_from_lm(lm, dropout=dropout, legacy_ln=legacy_ln)
+    return {"n_head": bb.n_head, "n_inner": bb.n_inner, "activation_function": bb.activation_function,
+            "resid_pdrop": bb.resid_pdrop, "attn_pdrop": bb.attn_pdrop,
+            "layer_norm_epsilon": bb.layer_norm_epsilon, "norm_type": bb.norm_type}

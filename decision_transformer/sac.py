@@ -1,0 +1,544 @@
+"""Soft Actor-Critic for the behaviour policies of the D4RL-style datasets (D4RL trained its policies with SAC).
+
+Hyper-parameters are the usual SAC ones that D4RL's behaviour policies used: 256-256 ReLU MLPs, batch 256, Adam
+3e-4 for actor, critics and temperature, discount 0.99, Polyak 5e-3, automatic entropy tuning with target
+-|A|, tanh-squashed Gaussian actor, one gradient update per environment step.
+
+Speed on a few CPU cores (measured by ``benchmarks/bench_sac.py``) comes from:
+
+* the two critics are one ensemble: weights ``[E, in, out]`` and one ``baddbmm`` per layer instead of two MLPs;
+* the actor loss reads the critics through *detached* weights, so autograd computes only the gradient with
+  respect to the action (no wasted weight-gradient matmuls), and critic, actor and temperature losses share one
+  backward pass and one fused (foreach) Adam step over all parameters;
+* target networks are updated with a single ``_foreach_lerp_``; no ``.item()`` per update (statistics stay tensors
+  and are read every few thousand steps);
+* optionally the whole loss computation is compiled with ``torch.compile`` (``compile=True``);
+* environment interaction uses a NumPy view of the actor weights (no torch dispatch per env step).
+
+``update_reference`` is the textbook formulation (two separate critic modules, three backward passes, three
+optimisers, per-parameter Polyak loop, ``.item()`` logging); the benchmark compares both and a test checks that
+they compute the same gradients.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+
+@dataclass
+class SACConfig:
+    hidden: int = 256
+    batch_size: int = 256
+    lr: float = 3e-4
+    gamma: float = 0.99
+    tau: float = 5e-3
+    num_critics: int = 2
+    init_alpha: float = 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------------------------
+
+class Actor(nn.Module):
+    """obs [B, ds] -> tanh-squashed Gaussian over actions [B, da]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+        super().__init__()
+        self.l1 = nn.Linear(obs_dim, hidden)
+        self.l2 = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, 2 * act_dim)
+        self.act_dim = act_dim
+
+    def dist_params(self, obs):
+        h = F.relu(self.l2(F.relu(self.l1(obs))))
+        mean, log_std = self.head(h).chunk(2, dim=-1)                     # [B, da] each
+        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def sample(self, obs, generator=None):
+        """Reparameterised sample and its log-probability (with the tanh change of variables)."""
+        mean, log_std = self.dist_params(obs)
+        std = log_std.exp()
+        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        u = mean + std * eps
+        # log N(u; mean, std) - sum log(1 - tanh(u)^2), the latter in the stable form 2 (log 2 - u - softplus(-2u))
+        logp = (-0.5 * eps.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        logp = logp - (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).sum(-1)
+        return torch.tanh(u), logp
+
+
+class CriticEnsemble(nn.Module):
+    """E independent Q-functions evaluated with batched matmuls: (obs [B, ds], act [B, da]) -> Q [E, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, num: int = 2):
+        super().__init__()
+        sizes = [obs_dim + act_dim, hidden, hidden, 1]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            # nn.Linear's default init, drawn independently per member
+            layers = [nn.Linear(fan_in, fan_out) for _ in range(num)]
+            self.weights.append(nn.Parameter(torch.stack([l.weight.detach().T for l in layers])))   # [E, in, out]
+            self.biases.append(nn.Parameter(torch.stack([l.bias.detach()[None] for l in layers])))  # [E, 1, out]
+        self.num = num
+
+    def forward(self, obs, act, detach_params: bool = False):
+        x = torch.cat([obs, act], dim=-1).unsqueeze(0).expand(self.num, -1, -1)   # [E, B, ds + da]
+        n = len(self.weights)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if detach_params:
+                w, b = w.detach(), b.detach()
+            x = torch.baddbmm(b, x, w)                                             # [E, B, out]
+            if i < n - 1:
+                x = F.relu(x)
+        return x.squeeze(-1)                                                       # [E, B]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NumPy actor: fast single-observation (or small-batch) inference for environment interaction and dataset rollouts
+# ----------------------------------------------------------------------------------------------------------------
+
+class NumpyActor:
+    """The actor's forward pass in NumPy (float32). Built from a state dict; with ``share=True`` on a live torch
+    actor the arrays are views of its parameters, so optimiser updates are seen without copying."""
+
+    def __init__(self, state: dict):
+        def arr(k):
+            v = state[k]
+            return v.detach().numpy() if isinstance(v, torch.Tensor) and v.dtype == torch.float32 else \
+                np.asarray(v.float().numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
+
+        self.w1, self.b1 = arr("l1.weight"), arr("l1.bias")
+        self.w2, self.b2 = arr("l2.weight"), arr("l2.bias")
+        self.w3, self.b3 = arr("head.weight"), arr("head.bias")
+        self.act_dim = self.w3.shape[0] // 2
+        self.obs_dim = self.w1.shape[1]
+
+    @classmethod
+    def from_module(cls, actor: Actor) -> "NumpyActor":
+        return cls(dict(actor.state_dict(keep_vars=True)))
+
+    def dist_params(self, obs: np.ndarray):
+        obs = np.asarray(obs, dtype=np.float32)
+        h = np.maximum(obs @ self.w1.T + self.b1, 0.0)
+        h = np.maximum(h @ self.w2.T + self.b2, 0.0)
+        out = h @ self.w3.T + self.b3
+        mean, log_std = out[..., : self.act_dim], out[..., self.act_dim:]
+        return mean, np.clip(log_std, LOG_STD_MIN, LOG_STD_MAX)
+
+    def act(self, obs: np.ndarray, rng: np.random.Generator | None = None):
+        """(action, log-probability). With ``rng`` a sample from the squashed Gaussian, else tanh(mean) and the
+        log-density of that mean action."""
+        mean, log_std = self.dist_params(obs)
+        eps = rng.standard_normal(mean.shape).astype(np.float32) if rng is not None else np.zeros_like(mean)
+        u = mean + np.exp(log_std) * eps
+        logp = (-0.5 * eps ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        logp = logp - (2.0 * (math.log(2.0) - u - np.logaddexp(0.0, -2.0 * u))).sum(-1)
+        return np.tanh(u).astype(np.float32), logp.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Agent
+# ----------------------------------------------------------------------------------------------------------------
+
+class SAC:
+    """Actor, critic ensemble, target critics, temperature and one Adam over all of them."""
+
+    def __init__(self, obs_dim: int, act_dim: int, config: SACConfig | None = None, *, seed: int = 0,
+                 compile: bool = False):
+        self.config = config or SACConfig()
+        c = self.config
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        torch.manual_seed(seed)
+        self.actor = Actor(obs_dim, act_dim, c.hidden)
+        self.critic = CriticEnsemble(obs_dim, act_dim, c.hidden, c.num_critics)
+        self.critic_target = CriticEnsemble(obs_dim, act_dim, c.hidden, c.num_critics)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.critic_target.requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(c.init_alpha)))
+        self.target_entropy = -float(act_dim)
+        self.params = list(self.actor.parameters()) + list(self.critic.parameters()) + [self.log_alpha]
+        self.optimizer = torch.optim.Adam(self.params, lr=c.lr, foreach=True)
+        self._online = list(self.critic.parameters())
+        self._target = list(self.critic_target.parameters())
+        self.generator = torch.Generator().manual_seed(seed)
+        self.num_updates = 0
+        self._loss_fn = torch.compile(self._losses, dynamic=False) if compile else self._losses
+
+    # -- the fast update ---------------------------------------------------------------------------------------
+    def _losses(self, obs, act, rew, next_obs, done, noise_next, noise_pi):
+        c = self.config
+        alpha = self.log_alpha.exp().detach()
+        with torch.no_grad():
+            next_a, next_logp = self._sample_with_noise(next_obs, noise_next)
+            q_next = self.critic_target(next_obs, next_a).min(dim=0).values              # [B]
+            y = rew + c.gamma * (1.0 - done) * (q_next - alpha * next_logp)              # [B]
+        q = self.critic(obs, act)                                                          # [E, B]
+        critic_loss = 0.5 * (q - y).pow(2).mean(dim=1).sum()
+        a_pi, logp = self._sample_with_noise(obs, noise_pi)
+        q_pi = self.critic(obs, a_pi, detach_params=True).min(dim=0).values               # grads reach a_pi only
+        actor_loss = (alpha * logp - q_pi).mean()
+        alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
+        total = critic_loss + actor_loss + alpha_loss
+        return total, torch.stack([critic_loss, actor_loss, alpha_loss, alpha, logp.detach().mean()])
+
+    def _sample_with_noise(self, obs, eps):
+        mean, log_std = self.actor.dist_params(obs)
+        u = mean + log_std.exp() * eps
+        logp = (-0.5 * eps.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        logp = logp - (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).sum(-1)
+        return torch.tanh(u), logp
+
+    def update(self, obs, act, rew, next_obs, done) -> torch.Tensor:
+        """One SAC step on a batch (tensors [B, ...]); returns a stats tensor (critic, actor, alpha loss, alpha,
+        mean log-prob) without synchronising."""
+        b = obs.shape[0]
+        noise = torch.randn((2, b, self.act_dim), generator=self.generator)
+        total, stats = self._loss_fn(obs, act, rew, next_obs, done, noise[0], noise[1])
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(self._target, self._online, self.config.tau)
+        self.num_updates += 1
+        return stats
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "config": asdict(self.config), "obs_dim": self.obs_dim, "act_dim": self.act_dim,
+            "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+            "critic_target": self.critic_target.state_dict(), "log_alpha": self.log_alpha.detach().clone(),
+            "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+            "num_updates": self.num_updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.critic_target.load_state_dict(state["critic_target"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.num_updates = int(state["num_updates"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The textbook update (baseline for the benchmark and the equivalence test)
+# ----------------------------------------------------------------------------------------------------------------
+
+class _MLP(nn.Module):
+    def __init__(self, sizes):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class ReferenceSAC:
+    """Plain SAC as usually written: two critic modules, three optimisers and backward passes, a Python Polyak
+    loop and ``.item()`` statistics. Shares the actor class so both can start from the same weights."""
+
+    def __init__(self, obs_dim, act_dim, config: SACConfig | None = None, seed: int = 0):
+        self.config = c = config or SACConfig()
+        torch.manual_seed(seed)
+        self.actor = Actor(obs_dim, act_dim, c.hidden)
+        self.qs = nn.ModuleList(_MLP([obs_dim + act_dim, c.hidden, c.hidden, 1]) for _ in range(c.num_critics))
+        self.q_targets = nn.ModuleList(_MLP([obs_dim + act_dim, c.hidden, c.hidden, 1]) for _ in range(c.num_critics))
+        self.q_targets.load_state_dict(self.qs.state_dict())
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(c.init_alpha)))
+        self.target_entropy = -float(act_dim)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=c.lr)
+        self.critic_opt = torch.optim.Adam(self.qs.parameters(), lr=c.lr)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=c.lr)
+        self.act_dim = act_dim
+
+    def load_from(self, fast: SAC):
+        """Copy weights from a fast agent (ensemble member e -> critic module e)."""
+        self.actor.load_state_dict(fast.actor.state_dict())
+        for src, dst in ((fast.critic, self.qs), (fast.critic_target, self.q_targets)):
+            for e, mlp in enumerate(dst):
+                for layer, w, b in zip(mlp.layers, src.weights, src.biases):
+                    layer.weight.data.copy_(w.data[e].T)
+                    layer.bias.data.copy_(b.data[e, 0])
+        self.log_alpha.data.copy_(fast.log_alpha.data)
+
+    def q_all(self, modules, obs, act):
+        x = torch.cat([obs, act], dim=-1)
+        return torch.stack([m(x).squeeze(-1) for m in modules])
+
+    def update(self, obs, act, rew, next_obs, done, noise_next=None, noise_pi=None):
+        c = self.config
+        b = obs.shape[0]
+        noise_next = torch.randn(b, self.act_dim) if noise_next is None else noise_next
+        noise_pi = torch.randn(b, self.act_dim) if noise_pi is None else noise_pi
+        alpha = self.log_alpha.exp().detach()
+        with torch.no_grad():
+            mean, log_std = self.actor.dist_params(next_obs)
+            u = mean + log_std.exp() * noise_next
+            logp = (-0.5 * noise_next ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1) \
+                - (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).sum(-1)
+            q_next = self.q_all(self.q_targets, next_obs, torch.tanh(u)).min(0).values
+            y = rew + c.gamma * (1 - done) * (q_next - alpha * logp)
+        q = self.q_all(self.qs, obs, act)
+        critic_loss = sum(0.5 * F.mse_loss(q[e], y) for e in range(len(self.qs)))
+        mean, log_std = self.actor.dist_params(obs)
+        u = mean + log_std.exp() * noise_pi
+        logp = (-0.5 * noise_pi ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1) \
+            - (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).sum(-1)
+        q_pi = self.q_all(self.qs, obs, torch.tanh(u)).min(0).values
+        actor_loss = (alpha * logp - q_pi).mean()
+        alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
+        # all losses from the same pre-update networks (as rlkit), then one step per optimiser
+        self.actor_opt.zero_grad()
+        actor_loss.backward()          # also leaves gradients on the critics: cleared before their own backward
+        self.actor_opt.step()
+        self.critic_opt.zero_grad()
+        critic_loss.backward()
+        self.critic_opt.step()
+        self.alpha_opt.zero_grad()
+        alpha_loss.backward()
+        self.alpha_opt.step()
+        with torch.no_grad():
+            for p, tp in zip(self.qs.parameters(), self.q_targets.parameters()):
+                tp.mul_(1 - c.tau).add_(c.tau * p)
+        return {"critic_loss": critic_loss.item(), "actor_loss": actor_loss.item(), "alpha": alpha.item()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Behaviour-policy training: resumable, in chunks, with the snapshots that medium-replay is regenerated from
+# ----------------------------------------------------------------------------------------------------------------
+
+POLICY_FORMAT = "dt-toolkit-sac-actor-v1"
+
+
+class ReplayBuffer:
+    """Flat ring buffer of tensors (no per-sample Python)."""
+
+    def __init__(self, obs_dim, act_dim, capacity):
+        self.capacity, self.size, self.ptr = capacity, 0, 0
+        self.obs = torch.zeros(capacity, obs_dim)
+        self.act = torch.zeros(capacity, act_dim)
+        self.rew = torch.zeros(capacity)
+        self.next_obs = torch.zeros(capacity, obs_dim)
+        self.done = torch.zeros(capacity)
+
+    def add(self, obs, act, rew, next_obs, done):
+        i = self.ptr
+        self.obs[i] = torch.from_numpy(obs)
+        self.act[i] = torch.from_numpy(act)
+        self.rew[i] = float(rew)
+        self.next_obs[i] = torch.from_numpy(next_obs)
+        self.done[i] = float(done)
+        self.ptr = (i + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size, generator):
+        idx = torch.randint(0, self.size, (batch_size,), generator=generator)
+        return self.obs[idx], self.act[idx], self.rew[idx], self.next_obs[idx], self.done[idx]
+
+    def save(self, path):
+        import os
+        n = self.size
+        tmp = str(path) + ".tmp.npz"
+        np.savez(tmp, obs=self.obs[:n].numpy(), act=self.act[:n].numpy(), rew=self.rew[:n].numpy(),
+                 next_obs=self.next_obs[:n].numpy(), done=self.done[:n].numpy(), ptr=np.int64(self.ptr))
+        os.replace(tmp, path)
+
+    def load(self, path):
+        with np.load(path) as z:
+            n = len(z["rew"])
+            for k in ("obs", "act", "rew", "next_obs", "done"):
+                getattr(self, k)[:n] = torch.from_numpy(z[k])
+            self.size, self.ptr = n, int(z["ptr"])
+
+
+def actor_file_dict(actor_state: dict, env: str, *, step: int, half: bool = False, **meta) -> dict:
+    """The on-disk form of a behaviour policy: plain tensors and scalars (``torch.load(weights_only=True)``)."""
+    tensors = {k: (v.detach().to(torch.float16) if half else v.detach().clone()) for k, v in actor_state.items()}
+    return {"format": POLICY_FORMAT, "env": env, "step": int(step), "actor": tensors, **meta}
+
+
+def _atomic_torch_save(obj, path):
+    import os
+    from pathlib import Path
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def evaluate_policy(actor: NumpyActor, env_name: str, episodes: int, seed: int) -> np.ndarray:
+    """Returns of ``episodes`` episodes of the stochastic policy (the behaviour that generates the data)."""
+    from decision_transformer.envs import make_env
+    env = make_env(env_name)
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        total, done = 0.0, False
+        while not done:
+            a, _ = actor.act(obs, rng)
+            obs, r, term, trunc, _ = env.step(a)
+            total += r
+            done = term or trunc
+        out.append(total)
+    env.close()
+    return np.asarray(out)
+
+
+def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps: int = 1_000_000, seed: int = 0,
+                           max_seconds: float | None = None, checkpoint_every_s: float = 300.0,
+                           eval_every: int = 10_000, eval_episodes: int = 10, snapshot_every: int = 10_000,
+                           start_steps: int = 5_000, medium_score: float | None = None, compile: bool = False,
+                           config: SACConfig | None = None, buffer_capacity: int = 1_000_000,
+                           keep_buffer: bool = True, log=print) -> dict:
+    """Train (or continue training) SAC on ``env_name`` until ``total_steps`` env steps or ``max_seconds``.
+
+    ``state_dir`` holds the small resumable state (``state.pt``: networks, Adam, RNGs, counters; ``progress.jsonl``)
+    and, git-ignored, ``replay_buffer.npz``. ``policy_dir`` receives the behaviour policies: ``replay/actor_{step}.pt``
+    (float16 actor snapshots every ``snapshot_every`` steps until the medium policy is chosen; medium-replay is
+    regenerated from them), ``medium.pt`` (the first evaluated actor whose stochastic D4RL score reaches
+    ``medium_score - 5``) and ``expert.pt`` (the best-evaluated actor so far). Checkpoints are written at episode
+    boundaries every ``checkpoint_every_s`` seconds and at the end.
+
+    Without a matching replay buffer on disk (fresh machine), training resumes after refilling the buffer with
+    ``min(steps, 25_000)`` steps of the current policy, which are not counted as training steps.
+    """
+    import json
+    import time
+    from pathlib import Path
+
+    from decision_transformer.envs import get_env_spec, make_env
+    from decision_transformer.errors import UserError
+
+    spec = get_env_spec(env_name)
+    state_dir, policy_dir = Path(state_dir), Path(policy_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (policy_dir / "replay").mkdir(parents=True, exist_ok=True)
+    state_path, buffer_path = state_dir / "state.pt", state_dir / "replay_buffer.npz"
+    progress_path = state_dir / "progress.jsonl"
+    agent = SAC(spec.state_dim, spec.act_dim, config, seed=seed, compile=compile)
+    buffer = ReplayBuffer(spec.state_dim, spec.act_dim, buffer_capacity)
+    rng = np.random.default_rng(seed)
+    meta = {"env_steps": 0, "episodes": 0, "medium_step": None, "medium_eval": None, "best_eval": None,
+            "best_step": None, "seed": seed, "start_steps": start_steps, "snapshot_every": snapshot_every,
+            "wall_seconds": 0.0}
+    if state_path.exists():
+        try:
+            state = torch.load(state_path, weights_only=True, map_location="cpu")
+            agent.load_state_dict(state["agent"])
+            meta.update(json.loads(state["meta"]))
+            rng.bit_generator.state = json.loads(state["numpy_rng"])
+        except Exception as e:  # noqa: BLE001 - any failure to read the state is the same user-facing problem
+            raise UserError(f"{state_path}: cannot resume from this training state ({type(e).__name__}: {e}); "
+                            f"move it away to start again") from None
+        if meta["seed"] != seed:
+            log(f"note: resuming with the state's seed {meta['seed']} (asked {seed})")
+        resumed_buffer = False
+        if buffer_path.exists():
+            buffer.load(buffer_path)
+            resumed_buffer = buffer.ptr == meta["env_steps"] % buffer_capacity and \
+                buffer.size == min(meta["env_steps"], buffer_capacity)
+        log(f"{env_name}: resuming at {meta['env_steps']} env steps "
+            f"({'with' if resumed_buffer else 'without'} its replay buffer)")
+    else:
+        resumed_buffer = True
+    medium_target = medium_score
+    actor_np = NumpyActor.from_module(agent.actor)  # views of the live weights
+    env = make_env(env_name)
+    t_start = time.perf_counter()
+    t_last_ckpt = t_start
+    wall0 = meta["wall_seconds"]
+
+    def checkpoint():
+        meta["wall_seconds"] = wall0 + time.perf_counter() - t_start
+        _atomic_torch_save({"agent": agent.state_dict(), "meta": json.dumps(meta),
+                            "numpy_rng": json.dumps(rng.bit_generator.state)}, state_path)
+        if keep_buffer:
+            buffer.save(buffer_path)
+
+    if not resumed_buffer:  # refill so that updates do not start from an empty buffer
+        buffer = ReplayBuffer(spec.state_dim, spec.act_dim, buffer_capacity)
+        refill = min(meta["env_steps"], 25_000)
+        obs, _ = env.reset(seed=seed * 1_000_003 + 999_999)
+        for _ in range(refill):
+            a, _ = actor_np.act(obs, rng)
+            nobs, r, term, trunc, _ = env.step(a)
+            buffer.add(obs, a, r, nobs, term)
+            obs = nobs
+            if term or trunc:
+                obs, _ = env.reset()
+
+    obs, _ = env.reset(seed=seed * 1_000_003 + meta["episodes"])
+    stats = None
+    steps_at_start, t_rate = meta["env_steps"], time.perf_counter()
+    while meta["env_steps"] < total_steps:
+        step = meta["env_steps"]
+        if step % snapshot_every == 0 and meta["medium_step"] is None:
+            _atomic_torch_save(actor_file_dict(agent.actor.state_dict(), env_name, step=step, half=True,
+                                               covers=snapshot_every, uniform_before=start_steps),
+                               policy_dir / "replay" / f"actor_{step:07d}.pt")
+        if step < start_steps:
+            a = rng.uniform(-1.0, 1.0, spec.act_dim).astype(np.float32)
+        else:
+            a, _ = actor_np.act(obs, rng)
+        nobs, r, term, trunc, _ = env.step(a)
+        buffer.add(obs, a, r, nobs, term)  # bootstrap through time-limit truncations
+        obs = nobs
+        meta["env_steps"] = step = step + 1
+        if buffer.size >= agent.config.batch_size and step > min(start_steps, 1000):
+            stats = agent.update(*buffer.sample(agent.config.batch_size, agent.generator))
+        if step % eval_every == 0:
+            rets = evaluate_policy(actor_np, env_name, eval_episodes, seed=10_000_000 + step)
+            score = float(spec.d4rl_score(rets.mean()))
+            now = time.perf_counter()
+            rate = (step - steps_at_start) / max(now - t_rate, 1e-9)
+            steps_at_start, t_rate = step, now
+            rec = {"step": step, "return_mean": float(rets.mean()), "return_std": float(rets.std()),
+                   "score": score, "steps_per_s": rate,
+                   "wall_s": wall0 + now - t_start}
+            if stats is not None:
+                s = stats.tolist()
+                rec.update(critic_loss=s[0], actor_loss=s[1], alpha=s[3], logp=s[4])
+            if meta["medium_step"] is None and medium_target is not None and score >= medium_target - 5.0:
+                meta["medium_step"], meta["medium_eval"] = step, score
+                _atomic_torch_save(actor_file_dict(agent.actor.state_dict(), env_name, step=step,
+                                                   eval_return=float(rets.mean()), eval_score=score,
+                                                   kind="medium"), policy_dir / "medium.pt")
+                rec["medium"] = True
+            if meta["best_eval"] is None or score > meta["best_eval"]:
+                meta["best_eval"], meta["best_step"] = score, step
+                _atomic_torch_save(actor_file_dict(agent.actor.state_dict(), env_name, step=step,
+                                                   eval_return=float(rets.mean()), eval_score=score,
+                                                   kind="expert"), policy_dir / "expert.pt")
+            with open(progress_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            log(f"{env_name} step {step}: return {rec['return_mean']:.1f} +- {rec['return_std']:.1f} "
+                f"(score {score:.1f}), {rate:.1f} steps/s" + (" -> medium policy saved" if rec.get("medium") else ""))
+        if term or trunc:
+            meta["episodes"] += 1
+            obs, _ = env.reset(seed=seed * 1_000_003 + meta["episodes"])
+            now = time.perf_counter()
+            if now - t_last_ckpt >= checkpoint_every_s:
+                checkpoint()
+                t_last_ckpt = now
+            if max_seconds is not None and now - t_start >= max_seconds:
+                break
+    checkpoint()
+    env.close()
+    return meta

@@ -1,0 +1,28 @@
+"""``--init_reg``: keep the transformer blocks near their starting (pretrained) weights (LAWSON, model.md §12).
+
+    L_reg = init_reg * sum_{p in transformer.h parameters} ||theta_p - theta0_p||_F
+
+a per-tensor Frobenius norm, **not squared** (as the originals). theta0 is a copy taken when the regulariser is built.
+Buffers, ``ln_f``, ``wpe`` and ``wte`` are not included. At theta = theta0 the norm's gradient is 0 (torch's
+subgradient), not NaN, so the first step is well defined.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class InitReg:
+    def __init__(self, model: nn.Module, weight: float, prefix: str = "transformer.h."):
+        self.weight = float(weight)
+        self.params = [(n, p) for n, p in model.named_parameters() if n.startswith(prefix)]
+        if not self.params:
+            raise ValueError(f"no parameters named {prefix}* to regularise")
+        self.init = [p.detach().clone() for _, p in self.params]
+
+    def distance(self) -> torch.Tensor:
+        """sum_p ||theta_p - theta0_p||_F (unweighted)."""
+        return torch.stack([torch.linalg.vector_norm(p - p0) for (_, p), p0 in zip(self.params, self.init)]).sum()
+
+    def loss(self) -> torch.Tensor:
+        return self.weight * self.distance()

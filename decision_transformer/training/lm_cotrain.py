@@ -1,0 +1,193 @@
+"""LM co-training (``--joint``, REID/LAWSON ``lm_cotraining``) and the mixed-precision trainer of that script.
+
+Each training step also draws one batch of text (2 blocks of up to 1024 tokens), runs it through the DT's own
+transformer as a causal LM **with** position embeddings and the head tied to ``wte`` and adds w * cross-entropy to
+the loss; w = ``--gpt_lm_const``, decayed linearly to 0 over the run with ``--lm_const_linear_decay``
+(model.md §13). The text is a local corpus tokenised with the LM's tokenizer; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from decision_transformer.errors import UserError
+from decision_transformer.training.losses import masked_action_mse
+from decision_transformer.training.trainer import Trainer
+
+LM_BATCH_SIZE = 2          # the originals' per-device batch
+MAX_BLOCK_SIZE = 1024      # the originals' group_texts block size
+TEXT_SUFFIXES = (".txt", ".raw", ".tokens", ".text")
+
+
+# ---- corpus and tokenizer ---------------------------------------------------------------------------------------
+
+def _text_files(d: Path) -> list[Path]:
+    files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    train = [p for p in files if "train" in p.name]
+    return train or files
+
+
+def find_text_corpus(name: str, config_name: str | None, data_path: str = "data") -> list[Path]:
+    """The training text files of ``--nlp_dataset_name`` (+ ``--nlp_dataset_config_name``): a text file, a folder
+    of text files (``*train*`` files preferred, e.g. ``wiki.train.raw`` of the extracted WikiText zip), or such a
+    folder at ``{data_path}/{name}/{config}``, ``{data_path}/{config}``, ``{data_path}/{name}``."""
+    candidates = [Path(name)]
+    if config_name:
+        candidates += [Path(name) / config_name, Path(data_path) / name / config_name, Path(data_path) / config_name]
+    candidates.append(Path(data_path) / name)
+    for c in candidates:
+        if c.is_file():
+            return [c]
+        if c.is_dir():
+            files = _text_files(c)
+            if files:
+                return files
+    looked = ", ".join(str(c) for c in dict.fromkeys(candidates))
+    raise UserError(f"--joint: LM corpus {name!r} ({config_name}) not found locally (looked at {looked}; the "
+                    f"Hugging Face Hub is not reachable); pass --nlp_dataset_name PATH to a text file or a folder of "
+                    f".txt/.raw files, e.g. the extracted wikitext-103-raw-v1 folder holding wiki.train.raw")
+
+
+def load_tokenizer(lm_path: Path, tokenizer_name: str | None):
+    """The LM's own tokenizer when its directory has one and ``--tokenizer_name`` is the default; otherwise
+    ``--tokenizer_name`` resolved like an LM (local folder, ``checkpoints/NAME``, Hugging Face cache)."""
+    from transformers import AutoTokenizer
+
+    from decision_transformer.models.pretrained import find_model_dir
+
+    has_own = any((lm_path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
+    if has_own and tokenizer_name in (None, "gpt2"):
+        path = lm_path
+    else:
+        path, _ = _find_tokenizer_dir(tokenizer_name or "gpt2", find_model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: cannot load a tokenizer ({str(e).strip().splitlines()[0][:200]})") from None
+
+
+def _find_tokenizer_dir(name, find_model_dir):
+    p = Path(name)
+    if p.is_dir() and any((p / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+        return p, "local"
+    return find_model_dir(name, what="tokenizer", flag="--tokenizer_name")
+
+
+def tokenize_corpus(files: list[Path], tokenizer, block_size: int, vocab_size: int,
+                    chunk_lines: int = 20000) -> torch.Tensor:
+    """Concatenate the tokens of every file (lines tokenised in chunks, as ``datasets.map`` + ``group_texts``) and
+    cut them into [n_blocks, block_size] (the remainder is dropped)."""
+    ids: list[int] = []
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            lines: list[str] = []
+            for line in fh:
+                lines.append(line)
+                if len(lines) == chunk_lines:
+                    ids.extend(t for seq in tokenizer(lines)["input_ids"] for t in seq)
+                    lines = []
+            if lines:
+                ids.extend(t for seq in tokenizer(lines)["input_ids"] for t in seq)
+    n = len(ids) // block_size
+    if n == 0:
+        raise UserError(f"--joint: the corpus ({', '.join(map(str, files))}) has {len(ids)} tokens, fewer than one "
+                        f"block of {block_size}")
+    blocks = torch.tensor(ids[:n * block_size], dtype=torch.long).view(n, block_size)
+    top = int(blocks.max())
+    if top >= vocab_size:
+        raise UserError(f"--joint: the tokenizer produces id {top} but the LM has only {vocab_size} embeddings; use "
+                        f"the LM's own tokenizer (--tokenizer_name)")
+    return blocks
+
+
+class TextBatches:
+    """Endless shuffled passes over the token blocks (re-shuffled each pass, seeded; no cached pass)."""
+
+    def __init__(self, blocks: torch.Tensor, batch_size: int = LM_BATCH_SIZE, *, seed: int, device="cpu"):
+        self.blocks = blocks.to(device)
+        self.batch_size = min(batch_size, len(blocks))
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self._order = torch.empty(0, dtype=torch.long)
+        self._pos = 0
+
+    def next(self) -> torch.Tensor:
+        if self._pos + self.batch_size > len(self._order):
+            self._order = torch.randperm(len(self.blocks), generator=self.generator)
+            self._pos = 0
+        idx = self._order[self._pos:self._pos + self.batch_size]
+        self._pos += self.batch_size
+        return self.blocks[idx.to(self.blocks.device)]
+
+
+# ---- the loss term ----------------------------------------------------------------------------------------------
+
+def lm_loss(backbone, input_ids: torch.Tensor) -> torch.Tensor:
+    """Causal-LM cross-entropy (next-token, mean over the B*(L-1) predictions), as ``GPT2LMHeadModel(labels=ids)``."""
+    logits = backbone.lm_logits(input_ids)                                        # [B, L, V]
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+
+class LMCotraining:
+    def __init__(self, batches: TextBatches, const: float = 1.0, linear_decay: bool = False,
+                 total_steps: int | None = None):
+        self.batches, self.const, self.linear_decay = batches, float(const), linear_decay
+        self.total_steps = max(int(total_steps or 1), 1)
+
+    def weight(self, step: int) -> float:
+        """w_s = const, or const * (1 - s / S_total) with linear decay (s from 1)."""
+        if not self.linear_decay:
+            return self.const
+        return self.const * max(0.0, 1.0 - step / self.total_steps)
+
+    def loss(self, model) -> torch.Tensor:
+        return lm_loss(model.transformer, self.batches.next())
+
+
+def build_lm_cotraining(args, model, lm, device) -> LMCotraining:
+    """From the ``lm_cotraining`` flags: find the corpus and tokenizer, tokenise, batch."""
+    if lm is None or args.pretrained_block is not None:
+        raise UserError("--joint needs --pretrained_lm (the LM is co-trained on text)")
+    if lm.model_type != "gpt2":
+        raise UserError(f"--joint needs a GPT-2-family text LM; {args.pretrained_lm} is {lm.model_type}")
+    files = find_text_corpus(args.nlp_dataset_name, args.nlp_dataset_config_name, args.data_path)
+    tokenizer = load_tokenizer(lm.path, args.tokenizer_name)
+    block = min(MAX_BLOCK_SIZE, lm.n_positions, getattr(tokenizer, "model_max_length", MAX_BLOCK_SIZE) or 10**9)
+    blocks = tokenize_corpus(files, tokenizer, block, model.transformer.wte.num_embeddings)
+    print(f"joint LM training: {len(blocks)} blocks of {block} tokens from {', '.join(map(str, files))}",
+          file=sys.stderr)
+    return LMCotraining(TextBatches(blocks, seed=args.seed, device=device), const=args.gpt_lm_const,
+                        linear_decay=args.lm_const_linear_decay,
+                        total_steps=args.max_iters * args.num_steps_per_iter)
+
+
+# ---- mixed precision (--fp16 of the LM script) ------------------------------------------------------------------
+
+class AmpTrainer(Trainer):
+    """fp16 autocast + GradScaler (CUDA). Unlike the originals, gradients are unscaled and clipped, and the
+    auxiliary losses (``init_reg`` included) are applied, exactly as on the fp32 path."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cuda")
+
+    def train_step(self) -> torch.Tensor:
+        batch = self.dataset.sample_batch(self.batch_size, self.K, self.generator)
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = self.model(batch.states, batch.actions, batch.rtg[:, :-1], batch.timesteps,
+                             attention_mask=batch.mask)
+            extra = self.extra_loss(self.model, out, batch, self.step) if self.extra_loss is not None else None
+        loss = masked_action_mse(out.action_preds.float(), batch.actions, batch.mask)
+        total = loss if extra is None else loss + extra.float()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return loss.detach()

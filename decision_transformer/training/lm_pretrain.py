@@ -1,0 +1,130 @@
+"""Pretrain a ChibiT-style small GPT-2 on a local text file, so LM-initialised runs need no download.
+
+REID's ChibiT is a small GPT-2 (hidden 128) pretrained on Wikipedia and distributed on Google Drive, which cannot be
+reached here. This trains the same kind of model (default 3 layers, 128 hidden, 1 head, GPT-2 architecture) with
+the causal-LM objective and writes it, with its tokenizer, via ``save_pretrained`` — a directory that
+``--pretrained_lm`` accepts like any GPT-2 directory. Without a tokenizer a byte-level BPE tokenizer (GPT-2's scheme)
+is trained on the same text first.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from decision_transformer.errors import UserError
+
+EOS = "<|endoftext|>"
+
+
+def text_files(path: str | Path) -> list[Path]:
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".raw", ".tokens", ".text"))
+        if files:
+            return files
+    raise UserError(f"{path}: no text file (or folder of .txt/.raw/.tokens files) to pretrain on")
+
+
+def train_bpe_tokenizer(files: list[Path], vocab_size: int):
+    """A byte-level BPE tokenizer (GPT-2's scheme) trained on ``files``, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train([str(f) for f in files], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS,
+                                   model_max_length=1024)
+
+
+def load_tokenizer_dir(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: cannot load a tokenizer ({str(e).strip().splitlines()[0][:200]})") from None
+
+
+def encode_files(files: list[Path], tokenizer) -> torch.Tensor:
+    ids: list[int] = []
+    for f in files:
+        lines = f.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+        for i in range(0, len(lines), 20000):
+            ids.extend(t for seq in tokenizer(lines[i:i + 20000])["input_ids"] for t in seq)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def pretrain_chibit(text: str | Path, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None,
+                    vocab_size: int = 8192, n_layer: int = 3, n_embd: int = 128, n_head: int = 1,
+                    n_positions: int = 1024, block_size: int = 256, batch_size: int = 16, steps: int = 2000,
+                    lr: float = 5e-4, warmup_steps: int = 100, seed: int = 0, device: str = "cpu",
+                    overwrite: bool = False, log_every: int = 100) -> dict:
+    """Train and save; returns {"first_loss", "last_loss", "vocab_size", "tokens", "out_dir"}."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already exists and is not empty; pass --overwrite or choose another --out")
+    if block_size > n_positions:
+        raise UserError(f"--block_size {block_size} exceeds --n_positions {n_positions}")
+    if n_embd % n_head:
+        raise UserError(f"--n_embd {n_embd} is not divisible by --n_head {n_head}")
+    files = text_files(text)
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer_dir(tokenizer_dir) if tokenizer_dir else train_bpe_tokenizer(files, vocab_size)
+    ids = encode_files(files, tokenizer)
+    n_blocks = (len(ids) - 1) // block_size
+    if n_blocks < 1:
+        raise UserError(f"{text}: {len(ids)} tokens, fewer than one block of {block_size} + 1")
+    vocab = len(tokenizer)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    cfg = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                     bos_token_id=eos, eos_token_id=eos)
+    dev = torch.device(device)
+    model = GPT2LMHeadModel(cfg).to(dev)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda n: min((n + 1) / max(warmup_steps, 1), 1.0) *
+        (0.5 * (1 + math.cos(math.pi * min(n / max(steps, 1), 1.0))) * 0.9 + 0.1))
+    g = torch.Generator().manual_seed(seed)
+    data = ids.to(dev)
+    first = last = float("nan")
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        # random windows of block_size + 1 tokens; labels are the inputs (the model shifts them)
+        starts = torch.randint(0, len(ids) - block_size, (batch_size,), generator=g).to(dev)
+        x = data[starts.unsqueeze(1) + torch.arange(block_size, device=dev)]
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step == 1:
+            first = float(loss.detach())
+        if step % log_every == 0 or step == steps:
+            last = float(loss.detach())
+            print(f"step {step}/{steps} loss {last:.4f} ({time.time() - t0:.0f}s)", file=sys.stderr)
+    # write to a temporary folder, then move: no half-written model directory on failure
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.cpu().save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(f"saved ChibiT-style GPT-2 ({n_layer} layers, hidden {n_embd}, {n_head} heads, vocab {vocab}) to {out}",
+          file=sys.stderr)
+    return {"first_loss": first, "last_loss": last, "vocab_size": vocab, "tokens": len(ids), "out_dir": str(out)}
