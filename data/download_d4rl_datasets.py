@@ -1,9 +1,14 @@
-"""Convert D4RL gym-mujoco hdf5 files into the DT trajectory pickles ``{env}-{dataset}-v2.pkl``.
+"""Download D4RL gym-mujoco v2 hdf5 files and convert them into the DT trajectory pickles ``{env}-{dataset}-v2.pkl``.
 
+    python data/download_d4rl_datasets.py                       # download + verify + convert all 15 into data/
+    python data/download_d4rl_datasets.py --envs hopper --datasets medium expert
     python data/download_d4rl_datasets.py --hdf5 ~/.d4rl/datasets/hopper_medium-v2.hdf5 --data_path data
 
-Files are recognised by D4RL's names (``hopper_medium_replay-v2.hdf5``). Episodes are split at terminals and
-timeouts, the unfinished tail is dropped and arrays are stored as float32.
+Downloads come from D4RL's URLs (``--base_url`` or ``$D4RL_BASE_URL`` to change them) into ``--hdf5_dir``
+(default ``$D4RL_DATASET_DIR`` or ``~/.d4rl/datasets``), resume partial ``.part`` files and are checked against
+D4RL's sizes and sha256. ``--hdf5`` converts files you already have instead, recognised by D4RL's names
+(``hopper_medium_replay-v2.hdf5``). Episodes are split at terminals and timeouts, the unfinished tail is dropped
+and arrays are stored as float32. Without network use ``--hdf5``, or data/generate_datasets.py.
 """
 import argparse
 import os
@@ -45,11 +50,34 @@ def convert(path: str, data_path: str) -> str:
 @cli_entry
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hdf5", nargs="+", required=True, help="D4RL hdf5 files to convert")
-    p.add_argument("--data_path", default="data", help="output folder")
+    p.add_argument("--hdf5", nargs="+", help="D4RL hdf5 files to convert (no download)")
+    p.add_argument("--data_path", "--out_dir", dest="data_path", default="data", help="output folder")
+    p.add_argument("--envs", nargs="+", default=["halfcheetah", "hopper", "walker2d"],
+                   choices=["halfcheetah", "hopper", "walker2d"])
+    p.add_argument("--datasets", nargs="+", default=["medium", "medium-replay", "expert", "medium-expert", "random"],
+                   choices=["random", "medium", "medium-replay", "medium-expert", "expert"])
+    p.add_argument("--hdf5_dir", default=os.environ.get("D4RL_DATASET_DIR",
+                                                        os.path.join(os.path.expanduser("~"), ".d4rl", "datasets")),
+                   help="where downloaded hdf5 files are kept")
+    p.add_argument("--base_url", default=None, help="download base URL (default $D4RL_BASE_URL or D4RL's server)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="check size and sha256 of downloaded files (default on)")
+    p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
-    for path in args.hdf5:
-        convert(path, args.data_path)
+    if args.hdf5:
+        for path in args.hdf5:
+            convert(path, args.data_path)
+        return
+    from decision_transformer.data import hdf5_name
+    from decision_transformer.download import base_url, fetch_d4rl
+
+    root = base_url(args.base_url)
+    for env in args.envs:
+        for dataset in args.datasets:
+            name = hdf5_name(env, dataset)
+            path = fetch_d4rl(name, args.hdf5_dir, url=f"{root}/{name}", verify=args.verify,
+                              progress=not args.no_progress)
+            convert(str(path), args.data_path)
 
 
 if __name__ == "__main__":

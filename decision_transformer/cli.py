@@ -108,7 +108,7 @@ def add_run_flags(p: argparse.ArgumentParser, *, project: str = "decision-transf
 
 
 def add_merge_flags(p: argparse.ArgumentParser):
-    g = p.add_argument_group("merging (not supported yet)")
+    g = p.add_argument_group("merging (see the README's merging section)")
     g.add_argument("--pretrained_models", nargs="*", default=[])
     g.add_argument("--include", nargs="*", default=[])
     g.add_argument("--exclude", nargs="*", default=[])
@@ -118,6 +118,19 @@ def add_merge_flags(p: argparse.ArgumentParser):
         g.add_argument(flag, action="store_true")
     g.add_argument("--f_batch_size", type=int, default=64)
     g.add_argument("--f_num_batches", type=int, default=100)
+    g.add_argument("--merge_method", default="mean",
+                   choices=["mean", "fisher", "task_arithmetic", "ties", "regmean", "greedy_soup"])
+    g.add_argument("--merge_base", default=None, help="base model for task vectors; default: the shared init "
+                                                      "(--pretrained_lm, or model 1's seeded init)")
+    g.add_argument("--merge_lambda", type=float, default=None, help="task-vector scale (default 0.8 task "
+                                                                    "arithmetic, 1.0 TIES)")
+    g.add_argument("--ties_density", type=float, default=0.2, help="TIES: fraction of each task vector kept")
+    g.add_argument("--regmean_alpha", type=float, default=0.1, help="RegMean: off-diagonal Gram scale")
+    g.add_argument("--regmean_n_windows", type=int, default=1000, help="RegMean: windows for the Gram matrices")
+    g.add_argument("--fisher_type", default="batch", choices=["batch", "empirical", "gaussian"])
+    g.add_argument("--fisher_floor", type=float, default=1e-6, help="relative Fisher floor; 0 = original (NaN risk)")
+    g.add_argument("--fisher_norm", default="trace", choices=["trace", "l2", "none"])
+    g.add_argument("--fisher_favor_target", action="store_true", help="floor only model 1's Fisher")
 
 
 def experiment_parser() -> argparse.ArgumentParser:
@@ -137,10 +150,7 @@ def experiment_parser() -> argparse.ArgumentParser:
 
 
 #: Flags parsed for compatibility whose features this version does not implement yet: (attribute, is_set).
-UNSUPPORTED = {
-    "pretrained_models": bool,
-    "use_fisher": bool,
-}
+UNSUPPORTED: dict = {}
 
 
 def reject_unsupported(args, parser_name: str = "experiment.py"):

@@ -137,6 +137,7 @@ def _run(args, script: str) -> dict:
         from decision_transformer.merge_setup import apply_merge
 
         model = apply_merge(args, model, spec, device)
+        cfg = model.config  # --copy_model / --flip train a model with model 1's (or 2's) own architecture
     if args.load_checkpoint:
         load_state_into(model, load_checkpoint(args.load_checkpoint)["state_dict"], args.load_checkpoint)
     frozen = []

@@ -1,0 +1,20 @@
+"""Figures 6 and 7: per-sample gradient norms and full-batch per-parameter gradient norms.
+
+    python analysis/section-54-gradient-analysis/compute_grad_norm.py --epoch 1 --batch_size 100
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "../..")))  # the repository root
+
+from decision_transformer.analysis.grads import build_norm_parser, run_norms  # noqa: E402
+from decision_transformer.errors import cli_entry  # noqa: E402
+
+
+@cli_entry
+def main(argv=None):
+    run_norms(build_norm_parser().parse_args(argv)).print_summary()
+
+
+if __name__ == "__main__":
+    main()

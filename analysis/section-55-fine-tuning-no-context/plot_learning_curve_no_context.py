@@ -1,0 +1,21 @@
+"""Figure 8 and Table 2 (K=1 vs K=20); with -block, Figure 9 (block replacement).
+
+    python analysis/section-55-fine-tuning-no-context/plot_learning_curve_no_context.py
+    python analysis/section-55-fine-tuning-no-context/plot_learning_curve_no_context.py -block
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "../..")))  # the repository root
+
+from decision_transformer.analysis.curves import build_no_context_parser, run_no_context  # noqa: E402
+from decision_transformer.errors import cli_entry  # noqa: E402
+
+
+@cli_entry
+def main(argv=None):
+    run_no_context(build_no_context_parser().parse_args(argv)).print_summary()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Generate D4RL-style datasets in the gymnasium v4 envs from the bundled SAC behaviour policies (no network).
+
+    python data/generate_datasets.py --env hopper --dataset medium
+    python data/generate_datasets.py --env hopper walker2d --dataset medium medium-replay --data_path data
+
+Writes ``{data_path}/{env}-{dataset}-v2.pkl`` (what the training scripts read), D4RL's hdf5 layout
+``{env}_{dataset with '-'->'_'}-v2.hdf5`` (with ``timeouts`` and ``infos/qpos|qvel|action_log_probs``; skip with
+``--no_hdf5``) and ``{env}-{dataset}-v2.stats.json``, and prints each dataset's transitions, episodes, return and
+D4RL-normalised score beside D4RL's published average. Policies come from ``--policy_dir`` (default: the ones
+bundled with the package; see data/train_behaviour_policies.py).
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from decision_transformer.errors import cli_entry  # noqa: E402
+
+ENVS = ["hopper", "halfcheetah", "walker2d"]
+DATASETS = ["random", "medium", "medium-replay", "medium-expert", "expert"]
+
+
+@cli_entry
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", nargs="+", required=True, choices=ENVS + ["all"])
+    p.add_argument("--dataset", nargs="+", required=True, choices=DATASETS + ["all"])
+    p.add_argument("--num_transitions", type=int, default=None,
+                   help="rows per dataset (default 1M; medium-expert: this many of each half; medium-replay: "
+                        "every training step up to the medium policy, or the first N)")
+    p.add_argument("--data_path", default="data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policy_dir", default=None, help="behaviour policies (default: bundled)")
+    p.add_argument("--no_hdf5", action="store_true", help="write only the pkl (and stats)")
+    p.add_argument("--no_progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.num_transitions is not None and args.num_transitions < 1:
+        p.error("--num_transitions must be positive")
+
+    from decision_transformer.generation import generate_dataset
+
+    envs = ENVS if "all" in args.env else args.env
+    datasets = DATASETS if "all" in args.dataset else args.dataset
+    for env in envs:
+        for dataset in datasets:
+            generate_dataset(args.data_path, env, dataset, num_transitions=args.num_transitions, seed=args.seed,
+                             policy_dir=args.policy_dir, write_hdf5=not args.no_hdf5,
+                             progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""Section 5.2 (Figure 2), Appendix E.3 (Figure 16) and H.2 (Figure 22): mutual information between data and
+hidden representations, estimated with MINE (``decision_transformer.analysis.mine``).
+
+Step 1, ``save_activation``: per model, one batch (same for every model) -> ``activation_{epoch}_{model}_{env}_{ds}_{seed}.npz``
+(the block outputs ``{i}.mlp.dropout`` [B, 3K, D], or every hooked entry with ``--all_layers``) and
+``data_{env}_{ds}_{seed}.npz`` (states, actions, rtg [B, K+1, 1], timesteps, attention_mask). ``.npz`` instead of
+the originals' pickled ``.npy`` dicts: they load without pickle.
+
+Step 2, ``run_mi_exp --exp_type``:
+
+* ``normal``: layers 0, depth//2, depth-1 (``mlp.dropout``). For t = 0..K-1 and token type i ∈ {R̂, s, a} except a_K
+  (3K - 1 positions, index 3t + i): Î(X;T) = MI(x_t of type i, activation at position -2, the s_K token) and
+  Î(Y;T) = MI(a_K, activation at position 3t + i). -> ``mi_xy_{layer}_{epoch}_{model}_{env}_{ds}_{seed}.npz``.
+* ``no_context``: every block output; for each t, MI(s_t, act[3t+1]) and MI(a_t, act[3t+1]) (the s_t token).
+  -> ``mi_{epoch}_{model}_{env}_{ds}_{seed}.npz``.
+* ``data``: for each t, MI(s_t, a_t) and MI(R̂_t, a_t) of the batch (no activations needed).
+  -> ``mi_data_state_action_{env}_{ds}_{seed}.npy``, ``mi_data_rtg_action_{env}_{ds}_{seed}.npy``.
+
+Padded steps are included as in the original (``--exclude_padding`` drops, per estimate, the samples whose involved
+timesteps are padding). Failed estimates are NaN and left out of the plots.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from decision_transformer.analysis import common
+from decision_transformer.analysis.activations import BLOCK_ENTRIES, BLOCK_OUTPUT, block_of, get_activations
+from decision_transformer.analysis.mine import LOSSES, estimate_mi
+from decision_transformer.analysis.runs import RunKey, analysis_batch, analysis_dataset, load_model
+from decision_transformer.errors import UserError
+
+DEFAULT_MI_DIR = common.ANALYSIS_DIR / common.SECTIONS["mi"] / "results"
+TOKENS = ("rtg", "state", "action")
+EXP_TYPES = ("normal", "no_context", "data")
+
+
+def activation_file(folder, epoch, model, env, ds, seed) -> Path:
+    return Path(folder) / f"activation_{epoch}_{model}_{env}_{ds}_{seed}.npz"
+
+
+def data_file(folder, env, ds, seed) -> Path:
+    return Path(folder) / f"data_{env}_{ds}_{seed}.npz"
+
+
+# ---- step 1 -----------------------------------------------------------------------------------------------------
+
+def build_save_parser():
+    p = common.parser("Save block activations and the batch they were computed on, for run_mi_exp.py.")
+    common.add_checkpoint_flags(p)
+    p.add_argument("--env_name_list", nargs="+", default=["hopper"])
+    p.add_argument("--model_name", nargs="+", default=["gpt2"], help="one or more of gpt2, igpt, dt")
+    p.add_argument("--epoch", type=int, default=40)
+    p.add_argument("--seed", type=int, default=666)
+    p.add_argument("--all_layers", action="store_true",
+                   help="save every hooked entry (9 per block), not only the block outputs (large)")
+    common.add_data_flags(p, device_default="cpu", batch_size=100)
+    p.add_argument("--results_dir", type=str, default=str(DEFAULT_MI_DIR))
+    return p
+
+
+def run_save(args) -> common.Outputs:
+    common.check_positive(args, "batch_size", "K")
+    device = common.resolve_device(args.device)
+    res = common.out_dir(args.results_dir)
+    outs = common.Outputs()
+    entries = BLOCK_ENTRIES if args.all_layers else (BLOCK_OUTPUT,)
+    for env in args.env_name_list:
+        for m in args.model_name:
+            lm = load_model(args.checkpoint_dir, RunKey(m, args.dataset_name, env, args.seed), args.epoch, device)
+            data = analysis_dataset(env, args.dataset_name, args.data_path, lm.checkpoint, device)
+            batch = analysis_batch(data, args.batch_size, args.K, args.batch_seed)
+            acts = get_activations(lm.model, batch, entries)
+            outs.files.append(common.save_npz(activation_file(res, args.epoch, m, env, args.dataset_name, args.seed),
+                                              **{k: v.numpy() for k, v in acts.items()}))
+            outs.files.append(common.save_npz(
+                data_file(res, env, args.dataset_name, args.seed), states=batch.states.cpu().numpy(),
+                actions=batch.actions.cpu().numpy(), rtg=batch.rtg.cpu().numpy(),
+                timesteps=batch.timesteps.cpu().numpy(), attention_mask=batch.mask.cpu().numpy()))
+            print(f"{env} {m}: saved {len(acts)} activations of {args.batch_size} samples", file=sys.stderr)
+    return outs
+
+
+# ---- step 2 -----------------------------------------------------------------------------------------------------
+
+def build_mi_parser():
+    import torch
+
+    p = common.parser("Mutual information between data and hidden representations with MINE (TAKAGI's "
+                      "mine-pytorch/run_mi_exp.py).")
+    p.add_argument("--path_to_save_mi", "-psm", type=str, default=str(DEFAULT_MI_DIR))
+    p.add_argument("--path_to_data", "-pd", type=str, default=str(DEFAULT_MI_DIR))
+    p.add_argument("--path_to_activation", "-pa", type=str, default=str(DEFAULT_MI_DIR))
+    p.add_argument("--exp_type", choices=EXP_TYPES, default="normal")
+    p.add_argument("--env_name", type=str, default="hopper")
+    p.add_argument("--dataset_name", type=str, default="medium")
+    p.add_argument("--seed", type=int, default=666, help="selects the files; also seeds MINE")
+    p.add_argument("--epoch", type=int, default=40)
+    p.add_argument("--model_name", type=str, default="gpt2")
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--mine_hidden_layers", type=int, default=3, help="the code's 3; the paper's text says 2")
+    p.add_argument("--mine_hidden", type=int, default=400)
+    p.add_argument("--mine_loss", choices=LOSSES, default="mine")
+    p.add_argument("--iters", type=int, default=1000, help="passes over the samples")
+    p.add_argument("--batch_size", type=int, default=50)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--exclude_padding", action="store_true", help="leave left-padded steps out of each estimate")
+    p.add_argument("--layers", nargs="+", type=int, default=None,
+                   help="blocks for --exp_type normal (default: 0, depth//2, depth-1)")
+    return p
+
+
+class _Estimator:
+    def __init__(self, args):
+        self.args = args
+        self.device = common.resolve_device(args.device)
+        self.count = 0
+
+    def __call__(self, x, y, keep=None) -> float:
+        a = self.args
+        x, y = np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.float32)
+        if keep is not None and a.exclude_padding:
+            x, y = x[keep], y[keep]
+        if len(x) < 2:
+            return float("nan")
+        self.count += 1
+        return estimate_mi(x.reshape(len(x), -1), y.reshape(len(y), -1), iters=a.iters, batch_size=a.batch_size,
+                           loss=a.mine_loss, hidden=a.mine_hidden, hidden_layers=a.mine_hidden_layers, lr=a.lr,
+                           seed=a.seed + self.count, device=self.device)
+
+
+def _inputs(data: dict):
+    """x_t per token type as [B, K, d] arrays, a_K [B, da], and the [B, K] mask."""
+    rtg = data["rtg"][:, :-1]
+    return {"rtg": rtg, "state": data["states"], "action": data["actions"]}, data["actions"][:, -1], \
+        data["attention_mask"] > 0
+
+
+def run_mi(args) -> common.Outputs:
+    common.check_positive(args, "iters", "batch_size", "mine_hidden", "mine_hidden_layers")
+    out = common.out_dir(args.path_to_save_mi)
+    outs = common.Outputs()
+    ds, env = args.dataset_name, args.env_name
+    data = common.load_npz(data_file(args.path_to_data, env, ds, args.seed))
+    for k in ("states", "actions", "rtg", "attention_mask"):
+        if k not in data:
+            raise UserError(f"{data_file(args.path_to_data, env, ds, args.seed)}: missing array {k!r}")
+    xs, a_last, mask = _inputs(data)
+    K = mask.shape[1]
+    est = _Estimator(args)
+    if args.exp_type == "data":
+        sa = np.array([est(xs["state"][:, t], xs["action"][:, t], mask[:, t]) for t in range(K)])
+        ra = np.array([est(xs["rtg"][:, t], xs["action"][:, t], mask[:, t]) for t in range(K)])
+        outs.files.append(common.save_npy(out / f"mi_data_state_action_{env}_{ds}_{args.seed}.npy", sa))
+        outs.files.append(common.save_npy(out / f"mi_data_rtg_action_{env}_{ds}_{args.seed}.npy", ra))
+        print(f"{env}: I(s;a) median {np.nanmedian(sa):.3f}, I(R;a) median {np.nanmedian(ra):.3f} nats",
+              file=sys.stderr)
+        return outs
+    acts = common.load_npz(activation_file(args.path_to_activation, args.epoch, args.model_name, env, ds, args.seed))
+    outputs = {k: v for k, v in acts.items() if k.endswith("." + BLOCK_OUTPUT)}
+    if not outputs:
+        raise UserError(f"{activation_file(args.path_to_activation, args.epoch, args.model_name, env, ds, args.seed)}: "
+                        f"no block outputs (*.{BLOCK_OUTPUT})")
+    depth = max(block_of(k) for k in outputs) + 1
+    stem_tail = f"{args.epoch}_{args.model_name}_{env}_{ds}_{args.seed}"
+    if args.exp_type == "normal":
+        layers = args.layers if args.layers is not None else sorted({0, depth // 2, depth - 1})
+        for layer in layers:
+            key = f"{layer}.{BLOCK_OUTPUT}"
+            if key not in outputs:
+                raise UserError(f"no activation {key} in the activation file (depth {depth})")
+            act = outputs[key]                                                   # [B, 3K, D]
+            if act.shape[1] != 3 * K:
+                raise UserError(f"activation {key} has {act.shape[1]} tokens, the data has {K} steps")
+            pos, tok, ix, iy = [], [], [], []
+            target = act[:, -2]                                                  # the s_K token
+            for t in range(K):
+                for i, name in enumerate(TOKENS):
+                    p = 3 * t + i
+                    if p == 3 * K - 1:                                           # a_K is the prediction target
+                        continue
+                    keep = mask[:, t]
+                    ix.append(est(xs[name][:, t], target, keep))
+                    iy.append(est(a_last, act[:, p], keep))
+                    pos.append(p)
+                    tok.append(i)
+            f = out / f"mi_xy_{layer}_{stem_tail}.npz"
+            outs.files.append(common.save_npz(f, x=np.array(ix), y=np.array(iy), position=np.array(pos),
+                                              token=np.array(tok)))
+            print(f"{env} {args.model_name} block {layer}: I(X;T) mean {np.nanmean(ix):.3f}, "
+                  f"I(Y;T) mean {np.nanmean(iy):.3f} nats", file=sys.stderr)
+        return outs
+    # no_context
+    res = {}
+    for key in sorted(outputs, key=block_of):
+        act = outputs[key]
+        s_mi = [est(xs["state"][:, t], act[:, 3 * t + 1], mask[:, t]) for t in range(K)]
+        a_mi = [est(xs["action"][:, t], act[:, 3 * t + 1], mask[:, t]) for t in range(K)]
+        res[key] = np.array([s_mi, a_mi])                                        # [2, K]
+    outs.files.append(common.save_npz(out / f"mi_{stem_tail}.npz", **res))
+    return outs
+
+
+# ---- plots ------------------------------------------------------------------------------------------------------
+
+def build_plot_parser():
+    p = common.parser("Figures 2 and 16 from run_mi_exp.py's results.")
+    p.add_argument("--exp_type", choices=("normal", "no_context"), default="normal")
+    p.add_argument("--env_name", type=str, default="hopper")
+    p.add_argument("--dataset_name", type=str, default="medium")
+    p.add_argument("--seed", type=int, default=666)
+    p.add_argument("--epoch", type=int, default=40)
+    p.add_argument("--model_name_list", nargs="+", default=list(common.MODEL_NAMES))
+    p.add_argument("--results_dir", type=str, default=str(DEFAULT_MI_DIR))
+    p.add_argument("--figs_dir", type=str, default=str(DEFAULT_MI_DIR.parent / "figs"))
+    return p
+
+
+def _pair_average(values: np.ndarray, target: int) -> np.ndarray:
+    n = len(values)
+    if n == target or n % target:
+        return values
+    return np.nanmean(values.reshape(target, n // target), axis=1)
+
+
+def plot_mi(args) -> common.Outputs:
+    plt = common.pyplot()
+    res = Path(args.results_dir)
+    outs = common.Outputs()
+    tail = lambda m: f"{args.epoch}_{m}_{args.env_name}_{args.dataset_name}_{args.seed}"  # noqa: E731
+    if args.exp_type == "normal":
+        found = {}
+        for m in args.model_name_list:
+            files = sorted(res.glob(f"mi_xy_*_{tail(m)}.npz"), key=lambda f: int(f.name.split("_")[2]))
+            if files:
+                found[m] = [(int(f.name.split("_")[2]), common.load_npz(f)) for f in files]
+        if not found:
+            raise UserError(f"no MI results mi_xy_*_{tail('{model}')}.npz in {res} (run mine/run_mi_exp.py first)")
+        nrows = max(len(v) for v in found.values())
+        fig, axes = plt.subplots(nrows, 2, figsize=(10, 2.6 * nrows), squeeze=False)
+        markers = ("^", "o", "x")
+        for j, (m, layers) in enumerate(found.items()):
+            for r, (layer, d) in enumerate(layers):
+                for c, what in enumerate(("x", "y")):
+                    ax = axes[r, c]
+                    for i, mk in enumerate(markers):
+                        sel = (d["token"] == i) & ~np.isnan(d[what])
+                        ax.scatter(d["position"][sel] // 3, d[what][sel], marker=mk, s=14, color=f"C{j}",
+                                   label=f"{common.model_label(m)} {('R̂', 's', 'a')[i]}" if r == 0 else None)
+                    ax.set_title(f"{'Î(X;T)' if what == 'x' else 'Î(Y;T)'}, block {layer} "
+                                 f"({('shallow', 'middle', 'deep')[min(r, 2)] if len(layers) == 3 else ''})",
+                                 fontsize=9)
+                    ax.set_ylim(-0.1, max(5.5, np.nanmax(d[what]) + 0.2 if np.isfinite(d[what]).any() else 5.5))
+                    ax.set_xlabel("Context")
+                    ax.set_ylabel("MI (nats)")
+        axes[0, 1].legend(fontsize=6, ncol=len(found))
+        stem = f"mi_xy_{args.epoch}_{'_'.join(found)}_{args.env_name}_{args.dataset_name}_{args.seed}"
+        fig.tight_layout()
+        outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
+        return outs
+    found = {}
+    for m in args.model_name_list:
+        f = res / f"mi_{tail(m)}.npz"
+        if f.is_file():
+            found[m] = common.load_npz(f)
+    if not found:
+        raise UserError(f"no MI results {res / ('mi_' + tail('{model}') + '.npz')} (run run_mi_exp.py --exp_type "
+                        f"no_context first)")
+    target = min(len(d) for d in found.values())
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    for j, (m, d) in enumerate(found.items()):
+        keys = sorted(d, key=block_of)
+        arr = np.stack([d[k] for k in keys])                                     # [blocks, 2, K]
+        for c, (ax, name) in enumerate(zip(axes, ("Î(s_t; T)", "Î(a_t; T)"))):
+            mean = _pair_average(np.nanmean(arr[:, c], axis=1), target)
+            std = _pair_average(np.nanstd(arr[:, c], axis=1), target)
+            ax.errorbar(np.arange(len(mean)), mean, yerr=std, marker="o", ms=3, capsize=2, color=f"C{j}",
+                        label=common.model_label(m))
+            ax.set_title(name)
+            ax.set_xlabel("block" + (" (normalized)" if len(d) != target else ""))
+            ax.set_ylabel("MI (nats)")
+            ax.set_ylim(-0.5, 4.5)
+    axes[0].legend(fontsize=7)
+    stem = f"mi_no_context_{args.epoch}_{'_'.join(found)}_{args.env_name}_{args.dataset_name}_{args.seed}"
+    outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
+    return outs
+
+
+def build_plot_data_parser():
+    p = common.parser("Figure 22: MI between states and actions and between returns-to-go and actions, per env.")
+    p.add_argument("--exp_type", choices=("data",), default="data")
+    p.add_argument("--env_name_list", nargs="+", default=list(common.ENV_NAMES))
+    p.add_argument("--env_name", type=str, default=None, help="a single env (overrides --env_name_list)")
+    p.add_argument("--dataset_name", type=str, default="medium")
+    p.add_argument("--seed", type=int, default=666)
+    p.add_argument("--epoch", type=int, default=40, help="unused (accepted for the originals' command lines)")
+    p.add_argument("--results_dir", type=str, default=str(DEFAULT_MI_DIR))
+    p.add_argument("--figs_dir", type=str, default=str(DEFAULT_MI_DIR.parent / "figs"))
+    return p
+
+
+def plot_mi_data(args) -> common.Outputs:
+    plt = common.pyplot()
+    res = Path(args.results_dir)
+    envs = [args.env_name] if args.env_name else args.env_name_list
+    found = {}
+    for env in envs:
+        fs = [res / f"mi_data_{w}_action_{env}_{args.dataset_name}_{args.seed}.npy" for w in ("state", "rtg")]
+        if all(f.is_file() for f in fs):
+            found[env] = [common.load_npy(f) for f in fs]
+    if not found:
+        raise UserError(f"no data-MI results mi_data_state_action_{{env}}_{args.dataset_name}_{args.seed}.npy in {res} "
+                        f"(run run_mi_exp.py --exp_type data first)")
+    fig, axes = plt.subplots(1, len(found), figsize=(3.2 * len(found), 3.2), squeeze=False)
+    for ax, (env, (sa, ra)) in zip(axes[0], found.items()):
+        ax.boxplot([sa[~np.isnan(sa)], ra[~np.isnan(ra)]])
+        ax.set_xticks([1, 2], ["Î(s; a)", "Î(R̂; a)"])
+        ax.set_title(env)
+        ax.set_ylabel("MI (nats) over timesteps")
+    outs = common.Outputs()
+    stem = f"mi_data_{'_'.join(found)}_{args.dataset_name}_{args.seed}"
+    outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
+    return outs

@@ -1,0 +1,424 @@
+"""Merging as the scripts use it: load the source models, get the data-dependent quantities (Fisher, Gram matrices,
+base model), merge, and (for ``experiment.py``) pick and prepare the model to finetune.
+
+``apply_merge`` is ``experiment.py``'s hook (``reference/merging.md`` §3); ``merge_states`` and ``merge_multi_states``
+are shared with ``experiment_multi.py`` and ``python -m decision_transformer.merge_cli``. The tensor arithmetic itself
+lives in :mod:`decision_transformer.merging`, the Fisher estimators in :mod:`decision_transformer.fisher`.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+import torch
+
+from decision_transformer import fisher as fisher_mod
+from decision_transformer import merging
+from decision_transformer.checkpoint import load_state_into
+from decision_transformer.errors import UserError
+from decision_transformer.legacy_import import ModelFile, build_model, load_model_file
+
+
+def log(msg: str):
+    print(msg, file=sys.stderr)
+
+
+# ---- options ----------------------------------------------------------------------------------------------------------
+
+def resolve_method(args) -> str:
+    """``--use_fisher`` is ``--merge_method fisher``."""
+    method = getattr(args, "merge_method", None) or "mean"
+    if getattr(args, "use_fisher", False):
+        if method not in ("mean", "fisher"):
+            raise UserError(f"--use_fisher contradicts --merge_method {method}")
+        method = "fisher"
+    if method not in merging.MERGE_METHODS:
+        raise UserError(f"unknown --merge_method {method!r}; choose one of {', '.join(merging.MERGE_METHODS)}")
+    return method
+
+
+def fisher_norm(args) -> str:
+    return "none" if getattr(args, "no_trace_norm", False) else getattr(args, "fisher_norm", "trace")
+
+
+def merge_lambda(args, method: str) -> float:
+    lam = getattr(args, "merge_lambda", None)
+    return merging.DEFAULT_LAMBDA.get(method, 1.0) if lam is None else lam
+
+
+# ---- data ----------------------------------------------------------------------------------------------------------
+
+class DatasetCache:
+    """``TrajectoryDataset``s by (env, dataset), loaded once, on ``device``; ``stats`` (env -> (mean, std)) fixes the
+    state normalisation where the caller knows better than the data (the multi-task script)."""
+
+    def __init__(self, data_path: str, device, stats: dict | None = None):
+        self.data_path, self.device, self.stats = data_path, device, stats or {}
+        self._cache: dict = {}
+
+    def get(self, env: str, dataset: str):
+        from decision_transformer.data import TrajectoryDataset, load_dataset
+
+        key = (env, dataset)
+        if key not in self._cache:
+            _, trajs = load_dataset(self.data_path, env, dataset)
+            mean, std = self.stats.get(env, (None, None))
+            self._cache[key] = TrajectoryDataset(trajs, env, device=self.device, state_mean=mean, state_std=std)
+        return self._cache[key]
+
+
+def source_env_dataset(mf: ModelFile, dataset_override: str | None = None) -> tuple[str, str]:
+    env, dataset = mf.env, dataset_override or mf.dataset
+    if env is None or dataset is None:
+        raise UserError(f"{mf.path}: cannot tell which env and dataset this model was trained on (no stored config and "
+                        f"the file name is not models/{{env}}/dt_gym-experiment-{{env}}-{{dataset}}-{{id}}.pt)")
+    return env, dataset
+
+
+# ---- Fisher ----------------------------------------------------------------------------------------------------------
+
+def fisher_for_file(mf: ModelFile, args, data: DatasetCache, device) -> dict:
+    """The Fisher info of a single-task model file: loaded from ``<dir>/info/<stem>-bs{B}-nb{N}[-type]`` if it exists,
+    else computed on the model's own dataset (seeded, as ``precompute_fisher.py``) and saved there."""
+    path = fisher_mod.fisher_info_path(mf.path, args.f_batch_size, args.f_num_batches, args.fisher_type)
+    if path.is_file():
+        info = fisher_mod.load_fisher(path)
+        log(f"fisher: loaded {path} ({fisher_mod.describe(info)})")
+        return info
+    env, dataset = source_env_dataset(mf)
+    model = build_model(mf, device, max_length=args.K)
+    log(f"fisher: {path} not found; computing it ({args.fisher_type}, {args.f_num_batches} x {args.f_batch_size} "
+        f"windows of {env}-{dataset})")
+    with torch.random.fork_rng(devices=[]):
+        info = fisher_mod.compute_fisher(model, data.get(env, dataset), fisher_type=args.fisher_type,
+                                         batch_size=args.f_batch_size, num_batches=args.f_num_batches, K=args.K,
+                                         seed=args.seed)
+    fisher_mod.save_fisher(info, path)
+    log(f"fisher: saved {path} ({fisher_mod.describe(info)})")
+    return info
+
+
+def multi_fisher(model, envs: Sequence[str], datasets: Sequence, args) -> dict[str, torch.Tensor]:
+    """Fisher of a multi-task model over ``transformer.h``, averaged elementwise over the given envs' data (LAWSON's
+    ``setup_multi``; one env with ``--spec_info``). Each env's estimate uses the same seed."""
+    acc = None
+    for env, ds in zip(envs, datasets):
+        with torch.random.fork_rng(devices=[]):
+            info = fisher_mod.compute_fisher(model, ds, fisher_type=args.fisher_type, batch_size=args.f_batch_size,
+                                             num_batches=args.f_num_batches, K=args.K, seed=args.seed,
+                                             model_kwargs={"env": env})
+        F = fisher_mod.fisher_tensors(info)
+        acc = F if acc is None else {k: acc[k] + F[k] for k in acc}
+    return {k: v / len(envs) for k, v in acc.items()}
+
+
+# ---- base model for task vectors -----------------------------------------------------------------------------------
+
+def resolve_base(args, sources: Sequence[ModelFile], fresh_state: dict | None = None) -> dict:
+    """θ₀ for task arithmetic / TIES: ``--merge_base`` if given; the fresh ``--pretrained_lm`` model; for a multi-task
+    model the ``--pretrained_model`` it was finetuned from (recorded in its config); else the seeded initialisation of
+    model 1 rebuilt from its stored config (the run's ``model_0.pt``)."""
+    base = getattr(args, "merge_base", None)
+    if base:
+        return load_model_file(base).state_dict
+    if getattr(args, "pretrained_lm", None) and fresh_state is not None:
+        return fresh_state
+    first = sources[0]
+    if first.is_multi:
+        pre = first.config.get("pretrained_model")
+        if pre:
+            log(f"merge base: {pre} (the model {first.path} was finetuned from)")
+            return load_model_file(pre).state_dict
+    if first.config.get("pretrained_lm"):
+        raise UserError(f"{first.path} was initialised from {first.config['pretrained_lm']}: pass the same "
+                        f"--pretrained_lm or --merge_base")
+    seed, mc = first.config.get("seed"), first.config.get("model_config")
+    if seed is None or not mc:
+        raise UserError(f"{first.path}: no stored seed and model config to rebuild the shared initialisation from; "
+                        f"pass --merge_base (e.g. the run's model_0.pt)")
+    for other in sources[1:]:
+        if other.config.get("seed") != seed or (other.config.get("model_config") or {}).get("backbone") != mc.get(
+                "backbone"):
+            log(f"warning: {other.path} does not share model 1's seed and backbone, so not its initialisation; "
+                f"task vectors of differently initialised models are not comparable")
+    from decision_transformer.models import DecisionTransformer, DTConfig
+    from decision_transformer.models.multi_decision_transformer import MultiDecisionTransformer, MultiDTConfig
+
+    with torch.random.fork_rng(devices=[]):
+        if first.is_multi:
+            init = MultiDecisionTransformer(MultiDTConfig.from_dict(mc), seed=seed)
+        else:
+            init = DecisionTransformer(DTConfig.from_dict(mc), seed=seed)
+    log(f"merge base: the initialisation of {first.path} rebuilt from seed {seed}")
+    return init.state_dict()
+
+
+# ---- one merge ---------------------------------------------------------------------------------------------------------
+
+def merge_states(method: str, states: Sequence[dict], names: Sequence[str], keys: Sequence[str], args, *,
+                 fishers=None, grams=None, conv1d=None, base=None, score=None, device=None) -> dict:
+    """Dispatch to the merge method with the options in ``args`` (the scripts' flags)."""
+    n = len(states)
+    if method == "mean":
+        return merging.merge_mean(states, keys, p=args.p, device=device)
+    if method == "fisher":
+        coeffs = [1.0 - args.p, args.p] if n == 2 else None
+        return merging.merge_fisher(states, fishers, keys, norm=fisher_norm(args), floor=args.fisher_floor,
+                                    favor_target=args.fisher_favor_target, coeffs=coeffs, device=device, verbose=True)
+    if method == "task_arithmetic":
+        return merging.merge_task_arithmetic(states, base, keys, lam=merge_lambda(args, method), device=device)
+    if method == "ties":
+        return merging.merge_ties(states, base, keys, density=args.ties_density, lam=merge_lambda(args, method),
+                                  device=device)
+    if method == "regmean":
+        return merging.merge_regmean(states, grams, keys, alpha=args.regmean_alpha, conv1d=conv1d, device=device)
+    if method == "greedy_soup":
+        return merging.greedy_soup(states, keys, score, device=device, verbose=True)[0]
+    raise UserError(f"unknown merge method {method!r}")
+
+
+def windows(dataset, n_windows: int, batch_size: int, K: int, seed: int) -> list:
+    """``n_windows`` training-sampler windows in batches, from a generator seeded with ``seed``."""
+    gen = torch.Generator(device=dataset.device)
+    gen.manual_seed(seed)
+    out, left = [], n_windows
+    while left > 0:
+        out.append(dataset.sample_batch(min(batch_size, left), K, gen))
+        left -= batch_size
+    return out
+
+
+def gram_matrices(model, keys, batches, model_kwargs: dict | None = None):
+    kw = model_kwargs or {}
+
+    def fwd(m, b):
+        return m(b.states, b.actions, b.rtg[:, :-1], b.timesteps, attention_mask=b.mask, **kw)
+
+    grams = merging.collect_grams(model, keys, batches, fwd)
+    conv1d = {name: is_conv for name, (_, is_conv) in merging.linear_modules(model, keys).items()}
+    return grams, conv1d
+
+
+def action_mse_score(model, batches, model_kwargs: dict | None = None):
+    """score(state) = −(masked action MSE of ``model`` with ``state`` loaded) over fixed ``batches`` (eval mode)."""
+    from decision_transformer.training.losses import masked_action_mse
+
+    kw = model_kwargs or {}
+
+    @torch.no_grad()
+    def score(state):
+        load_state_into(model, state, "greedy soup candidate")
+        model.eval()
+        tot = 0.0
+        for b in batches:
+            out = model(b.states, b.actions, b.rtg[:, :-1], b.timesteps, attention_mask=b.mask, **kw)
+            tot += float(masked_action_mse(out.action_preds, b.actions, b.mask))
+        return -tot / len(batches)
+
+    return score
+
+
+def merge_single_sources(sources: Sequence[ModelFile], args, keys, device, data: DatasetCache,
+                         fresh_state: dict | None = None) -> dict:
+    """Merge single-task models with ``resolve_method(args)``: data-dependent inputs are computed on each model's
+    own dataset (Fisher, Gram matrices) or model 1's (greedy-soup score)."""
+    method = resolve_method(args)
+    states = [s.state_dict for s in sources]
+    names = [s.path for s in sources]
+    kw: dict = {}
+    if method == "fisher":
+        kw["fishers"] = [fisher_mod.fisher_tensors(fisher_for_file(s, args, data, device)) for s in sources]
+    elif method in ("task_arithmetic", "ties"):
+        kw["base"] = resolve_base(args, sources, fresh_state)
+    elif method == "regmean":
+        grams = []
+        for s in sources:
+            env, dataset = source_env_dataset(s)
+            m = build_model(s, device, max_length=args.K)
+            g, conv1d = gram_matrices(m, keys, windows(data.get(env, dataset), args.regmean_n_windows,
+                                                        args.batch_size, args.K, args.seed))
+            grams.append(g)
+        kw.update(grams=grams, conv1d=conv1d)
+    elif method == "greedy_soup":
+        env, dataset = source_env_dataset(sources[0])
+        m = build_model(sources[0], device, max_length=args.K)
+        kw["score"] = action_mse_score(m, windows(data.get(env, dataset), 256, args.batch_size, args.K, args.seed))
+    return merge_states(method, states, names, keys, args, device=device, **kw)
+
+
+# ---- multi-task merge ------------------------------------------------------------------------------------------------
+
+def merge_multi_states(sources: Sequence[ModelFile], args, device, fishers=None, base=None) -> tuple[dict, list[str]]:
+    """LAWSON's ``setup_multi`` over N ≥ 2 multi-task models, each specialised on one distinct env: the blocks
+    ``transformer.h`` (every floating tensor, no include filter) merged with the method, ``ln_f``/``wpe``/``wte``/
+    ``embed_timestep`` from model 1, and each model's own env's embeddings, ``embed_ln`` and action head copied into
+    that env's slots. Returns (state, specializations)."""
+    from decision_transformer.models.multi_decision_transformer import MultiDTConfig
+
+    method = resolve_method(args)
+    if len(sources) < 2:
+        raise UserError("--multi_pretrained_models needs at least 2 models")
+    for s in sources:
+        if not s.is_multi:
+            raise UserError(f"{s.path}: not a multi-task model (config model_class {s.model_class!r})")
+        if len(s.specializations) != 1:
+            raise UserError(f"{s.path}: a merged multi-task model must be specialised on exactly one env, this one "
+                            f"has {s.specializations or 'none'} (finetune it with --selected_training ENV)")
+    specs = [s.specializations[0] for s in sources]
+    if len(set(specs)) != len(specs):
+        raise UserError(f"the models' specialisations are not distinct: {specs}")
+    states = [s.state_dict for s in sources]
+    names = [s.path for s in sources]
+    merging.check_compatible(states, names, list(states[0].keys()))
+    keys = [k for k in states[0] if k.startswith("transformer.h.")]
+    if method in ("regmean", "greedy_soup"):
+        raise UserError(f"--merge_method {method} is available for single-task merges only")
+    if method in ("task_arithmetic", "ties") and base is None:
+        base = resolve_base(args, sources)
+    merged = merge_states(method, states, names, keys, args, fishers=fishers, base=base, device=device)
+    envs = MultiDTConfig.from_dict(sources[0].config["model_config"]).envs
+    for s, env in zip(sources, specs):
+        if env not in envs:
+            raise UserError(f"{s.path}: specialisation {env!r} is not one of the model's envs {envs}")
+        i = envs.index(env)
+        for prefix in ("embed_returns", "embed_states", "embed_actions", "embed_lns", "predict_actions"):
+            p = f"{prefix}.{i}."
+            for k, v in s.state_dict.items():
+                if k.startswith(p):
+                    merged[k] = v.detach().clone().to(device) if device is not None else v.detach().clone()
+    n, tot, frac = merging.merged_fraction(merged, keys)
+    log(f"multi merge: {method} of {len(sources)} models over {n} block tensors ({frac:.1%} of the parameters); "
+        f"per-env layers from the model specialised on each env ({', '.join(specs)})")
+    return merged, specs
+
+
+# ---- experiment.py's hook -----------------------------------------------------------------------------------------------
+
+def _model_from(src: ModelFile, state: dict, args, spec, device, fallback_config=None):
+    """A module shaped like ``src`` (context length ``--K``) holding ``state``; it must fit ``--env``."""
+    if src.is_multi:
+        raise UserError(f"{src.path}: a multi-task model cannot be finetuned by experiment.py (use experiment_multi.py)")
+    model = build_model(ModelFile(src.path, state, src.config, src.specializations), device,
+                        fallback_config=fallback_config, max_length=args.K)
+    cfg = model.config
+    if (cfg.state_dim, cfg.act_dim) != (spec.state_dim, spec.act_dim):
+        raise UserError(f"{src.path}: this model has state/action dims {cfg.state_dim}/{cfg.act_dim}, --env "
+                        f"{spec.name} needs {spec.state_dim}/{spec.act_dim}; list the {spec.name} model first")
+    if src.env and src.env != spec.name:
+        log(f"warning: the model trained on {src.env} ({src.path}) is finetuned on {spec.name}")
+    return model
+
+
+def _evaluate_before_finetuning(args, model, spec, device) -> dict:
+    """The merged model's evaluation before any finetuning (logged as iteration 0 by the merge run)."""
+    from decision_transformer.data import load_dataset, state_stats
+    from decision_transformer.evaluation import EnvPool, evaluate_episodes
+    from decision_transformer.run import parse_targets
+
+    _, trajs = load_dataset(args.data_path, args.env, args.dataset)
+    mean, std = state_stats(trajs)
+    pool = EnvPool(args.env, args.env_version)
+    logs: dict = {}
+    try:
+        for target in parse_targets(args.env_targets, spec.targets):
+            res = evaluate_episodes(model, args.env, target, args.num_eval_episodes, mean, std, seed=args.seed,
+                                    mode=args.mode, device=device, pool=pool)
+            logs.update({f"evaluation/{k}": v for k, v in res.metrics(args.env).items()})
+    finally:
+        pool.close()
+    return logs
+
+
+def apply_merge(args, model, spec, device):
+    """``experiment.py --pretrained_models A [B ...]``: load, merge, choose the model to finetune, apply
+    ``--identity_layers`` and ``--merge_frozen``; returns the model to train, on ``device``. Records what was done in
+    ``args.merge_info`` (written to the run's config), including the merged model's evaluation before finetuning."""
+    with torch.random.fork_rng(devices=[]):      # the run's RNG stream does not depend on how the merge was computed
+        train_model, keys, info = _merge_for_experiment(args, model, spec, device)
+    if args.identity_layers:
+        sd = train_model.state_dict()
+        load_state_into(train_model, merging.identity_values(sd, [k for k in keys if k in sd]), "identity layers")
+        log(f"identity layers: {len([k for k in keys if k in sd])} tensors set to weight 1 / bias 0")
+    if args.merge_frozen:
+        names = set(keys)
+        frozen = []
+        for n, p in train_model.named_parameters():
+            if n in names:
+                p.requires_grad_(False)
+                frozen.append(n)
+        log(f"merge_frozen: {len(frozen)} merged parameter tensors frozen")
+        info["frozen"] = len(frozen)
+    train_model = train_model.to(device)
+    if args.num_eval_episodes and args.max_iters and args.num_steps_per_iter > 0:
+        logs = _evaluate_before_finetuning(args, train_model, spec, device)
+        info["iteration_0"] = logs
+        first = [k for k in logs if k.endswith("_return_mean")]
+        log("iter 0 (merged, before finetuning) | " + " | ".join(
+            f"{k.split('/')[1][:-len('_return_mean')]} return {logs[k]:.1f} "
+            f"(d4rl {logs[k.replace('_return_mean', '_d4rl_score_mean')]:.1f})" for k in first))
+    args.merge_info = info
+    return train_model
+
+
+def _merge_for_experiment(args, fresh, spec, device):
+    sources = [load_model_file(p) for p in args.pretrained_models]
+    fresh_sd = {k: v.detach().clone() for k, v in fresh.state_dict().items()}
+    data = DatasetCache(args.data_path, device)
+    method = resolve_method(args)
+    info: dict = {"method": method, "models": list(args.pretrained_models)}
+    if len(sources) == 1 and args.pretrained_lm:
+        # LAWSON: merge the fresh LM-initialised model with the loaded one; model 1 = fresh (--flip: the loaded one)
+        states = [fresh_sd, sources[0].state_dict]
+        names = [f"the fresh --pretrained_lm {args.pretrained_lm} model", sources[0].path]
+        if args.flip:
+            states, names = states[::-1], names[::-1]
+        keys = merging.select_keys(list(states[0]), args.include, args.exclude)
+        merging.check_compatible(states, names, keys)
+        merged = merging.merge_mean(states, keys, p=args.p, device=device)
+        load_state_into(fresh, merged, f"merge of {names[0]} and {names[1]}")
+        info.update(method="mean", base="loaded" if args.flip else "fresh")
+        _report(merged, keys, info, f"mean of the fresh {args.pretrained_lm} model and {sources[0].path}")
+        return fresh, keys, info
+    keys = merging.select_keys(list(sources[0].state_dict), args.include, args.exclude)
+    if len(sources) == 1:
+        merged = sources[0].state_dict  # one model, no LM: nothing to merge, the model is loaded
+        info["method"] = "none"
+        log(f"one pretrained model, no --pretrained_lm: loading {sources[0].path} (no merge)")
+    else:
+        merging.check_compatible([s.state_dict for s in sources], [s.path for s in sources], keys)
+        merged = merge_single_sources(sources, args, keys, device, data, fresh_sd)
+        _report(merged, keys, info, f"{method} of {len(sources)} models")
+    chosen = [f for f in ("copy_model", "flip", "copy_include") if getattr(args, f)]
+    if len(chosen) > 1:
+        log(f"warning: --{chosen[0]} takes precedence over " + ", ".join(f"--{c}" for c in chosen[1:]))
+    if args.copy_model:
+        model = _model_from(sources[0], merged, args, spec, device, fresh.config)
+        info["trained"] = "merged model (model 1's other tensors)"
+    elif args.flip and len(sources) >= 2:
+        if len(sources) != 2:
+            raise UserError(f"--flip needs exactly 2 --pretrained_models, got {len(sources)}")
+        state2 = dict(sources[1].state_dict)
+        state2.update({k: merged[k] for k in keys if k in state2})
+        model = _model_from(sources[1], state2, args, spec, device, fresh.config)
+        info["trained"] = "model 2 with the merged tensors"
+    elif args.copy_include:
+        sd = dict(fresh_sd)
+        for k in keys:
+            if k in sd:
+                if sd[k].shape != merged[k].shape:
+                    raise UserError(f"--copy_include: merged tensor {k} has shape {list(merged[k].shape)}, the fresh "
+                                    f"model {list(sd[k].shape)}")
+                sd[k] = merged[k]
+        load_state_into(fresh, sd, "the merged tensors (--copy_include)")
+        model = fresh
+        info["trained"] = "fresh model with the merged tensors"
+    else:
+        load_state_into(fresh, merged, f"the merged model (model 1: {sources[0].path})")
+        model = fresh
+        info["trained"] = "fresh model with the whole merged state"
+    return model, keys, info
+
+
+def _report(merged, keys, info, what):
+    n, tot, frac = merging.merged_fraction(merged, keys)
+    info.update(merged_tensors=n, merged_fraction=frac)
+    log(f"merge: {what} over {n} of {tot} tensors ({frac:.1%} of the parameters); the rest from model 1")

@@ -1,0 +1,201 @@
+"""The papers' experiment grids: list them, run them locally over GPUs or processes, export WandB sweeps.
+
+    python -m decision_transformer.sweep list
+    python -m decision_transformer.sweep run pretraining_table1 --gpus 0,1,2,3      # one run per GPU at a time
+    python -m decision_transformer.sweep run block_replacement --procs 2 --dry_run
+    python -m decision_transformer.sweep export pretraining_k1 --out sweeps/        # then `wandb sweep FILE`
+
+A grid is a YAML file (``decision_transformer/sweeps/*.yaml`` or any path): ``program``, ``fixed`` flags and ``grid``
+lists whose Cartesian product gives the runs; ``null`` leaves a flag out (random initialisation), ``true`` turns a
+switch on. ``run`` skips runs whose last checkpoint exists and resumes (``--resume``) runs that stopped half-way.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from decision_transformer.errors import UserError, cli_entry
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID_DIR = Path(__file__).resolve().parent / "sweeps"
+
+
+def load_grid(name: str) -> dict:
+    import yaml
+
+    path = Path(name)
+    if not path.is_file():
+        path = GRID_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in GRID_DIR.glob("*.yaml")))
+        raise UserError(f"unknown grid {name!r}: no file {name} or {path}; known grids: {known}")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(spec, dict) or "program" not in spec or not isinstance(spec.get("grid", {}), dict):
+        raise UserError(f"{path}: a grid needs 'program', 'fixed' and 'grid' mappings")
+    spec.setdefault("fixed", {})
+    spec.setdefault("grid", {})
+    spec["name"] = path.stem
+    return spec
+
+
+def expand(spec: dict) -> list[dict]:
+    keys = list(spec["grid"])
+    combos = itertools.product(*(spec["grid"][k] for k in keys))
+    return [{**spec["fixed"], **dict(zip(keys, values))} for values in combos]
+
+
+def to_argv(params: dict) -> list[str]:
+    argv = []
+    for k, v in params.items():
+        if v is None or v is False:
+            continue
+        if v is True:
+            argv.append(f"--{k}")
+        elif isinstance(v, (list, tuple)):
+            argv += [f"--{k}", *map(str, v)]
+        else:
+            argv += [f"--{k}", str(v)]
+    return argv
+
+
+def run_state(program: str, argv: list[str]) -> tuple[str, Path | None]:
+    """('done' | 'partial' | 'new', run folder) for an experiment.py run; other programs are always 'new'."""
+    if Path(program).name != "experiment.py" or Path(program).parent.name == "lm_cotraining":
+        return "new", None
+    from decision_transformer.checkpoint import model_name, run_dir_name
+    from decision_transformer.cli import experiment_parser
+
+    a = experiment_parser().parse_args(argv)
+    if not a.outdir or a.pretrained_models:
+        return "new", None
+    run_dir = Path(a.outdir) / run_dir_name(model_name(a.pretrained_lm, a.pretrained_block), a.dataset, a.env,
+                                            a.seed, a.K, a.remove_grad_clip, a.pretrained_block)
+    if (run_dir / f"model_{a.max_iters}.pt").is_file():
+        return "done", run_dir
+    if (run_dir / "train_state.pt").is_file():
+        return "partial", run_dir
+    return "new", run_dir
+
+
+def plan(spec: dict, extra: list[str]) -> list[tuple[str, list[str]]]:
+    """(state, full command) per run of the grid, ``extra`` flags appended to every run."""
+    program = str(ROOT / spec["program"])
+    out = []
+    for params in expand(spec):
+        argv = to_argv(params) + extra
+        state, _ = run_state(program, argv)
+        if state == "partial":
+            argv = argv + ["--resume"]
+        out.append((state, [sys.executable, program, *argv]))
+    return out
+
+
+def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path) -> int:
+    """Run commands with at most one per slot (a GPU id, or None for a CPU process); returns the number failed."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pending = list(enumerate(commands))
+    running: dict[str | None | int, tuple] = {}
+    free = list(range(len(slots)))
+    failed = 0
+    while pending or running:
+        while pending and free:
+            slot = free.pop(0)
+            i, cmd = pending.pop(0)
+            env = dict(os.environ)
+            if slots[slot] is not None:
+                env["CUDA_VISIBLE_DEVICES"] = slots[slot]
+            log = open(log_dir / f"run_{i:03d}.log", "w")
+            print(f"[start {i}] slot {slots[slot] if slots[slot] is not None else slot}: {shlex.join(cmd[1:])}",
+                  flush=True)
+            running[slot] = (i, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+        time.sleep(0.2)
+        for slot, (i, proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {log.name})"
+                failed += proc.returncode != 0
+                print(f"[end {i}] {status}", flush=True)
+                del running[slot]
+                free.append(slot)
+    return failed
+
+
+def export_wandb(spec: dict, out_dir: Path) -> list[Path]:
+    """WandB grid-sweep files. A grid value ``null`` cannot be expressed in one sweep: the grid is split per value
+    of that parameter (one sweep without the flag, one with the other values)."""
+    import yaml
+
+    nullable = [k for k, v in spec["grid"].items() if None in v]
+    if len(nullable) > 1:
+        raise UserError(f"grid {spec['name']}: only one parameter may contain null, found {', '.join(nullable)}")
+    variants = [("", spec["grid"])]
+    if nullable:
+        k = nullable[0]
+        rest = {kk: vv for kk, vv in spec["grid"].items() if kk != k}
+        variants = [(f"-no-{k}", rest), (f"-{k}", {**rest, k: [v for v in spec["grid"][k] if v is not None]})]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for suffix, grid in variants:
+        params = {k: {"value": v} for k, v in spec["fixed"].items() if v is not None}
+        params.update({k: {"values": v} for k, v in grid.items()})
+        sweep = {"name": spec["name"] + suffix, "description": spec.get("description", ""),
+                 "program": spec["program"], "method": "grid", "parameters": params,
+                 "command": ["${env}", "${interpreter}", "${program}", "${args_no_boolean_flags}"]}
+        path = out_dir / f"{spec['name']}{suffix}.yaml"
+        path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+        paths.append(path)
+    return paths
+
+
+@cli_entry
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="list the bundled grids")
+    r = sub.add_parser("run", help="run a grid locally")
+    r.add_argument("grid")
+    r.add_argument("--gpus", default=None, help="comma-separated GPU ids: one run per GPU at a time")
+    r.add_argument("--procs", type=int, default=1, help="parallel CPU processes when --gpus is not given")
+    r.add_argument("--log_dir", default="sweep_logs")
+    r.add_argument("--dry_run", action="store_true", help="print the plan only")
+    r.add_argument("--extra", default="", help="flags appended to every run, e.g. \"--max_iters 1 --device cpu\"")
+    e = sub.add_parser("export", help="write WandB sweep files")
+    e.add_argument("grid")
+    e.add_argument("--out", default="sweeps")
+    a = p.parse_args(argv)
+    if a.cmd == "list":
+        for path in sorted(GRID_DIR.glob("*.yaml")):
+            spec = load_grid(str(path))
+            print(f"{path.stem:24s} {len(expand(spec)):4d} runs  {spec.get('description', '')}")
+        return 0
+    spec = load_grid(a.grid)
+    if a.cmd == "export":
+        for path in export_wandb(spec, Path(a.out)):
+            print(f"wrote {path} (start it with `wandb sweep {path}` and `wandb agent ...`)")
+        return 0
+    runs = plan(spec, shlex.split(a.extra))
+    todo = [cmd for state, cmd in runs if state != "done"]
+    for state, cmd in runs:
+        print(f"{state:8s} {shlex.join(cmd[1:])}")
+    print(f"{len(runs)} runs: {sum(s == 'done' for s, _ in runs)} finished (skipped), "
+          f"{sum(s == 'partial' for s, _ in runs)} to resume, {sum(s == 'new' for s, _ in runs)} new")
+    if a.dry_run or not todo:
+        return 0
+    slots = a.gpus.split(",") if a.gpus else [None] * max(1, a.procs)
+    failed = launch(todo, slots, Path(a.log_dir))
+    if failed:
+        raise UserError(f"{failed} of {len(todo)} runs failed; logs in {a.log_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

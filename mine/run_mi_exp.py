@@ -1,0 +1,20 @@
+"""MINE mutual-information experiments (TAKAGI's mine-pytorch/run_mi_exp.py).
+
+    python mine/run_mi_exp.py --exp_type normal --model_name gpt2
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))  # the repository root
+
+from decision_transformer.analysis.mi import build_mi_parser, run_mi  # noqa: E402
+from decision_transformer.errors import cli_entry  # noqa: E402
+
+
+@cli_entry
+def main(argv=None):
+    run_mi(build_mi_parser().parse_args(argv)).print_summary()
+
+
+if __name__ == "__main__":
+    main()

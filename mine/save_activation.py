@@ -1,0 +1,18 @@
+"""Same as analysis/section-52-mutual-information/save_activation.py (kept here so mine/ is self-contained).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))  # the repository root
+
+from decision_transformer.analysis.mi import build_save_parser, run_save  # noqa: E402
+from decision_transformer.errors import cli_entry  # noqa: E402
+
+
+@cli_entry
+def main(argv=None):
+    run_save(build_save_parser().parse_args(argv)).print_summary()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,481 @@
+"""LM-initialised Decision Transformers (model.md §2, §8-§13): loading GPT-2 / ImageGPT / ChibiT offline, extended
+positions, block transplant, k-means alignment, init_reg, LM co-training, the LM script and the ChibiT maker.
+
+Every pretrained model here is a tiny model of the real class, written with ``save_pretrained`` into a temporary
+folder or a hand-built Hugging Face cache; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from argparse import Namespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT
+
+import experiment
+from decision_transformer.checkpoint import load_checkpoint
+from decision_transformer.cli import experiment_parser
+from decision_transformer.envs import get_env_spec
+from decision_transformer.errors import UserError
+from decision_transformer.model_factory import AuxLosses, build_model_from_args, make_extra_loss
+from decision_transformer.models import DecisionTransformer, DTConfig
+from decision_transformer.models.pretrained import locate_lm, tile_positions
+from decision_transformer.training.kmeans import (KMeansAlignment, anneal, cosine_kmeans,
+                                                  load_or_compute_centres)
+
+HOPPER = get_env_spec("hopper")
+RUN = ["--K", "5", "--batch_size", "4", "--warmup_steps", "10", "--num_eval_episodes", "0"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny models on shared cores: one thread avoids OpenMP spin contention (10-50x faster here)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---- tiny pretrained models -------------------------------------------------------------------------------------
+
+def corpus_text(n_lines=400, seed=0) -> str:
+    """Pseudo-text over a random lexicon: enough distinct pairs for a BPE vocabulary of ~1000+."""
+    import random
+
+    rng = random.Random(seed)
+    lex = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(2500)]
+    return "".join(" ".join(rng.choice(lex) for _ in range(rng.randint(5, 14))) + ".\n" for _ in range(n_lines))
+
+
+@pytest.fixture(scope="module")
+def lm_dirs(tmp_path_factory):
+    """save_pretrained folders: a GPT-2 with its own BPE tokenizer (n_positions 40, so extended positions tile)
+    and an ImageGPT; plus a Hugging Face cache holding them as ``gpt2`` and ``openai/imagegpt-small``."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, ImageGPTConfig, ImageGPTForCausalImageModeling)
+
+    from decision_transformer.training.lm_pretrain import train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("lms")
+    (root / "corpus.txt").write_text(corpus_text())
+    tok = train_bpe_tokenizer([root / "corpus.txt"], 400)
+    torch.manual_seed(0)
+    gpt = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=40, vocab_size=len(tok),
+                                     bos_token_id=0, eos_token_id=0, embd_pdrop=0.0))
+    with torch.no_grad():  # non-trivial norms and biases, so a wrong norm or a dropped tensor shows
+        for n, p in gpt.named_parameters():
+            if ".ln_" in n or "ln_f" in n:
+                p.normal_(1.0 if n.endswith("weight") else 0.0, 0.3)
+            elif n.endswith("bias"):
+                p.normal_(0.0, 0.05)
+    gpt.save_pretrained(root / "gpt2")
+    tok.save_pretrained(root / "gpt2")
+    igpt = ImageGPTForCausalImageModeling(ImageGPTConfig(n_embd=24, n_layer=2, n_head=3, n_positions=1024,
+                                                         vocab_size=17))
+    with torch.no_grad():
+        for n, p in igpt.named_parameters():
+            if ".ln_" in n or "ln_f" in n:
+                p.normal_(1.0, 0.3)
+            if n.endswith("wpe.weight"):
+                p.normal_(0.0, 0.5)
+    igpt.save_pretrained(root / "igpt")
+    hub = root / "hf" / "hub"
+    for repo, src in (("gpt2", "gpt2"), ("openai/imagegpt-small", "igpt")):
+        folder = hub / ("models--" + repo.replace("/", "--"))
+        commit = "0123456789abcdef0123456789abcdef01234567"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text(commit)
+        shutil.copytree(root / src, folder / "snapshots" / commit)
+    return root
+
+
+@pytest.fixture
+def hf_home(lm_dirs, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(lm_dirs / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    return lm_dirs / "hf"
+
+
+def args_for(*argv) -> Namespace:
+    return experiment_parser().parse_args(["--dropout", "0.0", *argv])
+
+
+# ---- backbones: same function as the transformers classes ------------------------------------------------------
+
+def test_gpt2_backbone_and_lm_head_match_transformers(lm_dirs):
+    from transformers import GPT2LMHeadModel
+
+    from decision_transformer.training.lm_cotrain import lm_loss
+
+    hf = GPT2LMHeadModel.from_pretrained(lm_dirs / "gpt2").eval()
+    model = build_model_from_args(args_for("--pretrained_lm", str(lm_dirs / "gpt2")), HOPPER).eval()
+    bb = model.transformer
+    assert bb.config.n_embd == 32 and bb.config.n_head == 2 and bb.config.activation_function == "gelu_new"
+    assert bb.config.attn_pdrop == 0.1 and bb.config.resid_pdrop == 0.0          # dropout overrides
+    ids = torch.randint(0, hf.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, labels=ids)
+        torch.testing.assert_close(bb.lm_logits(ids), ref.logits, atol=1e-4, rtol=1e-4)    # with positions
+        torch.testing.assert_close(lm_loss(bb, ids), ref.loss, atol=1e-5, rtol=1e-5)
+        # the DT path adds no position embedding: equal to HF with wpe zeroed
+        x = torch.randn(2, 9, 32)
+        hf.transformer.wpe.weight.zero_()
+        torch.testing.assert_close(bb(x).last_hidden_state, hf.transformer(inputs_embeds=x).last_hidden_state,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_imagegpt_uses_its_own_norm_and_legacy_ln_reproduces_the_misload(lm_dirs):
+    from transformers import ImageGPTModel
+
+    hf = ImageGPTModel.from_pretrained(lm_dirs / "igpt").eval()
+    with torch.no_grad():
+        hf.wpe.weight.zero_()
+    x = torch.randn(2, 9, 24)
+    model = build_model_from_args(args_for("--pretrained_lm", str(lm_dirs / "igpt")), HOPPER).eval()
+    cfg = model.config.backbone
+    assert (cfg.norm_type, cfg.n_embd, cfg.n_head, cfg.activation_function, cfg.vocab_size) == \
+        ("imagegpt", 24, 3, "quick_gelu", 17)
+    keys = model.state_dict().keys()
+    assert "transformer.h.0.ln_1.weight" in keys and not any(k.endswith("ln_1.bias") or k.endswith("ln_f.bias")
+                                                             for k in keys)
+    with torch.no_grad():
+        ours = model.transformer(x).last_hidden_state
+        torch.testing.assert_close(ours, hf(inputs_embeds=x).last_hidden_state, atol=1e-5, rtol=1e-5)
+    legacy = build_model_from_args(args_for("--pretrained_lm", str(lm_dirs / "igpt"), "--igpt_legacy_ln"),
+                                   HOPPER).eval()
+    assert legacy.config.backbone.norm_type == "layernorm"
+    sd = legacy.state_dict()
+    assert torch.equal(sd["transformer.h.1.ln_2.weight"], model.state_dict()["transformer.h.1.ln_2.weight"])
+    assert torch.count_nonzero(sd["transformer.h.1.ln_2.bias"]) == 0
+    with torch.no_grad():
+        assert not torch.allclose(legacy.transformer(x).last_hidden_state, ours, atol=1e-3)
+    with pytest.raises(UserError, match="igpt_legacy_ln"):
+        build_model_from_args(args_for("--pretrained_lm", str(lm_dirs / "gpt2"), "--igpt_legacy_ln"), HOPPER)
+
+
+# ---- extend_positions ---------------------------------------------------------------------------------------------
+
+def test_tile_positions_formula():
+    old = torch.arange(6.0).unsqueeze(1)                   # P = 6: rows 0, 1, then 2..5 repeated
+    assert tile_positions(old, 13).squeeze(1).tolist() == [0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 2, 3, 4]
+    assert tile_positions(old, 4) is old
+
+
+def test_extend_positions_tiles_and_shares_the_lm_table(lm_dirs):
+    lm = locate_lm(str(lm_dirs / "gpt2"))
+    P = lm.n_positions
+    assert P == 40
+    model = build_model_from_args(args_for("--pretrained_lm", str(lm_dirs / "gpt2"), "--extend_positions"), HOPPER)
+    assert model.embed_timestep is model.transformer.wpe
+    wpe = model.transformer.wpe.weight
+    assert wpe.shape == (HOPPER.max_ep_len, 32)
+    src = lm.state_dict()["wpe.weight"]
+    for i in (0, 1, 2, 39, 40, 41, 77, 999):
+        j = i if i < 2 else 2 + (i - 2) % (P - 2)
+        assert torch.equal(wpe[i], src[j]), i
+    sd = model.state_dict()
+    assert sd["embed_timestep.weight"].data_ptr() == sd["transformer.wpe.weight"].data_ptr()
+    # the stored config alone rebuilds the shared structure, and the weights load strictly
+    rebuilt = DecisionTransformer(DTConfig.from_dict(json.loads(json.dumps(model.config.to_dict()))))
+    rebuilt.load_state_dict(sd)
+    assert rebuilt.embed_timestep is rebuilt.transformer.wpe
+    assert torch.equal(rebuilt.embed_timestep.weight, wpe)
+    # and the timestep embedding really is the LM's table: timestep 45 reads row 2 + 43 % 38 = 7
+    t = torch.tensor([[45]])
+    assert torch.equal(model.embed_timestep(t)[0, 0], src[7])
+
+
+# ---- block transplant ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("b", [0, 1])
+def test_pretrained_block_transplant(lm_dirs, b):
+    lm = locate_lm(str(lm_dirs / "gpt2"))
+    host = ["--embed_dim", "32", "--n_layer", "3", "--n_head", "1"]
+    model = build_model_from_args(args_for("--pretrained_lm", str(lm_dirs / "gpt2"), "--pretrained_block", str(b),
+                                           *host), HOPPER)
+    plain = build_model_from_args(args_for(*host), HOPPER)       # the same seed, no LM
+    lm_sd, sd, plain_sd = lm.state_dict(), model.state_dict(), plain.state_dict()
+    for i in range(3):
+        names = [k for k in sd if k.startswith(f"transformer.h.{i}.")]
+        same_as_lm = [torch.equal(sd[k], lm_sd[k[len("transformer."):]]) for k in names if i < 2]
+        if i == b:
+            assert all(same_as_lm) and len(same_as_lm) == 12
+        else:
+            assert not any(same_as_lm)
+            assert all(torch.equal(sd[k], plain_sd[k]) for k in names)   # other blocks: the seeded random init
+    # everything outside block b is the random-init model, untouched
+    for k in sd:
+        if not k.startswith(f"transformer.h.{b}."):
+            assert torch.equal(sd[k], plain_sd[k]), k
+    blk = model.transformer.h[b]
+    assert blk.attn.n_head == 2 and type(blk.mlp.act).__name__ == "NewGELUActivation"
+    assert model.transformer.h[(b + 1) % 3].attn.n_head == 1 and model.transformer.h[2].attn.n_head == 1
+    rebuilt = DecisionTransformer(DTConfig.from_dict(json.loads(json.dumps(model.config.to_dict()))))
+    rebuilt.load_state_dict(sd)
+    assert rebuilt.transformer.h[b].attn.n_head == 2
+
+
+def test_pretrained_block_errors(lm_dirs):
+    gpt = str(lm_dirs / "gpt2")
+    with pytest.raises(UserError, match="--embed_dim"):
+        build_model_from_args(args_for("--pretrained_lm", gpt, "--pretrained_block", "0"), HOPPER)  # 128 != 32
+    with pytest.raises(UserError, match="out of range"):
+        build_model_from_args(args_for("--pretrained_lm", gpt, "--pretrained_block", "2", "--embed_dim", "32"),
+                              HOPPER)
+    with pytest.raises(UserError, match="needs --pretrained_lm"):
+        build_model_from_args(args_for("--pretrained_block", "0"), HOPPER)
+
+
+# ---- k-means alignment --------------------------------------------------------------------------------------------
+
+def materialised(e, c, normalize, mean):
+    """The originals' computation: the full [B, 3K, N, H] product, max (or mean) over clusters, mean over the rest."""
+    if normalize:
+        e, c = e / e.norm(dim=-1, keepdim=True), c / c.norm(dim=-1, keepdim=True)
+    prod = torch.einsum("iaj,bj->iabj", e, c)
+    return -(prod.mean(dim=2) if mean else prod.max(dim=2).values).mean()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("mean", [False, True])
+def test_kmeans_dim_loss_equals_materialised(normalize, mean):
+    g = torch.Generator().manual_seed(1)
+    e = torch.randn(3, 12, 16, generator=g, requires_grad=True)
+    c = torch.randn(7, 16, generator=g)
+    km = KMeansAlignment(c, const=0.1, form="dim", mean=mean, normalize=normalize)
+    got = km.loss(e)
+    (g1,) = torch.autograd.grad(got, e)
+    ref = materialised(e, c, normalize, mean)
+    (g2,) = torch.autograd.grad(ref, e)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(g1, g2, atol=1e-7, rtol=1e-5)
+    assert got.abs() > 1e-3
+
+
+@pytest.mark.parametrize("mean", [False, True])
+def test_kmeans_cosine_form(mean):
+    g = torch.Generator().manual_seed(2)
+    e, c = torch.randn(2, 6, 8, generator=g), torch.randn(5, 8, generator=g)
+    km = KMeansAlignment(c, const=1.0, form="cosine", mean=mean)
+    cos = torch.stack([torch.stack([F.cosine_similarity(e[i, a], c, dim=-1) for a in range(6)]) for i in range(2)])
+    ref = -(cos.mean(-1) if mean else cos.max(-1).values).mean()
+    torch.testing.assert_close(km.loss(e), ref, atol=1e-6, rtol=1e-5)
+    # the two forms are different losses
+    assert not torch.allclose(km.loss(e), KMeansAlignment(c, const=1.0, form="dim", mean=mean).loss(e))
+
+
+def test_anneal_schedules():
+    assert anneal(1, 5000) == pytest.approx(0.99331, abs=1e-4)
+    assert anneal(2500, 5000) == pytest.approx(0.5)
+    assert anneal(5000, 5000) == pytest.approx(0.006693, abs=1e-5)
+    assert anneal(7500, 15000) == pytest.approx(0.5)
+    km = KMeansAlignment(torch.randn(3, 4), const=0.1, anneal_steps=15000)
+    assert km.weight(7500) == pytest.approx(0.05)
+    assert KMeansAlignment(torch.randn(3, 4), const=0.1, anneal_steps=None).weight(10**6) == 0.1
+
+
+def test_cosine_kmeans_recovers_directions():
+    g = torch.Generator().manual_seed(0)
+    dirs = F.normalize(torch.randn(3, 8, generator=g), dim=1)
+    scale = torch.rand(300, 1, generator=g) * 3 + 0.5            # cosine k-means ignores the length
+    x = dirs.repeat(100, 1) * scale + 0.02 * torch.randn(300, 8, generator=g)
+    c = cosine_kmeans(x, 3, seed=0)
+    sim = F.normalize(c, dim=1) @ dirs.t()
+    assert sorted(sim.argmax(1).tolist()) == [0, 1, 2] and sim.max(1).values.min() > 0.99
+
+
+def test_kmeans_cache_created_reused_and_checked(tmp_path, monkeypatch):
+    wte = torch.randn(50, 8)
+    cache = tmp_path / "deep" / "er" / "c.pt"
+    c = load_or_compute_centres(wte, 6, str(cache), seed=0)
+    stored = torch.load(cache, weights_only=True)
+    assert stored.shape == (6, 8) and stored.dtype == torch.float32 and torch.equal(stored, c)
+    from decision_transformer.training import kmeans as km_mod
+
+    monkeypatch.setattr(km_mod, "cosine_kmeans", lambda *a, **k: pytest.fail("recomputed despite the cache"))
+    assert torch.equal(load_or_compute_centres(wte, 6, str(cache), seed=1), c)
+    with pytest.raises(UserError, match="hidden size 8 but the LM's is 16"):
+        load_or_compute_centres(torch.randn(50, 16), 6, str(cache), seed=0)
+    with pytest.raises(UserError, match="holds 6 centres"):
+        load_or_compute_centres(wte, 7, str(cache), seed=0)
+
+
+# ---- init_reg -----------------------------------------------------------------------------------------------------
+
+def test_init_reg_is_a_sum_of_unsquared_per_tensor_norms(lm_dirs):
+    from decision_transformer.training.init_reg import InitReg
+
+    model = build_model_from_args(args_for("--pretrained_lm", str(lm_dirs / "gpt2")), HOPPER)
+    reg = InitReg(model, 1e-2)
+    assert len(reg.params) == 2 * 12 and all(n.startswith("transformer.h.") for n, _ in reg.params)
+    loss = reg.loss()
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for _, p in reg.params)  # 0, not NaN
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.weight.add_(0.3)       # ||d||_F = 0.3 * sqrt(32 * 96)
+        model.transformer.h[1].mlp.c_fc.bias.sub_(0.4)            # ||d||_F = 0.4 * sqrt(128)
+        model.transformer.ln_f.weight.add_(5.0)                   # not regularised
+        model.transformer.wte.weight.add_(5.0)
+    expected = 1e-2 * (0.3 * (32 * 96) ** 0.5 + 0.4 * 128 ** 0.5)
+    assert reg.loss().item() == pytest.approx(expected, rel=1e-5)
+
+
+# ---- LM co-training -----------------------------------------------------------------------------------------------
+
+def test_cotraining_step_trains_the_lm_head(lm_dirs, hopper_data):
+    from decision_transformer.data import TrajectoryDataset, load_dataset
+    from decision_transformer.training import Trainer, make_optimizer, warmup_schedule
+
+    _, trajs = load_dataset(hopper_data, "hopper", "medium")
+    ds = TrajectoryDataset(trajs, "hopper")
+
+    def one_step(joint: bool):
+        extra = ["--joint", "--nlp_dataset_name", str(lm_dirs / "corpus.txt"), "--max_iters", "4",
+                 "--num_steps_per_iter", "5", "--gpt_lm_const", "0.5", "--lm_const_linear_decay"] if joint else []
+        from decision_transformer.cli_lm import lm_cotraining_parser
+
+        args = lm_cotraining_parser().parse_args(["--pretrained_lm", str(lm_dirs / "gpt2"), "--K", "5", *extra])
+        model = build_model_from_args(args, HOPPER)
+        aux = make_extra_loss(args, model, script="lm_cotraining")
+        opt = make_optimizer(model, lr=1e-3, weight_decay=1e-4, pretrained_lm=True)
+        trainer = Trainer(model, opt, warmup_schedule(opt, 1), ds, batch_size=4, K=5,
+                          generator=torch.Generator().manual_seed(0), extra_loss=aux)
+        before = model.transformer.wte.weight.detach().clone()
+        trainer.train_iteration(2, 1)
+        return aux, before, model.transformer.wte.weight.detach()
+
+    aux, before, after = one_step(True)
+    assert isinstance(aux, AuxLosses) and aux.lm is not None
+    assert aux.lm.batches.blocks.shape[1] == 40                  # blocks of min(1024, n_positions) tokens
+    assert aux.lm.weight(1) == pytest.approx(0.5 * (1 - 1 / 20)) and aux.lm.weight(20) == 0.0
+    logs = aux.pop_logs()
+    assert 3.0 < logs["training/lm_loss"] < 8.0                  # ~log(vocab) for a barely trained LM
+    assert logs["training/lm_const"] == pytest.approx(0.5 * (1 - 1.5 / 20))   # mean over steps 1 and 2
+    assert not torch.equal(before, after)                        # the tied head/embedding is trained
+    aux_none, before, after = one_step(False)
+    assert aux_none is None and torch.equal(before, after)       # without --joint wte gets no gradient
+
+
+def test_joint_needs_a_local_corpus(lm_dirs, tmp_path, monkeypatch):
+    from decision_transformer.cli_lm import lm_cotraining_parser
+
+    monkeypatch.chdir(tmp_path)
+    args = lm_cotraining_parser().parse_args(["--pretrained_lm", str(lm_dirs / "gpt2"), "--joint"])
+    model = build_model_from_args(args, HOPPER)
+    with pytest.raises(UserError, match="wikitext.*not found locally.*wiki.train.raw"):
+        make_extra_loss(args, model, script="lm_cotraining")
+
+
+# ---- scripts ------------------------------------------------------------------------------------------------------
+
+def expect_error(capsys, main, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_missing_model_is_one_line_saying_where_and_how(tmp_path, monkeypatch, capsys, hopper_data):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf"))
+    msg = expect_error(capsys, experiment.main, ["--data_path", str(hopper_data), *RUN, "--pretrained_lm",
+                                                 "openai/imagegpt-small"])
+    for needle in ("'openai/imagegpt-small' not found", str(tmp_path / "checkpoints" / "openai" / "imagegpt-small"),
+                   str(tmp_path / "empty_hf" / "hub"), "huggingface-cli download openai/imagegpt-small",
+                   "checkpoints/imagegpt-small"):
+        assert needle in msg, needle
+    from lm_cotraining import experiment as lm_experiment
+
+    msg = expect_error(capsys, lm_experiment.main, ["--data_path", str(hopper_data), *RUN])
+    assert "needs --pretrained_lm" in msg
+
+
+def test_pretraining_seed_commands_with_cached_models(tmp_path, monkeypatch, hf_home, hopper_data):
+    """TAKAGI's commands: --pretrained_lm gpt2 / openai/imagegpt-small from the HF cache, --remove_grad_clip,
+    --K 1 with --pretrained_block (b = 0); run folders named as the analysis scripts expect."""
+    monkeypatch.chdir(tmp_path)
+    seed_cmd = ["--env", "hopper", "--dataset", "medium", "--model_type", "dt", "--seed", "666", "--outdir",
+                "checkpoints", "--dropout", "0.2", "--share_input_output_proj", "--warmup_steps", "5000",
+                "--data_path", str(hopper_data), "--batch_size", "4", "--num_eval_episodes", "1",
+                "--max_iters", "1", "--num_steps_per_iter", "3"]
+    experiment.main([*seed_cmd, "--embed_dim", "768", "--n_layer", "12", "--pretrained_lm", "gpt2"])
+    experiment.main([*seed_cmd, "--pretrained_lm", "openai/imagegpt-small", "--remove_grad_clip"])
+    experiment.main([*seed_cmd, "--pretrained_lm", "gpt2", "--embed_dim", "32", "--n_layer", "3", "--K", "1",
+                     "--pretrained_block", "0"])
+    ck = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["dt_medium_hopper_666_K1_block0", "gpt2_medium_hopper_666",
+                                                   "igpt_medium_hopper_666_no_grad_clip"]
+    lm_sd = locate_lm("gpt2").state_dict()
+    for run, n_embd in (("gpt2_medium_hopper_666", 32), ("igpt_medium_hopper_666_no_grad_clip", 24),
+                        ("dt_medium_hopper_666_K1_block0", 32)):
+        m0, m1 = load_checkpoint(ck / run / "model_0.pt"), load_checkpoint(ck / run / "model_1.pt")
+        cfg = m1["config"]["model_config"]
+        assert cfg["backbone"]["n_embd"] == n_embd                    # from the LM, not --embed_dim 768
+        rebuilt = DecisionTransformer(DTConfig.from_dict(cfg))
+        rebuilt.load_state_dict(m1["state_dict"])                     # strict, no LM files needed
+        assert m1["config"]["pretrained_lm_path"].startswith(str(hf_home))
+    gpt0 = load_checkpoint(ck / "gpt2_medium_hopper_666" / "model_0.pt")["state_dict"]
+    assert torch.equal(gpt0["transformer.h.1.mlp.c_fc.weight"], lm_sd["h.1.mlp.c_fc.weight"])
+    blk0 = load_checkpoint(ck / "dt_medium_hopper_666_K1_block0" / "model_0.pt")["state_dict"]
+    assert torch.equal(blk0["transformer.h.0.attn.c_attn.weight"], lm_sd["h.0.attn.c_attn.weight"])
+    assert not torch.equal(blk0["transformer.h.1.attn.c_attn.weight"], lm_sd["h.1.attn.c_attn.weight"])
+
+
+def test_merging_seed_lm_command_against_a_fresh_chibit(tmp_path, hopper_data):
+    """(5) makes a ChibiT; the Merging-DT seed's LM command then runs as written from a sub-directory, creating
+    the k-means cache it names; a second run reuses the cache."""
+    from lm_cotraining import pretrain_chibit
+
+    (tmp_path / "wiki.txt").write_text(corpus_text(n_lines=1500, seed=3))
+    pretrain_chibit.main(["--text", str(tmp_path / "wiki.txt"), "--out", str(tmp_path / "checkpoints" / "ChibiT"),
+                          "--vocab_size", "1200", "--steps", "40", "--block_size", "32", "--batch_size", "8",
+                          "--n_positions", "512", "--warmup_steps", "5", "--lr", "3e-3", "--device", "cpu"])
+    chibit = tmp_path / "checkpoints" / "ChibiT"
+    cfg = json.loads((chibit / "config.json").read_text())
+    assert (cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["model_type"]) == (3, 128, 1, "gpt2")
+    assert cfg["vocab_size"] >= 1000 and (chibit / "tokenizer.json").is_file()
+
+    work = tmp_path / "lm_cotraining"
+    work.mkdir()
+    seed = ["--env", "hopper", "--dataset", "medium", "--model_type", "dt", "-w", "--pretrained_lm",
+            "../checkpoints/chibiT", "--extend_positions", "--gpt_kmeans", "1000", "--gpt_kmeans_const", "0.1",
+            "--device=cuda", "--kmeans_cache=../kmeans_cache/chibi_1000.pt", "--save_model", "--save_mode=best",
+            "--dropout", "0.1", "--init_reg", "1e-4"]
+    small = ["--data_path", str(hopper_data), "--max_iters", "2", "--num_steps_per_iter", "3", "--K", "5",
+             "--batch_size", "4", "--num_eval_episodes", "1"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "lm_cotraining" / "experiment.py"), *seed, *small], cwd=work,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cache = tmp_path / "kmeans_cache" / "chibi_1000.pt"
+    centres = torch.load(cache, weights_only=True)
+    assert centres.shape == (1000, 128)
+    runs = list((work / "models" / "hopper").glob("dt_gym-experiment-hopper-medium-*"))
+    best = [p for p in runs if p.name.endswith("_best.pt")]
+    run_dirs = [p for p in runs if p.is_dir()]
+    assert len(best) == 1 and len(run_dirs) == 1 and best[0].name == run_dirs[0].name + "_best.pt"
+    assert sorted(p.name for p in run_dirs[0].glob("model_*.pt")) == ["model_0.pt", "model_1.pt", "model_2.pt"]
+    rows = [json.loads(x) for x in (run_dirs[0] / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["training/init_reg_loss"] >= 0 and rows[0]["training/kmeans_loss"] != 0
+    # the LM script's anneal horizon is 15000: weight 0.1 * anneal(s), steps 1..3
+    assert rows[0]["training/kmeans_weight"] == pytest.approx(0.1 * sum(anneal(s, 15000) for s in (1, 2, 3)) / 3)
+    ck = load_checkpoint(best[0])
+    assert ck["config"]["model_config"]["extend_positions"] is True and ck["config"]["max_iters"] == 2
+    rebuilt = DecisionTransformer(DTConfig.from_dict(ck["config"]["model_config"]))
+    rebuilt.load_state_dict(ck["state_dict"])
+    assert rebuilt.embed_timestep is rebuilt.transformer.wpe
+    mtime = cache.stat().st_mtime_ns
+    proc = subprocess.run([sys.executable, str(ROOT / "lm_cotraining" / "experiment.py"), *seed, *small,
+                           "--max_iters", "1", "--num_eval_episodes", "0"], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "centres read from ../kmeans_cache/chibi_1000.pt" in proc.stderr and cache.stat().st_mtime_ns == mtime

@@ -1,0 +1,86 @@
+"""The grid launcher: expansion, skip/resume detection, a real two-process run, WandB export."""
+import yaml
+
+from decision_transformer import sweep
+
+
+def test_bundled_grids_expand():
+    counts = {name: len(sweep.expand(sweep.load_grid(name))) for name in
+              ("pretraining_table1", "pretraining_k1", "block_replacement", "grad_clip")}
+    assert counts == {"pretraining_table1": 18, "pretraining_k1": 12, "block_replacement": 36, "grad_clip": 3}
+    blocks = {r["pretrained_block"] for r in sweep.expand(sweep.load_grid("block_replacement"))}
+    assert blocks == set(range(12))
+
+
+def test_to_argv_switches_and_nulls():
+    assert sweep.to_argv({"env": "hopper", "pretrained_lm": None, "share_input_output_proj": True, "frozen": False,
+                          "K": 1, "include": ["attn", "mlp"]}) == \
+        ["--env", "hopper", "--share_input_output_proj", "--K", "1", "--include", "attn", "mlp"]
+
+
+def _grid(tmp_path, data):
+    spec = {"program": "experiment.py",
+            "fixed": {"data_path": str(data), "outdir": str(tmp_path / "ck"), "embed_dim": 16, "n_layer": 1,
+                      "K": 5, "batch_size": 4, "max_iters": 1, "num_steps_per_iter": 2, "num_eval_episodes": 1,
+                      "device": "cpu"},
+            "grid": {"seed": [1, 2], "pretrained_lm": [None]}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_skip_finished_and_resume_partial(tmp_path, hopper_data):
+    spec = sweep.load_grid(str(_grid(tmp_path, hopper_data)))
+    assert [s for s, _ in sweep.plan(spec, [])] == ["new", "new"]
+    done = tmp_path / "ck" / "dt_medium_hopper_1_K5"
+    done.mkdir(parents=True)
+    (done / "model_1.pt").write_bytes(b"x")
+    part = tmp_path / "ck" / "dt_medium_hopper_2_K5"
+    part.mkdir(parents=True)
+    (part / "train_state.pt").write_bytes(b"x")
+    states = sweep.plan(spec, [])
+    assert [s for s, _ in states] == ["done", "partial"]
+    assert states[1][1][-1] == "--resume" and "--resume" not in states[0][1]
+
+
+def test_local_run_two_processes_then_skip(tmp_path, hopper_data, capsys):
+    grid = _grid(tmp_path, hopper_data)
+    sweep.main(["run", str(grid), "--procs", "2", "--log_dir", str(tmp_path / "logs")])
+    for seed in (1, 2):
+        assert (tmp_path / "ck" / f"dt_medium_hopper_{seed}_K5" / "model_1.pt").is_file()
+    capsys.readouterr()
+    sweep.main(["run", str(grid), "--procs", "2", "--log_dir", str(tmp_path / "logs")])
+    assert "2 finished (skipped)" in capsys.readouterr().out
+
+
+def test_failed_runs_exit_nonzero(tmp_path, capsys):
+    spec = {"program": "experiment.py", "fixed": {"data_path": str(tmp_path / "none"), "outdir": ""},
+            "grid": {"seed": [1]}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    try:
+        sweep.main(["run", str(path), "--log_dir", str(tmp_path / "logs")])
+    except SystemExit as e:
+        assert e.code == 2
+    else:
+        raise AssertionError("a failing run must make the launcher exit non-zero")
+    assert "1 of 1 runs failed" in capsys.readouterr().err
+
+
+def test_unknown_grid(capsys):
+    try:
+        sweep.main(["run", "no_such_grid"])
+    except SystemExit as e:
+        assert e.code == 2
+    assert "unknown grid 'no_such_grid'" in capsys.readouterr().err
+
+
+def test_export_splits_null(tmp_path):
+    paths = sweep.export_wandb(sweep.load_grid("pretraining_table1"), tmp_path)
+    docs = {p.stem: yaml.safe_load(p.read_text()) for p in paths}
+    no_lm = docs["pretraining_table1-no-pretrained_lm"]
+    with_lm = docs["pretraining_table1-pretrained_lm"]
+    assert "pretrained_lm" not in no_lm["parameters"]
+    assert with_lm["parameters"]["pretrained_lm"]["values"] == ["gpt2", "openai/imagegpt-small"]
+    assert with_lm["method"] == "grid" and "${args_no_boolean_flags}" in with_lm["command"]
+    assert with_lm["parameters"]["share_input_output_proj"] == {"value": True}
