@@ -137,7 +137,7 @@ def fisher_empirical(model, batches, *, scope: str = FISHER_SCOPE, forward: Call
                     sl = slice(i, i + chunk)
                     g = per_example(params, b.states[sl], b.actions[sl], rtg[sl], b.timesteps[sl], b.mask[sl])
                     for n in acc:
-                        acc[n] += (g[n].to(torch.float32) ** 2).sum(0)
+                        acc[n] += (g[n].detach().to(torch.float32) ** 2).sum(0)
                 n_w += b.states.shape[0]
         finally:
             model.train(was_training)
@@ -198,7 +198,7 @@ def fisher_gaussian(model, batches, *, scope: str = FISHER_SCOPE, forward: Calla
                     cot[torch.arange(sel.shape[0]), sel[:, 0], sel[:, 1], sel[:, 2]] = 1.0
                     (jac,) = vmap(vjp_fn)(cot)
                     for n in acc:
-                        acc[n] += (jac[n].to(torch.float32) ** 2).sum(0)
+                        acc[n] += (jac[n].detach().to(torch.float32) ** 2).sum(0)
                 n_w += b.states.shape[0]
         finally:
             model.train(was_training)
@@ -241,7 +241,7 @@ def compute_fisher(model, dataset, *, fisher_type: str = "batch", batch_size: in
 
 def fisher_tensors(info: dict) -> dict[str, torch.Tensor]:
     """The per-parameter tensors of a Fisher info dict (metadata dropped)."""
-    return {k: v for k, v in info.items() if isinstance(v, torch.Tensor) and not k.startswith("_")}
+    return {k: v.detach() for k, v in info.items() if isinstance(v, torch.Tensor) and not k.startswith("_")}
 
 
 def save_fisher(info: dict, path: str | os.PathLike) -> Path:
@@ -271,3 +271,54 @@ def describe(info: dict) -> str:
 
 def log(msg: str):
     print(msg, file=sys.stderr)
+
+
+# ---- precompute_fisher.py ----------------------------------------------------------------------------------------------
+
+def precompute_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(description="Diagonal Fisher of a single-task checkpoint's transformer blocks on its "
+                                            "own dataset, saved to <model_dir>/info/<stem>-bs{B}-nb{N}[-type] for "
+                                            "experiment.py --use_fisher.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data_path", default="data")
+    p.add_argument("--model", required=True, help="model file (our checkpoint, a state dict or an original pickle)")
+    p.add_argument("--f_batch_size", type=int, default=64, help="windows per batch")
+    p.add_argument("--f_num_batches", type=int, default=100, help="batches")
+    p.add_argument("--K", type=int, default=20)
+    p.add_argument("--device", default="cuda:0", help="falls back to cpu with a warning when CUDA is absent")
+    p.add_argument("--fisher_type", default="batch", choices=FISHER_TYPES)
+    p.add_argument("--seed", type=int, default=666, help="sampler and dropout seed")
+    p.add_argument("--dataset", default=None, help="data to estimate on (default: the model's own dataset)")
+    p.add_argument("--force", action="store_true", help="recompute even if the info file exists")
+    return p
+
+
+def run_precompute(args) -> Path:
+    from decision_transformer.data import TrajectoryDataset, load_dataset
+    from decision_transformer.legacy_import import build_model, load_model_file
+    from decision_transformer.run import resolve_device
+
+    device = resolve_device(args.device)
+    mf = load_model_file(args.model)
+    if mf.is_multi:
+        raise UserError(f"{args.model}: a multi-task model; experiment_multi.py --use_fisher computes its Fisher per env")
+    env, dataset = mf.env, args.dataset or mf.dataset
+    if env is None or dataset is None:
+        raise UserError(f"{args.model}: cannot tell the model's env and dataset (no stored config, and the path is not "
+                        f"models/{{env}}/dt_gym-experiment-{{env}}-{{dataset}}-{{id}}.pt); pass --dataset and use a "
+                        f"checkpoint with a config")
+    out = fisher_info_path(args.model, args.f_batch_size, args.f_num_batches, args.fisher_type)
+    if out.is_file() and not args.force:
+        log(f"{out} exists ({describe(load_fisher(out))}); --force recomputes it")
+        return out
+    data_file, trajs = load_dataset(args.data_path, env, dataset)
+    ds = TrajectoryDataset(trajs, env, device=device)     # no pct_traj filter, the dataset's own statistics
+    model = build_model(mf, device, max_length=args.K)
+    info = compute_fisher(model, ds, fisher_type=args.fisher_type, batch_size=args.f_batch_size,
+                          num_batches=args.f_num_batches, K=args.K, seed=args.seed)
+    save_fisher(info, out)
+    log(f"{out}: {args.fisher_type} Fisher of {args.model} on {data_file} ({args.f_num_batches} x {args.f_batch_size} "
+        f"windows of K={args.K}): {describe(info)}")
+    return out

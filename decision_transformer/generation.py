@@ -246,6 +246,21 @@ def rollout_schedule(env: str, schedule: list[tuple[int, object]], num_transitio
     return _stack(eps, num_transitions)
 
 
+class _one_thread:
+    """Small batched forwards are fastest single-threaded (and leave the other cores to the env stepping)."""
+
+    def __enter__(self):
+        import torch
+
+        self.prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.prev)
+
+
 def _progress(total, desc):
     from tqdm import tqdm
 
@@ -268,6 +283,11 @@ def generate_flat(env: str, dataset: str, num_transitions: int | None = None, se
     check_dataset_name(dataset)
     policy_dir = Path(policy_dir) if policy_dir is not None else BUNDLED_POLICY_DIR
     n = num_transitions or DEFAULT_NUM_TRANSITIONS
+    with _one_thread():
+        return _generate_flat(env, dataset, n, num_transitions, seed, policy_dir, progress)
+
+
+def _generate_flat(env, dataset, n, num_transitions, seed, policy_dir, progress):
     meta = {"algorithm": "SAC", "generator": "decision_transformer.generation", "env_id": get_env_spec(env).gym_id(),
             "dataset": dataset, "seed": seed}
     if dataset == "random":
@@ -279,8 +299,8 @@ def generate_flat(env: str, dataset: str, num_transitions: int | None = None, se
         data = rollout_policy(env, actor, n, seed=seed + (0 if dataset == "medium" else 1), progress=progress)
         meta.update(policy=f"{env}/{dataset}.pt", iteration=int(pm["step"]))
     elif dataset == "medium-expert":
-        med, mm = generate_flat(env, "medium", n, seed, policy_dir, progress)
-        exp, em = generate_flat(env, "expert", n, seed, policy_dir, progress)
+        med, mm = _generate_flat(env, "medium", n, n, seed, policy_dir, progress)
+        exp, em = _generate_flat(env, "expert", n, n, seed, policy_dir, progress)
         ends = np.flatnonzero(med["terminals"] | med["timeouts"])
         cut = int(ends[-1]) + 1 if len(ends) else 0
         data = {k: np.concatenate([med[k][:cut], exp[k]]) for k in med}

@@ -420,5 +420,8 @@ def _merge_for_experiment(args, fresh, spec, device):
 
 def _report(merged, keys, info, what):
     n, tot, frac = merging.merged_fraction(merged, keys)
-    info.update(merged_tensors=n, merged_fraction=frac)
-    log(f"merge: {what} over {n} of {tot} tensors ({frac:.1%} of the parameters); the rest from model 1")
+    # the unused 50257 x H token table wte dominates the parameter count of a random-init DT
+    _, _, frac_used = merging.merged_fraction({k: v for k, v in merged.items() if k != "transformer.wte.weight"}, keys)
+    info.update(merged_tensors=n, merged_fraction=frac, merged_fraction_without_wte=frac_used)
+    log(f"merge: {what} over {n} of {tot} tensors ({frac:.1%} of the parameters, {frac_used:.1%} without the unused "
+        f"token table wte); the rest from model 1")

@@ -18,6 +18,7 @@ Methods: :func:`merge_mean` (uniform soup / 2-model lerp), :func:`merge_fisher` 
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -137,11 +138,11 @@ def normalise_fisher(fisher: StateDict, keys: Sequence[str], norm: str = "trace"
     only, in float32."""
     if norm not in FISHER_NORMS:
         raise UserError(f"unknown --fisher_norm {norm!r}; choose one of {', '.join(FISHER_NORMS)}")
-    sel = {k: fisher[k].to(torch.float32) for k in keys}
+    sel = {k: fisher[k].detach().to(torch.float32) for k in keys}
     if norm == "none":
         return sel
     if norm == "trace":
-        denom = sum(v.to(torch.float64).sum() for k, v in fisher.items()
+        denom = sum(v.detach().to(torch.float64).sum() for k, v in fisher.items()
                     if isinstance(v, torch.Tensor) and not k.startswith("_"))
     else:
         denom = torch.sqrt(sum((v.to(torch.float64) ** 2).sum() for v in sel.values()))
@@ -195,8 +196,8 @@ def merge_fisher(states: Sequence[StateDict], fishers: Sequence[StateDict], keys
             for i in range(n):
                 share[i] += float((w[i] / den).mean())
     if verbose:
-        print("fisher merge: mean normalised weight summed over tensors per model: "
-              + ", ".join(f"{s:.3f}" for s in share))
+        print("fisher merge: mean weight of each model over the merged tensors: "
+              + ", ".join(f"{s / len(fkeys):.3f}" for s in share), file=sys.stderr)
     return _finish(_start(states, device), merged, states, device)
 
 
@@ -368,13 +369,13 @@ def greedy_soup(states: Sequence[StateDict], keys: Sequence[str], score: Callabl
         sd = merge_mean(cand, keys, weights=w, device=device)
         s = float(score(sd))
         if verbose:
-            print(f"greedy soup: candidate {i + 1} -> score {s:.4f} (best {best:.4f})")
+            print(f"greedy soup: candidate {i + 1} -> score {s:.4f} (best {best:.4f})", file=sys.stderr)
         if s > best:
             kept.append(i)
             best, best_sd = s, sd
     if verbose:
         print(f"greedy soup: kept models {[i + 1 for i in kept]} (held-out scores alone: "
-              + ", ".join(f"{a:.4f}" for a in alone) + ")")
+              + ", ".join(f"{a:.4f}" for a in alone) + ")", file=sys.stderr)
     return best_sd, kept
 
 

@@ -44,7 +44,7 @@ def main(argv=None):
     from decision_transformer.run import resolve_device
     from decision_transformer.training.lm_pretrain import pretrain_chibit
 
-    pretrain_chibit(args.text, args.out, tokenizer_dir=args.tokenizer, vocab_size=args.vocab_size,
+    return pretrain_chibit(args.text, args.out, tokenizer_dir=args.tokenizer, vocab_size=args.vocab_size,
                     n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, n_positions=args.n_positions,
                     block_size=args.block_size, batch_size=args.batch_size, steps=args.steps, lr=args.lr,
                     warmup_steps=args.warmup_steps, seed=args.seed, device=str(resolve_device(args.device)),

@@ -286,7 +286,8 @@ def plot(args) -> common.Outputs:
                 rows += [[m, i, n, float(v)] for i, (n, v) in enumerate(zip(names, vals))]
                 print(f"{env}/{token} {m}: {len(above)} layers above {args.thr}: {', '.join(above)}")
             ax.axhline(args.thr, ls="--", color="k", lw=1)
-            ax.set_ylim(-0.05, 1.05)
+            lo = min(float(np.nanmin(v[0])) for v in curves.values())
+            ax.set_ylim(min(-0.05, lo - 0.05), 1.05)
             ax.set_xlabel("normalized layer" if any(block_of(n[-1]) + 1 != target for _, n in curves.values())
                           else "layer")
             ax.set_ylabel(f"CKA (epoch {args.epoch1} vs {args.epoch2})")

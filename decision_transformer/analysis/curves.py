@@ -190,7 +190,10 @@ def run_no_context(args) -> common.Outputs:
         setattr(t_args, k, getattr(args, k))
     t_args.env_name_list, t_args.model_name_list, t_args.seed_list = envs, args.model_name_list, [args.seed]
     t_args.K, t_args.select, t_args.no_figure = 1, "best", True
-    outs.extend(scores.run(t_args))
+    try:
+        outs.extend(scores.run(t_args))
+    except UserError as e:
+        outs.notes.append(f"Table 2 not written: {e}")
     return outs
 
 

@@ -247,13 +247,12 @@ def plot_mi(args) -> common.Outputs:
                     ax = axes[r, c]
                     for i, mk in enumerate(markers):
                         sel = (d["token"] == i) & ~np.isnan(d[what])
-                        ax.scatter(d["position"][sel] // 3, d[what][sel], marker=mk, s=14, color=f"C{j}",
+                        ax.scatter(d["position"][sel] / 3, d[what][sel], marker=mk, s=14, color=f"C{j}",
                                    label=f"{common.model_label(m)} {('R̂', 's', 'a')[i]}" if r == 0 else None)
-                    ax.set_title(f"{'Î(X;T)' if what == 'x' else 'Î(Y;T)'}, block {layer} "
-                                 f"({('shallow', 'middle', 'deep')[min(r, 2)] if len(layers) == 3 else ''})",
-                                 fontsize=9)
+                    depth_name = f" ({('shallow', 'middle', 'deep')[r]})" if len(layers) == 3 else ""
+                    ax.set_title(f"{'Î(X;T)' if what == 'x' else 'Î(Y;T)'}, block {layer}{depth_name}", fontsize=9)
                     ax.set_ylim(-0.1, max(5.5, np.nanmax(d[what]) + 0.2 if np.isfinite(d[what]).any() else 5.5))
-                    ax.set_xlabel("Context")
+                    ax.set_xlabel("Context (timestep; R̂, s, a at t, t+1/3, t+2/3)")
                     ax.set_ylabel("MI (nats)")
         axes[0, 1].legend(fontsize=6, ncol=len(found))
         stem = f"mi_xy_{args.epoch}_{'_'.join(found)}_{args.env_name}_{args.dataset_name}_{args.seed}"

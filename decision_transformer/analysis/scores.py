@@ -65,7 +65,7 @@ def mean_std(values: list[float]) -> str:
     v = np.array([x for x in values if not math.isnan(x)])
     if len(v) == 0:
         return "n/a"
-    return f"{v[0]:.2f}" if len(v) == 1 else f"{v.mean():.1f} ± {v.std():.1f}"
+    return f"{v[0]:.2f} (1 seed)" if len(v) == 1 else f"{v.mean():.1f} ± {v.std():.1f}"
 
 
 def build_parser():
@@ -105,7 +105,11 @@ def run(args) -> common.Outputs:
                 except UserError as e:
                     missing.append(str(e))
                     continue
-                it, val = metric_series(rows, metric, str(key.path(args.checkpoint_dir) / "metrics.jsonl"))
+                try:
+                    it, val = metric_series(rows, metric, str(key.path(args.checkpoint_dir) / "metrics.jsonl"))
+                except UserError as e:
+                    missing.append(str(e))
+                    continue
                 be, bv, le, lv = best_and_last(it, val)
                 norm = (lambda x, env=env: float(d4rl_normalize(env, x))) if args.score_norm == "d4rl" else \
                     (lambda x, env=env: float(dataset_normalize(x, refs[env])))

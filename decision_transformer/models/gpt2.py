@@ -12,8 +12,8 @@ checkpoints, the originals' state dicts and merge code line up.
 """
 from __future__ import annotations
 
-import math
 import copy
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch

@@ -39,7 +39,7 @@ def cosine_kmeans(x: torch.Tensor, n_clusters: int, *, seed: int, tol: float = 1
     ``tol``. Seeded initial centres (distinct random points); an empty cluster is re-seeded with a random point.
     x: [V, H] -> centres [N, H] float32 on x's device."""
     x = x.detach().float()
-    V, H = x.shape
+    V = x.shape[0]
     if not 1 <= n_clusters <= V:
         raise UserError(f"--gpt_kmeans {n_clusters} must be between 1 and the LM's vocabulary size {V}")
     g = torch.Generator().manual_seed(int(seed))

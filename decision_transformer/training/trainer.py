@@ -18,8 +18,9 @@ class Trainer:
 
     def __init__(self, model, optimizer, scheduler, dataset: TrajectoryDataset, *, batch_size: int, K: int,
                  generator: torch.Generator, grad_clip: float | None = GRAD_CLIP, extra_loss=None,
-                 amp_dtype: torch.dtype | None = None):
-        self.model = model
+                 amp_dtype: torch.dtype | None = None, rank: int = 0, world_size: int = 1):
+        self.model = model                # the module called for the forward (DistributedDataParallel under torchrun)
+        self.module = model               # the plain DT
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.dataset = dataset
@@ -27,22 +28,45 @@ class Trainer:
         self.K = K
         self.generator = generator
         self.grad_clip = grad_clip
-        self.extra_loss = extra_loss      # optional callable(model, out, batch, step) -> (loss, logs)
+        # optional callable(model, out, batch, step) -> loss, or (loss, {log key: scalar tensor}) whose values are
+        # averaged over the iteration's steps and logged
+        self.extra_loss = extra_loss
+        self.extra_logs: dict[str, list] = {}
         self.step = 0                     # global step counter, never reset
-        self.params = [p for p in model.parameters() if p.requires_grad]
         # bf16 autocast (CUDA): no loss scaling needed; the loss itself is computed in fp32
         self.amp_dtype = amp_dtype
         self.device_type = next(model.parameters()).device.type
+        # Data parallel: every rank draws the same global batch and trains on its slice of rows
+        self.rank, self.world_size = rank, world_size
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by {world_size} processes")
+        if world_size > 1:
+            from decision_transformer.distributed import DistContext, wrap
+
+            self._freeze_unreached()
+            self.model = wrap(model, DistContext(rank, world_size, rank), next(model.parameters()).device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def _freeze_unreached(self):
+        """Freeze the parameters that the loss does not reach (found with one eval-mode forward/backward on a batch
+        from a separate generator). AdamW skips parameters without gradients anyway, so training is unchanged; DDP
+        needs every parameter it tracks to receive a gradient."""
+        gen = torch.Generator(device=self.dataset.device).manual_seed(0)
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            self._loss(self.dataset.sample_batch(self.batch_size, self.K, gen))[1].backward()
+        finally:
+            self.module.train(was_training)
+            self.extra_logs = {}
+        for p in self.module.parameters():
+            if p.requires_grad and p.grad is None:
+                p.requires_grad_(False)
+            p.grad = None
 
     def train_step(self) -> torch.Tensor:
         batch = self.dataset.sample_batch(self.batch_size, self.K, self.generator)
-        with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
-            out = self.model(batch.states, batch.actions, batch.rtg[:, :-1], batch.timesteps,
-                             attention_mask=batch.mask)
-        loss = masked_action_mse(out.action_preds.float(), batch.actions, batch.mask)
-        total = loss
-        if self.extra_loss is not None:
-            total = total + self.extra_loss(self.model, out, batch, self.step)
+        loss, total = self._loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.grad_clip is not None:
@@ -51,6 +75,38 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         return loss.detach()
+
+    def _loss(self, batch):
+        """(action MSE, total loss) of a batch; under data parallelism of this rank's slice, scaled."""
+        if self.world_size > 1:
+            batch, scale = self._rank_slice(batch)
+        with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+            out = self.model(batch.states, batch.actions, batch.rtg[:, :-1], batch.timesteps,
+                             attention_mask=batch.mask)
+        loss = masked_action_mse(out.action_preds.float(), batch.actions, batch.mask)
+        if self.world_size > 1:
+            # DDP averages gradients over ranks: scale so that the average is the gradient of the global batch's
+            # masked mean, whatever the number of real steps in each rank's slice
+            loss = loss * scale
+        total = loss
+        if self.extra_loss is not None:
+            extra = self.extra_loss(self.module, out, batch, self.step)
+            if isinstance(extra, tuple):
+                extra, logs = extra
+                for k, v in logs.items():
+                    self.extra_logs.setdefault(k, []).append(torch.as_tensor(v).detach().float())
+            total = total + extra
+        return loss, total
+
+    def _rank_slice(self, batch):
+        """This rank's rows of the global batch, and the loss scale W * n_rank / n_global (real steps)."""
+        from dataclasses import fields, replace
+
+        b = self.batch_size // self.world_size
+        rows = slice(self.rank * b, (self.rank + 1) * b)
+        part = replace(batch, **{f.name: getattr(batch, f.name)[rows] for f in fields(batch)})
+        scale = self.world_size * part.mask.sum() / batch.mask.sum()
+        return part, scale
 
     def train_iteration(self, num_steps: int, iteration: int, bar=None) -> dict:
         """Run ``num_steps`` steps; return the originals' training log keys. Raises ``TrainingDiverged`` on NaN."""
@@ -70,6 +126,14 @@ class Trainer:
                     raise TrainingDiverged(f"loss became NaN or inf at iteration {iteration}, step {bad}; "
                                            f"checkpoints of earlier iterations are kept")
         logs = {"time/training": time.time() - start}
+        if self.world_size > 1:  # the global batch's loss: the mean over ranks of the scaled slice losses
+            import torch.distributed as dist
+
+            dist.all_reduce(losses)
+            losses /= self.world_size
+        for k, vals in self.extra_logs.items():
+            logs[k] = float(torch.stack(vals).mean())
+        self.extra_logs = {}
         if num_steps:
             arr = losses.cpu().numpy()
             logs["training/train_loss_mean"] = float(np.mean(arr))

@@ -1,0 +1,323 @@
+"""The whole analysis suite for one checkpoints folder, and one markdown report with its figures and tables.
+
+The runs present decide what runs: score tables for runs with metrics, learning curves where K = 1 / block /
+no-grad-clip runs exist, CKA, MINE, parameter and gradient analyses on the K = 20 runs, attention distance on the
+K = 1 runs. Epochs are the paper's (CKA / MI / parameters 0 vs 40, gradients 1, attention 0 vs 4) when present,
+otherwise the nearest available one (said in the report). Each analysis calls the same code as its script, with
+its results and figures under ``{out_dir}/{section folder}/``. A failing analysis is reported and the others go on.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import traceback
+from collections import defaultdict
+from pathlib import Path
+
+from decision_transformer.analysis import attention, cka, common, curves, grads, mi, params, scores
+from decision_transformer.analysis.runs import RunKey, checkpoint_epochs, discover_runs
+from decision_transformer.errors import UserError
+
+STEPS = ("scores", "curves", "cka", "mi", "params", "grads", "attention")
+
+TITLES = {
+    "scores": "Section 4 / 5.5: normalised scores (Tables 1 and 2)",
+    "curves": "Learning curves: no context (Fig. 8), block replacement (Fig. 9), gradient clipping (App. G.3)",
+    "cka": "Section 5.1: activation similarity, CKA (Fig. 1)",
+    "mi": "Section 5.2: mutual information, MINE (Figs. 2, 16, 22)",
+    "params": "Section 5.3: parameter similarity (Figs. 3, 4)",
+    "grads": "Section 5.4: gradient confusion and gradient norms (Figs. 5, 6, 7)",
+    "attention": "Section 5.6.2: attention distance (Fig. 10)",
+}
+FOLDER = {"scores": "scores", "curves": "no_context", "cka": "cka", "mi": "mi", "params": "params", "grads": "grads",
+          "attention": "attention"}
+
+
+def build_parser():
+    p = common.parser("Run every analysis of the pre-training paper on a checkpoints folder; write report.md.")
+    p.add_argument("--checkpoint_dir", type=str, default="checkpoints")
+    p.add_argument("--out_dir", type=str, default="analysis_report")
+    p.add_argument("--dataset_name", type=str, default="medium")
+    p.add_argument("--seed", type=int, default=666, help="the seed analysed (score tables use every seed found)")
+    p.add_argument("--env_name_list", nargs="+", default=None, help="default: every env with runs")
+    p.add_argument("--model_name_list", nargs="+", default=None, help="default: every model with runs")
+    p.add_argument("--data_path", type=str, default=None)
+    p.add_argument("--device", type=str, default="cpu")
+    p.add_argument("--batch_size", type=int, default=100)
+    p.add_argument("--grad_batch_size", type=int, default=50, help="samples of the gradient-confusion analysis")
+    p.add_argument("--K", type=int, default=20, help="context of the analysis batches")
+    p.add_argument("--epoch2", type=int, default=40, help="CKA / MI / parameter epoch (else the nearest below)")
+    p.add_argument("--grad_epoch", type=int, default=1)
+    p.add_argument("--attention_epoch2", type=int, default=4)
+    p.add_argument("--mine_iters", type=int, default=1000, help="MINE passes per estimate (the original's 1000)")
+    p.add_argument("--mine_hidden", type=int, default=400)
+    p.add_argument("--score_norm", choices=["d4rl", "dataset"], default="d4rl")
+    p.add_argument("--skip", nargs="*", default=[], choices=STEPS)
+    p.add_argument("--only", nargs="*", default=None, choices=STEPS)
+    p.add_argument("--from_wandb", action="store_true")
+    return p
+
+
+class _Plan:
+    def __init__(self, args):
+        self.args = args
+        self.keys = [k for k in discover_runs(args.checkpoint_dir) if k.dataset == args.dataset_name]
+        if args.env_name_list:
+            self.keys = [k for k in self.keys if k.env in args.env_name_list]
+        if args.model_name_list:
+            self.keys = [k for k in self.keys if k.model in args.model_name_list]
+        if not self.keys:
+            raise UserError(f"no runs of dataset {args.dataset_name} in {args.checkpoint_dir}")
+        self.envs = sorted({k.env for k in self.keys}, key=lambda e: (list(common.ENV_NAMES) + [e]).index(e))
+
+    def models(self, env, K=20, seed=None, need_ckpt=True, plain=True) -> list[str]:
+        seed = self.args.seed if seed is None else seed
+        out = []
+        for k in self.keys:
+            if (k.env, k.K, k.seed) == (env, K, seed) and (not plain or (not k.no_grad_clip and k.block is None)):
+                if not need_ckpt or checkpoint_epochs(self.args.checkpoint_dir, k):
+                    out.append(k.model)
+        order = list(common.MODEL_NAMES)
+        return sorted(set(out), key=lambda m: (order.index(m) if m in order else len(order), m))
+
+    def common_epoch(self, env, models, wanted, K=20, include_zero=False) -> int | None:
+        """``wanted`` if every model has it, else the largest shared epoch below it (else above it)."""
+        sets = [set(checkpoint_epochs(self.args.checkpoint_dir, RunKey(m, self.args.dataset_name, env,
+                                                                       self.args.seed, K))) for m in models]
+        shared = set.intersection(*sets) if sets else set()
+        if not include_zero:
+            shared.discard(0)
+        if not shared:
+            return None
+        below = [e for e in shared if e <= wanted]
+        return max(below) if below else min(shared)
+
+
+def _argv(args, section, *extra) -> list[str]:
+    base = Path(args.out_dir) / common.SECTIONS[FOLDER[section]]
+    return ["--results_dir", str(base / "results"), "--figs_dir", str(base / "figs"), *map(str, extra)]
+
+
+def _data_flags(args) -> list[str]:
+    flags = ["--device", args.device, "--K", args.K]
+    return flags + (["--data_path", args.data_path] if args.data_path else [])
+
+
+def step_scores(plan: _Plan, args) -> common.Outputs:
+    outs = common.Outputs()
+    for K in (20, 1):
+        ks = [k for k in plan.keys if k.K == K and k.block is None and not k.no_grad_clip]
+        if not ks:
+            outs.notes.append(f"no K={K} runs: {'Table 1' if K == 20 else 'Table 2'} skipped")
+            continue
+        models = sorted({k.model for k in ks}, key=lambda m: list(common.MODEL_NAMES).index(m)
+                        if m in common.MODEL_NAMES else 9)
+        seeds = sorted({k.seed for k in ks})
+        envs = [e for e in plan.envs if any(k.env == e for k in ks)]
+        argv = _argv(args, "scores", "--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name,
+                     "--K", K, "--score_norm", args.score_norm, "--env_name_list", *envs, "--model_name_list",
+                     *models, "--seed_list", *seeds, *(["--from_wandb"] if args.from_wandb else []),
+                     *(["--data_path", args.data_path] if args.data_path else []))
+        for select in ("best", "last"):
+            outs.extend(scores.run(scores.build_parser().parse_args(argv + ["--select", select])))
+    return outs
+
+
+def step_curves(plan: _Plan, args) -> common.Outputs:
+    outs = common.Outputs()
+    wb = ["--from_wandb"] if args.from_wandb else []
+    base = ["--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name, "--seed", args.seed, *wb]
+    k1 = [e for e in plan.envs if plan.models(e, K=1, need_ckpt=False)]
+    if k1:
+        models = sorted({m for e in k1 for m in plan.models(e, K=1, need_ckpt=False)})
+        argv = _argv(args, "curves", *base, "--env_name_list", *k1, "--model_name_list", *models)
+        outs.extend(curves.run_no_context(curves.build_no_context_parser().parse_args(argv)))
+    else:
+        outs.notes.append("no K=1 runs: Figure 8 skipped")
+    blk = [e for e in plan.envs if any(k.block is not None and k.env == e and k.seed == args.seed for k in plan.keys)]
+    if blk:
+        argv = _argv(args, "curves", *base, "--env_name_list", *blk, "-block")
+        outs.extend(curves.run_no_context(curves.build_no_context_parser().parse_args(argv)))
+    else:
+        outs.notes.append("no block-replacement runs (*_K1_block{b}): Figure 9 skipped")
+    ngc = sorted({(k.model, k.env, k.K) for k in plan.keys if k.no_grad_clip and k.seed == args.seed})
+    for m, e, K in ngc:
+        argv = _argv(args, "grads", *base, "--model_name", m, "--env_name_list", e, "--K", K)
+        try:
+            outs.extend(curves.run_grad_clip(curves.build_grad_clip_parser().parse_args(argv)))
+        except UserError as err:
+            outs.notes.append(f"gradient-clip curves of {m}/{e}: {err}")
+    if not ngc:
+        outs.notes.append("no *_no_grad_clip runs: Appendix G.3 skipped")
+    return outs
+
+
+def step_cka(plan: _Plan, args) -> common.Outputs:
+    outs = common.Outputs()
+    for env in plan.envs:
+        models = plan.models(env)
+        e2 = plan.common_epoch(env, models, args.epoch2) if models else None
+        if e2 is None:
+            outs.notes.append(f"{env}: no K=20 checkpoints besides epoch 0; CKA skipped")
+            continue
+        if e2 != args.epoch2:
+            outs.notes.append(f"{env}: epoch {args.epoch2} not in every run; CKA uses epoch {e2}")
+        for m in models:
+            argv = _argv(args, "cka", "--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name,
+                         "--env_name_list", env, "--seed", args.seed, "--model_name1", m, "--model_name2", m,
+                         "--epoch1", 0, "--epoch2", e2, "--batch_size", args.batch_size, *_data_flags(args))
+            heat = cka.run(cka.build_parser().parse_args(argv))
+            outs.files += heat.files
+            outs.figures += [f for f in heat.figures if f.name.endswith("_state.png")]  # one heatmap per model
+        argv = _argv(args, "cka", "--env_name_list", env, "--model_name_list", *models, "--epoch1", 0, "--epoch2", e2,
+                     "--dataset_name", args.dataset_name, "--seed", args.seed)
+        outs.extend(cka.plot(cka.build_plot_parser().parse_args(argv)))
+    return outs
+
+
+def step_mi(plan: _Plan, args) -> common.Outputs:
+    outs = common.Outputs()
+    res = Path(args.out_dir) / common.SECTIONS["mi"] / "results"
+    figs = res.parent / "figs"
+    mine_flags = ["--iters", args.mine_iters, "--mine_hidden", args.mine_hidden, "--device", args.device,
+                  "--dataset_name", args.dataset_name, "--seed", args.seed]
+    for env in plan.envs:
+        models = plan.models(env)
+        e = plan.common_epoch(env, models, args.epoch2) if models else None
+        if e is None:
+            outs.notes.append(f"{env}: no K=20 checkpoints besides epoch 0; mutual information skipped")
+            continue
+        argv = ["--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name, "--env_name_list", env,
+                "--model_name", *models, "--epoch", e, "--seed", args.seed, "--batch_size", args.batch_size,
+                "--results_dir", res, *_data_flags(args)]
+        outs.files += mi.run_save(mi.build_save_parser().parse_args(list(map(str, argv)))).files
+        io = ["-psm", res, "-pd", res, "-pa", res, "--env_name", env, "--epoch", e]
+        for m in models:
+            for exp in ("normal", "no_context"):
+                a = mi.build_mi_parser().parse_args(list(map(str, io + mine_flags + ["--model_name", m,
+                                                                                      "--exp_type", exp])))
+                outs.files += mi.run_mi(a).files
+        a = mi.build_mi_parser().parse_args(list(map(str, io + mine_flags + ["--exp_type", "data"])))
+        outs.files += mi.run_mi(a).files
+        for exp in ("normal", "no_context"):
+            a = mi.build_plot_parser().parse_args(list(map(str, [
+                "--exp_type", exp, "--env_name", env, "--epoch", e, "--model_name_list", *models, "--seed", args.seed,
+                "--dataset_name", args.dataset_name, "--results_dir", res, "--figs_dir", figs])))
+            outs.extend(mi.plot_mi(a))
+    a = mi.build_plot_data_parser().parse_args(list(map(str, ["--env_name_list", *plan.envs, "--seed", args.seed,
+                                                             "--dataset_name", args.dataset_name, "--results_dir", res,
+                                                             "--figs_dir", figs])))
+    try:
+        outs.extend(mi.plot_mi_data(a))
+    except UserError as err:
+        outs.notes.append(str(err))
+    return outs
+
+
+def step_params(plan: _Plan, args) -> common.Outputs:
+    outs = common.Outputs()
+    for env in plan.envs:
+        models = plan.models(env)
+        e2 = plan.common_epoch(env, models, args.epoch2) if models else None
+        if e2 is None:
+            outs.notes.append(f"{env}: no K=20 checkpoints besides epoch 0; parameter similarity skipped")
+            continue
+        argv = _argv(args, "params", "-plm", args.checkpoint_dir, "--dataset_name", args.dataset_name, "--env_name",
+                     env, "--seed", args.seed, "--model_name_list", *models, "--epoch1", 0, "--epoch2", e2)
+        outs.extend(params.run(params.build_parser().parse_args(argv)))
+    return outs
+
+
+def step_grads(plan: _Plan, args) -> common.Outputs:
+    outs = common.Outputs()
+    for env in plan.envs:
+        models = plan.models(env)
+        e = plan.common_epoch(env, models, args.grad_epoch) if models else None
+        if e is None:
+            outs.notes.append(f"{env}: no K=20 checkpoints besides epoch 0; gradient analysis skipped")
+            continue
+        if e != args.grad_epoch:
+            outs.notes.append(f"{env}: epoch {args.grad_epoch} not in every run; gradients at epoch {e}")
+        base = ["--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name, "--env_name_list", env,
+                "--seed", args.seed, "--model_name_list", *models, "--epoch", e, *_data_flags(args)]
+        outs.extend(grads.run_confusion(grads.build_confusion_parser().parse_args(
+            _argv(args, "grads", *base, "--batch_size", args.grad_batch_size))))
+        outs.extend(grads.run_norms(grads.build_norm_parser().parse_args(
+            _argv(args, "grads", *base, "--batch_size", args.batch_size))))
+    return outs
+
+
+def step_attention(plan: _Plan, args) -> common.Outputs:
+    outs = common.Outputs()
+    for env in plan.envs:
+        models = plan.models(env, K=1)
+        e2 = plan.common_epoch(env, models, args.attention_epoch2, K=1) if models else None
+        if e2 is None:
+            outs.notes.append(f"{env}: no K=1 checkpoints besides epoch 0; attention distance skipped")
+            continue
+        argv = _argv(args, "attention", "--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name,
+                     "--env_name_list", env, "--seed", args.seed, "--model_name_list", *models, "--epoch1", 0,
+                     "--epoch2", e2, "--batch_size", args.batch_size, *_data_flags(args))
+        outs.extend(attention.run(attention.build_parser().parse_args(argv)))
+    return outs
+
+
+def _rel(path, start) -> str:
+    return Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix()
+
+
+def write_report(args, plan: _Plan, results: dict, failures: dict, skipped: list) -> Path:
+    out = Path(args.out_dir)
+    lines = [f"# Analysis report: `{args.checkpoint_dir}`", "",
+             f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} by `analysis/run_all.py`; "
+             f"dataset `{args.dataset_name}`, seed {args.seed}, batches of {args.batch_size} samples with "
+             f"K={args.K}, batch seed 0 (every model sees the same batch). Every figure also exists as PDF next to "
+             f"its PNG; raw results are in each section's `results/` folder.", "", "## Runs found", ""]
+    by = defaultdict(list)
+    for k in plan.keys:
+        by[(k.env, k.model)].append(k.dir_name[len(f"{k.model}_{k.dataset}_{k.env}_"):])
+    lines.append(common.markdown_table(["env", "model", "runs (seed and suffix)"],
+                                       [[e, m, ", ".join(v)] for (e, m), v in sorted(by.items())]))
+    for step in STEPS:
+        lines += ["", f"## {TITLES[step]}", ""]
+        if step in skipped:
+            lines.append("Skipped (--skip / --only).")
+            continue
+        if step in failures:
+            lines.append(f"**Failed:** {failures[step]}")
+            continue
+        o = results[step]
+        for title, table in o.tables:
+            lines += [f"**{title}**", "", table, ""]
+        for f in o.figures:
+            lines += [f"![{Path(f).stem}]({_rel(f, out)})", ""]
+        for n in o.notes:
+            lines.append(f"- {n}")
+        if not (o.tables or o.figures or o.notes):
+            lines.append("Nothing to show for these runs.")
+    return common.save_text(out / "report.md", "\n".join(lines).rstrip() + "\n")
+
+
+def run(args) -> Path:
+    common.out_dir(args.out_dir)
+    plan = _Plan(args)
+    steps = [s for s in (args.only or STEPS) if s not in args.skip]
+    results, failures = {}, {}
+    for step in STEPS:
+        if step not in steps:
+            continue
+        print(f"== {step}", file=sys.stderr)
+        try:
+            results[step] = globals()[f"step_{step}"](plan, args)
+        except UserError as e:
+            failures[step] = str(e)
+            print(f"error in {step}: {e}", file=sys.stderr)
+        except Exception as e:  # keep the other analyses going; the report says what broke
+            failures[step] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+    report = write_report(args, plan, results, failures, [s for s in STEPS if s not in steps])
+    print(f"wrote {report}")
+    if failures:
+        raise UserError(f"{len(failures)} analyses failed ({', '.join(failures)}); see {report}")
+    return report
