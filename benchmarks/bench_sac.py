@@ -8,6 +8,7 @@ values. Measure on an idle machine; other processes on the same cores make every
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -39,7 +40,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--env", default="halfcheetah")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     p.add_argument("--no_compile", action="store_true")
     args = p.parse_args()
     spec = get_env_spec(args.env)
@@ -54,17 +56,24 @@ def main():
         if not args.no_compile:
             variants.append(("fast + torch.compile",
                              lambda: SAC(spec.state_dim, spec.act_dim, compile=True).update))
-        base = None
+        steps, setup = [], []
         for name, make in variants:
             t0 = time.perf_counter()
             step = make()
-            step(*data[0])  # compile happens here
-            setup = time.perf_counter() - t0
-            r = rate(step, data, args.seconds)
-            base = base or r
-            extra = f"   (first call {setup:.0f} s)" if setup > 2 else ""
-            print(f"{name:<34}{threads:>8}{r:>12.1f}{r / base:>12.2f}{extra}", flush=True)
-
+            step(*data[0])  # compilation happens here
+            setup.append(time.perf_counter() - t0)
+            steps.append(step)
+        # Interleave the variants and take medians: on a shared machine the load changes from minute to minute.
+        rates = [[] for _ in variants]
+        for _ in range(args.rounds):
+            for i, step in enumerate(steps):
+                rates[i].append(rate(step, data, args.seconds))
+        base = None
+        for (name, _), r, s in zip(variants, rates, setup):
+            med = statistics.median(r)
+            base = base or med
+            extra = f"   (first call {s:.0f} s)" if s > 2 else ""
+            print(f"{name:<34}{threads:>8}{med:>12.1f}{med / base:>12.2f}{extra}", flush=True)
 
 if __name__ == "__main__":
     main()

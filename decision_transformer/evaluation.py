@@ -67,8 +67,12 @@ class EnvPool:
 @torch.no_grad()
 def evaluate_episodes(model, env: str, target: float, num_episodes: int, state_mean, state_std, *,
                       seed: int = 0, mode: str = "normal", device="cpu", pool: EnvPool | None = None,
-                      env_version: str = DEFAULT_ENV_VERSION, progress=None) -> EvalResult:
-    """Roll out ``num_episodes`` return-conditioned episodes in lockstep with one batched forward per env step."""
+                      env_version: str = DEFAULT_ENV_VERSION, progress=None,
+                      overlap_groups: int | None = None) -> EvalResult:
+    """Roll out ``num_episodes`` return-conditioned episodes in lockstep with one batched forward per env step.
+
+    ``overlap_groups`` (default 4 on CUDA, 1 on CPU) splits the live episodes into groups whose forwards are all
+    launched before any env is stepped, so the GPU computes later groups while the CPU steps earlier ones."""
     spec = get_env_spec(env)
     model.eval()
     device = torch.device(device)
@@ -91,32 +95,47 @@ def evaluate_episodes(model, env: str, target: float, num_episodes: int, state_m
     lengths = np.zeros(M, dtype=np.int64)
     live = np.ones(M, dtype=bool)
     K = model.config.max_length
+    cuda = device.type == "cuda"
+    groups = overlap_groups or (4 if cuda else 1)
     for t in range(L):
         idx = np.flatnonzero(live)
         if len(idx) == 0:
             break
         lo = max(0, t + 1 - K)
-        ti = torch.as_tensor(idx, device=device)
-        # the current step's action slot is zero, as the originals' placeholder
-        act = model.get_action(states[ti, lo:t + 1], actions[ti, lo:t + 1], rtg[ti, lo:t + 1], timesteps[ti, lo:t + 1])
-        actions[ti, t] = act
-        act_np = act.detach().to("cpu", torch.float32).numpy()
-        new_obs = np.zeros((len(idx), spec.state_dim))
-        rewards = np.zeros(len(idx))
-        for j, i in enumerate(idx):
-            obs, r, terminated, truncated, _ = envs[i].step(act_np[j])
-            new_obs[j], rewards[j] = obs, r
-            returns[i] += r
-            lengths[i] += 1
-            if terminated or truncated:
-                live[i] = False
-        states[ti, t + 1] = (torch.as_tensor(new_obs, device=device).to(torch.float32) - mean) / std
-        decrement = torch.as_tensor(rewards, device=device).to(torch.float32) / spec.scale
-        if mode == "delayed":
-            decrement = torch.zeros_like(decrement)
-        rtg[ti, t + 1, 0] = rtg[ti, t, 0] - decrement
-        if progress is not None:
-            progress.update(int(len(idx) - live[idx].sum()))
+        # Launch the forward of every group first; on a GPU they run while the CPU steps the envs of the groups
+        # whose actions are already back. Each episode's action depends on its own history only.
+        pending = []
+        for g in np.array_split(idx, min(groups, len(idx))):
+            ti = torch.as_tensor(g, device=device)
+            # the current step's action slot is zero, as the originals' placeholder
+            act = model.get_action(states[ti, lo:t + 1], actions[ti, lo:t + 1], rtg[ti, lo:t + 1],
+                                   timesteps[ti, lo:t + 1])
+            actions[ti, t] = act
+            host = act.detach().to("cpu", torch.float32, non_blocking=cuda)
+            done_event = torch.cuda.Event() if cuda else None
+            if done_event is not None:
+                done_event.record()
+            pending.append((g, ti, host, done_event))
+        for g, ti, host, done_event in pending:
+            if done_event is not None:
+                done_event.synchronize()
+            act_np = host.numpy()
+            new_obs = np.zeros((len(g), spec.state_dim))
+            rewards = np.zeros(len(g))
+            for j, i in enumerate(g):
+                obs, r, terminated, truncated, _ = envs[i].step(act_np[j])
+                new_obs[j], rewards[j] = obs, r
+                returns[i] += r
+                lengths[i] += 1
+                if terminated or truncated:
+                    live[i] = False
+            states[ti, t + 1] = (torch.as_tensor(new_obs, device=device).to(torch.float32) - mean) / std
+            decrement = torch.as_tensor(rewards, device=device).to(torch.float32) / spec.scale
+            if mode == "delayed":
+                decrement = torch.zeros_like(decrement)
+            rtg[ti, t + 1, 0] = rtg[ti, t, 0] - decrement
+            if progress is not None:
+                progress.update(int(len(g) - live[g].sum()))
     return EvalResult(target, returns, lengths)
 
 

@@ -185,7 +185,7 @@ def fisher_gaussian(model, batches, *, scope: str = FISHER_SCOPE, forward: Calla
         try:
             for b in batches:
                 args = (b.states, b.actions, b.rtg[:, :-1], b.timesteps, b.mask)
-                preds, vjp_fn = vjp(lambda p: _call(wrapper, p, args), params)                          # [B, K, da]
+                preds, vjp_fn = vjp(lambda p, a=args: _call(wrapper, p, a), params)                     # [B, K, da]
                 # one cotangent per unmasked output element: windows are independent, so the VJP of a one-hot
                 # cotangent is that element's own Jacobian row, ∂â_{n,t,k}/∂θ
                 rows = torch.nonzero(b.mask > 0)                                                         # [R, 2] (n, t)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+
 import torch
 
 from decision_transformer import fisher as fisher_mod
@@ -285,7 +286,7 @@ def merge_multi_states(sources: Sequence[ModelFile], args, device, fishers=None,
             for k, v in s.state_dict.items():
                 if k.startswith(p):
                     merged[k] = v.detach().clone().to(device) if device is not None else v.detach().clone()
-    n, tot, frac = merging.merged_fraction(merged, keys)
+    n, _, frac = merging.merged_fraction(merged, keys)
     log(f"multi merge: {method} of {len(sources)} models over {n} block tensors ({frac:.1%} of the parameters); "
         f"per-env layers from the model specialised on each env ({', '.join(specs)})")
     return merged, specs

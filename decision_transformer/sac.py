@@ -175,6 +175,8 @@ class SAC:
         self.generator = torch.Generator().manual_seed(seed)
         self.num_updates = 0
         self._loss_fn = torch.compile(self._losses, dynamic=False) if compile else self._losses
+        # the foreach Adam step compiled into one fused loop over all parameters
+        self._opt_step = torch.compile(self.optimizer.step, dynamic=False) if compile else self.optimizer.step
 
     # -- the fast update ---------------------------------------------------------------------------------------
     def _losses(self, obs, act, rew, next_obs, done, noise_next, noise_pi):
@@ -208,7 +210,7 @@ class SAC:
         total, stats = self._loss_fn(obs, act, rew, next_obs, done, noise[0], noise[1])
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        self.optimizer.step()
+        self._opt_step()
         with torch.no_grad():
             torch._foreach_lerp_(self._target, self._online, self.config.tau)
         self.num_updates += 1

@@ -59,6 +59,12 @@ def build_parser():
     return p
 
 
+def _ordered(models) -> list[str]:
+    """gpt2, igpt, dt first (the paper's order), then any other model names alphabetically."""
+    order = list(common.MODEL_NAMES)
+    return sorted(set(models), key=lambda m: (order.index(m) if m in order else len(order), m))
+
+
 class _Plan:
     def __init__(self, args):
         self.args = args
@@ -78,8 +84,7 @@ class _Plan:
             if (k.env, k.K, k.seed) == (env, K, seed) and (not plain or (not k.no_grad_clip and k.block is None)):
                 if not need_ckpt or checkpoint_epochs(self.args.checkpoint_dir, k):
                     out.append(k.model)
-        order = list(common.MODEL_NAMES)
-        return sorted(set(out), key=lambda m: (order.index(m) if m in order else len(order), m))
+        return _ordered(out)
 
     def common_epoch(self, env, models, wanted, K=20, include_zero=False) -> int | None:
         """``wanted`` if every model has it, else the largest shared epoch below it (else above it)."""
@@ -111,16 +116,15 @@ def step_scores(plan: _Plan, args) -> common.Outputs:
         if not ks:
             outs.notes.append(f"no K={K} runs: {'Table 1' if K == 20 else 'Table 2'} skipped")
             continue
-        models = sorted({k.model for k in ks}, key=lambda m: list(common.MODEL_NAMES).index(m)
-                        if m in common.MODEL_NAMES else 9)
+        models = _ordered({k.model for k in ks})
         seeds = sorted({k.seed for k in ks})
         envs = [e for e in plan.envs if any(k.env == e for k in ks)]
         argv = _argv(args, "scores", "--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name,
                      "--K", K, "--score_norm", args.score_norm, "--env_name_list", *envs, "--model_name_list",
                      *models, "--seed_list", *seeds, *(["--from_wandb"] if args.from_wandb else []),
                      *(["--data_path", args.data_path] if args.data_path else []))
-        for select in ("best", "last"):
-            outs.extend(scores.run(scores.build_parser().parse_args(argv + ["--select", select])))
+        outs.extend(scores.run(scores.build_parser().parse_args(argv + ["--select", "best"])))
+        outs.extend(scores.run(scores.build_parser().parse_args(argv + ["--select", "last", "--no_figure"])))
     return outs
 
 
@@ -130,9 +134,11 @@ def step_curves(plan: _Plan, args) -> common.Outputs:
     base = ["--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name, "--seed", args.seed, *wb]
     k1 = [e for e in plan.envs if plan.models(e, K=1, need_ckpt=False)]
     if k1:
-        models = sorted({m for e in k1 for m in plan.models(e, K=1, need_ckpt=False)})
+        models = _ordered({m for e in k1 for m in plan.models(e, K=1, need_ckpt=False)})
         argv = _argv(args, "curves", *base, "--env_name_list", *k1, "--model_name_list", *models)
-        outs.extend(curves.run_no_context(curves.build_no_context_parser().parse_args(argv)))
+        o = curves.run_no_context(curves.build_no_context_parser().parse_args(argv))
+        o.tables = []  # Table 2 is in the score section already
+        outs.extend(o)
     else:
         outs.notes.append("no K=1 runs: Figure 8 skipped")
     blk = [e for e in plan.envs if any(k.block is not None and k.env == e and k.seed == args.seed for k in plan.keys)]

@@ -1,0 +1,119 @@
+"""Minari (the Farama successor of D4RL) as a data source and an export target. Optional: needs ``pip install minari``.
+
+Reading uses the user's local Minari root (``$MINARI_DATASETS_PATH`` or ``~/.minari/datasets``, or ``root=``), e.g.
+``mujoco/hopper/medium-v0``; nothing is downloaded. A Minari episode stores T+1 observations and T actions,
+rewards, terminations and truncations; it becomes one DT trajectory with ``observations = obs[:-1]``,
+``next_observations = obs[1:]`` and ``terminals = terminations``. Export does the reverse through
+``minari.create_dataset_from_buffers`` (HDF5 storage: ``data/main_data.hdf5`` with ``episode_{i}`` groups and
+``data/metadata.json``), with the env's gymnasium spec and D4RL's reference scores.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from decision_transformer.envs import ENVS, get_env_spec
+from decision_transformer.errors import UserError
+
+
+def _minari():
+    try:
+        import minari
+    except ImportError:
+        raise UserError("Minari support needs the optional package `minari` (pip install minari)") from None
+    return minari
+
+
+@contextlib.contextmanager
+def _root(root):
+    """Point Minari at ``root`` for the duration (it reads ``MINARI_DATASETS_PATH`` on every call)."""
+    if root is None:
+        yield
+        return
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(Path(root).expanduser())
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old
+
+
+def env_from_dataset_id(dataset_id: str) -> str:
+    """``mujoco/hopper/medium-v0`` -> ``hopper`` (the first path component that names one of our envs)."""
+    for part in re.split(r"[/_-]", dataset_id.lower()):
+        if part in ENVS:
+            return part
+    raise UserError(f"{dataset_id}: cannot tell the env from the Minari dataset id; pass the env explicitly")
+
+
+def load_minari_trajectories(dataset_id: str, root: str | os.PathLike | None = None) -> list[dict[str, np.ndarray]]:
+    """Trajectories (the DT pkl layout, float32) of a locally stored Minari dataset."""
+    minari = _minari()
+    with _root(root):
+        where = Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets")) / dataset_id
+        try:
+            ds = minari.load_dataset(dataset_id, download=False)
+        except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+            raise UserError(f"Minari dataset {dataset_id!r} not found or unreadable under {where} "
+                            f"({type(e).__name__}: {str(e)[:150]})") from None
+        trajs = []
+        for ep in ds.iterate_episodes():
+            obs = np.asarray(ep.observations)
+            if obs.ndim != 2 or len(obs) != len(ep.rewards) + 1:
+                raise UserError(f"{where}: episode {ep.id} has observations of shape {obs.shape} for "
+                                f"{len(ep.rewards)} steps; only flat Box observations are supported")
+            trajs.append({
+                "observations": obs[:-1].astype(np.float32),
+                "next_observations": obs[1:].astype(np.float32),
+                "actions": np.asarray(ep.actions, dtype=np.float32),
+                "rewards": np.asarray(ep.rewards, dtype=np.float32).reshape(-1),
+                "terminals": np.asarray(ep.terminations, dtype=bool).reshape(-1),
+                "timeouts": np.asarray(ep.truncations, dtype=bool).reshape(-1),
+            })
+    if not trajs:
+        raise UserError(f"{where}: the Minari dataset has no episodes")
+    return trajs
+
+
+def export_minari(trajs: list[dict[str, np.ndarray]], dataset_id: str, env: str,
+                  root: str | os.PathLike | None = None, *, algorithm_name: str = "SAC behaviour policy",
+                  description: str | None = None, env_version: str | None = None):
+    """Write ``trajs`` (DT layout with ``next_observations``) as the Minari dataset ``dataset_id``. The last episode
+    is marked truncated if it neither terminated nor timed out. Returns the dataset's folder."""
+    minari = _minari()
+    from minari.data_collector import EpisodeBuffer
+
+    from decision_transformer.envs import DEFAULT_ENV_VERSION
+
+    spec = get_env_spec(env)
+    buffers = []
+    for i, t in enumerate(trajs):
+        if "next_observations" not in t:
+            raise UserError(f"trajectory {i} has no next_observations; Minari needs the final observation")
+        n = len(t["rewards"])
+        obs = np.concatenate([t["observations"], t["next_observations"][-1:]]).astype(np.float32)
+        term = np.asarray(t.get("terminals", np.zeros(n, bool)), dtype=bool).reshape(-1)
+        trunc = np.asarray(t.get("timeouts", np.zeros(n, bool)), dtype=bool).reshape(-1)
+        if not term[-1] and not trunc[-1]:
+            trunc = trunc.copy()
+            trunc[-1] = True  # Minari episodes end with a termination or a truncation
+        buffers.append(EpisodeBuffer(id=i, observations=obs, actions=np.asarray(t["actions"], dtype=np.float32),
+                                     rewards=np.asarray(t["rewards"], dtype=np.float64).reshape(-1),
+                                     terminations=term, truncations=trunc, infos={}))
+    with _root(root):
+        try:
+            ds = minari.create_dataset_from_buffers(
+                dataset_id, buffers, env=spec.gym_id(env_version or DEFAULT_ENV_VERSION),
+                algorithm_name=algorithm_name, ref_min_score=spec.ref_min_score, ref_max_score=spec.ref_max_score,
+                description=description or f"{env} dataset exported by decision_transformer.minari_io",
+                data_format="hdf5")
+        except ValueError as e:  # e.g. the id exists already
+            raise UserError(f"cannot create Minari dataset {dataset_id!r}: {e}") from None
+        return Path(ds.storage.data_path).parent

@@ -1,0 +1,506 @@
+"""The multi-task pipeline behind ``experiment_multi.py`` (LAWSON): one DT for hopper, halfcheetah and walker2d —
+train jointly, finetune per env, merge finetuned models, evaluate on all three envs.
+
+Step: for each training env (hopper, halfcheetah, walker2d order) an independent batch through that env's embeddings
+and head; loss = Σ_env masked action MSE (+ ``--init_reg``); one backward, clip, step. Evaluation: every env at its
+first target (3600 / 12000 / 5000), per-env metrics and ``average_norm_return_mean`` (mean over envs of return/target,
+LAWSON's selection metric) and, a project addition, ``average_d4rl_score_mean``. Files:
+``models/multi/dt_gym-experiment-multi-{dataset}-{id}[_best].pt`` (``--save_model``) and
+``{outdir}/multi/gym-experiment-multi-{dataset}-{id}/{config.json,metrics.jsonl}``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from decision_transformer import fisher as fisher_mod
+from decision_transformer import merging
+from decision_transformer.checkpoint import atomic_save, load_state_into, make_checkpoint, new_exp_id
+from decision_transformer.cli import add_optim_flags
+from decision_transformer.envs import DEFAULT_ENV_VERSION, SUPPORTED_ENV_VERSIONS, get_env_spec
+from decision_transformer.errors import UserError
+from decision_transformer.legacy_import import ModelFile, build_model, load_model_file
+from decision_transformer.logging import RunLogger, progress
+from decision_transformer.merge_setup import merge_multi_states, multi_fisher, resolve_method
+from decision_transformer.models import BackboneConfig
+from decision_transformer.models.multi_decision_transformer import (MODEL_CLASS, MULTI_ENVS,
+                                                                    MultiDecisionTransformer, MultiDTConfig)
+from decision_transformer.training import GRAD_CLIP, freeze, make_optimizer, masked_action_mse, warmup_schedule
+
+NORM_ENVS = ("medium", "medium-expert", "expert", "medium-replay")
+STATE_STATS_FILE = "state_stats.pkl"
+
+
+def log(msg: str):
+    print(msg, file=sys.stderr)
+
+
+# ---- flags ----------------------------------------------------------------------------------------------------------
+
+def multi_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Multi-task Decision Transformer on hopper, halfcheetah and walker2d: "
+                                            "train, finetune per env, merge, evaluate.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data, context")
+    g.add_argument("--data_path", default="data", help="folder with {env}-{dataset}-v2.pkl for the three envs")
+    g.add_argument("--dataset", default="medium", help="the same quality for all three envs")
+    g.add_argument("--mode", default="normal", help="normal, delayed or noise")
+    g.add_argument("--K", type=int, default=20)
+    g.add_argument("--pct_traj", type=float, default=1.0, help="ignored by the original; applied here")
+    g.add_argument("--batch_size", type=int, default=64, help="per env and step")
+    g.add_argument("--model_type", default="dt", help="dt (the only model the multi-task script has)")
+    g = p.add_argument_group("model (ignored when a --pretrained_model or merged models give the architecture)")
+    g.add_argument("--embed_dim", type=int, default=128)
+    g.add_argument("--n_layer", type=int, default=3)
+    g.add_argument("--n_head", type=int, default=1)
+    g.add_argument("--activation_function", default="relu")
+    g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--disable_attention", action="store_true", help="never applied by the original; applied here")
+    g.add_argument("--share_input_output_proj", action="store_true",
+                   help="accepted; the per-env action heads stay untied (as the original)")
+    g.add_argument("--embed_order", choices=["ln_then_time", "time_then_ln"], default="ln_then_time")
+    g.add_argument("--frozen", action="store_true", help="freeze transformer.h")
+    g.add_argument("--freeze_subset", nargs="*", default=None, help="freeze parameters whose name contains any of these")
+    g.add_argument("--load_checkpoint", default=None, help="multi-task weights loaded strictly before training")
+    g.add_argument("--pretrained_lm", "-plm", default=None, help="not supported by the multi-task script")
+    g.add_argument("--extend_positions", action="store_true", help="not supported by the multi-task script")
+    add_optim_flags(p)
+    g = p.add_argument_group("schedule, evaluation, logging, saving")
+    g.add_argument("--num_eval_episodes", type=int, default=100, help="per env")
+    g.add_argument("--max_iters", type=int, default=40)
+    g.add_argument("--num_steps_per_iter", type=int, default=2500)
+    g.add_argument("--env_version", default=DEFAULT_ENV_VERSION, choices=SUPPORTED_ENV_VERSIONS)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (cuda falls back to cpu with a warning)")
+    g.add_argument("--seed", type=int, default=None, help="None: drawn from OS entropy, logged and used everywhere")
+    g.add_argument("--log_to_wandb", "-w", action="store_true")
+    g.add_argument("--project", default="multi-decision-transformer")
+    g.add_argument("--outdir", default="checkpoints", help="config.json and metrics.jsonl in {outdir}/multi/{run}/; "
+                                                           "'' disables")
+    g.add_argument("--save_model", action="store_true", help="save models/multi/dt_{exp_prefix}[_best].pt")
+    g.add_argument("--save_mode", choices=["last", "best", "both"], default="last")
+    g.add_argument("--end_break", action="store_true")
+    g.add_argument("--note", default=None, help=argparse.SUPPRESS)
+    g = p.add_argument_group("multi-task training and finetuning")
+    g.add_argument("--init_reg", type=float, default=None, help="weight of Σ‖θ−θ_pre‖_F over transformer.h")
+    g.add_argument("--selected_training", nargs="+", default=None, help="train on these envs only (and record them "
+                                                                         "as the model's specialisations)")
+    g.add_argument("--score_selected", action="store_true", help="average (and model selection) over the selected "
+                                                                 "envs only")
+    g.add_argument("--eval_merge_pre", action="store_true", help="also evaluate (1-p)·pre + p·post blocks; keep the best")
+    g.add_argument("--p_list", nargs="+", type=float, default=[0.5])
+    g.add_argument("--eval_only", action="store_true", help="no training")
+    g.add_argument("--pretrained_model", default=None, help="multi-task model to start from")
+    g.add_argument("--norm_env", choices=NORM_ENVS, default=None,
+                   help="state statistics of this dataset quality from {data_path}/state_stats.pkl")
+    g = p.add_argument_group("merging")
+    g.add_argument("--multi_pretrained_models", nargs="+", default=None,
+                   help="multi-task models, each finetuned on one distinct env, to merge")
+    g.add_argument("--use_fisher", action="store_true", help="Fisher merge (= --merge_method fisher)")
+    g.add_argument("--spec_info", action="store_true", help="Fisher on each model's specialisation env only")
+    g.add_argument("--no_trace_norm", action="store_true", help="= --fisher_norm none")
+    g.add_argument("--f_batch_size", type=int, default=64)
+    g.add_argument("--f_num_batches", type=int, default=100)
+    g.add_argument("--fisher_type", default="batch", choices=fisher_mod.FISHER_TYPES)
+    g.add_argument("--fisher_floor", type=float, default=1e-6)
+    g.add_argument("--fisher_norm", default="trace", choices=merging.FISHER_NORMS)
+    g.add_argument("--fisher_favor_target", action="store_true")
+    g.add_argument("--fisher_dataset", default=None, help="data of the Fisher estimate (default: --dataset)")
+    g.add_argument("--merge_method", default="mean", choices=["mean", "fisher", "task_arithmetic", "ties"])
+    g.add_argument("--merge_base", default=None, help="task-vector base (default: the --pretrained_model the first "
+                                                      "model was finetuned from)")
+    g.add_argument("--merge_lambda", type=float, default=None)
+    g.add_argument("--ties_density", type=float, default=0.2)
+    g.add_argument("--p", type=float, default=0.5, help="2 models: (1-p)·θ1 + p·θ2")
+    return p
+
+
+def check_multi_args(args):
+    from decision_transformer.envs import check_dataset_name
+    from decision_transformer.run import check_args
+
+    if args.model_type != "dt":
+        raise UserError(f"--model_type {args.model_type!r}: the multi-task script trains dt only")
+    if args.pretrained_lm or args.extend_positions:
+        raise UserError("--pretrained_lm / --extend_positions are not supported by experiment_multi.py")
+    check_args(args)
+    check_dataset_name(args.dataset)
+    if args.fisher_dataset:
+        check_dataset_name(args.fisher_dataset)
+    for e in args.selected_training or []:
+        if e not in MULTI_ENVS:
+            raise UserError(f"--selected_training {e!r}: choose from {', '.join(MULTI_ENVS)}")
+    if args.pretrained_model and args.multi_pretrained_models:
+        raise UserError("--pretrained_model and --multi_pretrained_models exclude each other")
+    if args.eval_merge_pre and not args.p_list:
+        raise UserError("--eval_merge_pre needs --p_list")
+
+
+# ---- state statistics -------------------------------------------------------------------------------------------------
+
+def read_state_stats(data_path: str) -> dict:
+    """``{data_path}/state_stats.pkl``: {'{env}-{dataset}-v2': {'state_mean', 'state_std'}} (LAWSON's layout)."""
+    from decision_transformer.data import safe_pickle_load
+
+    path = Path(data_path) / STATE_STATS_FILE
+    if not path.is_file():
+        return {}
+    obj = safe_pickle_load(path)
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a dict keyed by '{{env}}-{{dataset}}-v2'")
+    return obj
+
+
+def resolve_state_stats(args, envs, ref: ModelFile | None) -> tuple[dict, str]:
+    """Per-env (mean, std) overrides, by precedence: ``--norm_env D`` ≠ ``--dataset`` (state_stats.pkl); the
+    ``--pretrained_model`` / ``--load_checkpoint``'s dataset if ≠ ``--dataset`` (state_stats.pkl, else the statistics
+    stored in that checkpoint); otherwise {} (each env's statistics come from its loaded data)."""
+    source = None
+    if args.norm_env and args.norm_env != args.dataset:
+        source = args.norm_env
+    elif ref is not None and ref.dataset and ref.dataset != args.dataset:
+        source = ref.dataset
+    if source is None:
+        return {}, f"computed from the {args.dataset} data"
+    table = read_state_stats(args.data_path)
+    stored = (ref.raw.get("state_stats") or {}) if ref is not None else {}
+    out = {}
+    for env in envs:
+        key = f"{env}-{source}-v2"
+        if key in table:
+            d = table[key]
+            out[env] = (np.asarray(d["state_mean"], np.float32), np.asarray(d["state_std"], np.float32))
+        elif env in stored and source == (ref.dataset if ref else None):
+            out[env] = (stored[env]["state_mean"].numpy(), stored[env]["state_std"].numpy())
+        else:
+            raise UserError(f"{Path(args.data_path) / STATE_STATS_FILE}: no entry {key} (create it with "
+                            f"python data/create_state_stats.py --data_path {args.data_path})")
+    return out, f"of {source} ({STATE_STATS_FILE} or the checkpoint)"
+
+
+class EnvData:
+    """Each env's ``TrajectoryDataset`` (state statistics fixed by ``stats`` where given), loaded on first use."""
+
+    def __init__(self, args, device, stats: dict):
+        self.args, self.device, self.stats = args, device, stats
+        self._cache = {}
+
+    def get(self, env: str, dataset: str | None = None):
+        from decision_transformer.data import TrajectoryDataset, load_dataset
+
+        dataset = dataset or self.args.dataset
+        if (env, dataset) not in self._cache:
+            path, trajs = load_dataset(self.args.data_path, env, dataset)
+            mean, std = self.stats.get(env, (None, None))
+            ds = TrajectoryDataset(trajs, env, mode=self.args.mode, pct_traj=self.args.pct_traj, device=self.device,
+                                   state_mean=mean, state_std=std)
+            log(f"data: {path} | {len(ds)} trajectories, {ds.num_timesteps} timesteps")
+            self._cache[(env, dataset)] = ds
+        return self._cache[(env, dataset)]
+
+    def state_stats(self, env: str):
+        if env in self.stats:
+            return self.stats[env]
+        ds = self.get(env)
+        return ds.state_mean, ds.state_std
+
+
+# ---- training -----------------------------------------------------------------------------------------------------------
+
+class MultiTrainer:
+    """One step = one batch per training env, loss = Σ_env masked MSE (+ init_reg), one backward/clip/step."""
+
+    def __init__(self, model, optimizer, scheduler, data: EnvData, train_envs, *, batch_size, K, generator,
+                 grad_clip=GRAD_CLIP, init_reg=None):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.datasets = [(model.env_index(e), data.get(e)) for e in train_envs]
+        self.train_envs = list(train_envs)
+        self.batch_size, self.K, self.generator = batch_size, K, generator
+        self.grad_clip, self.init_reg = grad_clip, init_reg
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.step = 0
+
+    def train_step(self):
+        total, per_env = 0.0, []
+        for i, ds in self.datasets:
+            b = ds.sample_batch(self.batch_size, self.K, self.generator)
+            out = self.model(b.states, b.actions, b.rtg[:, :-1], b.timesteps, attention_mask=b.mask, env=i)
+            loss = masked_action_mse(out.action_preds, b.actions, b.mask)
+            per_env.append(loss.detach())
+            total = total + loss
+        reg = self.init_reg.loss() if self.init_reg is not None else None
+        if reg is not None:
+            total = total + reg
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return total.detach(), torch.stack(per_env), reg.detach() if reg is not None else None
+
+    def train_iteration(self, num_steps: int, iteration: int, bar=None) -> dict:
+        from decision_transformer.errors import TrainingDiverged
+
+        self.model.train()
+        start = time.time()
+        totals, envs, regs = [], [], []
+        for _ in range(num_steps):
+            t, e, r = self.train_step()
+            totals.append(t)
+            envs.append(e)
+            if r is not None:
+                regs.append(r)
+            if bar is not None:
+                bar.update(1)
+        logs = {"time/training": time.time() - start}
+        if not num_steps:
+            return {**logs, "training/train_loss_mean": float("nan"), "training/train_loss_std": float("nan"),
+                    "training/action_error": float("nan")}
+        arr = torch.stack(totals).cpu().numpy()
+        if not np.isfinite(arr).all():
+            raise TrainingDiverged(f"loss became NaN or inf at iteration {iteration}, step "
+                                   f"{int(np.flatnonzero(~np.isfinite(arr))[0]) + 1}")
+        per_env = torch.stack(envs).cpu().numpy()
+        logs.update({"training/train_loss_mean": float(arr.mean()), "training/train_loss_std": float(arr.std()),
+                     "training/action_error": float(per_env[-1, -1])})  # the original: the last env's
+        for j, env in enumerate(self.train_envs):
+            logs[f"training/action_error_{env}"] = float(per_env[-1, j])
+        if regs:
+            logs["training/init_reg_loss"] = float(torch.stack(regs).mean())
+        return logs
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------------------
+
+def evaluate_all(model, envs, data: EnvData, args, device, pools, score_envs, prefix: str = "evaluation/") -> dict:
+    """Every env at its first target: per-env keys ``{prefix}target_{T}_{EnvId}_*``, ``{prefix}average_norm_return_mean``
+    (mean of return/target over ``score_envs``) and ``{prefix}average_d4rl_score_mean``."""
+    from decision_transformer.evaluation import evaluate_episodes
+
+    logs, norm, d4rl = {}, {}, {}
+    active = model.active
+    try:
+        for env in envs:
+            spec = get_env_spec(env)
+            target = spec.targets[0]
+            mean, std = data.state_stats(env)
+            model.toggle_env(env)
+            with progress(args.num_eval_episodes, f"eval {env}") as bar:
+                res = evaluate_episodes(model, env, target, args.num_eval_episodes, mean, std, seed=args.seed,
+                                        mode=args.mode, device=device, pool=pools[env], progress=bar)
+            key = f"{prefix}target_{int(target)}_{spec.gym_id(args.env_version)}"
+            scores = spec.d4rl_score(res.returns)
+            logs.update({f"{key}_return_mean": float(np.mean(res.returns)),
+                         f"{key}_return_std": float(np.std(res.returns)),
+                         f"{key}_length_mean": float(np.mean(res.lengths)),
+                         f"{key}_length_std": float(np.std(res.lengths)),
+                         f"{key}_d4rl_score_mean": float(np.mean(scores)),
+                         f"{key}_d4rl_score_std": float(np.std(scores))})
+            norm[env] = float(np.mean(res.returns)) / target
+            d4rl[env] = float(np.mean(scores))
+    finally:
+        model.toggle_env(active)
+    logs[f"{prefix}average_norm_return_mean"] = float(np.mean([norm[e] for e in score_envs]))
+    logs[f"{prefix}average_d4rl_score_mean"] = float(np.mean([d4rl[e] for e in score_envs]))
+    return logs
+
+
+def blocks_state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("transformer.h.")}
+
+
+# ---- model setup ----------------------------------------------------------------------------------------------------------
+
+def new_model(args) -> MultiDecisionTransformer:
+    backbone = BackboneConfig(n_embd=args.embed_dim, n_layer=args.n_layer, n_head=args.n_head,
+                              n_inner=4 * args.embed_dim, activation_function=args.activation_function,
+                              resid_pdrop=args.dropout, attn_pdrop=0.1, disable_attention=args.disable_attention)
+    cfg = MultiDTConfig(envs=list(MULTI_ENVS), max_length=args.K, share_input_output_proj=args.share_input_output_proj,
+                        embed_order=args.embed_order, backbone=backbone)
+    try:
+        return MultiDecisionTransformer(cfg, seed=args.seed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def merged_model(args, data: EnvData, device) -> tuple[MultiDecisionTransformer, dict]:
+    """``--multi_pretrained_models``: LAWSON's ``setup_multi`` (uniform or Fisher; task arithmetic / TIES added)."""
+    sources = [load_model_file(p) for p in args.multi_pretrained_models]
+    method = resolve_method(args)
+    fishers = None
+    if method == "fisher":
+        fishers = []
+        fdata = args.fisher_dataset or args.dataset
+        for s in sources:
+            if not s.is_multi:
+                raise UserError(f"{s.path}: not a multi-task model")
+            m = build_model(s, device, max_length=args.K)
+            envs = [s.specializations[0]] if args.spec_info and len(s.specializations) == 1 else list(m.config.envs)
+            log(f"fisher: {args.fisher_type} Fisher of {s.path} on {', '.join(f'{e}-{fdata}' for e in envs)} "
+                f"({args.f_num_batches} x {args.f_batch_size} windows each)")
+            fishers.append(multi_fisher(m, envs, [data.get(e, fdata) for e in envs], args))
+    state, specs = merge_multi_states(sources, args, device, fishers=fishers)
+    model = build_model(ModelFile(sources[0].path, state, sources[0].config, specs), device, max_length=args.K)
+    model.specializations = list(specs)
+    info = {"method": method, "models": list(args.multi_pretrained_models), "specializations": specs}
+    return model, info
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------------------
+
+def run_multi(args) -> dict:
+    from decision_transformer.run import resolve_device, seed_everything
+
+    check_multi_args(args)
+    if args.seed is None:
+        args.seed = secrets.randbelow(2**31)
+        log(f"seed: {args.seed} (drawn from OS entropy; pass --seed {args.seed} to repeat this run)")
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    envs = list(MULTI_ENVS)
+    train_envs = [e for e in envs if e in (args.selected_training or envs)]
+    score_envs = train_envs if (args.score_selected and args.selected_training) else envs
+
+    pre = load_model_file(args.pretrained_model) if args.pretrained_model else None
+    if pre is not None and not pre.is_multi:
+        raise UserError(f"{args.pretrained_model}: not a multi-task model (config model_class {pre.model_class!r})")
+    ckpt_ref = pre or (load_model_file(args.load_checkpoint) if args.load_checkpoint else None)
+    stats, stats_note = resolve_state_stats(args, envs, ckpt_ref)
+    data = EnvData(args, device, stats)
+    log(f"state statistics: {stats_note}")
+
+    merge_info = None
+    if args.multi_pretrained_models:
+        model, merge_info = merged_model(args, data, device)
+    elif pre is not None:
+        model = build_model(pre, device, max_length=args.K)
+        log(f"pretrained: {args.pretrained_model} (specialisations {model.specializations or 'none'})")
+    else:
+        model = new_model(args).to(device)
+    if args.load_checkpoint:
+        mf = load_model_file(args.load_checkpoint)
+        load_state_into(model, mf.state_dict, args.load_checkpoint)
+    model = model.to(device)
+    for e in args.selected_training or []:
+        if e not in model.specializations:
+            model.specializations.append(e)
+    transformer_pre = blocks_state(model)      # after loading, before freezing (init_reg, --eval_merge_pre)
+    init_reg = None
+    if args.init_reg:
+        from decision_transformer.training.init_reg import InitReg
+
+        init_reg = InitReg(model, args.init_reg)
+    frozen = []
+    if args.frozen:
+        frozen += freeze(model, ["transformer.h."])
+    if args.freeze_subset:
+        frozen += freeze(model, args.freeze_subset)
+    if frozen:
+        log(f"frozen: {len(frozen)} parameter tensors")
+
+    train = not args.eval_only and args.num_steps_per_iter > 0
+    trainer = None
+    if train:
+        optimizer = make_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                   custom_transformer_decay=args.custom_transformer_decay, lm_lr=args.lm_learning_rate)
+        scheduler = warmup_schedule(optimizer, args.warmup_steps)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(args.seed)
+        trainer = MultiTrainer(model, optimizer, scheduler, data, train_envs, batch_size=args.batch_size, K=args.K,
+                               generator=generator, grad_clip=None if args.remove_grad_clip else GRAD_CLIP,
+                               init_reg=init_reg)
+
+    exp_id = new_exp_id()
+    group = f"gym-experiment-multi-{args.dataset}"
+    exp_prefix = f"{group}-{exp_id}"
+    config = {**vars(args), "model_class": MODEL_CLASS, "model_config": model.config.to_dict(), "exp_id": exp_id,
+              "exp_prefix": exp_prefix, "device_used": str(device), "envs": envs, "train_envs": train_envs,
+              "targets": {e: get_env_spec(e).targets[0] for e in envs}, "merge_info": merge_info}
+    run_dir = Path(args.outdir) / "multi" / exp_prefix if args.outdir else None
+    logger = RunLogger(run_dir, config, use_wandb=args.log_to_wandb, project=args.project, group=group,
+                       name=exp_prefix)
+    models_dir = Path("models") / "multi"
+
+    def save(state, path, iteration):
+        st = {e: {"state_mean": torch.as_tensor(np.asarray(m, np.float32)),
+                  "state_std": torch.as_tensor(np.asarray(s, np.float32))}
+              for e in envs for m, s in [data.state_stats(e)]}
+        atomic_save(make_checkpoint(state, config, iteration=iteration, specializations=list(model.specializations),
+                                    state_stats=st), path)
+        log(f"saved {path}")
+
+    from decision_transformer.evaluation import EnvPool
+
+    pools = {e: EnvPool(e, args.env_version) for e in envs}
+    best_key = "evaluation/average_norm_return_mean"
+    best_score, logs, t0 = -float("inf"), {}, time.time()
+    try:
+        for it in range(1, args.max_iters + 1):
+            if trainer is not None:
+                with progress(args.num_steps_per_iter, f"iter {it} train") as bar:
+                    logs = trainer.train_iteration(args.num_steps_per_iter, it, bar)
+            else:
+                logs = {"time/training": 0.0, "training/train_loss_mean": float("nan"),
+                        "training/train_loss_std": float("nan"), "training/action_error": float("nan")}
+            model.eval()
+            eval_start = time.time()
+            chosen_state, score = None, None
+            if args.num_eval_episodes:
+                logs.update(evaluate_all(model, envs, data, args, device, pools, score_envs))
+                score = logs[best_key]
+                if args.eval_merge_pre:
+                    post = blocks_state(model)
+                    for p in args.p_list:
+                        interp = {k: (1 - p) * transformer_pre[k] + p * post[k] for k in post}
+                        model.load_state_dict(interp, strict=False)
+                        logs.update(evaluate_all(model, envs, data, args, device, pools, score_envs,
+                                                 prefix=f"evaluation/{p}/"))
+                        s = logs[f"evaluation/{p}/average_norm_return_mean"]
+                        if s > score:
+                            score, chosen_state = s, {k: v.detach().clone() for k, v in model.state_dict().items()}
+                            logs["evaluation/best_p"] = p
+                    model.load_state_dict(post, strict=False)
+            logs["time/evaluation"] = time.time() - eval_start
+            logs["time/total"] = time.time() - t0
+            logger.log(logs, it)
+            log(_summary(it, args.max_iters, logs, envs, args.env_version))
+            improved = score is not None and score > best_score
+            if improved:
+                best_score = score
+            if args.save_model and improved and args.save_mode in ("best", "both"):
+                save(chosen_state or model.state_dict(), models_dir / f"dt_{exp_prefix}_best.pt", it)
+        if args.save_model and args.save_mode in ("last", "both"):
+            save(model.state_dict(), models_dir / f"dt_{exp_prefix}.pt", args.max_iters)
+    finally:
+        logger.finish()
+        for p in pools.values():
+            p.close()
+    if args.end_break:
+        breakpoint()
+    return logs
+
+
+def _summary(it, max_iters, logs, envs, version) -> str:
+    parts = [f"iter {it}/{max_iters}"]
+    loss = logs.get("training/train_loss_mean")
+    if loss is not None and not math.isnan(loss):
+        parts.append(f"loss {loss:.4f}")
+    for e in envs:
+        spec = get_env_spec(e)
+        k = f"evaluation/target_{int(spec.targets[0])}_{spec.gym_id(version)}"
+        if f"{k}_return_mean" in logs:
+            parts.append(f"{e} {logs[f'{k}_return_mean']:.1f} (d4rl {logs[f'{k}_d4rl_score_mean']:.1f})")
+    if "evaluation/average_norm_return_mean" in logs:
+        parts.append(f"avg return/target {logs['evaluation/average_norm_return_mean']:.3f}")
+    if "evaluation/best_p" in logs:
+        parts.append(f"best p {logs['evaluation/best_p']}")
+    return " | ".join(parts)
+

@@ -1,0 +1,127 @@
+"""CKA against published and hand-derived values, its invariances, and the per-block activation hooks."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from decision_transformer.analysis.activations import BLOCK_ENTRIES, get_activations, hooked_modules
+from decision_transformer.analysis.cka import (cka, cka_matrix, gram_linear, gram_rbf, linear_cka, select_tokens,
+                                               token_features)
+from decision_transformer.data import Batch
+from decision_transformer.errors import UserError
+from decision_transformer.models import DecisionTransformer
+
+from test_analysis_support import tiny_config
+
+
+@pytest.fixture(scope="module")
+def xy():
+    # Kornblith et al.'s demo data (google-research representation_similarity), numpy's legacy seeding.
+    np.random.seed(1337)
+    x = np.random.randn(100, 10)
+    y = x + np.random.randn(100, 10)
+    return x, y
+
+
+def test_published_values(xy):
+    """The values printed by the reference notebook for this data: linear 0.55761, debiased 0.51346, RBF(0.5)
+    0.65483 (analysis.md §2)."""
+    x, y = xy
+    assert linear_cka(x, y) == pytest.approx(0.55761, abs=5e-6)
+    assert linear_cka(x, y, debiased=True) == pytest.approx(0.51346, abs=5e-6)
+    assert cka(gram_rbf(x, 0.5), gram_rbf(y, 0.5)) == pytest.approx(0.65483, abs=5e-6)
+
+
+def test_hand_derived_values():
+    rng = np.random.default_rng(0)
+    # 1-D representations: K~ = x~x~ᵀ, so linear CKA = (x~·y~)² / (|x~|²|y~|²) = squared Pearson correlation.
+    a, b = rng.standard_normal(50), rng.standard_normal(50)
+    assert linear_cka(a[:, None], b[:, None]) == pytest.approx(np.corrcoef(a, b)[0, 1] ** 2, rel=1e-10)
+    # X = [u], Y = [u, v] with centred u ⟂ v, |u| = |v|: <K~, L~> = |u|⁴, |L~| = √2 |u|² -> CKA = 1/√2.
+    q, _ = np.linalg.qr(rng.standard_normal((40, 3)))
+    u = q[:, 1] - q[:, 1].mean()
+    v = q[:, 2] - q[:, 2].mean()
+    v = v - (v @ u) / (u @ u) * u            # exactly orthogonal after centring
+    v = v / np.linalg.norm(v) * np.linalg.norm(u)
+    assert linear_cka(u[:, None], np.stack([u, v], 1)) == pytest.approx(1 / math.sqrt(2), rel=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["linear", "debiased", "rbf"])
+def test_invariances(xy, kind):
+    x, y = xy
+
+    def f(a, b):
+        if kind == "rbf":
+            return cka(gram_rbf(a, 0.5), gram_rbf(b, 0.5))
+        return linear_cka(a, b, debiased=kind == "debiased")
+
+    base = f(x, y)
+    q, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((10, 10)))
+    assert f(x, x) == pytest.approx(1.0, abs=1e-12)                     # self-similarity
+    assert f(3.7 * x, y) == pytest.approx(base, rel=1e-9)                  # isotropic scaling
+    assert f(x @ q, y) == pytest.approx(base, rel=1e-9)                    # orthogonal transform
+    assert f(x + 5.0, y) == pytest.approx(base, rel=1e-9)                  # translation (centring)
+    assert f(y, x) == pytest.approx(base, rel=1e-12)                       # symmetry
+    # and not invariant to an anisotropic scaling, so the checks above are not vacuous
+    assert abs(f(x * np.r_[10.0, np.ones(9)], y) - base) > 1e-2
+
+
+def test_cka_matrix_matches_pairs(xy):
+    x, y = xy
+    feats = [torch.tensor(x), torch.tensor(y), torch.tensor(x[:, :3])]
+    m = cka_matrix(feats, feats[:2], debiased=True, eps=0.0)
+    assert m.shape == (3, 2)
+    for i, a in enumerate(feats):
+        for j, b in enumerate(feats[:2]):
+            assert m[i, j] == pytest.approx(cka(gram_linear(a), gram_linear(b), debiased=True), rel=1e-12)
+    assert np.allclose(np.diag(cka_matrix(feats, feats, eps=1e-6)), 1.0, atol=1e-9)
+
+
+def test_token_selection_positions_and_legacy_axis():
+    B, T, D = 4, 15, 8                        # K = 5 steps -> 15 tokens
+    act = torch.arange(B * T * D, dtype=torch.float32).reshape(B, T, D)
+    sel = select_tokens(act)
+    assert torch.equal(token_features(sel, "reward"), act[:, -3])       # R̂_K
+    assert torch.equal(token_features(sel, "state"), act[:, -2])        # s_K
+    assert torch.equal(token_features(sel, "action"), act[:, -1])       # a_K
+    leg = select_tokens(act, legacy_feature_index=True)
+    assert torch.equal(token_features(leg, "state", True), act[:, :, -2])  # TAKAGI: a hidden unit over positions
+    assert token_features(leg, "state", True).shape == (B, T)
+
+
+def _batch(B=3, K=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(B, K)
+    mask[0, :2] = 0
+    return Batch(torch.randn(B, K, 11, generator=g), torch.rand(B, K, 3, generator=g) * 2 - 1, torch.zeros(B, K, 1),
+                 torch.zeros(B, K), torch.rand(B, K + 1, 1, generator=g), torch.randint(0, 50, (B, K), generator=g),
+                 mask)
+
+
+def test_activation_hooks_per_block():
+    model = DecisionTransformer(tiny_config(n_layer=3), seed=0).eval()
+    batch = _batch()
+    acts = get_activations(model, batch)
+    assert list(acts) == [f"{i}.{e}" for i in range(3) for e in BLOCK_ENTRIES]  # 9 per block, original order
+    H = 16
+    assert acts["0.attn.c_attn"].shape == (3, 12, 3 * H) and acts["2.mlp.act"].shape == (3, 12, 4 * H)
+    # mlp.dropout is the MLP branch before the residual add: h_{i+1} = h_i + attn branch + MLP branch
+    out = model(*[batch.states, batch.actions, batch.rtg[:, :-1], batch.timesteps], attention_mask=batch.mask,
+                output_hidden_states=True)
+    hs = out.hidden_states
+    for i in range(2):
+        assert torch.allclose(hs[i + 1], hs[i] + acts[f"{i}.attn.resid_dropout"] + acts[f"{i}.mlp.dropout"],
+                              atol=1e-5)
+    # every block's activation module is its own: the mlp.act entries differ between blocks
+    assert not torch.allclose(acts["0.mlp.act"], acts["2.mlp.act"])
+    assert torch.equal(acts["1.mlp.act"], torch.relu(acts["1.mlp.c_fc"]))
+    # hooks are removed afterwards
+    assert all(not m._forward_hooks for m in hooked_modules(model).values())
+
+
+def test_shared_module_is_refused():
+    model = DecisionTransformer(tiny_config(n_layer=2), seed=0)
+    model.transformer.h[1].mlp.act = model.transformer.h[0].mlp.act   # the transformers 4.17-4.23 aliasing
+    with pytest.raises(UserError, match="same object"):
+        hooked_modules(model)

@@ -1,0 +1,243 @@
+"""The D4RL converter (data/download_d4rl_datasets.py --hdf5) on small hdf5 files made here, and the downloader
+against a local HTTP server on 127.0.0.1 that supports Range requests (resume, broken transfers, servers that
+ignore ranges, checksum and size mismatches, no network)."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import importlib.util
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from decision_transformer import download
+from decision_transformer.data import safe_pickle_load
+from decision_transformer.download import download_file
+from decision_transformer.errors import UserError
+from decision_transformer.synthetic import write_hdf5
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("download_script", ROOT / "data" / "download_d4rl_datasets.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+script = _load_script()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Converter
+# ----------------------------------------------------------------------------------------------------------------
+
+def flat(n, dtype=np.float32, seed=0, ds=11, da=3):
+    rng = np.random.default_rng(seed)
+    obs = rng.normal(size=(n, ds)).astype(dtype)
+    return {"observations": obs, "next_observations": obs + 1, "actions": rng.uniform(-1, 1, (n, da)).astype(dtype),
+            "rewards": np.arange(n, dtype=dtype), "terminals": np.zeros(n, bool), "timeouts": np.zeros(n, bool)}
+
+
+def test_convert_splits_at_terminals_and_timeouts_and_drops_tail(tmp_path):
+    d = flat(20, dtype=np.float64)          # float64 as medium-replay
+    d["terminals"][[4, 9]] = True           # episodes [0..4], [5..9]
+    d["timeouts"][14] = True                # [10..14]; rows 15..19 are an unfinished tail
+    src = write_hdf5(tmp_path / "hopper_medium_replay-v2.hdf5", d)
+    out = Path(script.convert(str(src), str(tmp_path / "out")))
+    assert out.name == "hopper-medium-replay-v2.pkl"
+    trajs = safe_pickle_load(out)
+    assert [len(t["rewards"]) for t in trajs] == [5, 5, 5]
+    assert [t["rewards"][0] for t in trajs] == [0, 5, 10]
+    assert [bool(t["terminals"][-1]) for t in trajs] == [True, True, False]   # a timeout is not a terminal
+    for t in trajs:
+        assert set(t) == {"observations", "next_observations", "actions", "rewards", "terminals"}
+        assert all(t[k].dtype == np.float32 for k in ("observations", "next_observations", "actions", "rewards"))
+        assert t["terminals"].dtype == bool
+    np.testing.assert_array_equal(trajs[1]["observations"], d["observations"][5:10].astype(np.float32))
+
+
+def test_convert_without_timeouts_uses_the_originals_counter(tmp_path):
+    d = flat(2600)
+    del d["timeouts"]
+    d["terminals"][2200] = True
+    src = write_hdf5(tmp_path / "hopper_medium-v2.hdf5", d)
+    trajs = safe_pickle_load(script.convert(str(src), str(tmp_path)))
+    # first episode 1000 steps, then 999 (the originals' off-by-one), then up to the terminal; tail dropped
+    assert [len(t["rewards"]) for t in trajs] == [1000, 999, 202]
+    assert sum(len(t["rewards"]) for t in trajs) == 2201
+
+
+def test_convert_rejects_bad_names_and_files(tmp_path):
+    bad = tmp_path / "hopper-medium.hdf5"
+    bad.write_bytes(b"x")
+    with pytest.raises(UserError, match="not a D4RL gym-mujoco v2 file name"):
+        script.convert(str(bad), str(tmp_path))
+    junk = tmp_path / "hopper_medium-v2.hdf5"
+    junk.write_bytes(b"not hdf5 at all")
+    with pytest.raises(UserError, match="hopper_medium-v2.hdf5"):
+        script.convert(str(junk), str(tmp_path))
+    assert not (tmp_path / "hopper-medium-v2.pkl").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A loopback HTTP server with Range support
+# ----------------------------------------------------------------------------------------------------------------
+
+class Server:
+    """Serves ``files`` (name -> bytes) on 127.0.0.1. Options: ``ignore_range`` (always 200 + whole body) and
+    ``break_after`` (the first full response is cut after that many bytes)."""
+
+    def __init__(self, files, ignore_range=False, break_after=None):
+        self.files, self.ignore_range, self.break_after = files, ignore_range, break_after
+        self.requests: list[tuple[str, str | None]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                rng = self.headers.get("Range")
+                outer.requests.append((name, rng))
+                if name not in outer.files:
+                    self.send_error(404)
+                    return
+                body = outer.files[name]
+                start = 0
+                if rng and not outer.ignore_range:
+                    start = int(rng.split("=")[1].split("-")[0])
+                    if start >= len(body):
+                        self.send_response(416)
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                chunk = body[start:]
+                self.send_header("Content-Length", str(len(chunk)))
+                self.end_headers()
+                if outer.break_after is not None and start == 0:
+                    outer.break_after, cut = None, outer.break_after
+                    self.wfile.write(chunk[:cut])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)   # drop the connection mid-body
+                    return
+                self.wfile.write(chunk)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+PAYLOAD = np.random.default_rng(0).bytes(300_000)
+DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+def test_download_resumes_a_partial_file(tmp_path):
+    dest = tmp_path / "f.hdf5"
+    (tmp_path / "f.hdf5.part").write_bytes(PAYLOAD[:100_000])
+    with Server({"f.hdf5": PAYLOAD}) as s:
+        download_file(f"{s.url}/f.hdf5", dest, size=len(PAYLOAD), sha256=DIGEST, progress=False)
+    assert dest.read_bytes() == PAYLOAD
+    assert s.requests == [("f.hdf5", "bytes=100000-")]
+    assert not (tmp_path / "f.hdf5.part").exists()
+
+
+def test_download_resumes_after_a_broken_connection(tmp_path):
+    dest = tmp_path / "f.hdf5"
+    with Server({"f.hdf5": PAYLOAD}, break_after=70_000) as s:
+        download_file(f"{s.url}/f.hdf5", dest, size=len(PAYLOAD), sha256=DIGEST, progress=False, timeout=5)
+    assert dest.read_bytes() == PAYLOAD
+    assert len(s.requests) == 2 and s.requests[0][1] is None
+    assert s.requests[1][1].startswith("bytes=") and int(s.requests[1][1][6:-1]) > 0
+
+
+def test_download_restarts_when_the_server_ignores_ranges(tmp_path):
+    dest = tmp_path / "f.hdf5"
+    (tmp_path / "f.hdf5.part").write_bytes(b"garbage" * 10)
+    with Server({"f.hdf5": PAYLOAD}, ignore_range=True) as s:
+        download_file(f"{s.url}/f.hdf5", dest, size=len(PAYLOAD), sha256=DIGEST, progress=False)
+    assert dest.read_bytes() == PAYLOAD
+    assert s.requests == [("f.hdf5", "bytes=70-")]   # asked to resume, got the whole file, started over
+
+
+def test_checksum_mismatch_deletes_the_download(tmp_path):
+    dest = tmp_path / "f.hdf5"
+    with Server({"f.hdf5": PAYLOAD}) as s:
+        with pytest.raises(UserError, match="sha256 mismatch") as e:
+            download_file(f"{s.url}/f.hdf5", dest, size=len(PAYLOAD), sha256="0" * 64, progress=False)
+    assert "\n" not in str(e.value)
+    assert not dest.exists() and not (tmp_path / "f.hdf5.part").exists()
+
+
+def test_size_mismatch_and_http_errors(tmp_path):
+    with Server({"f.hdf5": PAYLOAD}) as s:
+        with pytest.raises(UserError, match="size mismatch"):
+            download_file(f"{s.url}/f.hdf5", tmp_path / "f.hdf5", size=len(PAYLOAD) - 5, progress=False)
+        with pytest.raises(UserError, match="HTTP 404"):
+            download_file(f"{s.url}/missing.hdf5", tmp_path / "m.hdf5", progress=False)
+    with pytest.raises(UserError, match="only http"):
+        download_file("file:///etc/passwd", tmp_path / "x", progress=False)
+
+
+def _closed_port_url():
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens here now
+    return f"http://127.0.0.1:{port}"
+
+
+def test_no_network_gives_one_line_advice(tmp_path, capsys):
+    url = _closed_port_url()
+    with pytest.raises(SystemExit) as e:
+        script.main(["--envs", "hopper", "--datasets", "medium", "--hdf5_dir", str(tmp_path),
+                     "--data_path", str(tmp_path), "--base_url", url, "--no_progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot download") and "--hdf5" in err and "\n" not in err
+    assert "Traceback" not in err
+
+
+def test_download_and_convert_end_to_end(tmp_path, monkeypatch):
+    from decision_transformer.synthetic import rollout_flat
+
+    src = write_hdf5(tmp_path / "src" / "hopper_medium-v2.hdf5", rollout_flat("hopper", 400, seed=1, max_ep_len=100))
+    body = src.read_bytes()
+    monkeypatch.setitem(download.D4RL_FILES, "hopper_medium-v2.hdf5", (len(body), hashlib.sha256(body).hexdigest()))
+    with Server({"hopper_medium-v2.hdf5": body}) as s:
+        monkeypatch.setenv("D4RL_BASE_URL", s.url)
+        script.main(["--envs", "hopper", "--datasets", "medium", "--hdf5_dir", str(tmp_path / "cache"),
+                     "--data_path", str(tmp_path / "out"), "--no_progress"])
+        # a second run finds the verified file and does not download again
+        script.main(["--envs", "hopper", "--datasets", "medium", "--hdf5_dir", str(tmp_path / "cache"),
+                     "--data_path", str(tmp_path / "out"), "--no_progress"])
+    assert len(s.requests) == 1
+    trajs = safe_pickle_load(tmp_path / "out" / "hopper-medium-v2.pkl")
+    assert sum(len(t["rewards"]) for t in trajs) <= 400 and len(trajs) >= 4
+    # a cached file that does not match D4RL's checksum is reported, not silently used
+    monkeypatch.setitem(download.D4RL_FILES, "hopper_medium-v2.hdf5", (len(body), "1" * 64))
+    with pytest.raises(UserError, match="does not match"):
+        download.fetch_d4rl("hopper_medium-v2.hdf5", tmp_path / "cache", progress=False)
+
+
+def test_d4rl_table_matches_the_reference():
+    assert len(download.D4RL_FILES) == 15
+    assert download.D4RL_FILES["walker2d_medium_replay-v2.hdf5"][0] == 86_323_963
+    assert all(len(h) == 64 for _, h in download.D4RL_FILES.values())
