@@ -27,13 +27,14 @@ def batches(ds, da, n=64, b=256, seed=0):
 
 
 def rate(step, data, seconds, warmup=20):
+    """(updates per wall second, updates per CPU second of this process)."""
     for i in range(warmup):
         step(*data[i % len(data)])
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         step(*data[n % len(data)])
         n += 1
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
 def main():
@@ -48,7 +49,9 @@ def main():
     data = batches(spec.state_dim, spec.act_dim)
     print(f"SAC update, {args.env} dims ({spec.state_dim}/{spec.act_dim}), 256-256, 2 critics, batch 256, "
           f"torch {torch.__version__}")
-    print(f"{'variant':<34}{'threads':>8}{'updates/s':>12}{'x textbook':>12}")
+    print("updates/s = per wall-clock second; per CPU-s = per second of CPU time this process got (with 1 thread,\n"
+          "the rate an idle core would give; use it when other jobs share the cores). Medians of interleaved rounds.")
+    print(f"{'variant':<34}{'threads':>8}{'updates/s':>12}{'per CPU-s':>12}{'x textbook':>12}")
     for threads in args.threads:
         torch.set_num_threads(threads)
         variants = [("textbook (3 optimisers, 2 MLPs)", lambda: ReferenceSAC(spec.state_dim, spec.act_dim).update),
@@ -70,10 +73,12 @@ def main():
                 rates[i].append(rate(step, data, args.seconds))
         base = None
         for (name, _), r, s in zip(variants, rates, setup):
-            med = statistics.median(r)
-            base = base or med
+            wall = statistics.median(x[0] for x in r)
+            cpu = statistics.median(x[1] for x in r)
+            ref = cpu if threads == 1 else wall
+            base = base or ref
             extra = f"   (first call {s:.0f} s)" if s > 2 else ""
-            print(f"{name:<34}{threads:>8}{med:>12.1f}{med / base:>12.2f}{extra}", flush=True)
+            print(f"{name:<34}{threads:>8}{wall:>12.1f}{cpu:>12.1f}{ref / base:>12.2f}{extra}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -47,8 +47,8 @@ def add_model_flags(p: argparse.ArgumentParser):
                    help="the timestep embedding is transformer.wpe (the LM's position table, tiled when shorter "
                         "than an episode)")
     g.add_argument("--igpt_legacy_ln", action="store_true",
-                   help="load ImageGPT into GPT-2 LayerNorms with zero biases, as the originals (default: "
-                        "ImageGPT's own RMS-style norm)")
+                   help="load ImageGPT into GPT-2 LayerNorms with zero biases, as the originals did "
+                        "(otherwise ImageGPT's own RMS-style norm)")
 
 
 def add_kmeans_flags(p: argparse.ArgumentParser):

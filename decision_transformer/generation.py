@@ -139,12 +139,14 @@ def _finish(ep: _Episode) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in ep.rows.items()}
 
 
-def rollout_policy(env: str, actor, num_transitions: int, seed: int = 0, num_envs: int = 16,
+def rollout_policy(env: str, actor, num_transitions: int, seed: int = 0, num_envs: int | None = None,
                    env_version: str = DEFAULT_ENV_VERSION, progress: bool = False) -> dict[str, np.ndarray]:
     """``num_transitions`` rows of D4RL-layout data from ``actor`` (a NumpyActor, sampled), ``num_envs`` envs in
     lockstep. Episodes are laid out one after the other in the order they end; the last one is cut off unfinished
     (no terminal or timeout on its last row), as in D4RL's files."""
     spec = get_env_spec(env)
+    if num_envs is None:  # enough to amortise the batched forward, few enough not to overshoot small requests
+        num_envs = int(np.clip(num_transitions // spec.max_ep_len, 1, 16))
     envs = [make_env(env, env_version) for _ in range(num_envs)]
     raw = [e.unwrapped for e in envs]  # the time limit is applied here; skipping wrappers saves per-step overhead
     rng = np.random.default_rng(seed)

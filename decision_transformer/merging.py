@@ -63,10 +63,10 @@ def check_compatible(states: Sequence[StateDict], names: Sequence[str], keys: Se
                 raise UserError(f"{name}: cannot merge with {ref_name}: tensor {k} has shape {list(sd[k].shape)}, "
                                 f"{list(ref[k].shape)} in {ref_name} (different hidden size or architecture?)")
         # keys in S of this model that model 1 lacks: e.g. model 2 has more layers
-        own = {k for k in sd}
-        extra = [k for k in own if k not in ref and any(k.startswith(p) for p in _block_prefixes(keys))]
+        prefixes = _block_prefixes(keys)
+        extra = [k for k in sd if k not in ref and any(k.startswith(p) for p in prefixes)]  # this model's order
         if extra:
-            raise UserError(f"{name}: cannot merge with {ref_name}: tensor {sorted(extra)[0]} does not exist in "
+            raise UserError(f"{name}: cannot merge with {ref_name}: tensor {extra[0]} does not exist in "
                             f"{ref_name} (different layer count?)")
 
 

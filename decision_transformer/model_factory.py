@@ -106,8 +106,8 @@ def build_model_from_args(args, spec, lm=None) -> DecisionTransformer:
 # ---- auxiliary losses -------------------------------------------------------------------------------------------
 
 class AuxLosses:
-    """Sum of the switched-on auxiliary terms, called by the Trainer as ``(model, out, batch, step)``. Keeps
-    per-iteration means of each term on the device (no host sync per step); ``pop_logs()`` returns and resets them.
+    """Sum of the switched-on auxiliary terms, called by the Trainer as ``(model, out, batch, step)`` and returning
+    ``(loss, logs)``; the Trainer averages the logs over the iteration's steps (no host sync per step).
 
     Logged: ``training/kmeans_loss`` (unweighted) and ``training/kmeans_weight``, ``training/init_reg_loss``
     (weighted, as added), ``training/lm_loss`` (unweighted cross-entropy) and ``training/lm_const``.
@@ -115,39 +115,26 @@ class AuxLosses:
 
     def __init__(self, kmeans=None, init_reg=None, lm=None):
         self.kmeans, self.init_reg, self.lm = kmeans, init_reg, lm
-        self._sums: dict[str, torch.Tensor | float] = {}
-        self._n = 0
 
-    def _add(self, key, value):
-        v = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
-        self._sums[key] = self._sums.get(key, 0.0) + v
-
-    def __call__(self, model, out, batch, step: int) -> torch.Tensor:
+    def __call__(self, model, out, batch, step: int) -> tuple[torch.Tensor, dict]:
         s = step + 1                       # the originals' step counter starts at 1
         total = out.action_preds.new_zeros((), dtype=torch.float32)
+        logs: dict = {}
         if self.kmeans is not None:
             w = self.kmeans.weight(s)
             km = self.kmeans.loss(out.all_embs)
             total = total + w * km
-            self._add("training/kmeans_loss", km)
-            self._add("training/kmeans_weight", w)
+            logs["training/kmeans_loss"], logs["training/kmeans_weight"] = km.detach(), w
         if self.init_reg is not None:
             reg = self.init_reg.loss()
             total = total + reg
-            self._add("training/init_reg_loss", reg)
+            logs["training/init_reg_loss"] = reg.detach()
         if self.lm is not None:
             w = self.lm.weight(s)
             ll = self.lm.loss(model)
             total = total + w * ll
-            self._add("training/lm_loss", ll)
-            self._add("training/lm_const", w)
-        self._n += 1
-        return total
-
-    def pop_logs(self) -> dict:
-        n, sums = self._n, self._sums
-        self._sums, self._n = {}, 0
-        return {k: float(v) / n for k, v in sums.items()} if n else {}
+            logs["training/lm_loss"], logs["training/lm_const"] = ll.detach(), w
+        return total, logs
 
 
 def make_extra_loss(args, model, *, script: str = "experiment", lm=None, device=None):

@@ -225,8 +225,6 @@ def _run(args, script: str) -> dict:
         for it in range(start_iter + 1, args.max_iters + 1):
             with progress(args.num_steps_per_iter, f"iter {it} train") as bar:
                 logs = trainer.train_iteration(args.num_steps_per_iter, it, bar)
-            if extra_loss is not None:
-                logs.update(extra_loss.pop_logs())
             model.eval()
             eval_start = time.time()
             if args.num_eval_episodes:

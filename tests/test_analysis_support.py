@@ -70,3 +70,26 @@ def tiny_runs(tmp_path_factory, hopper_data):
     for b in range(N_LAYER):
         write_run(root, "dt", K=1, block=b, epochs=(1, 2), data_file=data_file)
     return root
+
+
+def load_script(relpath: str):
+    """Import a script of analysis/ or mine/ (folder names with dashes) as a module, to call its ``main(argv)``."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location("script_" + path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def expect_exit(capsys, main, argv, code=2) -> str:
+    """Run a script's main expecting a one-line ``error: ...`` and exit ``code``; returns the line."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    assert e.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
+    return err[-1]

@@ -191,6 +191,15 @@ def test_extend_positions_tiles_and_shares_the_lm_table(lm_dirs):
     assert torch.equal(model.embed_timestep(t)[0, 0], src[7])
 
 
+def test_extend_positions_with_random_init_uses_the_random_wpe():
+    model = build_model_from_args(args_for("--embed_dim", "16", "--n_layer", "1", "--extend_positions"), HOPPER)
+    assert model.embed_timestep is model.transformer.wpe and model.transformer.wpe.weight.shape == (1024, 16)
+    assert model.transformer.wpe.weight.std().item() == pytest.approx(0.02, rel=0.1)       # GPT-2 init, not N(0, 1)
+    assert sum(p.numel() for p in model.parameters()) == \
+        sum(p.numel() for p in build_model_from_args(args_for("--embed_dim", "16", "--n_layer", "1"),
+                                                     HOPPER).parameters()) - 1000 * 16  # no separate table
+
+
 # ---- block transplant ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("b", [0, 1])
@@ -280,6 +289,25 @@ def test_anneal_schedules():
     assert KMeansAlignment(torch.randn(3, 4), const=0.1, anneal_steps=None).weight(10**6) == 0.1
 
 
+def test_each_script_gets_its_kmeans_variant(lm_dirs, tmp_path):
+    """experiment.py: L2-normalised, anneal horizon 5000; lm_cotraining: unnormalised, 15000 or constant."""
+    from decision_transformer.cli_lm import lm_cotraining_parser
+
+    common = ["--pretrained_lm", str(lm_dirs / "gpt2"), "--gpt_kmeans", "10", "--gpt_kmeans_const", "0.1",
+              "--kmeans_cache", str(tmp_path / "c.pt")]
+    model = build_model_from_args(args_for(*common), HOPPER)
+    main = make_extra_loss(args_for(*common), model).kmeans
+    lm = make_extra_loss(lm_cotraining_parser().parse_args(common), model, script="lm_cotraining").kmeans
+    flat = make_extra_loss(lm_cotraining_parser().parse_args([*common, "--disable_k_annealing"]), model,
+                           script="lm_cotraining").kmeans
+    assert (main.normalize, main.anneal_steps, lm.normalize, lm.anneal_steps) == (True, 5000, False, 15000)
+    assert flat.weight(1) == flat.weight(10**5) == 0.1
+    e = model(*[torch.zeros(2, 5, d) for d in (11, 3, 1)], torch.zeros(2, 5, dtype=torch.long)).all_embs
+    assert not torch.allclose(main.loss(e), lm.loss(e))
+    with pytest.raises(UserError, match="needs a model initialised from --pretrained_lm"):
+        make_extra_loss(args_for("--gpt_kmeans", "10", "--gpt_kmeans_const", "0.1"), model)
+
+
 def test_cosine_kmeans_recovers_directions():
     g = torch.Generator().manual_seed(0)
     dirs = F.normalize(torch.randn(3, 8, generator=g), dim=1)
@@ -348,19 +376,45 @@ def test_cotraining_step_trains_the_lm_head(lm_dirs, hopper_data):
         trainer = Trainer(model, opt, warmup_schedule(opt, 1), ds, batch_size=4, K=5,
                           generator=torch.Generator().manual_seed(0), extra_loss=aux)
         before = model.transformer.wte.weight.detach().clone()
-        trainer.train_iteration(2, 1)
-        return aux, before, model.transformer.wte.weight.detach()
+        logs = trainer.train_iteration(2, 1)
+        return aux, logs, before, model.transformer.wte.weight.detach()
 
-    aux, before, after = one_step(True)
+    aux, logs, before, after = one_step(True)
     assert isinstance(aux, AuxLosses) and aux.lm is not None
     assert aux.lm.batches.blocks.shape[1] == 40                  # blocks of min(1024, n_positions) tokens
     assert aux.lm.weight(1) == pytest.approx(0.5 * (1 - 1 / 20)) and aux.lm.weight(20) == 0.0
-    logs = aux.pop_logs()
     assert 3.0 < logs["training/lm_loss"] < 8.0                  # ~log(vocab) for a barely trained LM
     assert logs["training/lm_const"] == pytest.approx(0.5 * (1 - 1.5 / 20))   # mean over steps 1 and 2
     assert not torch.equal(before, after)                        # the tied head/embedding is trained
-    aux_none, before, after = one_step(False)
-    assert aux_none is None and torch.equal(before, after)       # without --joint wte gets no gradient
+    aux_none, logs, before, after = one_step(False)
+    # without --joint wte gets no gradient
+    assert aux_none is None and torch.equal(before, after) and "training/lm_loss" not in logs
+
+
+def test_fp16_trainer_path_equals_the_fp32_step_off_cuda(lm_dirs, hopper_data):
+    """On CPU autocast and loss scaling are off, so the LM script's fp16 trainer must reproduce the plain step
+    exactly, auxiliary losses (k-means, init_reg) and gradient clipping included."""
+    from decision_transformer.cli_lm import lm_cotraining_parser
+    from decision_transformer.data import TrajectoryDataset, load_dataset
+    from decision_transformer.training import Trainer, make_optimizer, warmup_schedule
+    from decision_transformer.training.lm_cotrain import AmpTrainer
+
+    _, trajs = load_dataset(hopper_data, "hopper", "medium")
+    ds = TrajectoryDataset(trajs, "hopper")
+    args = lm_cotraining_parser().parse_args(["--pretrained_lm", str(lm_dirs / "gpt2"), "--K", "5", "--fp16",
+                                              "--gpt_kmeans", "20", "--gpt_kmeans_const", "0.1", "--init_reg", "0.1"])
+    states = []
+    for cls in (Trainer, AmpTrainer):
+        model = build_model_from_args(args, HOPPER)
+        opt = make_optimizer(model, lr=1e-3, weight_decay=1e-4, pretrained_lm=True)
+        trainer = cls(model, opt, warmup_schedule(opt, 1), ds, batch_size=4, K=5,
+                      generator=torch.Generator().manual_seed(0),
+                      extra_loss=make_extra_loss(args, model, script="lm_cotraining"))
+        trainer.train_iteration(3, 1)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not torch.equal(states[0]["transformer.h.0.attn.c_attn.weight"],
+                           locate_lm(str(lm_dirs / "gpt2")).state_dict()["h.0.attn.c_attn.weight"])
 
 
 def test_joint_needs_a_local_corpus(lm_dirs, tmp_path, monkeypatch):
@@ -397,6 +451,26 @@ def test_missing_model_is_one_line_saying_where_and_how(tmp_path, monkeypatch, c
 
     msg = expect_error(capsys, lm_experiment.main, ["--data_path", str(hopper_data), *RUN])
     assert "needs --pretrained_lm" in msg
+
+
+def test_lookup_order_local_then_checkpoints_then_cache(lm_dirs, hf_home, tmp_path, monkeypatch):
+    from decision_transformer.models.pretrained import find_model_dir
+
+    def where(name):
+        path, source = find_model_dir(name)
+        return path.resolve(), source
+
+    monkeypatch.chdir(tmp_path)
+    snapshot = (hf_home / "hub" / "models--openai--imagegpt-small" / "snapshots" /
+                "0123456789abcdef0123456789abcdef01234567")
+    assert where("openai/imagegpt-small") == (snapshot.resolve(), "hf-cache")
+    shutil.copytree(lm_dirs / "igpt", tmp_path / "checkpoints" / "imagegpt-small")
+    assert where("openai/imagegpt-small") == (tmp_path / "checkpoints" / "imagegpt-small", "local")
+    shutil.copytree(lm_dirs / "gpt2", tmp_path / "checkpoints" / "ChibiT")
+    assert where("chibit") == where("./checkpoints/CHIBIT") == (tmp_path / "checkpoints" / "ChibiT", "local")
+    assert where("gpt2")[1] == "hf-cache"
+    shutil.copytree(lm_dirs / "gpt2", tmp_path / "gpt2")
+    assert where("gpt2") == (tmp_path / "gpt2", "local")          # a local folder wins over the cache
 
 
 def test_pretraining_seed_commands_with_cached_models(tmp_path, monkeypatch, hf_home, hopper_data):
@@ -481,6 +555,11 @@ def test_merging_seed_lm_command_against_a_fresh_chibit(tmp_path, monkeypatch, c
     mtime = cache.stat().st_mtime_ns
     monkeypatch.chdir(work)
     monkeypatch.setattr(km_mod, "cosine_kmeans", lambda *a, **k: pytest.fail("recomputed despite the cache"))
-    lm_experiment.main([*seed, *small, "--max_iters", "1", "--num_eval_episodes", "0"])
-    assert "centres read from ../kmeans_cache/chibi_1000.pt" in capsys.readouterr().err
+    lm_experiment.main([*seed, *small, "--max_iters", "1", "--num_eval_episodes", "0", "--joint",
+                        "--nlp_dataset_name", str(tmp_path / "wiki.txt"), "--outdir", "joint"])
+    err = capsys.readouterr().err
+    assert "centres read from ../kmeans_cache/chibi_1000.pt" in err and "blocks of 512 tokens" in err
     assert cache.stat().st_mtime_ns == mtime
+    (joint_run,) = (work / "joint").iterdir()                        # --outdir replaces models/{env}
+    row = json.loads((joint_run / "metrics.jsonl").read_text())
+    assert 2.0 < row["training/lm_loss"] < 9.0 and row["training/lm_const"] == 1.0

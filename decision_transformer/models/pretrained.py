@@ -4,7 +4,9 @@ A ``--pretrained_lm NAME`` is looked up, in order, as
 
 1. a directory ``NAME`` (relative to the working directory, or absolute) holding a ``save_pretrained`` model
    (``config.json`` + weights);
-2. ``checkpoints/NAME`` (so ``--pretrained_lm ChibiT`` finds ``checkpoints/ChibiT``);
+2. ``checkpoints/NAME``, and for a Hub id with an owner also ``checkpoints/<model name>`` (so
+   ``--pretrained_lm ChibiT`` finds ``checkpoints/ChibiT`` and ``openai/imagegpt-small`` finds
+   ``checkpoints/imagegpt-small``);
 3. the Hugging Face cache (``HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``), with
    ``local_files_only`` — ``gpt2`` and ``openai/imagegpt-small`` once downloaded on a networked machine.
 
@@ -75,8 +77,11 @@ def find_model_dir(name: str, what: str = "pretrained model", flag: str = "--pre
         raise UserError(f"{flag} is empty")
     given = Path(name).expanduser()
     candidates = [given]
-    if not given.is_absolute() and given.parts[:1] != ("checkpoints",):
+    explicit_path = name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+    if not explicit_path and given.parts[:1] != ("checkpoints",):
         candidates.append(Path("checkpoints") / name)
+        if given.name != name:                      # a Hub id with an owner: also checkpoints/<model name>
+            candidates.append(Path("checkpoints") / given.name)
     for c in candidates:
         if _is_model_dir(c):
             return c, "local"
@@ -88,12 +93,15 @@ def find_model_dir(name: str, what: str = "pretrained model", flag: str = "--pre
         return snap, "hf-cache"
     looked = " and ".join(str(c.absolute()) for c in candidates)
     stem = given.name or name
-    raise UserError(
-        f"{what} {name!r} not found: no save_pretrained directory (config.json + weights) at {looked}, and not in the "
-        f"Hugging Face cache {hf_cache_dir()} (the Hub is not reachable from here); provide it by copying the model "
-        f"directory to checkpoints/{stem} or passing its path to {flag}, or by running `huggingface-cli download "
-        f"{name}` on a networked machine and copying its cache folder to HF_HOME (ChibiT: python "
-        f"lm_cotraining/pretrain_chibit.py; see checkpoints/README.md)")
+    if explicit_path:   # a path, not a Hub id
+        how = (f"create or copy a save_pretrained model directory there (ChibiT without a download: python "
+               f"lm_cotraining/pretrain_chibit.py --text FILE --out {name})")
+    else:
+        how = (f"copy a save_pretrained directory to checkpoints/{stem} or pass its path to {flag}, or run "
+               f"`huggingface-cli download {name}` on a networked machine and copy its cache folder to HF_HOME")
+    raise UserError(f"{what} {name!r} not found: no save_pretrained directory (config.json + weights) at {looked}, "
+                    f"and not in the Hugging Face cache {hf_cache_dir()} (the Hub is not reachable from here); "
+                    f"{how}; see checkpoints/README.md")
 
 
 @dataclass

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from decision_transformer.errors import UserError
-from decision_transformer.training.losses import masked_action_mse
 from decision_transformer.training.trainer import Trainer
 
 LM_BATCH_SIZE = 2          # the originals' per-device batch
@@ -166,21 +165,21 @@ def build_lm_cotraining(args, model, lm, device) -> LMCotraining:
 # ---- mixed precision (--fp16 of the LM script) ------------------------------------------------------------------
 
 class AmpTrainer(Trainer):
-    """fp16 autocast + GradScaler (CUDA). Unlike the originals, gradients are unscaled and clipped, and the
-    auxiliary losses (``init_reg`` included) are applied, exactly as on the fp32 path."""
+    """fp16 autocast + GradScaler (CUDA) around the Trainer's loss, auxiliary losses (LM co-training) included.
+    Unlike the originals, gradients are unscaled and clipped, and ``init_reg`` is applied, as on the fp32 path."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.scaler = torch.amp.GradScaler("cuda")
+        # fp16 needs CUDA; elsewhere both are disabled and a step is exactly the fp32 step
+        self.amp = self.device_type == "cuda"
+        if self.amp:
+            self.amp_dtype = torch.float16        # the model forward inside the Trainer's loss, too
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
     def train_step(self) -> torch.Tensor:
         batch = self.dataset.sample_batch(self.batch_size, self.K, self.generator)
-        with torch.autocast("cuda", dtype=torch.float16):
-            out = self.model(batch.states, batch.actions, batch.rtg[:, :-1], batch.timesteps,
-                             attention_mask=batch.mask)
-            extra = self.extra_loss(self.model, out, batch, self.step) if self.extra_loss is not None else None
-        loss = masked_action_mse(out.action_preds.float(), batch.actions, batch.mask)
-        total = loss if extra is None else loss + extra.float()
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+            loss, total = self._loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self.scaler.unscale_(self.optimizer)

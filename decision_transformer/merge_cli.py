@@ -1,0 +1,151 @@
+"""Merge checkpoints into a new checkpoint, with any merge method, from flags or a recipe file.
+
+    python -m decision_transformer.merge_cli --models models/hopper/A.pt models/halfcheetah/B.pt models/walker2d/C.pt \
+        --include attn mlp --merge_method ties --ties_density 0.2 --out models/merged/hopper-ties.pt
+    python -m decision_transformer.merge_cli --recipe recipes/hopper-ties.yaml
+
+Single-task models merge as ``experiment.py`` does (S from ``--include``/``--exclude``, everything else from model 1);
+multi-task models (all of them multi, each specialised on one env) as ``experiment_multi.py --multi_pretrained_models``
+(the blocks merged, per-env layers from the model specialised on that env). Fisher information, Gram matrices and
+greedy-soup scores are computed on each model's own dataset in ``--data_path``. The output is a plain-dict checkpoint
+with model 1's config and a ``merge_info`` record, loadable with ``weights_only=True``, that ``experiment.py
+--load_checkpoint``, ``--pretrained_models`` and ``results_table`` accept.
+
+A recipe is a YAML mapping whose keys are these flags' names (``models``, ``out``, ``merge_method``, ``include``,
+``merge_lambda`` ...); flags given on the command line override it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from decision_transformer import fisher as fisher_mod
+from decision_transformer import merging
+from decision_transformer.checkpoint import atomic_save, make_checkpoint
+from decision_transformer.errors import UserError, cli_entry
+
+
+def merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Merge Decision Transformer checkpoints into a new checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--recipe", default=None, help="YAML file with any of these options (flags override it)")
+    p.add_argument("--models", nargs="+", default=None, help="checkpoints to merge; the first is the target")
+    p.add_argument("--out", default=None, help="output checkpoint")
+    p.add_argument("--merge_method", default="mean", choices=merging.MERGE_METHODS)
+    p.add_argument("--include", nargs="*", default=[], help="merged keys contain any of these (empty: all keys; "
+                                                            "multi-task merges always merge transformer.h)")
+    p.add_argument("--exclude", nargs="*", default=[])
+    p.add_argument("--p", type=float, default=0.5, help="2 models: (1-p)·θ1 + p·θ2")
+    p.add_argument("--merge_base", default=None, help="task-vector base (default: model 1's shared initialisation)")
+    p.add_argument("--merge_lambda", type=float, default=None, help="task-vector scale (0.8 task arithmetic, 1.0 TIES)")
+    p.add_argument("--ties_density", type=float, default=0.2)
+    p.add_argument("--regmean_alpha", type=float, default=0.1)
+    p.add_argument("--regmean_n_windows", type=int, default=1000)
+    p.add_argument("--fisher_type", default="batch", choices=fisher_mod.FISHER_TYPES)
+    p.add_argument("--fisher_norm", default="trace", choices=merging.FISHER_NORMS)
+    p.add_argument("--no_trace_norm", action="store_true", help="= --fisher_norm none")
+    p.add_argument("--fisher_floor", type=float, default=1e-6)
+    p.add_argument("--fisher_favor_target", action="store_true")
+    p.add_argument("--spec_info", action="store_true", help="multi-task: Fisher on each model's own env only")
+    p.add_argument("--f_batch_size", type=int, default=64)
+    p.add_argument("--f_num_batches", type=int, default=100)
+    p.add_argument("--data_path", default="data")
+    p.add_argument("--dataset", default=None, help="multi-task Fisher data (default: model 1's dataset)")
+    p.add_argument("--K", type=int, default=20)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=666)
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def read_recipe(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    try:
+        obj = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{p}: recipe not found") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{p}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{p}: a recipe is a mapping of option names to values")
+    return obj
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = merge_parser()
+    args = parser.parse_args(argv)
+    if args.recipe:
+        recipe = read_recipe(args.recipe)
+        known = {a.dest for a in parser._actions} - {"help", "recipe"}
+        for k in recipe:
+            if k not in known:
+                raise UserError(f"{args.recipe}: unknown option {k!r} (valid: {', '.join(sorted(known))})")
+        for k in ("models", "include", "exclude"):
+            if isinstance(recipe.get(k), str):
+                recipe[k] = [recipe[k]]
+        parser.set_defaults(**recipe)
+        args = parser.parse_args(argv)  # command-line flags win over the recipe
+    if not args.models:
+        raise UserError("no models to merge: pass --models A B ... or a recipe with 'models'")
+    if not args.out:
+        raise UserError("no output: pass --out FILE or a recipe with 'out'")
+    return args
+
+
+def run_merge(args) -> Path:
+    from decision_transformer.legacy_import import build_model, load_model_file
+    from decision_transformer.merge_setup import (DatasetCache, merge_multi_states, merge_single_sources, multi_fisher,
+                                                  resolve_method)
+    from decision_transformer.run import resolve_device
+
+    device = resolve_device(args.device)
+    sources = [load_model_file(m) for m in args.models]
+    method = resolve_method(args)
+    n_multi = sum(s.is_multi for s in sources)
+    if n_multi not in (0, len(sources)):
+        raise UserError("cannot merge single-task with multi-task models")
+    first = sources[0]
+    info = {"method": method, "models": list(args.models), "include": list(args.include),
+            "exclude": list(args.exclude)}
+    if n_multi:
+        fishers = None
+        if method == "fisher":
+            data = DatasetCache(args.data_path, device)
+            ds = args.dataset or first.dataset or "medium"
+            fishers = []
+            for s in sources:
+                m = build_model(s, device, max_length=args.K)
+                envs = [s.specializations[0]] if args.spec_info and len(s.specializations) == 1 else m.config.envs
+                fishers.append(multi_fisher(m, envs, [data.get(e, ds) for e in envs], args))
+        state, specs = merge_multi_states(sources, args, device="cpu", fishers=fishers)
+    else:
+        keys = merging.select_keys(list(first.state_dict), args.include, args.exclude)
+        merging.check_compatible([s.state_dict for s in sources], [s.path for s in sources], keys)
+        state = merge_single_sources(sources, args, keys, device, DatasetCache(args.data_path, device))
+        n, tot, frac = merging.merged_fraction(state, keys)
+        print(f"merge: {method} of {len(sources)} models over {n} of {tot} tensors ({frac:.1%} of the parameters); "
+              f"the rest from {first.path}", file=sys.stderr)
+        specs = list(first.specializations)
+        info.update(merged_tensors=n, merged_fraction=frac)
+    info.update({k: getattr(args, k) for k in ("p", "merge_base", "merge_lambda", "ties_density", "regmean_alpha",
+                                               "regmean_n_windows", "fisher_type", "fisher_norm", "no_trace_norm",
+                                               "fisher_floor", "fisher_favor_target", "f_batch_size", "f_num_batches",
+                                               "seed")})
+    config = {**first.config, "merge_info": info}
+    extra = {k: first.raw[k] for k in ("state_mean", "state_std", "state_stats") if k in first.raw}
+    out = atomic_save(make_checkpoint({k: v.cpu() for k, v in state.items()}, config, specializations=specs,
+                                      **extra), args.out)
+    print(f"{out}: merged checkpoint ({method}, {len(sources)} models)", file=sys.stderr)
+    return out
+
+
+@cli_entry
+def main(argv=None):
+    run_merge(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

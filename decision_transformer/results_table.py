@@ -1,0 +1,206 @@
+"""Results tables of merge experiments: per-env D4RL-normalised scores (×100) of each source model, the plain merge,
+the merge after finetuning, the Fisher merge ..., printed and written as CSV and markdown.
+
+Each ``--row LABEL=PATH`` adds one result to the row LABEL (rows are kept in order of first appearance; several
+entries may fill one row, e.g. the three source models):
+
+* a checkpoint file is **evaluated** here: a single-task model on its own env, a multi-task model on every env, each at
+  the env's first target with ``--num_eval_episodes`` seeded episodes, its stored state statistics (else those of
+  ``{data_path}/{env}-{dataset}-v2.pkl``);
+* a run folder (``config.json`` + ``metrics.jsonl`` of ``experiment.py`` or ``experiment_multi.py``) is **read**:
+  ``--pick best`` (default; the best iteration by the run's own selection metric), ``last``, or ``0`` (a merge run's
+  evaluation before finetuning, recorded in its config).
+
+    python -m decision_transformer.results_table \
+        --row source=models/hopper/A_best.pt --row source=models/halfcheetah/B_best.pt \
+        --row source=models/walker2d/C_best.pt \
+        --row "merge=checkpoints/dt_medium_hopper_666_123456@0" --row merge+finetune=checkpoints/dt_medium_hopper_666_123456 \
+        --out results/merge_medium
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from decision_transformer.envs import ENVS, get_env_spec
+from decision_transformer.errors import UserError, cli_entry
+
+ENV_ORDER = ("hopper", "halfcheetah", "walker2d")
+
+
+# ---- scores of one entry ------------------------------------------------------------------------------------------------
+
+def evaluate_checkpoint(path: str, *, num_episodes: int = 10, seed: int = 666, data_path: str = "data",
+                        dataset: str = "medium", device="cpu", env_version: str = "v4") -> dict[str, float]:
+    """{env: mean D4RL score} of a checkpoint, evaluated at each env's first target."""
+    import torch
+
+    from decision_transformer.data import load_dataset, state_stats
+    from decision_transformer.evaluation import EnvPool, evaluate_episodes
+    from decision_transformer.legacy_import import build_model, load_model_file
+
+    mf = load_model_file(path)
+    model = build_model(mf, device)
+    envs = list(model.config.envs) if mf.is_multi else [mf.env]
+    if envs == [None]:
+        raise UserError(f"{path}: cannot tell which env this model is for")
+    out = {}
+    for env in envs:
+        stored = (mf.raw.get("state_stats") or {}).get(env) if mf.is_multi else (
+            {"state_mean": mf.raw["state_mean"], "state_std": mf.raw["state_std"]} if "state_mean" in mf.raw else None)
+        if stored is not None:
+            mean, std = (torch.as_tensor(stored["state_mean"]).numpy(), torch.as_tensor(stored["state_std"]).numpy())
+        else:
+            _, trajs = load_dataset(data_path, env, dataset)
+            mean, std = state_stats(trajs)
+        if mf.is_multi:
+            model.toggle_env(env)
+        pool = EnvPool(env, env_version)
+        try:
+            res = evaluate_episodes(model, env, get_env_spec(env).targets[0], num_episodes, mean, std, seed=seed,
+                                    device=device, pool=pool)
+        finally:
+            pool.close()
+        out[env] = float(np.mean(get_env_spec(env).d4rl_score(res.returns)))
+    return out
+
+
+def _score_keys(row: dict, envs, env_version) -> dict[str, float]:
+    """{env: d4rl score} from one metrics row (single-task keys ``target_{T}_*``, multi ``target_{T}_{EnvId}_*``)."""
+    out = {}
+    for env in envs:
+        spec = get_env_spec(env)
+        T = int(spec.targets[0])
+        for key in (f"evaluation/target_{T}_{spec.gym_id(env_version)}_d4rl_score_mean",
+                    f"evaluation/target_{T}_d4rl_score_mean"):
+            if row.get(key) is not None:
+                out[env] = float(row[key])
+                break
+    return out
+
+
+def read_run(run_dir: str, pick: str = "best") -> dict[str, float]:
+    """{env: D4RL score} of an ``experiment.py`` / ``experiment_multi.py`` run folder."""
+    d = Path(run_dir)
+    try:
+        config = json.loads((d / "config.json").read_text())
+        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except FileNotFoundError as e:
+        raise UserError(f"{d}: not a run folder ({Path(e.filename).name} missing)") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{d}: unreadable run files ({e})") from None
+    multi = config.get("model_class") == "multi_dt"
+    envs = list(config.get("envs") or ENV_ORDER) if multi else [config["env"]]
+    version = config.get("env_version", "v4")
+    if pick == "0":
+        it0 = (config.get("merge_info") or {}).get("iteration_0")
+        if not it0:
+            raise UserError(f"{d}: no evaluation before finetuning recorded (merge runs with training record one)")
+        return _score_keys(it0, envs, version)
+    rows = [r for r in rows if _score_keys(r, envs, version)]
+    if not rows:
+        raise UserError(f"{d}: no evaluation in metrics.jsonl")
+    if pick == "last":
+        return _score_keys(rows[-1], envs, version)
+    if pick != "best":
+        raise UserError(f"unknown pick {pick!r}; use best, last or 0")
+    if multi:
+        key = "evaluation/average_norm_return_mean"
+    else:
+        key = f"evaluation/target_{int(get_env_spec(envs[0]).targets[0])}_return_mean"
+    best = max(rows, key=lambda r: r.get(key) if r.get(key) is not None else -math.inf)  # first of equal bests
+    return _score_keys(best, envs, version)
+
+
+# ---- the table ------------------------------------------------------------------------------------------------------------
+
+def build_table(rows: dict[str, dict[str, float]], envs=ENV_ORDER) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted rows: label, one column per env (— where the row has no score), average over the envs
+    the row has."""
+    header = ["model", *envs, "average"]
+    body = []
+    for label, scores in rows.items():
+        vals = [scores.get(e) for e in envs]
+        have = [v for v in vals if v is not None]
+        avg = float(np.mean(have)) if have else None
+        body.append([label, *[f"{v:.1f}" if v is not None else "—" for v in vals],
+                     (f"{avg:.1f}" if avg is not None else "—") + ("" if len(have) in (0, len(envs)) else "*")])
+    return header, body
+
+
+def to_markdown(header, body) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(header, body) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows([[c if c != "—" else "" for c in r] for r in body])
+    return buf.getvalue()
+
+
+def collect(entries: list[str], *, pick: str, **eval_kw) -> dict[str, dict[str, float]]:
+    """Parse ``LABEL=PATH[@pick]`` entries and gather their scores by label."""
+    rows: dict[str, dict[str, float]] = {}
+    for entry in entries:
+        if "=" not in entry:
+            raise UserError(f"--row {entry!r}: expected LABEL=PATH")
+        label, path = entry.split("=", 1)
+        p_pick = pick
+        if "@" in path and not Path(path).exists():
+            path, p_pick = path.rsplit("@", 1)
+        if Path(path).is_dir():
+            scores = read_run(path, p_pick)
+        elif Path(path).is_file():
+            scores = evaluate_checkpoint(path, **eval_kw)
+        else:
+            raise UserError(f"--row {entry!r}: {path} is neither a checkpoint nor a run folder")
+        row = rows.setdefault(label, {})
+        for env, v in scores.items():
+            if env in row:
+                print(f"warning: row {label!r} has two {env} scores; keeping the later one ({path})", file=sys.stderr)
+            row[env] = v
+    return rows
+
+
+@cli_entry
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Per-env D4RL-normalised scores of merge-experiment models as a table.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--row", action="append", required=True, metavar="LABEL=PATH[@pick]",
+                   help="a checkpoint (evaluated) or a run folder (read); repeat, same label = same row")
+    p.add_argument("--pick", default="best", choices=["best", "last", "0"], help="iteration read from run folders")
+    p.add_argument("--envs", nargs="+", default=list(ENV_ORDER))
+    p.add_argument("--num_eval_episodes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=666)
+    p.add_argument("--data_path", default="data")
+    p.add_argument("--dataset", default="medium", help="state statistics for checkpoints that store none")
+    p.add_argument("--env_version", default="v4")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="write OUT.csv and OUT.md")
+    args = p.parse_args(argv)
+    rows = collect(args.row, pick=args.pick, num_episodes=args.num_eval_episodes, seed=args.seed,
+                   data_path=args.data_path, dataset=args.dataset, device=args.device, env_version=args.env_version)
+    header, body = build_table(rows, args.envs)
+    md = to_markdown(header, body)
+    print(md, end="")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".csv").write_text(to_csv(header, body))
+        out.with_suffix(".md").write_text(md)
+        print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.md')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

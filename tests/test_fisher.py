@@ -1,0 +1,182 @@
+"""Fisher information: the three estimators against explicit loops, info files, precompute_fisher.py and
+experiment.py --use_fisher (computed when missing, then used)."""
+import pytest
+import torch
+
+import experiment
+import precompute_fisher
+from decision_transformer import fisher, merging
+from decision_transformer.checkpoint import atomic_save, load_checkpoint, make_checkpoint
+from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+from decision_transformer.training.losses import masked_action_mse
+
+SMALL = ["--embed_dim", "16", "--n_layer", "1", "--K", "5", "--batch_size", "8", "--warmup_steps", "10"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(seed=0, dropout=0.0):
+    cfg = DTConfig(11, 3, max_length=4, backbone=BackboneConfig(n_embd=8, n_layer=1, n_head=2, resid_pdrop=dropout,
+                                                                attn_pdrop=dropout, embd_pdrop=dropout))
+    return DecisionTransformer(cfg, seed=seed)
+
+
+def fake_batch(B=5, K=4, seed=0):
+    from decision_transformer.data import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(B, K)
+    mask[0, :2] = 0
+    mask[B - 1, :1] = 0
+    return Batch(states=torch.randn(B, K, 11, generator=g), actions=torch.rand(B, K, 3, generator=g) * 2 - 1,
+                 rewards=torch.zeros(B, K, 1), dones=torch.zeros(B, K, dtype=torch.long),
+                 rtg=torch.randn(B, K + 1, 1, generator=g), timesteps=torch.randint(0, 50, (B, K), generator=g),
+                 mask=mask)
+
+
+def block_params(model):
+    return {n: p for n, p in model.named_parameters() if "transformer.h" in n}
+
+
+def test_empirical_fisher_matches_per_sample_loop():
+    model = tiny_model()
+    batches = [fake_batch(seed=0), fake_batch(seed=1)]
+    F, n = fisher.fisher_empirical(model, batches)
+    assert n == 10
+    acc = {k: torch.zeros_like(v) for k, v in block_params(model).items()}
+    model.eval()
+    for b in batches:
+        for i in range(b.states.shape[0]):
+            model.zero_grad()
+            out = model(b.states[i:i + 1], b.actions[i:i + 1], b.rtg[i:i + 1, :-1], b.timesteps[i:i + 1],
+                        attention_mask=b.mask[i:i + 1])
+            loss = (((out.action_preds[0] - b.actions[i]) ** 2) * b.mask[i][:, None]).sum()
+            loss.backward()
+            for k, p in block_params(model).items():
+                acc[k] += p.grad ** 2
+    for k in acc:
+        assert torch.allclose(F[k], acc[k] / n, rtol=1e-4, atol=1e-10), k
+
+
+def test_gaussian_fisher_matches_jacobian_loop():
+    model = tiny_model(seed=1)
+    b = fake_batch(B=3, seed=2)
+    F, n = fisher.fisher_gaussian(model, [b])
+    acc = {k: torch.zeros_like(v) for k, v in block_params(model).items()}
+    model.eval()
+    for i in range(3):
+        for t in range(4):
+            if b.mask[i, t] == 0:
+                continue
+            for a in range(3):
+                model.zero_grad()
+                out = model(b.states[i:i + 1], b.actions[i:i + 1], b.rtg[i:i + 1, :-1], b.timesteps[i:i + 1],
+                            attention_mask=b.mask[i:i + 1])
+                out.action_preds[0, t, a].backward()
+                for k, p in block_params(model).items():
+                    acc[k] += p.grad ** 2
+    for k in acc:
+        assert torch.allclose(F[k], acc[k] / 3, rtol=1e-4, atol=1e-10), k
+
+
+def test_batch_fisher_is_the_originals_estimate():
+    """Σ_b (∇ of the batch-mean masked MSE)² / number of unmasked timesteps (dropout 0 makes it deterministic)."""
+    model = tiny_model(seed=2)
+    batches = [fake_batch(seed=3), fake_batch(seed=4)]
+    F = fisher.fisher_batch(model, batches)
+    assert all(p.grad is None for p in model.parameters())  # gradients cleared afterwards
+    acc = {k: torch.zeros_like(v) for k, v in block_params(model).items()}
+    for b in batches:
+        model.zero_grad()
+        out = model(b.states, b.actions, b.rtg[:, :-1], b.timesteps, attention_mask=b.mask)
+        masked_action_mse(out.action_preds, b.actions, b.mask).backward()
+        for k, p in block_params(model).items():
+            acc[k] += p.grad ** 2
+    n_tok = sum(float(b.mask.sum()) for b in batches)
+    for k in acc:
+        assert torch.allclose(F[k], acc[k] / n_tok, rtol=1e-5, atol=1e-12), k
+
+
+def test_info_path_names():
+    assert str(fisher.fisher_info_path("models/hopper/dt_x-1_best.pt", 64, 750)) == "models/hopper/info/dt_x-1_best-bs64-nb750"
+    assert str(fisher.fisher_info_path("/a/b/m.pt", 8, 3, "empirical")).endswith("/a/b/info/m-bs8-nb3-empirical")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Datasets for the three envs and one checkpoint per env with a stored config (equal seeds: shared blocks init)."""
+    from decision_transformer.envs import get_env_spec
+    from decision_transformer.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("fisher")
+    data = root / "data"
+    paths = {}
+    for i, env in enumerate(("hopper", "halfcheetah", "walker2d")):
+        make_dataset(data, env, "medium", 250, seed=i, max_ep_len=50)
+        spec = get_env_spec(env)
+        cfg = DTConfig(spec.state_dim, spec.act_dim, max_length=5, backbone=BackboneConfig(n_embd=16, n_layer=1))
+        model = DecisionTransformer(cfg, seed=666)
+        with torch.no_grad():  # make the three models differ
+            for p in model.transformer.h.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+        paths[env] = root / "models" / env / f"dt_gym-experiment-{env}-medium-10000{i}_best.pt"
+        atomic_save(make_checkpoint(model.state_dict(), {"env": env, "dataset": "medium", "seed": 666,
+                                                         "model_config": cfg.to_dict()}), paths[env])
+    return root, data, paths
+
+
+def test_precompute_fisher_cli(setup, monkeypatch):
+    root, data, paths = setup
+    monkeypatch.chdir(root)
+    rel = f"./models/hopper/{paths['hopper'].name}"
+    precompute_fisher.main(["--model", rel, "--data_path", str(data), "--f_batch_size", "4", "--f_num_batches", "2",
+                            "--K", "5"])
+    out = root / "models" / "hopper" / "info" / (paths["hopper"].name[:-3] + "-bs4-nb2")
+    info = torch.load(out, weights_only=True)
+    F = fisher.fisher_tensors(info)
+    assert set(F) == {n for n, _ in DecisionTransformer(DTConfig(11, 3, backbone=BackboneConfig(
+        n_embd=16, n_layer=1))).named_parameters() if "transformer.h" in n}
+    assert info["_stats"]["sum"] == pytest.approx(sum(float(v.sum()) for v in F.values()), rel=1e-6)
+    assert "fisher_type" not in info                      # the original layout for the batch type
+    precompute_fisher.main(["--model", rel, "--data_path", str(data), "--f_batch_size", "4", "--f_num_batches", "2",
+                            "--K", "5", "--fisher_type", "empirical"])
+    emp = torch.load(out.with_name(out.name + "-empirical"), weights_only=True)
+    assert emp["fisher_type"] == "empirical" and emp["n_examples"] == 8 and emp["train_mode"] is False
+
+    # a bare state dict in the original layout: env and dataset parsed from the path, as the original did
+    bare = root / "models" / "walker2d" / "dt_gym-experiment-walker2d-medium-555555_best.pt"
+    torch.save(load_checkpoint(paths["walker2d"])["state_dict"], bare)
+    precompute_fisher.main(["--model", f"./models/walker2d/{bare.name}", "--data_path", str(data),
+                            "--f_batch_size", "4", "--f_num_batches", "1", "--K", "5"])
+    assert (bare.parent / "info" / (bare.name[:-3] + "-bs4-nb1")).is_file()
+
+
+def test_use_fisher_computes_missing_info_and_uses_it(setup, monkeypatch, capsys):
+    root, data, paths = setup
+    monkeypatch.chdir(root)
+    envs = ("hopper", "halfcheetah", "walker2d")
+    argv = ["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models", *[str(paths[e]) for e in envs],
+            "--include", "attn", "mlp", "--copy_model", "--use_fisher", "--f_batch_size", "4", "--f_num_batches", "3",
+            "--max_iters", "1", "--num_steps_per_iter", "0", "--num_eval_episodes", "0"]
+    experiment.main(argv)
+    err = capsys.readouterr().err
+    assert err.count("not found; computing it") == 3
+    infos = [fisher.load_fisher(fisher.fisher_info_path(paths[e], 4, 3)) for e in envs]
+    (rd,) = [p for p in (root / "checkpoints").iterdir() if p.name.startswith("dt_medium_hopper_666_K5_")]
+    m0 = load_checkpoint(rd / "model_0.pt")["state_dict"]
+    srcs = [load_checkpoint(paths[e])["state_dict"] for e in envs]
+    keys = [k for k in m0 if "attn" in k or "mlp" in k]
+    expect = merging.merge_fisher(srcs, [fisher.fisher_tensors(i) for i in infos], keys, norm="trace", floor=1e-6)
+    for k in keys:
+        assert torch.allclose(m0[k], expect[k], atol=1e-6), k
+    plain = sum(s[keys[0]] for s in srcs) / 3
+    assert not torch.allclose(m0[keys[0]], plain, atol=1e-6)   # really Fisher-weighted, not the plain mean
+    # second run: the saved infos are loaded, not recomputed
+    experiment.main(argv)
+    assert "computing it" not in capsys.readouterr().err

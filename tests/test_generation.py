@@ -1,0 +1,227 @@
+"""D4RL-style dataset generation (decision_transformer/generation.py, data/generate_datasets.py) end to end on
+real MuJoCo with small policy files made here (freshly initialised actors standing in for trained ones): layout,
+consistency with the simulator state, determinism, the medium-expert and medium-replay recipes, stats, the
+embedded default ``ensure_dataset`` and the refusal of damaged policy files."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from decision_transformer import generation
+from decision_transformer.data import load_trajectories, read_hdf5, safe_pickle_load
+from decision_transformer.errors import UserError
+from decision_transformer.generation import (
+    ensure_dataset,
+    generate_dataset,
+    generate_flat,
+    load_policy,
+    random_policy,
+)
+from decision_transformer.sac import Actor, actor_file_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def save_actor(path, env, seed, step, half=False, shift=0.0, **meta):
+    """A freshly initialised actor; ``shift`` moves its mean action (pre-tanh) so that actors are told apart."""
+    from decision_transformer.envs import get_env_spec
+
+    spec = get_env_spec(env)
+    torch.manual_seed(seed)
+    actor = Actor(spec.state_dim, spec.act_dim)
+    with torch.no_grad():
+        actor.head.bias[: spec.act_dim] += shift
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(actor_file_dict(actor.state_dict(), env, step=step, half=half, **meta), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def policies(tmp_path_factory):
+    """medium (step 3000), expert and replay snapshots at 0/1000/2000 (uniform actions before 500)."""
+    d = tmp_path_factory.mktemp("policies")
+    for env in ("hopper", "halfcheetah"):
+        save_actor(d / env / "medium.pt", env, 1, 3000, kind="medium")
+        save_actor(d / env / "expert.pt", env, 2, 9000, kind="expert")
+        for i, step in enumerate((0, 1000, 2000)):
+            save_actor(d / env / "replay" / f"actor_{step:07d}.pt", env, 10 + i, step, half=True, covers=1000,
+                       uniform_before=500, shift=0.6 * i)
+    return d
+
+
+def test_generated_hdf5_layout_and_simulator_consistency(tmp_path, policies):
+    stats = generate_dataset(tmp_path, "halfcheetah", "medium", num_transitions=2500, policy_dir=policies,
+                             progress=False, log=lambda m: None)
+    d = read_hdf5(tmp_path / "halfcheetah_medium-v2.hdf5")
+    n = 2500
+    for k, shape in {"observations": (n, 17), "next_observations": (n, 17), "actions": (n, 6), "rewards": (n,),
+                     "terminals": (n,), "timeouts": (n,), "infos/qpos": (n, 9), "infos/qvel": (n, 9),
+                     "infos/action_log_probs": (n,)}.items():
+        assert d[k].shape == shape, k
+        assert d[k].dtype == (bool if k in ("terminals", "timeouts") else np.float32), k
+    assert d["metadata/algorithm"] == b"SAC" and d["metadata/iteration"] == 3000
+    # HalfCheetah never terminates: episodes end by timeout after 1000 steps; the cut tail carries no flag
+    assert not d["terminals"].any()
+    assert list(np.flatnonzero(d["timeouts"])) == [999, 1999]
+    # observation = qpos[1:] ++ qvel of the simulator state before the step
+    np.testing.assert_allclose(d["observations"][:, :8], d["infos/qpos"][:, 1:], atol=1e-5)
+    np.testing.assert_allclose(d["observations"][:, 8:], d["infos/qvel"], atol=1e-5)
+    # within an episode, the next observation is the following row's observation
+    same_ep = ~(d["timeouts"] | d["terminals"])[:-1]
+    np.testing.assert_array_equal(d["next_observations"][:-1][same_ep], d["observations"][1:][same_ep])
+    assert np.abs(d["actions"]).max() <= 1.0 and np.isfinite(d["infos/action_log_probs"]).all()
+    # the pkl holds the two complete episodes; stats describe them
+    trajs = load_trajectories(tmp_path / "halfcheetah-medium-v2.pkl", "halfcheetah")
+    assert [len(t["rewards"]) for t in trajs] == [1000, 1000]
+    assert stats["episodes"] == 2 and stats["transitions"] == 2000
+    rets = [t["rewards"].sum() for t in trajs]
+    assert stats["return_mean"] == pytest.approx(np.mean(rets), rel=1e-5)
+    assert stats["score"] == pytest.approx(100 * (np.mean(rets) + 280.178953) / (12135.0 + 280.178953), rel=1e-5)
+    assert stats["d4rl_average_score"] == 40.7
+    saved = json.loads((tmp_path / "halfcheetah-medium-v2.stats.json").read_text())
+    assert saved["episodes"] == 2 and saved["files"]["pkl"].endswith("halfcheetah-medium-v2.pkl")
+
+
+def test_generation_is_seeded(policies):
+    a, _ = generate_flat("hopper", "expert", 1200, seed=3, policy_dir=policies)
+    b, _ = generate_flat("hopper", "expert", 1200, seed=3, policy_dir=policies)
+    c, _ = generate_flat("hopper", "expert", 1200, seed=4, policy_dir=policies)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(a["actions"], c["actions"])
+
+
+def test_medium_expert_is_medium_cut_then_expert(policies):
+    med, _ = generate_flat("hopper", "medium", 1500, policy_dir=policies)
+    exp, _ = generate_flat("hopper", "expert", 1500, policy_dir=policies)
+    me, meta = generate_flat("hopper", "medium-expert", 1500, policy_dir=policies)
+    cut = int(np.flatnonzero(med["terminals"] | med["timeouts"])[-1]) + 1
+    assert 0 < cut < 1500 and len(me["rewards"]) == cut + 1500
+    for k in med:
+        np.testing.assert_array_equal(me[k][:cut], med[k][:cut])
+        np.testing.assert_array_equal(me[k][cut:], exp[k])
+    assert meta["policy"] == "hopper/medium.pt+hopper/expert.pt"
+
+
+def _log_prob(actor, obs, action):
+    mean, log_std = actor.dist_params(obs)
+    u = np.arctanh(np.clip(action, -1 + 1e-6, 1 - 1e-6))
+    eps = (u - mean) / np.exp(log_std)
+    return float((-0.5 * eps ** 2 - log_std - 0.5 * math.log(2 * math.pi) - np.log(1 - np.tanh(u) ** 2)).sum())
+
+
+def test_medium_replay_follows_the_training_snapshots(tmp_path, policies):
+    d, meta = generate_flat("hopper", "medium-replay", policy_dir=policies)
+    assert len(d["rewards"]) == 3000 and meta["snapshots"] == 3   # every step up to the medium policy
+    lp = d["infos/action_log_probs"]
+    assert np.allclose(lp[:500], -3 * np.log(2.0))                 # uniform warm-up
+    assert not np.allclose(lp[500:], -3 * np.log(2.0))
+    snap0, _ = load_policy(policies / "hopper" / "replay" / "actor_0000000.pt", "hopper")
+    snap1, _ = load_policy(policies / "hopper" / "replay" / "actor_0001000.pt", "hopper")
+    for row, right, wrong in ((700, snap0, snap1), (1500, snap1, snap0)):
+        obs, act = d["observations"][row], d["actions"][row]
+        assert _log_prob(right, obs, act) == pytest.approx(float(lp[row]), abs=2e-2)
+        assert abs(_log_prob(wrong, obs, act) - float(lp[row])) > 0.1
+    # a prefix can be asked for
+    short, _ = generate_flat("hopper", "medium-replay", 800, policy_dir=policies)
+    np.testing.assert_array_equal(short["actions"], d["actions"][:800])
+
+
+def test_random_dataset_and_the_script(tmp_path, policies, capsys):
+    spec = importlib.util.spec_from_file_location("gen_script", ROOT / "data" / "generate_datasets.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--env", "hopper", "--dataset", "random", "--num_transitions", "3000", "--data_path",
+                 str(tmp_path), "--no_progress", "--no_hdf5"])
+    out = capsys.readouterr().out
+    assert "hopper-random:" in out and "D4RL average 1.2" in out
+    assert not (tmp_path / "hopper_random-v2.hdf5").exists()
+    trajs = safe_pickle_load(tmp_path / "hopper-random-v2.pkl")
+    assert len(trajs) > 50 and all(t["terminals"][-1] for t in trajs)   # random hopper falls quickly
+    # a damaged policy file stops the script with a one-line error naming it
+    bad = tmp_path / "pol" / "hopper" / "medium.pt"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"PK\x03\x04 definitely not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        script.main(["--env", "hopper", "--dataset", "medium", "--num_transitions", "100", "--data_path",
+                     str(tmp_path), "--policy_dir", str(tmp_path / "pol"), "--no_progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and str(bad) in err and "\n" not in err
+
+
+def test_damaged_policy_files_are_refused(tmp_path):
+    p = tmp_path / "p.pt"
+    p.write_bytes(b"\x80\x04garbage")
+    with pytest.raises(UserError, match="p.pt: not a readable policy file"):
+        load_policy(p)
+    torch.save({"format": "something-else"}, p)
+    with pytest.raises(UserError, match="p.pt: not a behaviour-policy file"):
+        load_policy(p)
+    save_actor(p, "hopper", 0, 10)
+    obj = torch.load(p, weights_only=True)
+    obj["actor"]["l2.weight"][0, 0] = float("nan")
+    torch.save(obj, p)
+    with pytest.raises(UserError, match="NaN"):
+        load_policy(p)
+    save_actor(p, "hopper", 0, 10)
+    with pytest.raises(UserError, match="expected walker2d"):
+        load_policy(p, "walker2d")
+    obj = torch.load(p, weights_only=True)
+    del obj["actor"]["head.bias"]
+    torch.save(obj, p)
+    with pytest.raises(UserError, match="malformed actor weights"):
+        load_policy(p)
+    with pytest.raises(UserError, match="policy file not found"):
+        load_policy(tmp_path / "missing.pt")
+
+
+def test_ensure_dataset(tmp_path, policies):
+    messages = []
+    # generate=False: the data module's "not found" error
+    with pytest.raises(UserError, match="dataset not found"):
+        ensure_dataset(tmp_path, "hopper", "medium", generate=False)
+    # no bundled policy for the dataset: one line saying so
+    with pytest.raises(UserError, match="no bundled behaviour policy"):
+        ensure_dataset(tmp_path, "hopper", "medium", policy_dir=tmp_path / "nothing")
+    path = ensure_dataset(tmp_path, "hopper", "medium", num_transitions=1500, policy_dir=policies,
+                          log=messages.append)
+    assert path == tmp_path / "hopper-medium-v2.pkl" and path.is_file()
+    assert "not found: generating hopper-medium" in messages[0] and "--no_generate" in messages[0]
+    assert not (tmp_path / "hopper_medium-v2.hdf5").exists()
+    trajs = load_trajectories(path, "hopper")
+    assert sum(len(t["rewards"]) for t in trajs) <= 1500
+    # an existing file is returned untouched
+    mtime = path.stat().st_mtime_ns
+    assert ensure_dataset(tmp_path, "hopper", "medium", policy_dir=policies, log=messages.append) == path
+    assert path.stat().st_mtime_ns == mtime and len(messages) == 2
+
+
+def test_random_policy_is_seeded():
+    a = random_policy("walker2d", 0).act(np.zeros(17, np.float32))[0]
+    b = random_policy("walker2d", 0).act(np.zeros(17, np.float32))[0]
+    c = random_policy("walker2d", 1).act(np.zeros(17, np.float32))[0]
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_bundled_policy_files_load_when_present():
+    """Whatever is bundled (training may still be under way) must load cleanly for its env."""
+    for env_dir in sorted(p for p in generation.BUNDLED_POLICY_DIR.glob("*") if p.is_dir()):
+        for f in sorted(env_dir.glob("*.pt")) + sorted(env_dir.glob("replay/*.pt"))[:3]:
+            actor, meta = load_policy(f, env_dir.name)
+            assert meta["env"] == env_dir.name

@@ -1,0 +1,251 @@
+"""Importing the originals' whole-module checkpoints: pickles of look-alike classes written under the original class
+paths (LAWSON's decision_transformer.models.*, transformers' Conv1D and GPT2Config) are read into our format by the
+restricted unpickler without running any of their code."""
+import os
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from decision_transformer import legacy_import
+from decision_transformer.errors import UserError
+from decision_transformer.legacy_import import build_model, import_legacy, load_model_file
+
+H, N_POS = 16, 32
+CALLED = {"setstate": 0, "init": 0}
+
+
+# ---- look-alikes of the original classes ------------------------------------------------------------------------------
+
+class LConfig:                                      # transformers' GPT2Config
+    def __init__(self, n_layer):
+        self.n_embd, self.n_layer, self.n_head, self.n_inner = H, n_layer, 4, None
+        self.activation_function, self.resid_pdrop, self.attn_pdrop, self.embd_pdrop = "gelu_new", 0.1, 0.1, 0.1
+        self.layer_norm_epsilon, self.n_positions, self.vocab_size = 1e-5, N_POS, 50
+
+    def __setstate__(self, state):                   # would run if the importer used the real class
+        CALLED["setstate"] += 1
+        self.__dict__.update(state)
+
+
+class LConv1D(nn.Module):
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.randn(nf))
+
+
+class LNewGELU(nn.Module):
+    pass
+
+
+class LAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones(N_POS, N_POS, dtype=torch.uint8)).view(1, 1, N_POS, N_POS))
+        self.register_buffer("masked_bias", torch.tensor(-1e4))
+        self.n_head = 4
+        self.c_attn = LConv1D(3 * H, H)
+        self.c_proj = LConv1D(H, H)
+        self.attn_dropout, self.resid_dropout = nn.Dropout(0.1), nn.Dropout(0.1)
+
+
+class LMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_fc, self.c_proj, self.act, self.dropout = LConv1D(4 * H, H), LConv1D(H, 4 * H), LNewGELU(), nn.Dropout()
+
+
+class LBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2, self.mlp = nn.LayerNorm(H), LAttention(), nn.LayerNorm(H), LMLP()
+
+
+class LGPT2Model(nn.Module):
+    def __init__(self, n_layer):
+        super().__init__()
+        self.config = LConfig(n_layer)
+        self.wte, self.wpe, self.drop = nn.Embedding(50, H), nn.Embedding(N_POS, H), nn.Dropout(0.1)
+        self.h = nn.ModuleList([LBlock() for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(H)
+
+
+class LDecisionTransformer(nn.Module):
+    def __init__(self, state_dim=11, act_dim=3, n_layer=2):
+        super().__init__()
+        CALLED["init"] += 1
+        self.state_dim, self.act_dim, self.max_length, self.hidden_size = state_dim, act_dim, 20, H
+        self.transformer = LGPT2Model(n_layer)
+        self.embed_timestep = nn.Embedding(1000, H)
+        self.embed_return, self.embed_state = nn.Linear(1, H), nn.Linear(state_dim, H)
+        self.embed_action, self.embed_ln = nn.Linear(act_dim, H), nn.LayerNorm(H)
+        self.predict_state = nn.Linear(H, state_dim)
+        self.predict_action = nn.Sequential(nn.Linear(H, act_dim), nn.Tanh())
+        self.predict_return = nn.Linear(H, 1)
+        for p in self.parameters():
+            nn.init.normal_(p)
+
+    def __setstate__(self, state):
+        CALLED["setstate"] += 1
+        super().__setstate__(state)
+
+
+class LMultiDecisionTransformer(LDecisionTransformer):
+    """LAWSON's bug: per-env modules in plain lists; the toggled env's (walker2d's) registered as the parent's."""
+
+    def __init__(self):
+        super().__init__(11, 3, n_layer=1)
+        dims = [(11, 3), (17, 6), (17, 6)]
+        self.env_ids = ["Hopper-v3", "HalfCheetah-v3", "Walker2d-v3"]
+        self.specializations = ["Walker2d-v3"]
+        self.embed_returns = [nn.Linear(1, H) for _ in dims]
+        self.embed_states = [nn.Linear(s, H) for s, _ in dims]
+        self.embed_actions = [nn.Linear(a, H) for _, a in dims]
+        self.embed_lns = [nn.LayerNorm(H) for _ in dims]
+        self.predict_actions = [nn.Sequential(nn.Linear(H, a), nn.Tanh()) for _, a in dims]
+        for lst in (self.embed_returns, self.embed_states, self.embed_actions, self.embed_lns, self.predict_actions):
+            for m in lst:
+                for p in m.parameters():
+                    nn.init.normal_(p)
+        self.embed_return, self.embed_state, self.embed_action = (self.embed_returns[2], self.embed_states[2],
+                                                                  self.embed_actions[2])
+        self.embed_ln, self.predict_action = self.embed_lns[2], self.predict_actions[2]
+
+
+ORIGINAL_PATHS = {
+    LConfig: ("transformers.models.gpt2.configuration_gpt2", "GPT2Config"),
+    LConv1D: ("transformers.pytorch_utils", "Conv1D"),
+    LNewGELU: ("transformers.activations", "NewGELUActivation"),
+    LAttention: ("decision_transformer.models.trajectory_gpt2", "Attention"),
+    LMLP: ("decision_transformer.models.trajectory_gpt2", "MLP"),
+    LBlock: ("decision_transformer.models.trajectory_gpt2", "Block"),
+    LGPT2Model: ("decision_transformer.models.trajectory_gpt2", "GPT2Model"),
+    LDecisionTransformer: ("decision_transformer.models.decision_transformer", "DecisionTransformer"),
+    LMultiDecisionTransformer: ("decision_transformer.models.multi_decision_transformer", "MultiDecisionTransformer"),
+}
+
+
+class _RenamingPickler(pickle._Pickler):
+    """Writes the look-alike classes under the original classes' module paths (as the original files name them)."""
+
+    def save_global(self, obj, name=None):
+        if obj in ORIGINAL_PATHS:
+            module, qual = ORIGINAL_PATHS[obj]
+            self.write(pickle.GLOBAL + f"{module}\n{qual}\n".encode())
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+renaming_pickle = types.SimpleNamespace(Pickler=_RenamingPickler, __name__="renaming_pickle")
+
+
+def save_original(obj, path):
+    torch.save(obj, path, pickle_module=renaming_pickle, pickle_protocol=2)
+
+
+def registered_state(model):
+    return {k: v for k, v in model.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+
+
+# ---- tests -------------------------------------------------------------------------------------------------------------
+
+def test_single_task_import_runs_nothing_and_keeps_every_tensor(tmp_path):
+    orig = LDecisionTransformer()
+    d = tmp_path / "models" / "hopper"
+    d.mkdir(parents=True)
+    path = d / "dt_gym-experiment-hopper-medium-expert-706057_best.pt"
+    save_original(orig, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)                      # not loadable the safe standard way
+    CALLED.update(setstate=0, init=0)
+    ckpt = import_legacy(path)
+    assert CALLED == {"setstate": 0, "init": 0}                   # no method of the original classes ran
+    assert "decision_transformer.models.trajectory_gpt2" not in sys.modules
+    sd = ckpt["state_dict"]
+    expect = registered_state(orig)
+    assert set(sd) == set(expect)
+    assert all(torch.equal(sd[k], expect[k]) for k in expect)
+    cfg = ckpt["config"]
+    assert cfg["env"] == "hopper" and cfg["dataset"] == "medium-expert"
+    bb = cfg["model_config"]["backbone"]
+    assert (bb["n_embd"], bb["n_layer"], bb["n_head"], bb["n_inner"], bb["activation_function"]) == \
+        (16, 2, 4, 64, "gelu_new")
+    # our model rebuilt from the imported config holds exactly these weights and runs
+    mf = load_model_file(path)                                    # the general loader falls back to the importer
+    assert mf.legacy and mf.env == "hopper"
+    model = build_model(mf)
+    out = model(torch.zeros(1, 3, 11), torch.zeros(1, 3, 3), torch.zeros(1, 3, 1), torch.zeros(1, 3, dtype=torch.long))
+    assert out.action_preds.shape == (1, 3, 3)
+    # CLI: converted file loads with weights_only=True
+    legacy_import.main([str(path), "--out", str(tmp_path / "conv.pt")])
+    conv = torch.load(tmp_path / "conv.pt", weights_only=True)
+    assert all(torch.equal(conv["state_dict"][k], expect[k]) for k in expect)
+
+
+def test_multi_task_import_keeps_every_env(tmp_path):
+    orig = LMultiDecisionTransformer()
+    path = tmp_path / "dt_gym-experiment-multi-medium-730023_best.pt"
+    save_original(orig, path)
+    ckpt = import_legacy(path)
+    sd = ckpt["state_dict"]
+    assert ckpt["config"]["model_class"] == "multi_dt" and ckpt["specializations"] == ["walker2d"]
+    assert ckpt["config"]["dataset"] == "medium"
+    for i in range(3):   # hopper's and halfcheetah's layers too, not only the registered (walker2d) ones
+        assert torch.equal(sd[f"embed_states.{i}.weight"], orig.embed_states[i].weight)
+        assert torch.equal(sd[f"predict_actions.{i}.0.bias"], orig.predict_actions[i][0].bias)
+        assert torch.equal(sd[f"embed_lns.{i}.weight"], orig.embed_lns[i].weight)
+    assert not any(k.startswith(("embed_state.", "predict_action.", "embed_ln.")) for k in sd)  # aliases dropped
+    model = build_model(load_model_file(path))
+    assert model.config.envs == ["hopper", "halfcheetah", "walker2d"] and model.config.state_dims == [11, 17, 17]
+    out = model(torch.zeros(1, 2, 17), torch.zeros(1, 2, 6), torch.zeros(1, 2, 1), torch.zeros(1, 2, dtype=torch.long),
+                env="halfcheetah")
+    assert out.action_preds.shape == (1, 2, 6)
+
+
+def test_released_style_models_can_be_merged(tmp_path):
+    from decision_transformer import merge_cli, merging
+
+    paths = []
+    for i, (env, dims) in enumerate((("hopper", (11, 3)), ("walker2d", (17, 6)))):
+        d = tmp_path / "models" / env
+        d.mkdir(parents=True)
+        paths.append(d / f"dt_gym-experiment-{env}-medium-{100000 + i}_best.pt")
+        save_original(LDecisionTransformer(*dims), paths[-1])
+    merge_cli.main(["--models", *map(str, paths), "--include", "attn", "mlp", "--out", str(tmp_path / "m.pt")])
+    out = torch.load(tmp_path / "m.pt", weights_only=True)["state_dict"]
+    a, b = (import_legacy(p)["state_dict"] for p in paths)
+    k = "transformer.h.1.mlp.c_fc.weight"
+    assert torch.allclose(out[k], (a[k] + b[k]) / 2) and torch.equal(out["embed_state.weight"], a["embed_state.weight"])
+    assert merging.select_keys(list(out), ["attn.bias"]) == [f"transformer.h.{i}.attn.c_attn.bias" for i in range(2)]
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch " + str(Evil.sentinel),))
+
+
+def test_anything_else_is_refused(tmp_path):
+    Evil.sentinel = tmp_path / "pwned"
+    orig = LDecisionTransformer()
+    orig.note = Evil()                                   # an attribute whose unpickling would run a shell command
+    path = tmp_path / "evil.pt"
+    save_original(orig, path)
+    with pytest.raises(UserError, match=r"evil\.pt: refused to import \(forbidden global (posix|os)\.system\)"):
+        load_model_file(path)
+    assert not Evil.sentinel.exists()
+    # a plain pickle of builtins.eval
+    bad = tmp_path / "eval.pt"
+    torch.save({"x": eval}, bad)
+    with pytest.raises(UserError, match="forbidden global builtins.eval"):
+        import_legacy(bad)
+    # not a model at all
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="junk.pt"):
+        load_model_file(junk)

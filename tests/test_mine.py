@@ -1,0 +1,142 @@
+"""The MINE estimator against the analytic mutual information of correlated Gaussians, its corrected gradient and
+numerics, and the mutual-information scripts end to end (save_activation -> run_mi_exp -> plots)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from decision_transformer.analysis import mi
+from decision_transformer.analysis.mine import (LOSSES, Mine, _CorrectedLogMeanExp, correlated_gaussians,
+                                                estimate_mi, gaussian_mi, logmeanexp)
+
+from test_analysis_support import expect_exit, load_script, tiny_runs  # noqa: F401
+
+FAST = dict(iters=60, batch_size=128, hidden=64, hidden_layers=2, lr=3e-3)
+TOL = 0.1  # nats; held-out estimates of ~1 nat from 1024 training pairs
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("rho,dim", [(0.8, 2), (0.9, 1)])
+def test_correlated_gaussians(loss, rho, dim):
+    """I = -d/2 log(1 - rho²): 1.022 nats (rho 0.8, d 2), 0.830 nats (rho 0.9, d 1); estimated on held-out pairs
+    within 0.1 nats (a lower bound: the estimate may not exceed the truth by more than the sampling noise)."""
+    x, y = correlated_gaussians(1024, dim, rho, seed=0)
+    xe, ye = correlated_gaussians(4096, dim, rho, seed=1)
+    est = estimate_mi(x, y, loss=loss, seed=0, eval_x=xe, eval_y=ye, **FAST)
+    assert est == pytest.approx(gaussian_mi(rho, dim), abs=TOL)
+
+
+def test_independent_and_seeded():
+    x, y = correlated_gaussians(1024, 2, 0.0, seed=0)
+    xe, ye = correlated_gaussians(4096, 2, 0.0, seed=1)
+    a = estimate_mi(x, y, seed=3, eval_x=xe, eval_y=ye, **FAST)
+    assert abs(a) < TOL
+    assert estimate_mi(x, y, seed=3, eval_x=xe, eval_y=ye, **FAST) == a        # same seed, same number
+
+
+def test_training_pairs_estimate_is_optimistic_but_close():
+    """TAKAGI evaluated on the training pairs: with enough pairs the bias is small."""
+    x, y = correlated_gaussians(1024, 2, 0.8, seed=0)
+    assert estimate_mi(x, y, seed=0, **FAST) == pytest.approx(gaussian_mi(0.8, 2), abs=0.15)
+
+
+def test_corrected_gradient_and_stability():
+    t = torch.tensor([1.0, 2.0, 3.0, 1000.0], dtype=torch.float64, requires_grad=True)
+    log_mu = torch.tensor(999.0, dtype=torch.float64)
+    out = _CorrectedLogMeanExp.apply(t, log_mu)
+    assert torch.isfinite(out) and out.item() == pytest.approx(1000.0 - math.log(4), abs=1e-9)
+    out.backward()
+    # ∂/∂t_i = e^{t_i} / (n (μ + 1e-6)), evaluated without overflow
+    expected = torch.exp(t.detach() - math.log(4) - torch.logaddexp(log_mu, torch.tensor(math.log(1e-6))))
+    assert torch.allclose(t.grad, expected) and torch.isfinite(t.grad).all()
+    assert logmeanexp(torch.tensor([1e4, 1e4])).item() == pytest.approx(1e4)    # exp-mean-log would overflow
+
+
+def test_moving_average_and_no_anomaly_detection():
+    x, y = correlated_gaussians(64, 1, 0.5, seed=0)
+    m = Mine(1, 1, hidden=8, hidden_layers=1, lr=1e-3, seed=0)
+    m.fit(x, y, iters=3, batch_size=32)
+    assert m.log_mu is not None and torch.isfinite(m.log_mu)
+    assert len(m.history) == 6                                                  # 3 passes x 64 // 32 batches
+    assert not torch.is_anomaly_enabled()
+
+
+def test_divergence_gives_nan():
+    x = np.full((8, 1), np.nan, dtype=np.float32)
+    assert math.isnan(estimate_mi(x, x, iters=1, batch_size=4, hidden=4))
+
+
+# ---- the scripts ------------------------------------------------------------------------------------------------
+
+def test_exp_types_use_the_right_pairs(tmp_path, monkeypatch):
+    """Which variables each experiment pairs, and --exclude_padding, with a recording stand-in for MINE."""
+    B, K, D = 6, 3, 5
+    rng = np.random.default_rng(0)
+    mask = np.ones((B, K))
+    mask[:2, 0] = 0                                                     # two samples padded at t = 0
+    data = dict(states=rng.standard_normal((B, K, 11)), actions=rng.standard_normal((B, K, 3)),
+                rtg=rng.standard_normal((B, K + 1, 1)), timesteps=np.zeros((B, K)), attention_mask=mask)
+    acts = {f"{i}.mlp.dropout": rng.standard_normal((B, 3 * K, D)).astype(np.float32) for i in range(4)}
+    from decision_transformer.analysis.common import save_npz
+
+    save_npz(mi.data_file(tmp_path, "hopper", "medium", 666), **data)
+    save_npz(mi.activation_file(tmp_path, 40, "gpt2", "hopper", "medium", 666), **acts)
+    calls = []
+
+    def fake(x, y, **kw):
+        calls.append((x.copy(), y.copy()))
+        return float(len(x))
+
+    monkeypatch.setattr(mi, "estimate_mi", fake)
+    io = ["-psm", tmp_path, "-pd", tmp_path, "-pa", tmp_path, "--device", "cpu"]
+    mi.run_mi(mi.build_mi_parser().parse_args([str(a) for a in io + ["--exclude_padding"]]))
+    layers = sorted(int(f.name.split("_")[2]) for f in tmp_path.glob("mi_xy_*.npz"))
+    assert layers == [0, 2, 3]                                          # 0, depth // 2, depth - 1
+    r = np.load(tmp_path / "mi_xy_2_40_gpt2_hopper_medium_666.npz")
+    assert list(r["position"]) == list(range(3 * K - 1))                # every token but a_K
+    assert list(r["x"][:3]) == [4, 4, 4] and list(r["x"][3:]) == [6] * (3 * K - 4)  # padded samples dropped at t=0
+    # I(X;T): x_t of each type vs the s_K token (position -2); I(Y;T): a_K vs the token at 3t + i
+    first = [c for c in calls if c[0].shape[0] == 4]
+    assert np.allclose(first[0][0], data["rtg"][2:, 0]) and np.allclose(first[0][1], acts["0.mlp.dropout"][2:, -2])
+    assert np.allclose(first[1][0], data["actions"][2:, -1]) and np.allclose(first[1][1], acts["0.mlp.dropout"][2:, 0])
+    calls.clear()
+    mi.run_mi(mi.build_mi_parser().parse_args([str(a) for a in io + ["--exp_type", "no_context"]]))
+    nc = np.load(tmp_path / "mi_40_gpt2_hopper_medium_666.npz")
+    assert sorted(nc.files) == [f"{i}.mlp.dropout" for i in range(4)] and nc["0.mlp.dropout"].shape == (2, K)
+    assert np.allclose(calls[1][0], data["states"][:, 1]) and np.allclose(calls[1][1], acts["0.mlp.dropout"][:, 4])
+    calls.clear()
+    mi.run_mi(mi.build_mi_parser().parse_args([str(a) for a in io + ["--exp_type", "data"]]))
+    assert np.load(tmp_path / "mi_data_state_action_hopper_medium_666.npy").shape == (K,)
+    assert np.allclose(calls[0][0], data["states"][:, 0]) and np.allclose(calls[0][1], data["actions"][:, 0])
+    assert np.allclose(calls[K][0], data["rtg"][:, 0]) and np.allclose(calls[K][1], data["actions"][:, 0])
+
+
+def test_scripts_end_to_end(tmp_path, tiny_runs, capsys):  # noqa: F811
+    res, figs = tmp_path / "res", tmp_path / "figs"
+    save = load_script("analysis/section-52-mutual-information/save_activation.py").main
+    run_mi = load_script("mine/run_mi_exp.py").main
+    save(["--checkpoint_dir", str(tiny_runs), "--model_name", "gpt2", "igpt", "--K", "3", "--batch_size", "8",
+          "--results_dir", str(res)])
+    a = np.load(res / "activation_40_igpt_hopper_medium_666.npz")
+    assert sorted(a.files, key=lambda k: int(k.split(".")[0])) == [f"{i}.mlp.dropout" for i in range(4)]
+    assert a["3.mlp.dropout"].shape == (8, 9, 16)
+    d = np.load(res / "data_hopper_medium_666.npz")
+    assert d["rtg"].shape == (8, 4, 1) and d["states"].shape == (8, 3, 11)
+    io = ["-psm", res, "-pd", res, "-pa", res, "--iters", 1, "--mine_hidden", 8, "--batch_size", 4, "--device", "cpu"]
+    for m in ("gpt2", "igpt"):
+        for exp in ("normal", "no_context"):
+            run_mi([str(x) for x in io + ["--model_name", m, "--exp_type", exp]])
+    run_mi([str(x) for x in io + ["--exp_type", "data"]])
+    r = np.load(res / "mi_xy_0_40_gpt2_hopper_medium_666.npz")
+    assert r["x"].shape == (8,) and np.isfinite(r["x"]).all()
+    plot = load_script("analysis/section-52-mutual-information/plot_mutual_information.py").main
+    plot(["--results_dir", str(res), "--figs_dir", str(figs), "--model_name_list", "gpt2", "igpt", "dt"])
+    plot(["--results_dir", str(res), "--figs_dir", str(figs), "--exp_type", "no_context"])
+    load_script("analysis/section-52-mutual-information/plot_mutual_information_data.py").main(
+        ["--results_dir", str(res), "--figs_dir", str(figs)])
+    for stem in ("mi_xy_40_gpt2_igpt_hopper_medium_666", "mi_no_context_40_gpt2_igpt_hopper_medium_666",
+                 "mi_data_hopper_medium_666"):
+        assert (figs / f"{stem}.png").stat().st_size > 1000 and (figs / f"{stem}.pdf").is_file()
+    msg = expect_exit(capsys, run_mi, io + ["--model_name", "dt"])
+    assert "activation_40_dt_hopper_medium_666.npz" in msg and "not found" in msg

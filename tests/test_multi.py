@@ -1,0 +1,206 @@
+"""The multi-task DT: registered per-env layers (the original's plain-list bug fixed), joint training, and the Merging
+DT seed's three multi-task commands (train, finetune per env, merge) as written, with tiny budgets."""
+import json
+
+import pytest
+import torch
+
+import experiment_multi
+from decision_transformer.checkpoint import load_checkpoint
+from decision_transformer.models import BackboneConfig
+from decision_transformer.models.multi_decision_transformer import MULTI_ENVS, MultiDecisionTransformer, MultiDTConfig
+
+ENV_LISTS = ("embed_returns", "embed_states", "embed_actions", "embed_lns", "predict_actions")
+TINY = ["--max_iters", "1", "--num_steps_per_iter", "3", "--num_eval_episodes", "1", "--K", "5", "--batch_size", "6",
+        "--warmup_steps", "10"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_multi(seed=0):
+    return MultiDecisionTransformer(MultiDTConfig(max_length=5, backbone=BackboneConfig(n_embd=16, n_layer=1,
+                                                                                        n_head=2)), seed=seed)
+
+
+def test_per_env_layers_are_registered_modules():
+    model = tiny_multi()
+    keys = set(model.state_dict())
+    for i in range(len(MULTI_ENVS)):
+        for name in ("embed_returns", "embed_states", "embed_actions", "embed_lns"):
+            assert f"{name}.{i}.weight" in keys
+        assert f"predict_actions.{i}.0.weight" in keys
+    assert model.state_dict()["embed_states.1.weight"].shape == (16, 17)
+    names = {n for n, _ in model.named_modules()}
+    model.toggle_env("walker2d")
+    assert names == {n for n, _ in model.named_modules()}     # toggling registers no aliases
+    assert not any(n in names for n in ("embed_state", "embed_action", "embed_ln", "predict_action"))
+    ids = {id(p) for p in model.parameters()}
+    for name in ENV_LISTS:
+        assert all(id(p) in ids for p in getattr(model, name).parameters())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from decision_transformer.synthetic import make_dataset
+
+    d = tmp_path_factory.mktemp("multi_data")
+    for i, env in enumerate(MULTI_ENVS):
+        make_dataset(d, env, "medium", 300, seed=i, max_ep_len=50)
+        make_dataset(d, env, "expert", 300, seed=10 + i, max_ep_len=50)
+    return d
+
+
+def test_every_env_gets_gradients_and_changes(data):
+    """One joint step: the summed loss reaches every env's embeddings, embed_ln and head, and all of them move."""
+    from decision_transformer.multi_run import EnvData, MultiTrainer, multi_parser
+    from decision_transformer.training import make_optimizer, warmup_schedule
+
+    args = multi_parser().parse_args(["--data_path", str(data), "--K", "5"])
+    model = tiny_multi()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = make_optimizer(model, lr=1e-2, weight_decay=0.0)
+    trainer = MultiTrainer(model, opt, warmup_schedule(opt, 1), EnvData(args, "cpu", {}), list(MULTI_ENVS),
+                           batch_size=4, K=5, generator=torch.Generator().manual_seed(0))
+    trainer.optimizer.zero_grad()
+    # gradients of one step, before the optimizer consumes them
+    losses = []
+    for i, ds in trainer.datasets:
+        b = ds.sample_batch(4, 5, trainer.generator)
+        out = model(b.states, b.actions, b.rtg[:, :-1], b.timesteps, attention_mask=b.mask, env=i)
+        losses.append(((out.action_preds - b.actions) ** 2).mean())
+    sum(losses).backward()
+    for name in ENV_LISTS:
+        for i in range(3):
+            for pname, p in getattr(model, name)[i].named_parameters():
+                assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}.{i}.{pname}"
+    trainer.train_iteration(3, 1)
+    after = model.state_dict()
+    for name in ENV_LISTS:
+        for i in range(3):
+            assert not torch.equal(before[f"{name}.{i}.weight" if name != "predict_actions" else
+                                          f"{name}.{i}.0.weight"], after[f"{name}.{i}.weight" if name !=
+                                                                         "predict_actions" else f"{name}.{i}.0.weight"])
+
+
+def saved(root, dataset):
+    return sorted((root / "models" / "multi").glob(f"dt_gym-experiment-multi-{dataset}-*_best.pt"))
+
+
+def test_seed_commands_train_finetune_merge(data, tmp_path, monkeypatch, capsys):
+    from decision_transformer.data import safe_pickle_load
+
+    monkeypatch.chdir(tmp_path)
+    # 1. train the multi-task model on medium (README command as written + tiny budgets)
+    experiment_multi.main(["--dataset", "medium", "--device=cuda", "--activation_function=gelu_new", "--max_iters=10",
+                           "--num_steps_per_iter=10000", "--save_model", "--save_mode=best", "--embed_dim=512",
+                           "--n_head", "4", "-w", "--data_path", str(data), *TINY, "--embed_dim", "16",
+                           "--n_layer", "1"])
+    err = capsys.readouterr().err
+    assert "drawn from OS entropy" in err
+    (base,) = saved(tmp_path, "medium")
+    ck = torch.load(base, weights_only=True)
+    assert ck["config"]["model_class"] == "multi_dt" and isinstance(ck["config"]["seed"], int)
+    assert ck["config"]["model_config"]["backbone"]["activation_function"] == "gelu_new"
+    assert set(ck["state_stats"]) == set(MULTI_ENVS)
+    (run,) = (tmp_path / "checkpoints" / "multi").iterdir()
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("evaluation/target_3600_Hopper-v4_return_mean", "evaluation/target_12000_HalfCheetah-v4_d4rl_score_mean",
+                "evaluation/target_5000_Walker2d-v4_length_mean", "evaluation/average_norm_return_mean",
+                "evaluation/average_d4rl_score_mean", "training/action_error_halfcheetah"):
+        assert key in row, key
+
+    # 2. finetune separately on each env (expert data; medium statistics from data/state_stats.pkl)
+    import importlib.util
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("create_state_stats", ROOT / "data" / "create_state_stats.py")
+    css = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(css)
+    css.main(["--data_path", str(data), "--out", str(tmp_path / "stats" / "state_stats.pkl")])
+    table = safe_pickle_load(tmp_path / "stats" / "state_stats.pkl")
+    assert set(table["hopper-medium-v2"]) == {"state_mean", "state_std"}
+    model_id = base.name.split("-")[-1].split("_")[0]
+    finetuned = {}
+    for env in MULTI_ENVS:
+        extra = ["--eval_merge_pre", "--p_list", "0.5"] if env == "hopper" else []
+        experiment_multi.main(["--dataset", "expert", "--device=cuda", "--activation_function=gelu_new",
+                               "--max_iters=10", "--num_steps_per_iter=10000", "--freeze_subset", "ln_f", "wpe",
+                               "embed_timestep", "--num_eval_episodes=50", "--selected_training", env,
+                               f"--pretrained_model=./models/multi/dt_gym-experiment-multi-medium-{model_id}_best.pt",
+                               "-lr=1e-4", "-w", "--init_reg=1e-4", "--save_model", "--save_mode=best",
+                               "--custom_transformer_decay", "--data_path", str(data), *TINY, *extra])
+        new = [p for p in saved(tmp_path, "expert") if p not in finetuned.values()]
+        assert len(new) == 1
+        finetuned[env] = new[0]
+    pre = ck["state_dict"]
+    for env, path in finetuned.items():
+        c = torch.load(path, weights_only=True)
+        assert c["specializations"] == [env]
+        sd = c["state_dict"]
+        i = MULTI_ENVS.index(env)
+        for k in ("transformer.ln_f.weight", "transformer.wpe.weight", "embed_timestep.weight"):
+            assert torch.equal(sd[k], pre[k]), k                      # --freeze_subset
+        assert not torch.equal(sd[f"embed_states.{i}.weight"], pre[f"embed_states.{i}.weight"])  # own env trained
+        other = (i + 1) % 3
+        assert torch.equal(sd[f"embed_states.{other}.weight"], pre[f"embed_states.{other}.weight"])  # no gradient
+        # medium statistics (the pretrained model's dataset), not expert ones
+        assert torch.allclose(c["state_stats"]["hopper"]["state_mean"],
+                              torch.as_tensor(table["hopper-medium-v2"]["state_mean"]))
+    runs = sorted((tmp_path / "checkpoints" / "multi").glob("gym-experiment-multi-expert-*"))
+    rows = [json.loads((r / "metrics.jsonl").read_text().splitlines()[0]) for r in runs]
+    assert any("evaluation/0.5/average_norm_return_mean" in r for r in rows)     # --eval_merge_pre
+    assert all("training/init_reg_loss" in r for r in rows)
+
+    # 3. merge (uniform, then Fisher) and evaluate on all three envs
+    models = [str(finetuned[e]) for e in MULTI_ENVS]
+    merge_cmd = ["--dataset", "medium", "--norm_env=medium", "--device=cuda", "--activation_function=gelu_new",
+                 "--max_iters=1", "--num_steps_per_iter=0", "--num_eval_episodes=50", "--eval_only",
+                 "--multi_pretrained_models", *models, "--data_path", str(data), "--num_eval_episodes", "1",
+                 "--K", "5", "--save_model", "--save_mode", "last"]
+    experiment_multi.main(merge_cmd)
+    (merged_path,) = sorted((tmp_path / "models" / "multi").glob("dt_gym-experiment-multi-medium-*[0-9].pt"))
+    merged = torch.load(merged_path, weights_only=True)
+    srcs = [torch.load(p, weights_only=True)["state_dict"] for p in models]
+    for k, v in merged["state_dict"].items():
+        if k.startswith("transformer.h."):
+            assert torch.allclose(v, sum(s[k] for s in srcs) / 3, atol=1e-7), k
+        elif any(k.startswith(f"{n}.") for n in ENV_LISTS):
+            i = int(k.split(".")[1])
+            assert torch.equal(v, srcs[i][k]), k                        # from the model specialised on env i
+        else:
+            assert torch.equal(v, srcs[0][k]), k
+    assert sorted(merged["specializations"]) == sorted(MULTI_ENVS)
+    merged_path.unlink()
+
+    experiment_multi.main([*merge_cmd, "--use_fisher", "--f_batch_size", "4", "--f_num_batches", "2", "--seed", "3"])
+    (fisher_path,) = sorted((tmp_path / "models" / "multi").glob("dt_gym-experiment-multi-medium-*[0-9].pt"))
+    fm = torch.load(fisher_path, weights_only=True)["state_dict"]
+    k = "transformer.h.0.mlp.c_fc.weight"
+    assert not torch.allclose(fm[k], sum(s[k] for s in srcs) / 3, atol=1e-7)   # Fisher-weighted
+    assert torch.isfinite(fm[k]).all()
+    lo = torch.minimum(torch.minimum(srcs[0][k], srcs[1][k]), srcs[2][k])
+    hi = torch.maximum(torch.maximum(srcs[0][k], srcs[1][k]), srcs[2][k])
+    assert bool(((fm[k] >= lo - 1e-6) & (fm[k] <= hi + 1e-6)).all())       # a convex combination per element
+
+
+def test_multi_bad_input(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        experiment_multi.main(["--data_path", str(data), "--selected_training", "ant", *TINY])
+    assert e.value.code == 2 and "--selected_training 'ant'" in capsys.readouterr().err
+    single = tmp_path / "single.pt"
+    from decision_transformer.checkpoint import atomic_save, make_checkpoint
+    from decision_transformer.models import DecisionTransformer, DTConfig
+
+    cfg = DTConfig(11, 3, backbone=BackboneConfig(n_embd=16, n_layer=1))
+    atomic_save(make_checkpoint(DecisionTransformer(cfg).state_dict(), {"model_config": cfg.to_dict()}), single)
+    with pytest.raises(SystemExit):
+        experiment_multi.main(["--data_path", str(data), "--pretrained_model", str(single), *TINY])
+    assert "not a multi-task model" in capsys.readouterr().err
+    assert load_checkpoint(single)  # untouched
