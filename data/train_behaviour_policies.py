@@ -36,7 +36,14 @@ def main(argv=None):
     p.add_argument("--policy_dir", default=os.path.join(ROOT, "decision_transformer", "policies"))
     args = p.parse_args(argv)
 
+    import signal
+
     import torch
+
+    def stop(signum, frame):  # a polite kill (session end) checkpoints like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
 
     from decision_transformer.generation import MEDIUM_TARGET_SCORE
     from decision_transformer.sac import train_behaviour_policy

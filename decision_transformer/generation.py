@@ -297,6 +297,11 @@ def _generate_flat(env, dataset, n, num_transitions, seed, policy_dir, progress)
         meta.update(policy="random-init", iteration=0)
     elif dataset in ("medium", "expert"):
         actor, pm = load_policy(_policy_path(policy_dir, env, dataset), env)
+        if dataset == "expert" and not pm.get("final"):
+            import warnings
+
+            warnings.warn(f"{_policy_path(policy_dir, env, dataset)}: expert policy from unfinished training "
+                          f"(step {pm.get('step')}, eval score {pm.get('eval_score')})", RuntimeWarning, stacklevel=2)
         # different env seeds per dataset, so medium-expert's halves equal the medium and expert datasets
         data = rollout_policy(env, actor, n, seed=seed + (0 if dataset == "medium" else 1), progress=progress)
         meta.update(policy=f"{env}/{dataset}.pt", iteration=int(pm["step"]))
@@ -387,14 +392,22 @@ def generate_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, nu
     return stats
 
 
-def bundled_policies_available(env: str, dataset: str, policy_dir: str | os.PathLike | None = None) -> bool:
+def missing_policies(env: str, dataset: str, policy_dir: str | os.PathLike | None = None) -> str | None:
+    """None if the behaviour policies for ``dataset`` are there (and, for expert data, final); else why not."""
     policy_dir = Path(policy_dir) if policy_dir is not None else BUNDLED_POLICY_DIR
     need = {"random": [], "medium": ["medium"], "expert": ["expert"], "medium-expert": ["medium", "expert"],
             "medium-replay": ["medium"]}[dataset]
-    ok = all(_policy_path(policy_dir, env, k).is_file() for k in need)
-    if dataset == "medium-replay":
-        ok = ok and (policy_dir / env / "replay" / "actor_0000000.pt").is_file()
-    return ok
+    for k in need:
+        if not _policy_path(policy_dir, env, k).is_file():
+            return f"no {k} behaviour policy at {_policy_path(policy_dir, env, k)}"
+    if dataset == "medium-replay" and not (policy_dir / env / "replay" / "actor_0000000.pt").is_file():
+        return f"no training snapshots in {policy_dir / env / 'replay'}"
+    if "expert" in need:
+        _, meta = load_policy(_policy_path(policy_dir, env, "expert"), env)
+        if not meta.get("final"):
+            return (f"the expert policy {_policy_path(policy_dir, env, 'expert')} is from unfinished training "
+                    f"(step {meta.get('step')}); generate it explicitly with data/generate_datasets.py if wanted")
+    return None
 
 
 def ensure_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, generate: bool = True,
@@ -413,10 +426,10 @@ def ensure_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, gene
         if not generate:
             raise
     target = Path(data_path) / pkl_name(env, dataset)
-    if not bundled_policies_available(env, dataset, policy_dir):
+    why = missing_policies(env, dataset, policy_dir)
+    if why is not None:
         raise UserError(
-            f"dataset not found: {target}, and no bundled behaviour policy to generate it from "
-            f"({Path(policy_dir or BUNDLED_POLICY_DIR) / env}); convert D4RL files with "
+            f"dataset not found: {target}, and it cannot be generated: {why}; convert D4RL files with "
             f"`python data/download_d4rl_datasets.py --hdf5 FILE --data_path {data_path}`")
     log(f"{target} not found: generating {env}-{dataset} from the bundled behaviour policies "
         f"(a few minutes; pass --no_generate to turn this off)")

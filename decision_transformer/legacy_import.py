@@ -345,6 +345,11 @@ class ModelFile:
         return self.config.get("dataset") or parse_model_path(self.path)[1]
 
 
+def _drop_legacy_buffers(state: dict) -> dict:
+    """The originals' causal-mask buffers (``attn.bias``, ``attn.masked_bias``) are computed on the fly here."""
+    return {k: v for k, v in state.items() if not k.endswith(LEGACY_BUFFERS)}
+
+
 def load_model_file(path: str | Path) -> ModelFile:
     """Our checkpoint or a plain state dict (``weights_only=True``), else an original whole-module pickle (through
     the restricted importer). Errors name the file."""
@@ -362,10 +367,10 @@ def load_model_file(path: str | Path) -> ModelFile:
         ckpt = import_legacy(path)
         return ModelFile(str(path), ckpt["state_dict"], ckpt["config"], ckpt.get("specializations", []), ckpt, True)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        return ModelFile(str(path), obj["state_dict"], obj.get("config") or {}, list(obj.get("specializations") or []),
-                         obj)
+        return ModelFile(str(path), _drop_legacy_buffers(obj["state_dict"]), obj.get("config") or {},
+                         list(obj.get("specializations") or []), obj)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return ModelFile(str(path), obj, {}, [], {"state_dict": obj})
+        return ModelFile(str(path), _drop_legacy_buffers(obj), {}, [], {"state_dict": obj})
     raise UserError(f"{path}: not a checkpoint (expected a dict with a 'state_dict', a state dict or an original "
                     f"pickled model)")
 

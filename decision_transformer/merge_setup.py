@@ -130,8 +130,7 @@ def resolve_base(args, sources: Sequence[ModelFile], fresh_state: dict | None = 
             log(f"merge base: {pre} (the model {first.path} was finetuned from)")
             return load_model_file(pre).state_dict
     if first.config.get("pretrained_lm"):
-        raise UserError(f"{first.path} was initialised from {first.config['pretrained_lm']}: pass the same "
-                        f"--pretrained_lm or --merge_base")
+        return _rebuild_lm_init(first)
     seed, mc = first.config.get("seed"), first.config.get("model_config")
     if seed is None or not mc:
         raise UserError(f"{first.path}: no stored seed and model config to rebuild the shared initialisation from; "
@@ -150,6 +149,23 @@ def resolve_base(args, sources: Sequence[ModelFile], fresh_state: dict | None = 
         else:
             init = DecisionTransformer(DTConfig.from_dict(mc), seed=seed)
     log(f"merge base: the initialisation of {first.path} rebuilt from seed {seed}")
+    return init.state_dict()
+
+
+def _rebuild_lm_init(mf: ModelFile) -> dict:
+    """The LM-initialised model a run started from, rebuilt from the run's stored flags (needs the LM files)."""
+    from argparse import Namespace
+
+    from decision_transformer.envs import get_env_spec
+    from decision_transformer.model_factory import build_model_from_args
+
+    cfg = mf.config
+    if not cfg.get("env") or cfg.get("seed") is None:
+        raise UserError(f"{mf.path} was initialised from {cfg['pretrained_lm']} but its config lacks the env or seed "
+                        f"to rebuild that initialisation; pass --merge_base")
+    with torch.random.fork_rng(devices=[]):
+        init = build_model_from_args(Namespace(**cfg), get_env_spec(cfg["env"]))
+    log(f"merge base: {cfg['pretrained_lm']} initialisation of {mf.path} rebuilt from its stored flags")
     return init.state_dict()
 
 
@@ -333,7 +349,8 @@ def apply_merge(args, model, spec, device):
     """``experiment.py --pretrained_models A [B ...]``: load, merge, choose the model to finetune, apply
     ``--identity_layers`` and ``--merge_frozen``; returns the model to train, on ``device``. Records what was done in
     ``args.merge_info`` (written to the run's config), including the merged model's evaluation before finetuning."""
-    with torch.random.fork_rng(devices=[]):      # the run's RNG stream does not depend on how the merge was computed
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the run's RNG stream does not depend on how the merge was computed
         train_model, keys, info = _merge_for_experiment(args, model, spec, device)
     if args.identity_layers:
         sd = train_model.state_dict()

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from decision_transformer.envs import ENVS, get_env_spec
+from decision_transformer.envs import get_env_spec
 from decision_transformer.errors import UserError, cli_entry
 
 ENV_ORDER = ("hopper", "halfcheetah", "walker2d")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from decision_transformer import distributed
 from decision_transformer.checkpoint import (atomic_save, load_checkpoint, load_state_into, make_checkpoint,
                                              model_name, new_exp_id, run_dir_name, wandb_run_name)
 from decision_transformer.cli import reject_unsupported
@@ -43,6 +44,19 @@ def resolve_device(name: str) -> torch.device:
         print(f"warning: --device {name} requested but CUDA is not available; running on cpu", file=sys.stderr)
         return torch.device("cpu")
     return dev
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    """bf16 autocast on CUDA GPUs that support it (``auto``/``bf16``); None = fp32."""
+    if precision == "fp32" or device.type != "cuda":
+        if precision == "bf16" and device.type != "cuda":
+            print("warning: --precision bf16 applies on CUDA only; training in fp32", file=sys.stderr)
+        return None
+    if not torch.cuda.is_bf16_supported():
+        if precision == "bf16":
+            raise UserError("--precision bf16: this GPU does not support bfloat16")
+        return None
+    return torch.bfloat16
 
 
 def seed_everything(seed: int):
@@ -118,7 +132,10 @@ def _run(args, script: str) -> dict:
     check_dataset_name(args.dataset)
     check_args(args)
     targets = parse_targets(args.env_targets, spec.targets)
-    device = resolve_device(args.device)
+    ctx, device = distributed.setup(resolve_device(args.device))  # torchrun: one process per GPU
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if getattr(args, "gpt_kmeans", None) is not None and args.gpt_kmeans_const is None:
         raise UserError("--gpt_kmeans needs --gpt_kmeans_const (the loss weight; the papers use 0.1)")
     lm = locate_pretrained(args)  # before the data: a missing model is reported at once
@@ -157,7 +174,8 @@ def _run(args, script: str) -> dict:
 
     optimizer = make_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay,
                                pretrained_lm=bool(args.pretrained_lm),
-                               custom_transformer_decay=args.custom_transformer_decay, lm_lr=args.lm_learning_rate)
+                               custom_transformer_decay=args.custom_transformer_decay, lm_lr=args.lm_learning_rate,
+                               fused=True if device.type == "cuda" else None)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
@@ -170,9 +188,13 @@ def _run(args, script: str) -> dict:
             trainer_cls = AmpTrainer
         else:
             print("warning: --fp16 uses CUDA autocast + GradScaler; on cpu training stays in fp32", file=sys.stderr)
-    trainer = trainer_cls(model, optimizer, scheduler, dataset, batch_size=args.batch_size, K=args.K,
-                          generator=generator, grad_clip=None if args.remove_grad_clip else GRAD_CLIP,
-                          extra_loss=extra_loss)
+    try:
+        trainer = trainer_cls(model, optimizer, scheduler, dataset, batch_size=args.batch_size, K=args.K,
+                              generator=generator, grad_clip=None if args.remove_grad_clip else GRAD_CLIP,
+                              extra_loss=extra_loss, amp_dtype=autocast_dtype(args.precision, device),
+                              rank=ctx.rank, world_size=ctx.world_size, compile=args.compile)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
     start_iter, best_score, exp_id = 0, -float("inf"), new_exp_id()
     if args.resume:
@@ -210,12 +232,14 @@ def _run(args, script: str) -> dict:
               "model_config": cfg.to_dict(), "script": SCRIPTS[script],
               "pretrained_lm_path": str(lm.path) if lm is not None else None}
     ckpt_extra = dict(state_mean=dataset.state_mean, state_std=dataset.state_std)
+    if not ctx.is_main:  # under torchrun only rank 0 evaluates, logs and writes files
+        run_dir, args.save_model, args.num_eval_episodes = None, False, 0
     if run_dir is not None and not args.resume:
         atomic_save(make_checkpoint(model.state_dict(), config, iteration=0, **ckpt_extra), run_dir / "model_0.pt")
     wandb_name = exp_prefix if lm_script else wandb_run_name(args.env, args.dataset, mname, args.seed, args.K,
                                                              args.remove_grad_clip, args.pretrained_block)
-    logger = RunLogger(run_dir, config, use_wandb=args.log_to_wandb, project=args.project, group=group,
-                       name=wandb_name, resume=args.resume)
+    logger = RunLogger(run_dir, config, use_wandb=args.log_to_wandb and ctx.is_main, project=args.project,
+                       group=group, name=wandb_name, resume=args.resume)
     models_dir = Path("models") / args.env
     best_key = f"evaluation/target_{int(targets[0])}_return_mean"
     pool = EnvPool(args.env, args.env_version)
@@ -259,6 +283,7 @@ def _run(args, script: str) -> dict:
     finally:
         logger.finish()
         pool.close()
+        distributed.cleanup(ctx)
     if args.end_break:
         breakpoint()
     return logs

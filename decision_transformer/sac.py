@@ -468,7 +468,6 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
     actor_np = NumpyActor.from_module(agent.actor)  # views of the live weights
     env = make_env(env_name)
     t_start = time.perf_counter()
-    t_last_ckpt = t_start
     wall0 = meta["wall_seconds"]
 
     def checkpoint():
@@ -491,6 +490,31 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
                 obs, _ = env.reset()
 
     obs, _ = env.reset(seed=seed * 1_000_003 + meta["episodes"])
+    try:
+        _train_loop(**locals())
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM (see the script): keep the progress, then stop
+        checkpoint()
+        raise
+    checkpoint()
+    env.close()
+    expert_path = policy_dir / "expert.pt"
+    if meta["env_steps"] >= total_steps and expert_path.exists():
+        # training finished: the best-evaluated actor becomes the final expert policy
+        best = torch.load(expert_path, weights_only=True)
+        if not best.get("final"):
+            best["final"] = True
+            best["trained_steps"] = int(meta["env_steps"])
+            _atomic_torch_save(best, expert_path)
+    return meta
+
+
+def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np, policy_dir, progress_path,
+                total_steps, seed, snapshot_every, start_steps, eval_every, eval_episodes, medium_target,
+                checkpoint, checkpoint_every_s, max_seconds, t_start, wall0, log, **_):
+    import json
+    import time
+
+    t_last_ckpt = t_start
     stats = None
     steps_at_start, t_rate = meta["env_steps"], time.perf_counter()
     while meta["env_steps"] < total_steps:
@@ -545,6 +569,3 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
                 t_last_ckpt = now
             if max_seconds is not None and now - t_start >= max_seconds:
                 break
-    checkpoint()
-    env.close()
-    return meta

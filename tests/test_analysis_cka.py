@@ -75,7 +75,12 @@ def test_cka_matrix_matches_pairs(xy):
     for i, a in enumerate(feats):
         for j, b in enumerate(feats[:2]):
             assert m[i, j] == pytest.approx(cka(gram_linear(a), gram_linear(b), debiased=True), rel=1e-12)
-    assert np.allclose(np.diag(cka_matrix(feats, feats, eps=1e-6)), 1.0, atol=1e-9)
+    assert np.allclose(np.diag(cka_matrix(feats, feats)), 1.0, atol=1e-12)
+    # TAKAGI's eps = 1e-6 breaks scale invariance for small activations; the default (eps 0) does not
+    tiny = [1e-5 * f for f in feats]
+    assert np.allclose(cka_matrix(tiny, tiny), cka_matrix(feats, feats), atol=1e-12)
+    assert cka_matrix(tiny, tiny, eps=1e-6)[0, 0] < 0.5
+    assert abs(cka_matrix([torch.ones(100, 3)], feats[:1])[0, 0]) < 1e-9   # constant representation: 0, not NaN
 
 
 def test_token_selection_positions_and_legacy_axis():

@@ -55,6 +55,16 @@ def write_run(root, model, *, env="hopper", dataset="medium", seed=666, K=20, ep
     return d
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """The analysis tests run tiny matrix products: one intra-op thread is several times faster than two on a
+    loaded 2-core machine. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory, hopper_data):
     """checkpoints/: gpt2, igpt (3 blocks) and dt runs, K=20 and K=1, seeds 666 and 42 (metrics only for 42)."""
@@ -82,6 +92,8 @@ def load_script(relpath: str):
     spec = importlib.util.spec_from_file_location("script_" + path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    main = mod.main
+    mod.main = lambda argv=None: main(None if argv is None else [str(a) for a in argv])  # paths -> str
     return mod
 
 

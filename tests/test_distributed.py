@@ -64,3 +64,24 @@ def test_ddp_two_processes_match_one(tmp_path):
         changed += not torch.equal(v, init[k])
     assert changed > 10  # training moved the weights, identically
     assert abs(a["loss"] - b["loss"]) < 1e-5
+
+
+def test_torchrun_experiment(tmp_path, hopper_data):
+    """``torchrun --nproc_per_node 2 experiment.py`` on CPU: rank 0 alone writes the run folder and metrics."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(ROOT / "experiment.py"), "--data_path", str(hopper_data), "--embed_dim", "16", "--n_layer", "1",
+           "--K", "5", "--batch_size", "8", "--max_iters", "1", "--num_steps_per_iter", "3",
+           "--num_eval_episodes", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rd = tmp_path / "checkpoints" / "dt_medium_hopper_666_K5"
+    assert (rd / "model_1.pt").is_file() and not list(rd.glob("*.tmp"))
+    rows = (rd / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and json.loads(rows[0])["evaluation/target_3600_return_mean"] is not None

@@ -56,7 +56,7 @@ def policies(tmp_path_factory):
     d = tmp_path_factory.mktemp("policies")
     for env in ("hopper", "halfcheetah"):
         save_actor(d / env / "medium.pt", env, 1, 3000, kind="medium")
-        save_actor(d / env / "expert.pt", env, 2, 9000, kind="expert")
+        save_actor(d / env / "expert.pt", env, 2, 9000, kind="expert", final=True)
         for i, step in enumerate((0, 1000, 2000)):
             save_actor(d / env / "replay" / f"actor_{step:07d}.pt", env, 10 + i, step, half=True, covers=1000,
                        uniform_before=500, shift=0.6 * i)
@@ -196,8 +196,13 @@ def test_ensure_dataset(tmp_path, policies):
     with pytest.raises(UserError, match="dataset not found"):
         ensure_dataset(tmp_path, "hopper", "medium", generate=False)
     # no bundled policy for the dataset: one line saying so
-    with pytest.raises(UserError, match="no bundled behaviour policy"):
+    with pytest.raises(UserError, match="cannot be generated: no medium behaviour policy"):
         ensure_dataset(tmp_path, "hopper", "medium", policy_dir=tmp_path / "nothing")
+    # an expert policy from unfinished training is not used silently
+    unfinished = tmp_path / "unfinished"
+    save_actor(unfinished / "hopper" / "expert.pt", "hopper", 2, 500)
+    with pytest.raises(UserError, match="unfinished training"):
+        ensure_dataset(tmp_path, "hopper", "expert", policy_dir=unfinished)
     path = ensure_dataset(tmp_path, "hopper", "medium", num_transitions=1500, policy_dir=policies,
                           log=messages.append)
     assert path == tmp_path / "hopper-medium-v2.pkl" and path.is_file()

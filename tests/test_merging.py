@@ -274,8 +274,8 @@ def test_merge_methods_end_to_end(trained, monkeypatch):
     expect = merging.merge_ties(srcs, base, keys, density=0.5, lam=1.0)
     assert all(torch.allclose(m0[k], expect[k], atol=1e-6) for k in keys)
 
-    # two models, lerp p=0.25, --flip: the merged tensors go into model 2 (a halfcheetah model trained on walker2d
-    # dims: same shapes), which is trained
+    # two models, lerp p=0.25, --flip: the merged tensors go into model 2 (walker2d; halfcheetah has the same dims),
+    # which is the model trained
     work = root / "runs_flip"
     work.mkdir()
     monkeypatch.chdir(work)

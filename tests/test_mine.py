@@ -10,35 +10,46 @@ from decision_transformer.analysis import mi
 from decision_transformer.analysis.mine import (LOSSES, Mine, _CorrectedLogMeanExp, correlated_gaussians,
                                                 estimate_mi, gaussian_mi, logmeanexp)
 
-from test_analysis_support import expect_exit, load_script, tiny_runs  # noqa: F401
+from test_analysis_support import expect_exit, load_script, one_thread, tiny_runs  # noqa: F401
 
+# 1024 training pairs, 60 passes of 8 minibatches (480 Adam steps) of a 2 x 64 statistics network: ~1 s each.
 FAST = dict(iters=60, batch_size=128, hidden=64, hidden_layers=2, lr=3e-3)
-TOL = 0.1  # nats; held-out estimates of ~1 nat from 1024 training pairs
+# Stated tolerance: 0.12 nats (about 12 % of 1 nat), on 4096 held-out pairs. Seeded, so each check is
+# deterministic; over seeds 0-2 the errors of this configuration stayed within 0.09 nats.
+TOL = 0.12
 
 
-@pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("rho,dim", [(0.8, 2), (0.9, 1)])
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("loss,rho,dim", [("mine", 0.8, 2), ("mine_biased", 0.8, 2), ("fdiv", 0.8, 2),
+                                          ("mine", 0.9, 1)])
 def test_correlated_gaussians(loss, rho, dim):
-    """I = -d/2 log(1 - rho²): 1.022 nats (rho 0.8, d 2), 0.830 nats (rho 0.9, d 1); estimated on held-out pairs
-    within 0.1 nats (a lower bound: the estimate may not exceed the truth by more than the sampling noise)."""
+    """I = -d/2 log(1 - rho²) nats (1.022 for rho 0.8, d 2; 0.830 for rho 0.9, d 1), within TOL on held-out pairs."""
     x, y = correlated_gaussians(1024, dim, rho, seed=0)
     xe, ye = correlated_gaussians(4096, dim, rho, seed=1)
     est = estimate_mi(x, y, loss=loss, seed=0, eval_x=xe, eval_y=ye, **FAST)
     assert est == pytest.approx(gaussian_mi(rho, dim), abs=TOL)
 
 
-def test_independent_and_seeded():
+def test_independent():
     x, y = correlated_gaussians(1024, 2, 0.0, seed=0)
     xe, ye = correlated_gaussians(4096, 2, 0.0, seed=1)
-    a = estimate_mi(x, y, seed=3, eval_x=xe, eval_y=ye, **FAST)
-    assert abs(a) < TOL
-    assert estimate_mi(x, y, seed=3, eval_x=xe, eval_y=ye, **FAST) == a        # same seed, same number
+    assert abs(estimate_mi(x, y, seed=3, eval_x=xe, eval_y=ye, **FAST)) < TOL
+
+
+def test_seeded():
+    x, y = correlated_gaussians(128, 2, 0.5, seed=0)
+    kw = dict(iters=3, batch_size=32, hidden=16, seed=5)
+    a = estimate_mi(x, y, **kw)
+    assert estimate_mi(x, y, **kw) == a                                        # same seed, same number
+    assert estimate_mi(x, y, **{**kw, "seed": 6}) != a
 
 
 def test_training_pairs_estimate_is_optimistic_but_close():
     """TAKAGI evaluated on the training pairs: with enough pairs the bias is small."""
     x, y = correlated_gaussians(1024, 2, 0.8, seed=0)
-    assert estimate_mi(x, y, seed=0, **FAST) == pytest.approx(gaussian_mi(0.8, 2), abs=0.15)
+    assert estimate_mi(x, y, seed=0, **FAST) == pytest.approx(gaussian_mi(0.8, 2), abs=TOL)
 
 
 def test_corrected_gradient_and_stability():

@@ -121,6 +121,7 @@ def test_behaviour_training_is_resumable(tmp_path):
     assert [r["step"] for r in progress] == [300, 600]
     saved = torch.load(state / "state.pt", weights_only=True)
     assert saved["agent"]["num_updates"] > 0
+    assert torch.load(pol / "expert.pt", weights_only=True)["final"] is True   # total_steps reached
     med = torch.load(pol / "medium.pt", weights_only=True)
     assert med["step"] == 300 and med["env"] == "hopper"
     snap = torch.load(pol / "replay" / "actor_0000200.pt", weights_only=True)

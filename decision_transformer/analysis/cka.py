@@ -2,7 +2,9 @@
 
 CKA(K, L) = <K~, L~>_F / (||K~||_F ||L~||_F + eps) for Gram matrices K = k(X, X), L = k(Y, Y) of n examples, where
 ~ is the centring H G H (biased HSIC) or the unbiased centring of Song et al. (2012) (debiased HSIC, the default, as
-TAKAGI). Everything is accumulated in float64. TAKAGI adds eps = 1e-6 to the denominator (``--eps``).
+TAKAGI). Everything is accumulated in float64. TAKAGI adds eps = 1e-6 to the denominator; that breaks the scale
+invariance for layers with small activations (the norms of their centred Grams can be far below 1e-6), so the
+default is eps = 0 (a constant representation gets CKA 0) and ``--eps 1e-6`` reproduces TAKAGI.
 
 The analysis compares every pair of hooked layers of two checkpoints at the tokens of the **last timestep** of a
 K-step context: sequence positions -3 (R̂_K, "reward"), -2 (s_K, "state"), -1 (a_K, "action"), one example per
@@ -22,7 +24,8 @@ from decision_transformer.analysis.runs import RunKey, analysis_batch, analysis_
 from decision_transformer.errors import UserError
 
 TOKEN_POSITIONS = {"reward": -3, "state": -2, "action": -1}
-DEFAULT_EPS = 1e-6
+DEFAULT_EPS = 0.0
+TAKAGI_EPS = 1e-6
 
 
 # ---- the estimator ----------------------------------------------------------------------------------------------
@@ -74,7 +77,8 @@ def center_gram(g, unbiased: bool = False) -> torch.Tensor:
 def cka(gram_x, gram_y, debiased: bool = False, eps: float = 0.0) -> float:
     a = center_gram(gram_x, debiased)
     b = center_gram(gram_y, debiased)
-    return float((a * b).sum() / (torch.linalg.norm(a) * torch.linalg.norm(b) + eps))
+    denom = torch.linalg.norm(a) * torch.linalg.norm(b) + eps
+    return float((a * b).sum() / denom) if denom > 0 else 0.0
 
 
 def linear_cka(x, y, debiased: bool = False, eps: float = 0.0) -> float:
@@ -100,7 +104,8 @@ def cka_matrix(feats1: list, feats2: list, kernel: str = "linear", debiased: boo
 
     c1, n1 = centred(feats1)
     c2, n2 = centred(feats2)
-    return ((c1 @ c2.T) / (n1[:, None] * n2[None, :] + eps)).numpy()
+    denom = n1[:, None] * n2[None, :] + eps
+    return torch.where(denom > 0, (c1 @ c2.T) / torch.where(denom > 0, denom, 1.0), 0.0).numpy()
 
 
 # ---- token selection --------------------------------------------------------------------------------------------
@@ -139,7 +144,10 @@ def build_parser():
     p.add_argument("--kernel", choices=["linear", "rbf"], default="linear")
     p.add_argument("--rbf_threshold", type=float, default=1.0, help="RBF bandwidth as a fraction of the median distance")
     p.add_argument("--biased", action="store_true", help="biased HSIC (plain centring) instead of the debiased one")
-    p.add_argument("--eps", type=float, default=DEFAULT_EPS, help="added to the denominator (TAKAGI: 1e-6)")
+    p.add_argument("--eps", type=float, default=DEFAULT_EPS,
+                   help=f"added to the denominator (TAKAGI: {TAKAGI_EPS}; it distorts layers with small activations)")
+    p.add_argument("--heatmap_token_list", nargs="*", default=list(TOKEN_POSITIONS), choices=list(TOKEN_POSITIONS),
+                   help="token types to draw heatmaps of")
     p.add_argument("--no_heatmap", action="store_true")
     common.add_data_flags(p, device_default="cpu", batch_size=100)
     common.add_output_flags(p, "cka")
@@ -183,7 +191,7 @@ def run(args) -> common.Outputs:
             f2 = [token_features(v, token, args.legacy_feature_index) for v in a2.values()]
             mat = cka_matrix(f1, f2, args.kernel, not args.biased, args.rbf_threshold, args.eps)
             outs.files.append(common.save_npy(res_dir / f"{stem}_{token}.npy", mat))
-            if not args.no_heatmap:
+            if not args.no_heatmap and token in args.heatmap_token_list:
                 outs.figures.append(plot_heatmap(mat, list(a1), list(a2), args, env, token, figs_dir, stem))
         print(f"{env}: CKA {args.model_name1}@{args.epoch1} vs {args.model_name2}@{args.epoch2}, "
               f"{len(a1)}x{len(a2)} layers, {args.batch_size} samples", file=sys.stderr)

@@ -172,10 +172,9 @@ def step_cka(plan: _Plan, args) -> common.Outputs:
         for m in models:
             argv = _argv(args, "cka", "--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name,
                          "--env_name_list", env, "--seed", args.seed, "--model_name1", m, "--model_name2", m,
-                         "--epoch1", 0, "--epoch2", e2, "--batch_size", args.batch_size, *_data_flags(args))
-            heat = cka.run(cka.build_parser().parse_args(argv))
-            outs.files += heat.files
-            outs.figures += [f for f in heat.figures if f.name.endswith("_state.png")]  # one heatmap per model
+                         "--epoch1", 0, "--epoch2", e2, "--batch_size", args.batch_size, *_data_flags(args),
+                         "--heatmap_token_list", "state")  # one heatmap per model in the report
+            outs.extend(cka.run(cka.build_parser().parse_args(argv)))
         argv = _argv(args, "cka", "--env_name_list", env, "--model_name_list", *models, "--epoch1", 0, "--epoch2", e2,
                      "--dataset_name", args.dataset_name, "--seed", args.seed)
         outs.extend(cka.plot(cka.build_plot_parser().parse_args(argv)))

@@ -21,8 +21,10 @@ class InitReg:
         self.init = [p.detach().clone() for _, p in self.params]
 
     def distance(self) -> torch.Tensor:
-        """sum_p ||theta_p - theta0_p||_F (unweighted)."""
-        return torch.stack([torch.linalg.vector_norm(p - p0) for (_, p), p0 in zip(self.params, self.init)]).sum()
+        """sum_p ||theta_p - theta0_p||_F (unweighted). Two fused multi-tensor kernels instead of one subtraction and
+        one norm per tensor (GPT-2: 144 tensors)."""
+        params = [p for _, p in self.params]
+        return torch.stack(torch._foreach_norm(torch._foreach_sub(params, self.init))).sum()
 
     def loss(self) -> torch.Tensor:
         return self.weight * self.distance()

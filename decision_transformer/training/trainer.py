@@ -18,7 +18,7 @@ class Trainer:
 
     def __init__(self, model, optimizer, scheduler, dataset: TrajectoryDataset, *, batch_size: int, K: int,
                  generator: torch.Generator, grad_clip: float | None = GRAD_CLIP, extra_loss=None,
-                 amp_dtype: torch.dtype | None = None, rank: int = 0, world_size: int = 1):
+                 amp_dtype: torch.dtype | None = None, rank: int = 0, world_size: int = 1, compile: bool = False):
         self.model = model                # the module called for the forward (DistributedDataParallel under torchrun)
         self.module = model               # the plain DT
         self.optimizer = optimizer
@@ -45,6 +45,8 @@ class Trainer:
 
             self._freeze_unreached()
             self.model = wrap(model, DistContext(rank, world_size, rank), next(model.parameters()).device)
+        if compile:
+            self.model = torch.compile(self.model)
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def _freeze_unreached(self):

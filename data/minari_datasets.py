@@ -1,0 +1,61 @@
+"""Minari <-> DT pickle (needs the optional package: pip install minari; nothing is downloaded).
+
+    python data/minari_datasets.py import mujoco/hopper/medium-v0 --dataset medium --data_path data
+    python data/minari_datasets.py export data/hopper-medium-v2.pkl dt/hopper/medium-v0
+
+``import`` reads a dataset from the local Minari root (``--minari_root``, default ``$MINARI_DATASETS_PATH`` or
+``~/.minari/datasets``) and writes ``{data_path}/{env}-{dataset}-v2.pkl``. ``export`` writes a pkl (with
+``next_observations``, as the converted and generated datasets have) as a Minari dataset in that root.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from decision_transformer.errors import cli_entry  # noqa: E402
+
+
+@cli_entry
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="Minari dataset -> {env}-{dataset}-v2.pkl")
+    imp.add_argument("dataset_id")
+    imp.add_argument("--env", default=None, help="default: from the dataset id")
+    imp.add_argument("--dataset", required=True, help="quality name for the pkl (medium, expert, ...)")
+    imp.add_argument("--data_path", default="data")
+    exp = sub.add_parser("export", help="DT pkl -> Minari dataset")
+    exp.add_argument("pkl")
+    exp.add_argument("dataset_id")
+    exp.add_argument("--env", default=None, help="default: from the pkl name")
+    for s in (imp, exp):
+        s.add_argument("--minari_root", default=None)
+    args = p.parse_args(argv)
+
+    from pathlib import Path
+
+    from decision_transformer.data import pkl_name, safe_pickle_load, validate_trajectories
+    from decision_transformer.envs import check_dataset_name, get_env_spec
+    from decision_transformer.minari_io import env_from_dataset_id, export_minari, load_minari_trajectories
+    from decision_transformer.synthetic import write_pkl
+
+    if args.cmd == "import":
+        env = args.env or env_from_dataset_id(args.dataset_id)
+        check_dataset_name(args.dataset)
+        trajs = load_minari_trajectories(args.dataset_id, root=args.minari_root)
+        validate_trajectories(trajs, get_env_spec(env), args.dataset_id)
+        keep = ("observations", "next_observations", "actions", "rewards", "terminals")
+        out = write_pkl(Path(args.data_path) / pkl_name(env, args.dataset),
+                        [{k: t[k] for k in keep} for t in trajs])
+        print(f"{out}: {len(trajs)} trajectories, {sum(len(t['rewards']) for t in trajs)} timesteps")
+    else:
+        env = args.env or env_from_dataset_id(Path(args.pkl).name)
+        trajs = safe_pickle_load(args.pkl)
+        validate_trajectories(trajs, get_env_spec(env), args.pkl)
+        folder = export_minari(trajs, args.dataset_id, env, root=args.minari_root)
+        print(f"{folder}: {len(trajs)} episodes")
+
+
+if __name__ == "__main__":
+    main()

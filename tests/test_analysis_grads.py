@@ -1,0 +1,152 @@
+"""Per-sample gradients (torch.func) against an explicit per-sample loop, gradient confusion and norms, and the
+attention distance on hand-built attention maps."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from decision_transformer.analysis.attention import (attention_distance, legacy_attention_distance,
+                                                     model_attention_distances)
+from decision_transformer.analysis.grads import (full_batch_param_norms, grad_confusion, per_sample_grad_stats,
+                                                 used_parameters)
+from decision_transformer.data import Batch
+from decision_transformer.models import DecisionTransformer
+from decision_transformer.training import masked_action_mse
+
+from test_analysis_support import one_thread, tiny_config  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _batch(B=5, K=4, seed=0, action_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(B, K)
+    mask[0, :2] = 0
+    mask[1, :1] = 0
+    return Batch(torch.randn(B, K, 11, generator=g), action_scale * (torch.rand(B, K, 3, generator=g) * 2 - 1),
+                 torch.zeros(B, K, 1), torch.zeros(B, K), torch.rand(B, K + 1, 1, generator=g),
+                 torch.randint(0, 50, (B, K), generator=g), mask)
+
+
+def _loop_grads(model, batch, clip):
+    """The originals' loop: each sample alone, masked MSE, backward, clip_grad_norm_(all, clip), flatten h."""
+    model.eval()
+    out = []
+    for i in range(batch.states.shape[0]):
+        model.zero_grad()
+        sl = slice(i, i + 1)
+        pred = model(batch.states[sl], batch.actions[sl], batch.rtg[sl, :-1], batch.timesteps[sl],
+                     attention_mask=batch.mask[sl]).action_preds
+        masked_action_mse(pred, batch.actions[sl], batch.mask[sl]).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        out.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if n.startswith("transformer.h.")]))
+    model.zero_grad()
+    return torch.stack(out).double()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return DecisionTransformer(tiny_config(n_layer=2), seed=0)
+
+
+def test_used_parameters_skip_the_unused_tables(model):
+    names = used_parameters(model, _batch())
+    assert "transformer.wte.weight" not in names and "transformer.wpe.weight" not in names
+    assert "transformer.h.1.mlp.c_proj.bias" in names and "embed_timestep.weight" in names
+
+
+@pytest.mark.parametrize("action_scale", [1.0, 30.0])  # 30: targets far off, norms above 0.25, the clip acts
+def test_vmap_matches_explicit_loop(model, action_scale):
+    batch = _batch(action_scale=action_scale)
+    st = per_sample_grad_stats(model, batch, train_mode=False)
+    g_clip, g_raw = _loop_grads(model, batch, 0.25), _loop_grads(model, batch, None)
+    cos = torch.nn.functional.cosine_similarity(g_clip[:, None], g_clip[None], dim=-1)
+    assert torch.allclose(st.cosine(0.25), cos, atol=1e-6)
+    assert torch.allclose(st.h_norms(0.25), g_clip.norm(dim=1), rtol=1e-5)
+    assert torch.allclose(st.h_norms(None), g_raw.norm(dim=1), rtol=1e-5)
+    assert torch.allclose(st.gram_h, g_raw @ g_raw.T, rtol=1e-4, atol=1e-10)
+    assert (st.h_norms(0.25) <= 0.25 + 1e-6).all()
+    if action_scale > 1:
+        assert (st.sqnorm_all.sqrt() > 0.25).all()          # the clip was active for every sample
+    off = ~torch.eye(5, dtype=torch.bool)
+    assert grad_confusion(cos) == pytest.approx(float(cos[off].min()), abs=1e-6)
+
+
+def test_memory_bounded_passes_are_identical_in_train_mode(model):
+    """Dropout on: the Gram accumulated over one pass per tensor equals the single-pass one (same seeded masks)."""
+    batch = _batch()
+    one = per_sample_grad_stats(model, batch, train_mode=True, seed=7)
+    many = per_sample_grad_stats(model, batch, train_mode=True, seed=7, max_bytes=1)
+    assert torch.allclose(one.gram_h, many.gram_h, rtol=1e-6, atol=1e-12)
+    assert torch.equal(one.sqnorm_all, many.sqnorm_all) or torch.allclose(one.sqnorm_all, many.sqnorm_all, rtol=1e-9)
+    ev = per_sample_grad_stats(model, batch, train_mode=False)
+    assert not torch.allclose(one.gram_h, ev.gram_h)          # dropout really was on
+    other = per_sample_grad_stats(model, batch, train_mode=True, seed=8)
+    assert not torch.allclose(one.gram_h, other.gram_h)        # and the seed picks the masks
+
+
+def test_full_batch_param_norms(model):
+    batch = _batch(action_scale=30.0)
+    norms = full_batch_param_norms(model, batch, clip=0.25, train_mode=False)
+    model.eval()
+    model.zero_grad()
+    pred = model(batch.states, batch.actions, batch.rtg[:, :-1], batch.timesteps, attention_mask=batch.mask).action_preds
+    masked_action_mse(pred, batch.actions, batch.mask).backward()
+    total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+    assert total > 0.25
+    for k, p in model.named_parameters():
+        if k.startswith("transformer.h."):
+            assert norms[k[len("transformer.h."):]] == pytest.approx(float(p.grad.norm()), rel=1e-5)
+    assert list(norms)[:2] == ["0.ln_1.weight", "0.ln_1.bias"]
+    model.zero_grad()
+
+
+# ---- attention distance ------------------------------------------------------------------------------------------
+
+def test_attention_distance_on_hand_built_maps():
+    T = 6
+    eye = torch.eye(T)[None, None]                                             # every query attends to itself
+    assert attention_distance(eye).item() == 0.0
+    first = torch.zeros(1, 1, T, T)
+    first[..., 0] = 1.0                                                        # everyone attends to token 0
+    assert attention_distance(first).item() == pytest.approx(sum(range(T)) / T)        # mean q = 2.5
+    uniform = torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1)[:, None]  # causal uniform: mean |q-k| = q/2
+    assert attention_distance(uniform[None, None]).item() == pytest.approx((T - 1) / 4)
+    # padding: the first 3 tokens (one timestep) padded -> only queries 3..5 count
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    assert attention_distance(first, mask).item() == pytest.approx((3 + 4 + 5) / 3)
+    # timestep unit: |q//3 - k//3|
+    assert attention_distance(first, unit="timestep").item() == pytest.approx((0 + 0 + 0 + 1 + 1 + 1) / T)
+    # two heads, two samples -> [B, H]
+    both = torch.cat([torch.cat([eye, first], 1), torch.cat([first, eye], 1)], 0)
+    assert torch.allclose(attention_distance(both), torch.tensor([[0.0, 2.5], [2.5, 0.0]], dtype=torch.float64))
+
+
+def test_legacy_attention_distance_by_hand():
+    """Q = 0: softmax over all T keys is 1/T everywhere, then tril: d = Σ_{i≥j} (i-j) / T / T² = (T²-1)/(6T²)."""
+    T, D = 6, 4
+    c_attn = torch.cat([torch.zeros(2, T, D), torch.randn(2, T, 2 * D)], dim=-1)
+    expected = (T - 1) * T * (T + 1) / 6 / T / T ** 2
+    assert torch.allclose(legacy_attention_distance(c_attn), torch.full((2,), expected, dtype=torch.float64))
+
+
+def test_model_attention_is_masked_and_per_head():
+    model = DecisionTransformer(tiny_config(K=1, n_layer=2, n_head=2), seed=0).eval()
+    batch = _batch(B=3, K=5)                                    # a K=1 model fed 5-step contexts
+    d = model_attention_distances(model, batch)
+    assert d.shape == (3, 2, 2) and np.isfinite(d).all()
+    out = model(batch.states, batch.actions, batch.rtg[:, :-1], batch.timesteps, attention_mask=batch.mask,
+                output_attentions=True)
+    probs = out.attentions[0]                                   # [B, heads, 15, 15]
+    assert torch.allclose(probs.sum(-1), torch.ones(3, 2, 15), atol=1e-5)
+    assert probs[0, :, 8, 0:6].max() < 1e-6                     # sample 0: 2 padded steps get no attention
+    real_queries = probs[0, :, 6:]                              # sample 0's unpadded query rows
+    assert real_queries.triu(7).max() < 1e-6 and probs[2].triu(1).max() < 1e-6   # causal
+    # (a padded query row has every key masked, so its softmax also spreads over future keys: such rows are
+    # excluded from the distance)
+    tm = batch.mask.repeat_interleave(3, 1)
+    assert np.allclose(d[:, 0], attention_distance(probs.detach(), tm).numpy())
+    legacy = model_attention_distances(model, batch, legacy=True)
+    assert legacy.shape == (3, 2, 1) and not math.isclose(float(legacy[0, 0, 0]), float(d[0, 0].mean()))

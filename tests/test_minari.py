@@ -1,0 +1,97 @@
+"""Minari as a data source and export target (decision_transformer/minari_io.py). Uses the real ``minari`` package
+(skipped where it is not installed) with a temporary local root; nothing is downloaded."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from decision_transformer.data import split_episodes, validate_trajectories
+from decision_transformer.envs import get_env_spec
+from decision_transformer.errors import UserError
+from decision_transformer.minari_io import env_from_dataset_id, export_minari, load_minari_trajectories
+from decision_transformer.synthetic import rollout_flat
+
+
+def test_missing_minari_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "minari", None)   # makes `import minari` raise ImportError
+    with pytest.raises(UserError, match=r"pip install minari"):
+        load_minari_trajectories("mujoco/hopper/medium-v0")
+
+
+def test_env_from_dataset_id():
+    assert env_from_dataset_id("mujoco/hopper/medium-v0") == "hopper"
+    assert env_from_dataset_id("mujoco/walker2d/expert-v0") == "walker2d"
+    assert env_from_dataset_id("D4RL/halfcheetah-medium-v2") == "halfcheetah"
+    with pytest.raises(UserError):
+        env_from_dataset_id("mujoco/ant/medium-v0")
+
+
+def test_export_then_read_back(tmp_path):
+    minari = pytest.importorskip("minari")
+    flat = rollout_flat("hopper", 600, seed=0, max_ep_len=100)
+    trajs = split_episodes(flat)
+    folder = export_minari(trajs, "dt/hopper/test-v0", "hopper", root=tmp_path)
+    # Minari's on-disk layout
+    assert (folder / "data" / "main_data.hdf5").is_file()
+    meta = json.loads((folder / "data" / "metadata.json").read_text())
+    assert meta["dataset_id"] == "dt/hopper/test-v0" and meta["total_episodes"] == len(trajs)
+    # Minari itself reads it
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    ds = minari.load_dataset("dt/hopper/test-v0")
+    assert ds.total_episodes == len(trajs) and ds.total_steps == sum(len(t["rewards"]) for t in trajs)
+    ep = next(iter(ds.iterate_episodes([0])))
+    np.testing.assert_array_equal(ep.observations[:-1], trajs[0]["observations"])
+    np.testing.assert_array_equal(ep.observations[-1], trajs[0]["next_observations"][-1])
+    monkeypatch.undo()
+    # and so do we, back to the DT layout
+    back = load_minari_trajectories("dt/hopper/test-v0", root=tmp_path)
+    assert len(back) == len(trajs)
+    for a, b in zip(trajs, back):
+        for k in ("observations", "next_observations", "actions", "rewards", "terminals"):
+            np.testing.assert_array_equal(a[k], b[k])
+    validate_trajectories(back, get_env_spec("hopper"), "minari")
+    # exporting to an existing id is refused
+    with pytest.raises(UserError, match="cannot create Minari dataset"):
+        export_minari(trajs, "dt/hopper/test-v0", "hopper", root=tmp_path)
+
+
+def test_read_a_dataset_made_with_minaris_api(tmp_path, monkeypatch):
+    """Episodes recorded here (gymnasium steps, Minari's T+1 observations) and stored by Minari's own
+    ``create_dataset_from_buffers``; Minari's DataCollector would need jax (minari[create])."""
+    minari = pytest.importorskip("minari")
+    from minari.data_collector import EpisodeBuffer
+
+    from decision_transformer.envs import make_env
+
+    env = make_env("hopper")
+    rng = np.random.default_rng(0)
+    buffers, lengths = [], []
+    for i in range(3):
+        obs = [env.reset(seed=i)[0]]
+        acts, rews, terms, truncs = [], [], [], []
+        done = False
+        while not done:
+            a = rng.uniform(-1, 1, 3).astype(np.float32)
+            o, r, term, trunc, _ = env.step(a)
+            obs.append(o), acts.append(a), rews.append(r), terms.append(term), truncs.append(trunc)
+            done = term or trunc
+        lengths.append(len(rews))
+        buffers.append(EpisodeBuffer(id=i, observations=np.array(obs), actions=np.array(acts), rewards=rews,
+                                     terminations=terms, truncations=truncs, infos={}))
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    minari.create_dataset_from_buffers("mujoco/hopper/collected-v0", buffers, env="Hopper-v4",
+                                       algorithm_name="random", ref_min_score=0.0, ref_max_score=1.0,
+                                       data_format="hdf5")
+    monkeypatch.delenv("MINARI_DATASETS_PATH")
+    trajs = load_minari_trajectories("mujoco/hopper/collected-v0", root=tmp_path)
+    assert [len(t["rewards"]) for t in trajs] == lengths
+    assert all(t["terminals"][-1] for t in trajs)          # random hopper falls: terminated episodes
+    np.testing.assert_allclose(trajs[1]["rewards"], np.array(buffers[1].rewards, dtype=np.float32))
+    np.testing.assert_allclose(trajs[2]["next_observations"][-1], buffers[2].observations[-1], rtol=1e-6)
+    assert trajs[0]["observations"].shape == (lengths[0], 11) and trajs[0]["observations"].dtype == np.float32
+    with pytest.raises(UserError, match="not found"):
+        load_minari_trajectories("mujoco/hopper/nothing-v0", root=tmp_path)
