@@ -217,15 +217,15 @@ def _run(args, script: str) -> dict:
         start_iter, best_score, exp_id = int(st["iteration"]), float(st["best_score"]), int(st["exp_id"])
         trainer.step = int(st["step"])
         print(f"resuming {run_dir} after iteration {start_iter}", file=sys.stderr)
-    elif run_dir is not None and any(run_dir.glob("model_*.pt")):
-        print(f"warning: {run_dir} already holds checkpoints; they will be replaced (use --resume to continue)",
-              file=sys.stderr)
     exp_prefix = f"{group}-{exp_id}"
     if lm_script and run_dir is not None:
         run_dir = run_dir / f"dt_{exp_prefix}"
     if args.pretrained_models and run_dir is not None:
         # merge runs share (model, dataset, env, seed): a per-run suffix keeps them from overwriting each other
         run_dir = run_dir.with_name(f"{run_dir.name}_{exp_id}")
+    if not args.resume and run_dir is not None and any(run_dir.glob("model_*.pt")):
+        print(f"warning: {run_dir} already holds checkpoints; they will be replaced (use --resume to continue)",
+              file=sys.stderr)
 
     config = {**vars(args), "exp_id": exp_id, "exp_prefix": exp_prefix, "model_name": mname,
               "data_file": str(data_file), "device_used": str(device), "targets": targets,
@@ -245,6 +245,8 @@ def _run(args, script: str) -> dict:
     pool = EnvPool(args.env, args.env_version)
     t0 = time.time()
     logs: dict = {}
+    if start_iter == 0 and (getattr(args, "merge_info", None) or {}).get("iteration_0"):
+        logger.log({**args.merge_info["iteration_0"], "time/total": 0.0}, 0)  # the merged model before finetuning
     try:
         for it in range(start_iter + 1, args.max_iters + 1):
             with progress(args.num_steps_per_iter, f"iter {it} train") as bar:

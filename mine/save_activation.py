@@ -5,8 +5,8 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))  # the repository root
 
-from decision_transformer.analysis.mi import build_save_parser, run_save  # noqa: E402
-from decision_transformer.errors import cli_entry  # noqa: E402
+from decision_transformer.analysis.mi import build_save_parser, run_save
+from decision_transformer.errors import cli_entry
 
 
 @cli_entry

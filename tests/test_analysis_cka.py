@@ -4,15 +4,25 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_analysis_support import tiny_config
 
-from decision_transformer.analysis.activations import BLOCK_ENTRIES, get_activations, hooked_modules
-from decision_transformer.analysis.cka import (cka, cka_matrix, gram_linear, gram_rbf, linear_cka, select_tokens,
-                                               token_features)
+from decision_transformer.analysis.activations import (
+    BLOCK_ENTRIES,
+    get_activations,
+    hooked_modules,
+)
+from decision_transformer.analysis.cka import (
+    cka,
+    cka_matrix,
+    gram_linear,
+    gram_rbf,
+    linear_cka,
+    select_tokens,
+    token_features,
+)
 from decision_transformer.data import Batch
 from decision_transformer.errors import UserError
 from decision_transformer.models import DecisionTransformer
-
-from test_analysis_support import tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,22 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_analysis_support import one_thread, tiny_config  # noqa: F401
 
-from decision_transformer.analysis.attention import (attention_distance, legacy_attention_distance,
-                                                     model_attention_distances)
-from decision_transformer.analysis.grads import (full_batch_param_norms, grad_confusion, per_sample_grad_stats,
-                                                 used_parameters)
+from decision_transformer.analysis.attention import (
+    attention_distance,
+    legacy_attention_distance,
+    model_attention_distances,
+)
+from decision_transformer.analysis.grads import (
+    full_batch_param_norms,
+    grad_confusion,
+    per_sample_grad_stats,
+    used_parameters,
+)
 from decision_transformer.data import Batch
 from decision_transformer.models import DecisionTransformer
 from decision_transformer.training import masked_action_mse
-
-from test_analysis_support import one_thread, tiny_config  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

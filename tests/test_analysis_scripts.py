@@ -10,14 +10,19 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
+from test_analysis_support import (  # noqa: F401
+    expect_exit,
+    load_script,
+    one_thread,
+    tiny_runs,
+    write_run,
+)
 
 from decision_transformer.analysis import curves, scores
 from decision_transformer.analysis.runs import RunKey, load_state_dict, parse_run_dir
 from decision_transformer.errors import UserError
 from decision_transformer.synthetic import write_pkl
-
-from conftest import ROOT
-from test_analysis_support import expect_exit, load_script, one_thread, tiny_runs, write_run  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DATA = ["--K", "3", "--batch_size", "6"]
@@ -64,7 +69,7 @@ def test_score_table_best_last_and_dataset_norm(tmp_path, capsys):
     write_run(ck, "dt", epochs=(1,), returns=[10.0, 300.0, 50.0])
     write_run(ck, "dt", seed=42, epochs=(1,), returns=[100.0, 200.0, 250.0])
     data = tmp_path / "data"
-    traj = lambda r: {"observations": np.zeros((2, 11), np.float32), "actions": np.zeros((2, 3), np.float32),  # noqa
+    traj = lambda r: {"observations": np.zeros((2, 11), np.float32), "actions": np.zeros((2, 3), np.float32),
                       "rewards": np.array([r, 0.0], np.float32), "terminals": np.array([False, True])}
     write_pkl(data / "hopper-random-v2.pkl", [traj(10.0), traj(30.0)])           # mean return 20
     write_pkl(data / "hopper-expert-v2.pkl", [traj(1020.0)])                      # mean return 1020
@@ -149,7 +154,7 @@ def test_cka_scripts(tmp_path, tiny_runs, capsys):  # noqa: F811
     rows = _rows(res / "cka_plot_0_40_gpt2_igpt_dt_hopper_medium_666_state.csv")
     assert sum(r["model"] == "igpt" for r in rows) == 18                            # 4 blocks averaged onto 2
     igpt_diag = np.diag(np.load(res / "cka_0_40_igptigpt_hopper_medium_666_state.npy"))
-    first = [float(r["cka"]) for r in rows if r["model"] == "igpt"][0]
+    first = next(float(r["cka"]) for r in rows if r["model"] == "igpt")
     assert first == pytest.approx((igpt_diag[0] + igpt_diag[9]) / 2)              # 0.ln_1 with 1.ln_1
 
 
@@ -220,7 +225,7 @@ def test_script_from_another_directory(tmp_path, tiny_runs):  # noqa: F811
     env = {**os.environ, "PYTHONPATH": ""}
     proc = subprocess.run([sys.executable, str(script), "-plm", str(tiny_runs), "--model_name_list", "dt",
                            "--env_name", "walker2d", *out(tmp_path)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: checkpoint not found: ")
     assert "dt_medium_walker2d_666/model_0.pt" in proc.stderr and "Traceback" not in proc.stderr

@@ -251,6 +251,9 @@ def test_seed_merge_finetune_command(trained, tmp_path):
     assert info["method"] == "mean" and info["frozen"] == 8
     assert "evaluation/target_3600_d4rl_score_mean" in info["iteration_0"]
     assert cfg["model_config"]["backbone"]["n_embd"] == 16                      # model 1's architecture
+    rows = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1]                             # the merge before finetuning first
+    assert rows[0]["evaluation/target_3600_return_mean"] == info["iteration_0"]["evaluation/target_3600_return_mean"]
     torch.load(rd / "model_1.pt", weights_only=True)
 
 

@@ -5,15 +5,20 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from decision_transformer.analysis import mi
-from decision_transformer.analysis.mine import (LOSSES, Mine, _CorrectedLogMeanExp, correlated_gaussians,
-                                                estimate_mi, gaussian_mi, logmeanexp)
-
 from test_analysis_support import expect_exit, load_script, one_thread, tiny_runs  # noqa: F401
 
+from decision_transformer.analysis import mi
+from decision_transformer.analysis.mine import (
+    Mine,
+    _CorrectedLogMeanExp,
+    correlated_gaussians,
+    estimate_mi,
+    gaussian_mi,
+    logmeanexp,
+)
+
 # 1024 training pairs, 60 passes of 8 minibatches (480 Adam steps) of a 2 x 64 statistics network: ~1 s each.
-FAST = dict(iters=60, batch_size=128, hidden=64, hidden_layers=2, lr=3e-3)
+FAST = {"iters": 60, "batch_size": 128, "hidden": 64, "hidden_layers": 2, "lr": 3e-3}
 # Stated tolerance: 0.12 nats (about 12 % of 1 nat), on 4096 held-out pairs. Seeded, so each check is
 # deterministic; over seeds 0-2 the errors of this configuration stayed within 0.09 nats.
 TOL = 0.12
@@ -40,7 +45,7 @@ def test_independent():
 
 def test_seeded():
     x, y = correlated_gaussians(128, 2, 0.5, seed=0)
-    kw = dict(iters=3, batch_size=32, hidden=16, seed=5)
+    kw = {"iters": 3, "batch_size": 32, "hidden": 16, "seed": 5}
     a = estimate_mi(x, y, **kw)
     assert estimate_mi(x, y, **kw) == a                                        # same seed, same number
     assert estimate_mi(x, y, **{**kw, "seed": 6}) != a
@@ -86,8 +91,8 @@ def test_exp_types_use_the_right_pairs(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     mask = np.ones((B, K))
     mask[:2, 0] = 0                                                     # two samples padded at t = 0
-    data = dict(states=rng.standard_normal((B, K, 11)), actions=rng.standard_normal((B, K, 3)),
-                rtg=rng.standard_normal((B, K + 1, 1)), timesteps=np.zeros((B, K)), attention_mask=mask)
+    data = {"states": rng.standard_normal((B, K, 11)), "actions": rng.standard_normal((B, K, 3)),
+            "rtg": rng.standard_normal((B, K + 1, 1)), "timesteps": np.zeros((B, K)), "attention_mask": mask}
     acts = {f"{i}.mlp.dropout": rng.standard_normal((B, 3 * K, D)).astype(np.float32) for i in range(4)}
     from decision_transformer.analysis.common import save_npz
 

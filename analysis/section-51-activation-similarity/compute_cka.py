@@ -7,8 +7,8 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "../..")))  # the repository root
 
-from decision_transformer.analysis.cka import build_parser, run  # noqa: E402
-from decision_transformer.errors import cli_entry  # noqa: E402
+from decision_transformer.analysis.cka import build_parser, run
+from decision_transformer.errors import cli_entry
 
 
 @cli_entry

@@ -8,8 +8,8 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "../..")))  # the repository root
 
-from decision_transformer.analysis.curves import build_no_context_parser, run_no_context  # noqa: E402
-from decision_transformer.errors import cli_entry  # noqa: E402
+from decision_transformer.analysis.curves import build_no_context_parser, run_no_context
+from decision_transformer.errors import cli_entry
 
 
 @cli_entry

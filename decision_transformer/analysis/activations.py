@@ -8,7 +8,7 @@ made every ``i.mlp.act`` hold the last block's output); a module shared between 
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

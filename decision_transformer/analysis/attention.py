@@ -22,7 +22,13 @@ import torch
 
 from decision_transformer.analysis import common
 from decision_transformer.analysis.activations import get_activations
-from decision_transformer.analysis.runs import RunKey, analysis_batch, analysis_dataset, load_model, model_inputs
+from decision_transformer.analysis.runs import (
+    RunKey,
+    analysis_batch,
+    analysis_dataset,
+    load_model,
+    model_inputs,
+)
 from decision_transformer.errors import UserError
 
 UNITS = ("token", "timestep")
@@ -42,7 +48,7 @@ def attention_distance(probs: torch.Tensor, token_mask: torch.Tensor | None = No
     """probs [B, H, T, T] (rows = queries) -> [B, H] mean attention distance over the unpadded queries.
 
     Only keys k ≤ q count (the model's causal mask already gives the others ~0 weight)."""
-    B, H, T, _ = probs.shape
+    B, _, T, _ = probs.shape
     dist = distance_matrix(T, unit, probs.device).tril()                     # [T, T], zero above the diagonal
     per_query = (probs.to(torch.float64) * dist).sum(-1)                    # [B, H, T]
     if token_mask is None:
@@ -53,7 +59,7 @@ def attention_distance(probs: torch.Tensor, token_mask: torch.Tensor | None = No
 
 def legacy_attention_distance(c_attn_out: torch.Tensor) -> torch.Tensor:
     """TAKAGI: c_attn output [B, T, 3D] -> [B]: W = tril(softmax(Q Kᵀ / √D)), d = Σ W_ij |i - j| / T²."""
-    B, T, D3 = c_attn_out.shape
+    _, T, D3 = c_attn_out.shape
     D = D3 // 3
     q, k = c_attn_out[..., :D].to(torch.float64), c_attn_out[..., D:2 * D].to(torch.float64)
     w = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(D), dim=-1).tril()
@@ -140,8 +146,8 @@ def run(args) -> common.Outputs:
         ax.legend()
         stem = f"att_dist_diff_{args.epoch1}_{args.epoch2}_{'_'.join(models)}_{env}_{args.dataset_name}_{args.seed}{tag}"
         outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
-        outs.tables.append((f"Attention-distance change per block, {env} (median over samples of the head-averaged "
-                            f"gap, {args.distance_unit}s)",
+        outs.tables.append(((f"Attention-distance change per block, {env} (median over samples of the "
+                             f"head-averaged gap, {args.distance_unit}s)"),
                             common.markdown_table(["model"] + [str(b) for b in range(nb)],
                                                   [[common.model_label(m)] + [f"{v:.3f}" for v in
                                                                               np.median(gaps[m].mean(2), 0)]

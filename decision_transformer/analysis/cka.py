@@ -19,8 +19,19 @@ import numpy as np
 import torch
 
 from decision_transformer.analysis import common
-from decision_transformer.analysis.activations import BLOCK_ENTRIES, BLOCK_OUTPUT, block_of, entry_of, get_activations
-from decision_transformer.analysis.runs import RunKey, analysis_batch, analysis_dataset, load_model
+from decision_transformer.analysis.activations import (
+    BLOCK_ENTRIES,
+    BLOCK_OUTPUT,
+    block_of,
+    entry_of,
+    get_activations,
+)
+from decision_transformer.analysis.runs import (
+    RunKey,
+    analysis_batch,
+    analysis_dataset,
+    load_model,
+)
 from decision_transformer.errors import UserError
 
 TOKEN_POSITIONS = {"reward": -3, "state": -2, "action": -1}

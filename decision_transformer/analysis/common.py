@@ -109,7 +109,7 @@ class Outputs:
     tables: list = field(default_factory=list)      # (title, markdown)
     notes: list = field(default_factory=list)
 
-    def extend(self, other: "Outputs") -> "Outputs":
+    def extend(self, other: Outputs) -> Outputs:
         self.files += other.files
         self.figures += other.figures
         self.tables += other.tables

@@ -56,8 +56,9 @@ def wandb_history(run_name: str, project: str, entity: str | None = None) -> lis
     path = f"{entity}/{project}" if entity else project
     try:
         runs = list(wandb.Api().runs(path, filters={"display_name": run_name}))
-    except Exception as e:  # network, auth, unknown project: one line for the user
-        raise UserError(f"cannot query WandB project {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except Exception as e:  # noqa: BLE001 - network, auth, unknown project: one line for the user
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot query WandB project {path}: {first}") from None
     runs = [r for r in runs if getattr(r, "name", run_name) == run_name]
     finished = [r for r in runs if getattr(r, "state", "finished") == "finished"]
     if not finished:
@@ -221,9 +222,9 @@ def run_block_replacement(args) -> common.Outputs:
         missing, rows = [], []
         cmap = plt.get_cmap("viridis")
         curves = [(f"block {b}", RunKey("dt", args.dataset_name, env, args.seed, 1, block=b),
-                   dict(color=cmap(b / max(depth - 1, 1)), lw=1.2)) for b in range(depth)]
-        curves += [(f"{common.model_label(k.model)} K=1", k, dict(color="k" if k.model == "gpt2" else "r", ls="--",
-                                                                 lw=1.6)) for k in ref_keys]
+                   {"color": cmap(b / max(depth - 1, 1)), "lw": 1.2}) for b in range(depth)]
+        curves += [(f"{common.model_label(k.model)} K=1", k,
+                    {"color": "k" if k.model == "gpt2" else "r", "ls": "--", "lw": 1.6}) for k in ref_keys]
         drawn = 0
         for label, key, style in curves:
             for ax, met in zip(axes, (metric, ACTION_ERROR)):

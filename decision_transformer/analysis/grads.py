@@ -21,8 +21,14 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from decision_transformer.analysis import common
-from decision_transformer.analysis.runs import (RunKey, analysis_batch, analysis_dataset, batch_generator, load_model,
-                                                model_inputs)
+from decision_transformer.analysis.runs import (
+    RunKey,
+    analysis_batch,
+    analysis_dataset,
+    batch_generator,
+    load_model,
+    model_inputs,
+)
 from decision_transformer.errors import UserError
 from decision_transformer.training import GRAD_CLIP, masked_action_mse
 
@@ -95,7 +101,7 @@ class GradStats:
 
 
 def _groups(model, names: list[str], n: int, max_bytes: int) -> list[list[str]]:
-    sizes = dict((k, p.numel()) for k, p in model.named_parameters())
+    sizes = {k: p.numel() for k, p in model.named_parameters()}
     groups, cur, cur_bytes = [], [], 0
     for k in names:
         b = n * sizes[k] * 4
@@ -225,8 +231,8 @@ def run_confusion(args) -> common.Outputs:
             print(f"{env} {m}: min pairwise cosine {summary[-1][1]:.4f}", file=sys.stderr)
         stem = f"grad_confusion_{args.epoch}_{'_'.join(args.model_name_list)}_{env}_{args.dataset_name}_{args.seed}"
         outs.files.append(common.save_csv(res / f"{stem}.csv", ["model", "min_cosine", "mean_cosine"], summary))
-        outs.tables.append((f"Gradient confusion, {env}, epoch {args.epoch} (min pairwise cosine over "
-                            f"{args.batch_size} samples; confusion = max(0, -min))",
+        outs.tables.append(((f"Gradient confusion, {env}, epoch {args.epoch} (min pairwise cosine over "
+                             f"{args.batch_size} samples; confusion = max(0, -min))"),
                             common.markdown_table(["model", "min cosine", "mean cosine"],
                                                   [[common.model_label(r[0]), f"{r[1]:.4f}", f"{r[2]:.4f}"]
                                                    for r in summary])))

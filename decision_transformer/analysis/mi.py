@@ -27,9 +27,19 @@ from pathlib import Path
 import numpy as np
 
 from decision_transformer.analysis import common
-from decision_transformer.analysis.activations import BLOCK_ENTRIES, BLOCK_OUTPUT, block_of, get_activations
+from decision_transformer.analysis.activations import (
+    BLOCK_ENTRIES,
+    BLOCK_OUTPUT,
+    block_of,
+    get_activations,
+)
 from decision_transformer.analysis.mine import LOSSES, estimate_mi
-from decision_transformer.analysis.runs import RunKey, analysis_batch, analysis_dataset, load_model
+from decision_transformer.analysis.runs import (
+    RunKey,
+    analysis_batch,
+    analysis_dataset,
+    load_model,
+)
 from decision_transformer.errors import UserError
 
 DEFAULT_MI_DIR = common.ANALYSIS_DIR / common.SECTIONS["mi"] / "results"
@@ -229,7 +239,7 @@ def plot_mi(args) -> common.Outputs:
     plt = common.pyplot()
     res = Path(args.results_dir)
     outs = common.Outputs()
-    tail = lambda m: f"{args.epoch}_{m}_{args.env_name}_{args.dataset_name}_{args.seed}"  # noqa: E731
+    tail = lambda m: f"{args.epoch}_{m}_{args.env_name}_{args.dataset_name}_{args.seed}"
     if args.exp_type == "normal":
         found = {}
         for m in args.model_name_list:

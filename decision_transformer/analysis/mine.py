@@ -118,7 +118,7 @@ class Mine:
             self.log_mu = torch.logaddexp(math.log(self.alpha) + batch, math.log(1 - self.alpha) + self.log_mu)
         return t_joint.mean() - _CorrectedLogMeanExp.apply(t_marg, self.log_mu)
 
-    def fit(self, x, y, iters: int = 1000, batch_size: int = 50) -> "Mine":
+    def fit(self, x, y, iters: int = 1000, batch_size: int = 50) -> Mine:
         """``iters`` passes; each reshuffles the n pairs into n // batch_size minibatches (remainder dropped)."""
         x, y = _as_2d(x, self.device), _as_2d(y, self.device)
         n = x.shape[0]

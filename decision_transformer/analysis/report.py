@@ -15,7 +15,16 @@ import traceback
 from collections import defaultdict
 from pathlib import Path
 
-from decision_transformer.analysis import attention, cka, common, curves, grads, mi, params, scores
+from decision_transformer.analysis import (
+    attention,
+    cka,
+    common,
+    curves,
+    grads,
+    mi,
+    params,
+    scores,
+)
 from decision_transformer.analysis.runs import RunKey, checkpoint_epochs, discover_runs
 from decision_transformer.errors import UserError
 
@@ -37,7 +46,8 @@ FOLDER = {"scores": "scores", "curves": "no_context", "cka": "cka", "mi": "mi", 
 def build_parser():
     p = common.parser("Run every analysis of the pre-training paper on a checkpoints folder; write report.md.")
     p.add_argument("--checkpoint_dir", type=str, default="checkpoints")
-    p.add_argument("--out_dir", type=str, default="analysis_report")
+    p.add_argument("--out_dir", type=str, default=str(common.ANALYSIS_DIR / "report"),
+                   help="report.md and one folder per section (results/, figs/)")
     p.add_argument("--dataset_name", type=str, default="medium")
     p.add_argument("--seed", type=int, default=666, help="the seed analysed (score tables use every seed found)")
     p.add_argument("--env_name_list", nargs="+", default=None, help="default: every env with runs")
@@ -81,9 +91,9 @@ class _Plan:
         seed = self.args.seed if seed is None else seed
         out = []
         for k in self.keys:
-            if (k.env, k.K, k.seed) == (env, K, seed) and (not plain or (not k.no_grad_clip and k.block is None)):
-                if not need_ckpt or checkpoint_epochs(self.args.checkpoint_dir, k):
-                    out.append(k.model)
+            if ((k.env, k.K, k.seed) == (env, K, seed) and (not plain or (not k.no_grad_clip and k.block is None))
+                    and (not need_ckpt or checkpoint_epochs(self.args.checkpoint_dir, k))):
+                out.append(k.model)
         return _ordered(out)
 
     def common_epoch(self, env, models, wanted, K=20, include_zero=False) -> int | None:
@@ -274,11 +284,11 @@ def _rel(path, start) -> str:
 
 def write_report(args, plan: _Plan, results: dict, failures: dict, skipped: list) -> Path:
     out = Path(args.out_dir)
-    lines = [f"# Analysis report: `{args.checkpoint_dir}`", "",
-             f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} by `analysis/run_all.py`; "
+    intro = (f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} by `analysis/run_all.py`; "
              f"dataset `{args.dataset_name}`, seed {args.seed}, batches of {args.batch_size} samples with "
              f"K={args.K}, batch seed 0 (every model sees the same batch). Every figure also exists as PDF next to "
-             f"its PNG; raw results are in each section's `results/` folder.", "", "## Runs found", ""]
+             f"its PNG; raw results are in each section's `results/` folder.")
+    lines = [f"# Analysis report: `{args.checkpoint_dir}`", "", intro, "", "## Runs found", ""]
     by = defaultdict(list)
     for k in plan.keys:
         by[(k.env, k.model)].append(k.dir_name[len(f"{k.model}_{k.dataset}_{k.env}_"):])
@@ -318,7 +328,7 @@ def run(args) -> Path:
         except UserError as e:
             failures[step] = str(e)
             print(f"error in {step}: {e}", file=sys.stderr)
-        except Exception as e:  # keep the other analyses going; the report says what broke
+        except Exception as e:  # noqa: BLE001 - keep the other analyses going; the report says what broke
             failures[step] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
     report = write_report(args, plan, results, failures, [s for s in STEPS if s not in steps])

@@ -13,8 +13,18 @@ from pathlib import Path
 
 import torch
 
-from decision_transformer.checkpoint import DEFAULT_K, load_checkpoint, load_state_into, run_dir_name
-from decision_transformer.data import Batch, TrajectoryDataset, load_dataset, load_trajectories
+from decision_transformer.checkpoint import (
+    DEFAULT_K,
+    load_checkpoint,
+    load_state_into,
+    run_dir_name,
+)
+from decision_transformer.data import (
+    Batch,
+    TrajectoryDataset,
+    load_dataset,
+    load_trajectories,
+)
 from decision_transformer.envs import ENVS
 from decision_transformer.errors import UserError
 from decision_transformer.models import DecisionTransformer, DTConfig

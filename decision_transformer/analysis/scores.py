@@ -113,8 +113,9 @@ def run(args) -> common.Outputs:
                 be, bv, le, lv = best_and_last(it, val)
                 norm = (lambda x, env=env: float(d4rl_normalize(env, x))) if args.score_norm == "d4rl" else \
                     (lambda x, env=env: float(dataset_normalize(x, refs[env])))
-                records.append(dict(env=env, model=m, seed=seed, run=key.dir_name, best_epoch=be, best_return=bv,
-                                    best_score=norm(bv), last_epoch=le, last_return=lv, last_score=norm(lv)))
+                records.append({"env": env, "model": m, "seed": seed, "run": key.dir_name, "best_epoch": be,
+                                "best_return": bv, "best_score": norm(bv), "last_epoch": le, "last_return": lv,
+                                "last_score": norm(lv)})
     if not records:
         raise UserError("no runs found for the score table: " + "; ".join(missing[:3]))
     for msg in missing:
@@ -138,8 +139,8 @@ def run(args) -> common.Outputs:
     outs.files.append(common.save_text(res / f"{stem}_{args.select}.md", table + "\n"))
     name = "Table 1" if args.K == 20 else ("Table 2" if args.K == 1 else f"K={args.K}")
     seeds = sorted({r["seed"] for r in records})
-    outs.tables.append((f"{name}: {args.select} normalised score ({args.score_norm}), {args.dataset_name}, "
-                        f"K={args.K}, mean ± std over seeds {seeds}", table))
+    outs.tables.append(((f"{name}: {args.select} normalised score ({args.score_norm}), {args.dataset_name}, "
+                         f"K={args.K}, mean ± std over seeds {seeds}"), table))
     if not args.no_figure:
         outs.figures.append(_figure(records, args, stem))
     return outs
