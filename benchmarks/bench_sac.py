@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from decision_transformer.envs import get_env_spec  # noqa: E402
-from decision_transformer.sac import SAC, ReferenceSAC  # noqa: E402
+from decision_transformer.envs import get_env_spec
+from decision_transformer.sac import SAC, ReferenceSAC
 
 
 def batches(ds, da, n=64, b=256, seed=0):

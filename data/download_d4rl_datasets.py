@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from decision_transformer.errors import UserError, cli_entry  # noqa: E402
+from decision_transformer.errors import UserError, cli_entry
 
 NAME_RE = re.compile(r"^(hopper|halfcheetah|walker2d)_(random|medium|medium_replay|medium_expert|expert)-v2\.hdf5$")
 
@@ -32,7 +32,12 @@ def parse_name(path: str) -> tuple[str, str]:
 def convert(path: str, data_path: str) -> str:
     import numpy as np
 
-    from decision_transformer.data import pkl_name, read_hdf5, split_episodes, validate_trajectories
+    from decision_transformer.data import (
+        pkl_name,
+        read_hdf5,
+        split_episodes,
+        validate_trajectories,
+    )
     from decision_transformer.envs import get_env_spec
     from decision_transformer.synthetic import write_pkl
 

@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from decision_transformer.errors import cli_entry  # noqa: E402
+from decision_transformer.errors import cli_entry
 
 ENVS = ["hopper", "halfcheetah", "walker2d"]
 DATASETS = ["random", "medium", "medium-replay", "medium-expert", "expert"]

@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from decision_transformer.errors import cli_entry  # noqa: E402
+from decision_transformer.errors import cli_entry
 
 
 @cli_entry
@@ -35,9 +35,17 @@ def main(argv=None):
 
     from pathlib import Path
 
-    from decision_transformer.data import pkl_name, safe_pickle_load, validate_trajectories
+    from decision_transformer.data import (
+        pkl_name,
+        safe_pickle_load,
+        validate_trajectories,
+    )
     from decision_transformer.envs import check_dataset_name, get_env_spec
-    from decision_transformer.minari_io import env_from_dataset_id, export_minari, load_minari_trajectories
+    from decision_transformer.minari_io import (
+        env_from_dataset_id,
+        export_minari,
+        load_minari_trajectories,
+    )
     from decision_transformer.synthetic import write_pkl
 
     if args.cmd == "import":

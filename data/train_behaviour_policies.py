@@ -2,9 +2,11 @@
 
     nice -n 19 python data/train_behaviour_policies.py --env hopper --max_minutes 60
 
-Each call continues from ``--state_dir/{env}/state.pt`` (small, git-tracked: networks, Adam state, RNGs, counters)
-and stops after ``--total_steps`` environment steps or ``--max_minutes``, checkpointing every few minutes. Progress
-goes to stdout and ``--state_dir/{env}/progress.jsonl``. Policies land in ``--policy_dir/{env}/``: ``medium.pt``,
+Each call continues from ``--state_dir/{env}/state.pt`` (3 MB: networks, Adam state, RNGs, counters; the folder is
+git-ignored and committed deliberately with ``git add -f data/policies_training/*/state.pt
+data/policies_training/*/progress.jsonl data/policies_training/train.log`` - never the replay buffer) and stops
+after ``--total_steps`` environment steps or ``--max_minutes``, checkpointing every few minutes and on
+Ctrl-C/SIGTERM. Progress goes to stdout and ``--state_dir/{env}/progress.jsonl``. Policies land in ``--policy_dir/{env}/``: ``medium.pt``,
 ``expert.pt`` and the ``replay/`` snapshots that medium-replay is regenerated from. The replay buffer
 (``replay_buffer.npz``, git-ignored) makes a resume on the same machine exact; elsewhere the buffer is refilled
 with the current policy first.
@@ -15,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from decision_transformer.errors import cli_entry  # noqa: E402
+from decision_transformer.errors import cli_entry
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -87,7 +86,7 @@ def download_file(url: str, dest: str | os.PathLike, *, size: int | None = None,
                 if e.code == 416 and have:  # range not satisfiable: the server says the part is complete
                     break
                 raise UserError(f"{url}: HTTP {e.code} {e.reason}") from None
-            except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as e:
+            except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as e:
                 if attempt == 0 and not have:
                     raise _offline_error(url, getattr(e, "reason", e)) from None
                 continue
@@ -111,7 +110,7 @@ def download_file(url: str, dest: str | os.PathLike, *, size: int | None = None,
                             f.write(block)
                             if bar is not None:
                                 bar.update(len(block))
-                except (socket.timeout, ConnectionError, OSError):
+                except (TimeoutError, ConnectionError, OSError):
                     continue  # resume from what was written
             if size is None or part.stat().st_size >= size:
                 break

@@ -27,7 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from decision_transformer.data import hdf5_name, pkl_name, split_episodes
-from decision_transformer.envs import DATASETS, DEFAULT_ENV_VERSION, check_dataset_name, get_env_spec, make_env
+from decision_transformer.envs import (
+    DATASETS,
+    DEFAULT_ENV_VERSION,
+    check_dataset_name,
+    get_env_spec,
+    make_env,
+)
 from decision_transformer.errors import UserError
 
 #: Where the bundled behaviour policies live: ``policies/{env}/{medium,expert}.pt`` and ``policies/{env}/replay/``.
@@ -139,6 +145,33 @@ def _finish(ep: _Episode) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in ep.rows.items()}
 
 
+class _one_thread:
+    """Small batched forwards are fastest single-threaded; on a shared machine a second spinning torch thread
+    made rollouts several times slower. Usable as a context manager or a decorator."""
+
+    def __call__(self, fn):
+        import functools
+
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            with _one_thread():
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    def __enter__(self):
+        import torch
+
+        self.prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.prev)
+
+
+@_one_thread()
 def rollout_policy(env: str, actor, num_transitions: int, seed: int = 0, num_envs: int | None = None,
                    env_version: str = DEFAULT_ENV_VERSION, progress: bool = False) -> dict[str, np.ndarray]:
     """``num_transitions`` rows of D4RL-layout data from ``actor`` (a NumpyActor, sampled), ``num_envs`` envs in
@@ -150,13 +183,11 @@ def rollout_policy(env: str, actor, num_transitions: int, seed: int = 0, num_env
     envs = [make_env(env, env_version) for _ in range(num_envs)]
     raw = [e.unwrapped for e in envs]  # the time limit is applied here; skipping wrappers saves per-step overhead
     rng = np.random.default_rng(seed)
-    next_reset = 0
     obs = np.zeros((num_envs, spec.state_dim), dtype=np.float32)
     t = np.zeros(num_envs, dtype=np.int64)
     eps = [_Episode() for _ in range(num_envs)]
     for i, e in enumerate(envs):
-        obs[i] = e.reset(seed=seed * 1_000_003 + next_reset)[0]
-        next_reset += 1
+        obs[i] = e.reset(seed=seed * 1_000_003 + i)[0]
     done_eps, total = [], 0
     bar = _progress(num_transitions, f"{env} rollout") if progress else None
     while True:
@@ -184,8 +215,7 @@ def rollout_policy(env: str, actor, num_transitions: int, seed: int = 0, num_env
                     bar.update(int(t[i]))
                 eps[i] = _Episode()
                 t[i] = 0
-                nobs = envs[i].reset(seed=seed * 1_000_003 + next_reset)[0]
-                next_reset += 1
+                nobs = envs[i].reset()[0]  # each env was seeded once; reseeding every reset costs ~1 ms
             obs[i] = nobs
         # Stop once finished episodes + the longest running one can fill the request: the cut-off tail is taken
         # from the env whose episode has run longest (deterministic choice).
@@ -203,6 +233,7 @@ def rollout_policy(env: str, actor, num_transitions: int, seed: int = 0, num_env
     return _stack(done_eps, num_transitions)
 
 
+@_one_thread()
 def rollout_schedule(env: str, schedule: list[tuple[int, object]], num_transitions: int, seed: int = 0,
                      uniform_before: int = 0, env_version: str = DEFAULT_ENV_VERSION,
                      progress: bool = False) -> dict[str, np.ndarray]:
@@ -214,7 +245,7 @@ def rollout_schedule(env: str, schedule: list[tuple[int, object]], num_transitio
     u = e.unwrapped
     rng = np.random.default_rng(seed)
     obs = e.reset(seed=seed * 1_000_003)[0].astype(np.float32)
-    resets, t = 1, 0
+    t = 0
     ep, eps = _Episode(), []
     k = 0
     bar = _progress(num_transitions, f"{env} replay rollout") if progress else None
@@ -236,8 +267,7 @@ def rollout_schedule(env: str, schedule: list[tuple[int, object]], num_transitio
         if term or timeout:
             eps.append(_finish(ep))
             ep, t = _Episode(), 0
-            obs = e.reset(seed=seed * 1_000_003 + resets)[0].astype(np.float32)
-            resets += 1
+            obs = e.reset()[0].astype(np.float32)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -246,21 +276,6 @@ def rollout_schedule(env: str, schedule: list[tuple[int, object]], num_transitio
     if ep.rows["rewards"]:
         eps.append(_finish(ep))
     return _stack(eps, num_transitions)
-
-
-class _one_thread:
-    """Small batched forwards are fastest single-threaded (and leave the other cores to the env stepping)."""
-
-    def __enter__(self):
-        import torch
-
-        self.prev = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.set_num_threads(self.prev)
 
 
 def _progress(total, desc):
@@ -306,7 +321,7 @@ def _generate_flat(env, dataset, n, num_transitions, seed, policy_dir, progress)
         data = rollout_policy(env, actor, n, seed=seed + (0 if dataset == "medium" else 1), progress=progress)
         meta.update(policy=f"{env}/{dataset}.pt", iteration=int(pm["step"]))
     elif dataset == "medium-expert":
-        med, mm = _generate_flat(env, "medium", n, n, seed, policy_dir, progress)
+        med, _ = _generate_flat(env, "medium", n, n, seed, policy_dir, progress)
         exp, em = _generate_flat(env, "expert", n, n, seed, policy_dir, progress)
         ends = np.flatnonzero(med["terminals"] | med["timeouts"])
         cut = int(ends[-1]) + 1 if len(ends) else 0
@@ -438,6 +453,16 @@ def ensure_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, gene
     return target
 
 
-__all__ = ["DATASETS", "D4RL_AVERAGE_SCORE", "MEDIUM_TARGET_SCORE", "ensure_dataset", "generate_dataset",
-           "generate_flat", "load_policy", "dataset_stats", "rollout_policy", "rollout_schedule",
-           "write_d4rl_hdf5"]
+__all__ = [
+    "D4RL_AVERAGE_SCORE",
+    "DATASETS",
+    "MEDIUM_TARGET_SCORE",
+    "dataset_stats",
+    "ensure_dataset",
+    "generate_dataset",
+    "generate_flat",
+    "load_policy",
+    "rollout_policy",
+    "rollout_schedule",
+    "write_d4rl_hdf5",
+]

@@ -21,13 +21,14 @@ they compute the same gradients.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
@@ -82,7 +83,7 @@ class CriticEnsemble(nn.Module):
         sizes = [obs_dim + act_dim, hidden, hidden, 1]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        for fan_in, fan_out in itertools.pairwise(sizes):
             # nn.Linear's default init, drawn independently per member
             layers = [nn.Linear(fan_in, fan_out) for _ in range(num)]
             self.weights.append(nn.Parameter(torch.stack([l.weight.detach().T for l in layers])))   # [E, in, out]
@@ -123,7 +124,7 @@ class NumpyActor:
         self._t = [torch.from_numpy(a) for a in (self.w1, self.b1, self.w2, self.b2, self.w3, self.b3)]
 
     @classmethod
-    def from_module(cls, actor: Actor) -> "NumpyActor":
+    def from_module(cls, actor: Actor) -> NumpyActor:
         return cls(dict(actor.state_dict(keep_vars=True)))
 
     def dist_params(self, obs: np.ndarray):
@@ -244,7 +245,7 @@ class SAC:
 class _MLP(nn.Module):
     def __init__(self, sizes):
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in itertools.pairwise(sizes))
 
     def forward(self, x):
         for i, layer in enumerate(self.layers):

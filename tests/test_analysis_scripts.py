@@ -274,3 +274,21 @@ def test_run_all_writes_one_report(tmp_path, tiny_runs):  # noqa: F811
     cfg = json.loads((tiny_runs / "gpt2_medium_hopper_666" / "config.json").read_text())
     assert cfg["model_name"] == "gpt2"  # the fixture really is named like an LM run
     assert torch.load(tiny_runs / "gpt2_medium_hopper_666" / "model_0.pt", weights_only=True)["format_version"] == 1
+
+
+def test_corrupt_inputs_are_one_line_errors(tmp_path, capsys):
+    ck = tmp_path / "checkpoints"
+    d = write_run(ck, "dt", epochs=(1,))
+    (d / "metrics.jsonl").write_text('{"iteration": 1}\n{not json\n')
+    main = load_script("analysis/section-4-sanity-check/compute_normalized_score.py").main
+    msg = expect_exit(capsys, main, ["--checkpoint_dir", ck, "--model_name_list", "dt", "--env_name_list", "hopper",
+                                     "--seed_list", "666", *out(tmp_path)])
+    assert "dt_medium_hopper_666/metrics.jsonl: line 2 is not valid JSON" in msg
+    (d / "model_1.pt").write_bytes(b"garbage")
+    params = load_script("analysis/section-53-parameter-similarity/parameter_similarity_analysis.py").main
+    msg = expect_exit(capsys, params, ["-plm", ck, "--model_name_list", "dt", "--epoch2", "1", *out(tmp_path)])
+    assert "model_1.pt: not a loadable checkpoint" in msg
+    (tmp_path / "data_hopper_medium_666.npz").write_bytes(b"PK garbage")
+    run_mi = load_script("mine/run_mi_exp.py").main
+    msg = expect_exit(capsys, run_mi, ["-pd", tmp_path, "-psm", tmp_path, "--exp_type", "data", "--device", "cpu"])
+    assert "data_hopper_medium_666.npz: not a readable .npz file" in msg

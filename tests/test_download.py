@@ -177,9 +177,8 @@ def test_download_restarts_when_the_server_ignores_ranges(tmp_path):
 
 def test_checksum_mismatch_deletes_the_download(tmp_path):
     dest = tmp_path / "f.hdf5"
-    with Server({"f.hdf5": PAYLOAD}) as s:
-        with pytest.raises(UserError, match="sha256 mismatch") as e:
-            download_file(f"{s.url}/f.hdf5", dest, size=len(PAYLOAD), sha256="0" * 64, progress=False)
+    with Server({"f.hdf5": PAYLOAD}) as s, pytest.raises(UserError, match="sha256 mismatch") as e:
+        download_file(f"{s.url}/f.hdf5", dest, size=len(PAYLOAD), sha256="0" * 64, progress=False)
     assert "\n" not in str(e.value)
     assert not dest.exists() and not (tmp_path / "f.hdf5.part").exists()
 

@@ -228,5 +228,5 @@ def test_bundled_policy_files_load_when_present():
     """Whatever is bundled (training may still be under way) must load cleanly for its env."""
     for env_dir in sorted(p for p in generation.BUNDLED_POLICY_DIR.glob("*") if p.is_dir()):
         for f in sorted(env_dir.glob("*.pt")) + sorted(env_dir.glob("replay/*.pt"))[:3]:
-            actor, meta = load_policy(f, env_dir.name)
+            _, meta = load_policy(f, env_dir.name)
             assert meta["env"] == env_dir.name

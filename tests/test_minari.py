@@ -11,7 +11,11 @@ import pytest
 from decision_transformer.data import split_episodes, validate_trajectories
 from decision_transformer.envs import get_env_spec
 from decision_transformer.errors import UserError
-from decision_transformer.minari_io import env_from_dataset_id, export_minari, load_minari_trajectories
+from decision_transformer.minari_io import (
+    env_from_dataset_id,
+    export_minari,
+    load_minari_trajectories,
+)
 from decision_transformer.synthetic import rollout_flat
 
 

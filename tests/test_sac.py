@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from decision_transformer.errors import UserError
-from decision_transformer.sac import SAC, Actor, NumpyActor, ReferenceSAC, SACConfig, train_behaviour_policy
+from decision_transformer.sac import (
+    SAC,
+    Actor,
+    NumpyActor,
+    ReferenceSAC,
+    SACConfig,
+    train_behaviour_policy,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -108,8 +115,8 @@ def test_sac_learns_a_one_step_task():
 
 
 def test_behaviour_training_is_resumable(tmp_path):
-    kw = dict(total_steps=600, eval_every=300, eval_episodes=1, snapshot_every=200, start_steps=100,
-              medium_score=-1e9, config=SACConfig(hidden=32, batch_size=64), buffer_capacity=5000)
+    kw = {"total_steps": 600, "eval_every": 300, "eval_episodes": 1, "snapshot_every": 200, "start_steps": 100,
+              "medium_score": -1e9, "config": SACConfig(hidden=32, batch_size=64), "buffer_capacity": 5000}
     logs = []
     state, pol = tmp_path / "state", tmp_path / "pol"
     meta = train_behaviour_policy("hopper", state, pol, log=logs.append, **kw)

@@ -300,15 +300,20 @@ def plot(args) -> common.Outputs:
             rows = []
             for m, (vals, names) in curves.items():
                 vals, names = normalise_depth(vals, names, target)
+                starts = [i for i, n in enumerate(names) if i == 0 or block_of(names[i - 1]) != block_of(n)]
                 ax.plot(np.arange(len(vals)), vals, marker=".", label=common.model_label(m))
                 above = [n for n, v in zip(names, vals) if v > args.thr]
                 rows += [[m, i, n, float(v)] for i, (n, v) in enumerate(zip(names, vals))]
                 print(f"{env}/{token} {m}: {len(above)} layers above {args.thr}: {', '.join(above)}")
             ax.axhline(args.thr, ls="--", color="k", lw=1)
+            for i in starts[1:]:
+                ax.axvline(i - 0.5, color="0.85", lw=0.8, zorder=0)
+            ax.set_xticks(starts, [str(b) for b in range(len(starts))])
             lo = min(float(np.nanmin(v[0])) for v in curves.values())
             ax.set_ylim(min(-0.05, lo - 0.05), 1.05)
-            ax.set_xlabel("normalized layer" if any(block_of(n[-1]) + 1 != target for _, n in curves.values())
-                          else "layer")
+            normalised = any(block_of(n[-1]) + 1 != target for _, n in curves.values())
+            ax.set_xlabel(f"{'normalized ' if normalised else ''}layer (ticks: first entry of each block, "
+                          f"{len(names) // max(len(starts), 1)} entries per block)")
             ax.set_ylabel(f"CKA (epoch {args.epoch1} vs {args.epoch2})")
             ax.set_title(f"{env}, {token} token")
             ax.legend()

@@ -50,8 +50,18 @@ def str2bool(v) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """``--help`` shows every default, also of flags without a help text."""
+
+    def format_help(self):
+        for action in self._actions:
+            if action.help is None:
+                action.help = "(default: %(default)s)"
+        return super().format_help()
+
+
 def parser(description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def add_checkpoint_flags(p, *, plm_alias: bool = False):
