@@ -17,6 +17,8 @@ def add_data_flags(p: argparse.ArgumentParser):
     g.add_argument("--pct_traj", type=float, default=1.0, help="train on the top-return trajectories covering this "
                                                                   "fraction of timesteps")
     g.add_argument("--batch_size", type=int, default=64)
+    g.add_argument("--no_generate", action="store_true",
+                   help="fail instead of generating a missing dataset from the bundled behaviour policies")
     g.add_argument("--model_type", type=str, default="dt", help="dt (bc is not supported yet)")
 
 

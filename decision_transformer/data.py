@@ -57,7 +57,8 @@ def find_dataset_file(data_path: str | os.PathLike, env: str, dataset: str) -> P
             return c
     raise UserError(
         f"dataset not found: {candidates[0]} (also looked for {candidates[1]} and {candidates[2]}); "
-        f"convert D4RL hdf5 files with `python data/download_d4rl_datasets.py --hdf5 FILE --data_path {data_path}` "
+        f"convert D4RL hdf5 files with `python data/download_d4rl_datasets.py --hdf5 FILE --data_path {data_path}`, "
+        f"generate one with `python data/generate_datasets.py --env {env} --dataset {dataset} --data_path {data_path}`, "
         f"or pass --data_path to the folder that holds {pkl_name(env, dataset)}"
     )
 
@@ -242,10 +243,18 @@ def load_trajectories(path: str | os.PathLike, env: str) -> list[dict[str, np.nd
     return validate_trajectories(trajs, spec, str(path))
 
 
-def load_dataset(data_path: str | os.PathLike, env: str, dataset: str) -> tuple[Path, list[dict[str, np.ndarray]]]:
+def load_dataset(data_path: str | os.PathLike, env: str, dataset: str, *,
+                 generate: bool = False) -> tuple[Path, list[dict[str, np.ndarray]]]:
+    """Find, load and validate ``{env}-{dataset}-v2``; with ``generate``, a missing dataset is first generated
+    from the bundled behaviour policies (``decision_transformer.generation.ensure_dataset``)."""
     get_env_spec(env)
     check_dataset_name(dataset)
-    path = find_dataset_file(data_path, env, dataset)
+    if generate:
+        from decision_transformer.generation import ensure_dataset
+
+        path = ensure_dataset(data_path, env, dataset, generate=True)
+    else:
+        path = find_dataset_file(data_path, env, dataset)
     return path, load_trajectories(path, env)
 
 

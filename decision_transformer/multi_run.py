@@ -50,6 +50,8 @@ def multi_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data, context")
     g.add_argument("--data_path", default="data", help="folder with {env}-{dataset}-v2.pkl for the three envs")
+    g.add_argument("--no_generate", action="store_true",
+                   help="fail instead of generating a missing dataset from the bundled behaviour policies")
     g.add_argument("--dataset", default="medium", help="the same quality for all three envs")
     g.add_argument("--mode", default="normal", help="normal, delayed or noise")
     g.add_argument("--K", type=int, default=20)
@@ -196,7 +198,7 @@ class EnvData:
 
         dataset = dataset or self.args.dataset
         if (env, dataset) not in self._cache:
-            path, trajs = load_dataset(self.args.data_path, env, dataset)
+            path, trajs = load_dataset(self.args.data_path, env, dataset, generate=not self.args.no_generate)
             mean, std = self.stats.get(env, (None, None))
             ds = TrajectoryDataset(trajs, env, mode=self.args.mode, pct_traj=self.args.pct_traj, device=self.device,
                                    state_mean=mean, state_std=std)

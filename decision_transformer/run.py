@@ -141,7 +141,7 @@ def _run(args, script: str) -> dict:
     lm = locate_pretrained(args)  # before the data: a missing model is reported at once
     seed_everything(args.seed)
 
-    data_file, trajs = load_dataset(args.data_path, args.env, args.dataset)
+    data_file, trajs = load_dataset(args.data_path, args.env, args.dataset, generate=not args.no_generate)
     dataset = TrajectoryDataset(trajs, args.env, mode=args.mode, pct_traj=args.pct_traj, device=device)
     print(f"data: {data_file} | {len(dataset)} trajectories, {dataset.num_timesteps} timesteps | returns "
           f"mean {dataset.traj_returns_all.mean():.2f} std {dataset.traj_returns_all.std():.2f} "

@@ -142,8 +142,23 @@ def expect_error(capsys, argv, code=2):
 
 def test_missing_dataset(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    msg = expect_error(capsys, ["--data_path", str(tmp_path / "nowhere"), *TINY])
-    assert "hopper-medium-v2.pkl" in msg and "download_d4rl_datasets.py" in msg
+    msg = expect_error(capsys, ["--data_path", str(tmp_path / "nowhere"), "--no_generate", *TINY])
+    assert "hopper-medium-v2.pkl" in msg and "download_d4rl_datasets.py" in msg and "generate_datasets.py" in msg
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_missing_dataset_is_generated(tmp_path, monkeypatch, capsys):
+    """Without --no_generate a missing dataset is generated from the bundled policies (random: an untrained actor;
+    the size is cut down here to keep the test fast)."""
+    from decision_transformer import generation
+
+    real = generation.generate_dataset
+    monkeypatch.setattr(generation, "generate_dataset", lambda *a, **k: real(*a, **{**k, "num_transitions": 3000}))
+    data = tmp_path / "fresh"
+    run(tmp_path, monkeypatch, data, "--dataset", "random", "--max_iters", "1", "--num_steps_per_iter", "2")
+    assert (data / "hopper-random-v2.pkl").is_file()
+    assert "generating hopper-random" in capsys.readouterr().out
+    assert (tmp_path / "checkpoints" / "dt_random_hopper_666_K5" / "model_1.pt").is_file()
 
 
 @pytest.mark.parametrize("flag,value,needle", [("--env", "ant", "unknown env 'ant'"),
