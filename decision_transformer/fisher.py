@@ -110,7 +110,8 @@ def fisher_empirical(model, batches, *, scope: str = FISHER_SCOPE, forward: Call
     Returns (F on CPU, N_w)."""
     from torch.func import grad, vmap
 
-    model_kwargs = model_kwargs or {}
+    # output_attentions selects the eager attention path, which vmap batches (it runs SDPA in a Python loop)
+    model_kwargs = {"output_attentions": True, **(model_kwargs or {})}
     params = {n: p.detach() for n, p in _params(model, scope).items()}
     if not params:
         raise UserError(f"the model has no trainable parameters named *{scope}*")
@@ -170,7 +171,8 @@ def fisher_gaussian(model, batches, *, scope: str = FISHER_SCOPE, forward: Calla
     Returns (F on CPU, N_w)."""
     from torch.func import vjp, vmap
 
-    model_kwargs = model_kwargs or {}
+    # output_attentions selects the eager attention path, which vmap batches (it runs SDPA in a Python loop)
+    model_kwargs = {"output_attentions": True, **(model_kwargs or {})}
     params = {n: p.detach() for n, p in _params(model, scope).items()}
     if not params:
         raise UserError(f"the model has no trainable parameters named *{scope}*")

@@ -1,0 +1,101 @@
+"""Fisher estimation, per-sample gradients and CKA: the vectorised paths against the loops they replace.
+
+    python benchmarks/bench_analysis.py [--device cuda] [--windows 128]
+
+* Fisher (per-example empirical, ``--fisher_type empirical``): ``torch.func`` vmap(grad) over windows vs one
+  forward/backward per window;
+* per-sample gradients of the gradient-confusion analysis: vmap(grad) vs a per-sample backward loop;
+* CKA between every pair of hooked layers of two models (27 x 27 for 3 blocks): one centred Gram per layer and one
+  matrix product vs recomputing both Grams for every pair (the original notebook's loop).
+Model: the paper's DT (128 hidden, 3 layers, 1 head), K=20, hopper dims.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from bench_core import synthetic_trajectories  # noqa: E402
+from decision_transformer.analysis.cka import cka_matrix, linear_cka  # noqa: E402
+from decision_transformer.analysis.grads import per_sample_grads  # noqa: E402
+from decision_transformer.data import TrajectoryDataset  # noqa: E402
+from decision_transformer.fisher import fisher_empirical  # noqa: E402
+from decision_transformer.models import DecisionTransformer, DTConfig  # noqa: E402
+from decision_transformer.training import masked_action_mse  # noqa: E402
+
+
+def timed(fn, sync):
+    fn()  # warm-up
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - start, out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--windows", type=int, default=64)
+    p.add_argument("--cka_examples", type=int, default=500)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"device: {device}; torch {torch.__version__}; {args.windows} windows, K=20, DT 128x3\n")
+    ds = TrajectoryDataset(synthetic_trajectories("hopper", 100_000), "hopper", device=device)
+    batch = ds.sample_batch(args.windows, 20, torch.Generator(device=device).manual_seed(0))
+    model = DecisionTransformer(DTConfig(11, 3), seed=0).to(device).eval()
+    h_params = [(n, p) for n, p in model.named_parameters() if "transformer.h" in n]
+
+    def fisher_loop():
+        acc = {n: torch.zeros_like(p) for n, p in h_params}
+        for i in range(args.windows):
+            model.zero_grad(set_to_none=True)
+            sl = slice(i, i + 1)
+            out = model(batch.states[sl], batch.actions[sl], batch.rtg[sl, :-1], batch.timesteps[sl],
+                        attention_mask=batch.mask[sl])
+            (((out.action_preds - batch.actions[sl]) ** 2) * batch.mask[sl, :, None]).sum().backward()
+            for n, p in h_params:
+                acc[n] += p.grad ** 2
+        return acc
+
+    def grads_loop():
+        model.train()
+        out_g = []
+        for i in range(args.windows):
+            model.zero_grad(set_to_none=True)
+            sl = slice(i, i + 1)
+            out = model(batch.states[sl], batch.actions[sl], batch.rtg[sl, :-1], batch.timesteps[sl],
+                        attention_mask=batch.mask[sl])
+            masked_action_mse(out.action_preds, batch.actions[sl], batch.mask[sl]).backward()
+            out_g.append(torch.cat([p.grad.flatten() for _, p in h_params]))
+        return torch.stack(out_g)
+
+    names = [n for n, _ in h_params]
+    rows = []
+    t_loop, _ = timed(fisher_loop, sync)
+    t_fast, _ = timed(lambda: fisher_empirical(model, [batch]), sync)
+    rows.append(("empirical Fisher", t_loop, t_fast))
+    t_loop, _ = timed(grads_loop, sync)
+    t_fast, _ = timed(lambda: per_sample_grads(model, batch, names), sync)
+    rows.append(("per-sample gradients", t_loop, t_fast))
+
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(args.cka_examples, 128, generator=g) for _ in range(27)]
+    t_loop, _ = timed(lambda: [[linear_cka(a, b, debiased=True) for b in feats] for a in feats], lambda: None)
+    t_fast, _ = timed(lambda: cka_matrix(feats, feats), lambda: None)
+    rows.append((f"CKA 27x27 layers, {args.cka_examples} examples", t_loop, t_fast))
+
+    print("| analysis | loop (s) | vectorised (s) | speed-up |")
+    print("|---|---:|---:|---:|")
+    for name, a, b in rows:
+        print(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
