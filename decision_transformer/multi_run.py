@@ -32,7 +32,8 @@ from decision_transformer.merge_setup import merge_multi_states, multi_fisher, r
 from decision_transformer.models import BackboneConfig
 from decision_transformer.models.multi_decision_transformer import (MODEL_CLASS, MULTI_ENVS,
                                                                     MultiDecisionTransformer, MultiDTConfig)
-from decision_transformer.training import GRAD_CLIP, freeze, make_optimizer, masked_action_mse, warmup_schedule
+from decision_transformer.training import (GRAD_CLIP, apply_update, freeze_from_args, make_optimizer,
+                                          masked_action_mse, warmup_schedule)
 
 NORM_ENVS = ("medium", "medium-expert", "expert", "medium-replay")
 STATE_STATS_FILE = "state_stats.pkl"
@@ -239,12 +240,7 @@ class MultiTrainer:
         reg = self.init_reg.loss() if self.init_reg is not None else None
         if reg is not None:
             total = total + reg
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        apply_update(total, self.optimizer, self.scheduler, self.params, self.grad_clip)
         self.step += 1
         return total.detach(), torch.stack(per_env), reg.detach() if reg is not None else None
 
@@ -400,11 +396,7 @@ def run_multi(args) -> dict:
         from decision_transformer.training.init_reg import InitReg
 
         init_reg = InitReg(model, args.init_reg)
-    frozen = []
-    if args.frozen:
-        frozen += freeze(model, ["transformer.h."])
-    if args.freeze_subset:
-        frozen += freeze(model, args.freeze_subset)
+    frozen = freeze_from_args(model, args)
     if frozen:
         log(f"frozen: {len(frozen)} parameter tensors")
 

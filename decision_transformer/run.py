@@ -23,7 +23,7 @@ from decision_transformer.errors import UserError
 from decision_transformer.evaluation import EnvPool, evaluate_episodes
 from decision_transformer.logging import RunLogger, progress, summary_line
 from decision_transformer.model_factory import build_model_from_args, locate_pretrained, make_extra_loss
-from decision_transformer.training import GRAD_CLIP, Trainer, freeze, make_optimizer, warmup_schedule
+from decision_transformer.training import GRAD_CLIP, Trainer, freeze_from_args, make_optimizer, warmup_schedule
 
 TRAIN_STATE = "train_state.pt"
 EXPERIMENT, LM_COTRAINING = "experiment", "lm_cotraining"
@@ -157,11 +157,7 @@ def _run(args, script: str) -> dict:
         cfg = model.config  # --copy_model / --flip train a model with model 1's (or 2's) own architecture
     if args.load_checkpoint:
         load_state_into(model, load_checkpoint(args.load_checkpoint)["state_dict"], args.load_checkpoint)
-    frozen = []
-    if args.frozen:
-        frozen += freeze(model, ["transformer.h."])
-    if args.freeze_subset:
-        frozen += freeze(model, args.freeze_subset)
+    frozen = freeze_from_args(model, args)
     if frozen:
         print(f"frozen: {len(frozen)} parameter tensors", file=sys.stderr)
 

@@ -13,7 +13,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# The tests run many tiny forwards: on two cores one intra-op thread is faster, and much faster when the machine is
+# shared (OpenMP threads spin against each other). Benchmarks and real runs keep torch's default.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

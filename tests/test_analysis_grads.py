@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_analysis_support import one_thread, tiny_config  # noqa: F401
+from test_analysis_support import tiny_config  # noqa: F401
 
 from decision_transformer.analysis.attention import (
     attention_distance,
@@ -22,7 +22,6 @@ from decision_transformer.data import Batch
 from decision_transformer.models import DecisionTransformer
 from decision_transformer.training import masked_action_mse
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(B=5, K=4, seed=0, action_scale=1.0):

@@ -14,7 +14,6 @@ from conftest import ROOT
 from test_analysis_support import (  # noqa: F401
     expect_exit,
     load_script,
-    one_thread,
     tiny_runs,
     write_run,
 )
@@ -24,7 +23,6 @@ from decision_transformer.analysis.runs import RunKey, load_state_dict, parse_ru
 from decision_transformer.errors import UserError
 from decision_transformer.synthetic import write_pkl
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 DATA = ["--K", "3", "--batch_size", "6"]
 
 

@@ -55,14 +55,6 @@ def write_run(root, model, *, env="hopper", dataset="medium", seed=666, K=20, ep
     return d
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """The analysis tests run tiny matrix products: one intra-op thread is several times faster than two on a
-    loaded 2-core machine. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -65,14 +65,6 @@ class RowwiseModel:
                                                 timesteps[i:i + 1]) for i in range(states.shape[0])])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Thousands of tiny forwards: intra-op threads only add spin-wait overhead (and are very slow on a loaded
-    machine). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,6 @@ from decision_transformer.sac import Actor, actor_file_dict
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def save_actor(path, env, seed, step, half=False, shift=0.0, **meta):

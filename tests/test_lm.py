@@ -34,13 +34,6 @@ HOPPER = get_env_spec("hopper")
 RUN = ["--K", "5", "--batch_size", "4", "--warmup_steps", "10", "--num_eval_episodes", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models on shared cores: one thread avoids OpenMP spin contention (10-50x faster here)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---- tiny pretrained models -------------------------------------------------------------------------------------

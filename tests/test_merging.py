@@ -19,13 +19,6 @@ ENVS = ("hopper", "halfcheetah", "walker2d")
 SMALL = ["--embed_dim", "16", "--n_layer", "1", "--K", "5", "--batch_size", "8", "--warmup_steps", "10"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Evaluation is many tiny forwards: one thread is much faster than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---- toy state dicts -------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_analysis_support import expect_exit, load_script, one_thread, tiny_runs  # noqa: F401
+from test_analysis_support import expect_exit, load_script, tiny_runs  # noqa: F401
 
 from decision_transformer.analysis import mi
 from decision_transformer.analysis.mine import (
@@ -24,7 +24,6 @@ FAST = {"iters": 60, "batch_size": 128, "hidden": 64, "hidden_layers": 2, "lr": 
 TOL = 0.12
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("loss,rho,dim", [("mine", 0.8, 2), ("mine_biased", 0.8, 2), ("fdiv", 0.8, 2),

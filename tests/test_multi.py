@@ -15,12 +15,6 @@ TINY = ["--max_iters", "1", "--num_steps_per_iter", "3", "--num_eval_episodes", 
         "--warmup_steps", "10"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_multi(seed=0):

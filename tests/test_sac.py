@@ -21,13 +21,6 @@ from decision_transformer.sac import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matmuls: one thread is fastest, and on a shared machine two spinning threads are much slower."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def batch(ds, da, b=64, seed=0):

@@ -46,3 +46,13 @@ def freeze(model: nn.Module, substrings) -> list[str]:
             p.requires_grad_(False)
             names.append(name)
     return names
+
+
+def freeze_from_args(model: nn.Module, args) -> list[str]:
+    """``--frozen`` (every ``transformer.h`` parameter) and ``--freeze_subset S ...``; returns the frozen names."""
+    names = []
+    if getattr(args, "frozen", False):
+        names += freeze(model, ["transformer.h."])
+    if getattr(args, "freeze_subset", None):
+        names += freeze(model, args.freeze_subset)
+    return names

@@ -13,6 +13,16 @@ from decision_transformer.training.losses import masked_action_mse
 GRAD_CLIP = 0.25
 
 
+def apply_update(total, optimizer, scheduler, params, grad_clip: float | None):
+    """One optimiser step, in the originals' order: zero_grad, backward, global grad-norm clip, step, schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+
+
 class Trainer:
     """Owns the model, optimiser, schedule and batch generator; ``train_iteration`` runs ``num_steps`` steps."""
 
@@ -69,12 +79,7 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         batch = self.dataset.sample_batch(self.batch_size, self.K, self.generator)
         loss, total = self._loss(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        apply_update(total, self.optimizer, self.scheduler, self.params, self.grad_clip)
         self.step += 1
         return loss.detach()
 
