@@ -54,7 +54,8 @@ def test_local_run_two_processes_then_skip(tmp_path, hopper_data, capsys):
 
 
 def test_failed_runs_exit_nonzero(tmp_path, capsys):
-    spec = {"program": "experiment.py", "fixed": {"data_path": str(tmp_path / "none"), "outdir": ""},
+    spec = {"program": "experiment.py",
+            "fixed": {"data_path": str(tmp_path / "none"), "outdir": "", "no_generate": True},
             "grid": {"seed": [1]}}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(spec))
