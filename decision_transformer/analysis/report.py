@@ -108,6 +108,17 @@ class _Plan:
         below = [e for e in shared if e <= wanted]
         return max(below) if below else min(shared)
 
+    def models_at(self, env, wanted, what: str, notes: list, K=20) -> tuple[list, int | None]:
+        """The env's K-context models and their shared epoch for ``what`` (``common_epoch``); a note when the step
+        is skipped (no epoch besides 0) or runs at another epoch than asked."""
+        models = self.models(env, K=K)
+        e = self.common_epoch(env, models, wanted, K=K) if models else None
+        if e is None:
+            notes.append(f"{env}: no K={K} checkpoints besides epoch 0; {what} skipped")
+        elif e != wanted:
+            notes.append(f"{env}: epoch {wanted} not in every run; {what} uses epoch {e}")
+        return models, e
+
 
 def _argv(args, section, *extra) -> list[str]:
     base = Path(args.out_dir) / common.SECTIONS[FOLDER[section]]
@@ -172,13 +183,9 @@ def step_curves(plan: _Plan, args) -> common.Outputs:
 def step_cka(plan: _Plan, args) -> common.Outputs:
     outs = common.Outputs()
     for env in plan.envs:
-        models = plan.models(env)
-        e2 = plan.common_epoch(env, models, args.epoch2) if models else None
+        models, e2 = plan.models_at(env, args.epoch2, "CKA", outs.notes)
         if e2 is None:
-            outs.notes.append(f"{env}: no K=20 checkpoints besides epoch 0; CKA skipped")
             continue
-        if e2 != args.epoch2:
-            outs.notes.append(f"{env}: epoch {args.epoch2} not in every run; CKA uses epoch {e2}")
         for m in models:
             argv = _argv(args, "cka", "--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name,
                          "--env_name_list", env, "--seed", args.seed, "--model_name1", m, "--model_name2", m,
@@ -198,10 +205,8 @@ def step_mi(plan: _Plan, args) -> common.Outputs:
     mine_flags = ["--iters", args.mine_iters, "--mine_hidden", args.mine_hidden, "--device", args.device,
                   "--dataset_name", args.dataset_name, "--seed", args.seed]
     for env in plan.envs:
-        models = plan.models(env)
-        e = plan.common_epoch(env, models, args.epoch2) if models else None
+        models, e = plan.models_at(env, args.epoch2, "mutual information", outs.notes)
         if e is None:
-            outs.notes.append(f"{env}: no K=20 checkpoints besides epoch 0; mutual information skipped")
             continue
         argv = ["--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name, "--env_name_list", env,
                 "--model_name", *models, "--epoch", e, "--seed", args.seed, "--batch_size", args.batch_size,
@@ -233,10 +238,8 @@ def step_mi(plan: _Plan, args) -> common.Outputs:
 def step_params(plan: _Plan, args) -> common.Outputs:
     outs = common.Outputs()
     for env in plan.envs:
-        models = plan.models(env)
-        e2 = plan.common_epoch(env, models, args.epoch2) if models else None
+        models, e2 = plan.models_at(env, args.epoch2, "parameter similarity", outs.notes)
         if e2 is None:
-            outs.notes.append(f"{env}: no K=20 checkpoints besides epoch 0; parameter similarity skipped")
             continue
         argv = _argv(args, "params", "-plm", args.checkpoint_dir, "--dataset_name", args.dataset_name, "--env_name",
                      env, "--seed", args.seed, "--model_name_list", *models, "--epoch1", 0, "--epoch2", e2)
@@ -247,13 +250,9 @@ def step_params(plan: _Plan, args) -> common.Outputs:
 def step_grads(plan: _Plan, args) -> common.Outputs:
     outs = common.Outputs()
     for env in plan.envs:
-        models = plan.models(env)
-        e = plan.common_epoch(env, models, args.grad_epoch) if models else None
+        models, e = plan.models_at(env, args.grad_epoch, "gradient analysis", outs.notes)
         if e is None:
-            outs.notes.append(f"{env}: no K=20 checkpoints besides epoch 0; gradient analysis skipped")
             continue
-        if e != args.grad_epoch:
-            outs.notes.append(f"{env}: epoch {args.grad_epoch} not in every run; gradients at epoch {e}")
         base = ["--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name, "--env_name_list", env,
                 "--seed", args.seed, "--model_name_list", *models, "--epoch", e, *_data_flags(args)]
         outs.extend(grads.run_confusion(grads.build_confusion_parser().parse_args(
@@ -266,10 +265,8 @@ def step_grads(plan: _Plan, args) -> common.Outputs:
 def step_attention(plan: _Plan, args) -> common.Outputs:
     outs = common.Outputs()
     for env in plan.envs:
-        models = plan.models(env, K=1)
-        e2 = plan.common_epoch(env, models, args.attention_epoch2, K=1) if models else None
+        models, e2 = plan.models_at(env, args.attention_epoch2, "attention distance", outs.notes, K=1)
         if e2 is None:
-            outs.notes.append(f"{env}: no K=1 checkpoints besides epoch 0; attention distance skipped")
             continue
         argv = _argv(args, "attention", "--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name,
                      "--env_name_list", env, "--seed", args.seed, "--model_name_list", *models, "--epoch1", 0,
