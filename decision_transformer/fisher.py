@@ -100,6 +100,15 @@ def fisher_batch(model, batches, *, scope: str = FISHER_SCOPE, forward: Callable
     return {n: (v / max(n_tok, 1.0)).cpu() for n, v in acc.items()}
 
 
+def _vmap_setup(model, scope: str, model_kwargs: dict | None):
+    """The detached parameters in ``scope``, their total size, and the forward kwargs for vmapped gradients."""
+    params = {n: p.detach() for n, p in _params(model, scope).items()}
+    if not params:
+        raise UserError(f"the model has no trainable parameters named *{scope}*")
+    # output_attentions selects the eager attention path, which vmap batches (it runs SDPA in a Python loop)
+    return params, sum(p.numel() for p in params.values()), {"output_attentions": True, **(model_kwargs or {})}
+
+
 def _window_chunk(n_params: int, per_window: int = 1) -> int:
     return max(1, _CHUNK_FLOATS // max(n_params * per_window, 1))
 
@@ -110,12 +119,7 @@ def fisher_empirical(model, batches, *, scope: str = FISHER_SCOPE, forward: Call
     Returns (F on CPU, N_w)."""
     from torch.func import grad, vmap
 
-    # output_attentions selects the eager attention path, which vmap batches (it runs SDPA in a Python loop)
-    model_kwargs = {"output_attentions": True, **(model_kwargs or {})}
-    params = {n: p.detach() for n, p in _params(model, scope).items()}
-    if not params:
-        raise UserError(f"the model has no trainable parameters named *{scope}*")
-    n_params = sum(p.numel() for p in params.values())
+    params, n_params, model_kwargs = _vmap_setup(model, scope, model_kwargs)
     chunk = _window_chunk(n_params)
 
     wrapper = _Forward(model, forward, model_kwargs)
@@ -171,12 +175,7 @@ def fisher_gaussian(model, batches, *, scope: str = FISHER_SCOPE, forward: Calla
     Returns (F on CPU, N_w)."""
     from torch.func import vjp, vmap
 
-    # output_attentions selects the eager attention path, which vmap batches (it runs SDPA in a Python loop)
-    model_kwargs = {"output_attentions": True, **(model_kwargs or {})}
-    params = {n: p.detach() for n, p in _params(model, scope).items()}
-    if not params:
-        raise UserError(f"the model has no trainable parameters named *{scope}*")
-    n_params = sum(p.numel() for p in params.values())
+    params, n_params, model_kwargs = _vmap_setup(model, scope, model_kwargs)
     rows_per_chunk = _window_chunk(n_params)
     wrapper = _Forward(model, forward, model_kwargs)
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
