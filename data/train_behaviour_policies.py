@@ -7,7 +7,10 @@ git-ignored and committed deliberately with ``git add -f data/policies_training/
 data/policies_training/*/progress.jsonl data/policies_training/train.log`` - never the replay buffer) and stops
 after ``--total_steps`` environment steps or ``--max_minutes``, checkpointing every few minutes and on
 Ctrl-C/SIGTERM. Progress goes to stdout and ``--state_dir/{env}/progress.jsonl``. Policies land in ``--policy_dir/{env}/``: ``medium.pt``,
-``expert.pt`` and the ``replay/`` snapshots that medium-replay is regenerated from. The replay buffer
+``expert.pt`` and the ``replay/`` snapshots that medium-replay is regenerated from (see
+``decision_transformer.sac.train_behaviour_policy`` for how the medium and expert policies are picked: a 10-episode
+screen, then a 50-episode evaluation of the candidates). Redo one policy without touching the other with, e.g.,
+``--env hopper --roles medium --run_name hopper-medium``. The replay buffer
 (``replay_buffer.npz``, git-ignored) makes a resume on the same machine exact; elsewhere the buffer is refilled
 with the current policy first.
 """
@@ -33,10 +36,19 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     p.add_argument("--compile", action="store_true", help="torch.compile the SAC losses (needs a C++ compiler)")
+    p.add_argument("--roles", nargs="+", default=["medium", "expert"], choices=["medium", "expert"],
+                   help="which policies this run writes; a run for 'medium' alone stops once the medium policy "
+                        "is final")
+    p.add_argument("--run_name", default=None,
+                   help="state folder under --state_dir (default: the env name; one env only when given)")
+    p.add_argument("--long_eval_episodes", type=int, default=50,
+                   help="episodes of the second evaluation that medium and expert candidates get")
     p.add_argument("--checkpoint_minutes", type=float, default=5.0)
     p.add_argument("--state_dir", default=os.path.join(HERE, "policies_training"))
     p.add_argument("--policy_dir", default=os.path.join(ROOT, "decision_transformer", "policies"))
     args = p.parse_args(argv)
+    if args.run_name is not None and len(args.env) > 1:
+        p.error("--run_name names one run: give one --env")
 
     import signal
 
@@ -53,13 +65,14 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     for env in args.env:
         meta = train_behaviour_policy(
-            env, os.path.join(args.state_dir, env), os.path.join(args.policy_dir, env),
+            env, os.path.join(args.state_dir, args.run_name or env), os.path.join(args.policy_dir, env),
             total_steps=args.total_steps, seed=args.seed, compile=args.compile,
             max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes,
             checkpoint_every_s=60.0 * args.checkpoint_minutes, medium_score=MEDIUM_TARGET_SCORE[env],
-            log=lambda m: print(m, flush=True))
+            roles=tuple(args.roles), long_eval_episodes=args.long_eval_episodes, log=lambda m: print(m, flush=True))
         print(f"{env}: {meta['env_steps']} env steps; medium at {meta['medium_step']} "
-              f"(score {meta['medium_eval']}); best score {meta['best_eval']} at {meta['best_step']}", flush=True)
+              f"(score {meta['medium_eval']}, {'final' if meta['medium_final'] else 'still searching'}); "
+              f"expert at {meta['best_step']} (score {meta['best_eval']})", flush=True)
 
 
 if __name__ == "__main__":

@@ -408,20 +408,39 @@ def evaluate_policy(actor: NumpyActor, env_name: str, episodes: int, seed: int) 
     return np.asarray(out)
 
 
+def _long_eval(actor_np, env_name, spec, episodes, step) -> tuple[float, float]:
+    """(mean return, D4RL score) over ``episodes`` episodes, seeded apart from the screening evaluations."""
+    rets = evaluate_policy(actor_np, env_name, episodes, seed=20_000_000 + step)
+    return float(rets.mean()), float(spec.d4rl_score(rets.mean()))
+
+
 def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps: int = 1_000_000, seed: int = 0,
                            max_seconds: float | None = None, checkpoint_every_s: float = 300.0,
                            eval_every: int = 10_000, eval_episodes: int = 10, snapshot_every: int = 10_000,
                            start_steps: int = 5_000, medium_score: float | None = None, compile: bool = False,
                            config: SACConfig | None = None, buffer_capacity: int = 1_000_000,
-                           keep_buffer: bool = True, log=print) -> dict:
+                           keep_buffer: bool = True, roles: tuple[str, ...] = ("medium", "expert"),
+                           long_eval_episodes: int = 50, medium_window: float = 15.0, medium_tolerance: float = 3.0,
+                           expert_window: float = 10.0, log=print) -> dict:
     """Train (or continue training) SAC on ``env_name`` until ``total_steps`` env steps or ``max_seconds``.
 
     ``state_dir`` holds the small resumable state (``state.pt``: networks, Adam, RNGs, counters; ``progress.jsonl``)
-    and, git-ignored, ``replay_buffer.npz``. ``policy_dir`` receives the behaviour policies: ``replay/actor_{step}.pt``
-    (float16 actor snapshots every ``snapshot_every`` steps until the medium policy is chosen; medium-replay is
-    regenerated from them), ``medium.pt`` (the first evaluated actor whose stochastic D4RL score reaches
-    ``medium_score - 5``) and ``expert.pt`` (the best-evaluated actor so far). Checkpoints are written at episode
-    boundaries every ``checkpoint_every_s`` seconds and at the end.
+    and, git-ignored, ``replay_buffer.npz``. ``policy_dir`` receives the behaviour policies named in ``roles``:
+
+    * ``medium``: every ``eval_every`` steps the stochastic actor is screened with ``eval_episodes`` episodes; one
+      whose D4RL score is within ``medium_window`` of ``medium_score`` is evaluated again over
+      ``long_eval_episodes`` episodes, and the candidate closest to the target so far is ``medium.pt``. The search
+      ends (the medium policy is final) at the first candidate within ``medium_tolerance`` of the target, or at
+      ``total_steps``. Until then ``replay/actor_{step}.pt`` (float16 actor snapshots every ``snapshot_every``
+      steps, from which medium-replay is regenerated) are written; when it ends, the snapshots after the medium
+      step are removed. A run whose only role is ``medium`` stops there.
+    * ``expert``: an actor screened within ``expert_window`` of the best screen so far is evaluated over
+      ``long_eval_episodes`` episodes; the best of those is ``expert.pt``, marked ``final`` once ``total_steps``
+      is reached.
+
+    A fresh run (no ``state.pt``) first moves the policy files of its roles that another run left in ``policy_dir``
+    to ``state_dir/previous/``, so that a medium policy and its replay snapshots always come from one run.
+    Checkpoints are written at episode boundaries every ``checkpoint_every_s`` seconds and at the end.
 
     Without a matching replay buffer on disk (fresh machine), training resumes after refilling the buffer with
     ``min(steps, 25_000)`` steps of the current policy, which are not counted as training steps.
@@ -442,14 +461,22 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
     agent = SAC(spec.state_dim, spec.act_dim, config, seed=seed, compile=compile)
     buffer = ReplayBuffer(spec.state_dim, spec.act_dim, buffer_capacity)
     rng = np.random.default_rng(seed)
-    meta = {"env_steps": 0, "episodes": 0, "medium_step": None, "medium_eval": None, "best_eval": None,
-            "best_step": None, "seed": seed, "start_steps": start_steps, "snapshot_every": snapshot_every,
-            "wall_seconds": 0.0}
+    roles = tuple(roles)
+    if not roles or set(roles) - {"medium", "expert"}:
+        raise UserError(f"roles must be 'medium' and/or 'expert', got {list(roles)}")
+    if "medium" in roles and medium_score is None:
+        raise UserError("the medium role needs a target score (medium_score)")
+    meta = {"env_steps": 0, "episodes": 0, "medium_step": None, "medium_eval": None, "medium_final": False,
+            "best_eval": None, "best_step": None, "expert_screen": None, "seed": seed, "start_steps": start_steps,
+            "snapshot_every": snapshot_every, "wall_seconds": 0.0}
     if state_path.exists():
         try:
             state = torch.load(state_path, weights_only=True, map_location="cpu")
             agent.load_state_dict(state["agent"])
-            meta.update(json.loads(state["meta"]))
+            saved = json.loads(state["meta"])
+            if "medium_final" not in saved:  # a state from before the medium search: its first pick stays
+                saved["medium_final"] = saved.get("medium_step") is not None
+            meta.update(saved)
             rng.bit_generator.state = json.loads(state["numpy_rng"])
         except Exception as e:  # noqa: BLE001 - any failure to read the state is the same user-facing problem
             raise UserError(f"{state_path}: cannot resume from this training state ({type(e).__name__}: {e}); "
@@ -465,7 +492,10 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
             f"({'with' if resumed_buffer else 'without'} its replay buffer)")
     else:
         resumed_buffer = True
-    medium_target = medium_score
+        _move_previous_policies(policy_dir, state_dir / "previous", roles, log)
+    medium_target = medium_score if "medium" in roles else None
+    if medium_target is None:
+        meta["medium_final"] = True  # this run does not search (or touch) the medium policy
     actor_np = NumpyActor.from_module(agent.actor)  # views of the live weights
     env = make_env(env_name)
     t_start = time.perf_counter()
@@ -496,10 +526,13 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
     except KeyboardInterrupt:  # Ctrl-C / SIGTERM (see the script): keep the progress, then stop
         checkpoint()
         raise
+    if meta["env_steps"] >= total_steps and not meta["medium_final"]:
+        meta["medium_final"] = True  # the search ends with the closest candidate found
+        _prune_snapshots(policy_dir / "replay", meta["medium_step"])
     checkpoint()
     env.close()
     expert_path = policy_dir / "expert.pt"
-    if meta["env_steps"] >= total_steps and expert_path.exists():
+    if "expert" in roles and meta["env_steps"] >= total_steps and expert_path.exists():
         # training finished: the best-evaluated actor becomes the final expert policy
         best = torch.load(expert_path, weights_only=True)
         if not best.get("final"):
@@ -509,9 +542,41 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
     return meta
 
 
+def _move_previous_policies(policy_dir, dest, roles, log):
+    """Move the policy files of ``roles`` that an earlier run left in ``policy_dir`` to ``dest`` (nothing is lost)."""
+    import shutil
+    import time
+
+    names = (["medium.pt", "replay"] if "medium" in roles else []) + (["expert.pt"] if "expert" in roles else [])
+    found = [n for n in names if (policy_dir / n).exists() and not (
+        (policy_dir / n).is_dir() and not any((policy_dir / n).iterdir()))]
+    if not found:
+        return
+    target = dest / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    for n in found:
+        shutil.move(str(policy_dir / n), str(target / n))
+    (policy_dir / "replay").mkdir(parents=True, exist_ok=True)
+    log(f"moved the previous run's {', '.join(found)} from {policy_dir} to {target}")
+
+
+def _prune_snapshots(folder, medium_step):
+    """Remove the replay snapshots taken after the medium policy (medium-replay stops there)."""
+    if medium_step is None:
+        return
+    for p in folder.glob("actor_*.pt"):
+        try:
+            step = int(p.stem.split("_")[1])
+        except (IndexError, ValueError):
+            continue
+        if step >= medium_step:
+            p.unlink()
+
+
 def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np, policy_dir, progress_path,
                 total_steps, seed, snapshot_every, start_steps, eval_every, eval_episodes, medium_target,
-                checkpoint, checkpoint_every_s, max_seconds, t_start, wall0, log, **_):
+                checkpoint, checkpoint_every_s, max_seconds, t_start, wall0, roles, long_eval_episodes,
+                medium_window, medium_tolerance, expert_window, log, **_):
     import json
     import time
 
@@ -520,7 +585,7 @@ def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np,
     steps_at_start, t_rate = meta["env_steps"], time.perf_counter()
     while meta["env_steps"] < total_steps:
         step = meta["env_steps"]
-        if step % snapshot_every == 0 and meta["medium_step"] is None:
+        if step % snapshot_every == 0 and not meta["medium_final"]:
             _atomic_torch_save(actor_file_dict(agent.actor.state_dict(), env_name, step=step, half=True,
                                                covers=snapshot_every, uniform_before=start_steps),
                                policy_dir / "replay" / f"actor_{step:07d}.pt")
@@ -546,21 +611,42 @@ def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np,
             if stats is not None:
                 s = stats.tolist()
                 rec.update(critic_loss=s[0], actor_loss=s[1], alpha=s[3], logp=s[4])
-            if meta["medium_step"] is None and medium_target is not None and score >= medium_target - 5.0:
-                meta["medium_step"], meta["medium_eval"] = step, score
-                _atomic_torch_save(actor_file_dict(agent.actor.state_dict(), env_name, step=step,
-                                                   eval_return=float(rets.mean()), eval_score=score,
-                                                   kind="medium"), policy_dir / "medium.pt")
-                rec["medium"] = True
-            if meta["best_eval"] is None or score > meta["best_eval"]:
-                meta["best_eval"], meta["best_step"] = score, step
-                _atomic_torch_save(actor_file_dict(agent.actor.state_dict(), env_name, step=step,
-                                                   eval_return=float(rets.mean()), eval_score=score,
-                                                   kind="expert"), policy_dir / "expert.pt")
+            if not meta["medium_final"] and abs(score - medium_target) <= medium_window:
+                long = _long_eval(actor_np, env_name, spec, long_eval_episodes, step)
+                rec["medium_candidate"] = long[1]
+                if meta["medium_step"] is None or \
+                        abs(long[1] - medium_target) < abs(meta["medium_eval"] - medium_target):
+                    meta["medium_step"], meta["medium_eval"] = step, long[1]
+                    _atomic_torch_save(actor_file_dict(agent.actor.state_dict(), env_name, step=step,
+                                                       eval_return=long[0], eval_score=long[1],
+                                                       eval_episodes=long_eval_episodes, kind="medium"),
+                                       policy_dir / "medium.pt")
+                    rec["medium"] = True
+                if abs(long[1] - medium_target) <= medium_tolerance:
+                    meta["medium_final"] = True
+                    _prune_snapshots(policy_dir / "replay", meta["medium_step"])
+            if "expert" in roles and (meta["expert_screen"] is None or score >= meta["expert_screen"] - expert_window):
+                meta["expert_screen"] = max(score, meta["expert_screen"] or score)
+                long = _long_eval(actor_np, env_name, spec, long_eval_episodes, step)
+                rec["expert_candidate"] = long[1]
+                if meta["best_eval"] is None or long[1] > meta["best_eval"]:
+                    meta["best_eval"], meta["best_step"] = long[1], step
+                    _atomic_torch_save(actor_file_dict(agent.actor.state_dict(), env_name, step=step,
+                                                       eval_return=long[0], eval_score=long[1],
+                                                       eval_episodes=long_eval_episodes, kind="expert"),
+                                       policy_dir / "expert.pt")
+                    rec["expert"] = True
             with open(progress_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            notes = [f"medium candidate {rec['medium_candidate']:.1f}" if "medium_candidate" in rec else "",
+                     "medium policy saved" + (" (final)" if meta["medium_final"] else "") if rec.get("medium") else "",
+                     f"expert candidate {rec['expert_candidate']:.1f}" if "expert_candidate" in rec else "",
+                     "expert policy saved" if rec.get("expert") else ""]
+            notes = "; ".join(n for n in notes if n)
             log(f"{env_name} step {step}: return {rec['return_mean']:.1f} +- {rec['return_std']:.1f} "
-                f"(score {score:.1f}), {rate:.1f} steps/s" + (" -> medium policy saved" if rec.get("medium") else ""))
+                f"(score {score:.1f}), {rate:.1f} steps/s" + (f" -> {notes}" if notes else ""))
+            if roles == ("medium",) and meta["medium_final"]:
+                break
         if term or trunc:
             meta["episodes"] += 1
             obs, _ = env.reset(seed=seed * 1_000_003 + meta["episodes"])

@@ -109,7 +109,8 @@ def test_sac_learns_a_one_step_task():
 
 def test_behaviour_training_is_resumable(tmp_path):
     kw = {"total_steps": 600, "eval_every": 300, "eval_episodes": 1, "snapshot_every": 200, "start_steps": 100,
-              "medium_score": -1e9, "config": SACConfig(hidden=32, batch_size=64), "buffer_capacity": 5000}
+          "medium_score": 0.0, "medium_window": 1e9, "medium_tolerance": 1e9, "long_eval_episodes": 1,
+          "config": SACConfig(hidden=32, batch_size=64), "buffer_capacity": 5000}
     logs = []
     state, pol = tmp_path / "state", tmp_path / "pol"
     meta = train_behaviour_policy("hopper", state, pol, log=logs.append, **kw)
@@ -146,3 +147,73 @@ def test_behaviour_training_is_resumable(tmp_path):
     (state / "state.pt").write_bytes(b"\x00garbage")
     with pytest.raises(UserError, match="state.pt: cannot resume"):
         train_behaviour_policy("hopper", state, pol, log=logs.append, **kw)
+
+
+TINY = {"eval_every": 300, "eval_episodes": 1, "snapshot_every": 200, "start_steps": 100, "long_eval_episodes": 2,
+        "config": SACConfig(hidden=32, batch_size=64), "buffer_capacity": 5000, "keep_buffer": False}
+
+
+def test_medium_search_keeps_the_candidate_closest_to_the_target(tmp_path):
+    # every screen is a candidate (huge window) and none is close enough to end the search (tolerance -1)
+    state, pol = tmp_path / "state", tmp_path / "pol"
+    target = 1.5
+    meta = train_behaviour_policy("hopper", state, pol, total_steps=1200, medium_score=target, medium_window=1e9,
+                                  medium_tolerance=-1.0, log=lambda m: None, **TINY)
+    progress = [json.loads(line) for line in (state / "progress.jsonl").read_text().splitlines()]
+    cands = {r["step"]: r["medium_candidate"] for r in progress}
+    assert sorted(cands) == [300, 600, 900, 1200]
+    best = min(cands, key=lambda k: abs(cands[k] - target))
+    med = torch.load(pol / "medium.pt", weights_only=True)
+    assert meta["medium_final"] and meta["medium_step"] == best == med["step"]
+    assert med["eval_score"] == pytest.approx(cands[best]) and med["eval_episodes"] == 2
+    # snapshots were written during the whole search, then cut at the medium step
+    assert sorted(p.name for p in (pol / "replay").iterdir()) == \
+        [f"actor_{s:07d}.pt" for s in range(0, 1200, 200) if s < best]
+    # the expert is the best candidate by the long evaluation
+    experts = {r["step"]: r["expert_candidate"] for r in progress if "expert_candidate" in r}
+    assert torch.load(pol / "expert.pt", weights_only=True)["step"] == max(experts, key=experts.get)
+
+
+def test_a_medium_only_run_stops_when_final_and_leaves_the_rest(tmp_path):
+    state, pol = tmp_path / "state", tmp_path / "pol"
+    # an earlier run's files: its medium policy and snapshots are moved away, its expert is left alone
+    (pol / "replay").mkdir(parents=True)
+    (pol / "replay" / "actor_0000000.pt").write_bytes(b"old snapshot")
+    (pol / "medium.pt").write_bytes(b"old medium")
+    (pol / "expert.pt").write_bytes(b"old expert")
+    logs = []
+    meta = train_behaviour_policy("hopper", state, pol, total_steps=3000, medium_score=0.0, medium_window=1e9,
+                                  medium_tolerance=1e9, roles=("medium",), log=logs.append, **TINY)
+    assert meta["env_steps"] == 300 and meta["medium_final"] and meta["medium_step"] == 300
+    assert (pol / "expert.pt").read_bytes() == b"old expert"
+    assert torch.load(pol / "medium.pt", weights_only=True)["step"] == 300
+    assert sorted(p.name for p in (pol / "replay").iterdir()) == ["actor_0000000.pt", "actor_0000200.pt"]
+    moved = list((state / "previous").iterdir())
+    assert len(moved) == 1 and (moved[0] / "medium.pt").read_bytes() == b"old medium"
+    assert (moved[0] / "replay" / "actor_0000000.pt").read_bytes() == b"old snapshot"
+    assert any("moved the previous run's medium.pt, replay" in m for m in logs)
+    # no candidate in the window: no medium policy, the search goes on (snapshots kept)
+    state2, pol2 = tmp_path / "state2", tmp_path / "pol2"
+    meta = train_behaviour_policy("hopper", state2, pol2, total_steps=600, max_seconds=None, medium_score=1e6,
+                                  medium_window=10.0, roles=("medium", "expert"), log=lambda m: None,
+                                  **{**TINY, "eval_every": 1000})
+    assert meta["medium_step"] is None and not (pol2 / "medium.pt").exists()
+    with pytest.raises(UserError, match="roles must be"):
+        train_behaviour_policy("hopper", state2, pol2, roles=("best",), medium_score=1.0, **TINY)
+
+
+def test_a_state_from_before_the_medium_search_keeps_its_medium_policy(tmp_path):
+    state, pol = tmp_path / "state", tmp_path / "pol"
+    kw = {**TINY, "keep_buffer": True, "medium_score": 0.0, "medium_window": 1e9, "medium_tolerance": -1.0}
+    train_behaviour_policy("hopper", state, pol, total_steps=300, log=lambda m: None, **kw)
+    saved = torch.load(state / "state.pt", weights_only=True)
+    meta = json.loads(saved["meta"])
+    assert meta["medium_step"] == 300 and meta["medium_final"]   # total_steps reached: the search ended
+    del meta["medium_final"]                      # what the earlier format wrote
+    saved["meta"] = json.dumps(meta)
+    torch.save(saved, state / "state.pt")
+    medium = (pol / "medium.pt").read_bytes()
+    meta = train_behaviour_policy("hopper", state, pol, total_steps=600, log=lambda m: None, **kw)
+    assert meta["medium_final"] and meta["medium_step"] == 300 and (pol / "medium.pt").read_bytes() == medium
+    last = json.loads((state / "progress.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 600 and "medium_candidate" not in last     # no search after the resume
