@@ -19,7 +19,8 @@ def add_data_flags(p: argparse.ArgumentParser):
     g.add_argument("--batch_size", type=int, default=64)
     g.add_argument("--no_generate", action="store_true",
                    help="fail instead of generating a missing dataset from the bundled behaviour policies")
-    g.add_argument("--model_type", type=str, default="dt", help="dt (bc is not supported yet)")
+    g.add_argument("--model_type", type=str, default="dt", choices=["dt", "bc"],
+                   help="dt, or bc: MLP behaviour cloning on the last K states (--embed_dim wide, --n_layer deep)")
 
 
 def add_model_flags(p: argparse.ArgumentParser):
@@ -164,5 +165,3 @@ def reject_unsupported(args, parser_name: str = "experiment.py"):
     for attr, is_set in UNSUPPORTED.items():
         if hasattr(args, attr) and is_set(getattr(args, attr)):
             raise UserError(f"--{attr} is not supported by this version of {parser_name} yet")
-    if getattr(args, "model_type", "dt") != "dt":
-        raise UserError(f"--model_type {args.model_type!r} is not supported yet; use dt")

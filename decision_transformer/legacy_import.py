@@ -367,6 +367,9 @@ def load_model_file(path: str | Path) -> ModelFile:
         ckpt = import_legacy(path)
         return ModelFile(str(path), ckpt["state_dict"], ckpt["config"], ckpt.get("specializations", []), ckpt, True)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        if ((obj.get("config") or {}).get("model_config") or {}).get("model_class") == "mlp_bc":
+            raise UserError(f"{path}: an MLP behaviour-cloning checkpoint (--model_type bc); merging, finetuning and "
+                            f"the analyses take Decision Transformer checkpoints")
         return ModelFile(str(path), _drop_legacy_buffers(obj["state_dict"]), obj.get("config") or {},
                          list(obj.get("specializations") or []), obj)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):

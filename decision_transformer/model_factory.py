@@ -82,6 +82,15 @@ def build_model(cfg: DTConfig, seed: int) -> DecisionTransformer:
         raise UserError(str(e)) from None
 
 
+def build_bc_model(args, spec):
+    """The MLP of ``--model_type bc`` (``--embed_dim`` wide, ``--n_layer`` deep, K states in), seeded by ``--seed``."""
+    from decision_transformer.models.mlp_bc import MLPBCConfig, MLPBCModel
+
+    cfg = MLPBCConfig(spec.state_dim, spec.act_dim, hidden_size=args.embed_dim, n_layer=args.n_layer,
+                      max_length=args.K)
+    return MLPBCModel(cfg, seed=args.seed)
+
+
 def build_model_from_args(args, spec, lm=None) -> DecisionTransformer:
     """The model of a run before any checkpoint or merge is loaded into it. Construction is reseeded with
     ``--seed`` (TAKAGI), then the LM's weights (or its block b) are copied in."""

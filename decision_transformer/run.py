@@ -22,8 +22,10 @@ from decision_transformer.envs import check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError
 from decision_transformer.evaluation import EnvPool, evaluate_episodes
 from decision_transformer.logging import RunLogger, progress, summary_line
-from decision_transformer.model_factory import build_model_from_args, locate_pretrained, make_extra_loss
-from decision_transformer.training import GRAD_CLIP, Trainer, freeze_from_args, make_optimizer, warmup_schedule
+from decision_transformer.model_factory import (build_bc_model, build_model_from_args, locate_pretrained,
+                                                make_extra_loss)
+from decision_transformer.training import (GRAD_CLIP, ActTrainer, Trainer, freeze_from_args, make_optimizer,
+                                           warmup_schedule)
 
 TRAIN_STATE = "train_state.pt"
 EXPERIMENT, LM_COTRAINING = "experiment", "lm_cotraining"
@@ -107,6 +109,15 @@ def check_args(args):
         raise UserError(f"--embed_dim {args.embed_dim} is not divisible by --n_head {args.n_head}")
     if args.K > 1000:
         raise UserError(f"--K {args.K} exceeds the episode length 1000")
+    if getattr(args, "model_type", "dt") == "bc":
+        transformer_only = [("pretrained_lm", args.pretrained_lm), ("pretrained_models", args.pretrained_models),
+                            ("gpt_kmeans", getattr(args, "gpt_kmeans", None)),
+                            ("init_reg", getattr(args, "init_reg", False)), ("joint", getattr(args, "joint", False)),
+                            ("frozen", args.frozen), ("freeze_subset", args.freeze_subset),
+                            ("extend_positions", args.extend_positions)]
+        for name, value in transformer_only:
+            if value:
+                raise UserError(f"--{name} applies to the Decision Transformer, not to --model_type bc")
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -132,13 +143,16 @@ def _run(args, script: str) -> dict:
     check_dataset_name(args.dataset)
     check_args(args)
     targets = parse_targets(args.env_targets, spec.targets)
+    bc = args.model_type == "bc"
+    if bc:
+        targets = targets[:1]  # the MLP ignores the target: one evaluation (the originals' first target)
     ctx, device = distributed.setup(resolve_device(args.device))  # torchrun: one process per GPU
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if getattr(args, "gpt_kmeans", None) is not None and args.gpt_kmeans_const is None:
         raise UserError("--gpt_kmeans needs --gpt_kmeans_const (the loss weight; the papers use 0.1)")
-    lm = locate_pretrained(args)  # before the data: a missing model is reported at once
+    lm = None if bc else locate_pretrained(args)  # before the data: a missing model is reported at once
     seed_everything(args.seed)
 
     data_file, trajs = load_dataset(args.data_path, args.env, args.dataset, generate=not args.no_generate)
@@ -148,7 +162,7 @@ def _run(args, script: str) -> dict:
           f"max {dataset.traj_returns_all.max():.2f} min {dataset.traj_returns_all.min():.2f} | "
           f"training on {len(dataset.kept)} trajectories", file=sys.stderr)
 
-    model = build_model_from_args(args, spec, lm).to(device)
+    model = (build_bc_model(args, spec) if bc else build_model_from_args(args, spec, lm)).to(device)
     cfg = model.config
     if args.pretrained_models:
         from decision_transformer.merge_setup import apply_merge
@@ -161,7 +175,7 @@ def _run(args, script: str) -> dict:
     if frozen:
         print(f"frozen: {len(frozen)} parameter tensors", file=sys.stderr)
 
-    mname = model_name(args.pretrained_lm, args.pretrained_block)
+    mname = "bc" if bc else model_name(args.pretrained_lm, args.pretrained_block)
     group = f"gym-experiment-{args.env}-{args.dataset}"
     run_dir = Path(args.outdir) / run_dir_name(mname, args.dataset, args.env, args.seed, args.K,
                                                args.remove_grad_clip, args.pretrained_block) if args.outdir else None
@@ -176,7 +190,7 @@ def _run(args, script: str) -> dict:
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
     extra_loss = make_extra_loss(args, model, script=script, lm=lm, device=device)
-    trainer_cls = Trainer
+    trainer_cls = ActTrainer if bc else Trainer
     if lm_script and args.fp16:
         if device.type == "cuda":
             from decision_transformer.training.lm_cotrain import AmpTrainer
@@ -186,7 +200,7 @@ def _run(args, script: str) -> dict:
             print("warning: --fp16 uses CUDA autocast + GradScaler; on cpu training stays in fp32", file=sys.stderr)
     try:
         trainer = trainer_cls(model, optimizer, scheduler, dataset, batch_size=args.batch_size, K=args.K,
-                              generator=generator, grad_clip=None if args.remove_grad_clip else GRAD_CLIP,
+                              generator=generator, grad_clip=None if args.remove_grad_clip or bc else GRAD_CLIP,
                               extra_loss=extra_loss, amp_dtype=autocast_dtype(args.precision, device),
                               rank=ctx.rank, world_size=ctx.world_size, compile=args.compile)
     except ValueError as e:
@@ -274,10 +288,10 @@ def _run(args, script: str) -> dict:
                              "generator": generator.get_state(), "rng": rng_state()}, run_dir / TRAIN_STATE)
             if args.save_model and improved and args.save_mode in ("best", "both"):
                 atomic_save(make_checkpoint(model.state_dict(), config, iteration=it, specializations=[args.env],
-                                            **ckpt_extra), models_dir / f"dt_{exp_prefix}_best.pt")
+                                            **ckpt_extra), models_dir / f"{args.model_type}_{exp_prefix}_best.pt")
         if args.save_model and args.save_mode in ("last", "both"):
             atomic_save(make_checkpoint(model.state_dict(), config, iteration=args.max_iters,
-                                        specializations=[args.env], **ckpt_extra), models_dir / f"dt_{exp_prefix}.pt")
+                                        specializations=[args.env], **ckpt_extra), models_dir / f"{args.model_type}_{exp_prefix}.pt")
     finally:
         logger.finish()
         pool.close()

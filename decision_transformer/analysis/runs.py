@@ -101,6 +101,9 @@ def model_config_of(ckpt: dict, source) -> DTConfig:
     cfg = (ckpt.get("config") or {}).get("model_config")
     if not isinstance(cfg, dict):
         raise UserError(f"{source}: the checkpoint has no config['model_config'] to rebuild the model from")
+    if cfg.get("model_class") == "mlp_bc":
+        raise UserError(f"{source}: an MLP behaviour-cloning checkpoint (--model_type bc); the analyses take "
+                        f"Decision Transformer checkpoints")
     try:
         return DTConfig.from_dict(cfg)
     except (TypeError, ValueError) as e:

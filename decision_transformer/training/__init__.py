@@ -1,6 +1,6 @@
 from decision_transformer.training.losses import masked_action_mse
 from decision_transformer.training.optim import freeze, freeze_from_args, make_optimizer, warmup_schedule
-from decision_transformer.training.trainer import GRAD_CLIP, Trainer, apply_update
+from decision_transformer.training.trainer import GRAD_CLIP, ActTrainer, Trainer, apply_update
 
-__all__ = ["GRAD_CLIP", "Trainer", "apply_update", "freeze", "freeze_from_args", "make_optimizer", "masked_action_mse",
+__all__ = ["GRAD_CLIP", "ActTrainer", "Trainer", "apply_update", "freeze", "freeze_from_args", "make_optimizer", "masked_action_mse",
            "warmup_schedule"]

@@ -151,3 +151,16 @@ class Trainer:
             logs["training/train_loss_std"] = float("nan")
             logs["training/action_error"] = float("nan")
         return logs
+
+
+class ActTrainer(Trainer):
+    """Behaviour cloning (``--model_type bc``): MSE between the MLP's action and the last action of each window
+    (always a real step: windows are left-padded). Used without gradient clipping, as the originals."""
+
+    def _loss(self, batch):
+        if self.world_size > 1:  # equal rows per rank: DDP's average is the global batch's mean as it is
+            batch, _ = self._rank_slice(batch)
+        with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+            preds = self.model(batch.states)
+        loss = torch.nn.functional.mse_loss(preds.float(), batch.actions[:, -1])
+        return loss, loss

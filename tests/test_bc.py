@@ -1,0 +1,109 @@
+"""``--model_type bc``: the MLP, its trainer, the experiment.py run and where BC checkpoints are refused."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import experiment
+from decision_transformer.data import TrajectoryDataset
+from decision_transformer.errors import UserError
+from decision_transformer.evaluation import evaluate_episodes, evaluate_episodes_sequential
+from decision_transformer.models.mlp_bc import MLPBCConfig, MLPBCModel
+from decision_transformer.training import ActTrainer, make_optimizer, warmup_schedule
+
+TINY = ["--embed_dim", "32", "--n_layer", "2", "--K", "5", "--batch_size", "8", "--warmup_steps", "10",
+        "--num_eval_episodes", "2"]
+
+
+def test_mlp_layers_and_forward():
+    cfg = MLPBCConfig(state_dim=3, act_dim=2, hidden_size=8, n_layer=2, max_length=4)
+    m = MLPBCModel(cfg, seed=0).eval()
+    # Linear(K*ds, H), ReLU, Dropout, Linear(H, H), ReLU, Dropout, Linear(H, da), Tanh
+    assert [n for n, _ in m.named_parameters()] == [f"model.{i}.{w}" for i in (0, 3, 6) for w in ("weight", "bias")]
+    assert m.model[2].p == 0.1 and m.model[0].in_features == 12
+    s = torch.randn(5, 6, 3)
+    x = s[:, -4:].reshape(5, 12)
+    h = torch.relu(x @ m.model[0].weight.T + m.model[0].bias)
+    h = torch.relu(h @ m.model[3].weight.T + m.model[3].bias)
+    want = torch.tanh(h @ m.model[6].weight.T + m.model[6].bias)
+    torch.testing.assert_close(m(s), want)
+    # fewer than K states: left-padded with zeros
+    short = s[:, :2]
+    padded = torch.cat([torch.zeros(5, 2, 3), short], dim=1)
+    torch.testing.assert_close(m.get_action(short, None, None, None), m(padded))
+    assert MLPBCConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_act_trainer_fits_a_deterministic_policy():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(11, 3)) * 0.5
+    trajs = []
+    for _ in range(20):
+        obs = rng.normal(size=(50, 11)).astype(np.float32)
+        act = np.tanh(obs @ w).astype(np.float32)
+        trajs.append({"observations": obs, "actions": act, "rewards": np.ones(50, np.float32),
+                      "terminals": np.zeros(50, bool)})
+    data = TrajectoryDataset(trajs, "hopper")
+    model = MLPBCModel(MLPBCConfig(11, 3, hidden_size=64, n_layer=2, max_length=3), seed=0)
+    opt = make_optimizer(model, lr=1e-3, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    trainer = ActTrainer(model, opt, warmup_schedule(opt, 10), data, batch_size=64, K=3, generator=gen,
+                         grad_clip=None)
+    batch = data.sample_batch(64, 3, torch.Generator().manual_seed(1))
+    model.eval()  # no dropout: the loss is the MSE against the last action of each window (always a real step)
+    loss, total = trainer._loss(batch)
+    assert total is loss and float(batch.mask[:, -1].min()) == 1.0
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(model(batch.states), batch.actions[:, -1]))
+    first = trainer.train_iteration(20, 1)["training/train_loss_mean"]
+    last = trainer.train_iteration(400, 2)["training/train_loss_mean"]
+    assert last < 0.2 * first, (first, last)
+
+
+def test_bc_run_of_experiment_py(tmp_path, monkeypatch, hopper_data):
+    monkeypatch.chdir(tmp_path)
+    experiment.main(["--data_path", str(hopper_data), *TINY, "--model_type", "bc", "--max_iters", "2",
+                     "--num_steps_per_iter", "5", "--save_model"])
+    rd = tmp_path / "checkpoints" / "bc_medium_hopper_666_K5"
+    assert sorted(p.name for p in rd.glob("model_*.pt")) == ["model_0.pt", "model_1.pt", "model_2.pt"]
+    ckpt = torch.load(rd / "model_2.pt", weights_only=True)
+    assert ckpt["config"]["model_config"]["model_class"] == "mlp_bc"
+    assert set(ckpt["state_dict"]) == {f"model.{i}.{w}" for i in (0, 3, 6) for w in ("weight", "bias")}
+    rows = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    # one evaluation: the first target only
+    assert "evaluation/target_3600_return_mean" in rows[0]
+    assert not any("target_1800" in k for k in rows[0])
+    assert list((tmp_path / "models" / "hopper").glob("bc_gym-experiment-hopper-medium-*.pt"))
+    # BC checkpoints are refused where Decision Transformers are expected
+    from decision_transformer.legacy_import import load_model_file
+
+    with pytest.raises(UserError, match="MLP behaviour-cloning checkpoint"):
+        load_model_file(rd / "model_2.pt")
+
+
+@pytest.mark.parametrize("flag", [["--pretrained_lm", "gpt2"], ["--frozen"], ["--pretrained_models", "a.pt"]])
+def test_bc_refuses_transformer_flags(tmp_path, monkeypatch, hopper_data, flag, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        experiment.main(["--data_path", str(hopper_data), *TINY, "--model_type", "bc", "--max_iters", "1",
+                         "--num_steps_per_iter", "1", *flag])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1] == f"error: {flag[0]} applies to the Decision Transformer, not to " \
+                                            f"--model_type bc"
+
+
+def test_unknown_model_type_exits_2(tmp_path, monkeypatch, hopper_data, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        experiment.main(["--data_path", str(hopper_data), "--model_type", "cql"])
+    assert e.value.code == 2 and "invalid choice: 'cql'" in capsys.readouterr().err
+
+
+def test_bc_batched_evaluation_equals_one_by_one():
+    model = MLPBCModel(MLPBCConfig(11, 3, hidden_size=16, n_layer=2, max_length=4), seed=3)
+    mean, std = np.zeros(11), np.ones(11)
+    fast = evaluate_episodes(model, "hopper", 3600, 3, mean, std, seed=1)
+    slow = evaluate_episodes_sequential(model, "hopper", 3600, 3, mean, std, seed=1)
+    np.testing.assert_allclose(fast.returns, slow.returns, rtol=1e-6)
+    np.testing.assert_array_equal(fast.lengths, slow.lengths)
