@@ -52,6 +52,19 @@ def convert(path: str, data_path: str) -> str:
     return str(out)
 
 
+def synthetic(args):
+    from decision_transformer.data import hdf5_name
+    from decision_transformer.synthetic import rollout_flat, write_hdf5
+
+    if args.synthetic < 1:
+        raise UserError(f"--synthetic needs a positive number of episodes, got {args.synthetic}")
+    for i, env in enumerate(args.envs):
+        for j, dataset in enumerate(args.datasets):
+            data = rollout_flat(env, None, seed=args.seed + 1000 * i + j, num_episodes=args.synthetic)
+            path = write_hdf5(os.path.join(args.hdf5_dir, hdf5_name(env, dataset)), data)
+            convert(str(path), args.data_path)
+
+
 @cli_entry
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,7 +81,14 @@ def main(argv=None):
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="check size and sha256 of downloaded files (default on)")
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--synthetic", type=int, default=None, metavar="N",
+                   help="no download: write N uniform-random-policy episodes per env and dataset as D4RL-named hdf5 "
+                        "files into --hdf5_dir, then convert them as downloaded files (smoke tests, offline setups)")
+    p.add_argument("--seed", type=int, default=0, help="--synthetic rollouts' seed")
     args = p.parse_args(argv)
+    if args.synthetic is not None:
+        synthetic(args)
+        return
     if args.hdf5:
         for path in args.hdf5:
             convert(path, args.data_path)

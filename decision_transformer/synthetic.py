@@ -13,10 +13,13 @@ import numpy as np
 from decision_transformer.envs import DEFAULT_ENV_VERSION, get_env_spec, make_env
 
 
-def rollout_flat(env: str, num_transitions: int, seed: int = 0, policy=None, max_ep_len: int | None = None,
-                 env_version: str = DEFAULT_ENV_VERSION) -> dict[str, np.ndarray]:
+def rollout_flat(env: str, num_transitions: int | None, seed: int = 0, policy=None, max_ep_len: int | None = None,
+                 env_version: str = DEFAULT_ENV_VERSION, num_episodes: int | None = None) -> dict[str, np.ndarray]:
     """Flat D4RL-layout arrays (observations, next_observations, actions, rewards, terminals, timeouts) of
-    ``num_transitions`` steps. ``policy(obs, rng) -> action``; default uniform random in [-1, 1]."""
+    ``num_transitions`` steps, or of ``num_episodes`` whole episodes. ``policy(obs, rng) -> action``; default
+    uniform random in [-1, 1]."""
+    if (num_transitions is None) == (num_episodes is None):
+        raise ValueError("give one of num_transitions and num_episodes")
     spec = get_env_spec(env)
     max_ep_len = max_ep_len or spec.max_ep_len
     rng = np.random.default_rng(seed)
@@ -24,7 +27,9 @@ def rollout_flat(env: str, num_transitions: int, seed: int = 0, policy=None, max
     cols = {k: [] for k in ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts")}
     obs, _ = e.reset(seed=seed)
     t, ep = 0, 0
-    for _ in range(num_transitions):
+    n = 0
+    while (n < num_transitions) if num_episodes is None else (ep < num_episodes):
+        n += 1
         a = rng.uniform(-1, 1, spec.act_dim) if policy is None else policy(obs, rng)
         a = np.asarray(a, dtype=np.float32)
         nobs, r, term, trunc, _ = e.step(a)

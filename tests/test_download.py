@@ -240,3 +240,23 @@ def test_d4rl_table_matches_the_reference():
     assert len(download.D4RL_FILES) == 15
     assert download.D4RL_FILES["walker2d_medium_replay-v2.hdf5"][0] == 86_323_963
     assert all(len(h) == 64 for _, h in download.D4RL_FILES.values())
+
+
+def test_synthetic_writes_whole_random_episodes_in_d4rl_layout(tmp_path, capsys):
+    from decision_transformer.data import read_hdf5
+
+    script.main(["--synthetic", "3", "--envs", "hopper", "--datasets", "medium", "random",
+                 "--hdf5_dir", str(tmp_path / "h5"), "--data_path", str(tmp_path / "out")])
+    for ds, name in (("medium", "hopper_medium-v2.hdf5"), ("random", "hopper_random-v2.hdf5")):
+        flat = read_hdf5(tmp_path / "h5" / name)
+        ends = flat["terminals"] | flat["timeouts"]
+        assert ends.sum() == 3 and ends[-1]                  # three whole episodes, nothing cut
+        trajs = safe_pickle_load(tmp_path / "out" / f"hopper-{ds}-v2.pkl")
+        assert len(trajs) == 3 and sum(len(t["rewards"]) for t in trajs) == len(ends)
+    # different seeds per dataset
+    a = read_hdf5(tmp_path / "h5" / "hopper_medium-v2.hdf5")["actions"]
+    b = read_hdf5(tmp_path / "h5" / "hopper_random-v2.hdf5")["actions"]
+    assert not np.array_equal(a[:5], b[:5])
+    with pytest.raises(SystemExit) as e:
+        script.main(["--synthetic", "0", "--hdf5_dir", str(tmp_path / "h5")])
+    assert e.value.code == 2 and "positive number of episodes" in capsys.readouterr().err
