@@ -286,9 +286,18 @@ def convert_legacy(root, path: str | Path) -> dict:
     head = _attr(root, "_modules", {}).get("predict_action")
     cfg = DTConfig(state_dim=sd, act_dim=ad, max_length=max_length, max_ep_len=max_ep_len,
                    action_tanh=_has_tanh(head) if head is not None else True,
-                   share_input_output_proj=tied, backbone=_bb(backbone))
+                   share_input_output_proj=tied, extend_positions=_shares_timestep_table(root),
+                   backbone=_bb(backbone))
     config = {"model_class": "dt", "model_config": cfg.to_dict(), "env": env, **meta}
     return make_checkpoint(state, config, specializations=[env] if env else [])
+
+
+def _shares_timestep_table(root) -> bool:
+    """Whether the pickled model's ``embed_timestep`` is its ``transformer.wpe`` (``--extend_positions``): pickle
+    keeps object identity, so the two attributes are then one stand-in object."""
+    mods = _attr(root, "_modules") or {}
+    wpe = (_attr(mods.get("transformer"), "_modules") or {}).get("wpe")
+    return wpe is not None and mods.get("embed_timestep") is wpe
 
 
 def _has_tanh(head) -> bool:

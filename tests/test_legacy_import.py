@@ -188,6 +188,27 @@ def test_single_task_import_runs_nothing_and_keeps_every_tensor(tmp_path):
     assert all(torch.equal(conv["state_dict"][k], expect[k]) for k in expect)
 
 
+def test_a_shared_timestep_table_imports_as_extend_positions(tmp_path):
+    orig = LDecisionTransformer()
+    orig.transformer.wpe = nn.Embedding(1000, H)
+    orig.embed_timestep = orig.transformer.wpe                     # --extend_positions: one module, two names
+    path = tmp_path / "dt_gym-experiment-hopper-medium-1_best.pt"
+    save_original(orig, path)
+    ckpt = import_legacy(path)
+    assert ckpt["config"]["model_config"]["extend_positions"] is True
+    model = build_model(load_model_file(path))
+    assert model.embed_timestep is model.transformer.wpe
+    assert torch.equal(model.embed_timestep.weight, orig.transformer.wpe.weight)
+    # without the sharing, the flag stays off
+    assert import_legacy(_saved(LDecisionTransformer(), tmp_path / "plain.pt"))["config"]["model_config"][
+        "extend_positions"] is False
+
+
+def _saved(obj, path):
+    save_original(obj, path)
+    return path
+
+
 def test_multi_task_import_keeps_every_env(tmp_path):
     orig = LMultiDecisionTransformer()
     path = tmp_path / "dt_gym-experiment-multi-medium-730023_best.pt"
