@@ -1,0 +1,126 @@
+"""The fast path's numerics against the fp32 path: fused AdamW, TF32, bf16 autocast and torch.compile.
+
+    python benchmarks/check_precision.py [--device cuda] [--config paper|gpt2] [--steps 200]
+
+Every variant trains the same model from the same initial weights on the same batches (dropout off, so that the
+variants consume no random numbers of their own) and is compared with plain fp32 training (unfused AdamW, no TF32, no
+autocast, eager):
+
+* ``loss``: the largest relative difference of a step's loss over the run;
+* ``drift``: ||w_variant - w_fp32|| / ||w_fp32 - w_init||, how far the weights moved apart relative to how far
+  training moved them;
+* ``action``: the largest absolute difference of the trained models' action predictions on a held-out batch.
+
+Prints a table with the tolerance of each variant and exits 1 when one is exceeded. TF32 applies on CUDA only;
+``compile`` needs a working C++ compiler (inductor) and is skipped with ``--no_compile``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from decision_transformer.data import TrajectoryDataset  # noqa: E402
+from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig  # noqa: E402
+from decision_transformer.training import Trainer, make_optimizer, warmup_schedule  # noqa: E402
+
+CONFIGS = {"tiny": dict(n_embd=32, n_layer=1, n_head=1, activation_function="relu"),
+           "paper": dict(n_embd=128, n_layer=3, n_head=1, activation_function="relu"),
+           "gpt2": dict(n_embd=768, n_layer=12, n_head=12, activation_function="gelu_new")}
+
+#: (loss, drift, action) tolerances. fp32 reorderings (fused AdamW) stay near rounding; TF32 keeps 10 mantissa
+#: bits and bf16 7, so their runs drift apart by more while training the same way.
+TOLERANCES = {"fused": (1e-4, 1e-3, 1e-4), "tf32": (1e-2, 5e-2, 1e-2), "bf16": (5e-2, 0.25, 5e-2),
+              "compile": (5e-2, 0.25, 5e-2)}
+
+
+def train_variant(trajs, device, config: str, steps: int, *, fused=False, tf32=False, amp=None, compile=False,
+                  batch_size=64, K=20, seed=0):
+    """(per-step losses [steps], final state dict, initial state dict, action predictions on a held-out batch)."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    cfg = DTConfig(11, 3, max_length=K, backbone=BackboneConfig(**CONFIGS[config], resid_pdrop=0.0, embd_pdrop=0.0,
+                                                                 attn_pdrop=0.0))
+    model = DecisionTransformer(cfg, seed=seed).to(device)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = make_optimizer(model, lr=1e-4, weight_decay=1e-4, fused=fused)
+    data = TrajectoryDataset(trajs, "hopper", device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    trainer = Trainer(model, opt, warmup_schedule(opt, 10), data, batch_size=batch_size, K=K, generator=gen,
+                      amp_dtype=amp, compile=compile)
+    losses = torch.stack([trainer.train_step() for _ in range(steps)]).float().cpu()
+    held_out = data.sample_batch(batch_size, K, torch.Generator(device=device).manual_seed(seed + 1))
+    model.eval()
+    with torch.no_grad():
+        preds = model(held_out.states, held_out.actions, held_out.rtg[:, :-1], held_out.timesteps,
+                      attention_mask=held_out.mask).action_preds.float().cpu()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return losses, {k: v.detach().float().cpu() for k, v in model.state_dict().items()}, \
+        {k: v.float().cpu() for k, v in init.items()}, preds
+
+
+def compare(ref, other) -> tuple[float, float, float]:
+    """(loss, drift, action) differences of ``other`` from ``ref`` (outputs of ``train_variant``)."""
+    l0, w0, init, p0 = ref
+    l1, w1, _, p1 = other
+    loss = float(((l1 - l0).abs() / l0.abs().clamp_min(1e-12)).max())
+    num = sum(float(((w1[k] - w0[k]) ** 2).sum()) for k in w0)
+    den = sum(float(((w0[k] - init[k]) ** 2).sum()) for k in w0)
+    drift = (num / max(den, 1e-30)) ** 0.5
+    return loss, drift, float((p1 - p0).abs().max())
+
+
+def variants(device: torch.device, no_compile: bool) -> dict[str, dict]:
+    cuda = device.type == "cuda"
+    bf16 = torch.bfloat16 if (not cuda or torch.cuda.is_bf16_supported()) else None
+    out = {"fused": dict(fused=True)}
+    if cuda:
+        out["tf32"] = dict(tf32=True)
+    if bf16 is not None:
+        out["bf16"] = dict(amp=bf16, fused=True, tf32=cuda)
+    if not no_compile:
+        out["compile"] = dict(compile=True, fused=True, tf32=cuda, amp=bf16 if cuda else None)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--config", default="paper", choices=list(CONFIGS))
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--no_compile", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    from bench_core import synthetic_trajectories
+
+    trajs = synthetic_trajectories("hopper", 200_000)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device: {name}; torch {torch.__version__}; config {args.config}, batch {args.batch_size}, K 20, "
+          f"{args.steps} steps; reference: fp32, unfused AdamW, eager\n")
+    ref = train_variant(trajs, device, args.config, args.steps, batch_size=args.batch_size)
+    print(f"reference final loss {float(ref[0][-1]):.5f}\n")
+    print("| variant | loss (max rel.) | weight drift | action (max abs.) | tolerances | result |")
+    print("|---|---:|---:|---:|---|---|")
+    failed = False
+    for name, kw in variants(device, args.no_compile).items():
+        got = compare(ref, train_variant(trajs, device, args.config, args.steps, batch_size=args.batch_size, **kw))
+        tol = TOLERANCES[name]
+        ok = all(g <= t for g, t in zip(got, tol))
+        failed |= not ok
+        label = name + (" (" + ", ".join(k for k, v in kw.items() if v and k != "compile") + ")" if name in
+                        ("bf16", "compile") else "")
+        print(f"| {label} | {got[0]:.2e} | {got[1]:.2e} | {got[2]:.2e} | {tol[0]:g} / {tol[1]:g} / {tol[2]:g} | "
+              f"{'ok' if ok else 'EXCEEDED'} |")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
