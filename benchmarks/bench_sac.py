@@ -1,4 +1,4 @@
-"""SAC update throughput: the textbook update against the project's fast update (eager and compiled).
+"""SAC update throughput: the textbook update against the project's fast update (eager, bf16, compiled).
 
     python benchmarks/bench_sac.py [--threads 1 2] [--env halfcheetah] [--seconds 10] [--no_compile]
 
@@ -55,7 +55,9 @@ def main():
     for threads in args.threads:
         torch.set_num_threads(threads)
         variants = [("textbook (3 optimisers, 2 MLPs)", lambda: ReferenceSAC(spec.state_dim, spec.act_dim).update),
-                    ("fast eager (ensemble, 1 backward)", lambda: SAC(spec.state_dim, spec.act_dim).update)]
+                    ("fast eager (ensemble, 1 backward)", lambda: SAC(spec.state_dim, spec.act_dim).update),
+                    ("fast eager, bf16 hidden matmuls", lambda: SAC(spec.state_dim, spec.act_dim,
+                                                                     precision="bf16").update)]
         if not args.no_compile:
             variants.append(("fast + torch.compile",
                              lambda: SAC(spec.state_dim, spec.act_dim, compile=True).update))

@@ -43,6 +43,9 @@ def main(argv=None):
                    help="state folder under --state_dir (default: the env name; one env only when given)")
     p.add_argument("--long_eval_episodes", type=int, default=50,
                    help="episodes of the second evaluation that medium and expert candidates get")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="matmul type of the update's hidden layers (bf16: about 1.6x the updates/s on CPUs with "
+                        "AVX512-BF16; weights, Adam state, output layers and losses stay fp32)")
     p.add_argument("--checkpoint_minutes", type=float, default=5.0)
     p.add_argument("--state_dir", default=os.path.join(HERE, "policies_training"))
     p.add_argument("--policy_dir", default=os.path.join(ROOT, "decision_transformer", "policies"))
@@ -69,7 +72,8 @@ def main(argv=None):
             total_steps=args.total_steps, seed=args.seed, compile=args.compile,
             max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes,
             checkpoint_every_s=60.0 * args.checkpoint_minutes, medium_score=MEDIUM_TARGET_SCORE[env],
-            roles=tuple(args.roles), long_eval_episodes=args.long_eval_episodes, log=lambda m: print(m, flush=True))
+            roles=tuple(args.roles), long_eval_episodes=args.long_eval_episodes, precision=args.precision,
+            log=lambda m: print(m, flush=True))
         print(f"{env}: {meta['env_steps']} env steps; medium at {meta['medium_step']} "
               f"(score {meta['medium_eval']}, {'final' if meta['medium_final'] else 'still searching'}); "
               f"expert at {meta['best_step']} (score {meta['best_eval']})", flush=True)

@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+#: matmul types of the hidden layers in the training update (``SAC(precision=...)``); weights, optimiser state, output
+#: layers, losses and environment interaction stay float32
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -58,8 +61,13 @@ class Actor(nn.Module):
         self.head = nn.Linear(hidden, 2 * act_dim)
         self.act_dim = act_dim
 
-    def dist_params(self, obs):
-        h = F.relu(self.l2(F.relu(self.l1(obs))))
+    def dist_params(self, obs, dtype: torch.dtype | None = None):
+        """``dtype`` (e.g. bfloat16): the hidden layers' matmuls in that type; the head stays in float32."""
+        if dtype is None:
+            h = F.relu(self.l2(F.relu(self.l1(obs))))
+        else:
+            h = F.relu(F.linear(obs.to(dtype), self.l1.weight.to(dtype), self.l1.bias.to(dtype)))
+            h = F.relu(F.linear(h, self.l2.weight.to(dtype), self.l2.bias.to(dtype))).float()
         mean, log_std = self.head(h).chunk(2, dim=-1)                     # [B, da] each
         return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
@@ -90,15 +98,19 @@ class CriticEnsemble(nn.Module):
             self.biases.append(nn.Parameter(torch.stack([l.bias.detach()[None] for l in layers])))  # [E, 1, out]
         self.num = num
 
-    def forward(self, obs, act, detach_params: bool = False):
+    def forward(self, obs, act, detach_params: bool = False, dtype: torch.dtype | None = None):
+        """``dtype`` (e.g. bfloat16): the hidden layers' matmuls in that type; the output layer stays in float32."""
         x = torch.cat([obs, act], dim=-1).unsqueeze(0).expand(self.num, -1, -1)   # [E, B, ds + da]
         n = len(self.weights)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             if detach_params:
                 w, b = w.detach(), b.detach()
-            x = torch.baddbmm(b, x, w)                                             # [E, B, out]
             if i < n - 1:
-                x = F.relu(x)
+                if dtype is not None:
+                    x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+                x = F.relu(torch.baddbmm(b, x, w))                                 # [E, B, out]
+            else:
+                x = torch.baddbmm(b, x.float(), w)
         return x.squeeze(-1)                                                       # [E, B]
 
 
@@ -157,7 +169,10 @@ class SAC:
     """Actor, critic ensemble, target critics, temperature and one Adam over all of them."""
 
     def __init__(self, obs_dim: int, act_dim: int, config: SACConfig | None = None, *, seed: int = 0,
-                 compile: bool = False):
+                 compile: bool = False, precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        self.matmul_dtype = PRECISIONS[precision]
         self.config = config or SACConfig()
         c = self.config
         self.obs_dim, self.act_dim = obs_dim, act_dim
@@ -182,22 +197,23 @@ class SAC:
     # -- the fast update ---------------------------------------------------------------------------------------
     def _losses(self, obs, act, rew, next_obs, done, noise_next, noise_pi):
         c = self.config
+        dt = self.matmul_dtype
         alpha = self.log_alpha.exp().detach()
         with torch.no_grad():
             next_a, next_logp = self._sample_with_noise(next_obs, noise_next)
-            q_next = self.critic_target(next_obs, next_a).min(dim=0).values              # [B]
+            q_next = self.critic_target(next_obs, next_a, dtype=dt).min(dim=0).values    # [B]
             y = rew + c.gamma * (1.0 - done) * (q_next - alpha * next_logp)              # [B]
-        q = self.critic(obs, act)                                                          # [E, B]
+        q = self.critic(obs, act, dtype=dt)                                                # [E, B]
         critic_loss = 0.5 * (q - y).pow(2).mean(dim=1).sum()
         a_pi, logp = self._sample_with_noise(obs, noise_pi)
-        q_pi = self.critic(obs, a_pi, detach_params=True).min(dim=0).values               # grads reach a_pi only
+        q_pi = self.critic(obs, a_pi, detach_params=True, dtype=dt).min(dim=0).values    # grads reach a_pi only
         actor_loss = (alpha * logp - q_pi).mean()
         alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
         total = critic_loss + actor_loss + alpha_loss
         return total, torch.stack([critic_loss, actor_loss, alpha_loss, alpha, logp.detach().mean()])
 
     def _sample_with_noise(self, obs, eps):
-        mean, log_std = self.actor.dist_params(obs)
+        mean, log_std = self.actor.dist_params(obs, self.matmul_dtype)
         u = mean + log_std.exp() * eps
         logp = (-0.5 * eps.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
         logp = logp - (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).sum(-1)
@@ -421,7 +437,7 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
                            config: SACConfig | None = None, buffer_capacity: int = 1_000_000,
                            keep_buffer: bool = True, roles: tuple[str, ...] = ("medium", "expert"),
                            long_eval_episodes: int = 50, medium_window: float = 15.0, medium_tolerance: float = 3.0,
-                           expert_window: float = 10.0, log=print) -> dict:
+                           expert_window: float = 10.0, precision: str = "fp32", log=print) -> dict:
     """Train (or continue training) SAC on ``env_name`` until ``total_steps`` env steps or ``max_seconds``.
 
     ``state_dir`` holds the small resumable state (``state.pt``: networks, Adam, RNGs, counters; ``progress.jsonl``)
@@ -443,7 +459,9 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
     Checkpoints are written at episode boundaries every ``checkpoint_every_s`` seconds and at the end.
 
     Without a matching replay buffer on disk (fresh machine), training resumes after refilling the buffer with
-    ``min(steps, 25_000)`` steps of the current policy, which are not counted as training steps.
+    ``min(steps, 25_000)`` steps of the current policy, which are not counted as training steps. ``precision``
+    (``fp32`` or ``bf16``: the hidden layers' matmuls of the update) may change between resumes; the state records
+    from which step each was used.
     """
     import json
     import time
@@ -458,7 +476,10 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
     (policy_dir / "replay").mkdir(parents=True, exist_ok=True)
     state_path, buffer_path = state_dir / "state.pt", state_dir / "replay_buffer.npz"
     progress_path = state_dir / "progress.jsonl"
-    agent = SAC(spec.state_dim, spec.act_dim, config, seed=seed, compile=compile)
+    try:
+        agent = SAC(spec.state_dim, spec.act_dim, config, seed=seed, compile=compile, precision=precision)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     buffer = ReplayBuffer(spec.state_dim, spec.act_dim, buffer_capacity)
     rng = np.random.default_rng(seed)
     roles = tuple(roles)
@@ -493,6 +514,10 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
     else:
         resumed_buffer = True
         _move_previous_policies(policy_dir, state_dir / "previous", roles, log)
+    # which update precision trained which steps (a resume may change it)
+    meta.setdefault("precision_from_step", [])
+    if not meta["precision_from_step"] or meta["precision_from_step"][-1][1] != precision:
+        meta["precision_from_step"].append([meta["env_steps"], precision])
     medium_target = medium_score if "medium" in roles else None
     if medium_target is None:
         meta["medium_final"] = True  # this run does not search (or touch) the medium policy

@@ -51,6 +51,25 @@ def test_fast_update_equals_the_textbook_update():
     assert not torch.allclose(fast.actor.l1.weight, SAC(ds, da, cfg, seed=1).actor.l1.weight)
 
 
+def test_bf16_update_follows_the_fp32_update():
+    """bf16 hidden-layer matmuls: gradients close to the fp32 ones; weights and outputs stay float32."""
+    ds, da, cfg = 11, 3, SACConfig(hidden=256)
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        sac = SAC(ds, da, cfg, seed=0, precision=precision)
+        total, _ = sac._losses(*batch(ds, da, b=256), *torch.randn((2, 256, da), generator=torch.Generator()
+                                                                   .manual_seed(3)))
+        total.backward()
+        grads[precision] = torch.cat([p.grad.flatten() for p in sac.params])
+        assert all(p.dtype == torch.float32 for p in sac.params)
+        assert sac.critic(torch.randn(4, ds), torch.rand(4, da), dtype=sac.matmul_dtype).dtype == torch.float32
+    g32, g16 = grads["fp32"], grads["bf16"]
+    cos = float(g32 @ g16 / (g32.norm() * g16.norm()))
+    assert 0.995 < cos < 1.0, cos            # close, and really computed differently
+    with pytest.raises(ValueError, match="precision must be"):
+        SAC(ds, da, cfg, precision="fp8")
+
+
 def test_critic_ensemble_equals_separate_mlps():
     sac = SAC(4, 2, SACConfig(hidden=16), seed=0)
     ref = ReferenceSAC(4, 2, SACConfig(hidden=16))
@@ -85,10 +104,11 @@ def test_numpy_actor_matches_the_torch_actor():
     assert np.allclose(np_actor.b1, actor.l1.bias.detach().numpy())
 
 
-def test_sac_learns_a_one_step_task():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sac_learns_a_one_step_task(precision):
     """Reward -|a - 0.5 obs|^2 with every step terminal: the deterministic action must approach 0.5 obs."""
     torch.manual_seed(0)
-    sac = SAC(3, 3, SACConfig(hidden=64, lr=3e-3), seed=0)
+    sac = SAC(3, 3, SACConfig(hidden=64, lr=3e-3), seed=0, precision=precision)
     g = torch.Generator().manual_seed(1)
 
     def error():
