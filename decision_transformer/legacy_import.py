@@ -269,7 +269,7 @@ def convert_legacy(root, path: str | Path) -> dict:
                             max_length=max_length, max_ep_len=max_ep_len,
                             action_tanh=_has_tanh(_attr(root, "predict_actions")[0]),
                             share_input_output_proj="predict_state.weight" not in state,
-                            backbone=_bb(backbone))
+                            extend_positions=_shares_timestep_table(root), backbone=_bb(backbone))
         for i, e in enumerate(envs):
             spec = ENVS[e]
             if (cfg.state_dims[i], cfg.act_dims[i]) != (spec.state_dim, spec.act_dim):

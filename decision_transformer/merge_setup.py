@@ -160,11 +160,16 @@ def _rebuild_lm_init(mf: ModelFile) -> dict:
     from decision_transformer.model_factory import build_model_from_args
 
     cfg = mf.config
-    if not cfg.get("env") or cfg.get("seed") is None:
+    if (not cfg.get("env") and not mf.is_multi) or cfg.get("seed") is None:
         raise UserError(f"{mf.path} was initialised from {cfg['pretrained_lm']} but its config lacks the env or seed "
                         f"to rebuild that initialisation; pass --merge_base")
     with torch.random.fork_rng(devices=[]):
-        init = build_model_from_args(Namespace(**cfg), get_env_spec(cfg["env"]))
+        if mf.is_multi:
+            from decision_transformer.multi_run import new_model
+
+            init = new_model(Namespace(**cfg))
+        else:
+            init = build_model_from_args(Namespace(**cfg), get_env_spec(cfg["env"]))
     log(f"merge base: {cfg['pretrained_lm']} initialisation of {mf.path} rebuilt from its stored flags")
     return init.state_dict()
 

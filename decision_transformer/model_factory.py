@@ -44,6 +44,16 @@ def build_model_config(args, spec, lm=None) -> DTConfig:
     """``lm``: the located LM (``locate_pretrained(args)``); looked up here when not given."""
     if lm is None:
         lm = locate_pretrained(args)
+    backbone = backbone_config_from_args(args, lm, spec.max_ep_len)
+    return DTConfig(state_dim=spec.state_dim, act_dim=spec.act_dim, max_length=args.K, max_ep_len=spec.max_ep_len,
+                    share_input_output_proj=args.share_input_output_proj,
+                    embed_order=getattr(args, "embed_order", "ln_then_time"),
+                    extend_positions=bool(getattr(args, "extend_positions", False)), backbone=backbone)
+
+
+def backbone_config_from_args(args, lm, max_ep_len: int) -> BackboneConfig:
+    """The GPT-2 backbone the flags describe: random (``--embed_dim`` ...), the located LM's, or random with the LM's
+    block ``--pretrained_block``; with ``--extend_positions`` at least ``max_ep_len`` positions."""
     legacy = bool(getattr(args, "igpt_legacy_ln", False))
     if legacy and (lm is None or lm.model_type != "imagegpt"):
         raise UserError("--igpt_legacy_ln only applies with an ImageGPT --pretrained_lm (openai/imagegpt-small)")
@@ -68,11 +78,8 @@ def build_model_config(args, spec, lm=None) -> DTConfig:
                             f"and {args.pretrained_lm} has {n_lm}")
         backbone.block_overrides = {str(block): block_override_from_lm(lm, dropout=args.dropout, legacy_ln=legacy)}
     if getattr(args, "extend_positions", False):
-        backbone.n_positions = max(backbone.n_positions, spec.max_ep_len)
-    return DTConfig(state_dim=spec.state_dim, act_dim=spec.act_dim, max_length=args.K, max_ep_len=spec.max_ep_len,
-                    share_input_output_proj=args.share_input_output_proj,
-                    embed_order=getattr(args, "embed_order", "ln_then_time"),
-                    extend_positions=bool(getattr(args, "extend_positions", False)), backbone=backbone)
+        backbone.n_positions = max(backbone.n_positions, max_ep_len)
+    return backbone
 
 
 def build_model(cfg: DTConfig, seed: int) -> DecisionTransformer:

@@ -29,7 +29,6 @@ from decision_transformer.errors import UserError
 from decision_transformer.legacy_import import ModelFile, build_model, load_model_file
 from decision_transformer.logging import RunLogger, progress
 from decision_transformer.merge_setup import merge_multi_states, multi_fisher, resolve_method
-from decision_transformer.models import BackboneConfig
 from decision_transformer.models.multi_decision_transformer import (MODEL_CLASS, MULTI_ENVS,
                                                                     MultiDecisionTransformer, MultiDTConfig)
 from decision_transformer.training import (GRAD_CLIP, apply_update, freeze_from_args, make_optimizer,
@@ -72,8 +71,11 @@ def multi_parser() -> argparse.ArgumentParser:
     g.add_argument("--frozen", action="store_true", help="freeze transformer.h")
     g.add_argument("--freeze_subset", nargs="*", default=None, help="freeze parameters whose name contains any of these")
     g.add_argument("--load_checkpoint", default=None, help="multi-task weights loaded strictly before training")
-    g.add_argument("--pretrained_lm", "-plm", default=None, help="not supported by the multi-task script")
-    g.add_argument("--extend_positions", action="store_true", help="not supported by the multi-task script")
+    g.add_argument("--pretrained_lm", "-plm", default=None,
+                   help="initialise the shared backbone from a GPT-2-family or ImageGPT model directory (or hub name "
+                        "found in the local cache); its architecture replaces --embed_dim/--n_layer/--n_head")
+    g.add_argument("--extend_positions", action="store_true",
+                   help="the shared timestep table is the backbone's position table (tiled to 1000 rows)")
     add_optim_flags(p)
     g = p.add_argument_group("schedule, evaluation, logging, saving")
     g.add_argument("--num_eval_episodes", type=int, default=100, help="per env")
@@ -130,8 +132,6 @@ def check_multi_args(args):
 
     if args.model_type != "dt":
         raise UserError(f"--model_type {args.model_type!r}: the multi-task script trains dt only")
-    if args.pretrained_lm or args.extend_positions:
-        raise UserError("--pretrained_lm / --extend_positions are not supported by experiment_multi.py")
     check_args(args)
     check_dataset_name(args.dataset)
     if args.fisher_dataset:
@@ -318,15 +318,25 @@ def blocks_state(model) -> dict:
 # ---- model setup ----------------------------------------------------------------------------------------------------------
 
 def new_model(args) -> MultiDecisionTransformer:
-    backbone = BackboneConfig(n_embd=args.embed_dim, n_layer=args.n_layer, n_head=args.n_head,
-                              n_inner=4 * args.embed_dim, activation_function=args.activation_function,
-                              resid_pdrop=args.dropout, attn_pdrop=0.1, disable_attention=args.disable_attention)
-    cfg = MultiDTConfig(envs=list(MULTI_ENVS), max_length=args.K, share_input_output_proj=args.share_input_output_proj,
-                        embed_order=args.embed_order, backbone=backbone)
+    """A fresh multi-task DT (reseeded with ``--seed``), its backbone from ``--pretrained_lm`` when given."""
+    from decision_transformer.model_factory import backbone_config_from_args, locate_pretrained
+
+    lm = locate_pretrained(args)
+    max_ep_len = max(get_env_spec(e).max_ep_len for e in MULTI_ENVS)
+    cfg = MultiDTConfig(envs=list(MULTI_ENVS), max_length=args.K, max_ep_len=max_ep_len,
+                        share_input_output_proj=args.share_input_output_proj, embed_order=args.embed_order,
+                        extend_positions=bool(args.extend_positions),
+                        backbone=backbone_config_from_args(args, lm, max_ep_len))
     try:
-        return MultiDecisionTransformer(cfg, seed=args.seed)
+        model = MultiDecisionTransformer(cfg, seed=args.seed)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if lm is not None:
+        from decision_transformer.models.pretrained import load_lm_into_backbone
+
+        load_lm_into_backbone(model.transformer, lm)
+        log(f"pretrained: {lm.path} ({lm.model_type}, hidden {lm.n_embd}, {lm.hf_config.n_layer} layers)")
+    return model
 
 
 def merged_model(args, data: EnvData, device) -> tuple[MultiDecisionTransformer, dict]:
@@ -404,6 +414,7 @@ def run_multi(args) -> dict:
     trainer = None
     if train:
         optimizer = make_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                   pretrained_lm=bool(args.pretrained_lm),
                                    custom_transformer_decay=args.custom_transformer_decay, lm_lr=args.lm_learning_rate)
         scheduler = warmup_schedule(optimizer, args.warmup_steps)
         generator = torch.Generator(device=device)

@@ -556,3 +556,46 @@ def test_merging_seed_lm_command_against_a_fresh_chibit(tmp_path, monkeypatch, c
     (joint_run,) = (work / "joint").iterdir()                        # --outdir replaces models/{env}
     row = json.loads((joint_run / "metrics.jsonl").read_text())
     assert 2.0 < row["training/lm_loss"] < 9.0 and row["training/lm_const"] == 1.0
+
+
+def test_multi_task_dt_from_a_pretrained_lm(lm_dirs, tmp_path, monkeypatch):
+    """experiment_multi.py --pretrained_lm --extend_positions: the LM's backbone, the shared timestep table is its
+    (tiled) position table, and the saved model rebuilds with both."""
+    from transformers import GPT2LMHeadModel
+
+    import experiment_multi
+    from decision_transformer.legacy_import import build_model, load_model_file
+    from decision_transformer.models.multi_decision_transformer import MULTI_ENVS
+    from decision_transformer.multi_run import multi_parser, new_model
+    from decision_transformer.synthetic import make_dataset
+
+    gpt_dir = str(lm_dirs / "gpt2")
+    args = multi_parser().parse_args(["--pretrained_lm", gpt_dir, "--extend_positions", "--seed", "1", "--K", "5"])
+    model = new_model(args)
+    lm = GPT2LMHeadModel.from_pretrained(gpt_dir).transformer
+    assert model.embed_timestep is model.transformer.wpe and model.transformer.wpe.weight.shape[0] == 1000
+    assert torch.equal(model.transformer.h[1].attn.c_attn.weight, lm.h[1].attn.c_attn.weight)
+    assert torch.equal(model.transformer.ln_f.bias, lm.ln_f.bias)
+    assert torch.equal(model.transformer.wpe.weight[:40], lm.wpe.weight)
+    assert torch.equal(model.transformer.wpe.weight[40:80], tile_positions(lm.wpe.weight, 80)[40:80])
+
+    data = tmp_path / "data"
+    for env in MULTI_ENVS:
+        make_dataset(data, env, "medium", 300, seed=0, max_ep_len=50)
+    monkeypatch.chdir(tmp_path)
+    experiment_multi.main(["--data_path", str(data), "--pretrained_lm", gpt_dir, "--extend_positions", "--seed", "1",
+                           "--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes", "1", "--K", "5",
+                           "--batch_size", "4", "--save_model", "--save_mode", "last"])
+    (path,) = (tmp_path / "models" / "multi").glob("dt_gym-experiment-multi-medium-*.pt")
+    mf = load_model_file(path)
+    assert mf.config["pretrained_lm"] == gpt_dir
+    rebuilt = build_model(mf)
+    assert rebuilt.embed_timestep is rebuilt.transformer.wpe
+    assert rebuilt.config.backbone.n_embd == 32 and rebuilt.config.backbone.n_layer == 2
+    # task vectors of such a model are taken against its rebuilt LM initialisation
+    from decision_transformer.merge_setup import resolve_base
+
+    base = resolve_base(Namespace(merge_base=None, pretrained_lm=None), [mf])
+    fresh = new_model(multi_parser().parse_args(["--pretrained_lm", gpt_dir, "--extend_positions", "--seed", "1",
+                                                 "--K", "5"])).state_dict()
+    assert set(base) == set(fresh) and all(torch.equal(base[k], fresh[k]) for k in fresh)

@@ -40,6 +40,8 @@ class MultiDTConfig:
     action_tanh: bool = True
     share_input_output_proj: bool = False     # accepted; per-env action heads are untied regardless (as the original)
     embed_order: str = "ln_then_time"
+    # --extend_positions: the shared timestep table *is* ``transformer.wpe`` (as the single-task DT)
+    extend_positions: bool = False
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
     def __post_init__(self):
@@ -82,7 +84,13 @@ class MultiDecisionTransformer(nn.Module):
         H = cfg.hidden_size
         # built first, as in the single-task DT, so that equal seeds and backbone configs give equal blocks
         self.transformer = GPT2Backbone(cfg.backbone)
-        self.embed_timestep = nn.Embedding(cfg.max_ep_len, H)
+        if cfg.extend_positions:
+            if cfg.backbone.n_positions < cfg.max_ep_len:
+                raise ValueError(f"extend_positions needs at least max_ep_len={cfg.max_ep_len} position embeddings, "
+                                 f"the backbone has {cfg.backbone.n_positions}")
+            self.embed_timestep = self.transformer.wpe      # shared module, as the originals
+        else:
+            self.embed_timestep = nn.Embedding(cfg.max_ep_len, H)
         self.embed_returns = nn.ModuleList([nn.Linear(1, H) for _ in cfg.envs])
         self.embed_states = nn.ModuleList([nn.Linear(d, H) for d in cfg.state_dims])
         self.embed_actions = nn.ModuleList([nn.Linear(d, H) for d in cfg.act_dims])
