@@ -99,6 +99,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="fewer episodes (10 only) and a 2-episode one-by-one baseline")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--episodes", type=int, nargs="+", default=[10, 50, 100], help="batched evaluation sizes")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,7 +113,7 @@ def main():
     print(f"| per-sample loop (originals) | {slow:,.0f} | 1.0x |")
     print(f"| vectorised on-device | {fast:,.0f} | {fast / slow:.1f}x |\n")
 
-    episodes = [10] if args.quick else [10, 50]
+    episodes = [10] if args.quick else args.episodes
     rows = bench_eval(device, episodes, 2 if args.quick else 5)
     print("| evaluation (HalfCheetah-v4, 1000-step episodes, DT 128x3) | episodes | one-by-one ep/s | batched ep/s | ratio |")
     print("|---|---:|---:|---:|---:|")

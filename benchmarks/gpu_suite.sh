@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Every GPU figure of the speed work in one command (one device lease): sampler and evaluation (10/50/100 episodes)
+# against the slow paths, training throughput and MFU at the paper config and at GPT-2 size, and the fast path's
+# numerics against fp32. Output: one log per benchmark under ${OUT:-benchmarks/results}/.
+#
+#   bash benchmarks/gpu_suite.sh            # on a CUDA machine with torch, gymnasium[mujoco] and this package
+#
+# On a machine without MuJoCo, install it from wheels first (gymnasium, mujoco, farama-notifications, cloudpickle,
+# glfw, typing-extensions where missing), e.g. from a folder of wheels downloaded with `pip download --only-binary`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 MUJOCO_GL=${MUJOCO_GL:-egl}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/device.txt"
+status=0
+run() {
+  local name=$1; shift
+  echo "== $name: $*"
+  "$@" 2>&1 | tee "$out/$name.txt" || status=1
+}
+run check_precision_paper python benchmarks/check_precision.py --device cuda --config paper --steps 200
+run check_precision_gpt2 python benchmarks/check_precision.py --device cuda --config gpt2 --steps 50
+run bench_train python benchmarks/bench_train.py --device cuda --configs paper gpt2 --steps 100
+run bench_core python benchmarks/bench_core.py --device cuda --episodes 10 50 100
+run bench_analysis python benchmarks/bench_analysis.py --device cuda
+exit $status
