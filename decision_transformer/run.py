@@ -49,10 +49,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device):
-    """bf16 autocast on CUDA GPUs that support it (``auto``/``bf16``); None = fp32."""
-    if precision == "fp32" or device.type != "cuda":
-        if precision == "bf16" and device.type != "cuda":
-            print("warning: --precision bf16 applies on CUDA only; training in fp32", file=sys.stderr)
+    """bf16 autocast on CUDA GPUs that support it (``auto``/``bf16``) and on CPU when asked (``bf16``); None = fp32."""
+    if precision == "fp32" or (device.type != "cuda" and precision == "auto"):
+        return None
+    if device.type == "cpu":
+        cap = torch.backends.cpu.get_cpu_capability()
+        if "AVX512" not in cap and "AMX" not in cap:
+            print(f"warning: --precision bf16 on a CPU without AVX512 ({cap}) is emulated and slow", file=sys.stderr)
+        return torch.bfloat16
+    if device.type != "cuda":
+        print(f"warning: --precision bf16 applies on CUDA and CPU only; training in fp32 on {device}", file=sys.stderr)
         return None
     if not torch.cuda.is_bf16_supported():
         if precision == "bf16":

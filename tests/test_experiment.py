@@ -222,3 +222,16 @@ def test_nan_loss_stops_and_keeps_earlier_checkpoints(tmp_path, monkeypatch, cap
     good = load_checkpoint(rd / "model_1.pt")["state_dict"]
     assert all(torch.isfinite(v).all() for v in good.values() if v.is_floating_point())
     assert len((rd / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_bf16_on_cpu_when_asked(tmp_path, monkeypatch, hopper_data):
+    from decision_transformer.run import autocast_dtype
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16
+    run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "3", "--precision", "bf16")
+    rows = [json.loads(line) for line in (run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["training/train_loss_mean"] > 0
+    ckpt = torch.load(run_dir(tmp_path) / "model_1.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
