@@ -53,6 +53,17 @@ class DTOutput:
     attentions: tuple | None = None
 
 
+def timestep_table(cfg, transformer: GPT2Backbone) -> nn.Embedding:
+    """The timestep embedding of a DT config: ``transformer.wpe`` itself with ``extend_positions`` (one module under
+    both names, as the originals), else a fresh ``max_ep_len``-row table."""
+    if not cfg.extend_positions:
+        return nn.Embedding(cfg.max_ep_len, cfg.hidden_size)
+    if cfg.backbone.n_positions < cfg.max_ep_len:
+        raise ValueError(f"extend_positions needs at least max_ep_len={cfg.max_ep_len} position embeddings, "
+                         f"the backbone has {cfg.backbone.n_positions}")
+    return transformer.wpe
+
+
 class DecisionTransformer(nn.Module):
     """Decision Transformer over a GPT-2 backbone (no position embedding added inside the backbone).
 
@@ -71,13 +82,7 @@ class DecisionTransformer(nn.Module):
         self.config = cfg
         H = cfg.hidden_size
         self.transformer = GPT2Backbone(cfg.backbone)
-        if cfg.extend_positions:
-            if cfg.backbone.n_positions < cfg.max_ep_len:
-                raise ValueError(f"extend_positions needs at least max_ep_len={cfg.max_ep_len} position embeddings, "
-                                 f"the backbone has {cfg.backbone.n_positions}")
-            self.embed_timestep = self.transformer.wpe      # shared module, as the originals
-        else:
-            self.embed_timestep = nn.Embedding(cfg.max_ep_len, H)
+        self.embed_timestep = timestep_table(cfg, self.transformer)
         self.embed_return = nn.Linear(1, H)
         self.embed_state = nn.Linear(cfg.state_dim, H)
         self.embed_action = nn.Linear(cfg.act_dim, H)

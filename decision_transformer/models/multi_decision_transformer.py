@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from decision_transformer.envs import get_env_spec
-from decision_transformer.models.decision_transformer import EMBED_ORDERS, DTOutput
+from decision_transformer.models.decision_transformer import EMBED_ORDERS, DTOutput, timestep_table
 from decision_transformer.models.gpt2 import BackboneConfig, GPT2Backbone
 
 #: The original's env order (index 0, 1, 2).
@@ -84,13 +84,7 @@ class MultiDecisionTransformer(nn.Module):
         H = cfg.hidden_size
         # built first, as in the single-task DT, so that equal seeds and backbone configs give equal blocks
         self.transformer = GPT2Backbone(cfg.backbone)
-        if cfg.extend_positions:
-            if cfg.backbone.n_positions < cfg.max_ep_len:
-                raise ValueError(f"extend_positions needs at least max_ep_len={cfg.max_ep_len} position embeddings, "
-                                 f"the backbone has {cfg.backbone.n_positions}")
-            self.embed_timestep = self.transformer.wpe      # shared module, as the originals
-        else:
-            self.embed_timestep = nn.Embedding(cfg.max_ep_len, H)
+        self.embed_timestep = timestep_table(cfg, self.transformer)
         self.embed_returns = nn.ModuleList([nn.Linear(1, H) for _ in cfg.envs])
         self.embed_states = nn.ModuleList([nn.Linear(d, H) for d in cfg.state_dims])
         self.embed_actions = nn.ModuleList([nn.Linear(d, H) for d in cfg.act_dims])
