@@ -35,6 +35,8 @@ def add_lm_cotraining_flags(p: argparse.ArgumentParser):
                    help="use a separate timestep table (--extend_positions is on by default in this script)")
     g.add_argument("--joint", action="store_true",
                    help="co-train the transformer as a causal LM on a local text corpus (one text batch per step)")
+    g.add_argument("--no_token_cache", action="store_true",
+                   help="tokenise the --joint corpus again instead of reusing {data_path}/token_cache/")
     g.add_argument("--tokenizer_name", type=str, default="gpt2",
                    help="tokenizer for --joint; the LM directory's own tokenizer is used when it has one and this "
                         "is left at gpt2")

@@ -410,6 +410,35 @@ def test_fp16_trainer_path_equals_the_fp32_step_off_cuda(lm_dirs, hopper_data):
                            locate_lm(str(lm_dirs / "gpt2")).state_dict()["h.0.attn.c_attn.weight"])
 
 
+def test_joint_token_cache(lm_dirs, tmp_path, monkeypatch, capsys):
+    import os
+
+    from decision_transformer.training import lm_cotrain
+    from decision_transformer.training.lm_cotrain import cached_tokenize_corpus, load_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((lm_dirs / "corpus.txt").read_text()[:20000])
+    tok = load_tokenizer(lm_dirs / "gpt2", None)
+    calls = []
+    real = lm_cotrain.tokenize_corpus
+    monkeypatch.setattr(lm_cotrain, "tokenize_corpus", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = tmp_path / "cache"
+    first = cached_tokenize_corpus([corpus], tok, 16, 400, cache)
+    again = cached_tokenize_corpus([corpus], tok, 16, 400, cache)
+    assert len(calls) == 1 and torch.equal(first, again) and torch.equal(first, real([corpus], tok, 16, 400))
+    assert "from the cache" in capsys.readouterr().err
+    cached_tokenize_corpus([corpus], tok, 8, 400, cache)                  # another block size: another entry
+    assert len(calls) == 2 and len(list(cache.glob("joint_*.pt"))) == 2
+    corpus.write_text(corpus.read_text() + "a changed corpus line.\n")   # a changed corpus is tokenised again
+    os.utime(corpus, ns=(1, 2))
+    cached_tokenize_corpus([corpus], tok, 16, 400, cache)
+    assert len(calls) == 3
+    for f in cache.glob("joint_*.pt"):                                    # damaged entries are recomputed
+        f.write_bytes(b"garbage")
+    assert torch.equal(cached_tokenize_corpus([corpus], tok, 16, 400, cache), real([corpus], tok, 16, 400))
+    assert len(calls) == 4 and "unreadable token cache" in capsys.readouterr().err
+
+
 def test_joint_needs_a_local_corpus(lm_dirs, tmp_path, monkeypatch):
     from decision_transformer.cli_lm import lm_cotraining_parser
 

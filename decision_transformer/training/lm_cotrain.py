@@ -102,6 +102,52 @@ def tokenize_corpus(files: list[Path], tokenizer, block_size: int, vocab_size: i
     return blocks
 
 
+def _tokenizer_fingerprint(tokenizer) -> str:
+    """What decides the token ids: the tokenizer's class, vocabulary size and (for a local folder) its files."""
+    import hashlib
+
+    h = hashlib.sha256(f"{type(tokenizer).__name__}|{len(tokenizer)}".encode())
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    if folder.is_dir():
+        for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+            if (folder / name).is_file():
+                h.update(name.encode() + (folder / name).read_bytes())
+    else:
+        h.update(str(folder).encode())
+    return h.hexdigest()
+
+
+def cached_tokenize_corpus(files: list[Path], tokenizer, block_size: int, vocab_size: int,
+                           cache_dir: Path | None) -> torch.Tensor:
+    """``tokenize_corpus`` through a cache: ``cache_dir/joint_{key}.pt`` with the key made of the corpus files (path,
+    size, modification time), the tokenizer's fingerprint and the block size. A damaged cache file is recomputed."""
+    import hashlib
+    import os
+
+    if cache_dir is None:
+        return tokenize_corpus(files, tokenizer, block_size, vocab_size)
+    h = hashlib.sha256(f"{block_size}|{_tokenizer_fingerprint(tokenizer)}".encode())
+    for f in files:
+        st = Path(f).stat()
+        h.update(f"|{Path(f).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    path = Path(cache_dir) / f"joint_{h.hexdigest()[:20]}.pt"
+    if path.is_file():
+        try:
+            blocks = torch.load(path, weights_only=True)["blocks"]
+            if blocks.dim() == 2 and blocks.shape[1] == block_size and int(blocks.max()) < vocab_size:
+                print(f"joint LM training: tokens from the cache {path}", file=sys.stderr)
+                return blocks
+        except Exception:  # noqa: BLE001 - any damage means: tokenise again
+            pass
+        print(f"warning: {path}: unreadable token cache, tokenising again", file=sys.stderr)
+    blocks = tokenize_corpus(files, tokenizer, block_size, vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"blocks": blocks, "files": [str(f) for f in files]}, tmp)
+    os.replace(tmp, path)
+    return blocks
+
+
 class TextBatches:
     """Endless shuffled passes over the token blocks (re-shuffled each pass, seeded; no cached pass)."""
 
@@ -154,7 +200,8 @@ def build_lm_cotraining(args, model, lm, device) -> LMCotraining:
     files = find_text_corpus(args.nlp_dataset_name, args.nlp_dataset_config_name, args.data_path)
     tokenizer = load_tokenizer(lm.path, args.tokenizer_name)
     block = min(MAX_BLOCK_SIZE, lm.n_positions, getattr(tokenizer, "model_max_length", MAX_BLOCK_SIZE) or 10**9)
-    blocks = tokenize_corpus(files, tokenizer, block, model.transformer.wte.num_embeddings)
+    cache = None if getattr(args, "no_token_cache", False) else Path(args.data_path) / "token_cache"
+    blocks = cached_tokenize_corpus(files, tokenizer, block, model.transformer.wte.num_embeddings, cache)
     print(f"joint LM training: {len(blocks)} blocks of {block} tokens from {', '.join(map(str, files))}",
           file=sys.stderr)
     return LMCotraining(TextBatches(blocks, seed=args.seed, device=device), const=args.gpt_lm_const,
