@@ -436,8 +436,9 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
                            start_steps: int = 5_000, medium_score: float | None = None, compile: bool = False,
                            config: SACConfig | None = None, buffer_capacity: int = 1_000_000,
                            keep_buffer: bool = True, roles: tuple[str, ...] = ("medium", "expert"),
-                           long_eval_episodes: int = 50, medium_window: float = 15.0, medium_tolerance: float = 3.0,
-                           expert_window: float = 10.0, precision: str = "fp32", log=print) -> dict:
+                           long_eval_episodes: int = 50, medium_window: float = 15.0, medium_tolerance: float = 5.0,
+                           medium_patience: int = 10, expert_window: float = 10.0, precision: str = "fp32",
+                           log=print) -> dict:
     """Train (or continue training) SAC on ``env_name`` until ``total_steps`` env steps or ``max_seconds``.
 
     ``state_dir`` holds the small resumable state (``state.pt``: networks, Adam, RNGs, counters; ``progress.jsonl``)
@@ -446,8 +447,9 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
     * ``medium``: every ``eval_every`` steps the stochastic actor is screened with ``eval_episodes`` episodes; one
       whose D4RL score is within ``medium_window`` of ``medium_score`` is evaluated again over
       ``long_eval_episodes`` episodes, and the candidate closest to the target so far is ``medium.pt``. The search
-      ends (the medium policy is final) at the first candidate within ``medium_tolerance`` of the target, or at
-      ``total_steps``. Until then ``replay/actor_{step}.pt`` (float16 actor snapshots every ``snapshot_every``
+      ends (the medium policy is final) at the first candidate within ``medium_tolerance`` of the target (5 points:
+      about twice the standard error of a 50-episode mean), after ``medium_patience`` evaluations without a closer
+      candidate, or at ``total_steps``. Until then ``replay/actor_{step}.pt`` (float16 actor snapshots every ``snapshot_every``
       steps, from which medium-replay is regenerated) are written; when it ends, the snapshots after the medium
       step are removed. A run whose only role is ``medium`` stops there.
     * ``expert``: an actor screened within ``expert_window`` of the best screen so far is evaluated over
@@ -488,6 +490,7 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
     if "medium" in roles and medium_score is None:
         raise UserError("the medium role needs a target score (medium_score)")
     meta = {"env_steps": 0, "episodes": 0, "medium_step": None, "medium_eval": None, "medium_final": False,
+            "medium_stale": 0,
             "best_eval": None, "best_step": None, "expert_screen": None, "seed": seed, "start_steps": start_steps,
             "snapshot_every": snapshot_every, "wall_seconds": 0.0}
     if state_path.exists():
@@ -521,6 +524,11 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
     medium_target = medium_score if "medium" in roles else None
     if medium_target is None:
         meta["medium_final"] = True  # this run does not search (or touch) the medium policy
+    elif not meta["medium_final"] and meta["medium_step"] is not None and \
+            abs(meta["medium_eval"] - medium_target) <= medium_tolerance:
+        meta["medium_final"] = True  # already close enough under this tolerance
+        _prune_snapshots(policy_dir / "replay", meta["medium_step"])
+        log(f"{env_name}: the medium policy of step {meta['medium_step']} (score {meta['medium_eval']:.1f}) is final")
     actor_np = NumpyActor.from_module(agent.actor)  # views of the live weights
     env = make_env(env_name)
     t_start = time.perf_counter()
@@ -601,13 +609,15 @@ def _prune_snapshots(folder, medium_step):
 def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np, policy_dir, progress_path,
                 total_steps, seed, snapshot_every, start_steps, eval_every, eval_episodes, medium_target,
                 checkpoint, checkpoint_every_s, max_seconds, t_start, wall0, roles, long_eval_episodes,
-                medium_window, medium_tolerance, expert_window, log, **_):
+                medium_window, medium_tolerance, medium_patience, expert_window, log, **_):
     import json
     import time
 
     t_last_ckpt = t_start
     stats = None
     steps_at_start, t_rate = meta["env_steps"], time.perf_counter()
+    if roles == ("medium",) and meta["medium_final"]:
+        return  # nothing left to do for this run
     while meta["env_steps"] < total_steps:
         step = meta["env_steps"]
         if step % snapshot_every == 0 and not meta["medium_final"]:
@@ -636,11 +646,13 @@ def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np,
             if stats is not None:
                 s = stats.tolist()
                 rec.update(critic_loss=s[0], actor_loss=s[1], alpha=s[3], logp=s[4])
+            closer, was_final = False, meta["medium_final"]
             if not meta["medium_final"] and abs(score - medium_target) <= medium_window:
                 long = _long_eval(actor_np, env_name, spec, long_eval_episodes, step)
                 rec["medium_candidate"] = long[1]
                 if meta["medium_step"] is None or \
                         abs(long[1] - medium_target) < abs(meta["medium_eval"] - medium_target):
+                    closer = True
                     meta["medium_step"], meta["medium_eval"] = step, long[1]
                     _atomic_torch_save(actor_file_dict(agent.actor.state_dict(), env_name, step=step,
                                                        eval_return=long[0], eval_score=long[1],
@@ -649,7 +661,12 @@ def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np,
                     rec["medium"] = True
                 if abs(long[1] - medium_target) <= medium_tolerance:
                     meta["medium_final"] = True
-                    _prune_snapshots(policy_dir / "replay", meta["medium_step"])
+            if not meta["medium_final"] and meta["medium_step"] is not None:
+                meta["medium_stale"] = 0 if closer else meta.get("medium_stale", 0) + 1
+                if meta["medium_stale"] >= medium_patience:
+                    meta["medium_final"] = True
+            if meta["medium_final"] and not was_final:      # the search ended here: medium-replay stops there
+                _prune_snapshots(policy_dir / "replay", meta["medium_step"])
             if "expert" in roles and (meta["expert_screen"] is None or score >= meta["expert_screen"] - expert_window):
                 meta["expert_screen"] = max(score, meta["expert_screen"] or score)
                 long = _long_eval(actor_np, env_name, spec, long_eval_episodes, step)
@@ -665,6 +682,8 @@ def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np,
                 f.write(json.dumps(rec) + "\n")
             notes = [f"medium candidate {rec['medium_candidate']:.1f}" if "medium_candidate" in rec else "",
                      "medium policy saved" + (" (final)" if meta["medium_final"] else "") if rec.get("medium") else "",
+                     f"medium policy of step {meta['medium_step']} final ({meta['medium_stale']} evaluations without "
+                     f"a closer one)" if meta["medium_final"] and not was_final and not rec.get("medium") else "",
                      f"expert candidate {rec['expert_candidate']:.1f}" if "expert_candidate" in rec else "",
                      "expert policy saved" if rec.get("expert") else ""]
             notes = "; ".join(n for n in notes if n)

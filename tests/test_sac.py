@@ -237,3 +237,51 @@ def test_a_state_from_before_the_medium_search_keeps_its_medium_policy(tmp_path)
     assert meta["medium_final"] and meta["medium_step"] == 300 and (pol / "medium.pt").read_bytes() == medium
     last = json.loads((state / "progress.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 600 and "medium_candidate" not in last     # no search after the resume
+
+
+def test_medium_search_ends_after_patience_evaluations_without_a_closer_candidate(tmp_path):
+    state, pol = tmp_path / "state", tmp_path / "pol"
+    target, patience = 3.0, 2
+    logs = []
+    meta = train_behaviour_policy("hopper", state, pol, total_steps=3000, medium_score=target, medium_window=1e9,
+                                  medium_tolerance=-1.0, medium_patience=patience, roles=("medium",),
+                                  log=logs.append, **TINY)
+    cands = [(r["step"], r["medium_candidate"]) for r in
+             (json.loads(line) for line in (state / "progress.jsonl").read_text().splitlines())]
+    # replay the rule on the recorded candidates: the closest so far, ended after `patience` that were not closer
+    best, stale, end = None, 0, None
+    for step, c in cands:
+        if best is None or abs(c - target) < abs(best[1] - target):
+            best, stale = (step, c), 0
+        else:
+            stale += 1
+        if stale >= patience:
+            end = step
+            break
+    assert end is not None and meta["env_steps"] == end == cands[-1][0]
+    assert meta["medium_final"] and meta["medium_step"] == best[0]
+    assert f"medium policy of step {best[0]} final ({patience} evaluations without a closer one)" in logs[-1]
+    assert max(int(p.stem.split("_")[1]) for p in (pol / "replay").iterdir()) < best[0]
+
+
+def test_a_resume_with_a_wider_tolerance_finalises_the_medium_policy(tmp_path):
+    state, pol = tmp_path / "state", tmp_path / "pol"
+    kw = {**TINY, "keep_buffer": True, "medium_window": 1e9, "roles": ("medium",)}
+    train_behaviour_policy("hopper", state, pol, total_steps=300, medium_score=1e3, medium_tolerance=-1.0,
+                           log=lambda m: None, **{**kw, "eval_every": 200, "snapshot_every": 100})
+    # as if it had been stopped before the end: the search still open, snapshots past the candidate on disk
+    saved = torch.load(state / "state.pt", weights_only=True)
+    m = json.loads(saved["meta"])
+    assert m["medium_step"] == 200 and m["medium_final"]
+    m["medium_final"] = False
+    saved["meta"] = json.dumps(m)
+    torch.save(saved, state / "state.pt")
+    for step in (200, 300):
+        torch.save(torch.load(pol / "replay" / "actor_0000100.pt", weights_only=True),
+                   pol / "replay" / f"actor_{step:07d}.pt")
+    logs = []
+    meta = train_behaviour_policy("hopper", state, pol, total_steps=600, medium_score=1e3, medium_tolerance=1e4,
+                                  log=logs.append, **{**kw, "eval_every": 200})
+    assert meta["medium_final"] and meta["medium_step"] == 200 and meta["env_steps"] == 300
+    assert any("the medium policy of step 200" in m and "is final" in m for m in logs)
+    assert sorted(p.name for p in (pol / "replay").iterdir()) == ["actor_0000000.pt", "actor_0000100.pt"]
