@@ -46,6 +46,10 @@ def main(argv=None):
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="matmul type of the update's hidden layers (bf16: about 1.6x the updates/s on CPUs with "
                         "AVX512-BF16; weights, Adam state, output layers and losses stay fp32)")
+    p.add_argument("--expert_until", choices=["target", "total_steps"], default="target",
+                   help="when the expert policy is final: once a candidate's 50-episode score is within "
+                        "--expert_tolerance below D4RL's expert average (target), or only at --total_steps")
+    p.add_argument("--expert_tolerance", type=float, default=5.0)
     p.add_argument("--checkpoint_minutes", type=float, default=5.0)
     p.add_argument("--state_dir", default=os.path.join(HERE, "policies_training"))
     p.add_argument("--policy_dir", default=os.path.join(ROOT, "decision_transformer", "policies"))
@@ -62,7 +66,7 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, stop)
 
-    from decision_transformer.generation import MEDIUM_TARGET_SCORE
+    from decision_transformer.generation import EXPERT_TARGET_SCORE, MEDIUM_TARGET_SCORE
     from decision_transformer.sac import train_behaviour_policy
 
     torch.set_num_threads(args.threads)
@@ -73,10 +77,13 @@ def main(argv=None):
             max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes,
             checkpoint_every_s=60.0 * args.checkpoint_minutes, medium_score=MEDIUM_TARGET_SCORE[env],
             roles=tuple(args.roles), long_eval_episodes=args.long_eval_episodes, precision=args.precision,
+            expert_score=EXPERT_TARGET_SCORE[env] if args.expert_until == "target" else None,
+            expert_tolerance=args.expert_tolerance,
             log=lambda m: print(m, flush=True))
         print(f"{env}: {meta['env_steps']} env steps; medium at {meta['medium_step']} "
               f"(score {meta['medium_eval']}, {'final' if meta['medium_final'] else 'still searching'}); "
-              f"expert at {meta['best_step']} (score {meta['best_eval']})", flush=True)
+              f"expert at {meta['best_step']} (score {meta['best_eval']}, "
+              f"{'final' if meta.get('expert_final') else 'still training'})", flush=True)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ D4RL_AVERAGE_SCORE: dict[tuple[str, str], float] = {
 }
 #: The medium policy is the first evaluated SAC actor whose stochastic score reaches this minus 5.
 MEDIUM_TARGET_SCORE = {env: D4RL_AVERAGE_SCORE[(env, "medium")] for env in ("hopper", "halfcheetah", "walker2d")}
+#: The expert policy is final once a candidate reaches this minus the expert tolerance (or training ends).
+EXPERT_TARGET_SCORE = {env: D4RL_AVERAGE_SCORE[(env, "expert")] for env in ("hopper", "halfcheetah", "walker2d")}
 
 DEFAULT_NUM_TRANSITIONS = 1_000_000
 
@@ -457,6 +459,7 @@ __all__ = [
     "D4RL_AVERAGE_SCORE",
     "DATASETS",
     "MEDIUM_TARGET_SCORE",
+    "EXPERT_TARGET_SCORE",
     "dataset_stats",
     "ensure_dataset",
     "generate_dataset",

@@ -437,8 +437,8 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
                            config: SACConfig | None = None, buffer_capacity: int = 1_000_000,
                            keep_buffer: bool = True, roles: tuple[str, ...] = ("medium", "expert"),
                            long_eval_episodes: int = 50, medium_window: float = 15.0, medium_tolerance: float = 5.0,
-                           medium_patience: int = 10, expert_window: float = 10.0, precision: str = "fp32",
-                           log=print) -> dict:
+                           medium_patience: int = 10, expert_window: float = 10.0, expert_score: float | None = None,
+                           expert_tolerance: float = 5.0, precision: str = "fp32", log=print) -> dict:
     """Train (or continue training) SAC on ``env_name`` until ``total_steps`` env steps or ``max_seconds``.
 
     ``state_dir`` holds the small resumable state (``state.pt``: networks, Adam, RNGs, counters; ``progress.jsonl``)
@@ -454,7 +454,9 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
       step are removed. A run whose only role is ``medium`` stops there.
     * ``expert``: an actor screened within ``expert_window`` of the best screen so far is evaluated over
       ``long_eval_episodes`` episodes; the best of those is ``expert.pt``, marked ``final`` once ``total_steps``
-      is reached.
+      is reached or, when ``expert_score`` (the target level, D4RL's expert average) is given, as soon as a
+      candidate scores at least ``expert_score - expert_tolerance`` (a resume applies this to the best candidate
+      in hand). The run stops when all of its roles are final.
 
     A fresh run (no ``state.pt``) first moves the policy files of its roles that another run left in ``policy_dir``
     to ``state_dir/previous/``, so that a medium policy and its replay snapshots always come from one run.
@@ -491,7 +493,8 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
         raise UserError("the medium role needs a target score (medium_score)")
     meta = {"env_steps": 0, "episodes": 0, "medium_step": None, "medium_eval": None, "medium_final": False,
             "medium_stale": 0,
-            "best_eval": None, "best_step": None, "expert_screen": None, "seed": seed, "start_steps": start_steps,
+            "best_eval": None, "best_step": None, "expert_screen": None, "expert_final": False, "seed": seed,
+            "start_steps": start_steps,
             "snapshot_every": snapshot_every, "wall_seconds": 0.0}
     if state_path.exists():
         try:
@@ -529,6 +532,30 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
         meta["medium_final"] = True  # already close enough under this tolerance
         _prune_snapshots(policy_dir / "replay", meta["medium_step"])
         log(f"{env_name}: the medium policy of step {meta['medium_step']} (score {meta['medium_eval']:.1f}) is final")
+    expert_path = policy_dir / "expert.pt"
+
+    def finalise_expert(why, reached=True):
+        """Mark the best-evaluated actor as the final expert policy (``reached``: the search is over for good; at
+        ``total_steps`` it is not, a later call with more steps trains on and may replace it)."""
+        meta["expert_final"] = reached
+        if not expert_path.exists():
+            return
+        best = torch.load(expert_path, weights_only=True)
+        if not best.get("final"):
+            best["final"] = True
+            best["trained_steps"] = int(meta["env_steps"])
+            _atomic_torch_save(best, expert_path)
+            log(f"{env_name}: the expert policy of step {best.get('step')} (score {best.get('eval_score')}) is "
+                f"final ({why})")
+
+    def expert_reached():
+        return expert_score is not None and meta["best_eval"] is not None and \
+            meta["best_eval"] >= expert_score - expert_tolerance
+
+    if "expert" not in roles:
+        meta["expert_final"] = True  # this run does not write the expert policy
+    elif not meta.get("expert_final") and expert_reached():
+        finalise_expert(f"it reaches the target {expert_score:.1f} within {expert_tolerance:g}")
     actor_np = NumpyActor.from_module(agent.actor)  # views of the live weights
     env = make_env(env_name)
     t_start = time.perf_counter()
@@ -562,16 +589,10 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
     if meta["env_steps"] >= total_steps and not meta["medium_final"]:
         meta["medium_final"] = True  # the search ends with the closest candidate found
         _prune_snapshots(policy_dir / "replay", meta["medium_step"])
+    if "expert" in roles and meta["env_steps"] >= total_steps and not meta["expert_final"]:
+        finalise_expert(f"training reached {total_steps} steps", reached=False)
     checkpoint()
     env.close()
-    expert_path = policy_dir / "expert.pt"
-    if "expert" in roles and meta["env_steps"] >= total_steps and expert_path.exists():
-        # training finished: the best-evaluated actor becomes the final expert policy
-        best = torch.load(expert_path, weights_only=True)
-        if not best.get("final"):
-            best["final"] = True
-            best["trained_steps"] = int(meta["env_steps"])
-            _atomic_torch_save(best, expert_path)
     return meta
 
 
@@ -609,14 +630,18 @@ def _prune_snapshots(folder, medium_step):
 def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np, policy_dir, progress_path,
                 total_steps, seed, snapshot_every, start_steps, eval_every, eval_episodes, medium_target,
                 checkpoint, checkpoint_every_s, max_seconds, t_start, wall0, roles, long_eval_episodes,
-                medium_window, medium_tolerance, medium_patience, expert_window, log, **_):
+                medium_window, medium_tolerance, medium_patience, expert_window, log, expert_reached,
+                finalise_expert, expert_score, expert_tolerance, **_):
     import json
     import time
 
     t_last_ckpt = t_start
     stats = None
     steps_at_start, t_rate = meta["env_steps"], time.perf_counter()
-    if roles == ("medium",) and meta["medium_final"]:
+    def done():
+        return meta["medium_final"] and meta["expert_final"]
+
+    if done():
         return  # nothing left to do for this run
     while meta["env_steps"] < total_steps:
         step = meta["env_steps"]
@@ -667,7 +692,8 @@ def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np,
                     meta["medium_final"] = True
             if meta["medium_final"] and not was_final:      # the search ended here: medium-replay stops there
                 _prune_snapshots(policy_dir / "replay", meta["medium_step"])
-            if "expert" in roles and (meta["expert_screen"] is None or score >= meta["expert_screen"] - expert_window):
+            if not meta["expert_final"] and (meta["expert_screen"] is None or
+                                             score >= meta["expert_screen"] - expert_window):
                 meta["expert_screen"] = max(score, meta["expert_screen"] or score)
                 long = _long_eval(actor_np, env_name, spec, long_eval_episodes, step)
                 rec["expert_candidate"] = long[1]
@@ -678,6 +704,8 @@ def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np,
                                                        eval_episodes=long_eval_episodes, kind="expert"),
                                        policy_dir / "expert.pt")
                     rec["expert"] = True
+                if expert_reached():
+                    finalise_expert(f"it reaches the target {expert_score:.1f} within {expert_tolerance:g}")
             with open(progress_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             notes = [f"medium candidate {rec['medium_candidate']:.1f}" if "medium_candidate" in rec else "",
@@ -689,7 +717,7 @@ def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np,
             notes = "; ".join(n for n in notes if n)
             log(f"{env_name} step {step}: return {rec['return_mean']:.1f} +- {rec['return_std']:.1f} "
                 f"(score {score:.1f}), {rate:.1f} steps/s" + (f" -> {notes}" if notes else ""))
-            if roles == ("medium",) and meta["medium_final"]:
+            if done():
                 break
         if term or trunc:
             meta["episodes"] += 1

@@ -285,3 +285,44 @@ def test_a_resume_with_a_wider_tolerance_finalises_the_medium_policy(tmp_path):
     assert meta["medium_final"] and meta["medium_step"] == 200 and meta["env_steps"] == 300
     assert any("the medium policy of step 200" in m and "is final" in m for m in logs)
     assert sorted(p.name for p in (pol / "replay").iterdir()) == ["actor_0000000.pt", "actor_0000100.pt"]
+
+
+def test_the_expert_is_final_once_it_reaches_the_target(tmp_path):
+    state, pol = tmp_path / "state", tmp_path / "pol"
+    kw = {**TINY, "keep_buffer": True, "roles": ("expert",)}
+    # an unreachable target: training runs to total_steps, then the best candidate is final
+    logs = []
+    meta = train_behaviour_policy("hopper", state, pol, total_steps=600, expert_score=1e6, log=logs.append, **kw)
+    assert meta["env_steps"] == 600 and not meta["expert_final"]     # more steps may still improve it
+    best = torch.load(pol / "expert.pt", weights_only=True)
+    assert best["final"] and best["trained_steps"] == 600 and best["step"] == meta["best_step"]
+    assert any("final (training reached 600 steps)" in m for m in logs)
+
+    # a target within reach of the first candidate: final at the first evaluation, the run stops there
+    state2, pol2 = tmp_path / "state2", tmp_path / "pol2"
+    meta = train_behaviour_policy("hopper", state2, pol2, total_steps=3000, expert_score=-1e6, log=lambda m: None,
+                                  **kw)
+    assert meta["env_steps"] == 300 and meta["expert_final"] and meta["best_step"] == 300
+    assert torch.load(pol2 / "expert.pt", weights_only=True)["trained_steps"] == 300
+
+    # a resume applies the target to the candidate in hand: a run started without one is finalised at once
+    state3, pol3 = tmp_path / "state3", tmp_path / "pol3"
+    meta = train_behaviour_policy("hopper", state3, pol3, total_steps=300, log=lambda m: None,
+                                  **{**kw, "roles": ("medium", "expert"), "medium_score": 1e6})
+    assert meta["best_eval"] is not None
+    saved = torch.load(state3 / "state.pt", weights_only=True)
+    m = json.loads(saved["meta"])
+    m["expert_final"] = False
+    del m["expert_final"]                         # a state written before the expert target existed
+    saved["meta"] = json.dumps(m)
+    torch.save(saved, state3 / "state.pt")
+    e = torch.load(pol3 / "expert.pt", weights_only=True)
+    del e["final"]
+    torch.save(e, pol3 / "expert.pt")
+    logs = []
+    meta = train_behaviour_policy("hopper", state3, pol3, total_steps=3000, roles=("expert",),
+                                  expert_score=meta["best_eval"] + 4.0, expert_tolerance=5.0, log=logs.append,
+                                  **{k: v for k, v in kw.items() if k != "roles"})
+    assert meta["env_steps"] == 300 and meta["expert_final"]          # nothing trained after the resume
+    assert torch.load(pol3 / "expert.pt", weights_only=True)["final"] is True
+    assert any("within 5" in m for m in logs)
