@@ -1,7 +1,8 @@
 """D4RL-style dataset generation (decision_transformer/generation.py, data/generate_datasets.py) end to end on
 real MuJoCo with small policy files made here (freshly initialised actors standing in for trained ones): layout,
 consistency with the simulator state, determinism, the medium-expert and medium-replay recipes, stats, the
-embedded default ``ensure_dataset`` and the refusal of damaged policy files."""
+embedded default ``ensure_dataset`` and the refusal of damaged policy files; last, the bundled (trained) policy set:
+complete for all 15 datasets and scoring what its files record."""
 from __future__ import annotations
 
 import importlib.util
@@ -224,3 +225,29 @@ def test_bundled_policy_files_load_when_present():
         for f in sorted(env_dir.glob("*.pt")) + sorted(env_dir.glob("replay/*.pt"))[:3]:
             _, meta = load_policy(f, env_dir.name)
             assert meta["env"] == env_dir.name
+
+
+@pytest.mark.parametrize("env", ["hopper", "halfcheetah", "walker2d"])
+def test_bundled_policies_cover_every_dataset_and_behave_as_recorded(env):
+    """The shipped set is complete (all five datasets generate: medium, a final expert, replay snapshots every 10k
+    steps from 0 up to the medium step) and each policy still scores what its file records: the mean of 20 seeded
+    episodes of the sampled policy lies within 3 standard errors (+3 points) of the recorded 50-episode score, and
+    the recorded scores are within D4RL's +-10-point targets."""
+    from decision_transformer.envs import get_env_spec
+    from decision_transformer.sac import evaluate_policy
+
+    spec = get_env_spec(env)
+    for dataset in generation.DATASETS:
+        assert generation.missing_policies(env, dataset) is None, (env, dataset)
+    policy_dir = generation.BUNDLED_POLICY_DIR
+    _, med_meta = load_policy(policy_dir / env / "medium.pt", env)
+    steps = [s for s, _ in generation.replay_snapshots(policy_dir, env, med_meta["step"])]
+    assert steps == list(range(0, med_meta["step"], 10_000))
+    for kind in ("medium", "expert"):
+        actor, meta = load_policy(policy_dir / env / f"{kind}.pt", env)
+        assert meta["kind"] == kind and meta["eval_episodes"] == 50
+        assert abs(meta["eval_score"] - generation.D4RL_AVERAGE_SCORE[(env, kind)]) <= 10, (kind, meta["eval_score"])
+        scores = spec.d4rl_score(evaluate_policy(actor, env, 20, seed=0))
+        band = 3 * scores.std() / math.sqrt(len(scores)) + 3
+        assert abs(scores.mean() - meta["eval_score"]) <= band, (kind, scores.mean(), meta["eval_score"], band)
+    assert meta["final"]
