@@ -326,3 +326,14 @@ def test_the_expert_is_final_once_it_reaches_the_target(tmp_path):
     assert meta["env_steps"] == 300 and meta["expert_final"]          # nothing trained after the resume
     assert torch.load(pol3 / "expert.pt", weights_only=True)["final"] is True
     assert any("within 5" in m for m in logs)
+
+
+def test_behaviour_training_is_seeded(tmp_path):
+    """Same seed, same actor (bit for bit); another seed, another actor."""
+    kw = {**TINY, "total_steps": 400, "eval_every": 200, "medium_score": 0.0}
+    actors = []
+    for i, seed in enumerate((3, 3, 4)):
+        train_behaviour_policy("hopper", tmp_path / f"s{i}", tmp_path / f"p{i}", seed=seed, log=lambda m: None, **kw)
+        actors.append(torch.load(tmp_path / f"p{i}" / "expert.pt", weights_only=True)["actor"])
+    assert all(torch.equal(actors[0][k], actors[1][k]) for k in actors[0])
+    assert not all(torch.equal(actors[0][k], actors[2][k]) for k in actors[0])
