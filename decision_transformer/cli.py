@@ -82,6 +82,10 @@ def add_optim_flags(p: argparse.ArgumentParser):
     g.add_argument("--fp16", action="store_true", help="accepted for compatibility; no effect in this script")
 
 
+THREADS_HELP = ("CPU threads for torch: auto = the cores other processes are not keeping busy (never more than "
+                "OMP_NUM_THREADS), or a number")
+
+
 def add_run_flags(p: argparse.ArgumentParser, *, project: str = "decision-transformer", seed_default=666,
                   outdir_default="checkpoints"):
     g = p.add_argument_group("schedule, evaluation, logging, saving")
@@ -93,6 +97,7 @@ def add_run_flags(p: argparse.ArgumentParser, *, project: str = "decision-transf
     g.add_argument("--env_version", type=str, default=DEFAULT_ENV_VERSION, choices=SUPPORTED_ENV_VERSIONS)
     g.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N (cuda falls back to cpu "
                                                                "with a warning when no GPU is present)")
+    g.add_argument("--threads", default="auto", help=THREADS_HELP)
     g.add_argument("--seed", type=int, default=seed_default)
     g.add_argument("--log_to_wandb", "-w", action="store_true", help="log to WandB (offline without credentials)")
     g.add_argument("--project", type=str, default=project, help="WandB project")

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from decision_transformer.checkpoint import atomic_save
+from decision_transformer.cli import THREADS_HELP
 from decision_transformer.errors import UserError
 from decision_transformer.training.losses import masked_action_mse
 
@@ -289,6 +290,7 @@ def precompute_parser():
     p.add_argument("--f_num_batches", type=int, default=100, help="batches")
     p.add_argument("--K", type=int, default=20)
     p.add_argument("--device", default="cuda:0", help="falls back to cpu with a warning when CUDA is absent")
+    p.add_argument("--threads", default="auto", help=THREADS_HELP)
     p.add_argument("--fisher_type", default="batch", choices=FISHER_TYPES)
     p.add_argument("--seed", type=int, default=666, help="sampler and dropout seed")
     p.add_argument("--dataset", default=None, help="data to estimate on (default: the model's own dataset)")
@@ -301,7 +303,7 @@ def run_precompute(args) -> Path:
     from decision_transformer.legacy_import import build_model, load_model_file
     from decision_transformer.run import resolve_device
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, args.threads)
     mf = load_model_file(args.model)
     if mf.is_multi:
         raise UserError(f"{args.model}: a multi-task model; experiment_multi.py --use_fisher computes its Fisher per env")

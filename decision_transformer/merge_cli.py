@@ -23,6 +23,7 @@ from pathlib import Path
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
 from decision_transformer.checkpoint import atomic_save, make_checkpoint
+from decision_transformer.cli import THREADS_HELP
 from decision_transformer.errors import UserError, cli_entry
 
 
@@ -56,6 +57,7 @@ def merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=666)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", default="auto", help=THREADS_HELP)
     return p
 
 
@@ -101,7 +103,7 @@ def run_merge(args) -> Path:
                                                   resolve_method)
     from decision_transformer.run import resolve_device
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, args.threads)
     sources = [load_model_file(m) for m in args.models]
     method = resolve_method(args)
     n_multi = sum(s.is_multi for s in sources)

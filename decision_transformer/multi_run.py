@@ -23,7 +23,7 @@ import torch
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
 from decision_transformer.checkpoint import atomic_save, load_state_into, make_checkpoint, new_exp_id
-from decision_transformer.cli import add_optim_flags
+from decision_transformer.cli import THREADS_HELP, add_optim_flags
 from decision_transformer.envs import DEFAULT_ENV_VERSION, SUPPORTED_ENV_VERSIONS, get_env_spec
 from decision_transformer.errors import UserError
 from decision_transformer.legacy_import import ModelFile, build_model, load_model_file
@@ -83,6 +83,7 @@ def multi_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_steps_per_iter", type=int, default=2500)
     g.add_argument("--env_version", default=DEFAULT_ENV_VERSION, choices=SUPPORTED_ENV_VERSIONS)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (cuda falls back to cpu with a warning)")
+    g.add_argument("--threads", default="auto", help=THREADS_HELP)
     g.add_argument("--seed", type=int, default=None, help="None: drawn from OS entropy, logged and used everywhere")
     g.add_argument("--log_to_wandb", "-w", action="store_true")
     g.add_argument("--project", default="multi-decision-transformer")
@@ -371,7 +372,7 @@ def run_multi(args) -> dict:
     if args.seed is None:
         args.seed = secrets.randbelow(2**31)
         log(f"seed: {args.seed} (drawn from OS entropy; pass --seed {args.seed} to repeat this run)")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, args.threads)
     seed_everything(args.seed)
     envs = list(MULTI_ENVS)
     train_envs = [e for e in envs if e in (args.selected_training or envs)]

@@ -24,6 +24,7 @@ from decision_transformer.evaluation import EnvPool, evaluate_episodes
 from decision_transformer.logging import RunLogger, progress, summary_line
 from decision_transformer.model_factory import (build_bc_model, build_model_from_args, locate_pretrained,
                                                 make_extra_loss)
+from decision_transformer.threads import configure_threads
 from decision_transformer.training import (GRAD_CLIP, ActTrainer, Trainer, freeze_from_args, make_optimizer,
                                            warmup_schedule)
 
@@ -35,16 +36,19 @@ SCRIPTS = {EXPERIMENT: "experiment.py", LM_COTRAINING: "lm_cotraining/experiment
 
 # ---- small helpers ----------------------------------------------------------------------------------------------
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, threads: str | int | None = "auto") -> torch.device:
+    """The torch device for ``--device name``; also sets torch's CPU threads (``--threads``, see threads.py)."""
     if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        print(f"warning: --device {name} requested but CUDA is not available; running on cpu", file=sys.stderr)
-        return torch.device("cpu")
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            print(f"warning: --device {name} requested but CUDA is not available; running on cpu", file=sys.stderr)
+            dev = torch.device("cpu")
+    configure_threads(threads, dev)
     return dev
 
 
@@ -152,7 +156,7 @@ def _run(args, script: str) -> dict:
     bc = args.model_type == "bc"
     if bc:
         targets = targets[:1]  # the MLP ignores the target: one evaluation (the originals' first target)
-    ctx, device = distributed.setup(resolve_device(args.device))  # torchrun: one process per GPU
+    ctx, device = distributed.setup(resolve_device(args.device, args.threads))  # torchrun: one process per GPU
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

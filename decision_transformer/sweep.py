@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from decision_transformer.errors import UserError, cli_entry
+from decision_transformer.threads import available_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID_DIR = Path(__file__).resolve().parent / "sweeps"
@@ -113,6 +114,8 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path) ->
             env = dict(os.environ)
             if slots[slot] is not None:
                 env["CUDA_VISIBLE_DEVICES"] = slots[slot]
+            elif "OMP_NUM_THREADS" not in env:  # concurrent CPU runs: share the cores instead of oversubscribing
+                env["OMP_NUM_THREADS"] = str(max(1, len(available_cpus()) // len(slots)))
             log = open(log_dir / f"run_{i:03d}.log", "w")
             print(f"[start {i}] slot {slots[slot] if slots[slot] is not None else slot}: {shlex.join(cmd[1:])}",
                   flush=True)

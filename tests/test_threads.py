@@ -1,0 +1,72 @@
+"""``--threads``: the thread choice, the busy-core measurement, the flag on the scripts and the launcher's split."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from decision_transformer import sweep
+from decision_transformer.errors import UserError
+from decision_transformer.threads import available_cpus, busy_cores, choose_threads, configure_threads
+
+
+def test_choose_threads_leaves_out_busy_cores():
+    assert choose_threads("auto", available=2, busy=1.0, current=2) == 1
+    assert choose_threads("auto", available=2, busy=0.1, current=2) == 2
+    assert choose_threads(None, available=8, busy=2.8, current=8) == 5
+    assert choose_threads("auto", available=2, busy=2.0, current=2) == 1  # never below one
+    assert choose_threads("auto", available=16, busy=0.0, current=4) == 4  # never above torch's setting
+    assert choose_threads("3", available=2, busy=2.0, current=1) == 3  # a number is used as given
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(UserError, match="--threads"):
+            choose_threads(bad, available=2, busy=0.0, current=2)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs /proc/stat")
+def test_busy_cores_sees_a_spinning_process():
+    cpus = available_cpus()
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = busy_cores(cpus, sample_s=0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert 0.7 <= busy <= len(cpus) + 0.01
+
+
+def test_configure_threads_sets_and_restores():
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads("2", torch.device("cpu")) == 2 and torch.get_num_threads() == 2
+        assert configure_threads("auto", torch.device("cpu")) in (1, 2)
+        torch.set_num_threads(1)
+        assert configure_threads("auto", torch.device("cpu")) == 1  # auto never raises the count
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_experiment_rejects_a_bad_thread_count(hopper_data):
+    out = subprocess.run([sys.executable, "experiment.py", "--env", "hopper", "--dataset", "medium", "--data_path",
+                          str(hopper_data), "--threads", "0", "--max_iters", "1", "--num_steps_per_iter", "1",
+                          "--num_eval_episodes", "1", "--outdir", ""],
+                         capture_output=True, text=True, cwd=sweep.ROOT, timeout=120,
+                         env={**os.environ, "WANDB_MODE": "disabled"})
+    assert out.returncode != 0
+    assert "--threads '0': use auto or a positive number of threads" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_launcher_splits_cores_between_cpu_processes(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    script = "import os; print('threads', os.environ['OMP_NUM_THREADS'])"
+    cmds = [[sys.executable, "-c", script] for _ in range(2)]
+    assert sweep.launch(cmds, [None, None], tmp_path) == 0
+    expected = str(max(1, len(available_cpus()) // 2))
+    for i in range(2):
+        assert (tmp_path / f"run_{i:03d}.log").read_text().strip() == f"threads {expected}"
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the user's setting wins
+    assert sweep.launch(cmds[:1], [None, None], tmp_path) == 0
+    assert (tmp_path / "run_000.log").read_text().strip() == "threads 7"
