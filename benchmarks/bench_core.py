@@ -6,7 +6,11 @@ Prints a table: sampler batches/s (vectorised on-device sampler vs the originals
 evaluation episodes/s (lockstep batched rollouts vs one episode at a time with batch-1 forwards). Evaluation uses
 HalfCheetah-v4 (episodes never terminate early, so every episode is 1000 steps) and a randomly initialised DT of the
 default size (128 hidden, 3 layers, 1 head, K=20). The one-by-one rate is measured on a few episodes: its cost is
-linear in the number of episodes.
+linear in the number of episodes. A third table times one evaluation forward for M histories: the full forward (every
+token's output) against ``last_action_only`` (the last block on the final tokens only), which evaluation uses.
+
+Runs tune glibc's allocator as the scripts do (``decision_transformer/cpu.py``); ``--no_tune_allocator`` measures
+without it.
 """
 import argparse
 import os
@@ -21,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from decision_transformer.cpu import tune_allocator  # noqa: E402
 from decision_transformer.data import TrajectoryDataset, state_stats  # noqa: E402
 from decision_transformer.envs import get_env_spec  # noqa: E402
 from decision_transformer.evaluation import EnvPool, evaluate_episodes, evaluate_episodes_sequential  # noqa: E402
@@ -94,18 +99,43 @@ def bench_eval(device, episodes_list, seq_episodes):
     return rows
 
 
+def bench_forward(device, batch_sizes, K=20):
+    spec = get_env_spec("halfcheetah")
+    model = DecisionTransformer(DTConfig(spec.state_dim, spec.act_dim, max_length=K), seed=0).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for M in batch_sizes:
+        s = torch.randn(M, K, spec.state_dim, generator=g).to(device)
+        a = (torch.rand(M, K, spec.act_dim, generator=g) * 2 - 1).to(device)
+        r, t = torch.randn(M, K, 1, generator=g).to(device), torch.arange(K, device=device).repeat(M, 1)
+        mask = torch.ones(M, K, device=device)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        with torch.no_grad():
+            def full():
+                model(s, a, r, t, attention_mask=mask).action_preds[:, -1]
+                sync()
+
+            def last():
+                model(s, a, r, t, attention_mask=mask, last_action_only=True).action_preds[:, -1]
+                sync()
+            rows.append((M, 1e3 / rate(full), 1e3 / rate(last)))
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="fewer episodes (10 only) and a 2-episode one-by-one baseline")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--episodes", type=int, nargs="+", default=[10, 50, 100], help="batched evaluation sizes")
+    p.add_argument("--no_tune_allocator", action="store_true", help="keep glibc's default malloc thresholds")
     args = p.parse_args()
+    tuned = False if args.no_tune_allocator else tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads'})")
-    print(f"torch {torch.__version__}\n")
+    print(f"torch {torch.__version__}, glibc allocator tuned: {tuned}\n")
 
     fast, slow = bench_sampler(device)
     print("| sampler (batch 64, K 20, 1M timesteps) | batches/s | ratio |")
@@ -119,6 +149,11 @@ def main():
     print("|---|---:|---:|---:|---:|")
     for n, batched, seq in rows:
         print(f"| | {n} | {seq:.2f} | {batched:.2f} | {batched / seq:.1f}x |")
+
+    print("\n| evaluation forward (DT 128x3, K 20) | histories | full forward ms | last_action_only ms | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    for M, full, last in bench_forward(device, [1, 10] if args.quick else [1, 10, 50, 100]):
+        print(f"| | {M} | {full:.2f} | {last:.2f} | {full / last:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from decision_transformer.evaluation import EnvPool, evaluate_episodes
 from decision_transformer.logging import RunLogger, progress, summary_line
 from decision_transformer.model_factory import (build_bc_model, build_model_from_args, locate_pretrained,
                                                 make_extra_loss)
-from decision_transformer.threads import configure_threads
+from decision_transformer.cpu import configure_threads
 from decision_transformer.training import (GRAD_CLIP, ActTrainer, Trainer, freeze_from_args, make_optimizer,
                                            warmup_schedule)
 
@@ -37,7 +37,7 @@ SCRIPTS = {EXPERIMENT: "experiment.py", LM_COTRAINING: "lm_cotraining/experiment
 # ---- small helpers ----------------------------------------------------------------------------------------------
 
 def resolve_device(name: str, threads: str | int | None = "auto") -> torch.device:
-    """The torch device for ``--device name``; also sets torch's CPU threads (``--threads``, see threads.py)."""
+    """The torch device for ``--device name``; also sets torch's CPU threads (``--threads``, see cpu.py)."""
     if name in (None, "", "auto"):
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:

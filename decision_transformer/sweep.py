@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from decision_transformer.errors import UserError, cli_entry
-from decision_transformer.threads import available_cpus
+from decision_transformer.cpu import available_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID_DIR = Path(__file__).resolve().parent / "sweeps"

@@ -563,3 +563,34 @@ def test_get_action_keeps_last_K_steps():
     assert torch.equal(got, m.get_action(s[:, -K:], a[:, -K:], r[:, -K:], t[:, -K:]))
     assert not got.requires_grad
     assert got.abs().max() <= 1.0   # tanh head
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 10. last_action_only: evaluation's forward runs the last block on the final tokens only
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", [dict(), dict(share_input_output_proj=True),
+                                     dict(backbone=dict(disable_attention=True)),
+                                     dict(backbone=dict(n_layer=1)), dict(embed_order="time_then_ln")])
+def test_last_action_only_matches_the_full_forward(variant):
+    m = DecisionTransformer(small_cfg(**variant), seed=21).eval()
+    s, a, r, t, mask = make_inputs()
+    with torch.no_grad():
+        full = m(s, a, r, t, attention_mask=mask)
+        last = m(s, a, r, t, attention_mask=mask, last_action_only=True)
+    assert last.action_preds.shape == (3, 1, DA) and last.state_preds is None and last.return_preds is None
+    torch.testing.assert_close(last.action_preds[:, 0], full.action_preds[:, -1], atol=1e-6, rtol=1e-5)
+    assert not torch.equal(full.action_preds[:, -1], full.action_preds[:, -2])  # the last step, not another one
+
+
+def test_get_action_rows_are_batch_independent_at_default_size():
+    """Evaluation's contract: an episode's action does not depend on which other episodes share the forward."""
+    from decision_transformer.models.decision_transformer import LAST_ACTION_TAIL
+
+    assert LAST_ACTION_TAIL >= 4
+    m = DecisionTransformer(DTConfig(state_dim=11, act_dim=3), seed=5).eval()
+    g = torch.Generator().manual_seed(4)
+    s, a, r = torch.randn(6, 20, 11, generator=g), torch.rand(6, 20, 3, generator=g) * 2 - 1, torch.randn(6, 20, 1)
+    t = torch.arange(20).repeat(6, 1) + 7
+    batched = m.get_action(s, a, r, t)
+    one = torch.cat([m.get_action(s[i:i + 1], a[i:i + 1], r[i:i + 1], t[i:i + 1]) for i in range(6)])
+    assert torch.equal(batched, one)

@@ -198,3 +198,18 @@ def test_multi_bad_input(data, tmp_path, monkeypatch, capsys):
         experiment_multi.main(["--data_path", str(data), "--pretrained_model", str(single), *TINY])
     assert "not a multi-task model" in capsys.readouterr().err
     assert load_checkpoint(single)  # untouched
+
+
+def test_last_action_only_matches_the_full_forward():
+    model = tiny_multi(seed=3).eval()
+    g = torch.Generator().manual_seed(0)
+    for env in MULTI_ENVS:
+        model.toggle_env(env)
+        s = torch.randn(2, 5, model.state_dim, generator=g)
+        a, r = torch.rand(2, 5, model.act_dim, generator=g), torch.randn(2, 5, 1, generator=g)
+        t, mask = torch.arange(5).repeat(2, 1), torch.tensor([[0., 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+        with torch.no_grad():
+            full = model(s, a, r, t, attention_mask=mask).action_preds[:, -1]
+            last = model(s, a, r, t, attention_mask=mask, last_action_only=True).action_preds
+        assert last.shape == (2, 1, model.act_dim)
+        torch.testing.assert_close(last[:, 0], full, atol=1e-6, rtol=1e-5)

@@ -10,6 +10,10 @@ from torch import nn
 from decision_transformer.models.gpt2 import BackboneConfig, GPT2Backbone
 
 EMBED_ORDERS = ("ln_then_time", "time_then_ln")
+#: ``last_action_only`` runs the last block for the final timestep's three tokens and the one before them. One row (the
+#: state token) would do, but CPU GEMM kernels round a row the same way for any number of rows only from 4 rows on; with
+#: 4 rows per history an episode's actions are bit-identical whether it is evaluated alone or with others.
+LAST_ACTION_TAIL = 4
 
 
 @dataclass
@@ -93,25 +97,27 @@ class DecisionTransformer(nn.Module):
             self.predict_return = nn.Linear(H, 1)
 
     # ---- heads -------------------------------------------------------------------------------------------------
+    def _action_head(self, x):
+        """State-token outputs [..., H] -> actions [..., da]."""
+        if not self.config.share_input_output_proj:
+            return self.predict_action(x)
+        # Tied: x @ W where W is the [H, d] weight of the input embedding, no bias.
+        action = x @ self.embed_action.weight
+        return torch.tanh(action) if self.config.action_tanh else action
+
     def _heads(self, x):
         """x: [B, 3, K, H] (token type, step) -> (state, action, return) predictions."""
         if self.config.share_input_output_proj:
-            # Tied: x @ W where W is the [H, d] weight of the input embedding, no bias.
-            state = x[:, 2] @ self.embed_state.weight
-            action = x[:, 1] @ self.embed_action.weight
-            if self.config.action_tanh:
-                action = torch.tanh(action)
-            ret = x[:, 2] @ self.embed_return.weight
-        else:
-            state = self.predict_state(x[:, 2])
-            action = self.predict_action(x[:, 1])
-            ret = self.predict_return(x[:, 2])
-        return state, action, ret
+            return x[:, 2] @ self.embed_state.weight, self._action_head(x[:, 1]), x[:, 2] @ self.embed_return.weight
+        return self.predict_state(x[:, 2]), self._action_head(x[:, 1]), self.predict_return(x[:, 2])
 
     def forward(self, states, actions, returns_to_go, timesteps, attention_mask=None,
-                output_attentions: bool = False, output_hidden_states: bool = False) -> DTOutput:
+                output_attentions: bool = False, output_hidden_states: bool = False,
+                last_action_only: bool = False) -> DTOutput:
         """states [B, K, ds], actions [B, K, da], returns_to_go [B, K, 1], timesteps [B, K] (long),
-        attention_mask [B, K] (1 = real step; None = all real)."""
+        attention_mask [B, K] (1 = real step; None = all real). ``last_action_only``: compute only the action at the
+        last state token (``action_preds`` [B, 1, da], no state or return predictions); the last block then runs
+        ``LAST_ACTION_TAIL`` queries instead of 3K, which is all evaluation needs."""
         B, K = states.shape[:2]
         H = self.config.hidden_size
         if attention_mask is None:
@@ -129,7 +135,11 @@ class DecisionTransformer(nn.Module):
             inputs = all_embs
         mask = attention_mask.repeat_interleave(3, dim=1)                                  # [B, 3K]
         out = self.transformer(inputs, attention_mask=mask, output_attentions=output_attentions,
-                               output_hidden_states=output_hidden_states)
+                               output_hidden_states=output_hidden_states,
+                               tail=LAST_ACTION_TAIL if last_action_only else None)
+        if last_action_only:
+            action = self._action_head(out.last_hidden_state)[:, -2:-1]  # head on all rows (LAST_ACTION_TAIL)
+            return DTOutput(None, action, None, all_embs, out.hidden_states, out.attentions)
         x = out.last_hidden_state.reshape(B, K, 3, H).permute(0, 2, 1, 3)                 # [B, 3, K, H]
         state_preds, action_preds, return_preds = self._heads(x)
         return DTOutput(state_preds, action_preds, return_preds, all_embs, out.hidden_states, out.attentions)
@@ -148,5 +158,5 @@ class DecisionTransformer(nn.Module):
                           torch.ones(states.shape[0], t, device=states.device)], dim=1)
         states, actions, returns_to_go = (F.pad(x, (0, 0, pad, 0)) for x in (states, actions, returns_to_go))
         timesteps = F.pad(timesteps, (pad, 0))
-        out = self(states, actions, returns_to_go, timesteps, attention_mask=mask)
+        out = self(states, actions, returns_to_go, timesteps, attention_mask=mask, last_action_only=True)
         return out.action_preds[:, -1]

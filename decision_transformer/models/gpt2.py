@@ -147,10 +147,16 @@ class Attention(nn.Module):
         self.attn_dropout = nn.Dropout(cfg.attn_pdrop)
         self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
 
-    def forward(self, x, bias, output_attentions: bool = False):
+    def forward(self, x, bias, output_attentions: bool = False, tail: int | None = None):
+        """``tail``: compute the outputs of the last ``tail`` query positions only ([B, tail, H]; keys and values
+        from all positions)."""
         B, T, H = x.shape
         q, k, v = self.c_attn(x).split(H, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, nh, T, hd]
+        if tail is not None:
+            q, bias = q[:, -tail:], bias[..., -tail:, :]
+        Tq = q.shape[1]
+        q = q.view(B, Tq, self.n_head, self.head_dim).transpose(1, 2)                           # [B, nh, Tq, hd]
+        k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (k, v))        # [B, nh, T, hd]
         if output_attentions:
             w = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim) + bias
             probs = torch.softmax(w, dim=-1)
@@ -159,7 +165,7 @@ class Attention(nn.Module):
             probs = None
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                                dropout_p=self.attn_pdrop if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, H)
+        y = y.transpose(1, 2).reshape(B, Tq, H)
         return self.resid_dropout(self.c_proj(y)), probs
 
 
@@ -188,10 +194,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.disable_attention = cfg.disable_attention
 
-    def forward(self, h, bias, output_attentions: bool = False):
+    def forward(self, h, bias, output_attentions: bool = False, tail: int | None = None):
+        """``tail``: the block's outputs at the last ``tail`` positions only, [B, tail, H]."""
         probs = None
+        h_in = h
+        if tail is not None:
+            h = h[:, -tail:]
         if not self.disable_attention:  # the original computed and discarded the branch; skipping it is equivalent
-            a, probs = self.attn(self.ln_1(h), bias, output_attentions)
+            a, probs = self.attn(self.ln_1(h_in), bias, output_attentions, tail)
             h = h + a
         return h + self.mlp(self.ln_2(h)), probs
 
@@ -242,17 +252,23 @@ class GPT2Backbone(nn.Module):
         if isinstance(module, (Attention, MLP)):
             nn.init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
-    def forward(self, inputs_embeds, attention_mask=None, output_attentions=False, output_hidden_states=False):
+    def forward(self, inputs_embeds, attention_mask=None, output_attentions=False, output_hidden_states=False,
+                tail: int | None = None):
+        """``tail``: only the outputs of the last ``tail`` positions are wanted (``last_hidden_state`` [B, tail, H]);
+        the last block then computes those queries, their MLP and ``ln_f`` alone."""
         B, T, _ = inputs_embeds.shape
         bias = attention_bias(attention_mask, T, inputs_embeds.device, inputs_embeds.dtype)
         h = self.drop(inputs_embeds)
         hidden, attns = [], []
-        for block in self.h:
+        last = len(self.h) - 1
+        for i, block in enumerate(self.h):
             if output_hidden_states:
                 hidden.append(h)
-            h, probs = block(h, bias, output_attentions)
+            h, probs = block(h, bias, output_attentions, tail if i == last else None)
             if output_attentions:
                 attns.append(probs)
+        if tail is not None and not len(self.h):
+            h = h[:, -tail:]
         h = self.ln_f(h)
         if output_hidden_states:
             hidden.append(h)

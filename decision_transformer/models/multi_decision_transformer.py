@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from decision_transformer.envs import get_env_spec
-from decision_transformer.models.decision_transformer import EMBED_ORDERS, DTOutput, timestep_table
+from decision_transformer.models.decision_transformer import (EMBED_ORDERS, LAST_ACTION_TAIL, DTOutput,
+                                                                 timestep_table)
 from decision_transformer.models.gpt2 import BackboneConfig, GPT2Backbone
 
 #: The original's env order (index 0, 1, 2).
@@ -129,9 +130,11 @@ class MultiDecisionTransformer(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------------------------
     def forward(self, states, actions, returns_to_go, timesteps, attention_mask=None, env=None,
-                output_attentions: bool = False, output_hidden_states: bool = False) -> DTOutput:
+                output_attentions: bool = False, output_hidden_states: bool = False,
+                last_action_only: bool = False) -> DTOutput:
         """states [B, K, d_s(env)], actions [B, K, d_a(env)], returns_to_go [B, K, 1], timesteps [B, K],
-        attention_mask [B, K]; the single-task DT's forward with env's embeddings and head."""
+        attention_mask [B, K]; the single-task DT's forward with env's embeddings and head (``last_action_only``
+        as there)."""
         i = self.active if env is None else self.env_index(env)
         B, K = states.shape[:2]
         H = self.config.hidden_size
@@ -146,7 +149,11 @@ class MultiDecisionTransformer(nn.Module):
         inputs = all_embs + time_emb.repeat_interleave(3, dim=1) if self.config.embed_order == "ln_then_time" \
             else all_embs
         out = self.transformer(inputs, attention_mask=attention_mask.repeat_interleave(3, dim=1),
-                               output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                               tail=LAST_ACTION_TAIL if last_action_only else None)
+        if last_action_only:
+            action = self.predict_actions[i](out.last_hidden_state)[:, -2:-1]  # head on all rows (LAST_ACTION_TAIL)
+            return DTOutput(None, action, None, all_embs, out.hidden_states, out.attentions)
         x = out.last_hidden_state.reshape(B, K, 3, H).permute(0, 2, 1, 3)                  # [B, 3, K, H]
         action_preds = self.predict_actions[i](x[:, 1])                                     # from the state token
         if self.config.share_input_output_proj:
@@ -169,4 +176,5 @@ class MultiDecisionTransformer(nn.Module):
                           torch.ones(states.shape[0], t, device=states.device)], dim=1)
         states, actions, returns_to_go = (F.pad(x, (0, 0, pad, 0)) for x in (states, actions, returns_to_go))
         timesteps = F.pad(timesteps, (pad, 0))
-        return self(states, actions, returns_to_go, timesteps, attention_mask=mask).action_preds[:, -1]
+        return self(states, actions, returns_to_go, timesteps, attention_mask=mask,
+                    last_action_only=True).action_preds[:, -1]

@@ -1,12 +1,21 @@
-"""CPU threads for torch: ``--threads auto`` leaves out the cores other processes keep busy.
+"""CPU runtime settings: torch's threads and glibc's allocator.
+
+Threads: ``--threads auto`` leaves out the cores other processes keep busy.
 
 torch starts one intra-op thread per core. On a core that another process keeps busy, OpenMP threads wait on each
 other at every operation: on a 2-core machine with one other job running, training and evaluation of the default DT
 ran 10x and 50x slower with 2 threads than with 1 (README, "CPU threads on a shared machine"). ``auto`` measures how
 busy this process's cores are over a short sample and uses only the free ones. It never raises the thread count above
-torch's current setting, so ``OMP_NUM_THREADS`` and an earlier ``torch.set_num_threads`` still cap it."""
+torch's current setting, so ``OMP_NUM_THREADS`` and an earlier ``torch.set_num_threads`` still cap it.
+
+Allocator: glibc serves blocks above its mmap threshold (128 KiB, adapting up to 32 MiB) with fresh mappings and
+returns freed memory at the top of the heap to the OS. A DT forward allocates activations of several MB each call, so
+every call page-faults its memory in again; on the evaluation forward that cost as much as the arithmetic.
+``tune_allocator`` raises both thresholds so the memory is reused (``benchmarks/bench_core.py`` measures the gain)."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import sys
 import time
@@ -71,11 +80,36 @@ def choose_threads(spec: str | int | None, *, available: int, busy: float, curre
     return n
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+MMAP_THRESHOLD = 256 << 20
+TRIM_THRESHOLD = 512 << 20
+_allocator_tuned: bool | None = None
+
+
+def tune_allocator() -> bool:
+    """Keep freed blocks up to 256 MiB in the heap (glibc only; once per process). Returns whether it applied.
+    ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` in the environment leave the choice to the user."""
+    global _allocator_tuned
+    if _allocator_tuned is None:
+        _allocator_tuned = False
+        if not any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                mallopt = libc.mallopt
+            except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
+                return False
+            mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+            _allocator_tuned = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and \
+                bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return _allocator_tuned
+
+
 def configure_threads(spec: str | int | None, device: torch.device) -> int:
     """Set torch's intra-op threads for a run on ``device`` and return the count. On a GPU, ``auto`` changes nothing
     (the host only feeds the device and steps the envs)."""
     import torch  # here, so that the sweep launcher can use this module without loading torch
 
+    tune_allocator()
     current = torch.get_num_threads()
     if device.type == "cuda" and (spec is None or str(spec) == "auto"):
         return current

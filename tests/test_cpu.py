@@ -9,7 +9,7 @@ import torch
 
 from decision_transformer import sweep
 from decision_transformer.errors import UserError
-from decision_transformer.threads import available_cpus, busy_cores, choose_threads, configure_threads
+from decision_transformer.cpu import available_cpus, busy_cores, choose_threads, configure_threads
 
 
 def test_choose_threads_leaves_out_busy_cores():
@@ -70,3 +70,14 @@ def test_launcher_splits_cores_between_cpu_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the user's setting wins
     assert sweep.launch(cmds[:1], [None, None], tmp_path) == 0
     assert (tmp_path / "run_000.log").read_text().strip() == "threads 7"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_allocator_tuning_applies_once_and_defers_to_the_environment():
+    code = "from decision_transformer.cpu import tune_allocator as t; print(t(), t())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=sweep.ROOT, env=env)
+    assert out.stdout.split() == ["True", "True"], out.stderr
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=sweep.ROOT,
+                         env={**env, "MALLOC_MMAP_THRESHOLD_": "131072"})
+    assert out.stdout.split() == ["False", "False"], out.stderr
