@@ -145,6 +145,14 @@ def add_merge_flags(p: argparse.ArgumentParser):
     g.add_argument("--fisher_favor_target", action="store_true", help="floor only model 1's Fisher")
 
 
+def merge_signature(args) -> dict:
+    """The merge flags of ``args`` (the ``add_merge_flags`` group) as JSON values: a merge run's folder is
+    ``{run}_{exp_id}``, and ``--resume`` and the sweep launcher find it by these."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_merge_flags(p)
+    return {a.dest: getattr(args, a.dest, a.default) for a in p._actions}
+
+
 def experiment_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train and evaluate a Decision Transformer on an offline MuJoCo dataset.",

@@ -371,7 +371,8 @@ def apply_merge(args, model, spec, device):
         log(f"merge_frozen: {len(frozen)} merged parameter tensors frozen")
         info["frozen"] = len(frozen)
     train_model = train_model.to(device)
-    if args.num_eval_episodes and args.max_iters and args.num_steps_per_iter > 0:
+    resumed = getattr(args, "resume", False)  # a resumed run keeps the evaluation it logged the first time
+    if args.num_eval_episodes and args.max_iters and args.num_steps_per_iter > 0 and not resumed:
         logs = _evaluate_before_finetuning(args, train_model, spec, device)
         info["iteration_0"] = logs
         first = [k for k in logs if k.endswith("_return_mean")]

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from decision_transformer import distributed
-from decision_transformer.checkpoint import (atomic_save, load_checkpoint, load_state_into, make_checkpoint,
-                                             model_name, new_exp_id, run_dir_name, wandb_run_name)
-from decision_transformer.cli import reject_unsupported
+from decision_transformer.checkpoint import (atomic_save, find_merge_run, load_checkpoint, load_state_into,
+                                             make_checkpoint, model_name, new_exp_id, run_dir_name, wandb_run_name)
+from decision_transformer.cli import merge_signature, reject_unsupported
 from decision_transformer.data import TrajectoryDataset, load_dataset
 from decision_transformer.envs import check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError
@@ -130,6 +130,23 @@ def check_args(args):
                 raise UserError(f"--{name} applies to the Decision Transformer, not to --model_type bc")
 
 
+def resume_state_path(args, run_dir: Path | None) -> Path:
+    """The training state ``--resume`` continues from. A merge run's folder carries its run id
+    (``{run}_{exp_id}``): the newest one made with the same merge flags is taken."""
+    if run_dir is None:
+        raise UserError("--resume needs --outdir (the run folder holds the state to resume)")
+    if args.pretrained_models:
+        found = find_merge_run(run_dir.parent, run_dir.name, merge_signature(args))
+        if found is None:
+            raise UserError(f"nothing to resume: no merge run {run_dir.name}_<id> in {run_dir.parent} was made with "
+                            f"these --pretrained_models and merge flags")
+        run_dir = found
+    st_path = run_dir / TRAIN_STATE
+    if not st_path.is_file():
+        raise UserError(f"nothing to resume: {st_path} does not exist")
+    return st_path
+
+
 # ---- the run ----------------------------------------------------------------------------------------------------
 
 def run_experiment(args) -> dict:
@@ -172,6 +189,14 @@ def _run(args, script: str) -> dict:
           f"max {dataset.traj_returns_all.max():.2f} min {dataset.traj_returns_all.min():.2f} | "
           f"training on {len(dataset.kept)} trajectories", file=sys.stderr)
 
+    mname = "bc" if bc else model_name(args.pretrained_lm, args.pretrained_block)
+    group = f"gym-experiment-{args.env}-{args.dataset}"
+    run_dir = Path(args.outdir) / run_dir_name(mname, args.dataset, args.env, args.seed, args.K,
+                                               args.remove_grad_clip, args.pretrained_block) if args.outdir else None
+    if lm_script:  # LAWSON: {outdir or models/{env}}/dt_{exp_prefix}/ (named once the run id is drawn, below)
+        run_dir = None if args.outdir == "" else Path(args.outdir or Path("models") / args.env)
+    st_path = resume_state_path(args, run_dir) if args.resume else None  # before the merge: nothing to redo if absent
+
     model = (build_bc_model(args, spec) if bc else build_model_from_args(args, spec, lm)).to(device)
     cfg = model.config
     if args.pretrained_models:
@@ -185,12 +210,6 @@ def _run(args, script: str) -> dict:
     if frozen:
         print(f"frozen: {len(frozen)} parameter tensors", file=sys.stderr)
 
-    mname = "bc" if bc else model_name(args.pretrained_lm, args.pretrained_block)
-    group = f"gym-experiment-{args.env}-{args.dataset}"
-    run_dir = Path(args.outdir) / run_dir_name(mname, args.dataset, args.env, args.seed, args.K,
-                                               args.remove_grad_clip, args.pretrained_block) if args.outdir else None
-    if lm_script:  # LAWSON: {outdir or models/{env}}/dt_{exp_prefix}/ (named once the run id is drawn, below)
-        run_dir = None if args.outdir == "" else Path(args.outdir or Path("models") / args.env)
 
     optimizer = make_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay,
                                pretrained_lm=bool(args.pretrained_lm),
@@ -217,14 +236,7 @@ def _run(args, script: str) -> dict:
         raise UserError(str(e)) from None
 
     start_iter, best_score, exp_id = 0, -float("inf"), new_exp_id()
-    if args.resume:
-        if args.pretrained_models:
-            raise UserError("--resume is not available for merge runs (each has its own run folder)")
-        if run_dir is None:
-            raise UserError("--resume needs --outdir (the run folder holds the state to resume)")
-        st_path = run_dir / TRAIN_STATE
-        if not st_path.is_file():
-            raise UserError(f"nothing to resume: {st_path} does not exist")
+    if st_path is not None:
         st = load_checkpoint(st_path)
         load_state_into(model, st["state_dict"], str(st_path))
         try:
@@ -235,6 +247,9 @@ def _run(args, script: str) -> dict:
         except (KeyError, ValueError, RuntimeError) as e:
             raise UserError(f"{st_path}: cannot restore the training state ({e})") from None
         start_iter, best_score, exp_id = int(st["iteration"]), float(st["best_score"]), int(st["exp_id"])
+        saved_merge = (st.get("config") or {}).get("merge_info") or {}
+        if args.pretrained_models and "iteration_0" in saved_merge:  # the merge's evaluation is not repeated
+            args.merge_info["iteration_0"] = saved_merge["iteration_0"]
         trainer.step = int(st["step"])
         print(f"resuming {run_dir} after iteration {start_iter}", file=sys.stderr)
     exp_prefix = f"{group}-{exp_id}"

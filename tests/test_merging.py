@@ -313,6 +313,43 @@ def test_merge_methods_end_to_end(trained, monkeypatch):
         assert torch.allclose(m0[k], expect, atol=1e-7), k
 
 
+def test_merge_run_resume_matches_uninterrupted(trained, tmp_path, monkeypatch, capsys):
+    """A merge + finetune run stopped after iteration 1 and resumed with ``--resume`` ends with the same weights and
+    metrics as one run straight through; the merge is not evaluated again and its iteration-0 evaluation is kept.
+    Another merge of the same models with other flags is not taken for the one to resume."""
+    root, data, m = trained
+    base = ["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models", *[str(m[e]) for e in ENVS],
+            "--include", "attn", "mlp", "--copy_model", "--merge_frozen", "--num_steps_per_iter", "3",
+            "--num_eval_episodes", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    monkeypatch.chdir(a)
+    experiment.main([*base, "--max_iters", "2"])
+    monkeypatch.chdir(b)
+    experiment.main([*base, "--max_iters", "1"])
+    # a different merge (attn only) of the same models, written later: --resume must not pick it
+    experiment.main([*base, "--max_iters", "1", "--include", "attn"])
+    capsys.readouterr()
+    experiment.main([*base, "--max_iters", "2", "--resume"])
+    err = capsys.readouterr().err
+    assert "iter 0 (merged, before finetuning)" not in err and "resuming" in err
+    ra = merge_run_dir(a)
+    (rb,) = [d for d in (b / "checkpoints").iterdir() if (d / "model_2.pt").is_file()]
+    sa = load_checkpoint(ra / "model_2.pt")["state_dict"]
+    sb = load_checkpoint(rb / "model_2.pt")["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if not k.startswith("time/")}  # noqa: E731
+    rows_a = [strip(x) for x in (ra / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [strip(x) for x in (rb / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows_b] == [0, 1, 2] and rows_a == rows_b
+    assert json.loads((rb / "config.json").read_text())["merge_info"]["iteration_0"] == \
+        json.loads((ra / "config.json").read_text())["merge_info"]["iteration_0"]
+    # nothing to resume in a folder without this merge: one error line, exit 2
+    monkeypatch.chdir(tmp_path)
+    msg = expect_error(capsys, [*base, "--max_iters", "2", "--resume"])
+    assert "nothing to resume: no merge run dt_medium_hopper_666_K5_<id>" in msg
+
+
 def expect_error(capsys, argv):
     with pytest.raises(SystemExit) as e:
         experiment.main(argv)

@@ -43,6 +43,34 @@ def test_skip_finished_and_resume_partial(tmp_path, hopper_data):
     assert states[1][1][-1] == "--resume" and "--resume" not in states[0][1]
 
 
+def test_merge_runs_found_by_their_merge_flags(tmp_path):
+    """Merge runs write to {run}_{exp_id}: the launcher finds a finished or half-done one by the merge flags recorded
+    in its config.json, and a folder of another merge of the same models does not count."""
+    import json
+
+    from decision_transformer.cli import experiment_parser, merge_signature
+
+    spec = {"program": "experiment.py", "name": "m",
+            "fixed": {"outdir": str(tmp_path / "ck"), "K": 5, "max_iters": 2, "pretrained_models": ["a.pt", "b.pt"],
+                      "copy_model": True},
+            "grid": {"include": [["attn"], ["mlp"]]}}
+    assert [s for s, _ in sweep.plan(spec, [])] == ["new", "new"]
+
+    def folder(exp_id, include, files):
+        argv = sweep.to_argv({**spec["fixed"], "include": include})
+        d = tmp_path / "ck" / f"dt_medium_hopper_666_K5_{exp_id}"
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(merge_signature(experiment_parser().parse_args(argv))))
+        for f in files:
+            (d / f).write_bytes(b"x")
+
+    folder(111111, ["attn"], ["model_1.pt", "model_2.pt", "train_state.pt"])
+    assert [s for s, _ in sweep.plan(spec, [])] == ["done", "new"]
+    folder(222222, ["mlp"], ["model_1.pt", "train_state.pt"])
+    states = sweep.plan(spec, [])
+    assert [s for s, _ in states] == ["done", "partial"] and states[1][1][-1] == "--resume"
+
+
 def test_local_run_two_processes_then_skip(tmp_path, hopper_data, capsys):
     grid = _grid(tmp_path, hopper_data)
     sweep.main(["run", str(grid), "--procs", "2", "--log_dir", str(tmp_path / "logs")])
