@@ -55,22 +55,24 @@ def wandb_run_name(env: str, dataset: str, model: str, seed: int, K: int = DEFAU
     return f"gym-experiment-{env}-{dataset}-{model}-{seed}" + run_suffix(K, remove_grad_clip, pretrained_block, "-")
 
 
-def find_merge_run(outdir: str | os.PathLike, base_name: str, signature: dict) -> Path | None:
-    """The newest ``{outdir}/{base_name}_{exp_id}`` folder whose ``config.json`` records the merge flags
-    ``signature`` (see ``cli.merge_signature``), or None. Newest = the latest written training state."""
+def find_run(parent: str | os.PathLike, prefix: str, signature: dict, require: str | None = None) -> Path | None:
+    """The newest ``{parent}/{prefix}{run id}`` folder whose ``config.json`` records every flag of ``signature``
+    (merge runs: ``cli.merge_signature``; multi-task runs: their training flags) and that holds the file ``require``
+    if given, or None. Newest = the latest written checkpoint or training state."""
     import json
 
     want = json.loads(json.dumps(signature, default=str))
     found = []
-    for d in Path(outdir).glob(f"{base_name}_*"):
-        if not d.name[len(base_name) + 1:].isdigit() or not (d / "config.json").is_file():
+    for d in Path(parent).glob(f"{prefix}*"):
+        if not d.name[len(prefix):].isdigit() or not (d / "config.json").is_file() or \
+                (require is not None and not (d / require).is_file()):
             continue
         try:
             cfg = json.loads((d / "config.json").read_text())
         except (OSError, ValueError):
             continue
         if isinstance(cfg, dict) and all(cfg.get(k) == v for k, v in want.items()):
-            newest = max((f.stat().st_mtime for f in d.iterdir() if f.suffix == ".pt"), default=0.0)
+            newest = max((f.stat().st_mtime for f in d.iterdir() if f.suffix in (".pt", ".json")), default=0.0)
             found.append((newest, d.name, d))
     return max(found)[2] if found else None
 

@@ -6,11 +6,13 @@ and head; loss = Σ_env masked action MSE (+ ``--init_reg``); one backward, clip
 first target (3600 / 12000 / 5000), per-env metrics and ``average_norm_return_mean`` (mean over envs of return/target,
 LAWSON's selection metric) and, a project addition, ``average_d4rl_score_mean``. Files:
 ``models/multi/dt_gym-experiment-multi-{dataset}-{id}[_best].pt`` (``--save_model``) and
-``{outdir}/multi/gym-experiment-multi-{dataset}-{id}/{config.json,metrics.jsonl}``.
+``{outdir}/multi/gym-experiment-multi-{dataset}-{id}/{config.json,metrics.jsonl,train_state.pt}`` (the last for
+``--resume``, a project addition).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import secrets
 import sys
@@ -22,7 +24,7 @@ import torch
 
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
-from decision_transformer.checkpoint import atomic_save, load_state_into, make_checkpoint, new_exp_id
+from decision_transformer.checkpoint import atomic_save, load_checkpoint, load_state_into, make_checkpoint, new_exp_id
 from decision_transformer.cli import THREADS_HELP, add_optim_flags
 from decision_transformer.envs import DEFAULT_ENV_VERSION, SUPPORTED_ENV_VERSIONS, get_env_spec
 from decision_transformer.errors import UserError
@@ -36,6 +38,7 @@ from decision_transformer.training import (GRAD_CLIP, apply_update, freeze_from_
 
 NORM_ENVS = ("medium", "medium-expert", "expert", "medium-replay")
 STATE_STATS_FILE = "state_stats.pkl"
+TRAIN_STATE = "train_state.pt"
 
 
 def log(msg: str):
@@ -91,6 +94,9 @@ def multi_parser() -> argparse.ArgumentParser:
                                                            "'' disables")
     g.add_argument("--save_model", action="store_true", help="save models/multi/dt_{exp_prefix}[_best].pt")
     g.add_argument("--save_mode", choices=["last", "best", "both"], default="last")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the newest {outdir}/multi/ run made with the same flags (other than --max_iters, "
+                        "--device, --threads, -w, --end_break; --seed may be left out) after its last iteration")
     g.add_argument("--end_break", action="store_true")
     g.add_argument("--note", default=None, help=argparse.SUPPRESS)
     g = p.add_argument_group("multi-task training and finetuning")
@@ -365,10 +371,36 @@ def merged_model(args, data: EnvData, device) -> tuple[MultiDecisionTransformer,
 
 # ---- the run ----------------------------------------------------------------------------------------------------------------
 
+#: Flags a resumed run may change; every other flag must match the run it continues.
+RESUME_FREE = ("max_iters", "resume", "device", "threads", "log_to_wandb", "end_break")
+
+
+def find_resume_dir(args) -> Path:
+    """``--resume``: the newest ``{outdir}/multi/gym-experiment-multi-{dataset}-{id}`` folder with a training state,
+    made with the same flags; a missing ``--seed`` takes the seed that run drew."""
+    from decision_transformer.checkpoint import find_run
+
+    if not args.outdir:
+        raise UserError("--resume needs --outdir (the run folder holds the state to resume)")
+    if args.eval_only or args.num_steps_per_iter <= 0:
+        raise UserError("--resume continues training: it cannot be combined with --eval_only or "
+                        "--num_steps_per_iter 0")
+    sig = {k: v for k, v in vars(args).items() if k not in RESUME_FREE and not (k == "seed" and v is None)}
+    parent = Path(args.outdir) / "multi"
+    found = find_run(parent, f"gym-experiment-multi-{args.dataset}-", sig, require=TRAIN_STATE)
+    if found is None:
+        raise UserError(f"nothing to resume: no run gym-experiment-multi-{args.dataset}-<id> in {parent} made with "
+                        f"these flags has finished an iteration")
+    return found
+
+
 def run_multi(args) -> dict:
-    from decision_transformer.run import resolve_device, seed_everything
+    from decision_transformer.run import resolve_device, rng_state, seed_everything, set_rng_state
 
     check_multi_args(args)
+    resume_dir = find_resume_dir(args) if args.resume else None
+    if resume_dir is not None and args.seed is None:
+        args.seed = int(json.loads((resume_dir / "config.json").read_text())["seed"])
     if args.seed is None:
         args.seed = secrets.randbelow(2**31)
         log(f"seed: {args.seed} (drawn from OS entropy; pass --seed {args.seed} to repeat this run)")
@@ -424,7 +456,21 @@ def run_multi(args) -> dict:
                                generator=generator, grad_clip=None if args.remove_grad_clip else GRAD_CLIP,
                                init_reg=init_reg)
 
-    exp_id = new_exp_id()
+    exp_id, start_iter, best_score = new_exp_id(), 0, -float("inf")
+    if resume_dir is not None:
+        st_path = resume_dir / TRAIN_STATE
+        st = load_checkpoint(st_path)
+        load_state_into(model, st["state_dict"], str(st_path))
+        try:
+            optimizer.load_state_dict(st["optimizer"])
+            scheduler.load_state_dict(st["scheduler"])
+            generator.set_state(st["generator"].to(generator.get_state().device))
+            set_rng_state(st["rng"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise UserError(f"{st_path}: cannot restore the training state ({e})") from None
+        start_iter, best_score, exp_id = int(st["iteration"]), float(st["best_score"]), int(st["exp_id"])
+        trainer.step = int(st["step"])
+        log(f"resuming {resume_dir} after iteration {start_iter}")
     group = f"gym-experiment-multi-{args.dataset}"
     exp_prefix = f"{group}-{exp_id}"
     config = {**vars(args), "model_class": MODEL_CLASS, "model_config": model.config.to_dict(), "exp_id": exp_id,
@@ -432,7 +478,7 @@ def run_multi(args) -> dict:
               "targets": {e: get_env_spec(e).targets[0] for e in envs}, "merge_info": merge_info}
     run_dir = Path(args.outdir) / "multi" / exp_prefix if args.outdir else None
     logger = RunLogger(run_dir, config, use_wandb=args.log_to_wandb, project=args.project, group=group,
-                       name=exp_prefix)
+                       name=exp_prefix, resume=resume_dir is not None)
     models_dir = Path("models") / "multi"
 
     def save(state, path, iteration):
@@ -447,9 +493,9 @@ def run_multi(args) -> dict:
 
     pools = {e: EnvPool(e, args.env_version) for e in envs}
     best_key = "evaluation/average_norm_return_mean"
-    best_score, logs, t0 = -float("inf"), {}, time.time()
+    logs, t0 = {}, time.time()
     try:
-        for it in range(1, args.max_iters + 1):
+        for it in range(start_iter + 1, args.max_iters + 1):
             if trainer is not None:
                 with progress(args.num_steps_per_iter, f"iter {it} train") as bar:
                     logs = trainer.train_iteration(args.num_steps_per_iter, it, bar)
@@ -483,6 +529,11 @@ def run_multi(args) -> dict:
                 best_score = score
             if args.save_model and improved and args.save_mode in ("best", "both"):
                 save(chosen_state or model.state_dict(), models_dir / f"dt_{exp_prefix}_best.pt", it)
+            if run_dir is not None and trainer is not None:  # for --resume
+                atomic_save({**make_checkpoint(model.state_dict(), config), "iteration": it, "step": trainer.step,
+                             "best_score": best_score, "exp_id": exp_id, "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                             "rng": rng_state()}, run_dir / TRAIN_STATE)
         if args.save_model and args.save_mode in ("last", "both"):
             save(model.state_dict(), models_dir / f"dt_{exp_prefix}.pt", args.max_iters)
     finally:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from decision_transformer import distributed
-from decision_transformer.checkpoint import (atomic_save, find_merge_run, load_checkpoint, load_state_into,
+from decision_transformer.checkpoint import (atomic_save, find_run, load_checkpoint, load_state_into,
                                              make_checkpoint, model_name, new_exp_id, run_dir_name, wandb_run_name)
 from decision_transformer.cli import merge_signature, reject_unsupported
 from decision_transformer.data import TrajectoryDataset, load_dataset
@@ -136,10 +136,10 @@ def resume_state_path(args, run_dir: Path | None) -> Path:
     if run_dir is None:
         raise UserError("--resume needs --outdir (the run folder holds the state to resume)")
     if args.pretrained_models:
-        found = find_merge_run(run_dir.parent, run_dir.name, merge_signature(args))
+        found = find_run(run_dir.parent, f"{run_dir.name}_", merge_signature(args), require=TRAIN_STATE)
         if found is None:
-            raise UserError(f"nothing to resume: no merge run {run_dir.name}_<id> in {run_dir.parent} was made with "
-                            f"these --pretrained_models and merge flags")
+            raise UserError(f"nothing to resume: no merge run {run_dir.name}_<id> in {run_dir.parent} made with "
+                            f"these --pretrained_models and merge flags has finished an iteration")
         run_dir = found
     st_path = run_dir / TRAIN_STATE
     if not st_path.is_file():

@@ -72,7 +72,7 @@ def run_state(program: str, argv: list[str]) -> tuple[str, Path | None]:
     """('done' | 'partial' | 'new', run folder) for an experiment.py run; other programs are always 'new'."""
     if Path(program).name != "experiment.py" or Path(program).parent.name == "lm_cotraining":
         return "new", None
-    from decision_transformer.checkpoint import find_merge_run, model_name, run_dir_name
+    from decision_transformer.checkpoint import find_run, model_name, run_dir_name
     from decision_transformer.cli import experiment_parser, merge_signature
 
     a = experiment_parser().parse_args(argv)
@@ -81,9 +81,12 @@ def run_state(program: str, argv: list[str]) -> tuple[str, Path | None]:
     run_dir = Path(a.outdir) / run_dir_name(model_name(a.pretrained_lm, a.pretrained_block), a.dataset, a.env,
                                             a.seed, a.K, a.remove_grad_clip, a.pretrained_block)
     if a.pretrained_models:  # merge runs: {run}_{exp_id}, found by their merge flags
-        run_dir = find_merge_run(run_dir.parent, run_dir.name, merge_signature(a))
-        if run_dir is None:
-            return "new", None
+        prefix, sig = f"{run_dir.name}_", merge_signature(a)
+        for state, need in (("done", f"model_{a.max_iters}.pt"), ("partial", "train_state.pt")):
+            found = find_run(run_dir.parent, prefix, sig, require=need)
+            if found is not None:
+                return state, found
+        return "new", None
     if (run_dir / f"model_{a.max_iters}.pt").is_file():
         return "done", run_dir
     if (run_dir / "train_state.pt").is_file():

@@ -347,7 +347,7 @@ def test_merge_run_resume_matches_uninterrupted(trained, tmp_path, monkeypatch, 
     # nothing to resume in a folder without this merge: one error line, exit 2
     monkeypatch.chdir(tmp_path)
     msg = expect_error(capsys, [*base, "--max_iters", "2", "--resume"])
-    assert "nothing to resume: no merge run dt_medium_hopper_666_K5_<id>" in msg
+    assert "nothing to resume: no merge run dt_medium_hopper_666_K5_<id>" in msg and "finished an iteration" in msg
 
 
 def expect_error(capsys, argv):

@@ -1,6 +1,7 @@
 """The multi-task DT: registered per-env layers (the original's plain-list bug fixed), joint training, and the Merging
 DT seed's three multi-task commands (train, finetune per env, merge) as written, with tiny budgets."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +85,39 @@ def test_every_env_gets_gradients_and_changes(data):
 
 def saved(root, dataset):
     return sorted((root / "models" / "multi").glob(f"dt_gym-experiment-multi-{dataset}-*_best.pt"))
+
+
+def test_resume_matches_uninterrupted_run(data, tmp_path, monkeypatch, capsys):
+    """experiment_multi.py --resume: a run stopped after iteration 1 and resumed (same command, no --seed: the seed the
+    run drew is taken) ends with the same weights and metrics as one run straight through; a changed flag finds
+    nothing to resume."""
+    base = ["--dataset", "medium", "--data_path", str(data), *TINY, "--embed_dim", "16", "--n_layer", "1",
+            "--n_head", "2", "--init_reg", "1e-3", "--save_model", "--save_mode", "both"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    monkeypatch.chdir(b)
+    experiment_multi.main([*base, "--max_iters", "1"])
+    (run_b,) = (b / "checkpoints" / "multi").iterdir()
+    seed = json.loads((run_b / "config.json").read_text())["seed"]
+    monkeypatch.chdir(a)
+    experiment_multi.main([*base, "--max_iters", "2", "--seed", str(seed)])
+    monkeypatch.chdir(b)
+    capsys.readouterr()
+    experiment_multi.main([*base, "--max_iters", "2", "--resume"])
+    assert f"resuming {Path('checkpoints') / 'multi' / run_b.name} after iteration 1" in capsys.readouterr().err
+    (run_a,) = (a / "checkpoints" / "multi").iterdir()
+    last = lambda root, run: torch.load(root / "models" / "multi" / f"dt_{run.name}.pt",  # noqa: E731
+                                        weights_only=True)
+    sa, sb = last(a, run_a)["state_dict"], last(b, run_b)["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if not k.startswith("time/")}  # noqa: E731
+    rows_a = [strip(x) for x in (run_a / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [strip(x) for x in (run_b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows_b] == [1, 2] and rows_a == rows_b
+    with pytest.raises(SystemExit) as e:
+        experiment_multi.main([*base, "--max_iters", "3", "--resume", "--learning_rate", "1e-3"])
+    assert e.value.code == 2
+    assert "nothing to resume: no run gym-experiment-multi-medium-<id>" in capsys.readouterr().err
 
 
 def test_seed_commands_train_finetune_merge(data, tmp_path, monkeypatch, capsys):
