@@ -105,7 +105,9 @@ def multi_parser() -> argparse.ArgumentParser:
                                                                          "as the model's specialisations)")
     g.add_argument("--score_selected", action="store_true", help="average (and model selection) over the selected "
                                                                  "envs only")
-    g.add_argument("--eval_merge_pre", action="store_true", help="also evaluate (1-p)·pre + p·post blocks; keep the best")
+    g.add_argument("--eval_merge_pre", action="store_true",
+                   help="evaluate (1-p)·pre + p·post blocks for each p of --p_list instead of the trained ones; keep "
+                        "the best")
     g.add_argument("--p_list", nargs="+", type=float, default=[0.5])
     g.add_argument("--eval_only", action="store_true", help="no training")
     g.add_argument("--pretrained_model", default=None, help="multi-task model to start from")
@@ -505,21 +507,27 @@ def run_multi(args) -> dict:
             model.eval()
             eval_start = time.time()
             chosen_state, score = None, None
-            if args.num_eval_episodes:
+            if args.num_eval_episodes and not args.eval_merge_pre:
                 logs.update(evaluate_all(model, envs, data, args, device, pools, score_envs))
                 score = logs[best_key]
-                if args.eval_merge_pre:
-                    post = blocks_state(model)
-                    for p in args.p_list:
-                        interp = {k: (1 - p) * transformer_pre[k] + p * post[k] for k in post}
-                        model.load_state_dict(interp, strict=False)
-                        logs.update(evaluate_all(model, envs, data, args, device, pools, score_envs,
-                                                 prefix=f"evaluation/{p}/"))
-                        s = logs[f"evaluation/{p}/average_norm_return_mean"]
-                        if s > score:
-                            score, chosen_state = s, {k: v.detach().clone() for k, v in model.state_dict().items()}
-                            logs["evaluation/best_p"] = p
-                    model.load_state_dict(post, strict=False)
+            elif args.num_eval_episodes:
+                # only the interpolations (1-p)·pre + p·post are evaluated and compete (p = 1 is the trained model);
+                # the unprefixed evaluation/ keys repeat the best p's, the model that selection keeps
+                post = blocks_state(model)
+                best = None
+                for p in args.p_list:
+                    interp = {k: (1 - p) * transformer_pre[k] + p * post[k] for k in post}
+                    model.load_state_dict(interp, strict=False)
+                    res = evaluate_all(model, envs, data, args, device, pools, score_envs, prefix=f"evaluation/{p}/")
+                    logs.update(res)
+                    s = res[f"evaluation/{p}/average_norm_return_mean"]
+                    if best is None or s > score:
+                        best, score = (p, res), s
+                        chosen_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                model.load_state_dict(post, strict=False)
+                p, res = best
+                logs.update({"evaluation/" + k[len(f"evaluation/{p}/"):]: v for k, v in res.items()})
+                logs["evaluation/best_p"] = p
             logs["time/evaluation"] = time.time() - eval_start
             logs["time/total"] = time.time() - t0
             logger.log(logs, it)

@@ -182,7 +182,15 @@ def test_seed_commands_train_finetune_merge(data, tmp_path, monkeypatch, capsys)
                               torch.as_tensor(table["hopper-medium-v2"]["state_mean"]))
     runs = sorted((tmp_path / "checkpoints" / "multi").glob("gym-experiment-multi-expert-*"))
     rows = [json.loads((r / "metrics.jsonl").read_text().splitlines()[0]) for r in runs]
-    assert any("evaluation/0.5/average_norm_return_mean" in r for r in rows)     # --eval_merge_pre
+    # --eval_merge_pre (hopper): only the interpolation is evaluated; it is the model selected and saved
+    (hop_run, row), = [(r, x) for r, x in zip(runs, rows) if "evaluation/0.5/average_norm_return_mean" in x]
+    assert row["evaluation/best_p"] == 0.5
+    assert row["evaluation/average_norm_return_mean"] == row["evaluation/0.5/average_norm_return_mean"]
+    post = torch.load(hop_run / "train_state.pt", weights_only=True)["state_dict"]
+    best = torch.load(finetuned["hopper"], weights_only=True)["state_dict"]
+    blocks = [k for k in best if k.startswith("transformer.h.") and best[k].is_floating_point()]
+    assert blocks and any(not torch.equal(pre[k], post[k]) for k in blocks)
+    assert all(torch.allclose(best[k], 0.5 * pre[k] + 0.5 * post[k], atol=1e-7) for k in blocks)
     assert all("training/init_reg_loss" in r for r in rows)
 
     # 3. merge (uniform, then Fisher) and evaluate on all three envs
