@@ -6,7 +6,8 @@ entries may fill one row, e.g. the three source models):
 
 * a checkpoint file is **evaluated** here: a single-task model on its own env, a multi-task model on every env, each at
   the env's first target with ``--num_eval_episodes`` seeded episodes, its stored state statistics (else those of
-  ``{data_path}/{env}-{dataset}-v2.pkl``);
+  ``{data_path}/{env}-{dataset}-v2.pkl``, the dataset being ``--dataset``, else the one the model's config or file
+  name records, else medium);
 * a run folder (``config.json`` + ``metrics.jsonl`` of ``experiment.py`` or ``experiment_multi.py``) is **read**:
   ``--pick best`` (default; the best iteration by the run's own selection metric), ``last``, or ``0`` (a merge run's
   evaluation before finetuning, recorded in its config).
@@ -38,8 +39,10 @@ ENV_ORDER = ("hopper", "halfcheetah", "walker2d")
 # ---- scores of one entry ------------------------------------------------------------------------------------------------
 
 def evaluate_checkpoint(path: str, *, num_episodes: int = 10, seed: int = 666, data_path: str = "data",
-                        dataset: str = "medium", device="cpu", env_version: str = "v4") -> dict[str, float]:
-    """{env: mean D4RL score} of a checkpoint, evaluated at each env's first target."""
+                        dataset: str | None = None, device="cpu", env_version: str = "v4") -> dict[str, float]:
+    """{env: mean D4RL score} of a checkpoint, evaluated at each env's first target. A checkpoint without stored state
+    statistics (an original pickle) is normalised with those of ``dataset``, by default the model's own training
+    dataset (config or file name), else medium."""
     import torch
 
     from decision_transformer.data import load_dataset, state_stats
@@ -58,8 +61,10 @@ def evaluate_checkpoint(path: str, *, num_episodes: int = 10, seed: int = 666, d
         if stored is not None:
             mean, std = (torch.as_tensor(stored["state_mean"]).numpy(), torch.as_tensor(stored["state_std"]).numpy())
         else:
-            _, trajs = load_dataset(data_path, env, dataset)
+            ds = dataset or mf.dataset or "medium"
+            data_file, trajs = load_dataset(data_path, env, ds)
             mean, std = state_stats(trajs)
+            print(f"{path}: no stored state statistics; using those of {data_file}", file=sys.stderr)
         if mf.is_multi:
             model.toggle_env(env)
         pool = EnvPool(env, env_version)
@@ -184,7 +189,9 @@ def main(argv=None):
     p.add_argument("--num_eval_episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=666)
     p.add_argument("--data_path", default="data")
-    p.add_argument("--dataset", default="medium", help="state statistics for checkpoints that store none")
+    p.add_argument("--dataset", default=None, help="state statistics for checkpoints that store none (default: the "
+                                                     "dataset the model was trained on, from its config or file name; "
+                                                     "else medium)")
     p.add_argument("--env_version", default="v4")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write OUT.csv and OUT.md")

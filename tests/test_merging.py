@@ -416,3 +416,24 @@ def test_merge_cli_recipe_and_results_table(trained, tmp_path):
     rows = (tmp_path / "table.csv").read_text().splitlines()
     assert rows[0] == "model,hopper,halfcheetah,walker2d,average" and rows[1].startswith("merged,")
     assert (tmp_path / "table.md").is_file()
+
+
+def test_results_table_statistics_of_the_models_own_dataset(tmp_path, capsys):
+    """A checkpoint without stored state statistics (like an original pickle) is evaluated with the statistics of the
+    dataset it was trained on, not of medium; --dataset overrides."""
+    from decision_transformer import results_table
+    from decision_transformer.checkpoint import atomic_save, make_checkpoint
+    from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+    from decision_transformer.synthetic import make_dataset
+
+    data = tmp_path / "data"
+    make_dataset(data, "hopper", "medium", 200, seed=0, max_ep_len=30)
+    make_dataset(data, "hopper", "expert", 200, seed=1, max_ep_len=30)
+    cfg = DTConfig(11, 3, max_length=5, backbone=BackboneConfig(n_embd=16, n_layer=1))
+    path = tmp_path / "dt_gym-experiment-hopper-expert-123456.pt"
+    atomic_save(make_checkpoint(DecisionTransformer(cfg, seed=0).state_dict(), {"model_config": cfg.to_dict()}), path)
+    capsys.readouterr()
+    results_table.evaluate_checkpoint(str(path), num_episodes=1, data_path=str(data))
+    assert "using those of " + str(data / "hopper-expert-v2.pkl") in capsys.readouterr().err
+    results_table.evaluate_checkpoint(str(path), num_episodes=1, data_path=str(data), dataset="medium")
+    assert "using those of " + str(data / "hopper-medium-v2.pkl") in capsys.readouterr().err
