@@ -354,6 +354,10 @@ def apply_merge(args, model, spec, device):
     """``experiment.py --pretrained_models A [B ...]``: load, merge, choose the model to finetune, apply
     ``--identity_layers`` and ``--merge_frozen``; returns the model to train, on ``device``. Records what was done in
     ``args.merge_info`` (written to the run's config), including the merged model's evaluation before finetuning."""
+    for flag in ("merge_frozen", "identity_layers"):
+        if getattr(args, flag) and not args.include:
+            raise UserError(f"--{flag} needs --include: without it every tensor is merged, and --{flag} would "
+                            f"{'leave nothing to train' if flag == 'merge_frozen' else 'reset every weight and bias'}")
     devices = [device] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the run's RNG stream does not depend on how the merge was computed
         train_model, keys, info = _merge_for_experiment(args, model, spec, device)

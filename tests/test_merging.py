@@ -383,6 +383,12 @@ def test_incompatible_checkpoints_name_first_tensor(trained, tmp_path, monkeypat
                                 "--pretrained_models", str(m["walker2d"]), str(m["hopper"]), "--include", "attn",
                                 "--num_eval_episodes", "0", "--max_iters", "1"])
     assert "list the hopper model first" in msg
+    # --merge_frozen / --identity_layers without --include would act on every tensor of the model
+    for flag in ("--merge_frozen", "--identity_layers"):
+        msg = expect_error(capsys, ["--env", "hopper", "--data_path", str(data), *SMALL, "--copy_model", flag,
+                                    "--pretrained_models", str(m["hopper"]), str(m["walker2d"]),
+                                    "--num_eval_episodes", "0", "--max_iters", "1"])
+        assert f"{flag} needs --include" in msg
 
 
 def test_merge_cli_recipe_and_results_table(trained, tmp_path):
