@@ -37,7 +37,7 @@ def add_model_flags(p: argparse.ArgumentParser):
                    help="ln_then_time: LayerNorm, then add the timestep embedding (the seeds); "
                         "time_then_ln: the original DT paper's order")
     g.add_argument("--frozen", action="store_true", help="freeze transformer.h")
-    g.add_argument("--freeze_subset", nargs="*", default=None, help="freeze parameters whose name contains any of these")
+    g.add_argument("--freeze_subset", nargs="+", default=None, help="freeze parameters whose name contains any of these")
     g.add_argument("--load_checkpoint", type=str, default=None, help="load these weights (strictly) before training")
     g.add_argument("--pretrained_lm", "-plm", type=str, default=None,
                    help="initialise from a pretrained LM: gpt2, openai/imagegpt-small or a save_pretrained directory "

@@ -72,7 +72,7 @@ def multi_parser() -> argparse.ArgumentParser:
                    help="accepted; the per-env action heads stay untied (as the original)")
     g.add_argument("--embed_order", choices=["ln_then_time", "time_then_ln"], default="ln_then_time")
     g.add_argument("--frozen", action="store_true", help="freeze transformer.h")
-    g.add_argument("--freeze_subset", nargs="*", default=None, help="freeze parameters whose name contains any of these")
+    g.add_argument("--freeze_subset", nargs="+", default=None, help="freeze parameters whose name contains any of these")
     g.add_argument("--load_checkpoint", default=None, help="multi-task weights loaded strictly before training")
     g.add_argument("--pretrained_lm", "-plm", default=None,
                    help="initialise the shared backbone from a GPT-2-family or ImageGPT model directory (or hub name "

@@ -235,3 +235,15 @@ def test_bf16_on_cpu_when_asked(tmp_path, monkeypatch, hopper_data):
     assert rows[0]["training/train_loss_mean"] > 0
     ckpt = torch.load(run_dir(tmp_path) / "model_1.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_freeze_subset_needs_names(capsys):
+    """A bare --freeze_subset (default None) is a usage error, not a silent no-op; with names it lists them."""
+    from decision_transformer.cli import experiment_parser
+    from decision_transformer.multi_run import multi_parser
+
+    for parser in (experiment_parser(), multi_parser()):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(["--freeze_subset"])
+        assert e.value.code == 2 and "--freeze_subset" in capsys.readouterr().err
+        assert parser.parse_args(["--freeze_subset", "ln_f", "wpe"]).freeze_subset == ["ln_f", "wpe"]
