@@ -52,7 +52,8 @@ def merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--f_batch_size", type=int, default=64)
     p.add_argument("--f_num_batches", type=int, default=100)
     p.add_argument("--data_path", default="data")
-    p.add_argument("--dataset", default=None, help="multi-task Fisher data (default: model 1's dataset)")
+    p.add_argument("--dataset", default=None, help="multi-task Fisher data (default: model 1's dataset), "
+                                                   "normalised with each model's stored state statistics")
     p.add_argument("--K", type=int, default=20)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=666)
@@ -97,6 +98,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def stored_state_stats(mf) -> dict:
+    """env -> (mean, std) of a multi-task checkpoint's stored ``state_stats`` ({} for an original pickle)."""
+    import torch
+
+    return {env: (torch.as_tensor(v["state_mean"]).numpy(), torch.as_tensor(v["state_std"]).numpy())
+            for env, v in (mf.raw.get("state_stats") or {}).items()}
+
+
 def run_merge(args) -> Path:
     from decision_transformer.legacy_import import build_model, load_model_file
     from decision_transformer.merge_setup import (DatasetCache, merge_multi_states, merge_single_sources, multi_fisher,
@@ -115,10 +124,11 @@ def run_merge(args) -> Path:
     if n_multi:
         fishers = None
         if method == "fisher":
-            data = DatasetCache(args.data_path, device)
             ds = args.dataset or first.dataset or "medium"
             fishers = []
             for s in sources:
+                # the Fisher data is normalised as the model's inputs were: with the statistics it stores
+                data = DatasetCache(args.data_path, device, stored_state_stats(s))
                 m = build_model(s, device, max_length=args.K)
                 envs = [s.specializations[0]] if args.spec_info and len(s.specializations) == 1 else m.config.envs
                 fishers.append(multi_fisher(m, envs, [data.get(e, ds) for e in envs], args))

@@ -255,3 +255,41 @@ def test_last_action_only_matches_the_full_forward():
             last = model(s, a, r, t, attention_mask=mask, last_action_only=True).action_preds
         assert last.shape == (2, 1, model.act_dim)
         torch.testing.assert_close(last[:, 0], full, atol=1e-6, rtol=1e-5)
+
+
+def test_merge_cli_multi_fisher_uses_stored_statistics(data, tmp_path, monkeypatch):
+    """merge_cli's multi-task Fisher normalises each model's data with the state statistics that model stores (those
+    it was trained with), not with the Fisher dataset's own."""
+    import numpy as np
+
+    from decision_transformer import merge_cli, merge_setup
+    from decision_transformer.checkpoint import atomic_save, make_checkpoint
+    from decision_transformer.models.multi_decision_transformer import MODEL_CLASS
+
+    paths, stored = [], []
+    for i, env in enumerate(("hopper", "walker2d")):
+        m = tiny_multi(seed=i)
+        st = {e: {"state_mean": torch.full((d,), float(i + 1)), "state_std": torch.full((d,), 2.0)}
+              for e, d in (("hopper", 11), ("halfcheetah", 17), ("walker2d", 17))}
+        cfg = {"model_class": MODEL_CLASS, "model_config": m.config.to_dict(), "dataset": "medium"}
+        paths.append(tmp_path / f"m{i}.pt")
+        atomic_save(make_checkpoint(m.state_dict(), cfg, specializations=[env], state_stats=st), paths[-1])
+        stored.append(st)
+    seen = []
+
+    class Recording(merge_setup.DatasetCache):
+        def __init__(self, data_path, device, stats=None):
+            seen.append(stats)
+            super().__init__(data_path, device, stats)
+
+    monkeypatch.setattr(merge_setup, "DatasetCache", Recording)
+    merge_cli.main(["--models", *map(str, paths), "--merge_method", "fisher", "--data_path", str(data), "--K", "5",
+                    "--f_batch_size", "4", "--f_num_batches", "2", "--out", str(tmp_path / "merged.pt"),
+                    "--device", "cpu"])
+    assert len(seen) == 2
+    for got, st in zip(seen, stored):
+        assert set(got) == set(st)
+        for env, (mean, std) in got.items():
+            assert np.array_equal(mean, st[env]["state_mean"].numpy())
+            assert np.array_equal(std, st[env]["state_std"].numpy())
+    assert torch.load(tmp_path / "merged.pt", weights_only=True)["config"]["merge_info"]["method"] == "fisher"
