@@ -108,6 +108,17 @@ def test_train_iteration_logs_and_counts_steps():
     assert logs["training/train_loss_mean"] > 0
 
 
+def test_train_loss_includes_auxiliary_losses():
+    """As in the originals, training/train_loss_* is the total loss (action MSE + auxiliary terms such as the k-means
+    or LM loss); training/action_error stays the last step's action MSE."""
+    tr = _trainer(GRAD_CLIP)
+    tr.extra_loss = lambda module, out, batch, step: torch.tensor(5.0)
+    tr.train_iteration(3, 1)
+    logs = tr.train_iteration(1, 2)
+    mse = logs["training/action_error"]
+    assert 0 < mse < 5 and logs["training/train_loss_mean"] == pytest.approx(mse + 5.0, rel=1e-6)
+
+
 def test_fused_adamw_and_bf16_autocast_stay_close_to_fp32():
     """The GPU fast path's numerics, run here on CPU (benchmarks/check_precision.py measures them on a GPU)."""
     import sys

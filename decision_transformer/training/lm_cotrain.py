@@ -236,4 +236,5 @@ class AmpTrainer(Trainer):
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
-        return loss.detach()
+        self.last_action_error = loss.detach()
+        return total.detach()

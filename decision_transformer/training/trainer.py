@@ -77,11 +77,14 @@ class Trainer:
             p.grad = None
 
     def train_step(self) -> torch.Tensor:
+        """One update; returns the step's total loss (action MSE plus any auxiliary loss, what the originals logged
+        as the training loss) and keeps the action MSE in ``last_action_error``, both without a host sync."""
         batch = self.dataset.sample_batch(self.batch_size, self.K, self.generator)
         loss, total = self._loss(batch)
         apply_update(total, self.optimizer, self.scheduler, self.params, self.grad_clip)
         self.step += 1
-        return loss.detach()
+        self.last_action_error = loss.detach()
+        return total.detach()
 
     def _loss(self, batch):
         """(action MSE, total loss) of a batch; under data parallelism of this rank's slice, scaled."""
@@ -138,6 +141,9 @@ class Trainer:
 
             dist.all_reduce(losses)
             losses /= self.world_size
+            if num_steps:
+                dist.all_reduce(self.last_action_error)
+                self.last_action_error /= self.world_size
         for k, vals in self.extra_logs.items():
             logs[k] = float(torch.stack(vals).mean())
         self.extra_logs = {}
@@ -145,7 +151,7 @@ class Trainer:
             arr = losses.cpu().numpy()
             logs["training/train_loss_mean"] = float(np.mean(arr))
             logs["training/train_loss_std"] = float(np.std(arr))
-            logs["training/action_error"] = float(arr[-1])
+            logs["training/action_error"] = float(self.last_action_error)  # the last step's action MSE
         else:
             logs["training/train_loss_mean"] = float("nan")
             logs["training/train_loss_std"] = float("nan")
