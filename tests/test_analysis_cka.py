@@ -23,6 +23,7 @@ from decision_transformer.analysis.cka import (
 from decision_transformer.data import Batch
 from decision_transformer.errors import UserError
 from decision_transformer.models import DecisionTransformer
+from decision_transformer.models.gpt2 import eager_attention
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +123,9 @@ def test_activation_hooks_per_block():
     H = 16
     assert acts["0.attn.c_attn"].shape == (3, 12, 3 * H) and acts["2.mlp.act"].shape == (3, 12, 4 * H)
     # mlp.dropout is the MLP branch before the residual add: h_{i+1} = h_i + attn branch + MLP branch
-    out = model(*[batch.states, batch.actions, batch.rtg[:, :-1], batch.timesteps], attention_mask=batch.mask,
-                output_hidden_states=True)
+    with eager_attention(model):   # the masking get_activations uses (they differ at left-padded steps only)
+        out = model(*[batch.states, batch.actions, batch.rtg[:, :-1], batch.timesteps], attention_mask=batch.mask,
+                    output_hidden_states=True)
     hs = out.hidden_states
     for i in range(2):
         assert torch.allclose(hs[i + 1], hs[i] + acts[f"{i}.attn.resid_dropout"] + acts[f"{i}.mlp.dropout"],

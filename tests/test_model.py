@@ -376,10 +376,12 @@ def test_attention_maps():
         atts2 = m(s2, a2, r2, t2, attention_mask=mask2, output_attentions=True).attentions
     for A in atts2:
         assert A[:, :, future].abs().max() <= 1e-12
-    # eager (output_attentions) and SDPA paths agree
+    # eager (output_attentions) and SDPA paths agree at real steps (padded ones follow the originals' masking in the
+    # eager path, see the next tests)
+    real = mask.bool()
     for x, y in [(out_att.action_preds, out_plain.action_preds), (out_att.state_preds, out_plain.state_preds),
                  (out_att.return_preds, out_plain.return_preds)]:
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+        torch.testing.assert_close(x[real], y[real], atol=1e-5, rtol=0)
 
 
 def test_attention_probabilities_match_manual_softmax():
@@ -402,6 +404,38 @@ def test_attention_probabilities_match_manual_softmax():
     for b in range(B):
         qr = tok[b]
         torch.testing.assert_close(out.attentions[0][b][:, qr], probs[b][:, qr], atol=1e-6, rtol=0)
+
+
+def test_eager_attention_masks_as_the_originals_on_padded_rows():
+    """Eager attention (attention maps, and the analyses' activations through ``eager_attention``) replaces a future
+    key's logit by -1e4 and adds the padding term, as the originals: every row, left-padded query rows included,
+    equals softmax(where(causal, w, -1e4) + (1 - m)·(-1e4)); the analyses' activations at padded positions follow."""
+    from decision_transformer.analysis.activations import get_activations
+    from decision_transformer.data import Batch
+
+    m = DecisionTransformer(small_cfg(), seed=8).eval()
+    s, a, r, t, mask = make_inputs(pads=(0, 1, 3))
+    with torch.no_grad():
+        out = m(s, a, r, t, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+        blk = m.transformer.h[0]
+        q, k, v = blk.attn.c_attn(blk.ln_1(out.hidden_states[0])).split(32, dim=2)
+        B, T, nh, hd = 3, 3 * K, 2, 16
+        q, k, v = (x.view(B, T, nh, hd).transpose(1, 2) for x in (q, k, v))
+        w = q @ k.transpose(-1, -2) / math.sqrt(hd)
+        tok = mask.repeat_interleave(3, dim=1)
+        w = torch.where(torch.ones(T, T).tril().bool(), w, -1e4) + ((1 - tok) * -1e4)[:, None, None, :]
+        probs = torch.softmax(w, -1)
+        y_manual = blk.attn.c_proj((probs @ v).transpose(1, 2).reshape(B, T, 32))
+    torch.testing.assert_close(out.attentions[0], probs, atol=1e-6, rtol=0)      # all rows, padded ones included
+    batch = Batch(states=s, actions=a, rewards=torch.zeros(B, K, 1), dones=torch.zeros(B, K), rtg=torch.cat(
+        [r, torch.zeros(B, 1, 1)], dim=1), timesteps=t, mask=mask)
+    acts = get_activations(m, batch, entries=("attn.c_proj",))
+    torch.testing.assert_close(acts["0.attn.c_proj"], y_manual, atol=1e-5, rtol=0)
+    assert not any(layer.eager for layer in m.modules() if hasattr(layer, "eager"))   # restored afterwards
+    with torch.no_grad():                                                          # real rows: as the SDPA path
+        plain = m(s, a, r, t, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(out.action_preds[real], plain.action_preds[real], atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

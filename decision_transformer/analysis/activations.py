@@ -14,6 +14,7 @@ import torch
 
 from decision_transformer.analysis.runs import model_inputs
 from decision_transformer.errors import UserError
+from decision_transformer.models.gpt2 import eager_attention
 
 BLOCK_ENTRIES = ("ln_1", "attn.c_attn", "attn.c_proj", "attn.resid_dropout", "ln_2", "mlp.c_fc", "mlp.c_proj",
                  "mlp.act", "mlp.dropout")
@@ -72,7 +73,8 @@ def get_activations(model, batch, entries=BLOCK_ENTRIES,
     try:
         for key, mod in mods.items():
             handles.append(mod.register_forward_hook(make_hook(key)))
-        model(*model_inputs(batch)[:4], attention_mask=batch.mask)
+        with eager_attention(model):  # padded positions' activations as the originals computed them
+            model(*model_inputs(batch)[:4], attention_mask=batch.mask)
     finally:
         for h in handles:
             h.remove()

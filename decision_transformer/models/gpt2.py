@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
@@ -146,6 +147,7 @@ class Attention(nn.Module):
         self.attn_pdrop = cfg.attn_pdrop
         self.attn_dropout = nn.Dropout(cfg.attn_pdrop)
         self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
+        self.eager = False  # set by ``eager_attention``
 
     def forward(self, x, bias, output_attentions: bool = False, tail: int | None = None):
         """``tail``: compute the outputs of the last ``tail`` query positions only ([B, tail, H]; keys and values
@@ -157,8 +159,13 @@ class Attention(nn.Module):
         Tq = q.shape[1]
         q = q.view(B, Tq, self.n_head, self.head_dim).transpose(1, 2)                           # [B, nh, Tq, hd]
         k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (k, v))        # [B, nh, T, hd]
-        if output_attentions:
-            w = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim) + bias
+        if output_attentions or self.eager:
+            # the originals' masking: a future key's logit is replaced by MASK_VALUE (bias there = MASK_VALUE + the
+            # padding term), an allowed key's gets the padding term added. Real query rows come out as in the SDPA
+            # path below (w + bias everywhere); left-padded query rows, whose allowed keys are all padding, differ
+            w = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            causal = torch.ones(Tq, T, dtype=torch.bool, device=w.device).tril(T - Tq)
+            w = torch.where(causal, w + bias, bias)
             probs = torch.softmax(w, dim=-1)
             y = self.attn_dropout(probs) @ v
         else:
@@ -211,6 +218,22 @@ class BackboneOutput:
     last_hidden_state: torch.Tensor                       # [B, T, H], after ln_f
     hidden_states: tuple[torch.Tensor, ...] | None = None  # input of each block, then ln_f(output)
     attentions: tuple[torch.Tensor, ...] | None = None     # per block [B, n_head, T, T]
+
+
+@contextmanager
+def eager_attention(model: nn.Module):
+    """Within the block, every attention layer of ``model`` takes the eager path with the originals' masking, so
+    activations at left-padded positions are the originals' too (the analyses read them); outputs at real
+    positions are unchanged."""
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    before = [m.eager for m in layers]
+    for m in layers:
+        m.eager = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, before):
+            m.eager = b
 
 
 def attention_bias(attention_mask: torch.Tensor | None, T: int, device, dtype) -> torch.Tensor:
