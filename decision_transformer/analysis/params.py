@@ -90,6 +90,8 @@ def run(args) -> common.Outputs:
             ax.set_title(common.model_label(m), fontsize=9)
             if idx == 2:
                 ax.set_ylim(0, 1.02)
+            elif not args.concat:  # one scale for every row, at least the originals' 0-80
+                ax.set_ylim(0, max(80.0, 1.05 * max(float(np.max(x[1])) for x in results.values())))
             if args.concat:
                 ax.set_xticks(np.arange(len(names)), [n.split()[-1] for n in names])
             else:
