@@ -24,7 +24,7 @@ import torch
 
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
-from decision_transformer.checkpoint import atomic_save, load_checkpoint, load_state_into, make_checkpoint, new_exp_id
+from decision_transformer.checkpoint import atomic_save, load_state_into, make_checkpoint, new_exp_id
 from decision_transformer.cli import THREADS_HELP, add_optim_flags
 from decision_transformer.envs import DEFAULT_ENV_VERSION, SUPPORTED_ENV_VERSIONS, get_env_spec
 from decision_transformer.errors import UserError
@@ -397,7 +397,7 @@ def find_resume_dir(args) -> Path:
 
 
 def run_multi(args) -> dict:
-    from decision_transformer.run import resolve_device, rng_state, seed_everything, set_rng_state
+    from decision_transformer.run import resolve_device, restore_train_state, save_train_state, seed_everything
 
     check_multi_args(args)
     resume_dir = find_resume_dir(args) if args.resume else None
@@ -460,18 +460,8 @@ def run_multi(args) -> dict:
 
     exp_id, start_iter, best_score = new_exp_id(), 0, -float("inf")
     if resume_dir is not None:
-        st_path = resume_dir / TRAIN_STATE
-        st = load_checkpoint(st_path)
-        load_state_into(model, st["state_dict"], str(st_path))
-        try:
-            optimizer.load_state_dict(st["optimizer"])
-            scheduler.load_state_dict(st["scheduler"])
-            generator.set_state(st["generator"].to(generator.get_state().device))
-            set_rng_state(st["rng"])
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise UserError(f"{st_path}: cannot restore the training state ({e})") from None
+        st = restore_train_state(resume_dir / TRAIN_STATE, model, trainer, optimizer, scheduler, generator)
         start_iter, best_score, exp_id = int(st["iteration"]), float(st["best_score"]), int(st["exp_id"])
-        trainer.step = int(st["step"])
         log(f"resuming {resume_dir} after iteration {start_iter}")
     group = f"gym-experiment-multi-{args.dataset}"
     exp_prefix = f"{group}-{exp_id}"
@@ -538,10 +528,8 @@ def run_multi(args) -> dict:
             if args.save_model and improved and args.save_mode in ("best", "both"):
                 save(chosen_state or model.state_dict(), models_dir / f"dt_{exp_prefix}_best.pt", it)
             if run_dir is not None and trainer is not None:  # for --resume
-                atomic_save({**make_checkpoint(model.state_dict(), config), "iteration": it, "step": trainer.step,
-                             "best_score": best_score, "exp_id": exp_id, "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                             "rng": rng_state()}, run_dir / TRAIN_STATE)
+                save_train_state(run_dir / TRAIN_STATE, model, config, trainer, optimizer, scheduler, generator,
+                                 iteration=it, best_score=best_score, exp_id=exp_id)
         if args.save_model and args.save_mode in ("last", "both"):
             save(model.state_dict(), models_dir / f"dt_{exp_prefix}.pt", args.max_iters)
     finally:

@@ -94,6 +94,30 @@ def set_rng_state(st: dict):
     random.setstate((st["python"][1], tuple(st["python"][0]), None))
 
 
+def save_train_state(path: Path, model, config: dict, trainer, optimizer, scheduler, generator, *, iteration: int,
+                     best_score: float, exp_id: int, **extra):
+    """What ``--resume`` restores: weights, optimiser, schedule, sampler generator, RNG states and run counters."""
+    atomic_save({**make_checkpoint(model.state_dict(), config, **extra), "iteration": iteration, "step": trainer.step,
+                 "best_score": best_score, "exp_id": exp_id, "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "rng": rng_state()}, path)
+
+
+def restore_train_state(path: Path, model, trainer, optimizer, scheduler, generator) -> dict:
+    """Loads a ``save_train_state`` file into the run's objects; returns it (iteration, best_score, exp_id, config)."""
+    st = load_checkpoint(path)
+    load_state_into(model, st["state_dict"], str(path))
+    try:
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        generator.set_state(st["generator"].to(generator.get_state().device))
+        set_rng_state(st["rng"])
+        trainer.step = int(st["step"])
+        st.update(iteration=int(st["iteration"]), best_score=float(st["best_score"]), exp_id=int(st["exp_id"]))
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise UserError(f"{path}: cannot restore the training state ({type(e).__name__}: {e})") from None
+    return st
+
+
 def parse_targets(env_targets: str | None, default) -> list[float]:
     if env_targets is None:
         return list(default)
@@ -237,20 +261,11 @@ def _run(args, script: str) -> dict:
 
     start_iter, best_score, exp_id = 0, -float("inf"), new_exp_id()
     if st_path is not None:
-        st = load_checkpoint(st_path)
-        load_state_into(model, st["state_dict"], str(st_path))
-        try:
-            optimizer.load_state_dict(st["optimizer"])
-            scheduler.load_state_dict(st["scheduler"])
-            generator.set_state(st["generator"].to(generator.get_state().device))
-            set_rng_state(st["rng"])
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise UserError(f"{st_path}: cannot restore the training state ({e})") from None
+        st = restore_train_state(st_path, model, trainer, optimizer, scheduler, generator)
         start_iter, best_score, exp_id = int(st["iteration"]), float(st["best_score"]), int(st["exp_id"])
         saved_merge = (st.get("config") or {}).get("merge_info") or {}
         if args.pretrained_models and "iteration_0" in saved_merge:  # the merge's evaluation is not repeated
             args.merge_info["iteration_0"] = saved_merge["iteration_0"]
-        trainer.step = int(st["step"])
         print(f"resuming {run_dir} after iteration {start_iter}", file=sys.stderr)
     exp_prefix = f"{group}-{exp_id}"
     if lm_script and run_dir is not None:
@@ -307,10 +322,8 @@ def _run(args, script: str) -> dict:
                 atomic_save(make_checkpoint(model.state_dict(), config, iteration=it, **ckpt_extra),
                             run_dir / f"model_{it}.pt")
             if run_dir is not None and not lm_script:  # the LM script has no --resume: no training state kept
-                atomic_save({**make_checkpoint(model.state_dict(), config, **ckpt_extra), "iteration": it,
-                             "step": trainer.step, "best_score": best_score, "exp_id": exp_id,
-                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "generator": generator.get_state(), "rng": rng_state()}, run_dir / TRAIN_STATE)
+                save_train_state(run_dir / TRAIN_STATE, model, config, trainer, optimizer, scheduler, generator,
+                                 iteration=it, best_score=best_score, exp_id=exp_id, **ckpt_extra)
             if args.save_model and improved and args.save_mode in ("best", "both"):
                 atomic_save(make_checkpoint(model.state_dict(), config, iteration=it, specializations=[args.env],
                                             **ckpt_extra), models_dir / f"{args.model_type}_{exp_prefix}_best.pt")

@@ -103,6 +103,24 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, hopper_data):
     assert [strip(x) for x in ra] == [strip(x) for x in rb]
 
 
+def test_resume_bad_training_state(tmp_path, monkeypatch, capsys, hopper_data):
+    """--resume without a saved state, or from a state that lacks the optimiser, stops with one line; the run's
+    checkpoints stay as they were."""
+    monkeypatch.chdir(tmp_path)
+    msg = expect_error(capsys, ["--data_path", str(hopper_data), *TINY, "--max_iters", "2", "--resume"])
+    assert "nothing to resume" in msg and "train_state.pt does not exist" in msg
+    run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes", "0")
+    st_path = run_dir(tmp_path) / "train_state.pt"
+    st = load_checkpoint(st_path)
+    del st["optimizer"]
+    torch.save(st, st_path)
+    before = (run_dir(tmp_path) / "model_1.pt").read_bytes()
+    msg = expect_error(capsys, ["--data_path", str(hopper_data), *TINY, "--max_iters", "2", "--resume",
+                                "--num_steps_per_iter", "2"])
+    assert "train_state.pt: cannot restore the training state (KeyError" in msg
+    assert (run_dir(tmp_path) / "model_1.pt").read_bytes() == before
+
+
 def test_evaluate_only_and_load_checkpoint(tmp_path, monkeypatch, hopper_data):
     run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "5")
     trained = json.loads((run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()[0])
