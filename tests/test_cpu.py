@@ -81,3 +81,21 @@ def test_allocator_tuning_applies_once_and_defers_to_the_environment():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=sweep.ROOT,
                          env={**env, "MALLOC_MMAP_THRESHOLD_": "131072"})
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_analysis_tools_take_threads():
+    """The analyses that run models have --threads (default auto); a count is applied, a bad value is one error."""
+    from decision_transformer.analysis import attention, cka, common, grads, mi
+
+    for build in (attention.build_parser, cka.build_parser, grads.build_confusion_parser, grads.build_norm_parser,
+                  mi.build_save_parser, mi.build_mi_parser):
+        assert build().parse_args([]).threads == "auto", build
+    args = cka.build_parser().parse_args(["--threads", "1"])
+    before = torch.get_num_threads()
+    try:
+        common.resolve_device(args.device, args.threads)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(UserError, match="--threads"):
+            common.resolve_device("cpu", "0")
+    finally:
+        torch.set_num_threads(before)

@@ -102,7 +102,7 @@ def build_parser():
 
 def run(args) -> common.Outputs:
     common.check_positive(args, "batch_size", "K")
-    device = common.resolve_device(args.device)
+    device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
     K_ckpt = args.K_ckpt if args.K_ckpt is not None else (20 if args.legacy else 1)
     res = common.out_dir(args.results_dir)
     outs = common.Outputs()

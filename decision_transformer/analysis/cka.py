@@ -172,7 +172,7 @@ def result_stem(e1, e2, m1, m2, env, ds, seed, no_context=False, block=False, le
 
 def run(args) -> common.Outputs:
     common.check_positive(args, "batch_size", "K")
-    device = common.resolve_device(args.device)
+    device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
     entries = (BLOCK_OUTPUT,) if args.block else BLOCK_ENTRIES
     K_ckpt = 1 if args.no_context else 20
     res_dir, figs_dir = common.out_dir(args.results_dir), args.figs_dir

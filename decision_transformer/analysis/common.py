@@ -80,6 +80,13 @@ def add_data_flags(p, *, device_default: str = "cpu", batch_size: int = 100):
     p.add_argument("--batch_seed", type=int, default=0,
                    help="seed of the batch sampler; every model gets the same batch")
     p.add_argument("--device", type=str, default=device_default, help="cpu, cuda, cuda:N or auto")
+    add_threads_flag(p)
+
+
+def add_threads_flag(p):
+    from decision_transformer.cli import THREADS_HELP
+
+    p.add_argument("--threads", default="auto", help=THREADS_HELP)
 
 
 def add_output_flags(p, section: str):
@@ -102,10 +109,10 @@ def check_positive(args, *names):
             raise UserError(f"invalid --{n} {v}")
 
 
-def resolve_device(name: str):
+def resolve_device(name: str, threads: str = "auto"):
     from decision_transformer.run import resolve_device as _resolve
 
-    return _resolve(name)
+    return _resolve(name, threads)
 
 
 # ---- outputs ----------------------------------------------------------------------------------------------------

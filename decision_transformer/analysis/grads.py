@@ -215,7 +215,7 @@ def run_confusion(args) -> common.Outputs:
     common.check_positive(args, "batch_size", "K")
     if args.batch_size < 2:
         raise UserError("gradient confusion needs --batch_size >= 2")
-    device = common.resolve_device(args.device)
+    device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
     res = common.out_dir(args.results_dir)
     outs = common.Outputs()
     max_bytes = int(args.max_grad_memory_gb * 2**30)
@@ -249,7 +249,7 @@ def run_confusion(args) -> common.Outputs:
 
 def run_norms(args) -> common.Outputs:
     common.check_positive(args, "batch_size", "K")
-    device = common.resolve_device(args.device)
+    device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
     res = common.out_dir(args.results_dir)
     outs = common.Outputs()
     clip = None if args.unclipped else GRAD_CLIP

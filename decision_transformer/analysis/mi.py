@@ -73,7 +73,7 @@ def build_save_parser():
 
 def run_save(args) -> common.Outputs:
     common.check_positive(args, "batch_size", "K")
-    device = common.resolve_device(args.device)
+    device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
     res = common.out_dir(args.results_dir)
     outs = common.Outputs()
     entries = BLOCK_ENTRIES if args.all_layers else (BLOCK_OUTPUT,)
@@ -110,6 +110,7 @@ def build_mi_parser():
     p.add_argument("--epoch", type=int, default=40)
     p.add_argument("--model_name", type=str, default="gpt2")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_threads_flag(p)
     p.add_argument("--mine_hidden_layers", type=int, default=3, help="the code's 3; the paper's text says 2")
     p.add_argument("--mine_hidden", type=int, default=400)
     p.add_argument("--mine_loss", choices=LOSSES, default="mine")
@@ -125,7 +126,7 @@ def build_mi_parser():
 class _Estimator:
     def __init__(self, args):
         self.args = args
-        self.device = common.resolve_device(args.device)
+        self.device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
         self.count = 0
 
     def __call__(self, x, y, keep=None) -> float:
