@@ -84,7 +84,11 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except RuntimeError as e:  # torch reports an unwritable file as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {str(e).splitlines()[0]}") from None
     os.replace(tmp, path)
     return path
 
