@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from decision_transformer.errors import cli_entry
+from decision_transformer.errors import UserError, cli_entry
 
 
 @cli_entry
@@ -58,6 +58,8 @@ def main(argv=None):
                         [{k: t[k] for k in keep} for t in trajs])
         print(f"{out}: {len(trajs)} trajectories, {sum(len(t['rewards']) for t in trajs)} timesteps")
     else:
+        if not Path(args.pkl).is_file():
+            raise UserError(f"{args.pkl}: file not found")
         env = args.env or env_from_dataset_id(Path(args.pkl).name)
         trajs = safe_pickle_load(args.pkl)
         validate_trajectories(trajs, get_env_spec(env), args.pkl)

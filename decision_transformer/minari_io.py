@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +31,13 @@ def _minari():
 
 @contextlib.contextmanager
 def _root(root):
-    """Point Minari at ``root`` for the duration (it reads ``MINARI_DATASETS_PATH`` on every call)."""
-    if root is None:
+    """Point Minari at ``root`` (or ``$MINARI_DATASETS_PATH``), made absolute, for the duration (Minari reads the
+    variable on every call and joins a relative root to paths it has already joined it to)."""
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    if root is None and old is None:
         yield
         return
-    old = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = str(Path(root).expanduser())
+    os.environ["MINARI_DATASETS_PATH"] = str(Path(root if root is not None else old).expanduser().resolve())
     try:
         yield
     finally:
@@ -108,6 +110,8 @@ def export_minari(trajs: list[dict[str, np.ndarray]], dataset_id: str, env: str,
                                      rewards=np.asarray(t["rewards"], dtype=np.float64).reshape(-1),
                                      terminations=term, truncations=trunc, infos={}))
     with _root(root):
+        where = Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets")).resolve()
+        created = _first_missing(where / dataset_id)
         try:
             ds = minari.create_dataset_from_buffers(
                 dataset_id, buffers, env=spec.gym_id(env_version or DEFAULT_ENV_VERSION),
@@ -115,5 +119,24 @@ def export_minari(trajs: list[dict[str, np.ndarray]], dataset_id: str, env: str,
                 description=description or f"{env} dataset exported by decision_transformer.minari_io",
                 data_format="hdf5")
         except ValueError as e:  # e.g. the id exists already
+            _remove(created)
             raise UserError(f"cannot create Minari dataset {dataset_id!r}: {e}") from None
+        except BaseException:
+            _remove(created)  # no partial dataset is left behind
+            raise
         return Path(ds.storage.data_path).parent
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what a failed export must remove), or None."""
+    missing = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _remove(path: Path | None):
+    if path is not None and path.exists():
+        shutil.rmtree(path, ignore_errors=True)

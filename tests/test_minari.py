@@ -99,3 +99,60 @@ def test_read_a_dataset_made_with_minaris_api(tmp_path, monkeypatch):
     assert trajs[0]["observations"].shape == (lengths[0], 11) and trajs[0]["observations"].dtype == np.float32
     with pytest.raises(UserError, match="not found"):
         load_minari_trajectories("mujoco/hopper/nothing-v0", root=tmp_path)
+
+
+def _minari_script():
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("minari_script", ROOT / "data" / "minari_datasets.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_export_with_a_relative_root(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("minari")
+    from decision_transformer.synthetic import make_dataset
+
+    make_dataset(tmp_path / "data", "hopper", "medium", 200, seed=0, max_ep_len=30)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MINARI_DATASETS_PATH", raising=False)
+    script = _minari_script()
+    script.main(["export", "data/hopper-medium-v2.pkl", "dt/hopper/medium-v0", "--minari_root", "mroot"])
+    assert (tmp_path / "mroot" / "dt" / "hopper" / "medium-v0" / "data" / "main_data.hdf5").is_file()
+    assert str(tmp_path / "mroot" / "dt" / "hopper" / "medium-v0") in capsys.readouterr().out
+    assert len(load_minari_trajectories("dt/hopper/medium-v0", root="mroot")) > 1
+    # a missing pkl says so, before anything else
+    with pytest.raises(SystemExit) as e:
+        script.main(["export", "nonexist.pkl", "dt/hopper/x-v0", "--minari_root", "mroot"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: nonexist.pkl: file not found"
+    # exporting to the existing id is refused and the dataset stays
+    before = (tmp_path / "mroot" / "dt" / "hopper" / "medium-v0" / "data" / "main_data.hdf5").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        script.main(["export", "data/hopper-medium-v2.pkl", "dt/hopper/medium-v0", "--minari_root", "mroot"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot create Minari dataset") and "\n" not in err
+    assert (tmp_path / "mroot" / "dt" / "hopper" / "medium-v0" / "data" / "main_data.hdf5").read_bytes() == before
+
+
+def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    minari = pytest.importorskip("minari")
+    trajs = split_episodes(rollout_flat("hopper", 200, seed=0, max_ep_len=30))
+    export_minari(trajs, "dt/hopper/keep-v0", "hopper", root=tmp_path)   # a dataset of the same namespace stays
+    real = minari.create_dataset_from_buffers
+
+    def failing(dataset_id, *a, **k):
+        real(dataset_id, *a, **k)   # writes the dataset, then the disk "fills up"
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", failing)
+    with pytest.raises(OSError):
+        export_minari(trajs, "dt/hopper/new-v0", "hopper", root=tmp_path)
+    with pytest.raises(OSError):
+        export_minari(trajs, "other/hopper/new-v0", "hopper", root=tmp_path)
+    assert not (tmp_path / "dt" / "hopper" / "new-v0").exists() and not (tmp_path / "other").exists()
+    assert (tmp_path / "dt" / "hopper" / "keep-v0" / "data" / "main_data.hdf5").is_file()
