@@ -77,6 +77,27 @@ def find_run(parent: str | os.PathLike, prefix: str, signature: dict, require: s
     return max(found)[2] if found else None
 
 
+def set_aside_previous_run(run_dir: str | os.PathLike) -> Path | None:
+    """Move what an earlier run left in ``run_dir`` (checkpoints, training state, config, metrics) to
+    ``run_dir/previous/<timestamp>/`` before a fresh run writes there; returns that folder, or None if there was
+    nothing. A fresh run that fails part-way then never leaves a folder that mixes two runs, and loses nothing."""
+    import time
+
+    run_dir = Path(run_dir)
+    files = [f for f in run_dir.iterdir() if f.name != "previous"] if run_dir.is_dir() else []
+    if not files:
+        return None
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+    target = run_dir / "previous" / stamp
+    while target.exists():
+        n += 1
+        target = run_dir / "previous" / f"{stamp}-{n}"
+    target.mkdir(parents=True)
+    for f in files:
+        os.replace(f, target / f.name)
+    return target
+
+
 # ---- saving -----------------------------------------------------------------------------------------------------
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:

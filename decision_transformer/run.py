@@ -5,6 +5,7 @@ The two scripts share this pipeline; ``SCRIPTS`` holds what differs (run folder 
 trainer variant, resume, fp16)."""
 from __future__ import annotations
 
+import math
 import random
 import sys
 import time
@@ -15,7 +16,8 @@ import torch
 
 from decision_transformer import distributed
 from decision_transformer.checkpoint import (atomic_save, find_run, load_checkpoint, load_state_into,
-                                             make_checkpoint, model_name, new_exp_id, run_dir_name, wandb_run_name)
+                                             make_checkpoint, model_name, new_exp_id, run_dir_name,
+                                             set_aside_previous_run, wandb_run_name)
 from decision_transformer.cli import merge_signature, reject_unsupported
 from decision_transformer.data import TrajectoryDataset, load_dataset
 from decision_transformer.envs import check_dataset_name, get_env_spec
@@ -127,7 +129,41 @@ def parse_targets(env_targets: str | None, default) -> list[float]:
         raise UserError(f"--env_targets must be comma-separated numbers, got {env_targets!r}") from None
     if not targets:
         raise UserError("--env_targets is empty")
+    for t in targets:
+        if not (math.isfinite(t) and abs(t) < 1e7):  # returns of these envs stay far below 1e5
+            raise UserError(f"--env_targets: {t} is not a return target (finite, below 1e7 in magnitude)")
     return targets
+
+
+#: Float flags of the three training scripts and what a valid value is (a flag left at None is not checked).
+_NUMBER_RULES = {
+    "learning_rate": ("a positive number", lambda v: v > 0),
+    "lm_learning_rate": ("a positive number", lambda v: v > 0),
+    "weight_decay": ("a number >= 0", lambda v: v >= 0),
+    "init_reg": ("a number >= 0", lambda v: v >= 0),
+    "gpt_kmeans_const": ("a number", lambda v: True),
+    "gpt_lm_const": ("a number", lambda v: True),
+    "p": ("a number in [0, 1]", lambda v: 0 <= v <= 1),
+    "merge_lambda": ("a number", lambda v: True),
+    "fisher_floor": ("a number >= 0", lambda v: v >= 0),
+}
+
+
+def check_numbers(args):
+    """Finite, in-range float flags and a seed that every seeded library accepts, before anything is written (a
+    NaN learning rate would otherwise surface as a diverged run, a negative seed as an env error)."""
+    for name, (what, ok) in _NUMBER_RULES.items():
+        v = getattr(args, name, None)
+        if v is None or isinstance(v, bool):
+            continue
+        if not (math.isfinite(v) and ok(v)):
+            raise UserError(f"--{name} must be {what}, got {v}")
+    for v in getattr(args, "p_list", None) or []:
+        if not (math.isfinite(v) and 0 <= v <= 1):
+            raise UserError(f"--p_list values must be numbers in [0, 1], got {v}")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2**32:
+        raise UserError(f"--seed must be in [0, 2^32), got {seed}")
 
 
 def check_args(args):
@@ -139,6 +175,7 @@ def check_args(args):
     for name, ok in checks:
         if not ok:
             raise UserError(f"invalid --{name} {getattr(args, name)}")
+    check_numbers(args)
     if args.embed_dim % args.n_head:
         raise UserError(f"--embed_dim {args.embed_dim} is not divisible by --n_head {args.n_head}")
     if args.K > 1000:
@@ -273,9 +310,11 @@ def _run(args, script: str) -> dict:
     if args.pretrained_models and run_dir is not None:
         # merge runs share (model, dataset, env, seed): a per-run suffix keeps them from overwriting each other
         run_dir = run_dir.with_name(f"{run_dir.name}_{exp_id}")
-    if not args.resume and run_dir is not None and any(run_dir.glob("model_*.pt")):
-        print(f"warning: {run_dir} already holds checkpoints; they will be replaced (use --resume to continue)",
-              file=sys.stderr)
+    if not args.resume and run_dir is not None and ctx.is_main:
+        moved = set_aside_previous_run(run_dir)
+        if moved is not None:
+            print(f"warning: {run_dir} held an earlier run; moved it to {moved} (use --resume to continue a run)",
+                  file=sys.stderr)
 
     config = {**vars(args), "exp_id": exp_id, "exp_prefix": exp_prefix, "model_name": mname,
               "data_file": str(data_file), "device_used": str(device), "targets": targets,

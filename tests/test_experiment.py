@@ -182,10 +182,38 @@ def test_missing_dataset_is_generated(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("flag,value,needle", [("--env", "ant", "unknown env 'ant'"),
                                                ("--dataset", "medium-v2", "unknown dataset"),
                                                ("--env_targets", "abc", "--env_targets"),
-                                               ("--K", "0", "invalid --K")])
+                                               ("--K", "0", "invalid --K"),
+                                               ("--env_targets", "nan", "is not a return target"),
+                                               ("--env_targets", "3600,inf", "is not a return target"),
+                                               ("--seed", "-1", "--seed must be in [0, 2^32)"),
+                                               ("--learning_rate", "inf", "--learning_rate must be a positive"),
+                                               ("--weight_decay", "-1", "--weight_decay must be a number >= 0"),
+                                               ("--lm_learning_rate", "nan", "--lm_learning_rate must be"),
+                                               ("--p", "nan", "--p must be a number in [0, 1]"),
+                                               ("--fisher_floor", "-1", "--fisher_floor must be"),
+                                               ("--precision", "fp8", "argument --precision: invalid choice")])
 def test_bad_flags(tmp_path, monkeypatch, capsys, hopper_data, flag, value, needle):
+    """One error line, exit 2, and nothing written: not even the run folder of an earlier run is touched."""
     monkeypatch.chdir(tmp_path)
+    earlier = run_dir(tmp_path) / "model_1.pt"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"an earlier run")
     assert needle in expect_error(capsys, ["--data_path", str(hopper_data), *TINY, flag, value])
+    assert [p.name for p in run_dir(tmp_path).iterdir()] == ["model_1.pt"] and earlier.read_bytes() == b"an earlier run"
+
+
+def test_a_fresh_run_sets_an_earlier_one_aside(tmp_path, monkeypatch, capsys, hopper_data):
+    """A fresh run in a folder that holds an earlier run moves that run to previous/<timestamp>/ (nothing lost, no
+    folder mixing two runs); --resume continues in place."""
+    run(tmp_path, monkeypatch, hopper_data, "--max_iters", "2", "--num_steps_per_iter", "2", "--num_eval_episodes", "0")
+    old = {p.name: p.read_bytes() for p in run_dir(tmp_path).iterdir()}
+    capsys.readouterr()
+    run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes", "0")
+    assert "held an earlier run; moved it to" in capsys.readouterr().err
+    (prev,) = (run_dir(tmp_path) / "previous").iterdir()
+    assert {p.name: p.read_bytes() for p in prev.iterdir()} == old
+    assert sorted(p.name for p in run_dir(tmp_path).iterdir()) == ["config.json", "metrics.jsonl", "model_0.pt",
+                                                                   "model_1.pt", "previous", "train_state.pt"]
 
 
 def test_corrupt_dataset(tmp_path, monkeypatch, capsys):

@@ -240,6 +240,14 @@ def test_multi_bad_input(data, tmp_path, monkeypatch, capsys):
         experiment_multi.main(["--data_path", str(data), "--pretrained_model", str(single), *TINY])
     assert "not a multi-task model" in capsys.readouterr().err
     assert load_checkpoint(single)  # untouched
+    for flags, needle in ((["--seed", "-1"], "--seed must be in"), (["--p_list", "nan"], "--p_list values must be"),
+                          (["--init_reg", "-1"], "--init_reg must be a number >= 0"),
+                          (["--weight_decay", "nan"], "--weight_decay must be")):
+        with pytest.raises(SystemExit) as e:
+            experiment_multi.main(["--data_path", str(data), *TINY, *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and needle in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_last_action_only_matches_the_full_forward():
