@@ -37,13 +37,24 @@ def load_grid(name: str) -> dict:
         known = ", ".join(sorted(p.stem for p in GRID_DIR.glob("*.yaml")))
         raise UserError(f"unknown grid {name!r}: no file {name} or {path}; known grids: {known}")
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text (UTF-8) file") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(spec, dict) or "program" not in spec or not isinstance(spec.get("grid", {}), dict):
+    if (not isinstance(spec, dict) or not isinstance(spec.get("program"), str)
+            or not isinstance(spec.get("grid") or {}, dict) or not isinstance(spec.get("fixed") or {}, dict)):
         raise UserError(f"{path}: a grid needs 'program', 'fixed' and 'grid' mappings")
-    spec.setdefault("fixed", {})
-    spec.setdefault("grid", {})
+    spec["fixed"] = spec.get("fixed") or {}
+    spec["grid"] = spec.get("grid") or {}
+    for k, v in spec["grid"].items():
+        if not isinstance(v, list):
+            raise UserError(f"{path}: grid value of {k!r} must be a list of values, got {v!r} (write [{v}] for one "
+                            f"value, or move it to 'fixed')")
+        if not v:
+            raise UserError(f"{path}: grid value of {k!r} is an empty list (the grid would have no runs)")
+    if not (ROOT / spec["program"]).is_file():
+        raise UserError(f"{path}: program {spec['program']!r} not found (a path relative to {ROOT})")
     spec["name"] = path.stem
     return spec
 
@@ -75,7 +86,9 @@ def run_state(program: str, argv: list[str]) -> tuple[str, Path | None]:
     from decision_transformer.checkpoint import find_run, model_name, run_dir_name
     from decision_transformer.cli import experiment_parser, merge_signature
 
-    a = experiment_parser().parse_args(argv)
+    parser = experiment_parser()
+    parser.prog = "experiment.py"  # a flag it rejects is named as the run's, not the sweep's
+    a = parser.parse_args(argv)
     if not a.outdir:
         return "new", None
     run_dir = Path(a.outdir) / run_dir_name(model_name(a.pretrained_lm, a.pretrained_block), a.dataset, a.env,
@@ -166,6 +179,25 @@ def export_wandb(spec: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _gpu_slots(text: str) -> list[str]:
+    """``--gpus 0,1`` -> ["0", "1"]: CUDA device indices (or GPU-/MIG- UUIDs), a repeated id runs two at a time."""
+    ids = [g.strip() for g in text.split(",")]
+    for g in ids:
+        if not (g.isdigit() or g.startswith(("GPU-", "MIG-"))):
+            raise UserError(f"--gpus {text!r}: expected comma-separated GPU ids such as 0,1,2,3; {g!r} is not one")
+    return ids
+
+
 @cli_entry
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,7 +206,7 @@ def main(argv=None):
     r = sub.add_parser("run", help="run a grid locally")
     r.add_argument("grid")
     r.add_argument("--gpus", default=None, help="comma-separated GPU ids: one run per GPU at a time")
-    r.add_argument("--procs", type=int, default=1, help="parallel CPU processes when --gpus is not given")
+    r.add_argument("--procs", type=_positive_int, default=1, help="parallel CPU processes when --gpus is not given")
     r.add_argument("--log_dir", default="sweep_logs")
     r.add_argument("--dry_run", action="store_true", help="print the plan only")
     r.add_argument("--extra", default="", help="flags appended to every run, e.g. \"--max_iters 1 --device cpu\"")
@@ -192,7 +224,12 @@ def main(argv=None):
         for path in export_wandb(spec, Path(a.out)):
             print(f"wrote {path} (start it with `wandb sweep {path}` and `wandb agent ...`)")
         return 0
-    runs = plan(spec, shlex.split(a.extra))
+    try:
+        extra = shlex.split(a.extra)
+    except ValueError as e:
+        raise UserError(f"--extra {a.extra!r}: {e} (it is split as a shell command line)") from None
+    slots = _gpu_slots(a.gpus) if a.gpus is not None else [None] * a.procs
+    runs = plan(spec, extra)
     todo = [cmd for state, cmd in runs if state != "done"]
     for state, cmd in runs:
         print(f"{state:8s} {shlex.join(cmd[1:])}")
@@ -200,7 +237,6 @@ def main(argv=None):
           f"{sum(s == 'partial' for s, _ in runs)} to resume, {sum(s == 'new' for s, _ in runs)} new")
     if a.dry_run or not todo:
         return 0
-    slots = a.gpus.split(",") if a.gpus else [None] * max(1, a.procs)
     failed = launch(todo, slots, Path(a.log_dir))
     if failed:
         raise UserError(f"{failed} of {len(todo)} runs failed; logs in {a.log_dir}")

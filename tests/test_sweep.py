@@ -113,3 +113,40 @@ def test_export_splits_null(tmp_path):
     assert with_lm["parameters"]["pretrained_lm"]["values"] == ["gpt2", "openai/imagegpt-small"]
     assert with_lm["method"] == "grid" and "${args_no_boolean_flags}" in with_lm["command"]
     assert with_lm["parameters"]["share_input_output_proj"] == {"value": True}
+
+
+def _expect_error(capsys, argv) -> str:
+    try:
+        sweep.main(argv)
+    except SystemExit as e:
+        assert e.code == 2
+    else:
+        raise AssertionError(f"{argv} must exit 2")
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_grid_files_and_flags(tmp_path, capsys):
+    out = tmp_path / "sweeps"
+    cases = {"scalar": ("program: experiment.py\nfixed: {env: hopper}\ngrid: {seed: 5}\n", "must be a list of values"),
+             "empty": ("program: experiment.py\ngrid: {seed: []}\n", "empty list"),
+             "noprog": ("program: nonexist.py\ngrid: {seed: [1]}\n", "program 'nonexist.py' not found"),
+             "fixedlist": ("program: experiment.py\nfixed: [1]\ngrid: {seed: [1]}\n", "'grid' mappings")}
+    for name, (text, msg) in cases.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+        for argv in (["run", str(tmp_path / f"{name}.yaml"), "--dry_run"],
+                     ["export", str(tmp_path / f"{name}.yaml"), "--out", str(out)]):
+            assert msg in _expect_error(capsys, argv)
+    (tmp_path / "binary.yaml").write_bytes(b"program: experiment.py\ngrid: {seed: [1, \xff]}\n")
+    assert "not a text (UTF-8) file" in _expect_error(capsys, ["run", str(tmp_path / "binary.yaml"), "--dry_run"])
+    assert not out.exists()
+    assert "No closing quotation" in _expect_error(
+        capsys, ["run", "generated_medium", "--extra", "--foo 'bar", "--dry_run"])
+    assert "experiment.py: unrecognized arguments: --foo bar" in _expect_error(
+        capsys, ["run", "generated_medium", "--extra", "--foo bar", "--dry_run"])
+    for gpus in ("abc", "", "0,,1"):
+        assert "--gpus" in _expect_error(capsys, ["run", "generated_medium", "--gpus", gpus, "--dry_run"])
+    assert "must be at least 1" in _expect_error(capsys, ["run", "generated_medium", "--procs", "0", "--dry_run"])
+    sweep.main(["run", "generated_medium", "--gpus", "0,1", "--dry_run"])   # valid ids pass
+    assert "3 runs" in capsys.readouterr().out
