@@ -132,14 +132,21 @@ def make_checkpoint(state_dict: dict, config: dict, state_mean=None, state_std=N
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load one of our checkpoints (or a plain state dict, returned as ``{"state_dict": ...}``) without
     executing pickled code."""
+    import warnings
+
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about legacy formats before failing on them: the error says it
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a loadable checkpoint ({first[:200]})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{path}: not a loadable checkpoint (torch.load failed: {type(e).__name__}"
+                        f"{': ' + first[:160] if first else ''})") from None
     if isinstance(obj, dict) and "state_dict" in obj:
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):

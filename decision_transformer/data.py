@@ -103,6 +103,8 @@ def safe_pickle_load(path: str | os.PathLike):
             return _RestrictedUnpickler(io.BufferedReader(f)).load()
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a dataset file") from None
     except pickle.UnpicklingError as e:
         raise UserError(f"{path}: refused to load ({e}); only numpy arrays, lists and dicts are allowed") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, ImportError, MemoryError,
