@@ -221,6 +221,8 @@ def compute_fisher(model, dataset, *, fisher_type: str = "batch", batch_size: in
         raise UserError(f"unknown --fisher_type {fisher_type!r}; choose one of {', '.join(FISHER_TYPES)}")
     if batch_size < 1 or num_batches < 1:
         raise UserError(f"--f_batch_size and --f_num_batches must be >= 1 (got {batch_size}, {num_batches})")
+    if K < 1:
+        raise UserError(f"--K must be >= 1 (got {K})")
     device = next(model.parameters()).device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -246,7 +248,19 @@ def fisher_tensors(info: dict) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in info.items() if isinstance(v, torch.Tensor) and not k.startswith("_")}
 
 
+def check_fisher(info: dict, where: str):
+    """A usable Fisher: finite, and not zero everywhere (such a file would poison the cache that later runs load)."""
+    F = fisher_tensors(info)
+    bad = next((k for k, v in F.items() if not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise UserError(f"{where}: Fisher tensor {bad} contains NaN or inf")
+    if not any(bool(v.any()) for v in F.values()):
+        raise UserError(f"{where}: the Fisher is zero everywhere (no gradient reached the blocks)")
+
+
 def save_fisher(info: dict, path: str | os.PathLike) -> Path:
+    """Write an info file; a Fisher that is non-finite or zero everywhere is refused and nothing is written."""
+    check_fisher(info, f"{path} not written")
     return atomic_save(info, path)
 
 
@@ -260,6 +274,10 @@ def load_fisher(path: str | os.PathLike) -> dict:
         raise UserError(f"{path}: not a readable Fisher file ({str(e).strip().splitlines()[0][:200]})") from None
     if not isinstance(obj, dict) or not fisher_tensors(obj):
         raise UserError(f"{path}: not a Fisher file (expected a dict of parameter name -> tensor)")
+    try:
+        check_fisher(obj, str(path))
+    except UserError as e:
+        raise UserError(f"{e}; delete it (or recompute it with precompute_fisher.py --force)") from None
     return obj
 
 
@@ -298,11 +316,23 @@ def precompute_parser():
     return p
 
 
+def check_precompute_args(args):
+    """Reject bad sizes and names before anything is loaded or written."""
+    from decision_transformer.envs import check_dataset_name
+
+    for name in ("f_batch_size", "f_num_batches", "K"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1 (got {getattr(args, name)})")
+    if args.dataset is not None:
+        check_dataset_name(args.dataset)
+
+
 def run_precompute(args) -> Path:
     from decision_transformer.data import TrajectoryDataset, load_dataset
     from decision_transformer.legacy_import import build_model, load_model_file
     from decision_transformer.run import resolve_device
 
+    check_precompute_args(args)
     device = resolve_device(args.device, args.threads)
     mf = load_model_file(args.model)
     if mf.is_multi:

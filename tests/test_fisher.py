@@ -102,6 +102,27 @@ def test_info_path_names():
     assert str(fisher.fisher_info_path("/a/b/m.pt", 8, 3, "empirical")).endswith("/a/b/info/m-bs8-nb3-empirical")
 
 
+def test_a_zero_or_non_finite_fisher_is_never_saved(tmp_path):
+    """A Fisher that is zero everywhere (e.g. --K 0: no timestep, no gradient) or NaN would poison the info-file cache
+    that later runs load: saving it is refused, an existing file stays as it was, and loading such a file fails."""
+    from decision_transformer.errors import UserError
+
+    good = {"transformer.h.0.w": torch.rand(3, 2), "_stats": {"sum": 1.0, "mean": 0.1}}
+    path = tmp_path / "info" / "m-bs4-nb2"
+    fisher.save_fisher(good, path)
+    before = path.read_bytes()
+    for bad in ({"transformer.h.0.w": torch.zeros(3, 2)}, {"transformer.h.0.w": torch.full((3, 2), float("nan"))},
+                {"transformer.h.0.w": torch.rand(3, 2), "transformer.h.0.b": torch.tensor([1.0, float("inf")])}):
+        with pytest.raises(UserError, match="not written"):
+            fisher.save_fisher(bad, path)
+        assert path.read_bytes() == before
+    torch.save({"transformer.h.0.w": torch.zeros(3, 2)}, tmp_path / "poisoned")
+    with pytest.raises(UserError, match="zero everywhere.*delete it"):
+        fisher.load_fisher(tmp_path / "poisoned")
+    with pytest.raises(UserError, match="--K must be >= 1"):
+        fisher.compute_fisher(tiny_model(), None, K=0)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Datasets for the three envs and one checkpoint per env with a stored config (equal seeds: shared blocks init)."""
