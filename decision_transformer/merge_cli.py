@@ -17,12 +17,13 @@ A recipe is a YAML mapping whose keys are these flags' names (``models``, ``out`
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
-from decision_transformer.checkpoint import atomic_save, make_checkpoint
+from decision_transformer.checkpoint import atomic_save, check_finite_state, make_checkpoint
 from decision_transformer.cli import THREADS_HELP
 from decision_transformer.errors import UserError, cli_entry
 
@@ -66,10 +67,14 @@ def read_recipe(path: str) -> dict:
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{p}: a directory, not a recipe file")
     try:
         obj = yaml.safe_load(p.read_text())
     except FileNotFoundError:
         raise UserError(f"{p}: recipe not found") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not a text file (a recipe is a YAML mapping of option names to values)") from None
     except yaml.YAMLError as e:
         raise UserError(f"{p}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(obj, dict):
@@ -77,24 +82,69 @@ def read_recipe(path: str) -> dict:
     return obj
 
 
+def recipe_value(action: argparse.Action, value, source: str):
+    """A recipe's value for one option, converted and checked as the flag's own value would be."""
+    name = action.dest
+    if action.nargs in ("+", "*"):
+        vals = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in vals):
+            raise UserError(f"{source}: {name} must be a name or a list of names, got {value!r}")
+        return [str(v) for v in vals]
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):
+            raise UserError(f"{source}: {name} must be true or false, got {value!r}")
+        return value
+    if value is None and action.default is None:
+        return None
+    if isinstance(value, (bool, list, dict)) or value is None:
+        raise UserError(f"{source}: {name} must be a single value, got {value!r}")
+    try:
+        value = action.type(str(value)) if action.type is not None else str(value)
+    except ValueError:
+        kind = getattr(action.type, "__name__", "valid")
+        raise UserError(f"{source}: {name} must be {kind}, got {value!r}") from None
+    if action.choices and value not in action.choices:
+        raise UserError(f"{source}: {name} {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def check_args(args):
+    """Reject option values that would crash a merge part-way or write a NaN checkpoint, before anything runs."""
+    from decision_transformer.envs import check_dataset_name
+
+    for name in ("K", "batch_size", "f_batch_size", "f_num_batches", "regmean_n_windows"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1 (got {getattr(args, name)})")
+    if not 0.0 <= args.p <= 1.0:  # also false for NaN
+        raise UserError(f"--p must be in [0, 1] (got {args.p})")
+    if args.merge_lambda is not None and not math.isfinite(args.merge_lambda):
+        raise UserError(f"--merge_lambda must be finite (got {args.merge_lambda})")
+    if not (math.isfinite(args.fisher_floor) and args.fisher_floor >= 0):
+        raise UserError(f"--fisher_floor must be finite and >= 0 (got {args.fisher_floor})")
+    if args.dataset is not None:
+        check_dataset_name(args.dataset)
+    out = Path(args.out).resolve()
+    for m in [*args.models, *([args.merge_base] if args.merge_base else [])]:
+        if Path(m).resolve() == out:
+            raise UserError(f"--out {args.out} is the input model {m}; write the merge to another file")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = merge_parser()
     args = parser.parse_args(argv)
     if args.recipe:
         recipe = read_recipe(args.recipe)
-        known = {a.dest for a in parser._actions} - {"help", "recipe"}
+        actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "recipe")}
         for k in recipe:
-            if k not in known:
-                raise UserError(f"{args.recipe}: unknown option {k!r} (valid: {', '.join(sorted(known))})")
-        for k in ("models", "include", "exclude"):
-            if isinstance(recipe.get(k), str):
-                recipe[k] = [recipe[k]]
-        parser.set_defaults(**recipe)
+            if k not in actions:
+                raise UserError(f"{args.recipe}: unknown option {k!r} (valid: {', '.join(sorted(actions))})")
+        parser.set_defaults(**{k: recipe_value(actions[k], v, args.recipe) for k, v in recipe.items()})
         args = parser.parse_args(argv)  # command-line flags win over the recipe
     if not args.models:
         raise UserError("no models to merge: pass --models A B ... or a recipe with 'models'")
     if not args.out:
         raise UserError("no output: pass --out FILE or a recipe with 'out'")
+    check_args(args)
     return args
 
 
@@ -135,6 +185,9 @@ def run_merge(args) -> Path:
         state, specs = merge_multi_states(sources, args, device="cpu", fishers=fishers)
     else:
         keys = merging.select_keys(list(first.state_dict), args.include, args.exclude)
+        if not keys:
+            sel = " ".join(f"--{k} {' '.join(getattr(args, k))}" for k in ("include", "exclude") if getattr(args, k))
+            raise UserError(f"{sel} matches no tensor of {first.path}; nothing to merge")
         merging.check_compatible([s.state_dict for s in sources], [s.path for s in sources], keys)
         state = merge_single_sources(sources, args, keys, device, DatasetCache(args.data_path, device))
         n, tot, frac = merging.merged_fraction(state, keys)
@@ -146,6 +199,10 @@ def run_merge(args) -> Path:
                                                "regmean_n_windows", "fisher_type", "fisher_norm", "no_trace_norm",
                                                "fisher_floor", "fisher_favor_target", "f_batch_size", "f_num_batches",
                                                "seed")})
+    try:
+        check_finite_state(state, f"the {method} merge")
+    except UserError as e:
+        raise UserError(f"{e}; {args.out} not written") from None
     config = {**first.config, "merge_info": info}
     extra = {k: first.raw[k] for k in ("state_mean", "state_std", "state_stats") if k in first.raw}
     out = atomic_save(make_checkpoint({k: v.cpu() for k, v in state.items()}, config, specializations=specs,
