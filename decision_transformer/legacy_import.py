@@ -23,6 +23,7 @@ from __future__ import annotations
 import _compat_pickle
 import argparse
 import collections
+import os
 import pickle
 import re
 import sys
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 
 from decision_transformer.checkpoint import atomic_save, load_state_into, make_checkpoint
-from decision_transformer.envs import ENVS
+from decision_transformer.envs import ENVS, check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError, cli_entry
 
 #: Classes under these module paths become inert stand-ins (the originals' code is never imported).
@@ -449,19 +450,53 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.out and len(args.models) != 1:
         raise UserError("--out takes one input model; use --out_dir for several")
-    for m in args.models:
-        ckpt = import_legacy(m)
-        if args.env:
-            ckpt["config"]["env"] = args.env
+    spec = get_env_spec(args.env) if args.env else None
+    if args.dataset:
+        check_dataset_name(args.dataset)
+    outs = [Path(args.out) if args.out else Path(args.out_dir) / Path(m).name for m in args.models]
+    check_outputs(args.models, outs)
+    ckpts = [import_legacy(m) for m in args.models]     # every input read and checked before anything is written
+    for m, ckpt in zip(args.models, ckpts):
+        if spec is not None:
+            set_env(ckpt, spec, m)
         if args.dataset:
             ckpt["config"]["dataset"] = args.dataset
-        out = Path(args.out) if args.out else Path(args.out_dir) / Path(m).name
+    for m, ckpt, out in zip(args.models, ckpts, outs):
         atomic_save(ckpt, out)
         c = ckpt["config"]
         bb = c["model_config"]["backbone"]
         print(f"{m} -> {out}: {c['legacy_class']}, {len(ckpt['state_dict'])} tensors, H {bb['n_embd']}, "
               f"{bb['n_layer']} layers, {bb['n_head']} heads, {bb['activation_function']}"
               + (f", specializations {ckpt['specializations']}" if ckpt.get("specializations") else ""), file=sys.stderr)
+
+
+def check_outputs(inputs, outs):
+    """No output may be an input (the original would be replaced) or the output of another input."""
+    seen: dict = {}
+    for m, out in zip(inputs, outs):
+        r = out.resolve()
+        for i in inputs:   # the same path, or another name (a hard link) of the same file
+            if r == Path(i).resolve() or (out.is_file() and Path(i).is_file() and os.path.samefile(out, i)):
+                raise UserError(f"{out} is the input {i}: converting would overwrite the original; choose another "
+                                f"--out / --out_dir")
+        if r in seen:
+            raise UserError(f"{seen[r]} and {m} would both be written to {out}; convert them into different folders")
+        seen[r] = m
+
+
+def set_env(ckpt: dict, spec, source) -> None:
+    """``--env``: the env of a single-task checkpoint, which must have that env's state and action dims."""
+    from decision_transformer.models.multi_decision_transformer import MODEL_CLASS
+
+    c = ckpt["config"]
+    if c.get("model_class") == MODEL_CLASS:
+        raise UserError(f"{source}: a multi-task model; --env applies to single-task models")
+    mc = c["model_config"]
+    if (mc["state_dim"], mc["act_dim"]) != (spec.state_dim, spec.act_dim):
+        raise UserError(f"{source}: state/action dims {mc['state_dim']}/{mc['act_dim']}, --env {spec.name} needs "
+                        f"{spec.state_dim}/{spec.act_dim}")
+    c["env"] = spec.name
+    ckpt["specializations"] = [spec.name]
 
 
 if __name__ == "__main__":
