@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from decision_transformer.envs import get_env_spec
+from decision_transformer.envs import SUPPORTED_ENV_VERSIONS, check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError, cli_entry
 
 ENV_ORDER = ("hopper", "halfcheetah", "walker2d")
@@ -180,6 +180,8 @@ def collect(entries: list[str], *, pick: str, **eval_kw) -> dict[str, dict[str, 
 
 @cli_entry
 def main(argv=None):
+    from decision_transformer.run import resolve_device
+
     p = argparse.ArgumentParser(description="Per-env D4RL-normalised scores of merge-experiment models as a table.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--row", action="append", required=True, metavar="LABEL=PATH[@pick]",
@@ -196,8 +198,18 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write OUT.csv and OUT.md")
     args = p.parse_args(argv)
+    if args.num_eval_episodes < 1:
+        raise UserError(f"--num_eval_episodes must be >= 1 (got {args.num_eval_episodes})")
+    for env in args.envs:
+        get_env_spec(env)
+    if args.dataset is not None:
+        check_dataset_name(args.dataset)
+    if args.env_version not in SUPPORTED_ENV_VERSIONS:
+        raise UserError(f"unsupported --env_version {args.env_version!r}; choose one of "
+                        f"{', '.join(SUPPORTED_ENV_VERSIONS)}")
+    device = resolve_device(args.device)
     rows = collect(args.row, pick=args.pick, num_episodes=args.num_eval_episodes, seed=args.seed,
-                   data_path=args.data_path, dataset=args.dataset, device=args.device, env_version=args.env_version)
+                   data_path=args.data_path, dataset=args.dataset, device=device, env_version=args.env_version)
     header, body = build_table(rows, args.envs)
     md = to_markdown(header, body)
     print(md, end="")
