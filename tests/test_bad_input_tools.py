@@ -1,0 +1,212 @@
+"""Bad input to the stand-alone tools (merge_cli, precompute_fisher.py, legacy_import, results_table): one error line,
+exit 2, and nothing already saved destroyed or replaced by a broken file."""
+import hashlib
+import os
+
+import pytest
+import torch
+
+import precompute_fisher
+from decision_transformer import fisher, legacy_import, merge_cli, results_table
+from decision_transformer.checkpoint import atomic_save, make_checkpoint
+from decision_transformer.envs import get_env_spec
+from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+from test_legacy_import import LDecisionTransformer, LMultiDecisionTransformer, save_original
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Hopper and halfcheetah datasets and one tiny checkpoint per env (stored config, shared initialisation)."""
+    from decision_transformer.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("bad_input")
+    data = root / "data"
+    paths = {}
+    for i, env in enumerate(("hopper", "halfcheetah")):
+        make_dataset(data, env, "medium", 200, seed=i, max_ep_len=40)
+        spec = get_env_spec(env)
+        cfg = DTConfig(spec.state_dim, spec.act_dim, max_length=5, backbone=BackboneConfig(n_embd=16, n_layer=1))
+        model = DecisionTransformer(cfg, seed=666)
+        with torch.no_grad():
+            for p in model.transformer.h.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+        paths[env] = root / "models" / env / f"dt_gym-experiment-{env}-medium-20000{i}_best.pt"
+        atomic_save(make_checkpoint(model.state_dict(), {"env": env, "dataset": "medium", "seed": 666,
+                                                         "model_config": cfg.to_dict()}), paths[env])
+    return root, data, paths
+
+
+def snapshot(folder) -> dict:
+    """{relative path: sha256} of every file under ``folder``."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fails(main, argv, capsys) -> str:
+    """Run an entry point that must reject its input: exit 2, one ``error:`` line, no traceback; returns the line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0]
+    return lines[0]
+
+
+# ---- Fisher cache ----------------------------------------------------------------------------------------------------
+
+def test_bad_K_never_poisons_the_fisher_cache(tiny, capsys):
+    root, data, paths = tiny
+    h, c = str(paths["hopper"]), str(paths["halfcheetah"])
+    info_dir = paths["hopper"].parent / "info"
+    fisher_args = ["--include", "attn", "mlp", "--merge_method", "fisher", "--data_path", str(data),
+                   "--f_batch_size", "4", "--f_num_batches", "2", "--out", str(root / "m.pt")]
+    for bad in (["--K", "0"], ["--K", "-3"], ["--f_batch_size", "0"], ["--f_num_batches", "-1"]):
+        msg = fails(merge_cli.main, ["--models", h, c, *fisher_args, *bad], capsys)
+        assert f"{bad[0]} must be >= 1" in msg
+    assert not info_dir.exists() and not (root / "m.pt").exists()
+
+    pre = ["--model", h, "--data_path", str(data), "--f_batch_size", "4", "--f_num_batches", "2", "--device", "cpu"]
+    precompute_fisher.main([*pre, "--K", "5"])
+    before = snapshot(info_dir)
+    assert len(before) == 1
+    for bad in (["--K", "0", "--force"], ["--K", "-3"], ["--K", "-3", "--force"], ["--f_batch_size", "0", "--force"],
+                ["--K", "5", "--dataset", "foo", "--force"]):
+        msg = fails(precompute_fisher.main, [*pre, *bad], capsys)
+        assert "must be >= 1" in msg or "unknown dataset 'foo'" in msg
+    assert snapshot(info_dir) == before                                    # the valid info file is untouched
+
+    # a cache poisoned before this fix (zero everywhere) is refused, not merged with
+    poisoned = paths["halfcheetah"].parent / "info" / (paths["halfcheetah"].name[:-3] + "-bs4-nb2")
+    good = fisher.load_fisher(info_dir / next(iter(before)))
+    poisoned.parent.mkdir()
+    torch.save({k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v for k, v in good.items()}, poisoned)
+    msg = fails(merge_cli.main, ["--models", h, c, *fisher_args, "--K", "5"], capsys)
+    assert "the Fisher is zero everywhere" in msg and str(poisoned) in msg and "--force" in msg
+    assert not (root / "m.pt").exists()
+
+
+# ---- merge_cli -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--p", "nan"], "--p must be in [0, 1] (got nan)"),
+    (["--p", "2"], "--p must be in [0, 1] (got 2.0)"),
+    (["--p", "-0.1"], "--p must be in [0, 1]"),
+    (["--merge_method", "task_arithmetic", "--merge_lambda", "nan"], "--merge_lambda must be finite"),
+    (["--merge_method", "ties", "--merge_lambda", "inf"], "--merge_lambda must be finite"),
+    (["--merge_method", "fisher", "--fisher_floor", "-1"], "--fisher_floor must be finite and >= 0"),
+    (["--merge_method", "fisher", "--fisher_floor", "nan"], "--fisher_floor must be finite and >= 0"),
+    (["--merge_method", "greedy_soup", "--batch_size", "-1"], "--batch_size must be >= 1"),
+    (["--merge_method", "regmean", "--regmean_n_windows", "0"], "--regmean_n_windows must be >= 1"),
+    (["--K", "0"], "--K must be >= 1"),
+    (["--dataset", "foo"], "unknown dataset 'foo'"),
+    (["--include", "nomatch"], "--include nomatch matches no tensor"),
+    (["--include", "attn", "--exclude", "attn"], "--include attn --exclude attn matches no tensor"),
+])
+def test_merge_cli_rejects_bad_options(tiny, tmp_path, capsys, extra, expect):
+    root, data, paths = tiny
+    out = tmp_path / "m.pt"
+    argv = ["--models", str(paths["hopper"]), str(paths["halfcheetah"]), "--include", "attn", "mlp",
+            "--data_path", str(data), "--K", "5", "--out", str(out), *extra]
+    assert expect in fails(merge_cli.main, argv, capsys)
+    assert not out.exists()
+
+
+def test_merge_cli_never_writes_a_non_finite_merge_or_over_an_input(tiny, tmp_path, capsys):
+    root, data, paths = tiny
+    sd = torch.load(paths["hopper"], weights_only=True)
+    sd["state_dict"]["transformer.h.0.attn.c_attn.weight"][0, 0] = float("nan")
+    nan_model = tmp_path / "nan.pt"
+    torch.save(sd, nan_model)
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"an earlier merge")
+    msg = fails(merge_cli.main, ["--models", str(nan_model), str(paths["halfcheetah"]), "--include", "attn", "mlp",
+                                 "--out", str(out)], capsys)
+    assert "tensor transformer.h.0.attn.c_attn.weight contains NaN or inf" in msg and f"{out} not written" in msg
+    assert out.read_bytes() == b"an earlier merge"
+    # --out naming an input model would replace it
+    before = snapshot(root / "models")
+    msg = fails(merge_cli.main, ["--models", str(paths["hopper"]), str(paths["halfcheetah"]), "--include", "attn",
+                                 "--out", str(paths["halfcheetah"])], capsys)
+    assert "is the input model" in msg
+    assert snapshot(root / "models") == before
+
+
+def test_merge_cli_bad_recipes(tiny, tmp_path, capsys):
+    root, data, paths = tiny
+    binary = tmp_path / "recipe.pt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert "not a text file" in fails(merge_cli.main, ["--recipe", str(binary)], capsys)
+    assert "a directory, not a recipe file" in fails(merge_cli.main, ["--recipe", str(tmp_path)], capsys)
+    models = f"models: [{paths['hopper']}, {paths['halfcheetah']}]\nout: {tmp_path / 'm.pt'}\n"
+    for body, expect in (("p: [1, 2]", "p must be a single value"), ("K: 2.5", "K must be int, got 2.5"),
+                         ("p: .nan", "--p must be in [0, 1] (got nan)"), ("spec_info: 3", "must be true or false"),
+                         ("merge_method: foo", "merge_method 'foo' is not one of"),
+                         ("include: {a: 1}", "include must be a name or a list of names")):
+        r = tmp_path / "r.yaml"
+        r.write_text(models + body + "\n")
+        assert expect in fails(merge_cli.main, ["--recipe", str(r)], capsys)
+    assert not (tmp_path / "m.pt").exists()
+
+
+# ---- legacy_import ---------------------------------------------------------------------------------------------------
+
+def test_legacy_import_never_overwrites_its_input(tmp_path, capsys):
+    d = tmp_path / "leg" / "models" / "hopper"
+    d.mkdir(parents=True)
+    orig = d / "dt_gym-experiment-hopper-medium-706057_best.pt"
+    save_original(LDecisionTransformer(), orig)
+    os.link(orig, tmp_path / "alias.pt")
+    before = snapshot(tmp_path)
+    for argv in ([str(orig), "--out_dir", str(d)], [str(orig), "--out_dir", str(d.parent / ".." / "models" / "hopper")],
+                 [str(orig), "--out", str(orig)], [str(orig), "--out", str(tmp_path / "alias.pt")]):
+        msg = fails(legacy_import.main, argv, capsys)
+        assert "converting would overwrite the original" in msg
+    assert snapshot(tmp_path) == before
+    # two inputs that would land on one output file
+    other = tmp_path / "other"
+    other.mkdir()
+    save_original(LDecisionTransformer(), other / orig.name)
+    before = snapshot(tmp_path)
+    msg = fails(legacy_import.main, [str(orig), str(other / orig.name), "--out_dir", str(tmp_path / "conv")], capsys)
+    assert "would both be written to" in msg
+    assert snapshot(tmp_path) == before and not (tmp_path / "conv").exists()
+
+
+def test_legacy_import_validates_env_and_dataset(tmp_path, capsys):
+    src = tmp_path / "legacy.pt"
+    save_original(LDecisionTransformer(), src)                      # hopper dims 11/3
+    multi = tmp_path / "multi.pt"
+    save_original(LMultiDecisionTransformer(), multi)
+    out = tmp_path / "conv.pt"
+    assert "unknown env 'foo'" in fails(legacy_import.main, [str(src), "--out", str(out), "--env", "foo"], capsys)
+    assert "unknown dataset 'bar'" in fails(legacy_import.main, [str(src), "--out", str(out), "--dataset", "bar"],
+                                            capsys)
+    msg = fails(legacy_import.main, [str(src), "--out", str(out), "--env", "walker2d"], capsys)
+    assert "state/action dims 11/3, --env walker2d needs 17/6" in msg
+    msg = fails(legacy_import.main, [str(multi), "--out", str(out), "--env", "hopper"], capsys)
+    assert "a multi-task model; --env applies to single-task models" in msg
+    assert not out.exists()
+    legacy_import.main([str(src), "--out", str(out), "--env", "hopper", "--dataset", "expert"])
+    ck = torch.load(out, weights_only=True)
+    assert (ck["config"]["env"], ck["config"]["dataset"], ck["specializations"]) == ("hopper", "expert", ["hopper"])
+
+
+# ---- results_table ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--num_eval_episodes", "0"], "--num_eval_episodes must be >= 1"),
+    (["--num_eval_episodes", "-1"], "--num_eval_episodes must be >= 1"),
+    (["--device", "foo"], "unknown --device 'foo'"),
+    (["--envs", "hopper", "foo"], "unknown env 'foo'"),
+    (["--dataset", "foo"], "unknown dataset 'foo'"),
+    (["--env_version", "v9"], "unsupported --env_version 'v9'"),
+])
+def test_results_table_rejects_bad_options(tiny, tmp_path, capsys, extra, expect):
+    root, data, paths = tiny
+    out = tmp_path / "table"
+    argv = ["--row", f"h={paths['hopper']}", "--data_path", str(data), "--out", str(out), *extra]
+    assert expect in fails(results_table.main, argv, capsys)
+    assert not list(tmp_path.iterdir())
