@@ -200,6 +200,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.num_eval_episodes < 1:
         raise UserError(f"--num_eval_episodes must be >= 1 (got {args.num_eval_episodes})")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must be in [0, 2^32), got {args.seed}")
     for env in args.envs:
         get_env_spec(env)
     if args.dataset is not None:

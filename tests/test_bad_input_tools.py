@@ -203,6 +203,7 @@ def test_legacy_import_validates_env_and_dataset(tmp_path, capsys):
     (["--envs", "hopper", "foo"], "unknown env 'foo'"),
     (["--dataset", "foo"], "unknown dataset 'foo'"),
     (["--env_version", "v9"], "unsupported --env_version 'v9'"),
+    (["--seed", "-1"], "--seed must be in [0, 2^32)"),
 ])
 def test_results_table_rejects_bad_options(tiny, tmp_path, capsys, extra, expect):
     root, data, paths = tiny
