@@ -25,7 +25,7 @@ from decision_transformer.data import (
     load_dataset,
     load_trajectories,
 )
-from decision_transformer.envs import ENVS
+from decision_transformer.envs import ENVS, get_env_spec
 from decision_transformer.errors import UserError
 from decision_transformer.models import DecisionTransformer, DTConfig
 
@@ -123,13 +123,32 @@ def _initial_from_other_epoch(checkpoint_dir, key: RunKey, path: Path) -> dict:
     return {**ckpt, "state_dict": model.state_dict(), "iteration": 0}
 
 
+def check_checkpoint_env(ckpt: dict, path, env: str):
+    """Refuse a checkpoint whose model was built for another env than the run folder's ``env`` (state / action
+    sizes, or the env its config records), naming the file."""
+    spec = get_env_spec(env)
+    config = ckpt.get("config") or {}
+    cfg = config.get("model_config") if isinstance(config, dict) else None
+    if isinstance(cfg, dict):
+        dims = cfg.get("state_dim"), cfg.get("act_dim")
+        if all(isinstance(d, int) for d in dims) and dims != (spec.state_dim, spec.act_dim):
+            raise UserError(f"{path}: the model takes {dims[0]}-dim states and {dims[1]}-dim actions, but {env} has "
+                            f"{spec.state_dim} and {spec.act_dim}; the checkpoint belongs to another env's run")
+    recorded = config.get("env") if isinstance(config, dict) else None
+    if isinstance(recorded, str) and recorded in ENVS and recorded != env:
+        raise UserError(f"{path}: the checkpoint was trained on {recorded}, but its run folder is for {env}")
+
+
 def load_run_checkpoint(checkpoint_dir, key: RunKey, epoch: int) -> tuple[dict, Path]:
     path = checkpoint_path(checkpoint_dir, key, epoch)
     if path.is_file():
-        return load_checkpoint(path), path
-    if epoch == 0:
-        return _initial_from_other_epoch(checkpoint_dir, key, path), path
-    raise _missing(path)
+        ckpt = load_checkpoint(path)
+    elif epoch == 0:
+        ckpt = _initial_from_other_epoch(checkpoint_dir, key, path)
+    else:
+        raise _missing(path)
+    check_checkpoint_env(ckpt, path, key.env)
+    return ckpt, path
 
 
 @dataclass
@@ -219,6 +238,8 @@ def analysis_batch(dataset: TrajectoryDataset, batch_size: int, K: int, seed: in
     shared ``generator`` to draw successive, different batches (``--independent_batches``, as TAKAGI)."""
     if batch_size < 1 or K < 1:
         raise UserError(f"invalid batch size {batch_size} or context K {K}")
+    if K > dataset.max_ep_len:  # longer contexts would only add padding
+        raise UserError(f"invalid context K {K}: longer than {dataset.env}'s {dataset.max_ep_len}-step episodes")
     g = generator if generator is not None else batch_generator(seed, dataset.device)
     return dataset.sample_batch(batch_size, K, g)
 

@@ -1,0 +1,64 @@
+"""A checkpoint whose model was built for another env (copied into a run folder) is a one-line error naming it, in
+every analysis that loads checkpoints, instead of a shape error deep in a forward pass."""
+import shutil
+
+import pytest
+from test_analysis_support import expect_exit, load_script, write_run
+
+from decision_transformer.analysis.runs import RunKey, load_model, load_state_dict
+from decision_transformer.errors import UserError
+
+
+@pytest.fixture
+def mismatched(tmp_path, hopper_data):
+    """checkpoints/ with hopper dt runs (K=20 and K=1) whose model_1.pt is a halfcheetah checkpoint."""
+    ck = tmp_path / "checkpoints"
+    data_file = hopper_data / "hopper-medium-v2.pkl"
+    other = write_run(tmp_path / "other", "dt", env="halfcheetah", epochs=(1,))
+    for K in (20, 1):
+        d = write_run(ck, "dt", K=K, epochs=(0, 1), data_file=data_file)
+        shutil.copy(other / "model_1.pt", d / "model_1.pt")
+    return ck
+
+
+def test_loaders_refuse_another_envs_checkpoint(mismatched, tmp_path):
+    key = RunKey("dt", "medium", "hopper", 666)
+    load_model(mismatched, key, 0)   # the run's own checkpoint loads
+    for load in (load_model, load_state_dict):
+        with pytest.raises(UserError, match=r"dt_medium_hopper_666/model_1.pt: the model takes 17-dim states and "
+                                            r"6-dim actions, but hopper has 11 and 3"):
+            load(mismatched, key, 1)
+    # walker2d has halfcheetah's sizes: the env the checkpoint records tells them apart
+    other = write_run(tmp_path / "w", "dt", env="walker2d", epochs=(1,))
+    shutil.copy(other / "model_1.pt", write_run(tmp_path / "c", "dt", env="halfcheetah", epochs=(1,)) / "model_1.pt")
+    with pytest.raises(UserError, match="trained on walker2d, but its run folder is for halfcheetah"):
+        load_model(tmp_path / "c", RunKey("dt", "medium", "halfcheetah", 666), 1)
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("analysis/section-51-activation-similarity/compute_cka.py",
+     ["--model_name1", "dt", "--model_name2", "dt", "--epoch1", "0", "--epoch2", "1", "--K", "3", "--batch_size", "6",
+      "--no_heatmap"]),
+    ("analysis/section-54-gradient-analysis/compute_grad_norm.py",
+     ["--model_name_list", "dt", "--epoch", "1", "--K", "3", "--batch_size", "6"]),
+    ("analysis/section-54-gradient-analysis/compute_grad_confusion.py",
+     ["--model_name_list", "dt", "--epoch", "1", "--K", "3", "--batch_size", "6"]),
+    ("analysis/section-56-dependence-on-context/compute_attention_distance.py",
+     ["--model_name_list", "dt", "--epoch1", "0", "--epoch2", "1", "--batch_size", "6"]),
+    ("analysis/section-52-mutual-information/save_activation.py",
+     ["--model_name", "dt", "--epoch", "1", "--batch_size", "6"]),
+])
+def test_scripts_refuse_another_envs_checkpoint(mismatched, tmp_path, capsys, script, argv):
+    main = load_script(script).main
+    base = ["--checkpoint_dir", mismatched, "--env_name_list", "hopper", "--results_dir", tmp_path / "res"]
+    if "save_activation" not in script:
+        base += ["--figs_dir", tmp_path / "figs"]
+    msg = expect_exit(capsys, main, base + argv)
+    assert "model_1.pt: the model takes 17-dim states and 6-dim actions, but hopper has 11 and 3" in msg
+
+
+def test_parameter_similarity_refuses_another_envs_checkpoint(mismatched, tmp_path, capsys):
+    main = load_script("analysis/section-53-parameter-similarity/parameter_similarity_analysis.py").main
+    msg = expect_exit(capsys, main, ["-plm", mismatched, "--model_name_list", "dt", "--epoch1", "0", "--epoch2", "1",
+                                     "--results_dir", tmp_path / "res", "--figs_dir", tmp_path / "figs"])
+    assert "model_1.pt: the model takes 17-dim states" in msg
