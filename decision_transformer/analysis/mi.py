@@ -21,6 +21,7 @@ timesteps are padding). Failed estimates are NaN and left out of the plots.
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -151,6 +152,10 @@ def _inputs(data: dict):
 
 def run_mi(args) -> common.Outputs:
     common.check_positive(args, "iters", "batch_size", "mine_hidden", "mine_hidden_layers")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"invalid --lr {args.lr}: the MINE learning rate must be a positive number")
+    if not 0 <= args.seed < 2 ** 62:
+        raise UserError(f"invalid --seed {args.seed}: use a non-negative integer below 2**62")
     out = common.out_dir(args.path_to_save_mi)
     outs = common.Outputs()
     ds, env = args.dataset_name, args.env_name
