@@ -20,10 +20,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from bench_args import bench_device, positive_int  # noqa: E402
 from bench_core import synthetic_trajectories  # noqa: E402
 from decision_transformer.analysis.cka import cka_matrix, linear_cka  # noqa: E402
 from decision_transformer.analysis.grads import per_sample_grads  # noqa: E402
 from decision_transformer.data import TrajectoryDataset  # noqa: E402
+from decision_transformer.errors import UserError, cli_entry  # noqa: E402
 from decision_transformer.fisher import fisher_empirical  # noqa: E402
 from decision_transformer.models import DecisionTransformer, DTConfig  # noqa: E402
 from decision_transformer.training import masked_action_mse  # noqa: E402
@@ -38,13 +40,16 @@ def timed(fn, sync):
     return time.perf_counter() - start, out
 
 
-def main():
+@cli_entry
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--windows", type=int, default=64)
-    p.add_argument("--cka_examples", type=int, default=500)
-    args = p.parse_args()
-    device = torch.device(args.device)
+    p.add_argument("--windows", type=positive_int, default=64)
+    p.add_argument("--cka_examples", type=positive_int, default=500)
+    args = p.parse_args(argv)
+    if args.cka_examples < 4:
+        raise UserError(f"invalid --cka_examples {args.cka_examples}: debiased CKA needs at least 4 examples")
+    device = bench_device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"device: {device}; torch {torch.__version__}; {args.windows} windows, K=20, DT 128x3\n")
     ds = TrajectoryDataset(synthetic_trajectories("hopper", 100_000), "hopper", device=device)

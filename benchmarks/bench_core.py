@@ -24,10 +24,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from bench_args import bench_device, positive_int  # noqa: E402
 from decision_transformer.cpu import tune_allocator  # noqa: E402
 from decision_transformer.data import TrajectoryDataset, state_stats  # noqa: E402
 from decision_transformer.envs import get_env_spec  # noqa: E402
+from decision_transformer.errors import cli_entry  # noqa: E402
 from decision_transformer.evaluation import EnvPool, evaluate_episodes, evaluate_episodes_sequential  # noqa: E402
 from decision_transformer.models import DecisionTransformer, DTConfig  # noqa: E402
 from test_data import reference_get_batch  # noqa: E402  (the originals' per-sample loop)
@@ -122,18 +125,19 @@ def bench_forward(device, batch_sizes, K=20):
     return rows
 
 
-def main():
+@cli_entry
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="fewer episodes (10 only) and a 2-episode one-by-one baseline")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--episodes", type=int, nargs="+", default=[10, 50, 100], help="batched evaluation sizes")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--episodes", type=positive_int, nargs="+", default=[10, 50, 100], help="batched evaluation sizes")
     p.add_argument("--no_tune_allocator", action="store_true", help="keep glibc's default malloc thresholds")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    device = bench_device(args.device)
     tuned = False if args.no_tune_allocator else tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads'})")
     print(f"torch {torch.__version__}, glibc allocator tuned: {tuned}\n")
 

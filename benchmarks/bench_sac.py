@@ -15,9 +15,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from decision_transformer.envs import get_env_spec
-from decision_transformer.sac import SAC, ReferenceSAC
+from bench_args import positive_float, positive_int  # noqa: E402
+from decision_transformer.envs import get_env_spec  # noqa: E402
+from decision_transformer.errors import cli_entry  # noqa: E402
+from decision_transformer.sac import SAC, ReferenceSAC  # noqa: E402
 
 
 def batches(ds, da, n=64, b=256, seed=0):
@@ -37,14 +40,15 @@ def rate(step, data, seconds, warmup=20):
     return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
-def main():
+@cli_entry
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--env", default="halfcheetah")
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--seconds", type=float, default=5.0, help="per measurement")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    p.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
+    p.add_argument("--seconds", type=positive_float, default=5.0, help="per measurement")
+    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds; the median is reported")
     p.add_argument("--no_compile", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     spec = get_env_spec(args.env)
     data = batches(spec.state_dim, spec.act_dim)
     print(f"SAC update, {args.env} dims ({spec.state_dim}/{spec.act_dim}), 256-256, 2 critics, batch 256, "
@@ -81,6 +85,7 @@ def main():
             base = base or ref
             extra = f"   (first call {s:.0f} s)" if s > 2 else ""
             print(f"{name:<34}{threads:>8}{wall:>12.1f}{cpu:>12.1f}{ref / base:>12.2f}{extra}", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -23,8 +23,10 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from bench_args import bench_device, positive_int  # noqa: E402
 from bench_core import synthetic_trajectories  # noqa: E402
 from decision_transformer.data import Batch, TrajectoryDataset, state_stats  # noqa: E402
+from decision_transformer.errors import UserError, cli_entry  # noqa: E402
 from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig  # noqa: E402
 from decision_transformer.training import Trainer, make_optimizer, warmup_schedule  # noqa: E402
 from test_data import reference_get_batch  # noqa: E402
@@ -86,17 +88,20 @@ def measure(name, trajs, device, steps, batch_size, K, slow, amp):
     return sps, sps * batch_size * 3 * K, mem, flops_per_step(model, batch_size, K) * sps
 
 
-def main():
+@cli_entry
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--configs", nargs="+", default=["paper", "gpt2"], choices=list(CONFIGS))
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--K", type=int, default=20)
+    p.add_argument("--steps", type=positive_int, default=30)
+    p.add_argument("--batch_size", type=positive_int, default=64)
+    p.add_argument("--K", type=positive_int, default=20)
     p.add_argument("--amp", choices=["none", "bf16"], default=None,
                    help="autocast dtype (default: bf16 on CUDA, none on CPU)")
-    args = p.parse_args()
-    device = torch.device(args.device)
+    args = p.parse_args(argv)
+    if args.K > 1000:  # the synthetic episodes are at most 1000 steps
+        raise UserError(f"invalid --K {args.K}: at most 1000 (the episode length)")
+    device = bench_device(args.device)
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     amp_dtype = torch.bfloat16 if amp == "bf16" else None
     if device.type == "cuda":

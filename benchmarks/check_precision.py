@@ -26,7 +26,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from bench_args import bench_device, positive_int  # noqa: E402
 from decision_transformer.data import TrajectoryDataset  # noqa: E402
+from decision_transformer.errors import cli_entry  # noqa: E402
 from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig  # noqa: E402
 from decision_transformer.training import Trainer, make_optimizer, warmup_schedule  # noqa: E402
 
@@ -90,15 +92,16 @@ def variants(device: torch.device, no_compile: bool) -> dict[str, dict]:
     return out
 
 
+@cli_entry
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--config", default="paper", choices=list(CONFIGS))
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--steps", type=positive_int, default=200)
+    p.add_argument("--batch_size", type=positive_int, default=64)
     p.add_argument("--no_compile", action="store_true")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = bench_device(args.device, cpu_fallback=False)  # a GPU check that ran on the CPU would mislead
     from bench_core import synthetic_trajectories
 
     trajs = synthetic_trajectories("hopper", 200_000)

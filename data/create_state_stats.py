@@ -10,6 +10,8 @@ import argparse
 import os
 import pickle
 import sys
+import tempfile
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,16 +46,33 @@ def main(argv=None):
     p.add_argument("--envs", nargs="+", default=list(ENVS))
     p.add_argument("--datasets", nargs="+", default=list(DATASETS))
     args = p.parse_args(argv)
+    from decision_transformer.envs import check_dataset_name, get_env_spec
+
+    for env in args.envs:
+        get_env_spec(env)  # an unknown name is a typo, not a missing file
+    for ds in args.datasets:
+        check_dataset_name(ds)
+    out = args.out or os.path.join(args.data_path, "state_stats.pkl")
+    if os.path.isdir(out):
+        raise UserError(f"--out {out}: is a folder; give the file to write, e.g. {Path(out) / 'state_stats.pkl'}")
     table, missing = compute_stats(args.data_path, args.envs, args.datasets)
     if not table:
         raise UserError(f"no datasets found in {args.data_path} for {', '.join(args.envs)} x "
                         f"{', '.join(args.datasets)}")
-    out = args.out or os.path.join(args.data_path, "state_stats.pkl")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "wb") as f:
-        pickle.dump(table, f)
-    os.replace(tmp, out)
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    tmp = None
+    try:  # written whole, then renamed: an existing file is replaced only by a complete one
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(table, f)
+        os.replace(tmp, out)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"{out}: cannot write ({e.strerror or e})") from None
+        raise
     print(f"{out}: {len(table)} datasets" + (f" (not found: {', '.join(missing)})" if missing else ""))
 
 

@@ -37,6 +37,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.num_transitions is not None and args.num_transitions < 1:
         p.error("--num_transitions must be positive")
+    if not 0 <= args.seed < 2 ** 32:
+        p.error(f"--seed must be an integer from 0 to 2**32 - 1, got {args.seed}")
 
     from decision_transformer.generation import generate_dataset
 

@@ -1,0 +1,92 @@
+"""Bad flags of the data scripts and the benchmarks: one line ``error: ...``, exit 2, no traceback, and nothing that
+was already saved is touched. Everything here fails before any real work starts."""
+import importlib.util
+import pickle
+
+import pytest
+import torch
+from conftest import ROOT
+
+from decision_transformer.synthetic import make_dataset
+
+
+def load(relpath: str):
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location("script_" + path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def expect_error(capsys, main, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 70)])
+def test_generate_datasets_seed(tmp_path, capsys, seed):
+    main = load("data/generate_datasets.py").main
+    msg = expect_error(capsys, main, ["--env", "hopper", "--dataset", "random", "--num_transitions", "50",
+                                      "--data_path", tmp_path / "d", "--no_progress", "--seed", seed])
+    assert f"--seed must be an integer from 0 to 2**32 - 1, got {seed}" in msg
+    assert not (tmp_path / "d").exists()
+
+
+def test_create_state_stats_bad_input(tmp_path, capsys):
+    make_dataset(tmp_path, "hopper", "medium", 200, seed=0, max_ep_len=30)
+    main = load("data/create_state_stats.py").main
+    out = tmp_path / "state_stats.pkl"
+    out.write_bytes(pickle.dumps({"kept": 1}))
+    before = out.read_bytes()
+    assert "unknown env 'ant'" in expect_error(capsys, main, ["--data_path", tmp_path, "--envs", "ant"])
+    assert "unknown dataset 'foo'" in expect_error(capsys, main, ["--data_path", tmp_path, "--datasets", "foo"])
+    assert "is a folder" in expect_error(capsys, main, ["--data_path", tmp_path, "--out", tmp_path])
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert "afile" in expect_error(capsys, main, ["--data_path", tmp_path, "--out", blocker / "x.pkl"])
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "hopper-medium-v2.pkl", "state_stats.pkl"]
+    main(["--data_path", str(tmp_path)])   # a good run replaces it whole, and leaves no temporary file
+    assert set(pickle.loads(out.read_bytes())) == {"hopper-medium-v2"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "hopper-medium-v2.pkl", "state_stats.pkl"]
+
+
+BENCH_BAD = [
+    ("bench_sac.py", ["--env", "ant"], "unknown env 'ant'"),
+    ("bench_sac.py", ["--threads", "0"], "--threads: must be at least 1"),
+    ("bench_sac.py", ["--rounds", "0"], "--rounds: must be at least 1"),
+    ("bench_sac.py", ["--rounds", "-1"], "--rounds: must be at least 1"),
+    ("bench_sac.py", ["--seconds", "-1"], "--seconds: must be a positive number"),
+    ("bench_sac.py", ["--seconds", "nan"], "--seconds: must be a positive number"),
+    ("bench_train.py", ["--steps", "0"], "--steps: must be at least 1"),
+    ("bench_train.py", ["--batch_size", "0"], "--batch_size: must be at least 1"),
+    ("bench_train.py", ["--K", "5000"], "invalid --K 5000"),
+    ("bench_train.py", ["--device", "foo"], "unknown --device 'foo'"),
+    ("bench_analysis.py", ["--windows", "0"], "--windows: must be at least 1"),
+    ("bench_analysis.py", ["--windows", "-1"], "--windows: must be at least 1"),
+    ("bench_analysis.py", ["--cka_examples", "0"], "--cka_examples: must be at least 1"),
+    ("bench_analysis.py", ["--cka_examples", "3"], "at least 4 examples"),
+    ("bench_analysis.py", ["--device", "mps"], "unsupported --device 'mps'"),
+    ("bench_core.py", ["--episodes", "0"], "--episodes: must be at least 1"),
+    ("bench_core.py", ["--episodes", "10", "-1"], "--episodes: must be at least 1"),
+    ("bench_core.py", ["--threads", "0"], "--threads: must be at least 1"),
+    ("bench_core.py", ["--device", "foo"], "unknown --device 'foo'"),
+    ("check_precision.py", ["--steps", "0"], "--steps: must be at least 1"),
+    ("check_precision.py", ["--batch_size", "-1"], "--batch_size: must be at least 1"),
+    ("check_precision.py", ["--device", "foo"], "unknown --device 'foo'"),
+]
+
+
+@pytest.mark.parametrize("script, argv, msg", BENCH_BAD, ids=[f"{s}{' '.join(a)}" for s, a, _ in BENCH_BAD])
+def test_benchmark_flags(capsys, script, argv, msg):
+    assert msg in expect_error(capsys, load(f"benchmarks/{script}").main, argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_check_precision_needs_a_gpu_for_cuda(capsys):
+    msg = expect_error(capsys, load("benchmarks/check_precision.py").main, ["--device", "cuda", "--steps", "1"])
+    assert "CUDA is not available" in msg
