@@ -7,18 +7,8 @@ import sys
 
 import torch
 
+from decision_transformer.cli import positive_int  # noqa: F401  (re-exported for the benchmarks)
 from decision_transformer.errors import UserError
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def positive_float(text: str) -> float:

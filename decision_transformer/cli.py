@@ -145,6 +145,17 @@ def add_merge_flags(p: argparse.ArgumentParser):
     g.add_argument("--fisher_favor_target", action="store_true", help="floor only model 1's Fisher")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def merge_signature(args) -> dict:
     """The merge flags of ``args`` (the ``add_merge_flags`` group) as JSON values: a merge run's folder is
     ``{run}_{exp_id}``, and ``--resume`` and the sweep launcher find it by these."""

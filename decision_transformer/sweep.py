@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from decision_transformer.cli import positive_int
 from decision_transformer.errors import UserError, cli_entry
 from decision_transformer.cpu import available_cpus
 
@@ -179,16 +180,6 @@ def export_wandb(spec: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _gpu_slots(text: str) -> list[str]:
     """``--gpus 0,1`` -> ["0", "1"]: CUDA device indices (or GPU-/MIG- UUIDs), a repeated id runs two at a time."""
     ids = [g.strip() for g in text.split(",")]
@@ -206,7 +197,7 @@ def main(argv=None):
     r = sub.add_parser("run", help="run a grid locally")
     r.add_argument("grid")
     r.add_argument("--gpus", default=None, help="comma-separated GPU ids: one run per GPU at a time")
-    r.add_argument("--procs", type=_positive_int, default=1, help="parallel CPU processes when --gpus is not given")
+    r.add_argument("--procs", type=positive_int, default=1, help="parallel CPU processes when --gpus is not given")
     r.add_argument("--log_dir", default="sweep_logs")
     r.add_argument("--dry_run", action="store_true", help="print the plan only")
     r.add_argument("--extra", default="", help="flags appended to every run, e.g. \"--max_iters 1 --device cpu\"")

@@ -8,32 +8,15 @@ import torch
 
 import precompute_fisher
 from decision_transformer import fisher, legacy_import, merge_cli, results_table
-from decision_transformer.checkpoint import atomic_save, make_checkpoint
-from decision_transformer.envs import get_env_spec
-from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+from conftest import write_source_models
 from test_legacy_import import LDecisionTransformer, LMultiDecisionTransformer, save_original
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Hopper and halfcheetah datasets and one tiny checkpoint per env (stored config, shared initialisation)."""
-    from decision_transformer.synthetic import make_dataset
-
-    root = tmp_path_factory.mktemp("bad_input")
-    data = root / "data"
-    paths = {}
-    for i, env in enumerate(("hopper", "halfcheetah")):
-        make_dataset(data, env, "medium", 200, seed=i, max_ep_len=40)
-        spec = get_env_spec(env)
-        cfg = DTConfig(spec.state_dim, spec.act_dim, max_length=5, backbone=BackboneConfig(n_embd=16, n_layer=1))
-        model = DecisionTransformer(cfg, seed=666)
-        with torch.no_grad():
-            for p in model.transformer.h.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
-        paths[env] = root / "models" / env / f"dt_gym-experiment-{env}-medium-20000{i}_best.pt"
-        atomic_save(make_checkpoint(model.state_dict(), {"env": env, "dataset": "medium", "seed": 666,
-                                                         "model_config": cfg.to_dict()}), paths[env])
-    return root, data, paths
+    return write_source_models(tmp_path_factory.mktemp("bad_input"), ("hopper", "halfcheetah"), n=200, max_ep_len=40,
+                               id_base=200000)
 
 
 def snapshot(folder) -> dict:

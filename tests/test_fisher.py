@@ -6,7 +6,8 @@ import torch
 import experiment
 import precompute_fisher
 from decision_transformer import fisher, merging
-from decision_transformer.checkpoint import atomic_save, load_checkpoint, make_checkpoint
+from conftest import write_source_models
+from decision_transformer.checkpoint import load_checkpoint
 from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
 from decision_transformer.training.losses import masked_action_mse
 
@@ -126,24 +127,8 @@ def test_a_zero_or_non_finite_fisher_is_never_saved(tmp_path):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Datasets for the three envs and one checkpoint per env with a stored config (equal seeds: shared blocks init)."""
-    from decision_transformer.envs import get_env_spec
-    from decision_transformer.synthetic import make_dataset
-
-    root = tmp_path_factory.mktemp("fisher")
-    data = root / "data"
-    paths = {}
-    for i, env in enumerate(("hopper", "halfcheetah", "walker2d")):
-        make_dataset(data, env, "medium", 250, seed=i, max_ep_len=50)
-        spec = get_env_spec(env)
-        cfg = DTConfig(spec.state_dim, spec.act_dim, max_length=5, backbone=BackboneConfig(n_embd=16, n_layer=1))
-        model = DecisionTransformer(cfg, seed=666)
-        with torch.no_grad():  # make the three models differ
-            for p in model.transformer.h.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
-        paths[env] = root / "models" / env / f"dt_gym-experiment-{env}-medium-10000{i}_best.pt"
-        atomic_save(make_checkpoint(model.state_dict(), {"env": env, "dataset": "medium", "seed": 666,
-                                                         "model_config": cfg.to_dict()}), paths[env])
-    return root, data, paths
+    return write_source_models(tmp_path_factory.mktemp("fisher"), ("hopper", "halfcheetah", "walker2d"), n=250,
+                               max_ep_len=50, id_base=100000)
 
 
 def test_precompute_fisher_cli(setup, monkeypatch):
