@@ -95,8 +95,9 @@ def multi_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_model", action="store_true", help="save models/multi/dt_{exp_prefix}[_best].pt")
     g.add_argument("--save_mode", choices=["last", "best", "both"], default="last")
     g.add_argument("--resume", action="store_true",
-                   help="continue the newest {outdir}/multi/ run made with the same flags (other than --max_iters, "
-                        "--device, --threads, -w, --end_break; --seed may be left out) after its last iteration")
+                   help="continue the newest {outdir}/multi/ run made with the same flags (--max_iters, --device, "
+                        "--threads, -w, evaluation and saving flags may change; --seed may be left out) after its "
+                        "last iteration")
     g.add_argument("--end_break", action="store_true")
     g.add_argument("--note", default=None, help=argparse.SUPPRESS)
     g = p.add_argument_group("multi-task training and finetuning")
@@ -373,14 +374,11 @@ def merged_model(args, data: EnvData, device) -> tuple[MultiDecisionTransformer,
 
 # ---- the run ----------------------------------------------------------------------------------------------------------------
 
-#: Flags a resumed run may change; every other flag must match the run it continues.
-RESUME_FREE = ("max_iters", "resume", "device", "threads", "log_to_wandb", "end_break")
-
-
 def find_resume_dir(args) -> Path:
     """``--resume``: the newest ``{outdir}/multi/gym-experiment-multi-{dataset}-{id}`` folder with a training state,
     made with the same flags; a missing ``--seed`` takes the seed that run drew."""
     from decision_transformer.checkpoint import find_run
+    from decision_transformer.run import RESUME_FREE
 
     if not args.outdir:
         raise UserError("--resume needs --outdir (the run folder holds the state to resume)")
@@ -462,7 +460,8 @@ def run_multi(args) -> dict:
     if resume_dir is not None:
         st = restore_train_state(resume_dir / TRAIN_STATE, model, trainer, optimizer, scheduler, generator)
         start_iter, best_score, exp_id = int(st["iteration"]), float(st["best_score"]), int(st["exp_id"])
-        log(f"resuming {resume_dir} after iteration {start_iter}")
+        log(f"resuming {resume_dir} after iteration {start_iter}" + ("" if start_iter < args.max_iters else
+            f": it has finished all {args.max_iters} iterations, nothing to do (raise --max_iters to continue)"))
     group = f"gym-experiment-multi-{args.dataset}"
     exp_prefix = f"{group}-{exp_id}"
     config = {**vars(args), "model_class": MODEL_CLASS, "model_config": model.config.to_dict(), "exp_id": exp_id,

@@ -205,7 +205,32 @@ def resume_state_path(args, run_dir: Path | None) -> Path:
     st_path = run_dir / TRAIN_STATE
     if not st_path.is_file():
         raise UserError(f"nothing to resume: {st_path} does not exist")
+    differ = resume_mismatches(args, run_dir / "config.json")
+    if differ:
+        raise UserError(f"--resume: {run_dir} was made with other flags: {'; '.join(differ)}. Resume with the run's "
+                        f"flags (only {', '.join('--' + f for f in sorted(RESUME_FREE - {'resume'}))} may change)")
     return st_path
+
+
+#: Flags a resumed run may change (where it runs, how it reports and saves, how long it goes on); every other flag
+#: must match the run it continues.
+RESUME_FREE = frozenset({"max_iters", "resume", "device", "threads", "log_to_wandb", "project", "end_break", "note",
+                         "num_eval_episodes", "save_model", "save_mode", "precision", "compile", "data_path",
+                         "outdir", "no_generate"})
+
+
+def resume_mismatches(args, config_path: Path) -> list[str]:
+    """``--flag value (the run: value)`` for each flag outside ``RESUME_FREE`` that differs from the run's
+    ``config.json`` (flags the file does not record are not compared)."""
+    import json
+
+    try:
+        saved = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return []
+    now = json.loads(json.dumps(vars(args), default=str))
+    return [f"--{k} {now[k]!r} (the run: {saved[k]!r})" for k in now
+            if k not in RESUME_FREE and isinstance(saved, dict) and k in saved and saved[k] != now[k]]
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -303,7 +328,9 @@ def _run(args, script: str) -> dict:
         saved_merge = (st.get("config") or {}).get("merge_info") or {}
         if args.pretrained_models and "iteration_0" in saved_merge:  # the merge's evaluation is not repeated
             args.merge_info["iteration_0"] = saved_merge["iteration_0"]
-        print(f"resuming {run_dir} after iteration {start_iter}", file=sys.stderr)
+        print(f"resuming {st_path.parent} after iteration {start_iter}"
+              + ("" if start_iter < args.max_iters else f": it has finished all {args.max_iters} iterations, nothing "
+                 f"to do (raise --max_iters to continue)"), file=sys.stderr)
     exp_prefix = f"{group}-{exp_id}"
     if lm_script and run_dir is not None:
         run_dir = run_dir / f"dt_{exp_prefix}"
@@ -364,11 +391,14 @@ def _run(args, script: str) -> dict:
                 save_train_state(run_dir / TRAIN_STATE, model, config, trainer, optimizer, scheduler, generator,
                                  iteration=it, best_score=best_score, exp_id=exp_id, **ckpt_extra)
             if args.save_model and improved and args.save_mode in ("best", "both"):
-                atomic_save(make_checkpoint(model.state_dict(), config, iteration=it, specializations=[args.env],
-                                            **ckpt_extra), models_dir / f"{args.model_type}_{exp_prefix}_best.pt")
+                path = atomic_save(make_checkpoint(model.state_dict(), config, iteration=it, specializations=[args.env],
+                                                   **ckpt_extra), models_dir / f"{args.model_type}_{exp_prefix}_best.pt")
+                print(f"saved {path} (best so far, iteration {it})", file=sys.stderr)
         if args.save_model and args.save_mode in ("last", "both"):
-            atomic_save(make_checkpoint(model.state_dict(), config, iteration=args.max_iters,
-                                        specializations=[args.env], **ckpt_extra), models_dir / f"{args.model_type}_{exp_prefix}.pt")
+            path = atomic_save(make_checkpoint(model.state_dict(), config, iteration=args.max_iters,
+                                               specializations=[args.env], **ckpt_extra),
+                               models_dir / f"{args.model_type}_{exp_prefix}.pt")
+            print(f"saved {path}", file=sys.stderr)
     finally:
         logger.finish()
         pool.close()

@@ -121,6 +121,22 @@ def test_resume_bad_training_state(tmp_path, monkeypatch, capsys, hopper_data):
     assert (run_dir(tmp_path) / "model_1.pt").read_bytes() == before
 
 
+def test_resume_refuses_changed_flags(tmp_path, monkeypatch, capsys, hopper_data):
+    """--resume with a training flag changed (the restored optimiser would keep the old one while the record says the
+    new one) stops with one line naming it; evaluation and length flags may change; a finished run says so."""
+    args = ["--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes", "0"]
+    run(tmp_path, monkeypatch, hopper_data, *args, "--save_model", "--save_mode", "both", "--num_eval_episodes", "1")
+    err = capsys.readouterr().err
+    assert "saved models/hopper/dt_gym-experiment-hopper-medium-" in err and "_best.pt (best so far, iteration 1)" in err
+    msg = expect_error(capsys, ["--data_path", str(hopper_data), *TINY, *args, "--max_iters", "2", "--resume",
+                                "--learning_rate", "1e-3"])
+    assert "was made with other flags: --learning_rate 0.001 (the run: 0.0001)" in msg
+    run(tmp_path, monkeypatch, hopper_data, *args, "--resume", "--num_eval_episodes", "1")
+    assert "it has finished all 1 iterations, nothing to do" in capsys.readouterr().err
+    run(tmp_path, monkeypatch, hopper_data, *args, "--max_iters", "2", "--resume", "--num_eval_episodes", "1")
+    assert (run_dir(tmp_path) / "model_2.pt").is_file()
+
+
 def test_evaluate_only_and_load_checkpoint(tmp_path, monkeypatch, hopper_data):
     run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "5")
     trained = json.loads((run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()[0])

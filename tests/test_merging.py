@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -332,9 +333,10 @@ def test_merge_run_resume_matches_uninterrupted(trained, tmp_path, monkeypatch, 
     capsys.readouterr()
     experiment.main([*base, "--max_iters", "2", "--resume"])
     err = capsys.readouterr().err
-    assert "iter 0 (merged, before finetuning)" not in err and "resuming" in err
+    assert "iter 0 (merged, before finetuning)" not in err
     ra = merge_run_dir(a)
     (rb,) = [d for d in (b / "checkpoints").iterdir() if (d / "model_2.pt").is_file()]
+    assert f"resuming {Path('checkpoints') / rb.name} after iteration 1" in err      # the run's own _<id> folder
     sa = load_checkpoint(ra / "model_2.pt")["state_dict"]
     sb = load_checkpoint(rb / "model_2.pt")["state_dict"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
