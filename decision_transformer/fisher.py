@@ -243,6 +243,22 @@ def compute_fisher(model, dataset, *, fisher_type: str = "batch", batch_size: in
     return out
 
 
+def training_context(mf) -> int | None:
+    """The context length K a model file was trained with (its run config, else its model config), or None."""
+    for k in (mf.config.get("K"), (mf.config.get("model_config") or {}).get("max_length")):
+        if isinstance(k, int) and not isinstance(k, bool) and k >= 1:
+            return k
+    return None
+
+
+def warn_context(sources, K: int, log):
+    """Warn for each model file trained with another context length than the ``--K`` it is used with here."""
+    for mf in sources:
+        k = training_context(mf)
+        if k is not None and k != K:
+            log(f"warning: {mf.path} was trained with K={k}; this run uses K={K} (--K)")
+
+
 def fisher_tensors(info: dict) -> dict[str, torch.Tensor]:
     """The per-parameter tensors of a Fisher info dict (metadata dropped)."""
     return {k: v.detach() for k, v in info.items() if isinstance(v, torch.Tensor) and not k.startswith("_")}
@@ -306,7 +322,8 @@ def precompute_parser():
     p.add_argument("--model", required=True, help="model file (our checkpoint, a state dict or an original pickle)")
     p.add_argument("--f_batch_size", type=int, default=64, help="windows per batch")
     p.add_argument("--f_num_batches", type=int, default=100, help="batches")
-    p.add_argument("--K", type=int, default=20)
+    p.add_argument("--K", type=int, default=None, help="window length (default: the K the model was trained with, "
+                                                      "else 20)")
     p.add_argument("--device", default="cuda:0", help="falls back to cpu with a warning when CUDA is absent")
     p.add_argument("--threads", default="auto", help=THREADS_HELP)
     p.add_argument("--fisher_type", default="batch", choices=FISHER_TYPES)
@@ -321,7 +338,7 @@ def check_precompute_args(args):
     from decision_transformer.envs import check_dataset_name
 
     for name in ("f_batch_size", "f_num_batches", "K"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1 (got {getattr(args, name)})")
     if args.dataset is not None:
         check_dataset_name(args.dataset)
@@ -348,10 +365,11 @@ def run_precompute(args) -> Path:
         return out
     data_file, trajs = load_dataset(args.data_path, env, dataset)
     ds = TrajectoryDataset(trajs, env, device=device)     # no pct_traj filter, the dataset's own statistics
-    model = build_model(mf, device, max_length=args.K)
+    K = args.K or training_context(mf) or 20  # the info file's name does not record K: the model's own by default
+    model = build_model(mf, device, max_length=K)
     info = compute_fisher(model, ds, fisher_type=args.fisher_type, batch_size=args.f_batch_size,
-                          num_batches=args.f_num_batches, K=args.K, seed=args.seed)
+                          num_batches=args.f_num_batches, K=K, seed=args.seed)
     save_fisher(info, out)
     log(f"{out}: {args.fisher_type} Fisher of {args.model} on {data_file} ({args.f_num_batches} x {args.f_batch_size} "
-        f"windows of K={args.K}): {describe(info)}")
+        f"windows of K={K}): {describe(info)}")
     return out

@@ -86,12 +86,13 @@ def fisher_for_file(mf: ModelFile, args, data: DatasetCache, device) -> dict:
         log(f"fisher: loaded {path} ({fisher_mod.describe(info)})")
         return info
     env, dataset = source_env_dataset(mf)
-    model = build_model(mf, device, max_length=args.K)
+    K = fisher_mod.training_context(mf) or args.K  # as precompute_fisher.py: windows of the model's own context
+    model = build_model(mf, device, max_length=K)
     log(f"fisher: {path} not found; computing it ({args.fisher_type}, {args.f_num_batches} x {args.f_batch_size} "
-        f"windows of {env}-{dataset})")
+        f"windows of K={K} of {env}-{dataset})")
     with torch.random.fork_rng(devices=[]):
         info = fisher_mod.compute_fisher(model, data.get(env, dataset), fisher_type=args.fisher_type,
-                                         batch_size=args.f_batch_size, num_batches=args.f_num_batches, K=args.K,
+                                         batch_size=args.f_batch_size, num_batches=args.f_num_batches, K=K,
                                          seed=args.seed)
     fisher_mod.save_fisher(info, path)
     log(f"fisher: saved {path} ({fisher_mod.describe(info)})")
@@ -389,6 +390,7 @@ def apply_merge(args, model, spec, device):
 
 def _merge_for_experiment(args, fresh, spec, device):
     sources = [load_model_file(p) for p in args.pretrained_models]
+    fisher_mod.warn_context(sources, args.K, log)
     fresh_sd = {k: v.detach().clone() for k, v in fresh.state_dict().items()}
     data = DatasetCache(args.data_path, device)
     method = resolve_method(args)

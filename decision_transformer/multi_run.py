@@ -352,6 +352,7 @@ def new_model(args) -> MultiDecisionTransformer:
 def merged_model(args, data: EnvData, device) -> tuple[MultiDecisionTransformer, dict]:
     """``--multi_pretrained_models``: LAWSON's ``setup_multi`` (uniform or Fisher; task arithmetic / TIES added)."""
     sources = [load_model_file(p) for p in args.multi_pretrained_models]
+    fisher_mod.warn_context(sources, args.K, log)
     method = resolve_method(args)
     fishers = None
     if method == "fisher":
@@ -422,6 +423,7 @@ def run_multi(args) -> dict:
     if args.multi_pretrained_models:
         model, merge_info = merged_model(args, data, device)
     elif pre is not None:
+        fisher_mod.warn_context([pre], args.K, log)
         model = build_model(pre, device, max_length=args.K)
         log(f"pretrained: {args.pretrained_model} (specialisations {model.specializations or 'none'})")
     else:

@@ -180,3 +180,30 @@ def test_use_fisher_computes_missing_info_and_uses_it(setup, monkeypatch, capsys
     # second run: the saved infos are loaded, not recomputed
     experiment.main(argv)
     assert "computing it" not in capsys.readouterr().err
+
+
+def test_fisher_windows_use_the_models_own_context(setup, monkeypatch, capsys, tmp_path):
+    """The info file's name does not record K: precompute_fisher.py and a merge run computing a missing file both use
+    the K the model was trained with (5 here) whatever --K says, so the cached file is the same whichever made it;
+    a merge run with another --K warns."""
+    root, data, paths = setup
+    monkeypatch.chdir(root)
+    src = tmp_path / paths["hopper"].name
+    src.write_bytes(paths["hopper"].read_bytes())
+    out = fisher.fisher_info_path(src, 4, 2)
+    precompute_fisher.main(["--model", str(src), "--data_path", str(data), "--f_batch_size", "4",
+                            "--f_num_batches", "2", "--device", "cpu"])
+    assert "windows of K=5)" in capsys.readouterr().err
+    by_precompute = fisher.fisher_tensors(fisher.load_fisher(out))
+    out.unlink()
+    other = tmp_path / paths["halfcheetah"].name
+    other.write_bytes(paths["halfcheetah"].read_bytes())
+    experiment.main(["--env", "hopper", "--data_path", str(data), *SMALL, "--K", "8", "--pretrained_models", str(src),
+                     str(other), "--include", "attn", "--copy_model", "--use_fisher", "--f_batch_size", "4",
+                     "--f_num_batches", "2", "--max_iters", "1", "--num_steps_per_iter", "0",
+                     "--num_eval_episodes", "0", "--outdir", ""])
+    err = capsys.readouterr().err
+    assert f"warning: {src} was trained with K=5; this run uses K=8 (--K)" in err and "windows of K=5 of" in err
+    by_merge = fisher.fisher_tensors(fisher.load_fisher(out))
+    assert by_merge.keys() == by_precompute.keys()
+    assert all(torch.equal(by_merge[k], by_precompute[k]) for k in by_merge)
