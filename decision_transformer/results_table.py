@@ -143,6 +143,8 @@ def build_table(rows: dict[str, dict[str, float]], envs=ENV_ORDER) -> tuple[list
 def to_markdown(header, body) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in body]
+    if any(r[-1].endswith("*") for r in body):
+        lines += ["", "\\* average over the envs that have a score only"]
     return "\n".join(lines) + "\n"
 
 

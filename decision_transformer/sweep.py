@@ -223,7 +223,7 @@ def main(argv=None):
     runs = plan(spec, extra)
     todo = [cmd for state, cmd in runs if state != "done"]
     for state, cmd in runs:
-        print(f"{state:8s} {shlex.join(cmd[1:])}")
+        print(f"{state:8s} {shlex.join(cmd)}")
     print(f"{len(runs)} runs: {sum(s == 'done' for s, _ in runs)} finished (skipped), "
           f"{sum(s == 'partial' for s, _ in runs)} to resume, {sum(s == 'new' for s, _ in runs)} new")
     if a.dry_run or not todo:

@@ -418,6 +418,7 @@ def test_merge_cli_recipe_and_results_table(trained, tmp_path):
                                               "merge": {"hopper": 5.0}})
     md = results_table.to_markdown(header, body)
     assert "| source | 10.0 | 20.0 | 30.0 | 20.0 |" in md and "| merge | 5.0 | — | — | 5.0* |" in md
+    assert md.rstrip().endswith("average over the envs that have a score only")     # the * explained
     assert results_table.to_csv(header, body).splitlines()[2] == "merge,5.0,,,5.0*"
     out = tmp_path / "table"
     results_table.main(["--row", f"merged={tmp_path / 'ta.pt'}", "--num_eval_episodes", "1", "--out", str(out)])

@@ -1,4 +1,6 @@
 """The grid launcher: expansion, skip/resume detection, a real two-process run, WandB export."""
+import sys
+
 import yaml
 
 from decision_transformer import sweep
@@ -149,4 +151,6 @@ def test_bad_grid_files_and_flags(tmp_path, capsys):
         assert "--gpus" in _expect_error(capsys, ["run", "generated_medium", "--gpus", gpus, "--dry_run"])
     assert "must be at least 1" in _expect_error(capsys, ["run", "generated_medium", "--procs", "0", "--dry_run"])
     sweep.main(["run", "generated_medium", "--gpus", "0,1", "--dry_run"])   # valid ids pass
-    assert "3 runs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "3 runs" in out
+    assert out.splitlines()[0].split()[:2] == ["new", sys.executable]      # a command that can be pasted as it is
