@@ -91,8 +91,9 @@ def build_parser():
     p.add_argument("--seed", type=int, default=666)
     p.add_argument("--epoch1", type=int, default=0)
     p.add_argument("--epoch2", type=int, default=4)
-    p.add_argument("--K_ckpt", type=int, default=None,
-                   help="context length of the runs to load (default 1, the paper; 20 with --legacy, the code)")
+    p.add_argument("--run_K", "--K_ckpt", dest="K_ckpt", type=int, default=None,
+                   help="load the runs trained with this K (folders ..._K{K}; default 1, the paper; 20 with --legacy, "
+                        "the code); --K is the analysis batch's context")
     p.add_argument("--distance_unit", choices=UNITS, default="token")
     p.add_argument("--legacy", action="store_true", help="TAKAGI's computation (see the module docstring)")
     common.add_data_flags(p, device_default="cpu", batch_size=100)
@@ -104,6 +105,8 @@ def run(args) -> common.Outputs:
     common.check_positive(args, "batch_size", "K")
     device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
     K_ckpt = args.K_ckpt if args.K_ckpt is not None else (20 if args.legacy else 1)
+    if K_ckpt < 1:
+        raise UserError(f"invalid --run_K {K_ckpt}: the runs' context length is a positive integer")
     res = common.out_dir(args.results_dir)
     outs = common.Outputs()
     tag = f"_K{K_ckpt}" + ("_legacy" if args.legacy else "") + ("_timestep" if args.distance_unit == "timestep" else "")

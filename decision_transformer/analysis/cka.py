@@ -148,7 +148,8 @@ def build_parser():
     p.add_argument("--epoch2", type=int, default=40)
     p.add_argument("--block", action="store_true", help="only the block outputs (mlp.dropout)")
     p.add_argument("--no_context", action="store_true",
-                   help="load the K=1 runs ({run}_K1) and still feed --K-step contexts")
+                   help="load the K=1 runs ({run}_K1) and still feed --K-step contexts (= --run_K 1)")
+    common.add_run_k_flag(p, "20, or 1 with --no_context")
     p.add_argument("--legacy_feature_index", action="store_true",
                    help="TAKAGI's indexing: the last three hidden units across positions instead of the last three "
                         "token positions")
@@ -165,8 +166,10 @@ def build_parser():
     return p
 
 
-def result_stem(e1, e2, m1, m2, env, ds, seed, no_context=False, block=False, legacy=False) -> str:
-    tags = ("_K1" if no_context else "") + ("_block" if block else "") + ("_legacyidx" if legacy else "")
+def result_stem(e1, e2, m1, m2, env, ds, seed, no_context=False, block=False, legacy=False, run_K=None) -> str:
+    """The results' file stem; ``_K{run_K}`` for runs of K != 20 (``run_K`` None: 1 with ``no_context``, else 20)."""
+    run_K = run_K if run_K is not None else (1 if no_context else common.DEFAULT_RUN_K)
+    tags = common.run_k_tag(run_K) + ("_block" if block else "") + ("_legacyidx" if legacy else "")
     return f"cka_{e1}_{e2}_{m1}{m2}_{env}_{ds}_{seed}{tags}"
 
 
@@ -174,7 +177,7 @@ def run(args) -> common.Outputs:
     common.check_positive(args, "batch_size", "K")
     device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
     entries = (BLOCK_OUTPUT,) if args.block else BLOCK_ENTRIES
-    K_ckpt = 1 if args.no_context else 20
+    K_ckpt = common.run_k(args)
     res_dir, figs_dir = common.out_dir(args.results_dir), args.figs_dir
     outs = common.Outputs()
     for env in args.env_name_list:
@@ -193,7 +196,7 @@ def run(args) -> common.Outputs:
         a2 = get_activations(m2.model, batch, entries, sel)
         del m1, m2
         stem = result_stem(args.epoch1, args.epoch2, args.model_name1, args.model_name2, env, args.dataset_name,
-                           args.seed, args.no_context, args.block, args.legacy_feature_index)
+                           args.seed, args.no_context, args.block, args.legacy_feature_index, K_ckpt)
         outs.files.append(common.save_csv(res_dir / f"{stem}_layers.csv", ["axis", "index", "layer"],
                                           [["rows", i, k] for i, k in enumerate(a1)]
                                           + [["cols", i, k] for i, k in enumerate(a2)]))
@@ -254,7 +257,8 @@ def build_plot_parser():
     p.add_argument("--dataset_name", type=str, default="medium")
     p.add_argument("--seed", type=int, default=666)
     p.add_argument("--token_list", nargs="+", default=list(TOKEN_POSITIONS), choices=list(TOKEN_POSITIONS))
-    p.add_argument("--no_context", action="store_true")
+    p.add_argument("--no_context", action="store_true", help="the results of compute_cka.py --no_context")
+    common.add_run_k_flag(p, "20, or 1 with --no_context (as given to compute_cka.py)")
     p.add_argument("--block", action="store_true")
     p.add_argument("--legacy_feature_index", action="store_true")
     common.add_output_flags(p, "cka")
@@ -277,12 +281,13 @@ def plot(args) -> common.Outputs:
     plt = common.pyplot()
     res = Path(args.results_dir)
     outs = common.Outputs()
+    run_K = common.run_k(args)
     for env in args.env_name_list:
         for token in args.token_list:
             curves, missing = {}, []
             for m in args.model_name_list:
                 stem = result_stem(args.epoch1, args.epoch2, m, m, env, args.dataset_name, args.seed, args.no_context,
-                                   args.block, args.legacy_feature_index)
+                                   args.block, args.legacy_feature_index, run_K)
                 f = res / f"{stem}_{token}.npy"
                 if not f.is_file():
                     missing.append(str(f))
@@ -292,7 +297,8 @@ def plot(args) -> common.Outputs:
                 curves[m] = (np.diagonal(mat).copy(), names)
             if not curves:
                 raise UserError(f"no CKA results for {env}/{token}: looked for {', '.join(missing)} (run compute_cka.py "
-                                f"--model_name1 M --model_name2 M --epoch1 {args.epoch1} --epoch2 {args.epoch2})")
+                                f"--model_name1 M --model_name2 M --epoch1 {args.epoch1} --epoch2 {args.epoch2}"
+                                f"{f' --run_K {run_K}' if run_K != common.DEFAULT_RUN_K else ''})")
             for f in missing:
                 common.warn(f"{f} not found; that model is left out of the figure")
             target = min(block_of(n[-1]) + 1 for _, n in curves.values())
@@ -318,7 +324,7 @@ def plot(args) -> common.Outputs:
             ax.set_title(f"{env}, {token} token")
             ax.legend()
             stem = (f"cka_plot_{args.epoch1}_{args.epoch2}_{'_'.join(curves)}_{env}_{args.dataset_name}_{args.seed}"
-                    + ("_K1" if args.no_context else "") + f"_{token}")
+                    + common.run_k_tag(run_K) + f"_{token}")
             outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
             outs.files.append(common.save_csv(res / f"{stem}.csv", ["model", "index", "layer", "cka"], rows))
     return outs

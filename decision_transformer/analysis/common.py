@@ -13,10 +13,12 @@ import numpy as np
 
 from decision_transformer.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-ANALYSIS_DIR = REPO_ROOT / "analysis"
+#: Default root of the analysis outputs. Relative on purpose: like every relative path in defaults and arguments it
+#: resolves against the working directory, so the README's commands (run from the repository root) write into the
+#: repository's ``analysis/`` and a script started elsewhere writes under that directory, never into the source tree.
+OUTPUT_ROOT = Path("analysis")
 
-#: Section folders of ``analysis/`` (TAKAGI's names); scripts write ``results/`` and ``figs/`` next to themselves.
+#: Section folders (TAKAGI's names); each analysis writes ``{OUTPUT_ROOT}/{section}/results`` and ``.../figs``.
 SECTIONS = {
     "scores": "section-4-sanity-check",
     "cka": "section-51-activation-similarity",
@@ -89,10 +91,43 @@ def add_threads_flag(p):
     p.add_argument("--threads", default="auto", help=THREADS_HELP)
 
 
+def section_dir(section: str, kind: str) -> str:
+    """The default ``results`` / ``figs`` folder of a section, relative to the working directory."""
+    return (OUTPUT_ROOT / SECTIONS[section] / kind).as_posix()
+
+
 def add_output_flags(p, section: str):
-    here = ANALYSIS_DIR / SECTIONS[section]
-    p.add_argument("--results_dir", type=str, default=str(here / "results"), help="raw results (.npy/.npz/.csv)")
-    p.add_argument("--figs_dir", type=str, default=str(here / "figs"), help="figures (PNG and PDF)")
+    p.add_argument("--results_dir", type=str, default=section_dir(section, "results"),
+                   help="raw results (.npy/.npz/.csv); relative paths resolve against the working directory")
+    p.add_argument("--figs_dir", type=str, default=section_dir(section, "figs"),
+                   help="figures (PNG and PDF); relative paths resolve against the working directory")
+
+
+#: The K of a run folder without a ``_K{K}`` suffix.
+DEFAULT_RUN_K = 20
+
+
+def add_run_k_flag(p, default_text: str = f"{DEFAULT_RUN_K}"):
+    """``--run_K``: the context length the runs to load were trained with (their folder's ``_K{K}`` suffix), apart
+    from the analysis batch's ``--K``."""
+    p.add_argument("--run_K", type=int, default=None,
+                   help=f"load the runs trained with this K (folders {{model}}_{{dataset}}_{{env}}_{{seed}}_K{{K}}; no "
+                        f"suffix for K={DEFAULT_RUN_K}); default {default_text}")
+
+
+def run_k(args) -> int:
+    """``--run_K``, else 1 with ``--no_context``, else 20."""
+    k = getattr(args, "run_K", None)
+    if k is None:
+        k = 1 if getattr(args, "no_context", False) else DEFAULT_RUN_K
+    if k < 1:
+        raise UserError(f"invalid --run_K {k}: the runs' context length is a positive integer")
+    return k
+
+
+def run_k_tag(k: int) -> str:
+    """The file-name tag of results from K={k} runs: ``_K{k}``, empty for the default K=20 (as the run folders)."""
+    return "" if k == DEFAULT_RUN_K else f"_K{k}"
 
 
 def add_wandb_flags(p):

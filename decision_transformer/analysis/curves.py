@@ -146,6 +146,7 @@ def build_no_context_parser():
     p.add_argument("--legacy_smoothing", action="store_true", help="TAKAGI's filter start y0 = 1.2 x0")
     p.add_argument("--target", type=int, default=None, help="evaluation target (default 3600/6000/5000)")
     p.add_argument("--score_norm", choices=["d4rl", "dataset"], default="d4rl", help="Table 2's normalisation")
+    p.add_argument("--run_K", type=int, default=20, help="the K of the runs with context drawn against the K=1 runs")
     p.add_argument("--data_path", type=str, default="data", help="random/expert datasets for --score_norm dataset")
     common.add_wandb_flags(p)
     common.add_output_flags(p, "no_context")
@@ -161,10 +162,11 @@ def run_no_context(args) -> common.Outputs:
     envs = args.env_name_list
     fig, axes = plt.subplots(1, len(envs), figsize=(4.2 * len(envs), 3.2), squeeze=False)
     rows, missing, drawn = [], [], 0
+    common.run_k(args)  # checks --run_K
     for ax, env in zip(axes[0], envs):
         metric = return_key(env, args.target)
         for j, m in enumerate(args.model_name_list):
-            for K, ls in ((1, "-"), (20, "--")):
+            for K, ls in ((1, "-"),) + (((args.run_K, "--"),) if args.run_K != 1 else ()):
                 s = _try_series(args, RunKey(m, args.dataset_name, env, args.seed, K), metric, args.max_epoch, missing)
                 if s is None:
                     continue
@@ -179,7 +181,8 @@ def run_no_context(args) -> common.Outputs:
         raise UserError("no runs found for the no-context figure: " + "; ".join(missing[:3]))
     for msg in missing:
         common.warn(msg)
-    stem = f"learning_curve_no_context_{'_'.join(args.model_name_list)}_{args.dataset_name}_{args.seed}"
+    stem = (f"learning_curve_no_context_{'_'.join(args.model_name_list)}_{args.dataset_name}_{args.seed}"
+            + common.run_k_tag(args.run_K))
     outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
     outs.files.append(common.save_csv(res / f"{stem}.csv", ["env", "model", "K", "epoch", "return_mean"], rows))
     # Table 2: the K = 1 runs' normalised scores
@@ -257,7 +260,7 @@ def build_grad_clip_parser():
     p.add_argument("--model_name", type=str, default="gpt2", help="TAKAGI plotted igpt (pass --model_name igpt)")
     p.add_argument("--env_name_list", nargs="+", default=["hopper"])
     p.add_argument("--seed", type=int, default=666)
-    p.add_argument("--K", type=int, default=20)
+    p.add_argument("--K", "--run_K", dest="K", type=int, default=20, help="the runs' K (folders ..._K{K})")
     p.add_argument("--max_epoch", type=int, default=10)
     p.add_argument("--target", type=int, default=None)
     common.add_wandb_flags(p)

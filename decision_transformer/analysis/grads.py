@@ -180,6 +180,7 @@ def _common_parser(desc, batch_size):
     p.add_argument("--grad_seed", type=int, default=0, help="seed of the dropout masks")
     p.add_argument("--max_grad_memory_gb", type=float, default=1.0,
                    help="per-sample gradients held at once; larger models take several seeded passes")
+    common.add_run_k_flag(p)
     common.add_data_flags(p, device_default="cpu", batch_size=batch_size)
     common.add_output_flags(p, "grads")
     return p
@@ -199,8 +200,9 @@ def build_norm_parser():
 def _batches(args, env, device):
     """Per model: (loaded model, batch). Same batch for all models unless --independent_batches."""
     shared = None
+    run_K = common.run_k(args)
     for m in args.model_name_list:
-        lm = load_model(args.checkpoint_dir, RunKey(m, args.dataset_name, env, args.seed), args.epoch, device)
+        lm = load_model(args.checkpoint_dir, RunKey(m, args.dataset_name, env, args.seed, run_K), args.epoch, device)
         data = analysis_dataset(env, args.dataset_name, args.data_path, lm.checkpoint, device)
         if args.independent_batches:
             if shared is None:
@@ -219,17 +221,19 @@ def run_confusion(args) -> common.Outputs:
     res = common.out_dir(args.results_dir)
     outs = common.Outputs()
     max_bytes = int(args.max_grad_memory_gb * 2**30)
+    ktag = common.run_k_tag(common.run_k(args))
     for env in args.env_name_list:
         summary = []
         for m, lm, batch in _batches(args, env, device):
             st = per_sample_grad_stats(lm.model, batch, train_mode=args.train_mode, seed=args.grad_seed,
                                        max_bytes=max_bytes)
             cos = st.cosine(GRAD_CLIP)
-            outs.files.append(common.save_npy(res / f"gradcossim_{args.epoch}_{m}_{env}_{args.dataset_name}_{args.seed}.npy",
-                                              cos.numpy()))
+            name = f"gradcossim_{args.epoch}_{m}_{env}_{args.dataset_name}_{args.seed}{ktag}.npy"
+            outs.files.append(common.save_npy(res / name, cos.numpy()))
             summary.append([m, grad_confusion(cos), float(cos.mean())])
             print(f"{env} {m}: min pairwise cosine {summary[-1][1]:.4f}", file=sys.stderr)
-        stem = f"grad_confusion_{args.epoch}_{'_'.join(args.model_name_list)}_{env}_{args.dataset_name}_{args.seed}"
+        models = "_".join(args.model_name_list)
+        stem = f"grad_confusion_{args.epoch}_{models}_{env}_{args.dataset_name}_{args.seed}{ktag}"
         outs.files.append(common.save_csv(res / f"{stem}.csv", ["model", "min_cosine", "mean_cosine"], summary))
         outs.tables.append(((f"Gradient confusion, {env}, epoch {args.epoch} (min pairwise cosine over "
                              f"{args.batch_size} samples; confusion = max(0, -min))"),
@@ -253,7 +257,7 @@ def run_norms(args) -> common.Outputs:
     res = common.out_dir(args.results_dir)
     outs = common.Outputs()
     clip = None if args.unclipped else GRAD_CLIP
-    tag = "_unclipped" if args.unclipped else ""
+    tag = common.run_k_tag(common.run_k(args)) + ("_unclipped" if args.unclipped else "")
     max_bytes = int(args.max_grad_memory_gb * 2**30)
     plt = common.pyplot()
     for env in args.env_name_list:

@@ -43,17 +43,32 @@ from decision_transformer.analysis.runs import (
 )
 from decision_transformer.errors import UserError
 
-DEFAULT_MI_DIR = common.ANALYSIS_DIR / common.SECTIONS["mi"] / "results"
+#: Relative: resolves against the working directory (the repository's folder when run from its root).
+DEFAULT_MI_DIR = common.section_dir("mi", "results")
+DEFAULT_MI_FIGS = common.section_dir("mi", "figs")
 TOKENS = ("rtg", "state", "action")
 EXP_TYPES = ("normal", "no_context", "data")
 
 
-def activation_file(folder, epoch, model, env, ds, seed) -> Path:
-    return Path(folder) / f"activation_{epoch}_{model}_{env}_{ds}_{seed}.npz"
+def activation_file(folder, epoch, model, env, ds, seed, ktag="") -> Path:
+    return Path(folder) / f"activation_{epoch}_{model}_{env}_{ds}_{seed}{ktag}.npz"
 
 
-def data_file(folder, env, ds, seed) -> Path:
-    return Path(folder) / f"data_{env}_{ds}_{seed}.npz"
+def data_file(folder, env, ds, seed, ktag="") -> Path:
+    return Path(folder) / f"data_{env}_{ds}_{seed}{ktag}.npz"
+
+
+def _ktag(args) -> str:
+    """``_K{K}`` in every file name of runs trained with K != 20 (``--run_K``), so they don't overwrite K=20's."""
+    return common.run_k_tag(common.run_k(args))
+
+
+def _add_run_k(p, reading: bool):
+    if reading:
+        p.add_argument("--run_K", type=int, default=None,
+                       help="read the files of save_activation.py --run_K K (tagged _K{K}); default 20 (untagged)")
+    else:
+        common.add_run_k_flag(p)
 
 
 # ---- step 1 -----------------------------------------------------------------------------------------------------
@@ -67,8 +82,10 @@ def build_save_parser():
     p.add_argument("--seed", type=int, default=666)
     p.add_argument("--all_layers", action="store_true",
                    help="save every hooked entry (9 per block), not only the block outputs (large)")
+    _add_run_k(p, reading=False)
     common.add_data_flags(p, device_default="cpu", batch_size=100)
-    p.add_argument("--results_dir", type=str, default=str(DEFAULT_MI_DIR))
+    p.add_argument("--results_dir", type=str, default=DEFAULT_MI_DIR,
+                   help="relative paths resolve against the working directory")
     return p
 
 
@@ -78,16 +95,18 @@ def run_save(args) -> common.Outputs:
     res = common.out_dir(args.results_dir)
     outs = common.Outputs()
     entries = BLOCK_ENTRIES if args.all_layers else (BLOCK_OUTPUT,)
+    run_K, ktag = common.run_k(args), _ktag(args)
     for env in args.env_name_list:
         for m in args.model_name:
-            lm = load_model(args.checkpoint_dir, RunKey(m, args.dataset_name, env, args.seed), args.epoch, device)
+            key = RunKey(m, args.dataset_name, env, args.seed, run_K)
+            lm = load_model(args.checkpoint_dir, key, args.epoch, device)
             data = analysis_dataset(env, args.dataset_name, args.data_path, lm.checkpoint, device)
             batch = analysis_batch(data, args.batch_size, args.K, args.batch_seed)
             acts = get_activations(lm.model, batch, entries)
-            outs.files.append(common.save_npz(activation_file(res, args.epoch, m, env, args.dataset_name, args.seed),
-                                              **{k: v.numpy() for k, v in acts.items()}))
+            act_file = activation_file(res, args.epoch, m, env, args.dataset_name, args.seed, ktag)
+            outs.files.append(common.save_npz(act_file, **{k: v.numpy() for k, v in acts.items()}))
             outs.files.append(common.save_npz(
-                data_file(res, env, args.dataset_name, args.seed), states=batch.states.cpu().numpy(),
+                data_file(res, env, args.dataset_name, args.seed, ktag), states=batch.states.cpu().numpy(),
                 actions=batch.actions.cpu().numpy(), rtg=batch.rtg.cpu().numpy(),
                 timesteps=batch.timesteps.cpu().numpy(), attention_mask=batch.mask.cpu().numpy()))
             print(f"{env} {m}: saved {len(acts)} activations of {args.batch_size} samples", file=sys.stderr)
@@ -101,9 +120,11 @@ def build_mi_parser():
 
     p = common.parser("Mutual information between data and hidden representations with MINE (TAKAGI's "
                       "mine-pytorch/run_mi_exp.py).")
-    p.add_argument("--path_to_save_mi", "-psm", type=str, default=str(DEFAULT_MI_DIR))
-    p.add_argument("--path_to_data", "-pd", type=str, default=str(DEFAULT_MI_DIR))
-    p.add_argument("--path_to_activation", "-pa", type=str, default=str(DEFAULT_MI_DIR))
+    p.add_argument("--path_to_save_mi", "-psm", type=str, default=DEFAULT_MI_DIR,
+                   help="relative paths (also of -pd, -pa) resolve against the working directory")
+    p.add_argument("--path_to_data", "-pd", type=str, default=DEFAULT_MI_DIR)
+    p.add_argument("--path_to_activation", "-pa", type=str, default=DEFAULT_MI_DIR)
+    _add_run_k(p, reading=True)
     p.add_argument("--exp_type", choices=EXP_TYPES, default="normal")
     p.add_argument("--env_name", type=str, default="hopper")
     p.add_argument("--dataset_name", type=str, default="medium")
@@ -158,29 +179,29 @@ def run_mi(args) -> common.Outputs:
         raise UserError(f"invalid --seed {args.seed}: use a non-negative integer below 2**62")
     out = common.out_dir(args.path_to_save_mi)
     outs = common.Outputs()
-    ds, env = args.dataset_name, args.env_name
-    data = common.load_npz(data_file(args.path_to_data, env, ds, args.seed))
+    ds, env, ktag = args.dataset_name, args.env_name, _ktag(args)
+    data = common.load_npz(data_file(args.path_to_data, env, ds, args.seed, ktag))
     for k in ("states", "actions", "rtg", "attention_mask"):
         if k not in data:
-            raise UserError(f"{data_file(args.path_to_data, env, ds, args.seed)}: missing array {k!r}")
+            raise UserError(f"{data_file(args.path_to_data, env, ds, args.seed, ktag)}: missing array {k!r}")
     xs, a_last, mask = _inputs(data)
     K = mask.shape[1]
     est = _Estimator(args)
     if args.exp_type == "data":
         sa = np.array([est(xs["state"][:, t], xs["action"][:, t], mask[:, t]) for t in range(K)])
         ra = np.array([est(xs["rtg"][:, t], xs["action"][:, t], mask[:, t]) for t in range(K)])
-        outs.files.append(common.save_npy(out / f"mi_data_state_action_{env}_{ds}_{args.seed}.npy", sa))
-        outs.files.append(common.save_npy(out / f"mi_data_rtg_action_{env}_{ds}_{args.seed}.npy", ra))
+        outs.files.append(common.save_npy(out / f"mi_data_state_action_{env}_{ds}_{args.seed}{ktag}.npy", sa))
+        outs.files.append(common.save_npy(out / f"mi_data_rtg_action_{env}_{ds}_{args.seed}{ktag}.npy", ra))
         print(f"{env}: I(s;a) median {np.nanmedian(sa):.3f}, I(R;a) median {np.nanmedian(ra):.3f} nats",
               file=sys.stderr)
         return outs
-    acts = common.load_npz(activation_file(args.path_to_activation, args.epoch, args.model_name, env, ds, args.seed))
+    act_file = activation_file(args.path_to_activation, args.epoch, args.model_name, env, ds, args.seed, ktag)
+    acts = common.load_npz(act_file)
     outputs = {k: v for k, v in acts.items() if k.endswith("." + BLOCK_OUTPUT)}
     if not outputs:
-        raise UserError(f"{activation_file(args.path_to_activation, args.epoch, args.model_name, env, ds, args.seed)}: "
-                        f"no block outputs (*.{BLOCK_OUTPUT})")
+        raise UserError(f"{act_file}: no block outputs (*.{BLOCK_OUTPUT})")
     depth = max(block_of(k) for k in outputs) + 1
-    stem_tail = f"{args.epoch}_{args.model_name}_{env}_{ds}_{args.seed}"
+    stem_tail = f"{args.epoch}_{args.model_name}_{env}_{ds}_{args.seed}{ktag}"
     if args.exp_type == "normal":
         layers = args.layers if args.layers is not None else sorted({0, depth // 2, depth - 1})
         for layer in layers:
@@ -229,8 +250,10 @@ def build_plot_parser():
     p.add_argument("--seed", type=int, default=666)
     p.add_argument("--epoch", type=int, default=40)
     p.add_argument("--model_name_list", nargs="+", default=list(common.MODEL_NAMES))
-    p.add_argument("--results_dir", type=str, default=str(DEFAULT_MI_DIR))
-    p.add_argument("--figs_dir", type=str, default=str(DEFAULT_MI_DIR.parent / "figs"))
+    _add_run_k(p, reading=True)
+    p.add_argument("--results_dir", type=str, default=DEFAULT_MI_DIR,
+                   help="relative paths resolve against the working directory")
+    p.add_argument("--figs_dir", type=str, default=DEFAULT_MI_FIGS)
     return p
 
 
@@ -245,7 +268,8 @@ def plot_mi(args) -> common.Outputs:
     plt = common.pyplot()
     res = Path(args.results_dir)
     outs = common.Outputs()
-    tail = lambda m: f"{args.epoch}_{m}_{args.env_name}_{args.dataset_name}_{args.seed}"
+    ktag = _ktag(args)
+    tail = lambda m: f"{args.epoch}_{m}_{args.env_name}_{args.dataset_name}_{args.seed}{ktag}"
     if args.exp_type == "normal":
         found = {}
         for m in args.model_name_list:
@@ -271,7 +295,7 @@ def plot_mi(args) -> common.Outputs:
                     ax.set_xlabel("Context (timestep; R̂, s, a at t, t+1/3, t+2/3)")
                     ax.set_ylabel("MI (nats)")
         axes[0, 1].legend(fontsize=6, ncol=len(found))
-        stem = f"mi_xy_{args.epoch}_{'_'.join(found)}_{args.env_name}_{args.dataset_name}_{args.seed}"
+        stem = f"mi_xy_{args.epoch}_{'_'.join(found)}_{args.env_name}_{args.dataset_name}_{args.seed}{ktag}"
         fig.tight_layout()
         outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
         return outs
@@ -298,7 +322,7 @@ def plot_mi(args) -> common.Outputs:
             ax.set_ylabel("MI (nats)")
             ax.set_ylim(-0.5, 4.5)
     axes[0].legend(fontsize=7)
-    stem = f"mi_no_context_{args.epoch}_{'_'.join(found)}_{args.env_name}_{args.dataset_name}_{args.seed}"
+    stem = f"mi_no_context_{args.epoch}_{'_'.join(found)}_{args.env_name}_{args.dataset_name}_{args.seed}{ktag}"
     outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
     return outs
 
@@ -311,8 +335,10 @@ def build_plot_data_parser():
     p.add_argument("--dataset_name", type=str, default="medium")
     p.add_argument("--seed", type=int, default=666)
     p.add_argument("--epoch", type=int, default=40, help="unused (accepted for the originals' command lines)")
-    p.add_argument("--results_dir", type=str, default=str(DEFAULT_MI_DIR))
-    p.add_argument("--figs_dir", type=str, default=str(DEFAULT_MI_DIR.parent / "figs"))
+    _add_run_k(p, reading=True)
+    p.add_argument("--results_dir", type=str, default=DEFAULT_MI_DIR,
+                   help="relative paths resolve against the working directory")
+    p.add_argument("--figs_dir", type=str, default=DEFAULT_MI_FIGS)
     return p
 
 
@@ -320,14 +346,15 @@ def plot_mi_data(args) -> common.Outputs:
     plt = common.pyplot()
     res = Path(args.results_dir)
     envs = [args.env_name] if args.env_name else args.env_name_list
+    ktag = _ktag(args)
     found = {}
     for env in envs:
-        fs = [res / f"mi_data_{w}_action_{env}_{args.dataset_name}_{args.seed}.npy" for w in ("state", "rtg")]
+        fs = [res / f"mi_data_{w}_action_{env}_{args.dataset_name}_{args.seed}{ktag}.npy" for w in ("state", "rtg")]
         if all(f.is_file() for f in fs):
             found[env] = [common.load_npy(f) for f in fs]
     if not found:
-        raise UserError(f"no data-MI results mi_data_state_action_{{env}}_{args.dataset_name}_{args.seed}.npy in {res} "
-                        f"(run run_mi_exp.py --exp_type data first)")
+        raise UserError(f"no data-MI results mi_data_state_action_{{env}}_{args.dataset_name}_{args.seed}{ktag}.npy in "
+                        f"{res} (run run_mi_exp.py --exp_type data first)")
     fig, axes = plt.subplots(1, len(found), figsize=(3.2 * len(found), 3.2), squeeze=False)
     for ax, (env, (sa, ra)) in zip(axes[0], found.items()):
         ax.boxplot([sa[~np.isnan(sa)], ra[~np.isnan(ra)]])
@@ -335,6 +362,6 @@ def plot_mi_data(args) -> common.Outputs:
         ax.set_title(env)
         ax.set_ylabel("MI (nats) over timesteps")
     outs = common.Outputs()
-    stem = f"mi_data_{'_'.join(found)}_{args.dataset_name}_{args.seed}"
+    stem = f"mi_data_{'_'.join(found)}_{args.dataset_name}_{args.seed}{ktag}"
     outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
     return outs

@@ -57,6 +57,7 @@ def build_parser():
     p.add_argument("--epoch1", type=int, default=0)
     p.add_argument("--epoch2", type=int, default=40)
     p.add_argument("--concat", action="store_true", help="one value per block (all its tensors concatenated)")
+    common.add_run_k_flag(p)
     common.add_output_flags(p, "params")
     return p
 
@@ -64,11 +65,12 @@ def build_parser():
 def run(args) -> common.Outputs:
     res = common.out_dir(args.results_dir)
     outs = common.Outputs()
-    tag = "_concat" if args.concat else ""
+    run_K = common.run_k(args)
+    tag = common.run_k_tag(run_K) + ("_concat" if args.concat else "")
     env, ds = args.env_name, args.dataset_name
     results = {}
     for m in args.model_name_list:
-        key = RunKey(m, ds, env, args.seed)
+        key = RunKey(m, ds, env, args.seed, run_K)
         sd0, _ = load_state_dict(args.checkpoint_dir, key, args.epoch1)
         sd1, _ = load_state_dict(args.checkpoint_dir, key, args.epoch2)
         names, dist, cos = parameter_similarity(sd0, sd1, args.concat)

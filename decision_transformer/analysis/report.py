@@ -1,9 +1,9 @@
 """The whole analysis suite for one checkpoints folder, and one markdown report with its figures and tables.
 
 The runs present decide what runs: score tables for runs with metrics, learning curves where K = 1 / block /
-no-grad-clip runs exist, CKA, MINE, parameter and gradient analyses on the K = 20 runs, attention distance on the
-K = 1 runs. Epochs are the paper's (CKA / MI / parameters 0 vs 40, gradients 1, attention 0 vs 4) when present,
-otherwise the nearest available one (said in the report). Each analysis calls the same code as its script, with
+no-grad-clip runs exist, CKA, MINE, parameter and gradient analyses on the K = 20 runs (``--run_K``), attention
+distance on the K = 1 runs. Epochs are the paper's (CKA / MI / parameters 0 vs 40, gradients 1, attention 0 vs 4)
+when present, otherwise the nearest available one (said in the report). Each analysis calls the same code as its script, with
 its results and figures under ``{out_dir}/{section folder}/``. A failing analysis is reported and the others go on.
 """
 from __future__ import annotations
@@ -46,8 +46,9 @@ FOLDER = {"scores": "scores", "curves": "no_context", "cka": "cka", "mi": "mi", 
 def build_parser():
     p = common.parser("Run every analysis of the pre-training paper on a checkpoints folder; write report.md.")
     p.add_argument("--checkpoint_dir", type=str, default="checkpoints")
-    p.add_argument("--out_dir", type=str, default=str(common.ANALYSIS_DIR / "report"),
-                   help="report.md and one folder per section (results/, figs/)")
+    p.add_argument("--out_dir", type=str, default=(common.OUTPUT_ROOT / "report").as_posix(),
+                   help="report.md and one folder per section (results/, figs/); relative paths resolve against the "
+                        "working directory")
     p.add_argument("--dataset_name", type=str, default="medium")
     p.add_argument("--seed", type=int, default=666, help="the seed analysed (score tables use every seed found)")
     p.add_argument("--env_name_list", nargs="+", default=None, help="default: every env with runs")
@@ -57,6 +58,9 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=100)
     p.add_argument("--grad_batch_size", type=int, default=50, help="samples of the gradient-confusion analysis")
     p.add_argument("--K", type=int, default=20, help="context of the analysis batches")
+    p.add_argument("--run_K", type=int, default=20,
+                   help="the K of the runs analysed by CKA, MINE, parameters, gradients and Table 1 (folders "
+                        "..._K{K}); the attention distance and Table 2 use the K=1 runs")
     p.add_argument("--epoch2", type=int, default=40, help="CKA / MI / parameter epoch (else the nearest below)")
     p.add_argument("--grad_epoch", type=int, default=1)
     p.add_argument("--attention_epoch2", type=int, default=4)
@@ -87,7 +91,8 @@ class _Plan:
             raise UserError(f"no runs of dataset {args.dataset_name} in {args.checkpoint_dir}")
         self.envs = sorted({k.env for k in self.keys}, key=lambda e: (list(common.ENV_NAMES) + [e]).index(e))
 
-    def models(self, env, K=20, seed=None, need_ckpt=True, plain=True) -> list[str]:
+    def models(self, env, K=None, seed=None, need_ckpt=True, plain=True) -> list[str]:
+        K = self.args.run_K if K is None else K
         seed = self.args.seed if seed is None else seed
         out = []
         for k in self.keys:
@@ -96,8 +101,9 @@ class _Plan:
                 out.append(k.model)
         return _ordered(out)
 
-    def common_epoch(self, env, models, wanted, K=20, include_zero=False) -> int | None:
+    def common_epoch(self, env, models, wanted, K=None, include_zero=False) -> int | None:
         """``wanted`` if every model has it, else the largest shared epoch below it (else above it)."""
+        K = self.args.run_K if K is None else K
         sets = [set(checkpoint_epochs(self.args.checkpoint_dir, RunKey(m, self.args.dataset_name, env,
                                                                        self.args.seed, K))) for m in models]
         shared = set.intersection(*sets) if sets else set()
@@ -108,12 +114,27 @@ class _Plan:
         below = [e for e in shared if e <= wanted]
         return max(below) if below else min(shared)
 
-    def models_at(self, env, wanted, what: str, notes: list, K=20) -> tuple[list, int | None]:
+    def other_k(self, env, K) -> list[int]:
+        """The other K of the env's plain runs of the analysed seed."""
+        return sorted({k.K for k in self.keys if (k.env, k.seed) == (env, self.args.seed) and k.K != K
+                       and not k.no_grad_clip and k.block is None})
+
+    def models_at(self, env, wanted, what: str, notes: list, K=None) -> tuple[list, int | None]:
         """The env's K-context models and their shared epoch for ``what`` (``common_epoch``); a note when the step
-        is skipped (no epoch besides 0) or runs at another epoch than asked."""
+        is skipped (no such runs, or no epoch besides 0) or runs at another epoch than asked."""
+        K = self.args.run_K if K is None else K
         models = self.models(env, K=K)
         e = self.common_epoch(env, models, wanted, K=K) if models else None
-        if e is None:
+        if not models:
+            others = self.other_k(env, K)
+            hint = ""
+            if others:
+                hint = f" (found runs with K={', '.join(map(str, others))}"
+                if K == self.args.run_K:
+                    hint += f": pass --run_K {others[0]}" if len(others) == 1 else ": pass one with --run_K"
+                hint += ")"
+            notes.append(f"{env}: no K={K} runs of seed {self.args.seed} with checkpoints{hint}; {what} skipped")
+        elif e is None:
             notes.append(f"{env}: no K={K} checkpoints besides epoch 0; {what} skipped")
         elif e != wanted:
             notes.append(f"{env}: epoch {wanted} not in every run; {what} uses epoch {e}")
@@ -132,10 +153,13 @@ def _data_flags(args) -> list[str]:
 
 def step_scores(plan: _Plan, args) -> common.Outputs:
     outs = common.Outputs()
-    for K in (20, 1):
+    for K in dict.fromkeys((args.run_K, 1)):
         ks = [k for k in plan.keys if k.K == K and k.block is None and not k.no_grad_clip]
         if not ks:
-            outs.notes.append(f"no K={K} runs: {'Table 1' if K == 20 else 'Table 2'} skipped")
+            table = "Table 1" if K == 20 else ("Table 2" if K == 1 else f"the K={K} table")
+            others = sorted({k.K for k in plan.keys if k.K not in (K, 1) and k.block is None and not k.no_grad_clip})
+            hint = f" (found runs with K={', '.join(map(str, others))}: pass --run_K)" if others and K != 1 else ""
+            outs.notes.append(f"no K={K} runs: {table} skipped{hint}")
             continue
         models = _ordered({k.model for k in ks})
         seeds = sorted({k.seed for k in ks})
@@ -156,7 +180,8 @@ def step_curves(plan: _Plan, args) -> common.Outputs:
     k1 = [e for e in plan.envs if plan.models(e, K=1, need_ckpt=False)]
     if k1:
         models = _ordered({m for e in k1 for m in plan.models(e, K=1, need_ckpt=False)})
-        argv = _argv(args, "curves", *base, "--env_name_list", *k1, "--model_name_list", *models)
+        argv = _argv(args, "curves", *base, "--env_name_list", *k1, "--model_name_list", *models,
+                     "--run_K", args.run_K)
         o = curves.run_no_context(curves.build_no_context_parser().parse_args(argv))
         o.tables = []  # Table 2 is in the score section already
         outs.extend(o)
@@ -190,10 +215,10 @@ def step_cka(plan: _Plan, args) -> common.Outputs:
             argv = _argv(args, "cka", "--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name,
                          "--env_name_list", env, "--seed", args.seed, "--model_name1", m, "--model_name2", m,
                          "--epoch1", 0, "--epoch2", e2, "--batch_size", args.batch_size, *_data_flags(args),
-                         "--heatmap_token_list", "state")  # one heatmap per model in the report
+                         "--run_K", args.run_K, "--heatmap_token_list", "state")  # one heatmap per model in the report
             outs.extend(cka.run(cka.build_parser().parse_args(argv)))
         argv = _argv(args, "cka", "--env_name_list", env, "--model_name_list", *models, "--epoch1", 0, "--epoch2", e2,
-                     "--dataset_name", args.dataset_name, "--seed", args.seed)
+                     "--dataset_name", args.dataset_name, "--seed", args.seed, "--run_K", args.run_K)
         outs.extend(cka.plot(cka.build_plot_parser().parse_args(argv)))
     return outs
 
@@ -203,14 +228,14 @@ def step_mi(plan: _Plan, args) -> common.Outputs:
     res = Path(args.out_dir) / common.SECTIONS["mi"] / "results"
     figs = res.parent / "figs"
     mine_flags = ["--iters", args.mine_iters, "--mine_hidden", args.mine_hidden, "--device", args.device,
-                  "--dataset_name", args.dataset_name, "--seed", args.seed]
+                  "--dataset_name", args.dataset_name, "--seed", args.seed, "--run_K", args.run_K]
     for env in plan.envs:
         models, e = plan.models_at(env, args.epoch2, "mutual information", outs.notes)
         if e is None:
             continue
         argv = ["--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name, "--env_name_list", env,
                 "--model_name", *models, "--epoch", e, "--seed", args.seed, "--batch_size", args.batch_size,
-                "--results_dir", res, *_data_flags(args)]
+                "--results_dir", res, "--run_K", args.run_K, *_data_flags(args)]
         outs.files += mi.run_save(mi.build_save_parser().parse_args(list(map(str, argv)))).files
         io = ["-psm", res, "-pd", res, "-pa", res, "--env_name", env, "--epoch", e]
         for m in models:
@@ -223,11 +248,11 @@ def step_mi(plan: _Plan, args) -> common.Outputs:
         for exp in ("normal", "no_context"):
             a = mi.build_plot_parser().parse_args(list(map(str, [
                 "--exp_type", exp, "--env_name", env, "--epoch", e, "--model_name_list", *models, "--seed", args.seed,
-                "--dataset_name", args.dataset_name, "--results_dir", res, "--figs_dir", figs])))
+                "--dataset_name", args.dataset_name, "--results_dir", res, "--figs_dir", figs, "--run_K", args.run_K])))
             outs.extend(mi.plot_mi(a))
     a = mi.build_plot_data_parser().parse_args(list(map(str, ["--env_name_list", *plan.envs, "--seed", args.seed,
                                                              "--dataset_name", args.dataset_name, "--results_dir", res,
-                                                             "--figs_dir", figs])))
+                                                             "--figs_dir", figs, "--run_K", args.run_K])))
     try:
         outs.extend(mi.plot_mi_data(a))
     except UserError as err:
@@ -242,7 +267,8 @@ def step_params(plan: _Plan, args) -> common.Outputs:
         if e2 is None:
             continue
         argv = _argv(args, "params", "-plm", args.checkpoint_dir, "--dataset_name", args.dataset_name, "--env_name",
-                     env, "--seed", args.seed, "--model_name_list", *models, "--epoch1", 0, "--epoch2", e2)
+                     env, "--seed", args.seed, "--model_name_list", *models, "--epoch1", 0, "--epoch2", e2,
+                     "--run_K", args.run_K)
         outs.extend(params.run(params.build_parser().parse_args(argv)))
     return outs
 
@@ -254,7 +280,8 @@ def step_grads(plan: _Plan, args) -> common.Outputs:
         if e is None:
             continue
         base = ["--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name, "--env_name_list", env,
-                "--seed", args.seed, "--model_name_list", *models, "--epoch", e, *_data_flags(args)]
+                "--seed", args.seed, "--model_name_list", *models, "--epoch", e, "--run_K", args.run_K,
+                *_data_flags(args)]
         outs.extend(grads.run_confusion(grads.build_confusion_parser().parse_args(
             _argv(args, "grads", *base, "--batch_size", args.grad_batch_size))))
         outs.extend(grads.run_norms(grads.build_norm_parser().parse_args(
@@ -270,7 +297,7 @@ def step_attention(plan: _Plan, args) -> common.Outputs:
             continue
         argv = _argv(args, "attention", "--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name,
                      "--env_name_list", env, "--seed", args.seed, "--model_name_list", *models, "--epoch1", 0,
-                     "--epoch2", e2, "--batch_size", args.batch_size, *_data_flags(args))
+                     "--epoch2", e2, "--run_K", 1, "--batch_size", args.batch_size, *_data_flags(args))
         outs.extend(attention.run(attention.build_parser().parse_args(argv)))
     return outs
 
@@ -283,7 +310,8 @@ def write_report(args, plan: _Plan, results: dict, failures: dict, skipped: list
     out = Path(args.out_dir)
     intro = (f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} by `analysis/run_all.py`; "
              f"dataset `{args.dataset_name}`, seed {args.seed}, batches of {args.batch_size} samples with "
-             f"K={args.K}, batch seed 0 (every model sees the same batch). Every figure also exists as PDF next to "
+             f"K={args.K}, batch seed 0 (every model sees the same batch); CKA, MINE, parameters and gradients on "
+             f"the K={args.run_K} runs. Every figure also exists as PDF next to "
              f"its PNG; raw results are in each section's `results/` folder.")
     lines = [f"# Analysis report: `{args.checkpoint_dir}`", "", intro, "", "## Runs found", ""]
     by = defaultdict(list)
@@ -312,6 +340,7 @@ def write_report(args, plan: _Plan, results: dict, failures: dict, skipped: list
 
 
 def run(args) -> Path:
+    common.check_positive(args, "run_K")
     common.out_dir(args.out_dir)
     plan = _Plan(args)
     steps = [s for s in (args.only or STEPS) if s not in args.skip]

@@ -87,9 +87,35 @@ def checkpoint_path(checkpoint_dir, key: RunKey, epoch: int) -> Path:
     return key.path(checkpoint_dir) / f"model_{epoch}.pt"
 
 
-def _missing(path: Path) -> UserError:
+def runs_with_other_k(checkpoint_dir, key: RunKey) -> list[RunKey]:
+    """The run folders that differ from ``key`` only in K (same model, dataset, env, seed and variant), by K."""
+    root = Path(checkpoint_dir)
+    prefix = f"{key.model}_{key.dataset}_{key.env}_{key.seed}"
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        k = parse_run_dir(d.name) if d.name.startswith(prefix) and d.is_dir() else None
+        if k is not None and k.K != key.K and k == RunKey(key.model, key.dataset, key.env, key.seed, k.K,
+                                                          key.no_grad_clip, key.block):
+            out.append(k)
+    return sorted(out, key=lambda k: k.K)
+
+
+def other_k_hint(checkpoint_dir, key: RunKey) -> str:
+    """``found dt_medium_hopper_666_K5: pass --run_K 5`` for the runs of another K, else empty."""
+    others = runs_with_other_k(checkpoint_dir, key)
+    if not others:
+        return ""
+    return "found " + ", ".join(f"{k.dir_name}: pass --run_K {k.K}" for k in others)
+
+
+def _missing(path: Path, key: RunKey | None = None) -> UserError:
     d = path.parent
     if not d.is_dir():
+        hint = other_k_hint(d.parent, key) if key is not None else ""
+        if hint:
+            return UserError(f"checkpoint not found: {path} (no run folder {d} for K={key.K}; {hint})")
         return UserError(f"checkpoint not found: {path} (no run folder {d}; train it with experiment.py --outdir "
                          f"{d.parent})")
     have = sorted(p.name for p in d.glob("model_*.pt"))
@@ -115,7 +141,7 @@ def _initial_from_other_epoch(checkpoint_dir, key: RunKey, path: Path) -> dict:
     (the DT constructor reseeds), so rebuild them from another epoch's config. LM-initialised runs need the file."""
     others = [e for e in checkpoint_epochs(checkpoint_dir, key) if e != 0]
     if key.model != "dt" or key.block is not None or not others:
-        raise _missing(path)
+        raise _missing(path, key)
     src = checkpoint_path(checkpoint_dir, key, others[0])
     ckpt = load_checkpoint(src)
     seed = (ckpt.get("config") or {}).get("seed", key.seed)
@@ -146,7 +172,7 @@ def load_run_checkpoint(checkpoint_dir, key: RunKey, epoch: int) -> tuple[dict, 
     elif epoch == 0:
         ckpt = _initial_from_other_epoch(checkpoint_dir, key, path)
     else:
-        raise _missing(path)
+        raise _missing(path, key)
     check_checkpoint_env(ckpt, path, key.env)
     return ckpt, path
 

@@ -74,7 +74,8 @@ def build_parser():
     p.add_argument("--env_name_list", nargs="+", default=list(common.ENV_NAMES))
     p.add_argument("--model_name_list", nargs="+", default=list(common.MODEL_NAMES))
     p.add_argument("--seed_list", nargs="+", type=int, default=[666, 42])
-    p.add_argument("--K", type=int, default=20, help="20: Table 1; 1: Table 2")
+    p.add_argument("--K", "--run_K", dest="K", type=int, default=20,
+                   help="the runs' K (folders ..._K{K}): 20: Table 1; 1: Table 2")
     p.add_argument("--score_norm", choices=["d4rl", "dataset"], default="d4rl")
     p.add_argument("--select", choices=["best", "last"], default="best",
                    help="value shown in the table (the CSV always has both)")
