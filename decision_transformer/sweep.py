@@ -7,7 +7,8 @@
 
 A grid is a YAML file (``decision_transformer/sweeps/*.yaml`` or any path): ``program``, ``fixed`` flags and ``grid``
 lists whose Cartesian product gives the runs; ``null`` leaves a flag out (random initialisation), ``true`` turns a
-switch on. ``run`` skips runs whose last checkpoint exists and resumes (``--resume``) runs that stopped half-way.
+switch on. ``run`` skips runs whose last checkpoint exists and resumes (``--resume``) runs that stopped half-way; runs whose
+``--pretrained_lm`` cannot be found here are listed as blocked and not started.
 """
 from __future__ import annotations
 
@@ -111,14 +112,43 @@ def run_state(program: str, argv: list[str]) -> tuple[str, Path | None]:
 def plan(spec: dict, extra: list[str]) -> list[tuple[str, list[str]]]:
     """(state, full command) per run of the grid, ``extra`` flags appended to every run."""
     program = str(ROOT / spec["program"])
-    out = []
+    out: list = []
+    lm_found: dict[str, str | None] = {}
     for params in expand(spec):
         argv = to_argv(params) + extra
         state, _ = run_state(program, argv)
         if state == "partial":
             argv = argv + ["--resume"]
+        lm = _flag_value(argv, ("--pretrained_lm", "-plm"))
+        if state != "done" and lm:
+            if lm not in lm_found:
+                lm_found[lm] = _lm_problem(lm)
+            if lm_found[lm]:
+                state = "blocked"
         out.append((state, [sys.executable, program, *argv]))
     return out
+
+
+def _flag_value(argv: list[str], names) -> str | None:
+    """The last value given to one of the flag ``names`` in ``argv`` (``--flag value`` or ``--flag=value``)."""
+    value = None
+    for i, a in enumerate(argv):
+        if a in names and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.split("=", 1)[0] in names and "=" in a:
+            value = a.split("=", 1)[1]
+    return value
+
+
+def _lm_problem(name: str) -> str | None:
+    """Why the language model ``name`` cannot be found here (its one-line error), or None when it can."""
+    from decision_transformer.models.pretrained import locate_lm
+
+    try:
+        locate_lm(name)
+    except UserError as e:
+        return str(e)
+    return None
 
 
 def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path) -> int:
@@ -221,16 +251,23 @@ def main(argv=None):
         raise UserError(f"--extra {a.extra!r}: {e} (it is split as a shell command line)") from None
     slots = _gpu_slots(a.gpus) if a.gpus is not None else [None] * a.procs
     runs = plan(spec, extra)
-    todo = [cmd for state, cmd in runs if state != "done"]
+    todo = [cmd for state, cmd in runs if state in ("new", "partial")]
     for state, cmd in runs:
         print(f"{state:8s} {shlex.join(cmd)}")
+    blocked = [cmd for state, cmd in runs if state == "blocked"]
     print(f"{len(runs)} runs: {sum(s == 'done' for s, _ in runs)} finished (skipped), "
-          f"{sum(s == 'partial' for s, _ in runs)} to resume, {sum(s == 'new' for s, _ in runs)} new")
-    if a.dry_run or not todo:
+          f"{sum(s == 'partial' for s, _ in runs)} to resume, {sum(s == 'new' for s, _ in runs)} new"
+          + (f", {len(blocked)} blocked (their language model is not available here)" if blocked else ""))
+    if blocked:
+        lms = sorted({_flag_value(cmd, ("--pretrained_lm", "-plm")) for cmd in blocked})
+        print(f"blocked: {'; '.join(f'{lm}: {_lm_problem(lm)}' for lm in lms)}")
+    if a.dry_run:
         return 0
-    failed = launch(todo, slots, Path(a.log_dir))
+    failed = launch(todo, slots, Path(a.log_dir)) if todo else 0
     if failed:
         raise UserError(f"{failed} of {len(todo)} runs failed; logs in {a.log_dir}")
+    if blocked:
+        raise UserError(f"{len(blocked)} runs not started: their language model is not available here (see above)")
     return 0
 
 

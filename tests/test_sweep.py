@@ -154,3 +154,26 @@ def test_bad_grid_files_and_flags(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 runs" in out
     assert out.splitlines()[0].split()[:2] == ["new", sys.executable]      # a command that can be pasted as it is
+
+
+def test_runs_whose_lm_is_missing_are_blocked(tmp_path, capsys):
+    """A grid run whose --pretrained_lm cannot be found here is listed as blocked and not started (one line saying
+    why, exit 2), instead of failing in its log; a run whose LM folder exists is planned as usual."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=8, n_layer=1, n_head=1, n_positions=16, vocab_size=10, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(tmp_path / "tiny_lm")
+    spec = {"program": "experiment.py",
+            "fixed": {"outdir": str(tmp_path / "ck"), "max_iters": 1, "seed": 1},
+            "grid": {"pretrained_lm": [None, str(tmp_path / "tiny_lm"), "no_such_lm"]}}
+    done = tmp_path / "ck" / "dt_medium_hopper_1"
+    done.mkdir(parents=True)
+    (done / "model_1.pt").write_bytes(b"x")
+    assert [s for s, _ in sweep.plan(spec, [])] == ["done", "new", "blocked"]
+    path = tmp_path / "g.yaml"
+    spec["grid"]["pretrained_lm"] = [None, "no_such_lm"]
+    path.write_text(yaml.safe_dump(spec))
+    capsys.readouterr()
+    err = _expect_error(capsys, ["run", str(path), "--log_dir", str(tmp_path / "logs")])
+    assert "1 runs not started: their language model is not available here" in err
+    assert not (tmp_path / "logs").exists()
