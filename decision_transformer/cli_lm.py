@@ -1,7 +1,7 @@
 """Command-line flags of ``lm_cotraining/experiment.py`` (REID/LAWSON ``lm_cotraining``; cli.md §3).
 
 The flags of ``experiment.py``'s data/model/k-means/optimisation/run groups with the same meaning, minus the ones the
-LM script never had (``--pretrained_block``, ``--remove_grad_clip``, ``--project``, ``--resume``, merging), plus the
+LM script never had (``--pretrained_block``, ``--remove_grad_clip``, ``--project``, merging), plus the
 co-training flags. Defaults that differ: ``--max_iters 10``, ``--num_steps_per_iter 10000``, ``--extend_positions``
 on (``--no_extend_positions`` turns it off), ``--outdir`` None (= ``models/{env}``), ``--fp16`` effective.
 """
@@ -13,7 +13,7 @@ from decision_transformer.cli import (add_data_flags, add_kmeans_flags, add_merg
                                       add_optim_flags, add_run_flags)
 
 #: flags of experiment.py that the LM script does not accept (their defaults stay in the namespace)
-_NOT_IN_LM_SCRIPT = ("pretrained_block", "remove_grad_clip", "project", "resume")
+_NOT_IN_LM_SCRIPT = ("pretrained_block", "remove_grad_clip", "project")
 
 
 def _drop(p: argparse.ArgumentParser, keep_default, predicate):
@@ -77,6 +77,10 @@ def lm_cotraining_parser() -> argparse.ArgumentParser:
         elif action.dest == "outdir":
             action.help = ("per-iteration checkpoints in {outdir}/dt_{exp_prefix}/model_{iter}.pt; "
                            "default models/{env}; '' disables")
+        elif action.dest == "resume":
+            action.help = ("continue the newest {outdir}/dt_gym-experiment-{env}-{dataset}-{id} run made with these "
+                           "flags after its last finished iteration (only --max_iters and where it runs, reports and "
+                           "saves may change)")
         elif action.dest == "pretrained_lm":
             action.help = "required: a GPT-2-family directory (checkpoints/ChibiT) or a cached name such as gpt2"
         if action.help is None:

@@ -32,11 +32,13 @@ class RunLogger:
     """``log(metrics, step)`` appends one JSON line to ``{run_dir}/metrics.jsonl`` and logs to WandB when enabled.
 
     WandB honours ``WANDB_MODE``; with no credentials configured it runs offline (sync later with ``wandb sync``).
+    ``resume``: keep the metrics already logged; with ``resume_after`` N, only the rows of iterations up to N (a run
+    stopped after logging an iteration but before saving its training state logs that iteration again).
     """
 
     def __init__(self, run_dir: str | os.PathLike | None, config: dict, *, use_wandb: bool = False,
                  project: str = "decision-transformer", group: str | None = None, name: str | None = None,
-                 resume: bool = False):
+                 resume: bool = False, resume_after: int | None = None):
         self.run_dir = Path(run_dir) if run_dir else None
         self.wandb_run = None
         if self.run_dir is not None:
@@ -44,6 +46,8 @@ class RunLogger:
             (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
             if not resume:
                 (self.run_dir / "metrics.jsonl").write_text("")
+            elif resume_after is not None:
+                self._keep_rows_until(resume_after)
         if use_wandb:
             import wandb
 
@@ -52,6 +56,24 @@ class RunLogger:
                 mode = "offline"
                 print("wandb: no credentials found, logging offline (sync later with `wandb sync`)", file=sys.stderr)
             self.wandb_run = wandb.init(project=project, group=group, name=name, config=config, mode=mode)
+
+    def _keep_rows_until(self, iteration: int):
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut short when the run was killed
+                continue
+            if not (isinstance(row, dict) and isinstance(row.get("iteration"), int) and row["iteration"] > iteration):
+                kept.append(line)
+        if len(kept) != len(lines):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(x + "\n" for x in kept))
+            os.replace(tmp, path)
 
     def log(self, metrics: dict, step: int | None = None):
         if self.run_dir is not None:

@@ -471,7 +471,7 @@ def run_multi(args) -> dict:
               "targets": {e: get_env_spec(e).targets[0] for e in envs}, "merge_info": merge_info}
     run_dir = Path(args.outdir) / "multi" / exp_prefix if args.outdir else None
     logger = RunLogger(run_dir, config, use_wandb=args.log_to_wandb, project=args.project, group=group,
-                       name=exp_prefix, resume=resume_dir is not None)
+                       name=exp_prefix, resume=resume_dir is not None, resume_after=start_iter)
     models_dir = Path("models") / "multi"
 
     def save(state, path, iteration):

@@ -98,10 +98,13 @@ def set_rng_state(st: dict):
 
 def save_train_state(path: Path, model, config: dict, trainer, optimizer, scheduler, generator, *, iteration: int,
                      best_score: float, exp_id: int, **extra):
-    """What ``--resume`` restores: weights, optimiser, schedule, sampler generator, RNG states and run counters."""
+    """What ``--resume`` restores: weights, optimiser, schedule, sampler generator, RNG states, run counters and the
+    trainer's own state (the ``--joint`` text stream, the fp16 loss scaler)."""
+    trainer_extra = trainer.extra_state() if hasattr(trainer, "extra_state") else {}
     atomic_save({**make_checkpoint(model.state_dict(), config, **extra), "iteration": iteration, "step": trainer.step,
                  "best_score": best_score, "exp_id": exp_id, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "rng": rng_state()}, path)
+                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "rng": rng_state(),
+                 "trainer_extra": trainer_extra}, path)
 
 
 def restore_train_state(path: Path, model, trainer, optimizer, scheduler, generator) -> dict:
@@ -113,6 +116,8 @@ def restore_train_state(path: Path, model, trainer, optimizer, scheduler, genera
         scheduler.load_state_dict(st["scheduler"])
         generator.set_state(st["generator"].to(generator.get_state().device))
         set_rng_state(st["rng"])
+        if hasattr(trainer, "load_extra_state"):
+            trainer.load_extra_state(st.get("trainer_extra") or {})
         trainer.step = int(st["step"])
         st.update(iteration=int(st["iteration"]), best_score=float(st["best_score"]), exp_id=int(st["exp_id"]))
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
@@ -191,11 +196,14 @@ def check_args(args):
                 raise UserError(f"--{name} applies to the Decision Transformer, not to --model_type bc")
 
 
-def resume_state_path(args, run_dir: Path | None) -> Path:
+def resume_state_path(args, run_dir: Path | None, lm_script: bool = False) -> Path:
     """The training state ``--resume`` continues from. A merge run's folder carries its run id
-    (``{run}_{exp_id}``): the newest one made with the same merge flags is taken."""
+    (``{run}_{exp_id}``): the newest one made with the same merge flags is taken. The LM script's runs are
+    ``{outdir}/dt_gym-experiment-{env}-{dataset}-{exp_id}``: the newest one made with the same flags is taken."""
     if run_dir is None:
         raise UserError("--resume needs --outdir (the run folder holds the state to resume)")
+    if lm_script:
+        return lm_resume_dir(args, run_dir) / TRAIN_STATE
     if args.pretrained_models:
         found = find_run(run_dir.parent, f"{run_dir.name}_", merge_signature(args), require=TRAIN_STATE)
         if found is None:
@@ -210,6 +218,26 @@ def resume_state_path(args, run_dir: Path | None) -> Path:
         raise UserError(f"--resume: {run_dir} was made with other flags: {'; '.join(differ)}. Resume with the run's "
                         f"flags (only {', '.join('--' + f for f in sorted(RESUME_FREE - {'resume'}))} may change)")
     return st_path
+
+
+def resume_signature(args) -> dict:
+    """The flags a resumed run must share with the run it continues (all but ``RESUME_FREE``)."""
+    return {k: v for k, v in vars(args).items() if k not in RESUME_FREE}
+
+
+def lm_resume_dir(args, parent: Path) -> Path:
+    """The newest LM-script run folder ``{parent}/dt_gym-experiment-{env}-{dataset}-{id}`` with a training state and
+    the same flags; when none matches, the error names the flags in which the newest such run differs."""
+    prefix = f"dt_gym-experiment-{args.env}-{args.dataset}-"
+    found = find_run(parent, prefix, resume_signature(args), require=TRAIN_STATE)
+    if found is not None:
+        return found
+    other = find_run(parent, prefix, {}, require=TRAIN_STATE)
+    if other is None:
+        raise UserError(f"nothing to resume: no run {prefix}<id> in {parent} has finished an iteration")
+    differ = resume_mismatches(args, other / "config.json")
+    raise UserError(f"nothing to resume: no run {prefix}<id> in {parent} was made with these flags; the newest, "
+                    f"{other.name}, differs in {'; '.join(differ) or 'its flags'}")
 
 
 #: Flags a resumed run may change (where it runs, how it reports and saves, how long it goes on); every other flag
@@ -281,7 +309,7 @@ def _run(args, script: str) -> dict:
                                                args.remove_grad_clip, args.pretrained_block) if args.outdir else None
     if lm_script:  # LAWSON: {outdir or models/{env}}/dt_{exp_prefix}/ (named once the run id is drawn, below)
         run_dir = None if args.outdir == "" else Path(args.outdir or Path("models") / args.env)
-    st_path = resume_state_path(args, run_dir) if args.resume else None  # before the merge: nothing to redo if absent
+    st_path = resume_state_path(args, run_dir, lm_script) if args.resume else None  # before the merge: nothing to redo if absent
 
     model = (build_bc_model(args, spec) if bc else build_model_from_args(args, spec, lm)).to(device)
     cfg = model.config
@@ -355,7 +383,7 @@ def _run(args, script: str) -> dict:
     wandb_name = exp_prefix if lm_script else wandb_run_name(args.env, args.dataset, mname, args.seed, args.K,
                                                              args.remove_grad_clip, args.pretrained_block)
     logger = RunLogger(run_dir, config, use_wandb=args.log_to_wandb and ctx.is_main, project=args.project,
-                       group=group, name=wandb_name, resume=args.resume)
+                       group=group, name=wandb_name, resume=args.resume, resume_after=start_iter)
     models_dir = Path("models") / args.env
     best_key = f"evaluation/target_{int(targets[0])}_return_mean"
     pool = EnvPool(args.env, args.env_version)
@@ -387,7 +415,7 @@ def _run(args, script: str) -> dict:
             if run_dir is not None:
                 atomic_save(make_checkpoint(model.state_dict(), config, iteration=it, **ckpt_extra),
                             run_dir / f"model_{it}.pt")
-            if run_dir is not None and not lm_script:  # the LM script has no --resume: no training state kept
+            if run_dir is not None:
                 save_train_state(run_dir / TRAIN_STATE, model, config, trainer, optimizer, scheduler, generator,
                                  iteration=it, best_score=best_score, exp_id=exp_id, **ckpt_extra)
             if args.save_model and improved and args.save_mode in ("best", "both"):

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -628,3 +629,55 @@ def test_multi_task_dt_from_a_pretrained_lm(lm_dirs, tmp_path, monkeypatch):
     fresh = new_model(multi_parser().parse_args(["--pretrained_lm", gpt_dir, "--extend_positions", "--seed", "1",
                                                  "--K", "5"])).state_dict()
     assert set(base) == set(fresh) and all(torch.equal(base[k], fresh[k]) for k in fresh)
+
+
+def test_lm_script_resume_matches_uninterrupted_run(lm_dirs, tmp_path, monkeypatch, capsys, hopper_data):
+    """lm_cotraining/experiment.py --resume: a run killed after logging iteration 2 but before saving it, resumed
+    with the same command, ends bit-identical (weights, metrics) to one run straight through, with k-means, init_reg
+    and LM co-training (the text stream's position is part of the training state) on."""
+    from decision_transformer import run as run_mod
+    from lm_cotraining import experiment as lm_experiment
+
+    (tmp_path / "wiki.txt").write_text(corpus_text(n_lines=300, seed=5))
+    cmd = ["--env", "hopper", "--dataset", "medium", "--data_path", str(hopper_data), "--pretrained_lm",
+           str(lm_dirs / "gpt2"), *RUN, "--max_iters", "3", "--num_steps_per_iter", "3", "--gpt_kmeans", "20",
+           "--gpt_kmeans_const", "0.1", "--init_reg", "1e-2", "--joint", "--nlp_dataset_name",
+           str(tmp_path / "wiki.txt"), "--no_token_cache", "--dropout", "0.1"]
+    monkeypatch.chdir(tmp_path)
+
+    def run_dir(outdir):
+        (d,) = [p for p in (tmp_path / outdir).iterdir() if p.name.startswith("dt_gym-experiment-hopper-medium-")]
+        return d
+
+    lm_experiment.main([*cmd, "--outdir", "a"])
+    real_summary = run_mod.summary_line
+
+    def killed_at_2(it, *a):
+        if it == 2:
+            raise KeyboardInterrupt
+        return real_summary(it, *a)
+
+    monkeypatch.setattr(run_mod, "summary_line", killed_at_2)
+    with pytest.raises(SystemExit):
+        lm_experiment.main([*cmd, "--outdir", "b"])
+    monkeypatch.setattr(run_mod, "summary_line", real_summary)
+    b = run_dir("b")
+    assert len((b / "metrics.jsonl").read_text().splitlines()) == 2     # iteration 2 logged, its state not saved
+    assert load_checkpoint(b / "train_state.pt")["iteration"] == 1
+    capsys.readouterr()
+
+    msg = expect_error(capsys, lm_experiment.main, [*cmd, "--outdir", "b", "--resume", "--gpt_lm_const", "0.5"])
+    assert "nothing to resume" in msg and f"{b.name}, differs in --gpt_lm_const 0.5 (the run: 1.0)" in msg
+    lm_experiment.main([*cmd, "--outdir", "b", "--resume"])
+    assert f"resuming {Path('b') / b.name} after iteration 1" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "b").iterdir()] == [b.name]   # continued in place, no new run folder
+    a = run_dir("a")
+    sa, sb = (load_checkpoint(d / "model_3.pt")["state_dict"] for d in (a, b))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if not k.startswith("time/")}  # noqa: E731
+    ra, rb = ([strip(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b))
+    assert len(rb) == 3 and ra == rb and rb[0]["training/lm_loss"] > 0
+    lm_experiment.main([*cmd, "--outdir", "b", "--resume"])
+    assert "nothing to do" in capsys.readouterr().err
+    msg = expect_error(capsys, lm_experiment.main, [*cmd, "--outdir", "c", "--resume"])
+    assert "nothing to resume: no run dt_gym-experiment-hopper-medium-<id> in c has finished an iteration" in msg

@@ -166,6 +166,17 @@ class TextBatches:
         self._pos += self.batch_size
         return self.blocks[idx.to(self.blocks.device)]
 
+    def state_dict(self) -> dict:
+        """Where the stream stands (shuffle generator, this pass's order and position), for ``--resume``."""
+        return {"generator": self.generator.get_state(), "order": self._order.clone(), "pos": self._pos,
+                "n_blocks": len(self.blocks)}
+
+    def load_state_dict(self, state: dict):
+        if int(state["n_blocks"]) != len(self.blocks):
+            raise ValueError(f"the run's LM corpus had {state['n_blocks']} blocks, this one has {len(self.blocks)}")
+        self.generator.set_state(state["generator"])
+        self._order, self._pos = state["order"].clone(), int(state["pos"])
+
 
 # ---- the loss term ----------------------------------------------------------------------------------------------
 
@@ -222,6 +233,14 @@ class AmpTrainer(Trainer):
         if self.amp:
             self.amp_dtype = torch.float16        # the model forward inside the Trainer's loss, too
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "grad_scaler": self.scaler.state_dict()}
+
+    def load_extra_state(self, state: dict):
+        super().load_extra_state(state)
+        if state.get("grad_scaler"):  # empty when the run trained without CUDA (scaler disabled)
+            self.scaler.load_state_dict(state["grad_scaler"])
 
     def train_step(self) -> torch.Tensor:
         batch = self.dataset.sample_batch(self.batch_size, self.K, self.generator)

@@ -86,6 +86,18 @@ class Trainer:
         self.last_action_error = loss.detach()
         return total.detach()
 
+    def extra_state(self) -> dict:
+        """What ``--resume`` needs beyond the optimiser, schedule and generators: the ``--joint`` text stream."""
+        lm = getattr(self.extra_loss, "lm", None)
+        return {"text_batches": lm.batches.state_dict()} if lm is not None else {}
+
+    def load_extra_state(self, state: dict):
+        lm = getattr(self.extra_loss, "lm", None)
+        if lm is not None:
+            if "text_batches" not in state:
+                raise KeyError("text_batches (the run was not made with --joint)")
+            lm.batches.load_state_dict(state["text_batches"])
+
     def _loss(self, batch):
         """(action MSE, total loss) of a batch; under data parallelism of this rank's slice, scaled."""
         if self.world_size > 1:
