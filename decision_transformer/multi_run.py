@@ -375,20 +375,25 @@ def merged_model(args, data: EnvData, device) -> tuple[MultiDecisionTransformer,
 
 # ---- the run ----------------------------------------------------------------------------------------------------------------
 
+def resume_signature(args) -> dict:
+    """The flags a resumed multi-task run must share with the run it continues (a missing ``--seed`` matches any)."""
+    from decision_transformer.run import resume_signature as flags
+
+    return {k: v for k, v in flags(args).items() if not (k == "seed" and v is None)}
+
+
 def find_resume_dir(args) -> Path:
     """``--resume``: the newest ``{outdir}/multi/gym-experiment-multi-{dataset}-{id}`` folder with a training state,
     made with the same flags; a missing ``--seed`` takes the seed that run drew."""
     from decision_transformer.checkpoint import find_run
-    from decision_transformer.run import RESUME_FREE
 
     if not args.outdir:
         raise UserError("--resume needs --outdir (the run folder holds the state to resume)")
     if args.eval_only or args.num_steps_per_iter <= 0:
         raise UserError("--resume continues training: it cannot be combined with --eval_only or "
                         "--num_steps_per_iter 0")
-    sig = {k: v for k, v in vars(args).items() if k not in RESUME_FREE and not (k == "seed" and v is None)}
     parent = Path(args.outdir) / "multi"
-    found = find_run(parent, f"gym-experiment-multi-{args.dataset}-", sig, require=TRAIN_STATE)
+    found = find_run(parent, f"gym-experiment-multi-{args.dataset}-", resume_signature(args), require=TRAIN_STATE)
     if found is None:
         raise UserError(f"nothing to resume: no run gym-experiment-multi-{args.dataset}-<id> in {parent} made with "
                         f"these flags has finished an iteration")

@@ -7,7 +7,8 @@
 
 A grid is a YAML file (``decision_transformer/sweeps/*.yaml`` or any path): ``program``, ``fixed`` flags and ``grid``
 lists whose Cartesian product gives the runs; ``null`` leaves a flag out (random initialisation), ``true`` turns a
-switch on. ``run`` skips runs whose last checkpoint exists and resumes (``--resume``) runs that stopped half-way; runs whose
+switch on. ``run`` skips finished runs and resumes (``--resume``) runs that stopped half-way (``experiment.py``,
+``lm_cotraining/experiment.py`` and ``experiment_multi.py`` runs); runs whose
 ``--pretrained_lm`` cannot be found here are listed as blocked and not started.
 """
 from __future__ import annotations
@@ -81,32 +82,77 @@ def to_argv(params: dict) -> list[str]:
     return argv
 
 
-def run_state(program: str, argv: list[str]) -> tuple[str, Path | None]:
-    """('done' | 'partial' | 'new', run folder) for an experiment.py run; other programs are always 'new'."""
-    if Path(program).name != "experiment.py" or Path(program).parent.name == "lm_cotraining":
+def _find_state(parent: Path, prefix: str, signature: dict, done_file: str | None, max_iters: int):
+    """('done' | 'partial' | 'new', folder) for runs kept in ``{parent}/{prefix}{id}`` folders, found by the flags
+    they record: done = the newest such run holds ``done_file`` (or, without one, a training state at
+    ``max_iters``), partial = it holds a training state."""
+    from decision_transformer.checkpoint import find_run
+    from decision_transformer.run import TRAIN_STATE
+
+    if done_file is not None:
+        found = find_run(parent, prefix, signature, require=done_file)
+        if found is not None:
+            return "done", found
+    found = find_run(parent, prefix, signature, require=TRAIN_STATE)
+    if found is None:
         return "new", None
-    from decision_transformer.checkpoint import find_run, model_name, run_dir_name
+    if done_file is None:
+        import torch
+
+        try:
+            it = torch.load(found / TRAIN_STATE, map_location="cpu", weights_only=True, mmap=True)["iteration"]
+        except Exception:  # noqa: BLE001 - a damaged state: the run itself reports it
+            it = -1
+        if it >= max_iters:
+            return "done", found
+    return "partial", found
+
+
+def run_state(program: str, argv: list[str]) -> tuple[str, Path | None]:
+    """('done' | 'partial' | 'new', run folder) of a run of ``experiment.py``, ``lm_cotraining/experiment.py`` or
+    ``experiment_multi.py``; other programs are always 'new'."""
+    from decision_transformer.run import resume_signature
+
+    name = Path(program).name
+    if Path(program).parent.name == "lm_cotraining" and name == "experiment.py":
+        from decision_transformer.cli_lm import lm_cotraining_parser
+
+        a = _parse(lm_cotraining_parser(), "lm_cotraining/experiment.py", argv)
+        if a.outdir == "":
+            return "new", None
+        return _find_state(Path(a.outdir or Path("models") / a.env), f"dt_gym-experiment-{a.env}-{a.dataset}-",
+                           resume_signature(a), f"model_{a.max_iters}.pt", a.max_iters)
+    if name == "experiment_multi.py":
+        from decision_transformer.multi_run import multi_parser, resume_signature as multi_signature
+
+        a = _parse(multi_parser(), name, argv)
+        if not a.outdir or a.eval_only or a.num_steps_per_iter <= 0:
+            return "new", None
+        return _find_state(Path(a.outdir) / "multi", f"gym-experiment-multi-{a.dataset}-", multi_signature(a), None,
+                           a.max_iters)
+    if name != "experiment.py":
+        return "new", None
+    from decision_transformer.checkpoint import model_name, run_dir_name
     from decision_transformer.cli import experiment_parser, merge_signature
 
-    parser = experiment_parser()
-    parser.prog = "experiment.py"  # a flag it rejects is named as the run's, not the sweep's
-    a = parser.parse_args(argv)
+    a = _parse(experiment_parser(), name, argv)
     if not a.outdir:
         return "new", None
     run_dir = Path(a.outdir) / run_dir_name(model_name(a.pretrained_lm, a.pretrained_block), a.dataset, a.env,
                                             a.seed, a.K, a.remove_grad_clip, a.pretrained_block)
     if a.pretrained_models:  # merge runs: {run}_{exp_id}, found by their merge flags
-        prefix, sig = f"{run_dir.name}_", merge_signature(a)
-        for state, need in (("done", f"model_{a.max_iters}.pt"), ("partial", "train_state.pt")):
-            found = find_run(run_dir.parent, prefix, sig, require=need)
-            if found is not None:
-                return state, found
-        return "new", None
+        return _find_state(run_dir.parent, f"{run_dir.name}_", merge_signature(a), f"model_{a.max_iters}.pt",
+                           a.max_iters)
     if (run_dir / f"model_{a.max_iters}.pt").is_file():
         return "done", run_dir
     if (run_dir / "train_state.pt").is_file():
         return "partial", run_dir
     return "new", run_dir
+
+
+def _parse(parser, prog: str, argv: list[str]):
+    parser.prog = prog  # a flag it rejects is named as the run's, not the sweep's
+    return parser.parse_args(argv)
 
 
 def plan(spec: dict, extra: list[str]) -> list[tuple[str, list[str]]]:

@@ -8,8 +8,14 @@ from decision_transformer import sweep
 
 def test_bundled_grids_expand():
     counts = {name: len(sweep.expand(sweep.load_grid(name))) for name in
-              ("pretraining_table1", "pretraining_k1", "block_replacement", "grad_clip")}
-    assert counts == {"pretraining_table1": 18, "pretraining_k1": 12, "block_replacement": 36, "grad_clip": 3}
+              ("pretraining_table1", "pretraining_k1", "block_replacement", "grad_clip", "merging_chibit")}
+    assert counts == {"pretraining_table1": 18, "pretraining_k1": 12, "block_replacement": 36, "grad_clip": 3,
+                      "merging_chibit": 6}
+    # the ChibiT grid is the Merging-DT seed's lm_cotraining command
+    chibit = sweep.to_argv(sweep.expand(sweep.load_grid("merging_chibit"))[0])
+    for flags in (["--pretrained_lm", "checkpoints/ChibiT"], ["--gpt_kmeans", "1000"], ["--gpt_kmeans_const", "0.1"],
+                  ["--save_mode", "best"], ["--dropout", "0.1"], ["--init_reg", "0.0001"], ["--extend_positions"]):
+        assert " ".join(flags) in " ".join(chibit), flags
     blocks = {r["pretrained_block"] for r in sweep.expand(sweep.load_grid("block_replacement"))}
     assert blocks == set(range(12))
 
@@ -70,6 +76,65 @@ def test_merge_runs_found_by_their_merge_flags(tmp_path):
     assert [s for s, _ in sweep.plan(spec, [])] == ["done", "new"]
     folder(222222, ["mlp"], ["model_1.pt", "train_state.pt"])
     states = sweep.plan(spec, [])
+    assert [s for s, _ in states] == ["done", "partial"] and states[1][1][-1] == "--resume"
+
+
+def test_lm_and_multi_runs_found_by_their_flags(tmp_path, monkeypatch):
+    """lm_cotraining/experiment.py runs ({outdir}/dt_gym-experiment-{env}-{dataset}-{id}) and experiment_multi.py runs
+    ({outdir}/multi/gym-experiment-multi-{dataset}-{id}) are found by the flags in their config.json: finished,
+    half-done, or (another run's flags) new."""
+    import json
+
+    import torch
+
+    from decision_transformer.cli_lm import lm_cotraining_parser
+    from decision_transformer.multi_run import multi_parser, resume_signature as multi_signature
+    from decision_transformer.run import resume_signature
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep, "_lm_problem", lambda name: None)   # the LM's presence is another test's concern
+    lm = {"program": "lm_cotraining/experiment.py", "name": "lm",
+          "fixed": {"pretrained_lm": "checkpoints/ChibiT", "max_iters": 2, "init_reg": 0.0001},
+          "grid": {"env": ["hopper", "walker2d"], "dataset": ["medium"]}}
+    multi = {"program": "experiment_multi.py", "name": "multi",
+             "fixed": {"outdir": "ck", "max_iters": 2, "dataset": "expert"},
+             "grid": {"selected_training": ["hopper", "walker2d"]}}
+    assert [s for s, _ in sweep.plan(lm, [])] == ["new", "new"]
+    assert [s for s, _ in sweep.plan(multi, [])] == ["new", "new"]
+
+    def folder(d, config, files):
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(config))
+        for f, content in files.items():
+            if isinstance(content, dict):
+                torch.save(content, d / f)
+            else:
+                (d / f).write_bytes(content)
+
+    def lm_config(**flags):
+        argv = sweep.to_argv({**lm["fixed"], **flags, "dataset": "medium"})
+        return resume_signature(lm_cotraining_parser().parse_args(argv))
+
+    models = tmp_path / "models"
+    folder(models / "hopper" / "dt_gym-experiment-hopper-medium-111", lm_config(env="hopper"),
+           {"model_2.pt": b"x", "train_state.pt": b"x"})
+    folder(models / "walker2d" / "dt_gym-experiment-walker2d-medium-222", lm_config(env="walker2d", init_reg=0.1),
+           {"model_1.pt": b"x", "train_state.pt": b"x"})                  # other flags: does not count
+    assert [s for s, _ in sweep.plan(lm, [])] == ["done", "new"]
+    folder(models / "walker2d" / "dt_gym-experiment-walker2d-medium-333", lm_config(env="walker2d"),
+           {"model_1.pt": b"x", "train_state.pt": b"x"})
+    states = sweep.plan(lm, [])
+    assert [s for s, _ in states] == ["done", "partial"] and states[1][1][-1] == "--resume"
+
+    def multi_config(env):
+        argv = sweep.to_argv({**multi["fixed"], "selected_training": env})
+        return multi_signature(multi_parser().parse_args(argv))
+
+    folder(tmp_path / "ck" / "multi" / "gym-experiment-multi-expert-444", {**multi_config("hopper"), "seed": 7},
+           {"train_state.pt": {"iteration": 2}})
+    folder(tmp_path / "ck" / "multi" / "gym-experiment-multi-expert-555", {**multi_config("walker2d"), "seed": 8},
+           {"train_state.pt": {"iteration": 1}})
+    states = sweep.plan(multi, [])
     assert [s for s, _ in states] == ["done", "partial"] and states[1][1][-1] == "--resume"
 
 

@@ -78,7 +78,8 @@ def find_model_dir(name: str, what: str = "pretrained model", flag: str = "--pre
     given = Path(name).expanduser()
     candidates = [given]
     explicit_path = name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
-    if not explicit_path and given.parts[:1] != ("checkpoints",):
+    in_checkpoints = given.parts[:1] == ("checkpoints",)
+    if not explicit_path and not in_checkpoints:
         candidates.append(Path("checkpoints") / name)
         if given.name != name:                      # a Hub id with an owner: also checkpoints/<model name>
             candidates.append(Path("checkpoints") / given.name)
@@ -93,7 +94,7 @@ def find_model_dir(name: str, what: str = "pretrained model", flag: str = "--pre
         return snap, "hf-cache"
     looked = " and ".join(str(c.absolute()) for c in candidates)
     stem = given.name or name
-    if explicit_path:   # a path, not a Hub id
+    if explicit_path or in_checkpoints:   # a path, not a Hub id
         how = (f"create or copy a save_pretrained model directory there (ChibiT without a download: python "
                f"lm_cotraining/pretrain_chibit.py --text FILE --out {name})")
     else:
