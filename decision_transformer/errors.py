@@ -19,6 +19,11 @@ class TrainingDiverged(UserError):
     exit_code = 3
 
 
+class Interrupted(UserError):
+    """Stopped by Ctrl-C or SIGTERM (exit code 130, as a shell reports SIGINT)."""
+    exit_code = 130
+
+
 def _argparse_error(parser, message):
     raise UserError(f"{parser.prog}: {message} (see {parser.prog} --help)")
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from decision_transformer.cli import positive_int
-from decision_transformer.errors import UserError, cli_entry
+from decision_transformer.errors import Interrupted, UserError, cli_entry
 from decision_transformer.cpu import available_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,36 +197,82 @@ def _lm_problem(name: str) -> str | None:
     return None
 
 
-def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path) -> int:
-    """Run commands with at most one per slot (a GPU id, or None for a CPU process); returns the number failed."""
+def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, names: list[str] | None = None) -> int:
+    """Run commands with at most one per slot (a GPU id, or None for a CPU process); returns the number failed.
+
+    Each command appends to ``log_dir/{name}.log`` (``names``: by default ``run_{i}``), so a resumed run's log follows
+    the interrupted one. Ctrl-C or SIGTERM stops the running commands (SIGINT, then SIGKILL after 30 s): their last
+    finished iterations stay saved, and the same command resumes them."""
+    import signal
+
     log_dir.mkdir(parents=True, exist_ok=True)
+    names = names or [f"run_{i:03d}" for i in range(len(commands))]
     pending = list(enumerate(commands))
-    running: dict[str | None | int, tuple] = {}
+    running: dict[int, tuple] = {}
     free = list(range(len(slots)))
     failed = 0
-    while pending or running:
-        while pending and free:
-            slot = free.pop(0)
-            i, cmd = pending.pop(0)
-            env = dict(os.environ)
-            if slots[slot] is not None:
-                env["CUDA_VISIBLE_DEVICES"] = slots[slot]
-            elif "OMP_NUM_THREADS" not in env:  # concurrent CPU runs: share the cores instead of oversubscribing
-                env["OMP_NUM_THREADS"] = str(max(1, len(available_cpus()) // len(slots)))
-            log = open(log_dir / f"run_{i:03d}.log", "w")
-            print(f"[start {i}] slot {slots[slot] if slots[slot] is not None else slot}: {shlex.join(cmd[1:])}",
-                  flush=True)
-            running[slot] = (i, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log)
-        time.sleep(0.2)
-        for slot, (i, proc, log) in list(running.items()):
-            if proc.poll() is not None:
-                log.close()
-                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {log.name})"
-                failed += proc.returncode != 0
-                print(f"[end {i}] {status}", flush=True)
-                del running[slot]
-                free.append(slot)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    try:
+        while pending or running:
+            while pending and free:
+                slot = free.pop(0)
+                i, cmd = pending.pop(0)
+                env = dict(os.environ)
+                if slots[slot] is not None:
+                    env["CUDA_VISIBLE_DEVICES"] = slots[slot]
+                elif "OMP_NUM_THREADS" not in env:  # concurrent CPU runs: share the cores instead of oversubscribing
+                    env["OMP_NUM_THREADS"] = str(max(1, len(available_cpus()) // len(slots)))
+                log = open(log_dir / f"{names[i]}.log", "a")
+                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+                log.flush()
+                where = slots[slot] if slots[slot] is not None else slot
+                print(f"[start {names[i]}] slot {where}: {shlex.join(cmd[1:])}", flush=True)
+                running[slot] = (names[i], subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+            time.sleep(0.2)
+            for slot, (name, proc, log) in list(running.items()):
+                if proc.poll() is not None:
+                    log.close()
+                    status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {log.name})"
+                    failed += proc.returncode != 0
+                    print(f"[end {name}] {status}", flush=True)
+                    del running[slot]
+                    free.append(slot)
+    except KeyboardInterrupt:
+        _stop(running)
+        raise Interrupted(f"interrupted: stopped {len(running)} running and {len(pending)} waiting runs; the same "
+                          f"command resumes them") from None
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
     return failed
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _stop(running: dict, grace_s: float = 30.0):
+    """SIGINT to each running command (it stops as on Ctrl-C), SIGKILL to any still alive after ``grace_s``."""
+    import signal
+
+    for _, proc, _ in running.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    deadline = time.time() + grace_s
+    for name, proc, log in running.values():
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        print(f"[stopped {name}]", flush=True)
 
 
 def export_wandb(spec: dict, out_dir: Path) -> list[Path]:
@@ -297,7 +343,7 @@ def main(argv=None):
         raise UserError(f"--extra {a.extra!r}: {e} (it is split as a shell command line)") from None
     slots = _gpu_slots(a.gpus) if a.gpus is not None else [None] * a.procs
     runs = plan(spec, extra)
-    todo = [cmd for state, cmd in runs if state in ("new", "partial")]
+    todo = [(i, cmd) for i, (state, cmd) in enumerate(runs) if state in ("new", "partial")]
     for state, cmd in runs:
         print(f"{state:8s} {shlex.join(cmd)}")
     blocked = [cmd for state, cmd in runs if state == "blocked"]
@@ -309,7 +355,8 @@ def main(argv=None):
         print(f"blocked: {'; '.join(f'{lm}: {_lm_problem(lm)}' for lm in lms)}")
     if a.dry_run:
         return 0
-    failed = launch(todo, slots, Path(a.log_dir)) if todo else 0
+    failed = launch([cmd for _, cmd in todo], slots, Path(a.log_dir),
+                    [f"{spec['name']}_{i:03d}" for i, _ in todo]) if todo else 0
     if failed:
         raise UserError(f"{failed} of {len(todo)} runs failed; logs in {a.log_dir}")
     if blocked:

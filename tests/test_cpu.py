@@ -66,10 +66,12 @@ def test_launcher_splits_cores_between_cpu_processes(tmp_path, monkeypatch):
     assert sweep.launch(cmds, [None, None], tmp_path) == 0
     expected = str(max(1, len(available_cpus()) // 2))
     for i in range(2):
-        assert (tmp_path / f"run_{i:03d}.log").read_text().strip() == f"threads {expected}"
+        header, out = (tmp_path / f"run_{i:03d}.log").read_text().strip().splitlines()
+        assert header.startswith("=== ") and out == f"threads {expected}"
     monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the user's setting wins
     assert sweep.launch(cmds[:1], [None, None], tmp_path) == 0
-    assert (tmp_path / "run_000.log").read_text().strip() == "threads 7"
+    lines = (tmp_path / "run_000.log").read_text().strip().splitlines()   # appended to the first run's log
+    assert len(lines) == 4 and lines[1] == f"threads {expected}" and lines[3] == "threads 7"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

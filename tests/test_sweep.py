@@ -148,6 +148,40 @@ def test_local_run_two_processes_then_skip(tmp_path, hopper_data, capsys):
     assert "2 finished (skipped)" in capsys.readouterr().out
 
 
+def test_interrupt_stops_the_running_commands(tmp_path, capsys):
+    """Ctrl-C (here: KeyboardInterrupt raised in the launcher's thread) sends SIGINT to the running commands, waits
+    for them and exits 130 with one line; the commands see the interrupt as on Ctrl-C in a terminal."""
+    import _thread
+    import os
+    import threading
+
+    import pytest
+
+    script = ("import os, pathlib, sys, time\n"
+              "pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\n"
+              "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+              "    pathlib.Path(sys.argv[1] + '.stopped').write_text('SIGINT')\n    raise\n")
+    cmds = [[sys.executable, "-c", script, str(tmp_path / f"pid{i}")] for i in range(3)]
+
+    def interrupt_when_started():
+        for _ in range(300):
+            if all((tmp_path / f"pid{i}").is_file() for i in range(2)):
+                break
+            threading.Event().wait(0.1)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_when_started, daemon=True).start()
+    with pytest.raises(sweep.Interrupted, match="stopped 2 running and 1 waiting runs; the same command resumes"):
+        sweep.launch(cmds, [None, None], tmp_path / "logs", ["a", "b", "c"])
+    for i in range(2):
+        assert (tmp_path / f"pid{i}.stopped").read_text() == "SIGINT"
+        pid = int((tmp_path / f"pid{i}").read_text())
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not (tmp_path / "pid2").exists()                                  # the waiting run never started
+    assert "[stopped a]" in capsys.readouterr().out
+
+
 def test_failed_runs_exit_nonzero(tmp_path, capsys):
     spec = {"program": "experiment.py",
             "fixed": {"data_path": str(tmp_path / "none"), "outdir": "", "no_generate": True},
