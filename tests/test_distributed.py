@@ -3,6 +3,7 @@ import os
 import socket
 
 import numpy as np
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -24,25 +25,46 @@ def _trajs():
     return out
 
 
-def _train(rank: int, world: int, out_path: str):
+def _aux_losses(model):
+    """k-means alignment, init_reg and LM co-training on a fixed token corpus (the --joint text stream)."""
+    from decision_transformer.model_factory import AuxLosses
+    from decision_transformer.training.init_reg import InitReg
+    from decision_transformer.training.kmeans import KMeansAlignment
+    from decision_transformer.training.lm_cotrain import LMCotraining, TextBatches
+
+    blocks = torch.randint(0, model.transformer.wte.num_embeddings, (9, 12), generator=torch.Generator().manual_seed(1))
+    kmeans = KMeansAlignment(torch.randn(7, 16, generator=torch.Generator().manual_seed(2)), const=0.1,
+                             normalize=False, anneal_steps=None)
+    return AuxLosses(kmeans, InitReg(model, 1e-2), LMCotraining(TextBatches(blocks, seed=3), const=0.5))
+
+
+def _train(rank: int, world: int, out_path: str, aux: bool = False):
     torch.set_num_threads(1)
     ctx = distributed.setup(torch.device("cpu"))[0] if world > 1 else distributed.DistContext()
-    bb = BackboneConfig(n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, attn_pdrop=0.0, embd_pdrop=0.0)
+    bb = BackboneConfig(n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, attn_pdrop=0.0, embd_pdrop=0.0,
+                        vocab_size=50)
     model = DecisionTransformer(DTConfig(11, 3, max_length=5, backbone=bb), seed=0)
+    if aux:
+        # The attention key bias has an exactly zero gradient (softmax ignores a shift of a row's logits); AdamW turns
+        # the float noise there into +-lr steps whose signs differ with summation order, and init_reg's per-tensor
+        # norm would carry that into the rest of c_attn.bias. Frozen, so that the comparison is about DDP.
+        for blk in model.transformer.h:
+            blk.attn.c_attn.bias.requires_grad_(False)
     opt = make_optimizer(model, lr=1e-3, weight_decay=1e-4)
     ds = TrajectoryDataset(_trajs(), "hopper")
     trainer = Trainer(model, opt, warmup_schedule(opt, 2), ds, batch_size=GLOBAL_BATCH,
-                      K=5, generator=torch.Generator().manual_seed(0), rank=ctx.rank, world_size=ctx.world_size)
+                      K=5, generator=torch.Generator().manual_seed(0), rank=ctx.rank, world_size=ctx.world_size,
+                      extra_loss=_aux_losses(model) if aux else None)
     logs = trainer.train_iteration(STEPS, 1)
     if ctx.is_main:
         torch.save({"state": model.state_dict(), "loss": logs["training/train_loss_mean"]}, out_path)
     distributed.cleanup(ctx)
 
 
-def _worker(rank, world, port, out_path):
+def _worker(rank, world, port, out_path, aux=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    _train(rank, world, out_path)
+    _train(rank, world, out_path, aux)
 
 
 def _free_port():
@@ -51,18 +73,23 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("aux", [False, True], ids=["plain", "aux_losses"])
+def test_ddp_two_processes_match_one(tmp_path, aux):
+    """Also with the auxiliary losses of the LM script: the LM term trains wte under DDP too, and every rank reads
+    the same text batches as one process does."""
     single, ddp = tmp_path / "single.pt", tmp_path / "ddp.pt"
-    _train(0, 1, str(single))
-    mp.spawn(_worker, args=(2, _free_port(), str(ddp)), nprocs=2, join=True)
+    _train(0, 1, str(single), aux)
+    mp.spawn(_worker, args=(2, _free_port(), str(ddp), aux), nprocs=2, join=True)
     a, b = torch.load(single, weights_only=True), torch.load(ddp, weights_only=True)
-    init = DecisionTransformer(DTConfig(11, 3, max_length=5, backbone=BackboneConfig(n_embd=16, n_layer=2, n_head=2)),
+    init = DecisionTransformer(DTConfig(11, 3, max_length=5, backbone=BackboneConfig(n_embd=16, n_layer=2, n_head=2,
+                                                                                     vocab_size=50)),
                                seed=0).state_dict()
     changed = 0
     for k, v in a["state"].items():
         torch.testing.assert_close(b["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
         changed += not torch.equal(v, init[k])
     assert changed > 10  # training moved the weights, identically
+    assert aux == (not torch.equal(a["state"]["transformer.wte.weight"], init["transformer.wte.weight"]))
     assert abs(a["loss"] - b["loss"]) < 1e-5
 
 

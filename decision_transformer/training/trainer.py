@@ -62,15 +62,18 @@ class Trainer:
     def _freeze_unreached(self):
         """Freeze the parameters that the loss does not reach (found with one eval-mode forward/backward on a batch
         from a separate generator). AdamW skips parameters without gradients anyway, so training is unchanged; DDP
-        needs every parameter it tracks to receive a gradient."""
+        needs every parameter it tracks to receive a gradient. The probe's text batch (``--joint``) is put back, so
+        training reads the same text as without DDP."""
         gen = torch.Generator(device=self.dataset.device).manual_seed(0)
         was_training = self.module.training
+        stream = self.extra_state()
         self.module.eval()
         try:
             self._loss(self.dataset.sample_batch(self.batch_size, self.K, gen))[1].backward()
         finally:
             self.module.train(was_training)
             self.extra_logs = {}
+            self.load_extra_state(stream)
         for p in self.module.parameters():
             if p.requires_grad and p.grad is None:
                 p.requires_grad_(False)
