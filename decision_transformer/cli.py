@@ -107,10 +107,7 @@ def add_run_flags(p: argparse.ArgumentParser, *, project: str = "decision-transf
     g.add_argument("--save_mode", choices=["last", "best", "both"], default="last")
     g.add_argument("--resume", action="store_true", help="continue the run in {outdir}/{run_dir} from its last "
                                                           "checkpoint")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="training autocast: auto = bf16 on CUDA GPUs that support it, fp32 elsewhere; bf16 also "
-                        "on CPU when asked (about 2x the steps/s on CPUs with AVX512-BF16 or AMX)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    add_fast_path_flags(g)
     g.add_argument("--end_break", action="store_true", help="enter the debugger at the end")
     # Dead in the originals: parsed, recorded in the config, otherwise ignored.
     g.add_argument("--note", type=str, default=None, help=argparse.SUPPRESS)
@@ -154,6 +151,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def add_fast_path_flags(g):
+    """``--precision`` and ``--compile`` (the training scripts' GPU fast path; TF32 and fused AdamW follow the device)."""
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="training autocast: auto = bf16 on CUDA GPUs that support it, fp32 elsewhere; bf16 also "
+                        "on CPU when asked (about 2x the steps/s on CPUs with AVX512-BF16 or AMX)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
 
 
 def merge_signature(args) -> dict:

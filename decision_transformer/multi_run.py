@@ -25,7 +25,7 @@ import torch
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
 from decision_transformer.checkpoint import atomic_save, load_state_into, make_checkpoint, new_exp_id
-from decision_transformer.cli import THREADS_HELP, add_optim_flags
+from decision_transformer.cli import THREADS_HELP, add_fast_path_flags, add_optim_flags
 from decision_transformer.envs import DEFAULT_ENV_VERSION, SUPPORTED_ENV_VERSIONS, get_env_spec
 from decision_transformer.errors import UserError
 from decision_transformer.legacy_import import ModelFile, build_model, load_model_file
@@ -87,6 +87,7 @@ def multi_parser() -> argparse.ArgumentParser:
     g.add_argument("--env_version", default=DEFAULT_ENV_VERSION, choices=SUPPORTED_ENV_VERSIONS)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (cuda falls back to cpu with a warning)")
     g.add_argument("--threads", default="auto", help=THREADS_HELP)
+    add_fast_path_flags(g)
     g.add_argument("--seed", type=int, default=None, help="None: drawn from OS entropy, logged and used everywhere")
     g.add_argument("--log_to_wandb", "-w", action="store_true")
     g.add_argument("--project", default="multi-decision-transformer")
@@ -230,8 +231,12 @@ class MultiTrainer:
     """One step = one batch per training env, loss = Σ_env masked MSE (+ init_reg), one backward/clip/step."""
 
     def __init__(self, model, optimizer, scheduler, data: EnvData, train_envs, *, batch_size, K, generator,
-                 grad_clip=GRAD_CLIP, init_reg=None):
+                 grad_clip=GRAD_CLIP, init_reg=None, amp_dtype: torch.dtype | None = None, compile: bool = False):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        # the module called for the forward: the model, or its torch.compile wrapper (one graph per env index)
+        self.forward = torch.compile(model) if compile else model
+        self.amp_dtype = amp_dtype                   # bf16 autocast of the forward; the losses are taken in fp32
+        self.device_type = next(model.parameters()).device.type
         self.datasets = [(model.env_index(e), data.get(e)) for e in train_envs]
         self.train_envs = list(train_envs)
         self.batch_size, self.K, self.generator = batch_size, K, generator
@@ -243,8 +248,10 @@ class MultiTrainer:
         total, per_env = 0.0, []
         for i, ds in self.datasets:
             b = ds.sample_batch(self.batch_size, self.K, self.generator)
-            out = self.model(b.states, b.actions, b.rtg[:, :-1], b.timesteps, attention_mask=b.mask, env=i)
-            loss = masked_action_mse(out.action_preds, b.actions, b.mask)
+            with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.bfloat16,
+                                enabled=self.amp_dtype is not None):
+                out = self.forward(b.states, b.actions, b.rtg[:, :-1], b.timesteps, attention_mask=b.mask, env=i)
+            loss = masked_action_mse(out.action_preds.float(), b.actions, b.mask)
             per_env.append(loss.detach())
             total = total + loss
         reg = self.init_reg.loss() if self.init_reg is not None else None
@@ -401,7 +408,8 @@ def find_resume_dir(args) -> Path:
 
 
 def run_multi(args) -> dict:
-    from decision_transformer.run import resolve_device, restore_train_state, save_train_state, seed_everything
+    from decision_transformer.run import (autocast_dtype, resolve_device, restore_train_state, save_train_state,
+                                          seed_everything)
 
     check_multi_args(args)
     resume_dir = find_resume_dir(args) if args.resume else None
@@ -411,6 +419,9 @@ def run_multi(args) -> dict:
         args.seed = secrets.randbelow(2**31)
         log(f"seed: {args.seed} (drawn from OS entropy; pass --seed {args.seed} to repeat this run)")
     device = resolve_device(args.device, args.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     seed_everything(args.seed)
     envs = list(MULTI_ENVS)
     train_envs = [e for e in envs if e in (args.selected_training or envs)]
@@ -455,13 +466,15 @@ def run_multi(args) -> dict:
     if train:
         optimizer = make_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay,
                                    pretrained_lm=bool(args.pretrained_lm),
-                                   custom_transformer_decay=args.custom_transformer_decay, lm_lr=args.lm_learning_rate)
+                                   custom_transformer_decay=args.custom_transformer_decay, lm_lr=args.lm_learning_rate,
+                                   fused=True if device.type == "cuda" else None)
         scheduler = warmup_schedule(optimizer, args.warmup_steps)
         generator = torch.Generator(device=device)
         generator.manual_seed(args.seed)
         trainer = MultiTrainer(model, optimizer, scheduler, data, train_envs, batch_size=args.batch_size, K=args.K,
                                generator=generator, grad_clip=None if args.remove_grad_clip else GRAD_CLIP,
-                               init_reg=init_reg)
+                               init_reg=init_reg, amp_dtype=autocast_dtype(args.precision, device),
+                               compile=args.compile)
 
     exp_id, start_iter, best_score = new_exp_id(), 0, -float("inf")
     if resume_dir is not None:

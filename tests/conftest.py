@@ -50,3 +50,57 @@ def write_source_models(root: Path, envs, *, n: int, max_ep_len: int, id_base: i
         atomic_save(make_checkpoint(model.state_dict(), {"env": env, "dataset": "medium", "seed": 666,
                                                          "model_config": cfg.to_dict()}), paths[env])
     return root, data, paths
+
+
+def tiny_trajectories() -> list[dict]:
+    """Four short hopper-shaped trajectories (7 to 40 steps), so that batches mix real and padded steps."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    out = []
+    for n in (7, 25, 40, 13):
+        out.append({"observations": rng.normal(size=(n, 11)).astype(np.float32),
+                    "actions": rng.uniform(-1, 1, (n, 3)).astype(np.float32),
+                    "rewards": rng.normal(size=n).astype(np.float32), "terminals": np.zeros(n, bool)})
+    return out
+
+
+def aux_losses(model):
+    """The LM script's three auxiliary terms for a 16-wide model: k-means alignment (7 random centres), init_reg and
+    LM co-training on a fixed random token corpus (the --joint text stream)."""
+    from decision_transformer.model_factory import AuxLosses
+    from decision_transformer.training.init_reg import InitReg
+    from decision_transformer.training.kmeans import KMeansAlignment
+    from decision_transformer.training.lm_cotrain import LMCotraining, TextBatches
+
+    blocks = torch.randint(0, model.transformer.wte.num_embeddings, (9, 12), generator=torch.Generator().manual_seed(1))
+    kmeans = KMeansAlignment(torch.randn(7, 16, generator=torch.Generator().manual_seed(2)), const=0.1,
+                             normalize=False, anneal_steps=None)
+    return AuxLosses(kmeans, InitReg(model, 1e-2), LMCotraining(TextBatches(blocks, seed=3), const=0.5))
+
+
+#: Tensor methods that copy a value to the host: on a GPU each one waits for every queued kernel
+HOST_SYNCS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "cpu", "nonzero")
+
+
+def forbid_host_sync(monkeypatch):
+    """Make every host-syncing tensor call (and boolean-mask indexing, whose result size needs the mask's values)
+    raise, so that a test can show a block of code runs without waiting for the device."""
+    def trap(name):
+        def f(*a, **k):
+            raise AssertionError(f"host sync: Tensor.{name}")
+        return f
+
+    for name in HOST_SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, trap(name))
+    for name in ("nonzero", "masked_select", "unique", "argwhere"):
+        monkeypatch.setattr(torch, name, trap(name))
+    getitem = torch.Tensor.__getitem__
+
+    def checked_getitem(self, idx):
+        for i in idx if isinstance(idx, tuple) else (idx,):
+            if isinstance(i, torch.Tensor) and i.dtype == torch.bool:
+                raise AssertionError("host sync: boolean-mask indexing")
+        return getitem(self, idx)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", checked_getitem)

@@ -2,10 +2,10 @@
 import os
 import socket
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import aux_losses, tiny_trajectories
 
 from decision_transformer import distributed
 from decision_transformer.data import TrajectoryDataset
@@ -13,29 +13,6 @@ from decision_transformer.models import BackboneConfig, DecisionTransformer, DTC
 from decision_transformer.training import Trainer, make_optimizer, warmup_schedule
 
 GLOBAL_BATCH, STEPS = 8, 3
-
-
-def _trajs():
-    rng = np.random.default_rng(0)
-    out = []
-    for n in (7, 25, 40, 13):  # short trajectories: slices hold different numbers of real steps
-        out.append({"observations": rng.normal(size=(n, 11)).astype(np.float32),
-                    "actions": rng.uniform(-1, 1, (n, 3)).astype(np.float32),
-                    "rewards": rng.normal(size=n).astype(np.float32), "terminals": np.zeros(n, bool)})
-    return out
-
-
-def _aux_losses(model):
-    """k-means alignment, init_reg and LM co-training on a fixed token corpus (the --joint text stream)."""
-    from decision_transformer.model_factory import AuxLosses
-    from decision_transformer.training.init_reg import InitReg
-    from decision_transformer.training.kmeans import KMeansAlignment
-    from decision_transformer.training.lm_cotrain import LMCotraining, TextBatches
-
-    blocks = torch.randint(0, model.transformer.wte.num_embeddings, (9, 12), generator=torch.Generator().manual_seed(1))
-    kmeans = KMeansAlignment(torch.randn(7, 16, generator=torch.Generator().manual_seed(2)), const=0.1,
-                             normalize=False, anneal_steps=None)
-    return AuxLosses(kmeans, InitReg(model, 1e-2), LMCotraining(TextBatches(blocks, seed=3), const=0.5))
 
 
 def _train(rank: int, world: int, out_path: str, aux: bool = False):
@@ -51,10 +28,10 @@ def _train(rank: int, world: int, out_path: str, aux: bool = False):
         for blk in model.transformer.h:
             blk.attn.c_attn.bias.requires_grad_(False)
     opt = make_optimizer(model, lr=1e-3, weight_decay=1e-4)
-    ds = TrajectoryDataset(_trajs(), "hopper")
+    ds = TrajectoryDataset(tiny_trajectories(), "hopper")
     trainer = Trainer(model, opt, warmup_schedule(opt, 2), ds, batch_size=GLOBAL_BATCH,
                       K=5, generator=torch.Generator().manual_seed(0), rank=ctx.rank, world_size=ctx.world_size,
-                      extra_loss=_aux_losses(model) if aux else None)
+                      extra_loss=aux_losses(model) if aux else None)
     logs = trainer.train_iteration(STEPS, 1)
     if ctx.is_main:
         torch.save({"state": model.state_dict(), "loss": logs["training/train_loss_mean"]}, out_path)

@@ -301,3 +301,65 @@ def test_merge_cli_multi_fisher_uses_stored_statistics(data, tmp_path, monkeypat
             assert np.array_equal(mean, st[env]["state_mean"].numpy())
             assert np.array_equal(std, st[env]["state_std"].numpy())
     assert torch.load(tmp_path / "merged.pt", weights_only=True)["config"]["merge_info"]["method"] == "fisher"
+
+
+def _multi_trainer(data, model, **kw):
+    from decision_transformer.multi_run import EnvData, MultiTrainer, multi_parser
+    from decision_transformer.training import make_optimizer, warmup_schedule
+    from decision_transformer.training.init_reg import InitReg
+
+    args = multi_parser().parse_args(["--data_path", str(data), "--K", "5"])
+    opt = make_optimizer(model, lr=1e-3, weight_decay=1e-4, fused=True)
+    return MultiTrainer(model, opt, warmup_schedule(opt, 2), EnvData(args, "cpu", {}), list(MULTI_ENVS), batch_size=4,
+                        K=5, generator=torch.Generator().manual_seed(0), init_reg=InitReg(model, 1e-2), **kw)
+
+
+def test_multi_task_steps_never_wait_for_the_device(data, monkeypatch):
+    """A multi-task step (three envs' batches, init_reg, fused AdamW) makes no host-syncing tensor call."""
+    from conftest import forbid_host_sync
+
+    model = tiny_multi()
+    trainer = _multi_trainer(data, model)
+    trainer.train_step()                                    # loads the datasets (file reading is not the step)
+    before = model.state_dict()["transformer.h.0.mlp.c_fc.weight"].clone()
+    with monkeypatch.context() as m:
+        forbid_host_sync(m)
+        for _ in range(2):
+            trainer.train_step()
+    assert not torch.equal(before, model.state_dict()["transformer.h.0.mlp.c_fc.weight"])
+
+
+def test_multi_task_bf16_autocast_stays_close_to_fp32(data):
+    """experiment_multi.py --precision bf16: the forward under bf16 autocast, the losses in fp32. From the same weights
+    and batches the losses stay within bf16 rounding of fp32 training and the weights move alike."""
+    runs = {}
+    for amp in (None, torch.bfloat16):
+        model = tiny_multi()
+        trainer = _multi_trainer(data, model, amp_dtype=amp)
+        w0 = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        losses = [trainer.train_step()[0] for _ in range(8)]
+        runs[amp] = torch.stack(losses), w0, torch.cat([p.detach().flatten() for p in model.parameters()])
+    (l32, w0, w32), (l16, _, w16) = runs[None], runs[torch.bfloat16]
+    assert not torch.equal(l32, l16)                               # bf16 did compute in lower precision
+    assert ((l16 - l32).abs() / l32.abs()).max() < 2e-2
+    assert (w16 - w32).norm() / (w32 - w0).norm() < 5e-2
+
+
+def test_multi_task_precision_flag_reaches_the_trainer(data, tmp_path, monkeypatch):
+    from decision_transformer import multi_run
+
+    seen = {}
+    real = multi_run.MultiTrainer
+
+    class Spy(real):
+        def __init__(self, *a, **k):
+            seen.update(amp=k.get("amp_dtype"), compile=k.get("compile"))
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(multi_run, "MultiTrainer", Spy)
+    monkeypatch.chdir(tmp_path)
+    experiment_multi.main(["--data_path", str(data), "--seed", "1", *TINY, "--num_eval_episodes", "0",
+                           "--precision", "bf16"])
+    assert seen == {"amp": torch.bfloat16, "compile": False}
+    (run,) = (tmp_path / "checkpoints" / "multi").iterdir()
+    assert json.loads((run / "config.json").read_text())["precision"] == "bf16"

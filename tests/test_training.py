@@ -139,3 +139,27 @@ def test_fused_adamw_and_bf16_autocast_stay_close_to_fp32():
     # the measures tell runs apart: another initialisation is far outside every tolerance
     other = compare(ref, train_variant(trajs, torch.device("cpu"), "tiny", 15, seed=1, **kw))
     assert other[1] > 1.0 and other[2] > 0.05
+
+
+@pytest.mark.parametrize("aux", [False, True], ids=["plain", "aux_losses"])
+def test_training_steps_never_wait_for_the_device(aux, monkeypatch):
+    """With fused AdamW (what CUDA runs use) a training step, the LM script's auxiliary losses included, makes no
+    host-syncing tensor call: batches are drawn, the loss and update computed and the logs kept on the device. Only
+    the end of an iteration (logging) reads values back."""
+    from conftest import aux_losses, forbid_host_sync, tiny_trajectories
+
+    bb = BackboneConfig(n_embd=16, n_layer=2, n_head=2, vocab_size=50)
+    model = DecisionTransformer(DTConfig(11, 3, max_length=5, backbone=bb), seed=0)
+    opt = make_optimizer(model, lr=1e-3, weight_decay=1e-4, fused=True)
+    trainer = Trainer(model, opt, warmup_schedule(opt, 2), TrajectoryDataset(tiny_trajectories(), "hopper"),
+                      batch_size=8, K=5, generator=torch.Generator().manual_seed(0),
+                      extra_loss=aux_losses(model) if aux else None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with monkeypatch.context() as m:
+        forbid_host_sync(m)
+        with pytest.raises(AssertionError, match="host sync: Tensor.item"):   # the trap works
+            torch.ones(1).item()
+        for _ in range(3):
+            trainer.train_step()
+    assert not torch.equal(before["transformer.h.0.mlp.c_fc.weight"], model.state_dict()["transformer.h.0.mlp.c_fc.weight"])
+    assert trainer.step == 3
