@@ -3,10 +3,13 @@
 Every rank draws the same global batch (same seeded generator) and trains on its slice of rows; the Trainer scales
 each slice's loss so that DDP's gradient average equals the gradient of the global batch's masked mean. Results
 match one process at the same global batch up to float summation order (with dropout off; dropout masks differ).
+Ranks other than 0 print only their errors and warnings.
 """
 from __future__ import annotations
 
+import io
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +44,34 @@ def setup(device: torch.device) -> tuple[DistContext, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if not ctx.is_main and not isinstance(sys.stderr, QuietRank):
+        sys.stderr = QuietRank(sys.stderr, ctx.rank)
     return ctx, device
+
+
+class QuietRank(io.TextIOBase):
+    """The stderr of a rank other than 0: rank 0 already prints the progress, data and summary lines, so only this
+    rank's ``error``/``warning`` lines and tracebacks pass, prefixed ``[rank N]``. Not a terminal, so progress bars
+    stay off."""
+
+    def __init__(self, stream, rank: int):
+        self.stream, self.rank = stream, rank
+        self._buf, self._traceback = "", False
+
+    def write(self, s: str) -> int:
+        self._buf += s
+        while "\n" in self._buf:
+            line, self._buf = self._buf.split("\n", 1)
+            self._traceback = self._traceback or line.startswith("Traceback")
+            if self._traceback or line.startswith(("error", "warning")):
+                self.stream.write(f"[rank {self.rank}] {line}\n")
+        return len(s)
+
+    def flush(self):
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
 
 
 def wrap(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> torch.nn.Module:
@@ -60,3 +90,6 @@ def cleanup(ctx: DistContext):
 
         if dist.is_initialized():
             dist.destroy_process_group()
+    if isinstance(sys.stderr, QuietRank):
+        sys.stderr.flush()
+        sys.stderr = sys.stderr.stream

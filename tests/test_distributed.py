@@ -85,7 +85,23 @@ def test_torchrun_experiment(tmp_path, hopper_data):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("iter 1/1 |") == 1 and proc.stderr.count("data: ") == 1   # rank 1 stays quiet
     rd = tmp_path / "checkpoints" / "dt_medium_hopper_666_K5"
     assert (rd / "model_1.pt").is_file() and not list(rd.glob("*.tmp"))
     rows = (rd / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1 and json.loads(rows[0])["evaluation/target_3600_return_mean"] is not None
+
+
+def test_quiet_rank_passes_errors_warnings_and_tracebacks_only():
+    import io
+
+    out = io.StringIO()
+    q = distributed.QuietRank(out, 3)
+    q.write("data: 10 trajectories\niter 1/2 | loss 0.1\nwarning: something odd\n")
+    q.write("err")
+    assert out.getvalue() == "[rank 3] warning: something odd\n"
+    q.write("or: the file is corrupt\nTraceback (most recent call last):\n  File x\nValueError: y\n")
+    assert out.getvalue().splitlines()[1:] == ["[rank 3] error: the file is corrupt",
+                                               "[rank 3] Traceback (most recent call last):", "[rank 3]   File x",
+                                               "[rank 3] ValueError: y"]
+    assert not q.isatty()
