@@ -27,11 +27,13 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from bench_args import bench_device, positive_int  # noqa: E402
+from decision_transformer.cli import eval_workers_type  # noqa: E402
 from decision_transformer.cpu import tune_allocator  # noqa: E402
 from decision_transformer.data import TrajectoryDataset, state_stats  # noqa: E402
 from decision_transformer.envs import get_env_spec  # noqa: E402
 from decision_transformer.errors import cli_entry  # noqa: E402
-from decision_transformer.evaluation import EnvPool, evaluate_episodes, evaluate_episodes_sequential  # noqa: E402
+from decision_transformer.evaluation import (EnvPool, default_env_workers, evaluate_episodes,  # noqa: E402
+                                            evaluate_episodes_sequential)
 from decision_transformer.models import DecisionTransformer, DTConfig  # noqa: E402
 from test_data import reference_get_batch  # noqa: E402  (the originals' per-sample loop)
 
@@ -84,21 +86,49 @@ def bench_sampler(device, batch_size=64, K=20, num_timesteps=1_000_000):
     return rate(fast), rate(slow)
 
 
-def bench_eval(device, episodes_list, seq_episodes):
+def bench_eval(device, episodes_list, seq_episodes, workers_list=(0,), groups_list=(None,)):
+    """(episodes, env workers, overlap groups, batched ep/s, one-by-one ep/s) rows."""
     spec = get_env_spec("halfcheetah")
     model = DecisionTransformer(DTConfig(spec.state_dim, spec.act_dim), seed=0).to(device).eval()
     mean, std = np.zeros(spec.state_dim, np.float32), np.ones(spec.state_dim, np.float32)
     pool = EnvPool("halfcheetah")
-    pool.get(max(episodes_list))
-    rows = []
     start = time.perf_counter()
     evaluate_episodes_sequential(model, "halfcheetah", 6000, seq_episodes, mean, std, device=device, pool=pool)
     seq_rate = seq_episodes / (time.perf_counter() - start)
-    for n in episodes_list:
-        start = time.perf_counter()
-        evaluate_episodes(model, "halfcheetah", 6000, n, mean, std, device=device, pool=pool)
-        rows.append((n, n / (time.perf_counter() - start), seq_rate))
     pool.close()
+    rows = []
+    for workers in workers_list:
+        w = default_env_workers(device, max(episodes_list)) if workers == "auto" else int(workers)
+        pool = EnvPool("halfcheetah", workers=w)
+        pool.stepper(max(episodes_list)).reset(max(episodes_list), 0, "normal")   # start workers, make envs
+        for n in episodes_list:
+            for groups in groups_list:
+                start = time.perf_counter()
+                evaluate_episodes(model, "halfcheetah", 6000, n, mean, std, device=device, pool=pool,
+                                  overlap_groups=groups)
+                rows.append((n, w, groups or (4 if device.type == "cuda" else 1), n / (time.perf_counter() - start),
+                             seq_rate))
+        pool.close()
+    return rows
+
+
+def bench_env_stepping(n_envs, workers_list, steps=200):
+    """HalfCheetah-v4 env steps/s with random actions: in this process against worker processes (no model)."""
+    spec = get_env_spec("halfcheetah")
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, (steps, n_envs, spec.act_dim))
+    idx = np.arange(n_envs)
+    rows = []
+    for w in workers_list:
+        pool = EnvPool("halfcheetah", workers=w)
+        stepper = pool.stepper(n_envs)
+        stepper.reset(n_envs, 0, "normal")
+        start = time.perf_counter()
+        for t in range(steps):
+            stepper.step_async(idx, actions[t])
+            stepper.step_wait()
+        rows.append((w, n_envs * steps / (time.perf_counter() - start)))
+        pool.close()
     return rows
 
 
@@ -133,6 +163,12 @@ def main(argv=None):
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--episodes", type=positive_int, nargs="+", default=[10, 50, 100], help="batched evaluation sizes")
     p.add_argument("--no_tune_allocator", action="store_true", help="keep glibc's default malloc thresholds")
+    p.add_argument("--env_workers", type=eval_workers_type, nargs="+", default=None,
+                   help="evaluation env worker processes to compare (default: 0 and auto on CUDA, 0 on CPU)")
+    p.add_argument("--overlap_groups", type=positive_int, nargs="+", default=None,
+                   help="overlapped forward groups to compare (default: 1 and 4 on CUDA, 1 on CPU)")
+    p.add_argument("--stepping_workers", type=int, nargs="+", default=[0, 1, 2],
+                   help="worker counts of the env-stepping table (50 envs, no model)")
     args = p.parse_args(argv)
     device = bench_device(args.device)
     tuned = False if args.no_tune_allocator else tune_allocator()
@@ -147,12 +183,21 @@ def main(argv=None):
     print(f"| per-sample loop (originals) | {slow:,.0f} | 1.0x |")
     print(f"| vectorised on-device | {fast:,.0f} | {fast / slow:.1f}x |\n")
 
+    print("| env stepping (50 HalfCheetah-v4 envs, random actions, no model) | worker processes | env steps/s |")
+    print("|---|---:|---:|")
+    for w, steps_s in bench_env_stepping(50, args.stepping_workers, 50 if args.quick else 200):
+        print(f"| | {w or 'none (this process)'} | {steps_s:,.0f} |")
+    print()
+
+    cuda = device.type == "cuda"
     episodes = [10] if args.quick else args.episodes
-    rows = bench_eval(device, episodes, 2 if args.quick else 5)
-    print("| evaluation (HalfCheetah-v4, 1000-step episodes, DT 128x3) | episodes | one-by-one ep/s | batched ep/s | ratio |")
-    print("|---|---:|---:|---:|---:|")
-    for n, batched, seq in rows:
-        print(f"| | {n} | {seq:.2f} | {batched:.2f} | {batched / seq:.1f}x |")
+    rows = bench_eval(device, episodes, 2 if args.quick else 5, args.env_workers or ([0, "auto"] if cuda else [0]),
+                      args.overlap_groups or ([1, 4] if cuda else [1]))
+    print("| evaluation (HalfCheetah-v4, 1000-step episodes, DT 128x3) | episodes | env workers | overlap groups "
+          "| one-by-one ep/s | batched ep/s | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for n, w, groups, batched, seq in rows:
+        print(f"| | {n} | {w} | {groups} | {seq:.2f} | {batched:.2f} | {batched / seq:.1f}x |")
 
     print("\n| evaluation forward (DT 128x3, K 20) | histories | full forward ms | last_action_only ms | ratio |")
     print("|---|---:|---:|---:|---:|")

@@ -159,6 +159,22 @@ def add_fast_path_flags(g):
                    help="training autocast: auto = bf16 on CUDA GPUs that support it, fp32 elsewhere; bf16 also "
                         "on CPU when asked (about 2x the steps/s on CPUs with AVX512-BF16 or AMX)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--eval_workers", type=eval_workers_type, default="auto",
+                   help="worker processes that step the evaluation envs; auto = up to 8 on CUDA (one core left "
+                        "free), 0 on CPU (the envs step in this process)")
+
+
+def eval_workers_type(text: str):
+    """``--eval_workers``: ``auto`` or a number of processes >= 0."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected auto or a number >= 0, got {text!r}")
+    return n
 
 
 def merge_signature(args) -> dict:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from decision_transformer.env_workers import episode_seed, initial_obs, step_envs  # noqa: F401 (episode_seed)
 from decision_transformer.envs import DEFAULT_ENV_VERSION, get_env_spec, make_env
 
 
@@ -35,33 +36,72 @@ class EvalResult:
         }
 
 
-def episode_seed(seed: int, i: int) -> int:
-    return 10000 * int(seed) + int(i)
+class LocalEnvs:
+    """Envs stepped in this process, with the interface of ``EnvWorkers`` (a step happens at ``step_wait``)."""
 
+    def __init__(self, envs: list):
+        self.envs, self._pending = envs, []
 
-def _initial_obs(env, seed: int, i: int, mode: str) -> np.ndarray:
-    obs, _ = env.reset(seed=episode_seed(seed, i))
-    if mode == "noise":
-        obs = obs + np.random.default_rng(episode_seed(seed, i)).normal(0, 0.1, size=obs.shape)
-    return obs
+    def reset(self, n: int, seed: int, mode: str) -> np.ndarray:
+        return np.stack([initial_obs(self.envs[i], seed, i, mode) for i in range(n)])
+
+    def step_async(self, idx: np.ndarray, actions: np.ndarray):
+        self._pending.append((idx, actions))
+
+    def step_wait(self):
+        idx, actions = self._pending.pop(0)
+        return step_envs([self.envs[i] for i in idx], actions)
 
 
 class EnvPool:
-    """Gymnasium envs reused across evaluations (creating MuJoCo envs is not free)."""
+    """Gymnasium envs reused across evaluations (creating MuJoCo envs is not free). With ``workers`` > 0 the batched
+    evaluation steps them in that many worker processes (``env_workers.EnvWorkers``), started on first use."""
 
-    def __init__(self, env: str, version: str = DEFAULT_ENV_VERSION):
-        self.env, self.version = env, version
+    def __init__(self, env: str, version: str = DEFAULT_ENV_VERSION, workers: int = 0):
+        self.env, self.version, self.workers = env, version, int(workers)
         self.envs: list = []
+        self._remote = None
 
     def get(self, n: int) -> list:
         while len(self.envs) < n:
             self.envs.append(make_env(self.env, self.version))
         return self.envs[:n]
 
+    def stepper(self, n: int):
+        """What steps the envs of an n-episode evaluation: worker processes, or envs of this process."""
+        if self.workers > 0 and n > 1:
+            if self._remote is None:
+                from decision_transformer.env_workers import EnvWorkers
+
+                self._remote = EnvWorkers(self.env, self.version, min(self.workers, n))
+            return self._remote
+        return LocalEnvs(self.get(n))
+
     def close(self):
         for e in self.envs:
             e.close()
         self.envs = []
+        if self._remote is not None:
+            self._remote.close()
+            self._remote = None
+
+
+def env_pool(env: str, version: str, workers, device, num_episodes: int) -> EnvPool:
+    """The pool of a run: ``workers`` from ``--eval_workers`` (``auto``: ``default_env_workers``)."""
+    if workers in (None, "auto"):
+        workers = default_env_workers(device, num_episodes)
+    return EnvPool(env, version, workers=int(workers))
+
+
+def default_env_workers(device, num_episodes: int) -> int:
+    """``--eval_workers auto``: on CUDA, where the forward is cheap and stepping the envs one after another in the
+    main process is what an evaluation step waits for, up to 8 worker processes (one core left for the main process,
+    one env per worker at least); none on CPU, where the forward needs the cores."""
+    from decision_transformer.cpu import available_cpus
+
+    if torch.device(device).type != "cuda" or num_episodes < 8:
+        return 0
+    return max(0, min(8, len(available_cpus()) - 1, num_episodes))
 
 
 @torch.no_grad()
@@ -77,7 +117,7 @@ def evaluate_episodes(model, env: str, target: float, num_episodes: int, state_m
     model.eval()
     device = torch.device(device)
     pool = pool or EnvPool(env, env_version)
-    envs = pool.get(num_episodes)
+    envs = pool.stepper(num_episodes)
     M, L = num_episodes, spec.max_ep_len
     mean = torch.as_tensor(state_mean, dtype=torch.float32, device=device)
     std = torch.as_tensor(state_std, dtype=torch.float32, device=device)
@@ -87,7 +127,7 @@ def evaluate_episodes(model, env: str, target: float, num_episodes: int, state_m
     actions = torch.zeros(M, L, spec.act_dim, device=device)
     rtg = torch.zeros(M, L + 1, 1, device=device)
     timesteps = torch.arange(L + 1, device=device).unsqueeze(0).expand(M, -1)
-    obs0 = np.stack([_initial_obs(e, seed, i, mode) for i, e in enumerate(envs)])
+    obs0 = envs.reset(M, seed, mode)
     states[:, 0] = (torch.as_tensor(obs0, device=device).to(torch.float32) - mean) / std
     rtg[:, 0, 0] = torch.tensor(target / spec.scale, dtype=torch.float32)
 
@@ -116,19 +156,15 @@ def evaluate_episodes(model, env: str, target: float, num_episodes: int, state_m
             if done_event is not None:
                 done_event.record()
             pending.append((g, ti, host, done_event))
-        for g, ti, host, done_event in pending:
+        for g, ti, host, done_event in pending:  # worker processes step a group while the next one is sent
             if done_event is not None:
                 done_event.synchronize()
-            act_np = host.numpy()
-            new_obs = np.zeros((len(g), spec.state_dim))
-            rewards = np.zeros(len(g))
-            for j, i in enumerate(g):
-                obs, r, terminated, truncated, _ = envs[i].step(act_np[j])
-                new_obs[j], rewards[j] = obs, r
-                returns[i] += r
-                lengths[i] += 1
-                if terminated or truncated:
-                    live[i] = False
+            envs.step_async(g, host.numpy())
+        for g, ti, host, done_event in pending:
+            new_obs, rewards, done = envs.step_wait()
+            returns[g] += rewards
+            lengths[g] += 1
+            live[g[done]] = False
             states[ti, t + 1] = (torch.as_tensor(new_obs, device=device).to(torch.float32) - mean) / std
             decrement = torch.as_tensor(rewards, device=device).to(torch.float32) / spec.scale
             if mode == "delayed":
@@ -148,7 +184,7 @@ def rollout_episode(model, env_obj, target: float, state_mean, state_std, *, env
     device = torch.device(device)
     mean = torch.as_tensor(state_mean, dtype=torch.float32, device=device)
     std = torch.as_tensor(state_std, dtype=torch.float32, device=device)
-    obs = _initial_obs(env_obj, seed, index, mode)
+    obs = initial_obs(env_obj, seed, index, mode)
     states = torch.as_tensor(obs, device=device).reshape(1, spec.state_dim).to(torch.float32)
     actions = torch.zeros((0, spec.act_dim), device=device, dtype=torch.float32)
     target_return = torch.tensor(target / spec.scale, device=device, dtype=torch.float32).reshape(1, 1)

@@ -334,12 +334,13 @@ def _model_from(src: ModelFile, state: dict, args, spec, device, fallback_config
 def _evaluate_before_finetuning(args, model, spec, device) -> dict:
     """The merged model's evaluation before any finetuning (logged as iteration 0 by the merge run)."""
     from decision_transformer.data import load_dataset, state_stats
-    from decision_transformer.evaluation import EnvPool, evaluate_episodes
+    from decision_transformer.evaluation import env_pool, evaluate_episodes
     from decision_transformer.run import parse_targets
 
     _, trajs = load_dataset(args.data_path, args.env, args.dataset)
     mean, std = state_stats(trajs)
-    pool = EnvPool(args.env, args.env_version)
+    pool = env_pool(args.env, args.env_version, getattr(args, "eval_workers", "auto"), device,
+                    args.num_eval_episodes)
     logs: dict = {}
     try:
         for target in parse_targets(args.env_targets, spec.targets):

@@ -500,9 +500,9 @@ def run_multi(args) -> dict:
                                     state_stats=st), path)
         log(f"saved {path}")
 
-    from decision_transformer.evaluation import EnvPool
+    from decision_transformer.evaluation import env_pool
 
-    pools = {e: EnvPool(e, args.env_version) for e in envs}
+    pools = {e: env_pool(e, args.env_version, args.eval_workers, device, args.num_eval_episodes) for e in envs}
     best_key = "evaluation/average_norm_return_mean"
     logs, t0 = {}, time.time()
     try:

@@ -46,7 +46,7 @@ def evaluate_checkpoint(path: str, *, num_episodes: int = 10, seed: int = 666, d
     import torch
 
     from decision_transformer.data import load_dataset, state_stats
-    from decision_transformer.evaluation import EnvPool, evaluate_episodes
+    from decision_transformer.evaluation import env_pool, evaluate_episodes
     from decision_transformer.legacy_import import build_model, load_model_file
 
     mf = load_model_file(path)
@@ -67,7 +67,7 @@ def evaluate_checkpoint(path: str, *, num_episodes: int = 10, seed: int = 666, d
             print(f"{path}: no stored state statistics; using those of {data_file}", file=sys.stderr)
         if mf.is_multi:
             model.toggle_env(env)
-        pool = EnvPool(env, env_version)
+        pool = env_pool(env, env_version, "auto", device, num_episodes)
         try:
             res = evaluate_episodes(model, env, get_env_spec(env).targets[0], num_episodes, mean, std, seed=seed,
                                     device=device, pool=pool)

@@ -22,7 +22,7 @@ from decision_transformer.cli import merge_signature, reject_unsupported
 from decision_transformer.data import TrajectoryDataset, load_dataset
 from decision_transformer.envs import check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError
-from decision_transformer.evaluation import EnvPool, evaluate_episodes
+from decision_transformer.evaluation import env_pool, evaluate_episodes
 from decision_transformer.logging import RunLogger, progress, summary_line
 from decision_transformer.model_factory import (build_bc_model, build_model_from_args, locate_pretrained,
                                                 make_extra_loss)
@@ -244,7 +244,7 @@ def lm_resume_dir(args, parent: Path) -> Path:
 #: must match the run it continues.
 RESUME_FREE = frozenset({"max_iters", "resume", "device", "threads", "log_to_wandb", "project", "end_break", "note",
                          "num_eval_episodes", "save_model", "save_mode", "precision", "compile", "data_path",
-                         "outdir", "no_generate"})
+                         "outdir", "no_generate", "eval_workers"})
 
 
 def resume_mismatches(args, config_path: Path) -> list[str]:
@@ -386,7 +386,7 @@ def _run(args, script: str) -> dict:
                        group=group, name=wandb_name, resume=args.resume, resume_after=start_iter)
     models_dir = Path("models") / args.env
     best_key = f"evaluation/target_{int(targets[0])}_return_mean"
-    pool = EnvPool(args.env, args.env_version)
+    pool = env_pool(args.env, args.env_version, args.eval_workers, device, args.num_eval_episodes)
     t0 = time.time()
     logs: dict = {}
     if start_iter == 0 and (getattr(args, "merge_info", None) or {}).get("iteration_0"):

@@ -399,3 +399,52 @@ def test_overlapped_groups_equal_sequential(env, models, pools):
     grouped = ev.evaluate_episodes(RowwiseModel(models[env]), env, target, 5, mean, std, overlap_groups=3, **kw)
     np.testing.assert_array_equal(grouped.lengths, seq.lengths)
     np.testing.assert_array_equal(grouped.returns, seq.returns)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_env_worker_processes_equal_in_process_stepping(mode, models):
+    """Envs stepped in worker processes (round robin over 2 workers, 1 to 3 overlapped groups) give exactly the
+    returns and lengths of stepping them in this process; the pool's workers are reused and stopped on close."""
+    env = "hopper"
+    target = get_env_spec(env).targets[0]
+    mean, std = norm_stats(env)
+    local = ev.EnvPool(env)
+    remote = ev.EnvPool(env, workers=2)
+    try:
+        ref = ev.evaluate_episodes(models[env], env, target, 7, mean, std, seed=SEED, mode=mode, pool=local)
+        assert len(set(ref.lengths)) > 1                         # episodes end at different steps
+        for groups in (1, 3):
+            out = ev.evaluate_episodes(models[env], env, target, 7, mean, std, seed=SEED, mode=mode, pool=remote,
+                                       overlap_groups=groups)
+            np.testing.assert_array_equal(out.lengths, ref.lengths)
+            np.testing.assert_array_equal(out.returns, ref.returns)
+        procs = list(remote._remote.procs)
+        assert len(procs) == 2 and all(p.is_alive() for p in procs)
+    finally:
+        local.close()
+        remote.close()
+    for p in procs:
+        p.join(timeout=5)
+        assert not p.is_alive()
+
+
+def test_env_worker_failure_is_reported():
+    """A worker that fails (here: an action of the wrong size) raises in the main process with the worker's error."""
+    from decision_transformer.env_workers import EnvWorkers
+
+    w = EnvWorkers("hopper", workers=1)
+    try:
+        assert w.reset(2, seed=0, mode="normal").shape == (2, 11)
+        w.step_async(np.arange(2), np.zeros((2, 5)))
+        with pytest.raises(RuntimeError, match="evaluation env worker 0: .*"):
+            w.step_wait()
+    finally:
+        w.close()
+
+
+def test_env_workers_default():
+    assert ev.default_env_workers("cpu", 50) == 0
+    assert ev.default_env_workers("cuda", 4) == 0
+    from decision_transformer.cpu import available_cpus
+
+    assert ev.default_env_workers("cuda", 50) == max(0, min(8, len(available_cpus()) - 1))

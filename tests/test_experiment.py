@@ -309,3 +309,16 @@ def test_freeze_subset_needs_names(capsys):
             parser.parse_args(["--freeze_subset"])
         assert e.value.code == 2 and "--freeze_subset" in capsys.readouterr().err
         assert parser.parse_args(["--freeze_subset", "ln_f", "wpe"]).freeze_subset == ["ln_f", "wpe"]
+
+
+def test_eval_workers_give_the_same_metrics(tmp_path, monkeypatch, hopper_data):
+    """--eval_workers 2 (envs stepped in two worker processes) logs exactly the metrics of stepping them here."""
+    rows = {}
+    for w in ("0", "2"):
+        d = tmp_path / w
+        d.mkdir()
+        run(d, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes", "4",
+            "--eval_workers", w)
+        row = json.loads((run_dir(d) / "metrics.jsonl").read_text())
+        rows[w] = {k: v for k, v in row.items() if k.startswith("evaluation/target")}
+    assert rows["0"] and rows["0"] == rows["2"]
