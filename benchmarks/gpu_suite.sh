@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU figure of the speed work in one command (one device lease): sampler and evaluation (10/50/100 episodes)
-# against the slow paths, training throughput and MFU at the paper config and at GPT-2 size, and the fast path's
+# against the slow paths (with and without env worker processes and overlapped forwards), training throughput and MFU at the paper config and at GPT-2 size, and the fast path's
 # numerics against fp32. Output: one log per benchmark under ${OUT:-benchmarks/results}/.
 #
 #   bash benchmarks/gpu_suite.sh            # on a CUDA machine with torch, gymnasium[mujoco] and this package
@@ -22,6 +22,6 @@ run() {
 run check_precision_paper python benchmarks/check_precision.py --device cuda --config paper --steps 200
 run check_precision_gpt2 python benchmarks/check_precision.py --device cuda --config gpt2 --steps 50
 run bench_train python benchmarks/bench_train.py --device cuda --configs paper gpt2 --steps 100
-run bench_core python benchmarks/bench_core.py --device cuda --episodes 10 50 100
+run bench_core python benchmarks/bench_core.py --device cuda --episodes 10 50 100 --stepping_workers 0 2 4 8
 run bench_analysis python benchmarks/bench_analysis.py --device cuda
 exit $status
