@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure of the speed work in one command (one device lease): sampler and evaluation (10/50/100 episodes)
-# against the slow paths (with and without env worker processes and overlapped forwards), training throughput and MFU at the paper config and at GPT-2 size, and the fast path's
-# numerics against fp32. Output: one log per benchmark under ${OUT:-benchmarks/results}/.
+# against the slow paths (with and without env worker processes and overlapped forwards), training throughput and
+# MFU at the paper config and at GPT-2 size, and the fast path's numerics against fp32. Output: one log per benchmark
+# under ${OUT:-benchmarks/results}/.
 #
 #   bash benchmarks/gpu_suite.sh            # on a CUDA machine with torch, gymnasium[mujoco] and this package
 #
