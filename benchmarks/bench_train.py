@@ -6,7 +6,8 @@ Fast path: batches sampled on the training device by index arithmetic, the loss 
 sync per measurement. Slow path (the originals): each batch built by a per-sample Python/numpy loop and copied
 host -> device every step. Both train the same model (``paper``: 128 hidden x 3 layers x 1 head; ``gpt2``: 768 x 12 x
 12, the size of the pre-training paper's runs) at batch 64, K=20, on a hopper-sized synthetic dataset. On CUDA,
-``--amp bf16`` adds bf16 autocast and the optimiser is fused.
+``--amp bf16`` adds bf16 autocast and the optimiser is fused. ``--compile MODE ...`` adds rows for the on-device path
+under ``torch.compile`` (``reduce-overhead`` replays each step as CUDA graphs on a GPU).
 """
 import argparse
 import os
@@ -25,6 +26,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from bench_args import bench_device, positive_int  # noqa: E402
 from bench_core import synthetic_trajectories  # noqa: E402
+from decision_transformer.cli import COMPILE_MODES  # noqa: E402
 from decision_transformer.data import Batch, TrajectoryDataset, state_stats  # noqa: E402
 from decision_transformer.errors import UserError, cli_entry  # noqa: E402
 from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig  # noqa: E402
@@ -62,7 +64,7 @@ class SlowSampler:
         return Batch(**{k: v.to(self.device) for k, v in b.items()})
 
 
-def measure(name, trajs, device, steps, batch_size, K, slow, amp):
+def measure(name, trajs, device, steps, batch_size, K, slow, amp, compile=None):
     cfg = DTConfig(11, 3, max_length=K, backbone=BackboneConfig(**CONFIGS[name]))
     model = DecisionTransformer(cfg, seed=0).to(device)
     fused = device.type == "cuda"
@@ -70,9 +72,9 @@ def measure(name, trajs, device, steps, batch_size, K, slow, amp):
     ds = SlowSampler(trajs, device) if slow else TrajectoryDataset(trajs, "hopper", device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     trainer = Trainer(model, opt, warmup_schedule(opt, 100), ds, batch_size=batch_size, K=K, generator=gen,
-                      amp_dtype=amp)
+                      amp_dtype=amp, compile=compile)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
+    for _ in range(3 if compile is None else 10):  # compiling (and recording CUDA graphs) is not timed
         trainer.train_step()
     sync()
     if device.type == "cuda":
@@ -98,6 +100,8 @@ def main(argv=None):
     p.add_argument("--K", type=positive_int, default=20)
     p.add_argument("--amp", choices=["none", "bf16"], default=None,
                    help="autocast dtype (default: bf16 on CUDA, none on CPU)")
+    p.add_argument("--compile", nargs="*", choices=COMPILE_MODES, default=[],
+                   help="also time the on-device path under torch.compile in these modes (--compile of the scripts)")
     args = p.parse_args(argv)
     if args.K > 1000:  # the synthetic episodes are at most 1000 steps
         raise UserError(f"invalid --K {args.K}: at most 1000 (the episode length)")
@@ -119,14 +123,15 @@ def main(argv=None):
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name in args.configs:
         steps = args.steps if name == "paper" or device.type == "cuda" else max(3, args.steps // 10)
-        rows = {}
-        for slow in (True, False):
-            rows[slow] = measure(name, trajs, device, steps, args.batch_size, args.K, slow, amp_dtype)
-        for slow in (True, False):
-            sps, tps, mem, flops = rows[slow]
+        variants = [("per-sample loop", True, None), ("on-device", False, None)]
+        variants += [(f"on-device, compile {mode}", False, mode) for mode in args.compile]
+        rows = {label: measure(name, trajs, device, steps, args.batch_size, args.K, slow, amp_dtype, mode)
+                for label, slow, mode in variants}
+        base = rows["per-sample loop"][0]
+        for label, (sps, tps, mem, flops) in rows.items():
             mfu = f"{100 * flops / (peak * 1e12):.1f}%" if peak else "-"
-            print(f"| {name} | {'per-sample loop' if slow else 'on-device'} | {sps:.2f} | {tps:,.0f} | {mem:,.0f} | "
-                  f"{flops / 1e12:.3f} | {mfu} | {sps / rows[True][0]:.2f}x |")
+            print(f"| {name} | {label} | {sps:.2f} | {tps:,.0f} | {mem:,.0f} | {flops / 1e12:.3f} | {mfu} | "
+                  f"{sps / base:.2f}x |")
 
 
 if __name__ == "__main__":

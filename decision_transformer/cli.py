@@ -153,12 +153,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+#: ``--compile`` modes (torch.compile's): ``reduce-overhead`` also replays each step as CUDA graphs on a GPU
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
 def add_fast_path_flags(g):
     """``--precision`` and ``--compile`` (the training scripts' GPU fast path; TF32 and fused AdamW follow the device)."""
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="training autocast: auto = bf16 on CUDA GPUs that support it, fp32 elsewhere; bf16 also "
                         "on CPU when asked (about 2x the steps/s on CPUs with AVX512-BF16 or AMX)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                   help="torch.compile the model for training, in torch's default mode or the one given "
+                        "(reduce-overhead: also CUDA graphs on a GPU)")
     g.add_argument("--eval_workers", type=eval_workers_type, default="auto",
                    help="worker processes that step the evaluation envs; auto = up to 8 on CUDA (one core left "
                         "free), 0 on CPU (the envs step in this process)")

@@ -33,8 +33,8 @@ from decision_transformer.logging import RunLogger, progress
 from decision_transformer.merge_setup import merge_multi_states, multi_fisher, resolve_method
 from decision_transformer.models.multi_decision_transformer import (MODEL_CLASS, MULTI_ENVS,
                                                                     MultiDecisionTransformer, MultiDTConfig)
-from decision_transformer.training import (GRAD_CLIP, apply_update, freeze_from_args, make_optimizer,
-                                          masked_action_mse, warmup_schedule)
+from decision_transformer.training import (GRAD_CLIP, apply_update, compile_module, freeze_from_args, make_optimizer,
+                                          mark_step, masked_action_mse, warmup_schedule)
 
 NORM_ENVS = ("medium", "medium-expert", "expert", "medium-replay")
 STATE_STATS_FILE = "state_stats.pkl"
@@ -231,10 +231,11 @@ class MultiTrainer:
     """One step = one batch per training env, loss = Σ_env masked MSE (+ init_reg), one backward/clip/step."""
 
     def __init__(self, model, optimizer, scheduler, data: EnvData, train_envs, *, batch_size, K, generator,
-                 grad_clip=GRAD_CLIP, init_reg=None, amp_dtype: torch.dtype | None = None, compile: bool = False):
+                 grad_clip=GRAD_CLIP, init_reg=None, amp_dtype: torch.dtype | None = None,
+                 compile: bool | str | None = None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         # the module called for the forward: the model, or its torch.compile wrapper (one graph per env index)
-        self.forward = torch.compile(model) if compile else model
+        self.forward, self.compile_mode = compile_module(model, compile), compile
         self.amp_dtype = amp_dtype                   # bf16 autocast of the forward; the losses are taken in fp32
         self.device_type = next(model.parameters()).device.type
         self.datasets = [(model.env_index(e), data.get(e)) for e in train_envs]
@@ -245,6 +246,7 @@ class MultiTrainer:
         self.step = 0
 
     def train_step(self):
+        mark_step(self.compile_mode)
         total, per_env = 0.0, []
         for i, ds in self.datasets:
             b = ds.sample_batch(self.batch_size, self.K, self.generator)

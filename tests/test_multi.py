@@ -360,6 +360,6 @@ def test_multi_task_precision_flag_reaches_the_trainer(data, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     experiment_multi.main(["--data_path", str(data), "--seed", "1", *TINY, "--num_eval_episodes", "0",
                            "--precision", "bf16"])
-    assert seen == {"amp": torch.bfloat16, "compile": False}
+    assert seen == {"amp": torch.bfloat16, "compile": None}
     (run,) = (tmp_path / "checkpoints" / "multi").iterdir()
     assert json.loads((run / "config.json").read_text())["precision"] == "bf16"

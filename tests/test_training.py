@@ -163,3 +163,20 @@ def test_training_steps_never_wait_for_the_device(aux, monkeypatch):
             trainer.train_step()
     assert not torch.equal(before["transformer.h.0.mlp.c_fc.weight"], model.state_dict()["transformer.h.0.mlp.c_fc.weight"])
     assert trainer.step == 3
+
+
+def test_compile_flag_modes():
+    """``--compile`` alone is torch's default mode; a mode may be named; the Trainer marks each step for CUDA graphs
+    under ``reduce-overhead`` (a no-op without them)."""
+    from decision_transformer.cli import experiment_parser
+    from decision_transformer.training import compile_module, mark_step
+
+    p = experiment_parser()
+    assert p.parse_args([]).compile is None
+    assert p.parse_args(["--compile"]).compile == "default"
+    assert p.parse_args(["--compile", "reduce-overhead", "--K", "3"]).compile == "reduce-overhead"
+    m = tiny_model()
+    assert compile_module(m, None) is m and compile_module(m, False) is m
+    assert compile_module(m, "default") is not m
+    mark_step("reduce-overhead")
+    mark_step(None)

@@ -1,6 +1,7 @@
 from decision_transformer.training.losses import masked_action_mse
 from decision_transformer.training.optim import freeze, freeze_from_args, make_optimizer, warmup_schedule
-from decision_transformer.training.trainer import GRAD_CLIP, ActTrainer, Trainer, apply_update
+from decision_transformer.training.trainer import (GRAD_CLIP, ActTrainer, Trainer, apply_update, compile_module,
+                                                   mark_step)
 
-__all__ = ["GRAD_CLIP", "ActTrainer", "Trainer", "apply_update", "freeze", "freeze_from_args", "make_optimizer", "masked_action_mse",
-           "warmup_schedule"]
+__all__ = ["GRAD_CLIP", "ActTrainer", "Trainer", "apply_update", "compile_module", "mark_step", "freeze",
+           "freeze_from_args", "make_optimizer", "masked_action_mse", "warmup_schedule"]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from decision_transformer.errors import UserError
-from decision_transformer.training.trainer import Trainer
+from decision_transformer.training.trainer import Trainer, mark_step
 
 LM_BATCH_SIZE = 2          # the originals' per-device batch
 MAX_BLOCK_SIZE = 1024      # the originals' group_texts block size
@@ -243,6 +243,7 @@ class AmpTrainer(Trainer):
             self.scaler.load_state_dict(state["grad_scaler"])
 
     def train_step(self) -> torch.Tensor:
+        mark_step(self.compile_mode)
         batch = self.dataset.sample_batch(self.batch_size, self.K, self.generator)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
             loss, total = self._loss(batch)

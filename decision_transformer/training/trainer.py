@@ -13,6 +13,20 @@ from decision_transformer.training.losses import masked_action_mse
 GRAD_CLIP = 0.25
 
 
+def compile_module(module, mode):
+    """``torch.compile(module)`` in ``mode`` (True = ``default``); the module itself for None/False."""
+    if not mode:
+        return module
+    return torch.compile(module) if mode in (True, "default") else torch.compile(module, mode=mode)
+
+
+def mark_step(mode):
+    """Under CUDA graphs (``reduce-overhead``) tell torch that a new training step begins: the previous step's graph
+    outputs may then be overwritten (each step keeps only detached copies of them)."""
+    if mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def apply_update(total, optimizer, scheduler, params, grad_clip: float | None):
     """One optimiser step, in the originals' order: zero_grad, backward, global grad-norm clip, step, schedule."""
     optimizer.zero_grad(set_to_none=True)
@@ -28,7 +42,8 @@ class Trainer:
 
     def __init__(self, model, optimizer, scheduler, dataset: TrajectoryDataset, *, batch_size: int, K: int,
                  generator: torch.Generator, grad_clip: float | None = GRAD_CLIP, extra_loss=None,
-                 amp_dtype: torch.dtype | None = None, rank: int = 0, world_size: int = 1, compile: bool = False):
+                 amp_dtype: torch.dtype | None = None, rank: int = 0, world_size: int = 1,
+                 compile: bool | str | None = None):
         self.model = model                # the module called for the forward (DistributedDataParallel under torchrun)
         self.module = model               # the plain DT
         self.optimizer = optimizer
@@ -55,8 +70,8 @@ class Trainer:
 
             self._freeze_unreached()
             self.model = wrap(model, DistContext(rank, world_size, rank), next(model.parameters()).device)
-        if compile:
-            self.model = torch.compile(self.model)
+        self.compile_mode = compile
+        self.model = compile_module(self.model, compile)
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def _freeze_unreached(self):
@@ -82,6 +97,7 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         """One update; returns the step's total loss (action MSE plus any auxiliary loss, what the originals logged
         as the training loss) and keeps the action MSE in ``last_action_error``, both without a host sync."""
+        mark_step(self.compile_mode)
         batch = self.dataset.sample_batch(self.batch_size, self.K, self.generator)
         loss, total = self._loss(batch)
         apply_update(total, self.optimizer, self.scheduler, self.params, self.grad_clip)
