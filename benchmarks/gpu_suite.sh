@@ -6,11 +6,12 @@
 #
 #   bash benchmarks/gpu_suite.sh            # on a CUDA machine with torch, gymnasium[mujoco] and this package
 #
-# On a machine without MuJoCo, install it from wheels first (gymnasium, mujoco, farama-notifications, cloudpickle,
-# glfw, typing-extensions where missing), e.g. from a folder of wheels downloaded with `pip download --only-binary`.
+# On a machine without MuJoCo, install it from wheels first: benchmarks/gpu_wheels.sh downloads them (where PyPI is
+# reachable) and shows the install line. PYTHON picks the interpreter (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results}
+py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 MUJOCO_GL=${MUJOCO_GL:-egl}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/device.txt"
@@ -21,9 +22,9 @@ run() {
   "$@" 2>&1 | tee "$out/$name.txt" || status=1
 }
 # the target figures first: a lease that runs out still returns them
-run bench_train python benchmarks/bench_train.py --device cuda --configs paper gpt2 --steps 100 --compile reduce-overhead
-run bench_core python benchmarks/bench_core.py --device cuda --episodes 10 50 100 --stepping_workers 0 2 4 8
-run check_precision_paper python benchmarks/check_precision.py --device cuda --config paper --steps 200
-run check_precision_gpt2 python benchmarks/check_precision.py --device cuda --config gpt2 --steps 50
-run bench_analysis python benchmarks/bench_analysis.py --device cuda
+run bench_train "$py" benchmarks/bench_train.py --device cuda --configs paper gpt2 --steps 100 --compile reduce-overhead
+run bench_core "$py" benchmarks/bench_core.py --device cuda --episodes 10 50 100 --stepping_workers 0 2 4 8
+run check_precision_paper "$py" benchmarks/check_precision.py --device cuda --config paper --steps 200
+run check_precision_gpt2 "$py" benchmarks/check_precision.py --device cuda --config gpt2 --steps 50
+run bench_analysis "$py" benchmarks/bench_analysis.py --device cuda
 exit $status
