@@ -19,5 +19,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     "gymnasium==${GYMNASIUM_VERSION:-1.4.0}" farama-notifications==0.0.6 \
     "mujoco==${MUJOCO_VERSION:-4.0.0}" "mujoco-core==${MUJOCO_VERSION:-4.0.0}" "mujoco-studio==${MUJOCO_VERSION:-4.0.0}" \
     websockets glfw pyopengl
-ls -la .whl
+
 du -sh .whl
+echo "on the GPU machine (carry .whl): python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir" \
+     "--upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && bash benchmarks/gpu_suite.sh"
