@@ -43,7 +43,11 @@ class RunLogger:
         self.wandb_run = None
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+            # through a temporary file: a run stopped (or a disk full) while writing keeps the previous config.json,
+            # by which --resume and the sweep launcher find the run
+            tmp = self.run_dir / "config.json.tmp"
+            tmp.write_text(json.dumps(config, indent=2, default=str) + "\n")
+            os.replace(tmp, self.run_dir / "config.json")
             if not resume:
                 (self.run_dir / "metrics.jsonl").write_text("")
             elif resume_after is not None:
@@ -61,7 +65,8 @@ class RunLogger:
         path = self.run_dir / "metrics.jsonl"
         if not path.is_file():
             return
-        lines = path.read_text().splitlines()
+        text = path.read_text(errors="replace")  # bytes a crash left behind make their line unparseable, below
+        lines = text.splitlines()
         kept = []
         for line in lines:
             try:
@@ -70,7 +75,8 @@ class RunLogger:
                 continue
             if not (isinstance(row, dict) and isinstance(row.get("iteration"), int) and row["iteration"] > iteration):
                 kept.append(line)
-        if len(kept) != len(lines):
+        # a last row cut short before its newline: rewrite, or the next row would be appended to the same line
+        if len(kept) != len(lines) or (text and not text.endswith("\n")):
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(x + "\n" for x in kept))
             os.replace(tmp, path)

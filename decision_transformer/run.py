@@ -120,7 +120,7 @@ def restore_train_state(path: Path, model, trainer, optimizer, scheduler, genera
             trainer.load_extra_state(st.get("trainer_extra") or {})
         trainer.step = int(st["step"])
         st.update(iteration=int(st["iteration"]), best_score=float(st["best_score"]), exp_id=int(st["exp_id"]))
-    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - a damaged or crafted state fails in many ways; each is one line
         raise UserError(f"{path}: cannot restore the training state ({type(e).__name__}: {e})") from None
     return st
 
@@ -201,6 +201,9 @@ def resume_state_path(args, run_dir: Path | None, lm_script: bool = False) -> Pa
     (``{run}_{exp_id}``): the newest one made with the same merge flags is taken. The LM script's runs are
     ``{outdir}/dt_gym-experiment-{env}-{dataset}-{exp_id}``: the newest one made with the same flags is taken."""
     if run_dir is None:
+        if lm_script:
+            raise UserError("--resume needs a run folder: --outdir '' writes none (leave --outdir out for "
+                            "models/{env}, or give the folder the run was made in)")
         raise UserError("--resume needs --outdir (the run folder holds the state to resume)")
     if lm_script:
         return lm_resume_dir(args, run_dir) / TRAIN_STATE
@@ -227,15 +230,53 @@ def resume_signature(args) -> dict:
 
 def lm_resume_dir(args, parent: Path) -> Path:
     """The newest LM-script run folder ``{parent}/dt_gym-experiment-{env}-{dataset}-{id}`` with a training state and
-    the same flags; when none matches, the error names the flags in which the newest such run differs."""
+    the same flags; when none matches, the error names the flags in which the newest such run differs. A run whose
+    ``config.json`` is missing or not JSON is judged by the config its ``train_state.pt`` records."""
+    import json
+
     prefix = f"dt_gym-experiment-{args.env}-{args.dataset}-"
-    found = find_run(parent, prefix, resume_signature(args), require=TRAIN_STATE)
-    if found is not None:
-        return found
-    other = find_run(parent, prefix, {}, require=TRAIN_STATE)
-    if other is None:
+    want = json.loads(json.dumps(resume_signature(args), default=str))
+    runs = []
+    for d in Path(parent).glob(f"{prefix}*"):
+        if d.name[len(prefix):].isdigit() and (d / TRAIN_STATE).is_file():
+            newest = max((f.stat().st_mtime for f in d.iterdir() if f.suffix in (".pt", ".json")), default=0.0)
+            runs.append((newest, d.name, d))
+    if not runs:
         raise UserError(f"nothing to resume: no run {prefix}<id> in {parent} has finished an iteration")
-    differ = resume_mismatches(args, other / "config.json")
+    unreadable = []
+
+    def config_of(d: Path) -> dict | None:
+        try:
+            cfg = json.loads((d / "config.json").read_text())
+            if isinstance(cfg, dict):
+                return cfg
+        except (OSError, ValueError):
+            pass
+        try:  # the training state records the run's config too
+            cfg = torch.load(d / TRAIN_STATE, map_location="cpu", weights_only=True, mmap=True).get("config")
+        except Exception:  # noqa: BLE001 - damaged as well: the run's flags cannot be told
+            cfg = None
+        if not isinstance(cfg, dict):
+            unreadable.append(d.name)
+            return None
+        print(f"note: {d / 'config.json'} is missing or not JSON; the run's flags are read from its {TRAIN_STATE}",
+              file=sys.stderr)
+        return json.loads(json.dumps(cfg, default=str))
+
+    first = None
+    for _, _, d in sorted(runs, reverse=True):
+        cfg = config_of(d)
+        if cfg is None:
+            continue
+        if all(cfg.get(k) == v for k, v in want.items()):
+            return d
+        first = first or (d, cfg)
+    if first is None:
+        raise UserError(f"nothing to resume: the runs {prefix}<id> in {parent} that have finished an iteration "
+                        f"({', '.join(sorted(unreadable))}) have neither a readable config.json nor a readable "
+                        f"{TRAIN_STATE}")
+    other, cfg = first
+    differ = resume_mismatches(args, cfg) + [f"--{k} (the run does not record it)" for k in want if k not in cfg]
     raise UserError(f"nothing to resume: no run {prefix}<id> in {parent} was made with these flags; the newest, "
                     f"{other.name}, differs in {'; '.join(differ) or 'its flags'}")
 
@@ -247,15 +288,18 @@ RESUME_FREE = frozenset({"max_iters", "resume", "device", "threads", "log_to_wan
                          "outdir", "no_generate", "eval_workers"})
 
 
-def resume_mismatches(args, config_path: Path) -> list[str]:
+def resume_mismatches(args, config_path: Path | dict) -> list[str]:
     """``--flag value (the run: value)`` for each flag outside ``RESUME_FREE`` that differs from the run's
-    ``config.json`` (flags the file does not record are not compared)."""
+    ``config.json`` (or a config dict; flags the file does not record are not compared)."""
     import json
 
-    try:
-        saved = json.loads(config_path.read_text())
-    except (OSError, ValueError):
-        return []
+    if isinstance(config_path, dict):
+        saved = config_path
+    else:
+        try:
+            saved = json.loads(config_path.read_text())
+        except (OSError, ValueError):
+            return []
     now = json.loads(json.dumps(vars(args), default=str))
     return [f"--{k} {now[k]!r} (the run: {saved[k]!r})" for k in now
             if k not in RESUME_FREE and isinstance(saved, dict) and k in saved and saved[k] != now[k]]

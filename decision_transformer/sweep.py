@@ -59,6 +59,7 @@ def load_grid(name: str) -> dict:
     if not (ROOT / spec["program"]).is_file():
         raise UserError(f"{path}: program {spec['program']!r} not found (a path relative to {ROOT})")
     spec["name"] = path.stem
+    spec["path"] = str(path.resolve())
     return spec
 
 
@@ -82,30 +83,31 @@ def to_argv(params: dict) -> list[str]:
     return argv
 
 
-def _find_state(parent: Path, prefix: str, signature: dict, done_file: str | None, max_iters: int):
+def _find_state(parent: Path, prefix: str, signature: dict, done_file: str | None, max_iters: int, found=False):
     """('done' | 'partial' | 'new', folder) for runs kept in ``{parent}/{prefix}{id}`` folders, found by the flags
-    they record: done = the newest such run holds ``done_file`` (or, without one, a training state at
-    ``max_iters``), partial = it holds a training state."""
+    they record. The newest such run with a training state is the one ``--resume`` continues (``found``, when given,
+    is that run or None): done = it holds ``done_file`` or its training state is at ``max_iters``, partial = not yet.
+    Without such a run: done = a run holds ``done_file`` (a run of 0 iterations writes no training state)."""
     from decision_transformer.checkpoint import find_run
     from decision_transformer.run import TRAIN_STATE
 
-    if done_file is not None:
-        found = find_run(parent, prefix, signature, require=done_file)
-        if found is not None:
-            return "done", found
-    found = find_run(parent, prefix, signature, require=TRAIN_STATE)
+    if found is False:
+        found = find_run(parent, prefix, signature, require=TRAIN_STATE)
     if found is None:
+        if done_file is not None:
+            done = find_run(parent, prefix, signature, require=done_file)
+            if done is not None:
+                return "done", done
         return "new", None
-    if done_file is None:
-        import torch
+    if done_file is not None and (found / done_file).is_file():
+        return "done", found
+    import torch
 
-        try:
-            it = torch.load(found / TRAIN_STATE, map_location="cpu", weights_only=True, mmap=True)["iteration"]
-        except Exception:  # noqa: BLE001 - a damaged state: the run itself reports it
-            it = -1
-        if it >= max_iters:
-            return "done", found
-    return "partial", found
+    try:
+        it = torch.load(found / TRAIN_STATE, map_location="cpu", weights_only=True, mmap=True)["iteration"]
+    except Exception:  # noqa: BLE001 - a damaged state: the run itself reports it
+        it = -1
+    return ("done" if it >= max_iters else "partial"), found
 
 
 def run_state(program: str, argv: list[str]) -> tuple[str, Path | None]:
@@ -116,12 +118,18 @@ def run_state(program: str, argv: list[str]) -> tuple[str, Path | None]:
     name = Path(program).name
     if Path(program).parent.name == "lm_cotraining" and name == "experiment.py":
         from decision_transformer.cli_lm import lm_cotraining_parser
+        from decision_transformer.run import lm_resume_dir
 
         a = _parse(lm_cotraining_parser(), "lm_cotraining/experiment.py", argv)
         if a.outdir == "":
             return "new", None
-        return _find_state(Path(a.outdir or Path("models") / a.env), f"dt_gym-experiment-{a.env}-{a.dataset}-",
-                           resume_signature(a), f"model_{a.max_iters}.pt", a.max_iters)
+        parent = Path(a.outdir or Path("models") / a.env)
+        try:
+            found = lm_resume_dir(a, parent)  # the run that --resume continues
+        except UserError:
+            found = None
+        return _find_state(parent, f"dt_gym-experiment-{a.env}-{a.dataset}-", resume_signature(a),
+                           f"model_{a.max_iters}.pt", a.max_iters, found)
     if name == "experiment_multi.py":
         from decision_transformer.multi_run import multi_parser, resume_signature as multi_signature
 
@@ -197,12 +205,14 @@ def _lm_problem(name: str) -> str | None:
     return None
 
 
-def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, names: list[str] | None = None) -> int:
+def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, names: list[str] | None = None,
+           grid: str | None = None) -> int:
     """Run commands with at most one per slot (a GPU id, or None for a CPU process); returns the number failed.
 
     Each command appends to ``log_dir/{name}.log`` (``names``: by default ``run_{i}``), so a resumed run's log follows
-    the interrupted one. Ctrl-C or SIGTERM stops the running commands (SIGINT, then SIGKILL after 30 s): their last
-    finished iterations stay saved, and the same command resumes them."""
+    the interrupted one; its header line names the ``grid`` file when given. Ctrl-C or SIGTERM stops the running
+    commands (SIGINT, then SIGKILL after 30 s, or at once on a second Ctrl-C or SIGTERM): their last finished
+    iterations stay saved, and the same command resumes them."""
     import signal
 
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +237,8 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
                 elif "OMP_NUM_THREADS" not in env:  # concurrent CPU runs: share the cores instead of oversubscribing
                     env["OMP_NUM_THREADS"] = str(max(1, len(available_cpus()) // len(slots)))
                 log = open(log_dir / f"{names[i]}.log", "a")
-                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+                mark = f"[grid {grid}] " if grid else ""
+                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {mark}{shlex.join(cmd)}\n")
                 log.flush()
                 where = slots[slot] if slots[slot] is not None else slot
                 print(f"[start {names[i]}] slot {where}: {shlex.join(cmd[1:])}", flush=True)
@@ -251,6 +262,28 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
     return failed
 
 
+def _log_prefix(spec: dict, log_dir: Path) -> str:
+    """The grid's logs are ``{name}_{index}.log``; ``{name}-{hash of the grid file's path}_{index}.log`` when
+    ``log_dir`` already holds logs of another grid file of the same name (their header names the file), so that
+    two grids sharing a ``--log_dir`` never write into each other's logs."""
+    import glob
+    import hashlib
+    import re
+
+    name, mark = spec["name"], f"[grid {spec['path']}] "
+    for log in sorted(log_dir.glob(f"{glob.escape(name)}_*.log")):
+        if not re.fullmatch(re.escape(name) + r"_\d{3,}\.log", log.name):
+            continue
+        try:
+            with open(log, errors="replace") as f:
+                first = f.readline()
+        except OSError:
+            continue
+        if " [grid " in first and mark not in first:
+            return f"{name}-{hashlib.sha1(spec['path'].encode()).hexdigest()[:8]}"
+    return name
+
+
 def _main_thread() -> bool:
     import threading
 
@@ -258,19 +291,32 @@ def _main_thread() -> bool:
 
 
 def _stop(running: dict, grace_s: float = 30.0):
-    """SIGINT to each running command (it stops as on Ctrl-C), SIGKILL to any still alive after ``grace_s``."""
+    """SIGINT to each running command (it stops as on Ctrl-C), SIGKILL to any still alive after ``grace_s``, or at
+    once on a second Ctrl-C or SIGTERM: the launcher never exits with one of its commands still running."""
     import signal
 
-    for _, proc, _ in running.values():
+    procs = list(running.values())
+    for _, proc, _ in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
     deadline = time.time() + grace_s
-    for name, proc, log in running.values():
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    try:
+        for _, proc, _ in procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+    except KeyboardInterrupt:  # a second interrupt: no more waiting
+        print("[interrupted again: killing the running commands]", flush=True)
+    for name, proc, log in procs:
+        while True:
+            try:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                break
+            except KeyboardInterrupt:  # a further interrupt while killing: kill and wait all the same
+                continue
         log.close()
         print(f"[stopped {name}]", flush=True)
 
@@ -311,6 +357,21 @@ def _gpu_slots(text: str) -> list[str]:
     return ids
 
 
+def _join_extra(argv: list[str]) -> list[str]:
+    """``--extra VALUE`` as ``--extra=VALUE``: argparse takes a lone flag such as ``--extra "--max_iters=3"`` or
+    ``--extra --save_model`` for an option of its own and rejects it, while the value is meant for the runs."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if len(a) > 3 and "--extra".startswith(a) and i + 1 < len(argv):  # argparse's prefixes too (--ext)
+            out.append(f"--extra={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(a)
+            i += 1
+    return out
+
+
 @cli_entry
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -326,7 +387,7 @@ def main(argv=None):
     e = sub.add_parser("export", help="write WandB sweep files")
     e.add_argument("grid")
     e.add_argument("--out", default="sweeps")
-    a = p.parse_args(argv)
+    a = p.parse_args(_join_extra(sys.argv[1:] if argv is None else list(argv)))
     if a.cmd == "list":
         for path in sorted(GRID_DIR.glob("*.yaml")):
             spec = load_grid(str(path))
@@ -355,8 +416,9 @@ def main(argv=None):
         print(f"blocked: {'; '.join(f'{lm}: {_lm_problem(lm)}' for lm in lms)}")
     if a.dry_run:
         return 0
-    failed = launch([cmd for _, cmd in todo], slots, Path(a.log_dir),
-                    [f"{spec['name']}_{i:03d}" for i, _ in todo]) if todo else 0
+    prefix = _log_prefix(spec, Path(a.log_dir))
+    failed = launch([cmd for _, cmd in todo], slots, Path(a.log_dir), [f"{prefix}_{i:03d}" for i, _ in todo],
+                    grid=spec["path"]) if todo else 0
     if failed:
         raise UserError(f"{failed} of {len(todo)} runs failed; logs in {a.log_dir}")
     if blocked:

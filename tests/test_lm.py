@@ -681,3 +681,186 @@ def test_lm_script_resume_matches_uninterrupted_run(lm_dirs, tmp_path, monkeypat
     assert "nothing to do" in capsys.readouterr().err
     msg = expect_error(capsys, lm_experiment.main, [*cmd, "--outdir", "c", "--resume"])
     assert "nothing to resume: no run dt_gym-experiment-hopper-medium-<id> in c has finished an iteration" in msg
+
+
+# ---- lm_cotraining/experiment.py --resume: damaged and changed inputs ----------------------------------------------
+
+def _lm_resume_cmd(lm_dirs, hopper_data, *extra):
+    return ["--env", "hopper", "--dataset", "medium", "--data_path", str(hopper_data), "--pretrained_lm",
+            str(lm_dirs / "gpt2"), *RUN, "--num_steps_per_iter", "2", "--device", "cpu", *extra]
+
+
+def _lm_runs(parent: Path) -> list[Path]:
+    return sorted(p for p in parent.iterdir() if p.name.startswith("dt_gym-experiment-hopper-medium-"))
+
+
+def test_lm_resume_refuses_a_changed_corpus(lm_dirs, tmp_path, monkeypatch, capsys, hopper_data):
+    """--joint: a corpus that changed since the run started (same number of blocks, other tokens) stops the resume
+    with one line instead of continuing on other text; a damaged training state also stops it, keeping the files."""
+    from lm_cotraining import experiment as lm_experiment
+
+    monkeypatch.chdir(tmp_path)
+    lines = corpus_text(n_lines=300, seed=5).splitlines(keepends=True)
+    (tmp_path / "wiki.txt").write_text("".join(lines))
+    cmd = _lm_resume_cmd(lm_dirs, hopper_data, "--joint", "--nlp_dataset_name", "wiki.txt", "--outdir", "o")
+    lm_experiment.main([*cmd, "--max_iters", "1"])
+    (run,) = _lm_runs(tmp_path / "o")
+    state = run / "train_state.pt"
+    assert load_checkpoint(state)["trainer_extra"]["text_batches"]["fingerprint"]
+    (tmp_path / "wiki.txt").write_text("".join(reversed(lines)))          # the same tokens in another order
+    capsys.readouterr()
+    msg = expect_error(capsys, lm_experiment.main, [*cmd, "--max_iters", "2", "--resume"])
+    assert "cannot restore the training state" in msg and "other tokens than this one" in msg
+    (tmp_path / "wiki.txt").write_text("".join(lines))
+    before = sorted(p.name for p in run.iterdir())
+    state.write_bytes(state.read_bytes()[:2000])                          # a truncated training state
+    msg = expect_error(capsys, lm_experiment.main, [*cmd, "--max_iters", "2", "--resume"])
+    assert str(Path("o") / run.name / "train_state.pt") in msg and "not a loadable checkpoint" in msg
+    assert sorted(p.name for p in run.iterdir()) == before and not (run / "model_2.pt").exists()
+
+
+def test_text_batches_fingerprint_checks_the_tokens():
+    from decision_transformer.training.lm_cotrain import TextBatches
+
+    blocks = torch.arange(60).view(6, 10)
+    a = TextBatches(blocks, seed=1)
+    a.next()
+    st = a.state_dict()
+    b = TextBatches(blocks.clone(), seed=2)
+    b.load_state_dict(st)
+    assert torch.equal(a.next(), b.next())
+    with pytest.raises(ValueError, match="other tokens"):
+        TextBatches(blocks.flip(0), seed=1).load_state_dict(st)
+    old = {k: v for k, v in st.items() if k != "fingerprint"}              # a state written before the fingerprint
+    TextBatches(blocks.flip(0), seed=1).load_state_dict(old)
+
+
+def test_lm_resume_with_a_missing_or_broken_config(lm_dirs, tmp_path, monkeypatch, capsys, hopper_data):
+    """Two runs of the same flags: --resume continues the newest, also when its config.json is missing (its flags
+    are read from its train_state.pt) instead of silently continuing the older one; a run whose config.json is not
+    JSON is still found; --outdir '' says that no run folder is written."""
+    import os
+    import time
+
+    from lm_cotraining import experiment as lm_experiment
+
+    monkeypatch.chdir(tmp_path)
+    cmd = _lm_resume_cmd(lm_dirs, hopper_data, "--outdir", "o")
+    lm_experiment.main([*cmd, "--max_iters", "1"])
+    (old,) = _lm_runs(tmp_path / "o")
+    lm_experiment.main([*cmd, "--max_iters", "1"])
+    (new,) = [p for p in _lm_runs(tmp_path / "o") if p != old]
+    t = time.time()
+    for f in old.iterdir():
+        os.utime(f, (t - 100, t - 100))
+    (new / "config.json").unlink()
+    capsys.readouterr()
+    lm_experiment.main([*cmd, "--max_iters", "2", "--resume"])
+    err = capsys.readouterr().err
+    assert f"resuming {Path('o') / new.name} after iteration 1" in err and "read from its train_state.pt" in err
+    assert (new / "model_2.pt").is_file() and not (old / "model_2.pt").exists()
+    assert json.loads((new / "config.json").read_text())["exp_id"] == int(new.name.rsplit("-", 1)[1])
+    shutil.rmtree(new)
+    (old / "config.json").write_text("{not json")
+    lm_experiment.main([*cmd, "--max_iters", "2", "--resume"])
+    assert f"resuming {Path('o') / old.name} after iteration 1" in capsys.readouterr().err
+    (old / "config.json").write_text("[")
+    (old / "train_state.pt").write_bytes(b"x")
+    msg = expect_error(capsys, lm_experiment.main, [*cmd, "--max_iters", "3", "--resume"])
+    assert old.name in msg and "neither a readable config.json nor a readable train_state.pt" in msg
+    msg = expect_error(capsys, lm_experiment.main, [*cmd[:-2], "--outdir", "", "--resume"])
+    assert "--outdir '' writes none" in msg
+
+
+def test_lm_resume_keeps_the_first_parts_best_checkpoint(lm_dirs, tmp_path, monkeypatch, capsys, hopper_data):
+    """--save_model --save_mode best: a resumed run compares with the best score of the part before the interruption,
+    so a worse later iteration does not overwrite the earlier, better _best.pt; a better one does."""
+    import numpy as np
+
+    from decision_transformer import run as run_mod
+    from decision_transformer.evaluation import EvalResult
+    from lm_cotraining import experiment as lm_experiment
+
+    returns = {1: 500.0, 2: 100.0, 3: 900.0}
+    it = {"n": 0}
+
+    class NoPool:
+        def close(self):
+            pass
+
+    def fake_eval(model, env, target, n, *a, **k):
+        return EvalResult(target, np.full(n, returns[it["n"]]), np.full(n, 10))
+
+    monkeypatch.setattr(run_mod, "env_pool", lambda *a, **k: NoPool())
+    monkeypatch.setattr(run_mod, "evaluate_episodes", fake_eval)
+    monkeypatch.setattr(run_mod.Trainer, "train_iteration",
+                        lambda self, n, i, bar=None: it.update(n=i) or {"training/train_loss_mean": 0.0})
+    monkeypatch.chdir(tmp_path)
+    cmd = [*_lm_resume_cmd(lm_dirs, hopper_data, "--outdir", "o"), "--num_eval_episodes", "1", "--save_model",
+           "--save_mode", "best", "--env_targets", "3600"]
+    lm_experiment.main([*cmd, "--max_iters", "1"])
+    (run,) = _lm_runs(tmp_path / "o")
+    best = tmp_path / "models" / "hopper" / f"dt_{run.name[3:]}_best.pt"
+    assert load_checkpoint(best)["iteration"] == 1
+    lm_experiment.main([*cmd, "--max_iters", "2", "--resume"])
+    assert load_checkpoint(best)["iteration"] == 1                       # 100 < 500: the first part's best stays
+    lm_experiment.main([*cmd, "--max_iters", "3", "--resume"])
+    assert load_checkpoint(best)["iteration"] == 3
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+
+
+def test_resumed_metrics_survive_a_row_cut_before_its_newline(tmp_path):
+    """metrics.jsonl of a killed run: a half-written last row is dropped, a last row complete but for its newline
+    (or bytes that are not text) does not swallow the next row, which lands on a line of its own."""
+    from decision_transformer.logging import RunLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"iteration": 1, "a": 1}\n{"iteration": 2, "a": 2}')  # iteration 2 written but for "\n"
+    RunLogger(tmp_path, {}, resume=True, resume_after=2).log({"a": 3}, 3)
+    assert [json.loads(x)["iteration"] for x in path.read_text().splitlines()] == [1, 2, 3]
+    path.write_bytes(b'{"iteration": 1, "a": 1}\n{"iteration": 2, "a": 2}\n{"itera\xff\xfe')
+    RunLogger(tmp_path, {}, resume=True, resume_after=2).log({"a": 3}, 3)
+    assert [json.loads(x)["iteration"] for x in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_run_config_is_replaced_whole(tmp_path, monkeypatch):
+    """A resumed run rewrites config.json; a write that fails part-way (a full disk) leaves the previous file whole,
+    so that the run can still be found by its flags."""
+    import errno
+
+    from decision_transformer.logging import RunLogger
+
+    RunLogger(tmp_path, {"seed": 1, "env": "hopper"})
+    real = Path.write_text
+
+    def disk_full(self, data, *a, **k):
+        real(self, data[:5], *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError):
+        RunLogger(tmp_path, {"seed": 1, "env": "hopper", "max_iters": 3}, resume=True, resume_after=1)
+    monkeypatch.setattr(Path, "write_text", real)
+    assert json.loads((tmp_path / "config.json").read_text()) == {"seed": 1, "env": "hopper"}
+
+
+def test_restore_train_state_reports_any_damage_in_one_line(tmp_path):
+    """A training state whose parts have the wrong shape or type (a damaged or crafted file) is one UserError naming
+    the file, whatever the exception its loaders raise."""
+    from decision_transformer.run import restore_train_state, save_train_state
+
+    def objects():
+        model = torch.nn.Linear(2, 2)
+        opt = torch.optim.AdamW(model.parameters())
+        return model, Namespace(step=0), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), torch.Generator()
+
+    model, trainer, opt, sched, gen = objects()
+    path = tmp_path / "train_state.pt"
+    save_train_state(path, model, {}, trainer, opt, sched, gen, iteration=1, best_score=0.0, exp_id=7)
+    assert restore_train_state(path, *objects())["exp_id"] == 7
+    good = torch.load(path, weights_only=True)
+    for damage in ({"rng": {**good["rng"], "numpy": [1]}}, {"generator": [1, 2]}, {"rng": None}):
+        torch.save({**good, **damage}, path)
+        with pytest.raises(UserError, match="train_state.pt: cannot restore the training state"):
+            restore_train_state(path, *objects())

@@ -276,3 +276,136 @@ def test_runs_whose_lm_is_missing_are_blocked(tmp_path, capsys):
     err = _expect_error(capsys, ["run", str(path), "--log_dir", str(tmp_path / "logs")])
     assert "1 runs not started: their language model is not available here" in err
     assert not (tmp_path / "logs").exists()
+
+
+def test_extra_takes_a_lone_flag(tmp_path, capsys):
+    """--extra "--max_iters=3" (one flag, no space) or --extra --save_model is a value for the runs, not an option
+    of the launcher; with "=" forms the half-done runs are still found and resumed."""
+    grid = _grid(tmp_path, tmp_path / "data")
+    part = tmp_path / "ck" / "dt_medium_hopper_2_K5"
+    part.mkdir(parents=True)
+    (part / "train_state.pt").write_bytes(b"x")
+    for extra in (["--extra", "--max_iters=3"], ["--ext", "--max_iters=3"], ["--extra=--max_iters=3"]):
+        sweep.main(["run", str(grid), *extra, "--dry_run"])
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith("new ") and lines[0].endswith("--seed 1 --max_iters=3")
+        assert lines[1].startswith("partial ") and lines[1].endswith("--seed 2 --max_iters=3 --resume")
+    sweep.main(["run", str(grid), "--extra", "--save_model", "--dry_run"])
+    assert capsys.readouterr().out.splitlines()[0].endswith("--seed 1 --save_model")
+
+
+def test_second_interrupt_kills_the_running_commands(tmp_path, capsys):
+    """A second Ctrl-C (or SIGTERM) while the launcher waits for its commands to stop kills them at once: the
+    launcher never exits leaving a run behind that still trains and writes."""
+    import _thread
+    import os
+    import threading
+    import time
+
+    import pytest
+
+    script = ("import os, pathlib, signal, sys, time\n"
+              "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"                 # a run slow to stop
+              "pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\n"
+              "time.sleep(60)\n")
+    cmds = [[sys.executable, "-c", script, str(tmp_path / f"pid{i}")] for i in range(2)]
+
+    def interrupt_twice():
+        for _ in range(300):
+            if all((tmp_path / f"pid{i}").is_file() for i in range(2)):
+                break
+            threading.Event().wait(0.1)
+        _thread.interrupt_main()
+        threading.Event().wait(1.0)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_twice, daemon=True).start()
+    t0 = time.time()
+    try:
+        with pytest.raises(sweep.Interrupted, match="stopped 2 running"):
+            sweep.launch(cmds, [None, None], tmp_path / "logs", ["a", "b"])
+    except KeyboardInterrupt:
+        for i in range(2):
+            os.kill(int((tmp_path / f"pid{i}").read_text()), 9)
+        pytest.fail("the second interrupt escaped the launcher, leaving its commands running")
+    assert time.time() - t0 < 25
+    for i in range(2):
+        with pytest.raises(ProcessLookupError):
+            os.kill(int((tmp_path / f"pid{i}").read_text()), 0)
+    out = capsys.readouterr().out
+    assert "[stopped a]" in out and "[stopped b]" in out
+
+
+def test_lm_runs_the_newest_decides(tmp_path, monkeypatch, capsys):
+    """lm_cotraining/experiment.py: the launcher looks at the run that --resume continues, the newest of the same
+    flags (an older finished one does not hide it), also when that run's config.json is missing (its flags are then
+    read from its train_state.pt, as --resume does); --dry_run prints its command ending with --resume."""
+    import json
+    import os
+    import time
+
+    import torch
+
+    from decision_transformer.cli_lm import lm_cotraining_parser
+    from decision_transformer.run import resume_signature
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep, "_lm_problem", lambda name: None)
+    spec = {"program": "lm_cotraining/experiment.py", "name": "lm",
+            "fixed": {"pretrained_lm": "checkpoints/ChibiT", "max_iters": 2, "outdir": "rel"},
+            "grid": {"seed": [1]}}
+    cfg = resume_signature(lm_cotraining_parser().parse_args(sweep.to_argv({**spec["fixed"], "seed": 1})))
+
+    def folder(exp_id, iteration, age, config=True):
+        d = tmp_path / "rel" / f"dt_gym-experiment-hopper-medium-{exp_id}"
+        d.mkdir(parents=True)
+        if config:
+            (d / "config.json").write_text(json.dumps(cfg))
+        torch.save({"iteration": iteration, "config": cfg}, d / "train_state.pt")
+        for i in range(iteration + 1):
+            (d / f"model_{i}.pt").write_bytes(b"x")
+        for f in d.iterdir():
+            os.utime(f, (time.time() - age, time.time() - age))
+        return d
+
+    folder(111111, 2, 100)
+    assert [s for s, _ in sweep.plan(spec, [])] == ["done"]
+    folder(222222, 1, 10)                                   # started again later, stopped half-way
+    assert [s for s, _ in sweep.plan(spec, [])] == ["partial"]
+    folder(333333, 1, 1, config=False)
+    sweep.main(["run", str(_write(tmp_path, spec)), "--extra", "--max_iters=2", "--dry_run"])
+    out = capsys.readouterr()
+    assert out.out.startswith("partial ") and out.out.splitlines()[0].endswith("--max_iters=2 --resume")
+    assert "dt_gym-experiment-hopper-medium-333333/config.json is missing or not JSON" in out.err
+
+
+def _write(tmp_path, spec):
+    import yaml
+
+    path = tmp_path / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in spec.items() if k != "name"}))
+    return path
+
+
+def test_two_grids_of_one_name_keep_their_logs_apart(tmp_path):
+    """Two grid files of the same name sharing a --log_dir: the second one's logs get the grid file's hash, so
+    neither appends to the other's; each grid keeps appending to its own logs."""
+    specs = []
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        path = tmp_path / d / "g.yaml"
+        path.write_text("program: experiment.py\ngrid: {seed: [1]}\n")
+        specs.append(sweep.load_grid(str(path)))
+    logs = tmp_path / "logs"
+    cmd = [[sys.executable, "-c", "print('hi')"]]
+    first = sweep._log_prefix(specs[0], logs)
+    assert first == "g"
+    assert sweep.launch(cmd, [None], logs, [f"{first}_000"], grid=specs[0]["path"]) == 0
+    assert sweep._log_prefix(specs[0], logs) == "g"
+    second = sweep._log_prefix(specs[1], logs)
+    assert second.startswith("g-") and second == sweep._log_prefix(specs[1], logs)
+    assert sweep.launch(cmd, [None], logs, [f"{second}_000"], grid=specs[1]["path"]) == 0
+    assert sweep._log_prefix(specs[0], logs) == "g" and sweep._log_prefix(specs[1], logs) == second
+    header = (logs / "g_000.log").read_text().splitlines()[0]
+    assert header.startswith("=== ") and f"[grid {specs[0]['path']}]" in header
+    assert (logs / f"{second}_000.log").read_text().count("=== ") == 1

@@ -157,6 +157,7 @@ class TextBatches:
         self.generator = torch.Generator().manual_seed(int(seed))
         self._order = torch.empty(0, dtype=torch.long)
         self._pos = 0
+        self._fingerprint: str | None = None
 
     def next(self) -> torch.Tensor:
         if self._pos + self.batch_size > len(self._order):
@@ -166,14 +167,29 @@ class TextBatches:
         self._pos += self.batch_size
         return self.blocks[idx.to(self.blocks.device)]
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the token blocks (computed once): a resumed run checks that it reads the same tokens."""
+        if self._fingerprint is None:
+            import hashlib
+
+            h = hashlib.sha256(f"{tuple(self.blocks.shape)}".encode())
+            for chunk in self.blocks.split(4096):
+                h.update(chunk.to("cpu", torch.int64).contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
     def state_dict(self) -> dict:
-        """Where the stream stands (shuffle generator, this pass's order and position), for ``--resume``."""
+        """Where the stream stands (shuffle generator, this pass's order and position), for ``--resume``, and the
+        fingerprint of the tokens it reads."""
         return {"generator": self.generator.get_state(), "order": self._order.clone(), "pos": self._pos,
-                "n_blocks": len(self.blocks)}
+                "n_blocks": len(self.blocks), "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict):
         if int(state["n_blocks"]) != len(self.blocks):
             raise ValueError(f"the run's LM corpus had {state['n_blocks']} blocks, this one has {len(self.blocks)}")
+        if state.get("fingerprint") not in (None, self.fingerprint()):  # states written before it was recorded: None
+            raise ValueError("the run's LM corpus had other tokens than this one (the corpus text or the tokenizer "
+                             "changed since the run started)")
         self.generator.set_state(state["generator"])
         self._order, self._pos = state["order"].clone(), int(state["pos"])
 
