@@ -71,7 +71,8 @@ def find_run(parent: str | os.PathLike, prefix: str, signature: dict, require: s
             cfg = json.loads((d / "config.json").read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(cfg, dict) and all(cfg.get(k) == v for k, v in want.items()):
+        # a flag the file does not record (a run made before the flag existed) is not compared
+        if isinstance(cfg, dict) and all(k not in cfg or cfg[k] == v for k, v in want.items()):
             newest = max((f.stat().st_mtime for f in d.iterdir() if f.suffix in (".pt", ".json")), default=0.0)
             found.append((newest, d.name, d))
     return max(found)[2] if found else None
@@ -104,7 +105,7 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: runs writing one cache never collide
     try:
         torch.save(obj, tmp)
     except RuntimeError as e:  # torch reports an unwritable file as a RuntimeError

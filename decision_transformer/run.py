@@ -285,7 +285,7 @@ def lm_resume_dir(args, parent: Path) -> Path:
 #: must match the run it continues.
 RESUME_FREE = frozenset({"max_iters", "resume", "device", "threads", "log_to_wandb", "project", "end_break", "note",
                          "num_eval_episodes", "save_model", "save_mode", "precision", "compile", "data_path",
-                         "outdir", "no_generate", "eval_workers"})
+                         "outdir", "no_generate", "eval_workers", "no_token_cache"})
 
 
 def resume_mismatches(args, config_path: Path | dict) -> list[str]:
@@ -459,13 +459,15 @@ def _run(args, script: str) -> dict:
             if run_dir is not None:
                 atomic_save(make_checkpoint(model.state_dict(), config, iteration=it, **ckpt_extra),
                             run_dir / f"model_{it}.pt")
-            if run_dir is not None:
-                save_train_state(run_dir / TRAIN_STATE, model, config, trainer, optimizer, scheduler, generator,
-                                 iteration=it, best_score=best_score, exp_id=exp_id, **ckpt_extra)
+            # the best model before the training state that records its score: a run stopped between the two
+            # redoes this iteration on resume instead of never writing the model
             if args.save_model and improved and args.save_mode in ("best", "both"):
                 path = atomic_save(make_checkpoint(model.state_dict(), config, iteration=it, specializations=[args.env],
                                                    **ckpt_extra), models_dir / f"{args.model_type}_{exp_prefix}_best.pt")
                 print(f"saved {path} (best so far, iteration {it})", file=sys.stderr)
+            if run_dir is not None:
+                save_train_state(run_dir / TRAIN_STATE, model, config, trainer, optimizer, scheduler, generator,
+                                 iteration=it, best_score=best_score, exp_id=exp_id, **ckpt_extra)
         if args.save_model and args.save_mode in ("last", "both"):
             path = atomic_save(make_checkpoint(model.state_dict(), config, iteration=args.max_iters,
                                                specializations=[args.env], **ckpt_extra),

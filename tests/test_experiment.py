@@ -4,6 +4,7 @@ import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,3 +323,45 @@ def test_eval_workers_give_the_same_metrics(tmp_path, monkeypatch, hopper_data):
         row = json.loads((run_dir(d) / "metrics.jsonl").read_text())
         rows[w] = {k: v for k, v in row.items() if k.startswith("evaluation/target")}
     assert rows["0"] and rows["0"] == rows["2"]
+
+
+def test_best_model_is_written_before_the_training_state(tmp_path, monkeypatch, capsys, hopper_data):
+    """A run stopped while saving the training state of an improved iteration has already written its _best.pt;
+    the resumed run redoes that iteration."""
+    from decision_transformer import run as run_mod
+
+    real = run_mod.save_train_state
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod, "save_train_state", stopped)
+    with pytest.raises(SystemExit):
+        run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "2", "--save_model",
+            "--save_mode", "best")
+    assert len(list((tmp_path / "models" / "hopper").glob("dt_gym-experiment-hopper-medium-*_best.pt"))) == 1
+    monkeypatch.setattr(run_mod, "save_train_state", real)
+
+
+def test_atomic_save_uses_a_temporary_file_of_its_own(tmp_path, monkeypatch):
+    """Runs writing one shared cache file (k-means centres, Fisher, tokens) at the same time never share a temporary
+    file: its name carries the process id."""
+    from decision_transformer import checkpoint
+
+    written = []
+    real_save = torch.save
+    monkeypatch.setattr(checkpoint.torch, "save", lambda obj, f: (written.append(Path(f)), real_save(obj, f)))
+    out = checkpoint.atomic_save({"x": torch.ones(2)}, tmp_path / "cache" / "c.pt")
+    assert written == [tmp_path / "cache" / f"c.pt.{os.getpid()}.tmp"] and out.is_file()
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_find_run_ignores_flags_an_older_config_does_not_record(tmp_path):
+    from decision_transformer.checkpoint import find_run
+
+    d = tmp_path / "run_123"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"lr": 0.1}))
+    (d / "train_state.pt").write_bytes(b"x")
+    assert find_run(tmp_path, "run_", {"lr": 0.1, "flag_added_later": 3}, require="train_state.pt") == d
+    assert find_run(tmp_path, "run_", {"lr": 0.2}, require="train_state.pt") is None

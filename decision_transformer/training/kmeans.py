@@ -91,11 +91,9 @@ def load_or_compute_centres(wte: torch.Tensor, n_clusters: int, cache: str | Non
           file=sys.stderr)
     c = cosine_kmeans(wte, n_clusters, seed=seed).cpu().contiguous()
     if cache:
-        path = Path(cache)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(c, tmp)
-        tmp.replace(path)
+        from decision_transformer.checkpoint import atomic_save
+
+        path = atomic_save(c, cache)
         print(f"k-means: centres saved to {path}", file=sys.stderr)
     return c
 

@@ -122,7 +122,6 @@ def cached_tokenize_corpus(files: list[Path], tokenizer, block_size: int, vocab_
     """``tokenize_corpus`` through a cache: ``cache_dir/joint_{key}.pt`` with the key made of the corpus files (path,
     size, modification time), the tokenizer's fingerprint and the block size. A damaged cache file is recomputed."""
     import hashlib
-    import os
 
     if cache_dir is None:
         return tokenize_corpus(files, tokenizer, block_size, vocab_size)
@@ -141,10 +140,9 @@ def cached_tokenize_corpus(files: list[Path], tokenizer, block_size: int, vocab_
             pass
         print(f"warning: {path}: unreadable token cache, tokenising again", file=sys.stderr)
     blocks = tokenize_corpus(files, tokenizer, block_size, vocab_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"blocks": blocks, "files": [str(f) for f in files]}, tmp)
-    os.replace(tmp, path)
+    from decision_transformer.checkpoint import atomic_save
+
+    atomic_save({"blocks": blocks, "files": [str(f) for f in files]}, path)
     return blocks
 
 
