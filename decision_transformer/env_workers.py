@@ -4,13 +4,27 @@ Python thread that also launches the model's forwards.
 Env ``i`` lives in worker ``i % W`` (round robin, so the envs still running late in an evaluation stay spread over
 the workers). Each message is one reset or one step of some of a worker's envs; replies come back in order. An
 episode's reset seed and actions alone decide its trajectory, so the results equal in-process stepping exactly
-(tested). This module imports neither torch nor the model: the workers start quickly.
+(tested). This module imports neither torch nor the model, and the workers do not re-import the main script (no
+``if __name__ == "__main__"`` guard needed, scripts read from stdin work): the workers start quickly.
+
+Ctrl-C is the main process's to handle: the workers ignore SIGINT (also while they start), and end when the main
+process closes them or goes away (their pipe then reads end-of-file). Steps sent and not waited for (Ctrl-C between
+``step_async`` and ``step_wait``) are waited for by the next ``reset``. A round that failed or was cut short while a
+message was in transit (a worker error or exit, Ctrl-C during a send or receive) leaves the workers unusable;
+``EnvPool`` then starts new ones for its next evaluation.
 """
 from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import time
+import types
 
 import numpy as np
 
 from decision_transformer.envs import DEFAULT_ENV_VERSION, make_env
+from decision_transformer.errors import UserError
 
 
 def episode_seed(seed: int, i: int) -> int:
@@ -35,7 +49,18 @@ def step_envs(envs: list, actions: np.ndarray):
     return np.asarray(obs, dtype=np.float64).reshape(len(envs), -1), rewards, done
 
 
+class _WorkerError:
+    """A worker's reply when one of its envs raised (the worker then exits)."""
+
+    def __init__(self, e: Exception):
+        self.text, self.user = f"{type(e).__name__}: {e}", isinstance(e, UserError)
+        self.message = str(e)
+
+
 def _worker(conn, env: str, version: str):
+    if hasattr(signal, "pthread_sigmask"):  # started with SIGINT blocked (see _starting_workers); ignore it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     envs: list = []
     try:
         while True:
@@ -54,13 +79,38 @@ def _worker(conn, env: str, version: str):
         pass
     except Exception as e:  # noqa: BLE001 - reported to the main process, which raises it
         try:
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+            conn.send(_WorkerError(e))
         except (OSError, ValueError):
             pass
     finally:
         for e in envs:
             e.close()
         conn.close()
+
+
+@contextlib.contextmanager
+def _starting_workers():
+    """While worker processes start: SIGINT blocked in this thread, so the workers inherit it blocked (a Ctrl-C during
+    their interpreter start-up would print a traceback from each; one that arrives meanwhile reaches this process when
+    the block ends), and a stand-in ``__main__`` module, so that spawn does not make them re-run the main script (the
+    workers need nothing from it: their target is ``_worker``, their arguments a pipe and two strings)."""
+    mask = None
+    if hasattr(signal, "pthread_sigmask"):
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()  # its first start unblocks SIGINT: start it before blocking
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if main is not None:
+            sys.modules["__main__"] = main
+        else:
+            sys.modules.pop("__main__", None)
 
 
 class EnvWorkers:
@@ -74,26 +124,63 @@ class EnvWorkers:
         ctx = mp.get_context("spawn")  # no fork of a process that may hold CUDA state
         self.env, self.version = env, version
         self.conns, self.procs = [], []
-        for _ in range(workers):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(child, env, version), daemon=True)
-            p.start()
-            child.close()
-            self.conns.append(parent)
-            self.procs.append(p)
         self._pending: list = []
+        self._broken = False
+        try:
+            with _starting_workers():
+                for _ in range(workers):
+                    parent, child = ctx.Pipe()
+                    self.conns.append(parent)
+                    p = ctx.Process(target=_worker, args=(child, env, version), daemon=True)
+                    try:
+                        p.start()
+                    finally:
+                        child.close()
+                    self.procs.append(p)
+        except BaseException:  # e.g. Ctrl-C while starting: no worker is left behind
+            self.close()
+            raise
 
     @property
     def workers(self) -> int:
         return len(self.conns)
 
+    @property
+    def usable(self) -> bool:
+        """False once closed, after a round that failed or was cut short (an exception or Ctrl-C in the middle of
+        one: replies may be left in the pipes), or when a worker has exited."""
+        return bool(self.conns) and not self._broken and all(p.is_alive() for p in self.procs)
+
+    @contextlib.contextmanager
+    def _round(self):
+        if self._broken or not self.conns:
+            raise RuntimeError("evaluation env workers are unusable (closed, or an earlier round failed or was "
+                               "interrupted); close them and start new ones")
+        try:
+            yield
+        except BaseException:
+            self._broken = True
+            raise
+
+    def _exited(self, w: int) -> RuntimeError:
+        self.procs[w].join(timeout=1)
+        return RuntimeError(f"evaluation env worker {w} exited (exit code {self.procs[w].exitcode})")
+
+    def _send(self, w: int, msg):
+        try:
+            self.conns[w].send(msg)
+        except OSError:  # broken pipe: the worker is gone
+            raise self._exited(w) from None
+
     def _recv(self, w: int):
         try:
             msg = self.conns[w].recv()
-        except EOFError:
-            raise RuntimeError(f"evaluation env worker {w} exited (exit code {self.procs[w].exitcode})") from None
-        if isinstance(msg, tuple) and len(msg) == 2 and isinstance(msg[0], str) and msg[0] == "error":
-            raise RuntimeError(f"evaluation env worker {w}: {msg[1]}")
+        except (EOFError, OSError):  # end of file or connection reset: the worker is gone
+            raise self._exited(w) from None
+        if isinstance(msg, _WorkerError):
+            if msg.user:
+                raise UserError(msg.message)
+            raise RuntimeError(f"evaluation env worker {w}: {msg.text}")
         return msg
 
     def _split(self, idx: np.ndarray):
@@ -106,47 +193,56 @@ class EnvWorkers:
                 yield w, pos, idx[pos] // W
 
     def reset(self, n: int, seed: int, mode: str) -> np.ndarray:
-        """Reset envs 0..n-1 for episodes 0..n-1; their first observations [n, d]."""
-        idx = np.arange(n)
-        parts = list(self._split(idx))
-        for w, pos, local in parts:
-            self.conns[w].send(("reset", [(int(j), int(i)) for j, i in zip(local, idx[pos])], seed, mode))
-        out = None
-        for w, pos, _ in parts:
-            obs = self._recv(w)
-            if out is None:
-                out = np.zeros((n, obs.shape[1]))
-            out[pos] = obs
-        return out
+        """Reset envs 0..n-1 for episodes 0..n-1; their first observations [n, d]. Rounds sent and not waited for
+        are waited for first (their results dropped)."""
+        while self._pending:
+            self.step_wait()
+        with self._round():
+            idx = np.arange(n)
+            parts = list(self._split(idx))
+            for w, pos, local in parts:
+                self._send(w, ("reset", [(int(j), int(i)) for j, i in zip(local, idx[pos])], seed, mode))
+            out = None
+            for w, pos, _ in parts:
+                obs = self._recv(w)
+                if out is None:
+                    out = np.zeros((n, obs.shape[1]))
+                out[pos] = obs
+            return out
 
     def step_async(self, idx: np.ndarray, actions: np.ndarray):
         """Send env ``idx[j]`` the action ``actions[j]``; the results come from the matching ``step_wait``."""
-        parts = list(self._split(idx))
-        for w, pos, local in parts:
-            self.conns[w].send(("step", local, np.ascontiguousarray(actions[pos])))
-        self._pending.append((len(idx), parts))
+        with self._round():
+            parts = list(self._split(idx))
+            self._pending.append((len(idx), parts))
+            for w, pos, local in parts:
+                self._send(w, ("step", local, np.ascontiguousarray(actions[pos])))
 
     def step_wait(self):
         """(observations, rewards, episode over) of the oldest ``step_async``, in its order of ``idx``."""
-        n, parts = self._pending.pop(0)
-        obs = rewards = done = None
-        for w, pos, _ in parts:
-            o, r, d = self._recv(w)
-            if obs is None:
-                obs, rewards, done = np.zeros((n, o.shape[1])), np.zeros(n), np.zeros(n, dtype=bool)
-            obs[pos], rewards[pos], done[pos] = o, r, d
-        return obs, rewards, done
+        with self._round():
+            n, parts = self._pending.pop(0)
+            obs = rewards = done = None
+            for w, pos, _ in parts:
+                o, r, d = self._recv(w)
+                if obs is None:
+                    obs, rewards, done = np.zeros((n, o.shape[1])), np.zeros(n), np.zeros(n, dtype=bool)
+                obs[pos], rewards[pos], done[pos] = o, r, d
+            return obs, rewards, done
 
-    def close(self):
+    def close(self, timeout: float = 5.0):
+        """Stop the workers (idempotent): each is asked to close, its pipe closed (end of file for one still busy),
+        and any left after ``timeout`` seconds in all killed. Every worker is waited for: none is left behind."""
         for c in self.conns:
             try:
                 c.send(("close",))
             except (OSError, ValueError):
                 pass
+            c.close()
+        deadline = time.monotonic() + timeout
         for p in self.procs:
-            p.join(timeout=5)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
-        for c in self.conns:
-            c.close()
-        self.conns, self.procs = [], []
+                p.join()
+        self.conns, self.procs, self._pending = [], [], []

@@ -55,7 +55,9 @@ class LocalEnvs:
 
 class EnvPool:
     """Gymnasium envs reused across evaluations (creating MuJoCo envs is not free). With ``workers`` > 0 the batched
-    evaluation steps them in that many worker processes (``env_workers.EnvWorkers``), started on first use."""
+    evaluation steps them in up to that many worker processes (``env_workers.EnvWorkers``, one per episode at most),
+    started on first use; started again when an evaluation needs more of them than run, or after one failed or was
+    interrupted (Ctrl-C) midway or a worker exited."""
 
     def __init__(self, env: str, version: str = DEFAULT_ENV_VERSION, workers: int = 0):
         self.env, self.version, self.workers = env, version, int(workers)
@@ -70,10 +72,14 @@ class EnvPool:
     def stepper(self, n: int):
         """What steps the envs of an n-episode evaluation: worker processes, or envs of this process."""
         if self.workers > 0 and n > 1:
+            want = min(self.workers, n)
+            if self._remote is not None and (not self._remote.usable or self._remote.workers < want):
+                self._remote.close()
+                self._remote = None
             if self._remote is None:
                 from decision_transformer.env_workers import EnvWorkers
 
-                self._remote = EnvWorkers(self.env, self.version, min(self.workers, n))
+                self._remote = EnvWorkers(self.env, self.version, want)
             return self._remote
         return LocalEnvs(self.get(n))
 

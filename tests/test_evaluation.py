@@ -448,3 +448,236 @@ def test_env_workers_default():
     from decision_transformer.cpu import available_cpus
 
     assert ev.default_env_workers("cuda", 50) == max(0, min(8, len(available_cpus()) - 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. env worker processes: reuse, failures, interrupts, signals, main scripts
+# ---------------------------------------------------------------------------------------------------------------------
+def _hopper_eval(models, pool, n=6, seed=SEED, mode="normal", **kw):
+    mean, std = norm_stats("hopper")
+    return ev.evaluate_episodes(kw.pop("model", models["hopper"]), "hopper", 3600.0, n, mean, std, seed=seed,
+                                mode=mode, pool=pool, **kw)
+
+
+def _assert_same(a, b):
+    np.testing.assert_array_equal(a.lengths, b.lengths)
+    np.testing.assert_array_equal(a.returns, b.returns)
+
+
+def test_env_worker_pool_reused_across_episode_counts_seeds_and_modes(models, pools, monkeypatch):
+    """One pool serves evaluations of 2, 7, 3 and 9 episodes with other seeds and modes, one whose episodes all stop
+    after one step (envs left mid-episode), and equals stepping in this process each time. It starts more workers
+    when an evaluation needs more than run (up to ``workers``), and keeps them for smaller ones."""
+    remote = ev.EnvPool("hopper", workers=4)
+    try:
+        _assert_same(_hopper_eval(models, remote, 2), _hopper_eval(models, pools["hopper"], 2))
+        first = list(remote._remote.procs)
+        assert len(first) == 2
+        for n, seed, mode in [(7, 3, "noise"), (3, 4, "delayed"), (9, 5, "normal")]:
+            _assert_same(_hopper_eval(models, remote, n, seed, mode), _hopper_eval(models, pools["hopper"], n, seed, mode))
+            assert remote._remote.workers == 4
+        assert not any(p.is_alive() for p in first)           # the 2 first workers were replaced by 4
+        spec = get_env_spec("hopper")
+        one_step = type(spec)(**{**spec.__dict__, "max_ep_len": 1})
+        with monkeypatch.context() as m:
+            m.setattr(ev, "get_env_spec", lambda name: one_step)
+            short = _hopper_eval(models, remote, 5, seed=7)
+        assert list(short.lengths) == [1] * 5
+        _assert_same(_hopper_eval(models, remote, 5, seed=7), _hopper_eval(models, pools["hopper"], 5, seed=7))
+    finally:
+        remote.close()
+
+
+class _KillWorker:
+    """The hopper policy, killing (SIGKILL) env worker 1 of ``pool`` before the 5th forward."""
+
+    def __init__(self, model, pool):
+        self.model, self.config, self.pool, self.calls = model, model.config, pool, 0
+
+    def eval(self):
+        return self
+
+    def get_action(self, *args):
+        self.calls += 1
+        if self.calls == 5:
+            import signal
+
+            p = self.pool._remote.procs[1]
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(timeout=5)
+        return self.model.get_action(*args)
+
+
+class _InterruptAt:
+    """A progress bar whose ``n``-th update raises KeyboardInterrupt (Ctrl-C in the middle of a step's groups)."""
+
+    def __init__(self, n):
+        self.calls, self.n = 0, n
+
+    def update(self, k):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+
+
+class _InterruptingConn:
+    """A worker's pipe whose next ``recv`` raises KeyboardInterrupt (Ctrl-C while waiting for the worker's reply)."""
+
+    def __init__(self, conn):
+        self.conn, self.armed = conn, True
+
+    def recv(self):
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+        return self.conn.recv()
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+@pytest.mark.parametrize("failure", ["killed", "interrupted_between_replies", "interrupted_in_recv", "bad_action"])
+def test_env_worker_pool_recovers_after_a_failed_evaluation(failure, models, pools):
+    """A worker killed mid-evaluation raises a RuntimeError naming it; Ctrl-C between the replies of one env step
+    (the other groups' replies left in the pipes) or while waiting for a reply propagates; a worker error raises.
+    The pool's next evaluations equal stepping in this process: it waits for the replies left, or starts new workers
+    where a round was cut short or a worker is gone; ``close`` (twice) leaves no process."""
+    ref = _hopper_eval(models, pools["hopper"])
+    remote = ev.EnvPool("hopper", workers=2)
+    try:
+        _assert_same(_hopper_eval(models, remote), ref)
+        old = list(remote._remote.procs)
+        if failure == "killed":
+            with pytest.raises(RuntimeError, match=r"evaluation env worker 1 exited \(exit code -9\)"):
+                _hopper_eval(models, remote, model=_KillWorker(models["hopper"], remote))
+        elif failure == "interrupted_between_replies":
+            with pytest.raises(KeyboardInterrupt):
+                _hopper_eval(models, remote, overlap_groups=3, progress=_InterruptAt(4))
+            assert len(remote._remote._pending) == 2              # the 2nd and 3rd groups of the step
+        elif failure == "interrupted_in_recv":
+            remote._remote.conns[1] = _InterruptingConn(remote._remote.conns[1])
+            with pytest.raises(KeyboardInterrupt):
+                _hopper_eval(models, remote)
+        else:
+            s = remote.stepper(6)
+            s.reset(6, 0, "normal")
+            s.step_async(np.arange(6), np.zeros((6, 5)))
+            with pytest.raises(RuntimeError, match="evaluation env worker .: ValueError"):
+                s.step_wait()
+        restart = failure != "interrupted_between_replies"
+        assert remote._remote.usable is not restart
+        _assert_same(_hopper_eval(models, remote), ref)
+        _assert_same(_hopper_eval(models, remote, 4, seed=2), _hopper_eval(models, pools["hopper"], 4, seed=2))
+        assert remote._remote.usable
+        new = list(remote._remote.procs)
+        assert (new == old) is not restart
+        if restart:
+            assert not any(p.is_alive() for p in old)
+    finally:
+        remote.close()
+        remote.close()
+    assert all(p.exitcode is not None for p in old + new)        # all ended and waited for
+
+
+def test_env_workers_reset_waits_for_rounds_left_pending():
+    """A step sent and never waited for (Ctrl-C between ``step_async`` and ``step_wait``): the next reset drops its
+    results instead of taking them for observations."""
+    from decision_transformer.env_workers import EnvWorkers
+
+    envs = [make_env("hopper") for _ in range(3)]
+    w = EnvWorkers("hopper", workers=2)
+    try:
+        w.reset(3, seed=0, mode="normal")
+        w.step_async(np.arange(3), np.zeros((3, 3), dtype=np.float32))
+        obs = w.reset(3, seed=1, mode="normal")
+        np.testing.assert_array_equal(obs, np.stack([ev.initial_obs(e, 1, i, "normal") for i, e in enumerate(envs)]))
+        assert w.usable
+    finally:
+        w.close()
+        for e in envs:
+            e.close()
+
+
+def test_env_worker_user_error_stays_a_user_error():
+    """An error the user can fix (here an env version) is a UserError with workers too, as in this process."""
+    pool = ev.EnvPool("hopper", "v3", workers=2)
+    try:
+        with pytest.raises(UserError, match="unsupported --env_version 'v3'"):
+            pool.stepper(2).reset(2, 0, "normal")
+    finally:
+        pool.close()
+
+
+_SIGINT_SCRIPT = """
+import os, signal, time
+import numpy as np
+from multiprocessing import resource_tracker
+from decision_transformer.env_workers import EnvWorkers
+
+if __name__ == "__main__":
+    assert resource_tracker._resource_tracker._fd is None       # a fresh process: the first workers it starts
+    w = EnvWorkers("hopper", workers=2)
+    for p in w.procs:                                           # at once: the workers are still starting up
+        os.kill(p.pid, signal.SIGINT)
+    first = w.reset(2, seed=0, mode="normal")
+    for p in w.procs:
+        os.kill(p.pid, signal.SIGINT)
+    time.sleep(0.3)
+    assert all(p.is_alive() for p in w.procs)
+    assert np.array_equal(w.reset(2, seed=0, mode="normal"), first)
+    w.close()
+    print("ok")
+"""
+
+
+def _run_python(tmp_path, script: str, *, stdin: bool = False):
+    """Run ``script`` in a fresh interpreter (from a file, or read from stdin) with this checkout importable."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    if stdin:
+        return subprocess.run([sys.executable, "-"], input=script, cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=60)
+    path = tmp_path / "script.py"
+    path.write_text(script)
+    return subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_env_workers_ignore_sigint(tmp_path):
+    """Ctrl-C is the main process's: SIGINT reaching the workers, while they start or later, stops none of them
+    (also for the first workers of a process, whose start also starts multiprocessing's resource tracker)."""
+    out = _run_python(tmp_path, _SIGINT_SCRIPT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["ok"]
+    assert "KeyboardInterrupt" not in out.stderr
+
+
+_SCRIPT_WITHOUT_MAIN_GUARD = """
+import numpy as np
+from decision_transformer.env_workers import EnvWorkers, initial_obs, step_envs
+from decision_transformer.envs import make_env
+print("top level", flush=True)
+w = EnvWorkers("hopper", workers=2)
+obs = w.reset(3, 0, "normal")
+a = np.full((3, 3), 0.5, dtype=np.float32)
+w.step_async(np.arange(3), a)
+o, r, d = w.step_wait()
+w.close()
+envs = [make_env("hopper") for _ in range(3)]
+assert np.array_equal(obs, np.stack([initial_obs(e, 0, i, "normal") for i, e in enumerate(envs)]))
+lo, lr, ld = step_envs(envs, a)
+assert np.array_equal(o, lo) and np.array_equal(r, lr) and np.array_equal(d, ld)
+print("same", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["file", "stdin"])
+def test_env_workers_from_a_script_without_main_guard(how, tmp_path):
+    """The workers do not re-run the main script (spawn would, by default): a script without an
+    ``if __name__ == "__main__"`` guard, or one read from stdin, starts them and gets the in-process results."""
+    out = _run_python(tmp_path, _SCRIPT_WITHOUT_MAIN_GUARD, stdin=how == "stdin")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["top", "level", "same"]
