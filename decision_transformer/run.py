@@ -268,7 +268,7 @@ def lm_resume_dir(args, parent: Path) -> Path:
         cfg = config_of(d)
         if cfg is None:
             continue
-        if all(cfg.get(k) == v for k, v in want.items()):
+        if all(k not in cfg or cfg[k] == v for k, v in want.items()):  # as find_run: unrecorded flags not compared
             return d
         first = first or (d, cfg)
     if first is None:
@@ -276,7 +276,7 @@ def lm_resume_dir(args, parent: Path) -> Path:
                         f"({', '.join(sorted(unreadable))}) have neither a readable config.json nor a readable "
                         f"{TRAIN_STATE}")
     other, cfg = first
-    differ = resume_mismatches(args, cfg) + [f"--{k} (the run does not record it)" for k in want if k not in cfg]
+    differ = resume_mismatches(args, cfg)
     raise UserError(f"nothing to resume: no run {prefix}<id> in {parent} was made with these flags; the newest, "
                     f"{other.name}, differs in {'; '.join(differ) or 'its flags'}")
 
