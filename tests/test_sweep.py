@@ -148,12 +148,29 @@ def test_local_run_two_processes_then_skip(tmp_path, hopper_data, capsys):
     assert "2 finished (skipped)" in capsys.readouterr().out
 
 
+def _interrupt_once_started(tmp_path, n: int, times: int):
+    """From another thread: once commands 0..n-1 wrote their pid files, raise KeyboardInterrupt in the main thread
+    (as Ctrl-C does) ``times`` times, 1 s apart."""
+    import _thread
+    import threading
+
+    def interrupt():
+        for _ in range(300):
+            if all((tmp_path / f"pid{i}").is_file() for i in range(n)):
+                break
+            threading.Event().wait(0.1)
+        for k in range(times):
+            if k:
+                threading.Event().wait(1.0)
+            _thread.interrupt_main()
+
+    threading.Thread(target=interrupt, daemon=True).start()
+
+
 def test_interrupt_stops_the_running_commands(tmp_path, capsys):
     """Ctrl-C (here: KeyboardInterrupt raised in the launcher's thread) sends SIGINT to the running commands, waits
     for them and exits 130 with one line; the commands see the interrupt as on Ctrl-C in a terminal."""
-    import _thread
     import os
-    import threading
 
     import pytest
 
@@ -163,14 +180,7 @@ def test_interrupt_stops_the_running_commands(tmp_path, capsys):
               "    pathlib.Path(sys.argv[1] + '.stopped').write_text('SIGINT')\n    raise\n")
     cmds = [[sys.executable, "-c", script, str(tmp_path / f"pid{i}")] for i in range(3)]
 
-    def interrupt_when_started():
-        for _ in range(300):
-            if all((tmp_path / f"pid{i}").is_file() for i in range(2)):
-                break
-            threading.Event().wait(0.1)
-        _thread.interrupt_main()
-
-    threading.Thread(target=interrupt_when_started, daemon=True).start()
+    _interrupt_once_started(tmp_path, 2, times=1)
     with pytest.raises(sweep.Interrupted, match="stopped 2 running and 1 waiting runs; the same command resumes"):
         sweep.launch(cmds, [None, None], tmp_path / "logs", ["a", "b", "c"])
     for i in range(2):
@@ -297,9 +307,7 @@ def test_extra_takes_a_lone_flag(tmp_path, capsys):
 def test_second_interrupt_kills_the_running_commands(tmp_path, capsys):
     """A second Ctrl-C (or SIGTERM) while the launcher waits for its commands to stop kills them at once: the
     launcher never exits leaving a run behind that still trains and writes."""
-    import _thread
     import os
-    import threading
     import time
 
     import pytest
@@ -310,16 +318,7 @@ def test_second_interrupt_kills_the_running_commands(tmp_path, capsys):
               "time.sleep(60)\n")
     cmds = [[sys.executable, "-c", script, str(tmp_path / f"pid{i}")] for i in range(2)]
 
-    def interrupt_twice():
-        for _ in range(300):
-            if all((tmp_path / f"pid{i}").is_file() for i in range(2)):
-                break
-            threading.Event().wait(0.1)
-        _thread.interrupt_main()
-        threading.Event().wait(1.0)
-        _thread.interrupt_main()
-
-    threading.Thread(target=interrupt_twice, daemon=True).start()
+    _interrupt_once_started(tmp_path, 2, times=2)
     t0 = time.time()
     try:
         with pytest.raises(sweep.Interrupted, match="stopped 2 running"):
