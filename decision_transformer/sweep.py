@@ -205,9 +205,27 @@ def _lm_problem(name: str) -> str | None:
     return None
 
 
+def core_sets(n_slots: int) -> list[list[int]] | None:
+    """This process's CPU cores split into ``n_slots`` contiguous sets, one per slot; None (no pinning) when there are
+    fewer cores than slots."""
+    cores = available_cpus()
+    if n_slots < 2 or len(cores) < n_slots:
+        return None
+    k, extra = divmod(len(cores), n_slots)
+    out, start = [], 0
+    for i in range(n_slots):
+        size = k + (i < extra)
+        out.append(cores[start:start + size])
+        start += size
+    return out
+
+
 def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, names: list[str] | None = None,
-           grid: str | None = None) -> int:
+           grid: str | None = None, pin: bool = True) -> int:
     """Run commands with at most one per slot (a GPU id, or None for a CPU process); returns the number failed.
+
+    With ``pin`` (and at least as many cores as slots) each slot's runs are pinned to their own set of cores, so that
+    concurrent runs do not share cores: their ``--threads auto`` and ``--eval_workers auto`` see that set.
 
     Each command appends to ``log_dir/{name}.log`` (``names``: by default ``run_{i}``), so a resumed run's log follows
     the interrupted one; its header line names the ``grid`` file when given. Ctrl-C or SIGTERM stops the running
@@ -221,6 +239,7 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
     running: dict[int, tuple] = {}
     free = list(range(len(slots)))
     failed = 0
+    pinned = core_sets(len(slots)) if pin else None
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -235,14 +254,18 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
                 if slots[slot] is not None:
                     env["CUDA_VISIBLE_DEVICES"] = slots[slot]
                 elif "OMP_NUM_THREADS" not in env:  # concurrent CPU runs: share the cores instead of oversubscribing
-                    env["OMP_NUM_THREADS"] = str(max(1, len(available_cpus()) // len(slots)))
+                    env["OMP_NUM_THREADS"] = str(max(1, len(pinned[slot]) if pinned else
+                                                     len(available_cpus()) // len(slots)))
                 log = open(log_dir / f"{names[i]}.log", "a")
                 mark = f"[grid {grid}] " if grid else ""
                 log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {mark}{shlex.join(cmd)}\n")
                 log.flush()
                 where = slots[slot] if slots[slot] is not None else slot
                 print(f"[start {names[i]}] slot {where}: {shlex.join(cmd[1:])}", flush=True)
-                running[slot] = (names[i], subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+                cores = pinned[slot] if pinned else None
+                pin_fn = (lambda c=cores: os.sched_setaffinity(0, c)) if cores else None
+                running[slot] = (names[i], subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                            preexec_fn=pin_fn), log)
             time.sleep(0.2)
             for slot, (name, proc, log) in list(running.items()):
                 if proc.poll() is not None:
@@ -381,6 +404,8 @@ def main(argv=None):
     r.add_argument("grid")
     r.add_argument("--gpus", default=None, help="comma-separated GPU ids: one run per GPU at a time")
     r.add_argument("--procs", type=positive_int, default=1, help="parallel CPU processes when --gpus is not given")
+    r.add_argument("--no_pin", action="store_true",
+                   help="do not pin each slot's runs to their own set of CPU cores (pinned when there are enough)")
     r.add_argument("--log_dir", default="sweep_logs")
     r.add_argument("--dry_run", action="store_true", help="print the plan only")
     r.add_argument("--extra", default="", help="flags appended to every run, e.g. \"--max_iters 1 --device cpu\"")
@@ -418,7 +443,7 @@ def main(argv=None):
         return 0
     prefix = _log_prefix(spec, Path(a.log_dir))
     failed = launch([cmd for _, cmd in todo], slots, Path(a.log_dir), [f"{prefix}_{i:03d}" for i, _ in todo],
-                    grid=spec["path"]) if todo else 0
+                    grid=spec["path"], pin=not a.no_pin) if todo else 0
     if failed:
         raise UserError(f"{failed} of {len(todo)} runs failed; logs in {a.log_dir}")
     if blocked:

@@ -101,3 +101,20 @@ def test_analysis_tools_take_threads():
             common.resolve_device("cpu", "0")
     finally:
         torch.set_num_threads(before)
+
+
+def test_launcher_pins_each_slot_to_its_own_cores(tmp_path, monkeypatch):
+    """Concurrent runs get disjoint sets of this process's cores (so --threads auto and --eval_workers auto in each
+    see only their share); with more slots than cores, or --no_pin, nothing is pinned."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = available_cpus()
+    script = "import os; print('cores', sorted(os.sched_getaffinity(0)))"
+    cmds = [[sys.executable, "-c", script] for _ in range(2)]
+    assert sweep.launch(cmds, [None, None], tmp_path, ["a", "b"]) == 0
+    seen = [eval((tmp_path / f"{n}.log").read_text().strip().splitlines()[-1][len("cores "):]) for n in "ab"]
+    if len(cores) >= 2:
+        assert sorted(seen[0] + seen[1]) == cores and not set(seen[0]) & set(seen[1])
+        assert abs(len(seen[0]) - len(seen[1])) <= 1
+    assert sweep.launch(cmds[:1], [None, None], tmp_path, ["c"], pin=False) == 0
+    assert eval((tmp_path / "c.log").read_text().strip().splitlines()[-1][len("cores "):]) == cores
+    assert sweep.core_sets(len(cores) + 1) is None and sweep.core_sets(1) is None
