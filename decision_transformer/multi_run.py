@@ -394,19 +394,22 @@ def resume_signature(args) -> dict:
 def find_resume_dir(args) -> Path:
     """``--resume``: the newest ``{outdir}/multi/gym-experiment-multi-{dataset}-{id}`` folder with a training state,
     made with the same flags; a missing ``--seed`` takes the seed that run drew."""
-    from decision_transformer.checkpoint import find_run
+    from decision_transformer.run import resumable_run
 
     if not args.outdir:
         raise UserError("--resume needs --outdir (the run folder holds the state to resume)")
     if args.eval_only or args.num_steps_per_iter <= 0:
         raise UserError("--resume continues training: it cannot be combined with --eval_only or "
                         "--num_steps_per_iter 0")
-    parent = Path(args.outdir) / "multi"
-    found = find_run(parent, f"gym-experiment-multi-{args.dataset}-", resume_signature(args), require=TRAIN_STATE)
-    if found is None:
-        raise UserError(f"nothing to resume: no run gym-experiment-multi-{args.dataset}-<id> in {parent} made with "
-                        f"these flags has finished an iteration")
-    return found
+    return resumable_run(Path(args.outdir) / "multi", f"gym-experiment-multi-{args.dataset}-", resume_signature(args))
+
+
+def _recorded_config(run_dir: Path) -> dict:
+    """A run's config: its ``config.json``, or the copy in its training state when that file is missing or broken."""
+    try:
+        return json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.load(run_dir / TRAIN_STATE, map_location="cpu", weights_only=True, mmap=True)["config"]
 
 
 def run_multi(args) -> dict:
@@ -416,7 +419,7 @@ def run_multi(args) -> dict:
     check_multi_args(args)
     resume_dir = find_resume_dir(args) if args.resume else None
     if resume_dir is not None and args.seed is None:
-        args.seed = int(json.loads((resume_dir / "config.json").read_text())["seed"])
+        args.seed = int(_recorded_config(resume_dir)["seed"])
     if args.seed is None:
         args.seed = secrets.randbelow(2**31)
         log(f"seed: {args.seed} (drawn from OS entropy; pass --seed {args.seed} to repeat this run)")

@@ -229,13 +229,17 @@ def resume_signature(args) -> dict:
 
 
 def lm_resume_dir(args, parent: Path) -> Path:
-    """The newest LM-script run folder ``{parent}/dt_gym-experiment-{env}-{dataset}-{id}`` with a training state and
-    the same flags; when none matches, the error names the flags in which the newest such run differs. A run whose
-    ``config.json`` is missing or not JSON is judged by the config its ``train_state.pt`` records."""
+    """The newest LM-script run folder ``{parent}/dt_gym-experiment-{env}-{dataset}-{id}`` to resume."""
+    return resumable_run(parent, f"dt_gym-experiment-{args.env}-{args.dataset}-", resume_signature(args))
+
+
+def resumable_run(parent: Path, prefix: str, signature: dict) -> Path:
+    """The newest ``{parent}/{prefix}{id}`` folder with a training state made with the flags ``signature``; when none
+    matches, the error names the flags in which the newest such run differs. A run whose ``config.json`` is missing or
+    not JSON is judged by the config its ``train_state.pt`` records. Flags a run does not record are not compared."""
     import json
 
-    prefix = f"dt_gym-experiment-{args.env}-{args.dataset}-"
-    want = json.loads(json.dumps(resume_signature(args), default=str))
+    want = json.loads(json.dumps(signature, default=str))
     runs = []
     for d in Path(parent).glob(f"{prefix}*"):
         if d.name[len(prefix):].isdigit() and (d / TRAIN_STATE).is_file():
@@ -276,7 +280,7 @@ def lm_resume_dir(args, parent: Path) -> Path:
                         f"({', '.join(sorted(unreadable))}) have neither a readable config.json nor a readable "
                         f"{TRAIN_STATE}")
     other, cfg = first
-    differ = resume_mismatches(args, cfg)
+    differ = [f"--{k} {v!r} (the run: {cfg[k]!r})" for k, v in want.items() if k in cfg and cfg[k] != v]
     raise UserError(f"nothing to resume: no run {prefix}<id> in {parent} was made with these flags; the newest, "
                     f"{other.name}, differs in {'; '.join(differ) or 'its flags'}")
 

@@ -133,11 +133,17 @@ def run_state(program: str, argv: list[str]) -> tuple[str, Path | None]:
     if name == "experiment_multi.py":
         from decision_transformer.multi_run import multi_parser, resume_signature as multi_signature
 
+        from decision_transformer.run import resumable_run
+
         a = _parse(multi_parser(), name, argv)
         if not a.outdir or a.eval_only or a.num_steps_per_iter <= 0:
             return "new", None
-        return _find_state(Path(a.outdir) / "multi", f"gym-experiment-multi-{a.dataset}-", multi_signature(a), None,
-                           a.max_iters)
+        parent, prefix = Path(a.outdir) / "multi", f"gym-experiment-multi-{a.dataset}-"
+        try:
+            found = resumable_run(parent, prefix, multi_signature(a))  # the run that --resume continues
+        except UserError:
+            found = None
+        return _find_state(parent, prefix, multi_signature(a), None, a.max_iters, found)
     if name != "experiment.py":
         return "new", None
     from decision_transformer.checkpoint import model_name, run_dir_name

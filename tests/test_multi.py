@@ -363,3 +363,24 @@ def test_multi_task_precision_flag_reaches_the_trainer(data, tmp_path, monkeypat
     assert seen == {"amp": torch.bfloat16, "compile": None}
     (run,) = (tmp_path / "checkpoints" / "multi").iterdir()
     assert json.loads((run / "config.json").read_text())["precision"] == "bf16"
+
+
+def test_resume_with_a_broken_config_and_a_changed_flag(data, tmp_path, monkeypatch, capsys):
+    """experiment_multi.py --resume finds a run whose config.json is broken by the config its training state records
+    (the seed it drew included), and a changed flag is named with the run's value."""
+    base = ["--dataset", "medium", "--data_path", str(data), *TINY, "--embed_dim", "16", "--n_layer", "1",
+            "--n_head", "2", "--num_eval_episodes", "0"]
+    monkeypatch.chdir(tmp_path)
+    experiment_multi.main([*base, "--max_iters", "1"])
+    (run,) = (tmp_path / "checkpoints" / "multi").iterdir()
+    seed = json.loads((run / "config.json").read_text())["seed"]
+    (run / "config.json").write_text("{not json")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        experiment_multi.main([*base, "--max_iters", "2", "--resume", "--learning_rate", "1e-3"])
+    assert f"{run.name}, differs in --learning_rate 0.001 (the run: 0.0001)" in capsys.readouterr().err
+    experiment_multi.main([*base, "--max_iters", "2", "--resume"])
+    err = capsys.readouterr().err
+    assert "is missing or not JSON" in err and "after iteration 1" in err
+    assert json.loads((run / "config.json").read_text())["seed"] == seed     # the drawn seed was reused
+    assert [json.loads(x)["iteration"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
