@@ -114,7 +114,10 @@ def _starting_workers():
 
 
 class EnvWorkers:
-    """``workers`` processes holding the envs of an evaluation; ``reset`` then ``step_async``/``step_wait`` rounds."""
+    """``workers`` processes holding the envs of an evaluation; ``reset`` then ``step_async``/``step_wait`` rounds.
+    A worker that does not answer within ``reply_timeout_s`` (stuck) fails the round like one that exited."""
+
+    reply_timeout_s = 600.0  # a step of a few MuJoCo envs takes milliseconds; env creation a second
 
     def __init__(self, env: str, version: str = DEFAULT_ENV_VERSION, workers: int = 2):
         import multiprocessing as mp
@@ -174,6 +177,9 @@ class EnvWorkers:
 
     def _recv(self, w: int):
         try:
+            if not self.conns[w].poll(self.reply_timeout_s):
+                raise RuntimeError(f"evaluation env worker {w} did not answer within {self.reply_timeout_s:g} s "
+                                   f"(stuck?); the pool starts new workers for the next evaluation")
             msg = self.conns[w].recv()
         except (EOFError, OSError):  # end of file or connection reset: the worker is gone
             raise self._exited(w) from None

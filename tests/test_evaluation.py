@@ -681,3 +681,25 @@ def test_env_workers_from_a_script_without_main_guard(how, tmp_path):
     out = _run_python(tmp_path, _SCRIPT_WITHOUT_MAIN_GUARD, stdin=how == "stdin")
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["top", "level", "same"]
+
+
+def test_env_worker_that_stops_answering_fails_the_round():
+    """A worker that no longer answers (stopped here with SIGSTOP) fails the round after the reply timeout with an
+    error naming it, instead of hanging the evaluation; closing the pool still ends it."""
+    import signal
+
+    from decision_transformer.env_workers import EnvWorkers
+
+    w = EnvWorkers("hopper", workers=2)
+    try:
+        w.reset(4, seed=0, mode="normal")
+        w.reply_timeout_s = 1.0
+        os.kill(w.procs[1].pid, signal.SIGSTOP)
+        w.step_async(np.arange(4), np.zeros((4, 3)))
+        with pytest.raises(RuntimeError, match="worker 1 did not answer within 1 s"):
+            w.step_wait()
+    finally:
+        procs = list(w.procs)
+        w.close()
+    for p in procs:
+        assert not p.is_alive()
