@@ -413,6 +413,8 @@ def _run(args, script: str) -> dict:
     if args.pretrained_models and run_dir is not None:
         # merge runs share (model, dataset, env, seed): a per-run suffix keeps them from overwriting each other
         run_dir = run_dir.with_name(f"{run_dir.name}_{exp_id}")
+    if st_path is not None and run_dir is not None:
+        run_dir = st_path.parent  # a resumed run continues in the folder it was found in (also when renamed)
     if not args.resume and run_dir is not None and ctx.is_main:
         moved = set_aside_previous_run(run_dir)
         if moved is not None:

@@ -864,3 +864,23 @@ def test_restore_train_state_reports_any_damage_in_one_line(tmp_path):
         torch.save({**good, **damage}, path)
         with pytest.raises(UserError, match="train_state.pt: cannot restore the training state"):
             restore_train_state(path, *objects())
+
+
+def test_lm_resume_continues_in_the_folder_it_found(lm_dirs, tmp_path, monkeypatch, capsys, hopper_data):
+    """A run folder copied under another run id is resumed in place: the copy is continued (the newest of the two)
+    and the original, whose id the training state records, is left as it was."""
+    import shutil
+
+    from lm_cotraining import experiment as lm_experiment
+
+    cmd = ["--env", "hopper", "--dataset", "medium", "--data_path", str(hopper_data), "--pretrained_lm",
+           str(lm_dirs / "gpt2"), *RUN, "--num_steps_per_iter", "2", "--outdir", "runs"]
+    monkeypatch.chdir(tmp_path)
+    lm_experiment.main([*cmd, "--max_iters", "1"])
+    (orig,) = (tmp_path / "runs").iterdir()
+    copy = orig.with_name("dt_gym-experiment-hopper-medium-999999999")
+    shutil.copytree(orig, copy)
+    before = sorted(p.name for p in orig.iterdir())
+    lm_experiment.main([*cmd, "--max_iters", "2", "--resume"])
+    assert (copy / "model_2.pt").is_file() and not (orig / "model_2.pt").exists()
+    assert sorted(p.name for p in orig.iterdir()) == before
