@@ -99,7 +99,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=positive_int, default=64)
     p.add_argument("--K", type=positive_int, default=20)
     p.add_argument("--amp", choices=["none", "bf16"], default=None,
-                   help="autocast dtype (default: bf16 on CUDA, none on CPU)")
+                   help="autocast dtype, on CUDA or CPU (default: bf16 on CUDA, none on CPU)")
     p.add_argument("--compile", nargs="*", choices=COMPILE_MODES, default=[],
                    help="also time the on-device path under torch.compile in these modes (--compile of the scripts)")
     args = p.parse_args(argv)
@@ -116,7 +116,7 @@ def main(argv=None):
         print(f"device: {gpu}, autocast {amp}, fused AdamW, TF32")
     else:
         peak = None
-        print(f"device: cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), fp32")
+        print(f"device: cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), autocast {amp}")
     print(f"torch {torch.__version__}; batch {args.batch_size}, K {args.K}, {args.steps} timed steps\n")
     trajs = synthetic_trajectories("hopper", 1_000_000)
     print("| config | batches | steps/s | tokens/s | peak memory (MiB) | TFLOP/s | MFU | speed-up |")

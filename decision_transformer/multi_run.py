@@ -493,6 +493,8 @@ def run_multi(args) -> dict:
               "exp_prefix": exp_prefix, "device_used": str(device), "envs": envs, "train_envs": train_envs,
               "targets": {e: get_env_spec(e).targets[0] for e in envs}, "merge_info": merge_info}
     run_dir = Path(args.outdir) / "multi" / exp_prefix if args.outdir else None
+    if resume_dir is not None:
+        run_dir = resume_dir  # continued in the folder it was found in (also when copied under another run id)
     logger = RunLogger(run_dir, config, use_wandb=args.log_to_wandb, project=args.project, group=group,
                        name=exp_prefix, resume=resume_dir is not None, resume_after=start_iter)
     models_dir = Path("models") / "multi"

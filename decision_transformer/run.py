@@ -218,8 +218,9 @@ def resume_state_path(args, run_dir: Path | None, lm_script: bool = False) -> Pa
         raise UserError(f"nothing to resume: {st_path} does not exist")
     differ = resume_mismatches(args, run_dir / "config.json")
     if differ:
+        free = sorted(k for k in RESUME_FREE if hasattr(args, k) and k not in ("resume", "note"))
         raise UserError(f"--resume: {run_dir} was made with other flags: {'; '.join(differ)}. Resume with the run's "
-                        f"flags (only {', '.join('--' + f for f in sorted(RESUME_FREE - {'resume'}))} may change)")
+                        f"flags (only {', '.join('--' + f for f in free)} may change)")
     return st_path
 
 
@@ -302,8 +303,13 @@ def resume_mismatches(args, config_path: Path | dict) -> list[str]:
     else:
         try:
             saved = json.loads(config_path.read_text())
-        except (OSError, ValueError):
-            return []
+        except (OSError, ValueError):  # missing or broken: the copy in the run's training state
+            try:
+                saved = torch.load(config_path.parent / TRAIN_STATE, map_location="cpu", weights_only=True,
+                                   mmap=True)["config"]
+                saved = json.loads(json.dumps(saved, default=str))
+            except Exception:  # noqa: BLE001 - unreadable too: restore_train_state reports the damage
+                return []
     now = json.loads(json.dumps(vars(args), default=str))
     return [f"--{k} {now[k]!r} (the run: {saved[k]!r})" for k in now
             if k not in RESUME_FREE and isinstance(saved, dict) and k in saved and saved[k] != now[k]]

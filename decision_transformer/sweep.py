@@ -226,6 +226,19 @@ def core_sets(n_slots: int) -> list[list[int]] | None:
     return out
 
 
+def _child_setup(cores: list[int] | None):
+    """What a run's process does before it starts: SIGINT back to its default (a launcher started in the background
+    by a non-interactive shell ignores SIGINT, and its runs would inherit that and never stop on the launcher's
+    SIGINT), and its own cores when pinned."""
+    import signal
+
+    def setup():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if cores:
+            os.sched_setaffinity(0, cores)
+    return setup
+
+
 def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, names: list[str] | None = None,
            grid: str | None = None, pin: bool = True) -> int:
     """Run commands with at most one per slot (a GPU id, or None for a CPU process); returns the number failed.
@@ -268,10 +281,9 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
                 log.flush()
                 where = slots[slot] if slots[slot] is not None else slot
                 print(f"[start {names[i]}] slot {where}: {shlex.join(cmd[1:])}", flush=True)
-                cores = pinned[slot] if pinned else None
-                pin_fn = (lambda c=cores: os.sched_setaffinity(0, c)) if cores else None
                 running[slot] = (names[i], subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                            preexec_fn=pin_fn), log)
+                                                            preexec_fn=_child_setup(pinned[slot] if pinned else None)),
+                                 log)
             time.sleep(0.2)
             for slot, (name, proc, log) in list(running.items()):
                 if proc.poll() is not None:
@@ -403,7 +415,8 @@ def _join_extra(argv: list[str]) -> list[str]:
 
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m decision_transformer.sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="list the bundled grids")
     r = sub.add_parser("run", help="run a grid locally")

@@ -118,3 +118,17 @@ def test_launcher_pins_each_slot_to_its_own_cores(tmp_path, monkeypatch):
     assert sweep.launch(cmds[:1], [None, None], tmp_path, ["c"], pin=False) == 0
     assert eval((tmp_path / "c.log").read_text().strip().splitlines()[-1][len("cores "):]) == cores
     assert sweep.core_sets(len(cores) + 1) is None and sweep.core_sets(1) is None
+
+
+def test_launcher_runs_take_sigint_even_when_the_launcher_ignores_it(tmp_path):
+    """A launcher started in the background by a non-interactive shell ignores SIGINT; its runs must not inherit that,
+    or they would never stop when the launcher passes on Ctrl-C or SIGTERM."""
+    import signal
+
+    script = "import signal; print('sigint', signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert sweep.launch([[sys.executable, "-c", script]], [None], tmp_path, ["a"]) == 0
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert (tmp_path / "a.log").read_text().strip().splitlines()[-1] == "sigint True"

@@ -365,3 +365,14 @@ def test_find_run_ignores_flags_an_older_config_does_not_record(tmp_path):
     (d / "train_state.pt").write_bytes(b"x")
     assert find_run(tmp_path, "run_", {"lr": 0.1, "flag_added_later": 3}, require="train_state.pt") == d
     assert find_run(tmp_path, "run_", {"lr": 0.2}, require="train_state.pt") is None
+
+
+def test_resume_checks_flags_against_the_training_state_when_config_json_is_broken(tmp_path, monkeypatch, capsys,
+                                                                                   hopper_data):
+    args = ["--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes", "0"]
+    run(tmp_path, monkeypatch, hopper_data, *args)
+    (run_dir(tmp_path) / "config.json").write_text("{broken")
+    msg = expect_error(capsys, ["--data_path", str(hopper_data), *TINY, *args, "--max_iters", "2", "--resume",
+                                "--learning_rate", "5e-3"])
+    assert "was made with other flags: --learning_rate 0.005 (the run: 0.0001)" in msg
+    assert "--no_token_cache" not in msg and "--note" not in msg        # not flags of experiment.py / hidden

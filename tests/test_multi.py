@@ -384,3 +384,20 @@ def test_resume_with_a_broken_config_and_a_changed_flag(data, tmp_path, monkeypa
     assert "is missing or not JSON" in err and "after iteration 1" in err
     assert json.loads((run / "config.json").read_text())["seed"] == seed     # the drawn seed was reused
     assert [json.loads(x)["iteration"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_continues_in_the_folder_it_found(data, tmp_path, monkeypatch):
+    """A multi-task run folder copied under another run id is continued in place; the original is left as it was."""
+    import shutil
+
+    base = ["--dataset", "medium", "--data_path", str(data), *TINY, "--embed_dim", "16", "--n_layer", "1",
+            "--n_head", "2", "--num_eval_episodes", "0", "--seed", "3"]
+    monkeypatch.chdir(tmp_path)
+    experiment_multi.main([*base, "--max_iters", "1"])
+    (orig,) = (tmp_path / "checkpoints" / "multi").iterdir()
+    copy = orig.with_name("gym-experiment-multi-medium-999999999")
+    shutil.copytree(orig, copy)
+    experiment_multi.main([*base, "--max_iters", "2", "--resume"])
+    rows = lambda d: [json.loads(x)["iteration"] for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert rows(copy) == [1, 2] and rows(orig) == [1]
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "multi").iterdir()) == sorted([orig.name, copy.name])
