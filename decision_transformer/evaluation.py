@@ -119,6 +119,8 @@ def evaluate_episodes(model, env: str, target: float, num_episodes: int, state_m
 
     ``overlap_groups`` (default 4 on CUDA, 1 on CPU) splits the live episodes into groups whose forwards are all
     launched before any env is stepped, so the GPU computes later groups while the CPU steps earlier ones."""
+    if num_episodes < 1:
+        raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
     spec = get_env_spec(env)
     model.eval()
     device = torch.device(device)

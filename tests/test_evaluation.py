@@ -703,3 +703,8 @@ def test_env_worker_that_stops_answering_fails_the_round():
         w.close()
     for p in procs:
         assert not p.is_alive()
+
+
+def test_zero_episodes_is_a_clear_error(models):
+    with pytest.raises(ValueError, match="num_episodes must be >= 1, got 0"):
+        ev.evaluate_episodes(models["hopper"], "hopper", 3600, 0, *norm_stats("hopper"))
