@@ -85,9 +85,14 @@ def wrap(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> torc
 
 
 def cleanup(ctx: DistContext):
+    """Leave the process group. Call ``Trainer.close`` first: wrappers that are no longer referenced are collected
+    here, while the group is still alive (see ``Trainer.close``)."""
     if ctx.enabled:
+        import gc
+
         import torch.distributed as dist
 
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
     if isinstance(sys.stderr, QuietRank):

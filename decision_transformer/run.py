@@ -488,6 +488,7 @@ def _run(args, script: str) -> dict:
     finally:
         logger.finish()
         pool.close()
+        trainer.close()
         distributed.cleanup(ctx)
     if args.end_break:
         breakpoint()

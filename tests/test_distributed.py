@@ -35,7 +35,14 @@ def _train(rank: int, world: int, out_path: str, aux: bool = False):
     logs = trainer.train_iteration(STEPS, 1)
     if ctx.is_main:
         torch.save({"state": model.state_dict(), "loss": logs["training/train_loss_mean"]}, out_path)
+    trainer.close()  # as the training scripts do: without it a rank could abort at exit, after training
     distributed.cleanup(ctx)
+    if world > 1:  # no DDP wrapper is left for interpreter shutdown to free after the process group is gone
+        import gc
+
+        from torch.nn.parallel import DistributedDataParallel
+        assert not [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel)], f"rank {rank}: DDP alive"
+
 
 
 def _worker(rank, world, port, out_path, aux=False):

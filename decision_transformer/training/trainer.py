@@ -117,6 +117,12 @@ class Trainer:
                 raise KeyError("text_batches (the run was not made with --joint)")
             lm.batches.load_state_dict(state["text_batches"])
 
+    def close(self):
+        """Drop the DDP (and compiled) wrapper. DDP's reducer holds the process group: left to the garbage collector,
+        it may be freed during interpreter shutdown, after the group is gone, and abort the process. Training ends
+        here; the plain model stays usable."""
+        self.model = self.module
+
     def _loss(self, batch):
         """(action MSE, total loss) of a batch; under data parallelism of this rank's slice, scaled."""
         if self.world_size > 1:
