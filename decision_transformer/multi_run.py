@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from decision_transformer import distributed
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
 from decision_transformer.checkpoint import atomic_save, load_state_into, make_checkpoint, new_exp_id
@@ -34,7 +35,7 @@ from decision_transformer.merge_setup import merge_multi_states, multi_fisher, r
 from decision_transformer.models.multi_decision_transformer import (MODEL_CLASS, MULTI_ENVS,
                                                                     MultiDecisionTransformer, MultiDTConfig)
 from decision_transformer.training import (GRAD_CLIP, apply_update, compile_module, freeze_from_args, make_optimizer,
-                                          mark_step, masked_action_mse, warmup_schedule)
+                                          freeze_unreached, mark_step, masked_action_mse, rank_slice, warmup_schedule)
 
 NORM_ENVS = ("medium", "medium-expert", "expert", "medium-replay")
 STATE_STATS_FILE = "state_stats.pkl"
@@ -232,30 +233,55 @@ class MultiTrainer:
 
     def __init__(self, model, optimizer, scheduler, data: EnvData, train_envs, *, batch_size, K, generator,
                  grad_clip=GRAD_CLIP, init_reg=None, amp_dtype: torch.dtype | None = None,
-                 compile: bool | str | None = None):
+                 compile: bool | str | None = None, rank: int = 0, world_size: int = 1):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        # the module called for the forward: the model, or its torch.compile wrapper (one graph per env index)
-        self.forward, self.compile_mode = compile_module(model, compile), compile
         self.amp_dtype = amp_dtype                   # bf16 autocast of the forward; the losses are taken in fp32
         self.device_type = next(model.parameters()).device.type
         self.datasets = [(model.env_index(e), data.get(e)) for e in train_envs]
         self.train_envs = list(train_envs)
         self.batch_size, self.K, self.generator = batch_size, K, generator
         self.grad_clip, self.init_reg = grad_clip, init_reg
+        # data parallel (torchrun): every rank draws the same per-env global batches and trains on its rows
+        self.rank, self.world_size = rank, world_size
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by {world_size} processes")
+        self.forward = model
+        if world_size > 1:
+            from decision_transformer.distributed import DistContext, wrap
+
+            gen = torch.Generator(device=generator.device).manual_seed(0)
+            freeze_unreached(model, lambda: self._losses(gen)[0])  # e.g. the heads of envs left out of training
+            self.forward = wrap(model, DistContext(rank, world_size, rank), next(model.parameters()).device)
+        # the module called for the forward: the model, or its DDP and/or torch.compile wrapper (a graph per env)
+        self.forward, self.compile_mode = compile_module(self.forward, compile), compile
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.step = 0
 
-    def train_step(self):
-        mark_step(self.compile_mode)
+    def _losses(self, generator):
+        """(Σ_env loss, per-env losses): each env's masked action MSE on a batch drawn from ``generator``; under data
+        parallelism of this rank's rows, scaled so that DDP's average is the global batch's."""
         total, per_env = 0.0, []
         for i, ds in self.datasets:
-            b = ds.sample_batch(self.batch_size, self.K, self.generator)
+            b = ds.sample_batch(self.batch_size, self.K, generator)
+            if self.world_size > 1:
+                b, scale = rank_slice(b, self.rank, self.world_size)
             with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.bfloat16,
                                 enabled=self.amp_dtype is not None):
                 out = self.forward(b.states, b.actions, b.rtg[:, :-1], b.timesteps, attention_mask=b.mask, env=i)
             loss = masked_action_mse(out.action_preds.float(), b.actions, b.mask)
+            if self.world_size > 1:
+                loss = loss * scale
             per_env.append(loss.detach())
             total = total + loss
+        return total, per_env
+
+    def close(self):
+        """Drop the DDP and compile wrappers (see ``Trainer.close``)."""
+        self.forward = self.model
+
+    def train_step(self):
+        mark_step(self.compile_mode)
+        total, per_env = self._losses(self.generator)
         reg = self.init_reg.loss() if self.init_reg is not None else None
         if reg is not None:
             total = total + reg
@@ -281,11 +307,19 @@ class MultiTrainer:
         if not num_steps:
             return {**logs, "training/train_loss_mean": float("nan"), "training/train_loss_std": float("nan"),
                     "training/action_error": float("nan")}
-        arr = torch.stack(totals).cpu().numpy()
+        totals, envs = torch.stack(totals), torch.stack(envs)
+        if self.world_size > 1:  # the global batches' losses: the mean over ranks of the scaled slice losses
+            import torch.distributed as dist
+
+            for t in (totals, envs):  # (init_reg, the same on every rank, stays as it is)
+                dist.all_reduce(t)
+            totals /= self.world_size
+            envs /= self.world_size
+        arr = totals.cpu().numpy()
         if not np.isfinite(arr).all():
             raise TrainingDiverged(f"loss became NaN or inf at iteration {iteration}, step "
                                    f"{int(np.flatnonzero(~np.isfinite(arr))[0]) + 1}")
-        per_env = torch.stack(envs).cpu().numpy()
+        per_env = envs.cpu().numpy()
         logs.update({"training/train_loss_mean": float(arr.mean()), "training/train_loss_std": float(arr.std()),
                      "training/action_error": float(per_env[-1, -1])})  # the original: the last env's
         for j, env in enumerate(self.train_envs):
@@ -423,7 +457,7 @@ def run_multi(args) -> dict:
     if args.seed is None:
         args.seed = secrets.randbelow(2**31)
         log(f"seed: {args.seed} (drawn from OS entropy; pass --seed {args.seed} to repeat this run)")
-    device = resolve_device(args.device, args.threads)
+    ctx, device = distributed.setup(resolve_device(args.device, args.threads))  # torchrun: one process per GPU
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -476,10 +510,14 @@ def run_multi(args) -> dict:
         scheduler = warmup_schedule(optimizer, args.warmup_steps)
         generator = torch.Generator(device=device)
         generator.manual_seed(args.seed)
-        trainer = MultiTrainer(model, optimizer, scheduler, data, train_envs, batch_size=args.batch_size, K=args.K,
-                               generator=generator, grad_clip=None if args.remove_grad_clip else GRAD_CLIP,
-                               init_reg=init_reg, amp_dtype=autocast_dtype(args.precision, device),
-                               compile=args.compile)
+        try:
+            trainer = MultiTrainer(model, optimizer, scheduler, data, train_envs, batch_size=args.batch_size,
+                                   K=args.K, generator=generator,
+                                   grad_clip=None if args.remove_grad_clip else GRAD_CLIP, init_reg=init_reg,
+                                   amp_dtype=autocast_dtype(args.precision, device), compile=args.compile,
+                                   rank=ctx.rank, world_size=ctx.world_size)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     exp_id, start_iter, best_score = new_exp_id(), 0, -float("inf")
     if resume_dir is not None:
@@ -495,7 +533,9 @@ def run_multi(args) -> dict:
     run_dir = Path(args.outdir) / "multi" / exp_prefix if args.outdir else None
     if resume_dir is not None:
         run_dir = resume_dir  # continued in the folder it was found in (also when copied under another run id)
-    logger = RunLogger(run_dir, config, use_wandb=args.log_to_wandb, project=args.project, group=group,
+    if not ctx.is_main:  # under torchrun only rank 0 evaluates, logs and writes files
+        run_dir, args.save_model, args.num_eval_episodes = None, False, 0
+    logger = RunLogger(run_dir, config, use_wandb=args.log_to_wandb and ctx.is_main, project=args.project, group=group,
                        name=exp_prefix, resume=resume_dir is not None, resume_after=start_iter)
     models_dir = Path("models") / "multi"
 
@@ -562,6 +602,9 @@ def run_multi(args) -> dict:
         logger.finish()
         for p in pools.values():
             p.close()
+        if trainer is not None:
+            trainer.close()
+        distributed.cleanup(ctx)
     if args.end_break:
         breakpoint()
     return logs

@@ -10,7 +10,11 @@ from conftest import aux_losses, tiny_trajectories
 from decision_transformer import distributed
 from decision_transformer.data import TrajectoryDataset
 from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+from decision_transformer.models.multi_decision_transformer import MULTI_ENVS, MultiDecisionTransformer, MultiDTConfig
+from decision_transformer.multi_run import EnvData, MultiTrainer, multi_parser
+from decision_transformer.synthetic import make_dataset
 from decision_transformer.training import Trainer, make_optimizer, warmup_schedule
+from decision_transformer.training.init_reg import InitReg
 
 GLOBAL_BATCH, STEPS = 8, 3
 
@@ -77,26 +81,52 @@ def test_ddp_two_processes_match_one(tmp_path, aux):
     assert abs(a["loss"] - b["loss"]) < 1e-5
 
 
-def test_torchrun_experiment(tmp_path, hopper_data):
-    """``torchrun --nproc_per_node 2 experiment.py`` on CPU: rank 0 alone writes the run folder and metrics."""
-    import json
+def _torchrun(cwd, script: str, *args: str):
+    """``torchrun --nproc_per_node 2 {script} {args}`` on CPU, one thread per process."""
     import subprocess
     import sys
 
     from conftest import ROOT
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(ROOT / "experiment.py"), "--data_path", str(hopper_data), "--embed_dim", "16", "--n_layer", "1",
-           "--K", "5", "--batch_size", "8", "--max_iters", "1", "--num_steps_per_iter", "3",
-           "--num_eval_episodes", "1", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+           str(ROOT / script), *args, "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_torchrun_experiment(tmp_path, hopper_data):
+    """``torchrun --nproc_per_node 2 experiment.py`` on CPU: rank 0 alone writes the run folder and metrics."""
+    import json
+
+    proc = _torchrun(tmp_path, "experiment.py", "--data_path", str(hopper_data), "--embed_dim", "16", "--n_layer", "1",
+                     "--K", "5", "--batch_size", "8", "--max_iters", "1", "--num_steps_per_iter", "3",
+                     "--num_eval_episodes", "1")
     assert proc.stderr.count("iter 1/1 |") == 1 and proc.stderr.count("data: ") == 1   # rank 1 stays quiet
     rd = tmp_path / "checkpoints" / "dt_medium_hopper_666_K5"
     assert (rd / "model_1.pt").is_file() and not list(rd.glob("*.tmp"))
     rows = (rd / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1 and json.loads(rows[0])["evaluation/target_3600_return_mean"] is not None
+
+
+def test_torchrun_experiment_multi(tmp_path):
+    """``torchrun --nproc_per_node 2 experiment_multi.py`` on CPU: one run folder, one model, one summary line; every
+    env evaluated once (by rank 0)."""
+    import json
+
+    for i, env in enumerate(MULTI_ENVS):
+        make_dataset(tmp_path / "data", env, "medium", 200, seed=i, max_ep_len=40)
+    proc = _torchrun(tmp_path, "experiment_multi.py", "--dataset", "medium", "--data_path", str(tmp_path / "data"),
+                     "--embed_dim", "16", "--n_layer", "1", "--n_head", "2", "--K", "5", "--batch_size", "6",
+                     "--max_iters", "1", "--num_steps_per_iter", "3", "--num_eval_episodes", "1", "--seed", "0",
+                     "--save_model")
+    assert proc.stderr.count("iter 1/1 |") == 1, proc.stderr[-3000:]
+    (run,) = (tmp_path / "checkpoints" / "multi").iterdir()
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and json.loads(rows[0])["evaluation/average_norm_return_mean"] is not None
+    assert [p.name for p in (tmp_path / "models" / "multi").iterdir()] == [f"dt_{run.name}.pt"]  # --save_mode last
+    assert (run / "train_state.pt").is_file()
 
 
 def test_quiet_rank_passes_errors_warnings_and_tracebacks_only():
@@ -112,3 +142,62 @@ def test_quiet_rank_passes_errors_warnings_and_tracebacks_only():
                                                "[rank 3] Traceback (most recent call last):", "[rank 3]   File x",
                                                "[rank 3] ValueError: y"]
     assert not q.isatty()
+
+
+def _tiny_multi(**dropout):
+    bb = BackboneConfig(n_embd=16, n_layer=2, n_head=2, **dropout)
+    return MultiDecisionTransformer(MultiDTConfig(max_length=5, backbone=bb), seed=0)
+
+
+def _train_multi(rank: int, world: int, out_path: str, data_dir: str):
+    """Two of the three envs (the third env's layers get no gradient: frozen under DDP) with init_reg."""
+    torch.set_num_threads(1)
+    ctx = distributed.setup(torch.device("cpu"))[0] if world > 1 else distributed.DistContext()
+    model = _tiny_multi(resid_pdrop=0.0, attn_pdrop=0.0, embd_pdrop=0.0)
+    for blk in model.transformer.h:  # the key biases' zero gradient, as in _train
+        blk.attn.c_attn.bias.requires_grad_(False)
+    args = multi_parser().parse_args(["--data_path", data_dir, "--K", "5"])
+    opt = make_optimizer(model, lr=1e-3, weight_decay=1e-4)
+    trainer = MultiTrainer(model, opt, warmup_schedule(opt, 2), EnvData(args, "cpu", {}), ["hopper", "walker2d"],
+                           batch_size=GLOBAL_BATCH, K=5, generator=torch.Generator().manual_seed(0),
+                           init_reg=InitReg(model, 1e-2), rank=ctx.rank, world_size=ctx.world_size)
+    logs = trainer.train_iteration(STEPS, 1)
+    if ctx.is_main:
+        torch.save({"state": model.state_dict(), "logs": logs}, out_path)
+    trainer.close()
+    distributed.cleanup(ctx)
+
+
+def _worker_multi(rank, world, port, out_path, data_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    _train_multi(rank, world, out_path, data_dir)
+
+
+def test_ddp_multi_task_two_processes_match_one(tmp_path):
+    """The multi-task trainer (one batch per env, one backward) under DDP: weights and every logged loss as in one
+    process at the same global batch; the left-out env's layers stay at their initial values. A global batch that
+    does not split evenly is refused."""
+    for i, env in enumerate(MULTI_ENVS):
+        make_dataset(tmp_path, env, "medium", 200, seed=i, max_ep_len=40)
+    single, ddp = tmp_path / "single.pt", tmp_path / "ddp.pt"
+    _train_multi(0, 1, str(single), str(tmp_path))
+    mp.spawn(_worker_multi, args=(2, _free_port(), str(ddp), str(tmp_path)), nprocs=2, join=True)
+    a, b = torch.load(single, weights_only=False), torch.load(ddp, weights_only=False)
+    for k, v in a["state"].items():
+        torch.testing.assert_close(b["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert set(a["logs"]) == set(b["logs"]) and "training/init_reg_loss" in a["logs"]
+    for k, v in a["logs"].items():
+        if not k.startswith("time/"):
+            assert abs(v - b["logs"][k]) < 1e-5 * max(1.0, abs(v)), k
+    cheetah = MULTI_ENVS.index("halfcheetah")
+    init = _tiny_multi().state_dict()
+    assert torch.equal(b["state"][f"embed_states.{cheetah}.weight"], init[f"embed_states.{cheetah}.weight"])
+    assert not torch.equal(b["state"]["embed_states.0.weight"], init["embed_states.0.weight"])
+
+    model = _tiny_multi()
+    opt = make_optimizer(model, lr=1e-3, weight_decay=1e-4)
+    data = EnvData(multi_parser().parse_args(["--data_path", str(tmp_path), "--K", "5"]), "cpu", {})
+    with pytest.raises(ValueError, match="batch size 7 is not divisible by 2 processes"):
+        MultiTrainer(model, opt, warmup_schedule(opt, 2), data, ["hopper"], batch_size=7, K=5,
+                     generator=torch.Generator(), rank=0, world_size=2)

@@ -37,6 +37,33 @@ def apply_update(total, optimizer, scheduler, params, grad_clip: float | None):
     scheduler.step()
 
 
+def freeze_unreached(module, probe_loss):
+    """Freeze the parameters of ``module`` that ``probe_loss()`` (one loss on a probe batch, drawn from its own
+    generator) does not reach; the probe runs in eval mode and its gradients are dropped. AdamW skips parameters
+    without gradients anyway, so training is unchanged; DDP needs every parameter it tracks to receive a gradient."""
+    was_training = module.training
+    module.eval()
+    try:
+        probe_loss().backward()
+    finally:
+        module.train(was_training)
+    for p in module.parameters():
+        if p.requires_grad and p.grad is None:
+            p.requires_grad_(False)
+        p.grad = None
+
+
+def rank_slice(batch, rank: int, world_size: int):
+    """This rank's rows of the global batch (equal slices), and the loss scale W * n_rank / n_global (real steps):
+    DDP averages gradients over ranks, so the scaled slice losses average to the global batch's masked mean."""
+    from dataclasses import fields, replace
+
+    b = batch.states.shape[0] // world_size
+    rows = slice(rank * b, (rank + 1) * b)
+    part = replace(batch, **{f.name: getattr(batch, f.name)[rows] for f in fields(batch)})
+    return part, world_size * part.mask.sum() / batch.mask.sum()
+
+
 class Trainer:
     """Owns the model, optimiser, schedule and batch generator; ``train_iteration`` runs ``num_steps`` steps."""
 
@@ -75,24 +102,16 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def _freeze_unreached(self):
-        """Freeze the parameters that the loss does not reach (found with one eval-mode forward/backward on a batch
-        from a separate generator). AdamW skips parameters without gradients anyway, so training is unchanged; DDP
-        needs every parameter it tracks to receive a gradient. The probe's text batch (``--joint``) is put back, so
-        training reads the same text as without DDP."""
+        """Freeze what the loss does not reach (``freeze_unreached``). The probe's text batch (``--joint``) is put
+        back, so training reads the same text as without DDP."""
         gen = torch.Generator(device=self.dataset.device).manual_seed(0)
-        was_training = self.module.training
         stream = self.extra_state()
-        self.module.eval()
         try:
-            self._loss(self.dataset.sample_batch(self.batch_size, self.K, gen))[1].backward()
+            freeze_unreached(self.module, lambda: self._loss(self.dataset.sample_batch(self.batch_size, self.K,
+                                                                                       gen))[1])
         finally:
-            self.module.train(was_training)
             self.extra_logs = {}
             self.load_extra_state(stream)
-        for p in self.module.parameters():
-            if p.requires_grad and p.grad is None:
-                p.requires_grad_(False)
-            p.grad = None
 
     def train_step(self) -> torch.Tensor:
         """One update; returns the step's total loss (action MSE plus any auxiliary loss, what the originals logged
@@ -146,14 +165,7 @@ class Trainer:
         return loss, total
 
     def _rank_slice(self, batch):
-        """This rank's rows of the global batch, and the loss scale W * n_rank / n_global (real steps)."""
-        from dataclasses import fields, replace
-
-        b = self.batch_size // self.world_size
-        rows = slice(self.rank * b, (self.rank + 1) * b)
-        part = replace(batch, **{f.name: getattr(batch, f.name)[rows] for f in fields(batch)})
-        scale = self.world_size * part.mask.sum() / batch.mask.sum()
-        return part, scale
+        return rank_slice(batch, self.rank, self.world_size)
 
     def train_iteration(self, num_steps: int, iteration: int, bar=None) -> dict:
         """Run ``num_steps`` steps; return the originals' training log keys. Raises ``TrainingDiverged`` on NaN."""
