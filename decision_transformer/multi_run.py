@@ -448,7 +448,7 @@ def _recorded_config(run_dir: Path) -> dict:
 
 def run_multi(args) -> dict:
     from decision_transformer.run import (autocast_dtype, resolve_device, restore_train_state, save_train_state,
-                                          seed_everything)
+                                          seed_everything, warn_unsaved_best)
 
     check_multi_args(args)
     resume_dir = find_resume_dir(args) if args.resume else None
@@ -551,6 +551,7 @@ def run_multi(args) -> dict:
 
     pools = {e: env_pool(e, args.env_version, args.eval_workers, device, args.num_eval_episodes) for e in envs}
     best_key = "evaluation/average_norm_return_mean"
+    warn_unsaved_best(args, models_dir / f"dt_{exp_prefix}_best.pt", best_score, start_iter)
     logs, t0 = {}, time.time()
     try:
         for it in range(start_iter + 1, args.max_iters + 1):

@@ -224,6 +224,15 @@ def resume_state_path(args, run_dir: Path | None, lm_script: bool = False) -> Pa
     return st_path
 
 
+def warn_unsaved_best(args, path: Path, best_score: float, start_iter: int):
+    """A resumed run that saves its best model, when the part before the resume did not save it (``--save_model``
+    added on resume, or the file removed): the next file is written only when a later iteration beats that score."""
+    if (args.save_model and args.save_mode in ("best", "both") and start_iter > 0 and math.isfinite(best_score)
+            and not path.exists()):
+        print(f"warning: {path} is missing: the best model before the resume (score {best_score:.4g}) was not saved; "
+              f"it is written once a later iteration scores higher", file=sys.stderr)
+
+
 def resume_signature(args) -> dict:
     """The flags a resumed run must share with the run it continues (all but ``RESUME_FREE``)."""
     return {k: v for k, v in vars(args).items() if k not in RESUME_FREE}
@@ -442,6 +451,7 @@ def _run(args, script: str) -> dict:
                        group=group, name=wandb_name, resume=args.resume, resume_after=start_iter)
     models_dir = Path("models") / args.env
     best_key = f"evaluation/target_{int(targets[0])}_return_mean"
+    warn_unsaved_best(args, models_dir / f"{args.model_type}_{exp_prefix}_best.pt", best_score, start_iter)
     pool = env_pool(args.env, args.env_version, args.eval_workers, device, args.num_eval_episodes)
     t0 = time.time()
     logs: dict = {}

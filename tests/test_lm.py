@@ -774,7 +774,8 @@ def test_lm_resume_with_a_missing_or_broken_config(lm_dirs, tmp_path, monkeypatc
 
 def test_lm_resume_keeps_the_first_parts_best_checkpoint(lm_dirs, tmp_path, monkeypatch, capsys, hopper_data):
     """--save_model --save_mode best: a resumed run compares with the best score of the part before the interruption,
-    so a worse later iteration does not overwrite the earlier, better _best.pt; a better one does."""
+    so a worse later iteration does not overwrite the earlier, better _best.pt; a better one does. A missing _best.pt
+    (e.g. --save_model added on resume) is reported."""
     import numpy as np
 
     from decision_transformer import run as run_mod
@@ -804,6 +805,12 @@ def test_lm_resume_keeps_the_first_parts_best_checkpoint(lm_dirs, tmp_path, monk
     assert load_checkpoint(best)["iteration"] == 1
     lm_experiment.main([*cmd, "--max_iters", "2", "--resume"])
     assert load_checkpoint(best)["iteration"] == 1                       # 100 < 500: the first part's best stays
+    best.rename(tmp_path / "kept.pt")                                    # a best model that is missing is reported
+    capsys.readouterr()
+    lm_experiment.main([*cmd, "--max_iters", "2", "--resume"])
+    assert f"warning: {best.relative_to(tmp_path)} is missing: the best model before the resume (score 500)" in \
+        capsys.readouterr().err
+    (tmp_path / "kept.pt").rename(best)
     lm_experiment.main([*cmd, "--max_iters", "3", "--resume"])
     assert load_checkpoint(best)["iteration"] == 3
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
