@@ -411,6 +411,42 @@ def test_fp16_trainer_path_equals_the_fp32_step_off_cuda(lm_dirs, hopper_data):
                            locate_lm(str(lm_dirs / "gpt2")).state_dict()["h.0.attn.c_attn.weight"])
 
 
+def test_fp16_loss_scaler_survives_resume(tmp_path):
+    """The fp16 trainer's GradScaler state (scale, growth tracker) goes into train_state.pt and comes back on resume.
+    A CPU GradScaler stands in for the CUDA one (the scaler is off on CPU): it scales, unscales and grows the same
+    way."""
+    from conftest import tiny_trajectories
+
+    from decision_transformer.data import TrajectoryDataset
+    from decision_transformer.run import restore_train_state, save_train_state
+    from decision_transformer.training import make_optimizer, warmup_schedule
+    from decision_transformer.training.lm_cotrain import AmpTrainer
+
+    def trainer():
+        model = DecisionTransformer(DTConfig(11, 3, max_length=5), seed=0)
+        opt = make_optimizer(model, lr=1e-3, weight_decay=1e-4)
+        t = AmpTrainer(model, opt, warmup_schedule(opt, 2), TrajectoryDataset(tiny_trajectories(), "hopper"),
+                       batch_size=4, K=5, generator=torch.Generator().manual_seed(0))
+        t.scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=2)
+        return t
+
+    a = trainer()
+    a.train_iteration(3, 1)
+    saved = a.scaler.state_dict()
+    assert saved["scale"] == 16.0 and saved["_growth_tracker"] == 1   # grown once in three finite steps
+    save_train_state(tmp_path / "train_state.pt", a.module, {}, a, a.optimizer, a.scheduler, a.generator,
+                     iteration=1, best_score=0.0, exp_id=1)
+    a.train_iteration(3, 2)
+    b = trainer()
+    assert b.scaler.state_dict() != saved
+    restore_train_state(tmp_path / "train_state.pt", b.module, b, b.optimizer, b.scheduler, b.generator)
+    assert b.scaler.state_dict() == saved
+    b.train_iteration(3, 2)
+    assert b.scaler.state_dict() == a.scaler.state_dict() and b.scaler.get_scale() == 64.0
+    sa, sb = a.module.state_dict(), b.module.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_joint_token_cache(lm_dirs, tmp_path, monkeypatch, capsys):
     import os
 
