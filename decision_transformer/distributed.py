@@ -49,6 +49,17 @@ def setup(device: torch.device) -> tuple[DistContext, torch.device]:
     return ctx, device
 
 
+def from_main(ctx: DistContext, value):
+    """``value`` as rank 0 has it (a picklable object), on every rank; ``value`` itself without torchrun."""
+    if not ctx.enabled:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class QuietRank(io.TextIOBase):
     """The stderr of a rank other than 0: rank 0 already prints the progress, data and summary lines, so only this
     rank's ``error``/``warning`` lines and tracebacks pass, prefixed ``[rank N]``. Not a terminal, so progress bars

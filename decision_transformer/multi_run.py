@@ -454,10 +454,10 @@ def run_multi(args) -> dict:
     resume_dir = find_resume_dir(args) if args.resume else None
     if resume_dir is not None and args.seed is None:
         args.seed = int(_recorded_config(resume_dir)["seed"])
-    if args.seed is None:
-        args.seed = secrets.randbelow(2**31)
-        log(f"seed: {args.seed} (drawn from OS entropy; pass --seed {args.seed} to repeat this run)")
     ctx, device = distributed.setup(resolve_device(args.device, args.threads))  # torchrun: one process per GPU
+    if args.seed is None:  # under torchrun rank 0's draw, so that every rank samples the same global batches
+        args.seed = distributed.from_main(ctx, secrets.randbelow(2**31))
+        log(f"seed: {args.seed} (drawn from OS entropy; pass --seed {args.seed} to repeat this run)")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -111,17 +111,16 @@ def test_torchrun_experiment(tmp_path, hopper_data):
 
 
 def test_torchrun_experiment_multi(tmp_path):
-    """``torchrun --nproc_per_node 2 experiment_multi.py`` on CPU: one run folder, one model, one summary line; every
-    env evaluated once (by rank 0)."""
+    """``torchrun --nproc_per_node 2 experiment_multi.py`` on CPU, the seed drawn (rank 0's, for all): one run folder,
+    one model, one summary line; every env evaluated once (by rank 0)."""
     import json
 
     for i, env in enumerate(MULTI_ENVS):
         make_dataset(tmp_path / "data", env, "medium", 200, seed=i, max_ep_len=40)
     proc = _torchrun(tmp_path, "experiment_multi.py", "--dataset", "medium", "--data_path", str(tmp_path / "data"),
                      "--embed_dim", "16", "--n_layer", "1", "--n_head", "2", "--K", "5", "--batch_size", "6",
-                     "--max_iters", "1", "--num_steps_per_iter", "3", "--num_eval_episodes", "1", "--seed", "0",
-                     "--save_model")
-    assert proc.stderr.count("iter 1/1 |") == 1, proc.stderr[-3000:]
+                     "--max_iters", "1", "--num_steps_per_iter", "3", "--num_eval_episodes", "1", "--save_model")
+    assert proc.stderr.count("iter 1/1 |") == 1 and proc.stderr.count("seed: ") == 1, proc.stderr[-3000:]
     (run,) = (tmp_path / "checkpoints" / "multi").iterdir()
     rows = (run / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1 and json.loads(rows[0])["evaluation/average_norm_return_mean"] is not None
@@ -153,6 +152,7 @@ def _train_multi(rank: int, world: int, out_path: str, data_dir: str):
     """Two of the three envs (the third env's layers get no gradient: frozen under DDP) with init_reg."""
     torch.set_num_threads(1)
     ctx = distributed.setup(torch.device("cpu"))[0] if world > 1 else distributed.DistContext()
+    assert distributed.from_main(ctx, {"seed": 7 + rank}) == {"seed": 7}  # (experiment_multi's drawn seed)
     model = _tiny_multi(resid_pdrop=0.0, attn_pdrop=0.0, embd_pdrop=0.0)
     for blk in model.transformer.h:  # the key biases' zero gradient, as in _train
         blk.attn.c_attn.bias.requires_grad_(False)
