@@ -519,7 +519,7 @@ def run_multi(args) -> dict:
         except ValueError as e:
             raise UserError(str(e)) from None
 
-    exp_id, start_iter, best_score = new_exp_id(), 0, -float("inf")
+    exp_id, start_iter, best_score = distributed.from_main(ctx, new_exp_id()), 0, -float("inf")  # one id for all ranks
     if resume_dir is not None:
         st = restore_train_state(resume_dir / TRAIN_STATE, model, trainer, optimizer, scheduler, generator)
         start_iter, best_score, exp_id = int(st["iteration"]), float(st["best_score"]), int(st["exp_id"])

@@ -412,7 +412,7 @@ def _run(args, script: str) -> dict:
     except ValueError as e:
         raise UserError(str(e)) from None
 
-    start_iter, best_score, exp_id = 0, -float("inf"), new_exp_id()
+    start_iter, best_score, exp_id = 0, -float("inf"), distributed.from_main(ctx, new_exp_id())  # one id for all ranks
     if st_path is not None:
         st = restore_train_state(st_path, model, trainer, optimizer, scheduler, generator)
         start_iter, best_score, exp_id = int(st["iteration"]), float(st["best_score"]), int(st["exp_id"])
