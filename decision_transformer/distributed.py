@@ -60,6 +60,20 @@ def from_main(ctx: DistContext, value):
     return box[0]
 
 
+def broadcast_module(ctx: DistContext, module: torch.nn.Module):
+    """Give every rank rank 0's parameters and buffers, in place. Merges (a Fisher merge estimates on each rank's
+    own batches of its own device) and other set-up can differ between ranks; DDP would copy rank 0's weights at
+    wrapping time anyway, but the states taken before it (init_reg's reference, ``--eval_merge_pre``'s "pre"
+    weights) must be rank 0's too. A no-op without torchrun."""
+    if not ctx.enabled:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in module.state_dict(keep_vars=True).values():
+            dist.broadcast(t.data, src=0)
+
+
 class QuietRank(io.TextIOBase):
     """The stderr of a rank other than 0: rank 0 already prints the progress, data and summary lines, so only this
     rank's ``error``/``warning`` lines and tracebacks pass, prefixed ``[rank N]``. Not a terminal, so progress bars

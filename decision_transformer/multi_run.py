@@ -490,6 +490,7 @@ def run_multi(args) -> dict:
     for e in args.selected_training or []:
         if e not in model.specializations:
             model.specializations.append(e)
+    distributed.broadcast_module(ctx, model)  # torchrun: rank 0's merge on every rank (init_reg, the "pre" state)
     transformer_pre = blocks_state(model)      # after loading, before freezing (init_reg, --eval_merge_pre)
     init_reg = None
     if args.init_reg:

@@ -383,6 +383,7 @@ def _run(args, script: str) -> dict:
         cfg = model.config  # --copy_model / --flip train a model with model 1's (or 2's) own architecture
     if args.load_checkpoint:
         load_state_into(model, load_checkpoint(args.load_checkpoint)["state_dict"], args.load_checkpoint)
+    distributed.broadcast_module(ctx, model)  # torchrun: every rank starts from (and regularises towards) rank 0's
     frozen = freeze_from_args(model, args)
     if frozen:
         print(f"frozen: {len(frozen)} parameter tensors", file=sys.stderr)

@@ -143,9 +143,9 @@ def test_quiet_rank_passes_errors_warnings_and_tracebacks_only():
     assert not q.isatty()
 
 
-def _tiny_multi(**dropout):
+def _tiny_multi(seed: int = 0, **dropout):
     bb = BackboneConfig(n_embd=16, n_layer=2, n_head=2, **dropout)
-    return MultiDecisionTransformer(MultiDTConfig(max_length=5, backbone=bb), seed=0)
+    return MultiDecisionTransformer(MultiDTConfig(max_length=5, backbone=bb), seed=seed)
 
 
 def _train_multi(rank: int, world: int, out_path: str, data_dir: str):
@@ -153,7 +153,10 @@ def _train_multi(rank: int, world: int, out_path: str, data_dir: str):
     torch.set_num_threads(1)
     ctx = distributed.setup(torch.device("cpu"))[0] if world > 1 else distributed.DistContext()
     assert distributed.from_main(ctx, {"seed": 7 + rank}) == {"seed": 7}  # (experiment_multi's drawn seed)
-    model = _tiny_multi(resid_pdrop=0.0, attn_pdrop=0.0, embd_pdrop=0.0)
+    # each rank's own start (as a merge estimated on each rank's own batches could be); broadcast_module makes it
+    # rank 0's before init_reg takes its reference, as run_multi does
+    model = _tiny_multi(seed=ctx.rank, resid_pdrop=0.0, attn_pdrop=0.0, embd_pdrop=0.0)
+    distributed.broadcast_module(ctx, model)
     for blk in model.transformer.h:  # the key biases' zero gradient, as in _train
         blk.attn.c_attn.bias.requires_grad_(False)
     args = multi_parser().parse_args(["--data_path", data_dir, "--K", "5"])
@@ -176,7 +179,8 @@ def _worker_multi(rank, world, port, out_path, data_dir):
 
 def test_ddp_multi_task_two_processes_match_one(tmp_path):
     """The multi-task trainer (one batch per env, one backward) under DDP: weights and every logged loss as in one
-    process at the same global batch; the left-out env's layers stay at their initial values. A global batch that
+    process at the same global batch, though the ranks start from different weights (broadcast_module gives every rank
+    rank 0's, init_reg's reference included); the left-out env's layers stay at their initial values. A global batch that
     does not split evenly is refused."""
     for i, env in enumerate(MULTI_ENVS):
         make_dataset(tmp_path, env, "medium", 200, seed=i, max_ep_len=40)
