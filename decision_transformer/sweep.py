@@ -9,7 +9,8 @@ A grid is a YAML file (``decision_transformer/sweeps/*.yaml`` or any path): ``pr
 lists whose Cartesian product gives the runs; ``null`` leaves a flag out (random initialisation), ``true`` turns a
 switch on. ``run`` skips finished runs and resumes (``--resume``) runs that stopped half-way (``experiment.py``,
 ``lm_cotraining/experiment.py`` and ``experiment_multi.py`` runs); runs whose
-``--pretrained_lm`` cannot be found here are listed as blocked and not started.
+``--pretrained_lm`` cannot be found here are listed as blocked, and runs whose training state cannot be read as
+damaged; neither is started.
 """
 from __future__ import annotations
 
@@ -101,13 +102,28 @@ def _find_state(parent: Path, prefix: str, signature: dict, done_file: str | Non
         return "new", None
     if done_file is not None and (found / done_file).is_file():
         return "done", found
+    it = state_iteration(found / TRAIN_STATE)
+    if isinstance(it, str):
+        return "damaged", found
+    return ("done" if it >= max_iters else "partial"), found
+
+
+def state_iteration(path: Path) -> int | str:
+    """The last finished iteration a training state records, or why it cannot be read (a string)."""
     import torch
 
-    try:
-        it = torch.load(found / TRAIN_STATE, map_location="cpu", weights_only=True, mmap=True)["iteration"]
-    except Exception:  # noqa: BLE001 - a damaged state: the run itself reports it
-        it = -1
-    return ("done" if it >= max_iters else "partial"), found
+    for mmap in (True, False):  # mapped: no need to read a large state; a file that cannot be mapped is read whole
+        try:
+            st = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as e:  # noqa: BLE001 - any failure means the run cannot resume from it
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            problem = f"not loadable ({type(e).__name__}{': ' + first[:160] if first else ''})"
+            continue
+        try:
+            return int(st["iteration"])
+        except Exception:  # noqa: BLE001
+            return "not a training state (no iteration number)"
+    return problem
 
 
 def run_state(program: str, argv: list[str]) -> tuple[str, Path | None]:
@@ -160,7 +176,7 @@ def run_state(program: str, argv: list[str]) -> tuple[str, Path | None]:
     if (run_dir / f"model_{a.max_iters}.pt").is_file():
         return "done", run_dir
     if (run_dir / "train_state.pt").is_file():
-        return "partial", run_dir
+        return ("damaged" if isinstance(state_iteration(run_dir / "train_state.pt"), str) else "partial"), run_dir
     return "new", run_dir
 
 
@@ -452,12 +468,19 @@ def main(argv=None):
     for state, cmd in runs:
         print(f"{state:8s} {shlex.join(cmd)}")
     blocked = [cmd for state, cmd in runs if state == "blocked"]
+    damaged = [cmd for state, cmd in runs if state == "damaged"]
     print(f"{len(runs)} runs: {sum(s == 'done' for s, _ in runs)} finished (skipped), "
           f"{sum(s == 'partial' for s, _ in runs)} to resume, {sum(s == 'new' for s, _ in runs)} new"
-          + (f", {len(blocked)} blocked (their language model is not available here)" if blocked else ""))
+          + (f", {len(blocked)} blocked (their language model is not available here)" if blocked else "")
+          + (f", {len(damaged)} with a damaged training state (not started)" if damaged else ""))
     if blocked:
         lms = sorted({_flag_value(cmd, ("--pretrained_lm", "-plm")) for cmd in blocked})
         print(f"blocked: {'; '.join(f'{lm}: {_lm_problem(lm)}' for lm in lms)}")
+    for cmd in damaged:
+        from decision_transformer.run import TRAIN_STATE
+
+        state_file = run_state(cmd[1], cmd[2:])[1] / TRAIN_STATE
+        print(f"damaged: {state_file}: {state_iteration(state_file)}; move it away to start that run over")
     if a.dry_run:
         return 0
     prefix = _log_prefix(spec, Path(a.log_dir))
@@ -467,6 +490,8 @@ def main(argv=None):
         raise UserError(f"{failed} of {len(todo)} runs failed; logs in {a.log_dir}")
     if blocked:
         raise UserError(f"{len(blocked)} runs not started: their language model is not available here (see above)")
+    if damaged:
+        raise UserError(f"{len(damaged)} runs not started: their training state cannot be read (see above)")
     return 0
 
 

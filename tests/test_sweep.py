@@ -1,9 +1,16 @@
 """The grid launcher: expansion, skip/resume detection, a real two-process run, WandB export."""
 import sys
 
+import torch
 import yaml
 
 from decision_transformer import sweep
+
+
+def _half_done(folder, iteration: int = 0):
+    """A readable training state, as an interrupted run leaves it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"iteration": iteration}, folder / "train_state.pt")
 
 
 def test_bundled_grids_expand():
@@ -44,11 +51,37 @@ def test_skip_finished_and_resume_partial(tmp_path, hopper_data):
     done.mkdir(parents=True)
     (done / "model_1.pt").write_bytes(b"x")
     part = tmp_path / "ck" / "dt_medium_hopper_2_K5"
-    part.mkdir(parents=True)
-    (part / "train_state.pt").write_bytes(b"x")
+    _half_done(part)
     states = sweep.plan(spec, [])
     assert [s for s, _ in states] == ["done", "partial"]
     assert states[1][1][-1] == "--resume" and "--resume" not in states[0][1]
+
+
+def test_damaged_training_state_is_not_started(tmp_path, hopper_data, capsys):
+    """A training state that cannot be read would fail its run on every call of the launcher: it is listed as
+    damaged, named with the reason, not started, and the launcher exits non-zero; the file is left as it is."""
+    grid = _grid(tmp_path, hopper_data)
+    part = tmp_path / "ck" / "dt_medium_hopper_2_K5"
+    part.mkdir(parents=True)
+    (part / "train_state.pt").write_bytes(b"x")
+    assert [s for s, _ in sweep.plan(sweep.load_grid(str(grid)), [])] == ["new", "damaged"]
+    (tmp_path / "ck" / "dt_medium_hopper_1_K5").mkdir()
+    (tmp_path / "ck" / "dt_medium_hopper_1_K5" / "model_1.pt").write_bytes(b"x")   # the other run: finished
+    capsys.readouterr()
+    try:
+        sweep.main(["run", str(grid), "--log_dir", str(tmp_path / "logs")])
+    except SystemExit as e:
+        assert e.code == 2
+    else:
+        raise AssertionError("a damaged run must make the launcher exit 2")
+    out, err = capsys.readouterr()
+    assert err.strip() == "error: 1 runs not started: their training state cannot be read (see above)"
+    lines = out.splitlines()
+    assert lines[0].startswith("done ") and lines[1].startswith("damaged ") and "--resume" not in lines[1]
+    assert "1 finished (skipped), 0 to resume, 0 new, 1 with a damaged training state (not started)" in lines[2]
+    assert lines[3].startswith(f"damaged: {part / 'train_state.pt'}: not loadable (UnpicklingError") and \
+        lines[3].endswith("move it away to start that run over")
+    assert not (tmp_path / "logs").exists() and (part / "train_state.pt").read_bytes() == b"x"
 
 
 def test_merge_runs_found_by_their_merge_flags(tmp_path):
@@ -71,6 +104,8 @@ def test_merge_runs_found_by_their_merge_flags(tmp_path):
         (d / "config.json").write_text(json.dumps(merge_signature(experiment_parser().parse_args(argv))))
         for f in files:
             (d / f).write_bytes(b"x")
+        if "train_state.pt" in files:
+            _half_done(d, 1)
 
     folder(111111, ["attn"], ["model_1.pt", "model_2.pt", "train_state.pt"])
     assert [s for s, _ in sweep.plan(spec, [])] == ["done", "new"]
@@ -122,7 +157,7 @@ def test_lm_and_multi_runs_found_by_their_flags(tmp_path, monkeypatch):
            {"model_1.pt": b"x", "train_state.pt": b"x"})                  # other flags: does not count
     assert [s for s, _ in sweep.plan(lm, [])] == ["done", "new"]
     folder(models / "walker2d" / "dt_gym-experiment-walker2d-medium-333", lm_config(env="walker2d"),
-           {"model_1.pt": b"x", "train_state.pt": b"x"})
+           {"model_1.pt": b"x", "train_state.pt": {"iteration": 1}})
     states = sweep.plan(lm, [])
     assert [s for s, _ in states] == ["done", "partial"] and states[1][1][-1] == "--resume"
 
@@ -292,9 +327,7 @@ def test_extra_takes_a_lone_flag(tmp_path, capsys):
     """--extra "--max_iters=3" (one flag, no space) or --extra --save_model is a value for the runs, not an option
     of the launcher; with "=" forms the half-done runs are still found and resumed."""
     grid = _grid(tmp_path, tmp_path / "data")
-    part = tmp_path / "ck" / "dt_medium_hopper_2_K5"
-    part.mkdir(parents=True)
-    (part / "train_state.pt").write_bytes(b"x")
+    _half_done(tmp_path / "ck" / "dt_medium_hopper_2_K5")
     for extra in (["--extra", "--max_iters=3"], ["--ext", "--max_iters=3"], ["--extra=--max_iters=3"]):
         sweep.main(["run", str(grid), *extra, "--dry_run"])
         lines = capsys.readouterr().out.splitlines()
