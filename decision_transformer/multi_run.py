@@ -34,8 +34,8 @@ from decision_transformer.logging import RunLogger, progress
 from decision_transformer.merge_setup import merge_multi_states, multi_fisher, resolve_method
 from decision_transformer.models.multi_decision_transformer import (MODEL_CLASS, MULTI_ENVS,
                                                                     MultiDecisionTransformer, MultiDTConfig)
-from decision_transformer.training import (GRAD_CLIP, apply_update, compile_module, freeze_from_args, make_optimizer,
-                                          freeze_unreached, mark_step, masked_action_mse, rank_slice, warmup_schedule)
+from decision_transformer.training import (GRAD_CLIP, apply_update, compile_module, freeze_from_args, freeze_unreached,
+                                          mark_step, masked_action_mse, optimizer_from_args, rank_slice)
 
 NORM_ENVS = ("medium", "medium-expert", "expert", "medium-replay")
 STATE_STATS_FILE = "state_stats.pkl"
@@ -504,13 +504,7 @@ def run_multi(args) -> dict:
     train = not args.eval_only and args.num_steps_per_iter > 0
     trainer = None
     if train:
-        optimizer = make_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay,
-                                   pretrained_lm=bool(args.pretrained_lm),
-                                   custom_transformer_decay=args.custom_transformer_decay, lm_lr=args.lm_learning_rate,
-                                   fused=True if device.type == "cuda" else None)
-        scheduler = warmup_schedule(optimizer, args.warmup_steps)
-        generator = torch.Generator(device=device)
-        generator.manual_seed(args.seed)
+        optimizer, scheduler, generator = optimizer_from_args(model, args, device)
         try:
             trainer = MultiTrainer(model, optimizer, scheduler, data, train_envs, batch_size=args.batch_size,
                                    K=args.K, generator=generator,

@@ -27,8 +27,7 @@ from decision_transformer.logging import RunLogger, progress, summary_line
 from decision_transformer.model_factory import (build_bc_model, build_model_from_args, locate_pretrained,
                                                 make_extra_loss)
 from decision_transformer.cpu import configure_threads
-from decision_transformer.training import (GRAD_CLIP, ActTrainer, Trainer, freeze_from_args, make_optimizer,
-                                           warmup_schedule)
+from decision_transformer.training import GRAD_CLIP, ActTrainer, Trainer, freeze_from_args, optimizer_from_args
 
 TRAIN_STATE = "train_state.pt"
 EXPERIMENT, LM_COTRAINING = "experiment", "lm_cotraining"
@@ -389,13 +388,7 @@ def _run(args, script: str) -> dict:
         print(f"frozen: {len(frozen)} parameter tensors", file=sys.stderr)
 
 
-    optimizer = make_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay,
-                               pretrained_lm=bool(args.pretrained_lm),
-                               custom_transformer_decay=args.custom_transformer_decay, lm_lr=args.lm_learning_rate,
-                               fused=True if device.type == "cuda" else None)
-    scheduler = warmup_schedule(optimizer, args.warmup_steps)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(args.seed)
+    optimizer, scheduler, generator = optimizer_from_args(model, args, device)
     extra_loss = make_extra_loss(args, model, script=script, lm=lm, device=device)
     trainer_cls = ActTrainer if bc else Trainer
     if lm_script and args.fp16:

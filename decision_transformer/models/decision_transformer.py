@@ -16,8 +16,28 @@ EMBED_ORDERS = ("ln_then_time", "time_then_ln")
 LAST_ACTION_TAIL = 4
 
 
+class BackboneHolder:
+    """What the single- and multi-task configs share: a ``backbone`` field, a dict form without unknown keys."""
+
+    backbone: BackboneConfig
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.n_embd
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        d["backbone"] = BackboneConfig.from_dict(d.get("backbone", {}))
+        return cls(**d)
+
+
 @dataclass
-class DTConfig:
+class DTConfig(BackboneHolder):
     state_dim: int
     act_dim: int
     max_length: int = 20             # K, context timesteps
@@ -31,20 +51,6 @@ class DTConfig:
     # ``backbone.n_positions >= max_ep_len`` (model_factory tiles a shorter pretrained table).
     extend_positions: bool = False
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.backbone.n_embd
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DTConfig":
-        names = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
-        d["backbone"] = BackboneConfig.from_dict(d.get("backbone", {}))
-        return cls(**d)
 
 
 @dataclass

@@ -14,15 +14,15 @@ action head, so ``share_input_output_proj`` has no effect on them.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from decision_transformer.envs import get_env_spec
-from decision_transformer.models.decision_transformer import (EMBED_ORDERS, LAST_ACTION_TAIL, DTOutput,
-                                                                 timestep_table)
+from decision_transformer.models.decision_transformer import (EMBED_ORDERS, LAST_ACTION_TAIL, BackboneHolder,
+                                                                 DTOutput, timestep_table)
 from decision_transformer.models.gpt2 import BackboneConfig, GPT2Backbone
 
 #: The original's env order (index 0, 1, 2).
@@ -32,7 +32,7 @@ MODEL_CLASS = "multi_dt"
 
 
 @dataclass
-class MultiDTConfig:
+class MultiDTConfig(BackboneHolder):
     envs: list[str] = field(default_factory=lambda: list(MULTI_ENVS))
     state_dims: list[int] = field(default_factory=list)   # per env; empty -> from the env table
     act_dims: list[int] = field(default_factory=list)
@@ -53,20 +53,6 @@ class MultiDTConfig:
             self.act_dims = [get_env_spec(e).act_dim for e in self.envs]
         if not (len(self.envs) == len(self.state_dims) == len(self.act_dims)):
             raise ValueError("envs, state_dims and act_dims must have the same length")
-
-    @property
-    def hidden_size(self) -> int:
-        return self.backbone.n_embd
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MultiDTConfig":
-        names = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
-        d["backbone"] = BackboneConfig.from_dict(d.get("backbone", {}))
-        return cls(**d)
 
 
 class MultiDecisionTransformer(nn.Module):

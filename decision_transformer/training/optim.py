@@ -32,6 +32,18 @@ def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, pretrain
     return torch.optim.AdamW(trainable(model.parameters()), lr=lr, weight_decay=weight_decay, eps=eps, **kw)
 
 
+def optimizer_from_args(model: nn.Module, args, device: torch.device):
+    """(AdamW, warm-up schedule, batch generator seeded with ``--seed``) from the scripts' flags; fused AdamW on
+    CUDA."""
+    optimizer = make_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay,
+                               pretrained_lm=bool(args.pretrained_lm),
+                               custom_transformer_decay=args.custom_transformer_decay, lm_lr=args.lm_learning_rate,
+                               fused=True if device.type == "cuda" else None)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(args.seed)
+    return optimizer, warmup_schedule(optimizer, args.warmup_steps), generator
+
+
 def warmup_schedule(optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up from lr/warmup to lr over ``warmup_steps`` scheduler steps, then constant."""
     warmup_steps = max(int(warmup_steps), 1)
