@@ -532,6 +532,29 @@ def test_lookup_order_local_then_checkpoints_then_cache(lm_dirs, hf_home, tmp_pa
     assert where("gpt2") == (tmp_path / "gpt2", "local")          # a local folder wins over the cache
 
 
+def test_an_originals_parent_path_is_found_below_this_folder_or_the_project(lm_dirs, tmp_path, monkeypatch, capsys):
+    """The Merging-DT seed passes ``--pretrained_lm ../checkpoints/chibiT`` (its script ran from a sub-folder): the
+    path as given wins; where it is absent, checkpoints/ChibiT below the working folder, then below the project."""
+    from decision_transformer.models import pretrained
+    from decision_transformer.models.pretrained import find_model_dir
+
+    root, project = tmp_path / "work", tmp_path / "project"
+    root.mkdir()
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(pretrained, "PROJECT_ROOT", project)
+    with pytest.raises(UserError, match=r"at .*/work/\.\./checkpoints/chibiT and .*/work/checkpoints/chibiT and "
+                                        r".*/project/checkpoints/chibiT"):
+        find_model_dir("../checkpoints/chibiT")
+    shutil.copytree(lm_dirs / "gpt2", project / "checkpoints" / "ChibiT")
+    assert find_model_dir("../checkpoints/chibiT")[0] == project / "checkpoints" / "ChibiT"
+    assert capsys.readouterr().err == f"--pretrained_lm ../checkpoints/chibiT: using {project}/checkpoints/ChibiT\n"
+    shutil.copytree(lm_dirs / "gpt2", root / "checkpoints" / "ChibiT")
+    assert find_model_dir("../checkpoints/chibiT")[0] == Path("checkpoints/ChibiT")
+    shutil.copytree(lm_dirs / "gpt2", tmp_path / "checkpoints" / "chibiT")
+    assert find_model_dir("../checkpoints/chibiT")[0] == Path("../checkpoints/chibiT")   # the path as given
+    assert capsys.readouterr().err.count("using") == 1
+
+
 def test_pretraining_seed_commands_with_cached_models(tmp_path, monkeypatch, hf_home, hopper_data):
     """TAKAGI's commands: --pretrained_lm gpt2 / openai/imagegpt-small from the HF cache, --remove_grad_clip,
     --K 1 with --pretrained_block (b = 0); run folders named as the analysis scripts expect."""

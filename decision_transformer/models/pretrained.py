@@ -32,6 +32,10 @@ SUPPORTED_MODEL_TYPES = ("gpt2", "imagegpt")
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
+#: The project's root: ``checkpoints/`` is found below it from any working directory.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
 def hf_cache_dir() -> Path:
     """The Hugging Face hub cache, read from the environment at call time (tests point ``HF_HOME`` elsewhere)."""
     if os.environ.get("HF_HUB_CACHE"):
@@ -83,12 +87,21 @@ def find_model_dir(name: str, what: str = "pretrained model", flag: str = "--pre
         candidates.append(Path("checkpoints") / name)
         if given.name != name:                      # a Hub id with an owner: also checkpoints/<model name>
             candidates.append(Path("checkpoints") / given.name)
+    ups = len(given.parts) - len(given.parts[next((i for i, q in enumerate(given.parts) if q != ".."),
+                                                   len(given.parts)):])
+    if ups and len(given.parts) > ups:
+        # the originals ran from a sub-folder (``../checkpoints/chibiT``): where the path is not there, the same path
+        # below this folder and below the project's root (checkpoints/ChibiT, matched case-insensitively)
+        inner = Path(*given.parts[ups:])
+        candidates += [c for c in (inner, PROJECT_ROOT / inner) if c.absolute() != given.absolute()]
     for c in candidates:
-        if _is_model_dir(c):
-            return c, "local"
-        v = _case_variant(c)
-        if v is not None:
-            return v, "local"
+        found = c if _is_model_dir(c) else _case_variant(c)
+        if found is not None:
+            if c is not given:
+                import sys
+
+                print(f"{flag} {name}: using {found}", file=sys.stderr)
+            return found, "local"
     snap = _hf_cached_snapshot(name)
     if snap is not None:
         return snap, "hf-cache"
