@@ -260,3 +260,19 @@ def test_synthetic_writes_whole_random_episodes_in_d4rl_layout(tmp_path, capsys)
     with pytest.raises(SystemExit) as e:
         script.main(["--synthetic", "0", "--hdf5_dir", str(tmp_path / "h5")])
     assert e.value.code == 2 and "positive number of episodes" in capsys.readouterr().err
+
+
+def test_run_from_the_data_folder_writes_there(tmp_path, monkeypatch):
+    """The seeds' `cd data; python download_d4rl_datasets.py`: run from inside the project's data folder, the
+    datasets go to that folder (where training reads them), not to data/data; from anywhere else to ./data."""
+    from decision_transformer import data as data_mod
+
+    monkeypatch.setattr(data_mod, "PROJECT_DATA_DIR", tmp_path / "project" / "data")
+    (tmp_path / "project" / "data").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "project" / "data")
+    assert data_mod.default_data_path() == "."
+    script.main(["--synthetic", "2", "--envs", "hopper", "--datasets", "random", "--hdf5_dir", str(tmp_path / "h5")])
+    assert (tmp_path / "project" / "data" / "hopper-random-v2.pkl").is_file()
+    assert not (tmp_path / "project" / "data" / "data").exists()
+    monkeypatch.chdir(tmp_path / "project")
+    assert data_mod.default_data_path() == "data"
