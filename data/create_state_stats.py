@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from decision_transformer.data import default_data_path  # noqa: E402
+from decision_transformer.paths import project_path  # noqa: E402
 from decision_transformer.errors import UserError, cli_entry  # noqa: E402
 
 ENVS = ("halfcheetah", "hopper", "walker2d")
@@ -42,8 +42,8 @@ def compute_stats(data_path: str, envs=ENVS, datasets=DATASETS) -> tuple[dict, l
 @cli_entry
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_path", default=default_data_path(), help="folder with {env}-{dataset}-v2.pkl (or D4RL hdf5); "
-                   "default data (. when run from the project's data folder)")
+    p.add_argument("--data_path", default=project_path("data"), help="folder with {env}-{dataset}-v2.pkl (or D4RL hdf5); "
+                   "default: the project's data folder")
     p.add_argument("--out", default=None, help="output file (default: {data_path}/state_stats.pkl)")
     p.add_argument("--envs", nargs="+", default=list(ENVS))
     p.add_argument("--datasets", nargs="+", default=list(DATASETS))

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from decision_transformer.data import default_data_path
+from decision_transformer.paths import project_path
 from decision_transformer.errors import UserError, cli_entry
 
 NAME_RE = re.compile(r"^(hopper|halfcheetah|walker2d)_(random|medium|medium_replay|medium_expert|expert)-v2\.hdf5$")
@@ -70,8 +70,8 @@ def synthetic(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hdf5", nargs="+", help="D4RL hdf5 files to convert (no download)")
-    p.add_argument("--data_path", "--out_dir", dest="data_path", default=default_data_path(),
-                   help="output folder (default data; . when run from the project's data folder)")
+    p.add_argument("--data_path", "--out_dir", dest="data_path", default=project_path("data"),
+                   help="output folder (default: the project's data folder)")
     p.add_argument("--envs", nargs="+", default=["halfcheetah", "hopper", "walker2d"],
                    choices=["halfcheetah", "hopper", "walker2d"])
     p.add_argument("--datasets", nargs="+", default=["medium", "medium-replay", "expert", "medium-expert", "random"],

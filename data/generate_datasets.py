@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from decision_transformer.data import default_data_path
+from decision_transformer.paths import project_path
 from decision_transformer.errors import cli_entry
 
 ENVS = ["hopper", "halfcheetah", "walker2d"]
@@ -30,8 +30,8 @@ def main(argv=None):
     p.add_argument("--num_transitions", type=int, default=None,
                    help="rows per dataset (default 1M; medium-expert: this many of each half; medium-replay: "
                         "every training step up to the medium policy, or the first N)")
-    p.add_argument("--data_path", default=default_data_path(),
-                   help="output folder (default data; . when run from the project's data folder)")
+    p.add_argument("--data_path", default=project_path("data"),
+                   help="output folder (default: the project's data folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policy_dir", default=None, help="behaviour policies (default: bundled)")
     p.add_argument("--no_hdf5", action="store_true", help="write only the pkl (and stats)")

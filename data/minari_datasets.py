@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from decision_transformer.data import default_data_path
+from decision_transformer.paths import project_path
 from decision_transformer.errors import UserError, cli_entry
 
 
@@ -25,8 +25,8 @@ def main(argv=None):
     imp.add_argument("dataset_id")
     imp.add_argument("--env", default=None, help="default: from the dataset id")
     imp.add_argument("--dataset", required=True, help="quality name for the pkl (medium, expert, ...)")
-    imp.add_argument("--data_path", default=default_data_path(),
-                     help="output folder (default data; . when run from the project's data folder)")
+    imp.add_argument("--data_path", default=project_path("data"),
+                     help="output folder (default: the project's data folder)")
     exp = sub.add_parser("export", help="DT pkl -> Minari dataset")
     exp.add_argument("pkl")
     exp.add_argument("dataset_id")

@@ -27,21 +27,6 @@ from decision_transformer.envs import EnvSpec, check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError
 
 # Padding values of the originals' ``get_batch`` (training). Evaluation pads with zeros instead.
-#: The project's own ``data/`` folder.
-PROJECT_DATA_DIR = Path(__file__).resolve().parents[1] / "data"
-
-
-def default_data_path() -> str:
-    """The data scripts' ``--data_path`` default: ``data``, or ``.`` when run from inside the project's ``data/``
-    folder (the seeds' ``cd data; python download_d4rl_datasets.py``), so the files land where training reads them."""
-    try:
-        if Path.cwd().resolve() == PROJECT_DATA_DIR.resolve():
-            return "."
-    except OSError:  # the working folder was removed
-        pass
-    return "data"
-
-
 PAD_ACTION = -10.0
 PAD_DONE = 2
 PAD_STATE_RAW = 0.0  # raw state 0, normalised afterwards -> -mean/std

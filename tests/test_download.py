@@ -264,15 +264,20 @@ def test_synthetic_writes_whole_random_episodes_in_d4rl_layout(tmp_path, capsys)
 
 def test_run_from_the_data_folder_writes_there(tmp_path, monkeypatch):
     """The seeds' `cd data; python download_d4rl_datasets.py`: run from inside the project's data folder, the
-    datasets go to that folder (where training reads them), not to data/data; from anywhere else to ./data."""
-    from decision_transformer import data as data_mod
+    datasets go to that folder (where training reads them), not to data/data; from the project's root to data."""
+    from decision_transformer import paths
 
-    monkeypatch.setattr(data_mod, "PROJECT_DATA_DIR", tmp_path / "project" / "data")
-    (tmp_path / "project" / "data").mkdir(parents=True)
-    monkeypatch.chdir(tmp_path / "project" / "data")
-    assert data_mod.default_data_path() == "."
+    project = tmp_path / "project"
+    monkeypatch.setattr(paths, "PROJECT_ROOT", project)
+    (project / "data").mkdir(parents=True)
+    monkeypatch.chdir(project / "data")
     script.main(["--synthetic", "2", "--envs", "hopper", "--datasets", "random", "--hdf5_dir", str(tmp_path / "h5")])
-    assert (tmp_path / "project" / "data" / "hopper-random-v2.pkl").is_file()
-    assert not (tmp_path / "project" / "data" / "data").exists()
-    monkeypatch.chdir(tmp_path / "project")
-    assert data_mod.default_data_path() == "data"
+    assert (project / "data" / "hopper-random-v2.pkl").is_file() and not (project / "data" / "data").exists()
+    assert paths.project_path("data") == "."
+    monkeypatch.chdir(project)
+    assert paths.project_path("data") == "data"
+    (project / "mine").mkdir()
+    monkeypatch.chdir(project / "mine")
+    assert paths.project_path("data") == "../data"
+    monkeypatch.chdir(tmp_path)                                   # outside the project: as written
+    assert paths.project_path("data") == "data"

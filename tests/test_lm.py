@@ -535,13 +535,13 @@ def test_lookup_order_local_then_checkpoints_then_cache(lm_dirs, hf_home, tmp_pa
 def test_an_originals_parent_path_is_found_below_this_folder_or_the_project(lm_dirs, tmp_path, monkeypatch, capsys):
     """The Merging-DT seed passes ``--pretrained_lm ../checkpoints/chibiT`` (its script ran from a sub-folder): the
     path as given wins; where it is absent, checkpoints/ChibiT below the working folder, then below the project."""
-    from decision_transformer.models import pretrained
+    from decision_transformer import paths
     from decision_transformer.models.pretrained import find_model_dir
 
     root, project = tmp_path / "work", tmp_path / "project"
     root.mkdir()
     monkeypatch.chdir(root)
-    monkeypatch.setattr(pretrained, "PROJECT_ROOT", project)
+    monkeypatch.setattr(paths, "PROJECT_ROOT", project)
     with pytest.raises(UserError, match=r"at .*/work/\.\./checkpoints/chibiT and .*/work/checkpoints/chibiT and "
                                         r".*/project/checkpoints/chibiT"):
         find_model_dir("../checkpoints/chibiT")

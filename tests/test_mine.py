@@ -127,6 +127,28 @@ def test_exp_types_use_the_right_pairs(tmp_path, monkeypatch):
     assert np.allclose(calls[K][0], data["rtg"][:, 0]) and np.allclose(calls[K][1], data["actions"][:, 0])
 
 
+def test_run_from_the_mine_folder_uses_the_projects_mi_folder(tmp_path, monkeypatch):
+    """The seed's `cd mine-pytorch; python run_mi_exp.py --exp_type data`: started in the project's mine/ folder, the
+    default -psm/-pd/-pa are the project's analysis/section-52-mutual-information/results."""
+    from decision_transformer import paths
+    from decision_transformer.analysis.common import save_npz
+
+    project = tmp_path / "project"
+    monkeypatch.setattr(paths, "PROJECT_ROOT", project)
+    results = project / "analysis" / "section-52-mutual-information" / "results"
+    rng = np.random.default_rng(0)
+    save_npz(mi.data_file(results, "hopper", "medium", 666), states=rng.standard_normal((6, 2, 11)),
+             actions=rng.standard_normal((6, 2, 3)), rtg=rng.standard_normal((6, 3, 1)), attention_mask=np.ones((6, 2)))
+    (project / "mine").mkdir()
+    monkeypatch.chdir(project / "mine")
+    monkeypatch.setattr(mi, "estimate_mi", lambda x, y, **kw: 0.5)
+    args = mi.build_mi_parser().parse_args(["--exp_type", "data", "--device", "cpu"])
+    assert args.path_to_data == args.path_to_save_mi == "../analysis/section-52-mutual-information/results"
+    mi.run_mi(args)
+    assert np.load(results / "mi_data_state_action_hopper_medium_666.npy").tolist() == [0.5, 0.5]
+    assert not (project / "mine" / "analysis").exists()
+
+
 def test_scripts_end_to_end(tmp_path, tiny_runs, capsys):  # noqa: F811
     res, figs = tmp_path / "res", tmp_path / "figs"
     save = load_script("analysis/section-52-mutual-information/save_activation.py").main

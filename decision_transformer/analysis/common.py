@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from decision_transformer.errors import UserError
+from decision_transformer.paths import project_path
 
 #: Default root of the analysis outputs. Relative on purpose: like every relative path in defaults and arguments it
 #: resolves against the working directory, so the README's commands (run from the repository root) write into the
@@ -68,7 +69,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def add_checkpoint_flags(p, *, plm_alias: bool = False):
     names = ["--checkpoint_dir"] + (["-plm"] if plm_alias else [])
-    p.add_argument(*names, dest="checkpoint_dir", type=str, default="checkpoints",
+    p.add_argument(*names, dest="checkpoint_dir", type=str, default=project_path("checkpoints"),
                    help="folder holding the run folders {model}_{dataset}_{env}_{seed}[_K{K}]...")
     p.add_argument("--dataset_name", type=str, default="medium")
 
@@ -92,8 +93,8 @@ def add_threads_flag(p):
 
 
 def section_dir(section: str, kind: str) -> str:
-    """The default ``results`` / ``figs`` folder of a section, relative to the working directory."""
-    return (OUTPUT_ROOT / SECTIONS[section] / kind).as_posix()
+    """The default ``results`` / ``figs`` folder of a section (the project's, see ``paths.project_path``)."""
+    return project_path((OUTPUT_ROOT / SECTIONS[section] / kind).as_posix())
 
 
 def add_output_flags(p, section: str):

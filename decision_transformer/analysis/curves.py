@@ -12,6 +12,7 @@ from decision_transformer.analysis import common
 from decision_transformer.analysis.runs import RunKey, run_depth
 from decision_transformer.checkpoint import wandb_run_name
 from decision_transformer.errors import UserError
+from decision_transformer.paths import project_path
 
 #: TAKAGI's evaluation target per env (``target_{3600|6000|5000}_return_mean``).
 TAKAGI_TARGETS = {"hopper": 3600, "halfcheetah": 6000, "walker2d": 5000}
@@ -147,7 +148,8 @@ def build_no_context_parser():
     p.add_argument("--target", type=int, default=None, help="evaluation target (default 3600/6000/5000)")
     p.add_argument("--score_norm", choices=["d4rl", "dataset"], default="d4rl", help="Table 2's normalisation")
     p.add_argument("--run_K", type=int, default=20, help="the K of the runs with context drawn against the K=1 runs")
-    p.add_argument("--data_path", type=str, default="data", help="random/expert datasets for --score_norm dataset")
+    p.add_argument("--data_path", type=str, default=project_path("data"),
+                   help="random/expert datasets for --score_norm dataset")
     common.add_wandb_flags(p)
     common.add_output_flags(p, "no_context")
     return p

@@ -44,8 +44,8 @@ from decision_transformer.analysis.runs import (
 from decision_transformer.errors import UserError
 
 #: Relative: resolves against the working directory (the repository's folder when run from its root).
-DEFAULT_MI_DIR = common.section_dir("mi", "results")
-DEFAULT_MI_FIGS = common.section_dir("mi", "figs")
+def mi_dir(kind: str = "results") -> str:
+    return common.section_dir("mi", kind)
 TOKENS = ("rtg", "state", "action")
 EXP_TYPES = ("normal", "no_context", "data")
 
@@ -84,7 +84,7 @@ def build_save_parser():
                    help="save every hooked entry (9 per block), not only the block outputs (large)")
     _add_run_k(p, reading=False)
     common.add_data_flags(p, device_default="cpu", batch_size=100)
-    p.add_argument("--results_dir", type=str, default=DEFAULT_MI_DIR,
+    p.add_argument("--results_dir", type=str, default=mi_dir(),
                    help="relative paths resolve against the working directory")
     return p
 
@@ -120,10 +120,10 @@ def build_mi_parser():
 
     p = common.parser("Mutual information between data and hidden representations with MINE (TAKAGI's "
                       "mine-pytorch/run_mi_exp.py).")
-    p.add_argument("--path_to_save_mi", "-psm", type=str, default=DEFAULT_MI_DIR,
+    p.add_argument("--path_to_save_mi", "-psm", type=str, default=mi_dir(),
                    help="relative paths (also of -pd, -pa) resolve against the working directory")
-    p.add_argument("--path_to_data", "-pd", type=str, default=DEFAULT_MI_DIR)
-    p.add_argument("--path_to_activation", "-pa", type=str, default=DEFAULT_MI_DIR)
+    p.add_argument("--path_to_data", "-pd", type=str, default=mi_dir())
+    p.add_argument("--path_to_activation", "-pa", type=str, default=mi_dir())
     _add_run_k(p, reading=True)
     p.add_argument("--exp_type", choices=EXP_TYPES, default="normal")
     p.add_argument("--env_name", type=str, default="hopper")
@@ -251,9 +251,9 @@ def build_plot_parser():
     p.add_argument("--epoch", type=int, default=40)
     p.add_argument("--model_name_list", nargs="+", default=list(common.MODEL_NAMES))
     _add_run_k(p, reading=True)
-    p.add_argument("--results_dir", type=str, default=DEFAULT_MI_DIR,
+    p.add_argument("--results_dir", type=str, default=mi_dir(),
                    help="relative paths resolve against the working directory")
-    p.add_argument("--figs_dir", type=str, default=DEFAULT_MI_FIGS)
+    p.add_argument("--figs_dir", type=str, default=mi_dir("figs"))
     return p
 
 
@@ -336,9 +336,9 @@ def build_plot_data_parser():
     p.add_argument("--seed", type=int, default=666)
     p.add_argument("--epoch", type=int, default=40, help="unused (accepted for the originals' command lines)")
     _add_run_k(p, reading=True)
-    p.add_argument("--results_dir", type=str, default=DEFAULT_MI_DIR,
+    p.add_argument("--results_dir", type=str, default=mi_dir(),
                    help="relative paths resolve against the working directory")
-    p.add_argument("--figs_dir", type=str, default=DEFAULT_MI_FIGS)
+    p.add_argument("--figs_dir", type=str, default=mi_dir("figs"))
     return p
 
 

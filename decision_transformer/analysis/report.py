@@ -27,6 +27,7 @@ from decision_transformer.analysis import (
 )
 from decision_transformer.analysis.runs import RunKey, checkpoint_epochs, discover_runs
 from decision_transformer.errors import UserError
+from decision_transformer.paths import project_path
 
 STEPS = ("scores", "curves", "cka", "mi", "params", "grads", "attention")
 
@@ -45,8 +46,8 @@ FOLDER = {"scores": "scores", "curves": "no_context", "cka": "cka", "mi": "mi", 
 
 def build_parser():
     p = common.parser("Run every analysis of the pre-training paper on a checkpoints folder; write report.md.")
-    p.add_argument("--checkpoint_dir", type=str, default="checkpoints")
-    p.add_argument("--out_dir", type=str, default=(common.OUTPUT_ROOT / "report").as_posix(),
+    p.add_argument("--checkpoint_dir", type=str, default=project_path("checkpoints"))
+    p.add_argument("--out_dir", type=str, default=project_path((common.OUTPUT_ROOT / "report").as_posix()),
                    help="report.md and one folder per section (results/, figs/); relative paths resolve against the "
                         "working directory")
     p.add_argument("--dataset_name", type=str, default="medium")

@@ -18,6 +18,7 @@ from decision_transformer.analysis.runs import RunKey
 from decision_transformer.data import load_dataset
 from decision_transformer.envs import get_env_spec
 from decision_transformer.errors import UserError
+from decision_transformer.paths import project_path
 
 #: Mean per-trajectory returns of TAKAGI's converted random / expert pkl datasets, where recorded (hopper, verified);
 #: used for ``--score_norm dataset`` only when the datasets themselves are not in ``--data_path``.
@@ -80,7 +81,8 @@ def build_parser():
     p.add_argument("--select", choices=["best", "last"], default="best",
                    help="value shown in the table (the CSV always has both)")
     p.add_argument("--target", type=int, default=None, help="evaluation target (default 3600/6000/5000)")
-    p.add_argument("--data_path", type=str, default="data", help="random/expert datasets for --score_norm dataset")
+    p.add_argument("--data_path", type=str, default=project_path("data"),
+                   help="random/expert datasets for --score_norm dataset")
     p.add_argument("--no_figure", action="store_true")
     common.add_wandb_flags(p)
     common.add_output_flags(p, "scores")

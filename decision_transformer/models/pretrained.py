@@ -24,16 +24,13 @@ from pathlib import Path
 
 import torch
 
+from decision_transformer import paths
 from decision_transformer.errors import UserError
 from decision_transformer.models.gpt2 import BackboneConfig
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "imagegpt")
 #: buffers of old GPT-2 checkpoints that our blocks compute on the fly
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-
-
-#: The project's root: ``checkpoints/`` is found below it from any working directory.
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def hf_cache_dir() -> Path:
@@ -93,7 +90,7 @@ def find_model_dir(name: str, what: str = "pretrained model", flag: str = "--pre
         # the originals ran from a sub-folder (``../checkpoints/chibiT``): where the path is not there, the same path
         # below this folder and below the project's root (checkpoints/ChibiT, matched case-insensitively)
         inner = Path(*given.parts[ups:])
-        candidates += [c for c in (inner, PROJECT_ROOT / inner) if c.absolute() != given.absolute()]
+        candidates += [c for c in (inner, paths.PROJECT_ROOT / inner) if c.absolute() != given.absolute()]
     for c in candidates:
         found = c if _is_model_dir(c) else _case_variant(c)
         if found is not None:
