@@ -453,6 +453,10 @@ def main(argv=None):
     spec = get_env_spec(args.env) if args.env else None
     if args.dataset:
         check_dataset_name(args.dataset)
+    models = [m for m in args.models if not _already_converted(m)]   # a glob over models/{env}/ also matches ours
+    if not models:
+        raise UserError("nothing to convert: every input is already a checkpoint of this toolkit")
+    args.models = models
     outs = [Path(args.out) if args.out else Path(args.out_dir) / Path(m).name for m in args.models]
     check_outputs(args.models, outs)
     ckpts = [import_legacy(m) for m in args.models]     # every input read and checked before anything is written
@@ -468,6 +472,24 @@ def main(argv=None):
         print(f"{m} -> {out}: {c['legacy_class']}, {len(ckpt['state_dict'])} tensors, H {bb['n_embd']}, "
               f"{bb['n_layer']} layers, {bb['n_head']} heads, {bb['activation_function']}"
               + (f", specializations {ckpt['specializations']}" if ckpt.get("specializations") else ""), file=sys.stderr)
+
+
+def _already_converted(path) -> bool:
+    """True (with a note) for a checkpoint of this toolkit: a dict with a state dict, loadable without pickled code."""
+    import warnings
+
+    if not Path(path).is_file():
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not ours (an original pickle, or a damaged file that import_legacy reports)
+        return False
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        print(f"{path}: already a checkpoint of this toolkit; skipped", file=sys.stderr)
+        return True
+    return False
 
 
 def check_outputs(inputs, outs):

@@ -188,6 +188,24 @@ def test_single_task_import_runs_nothing_and_keeps_every_tensor(tmp_path):
     assert all(torch.equal(conv["state_dict"][k], expect[k]) for k in expect)
 
 
+def test_a_folder_that_also_holds_converted_models(tmp_path, capsys):
+    """`legacy_import models/hopper/*.pt --out_dir ...` where --save_model also wrote this toolkit's checkpoints: those
+    are skipped with a note and the original pickles are converted; only checkpoints of ours is an error."""
+    d = tmp_path / "models" / "hopper"
+    d.mkdir(parents=True)
+    legacy = d / "dt_gym-experiment-hopper-medium-111_best.pt"
+    save_original(LDecisionTransformer(), legacy)
+    ours = d / "dt_gym-experiment-hopper-medium-222_best.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "config": {}}, ours)
+    legacy_import.main([str(ours), str(legacy), "--out_dir", str(tmp_path / "imported")])
+    assert sorted(p.name for p in (tmp_path / "imported").iterdir()) == [legacy.name]
+    assert f"{ours}: already a checkpoint of this toolkit; skipped" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        legacy_import.main([str(ours), "--out_dir", str(tmp_path / "imported2")])
+    assert e.value.code == 2 and "nothing to convert" in capsys.readouterr().err
+    assert not (tmp_path / "imported2").exists()
+
+
 def test_a_shared_timestep_table_imports_as_extend_positions(tmp_path):
     orig = LDecisionTransformer()
     orig.transformer.wpe = nn.Embedding(1000, H)
