@@ -405,6 +405,22 @@ def export_wandb(spec: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+def check_gpus(ids: list[str]):
+    """The ``--gpus`` ids against this machine's CUDA devices (numeric ids against the count, where the launcher's own
+    ``CUDA_VISIBLE_DEVICES`` does not renumber them), before any run starts."""
+    import torch
+
+    n = torch.cuda.device_count()
+    if n == 0:
+        raise UserError(f"--gpus {','.join(ids)}: torch sees no CUDA device on this machine; use --procs N to run the "
+                        f"grid on the CPU")
+    if "CUDA_VISIBLE_DEVICES" not in os.environ:
+        missing = [g for g in ids if g.isdigit() and int(g) >= n]
+        if missing:
+            raise UserError(f"--gpus {','.join(ids)}: no GPU {', '.join(dict.fromkeys(missing))} here; this machine "
+                            f"has {n} (ids 0-{n - 1})")
+
+
 def _gpu_slots(text: str) -> list[str]:
     """``--gpus 0,1`` -> ["0", "1"]: CUDA device indices (or GPU-/MIG- UUIDs), a repeated id runs two at a time."""
     ids = [g.strip() for g in text.split(",")]
@@ -483,6 +499,8 @@ def main(argv=None):
         print(f"damaged: {state_file}: {state_iteration(state_file)}; move it away to start that run over")
     if a.dry_run:
         return 0
+    if a.gpus is not None and todo:
+        check_gpus(slots)
     prefix = _log_prefix(spec, Path(a.log_dir))
     failed = launch([cmd for _, cmd in todo], slots, Path(a.log_dir), [f"{prefix}_{i:03d}" for i, _ in todo],
                     grid=spec["path"], pin=not a.no_pin) if todo else 0

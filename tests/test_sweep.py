@@ -441,3 +441,18 @@ def test_two_grids_of_one_name_keep_their_logs_apart(tmp_path):
     header = (logs / "g_000.log").read_text().splitlines()[0]
     assert header.startswith("=== ") and f"[grid {specs[0]['path']}]" in header
     assert (logs / f"{second}_000.log").read_text().count("=== ") == 1
+
+
+def test_gpus_are_checked_against_the_machine(tmp_path, hopper_data, capsys, monkeypatch):
+    """--gpus on a machine without them (or an id beyond its count) stops before any run starts; a dry run plans."""
+    grid = str(_grid(tmp_path, hopper_data))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    err = _expect_error(capsys, ["run", grid, "--gpus", "0,1", "--log_dir", str(tmp_path / "logs")])
+    assert "torch sees no CUDA device on this machine; use --procs N" in err
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    err = _expect_error(capsys, ["run", grid, "--gpus", "1,2,3,3", "--log_dir", str(tmp_path / "logs")])
+    assert err == "error: --gpus 1,2,3,3: no GPU 2, 3 here; this machine has 2 (ids 0-1)"
+    assert not (tmp_path / "logs").exists()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert sweep.main(["run", grid, "--gpus", "0", "--dry_run"]) == 0
