@@ -90,3 +90,16 @@ def test_benchmark_flags(capsys, script, argv, msg):
 def test_check_precision_needs_a_gpu_for_cuda(capsys):
     msg = expect_error(capsys, load("benchmarks/check_precision.py").main, ["--device", "cuda", "--steps", "1"])
     assert "CUDA is not available" in msg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_suite_stops_without_a_gpu(tmp_path):
+    """The GPU suite would otherwise run its GPT-2-size benchmarks on the CPU for hours: one line, exit 2, no logs."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: torch sees no CUDA device here")
+    assert not (tmp_path / "out").exists()
