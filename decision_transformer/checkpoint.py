@@ -1,6 +1,7 @@
 """Checkpoints as plain dicts (loadable with ``torch.load(..., weights_only=True)``), atomic writes, run naming."""
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from decision_transformer.errors import UserError
+from decision_transformer.errors import UserError, write_problem
 
 FORMAT_VERSION = 1
 DEFAULT_K = 20
@@ -104,14 +105,20 @@ def set_aside_previous_run(run_dir: str | os.PathLike) -> Path | None:
 def atomic_save(obj, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: runs writing one cache never collide
     try:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "it is a folder", str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(obj, tmp)
-    except RuntimeError as e:  # torch reports an unwritable file as a RuntimeError
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {str(e).splitlines()[0]}") from None
-    os.replace(tmp, path)
+        os.replace(tmp, path)
+    except (RuntimeError, OSError) as e:  # torch reports an unwritable or full disk as a RuntimeError
+        problem = write_problem(path, e)  # (before the partial file goes: a full disk is still full)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise UserError(f"cannot write {path}: {problem}") from None
     return path
 
 

@@ -288,7 +288,12 @@ def apply_delayed_mode(trajs):
 def state_stats(trajs) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std (+1e-6) over every observation of the dataset, float32, as the originals."""
     states = np.concatenate([t["observations"] for t in trajs], axis=0).astype(np.float32, copy=False)
-    return np.mean(states, axis=0), np.std(states, axis=0) + 1e-6
+    with np.errstate(over="ignore"):
+        mean, std = np.mean(states, axis=0), np.std(states, axis=0) + 1e-6
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise UserError(f"the observations are too large to normalise (up to {np.abs(states).max():.3g}): their mean "
+                        f"or standard deviation overflows float32")
+    return mean, std
 
 
 def select_top_trajectories(returns: np.ndarray, lengths: np.ndarray, pct_traj: float) -> np.ndarray:

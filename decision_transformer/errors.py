@@ -24,6 +24,34 @@ class Interrupted(UserError):
     exit_code = 130
 
 
+def write_problem(path, error: BaseException) -> str:
+    """Why ``path`` could not be written, in words: a part of the path that is a file, a folder in the file's place, a
+    full disk, or the system's reason."""
+    import errno
+    import shutil
+    from pathlib import Path
+
+    path = Path(path)
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            return f"{parent} is a file, not a folder"
+    if path.is_dir():
+        return "it is a folder"
+    code = getattr(error, "errno", None)
+    try:
+        full = code == errno.ENOSPC or shutil.disk_usage(next(p for p in path.parents if p.is_dir())).free < 2 ** 20
+    except (OSError, StopIteration):
+        full = False
+    if full:
+        return "no space left on the device"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).strip()
+    if "strerror:" in text:  # torch's writer: "[enforce fail at ...] . open file failed with strerror: <reason>"
+        return text.split("strerror:", 1)[1].strip().splitlines()[0]
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _argparse_error(parser, message):
     raise UserError(f"{parser.prog}: {message} (see {parser.prog} --help)")
 
@@ -43,8 +71,13 @@ def cli_entry(main):
             print(f"error: {msg}", file=sys.stderr)
             raise SystemExit(e.exit_code) from None
         except OSError as e:
+            import errno
+
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-            print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+            why = e.strerror or e
+            if where and e.errno in (errno.EEXIST, errno.ENOTDIR, errno.ENOSPC):  # mkdir below a file, a full disk
+                why = write_problem(e.filename, e)
+            print(f"error: {where}{why}", file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)

@@ -836,3 +836,16 @@ def test_synthetic_mujoco_dataset(tmp_path):
     mean, std = original_state_stats(trajs)
     ref = reference_get_batch(trajs, pairs, K, mean, std)
     assert_batch_matches_reference(ds.get_windows(traj, start, K), ref, pairs, exact_states=False)
+
+
+def test_observations_too_large_to_normalise():
+    """Finite but huge observations would give an infinite std (and NaN states after normalising): one line."""
+    from decision_transformer.data import state_stats
+
+    rng = np.random.default_rng(0)
+    trajs = [{"observations": (rng.standard_normal((50, 11)) * 1e30).astype(np.float32)}]
+    with pytest.raises(UserError, match="too large to normalise .*overflows float32"):
+        state_stats(trajs)
+    trajs[0]["observations"] /= 1e30
+    mean, std = state_stats(trajs)
+    assert np.isfinite(std).all() and (std > 0).all()
