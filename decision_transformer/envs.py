@@ -93,9 +93,14 @@ def make_env(name: str, version: str = DEFAULT_ENV_VERSION):
         import gymnasium as gym
     except ImportError as e:  # pragma: no cover - gymnasium is a hard dependency
         raise UserError(f"gymnasium[mujoco] is required for evaluation ({e})") from None
-    _route_mujoco_warnings()
-    with warnings.catch_warnings():
-        # v4 is marked out of date in gymnasium 1.x; it is the version with the originals' (v3) dynamics.
-        warnings.filterwarnings("ignore", message=".*out of date.*")
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        return gym.make(gym_id, disable_env_checker=True)
+    try:
+        _route_mujoco_warnings()
+        with warnings.catch_warnings():
+            # v4 is marked out of date in gymnasium 1.x; it is the version with the originals' (v3) dynamics.
+            warnings.filterwarnings("ignore", message=".*out of date.*")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            return gym.make(gym_id, disable_env_checker=True)
+    except RuntimeError as e:  # importing mujoco reads MUJOCO_GL
+        if "MUJOCO_GL" not in str(e):
+            raise
+        raise UserError(f"{str(e).strip()}; unset it or use egl, osmesa or glfw (evaluation does not render)") from None

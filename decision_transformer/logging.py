@@ -9,6 +9,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from decision_transformer.errors import UserError
+
+#: The values of ``WANDB_MODE`` that wandb accepts.
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
+
 
 def wandb_credentials_present() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -41,6 +46,9 @@ class RunLogger:
                  resume: bool = False, resume_after: int | None = None):
         self.run_dir = Path(run_dir) if run_dir else None
         self.wandb_run = None
+        mode = os.environ.get("WANDB_MODE")
+        if use_wandb and mode is not None and mode not in WANDB_MODES:  # before anything is written
+            raise UserError(f"WANDB_MODE={mode!r} is not a WandB mode; use one of {', '.join(WANDB_MODES)} or unset it")
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # through a temporary file: a run stopped (or a disk full) while writing keeps the previous config.json,
@@ -55,7 +63,6 @@ class RunLogger:
         if use_wandb:
             import wandb
 
-            mode = os.environ.get("WANDB_MODE")
             if mode is None and not wandb_credentials_present():
                 mode = "offline"
                 print("wandb: no credentials found, logging offline (sync later with `wandb sync`)", file=sys.stderr)

@@ -1,0 +1,33 @@
+"""Environment variables the toolkit hands to other libraries: a bad value is one line, found before files are written
+where the toolkit reads it first."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from decision_transformer.errors import UserError
+from decision_transformer.logging import RunLogger
+
+
+def test_a_bad_wandb_mode_is_refused_before_the_run_folder_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "junkmode")
+    with pytest.raises(UserError, match="WANDB_MODE='junkmode' is not a WandB mode; use one of online, offline"):
+        RunLogger(tmp_path / "run", {"a": 1}, use_wandb=True)
+    assert not (tmp_path / "run").exists()
+    RunLogger(tmp_path / "run", {"a": 1}, use_wandb=False).finish()   # without -w the variable is not read
+    assert (tmp_path / "run" / "config.json").is_file()
+
+
+def test_a_bad_mujoco_gl_is_one_line():
+    """MuJoCo raises when it is imported with an unknown MUJOCO_GL (a fresh process: here it is imported already)."""
+    code = ("from decision_transformer.envs import make_env\n"
+            "from decision_transformer.errors import UserError\n"
+            "try:\n    make_env('hopper')\nexcept UserError as e:\n    print('UserError:', e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MUJOCO_GL": "junk"})
+    assert proc.stdout.strip() == ("UserError: invalid value for environment variable MUJOCO_GL: junk; unset it or use "
+                                   "egl, osmesa or glfw (evaluation does not render)"), proc.stderr[-2000:]
