@@ -33,6 +33,15 @@ def _plain(v):
     return v
 
 
+def check_wandb_mode() -> str | None:
+    """``WANDB_MODE`` if wandb accepts it (None when unset); else a one-line error. The scripts call it with ``-w``
+    before they write anything."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode is not None and mode not in WANDB_MODES:
+        raise UserError(f"WANDB_MODE={mode!r} is not a WandB mode; use one of {', '.join(WANDB_MODES)} or unset it")
+    return mode
+
+
 class RunLogger:
     """``log(metrics, step)`` appends one JSON line to ``{run_dir}/metrics.jsonl`` and logs to WandB when enabled.
 
@@ -46,9 +55,7 @@ class RunLogger:
                  resume: bool = False, resume_after: int | None = None):
         self.run_dir = Path(run_dir) if run_dir else None
         self.wandb_run = None
-        mode = os.environ.get("WANDB_MODE")
-        if use_wandb and mode is not None and mode not in WANDB_MODES:  # before anything is written
-            raise UserError(f"WANDB_MODE={mode!r} is not a WandB mode; use one of {', '.join(WANDB_MODES)} or unset it")
+        mode = check_wandb_mode() if use_wandb else None
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # through a temporary file: a run stopped (or a disk full) while writing keeps the previous config.json,
