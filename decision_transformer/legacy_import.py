@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from decision_transformer.checkpoint import atomic_save, load_state_into, make_checkpoint
+from decision_transformer.checkpoint import atomic_save, check_finite_state, load_state_into, make_checkpoint
 from decision_transformer.envs import ENVS, check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError, cli_entry
 
@@ -236,8 +236,17 @@ def parse_model_path(path: str | Path) -> tuple[str | None, str | None]:
     return env, dataset or None
 
 
-def convert_legacy(root, path: str | Path) -> dict:
-    """Our checkpoint dict for an original whole-module pickle."""
+def check_env_dims(source, env: str, dims: tuple[int, int], named_by: str) -> None:
+    """Refuse weights whose (state dim, action dim) are not those of the env that ``named_by`` gives for them."""
+    spec = get_env_spec(env)
+    if tuple(dims) != (spec.state_dim, spec.act_dim):
+        raise UserError(f"{source}: state/action dims {dims[0]}/{dims[1]}, {named_by} {env} needs "
+                        f"{spec.state_dim}/{spec.act_dim}")
+
+
+def convert_legacy(root, path: str | Path, env: str | None = None) -> dict:
+    """Our checkpoint dict for an original whole-module pickle. ``env`` (``--env``) replaces the env that the path
+    names for a single-task model; either must fit the weights' dims."""
     from decision_transformer.models import DTConfig
     from decision_transformer.models.multi_decision_transformer import MODEL_CLASS, MULTI_ENVS, MultiDTConfig
 
@@ -245,7 +254,7 @@ def convert_legacy(root, path: str | Path) -> dict:
         raise UserError(f"{path}: the pickle holds a {type(root).__name__}, not a pickled model")
     cls = root._legacy_path
     is_multi = cls.endswith("MultiDecisionTransformer") or any(isinstance(_attr(root, n), list) for n in MULTI_LISTS)
-    env, dataset = parse_model_path(path)
+    path_env, dataset = parse_model_path(path)
     if is_multi:
         state = module_state(root, skip=MULTI_ALIASES)
         for name in MULTI_LISTS:
@@ -257,6 +266,7 @@ def convert_legacy(root, path: str | Path) -> dict:
     else:
         state = module_state(root)
     state = {k: v for k, v in state.items() if not k.endswith(LEGACY_BUFFERS)}
+    check_finite_state(state, str(path))
     backbone = _backbone_config(root, state)
     max_length = int(_attr(root, "max_length", 20) or 20)
     max_ep_len = state["embed_timestep.weight"].shape[0]
@@ -280,7 +290,12 @@ def convert_legacy(root, path: str | Path) -> dict:
         config = {"model_class": MODEL_CLASS, "model_config": cfg.to_dict(), **meta}
         return make_checkpoint(state, config, specializations=specs)
     sd, ad = state["embed_state.weight"].shape[1], state["embed_action.weight"].shape[1]
-    if env is None:
+    if env is not None:
+        check_env_dims(path, env, (sd, ad), "--env")
+    elif path_env is not None:
+        check_env_dims(path, path_env, (sd, ad), "the path's env")
+        env = path_env
+    else:
         matches = [e for e, s in ENVS.items() if (s.state_dim, s.act_dim) == (sd, ad)]
         env = matches[0] if len(matches) == 1 else None
     tied = "predict_action.0.weight" not in state
@@ -313,9 +328,10 @@ def _bb(d: dict):
     return BackboneConfig.from_dict(d)
 
 
-def import_legacy(path: str | Path) -> dict:
-    """Read an original whole-module pickle (safely) and return our checkpoint dict."""
-    return convert_legacy(unpickle_legacy(path), path)
+def import_legacy(path: str | Path, env: str | None = None) -> dict:
+    """Read an original whole-module pickle (safely) and return our checkpoint dict (``env``: see
+    :func:`convert_legacy`)."""
+    return convert_legacy(unpickle_legacy(path), path, env)
 
 
 # ---- one loader for every model file -------------------------------------------------------------------------------
@@ -360,9 +376,35 @@ def _drop_legacy_buffers(state: dict) -> dict:
     return {k: v for k, v in state.items() if not k.endswith(LEGACY_BUFFERS)}
 
 
+def _weight_dims(state: dict, state_key: str, action_key: str) -> tuple[int, int] | None:
+    """(state dim, action dim) read from the input widths of two embedding weights, None where either is missing."""
+    ws = [state.get(k) for k in (state_key, action_key)]
+    if all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in ws):
+        return ws[0].shape[1], ws[1].shape[1]
+    return None
+
+
+def check_model_env(mf: ModelFile) -> None:
+    """Refuse a model file whose weights do not fit the env it records or its path names (single-task), or the
+    env of any per-env slot (multi-task): it would fail later with a shape error deep inside a tool."""
+    if mf.is_multi:
+        envs = (mf.config.get("model_config") or {}).get("envs")
+        for i, env in enumerate(envs if isinstance(envs, list) else []):
+            dims = _weight_dims(mf.state_dict, f"embed_states.{i}.weight", f"embed_actions.{i}.weight")
+            if isinstance(env, str) and env in ENVS and dims is not None:
+                check_env_dims(f"{mf.path} (per-env layers {i})", env, dims, "its env")
+        return
+    env, named_by = mf.config.get("env"), "its recorded env"
+    if env is None:
+        env, named_by = parse_model_path(mf.path)[0], "the path's env"
+    dims = _weight_dims(mf.state_dict, "embed_state.weight", "embed_action.weight")
+    if isinstance(env, str) and env in ENVS and dims is not None:
+        check_env_dims(mf.path, env, dims, named_by)
+
+
 def load_model_file(path: str | Path) -> ModelFile:
     """Our checkpoint or a plain state dict (``weights_only=True``), else an original whole-module pickle (through
-    the restricted importer). Errors name the file."""
+    the restricted importer). Errors name the file; weights that do not fit the model's env are refused."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: model file not found")
@@ -375,17 +417,25 @@ def load_model_file(path: str | Path) -> ModelFile:
         raise UserError(f"{path}: not a loadable checkpoint ({first[:200]})") from None
     if obj is None:
         ckpt = import_legacy(path)
-        return ModelFile(str(path), ckpt["state_dict"], ckpt["config"], ckpt.get("specializations", []), ckpt, True)
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        if ((obj.get("config") or {}).get("model_config") or {}).get("model_class") == "mlp_bc":
+        mf = ModelFile(str(path), ckpt["state_dict"], ckpt["config"], ckpt.get("specializations", []), ckpt, True)
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        config = {} if obj.get("config") is None else obj["config"]
+        mc = config.get("model_config") if isinstance(config, dict) else None
+        for name, value in (("config", config), ("config['model_config']", mc)):
+            if value is not None and not isinstance(value, dict):
+                raise UserError(f"{path}: damaged checkpoint: its {name} is a {type(value).__name__}, not a dict")
+        if (mc or {}).get("model_class") == "mlp_bc":
             raise UserError(f"{path}: an MLP behaviour-cloning checkpoint (--model_type bc); merging, finetuning and "
                             f"the analyses take Decision Transformer checkpoints")
-        return ModelFile(str(path), _drop_legacy_buffers(obj["state_dict"]), obj.get("config") or {},
-                         list(obj.get("specializations") or []), obj)
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return ModelFile(str(path), _drop_legacy_buffers(obj), {}, [], {"state_dict": obj})
-    raise UserError(f"{path}: not a checkpoint (expected a dict with a 'state_dict', a state dict or an original "
-                    f"pickled model)")
+        mf = ModelFile(str(path), _drop_legacy_buffers(obj["state_dict"]), config,
+                       list(obj.get("specializations") or []), obj)
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        mf = ModelFile(str(path), _drop_legacy_buffers(obj), {}, [], {"state_dict": obj})
+    else:
+        raise UserError(f"{path}: not a checkpoint (expected a dict with a 'state_dict', a state dict or an original "
+                        f"pickled model)")
+    check_model_env(mf)
+    return mf
 
 
 def infer_dt_config(state: dict[str, torch.Tensor], n_head: int = 1, activation: str | None = None,
@@ -459,7 +509,8 @@ def main(argv=None):
     args.models = models
     outs = [Path(args.out) if args.out else Path(args.out_dir) / Path(m).name for m in args.models]
     check_outputs(args.models, outs)
-    ckpts = [import_legacy(m) for m in args.models]     # every input read and checked before anything is written
+    # every input read and checked before anything is written
+    ckpts = [import_legacy(m, args.env) for m in args.models]
     for m, ckpt in zip(args.models, ckpts):
         if spec is not None:
             set_env(ckpt, spec, m)

@@ -38,13 +38,46 @@ ENV_ORDER = ("hopper", "halfcheetah", "walker2d")
 
 # ---- scores of one entry ------------------------------------------------------------------------------------------------
 
+def stored_state_stats(mf, env: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean, std) that a checkpoint stores for ``env`` (multi-task: ``state_stats[env]``), or None where it stores
+    none; each must be a vector of the env's state dim of finite numbers, the std positive."""
+    import torch
+
+    if mf.is_multi:
+        table, where = mf.raw.get("state_stats"), f"state_stats[{env!r}]: "
+        if table is not None and not isinstance(table, dict):
+            raise UserError(f"{mf.path}: its state_stats is a {type(table).__name__}, not a dict by env")
+        stored = (table or {}).get(env)
+    else:
+        stored, where = {k: mf.raw[k] for k in ("state_mean", "state_std") if k in mf.raw} or None, ""
+    if stored is None:
+        return None
+    if not isinstance(stored, dict):
+        raise UserError(f"{mf.path}: {where}a {type(stored).__name__}, not a dict with state_mean and state_std")
+    dim, out = get_env_spec(env).state_dim, []
+    for key in ("state_mean", "state_std"):
+        if key not in stored:
+            raise UserError(f"{mf.path}: {where}no stored {key}")
+        v = stored[key]
+        try:
+            a = np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise UserError(f"{mf.path}: {where}stored {key} is a {type(v).__name__}, not numbers") from None
+        if a.shape != (dim,):
+            raise UserError(f"{mf.path}: {where}stored {key} has shape {tuple(a.shape)}, {env} states have {dim} dims")
+        if not np.isfinite(a).all():
+            raise UserError(f"{mf.path}: {where}stored {key} contains NaN or inf")
+        out.append(a)
+    if (out[1] <= 0).any():
+        raise UserError(f"{mf.path}: {where}stored state_std has values <= 0 (down to {out[1].min():.3g})")
+    return out[0], out[1]
+
+
 def evaluate_checkpoint(path: str, *, num_episodes: int = 10, seed: int = 666, data_path: str = "data",
                         dataset: str | None = None, device="cpu", env_version: str = "v4") -> dict[str, float]:
     """{env: mean D4RL score} of a checkpoint, evaluated at each env's first target. A checkpoint without stored state
     statistics (an original pickle) is normalised with those of ``dataset``, by default the model's own training
     dataset (config or file name), else medium."""
-    import torch
-
     from decision_transformer.data import load_dataset, state_stats
     from decision_transformer.evaluation import env_pool, evaluate_episodes
     from decision_transformer.legacy_import import build_model, load_model_file
@@ -54,12 +87,11 @@ def evaluate_checkpoint(path: str, *, num_episodes: int = 10, seed: int = 666, d
     envs = list(model.config.envs) if mf.is_multi else [mf.env]
     if envs == [None]:
         raise UserError(f"{path}: cannot tell which env this model is for")
+    stats = {env: stored_state_stats(mf, env) for env in envs}   # every env's checked before the first evaluation
     out = {}
     for env in envs:
-        stored = (mf.raw.get("state_stats") or {}).get(env) if mf.is_multi else (
-            {"state_mean": mf.raw["state_mean"], "state_std": mf.raw["state_std"]} if "state_mean" in mf.raw else None)
-        if stored is not None:
-            mean, std = (torch.as_tensor(stored["state_mean"]).numpy(), torch.as_tensor(stored["state_std"]).numpy())
+        if stats[env] is not None:
+            mean, std = stats[env]
         else:
             ds = dataset or mf.dataset or "medium"
             data_file, trajs = load_dataset(data_path, env, ds)

@@ -1,0 +1,149 @@
+"""Damaged or mismatched checkpoints: weights that do not fit the env the file records or its path names, a config that
+is not a dict, an original pickle with NaN weights, stored state statistics that cannot normalise the env's states.
+Each is refused where it is read, with one ``error:`` line naming the file, never a traceback later."""
+import pytest
+import torch
+
+import precompute_fisher
+from decision_transformer import legacy_import, merge_cli, results_table
+from decision_transformer.checkpoint import atomic_save, make_checkpoint
+from decision_transformer.errors import UserError
+from decision_transformer.legacy_import import import_legacy, load_model_file
+from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+from decision_transformer.models.multi_decision_transformer import MODEL_CLASS, MultiDecisionTransformer, MultiDTConfig
+from test_bad_input_tools import fails
+from test_legacy_import import LDecisionTransformer, save_original
+
+BB = BackboneConfig(n_embd=16, n_layer=1)
+
+
+def hopper_ckpt(**config) -> dict:
+    """A tiny hopper DT (state/action dims 11/3) as our checkpoint, with stored statistics and ``config`` added."""
+    cfg = DTConfig(11, 3, max_length=5, backbone=BB)
+    return make_checkpoint(DecisionTransformer(cfg, seed=0).state_dict(), {"model_config": cfg.to_dict(), **config},
+                           state_mean=torch.zeros(11), state_std=torch.ones(11))
+
+
+def saved(obj, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(obj, path)
+    return path
+
+
+# ---- weights that do not fit the env ---------------------------------------------------------------------------------
+
+def test_weights_of_another_env_are_refused_at_load(tmp_path, capsys):
+    recorded = saved(hopper_ckpt(env="walker2d", dataset="medium"), tmp_path / "recorded.pt")
+    by_path = saved(hopper_ckpt(dataset="medium"),
+                    tmp_path / "models" / "walker2d" / "dt_gym-experiment-walker2d-medium-100001_best.pt")
+    bare = saved(hopper_ckpt()["state_dict"],
+                 tmp_path / "models" / "walker2d" / "dt_gym-experiment-walker2d-medium-100002_best.pt")
+    for path, by in ((recorded, "its recorded env"), (by_path, "the path's env"), (bare, "the path's env")):
+        with pytest.raises(UserError, match=f"{path.name}: state/action dims 11/3, {by} walker2d needs 17/6"):
+            load_model_file(path)
+    # the tools that used to fail with a shape error deep inside the model
+    good = saved(hopper_ckpt(env="hopper", dataset="medium"), tmp_path / "good.pt")
+    expect = f"error: {recorded}: state/action dims 11/3, its recorded env walker2d needs 17/6"
+    assert fails(precompute_fisher.main, ["--model", str(recorded), "--device", "cpu", "--data_path", str(tmp_path),
+                                          "--f_batch_size", "2", "--f_num_batches", "1", "--K", "5"], capsys) == expect
+    assert fails(merge_cli.main, ["--models", str(good), str(recorded), "--merge_method", "fisher", "--data_path",
+                                  str(tmp_path), "--out", str(tmp_path / "m.pt")], capsys) == expect
+    assert fails(results_table.main, ["--row", f"a={by_path}", "--num_eval_episodes", "1"], capsys) == \
+        f"error: {by_path}: state/action dims 11/3, the path's env walker2d needs 17/6"
+    assert not (tmp_path / "m.pt").exists()
+    assert load_model_file(good).env == "hopper"
+
+
+def test_multi_task_slots_must_fit_their_envs(tmp_path):
+    m = MultiDecisionTransformer(MultiDTConfig(envs=["hopper", "halfcheetah"], max_length=5, backbone=BB), seed=0)
+    mc = m.config.to_dict()
+    ok = saved(make_checkpoint(m.state_dict(), {"model_class": MODEL_CLASS, "model_config": mc}), tmp_path / "ok.pt")
+    assert load_model_file(ok).is_multi
+    swapped = saved(make_checkpoint(m.state_dict(), {"model_class": MODEL_CLASS, "model_config": {
+        **mc, "envs": ["halfcheetah", "hopper"]}}), tmp_path / "swapped.pt")
+    with pytest.raises(UserError, match=r"swapped\.pt \(per-env layers 0\): state/action dims 11/3, its env "
+                                        r"halfcheetah needs 17/6"):
+        load_model_file(swapped)
+
+
+def test_original_pickle_under_another_envs_folder(tmp_path, capsys):
+    d = tmp_path / "models" / "walker2d"
+    d.mkdir(parents=True)
+    src = d / "dt_gym-experiment-walker2d-medium-100003_best.pt"
+    save_original(LDecisionTransformer(), src)                     # hopper dims 11/3
+    with pytest.raises(UserError, match="state/action dims 11/3, the path's env walker2d needs 17/6"):
+        import_legacy(src)
+    with pytest.raises(UserError, match="the path's env walker2d needs 17/6"):
+        load_model_file(src)
+    out = tmp_path / "conv.pt"
+    assert fails(legacy_import.main, [str(src), "--out", str(out)], capsys) == \
+        f"error: {src}: state/action dims 11/3, the path's env walker2d needs 17/6"
+    assert not out.exists()
+    legacy_import.main([str(src), "--out", str(out), "--env", "hopper"])      # --env says what the folder got wrong
+    assert torch.load(out, weights_only=True)["config"]["env"] == "hopper"
+
+
+# ---- damaged configs and weights -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config, expect", [
+    ("oops", "its config is a str, not a dict"),
+    ({"env": "hopper", "model_config": [1, 2]}, "its config['model_config'] is a list, not a dict"),
+])
+def test_a_config_that_is_not_a_dict(tmp_path, capsys, config, expect):
+    ckpt = hopper_ckpt()
+    ckpt["config"] = config
+    path = saved(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match=r"bad\.pt: damaged checkpoint: " + expect.replace("[", r"\[")):
+        load_model_file(path)
+    assert fails(results_table.main, ["--row", f"a={path}", "--num_eval_episodes", "1"], capsys).endswith(expect)
+
+
+def test_legacy_import_refuses_non_finite_weights(tmp_path, capsys):
+    orig = LDecisionTransformer()
+    with torch.no_grad():
+        orig.transformer.h[1].mlp.c_fc.weight[0, 0] = float("inf")
+    src = tmp_path / "nan.pt"
+    save_original(orig, src)
+    out = tmp_path / "conv.pt"
+    assert fails(legacy_import.main, [str(src), "--out", str(out)], capsys) == \
+        f"error: {src}: tensor transformer.h.1.mlp.c_fc.weight contains NaN or inf"
+    assert not out.exists()
+
+
+# ---- stored state statistics (results_table) -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mean, std, expect", [
+    ("abc", torch.ones(11), "stored state_mean is a str, not numbers"),
+    (torch.zeros(5), torch.ones(5), "stored state_mean has shape (5,), hopper states have 11 dims"),
+    (torch.zeros(1, 11), torch.ones(1, 11), "stored state_mean has shape (1, 11), hopper states have 11 dims"),
+    (torch.full((11,), float("nan")), torch.ones(11), "stored state_mean contains NaN or inf"),
+    (torch.zeros(11), torch.full((11,), float("inf")), "stored state_std contains NaN or inf"),
+    (torch.zeros(11), torch.zeros(11), "stored state_std has values <= 0 (down to 0)"),
+    (torch.zeros(11), -torch.ones(11), "stored state_std has values <= 0 (down to -1)"),
+    (torch.zeros(11), None, "no stored state_std"),
+])
+def test_results_table_checks_stored_statistics(tmp_path, capsys, mean, std, expect):
+    ckpt = hopper_ckpt(env="hopper", dataset="medium")
+    ckpt["state_mean"] = mean
+    if std is None:
+        del ckpt["state_std"]
+    else:
+        ckpt["state_std"] = std
+    path = saved(ckpt, tmp_path / "stats.pt")
+    assert fails(results_table.main, ["--row", f"a={path}", "--num_eval_episodes", "1"], capsys) == \
+        f"error: {path}: {expect}"
+
+
+def test_results_table_checks_multi_task_statistics(tmp_path, capsys):
+    m = MultiDecisionTransformer(MultiDTConfig(envs=["hopper", "halfcheetah"], max_length=5, backbone=BB), seed=0)
+    cfg = {"model_class": MODEL_CLASS, "model_config": m.config.to_dict()}
+    good = {"state_mean": torch.zeros(11), "state_std": torch.ones(11)}
+    for stats, expect in (({"hopper": good, "halfcheetah": good}, "state_stats['halfcheetah']: stored state_mean has "
+                                                                    "shape (11,), halfcheetah states have 17 dims"),
+                          ({"hopper": good, "halfcheetah": "x"}, "state_stats['halfcheetah']: a str, not a dict with "
+                                                                 "state_mean and state_std"),
+                          ({"hopper": {"state_mean": torch.zeros(11)}}, "state_stats['hopper']: no stored state_std"),
+                          ([good], "its state_stats is a list, not a dict by env")):
+        path = saved(make_checkpoint(m.state_dict(), cfg, state_stats=stats), tmp_path / "multi.pt")
+        assert fails(results_table.main, ["--row", f"a={path}", "--num_eval_episodes", "1"], capsys) == \
+            f"error: {path}: {expect}"
