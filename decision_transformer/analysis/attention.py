@@ -102,7 +102,9 @@ def build_parser():
 
 
 def run(args) -> common.Outputs:
-    common.check_positive(args, "batch_size", "K")
+    common.check_data_flags(args)
+    common.check_seeds(args, "seed")
+    common.check_min(args, 0, "epoch1", "epoch2")
     device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
     K_ckpt = args.K_ckpt if args.K_ckpt is not None else (20 if args.legacy else 1)
     if K_ckpt < 1:

@@ -14,6 +14,7 @@ hidden unit across the token positions); ``--legacy_feature_index`` reproduces t
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -174,7 +175,10 @@ def result_stem(e1, e2, m1, m2, env, ds, seed, no_context=False, block=False, le
 
 
 def run(args) -> common.Outputs:
-    common.check_positive(args, "batch_size", "K")
+    common.check_data_flags(args)
+    common.check_seeds(args, "seed")
+    common.check_min(args, 0, "epoch1", "epoch2")
+    common.check_numbers(args, eps=common.NON_NEGATIVE, rbf_threshold=common.POSITIVE)
     device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
     entries = (BLOCK_OUTPUT,) if args.block else BLOCK_ENTRIES
     K_ckpt = common.run_k(args)
@@ -266,18 +270,28 @@ def build_plot_parser():
 
 
 def _read_layers(path) -> tuple[list[str], list[str]]:
+    """The row and column layer names of compute_cka.py's ``{stem}_layers.csv``."""
     import csv
 
+    if not Path(path).is_file():
+        raise UserError(f"{path}: file not found (compute_cka.py writes it next to the CKA matrices)")
     rows, cols = [], []
-    with open(path) as f:
-        for r in csv.DictReader(f):
-            (rows if r["axis"] == "rows" else cols).append(r["layer"])
+    try:
+        with open(path, newline="") as f:
+            for i, r in enumerate(csv.DictReader(f), 2):
+                layer = r.get("layer") or ""
+                if r.get("axis") not in ("rows", "cols") or not layer.split(".", 1)[0].isdigit():
+                    raise UserError(f"{path}: line {i} is not an axis,index,layer row of a CKA layer list")
+                (rows if r["axis"] == "rows" else cols).append(layer)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path}: not a readable CSV file ({e})") from None
     return rows, cols
 
 
 def plot(args) -> common.Outputs:
-    from pathlib import Path
-
+    common.check_numbers(args, thr=common.FINITE)
+    common.check_seeds(args, "seed")
+    common.check_min(args, 0, "epoch1", "epoch2")
     plt = common.pyplot()
     res = Path(args.results_dir)
     outs = common.Outputs()
@@ -293,7 +307,14 @@ def plot(args) -> common.Outputs:
                     missing.append(str(f))
                     continue
                 mat = common.load_npy(f)
-                names, _ = _read_layers(res / f"{stem}_layers.csv")
+                layers = res / f"{stem}_layers.csv"
+                names, cols = _read_layers(layers)
+                if not names or names != cols:
+                    raise UserError(f"{layers}: not the layer list of a model against itself (rows and columns "
+                                    f"{'differ' if names or cols else 'are empty'})")
+                if mat.shape != (len(names), len(names)):
+                    raise UserError(f"{f}: a CKA matrix of shape {mat.shape}, but {layers} lists {len(names)} layers; "
+                                    f"the two files are from different compute_cka.py runs (rerun it)")
                 curves[m] = (np.diagonal(mat).copy(), names)
             if not curves:
                 raise UserError(f"no CKA results for {env}/{token}: looked for {', '.join(missing)} (run compute_cka.py "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -138,11 +139,46 @@ def add_wandb_flags(p):
     p.add_argument("--wandb_entity", type=str, default=None)
 
 
-def check_positive(args, *names):
+def check_min(args, low: int, *names):
+    """Integer flags ``names`` (None: not given) that must be at least ``low``."""
     for n in names:
         v = getattr(args, n, None)
-        if v is not None and v < 1:
-            raise UserError(f"invalid --{n} {v}")
+        if v is not None and v < low:
+            raise UserError(f"invalid --{n} {v}: use an integer >= {low}")
+
+
+def check_positive(args, *names):
+    check_min(args, 1, *names)
+
+
+#: Rules of ``check_numbers``: (what a valid value is, test); every rule also requires a finite number.
+FINITE = ("a finite number", lambda v: True)
+POSITIVE = ("a positive number", lambda v: v > 0)
+NON_NEGATIVE = ("a number >= 0", lambda v: v >= 0)
+
+
+def check_numbers(args, **rules):
+    """Float flags ``name=(what, test)`` (None: not given): finite and passing the test, e.g. ``eps=NON_NEGATIVE``."""
+    for n, (what, ok) in rules.items():
+        v = getattr(args, n, None)
+        if v is not None and not (math.isfinite(v) and ok(v)):
+            raise UserError(f"invalid --{n} {v}: use {what}")
+
+
+def check_seeds(args, *names, bits: int = 32):
+    """Seed flags (an integer or a list of them; None: not given) in [0, 2**bits): the training scripts' seed range
+    by default, which every generator the analyses seed accepts."""
+    for n in names:
+        v = getattr(args, n, None)
+        for s in v if isinstance(v, list) else [v]:
+            if s is not None and not 0 <= s < 2 ** bits:
+                raise UserError(f"invalid --{n} {s}: use a non-negative integer below 2**{bits}")
+
+
+def check_data_flags(args):
+    """The flags of ``add_data_flags``: --batch_size and --K positive, --batch_seed a seed."""
+    check_positive(args, "batch_size", "K")
+    check_seeds(args, "batch_seed")
 
 
 def resolve_device(name: str, threads: str = "auto"):
@@ -210,25 +246,43 @@ def save_npz(path, **arrays) -> Path:
     return _atomic_bytes(Path(path), buf.getvalue())
 
 
-def load_npz(path) -> dict[str, np.ndarray]:
+def _load_array_file(path, kind: str):
+    """``np.load`` without pickle; a missing, truncated or corrupt file (whatever numpy, zipfile or zlib raise while
+    parsing it, also for a member) or one of the other kind is one line naming the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"{path}: not a readable .npz file ({e})") from None
+        obj = np.load(path, allow_pickle=False)
+        if isinstance(obj, np.lib.npyio.NpzFile):
+            with obj:
+                obj = {k: obj[k] for k in obj.files}
+    except Exception as e:  # noqa: BLE001 - a corrupt file raises anything from EOFError to zlib.error
+        raise UserError(f"{path}: not a readable {kind} file ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict) != (kind == ".npz"):
+        found = "an .npz archive" if isinstance(obj, dict) else "a single array"
+        raise UserError(f"{path}: not a {kind} file (found {found})")
+    return obj
+
+
+def load_npz(path) -> dict[str, np.ndarray]:
+    return _load_array_file(path, ".npz")
 
 
 def load_npy(path) -> np.ndarray:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"{path}: not a readable .npy file ({e})") from None
+    return _load_array_file(path, ".npy")
+
+
+def check_arrays(path, arrays: dict, names, finite: bool = True):
+    """Refuse a missing, non-numeric or (``finite``) NaN / infinite array ``names`` of the file ``path``."""
+    for k in names:
+        a = arrays.get(k)
+        if a is None:
+            raise UserError(f"{path}: missing array {k!r}")
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+            raise UserError(f"{path}: array {k!r} is not numeric ({a.dtype})")
+        if finite and not np.isfinite(a).all():
+            raise UserError(f"{path}: array {k!r} has NaN or infinite values")
 
 
 def save_csv(path, header: list[str], rows: list[list]) -> Path:

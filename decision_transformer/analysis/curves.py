@@ -28,6 +28,11 @@ def return_key(env: str, target: int | None = None) -> str:
 
 # ---- reading metrics --------------------------------------------------------------------------------------------
 
+def _is_iteration(v) -> bool:
+    """An ``iteration`` value: an integer (also as a float such as 3.0), not a bool."""
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+
+
 def read_metrics_jsonl(path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
@@ -43,6 +48,8 @@ def read_metrics_jsonl(path) -> list[dict]:
             raise UserError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise UserError(f"{path}: line {i} is not a JSON object")
+        if not _is_iteration(row.get("iteration", 0)):
+            raise UserError(f"{path}: line {i} has a non-integer iteration {row['iteration']!r}")
         rows.append(row)
     return rows
 
@@ -71,6 +78,8 @@ def wandb_history(run_name: str, project: str, entity: str | None = None) -> lis
     for i, r in enumerate(finished[-1].scan_history()):
         row = dict(r)
         row.setdefault("iteration", int(row["_step"]) + 1 if "_step" in row else i + 1)
+        if not _is_iteration(row["iteration"]):
+            raise UserError(f"WandB run {run_name}: row {i + 1} has a non-integer iteration {row['iteration']!r}")
         rows.append(row)
     return rows
 
@@ -156,6 +165,11 @@ def build_no_context_parser():
 
 
 def run_no_context(args) -> common.Outputs:
+    common.check_positive(args, "max_epoch")
+    common.check_numbers(args, smoothing=("a number in [0, 1) (the EMA weight of the previous value)",
+                                          lambda v: 0 <= v < 1))
+    common.check_seeds(args, "seed")
+    common.run_k(args)  # checks --run_K
     if args.block:
         return run_block_replacement(args)
     plt = common.pyplot()
@@ -164,7 +178,6 @@ def run_no_context(args) -> common.Outputs:
     envs = args.env_name_list
     fig, axes = plt.subplots(1, len(envs), figsize=(4.2 * len(envs), 3.2), squeeze=False)
     rows, missing, drawn = [], [], 0
-    common.run_k(args)  # checks --run_K
     for ax, env in zip(axes[0], envs):
         metric = return_key(env, args.target)
         for j, m in enumerate(args.model_name_list):
@@ -271,6 +284,8 @@ def build_grad_clip_parser():
 
 
 def run_grad_clip(args) -> common.Outputs:
+    common.check_positive(args, "K", "max_epoch")
+    common.check_seeds(args, "seed")
     plt = common.pyplot()
     outs = common.Outputs()
     res = common.out_dir(args.results_dir)

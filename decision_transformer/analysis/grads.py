@@ -213,8 +213,16 @@ def _batches(args, env, device):
         yield m, lm, batch
 
 
+def _check_flags(args):
+    common.check_data_flags(args)
+    common.check_positive(args, "top_k")
+    common.check_min(args, 0, "epoch")
+    common.check_seeds(args, "seed", "grad_seed")
+    common.check_numbers(args, max_grad_memory_gb=common.POSITIVE)
+
+
 def run_confusion(args) -> common.Outputs:
-    common.check_positive(args, "batch_size", "K")
+    _check_flags(args)
     if args.batch_size < 2:
         raise UserError("gradient confusion needs --batch_size >= 2")
     device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
@@ -252,7 +260,7 @@ def run_confusion(args) -> common.Outputs:
 
 
 def run_norms(args) -> common.Outputs:
-    common.check_positive(args, "batch_size", "K")
+    _check_flags(args)
     device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
     res = common.out_dir(args.results_dir)
     outs = common.Outputs()

@@ -21,7 +21,6 @@ timesteps are padding). Failed estimates are NaN and left out of the plots.
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -90,7 +89,9 @@ def build_save_parser():
 
 
 def run_save(args) -> common.Outputs:
-    common.check_positive(args, "batch_size", "K")
+    common.check_data_flags(args)
+    common.check_seeds(args, "seed")
+    common.check_min(args, 0, "epoch")
     device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
     res = common.out_dir(args.results_dir)
     outs = common.Outputs()
@@ -164,6 +165,16 @@ class _Estimator:
                            seed=a.seed + self.count, device=self.device)
 
 
+def _check_data(path, data: dict):
+    """A ``data_file``'s arrays: present, numeric, finite, in save_activation.py's shapes."""
+    common.check_arrays(path, data, ("states", "actions", "rtg", "attention_mask"))
+    m, s, a, r = (data[k] for k in ("attention_mask", "states", "actions", "rtg"))
+    if not (m.ndim == 2 and s.ndim == a.ndim == r.ndim == 3 and s.shape[:2] == a.shape[:2] == m.shape
+            and r.shape[:2] == (m.shape[0], m.shape[1] + 1)):
+        raise UserError(f"{path}: arrays of shapes attention_mask {m.shape}, states {s.shape}, actions {a.shape}, rtg "
+                        f"{r.shape}; save_activation.py writes [B, K], [B, K, ds], [B, K, da] and [B, K+1, 1]")
+
+
 def _inputs(data: dict):
     """x_t per token type as [B, K, d] arrays, a_K [B, da], and the [B, K] mask."""
     rtg = data["rtg"][:, :-1]
@@ -173,19 +184,33 @@ def _inputs(data: dict):
 
 def run_mi(args) -> common.Outputs:
     common.check_positive(args, "iters", "batch_size", "mine_hidden", "mine_hidden_layers")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise UserError(f"invalid --lr {args.lr}: the MINE learning rate must be a positive number")
-    if not 0 <= args.seed < 2 ** 62:
-        raise UserError(f"invalid --seed {args.seed}: use a non-negative integer below 2**62")
+    common.check_numbers(args, lr=common.POSITIVE)
+    common.check_seeds(args, "seed", bits=62)
+    common.check_min(args, 0, "epoch")
+    ds, env, ktag = args.dataset_name, args.env_name, _ktag(args)
+    df = data_file(args.path_to_data, env, ds, args.seed, ktag)
+    data = common.load_npz(df)
+    _check_data(df, data)
+    xs, a_last, mask = _inputs(data)
+    B, K = mask.shape
+    if args.exp_type != "data":
+        act_file = activation_file(args.path_to_activation, args.epoch, args.model_name, env, ds, args.seed, ktag)
+        outputs = {k: v for k, v in common.load_npz(act_file).items()
+                   if k.endswith("." + BLOCK_OUTPUT) and k.split(".", 1)[0].isdigit()}
+        if not outputs:
+            raise UserError(f"{act_file}: no block outputs (*.{BLOCK_OUTPUT})")
+        common.check_arrays(act_file, outputs, outputs)
+        for k, v in outputs.items():
+            if v.ndim != 3 or v.shape[:2] != (B, 3 * K):
+                raise UserError(f"{act_file}: activation {k} has shape {v.shape}, the data file's batch needs [{B}, "
+                                f"{3 * K}, D] ({B} samples, 3 tokens x {K} steps)")
+        depth = max(block_of(k) for k in outputs) + 1
+        layers = args.layers if args.layers is not None else sorted({0, depth // 2, depth - 1})
+        bad = [b for b in layers if f"{b}.{BLOCK_OUTPUT}" not in outputs]
+        if bad and args.exp_type == "normal":
+            raise UserError(f"no activation {bad[0]}.{BLOCK_OUTPUT} in {act_file} (depth {depth})")
     out = common.out_dir(args.path_to_save_mi)
     outs = common.Outputs()
-    ds, env, ktag = args.dataset_name, args.env_name, _ktag(args)
-    data = common.load_npz(data_file(args.path_to_data, env, ds, args.seed, ktag))
-    for k in ("states", "actions", "rtg", "attention_mask"):
-        if k not in data:
-            raise UserError(f"{data_file(args.path_to_data, env, ds, args.seed, ktag)}: missing array {k!r}")
-    xs, a_last, mask = _inputs(data)
-    K = mask.shape[1]
     est = _Estimator(args)
     if args.exp_type == "data":
         sa = np.array([est(xs["state"][:, t], xs["action"][:, t], mask[:, t]) for t in range(K)])
@@ -195,22 +220,11 @@ def run_mi(args) -> common.Outputs:
         print(f"{env}: I(s;a) median {np.nanmedian(sa):.3f}, I(R;a) median {np.nanmedian(ra):.3f} nats",
               file=sys.stderr)
         return outs
-    act_file = activation_file(args.path_to_activation, args.epoch, args.model_name, env, ds, args.seed, ktag)
-    acts = common.load_npz(act_file)
-    outputs = {k: v for k, v in acts.items() if k.endswith("." + BLOCK_OUTPUT)}
-    if not outputs:
-        raise UserError(f"{act_file}: no block outputs (*.{BLOCK_OUTPUT})")
-    depth = max(block_of(k) for k in outputs) + 1
     stem_tail = f"{args.epoch}_{args.model_name}_{env}_{ds}_{args.seed}{ktag}"
     if args.exp_type == "normal":
-        layers = args.layers if args.layers is not None else sorted({0, depth // 2, depth - 1})
         for layer in layers:
             key = f"{layer}.{BLOCK_OUTPUT}"
-            if key not in outputs:
-                raise UserError(f"no activation {key} in the activation file (depth {depth})")
             act = outputs[key]                                                   # [B, 3K, D]
-            if act.shape[1] != 3 * K:
-                raise UserError(f"activation {key} has {act.shape[1]} tokens, the data has {K} steps")
             pos, tok, ix, iy = [], [], [], []
             target = act[:, -2]                                                  # the s_K token
             for t in range(K):
@@ -264,7 +278,15 @@ def _pair_average(values: np.ndarray, target: int) -> np.ndarray:
     return np.nanmean(values.reshape(target, n // target), axis=1)
 
 
+def _load_mi_xy(f) -> dict:
+    d = common.load_npz(f)
+    common.check_arrays(f, d, ("x", "y", "position", "token"), finite=False)  # failed estimates are NaN
+    return d
+
+
 def plot_mi(args) -> common.Outputs:
+    common.check_seeds(args, "seed")
+    common.check_min(args, 0, "epoch")
     plt = common.pyplot()
     res = Path(args.results_dir)
     outs = common.Outputs()
@@ -273,9 +295,10 @@ def plot_mi(args) -> common.Outputs:
     if args.exp_type == "normal":
         found = {}
         for m in args.model_name_list:
-            files = sorted(res.glob(f"mi_xy_*_{tail(m)}.npz"), key=lambda f: int(f.name.split("_")[2]))
+            files = sorted((f for f in res.glob(f"mi_xy_*_{tail(m)}.npz") if f.name.split("_")[2].isdigit()),
+                           key=lambda f: int(f.name.split("_")[2]))
             if files:
-                found[m] = [(int(f.name.split("_")[2]), common.load_npz(f)) for f in files]
+                found[m] = [(int(f.name.split("_")[2]), _load_mi_xy(f)) for f in files]
         if not found:
             raise UserError(f"no MI results mi_xy_*_{tail('{model}')}.npz in {res} (run mine/run_mi_exp.py first)")
         nrows = max(len(v) for v in found.values())
@@ -343,6 +366,7 @@ def build_plot_data_parser():
 
 
 def plot_mi_data(args) -> common.Outputs:
+    common.check_seeds(args, "seed")
     plt = common.pyplot()
     res = Path(args.results_dir)
     envs = [args.env_name] if args.env_name else args.env_name_list

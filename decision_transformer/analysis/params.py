@@ -63,9 +63,11 @@ def build_parser():
 
 
 def run(args) -> common.Outputs:
+    common.check_seeds(args, "seed")
+    common.check_min(args, 0, "epoch1", "epoch2")
+    run_K = common.run_k(args)
     res = common.out_dir(args.results_dir)
     outs = common.Outputs()
-    run_K = common.run_k(args)
     tag = common.run_k_tag(run_K) + ("_concat" if args.concat else "")
     env, ds = args.env_name, args.dataset_name
     results = {}

@@ -341,7 +341,10 @@ def write_report(args, plan: _Plan, results: dict, failures: dict, skipped: list
 
 
 def run(args) -> Path:
-    common.check_positive(args, "run_K")
+    common.check_positive(args, "run_K", "batch_size", "K", "mine_iters", "mine_hidden")
+    common.check_min(args, 2, "grad_batch_size")  # gradient confusion compares pairs of samples
+    common.check_min(args, 0, "epoch2", "grad_epoch", "attention_epoch2")
+    common.check_seeds(args, "seed")
     common.out_dir(args.out_dir)
     plan = _Plan(args)
     steps = [s for s in (args.only or STEPS) if s not in args.skip]

@@ -90,6 +90,8 @@ def build_parser():
 
 
 def run(args) -> common.Outputs:
+    common.check_positive(args, "K")
+    common.check_seeds(args, "seed_list")
     outs = common.Outputs()
     res = common.out_dir(args.results_dir)
     records, missing = [], []

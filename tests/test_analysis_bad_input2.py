@@ -1,0 +1,288 @@
+"""Bad input of the analysis scripts: corrupt .npz / .npy files, non-finite MINE inputs, metrics rows with a
+non-integer iteration, CKA results that do not match their layer list, and numeric flags out of range: one line
+``error: ...``, exit 2, nothing written."""
+import io
+import json
+import struct
+import sys
+import types
+
+import numpy as np
+import pytest
+from test_analysis_support import expect_exit, load_script, write_run
+
+from decision_transformer.analysis import common, curves, mi
+from decision_transformer.analysis.activations import BLOCK_ENTRIES
+from decision_transformer.analysis.runs import RunKey
+from decision_transformer.errors import UserError
+
+SCRIPTS = {
+    "conf": "analysis/section-54-gradient-analysis/compute_grad_confusion.py",
+    "norm": "analysis/section-54-gradient-analysis/compute_grad_norm.py",
+    "clip": "analysis/section-54-gradient-analysis/plot_learning_curve_grad_clip.py",
+    "cka": "analysis/section-51-activation-similarity/compute_cka.py",
+    "plot_cka": "analysis/section-51-activation-similarity/plot_cka.py",
+    "nc": "analysis/section-55-fine-tuning-no-context/plot_learning_curve_no_context.py",
+    "score": "analysis/section-4-sanity-check/compute_normalized_score.py",
+    "params": "analysis/section-53-parameter-similarity/parameter_similarity_analysis.py",
+    "att": "analysis/section-56-dependence-on-context/compute_attention_distance.py",
+    "save": "mine/save_activation.py",
+    "mine": "mine/run_mi_exp.py",
+    "plot_mi": "analysis/section-52-mutual-information/plot_mutual_information.py",
+    "plot_mi_data": "analysis/section-52-mutual-information/plot_mutual_information_data.py",
+    "all": "analysis/run_all.py",
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, hopper_data):
+    """checkpoints/ with dt runs of K=20 (epochs 0, 1, 40) and K=1 (epochs 0, 1, 4)."""
+    root = tmp_path_factory.mktemp("bad_input2") / "checkpoints"
+    for K, epochs in ((20, (0, 1, 40)), (1, (0, 1, 4))):
+        write_run(root, "dt", K=K, epochs=epochs, data_file=hopper_data / "hopper-medium-v2.pkl")
+    return root
+
+
+def _argv(script, ck, out):
+    """A script's command line on ``runs`` that would work but for the flag under test, writing under ``out``."""
+    res = ["--results_dir", out / "res", "--figs_dir", out / "figs"]
+    ckpt = ["--checkpoint_dir", ck, "--env_name_list", "hopper"]
+    small = ["--K", "3", "--batch_size", "4", "--device", "cpu"]
+    return {"conf": ckpt + ["--model_name_list", "dt"] + small + res,
+            "norm": ckpt + ["--model_name_list", "dt"] + small + res,
+            "clip": ckpt + ["--model_name", "dt", "--max_epoch", "2"] + res,
+            "cka": ckpt + ["--model_name1", "dt", "--model_name2", "dt", "--no_heatmap"] + small + res,
+            "plot_cka": ["--env_name_list", "hopper", "--model_name_list", "dt"] + res,
+            "nc": ckpt + ["--model_name_list", "dt"] + res,
+            "score": ckpt + ["--model_name_list", "dt", "--seed_list", "666"] + res,
+            "params": ["-plm", ck, "--model_name_list", "dt"] + res,
+            "att": ckpt + ["--model_name_list", "dt"] + small + res,
+            "save": ckpt + ["--model_name", "dt"] + small + ["--results_dir", out / "res"],
+            "mine": ["-psm", out / "res", "-pd", out.parent, "-pa", out.parent, "--device", "cpu"],
+            "plot_mi": res, "plot_mi_data": res,
+            "all": ["--checkpoint_dir", ck, "--out_dir", out, "--only", "params"]}[script]
+
+
+@pytest.mark.parametrize("script, flags, msg", [
+    ("conf", ["--max_grad_memory_gb", "nan"], "invalid --max_grad_memory_gb nan: use a positive number"),
+    ("norm", ["--max_grad_memory_gb", "inf"], "invalid --max_grad_memory_gb inf"),
+    ("norm", ["--max_grad_memory_gb", "0"], "invalid --max_grad_memory_gb 0.0"),
+    ("conf", ["--max_grad_memory_gb", "-1"], "invalid --max_grad_memory_gb -1.0"),
+    ("norm", ["--top_k", "0"], "invalid --top_k 0: use an integer >= 1"),
+    ("norm", ["--top_k", "-1"], "invalid --top_k -1"),
+    ("norm", ["--grad_seed", "-1"], "invalid --grad_seed -1: use a non-negative integer below 2**32"),
+    ("conf", ["--grad_seed", str(2 ** 32)], f"invalid --grad_seed {2 ** 32}"),
+    ("conf", ["--batch_seed", "-1"], "invalid --batch_seed -1"),
+    ("conf", ["--epoch", "-1"], "invalid --epoch -1: use an integer >= 0"),
+    ("cka", ["--eps", "-1"], "invalid --eps -1.0: use a number >= 0"),
+    ("cka", ["--eps", "nan"], "invalid --eps nan"),
+    ("cka", ["--kernel", "rbf", "--rbf_threshold", "nan"], "invalid --rbf_threshold nan: use a positive number"),
+    ("cka", ["--kernel", "rbf", "--rbf_threshold", "-1"], "invalid --rbf_threshold -1.0"),
+    ("cka", ["--batch_seed", "-2"], "invalid --batch_seed -2"),
+    ("cka", ["--seed", "-1"], "invalid --seed -1"),
+    ("cka", ["--epoch1", "-1"], "invalid --epoch1 -1"),
+    ("plot_cka", ["-thr", "nan"], "invalid --thr nan: use a finite number"),
+    ("plot_cka", ["--epoch2", "-40"], "invalid --epoch2 -40"),
+    ("nc", ["-block", "--smoothing", "nan"], "invalid --smoothing nan: use a number in [0, 1)"),
+    ("nc", ["-block", "--smoothing", "2"], "invalid --smoothing 2.0"),
+    ("nc", ["-block", "--smoothing", "-1"], "invalid --smoothing -1.0"),
+    ("nc", ["-block", "--smoothing", "1"], "invalid --smoothing 1.0"),
+    ("nc", ["--max_epoch", "-1"], "invalid --max_epoch -1"),
+    ("nc", ["-block", "--max_epoch", "0"], "invalid --max_epoch 0"),
+    ("nc", ["--seed", "-666"], "invalid --seed -666"),
+    ("clip", ["--K", "0"], "invalid --K 0"),
+    ("clip", ["--max_epoch", "0"], "invalid --max_epoch 0"),
+    ("score", ["--seed_list", "666", "-42"], "invalid --seed_list -42"),
+    ("score", ["--K", "-1"], "invalid --K -1"),
+    ("params", ["--seed", "-1"], "invalid --seed -1"),
+    ("params", ["--epoch2", "-1"], "invalid --epoch2 -1"),
+    ("att", ["--batch_seed", "-1"], "invalid --batch_seed -1"),
+    ("att", ["--epoch1", "-1"], "invalid --epoch1 -1"),
+    ("save", ["--batch_seed", "-1"], "invalid --batch_seed -1"),
+    ("save", ["--epoch", "-1"], "invalid --epoch -1"),
+    ("mine", ["--epoch", "-1"], "invalid --epoch -1"),
+    ("plot_mi", ["--seed", "-1"], "invalid --seed -1"),
+    ("plot_mi_data", ["--seed", str(2 ** 40)], f"invalid --seed {2 ** 40}"),
+    ("all", ["--grad_batch_size", "1"], "invalid --grad_batch_size 1: use an integer >= 2"),
+    ("all", ["--mine_iters", "0"], "invalid --mine_iters 0"),
+    ("all", ["--grad_epoch", "-1"], "invalid --grad_epoch -1"),
+    ("all", ["--seed", "-1"], "invalid --seed -1"),
+])
+def test_numeric_flags(runs, tmp_path, capsys, script, flags, msg):
+    out = tmp_path / "out"
+    err = expect_exit(capsys, load_script(SCRIPTS[script]).main, _argv(script, runs, out) + flags)
+    assert msg in err
+    assert not out.exists()                                                   # checked before anything is written
+
+
+# ---- corrupt files ----------------------------------------------------------------------------------------------
+
+def _npz_bytes(compressed=False, **arrays) -> bytes:
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
+    return buf.getvalue()
+
+
+def _corrupt_variants() -> dict:
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.standard_normal((40, 30)), "b": np.arange(10)}
+    plain, packed = _npz_bytes(**arrays), _npz_bytes(True, **arrays)
+    bad_deflate = bytearray(packed)                                          # a reserved deflate block type
+    name_len, extra_len = struct.unpack("<HH", packed[26:30])
+    bad_deflate[30 + name_len + extra_len:34 + name_len + extra_len] = b"\xff" * 4
+    end = plain.index(b"}", plain.index(b"{'descr'"))
+    bad_header = plain[:end] + b" " + plain[end + 1:]                        # an unbalanced member header
+    npy = io.BytesIO()
+    np.save(npy, arrays["a"])
+    return {"truncated": plain[:len(plain) // 2], "zlib": bytes(bad_deflate), "header": bad_header,
+            "npy": npy.getvalue()}
+
+
+@pytest.mark.parametrize("variant", list(_corrupt_variants()))
+def test_load_npz_refuses_corrupt_archives(tmp_path, variant):
+    f = tmp_path / "x.npz"
+    f.write_bytes(_corrupt_variants()[variant])
+    with pytest.raises(UserError, match=r"x\.npz: not a (readable )?\.npz file"):
+        common.load_npz(f)
+
+
+def test_load_npy_refuses_an_npz_archive(tmp_path):
+    f = tmp_path / "x.npy"
+    f.write_bytes(_npz_bytes(a=np.ones(3)))
+    with pytest.raises(UserError, match=r"x\.npy: not a \.npy file \(found an \.npz archive\)"):
+        common.load_npy(f)
+
+
+B, K, D, DEPTH = 6, 3, 5, 4
+
+
+def _mi_inputs(folder, **changes):
+    """A data file and a 4-block activation file as save_activation.py writes them, with ``changes`` applied."""
+    rng = np.random.default_rng(0)
+    data = {"states": rng.standard_normal((B, K, 11)), "actions": rng.standard_normal((B, K, 3)),
+            "rtg": rng.standard_normal((B, K + 1, 1)), "timesteps": np.zeros((B, K)), "attention_mask": np.ones((B, K))}
+    acts = {f"{i}.mlp.dropout": rng.standard_normal((B, 3 * K, D)).astype(np.float32) for i in range(DEPTH)}
+    for k, v in changes.items():
+        (acts if k[0].isdigit() else data)[k] = v
+    return (common.save_npz(mi.data_file(folder, "hopper", "medium", 666), **data),
+            common.save_npz(mi.activation_file(folder, 40, "gpt2", "hopper", "medium", 666), **acts))
+
+
+def _mine(folder, *extra):
+    return ["-psm", folder / "out", "-pd", folder, "-pa", folder, "--iters", 1, "--mine_hidden", 4, "--batch_size", 4,
+            "--device", "cpu", *extra]
+
+
+def test_truncated_npz_files_are_one_line_errors(tmp_path, capsys):
+    data, act = _mi_inputs(tmp_path)
+    run_mi = load_script(SCRIPTS["mine"]).main
+    good = act.read_bytes()
+    act.write_bytes(good[:len(good) // 2])                                   # as `head -c N good.npz > bad.npz`
+    msg = expect_exit(capsys, run_mi, _mine(tmp_path))
+    assert f"{act}: not a readable .npz file" in msg
+    good = data.read_bytes()
+    data.write_bytes(good[:len(good) // 2])
+    msg = expect_exit(capsys, run_mi, _mine(tmp_path, "--exp_type", "data"))
+    assert f"{data}: not a readable .npz file" in msg
+    assert not (tmp_path / "out").exists()
+    res = tmp_path / "res"
+    result = res / "mi_xy_0_40_gpt2_hopper_medium_666.npz"
+    result.parent.mkdir()
+    good = _npz_bytes(x=np.ones(8), y=np.ones(8), position=np.arange(8), token=np.arange(8) % 3)
+    result.write_bytes(good[:len(good) // 2])
+    plot = load_script(SCRIPTS["plot_mi"]).main
+    msg = expect_exit(capsys, plot, ["--results_dir", res, "--figs_dir", tmp_path / "figs", "--model_name_list",
+                                     "gpt2"])
+    assert f"{result}: not a readable .npz file" in msg and not (tmp_path / "figs").exists()
+
+
+@pytest.mark.parametrize("exp_type, change, msg", [
+    ("data", {"states": np.full((B, K, 11), np.nan)}, "data_hopper_medium_666.npz: array 'states' has NaN"),
+    ("normal", {"rtg": np.full((B, K + 1, 1), np.inf)}, "data_hopper_medium_666.npz: array 'rtg' has NaN or infinite"),
+    ("normal", {"1.mlp.dropout": np.full((B, 3 * K, D), np.nan, np.float32)},
+     "activation_40_gpt2_hopper_medium_666.npz: array '1.mlp.dropout' has NaN or infinite values"),
+    ("no_context", {"3.mlp.dropout": np.zeros((B, 3 * K - 3, D), np.float32)},
+     "activation 3.mlp.dropout has shape (6, 6, 5), the data file's batch needs [6, 9, D]"),
+    ("data", {"rtg": np.zeros((B, K, 1))},
+     "arrays of shapes attention_mask (6, 3), states (6, 3, 11), actions (6, 3, 3), rtg (6, 3, 1)"),
+])
+def test_mine_refuses_non_finite_and_misshapen_inputs(tmp_path, capsys, exp_type, change, msg):
+    _mi_inputs(tmp_path, **change)
+    err = expect_exit(capsys, load_script(SCRIPTS["mine"]).main, _mine(tmp_path, "--exp_type", exp_type))
+    assert msg in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_mine_checks_every_layer_before_writing(tmp_path, capsys):
+    _, act = _mi_inputs(tmp_path)
+    err = expect_exit(capsys, load_script(SCRIPTS["mine"]).main, _mine(tmp_path, "--layers", 0, 7))
+    assert not (tmp_path / "out").exists()                                   # layer 0 is not estimated first
+    assert f"no activation 7.mlp.dropout in {act} (depth 4)" in err
+
+
+# ---- CKA results against their layer list -----------------------------------------------------------------------
+
+def test_plot_cka_refuses_a_matrix_of_another_model(tmp_path, capsys):
+    """A 3 x 3 matrix next to the layer list of a 3-block model (27 hooked layers): refused, not a 3-point curve."""
+    res = tmp_path / "res"
+    stem = res / "cka_0_40_dtdt_hopper_medium_666"
+    names = [f"{b}.{e}" for b in range(3) for e in BLOCK_ENTRIES]
+    common.save_csv(f"{stem}_layers.csv", ["axis", "index", "layer"],
+                    [[axis, i, n] for axis in ("rows", "cols") for i, n in enumerate(names)])
+    common.save_npy(f"{stem}_state.npy", np.eye(3))
+    plot = load_script(SCRIPTS["plot_cka"]).main
+    argv = ["--env_name_list", "hopper", "--model_name_list", "dt", "--token_list", "state", "--results_dir", res,
+            "--figs_dir", tmp_path / "figs"]
+    msg = expect_exit(capsys, plot, argv)
+    assert f"{stem}_state.npy: a CKA matrix of shape (3, 3), but {stem}_layers.csv lists 27 layers" in msg
+    common.save_npy(f"{stem}_state.npy", np.eye(27))
+    common.save_csv(f"{stem}_layers.csv", ["axis", "index", "layer"],
+                    [["rows", i, n] for i, n in enumerate(names)] + [["cols", i, n] for i, n in enumerate(names[:-1])]
+                    + [["cols", 26, "2.ln_1"]])
+    assert "rows and columns differ" in expect_exit(capsys, plot, argv)
+    (res / "cka_0_40_dtdt_hopper_medium_666_layers.csv").write_text("axis,index,name\nrows,0,0.ln_1\n")
+    assert "_layers.csv: line 2 is not an axis,index,layer row" in expect_exit(capsys, plot, argv)
+    assert not (tmp_path / "figs").exists() and not list(res.glob("cka_plot_*"))
+
+
+# ---- metrics rows -----------------------------------------------------------------------------------------------
+
+def test_non_integer_iteration_names_the_file_and_line(tmp_path, capsys):
+    ck = tmp_path / "checkpoints"
+    score = load_script(SCRIPTS["score"]).main
+    nc = load_script(SCRIPTS["nc"]).main
+    files = []
+    for K in (20, 1):
+        d = write_run(ck, "dt", K=K, epochs=(1,), returns=[10.0, 20.0, 30.0])
+        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        rows[1]["iteration"] = 2.0                                           # an integral float is an iteration
+        (d / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n\n" + "".join(json.dumps(r) + "\n" for r in rows[1:]))
+        files.append((d / "metrics.jsonl", rows))
+    argv = ["--checkpoint_dir", ck, "--env_name_list", "hopper", "--model_name_list", "dt",
+            "--results_dir", tmp_path / "res", "--figs_dir", tmp_path / "figs"]
+    score(argv + ["--seed_list", "666"])
+    for f, rows in files:
+        rows[2]["iteration"] = "x"
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]) + "\n" + json.dumps(rows[2]) + "\n")
+    msg = expect_exit(capsys, score, argv + ["--seed_list", "666"])
+    assert f"{files[0][0]}: line 4 has a non-integer iteration 'x'" in msg
+    msg = expect_exit(capsys, nc, argv)
+    assert f"{files[1][0]}: line 4 has a non-integer iteration 'x'" in msg
+
+
+def test_wandb_row_with_a_non_integer_iteration(monkeypatch):
+    class Run:
+        name, state = "gym-experiment-hopper-medium-dt-666", "finished"
+
+        def scan_history(self):
+            return [{"_step": 0, "evaluation/target_3600_return_mean": 1.0},
+                    {"_step": 1, "iteration": "x", "evaluation/target_3600_return_mean": 2.0}]
+
+    class Api:
+        def runs(self, path, filters=None):
+            return [Run()]
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Api=Api))
+    with pytest.raises(UserError, match="WandB run gym-experiment-hopper-medium-dt-666: row 2 has a non-integer "
+                                        "iteration 'x'"):
+        curves.run_metrics("unused", RunKey("dt", "medium", "hopper", 666), True)
