@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from bench_args import bench_device, positive_int  # noqa: E402
-from decision_transformer.cli import eval_workers_type  # noqa: E402
+from decision_transformer.cli import eval_workers_type, nonnegative_int  # noqa: E402
 from decision_transformer.cpu import tune_allocator  # noqa: E402
 from decision_transformer.data import TrajectoryDataset, state_stats  # noqa: E402
 from decision_transformer.envs import get_env_spec  # noqa: E402
@@ -167,7 +167,7 @@ def main(argv=None):
                    help="evaluation env worker processes to compare (default: 0 and auto on CUDA, 0 on CPU)")
     p.add_argument("--overlap_groups", type=positive_int, nargs="+", default=None,
                    help="overlapped forward groups to compare (default: 1 and 4 on CUDA, 1 on CPU)")
-    p.add_argument("--stepping_workers", type=int, nargs="+", default=[0, 1, 2],
+    p.add_argument("--stepping_workers", type=nonnegative_int, nargs="+", default=[0, 1, 2],
                    help="worker counts of the env-stepping table (50 envs, no model)")
     args = p.parse_args(argv)
     device = bench_device(args.device)

@@ -20,10 +20,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from decision_transformer.cli import positive_int
 from decision_transformer.errors import cli_entry
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+#: the float flags and what a valid value is (the int flags' type checks theirs)
+NUMBER_RULES = {"max_minutes": ("a positive number", lambda v: v > 0),
+                "expert_tolerance": ("a number >= 0", lambda v: v >= 0),
+                "checkpoint_minutes": ("a positive number", lambda v: v > 0)}
 
 
 @cli_entry
@@ -31,17 +36,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--env", nargs="+", default=["hopper"], choices=["hopper", "halfcheetah", "walker2d"],
                    help="trained one after the other")
-    p.add_argument("--total_steps", type=int, default=1_000_000)
+    p.add_argument("--total_steps", type=positive_int, default=1_000_000)
     p.add_argument("--max_minutes", type=float, default=None, help="per env; stop (checkpointed) after this")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch threads (1 is fastest on a shared 2-core box)")
     p.add_argument("--compile", action="store_true", help="torch.compile the SAC losses (needs a C++ compiler)")
     p.add_argument("--roles", nargs="+", default=["medium", "expert"], choices=["medium", "expert"],
                    help="which policies this run writes; a run for 'medium' alone stops once the medium policy "
                         "is final")
     p.add_argument("--run_name", default=None,
                    help="state folder under --state_dir (default: the env name; one env only when given)")
-    p.add_argument("--long_eval_episodes", type=int, default=50,
+    p.add_argument("--long_eval_episodes", type=positive_int, default=50,
                    help="episodes of the second evaluation that medium and expert candidates get")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="matmul type of the update's hidden layers (bf16: about 1.6x the updates/s on CPUs with "
@@ -56,6 +62,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.run_name is not None and len(args.env) > 1:
         p.error("--run_name names one run: give one --env")
+    from decision_transformer.run import check_numbers
+
+    check_numbers(args, NUMBER_RULES)  # and --seed; before any folder is made
 
     import signal
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from decision_transformer.envs import DEFAULT_ENV_VERSION, SUPPORTED_ENV_VERSIONS
+from decision_transformer.envs import DEFAULT_ENV_VERSION, ENVS, SUPPORTED_ENV_VERSIONS
+from decision_transformer.errors import UserError
 
 
 def add_data_flags(p: argparse.ArgumentParser):
@@ -142,15 +143,40 @@ def add_merge_flags(p: argparse.ArgumentParser):
     g.add_argument("--fisher_favor_target", action="store_true", help="floor only model 1's Fisher")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
+def _int_at_least(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    return _int_at_least(text, 0)
+
+
+#: The longest episode of the supported envs: no context window (``--K``) is longer.
+MAX_EP_LEN = max(spec.max_ep_len for spec in ENVS.values())
+
+
+def check_context(K: int | None):
+    """``--K`` (None: not given) no longer than an episode (a longer window adds only padding, and memory)."""
+    if K is not None and K > MAX_EP_LEN:
+        raise UserError(f"--K {K} exceeds the episode length {MAX_EP_LEN}")
+
+
+def check_seed(seed: int | None):
+    """A ``--seed`` (None: not given) that every seeded library accepts (numpy's range)."""
+    if seed is not None and not 0 <= seed < 2**32:
+        raise UserError(f"--seed must be in [0, 2^32), got {seed}")
 
 
 #: ``--compile`` modes (torch.compile's): ``reduce-overhead`` also replays each step as CUDA graphs on a GPU
@@ -212,8 +238,6 @@ UNSUPPORTED: dict = {}
 
 
 def reject_unsupported(args, parser_name: str = "experiment.py"):
-    from decision_transformer.errors import UserError
-
     for attr, is_set in UNSUPPORTED.items():
         if hasattr(args, attr) and is_set(getattr(args, attr)):
             raise UserError(f"--{attr} is not supported by this version of {parser_name} yet")

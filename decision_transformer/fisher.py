@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from decision_transformer.checkpoint import atomic_save
-from decision_transformer.cli import THREADS_HELP
+from decision_transformer.cli import THREADS_HELP, check_context, check_seed
 from decision_transformer.errors import UserError
 from decision_transformer.training.losses import masked_action_mse
 
@@ -340,6 +340,8 @@ def check_precompute_args(args):
     for name in ("f_batch_size", "f_num_batches", "K"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1 (got {getattr(args, name)})")
+    check_context(args.K)
+    check_seed(args.seed)
     if args.dataset is not None:
         check_dataset_name(args.dataset)
 

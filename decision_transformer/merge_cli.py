@@ -24,7 +24,7 @@ from pathlib import Path
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
 from decision_transformer.checkpoint import atomic_save, check_finite_state, make_checkpoint
-from decision_transformer.cli import THREADS_HELP
+from decision_transformer.cli import THREADS_HELP, check_context, check_seed
 from decision_transformer.errors import UserError, cli_entry
 
 
@@ -115,6 +115,8 @@ def check_args(args):
     for name in ("K", "batch_size", "f_batch_size", "f_num_batches", "regmean_n_windows"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1 (got {getattr(args, name)})")
+    check_context(args.K)
+    check_seed(args.seed)
     if not 0.0 <= args.p <= 1.0:  # also false for NaN
         raise UserError(f"--p must be in [0, 1] (got {args.p})")
     if args.merge_lambda is not None and not math.isfinite(args.merge_lambda):

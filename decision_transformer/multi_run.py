@@ -12,7 +12,6 @@ LAWSON's selection metric) and, a project addition, ``average_d4rl_score_mean``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import secrets
 import sys
@@ -438,22 +437,17 @@ def find_resume_dir(args) -> Path:
     return resumable_run(Path(args.outdir) / "multi", f"gym-experiment-multi-{args.dataset}-", resume_signature(args))
 
 
-def _recorded_config(run_dir: Path) -> dict:
-    """A run's config: its ``config.json``, or the copy in its training state when that file is missing or broken."""
-    try:
-        return json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return torch.load(run_dir / TRAIN_STATE, map_location="cpu", weights_only=True, mmap=True)["config"]
-
-
 def run_multi(args) -> dict:
-    from decision_transformer.run import (autocast_dtype, resolve_device, restore_train_state, save_train_state,
-                                          seed_everything, warn_unsaved_best)
+    from decision_transformer.run import (autocast_dtype, recorded_config, resolve_device, restore_train_state,
+                                          save_train_state, seed_everything, warn_unsaved_best)
 
     check_multi_args(args)
     resume_dir = find_resume_dir(args) if args.resume else None
-    if resume_dir is not None and args.seed is None:
-        args.seed = int(_recorded_config(resume_dir)["seed"])
+    if resume_dir is not None and args.seed is None:  # (find_resume_dir has read the run's config)
+        seed = (recorded_config(resume_dir, note=False) or {}).get("seed")
+        if not isinstance(seed, int):
+            raise UserError(f"--resume: {resume_dir} does not record the seed it drew; pass it with --seed")
+        args.seed = seed
     ctx, device = distributed.setup(resolve_device(args.device, args.threads))  # torchrun: one process per GPU
     if args.seed is None:  # under torchrun rank 0's draw, so that every rank samples the same global batches
         args.seed = distributed.from_main(ctx, secrets.randbelow(2**31))

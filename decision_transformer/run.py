@@ -18,7 +18,7 @@ from decision_transformer import distributed
 from decision_transformer.checkpoint import (atomic_save, find_run, load_checkpoint, load_state_into,
                                              make_checkpoint, model_name, new_exp_id, run_dir_name,
                                              set_aside_previous_run, wandb_run_name)
-from decision_transformer.cli import merge_signature, reject_unsupported
+from decision_transformer.cli import check_context, check_seed, merge_signature, reject_unsupported
 from decision_transformer.data import TrajectoryDataset, load_dataset
 from decision_transformer.envs import check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError
@@ -153,10 +153,11 @@ _NUMBER_RULES = {
 }
 
 
-def check_numbers(args):
-    """Finite, in-range float flags and a seed that every seeded library accepts, before anything is written (a
-    NaN learning rate would otherwise surface as a diverged run, a negative seed as an env error)."""
-    for name, (what, ok) in _NUMBER_RULES.items():
+def check_numbers(args, rules: dict | None = None):
+    """Finite, in-range float flags (``rules``: name -> (what a valid value is, test); default: the training
+    scripts') and a seed that every seeded library accepts, before anything is written (a NaN learning rate would
+    otherwise surface as a diverged run, a negative seed as an env error)."""
+    for name, (what, ok) in (rules or _NUMBER_RULES).items():
         v = getattr(args, name, None)
         if v is None or isinstance(v, bool):
             continue
@@ -165,9 +166,7 @@ def check_numbers(args):
     for v in getattr(args, "p_list", None) or []:
         if not (math.isfinite(v) and 0 <= v <= 1):
             raise UserError(f"--p_list values must be numbers in [0, 1], got {v}")
-    seed = getattr(args, "seed", None)
-    if seed is not None and not 0 <= seed < 2**32:
-        raise UserError(f"--seed must be in [0, 2^32), got {seed}")
+    check_seed(getattr(args, "seed", None))
 
 
 def check_args(args):
@@ -175,15 +174,17 @@ def check_args(args):
               ("num_steps_per_iter", args.num_steps_per_iter >= 0), ("num_eval_episodes", args.num_eval_episodes >= 0),
               ("dropout", 0.0 <= args.dropout < 1.0), ("learning_rate", args.learning_rate > 0),
               ("warmup_steps", args.warmup_steps >= 0), ("embed_dim", args.embed_dim >= 1),
-              ("n_layer", args.n_layer >= 1), ("n_head", args.n_head >= 1)]
+              ("n_layer", args.n_layer >= 1), ("n_head", args.n_head >= 1),
+              ("regmean_n_windows", getattr(args, "regmean_n_windows", 1) >= 1)]  # as merge_cli
     for name, ok in checks:
         if not ok:
             raise UserError(f"invalid --{name} {getattr(args, name)}")
     check_numbers(args)
     if args.embed_dim % args.n_head:
         raise UserError(f"--embed_dim {args.embed_dim} is not divisible by --n_head {args.n_head}")
-    if args.K > 1000:
-        raise UserError(f"--K {args.K} exceeds the episode length 1000")
+    check_context(args.K)
+    if "" in (args.freeze_subset or []):  # before the data and any merge: nothing left to train (see optim.py)
+        raise UserError("--freeze_subset '' matches every parameter: nothing is left to train")
     if getattr(args, "model_type", "dt") == "bc":
         transformer_only = [("pretrained_lm", args.pretrained_lm), ("pretrained_models", args.pretrained_models),
                             ("gpt_kmeans", getattr(args, "gpt_kmeans", None)),
@@ -244,8 +245,9 @@ def lm_resume_dir(args, parent: Path) -> Path:
 
 def resumable_run(parent: Path, prefix: str, signature: dict) -> Path:
     """The newest ``{parent}/{prefix}{id}`` folder with a training state made with the flags ``signature``; when none
-    matches, the error names the flags in which the newest such run differs. A run whose ``config.json`` is missing or
-    not JSON is judged by the config its ``train_state.pt`` records. Flags a run does not record are not compared."""
+    matches, the error names the flags in which the newest such run differs. A run whose ``config.json`` is missing, not
+    JSON or not a JSON object is judged by the config its ``train_state.pt`` records (``recorded_config``). Flags a run
+    does not record are not compared."""
     import json
 
     want = json.loads(json.dumps(signature, default=str))
@@ -256,30 +258,11 @@ def resumable_run(parent: Path, prefix: str, signature: dict) -> Path:
             runs.append((newest, d.name, d))
     if not runs:
         raise UserError(f"nothing to resume: no run {prefix}<id> in {parent} has finished an iteration")
-    unreadable = []
-
-    def config_of(d: Path) -> dict | None:
-        try:
-            cfg = json.loads((d / "config.json").read_text())
-            if isinstance(cfg, dict):
-                return cfg
-        except (OSError, ValueError):
-            pass
-        try:  # the training state records the run's config too
-            cfg = torch.load(d / TRAIN_STATE, map_location="cpu", weights_only=True, mmap=True).get("config")
-        except Exception:  # noqa: BLE001 - damaged as well: the run's flags cannot be told
-            cfg = None
-        if not isinstance(cfg, dict):
-            unreadable.append(d.name)
-            return None
-        print(f"note: {d / 'config.json'} is missing or not JSON; the run's flags are read from its {TRAIN_STATE}",
-              file=sys.stderr)
-        return json.loads(json.dumps(cfg, default=str))
-
-    first = None
+    first, unreadable = None, []
     for _, _, d in sorted(runs, reverse=True):
-        cfg = config_of(d)
+        cfg = recorded_config(d)
         if cfg is None:
+            unreadable.append(d.name)
             continue
         if all(k not in cfg or cfg[k] == v for k, v in want.items()):  # as find_run: unrecorded flags not compared
             return d
@@ -306,21 +289,35 @@ def resume_mismatches(args, config_path: Path | dict) -> list[str]:
     ``config.json`` (or a config dict; flags the file does not record are not compared)."""
     import json
 
-    if isinstance(config_path, dict):
-        saved = config_path
-    else:
-        try:
-            saved = json.loads(config_path.read_text())
-        except (OSError, ValueError):  # missing or broken: the copy in the run's training state
-            try:
-                saved = torch.load(config_path.parent / TRAIN_STATE, map_location="cpu", weights_only=True,
-                                   mmap=True)["config"]
-                saved = json.loads(json.dumps(saved, default=str))
-            except Exception:  # noqa: BLE001 - unreadable too: restore_train_state reports the damage
-                return []
+    saved = config_path if isinstance(config_path, dict) else recorded_config(config_path.parent)
+    if saved is None:  # unreadable too: restore_train_state reports the damage
+        return []
     now = json.loads(json.dumps(vars(args), default=str))
     return [f"--{k} {now[k]!r} (the run: {saved[k]!r})" for k in now
-            if k not in RESUME_FREE and isinstance(saved, dict) and k in saved and saved[k] != now[k]]
+            if k not in RESUME_FREE and k in saved and saved[k] != now[k]]
+
+
+def recorded_config(run_dir: Path, note: bool = True) -> dict | None:
+    """The flags a run was made with: its ``config.json``, or, when that file is missing, not JSON or not a JSON
+    object, the config its ``train_state.pt`` records (with a note); None when neither can be read."""
+    import json
+
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+        if isinstance(cfg, dict):
+            return cfg
+    except (OSError, ValueError):
+        pass
+    try:  # the training state records the run's config too
+        cfg = torch.load(run_dir / TRAIN_STATE, map_location="cpu", weights_only=True, mmap=True).get("config")
+    except Exception:  # noqa: BLE001 - damaged as well: the run's flags cannot be told
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    if note:
+        print(f"note: {run_dir / 'config.json'} is missing or not JSON (a JSON object); the run's flags are read "
+              f"from its {TRAIN_STATE}", file=sys.stderr)
+    return json.loads(json.dumps(cfg, default=str))
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------

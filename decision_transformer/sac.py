@@ -476,8 +476,6 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
 
     spec = get_env_spec(env_name)
     state_dir, policy_dir = Path(state_dir), Path(policy_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    (policy_dir / "replay").mkdir(parents=True, exist_ok=True)
     state_path, buffer_path = state_dir / "state.pt", state_dir / "replay_buffer.npz"
     progress_path = state_dir / "progress.jsonl"
     try:
@@ -491,6 +489,8 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
         raise UserError(f"roles must be 'medium' and/or 'expert', got {list(roles)}")
     if "medium" in roles and medium_score is None:
         raise UserError("the medium role needs a target score (medium_score)")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (policy_dir / "replay").mkdir(parents=True, exist_ok=True)
     meta = {"env_steps": 0, "episodes": 0, "medium_step": None, "medium_eval": None, "medium_final": False,
             "medium_stale": 0,
             "best_eval": None, "best_step": None, "expert_screen": None, "expert_final": False, "seed": seed,

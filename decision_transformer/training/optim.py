@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from decision_transformer.errors import UserError
+
 
 def trainable(params):
     return [p for p in params if p.requires_grad]
@@ -35,6 +37,9 @@ def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, pretrain
 def optimizer_from_args(model: nn.Module, args, device: torch.device):
     """(AdamW, warm-up schedule, batch generator seeded with ``--seed``) from the scripts' flags; fused AdamW on
     CUDA."""
+    if not trainable(model.parameters()):
+        frozen = " ".join(f"--{f}" for f in ("frozen", "freeze_subset") if getattr(args, f, None))
+        raise UserError(f"{frozen or 'freezing'} leaves no trainable parameter: nothing is left to train")
     optimizer = make_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay,
                                pretrained_lm=bool(args.pretrained_lm),
                                custom_transformer_decay=args.custom_transformer_decay, lm_lr=args.lm_learning_rate,

@@ -1,0 +1,192 @@
+"""Flag values and run folders the scripts must refuse up front: one line ``error: ...``, exit 2, no traceback, and
+nothing written (or, for --resume, nothing of the run changed)."""
+import importlib.util
+import json
+
+import pytest
+
+import experiment
+import experiment_multi
+import precompute_fisher
+from conftest import ROOT, write_source_models
+from decision_transformer import merge_cli
+
+TINY = ["--embed_dim", "16", "--n_layer", "1", "--n_head", "2", "--K", "5", "--batch_size", "6", "--warmup_steps",
+        "10", "--num_eval_episodes", "0", "--num_steps_per_iter", "2"]
+
+
+def load(relpath: str):
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location("script_" + path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fails(main, argv, capsys) -> str:
+    """Run an entry point that must reject its input: exit 2, one ``error:`` line, no traceback; returns the line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0]
+    return lines[0]
+
+
+def files(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def multi_data(tmp_path_factory):
+    from decision_transformer.models.multi_decision_transformer import MULTI_ENVS
+    from decision_transformer.synthetic import make_dataset
+
+    d = tmp_path_factory.mktemp("multi_data")
+    for i, env in enumerate(MULTI_ENVS):
+        make_dataset(d, env, "medium", 300, seed=i, max_ep_len=50)
+    return d
+
+
+# ---- --resume with a config.json that is JSON but not an object ------------------------------------------------------
+
+def test_experiment_resume_checks_flags_when_config_json_is_not_an_object(tmp_path, monkeypatch, capsys, hopper_data):
+    monkeypatch.chdir(tmp_path)
+    experiment.main(["--data_path", str(hopper_data), *TINY, "--max_iters", "1"])
+    run = tmp_path / "checkpoints" / "dt_medium_hopper_666_K5"
+    (run / "config.json").write_text("[]")
+    before = files(run)
+    msg = fails(experiment.main, ["--data_path", hopper_data, *TINY, "--max_iters", "2", "--resume",
+                                  "--learning_rate", "5e-3"], capsys)
+    assert "was made with other flags: --learning_rate 0.005 (the run: 0.0001)" in msg
+    assert files(run) == before
+
+
+def test_multi_resume_takes_the_seed_from_the_state_when_config_json_is_not_an_object(tmp_path, monkeypatch, capsys,
+                                                                                       multi_data):
+    base = ["--data_path", str(multi_data), *TINY]
+    monkeypatch.chdir(tmp_path)
+    experiment_multi.main([*base, "--max_iters", "1"])
+    (run,) = (tmp_path / "checkpoints" / "multi").iterdir()
+    seed = json.loads((run / "config.json").read_text())["seed"]
+    (run / "config.json").write_text("[]")
+    assert "differs in --learning_rate 0.001" in fails(experiment_multi.main, [*base, "--max_iters", "2", "--resume",
+                                                                               "--learning_rate", "1e-3"], capsys)
+    experiment_multi.main([*base, "--max_iters", "2", "--resume"])
+    assert json.loads((run / "config.json").read_text())["seed"] == seed
+
+
+# ---- freezing every parameter ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("freeze", [[""], ["."], ["transformer", "embed", "predict"]])
+def test_experiment_freezing_everything(tmp_path, monkeypatch, capsys, hopper_data, freeze):
+    monkeypatch.chdir(tmp_path)
+    msg = fails(experiment.main, ["--data_path", hopper_data, *TINY, "--max_iters", "1", "--freeze_subset", *freeze],
+                capsys)
+    assert "nothing is left to train" in msg
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("freeze", [[""], ["."]])
+def test_multi_freezing_everything(tmp_path, monkeypatch, capsys, multi_data, freeze):
+    monkeypatch.chdir(tmp_path)
+    msg = fails(experiment_multi.main, ["--data_path", multi_data, *TINY, "--max_iters", "1", "--freeze_subset",
+                                        *freeze], capsys)
+    assert "nothing is left to train" in msg
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("freeze", [[""], ["."]])
+def test_lm_cotraining_freezing_everything(tmp_path, monkeypatch, capsys, hopper_data, freeze):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    lm = tmp_path / "lm"
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=40, vocab_size=50)).save_pretrained(lm)
+    monkeypatch.chdir(tmp_path)
+    main = load("lm_cotraining/experiment.py").main
+    msg = fails(main, ["--data_path", hopper_data, "--pretrained_lm", lm, "--K", "5", "--batch_size", "6",
+                       "--num_eval_episodes", "0", "--num_steps_per_iter", "2", "--max_iters", "1",
+                       "--freeze_subset", *freeze], capsys)
+    assert "nothing is left to train" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm"]
+
+
+# ---- experiment.py's RegMean windows ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", ["0", "-5"])
+def test_experiment_regmean_needs_windows(tmp_path, monkeypatch, capsys, hopper_data, n):
+    monkeypatch.chdir(tmp_path)
+    msg = fails(experiment.main, ["--data_path", hopper_data, *TINY, "--merge_method", "regmean",
+                                  "--regmean_n_windows", n], capsys)
+    assert f"--regmean_n_windows {n}" in msg
+    assert not list(tmp_path.iterdir())
+
+
+# ---- precompute_fisher.py and merge_cli: --K and --seed --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_source_models(tmp_path_factory.mktemp("bad_flags"), ("hopper", "halfcheetah"), n=200, max_ep_len=40,
+                               id_base=300000)
+
+
+@pytest.mark.parametrize("bad, expect", [(["--K", "5000"], "--K 5000 exceeds the episode length 1000"),
+                                         (["--K", "1001"], "--K 1001 exceeds the episode length 1000"),
+                                         (["--seed", "-1"], "--seed must be in [0, 2^32), got -1"),
+                                         (["--seed", str(2**32)], "--seed must be in [0, 2^32)")])
+def test_fisher_and_merge_bound_K_and_seed(tiny, tmp_path, capsys, bad, expect):
+    root, data, paths = tiny
+    h, c = paths["hopper"], paths["halfcheetah"]
+    assert expect in fails(precompute_fisher.main, ["--model", h, "--data_path", data, "--f_batch_size", "2",
+                                                    "--f_num_batches", "1", "--device", "cpu", *bad], capsys)
+    assert not (h.parent / "info").exists()
+    out = tmp_path / "m.pt"
+    assert expect in fails(merge_cli.main, ["--models", h, c, "--include", "attn", "--data_path", data, "--out", out,
+                                            *bad], capsys)
+    assert not out.exists()
+
+
+# ---- data/train_behaviour_policies.py --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad, expect", [
+    (["--max_minutes", "nan"], "--max_minutes must be a positive number, got nan"),
+    (["--max_minutes", "-1"], "--max_minutes must be a positive number"),
+    (["--max_minutes", "0"], "--max_minutes must be a positive number"),
+    (["--expert_tolerance", "nan"], "--expert_tolerance must be a number >= 0"),
+    (["--expert_tolerance", "-1"], "--expert_tolerance must be a number >= 0"),
+    (["--checkpoint_minutes", "inf"], "--checkpoint_minutes must be a positive number"),
+    (["--long_eval_episodes", "0"], "--long_eval_episodes: must be at least 1"),
+    (["--total_steps", "0"], "--total_steps: must be at least 1"),
+    (["--total_steps", "-1"], "--total_steps: must be at least 1"),
+    (["--threads", "0"], "--threads: must be at least 1"),
+    (["--seed", "-1"], "--seed must be in [0, 2^32)"),
+])
+def test_train_behaviour_policies_flags(tmp_path, monkeypatch, capsys, bad, expect):
+    from decision_transformer import sac
+
+    monkeypatch.setattr(sac, "train_behaviour_policy", lambda *a, **k: pytest.fail("SAC training started"))
+    main = load("data/train_behaviour_policies.py").main
+    argv = ["--env", "hopper", "--state_dir", tmp_path / "state", "--policy_dir", tmp_path / "policies", *bad]
+    assert expect in fails(main, argv, capsys)
+    assert not list(tmp_path.iterdir())
+
+
+def test_train_behaviour_policy_checks_its_roles_before_making_folders(tmp_path):
+    from decision_transformer.errors import UserError
+    from decision_transformer.sac import train_behaviour_policy
+
+    with pytest.raises(UserError, match="roles must be"):
+        train_behaviour_policy("hopper", tmp_path / "state", tmp_path / "policies", roles=(), buffer_capacity=10)
+    assert not list(tmp_path.iterdir())
+
+
+# ---- benchmarks/bench_core.py ----------------------------------------------------------------------------------------
+
+def test_bench_core_stepping_workers(monkeypatch, capsys):
+    bench = load("benchmarks/bench_core.py")
+    monkeypatch.setattr(bench, "bench_sampler", lambda *a, **k: pytest.fail("the benchmark started"))
+    main = bench.main
+    assert "--stepping_workers: must be at least 0, got -2" in fails(main, ["--stepping_workers", "1", "-2"], capsys)
