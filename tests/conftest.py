@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,28 @@ import torch  # noqa: E402
 # The tests run many tiny forwards: on two cores one intra-op thread is faster, and much faster when the machine is
 # shared (OpenMP threads spin against each other). Benchmarks and real runs keep torch's default.
 torch.set_num_threads(1)
+
+
+def load_script(relpath: str):
+    """A script of the project (``data/...py``, ``benchmarks/...py``) as a module."""
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location("script_" + path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fails(main, argv, capsys) -> str:
+    """Run an entry point that must reject its input: exit 2, one ``error:`` line, no traceback; returns the line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0]
+    return lines[0]
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
 """Flag values and run folders the scripts must refuse up front: one line ``error: ...``, exit 2, no traceback, and
 nothing written (or, for --resume, nothing of the run changed)."""
-import importlib.util
 import json
 
 import pytest
@@ -8,32 +7,11 @@ import pytest
 import experiment
 import experiment_multi
 import precompute_fisher
-from conftest import ROOT, write_source_models
+from conftest import fails, load_script, write_source_models
 from decision_transformer import merge_cli
 
 TINY = ["--embed_dim", "16", "--n_layer", "1", "--n_head", "2", "--K", "5", "--batch_size", "6", "--warmup_steps",
         "10", "--num_eval_episodes", "0", "--num_steps_per_iter", "2"]
-
-
-def load(relpath: str):
-    path = ROOT / relpath
-    spec = importlib.util.spec_from_file_location("script_" + path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def fails(main, argv, capsys) -> str:
-    """Run an entry point that must reject its input: exit 2, one ``error:`` line, no traceback; returns the line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0]
-    return lines[0]
 
 
 def files(folder) -> dict:
@@ -106,7 +84,7 @@ def test_lm_cotraining_freezing_everything(tmp_path, monkeypatch, capsys, hopper
     lm = tmp_path / "lm"
     GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=40, vocab_size=50)).save_pretrained(lm)
     monkeypatch.chdir(tmp_path)
-    main = load("lm_cotraining/experiment.py").main
+    main = load_script("lm_cotraining/experiment.py").main
     msg = fails(main, ["--data_path", hopper_data, "--pretrained_lm", lm, "--K", "5", "--batch_size", "6",
                        "--num_eval_episodes", "0", "--num_steps_per_iter", "2", "--max_iters", "1",
                        "--freeze_subset", *freeze], capsys)
@@ -168,7 +146,7 @@ def test_train_behaviour_policies_flags(tmp_path, monkeypatch, capsys, bad, expe
     from decision_transformer import sac
 
     monkeypatch.setattr(sac, "train_behaviour_policy", lambda *a, **k: pytest.fail("SAC training started"))
-    main = load("data/train_behaviour_policies.py").main
+    main = load_script("data/train_behaviour_policies.py").main
     argv = ["--env", "hopper", "--state_dir", tmp_path / "state", "--policy_dir", tmp_path / "policies", *bad]
     assert expect in fails(main, argv, capsys)
     assert not list(tmp_path.iterdir())
@@ -186,7 +164,7 @@ def test_train_behaviour_policy_checks_its_roles_before_making_folders(tmp_path)
 # ---- benchmarks/bench_core.py ----------------------------------------------------------------------------------------
 
 def test_bench_core_stepping_workers(monkeypatch, capsys):
-    bench = load("benchmarks/bench_core.py")
+    bench = load_script("benchmarks/bench_core.py")
     monkeypatch.setattr(bench, "bench_sampler", lambda *a, **k: pytest.fail("the benchmark started"))
     main = bench.main
     assert "--stepping_workers: must be at least 0, got -2" in fails(main, ["--stepping_workers", "1", "-2"], capsys)

@@ -1,21 +1,12 @@
 """Bad flags of the data scripts and the benchmarks: one line ``error: ...``, exit 2, no traceback, and nothing that
 was already saved is touched. Everything here fails before any real work starts."""
-import importlib.util
 import pickle
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 from decision_transformer.synthetic import make_dataset
-
-
-def load(relpath: str):
-    path = ROOT / relpath
-    spec = importlib.util.spec_from_file_location("script_" + path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def expect_error(capsys, main, argv) -> str:
@@ -29,7 +20,7 @@ def expect_error(capsys, main, argv) -> str:
 
 @pytest.mark.parametrize("seed", ["-1", str(2 ** 70)])
 def test_generate_datasets_seed(tmp_path, capsys, seed):
-    main = load("data/generate_datasets.py").main
+    main = load_script("data/generate_datasets.py").main
     msg = expect_error(capsys, main, ["--env", "hopper", "--dataset", "random", "--num_transitions", "50",
                                       "--data_path", tmp_path / "d", "--no_progress", "--seed", seed])
     assert f"--seed must be an integer from 0 to 2**32 - 1, got {seed}" in msg
@@ -38,7 +29,7 @@ def test_generate_datasets_seed(tmp_path, capsys, seed):
 
 def test_create_state_stats_bad_input(tmp_path, capsys):
     make_dataset(tmp_path, "hopper", "medium", 200, seed=0, max_ep_len=30)
-    main = load("data/create_state_stats.py").main
+    main = load_script("data/create_state_stats.py").main
     out = tmp_path / "state_stats.pkl"
     out.write_bytes(pickle.dumps({"kept": 1}))
     before = out.read_bytes()
@@ -83,12 +74,12 @@ BENCH_BAD = [
 
 @pytest.mark.parametrize("script, argv, msg", BENCH_BAD, ids=[f"{s}{' '.join(a)}" for s, a, _ in BENCH_BAD])
 def test_benchmark_flags(capsys, script, argv, msg):
-    assert msg in expect_error(capsys, load(f"benchmarks/{script}").main, argv)
+    assert msg in expect_error(capsys, load_script(f"benchmarks/{script}").main, argv)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_check_precision_needs_a_gpu_for_cuda(capsys):
-    msg = expect_error(capsys, load("benchmarks/check_precision.py").main, ["--device", "cuda", "--steps", "1"])
+    msg = expect_error(capsys, load_script("benchmarks/check_precision.py").main, ["--device", "cuda", "--steps", "1"])
     assert "CUDA is not available" in msg
 
 

@@ -8,7 +8,7 @@ import torch
 
 import precompute_fisher
 from decision_transformer import fisher, legacy_import, merge_cli, results_table
-from conftest import write_source_models
+from conftest import fails, write_source_models
 from test_legacy_import import LDecisionTransformer, LMultiDecisionTransformer, save_original
 
 
@@ -23,19 +23,6 @@ def snapshot(folder) -> dict:
     """{relative path: sha256} of every file under ``folder``."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def fails(main, argv, capsys) -> str:
-    """Run an entry point that must reject its input: exit 2, one ``error:`` line, no traceback; returns the line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0]
-    return lines[0]
 
 
 # ---- Fisher cache ----------------------------------------------------------------------------------------------------
