@@ -31,6 +31,7 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from decision_transformer.checkpoint import atomic_save, check_finite_state, load_state_into, make_checkpoint
@@ -436,6 +437,45 @@ def load_model_file(path: str | Path) -> ModelFile:
                         f"pickled model)")
     check_model_env(mf)
     return mf
+
+
+def checked_state_stats(mean, std, env: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) as float32 vectors of ``env``'s state dim of finite numbers, std positive; else one line that
+    starts with ``where`` (the file and entry they come from)."""
+    dim, out = get_env_spec(env).state_dim, []
+    for key, v in (("state_mean", mean), ("state_std", std)):
+        try:
+            a = np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}stored {key} is a {type(v).__name__}, not numbers") from None
+        if a.shape != (dim,):
+            raise UserError(f"{where}stored {key} has shape {tuple(a.shape)}, {env} states have {dim} dims")
+        if not np.isfinite(a).all():
+            raise UserError(f"{where}stored {key} contains NaN or inf")
+        out.append(a)
+    if (out[1] <= 0).any():
+        raise UserError(f"{where}stored state_std has values <= 0 (down to {out[1].min():.3g})")
+    return out[0], out[1]
+
+
+def stored_state_stats(mf, env: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean, std) that a checkpoint stores for ``env`` (multi-task: ``state_stats[env]``), or None where it stores
+    none; checked as ``checked_state_stats`` does."""
+    if mf.is_multi:
+        table, where = mf.raw.get("state_stats"), f"{mf.path}: state_stats[{env!r}]: "
+        if table is not None and not isinstance(table, dict):
+            raise UserError(f"{mf.path}: its state_stats is a {type(table).__name__}, not a dict by env")
+        stored = (table or {}).get(env)
+    else:
+        stored, where = {k: mf.raw[k] for k in ("state_mean", "state_std") if k in mf.raw} or None, f"{mf.path}: "
+    if stored is None:
+        return None
+    if not isinstance(stored, dict):
+        raise UserError(f"{where}a {type(stored).__name__}, not a dict with state_mean and state_std")
+    for key in ("state_mean", "state_std"):
+        if key not in stored:
+            raise UserError(f"{where}no stored {key}")
+    return checked_state_stats(stored["state_mean"], stored["state_std"], env, where)
 
 
 def infer_dt_config(state: dict[str, torch.Tensor], n_head: int = 1, activation: str | None = None,

@@ -151,11 +151,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def stored_state_stats(mf) -> dict:
-    """env -> (mean, std) of a multi-task checkpoint's stored ``state_stats`` ({} for an original pickle)."""
-    import torch
+    """env -> (mean, std) of a multi-task checkpoint's stored ``state_stats``, checked ({} for an original pickle)."""
+    from decision_transformer.legacy_import import stored_state_stats as stored_for
 
-    return {env: (torch.as_tensor(v["state_mean"]).numpy(), torch.as_tensor(v["state_std"]).numpy())
-            for env, v in (mf.raw.get("state_stats") or {}).items()}
+    table = mf.raw.get("state_stats") or {}
+    return {env: stored_for(mf, env) for env in (table if isinstance(table, dict) else [None])}
 
 
 def run_merge(args) -> Path:

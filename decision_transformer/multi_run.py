@@ -28,7 +28,8 @@ from decision_transformer.checkpoint import atomic_save, load_state_into, make_c
 from decision_transformer.cli import THREADS_HELP, add_fast_path_flags, add_optim_flags
 from decision_transformer.envs import DEFAULT_ENV_VERSION, SUPPORTED_ENV_VERSIONS, get_env_spec
 from decision_transformer.errors import UserError
-from decision_transformer.legacy_import import ModelFile, build_model, load_model_file
+from decision_transformer.legacy_import import (ModelFile, build_model, checked_state_stats, load_model_file,
+                                                 stored_state_stats)
 from decision_transformer.logging import RunLogger, progress
 from decision_transformer.merge_setup import merge_multi_states, multi_fisher, resolve_method
 from decision_transformer.models.multi_decision_transformer import (MODEL_CLASS, MULTI_ENVS,
@@ -183,15 +184,18 @@ def resolve_state_stats(args, envs, ref: ModelFile | None) -> tuple[dict, str]:
     if source is None:
         return {}, f"computed from the {args.dataset} data"
     table = read_state_stats(args.data_path)
-    stored = (ref.raw.get("state_stats") or {}) if ref is not None else {}
     out = {}
     for env in envs:
         key = f"{env}-{source}-v2"
+        stored = stored_state_stats(ref, env) if ref is not None and source == ref.dataset else None
         if key in table:
             d = table[key]
-            out[env] = (np.asarray(d["state_mean"], np.float32), np.asarray(d["state_std"], np.float32))
-        elif env in stored and source == (ref.dataset if ref else None):
-            out[env] = (stored[env]["state_mean"].numpy(), stored[env]["state_std"].numpy())
+            where = f"{Path(args.data_path) / STATE_STATS_FILE}: {key}: "
+            if not isinstance(d, dict) or not {"state_mean", "state_std"} <= set(d):
+                raise UserError(f"{where}expected a dict with state_mean and state_std")
+            out[env] = checked_state_stats(d["state_mean"], d["state_std"], env, where)
+        elif stored is not None:
+            out[env] = stored
         else:
             raise UserError(f"{Path(args.data_path) / STATE_STATS_FILE}: no entry {key} (create it with "
                             f"python data/create_state_stats.py --data_path {args.data_path})")

@@ -32,46 +32,12 @@ import numpy as np
 
 from decision_transformer.envs import SUPPORTED_ENV_VERSIONS, check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError, cli_entry
+from decision_transformer.legacy_import import stored_state_stats
 
 ENV_ORDER = ("hopper", "halfcheetah", "walker2d")
 
 
 # ---- scores of one entry ------------------------------------------------------------------------------------------------
-
-def stored_state_stats(mf, env: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(mean, std) that a checkpoint stores for ``env`` (multi-task: ``state_stats[env]``), or None where it stores
-    none; each must be a vector of the env's state dim of finite numbers, the std positive."""
-    import torch
-
-    if mf.is_multi:
-        table, where = mf.raw.get("state_stats"), f"state_stats[{env!r}]: "
-        if table is not None and not isinstance(table, dict):
-            raise UserError(f"{mf.path}: its state_stats is a {type(table).__name__}, not a dict by env")
-        stored = (table or {}).get(env)
-    else:
-        stored, where = {k: mf.raw[k] for k in ("state_mean", "state_std") if k in mf.raw} or None, ""
-    if stored is None:
-        return None
-    if not isinstance(stored, dict):
-        raise UserError(f"{mf.path}: {where}a {type(stored).__name__}, not a dict with state_mean and state_std")
-    dim, out = get_env_spec(env).state_dim, []
-    for key in ("state_mean", "state_std"):
-        if key not in stored:
-            raise UserError(f"{mf.path}: {where}no stored {key}")
-        v = stored[key]
-        try:
-            a = np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise UserError(f"{mf.path}: {where}stored {key} is a {type(v).__name__}, not numbers") from None
-        if a.shape != (dim,):
-            raise UserError(f"{mf.path}: {where}stored {key} has shape {tuple(a.shape)}, {env} states have {dim} dims")
-        if not np.isfinite(a).all():
-            raise UserError(f"{mf.path}: {where}stored {key} contains NaN or inf")
-        out.append(a)
-    if (out[1] <= 0).any():
-        raise UserError(f"{mf.path}: {where}stored state_std has values <= 0 (down to {out[1].min():.3g})")
-    return out[0], out[1]
-
 
 def evaluate_checkpoint(path: str, *, num_episodes: int = 10, seed: int = 666, data_path: str = "data",
                         dataset: str | None = None, device="cpu", env_version: str = "v4") -> dict[str, float]:

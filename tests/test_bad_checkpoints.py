@@ -147,3 +147,25 @@ def test_results_table_checks_multi_task_statistics(tmp_path, capsys):
         path = saved(make_checkpoint(m.state_dict(), cfg, state_stats=stats), tmp_path / "multi.pt")
         assert fails(results_table.main, ["--row", f"a={path}", "--num_eval_episodes", "1"], capsys) == \
             f"error: {path}: {expect}"
+
+
+def test_multi_task_state_statistics_table_is_checked(tmp_path):
+    """experiment_multi's --norm_env statistics (data/state_stats.pkl) are checked as stored ones are."""
+    import pickle
+    from argparse import Namespace
+
+    import numpy as np
+
+    from decision_transformer.multi_run import resolve_state_stats
+
+    good = {"state_mean": np.zeros(11, np.float32), "state_std": np.ones(11, np.float32)}
+    args = Namespace(norm_env="expert", dataset="medium", data_path=str(tmp_path))
+    for bad, msg in (({**good, "state_std": np.full(11, np.nan)}, "hopper-expert-v2: stored state_std contains NaN"),
+                     ({**good, "state_mean": np.zeros(5)}, "hopper-expert-v2: stored state_mean has shape \\(5,\\)"),
+                     ({"state_mean": good["state_mean"]}, "hopper-expert-v2: expected a dict with state_mean and")):
+        (tmp_path / "state_stats.pkl").write_bytes(pickle.dumps({"hopper-expert-v2": bad}))
+        with pytest.raises(UserError, match=msg):
+            resolve_state_stats(args, ["hopper"], None)
+    (tmp_path / "state_stats.pkl").write_bytes(pickle.dumps({"hopper-expert-v2": good}))
+    stats, _ = resolve_state_stats(args, ["hopper"], None)
+    assert stats["hopper"][1].tolist() == [1.0] * 11
