@@ -23,7 +23,7 @@ from decision_transformer.data import TrajectoryDataset, load_dataset
 from decision_transformer.envs import check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError
 from decision_transformer.evaluation import env_pool, evaluate_episodes
-from decision_transformer.logging import RunLogger, progress, summary_line
+from decision_transformer.logging import RunLogger, check_wandb_mode, progress, summary_line
 from decision_transformer.model_factory import (build_bc_model, build_model_from_args, locate_pretrained,
                                                 make_extra_loss)
 from decision_transformer.cpu import configure_threads
@@ -183,6 +183,12 @@ def check_args(args):
     if args.embed_dim % args.n_head:
         raise UserError(f"--embed_dim {args.embed_dim} is not divisible by --n_head {args.n_head}")
     check_context(args.K)
+    if getattr(args, "log_to_wandb", False):
+        check_wandb_mode()
+    models_dir = Path("models") / args.env if getattr(args, "save_model", False) and getattr(args, "env", None) else None
+    for p in (models_dir.parent, models_dir) if models_dir is not None else ():  # written after the first iteration
+        if p.exists() and not p.is_dir():
+            raise UserError(f"--save_model writes to {models_dir}/, but {p} is a file")
     if "" in (args.freeze_subset or []):  # before the data and any merge: nothing left to train (see optim.py)
         raise UserError("--freeze_subset '' matches every parameter: nothing is left to train")
     if getattr(args, "model_type", "dt") == "bc":

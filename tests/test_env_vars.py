@@ -31,3 +31,21 @@ def test_a_bad_mujoco_gl_is_one_line():
                           env={**os.environ, "MUJOCO_GL": "junk"})
     assert proc.stdout.strip() == ("UserError: invalid value for environment variable MUJOCO_GL: junk; unset it or use "
                                    "egl, osmesa or glfw (evaluation does not render)"), proc.stderr[-2000:]
+
+
+def test_training_scripts_check_wandb_mode_and_the_models_folder_first(tmp_path, monkeypatch, capsys, hopper_data):
+    """With -w a bad WANDB_MODE, and with --save_model a file where models/{env}/ goes, stop before the data is read
+    or the run folder is written (instead of after the first iteration)."""
+    from conftest import fails
+
+    import experiment
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data_path", hopper_data, "--max_iters", "1", "--num_steps_per_iter", "1", "--outdir", "out"]
+    monkeypatch.setenv("WANDB_MODE", "junkmode")
+    assert "WANDB_MODE='junkmode'" in fails(experiment.main, argv + ["-w"], capsys)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    (tmp_path / "models").write_text("x")
+    assert fails(experiment.main, argv + ["--save_model"], capsys) == \
+        "error: --save_model writes to models/hopper/, but models is a file"
+    assert not (tmp_path / "out").exists()
