@@ -38,6 +38,8 @@ def write_problem(path, error: BaseException) -> str:
     if path.is_dir():
         return "it is a folder"
     code = getattr(error, "errno", None)
+    if code == errno.EEXIST and path.exists():  # a folder was to be made where a file is
+        return "it is a file, not a folder"
     try:
         full = code == errno.ENOSPC or shutil.disk_usage(next(p for p in path.parents if p.is_dir())).free < 2 ** 20
     except (OSError, StopIteration):

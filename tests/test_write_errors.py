@@ -50,7 +50,10 @@ def test_torch_writer_failures_say_why_and_leave_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_write_problem_words():
+def test_write_problem_words(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    assert write_problem(tmp_path / "afile", FileExistsError(errno.EEXIST, "File exists")) == \
+        "it is a file, not a folder"
     assert write_problem("/nonexistent-dir/x.pt", OSError(errno.ENOSPC, "No space left on device")) == \
         "no space left on the device"
     assert write_problem("/nonexistent-dir/x.pt", PermissionError(errno.EACCES, "Permission denied")) == \
