@@ -95,6 +95,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
 
 
+def safe_unpickle(stream):
+    """Unpickle from an open binary stream, numpy arrays, lists, dicts and scalars only (``pickle.UnpicklingError``
+    for anything else)."""
+    return _RestrictedUnpickler(stream).load()
+
+
 def safe_pickle_load(path: str | os.PathLike):
     """Unpickle numpy arrays, lists, dicts and scalars only; anything else (code, objects) is refused."""
     path = Path(path)

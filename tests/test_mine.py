@@ -177,3 +177,34 @@ def test_scripts_end_to_end(tmp_path, tiny_runs, capsys):  # noqa: F811
         assert (figs / f"{stem}.png").stat().st_size > 1000 and (figs / f"{stem}.pdf").is_file()
     msg = expect_exit(capsys, run_mi, io + ["--model_name", "dt"])
     assert "activation_40_dt_hopper_medium_666.npz" in msg and "not found" in msg
+
+
+def test_the_originals_pickled_npy_dicts_are_read_without_running_code(tmp_path, monkeypatch, capsys):
+    """Where the .npz is absent, a pickled .npy dict of numpy arrays under the originals' name is read (numpy arrays,
+    dicts and scalars only); torch tensors or code inside are refused with one line, and nothing runs."""
+    import os
+
+    from decision_transformer.analysis.common import load_npz
+    from decision_transformer.errors import UserError
+
+    rng = np.random.default_rng(0)
+    data = {"states": rng.standard_normal((6, 2, 11)), "actions": rng.standard_normal((6, 2, 3)),
+            "rtg": rng.standard_normal((6, 3, 1)), "attention_mask": np.ones((6, 2))}
+    np.save(mi.data_file(tmp_path, "hopper", "medium", 666).with_suffix(".npy"), data, allow_pickle=True)
+    monkeypatch.setattr(mi, "estimate_mi", lambda x, y, **kw: 0.25)
+    mi.run_mi(mi.build_mi_parser().parse_args(["-pd", str(tmp_path), "-psm", str(tmp_path), "--exp_type", "data",
+                                               "--device", "cpu"]))
+    assert np.load(tmp_path / "mi_data_state_action_hopper_medium_666.npy").tolist() == [0.25, 0.25]
+    assert "reading the original's data_hopper_medium_666.npy" in capsys.readouterr().err
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    np.save(tmp_path / "evil.npy", {"a": Evil()}, allow_pickle=True)
+    with pytest.raises(UserError, match="evil.npy: refused to load"):
+        load_npz(tmp_path / "evil.npz")
+    np.save(tmp_path / "tensors.npy", {"a": torch.zeros(2)}, allow_pickle=True)
+    with pytest.raises(UserError, match="tensors.npy: holds torch tensors pickled by the original code"):
+        load_npz(tmp_path / "tensors.npz")
+    assert not (tmp_path / "pwned").exists()

@@ -266,7 +266,44 @@ def _load_array_file(path, kind: str):
 
 
 def load_npz(path) -> dict[str, np.ndarray]:
+    """An ``.npz`` archive as a dict; where it is absent but the originals' pickled ``.npy`` dict of the same name is
+    there (``save_activation.py`` and the MI scripts saved those), that file, read without running pickled code."""
+    path = Path(path)
+    legacy = path.with_suffix(".npy")
+    if path.suffix == ".npz" and not path.exists() and legacy.is_file():
+        print(f"note: {path} not found; reading the original's {legacy.name}", file=sys.stderr)
+        return load_legacy_npy_dict(legacy)
     return _load_array_file(path, ".npz")
+
+
+def load_legacy_npy_dict(path) -> dict[str, np.ndarray]:
+    """A dict of arrays that ``np.save`` pickled into an ``.npy`` file, unpickled with numpy arrays, dicts, lists and
+    scalars allowed only (a file that would run code is refused)."""
+    import pickle
+
+    from decision_transformer.data import safe_unpickle
+
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            if dtype != object or shape != ():
+                raise ValueError(f"an array of {dtype} with shape {shape}, not a saved dict")
+            obj = safe_unpickle(f)
+    except pickle.UnpicklingError as e:
+        if "torch" in str(e):
+            raise UserError(f"{path}: holds torch tensors pickled by the original code, which cannot be read without "
+                            f"running pickled code; make the file again with this project's save_activation.py") \
+                from None
+        raise UserError(f"{path}: refused to load ({e}); only numpy arrays, lists and dicts are allowed") from None
+    except Exception as e:  # noqa: BLE001 - a damaged file raises anything from EOFError to ValueError
+        raise UserError(f"{path}: not a readable pickled .npy dict ({type(e).__name__}: {e})") from None
+    obj = obj.item() if isinstance(obj, np.ndarray) and obj.shape == () else obj
+    if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
+        raise UserError(f"{path}: expected a saved dict of numpy arrays, found {type(obj).__name__}")
+    return {str(k): v for k, v in obj.items()}
 
 
 def load_npy(path) -> np.ndarray:
