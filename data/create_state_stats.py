@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from decision_transformer.paths import project_path  # noqa: E402
-from decision_transformer.errors import UserError, cli_entry  # noqa: E402
+from decision_transformer.errors import UserError, cli_entry, write_problem  # noqa: E402
 
 ENVS = ("halfcheetah", "hopper", "walker2d")
 DATASETS = ("medium", "medium-replay", "medium-expert", "expert")
@@ -62,9 +62,9 @@ def main(argv=None):
         raise UserError(f"no datasets found in {args.data_path} for {', '.join(args.envs)} x "
                         f"{', '.join(args.datasets)}")
     folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
     tmp = None
     try:  # written whole, then renamed: an existing file is replaced only by a complete one
+        os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "wb") as f:
             pickle.dump(table, f)
@@ -73,7 +73,7 @@ def main(argv=None):
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise UserError(f"{out}: cannot write ({e.strerror or e})") from None
+            raise UserError(f"cannot write {out}: {write_problem(out, e)}") from None
         raise
     print(f"{out}: {len(table)} datasets" + (f" (not found: {', '.join(missing)})" if missing else ""))
 

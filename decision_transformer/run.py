@@ -185,7 +185,8 @@ def check_args(args):
     check_context(args.K)
     if getattr(args, "log_to_wandb", False):
         check_wandb_mode()
-    models_dir = Path("models") / args.env if getattr(args, "save_model", False) and getattr(args, "env", None) else None
+    # (experiment_multi.py, which has no --env, saves to models/multi/)
+    models_dir = Path("models") / (getattr(args, "env", None) or "multi") if getattr(args, "save_model", False) else None
     for p in (models_dir.parent, models_dir) if models_dir is not None else ():  # written after the first iteration
         if p.exists() and not p.is_dir():
             raise UserError(f"--save_model writes to {models_dir}/, but {p} is a file")

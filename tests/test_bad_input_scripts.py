@@ -38,7 +38,8 @@ def test_create_state_stats_bad_input(tmp_path, capsys):
     assert "is a folder" in expect_error(capsys, main, ["--data_path", tmp_path, "--out", tmp_path])
     blocker = tmp_path / "afile"
     blocker.write_text("x")
-    assert "afile" in expect_error(capsys, main, ["--data_path", tmp_path, "--out", blocker / "x.pkl"])
+    assert expect_error(capsys, main, ["--data_path", tmp_path, "--out", blocker / "x.pkl"]) == \
+        f"error: cannot write {blocker / 'x.pkl'}: {blocker} is a file, not a folder"
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "hopper-medium-v2.pkl", "state_stats.pkl"]
     main(["--data_path", str(tmp_path)])   # a good run replaces it whole, and leaves no temporary file

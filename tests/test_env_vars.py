@@ -49,3 +49,9 @@ def test_training_scripts_check_wandb_mode_and_the_models_folder_first(tmp_path,
     assert fails(experiment.main, argv + ["--save_model"], capsys) == \
         "error: --save_model writes to models/hopper/, but models is a file"
     assert not (tmp_path / "out").exists()
+    import experiment_multi
+
+    assert fails(experiment_multi.main, ["--data_path", hopper_data, "--max_iters", "1", "--outdir", "out",
+                                         "--save_model"], capsys) == \
+        "error: --save_model writes to models/multi/, but models is a file"
+    assert not (tmp_path / "out").exists()

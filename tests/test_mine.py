@@ -195,7 +195,7 @@ def test_the_originals_pickled_npy_dicts_are_read_without_running_code(tmp_path,
     mi.run_mi(mi.build_mi_parser().parse_args(["-pd", str(tmp_path), "-psm", str(tmp_path), "--exp_type", "data",
                                                "--device", "cpu"]))
     assert np.load(tmp_path / "mi_data_state_action_hopper_medium_666.npy").tolist() == [0.25, 0.25]
-    assert "reading the original's data_hopper_medium_666.npy" in capsys.readouterr().err
+    assert "read the original's data_hopper_medium_666.npy" in capsys.readouterr().err
 
     class Evil:
         def __reduce__(self):
@@ -204,7 +204,14 @@ def test_the_originals_pickled_npy_dicts_are_read_without_running_code(tmp_path,
     np.save(tmp_path / "evil.npy", {"a": Evil()}, allow_pickle=True)
     with pytest.raises(UserError, match="evil.npy: refused to load"):
         load_npz(tmp_path / "evil.npz")
+    np.save(tmp_path / "lists.npy", {"a": [1.0, 2.0]}, allow_pickle=True)
+    with pytest.raises(UserError, match="lists.npy: entry 'a' is a list, not a numpy array"):
+        load_npz(tmp_path / "lists.npz")
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "lists.npy").read_bytes()[:150])
+    with pytest.raises(UserError, match="cut.npy: not a readable pickled .npy dict"):
+        load_npz(tmp_path / "cut.npz")
+    capsys.readouterr()
     np.save(tmp_path / "tensors.npy", {"a": torch.zeros(2)}, allow_pickle=True)
     with pytest.raises(UserError, match="tensors.npy: holds torch tensors pickled by the original code"):
         load_npz(tmp_path / "tensors.npz")
-    assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "pwned").exists() and "note:" not in capsys.readouterr().err   # no note when it fails

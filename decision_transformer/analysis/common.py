@@ -271,8 +271,9 @@ def load_npz(path) -> dict[str, np.ndarray]:
     path = Path(path)
     legacy = path.with_suffix(".npy")
     if path.suffix == ".npz" and not path.exists() and legacy.is_file():
-        print(f"note: {path} not found; reading the original's {legacy.name}", file=sys.stderr)
-        return load_legacy_npy_dict(legacy)
+        arrays = load_legacy_npy_dict(legacy)
+        print(f"note: {path} not found; read the original's {legacy.name}", file=sys.stderr)
+        return arrays
     return _load_array_file(path, ".npz")
 
 
@@ -293,6 +294,8 @@ def load_legacy_npy_dict(path) -> dict[str, np.ndarray]:
                 raise ValueError(f"an array of {dtype} with shape {shape}, not a saved dict")
             obj = safe_unpickle(f)
     except pickle.UnpicklingError as e:
+        if "forbidden global" not in str(e):  # truncated or damaged, not refused
+            raise UserError(f"{path}: not a readable pickled .npy dict (UnpicklingError: {e})") from None
         if "torch" in str(e):
             raise UserError(f"{path}: holds torch tensors pickled by the original code, which cannot be read without "
                             f"running pickled code; make the file again with this project's save_activation.py") \
@@ -301,8 +304,11 @@ def load_legacy_npy_dict(path) -> dict[str, np.ndarray]:
     except Exception as e:  # noqa: BLE001 - a damaged file raises anything from EOFError to ValueError
         raise UserError(f"{path}: not a readable pickled .npy dict ({type(e).__name__}: {e})") from None
     obj = obj.item() if isinstance(obj, np.ndarray) and obj.shape == () else obj
-    if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
-        raise UserError(f"{path}: expected a saved dict of numpy arrays, found {type(obj).__name__}")
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a saved dict of numpy arrays, found a {type(obj).__name__}")
+    for k, v in obj.items():
+        if not isinstance(v, np.ndarray):
+            raise UserError(f"{path}: entry {k!r} is a {type(v).__name__}, not a numpy array")
     return {str(k): v for k, v in obj.items()}
 
 

@@ -90,7 +90,9 @@ def find_model_dir(name: str, what: str = "pretrained model", flag: str = "--pre
         # the originals ran from a sub-folder (``../checkpoints/chibiT``): where the path is not there, the same path
         # below this folder and below the project's root (checkpoints/ChibiT, matched case-insensitively)
         inner = Path(*given.parts[ups:])
-        candidates += [c for c in (inner, paths.PROJECT_ROOT / inner) if c.absolute() != given.absolute()]
+        for c in (inner, paths.PROJECT_ROOT / inner):
+            if all(c.absolute().resolve() != k.absolute().resolve() for k in candidates):
+                candidates.append(c)
     for c in candidates:
         found = c if _is_model_dir(c) else _case_variant(c)
         if found is not None:
