@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from decision_transformer.paths import project_path
 from decision_transformer.errors import UserError, cli_entry
 
-NAME_RE = re.compile(r"^(hopper|halfcheetah|walker2d)_(random|medium|medium_replay|medium_expert|expert)-v2\.hdf5$")
+NAME_RE = re.compile(r"^(hopper|halfcheetah|walker2d|reacher2d)_"
+                     r"(random|medium|medium_replay|medium_expert|expert)-v2\.hdf5$")
 
 
 def parse_name(path: str) -> tuple[str, str]:
@@ -73,7 +74,8 @@ def main(argv=None):
     p.add_argument("--data_path", "--out_dir", dest="data_path", default=project_path("data"),
                    help="output folder (default: the project's data folder)")
     p.add_argument("--envs", nargs="+", default=["halfcheetah", "hopper", "walker2d"],
-                   choices=["halfcheetah", "hopper", "walker2d"])
+                   choices=["halfcheetah", "hopper", "walker2d", "reacher2d"],
+                   help="reacher2d has no D4RL files: only with --synthetic (or its own files with --hdf5)")
     p.add_argument("--datasets", nargs="+", default=["medium", "medium-replay", "expert", "medium-expert", "random"],
                    choices=["random", "medium", "medium-replay", "medium-expert", "expert"])
     p.add_argument("--hdf5_dir", default=os.environ.get("D4RL_DATASET_DIR",
@@ -97,7 +99,11 @@ def main(argv=None):
         return
     from decision_transformer.data import hdf5_name
     from decision_transformer.download import base_url, fetch_d4rl
+    from decision_transformer.envs import get_env_spec
 
+    for env in args.envs:
+        if not get_env_spec(env).d4rl:
+            raise UserError(f"{env} has no D4RL files to download: use --synthetic N, or convert your own with --hdf5")
     root = base_url(args.base_url)
     for env in args.envs:
         for dataset in args.datasets:

@@ -18,14 +18,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from decision_transformer.paths import project_path
 from decision_transformer.errors import cli_entry
 
-ENVS = ["hopper", "halfcheetah", "walker2d"]
+ENVS = ["hopper", "halfcheetah", "walker2d"]  # "all": the envs with bundled behaviour policies
+OTHER_ENVS = ["reacher2d"]  # no bundled policies: --dataset random, or medium/expert from your own --policy_dir
 DATASETS = ["random", "medium", "medium-replay", "medium-expert", "expert"]
 
 
 @cli_entry
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--env", nargs="+", required=True, choices=ENVS + ["all"])
+    p.add_argument("--env", nargs="+", required=True, choices=ENVS + OTHER_ENVS + ["all"])
     p.add_argument("--dataset", nargs="+", required=True, choices=DATASETS + ["all"])
     p.add_argument("--num_transitions", type=int, default=None,
                    help="rows per dataset (default 1M; medium-expert: this many of each half; medium-replay: "

@@ -10,7 +10,7 @@ from decision_transformer.errors import UserError
 def add_data_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("data, environment, context")
     g.add_argument("--data_path", type=str, default="data", help="folder with {env}-{dataset}-v2.pkl (or D4RL hdf5)")
-    g.add_argument("--env", type=str, default="hopper", help="hopper, halfcheetah or walker2d")
+    g.add_argument("--env", type=str, default="hopper", help="hopper, halfcheetah, walker2d or reacher2d")
     g.add_argument("--dataset", type=str, default="medium",
                    help="random, medium, medium-replay, medium-expert or expert")
     g.add_argument("--mode", type=str, default="normal", help="normal, delayed (return on the last step) or noise")

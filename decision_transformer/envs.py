@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from decision_transformer.errors import UserError
 
 #: Gymnasium MuJoCo version used for evaluation. ``v4`` has the v3 dynamics the originals evaluated on.
@@ -25,23 +27,43 @@ class EnvSpec:
     max_ep_len: int
     targets: tuple[float, ...]  # return-to-go targets, first = the one LAWSON evaluates
     scale: float            # returns-to-go are divided by this
-    ref_min_score: float    # D4RL REF_MIN_SCORE (random policy)
-    ref_max_score: float    # D4RL REF_MAX_SCORE (expert policy)
+    ref_min_score: float | None  # D4RL REF_MIN_SCORE (random policy); None: no D4RL reference
+    ref_max_score: float | None  # D4RL REF_MAX_SCORE (expert policy)
+    versions: tuple[str, ...] = SUPPORTED_ENV_VERSIONS  # the --env_version values it exists in
+    d4rl: bool = True       # D4RL has datasets for it (downloads, bundled behaviour policies)
 
     def gym_id(self, version: str = DEFAULT_ENV_VERSION) -> str:
         if version not in SUPPORTED_ENV_VERSIONS:
             raise UserError(f"unsupported --env_version {version!r}; choose one of {', '.join(SUPPORTED_ENV_VERSIONS)}")
+        if version not in self.versions:
+            raise UserError(f"{self.name} exists only as --env_version {' or '.join(self.versions)}, not {version}")
         return f"{self.gym_name}-{version}"
+
+    @property
+    def has_d4rl_score(self) -> bool:
+        return self.ref_min_score is not None and self.ref_max_score is not None
 
     def d4rl_score(self, returns):
         """D4RL-normalised score (x100) of raw returns (scalar or array)."""
+        if not self.has_d4rl_score:
+            raise UserError(f"{self.name} has no D4RL reference returns: no normalised score; compare raw returns")
         return 100.0 * (returns - self.ref_min_score) / (self.ref_max_score - self.ref_min_score)
+
+    def score_metrics(self, key: str, returns) -> dict[str, float]:
+        """``{key}_d4rl_score_mean/std`` of raw returns; empty for an env without D4RL reference returns."""
+        if not self.has_d4rl_score:
+            return {}
+        scores = self.d4rl_score(np.asarray(returns, dtype=np.float64))
+        return {f"{key}_d4rl_score_mean": float(np.mean(scores)), f"{key}_d4rl_score_std": float(np.std(scores))}
 
 
 ENVS: dict[str, EnvSpec] = {
     "hopper": EnvSpec("hopper", "Hopper", 11, 3, 1000, (3600.0, 1800.0), 1000.0, -20.272305, 3234.3),
     "halfcheetah": EnvSpec("halfcheetah", "HalfCheetah", 17, 6, 1000, (12000.0, 6000.0), 1000.0, -280.178953, 12135.0),
     "walker2d": EnvSpec("walker2d", "Walker2d", 17, 6, 1000, (5000.0, 2500.0), 1000.0, 1.629008, 4592.3),
+    # the custom planar reacher (decision_transformer/reacher2d.py): no public data, no D4RL reference
+    "reacher2d": EnvSpec("reacher2d", "Reacher2d", 12, 2, 100, (76.0, 40.0), 10.0, None, None,
+                         versions=("v4",), d4rl=False),
 }
 
 
@@ -83,18 +105,28 @@ def _route_mujoco_warnings():
     _MUJOCO_HANDLER_SET = True
 
 
+def registered_id(name: str, version: str = DEFAULT_ENV_VERSION) -> str:
+    """The gymnasium id of ``name`` in ``version``; the project's own envs (reacher2d) are registered first."""
+    gym_id = get_env_spec(name).gym_id(version)
+    if name == "reacher2d":
+        from decision_transformer.reacher2d import register
+
+        register()
+    return gym_id
+
+
 def make_env(name: str, version: str = DEFAULT_ENV_VERSION):
     """A gymnasium env for ``name`` (no rendering). Imports gymnasium lazily: training alone does not need it."""
     import warnings
 
-    spec = get_env_spec(name)
-    gym_id = spec.gym_id(version)
+    get_env_spec(name).gym_id(version)
     try:
         import gymnasium as gym
     except ImportError as e:  # pragma: no cover - gymnasium is a hard dependency
         raise UserError(f"gymnasium[mujoco] is required for evaluation ({e})") from None
     try:
         _route_mujoco_warnings()
+        gym_id = registered_id(name, version)
         with warnings.catch_warnings():
             # v4 is marked out of date in gymnasium 1.x; it is the version with the originals' (v3) dynamics.
             warnings.filterwarnings("ignore", message=".*out of date.*")

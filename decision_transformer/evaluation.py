@@ -25,14 +25,12 @@ class EvalResult:
     def metrics(self, env: str, prefix: str = "") -> dict[str, float]:
         spec = get_env_spec(env)
         key = f"{prefix}target_{int(self.target)}"
-        scores = spec.d4rl_score(self.returns)
         return {
             f"{key}_return_mean": float(np.mean(self.returns)),
             f"{key}_return_std": float(np.std(self.returns)),
             f"{key}_length_mean": float(np.mean(self.lengths)),
             f"{key}_length_std": float(np.std(self.lengths)),
-            f"{key}_d4rl_score_mean": float(np.mean(scores)),
-            f"{key}_d4rl_score_std": float(np.std(scores)),
+            **spec.score_metrics(key, self.returns),  # none for an env without D4RL reference returns
         }
 
 

@@ -298,8 +298,11 @@ def generate_flat(env: str, dataset: str, num_transitions: int | None = None, se
                   policy_dir: str | os.PathLike | None = None, progress: bool = False):
     """(flat D4RL-layout arrays, metadata) for one dataset. ``num_transitions`` defaults to 1M (medium-expert: 1M
     of each; medium-replay: every step up to the medium policy)."""
-    get_env_spec(env)
+    spec = get_env_spec(env)
     check_dataset_name(dataset)
+    if policy_dir is None and dataset != "random" and not spec.d4rl:
+        raise UserError(f"{env} has no bundled behaviour policies: only --dataset random can be generated; supply "
+                        f"{pkl_name(env, dataset)} yourself (or behaviour policies with --policy_dir)")
     policy_dir = Path(policy_dir) if policy_dir is not None else BUNDLED_POLICY_DIR
     n = num_transitions or DEFAULT_NUM_TRANSITIONS
     with _one_thread():
@@ -373,15 +376,17 @@ def dataset_stats(env: str, dataset: str, trajs: list[dict]) -> dict:
             "transitions": int(sum(len(t["rewards"]) for t in trajs)),
             "return_mean": float(rets.mean()) if len(rets) else float("nan"),
             "return_std": float(rets.std()) if len(rets) else float("nan"),
-            "score": float(spec.d4rl_score(rets.mean())) if len(rets) else float("nan"),
+            "score": float(spec.d4rl_score(rets.mean())) if len(rets) and spec.has_d4rl_score else float("nan"),
             "d4rl_average_score": D4RL_AVERAGE_SCORE.get((env, dataset))}
 
 
 def format_stats(s: dict) -> str:
     ref = s["d4rl_average_score"]
-    return (f"{s['env']}-{s['dataset']}: {s['transitions']} transitions, {s['episodes']} episodes, return "
-            f"{s['return_mean']:.1f} +- {s['return_std']:.1f}, normalised score {s['score']:.1f} "
-            f"(D4RL average {'n/a' if ref is None else f'{ref:.1f}'})")
+    line = (f"{s['env']}-{s['dataset']}: {s['transitions']} transitions, {s['episodes']} episodes, return "
+            f"{s['return_mean']:.1f} +- {s['return_std']:.1f}")
+    if not get_env_spec(s["env"]).has_d4rl_score:
+        return line + " (no D4RL reference for this env)"
+    return line + f", normalised score {s['score']:.1f} (D4RL average {'n/a' if ref is None else f'{ref:.1f}'})"
 
 
 def generate_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, num_transitions: int | None = None,
@@ -443,6 +448,9 @@ def ensure_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, gene
         if not generate:
             raise
     target = Path(data_path) / pkl_name(env, dataset)
+    if not get_env_spec(env).d4rl and dataset != "random" and policy_dir is None:
+        raise UserError(f"dataset not found: {target}; {env} has no public or bundled data: put your own "
+                        f"trajectories there (the DT pickle layout), or use --dataset random")
     why = missing_policies(env, dataset, policy_dir)
     if why is not None:
         raise UserError(

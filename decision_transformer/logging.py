@@ -125,6 +125,6 @@ def summary_line(iteration: int, max_iters: int, logs: dict, targets_keys: list[
         mean = logs.get(f"evaluation/{key}_return_mean")
         score = logs.get(f"evaluation/{key}_d4rl_score_mean")
         if mean is not None:
-            parts.append(f"{key} return {mean:.1f} (d4rl {score:.1f})")
+            parts.append(f"{key} return {mean:.1f}" + ("" if score is None else f" (d4rl {score:.1f})"))
     parts.append(f"train {logs.get('time/training', 0):.1f}s eval {logs.get('time/evaluation', 0):.1f}s")
     return " | ".join(parts)

@@ -383,8 +383,9 @@ def apply_merge(args, model, spec, device):
         info["iteration_0"] = logs
         first = [k for k in logs if k.endswith("_return_mean")]
         log("iter 0 (merged, before finetuning) | " + " | ".join(
-            f"{k.split('/')[1][:-len('_return_mean')]} return {logs[k]:.1f} "
-            f"(d4rl {logs[k.replace('_return_mean', '_d4rl_score_mean')]:.1f})" for k in first))
+            f"{k.split('/')[1][:-len('_return_mean')]} return {logs[k]:.1f}"
+            + (f" (d4rl {logs[d]:.1f})" if (d := k.replace("_return_mean", "_d4rl_score_mean")) in logs else "")
+            for k in first))
     args.merge_info = info
     return train_model
 

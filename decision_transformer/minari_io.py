@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from decision_transformer.envs import ENVS, get_env_spec
+from decision_transformer.envs import ENVS, get_env_spec, registered_id
 from decision_transformer.errors import UserError
 
 
@@ -114,7 +114,7 @@ def export_minari(trajs: list[dict[str, np.ndarray]], dataset_id: str, env: str,
         created = _first_missing(where / dataset_id)
         try:
             ds = minari.create_dataset_from_buffers(
-                dataset_id, buffers, env=spec.gym_id(env_version or DEFAULT_ENV_VERSION),
+                dataset_id, buffers, env=registered_id(env, env_version or DEFAULT_ENV_VERSION),
                 algorithm_name=algorithm_name, ref_min_score=spec.ref_min_score, ref_max_score=spec.ref_max_score,
                 description=description or f"{env} dataset exported by decision_transformer.minari_io",
                 data_format="hdf5")

@@ -347,6 +347,7 @@ def _run(args, script: str) -> dict:
     lm_script = script == LM_COTRAINING
     reject_unsupported(args, SCRIPTS[script])
     spec = get_env_spec(args.env)
+    spec.gym_id(args.env_version)  # an env that does not exist in that version: before anything is written
     check_dataset_name(args.dataset)
     check_args(args)
     targets = parse_targets(args.env_targets, spec.targets)

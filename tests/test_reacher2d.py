@@ -1,0 +1,219 @@
+"""The reacher2d port: the env's rules (reference/evaluation.md section 1 and the module docstring), its table entry
+(targets 76/40, RTG scale 10, 100 steps, no D4RL score) and the scripts end to end on user-style data."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from decision_transformer import evaluation as ev
+from decision_transformer.envs import ENVS, get_env_spec, make_env
+from decision_transformer.errors import UserError
+from tests.conftest import fails, load_script
+
+SHOULDER_ANGLE = 0.785  # the shoulder body's fixed rotation in the model; the elbow's undoes it
+
+
+def joint_angles(obs):
+    return np.arctan2(obs[:2], obs[2:4])
+
+
+def fingertip(q):
+    """Planar forward kinematics of the model: links of 0.6 and (to the fingertip site) 0.45."""
+    a0, a1 = SHOULDER_ANGLE + q[0], q[0] + q[1]
+    return np.array([0.6 * np.cos(a0) + 0.45 * np.cos(a1), 0.6 * np.sin(a0) + 0.45 * np.sin(a1)])
+
+
+def reaching_policy(obs):
+    """Jacobian-transpose control towards the target, with velocity damping: reaches most targets."""
+    q, qd = joint_angles(obs), obs[4:6] / 0.15
+    a0, a1 = SHOULDER_ANGLE + q[0], q[0] + q[1]
+    J = np.array([[-0.6 * np.sin(a0) - 0.45 * np.sin(a1), -0.45 * np.sin(a1)],
+                  [0.6 * np.cos(a0) + 0.45 * np.cos(a1), 0.45 * np.cos(a1)]])
+    return np.clip(5.0 * J.T @ (-obs[10:12]) - 0.5 * qd, -1, 1)
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = make_env("reacher2d")
+    yield e
+    e.close()
+
+
+def test_table_entry():
+    spec = ENVS["reacher2d"]
+    assert (spec.state_dim, spec.act_dim, spec.max_ep_len, spec.targets, spec.scale) == (12, 2, 100, (76.0, 40.0), 10.0)
+    assert not spec.has_d4rl_score and not spec.d4rl
+    with pytest.raises(UserError, match="no D4RL reference"):
+        spec.d4rl_score(np.array([50.0]))
+    with pytest.raises(UserError, match="only as --env_version v4"):
+        make_env("reacher2d", "v5")
+    assert spec.score_metrics("target_76", [1.0]) == {}
+    assert set(ENVS["hopper"].score_metrics("k", [1.0])) == {"k_d4rl_score_mean", "k_d4rl_score_std"}
+
+
+def test_spaces_and_reset(env):
+    assert env.observation_space.shape == (12,) and env.action_space.shape == (2,)
+    assert np.all(env.action_space.low == -1) and np.all(env.action_space.high == 1)
+    goals = []
+    for seed in range(30):
+        obs, _ = env.reset(seed=seed)
+        q = joint_angles(obs)
+        assert np.all(np.abs(q) <= 2.0)                      # angles uniform in [-2, 2]
+        np.testing.assert_allclose(obs[:2] ** 2 + obs[2:4] ** 2, 1.0)
+        assert np.all(obs[4:6] == 0)                         # at rest
+        np.testing.assert_allclose(obs[6:8], fingertip(q), atol=1e-6)
+        np.testing.assert_allclose(obs[10:12], obs[6:8] - obs[8:10])
+        assert 0.5 <= np.linalg.norm(obs[8:10]) <= 1.0      # target in the annulus
+        goals.append(obs[8:10])
+    assert len({tuple(np.round(g, 6)) for g in goals}) == 30
+    a, _ = env.reset(seed=3)
+    b, _ = env.reset(seed=3)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_step_rules(env):
+    """Reward 1 exactly when the L1 fingertip-target distance is below 0.1; 100 steps, never a termination;
+    velocities enter the observation times dt = 0.15; actions are clipped to [-1, 1]."""
+    returns = []
+    for seed in range(4):
+        obs, _ = env.reset(seed=seed)
+        total, n, done = 0.0, 0, False
+        while not done:
+            obs, r, term, trunc, info = env.step(reaching_policy(obs))
+            n += 1
+            assert not term
+            assert r == float(np.abs(obs[10:12]).sum() < 0.1) == float(info["distance"] < 0.1)
+            # positions are read after mj_step, as the originals did: from the start of the last 0.01 s substep
+            np.testing.assert_allclose(obs[6:8], fingertip(joint_angles(obs)), atol=0.05)
+            total += r
+            done = trunc
+        assert n == 100
+        returns.append(total)
+    assert max(returns) > 40 and min(returns) < 100, returns   # both reward values occur
+    u = env.unwrapped
+    import mujoco
+
+    mujoco.mj_forward(u.model, u.data)
+    np.testing.assert_allclose(u.data.site_xpos[u._tip][:2], fingertip(u.data.qpos), atol=1e-6)
+    assert u.dt == pytest.approx(0.15)
+    env.reset(seed=0)
+    obs, *_ = env.step(np.array([1.0, -1.0]))
+    np.testing.assert_allclose(obs[4:6], 0.15 * u.data.qvel)
+    big = []
+    for a in ([1.0, -1.0], [7.0, -3.0]):
+        env.reset(seed=5)
+        big.append(env.step(np.array(a))[0])
+    np.testing.assert_array_equal(big[0], big[1])
+
+
+def _tiny_model():
+    from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+
+    spec = get_env_spec("reacher2d")
+    bb = BackboneConfig(n_embd=16, n_layer=1, n_head=2, vocab_size=1)
+    return DecisionTransformer(DTConfig(spec.state_dim, spec.act_dim, max_length=5, max_ep_len=spec.max_ep_len,
+                                        backbone=bb), seed=0).eval()
+
+
+@pytest.mark.parametrize("mode", ["normal", "delayed"])
+def test_batched_evaluation_equals_one_by_one(mode):
+    model = _tiny_model()
+    mean, std = np.zeros(12), np.ones(12)
+    with torch.no_grad():
+        seq = ev.evaluate_episodes_sequential(model, "reacher2d", 76.0, 3, mean, std, seed=2, mode=mode)
+        lock = ev.evaluate_episodes(model, "reacher2d", 76.0, 3, mean, std, seed=2, mode=mode)
+    assert (seq.lengths == 100).all()
+    np.testing.assert_array_equal(lock.lengths, seq.lengths)
+    np.testing.assert_allclose(lock.returns, seq.returns)
+    m = lock.metrics("reacher2d")
+    assert set(m) == {f"target_76_{k}_{s}" for k in ("return", "length") for s in ("mean", "std")}
+
+
+def _user_dataset(folder, n_episodes=6):
+    """Trajectories in the DT pickle layout, as a user would supply them: reaching-policy episodes."""
+    e = make_env("reacher2d")
+    trajs = []
+    for i in range(n_episodes):
+        obs, _ = e.reset(seed=100 + i)
+        cols = {k: [] for k in ("observations", "next_observations", "actions", "rewards", "terminals")}
+        for _ in range(100):
+            a = reaching_policy(obs).astype(np.float32)
+            nobs, r, *_ = e.step(a)
+            for k, v in zip(cols, (obs, nobs, a, r, False)):
+                cols[k].append(v)
+            obs = nobs
+        trajs.append({k: np.asarray(v, dtype=bool if k == "terminals" else np.float32) for k, v in cols.items()})
+    with open(folder / "reacher2d-medium-v2.pkl", "wb") as f:
+        pickle.dump(trajs, f)
+    return trajs
+
+
+def test_experiment_on_user_data(tmp_path, monkeypatch, capsys):
+    """experiment.py trains and evaluates on reacher2d: targets 76 and 40, RTG scale 10, 100-step episodes, no
+    D4RL keys; an unavailable dataset and --env_version v5 are one line, before any run folder exists."""
+    import experiment
+
+    data = tmp_path / "data"
+    data.mkdir()
+    trajs = _user_dataset(data)
+    assert np.mean([t["rewards"].sum() for t in trajs]) > 20
+    monkeypatch.chdir(tmp_path)
+    base = ["--env", "reacher2d", "--data_path", data, "--K", "5", "--embed_dim", "16", "--n_layer", "1",
+            "--n_head", "1", "--batch_size", "4", "--num_steps_per_iter", "3", "--max_iters", "1",
+            "--num_eval_episodes", "2", "--no_generate", "--device", "cpu", "--outdir", "runs"]
+    assert "only as --env_version v4" in fails(experiment.main, base + ["--env_version", "v5"], capsys)
+    assert "reacher2d-expert-v2.pkl" in fails(experiment.main, base + ["--dataset", "expert"], capsys)
+    assert not (tmp_path / "runs").exists()
+    experiment.main([str(a) for a in base + ["--dataset", "medium"]])
+    out = capsys.readouterr()
+    assert "target_76 return" in out.out + out.err and "d4rl" not in out.out
+    run = next((tmp_path / "runs").iterdir())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    for t in (76, 40):
+        assert last[f"evaluation/target_{t}_length_mean"] == 100.0
+        assert 0.0 <= last[f"evaluation/target_{t}_return_mean"] <= 100.0
+    assert not [k for k in last if "d4rl" in k]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["env"] == "reacher2d"
+
+
+def test_data_scripts(tmp_path, capsys):
+    gen = load_script("data/generate_datasets.py")
+    gen.main(["--env", "reacher2d", "--dataset", "random", "--num_transitions", "500", "--data_path", str(tmp_path),
+              "--no_hdf5", "--no_progress"])
+    assert "no D4RL reference" in capsys.readouterr().out
+    with open(tmp_path / "reacher2d-random-v2.pkl", "rb") as f:
+        trajs = pickle.load(f)
+    assert trajs[0]["observations"].shape == (100, 12) and trajs[0]["actions"].shape == (100, 2)
+    assert "no bundled behaviour policies" in fails(
+        gen.main, ["--env", "reacher2d", "--dataset", "medium", "--data_path", tmp_path], capsys)
+    dl = load_script("data/download_d4rl_datasets.py")
+    assert "no D4RL files to download" in fails(dl.main, ["--envs", "reacher2d", "--hdf5_dir", tmp_path / "h",
+                                                          "--data_path", tmp_path], capsys)
+    dl.main(["--envs", "reacher2d", "--datasets", "expert", "--synthetic", "2", "--hdf5_dir", str(tmp_path / "h"),
+             "--data_path", str(tmp_path)])
+    assert (tmp_path / "h" / "reacher2d_expert-v2.hdf5").is_file()
+    assert (tmp_path / "reacher2d-expert-v2.pkl").is_file()
+
+
+def test_minari_round_trip(tmp_path, monkeypatch):
+    """The export records the registered Reacher2d-v4 spec, which Minari can rebuild the env from."""
+    minari = pytest.importorskip("minari")
+    from decision_transformer.data import split_episodes
+    from decision_transformer.minari_io import export_minari, load_minari_trajectories
+    from decision_transformer.synthetic import rollout_flat
+
+    trajs = split_episodes(rollout_flat("reacher2d", None, seed=0, num_episodes=2))
+    export_minari(trajs, "dt/reacher2d/test-v0", "reacher2d", root=tmp_path)
+    back = load_minari_trajectories("dt/reacher2d/test-v0", root=tmp_path)
+    np.testing.assert_array_equal(back[1]["observations"], trajs[1]["observations"])
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    ds = minari.load_dataset("dt/reacher2d/test-v0")
+    assert ds.spec.env_spec.id == "Reacher2d-v4" and ds.spec.env_spec.max_episode_steps == 100
+    e = ds.recover_environment()
+    assert e.reset(seed=0)[0].shape == (12,)
