@@ -37,6 +37,14 @@ from decision_transformer.legacy_import import stored_state_stats
 ENV_ORDER = ("hopper", "halfcheetah", "walker2d")
 
 
+def scored_env(env: str, where: str) -> str:
+    """``env``, checked to have D4RL reference returns (this table is of D4RL scores; reacher2d has none)."""
+    if not get_env_spec(env).has_d4rl_score:
+        raise UserError(f"{where}: {env} has no D4RL reference returns, and this table is of D4RL scores "
+                        f"(its runs' raw returns are in metrics.jsonl)")
+    return env
+
+
 # ---- scores of one entry ------------------------------------------------------------------------------------------------
 
 def evaluate_checkpoint(path: str, *, num_episodes: int = 10, seed: int = 666, data_path: str = "data",
@@ -53,6 +61,7 @@ def evaluate_checkpoint(path: str, *, num_episodes: int = 10, seed: int = 666, d
     envs = list(model.config.envs) if mf.is_multi else [mf.env]
     if envs == [None]:
         raise UserError(f"{path}: cannot tell which env this model is for")
+    envs = [scored_env(env, path) for env in envs]
     stats = {env: stored_state_stats(mf, env) for env in envs}   # every env's checked before the first evaluation
     out = {}
     for env in envs:
@@ -101,6 +110,9 @@ def read_run(run_dir: str, pick: str = "best") -> dict[str, float]:
         raise UserError(f"{d}: unreadable run files ({e})") from None
     multi = config.get("model_class") == "multi_dt"
     envs = list(config.get("envs") or ENV_ORDER) if multi else [config["env"]]
+    for env in envs:
+        if isinstance(env, str):
+            scored_env(env, str(d))
     version = config.get("env_version", "v4")
     if pick == "0":
         it0 = (config.get("merge_info") or {}).get("iteration_0")
@@ -203,7 +215,7 @@ def main(argv=None):
     if not 0 <= args.seed < 2**32:
         raise UserError(f"--seed must be in [0, 2^32), got {args.seed}")
     for env in args.envs:
-        get_env_spec(env)
+        scored_env(env, "--envs")
     if args.dataset is not None:
         check_dataset_name(args.dataset)
     if args.env_version not in SUPPORTED_ENV_VERSIONS:

@@ -217,3 +217,15 @@ def test_minari_round_trip(tmp_path, monkeypatch):
     assert ds.spec.env_spec.id == "Reacher2d-v4" and ds.spec.env_spec.max_episode_steps == 100
     e = ds.recover_environment()
     assert e.reset(seed=0)[0].shape == (12,)
+
+
+def test_results_table_refuses_the_env(tmp_path, capsys):
+    """A table of D4RL scores: a reacher2d run folder, checkpoint or --envs entry is one line, before evaluating."""
+    from decision_transformer import results_table as rt
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"env": "reacher2d"}))
+    (run / "metrics.jsonl").write_text(json.dumps({"evaluation/target_76_return_mean": 50.0}) + "\n")
+    for argv in (["--row", f"a={run}"], ["--row", f"a={run}", "--envs", "hopper", "reacher2d"]):
+        assert "reacher2d has no D4RL reference returns" in fails(rt.main, argv, capsys)
