@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,10 +96,36 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
 
 
-def safe_unpickle(stream):
+def _storage_from_bytes(data):
+    """A torch storage from the bytes plain pickling stored for it, read with ``torch.load(weights_only=True)``."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise pickle.UnpicklingError(f"tensor storage given as {type(data).__name__}, not bytes")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's weights-only refusal: name what was refused
+        m = re.search(r"GLOBAL (\S+)", str(e))
+        raise pickle.UnpicklingError(f"forbidden global {m.group(1) if m else 'content'} in a tensor storage") \
+            from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for damaged bytes
+        raise pickle.UnpicklingError(f"tensor storage not readable ({type(e).__name__}: {e})") from None
+
+
+class _TensorUnpickler(_RestrictedUnpickler):
+    """Also rebuilds torch tensors that plain pickling stored: their storages are loaded by ``torch.load`` with
+    ``weights_only=True``, so a file still cannot run code."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return torch._utils._rebuild_tensor_v2
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _storage_from_bytes
+        return super().find_class(module, name)
+
+
+def safe_unpickle(stream, tensors: bool = False):
     """Unpickle from an open binary stream, numpy arrays, lists, dicts and scalars only (``pickle.UnpicklingError``
-    for anything else)."""
-    return _RestrictedUnpickler(stream).load()
+    for anything else); with ``tensors``, also CPU copies of pickled torch tensors."""
+    return (_TensorUnpickler if tensors else _RestrictedUnpickler)(stream).load()
 
 
 def safe_pickle_load(path: str | os.PathLike):

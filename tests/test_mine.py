@@ -180,8 +180,9 @@ def test_scripts_end_to_end(tmp_path, tiny_runs, capsys):  # noqa: F811
 
 
 def test_the_originals_pickled_npy_dicts_are_read_without_running_code(tmp_path, monkeypatch, capsys):
-    """Where the .npz is absent, a pickled .npy dict of numpy arrays under the originals' name is read (numpy arrays,
-    dicts and scalars only); torch tensors or code inside are refused with one line, and nothing runs."""
+    """Where the .npz is absent, a pickled .npy dict under the originals' name is read (numpy arrays, torch tensors,
+    dicts and scalars only); code inside, also inside a tensor's storage bytes, is refused with one line, and
+    nothing runs."""
     import os
 
     from decision_transformer.analysis.common import load_npz
@@ -205,13 +206,37 @@ def test_the_originals_pickled_npy_dicts_are_read_without_running_code(tmp_path,
     with pytest.raises(UserError, match="evil.npy: refused to load"):
         load_npz(tmp_path / "evil.npz")
     np.save(tmp_path / "lists.npy", {"a": [1.0, 2.0]}, allow_pickle=True)
-    with pytest.raises(UserError, match="lists.npy: entry 'a' is a list, not a numpy array"):
+    with pytest.raises(UserError, match="lists.npy: entry 'a' is a list, not an array"):
         load_npz(tmp_path / "lists.npz")
     (tmp_path / "cut.npy").write_bytes((tmp_path / "lists.npy").read_bytes()[:150])
     with pytest.raises(UserError, match="cut.npy: not a readable pickled .npy dict"):
         load_npz(tmp_path / "cut.npz")
     capsys.readouterr()
-    np.save(tmp_path / "tensors.npy", {"a": torch.zeros(2)}, allow_pickle=True)
-    with pytest.raises(UserError, match="tensors.npy: holds torch tensors pickled by the original code"):
-        load_npz(tmp_path / "tensors.npz")
+    # torch tensors, as the originals' save_activation.py pickled them (CPU copies; bf16 as float32)
+    acts = {"layer_0": torch.randn(5, 4), "layer_1": torch.randn(4, 6, dtype=torch.float64)[:, ::2],
+            "layer_2": torch.randn(3).bfloat16()}
+    np.save(tmp_path / "tensors.npy", acts, allow_pickle=True)
+    back = load_npz(tmp_path / "tensors.npz")
+    assert set(back) == set(acts) and "read the original's tensors.npy" in capsys.readouterr().err
+    for k in ("layer_0", "layer_1"):
+        assert back[k].dtype == acts[k].numpy().dtype
+        np.testing.assert_array_equal(back[k], acts[k].numpy())
+    assert back["layer_2"].dtype == np.float32
+    np.testing.assert_array_equal(back["layer_2"], acts["layer_2"].float().numpy())
+    # a "storage" whose bytes would run code: torch.load(weights_only=True) refuses it
+    import io
+
+    buf = io.BytesIO()
+    torch.save(Evil(), buf, _use_new_zipfile_serialization=False)
+
+    class EvilStorage:
+        def __reduce__(self):
+            from torch.storage import _load_from_bytes
+
+            return _load_from_bytes, (buf.getvalue(),)
+
+    np.save(tmp_path / "evil_storage.npy", {"a": EvilStorage()}, allow_pickle=True)
+    refused = r"evil_storage.npy: refused to load \(forbidden global (posix|os).system in a tensor storage\)"
+    with pytest.raises(UserError, match=refused):
+        load_npz(tmp_path / "evil_storage.npz")
     assert not (tmp_path / "pwned").exists() and "note:" not in capsys.readouterr().err   # no note when it fails

@@ -278,9 +278,12 @@ def load_npz(path) -> dict[str, np.ndarray]:
 
 
 def load_legacy_npy_dict(path) -> dict[str, np.ndarray]:
-    """A dict of arrays that ``np.save`` pickled into an ``.npy`` file, unpickled with numpy arrays, dicts, lists and
-    scalars allowed only (a file that would run code is refused)."""
+    """A dict of arrays that ``np.save`` pickled into an ``.npy`` file, unpickled with numpy arrays, torch tensors
+    (returned as numpy arrays; bf16/fp16 as float32), dicts, lists and scalars allowed only: a file that would run
+    code is refused, and tensor storages are read by ``torch.load(weights_only=True)``."""
     import pickle
+
+    import torch
 
     from decision_transformer.data import safe_unpickle
 
@@ -292,24 +295,26 @@ def load_legacy_npy_dict(path) -> dict[str, np.ndarray]:
             shape, _, dtype = read_header(f)
             if dtype != object or shape != ():
                 raise ValueError(f"an array of {dtype} with shape {shape}, not a saved dict")
-            obj = safe_unpickle(f)
+            obj = safe_unpickle(f, tensors=True)
     except pickle.UnpicklingError as e:
         if "forbidden global" not in str(e):  # truncated or damaged, not refused
             raise UserError(f"{path}: not a readable pickled .npy dict (UnpicklingError: {e})") from None
-        if "torch" in str(e):
-            raise UserError(f"{path}: holds torch tensors pickled by the original code, which cannot be read without "
-                            f"running pickled code; make the file again with this project's save_activation.py") \
-                from None
-        raise UserError(f"{path}: refused to load ({e}); only numpy arrays, lists and dicts are allowed") from None
+        raise UserError(f"{path}: refused to load ({e}); only numpy arrays, torch tensors, "
+                        f"lists and dicts are allowed") from None
     except Exception as e:  # noqa: BLE001 - a damaged file raises anything from EOFError to ValueError
         raise UserError(f"{path}: not a readable pickled .npy dict ({type(e).__name__}: {e})") from None
     obj = obj.item() if isinstance(obj, np.ndarray) and obj.shape == () else obj
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a saved dict of numpy arrays, found a {type(obj).__name__}")
+    out = {}
     for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach().cpu()
+            v = (v.float() if v.dtype in (torch.bfloat16, torch.float16) else v).numpy()
         if not isinstance(v, np.ndarray):
-            raise UserError(f"{path}: entry {k!r} is a {type(v).__name__}, not a numpy array")
-    return {str(k): v for k, v in obj.items()}
+            raise UserError(f"{path}: entry {k!r} is a {type(v).__name__}, not an array")
+        out[str(k)] = v
+    return out
 
 
 def load_npy(path) -> np.ndarray:
