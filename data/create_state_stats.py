@@ -15,10 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from decision_transformer.envs import D4RL_ENVS  # noqa: E402
 from decision_transformer.paths import project_path  # noqa: E402
 from decision_transformer.errors import UserError, cli_entry, write_problem  # noqa: E402
 
-ENVS = ("halfcheetah", "hopper", "walker2d")
+ENVS = tuple(sorted(D4RL_ENVS))
 DATASETS = ("medium", "medium-replay", "medium-expert", "expert")
 
 

@@ -17,11 +17,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from decision_transformer.envs import D4RL_ENVS, ENVS
 from decision_transformer.paths import project_path
 from decision_transformer.errors import UserError, cli_entry
 
-NAME_RE = re.compile(r"^(hopper|halfcheetah|walker2d|reacher2d)_"
-                     r"(random|medium|medium_replay|medium_expert|expert)-v2\.hdf5$")
+NAME_RE = re.compile(r"^(" + "|".join(ENVS) + r")_(random|medium|medium_replay|medium_expert|expert)-v2\.hdf5$")
 
 
 def parse_name(path: str) -> tuple[str, str]:
@@ -73,8 +73,8 @@ def main(argv=None):
     p.add_argument("--hdf5", nargs="+", help="D4RL hdf5 files to convert (no download)")
     p.add_argument("--data_path", "--out_dir", dest="data_path", default=project_path("data"),
                    help="output folder (default: the project's data folder)")
-    p.add_argument("--envs", nargs="+", default=["halfcheetah", "hopper", "walker2d"],
-                   choices=["halfcheetah", "hopper", "walker2d", "reacher2d"],
+    p.add_argument("--envs", nargs="+", default=sorted(D4RL_ENVS),
+                   choices=sorted(D4RL_ENVS) + [e for e in ENVS if e not in D4RL_ENVS],
                    help="reacher2d has no D4RL files: only with --synthetic (or its own files with --hdf5)")
     p.add_argument("--datasets", nargs="+", default=["medium", "medium-replay", "expert", "medium-expert", "random"],
                    choices=["random", "medium", "medium-replay", "medium-expert", "expert"])

@@ -15,11 +15,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from decision_transformer.envs import D4RL_ENVS, ENVS as ALL_ENVS
 from decision_transformer.paths import project_path
 from decision_transformer.errors import cli_entry
 
-ENVS = ["hopper", "halfcheetah", "walker2d"]  # "all": the envs with bundled behaviour policies
-OTHER_ENVS = ["reacher2d"]  # no bundled policies: --dataset random, or medium/expert from your own --policy_dir
+ENVS = list(D4RL_ENVS)  # "all": the envs with bundled behaviour policies
+OTHER_ENVS = [e for e in ALL_ENVS if e not in D4RL_ENVS]  # no bundled policies: --dataset random, or your --policy_dir
 DATASETS = ["random", "medium", "medium-replay", "medium-expert", "expert"]
 
 

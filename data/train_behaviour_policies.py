@@ -21,6 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from decision_transformer.cli import positive_int
+from decision_transformer.envs import D4RL_ENVS
 from decision_transformer.errors import cli_entry
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,7 +35,7 @@ NUMBER_RULES = {"max_minutes": ("a positive number", lambda v: v > 0),
 @cli_entry
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--env", nargs="+", default=["hopper"], choices=["hopper", "halfcheetah", "walker2d"],
+    p.add_argument("--env", nargs="+", default=["hopper"], choices=list(D4RL_ENVS),
                    help="trained one after the other")
     p.add_argument("--total_steps", type=positive_int, default=1_000_000)
     p.add_argument("--max_minutes", type=float, default=None, help="per env; stop (checkpointed) after this")

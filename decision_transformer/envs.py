@@ -66,6 +66,9 @@ ENVS: dict[str, EnvSpec] = {
                          versions=("v4",), d4rl=False),
 }
 
+#: the envs of D4RL's gym-mujoco suite (the papers' envs): downloads, bundled behaviour policies, default env lists
+D4RL_ENVS: tuple[str, ...] = tuple(name for name, spec in ENVS.items() if spec.d4rl)
+
 
 def get_env_spec(name: str) -> EnvSpec:
     try:

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from decision_transformer.envs import SUPPORTED_ENV_VERSIONS, check_dataset_name, get_env_spec
+from decision_transformer.envs import D4RL_ENVS, SUPPORTED_ENV_VERSIONS, check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError, cli_entry
 from decision_transformer.legacy_import import stored_state_stats
 
-ENV_ORDER = ("hopper", "halfcheetah", "walker2d")
+ENV_ORDER = D4RL_ENVS
 
 
 def scored_env(env: str, where: str) -> str:

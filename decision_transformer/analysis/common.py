@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from decision_transformer.envs import D4RL_ENVS
 from decision_transformer.errors import UserError
 from decision_transformer.paths import project_path
 
@@ -31,7 +32,7 @@ SECTIONS = {
     "attention": "section-56-dependence-on-context",
 }
 
-ENV_NAMES = ("hopper", "halfcheetah", "walker2d")
+ENV_NAMES = D4RL_ENVS  # the papers' envs, in their order
 MODEL_NAMES = ("gpt2", "igpt", "dt")
 #: Display names used in the paper's figures.
 MODEL_LABELS = {"gpt2": "GPT2", "igpt": "iGPT", "dt": "Random Init"}
