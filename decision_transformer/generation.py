@@ -28,6 +28,7 @@ import numpy as np
 
 from decision_transformer.data import hdf5_name, pkl_name, split_episodes
 from decision_transformer.envs import (
+    D4RL_ENVS,
     DATASETS,
     DEFAULT_ENV_VERSION,
     check_dataset_name,
@@ -51,9 +52,9 @@ D4RL_AVERAGE_SCORE: dict[tuple[str, str], float] = {
     ("walker2d", "expert"): 107.0,     # approximate
 }
 #: The medium policy is the first evaluated SAC actor whose stochastic score reaches this minus 5.
-MEDIUM_TARGET_SCORE = {env: D4RL_AVERAGE_SCORE[(env, "medium")] for env in ("hopper", "halfcheetah", "walker2d")}
+MEDIUM_TARGET_SCORE = {env: D4RL_AVERAGE_SCORE[(env, "medium")] for env in D4RL_ENVS}
 #: The expert policy is final once a candidate reaches this minus the expert tolerance (or training ends).
-EXPERT_TARGET_SCORE = {env: D4RL_AVERAGE_SCORE[(env, "expert")] for env in ("hopper", "halfcheetah", "walker2d")}
+EXPERT_TARGET_SCORE = {env: D4RL_AVERAGE_SCORE[(env, "expert")] for env in D4RL_ENVS}
 
 DEFAULT_NUM_TRANSITIONS = 1_000_000
 
