@@ -1,5 +1,5 @@
 # GPU image: docker build -t dt-toolkit . && docker run --gpus all -it -v $PWD/data:/workspace/data dt-toolkit
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+FROM pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime
 
 ENV DEBIAN_FRONTEND=noninteractive \
     MUJOCO_GL=egl \

@@ -15,6 +15,7 @@ arithmetic over flat tensors that live on the training device.
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import re
@@ -110,15 +111,59 @@ def _storage_from_bytes(data):
         raise pickle.UnpicklingError(f"tensor storage not readable ({type(e).__name__}: {e})") from None
 
 
+#: a broadcast view (stride 0) may hold more elements than its storage, up to this many bytes once materialised
+_MAX_VIEW_BYTES = 1 << 30
+
+
+def _checked_view(storage, offset, size, stride, requires_grad, hooks, dtype=None):
+    """The checks torch's own rebuild leaves out: ``Tensor.set_`` grows a storage to fit any view, which would hand
+    back uninitialised memory as data (or allocate whatever a tiny file asks for)."""
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise pickle.UnpicklingError(f"tensor built on a {type(storage).__name__}, not a storage")
+    dtype = storage.dtype if dtype is None else dtype
+    if not isinstance(dtype, torch.dtype):
+        raise pickle.UnpicklingError(f"tensor dtype given as {type(dtype).__name__}")
+
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not (count(offset) and isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))
+            and len(size) == len(stride) and all(map(count, size)) and all(map(count, stride))):
+        raise pickle.UnpicklingError("malformed tensor view (offset, sizes and strides must be integers >= 0)")
+    if hooks or requires_grad not in (True, False):
+        raise pickle.UnpicklingError("tensor with backward hooks or a non-boolean requires_grad")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    numel = math.prod(size)
+    available = storage._untyped_storage.nbytes()
+    if numel and (offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1) * itemsize > available:
+        raise pickle.UnpicklingError(f"a tensor of shape {tuple(size)} reaches beyond its storage of {available} bytes")
+    if numel * itemsize > max(available, _MAX_VIEW_BYTES):
+        raise pickle.UnpicklingError(f"a broadcast tensor of shape {tuple(size)} on {available} bytes: too large")
+    return tuple(size), tuple(stride)
+
+
+def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks, metadata=None):
+    size, stride = _checked_view(storage, offset, size, stride, requires_grad, hooks)
+    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks, metadata)
+
+
+def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
+    size, stride = _checked_view(storage, offset, size, stride, requires_grad, hooks, dtype)
+    return torch._utils._rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata)
+
+
 class _TensorUnpickler(_RestrictedUnpickler):
     """Also rebuilds torch tensors that plain pickling stored: their storages are loaded by ``torch.load`` with
-    ``weights_only=True``, so a file still cannot run code."""
+    ``weights_only=True`` (safe from torch 2.6 on), so a file still cannot run code, and each view is checked to lie
+    inside its storage."""
 
     def find_class(self, module, name):
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return torch._utils._rebuild_tensor_v2
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor_v3"):
+            return _rebuild_tensor_v2 if name.endswith("v2") else _rebuild_tensor_v3
         if (module, name) == ("torch.storage", "_load_from_bytes"):
             return _storage_from_bytes
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):  # v3's dtype argument
+            return getattr(torch, name)
         return super().find_class(module, name)
 
 

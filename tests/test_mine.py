@@ -240,3 +240,29 @@ def test_the_originals_pickled_npy_dicts_are_read_without_running_code(tmp_path,
     with pytest.raises(UserError, match=refused):
         load_npz(tmp_path / "evil_storage.npz")
     assert not (tmp_path / "pwned").exists() and "note:" not in capsys.readouterr().err   # no note when it fails
+    # views that reach beyond their storage (torch's set_ would grow it, handing back uninitialised memory), or
+    # broadcast views a tiny file blows up to terabytes, are refused; conjugate views are resolved
+    from collections import OrderedDict
+
+    from torch._utils import _rebuild_tensor_v2
+
+    class View:
+        def __init__(self, size, stride, offset=0):
+            self.args = (offset, size, stride)
+
+        def __reduce__(self):
+            offset, size, stride = self.args
+            return _rebuild_tensor_v2, (torch.arange(4.0).storage(), offset, size, stride, False, OrderedDict())
+
+    for name, view, why in (("beyond", View((100,), (1,)), "reaches beyond its storage of 16 bytes"),
+                            ("offset", View((2,), (1,), 3), "reaches beyond its storage"),
+                            ("negative", View((2,), (-1,), 3), "malformed tensor view"),
+                            ("broadcast", View((10 ** 6, 10 ** 6), (0, 0)), "a broadcast tensor of shape")):
+        np.save(tmp_path / f"{name}.npy", {"a": view}, allow_pickle=True)
+        with pytest.raises(UserError, match=f"{name}.npy: .*{why}"):
+            load_npz(tmp_path / f"{name}.npz")
+    np.save(tmp_path / "inside.npy", {"a": View((2, 2), (1, 2)), "c": torch.tensor([1 + 2j]).conj()},
+            allow_pickle=True)
+    back = load_npz(tmp_path / "inside.npz")
+    np.testing.assert_array_equal(back["a"], [[0.0, 2.0], [1.0, 3.0]])
+    np.testing.assert_array_equal(back["c"], [1 - 2j])

@@ -279,9 +279,10 @@ def load_npz(path) -> dict[str, np.ndarray]:
 
 
 def load_legacy_npy_dict(path) -> dict[str, np.ndarray]:
-    """A dict of arrays that ``np.save`` pickled into an ``.npy`` file, unpickled with numpy arrays, torch tensors
-    (returned as numpy arrays; bf16/fp16 as float32), dicts, lists and scalars allowed only: a file that would run
-    code is refused, and tensor storages are read by ``torch.load(weights_only=True)``."""
+    """A dict of arrays that ``np.save`` pickled into an ``.npy`` file: each value a numpy array or a torch tensor
+    (returned as a numpy array; bf16, fp16 and fp8 as float32). Unpickled with numpy arrays, torch tensors, dicts,
+    lists and scalars allowed only: a file that would run code is refused, tensor storages are read by
+    ``torch.load(weights_only=True)``, and a tensor view must lie inside its storage."""
     import pickle
 
     import torch
@@ -310,8 +311,12 @@ def load_legacy_npy_dict(path) -> dict[str, np.ndarray]:
     out = {}
     for k, v in obj.items():
         if isinstance(v, torch.Tensor):
-            v = v.detach().cpu()
-            v = (v.float() if v.dtype in (torch.bfloat16, torch.float16) else v).numpy()
+            try:
+                v = v.detach().cpu().resolve_conj().resolve_neg()
+                v = (v.float() if v.is_floating_point() and v.element_size() < 4 else v).numpy().copy()
+            except Exception as e:  # noqa: BLE001 - dtypes numpy lacks, memory
+                raise UserError(f"{path}: entry {k!r} cannot be read as an array ({type(e).__name__}: {e})") \
+                    from None
         if not isinstance(v, np.ndarray):
             raise UserError(f"{path}: entry {k!r} is a {type(v).__name__}, not an array")
         out[str(k)] = v
