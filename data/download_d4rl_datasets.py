@@ -35,6 +35,7 @@ def convert(path: str, data_path: str) -> str:
     import numpy as np
 
     from decision_transformer.data import (
+        episode_steps,
         pkl_name,
         read_hdf5,
         split_episodes,
@@ -44,7 +45,7 @@ def convert(path: str, data_path: str) -> str:
     from decision_transformer.synthetic import write_pkl
 
     env, dataset = parse_name(path)
-    trajs = split_episodes(read_hdf5(path), source=path)
+    trajs = split_episodes(read_hdf5(path), source=path, max_steps=episode_steps(get_env_spec(env)))
     validate_trajectories(trajs, get_env_spec(env), path)
     out = write_pkl(os.path.join(data_path, pkl_name(env, dataset)), trajs)
     returns = np.array([t["rewards"].sum() for t in trajs])

@@ -27,7 +27,8 @@ DATASETS = ["random", "medium", "medium-replay", "medium-expert", "expert"]
 @cli_entry
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--env", nargs="+", required=True, choices=ENVS + OTHER_ENVS + ["all"])
+    p.add_argument("--env", nargs="+", required=True, choices=ENVS + OTHER_ENVS + ["all"],
+                   help=f"all: {', '.join(ENVS)} (the envs with bundled behaviour policies)")
     p.add_argument("--dataset", nargs="+", required=True, choices=DATASETS + ["all"])
     p.add_argument("--num_transitions", type=int, default=None,
                    help="rows per dataset (default 1M; medium-expert: this many of each half; medium-replay: "
@@ -48,6 +49,10 @@ def main(argv=None):
 
     envs = ENVS if "all" in args.env else args.env
     datasets = DATASETS if "all" in args.dataset else args.dataset
+    for env in envs:  # before anything is written
+        if env in OTHER_ENVS and args.policy_dir is None and set(datasets) - {"random"}:
+            p.error(f"{env} has no bundled behaviour policies: only --dataset random can be generated for it "
+                    f"(or give your own --policy_dir)")
     for env in envs:
         for dataset in datasets:
             generate_dataset(args.data_path, env, dataset, num_transitions=args.num_transitions, seed=args.seed,

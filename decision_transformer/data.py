@@ -19,6 +19,7 @@ import math
 import os
 import pickle
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,13 @@ def find_dataset_file(data_path: str | os.PathLike, env: str, dataset: str) -> P
     for c in candidates:
         if c.is_file():
             return c
+    if not get_env_spec(env).d4rl:
+        how = ("for smoke runs `python data/generate_datasets.py --env {env} --dataset random` writes random-policy "
+               "data" if dataset == "random" else "only random-policy data can be generated here")
+        raise UserError(
+            f"dataset not found: {candidates[0]} (also looked for {candidates[1]}); {env} has no public or bundled "
+            f"data: put your own trajectories there (the DT pickle layout; see README 'reacher2d'), or pass "
+            f"--data_path to the folder that holds them; {how.format(env=env)}")
     raise UserError(
         f"dataset not found: {candidates[0]} (also looked for {candidates[1]} and {candidates[2]}); "
         f"convert D4RL hdf5 files with `python data/download_d4rl_datasets.py --hdf5 FILE --data_path {data_path}`, "
@@ -213,13 +221,15 @@ def read_hdf5(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
-def split_episodes(data: dict[str, np.ndarray], source: str = "dataset") -> list[dict[str, np.ndarray]]:
+def split_episodes(data: dict[str, np.ndarray], source: str = "dataset",
+                   max_steps: int | None = None) -> list[dict[str, np.ndarray]]:
     """Split flat D4RL arrays into trajectories, as the originals' conversion script did.
 
     A row closes its episode if ``terminals`` is set, or ``timeouts`` when the file has them; files without
     ``timeouts`` (v0) close an episode when the in-episode counter equals 999 (the originals' off-by-one: the
-    first episode gets 1000 steps, later ones 999). Rows after the last closing flag are dropped. Float arrays are
-    cast to float32 (medium-replay files are float64).
+    first episode gets 1000 steps, later ones 999), or, with ``max_steps`` (an env outside D4RL, whose episodes
+    have another length), after exactly ``max_steps`` steps. Rows after the last closing flag are dropped. Float
+    arrays are cast to float32 (medium-replay files are float64).
     """
     for key in REQUIRED_KEYS + ("terminals",):
         if key not in data:
@@ -237,6 +247,11 @@ def split_episodes(data: dict[str, np.ndarray], source: str = "dataset") -> list
         ends = np.zeros(n, dtype=bool)
         step = 0
         for i in range(n):
+            if max_steps is not None:  # exactly max_steps rows per episode
+                step += 1
+                if terminals[i] or step == max_steps:
+                    ends[i], step = True, 0
+                continue
             if terminals[i] or step == 999:
                 ends[i] = True
                 step = 0
@@ -309,7 +324,17 @@ def validate_trajectories(trajs, spec: EnvSpec, source: str) -> list[dict[str, n
         else:
             clean["terminals"] = np.zeros(n, dtype=bool)
         out.append(clean)
+    long = [len(t["rewards"]) for t in out if len(t["rewards"]) > spec.max_ep_len]
+    if long:  # accepted, as by the originals: the sampler clips timesteps to max_ep_len - 1
+        print(f"warning: {source}: {len(long)} trajectories are longer than {spec.name}'s {spec.max_ep_len}-step "
+              f"episodes (longest {max(long)}); their steps from {spec.max_ep_len - 1} on share one timestep "
+              f"embedding", file=sys.stderr)
     return out
+
+
+def episode_steps(spec: EnvSpec) -> int | None:
+    """``split_episodes``' ``max_steps`` for files of this env without ``timeouts``: D4RL's rule for its envs."""
+    return None if spec.d4rl else spec.max_ep_len
 
 
 def load_trajectories(path: str | os.PathLike, env: str) -> list[dict[str, np.ndarray]]:
@@ -317,7 +342,7 @@ def load_trajectories(path: str | os.PathLike, env: str) -> list[dict[str, np.nd
     path = Path(path)
     spec = get_env_spec(env)
     if path.suffix in (".hdf5", ".h5"):
-        trajs = split_episodes(read_hdf5(path), source=str(path))
+        trajs = split_episodes(read_hdf5(path), source=str(path), max_steps=episode_steps(spec))
     else:
         trajs = safe_pickle_load(path)
     return validate_trajectories(trajs, spec, str(path))

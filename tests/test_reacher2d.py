@@ -229,3 +229,49 @@ def test_results_table_refuses_the_env(tmp_path, capsys):
     (run / "metrics.jsonl").write_text(json.dumps({"evaluation/target_76_return_mean": 50.0}) + "\n")
     for argv in (["--row", f"a={run}"], ["--row", f"a={run}", "--envs", "hopper", "reacher2d"]):
         assert "reacher2d has no D4RL reference returns" in fails(rt.main, argv, capsys)
+
+
+def test_long_episodes_and_files_without_timeouts(tmp_path, capsys):
+    """A D4RL-layout file without timeouts is cut into 100-step episodes (not D4RL's 1000/999); trajectories longer
+    than 100 steps are accepted with a warning (the sampler clips their timesteps, as the originals did)."""
+    from decision_transformer.data import load_trajectories, split_episodes
+    from decision_transformer.synthetic import rollout_flat, write_hdf5
+
+    flat = rollout_flat("reacher2d", None, seed=0, num_episodes=3)
+    del flat["timeouts"]
+    write_hdf5(tmp_path / "reacher2d_medium-v2.hdf5", flat)
+    trajs = load_trajectories(tmp_path / "reacher2d_medium-v2.hdf5", "reacher2d")
+    assert [len(t["rewards"]) for t in trajs] == [100, 100, 100]
+    assert [len(t["rewards"]) for t in split_episodes(flat)] == []   # D4RL's rule: no episode closes in 300 rows
+    dl = load_script("data/download_d4rl_datasets.py")
+    dl.convert(str(tmp_path / "reacher2d_medium-v2.hdf5"), str(tmp_path / "out"))
+    with open(tmp_path / "out" / "reacher2d-medium-v2.pkl", "rb") as f:
+        assert [len(t["rewards"]) for t in pickle.load(f)] == [100, 100, 100]
+    assert "warning" not in capsys.readouterr().err
+    joined = {k: np.concatenate([t[k] for t in trajs[:2]]) for k in ("observations", "actions", "rewards")}
+    with open(tmp_path / "reacher2d-expert-v2.pkl", "wb") as f:
+        pickle.dump([joined, trajs[2]], f)
+    assert len(load_trajectories(tmp_path / "reacher2d-expert-v2.pkl", "reacher2d")) == 2
+    assert ("1 trajectories are longer than reacher2d's 100-step episodes (longest 200)"
+            in capsys.readouterr().err)
+
+
+def test_missing_data_messages(tmp_path, capsys):
+    """No advice to generate or download what cannot be: the user's own data, or random-policy data."""
+    from decision_transformer.data import find_dataset_file
+
+    with pytest.raises(UserError, match="reacher2d has no public or bundled data: put your own trajectories") as e:
+        find_dataset_file(tmp_path, "reacher2d", "expert")
+    assert "download_d4rl" not in str(e.value) and "only random-policy data can be generated" in str(e.value)
+    gen = load_script("data/generate_datasets.py")
+    assert "only --dataset random can be generated" in fails(
+        gen.main, ["--env", "reacher2d", "--dataset", "all", "--data_path", tmp_path], capsys)
+    assert not list(tmp_path.iterdir())   # refused before the random dataset was written
+
+
+def test_learning_curves_default_to_the_first_target():
+    from decision_transformer.analysis.curves import return_key
+
+    assert return_key("reacher2d") == "evaluation/target_76_return_mean"
+    assert return_key("hopper") == "evaluation/target_3600_return_mean"
+    assert return_key("halfcheetah") == "evaluation/target_6000_return_mean"

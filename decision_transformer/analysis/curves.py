@@ -11,6 +11,7 @@ import numpy as np
 from decision_transformer.analysis import common
 from decision_transformer.analysis.runs import RunKey, run_depth
 from decision_transformer.checkpoint import wandb_run_name
+from decision_transformer.envs import get_env_spec
 from decision_transformer.errors import UserError
 from decision_transformer.paths import project_path
 
@@ -20,10 +21,15 @@ ACTION_ERROR = "training/action_error"
 
 
 def return_key(env: str, target: int | None = None) -> str:
-    t = target if target is not None else TAKAGI_TARGETS.get(env)
-    if t is None:
-        raise UserError(f"no default evaluation target for {env!r}; pass --target")
-    return f"evaluation/target_{int(t)}_return_mean"
+    """The metric of the evaluated return: TAKAGI's target per env, for other envs (reacher2d) their first one."""
+    if target is None:
+        target = TAKAGI_TARGETS.get(env)
+    if target is None:
+        try:
+            target = get_env_spec(env).targets[0]
+        except UserError:
+            raise UserError(f"no default evaluation target for {env!r}; pass --target") from None
+    return f"evaluation/target_{int(target)}_return_mean"
 
 
 # ---- reading metrics --------------------------------------------------------------------------------------------
@@ -154,7 +160,7 @@ def build_no_context_parser():
                    help="epochs shown (default: all; with -block 10 for hopper, 5 for the others, as TAKAGI)")
     p.add_argument("--smoothing", type=float, default=0.8, help="EMA weight of the block-replacement curves")
     p.add_argument("--legacy_smoothing", action="store_true", help="TAKAGI's filter start y0 = 1.2 x0")
-    p.add_argument("--target", type=int, default=None, help="evaluation target (default 3600/6000/5000)")
+    p.add_argument("--target", type=int, default=None, help="evaluation target (default 3600/6000/5000; other envs: their first)")
     p.add_argument("--score_norm", choices=["d4rl", "dataset"], default="d4rl", help="Table 2's normalisation")
     p.add_argument("--run_K", type=int, default=20, help="the K of the runs with context drawn against the K=1 runs")
     p.add_argument("--data_path", type=str, default=project_path("data"),

@@ -80,7 +80,7 @@ def build_parser():
     p.add_argument("--score_norm", choices=["d4rl", "dataset"], default="d4rl")
     p.add_argument("--select", choices=["best", "last"], default="best",
                    help="value shown in the table (the CSV always has both)")
-    p.add_argument("--target", type=int, default=None, help="evaluation target (default 3600/6000/5000)")
+    p.add_argument("--target", type=int, default=None, help="evaluation target (default 3600/6000/5000; other envs: their first)")
     p.add_argument("--data_path", type=str, default=project_path("data"),
                    help="random/expert datasets for --score_norm dataset")
     p.add_argument("--no_figure", action="store_true")
