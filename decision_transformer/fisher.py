@@ -297,6 +297,11 @@ def load_fisher(path: str | os.PathLike) -> dict:
     return obj
 
 
+def source_record(env: str, dataset: str, K: int, seed) -> dict:
+    """What a saved Fisher was estimated on (kept in the file as ``_source``; its name records neither)."""
+    return {"env": env, "dataset": dataset, "K": int(K), "seed": None if seed is None else int(seed)}
+
+
 def describe(info: dict) -> str:
     st = info.get("_stats", {})
     s = st.get("sum", float("nan"))
@@ -362,15 +367,21 @@ def run_precompute(args) -> Path:
                         f"models/{{env}}/dt_gym-experiment-{{env}}-{{dataset}}-{{id}}.pt); pass --dataset and use a "
                         f"checkpoint with a config")
     out = fisher_info_path(args.model, args.f_batch_size, args.f_num_batches, args.fisher_type)
+    K = args.K or training_context(mf) or 20  # the info file's name does not record K: the model's own by default
     if out.is_file() and not args.force:
-        log(f"{out} exists ({describe(load_fisher(out))}); --force recomputes it")
+        old = load_fisher(out)
+        rec = old.get("_source") if isinstance(old.get("_source"), dict) else {}
+        if rec and (rec.get("dataset"), rec.get("K")) != (dataset, K):
+            raise UserError(f"{out} exists, computed on {env}-{rec.get('dataset')} with K={rec.get('K')}, not on "
+                            f"{env}-{dataset} with K={K} (the file name records neither); --force recomputes it")
+        log(f"{out} exists ({describe(old)}); --force recomputes it")
         return out
     data_file, trajs = load_dataset(args.data_path, env, dataset)
     ds = TrajectoryDataset(trajs, env, device=device)     # no pct_traj filter, the dataset's own statistics
-    K = args.K or training_context(mf) or 20  # the info file's name does not record K: the model's own by default
     model = build_model(mf, device, max_length=K)
     info = compute_fisher(model, ds, fisher_type=args.fisher_type, batch_size=args.f_batch_size,
                           num_batches=args.f_num_batches, K=K, seed=args.seed)
+    info["_source"] = source_record(env, dataset, K, args.seed)
     save_fisher(info, out)
     log(f"{out}: {args.fisher_type} Fisher of {args.model} on {data_file} ({args.f_num_batches} x {args.f_batch_size} "
         f"windows of K={K}): {describe(info)}")

@@ -83,7 +83,11 @@ def fisher_for_file(mf: ModelFile, args, data: DatasetCache, device) -> dict:
     path = fisher_mod.fisher_info_path(mf.path, args.f_batch_size, args.f_num_batches, args.fisher_type)
     if path.is_file():
         info = fisher_mod.load_fisher(path)
-        log(f"fisher: loaded {path} ({fisher_mod.describe(info)})")
+        rec = info.get("_source") if isinstance(info.get("_source"), dict) else {}
+        own = mf.dataset
+        other = f", estimated on {rec.get('dataset')}, not the model's own {own}" \
+            if rec.get("dataset") and own and rec.get("dataset") != own else ""
+        log(f"fisher: loaded {path} ({fisher_mod.describe(info)}{other})")
         return info
     env, dataset = source_env_dataset(mf)
     K = fisher_mod.training_context(mf) or args.K  # as precompute_fisher.py: windows of the model's own context
@@ -94,6 +98,7 @@ def fisher_for_file(mf: ModelFile, args, data: DatasetCache, device) -> dict:
         info = fisher_mod.compute_fisher(model, data.get(env, dataset), fisher_type=args.fisher_type,
                                          batch_size=args.f_batch_size, num_batches=args.f_num_batches, K=K,
                                          seed=args.seed)
+    info["_source"] = fisher_mod.source_record(env, dataset, K, args.seed)
     fisher_mod.save_fisher(info, path)
     log(f"fisher: saved {path} ({fisher_mod.describe(info)})")
     return info

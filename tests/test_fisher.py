@@ -207,3 +207,44 @@ def test_fisher_windows_use_the_models_own_context(setup, monkeypatch, capsys, t
     by_merge = fisher.fisher_tensors(fisher.load_fisher(out))
     assert by_merge.keys() == by_precompute.keys()
     assert all(torch.equal(by_merge[k], by_precompute[k]) for k in by_merge)
+
+
+def test_a_cached_fisher_records_what_it_was_estimated_on(setup, monkeypatch, capsys, tmp_path):
+    """The info file's name records neither the dataset nor K: the file does (``_source``). precompute_fisher.py
+    refuses to call a file estimated on other data or another K "existing" (one line; --force recomputes), and a
+    merge run that loads such a file says so."""
+    from conftest import fails
+
+    root, data, paths = setup
+    monkeypatch.chdir(root)
+    src = tmp_path / paths["hopper"].name
+    src.write_bytes(paths["hopper"].read_bytes())
+    mixed = tmp_path / "data"
+    mixed.mkdir()
+    (mixed / "hopper-medium-v2.pkl").write_bytes((data / "hopper-medium-v2.pkl").read_bytes())
+    (mixed / "hopper-expert-v2.pkl").write_bytes((data / "hopper-medium-v2.pkl").read_bytes())
+    base = ["--model", str(src), "--data_path", str(mixed), "--f_batch_size", "4", "--f_num_batches", "2",
+            "--device", "cpu"]
+    out = fisher.fisher_info_path(src, 4, 2)
+    precompute_fisher.main(base)
+    assert fisher.load_fisher(out)["_source"] == {"env": "hopper", "dataset": "medium", "K": 5, "seed": 666}
+    precompute_fisher.main(base)
+    assert "exists" in capsys.readouterr().err
+    before = out.read_bytes()
+    msg = fails(precompute_fisher.main, base + ["--dataset", "expert"], capsys)
+    assert "computed on hopper-medium with K=5, not on hopper-expert with K=5" in msg and "--force" in msg
+    assert "K=5, not on hopper-medium with K=8" in fails(precompute_fisher.main, base + ["--K", "8"], capsys)
+    assert out.read_bytes() == before
+    precompute_fisher.main(base + ["--dataset", "expert", "--force"])
+    assert fisher.load_fisher(out)["_source"]["dataset"] == "expert"
+    other = tmp_path / paths["halfcheetah"].name
+    other.write_bytes(paths["halfcheetah"].read_bytes())
+    precompute_fisher.main(["--model", str(other), "--data_path", str(data), "--f_batch_size", "4",
+                            "--f_num_batches", "2", "--device", "cpu"])
+    capsys.readouterr()
+    experiment.main(["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models", str(src), str(other),
+                     "--include", "attn", "--copy_model", "--use_fisher", "--f_batch_size", "4",
+                     "--f_num_batches", "2", "--max_iters", "1", "--num_steps_per_iter", "0",
+                     "--num_eval_episodes", "0", "--outdir", ""])
+    err = capsys.readouterr().err
+    assert err.count("fisher: loaded") == 2 and err.count("estimated on expert, not the model's own medium") == 1
