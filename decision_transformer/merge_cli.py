@@ -186,6 +186,9 @@ def run_merge(args) -> Path:
                 fishers.append(multi_fisher(m, envs, [data.get(e, ds) for e in envs], args))
         state, specs = merge_multi_states(sources, args, device="cpu", fishers=fishers)
     else:
+        if args.dataset is not None:
+            print(f"warning: --dataset {args.dataset} is for multi-task models; the Fishers, Gram matrices and soup "
+                  f"scores of single-task models use each model's own dataset", file=sys.stderr)
         keys = merging.select_keys(list(first.state_dict), args.include, args.exclude)
         if not keys:
             sel = " ".join(f"--{k} {' '.join(getattr(args, k))}" for k in ("include", "exclude") if getattr(args, k))

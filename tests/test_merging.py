@@ -393,7 +393,7 @@ def test_incompatible_checkpoints_name_first_tensor(trained, tmp_path, monkeypat
         assert f"{flag} needs --include" in msg
 
 
-def test_merge_cli_recipe_and_results_table(trained, tmp_path):
+def test_merge_cli_recipe_and_results_table(trained, tmp_path, capsys):
     from decision_transformer import merge_cli, results_table
 
     root, data, m = trained
@@ -409,6 +409,9 @@ def test_merge_cli_recipe_and_results_table(trained, tmp_path):
     k = "transformer.h.0.mlp.c_fc.weight"
     assert torch.allclose(ck["state_dict"][k], base[k] + 0.5 * sum(s[k] - base[k] for s in srcs), atol=1e-6)
     assert ck["config"]["merge_info"]["method"] == "task_arithmetic" and ck["specializations"] == ["hopper"]
+    merge_cli.main(["--models", str(m["hopper"]), str(m["walker2d"]), "--include", "attn", "--dataset", "expert",
+                    "--out", str(tmp_path / "mean.pt")])   # --dataset is for multi-task models: said, not silently ignored
+    assert "warning: --dataset expert is for multi-task models" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("models: [a.pt]\nout: x.pt\nlambda_typo: 1\n")
     with pytest.raises(SystemExit):
