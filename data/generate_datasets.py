@@ -45,14 +45,13 @@ def main(argv=None):
     if not 0 <= args.seed < 2 ** 32:
         p.error(f"--seed must be an integer from 0 to 2**32 - 1, got {args.seed}")
 
-    from decision_transformer.generation import generate_dataset
-
-    envs = ENVS if "all" in args.env else args.env
+    envs = list(dict.fromkeys([e for a in args.env for e in (ENVS if a == "all" else [a])]))
     datasets = DATASETS if "all" in args.dataset else args.dataset
+    from decision_transformer.generation import check_generatable, generate_dataset
+
     for env in envs:  # before anything is written
-        if env in OTHER_ENVS and args.policy_dir is None and set(datasets) - {"random"}:
-            p.error(f"{env} has no bundled behaviour policies: only --dataset random can be generated for it "
-                    f"(or give your own --policy_dir)")
+        for dataset in datasets:
+            check_generatable(env, dataset, args.policy_dir)
     for env in envs:
         for dataset in datasets:
             generate_dataset(args.data_path, env, dataset, num_transitions=args.num_transitions, seed=args.seed,

@@ -62,7 +62,8 @@ def find_dataset_file(data_path: str | os.PathLike, env: str, dataset: str) -> P
         how = ("for smoke runs `python data/generate_datasets.py --env {env} --dataset random` writes random-policy "
                "data" if dataset == "random" else "only random-policy data can be generated here")
         raise UserError(
-            f"dataset not found: {candidates[0]} (also looked for {candidates[1]}); {env} has no public or bundled "
+            f"dataset not found: {candidates[0]} (also looked for {candidates[1]} and {candidates[2]}); {env} has no "
+            f"public or bundled "
             f"data: put your own trajectories there (the DT pickle layout; see README 'reacher2d'), or pass "
             f"--data_path to the folder that holds them; {how.format(env=env)}")
     raise UserError(
@@ -109,12 +110,16 @@ def _storage_from_bytes(data):
     """A torch storage from the bytes plain pickling stored for it, read with ``torch.load(weights_only=True)``."""
     if not isinstance(data, (bytes, bytearray)):
         raise pickle.UnpicklingError(f"tensor storage given as {type(data).__name__}, not bytes")
+    import warnings
+
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on legacy storages: the refusal below says what matters
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # torch's weights-only refusal: name what was refused
-        m = re.search(r"GLOBAL (\S+)", str(e))
-        raise pickle.UnpicklingError(f"forbidden global {m.group(1) if m else 'content'} in a tensor storage") \
-            from None
+        name, op = re.search(r"GLOBAL ([\w.]+)", str(e)), re.search(r"Unsupported operand (\d+)", str(e))
+        what = name.group(1) if name else f"or operation (pickle opcode {op.group(1)})" if op else "or content"
+        raise pickle.UnpicklingError(f"forbidden global {what} in a tensor storage") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for damaged bytes
         raise pickle.UnpicklingError(f"tensor storage not readable ({type(e).__name__}: {e})") from None
 
@@ -326,9 +331,9 @@ def validate_trajectories(trajs, spec: EnvSpec, source: str) -> list[dict[str, n
         out.append(clean)
     long = [len(t["rewards"]) for t in out if len(t["rewards"]) > spec.max_ep_len]
     if long:  # accepted, as by the originals: the sampler clips timesteps to max_ep_len - 1
-        print(f"warning: {source}: {len(long)} trajectories are longer than {spec.name}'s {spec.max_ep_len}-step "
-              f"episodes (longest {max(long)}); their steps from {spec.max_ep_len - 1} on share one timestep "
-              f"embedding", file=sys.stderr)
+        what = "1 trajectory is" if len(long) == 1 else f"{len(long)} trajectories are"
+        print(f"warning: {source}: {what} longer than {spec.name}'s {spec.max_ep_len}-step episodes (longest "
+              f"{max(long)}); their steps from {spec.max_ep_len - 1} on share one timestep embedding", file=sys.stderr)
     return out
 
 

@@ -31,6 +31,7 @@ class EnvSpec:
     ref_max_score: float | None  # D4RL REF_MAX_SCORE (expert policy)
     versions: tuple[str, ...] = SUPPORTED_ENV_VERSIONS  # the --env_version values it exists in
     d4rl: bool = True       # D4RL has datasets for it (downloads, bundled behaviour policies)
+    entry_point: str | None = None  # this project's own env class, registered with gymnasium on first use
 
     def gym_id(self, version: str = DEFAULT_ENV_VERSION) -> str:
         if version not in SUPPORTED_ENV_VERSIONS:
@@ -63,7 +64,7 @@ ENVS: dict[str, EnvSpec] = {
     "walker2d": EnvSpec("walker2d", "Walker2d", 17, 6, 1000, (5000.0, 2500.0), 1000.0, 1.629008, 4592.3),
     # the custom planar reacher (decision_transformer/reacher2d.py): no public data, no D4RL reference
     "reacher2d": EnvSpec("reacher2d", "Reacher2d", 12, 2, 100, (76.0, 40.0), 10.0, None, None,
-                         versions=("v4",), d4rl=False),
+                         versions=("v4",), d4rl=False, entry_point="decision_transformer.reacher2d:Reacher2dEnv"),
 }
 
 #: the envs of D4RL's gym-mujoco suite (the papers' envs): downloads, bundled behaviour policies, default env lists
@@ -109,12 +110,15 @@ def _route_mujoco_warnings():
 
 
 def registered_id(name: str, version: str = DEFAULT_ENV_VERSION) -> str:
-    """The gymnasium id of ``name`` in ``version``; the project's own envs (reacher2d) are registered first."""
-    gym_id = get_env_spec(name).gym_id(version)
-    if name == "reacher2d":
-        from decision_transformer.reacher2d import register
+    """The gymnasium id of ``name`` in ``version``; the project's own envs (reacher2d) are registered first, with
+    their episode length as the time limit."""
+    spec = get_env_spec(name)
+    gym_id = spec.gym_id(version)
+    if spec.entry_point is not None:
+        import gymnasium as gym
 
-        register()
+        if gym_id not in gym.registry:
+            gym.register(gym_id, entry_point=spec.entry_point, max_episode_steps=spec.max_ep_len)
     return gym_id
 
 

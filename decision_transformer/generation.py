@@ -295,15 +295,20 @@ def _policy_path(policy_dir: Path, env: str, kind: str) -> Path:
     return policy_dir / env / f"{kind}.pt"
 
 
+def check_generatable(env: str, dataset: str, policy_dir=None):
+    """An env outside D4RL has no bundled behaviour policies: only its random dataset can be made without
+    ``policy_dir``."""
+    check_dataset_name(dataset)
+    if policy_dir is None and dataset != "random" and not get_env_spec(env).d4rl:
+        raise UserError(f"{env} has no bundled behaviour policies: only --dataset random can be generated for it; "
+                        f"supply {pkl_name(env, dataset)} yourself (or behaviour policies with --policy_dir)")
+
+
 def generate_flat(env: str, dataset: str, num_transitions: int | None = None, seed: int = 0,
                   policy_dir: str | os.PathLike | None = None, progress: bool = False):
     """(flat D4RL-layout arrays, metadata) for one dataset. ``num_transitions`` defaults to 1M (medium-expert: 1M
     of each; medium-replay: every step up to the medium policy)."""
-    spec = get_env_spec(env)
-    check_dataset_name(dataset)
-    if policy_dir is None and dataset != "random" and not spec.d4rl:
-        raise UserError(f"{env} has no bundled behaviour policies: only --dataset random can be generated; supply "
-                        f"{pkl_name(env, dataset)} yourself (or behaviour policies with --policy_dir)")
+    check_generatable(env, dataset, policy_dir)
     policy_dir = Path(policy_dir) if policy_dir is not None else BUNDLED_POLICY_DIR
     n = num_transitions or DEFAULT_NUM_TRANSITIONS
     with _one_thread():
@@ -377,7 +382,8 @@ def dataset_stats(env: str, dataset: str, trajs: list[dict]) -> dict:
             "transitions": int(sum(len(t["rewards"]) for t in trajs)),
             "return_mean": float(rets.mean()) if len(rets) else float("nan"),
             "return_std": float(rets.std()) if len(rets) else float("nan"),
-            "score": float(spec.d4rl_score(rets.mean())) if len(rets) and spec.has_d4rl_score else float("nan"),
+            "score": (None if not spec.has_d4rl_score  # null in the JSON: no D4RL reference for the env
+                      else float(spec.d4rl_score(rets.mean())) if len(rets) else float("nan")),
             "d4rl_average_score": D4RL_AVERAGE_SCORE.get((env, dataset))}
 
 
@@ -446,19 +452,17 @@ def ensure_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, gene
     try:
         return find_dataset_file(data_path, env, dataset)
     except UserError:
-        if not generate:
-            raise
+        if not generate or (not get_env_spec(env).d4rl and dataset != "random" and policy_dir is None):
+            raise  # (an env outside D4RL: the message says the data must be the user's)
     target = Path(data_path) / pkl_name(env, dataset)
-    if not get_env_spec(env).d4rl and dataset != "random" and policy_dir is None:
-        raise UserError(f"dataset not found: {target}; {env} has no public or bundled data: put your own "
-                        f"trajectories there (the DT pickle layout), or use --dataset random")
     why = missing_policies(env, dataset, policy_dir)
     if why is not None:
         raise UserError(
             f"dataset not found: {target}, and it cannot be generated: {why}; convert D4RL files with "
             f"`python data/download_d4rl_datasets.py --hdf5 FILE --data_path {data_path}`")
-    log(f"{target} not found: generating {env}-{dataset} from the bundled behaviour policies "
-        f"(a few minutes; pass --no_generate to turn this off)")
+    source = "a randomly initialised SAC actor" if dataset == "random" else "the bundled behaviour policies"
+    log(f"{target} not found: generating {env}-{dataset} from {source} (a few minutes; pass --no_generate to turn "
+        f"this off)")
     generate_dataset(data_path, env, dataset, num_transitions=num_transitions, seed=seed, policy_dir=policy_dir,
                      write_hdf5=False, log=log)
     return target

@@ -9,7 +9,7 @@ attribute that current MuJoCo rejects are left out) and the env's rules:
 * action: two motor torques, clipped to [-1, 1]; 15 physics steps of 0.01 s per env step (dt = 0.15 s);
 * observation (12): sin(q) (2), cos(q) (2), dt·q̇ (2), fingertip xy, target xy, fingertip − target;
 * reward: 1 when the L1 distance between fingertip and target (xy) is below 0.1, else 0; never terminates;
-* episodes end after 100 steps (``max_episode_steps`` of the registered id).
+* episodes end after 100 steps (the time limit ``envs.registered_id`` registers ``Reacher2d-v4`` with).
 
 There is no public dataset for it: data come from the user (``data/reacher2d-{dataset}-v2.pkl``, the usual DT
 layout) or, for smoke runs, from ``download_d4rl_datasets.py --synthetic`` / ``generate_datasets.py --dataset
@@ -22,9 +22,6 @@ import mujoco
 import numpy as np
 from gymnasium import spaces
 
-#: gymnasium id the port is registered under (one version: its dynamics do not change with --env_version).
-GYM_ID = "Reacher2d-v4"
-MAX_EPISODE_STEPS = 100
 FRAME_SKIP = 15
 #: success radius (L1, in the plane) of the reward
 REACH_DISTANCE = 0.1
@@ -108,10 +105,3 @@ class Reacher2dEnv(gym.Env):
         distance = float(np.abs(tip - target).sum())
         reward = 1.0 if distance < REACH_DISTANCE else 0.0
         return self._obs(), reward, False, False, {"distance": distance, "reward_bonus": reward}
-
-
-def register() -> str:
-    """Registers the port with gymnasium (once); returns its id."""
-    if GYM_ID not in gym.registry:
-        gym.register(GYM_ID, entry_point=f"{__name__}:Reacher2dEnv", max_episode_steps=MAX_EPISODE_STEPS)
-    return GYM_ID

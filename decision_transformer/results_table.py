@@ -47,13 +47,9 @@ def scored_env(env: str, where: str) -> str:
 
 # ---- scores of one entry ------------------------------------------------------------------------------------------------
 
-def evaluate_checkpoint(path: str, *, num_episodes: int = 10, seed: int = 666, data_path: str = "data",
-                        dataset: str | None = None, device="cpu", env_version: str = "v4") -> dict[str, float]:
-    """{env: mean D4RL score} of a checkpoint, evaluated at each env's first target. A checkpoint without stored state
-    statistics (an original pickle) is normalised with those of ``dataset``, by default the model's own training
-    dataset (config or file name), else medium."""
-    from decision_transformer.data import load_dataset, state_stats
-    from decision_transformer.evaluation import env_pool, evaluate_episodes
+def prepare_checkpoint(path: str, device="cpu"):
+    """(model file, model, envs, stored state statistics per env) of a checkpoint this table can score; every check
+    (readable, an env with D4RL reference returns, sound statistics) before any evaluation."""
     from decision_transformer.legacy_import import build_model, load_model_file
 
     mf = load_model_file(path)
@@ -62,7 +58,19 @@ def evaluate_checkpoint(path: str, *, num_episodes: int = 10, seed: int = 666, d
     if envs == [None]:
         raise UserError(f"{path}: cannot tell which env this model is for")
     envs = [scored_env(env, path) for env in envs]
-    stats = {env: stored_state_stats(mf, env) for env in envs}   # every env's checked before the first evaluation
+    return mf, model, envs, {env: stored_state_stats(mf, env) for env in envs}
+
+
+def evaluate_checkpoint(path: str, *, num_episodes: int = 10, seed: int = 666, data_path: str = "data",
+                        dataset: str | None = None, device="cpu", env_version: str = "v4",
+                        prepared=None) -> dict[str, float]:
+    """{env: mean D4RL score} of a checkpoint, evaluated at each env's first target. A checkpoint without stored state
+    statistics (an original pickle) is normalised with those of ``dataset``, by default the model's own training
+    dataset (config or file name), else medium. ``prepared``: ``prepare_checkpoint``'s result, if already made."""
+    from decision_transformer.data import load_dataset, state_stats
+    from decision_transformer.evaluation import env_pool, evaluate_episodes
+
+    mf, model, envs, stats = prepared or prepare_checkpoint(path, device)
     out = {}
     for env in envs:
         if stats[env] is not None:
@@ -167,8 +175,9 @@ def to_csv(header, body) -> str:
 
 
 def collect(entries: list[str], *, pick: str, **eval_kw) -> dict[str, dict[str, float]]:
-    """Parse ``LABEL=PATH[@pick]`` entries and gather their scores by label."""
-    rows: dict[str, dict[str, float]] = {}
+    """Parse ``LABEL=PATH[@pick]`` entries and gather their scores by label. Every entry is read and checked before
+    the first checkpoint is evaluated."""
+    parsed = []
     for entry in entries:
         if "=" not in entry:
             raise UserError(f"--row {entry!r}: expected LABEL=PATH")
@@ -177,11 +186,14 @@ def collect(entries: list[str], *, pick: str, **eval_kw) -> dict[str, dict[str, 
         if "@" in path and not Path(path).exists():
             path, p_pick = path.rsplit("@", 1)
         if Path(path).is_dir():
-            scores = read_run(path, p_pick)
+            parsed.append((label, path, read_run(path, p_pick)))
         elif Path(path).is_file():
-            scores = evaluate_checkpoint(path, **eval_kw)
+            parsed.append((label, path, prepare_checkpoint(path, eval_kw.get("device", "cpu"))))
         else:
             raise UserError(f"--row {entry!r}: {path} is neither a checkpoint nor a run folder")
+    rows: dict[str, dict[str, float]] = {}
+    for label, path, got in parsed:
+        scores = got if isinstance(got, dict) else evaluate_checkpoint(path, prepared=got, **eval_kw)
         row = rows.setdefault(label, {})
         for env, v in scores.items():
             if env in row:

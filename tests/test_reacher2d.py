@@ -219,7 +219,7 @@ def test_minari_round_trip(tmp_path, monkeypatch):
     assert e.reset(seed=0)[0].shape == (12,)
 
 
-def test_results_table_refuses_the_env(tmp_path, capsys):
+def test_results_table_refuses_the_env(tmp_path, capsys, monkeypatch):
     """A table of D4RL scores: a reacher2d run folder, checkpoint or --envs entry is one line, before evaluating."""
     from decision_transformer import results_table as rt
 
@@ -229,6 +229,15 @@ def test_results_table_refuses_the_env(tmp_path, capsys):
     (run / "metrics.jsonl").write_text(json.dumps({"evaluation/target_76_return_mean": 50.0}) + "\n")
     for argv in (["--row", f"a={run}"], ["--row", f"a={run}", "--envs", "hopper", "reacher2d"]):
         assert "reacher2d has no D4RL reference returns" in fails(rt.main, argv, capsys)
+    # a hopper checkpoint row before a reacher2d one: refused before the hopper model is evaluated
+    from tests.conftest import write_source_models
+
+    _, data, paths = write_source_models(tmp_path, ("hopper", "reacher2d"), n=120, max_ep_len=50, id_base=10)
+    evaluated = []
+    monkeypatch.setattr(rt, "evaluate_checkpoint", lambda path, **kw: evaluated.append(path) or {"hopper": 1.0})
+    msg = fails(rt.main, ["--row", f"h={paths['hopper']}", "--row", f"r={paths['reacher2d']}", "--data_path", data],
+                capsys)
+    assert f"{paths['reacher2d']}: reacher2d has no D4RL reference returns" in msg and not evaluated
 
 
 def test_long_episodes_and_files_without_timeouts(tmp_path, capsys):
@@ -252,7 +261,7 @@ def test_long_episodes_and_files_without_timeouts(tmp_path, capsys):
     with open(tmp_path / "reacher2d-expert-v2.pkl", "wb") as f:
         pickle.dump([joined, trajs[2]], f)
     assert len(load_trajectories(tmp_path / "reacher2d-expert-v2.pkl", "reacher2d")) == 2
-    assert ("1 trajectories are longer than reacher2d's 100-step episodes (longest 200)"
+    assert ("1 trajectory is longer than reacher2d's 100-step episodes (longest 200)"
             in capsys.readouterr().err)
 
 

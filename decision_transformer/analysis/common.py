@@ -280,7 +280,7 @@ def load_npz(path) -> dict[str, np.ndarray]:
 
 def load_legacy_npy_dict(path) -> dict[str, np.ndarray]:
     """A dict of arrays that ``np.save`` pickled into an ``.npy`` file: each value a numpy array or a torch tensor
-    (returned as a numpy array; bf16, fp16 and fp8 as float32). Unpickled with numpy arrays, torch tensors, dicts,
+    (returned as a numpy array; bf16 and fp16 as float32). Unpickled with numpy arrays, torch tensors, dicts,
     lists and scalars allowed only: a file that would run code is refused, tensor storages are read by
     ``torch.load(weights_only=True)``, and a tensor view must lie inside its storage."""
     import pickle
