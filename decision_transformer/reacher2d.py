@@ -105,3 +105,45 @@ class Reacher2dEnv(gym.Env):
         distance = float(np.abs(tip - target).sum())
         reward = 1.0 if distance < REACH_DISTANCE else 0.0
         return self._obs(), reward, False, False, {"distance": distance, "reward_bonus": reward}
+
+
+# ---- a scripted behaviour policy (the env has no public data) --------------------------------------------------------
+
+SHOULDER_ANGLE = 0.785  # the shoulder body's fixed rotation in MODEL_XML; the elbow body's undoes it
+LINKS = (0.6, 0.45)     # shoulder to elbow, elbow to the fingertip site
+
+
+def reaching_action(obs: np.ndarray, gain: float = 5.0, damping: float = 0.5) -> np.ndarray:
+    """Jacobian-transpose control of the fingertip towards the target, with joint-velocity damping: torques
+    ``gain·Jᵀ(target − tip) − damping·q̇``, clipped to [-1, 1]. Everything comes from the observation."""
+    q = np.arctan2(obs[0:2], obs[2:4])                 # sin, cos -> joint angles
+    qd = obs[4:6] / (FRAME_SKIP * 0.01)                # the observation holds dt·q̇
+    a0, a1 = SHOULDER_ANGLE + q[0], q[0] + q[1]
+    l0, l1 = LINKS
+    jac = np.array([[-l0 * np.sin(a0) - l1 * np.sin(a1), -l1 * np.sin(a1)],
+                    [l0 * np.cos(a0) + l1 * np.cos(a1), l1 * np.cos(a1)]])
+    return np.clip(gain * jac.T @ (-obs[10:12]) - damping * qd, -1.0, 1.0)
+
+
+def scripted_trajectories(num_episodes: int, noise=(0.1, 0.5, 1.0), seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Whole episodes of ``reaching_action`` plus Gaussian action noise (episode i uses ``noise[i % len(noise)]``),
+    in the DT pickle layout. Env resets and noise are seeded from ``seed``."""
+    from decision_transformer.envs import make_env
+
+    env = make_env("reacher2d")
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(num_episodes):
+        sigma = noise[i % len(noise)]
+        obs, _ = env.reset(seed=int(seed) * 100_003 + i)
+        cols = {k: [] for k in ("observations", "next_observations", "actions", "rewards", "terminals")}
+        done = False
+        while not done:
+            a = np.clip(reaching_action(obs) + rng.normal(0.0, sigma, 2), -1.0, 1.0).astype(np.float32)
+            nobs, r, term, trunc, _ = env.step(a)
+            for k, v in zip(cols, (obs, nobs, a, r, term)):
+                cols[k].append(v)
+            obs, done = nobs, term or trunc
+        out.append({k: np.asarray(v, dtype=bool if k == "terminals" else np.float32) for k, v in cols.items()})
+    env.close()
+    return out

@@ -12,6 +12,7 @@ import torch
 from decision_transformer import evaluation as ev
 from decision_transformer.envs import ENVS, get_env_spec, make_env
 from decision_transformer.errors import UserError
+from decision_transformer.reacher2d import reaching_action, scripted_trajectories
 from tests.conftest import fails, load_script
 
 SHOULDER_ANGLE = 0.785  # the shoulder body's fixed rotation in the model; the elbow's undoes it
@@ -25,15 +26,6 @@ def fingertip(q):
     """Planar forward kinematics of the model: links of 0.6 and (to the fingertip site) 0.45."""
     a0, a1 = SHOULDER_ANGLE + q[0], q[0] + q[1]
     return np.array([0.6 * np.cos(a0) + 0.45 * np.cos(a1), 0.6 * np.sin(a0) + 0.45 * np.sin(a1)])
-
-
-def reaching_policy(obs):
-    """Jacobian-transpose control towards the target, with velocity damping: reaches most targets."""
-    q, qd = joint_angles(obs), obs[4:6] / 0.15
-    a0, a1 = SHOULDER_ANGLE + q[0], q[0] + q[1]
-    J = np.array([[-0.6 * np.sin(a0) - 0.45 * np.sin(a1), -0.45 * np.sin(a1)],
-                  [0.6 * np.cos(a0) + 0.45 * np.cos(a1), 0.45 * np.cos(a1)]])
-    return np.clip(5.0 * J.T @ (-obs[10:12]) - 0.5 * qd, -1, 1)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +75,7 @@ def test_step_rules(env):
         obs, _ = env.reset(seed=seed)
         total, n, done = 0.0, 0, False
         while not done:
-            obs, r, term, trunc, info = env.step(reaching_policy(obs))
+            obs, r, term, trunc, info = env.step(reaching_action(obs))
             n += 1
             assert not term
             assert r == float(np.abs(obs[10:12]).sum() < 0.1) == float(info["distance"] < 0.1)
@@ -134,19 +126,8 @@ def test_batched_evaluation_equals_one_by_one(mode):
 
 
 def _user_dataset(folder, n_episodes=6):
-    """Trajectories in the DT pickle layout, as a user would supply them: reaching-policy episodes."""
-    e = make_env("reacher2d")
-    trajs = []
-    for i in range(n_episodes):
-        obs, _ = e.reset(seed=100 + i)
-        cols = {k: [] for k in ("observations", "next_observations", "actions", "rewards", "terminals")}
-        for _ in range(100):
-            a = reaching_policy(obs).astype(np.float32)
-            nobs, r, *_ = e.step(a)
-            for k, v in zip(cols, (obs, nobs, a, r, False)):
-                cols[k].append(v)
-            obs = nobs
-        trajs.append({k: np.asarray(v, dtype=bool if k == "terminals" else np.float32) for k, v in cols.items()})
+    """Trajectories in the DT pickle layout, as a user would supply them: scripted reaching episodes."""
+    trajs = scripted_trajectories(n_episodes, noise=(0.0,), seed=1)
     with open(folder / "reacher2d-medium-v2.pkl", "wb") as f:
         pickle.dump(trajs, f)
     return trajs
@@ -284,3 +265,23 @@ def test_learning_curves_default_to_the_first_target():
     assert return_key("reacher2d") == "evaluation/target_76_return_mean"
     assert return_key("hopper") == "evaluation/target_3600_return_mean"
     assert return_key("halfcheetah") == "evaluation/target_6000_return_mean"
+
+
+def test_scripted_data_script(tmp_path, capsys):
+    """data/reacher2d_scripted_data.py: whole episodes of the reaching controller, noisier ones returning less."""
+    script = load_script("data/reacher2d_scripted_data.py")
+    script.main(["--episodes", "12", "--noise", "0", "1.5", "--seed", "3", "--data_path", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "reacher2d-medium-v2.pkl: 12 episodes, 1200 steps" in out
+    with open(tmp_path / "reacher2d-medium-v2.pkl", "rb") as f:
+        trajs = pickle.load(f)
+    from decision_transformer.data import validate_trajectories
+
+    validate_trajectories(trajs, get_env_spec("reacher2d"), "scripted")
+    returns = np.array([t["rewards"].sum() for t in trajs])
+    assert returns[0::2].mean() > returns[1::2].mean() + 10, returns
+    np.testing.assert_array_equal(trajs[2]["observations"][1:], trajs[2]["next_observations"][:-1])
+    again = scripted_trajectories(12, noise=(0.0, 1.5), seed=3)
+    assert all(np.array_equal(a["actions"], b["actions"]) for a, b in zip(trajs, again))   # seeded
+    assert "--noise values must be finite" in fails(script.main, ["--noise", "-1", "--data_path", tmp_path], capsys)
+    assert "unknown dataset" in fails(script.main, ["--dataset", "mine", "--data_path", tmp_path], capsys)
