@@ -57,6 +57,8 @@ def multi_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_generate", action="store_true",
                    help="fail instead of generating a missing dataset from the bundled behaviour policies")
     g.add_argument("--dataset", default="medium", help="the same quality for all three envs")
+    # not a flag of this script: caught so that argparse does not expand it to --env_version
+    g.add_argument("--env", default=None, help=argparse.SUPPRESS)
     g.add_argument("--mode", default="normal", help="normal, delayed or noise")
     g.add_argument("--K", type=int, default=20)
     g.add_argument("--pct_traj", type=float, default=1.0, help="ignored by the original; applied here")
@@ -144,6 +146,9 @@ def check_multi_args(args):
 
     if args.model_type != "dt":
         raise UserError(f"--model_type {args.model_type!r}: the multi-task script trains dt only")
+    if args.env is not None:
+        raise UserError(f"experiment_multi.py has no --env: it trains {', '.join(MULTI_ENVS)} together "
+                        f"(--selected_training picks the envs it trains on; experiment.py trains one env)")
     check_args(args)
     check_dataset_name(args.dataset)
     if args.fisher_dataset:

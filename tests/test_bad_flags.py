@@ -68,6 +68,15 @@ def test_experiment_freezing_everything(tmp_path, monkeypatch, capsys, hopper_da
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("env", ["hopper", "reacher2d"])
+def test_multi_has_no_env_flag(tmp_path, monkeypatch, capsys, env):
+    """Not expanded by argparse to --env_version: the script says it trains the three envs together."""
+    monkeypatch.chdir(tmp_path)
+    msg = fails(experiment_multi.main, ["--env", env, *TINY, "--max_iters", "1"], capsys)
+    assert "experiment_multi.py has no --env: it trains hopper, halfcheetah, walker2d together" in msg
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("freeze", [[""], ["."]])
 def test_multi_freezing_everything(tmp_path, monkeypatch, capsys, multi_data, freeze):
     monkeypatch.chdir(tmp_path)
