@@ -123,7 +123,7 @@ def build_model_from_args(args, spec, lm=None) -> DecisionTransformer:
 
 class AuxLosses:
     """Sum of the switched-on auxiliary terms, called by the Trainer as ``(model, out, batch, step)`` and returning
-    ``(loss, logs)``; the Trainer averages the logs over the iteration's steps (no host sync per step).
+    ``(loss, logs)``; the Trainer logs each key's value at the iteration's last step (no host sync per step).
 
     Logged: ``training/kmeans_loss`` (unweighted) and ``training/kmeans_weight``, ``training/init_reg_loss``
     (weighted, as added), ``training/lm_loss`` (unweighted cross-entropy) and ``training/lm_const``.

@@ -376,9 +376,10 @@ def test_cotraining_step_trains_the_lm_head(lm_dirs, hopper_data):
     aux, logs, before, after = one_step(True)
     assert isinstance(aux, AuxLosses) and aux.lm is not None
     assert aux.lm.batches.blocks.shape[1] == 40                  # blocks of min(1024, n_positions) tokens
-    assert aux.lm.weight(1) == pytest.approx(0.5 * (1 - 1 / 20)) and aux.lm.weight(20) == 0.0
+    # the original LM script's decay: full weight at the first step, const / S at the last (its step - 1)
+    assert aux.lm.weight(1) == 0.5 and aux.lm.weight(20) == pytest.approx(0.5 / 20)
     assert 3.0 < logs["training/lm_loss"] < 8.0                  # ~log(vocab) for a barely trained LM
-    assert logs["training/lm_const"] == pytest.approx(0.5 * (1 - 1.5 / 20))   # mean over steps 1 and 2
+    assert logs["training/lm_const"] == pytest.approx(0.5 * (1 - 1 / 20))     # the last step's (step 2) weight
     assert not torch.equal(before, after)                        # the tied head/embedding is trained
     aux_none, logs, before, after = one_step(False)
     # without --joint wte gets no gradient
@@ -623,8 +624,9 @@ def test_merging_seed_lm_command_against_a_fresh_chibit(tmp_path, monkeypatch, c
     assert sorted(p.name for p in run_dirs[0].glob("model_*.pt")) == ["model_0.pt", "model_1.pt", "model_2.pt"]
     rows = [json.loads(x) for x in (run_dirs[0] / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["training/init_reg_loss"] >= 0 and rows[0]["training/kmeans_loss"] != 0
-    # the LM script's anneal horizon is 15000: weight 0.1 * anneal(s), steps 1..3
-    assert rows[0]["training/kmeans_weight"] == pytest.approx(0.1 * sum(anneal(s, 15000) for s in (1, 2, 3)) / 3)
+    # the LM script's anneal horizon is 15000: weight 0.1 * anneal(s), logged at the iteration's last step (3)
+    assert rows[0]["training/kmeans_weight"] == pytest.approx(0.1 * anneal(3, 15000), rel=1e-6)
+    assert rows[1]["training/kmeans_weight"] == pytest.approx(0.1 * anneal(6, 15000), rel=1e-6)
     ck = load_checkpoint(best[0])
     assert ck["config"]["model_config"]["extend_positions"] is True and ck["config"]["max_iters"] == 2
     rebuilt = DecisionTransformer(DTConfig.from_dict(ck["config"]["model_config"]))

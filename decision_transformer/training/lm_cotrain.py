@@ -207,10 +207,11 @@ class LMCotraining:
         self.total_steps = max(int(total_steps or 1), 1)
 
     def weight(self, step: int) -> float:
-        """w_s = const, or const * (1 - s / S_total) with linear decay (s from 1)."""
+        """w_s = const, or const * (1 - (s - 1) / S_total) with linear decay: s counts from 1 and the decay from 0, so
+        the first step has the full weight and the last const / S_total (as the original LM script's trainer)."""
         if not self.linear_decay:
             return self.const
-        return self.const * max(0.0, 1.0 - step / self.total_steps)
+        return self.const * max(0.0, 1.0 - (step - 1) / self.total_steps)
 
     def loss(self, model) -> torch.Tensor:
         return lm_loss(model.transformer, self.batches.next())

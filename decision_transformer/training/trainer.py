@@ -80,10 +80,10 @@ class Trainer:
         self.K = K
         self.generator = generator
         self.grad_clip = grad_clip
-        # optional callable(model, out, batch, step) -> loss, or (loss, {log key: scalar tensor}) whose values are
-        # averaged over the iteration's steps and logged
+        # optional callable(model, out, batch, step) -> loss, or (loss, {log key: scalar tensor}); each key logs its
+        # value at the iteration's last step, as the originals' diagnostics (and ``training/action_error``) do
         self.extra_loss = extra_loss
-        self.extra_logs: dict[str, list] = {}
+        self.extra_logs: dict[str, torch.Tensor] = {}
         self.step = 0                     # global step counter, never reset
         # bf16 autocast (CUDA): no loss scaling needed; the loss itself is computed in fp32
         self.amp_dtype = amp_dtype
@@ -160,7 +160,7 @@ class Trainer:
             if isinstance(extra, tuple):
                 extra, logs = extra
                 for k, v in logs.items():
-                    self.extra_logs.setdefault(k, []).append(torch.as_tensor(v).detach().float())
+                    self.extra_logs[k] = torch.as_tensor(v).detach().float()  # kept on device: no host sync
             total = total + extra
         return loss, total
 
@@ -193,8 +193,8 @@ class Trainer:
             if num_steps:
                 dist.all_reduce(self.last_action_error)
                 self.last_action_error /= self.world_size
-        for k, vals in self.extra_logs.items():
-            logs[k] = float(torch.stack(vals).mean())
+        for k, v in self.extra_logs.items():
+            logs[k] = float(v)
         self.extra_logs = {}
         if num_steps:
             arr = losses.cpu().numpy()
