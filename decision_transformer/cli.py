@@ -187,7 +187,8 @@ def add_fast_path_flags(g):
     """``--precision`` and ``--compile`` (the training scripts' GPU fast path; TF32 and fused AdamW follow the device)."""
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="training autocast: auto = bf16 on CUDA GPUs that support it, fp32 elsewhere; bf16 also "
-                        "on CPU when asked (about 2x the steps/s on CPUs with AVX512-BF16 or AMX)")
+                        "on CPU when asked (about 2x the steps/s on CPUs with AVX512-BF16 or AMX); fp32 also "
+                        "turns TF32 off on CUDA (the originals' arithmetic)")
     g.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                    help="torch.compile the model for training, in torch's default mode or the one given "
                         "(reduce-overhead: also CUDA graphs on a GPU)")

@@ -447,8 +447,8 @@ def find_resume_dir(args) -> Path:
 
 
 def run_multi(args) -> dict:
-    from decision_transformer.run import (autocast_dtype, recorded_config, resolve_device, restore_train_state,
-                                          save_train_state, seed_everything, warn_unsaved_best)
+    from decision_transformer.run import (autocast_dtype, configure_matmul_precision, recorded_config, resolve_device,
+                                          restore_train_state, save_train_state, seed_everything, warn_unsaved_best)
 
     check_multi_args(args)
     resume_dir = find_resume_dir(args) if args.resume else None
@@ -461,9 +461,7 @@ def run_multi(args) -> dict:
     if args.seed is None:  # under torchrun rank 0's draw, so that every rank samples the same global batches
         args.seed = distributed.from_main(ctx, secrets.randbelow(2**31))
         log(f"seed: {args.seed} (drawn from OS entropy; pass --seed {args.seed} to repeat this run)")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    configure_matmul_precision(args.precision, device)
     seed_everything(args.seed)
     envs = list(MULTI_ENVS)
     train_envs = [e for e in envs if e in (args.selected_training or envs)]

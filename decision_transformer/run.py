@@ -53,6 +53,15 @@ def resolve_device(name: str, threads: str | int | None = "auto") -> torch.devic
     return dev
 
 
+def configure_matmul_precision(precision: str, device: torch.device):
+    """TF32 matmuls and convolutions on CUDA, except with ``--precision fp32``: that run keeps full fp32 arithmetic,
+    as the originals trained."""
+    if device.type == "cuda":
+        tf32 = precision != "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
 def autocast_dtype(precision: str, device: torch.device):
     """bf16 autocast on CUDA GPUs that support it (``auto``/``bf16``) and on CPU when asked (``bf16``); None = fp32."""
     if precision == "fp32" or (device.type != "cuda" and precision == "auto"):
@@ -355,9 +364,7 @@ def _run(args, script: str) -> dict:
     if bc:
         targets = targets[:1]  # the MLP ignores the target: one evaluation (the originals' first target)
     ctx, device = distributed.setup(resolve_device(args.device, args.threads))  # torchrun: one process per GPU
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    configure_matmul_precision(args.precision, device)
     if getattr(args, "gpt_kmeans", None) is not None and args.gpt_kmeans_const is None:
         raise UserError("--gpt_kmeans needs --gpt_kmeans_const (the loss weight; the papers use 0.1)")
     lm = None if bc else locate_pretrained(args)  # before the data: a missing model is reported at once

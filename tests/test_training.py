@@ -180,3 +180,21 @@ def test_compile_flag_modes():
     assert compile_module(m, "default") is not m
     mark_step("reduce-overhead")
     mark_step(None)
+
+
+def test_tf32_follows_precision_on_cuda_only():
+    """TF32 is part of the CUDA fast path, but ``--precision fp32`` keeps full fp32 matmuls (the originals'
+    arithmetic); a CPU run leaves the flags alone."""
+    from decision_transformer.run import configure_matmul_precision
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for precision, expected in (("auto", True), ("bf16", True), ("fp32", False)):
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not expected
+            configure_matmul_precision(precision, torch.device("cuda"))
+            assert torch.backends.cuda.matmul.allow_tf32 is expected and torch.backends.cudnn.allow_tf32 is expected
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        configure_matmul_precision("auto", torch.device("cpu"))
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
