@@ -286,3 +286,64 @@ def test_wandb_row_with_a_non_integer_iteration(monkeypatch):
     with pytest.raises(UserError, match="WandB run gym-experiment-hopper-medium-dt-666: row 2 has a non-integer "
                                         "iteration 'x'"):
         curves.run_metrics("unused", RunKey("dt", "medium", "hopper", 666), True)
+
+
+def test_parameter_similarity_refuses_non_finite_weights(runs, tmp_path, capsys):
+    """A NaN weight in an epoch's checkpoint is one line naming the file and tensor, as for the other analyses, not
+    NaN distances written with exit 0."""
+    import shutil
+
+    import torch
+
+    ck = tmp_path / "checkpoints"
+    shutil.copytree(runs, ck)
+    path = next(ck.glob("dt_medium_hopper_666*/model_40.pt"))
+    obj = torch.load(path, weights_only=True)
+    obj["state_dict"]["transformer.h.1.mlp.c_fc.weight"][0, 0] = float("nan")
+    torch.save(obj, path)
+    main = load_script(SCRIPTS["params"]).main
+    msg = expect_exit(capsys, main, _argv("params", ck, tmp_path / "out"))
+    assert "model_40.pt" in msg and "transformer.h.1.mlp.c_fc.weight contains NaN or inf" in msg
+    assert not list((tmp_path / "out").rglob("paramdist_*"))
+
+
+@pytest.mark.parametrize("arrays, msg", [
+    ({"0.mlp.dropout": np.zeros((2, 3)), "1.mlp.dropout": np.zeros((2, 4))}, "different K ([3, 4])"),
+    ({"0.mlp.dropout": np.zeros((2, 3)), "1.mlp.dropout": np.zeros((3, 3))}, "shape [3, 3], expected [2, K]"),
+    ({"0.mlp.dropout": np.zeros((2, 3)), "last": np.zeros((2, 3))}, "'last' is not named {block}.{module}"),
+    ({"0.mlp.dropout": np.array([["a", "b"], ["c", "d"]])}, "is not numeric"),
+])
+def test_plot_mi_no_context_refuses_malformed_results(tmp_path, capsys, arrays, msg):
+    """A no-context MI result with blocks of different K, a wrong shape, a key that is not a block's or text
+    arrays: one line naming the file, no traceback, no figure."""
+    res = tmp_path / "res"
+    res.mkdir()
+    np.savez(res / "mi_40_dt_hopper_medium_666.npz", **arrays)
+    main = load_script(SCRIPTS["plot_mi"]).main
+    err = expect_exit(capsys, main, ["--results_dir", res, "--figs_dir", tmp_path / "figs", "--exp_type",
+                                     "no_context", "--model_name_list", "dt"])
+    assert "mi_40_dt_hopper_medium_666.npz" in err and msg in err
+    assert not (tmp_path / "figs").exists() or not list((tmp_path / "figs").iterdir())
+
+
+def test_plot_mi_normal_panels_fit_every_model(tmp_path, monkeypatch):
+    """Each panel's y range covers the largest MI of every model drawn in it, not only the last model's."""
+    import matplotlib.figure
+
+    res = tmp_path / "res"
+    res.mkdir()
+    pos = np.arange(6)
+    for model, value in (("gpt2", 8.0), ("dt", 0.5)):
+        full = np.full(6, value)
+        np.savez(res / f"mi_xy_0_40_{model}_hopper_medium_666.npz", x=full, y=full / 2, position=pos, token=pos % 3)
+    limits = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *a, **kw):
+        limits.append([ax.get_ylim() for ax in fig.axes])
+        return real_savefig(fig, *a, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    load_script(SCRIPTS["plot_mi"]).main(["--results_dir", str(res), "--figs_dir", str(tmp_path / "figs"),
+                                          "--model_name_list", "gpt2", "dt"])
+    assert limits and limits[0][0] == pytest.approx((-0.1, 8.2)) and limits[0][1] == pytest.approx((-0.1, 5.5))

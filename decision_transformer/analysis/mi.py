@@ -21,6 +21,7 @@ timesteps are padding). Failed estimates are NaN and left out of the plots.
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -284,6 +285,24 @@ def _load_mi_xy(f) -> dict:
     return d
 
 
+def _load_mi_blocks(f) -> dict:
+    """A ``no_context`` result: one ``[2, K]`` array (state, action MI per timestep) per ``{block}.{module}`` key, the
+    same K for every block; anything else is refused naming the file."""
+    d = common.load_npz(f)
+    if not d:
+        raise UserError(f"{f}: no MI arrays")
+    common.check_arrays(f, d, list(d), finite=False)                        # failed estimates are NaN
+    for k, a in d.items():
+        if not re.fullmatch(r"\d+\.\S+", k):
+            raise UserError(f"{f}: array {k!r} is not named {{block}}.{{module}} (e.g. 0.mlp.dropout)")
+        if a.ndim != 2 or a.shape[0] != 2 or a.shape[1] < 1:
+            raise UserError(f"{f}: array {k!r} has shape {list(a.shape)}, expected [2, K]")
+    widths = {a.shape[1] for a in d.values()}
+    if len(widths) > 1:
+        raise UserError(f"{f}: the blocks' arrays have different K ({sorted(widths)})")
+    return d
+
+
 def plot_mi(args) -> common.Outputs:
     common.check_seeds(args, "seed")
     common.check_min(args, 0, "epoch")
@@ -304,6 +323,7 @@ def plot_mi(args) -> common.Outputs:
         nrows = max(len(v) for v in found.values())
         fig, axes = plt.subplots(nrows, 2, figsize=(10, 2.6 * nrows), squeeze=False)
         markers = ("^", "o", "x")
+        top = np.full((nrows, 2), 5.5)                   # each panel's upper limit: over every model drawn in it
         for j, (m, layers) in enumerate(found.items()):
             for r, (layer, d) in enumerate(layers):
                 for c, what in enumerate(("x", "y")):
@@ -314,7 +334,9 @@ def plot_mi(args) -> common.Outputs:
                                    label=f"{common.model_label(m)} {('R̂', 's', 'a')[i]}" if r == 0 else None)
                     depth_name = f" ({('shallow', 'middle', 'deep')[r]})" if len(layers) == 3 else ""
                     ax.set_title(f"{'Î(X;T)' if what == 'x' else 'Î(Y;T)'}, block {layer}{depth_name}", fontsize=9)
-                    ax.set_ylim(-0.1, max(5.5, np.nanmax(d[what]) + 0.2 if np.isfinite(d[what]).any() else 5.5))
+                    if np.isfinite(d[what]).any():
+                        top[r, c] = max(top[r, c], np.nanmax(d[what][np.isfinite(d[what])]) + 0.2)
+                    ax.set_ylim(-0.1, top[r, c])
                     ax.set_xlabel("Context (timestep; R̂, s, a at t, t+1/3, t+2/3)")
                     ax.set_ylabel("MI (nats)")
         axes[0, 1].legend(fontsize=6, ncol=len(found))
@@ -326,7 +348,7 @@ def plot_mi(args) -> common.Outputs:
     for m in args.model_name_list:
         f = res / f"mi_{tail(m)}.npz"
         if f.is_file():
-            found[m] = common.load_npz(f)
+            found[m] = _load_mi_blocks(f)
     if not found:
         raise UserError(f"no MI results {res / ('mi_' + tail('{model}') + '.npz')} (run run_mi_exp.py --exp_type "
                         f"no_context first)")

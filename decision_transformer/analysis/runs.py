@@ -15,6 +15,7 @@ import torch
 
 from decision_transformer.checkpoint import (
     DEFAULT_K,
+    check_finite_state,
     load_checkpoint,
     load_state_into,
     run_dir_name,
@@ -196,7 +197,9 @@ def load_model(checkpoint_dir, key: RunKey, epoch: int, device="cpu") -> LoadedM
 
 
 def load_state_dict(checkpoint_dir, key: RunKey, epoch: int) -> tuple[dict, Path]:
+    """The state dict of ``key`` at ``epoch`` (refused, naming the tensor, when a weight is NaN or inf)."""
     ckpt, path = load_run_checkpoint(checkpoint_dir, key, epoch)
+    check_finite_state(ckpt["state_dict"], str(path))
     return ckpt["state_dict"], path
 
 
