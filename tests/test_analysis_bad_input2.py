@@ -347,3 +347,58 @@ def test_plot_mi_normal_panels_fit_every_model(tmp_path, monkeypatch):
     load_script(SCRIPTS["plot_mi"]).main(["--results_dir", str(res), "--figs_dir", str(tmp_path / "figs"),
                                           "--model_name_list", "gpt2", "dt"])
     assert limits and limits[0][0] == pytest.approx((-0.1, 8.2)) and limits[0][1] == pytest.approx((-0.1, 5.5))
+
+
+def _copy_runs(runs, tmp_path):
+    import shutil
+
+    ck = tmp_path / "checkpoints"
+    shutil.copytree(runs, ck)
+    return ck
+
+
+def test_a_corrupt_metrics_file_is_an_error_not_a_missing_run(runs, tmp_path, capsys):
+    """A run whose metrics.jsonl exists but is not valid JSON stops the score table and the curves with one line
+    naming the file and line (it is not shown as 'n/a'); run_all reports the failed analysis and exits non-zero."""
+    ck = _copy_runs(runs, tmp_path)
+    metrics = next(ck.glob("dt_medium_hopper_666/metrics.jsonl"))
+    n = len(metrics.read_text().splitlines())
+    with metrics.open("a") as f:
+        f.write("{bad\n")
+    score = load_script(SCRIPTS["score"]).main
+    msg = expect_exit(capsys, score, _argv("score", ck, tmp_path / "o1") + ["--K", "20"])
+    assert f"{metrics}: line {n + 1} is not valid JSON" in msg
+    nc = load_script(SCRIPTS["nc"]).main
+    msg = expect_exit(capsys, nc, _argv("nc", ck, tmp_path / "o2"))
+    assert f"line {n + 1} is not valid JSON" in msg
+    run_all = load_script(SCRIPTS["all"]).main
+    msg = expect_exit(capsys, run_all, ["--checkpoint_dir", ck, "--out_dir", tmp_path / "o3", "--only", "scores"])
+    assert "1 analyses failed (scores)" in msg
+    assert "is not valid JSON" in (tmp_path / "o3" / "report.md").read_text()
+
+
+def test_missing_runs_are_notes_in_the_outputs(runs, tmp_path, capsys):
+    """A run without metrics is skipped with a note (printed, and carried into run_all's report), and an env
+    without runs draws an empty panel without matplotlib's empty-legend warning."""
+    import warnings
+
+    from decision_transformer.analysis import scores
+
+    args = scores.build_parser().parse_args([str(a) for a in _argv("score", runs, tmp_path / "o")]
+                                            + ["--K", "20", "--seed_list", "666", "667"])
+    outs = scores.run(args)
+    assert any(n.startswith("skipped: metrics not found:") and "_667" in n for n in outs.notes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        o = curves.run_no_context(curves.build_no_context_parser().parse_args(
+            [str(a) for a in _argv("nc", runs, tmp_path / "o")] + ["--env_name_list", "hopper", "walker2d"]))
+    assert any("walker2d" in n for n in o.notes)
+
+
+@pytest.mark.parametrize("script", ["score", "nc", "clip"])
+def test_a_misspelt_env_name_lists_the_known_envs(runs, tmp_path, capsys, script):
+    main = load_script(SCRIPTS[script]).main
+    argv = [str(a) for a in _argv(script, runs, tmp_path / "o")]
+    argv[argv.index("hopper")] = "hoper"
+    msg = expect_exit(capsys, main, argv)
+    assert "unknown env 'hoper'; choose one of hopper, halfcheetah, walker2d" in msg

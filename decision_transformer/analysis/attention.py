@@ -148,7 +148,7 @@ def run(args) -> common.Outputs:
         ax.set_xlabel("block")
         ax.set_ylabel(f"|Δ attention distance| ({args.distance_unit}s)")
         ax.set_title(f"{env}, epoch {args.epoch1} vs {args.epoch2}, K={K_ckpt} runs, {args.K}-step context")
-        ax.legend()
+        common.legend(ax)
         stem = f"att_dist_diff_{args.epoch1}_{args.epoch2}_{'_'.join(models)}_{env}_{args.dataset_name}_{args.seed}{tag}"
         outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
         outs.tables.append(((f"Attention-distance change per block, {env} (median over samples of the "

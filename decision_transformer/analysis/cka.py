@@ -343,7 +343,7 @@ def plot(args) -> common.Outputs:
                           f"{len(names) // max(len(starts), 1)} entries per block)")
             ax.set_ylabel(f"CKA (epoch {args.epoch1} vs {args.epoch2})")
             ax.set_title(f"{env}, {token} token")
-            ax.legend()
+            common.legend(ax)
             stem = (f"cka_plot_{args.epoch1}_{args.epoch2}_{'_'.join(curves)}_{env}_{args.dataset_name}_{args.seed}"
                     + common.run_k_tag(run_K) + f"_{token}")
             outs.figures.append(common.save_figure(fig, args.figs_dir, stem))

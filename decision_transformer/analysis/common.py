@@ -351,6 +351,12 @@ def save_text(path, text: str) -> Path:
     return _atomic_bytes(Path(path), text.encode())
 
 
+def legend(ax, **kwargs):
+    """``ax.legend(**kwargs)`` when the axes hold labelled artists (an empty panel gets none, and no warning)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def pyplot():
     """matplotlib's pyplot on the non-interactive Agg backend (no display needed)."""
     import matplotlib

@@ -20,15 +20,21 @@ TAKAGI_TARGETS = {"hopper": 3600, "halfcheetah": 6000, "walker2d": 5000}
 ACTION_ERROR = "training/action_error"
 
 
+class RunNotFound(UserError):
+    """A run without metrics (no ``metrics.jsonl``, no finished WandB run): figures and tables skip it with a note.
+    A metrics file that exists but cannot be read is a plain ``UserError``."""
+
+
+class MetricNotLogged(UserError):
+    """A run whose metrics lack the key asked for: skipped with a note, as a missing run."""
+
+
 def return_key(env: str, target: int | None = None) -> str:
-    """The metric of the evaluated return: TAKAGI's target per env, for other envs (reacher2d) their first one."""
+    """The metric of the evaluated return: TAKAGI's target per env, for other envs (reacher2d) their first one. An
+    unknown env name is an error listing the known ones."""
+    spec = get_env_spec(env)
     if target is None:
-        target = TAKAGI_TARGETS.get(env)
-    if target is None:
-        try:
-            target = get_env_spec(env).targets[0]
-        except UserError:
-            raise UserError(f"no default evaluation target for {env!r}; pass --target") from None
+        target = TAKAGI_TARGETS.get(env, spec.targets[0])
     return f"evaluation/target_{int(target)}_return_mean"
 
 
@@ -42,8 +48,8 @@ def _is_iteration(v) -> bool:
 def read_metrics_jsonl(path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"metrics not found: {path} (runs write it next to their checkpoints; use --from_wandb to "
-                        f"read WandB instead)")
+        raise RunNotFound(f"metrics not found: {path} (runs write it next to their checkpoints; use --from_wandb to "
+                          f"read WandB instead)")
     rows = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -76,8 +82,8 @@ def wandb_history(run_name: str, project: str, entity: str | None = None) -> lis
     runs = [r for r in runs if getattr(r, "name", run_name) == run_name]
     finished = [r for r in runs if getattr(r, "state", "finished") == "finished"]
     if not finished:
-        raise UserError(f"no finished WandB run named {run_name} in {path}"
-                        + (f" ({len(runs)} unfinished)" if runs else ""))
+        raise RunNotFound(f"no finished WandB run named {run_name} in {path}"
+                          + (f" ({len(runs)} unfinished)" if runs else ""))
     if len(finished) > 1:
         common.warn(f"{len(finished)} finished WandB runs named {run_name}; using the last one listed")
     rows = []
@@ -102,8 +108,8 @@ def metric_series(rows: list[dict], key: str, source: str = "metrics") -> tuple[
     """(iterations, values) of ``key``; null / missing entries become NaN. Unknown keys are errors."""
     if not any(key in r for r in rows):
         avail = sorted({k for r in rows for k in r if k.endswith("return_mean")})
-        raise UserError(f"{source}: no metric {key!r}" + (f" (has {', '.join(avail[:6])})" if avail else
-                                                            " (no evaluation metrics logged)"))
+        raise MetricNotLogged(f"{source}: no metric {key!r}" + (f" (has {', '.join(avail[:6])})" if avail else
+                                                                  " (no evaluation metrics logged)"))
     it, val = [], []
     for i, r in enumerate(rows):
         if key not in r:
@@ -139,9 +145,10 @@ def _series(args, key: RunKey, metric: str, max_epoch: int | None = None):
 
 
 def _try_series(args, key, metric, max_epoch=None, missing=None):
+    """``_series``, or None for a run that does not exist or lacks the metric (a corrupt metrics file raises)."""
     try:
         return _series(args, key, metric, max_epoch)
-    except UserError as e:
+    except (RunNotFound, MetricNotLogged) as e:
         if missing is not None:
             missing.append(str(e))
         return None
@@ -197,11 +204,10 @@ def run_no_context(args) -> common.Outputs:
         ax.set_title(env)
         ax.set_xlabel("epoch")
         ax.set_ylabel("return (mean)")
-        ax.legend(fontsize=7)
+        common.legend(ax, fontsize=7)
     if not drawn:
         raise UserError("no runs found for the no-context figure: " + "; ".join(missing[:3]))
-    for msg in missing:
-        common.warn(msg)
+    outs.notes += [f"skipped: {msg}" for msg in missing]
     stem = (f"learning_curve_no_context_{'_'.join(args.model_name_list)}_{args.dataset_name}_{args.seed}"
             + common.run_k_tag(args.run_K))
     outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
@@ -261,13 +267,12 @@ def run_block_replacement(args) -> common.Outputs:
                 drawn += met == metric
         if not drawn:
             raise UserError(f"no block-replacement runs for {env}: " + "; ".join(missing[:2]))
-        for msg in missing:
-            common.warn(msg)
+        outs.notes += [f"skipped: {msg}" for msg in missing]
         axes[0].set_ylabel("return (mean, smoothed)")
         axes[1].set_ylabel("action error (smoothed)")
         for ax in axes:
             ax.set_xlabel("epoch")
-        axes[1].legend(fontsize=6, ncol=2)
+        common.legend(axes[1], fontsize=6, ncol=2)
         fig.suptitle(f"{env}: one pretrained block replaced into a K=1 Random Init DT ({depth} blocks)")
         stem = f"learning_curve_block_{env}_{args.dataset_name}_{args.seed}"
         outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
@@ -309,7 +314,7 @@ def run_grad_clip(args) -> common.Outputs:
         axes[1].set_ylabel("action error")
         for ax in axes:
             ax.set_xlabel("epoch")
-            ax.legend(fontsize=7)
+            common.legend(ax, fontsize=7)
         fig.suptitle(f"{common.model_label(args.model_name)}, {env}")
         stem = f"learning_curve_grad_clip_{args.model_name}_{env}_{args.dataset_name}_{args.seed}"
         outs.figures.append(common.save_figure(fig, args.figs_dir, stem))

@@ -339,7 +339,7 @@ def plot_mi(args) -> common.Outputs:
                     ax.set_ylim(-0.1, top[r, c])
                     ax.set_xlabel("Context (timestep; R̂, s, a at t, t+1/3, t+2/3)")
                     ax.set_ylabel("MI (nats)")
-        axes[0, 1].legend(fontsize=6, ncol=len(found))
+        common.legend(axes[0, 1], fontsize=6, ncol=len(found))
         stem = f"mi_xy_{args.epoch}_{'_'.join(found)}_{args.env_name}_{args.dataset_name}_{args.seed}{ktag}"
         fig.tight_layout()
         outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
@@ -366,7 +366,7 @@ def plot_mi(args) -> common.Outputs:
             ax.set_xlabel("block" + (" (normalized)" if len(d) != target else ""))
             ax.set_ylabel("MI (nats)")
             ax.set_ylim(-0.5, 4.5)
-    axes[0].legend(fontsize=7)
+    common.legend(axes[0], fontsize=7)
     stem = f"mi_no_context_{args.epoch}_{'_'.join(found)}_{args.env_name}_{args.dataset_name}_{args.seed}{ktag}"
     outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
     return outs

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from decision_transformer.analysis import common
-from decision_transformer.analysis.curves import metric_series, return_key, run_metrics
+from decision_transformer.analysis.curves import MetricNotLogged, RunNotFound, metric_series, return_key, run_metrics
 from decision_transformer.analysis.runs import RunKey
 from decision_transformer.data import load_dataset
 from decision_transformer.envs import get_env_spec
@@ -107,12 +107,12 @@ def run(args) -> common.Outputs:
                 try:
                     rows = run_metrics(args.checkpoint_dir, key, args.from_wandb, args.wandb_project,
                                        args.wandb_entity)
-                except UserError as e:
+                except RunNotFound as e:          # a corrupt metrics file is an error, not a missing run
                     missing.append(str(e))
                     continue
                 try:
                     it, val = metric_series(rows, metric, str(key.path(args.checkpoint_dir) / "metrics.jsonl"))
-                except UserError as e:
+                except MetricNotLogged as e:
                     missing.append(str(e))
                     continue
                 be, bv, le, lv = best_and_last(it, val)
@@ -123,8 +123,7 @@ def run(args) -> common.Outputs:
                                 "last_score": norm(lv)})
     if not records:
         raise UserError("no runs found for the score table: " + "; ".join(missing[:3]))
-    for msg in missing:
-        common.warn(msg)
+    outs.notes += [f"skipped: {msg}" for msg in missing]
     stem = f"normalized_scores_{args.dataset_name}_K{args.K}_{args.score_norm}"
     cols = list(records[0])
     outs.files.append(common.save_csv(res / f"{stem}.csv", cols, [[r[c] for c in cols] for r in records]))
@@ -168,5 +167,5 @@ def _figure(records, args, stem):
     ax.set_xticks(np.arange(len(envs)), envs)
     ax.set_ylabel(f"{args.select} normalised score ({args.score_norm})")
     ax.set_title(f"{args.dataset_name}, K={args.K}")
-    ax.legend(fontsize=7)
+    common.legend(ax, fontsize=7)
     return common.save_figure(fig, args.figs_dir, f"{stem}_{args.select}")
