@@ -265,13 +265,42 @@ def fisher_tensors(info: dict) -> dict[str, torch.Tensor]:
 
 
 def check_fisher(info: dict, where: str):
-    """A usable Fisher: finite, and not zero everywhere (such a file would poison the cache that later runs load)."""
+    """A usable Fisher: finite, >= 0 (a diagonal Fisher is a mean of squares), and not zero everywhere (such a file
+    would poison the cache that later runs load)."""
     F = fisher_tensors(info)
     bad = next((k for k, v in F.items() if not torch.isfinite(v).all()), None)
     if bad is not None:
         raise UserError(f"{where}: Fisher tensor {bad} contains NaN or inf")
+    neg = next((k for k, v in F.items() if bool((v < 0).any())), None)
+    if neg is not None:
+        raise UserError(f"{where}: Fisher tensor {neg} has negative entries (down to {float(F[neg].min()):.3g}); a "
+                        f"diagonal Fisher is >= 0")
     if not any(bool(v.any()) for v in F.values()):
         raise UserError(f"{where}: the Fisher is zero everywhere (no gradient reached the blocks)")
+
+
+#: The originals' causal-mask buffers: never parameters, so never in a Fisher.
+_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+def check_fisher_fits(info: dict, state_dict: dict, path, model_name):
+    """A Fisher file must hold exactly the model's block parameters (names containing ``FISHER_SCOPE``) with their
+    shapes; otherwise it was estimated for another model. One line naming the file and the first mismatch."""
+    F = fisher_tensors(info)
+    want = {k: v.shape for k, v in state_dict.items()
+            if FISHER_SCOPE in k and torch.is_floating_point(v) and not k.endswith(_BUFFER_SUFFIXES)}
+    hint = "; it was estimated for another model: delete it (or recompute it with precompute_fisher.py --force)"
+    missing = [k for k in want if k not in F]
+    if missing:
+        raise UserError(f"{path}: no Fisher for {len(missing)} of the {len(want)} block tensors of {model_name} "
+                        f"(first {missing[0]}){hint}")
+    extra = [k for k in F if k not in want]
+    if extra:
+        raise UserError(f"{path}: Fisher tensor {extra[0]} is not a block tensor of {model_name}{hint}")
+    for k, shape in want.items():
+        if F[k].shape != shape:
+            raise UserError(f"{path}: Fisher tensor {k} has shape {list(F[k].shape)}, {list(shape)} in "
+                            f"{model_name}{hint}")
 
 
 def save_fisher(info: dict, path: str | os.PathLike) -> Path:
@@ -370,6 +399,7 @@ def run_precompute(args) -> Path:
     K = args.K or training_context(mf) or 20  # the info file's name does not record K: the model's own by default
     if out.is_file() and not args.force:
         old = load_fisher(out)
+        check_fisher_fits(old, mf.state_dict, out, args.model)
         rec = old.get("_source") if isinstance(old.get("_source"), dict) else {}
         if rec and (rec.get("dataset"), rec.get("K")) != (dataset, K):
             raise UserError(f"{out} exists, computed on {env}-{rec.get('dataset')} with K={rec.get('K')}, not on "

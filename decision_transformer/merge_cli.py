@@ -23,7 +23,7 @@ from pathlib import Path
 
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
-from decision_transformer.checkpoint import atomic_save, check_finite_state, make_checkpoint
+from decision_transformer.checkpoint import atomic_save, make_checkpoint
 from decision_transformer.cli import THREADS_HELP, check_context, check_seed
 from decision_transformer.errors import UserError, cli_entry
 
@@ -112,6 +112,8 @@ def check_args(args):
     """Reject option values that would crash a merge part-way or write a NaN checkpoint, before anything runs."""
     from decision_transformer.envs import check_dataset_name
 
+    if len(args.models) < 2:
+        raise UserError(f"a merge needs at least 2 models; --models lists {len(args.models)}")
     for name in ("K", "batch_size", "f_batch_size", "f_num_batches", "regmean_n_windows"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1 (got {getattr(args, name)})")
@@ -160,8 +162,9 @@ def stored_state_stats(mf) -> dict:
 
 def run_merge(args) -> Path:
     from decision_transformer.legacy_import import build_model, load_model_file
-    from decision_transformer.merge_setup import (DatasetCache, merge_multi_states, merge_single_sources, multi_fisher,
-                                                  resolve_method)
+    from decision_transformer.merge_setup import (DatasetCache, check_merged_state, check_multi_sources,
+                                                  check_selection, merge_multi_states, merge_single_sources,
+                                                  multi_fisher, resolve_method, warn_architecture)
     from decision_transformer.run import resolve_device
 
     device = resolve_device(args.device, args.threads)
@@ -175,6 +178,7 @@ def run_merge(args) -> Path:
             "exclude": list(args.exclude)}
     if n_multi:
         fishers = None
+        check_multi_sources(sources, method)  # before any Fisher is computed
         if method == "fisher":
             ds = args.dataset or first.dataset or "medium"
             fishers = []
@@ -190,12 +194,11 @@ def run_merge(args) -> Path:
             print(f"warning: --dataset {args.dataset} is for multi-task models; the Fishers, Gram matrices and soup "
                   f"scores of single-task models use each model's own dataset", file=sys.stderr)
         keys = merging.select_keys(list(first.state_dict), args.include, args.exclude)
-        if not keys:
-            sel = " ".join(f"--{k} {' '.join(getattr(args, k))}" for k in ("include", "exclude") if getattr(args, k))
-            raise UserError(f"{sel} matches no tensor of {first.path}; nothing to merge")
+        check_selection(keys, args, first.path)
         merging.check_compatible([s.state_dict for s in sources], [s.path for s in sources], keys)
-        state = merge_single_sources(sources, args, keys, device, DatasetCache(args.data_path, device))
-        n, tot, frac = merging.merged_fraction(state, keys)
+        warn_architecture([s.config.get("model_config") for s in sources], [s.path for s in sources])
+        state, merged_keys = merge_single_sources(sources, args, keys, device, DatasetCache(args.data_path, device))
+        n, tot, frac = merging.merged_fraction(state, merged_keys)
         print(f"merge: {method} of {len(sources)} models over {n} of {tot} tensors ({frac:.1%} of the parameters); "
               f"the rest from {first.path}", file=sys.stderr)
         specs = list(first.specializations)
@@ -205,7 +208,7 @@ def run_merge(args) -> Path:
                                                "fisher_floor", "fisher_favor_target", "f_batch_size", "f_num_batches",
                                                "seed")})
     try:
-        check_finite_state(state, f"the {method} merge")
+        check_merged_state(state, method, args)
     except UserError as e:
         raise UserError(f"{e}; {args.out} not written") from None
     config = {**first.config, "merge_info": info}

@@ -37,6 +37,62 @@ def resolve_method(args) -> str:
     return method
 
 
+def check_experiment_merge(args):
+    """``experiment.py``'s merge flags that can be judged before any model is loaded: a merge method other than the
+    uniform mean needs 2 or more ``--pretrained_models`` (one model is merged uniformly with the fresh
+    ``--pretrained_lm`` model, or loaded without a merge)."""
+    method = resolve_method(args)
+    if len(args.pretrained_models) == 1 and method != "mean":
+        flag = "--use_fisher" if getattr(args, "use_fisher", False) else f"--merge_method {method}"
+        one = ("is merged with the fresh --pretrained_lm model by the uniform mean (--p) only"
+               if getattr(args, "pretrained_lm", None)
+               else "without --pretrained_lm is loaded without a merge")
+        raise UserError(f"{flag} merges 2 or more --pretrained_models (or merge_cli --models A B ...); one model {one}")
+
+
+def check_selection(keys: Sequence[str], args, where: str):
+    """The merged set S must not be empty: an --include / --exclude that matches nothing would merge nothing."""
+    if not keys:
+        sel = " ".join(f"--{k} {' '.join(getattr(args, k) or [])}" for k in ("include", "exclude")
+                       if getattr(args, k, None)) or "the selection"
+        raise UserError(f"{sel} matches no tensor of {where}; nothing to merge")
+
+
+#: Backbone settings that the tensor shapes do not reveal: models differing in them merge, but not like for like.
+ARCH_FIELDS = ("n_head", "activation_function")
+
+
+def warn_architecture(configs: Sequence[dict | None], names: Sequence[str]):
+    """One warning naming the backbone settings (``ARCH_FIELDS``) in which the merged models differ, and which model
+    has which value; models without a stored config are left out."""
+    diffs = []
+    for field in ARCH_FIELDS:
+        groups: dict = {}
+        for cfg, name in zip(configs, names):
+            value = ((cfg or {}).get("backbone") or {}).get(field)
+            if value is not None:
+                groups.setdefault(value, []).append(str(name))
+        if len(groups) > 1:
+            diffs.append(f"{field} (" + "; ".join(f"{v}: {', '.join(ns)}" for v, ns in groups.items()) + ")")
+    if diffs:
+        log(f"warning: the merged models differ in {' and '.join(diffs)}; their tensors are combined element by "
+            f"element all the same")
+
+
+def check_merged_state(state: dict, method: str, args):
+    """A merged state with NaN or inf is refused, naming the merge (not an input file)."""
+    from decision_transformer.checkpoint import check_finite_state
+
+    try:
+        check_finite_state(state, f"the {method} merge")
+    except UserError as e:
+        hint = ""
+        if method == "fisher" and getattr(args, "fisher_floor", None) == 0:
+            hint = (" (--fisher_floor 0: an element whose Fisher is zero in every model gives 0/0; a floor > 0, "
+                    "the default 1e-6, avoids it)")
+        raise UserError(f"{e}{hint}") from None
+
+
 def fisher_norm(args) -> str:
     return "none" if getattr(args, "no_trace_norm", False) else getattr(args, "fisher_norm", "trace")
 
@@ -83,6 +139,7 @@ def fisher_for_file(mf: ModelFile, args, data: DatasetCache, device) -> dict:
     path = fisher_mod.fisher_info_path(mf.path, args.f_batch_size, args.f_num_batches, args.fisher_type)
     if path.is_file():
         info = fisher_mod.load_fisher(path)
+        fisher_mod.check_fisher_fits(info, mf.state_dict, path, mf.path)
         rec = info.get("_source") if isinstance(info.get("_source"), dict) else {}
         own = mf.dataset
         other = f", estimated on {rec.get('dataset')}, not the model's own {own}" \
@@ -245,16 +302,34 @@ def action_mse_score(model, batches, model_kwargs: dict | None = None):
     return score
 
 
+def fisher_coverage(states: Sequence[dict], fishers: Sequence[dict], keys: Sequence[str]) -> list[str]:
+    """The keys of S that a Fisher merge really combines; one warning names the floating-point tensors of S without a
+    Fisher, which keep model 1's values."""
+    done = merging.fisher_keys(states, fishers, keys)
+    have = set(done)
+    rest = [k for k in keys if k not in have and merging.mergeable(states[0][k])]
+    if done and rest:
+        log(f"warning: {len(rest)} tensors of the merged set have no Fisher (it covers {fisher_mod.FISHER_SCOPE} "
+            f"only) and keep model 1's values: {merging.compact_names(rest)}")
+    return done
+
+
 def merge_single_sources(sources: Sequence[ModelFile], args, keys, device, data: DatasetCache,
-                         fresh_state: dict | None = None) -> dict:
+                         fresh_state: dict | None = None) -> tuple[dict, list[str]]:
     """Merge single-task models with ``resolve_method(args)``: data-dependent inputs are computed on each model's
-    own dataset (Fisher, Gram matrices) or model 1's (greedy-soup score)."""
+    own dataset (Fisher, Gram matrices) or model 1's (greedy-soup score). Returns (merged state, the keys of S it
+    really combined: for a Fisher merge those with a Fisher)."""
     method = resolve_method(args)
     states = [s.state_dict for s in sources]
     names = [s.path for s in sources]
     kw: dict = {}
+    merged_keys = list(keys)
     if method == "fisher":
+        if not any(fisher_mod.FISHER_SCOPE in k for k in keys if merging.mergeable(states[0][k])):
+            raise UserError(f"none of the merged tensors has Fisher information (the Fisher covers "
+                            f"{fisher_mod.FISHER_SCOPE} only); --include a part of the blocks (e.g. attn mlp)")
         kw["fishers"] = [fisher_mod.fisher_tensors(fisher_for_file(s, args, data, device)) for s in sources]
+        merged_keys = fisher_coverage(states, kw["fishers"], keys)
     elif method in ("task_arithmetic", "ties"):
         kw["base"] = resolve_base(args, sources, fresh_state)
     elif method == "regmean":
@@ -270,19 +345,14 @@ def merge_single_sources(sources: Sequence[ModelFile], args, keys, device, data:
         env, dataset = source_env_dataset(sources[0])
         m = build_model(sources[0], device, max_length=args.K)
         kw["score"] = action_mse_score(m, windows(data.get(env, dataset), 256, args.batch_size, args.K, args.seed))
-    return merge_states(method, states, names, keys, args, device=device, **kw)
+    return merge_states(method, states, names, keys, args, device=device, **kw), merged_keys
 
 
 # ---- multi-task merge ------------------------------------------------------------------------------------------------
 
-def merge_multi_states(sources: Sequence[ModelFile], args, device, fishers=None, base=None) -> tuple[dict, list[str]]:
-    """LAWSON's ``setup_multi`` over N ≥ 2 multi-task models, each specialised on one distinct env: the blocks
-    ``transformer.h`` (every floating tensor, no include filter) merged with the method, ``ln_f``/``wpe``/``wte``/
-    ``embed_timestep`` from model 1, and each model's own env's embeddings, ``embed_ln`` and action head copied into
-    that env's slots. Returns (state, specializations)."""
-    from decision_transformer.models.multi_decision_transformer import MultiDTConfig
-
-    method = resolve_method(args)
+def check_multi_sources(sources: Sequence[ModelFile], method: str):
+    """What a multi-task merge needs of its models, checked before any Fisher is computed: N ≥ 2 multi-task models,
+    each specialised on exactly one env, all distinct, with compatible tensors, and a method available there."""
     if len(sources) < 2:
         raise UserError("--multi_pretrained_models needs at least 2 models")
     for s in sources:
@@ -294,12 +364,27 @@ def merge_multi_states(sources: Sequence[ModelFile], args, device, fishers=None,
     specs = [s.specializations[0] for s in sources]
     if len(set(specs)) != len(specs):
         raise UserError(f"the models' specialisations are not distinct: {specs}")
-    states = [s.state_dict for s in sources]
-    names = [s.path for s in sources]
-    merging.check_compatible(states, names, list(states[0].keys()))
-    keys = [k for k in states[0] if k.startswith("transformer.h.")]
     if method in ("regmean", "greedy_soup"):
         raise UserError(f"--merge_method {method} is available for single-task merges only")
+    states = [s.state_dict for s in sources]
+    merging.check_compatible(states, [s.path for s in sources], list(states[0].keys()))
+
+
+def merge_multi_states(sources: Sequence[ModelFile], args, device, fishers=None, base=None) -> tuple[dict, list[str]]:
+    """LAWSON's ``setup_multi`` over N ≥ 2 multi-task models, each specialised on one distinct env: the blocks
+    ``transformer.h`` (every floating tensor, no include filter) merged with the method, ``ln_f``/``wpe``/``wte``/
+    ``embed_timestep`` from model 1, and each model's own env's embeddings, ``embed_ln`` and action head copied into
+    that env's slots. Returns (state, specializations)."""
+    from decision_transformer.models.multi_decision_transformer import MultiDTConfig
+
+    method = resolve_method(args)
+    check_multi_sources(sources, method)
+    specs = [s.specializations[0] for s in sources]
+    states = [s.state_dict for s in sources]
+    names = [s.path for s in sources]
+    warn_architecture([s.config.get("model_config") for s in sources], names)
+    keys = [k for k in states[0] if k.startswith("transformer.h.")]
+    merged_keys = fisher_coverage(states, fishers, keys) if method == "fisher" and fishers is not None else keys
     if method in ("task_arithmetic", "ties") and base is None:
         base = resolve_base(args, sources)
     merged = merge_states(method, states, names, keys, args, fishers=fishers, base=base, device=device)
@@ -313,7 +398,7 @@ def merge_multi_states(sources: Sequence[ModelFile], args, device, fishers=None,
             for k, v in s.state_dict.items():
                 if k.startswith(p):
                     merged[k] = v.detach().clone().to(device) if device is not None else v.detach().clone()
-    n, _, frac = merging.merged_fraction(merged, keys)
+    n, _, frac = merging.merged_fraction(merged, merged_keys)
     log(f"multi merge: {method} of {len(sources)} models over {n} block tensors ({frac:.1%} of the parameters); "
         f"per-env layers from the model specialised on each env ({', '.join(specs)})")
     return merged, specs
@@ -361,19 +446,20 @@ def apply_merge(args, model, spec, device):
     """``experiment.py --pretrained_models A [B ...]``: load, merge, choose the model to finetune, apply
     ``--identity_layers`` and ``--merge_frozen``; returns the model to train, on ``device``. Records what was done in
     ``args.merge_info`` (written to the run's config), including the merged model's evaluation before finetuning."""
+    check_experiment_merge(args)
     for flag in ("merge_frozen", "identity_layers"):
         if getattr(args, flag) and not args.include:
             raise UserError(f"--{flag} needs --include: without it every tensor is merged, and --{flag} would "
                             f"{'leave nothing to train' if flag == 'merge_frozen' else 'reset every weight and bias'}")
     devices = [device] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the run's RNG stream does not depend on how the merge was computed
-        train_model, keys, info = _merge_for_experiment(args, model, spec, device)
+        train_model, keys, merged_keys, info = _merge_for_experiment(args, model, spec, device)
     if args.identity_layers:
         sd = train_model.state_dict()
         load_state_into(train_model, merging.identity_values(sd, [k for k in keys if k in sd]), "identity layers")
         log(f"identity layers: {len([k for k in keys if k in sd])} tensors set to weight 1 / bias 0")
-    if args.merge_frozen:
-        names = set(keys)
+    if args.merge_frozen:  # the tensors really merged (a Fisher merge leaves those without a Fisher as model 1's)
+        names = set(merged_keys)
         frozen = []
         for n, p in train_model.named_parameters():
             if n in names:
@@ -409,21 +495,29 @@ def _merge_for_experiment(args, fresh, spec, device):
         if args.flip:
             states, names = states[::-1], names[::-1]
         keys = merging.select_keys(list(states[0]), args.include, args.exclude)
+        check_selection(keys, args, names[0])
         merging.check_compatible(states, names, keys)
+        configs = [fresh.config.to_dict(), sources[0].config.get("model_config")]
+        warn_architecture(configs[::-1] if args.flip else configs, names)
         merged = merging.merge_mean(states, keys, p=args.p, device=device)
+        check_merged_state(merged, "mean", args)
         load_state_into(fresh, merged, f"merge of {names[0]} and {names[1]}")
         info.update(method="mean", base="loaded" if args.flip else "fresh")
         _report(merged, keys, info, f"mean of the fresh {args.pretrained_lm} model and {sources[0].path}")
-        return fresh, keys, info
+        return fresh, keys, keys, info
     keys = merging.select_keys(list(sources[0].state_dict), args.include, args.exclude)
+    merged_keys = keys
     if len(sources) == 1:
         merged = sources[0].state_dict  # one model, no LM: nothing to merge, the model is loaded
         info["method"] = "none"
         log(f"one pretrained model, no --pretrained_lm: loading {sources[0].path} (no merge)")
     else:
+        check_selection(keys, args, sources[0].path)
         merging.check_compatible([s.state_dict for s in sources], [s.path for s in sources], keys)
-        merged = merge_single_sources(sources, args, keys, device, data, fresh_sd)
-        _report(merged, keys, info, f"{method} of {len(sources)} models")
+        warn_architecture([s.config.get("model_config") for s in sources], [s.path for s in sources])
+        merged, merged_keys = merge_single_sources(sources, args, keys, device, data, fresh_sd)
+        check_merged_state(merged, method, args)
+        _report(merged, merged_keys, info, f"{method} of {len(sources)} models")
     chosen = [f for f in ("copy_model", "flip", "copy_include") if getattr(args, f)]
     if len(chosen) > 1:
         log(f"warning: --{chosen[0]} takes precedence over " + ", ".join(f"--{c}" for c in chosen[1:]))
@@ -452,7 +546,7 @@ def _merge_for_experiment(args, fresh, spec, device):
         load_state_into(fresh, merged, f"the merged model (model 1: {sources[0].path})")
         model = fresh
         info["trained"] = "fresh model with the whole merged state"
-    return model, keys, info
+    return model, keys, merged_keys, info
 
 
 def _report(merged, keys, info, what):

@@ -152,6 +152,25 @@ def normalise_fisher(fisher: StateDict, keys: Sequence[str], norm: str = "trace"
     return {k: v / denom for k, v in sel.items()}
 
 
+def fisher_keys(states: Sequence[StateDict], fishers: Sequence[StateDict], keys: Sequence[str]) -> list[str]:
+    """The keys of S that a Fisher merge combines: the floating-point ones that every Fisher holds. The others keep
+    model 1's values."""
+    return [k for k in _float_keys(states, keys) if all(k in f for f in fishers)]
+
+
+def compact_names(keys: Sequence[str], limit: int = 12) -> str:
+    """Tensor names shortened to their modules, layer indices folded to ``*`` (``transformer.h.*.ln_1``), at most
+    ``limit`` of them, for one-line messages."""
+    mods: list[str] = []
+    for k in keys:
+        parts = ["*" if p.isdigit() else p for p in k.split(".")]
+        m = ".".join(parts[:-1]) if len(parts) > 1 and parts[-1] in ("weight", "bias") else ".".join(parts)
+        if m not in mods:
+            mods.append(m)
+    shown = ", ".join(mods[:limit])
+    return shown + (f" and {len(mods) - limit} more" if len(mods) > limit else "")
+
+
 def merge_fisher(states: Sequence[StateDict], fishers: Sequence[StateDict], keys: Sequence[str], *,
                  norm: str = "trace", floor: float = 1e-6, favor_target: bool = False,
                  coeffs: Sequence[float] | None = None, device=None, verbose: bool = False) -> StateDict:
@@ -169,13 +188,14 @@ def merge_fisher(states: Sequence[StateDict], fishers: Sequence[StateDict], keys
     if len(fishers) != n:
         raise UserError(f"{len(fishers)} Fisher files for {n} models")
     coeffs = [1.0] * n if coeffs is None else list(coeffs)
-    fkeys = [k for k in _float_keys(states, keys) if all(k in f for f in fishers)]
+    fkeys = fisher_keys(states, fishers, keys)
     if not fkeys:
         raise UserError("none of the merged tensors has Fisher information (the Fisher covers transformer.h only)")
-    for f in fishers:
+    for i, f in enumerate(fishers):
         for k in fkeys:
-            if f[k].shape != states[0][k].shape:
-                raise UserError(f"Fisher tensor {k} has shape {list(f[k].shape)}, the model {list(states[0][k].shape)}")
+            if f[k].shape != states[i][k].shape:
+                raise UserError(f"the Fisher of model {i + 1}: tensor {k} has shape {list(f[k].shape)}, the model "
+                                f"{list(states[i][k].shape)}")
     normed = [normalise_fisher(f, fkeys, norm) for f in fishers]
     if floor > 0:
         total = sum(float(v.to(torch.float64).sum()) for nf in normed for v in nf.values())

@@ -31,7 +31,8 @@ from decision_transformer.errors import UserError
 from decision_transformer.legacy_import import (ModelFile, build_model, checked_state_stats, load_model_file,
                                                  stored_state_stats)
 from decision_transformer.logging import RunLogger, progress
-from decision_transformer.merge_setup import merge_multi_states, multi_fisher, resolve_method
+from decision_transformer.merge_setup import (check_merged_state, check_multi_sources, merge_multi_states, multi_fisher,
+                                              resolve_method)
 from decision_transformer.models.multi_decision_transformer import (MODEL_CLASS, MULTI_ENVS,
                                                                     MultiDecisionTransformer, MultiDTConfig)
 from decision_transformer.training import (GRAD_CLIP, apply_update, compile_module, freeze_from_args, freeze_unreached,
@@ -400,24 +401,50 @@ def new_model(args) -> MultiDecisionTransformer:
     return model
 
 
+def fisher_datasets(src: ModelFile, envs, dataset: str, data: EnvData, args, device, cache: dict):
+    """The Fisher data of one model: each env's ``dataset`` normalised with the state statistics the model stores
+    (those it was trained with; ``merge_cli`` does the same), else with the run's. Datasets with equal statistics are
+    loaded once (``cache``; the run's own data where it is the same). Returns (datasets, number of envs with stored
+    statistics)."""
+    out, own = [], 0
+    for e in envs:
+        stored = stored_state_stats(src, e)
+        own += stored is not None
+        run_mean, run_std = data.state_stats(e)
+        mean, std = stored if stored is not None else (run_mean, run_std)
+        mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        if dataset == args.dataset and np.array_equal(mean, run_mean) and np.array_equal(std, run_std):
+            out.append(data.get(e, dataset))  # the run's data, normalised with these very statistics
+            continue
+        key = (e, dataset, mean.tobytes(), std.tobytes())
+        if key not in cache:
+            cache[key] = EnvData(args, device, {e: (mean, std)}).get(e, dataset)
+        out.append(cache[key])
+    return out, own
+
+
 def merged_model(args, data: EnvData, device) -> tuple[MultiDecisionTransformer, dict]:
     """``--multi_pretrained_models``: LAWSON's ``setup_multi`` (uniform or Fisher; task arithmetic / TIES added)."""
     sources = [load_model_file(p) for p in args.multi_pretrained_models]
     fisher_mod.warn_context(sources, args.K, log)
     method = resolve_method(args)
+    check_multi_sources(sources, method)  # before any Fisher is computed
     fishers = None
     if method == "fisher":
         fishers = []
         fdata = args.fisher_dataset or args.dataset
+        cache: dict = {}
         for s in sources:
-            if not s.is_multi:
-                raise UserError(f"{s.path}: not a multi-task model")
             m = build_model(s, device, max_length=args.K)
             envs = [s.specializations[0]] if args.spec_info and len(s.specializations) == 1 else list(m.config.envs)
+            sets, own = fisher_datasets(s, envs, fdata, data, args, device, cache)
             log(f"fisher: {args.fisher_type} Fisher of {s.path} on {', '.join(f'{e}-{fdata}' for e in envs)} "
-                f"({args.f_num_batches} x {args.f_batch_size} windows each)")
-            fishers.append(multi_fisher(m, envs, [data.get(e, fdata) for e in envs], args))
+                f"({args.f_num_batches} x {args.f_batch_size} windows each), states normalised with "
+                + ("the statistics it stores" if own == len(envs) else "the run's statistics" if not own else
+                   "the statistics it stores where it has them, else the run's"))
+            fishers.append(multi_fisher(m, envs, sets, args))
     state, specs = merge_multi_states(sources, args, device, fishers=fishers)
+    check_merged_state(state, method, args)
     model = build_model(ModelFile(sources[0].path, state, sources[0].config, specs), device, max_length=args.K)
     model.specializations = list(specs)
     info = {"method": method, "models": list(args.multi_pretrained_models), "specializations": specs}

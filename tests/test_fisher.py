@@ -248,3 +248,129 @@ def test_a_cached_fisher_records_what_it_was_estimated_on(setup, monkeypatch, ca
                      "--num_eval_episodes", "0", "--outdir", ""])
     err = capsys.readouterr().err
     assert err.count("fisher: loaded") == 2 and err.count("estimated on expert, not the model's own medium") == 1
+
+
+def copies(paths, folder, *envs):
+    """Copies of the setup's checkpoints in ``folder`` (their Fisher files go to ``folder/info``)."""
+    out = []
+    for e in envs:
+        out.append(folder / paths[e].name)
+        out[-1].write_bytes(paths[e].read_bytes())
+    return out
+
+
+def test_fisher_merge_counts_and_freezes_only_the_tensors_with_a_fisher(setup, monkeypatch, capsys, tmp_path):
+    """The Fisher covers transformer.h only: tensors of the --include set outside it keep model 1's values. The log,
+    the merge record and --merge_frozen count only the tensors really merged, and one warning names the others."""
+    import json
+
+    from decision_transformer import merge_cli
+
+    root, data, paths = setup
+    a, b = copies(paths, tmp_path, "halfcheetah", "walker2d")
+    monkeypatch.chdir(tmp_path)
+    experiment.main(["--env", "halfcheetah", "--data_path", str(data), *SMALL, "--pretrained_models", str(a), str(b),
+                     "--include", "attn", "mlp", "embed", "--copy_model", "--use_fisher", "--merge_frozen",
+                     "--f_batch_size", "4", "--f_num_batches", "2", "--max_iters", "1", "--num_steps_per_iter", "2",
+                     "--num_eval_episodes", "0"])
+    err = capsys.readouterr().err
+    assert "merge: fisher of 2 models over 8 of 31 tensors" in err
+    assert [line for line in err.splitlines() if "no Fisher" in line] == [
+        "warning: 9 tensors of the merged set have no Fisher (it covers transformer.h only) and keep model 1's "
+        "values: embed_timestep, embed_return, embed_state, embed_action, embed_ln"]
+    assert "merge_frozen: 8 merged parameter tensors frozen" in err
+    (rd,) = (tmp_path / "checkpoints").iterdir()
+    info = json.loads((rd / "config.json").read_text())["merge_info"]
+    assert info["merged_tensors"] == 8 and info["frozen"] == 8
+    m0 = load_checkpoint(rd / "model_0.pt")["state_dict"]
+    m1 = load_checkpoint(rd / "model_1.pt")["state_dict"]
+    src = load_checkpoint(a)["state_dict"]
+    assert all(torch.equal(m0[k], src[k]) for k in m0 if "embed" in k)                      # model 1's
+    assert all(torch.equal(m0[k], m1[k]) for k in m0 if "attn" in k or "mlp" in k)         # merged: frozen
+    assert not torch.equal(m0["embed_state.weight"], m1["embed_state.weight"])             # not merged: trained
+
+    # merge_cli without --include: every tensor is in the set, the blocks' are merged
+    merge_cli.main(["--models", str(a), str(b), "--merge_method", "fisher", "--data_path", str(data), "--K", "5",
+                    "--f_batch_size", "4", "--f_num_batches", "2", "--out", str(tmp_path / "f.pt")])
+    err = capsys.readouterr().err
+    assert "merge: fisher of 2 models over 12 of 31 tensors" in err
+    assert "warning: 19 tensors of the merged set have no Fisher" in err and "transformer.wte, transformer.wpe" in err
+    ck = torch.load(tmp_path / "f.pt", weights_only=True)
+    assert ck["config"]["merge_info"]["merged_tensors"] == 12
+    assert all(torch.equal(ck["state_dict"][k], src[k]) for k in src if not k.startswith("transformer.h."))
+
+
+def fisher_file(model_path, edit, f_batch_size=4, f_num_batches=2):
+    """Write the Fisher info file of ``model_path`` by hand: random block tensors, changed by ``edit(F)``."""
+    sd = load_checkpoint(model_path)["state_dict"]
+    g = torch.Generator().manual_seed(0)
+    F = {k: torch.rand(v.shape, generator=g) for k, v in sd.items() if k.startswith("transformer.h.")}
+    edit(F)
+    F["_stats"] = {"sum": sum(float(v.sum()) for v in F.values()), "mean": 0.5}
+    path = fisher.fisher_info_path(model_path, f_batch_size, f_num_batches)
+    path.parent.mkdir(exist_ok=True)
+    torch.save(F, path)
+    return path
+
+
+def test_a_fisher_file_must_fit_its_model(setup, tmp_path, capsys):
+    """A Fisher file that lacks some of the model's block tensors, holds tensors the model has not, has another
+    shape, or has negative entries is refused with one line naming the file (not merged with)."""
+    from conftest import fails
+    from decision_transformer import merge_cli
+    from decision_transformer.errors import UserError
+
+    root, data, paths = setup
+    a, b = copies(paths, tmp_path, "hopper", "halfcheetah")
+    fisher_file(a, lambda F: None)
+    out = tmp_path / "m.pt"
+    argv = ["--models", str(a), str(b), "--include", "attn", "mlp", "--merge_method", "fisher", "--data_path",
+            str(data), "--K", "5", "--f_batch_size", "4", "--f_num_batches", "2", "--out", str(out)]
+
+    def drop_mlp(F):
+        for k in [k for k in F if ".mlp." in k]:
+            del F[k]
+
+    def negative(F):
+        F["transformer.h.0.attn.c_attn.weight"][0, 0] = -1.0
+
+    cases = [(drop_mlp, "no Fisher for 4 of the 12 block tensors of"),
+             (lambda F: F.update({"transformer.h.1.attn.c_attn.weight": torch.rand(16, 48)}),
+              "Fisher tensor transformer.h.1.attn.c_attn.weight is not a block tensor of"),
+             (lambda F: F.update({"transformer.h.0.mlp.c_fc.bias": torch.rand(32)}),
+              "Fisher tensor transformer.h.0.mlp.c_fc.bias has shape [32], [64] in"),
+             (negative, "Fisher tensor transformer.h.0.attn.c_attn.weight has negative entries")]
+    for edit, needle in cases:
+        path = fisher_file(b, edit)
+        msg = fails(merge_cli.main, argv, capsys)
+        assert msg.startswith(f"error: {path}: ") and needle in msg, msg
+        assert not out.exists()
+    with pytest.raises(UserError, match="a diagonal Fisher is >= 0"):
+        fisher.save_fisher({"transformer.h.0.w": torch.tensor([1.0, -0.5])}, tmp_path / "neg")
+
+
+def test_a_nan_fisher_merge_names_the_merge_and_the_floor(setup, tmp_path, monkeypatch, capsys):
+    """--fisher_floor 0 (the original's division): an element whose Fisher is zero in every model gives 0/0. The error
+    names the merge and --fisher_floor, not model 1's file; nothing is written."""
+    from conftest import fails
+    from decision_transformer import merge_cli
+
+    root, data, paths = setup
+    a, b = copies(paths, tmp_path, "hopper", "halfcheetah")
+    for p in (a, b):
+        fisher_file(p, lambda F: F["transformer.h.0.mlp.c_fc.bias"].zero_())
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    flags = ["--include", "attn", "mlp", "--fisher_floor", "0", "--f_batch_size", "4", "--f_num_batches", "2"]
+    msg = fails(experiment.main, ["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models", str(a),
+                                  str(b), "--copy_model", "--use_fisher", *flags, "--max_iters", "1",
+                                  "--num_steps_per_iter", "0", "--num_eval_episodes", "0"], capsys)
+    assert msg.startswith("error: the fisher merge: tensor transformer.h.0.mlp.c_fc.bias contains NaN or inf")
+    assert "--fisher_floor 0" in msg and str(a) not in msg
+    assert not any(work.iterdir())
+    msg = fails(merge_cli.main, ["--models", str(a), str(b), "--merge_method", "fisher", *flags, "--data_path",
+                                 str(data), "--out", str(work / "m.pt")], capsys)
+    assert msg.startswith("error: the fisher merge: tensor transformer.h.0.mlp.c_fc.bias contains NaN or inf")
+    assert "--fisher_floor 0" in msg and msg.endswith(f"{work / 'm.pt'} not written")
+    assert not any(work.iterdir())

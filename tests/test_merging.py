@@ -449,3 +449,96 @@ def test_results_table_statistics_of_the_models_own_dataset(tmp_path, capsys):
     assert "using those of " + str(data / "hopper-expert-v2.pkl") in capsys.readouterr().err
     results_table.evaluate_checkpoint(str(path), num_episodes=1, data_path=str(data), dataset="medium")
     assert "using those of " + str(data / "hopper-medium-v2.pkl") in capsys.readouterr().err
+
+
+# ---- merges that cannot be done as asked are refused before any work -------------------------------------------------
+
+def tiny_lm(folder: Path) -> Path:
+    """A GPT-2 directory with the trained models' block shapes (16 wide, 1 layer, 1 head)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=1, n_positions=64, vocab_size=50)).save_pretrained(folder)
+    return folder
+
+
+def test_one_pretrained_model_takes_only_the_mean(trained, tmp_path, monkeypatch, capsys):
+    """One --pretrained_models model is merged uniformly with the fresh --pretrained_lm model, or loaded without a
+    merge: another method is refused (one line, nothing written) instead of being silently replaced."""
+    from conftest import fails
+
+    root, data, m = trained
+    lm = tiny_lm(tmp_path / "lm")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    base = ["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models", str(m["hopper"]),
+            "--include", "attn", "mlp", "--max_iters", "1", "--num_steps_per_iter", "0", "--num_eval_episodes", "0"]
+    msg = fails(experiment.main, [*base, "--pretrained_lm", str(lm), "--use_fisher"], capsys)
+    assert "--use_fisher merges 2 or more --pretrained_models" in msg and "by the uniform mean (--p) only" in msg
+    msg = fails(experiment.main, [*base, "--pretrained_lm", str(lm), "--merge_method", "ties"], capsys)
+    assert "--merge_method ties merges 2 or more --pretrained_models" in msg
+    msg = fails(experiment.main, [*base, "--merge_method", "ties"], capsys)
+    assert "--merge_method ties merges 2 or more" in msg and "without --pretrained_lm is loaded without a merge" in msg
+    assert not any(work.iterdir())
+    experiment.main([*base, "--pretrained_lm", str(lm)])           # the uniform merge with the LM model still runs
+    assert json.loads(next((work / "checkpoints").rglob("config.json")).read_text())["merge_info"]["method"] == "mean"
+
+
+def test_degenerate_merges_are_refused(trained, tmp_path, monkeypatch, capsys):
+    """A merge of one model (merge_cli) and an --include that matches nothing (experiment.py, as merge_cli) are
+    errors before any work: no copy written, no Fisher computed, no run folder."""
+    from conftest import fails
+    from decision_transformer import merge_cli
+
+    root, data, m = trained
+    src = tmp_path / m["hopper"].name
+    src.write_bytes(m["hopper"].read_bytes())
+    monkeypatch.chdir(tmp_path)
+    for extra in ([], ["--merge_method", "fisher", "--f_batch_size", "4", "--f_num_batches", "2"]):
+        msg = fails(merge_cli.main, ["--models", str(src), "--include", "attn", "mlp", "--data_path", str(data),
+                                     "--K", "5", "--out", str(tmp_path / "one.pt"), *extra], capsys)
+        assert msg == "error: a merge needs at least 2 models; --models lists 1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]
+    nomatch = ["--include", "nomatch", "--out", str(tmp_path / "none.pt")]
+    expect = fails(merge_cli.main, ["--models", str(m["hopper"]), str(m["walker2d"]), *nomatch], capsys)
+    assert expect == f"error: --include nomatch matches no tensor of {m['hopper']}; nothing to merge"
+    msg = fails(experiment.main, ["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models",
+                                  str(m["hopper"]), str(m["walker2d"]), "--include", "nomatch", "--copy_model",
+                                  "--max_iters", "1", "--num_steps_per_iter", "0", "--num_eval_episodes", "0"], capsys)
+    assert msg == expect
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]
+
+
+def test_models_with_other_heads_or_activation_merge_with_a_warning(trained, tmp_path, monkeypatch, capsys):
+    """n_head and activation_function do not show in the tensor shapes: models differing in them still merge, with
+    one warning naming the settings and which model has which."""
+    import copy
+
+    from decision_transformer import merge_cli
+    from decision_transformer.checkpoint import atomic_save, make_checkpoint
+
+    root, data, m = trained
+    ck = load_checkpoint(m["hopper"])
+    bb = ck["config"]["model_config"]["backbone"]
+    cfg = copy.deepcopy(ck["config"])
+    cfg["model_config"]["backbone"].update(n_head=2, activation_function="gelu_new")
+    other = tmp_path / "heads.pt"
+    atomic_save(make_checkpoint(ck["state_dict"], cfg), other)
+    expect = (f"warning: the merged models differ in n_head ({bb['n_head']}: {m['hopper']}; 2: {other}) and "
+              f"activation_function ({bb['activation_function']}: {m['hopper']}; gelu_new: {other})")
+    capsys.readouterr()
+    merge_cli.main(["--models", str(m["hopper"]), str(other), "--include", "attn", "mlp", "--out",
+                    str(tmp_path / "m.pt")])
+    err = capsys.readouterr().err
+    assert err.count("warning: the merged models differ") == 1 and expect in err
+    monkeypatch.chdir(tmp_path)
+    experiment.main(["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models", str(m["hopper"]),
+                     str(other), "--include", "attn", "--copy_model", "--max_iters", "1", "--num_steps_per_iter", "0",
+                     "--num_eval_episodes", "0", "--outdir", ""])
+    err = capsys.readouterr().err
+    assert err.count("warning: the merged models differ") == 1 and expect in err
+    # models that agree: no warning
+    merge_cli.main(["--models", str(m["hopper"]), str(m["walker2d"]), "--include", "attn", "--out",
+                    str(tmp_path / "same.pt")])
+    assert "differ in" not in capsys.readouterr().err

@@ -401,3 +401,77 @@ def test_resume_continues_in_the_folder_it_found(data, tmp_path, monkeypatch):
     rows = lambda d: [json.loads(x)["iteration"] for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert rows(copy) == [1, 2] and rows(orig) == [1]
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "multi").iterdir()) == sorted([orig.name, copy.name])
+
+
+def save_multi(path, seed, specs, n_layer=1, stats=None):
+    """A tiny multi-task checkpoint specialised on ``specs``, trained on medium, storing ``stats`` (or (seed + 1, 2))
+    as the state statistics of every env."""
+    from decision_transformer.checkpoint import atomic_save, make_checkpoint
+    from decision_transformer.models.multi_decision_transformer import MODEL_CLASS
+
+    m = MultiDecisionTransformer(MultiDTConfig(max_length=5, backbone=BackboneConfig(n_embd=16, n_layer=n_layer,
+                                                                                        n_head=2)), seed=seed)
+    mean, std = stats or (float(seed + 1), 2.0)
+    st = {e: {"state_mean": torch.full((d,), mean), "state_std": torch.full((d,), std)}
+          for e, d in (("hopper", 11), ("halfcheetah", 17), ("walker2d", 17))}
+    cfg = {"model_class": MODEL_CLASS, "model_config": m.config.to_dict(), "dataset": "medium"}
+    atomic_save(make_checkpoint(m.state_dict(), cfg, specializations=list(specs), state_stats=st), path)
+    return path
+
+
+def test_multi_fisher_data_uses_the_models_statistics(data, tmp_path, monkeypatch):
+    """experiment_multi.py --fisher_dataset normalises the Fisher data with the state statistics each model stores
+    (those it was trained with), not with that dataset's own, as merge_cli does: both give the same merge."""
+    from decision_transformer import merge_cli
+
+    paths = [save_multi(tmp_path / "m0.pt", 0, ["hopper"]), save_multi(tmp_path / "m1.pt", 1, ["walker2d"])]
+    monkeypatch.chdir(tmp_path)
+    fisher_flags = ["--f_batch_size", "4", "--f_num_batches", "2", "--K", "5", "--data_path", str(data),
+                    "--device", "cpu"]
+    merge_cli.main(["--models", *map(str, paths), "--merge_method", "fisher", "--dataset", "expert", *fisher_flags,
+                    "--out", str(tmp_path / "cli.pt")])
+    experiment_multi.main(["--dataset", "medium", "--eval_only", "--max_iters", "1", "--num_steps_per_iter", "0",
+                           "--num_eval_episodes", "0", "--multi_pretrained_models", *map(str, paths), "--use_fisher",
+                           "--fisher_dataset", "expert", "--seed", "666", "--save_model", "--outdir", "",
+                           *fisher_flags])
+    (saved_path,) = (tmp_path / "models" / "multi").glob("*.pt")
+    by_cli = torch.load(tmp_path / "cli.pt", weights_only=True)["state_dict"]
+    by_multi = torch.load(saved_path, weights_only=True)["state_dict"]
+    blocks = [k for k in by_cli if k.startswith("transformer.h.")]
+    srcs = [torch.load(p, weights_only=True)["state_dict"] for p in paths]
+    k = "transformer.h.0.mlp.c_fc.weight"
+    assert not torch.allclose(by_cli[k], (srcs[0][k] + srcs[1][k]) / 2)                       # Fisher-weighted
+    for k in blocks:
+        torch.testing.assert_close(by_multi[k], by_cli[k], rtol=1e-5, atol=1e-6)
+
+
+def test_multi_merge_checks_its_models_before_any_fisher(data, tmp_path, monkeypatch, capsys):
+    """Models that cannot be merged (one model, a repeated or double specialisation, other shapes) are refused
+    before any Fisher is computed, by experiment_multi.py and merge_cli alike."""
+    from conftest import fails
+    from decision_transformer import merge_cli, merge_setup, multi_run
+
+    def no_fisher(*a, **k):
+        raise AssertionError("a Fisher was computed before the models were checked")
+
+    monkeypatch.setattr(multi_run, "multi_fisher", no_fisher)
+    monkeypatch.setattr(merge_setup, "multi_fisher", no_fisher)
+    hop = save_multi(tmp_path / "hop.pt", 0, ["hopper"])
+    hop2 = save_multi(tmp_path / "hop2.pt", 1, ["hopper"])
+    two = save_multi(tmp_path / "two.pt", 2, ["walker2d", "halfcheetah"])
+    deep = save_multi(tmp_path / "deep.pt", 3, ["walker2d"], n_layer=2)
+    monkeypatch.chdir(tmp_path)
+    flags = ["--f_batch_size", "4", "--f_num_batches", "2", "--K", "5", "--data_path", str(data), "--device", "cpu"]
+    for models, needle in (([hop], "--multi_pretrained_models needs at least 2 models"),
+                           ([hop, hop2], "the models' specialisations are not distinct"),
+                           ([hop, two], "must be specialised on exactly one env"),
+                           ([hop, deep], "does not exist in")):
+        msg = fails(experiment_multi.main, ["--eval_only", "--max_iters", "1", "--num_steps_per_iter", "0",
+                                            "--num_eval_episodes", "0", "--multi_pretrained_models", *models,
+                                            "--use_fisher", "--outdir", "", *flags], capsys)
+        assert needle in msg, msg
+        if len(models) > 1:
+            msg = fails(merge_cli.main, ["--models", *models, "--merge_method", "fisher", *flags, "--out",
+                                         str(tmp_path / "m.pt")], capsys)
+            assert needle in msg, msg
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "models").exists()
