@@ -199,6 +199,10 @@ def check_args(args):
     for p in (models_dir.parent, models_dir) if models_dir is not None else ():  # written after the first iteration
         if p.exists() and not p.is_dir():
             raise UserError(f"--save_model writes to {models_dir}/, but {p} is a file")
+    if getattr(args, "pretrained_models", None):  # a merge method that one model cannot take: before the data
+        from decision_transformer.merge_setup import check_experiment_merge
+
+        check_experiment_merge(args)
     if "" in (args.freeze_subset or []):  # before the data and any merge: nothing left to train (see optim.py)
         raise UserError("--freeze_subset '' matches every parameter: nothing is left to train")
     if getattr(args, "model_type", "dt") == "bc":

@@ -480,6 +480,9 @@ def test_one_pretrained_model_takes_only_the_mean(trained, tmp_path, monkeypatch
     assert "--merge_method ties merges 2 or more --pretrained_models" in msg
     msg = fails(experiment.main, [*base, "--merge_method", "ties"], capsys)
     assert "--merge_method ties merges 2 or more" in msg and "without --pretrained_lm is loaded without a merge" in msg
+    no_data = [*base, "--merge_method", "ties", "--no_generate"]
+    no_data[no_data.index("--data_path") + 1] = str(tmp_path / "absent")
+    assert "--merge_method ties merges 2 or more" in fails(experiment.main, no_data, capsys)  # before the data
     assert not any(work.iterdir())
     experiment.main([*base, "--pretrained_lm", str(lm)])           # the uniform merge with the LM model still runs
     assert json.loads(next((work / "checkpoints").rglob("config.json")).read_text())["merge_info"]["method"] == "mean"
