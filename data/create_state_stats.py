@@ -4,23 +4,46 @@
 
 Writes a pickled dict keyed ``{env}-{dataset}-v2`` whose values are ``{"state_mean", "state_std"}`` float32 arrays
 (std + 1e-6, over every observation of the dataset), LAWSON's layout, for every dataset found among the given envs and
-qualities; files that are missing are skipped (and listed).
+qualities; files that are missing are skipped (and listed). An existing table is updated: the entries computed here
+replace theirs, the others (datasets not found here) are kept; ``--replace`` writes only the entries computed here.
+An existing file that is not such a table is refused unless ``--replace`` is given.
 """
 import argparse
 import os
 import pickle
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from decision_transformer.envs import D4RL_ENVS  # noqa: E402
 from decision_transformer.paths import project_path  # noqa: E402
-from decision_transformer.errors import UserError, cli_entry, write_problem  # noqa: E402
+from decision_transformer.errors import UserError, cli_entry  # noqa: E402
 
 ENVS = tuple(sorted(D4RL_ENVS))
 DATASETS = ("medium", "medium-replay", "medium-expert", "expert")
+
+
+def read_table(path: str) -> dict:
+    """The existing table at ``path``: a dict of ``{env}-{dataset}-v2`` -> {"state_mean", "state_std"} arrays."""
+    import numpy as np
+
+    from decision_transformer.data import safe_pickle_load
+
+    advice = "move it away, or pass --replace to overwrite it"
+    try:
+        table = safe_pickle_load(path)
+    except UserError as e:
+        raise UserError(f"{path} exists but is not a readable state statistics table ({e}); {advice}") from None
+    if not isinstance(table, dict):
+        raise UserError(f"{path} exists but holds a {type(table).__name__}, not a state statistics table (a dict "
+                        f"keyed by '{{env}}-{{dataset}}-v2'); {advice}")
+    for key, entry in table.items():
+        if not (isinstance(key, str) and isinstance(entry, dict)
+                and all(isinstance(entry.get(k), np.ndarray) for k in ("state_mean", "state_std"))):
+            raise UserError(f"{path} exists but its entry {key!r} is not a dict of state_mean and state_std arrays, "
+                            f"so it is not a state statistics table; {advice}")
+    return table
 
 
 def compute_stats(data_path: str, envs=ENVS, datasets=DATASETS) -> tuple[dict, list[str]]:
@@ -48,6 +71,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="output file (default: {data_path}/state_stats.pkl)")
     p.add_argument("--envs", nargs="+", default=list(ENVS))
     p.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    p.add_argument("--replace", action="store_true",
+                   help="write only the entries computed now (default: update an existing table, keeping its "
+                        "other entries)")
     args = p.parse_args(argv)
     from decision_transformer.envs import check_dataset_name, get_env_spec
 
@@ -58,25 +84,23 @@ def main(argv=None):
     out = args.out or os.path.join(args.data_path, "state_stats.pkl")
     if os.path.isdir(out):
         raise UserError(f"--out {out}: is a folder; give the file to write, e.g. {Path(out) / 'state_stats.pkl'}")
-    table, missing = compute_stats(args.data_path, args.envs, args.datasets)
-    if not table:
+    merge = not args.replace and os.path.lexists(out)
+    old = read_table(out) if merge else {}  # checked before the work
+    found, missing = compute_stats(args.data_path, args.envs, args.datasets)
+    if not found:
         raise UserError(f"no datasets found in {args.data_path} for {', '.join(args.envs)} x "
                         f"{', '.join(args.datasets)}")
-    folder = os.path.dirname(os.path.abspath(out))
-    tmp = None
-    try:  # written whole, then renamed: an existing file is replaced only by a complete one
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "wb") as f:
+    kept = [k for k in old if k not in found]
+    table = {**old, **found}
+    from decision_transformer.synthetic import atomic_write
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
             pickle.dump(table, f)
-        os.replace(tmp, out)
-    except BaseException as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise UserError(f"cannot write {out}: {write_problem(out, e)}") from None
-        raise
-    print(f"{out}: {len(table)} datasets" + (f" (not found: {', '.join(missing)})" if missing else ""))
+
+    atomic_write(out, write)  # written whole, then renamed: an existing file is replaced only by a complete one
+    merged = f" ({len(found)} computed now, {len(kept)} other entries kept from the existing table)" if merge else ""
+    print(f"{out}: {len(table)} datasets{merged}" + (f" (not found: {', '.join(missing)})" if missing else ""))
 
 
 if __name__ == "__main__":

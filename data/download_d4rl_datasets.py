@@ -45,8 +45,10 @@ def convert(path: str, data_path: str) -> str:
     from decision_transformer.synthetic import write_pkl
 
     env, dataset = parse_name(path)
-    trajs = split_episodes(read_hdf5(path), source=path, max_steps=episode_steps(get_env_spec(env)))
-    validate_trajectories(trajs, get_env_spec(env), path)
+    spec = get_env_spec(env)
+    trajs = split_episodes(read_hdf5(path), source=path, max_steps=episode_steps(spec), require_episode=True)
+    # what is written is what was checked: float32 arrays, (T,) rewards, next_observations of the env's width
+    trajs = validate_trajectories(trajs, spec, path, next_observations=True)
     out = write_pkl(os.path.join(data_path, pkl_name(env, dataset)), trajs)
     returns = np.array([t["rewards"].sum() for t in trajs])
     steps = sum(len(t["rewards"]) for t in trajs)
@@ -56,11 +58,20 @@ def convert(path: str, data_path: str) -> str:
 
 
 def synthetic(args):
-    from decision_transformer.data import hdf5_name
+    from decision_transformer.data import hdf5_name, pkl_name
     from decision_transformer.synthetic import rollout_flat, write_hdf5
 
     if args.synthetic < 1:
         raise UserError(f"--synthetic needs a positive number of episodes, got {args.synthetic}")
+    # random-policy data under D4RL's names: never over real downloads or converted datasets unless asked to
+    targets = [p for env in args.envs for dataset in args.datasets
+               for p in (os.path.join(args.hdf5_dir, hdf5_name(env, dataset)),
+                         os.path.join(args.data_path, pkl_name(env, dataset)))]
+    existing = [p for p in targets if os.path.lexists(p)]
+    if existing and not args.force:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise UserError(f"--synthetic would replace {existing[0]}{more} with random-policy data; give other "
+                        f"--hdf5_dir and --data_path folders, or pass --force to overwrite")
     for i, env in enumerate(args.envs):
         for j, dataset in enumerate(args.datasets):
             data = rollout_flat(env, None, seed=args.seed + 1000 * i + j, num_episodes=args.synthetic)
@@ -88,8 +99,11 @@ def main(argv=None):
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--synthetic", type=int, default=None, metavar="N",
                    help="no download: write N uniform-random-policy episodes per env and dataset as D4RL-named hdf5 "
-                        "files into --hdf5_dir, then convert them as downloaded files (smoke tests, offline setups)")
+                        "files into --hdf5_dir, then convert them as downloaded files (smoke tests, offline setups); "
+                        "files of those names already there are refused unless --force")
     p.add_argument("--seed", type=int, default=0, help="--synthetic rollouts' seed")
+    p.add_argument("--force", action="store_true",
+                   help="--synthetic: overwrite existing hdf5 and pkl files of the same names (refused otherwise)")
     args = p.parse_args(argv)
     if args.synthetic is not None:
         synthetic(args)

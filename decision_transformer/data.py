@@ -221,33 +221,78 @@ def read_hdf5(path: str | os.PathLike) -> dict[str, np.ndarray]:
             f.visititems(visit)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
-    except OSError as e:
-        raise UserError(f"{path}: not a readable hdf5 file ({e})") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a dataset file") from None
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, OverflowError, MemoryError) as e:
+        # a damaged file fails in h5py's open, its object visit ("Object visitation failed") or a dataset read
+        why = str(e).strip() or type(e).__name__
+        raise UserError(f"{path}: not a readable hdf5 file ({why})") from None
+    return out
+
+
+#: the flat arrays with one value per row: a trailing axis of one, as D4RL writes some, is squeezed (as d4rl does)
+_ROW_KEYS = ("rewards", "terminals", "timeouts")
+
+
+def _flat_columns(data: dict, source: str) -> tuple[dict[str, np.ndarray], int]:
+    """The per-row arrays of a flat D4RL dict, checked: no scalars, ``rewards``/``terminals``/``timeouts`` of shape
+    (N,) (or (N, 1), squeezed), the same N rows everywhere, numeric or boolean flags. Returns them and N."""
+    cols = {}
+    for k in ("observations", "next_observations", "actions") + _ROW_KEYS:
+        if k not in data:
+            continue
+        v = np.asarray(data[k])
+        if v.ndim == 0:
+            raise UserError(f"{source}: {k!r} is a single value (shape ()), expected one row per transition")
+        if k in _ROW_KEYS and v.ndim == 2 and v.shape[1] == 1:
+            v = v[:, 0]
+        cols[k] = v
+    n = len(cols["rewards"])
+    for k, v in cols.items():
+        if k in _ROW_KEYS and v.ndim != 1:
+            raise UserError(f"{source}: {k!r} has shape {v.shape}, expected ({n},): one value per row (rewards has "
+                            f"{n} rows)")
+        if len(v) != n:
+            raise UserError(f"{source}: {k!r} has {len(v)} rows (shape {v.shape}), rewards has {n} "
+                            f"(shape {cols['rewards'].shape})")
+        if k in ("terminals", "timeouts") and v.dtype != bool and not np.issubdtype(v.dtype, np.number):
+            raise UserError(f"{source}: {k!r} has dtype {v.dtype}, expected booleans")
+    return cols, n
+
+
+def _to_float32(v: np.ndarray, source: str, key: str) -> np.ndarray:
+    """``v`` as float32; a finite value beyond float32's range is an error, not a silent inf."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = v.astype(np.float32, copy=False)
+    if out is not v and np.issubdtype(v.dtype, np.floating) and not np.isfinite(out).all():
+        big = np.isfinite(v) & ~np.isfinite(out)
+        if big.any():
+            raise UserError(f"{source}: {key!r} has values up to {np.abs(v[big]).max():.3g}, beyond float32's range "
+                            f"(about 3.4e38): they overflow float32")
     return out
 
 
 def split_episodes(data: dict[str, np.ndarray], source: str = "dataset",
-                   max_steps: int | None = None) -> list[dict[str, np.ndarray]]:
+                   max_steps: int | None = None, require_episode: bool = False) -> list[dict[str, np.ndarray]]:
     """Split flat D4RL arrays into trajectories, as the originals' conversion script did.
 
     A row closes its episode if ``terminals`` is set, or ``timeouts`` when the file has them; files without
     ``timeouts`` (v0) close an episode when the in-episode counter equals 999 (the originals' off-by-one: the
     first episode gets 1000 steps, later ones 999), or, with ``max_steps`` (an env outside D4RL, whose episodes
     have another length), after exactly ``max_steps`` steps. Rows after the last closing flag are dropped. Float
-    arrays are cast to float32 (medium-replay files are float64).
+    arrays are cast to float32 (medium-replay files are float64). ``rewards``, ``terminals`` and ``timeouts`` of
+    shape (N, 1) are read as (N,). With ``require_episode``, a file in which no episode ends is an error instead of
+    an empty list.
     """
     for key in REQUIRED_KEYS + ("terminals",):
         if key not in data:
             raise UserError(f"{source}: missing key {key!r}")
-    n = len(data["rewards"])
-    keys = [k for k in ("observations", "next_observations", "actions", "rewards", "terminals") if k in data]
-    for k in keys:
-        if len(data[k]) != n:
-            raise UserError(f"{source}: {k!r} has {len(data[k])} rows, rewards has {n}")
-    terminals = np.asarray(data["terminals"]).astype(bool)
-    use_timeouts = "timeouts" in data
+    cols, n = _flat_columns(data, source)
+    keys = [k for k in ("observations", "next_observations", "actions", "rewards", "terminals") if k in cols]
+    terminals = cols["terminals"].astype(bool)
+    use_timeouts = "timeouts" in cols
     if use_timeouts:
-        ends = terminals | np.asarray(data["timeouts"]).astype(bool)
+        ends = terminals | cols["timeouts"].astype(bool)
     else:
         ends = np.zeros(n, dtype=bool)
         step = 0
@@ -262,18 +307,29 @@ def split_episodes(data: dict[str, np.ndarray], source: str = "dataset",
                 step = 0
             step += 1  # as the originals: the counter restarts at 1 after a closed episode
     end_idx = np.flatnonzero(ends)
+    if not len(end_idx):
+        if require_episode:
+            if n == 0:
+                raise UserError(f"{source}: the file holds no rows (its arrays are empty)")
+            rule = ("no row has terminals or timeouts set" if use_timeouts else
+                    f"no row has terminals set, the file has no timeouts and fewer than "
+                    f"{1000 if max_steps is None else max_steps} rows")
+            raise UserError(f"{source}: no episode ends in its {n} rows ({rule}); the unfinished last episode is "
+                            f"dropped, as by D4RL's converter, so no trajectory is left")
+        return []
+    kept = int(end_idx[-1]) + 1  # the unfinished tail is dropped
+    flat = {}
+    for k in keys:
+        arr = cols[k][:kept]
+        if k == "terminals":
+            arr = arr.astype(bool)
+        elif np.issubdtype(arr.dtype, np.floating):
+            arr = _to_float32(arr, source, k)
+        flat[k] = arr
     trajs = []
     start = 0
     for e in end_idx:
-        traj = {}
-        for k in keys:
-            arr = np.asarray(data[k][start:e + 1])
-            if k == "terminals":
-                arr = arr.astype(bool)
-            elif np.issubdtype(arr.dtype, np.floating):
-                arr = arr.astype(np.float32, copy=False)
-            traj[k] = arr
-        trajs.append(traj)
+        trajs.append({k: flat[k][start:e + 1] for k in keys})
         start = e + 1
     return trajs
 
@@ -282,8 +338,10 @@ def split_episodes(data: dict[str, np.ndarray], source: str = "dataset",
 # Validation
 # --------------------------------------------------------------------------------------------------------------
 
-def validate_trajectories(trajs, spec: EnvSpec, source: str) -> list[dict[str, np.ndarray]]:
-    """Check structure, lengths, dtypes, dimensions and finiteness; return float32 copies of the arrays used."""
+def validate_trajectories(trajs, spec: EnvSpec, source: str, *,
+                          next_observations: bool = False) -> list[dict[str, np.ndarray]]:
+    """Check structure, lengths, dtypes, dimensions and finiteness; return float32 copies of the arrays used. With
+    ``next_observations``, trajectories that have them get them checked (shape, finiteness) and kept too."""
     if not isinstance(trajs, list) or not trajs:
         raise UserError(f"{source}: expected a non-empty list of trajectory dicts, got {type(trajs).__name__}"
                         + (" (empty)" if isinstance(trajs, list) else ""))
@@ -300,6 +358,8 @@ def validate_trajectories(trajs, spec: EnvSpec, source: str) -> list[dict[str, n
             if not (np.issubdtype(t[k].dtype, np.floating) or np.issubdtype(t[k].dtype, np.integer)):
                 raise UserError(f"{where}: {k!r} has dtype {t[k].dtype}, expected a float array")
         obs, act, rew = t["observations"], t["actions"], t["rewards"]
+        if rew.ndim != 1 and not (rew.ndim == 2 and rew.shape[1] == 1):
+            raise UserError(f"{where}: rewards have shape {rew.shape}, expected (T,)")
         n = len(rew)
         if n == 0:
             raise UserError(f"{where} is empty")
@@ -308,17 +368,22 @@ def validate_trajectories(trajs, spec: EnvSpec, source: str) -> list[dict[str, n
                             f"for {spec.name}")
         if act.ndim != 2 or act.shape[1] != spec.act_dim:
             raise UserError(f"{where}: actions have shape {act.shape}, expected (T, {spec.act_dim}) for {spec.name}")
-        if rew.ndim != 1 and not (rew.ndim == 2 and rew.shape[1] == 1):
-            raise UserError(f"{where}: rewards have shape {rew.shape}, expected (T,)")
         if len(obs) != n or len(act) != n:
             raise UserError(f"{where}: lengths differ (observations {len(obs)}, actions {len(act)}, rewards {n})")
-        clean = {
-            "observations": obs.astype(np.float32, copy=False),
-            "actions": act.astype(np.float32, copy=False),
-            "rewards": rew.reshape(-1).astype(np.float32, copy=False),
-        }
-        for k, v in clean.items():
-            if not np.isfinite(v).all():
+        arrays = {"observations": obs, "actions": act, "rewards": rew.reshape(-1)}
+        if next_observations and "next_observations" in t:
+            nxt = t["next_observations"]
+            if not isinstance(nxt, np.ndarray) or not (np.issubdtype(nxt.dtype, np.floating)
+                                                       or np.issubdtype(nxt.dtype, np.integer)):
+                raise UserError(f"{where}: 'next_observations' is not a numeric numpy array")
+            if nxt.shape != (n, spec.state_dim):
+                raise UserError(f"{where}: next_observations have shape {nxt.shape}, expected ({n}, "
+                                f"{spec.state_dim}) for {spec.name}")
+            arrays["next_observations"] = nxt
+        clean = {}
+        for k, v in arrays.items():
+            clean[k] = _to_float32(v, where, k)
+            if not np.isfinite(clean[k]).all():
                 raise UserError(f"{where}: {k!r} contains NaN or inf")
         term = t.get("terminals", t.get("dones"))
         if term is not None:
@@ -347,7 +412,7 @@ def load_trajectories(path: str | os.PathLike, env: str) -> list[dict[str, np.nd
     path = Path(path)
     spec = get_env_spec(env)
     if path.suffix in (".hdf5", ".h5"):
-        trajs = split_episodes(read_hdf5(path), source=str(path), max_steps=episode_steps(spec))
+        trajs = split_episodes(read_hdf5(path), source=str(path), max_steps=episode_steps(spec), require_episode=True)
     else:
         trajs = safe_pickle_load(path)
     return validate_trajectories(trajs, spec, str(path))

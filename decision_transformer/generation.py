@@ -406,10 +406,15 @@ def generate_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, nu
     t0 = time.perf_counter()
     data, meta = generate_flat(env, dataset, num_transitions, seed, policy_dir, progress)
     data_path = Path(data_path)
+    trajs = split_episodes(data, source=f"generated {env}-{dataset}")
+    if not trajs:  # checked before anything is written: an existing dataset is not replaced by an empty one
+        n = len(data["rewards"])
+        raise UserError(f"{env}-{dataset}: no episode ended within the {n} generated transitions (episodes of {env} "
+                        f"last up to {get_env_spec(env).max_ep_len} steps), so there is no trajectory to save; pass a "
+                        f"larger --num_transitions")
     out = {}
     if write_hdf5:
         out["hdf5"] = str(write_d4rl_hdf5(data_path / hdf5_name(env, dataset), data, meta))
-    trajs = split_episodes(data, source=f"generated {env}-{dataset}")
     out["pkl"] = str(write_pkl(data_path / pkl_name(env, dataset), trajs))
     stats = dataset_stats(env, dataset, trajs)
     stats.update(seconds=round(time.perf_counter() - t0, 1), policy=meta["policy"], seed=seed, files=out)

@@ -42,7 +42,10 @@ def test_create_state_stats_bad_input(tmp_path, capsys):
         f"error: cannot write {blocker / 'x.pkl'}: {blocker} is a file, not a folder"
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "hopper-medium-v2.pkl", "state_stats.pkl"]
-    main(["--data_path", str(tmp_path)])   # a good run replaces it whole, and leaves no temporary file
+    # {"kept": 1} is not a stats table: a plain run (which updates the table) refuses it, --replace writes anew
+    assert "state_stats.pkl" in expect_error(capsys, main, ["--data_path", tmp_path])
+    assert out.read_bytes() == before
+    main(["--data_path", str(tmp_path), "--replace"])   # replaces it whole, and leaves no temporary file
     assert set(pickle.loads(out.read_bytes())) == {"hopper-medium-v2"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "hopper-medium-v2.pkl", "state_stats.pkl"]
 

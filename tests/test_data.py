@@ -849,3 +849,207 @@ def test_observations_too_large_to_normalise():
     trajs[0]["observations"] /= 1e30
     mean, std = state_stats(trajs)
     assert np.isfinite(std).all() and (std > 0).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 9. Damaged and malformed D4RL hdf5 files
+# ----------------------------------------------------------------------------------------------------------------
+
+def _write_h5(path, d, compression=None):
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for k, v in d.items():
+            big = compression is not None and np.ndim(v) > 0 and np.size(v) > 50
+            f.create_dataset(k, data=v, compression=compression if big else None)
+    return path
+
+
+def test_hdf5_that_fails_in_its_object_visit_is_a_user_error(tmp_path, monkeypatch):
+    """h5py reports some damaged files only while visiting their objects or reading a dataset, as RuntimeError
+    ("Object visitation failed"), KeyError or ValueError: each is one line naming the file."""
+    import h5py
+
+    p = synthetic.write_hdf5(tmp_path / "hopper_medium-v2.hdf5", make_flat(10, terminal_rows=(9,)))
+    for cls, what in ((RuntimeError, "Object visitation failed (unable to offset into local heap data block)"),
+                      (KeyError, "Unable to open object"), (ValueError, "Invalid dataset identifier")):
+        def broken(self, *a, **k):
+            raise cls(what)
+
+        with monkeypatch.context() as m:
+            m.setattr(h5py.Group, "visititems", broken)
+            with pytest.raises(UserError) as ei:
+                load_dataset(tmp_path, "hopper", "medium")
+        msg = user_error_message(ei)
+        assert msg.startswith(f"{p}: not a readable hdf5 file (") and what in msg
+
+
+def test_fuzzed_hdf5_files_load_or_raise_user_error(tmp_path):
+    """300 seeded corruptions (1 to 5 bytes) of a small gzip-compressed D4RL-layout file: the loader returns
+    validated trajectories or raises a one-line UserError naming the file, never anything else."""
+    d = make_flat(200, terminal_rows=(150,), timeout_rows=(99,))
+    d["infos/qpos"] = np.random.default_rng(1).normal(size=(200, 6))
+    d["metadata/algorithm"] = np.bytes_(b"SAC")
+    good = _write_h5(tmp_path / "src.hdf5", d, compression="gzip").read_bytes()
+    p = tmp_path / "hopper_medium-v2.hdf5"
+    rng = np.random.default_rng(0)
+    failures = []
+    for _ in range(300):
+        b = bytearray(good)
+        for _ in range(rng.integers(1, 6)):
+            b[rng.integers(len(b))] = rng.integers(256)
+        p.write_bytes(bytes(b))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                load_trajectories(p, "hopper")
+        except UserError as e:
+            if "\n" in str(e) or str(p) not in str(e):
+                failures.append(("UserError message", str(e)[:120]))
+        except Exception as e:  # noqa: BLE001
+            failures.append((type(e).__name__, str(e)[:120]))
+    assert not failures, f"{len(failures)} bad outcomes, e.g. {sorted(set(failures))[:6]}"
+
+
+def test_split_episodes_checks_the_shape_of_every_row_array():
+    """``rewards``, ``terminals`` and ``timeouts`` of shape (N, 1) are read as (N,), as d4rl does (no N x N
+    broadcast of (N, 1) terminals against (N,) timeouts); anything else that is not N rows is one line naming the
+    key and the shapes."""
+    d = make_flat(12, terminal_rows=(4,), timeout_rows=(9,))
+    expected = split_episodes(d)
+    assert [len(t["rewards"]) for t in expected] == [5, 5]
+    for keys in (("terminals",), ("rewards",), ("timeouts",), ("rewards", "terminals", "timeouts")):
+        dd = dict(d, **{k: d[k].reshape(-1, 1) for k in keys})
+        assert_trajs_equal(split_episodes(dd), expected)
+    bad = {
+        "short timeouts": (dict(d, timeouts=d["timeouts"][:8]), ["'timeouts'", "8 rows", "(8,)", "(12,)"]),
+        "2-D timeouts": (dict(d, timeouts=np.zeros((12, 2), bool)), ["'timeouts'", "(12, 2)", "(12,)"]),
+        "2-D terminals": (dict(d, terminals=np.zeros((12, 3), bool)), ["'terminals'", "(12, 3)", "(12,)"]),
+        "2-D rewards": (dict(d, rewards=np.zeros((12, 2), np.float32)), ["'rewards'", "(12, 2)"]),
+        "scalar rewards": (dict(d, rewards=np.float32(3.0)), ["'rewards'", "shape ()"]),
+        "scalar observations": (dict(d, observations=np.float32(3.0)), ["'observations'", "shape ()"]),
+        "string terminals": (dict(d, terminals=np.array([b"a"] * 12)), ["'terminals'", "dtype"]),
+    }
+    for name, (dd, words) in bad.items():
+        with pytest.raises(UserError) as ei:
+            split_episodes(dd, source="x.hdf5")
+        msg = user_error_message(ei)
+        assert msg.startswith("x.hdf5: ") and all(w in msg for w in words), (name, msg)
+
+
+@pytest.mark.parametrize("kind", ["no ends", "no ends, no timeouts", "empty"])
+def test_hdf5_without_any_episode_end(tmp_path, kind):
+    """A file in which no episode ends gives nothing to train on (its unfinished tail is dropped, as D4RL's
+    converter does): the message says so, with the row count."""
+    d = make_flat(0 if kind == "empty" else 30, timeout_rows=None if "no timeouts" in kind else ())
+    p = synthetic.write_hdf5(tmp_path / "hopper_medium-v2.hdf5", d)
+    with pytest.raises(UserError) as ei:
+        load_dataset(tmp_path, "hopper", "medium")
+    msg = user_error_message(ei)
+    assert msg.startswith(f"{p}: ")
+    if kind == "empty":
+        assert "no rows" in msg
+    else:
+        assert "no episode ends in its 30 rows" in msg and "dropped" in msg and "non-empty list" not in msg
+        assert ("fewer than 1000 rows" in msg) == (kind == "no ends, no timeouts")
+
+
+@pytest.mark.parametrize("fmt", ["pkl", "hdf5"])
+def test_values_beyond_float32_range_are_named_as_overflow(tmp_path, fmt):
+    """float64 values too large for float32 are reported as such, without numpy's cast RuntimeWarning (not as
+    'NaN or inf', which the file does not hold)."""
+    if fmt == "pkl":
+        trajs = _good_trajs()
+        trajs[1]["actions"][2, 1] = 1e300
+        _write_bytes(tmp_path, pickle.dumps(trajs))
+        p, key = _pkl_path(tmp_path), "actions"
+    else:
+        d = make_flat(10, dtype=np.float64, terminal_rows=(9,), timeout_rows=())
+        d["observations"][3, 4] = -1e200
+        p, key = synthetic.write_hdf5(tmp_path / "hopper_medium-v2.hdf5", d), "observations"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(UserError) as ei:
+            load_dataset(tmp_path, "hopper", "medium")
+    msg = user_error_message(ei)
+    assert msg.startswith(f"{p}: ") and f"'{key}'" in msg and "overflow float32" in msg and "NaN" not in msg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 10. Writing dataset files
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_write_pkl_failures_keep_the_old_file_and_leave_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    path = synthetic.write_pkl(tmp_path / "hopper-medium-v2.pkl", make_trajs([3]))
+    before = path.read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(synthetic.pickle, "dump", full_disk)
+        with pytest.raises(UserError) as ei:
+            synthetic.write_pkl(path, make_trajs([5]))
+    assert user_error_message(ei) == f"cannot write {path}: no space left on the device"
+    with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):   # not picklable: the temporary file goes
+        synthetic.write_pkl(path, [{"observations": lambda: 0}])
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(UserError) as ei:
+        synthetic.write_pkl(blocker / "x.pkl", make_trajs([3]))
+    assert user_error_message(ei) == f"cannot write {blocker / 'x.pkl'}: {blocker} is a file, not a folder"
+    (tmp_path / "folder.pkl").mkdir()
+    with pytest.raises(UserError) as ei:
+        synthetic.write_pkl(tmp_path / "folder.pkl", make_trajs([3]))
+    assert user_error_message(ei) == f"cannot write {tmp_path / 'folder.pkl'}: it is a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder.pkl", path.name]
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()   # a plain file's permissions, not a temp file's 0600
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 11. data/create_state_stats.py
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_create_state_stats_updates_an_existing_table(tmp_path, capsys):
+    """Entries of datasets not found now (a shipped 12-entry table, datasets deleted since) are kept; --replace
+    writes only what was found; an existing file that is no stats table is refused, not overwritten."""
+    from conftest import fails, load_script
+
+    from decision_transformer.data import state_stats
+
+    main = load_script("data/create_state_stats.py").main
+    synthetic.write_pkl(tmp_path / "hopper-medium-v2.pkl", make_trajs([20, 30], seed=3))
+    out = tmp_path / "state_stats.pkl"
+    old = {f"{e}-{q}-v2": {"state_mean": np.full(d, 7.0, np.float32), "state_std": np.ones(d, np.float32)}
+           for e, d in (("hopper", 11), ("walker2d", 17)) for q in ("medium", "expert")}
+    out.write_bytes(pickle.dumps(old))
+    main(["--data_path", str(tmp_path), "--envs", "hopper", "walker2d"])
+    printed = capsys.readouterr().out
+    assert "4 datasets" in printed and "1 computed now, 3 other entries kept" in printed
+    table = pickle.loads(out.read_bytes())
+    assert set(table) == set(old)
+    mean, std = state_stats(make_trajs([20, 30], seed=3))
+    np.testing.assert_array_equal(table["hopper-medium-v2"]["state_mean"], mean)
+    np.testing.assert_array_equal(table["hopper-medium-v2"]["state_std"], std)
+    for k in ("hopper-expert-v2", "walker2d-medium-v2", "walker2d-expert-v2"):
+        np.testing.assert_array_equal(table[k]["state_mean"], old[k]["state_mean"])
+    for content, words in ((b"garbage", ["not a readable state statistics table"]),
+                           (pickle.dumps([1, 2]), ["holds a list"]),
+                           (pickle.dumps({"kept": 1}), ["entry 'kept'"])):
+        out.write_bytes(content)
+        msg = fails(main, ["--data_path", tmp_path], capsys)
+        assert str(out) in msg and "--replace" in msg and all(w in msg for w in words), msg
+        assert out.read_bytes() == content
+    main(["--data_path", str(tmp_path), "--replace"])
+    assert set(pickle.loads(out.read_bytes())) == {"hopper-medium-v2"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hopper-medium-v2.pkl", "state_stats.pkl"]

@@ -281,3 +281,75 @@ def test_run_from_the_data_folder_writes_there(tmp_path, monkeypatch):
     assert paths.project_path("data") == "../data"
     monkeypatch.chdir(tmp_path)                                   # outside the project: as written
     assert paths.project_path("data") == "data"
+
+
+def test_synthetic_refuses_to_replace_existing_files(tmp_path, capsys):
+    """--synthetic writes random-policy data under D4RL's names: an existing hdf5 (a real download) or pkl is not
+    replaced unless --force is given, and the refusal comes before anything is written."""
+    from conftest import fails
+
+    h5, out = tmp_path / "h5", tmp_path / "out"
+    h5.mkdir()
+    out.mkdir()
+    (h5 / "hopper_random-v2.hdf5").write_bytes(b"a real D4RL download")
+    (out / "hopper-medium-v2.pkl").write_bytes(b"a converted dataset")
+    argv = ["--synthetic", "1", "--envs", "hopper", "--datasets", "medium", "random", "--hdf5_dir", h5,
+            "--data_path", out]
+    msg = fails(script.main, argv, capsys)
+    assert str(out / "hopper-medium-v2.pkl") in msg and "1 more" in msg and "--force" in msg
+    assert sorted(p.name for p in h5.iterdir()) == ["hopper_random-v2.hdf5"]
+    assert sorted(p.name for p in out.iterdir()) == ["hopper-medium-v2.pkl"]
+    assert (h5 / "hopper_random-v2.hdf5").read_bytes() == b"a real D4RL download"
+    assert (out / "hopper-medium-v2.pkl").read_bytes() == b"a converted dataset"
+    script.main([str(a) for a in argv] + ["--force"])
+    assert sorted(p.name for p in h5.iterdir()) == ["hopper_medium-v2.hdf5", "hopper_random-v2.hdf5"]
+    for ds in ("medium", "random"):
+        assert len(safe_pickle_load(out / f"hopper-{ds}-v2.pkl")) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["hopper-medium-v2.pkl", "hopper-random-v2.pkl"]
+
+
+def test_write_hdf5_replaces_a_file_only_by_a_complete_one(tmp_path):
+    """The hdf5 is written to a temporary file and renamed: a write that fails leaves the old file as it was and no
+    temporary file."""
+    from decision_transformer.data import read_hdf5
+
+    path = write_hdf5(tmp_path / "hopper_medium-v2.hdf5", flat(20))
+    before = path.read_bytes()
+    bad = {"broken": np.array([object(), object()]), **flat(20)}   # h5py cannot store object arrays
+    with pytest.raises(TypeError):
+        write_hdf5(path, bad)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert set(read_hdf5(path)) == set(flat(20))
+
+
+def test_convert_writes_the_checked_float32_arrays(tmp_path):
+    """What is written is what was validated: (N, 1) rewards as (T,), integer observations as float32,
+    next_observations kept (float32) after their own shape and finiteness checks."""
+    d = flat(20, dtype=np.float64)
+    d["terminals"][9] = True
+    d["timeouts"][19] = True
+    d["rewards"] = d["rewards"].reshape(-1, 1)
+    d["observations"] = np.arange(20 * 11, dtype=np.int32).reshape(20, 11)
+    src = write_hdf5(tmp_path / "hopper_medium-v2.hdf5", d)
+    trajs = safe_pickle_load(script.convert(str(src), str(tmp_path / "out")))
+    assert [len(t["rewards"]) for t in trajs] == [10, 10]
+    for t in trajs:
+        assert set(t) == {"observations", "next_observations", "actions", "rewards", "terminals"}
+        assert t["rewards"].shape == (10,)
+        assert all(t[k].dtype == np.float32 for k in ("observations", "next_observations", "actions", "rewards"))
+    np.testing.assert_array_equal(trajs[1]["observations"], d["observations"][10:].astype(np.float32))
+    np.testing.assert_array_equal(trajs[1]["next_observations"], d["next_observations"][10:].astype(np.float32))
+    target = tmp_path / "out" / "hopper-medium-v2.pkl"
+    before = target.read_bytes()
+    for problem, words in (("nan", ["next_observations", "NaN"]), ("width", ["next_observations", "(10, 5)", "11"])):
+        bad = flat(20)
+        bad["terminals"][[9, 19]] = True
+        if problem == "nan":
+            bad["next_observations"][3, 2] = np.nan
+        else:
+            bad["next_observations"] = bad["next_observations"][:, :5]
+        src = write_hdf5(tmp_path / "hopper_medium-v2.hdf5", bad)
+        with pytest.raises(UserError) as e:
+            script.convert(str(src), str(tmp_path / "out"))
+        assert str(src) in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+        assert target.read_bytes() == before

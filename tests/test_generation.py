@@ -159,6 +159,29 @@ def test_random_dataset_and_the_script(tmp_path, policies, capsys):
     assert err.startswith("error: ") and str(bad) in err and "\n" not in err
 
 
+def test_no_episode_end_within_the_transitions_is_refused_before_writing(tmp_path, capsys):
+    """HalfCheetah never terminates: 50 transitions end no episode. That is one line (how many transitions, a larger
+    --num_transitions), and the datasets already there (pkl, hdf5, stats JSON) are left as they were."""
+    from conftest import fails
+
+    spec = importlib.util.spec_from_file_location("gen_script", ROOT / "data" / "generate_datasets.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    names = ("halfcheetah-random-v2.pkl", "halfcheetah_random-v2.hdf5", "halfcheetah-random-v2.stats.json")
+    for name in names:
+        (tmp_path / name).write_bytes(b"an earlier dataset " + name.encode())
+    with pytest.raises(UserError) as e:
+        generate_dataset(tmp_path, "halfcheetah", "random", num_transitions=50, progress=False, log=lambda m: None)
+    msg = str(e.value)
+    assert "no episode ended within the 50 generated transitions" in msg and "--num_transitions" in msg
+    msg = fails(script.main, ["--env", "halfcheetah", "--dataset", "random", "--num_transitions", "40", "--data_path",
+                              tmp_path, "--no_progress"], capsys)
+    assert "within the 40 generated transitions" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    for name in names:
+        assert (tmp_path / name).read_bytes() == b"an earlier dataset " + name.encode()
+
+
 def test_damaged_policy_files_are_refused(tmp_path):
     p = tmp_path / "p.pt"
     p.write_bytes(b"\x80\x04garbage")
