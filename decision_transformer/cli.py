@@ -5,11 +5,13 @@ import argparse
 
 from decision_transformer.envs import DEFAULT_ENV_VERSION, ENVS, SUPPORTED_ENV_VERSIONS
 from decision_transformer.errors import UserError
+from decision_transformer.paths import project_path
 
 
 def add_data_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("data, environment, context")
-    g.add_argument("--data_path", type=str, default="data", help="folder with {env}-{dataset}-v2.pkl (or D4RL hdf5)")
+    g.add_argument("--data_path", type=str, default=project_path("data"),
+                   help="folder with {env}-{dataset}-v2.pkl (or D4RL hdf5); default: the project's data/")
     g.add_argument("--env", type=str, default="hopper", help="hopper, halfcheetah, walker2d or reacher2d")
     g.add_argument("--dataset", type=str, default="medium",
                    help="random, medium, medium-replay, medium-expert or expert")
@@ -102,7 +104,7 @@ def add_run_flags(p: argparse.ArgumentParser, *, project: str = "decision-transf
     g.add_argument("--seed", type=int, default=seed_default)
     g.add_argument("--log_to_wandb", "-w", action="store_true", help="log to WandB (offline without credentials)")
     g.add_argument("--project", type=str, default=project, help="WandB project")
-    g.add_argument("--outdir", type=str, default=outdir_default,
+    g.add_argument("--outdir", type=str, default=outdir_default and project_path(outdir_default),
                    help="per-iteration checkpoints in {outdir}/{run_dir}/model_{iter}.pt; '' disables")
     g.add_argument("--save_model", action="store_true", help="also save models/{env}/dt_{exp_prefix}[_best].pt")
     g.add_argument("--save_mode", choices=["last", "best", "both"], default="last")

@@ -37,6 +37,7 @@ from decision_transformer.models.multi_decision_transformer import (MODEL_CLASS,
                                                                     MultiDecisionTransformer, MultiDTConfig)
 from decision_transformer.training import (GRAD_CLIP, apply_update, compile_module, freeze_from_args, freeze_unreached,
                                           mark_step, masked_action_mse, optimizer_from_args, rank_slice)
+from decision_transformer.paths import project_path
 
 NORM_ENVS = ("medium", "medium-expert", "expert", "medium-replay")
 STATE_STATS_FILE = "state_stats.pkl"
@@ -54,7 +55,8 @@ def multi_parser() -> argparse.ArgumentParser:
                                             "train, finetune per env, merge, evaluate.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data, context")
-    g.add_argument("--data_path", default="data", help="folder with {env}-{dataset}-v2.pkl for the three envs")
+    g.add_argument("--data_path", default=project_path("data"),
+                   help="folder with {env}-{dataset}-v2.pkl for the three envs")
     g.add_argument("--no_generate", action="store_true",
                    help="fail instead of generating a missing dataset from the bundled behaviour policies")
     g.add_argument("--dataset", default="medium", help="the same quality for all three envs")
@@ -95,8 +97,8 @@ def multi_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="None: drawn from OS entropy, logged and used everywhere")
     g.add_argument("--log_to_wandb", "-w", action="store_true")
     g.add_argument("--project", default="multi-decision-transformer")
-    g.add_argument("--outdir", default="checkpoints", help="config.json and metrics.jsonl in {outdir}/multi/{run}/; "
-                                                           "'' disables")
+    g.add_argument("--outdir", default=project_path("checkpoints"),
+                   help="config.json and metrics.jsonl in {outdir}/multi/{run}/; '' disables")
     g.add_argument("--save_model", action="store_true", help="save models/multi/dt_{exp_prefix}[_best].pt")
     g.add_argument("--save_mode", choices=["last", "best", "both"], default="last")
     g.add_argument("--resume", action="store_true",
@@ -560,7 +562,7 @@ def run_multi(args) -> dict:
         run_dir, args.save_model, args.num_eval_episodes = None, False, 0
     logger = RunLogger(run_dir, config, use_wandb=args.log_to_wandb and ctx.is_main, project=args.project, group=group,
                        name=exp_prefix, resume=resume_dir is not None, resume_after=start_iter)
-    models_dir = Path("models") / "multi"
+    models_dir = Path(project_path("models")) / "multi"
 
     def save(state, path, iteration):
         st = {e: {"state_mean": torch.as_tensor(np.asarray(m, np.float32)),

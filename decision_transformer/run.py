@@ -28,6 +28,7 @@ from decision_transformer.model_factory import (build_bc_model, build_model_from
                                                 make_extra_loss)
 from decision_transformer.cpu import configure_threads
 from decision_transformer.training import GRAD_CLIP, ActTrainer, Trainer, freeze_from_args, optimizer_from_args
+from decision_transformer.paths import project_path
 
 TRAIN_STATE = "train_state.pt"
 EXPERIMENT, LM_COTRAINING = "experiment", "lm_cotraining"
@@ -195,7 +196,8 @@ def check_args(args):
     if getattr(args, "log_to_wandb", False):
         check_wandb_mode()
     # (experiment_multi.py, which has no --env, saves to models/multi/)
-    models_dir = Path("models") / (getattr(args, "env", None) or "multi") if getattr(args, "save_model", False) else None
+    models_dir = (Path(project_path("models")) / (getattr(args, "env", None) or "multi")
+                  if getattr(args, "save_model", False) else None)
     for p in (models_dir.parent, models_dir) if models_dir is not None else ():  # written after the first iteration
         if p.exists() and not p.is_dir():
             raise UserError(f"--save_model writes to {models_dir}/, but {p} is a file")
@@ -386,7 +388,7 @@ def _run(args, script: str) -> dict:
     run_dir = Path(args.outdir) / run_dir_name(mname, args.dataset, args.env, args.seed, args.K,
                                                args.remove_grad_clip, args.pretrained_block) if args.outdir else None
     if lm_script:  # LAWSON: {outdir or models/{env}}/dt_{exp_prefix}/ (named once the run id is drawn, below)
-        run_dir = None if args.outdir == "" else Path(args.outdir or Path("models") / args.env)
+        run_dir = None if args.outdir == "" else Path(args.outdir or Path(project_path("models")) / args.env)
     st_path = resume_state_path(args, run_dir, lm_script) if args.resume else None  # before the merge: nothing to redo if absent
 
     model = (build_bc_model(args, spec) if bc else build_model_from_args(args, spec, lm)).to(device)
@@ -447,7 +449,7 @@ def _run(args, script: str) -> dict:
                   file=sys.stderr)
 
     config = {**vars(args), "exp_id": exp_id, "exp_prefix": exp_prefix, "model_name": mname,
-              "data_file": str(data_file), "device_used": str(device), "targets": targets,
+              "data_file": str(Path(data_file).resolve()), "device_used": str(device), "targets": targets,
               "model_config": cfg.to_dict(), "script": SCRIPTS[script],
               "pretrained_lm_path": str(lm.path) if lm is not None else None}
     ckpt_extra = dict(state_mean=dataset.state_mean, state_std=dataset.state_std)
@@ -459,7 +461,7 @@ def _run(args, script: str) -> dict:
                                                              args.remove_grad_clip, args.pretrained_block)
     logger = RunLogger(run_dir, config, use_wandb=args.log_to_wandb and ctx.is_main, project=args.project,
                        group=group, name=wandb_name, resume=args.resume, resume_after=start_iter)
-    models_dir = Path("models") / args.env
+    models_dir = Path(project_path("models")) / args.env
     best_key = f"evaluation/target_{int(targets[0])}_return_mean"
     warn_unsaved_best(args, models_dir / f"{args.model_type}_{exp_prefix}_best.pt", best_score, start_iter)
     pool = env_pool(args.env, args.env_version, args.eval_workers, device, args.num_eval_episodes)

@@ -376,3 +376,28 @@ def test_resume_checks_flags_against_the_training_state_when_config_json_is_brok
                                 "--learning_rate", "5e-3"])
     assert "was made with other flags: --learning_rate 0.005 (the run: 0.0001)" in msg
     assert "--no_token_cache" not in msg and "--note" not in msg        # not flags of experiment.py / hidden
+
+
+def test_started_in_a_project_sub_folder_the_defaults_are_the_projects_folders(tmp_path, monkeypatch, hopper_data):
+    """As the originals' scripts ran from a sub-folder (``cd lm_cotraining``, ``../data``): started anywhere inside
+    the project, a run reads the project's data/ and writes the project's checkpoints/ and models/ (nothing new
+    appears in the sub-folder), and records its data file so that an analysis started elsewhere finds it."""
+    import shutil
+
+    from decision_transformer import paths
+    from decision_transformer.analysis.runs import analysis_dataset
+
+    project = tmp_path / "project"
+    (project / "lm_cotraining").mkdir(parents=True)
+    shutil.copytree(hopper_data, project / "data")
+    monkeypatch.setattr(paths, "PROJECT_ROOT", project)
+    monkeypatch.chdir(project / "lm_cotraining")
+    experiment.main([*TINY, "--max_iters", "1", "--num_steps_per_iter", "2", "--save_model", "--no_generate"])
+    assert not any((project / "lm_cotraining").iterdir())
+    run = project / "checkpoints" / "dt_medium_hopper_666_K5"
+    assert (run / "model_1.pt").is_file() and list((project / "models" / "hopper").glob("*.pt"))
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data_file"] == str((project / "data" / "hopper-medium-v2.pkl").resolve())
+    monkeypatch.chdir(tmp_path)   # an analysis started outside the project still finds the recorded file
+    ds = analysis_dataset("hopper", "medium", None, load_checkpoint(run / "model_1.pt"))
+    assert len(ds) > 0

@@ -29,6 +29,7 @@ from decision_transformer.data import (
 from decision_transformer.envs import ENVS, get_env_spec
 from decision_transformer.errors import UserError
 from decision_transformer.models import DecisionTransformer, DTConfig
+from decision_transformer.paths import PROJECT_ROOT, project_path
 
 
 @dataclass(frozen=True)
@@ -241,15 +242,19 @@ def analysis_dataset(env: str, dataset: str, data_path: str | None, checkpoint: 
                      device="cpu") -> TrajectoryDataset:
     """The run's dataset (states normalised with its own statistics, as in training).
 
-    ``data_path`` None: the data file recorded in the checkpoint's config if it still exists, else ``./data``."""
+    ``data_path`` None: the data file recorded in the checkpoint's config if it still exists (runs record it as an
+    absolute path; an older relative one is also tried below the project), else the project's ``data/``."""
     path = None
     if data_path is None and checkpoint is not None:
         recorded = (checkpoint.get("config") or {}).get("data_file")
         cfg = checkpoint.get("config") or {}
-        if recorded and Path(recorded).is_file() and cfg.get("env", env) == env and cfg.get("dataset", dataset) == dataset:
-            path = Path(recorded)
+        same = cfg.get("env", env) == env and cfg.get("dataset", dataset) == dataset
+        for cand in ([Path(recorded), PROJECT_ROOT / recorded] if recorded and same else []):
+            if cand.is_file():
+                path = cand
+                break
     if path is None:
-        path, _ = load_dataset(data_path or "data", env, dataset)
+        path, _ = load_dataset(data_path or project_path("data"), env, dataset)
     return _dataset(str(Path(path).resolve()), env, str(torch.device(device)))
 
 
