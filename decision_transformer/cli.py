@@ -2,10 +2,26 @@
 from __future__ import annotations
 
 import argparse
+import copy
 
 from decision_transformer.envs import DEFAULT_ENV_VERSION, ENVS, SUPPORTED_ENV_VERSIONS
 from decision_transformer.errors import UserError
 from decision_transformer.paths import project_path
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with the default of every option that takes a value, also of options without a help text; on/off
+    switches show none (a ``store_false`` switch's default True would read as 'on by default')."""
+
+    def _format_action(self, action):
+        if (not action.help and action.option_strings and action.nargs != 0
+                and action.default not in (None, argparse.SUPPRESS)):
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        return action.help if action.nargs == 0 else super()._get_help_string(action)
 
 
 def add_data_flags(p: argparse.ArgumentParser):
@@ -223,16 +239,13 @@ def merge_signature(args) -> dict:
 def experiment_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train and evaluate a Decision Transformer on an offline MuJoCo dataset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add_data_flags(p)
     add_model_flags(p)
     add_kmeans_flags(p)
     add_optim_flags(p)
     add_run_flags(p)
     add_merge_flags(p)
-    for action in p._actions:  # show every default in --help
-        if action.help is None:
-            action.help = "(default: %(default)s)"
     return p
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from decision_transformer.cli import (add_data_flags, add_kmeans_flags, add_merge_flags, add_model_flags,
-                                      add_optim_flags, add_run_flags)
+from decision_transformer.cli import (HelpFormatter, add_data_flags, add_kmeans_flags, add_merge_flags,
+                                      add_model_flags, add_optim_flags, add_run_flags)
 
 #: flags of experiment.py that the LM script does not accept (their defaults stay in the namespace)
 _NOT_IN_LM_SCRIPT = ("pretrained_block", "remove_grad_clip", "project")
@@ -57,7 +57,7 @@ def lm_cotraining_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train a Decision Transformer initialised from a pretrained language model, with k-means "
                     "language alignment, init_reg and optional LM co-training.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add_data_flags(p)
     add_model_flags(p)
     add_kmeans_flags(p)
@@ -83,6 +83,4 @@ def lm_cotraining_parser() -> argparse.ArgumentParser:
                            "saves may change)")
         elif action.dest == "pretrained_lm":
             action.help = "required: a GPT-2-family directory (checkpoints/ChibiT) or a cached name such as gpt2"
-        if action.help is None:
-            action.help = "(default: %(default)s)"
     return p

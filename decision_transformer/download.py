@@ -53,9 +53,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = CHUNK) -> str:
 
 def _offline_error(url: str, reason) -> UserError:
     host = urllib.parse.urlsplit(url).netloc
+    from decision_transformer.paths import project_path
+
+    data = project_path("data")
     return UserError(f"cannot download {url} ({host} unreachable: {reason}); download the D4RL hdf5 files "
-                     f"elsewhere and convert them with `python data/download_d4rl_datasets.py --hdf5 FILE ... "
-                     f"--data_path data`, or generate datasets with data/generate_datasets.py")
+                     f"elsewhere and convert them with `python {data}/download_d4rl_datasets.py --hdf5 FILE ... "
+                     f"--data_path {data}`, or generate datasets with {data}/generate_datasets.py")
 
 
 def download_file(url: str, dest: str | os.PathLike, *, size: int | None = None, sha256: str | None = None,

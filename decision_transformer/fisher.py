@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from decision_transformer.checkpoint import atomic_save
-from decision_transformer.cli import THREADS_HELP, check_context, check_seed
+from decision_transformer.cli import THREADS_HELP, HelpFormatter, check_context, check_seed
 from decision_transformer.errors import UserError
 from decision_transformer.training.losses import masked_action_mse
 
@@ -351,7 +351,7 @@ def precompute_parser():
     p = argparse.ArgumentParser(description="Diagonal Fisher of a single-task checkpoint's transformer blocks on its "
                                             "own dataset, saved to <model_dir>/info/<stem>-bs{B}-nb{N}[-type] for "
                                             "experiment.py --use_fisher.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data_path", default="data")
     p.add_argument("--model", required=True, help="model file (our checkpoint, a state dict or an original pickle)")
     p.add_argument("--f_batch_size", type=int, default=64, help="windows per batch")

@@ -24,13 +24,13 @@ from pathlib import Path
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
 from decision_transformer.checkpoint import atomic_save, make_checkpoint
-from decision_transformer.cli import THREADS_HELP, check_context, check_seed
+from decision_transformer.cli import THREADS_HELP, HelpFormatter, check_context, check_seed
 from decision_transformer.errors import UserError, cli_entry
 
 
 def merge_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Merge Decision Transformer checkpoints into a new checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--recipe", default=None, help="YAML file with any of these options (flags override it)")
     p.add_argument("--models", nargs="+", default=None, help="checkpoints to merge; the first is the target")
     p.add_argument("--out", default=None, help="output checkpoint")

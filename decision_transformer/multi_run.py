@@ -25,7 +25,7 @@ from decision_transformer import distributed
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
 from decision_transformer.checkpoint import atomic_save, load_state_into, make_checkpoint, new_exp_id
-from decision_transformer.cli import THREADS_HELP, add_fast_path_flags, add_optim_flags
+from decision_transformer.cli import THREADS_HELP, HelpFormatter, add_fast_path_flags, add_optim_flags
 from decision_transformer.envs import DEFAULT_ENV_VERSION, SUPPORTED_ENV_VERSIONS, get_env_spec
 from decision_transformer.errors import UserError
 from decision_transformer.legacy_import import (ModelFile, build_model, checked_state_stats, load_model_file,
@@ -53,7 +53,7 @@ def log(msg: str):
 def multi_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Multi-task Decision Transformer on hopper, halfcheetah and walker2d: "
                                             "train, finetune per env, merge, evaluate.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("data, context")
     g.add_argument("--data_path", default=project_path("data"),
                    help="folder with {env}-{dataset}-v2.pkl for the three envs")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from decision_transformer.cli import HelpFormatter
 from decision_transformer.envs import D4RL_ENVS, SUPPORTED_ENV_VERSIONS, check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError, cli_entry
 from decision_transformer.legacy_import import stored_state_stats
@@ -207,7 +208,7 @@ def main(argv=None):
     from decision_transformer.run import resolve_device
 
     p = argparse.ArgumentParser(description="Per-env D4RL-normalised scores of merge-experiment models as a table.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--row", action="append", required=True, metavar="LABEL=PATH[@pick]",
                    help="a checkpoint (evaluated) or a run folder (read); repeat, same label = same row")
     p.add_argument("--pick", default="best", choices=["best", "last", "0"], help="iteration read from run folders")

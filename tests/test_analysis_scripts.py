@@ -122,6 +122,16 @@ def test_learning_curve_scripts(tmp_path, tiny_runs):  # noqa: F811
     rows = _rows(tmp_path / "res" / "learning_curve_block_hopper_medium_666.csv")
     assert {r["curve"] for r in rows} == {"block 0", "block 1", "GPT2 K=1", "Random Init K=1"}  # depth 2 from config
     assert max(int(r["epoch"]) for r in rows) == 10                                # hopper: first 10 epochs
+    # an env without block runs is skipped with a note; the hopper figure is still written
+    (tmp_path / "res" / "learning_curve_block_hopper_medium_666.csv").unlink()
+    outs = curves.run_no_context(curves.build_no_context_parser().parse_args(
+        [str(a) for a in ["--checkpoint_dir", tiny_runs, "--env_name_list", "walker2d", "hopper", "-block",
+                          *out(tmp_path)]]))
+    assert (tmp_path / "res" / "learning_curve_block_hopper_medium_666.csv").is_file()
+    assert any(n.startswith("skipped: no block-replacement runs for walker2d") for n in outs.notes)
+    with pytest.raises(UserError, match="no block-replacement runs for walker2d"):
+        curves.run_no_context(curves.build_no_context_parser().parse_args(
+            [str(a) for a in ["--checkpoint_dir", tiny_runs, "--env_name_list", "walker2d", "-block", *out(tmp_path)]]))
     load_script("analysis/section-54-gradient-analysis/plot_learning_curve_grad_clip.py").main(base)
     figure_ok(tmp_path / "figs" / "learning_curve_grad_clip_gpt2_hopper_medium_666")
 

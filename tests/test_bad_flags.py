@@ -177,3 +177,27 @@ def test_bench_core_stepping_workers(monkeypatch, capsys):
     monkeypatch.setattr(bench, "bench_sampler", lambda *a, **k: pytest.fail("the benchmark started"))
     main = bench.main
     assert "--stepping_workers: must be at least 0, got -2" in fails(main, ["--stepping_workers", "1", "-2"], capsys)
+
+
+@pytest.mark.parametrize("parser", ["decision_transformer.cli:experiment_parser",
+                                    "decision_transformer.cli_lm:lm_cotraining_parser",
+                                    "decision_transformer.multi_run:multi_parser",
+                                    "decision_transformer.merge_cli:merge_parser",
+                                    "decision_transformer.fisher:precompute_parser"])
+def test_help_shows_every_default_and_no_switch_state(parser, monkeypatch):
+    """--help gives the default of every option that takes a value (also without a help text), and none for on/off
+    switches (--no_extend_positions, default True, must not read as on by default)."""
+    import argparse
+    import importlib
+
+    module, name = parser.split(":")
+    p = getattr(importlib.import_module(module), name)()
+    monkeypatch.setenv("COLUMNS", "400")
+    for a in p._actions:
+        if not a.option_strings or a.default in (None, argparse.SUPPRESS) or a.help == argparse.SUPPRESS:
+            continue
+        entry = " ".join(p._get_formatter()._format_action(a).split())     # the option's lines in --help
+        if a.nargs == 0:
+            assert "default:" not in entry, entry
+        else:
+            assert "default: " in entry, entry

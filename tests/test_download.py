@@ -353,3 +353,20 @@ def test_convert_writes_the_checked_float32_arrays(tmp_path):
             script.convert(str(src), str(tmp_path / "out"))
         assert str(src) in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
         assert target.read_bytes() == before
+
+
+def test_the_offline_hint_names_the_data_scripts_from_where_it_runs(tmp_path, monkeypatch):
+    """Without network the error says how to convert local files; started inside the project's data/ folder (the
+    seed's `cd data`), its paths are written from there."""
+    from decision_transformer import paths
+    from decision_transformer.download import _offline_error
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    monkeypatch.setattr(paths, "PROJECT_ROOT", project)
+    monkeypatch.chdir(project)
+    msg = str(_offline_error("http://x/y", "no route"))
+    assert "`python data/download_d4rl_datasets.py --hdf5 FILE ... --data_path data`" in msg
+    monkeypatch.chdir(project / "data")
+    msg = str(_offline_error("http://x/y", "no route"))
+    assert "`python ./download_d4rl_datasets.py --hdf5 FILE ... --data_path .`" in msg and "./generate_datasets.py" in msg

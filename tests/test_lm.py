@@ -952,3 +952,24 @@ def test_lm_resume_continues_in_the_folder_it_found(lm_dirs, tmp_path, monkeypat
     lm_experiment.main([*cmd, "--max_iters", "2", "--resume"])
     assert (copy / "model_2.pt").is_file() and not (orig / "model_2.pt").exists()
     assert sorted(p.name for p in orig.iterdir()) == before
+
+
+def test_a_tokenizer_folder_without_tokenizer_files_is_one_line(lm_dirs, tmp_path, monkeypatch):
+    """--joint with an LM folder that holds only the model: the tokenizer resolved for it (here a model-only
+    checkpoints/gpt2, as the README's download recipe makes) must have tokenizer files, instead of loading as an
+    empty tokenizer that tokenises the corpus to 0 tokens."""
+    import shutil
+
+    from decision_transformer.errors import UserError
+    from decision_transformer.training.lm_cotrain import load_tokenizer
+
+    model_only = tmp_path / "checkpoints" / "gpt2"
+    model_only.mkdir(parents=True)
+    for f in (lm_dirs / "gpt2").iterdir():
+        if f.name in ("config.json", "model.safetensors", "generation_config.json"):
+            shutil.copy(f, model_only / f.name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    with pytest.raises(UserError, match="holds no tokenizer files"):
+        load_tokenizer(model_only, None)
+    assert len(load_tokenizer(lm_dirs / "gpt2", None)) > 100       # a folder with its tokenizer still loads

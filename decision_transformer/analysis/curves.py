@@ -228,55 +228,75 @@ def run_no_context(args) -> common.Outputs:
     return outs
 
 
+class NoBlockRuns(RunNotFound):
+    """An env without block-replacement runs: its figure is skipped with a note (an error when no env has any)."""
+
+
 def run_block_replacement(args) -> common.Outputs:
+    """Figure 9 per env of ``--env_name_list``; envs without runs are skipped with a note."""
     plt = common.pyplot()
     outs = common.Outputs()
     res = common.out_dir(args.results_dir)
+    skipped = []
     for env in args.env_name_list:
-        ref_keys = [RunKey(m, args.dataset_name, env, args.seed, 1) for m in ("gpt2", "dt")]
-        depth = None
-        for k in ref_keys[:1] + [RunKey("dt", args.dataset_name, env, args.seed, 1, block=0)]:
-            if k.path(args.checkpoint_dir).is_dir():
-                depth = run_depth(args.checkpoint_dir, k)
-                if depth:
-                    break
-        if not depth:
-            found = sorted(p.name for p in Path(args.checkpoint_dir).glob(f"dt_{args.dataset_name}_{env}_{args.seed}_K1_block*"))
-            if not found:
-                raise UserError(f"no block-replacement runs for {env}: looked for "
-                                f"{Path(args.checkpoint_dir) / RunKey('dt', args.dataset_name, env, args.seed, 1, block=0).dir_name} ...")
-            depth = 1 + max(int(n.rsplit("block", 1)[1]) for n in found)
-        max_epoch = args.max_epoch or (10 if env == "hopper" else 5)
-        metric = return_key(env, args.target)
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-        missing, rows = [], []
-        cmap = plt.get_cmap("viridis")
-        curves = [(f"block {b}", RunKey("dt", args.dataset_name, env, args.seed, 1, block=b),
-                   {"color": cmap(b / max(depth - 1, 1)), "lw": 1.2}) for b in range(depth)]
-        curves += [(f"{common.model_label(k.model)} K=1", k,
-                    {"color": "k" if k.model == "gpt2" else "r", "ls": "--", "lw": 1.6}) for k in ref_keys]
-        drawn = 0
-        for label, key, style in curves:
-            for ax, met in zip(axes, (metric, ACTION_ERROR)):
-                s = _try_series(args, key, met, max_epoch, missing if met == metric else None)
-                if s is None:
-                    continue
-                y = ema_smooth(s[1], args.smoothing, args.legacy_smoothing)
-                ax.plot(s[0], y, label=label, **style)
-                rows += [[label, met, int(i), float(v), float(w)] for i, v, w in zip(s[0], s[1], y)]
-                drawn += met == metric
-        if not drawn:
-            raise UserError(f"no block-replacement runs for {env}: " + "; ".join(missing[:2]))
-        outs.notes += [f"skipped: {msg}" for msg in missing]
-        axes[0].set_ylabel("return (mean, smoothed)")
-        axes[1].set_ylabel("action error (smoothed)")
-        for ax in axes:
-            ax.set_xlabel("epoch")
-        common.legend(axes[1], fontsize=6, ncol=2)
-        fig.suptitle(f"{env}: one pretrained block replaced into a K=1 Random Init DT ({depth} blocks)")
-        stem = f"learning_curve_block_{env}_{args.dataset_name}_{args.seed}"
-        outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
-        outs.files.append(common.save_csv(res / f"{stem}.csv", ["curve", "metric", "epoch", "value", "smoothed"], rows))
+        try:
+            outs.extend(_block_figure(args, env, plt, res))
+        except NoBlockRuns as e:
+            skipped.append(str(e))
+    if not outs.figures:
+        raise UserError("; ".join(skipped))
+    outs.notes += [f"skipped: {msg}" for msg in skipped]
+    return outs
+
+
+def _block_figure(args, env: str, plt, res: Path) -> common.Outputs:
+    outs = common.Outputs()
+    ref_keys = [RunKey(m, args.dataset_name, env, args.seed, 1) for m in ("gpt2", "dt")]
+    depth = None
+    for k in ref_keys[:1] + [RunKey("dt", args.dataset_name, env, args.seed, 1, block=0)]:
+        if k.path(args.checkpoint_dir).is_dir():
+            depth = run_depth(args.checkpoint_dir, k)
+            if depth:
+                break
+    if not depth:
+        pattern = f"dt_{args.dataset_name}_{env}_{args.seed}_K1_block*"
+        found = sorted(p.name for p in Path(args.checkpoint_dir).glob(pattern))
+        if not found:
+            first = RunKey("dt", args.dataset_name, env, args.seed, 1, block=0).dir_name
+            raise NoBlockRuns(f"no block-replacement runs for {env}: looked for {Path(args.checkpoint_dir) / first} ...")
+        depth = 1 + max(int(n.rsplit("block", 1)[1]) for n in found)
+    max_epoch = args.max_epoch or (10 if env == "hopper" else 5)
+    metric = return_key(env, args.target)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    missing, rows = [], []
+    cmap = plt.get_cmap("viridis")
+    curves = [(f"block {b}", RunKey("dt", args.dataset_name, env, args.seed, 1, block=b),
+               {"color": cmap(b / max(depth - 1, 1)), "lw": 1.2}) for b in range(depth)]
+    curves += [(f"{common.model_label(k.model)} K=1", k,
+                {"color": "k" if k.model == "gpt2" else "r", "ls": "--", "lw": 1.6}) for k in ref_keys]
+    drawn = 0
+    for label, key, style in curves:
+        for ax, met in zip(axes, (metric, ACTION_ERROR)):
+            s = _try_series(args, key, met, max_epoch, missing if met == metric else None)
+            if s is None:
+                continue
+            y = ema_smooth(s[1], args.smoothing, args.legacy_smoothing)
+            ax.plot(s[0], y, label=label, **style)
+            rows += [[label, met, int(i), float(v), float(w)] for i, v, w in zip(s[0], s[1], y)]
+            drawn += met == metric
+    if not drawn:
+        plt.close(fig)
+        raise NoBlockRuns(f"no block-replacement runs for {env}: " + "; ".join(missing[:2]))
+    outs.notes += [f"skipped: {msg}" for msg in missing]
+    axes[0].set_ylabel("return (mean, smoothed)")
+    axes[1].set_ylabel("action error (smoothed)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    common.legend(axes[1], fontsize=6, ncol=2)
+    fig.suptitle(f"{env}: one pretrained block replaced into a K=1 Random Init DT ({depth} blocks)")
+    stem = f"learning_curve_block_{env}_{args.dataset_name}_{args.seed}"
+    outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
+    outs.files.append(common.save_csv(res / f"{stem}.csv", ["curve", "metric", "epoch", "value", "smoothed"], rows))
     return outs
 
 

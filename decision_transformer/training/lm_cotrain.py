@@ -57,20 +57,31 @@ def load_tokenizer(lm_path: Path, tokenizer_name: str | None):
 
     from decision_transformer.models.pretrained import find_model_dir
 
-    has_own = any((lm_path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
+    has_own = _has_tokenizer(lm_path)
     if has_own and tokenizer_name in (None, "gpt2"):
         path = lm_path
     else:
         path, _ = _find_tokenizer_dir(tokenizer_name or "gpt2", find_model_dir)
+    if not _has_tokenizer(path):  # a model folder without tokenizer files would load as an empty tokenizer
+        raise UserError(f"--joint: {path} (from --tokenizer_name {tokenizer_name or 'gpt2'}) holds no tokenizer files "
+                        f"({', '.join(TOKENIZER_FILES)}); pass --tokenizer_name with a folder that has them, or save "
+                        f"the tokenizer into the LM's folder")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
         raise UserError(f"{path}: cannot load a tokenizer ({str(e).strip().splitlines()[0][:200]})") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+
+
+def _has_tokenizer(folder) -> bool:
+    return any((Path(folder) / f).is_file() for f in TOKENIZER_FILES)
+
+
 def _find_tokenizer_dir(name, find_model_dir):
     p = Path(name)
-    if p.is_dir() and any((p / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+    if p.is_dir() and _has_tokenizer(p):
         return p, "local"
     return find_model_dir(name, what="tokenizer", flag="--tokenizer_name")
 
