@@ -97,10 +97,20 @@ _ALLOWED_GLOBALS = {
 }
 
 
+def _latin1_encode(text, encoding="utf-8", errors="strict"):
+    """``_codecs.encode`` as numpy arrays pickled at protocol 2 use it (their bytes written as a latin-1 str), and
+    nothing else: only a str in latin-1."""
+    if not isinstance(text, str) or str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is allowed only for a str in latin-1")
+    return text.encode("latin-1", errors="strict")
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
         if module in ("numpy", "numpy.dtypes") and name.endswith("DType"):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
@@ -191,7 +201,7 @@ def safe_pickle_load(path: str | os.PathLike):
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            return _RestrictedUnpickler(io.BufferedReader(f)).load()
+            return _RestrictedUnpickler(f).load()
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -200,7 +210,7 @@ def safe_pickle_load(path: str | os.PathLike):
         raise UserError(f"{path}: refused to load ({e}); only numpy arrays, lists and dicts are allowed") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, ImportError, MemoryError,
             OverflowError, SystemError, RuntimeError) as e:
-        raise UserError(f"{path}: not a readable trajectory pickle ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -162,8 +162,13 @@ def _is_module(obj) -> bool:
     return isinstance(obj, LegacyObject) and isinstance(obj.__dict__.get("_modules"), dict)
 
 
-def module_state(obj, prefix: str = "", skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """``nn.Module.state_dict`` of a stand-in: parameters, persistent buffers, then children, recursively."""
+def module_state(obj, prefix: str = "", skip: tuple[str, ...] = (), _seen: frozenset = frozenset()
+                 ) -> dict[str, torch.Tensor]:
+    """``nn.Module.state_dict`` of a stand-in: parameters, persistent buffers, then children, recursively (a module
+    that contains itself is refused)."""
+    if id(obj) in _seen:
+        raise UserError(f"module {prefix.rstrip('.') or '(root)'} contains itself")
+    _seen = _seen | {id(obj)}
     d = obj.__dict__
     out: dict[str, torch.Tensor] = {}
     for name, t in (d.get("_parameters") or {}).items():
@@ -177,8 +182,8 @@ def module_state(obj, prefix: str = "", skip: tuple[str, ...] = ()) -> dict[str,
         if name in skip or m is None:
             continue
         if not _is_module(m):
-            raise UserError(f"unexpected object {m!r} in module {prefix + name}")
-        out.update(module_state(m, f"{prefix}{name}."))
+            raise UserError(f"unexpected object {type(m).__name__} in module {prefix + name}")
+        out.update(module_state(m, f"{prefix}{name}.", _seen=_seen))
     return out
 
 
@@ -247,7 +252,19 @@ def check_env_dims(source, env: str, dims: tuple[int, int], named_by: str) -> No
 
 def convert_legacy(root, path: str | Path, env: str | None = None) -> dict:
     """Our checkpoint dict for an original whole-module pickle. ``env`` (``--env``) replaces the env that the path
-    names for a single-task model; either must fit the weights' dims."""
+    names for a single-task model; either must fit the weights' dims. A module tree that is not shaped like the
+    originals' models is one line naming the file."""
+    try:
+        return _convert_legacy(root, path, env)
+    except UserError as e:
+        msg = str(e)
+        raise UserError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    except (RecursionError, TypeError, KeyError, AttributeError, IndexError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: not a model of the originals' layout ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
+def _convert_legacy(root, path: str | Path, env: str | None = None) -> dict:
     from decision_transformer.models import DTConfig
     from decision_transformer.models.multi_decision_transformer import MODEL_CLASS, MULTI_ENVS, MultiDTConfig
 
@@ -269,7 +286,9 @@ def convert_legacy(root, path: str | Path, env: str | None = None) -> dict:
     state = {k: v for k, v in state.items() if not k.endswith(LEGACY_BUFFERS)}
     check_finite_state(state, str(path))
     backbone = _backbone_config(root, state)
-    max_length = int(_attr(root, "max_length", 20) or 20)
+    max_length = _attr(root, "max_length", 20)
+    max_length = max_length if isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > 0 \
+        else 20
     max_ep_len = state["embed_timestep.weight"].shape[0]
     meta = {"legacy_source": str(path), "legacy_class": cls, "seed": None, "dataset": dataset}
     if is_multi:

@@ -161,6 +161,10 @@ def check_multi_args(args):
             raise UserError(f"--selected_training {e!r}: choose from {', '.join(MULTI_ENVS)}")
     if args.pretrained_model and args.multi_pretrained_models:
         raise UserError("--pretrained_model and --multi_pretrained_models exclude each other")
+    for other in ("pretrained_model", "multi_pretrained_models"):
+        if args.load_checkpoint and getattr(args, other):  # its weights would replace the loaded or merged model's
+            raise UserError(f"--load_checkpoint and --{other} exclude each other: the checkpoint's weights would "
+                            f"replace the {'merged' if other == 'multi_pretrained_models' else 'pretrained'} model's")
     if args.eval_merge_pre and not args.p_list:
         raise UserError("--eval_merge_pre needs --p_list")
 
@@ -182,11 +186,12 @@ def read_state_stats(data_path: str) -> dict:
 
 def resolve_state_stats(args, envs, ref: ModelFile | None) -> tuple[dict, str]:
     """Per-env (mean, std) overrides, by precedence: ``--norm_env D`` ≠ ``--dataset`` (state_stats.pkl); the
-    ``--pretrained_model`` / ``--load_checkpoint``'s dataset if ≠ ``--dataset`` (state_stats.pkl, else the statistics
-    stored in that checkpoint); otherwise {} (each env's statistics come from its loaded data)."""
+    ``--pretrained_model`` / ``--load_checkpoint``'s dataset if ≠ ``--dataset`` and no ``--norm_env`` is given
+    (state_stats.pkl, else the statistics stored in that checkpoint); otherwise {} (each env's statistics come from its
+    loaded data; an explicit ``--norm_env`` equal to ``--dataset`` asks for exactly that, as in the original)."""
     source = None
-    if args.norm_env and args.norm_env != args.dataset:
-        source = args.norm_env
+    if args.norm_env:
+        source = args.norm_env if args.norm_env != args.dataset else None
     elif ref is not None and ref.dataset and ref.dataset != args.dataset:
         source = ref.dataset
     if source is None:

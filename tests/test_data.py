@@ -1053,3 +1053,22 @@ def test_create_state_stats_updates_an_existing_table(tmp_path, capsys):
     main(["--data_path", str(tmp_path), "--replace"])
     assert set(pickle.loads(out.read_bytes())) == {"hopper-medium-v2"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hopper-medium-v2.pkl", "state_stats.pkl"]
+
+
+def test_protocol_2_pickles_of_numpy_arrays_load_and_codecs_stays_narrow(tmp_path):
+    """numpy arrays pickled at protocol 2 (Python 3) rebuild their bytes with _codecs.encode(str, 'latin1'): that
+    call is allowed, any other use of _codecs.encode is refused."""
+    import pickle
+
+    from decision_transformer.data import safe_pickle_load
+    from decision_transformer.errors import UserError
+
+    table = {"hopper-expert-v2": {"state_mean": np.arange(11, dtype=np.float32), "state_std": np.ones(11, np.float32)}}
+    p = tmp_path / "state_stats.pkl"
+    p.write_bytes(pickle.dumps(table, protocol=2))
+    got = safe_pickle_load(p)
+    assert np.array_equal(got["hopper-expert-v2"]["state_mean"], np.arange(11, dtype=np.float32))
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"\x80\x02c_codecs\nencode\nq\x00X\x01\x00\x00\x00aX\x05\x00\x00\x00rot13\x86R.")
+    with pytest.raises(UserError, match="only for a str in latin-1"):
+        safe_pickle_load(bad)

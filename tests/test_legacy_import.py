@@ -288,3 +288,24 @@ def test_anything_else_is_refused(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="junk.pt"):
         load_model_file(junk)
+
+
+def test_malformed_module_trees_are_one_line_naming_the_file(tmp_path):
+    """A pickled model whose module tree contains itself, a child that is not a module, or a max_length that is not a
+    number: one line naming the file, no RecursionError or TypeError traceback."""
+    cyclic = LDecisionTransformer()
+    cyclic.transformer._modules["loop"] = cyclic.transformer        # the module contains itself
+    path = tmp_path / "models" / "hopper" / "dt_gym-experiment-hopper-medium-1.pt"
+    path.parent.mkdir(parents=True)
+    save_original(cyclic, path)
+    with pytest.raises(UserError, match=rf"^{path}: module transformer.loop contains itself$"):
+        load_model_file(path)
+    odd = LDecisionTransformer()
+    odd.transformer._modules["extra"] = torch.Size([])               # a child that is not a module
+    save_original(odd, path)
+    with pytest.raises(UserError, match=rf"^{path}: unexpected object Size in module transformer.extra$"):
+        load_model_file(path)
+    weird = LDecisionTransformer()
+    weird.max_length = LConfig(2)                                   # not a number: the default context (20)
+    save_original(weird, path)
+    assert load_model_file(path).config["model_config"]["max_length"] == 20

@@ -475,3 +475,41 @@ def test_multi_merge_checks_its_models_before_any_fisher(data, tmp_path, monkeyp
                                          str(tmp_path / "m.pt")], capsys)
             assert needle in msg, msg
     assert not (tmp_path / "m.pt").exists() and not (tmp_path / "models").exists()
+
+
+def test_norm_env_given_equal_to_dataset_wins_over_the_pretrained_models_dataset(data, tmp_path):
+    """An explicit --norm_env equal to --dataset means the loaded data's own statistics, also when the
+    --pretrained_model was trained on another dataset (the original's precedence); without --norm_env that model's
+    dataset's statistics are used; --norm_env of another dataset reads state_stats.pkl."""
+    import types
+
+    from decision_transformer.legacy_import import ModelFile
+    from decision_transformer.multi_run import resolve_state_stats
+
+    stats = {e: (torch.full((d,), 7.0), torch.full((d,), 2.0)) for e, d in (("hopper", 11), ("halfcheetah", 17),
+                                                                             ("walker2d", 17))}
+    from decision_transformer.models.multi_decision_transformer import MODEL_CLASS
+
+    ref = ModelFile("m.pt", {}, {"dataset": "expert", "model_class": MODEL_CLASS},
+                    raw={"state_stats": {e: {"state_mean": m, "state_std": s} for e, (m, s) in stats.items()}})
+    args = types.SimpleNamespace(dataset="medium", norm_env="medium", data_path=str(tmp_path))
+    assert resolve_state_stats(args, list(MULTI_ENVS), ref) == ({}, "computed from the medium data")
+    args.norm_env = None
+    out, note = resolve_state_stats(args, list(MULTI_ENVS), ref)
+    assert set(out) == set(MULTI_ENVS) and "of expert" in note
+    args.norm_env = "expert"
+    from decision_transformer.errors import UserError
+
+    with pytest.raises(UserError, match="state_stats.pkl"):   # no table in tmp_path: --norm_env needs its entries
+        resolve_state_stats(args, list(MULTI_ENVS), None)
+
+
+def test_load_checkpoint_with_a_pretrained_or_merged_model_is_refused(data, tmp_path, monkeypatch, capsys):
+    """--load_checkpoint would replace every weight of the --pretrained_model or of the merge: refused up front."""
+    monkeypatch.chdir(tmp_path)
+    for other in (["--pretrained_model", "p.pt"], ["--multi_pretrained_models", "a.pt", "b.pt"]):
+        with pytest.raises(SystemExit) as e:
+            experiment_multi.main(["--data_path", str(data), *TINY, "--load_checkpoint", "c.pt", *other])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and f"--load_checkpoint and {other[0]} exclude each other" in err[-1]
+    assert not (tmp_path / "checkpoints").exists()
