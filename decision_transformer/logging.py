@@ -42,12 +42,34 @@ def check_wandb_mode() -> str | None:
     return mode
 
 
+def new_wandb_id() -> str:
+    """A fresh WandB run id (8 lowercase letters and digits, as WandB draws them)."""
+    import secrets
+    import string
+
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def recorded_wandb_id(run_dir: Path) -> str | None:
+    """The WandB run id a run folder records (its ``config.json``, else the config of its training state), or None."""
+    from decision_transformer.run import recorded_config
+
+    cfg = recorded_config(run_dir, note=False) if run_dir.is_dir() else None
+    value = (cfg or {}).get("wandb_run_id")
+    return value if isinstance(value, str) and value else None
+
+
 class RunLogger:
     """``log(metrics, step)`` appends one JSON line to ``{run_dir}/metrics.jsonl`` and logs to WandB when enabled.
 
     WandB honours ``WANDB_MODE``; with no credentials configured it runs offline (sync later with ``wandb sync``).
     ``resume``: keep the metrics already logged; with ``resume_after`` N, only the rows of iterations up to N (a run
     stopped after logging an iteration but before saving its training state logs that iteration again).
+
+    With WandB the run's WandB id is recorded in ``config`` as ``wandb_run_id`` (so in ``config.json`` and in what the
+    caller saves with that dict, such as the training state); a resumed run continues the WandB run of that id
+    (``resume="allow"``) instead of starting a new one, and every row carries its ``iteration``, logged as the WandB
+    step.
     """
 
     def __init__(self, run_dir: str | os.PathLike | None, config: dict, *, use_wandb: bool = False,
@@ -56,6 +78,11 @@ class RunLogger:
         self.run_dir = Path(run_dir) if run_dir else None
         self.wandb_run = None
         mode = check_wandb_mode() if use_wandb else None
+        previous_id = recorded_wandb_id(self.run_dir) if resume and self.run_dir is not None else None
+        if previous_id and not config.get("wandb_run_id"):  # kept also by a resumed part that runs without WandB
+            config["wandb_run_id"] = previous_id
+        if use_wandb and not config.get("wandb_run_id"):
+            config["wandb_run_id"] = new_wandb_id()
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # through a temporary file: a run stopped (or a disk full) while writing keeps the previous config.json,
@@ -73,7 +100,9 @@ class RunLogger:
             if mode is None and not wandb_credentials_present():
                 mode = "offline"
                 print("wandb: no credentials found, logging offline (sync later with `wandb sync`)", file=sys.stderr)
-            self.wandb_run = wandb.init(project=project, group=group, name=name, config=config, mode=mode)
+            resume_args = {"resume": "allow"} if previous_id == config["wandb_run_id"] else {}
+            self.wandb_run = wandb.init(project=project, group=group, name=name, config=config, mode=mode,
+                                        id=config["wandb_run_id"], **resume_args)
 
     def _keep_rows_until(self, iteration: int):
         path = self.run_dir / "metrics.jsonl"
@@ -103,7 +132,13 @@ class RunLogger:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log(metrics)
+            if step is None:
+                self.wandb_run.log(metrics)
+                return
+            current = getattr(self.wandb_run, "step", None)
+            if isinstance(current, int) and not isinstance(current, bool) and step < current:
+                return  # logged before the resume already (WandB keeps a run's steps increasing)
+            self.wandb_run.log({**metrics, "iteration": step}, step=step)
 
     def finish(self):
         if self.wandb_run is not None:

@@ -9,8 +9,13 @@ A grid is a YAML file (``decision_transformer/sweeps/*.yaml`` or any path): ``pr
 lists whose Cartesian product gives the runs; ``null`` leaves a flag out (random initialisation), ``true`` turns a
 switch on. ``run`` skips finished runs and resumes (``--resume``) runs that stopped half-way (``experiment.py``,
 ``lm_cotraining/experiment.py`` and ``experiment_multi.py`` runs); runs whose
-``--pretrained_lm`` cannot be found here are listed as blocked, and runs whose training state cannot be read as
-damaged; neither is started.
+``--pretrained_lm`` cannot be found here are listed as blocked, runs whose training state cannot be read as
+damaged, runs whose folder holds a run made with other flags as mismatch, and points whose flags their program
+rejects as invalid; none of these is started, and the launcher exits non-zero at the end. A grid two of whose points
+are the same run (one run folder) is refused.
+
+Each run is locked (a ``.{run}.lock`` file next to its folder) while it runs: a second launcher on the same grid, or
+on another grid with the same run, skips it as running elsewhere. A run stops (SIGINT) when its launcher dies.
 """
 from __future__ import annotations
 
@@ -21,11 +26,13 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from decision_transformer.cli import positive_int
 from decision_transformer.errors import Interrupted, UserError, cli_entry
 from decision_transformer.cpu import available_cpus
+from decision_transformer.paths import project_path
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID_DIR = Path(__file__).resolve().parent / "sweeps"
@@ -84,11 +91,35 @@ def to_argv(params: dict) -> list[str]:
     return argv
 
 
-def _find_state(parent: Path, prefix: str, signature: dict, done_file: str | None, max_iters: int, found=False):
-    """('done' | 'partial' | 'new', folder) for runs kept in ``{parent}/{prefix}{id}`` folders, found by the flags
-    they record. The newest such run with a training state is the one ``--resume`` continues (``found``, when given,
-    is that run or None): done = it holds ``done_file`` or its training state is at ``max_iters``, partial = not yet.
-    Without such a run: done = a run holds ``done_file`` (a run of 0 iterations writes no training state)."""
+@dataclass
+class Found:
+    """What the launcher knows of one run before it starts it: its ``state`` (see ``STATES``), the ``folder`` it is in
+    (when one exists), its ``lock`` file (None: a run that writes no folder), a ``note`` saying why it is not started,
+    and the ``target`` it writes to, in words."""
+    state: str
+    folder: Path | None = None
+    lock: Path | None = None
+    note: str = ""
+    target: str = ""
+
+
+#: The states of a grid's runs: only ``new`` and ``partial`` (resumed with ``--resume``) runs are started.
+STATES = {"done": "finished (skipped)", "partial": "to resume", "new": "new",
+          "blocked": "blocked (their language model is not available here)",
+          "damaged": "with a damaged training state (not started)",
+          "mismatch": "made with other flags (not started)",
+          "running": "running elsewhere (another launcher holds their lock)",
+          "invalid": "with invalid flags (not started)"}
+
+
+def _find_state(parent: Path, prefix: str, signature: dict, done_file: str | None, max_iters: int, found=False,
+                final=None):
+    """('done' | 'partial' | 'new' | 'damaged', folder) for runs kept in ``{parent}/{prefix}{id}`` folders, found by
+    the flags they record. The newest such run with a training state is the one ``--resume`` continues (``found``,
+    when given, is that run or None). It is done when its training state is at ``max_iters`` (written after the
+    iteration's checkpoint and best model) and the final model ``final(folder)`` names, if any, exists; partial when
+    not yet; with a training state that cannot be read, done if it holds ``done_file``, else damaged. Without such a
+    run: done = a run holds ``done_file`` (a run of 0 iterations writes no training state)."""
     from decision_transformer.checkpoint import find_run
     from decision_transformer.run import TRAIN_STATE
 
@@ -100,12 +131,35 @@ def _find_state(parent: Path, prefix: str, signature: dict, done_file: str | Non
             if done is not None:
                 return "done", done
         return "new", None
-    if done_file is not None and (found / done_file).is_file():
-        return "done", found
-    it = state_iteration(found / TRAIN_STATE)
+    return _state_of(found, done_file, max_iters, final), found
+
+
+def _state_of(folder: Path, done_file: str | None, max_iters: int, final=None) -> str:
+    """'done' | 'partial' | 'damaged' of a run folder that holds a training state (see ``_find_state``)."""
+    from decision_transformer.run import TRAIN_STATE
+
+    it = state_iteration(folder / TRAIN_STATE)
     if isinstance(it, str):
-        return "damaged", found
-    return ("done" if it >= max_iters else "partial"), found
+        return "done" if done_file is not None and (folder / done_file).is_file() else "damaged"
+    if it < max_iters:
+        return "partial"
+    last = final(folder) if final is not None else None
+    return "partial" if last is not None and not last.is_file() else "done"  # resumed: it writes the final model
+
+
+def _final_model(args, models_dir: Path, model_type: str):
+    """For runs that save their last model (``--save_model`` with ``--save_mode last`` or ``both``): a function of the
+    run folder giving that file, ``{models_dir}/{model_type}_{exp_prefix}.pt``, written after the last training
+    state (None where the folder does not record its ``exp_prefix``); else None."""
+    if not (getattr(args, "save_model", False) and getattr(args, "save_mode", "last") in ("last", "both")):
+        return None
+
+    def final(folder: Path) -> Path | None:
+        from decision_transformer.run import recorded_config
+
+        prefix = (recorded_config(folder, note=False) or {}).get("exp_prefix")
+        return models_dir / f"{model_type}_{prefix}.pt" if isinstance(prefix, str) and prefix else None
+    return final
 
 
 def state_iteration(path: Path) -> int | str:
@@ -126,10 +180,26 @@ def state_iteration(path: Path) -> int | str:
     return problem
 
 
+def _signature_lock(parent: Path, prefix: str, signature: dict) -> Path:
+    """The lock file of the runs ``{parent}/{prefix}{id}`` made with the flags ``signature`` (one run, resumed)."""
+    import hashlib
+    import json
+
+    text = json.dumps(json.loads(json.dumps(signature, default=str)), sort_keys=True)
+    return parent / f".{prefix}{hashlib.sha1(text.encode()).hexdigest()[:12]}.lock"
+
+
 def run_state(program: str, argv: list[str]) -> tuple[str, Path | None]:
-    """('done' | 'partial' | 'new', run folder) of a run of ``experiment.py``, ``lm_cotraining/experiment.py`` or
-    ``experiment_multi.py``; other programs are always 'new'."""
-    from decision_transformer.run import resume_signature
+    """('done' | 'partial' | 'new' | 'damaged' | 'mismatch', run folder) of a run of ``experiment.py``,
+    ``lm_cotraining/experiment.py`` or ``experiment_multi.py``; other programs are always 'new'."""
+    found = inspect_run(program, argv)
+    return found.state, found.folder
+
+
+def inspect_run(program: str, argv: list[str]) -> Found:
+    """The state of a run of ``program`` with the flags ``argv`` (see ``Found``); flags the program rejects are a
+    ``UserError`` naming the program."""
+    from decision_transformer.run import TRAIN_STATE, resume_signature
 
     name = Path(program).name
     if Path(program).parent.name == "lm_cotraining" and name == "experiment.py":
@@ -138,14 +208,17 @@ def run_state(program: str, argv: list[str]) -> tuple[str, Path | None]:
 
         a = _parse(lm_cotraining_parser(), "lm_cotraining/experiment.py", argv)
         if a.outdir == "":
-            return "new", None
-        parent = Path(a.outdir or Path("models") / a.env)
+            return Found("new")
+        parent = Path(a.outdir or Path(project_path("models")) / a.env)
+        prefix = f"dt_gym-experiment-{a.env}-{a.dataset}-"
         try:
             found = lm_resume_dir(a, parent)  # the run that --resume continues
         except UserError:
             found = None
-        return _find_state(parent, f"dt_gym-experiment-{a.env}-{a.dataset}-", resume_signature(a),
-                           f"model_{a.max_iters}.pt", a.max_iters, found)
+        state, folder = _find_state(parent, prefix, resume_signature(a), f"model_{a.max_iters}.pt", a.max_iters,
+                                    found, _final_model(a, Path(project_path("models")) / a.env, a.model_type))
+        return _with_note(Found(state, folder, _signature_lock(parent, prefix, resume_signature(a)),
+                                target=f"{parent / prefix}<id> (these flags)"))
     if name == "experiment_multi.py":
         from decision_transformer.multi_run import multi_parser, resume_signature as multi_signature
 
@@ -153,56 +226,201 @@ def run_state(program: str, argv: list[str]) -> tuple[str, Path | None]:
 
         a = _parse(multi_parser(), name, argv)
         if not a.outdir or a.eval_only or a.num_steps_per_iter <= 0:
-            return "new", None
+            return Found("new")
         parent, prefix = Path(a.outdir) / "multi", f"gym-experiment-multi-{a.dataset}-"
         try:
             found = resumable_run(parent, prefix, multi_signature(a))  # the run that --resume continues
         except UserError:
             found = None
-        return _find_state(parent, prefix, multi_signature(a), None, a.max_iters, found)
+        state, folder = _find_state(parent, prefix, multi_signature(a), None, a.max_iters, found,
+                                    _final_model(a, Path(project_path("models")) / "multi", "dt"))
+        return _with_note(Found(state, folder, _signature_lock(parent, prefix, multi_signature(a)),
+                                target=f"{parent / prefix}<id> (these flags)"))
     if name != "experiment.py":
-        return "new", None
+        return Found("new")
     from decision_transformer.checkpoint import model_name, run_dir_name
     from decision_transformer.cli import experiment_parser, merge_signature
+    from decision_transformer.run import recorded_config, resume_mismatches
 
     a = _parse(experiment_parser(), name, argv)
     if not a.outdir:
-        return "new", None
+        return Found("new")
     run_dir = Path(a.outdir) / run_dir_name(model_name(a.pretrained_lm, a.pretrained_block), a.dataset, a.env,
                                             a.seed, a.K, a.remove_grad_clip, a.pretrained_block)
+    final = _final_model(a, Path(project_path("models")) / a.env, a.model_type)
+    done_file = f"model_{a.max_iters}.pt"
     if a.pretrained_models:  # merge runs: {run}_{exp_id}, found by their merge flags
-        return _find_state(run_dir.parent, f"{run_dir.name}_", merge_signature(a), f"model_{a.max_iters}.pt",
-                           a.max_iters)
-    if (run_dir / f"model_{a.max_iters}.pt").is_file():
-        return "done", run_dir
-    if (run_dir / "train_state.pt").is_file():
-        return ("damaged" if isinstance(state_iteration(run_dir / "train_state.pt"), str) else "partial"), run_dir
-    return "new", run_dir
+        prefix = f"{run_dir.name}_"
+        state, folder = _find_state(run_dir.parent, prefix, merge_signature(a), done_file, a.max_iters, final=final)
+        found = Found(state, folder, _signature_lock(run_dir.parent, prefix, merge_signature(a)),
+                      target=f"{run_dir}_<id> (these merge flags)")
+    else:
+        if (run_dir / TRAIN_STATE).is_file():
+            state = _state_of(run_dir, done_file, a.max_iters, final)
+        else:  # also a finished run that wrote no training state (made before they were written)
+            state = "done" if (run_dir / done_file).is_file() else "new"
+        found = Found(state, run_dir if state != "new" else None, run_dir.parent / f".{run_dir.name}.lock",
+                      target=str(run_dir))
+    if found.state in ("done", "partial"):  # a folder of a run made with other flags is not this run
+        differ = resume_mismatches(a, recorded_config(found.folder) or {})
+        if differ:
+            found.state = "mismatch"
+            found.note = (f"{found.folder} holds a run made with other flags: {'; '.join(differ)}; move it away (or "
+                          f"give this grid another --outdir) to run this one")
+    return _with_note(found)
+
+
+def _with_note(found: Found) -> Found:
+    """A damaged run's note: its training state and why it cannot be read."""
+    if found.state == "damaged" and not found.note:
+        from decision_transformer.run import TRAIN_STATE
+
+        state_file = found.folder / TRAIN_STATE
+        found.note = f"{state_file}: {state_iteration(state_file)}; move it away to start that run over"
+    return found
 
 
 def _parse(parser, prog: str, argv: list[str]):
-    parser.prog = prog  # a flag it rejects is named as the run's, not the sweep's
+    """``argv`` parsed as the run's program does; a flag it rejects is a ``UserError`` naming the program."""
+    def error(message):
+        raise UserError(f"{prog}: {message} (see {prog} --help)")
+
+    parser.prog = prog
+    parser.error = error
     return parser.parse_args(argv)
+
+
+@dataclass
+class Run:
+    """One point of a grid: its ``params``, the program's flags ``argv`` (without ``--resume``), the full command
+    (with ``--resume`` when the run is resumed) and what ``inspect_run`` found."""
+    params: dict
+    argv: list[str]
+    cmd: list[str]
+    found: Found
+
+    @property
+    def state(self) -> str:
+        return self.found.state
 
 
 def plan(spec: dict, extra: list[str]) -> list[tuple[str, list[str]]]:
     """(state, full command) per run of the grid, ``extra`` flags appended to every run."""
+    return [(r.state, r.cmd) for r in plan_runs(spec, extra)]
+
+
+def plan_runs(spec: dict, extra: list[str]) -> list[Run]:
+    """The grid's runs with their states, ``extra`` flags appended to every run. A point whose flags its program
+    rejects is ``invalid`` (the others still run); a grid all of whose points are invalid, or two of whose points are
+    one and the same run (the same run folder), is refused."""
     program = str(ROOT / spec["program"])
-    out: list = []
+    out: list[Run] = []
     lm_found: dict[str, str | None] = {}
-    for params in expand(spec):
+    owners: dict[Path, int] = {}
+    for i, params in enumerate(expand(spec)):
         argv = to_argv(params) + extra
-        state, _ = run_state(program, argv)
-        if state == "partial":
-            argv = argv + ["--resume"]
-        lm = _flag_value(argv, ("--pretrained_lm", "-plm"))
-        if state != "done" and lm:
+        try:
+            found = inspect_run(program, argv)
+        except UserError as e:
+            found = Found("invalid", note=str(e))
+        if found.lock is not None:
+            key = found.lock.resolve()
+            if key in owners:
+                j = owners[key]
+                raise UserError(f"grid {spec.get('name', spec['program'])}: runs {j + 1} and {i + 1} "
+                                f"({_differ(out[j].params, params)}) are one and the same run, {found.target}: "
+                                f"each would skip, resume or replace the other; make them differ in a flag that "
+                                f"names the run folder, or give them different --outdir values")
+            owners[key] = i
+            if found.state in ("new", "partial"):
+                holder = _lock_holder(found.lock)
+                if holder is not None:
+                    found.state, found.note = "running", f"{found.target}: {holder}"
+        run_argv = argv + ["--resume"] if found.state == "partial" else argv
+        lm = _flag_value(run_argv, ("--pretrained_lm", "-plm"))
+        if found.state in ("new", "partial") and lm:
             if lm not in lm_found:
                 lm_found[lm] = _lm_problem(lm)
             if lm_found[lm]:
-                state = "blocked"
-        out.append((state, [sys.executable, program, *argv]))
+                found.state, found.note = "blocked", f"{lm}: {lm_found[lm]}"
+        out.append(Run(params, argv, [sys.executable, program, *run_argv], found))
+    if all(r.state == "invalid" for r in out):  # nothing of it can run: the error of the grid
+        raise UserError(out[0].found.note + (f" (in each of the grid's {len(out)} runs)" if len(out) > 1 else ""))
     return out
+
+
+def _differ(a: dict, b: dict) -> str:
+    """The flags in which two grid points differ, in words."""
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+    return ", ".join(f"--{k} {a.get(k)!r} / {b.get(k)!r}" for k in keys) or "the same flags"
+
+
+def _run_key(run: Run) -> str:
+    """What names a run's log: its lock file (the run folder it writes to) or, without one, its flags."""
+    import hashlib
+    import json
+
+    text = str(run.found.lock.resolve()) if run.found.lock is not None else json.dumps(run.params, sort_keys=True,
+                                                                                      default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+# ---- locks: one launcher per run -------------------------------------------------------------------------------
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked
+    fcntl = None
+
+
+def _take_lock(path: Path) -> tuple[bool, int | None]:
+    """(taken, fd): an exclusive lock on ``path`` (created, with its folders), held while ``fd`` is open in this
+    process or in a run it is passed to; (False, None) when another process holds it; (True, None) where no lock can
+    be taken (no ``fcntl``, or the file cannot be made: the run itself then reports the folder's problem)."""
+    if fcntl is None:
+        return True, None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return True, None
+    for attempt in range(5):  # another launcher's look (``_lock_holder``) holds it for an instant
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        os.close(fd)
+        return False, None
+    try:  # who holds it, for the message of another launcher
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    except OSError:
+        pass
+    return True, fd
+
+
+def _lock_holder(path: Path) -> str | None:
+    """Who holds the lock ``path`` (in words), or None when nobody does."""
+    if fcntl is None or not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            pid, _, since = os.read(fd, 200).decode(errors="replace").strip().partition(" ")
+        except OSError:
+            pid, since = "", ""
+        return (f"another launcher (pid {pid}, since {since}) holds {path}" if pid.isdigit() else
+                f"another launcher holds {path}")
+    finally:
+        os.close(fd)  # a lock taken here is released with it
+    return None
 
 
 def _flag_value(argv: list[str], names) -> str | None:
@@ -242,34 +460,69 @@ def core_sets(n_slots: int) -> list[list[int]] | None:
     return out
 
 
+def _death_signal():
+    """Linux's ``prctl``, to have a run signalled when its launcher dies; None elsewhere. Looked up before the fork:
+    the child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
 def _child_setup(cores: list[int] | None):
     """What a run's process does before it starts: SIGINT back to its default (a launcher started in the background
     by a non-interactive shell ignores SIGINT, and its runs would inherit that and never stop on the launcher's
-    SIGINT), and its own cores when pinned."""
+    SIGINT), a SIGINT when the launcher dies (Linux; also when killed with SIGKILL: the run stops as on Ctrl-C
+    instead of training on unwatched), and its own cores when pinned."""
     import signal
+
+    prctl, launcher = _death_signal(), os.getpid()
 
     def setup():
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if prctl is not None:
+            prctl(1, int(signal.SIGINT), 0, 0, 0)  # PR_SET_PDEATHSIG
+            if os.getppid() != launcher:  # the launcher died before that: stop now
+                os.kill(os.getpid(), signal.SIGINT)
         if cores:
             os.sched_setaffinity(0, cores)
     return setup
 
 
+def new_report() -> dict:
+    """What ``launch`` did, by run name: done, failed ((name, exit code, log)), running elsewhere (lock held by
+    another process), skipped ((name, state) found when its lock was taken), stopped and not started (interrupted)."""
+    return {"done": [], "failed": [], "elsewhere": [], "skipped": [], "stopped": [], "not_started": []}
+
+
 def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, names: list[str] | None = None,
-           grid: str | None = None, pin: bool = True) -> int:
+           grid: str | None = None, pin: bool = True, locks: list[Path | None] | None = None, recheck=None,
+           report: dict | None = None) -> int:
     """Run commands with at most one per slot (a GPU id, or None for a CPU process); returns the number failed.
 
     With ``pin`` (and at least as many cores as slots) each slot's runs are pinned to their own set of cores, so that
     concurrent runs do not share cores: their ``--threads auto`` and ``--eval_workers auto`` see that set.
 
+    ``locks``: a lock file per command (or None). A command starts only once its lock is taken, and the lock is held
+    until it ends, by the launcher and by the command (its file descriptor is passed on, so a run whose launcher was
+    killed keeps it); a command whose lock another process holds is skipped as running elsewhere. ``recheck(i)``,
+    called once the lock is taken, gives (state, command) again: only ``new`` and ``partial`` runs are started (the
+    state may have changed since the plan, by another launcher). ``report`` (see ``new_report``) collects what
+    happened.
+
     Each command appends to ``log_dir/{name}.log`` (``names``: by default ``run_{i}``), so a resumed run's log follows
     the interrupted one; its header line names the ``grid`` file when given. Ctrl-C or SIGTERM stops the running
     commands (SIGINT, then SIGKILL after 30 s, or at once on a second Ctrl-C or SIGTERM): their last finished
-    iterations stay saved, and the same command resumes them."""
+    iterations stay saved, and the same command resumes them. A run also gets SIGINT when the launcher dies (Linux)."""
     import signal
 
     log_dir.mkdir(parents=True, exist_ok=True)
     names = names or [f"run_{i:03d}" for i in range(len(commands))]
+    report = new_report() if report is None else report
     pending = list(enumerate(commands))
     running: dict[int, tuple] = {}
     free = list(range(len(slots)))
@@ -283,8 +536,27 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
     try:
         while pending or running:
             while pending and free:
-                slot = free.pop(0)
                 i, cmd = pending.pop(0)
+                lock_fd = None
+                if locks is not None and locks[i] is not None:
+                    taken, lock_fd = _take_lock(locks[i])
+                    if not taken:
+                        print(f"[skip {names[i]}] running elsewhere: {_lock_holder(locks[i]) or locks[i]}",
+                              flush=True)
+                        report["elsewhere"].append(names[i])
+                        continue
+                if recheck is not None:
+                    try:
+                        state, cmd = recheck(i)
+                    except BaseException:
+                        _unlock(lock_fd)
+                        raise
+                    if state not in ("new", "partial"):
+                        _unlock(lock_fd)
+                        print(f"[skip {names[i]}] now {state} (another launcher got to it first)", flush=True)
+                        report["skipped"].append((names[i], state))
+                        continue
+                slot = free.pop(0)
                 env = dict(os.environ)
                 if slots[slot] is not None:
                     env["CUDA_VISIBLE_DEVICES"] = slots[slot]
@@ -297,19 +569,32 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
                 log.flush()
                 where = slots[slot] if slots[slot] is not None else slot
                 print(f"[start {names[i]}] slot {where}: {shlex.join(cmd[1:])}", flush=True)
-                running[slot] = (names[i], subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                            preexec_fn=_child_setup(pinned[slot] if pinned else None)),
-                                 log)
+                try:
+                    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            preexec_fn=_child_setup(pinned[slot] if pinned else None),
+                                            pass_fds=() if lock_fd is None else (lock_fd,))
+                except BaseException:
+                    log.close()
+                    _unlock(lock_fd)
+                    raise
+                running[slot] = (names[i], proc, log, lock_fd)
             time.sleep(0.2)
-            for slot, (name, proc, log) in list(running.items()):
+            for slot, (name, proc, log, lock_fd) in list(running.items()):
                 if proc.poll() is not None:
                     log.close()
+                    _unlock(lock_fd)
                     status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {log.name})"
                     failed += proc.returncode != 0
+                    if proc.returncode == 0:
+                        report["done"].append(name)
+                    else:
+                        report["failed"].append((name, proc.returncode, log.name))
                     print(f"[end {name}] {status}", flush=True)
                     del running[slot]
                     free.append(slot)
     except KeyboardInterrupt:
+        report["stopped"] += [name for name, *_ in running.values()]
+        report["not_started"] += [names[i] for i, _ in pending]
         _stop(running)
         raise Interrupted(f"interrupted: stopped {len(running)} running and {len(pending)} waiting runs; the same "
                           f"command resumes them") from None
@@ -319,17 +604,23 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
     return failed
 
 
+def _unlock(fd: int | None):
+    if fd is not None:
+        os.close(fd)  # releases the lock (the launcher's last holder of it once its run has ended)
+
+
 def _log_prefix(spec: dict, log_dir: Path) -> str:
-    """The grid's logs are ``{name}_{index}.log``; ``{name}-{hash of the grid file's path}_{index}.log`` when
-    ``log_dir`` already holds logs of another grid file of the same name (their header names the file), so that
-    two grids sharing a ``--log_dir`` never write into each other's logs."""
+    """The grid's logs are ``{name}_{key}.log`` (``key``: a hash of the run's folder, see ``_run_key``);
+    ``{name}-{hash of the grid file's path}_{key}.log`` when ``log_dir`` already holds logs of another grid file of
+    the same name (their header names the file), so that two grids sharing a ``--log_dir`` never write into each
+    other's logs."""
     import glob
     import hashlib
     import re
 
     name, mark = spec["name"], f"[grid {spec['path']}] "
     for log in sorted(log_dir.glob(f"{glob.escape(name)}_*.log")):
-        if not re.fullmatch(re.escape(name) + r"_\d{3,}\.log", log.name):
+        if not re.fullmatch(re.escape(name) + r"_(\d{3,}|[0-9a-f]{8})\.log", log.name):
             continue
         try:
             with open(log, errors="replace") as f:
@@ -353,19 +644,19 @@ def _stop(running: dict, grace_s: float = 30.0):
     import signal
 
     procs = list(running.values())
-    for _, proc, _ in procs:
+    for _, proc, *_ in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
     deadline = time.time() + grace_s
     try:
-        for _, proc, _ in procs:
+        for _, proc, *_ in procs:
             try:
                 proc.wait(timeout=max(0.0, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 pass
     except KeyboardInterrupt:  # a second interrupt: no more waiting
         print("[interrupted again: killing the running commands]", flush=True)
-    for name, proc, log in procs:
+    for name, proc, log, *lock in procs:
         while True:
             try:
                 if proc.poll() is None:
@@ -375,31 +666,46 @@ def _stop(running: dict, grace_s: float = 30.0):
             except KeyboardInterrupt:  # a further interrupt while killing: kill and wait all the same
                 continue
         log.close()
+        _unlock(lock[0] if lock else None)
         print(f"[stopped {name}]", flush=True)
 
 
 def export_wandb(spec: dict, out_dir: Path) -> list[Path]:
     """WandB grid-sweep files. A grid value ``null`` cannot be expressed in one sweep: the grid is split per value
-    of that parameter (one sweep without the flag, one with the other values)."""
+    of that parameter (one sweep without the flag, one with the other values); a parameter whose only value is
+    ``null`` is left out. A WandB agent passes a value as one ``--flag=value`` argument: a one-element list is
+    exported as its element, and a grid with a list of several values (a flag taking several) is refused."""
     import yaml
 
-    nullable = [k for k, v in spec["grid"].items() if None in v]
+    name = spec["name"]
+
+    def value(k, v):
+        if isinstance(v, (list, tuple)):
+            if len(v) != 1:
+                raise UserError(f"grid {name}: {k} = {list(v)!r} cannot be exported: a WandB agent passes a list as "
+                                f"one argument (--{k}={list(v)!r}); run this grid with `sweep run` instead")
+            return v[0]
+        return v
+
+    fixed = {k: value(k, v) for k, v in spec["fixed"].items() if v is not None}
+    grid = {k: [value(k, x) for x in v] for k, v in spec["grid"].items() if any(x is not None for x in v)}
+    nullable = [k for k, v in grid.items() if None in v]
     if len(nullable) > 1:
-        raise UserError(f"grid {spec['name']}: only one parameter may contain null, found {', '.join(nullable)}")
-    variants = [("", spec["grid"])]
+        raise UserError(f"grid {name}: only one parameter may contain null, found {', '.join(nullable)}")
+    variants = [("", grid)]
     if nullable:
         k = nullable[0]
-        rest = {kk: vv for kk, vv in spec["grid"].items() if kk != k}
-        variants = [(f"-no-{k}", rest), (f"-{k}", {**rest, k: [v for v in spec["grid"][k] if v is not None]})]
+        rest = {kk: vv for kk, vv in grid.items() if kk != k}
+        variants = [(f"-no-{k}", rest), (f"-{k}", {**rest, k: [v for v in grid[k] if v is not None]})]
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for suffix, grid in variants:
-        params = {k: {"value": v} for k, v in spec["fixed"].items() if v is not None}
-        params.update({k: {"values": v} for k, v in grid.items()})
-        sweep = {"name": spec["name"] + suffix, "description": spec.get("description", ""),
+    for suffix, variant in variants:
+        params = {k: {"value": v} for k, v in fixed.items() if k not in spec["grid"]}  # a grid value wins
+        params.update({k: {"values": v} for k, v in variant.items()})
+        sweep = {"name": name + suffix, "description": spec.get("description", ""),
                  "program": spec["program"], "method": "grid", "parameters": params,
                  "command": ["${env}", "${interpreter}", "${program}", "${args_no_boolean_flags}"]}
-        path = out_dir / f"{spec['name']}{suffix}.yaml"
+        path = out_dir / f"{name}{suffix}.yaml"
         path.write_text(yaml.safe_dump(sweep, sort_keys=False))
         paths.append(path)
     return paths
@@ -479,38 +785,82 @@ def main(argv=None):
     except ValueError as e:
         raise UserError(f"--extra {a.extra!r}: {e} (it is split as a shell command line)") from None
     slots = _gpu_slots(a.gpus) if a.gpus is not None else [None] * a.procs
-    runs = plan(spec, extra)
-    todo = [(i, cmd) for i, (state, cmd) in enumerate(runs) if state in ("new", "partial")]
-    for state, cmd in runs:
-        print(f"{state:8s} {shlex.join(cmd)}")
-    blocked = [cmd for state, cmd in runs if state == "blocked"]
-    damaged = [cmd for state, cmd in runs if state == "damaged"]
-    print(f"{len(runs)} runs: {sum(s == 'done' for s, _ in runs)} finished (skipped), "
-          f"{sum(s == 'partial' for s, _ in runs)} to resume, {sum(s == 'new' for s, _ in runs)} new"
-          + (f", {len(blocked)} blocked (their language model is not available here)" if blocked else "")
-          + (f", {len(damaged)} with a damaged training state (not started)" if damaged else ""))
-    if blocked:
-        lms = sorted({_flag_value(cmd, ("--pretrained_lm", "-plm")) for cmd in blocked})
-        print(f"blocked: {'; '.join(f'{lm}: {_lm_problem(lm)}' for lm in lms)}")
-    for cmd in damaged:
-        from decision_transformer.run import TRAIN_STATE
-
-        state_file = run_state(cmd[1], cmd[2:])[1] / TRAIN_STATE
-        print(f"damaged: {state_file}: {state_iteration(state_file)}; move it away to start that run over")
+    runs = plan_runs(spec, extra)
+    prefix = _log_prefix(spec, Path(a.log_dir))
+    names = [f"{prefix}_{_run_key(r)}" for r in runs]
+    for r in runs:
+        print(f"{r.state:8s} {shlex.join(r.cmd)}")
+    count = {state: sum(r.state == state for r in runs) for state in STATES}
+    print(f"{len(runs)} runs: {count['done']} finished (skipped), {count['partial']} to resume, {count['new']} new"
+          + "".join(f", {count[state]} {STATES[state]}" for state in STATES
+                    if state not in ("done", "partial", "new") and count[state]))
+    if count["blocked"]:
+        print(f"blocked: {'; '.join(sorted({r.found.note for r in runs if r.state == 'blocked'}))}")
+    for r in runs:
+        if r.state in ("damaged", "mismatch", "running"):
+            print(f"{r.state}: {r.found.note}")
+        elif r.state == "invalid":  # named by its grid values
+            print(f"invalid: {shlex.join(to_argv({k: r.params[k] for k in spec['grid']})) or shlex.join(r.argv)}: "
+                  f"{r.found.note}")
     if a.dry_run:
+        if count["invalid"]:
+            raise UserError(f"{count['invalid']} runs of the grid have invalid flags (see above)")
         return 0
+    todo = [i for i, r in enumerate(runs) if r.state in ("new", "partial")]
     if a.gpus is not None and todo:
         check_gpus(slots)
-    prefix = _log_prefix(spec, Path(a.log_dir))
-    failed = launch([cmd for _, cmd in todo], slots, Path(a.log_dir), [f"{prefix}_{i:03d}" for i, _ in todo],
-                    grid=spec["path"], pin=not a.no_pin) if todo else 0
+    report = new_report()
+
+    def recheck(k: int) -> tuple[str, list[str]]:
+        """The state of the k-th run to start, again, once its lock is taken."""
+        r = runs[todo[k]]
+        try:
+            state = inspect_run(r.cmd[1], r.argv).state
+        except UserError:
+            return "invalid", r.cmd
+        return state, [*r.cmd[:2], *r.argv, *(["--resume"] if state == "partial" else [])]
+
+    try:
+        failed = launch([runs[i].cmd for i in todo], slots, Path(a.log_dir), [names[i] for i in todo],
+                        grid=spec["path"], pin=not a.no_pin, locks=[runs[i].found.lock for i in todo],
+                        recheck=recheck, report=report) if todo else 0
+    finally:
+        print(_summary(runs, report), flush=True)
+    errors = []
     if failed:
-        raise UserError(f"{failed} of {len(todo)} runs failed; logs in {a.log_dir}")
-    if blocked:
-        raise UserError(f"{len(blocked)} runs not started: their language model is not available here (see above)")
-    if damaged:
-        raise UserError(f"{len(damaged)} runs not started: their training state cannot be read (see above)")
+        errors.append(f"{failed} of {len(todo)} runs failed; logs in {a.log_dir}")
+    kept = {state: count[state] + sum(s == state for _, s in report["skipped"])
+            for state in ("blocked", "damaged", "mismatch", "invalid")}
+    for state, why in (("blocked", "their language model is not available here"),
+                       ("damaged", "their training state cannot be read"),
+                       ("mismatch", "their run folder holds a run made with other flags"),
+                       ("invalid", "their flags are invalid")):
+        if kept[state]:
+            errors.append(f"{kept[state]} runs not started: {why} (see above)")
+    if errors:
+        raise UserError("; ".join(errors))
     return 0
+
+
+def _summary(runs: list[Run], report: dict) -> str:
+    """One line at the launcher's exit: what happened to each of the grid's runs."""
+    skipped = dict(report["skipped"])
+    states = [r.state for r in runs] + list(skipped.values())
+    finished = sum(s == "done" for s in states)
+    parts = [f"{len(report['done'])} done", f"{len(report['failed'])} failed"
+             + (f" ({', '.join(f'{n}: exit {c}' for n, c, _ in report['failed'])})" if report["failed"] else ""),
+             f"{finished} skipped (finished before)"]
+    elsewhere = sum(s == "running" for s in states) + len(report["elsewhere"])
+    if elsewhere:
+        parts.append(f"{elsewhere} running elsewhere")
+    for state, words in (("invalid", "invalid"), ("blocked", "blocked"), ("damaged", "damaged"),
+                         ("mismatch", "made with other flags")):
+        n = sum(s == state for s in states)
+        if n:
+            parts.append(f"{n} {words}")
+    if report["stopped"] or report["not_started"]:
+        parts.append(f"{len(report['stopped'])} stopped and {len(report['not_started'])} not started (interrupted)")
+    return f"summary of {len(runs)} runs: " + ", ".join(parts)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """The grid launcher: expansion, skip/resume detection, a real two-process run, WandB export."""
+import os
 import sys
 
 import torch
@@ -104,8 +105,8 @@ def test_merge_runs_found_by_their_merge_flags(tmp_path):
         (d / "config.json").write_text(json.dumps(merge_signature(experiment_parser().parse_args(argv))))
         for f in files:
             (d / f).write_bytes(b"x")
-        if "train_state.pt" in files:
-            _half_done(d, 1)
+        if "train_state.pt" in files:  # at the last checkpoint's iteration, as a run writes them
+            _half_done(d, max(int(f[len("model_"):-len(".pt")]) for f in files if f.startswith("model_")))
 
     folder(111111, ["attn"], ["model_1.pt", "model_2.pt", "train_state.pt"])
     assert [s for s, _ in sweep.plan(spec, [])] == ["done", "new"]
@@ -456,3 +457,330 @@ def test_gpus_are_checked_against_the_machine(tmp_path, hopper_data, capsys, mon
     assert not (tmp_path / "logs").exists()
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert sweep.main(["run", grid, "--gpus", "0", "--dry_run"]) == 0
+
+
+# ---- locks, run identity, invalid points, WandB resume, export, the final summary ----------------------------------
+
+def _fails_with(capsys, argv) -> tuple[str, list[str]]:
+    """Run the launcher where it must exit 2 with one error line; returns that line and the lines it printed."""
+    import pytest
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sweep.main(argv)
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err.strip(), out.splitlines()
+
+
+def _run_folder_lock(tmp_path, seed: int):
+    return tmp_path / "ck" / f".dt_medium_hopper_{seed}_K5.lock"
+
+
+def test_a_run_locked_by_another_launcher_is_left_to_it(tmp_path, hopper_data, capsys):
+    """A run whose lock another launcher holds (the same grid started twice, or a relaunch while an earlier
+    launcher's run still trains) is listed as running elsewhere and not started: its folder is left alone; the other
+    runs go on, the launcher exits 0 and its summary counts it."""
+    grid = _grid(tmp_path, hopper_data)
+    taken, fd = sweep._take_lock(_run_folder_lock(tmp_path, 1))   # "another launcher": an open file description
+    assert taken and fd is not None
+    try:
+        capsys.readouterr()
+        sweep.main(["run", str(grid), "--dry_run"])
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith("running ") and out[1].startswith("new ")
+        assert "1 running elsewhere (another launcher holds their lock)" in out[2]
+        assert out[3].startswith(f"running: {tmp_path / 'ck' / 'dt_medium_hopper_1_K5'}: another launcher (pid "
+                                 f"{os.getpid()}, since ")
+        assert sweep.main(["run", str(grid), "--log_dir", str(tmp_path / "logs")]) == 0
+        out = capsys.readouterr().out
+        assert not (tmp_path / "ck" / "dt_medium_hopper_1_K5").exists()
+        assert (tmp_path / "ck" / "dt_medium_hopper_2_K5" / "model_1.pt").is_file()
+        assert out.splitlines()[-1] == ("summary of 2 runs: 1 done, 0 failed, 0 skipped (finished before), "
+                                        "1 running elsewhere")
+    finally:
+        os.close(fd)
+    assert sweep._lock_holder(_run_folder_lock(tmp_path, 2)) is None    # released when its run ended
+
+
+def test_launch_takes_each_runs_lock_and_checks_it_again(tmp_path, capsys):
+    """launch: a command whose lock is held elsewhere is skipped; the lock of a started command is held while it runs
+    (another process cannot take it) and passed on to the command (a run whose launcher is killed keeps it until it
+    ends); a run found finished once its lock is taken (by another launcher, since the plan)
+    is not started; the report names what happened."""
+    probe = ("import fcntl, os, sys\n"                                  # exit 8: the lock is not passed on to it
+             "own = not os.path.isdir('/proc/self/fd') or any(os.path.realpath('/proc/self/fd/' + f) == "
+             "os.path.realpath(sys.argv[1]) for f in os.listdir('/proc/self/fd'))\n"
+             "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+             "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+             "except OSError:\n    sys.exit(0 if own else 8)\n"
+             "sys.exit(7)\n")                                            # exit 7: the lock was free
+    locks = [tmp_path / "l" / f".{i}.lock" for i in range(3)]
+    cmds = [[sys.executable, "-c", probe, str(lock)] for lock in locks]
+    taken, fd = sweep._take_lock(locks[0])
+    report = sweep.new_report()
+    rechecked = []
+
+    def recheck(i):
+        rechecked.append(i)
+        return ("done" if i == 2 else "new"), cmds[i]
+
+    try:
+        assert sweep.launch(cmds, [None], tmp_path / "logs", ["a", "b", "c"], locks=locks, recheck=recheck,
+                            report=report) == 0
+    finally:
+        os.close(fd)
+    assert report["elsewhere"] == ["a"] and report["done"] == ["b"] and report["skipped"] == [("c", "done")]
+    assert rechecked == [1, 2] and not report["failed"]
+    assert not (tmp_path / "logs" / "a.log").exists() and not (tmp_path / "logs" / "c.log").exists()
+    out = capsys.readouterr().out
+    assert "[skip a] running elsewhere: another launcher (pid" in out and "[skip c] now done" in out
+    assert not any(sweep._lock_holder(lock) for lock in locks)         # all three free again
+
+
+def test_runs_stop_when_their_launcher_is_killed(tmp_path):
+    """A launcher killed with SIGKILL cannot stop its runs itself: they get SIGINT from the system (Linux) and stop
+    as on Ctrl-C, instead of training on beside a relaunch; the run held its lock until then."""
+    import signal
+    import subprocess
+    import threading
+
+    import pytest
+
+    from conftest import ROOT
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the death signal is Linux's")
+    pid_file, lock = tmp_path / "pid", tmp_path / ".run.lock"
+    script = ("import os, pathlib, sys, time\n"
+              "pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\n"
+              "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+              "    pathlib.Path(sys.argv[1] + '.stopped').write_text('SIGINT')\n    raise\n")
+    launcher = (f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom pathlib import Path\n"
+                f"from decision_transformer import sweep\n"
+                f"sweep.launch([[sys.executable, '-c', {script!r}, {str(pid_file)!r}]], [None], "
+                f"Path({str(tmp_path / 'logs')!r}), ['a'], locks=[Path({str(lock)!r})])\n")
+    proc = subprocess.Popen([sys.executable, "-c", launcher])
+    child = None
+    try:
+        for _ in range(300):
+            if pid_file.is_file() and pid_file.read_text():
+                break
+            threading.Event().wait(0.1)
+        child = int(pid_file.read_text())
+        assert sweep._lock_holder(lock) is not None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for _ in range(100):
+            if (tmp_path / "pid.stopped").is_file() and sweep._lock_holder(lock) is None:
+                break
+            threading.Event().wait(0.1)
+        assert (tmp_path / "pid.stopped").read_text() == "SIGINT"
+        assert sweep._lock_holder(lock) is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if child is not None and not (tmp_path / "pid.stopped").is_file():
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_no_two_shipped_grids_share_a_run_folder(tmp_path, monkeypatch):
+    """Each run of the bundled grids has a run folder (lock) of its own: a grid never takes another grid's run for
+    its own, finished or half-done (the random-init seed-666 medium runs of merging_single_task and
+    pretraining_table1 were one folder)."""
+    monkeypatch.chdir(tmp_path)
+    owner = {}
+    for path in sorted(sweep.GRID_DIR.glob("*.yaml")):
+        spec = sweep.load_grid(str(path))
+        for params in sweep.expand(spec):
+            found = sweep.inspect_run(str(sweep.ROOT / spec["program"]), sweep.to_argv(params))
+            assert found.lock is not None, (path.stem, params)
+            key = found.lock.resolve()
+            assert key not in owner, f"{path.stem} {params} and {owner.get(key)} share {found.target}"
+            owner[key] = (path.stem, params)
+    assert len(owner) == sum(len(sweep.expand(sweep.load_grid(str(p)))) for p in sweep.GRID_DIR.glob("*.yaml"))
+
+
+def _config_of(argv: list[str], **extra) -> dict:
+    """The config.json an experiment.py run of ``argv`` writes (its flags, and what the run adds)."""
+    import json
+
+    from decision_transformer.cli import experiment_parser
+
+    return {**json.loads(json.dumps(vars(experiment_parser().parse_args(argv)), default=str)), **extra}
+
+
+def test_a_folder_of_a_run_with_other_flags_is_not_this_run(tmp_path, hopper_data, capsys):
+    """A plain experiment.py run folder made with other flags (outside those a resumed run may change) is neither
+    skipped as finished nor resumed: it is listed as mismatch with the differing flags, not started, left as it is,
+    and the launcher exits 2; a grid two of whose points are one run folder is refused before anything starts."""
+    import json
+
+    grid = _grid(tmp_path, hopper_data)
+    spec = sweep.load_grid(str(grid))
+    d1, d2 = tmp_path / "ck" / "dt_medium_hopper_1_K5", tmp_path / "ck" / "dt_medium_hopper_2_K5"
+    argv1 = sweep.to_argv({**spec["fixed"], "seed": 1})
+    d1.mkdir(parents=True)
+    (d1 / "model_1.pt").write_bytes(b"x")
+    (d1 / "config.json").write_text(json.dumps(_config_of(argv1 + ["--learning_rate", "0.5"], exp_id=1)))
+    _half_done(d2)
+    (d2 / "config.json").write_text(json.dumps(_config_of(sweep.to_argv({**spec["fixed"], "seed": 2, "dropout": 0.3}))))
+    assert [s for s, _ in sweep.plan(spec, [])] == ["mismatch", "mismatch"]
+    (d1 / "config.json").write_text(json.dumps(_config_of(argv1 + ["--num_eval_episodes", "3"], exp_id=1)))
+    assert [s for s, _ in sweep.plan(spec, [])] == ["done", "mismatch"]        # a flag a resumed run may change
+    err, out = _fails_with(capsys, ["run", str(grid), "--log_dir", str(tmp_path / "logs")])
+    assert err == "error: 1 runs not started: their run folder holds a run made with other flags (see above)"
+    assert any(line.startswith(f"mismatch: {d2} holds a run made with other flags: --dropout 0.1 (the run: 0.3); "
+                               f"move it away") for line in out)
+    assert out[-1] == "summary of 2 runs: 0 done, 0 failed, 1 skipped (finished before), 1 made with other flags"
+    assert not (tmp_path / "logs").exists() and sorted(p.name for p in d2.iterdir()) == ["config.json",
+                                                                                        "train_state.pt"]
+    raw = yaml.safe_load(grid.read_text())
+    raw["grid"] = {"seed": [1], "learning_rate": [0.0001, 0.001]}
+    grid.write_text(yaml.safe_dump(raw))
+    err = _expect_error(capsys, ["run", str(grid), "--dry_run"])
+    assert ("runs 1 and 2 (--learning_rate 0.0001 / 0.001) are one and the same run, " f"{d1}: each would" in err)
+
+
+def test_an_invalid_grid_point_does_not_stop_the_others(tmp_path, hopper_data, capsys):
+    """A point whose flags its program rejects (K: [5, abc]) is listed as invalid with the program's message; the
+    other points run; the launcher exits 2 at the end and its summary counts both. Logs are named by the run's
+    folder, so that a point added to the grid does not move another run's log."""
+    import re
+
+    grid = _grid(tmp_path, hopper_data)
+    spec = yaml.safe_load(grid.read_text())
+    spec["grid"] = {"seed": [1], "K": [5, "abc"]}
+    grid.write_text(yaml.safe_dump(spec))
+    err = _expect_error(capsys, ["run", str(grid), "--dry_run"])
+    assert err == "error: 1 runs of the grid have invalid flags (see above)"
+    err, out = _fails_with(capsys, ["run", str(grid), "--log_dir", str(tmp_path / "logs")])
+    assert err == "error: 1 runs not started: their flags are invalid (see above)"
+    assert out[0].startswith("new ") and out[1].startswith("invalid ")
+    assert "1 new, 1 with invalid flags (not started)" in out[2]
+    assert out[3] == "invalid: --K abc --seed 1: experiment.py: argument --K: invalid int value: 'abc' (see " \
+                     "experiment.py --help)"
+    assert out[-1] == "summary of 2 runs: 1 done, 0 failed, 0 skipped (finished before), 1 invalid"
+    assert (tmp_path / "ck" / "dt_medium_hopper_1_K5" / "model_1.pt").is_file()
+    logs = [p.name for p in (tmp_path / "logs").iterdir()]
+    assert len(logs) == 1 and re.fullmatch(r"tiny_[0-9a-f]{8}\.log", logs[0])
+    spec["grid"] = {"seed": [0, 1], "K": [5]}
+    grid.write_text(yaml.safe_dump(spec))
+    runs = sweep.plan_runs(sweep.load_grid(str(grid)), [])
+    assert f"tiny_{sweep._run_key(runs[1])}.log" == logs[0]             # seed 1's log, also as the second point
+
+
+def test_a_run_killed_after_its_last_checkpoint_is_resumed(tmp_path, monkeypatch):
+    """A run stopped after model_{max_iters}.pt but before its training state (which follows the iteration's best
+    model) or before its last model (--save_model, --save_mode last) is resumed, not skipped as finished."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    spec = {"program": "experiment.py", "name": "l2",
+            "fixed": {"outdir": "ck", "K": 5, "max_iters": 2, "save_model": True, "seed": 1},
+            "grid": {"env": ["hopper"]}}
+    d = tmp_path / "ck" / "dt_medium_hopper_1_K5"
+    _half_done(d, 1)
+    (d / "model_2.pt").write_bytes(b"x")
+    (d / "config.json").write_text(json.dumps(_config_of(sweep.to_argv({**spec["fixed"], "env": "hopper"}),
+                                                         exp_prefix="gym-experiment-hopper-medium-123")))
+    states = sweep.plan(spec, [])
+    assert [s for s, _ in states] == ["partial"] and states[0][1][-1] == "--resume"
+    _half_done(d, 2)                                                          # the last model is still missing
+    assert [s for s, _ in sweep.plan(spec, [])] == ["partial"]
+    (tmp_path / "models" / "hopper").mkdir(parents=True)
+    (tmp_path / "models" / "hopper" / "dt_gym-experiment-hopper-medium-123.pt").write_bytes(b"x")
+    assert [s for s, _ in sweep.plan(spec, [])] == ["done"]
+    spec["fixed"]["save_mode"] = "best"                                       # written before the training state
+    (tmp_path / "models" / "hopper" / "dt_gym-experiment-hopper-medium-123.pt").unlink()
+    assert [s for s, _ in sweep.plan(spec, [])] == ["done"]
+
+
+class _FakeWandb:
+    """A stand-in for the wandb module: records init's arguments and the logged rows."""
+
+    def __init__(self):
+        self.inits, self.rows = [], []
+
+    def init(self, **kwargs):
+        import types
+
+        self.inits.append(kwargs)
+        rows = self.rows
+
+        def log(row, step=None):
+            rows.append((dict(row), step))
+        return types.SimpleNamespace(id=kwargs.get("id"), log=log, finish=lambda: None)
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch, hopper_data):
+    """-w: the run's WandB id is recorded (config.json, training state); --resume continues that WandB run
+    (resume="allow") instead of starting one whose steps restart at 0, and every row carries its iteration, logged
+    as the WandB step."""
+    import json
+
+    from decision_transformer.cli import experiment_parser
+    from decision_transformer.run import run_experiment
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.chdir(tmp_path)
+    base = ["--data_path", str(hopper_data), "--outdir", "ck", "--embed_dim", "16", "--n_layer", "1", "--K", "5",
+            "--batch_size", "4", "--num_steps_per_iter", "2", "--num_eval_episodes", "1", "--device", "cpu", "-w"]
+    run_experiment(experiment_parser().parse_args(base + ["--max_iters", "1"]))
+    run_experiment(experiment_parser().parse_args(base + ["--max_iters", "2", "--resume"]))
+    first, second = fake.inits
+    assert isinstance(first["id"], str) and first["id"] and "resume" not in first
+    assert second["id"] == first["id"] and second["resume"] == "allow"
+    assert [(row["iteration"], step) for row, step in fake.rows] == [(1, 1), (2, 2)]
+    d = tmp_path / "ck" / "dt_medium_hopper_666_K5"
+    assert json.loads((d / "config.json").read_text())["wandb_run_id"] == first["id"]
+    assert torch.load(d / "train_state.pt", weights_only=True)["config"]["wandb_run_id"] == first["id"]
+
+
+def test_wandb_rows_logged_before_a_resume_are_not_sent_again(tmp_path, monkeypatch):
+    """A resumed WandB run is at the step after its last row: a row of an iteration redone after the resume (logged
+    before the run stopped, but not saved in its training state) is not sent again (WandB would refuse it); the id
+    is kept through a resumed part run without -w."""
+    import types
+
+    from decision_transformer.logging import RunLogger
+
+    fake = _FakeWandb()
+    init = fake.init
+    fake.init = lambda **kw: types.SimpleNamespace(**{**vars(init(**kw)), "step": 3})
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    RunLogger(tmp_path, {"a": 1}, use_wandb=True).finish()
+    wid = fake.inits[0]["id"]
+    RunLogger(tmp_path, {"a": 1}, resume=True, resume_after=1).finish()      # without -w: the id stays recorded
+    logger = RunLogger(tmp_path, {"a": 1}, use_wandb=True, resume=True, resume_after=1)
+    assert fake.inits[1]["id"] == wid and fake.inits[1]["resume"] == "allow"
+    for it in (2, 3, 4):
+        logger.log({"x": it}, it)
+    assert fake.rows == [({"x": 3, "iteration": 3}, 3), ({"x": 4, "iteration": 4}, 4)]
+
+
+def test_export_lists_and_null_only_values(tmp_path, capsys):
+    """A WandB agent passes a value as one --flag=value argument: a one-element list is exported as its element, a
+    list of several values is refused naming the flag (nothing written); a grid parameter whose only value is null
+    is left out (no sweep with an empty list of values)."""
+    spec = {"program": "experiment.py", "fixed": {"include": ["attn"], "outdir": "ck"},
+            "grid": {"seed": [1, 2], "pretrained_lm": [None], "exclude": [["mlp"], ["ln"]]}}
+    path = tmp_path / "ex.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "sweeps"
+    paths = sweep.export_wandb(sweep.load_grid(str(path)), out)
+    assert [p.name for p in paths] == ["ex.yaml"]
+    params = yaml.safe_load(paths[0].read_text())["parameters"]
+    assert params == {"include": {"value": "attn"}, "outdir": {"value": "ck"}, "seed": {"values": [1, 2]},
+                      "exclude": {"values": ["mlp", "ln"]}}
+    spec["fixed"]["include"] = ["attn", "mlp"]
+    path.write_text(yaml.safe_dump(spec))
+    err = _expect_error(capsys, ["export", str(path), "--out", str(tmp_path / "other")])
+    assert err.startswith("error: grid ex: include = ['attn', 'mlp'] cannot be exported: a WandB agent passes a list "
+                          "as one argument")
+    assert not (tmp_path / "other").exists()
