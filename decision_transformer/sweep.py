@@ -785,6 +785,8 @@ def main(argv=None):
     except ValueError as e:
         raise UserError(f"--extra {a.extra!r}: {e} (it is split as a shell command line)") from None
     slots = _gpu_slots(a.gpus) if a.gpus is not None else [None] * a.procs
+    if a.gpus is not None and not a.dry_run:  # before the plan: a machine without those GPUs is one line
+        check_gpus(slots)
     runs = plan_runs(spec, extra)
     prefix = _log_prefix(spec, Path(a.log_dir))
     names = [f"{prefix}_{_run_key(r)}" for r in runs]
@@ -807,8 +809,6 @@ def main(argv=None):
             raise UserError(f"{count['invalid']} runs of the grid have invalid flags (see above)")
         return 0
     todo = [i for i, r in enumerate(runs) if r.state in ("new", "partial")]
-    if a.gpus is not None and todo:
-        check_gpus(slots)
     report = new_report()
 
     def recheck(k: int) -> tuple[str, list[str]]:

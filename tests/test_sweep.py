@@ -2,6 +2,7 @@
 import os
 import sys
 
+import pytest
 import torch
 import yaml
 
@@ -456,6 +457,9 @@ def test_gpus_are_checked_against_the_machine(tmp_path, hopper_data, capsys, mon
     assert err == "error: --gpus 1,2,3,3: no GPU 2, 3 here; this machine has 2 (ids 0-1)"
     assert not (tmp_path / "logs").exists()
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SystemExit):
+        sweep.main(["run", grid, "--gpus", "0", "--log_dir", str(tmp_path / "logs")])
+    assert capsys.readouterr().out == ""              # refused before the grid is planned and listed
     assert sweep.main(["run", grid, "--gpus", "0", "--dry_run"]) == 0
 
 
