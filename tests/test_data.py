@@ -702,6 +702,21 @@ def test_corrupt_pickle(tmp_path, name):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numpy noise from broken buffers
+def _load_outcome(p) -> list[tuple[str, str]]:
+    """Load a (possibly corrupt) dataset file: [] when it loads or is refused with a one-line UserError naming it,
+    else [(what went wrong, message)]."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load_trajectories(p, "hopper")
+    except UserError as e:
+        if "\n" in str(e) or str(p) not in str(e):
+            return [("UserError message", str(e)[:120])]
+    except Exception as e:  # noqa: BLE001
+        return [(type(e).__name__, str(e)[:120])]
+    return []
+
+
 def test_fuzzed_pickles_load_or_raise_user_error(tmp_path):
     """Every truncation and 400 seeded single-byte corruptions of a valid pickle (protocols 3-5): the loader either
     returns validated trajectories or raises a one-line UserError naming the file, never anything else."""
@@ -717,15 +732,7 @@ def test_fuzzed_pickles_load_or_raise_user_error(tmp_path):
             cases.append(bytes(bb))
         for data in cases:
             p.write_bytes(data)
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    load_trajectories(p, "hopper")
-            except UserError as e:
-                if "\n" in str(e) or str(p) not in str(e):
-                    failures.append((protocol, "UserError message", str(e)[:120]))
-            except Exception as e:  # noqa: BLE001
-                failures.append((protocol, type(e).__name__, str(e)[:120]))
+            failures += [(protocol, *bad) for bad in _load_outcome(p)]
     assert not failures, f"{len(failures)} bad outcomes, e.g. {sorted(set(failures))[:6]}"
 
 
@@ -899,15 +906,7 @@ def test_fuzzed_hdf5_files_load_or_raise_user_error(tmp_path):
         for _ in range(rng.integers(1, 6)):
             b[rng.integers(len(b))] = rng.integers(256)
         p.write_bytes(bytes(b))
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                load_trajectories(p, "hopper")
-        except UserError as e:
-            if "\n" in str(e) or str(p) not in str(e):
-                failures.append(("UserError message", str(e)[:120]))
-        except Exception as e:  # noqa: BLE001
-            failures.append((type(e).__name__, str(e)[:120]))
+        failures += _load_outcome(p)
     assert not failures, f"{len(failures)} bad outcomes, e.g. {sorted(set(failures))[:6]}"
 
 
