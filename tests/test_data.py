@@ -701,7 +701,6 @@ def test_corrupt_pickle(tmp_path, name):
     assert str(p) in msg
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numpy noise from broken buffers
 def _load_outcome(p) -> list[tuple[str, str]]:
     """Load a (possibly corrupt) dataset file: [] when it loads or is refused with a one-line UserError naming it,
     else [(what went wrong, message)]."""
@@ -717,6 +716,7 @@ def _load_outcome(p) -> list[tuple[str, str]]:
     return []
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numpy noise from broken buffers
 def test_fuzzed_pickles_load_or_raise_user_error(tmp_path):
     """Every truncation and 400 seeded single-byte corruptions of a valid pickle (protocols 3-5): the loader either
     returns validated trajectories or raises a one-line UserError naming the file, never anything else."""
