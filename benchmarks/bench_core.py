@@ -5,9 +5,11 @@
 Prints a table: sampler batches/s (vectorised on-device sampler vs the originals' per-sample Python loop) and
 evaluation episodes/s (lockstep batched rollouts vs one episode at a time with batch-1 forwards). Evaluation uses
 HalfCheetah-v4 (episodes never terminate early, so every episode is 1000 steps) and a randomly initialised DT of the
-default size (128 hidden, 3 layers, 1 head, K=20). The one-by-one rate is measured on a few episodes: its cost is
-linear in the number of episodes. A third table times one evaluation forward for M histories: the full forward (every
-token's output) against ``last_action_only`` (the last block on the final tokens only), which evaluation uses.
+default size (128 hidden, 3 layers, 1 head, K=20). The one-by-one rate is measured on a few episodes (its cost is
+linear in the number of episodes), after a warm-up forward, so that it pays no first-use costs of the device.
+Evaluation rows are printed as they are measured, in the order of ``--episodes``. A third table times one evaluation
+forward for M histories: the full forward (every token's output) against ``last_action_only`` (the last block on the
+final tokens only), which evaluation uses.
 
 Runs tune glibc's allocator as the scripts do (``decision_transformer/cpu.py``); ``--no_tune_allocator`` measures
 without it.
@@ -86,50 +88,70 @@ def bench_sampler(device, batch_size=64, K=20, num_timesteps=1_000_000):
     return rate(fast), rate(slow)
 
 
+def warm_up(model, device):
+    """One batch-1 ``get_action`` on zero inputs: the device's first-use costs (CUDA context, kernels, allocator) are
+    not timed."""
+    cfg = model.config
+    with torch.no_grad():
+        model.get_action(torch.zeros(1, 1, cfg.state_dim, device=device), torch.zeros(1, 1, cfg.act_dim, device=device),
+                         torch.zeros(1, 1, 1, device=device), torch.zeros(1, 1, dtype=torch.long, device=device))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bench_eval(device, episodes_list, seq_episodes, workers_list=(0,), groups_list=(None,)):
-    """(episodes, env workers, overlap groups, batched ep/s, one-by-one ep/s) rows."""
+    """Yields (episodes, env workers, overlap groups, batched ep/s, one-by-one ep/s) rows as they are measured: every
+    worker and group setting of the first size in ``episodes_list``, then of the next."""
     spec = get_env_spec("halfcheetah")
     model = DecisionTransformer(DTConfig(spec.state_dim, spec.act_dim), seed=0).to(device).eval()
     mean, std = np.zeros(spec.state_dim, np.float32), np.ones(spec.state_dim, np.float32)
     pool = EnvPool("halfcheetah")
+    pool.get(1)
+    warm_up(model, device)
     start = time.perf_counter()
     evaluate_episodes_sequential(model, "halfcheetah", 6000, seq_episodes, mean, std, device=device, pool=pool)
     seq_rate = seq_episodes / (time.perf_counter() - start)
     pool.close()
-    rows = []
-    for workers in workers_list:
-        w = default_env_workers(device, max(episodes_list)) if workers == "auto" else int(workers)
-        pool = EnvPool("halfcheetah", workers=w)
-        pool.stepper(max(episodes_list)).reset(max(episodes_list), 0, "normal")   # start workers, make envs
+    most = max(episodes_list)
+    pools = []
+    try:
+        for workers in workers_list:
+            w = default_env_workers(device, most) if workers == "auto" else int(workers)
+            pools.append((w, EnvPool("halfcheetah", workers=w)))
+            pools[-1][1].stepper(most).reset(most, 0, "normal")   # start workers, make envs
         for n in episodes_list:
-            for groups in groups_list:
-                start = time.perf_counter()
-                evaluate_episodes(model, "halfcheetah", 6000, n, mean, std, device=device, pool=pool,
-                                  overlap_groups=groups)
-                rows.append((n, w, groups or (4 if device.type == "cuda" else 1), n / (time.perf_counter() - start),
-                             seq_rate))
-        pool.close()
-    return rows
+            for w, pool in pools:
+                for groups in groups_list:
+                    start = time.perf_counter()
+                    evaluate_episodes(model, "halfcheetah", 6000, n, mean, std, device=device, pool=pool,
+                                      overlap_groups=groups)
+                    yield (n, w, groups or (4 if device.type == "cuda" else 1), n / (time.perf_counter() - start),
+                           seq_rate)
+    finally:
+        for _, pool in pools:
+            pool.close()
 
 
 def bench_env_stepping(n_envs, workers_list, steps=200):
-    """HalfCheetah-v4 env steps/s with random actions: in this process against worker processes (no model)."""
+    """Yields (worker processes, HalfCheetah-v4 env steps/s) with random actions, in this process (0) against worker
+    processes (no model), each as soon as it is measured."""
     spec = get_env_spec("halfcheetah")
     rng = np.random.default_rng(0)
     actions = rng.uniform(-1, 1, (steps, n_envs, spec.act_dim))
     idx = np.arange(n_envs)
-    rows = []
     for w in workers_list:
         pool = EnvPool("halfcheetah", workers=w)
-        stepper = pool.stepper(n_envs)
-        stepper.reset(n_envs, 0, "normal")
-        start = time.perf_counter()
-        for t in range(steps):
-            stepper.step_async(idx, actions[t])
-            stepper.step_wait()
-        rows.append((w, n_envs * steps / (time.perf_counter() - start)))
-        pool.close()
-    return rows
+        try:
+            stepper = pool.stepper(n_envs)
+            stepper.reset(n_envs, 0, "normal")
+            start = time.perf_counter()
+            for t in range(steps):
+                stepper.step_async(idx, actions[t])
+                stepper.step_wait()
+            steps_s = n_envs * steps / (time.perf_counter() - start)
+        finally:
+            pool.close()
+        yield w, steps_s
 
 
 def bench_forward(device, batch_sizes, K=20):
@@ -174,7 +196,9 @@ def main(argv=None):
     tuned = False if args.no_tune_allocator else tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads'})")
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads")
+    print(f"device: {device} ({where})")
     print(f"torch {torch.__version__}, glibc allocator tuned: {tuned}\n")
 
     fast, slow = bench_sampler(device)
@@ -196,7 +220,7 @@ def main(argv=None):
     print("| evaluation (HalfCheetah-v4, 1000-step episodes, DT 128x3) | episodes | env workers | overlap groups "
           "| one-by-one ep/s | batched ep/s | ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for n, w, groups, batched, seq in rows:
+    for n, w, groups, batched, seq in rows:  # each row printed as soon as it is measured
         print(f"| | {n} | {w} | {groups} | {seq:.2f} | {batched:.2f} | {batched / seq:.1f}x |")
 
     print("\n| evaluation forward (DT 128x3, K 20) | histories | full forward ms | last_action_only ms | ratio |")

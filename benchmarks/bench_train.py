@@ -7,11 +7,17 @@ sync per measurement. Slow path (the originals): each batch built by a per-sampl
 host -> device every step. Both train the same model (``paper``: 128 hidden x 3 layers x 1 head; ``gpt2``: 768 x 12 x
 12, the size of the pre-training paper's runs) at batch 64, K=20, on a hopper-sized synthetic dataset. On CUDA,
 ``--amp bf16`` adds bf16 autocast and the optimiser is fused. ``--compile MODE ...`` adds rows for the on-device path
-under ``torch.compile`` (``reduce-overhead`` replays each step as CUDA graphs on a GPU).
+under ``torch.compile`` (``reduce-overhead`` replays each step as CUDA graphs on a GPU). Each row is printed as soon
+as it is measured, with the loss of its last step (a compiled path that trains wrongly shows there). MFU counts the
+matmul FLOPs (``flops_per_step``) against the GPU's dense bf16 peak (``PEAK_TFLOPS``, printed in the header).
 """
+from __future__ import annotations
+
 import argparse
+import math
 import os
 import random
+import re
 import resource
 import sys
 import time
@@ -35,17 +41,30 @@ from test_data import reference_get_batch  # noqa: E402
 
 CONFIGS = {"paper": dict(n_embd=128, n_layer=3, n_head=1, activation_function="relu"),
            "gpt2": dict(n_embd=768, n_layer=12, n_head=12, activation_function="gelu_new")}
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
+#: Dense bf16 tensor-core peaks (TFLOP/s) by CUDA device name, the first match counting: the PCIe and NVL cards run
+#: at lower clocks and power than the SXM ones ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA GH200 480GB").
+PEAK_TFLOPS = ((re.compile(r"\bG?H[12]00\b.*\bPCIe\b", re.I), 756.0),
+               (re.compile(r"\bG?H[12]00\b.*\bNVL\b", re.I), 835.0),
+               (re.compile(r"\bG?H[12]00\b", re.I), 989.0),
+               (re.compile(r"\bA100\b", re.I), 312.0))
+
+
+def peak_tflops(gpu_name: str) -> float | None:
+    """The dense bf16 peak of a GPU named ``gpu_name`` (``torch.cuda.get_device_name``); None for one not listed."""
+    return next((peak for pattern, peak in PEAK_TFLOPS if pattern.search(gpu_name)), None)
 
 
 def flops_per_step(model, batch_size, K):
-    """6 * (non-embedding parameters) * tokens + attention scores/values (fwd + bwd)."""
+    """FLOPs of a training step: 6 per matmul parameter per token it multiplies (forward 2, backward 4), plus the
+    attention scores and weighted values. The blocks' linear layers see all 3K tokens, the state, action and return
+    embeddings and the three heads K tokens each; lookups (timestep, position) and layer norms do no matmuls."""
     cfg = model.config.backbone
-    n = sum(p.numel() for name, p in model.named_parameters() if name.startswith("transformer.h."))
-    n += sum(p.numel() for name, p in model.named_parameters() if name.startswith(("embed_", "predict_")))
-    tokens = batch_size * 3 * K
+    params = [(name, p.numel()) for name, p in model.named_parameters()]
+    blocks = sum(n for name, n in params if name.startswith("transformer.h.") and ".ln_" not in name)
+    io = sum(n for name, n in params if name.startswith(("embed_state.", "embed_action.", "embed_return.",
+                                                         "predict_")))
     attn = 6 * 2 * cfg.n_layer * batch_size * (3 * K) ** 2 * cfg.n_embd
-    return 6 * n * tokens + attn
+    return 6 * batch_size * (3 * K * blocks + K * io) + attn
 
 
 class SlowSampler:
@@ -65,6 +84,7 @@ class SlowSampler:
 
 
 def measure(name, trajs, device, steps, batch_size, K, slow, amp, compile=None):
+    """(steps/s, tokens/s, peak memory MiB, FLOP/s, the last step's loss) of ``steps`` timed training steps."""
     cfg = DTConfig(11, 3, max_length=K, backbone=BackboneConfig(**CONFIGS[name]))
     model = DecisionTransformer(cfg, seed=0).to(device)
     fused = device.type == "cuda"
@@ -81,13 +101,13 @@ def measure(name, trajs, device, steps, batch_size, K, slow, amp, compile=None):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step()
+        loss = trainer.train_step()
     sync()
     dt = time.perf_counter() - start
     sps = steps / dt
     mem = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return sps, sps * batch_size * 3 * K, mem, flops_per_step(model, batch_size, K) * sps
+    return sps, sps * batch_size * 3 * K, mem, flops_per_step(model, batch_size, K) * sps, float(loss)
 
 
 @cli_entry
@@ -112,26 +132,30 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         gpu = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
-        print(f"device: {gpu}, autocast {amp}, fused AdamW, TF32")
+        peak = peak_tflops(gpu)
+        print(f"device: {gpu}, autocast {amp}, fused AdamW, TF32; MFU against "
+              + (f"{peak:g} TFLOP/s (dense bf16 peak)" if peak else "no peak (GPU not listed in PEAK_TFLOPS)"))
     else:
         peak = None
         print(f"device: cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), autocast {amp}")
     print(f"torch {torch.__version__}; batch {args.batch_size}, K {args.K}, {args.steps} timed steps\n")
     trajs = synthetic_trajectories("hopper", 1_000_000)
-    print("| config | batches | steps/s | tokens/s | peak memory (MiB) | TFLOP/s | MFU | speed-up |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    mfu_head = f"MFU (of {peak:g} TFLOP/s)" if peak else "MFU"
+    print(f"| config | batches | steps/s | tokens/s | peak memory (MiB) | TFLOP/s | {mfu_head} | speed-up "
+          "| last loss |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.configs:
         steps = args.steps if name == "paper" or device.type == "cuda" else max(3, args.steps // 10)
         variants = [("per-sample loop", True, None), ("on-device", False, None)]
         variants += [(f"on-device, compile {mode}", False, mode) for mode in args.compile]
-        rows = {label: measure(name, trajs, device, steps, args.batch_size, args.K, slow, amp_dtype, mode)
-                for label, slow, mode in variants}
-        base = rows["per-sample loop"][0]
-        for label, (sps, tps, mem, flops) in rows.items():
+        base = None
+        for label, slow, mode in variants:  # each row printed as soon as it is measured
+            sps, tps, mem, flops, loss = measure(name, trajs, device, steps, args.batch_size, args.K, slow, amp_dtype,
+                                                 mode)
+            base = base or sps
             mfu = f"{100 * flops / (peak * 1e12):.1f}%" if peak else "-"
             print(f"| {name} | {label} | {sps:.2f} | {tps:,.0f} | {mem:,.0f} | {flops / 1e12:.3f} | {mfu} | "
-                  f"{sps / base:.2f}x |")
+                  f"{sps / base:.2f}x | {loss:.4f}{'' if math.isfinite(loss) else ' (not finite)'} |")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ autocast, eager):
 * ``action``: the largest absolute difference of the trained models' action predictions on a held-out batch.
 
 Prints a table with the tolerance of each variant and exits 1 when one is exceeded. TF32 applies on CUDA only;
-``compile`` needs a working C++ compiler (inductor) and is skipped with ``--no_compile``.
+``compile`` needs a working C++ compiler (inductor) and is skipped with ``--no_compile``; on CUDA ``compile
+reduce-overhead`` (CUDA graphs, the training scripts' ``--compile reduce-overhead``) is checked too, with the
+tolerances of ``compile``.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ CONFIGS = {"tiny": dict(n_embd=32, n_layer=1, n_head=1, activation_function="rel
 #: (loss, drift, action) tolerances. fp32 reorderings (fused AdamW) stay near rounding; TF32 keeps 10 mantissa
 #: bits and bf16 7, so their runs drift apart by more while training the same way.
 TOLERANCES = {"fused": (1e-4, 1e-3, 1e-4), "tf32": (1e-2, 5e-2, 1e-2), "bf16": (5e-2, 0.25, 5e-2),
-              "compile": (5e-2, 0.25, 5e-2)}
+              "compile": (5e-2, 0.25, 5e-2), "compile reduce-overhead": (5e-2, 0.25, 5e-2)}
 
 
 def train_variant(trajs, device, config: str, steps: int, *, fused=False, tf32=False, amp=None, compile=False,
@@ -89,6 +91,8 @@ def variants(device: torch.device, no_compile: bool) -> dict[str, dict]:
         out["bf16"] = dict(amp=bf16, fused=True, tf32=cuda)
     if not no_compile:
         out["compile"] = dict(compile=True, fused=True, tf32=cuda, amp=bf16 if cuda else None)
+        if cuda:  # the training scripts' --compile reduce-overhead: each step replayed as CUDA graphs
+            out["compile reduce-overhead"] = dict(compile="reduce-overhead", fused=True, tf32=True, amp=bf16)
     return out
 
 
@@ -99,7 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="paper", choices=list(CONFIGS))
     p.add_argument("--steps", type=positive_int, default=200)
     p.add_argument("--batch_size", type=positive_int, default=64)
-    p.add_argument("--no_compile", action="store_true")
+    p.add_argument("--no_compile", action="store_true",
+                   help="leave out the torch.compile variants (default mode; reduce-overhead, on CUDA)")
     args = p.parse_args(argv)
     device = bench_device(args.device, cpu_fallback=False)  # a GPU check that ran on the CPU would mislead
     from bench_core import synthetic_trajectories
@@ -118,8 +123,8 @@ def main(argv=None) -> int:
         tol = TOLERANCES[name]
         ok = all(g <= t for g, t in zip(got, tol))
         failed |= not ok
-        label = name + (" (" + ", ".join(k for k, v in kw.items() if v and k != "compile") + ")" if name in
-                        ("bf16", "compile") else "")
+        label = name + (" (" + ", ".join(k for k, v in kw.items() if v and k != "compile") + ")"
+                        if name.startswith(("bf16", "compile")) else "")
         print(f"| {label} | {got[0]:.2e} | {got[1]:.2e} | {got[2]:.2e} | {tol[0]:g} / {tol[1]:g} / {tol[2]:g} | "
               f"{'ok' if ok else 'EXCEEDED'} |")
     return 1 if failed else 0

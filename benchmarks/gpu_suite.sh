@@ -1,34 +1,48 @@
 #!/usr/bin/env bash
-# Every GPU figure of the speed work in one command (one device lease): sampler and evaluation (10/50/100 episodes)
-# against the slow paths (with and without env worker processes and overlapped forwards), training throughput and
-# MFU at the paper config and at GPT-2 size, and the fast path's numerics against fp32. Output: one log per benchmark
-# under ${OUT:-benchmarks/results}/.
+# Every GPU figure of the speed work in one command (one device lease): training throughput and MFU at the paper config
+# and at GPT-2 size (eager, then the paper config under --compile reduce-overhead), sampler and evaluation (50/10/100
+# episodes, with and without env worker processes and overlapped forwards) against the slow paths, and the fast path's
+# numerics against fp32. Output: device.txt and one log per step under ${OUT:-benchmarks/results}/.
 #
 #   bash benchmarks/gpu_suite.sh            # on a CUDA machine with torch, gymnasium[mujoco] and this package
 #
+# Each step is stopped after its time budget (seconds, below; 515 in all, to end within a 600 s device command); its
+# log keeps the rows measured until then, since every benchmark prints a row as soon as it is measured. The target
+# figures come first: training at the paper config against the per-sample loop and at GPT-2 size (MFU), then
+# evaluation at 50 episodes against one by one.
+#
 # On a machine without MuJoCo, install it from wheels first: benchmarks/gpu_wheels.sh downloads them (where PyPI is
-# reachable) and shows the install line. PYTHON picks the interpreter (default python3).
+# reachable) and shows the install line. PYTHON picks the interpreter (default python3). MUJOCO_GL defaults to
+# disable: evaluation never renders, and a machine without libEGL then still imports MuJoCo.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results}
 py=${PYTHON:-python3}
 if ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  echo "error: torch sees no CUDA device here; the GPU suite measures GPUs only (the CPU figures: README, Benchmarks)" >&2
+  echo "error: torch sees no CUDA device here; the GPU suite measures GPUs only" \
+       "(the CPU figures: README, Benchmarks)" >&2
   exit 2
 fi
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 MUJOCO_GL=${MUJOCO_GL:-egl}
+export PYTHONUNBUFFERED=1 MUJOCO_GL=${MUJOCO_GL:-disable}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/device.txt"
 status=0
-run() {
-  local name=$1; shift
-  echo "== $name: $*"
-  "$@" 2>&1 | tee "$out/$name.txt" || status=1
+run() {  # run NAME SECONDS COMMAND...: output to the terminal and $out/NAME.txt, the command stopped after SECONDS
+  local name=$1 secs=$2
+  shift 2
+  echo "== $name (at most ${secs} s): $*"
+  timeout -k 5 "$secs" "$@" 2>&1 | tee "$out/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    echo "== $name: stopped after its ${secs} s budget; the rows above were measured" | tee -a "$out/$name.txt"
+  fi
+  [ "$rc" = 0 ] || status=1
 }
-# the target figures first: a lease that runs out still returns them
-run bench_train "$py" benchmarks/bench_train.py --device cuda --configs paper gpt2 --steps 100 --compile reduce-overhead
-run bench_core "$py" benchmarks/bench_core.py --device cuda --episodes 10 50 100 --stepping_workers 0 2 4 8
-run check_precision_paper "$py" benchmarks/check_precision.py --device cuda --config paper --steps 200
-run check_precision_gpt2 "$py" benchmarks/check_precision.py --device cuda --config gpt2 --steps 50
-run bench_analysis "$py" benchmarks/bench_analysis.py --device cuda
+run bench_train 60 "$py" benchmarks/bench_train.py --device cuda --configs paper gpt2 --steps 100
+run bench_core 160 "$py" benchmarks/bench_core.py --device cuda --episodes 50 10 100 --stepping_workers 0 8
+run bench_train_compile 90 "$py" benchmarks/bench_train.py --device cuda --configs paper --steps 100 \
+    --compile reduce-overhead
+run check_precision_paper 125 "$py" benchmarks/check_precision.py --device cuda --config paper --steps 200
+run check_precision_gpt2 40 "$py" benchmarks/check_precision.py --device cuda --config gpt2 --steps 50 --no_compile
+run bench_analysis 40 "$py" benchmarks/bench_analysis.py --device cuda
 exit $status

@@ -7,6 +7,7 @@ one-episode loop, kept as the slow reference path.
 """
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,20 +36,22 @@ class EvalResult:
 
 
 class LocalEnvs:
-    """Envs stepped in this process, with the interface of ``EnvWorkers`` (a step happens at ``step_wait``)."""
+    """Envs stepped in this process, with the interface of ``EnvWorkers``. A step happens at ``step_async``, as soon
+    as its actions are on the host, so that with overlapped groups the CPU steps one group's envs while the GPU still
+    computes the forwards of the later groups; ``step_wait`` hands the results back in the order of the steps."""
 
     def __init__(self, envs: list):
-        self.envs, self._pending = envs, []
+        self.envs, self._results = envs, collections.deque()
 
     def reset(self, n: int, seed: int, mode: str) -> np.ndarray:
+        self._results.clear()  # steps never waited for (an evaluation interrupted between step_async and step_wait)
         return np.stack([initial_obs(self.envs[i], seed, i, mode) for i in range(n)])
 
     def step_async(self, idx: np.ndarray, actions: np.ndarray):
-        self._pending.append((idx, actions))
+        self._results.append(step_envs([self.envs[i] for i in idx], actions))
 
     def step_wait(self):
-        idx, actions = self._pending.pop(0)
-        return step_envs([self.envs[i] for i in idx], actions)
+        return self._results.popleft()
 
 
 class EnvPool:
@@ -108,6 +111,16 @@ def default_env_workers(device, num_episodes: int) -> int:
     return max(0, min(8, len(available_cpus()) - 1, num_episodes))
 
 
+def _host_copy_event(cuda: bool):
+    """What tells that a group's actions, copied to the host without blocking, have arrived: on CUDA an event
+    recorded after the copy (``synchronize`` waits for it); None on the CPU, where the copy is done on return."""
+    if not cuda:
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
 @torch.no_grad()
 def evaluate_episodes(model, env: str, target: float, num_episodes: int, state_mean, state_std, *,
                       seed: int = 0, mode: str = "normal", device="cpu", pool: EnvPool | None = None,
@@ -158,11 +171,10 @@ def evaluate_episodes(model, env: str, target: float, num_episodes: int, state_m
                                    timesteps[ti, lo:t + 1])
             actions[ti, t] = act
             host = act.detach().to("cpu", torch.float32, non_blocking=cuda)
-            done_event = torch.cuda.Event() if cuda else None
-            if done_event is not None:
-                done_event.record()
-            pending.append((g, ti, host, done_event))
-        for g, ti, host, done_event in pending:  # worker processes step a group while the next one is sent
+            pending.append((g, ti, host, _host_copy_event(cuda)))
+        # Each group's envs step as soon as its actions are on the host (in this process at step_async, in worker
+        # processes meanwhile), while the GPU still computes the forwards of the groups after it.
+        for g, ti, host, done_event in pending:
             if done_event is not None:
                 done_event.synchronize()
             envs.step_async(g, host.numpy())

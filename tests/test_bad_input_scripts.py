@@ -1,5 +1,7 @@
 """Bad flags of the data scripts and the benchmarks: one line ``error: ...``, exit 2, no traceback, and nothing that
-was already saved is touched. Everything here fails before any real work starts."""
+was already saved is touched. Everything here fails before any real work starts. At the end, the benchmarks' own
+bookkeeping (FLOP counts, GPU peaks, the variants checked, the order rows are measured and printed in) and the GPU
+suite's steps, run with stand-ins for python, timeout and nvidia-smi."""
 import pickle
 
 import pytest
@@ -98,3 +100,119 @@ def test_gpu_suite_stops_without_a_gpu(tmp_path):
                           env={**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: torch sees no CUDA device here")
     assert not (tmp_path / "out").exists()
+
+
+# ---- the benchmarks' bookkeeping (no timing) ------------------------------------------------------------------------
+
+def test_bench_train_peaks_by_gpu_name():
+    """MFU is taken against the dense bf16 peak of the card itself: the PCIe and NVL H100s run below the SXM ones."""
+    peak = load_script("benchmarks/bench_train.py").peak_tflops
+    assert peak("NVIDIA H100 80GB HBM3") == peak("NVIDIA H200") == peak("NVIDIA GH200 480GB") == 989.0
+    assert peak("NVIDIA H100 PCIe") == 756.0
+    assert peak("NVIDIA H100 NVL") == peak("NVIDIA H200 NVL") == 835.0
+    assert peak("NVIDIA A100-SXM4-80GB") == peak("NVIDIA A100 80GB PCIe") == 312.0
+    assert peak("NVIDIA GeForce RTX 4090") is None and peak("NVIDIA H20") is None
+
+
+def test_bench_train_counts_matmul_flops_only():
+    """6 FLOPs per matmul parameter per token: the blocks' linear layers over 3K tokens, the three embeddings and
+    heads over K tokens each; the timestep lookup and the layer norms count nothing."""
+    from decision_transformer.models import DecisionTransformer, DTConfig
+
+    bench = load_script("benchmarks/bench_train.py")
+    model = DecisionTransformer(DTConfig(11, 3), seed=0)           # the paper's 128 x 3 x 1
+    H, B, K, L = 128, 64, 20, 3
+    block = (H * 3 * H + 3 * H) + (H * H + H) + (H * 4 * H + 4 * H) + (4 * H * H + H)
+    io = (1 * H + H) + (11 * H + H) + (3 * H + H) + (H * 11 + 11) + (H * 3 + 3) + (H * 1 + 1)
+    attention = 12 * L * B * (3 * K) ** 2 * H
+    assert bench.flops_per_step(model, B, K) == 6 * B * (3 * K * L * block + K * io) + attention
+
+
+def test_bench_train_rows_report_their_last_loss():
+    """Each row carries its last step's loss, so that a compiled path that trains wrongly shows."""
+    import math
+
+    bench = load_script("benchmarks/bench_train.py")
+    trajs = load_script("benchmarks/bench_core.py").synthetic_trajectories("hopper", 3000)
+    sps, tps, mem, flops, loss = bench.measure("paper", trajs, torch.device("cpu"), 1, 4, 5, False, None)
+    assert sps > 0 and math.isfinite(loss) and 0 < loss < 10
+
+
+def test_check_precision_checks_cuda_graphs_on_cuda():
+    """On CUDA the compiled variants are torch's default mode and reduce-overhead (CUDA graphs), with the same
+    tolerances; on the CPU only the default mode; ``--no_compile`` leaves both out."""
+    check = load_script("benchmarks/check_precision.py")
+    cuda = check.variants(torch.device("cuda"), no_compile=False)
+    assert cuda["compile"]["compile"] is True and cuda["compile reduce-overhead"]["compile"] == "reduce-overhead"
+    assert check.TOLERANCES["compile reduce-overhead"] == check.TOLERANCES["compile"]
+    assert "compile reduce-overhead" not in check.variants(torch.device("cpu"), no_compile=False)
+    assert not any(k.startswith("compile") for k in check.variants(torch.device("cuda"), no_compile=True))
+
+
+def test_bench_core_rows_come_as_measured(monkeypatch):
+    """The evaluation rows come one by one as they are measured, every setting of the first ``--episodes`` size
+    first (a suite step stopped at its time budget keeps them), after a one-by-one baseline timed after a warm-up."""
+    bench = load_script("benchmarks/bench_core.py")
+    log = []
+    monkeypatch.setattr(bench, "warm_up", lambda model, device: log.append("warm-up"))
+    monkeypatch.setattr(bench, "evaluate_episodes_sequential", lambda *a, **k: log.append("one-by-one"))
+    monkeypatch.setattr(bench, "evaluate_episodes", lambda model, env, target, n, *a, **k: log.append(n))
+    rows = bench.bench_eval(torch.device("cpu"), [3, 2], 1, workers_list=[0, 0], groups_list=[1, 2])
+    first = next(rows)
+    assert log == ["warm-up", "one-by-one", 3] and first[:3] == (3, 0, 1)
+    assert [r[0] for r in rows] == [3, 3, 3, 2, 2, 2, 2]
+
+
+def _suite_stand_ins(tmp_path, fail_step=None):
+    """A bin folder with stand-ins: python (logs each call's MUJOCO_GL and arguments, says CUDA is there, exits 124
+    for the step whose script is ``fail_step``), timeout (logs the budget, runs the command) and nvidia-smi."""
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f"""#!/usr/bin/env bash
+echo "MUJOCO_GL=${{MUJOCO_GL:-}} $*" >> {tmp_path / 'python.log'}
+case "$*" in *{fail_step or 'no step fails'}*) echo "a row"; exit 124;; esac
+""")
+    (bin_dir / "timeout").write_text(f"""#!/usr/bin/env bash
+while [[ $1 == -* ]]; do [[ $1 == -k || $1 == -s ]] && shift; shift; done
+echo "$1" >> {tmp_path / 'budgets.log'}
+shift
+exec "$@"
+""")
+    (bin_dir / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'name, memory.total'\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}
+    return {**env, "PATH": f"{bin_dir}:{env['PATH']}", "PYTHON": str(bin_dir / "python"), "OUT": str(tmp_path / "out")}
+
+
+def test_gpu_suite_steps_and_budgets(tmp_path):
+    """Every benchmark of the GPU suite runs under ``timeout``, within 520 s in all (a device command may run 600 s),
+    the target figures first, with MUJOCO_GL=disable (no libEGL needed; evaluation never renders), each step's
+    output kept in its own log; a step stopped at its budget is noted, fails the suite, and the next steps still run."""
+    import subprocess
+
+    env = _suite_stand_ins(tmp_path, fail_step="bench_core.py")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    calls = (tmp_path / "python.log").read_text().splitlines()[1:]        # the first call asks for CUDA
+    budgets = [int(b) for b in (tmp_path / "budgets.log").read_text().split()]
+    assert len(budgets) == len(calls) == 6 and sum(budgets) <= 520
+    assert all(c.startswith("MUJOCO_GL=disable benchmarks/") for c in calls)
+    scripts = [c.split()[1] for c in calls]
+    assert scripts[:2] == ["benchmarks/bench_train.py", "benchmarks/bench_core.py"]
+    assert "--compile" not in calls[0] and "--configs paper gpt2" in calls[0]
+    assert "--episodes 50 " in calls[1] and calls[1].endswith("--stepping_workers 0 8")
+    assert [c for c in calls if "--config gpt2" in c][0].endswith("--no_compile")
+    logs = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert logs == ["bench_analysis.txt", "bench_core.txt", "bench_train.txt", "bench_train_compile.txt",
+                    "check_precision_gpt2.txt", "check_precision_paper.txt", "device.txt"]
+    kept = (tmp_path / "out" / "bench_core.txt").read_text().splitlines()
+    assert kept[0] == "a row" and kept[1].startswith("== bench_core: stopped after its") and len(kept) == 2
+    # a MUJOCO_GL of the caller's is kept
+    (tmp_path / "python.log").unlink()
+    subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True,
+                   env={**env, "MUJOCO_GL": "egl"}, timeout=60)
+    assert all(c.startswith("MUJOCO_GL=egl ") for c in (tmp_path / "python.log").read_text().splitlines())

@@ -401,6 +401,96 @@ def test_overlapped_groups_equal_sequential(env, models, pools):
     np.testing.assert_array_equal(grouped.returns, seq.returns)
 
 
+class _LoggedEnv:
+    """A stand-in env that logs its steps in ``log``: observations from the step count, reward 1, over at step 2."""
+
+    def __init__(self, i: int, log: list, obs_dim: int = 11):
+        self.i, self.log, self.obs_dim, self.t = i, log, obs_dim, 0
+
+    def reset(self, seed=None):
+        self.t = 0
+        return np.full(self.obs_dim, 0.01 * self.i), {}
+
+    def step(self, action):
+        self.t += 1
+        self.log.append(("step", self.i))
+        return np.full(self.obs_dim, 0.01 * self.i + 0.1 * self.t), 1.0 + float(action[0]), self.t >= 2, False, {}
+
+    def close(self):
+        pass
+
+
+def test_local_envs_step_at_step_async():
+    """In-process envs step when their actions are sent, not when their results are asked for; the results come
+    back in the order of the sends, and a reset drops results never waited for."""
+    log = []
+    envs = ev.LocalEnvs([_LoggedEnv(i, log) for i in range(3)])
+    envs.reset(3, seed=0, mode="normal")
+    envs.step_async(np.array([0, 2]), np.zeros((2, 3)))
+    assert log == [("step", 0), ("step", 2)]
+    envs.step_async(np.array([1]), np.ones((1, 3)))
+    assert log == [("step", 0), ("step", 2), ("step", 1)]
+    obs, rewards, done = envs.step_wait()
+    np.testing.assert_array_equal(rewards, [1.0, 1.0])
+    np.testing.assert_allclose(obs[:, 0], [0.1, 0.12])
+    obs, rewards, done = envs.step_wait()
+    np.testing.assert_array_equal(rewards, [2.0])
+    envs.step_async(np.array([0]), np.zeros((1, 3)))
+    envs.reset(3, seed=0, mode="normal")
+    with pytest.raises(IndexError):
+        envs.step_wait()
+
+
+def test_overlapped_groups_step_in_process_envs_before_later_groups_are_awaited(models, monkeypatch):
+    """With in-process envs (no worker processes) each group's envs step right after its own actions have arrived on
+    the host, before the arrival of the later groups' actions is waited for: on a GPU the CPU then steps a group
+    while the later groups' forwards run. The arrival is logged by a stand-in for the CUDA event; the returns equal
+    those of one group."""
+    import itertools
+
+    env, model = "hopper", models["hopper"]
+    log = []
+
+    class LoggedEvent:
+        def __init__(self, k):
+            self.k = k
+
+        def synchronize(self):
+            log.append(("actions on host", self.k))
+
+    class LoggedModel(RowwiseModel):
+        def get_action(self, states, actions, returns_to_go, timesteps):
+            log.append(("forward", states.shape[0]))
+            return super().get_action(states, actions, returns_to_go, timesteps)
+
+    def run(groups):
+        log.clear()
+        count = itertools.count()
+        monkeypatch.setattr(ev, "_host_copy_event", lambda cuda: LoggedEvent(next(count)))
+        pool = ev.EnvPool(env)
+        pool.envs = [_LoggedEnv(i, log) for i in range(5)]
+        mean, std = norm_stats(env)
+        try:
+            res = ev.evaluate_episodes(LoggedModel(model), env, 3600.0, 5, mean, std, seed=SEED, pool=pool,
+                                       overlap_groups=groups)
+        finally:
+            pool.close()
+        return res, list(log)
+
+    grouped, order = run(3)
+    # groups [0, 1], [2, 3], [4]: every forward is launched first, then each group steps once its actions are there
+    expected = []
+    for t in range(2):
+        expected += [("forward", 2), ("forward", 2), ("forward", 1),
+                     ("actions on host", 3 * t), ("step", 0), ("step", 1),
+                     ("actions on host", 3 * t + 1), ("step", 2), ("step", 3),
+                     ("actions on host", 3 * t + 2), ("step", 4)]
+    assert order == expected
+    single, _ = run(1)
+    assert grouped.lengths.tolist() == single.lengths.tolist() == [2] * 5
+    np.testing.assert_array_equal(grouped.returns, single.returns)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_env_worker_processes_equal_in_process_stepping(mode, models):
     """Envs stepped in worker processes (round robin over 2 workers, 1 to 3 overlapped groups) give exactly the
@@ -474,7 +564,8 @@ def test_env_worker_pool_reused_across_episode_counts_seeds_and_modes(models, po
         first = list(remote._remote.procs)
         assert len(first) == 2
         for n, seed, mode in [(7, 3, "noise"), (3, 4, "delayed"), (9, 5, "normal")]:
-            _assert_same(_hopper_eval(models, remote, n, seed, mode), _hopper_eval(models, pools["hopper"], n, seed, mode))
+            _assert_same(_hopper_eval(models, remote, n, seed, mode),
+                         _hopper_eval(models, pools["hopper"], n, seed, mode))
             assert remote._remote.workers == 4
         assert not any(p.is_alive() for p in first)           # the 2 first workers were replaced by 4
         spec = get_env_spec("hopper")
