@@ -117,7 +117,7 @@ def cka_matrix(feats1: list, feats2: list, kernel: str = "linear", debiased: boo
     c1, n1 = centred(feats1)
     c2, n2 = centred(feats2)
     denom = n1[:, None] * n2[None, :] + eps
-    return torch.where(denom > 0, (c1 @ c2.T) / torch.where(denom > 0, denom, 1.0), 0.0).numpy()
+    return torch.where(denom > 0, (c1 @ c2.T) / torch.where(denom > 0, denom, 1.0), 0.0).cpu().numpy()
 
 
 # ---- token selection --------------------------------------------------------------------------------------------
