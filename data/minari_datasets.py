@@ -4,8 +4,9 @@
     python data/minari_datasets.py export data/hopper-medium-v2.pkl dt/hopper/medium-v0
 
 ``import`` reads a dataset from the local Minari root (``--minari_root``, default ``$MINARI_DATASETS_PATH`` or
-``~/.minari/datasets``) and writes ``{data_path}/{env}-{dataset}-v2.pkl``. ``export`` writes a pkl (with
-``next_observations``, as the converted and generated datasets have) as a Minari dataset in that root.
+``~/.minari/datasets``) and writes ``{data_path}/{env}-{dataset}-v2.pkl`` (an existing one is replaced only with
+``--force``). ``export`` writes a pkl (with ``next_observations``, as the converted and generated datasets have)
+as a Minari dataset ``namespace/name-vN`` in that root.
 """
 import argparse
 import os
@@ -27,6 +28,7 @@ def main(argv=None):
     imp.add_argument("--dataset", required=True, help="quality name for the pkl (medium, expert, ...)")
     imp.add_argument("--data_path", default=project_path("data"),
                      help="output folder (default: the project's data folder)")
+    imp.add_argument("--force", action="store_true", help="replace an existing {env}-{dataset}-v2.pkl")
     exp = sub.add_parser("export", help="DT pkl -> Minari dataset")
     exp.add_argument("pkl")
     exp.add_argument("dataset_id")
@@ -44,6 +46,7 @@ def main(argv=None):
     )
     from decision_transformer.envs import check_dataset_name, get_env_spec
     from decision_transformer.minari_io import (
+        check_dataset_id,
         env_from_dataset_id,
         export_minari,
         load_minari_trajectories,
@@ -52,14 +55,21 @@ def main(argv=None):
 
     if args.cmd == "import":
         env = args.env or env_from_dataset_id(args.dataset_id)
+        get_env_spec(env)
         check_dataset_name(args.dataset)
+        target = Path(args.data_path) / pkl_name(env, args.dataset)
+        if target.is_dir():
+            raise UserError(f"{target} is a folder")
+        if target.exists() and not args.force:
+            raise UserError(f"{target} already exists; pass --force to replace it or choose another --dataset "
+                            f"or --data_path")
         trajs = load_minari_trajectories(args.dataset_id, root=args.minari_root)
         validate_trajectories(trajs, get_env_spec(env), args.dataset_id)
         keep = ("observations", "next_observations", "actions", "rewards", "terminals")
-        out = write_pkl(Path(args.data_path) / pkl_name(env, args.dataset),
-                        [{k: t[k] for k in keep} for t in trajs])
+        out = write_pkl(target, [{k: t[k] for k in keep} for t in trajs])
         print(f"{out}: {len(trajs)} trajectories, {sum(len(t['rewards']) for t in trajs)} timesteps")
     else:
+        check_dataset_id(args.dataset_id)
         if not Path(args.pkl).is_file():
             raise UserError(f"{args.pkl}: file not found")
         env = args.env or env_from_dataset_id(Path(args.pkl).name)

@@ -60,28 +60,53 @@ def load_minari_trajectories(dataset_id: str, root: str | os.PathLike | None = N
     minari = _minari()
     with _root(root):
         where = Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets")) / dataset_id
+        # Minari checks metadata.json with asserts and opens main_data.hdf5 only when the episodes are read: any of
+        # these from either step is a damaged or missing dataset
+        unreadable = (FileNotFoundError, ValueError, KeyError, OSError, AssertionError, TypeError)
         try:
             ds = minari.load_dataset(dataset_id, download=False)
-        except (FileNotFoundError, ValueError, KeyError, OSError) as e:
-            raise UserError(f"Minari dataset {dataset_id!r} not found or unreadable under {where} "
-                            f"({type(e).__name__}: {str(e)[:150]})") from None
+        except unreadable as e:
+            why = _why(e) if not isinstance(e, AssertionError) else \
+                "its data/metadata.json lacks entries Minari needs (AssertionError)"
+            raise UserError(f"Minari dataset {dataset_id!r} not found or unreadable under {where} ({why})") from None
         trajs = []
-        for ep in ds.iterate_episodes():
-            obs = np.asarray(ep.observations)
-            if obs.ndim != 2 or len(obs) != len(ep.rewards) + 1:
-                raise UserError(f"{where}: episode {ep.id} has observations of shape {obs.shape} for "
-                                f"{len(ep.rewards)} steps; only flat Box observations are supported")
-            trajs.append({
-                "observations": obs[:-1].astype(np.float32),
-                "next_observations": obs[1:].astype(np.float32),
-                "actions": np.asarray(ep.actions, dtype=np.float32),
-                "rewards": np.asarray(ep.rewards, dtype=np.float32).reshape(-1),
-                "terminals": np.asarray(ep.terminations, dtype=bool).reshape(-1),
-                "timeouts": np.asarray(ep.truncations, dtype=bool).reshape(-1),
-            })
+        try:
+            for ep in ds.iterate_episodes():
+                obs = np.asarray(ep.observations)
+                if obs.ndim != 2 or len(obs) != len(ep.rewards) + 1:
+                    raise UserError(f"{where}: episode {ep.id} has observations of shape {obs.shape} for "
+                                    f"{len(ep.rewards)} steps; only flat Box observations are supported")
+                trajs.append({
+                    "observations": obs[:-1].astype(np.float32),
+                    "next_observations": obs[1:].astype(np.float32),
+                    "actions": np.asarray(ep.actions, dtype=np.float32),
+                    "rewards": np.asarray(ep.rewards, dtype=np.float32).reshape(-1),
+                    "terminals": np.asarray(ep.terminations, dtype=bool).reshape(-1),
+                    "timeouts": np.asarray(ep.truncations, dtype=bool).reshape(-1),
+                })
+        except unreadable as e:
+            raise UserError(f"Minari dataset {dataset_id!r} under {where}: episode data unreadable "
+                            f"({_why(e)})") from None
     if not trajs:
         raise UserError(f"{where}: the Minari dataset has no episodes")
     return trajs
+
+
+def _why(e: BaseException) -> str:
+    text = " ".join(str(e).split())[:150]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# Minari's dataset id: an optional namespace (path components), the name, and a version (required here)
+DATASET_ID = re.compile(r"(?:[-_\w][-_\w/]*[-_\w]/)?[-_\w]+?-v\d+")
+
+
+def check_dataset_id(dataset_id: str) -> str:
+    """``dataset_id`` if it has Minari's form ``namespace/name-vN`` (the namespace optional), else one line."""
+    if not DATASET_ID.fullmatch(dataset_id):
+        raise UserError(f"{dataset_id!r} is not a Minari dataset id of the form namespace/name-vN "
+                        f"(e.g. dt/hopper/medium-v0)")
+    return dataset_id
 
 
 def export_minari(trajs: list[dict[str, np.ndarray]], dataset_id: str, env: str,
@@ -94,6 +119,7 @@ def export_minari(trajs: list[dict[str, np.ndarray]], dataset_id: str, env: str,
 
     from decision_transformer.envs import DEFAULT_ENV_VERSION
 
+    check_dataset_id(dataset_id)
     spec = get_env_spec(env)
     buffers = []
     for i, t in enumerate(trajs):

@@ -9,13 +9,19 @@ entries may fill one row, e.g. the three source models):
   ``{data_path}/{env}-{dataset}-v2.pkl``, the dataset being ``--dataset``, else the one the model's config or file
   name records, else medium);
 * a run folder (``config.json`` + ``metrics.jsonl`` of ``experiment.py`` or ``experiment_multi.py``) is **read**:
-  ``--pick best`` (default; the best iteration by the run's own selection metric), ``last``, or ``0`` (a merge run's
-  evaluation before finetuning, recorded in its config).
+  ``--pick best`` (default; the best training iteration by the run's own selection metric), ``last`` (the last
+  training iteration), or ``0`` (an ``experiment.py`` merge run's evaluation before finetuning, recorded in its
+  config; ``best`` and ``last`` leave it out, as the run's own selection does). ``@pick`` applies to run folders only.
+
+``--out OUT`` writes ``OUT.csv`` and ``OUT.md`` (the names are appended: ``--out res/merge.v2`` writes
+``res/merge.v2.csv``); the CSV's ``envs_averaged`` column counts the envs in each row's average (the markdown's *
+marks an average over fewer envs than the table has).
 
     python -m decision_transformer.results_table \
         --row source=models/hopper/A_best.pt --row source=models/halfcheetah/B_best.pt \
         --row source=models/walker2d/C_best.pt \
-        --row "merge=checkpoints/dt_medium_hopper_666_123456@0" --row merge+finetune=checkpoints/dt_medium_hopper_666_123456 \
+        --row "merge=checkpoints/dt_medium_hopper_666_123456@0" \
+        --row merge+finetune=checkpoints/dt_medium_hopper_666_123456 \
         --out results/merge_medium
 """
 from __future__ import annotations
@@ -46,11 +52,13 @@ def scored_env(env: str, where: str) -> str:
     return env
 
 
-# ---- scores of one entry ------------------------------------------------------------------------------------------------
+# ---- scores of one entry ---------------------------------------------------------------------------------------------
 
-def prepare_checkpoint(path: str, device="cpu"):
+def prepare_checkpoint(path: str, device="cpu", *, data_path: str = "data", dataset: str | None = None):
     """(model file, model, envs, stored state statistics per env) of a checkpoint this table can score; every check
-    (readable, an env with D4RL reference returns, sound statistics) before any evaluation."""
+    (readable, an env with D4RL reference returns, sound statistics, the dataset file whose statistics stand in for
+    missing ones) before any evaluation."""
+    from decision_transformer.data import find_dataset_file
     from decision_transformer.legacy_import import build_model, load_model_file
 
     mf = load_model_file(path)
@@ -59,7 +67,18 @@ def prepare_checkpoint(path: str, device="cpu"):
     if envs == [None]:
         raise UserError(f"{path}: cannot tell which env this model is for")
     envs = [scored_env(env, path) for env in envs]
-    return mf, model, envs, {env: stored_state_stats(mf, env) for env in envs}
+    stats = {env: stored_state_stats(mf, env) for env in envs}
+    for env in envs:
+        if stats[env] is None:
+            ds = fallback_dataset(mf, dataset)
+            check_dataset_name(ds)
+            find_dataset_file(data_path, env, ds)
+    return mf, model, envs, stats
+
+
+def fallback_dataset(mf, dataset: str | None) -> str:
+    """The dataset whose state statistics a checkpoint without stored ones is evaluated with."""
+    return dataset or mf.dataset or "medium"
 
 
 def evaluate_checkpoint(path: str, *, num_episodes: int = 10, seed: int = 666, data_path: str = "data",
@@ -71,14 +90,13 @@ def evaluate_checkpoint(path: str, *, num_episodes: int = 10, seed: int = 666, d
     from decision_transformer.data import load_dataset, state_stats
     from decision_transformer.evaluation import env_pool, evaluate_episodes
 
-    mf, model, envs, stats = prepared or prepare_checkpoint(path, device)
+    mf, model, envs, stats = prepared or prepare_checkpoint(path, device, data_path=data_path, dataset=dataset)
     out = {}
     for env in envs:
         if stats[env] is not None:
             mean, std = stats[env]
         else:
-            ds = dataset or mf.dataset or "medium"
-            data_file, trajs = load_dataset(data_path, env, ds)
+            data_file, trajs = load_dataset(data_path, env, fallback_dataset(mf, dataset))
             mean, std = state_stats(trajs)
             print(f"{path}: no stored state statistics; using those of {data_file}", file=sys.stderr)
         if mf.is_multi:
@@ -107,47 +125,96 @@ def _score_keys(row: dict, envs, env_version) -> dict[str, float]:
     return out
 
 
-def read_run(run_dir: str, pick: str = "best") -> dict[str, float]:
-    """{env: D4RL score} of an ``experiment.py`` / ``experiment_multi.py`` run folder."""
-    d = Path(run_dir)
+def _read_run_files(d: Path) -> tuple[dict, list[dict]]:
+    """config.json (an object) and the rows of metrics.jsonl (objects) of a run folder; one line naming the file
+    otherwise."""
     try:
         config = json.loads((d / "config.json").read_text())
-        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        lines = (d / "metrics.jsonl").read_text().splitlines()
     except FileNotFoundError as e:
         raise UserError(f"{d}: not a run folder ({Path(e.filename).name} missing)") from None
     except json.JSONDecodeError as e:
+        raise UserError(f"{d / 'config.json'}: unreadable ({e})") from None
+    except UnicodeDecodeError as e:
         raise UserError(f"{d}: unreadable run files ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{d / 'config.json'}: not a run config (a JSON {type(config).__name__}, not an object)")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{d / 'metrics.jsonl'}: line {n} is unreadable ({e})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{d / 'metrics.jsonl'}: line {n} is a JSON {type(row).__name__}, not an object")
+        rows.append(row)
+    return config, rows
+
+
+def _run_envs(config: dict, d: Path, multi: bool) -> list[str]:
+    key = "envs" if multi else "env"
+    value = config.get(key)
+    envs = value if multi else [value]
+    if not isinstance(envs, list) or not envs or not all(isinstance(e, str) for e in envs):
+        kind = "a list of env names" if multi else "an env name"
+        have = "none" if value is None else repr(value)[:80]
+        raise UserError(f"{d / 'config.json'}: {key!r} is not {kind} ({have}); not a run of "
+                        f"{'experiment_multi.py' if multi else 'experiment.py'}?")
+    return [scored_env(env, str(d)) for env in envs]
+
+
+def _score(value) -> float:
+    """A selection score as the run compares it (``score > best``): missing or NaN never wins."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return -math.inf
+    return -math.inf if math.isnan(value) else value
+
+
+def read_run(run_dir: str, pick: str = "best") -> dict[str, float]:
+    """{env: D4RL score} of an ``experiment.py`` / ``experiment_multi.py`` run folder. ``best`` and ``last`` consider
+    the training iterations (1, 2, ...), as the run's own selection does; a merge run's iteration 0 (the merged model
+    before finetuning) is read with ``0`` only."""
+    d = Path(run_dir)
+    if pick not in ("best", "last", "0"):
+        raise UserError(f"unknown pick {pick!r}; use best, last or 0")
+    config, rows = _read_run_files(d)
     multi = config.get("model_class") == "multi_dt"
-    envs = list(config.get("envs") or ENV_ORDER) if multi else [config["env"]]
-    for env in envs:
-        if isinstance(env, str):
-            scored_env(env, str(d))
+    envs = _run_envs(config, d, multi)
     version = config.get("env_version", "v4")
     if pick == "0":
-        it0 = (config.get("merge_info") or {}).get("iteration_0")
-        if not it0:
-            raise UserError(f"{d}: no evaluation before finetuning recorded (merge runs with training record one)")
+        info = config.get("merge_info")
+        it0 = info.get("iteration_0") if isinstance(info, dict) else None
+        if not isinstance(it0, dict) or not it0:
+            raise UserError(f"{d}: no evaluation before finetuning recorded (@0 needs a merge run of experiment.py; "
+                            f"multi-task merge runs record none)")
         return _score_keys(it0, envs, version)
     rows = [r for r in rows if _score_keys(r, envs, version)]
-    if not rows:
+    trained = [r for r in rows if r.get("iteration") != 0]
+    if not trained:
+        if rows:
+            raise UserError(f"{d}: metrics.jsonl holds only iteration 0 (the merged model before finetuning); "
+                            f"read it with @0")
         raise UserError(f"{d}: no evaluation in metrics.jsonl")
     if pick == "last":
-        return _score_keys(rows[-1], envs, version)
-    if pick != "best":
-        raise UserError(f"unknown pick {pick!r}; use best, last or 0")
+        return _score_keys(trained[-1], envs, version)
     if multi:
         key = "evaluation/average_norm_return_mean"
     else:
         key = f"evaluation/target_{int(get_env_spec(envs[0]).targets[0])}_return_mean"
-    best = max(rows, key=lambda r: r.get(key) if r.get(key) is not None else -math.inf)  # first of equal bests
+    best = max(trained, key=lambda r: _score(r.get(key)))  # first of equal bests
     return _score_keys(best, envs, version)
 
 
-# ---- the table ------------------------------------------------------------------------------------------------------------
+# ---- the table -------------------------------------------------------------------------------------------------------
 
 def build_table(rows: dict[str, dict[str, float]], envs=ENV_ORDER) -> tuple[list[str], list[list[str]]]:
     """Header and formatted rows: label, one column per env (— where the row has no score), average over the envs
     the row has."""
+    envs = list(dict.fromkeys(envs))  # each env once
     header = ["model", *envs, "average"]
     body = []
     for label, scores in rows.items():
@@ -168,10 +235,17 @@ def to_markdown(header, body) -> str:
 
 
 def to_csv(header, body) -> str:
+    """The table as CSV: empty cells where a row has no score, the average as a plain number, and a last column
+    ``envs_averaged`` with the number of envs the average is over (fewer than the env columns: a partial average,
+    the markdown table's *)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows([[c if c != "—" else "" for c in r] for r in body])
+    w.writerow([*header, "envs_averaged"])
+    for r in body:
+        cells = [c if c != "—" else "" for c in r]
+        cells[-1] = cells[-1].rstrip("*")
+        n = sum(c != "" for c in cells[1:-1])
+        w.writerow([*cells, n if n else ""])
     return buf.getvalue()
 
 
@@ -183,13 +257,19 @@ def collect(entries: list[str], *, pick: str, **eval_kw) -> dict[str, dict[str, 
         if "=" not in entry:
             raise UserError(f"--row {entry!r}: expected LABEL=PATH")
         label, path = entry.split("=", 1)
-        p_pick = pick
+        p_pick, explicit = pick, False
         if "@" in path and not Path(path).exists():
             path, p_pick = path.rsplit("@", 1)
+            explicit = True
         if Path(path).is_dir():
             parsed.append((label, path, read_run(path, p_pick)))
         elif Path(path).is_file():
-            parsed.append((label, path, prepare_checkpoint(path, eval_kw.get("device", "cpu"))))
+            if explicit:
+                raise UserError(f"--row {entry!r}: @{p_pick} picks an iteration of a run folder; {path} is a "
+                                f"checkpoint file (evaluated as it is)")
+            parsed.append((label, path, prepare_checkpoint(path, eval_kw.get("device", "cpu"),
+                                                           data_path=eval_kw.get("data_path", "data"),
+                                                           dataset=eval_kw.get("dataset"))))
         else:
             raise UserError(f"--row {entry!r}: {path} is neither a checkpoint nor a run folder")
     rows: dict[str, dict[str, float]] = {}
@@ -234,18 +314,32 @@ def main(argv=None):
     if args.env_version not in SUPPORTED_ENV_VERSIONS:
         raise UserError(f"unsupported --env_version {args.env_version!r}; choose one of "
                         f"{', '.join(SUPPORTED_ENV_VERSIONS)}")
+    out_files = None
+    if args.out:
+        out = Path(args.out)
+        if out.name in ("", ".", ".."):
+            raise UserError(f"--out {args.out}: give a file name without extension (writes OUT.csv and OUT.md)")
+        out_files = out.with_name(out.name + ".csv"), out.with_name(out.name + ".md")  # appended, not replaced
+        for f in out_files:
+            if f.is_dir():
+                raise UserError(f"--out {args.out}: {f} is a folder")
     device = resolve_device(args.device)
     rows = collect(args.row, pick=args.pick, num_episodes=args.num_eval_episodes, seed=args.seed,
                    data_path=args.data_path, dataset=args.dataset, device=device, env_version=args.env_version)
-    header, body = build_table(rows, args.envs)
+    envs = list(dict.fromkeys(args.envs))
+    for label, scores in rows.items():
+        if scores and not any(env in envs for env in scores):
+            print(f"warning: row {label!r} has scores for {', '.join(scores)} only, none of --envs "
+                  f"{' '.join(envs)}; its cells are empty", file=sys.stderr)
+    header, body = build_table(rows, envs)
     md = to_markdown(header, body)
     print(md, end="")
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".csv").write_text(to_csv(header, body))
-        out.with_suffix(".md").write_text(md)
-        print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.md')}", file=sys.stderr)
+    if out_files:
+        csv_path, md_path = out_files
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        csv_path.write_text(to_csv(header, body))
+        md_path.write_text(md)
+        print(f"wrote {csv_path} and {md_path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

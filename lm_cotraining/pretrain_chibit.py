@@ -4,7 +4,9 @@
 
 Trains a byte-level BPE tokenizer on the text unless --tokenizer names one, then a GPT-2 (default 3 layers,
 hidden 128, 1 head) with the causal-LM loss, and saves model and tokenizer with save_pretrained. Use the folder with
---pretrained_lm (experiment.py or lm_cotraining/experiment.py).
+--pretrained_lm (experiment.py or lm_cotraining/experiment.py). The sizes, --steps and --batch_size must be >= 1 and
+--lr a finite number > 0; they are checked before the corpus is read. Bytes of the corpus that are not UTF-8 are read
+as U+FFFD.
 """
 import argparse
 import os
@@ -19,7 +21,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--text", required=True, help="text file, or folder of .txt/.raw/.tokens files")
-    p.add_argument("--out", default="checkpoints/ChibiT", help="output folder (save_pretrained)")
+    p.add_argument("--out", default="checkpoints/ChibiT",
+                   help="output folder (save_pretrained); not the working folder or one holding it or the corpus")
     p.add_argument("--tokenizer", default=None, help="existing tokenizer folder; default: train a byte-level BPE")
     p.add_argument("--vocab_size", type=int, default=8192, help="BPE vocabulary size when training a tokenizer")
     p.add_argument("--n_layer", type=int, default=3)
@@ -34,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup_steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out folder (once the new model is completely written)")
     return p
 
 

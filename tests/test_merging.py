@@ -422,11 +422,12 @@ def test_merge_cli_recipe_and_results_table(trained, tmp_path, capsys):
     md = results_table.to_markdown(header, body)
     assert "| source | 10.0 | 20.0 | 30.0 | 20.0 |" in md and "| merge | 5.0 | — | — | 5.0* |" in md
     assert md.rstrip().endswith("average over the envs that have a score only")     # the * explained
-    assert results_table.to_csv(header, body).splitlines()[2] == "merge,5.0,,,5.0*"
+    # the CSV average is a number, with the count of envs it averages in a column of its own
+    assert results_table.to_csv(header, body).splitlines()[2] == "merge,5.0,,,5.0,1"
     out = tmp_path / "table"
     results_table.main(["--row", f"merged={tmp_path / 'ta.pt'}", "--num_eval_episodes", "1", "--out", str(out)])
     rows = (tmp_path / "table.csv").read_text().splitlines()
-    assert rows[0] == "model,hopper,halfcheetah,walker2d,average" and rows[1].startswith("merged,")
+    assert rows[0] == "model,hopper,halfcheetah,walker2d,average,envs_averaged" and rows[1].startswith("merged,")
     assert (tmp_path / "table.md").is_file()
 
 

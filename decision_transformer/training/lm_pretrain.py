@@ -9,8 +9,10 @@ is trained on the same text first.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,19 +34,32 @@ def text_files(path: str | Path) -> list[Path]:
     raise UserError(f"{path}: no text file (or folder of .txt/.raw/.tokens files) to pretrain on")
 
 
+def read_text(f: Path) -> str:
+    """The text of a corpus file; bytes that are not UTF-8 become U+FFFD (tokenizer training and encoding agree)."""
+    return f.read_text(encoding="utf-8", errors="replace")
+
+
+def _line_batches(files: list[Path], size: int = 20000):
+    for f in files:
+        lines = read_text(f).splitlines(keepends=True)
+        for i in range(0, len(lines), size):
+            yield lines[i:i + size]
+
+
 def train_bpe_tokenizer(files: list[Path], vocab_size: int):
-    """A byte-level BPE tokenizer (GPT-2's scheme) trained on ``files``, as a transformers fast tokenizer."""
+    """A byte-level BPE tokenizer (GPT-2's scheme) trained on ``files``, as a transformers GPT-2 fast tokenizer (its
+    saved ``tokenizer_class`` is a GPT-2 tokenizer, which transformers 4.x and 5.x both load)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import GPT2TokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train([str(f) for f in files], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS,
-                                   model_max_length=1024)
+    tok.train_from_iterator(_line_batches(files), trainer)
+    return GPT2TokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS,
+                             model_max_length=1024)
 
 
 def load_tokenizer_dir(path: str | Path):
@@ -58,11 +73,75 @@ def load_tokenizer_dir(path: str | Path):
 
 def encode_files(files: list[Path], tokenizer) -> torch.Tensor:
     ids: list[int] = []
-    for f in files:
-        lines = f.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
-        for i in range(0, len(lines), 20000):
-            ids.extend(t for seq in tokenizer(lines[i:i + 20000])["input_ids"] for t in seq)
+    for batch in _line_batches(files):
+        ids.extend(t for seq in tokenizer(batch)["input_ids"] for t in seq)
     return torch.tensor(ids, dtype=torch.long)
+
+
+def check_settings(**flags):
+    """One line for the first setting (a ``pretrain_chibit.py`` flag) that cannot train a model."""
+    for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_positions", "block_size", "batch_size", "steps",
+                 "log_every"):
+        if flags[name] < 1:
+            raise UserError(f"--{name} must be >= 1 (got {flags[name]})")
+    if flags["warmup_steps"] < 0:
+        raise UserError(f"--warmup_steps must be >= 0 (got {flags['warmup_steps']})")
+    if not (math.isfinite(flags["lr"]) and flags["lr"] > 0):
+        raise UserError(f"--lr must be a finite number > 0 (got {flags['lr']})")
+    if flags["block_size"] > flags["n_positions"]:
+        raise UserError(f"--block_size {flags['block_size']} exceeds --n_positions {flags['n_positions']}")
+    if flags["n_embd"] % flags["n_head"]:
+        raise UserError(f"--n_embd {flags['n_embd']} is not divisible by --n_head {flags['n_head']}")
+
+
+def check_out_dir(out_dir: str | Path, text: str | Path, overwrite: bool) -> Path:
+    """``out_dir`` made absolute, checked before training: a folder (new, empty, or replaced with ``overwrite``) that
+    neither is nor holds the working folder or the corpus, below a folder that can be written."""
+    out = Path(out_dir).expanduser().resolve()
+    for what, inside in (("the working folder", Path.cwd().resolve()), ("the corpus", Path(text).resolve())):
+        if out == inside or out in inside.parents:
+            raise UserError(f"--out {out_dir} is or contains {what} ({inside}); choose a folder of its own")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out_dir} already exists and is not empty; pass --overwrite or choose another --out")
+    base = next(p for p in out.parents if p.exists())
+    if not base.is_dir():
+        raise UserError(f"--out {out_dir}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out_dir}: cannot write in {base} (permission denied)")
+    return out
+
+
+def save_model_dir(out: Path, model, tokenizer):
+    """Write model and tokenizer to a new temporary folder beside ``out``, then move it into place; an existing
+    ``out`` is replaced only once the new folder is complete. Nothing but ``out`` and the tool's own temporary
+    folders is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    old = None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # the permissions of a folder made the ordinary way (mkdtemp makes it 0700)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():  # --overwrite: set the old folder aside until the new one is in place
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            out.rename(old / out.name)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if old is not None:
+                (old / out.name).rename(out)
+                shutil.rmtree(old, ignore_errors=True)
+                old = None
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def pretrain_chibit(text: str | Path, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None,
@@ -73,14 +152,11 @@ def pretrain_chibit(text: str | Path, out_dir: str | Path, *, tokenizer_dir: str
     """Train and save; returns {"first_loss", "last_loss", "vocab_size", "tokens", "out_dir"}."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} already exists and is not empty; pass --overwrite or choose another --out")
-    if block_size > n_positions:
-        raise UserError(f"--block_size {block_size} exceeds --n_positions {n_positions}")
-    if n_embd % n_head:
-        raise UserError(f"--n_embd {n_embd} is not divisible by --n_head {n_head}")
+    check_settings(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
+                   block_size=block_size, batch_size=batch_size, steps=steps, lr=lr, warmup_steps=warmup_steps,
+                   log_every=log_every)
     files = text_files(text)
+    out = check_out_dir(out_dir, text, overwrite)
     torch.manual_seed(seed)
     tokenizer = load_tokenizer_dir(tokenizer_dir) if tokenizer_dir else train_bpe_tokenizer(files, vocab_size)
     ids = encode_files(files, tokenizer)
@@ -117,14 +193,8 @@ def pretrain_chibit(text: str | Path, out_dir: str | Path, *, tokenizer_dir: str
         if step % log_every == 0 or step == steps:
             last = float(loss.detach())
             print(f"step {step}/{steps} loss {last:.4f} ({time.time() - t0:.0f}s)", file=sys.stderr)
-    # write to a temporary folder, then move: no half-written model directory on failure
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.cpu().save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    print(f"saved ChibiT-style GPT-2 ({n_layer} layers, hidden {n_embd}, {n_head} heads, vocab {vocab}) to {out}",
+    save_model_dir(out, model.cpu(), tokenizer)
+    print(f"saved ChibiT-style GPT-2 ({n_layer} layers, hidden {n_embd}, {n_head} heads, vocab {vocab}) to {out_dir}",
           file=sys.stderr)
-    return {"first_loss": first, "last_loss": last, "vocab_size": vocab, "tokens": len(ids), "out_dir": str(out)}
+    return {"first_loss": first, "last_loss": last, "vocab_size": vocab, "tokens": len(ids),
+            "out_dir": str(Path(out_dir))}
