@@ -233,7 +233,7 @@ def read_hdf5(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise UserError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a folder, not a dataset file") from None
-    except (OSError, RuntimeError, KeyError, ValueError, TypeError, OverflowError, MemoryError) as e:
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, OverflowError) as e:
         # a damaged file fails in h5py's open, its object visit ("Object visitation failed") or a dataset read
         why = str(e).strip() or type(e).__name__
         raise UserError(f"{path}: not a readable hdf5 file ({why})") from None

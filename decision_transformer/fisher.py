@@ -29,6 +29,7 @@ import torch
 from decision_transformer.checkpoint import atomic_save
 from decision_transformer.cli import THREADS_HELP, HelpFormatter, check_context, check_seed
 from decision_transformer.errors import UserError
+from decision_transformer.paths import project_path
 from decision_transformer.training.losses import masked_action_mse
 
 FISHER_TYPES = ("batch", "empirical", "gaussian")
@@ -352,7 +353,7 @@ def precompute_parser():
                                             "own dataset, saved to <model_dir>/info/<stem>-bs{B}-nb{N}[-type] for "
                                             "experiment.py --use_fisher.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--data_path", default="data")
+    p.add_argument("--data_path", default=project_path("data"), help="default: the project's data/")
     p.add_argument("--model", required=True, help="model file (our checkpoint, a state dict or an original pickle)")
     p.add_argument("--f_batch_size", type=int, default=64, help="windows per batch")
     p.add_argument("--f_num_batches", type=int, default=100, help="batches")

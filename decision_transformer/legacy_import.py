@@ -259,9 +259,8 @@ def convert_legacy(root, path: str | Path, env: str | None = None) -> dict:
     except UserError as e:
         msg = str(e)
         raise UserError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
-    except (RecursionError, TypeError, KeyError, AttributeError, IndexError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: not a model of the originals' layout ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    except RecursionError:  # a module tree nested beyond Python's recursion limit
+        raise UserError(f"{path}: its module tree is nested too deeply for a model of the originals' layout") from None
 
 
 def _convert_legacy(root, path: str | Path, env: str | None = None) -> dict:

@@ -26,6 +26,7 @@ from decision_transformer import merging
 from decision_transformer.checkpoint import atomic_save, make_checkpoint
 from decision_transformer.cli import THREADS_HELP, HelpFormatter, check_context, check_seed
 from decision_transformer.errors import UserError, cli_entry
+from decision_transformer.paths import project_path
 
 
 def merge_parser() -> argparse.ArgumentParser:
@@ -52,7 +53,7 @@ def merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec_info", action="store_true", help="multi-task: Fisher on each model's own env only")
     p.add_argument("--f_batch_size", type=int, default=64)
     p.add_argument("--f_num_batches", type=int, default=100)
-    p.add_argument("--data_path", default="data")
+    p.add_argument("--data_path", default=project_path("data"), help="default: the project's data/")
     p.add_argument("--dataset", default=None, help="multi-task Fisher data (default: model 1's dataset), "
                                                    "normalised with each model's stored state statistics")
     p.add_argument("--K", type=int, default=20)

@@ -39,6 +39,7 @@ import numpy as np
 from decision_transformer.cli import HelpFormatter
 from decision_transformer.envs import D4RL_ENVS, SUPPORTED_ENV_VERSIONS, check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError, cli_entry
+from decision_transformer.paths import project_path
 from decision_transformer.legacy_import import stored_state_stats
 
 ENV_ORDER = D4RL_ENVS
@@ -295,7 +296,7 @@ def main(argv=None):
     p.add_argument("--envs", nargs="+", default=list(ENV_ORDER))
     p.add_argument("--num_eval_episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=666)
-    p.add_argument("--data_path", default="data")
+    p.add_argument("--data_path", default=project_path("data"), help="default: the project's data/")
     p.add_argument("--dataset", default=None, help="state statistics for checkpoints that store none (default: the "
                                                      "dataset the model was trained on, from its config or file name; "
                                                      "else medium)")

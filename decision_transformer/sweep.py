@@ -38,6 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 GRID_DIR = Path(__file__).resolve().parent / "sweeps"
 
 
+#: Flags of the shipped grids that name project folders.
+PATH_KEYS = ("outdir", "data_path")
+
+
 def load_grid(name: str) -> dict:
     import yaml
 
@@ -66,6 +70,11 @@ def load_grid(name: str) -> dict:
             raise UserError(f"{path}: grid value of {k!r} is an empty list (the grid would have no runs)")
     if not (ROOT / spec["program"]).is_file():
         raise UserError(f"{path}: program {spec['program']!r} not found (a path relative to {ROOT})")
+    if path.resolve().parent == GRID_DIR.resolve():
+        # a shipped grid's folders are the project's own, from wherever in the project it is run (as the defaults)
+        for key in PATH_KEYS:
+            if isinstance(spec["fixed"].get(key), str) and not Path(spec["fixed"][key]).is_absolute():
+                spec["fixed"][key] = project_path(spec["fixed"][key])
     spec["name"] = path.stem
     spec["path"] = str(path.resolve())
     return spec
@@ -804,9 +813,10 @@ def main(argv=None):
         elif r.state == "invalid":  # named by its grid values
             print(f"invalid: {shlex.join(to_argv({k: r.params[k] for k in spec['grid']})) or shlex.join(r.argv)}: "
                   f"{r.found.note}")
-    if a.dry_run:
-        if count["invalid"]:
-            raise UserError(f"{count['invalid']} runs of the grid have invalid flags (see above)")
+    if a.dry_run:  # exits as the real run would for runs it could not start
+        errors = _not_started(count)
+        if errors:
+            raise UserError("; ".join(errors))
         return 0
     todo = [i for i, r in enumerate(runs) if r.state in ("new", "partial")]
     report = new_report()
@@ -829,17 +839,23 @@ def main(argv=None):
     errors = []
     if failed:
         errors.append(f"{failed} of {len(todo)} runs failed; logs in {a.log_dir}")
-    kept = {state: count[state] + sum(s == state for _, s in report["skipped"])
-            for state in ("blocked", "damaged", "mismatch", "invalid")}
-    for state, why in (("blocked", "their language model is not available here"),
-                       ("damaged", "their training state cannot be read"),
-                       ("mismatch", "their run folder holds a run made with other flags"),
-                       ("invalid", "their flags are invalid")):
-        if kept[state]:
-            errors.append(f"{kept[state]} runs not started: {why} (see above)")
+    errors += _not_started({state: count[state] + sum(s == state for _, s in report["skipped"])
+                            for state in NOT_STARTED})
     if errors:
         raise UserError("; ".join(errors))
     return 0
+
+
+#: The states of runs a launcher does not start, and why.
+NOT_STARTED = {"blocked": "their language model is not available here",
+               "damaged": "their training state cannot be read",
+               "mismatch": "their run folder holds a run made with other flags",
+               "invalid": "their flags are invalid"}
+
+
+def _not_started(count: dict) -> list[str]:
+    return [f"{count[state]} runs not started: {why} (see above)" for state, why in NOT_STARTED.items()
+            if count.get(state)]
 
 
 def _summary(runs: list[Run], report: dict) -> str:

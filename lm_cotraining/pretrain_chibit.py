@@ -14,12 +14,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from decision_transformer.cli import HelpFormatter  # noqa: E402
 from decision_transformer.errors import cli_entry  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--text", required=True, help="text file, or folder of .txt/.raw/.tokens files")
     p.add_argument("--out", default="checkpoints/ChibiT",
                    help="output folder (save_pretrained); not the working folder or one holding it or the corpus")

@@ -1,6 +1,9 @@
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,13 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# The user's own D4RL downloads and Hugging Face cache must not change what the tests find: both point at empty
+# folders (tests that need them set their own).
+_EMPTY = tempfile.mkdtemp(prefix="dt-tests-empty-")
+atexit.register(shutil.rmtree, _EMPTY, True)
+os.environ["D4RL_DATASET_DIR"] = os.path.join(_EMPTY, "d4rl")
+os.environ["HF_HOME"] = os.path.join(_EMPTY, "hf")
+os.environ.pop("HF_HUB_CACHE", None)
 
 import torch  # noqa: E402
 

@@ -201,3 +201,25 @@ def test_help_shows_every_default_and_no_switch_state(parser, monkeypatch):
             assert "default:" not in entry, entry
         else:
             assert "default: " in entry, entry
+
+
+@pytest.mark.parametrize("parser", ["decision_transformer.cli:experiment_parser",
+                                    "decision_transformer.cli_lm:lm_cotraining_parser",
+                                    "decision_transformer.multi_run:multi_parser",
+                                    "decision_transformer.merge_cli:merge_parser",
+                                    "decision_transformer.fisher:precompute_parser"])
+def test_data_path_defaults_to_the_projects_data_from_a_sub_folder(parser, tmp_path, monkeypatch):
+    """Every tool that reads datasets finds the project's data/ when started in a project sub-folder (as the
+    originals' `../data`), and `data` from the root."""
+    import importlib
+
+    from decision_transformer import paths
+
+    (tmp_path / "lm_cotraining").mkdir()
+    monkeypatch.setattr(paths, "PROJECT_ROOT", tmp_path)
+    module, name = parser.split(":")
+    build = getattr(importlib.import_module(module), name)
+    monkeypatch.chdir(tmp_path)
+    assert build().get_default("data_path") == "data"
+    monkeypatch.chdir(tmp_path / "lm_cotraining")
+    assert build().get_default("data_path") == "../data"

@@ -1,6 +1,7 @@
 """The grid launcher: expansion, skip/resume detection, a real two-process run, WandB export."""
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -636,6 +637,9 @@ def test_a_folder_of_a_run_with_other_flags_is_not_this_run(tmp_path, hopper_dat
     assert [s for s, _ in sweep.plan(spec, [])] == ["mismatch", "mismatch"]
     (d1 / "config.json").write_text(json.dumps(_config_of(argv1 + ["--num_eval_episodes", "3"], exp_id=1)))
     assert [s for s, _ in sweep.plan(spec, [])] == ["done", "mismatch"]        # a flag a resumed run may change
+    # a dry run exits as the run would
+    assert _expect_error(capsys, ["run", str(grid), "--dry_run"]) == \
+        "error: 1 runs not started: their run folder holds a run made with other flags (see above)"
     err, out = _fails_with(capsys, ["run", str(grid), "--log_dir", str(tmp_path / "logs")])
     assert err == "error: 1 runs not started: their run folder holds a run made with other flags (see above)"
     assert any(line.startswith(f"mismatch: {d2} holds a run made with other flags: --dropout 0.1 (the run: 0.3); "
@@ -661,7 +665,7 @@ def test_an_invalid_grid_point_does_not_stop_the_others(tmp_path, hopper_data, c
     spec["grid"] = {"seed": [1], "K": [5, "abc"]}
     grid.write_text(yaml.safe_dump(spec))
     err = _expect_error(capsys, ["run", str(grid), "--dry_run"])
-    assert err == "error: 1 runs of the grid have invalid flags (see above)"
+    assert err == "error: 1 runs not started: their flags are invalid (see above)"
     err, out = _fails_with(capsys, ["run", str(grid), "--log_dir", str(tmp_path / "logs")])
     assert err == "error: 1 runs not started: their flags are invalid (see above)"
     assert out[0].startswith("new ") and out[1].startswith("invalid ")
@@ -788,3 +792,14 @@ def test_export_lists_and_null_only_values(tmp_path, capsys):
     assert err.startswith("error: grid ex: include = ['attn', 'mlp'] cannot be exported: a WandB agent passes a list "
                           "as one argument")
     assert not (tmp_path / "other").exists()
+
+
+def test_shipped_grids_name_the_projects_folders_from_a_sub_folder(monkeypatch):
+    """Started inside a project sub-folder, a shipped grid's relative outdir is the project's folder, as the training
+    scripts' defaults are (so the analyses find its runs); from the root it stays as written."""
+    root = Path(sweep.ROOT)
+    monkeypatch.chdir(root)
+    assert sweep.load_grid("merging_single_task")["fixed"]["outdir"] == "checkpoints/merging"
+    monkeypatch.chdir(root / "lm_cotraining")
+    assert sweep.load_grid("merging_single_task")["fixed"]["outdir"] == "../checkpoints/merging"
+    assert sweep.load_grid("pretraining_table1")["fixed"]["outdir"] == "../checkpoints"

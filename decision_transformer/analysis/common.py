@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from decision_transformer.cli import HelpFormatter
 from decision_transformer.envs import D4RL_ENVS
 from decision_transformer.errors import UserError
 from decision_transformer.paths import project_path
@@ -66,7 +67,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    return _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return _Parser(description=description, formatter_class=HelpFormatter)
 
 
 def add_checkpoint_flags(p, *, plm_alias: bool = False):
