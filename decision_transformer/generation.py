@@ -358,20 +358,16 @@ def write_d4rl_hdf5(path: str | os.PathLike, data: dict[str, np.ndarray], metada
     """Atomically write flat arrays (keys with '/' become groups) and ``metadata/*`` scalars."""
     import h5py
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    from decision_transformer.synthetic import atomic_write
+
+    def write(tmp):
         with h5py.File(tmp, "w") as f:
             for k, v in data.items():
                 f.create_dataset(k, data=v)
             for k, v in (metadata or {}).items():
                 f.create_dataset(f"metadata/{k}", data=v)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    return atomic_write(path, write)
 
 
 def dataset_stats(env: str, dataset: str, trajs: list[dict]) -> dict:
@@ -401,7 +397,7 @@ def generate_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, nu
                      progress: bool = True, log=print) -> dict:
     """Generate one dataset into ``data_path`` (``{env}-{dataset}-v2.pkl``, optionally D4RL's hdf5 and a
     ``.stats.json``); returns its stats (with ``seconds`` and file paths)."""
-    from decision_transformer.synthetic import write_pkl
+    from decision_transformer.synthetic import atomic_write, write_pkl
 
     t0 = time.perf_counter()
     data, meta = generate_flat(env, dataset, num_transitions, seed, policy_dir, progress)
@@ -419,9 +415,7 @@ def generate_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, nu
     stats = dataset_stats(env, dataset, trajs)
     stats.update(seconds=round(time.perf_counter() - t0, 1), policy=meta["policy"], seed=seed, files=out)
     stats_path = data_path / f"{env}-{dataset}-v2.stats.json"
-    tmp = stats_path.with_name(stats_path.name + ".tmp")
-    tmp.write_text(json.dumps(stats, indent=1))
-    os.replace(tmp, stats_path)
+    atomic_write(stats_path, lambda tmp: Path(tmp).write_text(json.dumps(stats, indent=1)))
     log(format_stats(stats) + f" [{stats['seconds']:.0f} s]")
     return stats
 

@@ -274,3 +274,32 @@ def test_bundled_policies_cover_every_dataset_and_behave_as_recorded(env):
         band = 3 * scores.std() / math.sqrt(len(scores)) + 3
         assert abs(scores.mean() - meta["eval_score"]) <= band, (kind, scores.mean(), meta["eval_score"], band)
     assert meta["final"]
+
+
+def test_hdf5_and_stats_writes_are_atomic_and_name_the_file(tmp_path, monkeypatch):
+    """A failed write of a generated hdf5 is one line naming the file, keeps the old file and leaves no temporary
+    file; the same helper writes the stats JSON."""
+    import errno
+
+    import h5py
+
+    from decision_transformer.errors import UserError
+    from decision_transformer.generation import write_d4rl_hdf5
+
+    path = tmp_path / "hopper_medium-v2.hdf5"
+    path.write_bytes(b"old")
+    real = h5py.File
+
+    def full_disk(name, mode="r", *a, **k):
+        f = real(name, mode, *a, **k)
+        f.close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(h5py, "File", full_disk)
+    with pytest.raises(UserError, match=rf"^cannot write {path}: "):
+        write_d4rl_hdf5(path, {"rewards": np.zeros(3, np.float32)})
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    monkeypatch.setattr(h5py, "File", real)
+    write_d4rl_hdf5(path, {"rewards": np.zeros(3, np.float32)}, {"policy": "x"})
+    with h5py.File(path) as f:
+        assert f["rewards"].shape == (3,) and f["metadata/policy"][()] == b"x"
