@@ -114,12 +114,19 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
         os.replace(tmp, path)
     except (RuntimeError, OSError) as e:  # torch reports an unwritable or full disk as a RuntimeError
         problem = write_problem(path, e)  # (before the partial file goes: a full disk is still full)
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        _remove(tmp)
         raise UserError(f"cannot write {path}: {problem}") from None
+    except BaseException:  # Ctrl-C / SIGTERM in the middle of the write: no partial file left behind
+        _remove(tmp)
+        raise
     return path
+
+
+def _remove(path: Path):
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def make_checkpoint(state_dict: dict, config: dict, state_mean=None, state_std=None, **extra) -> dict:

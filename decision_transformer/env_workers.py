@@ -49,6 +49,15 @@ def step_envs(envs: list, actions: np.ndarray):
     return np.asarray(obs, dtype=np.float64).reshape(len(envs), -1), rewards, done
 
 
+class EnvWorkerLost(UserError, RuntimeError):
+    """An evaluation env worker that exited or stopped answering: one line from the scripts (a ``UserError``), a
+    ``RuntimeError`` for callers of the library."""
+
+
+#: What a script stopped by a lost worker can do (training scripts keep every finished iteration).
+LOST_HINT = "; a training run continues with --resume"
+
+
 class _WorkerError:
     """A worker's reply when one of its envs raised (the worker then exits)."""
 
@@ -167,7 +176,9 @@ class EnvWorkers:
 
     def _exited(self, w: int) -> RuntimeError:
         self.procs[w].join(timeout=1)
-        return RuntimeError(f"evaluation env worker {w} exited (exit code {self.procs[w].exitcode})")
+        code = self.procs[w].exitcode
+        return EnvWorkerLost(f"evaluation env worker {w} exited (exit code {code})"
+                             + ("; it was killed (out of memory?)" if code == -9 else "") + LOST_HINT)
 
     def _send(self, w: int, msg):
         try:
@@ -178,8 +189,8 @@ class EnvWorkers:
     def _recv(self, w: int):
         try:
             if not self.conns[w].poll(self.reply_timeout_s):
-                raise RuntimeError(f"evaluation env worker {w} did not answer within {self.reply_timeout_s:g} s "
-                                   f"(stuck?); the pool starts new workers for the next evaluation")
+                raise EnvWorkerLost(f"evaluation env worker {w} did not answer within {self.reply_timeout_s:g} s "
+                                    f"(stuck?); the pool starts new workers for the next evaluation{LOST_HINT}")
             msg = self.conns[w].recv()
         except (EOFError, OSError):  # end of file or connection reset: the worker is gone
             raise self._exited(w) from None

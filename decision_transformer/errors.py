@@ -66,6 +66,7 @@ def cli_entry(main):
     def wrapper(argv=None):
         before = argparse.ArgumentParser.error
         argparse.ArgumentParser.error = _argparse_error  # one line instead of the usage block
+        term = _stop_on_sigterm()
         try:
             return main(argv)
         except UserError as e:
@@ -86,5 +87,31 @@ def cli_entry(main):
             raise SystemExit(130) from None
         finally:
             argparse.ArgumentParser.error = before
+            _restore_sigterm(term)
 
     return wrapper
+
+
+def _stop_on_sigterm():
+    """SIGTERM (``kill``, ``docker stop``, a cluster's preemption) stops a script as Ctrl-C does: its ``finally``
+    blocks run and nothing saved is lost. Installed only in the main thread over the default handler; returns what
+    ``_restore_sigterm`` puts back, or None."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    return signal.SIG_DFL
+
+
+def _restore_sigterm(previous):
+    if previous is not None:
+        import signal
+
+        signal.signal(signal.SIGTERM, previous)

@@ -358,7 +358,7 @@ def write_d4rl_hdf5(path: str | os.PathLike, data: dict[str, np.ndarray], metada
     """Atomically write flat arrays (keys with '/' become groups) and ``metadata/*`` scalars."""
     import h5py
 
-    from decision_transformer.synthetic import atomic_write
+    from decision_transformer.files import atomic_write
 
     def write(tmp):
         with h5py.File(tmp, "w") as f:
@@ -397,7 +397,8 @@ def generate_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, nu
                      progress: bool = True, log=print) -> dict:
     """Generate one dataset into ``data_path`` (``{env}-{dataset}-v2.pkl``, optionally D4RL's hdf5 and a
     ``.stats.json``); returns its stats (with ``seconds`` and file paths)."""
-    from decision_transformer.synthetic import atomic_write, write_pkl
+    from decision_transformer.files import atomic_write
+    from decision_transformer.synthetic import write_pkl
 
     t0 = time.perf_counter()
     data, meta = generate_flat(env, dataset, num_transitions, seed, policy_dir, progress)

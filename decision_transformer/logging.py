@@ -9,7 +9,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from decision_transformer.errors import UserError
+from decision_transformer.errors import UserError, write_problem
+from decision_transformer.files import atomic_write
 
 #: The values of ``WANDB_MODE`` that wandb accepts.
 WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
@@ -87,9 +88,8 @@ class RunLogger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # through a temporary file: a run stopped (or a disk full) while writing keeps the previous config.json,
             # by which --resume and the sweep launcher find the run
-            tmp = self.run_dir / "config.json.tmp"
-            tmp.write_text(json.dumps(config, indent=2, default=str) + "\n")
-            os.replace(tmp, self.run_dir / "config.json")
+            text = json.dumps(config, indent=2, default=str) + "\n"
+            atomic_write(self.run_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
             if not resume:
                 (self.run_dir / "metrics.jsonl").write_text("")
             elif resume_after is not None:
@@ -120,17 +120,19 @@ class RunLogger:
                 kept.append(line)
         # a last row cut short before its newline: rewrite, or the next row would be appended to the same line
         if len(kept) != len(lines) or (text and not text.endswith("\n")):
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(x + "\n" for x in kept))
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(x + "\n" for x in kept)))
 
     def log(self, metrics: dict, step: int | None = None):
         if self.run_dir is not None:
             row = {k: _plain(v) for k, v in metrics.items()}
             if step is not None:
                 row["iteration"] = step
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            path = self.run_dir / "metrics.jsonl"
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:  # a row cut short by a full disk is dropped by --resume (see _keep_rows_until)
+                raise UserError(f"cannot write {path}: {write_problem(path, e)}") from None
         if self.wandb_run is not None:
             if step is None:
                 self.wandb_run.log(metrics)

@@ -227,7 +227,8 @@ class EnvData:
 
         dataset = dataset or self.args.dataset
         if (env, dataset) not in self._cache:
-            path, trajs = load_dataset(self.args.data_path, env, dataset, generate=not self.args.no_generate)
+            path, trajs = load_dataset(self.args.data_path, env, dataset,  # --resume never generates data
+                                       generate=not self.args.no_generate and not getattr(self.args, "resume", False))
             mean, std = self.stats.get(env, (None, None))
             ds = TrajectoryDataset(trajs, env, mode=self.args.mode, pct_traj=self.args.pct_traj, device=self.device,
                                    state_mean=mean, state_std=std)
@@ -481,8 +482,9 @@ def find_resume_dir(args) -> Path:
 
 
 def run_multi(args) -> dict:
-    from decision_transformer.run import (autocast_dtype, configure_matmul_precision, recorded_config, resolve_device,
-                                          restore_train_state, save_train_state, seed_everything, warn_unsaved_best)
+    from decision_transformer.run import (autocast_dtype, check_same_data, configure_matmul_precision, recorded_config,
+                                          resolve_device, restore_train_state, save_train_state, seed_everything,
+                                          warn_unsaved_best)
 
     check_multi_args(args)
     resume_dir = find_resume_dir(args) if args.resume else None
@@ -552,6 +554,8 @@ def run_multi(args) -> dict:
     exp_id, start_iter, best_score = distributed.from_main(ctx, new_exp_id()), 0, -float("inf")  # one id for all ranks
     if resume_dir is not None:
         st = restore_train_state(resume_dir / TRAIN_STATE, model, trainer, optimizer, scheduler, generator)
+        check_same_data(st, resume_dir / TRAIN_STATE, args.data_path, {e: data.state_stats(e) for e in train_envs},
+                        {e: data.get(e).num_timesteps for e in train_envs})
         start_iter, best_score, exp_id = int(st["iteration"]), float(st["best_score"]), int(st["exp_id"])
         log(f"resuming {resume_dir} after iteration {start_iter}" + ("" if start_iter < args.max_iters else
             f": it has finished all {args.max_iters} iterations, nothing to do (raise --max_iters to continue)"))
@@ -568,6 +572,12 @@ def run_multi(args) -> dict:
     logger = RunLogger(run_dir, config, use_wandb=args.log_to_wandb and ctx.is_main, project=args.project, group=group,
                        name=exp_prefix, resume=resume_dir is not None, resume_after=start_iter)
     models_dir = Path(project_path("models")) / "multi"
+
+    def data_record() -> dict:  # what --resume checks the training data against
+        return {"state_stats": {e: {k: torch.as_tensor(np.asarray(v, np.float32))
+                                    for k, v in zip(("state_mean", "state_std"), data.state_stats(e))}
+                                for e in train_envs},
+                "data_timesteps": {e: data.get(e).num_timesteps for e in train_envs}}
 
     def save(state, path, iteration):
         st = {e: {"state_mean": torch.as_tensor(np.asarray(m, np.float32)),
@@ -626,7 +636,7 @@ def run_multi(args) -> dict:
                 save(chosen_state or model.state_dict(), models_dir / f"dt_{exp_prefix}_best.pt", it)
             if run_dir is not None and trainer is not None:  # for --resume
                 save_train_state(run_dir / TRAIN_STATE, model, config, trainer, optimizer, scheduler, generator,
-                                 iteration=it, best_score=best_score, exp_id=exp_id)
+                                 iteration=it, best_score=best_score, exp_id=exp_id, **data_record())
         if args.save_model and args.save_mode in ("last", "both"):
             save(model.state_dict(), models_dir / f"dt_{exp_prefix}.pt", args.max_iters)
     finally:

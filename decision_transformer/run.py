@@ -134,6 +134,25 @@ def restore_train_state(path: Path, model, trainer, optimizer, scheduler, genera
     return st
 
 
+def check_same_data(st: dict, path, data_file, stats: dict, timesteps: dict):
+    """``--resume`` on the data the run started on: the state statistics (single-task ``state_mean``/``state_std``,
+    multi-task ``state_stats`` by env) and the timestep counts (``data_timesteps``) its training state recorded must
+    be the data's now; else one line (a state written before this record was kept is taken as it is)."""
+    recorded = dict(st.get("state_stats") or {})
+    if "state_mean" in st and len(stats) == 1:
+        recorded[next(iter(stats))] = {"state_mean": st["state_mean"], "state_std": st["state_std"]}
+    for env, (mean, std) in stats.items():
+        old, n_old = recorded.get(env), (st.get("data_timesteps") or {}).get(env)
+        same_stats = old is None or (np.allclose(np.asarray(old["state_mean"], np.float64), mean, rtol=1e-5, atol=1e-6)
+                                     and np.allclose(np.asarray(old["state_std"], np.float64), std, rtol=1e-5,
+                                                     atol=1e-6))
+        if not same_stats or (n_old is not None and int(n_old) != int(timesteps[env])):
+            what = (f"{n_old} timesteps then, {timesteps[env]} now" if n_old is not None and
+                    int(n_old) != int(timesteps[env]) else "other state statistics")
+            raise UserError(f"--resume: the {env} data ({data_file}) is not the data {Path(path).parent} was trained "
+                            f"on ({what}); resume with the run's own dataset, or start a new run")
+
+
 def parse_targets(env_targets: str | None, default) -> list[float]:
     if env_targets is None:
         return list(default)
@@ -376,7 +395,9 @@ def _run(args, script: str) -> dict:
     lm = None if bc else locate_pretrained(args)  # before the data: a missing model is reported at once
     seed_everything(args.seed)
 
-    data_file, trajs = load_dataset(args.data_path, args.env, args.dataset, generate=not args.no_generate)
+    # --resume never generates: a run continues on the data it started on, or not at all
+    data_file, trajs = load_dataset(args.data_path, args.env, args.dataset,
+                                    generate=not args.no_generate and not args.resume)
     dataset = TrajectoryDataset(trajs, args.env, mode=args.mode, pct_traj=args.pct_traj, device=device)
     print(f"data: {data_file} | {len(dataset)} trajectories, {dataset.num_timesteps} timesteps | returns "
           f"mean {dataset.traj_returns_all.mean():.2f} std {dataset.traj_returns_all.std():.2f} "
@@ -427,6 +448,8 @@ def _run(args, script: str) -> dict:
     start_iter, best_score, exp_id = 0, -float("inf"), distributed.from_main(ctx, new_exp_id())  # one id for all ranks
     if st_path is not None:
         st = restore_train_state(st_path, model, trainer, optimizer, scheduler, generator)
+        check_same_data(st, st_path, data_file, {args.env: (dataset.state_mean, dataset.state_std)},
+                        {args.env: dataset.num_timesteps})
         start_iter, best_score, exp_id = int(st["iteration"]), float(st["best_score"]), int(st["exp_id"])
         saved_merge = (st.get("config") or {}).get("merge_info") or {}
         if args.pretrained_models and "iteration_0" in saved_merge:  # the merge's evaluation is not repeated
@@ -453,6 +476,7 @@ def _run(args, script: str) -> dict:
               "model_config": cfg.to_dict(), "script": SCRIPTS[script],
               "pretrained_lm_path": str(lm.path) if lm is not None else None}
     ckpt_extra = dict(state_mean=dataset.state_mean, state_std=dataset.state_std)
+    state_extra = dict(data_timesteps={args.env: dataset.num_timesteps})  # what --resume checks the data against
     if not ctx.is_main:  # under torchrun only rank 0 evaluates, logs and writes files
         run_dir, args.save_model, args.num_eval_episodes = None, False, 0
     if run_dir is not None and not args.resume:
@@ -501,7 +525,7 @@ def _run(args, script: str) -> dict:
                 print(f"saved {path} (best so far, iteration {it})", file=sys.stderr)
             if run_dir is not None:
                 save_train_state(run_dir / TRAIN_STATE, model, config, trainer, optimizer, scheduler, generator,
-                                 iteration=it, best_score=best_score, exp_id=exp_id, **ckpt_extra)
+                                 iteration=it, best_score=best_score, exp_id=exp_id, **ckpt_extra, **state_extra)
         if args.save_model and args.save_mode in ("last", "both"):
             path = atomic_save(make_checkpoint(model.state_dict(), config, iteration=args.max_iters,
                                                specializations=[args.env], **ckpt_extra),

@@ -4,16 +4,14 @@ Used by the tests and for smoke runs on a fresh machine; real experiments use D4
 """
 from __future__ import annotations
 
-import errno
 import os
 import pickle
-import secrets
 from pathlib import Path
 
 import numpy as np
 
 from decision_transformer.envs import DEFAULT_ENV_VERSION, get_env_spec, make_env
-from decision_transformer.errors import UserError, write_problem
+from decision_transformer.files import atomic_write  # noqa: F401  (the writers below, and their importers)
 
 
 def rollout_flat(env: str, num_transitions: int | None, seed: int = 0, policy=None, max_ep_len: int | None = None,
@@ -52,37 +50,6 @@ def rollout_flat(env: str, num_transitions: int | None, seed: int = 0, policy=No
     out["terminals"] = out["terminals"].astype(bool)
     out["timeouts"] = out["timeouts"].astype(bool)
     return out
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """``write(tmp)`` into a new temporary file beside ``path``, then rename it to ``path``: an existing file is
-    replaced only by a complete one, and a failed write leaves no temporary file behind. A file that cannot be written
-    (a folder in its place, a full disk, no permission) is a one-line ``UserError`` naming it."""
-    path = Path(path)
-    tmp = None
-    try:
-        if path.is_dir():
-            raise IsADirectoryError(errno.EISDIR, "it is a folder", str(path))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        while tmp is None:  # a name of its own (O_EXCL), with the permissions of a plain open(), not mkstemp's 0600
-            name = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-            try:
-                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-                tmp = name
-            except FileExistsError:
-                continue
-        write(tmp)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {write_problem(path, e)}") from None
-    finally:
-        if tmp is not None:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-    return path
 
 
 def write_hdf5(path: str | os.PathLike, data: dict[str, np.ndarray]) -> Path:

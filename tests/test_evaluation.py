@@ -639,8 +639,9 @@ def test_env_worker_pool_recovers_after_a_failed_evaluation(failure, models, poo
         _assert_same(_hopper_eval(models, remote), ref)
         old = list(remote._remote.procs)
         if failure == "killed":
-            with pytest.raises(RuntimeError, match=r"evaluation env worker 1 exited \(exit code -9\)"):
+            with pytest.raises(RuntimeError, match=r"evaluation env worker 1 exited \(exit code -9\)") as e:
                 _hopper_eval(models, remote, model=_KillWorker(models["hopper"], remote))
+            assert isinstance(e.value, UserError) and "continues with --resume" in str(e.value)   # one line
         elif failure == "interrupted_between_replies":
             with pytest.raises(KeyboardInterrupt):
                 _hopper_eval(models, remote, overlap_groups=3, progress=_InterruptAt(4))

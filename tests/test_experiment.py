@@ -401,3 +401,27 @@ def test_started_in_a_project_sub_folder_the_defaults_are_the_projects_folders(t
     monkeypatch.chdir(tmp_path)   # an analysis started outside the project still finds the recorded file
     ds = analysis_dataset("hopper", "medium", None, load_checkpoint(run / "model_1.pt"))
     assert len(ds) > 0
+
+
+def test_resume_refuses_other_data_and_never_generates(tmp_path, monkeypatch, capsys, hopper_data):
+    """--resume continues on the data the run started on: a dataset replaced meanwhile (other statistics or another
+    number of timesteps) is one line, and a missing one is not generated anew."""
+    import shutil
+
+    from decision_transformer.synthetic import make_dataset
+
+    data = tmp_path / "data"
+    shutil.copytree(hopper_data, data)
+    run(tmp_path, monkeypatch, data, "--max_iters", "1", "--num_steps_per_iter", "2")
+    before = (run_dir(tmp_path) / "train_state.pt").read_bytes()
+    other = tmp_path / "other"
+    make_dataset(other, "hopper", "medium", 1500, seed=5, max_ep_len=100)
+    shutil.copy(other / "hopper-medium-v2.pkl", data / "hopper-medium-v2.pkl")
+    msg = expect_error(capsys, ["--data_path", str(data), *TINY, "--max_iters", "2", "--num_steps_per_iter", "2",
+                                "--resume"])
+    assert "--resume: the hopper data" in msg and "is not the data" in msg
+    assert (run_dir(tmp_path) / "train_state.pt").read_bytes() == before          # nothing changed
+    (data / "hopper-medium-v2.pkl").unlink()
+    msg = expect_error(capsys, ["--data_path", str(data), *TINY, "--max_iters", "2", "--num_steps_per_iter", "2",
+                                "--resume"])
+    assert "not found" in msg and not (data / "hopper-medium-v2.pkl").exists()

@@ -513,3 +513,27 @@ def test_load_checkpoint_with_a_pretrained_or_merged_model_is_refused(data, tmp_
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and f"--load_checkpoint and {other[0]} exclude each other" in err[-1]
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_refuses_a_replaced_dataset(data, tmp_path, monkeypatch, capsys):
+    """experiment_multi.py --resume after one env's dataset was replaced: one line naming the env, nothing changed."""
+    import shutil
+
+    from decision_transformer.synthetic import make_dataset
+
+    mine = tmp_path / "data"
+    shutil.copytree(data, mine)
+    base = ["--dataset", "medium", "--data_path", str(mine), *TINY, "--embed_dim", "16", "--n_layer", "1",
+            "--seed", "3"]
+    monkeypatch.chdir(tmp_path)
+    experiment_multi.main([*base, "--max_iters", "1"])
+    (run,) = (tmp_path / "checkpoints" / "multi").iterdir()
+    before = (run / "train_state.pt").read_bytes()
+    make_dataset(tmp_path / "other", "walker2d", "medium", 400, seed=9, max_ep_len=50)
+    shutil.copy(tmp_path / "other" / "walker2d-medium-v2.pkl", mine / "walker2d-medium-v2.pkl")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        experiment_multi.main([*base, "--max_iters", "2", "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "--resume: the walker2d data" in err[-1] and "is not the data" in err[-1]
+    assert (run / "train_state.pt").read_bytes() == before

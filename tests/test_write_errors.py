@@ -58,3 +58,95 @@ def test_write_problem_words(tmp_path):
         "no space left on the device"
     assert write_problem("/nonexistent-dir/x.pt", PermissionError(errno.EACCES, "Permission denied")) == \
         "Permission denied"
+
+
+def test_an_interrupted_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM, which the scripts turn into it) in the middle of torch.save: the interrupt goes on, the
+    previous file stays, no temporary file is left."""
+    target = tmp_path / "train_state.pt"
+    atomic_save({"a": 1}, target)
+    real = torch.save
+
+    def cut(obj, f, *a, **k):
+        with open(f, "wb") as out:
+            out.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", cut)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"a": 2}, target)
+    monkeypatch.setattr(torch, "save", real)
+    assert _leftovers(tmp_path) == [] and torch.load(target, weights_only=True) == {"a": 1}
+
+
+def test_sigterm_stops_a_script_as_ctrl_c_does(capsys):
+    """SIGTERM (kill, docker stop, preemption) in a script's main: `error: interrupted`, exit 130, its finally blocks
+    run; the default handler is back afterwards."""
+    import os
+    import signal
+
+    from decision_transformer.errors import cli_entry
+
+    ran = []
+
+    @cli_entry
+    def main(argv=None):
+        try:
+            # without a handler SIGTERM would end the test process itself
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "no SIGTERM handler in main"
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):   # the handler runs between bytecodes
+                pass
+            raise AssertionError("SIGTERM did not stop main")
+        finally:
+            ran.append("finally")
+
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        pytest.skip("the test runner handles SIGTERM itself")
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 130 and ran == ["finally"]
+    assert capsys.readouterr().err.strip() == "error: interrupted"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_run_logger_and_analysis_outputs_name_what_cannot_be_written(tmp_path):
+    """config.json with a folder in its place, an analysis output folder that is a file: one line naming it."""
+    from decision_transformer.analysis import common
+    from decision_transformer.logging import RunLogger
+
+    run = tmp_path / "run"
+    (run / "config.json").mkdir(parents=True)
+    with pytest.raises(UserError, match=f"^cannot write {run / 'config.json'}: it is a folder$"):
+        RunLogger(run, {"a": 1})
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match=f"^cannot create output folder {tmp_path / 'afile'}: it is a file, not a "
+                                        f"folder$"):
+        common.out_dir(tmp_path / "afile")
+    (tmp_path / "res" / "x.csv").mkdir(parents=True)
+    with pytest.raises(UserError, match=f"^cannot write {tmp_path / 'res' / 'x.csv'}: it is a folder$"):
+        common.save_csv(tmp_path / "res" / "x.csv", ["a"], [[1]])
+    assert _leftovers(tmp_path) == []
+
+
+def test_run_all_reports_an_unwritable_output_in_one_line(tmp_path, monkeypatch, capsys, hopper_data):
+    """An analysis step that cannot write a file (a PermissionError from a figure, say) is one line in run_all's
+    output and report, not a traceback; the other steps go on."""
+    from test_analysis_support import write_run
+
+    from decision_transformer.analysis import report
+
+    write_run(tmp_path / "ck", "dt", K=20, epochs=(0, 1), data_file=hopper_data / "hopper-medium-v2.pkl")
+
+    def unwritable(plan, args):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "figs" / "x.png"))
+
+    monkeypatch.setattr(report, "step_params", unwritable)
+    from conftest import load_script
+
+    main = load_script("analysis/run_all.py").main
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint_dir", str(tmp_path / "ck"), "--out_dir", str(tmp_path / "out"), "--only", "params"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert f"error in params: cannot write {tmp_path / 'figs' / 'x.png'}: Permission denied" in err

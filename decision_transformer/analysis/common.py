@@ -5,7 +5,6 @@ import argparse
 import csv
 import io
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,17 +221,20 @@ def out_dir(path) -> Path:
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create output folder {p}: {e.strerror}") from None
+        from decision_transformer.errors import write_problem
+
+        raise UserError(f"cannot create output folder {p}: {write_problem(p, e)}") from None
     return p
 
 
 def _atomic_bytes(path: Path, data: bytes) -> Path:
+    """``data`` to ``path`` through a temporary file of its own (none left behind; a failure is one line naming the
+    file)."""
+    from decision_transformer.files import atomic_write
+
     path = Path(path)
     out_dir(path.parent)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def save_npy(path, array) -> Path:

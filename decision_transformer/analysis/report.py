@@ -358,6 +358,12 @@ def run(args) -> Path:
         except UserError as e:
             failures[step] = str(e)
             print(f"error in {step}: {e}", file=sys.stderr)
+        except OSError as e:  # a file or figure that cannot be written (full disk, no permission): one line
+            from decision_transformer.errors import write_problem
+
+            where = getattr(e, "filename", None)
+            failures[step] = f"cannot write {where}: {write_problem(where, e)}" if where else str(e)
+            print(f"error in {step}: {failures[step]}", file=sys.stderr)
         except Exception as e:  # noqa: BLE001 - keep the other analyses going; the report says what broke
             failures[step] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
