@@ -92,7 +92,7 @@ def main(argv=None):
                         f"{', '.join(args.datasets)}")
     kept = [k for k in old if k not in found]
     table = {**old, **found}
-    from decision_transformer.synthetic import atomic_write
+    from decision_transformer.files import atomic_write
 
     def write(tmp):
         with open(tmp, "wb") as f:
