@@ -907,10 +907,13 @@ def test_run_config_is_replaced_whole(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Path, "write_text", disk_full)
-    with pytest.raises(OSError):
+    from decision_transformer.errors import UserError
+
+    with pytest.raises(UserError, match=f"^cannot write {tmp_path / 'config.json'}: no space left on the device$"):
         RunLogger(tmp_path, {"seed": 1, "env": "hopper", "max_iters": 3}, resume=True, resume_after=1)
     monkeypatch.setattr(Path, "write_text", real)
     assert json.loads((tmp_path / "config.json").read_text()) == {"seed": 1, "env": "hopper"}
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))   # no partial file left
 
 
 def test_restore_train_state_reports_any_damage_in_one_line(tmp_path):
