@@ -7,12 +7,13 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))  # the repository root
 
-from decision_transformer.analysis.report import build_parser, run
-from decision_transformer.errors import cli_entry
+from decision_transformer.errors import cli_entry  # noqa: E402
 
 
 @cli_entry
 def main(argv=None):
+    from decision_transformer.analysis.report import build_parser, run  # torch: inside main, so Ctrl-C is one line
+
     run(build_parser().parse_args(argv))
 
 

@@ -150,3 +150,18 @@ def test_run_all_reports_an_unwritable_output_in_one_line(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
     assert f"error in params: cannot write {tmp_path / 'figs' / 'x.png'}: Permission denied" in err
+
+
+def test_run_all_imports_torch_only_inside_main():
+    """Loading analysis/run_all.py imports neither torch nor numpy (they load inside main, under the one-line Ctrl-C
+    handling), so an interrupt while they load is `error: interrupted`, not a traceback."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('ra', 'analysis/run_all.py'); "
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+            "print('torch' in sys.modules, 'numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["False", "False"], out.stderr
