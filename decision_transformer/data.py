@@ -265,9 +265,20 @@ def _flat_columns(data: dict, source: str) -> tuple[dict[str, np.ndarray], int]:
         if len(v) != n:
             raise UserError(f"{source}: {k!r} has {len(v)} rows (shape {v.shape}), rewards has {n} "
                             f"(shape {cols['rewards'].shape})")
-        if k in ("terminals", "timeouts") and v.dtype != bool and not np.issubdtype(v.dtype, np.number):
-            raise UserError(f"{source}: {k!r} has dtype {v.dtype}, expected booleans")
+        if k in ("terminals", "timeouts"):
+            cols[k] = _as_flags(v, source, k)
     return cols, n
+
+
+def _as_flags(v, source: str, key: str) -> np.ndarray:
+    """``terminals``/``timeouts`` as booleans; a non-numeric dtype or a NaN/inf flag is an error (NaN would read as
+    True and silently cut an episode)."""
+    v = np.asarray(v)
+    if v.dtype != bool and not np.issubdtype(v.dtype, np.number):
+        raise UserError(f"{source}: {key!r} has dtype {v.dtype}, expected booleans")
+    if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all():
+        raise UserError(f"{source}: {key!r} contains NaN or inf, expected 0/1 flags")
+    return v.astype(bool)
 
 
 def _to_float32(v: np.ndarray, source: str, key: str) -> np.ndarray:
@@ -400,7 +411,7 @@ def validate_trajectories(trajs, spec: EnvSpec, source: str, *,
             term = np.asarray(term).reshape(-1)
             if len(term) != n:
                 raise UserError(f"{where}: terminals have length {len(term)}, expected {n}")
-            clean["terminals"] = term.astype(bool)
+            clean["terminals"] = _as_flags(term, where, "terminals")
         else:
             clean["terminals"] = np.zeros(n, dtype=bool)
         out.append(clean)

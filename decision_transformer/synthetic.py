@@ -75,8 +75,10 @@ def write_pkl(path: str | os.PathLike, trajectories: list[dict[str, np.ndarray]]
 
 def make_dataset(data_path: str | os.PathLike, env: str, dataset: str, num_transitions: int, seed: int = 0,
                  max_ep_len: int | None = None) -> Path:
-    """Write ``{data_path}/{env}-{dataset}-v2.pkl`` from random-policy rollouts; returns its path."""
+    """Write ``{data_path}/{env}-{dataset}-v2.pkl`` from random-policy rollouts; returns its path. Too few
+    transitions for one episode to end is an error (the unfinished tail is dropped), not an empty file."""
     from decision_transformer.data import pkl_name, split_episodes
 
-    trajs = split_episodes(rollout_flat(env, num_transitions, seed, max_ep_len=max_ep_len))
+    trajs = split_episodes(rollout_flat(env, num_transitions, seed, max_ep_len=max_ep_len),
+                           source=f"{num_transitions} random-policy steps of {env}", require_episode=True)
     return write_pkl(Path(data_path) / pkl_name(env, dataset), trajs)

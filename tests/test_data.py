@@ -750,6 +750,11 @@ def _bad_trajs(kind):
         t[1]["actions"] = t[1]["actions"][:-1]
     elif kind == "nan":
         t[1]["rewards"][2] = np.nan
+    elif kind == "nan_terminal":
+        t[1]["terminals"] = np.zeros(len(t[1]["rewards"]))
+        t[1]["terminals"][3] = np.nan
+    elif kind == "string_terminals":
+        t[0]["terminals"] = np.array(["no"] * len(t[0]["rewards"]))
     elif kind == "not_dict":
         t[0] = [1, 2, 3]
     elif kind == "list_not_array":
@@ -764,6 +769,8 @@ BAD_CONTENT = {            # kind -> words the message must contain
     "obs_dim": ["trajectory 0", "observations", "11"],
     "lengths": ["trajectory 1", "length"],
     "nan": ["trajectory 1", "rewards", "NaN"],
+    "nan_terminal": ["trajectory 1", "'terminals'", "NaN"],  # NaN would read as True: an episode end
+    "string_terminals": ["trajectory 0", "'terminals'", "dtype"],
     "not_dict": ["trajectory 0", "dict"],
     "list_not_array": ["trajectory 0", "rewards", "numpy"],
 }
@@ -815,6 +822,14 @@ def test_unknown_env_and_dataset(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # 8. Real MuJoCo data
 # ----------------------------------------------------------------------------------------------------------------
+
+def test_synthetic_dataset_too_short_for_one_episode_is_an_error(tmp_path):
+    """Too few steps for any episode to end: one line, and no file of zero trajectories is written."""
+    with pytest.raises(UserError) as ei:
+        synthetic.make_dataset(tmp_path, "hopper", "medium", 3, seed=0, max_ep_len=100)
+    assert "3 random-policy steps of hopper" in user_error_message(ei) and "no episode ends" in str(ei.value)
+    assert not list(tmp_path.iterdir())
+
 
 def test_synthetic_mujoco_dataset(tmp_path):
     path = synthetic.make_dataset(tmp_path, "hopper", "medium", 2000, seed=0, max_ep_len=100)
@@ -928,6 +943,8 @@ def test_split_episodes_checks_the_shape_of_every_row_array():
         "scalar rewards": (dict(d, rewards=np.float32(3.0)), ["'rewards'", "shape ()"]),
         "scalar observations": (dict(d, observations=np.float32(3.0)), ["'observations'", "shape ()"]),
         "string terminals": (dict(d, terminals=np.array([b"a"] * 12)), ["'terminals'", "dtype"]),
+        "NaN timeouts": (dict(d, timeouts=np.where(np.arange(12) == 2, np.nan, 0.0)), ["'timeouts'", "NaN"]),
+        "inf terminals": (dict(d, terminals=np.where(np.arange(12) == 2, np.inf, 0.0)), ["'terminals'", "NaN or inf"]),
     }
     for name, (dd, words) in bad.items():
         with pytest.raises(UserError) as ei:
