@@ -33,6 +33,10 @@ def main(argv=None):
     exp.add_argument("pkl")
     exp.add_argument("dataset_id")
     exp.add_argument("--env", default=None, help="default: from the pkl name")
+    exp.add_argument("--author", default=None, help="dataset metadata (optional)")
+    exp.add_argument("--author_email", default=None, help="dataset metadata (optional)")
+    exp.add_argument("--code_permalink", default=None, help="dataset metadata: a link to the code that made the data")
+    exp.add_argument("--description", default=None, help="dataset metadata (default: a line naming the env)")
     for s in (imp, exp):
         s.add_argument("--minari_root", default=None)
     args = p.parse_args(argv)
@@ -75,7 +79,9 @@ def main(argv=None):
         env = args.env or env_from_dataset_id(Path(args.pkl).name)
         trajs = safe_pickle_load(args.pkl)
         validate_trajectories(trajs, get_env_spec(env), args.pkl)
-        folder = export_minari(trajs, args.dataset_id, env, root=args.minari_root)
+        folder = export_minari(trajs, args.dataset_id, env, root=args.minari_root, author=args.author,
+                               author_email=args.author_email, code_permalink=args.code_permalink,
+                               description=args.description)
         print(f"{folder}: {len(trajs)} episodes")
 
 

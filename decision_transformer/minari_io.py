@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -111,9 +112,12 @@ def check_dataset_id(dataset_id: str) -> str:
 
 def export_minari(trajs: list[dict[str, np.ndarray]], dataset_id: str, env: str,
                   root: str | os.PathLike | None = None, *, algorithm_name: str = "SAC behaviour policy",
-                  description: str | None = None, env_version: str | None = None):
+                  description: str | None = None, env_version: str | None = None, author: str | None = None,
+                  author_email: str | None = None, code_permalink: str | None = None):
     """Write ``trajs`` (DT layout with ``next_observations``) as the Minari dataset ``dataset_id``. The last episode
-    is marked truncated if it neither terminated nor timed out. Returns the dataset's folder."""
+    is marked truncated if it neither terminated nor timed out. Returns the dataset's folder. Minari's warnings that
+    optional metadata (author, e-mail, code link, evaluation env) is unset are not shown: the metadata is optional
+    and the evaluation env is the collection env."""
     minari = _minari()
     from minari.data_collector import EpisodeBuffer
 
@@ -139,11 +143,16 @@ def export_minari(trajs: list[dict[str, np.ndarray]], dataset_id: str, env: str,
         where = Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets")).resolve()
         created = _first_missing(where / dataset_id)
         try:
-            ds = minari.create_dataset_from_buffers(
-                dataset_id, buffers, env=registered_id(env, env_version or DEFAULT_ENV_VERSION),
-                algorithm_name=algorithm_name, ref_min_score=spec.ref_min_score, ref_max_score=spec.ref_max_score,
-                description=description or f"{env} dataset exported by decision_transformer.minari_io",
-                data_format="hdf5")
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*is set to None\.", category=UserWarning)
+                warnings.filterwarnings("ignore", message=".*out of date.*")  # gymnasium on the v4 envs
+                ds = minari.create_dataset_from_buffers(
+                    dataset_id, buffers, env=registered_id(env, env_version or DEFAULT_ENV_VERSION),
+                    algorithm_name=algorithm_name, author=author, author_email=author_email,
+                    code_permalink=code_permalink, ref_min_score=spec.ref_min_score,
+                    ref_max_score=spec.ref_max_score,
+                    description=description or f"{env} dataset exported by decision_transformer.minari_io",
+                    data_format="hdf5")
         except ValueError as e:  # e.g. the id exists already
             _remove(created)
             raise UserError(f"cannot create Minari dataset {dataset_id!r}: {e}") from None

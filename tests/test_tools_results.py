@@ -3,6 +3,7 @@ decision_transformer/minari_io.py): what they read, what they pick and write, an
 cannot use."""
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,23 @@ def exported(tmp_path, minari_script):
     pkl = make_dataset(tmp_path / "data", "hopper", "medium", 200, seed=0, max_ep_len=30)
     call(minari_script.main, ["export", pkl, "dt/hopper/medium-v0", "--minari_root", tmp_path / "root"])
     return tmp_path / "root", tmp_path / "root" / "dt" / "hopper" / "medium-v0"
+
+
+def test_export_records_metadata_and_prints_no_minari_warnings(tmp_path, capsys, monkeypatch, minari_script):
+    """Optional metadata flags reach the dataset; Minari's nags about unset optional metadata are not shown."""
+    import minari
+
+    from decision_transformer.synthetic import make_dataset
+
+    pkl = make_dataset(tmp_path / "data", "hopper", "medium", 200, seed=0, max_ep_len=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning left unfiltered fails the export
+        call(minari_script.main, ["export", pkl, "dt/hopper/medium-v0", "--minari_root", tmp_path / "root",
+                                  "--author", "A. Researcher", "--code_permalink", "https://example.org/code"])
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "root"))
+    meta = minari.load_dataset("dt/hopper/medium-v0").storage.metadata
+    assert meta["author"] == {"A. Researcher"} and meta["code_permalink"] == "https://example.org/code"
 
 
 def test_import_does_not_replace_a_pkl_without_force(tmp_path, capsys, minari_script, exported):
