@@ -482,6 +482,16 @@ def find_resume_dir(args) -> Path:
 
 
 def run_multi(args) -> dict:
+    import contextlib
+
+    from decision_transformer.sweep import run_lock, run_lock_path
+
+    lock = run_lock_path("experiment_multi.py", args)  # from the flags as given (a launcher computes the same)
+    with contextlib.ExitStack() as held:  # the run lock, taken before the run folder is first written
+        return _run_multi(args, lambda: held.enter_context(run_lock(lock, "experiment_multi.py")))
+
+
+def _run_multi(args, take_lock) -> dict:
     from decision_transformer.run import (autocast_dtype, check_same_data, configure_matmul_precision, recorded_config,
                                           resolve_device, restore_train_state, save_train_state, seed_everything,
                                           warn_unsaved_best)
@@ -564,6 +574,8 @@ def run_multi(args) -> dict:
     config = {**vars(args), "model_class": MODEL_CLASS, "model_config": model.config.to_dict(), "exp_id": exp_id,
               "exp_prefix": exp_prefix, "device_used": str(device), "envs": envs, "train_envs": train_envs,
               "targets": {e: get_env_spec(e).targets[0] for e in envs}, "merge_info": merge_info}
+    if ctx.is_main:
+        take_lock()  # before the run folder is written: a second process training this run stops here
     run_dir = Path(args.outdir) / "multi" / exp_prefix if args.outdir else None
     if resume_dir is not None:
         run_dir = resume_dir  # continued in the folder it was found in (also when copied under another run id)

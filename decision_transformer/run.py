@@ -378,6 +378,16 @@ def run_lm_cotraining(args) -> dict:
 
 
 def _run(args, script: str) -> dict:
+    import contextlib
+
+    from decision_transformer.sweep import run_lock, run_lock_path
+
+    lock = run_lock_path(SCRIPTS[script], args)  # from the flags as given (a launcher computes the same)
+    with contextlib.ExitStack() as held:  # the run lock, taken before the run folder is first written
+        return _run_locked(args, script, lambda: held.enter_context(run_lock(lock, SCRIPTS[script])))
+
+
+def _run_locked(args, script: str, take_lock) -> dict:
     lm_script = script == LM_COTRAINING
     reject_unsupported(args, SCRIPTS[script])
     spec = get_env_spec(args.env)
@@ -458,6 +468,8 @@ def _run(args, script: str) -> dict:
               + ("" if start_iter < args.max_iters else f": it has finished all {args.max_iters} iterations, nothing "
                  f"to do (raise --max_iters to continue)"), file=sys.stderr)
     exp_prefix = f"{group}-{exp_id}"
+    if ctx.is_main:
+        take_lock()  # before the run folder is written: a second process training this run stops here
     if lm_script and run_dir is not None:
         run_dir = run_dir / f"dt_{exp_prefix}"
     if args.pretrained_models and run_dir is not None:

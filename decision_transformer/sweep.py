@@ -20,6 +20,7 @@ on another grid with the same run, skips it as running elsewhere. A run stops (S
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import shlex
@@ -117,7 +118,7 @@ STATES = {"done": "finished (skipped)", "partial": "to resume", "new": "new",
           "blocked": "blocked (their language model is not available here)",
           "damaged": "with a damaged training state (not started)",
           "mismatch": "made with other flags (not started)",
-          "running": "running elsewhere (another launcher holds their lock)",
+          "running": "running elsewhere (another process holds their lock)",
           "invalid": "with invalid flags (not started)"}
 
 
@@ -198,6 +199,70 @@ def _signature_lock(parent: Path, prefix: str, signature: dict) -> Path:
     return parent / f".{prefix}{hashlib.sha1(text.encode()).hexdigest()[:12]}.lock"
 
 
+def run_lock_path(program: str, a) -> Path | None:
+    """The lock file of the run that ``program`` (``experiment.py``, ``lm_cotraining/experiment.py`` or
+    ``experiment_multi.py``) makes with the parsed flags ``a``, or None for a run that writes no run folder. A plain
+    run is locked by its folder; runs that draw a new folder per run (LM co-training, merges, multi-task) by their
+    flags, so that two processes never train (or resume) one run at once."""
+    from decision_transformer.run import resume_signature
+
+    if program == "lm_cotraining/experiment.py":
+        if a.outdir == "":
+            return None
+        parent = Path(a.outdir or Path(project_path("models")) / a.env)
+        return _signature_lock(parent, f"dt_gym-experiment-{a.env}-{a.dataset}-", resume_signature(a))
+    if program == "experiment_multi.py":
+        from decision_transformer.multi_run import resume_signature as multi_signature
+
+        if not a.outdir or a.eval_only or a.num_steps_per_iter <= 0:
+            return None
+        return _signature_lock(Path(a.outdir) / "multi", f"gym-experiment-multi-{a.dataset}-", multi_signature(a))
+    from decision_transformer.checkpoint import model_name, run_dir_name
+    from decision_transformer.cli import merge_signature
+
+    if not a.outdir:
+        return None
+    run_dir = Path(a.outdir) / run_dir_name(model_name(a.pretrained_lm, a.pretrained_block), a.dataset, a.env,
+                                            a.seed, a.K, a.remove_grad_clip, a.pretrained_block)
+    if a.pretrained_models:
+        return _signature_lock(run_dir.parent, f"{run_dir.name}_", merge_signature(a))
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
+#: set by the launcher in a run it starts: the descriptor of the run's lock, which it holds for the run
+LOCK_FD_ENV = "DT_RUN_LOCK_FD"
+
+
+def _inherited_lock(path: Path) -> bool:
+    """Whether this process was started holding the lock ``path`` (by the launcher, through ``LOCK_FD_ENV``)."""
+    try:
+        fd = int(os.environ.get(LOCK_FD_ENV, ""))
+        held, st = os.fstat(fd), path.stat()
+    except (ValueError, OSError):
+        return False
+    return (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino)
+
+
+@contextlib.contextmanager
+def run_lock(path: Path | None, program: str):
+    """Hold the run lock ``path`` (``run_lock_path`` of the run's flags as given, computed before the run fills in
+    anything) while the run trains: another process training the same run (a second start of the same command, by
+    hand or by a launcher) is a one-line ``UserError`` before anything is written. Under torchrun only rank 0
+    locks; a run started by the launcher holds its lock already."""
+    if path is None or int(os.environ.get("RANK", "0") or 0) != 0 or _inherited_lock(path):
+        yield
+        return
+    taken, fd = _take_lock(path)
+    if not taken:
+        raise UserError(f"{program}: this run is being trained by another process: "
+                        f"{_lock_holder(path) or path}; wait for it to end (then --resume continues it if it "
+                        f"stopped early), or give another --outdir")
+    try:
+        yield
+    finally:
+        _unlock(fd)
+
+
 def run_state(program: str, argv: list[str]) -> tuple[str, Path | None]:
     """('done' | 'partial' | 'new' | 'damaged' | 'mismatch', run folder) of a run of ``experiment.py``,
     ``lm_cotraining/experiment.py`` or ``experiment_multi.py``; other programs are always 'new'."""
@@ -226,7 +291,7 @@ def inspect_run(program: str, argv: list[str]) -> Found:
             found = None
         state, folder = _find_state(parent, prefix, resume_signature(a), f"model_{a.max_iters}.pt", a.max_iters,
                                     found, _final_model(a, Path(project_path("models")) / a.env, a.model_type))
-        return _with_note(Found(state, folder, _signature_lock(parent, prefix, resume_signature(a)),
+        return _with_note(Found(state, folder, run_lock_path("lm_cotraining/experiment.py", a),
                                 target=f"{parent / prefix}<id> (these flags)"))
     if name == "experiment_multi.py":
         from decision_transformer.multi_run import multi_parser, resume_signature as multi_signature
@@ -243,8 +308,7 @@ def inspect_run(program: str, argv: list[str]) -> Found:
             found = None
         state, folder = _find_state(parent, prefix, multi_signature(a), None, a.max_iters, found,
                                     _final_model(a, Path(project_path("models")) / "multi", "dt"))
-        return _with_note(Found(state, folder, _signature_lock(parent, prefix, multi_signature(a)),
-                                target=f"{parent / prefix}<id> (these flags)"))
+        return _with_note(Found(state, folder, run_lock_path(name, a), target=f"{parent / prefix}<id> (these flags)"))
     if name != "experiment.py":
         return Found("new")
     from decision_transformer.checkpoint import model_name, run_dir_name
@@ -261,15 +325,13 @@ def inspect_run(program: str, argv: list[str]) -> Found:
     if a.pretrained_models:  # merge runs: {run}_{exp_id}, found by their merge flags
         prefix = f"{run_dir.name}_"
         state, folder = _find_state(run_dir.parent, prefix, merge_signature(a), done_file, a.max_iters, final=final)
-        found = Found(state, folder, _signature_lock(run_dir.parent, prefix, merge_signature(a)),
-                      target=f"{run_dir}_<id> (these merge flags)")
+        found = Found(state, folder, run_lock_path(name, a), target=f"{run_dir}_<id> (these merge flags)")
     else:
         if (run_dir / TRAIN_STATE).is_file():
             state = _state_of(run_dir, done_file, a.max_iters, final)
         else:  # also a finished run that wrote no training state (made before they were written)
             state = "done" if (run_dir / done_file).is_file() else "new"
-        found = Found(state, run_dir if state != "new" else None, run_dir.parent / f".{run_dir.name}.lock",
-                      target=str(run_dir))
+        found = Found(state, run_dir if state != "new" else None, run_lock_path(name, a), target=str(run_dir))
     if found.state in ("done", "partial"):  # a folder of a run made with other flags is not this run
         differ = resume_mismatches(a, recorded_config(found.folder) or {})
         if differ:
@@ -393,7 +455,7 @@ def _take_lock(path: Path) -> tuple[bool, int | None]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
         return True, None
-    for attempt in range(5):  # another launcher's look (``_lock_holder``) holds it for an instant
+    for attempt in range(5):  # another process's look (``_lock_holder``) holds it for an instant
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
@@ -402,7 +464,7 @@ def _take_lock(path: Path) -> tuple[bool, int | None]:
     else:
         os.close(fd)
         return False, None
-    try:  # who holds it, for the message of another launcher
+    try:  # who holds it, for the message of another process
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
     except OSError:
@@ -425,8 +487,8 @@ def _lock_holder(path: Path) -> str | None:
             pid, _, since = os.read(fd, 200).decode(errors="replace").strip().partition(" ")
         except OSError:
             pid, since = "", ""
-        return (f"another launcher (pid {pid}, since {since}) holds {path}" if pid.isdigit() else
-                f"another launcher holds {path}")
+        return (f"another process (pid {pid}, since {since}) holds {path}" if pid.isdigit() else
+                f"another process holds {path}")
     finally:
         os.close(fd)  # a lock taken here is released with it
     return None
@@ -567,6 +629,9 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
                         continue
                 slot = free.pop(0)
                 env = dict(os.environ)
+                env.pop(LOCK_FD_ENV, None)
+                if lock_fd is not None:
+                    env[LOCK_FD_ENV] = str(lock_fd)  # the run holds its lock through the launcher's descriptor
                 if slots[slot] is not None:
                     env["CUDA_VISIBLE_DEVICES"] = slots[slot]
                 elif "OMP_NUM_THREADS" not in env:  # concurrent CPU runs: share the cores instead of oversubscribing

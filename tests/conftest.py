@@ -38,6 +38,11 @@ def load_script(relpath: str):
     return mod
 
 
+def listed(folder) -> list[Path]:
+    """The entries of ``folder`` that ``ls`` shows (not the hidden run-lock files beside run folders), sorted."""
+    return sorted(p for p in Path(folder).iterdir() if not p.name.startswith("."))
+
+
 def fails(main, argv, capsys) -> str:
     """Run an entry point that must reject its input: exit 2, one ``error:`` line, no traceback; returns the line."""
     capsys.readouterr()

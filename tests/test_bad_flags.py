@@ -48,7 +48,7 @@ def test_multi_resume_takes_the_seed_from_the_state_when_config_json_is_not_an_o
     base = ["--data_path", str(multi_data), *TINY]
     monkeypatch.chdir(tmp_path)
     experiment_multi.main([*base, "--max_iters", "1"])
-    (run,) = (tmp_path / "checkpoints" / "multi").iterdir()
+    (run,) = (tmp_path / "checkpoints" / "multi").glob("gym-*")
     seed = json.loads((run / "config.json").read_text())["seed"]
     (run / "config.json").write_text("[]")
     assert "differs in --learning_rate 0.001" in fails(experiment_multi.main, [*base, "--max_iters", "2", "--resume",

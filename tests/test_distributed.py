@@ -121,7 +121,7 @@ def test_torchrun_experiment_multi(tmp_path):
                      "--embed_dim", "16", "--n_layer", "1", "--n_head", "2", "--K", "5", "--batch_size", "6",
                      "--max_iters", "1", "--num_steps_per_iter", "3", "--num_eval_episodes", "1", "--save_model")
     assert proc.stderr.count("iter 1/1 |") == 1 and proc.stderr.count("seed: ") == 1, proc.stderr[-3000:]
-    (run,) = (tmp_path / "checkpoints" / "multi").iterdir()
+    (run,) = (tmp_path / "checkpoints" / "multi").glob("gym-*")
     rows = (run / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1 and json.loads(rows[0])["evaluation/average_norm_return_mean"] is not None
     assert [p.name for p in (tmp_path / "models" / "multi").iterdir()] == [f"dt_{run.name}.pt"]  # --save_mode last

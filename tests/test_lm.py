@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import ROOT, listed
 
 import experiment
 from decision_transformer.checkpoint import load_checkpoint
@@ -569,7 +569,7 @@ def test_pretraining_seed_commands_with_cached_models(tmp_path, monkeypatch, hf_
     experiment.main([*seed_cmd, "--pretrained_lm", "gpt2", "--embed_dim", "32", "--n_layer", "3", "--K", "1",
                      "--pretrained_block", "0"])
     ck = tmp_path / "checkpoints"
-    assert sorted(p.name for p in ck.iterdir()) == ["dt_medium_hopper_666_K1_block0", "gpt2_medium_hopper_666",
+    assert [p.name for p in listed(ck)] == ["dt_medium_hopper_666_K1_block0", "gpt2_medium_hopper_666",
                                                    "igpt_medium_hopper_666_no_grad_clip"]
     lm_sd = locate_lm("gpt2").state_dict()
     for run, n_embd in (("gpt2_medium_hopper_666", 32), ("igpt_medium_hopper_666_no_grad_clip", 24),
@@ -644,7 +644,7 @@ def test_merging_seed_lm_command_against_a_fresh_chibit(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert "centres read from ../kmeans_cache/chibi_1000.pt" in err and "blocks of 512 tokens" in err
     assert cache.stat().st_mtime_ns == mtime
-    (joint_run,) = (work / "joint").iterdir()                        # --outdir replaces models/{env}
+    (joint_run,) = listed(work / "joint")                        # --outdir replaces models/{env}
     row = json.loads((joint_run / "metrics.jsonl").read_text())
     assert 2.0 < row["training/lm_loss"] < 9.0 and row["training/lm_const"] == 1.0
 
@@ -731,7 +731,7 @@ def test_lm_script_resume_matches_uninterrupted_run(lm_dirs, tmp_path, monkeypat
     assert "nothing to resume" in msg and f"{b.name}, differs in --gpt_lm_const 0.5 (the run: 1.0)" in msg
     lm_experiment.main([*cmd, "--outdir", "b", "--resume"])
     assert f"resuming {Path('b') / b.name} after iteration 1" in capsys.readouterr().err
-    assert [p.name for p in (tmp_path / "b").iterdir()] == [b.name]   # continued in place, no new run folder
+    assert [p.name for p in listed(tmp_path / "b")] == [b.name]   # continued in place, no new run folder
     a = run_dir("a")
     sa, sb = (load_checkpoint(d / "model_3.pt")["state_dict"] for d in (a, b))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -948,7 +948,7 @@ def test_lm_resume_continues_in_the_folder_it_found(lm_dirs, tmp_path, monkeypat
            str(lm_dirs / "gpt2"), *RUN, "--num_steps_per_iter", "2", "--outdir", "runs"]
     monkeypatch.chdir(tmp_path)
     lm_experiment.main([*cmd, "--max_iters", "1"])
-    (orig,) = (tmp_path / "runs").iterdir()
+    (orig,) = listed(tmp_path / "runs")
     copy = orig.with_name("dt_gym-experiment-hopper-medium-999999999")
     shutil.copytree(orig, copy)
     before = sorted(p.name for p in orig.iterdir())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, listed
 
 import experiment
 from decision_transformer import merging
@@ -279,7 +279,7 @@ def test_merge_methods_end_to_end(trained, monkeypatch):
     experiment.main(["--env", "walker2d", "--data_path", str(data), *SMALL, "--pretrained_models",
                      str(m["halfcheetah"]), str(m["walker2d"]), "--include", "mlp", "--p", "0.25", "--flip",
                      "--max_iters", "1", "--num_steps_per_iter", "0", "--num_eval_episodes", "0"])
-    (rd,) = (work / "checkpoints").iterdir()
+    (rd,) = listed(work / "checkpoints")
     m0 = load_checkpoint(rd / "model_0.pt")["state_dict"]
     for k in m0:
         if "mlp" in k:
@@ -294,7 +294,7 @@ def test_merge_methods_end_to_end(trained, monkeypatch):
     experiment.main(["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models",
                      *[str(m[e]) for e in ENVS], "--include", "ln_1", "--copy_model", "--identity_layers",
                      "--merge_frozen", "--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes", "0"])
-    (rd,) = (work / "checkpoints").iterdir()
+    (rd,) = listed(work / "checkpoints")
     m1 = load_checkpoint(rd / "model_1.pt")["state_dict"]
     assert torch.equal(m1["transformer.h.0.ln_1.weight"], torch.ones(16))
     assert torch.equal(m1["transformer.h.0.ln_1.bias"], torch.zeros(16))
@@ -306,7 +306,7 @@ def test_merge_methods_end_to_end(trained, monkeypatch):
     experiment.main(["--env", "hopper", "--data_path", str(data), *SMALL, "--seed", "5", "--pretrained_models",
                      *[str(m[e]) for e in ENVS], "--include", "attn", "--copy_include",
                      "--max_iters", "1", "--num_steps_per_iter", "0", "--num_eval_episodes", "0"])
-    (rd,) = (work / "checkpoints").iterdir()
+    (rd,) = listed(work / "checkpoints")
     m0 = load_checkpoint(rd / "model_0.pt")["state_dict"]
     fresh = DecisionTransformer(DTConfig.from_dict(base_cfg["model_config"]), seed=5).state_dict()
     for k in m0:

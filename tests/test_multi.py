@@ -97,7 +97,7 @@ def test_resume_matches_uninterrupted_run(data, tmp_path, monkeypatch, capsys):
     a.mkdir(), b.mkdir()
     monkeypatch.chdir(b)
     experiment_multi.main([*base, "--max_iters", "1"])
-    (run_b,) = (b / "checkpoints" / "multi").iterdir()
+    (run_b,) = (b / "checkpoints" / "multi").glob("gym-*")
     seed = json.loads((run_b / "config.json").read_text())["seed"]
     monkeypatch.chdir(a)
     experiment_multi.main([*base, "--max_iters", "2", "--seed", str(seed)])
@@ -105,7 +105,7 @@ def test_resume_matches_uninterrupted_run(data, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     experiment_multi.main([*base, "--max_iters", "2", "--resume"])
     assert f"resuming {Path('checkpoints') / 'multi' / run_b.name} after iteration 1" in capsys.readouterr().err
-    (run_a,) = (a / "checkpoints" / "multi").iterdir()
+    (run_a,) = (a / "checkpoints" / "multi").glob("gym-*")
     last = lambda root, run: torch.load(root / "models" / "multi" / f"dt_{run.name}.pt",  # noqa: E731
                                         weights_only=True)
     sa, sb = last(a, run_a)["state_dict"], last(b, run_b)["state_dict"]
@@ -136,7 +136,7 @@ def test_seed_commands_train_finetune_merge(data, tmp_path, monkeypatch, capsys)
     assert ck["config"]["model_class"] == "multi_dt" and isinstance(ck["config"]["seed"], int)
     assert ck["config"]["model_config"]["backbone"]["activation_function"] == "gelu_new"
     assert set(ck["state_stats"]) == set(MULTI_ENVS)
-    (run,) = (tmp_path / "checkpoints" / "multi").iterdir()
+    (run,) = (tmp_path / "checkpoints" / "multi").glob("gym-*")
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     for key in ("evaluation/target_3600_Hopper-v4_return_mean", "evaluation/target_12000_HalfCheetah-v4_d4rl_score_mean",
                 "evaluation/target_5000_Walker2d-v4_length_mean", "evaluation/average_norm_return_mean",
@@ -361,7 +361,7 @@ def test_multi_task_precision_flag_reaches_the_trainer(data, tmp_path, monkeypat
     experiment_multi.main(["--data_path", str(data), "--seed", "1", *TINY, "--num_eval_episodes", "0",
                            "--precision", "bf16"])
     assert seen == {"amp": torch.bfloat16, "compile": None}
-    (run,) = (tmp_path / "checkpoints" / "multi").iterdir()
+    (run,) = (tmp_path / "checkpoints" / "multi").glob("gym-*")
     assert json.loads((run / "config.json").read_text())["precision"] == "bf16"
 
 
@@ -372,7 +372,7 @@ def test_resume_with_a_broken_config_and_a_changed_flag(data, tmp_path, monkeypa
             "--n_head", "2", "--num_eval_episodes", "0"]
     monkeypatch.chdir(tmp_path)
     experiment_multi.main([*base, "--max_iters", "1"])
-    (run,) = (tmp_path / "checkpoints" / "multi").iterdir()
+    (run,) = (tmp_path / "checkpoints" / "multi").glob("gym-*")
     seed = json.loads((run / "config.json").read_text())["seed"]
     (run / "config.json").write_text("{not json")
     capsys.readouterr()
@@ -394,13 +394,13 @@ def test_resume_continues_in_the_folder_it_found(data, tmp_path, monkeypatch):
             "--n_head", "2", "--num_eval_episodes", "0", "--seed", "3"]
     monkeypatch.chdir(tmp_path)
     experiment_multi.main([*base, "--max_iters", "1"])
-    (orig,) = (tmp_path / "checkpoints" / "multi").iterdir()
+    (orig,) = (tmp_path / "checkpoints" / "multi").glob("gym-*")
     copy = orig.with_name("gym-experiment-multi-medium-999999999")
     shutil.copytree(orig, copy)
     experiment_multi.main([*base, "--max_iters", "2", "--resume"])
     rows = lambda d: [json.loads(x)["iteration"] for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert rows(copy) == [1, 2] and rows(orig) == [1]
-    assert sorted(p.name for p in (tmp_path / "checkpoints" / "multi").iterdir()) == sorted([orig.name, copy.name])
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "multi").glob("gym-*")) == sorted([orig.name, copy.name])
 
 
 def save_multi(path, seed, specs, n_layer=1, stats=None):
@@ -527,7 +527,7 @@ def test_resume_refuses_a_replaced_dataset(data, tmp_path, monkeypatch, capsys):
             "--seed", "3"]
     monkeypatch.chdir(tmp_path)
     experiment_multi.main([*base, "--max_iters", "1"])
-    (run,) = (tmp_path / "checkpoints" / "multi").iterdir()
+    (run,) = (tmp_path / "checkpoints" / "multi").glob("gym-*")
     before = (run / "train_state.pt").read_bytes()
     make_dataset(tmp_path / "other", "walker2d", "medium", 400, seed=9, max_ep_len=50)
     shutil.copy(tmp_path / "other" / "walker2d-medium-v2.pkl", mine / "walker2d-medium-v2.pkl")
@@ -537,3 +537,28 @@ def test_resume_refuses_a_replaced_dataset(data, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and "--resume: the walker2d data" in err[-1] and "is not the data" in err[-1]
     assert (run / "train_state.pt").read_bytes() == before
+
+
+def test_a_multi_run_another_process_trains_is_refused(data, tmp_path, capsys):
+    """experiment_multi.py takes the launcher's lock of its flags: while another process holds it, a second start
+    (here with --resume) stops with one line and writes nothing."""
+    import os
+
+    from conftest import fails
+    from decision_transformer import sweep
+
+    argv = ["--dataset", "medium", "--data_path", str(data), *TINY, "--embed_dim", "16", "--n_layer", "1",
+            "--n_head", "2", "--seed", "5", "--outdir", str(tmp_path / "ck")]
+    experiment_multi.main(argv)
+    (run,) = [p for p in (tmp_path / "ck" / "multi").iterdir() if p.is_dir()]
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    lock = sweep.inspect_run("experiment_multi.py", [*argv, "--max_iters", "2"]).lock
+    taken, fd = sweep._take_lock(lock)
+    try:
+        msg = fails(experiment_multi.main, [*argv, "--max_iters", "2", "--resume"], capsys)
+    finally:
+        os.close(fd)
+    assert msg.startswith("error: experiment_multi.py: this run is being trained by another process"), msg
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+    experiment_multi.main([*argv, "--max_iters", "2", "--resume"])  # free again: it resumes
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["iteration"] == 2

@@ -495,8 +495,8 @@ def test_a_run_locked_by_another_launcher_is_left_to_it(tmp_path, hopper_data, c
         sweep.main(["run", str(grid), "--dry_run"])
         out = capsys.readouterr().out.splitlines()
         assert out[0].startswith("running ") and out[1].startswith("new ")
-        assert "1 running elsewhere (another launcher holds their lock)" in out[2]
-        assert out[3].startswith(f"running: {tmp_path / 'ck' / 'dt_medium_hopper_1_K5'}: another launcher (pid "
+        assert "1 running elsewhere (another process holds their lock)" in out[2]
+        assert out[3].startswith(f"running: {tmp_path / 'ck' / 'dt_medium_hopper_1_K5'}: another process (pid "
                                  f"{os.getpid()}, since ")
         assert sweep.main(["run", str(grid), "--log_dir", str(tmp_path / "logs")]) == 0
         out = capsys.readouterr().out
@@ -540,7 +540,7 @@ def test_launch_takes_each_runs_lock_and_checks_it_again(tmp_path, capsys):
     assert rechecked == [1, 2] and not report["failed"]
     assert not (tmp_path / "logs" / "a.log").exists() and not (tmp_path / "logs" / "c.log").exists()
     out = capsys.readouterr().out
-    assert "[skip a] running elsewhere: another launcher (pid" in out and "[skip c] now done" in out
+    assert "[skip a] running elsewhere: another process (pid" in out and "[skip c] now done" in out
     assert not any(sweep._lock_holder(lock) for lock in locks)         # all three free again
 
 
@@ -803,3 +803,59 @@ def test_shipped_grids_name_the_projects_folders_from_a_sub_folder(monkeypatch):
     monkeypatch.chdir(root / "lm_cotraining")
     assert sweep.load_grid("merging_single_task")["fixed"]["outdir"] == "../checkpoints/merging"
     assert sweep.load_grid("pretraining_table1")["fixed"]["outdir"] == "../checkpoints"
+
+
+def test_a_run_trained_by_another_process_is_refused_by_a_hand_started_one(tmp_path, hopper_data, capsys):
+    """experiment.py takes the same lock as the launcher: a second start of a run that another process (a launcher,
+    or the same command in another shell) is training stops with one line before it writes anything, and the lock is
+    free again once a run ends."""
+    from conftest import fails, load_script
+
+    argv = ["--data_path", str(hopper_data), "--outdir", str(tmp_path / "ck"), "--embed_dim", "16", "--n_layer", "1",
+            "--K", "5", "--batch_size", "4", "--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes",
+            "1", "--device", "cpu", "--seed", "3"]
+    lock = sweep.inspect_run(str(sweep.ROOT / "experiment.py"), argv).lock
+    run_dir = tmp_path / "ck" / "dt_medium_hopper_3_K5"
+    assert lock == tmp_path / "ck" / f".{run_dir.name}.lock"
+    experiment = load_script("experiment.py")
+    taken, fd = sweep._take_lock(lock)                       # "another process": another open file description
+    assert taken and fd is not None
+    try:
+        msg = fails(experiment.main, argv, capsys)
+        assert msg.startswith("error: experiment.py: this run is being trained by another process: another process "
+                              f"(pid {os.getpid()}, since ") and f"holds {lock}" in msg, msg
+        assert not run_dir.exists()                            # nothing written, nothing set aside
+    finally:
+        os.close(fd)
+    experiment.main(argv)
+    assert (run_dir / "model_1.pt").is_file() and sweep._lock_holder(lock) is None
+    taken, fd = sweep._take_lock(lock)
+    try:                                                       # --resume of the finished run: refused the same way
+        assert "being trained by another process" in fails(experiment.main, [*argv, "--resume"], capsys)
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(["config.json", "metrics.jsonl", "model_0.pt",
+                                                                "model_1.pt", "train_state.pt"])
+
+
+def test_the_launcher_passes_its_lock_to_the_run(tmp_path, monkeypatch):
+    """A run the launcher starts finds its lock held through the launcher's descriptor (``DT_RUN_LOCK_FD``) and
+    trains; a descriptor of another file, or none, is not mistaken for it."""
+    from decision_transformer.cli import experiment_parser
+
+    a = sweep._parse(experiment_parser(), "experiment.py", ["--outdir", str(tmp_path / "ck"), "--seed", "4"])
+    lock = sweep.run_lock_path("experiment.py", a)
+    taken, fd = sweep._take_lock(lock)
+    other = tmp_path / "other.lock"
+    other.write_text("")
+    try:
+        monkeypatch.setenv(sweep.LOCK_FD_ENV, str(fd))
+        assert sweep._inherited_lock(lock) and not sweep._inherited_lock(other)
+        with sweep.run_lock(lock, "experiment.py"):           # held through fd: no second lock is taken
+            pass
+        monkeypatch.setenv(sweep.LOCK_FD_ENV, "not a number")
+        with pytest.raises(sweep.UserError, match="being trained by another process"):
+            with sweep.run_lock(lock, "experiment.py"):
+                pass
+    finally:
+        os.close(fd)
