@@ -504,7 +504,7 @@ def test_missing_model_is_one_line_saying_where_and_how(tmp_path, monkeypatch, c
     msg = expect_error(capsys, experiment.main, ["--data_path", str(hopper_data), *RUN, "--pretrained_lm",
                                                  "openai/imagegpt-small"])
     for needle in ("'openai/imagegpt-small' not found", str(tmp_path / "checkpoints" / "openai" / "imagegpt-small"),
-                   str(tmp_path / "empty_hf" / "hub"), "huggingface-cli download openai/imagegpt-small",
+                   str(tmp_path / "empty_hf" / "hub"), "hf download openai/imagegpt-small",
                    "checkpoints/imagegpt-small"):
         assert needle in msg, needle
     from lm_cotraining import experiment as lm_experiment

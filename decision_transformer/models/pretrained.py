@@ -111,7 +111,7 @@ def find_model_dir(name: str, what: str = "pretrained model", flag: str = "--pre
                f"lm_cotraining/pretrain_chibit.py --text FILE --out {name})")
     else:
         how = (f"copy a save_pretrained directory to checkpoints/{stem} or pass its path to {flag}, or run "
-               f"`huggingface-cli download {name}` on a networked machine and copy its cache folder to HF_HOME")
+               f"`hf download {name}` on a networked machine and copy its cache folder to HF_HOME")
     raise UserError(f"{what} {name!r} not found: no save_pretrained directory (config.json + weights) at {looked}, "
                     f"and not in the Hugging Face cache {hf_cache_dir()} (the Hub is not reachable from here); "
                     f"{how}; see checkpoints/README.md")
