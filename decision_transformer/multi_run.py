@@ -307,7 +307,7 @@ class MultiTrainer:
         return total.detach(), torch.stack(per_env), reg.detach() if reg is not None else None
 
     def train_iteration(self, num_steps: int, iteration: int, bar=None) -> dict:
-        from decision_transformer.errors import TrainingDiverged
+        from decision_transformer.training.trainer import CHECK_EVERY, check_losses
 
         self.model.train()
         start = time.time()
@@ -320,6 +320,8 @@ class MultiTrainer:
                 regs.append(r)
             if bar is not None:
                 bar.update(1)
+            if len(totals) % CHECK_EVERY == 0 or len(totals) == num_steps:  # one host sync per CHECK_EVERY steps
+                check_losses(torch.stack(totals), num_steps, iteration)
         logs = {"time/training": time.time() - start}
         if not num_steps:
             return {**logs, "training/train_loss_mean": float("nan"), "training/train_loss_std": float("nan"),
@@ -332,10 +334,8 @@ class MultiTrainer:
                 dist.all_reduce(t)
             totals /= self.world_size
             envs /= self.world_size
+        check_losses(totals, num_steps, iteration)  # (under torchrun: another rank's divergence, averaged in)
         arr = totals.cpu().numpy()
-        if not np.isfinite(arr).all():
-            raise TrainingDiverged(f"loss became NaN or inf at iteration {iteration}, step "
-                                   f"{int(np.flatnonzero(~np.isfinite(arr))[0]) + 1}")
         per_env = envs.cpu().numpy()
         logs.update({"training/train_loss_mean": float(arr.mean()), "training/train_loss_std": float(arr.std()),
                      "training/action_error": float(per_env[-1, -1])})  # the original: the last env's

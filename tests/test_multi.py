@@ -562,3 +562,26 @@ def test_a_multi_run_another_process_trains_is_refused(data, tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
     experiment_multi.main([*argv, "--max_iters", "2", "--resume"])  # free again: it resumes
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["iteration"] == 2
+
+
+def test_a_nan_loss_stops_a_multi_run_within_100_steps(data, tmp_path, monkeypatch, capsys):
+    """As the single-task trainer: the losses are checked every 100 steps (one host sync), so a divergence at step 1
+    of a long iteration stops the run at step 100 with exit code 3, naming the first bad step."""
+    from decision_transformer import multi_run
+
+    real, calls = multi_run.MultiTrainer.train_step, {"n": 0}
+
+    def poisoned(self):
+        calls["n"] += 1
+        total, per_env, reg = real(self)
+        return total * float("nan"), per_env, reg
+
+    monkeypatch.setattr(multi_run.MultiTrainer, "train_step", poisoned)
+    argv = ["--dataset", "medium", "--data_path", str(data), *TINY, "--embed_dim", "16", "--n_layer", "1",
+            "--n_head", "2", "--seed", "5", "--outdir", str(tmp_path / "ck"), "--num_steps_per_iter", "250"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        experiment_multi.main(argv)
+    assert e.value.code == 3 and calls["n"] == 100
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: loss became NaN or inf at iteration 1, step 1; checkpoints of earlier iterations are kept")

@@ -172,18 +172,11 @@ class Trainer:
         self.model.train()
         start = time.time()
         losses = torch.empty(num_steps, device=next(self.model.parameters()).device)
-        check_every = 100
         for i in range(num_steps):
             losses[i] = self.train_step()
             if bar is not None:
                 bar.update(1)
-            if (i + 1) % check_every == 0 or i + 1 == num_steps:
-                # one host sync per ``check_every`` steps, to stop soon after a divergence
-                window = losses[max(0, i + 1 - check_every):i + 1]
-                if not torch.isfinite(window).all():
-                    bad = int(torch.nonzero(~torch.isfinite(losses[:i + 1]))[0]) + 1
-                    raise TrainingDiverged(f"loss became NaN or inf at iteration {iteration}, step {bad}; "
-                                           f"checkpoints of earlier iterations are kept")
+            check_losses(losses[:i + 1], num_steps, iteration)
         logs = {"time/training": time.time() - start}
         if self.world_size > 1:  # the global batch's loss: the mean over ranks of the scaled slice losses
             import torch.distributed as dist
@@ -206,6 +199,22 @@ class Trainer:
             logs["training/train_loss_std"] = float("nan")
             logs["training/action_error"] = float("nan")
         return logs
+
+
+#: steps between the host syncs that check the losses for NaN/inf
+CHECK_EVERY = 100
+
+
+def check_losses(losses: torch.Tensor, num_steps: int, iteration: int):
+    """``losses`` of the iteration's steps so far: after every ``CHECK_EVERY`` steps and the last, one host sync
+    checks the latest window, so a divergence stops the run soon; ``TrainingDiverged`` names the first bad step."""
+    n = len(losses)
+    if n % CHECK_EVERY and n != num_steps:
+        return
+    if not torch.isfinite(losses[max(0, n - CHECK_EVERY):]).all():
+        bad = int(torch.nonzero(~torch.isfinite(losses))[0]) + 1
+        raise TrainingDiverged(f"loss became NaN or inf at iteration {iteration}, step {bad}; checkpoints of earlier "
+                               f"iterations are kept")
 
 
 class ActTrainer(Trainer):
