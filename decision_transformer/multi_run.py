@@ -493,8 +493,8 @@ def run_multi(args) -> dict:
 
 def _run_multi(args, take_lock) -> dict:
     from decision_transformer.run import (autocast_dtype, check_same_data, configure_matmul_precision, recorded_config,
-                                          resolve_device, restore_train_state, save_train_state, seed_everything,
-                                          warn_unsaved_best)
+                                          resolve_device, restore_train_state, resumed_past_the_end,
+                                          save_train_state, seed_everything, warn_unsaved_best)
 
     check_multi_args(args)
     resume_dir = find_resume_dir(args) if args.resume else None
@@ -562,13 +562,18 @@ def _run_multi(args, take_lock) -> dict:
             raise UserError(str(e)) from None
 
     exp_id, start_iter, best_score = distributed.from_main(ctx, new_exp_id()), 0, -float("inf")  # one id for all ranks
+    elapsed = 0.0  # training and evaluation time of the iterations before a resume (time/total goes on from it)
     if resume_dir is not None:
         st = restore_train_state(resume_dir / TRAIN_STATE, model, trainer, optimizer, scheduler, generator)
         check_same_data(st, resume_dir / TRAIN_STATE, args.data_path, {e: data.state_stats(e) for e in train_envs},
                         {e: data.get(e).num_timesteps for e in train_envs})
         start_iter, best_score, exp_id = int(st["iteration"]), float(st["best_score"]), int(st["exp_id"])
-        log(f"resuming {resume_dir} after iteration {start_iter}" + ("" if start_iter < args.max_iters else
-            f": it has finished all {args.max_iters} iterations, nothing to do (raise --max_iters to continue)"))
+        elapsed = float(st.get("elapsed", 0.0))
+        if resumed_past_the_end(resume_dir, start_iter, args.max_iters):
+            if trainer is not None:
+                trainer.close()
+            distributed.cleanup(ctx)
+            return {}
     group = f"gym-experiment-multi-{args.dataset}"
     exp_prefix = f"{group}-{exp_id}"
     config = {**vars(args), "model_class": MODEL_CLASS, "model_config": model.config.to_dict(), "exp_id": exp_id,
@@ -604,7 +609,7 @@ def _run_multi(args, take_lock) -> dict:
     pools = {e: env_pool(e, args.env_version, args.eval_workers, device, args.num_eval_episodes) for e in envs}
     best_key = "evaluation/average_norm_return_mean"
     warn_unsaved_best(args, models_dir / f"dt_{exp_prefix}_best.pt", best_score, start_iter)
-    logs, t0 = {}, time.time()
+    logs, t0 = {}, time.time() - elapsed
     try:
         for it in range(start_iter + 1, args.max_iters + 1):
             if trainer is not None:
@@ -648,7 +653,8 @@ def _run_multi(args, take_lock) -> dict:
                 save(chosen_state or model.state_dict(), models_dir / f"dt_{exp_prefix}_best.pt", it)
             if run_dir is not None and trainer is not None:  # for --resume
                 save_train_state(run_dir / TRAIN_STATE, model, config, trainer, optimizer, scheduler, generator,
-                                 iteration=it, best_score=best_score, exp_id=exp_id, **data_record())
+                                 iteration=it, best_score=best_score, exp_id=exp_id, elapsed=time.time() - t0,
+                                 **data_record())
         if args.save_model and args.save_mode in ("last", "both"):
             save(model.state_dict(), models_dir / f"dt_{exp_prefix}.pt", args.max_iters)
     finally:

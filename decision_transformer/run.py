@@ -265,6 +265,20 @@ def resume_state_path(args, run_dir: Path | None, lm_script: bool = False) -> Pa
     return st_path
 
 
+def resumed_past_the_end(run_dir: Path, start_iter: int, max_iters: int) -> bool:
+    """Say how a resume starts. True (and nothing may be written) when the run has trained more iterations than
+    ``--max_iters``: its record and its last model stay as they are. A run that has trained exactly ``--max_iters``
+    goes on (nothing to train; a last model that a stop before the end did not write is written)."""
+    if start_iter > max_iters:
+        print(f"resuming {run_dir}: it has trained {start_iter} iterations, more than --max_iters {max_iters}; "
+              f"nothing to do, nothing written (give --max_iters above {start_iter} to continue it)", file=sys.stderr)
+        return True
+    print(f"resuming {run_dir} after iteration {start_iter}" + ("" if start_iter < max_iters else
+          f": it has finished all {max_iters} iterations, nothing to do (raise --max_iters to continue)"),
+          file=sys.stderr)
+    return False
+
+
 def warn_unsaved_best(args, path: Path, best_score: float, start_iter: int):
     """A resumed run that saves its best model, when the part before the resume did not save it (``--save_model``
     added on resume, or the file removed): the next file is written only when a later iteration beats that score."""
@@ -456,17 +470,20 @@ def _run_locked(args, script: str, take_lock) -> dict:
         raise UserError(str(e)) from None
 
     start_iter, best_score, exp_id = 0, -float("inf"), distributed.from_main(ctx, new_exp_id())  # one id for all ranks
+    elapsed = 0.0  # training and evaluation time of the iterations before a resume (time/total goes on from it)
     if st_path is not None:
         st = restore_train_state(st_path, model, trainer, optimizer, scheduler, generator)
         check_same_data(st, st_path, data_file, {args.env: (dataset.state_mean, dataset.state_std)},
                         {args.env: dataset.num_timesteps})
         start_iter, best_score, exp_id = int(st["iteration"]), float(st["best_score"]), int(st["exp_id"])
+        elapsed = float(st.get("elapsed", 0.0))
         saved_merge = (st.get("config") or {}).get("merge_info") or {}
         if args.pretrained_models and "iteration_0" in saved_merge:  # the merge's evaluation is not repeated
             args.merge_info["iteration_0"] = saved_merge["iteration_0"]
-        print(f"resuming {st_path.parent} after iteration {start_iter}"
-              + ("" if start_iter < args.max_iters else f": it has finished all {args.max_iters} iterations, nothing "
-                 f"to do (raise --max_iters to continue)"), file=sys.stderr)
+        if resumed_past_the_end(st_path.parent, start_iter, args.max_iters):
+            trainer.close()
+            distributed.cleanup(ctx)
+            return {}
     exp_prefix = f"{group}-{exp_id}"
     if ctx.is_main:
         take_lock()  # before the run folder is written: a second process training this run stops here
@@ -501,7 +518,7 @@ def _run_locked(args, script: str, take_lock) -> dict:
     best_key = f"evaluation/target_{int(targets[0])}_return_mean"
     warn_unsaved_best(args, models_dir / f"{args.model_type}_{exp_prefix}_best.pt", best_score, start_iter)
     pool = env_pool(args.env, args.env_version, args.eval_workers, device, args.num_eval_episodes)
-    t0 = time.time()
+    t0 = time.time() - elapsed
     logs: dict = {}
     if start_iter == 0 and (getattr(args, "merge_info", None) or {}).get("iteration_0"):
         logger.log({**args.merge_info["iteration_0"], "time/total": 0.0}, 0)  # the merged model before finetuning
@@ -537,7 +554,8 @@ def _run_locked(args, script: str, take_lock) -> dict:
                 print(f"saved {path} (best so far, iteration {it})", file=sys.stderr)
             if run_dir is not None:
                 save_train_state(run_dir / TRAIN_STATE, model, config, trainer, optimizer, scheduler, generator,
-                                 iteration=it, best_score=best_score, exp_id=exp_id, **ckpt_extra, **state_extra)
+                                 iteration=it, best_score=best_score, exp_id=exp_id, elapsed=time.time() - t0,
+                                 **ckpt_extra, **state_extra)
         if args.save_model and args.save_mode in ("last", "both"):
             path = atomic_save(make_checkpoint(model.state_dict(), config, iteration=args.max_iters,
                                                specializations=[args.env], **ckpt_extra),

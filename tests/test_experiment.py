@@ -104,6 +104,28 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, hopper_data):
     assert [strip(x) for x in ra] == [strip(x) for x in rb]
 
 
+def test_resume_past_the_end_writes_nothing_and_time_total_goes_on(tmp_path, monkeypatch, capsys, hopper_data):
+    """``time/total`` counts on from the interrupted part's time after --resume (it does not restart at 0); a resume
+    with --max_iters below the iterations already trained says so and leaves the run's record and models as they
+    are (no config.json with the smaller --max_iters, no "last" model labelled with it)."""
+    args = ["--num_steps_per_iter", "2", "--num_eval_episodes", "0", "--save_model", "--save_mode", "last"]
+    run(tmp_path, monkeypatch, hopper_data, *args, "--max_iters", "2")
+    run(tmp_path, monkeypatch, hopper_data, *args, "--max_iters", "3", "--resume")
+    rows = [json.loads(line) for line in (run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    totals = [r["time/total"] for r in rows]
+    assert [r["iteration"] for r in rows] == [1, 2, 3] and totals == sorted(totals) and totals[2] > totals[1]
+    state = load_checkpoint(run_dir(tmp_path) / "train_state.pt")
+    assert state["elapsed"] == pytest.approx(totals[2], abs=0.5)
+    record = {p: p.read_bytes() for p in [run_dir(tmp_path) / "config.json", run_dir(tmp_path) / "metrics.jsonl",
+                                          *(tmp_path / "models" / "hopper").iterdir()]}
+    capsys.readouterr()
+    run(tmp_path, monkeypatch, hopper_data, *args, "--max_iters", "2", "--resume")
+    assert "it has trained 3 iterations, more than --max_iters 2; nothing to do, nothing written" in \
+        capsys.readouterr().err
+    assert {p: p.read_bytes() for p in record} == record
+    assert sorted(record) == sorted([*run_dir(tmp_path).glob("*.json*"), *(tmp_path / "models" / "hopper").iterdir()])
+
+
 def test_resume_bad_training_state(tmp_path, monkeypatch, capsys, hopper_data):
     """--resume without a saved state, or from a state that lacks the optimiser, stops with one line; the run's
     checkpoints stay as they were."""

@@ -585,3 +585,20 @@ def test_a_nan_loss_stops_a_multi_run_within_100_steps(data, tmp_path, monkeypat
     assert e.value.code == 3 and calls["n"] == 100
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: loss became NaN or inf at iteration 1, step 1; checkpoints of earlier iterations are kept")
+
+
+def test_multi_resume_counts_time_on_and_past_the_end_writes_nothing(data, tmp_path, capsys):
+    """experiment_multi.py --resume: ``time/total`` goes on from the first part's time; a --max_iters below the
+    iterations trained writes nothing."""
+    argv = ["--dataset", "medium", "--data_path", str(data), *TINY, "--embed_dim", "16", "--n_layer", "1",
+            "--n_head", "2", "--seed", "6", "--outdir", str(tmp_path / "ck"), "--num_eval_episodes", "0"]
+    experiment_multi.main([*argv, "--max_iters", "1"])
+    experiment_multi.main([*argv, "--max_iters", "2", "--resume"])
+    (run,) = (tmp_path / "ck" / "multi").glob("gym-*")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2] and rows[1]["time/total"] > rows[0]["time/total"]
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    capsys.readouterr()
+    experiment_multi.main([*argv, "--max_iters", "1", "--resume"])
+    assert "it has trained 2 iterations, more than --max_iters 1; nothing to do" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
