@@ -6,7 +6,7 @@ import torch
 import experiment
 import precompute_fisher
 from decision_transformer import fisher, merging
-from conftest import write_source_models
+from conftest import listed, write_source_models
 from decision_transformer.checkpoint import load_checkpoint
 from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
 from decision_transformer.training.losses import masked_action_mse
@@ -279,7 +279,7 @@ def test_fisher_merge_counts_and_freezes_only_the_tensors_with_a_fisher(setup, m
         "warning: 9 tensors of the merged set have no Fisher (it covers transformer.h only) and keep model 1's "
         "values: embed_timestep, embed_return, embed_state, embed_action, embed_ln"]
     assert "merge_frozen: 8 merged parameter tensors frozen" in err
-    (rd,) = (tmp_path / "checkpoints").iterdir()
+    (rd,) = listed(tmp_path / "checkpoints")
     info = json.loads((rd / "config.json").read_text())["merge_info"]
     assert info["merged_tensors"] == 8 and info["frozen"] == 8
     m0 = load_checkpoint(rd / "model_0.pt")["state_dict"]

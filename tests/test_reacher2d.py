@@ -13,7 +13,7 @@ from decision_transformer import evaluation as ev
 from decision_transformer.envs import ENVS, get_env_spec, make_env
 from decision_transformer.errors import UserError
 from decision_transformer.reacher2d import reaching_action, scripted_trajectories
-from tests.conftest import fails, load_script
+from tests.conftest import fails, listed, load_script
 
 SHOULDER_ANGLE = 0.785  # the shoulder body's fixed rotation in the model; the elbow's undoes it
 
@@ -152,7 +152,7 @@ def test_experiment_on_user_data(tmp_path, monkeypatch, capsys):
     experiment.main([str(a) for a in base + ["--dataset", "medium"]])
     out = capsys.readouterr()
     assert "target_76 return" in out.out + out.err and "d4rl" not in out.out
-    run = next((tmp_path / "runs").iterdir())
+    (run,) = listed(tmp_path / "runs")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
     for t in (76, 40):
