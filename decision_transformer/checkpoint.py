@@ -175,6 +175,35 @@ def check_finite_state(state_dict: dict, source: str):
             raise UserError(f"{source}: tensor {k} contains NaN or inf")
 
 
+#: model settings that no tensor shape shows, with the flag that sets each: a checkpoint loaded into a model built
+#: with another value would load without complaint and run as another network
+BEHAVIOUR_FIELDS = {("backbone", "n_head"): "--n_head", ("backbone", "activation_function"): "--activation_function",
+                    ("backbone", "disable_attention"): "--disable_attention", ("embed_order",): "--embed_order",
+                    ("backbone", "norm_type"): "--pretrained_lm", ("backbone", "layer_norm_epsilon"): "--pretrained_lm",
+                    ("action_tanh",): None}
+
+
+def check_same_behaviour(source: str, saved: dict | None, built: dict):
+    """A ``UserError`` naming the settings (``BEHAVIOUR_FIELDS``) in which the model config a checkpoint records
+    (``saved``, its ``config["model_config"]``; nothing is checked without one) differs from the model it is loaded
+    into (``built``)."""
+    def get(cfg, keys):
+        for k in keys:
+            cfg = cfg.get(k) if isinstance(cfg, dict) else None
+        return cfg
+
+    if not isinstance(saved, dict):
+        return
+    diffs = [(keys[-1], flag, get(saved, keys), get(built, keys)) for keys, flag in BEHAVIOUR_FIELDS.items()
+             if get(saved, keys) is not None and get(built, keys) is not None and get(saved, keys) != get(built, keys)]
+    if diffs:
+        flags = sorted({flag for _, flag, _, _ in diffs if flag})
+        raise UserError(f"{source} was trained with " + ", ".join(f"{n} {a!r}" for n, _, a, _ in diffs)
+                        + "; the model these flags build has " + ", ".join(f"{n} {b!r}" for n, _, _, b in diffs)
+                        + ": its weights would run as another network" + (f" (set {', '.join(flags)} as the "
+                                                                           f"checkpoint's run did)" if flags else ""))
+
+
 def load_state_into(model: torch.nn.Module, state_dict: dict, source: str, strict: bool = True):
     """Strict load that names the mismatched tensors instead of dumping a traceback."""
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_KEYS)}

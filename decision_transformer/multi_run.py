@@ -24,7 +24,8 @@ import torch
 from decision_transformer import distributed
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
-from decision_transformer.checkpoint import atomic_save, load_state_into, make_checkpoint, new_exp_id
+from decision_transformer.checkpoint import (atomic_save, check_same_behaviour, load_state_into, make_checkpoint,
+                                             new_exp_id)
 from decision_transformer.cli import THREADS_HELP, HelpFormatter, add_fast_path_flags, add_optim_flags
 from decision_transformer.envs import DEFAULT_ENV_VERSION, SUPPORTED_ENV_VERSIONS, get_env_spec
 from decision_transformer.errors import UserError
@@ -532,6 +533,7 @@ def _run_multi(args, take_lock) -> dict:
         model = new_model(args).to(device)
     if args.load_checkpoint:
         mf = load_model_file(args.load_checkpoint)
+        check_same_behaviour(args.load_checkpoint, (mf.config or {}).get("model_config"), model.config.to_dict())
         load_state_into(model, mf.state_dict, args.load_checkpoint)
     model = model.to(device)
     for e in args.selected_training or []:

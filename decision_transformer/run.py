@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from decision_transformer import distributed
-from decision_transformer.checkpoint import (atomic_save, find_run, load_checkpoint, load_state_into,
-                                             make_checkpoint, model_name, new_exp_id, run_dir_name,
+from decision_transformer.checkpoint import (atomic_save, check_same_behaviour, find_run, load_checkpoint,
+                                             load_state_into, make_checkpoint, model_name, new_exp_id, run_dir_name,
                                              set_aside_previous_run, wandb_run_name)
 from decision_transformer.cli import check_context, check_seed, merge_signature, reject_unsupported
 from decision_transformer.data import TrajectoryDataset, load_dataset
@@ -444,7 +444,9 @@ def _run_locked(args, script: str, take_lock) -> dict:
         model = apply_merge(args, model, spec, device)
         cfg = model.config  # --copy_model / --flip train a model with model 1's (or 2's) own architecture
     if args.load_checkpoint:
-        load_state_into(model, load_checkpoint(args.load_checkpoint)["state_dict"], args.load_checkpoint)
+        ckpt = load_checkpoint(args.load_checkpoint)
+        check_same_behaviour(args.load_checkpoint, (ckpt.get("config") or {}).get("model_config"), cfg.to_dict())
+        load_state_into(model, ckpt["state_dict"], args.load_checkpoint)
     distributed.broadcast_module(ctx, model)  # torchrun: every rank starts from (and regularises towards) rank 0's
     frozen = freeze_from_args(model, args)
     if frozen:

@@ -174,6 +174,30 @@ def test_evaluate_only_and_load_checkpoint(tmp_path, monkeypatch, hopper_data):
     assert evaluated["training/train_loss_mean"] is None  # NaN for an empty iteration, written as null
 
 
+def test_load_checkpoint_of_another_architecture_is_refused(tmp_path, monkeypatch, capsys, hopper_data):
+    """Settings no tensor shape shows (heads, activation, embedding order) are compared with the checkpoint's record:
+    a checkpoint of another architecture is one line naming them and the flags to set, instead of a silent load that
+    runs as another network; with its flags it loads."""
+    arch = ["--n_head", "2", "--activation_function", "gelu"]
+    run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes",
+        "0", *arch)
+    ckpt = run_dir(tmp_path) / "model_1.pt"
+    (tmp_path / "eval").mkdir()
+    monkeypatch.chdir(tmp_path / "eval")
+    base = ["--data_path", str(hopper_data), *TINY, "--max_iters", "1", "--num_steps_per_iter", "0",
+            "--num_eval_episodes", "0", "--load_checkpoint", str(ckpt)]
+    msg = expect_error(capsys, [*base, "--embed_order", "time_then_ln"])
+    assert msg == (f"error: {ckpt} was trained with n_head 2, activation_function 'gelu', embed_order 'ln_then_time'; "
+                   f"the model these flags build has n_head 1, activation_function 'relu', embed_order "
+                   f"'time_then_ln': its weights would run as another network (set --activation_function, "
+                   f"--embed_order, --n_head as the checkpoint's run did)")
+    assert not (tmp_path / "eval" / "checkpoints").exists()
+    run(tmp_path / "eval", monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "0",
+        "--num_eval_episodes", "0", "--load_checkpoint", str(ckpt), *arch)
+    loaded = load_checkpoint(run_dir(tmp_path / "eval") / "model_1.pt")["state_dict"]
+    assert all(torch.equal(loaded[k], v) for k, v in load_checkpoint(ckpt)["state_dict"].items())
+
+
 def test_frozen_blocks_stay_fixed(tmp_path, monkeypatch, hopper_data):
     run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "5", "--frozen",
         "--num_eval_episodes", "0")

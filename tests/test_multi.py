@@ -602,3 +602,17 @@ def test_multi_resume_counts_time_on_and_past_the_end_writes_nothing(data, tmp_p
     experiment_multi.main([*argv, "--max_iters", "1", "--resume"])
     assert "it has trained 2 iterations, more than --max_iters 1; nothing to do" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_multi_load_checkpoint_of_another_architecture_is_refused(data, tmp_path, monkeypatch, capsys):
+    """experiment_multi.py --load_checkpoint compares the settings no shape shows, as experiment.py does."""
+    from conftest import fails
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--dataset", "medium", "--data_path", str(data), *TINY, "--embed_dim", "16", "--n_layer", "1",
+            "--seed", "7", "--num_eval_episodes", "0", "--save_model"]
+    experiment_multi.main([*argv, "--n_head", "2"])
+    (ckpt,) = (tmp_path / "models" / "multi").glob("dt_*.pt")
+    msg = fails(experiment_multi.main, [*argv, "--n_head", "1", "--load_checkpoint", ckpt, "--outdir", ""], capsys)
+    assert msg == (f"error: {ckpt} was trained with n_head 2; the model these flags build has n_head 1: its weights "
+                   f"would run as another network (set --n_head as the checkpoint's run did)")
