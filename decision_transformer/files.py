@@ -39,3 +39,40 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
             except OSError:
                 pass
     return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # a process of another user (or a number that is no pid: not ours to judge)
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, idle_s: float = 60.0) -> list[Path]:
+    """Remove the temporary files that ``atomic_write`` (``.{name}.{pid}.{hex}.tmp``) and ``checkpoint.atomic_save``
+    (``{name}.{pid}.tmp``) left in ``folder`` when their process was killed (``kill -9`` cannot be caught): those of a
+    process that no longer runs here and untouched for ``idle_s`` seconds (a file still being written, also by a
+    process on another machine sharing the folder, keeps changing). Returns what was removed."""
+    import re
+    import time
+
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    pattern = re.compile(r"^(?:\..+\.(\d+)\.[0-9a-f]{8}|.+\.(\d+))\.tmp$")
+    for p in folder.iterdir():
+        m = pattern.match(p.name)
+        if not m:
+            continue
+        pid = int(m.group(1) or m.group(2))
+        try:
+            if p.is_file() and not _pid_alive(pid) and time.time() - p.stat().st_mtime > idle_s:
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            continue
+    return removed

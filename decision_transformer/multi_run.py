@@ -493,8 +493,8 @@ def run_multi(args) -> dict:
 
 
 def _run_multi(args, take_lock) -> dict:
-    from decision_transformer.run import (autocast_dtype, check_same_data, configure_matmul_precision, recorded_config,
-                                          resolve_device, restore_train_state, resumed_past_the_end,
+    from decision_transformer.run import (autocast_dtype, check_same_data, clean_folder, configure_matmul_precision,
+                                          recorded_config, resolve_device, restore_train_state, resumed_past_the_end,
                                           save_train_state, seed_everything, warn_unsaved_best)
 
     check_multi_args(args)
@@ -586,6 +586,8 @@ def _run_multi(args, take_lock) -> dict:
     run_dir = Path(args.outdir) / "multi" / exp_prefix if args.outdir else None
     if resume_dir is not None:
         run_dir = resume_dir  # continued in the folder it was found in (also when copied under another run id)
+        if ctx.is_main:
+            clean_folder(run_dir)
     if not ctx.is_main:  # under torchrun only rank 0 evaluates, logs and writes files
         run_dir, args.save_model, args.num_eval_episodes = None, False, 0
     logger = RunLogger(run_dir, config, use_wandb=args.log_to_wandb and ctx.is_main, project=args.project, group=group,

@@ -265,6 +265,16 @@ def resume_state_path(args, run_dir: Path | None, lm_script: bool = False) -> Pa
     return st_path
 
 
+def clean_folder(folder: Path):
+    """Remove what a killed run left half-written in ``folder`` (``files.remove_stale_temporaries``), saying so."""
+    from decision_transformer.files import remove_stale_temporaries
+
+    removed = remove_stale_temporaries(folder)
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) a killed run left in {folder}: "
+              f"{', '.join(p.name for p in removed)}", file=sys.stderr)
+
+
 def resumed_past_the_end(run_dir: Path, start_iter: int, max_iters: int) -> bool:
     """Say how a resume starts. True (and nothing may be written) when the run has trained more iterations than
     ``--max_iters``: its record and its last model stay as they are. A run that has trained exactly ``--max_iters``
@@ -496,6 +506,8 @@ def _run_locked(args, script: str, take_lock) -> dict:
         run_dir = run_dir.with_name(f"{run_dir.name}_{exp_id}")
     if st_path is not None and run_dir is not None:
         run_dir = st_path.parent  # a resumed run continues in the folder it was found in (also when renamed)
+    if run_dir is not None and ctx.is_main:
+        clean_folder(run_dir)
     if not args.resume and run_dir is not None and ctx.is_main:
         moved = set_aside_previous_run(run_dir)
         if moved is not None:

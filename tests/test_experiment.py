@@ -126,6 +126,24 @@ def test_resume_past_the_end_writes_nothing_and_time_total_goes_on(tmp_path, mon
     assert sorted(record) == sorted([*run_dir(tmp_path).glob("*.json*"), *(tmp_path / "models" / "hopper").iterdir()])
 
 
+def test_resume_removes_what_a_killed_run_left_half_written(tmp_path, monkeypatch, capsys, hopper_data):
+    """A ``kill -9`` during a checkpoint write leaves ``train_state.pt.{pid}.tmp``; the resumed run removes it."""
+    import time
+
+    args = ["--num_steps_per_iter", "2", "--num_eval_episodes", "0"]
+    run(tmp_path, monkeypatch, hopper_data, *args, "--max_iters", "1")
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    stale = run_dir(tmp_path) / f"train_state.pt.{proc.pid}.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    os.utime(stale, (time.time() - 600,) * 2)
+    capsys.readouterr()
+    run(tmp_path, monkeypatch, hopper_data, *args, "--max_iters", "2", "--resume")
+    assert f"removed 1 temporary file(s) a killed run left in {Path('checkpoints') / run_dir(tmp_path).name}: " \
+           f"{stale.name}" in capsys.readouterr().err
+    assert not stale.exists() and (run_dir(tmp_path) / "model_2.pt").is_file()
+
+
 def test_resume_bad_training_state(tmp_path, monkeypatch, capsys, hopper_data):
     """--resume without a saved state, or from a state that lacks the optimiser, stops with one line; the run's
     checkpoints stay as they were."""

@@ -165,3 +165,33 @@ def test_run_all_imports_torch_only_inside_main():
             "print('torch' in sys.modules, 'numpy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.split() == ["False", "False"], out.stderr
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temporaries_of_killed_processes_are_removed(tmp_path):
+    """What a ``kill -9`` leaves mid-write (``{name}.{pid}.tmp``, ``.{name}.{pid}.{hex}.tmp``) goes when its process no
+    longer runs and the file has been idle; a live writer's file, a fresh one and other files stay."""
+    import os
+    import time
+
+    from decision_transformer.files import remove_stale_temporaries
+
+    dead, old = _dead_pid(), time.time() - 600
+    names = {f"train_state.pt.{dead}.tmp": True, f".config.json.{dead}.0a1b2c3d.tmp": True,
+             f"model_3.pt.{os.getpid()}.tmp": False, f"notes.{dead}.txt": False, "model_3.pt": False,
+             f"fresh.pt.{dead}.tmp": False}
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+        if not name.startswith("fresh"):
+            os.utime(tmp_path / name, (old, old))
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(n for n, gone in names.items() if gone)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, gone in names.items() if not gone)
+    assert remove_stale_temporaries(tmp_path / "missing") == []
