@@ -235,18 +235,19 @@ def to_markdown(header, body) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_csv(header, body) -> str:
-    """The table as CSV: empty cells where a row has no score, the average as a plain number, and a last column
-    ``envs_averaged`` with the number of envs the average is over (fewer than the env columns: a partial average,
-    the markdown table's *)."""
+def to_csv(rows: dict[str, dict[str, float]], envs=ENV_ORDER) -> str:
+    """The table as CSV, at full precision (the markdown table rounds to one decimal): empty cells where a row has
+    no score, the average over the envs the row has, and a last column ``envs_averaged`` with their number (fewer
+    than the env columns: a partial average, the markdown table's *)."""
+    envs = list(dict.fromkeys(envs))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow([*header, "envs_averaged"])
-    for r in body:
-        cells = [c if c != "—" else "" for c in r]
-        cells[-1] = cells[-1].rstrip("*")
-        n = sum(c != "" for c in cells[1:-1])
-        w.writerow([*cells, n if n else ""])
+    w.writerow(["model", *envs, "average", "envs_averaged"])
+    for label, scores in rows.items():
+        vals = [scores.get(e) for e in envs]
+        have = [float(v) for v in vals if v is not None]
+        w.writerow([label, *["" if v is None else float(v) for v in vals],
+                    float(np.mean(have)) if have else "", len(have) if have else ""])
     return buf.getvalue()
 
 
@@ -338,7 +339,7 @@ def main(argv=None):
     if out_files:
         csv_path, md_path = out_files
         csv_path.parent.mkdir(parents=True, exist_ok=True)
-        csv_path.write_text(to_csv(header, body))
+        csv_path.write_text(to_csv(rows, envs))
         md_path.write_text(md)
         print(f"wrote {csv_path} and {md_path}", file=sys.stderr)
 

@@ -417,13 +417,13 @@ def test_merge_cli_recipe_and_results_table(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         merge_cli.main(["--recipe", str(bad)])
 
-    header, body = results_table.build_table({"source": {"hopper": 10.0, "halfcheetah": 20.0, "walker2d": 30.0},
-                                              "merge": {"hopper": 5.0}})
+    rows = {"source": {"hopper": 10.0, "halfcheetah": 20.0, "walker2d": 30.0}, "merge": {"hopper": 5.0}}
+    header, body = results_table.build_table(rows)
     md = results_table.to_markdown(header, body)
     assert "| source | 10.0 | 20.0 | 30.0 | 20.0 |" in md and "| merge | 5.0 | — | — | 5.0* |" in md
     assert md.rstrip().endswith("average over the envs that have a score only")     # the * explained
     # the CSV average is a number, with the count of envs it averages in a column of its own
-    assert results_table.to_csv(header, body).splitlines()[2] == "merge,5.0,,,5.0,1"
+    assert results_table.to_csv(rows).splitlines()[2] == "merge,5.0,,,5.0,1"
     out = tmp_path / "table"
     results_table.main(["--row", f"merged={tmp_path / 'ta.pt'}", "--num_eval_episodes", "1", "--out", str(out)])
     rows = (tmp_path / "table.csv").read_text().splitlines()

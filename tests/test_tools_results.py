@@ -168,12 +168,14 @@ def test_out_names_are_appended_not_replaced(tmp_path, capsys):
     assert "--out .: give a file name" in fails(results_table.main, ["--row", f"a={run}", "--out", "."], capsys)
 
 
-def test_csv_average_is_a_number_with_its_env_count(tmp_path, capsys):
-    header, body = results_table.build_table({"source": {"hopper": 10.0, "halfcheetah": 20.0, "walker2d": 30.0},
-                                              "merge": {"hopper": 5.0}, "none": {}})
-    lines = results_table.to_csv(header, body).splitlines()
+def test_csv_holds_full_precision_numbers_and_the_env_count(tmp_path, capsys):
+    rows = {"source": {"hopper": 10.0, "halfcheetah": 20.0, "walker2d": 30.0}, "merge": {"hopper": 5.0}, "none": {},
+            "fine": {"hopper": 1 / 3, "halfcheetah": 2.25}}
+    header, body = results_table.build_table(rows)
+    lines = results_table.to_csv(rows).splitlines()
     assert lines == ["model,hopper,halfcheetah,walker2d,average,envs_averaged", "source,10.0,20.0,30.0,20.0,3",
-                     "merge,5.0,,,5.0,1", "none,,,,,"]
+                     "merge,5.0,,,5.0,1", "none,,,,,", f"fine,{1 / 3!r},2.25,,{(1 / 3 + 2.25) / 2!r},2"]
+    assert "| fine | 0.3 | 2.2 | — | 1.3* |" in results_table.to_markdown(header, body)  # the CSV is not rounded
     assert "| merge | 5.0 | — | — | 5.0* |" in results_table.to_markdown(header, body)   # the markdown keeps its *
 
 
