@@ -420,7 +420,17 @@ def validate_trajectories(trajs, spec: EnvSpec, source: str, *,
         what = "1 trajectory is" if len(long) == 1 else f"{len(long)} trajectories are"
         print(f"warning: {source}: {what} longer than {spec.name}'s {spec.max_ep_len}-step episodes (longest "
               f"{max(long)}); their steps from {spec.max_ep_len - 1} on share one timestep embedding", file=sys.stderr)
+    outside = [i for i, t in enumerate(out) if np.abs(t["actions"]).max(initial=0.0) > 1.0 + ACTION_SLACK]
+    if outside:  # accepted, as by the originals; the tanh action head cannot reach them
+        worst = max(float(np.abs(out[i]["actions"]).max()) for i in outside)
+        what = "1 trajectory has" if len(outside) == 1 else f"{len(outside)} trajectories (first: {outside[0]}) have"
+        print(f"warning: {source}: {what} actions outside [-1, 1], up to {worst:.3g} in size: the model's tanh action head cannot output them; is this "
+              f"{spec.name} data with its actions in the env's [-1, 1] range?", file=sys.stderr)
     return out
+
+
+#: how far beyond [-1, 1] stored actions may go (float rounding of clipped actions) before a warning
+ACTION_SLACK = 1e-4
 
 
 def episode_steps(spec: EnvSpec) -> int | None:

@@ -1088,3 +1088,21 @@ def test_protocol_2_pickles_of_numpy_arrays_load_and_codecs_stays_narrow(tmp_pat
     bad.write_bytes(b"\x80\x02c_codecs\nencode\nq\x00X\x01\x00\x00\x00aX\x05\x00\x00\x00rot13\x86R.")
     with pytest.raises(UserError, match="only for a str in latin-1"):
         safe_pickle_load(bad)
+
+
+def test_actions_outside_the_tanh_range_are_warned_about(capsys):
+    """Actions beyond [-1, 1] (by more than float rounding) load, as by the originals, with a warning: the tanh head
+    cannot output them, so such data is usually unscaled or not this env's."""
+    from conftest import tiny_trajectories
+    from decision_transformer.data import validate_trajectories
+    from decision_transformer.envs import get_env_spec
+
+    trajs = tiny_trajectories()
+    trajs[0]["actions"][0, 0] = 1.00001                    # rounding of a clipped action: no warning
+    validate_trajectories(trajs, get_env_spec("hopper"), "x.pkl")
+    assert capsys.readouterr().err == ""
+    trajs[2]["actions"][3, 1], trajs[3]["actions"][0, 2] = -7.5, 1e30
+    out = validate_trajectories(trajs, get_env_spec("hopper"), "x.pkl")
+    assert len(out) == 4
+    assert capsys.readouterr().err.startswith("warning: x.pkl: 2 trajectories (first: 2) have actions outside "
+                                              "[-1, 1], up to 1e+30 in size")
