@@ -379,7 +379,7 @@ def test_a_corrupt_metrics_file_is_an_error_not_a_missing_run(runs, tmp_path, ca
 
 def test_missing_runs_are_notes_in_the_outputs(runs, tmp_path, capsys):
     """A run without metrics is skipped with a note (printed, and carried into run_all's report), and an env
-    without runs draws an empty panel without matplotlib's empty-legend warning."""
+    without runs gets no panel (and no matplotlib empty-legend warning)."""
     import warnings
 
     from decision_transformer.analysis import scores

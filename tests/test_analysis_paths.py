@@ -202,3 +202,16 @@ def test_run_all_with_other_k(tmp_path, k5_runs):
     assert np.load(res / "cka_0_40_gpt2gpt2_hopper_medium_666_K5_state.npy").shape == (18, 18)
     assert (tmp_path / "k5" / "section-53-parameter-similarity" / "results"
             / "paramdist_0_40_dt_hopper_medium_666_K5.npy").is_file()
+
+
+def test_run_all_names_a_misspelt_env_or_a_model_without_runs(tmp_path, k5_runs, capsys):
+    """A misspelt env is the one line listing the known envs; a model name without runs says which models have some
+    (any folder name can be a model, so it is not checked against a list)."""
+    from conftest import fails
+
+    run_all = load_script("analysis/run_all.py").main
+    base = ["--checkpoint_dir", k5_runs, "--out_dir", tmp_path / "o", "--only", "params"]
+    assert "unknown env 'hoper'" in fails(run_all, [*base, "--env_name_list", "hoper"], capsys)
+    msg = fails(run_all, [*base, "--model_name_list", "xx"], capsys)
+    assert msg == f"error: no runs of --model_name_list xx (dataset medium) in {k5_runs}; it has runs of dt, gpt2"
+    assert not (tmp_path / "o").exists()

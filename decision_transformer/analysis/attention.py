@@ -133,28 +133,39 @@ def run(args) -> common.Outputs:
                 gap))
             print(f"{env} {m}: mean gap per block " + " ".join(f"{v:.3f}" for v in gap.mean((0, 2))), file=sys.stderr)
         models = list(gaps)
-        nb = max(g.shape[1] for g in gaps.values())
+        per_block = {m: g.mean(2) for m, g in gaps.items()}                    # head-averaged [B, blocks]
+        depths = {m: g.shape[1] for m, g in per_block.items()}
+        target = min(depths.values())
+        # a deeper model's blocks averaged onto the shallowest's positions (iGPT's 24 blocks onto 12: blocks 2b and
+        # 2b+1), as CKA's normalised layers; a depth that is not a multiple is shown block by block
+        shown = {m: common.pair_average(g, target, axis=1) for m, g in per_block.items()}
+        paired = [m for m in models if shown[m].shape[1] != depths[m]]
+        nb = max(g.shape[1] for g in shown.values())
+        colors = common.model_colors(models)
         fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * nb * len(models)), 3.4))
         width = 0.8 / len(models)
         for j, m in enumerate(models):
-            g = gaps[m].mean(2)                                                 # head-averaged [B, blocks]
+            g = shown[m]
             pos = np.arange(g.shape[1]) + (j - (len(models) - 1) / 2) * width
             bp = ax.boxplot([g[:, b] for b in range(g.shape[1])], positions=pos, widths=width * 0.9,
-                            patch_artist=True, showfliers=False)
+                            patch_artist=True, showfliers=False, medianprops={"color": "k"})  # visible on C1
             for box in bp["boxes"]:
-                box.set_facecolor(f"C{j}")
-            ax.plot([], [], color=f"C{j}", lw=6, label=common.model_label(m))
+                box.set_facecolor(colors[m])
+            ax.plot([], [], color=colors[m], lw=6, label=common.model_label(m))
         ax.set_xticks(np.arange(nb), [str(b) for b in range(nb)])
-        ax.set_xlabel("block")
+        pairing = "; ".join(common.pairing_text(m, depths[m], target) for m in paired)
+        ax.set_xlabel(f"normalized block ({pairing})" if paired else "block")
         ax.set_ylabel(f"|Δ attention distance| ({args.distance_unit}s)")
         ax.set_title(f"{env}, epoch {args.epoch1} vs {args.epoch2}, K={K_ckpt} runs, {args.K}-step context")
         common.legend(ax)
         stem = f"att_dist_diff_{args.epoch1}_{args.epoch2}_{'_'.join(models)}_{env}_{args.dataset_name}_{args.seed}{tag}"
         outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
+        table_rows = []
+        for m in models:
+            cells = [f"{v:.3f}" for v in np.median(shown[m], 0)]
+            table_rows.append([common.model_label(m)] + cells + ["–"] * (nb - len(cells)))
         outs.tables.append(((f"Attention-distance change per block, {env} (median over samples of the "
-                             f"head-averaged gap, {args.distance_unit}s)"),
-                            common.markdown_table(["model"] + [str(b) for b in range(nb)],
-                                                  [[common.model_label(m)] + [f"{v:.3f}" for v in
-                                                                              np.median(gaps[m].mean(2), 0)]
-                                                   for m in models])))
+                             f"head-averaged gap, {args.distance_unit}s"
+                             + (f"; normalized blocks, {pairing}" if paired else "") + ")"),
+                            common.markdown_table(["model"] + [str(b) for b in range(nb)], table_rows)))
     return outs

@@ -328,7 +328,8 @@ def plot(args) -> common.Outputs:
             for m, (vals, names) in curves.items():
                 vals, names = normalise_depth(vals, names, target)
                 starts = [i for i, n in enumerate(names) if i == 0 or block_of(names[i - 1]) != block_of(n)]
-                ax.plot(np.arange(len(vals)), vals, marker=".", label=common.model_label(m))
+                ax.plot(np.arange(len(vals)), vals, marker=".", color=common.model_colors(list(curves))[m],
+                        label=common.model_label(m))
                 above = [n for n, v in zip(names, vals) if v > args.thr]
                 rows += [[m, i, n, float(v)] for i, (n, v) in enumerate(zip(names, vals))]
                 print(f"{env}/{token} {m}: {len(above)} layers above {args.thr}: {', '.join(above)}")

@@ -42,6 +42,62 @@ def model_label(name: str) -> str:
     return MODEL_LABELS.get(name, name)
 
 
+#: One colour per model in every figure (matplotlib's default cycle): GPT2 C0, iGPT C1, Random Init C2.
+MODEL_COLORS = {"gpt2": "C0", "igpt": "C1", "dt": "C2"}
+#: Colours of other model names: C3 ... C9, chosen from the name (so also fixed across figures and scripts).
+_OTHER_COLORS = tuple(f"C{i}" for i in range(3, 10))
+
+
+def model_color(name: str) -> str:
+    """The fixed colour of a model name, independent of which other models a figure shows or their order."""
+    if name in MODEL_COLORS:
+        return MODEL_COLORS[name]
+    import zlib
+
+    return _OTHER_COLORS[zlib.crc32(name.encode()) % len(_OTHER_COLORS)]
+
+
+def model_colors(names) -> dict[str, str]:
+    """``model_color`` of each name; two other names that fall on the same colour in one figure get distinct ones
+    (assigned in name order, so still independent of the figure's model order)."""
+    out = {m: MODEL_COLORS[m] for m in names if m in MODEL_COLORS}
+    used = set(out.values())
+    for m in sorted({m for m in names if m not in MODEL_COLORS}):
+        c = model_color(m)
+        free = [x for x in _OTHER_COLORS if x not in used]
+        if c in used and free:
+            i = _OTHER_COLORS.index(c)
+            c = min(free, key=lambda x: (_OTHER_COLORS.index(x) - i) % len(_OTHER_COLORS))
+        out[m] = c
+        used.add(c)
+    return {m: out[m] for m in names}
+
+
+def pair_average(values, target: int, axis: int = -1) -> np.ndarray:
+    """Average a deeper model's per-block values onto ``target`` positions along ``axis``: consecutive groups of
+    ``n // target`` blocks (iGPT's 24 blocks onto 12: blocks 2b and 2b+1), as CKA's ``normalise_depth``. Unchanged
+    when the block count equals ``target`` or is not a multiple of it."""
+    values = np.asarray(values)
+    n = values.shape[axis]
+    if target < 1 or n == target or n % target:
+        return values
+    v = np.moveaxis(values, axis, -1)
+    v = v.reshape(*v.shape[:-1], target, n // target).mean(-1)
+    return np.moveaxis(v, -1, axis)
+
+
+def pairing_text(model: str, blocks: int, target: int) -> str:
+    """What ``pair_average`` did to a model: "iGPT: blocks 2b and 2b+1 averaged" (24 blocks onto 12)."""
+    f = blocks // target
+    group = f"blocks {f}b and {f}b+1" if f == 2 else f"blocks {f}b to {f}b+{f - 1}"
+    return f"{model_label(model)}: {group} averaged"
+
+
+def unique(items) -> list:
+    """``items`` without repeats, in first-seen order (notes that two steps both report)."""
+    return list(dict.fromkeys(items))
+
+
 # ---- flags ------------------------------------------------------------------------------------------------------
 
 def str2bool(v) -> bool:
@@ -200,17 +256,19 @@ class Outputs:
     notes: list = field(default_factory=list)
 
     def extend(self, other: Outputs) -> Outputs:
+        """Append ``other``'s outputs; a note already present (e.g. the same skipped run seen by two steps) is not
+        repeated."""
         self.files += other.files
         self.figures += other.figures
         self.tables += other.tables
-        self.notes += other.notes
+        self.notes[:] = unique(self.notes + other.notes)
         return self
 
     def print_summary(self, stream=None):
         stream = stream or sys.stdout
         for title, md in self.tables:
             print(f"\n{title}\n\n{md}", file=stream)
-        for n in self.notes:
+        for n in unique(self.notes):
             print(f"note: {n}", file=stream)
         for f in self.files + self.figures:
             print(f"wrote {f}", file=stream)
@@ -257,10 +315,12 @@ def _load_array_file(path, kind: str):
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        obj = np.load(path, allow_pickle=False)
-        if isinstance(obj, np.lib.npyio.NpzFile):
-            with obj:
-                obj = {k: obj[k] for k in obj.files}
+        # our own handle: np.load(path) leaves the file open when a damaged archive fails to parse
+        with open(path, "rb") as f:
+            obj = np.load(f, allow_pickle=False)
+            if isinstance(obj, np.lib.npyio.NpzFile):
+                with obj:
+                    obj = {k: obj[k] for k in obj.files}
     except Exception as e:  # noqa: BLE001 - a corrupt file raises anything from EOFError to zlib.error
         raise UserError(f"{path}: not a readable {kind} file ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict) != (kind == ".npz"):

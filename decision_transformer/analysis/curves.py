@@ -189,25 +189,29 @@ def run_no_context(args) -> common.Outputs:
     outs = common.Outputs()
     res = common.out_dir(args.results_dir)
     envs = args.env_name_list
-    fig, axes = plt.subplots(1, len(envs), figsize=(4.2 * len(envs), 3.2), squeeze=False)
-    rows, missing, drawn = [], [], 0
-    for ax, env in zip(axes[0], envs):
+    colors = common.model_colors(args.model_name_list)
+    rows, missing, curves = [], [], {}
+    for env in envs:
         metric = return_key(env, args.target)
-        for j, m in enumerate(args.model_name_list):
+        for m in args.model_name_list:
             for K, ls in ((1, "-"),) + (((args.run_K, "--"),) if args.run_K != 1 else ()):
                 s = _try_series(args, RunKey(m, args.dataset_name, env, args.seed, K), metric, args.max_epoch, missing)
                 if s is None:
                     continue
-                ax.plot(s[0], s[1], ls=ls, color=f"C{j}", label=f"{common.model_label(m)} K={K}")
+                curves.setdefault(env, []).append((m, K, ls, s))
                 rows += [[env, m, K, int(i), float(v)] for i, v in zip(*s)]
-                drawn += 1
+    if not curves:
+        raise UserError("no runs found for the no-context figure: " + "; ".join(missing[:3]))
+    # one panel per env with something to draw (an env without runs is a note, not an empty panel)
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.2), squeeze=False, layout="constrained")
+    for ax, (env, drawn) in zip(axes[0], curves.items()):
+        for m, K, ls, s in drawn:
+            ax.plot(s[0], s[1], ls=ls, color=colors[m], label=f"{common.model_label(m)} K={K}")
         ax.set_title(env)
         ax.set_xlabel("epoch")
         ax.set_ylabel("return (mean)")
         common.legend(ax, fontsize=7)
-    if not drawn:
-        raise UserError("no runs found for the no-context figure: " + "; ".join(missing[:3]))
-    outs.notes += [f"skipped: {msg}" for msg in missing]
+    outs.notes += common.unique(f"skipped: {msg}" for msg in missing)
     stem = (f"learning_curve_no_context_{'_'.join(args.model_name_list)}_{args.dataset_name}_{args.seed}"
             + common.run_k_tag(args.run_K))
     outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
@@ -230,6 +234,18 @@ def run_no_context(args) -> common.Outputs:
 
 class NoBlockRuns(RunNotFound):
     """An env without block-replacement runs: its figure is skipped with a note (an error when no env has any)."""
+
+
+#: The part of viridis the block-replacement curves use: its top (light yellow) is hard to see on white.
+BLOCK_CMAP, BLOCK_CMAP_RANGE = "viridis", (0.0, 0.8)
+
+
+def block_color(b: int, depth: int):
+    """The colour of block ``b``'s curve of ``depth``: dark violet (block 0) to green (the deepest block)."""
+    import matplotlib
+
+    lo, hi = BLOCK_CMAP_RANGE
+    return matplotlib.colormaps[BLOCK_CMAP](lo + (hi - lo) * b / max(depth - 1, 1))
 
 
 def run_block_replacement(args) -> common.Outputs:
@@ -267,11 +283,10 @@ def _block_figure(args, env: str, plt, res: Path) -> common.Outputs:
         depth = 1 + max(int(n.rsplit("block", 1)[1]) for n in found)
     max_epoch = args.max_epoch or (10 if env == "hopper" else 5)
     metric = return_key(env, args.target)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
     missing, rows = [], []
-    cmap = plt.get_cmap("viridis")
     curves = [(f"block {b}", RunKey("dt", args.dataset_name, env, args.seed, 1, block=b),
-               {"color": cmap(b / max(depth - 1, 1)), "lw": 1.2}) for b in range(depth)]
+               {"color": block_color(b, depth), "lw": 1.2}) for b in range(depth)]
     curves += [(f"{common.model_label(k.model)} K=1", k,
                 {"color": "k" if k.model == "gpt2" else "r", "ls": "--", "lw": 1.6}) for k in ref_keys]
     drawn = 0
@@ -322,7 +337,7 @@ def run_grad_clip(args) -> common.Outputs:
     res = common.out_dir(args.results_dir)
     for env in args.env_name_list:
         metric = return_key(env, args.target)
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
         rows = []
         for ngc, label, ls in ((False, "with grad clip", "-"), (True, "without grad clip", "--")):
             key = RunKey(args.model_name, args.dataset_name, env, args.seed, args.K, no_grad_clip=ngc)

@@ -250,8 +250,9 @@ def run_confusion(args) -> common.Outputs:
                                                    for r in summary])))
         plt = common.pyplot()
         fig, ax = plt.subplots(figsize=(3.6, 3.2))
+        colors = common.model_colors([r[0] for r in summary])
         ax.bar([common.model_label(r[0]) for r in summary], [r[1] for r in summary],
-               color=[f"C{i}" for i in range(len(summary))])
+               color=[colors[r[0]] for r in summary])
         ax.axhline(0, color="k", lw=0.8)
         ax.set_ylabel("gradient confusion (min cosine)")
         ax.set_title(f"{env}, epoch {args.epoch}")
@@ -310,7 +311,8 @@ def _perparam_figure(pp: dict, m, env, args, tag) -> Path:
     """Figure 7: the per-tensor norms, and each tensor's share of their sum (top-k named, the rest "others")."""
     plt = common.pyplot()
     names, vals = list(pp), np.array(list(pp.values()))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.2), gridspec_kw={"width_ratios": [3, 1]})
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.2), gridspec_kw={"width_ratios": [3, 1]},
+                                 layout="constrained")
     a1.bar(np.arange(len(vals)), vals, width=1.0)
     step = max(1, len(names) // 12)
     a1.set_xticks(np.arange(0, len(names), step), [names[i] for i in range(0, len(names), step)], rotation=70,

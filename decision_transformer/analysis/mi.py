@@ -10,7 +10,8 @@ Step 2, ``run_mi_exp --exp_type``:
 
 * ``normal``: layers 0, depth//2, depth-1 (``mlp.dropout``). For t = 0..K-1 and token type i ∈ {R̂, s, a} except a_K
   (3K - 1 positions, index 3t + i): Î(X;T) = MI(x_t of type i, activation at position -2, the s_K token) and
-  Î(Y;T) = MI(a_K, activation at position 3t + i). -> ``mi_xy_{layer}_{epoch}_{model}_{env}_{ds}_{seed}.npz``.
+  Î(Y;T) = MI(a_K, activation at position 3t + i). -> ``mi_xy_{layer}_{epoch}_{model}_{env}_{ds}_{seed}.npz``
+  (x, y, position, token, and the model's depth: Figure 2's rows put blocks of the same relative depth together).
 * ``no_context``: every block output; for each t, MI(s_t, act[3t+1]) and MI(a_t, act[3t+1]) (the s_t token).
   -> ``mi_{epoch}_{model}_{env}_{ds}_{seed}.npz``.
 * ``data``: for each t, MI(s_t, a_t) and MI(R̂_t, a_t) of the batch (no activations needed).
@@ -240,7 +241,7 @@ def run_mi(args) -> common.Outputs:
                     tok.append(i)
             f = out / f"mi_xy_{layer}_{stem_tail}.npz"
             outs.files.append(common.save_npz(f, x=np.array(ix), y=np.array(iy), position=np.array(pos),
-                                              token=np.array(tok)))
+                                              token=np.array(tok), depth=np.array(depth)))
             print(f"{env} {args.model_name} block {layer}: I(X;T) mean {np.nanmean(ix):.3f}, "
                   f"I(Y;T) mean {np.nanmean(iy):.3f} nats", file=sys.stderr)
         return outs
@@ -303,6 +304,43 @@ def _load_mi_blocks(f) -> dict:
     return d
 
 
+DEPTH_NAMES = ("shallow", "middle", "deep")
+
+
+def _depth_rows(found: dict) -> list[dict]:
+    """Figure 2's rows: each model's blocks placed by relative depth (block / (depth - 1)), so a row holds blocks at
+    the same depth of every model (GPT2's block 11 next to iGPT's block 23, a 2-block model's block 1 in the deep
+    row), not the i-th file of each model. ``found``: model -> [(block, result)] sorted by block; a result's
+    ``depth`` (files without it: the model's deepest block + 1). Returns per row {"models": {model: (block,
+    result)}, "title": e.g. "deep: GPT2/Random Init block 11, iGPT block 23"} (named "shallow" / "middle" / "deep"
+    only where every block of the row is nearest to its model's first / middle / last block)."""
+    rel = {}
+    for m, layers in found.items():
+        deepest = max(b for b, _ in layers)
+        for b, d in layers:
+            n = int(d["depth"]) if "depth" in d and np.size(d["depth"]) == 1 else deepest + 1
+            rel[(m, b)] = b / max(n - 1, 1)
+    nrows = max(len(v) for v in found.values())
+    slots = [r / max(nrows - 1, 1) for r in range(nrows)]                  # each row's nominal relative depth
+    rows = [{"models": {}} for _ in range(nrows)]
+    for m, layers in found.items():
+        prev = -1
+        for i, (b, d) in enumerate(layers):
+            # the nearest row after the previous block's, leaving a row for each deeper block of this model
+            free = range(prev + 1, nrows - (len(layers) - 1 - i))
+            prev = min(free, key=lambda r: (abs(slots[r] - rel[(m, b)]), r))
+            rows[prev]["models"][m] = (b, d)
+    rows = [row for row in rows if row["models"]]
+    for row in rows:
+        names = {min(range(3), key=lambda k: abs(rel[(m, b)] - k / 2)) for m, (b, _) in row["models"].items()}
+        by_block: dict[int, list[str]] = {}
+        for m, (b, _) in row["models"].items():
+            by_block.setdefault(b, []).append(common.model_label(m))
+        blocks = ", ".join(f"{'/'.join(ms)} block {b}" for b, ms in by_block.items())
+        row["title"] = f"{DEPTH_NAMES[names.pop()]}: {blocks}" if len(names) == 1 else blocks
+    return rows
+
+
 def plot_mi(args) -> common.Outputs:
     common.check_seeds(args, "seed")
     common.check_min(args, 0, "epoch")
@@ -320,26 +358,30 @@ def plot_mi(args) -> common.Outputs:
                 found[m] = [(int(f.name.split("_")[2]), _load_mi_xy(f)) for f in files]
         if not found:
             raise UserError(f"no MI results mi_xy_*_{tail('{model}')}.npz in {res} (run mine/run_mi_exp.py first)")
-        nrows = max(len(v) for v in found.values())
+        rows = _depth_rows(found)
+        nrows = len(rows)
         fig, axes = plt.subplots(nrows, 2, figsize=(10, 2.6 * nrows), squeeze=False)
         markers = ("^", "o", "x")
+        colors = common.model_colors(list(found))
         top = np.full((nrows, 2), 5.5)                   # each panel's upper limit: over every model drawn in it
-        for j, (m, layers) in enumerate(found.items()):
-            for r, (layer, d) in enumerate(layers):
-                for c, what in enumerate(("x", "y")):
-                    ax = axes[r, c]
+        for r, row in enumerate(rows):
+            for c, what in enumerate(("x", "y")):
+                ax = axes[r, c]
+                for m, (layer, d) in row["models"].items():
                     for i, mk in enumerate(markers):
                         sel = (d["token"] == i) & ~np.isnan(d[what])
-                        ax.scatter(d["position"][sel] / 3, d[what][sel], marker=mk, s=14, color=f"C{j}",
-                                   label=f"{common.model_label(m)} {('R̂', 's', 'a')[i]}" if r == 0 else None)
-                    depth_name = f" ({('shallow', 'middle', 'deep')[r]})" if len(layers) == 3 else ""
-                    ax.set_title(f"{'Î(X;T)' if what == 'x' else 'Î(Y;T)'}, block {layer}{depth_name}", fontsize=9)
+                        ax.scatter(d["position"][sel] / 3, d[what][sel], marker=mk, s=14, color=colors[m])
                     if np.isfinite(d[what]).any():
                         top[r, c] = max(top[r, c], np.nanmax(d[what][np.isfinite(d[what])]) + 0.2)
-                    ax.set_ylim(-0.1, top[r, c])
-                    ax.set_xlabel("Context (timestep; R̂, s, a at t, t+1/3, t+2/3)")
-                    ax.set_ylabel("MI (nats)")
-        common.legend(axes[0, 1], fontsize=6, ncol=len(found))
+                ax.set_title(f"{'Î(X;T)' if what == 'x' else 'Î(Y;T)'}, {row['title']}", fontsize=9)
+                ax.set_ylim(-0.1, top[r, c])
+                ax.set_xlabel("Context (timestep; R̂, s, a at t, t+1/3, t+2/3)")
+                ax.set_ylabel("MI (nats)")
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], ls="", marker=mk, color=colors[m], label=f"{common.model_label(m)} {tok}")
+                   for m in found for mk, tok in zip(markers, ("R̂", "s", "a"))]
+        axes[0, 1].legend(handles=handles, fontsize=6, ncol=len(found))
         stem = f"mi_xy_{args.epoch}_{'_'.join(found)}_{args.env_name}_{args.dataset_name}_{args.seed}{ktag}"
         fig.tight_layout()
         outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
@@ -353,19 +395,24 @@ def plot_mi(args) -> common.Outputs:
         raise UserError(f"no MI results {res / ('mi_' + tail('{model}') + '.npz')} (run run_mi_exp.py --exp_type "
                         f"no_context first)")
     target = min(len(d) for d in found.values())
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-    for j, (m, d) in enumerate(found.items()):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), layout="constrained")
+    colors = common.model_colors(list(found))
+    for m, d in found.items():
         keys = sorted(d, key=block_of)
         arr = np.stack([d[k] for k in keys])                                     # [blocks, 2, K]
         for c, (ax, name) in enumerate(zip(axes, ("Î(s_t; T)", "Î(a_t; T)"))):
             mean = _pair_average(np.nanmean(arr[:, c], axis=1), target)
             std = _pair_average(np.nanstd(arr[:, c], axis=1), target)
-            ax.errorbar(np.arange(len(mean)), mean, yerr=std, marker="o", ms=3, capsize=2, color=f"C{j}",
+            ax.errorbar(np.arange(len(mean)), mean, yerr=std, marker="o", ms=3, capsize=2, color=colors[m],
                         label=common.model_label(m))
             ax.set_title(name)
-            ax.set_xlabel("block" + (" (normalized)" if len(d) != target else ""))
             ax.set_ylabel("MI (nats)")
             ax.set_ylim(-0.5, 4.5)
+    # every model decides the axis label (not the last one drawn)
+    pairing = "; ".join(common.pairing_text(m, len(d), target) for m, d in found.items()
+                        if len(d) != target and len(d) % target == 0)
+    for ax in axes:
+        ax.set_xlabel(f"normalized block ({pairing})" if pairing else "block")
     common.legend(axes[0], fontsize=7)
     stem = f"mi_no_context_{args.epoch}_{'_'.join(found)}_{args.env_name}_{args.dataset_name}_{args.seed}{ktag}"
     outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
@@ -401,7 +448,7 @@ def plot_mi_data(args) -> common.Outputs:
     if not found:
         raise UserError(f"no data-MI results mi_data_state_action_{{env}}_{args.dataset_name}_{args.seed}{ktag}.npy in "
                         f"{res} (run run_mi_exp.py --exp_type data first)")
-    fig, axes = plt.subplots(1, len(found), figsize=(3.2 * len(found), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(found), figsize=(3.2 * len(found), 3.2), squeeze=False, layout="constrained")
     for ax, (env, (sa, ra)) in zip(axes[0], found.items()):
         ax.boxplot([sa[~np.isnan(sa)], ra[~np.isnan(ra)]])
         ax.set_xticks([1, 2], ["Î(s; a)", "Î(R̂; a)"])

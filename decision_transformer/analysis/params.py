@@ -87,9 +87,10 @@ def run(args) -> common.Outputs:
     plt = common.pyplot()
     for what, idx, ylabel in (("paramdist", 1, "L2 distance"), ("paramcos", 2, "cosine similarity")):
         fig, axes = plt.subplots(len(results), 1, figsize=(10, 1.9 * len(results)), squeeze=False)
+        colors = common.model_colors(list(results))
         for ax, (m, r) in zip(axes[:, 0], results.items()):
             names, vals = r[0], r[idx]
-            ax.bar(np.arange(len(vals)), vals, width=0.9 if args.concat else 1.0, color="C0")
+            ax.bar(np.arange(len(vals)), vals, width=0.9 if args.concat else 1.0, color=colors[m])
             ax.set_ylabel(ylabel, fontsize=8)
             ax.set_title(common.model_label(m), fontsize=9)
             if idx == 2:

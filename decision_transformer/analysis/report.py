@@ -26,6 +26,7 @@ from decision_transformer.analysis import (
     scores,
 )
 from decision_transformer.analysis.runs import RunKey, checkpoint_epochs, discover_runs
+from decision_transformer.envs import get_env_spec
 from decision_transformer.errors import UserError
 from decision_transformer.paths import project_path
 
@@ -84,12 +85,20 @@ class _Plan:
     def __init__(self, args):
         self.args = args
         self.keys = [k for k in discover_runs(args.checkpoint_dir) if k.dataset == args.dataset_name]
-        if args.env_name_list:
-            self.keys = [k for k in self.keys if k.env in args.env_name_list]
-        if args.model_name_list:
-            self.keys = [k for k in self.keys if k.model in args.model_name_list]
         if not self.keys:
             raise UserError(f"no runs of dataset {args.dataset_name} in {args.checkpoint_dir}")
+        for flag, field in (("env_name_list", "env"), ("model_name_list", "model")):
+            wanted = getattr(args, flag)
+            if not wanted:
+                continue
+            if field == "env":
+                for env in wanted:
+                    get_env_spec(env)  # a misspelt env: one line listing the known ones
+            have = sorted({getattr(k, field) for k in self.keys})
+            self.keys = [k for k in self.keys if getattr(k, field) in wanted]
+            if not self.keys:
+                raise UserError(f"no runs of --{flag} {' '.join(wanted)} (dataset {args.dataset_name}) in "
+                                f"{args.checkpoint_dir}; it has runs of {', '.join(have)}")
         self.envs = sorted({k.env for k in self.keys}, key=lambda e: (list(common.ENV_NAMES) + [e]).index(e))
 
     def models(self, env, K=None, seed=None, need_ckpt=True, plain=True) -> list[str]:
@@ -333,7 +342,7 @@ def write_report(args, plan: _Plan, results: dict, failures: dict, skipped: list
             lines += [f"**{title}**", "", table, ""]
         for f in o.figures:
             lines += [f"![{Path(f).stem}]({_rel(f, out)})", ""]
-        for n in o.notes:
+        for n in common.unique(o.notes):  # e.g. a run missing from both score tables: one line
             lines.append(f"- {n}")
         if not (o.tables or o.figures or o.notes):
             lines.append("Nothing to show for these runs.")
@@ -345,8 +354,8 @@ def run(args) -> Path:
     common.check_min(args, 2, "grad_batch_size")  # gradient confusion compares pairs of samples
     common.check_min(args, 0, "epoch2", "grad_epoch", "attention_epoch2")
     common.check_seeds(args, "seed")
+    plan = _Plan(args)  # (no runs, a misspelt env: before the output folder is made)
     common.out_dir(args.out_dir)
-    plan = _Plan(args)
     steps = [s for s in (args.only or STEPS) if s not in args.skip]
     results, failures = {}, {}
     for step in STEPS:

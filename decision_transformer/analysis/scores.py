@@ -66,7 +66,7 @@ def mean_std(values: list[float]) -> str:
     v = np.array([x for x in values if not math.isnan(x)])
     if len(v) == 0:
         return "n/a"
-    return f"{v[0]:.2f} (1 seed)" if len(v) == 1 else f"{v.mean():.1f} ± {v.std():.1f}"
+    return f"{v[0]:.1f} (1 seed)" if len(v) == 1 else f"{v.mean():.1f} ± {v.std():.1f}"
 
 
 def build_parser():
@@ -151,19 +151,30 @@ def run(args) -> common.Outputs:
 
 
 def _figure(records, args, stem):
+    """Grouped bars: one group per env, one bar per model (mean over seeds), only envs and models with a score;
+    error bars (std over seeds) where there are at least two seeds."""
     plt = common.pyplot()
-    envs, models = args.env_name_list, args.model_name_list
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(envs), 3.2))
-    w = 0.8 / len(models)
-    for j, m in enumerate(models):
-        means, stds = [], []
-        for env in envs:
+    vals = {}
+    for env in args.env_name_list:
+        for m in args.model_name_list:
             v = np.array([r[f"{args.select}_score"] for r in records if r["env"] == env and r["model"] == m])
             v = v[~np.isnan(v)]
-            means.append(v.mean() if len(v) else np.nan)
-            stds.append(v.std() if len(v) else 0)
-        ax.bar(np.arange(len(envs)) + (j - (len(models) - 1) / 2) * w, means, w, yerr=stds,
-               label=common.model_label(m), capsize=3)
+            if len(v):
+                vals[(env, m)] = v
+    envs = [e for e in args.env_name_list if any(k[0] == e for k in vals)]
+    models = [m for m in args.model_name_list if any(k[1] == m for k in vals)]
+    colors = common.model_colors(models)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * max(len(envs), 1), 3.2))
+    w = 0.8 / max(len(models), 1)
+    for j, m in enumerate(models):
+        x = np.array([i + (j - (len(models) - 1) / 2) * w for i, env in enumerate(envs) if (env, m) in vals])
+        v = [vals[(env, m)] for env in envs if (env, m) in vals]
+        means = np.array([a.mean() for a in v])
+        ax.bar(x, means, w, color=colors[m], label=common.model_label(m))
+        multi = np.array([len(a) >= 2 for a in v])
+        if multi.any():  # a single seed has no spread: no (zero-height) error cap
+            ax.errorbar(x[multi], means[multi], yerr=[a.std() for a, k in zip(v, multi) if k], fmt="none",
+                        ecolor="k", elinewidth=1, capsize=3)
     ax.set_xticks(np.arange(len(envs)), envs)
     ax.set_ylabel(f"{args.select} normalised score ({args.score_norm})")
     ax.set_title(f"{args.dataset_name}, K={args.K}")
