@@ -58,11 +58,13 @@ def convert(path: str, data_path: str) -> str:
 
 
 def synthetic(args):
+    from decision_transformer.cli import check_seed
     from decision_transformer.data import hdf5_name, pkl_name
     from decision_transformer.synthetic import rollout_flat, write_hdf5
 
     if args.synthetic < 1:
         raise UserError(f"--synthetic needs a positive number of episodes, got {args.synthetic}")
+    check_seed(args.seed)  # (each env and dataset seeds its rollouts with --seed + 1000·i + j)
     # random-policy data under D4RL's names: never over real downloads or converted datasets unless asked to
     targets = [p for env in args.envs for dataset in args.datasets
                for p in (os.path.join(args.hdf5_dir, hdf5_name(env, dataset)),

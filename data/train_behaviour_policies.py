@@ -61,8 +61,15 @@ def main(argv=None):
     p.add_argument("--state_dir", default=os.path.join(HERE, "policies_training"))
     p.add_argument("--policy_dir", default=os.path.join(ROOT, "decision_transformer", "policies"))
     args = p.parse_args(argv)
+    from decision_transformer.cpu import MAX_THREADS
+
+    if args.threads > MAX_THREADS:
+        p.error(f"--threads {args.threads} is too large (at most {MAX_THREADS})")
     if args.run_name is not None and len(args.env) > 1:
         p.error("--run_name names one run: give one --env")
+    if args.run_name is not None and (args.run_name in ("", ".", "..") or "/" in args.run_name
+                                      or os.sep in args.run_name):
+        p.error(f"--run_name {args.run_name!r} must be a plain folder name (it is made in --state_dir)")
     from decision_transformer.run import check_numbers
 
     check_numbers(args, NUMBER_RULES)  # and --seed; before any folder is made

@@ -191,6 +191,19 @@ def check_context(K: int | None):
         raise UserError(f"--K {K} exceeds the episode length {MAX_EP_LEN}")
 
 
+#: Upper bounds of the size flags whose memory grows piece by piece (a layer, an env, a window at a time), so that a
+#: mistyped value stops at once instead of filling the machine's memory; each far above what the papers use
+UPPER_BOUNDS = {"n_layer": 1024, "embed_dim": 65536, "num_eval_episodes": 10000, "regmean_n_windows": 1_000_000}
+
+
+def check_upper_bounds(args):
+    """A ``UserError`` for a size flag of ``args`` above its ``UPPER_BOUNDS`` entry."""
+    for name, most in UPPER_BOUNDS.items():
+        v = getattr(args, name, None)
+        if isinstance(v, int) and v > most:
+            raise UserError(f"--{name} {v} is too large (at most {most:,})")
+
+
 def check_seed(seed: int | None):
     """A ``--seed`` (None: not given) that every seeded library accepts (numpy's range)."""
     if seed is not None and not 0 <= seed < 2**32:

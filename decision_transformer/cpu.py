@@ -75,9 +75,13 @@ def choose_threads(spec: str | int | None, *, available: int, busy: float, curre
         n = int(spec)
     except ValueError:
         n = 0
-    if n < 1:
-        raise UserError(f"--threads {spec!r}: use auto or a positive number of threads")
+    if not 1 <= n <= MAX_THREADS:
+        raise UserError(f"--threads {spec!r}: use auto or a positive number of threads (at most {MAX_THREADS})")
     return n
+
+
+#: the most ``--threads`` accepted (torch takes a C int; far above any machine's cores)
+MAX_THREADS = 4096
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)

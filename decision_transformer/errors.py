@@ -40,10 +40,12 @@ def write_problem(path, error: BaseException) -> str:
     code = getattr(error, "errno", None)
     if code == errno.EEXIST and path.exists():  # a folder was to be made where a file is
         return "it is a file, not a folder"
-    try:
-        full = code == errno.ENOSPC or shutil.disk_usage(next(p for p in path.parents if p.is_dir())).free < 2 ** 20
-    except (OSError, StopIteration):
-        full = False
+    full = code in (errno.ENOSPC, errno.EDQUOT)
+    if not full and code not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):  # the system's word wins
+        try:
+            full = shutil.disk_usage(next(p for p in path.parents if p.is_dir())).free < 2 ** 20
+        except (OSError, StopIteration):
+            full = False
     if full:
         return "no space left on the device"
     if isinstance(error, OSError) and error.strerror:
@@ -52,6 +54,21 @@ def write_problem(path, error: BaseException) -> str:
     if "strerror:" in text:  # torch's writer: "[enforce fail at ...] . open file failed with strerror: <reason>"
         return text.split("strerror:", 1)[1].strip().splitlines()[0]
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure: ``MemoryError``, torch's ``OutOfMemoryError`` (CUDA) or its CPU
+    allocator's ``RuntimeError``."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def _argparse_error(parser, message):
@@ -85,6 +102,12 @@ def cli_entry(main):
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
             raise SystemExit(130) from None
+        except (MemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
+            print(f"error: out of memory ({_first_line(e)}); reduce the sizes given (batch, model, steps or "
+                  f"episodes)", file=sys.stderr)
+            raise SystemExit(2) from None
         finally:
             argparse.ArgumentParser.error = before
             _restore_sigterm(term)

@@ -24,7 +24,7 @@ from pathlib import Path
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
 from decision_transformer.checkpoint import atomic_save, make_checkpoint
-from decision_transformer.cli import THREADS_HELP, HelpFormatter, check_context, check_seed
+from decision_transformer.cli import THREADS_HELP, HelpFormatter, check_context, check_seed, check_upper_bounds
 from decision_transformer.errors import UserError, cli_entry
 from decision_transformer.paths import project_path
 
@@ -118,6 +118,7 @@ def check_args(args):
     for name in ("K", "batch_size", "f_batch_size", "f_num_batches", "regmean_n_windows"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1 (got {getattr(args, name)})")
+    check_upper_bounds(args)
     check_context(args.K)
     check_seed(args.seed)
     if not 0.0 <= args.p <= 1.0:  # also false for NaN

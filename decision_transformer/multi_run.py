@@ -493,9 +493,10 @@ def run_multi(args) -> dict:
 
 
 def _run_multi(args, take_lock) -> dict:
-    from decision_transformer.run import (autocast_dtype, check_same_data, clean_folder, configure_matmul_precision,
-                                          recorded_config, resolve_device, restore_train_state, resumed_past_the_end,
-                                          save_train_state, seed_everything, warn_unsaved_best)
+    from decision_transformer.run import (autocast_dtype, check_evaluation, check_same_data, clean_folder,
+                                          configure_matmul_precision, recorded_config, resolve_device,
+                                          restore_train_state, resumed_past_the_end, save_train_state,
+                                          seed_everything, warn_unsaved_best)
 
     check_multi_args(args)
     resume_dir = find_resume_dir(args) if args.resume else None
@@ -648,6 +649,7 @@ def _run_multi(args, take_lock) -> dict:
                 logs["evaluation/best_p"] = p
             logs["time/evaluation"] = time.time() - eval_start
             logs["time/total"] = time.time() - t0
+            check_evaluation(logs, it)
             logger.log(logs, it)
             log(_summary(it, args.max_iters, logs, envs, args.env_version))
             improved = score is not None and score > best_score

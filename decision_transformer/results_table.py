@@ -325,6 +325,9 @@ def main(argv=None):
         for f in out_files:
             if f.is_dir():
                 raise UserError(f"--out {args.out}: {f} is a folder")
+        for parent in [out.parent, *out.parent.parents]:  # before the rows are evaluated: a path below a file
+            if parent.exists() and not parent.is_dir():
+                raise UserError(f"--out {args.out}: {parent} is a file, not a folder")
     device = resolve_device(args.device)
     rows = collect(args.row, pick=args.pick, num_episodes=args.num_eval_episodes, seed=args.seed,
                    data_path=args.data_path, dataset=args.dataset, device=device, env_version=args.env_version)

@@ -18,10 +18,11 @@ from decision_transformer import distributed
 from decision_transformer.checkpoint import (atomic_save, check_same_behaviour, find_run, load_checkpoint,
                                              load_state_into, make_checkpoint, model_name, new_exp_id, run_dir_name,
                                              set_aside_previous_run, wandb_run_name)
-from decision_transformer.cli import check_context, check_seed, merge_signature, reject_unsupported
+from decision_transformer.cli import (check_context, check_seed, check_upper_bounds, merge_signature,
+                                      reject_unsupported)
 from decision_transformer.data import TrajectoryDataset, load_dataset
 from decision_transformer.envs import check_dataset_name, get_env_spec
-from decision_transformer.errors import UserError
+from decision_transformer.errors import TrainingDiverged, UserError
 from decision_transformer.evaluation import env_pool, evaluate_episodes
 from decision_transformer.logging import RunLogger, check_wandb_mode, progress, summary_line
 from decision_transformer.model_factory import (build_bc_model, build_model_from_args, locate_pretrained,
@@ -174,8 +175,8 @@ _NUMBER_RULES = {
     "lm_learning_rate": ("a positive number", lambda v: v > 0),
     "weight_decay": ("a number >= 0", lambda v: v >= 0),
     "init_reg": ("a number >= 0", lambda v: v >= 0),
-    "gpt_kmeans_const": ("a number", lambda v: True),
-    "gpt_lm_const": ("a number", lambda v: True),
+    "gpt_kmeans_const": ("a number >= 0 (a loss weight)", lambda v: v >= 0),
+    "gpt_lm_const": ("a number >= 0 (a loss weight)", lambda v: v >= 0),
     "p": ("a number in [0, 1]", lambda v: 0 <= v <= 1),
     "merge_lambda": ("a number", lambda v: True),
     "fisher_floor": ("a number >= 0", lambda v: v >= 0),
@@ -208,6 +209,7 @@ def check_args(args):
     for name, ok in checks:
         if not ok:
             raise UserError(f"invalid --{name} {getattr(args, name)}")
+    check_upper_bounds(args)
     check_numbers(args)
     if args.embed_dim % args.n_head:
         raise UserError(f"--embed_dim {args.embed_dim} is not divisible by --n_head {args.n_head}")
@@ -224,6 +226,9 @@ def check_args(args):
         from decision_transformer.merge_setup import check_experiment_merge
 
         check_experiment_merge(args)
+    for name in ("load_checkpoint", "pretrained_lm", "pretrained_model"):  # '' would read as "not given"
+        if getattr(args, name, None) == "":
+            raise UserError(f"--{name} '': give a path (or leave the flag out)")
     if "" in (args.freeze_subset or []):  # before the data and any merge: nothing left to train (see optim.py)
         raise UserError("--freeze_subset '' matches every parameter: nothing is left to train")
     if getattr(args, "model_type", "dt") == "bc":
@@ -256,13 +261,28 @@ def resume_state_path(args, run_dir: Path | None, lm_script: bool = False) -> Pa
         run_dir = found
     st_path = run_dir / TRAIN_STATE
     if not st_path.is_file():
-        raise UserError(f"nothing to resume: {st_path} does not exist")
+        aside = sorted((p for p in (run_dir / "previous").glob(f"*/{TRAIN_STATE}") if p.is_file()),
+                       key=lambda p: p.stat().st_mtime)
+        hint = (f"; the run there before the last fresh start was set aside in {aside[-1].parent}: move its files "
+                f"back into {run_dir} to resume it" if aside else "")
+        raise UserError(f"nothing to resume: {st_path} does not exist{hint}")
     differ = resume_mismatches(args, run_dir / "config.json")
     if differ:
         free = sorted(k for k in RESUME_FREE if hasattr(args, k) and k not in ("resume", "note"))
         raise UserError(f"--resume: {run_dir} was made with other flags: {'; '.join(differ)}. Resume with the run's "
                         f"flags (only {', '.join('--' + f for f in free)} may change)")
     return st_path
+
+
+def check_evaluation(logs: dict, iteration: int):
+    """``TrainingDiverged`` when an evaluation return is NaN or inf: the model's actions were not finite numbers (its
+    weights have overflowed although the loss was still finite), so nothing of this iteration is written."""
+    bad = [k for k, v in logs.items() if k.startswith("evaluation/") and k.endswith("return_mean")
+           and isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise TrainingDiverged(f"the evaluation of iteration {iteration} gave non-finite returns ({bad[0]}): the "
+                               f"model's actions are not finite numbers, its weights have diverged; checkpoints of "
+                               f"earlier iterations are kept")
 
 
 def clean_folder(folder: Path):
@@ -551,6 +571,7 @@ def _run_locked(args, script: str, take_lock) -> dict:
                     logs.update({f"evaluation/{k}": v for k, v in res.metrics(args.env).items()})
             logs["time/evaluation"] = time.time() - eval_start
             logs["time/total"] = time.time() - t0
+            check_evaluation(logs, it)
             logger.log(logs, it)
             print(summary_line(it, args.max_iters, logs, [f"target_{int(t)}" for t in targets]), file=sys.stderr)
 

@@ -229,6 +229,10 @@ def run_lock_path(program: str, a) -> Path | None:
     return run_dir.parent / f".{run_dir.name}.lock"
 
 
+#: the most runs ``--procs`` starts at a time
+MAX_PROCS = 1024
+
+
 #: set by the launcher in a run it starts: the descriptor of the run's lock, which it holds for the run
 LOCK_FD_ENV = "DT_RUN_LOCK_FD"
 
@@ -858,6 +862,8 @@ def main(argv=None):
         extra = shlex.split(a.extra)
     except ValueError as e:
         raise UserError(f"--extra {a.extra!r}: {e} (it is split as a shell command line)") from None
+    if a.gpus is None and a.procs > MAX_PROCS:
+        raise UserError(f"--procs {a.procs} is too large (at most {MAX_PROCS} processes at a time)")
     slots = _gpu_slots(a.gpus) if a.gpus is not None else [None] * a.procs
     if a.gpus is not None and not a.dry_run:  # before the plan: a machine without those GPUs is one line
         check_gpus(slots)

@@ -150,6 +150,9 @@ def test_fisher_and_merge_bound_K_and_seed(tiny, tmp_path, capsys, bad, expect):
     (["--total_steps", "-1"], "--total_steps: must be at least 1"),
     (["--threads", "0"], "--threads: must be at least 1"),
     (["--seed", "-1"], "--seed must be in [0, 2^32)"),
+    (["--threads", "1000000000000"], "--threads 1000000000000 is too large (at most 4096)"),
+    (["--run_name", "../x"], "--run_name '../x' must be a plain folder name (it is made in --state_dir)"),
+    (["--run_name", ".."], "--run_name '..' must be a plain folder name"),
 ])
 def test_train_behaviour_policies_flags(tmp_path, monkeypatch, capsys, bad, expect):
     from decision_transformer import sac
@@ -223,3 +226,60 @@ def test_data_path_defaults_to_the_projects_data_from_a_sub_folder(parser, tmp_p
     assert build().get_default("data_path") == "data"
     monkeypatch.chdir(tmp_path / "lm_cotraining")
     assert build().get_default("data_path") == "../data"
+
+
+# ---- sizes that would fill the memory, and flags that would be silently ignored -------------------------------------
+
+@pytest.mark.parametrize("bad, expect", [
+    (["--n_layer", "1000000000000"], "--n_layer 1000000000000 is too large (at most 1,024)"),
+    (["--embed_dim", "131072", "--n_head", "1"], "--embed_dim 131072 is too large (at most 65,536)"),
+    (["--num_eval_episodes", "20000"], "--num_eval_episodes 20000 is too large (at most 10,000)"),
+    (["--threads", "1000000000000"], "--threads '1000000000000': use auto or a positive number of threads (at most "
+                                     "4096)"),
+    (["--load_checkpoint", ""], "--load_checkpoint '': give a path (or leave the flag out)"),
+    (["--pretrained_lm", ""], "--pretrained_lm '': give a path (or leave the flag out)"),
+    (["--gpt_kmeans", "10", "--gpt_kmeans_const", "-0.1"], "--gpt_kmeans_const must be a number >= 0 (a loss "
+                                                           "weight), got -0.1"),
+    (["--freeze_subset", "transformer.h.0", "nomatch"], "--freeze_subset 'nomatch' matches no parameter of the "
+                                                        "model (its names are like "),
+])
+def test_experiment_refuses_sizes_and_names_up_front(tmp_path, monkeypatch, capsys, hopper_data, bad, expect):
+    monkeypatch.chdir(tmp_path)
+    assert expect in fails(experiment.main, ["--data_path", hopper_data, *TINY, "--max_iters", "1", *bad], capsys)
+    assert not list(tmp_path.iterdir())
+
+
+def test_lm_weight_must_not_be_negative(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main = load_script("lm_cotraining/experiment.py").main
+    assert "--gpt_lm_const must be a number >= 0 (a loss weight), got -1.0" in fails(
+        main, ["--pretrained_lm", tmp_path / "lm", "--gpt_lm_const", "-1"], capsys)
+    assert not list(tmp_path.iterdir())
+
+
+def test_merge_and_sweep_bound_their_counts(tiny, tmp_path, capsys):
+    root, data, paths = tiny
+    out = tmp_path / "m.pt"
+    assert "--regmean_n_windows 1000000000000 is too large (at most 1,000,000)" in fails(
+        merge_cli.main, ["--models", paths["hopper"], paths["halfcheetah"], "--include", "attn", "--data_path", data,
+                         "--merge_method", "regmean", "--regmean_n_windows", "1000000000000", "--out", out], capsys)
+    assert not out.exists()
+    from decision_transformer import sweep
+
+    assert "--procs 5000 is too large (at most 1024 processes at a time)" in fails(
+        sweep.main, ["run", "generated_medium", "--dry_run", "--procs", "5000"], capsys)
+
+
+def test_download_synthetic_checks_its_seed(tmp_path, capsys):
+    main = load_script("data/download_d4rl_datasets.py").main
+    msg = fails(main, ["--synthetic", "1", "--seed", "-1", "--envs", "hopper", "--datasets", "medium",
+                       "--hdf5_dir", tmp_path / "h5", "--data_path", tmp_path / "data"], capsys)
+    assert "--seed must be in [0, 2^32), got -1" in msg and not list(tmp_path.iterdir())
+
+
+def test_chibit_vocabulary_is_bounded(tmp_path, capsys):
+    main = load_script("lm_cotraining/pretrain_chibit.py").main
+    (tmp_path / "t.txt").write_text("some text\n")
+    msg = fails(main, ["--text", tmp_path / "t.txt", "--out", tmp_path / "lm", "--vocab_size", "5000000000"], capsys)
+    assert msg == "error: --vocab_size 5000000000 is too large (at most 1,000,000)"
+    assert not (tmp_path / "lm").exists()

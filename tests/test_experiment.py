@@ -351,6 +351,51 @@ def test_nan_loss_stops_and_keeps_earlier_checkpoints(tmp_path, monkeypatch, cap
     assert len((rd / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+def test_nan_evaluation_returns_stop_the_run_as_a_divergence(tmp_path, monkeypatch, capsys, hopper_data):
+    """Weights that overflow while the loss stays finite give NaN actions and NaN returns: the run stops with exit
+    code 3 before that iteration is logged or saved, as for a NaN loss."""
+    import numpy as np
+
+    from decision_transformer import run as run_mod
+
+    real, calls = run_mod.evaluate_episodes, {"n": 0}
+
+    def poisoned(*a, **k):
+        res = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] > 2:  # iteration 2 (two targets per iteration)
+            res.returns = np.full(len(res.returns), np.nan)
+        return res
+
+    monkeypatch.setattr(run_mod, "evaluate_episodes", poisoned)
+    monkeypatch.chdir(tmp_path)
+    msg = expect_error(capsys, ["--data_path", str(hopper_data), *TINY, "--max_iters", "3", "--num_steps_per_iter",
+                                "2", "--num_eval_episodes", "1"], code=3)
+    assert msg == ("error: the evaluation of iteration 2 gave non-finite returns (evaluation/target_3600_return_mean):"
+                   " the model's actions are not finite numbers, its weights have diverged; checkpoints of earlier "
+                   "iterations are kept")
+    rd = run_dir(tmp_path)
+    assert (rd / "model_1.pt").is_file() and not (rd / "model_2.pt").exists()
+    assert len((rd / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_resume_after_a_failed_fresh_start_points_at_the_set_aside_run(tmp_path, monkeypatch, capsys, hopper_data):
+    """A fresh start moves the run's earlier files to previous/<stamp>/; when it fails before its first iteration
+    ends, --resume finds no training state and says where the earlier run went."""
+    args = ["--num_steps_per_iter", "2", "--num_eval_episodes", "0", "--max_iters", "1"]
+    from decision_transformer import run as run_mod
+
+    run(tmp_path, monkeypatch, hopper_data, *args)
+
+    monkeypatch.setattr(run_mod, "save_train_state", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    expect_error(capsys, ["--data_path", str(hopper_data), *TINY, *args], code=130)  # fresh start, stopped
+    (aside,) = (run_dir(tmp_path) / "previous").iterdir()
+    msg = expect_error(capsys, ["--data_path", str(hopper_data), *TINY, *args, "--max_iters", "2", "--resume"])
+    assert msg.endswith(f"train_state.pt does not exist; the run there before the last fresh start was set aside in "
+                        f"{aside.relative_to(tmp_path)}: move its files back into "
+                        f"{run_dir(tmp_path).relative_to(tmp_path)} to resume it")
+
+
 def test_bf16_on_cpu_when_asked(tmp_path, monkeypatch, hopper_data):
     from decision_transformer.run import autocast_dtype
 

@@ -166,6 +166,10 @@ def test_out_names_are_appended_not_replaced(tmp_path, capsys):
     assert f"wrote {tmp_path / 'res' / 'merge.v2.csv'} and {tmp_path / 'res' / 'merge.v2.md'}" in \
         capsys.readouterr().err
     assert "--out .: give a file name" in fails(results_table.main, ["--row", f"a={run}", "--out", "."], capsys)
+    (tmp_path / "afile").write_text("")
+    capsys.readouterr()
+    msg = fails(results_table.main, ["--row", f"a={run}", "--out", tmp_path / "afile" / "sub" / "t"], capsys)
+    assert msg == f"error: --out {tmp_path / 'afile' / 'sub' / 't'}: {tmp_path / 'afile'} is a file, not a folder"
 
 
 def test_csv_holds_full_precision_numbers_and_the_env_count(tmp_path, capsys):

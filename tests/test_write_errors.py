@@ -195,3 +195,46 @@ def test_stale_temporaries_of_killed_processes_are_removed(tmp_path):
     assert sorted(p.name for p in removed) == sorted(n for n, gone in names.items() if gone)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, gone in names.items() if not gone)
     assert remove_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_the_systems_reason_wins_over_a_full_looking_disk(tmp_path, monkeypatch):
+    """A refused write on a filesystem that reports no free space (/proc, /sys, a read-only image) is named by its
+    errno, not as a full disk; a real ENOSPC (or a disk-full check without an errno) still is."""
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=0, used=0, free=0))
+    for code, words in ((errno.EACCES, "Permission denied"), (errno.EROFS, "Read-only file system"),
+                        (errno.ENOENT, "No such file or directory")):
+        assert write_problem(tmp_path / "x.pt", OSError(code, words)) == words
+    assert write_problem(tmp_path / "x.pt", OSError(errno.ENOSPC, "No space left")) == "no space left on the device"
+    assert write_problem(tmp_path / "x.pt", RuntimeError("write failed")) == "no space left on the device"
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] . "
+                                                               "DefaultCPUAllocator: can't allocate memory: you tried "
+                                                               "to allocate 8000000000000 bytes. Error code 12"),
+                                   RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")])
+def test_running_out_of_memory_is_one_line(capsys, error):
+    from decision_transformer.errors import cli_entry
+
+    @cli_entry
+    def main(argv=None):
+        raise error
+
+    with pytest.raises(SystemExit) as e:
+        main([])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("error: out of memory (") and err.rstrip().endswith(
+        "); reduce the sizes given (batch, model, steps or episodes)")
+
+
+def test_other_runtime_errors_keep_their_traceback():
+    from decision_transformer.errors import cli_entry
+
+    @cli_entry
+    def main(argv=None):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        main([])

@@ -84,6 +84,8 @@ def check_settings(**flags):
                  "log_every"):
         if flags[name] < 1:
             raise UserError(f"--{name} must be >= 1 (got {flags[name]})")
+    if flags["vocab_size"] > 1_000_000:  # the tokenizer library aborts the process on huge vocabularies
+        raise UserError(f"--vocab_size {flags['vocab_size']} is too large (at most 1,000,000)")
     if flags["warmup_steps"] < 0:
         raise UserError(f"--warmup_steps must be >= 0 (got {flags['warmup_steps']})")
     if not (math.isfinite(flags["lr"]) and flags["lr"] > 0):

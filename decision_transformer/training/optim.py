@@ -71,5 +71,10 @@ def freeze_from_args(model: nn.Module, args) -> list[str]:
     if getattr(args, "frozen", False):
         names += freeze(model, ["transformer.h."])
     if getattr(args, "freeze_subset", None):
+        own = [n for n, _ in model.named_parameters()]
+        unmatched = [s for s in args.freeze_subset if not any(s in n for n in own)]
+        if unmatched:  # a misspelt name would otherwise train everything without a word
+            raise UserError(f"--freeze_subset {unmatched[0]!r} matches no parameter of the model (its names are "
+                            f"like {own[0]}, {own[-1]}; see model.named_parameters())")
         names += freeze(model, args.freeze_subset)
     return names
