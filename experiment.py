@@ -7,13 +7,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any working directory without installing
 
-from decision_transformer.cli import experiment_parser  # noqa: E402
+from decision_transformer.cli import experiment_parser, warn_inert_flags  # noqa: E402
 from decision_transformer.errors import cli_entry  # noqa: E402
 
 
 @cli_entry
 def main(argv=None):
-    args = experiment_parser().parse_args(argv)
+    parser = experiment_parser()
+    args = parser.parse_args(argv)
+    warn_inert_flags(parser, argv, args, "experiment")
     from decision_transformer.run import run_experiment
 
     run_experiment(args)

@@ -14,9 +14,13 @@ from decision_transformer.errors import cli_entry  # noqa: E402
 
 @cli_entry
 def main(argv=None):
+    from decision_transformer.cli import warn_inert_flags
     from decision_transformer.multi_run import multi_parser, run_multi
 
-    run_multi(multi_parser().parse_args(argv))
+    parser = multi_parser()
+    args = parser.parse_args(argv)
+    warn_inert_flags(parser, argv, args, "multi")
+    run_multi(args)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 
 from decision_transformer.envs import DEFAULT_ENV_VERSION, ENVS, SUPPORTED_ENV_VERSIONS
 from decision_transformer.errors import UserError
@@ -270,3 +271,52 @@ def reject_unsupported(args, parser_name: str = "experiment.py"):
     for attr, is_set in UNSUPPORTED.items():
         if hasattr(args, attr) and is_set(getattr(args, attr)):
             raise UserError(f"--{attr} is not supported by this version of {parser_name} yet")
+
+
+# ---- flags that take effect only together with another ---------------------------------------------------------------
+
+#: (flags, whether the flag that enables them is on, that flag): a flag of the first group given on the command line
+#: while the second is off does nothing, and is warned about
+_MERGE_DESTS = ("include", "exclude", "p", "copy_model", "flip", "copy_include", "merge_frozen", "identity_layers",
+                "use_fisher", "no_trace_norm", "f_batch_size", "f_num_batches", "merge_method", "merge_base",
+                "merge_lambda", "ties_density", "regmean_alpha", "regmean_n_windows", "fisher_type", "fisher_floor",
+                "fisher_norm", "fisher_favor_target", "spec_info", "fisher_dataset")
+INERT_RULES = {
+    "experiment": [
+        (("kmeans_cache", "kmeans_mean", "kmeans_form", "gpt_kmeans_const"), lambda a: a.gpt_kmeans is not None,
+         "--gpt_kmeans"),
+        (("lm_learning_rate",), lambda a: a.custom_transformer_decay, "--custom_transformer_decay"),
+        (_MERGE_DESTS, lambda a: bool(a.pretrained_models), "--pretrained_models"),
+    ],
+    "lm_cotraining": [
+        (("tokenizer_name", "nlp_dataset_name", "nlp_dataset_config_name", "gpt_lm_const", "lm_const_linear_decay",
+          "no_token_cache"), lambda a: a.joint, "--joint"),
+    ],
+    "multi": [
+        (("lm_learning_rate",), lambda a: a.custom_transformer_decay, "--custom_transformer_decay"),
+        (_MERGE_DESTS, lambda a: bool(a.multi_pretrained_models), "--multi_pretrained_models"),
+        (("p_list",), lambda a: a.eval_merge_pre, "--eval_merge_pre"),
+    ],
+}
+
+
+def given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The destinations of the flags given in ``argv`` (None: the command line), as opposed to left at their
+    defaults."""
+    probe = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:  # the same options, with no defaults: only what argv sets appears
+        if action.option_strings and not isinstance(action, argparse._HelpAction):
+            probe._add_action(copy.copy(action)).default = argparse.SUPPRESS
+    return set(vars(probe.parse_known_args(argv)[0]))
+
+
+def warn_inert_flags(parser: argparse.ArgumentParser, argv, args, *kinds: str):
+    """One warning line per flag of ``INERT_RULES[kind]`` that ``argv`` gives while the flag enabling it is off."""
+    given = given_flags(parser, argv)
+    for kind in kinds:
+        for dests, enabled, switch in INERT_RULES[kind]:
+            if enabled(args):
+                continue
+            for dest in dests:
+                if dest in given:
+                    print(f"warning: --{dest} has no effect without {switch}", file=sys.stderr)

@@ -13,13 +13,16 @@ import sys
 # the repository root (this file's parent folder), so the package imports without installing
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from decision_transformer.cli import warn_inert_flags  # noqa: E402
 from decision_transformer.cli_lm import lm_cotraining_parser  # noqa: E402
 from decision_transformer.errors import cli_entry  # noqa: E402
 
 
 @cli_entry
 def main(argv=None):
-    args = lm_cotraining_parser().parse_args(argv)
+    parser = lm_cotraining_parser()
+    args = parser.parse_args(argv)
+    warn_inert_flags(parser, argv, args, "experiment", "lm_cotraining")
     from decision_transformer.run import run_lm_cotraining
 
     run_lm_cotraining(args)

@@ -283,3 +283,40 @@ def test_chibit_vocabulary_is_bounded(tmp_path, capsys):
     msg = fails(main, ["--text", tmp_path / "t.txt", "--out", tmp_path / "lm", "--vocab_size", "5000000000"], capsys)
     assert msg == "error: --vocab_size 5000000000 is too large (at most 1,000,000)"
     assert not (tmp_path / "lm").exists()
+
+
+# ---- flags that take effect only with another ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("parser, kinds, argv, expect", [
+    ("decision_transformer.cli:experiment_parser", ("experiment",),
+     ["--kmeans_cache", "c.pt", "-lmlr", "1e-3", "--include", "attn", "--p=0.3", "--env", "hopper"],
+     ["--kmeans_cache has no effect without --gpt_kmeans",
+      "--lm_learning_rate has no effect without --custom_transformer_decay",
+      "--include has no effect without --pretrained_models", "--p has no effect without --pretrained_models"]),
+    ("decision_transformer.cli:experiment_parser", ("experiment",),   # enabled, or left at their defaults: silent
+     ["--gpt_kmeans", "10", "--kmeans_cache", "c.pt", "--custom_transformer_decay", "-lmlr", "1e-3"], []),
+    ("decision_transformer.cli_lm:lm_cotraining_parser", ("experiment", "lm_cotraining"),
+     ["--tokenizer_name", "t", "--gpt_lm_const", "0.5"],
+     ["--tokenizer_name has no effect without --joint", "--gpt_lm_const has no effect without --joint"]),
+    ("decision_transformer.cli_lm:lm_cotraining_parser", ("experiment", "lm_cotraining"),
+     ["--joint", "--tokenizer_name", "t"], []),
+    ("decision_transformer.multi_run:multi_parser", ("multi",), ["--ties_density", "0.5", "--p_list", "0", "1"],
+     ["--ties_density has no effect without --multi_pretrained_models",
+      "--p_list has no effect without --eval_merge_pre"]),
+])
+def test_flags_without_the_flag_that_enables_them_are_warned_about(parser, kinds, argv, expect, capsys):
+    import importlib
+
+    from decision_transformer.cli import warn_inert_flags
+
+    module, name = parser.split(":")
+    p = getattr(importlib.import_module(module), name)()
+    warn_inert_flags(p, argv, p.parse_args(argv), *kinds)
+    assert capsys.readouterr().err.splitlines() == [f"warning: {w}" for w in expect]
+
+
+def test_the_scripts_warn_about_inert_flags(tmp_path, monkeypatch, capsys, hopper_data):
+    monkeypatch.chdir(tmp_path)
+    experiment.main(["--data_path", str(hopper_data), *TINY, "--max_iters", "1", "--outdir", "", "--ties_density",
+                     "0.5"])
+    assert "warning: --ties_density has no effect without --pretrained_models" in capsys.readouterr().err
