@@ -596,6 +596,10 @@ def _run_locked(args, script: str, take_lock) -> dict:
                                                specializations=[args.env], **ckpt_extra),
                                models_dir / f"{args.model_type}_{exp_prefix}.pt")
             print(f"saved {path}", file=sys.stderr)
+        if args.max_iters == 0:
+            what = "the merged model" if args.pretrained_models else "the initial model"
+            where = f"; {run_dir / 'model_0.pt'} holds {what}" if run_dir is not None else ""
+            print(f"--max_iters 0: no iteration trained or evaluated{where}", file=sys.stderr)
     finally:
         logger.finish()
         pool.close()

@@ -396,6 +396,13 @@ def test_resume_after_a_failed_fresh_start_points_at_the_set_aside_run(tmp_path,
                         f"{run_dir(tmp_path).relative_to(tmp_path)} to resume it")
 
 
+def test_max_iters_0_writes_the_initial_model_and_says_so(tmp_path, monkeypatch, capsys, hopper_data):
+    run(tmp_path, monkeypatch, hopper_data, "--max_iters", "0")
+    assert f"--max_iters 0: no iteration trained or evaluated; {Path('checkpoints') / run_dir(tmp_path).name}" \
+           f"{os.sep}model_0.pt holds the initial model" in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir(tmp_path).iterdir()) == ["config.json", "metrics.jsonl", "model_0.pt"]
+
+
 def test_bf16_on_cpu_when_asked(tmp_path, monkeypatch, hopper_data):
     from decision_transformer.run import autocast_dtype
 
