@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import secrets
 from pathlib import Path
@@ -179,8 +180,9 @@ def check_finite_state(state_dict: dict, source: str):
 #: with another value would load without complaint and run as another network
 BEHAVIOUR_FIELDS = {("backbone", "n_head"): "--n_head", ("backbone", "activation_function"): "--activation_function",
                     ("backbone", "disable_attention"): "--disable_attention", ("embed_order",): "--embed_order",
-                    ("backbone", "norm_type"): "--pretrained_lm", ("backbone", "layer_norm_epsilon"): "--pretrained_lm",
-                    ("action_tanh",): None}
+                    ("backbone", "norm_type"): "--pretrained_lm / --igpt_legacy_ln",
+                    ("backbone", "layer_norm_epsilon"): "--pretrained_lm",
+                    ("backbone", "block_overrides"): "--pretrained_block", ("action_tanh",): None}
 
 
 def check_same_behaviour(source: str, saved: dict | None, built: dict):
@@ -190,7 +192,7 @@ def check_same_behaviour(source: str, saved: dict | None, built: dict):
     def get(cfg, keys):
         for k in keys:
             cfg = cfg.get(k) if isinstance(cfg, dict) else None
-        return cfg
+        return None if cfg is None else json.loads(json.dumps(cfg, sort_keys=True, default=str))  # str dict keys
 
     if not isinstance(saved, dict):
         return

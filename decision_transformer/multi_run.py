@@ -485,11 +485,11 @@ def find_resume_dir(args) -> Path:
 def run_multi(args) -> dict:
     import contextlib
 
-    from decision_transformer.sweep import run_lock, run_lock_path
+    from decision_transformer.sweep import folder_lock_path, run_lock
 
-    lock = run_lock_path("experiment_multi.py", args)  # from the flags as given (a launcher computes the same)
-    with contextlib.ExitStack() as held:  # the run lock, taken before the run folder is first written
-        return _run_multi(args, lambda: held.enter_context(run_lock(lock, "experiment_multi.py")))
+    with contextlib.ExitStack() as held:  # the run folder's lock, taken before the folder is first written
+        return _run_multi(args, lambda folder: held.enter_context(run_lock(folder_lock_path(folder),
+                                                                            "experiment_multi.py")))
 
 
 def _run_multi(args, take_lock) -> dict:
@@ -582,12 +582,12 @@ def _run_multi(args, take_lock) -> dict:
     config = {**vars(args), "model_class": MODEL_CLASS, "model_config": model.config.to_dict(), "exp_id": exp_id,
               "exp_prefix": exp_prefix, "device_used": str(device), "envs": envs, "train_envs": train_envs,
               "targets": {e: get_env_spec(e).targets[0] for e in envs}, "merge_info": merge_info}
-    if ctx.is_main:
-        take_lock()  # before the run folder is written: a second process training this run stops here
     run_dir = Path(args.outdir) / "multi" / exp_prefix if args.outdir else None
     if resume_dir is not None:
         run_dir = resume_dir  # continued in the folder it was found in (also when copied under another run id)
-        if ctx.is_main:
+    if run_dir is not None and ctx.is_main:
+        take_lock(run_dir)  # before the folder is written: a second process training this run stops here
+        if resume_dir is not None:
             clean_folder(run_dir)
     if not ctx.is_main:  # under torchrun only rank 0 evaluates, logs and writes files
         run_dir, args.save_model, args.num_eval_episodes = None, False, 0

@@ -424,11 +424,11 @@ def run_lm_cotraining(args) -> dict:
 def _run(args, script: str) -> dict:
     import contextlib
 
-    from decision_transformer.sweep import run_lock, run_lock_path
+    from decision_transformer.sweep import folder_lock_path, run_lock
 
-    lock = run_lock_path(SCRIPTS[script], args)  # from the flags as given (a launcher computes the same)
-    with contextlib.ExitStack() as held:  # the run lock, taken before the run folder is first written
-        return _run_locked(args, script, lambda: held.enter_context(run_lock(lock, SCRIPTS[script])))
+    with contextlib.ExitStack() as held:  # the run folder's lock, taken before the folder is first written
+        return _run_locked(args, script,
+                           lambda folder: held.enter_context(run_lock(folder_lock_path(folder), SCRIPTS[script])))
 
 
 def _run_locked(args, script: str, take_lock) -> dict:
@@ -517,8 +517,6 @@ def _run_locked(args, script: str, take_lock) -> dict:
             distributed.cleanup(ctx)
             return {}
     exp_prefix = f"{group}-{exp_id}"
-    if ctx.is_main:
-        take_lock()  # before the run folder is written: a second process training this run stops here
     if lm_script and run_dir is not None:
         run_dir = run_dir / f"dt_{exp_prefix}"
     if args.pretrained_models and run_dir is not None:
@@ -526,6 +524,8 @@ def _run_locked(args, script: str, take_lock) -> dict:
         run_dir = run_dir.with_name(f"{run_dir.name}_{exp_id}")
     if st_path is not None and run_dir is not None:
         run_dir = st_path.parent  # a resumed run continues in the folder it was found in (also when renamed)
+    if run_dir is not None and ctx.is_main:
+        take_lock(run_dir)  # before the folder is written: a second process training this run stops here
     if run_dir is not None and ctx.is_main:
         clean_folder(run_dir)
     if not args.resume and run_dir is not None and ctx.is_main:

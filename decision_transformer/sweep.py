@@ -217,15 +217,29 @@ def run_lock_path(program: str, a) -> Path | None:
         if not a.outdir or a.eval_only or a.num_steps_per_iter <= 0:
             return None
         return _signature_lock(Path(a.outdir) / "multi", f"gym-experiment-multi-{a.dataset}-", multi_signature(a))
-    from decision_transformer.checkpoint import model_name, run_dir_name
+    from decision_transformer.checkpoint import run_dir_name
     from decision_transformer.cli import merge_signature
 
     if not a.outdir:
         return None
-    run_dir = Path(a.outdir) / run_dir_name(model_name(a.pretrained_lm, a.pretrained_block), a.dataset, a.env,
-                                            a.seed, a.K, a.remove_grad_clip, a.pretrained_block)
+    run_dir = Path(a.outdir) / run_dir_name(_model_name(a), a.dataset, a.env, a.seed, a.K, a.remove_grad_clip,
+                                            a.pretrained_block)
     if a.pretrained_models:
         return _signature_lock(run_dir.parent, f"{run_dir.name}_", merge_signature(a))
+    return folder_lock_path(run_dir)
+
+
+def _model_name(a) -> str:
+    """The model part of an ``experiment.py`` run's folder name, as the run names it."""
+    from decision_transformer.checkpoint import model_name
+
+    return "bc" if getattr(a, "model_type", "dt") == "bc" else model_name(a.pretrained_lm, a.pretrained_block)
+
+
+def folder_lock_path(run_dir: Path) -> Path:
+    """The lock a training script holds while it trains in ``run_dir``: a hidden file beside the folder. For plain
+    ``experiment.py`` runs it is also the launcher's lock (``run_lock_path``), passed on to the run it starts."""
+    run_dir = Path(run_dir)
     return run_dir.parent / f".{run_dir.name}.lock"
 
 
@@ -249,10 +263,10 @@ def _inherited_lock(path: Path) -> bool:
 
 @contextlib.contextmanager
 def run_lock(path: Path | None, program: str):
-    """Hold the run lock ``path`` (``run_lock_path`` of the run's flags as given, computed before the run fills in
-    anything) while the run trains: another process training the same run (a second start of the same command, by
-    hand or by a launcher) is a one-line ``UserError`` before anything is written. Under torchrun only rank 0
-    locks; a run started by the launcher holds its lock already."""
+    """Hold the lock ``path`` (the training scripts: ``folder_lock_path`` of the folder they train in) while the run
+    trains: another process training in the same folder (a second start or resume of the same run, by hand or by a
+    launcher) is a one-line ``UserError`` before anything is written. Under torchrun only rank 0 locks; a run that
+    the launcher started holding this very lock (``LOCK_FD_ENV``) has it already."""
     if path is None or int(os.environ.get("RANK", "0") or 0) != 0 or _inherited_lock(path):
         yield
         return
@@ -315,15 +329,15 @@ def inspect_run(program: str, argv: list[str]) -> Found:
         return _with_note(Found(state, folder, run_lock_path(name, a), target=f"{parent / prefix}<id> (these flags)"))
     if name != "experiment.py":
         return Found("new")
-    from decision_transformer.checkpoint import model_name, run_dir_name
+    from decision_transformer.checkpoint import run_dir_name
     from decision_transformer.cli import experiment_parser, merge_signature
     from decision_transformer.run import recorded_config, resume_mismatches
 
     a = _parse(experiment_parser(), name, argv)
     if not a.outdir:
         return Found("new")
-    run_dir = Path(a.outdir) / run_dir_name(model_name(a.pretrained_lm, a.pretrained_block), a.dataset, a.env,
-                                            a.seed, a.K, a.remove_grad_clip, a.pretrained_block)
+    run_dir = Path(a.outdir) / run_dir_name(_model_name(a), a.dataset, a.env, a.seed, a.K, a.remove_grad_clip,
+                                            a.pretrained_block)
     final = _final_model(a, Path(project_path("models")) / a.env, a.model_type)
     done_file = f"model_{a.max_iters}.pt"
     if a.pretrained_models:  # merge runs: {run}_{exp_id}, found by their merge flags
@@ -451,7 +465,8 @@ except ImportError:  # not POSIX: runs are not locked
 def _take_lock(path: Path) -> tuple[bool, int | None]:
     """(taken, fd): an exclusive lock on ``path`` (created, with its folders), held while ``fd`` is open in this
     process or in a run it is passed to; (False, None) when another process holds it; (True, None) where no lock can
-    be taken (no ``fcntl``, or the file cannot be made: the run itself then reports the folder's problem)."""
+    be taken (no ``fcntl``, a filesystem without ``flock``: with a warning, or the file cannot be made: the run
+    itself then reports the folder's problem)."""
     if fcntl is None:
         return True, None
     try:
@@ -463,8 +478,13 @@ def _take_lock(path: Path) -> tuple[bool, int | None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
-        except OSError:
+        except BlockingIOError:  # held
             time.sleep(0.05)
+        except OSError as e:  # a filesystem without flock (some network and FUSE mounts): run unlocked
+            os.close(fd)
+            print(f"warning: cannot lock {path} ({e.strerror or e}); nothing stops a second process from training "
+                  f"this run at the same time", file=sys.stderr)
+            return True, None
     else:
         os.close(fd)
         return False, None

@@ -216,6 +216,22 @@ def test_load_checkpoint_of_another_architecture_is_refused(tmp_path, monkeypatc
     assert all(torch.equal(loaded[k], v) for k, v in load_checkpoint(ckpt)["state_dict"].items())
 
 
+def test_a_block_replacement_checkpoint_is_not_loaded_into_a_plain_model():
+    """A transplanted block (its own heads and activation, ``block_overrides``) has the shapes of a plain block of
+    the host's width: the recorded per-block settings are compared too."""
+    from decision_transformer.checkpoint import check_same_behaviour
+    from decision_transformer.errors import UserError
+    from decision_transformer.models import BackboneConfig, DTConfig
+
+    over = BackboneConfig(n_embd=64, n_layer=2, block_overrides={1: {"n_head": 8, "activation_function": "gelu_new"}})
+    a = DTConfig(11, 3, backbone=over).to_dict()
+    b = DTConfig(11, 3, backbone=BackboneConfig(n_embd=64, n_layer=2)).to_dict()
+    with pytest.raises(UserError, match=r"block_overrides .*\(set --pretrained_block as the checkpoint's run did\)"):
+        check_same_behaviour("ckpt.pt", a, b)
+    check_same_behaviour("ckpt.pt", a, DTConfig(11, 3, backbone=over).to_dict())  # the same: accepted
+    check_same_behaviour("ckpt.pt", json.loads(json.dumps(a)), a)                   # keys as JSON wrote them
+
+
 def test_frozen_blocks_stay_fixed(tmp_path, monkeypatch, hopper_data):
     run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "5", "--frozen",
         "--num_eval_episodes", "0")

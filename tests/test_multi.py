@@ -540,8 +540,9 @@ def test_resume_refuses_a_replaced_dataset(data, tmp_path, monkeypatch, capsys):
 
 
 def test_a_multi_run_another_process_trains_is_refused(data, tmp_path, capsys):
-    """experiment_multi.py takes the launcher's lock of its flags: while another process holds it, a second start
-    (here with --resume) stops with one line and writes nothing."""
+    """experiment_multi.py locks the run folder it trains in: while another process holds that lock, a resume of
+    the run (with or without the --seed it was started with) stops with one line and writes nothing; a fresh start
+    with the same flags gets a folder of its own and is not stopped."""
     import os
 
     from conftest import fails
@@ -552,16 +553,25 @@ def test_a_multi_run_another_process_trains_is_refused(data, tmp_path, capsys):
     experiment_multi.main(argv)
     (run,) = [p for p in (tmp_path / "ck" / "multi").iterdir() if p.is_dir()]
     before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
-    lock = sweep.inspect_run("experiment_multi.py", [*argv, "--max_iters", "2"]).lock
+    lock = sweep.folder_lock_path(run)
+    assert lock == run.parent / f".{run.name}.lock"
     taken, fd = sweep._take_lock(lock)
     try:
         msg = fails(experiment_multi.main, [*argv, "--max_iters", "2", "--resume"], capsys)
+        i = argv.index("--seed")
+        no_seed = argv[:i] + argv[i + 2:]
+        msg2 = fails(experiment_multi.main, [*no_seed, "--max_iters", "2", "--resume"], capsys)
+        experiment_multi.main([*argv, "--max_iters", "1"])  # a fresh start: a new folder, not stopped
     finally:
         os.close(fd)
-    assert msg.startswith("error: experiment_multi.py: this run is being trained by another process"), msg
+    for m in (msg, msg2):
+        assert m.startswith("error: experiment_multi.py: this run is being trained by another process"), m
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
-    experiment_multi.main([*argv, "--max_iters", "2", "--resume"])  # free again: it resumes
-    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["iteration"] == 2
+    assert len(list((tmp_path / "ck" / "multi").glob("gym-*"))) == 2
+    experiment_multi.main([*argv, "--max_iters", "2", "--resume"])  # free again: it resumes (the newest run)
+    last = {d.name: json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])["iteration"]
+            for d in (tmp_path / "ck" / "multi").glob("gym-*")}
+    assert sorted(last.values()) == [1, 2] and last[run.name] == 1
 
 
 def test_a_nan_loss_stops_a_multi_run_within_100_steps(data, tmp_path, monkeypatch, capsys):

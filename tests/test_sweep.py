@@ -859,3 +859,29 @@ def test_the_launcher_passes_its_lock_to_the_run(tmp_path, monkeypatch):
                 pass
     finally:
         os.close(fd)
+
+
+def test_a_bc_run_and_the_dt_run_of_the_same_flags_are_two_runs(tmp_path):
+    """--model_type bc trains in bc_{dataset}_{env}_{seed}...: its lock and the launcher's view of it are its own,
+    not the DT run's."""
+    dt = ["--outdir", str(tmp_path / "ck"), "--seed", "4", "--K", "5"]
+    prog = str(sweep.ROOT / "experiment.py")
+    assert sweep.inspect_run(prog, dt).lock == tmp_path / "ck" / ".dt_medium_hopper_4_K5.lock"
+    assert sweep.inspect_run(prog, [*dt, "--model_type", "bc"]).lock == tmp_path / "ck" / ".bc_medium_hopper_4_K5.lock"
+    (tmp_path / "ck" / "dt_medium_hopper_4_K5").mkdir(parents=True)
+    (tmp_path / "ck" / "dt_medium_hopper_4_K5" / "model_40.pt").write_bytes(b"")
+    assert sweep.inspect_run(prog, [*dt, "--model_type", "bc"]).state == "new"
+
+
+def test_a_filesystem_without_flock_runs_unlocked_with_a_warning(tmp_path, monkeypatch, capsys):
+    import errno
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(sweep.fcntl, "flock", no_flock)
+    lock = tmp_path / ".run.lock"
+    with sweep.run_lock(lock, "experiment.py"):
+        pass
+    assert capsys.readouterr().err == (f"warning: cannot lock {lock} (Function not implemented); nothing stops a "
+                                       f"second process from training this run at the same time\n")
