@@ -366,3 +366,17 @@ def test_block_curves_stay_visible_on_white(tmp_path, tiny_runs, figures):  # no
     assert all(_contrast_with_white(colours[f"block {b}"]) > 1.8 for b in range(2))
     assert all(_contrast_with_white(curves.block_color(b, 12)) > 1.8 for b in range(12))
     assert len({mcolors.to_hex(curves.block_color(b, 12)) for b in range(12)}) == 12
+
+
+def test_parameter_distances_can_be_scaled_to_the_data(tmp_path, tiny_runs, figures):  # noqa: F811
+    """Figure 3 keeps the originals' 0-80 axis by default; ``--distance_ylim auto`` fits small models' distances."""
+    from decision_transformer.analysis import params
+
+    io = ["--results_dir", tmp_path / "res", "--figs_dir", tmp_path / "figs"]
+    for mode in ("paper", "auto"):
+        params.run(params.build_parser().parse_args([str(a) for a in ["-plm", tiny_runs, "--model_name_list", "dt",
+                                                                      "--distance_ylim", mode] + io]))
+    (_, paper), (_, auto) = [(s, f) for s, f in figures if s.startswith("paramdist_")]
+    top = max(p.get_height() for p in auto.axes[0].patches)
+    assert top < 76 and paper.axes[0].get_ylim() == (0.0, 80.0)
+    assert auto.axes[0].get_ylim() == pytest.approx((0.0, 1.05 * top))

@@ -57,6 +57,9 @@ def build_parser():
     p.add_argument("--epoch1", type=int, default=0)
     p.add_argument("--epoch2", type=int, default=40)
     p.add_argument("--concat", action="store_true", help="one value per block (all its tensors concatenated)")
+    p.add_argument("--distance_ylim", choices=["paper", "auto"], default="paper",
+                   help="L2-distance axis: paper = 0 to at least 80, as the originals (paper-size models); auto = "
+                        "0 to the largest distance (small models, whose bars are flat on 0-80)")
     common.add_run_k_flag(p)
     common.add_output_flags(p, "params")
     return p
@@ -95,8 +98,10 @@ def run(args) -> common.Outputs:
             ax.set_title(common.model_label(m), fontsize=9)
             if idx == 2:
                 ax.set_ylim(0, 1.02)
-            elif not args.concat:  # one scale for every row, at least the originals' 0-80
-                ax.set_ylim(0, max(80.0, 1.05 * max(float(np.max(x[1])) for x in results.values())))
+            elif not args.concat:  # one scale for every row, at least the originals' 0-80 unless auto
+                floor = 80.0 if getattr(args, "distance_ylim", "paper") == "paper" else 0.0
+                top = 1.05 * max(float(np.max(x[1])) for x in results.values())
+                ax.set_ylim(0, max(floor, top) or 1.0)
             if args.concat:
                 ax.set_xticks(np.arange(len(names)), [n.split()[-1] for n in names])
             else:
