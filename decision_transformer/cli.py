@@ -287,6 +287,7 @@ INERT_RULES = {
          "--gpt_kmeans"),
         (("lm_learning_rate",), lambda a: a.custom_transformer_decay, "--custom_transformer_decay"),
         (_MERGE_DESTS, lambda a: bool(a.pretrained_models), "--pretrained_models"),
+        (("save_mode",), lambda a: a.save_model, "--save_model"),
     ],
     "lm_cotraining": [
         (("tokenizer_name", "nlp_dataset_name", "nlp_dataset_config_name", "gpt_lm_const", "lm_const_linear_decay",
@@ -296,6 +297,8 @@ INERT_RULES = {
         (("lm_learning_rate",), lambda a: a.custom_transformer_decay, "--custom_transformer_decay"),
         (_MERGE_DESTS, lambda a: bool(a.multi_pretrained_models), "--multi_pretrained_models"),
         (("p_list",), lambda a: a.eval_merge_pre, "--eval_merge_pre"),
+        (("save_mode",), lambda a: a.save_model, "--save_model"),
+        (("score_selected",), lambda a: bool(a.selected_training), "--selected_training"),
     ],
 }
 

@@ -290,7 +290,19 @@ def run_state(program: str, argv: list[str]) -> tuple[str, Path | None]:
 
 def inspect_run(program: str, argv: list[str]) -> Found:
     """The state of a run of ``program`` with the flags ``argv`` (see ``Found``); flags the program rejects are a
-    ``UserError`` naming the program."""
+    ``UserError`` naming the program. A run found in a folder that a training process holds (``folder_lock_path``:
+    started by hand, or by another launcher) is ``running``."""
+    found = _inspect_run(program, argv)
+    if found.state in ("new", "partial") and found.folder is not None:
+        lock = folder_lock_path(found.folder)
+        # (a plain run's folder lock is the launcher's own lock, checked by the launcher itself)
+        holder = _lock_holder(lock) if found.lock is None or lock.resolve() != found.lock.resolve() else None
+        if holder is not None:
+            found.state, found.note = "running", f"{found.folder}: {holder}"
+    return found
+
+
+def _inspect_run(program: str, argv: list[str]) -> Found:
     from decision_transformer.run import TRAIN_STATE, resume_signature
 
     name = Path(program).name
@@ -506,13 +518,15 @@ def _lock_holder(path: Path) -> str | None:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # held (any other error: a filesystem without flock, where nothing is held)
         try:
             pid, _, since = os.read(fd, 200).decode(errors="replace").strip().partition(" ")
         except OSError:
             pid, since = "", ""
         return (f"another process (pid {pid}, since {since}) holds {path}" if pid.isdigit() else
                 f"another process holds {path}")
+    except OSError:
+        return None
     finally:
         os.close(fd)  # a lock taken here is released with it
     return None

@@ -376,7 +376,12 @@ def test_parameter_distances_can_be_scaled_to_the_data(tmp_path, tiny_runs, figu
     for mode in ("paper", "auto"):
         params.run(params.build_parser().parse_args([str(a) for a in ["-plm", tiny_runs, "--model_name_list", "dt",
                                                                       "--distance_ylim", mode] + io]))
-    (_, paper), (_, auto) = [(s, f) for s, f in figures if s.startswith("paramdist_")]
+    (paper_stem, paper), (auto_stem, auto) = [(s, f) for s, f in figures if s.startswith("paramdist_")]
+    assert auto_stem == paper_stem + "_auto"  # both kept
+    report.run(report.build_parser().parse_args([str(a) for a in [
+        "--checkpoint_dir", tiny_runs, "--out_dir", tmp_path / "rep", "--only", "params", "--distance_ylim", "auto",
+        "--model_name_list", "dt"]]))
+    assert figures[-2][0].startswith("paramdist_") and figures[-2][0].endswith("_auto")  # passed on by run_all
     top = max(p.get_height() for p in auto.axes[0].patches)
     assert top < 76 and paper.axes[0].get_ylim() == (0.0, 80.0)
     assert auto.axes[0].get_ylim() == pytest.approx((0.0, 1.05 * top))

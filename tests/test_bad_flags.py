@@ -300,9 +300,13 @@ def test_chibit_vocabulary_is_bounded(tmp_path, capsys):
      ["--tokenizer_name has no effect without --joint", "--gpt_lm_const has no effect without --joint"]),
     ("decision_transformer.cli_lm:lm_cotraining_parser", ("experiment", "lm_cotraining"),
      ["--joint", "--tokenizer_name", "t"], []),
-    ("decision_transformer.multi_run:multi_parser", ("multi",), ["--ties_density", "0.5", "--p_list", "0", "1"],
+    ("decision_transformer.multi_run:multi_parser", ("multi",), ["--ties_density", "0.5", "--p_list", "0", "1",
+                                                                 "--save_mode=best", "--score_selected"],
      ["--ties_density has no effect without --multi_pretrained_models",
-      "--p_list has no effect without --eval_merge_pre"]),
+      "--p_list has no effect without --eval_merge_pre", "--save_mode has no effect without --save_model",
+      "--score_selected has no effect without --selected_training"]),
+    ("decision_transformer.cli:experiment_parser", ("experiment",), ["--save_mode", "best"],
+     ["--save_mode has no effect without --save_model"]),
 ])
 def test_flags_without_the_flag_that_enables_them_are_warned_about(parser, kinds, argv, expect, capsys):
     import importlib

@@ -230,6 +230,9 @@ def test_a_block_replacement_checkpoint_is_not_loaded_into_a_plain_model():
         check_same_behaviour("ckpt.pt", a, b)
     check_same_behaviour("ckpt.pt", a, DTConfig(11, 3, backbone=over).to_dict())  # the same: accepted
     check_same_behaviour("ckpt.pt", json.loads(json.dumps(a)), a)                   # keys as JSON wrote them
+    other_dropout = BackboneConfig(n_embd=64, n_layer=2, block_overrides={1: {"n_head": 8, "resid_pdrop": 0.0,
+                                                                              "activation_function": "gelu_new"}})
+    check_same_behaviour("ckpt.pt", a, DTConfig(11, 3, backbone=other_dropout).to_dict())  # --dropout: the same net
 
 
 def test_frozen_blocks_stay_fixed(tmp_path, monkeypatch, hopper_data):

@@ -175,6 +175,25 @@ def test_lm_and_multi_runs_found_by_their_flags(tmp_path, monkeypatch):
     states = sweep.plan(multi, [])
     assert [s for s, _ in states] == ["done", "partial"] and states[1][1][-1] == "--resume"
 
+    # a half-done run that a process started by hand is training (it holds its folder's lock) is running, not
+    # resumed a second time; a filesystem without flock holds nothing
+    half = tmp_path / "ck" / "multi" / "gym-experiment-multi-expert-555"
+    taken, fd = sweep._take_lock(sweep.folder_lock_path(half))
+    try:
+        runs = sweep.plan_runs(multi, [])
+        assert [r.state for r in runs] == ["done", "running"] and half.name in runs[1].found.note
+    finally:
+        os.close(fd)
+    assert [s for s, _ in sweep.plan(multi, [])] == ["done", "partial"]
+    import errno
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(sweep.fcntl, "flock", no_flock)
+    assert sweep._lock_holder(sweep.folder_lock_path(half)) is None
+    assert [s for s, _ in sweep.plan(multi, [])] == ["done", "partial"]
+
 
 def test_local_run_two_processes_then_skip(tmp_path, hopper_data, capsys):
     grid = _grid(tmp_path, hopper_data)

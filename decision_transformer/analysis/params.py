@@ -109,7 +109,8 @@ def run(args) -> common.Outputs:
                 ax.set_xticks(starts, [names[i].split(".")[0] for i in starts], fontsize=7)
         axes[-1, 0].set_xlabel("block" + ("" if args.concat else " (bars: its tensors in order)"))
         fig.tight_layout()
-        stem = f"{what}_{args.epoch1}_{args.epoch2}_{'_'.join(results)}_{env}_{ds}_{args.seed}{tag}"
+        auto = "_auto" if what == "paramdist" and getattr(args, "distance_ylim", "paper") == "auto" else ""
+        stem = f"{what}_{args.epoch1}_{args.epoch2}_{'_'.join(results)}_{env}_{ds}_{args.seed}{tag}{auto}"
         outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
     rows = [[common.model_label(m), f"{r[1].mean():.4f}", f"{r[1].max():.4f} ({r[0][int(r[1].argmax())]})",
              f"{r[2].mean():.4f}", f"{r[2].min():.4f} ({r[0][int(r[2].argmin())]})"] for m, r in results.items()]

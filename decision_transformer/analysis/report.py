@@ -69,6 +69,8 @@ def build_parser():
     p.add_argument("--mine_iters", type=int, default=1000, help="MINE passes per estimate (the original's 1000)")
     p.add_argument("--mine_hidden", type=int, default=400)
     p.add_argument("--score_norm", choices=["d4rl", "dataset"], default="d4rl")
+    p.add_argument("--distance_ylim", choices=["paper", "auto"], default="paper",
+                   help="parameter-distance axis (see parameter_similarity_analysis.py --help)")
     p.add_argument("--skip", nargs="*", default=[], choices=STEPS)
     p.add_argument("--only", nargs="*", default=None, choices=STEPS)
     p.add_argument("--from_wandb", action="store_true")
@@ -278,7 +280,7 @@ def step_params(plan: _Plan, args) -> common.Outputs:
             continue
         argv = _argv(args, "params", "-plm", args.checkpoint_dir, "--dataset_name", args.dataset_name, "--env_name",
                      env, "--seed", args.seed, "--model_name_list", *models, "--epoch1", 0, "--epoch2", e2,
-                     "--run_K", args.run_K)
+                     "--run_K", args.run_K, "--distance_ylim", args.distance_ylim)
         outs.extend(params.run(params.build_parser().parse_args(argv)))
     return outs
 
