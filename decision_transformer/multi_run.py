@@ -594,6 +594,8 @@ def _run_multi(args, take_lock) -> dict:
     logger = RunLogger(run_dir, config, use_wandb=args.log_to_wandb and ctx.is_main, project=args.project, group=group,
                        name=exp_prefix, resume=resume_dir is not None, resume_after=start_iter)
     models_dir = Path(project_path("models")) / "multi"
+    if args.save_model and ctx.is_main:
+        clean_folder(models_dir)  # (shared by runs: only files of processes gone and idle are removed)
 
     def data_record() -> dict:  # what --resume checks the training data against
         return {"state_stats": {e: {k: torch.as_tensor(np.asarray(v, np.float32))

@@ -549,6 +549,8 @@ def _run_locked(args, script: str, take_lock) -> dict:
     logger = RunLogger(run_dir, config, use_wandb=args.log_to_wandb and ctx.is_main, project=args.project,
                        group=group, name=wandb_name, resume=args.resume, resume_after=start_iter)
     models_dir = Path(project_path("models")) / args.env
+    if args.save_model and ctx.is_main:
+        clean_folder(models_dir)  # (shared by runs: only files of processes gone and idle are removed)
     best_key = f"evaluation/target_{int(targets[0])}_return_mean"
     warn_unsaved_best(args, models_dir / f"{args.model_type}_{exp_prefix}_best.pt", best_score, start_iter)
     pool = env_pool(args.env, args.env_version, args.eval_workers, device, args.num_eval_episodes)

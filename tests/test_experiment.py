@@ -135,13 +135,18 @@ def test_resume_removes_what_a_killed_run_left_half_written(tmp_path, monkeypatc
     proc = subprocess.Popen(["true"])
     proc.wait()
     stale = run_dir(tmp_path) / f"train_state.pt.{proc.pid}.tmp"
-    stale.write_bytes(b"half a checkpoint")
-    os.utime(stale, (time.time() - 600,) * 2)
+    best = tmp_path / "models" / "hopper" / f"dt_gym-experiment-hopper-medium-123456_best.pt.{proc.pid}.tmp"
+    best.parent.mkdir(parents=True)
+    for f in (stale, best):
+        f.write_bytes(b"half a checkpoint")
+        os.utime(f, (time.time() - 600,) * 2)
     capsys.readouterr()
-    run(tmp_path, monkeypatch, hopper_data, *args, "--max_iters", "2", "--resume")
+    run(tmp_path, monkeypatch, hopper_data, *args, "--max_iters", "2", "--resume", "--save_model")
+    err = capsys.readouterr().err
     assert f"removed 1 temporary file(s) a killed run left in {Path('checkpoints') / run_dir(tmp_path).name}: " \
-           f"{stale.name}" in capsys.readouterr().err
-    assert not stale.exists() and (run_dir(tmp_path) / "model_2.pt").is_file()
+           f"{stale.name}" in err
+    assert f"removed 1 temporary file(s) a killed run left in {Path('models') / 'hopper'}: {best.name}" in err
+    assert not stale.exists() and not best.exists() and (run_dir(tmp_path) / "model_2.pt").is_file()
 
 
 def test_resume_bad_training_state(tmp_path, monkeypatch, capsys, hopper_data):
