@@ -662,7 +662,7 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
                         raise
                     if state not in ("new", "partial"):
                         _unlock(lock_fd)
-                        print(f"[skip {names[i]}] now {state} (another launcher got to it first)", flush=True)
+                        print(f"[skip {names[i]}] now {state} (another launcher or process got to it first)", flush=True)
                         report["skipped"].append((names[i], state))
                         continue
                 slot = free.pop(0)
