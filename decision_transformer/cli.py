@@ -306,11 +306,14 @@ INERT_RULES = {
 def given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
     """The destinations of the flags given in ``argv`` (None: the command line), as opposed to left at their
     defaults."""
-    probe = argparse.ArgumentParser(add_help=False)
-    for action in parser._actions:  # the same options, with no defaults: only what argv sets appears
-        if action.option_strings and not isinstance(action, argparse._HelpAction):
-            probe._add_action(copy.copy(action)).default = argparse.SUPPRESS
-    return set(vars(probe.parse_known_args(argv)[0]))
+    try:
+        probe = argparse.ArgumentParser(add_help=False)
+        for action in parser._actions:  # the same options, with no defaults: only what argv sets appears
+            if action.option_strings and not isinstance(action, argparse._HelpAction):
+                probe._add_action(copy.copy(action)).default = argparse.SUPPRESS
+        return set(vars(probe.parse_known_args(argv)[0]))
+    except (Exception, SystemExit):  # noqa: BLE001 - argparse internals of another Python: no warnings, no failure
+        return set()
 
 
 def warn_inert_flags(parser: argparse.ArgumentParser, argv, args, *kinds: str):
