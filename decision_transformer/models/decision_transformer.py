@@ -74,6 +74,19 @@ def timestep_table(cfg, transformer: GPT2Backbone) -> nn.Embedding:
     return transformer.wpe
 
 
+def last_k_padded(K: int, states, actions, returns_to_go, timesteps):
+    """The last K steps of M equal-length histories, left-padded with zeros to length K, and the attention mask
+    (0 at padding, 1 at real steps): the model input of one evaluation step."""
+    states, actions = states[:, -K:], actions[:, -K:]
+    returns_to_go, timesteps = returns_to_go[:, -K:], timesteps[:, -K:]
+    t = states.shape[1]
+    pad = K - t
+    mask = torch.cat([torch.zeros(states.shape[0], pad, device=states.device),
+                      torch.ones(states.shape[0], t, device=states.device)], dim=1)
+    states, actions, returns_to_go = (F.pad(x, (0, 0, pad, 0)) for x in (states, actions, returns_to_go))
+    return states, actions, returns_to_go, F.pad(timesteps, (pad, 0)), mask
+
+
 class DecisionTransformer(nn.Module):
     """Decision Transformer over a GPT-2 backbone (no position embedding added inside the backbone).
 
@@ -155,14 +168,7 @@ class DecisionTransformer(nn.Module):
         """Next actions for M histories of equal length t: states [M, t, ds], actions [M, t, da],
         returns_to_go [M, t, 1], timesteps [M, t]. Keeps the last K steps, left-pads with zeros (mask 0), and
         returns the action predicted at the last state token, [M, da]."""
-        K = self.config.max_length
-        states, actions = states[:, -K:], actions[:, -K:]
-        returns_to_go, timesteps = returns_to_go[:, -K:], timesteps[:, -K:]
-        t = states.shape[1]
-        pad = K - t
-        mask = torch.cat([torch.zeros(states.shape[0], pad, device=states.device),
-                          torch.ones(states.shape[0], t, device=states.device)], dim=1)
-        states, actions, returns_to_go = (F.pad(x, (0, 0, pad, 0)) for x in (states, actions, returns_to_go))
-        timesteps = F.pad(timesteps, (pad, 0))
+        states, actions, returns_to_go, timesteps, mask = last_k_padded(self.config.max_length, states, actions,
+                                                                        returns_to_go, timesteps)
         out = self(states, actions, returns_to_go, timesteps, attention_mask=mask, last_action_only=True)
         return out.action_preds[:, -1]

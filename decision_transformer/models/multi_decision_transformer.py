@@ -17,12 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from decision_transformer.envs import get_env_spec
 from decision_transformer.models.decision_transformer import (EMBED_ORDERS, LAST_ACTION_TAIL, BackboneHolder,
-                                                                 DTOutput, timestep_table)
+                                                                 DTOutput, last_k_padded, timestep_table)
 from decision_transformer.models.gpt2 import BackboneConfig, GPT2Backbone
 
 #: The original's env order (index 0, 1, 2).
@@ -153,14 +152,7 @@ class MultiDecisionTransformer(nn.Module):
     @torch.no_grad()
     def get_action(self, states, actions, returns_to_go, timesteps):
         """Next actions of the toggled env for M histories of equal length (as ``DecisionTransformer.get_action``)."""
-        K = self.config.max_length
-        states, actions = states[:, -K:], actions[:, -K:]
-        returns_to_go, timesteps = returns_to_go[:, -K:], timesteps[:, -K:]
-        t = states.shape[1]
-        pad = K - t
-        mask = torch.cat([torch.zeros(states.shape[0], pad, device=states.device),
-                          torch.ones(states.shape[0], t, device=states.device)], dim=1)
-        states, actions, returns_to_go = (F.pad(x, (0, 0, pad, 0)) for x in (states, actions, returns_to_go))
-        timesteps = F.pad(timesteps, (pad, 0))
+        states, actions, returns_to_go, timesteps, mask = last_k_padded(self.config.max_length, states, actions,
+                                                                        returns_to_go, timesteps)
         return self(states, actions, returns_to_go, timesteps, attention_mask=mask,
                     last_action_only=True).action_preds[:, -1]
