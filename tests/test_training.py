@@ -1,4 +1,5 @@
 """Optimiser groups, warm-up schedule, clipping, freezing and the masked loss."""
+import numpy as np
 import pytest
 import torch
 
@@ -198,3 +199,62 @@ def test_tf32_follows_precision_on_cuda_only():
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _padded_trainer(amp_dtype=None):
+    """A trainer on trajectories of 7 to 40 steps (windows with left padding), its model in eval mode (no dropout)."""
+    from conftest import tiny_trajectories
+
+    ds = TrajectoryDataset(tiny_trajectories(), "hopper")
+    m = DecisionTransformer(DTConfig(11, 3, max_length=10, backbone=BackboneConfig(n_embd=16, n_layer=2, n_head=2)),
+                            seed=0).eval()
+    opt = make_optimizer(m, lr=1e-3, weight_decay=0.0)
+    return Trainer(m, opt, warmup_schedule(opt, 1), ds, batch_size=16, K=10,
+                   generator=torch.Generator().manual_seed(0), amp_dtype=amp_dtype)
+
+
+def test_training_loss_conditions_on_the_window_returns_to_go_and_its_mask():
+    """The loss is the masked action MSE of the model fed rtg[:, :-1] (the return-to-go at each state, not the next
+    one) with the padding mask: both other choices give a different loss on windows with left padding."""
+    tr = _padded_trainer()
+    with torch.no_grad():  # make the inputs matter at random init: returns-to-go are scaled to about 1e-3, and
+        tr.module.embed_return.weight.mul_(1e3)  # attention logits are near 0 (uniform attention)
+        for block in tr.module.transformer.h:
+            block.attn.c_attn.weight.mul_(10)
+    b = tr.dataset.sample_batch(16, 10, torch.Generator().manual_seed(0))
+    assert (b.mask == 0).any()  # some windows are padded
+
+    def loss(rtg, mask):
+        out = tr.module(b.states, b.actions, rtg, b.timesteps, attention_mask=mask)
+        return masked_action_mse(out.action_preds, b.actions, b.mask)
+
+    with torch.no_grad():
+        got = tr._loss(b)[0]
+        assert torch.equal(got, loss(b.rtg[:, :-1], b.mask))
+        assert abs(float(got - loss(b.rtg[:, 1:], b.mask))) > 1e-5  # about 200 float32 ulps of the loss
+        assert abs(float(got - loss(b.rtg[:, :-1], None))) > 1e-5
+
+
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_training_forward_runs_under_autocast_only_with_a_precision(amp_dtype):
+    tr = _padded_trainer(amp_dtype)
+    seen = []
+    tr.module.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    tr.train_step()
+    assert seen == [amp_dtype is not None]
+
+
+def test_logged_loss_mean_and_std_are_those_of_the_iteration_steps(monkeypatch):
+    tr = _trainer(GRAD_CLIP)
+    step, losses = tr.train_step, []
+
+    def recording_step():
+        loss = step()
+        losses.append(float(loss))
+        return loss
+
+    monkeypatch.setattr(tr, "train_step", recording_step)
+    logs = tr.train_iteration(6, 1)
+    assert len(losses) == 6 and np.std(losses) > 0
+    assert logs["training/train_loss_mean"] == pytest.approx(np.mean(losses), rel=1e-6)
+    assert logs["training/train_loss_std"] == pytest.approx(np.std(losses), rel=1e-5)
