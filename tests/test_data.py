@@ -1106,3 +1106,25 @@ def test_actions_outside_the_tanh_range_are_warned_about(capsys):
     assert len(out) == 4
     assert capsys.readouterr().err.startswith("warning: x.pkl: 2 trajectories (first: 2) have actions outside "
                                               "[-1, 1], up to 1e+30 in size")
+    trajs = tiny_trajectories()
+    trajs[1]["actions"][5, 0] = 1.5                        # just outside: warned about too
+    validate_trajectories(trajs, get_env_spec("hopper"), "x.pkl")
+    assert capsys.readouterr().err.startswith("warning: x.pkl: 1 trajectory has actions outside [-1, 1], up to 1.5 "
+                                              "in size")
+
+
+def test_trajectories_longer_than_the_episode_limit_are_warned_about(capsys):
+    """A hopper trajectory of 1000 steps fits the timestep table; one of 1001 steps loads with a warning."""
+    from conftest import tiny_trajectories
+    from decision_transformer.data import validate_trajectories
+    from decision_transformer.envs import get_env_spec
+
+    def of_length(n):
+        t = tiny_trajectories()[0]
+        return {k: np.resize(v, (n,) + v.shape[1:]) for k, v in t.items()}
+
+    assert len(validate_trajectories([of_length(1000), of_length(7)], get_env_spec("hopper"), "x.pkl")) == 2
+    assert capsys.readouterr().err == ""
+    validate_trajectories([of_length(1000), of_length(1001)], get_env_spec("hopper"), "x.pkl")
+    assert capsys.readouterr().err == ("warning: x.pkl: 1 trajectory is longer than hopper's 1000-step episodes "
+                                       "(longest 1001); their steps from 999 on share one timestep embedding\n")

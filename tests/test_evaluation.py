@@ -627,9 +627,11 @@ class _InterruptingConn:
         return getattr(self.conn, name)
 
 
-@pytest.mark.parametrize("failure", ["killed", "interrupted_between_replies", "interrupted_in_recv", "bad_action"])
+@pytest.mark.parametrize("failure", ["killed", "killed_between_evaluations", "interrupted_between_replies",
+                                     "interrupted_in_recv", "bad_action"])
 def test_env_worker_pool_recovers_after_a_failed_evaluation(failure, models, pools):
-    """A worker killed mid-evaluation raises a RuntimeError naming it; Ctrl-C between the replies of one env step
+    """A worker killed mid-evaluation raises a RuntimeError naming it; one killed between evaluations (by the OOM
+    killer, say) is replaced at the next one; Ctrl-C between the replies of one env step
     (the other groups' replies left in the pipes) or while waiting for a reply propagates; a worker error raises.
     The pool's next evaluations equal stepping in this process: it waits for the replies left, or starts new workers
     where a round was cut short or a worker is gone; ``close`` (twice) leaves no process."""
@@ -639,9 +641,15 @@ def test_env_worker_pool_recovers_after_a_failed_evaluation(failure, models, poo
         _assert_same(_hopper_eval(models, remote), ref)
         old = list(remote._remote.procs)
         if failure == "killed":
-            with pytest.raises(RuntimeError, match=r"evaluation env worker 1 exited \(exit code -9\)") as e:
+            with pytest.raises(RuntimeError, match=r"evaluation env worker 1 exited \(exit code -9\); it was killed "
+                                                   r"\(out of memory\?\)") as e:
                 _hopper_eval(models, remote, model=_KillWorker(models["hopper"], remote))
             assert isinstance(e.value, UserError) and "continues with --resume" in str(e.value)   # one line
+        elif failure == "killed_between_evaluations":
+            import signal
+
+            os.kill(old[1].pid, signal.SIGKILL)
+            old[1].join(timeout=5)
         elif failure == "interrupted_between_replies":
             with pytest.raises(KeyboardInterrupt):
                 _hopper_eval(models, remote, overlap_groups=3, progress=_InterruptAt(4))

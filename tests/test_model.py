@@ -4,6 +4,7 @@ Reference behaviour: /work/shared/reference/model.md (sections cited in the docs
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
@@ -614,6 +615,47 @@ def test_last_action_only_matches_the_full_forward(variant):
     assert last.action_preds.shape == (3, 1, DA) and last.state_preds is None and last.return_preds is None
     torch.testing.assert_close(last.action_preds[:, 0], full.action_preds[:, -1], atol=1e-6, rtol=1e-5)
     assert not torch.equal(full.action_preds[:, -1], full.action_preds[:, -2])  # the last step, not another one
+
+
+@pytest.mark.parametrize("path", ["eager_attention", "output_attentions"])
+def test_last_action_only_matches_the_full_forward_on_the_eager_path(path):
+    """The eager path's causal mask for the last query positions only (keys from all positions), with attention
+    sharp enough that a wrongly masked key would show."""
+    from decision_transformer.models.gpt2 import eager_attention
+
+    m = DecisionTransformer(small_cfg(), seed=21).eval()
+    with torch.no_grad():
+        for block in m.transformer.h:
+            block.attn.c_attn.weight.mul_(30)
+    s, a, r, t, mask = make_inputs()
+    kw = dict(attention_mask=mask, output_attentions=path == "output_attentions")
+    with torch.no_grad(), eager_attention(m) if path == "eager_attention" else contextlib.nullcontext():
+        full = m(s, a, r, t, **kw).action_preds
+        last = m(s, a, r, t, last_action_only=True, **kw).action_preds
+        sdpa = m(s, a, r, t, attention_mask=mask).action_preds
+    torch.testing.assert_close(last[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full[:, -1], sdpa[:, -1], atol=1e-5, rtol=1e-5)   # real rows: as the SDPA path
+
+
+def test_embedding_dropout_is_applied_in_train_mode_only():
+    m = DecisionTransformer(small_cfg(backbone=dict(resid_pdrop=0.0, attn_pdrop=0.0, embd_pdrop=0.5)), seed=14)
+    s, a, r, t, mask = make_inputs()
+    torch.manual_seed(0)
+    x1, x2 = (m(s, a, r, t, attention_mask=mask).action_preds for _ in range(2))
+    assert (x1 - x2).abs().max() > 1e-3
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(s, a, r, t, attention_mask=mask).action_preds,
+                           m(s, a, r, t, attention_mask=mask).action_preds)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"0": {"n_head": 3}}], ids=["model", "block_override"])
+def test_hidden_size_not_divisible_by_heads_is_refused_at_build(overrides):
+    from decision_transformer.models.gpt2 import GPT2Backbone
+
+    n_head = 2 if overrides else 3
+    with pytest.raises(ValueError, match="hidden size 16 is not divisible by n_head 3"):
+        GPT2Backbone(BackboneConfig(n_embd=16, n_layer=2, n_head=n_head, block_overrides=overrides))
 
 
 def test_get_action_rows_are_batch_independent_at_default_size():
