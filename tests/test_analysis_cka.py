@@ -142,3 +142,33 @@ def test_shared_module_is_refused():
     model.transformer.h[1].mlp.act = model.transformer.h[0].mlp.act   # the transformers 4.17-4.23 aliasing
     with pytest.raises(UserError, match="same object"):
         hooked_modules(model)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+@pytest.mark.parametrize("debiased", [True, False], ids=["debiased", "biased"])
+def test_constant_representations_get_exactly_zero(xy, kernel, debiased):
+    """A constant representation (one activation vector for every example, e.g. a dead layer) has an all-zero
+    centred Gram; rounding must not turn it into the cosine of two noise patterns."""
+    g = torch.Generator().manual_seed(1)
+    a = (torch.randn(1, 64, generator=g) * 3).expand(100, 64)
+    b = (torch.randn(1, 64, generator=g) * 3).expand(100, 64)
+    x = torch.tensor(xy[0])
+    part = x.clone()
+    part[:, :4] = 0.1                                     # constant columns beside varying ones: no effect
+    m = cka_matrix([a, b, x, part], [b, x, x[:, 4:]], kernel=kernel, debiased=debiased, threshold=0.5)
+    assert np.array_equal(m[:2], np.zeros((2, 3))) and np.array_equal(m[:, 0], np.zeros(4))
+    assert m[2, 1] == pytest.approx(1.0, abs=1e-12) and m[3, 2] == pytest.approx(1.0, abs=1e-12)
+    assert linear_cka(np.zeros((10, 3)), xy[0][:10]) == 0.0
+
+
+def test_rbf_bandwidth_is_the_median_beyond_torch_quantile_limits():
+    from decision_transformer.analysis.cka import _median
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 10):
+        v = rng.standard_normal(n)
+        assert _median(torch.tensor(v)) == pytest.approx(float(np.median(v)), rel=1e-15)
+    x = torch.randn(4100, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))   # 4100² > 2^24
+    sq = torch.cdist(x, x) ** 2
+    expected = torch.exp(-sq / (2 * 0.5 ** 2 * float(np.median(sq.numpy()))))
+    torch.testing.assert_close(gram_rbf(x, 0.5), expected, atol=1e-9, rtol=0)

@@ -55,15 +55,35 @@ def gram_linear(x) -> torch.Tensor:
 
 def gram_rbf(x, threshold: float = 1.0) -> torch.Tensor:
     """RBF Gram exp(-||x_i - x_j||² / (2 threshold² median_ij ||x_i - x_j||²)) (bandwidth = a fraction of the median
-    squared distance, as in Kornblith et al.'s code)."""
+    squared distance, as in Kornblith et al.'s code). All examples equal (median 0): the constant 1."""
     x = _as64(x)
     g = x @ x.T
     d = torch.diagonal(g)
     sq = (d[:, None] + d[None, :] - 2 * g).clamp(min=0)
-    med = float(torch.quantile(sq.flatten(), 0.5))  # the median, averaging the middle pair as np.median does
+    med = _median(sq.flatten())
     if med == 0:
         return torch.ones_like(sq)
     return torch.exp(-sq / (2 * threshold ** 2 * med))
+
+
+def _median(v: torch.Tensor) -> float:
+    """The median of a 1-d tensor, averaging the middle pair as ``np.median`` does (``torch.quantile`` is limited to
+    2^24 elements: RBF Grams of more than 4096 examples)."""
+    n = v.numel()
+    lo = v.kthvalue((n + 1) // 2).values
+    hi = v.kthvalue(n // 2 + 1).values
+    return float((lo + hi) / 2)
+
+
+def _without_offsets(x) -> torch.Tensor:
+    """x [n, d] minus its column means, with columns that hold one value exactly 0. CKA is invariant to this for both
+    kernels and both centrings; without it, a constant representation's centred Gram is rounding noise instead of
+    exactly 0, and CKA the cosine of two noise patterns."""
+    x = _as64(x)
+    constant = (x == x[:1]).all(0)
+    x = x - x.mean(0, keepdim=True)
+    x[:, constant] = 0
+    return x
 
 
 def center_gram(g, unbiased: bool = False) -> torch.Tensor:
@@ -94,15 +114,18 @@ def cka(gram_x, gram_y, debiased: bool = False, eps: float = 0.0) -> float:
 
 
 def linear_cka(x, y, debiased: bool = False, eps: float = 0.0) -> float:
-    return cka(gram_linear(x), gram_linear(y), debiased, eps)
+    return cka(_gram(x, "linear", 1.0), _gram(y, "linear", 1.0), debiased, eps)
 
 
 def _gram(x, kernel: str, threshold: float) -> torch.Tensor:
-    if kernel == "linear":
-        return gram_linear(x)
-    if kernel == "rbf":
-        return gram_rbf(x, threshold)
-    raise UserError(f"unknown CKA kernel {kernel!r}; choose linear or rbf")
+    """The Gram matrix CKA uses: of x without its column offsets (same CKA, exact 0 for a constant representation:
+    its Gram is then all zeros, whose centring is exact)."""
+    if kernel not in ("linear", "rbf"):
+        raise UserError(f"unknown CKA kernel {kernel!r}; choose linear or rbf")
+    x = _without_offsets(x)
+    if not x.any():
+        return torch.zeros(x.shape[0], x.shape[0], dtype=x.dtype, device=x.device)
+    return gram_linear(x) if kernel == "linear" else gram_rbf(x, threshold)
 
 
 def cka_matrix(feats1: list, feats2: list, kernel: str = "linear", debiased: bool = True, threshold: float = 1.0,
