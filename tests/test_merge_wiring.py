@@ -1,0 +1,353 @@
+"""merge_setup's wiring of merges to flags: --p in a Fisher merge, --no_trace_norm, the task-vector defaults and bases
+(λ = 0.8, --merge_base, the fresh --pretrained_lm model), RegMean's Gram data, the greedy-soup score, every block of
+a multi-task merge, --flip, --regmean_n_windows batching and the iteration-0 evaluation, each against an explicit
+computation on tiny checkpoints."""
+import json
+
+import pytest
+import torch
+
+import experiment
+from conftest import fails, listed, write_source_models
+from decision_transformer import merge_cli, merge_setup, merging
+from decision_transformer.checkpoint import atomic_save, load_checkpoint, make_checkpoint
+from test_fisher import fake_batch, fisher_file, tiny_model
+from test_merging import tiny_lm
+
+SMALL = ["--embed_dim", "16", "--n_layer", "1", "--K", "5", "--batch_size", "8", "--warmup_steps", "10"]
+NO_TRAINING = ["--max_iters", "1", "--num_steps_per_iter", "0", "--num_eval_episodes", "0"]
+
+
+@pytest.fixture(scope="module")
+def srcs(tmp_path_factory):
+    """Datasets and tiny checkpoints (16 x 1, seed 666, blocks perturbed per env) for hopper, halfcheetah, walker2d."""
+    return write_source_models(tmp_path_factory.mktemp("wiring"), ("hopper", "halfcheetah", "walker2d"), n=250,
+                               max_ep_len=50, id_base=200000)
+
+
+def copies(paths, folder, *envs):
+    out = []
+    for e in envs:
+        out.append(folder / paths[e].name)
+        out[-1].write_bytes(paths[e].read_bytes())
+    return out
+
+
+def state(path):
+    return load_checkpoint(path)["state_dict"]
+
+
+def shared_init(path):
+    """The seeded initialisation a write_source_models checkpoint was perturbed from."""
+    from decision_transformer.models import DecisionTransformer, DTConfig
+
+    cfg = DTConfig.from_dict(load_checkpoint(path)["config"]["model_config"])
+    return DecisionTransformer(cfg, seed=666).state_dict()
+
+
+def attn_mlp(sd):
+    return [k for k in sd if ("attn" in k or "mlp" in k) and sd[k].is_floating_point()]
+
+
+# ---- Fisher: --p and --no_trace_norm (items 1, 8) --------------------------------------------------------------------
+
+def test_fisher_merge_coeffs_weight_each_model():
+    g = torch.Generator().manual_seed(3)
+    a, b = {"w": torch.randn(4, 3, generator=g)}, {"w": torch.randn(4, 3, generator=g)}
+    Fa, Fb = {"w": torch.rand(4, 3, generator=g) + 0.1}, {"w": torch.rand(4, 3, generator=g) + 0.1}
+    out = merging.merge_fisher([a, b], [Fa, Fb], ["w"], norm="none", floor=0.0, coeffs=[0.8, 0.2])
+    expect = (0.8 * Fa["w"] * a["w"] + 0.2 * Fb["w"] * b["w"]) / (0.8 * Fa["w"] + 0.2 * Fb["w"])
+    torch.testing.assert_close(out["w"], expect, rtol=1e-6, atol=1e-6)
+
+
+def fisher_pair(srcs, tmp_path):
+    """Copies of the halfcheetah and walker2d models with hand-made Fisher files (bs4-nb2) that differ element by
+    element and in their traces; returns (paths, states, Fishers)."""
+    root, data, paths = srcs
+    a, b = copies(paths, tmp_path, "halfcheetah", "walker2d")
+    fisher_file(a, lambda F: None)
+    fisher_file(b, lambda F: [v.pow_(3).mul_(7.0) for v in F.values()])
+    Fs = [{k: v for k, v in torch.load(merge_setup.fisher_mod.fisher_info_path(p, 4, 2), weights_only=True).items()
+           if not k.startswith("_")} for p in (a, b)]
+    return (a, b), [state(a), state(b)], Fs
+
+
+FISHER_FLAGS = ["--merge_method", "fisher", "--include", "attn", "mlp", "--f_batch_size", "4", "--f_num_batches", "2",
+                "--fisher_floor", "0", "--K", "5", "--device", "cpu"]
+
+
+def test_fisher_merge_p_weights_model_2(srcs, tmp_path):
+    """merge_cli --merge_method fisher --p 0.2: θ = (0.8 fa θa + 0.2 fb θb) / (0.8 fa + 0.2 fb), f = F / trace(F)."""
+    (a, b), (sa, sb), (Fa, Fb) = fisher_pair(srcs, tmp_path)
+    out = tmp_path / "f.pt"
+    merge_cli.main(["--models", str(a), str(b), *FISHER_FLAGS, "--p", "0.2", "--data_path", str(srcs[1]),
+                    "--out", str(out)])
+    got = torch.load(out, weights_only=True)["state_dict"]
+    ta, tb = sum(v.double().sum() for v in Fa.values()), sum(v.double().sum() for v in Fb.values())
+    keys = attn_mlp(sa)
+    assert len(keys) == 8
+    for k in keys:
+        fa, fb = (Fa[k].double() / ta), (Fb[k].double() / tb)
+        expect = (0.8 * fa * sa[k].double() + 0.2 * fb * sb[k].double()) / (0.8 * fa + 0.2 * fb)
+        torch.testing.assert_close(got[k], expect.float(), rtol=1e-5, atol=1e-6)
+    for k in sa:
+        if k not in keys:
+            assert torch.equal(got[k], sa[k]), k
+
+
+def test_no_trace_norm_uses_the_raw_fishers(srcs, tmp_path):
+    """merge_cli --merge_method fisher --no_trace_norm: θ = (Fa θa + Fb θb) / (Fa + Fb), the Fishers not normalised
+    (their traces differ, so a trace-normalised merge is another tensor)."""
+    (a, b), (sa, sb), (Fa, Fb) = fisher_pair(srcs, tmp_path)
+    out = tmp_path / "f.pt"
+    merge_cli.main(["--models", str(a), str(b), *FISHER_FLAGS, "--no_trace_norm", "--data_path", str(srcs[1]),
+                    "--out", str(out)])
+    got = torch.load(out, weights_only=True)["state_dict"]
+    ta, tb = sum(v.double().sum() for v in Fa.values()), sum(v.double().sum() for v in Fb.values())
+    assert not torch.isclose(ta, tb, rtol=0.5)
+    for k in attn_mlp(sa):
+        Fa_k, Fb_k = Fa[k].double(), Fb[k].double()
+        expect = (Fa_k * sa[k].double() + Fb_k * sb[k].double()) / (Fa_k + Fb_k)
+        torch.testing.assert_close(got[k], expect.float(), rtol=1e-5, atol=1e-6)
+
+
+# ---- task vectors: the default λ, --merge_base, the fresh --pretrained_lm model (items 6, 7, 12) ---------------------
+
+def test_task_arithmetic_default_lambda_is_0_8(srcs, tmp_path):
+    root, data, paths = srcs
+    models = [paths[e] for e in ("hopper", "halfcheetah", "walker2d")]
+    out = tmp_path / "ta.pt"
+    merge_cli.main(["--models", *map(str, models), "--merge_method", "task_arithmetic", "--include", "attn", "mlp",
+                    "--device", "cpu", "--out", str(out)])
+    got = torch.load(out, weights_only=True)["state_dict"]
+    base, sds = shared_init(models[0]), [state(p) for p in models]
+    for k in attn_mlp(sds[0]):
+        expect = base[k] + 0.8 * sum(s[k] - base[k] for s in sds)
+        torch.testing.assert_close(got[k], expect, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_base_is_the_task_vector_base(srcs, tmp_path):
+    """--merge_base X.pt with X's blocks zero and λ = 1: the merged tensors are Σ θᵢ (not relative to the rebuilt
+    shared initialisation)."""
+    root, data, paths = srcs
+    models = [paths[e] for e in ("hopper", "halfcheetah")]
+    ck = load_checkpoint(models[0])
+    zero = {k: torch.zeros_like(v) if k.startswith("transformer.h.") else v for k, v in ck["state_dict"].items()}
+    base_path = tmp_path / "zero.pt"
+    atomic_save(make_checkpoint(zero, ck["config"]), base_path)
+    out = tmp_path / "ta.pt"
+    merge_cli.main(["--models", *map(str, models), "--merge_method", "task_arithmetic", "--merge_lambda", "1",
+                    "--merge_base", str(base_path), "--include", "attn", "mlp", "--device", "cpu", "--out", str(out)])
+    got = torch.load(out, weights_only=True)["state_dict"]
+    sds = [state(p) for p in models]
+    keys = attn_mlp(sds[0])
+    assert len(keys) == 8
+    for k in keys:
+        torch.testing.assert_close(got[k], sds[0][k] + sds[1][k], rtol=1e-5, atol=1e-6)
+
+
+def fresh_lm_state(argv):
+    """The fresh --pretrained_lm model experiment.py builds for ``argv`` (construction reseeded with --seed)."""
+    from decision_transformer.cli import experiment_parser
+    from decision_transformer.envs import get_env_spec
+    from decision_transformer.model_factory import build_model_from_args
+
+    args = experiment_parser().parse_args(argv)
+    return build_model_from_args(args, get_env_spec(args.env)).state_dict()
+
+
+def test_task_arithmetic_with_pretrained_lm_is_relative_to_the_fresh_lm_model(srcs, tmp_path, monkeypatch):
+    """2 models + --pretrained_lm + task arithmetic (λ = 1): θ = fresh + Σ (θᵢ − fresh) on the merged tensors,
+    the fresh LM-initialised model being the base (not model 1's rebuilt random initialisation)."""
+    root, data, paths = srcs
+    lm = tiny_lm(tmp_path / "lm")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    models = [paths["hopper"], paths["walker2d"]]
+    argv = ["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models", *map(str, models),
+            "--pretrained_lm", str(lm), "--merge_method", "task_arithmetic", "--merge_lambda", "1", "--include",
+            "attn", "mlp", "--copy_model", *NO_TRAINING]
+    experiment.main(argv)
+    (rd,) = listed(work / "checkpoints")
+    m0 = state(rd / "model_0.pt")
+    fresh, sds = fresh_lm_state(argv), [state(p) for p in models]
+    keys = attn_mlp(sds[0])
+    assert len(keys) == 8 and not torch.allclose(fresh[keys[0]], shared_init(models[0])[keys[0]])
+    assert m0.keys() == sds[0].keys()
+    for k in m0:
+        if k in keys:
+            torch.testing.assert_close(m0[k], fresh[k] + sum(s[k] - fresh[k] for s in sds), rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(m0[k], sds[0][k]), k
+
+
+# ---- one model + --pretrained_lm + --flip (item 11) ------------------------------------------------------------------
+
+def test_flip_with_one_model_and_pretrained_lm_makes_the_loaded_model_model_1(srcs, tmp_path, monkeypatch):
+    """--pretrained_models A --pretrained_lm lm --flip --p 0.25 --include attn: 0.75·A + 0.25·fresh on attn, A's
+    values elsewhere (A: an LM-shaped model, every tensor moved away from the fresh model's)."""
+    root, data, paths = srcs
+    lm = tiny_lm(tmp_path / "lm")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    argv = ["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_lm", str(lm), "--flip", "--p", "0.25",
+            "--include", "attn", *NO_TRAINING]
+    fresh = fresh_lm_state(argv)
+    g = torch.Generator().manual_seed(11)
+    a = {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+         for k, v in fresh_lm_state([*argv, "--seed", "1"]).items()}
+    from decision_transformer.cli import experiment_parser
+    from decision_transformer.envs import get_env_spec
+    from decision_transformer.model_factory import build_model_from_args
+
+    cfg = build_model_from_args(experiment_parser().parse_args(argv), get_env_spec("hopper")).config.to_dict()
+    a_path = tmp_path / "models" / "hopper" / "dt_gym-experiment-hopper-medium-300000_best.pt"
+    atomic_save(make_checkpoint(a, {"env": "hopper", "dataset": "medium", "seed": 1, "model_config": cfg}), a_path)
+    experiment.main([*argv, "--pretrained_models", str(a_path)])
+    (rd,) = listed(work / "checkpoints")
+    m0 = state(rd / "model_0.pt")
+    keys = [k for k in a if "attn" in k and a[k].is_floating_point()]
+    assert len(keys) == 4 and m0.keys() == a.keys()
+    for k in m0:
+        if k in keys:
+            torch.testing.assert_close(m0[k], 0.75 * a[k] + 0.25 * fresh[k], rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(m0[k], a[k]), k
+    info = json.loads((rd / "config.json").read_text())["merge_info"]
+    assert info["base"] == "loaded"
+
+
+# ---- flag checks (items 9, 10) ---------------------------------------------------------------------------------------
+
+def test_use_fisher_contradicts_another_merge_method(srcs, tmp_path, monkeypatch, capsys):
+    root, data, paths = srcs
+    monkeypatch.chdir(tmp_path)
+    msg = fails(experiment.main, ["--env", "hopper", "--data_path", str(tmp_path / "absent"), "--no_generate", *SMALL,
+                                  "--pretrained_models", str(paths["hopper"]), str(paths["walker2d"]), "--include",
+                                  "attn", "--use_fisher", "--merge_method", "ties", *NO_TRAINING], capsys)
+    assert msg == "error: --use_fisher contradicts --merge_method ties"
+    assert not any(tmp_path.iterdir())
+
+
+def test_flip_needs_exactly_two_models(srcs, tmp_path, monkeypatch, capsys):
+    root, data, paths = srcs
+    monkeypatch.chdir(tmp_path)
+    msg = fails(experiment.main, ["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models",
+                                  *[str(paths[e]) for e in ("hopper", "halfcheetah", "walker2d")], "--include", "attn",
+                                  "--flip", *NO_TRAINING], capsys)
+    assert msg == "error: --flip needs exactly 2 --pretrained_models, got 3"
+
+
+# ---- RegMean end to end (item 2) -------------------------------------------------------------------------------------
+
+def test_regmean_grams_come_from_each_models_own_dataset(srcs, tmp_path):
+    from decision_transformer.data import TrajectoryDataset, load_dataset
+    from decision_transformer.legacy_import import build_model, load_model_file
+
+    root, data, paths = srcs
+    models = [paths["halfcheetah"], paths["walker2d"]]
+    out = tmp_path / "rm.pt"
+    merge_cli.main(["--models", *map(str, models), "--include", "attn", "mlp", "--merge_method", "regmean",
+                    "--regmean_n_windows", "20", "--batch_size", "8", "--K", "5", "--data_path", str(data),
+                    "--device", "cpu", "--out", str(out)])
+    got = torch.load(out, weights_only=True)["state_dict"]
+
+    def fwd(m, b):
+        return m(b.states, b.actions, b.rtg[:, :-1], b.timesteps, attention_mask=b.mask)
+
+    sds, grams, conv1d = [], [], {}
+    for p, env in zip(models, ("halfcheetah", "walker2d")):
+        mf = load_model_file(p)
+        sds.append(mf.state_dict)
+        model = build_model(mf, "cpu", max_length=5)
+        keys = merging.select_keys(list(mf.state_dict), ["attn", "mlp"])
+        _, trajs = load_dataset(str(data), env, "medium")
+        ds = TrajectoryDataset(trajs, env, device="cpu")
+        grams.append(merging.collect_grams(model, keys, merge_setup.windows(ds, 20, 8, 5, 666), fwd))
+        conv1d = {n: c for n, (_, c) in merging.linear_modules(model, keys).items()}
+    assert sorted(grams[0]) == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                                "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    expect = merging.merge_regmean(sds, grams, keys, alpha=0.1, conv1d=conv1d)
+    for k in keys:
+        torch.testing.assert_close(got[k], expect[k], rtol=1e-5, atol=1e-6)
+    w = "transformer.h.0.mlp.c_fc.weight"
+    assert not torch.allclose(got[w], (sds[0][w] + sds[1][w]) / 2, atol=1e-4)      # really Gram-weighted
+
+
+# ---- greedy-soup score (item 3) --------------------------------------------------------------------------------------
+
+def test_action_mse_score_is_minus_the_mean_masked_mse():
+    from decision_transformer.training.losses import masked_action_mse
+
+    model = tiny_model(seed=4)
+    batches = [fake_batch(seed=5), fake_batch(seed=6)]
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ref = tiny_model(seed=4).eval()
+    with torch.no_grad():
+        mses = [float(masked_action_mse(ref(b.states, b.actions, b.rtg[:, :-1], b.timesteps,
+                                            attention_mask=b.mask).action_preds, b.actions, b.mask)) for b in batches]
+    score = merge_setup.action_mse_score(model, batches)
+    assert score(sd) == pytest.approx(-(mses[0] + mses[1]) / 2, rel=1e-6)
+    noisy = {k: v + 3.0 * torch.randn(v.shape, generator=torch.Generator().manual_seed(7))
+             if k.startswith("predict_action") else v for k, v in sd.items()}
+    assert score(noisy) < score(sd) < 0
+
+
+# ---- multi-task merge: every layer (item 5) --------------------------------------------------------------------------
+
+def test_multi_task_merge_merges_every_block_layer(tmp_path):
+    from decision_transformer.models.multi_decision_transformer import MULTI_ENVS
+    from test_multi import ENV_LISTS, save_multi
+
+    a = save_multi(tmp_path / "a.pt", 0, ["hopper"], n_layer=2)
+    b = save_multi(tmp_path / "b.pt", 1, ["walker2d"], n_layer=2)
+    out = tmp_path / "m.pt"
+    merge_cli.main(["--models", str(a), str(b), "--device", "cpu", "--out", str(out)])
+    got = torch.load(out, weights_only=True)["state_dict"]
+    sa, sb = state(a), state(b)
+    blocks = [k for k in sa if k.startswith("transformer.h.") and sa[k].is_floating_point()]
+    assert {k.split(".")[2] for k in blocks} == {"0", "1"}
+    assert not torch.equal(sa["transformer.h.1.attn.c_attn.weight"], sb["transformer.h.1.attn.c_attn.weight"])
+    for k, v in got.items():
+        if k in blocks:
+            torch.testing.assert_close(v, (sa[k] + sb[k]) / 2, rtol=0, atol=1e-7)
+        elif any(k.startswith(f"{n}.{MULTI_ENVS.index('walker2d')}.") for n in ENV_LISTS):  # from the walker2d model
+            assert torch.equal(v, sb[k]), k
+        else:
+            assert torch.equal(v, sa[k]), k
+
+
+# ---- --regmean_n_windows is exact (item 13) --------------------------------------------------------------------------
+
+def test_windows_batches_add_up_to_n_windows():
+    calls = []
+
+    class Stub:
+        device = "cpu"
+
+        def sample_batch(self, n, K, gen):
+            calls.append((n, K))
+            return n
+
+    assert merge_setup.windows(Stub(), 5, 4, 3, 0) == [4, 1]
+    assert calls == [(4, 3), (1, 3)]
+    calls.clear()
+    assert merge_setup.windows(Stub(), 8, 4, 3, 0) == [4, 4]
+
+
+# ---- no iteration-0 evaluation without finetuning (item 14) ----------------------------------------------------------
+
+def test_no_iteration_0_evaluation_when_nothing_is_finetuned(srcs, tmp_path, monkeypatch, capsys):
+    root, data, paths = srcs
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(merge_setup, "_evaluate_before_finetuning", lambda *a: calls.append(a) or {})
+    experiment.main(["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models", str(paths["hopper"]),
+                     str(paths["walker2d"]), "--include", "attn", "--copy_model", "--max_iters", "1",
+                     "--num_steps_per_iter", "0", "--num_eval_episodes", "1"])
+    err = capsys.readouterr().err
+    assert calls == [] and "iter 0 (merged" not in err
+    (rd,) = listed(tmp_path / "checkpoints")
+    assert "iteration_0" not in json.loads((rd / "config.json").read_text())["merge_info"]
