@@ -213,7 +213,14 @@ def load_state_into(model: torch.nn.Module, state_dict: dict, source: str, stric
     """Strict load that names the mismatched tensors instead of dumping a traceback."""
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_KEYS)}
     check_finite_state(state_dict, source)
-    own = model.state_dict()
+    check_loadable(model.state_dict(), state_dict, source, strict)
+    model.load_state_dict(state_dict, strict=strict)
+
+
+def check_loadable(own: dict, state_dict: dict, source: str, strict: bool = True):
+    """Raise a UserError naming the tensors of ``state_dict`` that do not fit a model whose state is ``own`` (shapes;
+    with ``strict``, missing and unexpected keys). The originals' mask buffers are ignored."""
+    state_dict = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_KEYS)}
     shape_bad = [f"{k} (checkpoint {list(v.shape)}, model {list(own[k].shape)})"
                  for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state_dict]
@@ -227,4 +234,3 @@ def load_state_into(model: torch.nn.Module, state_dict: dict, source: str, stric
         problems.append(f"unexpected {unexpected[0]}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
     if problems:
         raise UserError(f"{source} does not match the model: " + "; ".join(problems))
-    model.load_state_dict(state_dict, strict=strict)

@@ -14,7 +14,7 @@ import torch
 
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
-from decision_transformer.checkpoint import load_state_into
+from decision_transformer.checkpoint import check_loadable, load_state_into
 from decision_transformer.errors import UserError
 from decision_transformer.legacy_import import ModelFile, build_model, load_model_file
 
@@ -515,6 +515,7 @@ def _merge_for_experiment(args, fresh, spec, device):
         check_selection(keys, args, sources[0].path)
         merging.check_compatible([s.state_dict for s in sources], [s.path for s in sources], keys)
         warn_architecture([s.config.get("model_config") for s in sources], [s.path for s in sources])
+        _check_destination(args, sources, fresh_sd, keys)
         merged, merged_keys = merge_single_sources(sources, args, keys, device, data, fresh_sd)
         check_merged_state(merged, method, args)
         _report(merged, merged_keys, info, f"{method} of {len(sources)} models")
@@ -525,20 +526,13 @@ def _merge_for_experiment(args, fresh, spec, device):
         model = _model_from(sources[0], merged, args, spec, device, fresh.config)
         info["trained"] = "merged model (model 1's other tensors)"
     elif args.flip and len(sources) >= 2:
-        if len(sources) != 2:
-            raise UserError(f"--flip needs exactly 2 --pretrained_models, got {len(sources)}")
         state2 = dict(sources[1].state_dict)
         state2.update({k: merged[k] for k in keys if k in state2})
         model = _model_from(sources[1], state2, args, spec, device, fresh.config)
         info["trained"] = "model 2 with the merged tensors"
     elif args.copy_include:
         sd = dict(fresh_sd)
-        for k in keys:
-            if k in sd:
-                if sd[k].shape != merged[k].shape:
-                    raise UserError(f"--copy_include: merged tensor {k} has shape {list(merged[k].shape)}, the fresh "
-                                    f"model {list(sd[k].shape)}")
-                sd[k] = merged[k]
+        sd.update({k: merged[k] for k in keys if k in sd})   # shapes checked by _check_destination
         load_state_into(fresh, sd, "the merged tensors (--copy_include)")
         model = fresh
         info["trained"] = "fresh model with the merged tensors"
@@ -547,6 +541,25 @@ def _merge_for_experiment(args, fresh, spec, device):
         model = fresh
         info["trained"] = "fresh model with the whole merged state"
     return model, keys, merged_keys, info
+
+
+def _check_destination(args, sources: Sequence[ModelFile], fresh_sd: dict, keys: Sequence[str]):
+    """Before any Fisher or Gram is computed: the merged state fits the model it will be loaded into (the fresh model
+    these flags build, unless --copy_model or --flip build it from a source's own config)."""
+    if args.copy_model:
+        return
+    if args.flip:
+        if len(sources) != 2:
+            raise UserError(f"--flip needs exactly 2 --pretrained_models, got {len(sources)}")
+        return
+    first = sources[0].state_dict
+    if args.copy_include:
+        for k in keys:
+            if k in fresh_sd and fresh_sd[k].shape != first[k].shape:
+                raise UserError(f"--copy_include: merged tensor {k} has shape {list(first[k].shape)}, the fresh "
+                                f"model {list(fresh_sd[k].shape)}")
+        return
+    check_loadable(fresh_sd, first, f"the merged model (model 1: {sources[0].path})")
 
 
 def _report(merged, keys, info, what):

@@ -351,3 +351,26 @@ def test_no_iteration_0_evaluation_when_nothing_is_finetuned(srcs, tmp_path, mon
     assert calls == [] and "iter 0 (merged" not in err
     (rd,) = listed(tmp_path / "checkpoints")
     assert "iteration_0" not in json.loads((rd / "config.json").read_text())["merge_info"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--copy_include"]], ids=["whole_state", "copy_include"])
+def test_merged_state_that_cannot_fit_the_fresh_model_fails_before_any_fisher(srcs, tmp_path, monkeypatch, capsys,
+                                                                              extra):
+    """Random-init checkpoints merged into a fresh --pretrained_lm model (other token and position tables, other
+    width): the mismatch is reported before the Fishers are estimated, not after."""
+    root, data, paths = srcs
+    lm = tiny_lm(tmp_path / "lm")
+    monkeypatch.chdir(tmp_path)
+    estimated = []
+    monkeypatch.setattr(merge_setup, "merge_single_sources", lambda *a, **k: estimated.append(1))
+    argv = ["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models", str(paths["hopper"]),
+            str(paths["walker2d"]), "--pretrained_lm", str(lm), "--use_fisher", "--include", "wte", *extra,
+            *NO_TRAINING]
+    msg = fails(experiment.main, argv, capsys)
+    if extra:
+        assert msg == ("error: --copy_include: merged tensor transformer.wte.weight has shape [50257, 16], the fresh "
+                       "model [50, 16]")
+    else:
+        assert msg == (f"error: the merged model (model 1: {paths['hopper']}) does not match the model: shape mismatch "
+                       "for transformer.wte.weight (checkpoint [50257, 16], model [50, 16]) and 1 more")
+    assert estimated == []
