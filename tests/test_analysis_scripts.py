@@ -62,7 +62,9 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def test_score_table_best_last_and_dataset_norm(tmp_path, capsys):
+def two_seed_runs(tmp_path):
+    """dt runs of seeds 666 (returns 10, 300, 50) and 42 (100, 200, 250), random/expert datasets of mean return 20
+    and 1020 (dataset score = (R - 20) / 10): (checkpoints folder, data folder)."""
     ck = tmp_path / "checkpoints"
     write_run(ck, "dt", epochs=(1,), returns=[10.0, 300.0, 50.0])
     write_run(ck, "dt", seed=42, epochs=(1,), returns=[100.0, 200.0, 250.0])
@@ -71,6 +73,11 @@ def test_score_table_best_last_and_dataset_norm(tmp_path, capsys):
                       "rewards": np.array([r, 0.0], np.float32), "terminals": np.array([False, True])}
     write_pkl(data / "hopper-random-v2.pkl", [traj(10.0), traj(30.0)])           # mean return 20
     write_pkl(data / "hopper-expert-v2.pkl", [traj(1020.0)])                      # mean return 1020
+    return ck, data
+
+
+def test_score_table_best_last_and_dataset_norm(tmp_path, capsys):
+    ck, data = two_seed_runs(tmp_path)
     main = load_script("analysis/section-4-sanity-check/compute_normalized_score.py").main
     main(["--checkpoint_dir", ck, "--env_name_list", "hopper", "--model_name_list", "dt", "--score_norm", "dataset",
           "--data_path", data, *out(tmp_path)])

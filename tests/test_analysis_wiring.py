@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from test_analysis_cka import xy  # noqa: F401
+from test_analysis_scripts import two_seed_runs
 from test_analysis_support import write_run
 from test_tools_results import hopper_checkpoint, run_folder, single_row
 
@@ -21,7 +22,6 @@ from decision_transformer.envs import get_env_spec
 from decision_transformer.errors import UserError
 from decision_transformer.models import BackboneConfig
 from decision_transformer.models.multi_decision_transformer import MODEL_CLASS, MultiDecisionTransformer, MultiDTConfig
-from decision_transformer.synthetic import write_pkl
 
 
 def out(tmp_path):
@@ -264,17 +264,7 @@ def test_score_table_reads_the_runs_of_the_given_K(tmp_path):
 
 @pytest.fixture
 def two_seeds(tmp_path):
-    """dt runs of seeds 666 (returns 10, 300, 50) and 42 (100, 200, 250), random/expert datasets of mean return 20
-    and 1020 (dataset score = (R - 20) / 10)."""
-    ck = tmp_path / "checkpoints"
-    write_run(ck, "dt", epochs=(1,), returns=[10.0, 300.0, 50.0])
-    write_run(ck, "dt", seed=42, epochs=(1,), returns=[100.0, 200.0, 250.0])
-    data = tmp_path / "data"
-    traj = lambda r: {"observations": np.zeros((2, 11), np.float32), "actions": np.zeros((2, 3), np.float32),
-                      "rewards": np.array([r, 0.0], np.float32), "terminals": np.array([False, True])}
-    write_pkl(data / "hopper-random-v2.pkl", [traj(10.0), traj(30.0)])
-    write_pkl(data / "hopper-expert-v2.pkl", [traj(1020.0)])
-    return ck, data
+    return two_seed_runs(tmp_path)
 
 
 def test_select_last_picks_the_last_scores_for_table_and_bars(tmp_path, two_seeds, figures):

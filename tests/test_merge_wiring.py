@@ -11,7 +11,7 @@ import experiment
 from conftest import fails, listed, write_source_models
 from decision_transformer import merge_cli, merge_setup, merging
 from decision_transformer.checkpoint import atomic_save, load_checkpoint, make_checkpoint
-from test_fisher import fake_batch, fisher_file, tiny_model
+from test_fisher import copies, fake_batch, fisher_file, tiny_model
 from test_merging import tiny_lm
 
 SMALL = ["--embed_dim", "16", "--n_layer", "1", "--K", "5", "--batch_size", "8", "--warmup_steps", "10"]
@@ -23,14 +23,6 @@ def srcs(tmp_path_factory):
     """Datasets and tiny checkpoints (16 x 1, seed 666, blocks perturbed per env) for hopper, halfcheetah, walker2d."""
     return write_source_models(tmp_path_factory.mktemp("wiring"), ("hopper", "halfcheetah", "walker2d"), n=250,
                                max_ep_len=50, id_base=200000)
-
-
-def copies(paths, folder, *envs):
-    out = []
-    for e in envs:
-        out.append(folder / paths[e].name)
-        out[-1].write_bytes(paths[e].read_bytes())
-    return out
 
 
 def state(path):
