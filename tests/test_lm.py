@@ -48,6 +48,17 @@ def corpus_text(n_lines=400, seed=0) -> str:
     return "".join(" ".join(rng.choice(lex) for _ in range(rng.randint(5, 14))) + ".\n" for _ in range(n_lines))
 
 
+def nontrivial_norms_and_biases(model):
+    """Norm weights around 1 and biases away from 0 (not the fresh 1 and 0), so a wrong norm or a dropped tensor
+    shows in a comparison."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".ln_" in n or "ln_f" in n:
+                p.normal_(1.0 if n.endswith("weight") else 0.0, 0.3)
+            elif n.endswith("bias"):
+                p.normal_(0.0, 0.05)
+
+
 @pytest.fixture(scope="module")
 def lm_dirs(tmp_path_factory):
     """save_pretrained folders: a GPT-2 with its own BPE tokenizer (n_positions 40, so extended positions tile)
@@ -62,12 +73,7 @@ def lm_dirs(tmp_path_factory):
     torch.manual_seed(0)
     gpt = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=40, vocab_size=len(tok),
                                      bos_token_id=0, eos_token_id=0, embd_pdrop=0.0))
-    with torch.no_grad():  # non-trivial norms and biases, so a wrong norm or a dropped tensor shows
-        for n, p in gpt.named_parameters():
-            if ".ln_" in n or "ln_f" in n:
-                p.normal_(1.0 if n.endswith("weight") else 0.0, 0.3)
-            elif n.endswith("bias"):
-                p.normal_(0.0, 0.05)
+    nontrivial_norms_and_biases(gpt)
     gpt.save_pretrained(root / "gpt2")
     tok.save_pretrained(root / "gpt2")
     igpt = ImageGPTForCausalImageModeling(ImageGPTConfig(n_embd=24, n_layer=2, n_head=3, n_positions=1024,

@@ -20,7 +20,7 @@ from decision_transformer.model_factory import build_model_from_args, make_extra
 from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
 from decision_transformer.models.gpt2 import ImageGPTNorm, attention_bias
 from decision_transformer.models.pretrained import PretrainedLM, load_lm_into_backbone, locate_lm
-from test_lm import HOPPER, args_for, materialised
+from test_lm import HOPPER, args_for, materialised, nontrivial_norms_and_biases
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +35,8 @@ def lms(tmp_path_factory):
     gpt = GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=40, vocab_size=50, embd_pdrop=0.05,
                                attn_pdrop=0.3, resid_pdrop=0.3, layer_norm_epsilon=1e-4))
     igpt = ImageGPTModel(ImageGPTConfig(n_embd=24, n_layer=2, n_head=3, n_positions=64, vocab_size=17))
-    with torch.no_grad():
-        for m in (gpt, igpt):
-            for n, p in m.named_parameters():
-                if ".ln_" in n or "ln_f" in n:
-                    p.normal_(1.0 if n.endswith("weight") else 0.0, 0.3)
-                elif n.endswith("bias"):
-                    p.normal_(0.0, 0.05)
+    for m in (gpt, igpt):
+        nontrivial_norms_and_biases(m)
     gpt.save_pretrained(root / "gpt2")
     igpt.save_pretrained(root / "igpt")
     return root
