@@ -4,7 +4,6 @@ snapshot switch), the medium-replay length cap, the unfinished-expert warning, t
 numbers, and the replay buffer / evaluation / random-rollout details."""
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
