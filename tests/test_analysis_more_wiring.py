@@ -1,0 +1,228 @@
+"""Wiring of the learning curves, parameter similarity, attention distance and report steps: values, file names,
+flags and defaults that reach the numbers (stand-ins for checkpoints and models where the real ones are not needed)."""
+import csv
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from test_analysis_figures import metrics_run
+
+from decision_transformer.analysis import attention, common, curves, params, report
+from decision_transformer.analysis.runs import RunKey
+from decision_transformer.checkpoint import run_dir_name
+
+RET = "evaluation/target_3600_return_mean"
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))[1:]
+
+
+# ---- curves -----------------------------------------------------------------------------------------------------
+
+def test_metric_series_turns_booleans_into_nan_and_numbers_into_floats():
+    rows = [{"iteration": 1, RET: True}, {"iteration": 2, RET: 3}, {RET: 4.5}]
+    it, val = curves.metric_series(rows, RET)
+    assert it.tolist() == [1, 2, 3]
+    assert np.isnan(val[0]) and val[1:].tolist() == [3.0, 4.5]
+
+
+def test_wandb_rows_number_iterations_from_step_plus_one(monkeypatch):
+    class Run:
+        name, state = "gym-experiment-hopper-medium-dt-666", "finished"
+
+        def scan_history(self):
+            return [{"_step": 0, RET: 5.0}, {"_step": 4, RET: 7.0}]
+
+    class Api:
+        def runs(self, path, filters=None):
+            return [Run()]
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Api=Api))
+    rows = curves.run_metrics("unused", RunKey("dt", "medium", "hopper", 666), True)
+    assert curves.metric_series(rows, RET)[0].tolist() == [1, 5]
+
+
+def test_grad_clip_curves_keep_max_epoch_and_label_each_run(tmp_path):
+    ck = tmp_path / "ck"
+    metrics_run(ck, "gpt2", returns=[10.0, 20.0, 30.0, 40.0, 50.0])
+    metrics_run(ck, "gpt2", returns=[1.0, 2.0, 3.0, 4.0, 5.0], no_grad_clip=True)
+    curves.run_grad_clip(curves.build_grad_clip_parser().parse_args(
+        ["--checkpoint_dir", str(ck), "--max_epoch", "3", "--results_dir", str(tmp_path / "res"),
+         "--figs_dir", str(tmp_path / "figs")]))
+    rows = _csv(tmp_path / "res" / "learning_curve_grad_clip_gpt2_hopper_medium_666.csv")
+    ret = [(c, int(e), float(v)) for c, m, e, v in rows if m == RET]
+    assert ret == [("with grad clip", 1, 10.0), ("with grad clip", 2, 20.0), ("with grad clip", 3, 30.0),
+                   ("without grad clip", 1, 1.0), ("without grad clip", 2, 2.0), ("without grad clip", 3, 3.0)]
+
+
+def test_block_curves_default_to_five_epochs_off_hopper_and_use_the_smoothing_weight(tmp_path):
+    ck = tmp_path / "ck"
+    for b in range(2):
+        metrics_run(ck, "dt", env="walker2d", K=1, block=b, returns=[8.0 * i for i in range(1, 11)])
+    curves.run_no_context(curves.build_no_context_parser().parse_args(
+        ["--checkpoint_dir", str(ck), "--env_name_list", "walker2d", "-block", "--smoothing", "0.5",
+         "--results_dir", str(tmp_path / "res"), "--figs_dir", str(tmp_path / "figs")]))
+    rows = _csv(tmp_path / "res" / "learning_curve_block_walker2d_medium_666.csv")
+    ret = [(int(e), float(v), float(s)) for c, m, e, v, s in rows
+           if c == "block 0" and m == "evaluation/target_5000_return_mean"]
+    # y0 = 8, y_n = 0.5 y_{n-1} + 0.5 x_n
+    assert ret == [(1, 8.0, 8.0), (2, 16.0, 12.0), (3, 24.0, 18.0), (4, 32.0, 25.0), (5, 40.0, 32.5)]
+
+
+# ---- parameter similarity ---------------------------------------------------------------------------------------
+
+def _sd(scale):
+    """Two blocks of two tensors each, plus float attention buffers that must be ignored."""
+    return {"transformer.wte.weight": torch.ones(2) * scale,
+            "transformer.h.0.ln_1.weight": torch.tensor([1.0, 0.0]) * scale,
+            "transformer.h.0.attn.bias": torch.ones(2) * scale,
+            "transformer.h.0.attn.c_attn.weight": torch.tensor([0.0, 2.0]),
+            "transformer.h.1.ln_1.weight": torch.tensor([3.0, 0.0]),
+            "transformer.h.1.attn.masked_bias": torch.ones(1) * scale,
+            "transformer.h.1.mlp.c_fc.weight": torch.tensor([0.0, 4.0]) * scale}
+
+
+def test_parameter_similarity_per_tensor_and_per_block():
+    names, dist, cos = params.parameter_similarity(_sd(1.0), _sd(2.0))
+    assert names == ["0.ln_1.weight", "0.attn.c_attn.weight", "1.ln_1.weight", "1.mlp.c_fc.weight"]
+    assert dist.tolist() == pytest.approx([1.0, 0.0, 0.0, 4.0])
+    names, dist, cos = params.parameter_similarity(_sd(1.0), _sd(-1.0), concat=True)
+    assert names == ["block 0", "block 1"]
+    # block 0: a = (1, 0, 0, 2), b = (-1, 0, 0, 2); block 1: a = (3, 0, 0, 4), b = (3, 0, 0, -4)
+    assert dist.tolist() == pytest.approx([2.0, 8.0])
+    assert cos.tolist() == pytest.approx([3 / (5 + 1e-6), -7 / (25 + 1e-6)])
+
+
+@pytest.fixture
+def fake_params(monkeypatch):
+    sds = {0: _sd(1.0), 40: _sd(-1.0), 4: _sd(3.0)}
+    monkeypatch.setattr(params, "load_state_dict", lambda ck, key, e: (sds[e], None))
+    figs = []
+
+    def save(fig, figs_dir, stem, dpi=120):
+        figs.append((stem, [ax.get_ylim() for ax in fig.axes]))
+        common.pyplot().close(fig)
+        return stem
+
+    monkeypatch.setattr(common, "save_figure", save)
+    return figs
+
+
+def test_params_files_table_and_auto_axis(tmp_path, fake_params):
+    outs = params.run(params.build_parser().parse_args(
+        ["-plm", str(tmp_path), "--model_name_list", "dt", "--epoch1", "0", "--epoch2", "40",
+         "--distance_ylim", "auto", "--results_dir", str(tmp_path / "res"), "--figs_dir", str(tmp_path / "figs")]))
+    dist = np.load(tmp_path / "res" / "paramdist_0_40_dt_hopper_medium_666.npy")
+    assert dist.tolist() == pytest.approx([2.0, 0.0, 0.0, 8.0])
+    cos = np.load(tmp_path / "res" / "paramcos_0_40_dt_hopper_medium_666.npy")
+    assert cos.tolist() == pytest.approx([-1 / (1 + 1e-6), 1.0, 1.0, -1.0], abs=1e-5)
+    stems = dict(fake_params)
+    assert stems["paramdist_0_40_dt_hopper_medium_666_auto"][0] == pytest.approx((0.0, 8.4))
+    (title, table), = outs.tables
+    # mean L2 (2 + 0 + 0 + 8) / 4; the smallest cosine is -16 / (16 + 1e-6) of 1.mlp.c_fc.weight
+    assert table.splitlines()[-1] == ("| Random Init | 2.5000 | 8.0000 (1.mlp.c_fc.weight) | 0.0000 | "
+                                      "-1.0000 (1.mlp.c_fc.weight) |")
+
+
+# ---- attention distance -----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_attention(monkeypatch):
+    """Stand-ins: the model of epoch e gives distances D[e] [B=3, blocks=2, heads=2]; records the calls."""
+    D = {0: np.array([[[1.0, 3.0], [0.0, 0.0]], [[2.0, 2.0], [1.0, 1.0]], [[9.0, 9.0], [5.0, 5.0]]]),
+         4: np.array([[[0.0, 0.0], [1.0, 1.0]], [[1.0, 1.0], [4.0, 4.0]], [[3.0, 3.0], [4.0, 4.0]]])}
+    calls = {"keys": [], "units": []}
+
+    def load_model(ck, key, e, device):
+        calls["keys"].append(key)
+        return types.SimpleNamespace(model=e, checkpoint=None)
+
+    def distances(model, batch, unit="token", legacy=False):
+        calls["units"].append(unit)
+        return D[model]
+
+    monkeypatch.setattr(attention, "load_model", load_model)
+    monkeypatch.setattr(attention, "analysis_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(attention, "analysis_batch", lambda *a, **k: None)
+    monkeypatch.setattr(attention, "model_attention_distances", distances)
+    monkeypatch.setattr(common, "save_figure", lambda fig, figs_dir, stem, dpi=120: common.pyplot().close(fig) or stem)
+    return calls
+
+
+def _att_args(tmp_path, *extra):
+    return attention.build_parser().parse_args(
+        ["--checkpoint_dir", str(tmp_path), "--env_name_list", "hopper", "--model_name_list", "dt",
+         "--epoch1", "0", "--epoch2", "4", "--results_dir", str(tmp_path / "res"), "--figs_dir",
+         str(tmp_path / "figs"), *extra])
+
+
+def test_attention_gap_is_absolute_and_the_table_is_its_median(tmp_path, fake_attention):
+    outs = attention.run(_att_args(tmp_path))
+    assert [k.K for k in fake_attention["keys"]] == [1, 1]                      # the paper's K = 1 runs
+    gap = np.load(tmp_path / "res" / "att_dist_diff_0_4_dt_hopper_medium_666_K1.npy")
+    assert gap[:, :, 0].tolist() == [[1.0, 1.0], [1.0, 3.0], [6.0, 1.0]]
+    # head-averaged gaps: block 0 (2, 1, 6), block 1 (1, 3, 1) -> medians 2, 1 (means would be 3, 1.667)
+    (title, table), = outs.tables
+    assert table.splitlines()[-1] == "| Random Init | 2.000 | 1.000 |"
+
+
+def test_attention_unit_reaches_the_distances_and_the_file_names(tmp_path, fake_attention):
+    attention.run(_att_args(tmp_path, "--distance_unit", "timestep"))
+    assert fake_attention["units"] == ["timestep", "timestep"]
+    assert (tmp_path / "res" / "att_dist_diff_0_4_dt_hopper_medium_666_K1_timestep.npy").is_file()
+
+
+# ---- report steps -----------------------------------------------------------------------------------------------
+
+def _ckpts(root, runs):
+    """Run folders with empty model_{e}.pt files (what discovery and the epoch choice look at)."""
+    for (model, K, epochs) in runs:
+        d = root / run_dir_name(model, "medium", "hopper", 666, K, False, None)
+        d.mkdir(parents=True)
+        for e in epochs:
+            (d / f"model_{e}.pt").write_bytes(b"")
+    return root
+
+
+def _record(monkeypatch, module, name):
+    got = []
+    monkeypatch.setattr(module, name, lambda a: got.append(a) or common.Outputs())
+    return got
+
+
+def _plan(tmp_path, *extra):
+    args = report.build_parser().parse_args(["--checkpoint_dir", str(tmp_path / "ck"), "--out_dir",
+                                             str(tmp_path / "rep"), *extra])
+    return report._Plan(args), args
+
+
+def test_report_attention_uses_the_K1_runs_at_the_attention_epoch(tmp_path, monkeypatch):
+    _ckpts(tmp_path / "ck", [("dt", 1, (0, 2, 3, 4, 40)), ("dt", 20, (0, 40))])
+    got = _record(monkeypatch, attention, "run")
+    plan, args = _plan(tmp_path)
+    report.step_attention(plan, args)
+    (a,), = [got]
+    assert (a.K_ckpt, a.epoch1, a.epoch2) == (1, 0, 4)
+
+
+def test_report_epochs_prefer_the_wanted_one_then_the_largest_below_never_zero(tmp_path, monkeypatch):
+    _ckpts(tmp_path / "ck", [("dt", 20, (0, 3, 40, 50)), ("gpt2", 20, (0, 3, 40, 50)), ("dt", 5, (0,))])
+    got = _record(monkeypatch, params, "run")
+    plan, args = _plan(tmp_path, "--distance_ylim", "auto")
+    report.step_params(plan, args)
+    assert [(a.epoch1, a.epoch2, a.distance_ylim, a.run_K) for a in got] == [(0, 40, "auto", 20)]
+    assert plan.common_epoch("hopper", ["dt"], 10) == 3
+    plan5, _ = _plan(tmp_path, "--run_K", "5")
+    assert plan5.common_epoch("hopper", ["dt"], 40) is None                    # only epoch 0: nothing to compare
+
+
+def test_report_curves_pass_run_K(tmp_path, monkeypatch):
+    _ckpts(tmp_path / "ck", [("dt", 1, (0, 4)), ("dt", 10, (0, 4))])
+    got = _record(monkeypatch, curves, "run_no_context")
+    plan, args = _plan(tmp_path, "--run_K", "10")
+    report.step_curves(plan, args)
+    assert [a.run_K for a in got] == [10]
