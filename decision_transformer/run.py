@@ -196,6 +196,11 @@ def check_numbers(args, rules: dict | None = None):
     for v in getattr(args, "p_list", None) or []:
         if not (math.isfinite(v) and 0 <= v <= 1):
             raise UserError(f"--p_list values must be numbers in [0, 1], got {v}")
+    lr, wd = getattr(args, "learning_rate", None), getattr(args, "weight_decay", None)
+    if rules is None and lr is not None and wd is not None and lr * wd >= 1:
+        # AdamW's decoupled decay scales every decayed weight by 1 - lr * wd each step (lr at its warm-up peak)
+        raise UserError(f"--weight_decay {wd} with --learning_rate {lr}: AdamW would scale the weights by "
+                        f"1 - lr * wd = {1 - lr * wd:.3g} each step; lr * wd must be below 1")
     check_seed(getattr(args, "seed", None))
 
 

@@ -293,6 +293,7 @@ def test_missing_dataset_is_generated(tmp_path, monkeypatch, capsys):
                                                ("--seed", "-1", "--seed must be in [0, 2^32)"),
                                                ("--learning_rate", "inf", "--learning_rate must be a positive"),
                                                ("--weight_decay", "-1", "--weight_decay must be a number >= 0"),
+                                               ("--weight_decay", "1e4", "lr * wd must be below 1"),
                                                ("--lm_learning_rate", "nan", "--lm_learning_rate must be"),
                                                ("--p", "nan", "--p must be a number in [0, 1]"),
                                                ("--fisher_floor", "-1", "--fisher_floor must be"),
