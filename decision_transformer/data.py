@@ -415,6 +415,7 @@ def validate_trajectories(trajs, spec: EnvSpec, source: str, *,
         else:
             clean["terminals"] = np.zeros(n, dtype=bool)
         out.append(clean)
+    _check_returns_to_go(out, spec, source)
     long = [len(t["rewards"]) for t in out if len(t["rewards"]) > spec.max_ep_len]
     if long:  # accepted, as by the originals: the sampler clips timesteps to max_ep_len - 1
         what = "1 trajectory is" if len(long) == 1 else f"{len(long)} trajectories are"
@@ -427,6 +428,26 @@ def validate_trajectories(trajs, spec: EnvSpec, source: str, *,
         print(f"warning: {source}: {what} actions outside [-1, 1], up to {worst:.3g} in size: the model's tanh action head cannot output them; is this "
               f"{spec.name} data with its actions in the env's [-1, 1] range?", file=sys.stderr)
     return out
+
+
+#: returns-to-go beyond this many times the env's scale (the model reads rtg / scale: about 0-12 for D4RL's data)
+#: get a warning; training on such inputs usually diverges
+RTG_WARN_SCALED = 1e4
+
+
+def _check_returns_to_go(trajs, spec: EnvSpec, source: str):
+    """Returns-to-go (summed in float64) must fit float32, which the sampler keeps them in: rewards that fit float32
+    can still sum beyond it. Returns-to-go far beyond the env's scale load with a warning."""
+    big = [(float(np.abs(np.cumsum(t["rewards"][::-1], dtype=np.float64)).max()), i) for i, t in enumerate(trajs)]
+    worst, i = max(big)
+    limit = float(np.finfo(np.float32).max)
+    if worst > limit:
+        raise UserError(f"{source}: trajectory {i}: returns-to-go reach {worst:.3g}, beyond float32's range "
+                        f"({limit:.3g}); are the rewards in the env's units?")
+    if worst > RTG_WARN_SCALED * spec.scale:
+        print(f"warning: {source}: returns-to-go reach {worst:.3g} (trajectory {i}), {worst / spec.scale:.3g} after "
+              f"{spec.name}'s scale {spec.scale:g}: inputs this large usually make training diverge; are the rewards "
+              f"in the env's units?", file=sys.stderr)
 
 
 #: how far beyond [-1, 1] stored actions may go (float rounding of clipped actions) before a warning

@@ -1113,6 +1113,34 @@ def test_actions_outside_the_tanh_range_are_warned_about(capsys):
                                               "in size")
 
 
+def test_returns_to_go_beyond_float32_are_refused_and_huge_ones_warned_about(capsys):
+    """Rewards that each fit float32 can sum beyond it: the sampler would hold inf returns-to-go, so loading stops.
+    Returns-to-go far beyond the env's scale load with a warning; D4RL-sized ones load silently."""
+    from conftest import tiny_trajectories
+    from decision_transformer.data import RTG_WARN_SCALED, validate_trajectories
+    from decision_transformer.envs import get_env_spec
+
+    hopper = get_env_spec("hopper")
+    trajs = tiny_trajectories()
+    for t in trajs:
+        t["rewards"] = np.full(len(t["rewards"]), 3.0, dtype=np.float32)    # hopper-sized returns
+    validate_trajectories(trajs, hopper, "x.pkl")
+    assert capsys.readouterr().err == ""
+    n = len(trajs[1]["rewards"])
+    trajs[1]["rewards"][:] = 1.01 * RTG_WARN_SCALED * hopper.scale / n      # just beyond: warned about
+    assert len(validate_trajectories(trajs, hopper, "x.pkl")) == len(trajs)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: x.pkl: returns-to-go reach ") and "(trajectory 1)" in err
+    assert "usually make training diverge" in err and err.count("\n") == 1
+    trajs[1]["rewards"][:] = 0.99 * RTG_WARN_SCALED * hopper.scale / n     # just within: silent
+    validate_trajectories(trajs, hopper, "x.pkl")
+    assert capsys.readouterr().err == ""
+    trajs[2]["rewards"][:] = 3e38                                            # each fits float32, the sum does not
+    assert np.isfinite(trajs[2]["rewards"]).all()
+    with pytest.raises(UserError, match=r"x.pkl: trajectory 2: returns-to-go reach .*beyond float32's range"):
+        validate_trajectories(trajs, hopper, "x.pkl")
+
+
 def test_trajectories_longer_than_the_episode_limit_are_warned_about(capsys):
     """A hopper trajectory of 1000 steps fits the timestep table; one of 1001 steps loads with a warning."""
     from conftest import tiny_trajectories
