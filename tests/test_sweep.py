@@ -701,20 +701,27 @@ def test_an_invalid_grid_point_does_not_stop_the_others(tmp_path, hopper_data, c
     assert f"tiny_{sweep._run_key(runs[1])}.log" == logs[0]             # seed 1's log, also as the second point
 
 
-def test_a_run_killed_after_its_last_checkpoint_is_resumed(tmp_path, monkeypatch):
-    """A run stopped after model_{max_iters}.pt but before its training state (which follows the iteration's best
-    model) or before its last model (--save_model, --save_mode last) is resumed, not skipped as finished."""
+def _saved_model_run(tmp_path, name: str, state_iteration: int, **fixed) -> tuple[dict, Path]:
+    """A 2-iteration --save_model hopper grid of one point, whose run folder holds model_2.pt, its config and a
+    training state at ``state_iteration``; returns (spec, run folder)."""
     import json
 
-    monkeypatch.chdir(tmp_path)
-    spec = {"program": "experiment.py", "name": "l2",
-            "fixed": {"outdir": "ck", "K": 5, "max_iters": 2, "save_model": True, "seed": 1},
+    spec = {"program": "experiment.py", "name": name,
+            "fixed": {"outdir": "ck", "K": 5, "max_iters": 2, "save_model": True, **fixed, "seed": 1},
             "grid": {"env": ["hopper"]}}
     d = tmp_path / "ck" / "dt_medium_hopper_1_K5"
-    _half_done(d, 1)
+    _half_done(d, state_iteration)
     (d / "model_2.pt").write_bytes(b"x")
     (d / "config.json").write_text(json.dumps(_config_of(sweep.to_argv({**spec["fixed"], "env": "hopper"}),
                                                          exp_prefix="gym-experiment-hopper-medium-123")))
+    return spec, d
+
+
+def test_a_run_killed_after_its_last_checkpoint_is_resumed(tmp_path, monkeypatch):
+    """A run stopped after model_{max_iters}.pt but before its training state (which follows the iteration's best
+    model) or before its last model (--save_model, --save_mode last) is resumed, not skipped as finished."""
+    monkeypatch.chdir(tmp_path)
+    spec, d = _saved_model_run(tmp_path, "l2", 1)
     states = sweep.plan(spec, [])
     assert [s for s, _ in states] == ["partial"] and states[0][1][-1] == "--resume"
     _half_done(d, 2)                                                          # the last model is still missing

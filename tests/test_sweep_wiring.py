@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from decision_transformer import sweep
-from test_sweep import _config_of, _fails_with, _grid, _half_done
+from test_sweep import _fails_with, _grid, _half_done, _saved_model_run
 
 
 def _one_seed_grid(tmp_path, data, **fixed):
@@ -87,14 +87,7 @@ def test_each_gpu_slot_sees_its_own_device(tmp_path, monkeypatch):
 
 def test_a_save_mode_both_run_without_its_last_model_is_resumed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    spec = {"program": "experiment.py", "name": "both",
-            "fixed": {"outdir": "ck", "K": 5, "max_iters": 2, "save_model": True, "save_mode": "both", "seed": 1},
-            "grid": {"env": ["hopper"]}}
-    d = tmp_path / "ck" / "dt_medium_hopper_1_K5"
-    _half_done(d, 2)
-    (d / "model_2.pt").write_bytes(b"x")
-    (d / "config.json").write_text(json.dumps(_config_of(sweep.to_argv({**spec["fixed"], "env": "hopper"}),
-                                                         exp_prefix="gym-experiment-hopper-medium-123")))
+    spec, _ = _saved_model_run(tmp_path, "both", 2, save_mode="both")
     states = sweep.plan(spec, [])
     assert [s for s, _ in states] == ["partial"] and states[0][1][-1] == "--resume"
     (tmp_path / "models" / "hopper").mkdir(parents=True)
