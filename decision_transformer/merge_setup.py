@@ -519,17 +519,24 @@ def _merge_for_experiment(args, fresh, spec, device):
         merged, merged_keys = merge_single_sources(sources, args, keys, device, data, fresh_sd)
         check_merged_state(merged, method, args)
         _report(merged, merged_keys, info, f"{method} of {len(sources)} models")
-    chosen = [f for f in ("copy_model", "flip", "copy_include") if getattr(args, f)]
-    if len(chosen) > 1:
-        log(f"warning: --{chosen[0]} takes precedence over " + ", ".join(f"--{c}" for c in chosen[1:]))
-    if args.copy_model:
-        model = _model_from(sources[0], merged, args, spec, device, fresh.config)
-        info["trained"] = "merged model (model 1's other tensors)"
-    elif args.flip and len(sources) >= 2:
+    # As LAWSON's experiment.py: --flip (2 models) makes model 2, with the merged tensors, the merged model; then
+    # --copy_model trains that merged model, --copy_include copies only the merged tensors into the fresh model, and
+    # neither loads the merged model's whole state into the fresh one.
+    flip = args.flip and len(sources) >= 2
+    if args.copy_model and args.copy_include:
+        log("warning: --copy_model takes precedence over --copy_include")
+    elif flip and args.copy_include:
+        log("warning: --flip has no effect with --copy_include (the merged tensors are the same; the fresh model's "
+            "other tensors are kept)")
+    if flip and not (args.copy_include and not args.copy_model):
         state2 = dict(sources[1].state_dict)
         state2.update({k: merged[k] for k in keys if k in state2})
         model = _model_from(sources[1], state2, args, spec, device, fresh.config)
         info["trained"] = "model 2 with the merged tensors"
+        log(f"--flip: training model 2 ({sources[1].path}) with the merged tensors and its own other tensors")
+    elif args.copy_model:
+        model = _model_from(sources[0], merged, args, spec, device, fresh.config)
+        info["trained"] = "merged model (model 1's other tensors)"
     elif args.copy_include:
         sd = dict(fresh_sd)
         sd.update({k: merged[k] for k in keys if k in sd})   # shapes checked by _check_destination
@@ -546,11 +553,9 @@ def _merge_for_experiment(args, fresh, spec, device):
 def _check_destination(args, sources: Sequence[ModelFile], fresh_sd: dict, keys: Sequence[str]):
     """Before any Fisher or Gram is computed: the merged state fits the model it will be loaded into (the fresh model
     these flags build, unless --copy_model or --flip build it from a source's own config)."""
-    if args.copy_model:
-        return
-    if args.flip:
-        if len(sources) != 2:
-            raise UserError(f"--flip needs exactly 2 --pretrained_models, got {len(sources)}")
+    if args.flip and len(sources) != 2:
+        raise UserError(f"--flip needs exactly 2 --pretrained_models, got {len(sources)}")
+    if args.copy_model or (args.flip and not args.copy_include):
         return
     first = sources[0].state_dict
     if args.copy_include:

@@ -232,6 +232,56 @@ def test_flip_needs_exactly_two_models(srcs, tmp_path, monkeypatch, capsys):
     assert msg == "error: --flip needs exactly 2 --pretrained_models, got 3"
 
 
+def test_flip_with_copy_model_trains_model_2_with_the_merged_tensors(srcs, tmp_path, monkeypatch, capsys):
+    """--flip --copy_model combine as in the original: the merged tensors go into model 2, and that model is trained
+    (here model 2 is halfcheetah's, model 1 hopper's: other dims, same blocks). --flip stays limited to 2 models."""
+    root, data, paths = srcs
+    monkeypatch.chdir(tmp_path)
+    experiment.main(["--env", "halfcheetah", "--data_path", str(data), *SMALL, "--pretrained_models",
+                     str(paths["hopper"]), str(paths["halfcheetah"]), "--include", "attn", "mlp", "--flip",
+                     "--copy_model", *NO_TRAINING])
+    assert "takes precedence" not in capsys.readouterr().err
+    (rd,) = listed(tmp_path / "checkpoints")
+    m0, one, two = state(rd / "model_0.pt"), state(paths["hopper"]), state(paths["halfcheetah"])
+    assert set(m0) == set(two)
+    for k in m0:
+        if k in attn_mlp(two):
+            torch.testing.assert_close(m0[k], 0.5 * one[k] + 0.5 * two[k], rtol=0, atol=1e-7)
+        else:
+            assert torch.equal(m0[k], two[k]), k
+    msg = fails(experiment.main, ["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models",
+                                  *[str(paths[e]) for e in ("hopper", "halfcheetah", "walker2d")], "--include", "attn",
+                                  "--flip", "--copy_model", *NO_TRAINING], capsys)
+    assert msg == "error: --flip needs exactly 2 --pretrained_models, got 3"
+
+
+def test_flip_has_no_effect_with_copy_include(srcs, tmp_path, capsys):
+    """--copy_include copies the merged tensors into the fresh model, which --flip does not change: the same weights
+    as without --flip, and a warning saying so."""
+    root, data, paths = srcs
+    runs = []
+    for extra in (["--flip"], []):
+        work = tmp_path / f"run{len(runs)}"
+        work.mkdir()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(work)
+            experiment.main(["--env", "walker2d", "--data_path", str(data), *SMALL, "--pretrained_models",
+                             str(paths["halfcheetah"]), str(paths["walker2d"]), "--include", "mlp",
+                             "--copy_include", *extra, *NO_TRAINING])
+        (rd,) = listed(work / "checkpoints")
+        runs.append(state(rd / "model_0.pt"))
+        err = capsys.readouterr().err
+        assert ("warning: --flip has no effect with --copy_include" in err) == bool(extra)
+    flipped, plain = runs
+    assert all(torch.equal(flipped[k], plain[k]) for k in plain)
+    one, two = state(paths["halfcheetah"]), state(paths["walker2d"])
+    for k in plain:
+        if "mlp" in k:
+            torch.testing.assert_close(plain[k], 0.5 * one[k] + 0.5 * two[k], rtol=0, atol=1e-7)
+        elif k.startswith("transformer.h."):
+            assert not torch.equal(plain[k], two[k]) and not torch.equal(plain[k], one[k]), k  # the fresh model's
+
+
 # ---- RegMean end to end (item 2) -------------------------------------------------------------------------------------
 
 def test_regmean_grams_come_from_each_models_own_dataset(srcs, tmp_path):
