@@ -227,6 +227,10 @@ def check_args(args):
     for p in (models_dir.parent, models_dir) if models_dir is not None else ():  # written after the first iteration
         if p.exists() and not p.is_dir():
             raise UserError(f"--save_model writes to {models_dir}/, but {p} is a file")
+    if getattr(args, "pretrained_models", None) and getattr(args, "load_checkpoint", None):
+        # the original loads the checkpoint and silently skips the merge; the merge's log would describe another model
+        raise UserError("--load_checkpoint and --pretrained_models exclude each other: the checkpoint's weights would "
+                        "replace the merged model's")
     if getattr(args, "pretrained_models", None):  # a merge method that one model cannot take: before the data
         from decision_transformer.merge_setup import check_experiment_merge
 

@@ -255,6 +255,19 @@ def test_flip_with_copy_model_trains_model_2_with_the_merged_tensors(srcs, tmp_p
     assert msg == "error: --flip needs exactly 2 --pretrained_models, got 3"
 
 
+def test_load_checkpoint_and_pretrained_models_exclude_each_other(srcs, tmp_path, monkeypatch, capsys):
+    """The checkpoint would replace the merged weights (the original skipped the merge without a word): one line,
+    before any merge, and nothing written."""
+    root, data, paths = srcs
+    monkeypatch.chdir(tmp_path)
+    msg = fails(experiment.main, ["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models",
+                                  str(paths["hopper"]), str(paths["walker2d"]), "--include", "ln_1", "--copy_model",
+                                  "--identity_layers", "--load_checkpoint", str(paths["hopper"]), *NO_TRAINING], capsys)
+    assert msg == ("error: --load_checkpoint and --pretrained_models exclude each other: the checkpoint's weights "
+                   "would replace the merged model's")
+    assert not any(tmp_path.iterdir())
+
+
 def test_flip_has_no_effect_with_copy_include(srcs, tmp_path, capsys):
     """--copy_include copies the merged tensors into the fresh model, which --flip does not change: the same weights
     as without --flip, and a warning saying so."""
