@@ -74,6 +74,8 @@ def _argv(script, ck, out):
     ("conf", ["--grad_seed", str(2 ** 32)], f"invalid --grad_seed {2 ** 32}"),
     ("conf", ["--batch_seed", "-1"], "invalid --batch_seed -1"),
     ("conf", ["--epoch", "-1"], "invalid --epoch -1: use an integer >= 0"),
+    ("conf", ["--eps", "-1"], "invalid --eps -1.0: use a number >= 0"),
+    ("conf", ["--eps", "inf"], "invalid --eps inf"),
     ("cka", ["--eps", "-1"], "invalid --eps -1.0: use a number >= 0"),
     ("cka", ["--eps", "nan"], "invalid --eps nan"),
     ("cka", ["--kernel", "rbf", "--rbf_threshold", "nan"], "invalid --rbf_threshold nan: use a positive number"),

@@ -56,6 +56,21 @@ def model():
     return DecisionTransformer(tiny_config(n_layer=2), seed=0)
 
 
+def test_cosine_eps_is_the_originals_additive_term(model):
+    """--eps e divides by ‖gᵢ‖‖gⱼ‖ + e (the original's 1e-6, which shrinks the cosines of small clipped gradients);
+    the default divides by the product alone."""
+    batch = _batch(action_scale=30.0)
+    st = per_sample_grad_stats(model, batch, train_mode=False)
+    g = _loop_grads(model, batch, 0.25)
+    dot, n = g @ g.T, g.norm(dim=1)
+    prod = n[:, None] * n[None, :]
+    torch.testing.assert_close(st.cosine(0.25), (dot / prod).to(st.cosine(0.25).dtype), rtol=1e-5, atol=1e-6)
+    e = 1e-2                                               # large enough to be seen next to clipped norms <= 0.25
+    torch.testing.assert_close(st.cosine(0.25, eps=e), (dot / (prod + e)).to(st.cosine(0.25).dtype), rtol=1e-5,
+                               atol=1e-6)
+    assert (st.cosine(0.25, eps=e).abs() < st.cosine(0.25).abs() - 1e-4).all()
+
+
 def test_used_parameters_skip_the_unused_tables(model):
     names = used_parameters(model, _batch())
     assert "transformer.wte.weight" not in names and "transformer.wpe.weight" not in names

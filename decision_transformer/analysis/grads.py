@@ -35,6 +35,8 @@ from decision_transformer.training import GRAD_CLIP, masked_action_mse
 H_PREFIX = "transformer.h."
 CLIP_EPS = 1e-6           # torch.nn.utils.clip_grad_norm_: coef = max_norm / (total_norm + 1e-6)
 COS_EPS = 1e-6
+#: the original's additive term in the cosine's denominator (``--eps`` reproduces it)
+TAKAGI_COS_EPS = 1e-6
 
 
 def used_parameters(model, batch) -> list[str]:
@@ -92,12 +94,15 @@ class GradStats:
         n = self.sqnorm_h.sqrt()
         return n if clip is None else n * self.clip_coef(clip)
 
-    def cosine(self, clip: float | None = GRAD_CLIP) -> torch.Tensor:
-        """[n, n] cosine similarity of the (clipped) ``transformer.h`` gradients, eps 1e-6 as the original."""
+    def cosine(self, clip: float | None = GRAD_CLIP, eps: float = 0.0) -> torch.Tensor:
+        """[n, n] cosine similarity of the (clipped) ``transformer.h`` gradients: gᵢ·gⱼ / (‖gᵢ‖‖gⱼ‖ + eps). The
+        original added eps = 1e-6, which pulls the cosines of small (clipped) gradients towards 0; with eps 0 the
+        product is only kept from 0 (at least ``COS_EPS``) so that a zero gradient gives 0, not NaN."""
         c = self.clip_coef(clip) if clip is not None else torch.ones_like(self.sqnorm_h)
         g = self.gram_h * c[:, None] * c[None, :]
         nrm = torch.sqrt(torch.diagonal(g).clamp(min=0))
-        return g / torch.clamp(nrm[:, None] * nrm[None, :], min=COS_EPS)
+        prod = nrm[:, None] * nrm[None, :]
+        return g / (prod + eps) if eps > 0 else g / torch.clamp(prod, min=COS_EPS)
 
 
 def _groups(model, names: list[str], n: int, max_bytes: int) -> list[list[str]]:
@@ -187,7 +192,11 @@ def _common_parser(desc, batch_size):
 
 
 def build_confusion_parser():
-    return _common_parser("Figure 5: gradient confusion (minimum pairwise cosine of per-sample gradients).", 50)
+    p = _common_parser("Figure 5: gradient confusion (minimum pairwise cosine of per-sample gradients).", 50)
+    p.add_argument("--eps", type=float, default=0.0,
+                   help=f"added to the cosine's denominator (TAKAGI: {TAKAGI_COS_EPS}; it pulls the cosines of small "
+                        "clipped gradients towards 0)")
+    return p
 
 
 def build_norm_parser():
@@ -218,7 +227,7 @@ def _check_flags(args):
     common.check_positive(args, "top_k")
     common.check_min(args, 0, "epoch")
     common.check_seeds(args, "seed", "grad_seed")
-    common.check_numbers(args, max_grad_memory_gb=common.POSITIVE)
+    common.check_numbers(args, max_grad_memory_gb=common.POSITIVE, eps=common.NON_NEGATIVE)
 
 
 def run_confusion(args) -> common.Outputs:
@@ -235,7 +244,7 @@ def run_confusion(args) -> common.Outputs:
         for m, lm, batch in _batches(args, env, device):
             st = per_sample_grad_stats(lm.model, batch, train_mode=args.train_mode, seed=args.grad_seed,
                                        max_bytes=max_bytes)
-            cos = st.cosine(GRAD_CLIP)
+            cos = st.cosine(GRAD_CLIP, eps=args.eps)
             name = f"gradcossim_{args.epoch}_{m}_{env}_{args.dataset_name}_{args.seed}{ktag}.npy"
             outs.files.append(common.save_npy(res / name, cos.numpy()))
             summary.append([m, grad_confusion(cos), float(cos.mean())])
