@@ -230,6 +230,20 @@ def test_pretrained_block_transplant(lm_dirs, b):
     assert rebuilt.transformer.h[b].attn.n_head == 2
 
 
+def test_a_block_replacement_run_gets_the_no_lm_optimiser(lm_dirs):
+    """The original switched --pretrained_lm off for a --pretrained_block run before building its optimiser: AdamW
+    eps 1e-8 in one group, as a random-init run; a whole-LM run keeps eps 1e-6."""
+    from decision_transformer.training.optim import optimizer_from_args
+
+    host = ["--embed_dim", "32", "--n_layer", "3", "--n_head", "1"]
+    for extra, eps in ((["--pretrained_block", "1"], 1e-8), ([], 1e-6)):
+        args = args_for("--pretrained_lm", str(lm_dirs / "gpt2"), *extra, *(host if extra else []))
+        model = build_model_from_args(args, HOPPER)
+        opt, _, _ = optimizer_from_args(model, args, torch.device("cpu"))
+        assert [g["eps"] for g in opt.param_groups] == [eps]
+        assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
 def test_pretrained_block_errors(lm_dirs):
     gpt = str(lm_dirs / "gpt2")
     with pytest.raises(UserError, match="--embed_dim"):

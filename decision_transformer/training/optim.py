@@ -40,8 +40,11 @@ def optimizer_from_args(model: nn.Module, args, device: torch.device):
     if not trainable(model.parameters()):
         frozen = " ".join(f"--{f}" for f in ("frozen", "freeze_subset") if getattr(args, f, None))
         raise UserError(f"{frozen or 'freezing'} leaves no trainable parameter: nothing is left to train")
+    # a block-replacement run (--pretrained_block) is a random-init DT with one LM block: the original turned its
+    # --pretrained_lm off before building the optimiser, so it gets the no-LM one
+    lm_optimizer = bool(args.pretrained_lm) and getattr(args, "pretrained_block", None) is None
     optimizer = make_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay,
-                               pretrained_lm=bool(args.pretrained_lm),
+                               pretrained_lm=lm_optimizer,
                                custom_transformer_decay=args.custom_transformer_decay, lm_lr=args.lm_learning_rate,
                                fused=True if device.type == "cuda" else None)
     generator = torch.Generator(device=device)
