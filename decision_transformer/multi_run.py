@@ -342,8 +342,8 @@ class MultiTrainer:
                      "training/action_error": float(per_env[-1, -1])})  # the original: the last env's
         for j, env in enumerate(self.train_envs):
             logs[f"training/action_error_{env}"] = float(per_env[-1, j])
-        if regs:
-            logs["training/init_reg_loss"] = float(torch.stack(regs).mean())
+        if regs:  # the last step's, as the original's diagnostic (and training/action_error)
+            logs["training/init_reg_loss"] = float(regs[-1])
         return logs
 
 

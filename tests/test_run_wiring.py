@@ -180,6 +180,26 @@ def test_init_reg_changes_the_multi_task_update(data):  # noqa: F811
     assert not all(torch.equal(ends[0][k], ends[2][k]) for k in ends[0])
 
 
+def test_multi_task_init_reg_loss_is_the_last_steps(data):  # noqa: F811
+    """training/init_reg_loss is the term of the iteration's last step (the original's diagnostic), like
+    training/action_error, not the mean over the iteration."""
+    from decision_transformer.training.init_reg import InitReg
+
+    model = tiny_multi()
+    trainer = _trainer(data, model, InitReg(model, 10.0))
+    terms, real_step = [], trainer.train_step
+
+    def step():
+        out = real_step()
+        terms.append(float(out[2]))
+        return out
+
+    trainer.train_step = step
+    logs = trainer.train_iteration(4, 1)
+    assert len(terms) == 4 and len(set(terms)) == 4      # the term grows as the blocks move away from the start
+    assert logs["training/init_reg_loss"] == pytest.approx(terms[-1], rel=1e-6)
+
+
 def test_multi_task_model_sees_the_batches_rtg_without_its_last_step(data):  # noqa: F811
     """Item 18: the forward's returns-to-go are the batch's rtg[:, :-1] (the conditioning of each step)."""
     model = tiny_multi()
