@@ -85,8 +85,9 @@ def model_attention_distances(model, batch, unit: str = "token", legacy: bool = 
 
 def build_parser():
     p = common.parser("Figure 10: change of the attention distance per block between two epochs.")
-    common.add_checkpoint_flags(p)
-    p.add_argument("--env_name_list", nargs="+", default=list(common.ENV_NAMES))
+    # Path flags and --env_name_list also take the original compute_attention_distance.py's spellings.
+    common.add_checkpoint_flags(p, aliases=("--path_to_load_model",))
+    p.add_argument("--env_name_list", "--env_name", dest="env_name_list", nargs="+", default=list(common.ENV_NAMES))
     p.add_argument("--model_name_list", nargs="+", default=["gpt2", "dt"])
     p.add_argument("--seed", type=int, default=666)
     p.add_argument("--epoch1", type=int, default=0)
@@ -96,8 +97,9 @@ def build_parser():
                         "the code); --K is the analysis batch's context")
     p.add_argument("--distance_unit", choices=UNITS, default="token")
     p.add_argument("--legacy", action="store_true", help="TAKAGI's computation (see the module docstring)")
-    common.add_data_flags(p, device_default="cpu", batch_size=100)
-    common.add_output_flags(p, "attention")
+    common.add_data_flags(p, device_default="cpu", batch_size=100, data_aliases=("--path_to_load_data",))
+    common.add_output_flags(p, "attention", results_aliases=("--path_to_save_att_dist_diff",),
+                            figs_aliases=("--path_to_save_figure",))
     return p
 
 

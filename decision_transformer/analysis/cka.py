@@ -163,11 +163,12 @@ def token_features(selected: torch.Tensor, token: str, legacy_feature_index: boo
 def build_parser():
     p = common.parser("Section 5.1: CKA between every pair of hooked layers of two checkpoints (Figure 1, "
                       "appendix heatmaps).")
-    common.add_checkpoint_flags(p)
+    # Each flag also takes the original compute_cka.py's spelling (-plm, --model1, ...).
+    common.add_checkpoint_flags(p, aliases=("--path_to_load_model", "-plm"))
     p.add_argument("--env_name_list", nargs="+", default=list(common.ENV_NAMES))
     p.add_argument("--seed", type=int, default=666)
-    p.add_argument("--model_name1", type=str, default="gpt2")
-    p.add_argument("--model_name2", type=str, default="gpt2")
+    p.add_argument("--model_name1", "--model1", dest="model_name1", type=str, default="gpt2")
+    p.add_argument("--model_name2", "--model2", dest="model_name2", type=str, default="gpt2")
     p.add_argument("--epoch1", type=int, default=0)
     p.add_argument("--epoch2", type=int, default=40)
     p.add_argument("--block", action="store_true", help="only the block outputs (mlp.dropout)")
@@ -185,8 +186,9 @@ def build_parser():
     p.add_argument("--heatmap_token_list", nargs="*", default=list(TOKEN_POSITIONS), choices=list(TOKEN_POSITIONS),
                    help="token types to draw heatmaps of")
     p.add_argument("--no_heatmap", action="store_true")
-    common.add_data_flags(p, device_default="cpu", batch_size=100)
-    common.add_output_flags(p, "cka")
+    common.add_data_flags(p, device_default="cpu", batch_size=100, data_aliases=("--path_to_load_data", "-pld"))
+    common.add_output_flags(p, "cka", results_aliases=("--path_to_save_cka", "-psc"),
+                            figs_aliases=("--path_to_save_figure", "-psf"))
     return p
 
 
@@ -275,20 +277,24 @@ def normalise_depth(values: np.ndarray, names: list[str], target_blocks: int) ->
 
 def build_plot_parser():
     p = common.parser("Figure 1: per-layer CKA of each model with itself between two epochs, with a threshold line.")
-    p.add_argument("-thr", "--threshold", dest="thr", type=float, default=0.23,
+    # Each flag also takes the original plot_cka.py's spelling (--cka_threshold_rand_init, --epoch = --epoch2 against
+    # epoch 0, --env_name and -rsa with one value, -plc, -psf).
+    p.add_argument("-thr", "--threshold", "--cka_threshold_rand_init", dest="thr", type=float, default=0.23,
                    help="threshold line (TAKAGI's code 0.23; the paper's appendix says 0.38)")
     p.add_argument("--epoch1", type=int, default=0)
-    p.add_argument("--epoch2", type=int, default=40)
+    p.add_argument("--epoch2", "--epoch", dest="epoch2", type=int, default=40)
     p.add_argument("--model_name_list", nargs="+", default=list(common.MODEL_NAMES))
-    p.add_argument("--env_name_list", nargs="+", default=list(common.ENV_NAMES))
+    p.add_argument("--env_name_list", "--env_name", dest="env_name_list", nargs="+", default=list(common.ENV_NAMES))
     p.add_argument("--dataset_name", type=str, default="medium")
     p.add_argument("--seed", type=int, default=666)
-    p.add_argument("--token_list", nargs="+", default=list(TOKEN_POSITIONS), choices=list(TOKEN_POSITIONS))
+    p.add_argument("--token_list", "--rtg_state_action", "-rsa", dest="token_list", nargs="+",
+                   default=list(TOKEN_POSITIONS), choices=list(TOKEN_POSITIONS))
     p.add_argument("--no_context", action="store_true", help="the results of compute_cka.py --no_context")
     common.add_run_k_flag(p, "20, or 1 with --no_context (as given to compute_cka.py)")
     p.add_argument("--block", action="store_true")
     p.add_argument("--legacy_feature_index", action="store_true")
-    common.add_output_flags(p, "cka")
+    common.add_output_flags(p, "cka", results_aliases=("--path_to_load_cka", "-plc"),
+                            figs_aliases=("--path_to_save_figure", "-psf"))
     return p
 
 

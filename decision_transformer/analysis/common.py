@@ -125,15 +125,18 @@ def parser(description: str) -> argparse.ArgumentParser:
     return _Parser(description=description, formatter_class=HelpFormatter)
 
 
-def add_checkpoint_flags(p, *, plm_alias: bool = False):
-    names = ["--checkpoint_dir"] + (["-plm"] if plm_alias else [])
+def add_checkpoint_flags(p, *, plm_alias: bool = False, aliases=()):
+    """``--checkpoint_dir`` (``aliases``: further spellings of it, those of the original scripts) and
+    ``--dataset_name``."""
+    names = ["--checkpoint_dir"] + (["-plm"] if plm_alias else []) + list(aliases)
     p.add_argument(*names, dest="checkpoint_dir", type=str, default=project_path("checkpoints"),
                    help="folder holding the run folders {model}_{dataset}_{env}_{seed}[_K{K}]...")
     p.add_argument("--dataset_name", type=str, default="medium")
 
 
-def add_data_flags(p, *, device_default: str = "cpu", batch_size: int = 100):
-    p.add_argument("--data_path", type=str, default=None,
+def add_data_flags(p, *, device_default: str = "cpu", batch_size: int = 100, data_aliases=()):
+    """The analysis batch's flags; ``data_aliases``: further spellings of ``--data_path``."""
+    p.add_argument("--data_path", *data_aliases, dest="data_path", type=str, default=None,
                    help="folder with {env}-{dataset}-v2.pkl; default: the data file recorded in the checkpoint, "
                         "else ./data")
     p.add_argument("--batch_size", type=int, default=batch_size)
@@ -155,10 +158,12 @@ def section_dir(section: str, kind: str) -> str:
     return project_path((OUTPUT_ROOT / SECTIONS[section] / kind).as_posix())
 
 
-def add_output_flags(p, section: str):
-    p.add_argument("--results_dir", type=str, default=section_dir(section, "results"),
+def add_output_flags(p, section: str, *, results_aliases=(), figs_aliases=()):
+    """``--results_dir`` and ``--figs_dir``; the aliases are further spellings of each (the original scripts')."""
+    p.add_argument("--results_dir", *results_aliases, dest="results_dir", type=str,
+                   default=section_dir(section, "results"),
                    help="raw results (.npy/.npz/.csv); relative paths resolve against the working directory")
-    p.add_argument("--figs_dir", type=str, default=section_dir(section, "figs"),
+    p.add_argument("--figs_dir", *figs_aliases, dest="figs_dir", type=str, default=section_dir(section, "figs"),
                    help="figures (PNG and PDF); relative paths resolve against the working directory")
 
 
@@ -192,7 +197,10 @@ def run_k_tag(k: int) -> str:
 def add_wandb_flags(p):
     p.add_argument("--from_wandb", action="store_true",
                    help="read the run metrics from WandB (by run name) instead of the local metrics.jsonl")
-    p.add_argument("--wandb_project", type=str, default="decision-transformer")
+    # -wpn / --wandb_project_name: the original scripts' spelling, a path user_name/project_name
+    p.add_argument("--wandb_project", "-wpn", "--wandb_project_name", dest="wandb_project", type=str,
+                   default="decision-transformer",
+                   help="project, or entity/project when --wandb_entity is not given")
     p.add_argument("--wandb_entity", type=str, default=None)
 
 

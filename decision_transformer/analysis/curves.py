@@ -159,9 +159,10 @@ def build_no_context_parser():
                       "replacement).")
     common.add_checkpoint_flags(p)
     p.add_argument("--model_name_list", nargs="+", default=["gpt2", "dt"])
-    p.add_argument("--env_name_list", nargs="+", default=list(common.ENV_NAMES))
+    # --env_name, --block_replacement_exp, -pld and -psf: the original plot_learning_curve_no_context.py's spellings
+    p.add_argument("--env_name_list", "--env_name", dest="env_name_list", nargs="+", default=list(common.ENV_NAMES))
     p.add_argument("--seed", type=int, default=666)
-    p.add_argument("-block", "--block", dest="block", action="store_true",
+    p.add_argument("-block", "--block", "--block_replacement_exp", dest="block", action="store_true",
                    help="block-replacement curves (runs {dt}_..._K1_block{b}) instead")
     p.add_argument("--max_epoch", type=int, default=None,
                    help="epochs shown (default: all; with -block 10 for hopper, 5 for the others, as TAKAGI)")
@@ -170,10 +171,10 @@ def build_no_context_parser():
     p.add_argument("--target", type=int, default=None, help="evaluation target (default 3600/6000/5000; other envs: their first)")
     p.add_argument("--score_norm", choices=["d4rl", "dataset"], default="d4rl", help="Table 2's normalisation")
     p.add_argument("--run_K", type=int, default=20, help="the K of the runs with context drawn against the K=1 runs")
-    p.add_argument("--data_path", type=str, default=project_path("data"),
-                   help="random/expert datasets for --score_norm dataset")
+    p.add_argument("--data_path", "--path_to_load_data", "-pld", dest="data_path", type=str,
+                   default=project_path("data"), help="random/expert datasets for --score_norm dataset")
     common.add_wandb_flags(p)
-    common.add_output_flags(p, "no_context")
+    common.add_output_flags(p, "no_context", figs_aliases=("--path_to_save_figure", "-psf"))
     return p
 
 
@@ -319,13 +320,14 @@ def build_grad_clip_parser():
     p = common.parser("Appendix G.3: learning curves with and without the 0.25 gradient clip.")
     common.add_checkpoint_flags(p)
     p.add_argument("--model_name", type=str, default="gpt2", help="TAKAGI plotted igpt (pass --model_name igpt)")
-    p.add_argument("--env_name_list", nargs="+", default=["hopper"])
+    # --env_name and -psf: the original plot_learning_curve_grad_clip.py's spellings
+    p.add_argument("--env_name_list", "--env_name", dest="env_name_list", nargs="+", default=["hopper"])
     p.add_argument("--seed", type=int, default=666)
     p.add_argument("--K", "--run_K", dest="K", type=int, default=20, help="the runs' K (folders ..._K{K})")
     p.add_argument("--max_epoch", type=int, default=10)
     p.add_argument("--target", type=int, default=None)
     common.add_wandb_flags(p)
-    common.add_output_flags(p, "grads")
+    common.add_output_flags(p, "grads", figs_aliases=("--path_to_save_figure", "-psf"))
     return p
 
 

@@ -171,10 +171,12 @@ def full_batch_param_norms(model, batch, *, clip: float | None = GRAD_CLIP, trai
 
 # ---- the scripts ------------------------------------------------------------------------------------------------
 
-def _common_parser(desc, batch_size):
+def _common_parser(desc, batch_size, results_alias):
+    """The flags of both scripts; each path flag and --env_name_list also take the original scripts' spelling
+    (``results_alias``: that of --results_dir)."""
     p = common.parser(desc)
-    common.add_checkpoint_flags(p)
-    p.add_argument("--env_name_list", nargs="+", default=list(common.ENV_NAMES))
+    common.add_checkpoint_flags(p, aliases=("--path_to_load_model",))
+    p.add_argument("--env_name_list", "--env_name", dest="env_name_list", nargs="+", default=list(common.ENV_NAMES))
     p.add_argument("--model_name_list", nargs="+", default=list(common.MODEL_NAMES))
     p.add_argument("--seed", type=int, default=666)
     p.add_argument("--epoch", type=int, default=1, help="checkpoint model_{epoch}.pt (1 = after 2500 steps)")
@@ -186,13 +188,14 @@ def _common_parser(desc, batch_size):
     p.add_argument("--max_grad_memory_gb", type=float, default=1.0,
                    help="per-sample gradients held at once; larger models take several seeded passes")
     common.add_run_k_flag(p)
-    common.add_data_flags(p, device_default="cpu", batch_size=batch_size)
-    common.add_output_flags(p, "grads")
+    common.add_data_flags(p, device_default="cpu", batch_size=batch_size, data_aliases=("--path_to_load_data",))
+    common.add_output_flags(p, "grads", results_aliases=(results_alias,), figs_aliases=("--path_to_save_figure",))
     return p
 
 
 def build_confusion_parser():
-    p = _common_parser("Figure 5: gradient confusion (minimum pairwise cosine of per-sample gradients).", 50)
+    p = _common_parser("Figure 5: gradient confusion (minimum pairwise cosine of per-sample gradients).", 50,
+                       "--path_to_save_gradcossim")
     p.add_argument("--eps", type=float, default=0.0,
                    help=f"added to the cosine's denominator (TAKAGI: {TAKAGI_COS_EPS}; it pulls the cosines of small "
                         "clipped gradients towards 0)")
@@ -200,7 +203,8 @@ def build_confusion_parser():
 
 
 def build_norm_parser():
-    p = _common_parser("Figures 6 and 7: per-sample gradient norms and full-batch per-parameter norms.", 100)
+    p = _common_parser("Figures 6 and 7: per-sample gradient norms and full-batch per-parameter norms.", 100,
+                       "--path_to_save_gradnorm")
     p.add_argument("--unclipped", action="store_true", help="report the norms before the 0.25 clip")
     p.add_argument("--top_k", type=int, default=2, help="tensors named in the per-parameter ratio figure")
     return p

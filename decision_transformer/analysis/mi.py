@@ -76,7 +76,7 @@ def _add_run_k(p, reading: bool):
 
 def build_save_parser():
     p = common.parser("Save block activations and the batch they were computed on, for run_mi_exp.py.")
-    common.add_checkpoint_flags(p)
+    common.add_checkpoint_flags(p, aliases=("--path_to_load_model",))  # the original save_activation.py's spelling
     p.add_argument("--env_name_list", nargs="+", default=["hopper"])
     p.add_argument("--model_name", nargs="+", default=["gpt2"], help="one or more of gpt2, igpt, dt")
     p.add_argument("--epoch", type=int, default=40)
@@ -84,7 +84,7 @@ def build_save_parser():
     p.add_argument("--all_layers", action="store_true",
                    help="save every hooked entry (9 per block), not only the block outputs (large)")
     _add_run_k(p, reading=False)
-    common.add_data_flags(p, device_default="cpu", batch_size=100)
+    common.add_data_flags(p, device_default="cpu", batch_size=100, data_aliases=("--path_to_load_data",))
     p.add_argument("--results_dir", type=str, default=mi_dir(),
                    help="relative paths resolve against the working directory")
     return p
@@ -258,18 +258,26 @@ def run_mi(args) -> common.Outputs:
 
 # ---- plots ------------------------------------------------------------------------------------------------------
 
+def _add_plot_dirs(p):
+    """--results_dir / --figs_dir, also spelt as in the original plotting scripts (-plm, -psf)."""
+    p.add_argument("--results_dir", "--path_to_load_mi", "-plm", dest="results_dir", type=str, default=mi_dir(),
+                   help="relative paths resolve against the working directory")
+    p.add_argument("--figs_dir", "--path_to_save_figure", "-psf", dest="figs_dir", type=str, default=mi_dir("figs"))
+
+
 def build_plot_parser():
     p = common.parser("Figures 2 and 16 from run_mi_exp.py's results.")
     p.add_argument("--exp_type", choices=("normal", "no_context"), default="normal")
+    # the original plot_mutual_information.py's switch for Figure 16
+    p.add_argument("--no_context", dest="exp_type", action="store_const", const="no_context",
+                   help="= --exp_type no_context")
     p.add_argument("--env_name", type=str, default="hopper")
     p.add_argument("--dataset_name", type=str, default="medium")
     p.add_argument("--seed", type=int, default=666)
     p.add_argument("--epoch", type=int, default=40)
     p.add_argument("--model_name_list", nargs="+", default=list(common.MODEL_NAMES))
     _add_run_k(p, reading=True)
-    p.add_argument("--results_dir", type=str, default=mi_dir(),
-                   help="relative paths resolve against the working directory")
-    p.add_argument("--figs_dir", type=str, default=mi_dir("figs"))
+    _add_plot_dirs(p)
     return p
 
 
@@ -428,9 +436,7 @@ def build_plot_data_parser():
     p.add_argument("--seed", type=int, default=666)
     p.add_argument("--epoch", type=int, default=40, help="unused (accepted for the originals' command lines)")
     _add_run_k(p, reading=True)
-    p.add_argument("--results_dir", type=str, default=mi_dir(),
-                   help="relative paths resolve against the working directory")
-    p.add_argument("--figs_dir", type=str, default=mi_dir("figs"))
+    _add_plot_dirs(p)
     return p
 
 

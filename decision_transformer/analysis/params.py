@@ -50,7 +50,8 @@ def parameter_similarity(sd0: dict, sd1: dict, concat: bool = False) -> tuple[li
 
 def build_parser():
     p = common.parser("Figures 3 and 4: per-tensor L2 distance and cosine similarity between two epochs.")
-    common.add_checkpoint_flags(p, plm_alias=True)
+    # The original parameter_similarity_analysis.py's spellings: -plm/--path_to_load_model, -psr, -psf.
+    common.add_checkpoint_flags(p, plm_alias=True, aliases=("--path_to_load_model",))
     p.add_argument("--model_name_list", nargs="+", default=list(common.MODEL_NAMES))
     p.add_argument("--env_name", type=str, default="hopper")
     p.add_argument("--seed", type=int, default=666)
@@ -61,7 +62,8 @@ def build_parser():
                    help="L2-distance axis: paper = 0 to at least 80, as the originals (paper-size models); auto = "
                         "0 to the largest distance (small models, whose bars are flat on 0-80)")
     common.add_run_k_flag(p)
-    common.add_output_flags(p, "params")
+    common.add_output_flags(p, "params", results_aliases=("--path_to_save_result", "-psr"),
+                            figs_aliases=("--path_to_save_figure", "-psf"))
     return p
 
 

@@ -72,17 +72,19 @@ def mean_std(values: list[float]) -> str:
 def build_parser():
     p = common.parser("Table 1 / Table 2: normalised scores (best and last epoch) per env and model, over seeds.")
     common.add_checkpoint_flags(p)
-    p.add_argument("--env_name_list", nargs="+", default=list(common.ENV_NAMES))
-    p.add_argument("--model_name_list", nargs="+", default=list(common.MODEL_NAMES))
-    p.add_argument("--seed_list", nargs="+", type=int, default=[666, 42])
+    # --env_name, --model_name, --seed (one value each) and -pld: the original compute_normalized_score.py's spellings
+    p.add_argument("--env_name_list", "--env_name", dest="env_name_list", nargs="+", default=list(common.ENV_NAMES))
+    p.add_argument("--model_name_list", "--model_name", dest="model_name_list", nargs="+",
+                   default=list(common.MODEL_NAMES))
+    p.add_argument("--seed_list", "--seed", dest="seed_list", nargs="+", type=int, default=[666, 42])
     p.add_argument("--K", "--run_K", dest="K", type=int, default=20,
                    help="the runs' K (folders ..._K{K}): 20: Table 1; 1: Table 2")
     p.add_argument("--score_norm", choices=["d4rl", "dataset"], default="d4rl")
     p.add_argument("--select", choices=["best", "last"], default="best",
                    help="value shown in the table (the CSV always has both)")
     p.add_argument("--target", type=int, default=None, help="evaluation target (default 3600/6000/5000; other envs: their first)")
-    p.add_argument("--data_path", type=str, default=project_path("data"),
-                   help="random/expert datasets for --score_norm dataset")
+    p.add_argument("--data_path", "--path_to_load_data", "-pld", dest="data_path", type=str,
+                   default=project_path("data"), help="random/expert datasets for --score_norm dataset")
     p.add_argument("--no_figure", action="store_true")
     common.add_wandb_flags(p)
     common.add_output_flags(p, "scores")
