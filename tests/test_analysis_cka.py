@@ -172,3 +172,24 @@ def test_rbf_bandwidth_is_the_median_beyond_torch_quantile_limits():
     sq = torch.cdist(x, x) ** 2
     expected = torch.exp(-sq / (2 * 0.5 ** 2 * float(np.median(sq.numpy()))))
     torch.testing.assert_close(gram_rbf(x, 0.5), expected, atol=1e-9, rtol=0)
+
+
+def test_depth_normalisation_pairs_blocks_or_as_the_original_consecutive_entries():
+    """iGPT's 24 x 9 diagonal onto 12 blocks: by default the same entry of blocks 2b and 2b+1; with legacy_pairing
+    consecutive values of the flattened sequence (TAKAGI's plot_cka.py), whose pairs straddle blocks."""
+    from decision_transformer.analysis.cka import normalise_depth
+
+    names = [f"{b}.{e}" for b in range(24) for e in BLOCK_ENTRIES]
+    diag = np.random.default_rng(0).random(len(names))
+    per = len(BLOCK_ENTRIES)
+    ours, ours_names = normalise_depth(diag, names, 12)
+    assert ours_names == [f"{b}.{e}" for b in range(12) for e in BLOCK_ENTRIES]
+    assert ours[0] == pytest.approx((diag[0] + diag[per]) / 2)                          # 0.ln_1 with 1.ln_1
+    assert ours[per * 5 + 3] == pytest.approx((diag[per * 10 + 3] + diag[per * 11 + 3]) / 2)
+    legacy, legacy_names = normalise_depth(diag, names, 12, legacy_pairing=True)
+    np.testing.assert_allclose(legacy, diag.reshape(-1, 2).mean(axis=1))               # entries 2i and 2i+1
+    assert legacy_names[0] == "0.0.ln_1+0.attn.c_attn" and len(legacy_names) == 12 * per
+    assert legacy_names[4] == f"0.{names[8]}+{names[9]}"                                 # straddles blocks 0 and 1
+    assert [int(n.split(".")[0]) for n in legacy_names] == [i // per for i in range(12 * per)]
+    same, same_names = normalise_depth(diag[:12 * per], names[:12 * per], 12, legacy_pairing=True)
+    assert same_names == names[:12 * per] and np.array_equal(same, diag[:12 * per])  # 12 blocks: unchanged

@@ -385,3 +385,35 @@ def test_parameter_distances_can_be_scaled_to_the_data(tmp_path, tiny_runs, figu
     top = max(p.get_height() for p in auto.axes[0].patches)
     assert top < 76 and paper.axes[0].get_ylim() == (0.0, 80.0)
     assert auto.axes[0].get_ylim() == pytest.approx((0.0, 1.05 * top))
+
+
+def test_cka_plot_pairs_igpt_blocks_or_legacy_consecutive_entries(tmp_path, figures):
+    """plot_cka.py draws iGPT's 24 blocks on GPT2's 12: entry e of blocks 2b and 2b+1 averaged; --legacy_pairing
+    averages consecutive entries of the flattened diagonal as the original, into a figure of its own name."""
+    import csv
+
+    from decision_transformer.analysis import cka
+    from decision_transformer.analysis.activations import BLOCK_ENTRIES
+
+    res = tmp_path / "res"
+    res.mkdir()
+    diags = {}
+    for m, nb in (("gpt2", 12), ("igpt", 24)):
+        names = [f"{b}.{e}" for b in range(nb) for e in BLOCK_ENTRIES]
+        diags[m] = np.random.default_rng(nb).random(len(names))
+        stem = cka.result_stem(0, 40, m, m, "hopper", "medium", 666)
+        np.save(res / f"{stem}_state.npy", np.diag(diags[m]))
+        with open(res / f"{stem}_layers.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["axis", "index", "layer"])
+            w.writerows([[axis, i, n] for axis in ("rows", "cols") for i, n in enumerate(names)])
+    per = len(BLOCK_ENTRIES)
+    for legacy, expect in ((False, diags["igpt"].reshape(12, 2, per).mean(axis=1).ravel()),
+                           (True, diags["igpt"].reshape(-1, 2).mean(axis=1))):
+        argv = ["--env_name_list", "hopper", "--model_name_list", "gpt2", "igpt", "--token_list", "state",
+                "--results_dir", str(res), "--figs_dir", str(tmp_path / "figs")] + (["--legacy_pairing"] * legacy)
+        cka.plot(cka.build_plot_parser().parse_args(argv))
+        stem = "cka_plot_0_40_gpt2_igpt_hopper_medium_666_state" + ("_legacy_pairing" if legacy else "")
+        lines = {ln.get_label(): ln.get_ydata() for ln in dict(figures)[stem].axes[0].lines if ln.get_label()[0] != "_"}
+        np.testing.assert_allclose(lines["iGPT"], expect)
+        np.testing.assert_allclose(lines["GPT2"], diags["gpt2"])

@@ -261,13 +261,22 @@ def plot_heatmap(mat, rows, cols, args, env, token, figs_dir, stem):
 
 # ---- Figure 1: the diagonal -------------------------------------------------------------------------------------
 
-def normalise_depth(values: np.ndarray, names: list[str], target_blocks: int) -> tuple[np.ndarray, list[str]]:
-    """Average a deeper model's per-layer values onto ``target_blocks`` blocks (iGPT's 24 blocks onto 12: the same
-    entry of consecutive blocks 2b and 2b+1 is averaged; the "normalized layer" of TAKAGI's Figure 1)."""
+def normalise_depth(values: np.ndarray, names: list[str], target_blocks: int,
+                    legacy_pairing: bool = False) -> tuple[np.ndarray, list[str]]:
+    """Average a deeper model's per-layer values onto ``target_blocks`` blocks, Figure 1's "normalized layer" (iGPT's
+    24 blocks onto 12): the same entry of consecutive blocks 2b and 2b+1 is averaged. ``legacy_pairing``: as TAKAGI's
+    plot_cka.py, consecutive values of the flattened per-layer sequence are averaged instead (entry 2i with entry
+    2i+1: ln_1 with attn.c_attn of the same block, and, with 9 entries a block, pairs that straddle two blocks); the
+    points are named ``{i // entries per block}.{the averaged layers joined by '+'}``."""
     nb = block_of(names[-1]) + 1
     if nb == target_blocks or nb % target_blocks:
         return values, names
     f = nb // target_blocks
+    if legacy_pairing:
+        per_block = len(names) // nb
+        n = len(values) // f
+        out = np.asarray(values, dtype=float)[:n * f].reshape(n, f).mean(axis=1)
+        return out, [f"{i // per_block}.{'+'.join(names[i * f:(i + 1) * f])}" for i in range(n)]
     groups: dict[tuple[int, str], list[float]] = {}
     for v, k in zip(values, names):
         groups.setdefault((block_of(k) // f, entry_of(k)), []).append(float(v))
@@ -293,6 +302,9 @@ def build_plot_parser():
     common.add_run_k_flag(p, "20, or 1 with --no_context (as given to compute_cka.py)")
     p.add_argument("--block", action="store_true")
     p.add_argument("--legacy_feature_index", action="store_true")
+    p.add_argument("--legacy_pairing", action="store_true",
+                   help="iGPT's normalized layers as TAKAGI's plot_cka.py: consecutive entries of the flattened "
+                        "diagonal averaged (ln_1 with attn.c_attn, ...), not the same entry of blocks 2b and 2b+1")
     common.add_output_flags(p, "cka", results_aliases=("--path_to_load_cka", "-plc"),
                             figs_aliases=("--path_to_save_figure", "-psf"))
     return p
@@ -355,7 +367,7 @@ def plot(args) -> common.Outputs:
             fig, ax = plt.subplots(figsize=(7, 3.6))
             rows = []
             for m, (vals, names) in curves.items():
-                vals, names = normalise_depth(vals, names, target)
+                vals, names = normalise_depth(vals, names, target, args.legacy_pairing)
                 starts = [i for i, n in enumerate(names) if i == 0 or block_of(names[i - 1]) != block_of(n)]
                 ax.plot(np.arange(len(vals)), vals, marker=".", color=common.model_colors(list(curves))[m],
                         label=common.model_label(m))
@@ -375,7 +387,7 @@ def plot(args) -> common.Outputs:
             ax.set_title(f"{env}, {token} token")
             common.legend(ax)
             stem = (f"cka_plot_{args.epoch1}_{args.epoch2}_{'_'.join(curves)}_{env}_{args.dataset_name}_{args.seed}"
-                    + common.run_k_tag(run_K) + f"_{token}")
+                    + common.run_k_tag(run_K) + f"_{token}" + ("_legacy_pairing" if args.legacy_pairing else ""))
             outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
             outs.files.append(common.save_csv(res / f"{stem}.csv", ["model", "index", "layer", "cka"], rows))
     return outs
