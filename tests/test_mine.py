@@ -77,6 +77,16 @@ def test_moving_average_and_no_anomaly_detection():
     assert not torch.is_anomaly_enabled()
 
 
+def test_fewer_samples_than_a_batch_train_on_one_batch_of_all():
+    """40 pairs, --batch_size 50: one minibatch of 40 per pass (the original took no step), and the network moves."""
+    x, y = correlated_gaussians(40, 1, 0.5, seed=0)
+    m = Mine(1, 1, hidden=8, hidden_layers=1, lr=1e-3, seed=0)
+    before = [p.detach().clone() for p in m.net.parameters()]
+    m.fit(x, y, iters=3, batch_size=50)
+    assert len(m.history) == 3
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.net.parameters()))
+
+
 def test_divergence_gives_nan():
     x = np.full((8, 1), np.nan, dtype=np.float32)
     assert math.isnan(estimate_mi(x, x, iters=1, batch_size=4, hidden=4))

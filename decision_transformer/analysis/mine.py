@@ -119,7 +119,9 @@ class Mine:
         return t_joint.mean() - _CorrectedLogMeanExp.apply(t_marg, self.log_mu)
 
     def fit(self, x, y, iters: int = 1000, batch_size: int = 50) -> Mine:
-        """``iters`` passes; each reshuffles the n pairs into n // batch_size minibatches (remainder dropped)."""
+        """``iters`` passes; each reshuffles the n pairs into n // batch_size minibatches (remainder dropped). With
+        fewer than ``batch_size`` pairs the minibatch is all n of them (the original then took no step at all and
+        reported its untrained network's bound)."""
         x, y = _as_2d(x, self.device), _as_2d(y, self.device)
         n = x.shape[0]
         if y.shape[0] != n:
