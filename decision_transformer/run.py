@@ -227,6 +227,13 @@ def check_args(args):
     for p in (models_dir.parent, models_dir) if models_dir is not None else ():  # written after the first iteration
         if p.exists() and not p.is_dir():
             raise UserError(f"--save_model writes to {models_dir}/, but {p} is a file")
+    if (getattr(args, "save_model", False) and getattr(args, "save_mode", "last") in ("best", "both")
+            and args.num_eval_episodes == 0 and args.max_iters > 0):
+        if args.save_mode == "best":  # the best-evaluated model is the only file this mode writes
+            raise UserError("--save_mode best saves the best-evaluated model, but --num_eval_episodes 0 evaluates "
+                            "nothing, so no model would be saved; use --save_mode last, or evaluate")
+        print("warning: --save_mode both with --num_eval_episodes 0: nothing is evaluated, so no _best.pt is written "
+              "(the last model is)", file=sys.stderr)
     if getattr(args, "pretrained_models", None) and getattr(args, "load_checkpoint", None):
         # the original loads the checkpoint and silently skips the merge; the merge's log would describe another model
         raise UserError("--load_checkpoint and --pretrained_models exclude each other: the checkpoint's weights would "

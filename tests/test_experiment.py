@@ -308,6 +308,20 @@ def test_bad_flags(tmp_path, monkeypatch, capsys, hopper_data, flag, value, need
     assert [p.name for p in run_dir(tmp_path).iterdir()] == ["model_1.pt"] and earlier.read_bytes() == b"an earlier run"
 
 
+def test_save_mode_best_without_evaluation(tmp_path, monkeypatch, capsys, hopper_data):
+    """--save_mode best writes only the best-evaluated model: with --num_eval_episodes 0 nothing would be saved, so
+    it is refused before anything is written; --save_mode both warns and saves the last model."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--data_path", str(hopper_data), *TINY, "--max_iters", "1", "--num_steps_per_iter", "2", "--save_model",
+            "--num_eval_episodes", "0"]
+    assert "--save_mode best saves the best-evaluated model, but --num_eval_episodes 0 evaluates nothing" in \
+        expect_error(capsys, [*base, "--save_mode", "best"])
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "models").exists()
+    experiment.main([*base, "--save_mode", "both"])
+    assert "warning: --save_mode both with --num_eval_episodes 0: nothing is evaluated" in capsys.readouterr().err
+    assert [p.name.endswith("_best.pt") for p in (tmp_path / "models" / "hopper").iterdir()] == [False]
+
+
 def test_a_fresh_run_sets_an_earlier_one_aside(tmp_path, monkeypatch, capsys, hopper_data):
     """A fresh run in a folder that holds an earlier run moves that run to previous/<timestamp>/ (nothing lost, no
     folder mixing two runs); --resume continues in place."""

@@ -243,7 +243,9 @@ def test_multi_bad_input(data, tmp_path, monkeypatch, capsys):
     for flags, needle in ((["--seed", "-1"], "--seed must be in"), (["--p_list", "nan"], "--p_list values must be"),
                           (["--init_reg", "-1"], "--init_reg must be a number >= 0"),
                           (["--weight_decay", "nan"], "--weight_decay must be"),
-                          (["--learning_rate", "0.1", "--weight_decay", "20"], "lr * wd must be below 1")):
+                          (["--learning_rate", "0.1", "--weight_decay", "20"], "lr * wd must be below 1"),
+                          (["--save_model", "--save_mode", "best", "--num_eval_episodes", "0"],
+                           "--num_eval_episodes 0 evaluates nothing")):
         with pytest.raises(SystemExit) as e:
             experiment_multi.main(["--data_path", str(data), *TINY, *flags])
         err = capsys.readouterr().err.strip().splitlines()
