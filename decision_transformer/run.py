@@ -166,6 +166,10 @@ def parse_targets(env_targets: str | None, default) -> list[float]:
     for t in targets:
         if not (math.isfinite(t) and abs(t) < 1e7):  # returns of these envs stay far below 1e5
             raise UserError(f"--env_targets: {t} is not a return target (finite, below 1e7 in magnitude)")
+        if t != int(t):  # metric keys name a target by its integer (target_3600_...), as the originals' int targets
+            raise UserError(f"--env_targets: {t} is not a whole number (the metric keys name targets as integers)")
+    if len(set(targets)) != len(targets):
+        raise UserError(f"--env_targets lists a target twice: {env_targets!r}")
     return targets
 
 
@@ -456,6 +460,8 @@ def _run_locked(args, script: str, take_lock) -> dict:
     check_args(args)
     targets = parse_targets(args.env_targets, spec.targets)
     bc = args.model_type == "bc"
+    # the originals' BC rollouts had no noise branch (--mode changes a BC run's data only)
+    eval_mode = "normal" if bc else args.mode
     if bc:
         targets = targets[:1]  # the MLP ignores the target: one evaluation (the originals' first target)
     ctx, device = distributed.setup(resolve_device(args.device, args.threads))  # torchrun: one process per GPU
@@ -584,7 +590,7 @@ def _run_locked(args, script: str, take_lock) -> dict:
                 for target in targets:
                     with progress(args.num_eval_episodes, f"iter {it} eval {int(target)}") as bar:
                         res = evaluate_episodes(model, args.env, target, args.num_eval_episodes, dataset.state_mean,
-                                                dataset.state_std, seed=args.seed, mode=args.mode, device=device,
+                                                dataset.state_std, seed=args.seed, mode=eval_mode, device=device,
                                                 pool=pool, progress=bar)
                     logs.update({f"evaluation/{k}": v for k, v in res.metrics(args.env).items()})
             logs["time/evaluation"] = time.time() - eval_start

@@ -93,6 +93,21 @@ def test_bc_refuses_transformer_flags(tmp_path, monkeypatch, hopper_data, flag, 
                                             f"--model_type bc"
 
 
+def test_bc_rollouts_have_no_noise_mode(tmp_path, monkeypatch, hopper_data):
+    """--mode noise perturbs a DT's first evaluation state; the originals' BC rollouts had no such branch, so a BC
+    run in noise mode evaluates exactly as in normal mode (same data, same seeds)."""
+    returns = {}
+    for mode in ("normal", "noise"):
+        work = tmp_path / mode
+        work.mkdir()
+        monkeypatch.chdir(work)
+        experiment.main(["--data_path", str(hopper_data), *TINY, "--model_type", "bc", "--max_iters", "1",
+                         "--num_steps_per_iter", "3", "--mode", mode, "--num_eval_episodes", "3"])
+        row = json.loads((work / "checkpoints" / "bc_medium_hopper_666_K5" / "metrics.jsonl").read_text())
+        returns[mode] = (row["evaluation/target_3600_return_mean"], row["evaluation/target_3600_return_std"])
+    assert returns["noise"] == returns["normal"]
+
+
 def test_unknown_model_type_exits_2(tmp_path, monkeypatch, hopper_data, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
