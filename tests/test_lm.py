@@ -659,7 +659,8 @@ def test_merging_seed_lm_command_against_a_fresh_chibit(tmp_path, monkeypatch, c
     mtime = cache.stat().st_mtime_ns
     monkeypatch.chdir(work)
     monkeypatch.setattr(km_mod, "cosine_kmeans", lambda *a, **k: pytest.fail("recomputed despite the cache"))
-    lm_experiment.main([*seed, *small, "--max_iters", "1", "--num_eval_episodes", "0", "--joint",
+    no_best = [a for a in seed if a not in ("--save_model", "--save_mode=best")]  # (refused with 0 episodes)
+    lm_experiment.main([*no_best, *small, "--max_iters", "1", "--num_eval_episodes", "0", "--joint",
                         "--nlp_dataset_name", str(tmp_path / "wiki.txt"), "--outdir", "joint"])
     err = capsys.readouterr().err
     assert "centres read from ../kmeans_cache/chibi_1000.pt" in err and "blocks of 512 tokens" in err
