@@ -413,9 +413,7 @@ def _model_from(src: ModelFile, state: dict, args, spec, device, fallback_config
     model = build_model(ModelFile(src.path, state, src.config, src.specializations), device,
                         fallback_config=fallback_config, max_length=args.K)
     cfg = model.config
-    if (cfg.state_dim, cfg.act_dim) != (spec.state_dim, spec.act_dim):
-        raise UserError(f"{src.path}: this model has state/action dims {cfg.state_dim}/{cfg.act_dim}, --env "
-                        f"{spec.name} needs {spec.state_dim}/{spec.act_dim}; list the {spec.name} model first")
+    _check_fits_env(src, (cfg.state_dim, cfg.act_dim), spec, args)
     if src.env and src.env != spec.name:
         log(f"warning: the model trained on {src.env} ({src.path}) is finetuned on {spec.name}")
     return model
@@ -515,7 +513,7 @@ def _merge_for_experiment(args, fresh, spec, device):
         check_selection(keys, args, sources[0].path)
         merging.check_compatible([s.state_dict for s in sources], [s.path for s in sources], keys)
         warn_architecture([s.config.get("model_config") for s in sources], [s.path for s in sources])
-        _check_destination(args, sources, fresh_sd, keys)
+        _check_destination(args, sources, fresh_sd, keys, spec)
         merged, merged_keys = merge_single_sources(sources, args, keys, device, data, fresh_sd)
         check_merged_state(merged, method, args)
         _report(merged, merged_keys, info, f"{method} of {len(sources)} models")
@@ -550,12 +548,31 @@ def _merge_for_experiment(args, fresh, spec, device):
     return model, keys, merged_keys, info
 
 
-def _check_destination(args, sources: Sequence[ModelFile], fresh_sd: dict, keys: Sequence[str]):
+def _check_fits_env(src: ModelFile, dims: tuple[int, int] | None, spec, args):
+    """The model to finetune (model 1, or model 2 with --flip) has ``--env``'s state/action dims."""
+    if dims is not None and tuple(dims) != (spec.state_dim, spec.act_dim):
+        which = "second (--flip trains model 2)" if args.flip else "first"
+        raise UserError(f"{src.path}: this model has state/action dims {dims[0]}/{dims[1]}, --env {spec.name} needs "
+                        f"{spec.state_dim}/{spec.act_dim}; list the {spec.name} model {which}")
+
+
+def _stored_dims(src: ModelFile) -> tuple[int, int] | None:
+    """A DT checkpoint's state/action dims from its input embeddings' shapes (None where it has none)."""
+    sd = src.state_dict
+    if "embed_state.weight" in sd and "embed_action.weight" in sd:
+        return sd["embed_state.weight"].shape[1], sd["embed_action.weight"].shape[1]
+    return None
+
+
+def _check_destination(args, sources: Sequence[ModelFile], fresh_sd: dict, keys: Sequence[str], spec):
     """Before any Fisher or Gram is computed: the merged state fits the model it will be loaded into (the fresh model
-    these flags build, unless --copy_model or --flip build it from a source's own config)."""
+    these flags build, unless --copy_model or --flip build it from a source's own config, which must fit --env)."""
     if args.flip and len(sources) != 2:
         raise UserError(f"--flip needs exactly 2 --pretrained_models, got {len(sources)}")
     if args.copy_model or (args.flip and not args.copy_include):
+        src = sources[1] if args.flip and not args.copy_include else sources[0]
+        if not src.is_multi:  # (a multi-task model is refused when it is built)
+            _check_fits_env(src, _stored_dims(src), spec, args)
         return
     first = sources[0].state_dict
     if args.copy_include:

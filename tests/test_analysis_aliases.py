@@ -137,3 +137,22 @@ def test_no_context_switch_keeps_exp_type_default():
     p = mi.build_plot_parser()
     assert p.parse_args([]).exp_type == "normal"
     assert p.parse_args(["--no_context", "--exp_type", "normal"]).exp_type == "normal"  # the last one given wins
+
+
+@pytest.mark.parametrize("build, short, full", [
+    (scores.build_parser, ["--env", "walker2d"], ["--env_name_list", "walker2d"]),
+    (attention.build_parser, ["--env", "walker2d"], ["--env_name_list", "walker2d"]),
+    (grads.build_norm_parser, ["--env_n", "walker2d"], ["--env_name_list", "walker2d"]),
+    (curves.build_no_context_parser, ["--bloc"], ["--block"]),
+    (curves.build_no_context_parser, ["--wandb_proj", "p"], ["--wandb_project", "p"]),
+])
+def test_an_abbreviation_of_one_flags_spellings_is_that_flag(build, short, full):
+    """A prefix shared only by the spellings of one flag (--env: --env_name_list and its alias --env_name) selects
+    that flag; a prefix of two different flags is still refused as ambiguous."""
+    assert vars(build().parse_args(short)) == vars(build().parse_args(full))
+
+
+def test_a_prefix_of_two_flags_is_ambiguous(capsys):
+    with pytest.raises(SystemExit):
+        cka.build_plot_parser().parse_args(["--legacy"])       # --legacy_feature_index or --legacy_pairing
+    assert "ambiguous option: --legacy" in capsys.readouterr().err

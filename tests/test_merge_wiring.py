@@ -268,6 +268,26 @@ def test_load_checkpoint_and_pretrained_models_exclude_each_other(srcs, tmp_path
     assert not any(tmp_path.iterdir())
 
 
+def test_the_model_to_finetune_must_fit_env_before_any_merge(srcs, tmp_path, monkeypatch, capsys):
+    """--copy_model trains model 1, --flip model 2: one that does not fit --env stops the run before the merge (no
+    Fisher estimated), and the hint says which position the env's model belongs in."""
+    root, data, paths = srcs
+    monkeypatch.chdir(tmp_path)
+    common = ["--data_path", str(data), *SMALL, "--include", "attn", "--use_fisher", "--f_batch_size", "2",
+              "--f_num_batches", "1", *NO_TRAINING]
+    for flags, models, hint in ((["--flip", "--copy_model"], ("walker2d", "hopper"), "list the walker2d model second "
+                                 "(--flip trains model 2)"),
+                                (["--flip"], ("walker2d", "hopper"), "list the walker2d model second (--flip "
+                                 "trains model 2)"),
+                                (["--copy_model"], ("hopper", "walker2d"), "list the walker2d model first")):
+        msg = fails(experiment.main, ["--env", "walker2d", *common, *flags, "--pretrained_models",
+                                      *[str(paths[e]) for e in models]], capsys)
+        assert msg.startswith(f"error: {paths['hopper']}: this model has state/action dims 11/3, --env walker2d needs "
+                              "17/6") and msg.endswith(hint), msg
+    assert not list(root.rglob("info"))                                  # no Fisher file computed
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_flip_has_no_effect_with_copy_include(srcs, tmp_path, capsys):
     """--copy_include copies the merged tensors into the fresh model, which --flip does not change: the same weights
     as without --flip, and a warning saying so."""

@@ -112,13 +112,23 @@ def str2bool(v) -> bool:
 
 
 class _Parser(argparse.ArgumentParser):
-    """``--help`` shows every default, also of flags without a help text."""
+    """``--help`` shows every default, also of flags without a help text. An abbreviated flag that is the prefix of
+    several spellings of one flag (``--env`` of ``--env_name_list`` and its alias ``--env_name``) is that flag, not
+    "ambiguous" (Python before 3.12 counted each spelling as a match)."""
 
     def format_help(self):
         for action in self._actions:
             if action.help is None:
                 action.help = "(default: %(default)s)"
         return super().format_help()
+
+    def _get_option_tuples(self, option_string):
+        seen, unique = set(), []
+        for t in super()._get_option_tuples(option_string):
+            if id(t[0]) not in seen:  # t[0]: the action the prefix matches
+                seen.add(id(t[0]))
+                unique.append(t)
+        return unique
 
 
 def parser(description: str) -> argparse.ArgumentParser:
