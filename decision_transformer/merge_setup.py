@@ -406,14 +406,15 @@ def merge_multi_states(sources: Sequence[ModelFile], args, device, fishers=None,
 
 # ---- experiment.py's hook -----------------------------------------------------------------------------------------------
 
-def _model_from(src: ModelFile, state: dict, args, spec, device, fallback_config=None):
-    """A module shaped like ``src`` (context length ``--K``) holding ``state``; it must fit ``--env``."""
+def _model_from(src: ModelFile, state: dict, args, spec, device, fallback_config=None, position: int = 1):
+    """A module shaped like ``src`` (model ``position`` of --pretrained_models; context length ``--K``) holding
+    ``state``; it must fit ``--env``."""
     if src.is_multi:
         raise UserError(f"{src.path}: a multi-task model cannot be finetuned by experiment.py (use experiment_multi.py)")
     model = build_model(ModelFile(src.path, state, src.config, src.specializations), device,
                         fallback_config=fallback_config, max_length=args.K)
     cfg = model.config
-    _check_fits_env(src, (cfg.state_dim, cfg.act_dim), spec, args)
+    _check_fits_env(src, (cfg.state_dim, cfg.act_dim), spec, position)
     if src.env and src.env != spec.name:
         log(f"warning: the model trained on {src.env} ({src.path}) is finetuned on {spec.name}")
     return model
@@ -520,20 +521,20 @@ def _merge_for_experiment(args, fresh, spec, device):
     # As LAWSON's experiment.py: --flip (2 models) makes model 2, with the merged tensors, the merged model; then
     # --copy_model trains that merged model, --copy_include copies only the merged tensors into the fresh model, and
     # neither loads the merged model's whole state into the fresh one.
-    flip = args.flip and len(sources) >= 2
     if args.copy_model and args.copy_include:
         log("warning: --copy_model takes precedence over --copy_include")
-    elif flip and args.copy_include:
+    elif args.flip and len(sources) >= 2 and args.copy_include:
         log("warning: --flip has no effect with --copy_include (the merged tensors are the same; the fresh model's "
             "other tensors are kept)")
-    if flip and not (args.copy_include and not args.copy_model):
+    trained = _trained_source(args, sources)
+    if trained == 1:
         state2 = dict(sources[1].state_dict)
         state2.update({k: merged[k] for k in keys if k in state2})
-        model = _model_from(sources[1], state2, args, spec, device, fresh.config)
+        model = _model_from(sources[1], state2, args, spec, device, fresh.config, position=2)
         info["trained"] = "model 2 with the merged tensors"
         log(f"--flip: training model 2 ({sources[1].path}) with the merged tensors and its own other tensors")
-    elif args.copy_model:
-        model = _model_from(sources[0], merged, args, spec, device, fresh.config)
+    elif trained == 0:
+        model = _model_from(sources[0], merged, args, spec, device, fresh.config, position=1)
         info["trained"] = "merged model (model 1's other tensors)"
     elif args.copy_include:
         sd = dict(fresh_sd)
@@ -548,31 +549,36 @@ def _merge_for_experiment(args, fresh, spec, device):
     return model, keys, merged_keys, info
 
 
-def _check_fits_env(src: ModelFile, dims: tuple[int, int] | None, spec, args):
-    """The model to finetune (model 1, or model 2 with --flip) has ``--env``'s state/action dims."""
+def _trained_source(args, sources: Sequence[ModelFile]) -> int | None:
+    """Which source's own model is finetuned (its index), or None for the fresh model: with 2+ models --flip makes
+    model 2 the merged model, which --copy_model (or neither --copy_* flag) trains; otherwise --copy_model trains
+    model 1's merged model."""
+    if args.flip and len(sources) >= 2 and (args.copy_model or not args.copy_include):
+        return 1
+    return 0 if args.copy_model else None
+
+
+def _check_fits_env(src: ModelFile, dims: tuple[int, int] | None, spec, position: int):
+    """The model to finetune (model ``position`` of --pretrained_models) has ``--env``'s state/action dims."""
     if dims is not None and tuple(dims) != (spec.state_dim, spec.act_dim):
-        which = "second (--flip trains model 2)" if args.flip else "first"
+        which = "second (--flip trains model 2)" if position == 2 else "first"
         raise UserError(f"{src.path}: this model has state/action dims {dims[0]}/{dims[1]}, --env {spec.name} needs "
                         f"{spec.state_dim}/{spec.act_dim}; list the {spec.name} model {which}")
-
-
-def _stored_dims(src: ModelFile) -> tuple[int, int] | None:
-    """A DT checkpoint's state/action dims from its input embeddings' shapes (None where it has none)."""
-    sd = src.state_dict
-    if "embed_state.weight" in sd and "embed_action.weight" in sd:
-        return sd["embed_state.weight"].shape[1], sd["embed_action.weight"].shape[1]
-    return None
 
 
 def _check_destination(args, sources: Sequence[ModelFile], fresh_sd: dict, keys: Sequence[str], spec):
     """Before any Fisher or Gram is computed: the merged state fits the model it will be loaded into (the fresh model
     these flags build, unless --copy_model or --flip build it from a source's own config, which must fit --env)."""
+    from decision_transformer.legacy_import import _weight_dims
+
     if args.flip and len(sources) != 2:
         raise UserError(f"--flip needs exactly 2 --pretrained_models, got {len(sources)}")
-    if args.copy_model or (args.flip and not args.copy_include):
-        src = sources[1] if args.flip and not args.copy_include else sources[0]
-        if not src.is_multi:  # (a multi-task model is refused when it is built)
-            _check_fits_env(src, _stored_dims(src), spec, args)
+    trained = _trained_source(args, sources)
+    if trained is not None:
+        src = sources[trained]
+        if not src.is_multi:  # (a multi-task model is refused when it is built; damaged weights when loaded)
+            _check_fits_env(src, _weight_dims(src.state_dict, "embed_state.weight", "embed_action.weight"), spec,
+                            trained + 1)
         return
     first = sources[0].state_dict
     if args.copy_include:

@@ -435,10 +435,29 @@ def run_experiment(args) -> dict:
 def run_lm_cotraining(args) -> dict:
     """Train and evaluate as ``lm_cotraining/experiment.py`` (LM-initialised DT, k-means alignment with the LM
     script's normalisation and annealing, ``--init_reg``, ``--joint``, ``--fp16``)."""
+    check_lm_script_flags(args)
+    return _run(args, LM_COTRAINING)
+
+
+def check_lm_script_flags(args):
     if not args.pretrained_lm:
         raise UserError("lm_cotraining/experiment.py needs --pretrained_lm (a GPT-2-family model directory such as "
                         "checkpoints/ChibiT, or gpt2); see checkpoints/README.md")
-    return _run(args, LM_COTRAINING)
+
+
+def check_run_flags(args, script: str):
+    """Every check of a single-task run's flags that needs no dataset or model (also the sweep launcher's, which
+    lists a point that fails one as invalid); returns (the env's spec, the evaluation targets)."""
+    if script == LM_COTRAINING:
+        check_lm_script_flags(args)
+    reject_unsupported(args, SCRIPTS[script])
+    spec = get_env_spec(args.env)
+    spec.gym_id(args.env_version)  # an env that does not exist in that version: before anything is written
+    check_dataset_name(args.dataset)
+    check_args(args)
+    if getattr(args, "gpt_kmeans", None) is not None and args.gpt_kmeans_const is None:
+        raise UserError("--gpt_kmeans needs --gpt_kmeans_const (the loss weight; the papers use 0.1)")
+    return spec, parse_targets(args.env_targets, spec.targets)
 
 
 def _run(args, script: str) -> dict:
@@ -453,12 +472,7 @@ def _run(args, script: str) -> dict:
 
 def _run_locked(args, script: str, take_lock) -> dict:
     lm_script = script == LM_COTRAINING
-    reject_unsupported(args, SCRIPTS[script])
-    spec = get_env_spec(args.env)
-    spec.gym_id(args.env_version)  # an env that does not exist in that version: before anything is written
-    check_dataset_name(args.dataset)
-    check_args(args)
-    targets = parse_targets(args.env_targets, spec.targets)
+    spec, targets = check_run_flags(args, script)
     bc = args.model_type == "bc"
     # the originals' BC rollouts had no noise branch (--mode changes a BC run's data only)
     eval_mode = "normal" if bc else args.mode
@@ -466,8 +480,6 @@ def _run_locked(args, script: str, take_lock) -> dict:
         targets = targets[:1]  # the MLP ignores the target: one evaluation (the originals' first target)
     ctx, device = distributed.setup(resolve_device(args.device, args.threads))  # torchrun: one process per GPU
     configure_matmul_precision(args.precision, device)
-    if getattr(args, "gpt_kmeans", None) is not None and args.gpt_kmeans_const is None:
-        raise UserError("--gpt_kmeans needs --gpt_kmeans_const (the loss weight; the papers use 0.1)")
     lm = None if bc else locate_pretrained(args)  # before the data: a missing model is reported at once
     seed_everything(args.seed)
 

@@ -303,14 +303,15 @@ def inspect_run(program: str, argv: list[str]) -> Found:
 
 
 def _inspect_run(program: str, argv: list[str]) -> Found:
-    from decision_transformer.run import TRAIN_STATE, resume_signature
+    from decision_transformer.run import EXPERIMENT, LM_COTRAINING, TRAIN_STATE, check_run_flags, resume_signature
 
     name = Path(program).name
     if Path(program).parent.name == "lm_cotraining" and name == "experiment.py":
         from decision_transformer.cli_lm import lm_cotraining_parser
         from decision_transformer.run import lm_resume_dir
 
-        a = _parse(lm_cotraining_parser(), "lm_cotraining/experiment.py", argv)
+        a = _parse(lm_cotraining_parser(), "lm_cotraining/experiment.py", argv,
+                   lambda a: check_run_flags(a, LM_COTRAINING))
         if a.outdir == "":
             return Found("new")
         parent = Path(a.outdir or Path(project_path("models")) / a.env)
@@ -324,11 +325,11 @@ def _inspect_run(program: str, argv: list[str]) -> Found:
         return _with_note(Found(state, folder, run_lock_path("lm_cotraining/experiment.py", a),
                                 target=f"{parent / prefix}<id> (these flags)"))
     if name == "experiment_multi.py":
-        from decision_transformer.multi_run import multi_parser, resume_signature as multi_signature
+        from decision_transformer.multi_run import check_multi_args, multi_parser, resume_signature as multi_signature
 
         from decision_transformer.run import resumable_run
 
-        a = _parse(multi_parser(), name, argv)
+        a = _parse(multi_parser(), name, argv, check_multi_args)
         if not a.outdir or a.eval_only or a.num_steps_per_iter <= 0:
             return Found("new")
         parent, prefix = Path(a.outdir) / "multi", f"gym-experiment-multi-{a.dataset}-"
@@ -345,7 +346,7 @@ def _inspect_run(program: str, argv: list[str]) -> Found:
     from decision_transformer.cli import experiment_parser, merge_signature
     from decision_transformer.run import recorded_config, resume_mismatches
 
-    a = _parse(experiment_parser(), name, argv)
+    a = _parse(experiment_parser(), name, argv, lambda a: check_run_flags(a, EXPERIMENT))
     if not a.outdir:
         return Found("new")
     run_dir = Path(a.outdir) / run_dir_name(_model_name(a), a.dataset, a.env, a.seed, a.K, a.remove_grad_clip,
@@ -381,14 +382,25 @@ def _with_note(found: Found) -> Found:
     return found
 
 
-def _parse(parser, prog: str, argv: list[str]):
-    """``argv`` parsed as the run's program does; a flag it rejects is a ``UserError`` naming the program."""
+def _parse(parser, prog: str, argv: list[str], check=None):
+    """``argv`` parsed as the run's program does; a flag it rejects, by its parser or by ``check(args)`` (the
+    program's own checks of its flags, their warnings silenced), is a ``UserError`` naming the program."""
+    import contextlib
+    import io
+
     def error(message):
         raise UserError(f"{prog}: {message} (see {prog} --help)")
 
     parser.prog = prog
     parser.error = error
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if check is not None:
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                check(args)
+        except UserError as e:
+            raise UserError(f"{prog}: {e}") from None
+    return args
 
 
 @dataclass

@@ -279,13 +279,36 @@ def test_the_model_to_finetune_must_fit_env_before_any_merge(srcs, tmp_path, mon
                                  "(--flip trains model 2)"),
                                 (["--flip"], ("walker2d", "hopper"), "list the walker2d model second (--flip "
                                  "trains model 2)"),
-                                (["--copy_model"], ("hopper", "walker2d"), "list the walker2d model first")):
+                                (["--copy_model"], ("hopper", "walker2d"), "list the walker2d model first"),
+                                (["--flip", "--copy_model", "--copy_include"], ("walker2d", "hopper"),
+                                 "list the walker2d model second (--flip trains model 2)")):
         msg = fails(experiment.main, ["--env", "walker2d", *common, *flags, "--pretrained_models",
                                       *[str(paths[e]) for e in models]], capsys)
         assert msg.startswith(f"error: {paths['hopper']}: this model has state/action dims 11/3, --env walker2d needs "
                               "17/6") and msg.endswith(hint), msg
     assert not list(root.rglob("info"))                                  # no Fisher file computed
     assert not (tmp_path / "checkpoints").exists()
+    # all three flags: --copy_model wins over --copy_include, so --flip trains model 2, which fits here
+    experiment.main(["--env", "walker2d", *common, "--flip", "--copy_model", "--copy_include", "--pretrained_models",
+                     str(paths["hopper"]), str(paths["walker2d"])])
+    assert "--flip: training model 2" in capsys.readouterr().err
+    # one model: --flip has nothing to flip, the hint names the first position
+    msg = fails(experiment.main, ["--env", "walker2d", "--data_path", str(data), *SMALL, "--flip", "--copy_model",
+                                  "--pretrained_models", str(paths["hopper"]), *NO_TRAINING], capsys)
+    assert msg.endswith("list the walker2d model first"), msg
+
+
+def test_a_damaged_embedding_in_the_model_to_finetune_is_one_line(srcs, tmp_path, monkeypatch, capsys):
+    root, data, paths = srcs
+    monkeypatch.chdir(tmp_path)
+    ck = load_checkpoint(paths["hopper"])
+    ck["state_dict"]["embed_state.weight"] = ck["state_dict"]["embed_state.weight"].flatten()
+    bad = tmp_path / "bad_hopper.pt"
+    atomic_save(ck, bad)
+    msg = fails(experiment.main, ["--env", "hopper", "--data_path", str(data), *SMALL, "--include", "attn",
+                                  "--copy_model", "--pretrained_models", str(bad), str(paths["hopper"]), *NO_TRAINING],
+                capsys)
+    assert msg.startswith(f"error: {bad}") and "embed_state.weight" in msg, msg
 
 
 def test_flip_has_no_effect_with_copy_include(srcs, tmp_path, capsys):

@@ -2,12 +2,14 @@
 last model of a --save_mode both run, merge runs of 0 iterations, runs skipped at their recheck, WandB export of
 null values, the last of repeated flags, CPU threads and cores per slot."""
 import json
+import re
 import sys
 
 import pytest
 import yaml
 
 from decision_transformer import sweep
+from decision_transformer.errors import UserError
 from test_sweep import _fails_with, _grid, _half_done, _saved_model_run
 
 
@@ -181,3 +183,26 @@ def test_cpu_slots_share_the_cores(tmp_path, monkeypatch):
     assert sweep.launch([cmd, cmd], [None, None], tmp_path / "logs", ["a", "b"], pin=False) == 0
     for name in ("a", "b"):
         assert (tmp_path / "logs" / f"{name}.log").read_text().splitlines()[1:] == ["3"]
+
+
+# ---- points that the programs' own flag checks refuse are invalid, not launched --------------------------------------
+
+@pytest.mark.parametrize("program, fixed, grid, needle", [
+    ("experiment.py", {"K": 5}, {"env_targets": ["3600", "3600.5"]}, "--env_targets: 3600.5 is not a whole number"),
+    ("experiment.py", {"K": 5}, {"weight_decay": [1e-4, 1e5]}, "lr * wd must be below 1"),
+    ("lm_cotraining/experiment.py", {"K": 5, "pretrained_lm": "gpt2"}, {"gpt_kmeans": [None, 1000]},
+     "--gpt_kmeans needs --gpt_kmeans_const"),
+    ("experiment_multi.py", {"K": 5, "save_model": True, "num_eval_episodes": 0}, {"save_mode": ["last", "best"]},
+     "--num_eval_episodes 0 evaluates nothing"),
+])
+def test_points_the_programs_checks_refuse_are_invalid(tmp_path, monkeypatch, program, fixed, grid, needle):
+    """The planner runs each program's own flag checks (not only its parser): a point they refuse is listed as
+    invalid with the program's message, before anything is launched, and the other point is planned."""
+    monkeypatch.chdir(tmp_path)
+    spec = {"program": program, "name": "checks", "fixed": {"outdir": "ck", **fixed}, "grid": grid}
+    runs = sweep.plan_runs(spec, [])
+    assert [r.state for r in runs][1] == "invalid" and runs[0].state != "invalid", [r.found.note for r in runs]
+    assert runs[1].found.note.startswith(f"{program}: ") and needle in runs[1].found.note
+    spec["grid"] = {k: v[1:] for k, v in grid.items()}                     # only the refused point: the grid's error
+    with pytest.raises(UserError, match=re.escape(needle)):
+        sweep.plan_runs(spec, [])
