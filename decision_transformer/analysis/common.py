@@ -114,7 +114,7 @@ def str2bool(v) -> bool:
 class _Parser(argparse.ArgumentParser):
     """``--help`` shows every default, also of flags without a help text. An abbreviated flag that is the prefix of
     several spellings of one flag (``--env`` of ``--env_name_list`` and its alias ``--env_name``) is that flag, not
-    "ambiguous" (Python before 3.12 counted each spelling as a match)."""
+    "ambiguous" (argparse, up to at least Python 3.13, counts each spelling as a match)."""
 
     def format_help(self):
         for action in self._actions:
