@@ -39,15 +39,32 @@ SCRIPTS = {EXPERIMENT: "experiment.py", LM_COTRAINING: "lm_cotraining/experiment
 
 # ---- small helpers ----------------------------------------------------------------------------------------------
 
+def _device_of(name: str) -> torch.device:
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def check_device_flags(args):
+    """``--device`` and ``--threads`` well-formed, checked without touching torch's settings (the sweep planner
+    runs this too)."""
+    from decision_transformer.cpu import choose_threads
+
+    name = getattr(args, "device", None)
+    if name not in (None, "", "auto"):
+        _device_of(name)
+    threads = getattr(args, "threads", None)
+    if threads is not None and str(threads) != "auto":
+        choose_threads(threads, available=1, busy=0.0, current=1)
+
+
 def resolve_device(name: str, threads: str | int | None = "auto") -> torch.device:
     """The torch device for ``--device name``; also sets torch's CPU threads (``--threads``, see cpu.py)."""
     if name in (None, "", "auto"):
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        try:
-            dev = torch.device(name)
-        except RuntimeError:
-            raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        dev = _device_of(name)
         if dev.type == "cuda" and not torch.cuda.is_available():
             print(f"warning: --device {name} requested but CUDA is not available; running on cpu", file=sys.stderr)
             dev = torch.device("cpu")
@@ -220,6 +237,7 @@ def check_args(args):
             raise UserError(f"invalid --{name} {getattr(args, name)}")
     check_upper_bounds(args)
     check_numbers(args)
+    check_device_flags(args)
     if args.embed_dim % args.n_head:
         raise UserError(f"--embed_dim {args.embed_dim} is not divisible by --n_head {args.n_head}")
     check_context(args.K)

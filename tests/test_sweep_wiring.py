@@ -190,6 +190,8 @@ def test_cpu_slots_share_the_cores(tmp_path, monkeypatch):
 @pytest.mark.parametrize("program, fixed, grid, needle", [
     ("experiment.py", {"K": 5}, {"env_targets": ["3600", "3600.5"]}, "--env_targets: 3600.5 is not a whole number"),
     ("experiment.py", {"K": 5}, {"weight_decay": [1e-4, 1e5]}, "lr * wd must be below 1"),
+    ("experiment.py", {"K": 5}, {"device": ["cpu", "cpux"]}, "unknown --device 'cpux'"),
+    ("experiment_multi.py", {"K": 5}, {"threads": ["1", "0"]}, "--threads '0': use auto or a positive number"),
     ("lm_cotraining/experiment.py", {"K": 5, "pretrained_lm": "gpt2"}, {"gpt_kmeans": [None, 1000]},
      "--gpt_kmeans needs --gpt_kmeans_const"),
     ("experiment_multi.py", {"K": 5, "save_model": True, "num_eval_episodes": 0}, {"save_mode": ["last", "best"]},
