@@ -102,7 +102,19 @@ def _reconstructor(cls, base, state):
     return obj
 
 
+def _inert_function(*args, **kwargs):
+    """Stands in for a function that a pickled module kept as an attribute (the callable of transformers' GELU and
+    Mish activations, or a bound method pickled through ``getattr``); it is never applied: the rebuilt model takes
+    its activation from the config."""
+    return None
+
+
+#: functions a pickled activation module may hold, read as ``_inert_function``
+_INERT_FUNCTIONS = {(m, f) for m in ("torch._C._nn", "torch.nn.functional") for f in ("gelu", "mish", "silu")} | {
+    ("builtins", "getattr")}
+
 _SAFE = {
+    **{key: _inert_function for key in _INERT_FUNCTIONS},
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
     ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
@@ -208,12 +220,14 @@ def _backbone_config(root, state: dict[str, torch.Tensor]) -> dict:
     if act == "geglu" and fc_out != 2 * inner:
         raise UserError(f"the config says geglu, but c_fc has {fc_out} outputs for an inner size {inner}: this file's "
                         f"activation cannot be determined")
+    # LAWSON's experiment.py sets disable_attention on the GPT2Model itself, not in its config
+    disable = bool(gd.get("disable_attention", False) or _attr(tr, "disable_attention", False))
     n_head = gd.get("n_head")
     if n_head is None:
         attn = _attr(_attr(_attr(tr, "_modules", {}).get("h"), "_modules", {}).get("0"), "_modules", {}).get("attn")
         n_head = _attr(attn, "n_head", 1)
     cfg = {"n_embd": H, "n_layer": len(layers), "n_head": int(n_head), "n_inner": inner,
-           "activation_function": act, "disable_attention": bool(gd.get("disable_attention", False))}
+           "activation_function": act, "disable_attention": disable}
     for k in ("resid_pdrop", "attn_pdrop", "embd_pdrop", "layer_norm_epsilon", "initializer_range"):
         if isinstance(gd.get(k), (int, float)):
             cfg[k] = float(gd[k])
@@ -270,6 +284,7 @@ def _convert_legacy(root, path: str | Path, env: str | None = None) -> dict:
     if not _is_module(root):
         raise UserError(f"{path}: the pickle holds a {type(root).__name__}, not a pickled model")
     cls = root._legacy_path
+    _unwrap_lm_head(root)
     is_multi = cls.endswith("MultiDecisionTransformer") or any(isinstance(_attr(root, n), list) for n in MULTI_LISTS)
     path_env, dataset = parse_model_path(path)
     if is_multi:
@@ -325,6 +340,19 @@ def _convert_legacy(root, path: str | Path, env: str | None = None) -> dict:
                    backbone=_bb(backbone))
     config = {"model_class": "dt", "model_config": cfg.to_dict(), "env": env, **meta}
     return make_checkpoint(state, config, specializations=[env] if env else [])
+
+
+def _unwrap_lm_head(root):
+    """The LM co-training script's DT keeps a ``GPT2LMHeadModel`` as ``transformer_model`` (``transformer`` is a
+    property of it): its inner ``transformer`` becomes the model's, as the originals' ``load_model`` rewired it; the
+    LM head, tied to ``wte``, is left out."""
+    mods = _attr(root, "_modules")
+    if not isinstance(mods, dict) or "transformer" in mods or not _is_module(mods.get("transformer_model")):
+        return
+    inner = (_attr(mods["transformer_model"], "_modules") or {}).get("transformer")
+    if _is_module(inner):
+        del mods["transformer_model"]
+        mods["transformer"] = inner
 
 
 def _shares_timestep_table(root) -> bool:
@@ -534,6 +562,9 @@ def build_model(mf: ModelFile, device=None, fallback_config=None, max_length: in
                 cfg = fallback_config
             else:
                 cfg = infer_dt_config(mf.state_dict)
+                print(f"warning: {mf.path}: a bare state dict records no head count or activation; rebuilt with "
+                      f"{cfg.backbone.n_head} head and {cfg.backbone.activation_function} (a random-init DT's), so a "
+                      f"model trained with others (GPT-2: 12 heads, gelu_new) computes differently", file=sys.stderr)
             if max_length:
                 cfg = replace(cfg, max_length=max_length)
             model = DecisionTransformer(cfg)

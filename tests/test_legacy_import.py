@@ -309,3 +309,96 @@ def test_malformed_module_trees_are_one_line_naming_the_file(tmp_path):
     weird.max_length = LConfig(2)                                   # not a number: the default context (20)
     save_original(weird, path)
     assert load_model_file(path).config["model_config"]["max_length"] == 20
+
+
+# ---- the LM co-training layout, module attributes, activation callables --------------------------------------------
+
+class LGPT2LMHeadModel(nn.Module):                  # transformers' GPT2LMHeadModel: the LM script's backbone
+    def __init__(self, n_layer):
+        super().__init__()
+        self.transformer = LGPT2Model(n_layer)
+        self.transformer.wpe = nn.Embedding(1000, H)              # --extend_positions: the table covers max_ep_len
+        self.lm_head = nn.Linear(H, 50, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight         # tied, as GPT-2's
+
+
+ORIGINAL_PATHS[LGPT2LMHeadModel] = ("transformers.models.gpt2.modeling_gpt2", "GPT2LMHeadModel")
+
+
+def lm_script_model():
+    """The LM co-training DT (the released ChibiT models): the backbone kept as ``transformer_model``, the timestep
+    table its ``wpe`` (--extend_positions), the heads tied to the input embeddings (None in the pickle)."""
+    m = LDecisionTransformer()
+    del m.transformer, m.embed_timestep, m.predict_state, m.predict_action, m.predict_return
+    m.transformer_model = LGPT2LMHeadModel(2)
+    for p in m.transformer_model.parameters():
+        nn.init.normal_(p)
+    m.embed_timestep = m.transformer_model.transformer.wpe
+    m.predict_state = m.predict_action = m.predict_return = None
+    m.cluster_centers = torch.randn(10, H)                        # a plain attribute, not a buffer
+    return m
+
+
+def test_the_lm_scripts_models_import_with_their_inner_backbone(tmp_path):
+    orig = lm_script_model()
+    path = tmp_path / "models" / "hopper" / "dt_gym-experiment-hopper-medium-expert-151557_best.pt"
+    path.parent.mkdir(parents=True)
+    save_original(orig, path)
+    ckpt = import_legacy(path)
+    sd = ckpt["state_dict"]
+    assert not any(k.startswith(("transformer_model.", "lm_head")) for k in sd)
+    inner = {f"transformer.{k}": v for k, v in registered_state(orig.transformer_model.transformer).items()}
+    assert all(torch.equal(sd[k], v) for k, v in inner.items())
+    mc = ckpt["config"]["model_config"]
+    assert mc["extend_positions"] is True and mc["share_input_output_proj"] is True and mc["action_tanh"] is True
+    model = build_model(load_model_file(path))
+    assert model.embed_timestep is model.transformer.wpe
+    x = (torch.randn(1, 3, 11), torch.randn(1, 3, 3), torch.randn(1, 3, 1), torch.tensor([[0, 500, 999]]))
+    assert torch.isfinite(model(*x).action_preds).all()
+
+
+def test_disable_attention_set_on_the_backbone_is_kept(tmp_path):
+    """LAWSON's experiment.py sets ``model.transformer.disable_attention``, an attribute, not a config field."""
+    orig = LDecisionTransformer()
+    orig.transformer.disable_attention = True
+    path = tmp_path / "dt_gym-experiment-hopper-medium-1.pt"
+    save_original(orig, path)
+    assert import_legacy(path)["config"]["model_config"]["backbone"]["disable_attention"] is True
+    model = build_model(load_model_file(path))
+    assert all(b.disable_attention for b in model.transformer.h)
+
+
+@pytest.mark.parametrize("act", ["gelu", "mish", "gelu_python", "relu"])
+def test_activation_modules_that_hold_a_function_import(tmp_path, act):
+    """transformers' GELU and Mish activation modules keep a function (torch's gelu or mish, or a bound method) as an
+    attribute; the restricted unpickler reads it as an inert stand-in and takes the activation from the config."""
+    from transformers.activations import ACT2FN
+
+    orig = LDecisionTransformer()
+    orig.transformer.config.activation_function = act
+    for block in orig.transformer.h:
+        block.mlp.act = ACT2FN[act]
+    path = tmp_path / "dt_gym-experiment-hopper-medium-1.pt"
+    torch.save(orig, path, pickle_module=renaming_pickle, pickle_protocol=2)
+    ckpt = import_legacy(path)
+    assert ckpt["config"]["model_config"]["backbone"]["activation_function"] == act
+
+
+def test_the_inert_function_never_runs_anything():
+    assert legacy_import._inert_function(torch.ones(2)) is None
+    up = legacy_import.RestrictedUnpickler
+    for module, name in (("builtins", "eval"), ("os", "system"), ("torch", "load")):
+        with pytest.raises(pickle.UnpicklingError):
+            up.find_class(up.__new__(up), module, name)
+
+
+def test_a_bare_state_dict_is_rebuilt_with_a_warning(tmp_path, capsys):
+    """Heads and activation cannot be read from weights: the rebuilt model says what it assumed."""
+    from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+
+    cfg = DTConfig(state_dim=11, act_dim=3, backbone=BackboneConfig(n_embd=16, n_layer=1, n_head=4))
+    path = tmp_path / "model_1.pt"
+    torch.save(DecisionTransformer(cfg).state_dict(), path)
+    build_model(load_model_file(path))
+    assert "a bare state dict records no head count or activation; rebuilt with 1 head and relu" in \
+        capsys.readouterr().err
