@@ -214,12 +214,18 @@ def _backbone_config(root, state: dict[str, torch.Tensor]) -> dict:
     H = state["transformer.h.0.ln_1.weight"].shape[0]
     inner = state["transformer.h.0.mlp.c_proj.weight"].shape[0]
     fc_out = state["transformer.h.0.mlp.c_fc.weight"].shape[1]
-    act = gd.get("activation_function", "relu")
+    module_act = _module_activation(tr)
+    act = gd.get("activation_function") or module_act or "relu"
     if fc_out == 2 * inner and act != "geglu":
         act = "geglu"  # only a gated MLP has c_fc twice as wide as c_proj's input
     if act == "geglu" and fc_out != 2 * inner:
-        raise UserError(f"the config says geglu, but c_fc has {fc_out} outputs for an inner size {inner}: this file's "
-                        f"activation cannot be determined")
+        if module_act is None:
+            raise UserError(f"the config says geglu, but c_fc has {fc_out} outputs for an inner size {inner}: this "
+                            f"file's activation cannot be determined")
+        # (the released "geglu" models: transformers had no geglu; the module that ran tells the activation)
+        print(f"warning: the config says geglu, but the MLP is not gated; its activation module is "
+              f"{module_act}'s, which is used", file=sys.stderr)
+        act = module_act
     # LAWSON's experiment.py sets disable_attention on the GPT2Model itself, not in its config
     disable = bool(gd.get("disable_attention", False) or _attr(tr, "disable_attention", False))
     n_head = gd.get("n_head")
@@ -236,6 +242,24 @@ def _backbone_config(root, state: dict[str, torch.Tensor]) -> dict:
     if "transformer.wpe.weight" in state:
         cfg["n_positions"] = state["transformer.wpe.weight"].shape[0]
     return cfg
+
+
+#: the activation modules a pickled GPT-2 MLP may hold (transformers' ACT2CLS, torch's), by class name
+_ACTIVATION_CLASSES = {
+    "NewGELUActivation": "gelu_new", "GELUActivation": "gelu", "FastGELUActivation": "gelu_fast",
+    "QuickGELUActivation": "quick_gelu", "MishActivation": "mish", "SiLUActivation": "silu", "SiLU": "silu",
+    "ReLU": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid", "LinearActivation": "linear",
+    "ClippedGELUActivation": "gelu_10", "AccurateGELUActivation": "gelu_accurate", "GELUTanh": "gelu_pytorch_tanh"}
+
+
+def _module_activation(tr) -> str | None:
+    """The activation named by the class of the first block's ``mlp.act`` module (None where unknown)."""
+    blocks = _attr(_attr(tr, "_modules", {}).get("h"), "_modules") or {}
+    first = next(iter(blocks.values()), None)
+    mlp = (_attr(first, "_modules") or {}).get("mlp")
+    act = (_attr(mlp, "_modules") or {}).get("act")
+    cls = getattr(act, "_legacy_path", "") if isinstance(act, LegacyObject) else ""
+    return _ACTIVATION_CLASSES.get(cls.rsplit(".", 1)[-1]) if cls else None
 
 
 def _env_from_id(env_id: str) -> str:

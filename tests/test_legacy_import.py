@@ -402,3 +402,26 @@ def test_a_bare_state_dict_is_rebuilt_with_a_warning(tmp_path, capsys):
     build_model(load_model_file(path))
     assert "a bare state dict records no head count or activation; rebuilt with 1 head and relu" in \
         capsys.readouterr().err
+
+
+def test_a_geglu_label_on_a_plain_mlp_takes_the_activation_modules(tmp_path, capsys):
+    """The released random-init models are labelled "geglu", which transformers did not have: where the MLP is not
+    gated, the pickled activation module (here transformers' NewGELUActivation) says what ran; without a known
+    module the file is still refused."""
+    orig = LDecisionTransformer()
+    orig.transformer.config.activation_function = "geglu"
+    path = tmp_path / "dt_gym-experiment-hopper-medium-278649.pt"
+    save_original(orig, path)
+    assert import_legacy(path)["config"]["model_config"]["backbone"]["activation_function"] == "gelu_new"
+    assert "the config says geglu, but the MLP is not gated; its activation module is gelu_new's" in \
+        capsys.readouterr().err
+    for block in orig.transformer.h:
+        block.mlp.act = nn.Identity()
+    save_original(orig, path)
+    with pytest.raises(UserError, match="activation cannot be determined"):
+        import_legacy(path)
+    del orig.transformer.config.activation_function                # no label: the module's
+    for block in orig.transformer.h:
+        block.mlp.act = nn.ReLU()
+    save_original(orig, path)
+    assert import_legacy(path)["config"]["model_config"]["backbone"]["activation_function"] == "relu"
