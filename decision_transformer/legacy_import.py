@@ -234,6 +234,8 @@ def _backbone_config(root, state: dict[str, torch.Tensor]) -> dict:
         n_head = _attr(attn, "n_head", 1)
     cfg = {"n_embd": H, "n_layer": len(layers), "n_head": int(n_head), "n_inner": inner,
            "activation_function": act, "disable_attention": disable}
+    if "transformer.h.0.ln_1.bias" not in state:   # ImageGPT's weight-only RMS-style norm
+        cfg["norm_type"] = "imagegpt"
     for k in ("resid_pdrop", "attn_pdrop", "embd_pdrop", "layer_norm_epsilon", "initializer_range"):
         if isinstance(gd.get(k), (int, float)):
             cfg[k] = float(gd[k])
@@ -563,6 +565,49 @@ def infer_dt_config(state: dict[str, torch.Tensor], n_head: int = 1, activation:
                     share_input_output_proj="predict_action.0.weight" not in state, backbone=_bb(bb))
 
 
+#: --n_head / --activation_function of the usual initialisations, for the bare-state-dict error message
+_BARE_HINT = ("random-init DT: 1 relu; GPT-2: 12 gelu_new; iGPT-small: 8 quick_gelu; ChibiT: see its config.json")
+
+
+def import_state_dict(path: str | Path, state: dict, n_head: int | None, activation: str | None,
+                      max_length: int | None = None, env: str | None = None) -> dict:
+    """Our checkpoint dict for a bare state dict (TAKAGI's ``model_{i}.pt``), which records neither its head count
+    nor its activation: both must be given. The env is ``env`` (``--env``), else the path's, else the only env with
+    the weights' dims."""
+    from decision_transformer.models import DecisionTransformer
+
+    if n_head is None or activation is None:
+        raise UserError(f"{path}: a bare state dict records no head count or activation; give --n_head and "
+                        f"--activation_function ({_BARE_HINT})")
+    state = _drop_legacy_buffers(state)
+    check_finite_state(state, str(path))
+    try:
+        for key in ("embed_state.weight", "embed_action.weight", "embed_timestep.weight"):
+            if not isinstance(state.get(key), torch.Tensor) or state[key].dim() != 2:
+                raise UserError(f"no 2-D {key}: not a Decision Transformer's state dict")
+        cfg = infer_dt_config(state, n_head, activation, max_length or 20)
+        model = DecisionTransformer(cfg)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    except (ValueError, TypeError, KeyError, AssertionError) as e:
+        raise UserError(f"{path}: cannot build a model with --n_head {n_head} --activation_function {activation} "
+                        f"({e})") from None
+    load_state_into(model, state, path)
+    sd, ad = cfg.state_dim, cfg.act_dim
+    path_env, dataset = parse_model_path(path)
+    if env is not None:
+        check_env_dims(path, env, (sd, ad), "--env")
+    elif path_env is not None:
+        check_env_dims(path, path_env, (sd, ad), "the path's env")
+        env = path_env
+    else:
+        matches = [e for e, s in ENVS.items() if (s.state_dim, s.act_dim) == (sd, ad)]
+        env = matches[0] if len(matches) == 1 else None
+    config = {"model_class": "dt", "model_config": cfg.to_dict(), "env": env, "legacy_source": str(path),
+              "legacy_class": "state_dict", "seed": None, "dataset": dataset}
+    return make_checkpoint(state, config, specializations=[env] if env else [])
+
+
 def build_model(mf: ModelFile, device=None, fallback_config=None, max_length: int | None = None) -> torch.nn.Module:
     """The module for a model file, weights loaded strictly. ``fallback_config`` (a DTConfig) is used for bare state
     dicts without a config; ``max_length`` overrides the stored context length (the DT itself does not depend on it)."""
@@ -588,7 +633,9 @@ def build_model(mf: ModelFile, device=None, fallback_config=None, max_length: in
                 cfg = infer_dt_config(mf.state_dict)
                 print(f"warning: {mf.path}: a bare state dict records no head count or activation; rebuilt with "
                       f"{cfg.backbone.n_head} head and {cfg.backbone.activation_function} (a random-init DT's), so a "
-                      f"model trained with others (GPT-2: 12 heads, gelu_new) computes differently", file=sys.stderr)
+                      f"model trained with others (GPT-2: 12 heads, gelu_new) computes differently; record them with `python -m "
+                      f"decision_transformer.legacy_import FILE --n_head N --activation_function F --out OUT`",
+                      file=sys.stderr)
             if max_length:
                 cfg = replace(cfg, max_length=max_length)
             model = DecisionTransformer(cfg)
@@ -610,9 +657,18 @@ def main(argv=None):
     g.add_argument("--out", help="output file (one input only)")
     p.add_argument("--env", default=None, help="override the env read from the path (single-task models)")
     p.add_argument("--dataset", default=None, help="override the dataset read from the file name")
+    b = p.add_argument_group("bare state dicts (TAKAGI's model_{i}.pt), which record no architecture beyond shapes")
+    b.add_argument("--n_head", type=int, default=None, help="attention heads (" + _BARE_HINT + ")")
+    b.add_argument("--activation_function", default=None, help="the MLP activation (see --n_head)")
+    b.add_argument("--max_length", "-K", type=int, default=None, help="the context length K it was trained with "
+                   "(recorded in the checkpoint; default 20)")
     args = p.parse_args(argv)
     if args.out and len(args.models) != 1:
         raise UserError("--out takes one input model; use --out_dir for several")
+    if args.n_head is not None and args.n_head < 1:
+        raise UserError(f"--n_head must be at least 1, got {args.n_head}")
+    if args.max_length is not None and args.max_length < 1:
+        raise UserError(f"--max_length must be at least 1, got {args.max_length}")
     spec = get_env_spec(args.env) if args.env else None
     if args.dataset:
         check_dataset_name(args.dataset)
@@ -623,7 +679,12 @@ def main(argv=None):
     outs = [Path(args.out) if args.out else Path(args.out_dir) / Path(m).name for m in args.models]
     check_outputs(args.models, outs)
     # every input read and checked before anything is written
-    ckpts = [import_legacy(m, args.env) for m in args.models]
+    ckpts = [_import_any(m, args) for m in args.models]
+    if not any(c["config"]["legacy_class"] == "state_dict" for c in ckpts):
+        for flag in ("n_head", "activation_function", "max_length"):
+            if getattr(args, flag) is not None:
+                print(f"warning: --{flag} applies to bare state dicts only; the pickled models record their own",
+                      file=sys.stderr)
     for m, ckpt in zip(args.models, ckpts):
         if spec is not None:
             set_env(ckpt, spec, m)
@@ -636,6 +697,29 @@ def main(argv=None):
         print(f"{m} -> {out}: {c['legacy_class']}, {len(ckpt['state_dict'])} tensors, H {bb['n_embd']}, "
               f"{bb['n_layer']} layers, {bb['n_head']} heads, {bb['activation_function']}"
               + (f", specializations {ckpt['specializations']}" if ckpt.get("specializations") else ""), file=sys.stderr)
+
+
+def _bare_state_dict(path):
+    """The tensors of a bare state dict file (loaded with ``weights_only=True``), else None."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - an original pickle (or a damaged file, which import_legacy reports)
+        return None
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    return None
+
+
+def _import_any(path, args) -> dict:
+    """Our checkpoint dict for an original whole-module pickle or a bare state dict."""
+    state = _bare_state_dict(path) if Path(path).is_file() else None
+    if state is not None:
+        return import_state_dict(path, state, args.n_head, args.activation_function, args.max_length, args.env)
+    return import_legacy(path, args.env)
 
 
 def _already_converted(path) -> bool:

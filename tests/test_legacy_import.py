@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import fails
 from decision_transformer import legacy_import
 from decision_transformer.errors import UserError
 from decision_transformer.legacy_import import build_model, import_legacy, load_model_file
@@ -425,3 +426,53 @@ def test_a_geglu_label_on_a_plain_mlp_takes_the_activation_modules(tmp_path, cap
         block.mlp.act = nn.ReLU()
     save_original(orig, path)
     assert import_legacy(path)["config"]["model_config"]["backbone"]["activation_function"] == "relu"
+
+
+def _bare(tmp_path, name, **backbone):
+    from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+
+    torch.manual_seed(0)
+    cfg = DTConfig(state_dim=11, act_dim=3, max_length=5, backbone=BackboneConfig(n_embd=16, n_layer=2, **backbone))
+    model = DecisionTransformer(cfg).eval()
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+def test_a_bare_state_dict_converts_with_its_architecture_given(tmp_path, capsys):
+    """TAKAGI's model_{i}.pt: --n_head / --activation_function / -K record what the weights cannot say, and the
+    converted checkpoint computes exactly what the model that was saved computed."""
+    model, path = _bare(tmp_path, "hopper/model_0.pt", n_head=4, activation_function="gelu_new")
+    out = tmp_path / "conv.pt"
+    legacy_import.main([str(path), "--out", str(out), "--n_head", "4", "--activation_function", "gelu_new", "-K", "5"])
+    conv = torch.load(out, weights_only=True)
+    mc = conv["config"]["model_config"]
+    assert (mc["backbone"]["n_head"], mc["backbone"]["activation_function"], mc["max_length"]) == (4, "gelu_new", 5)
+    assert conv["config"]["env"] == "hopper" and conv["specializations"] == ["hopper"]
+    rebuilt = build_model(load_model_file(out)).eval()
+    assert "bare state dict" not in capsys.readouterr().err       # a converted file needs no assumption
+    s, a, r, t = torch.randn(2, 5, 11), torch.randn(2, 5, 3), torch.randn(2, 5, 1), torch.arange(5).repeat(2, 1)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(s, a, r, t).action_preds, model(s, a, r, t).action_preds)
+
+
+def test_a_bare_state_dict_needs_its_architecture(tmp_path, capsys):
+    _, path = _bare(tmp_path, "model_1.pt", n_head=4)
+    argv = [str(path), "--out", str(tmp_path / "conv.pt")]
+    assert "give --n_head and --activation_function" in fails(legacy_import.main, argv, capsys)
+    assert "not divisible by n_head 3" in fails(legacy_import.main, argv + ["--n_head", "3", "--activation_function",
+                                                                             "relu"], capsys)
+    assert "unknown activation function 'nope'" in fails(legacy_import.main, argv + ["--n_head", "4",
+                                                                                     "--activation_function", "nope"],
+                                                         capsys)
+    assert not (tmp_path / "conv.pt").exists()
+
+
+def test_a_bare_imagegpt_state_dict_keeps_its_norm(tmp_path):
+    """ImageGPT's norm has no bias tensors: such a state dict is rebuilt with that norm and loads strictly."""
+    model, path = _bare(tmp_path, "model_2.pt", n_head=8, activation_function="quick_gelu", norm_type="imagegpt")
+    out = tmp_path / "conv.pt"
+    legacy_import.main([str(path), "--out", str(out), "--n_head", "8", "--activation_function", "quick_gelu"])
+    assert torch.load(out, weights_only=True)["config"]["model_config"]["backbone"]["norm_type"] == "imagegpt"
+    build_model(load_model_file(out))
