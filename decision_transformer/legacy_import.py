@@ -572,10 +572,15 @@ _BARE_HINT = ("random-init DT: 1 relu; GPT-2: 12 gelu_new; iGPT-small: 8 quick_g
 def import_state_dict(path: str | Path, state: dict, n_head: int | None, activation: str | None,
                       max_length: int | None = None, env: str | None = None) -> dict:
     """Our checkpoint dict for a bare state dict (TAKAGI's ``model_{i}.pt``), which records neither its head count
-    nor its activation: both must be given. The env is ``env`` (``--env``), else the path's, else the only env with
-    the weights' dims."""
+    nor its activation: both must be given. The env is ``env`` (``--env``), else the path's (a TAKAGI run folder
+    ``{model}_{dataset}_{env}_{seed}[_K{K}]...`` also gives the dataset and K), else the only env with the weights'
+    dims."""
+    from decision_transformer.analysis.runs import parse_run_dir
     from decision_transformer.models import DecisionTransformer
 
+    run = parse_run_dir(Path(path).parent.name)
+    if run is not None and max_length is None:
+        max_length = run.K
     if n_head is None or activation is None:
         raise UserError(f"{path}: a bare state dict records no head count or activation; give --n_head and "
                         f"--activation_function ({_BARE_HINT})")
@@ -594,7 +599,7 @@ def import_state_dict(path: str | Path, state: dict, n_head: int | None, activat
                         f"({e})") from None
     load_state_into(model, state, path)
     sd, ad = cfg.state_dim, cfg.act_dim
-    path_env, dataset = parse_model_path(path)
+    path_env, dataset = (run.env, run.dataset) if run is not None else parse_model_path(path)
     if env is not None:
         check_env_dims(path, env, (sd, ad), "--env")
     elif path_env is not None:

@@ -476,3 +476,24 @@ def test_a_bare_imagegpt_state_dict_keeps_its_norm(tmp_path):
     legacy_import.main([str(path), "--out", str(out), "--n_head", "8", "--activation_function", "quick_gelu"])
     assert torch.load(out, weights_only=True)["config"]["model_config"]["backbone"]["norm_type"] == "imagegpt"
     build_model(load_model_file(out))
+
+
+def test_a_bare_state_dict_in_a_run_folder_converts_for_the_analyses(tmp_path, capsys):
+    """A TAKAGI run folder names the env, dataset and K; converted into a run folder of ours, the analyses' loader
+    rebuilds the same model."""
+    from decision_transformer.analysis.runs import load_model, parse_run_dir
+
+    run = "gpt2_medium_walker2d_666_K1"
+    model, path = _bare(tmp_path, f"takagi/{run}/model_40.pt", n_head=4, activation_function="gelu_new")
+    # the weights take hopper's 11-dim states, the folder says walker2d
+    assert "walker2d" in fails(legacy_import.main, [path, "--out_dir", tmp_path / "checkpoints" / run, "--n_head", "4",
+                                                    "--activation_function", "gelu_new"], capsys)
+    model, path = _bare(tmp_path, f"takagi/{run.replace('walker2d', 'hopper')}/model_40.pt", n_head=4,
+                        activation_function="gelu_new")
+    run = path.parent.name
+    legacy_import.main([str(path), "--out_dir", str(tmp_path / "checkpoints" / run), "--n_head", "4",
+                        "--activation_function", "gelu_new"])
+    loaded = load_model(tmp_path / "checkpoints", parse_run_dir(run), 40)
+    c = loaded.checkpoint["config"]
+    assert (c["env"], c["dataset"], c["model_config"]["max_length"]) == ("hopper", "medium", 1)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.model.state_dict().items())
