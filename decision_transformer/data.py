@@ -438,9 +438,23 @@ RTG_WARN_SCALED = 1e4
 def _check_returns_to_go(trajs, spec: EnvSpec, source: str):
     """Returns-to-go (summed in float64) must fit float32, which the sampler keeps them in: rewards that fit float32
     can still sum beyond it. Returns-to-go far beyond the env's scale load with a warning."""
-    big = [(float(np.abs(np.cumsum(t["rewards"][::-1], dtype=np.float64)).max()), i) for i, t in enumerate(trajs)]
-    worst, i = max(big)
     limit = float(np.finfo(np.float32).max)
+    if not trajs:
+        return
+    # sum |r| bounds every |return-to-go| of a trajectory; only trajectories whose bound passes the warning
+    # threshold need their exact returns-to-go (reduceat over one concatenation: no Python loop for the rest)
+    lengths = np.array([len(t["rewards"]) for t in trajs])
+    flat = np.abs(np.concatenate([np.asarray(t["rewards"], dtype=np.float64).reshape(-1) for t in trajs]))
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    bound = np.zeros(len(trajs))
+    nonempty = lengths > 0
+    if nonempty.any():
+        bound[nonempty] = np.add.reduceat(flat, starts[nonempty])
+    check = np.flatnonzero(bound > min(RTG_WARN_SCALED * spec.scale, limit))
+    if not len(check):
+        return
+    worst, i = max((float(np.abs(np.cumsum(trajs[j]["rewards"][::-1], dtype=np.float64)).max()), int(j))
+                   for j in check)
     if worst > limit:
         raise UserError(f"{source}: trajectory {i}: returns-to-go reach {worst:.3g}, beyond float32's range "
                         f"({limit:.3g}); are the rewards in the env's units?")
