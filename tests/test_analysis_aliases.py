@@ -61,12 +61,16 @@ CASES = [
     (grads.build_norm_parser, ["--env_name", "walker2d"], ["--env_name_list", "walker2d"]),
     # plot_learning_curve_grad_clip.py
     (curves.build_grad_clip_parser, ["--env_name", "walker2d"], ["--env_name_list", "walker2d"]),
+    (curves.build_grad_clip_parser, ["--path_to_save_return", "r"], ["--results_dir", "r"]),
+    (curves.build_grad_clip_parser, ["-psr", "r"], ["--results_dir", "r"]),
     (curves.build_grad_clip_parser, ["--path_to_save_figure", "f"], ["--figs_dir", "f"]),
     (curves.build_grad_clip_parser, ["-psf", "f"], ["--figs_dir", "f"]),
     (curves.build_grad_clip_parser, ["--wandb_project_name", "u/p"], ["--wandb_project", "u/p"]),
     (curves.build_grad_clip_parser, ["-wpn", "u/p"], ["--wandb_project", "u/p"]),
     # plot_learning_curve_no_context.py (-block was accepted before)
     (curves.build_no_context_parser, ["--env_name", "walker2d"], ["--env_name_list", "walker2d"]),
+    (curves.build_no_context_parser, ["--path_to_save_return", "r"], ["--results_dir", "r"]),
+    (curves.build_no_context_parser, ["-psr", "r"], ["--results_dir", "r"]),
     (curves.build_no_context_parser, ["--block_replacement_exp"], ["--block"]),
     (curves.build_no_context_parser, ["--path_to_load_data", "d"], ["--data_path", "d"]),
     (curves.build_no_context_parser, ["-pld", "d"], ["--data_path", "d"]),
@@ -131,6 +135,30 @@ COMMAND_LINES = [
 def test_original_command_line(build, orig, ours):
     p = build()
     assert vars(p.parse_args(orig.split())) == vars(p.parse_args(ours.split()))
+
+
+@pytest.mark.parametrize("build, argv", [
+    (curves.build_grad_clip_parser, "-psr r -psa r -psf f --seed 1 --env_name walker2d --model_name igpt "
+                                    "--dataset_name medium --from_wandb -wpn u/p --device cpu"),
+    (curves.build_no_context_parser, "-pld d -psr r -psa r -psf f --seed 1 --env_name walker2d --model_name gpt2 "
+                                     "--dataset_name medium --from_wandb -block -wpn u/p --device cuda"),
+    (cka.build_plot_parser, "-plc r -psf f --env_name hopper -rsa state -thr 0.23 --device cpu"),
+])
+def test_the_original_scripts_full_flag_sets_parse(build, argv):
+    """Every flag of the original plotting scripts parses, also their --device (never read: nothing runs a model)
+    and the learning-curve scripts' -psa (the action errors share the returns' CSV)."""
+    args = build().parse_args(argv.split())
+    assert args.results_dir == "r" and args.figs_dir == "f"
+
+
+def test_a_separate_action_error_folder_is_noted(tmp_path, capsys):
+    from decision_transformer.analysis import common
+
+    args = curves.build_grad_clip_parser().parse_args(["-psr", str(tmp_path / "r"), "-psa", str(tmp_path / "a")])
+    common.check_curve_output_flags(args)
+    assert "the action errors are written with the returns to one CSV in --results_dir" in capsys.readouterr().err
+    common.check_curve_output_flags(curves.build_grad_clip_parser().parse_args(["-psr", "r", "-psa", "r/"]))
+    assert capsys.readouterr().err == ""
 
 
 def test_no_context_switch_keeps_exp_type_default():

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import listed
 from test_analysis_support import expect_exit, load_script, tiny_runs  # noqa: F401
 
 from decision_transformer.analysis import mi
@@ -187,6 +188,23 @@ def test_scripts_end_to_end(tmp_path, tiny_runs, capsys):  # noqa: F811
         assert (figs / f"{stem}.png").stat().st_size > 1000 and (figs / f"{stem}.pdf").is_file()
     msg = expect_exit(capsys, run_mi, io + ["--model_name", "dt"])
     assert "activation_40_dt_hopper_medium_666.npz" in msg and "not found" in msg
+
+
+def test_save_activation_takes_the_originals_two_output_folders(tmp_path, tiny_runs):  # noqa: F811
+    """--path_to_save_data / --path_to_save_activation (the original save_activation.py's) split the two kinds of
+    file, which run_mi_exp.py's -pd / -pa then read."""
+    data, acts = tmp_path / "data", tmp_path / "acts"
+    load_script("analysis/section-52-mutual-information/save_activation.py").main(
+        ["--path_to_load_model", str(tiny_runs), "--model_name", "gpt2", "--K", "3", "--batch_size", "8",
+         "--path_to_save_data", str(data), "--path_to_save_activation", str(acts), "--results_dir",
+         str(tmp_path / "unused")])
+    assert [p.name for p in listed(data)] == ["data_hopper_medium_666.npz"]
+    assert [p.name for p in listed(acts)] == ["activation_40_gpt2_hopper_medium_666.npz"]
+    assert not (tmp_path / "unused").exists() or not listed(tmp_path / "unused")
+    load_script("mine/run_mi_exp.py").main([str(x) for x in (
+        "-psm", tmp_path / "mi", "-pd", data, "-pa", acts, "--iters", 1, "--mine_hidden", 8, "--batch_size", 4,
+        "--device", "cpu", "--model_name", "gpt2")])
+    assert (tmp_path / "mi" / "mi_xy_0_40_gpt2_hopper_medium_666.npz").is_file()
 
 
 def test_the_originals_pickled_npy_dicts_are_read_without_running_code(tmp_path, monkeypatch, capsys):

@@ -307,6 +307,7 @@ def build_plot_parser():
                         "diagonal averaged (ln_1 with attn.c_attn, ...), not the same entry of blocks 2b and 2b+1")
     common.add_output_flags(p, "cka", results_aliases=("--path_to_load_cka", "-plc"),
                             figs_aliases=("--path_to_save_figure", "-psf"))
+    common.add_ignored_device_flag(p)
     return p
 
 

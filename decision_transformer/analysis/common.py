@@ -177,6 +177,30 @@ def add_output_flags(p, section: str, *, results_aliases=(), figs_aliases=()):
                    help="figures (PNG and PDF); relative paths resolve against the working directory")
 
 
+def add_curve_output_flags(p, section: str):
+    """The learning-curve scripts' outputs: ``--results_dir`` (the originals' ``--path_to_save_return``/``-psr``),
+    ``--figs_dir`` (``-psf``), and the originals' separate action-error folder ``--path_to_save_action_error``/
+    ``-psa``, accepted although the returns and action errors go to one CSV (see :func:`check_curve_output_flags`);
+    and their ``--device``, which they never read."""
+    add_output_flags(p, section, results_aliases=("--path_to_save_return", "-psr"),
+                     figs_aliases=("--path_to_save_figure", "-psf"))
+    p.add_argument("--path_to_save_action_error", "-psa", dest="action_error_dir", type=str, default=None,
+                   help="accepted for the original scripts' commands: returns and action errors share one CSV in "
+                        "--results_dir")
+    add_ignored_device_flag(p)
+
+
+def check_curve_output_flags(args):
+    if args.action_error_dir is not None and Path(args.action_error_dir).resolve() != Path(args.results_dir).resolve():
+        warn(f"-psa {args.action_error_dir}: the action errors are written with the returns to one CSV in "
+             f"--results_dir ({args.results_dir})")
+
+
+def add_ignored_device_flag(p):
+    """``--device`` of the original plotting scripts, which never read it (nothing here runs a model)."""
+    p.add_argument("--device", dest="unused_device", type=str, default=None, help=argparse.SUPPRESS)
+
+
 #: The K of a run folder without a ``_K{K}`` suffix.
 DEFAULT_RUN_K = 20
 

@@ -174,7 +174,7 @@ def build_no_context_parser():
     p.add_argument("--data_path", "--path_to_load_data", "-pld", dest="data_path", type=str,
                    default=project_path("data"), help="random/expert datasets for --score_norm dataset")
     common.add_wandb_flags(p)
-    common.add_output_flags(p, "no_context", figs_aliases=("--path_to_save_figure", "-psf"))
+    common.add_curve_output_flags(p, "no_context")
     return p
 
 
@@ -184,6 +184,7 @@ def run_no_context(args) -> common.Outputs:
                                           lambda v: 0 <= v < 1))
     common.check_seeds(args, "seed")
     common.run_k(args)  # checks --run_K
+    common.check_curve_output_flags(args)
     if args.block:
         return run_block_replacement(args)
     plt = common.pyplot()
@@ -327,13 +328,14 @@ def build_grad_clip_parser():
     p.add_argument("--max_epoch", type=int, default=10)
     p.add_argument("--target", type=int, default=None)
     common.add_wandb_flags(p)
-    common.add_output_flags(p, "grads", figs_aliases=("--path_to_save_figure", "-psf"))
+    common.add_curve_output_flags(p, "grads")
     return p
 
 
 def run_grad_clip(args) -> common.Outputs:
     common.check_positive(args, "K", "max_epoch")
     common.check_seeds(args, "seed")
+    common.check_curve_output_flags(args)
     plt = common.pyplot()
     outs = common.Outputs()
     res = common.out_dir(args.results_dir)

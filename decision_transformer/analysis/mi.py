@@ -87,6 +87,11 @@ def build_save_parser():
     common.add_data_flags(p, device_default="cpu", batch_size=100, data_aliases=("--path_to_load_data",))
     p.add_argument("--results_dir", type=str, default=mi_dir(),
                    help="relative paths resolve against the working directory")
+    # the original save_activation.py's two output folders (run_mi_exp.py's -pd / -pa read them)
+    p.add_argument("--path_to_save_data", type=str, default=None,
+                   help="folder of the data_*.npz batches (default --results_dir)")
+    p.add_argument("--path_to_save_activation", type=str, default=None,
+                   help="folder of the activation_*.npz files (default --results_dir)")
     return p
 
 
@@ -96,6 +101,8 @@ def run_save(args) -> common.Outputs:
     common.check_min(args, 0, "epoch")
     device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
     res = common.out_dir(args.results_dir)
+    act_dir = common.out_dir(args.path_to_save_activation) if args.path_to_save_activation else res
+    data_dir = common.out_dir(args.path_to_save_data) if args.path_to_save_data else res
     outs = common.Outputs()
     entries = BLOCK_ENTRIES if args.all_layers else (BLOCK_OUTPUT,)
     run_K, ktag = common.run_k(args), _ktag(args)
@@ -106,10 +113,10 @@ def run_save(args) -> common.Outputs:
             data = analysis_dataset(env, args.dataset_name, args.data_path, lm.checkpoint, device)
             batch = analysis_batch(data, args.batch_size, args.K, args.batch_seed)
             acts = get_activations(lm.model, batch, entries)
-            act_file = activation_file(res, args.epoch, m, env, args.dataset_name, args.seed, ktag)
+            act_file = activation_file(act_dir, args.epoch, m, env, args.dataset_name, args.seed, ktag)
             outs.files.append(common.save_npz(act_file, **{k: v.numpy() for k, v in acts.items()}))
             outs.files.append(common.save_npz(
-                data_file(res, env, args.dataset_name, args.seed, ktag), states=batch.states.cpu().numpy(),
+                data_file(data_dir, env, args.dataset_name, args.seed, ktag), states=batch.states.cpu().numpy(),
                 actions=batch.actions.cpu().numpy(), rtg=batch.rtg.cpu().numpy(),
                 timesteps=batch.timesteps.cpu().numpy(), attention_mask=batch.mask.cpu().numpy()))
             print(f"{env} {m}: saved {len(acts)} activations of {args.batch_size} samples", file=sys.stderr)
