@@ -290,6 +290,19 @@ def check_env_dims(source, env: str, dims: tuple[int, int], named_by: str) -> No
                         f"{spec.state_dim}/{spec.act_dim}")
 
 
+def _resolve_env(path, env: str | None, path_env: str | None, dims: tuple[int, int]) -> str | None:
+    """A single-task model's env: ``env`` (``--env``), else the one its path names (either must fit the weights'
+    dims), else the only env with those dims, else None."""
+    if env is not None:
+        check_env_dims(path, env, dims, "--env")
+        return env
+    if path_env is not None:
+        check_env_dims(path, path_env, dims, "the path's env")
+        return path_env
+    matches = [e for e, s in ENVS.items() if (s.state_dim, s.act_dim) == dims]
+    return matches[0] if len(matches) == 1 else None
+
+
 def convert_legacy(root, path: str | Path, env: str | None = None) -> dict:
     """Our checkpoint dict for an original whole-module pickle. ``env`` (``--env``) replaces the env that the path
     names for a single-task model; either must fit the weights' dims. A module tree that is not shaped like the
@@ -350,14 +363,7 @@ def _convert_legacy(root, path: str | Path, env: str | None = None) -> dict:
         config = {"model_class": MODEL_CLASS, "model_config": cfg.to_dict(), **meta}
         return make_checkpoint(state, config, specializations=specs)
     sd, ad = state["embed_state.weight"].shape[1], state["embed_action.weight"].shape[1]
-    if env is not None:
-        check_env_dims(path, env, (sd, ad), "--env")
-    elif path_env is not None:
-        check_env_dims(path, path_env, (sd, ad), "the path's env")
-        env = path_env
-    else:
-        matches = [e for e, s in ENVS.items() if (s.state_dim, s.act_dim) == (sd, ad)]
-        env = matches[0] if len(matches) == 1 else None
+    env = _resolve_env(path, env, path_env, (sd, ad))
     tied = "predict_action.0.weight" not in state
     head = _attr(root, "_modules", {}).get("predict_action")
     cfg = DTConfig(state_dim=sd, act_dim=ad, max_length=max_length, max_ep_len=max_ep_len,
@@ -600,14 +606,7 @@ def import_state_dict(path: str | Path, state: dict, n_head: int | None, activat
     load_state_into(model, state, path)
     sd, ad = cfg.state_dim, cfg.act_dim
     path_env, dataset = (run.env, run.dataset) if run is not None else parse_model_path(path)
-    if env is not None:
-        check_env_dims(path, env, (sd, ad), "--env")
-    elif path_env is not None:
-        check_env_dims(path, path_env, (sd, ad), "the path's env")
-        env = path_env
-    else:
-        matches = [e for e, s in ENVS.items() if (s.state_dim, s.act_dim) == (sd, ad)]
-        env = matches[0] if len(matches) == 1 else None
+    env = _resolve_env(path, env, path_env, (sd, ad))
     config = {"model_class": "dt", "model_config": cfg.to_dict(), "env": env, "legacy_source": str(path),
               "legacy_class": "state_dict", "seed": None, "dataset": dataset}
     return make_checkpoint(state, config, specializations=[env] if env else [])
