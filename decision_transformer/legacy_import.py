@@ -314,6 +314,11 @@ def convert_legacy(root, path: str | Path, env: str | None = None) -> dict:
         raise UserError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
     except RecursionError:  # a module tree nested beyond Python's recursion limit
         raise UserError(f"{path}: its module tree is nested too deeply for a model of the originals' layout") from None
+    except KeyError as e:
+        raise UserError(f"{path}: not shaped like an original model: no tensor or attribute {e}") from None
+    except (IndexError, ValueError, TypeError, AttributeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not shaped like an original model ({first[:200]})") from None
 
 
 def _convert_legacy(root, path: str | Path, env: str | None = None) -> dict:
@@ -343,6 +348,8 @@ def _convert_legacy(root, path: str | Path, env: str | None = None) -> dict:
     max_length = max_length if isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > 0 \
         else 20
     max_ep_len = state["embed_timestep.weight"].shape[0]
+    if max_length > max_ep_len:
+        raise UserError(f"{path}: its context length max_length {max_length} exceeds its {max_ep_len} timesteps")
     meta = {"legacy_source": str(path), "legacy_class": cls, "seed": None, "dataset": dataset}
     if is_multi:
         ids = _attr(root, "env_ids") or _attr(root, "envs")
@@ -643,7 +650,7 @@ def build_model(mf: ModelFile, device=None, fallback_config=None, max_length: in
             if max_length:
                 cfg = replace(cfg, max_length=max_length)
             model = DecisionTransformer(cfg)
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, ArithmeticError) as e:
         raise UserError(f"{mf.path}: cannot rebuild the model from its config ({e})") from None
     load_state_into(model, mf.state_dict, mf.path)
     return model.to(device) if device is not None else model
@@ -694,6 +701,8 @@ def main(argv=None):
             set_env(ckpt, spec, m)
         if args.dataset:
             ckpt["config"]["dataset"] = args.dataset
+        # a file that no tool could rebuild (activation unknown, shapes that do not fit the config) is not written
+        build_model(ModelFile(m, ckpt["state_dict"], ckpt["config"], ckpt.get("specializations", []), ckpt, True))
     for m, ckpt, out in zip(args.models, ckpts, outs):
         atomic_save(ckpt, out)
         c = ckpt["config"]

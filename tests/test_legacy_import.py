@@ -497,3 +497,58 @@ def test_a_bare_state_dict_in_a_run_folder_converts_for_the_analyses(tmp_path, c
     c = loaded.checkpoint["config"]
     assert (c["env"], c["dataset"], c["model_config"]["max_length"]) == ("hopper", "medium", 1)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.model.state_dict().items())
+
+
+def _no_timestep(m):
+    del m.embed_timestep
+
+
+def _n_head(value):
+    def change(m):
+        m.transformer.config.n_head = value
+    return change
+
+
+def _activation(value):
+    def change(m):
+        m.transformer.config.activation_function = value
+    return change
+
+
+def _eps_nan(m):
+    m.transformer.config.layer_norm_epsilon = float("nan")
+
+
+def _huge_context(m):
+    m.max_length = 10 ** 12
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_no_timestep, "not shaped like an original model: no tensor or attribute 'embed_timestep.weight'"),
+    (_n_head("four"), "not shaped like an original model (invalid literal for int()"),
+    (_n_head(0), "n_head must be a positive integer, got 0"),
+    (_n_head(5), "hidden size 16 is not divisible by n_head 5"),
+    (_activation("bogus"), "unknown activation function 'bogus'"),
+    (_eps_nan, "layer_norm_epsilon must be a finite positive number, got nan"),
+    (_huge_context, "max_length 1000000000000 exceeds its 1000 timesteps"),
+], ids=["no_timestep", "n_head_str", "n_head_0", "n_head_5", "activation", "eps_nan", "huge_context"])
+def test_a_damaged_original_is_one_line_and_nothing_is_written(tmp_path, capsys, damage, message):
+    """Pickles that are not shaped like the originals' models, or whose config no model can be built from, are refused
+    by the converter before it writes anything (and by every loader)."""
+    orig = LDecisionTransformer()
+    damage(orig)
+    path = tmp_path / "models" / "hopper" / "dt_gym-experiment-hopper-medium-1.pt"
+    path.parent.mkdir(parents=True)
+    save_original(orig, path)
+    assert message in fails(legacy_import.main, [path, "--out_dir", tmp_path / "out"], capsys)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    with pytest.raises(UserError, match=str(path)):
+        build_model(load_model_file(path))
+
+
+def test_a_multi_task_original_with_lists_of_unequal_length(tmp_path, capsys):
+    orig = LMultiDecisionTransformer()
+    orig.embed_states.pop()
+    path = tmp_path / "multi.pt"
+    save_original(orig, path)
+    assert "not shaped like an original model" in fails(legacy_import.main, [path, "--out", tmp_path / "o.pt"], capsys)

@@ -12,6 +12,8 @@ import pickle
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -670,3 +672,26 @@ def test_get_action_rows_are_batch_independent_at_default_size():
     batched = m.get_action(s, a, r, t)
     one = torch.cat([m.get_action(s[i:i + 1], a[i:i + 1], r[i:i + 1], t[i:i + 1]) for i in range(6)])
     assert torch.equal(batched, one)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n_head", 0, "n_head must be a positive integer, got 0"),
+    ("n_head", 2.0, "n_head must be a positive integer, got 2.0"),
+    ("n_layer", -1, "n_layer must be a non-negative integer"),
+    ("n_inner", 0, "n_inner must be a positive integer or None"),
+    ("resid_pdrop", 1.0, "resid_pdrop must be a probability in [0, 1)"),
+    ("attn_pdrop", float("nan"), "attn_pdrop must be a probability in [0, 1)"),
+    ("layer_norm_epsilon", float("nan"), "layer_norm_epsilon must be a finite positive number"),
+    ("initializer_range", -0.02, "initializer_range must be a finite positive number"),
+    ("activation_function", 7, "activation_function must be a name"),
+])
+def test_backbone_config_refuses_values_no_model_can_use(field, value, message):
+    """A config that would divide by zero (n_head 0) or compute NaN (eps NaN) deep inside torch is refused where it is
+    made, also through from_dict (checkpoint configs) and per-block overrides."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        BackboneConfig(**{field: value})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        BackboneConfig.from_dict({**BackboneConfig().to_dict(), field: value})
+    if field in BackboneConfig.BLOCK_FIELDS:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            BackboneConfig(block_overrides={"0": {field: value}}).for_block(0)

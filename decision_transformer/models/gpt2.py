@@ -52,6 +52,33 @@ class BackboneConfig:
     BLOCK_FIELDS = ("n_head", "n_inner", "activation_function", "resid_pdrop", "attn_pdrop", "layer_norm_epsilon",
                     "norm_type", "disable_attention")
 
+    def __post_init__(self):
+        """Sizes positive integers, dropouts in [0, 1), epsilon and init scale finite and positive: a model built
+        otherwise fails deep inside torch (n_head 0: a division by zero) or computes NaN (eps NaN)."""
+        def whole(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def real(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("n_embd", "n_layer", "n_head", "vocab_size", "n_positions"):
+            v = getattr(self, name)
+            if not whole(v) or v < (0 if name == "n_layer" else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'n_layer' else 'positive'} integer, "
+                                 f"got {v!r}")
+        if self.n_inner is not None and (not whole(self.n_inner) or self.n_inner < 1):
+            raise ValueError(f"n_inner must be a positive integer or None, got {self.n_inner!r}")
+        for name in ("resid_pdrop", "attn_pdrop", "embd_pdrop"):
+            v = getattr(self, name)
+            if not real(v) or not 0 <= v < 1:
+                raise ValueError(f"{name} must be a probability in [0, 1), got {v!r}")
+        for name in ("layer_norm_epsilon", "initializer_range"):
+            v = getattr(self, name)
+            if not real(v) or v <= 0:
+                raise ValueError(f"{name} must be a finite positive number, got {v!r}")
+        if not isinstance(self.activation_function, str):
+            raise ValueError(f"activation_function must be a name, got {self.activation_function!r}")
+
     @property
     def inner_dim(self) -> int:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
