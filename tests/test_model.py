@@ -8,11 +8,10 @@ import contextlib
 import math
 import os
 import pickle
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import re
 
 import pytest
 import torch
