@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import secrets
 from pathlib import Path
 
@@ -160,14 +161,49 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"{path}: not a loadable checkpoint (torch.load failed: {type(e).__name__}"
-                        f"{': ' + first[:160] if first else ''})") from None
+        if not holds_pickled_classes(e):
+            first = torch_load_problem(e)
+            raise UserError(f"{path}: not a loadable checkpoint (torch.load failed: {type(e).__name__}"
+                            f"{': ' + first[:160] if first else ''})") from None
+        # an original whole-module pickle: read by the restricted importer, which refuses anything else in one line
+        from decision_transformer.legacy_import import import_legacy
+
+        ckpt = import_legacy(path)
+        ckpt["state_dict"] = {k: v.to(map_location) for k, v in ckpt["state_dict"].items()}
+        return ckpt
     if isinstance(obj, dict) and "state_dict" in obj:
+        check_state_dict_tensors(obj["state_dict"], path)
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {"state_dict": obj}
     raise UserError(f"{path}: not a checkpoint (expected a dict with a 'state_dict' or a state dict)")
+
+
+def holds_pickled_classes(e: Exception) -> bool:
+    """Whether ``torch.load(..., weights_only=True)`` failed only because the file pickles classes (a whole pickled
+    module, as the originals saved), not because it is damaged."""
+    return isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e)
+
+
+def torch_load_problem(e: Exception) -> str:
+    """The line of a ``torch.load`` error that says what is wrong (its weights-only refusals wrap it in advice)."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def check_state_dict_tensors(state_dict, source) -> None:
+    """A checkpoint's ``state_dict`` must map names to tensors; else one line naming the first entry that is not."""
+    if not isinstance(state_dict, dict):
+        raise UserError(f"{source}: damaged checkpoint: its state_dict is a {type(state_dict).__name__}, not a dict")
+    for k, v in state_dict.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise UserError(f"{source}: damaged checkpoint: state_dict entry {k!r} is a {type(v).__name__}, not a "
+                            f"tensor")
 
 
 def check_finite_state(state_dict: dict, source: str):

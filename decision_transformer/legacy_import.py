@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from decision_transformer.checkpoint import atomic_save, check_finite_state, load_state_into, make_checkpoint
+from decision_transformer.checkpoint import (atomic_save, check_finite_state, check_state_dict_tensors,
+                                             holds_pickled_classes, load_state_into, make_checkpoint, torch_load_problem)
 from decision_transformer.envs import ENVS, check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError, cli_entry
 
@@ -158,8 +159,12 @@ def unpickle_legacy(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: model file not found")
+    import warnings
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
+        with warnings.catch_warnings():  # the legacy format's "Couldn't retrieve source code" notes, one per class
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
     except pickle.UnpicklingError as e:
         raise UserError(f"{path}: refused to import ({e}); only torch/transformers modules and tensors are "
                         f"allowed in an original checkpoint") from None
@@ -496,11 +501,11 @@ def load_model_file(path: str | Path) -> ModelFile:
         raise UserError(f"{path}: model file not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        obj = None  # holds globals beyond tensors: maybe an original whole-module pickle
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a loadable checkpoint ({first[:200]})") from None
+        if not holds_pickled_classes(e):
+            first = torch_load_problem(e) or type(e).__name__
+            raise UserError(f"{path}: not a loadable checkpoint ({first[:200]})") from None
+        obj = None  # holds classes beyond tensors: maybe an original whole-module pickle
     if obj is None:
         ckpt = import_legacy(path)
         mf = ModelFile(str(path), ckpt["state_dict"], ckpt["config"], ckpt.get("specializations", []), ckpt, True)
@@ -510,6 +515,7 @@ def load_model_file(path: str | Path) -> ModelFile:
         for name, value in (("config", config), ("config['model_config']", mc)):
             if value is not None and not isinstance(value, dict):
                 raise UserError(f"{path}: damaged checkpoint: its {name} is a {type(value).__name__}, not a dict")
+        check_state_dict_tensors(obj["state_dict"], path)
         if (mc or {}).get("model_class") == "mlp_bc":
             raise UserError(f"{path}: an MLP behaviour-cloning checkpoint (--model_type bc); merging, finetuning and "
                             f"the analyses take Decision Transformer checkpoints")

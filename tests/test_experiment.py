@@ -582,3 +582,24 @@ def test_resume_refuses_other_data_and_never_generates(tmp_path, monkeypatch, ca
     msg = expect_error(capsys, ["--data_path", str(data), *TINY, "--max_iters", "2", "--num_steps_per_iter", "2",
                                 "--resume"])
     assert "not found" in msg and not (data / "hopper-medium-v2.pkl").exists()
+
+
+def test_load_checkpoint_reads_an_original_pickled_model(tmp_path, monkeypatch, hopper_data):
+    """--load_checkpoint takes the originals' whole pickled modules (through the restricted importer), like every
+    other loader; the run evaluates exactly the imported weights."""
+    from test_legacy_import import LDecisionTransformer, save_original
+    from torch import nn
+
+    from decision_transformer.legacy_import import import_legacy
+
+    orig = LDecisionTransformer(n_layer=1)
+    orig.transformer.wte, orig.transformer.wpe = nn.Embedding(50257, 16), nn.Embedding(1024, 16)  # as LAWSON's
+    path = tmp_path / "models" / "hopper" / "dt_gym-experiment-hopper-medium-123_best.pt"
+    path.parent.mkdir(parents=True)
+    save_original(orig, path)
+    run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "0", "--embed_dim", "16",
+        "--n_head", "4", "--activation_function", "gelu_new", "--load_checkpoint", str(path), "--save_model")
+    saved = load_checkpoint(run_dir(tmp_path) / "model_1.pt")["state_dict"]
+    imported = import_legacy(path)["state_dict"]
+    assert saved.keys() == imported.keys()
+    assert all(torch.equal(saved[k], imported[k]) for k in imported)

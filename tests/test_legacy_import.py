@@ -552,3 +552,32 @@ def test_a_multi_task_original_with_lists_of_unequal_length(tmp_path, capsys):
     path = tmp_path / "multi.pt"
     save_original(orig, path)
     assert "not shaped like an original model" in fails(legacy_import.main, [path, "--out", tmp_path / "o.pt"], capsys)
+
+
+def test_a_checkpoint_whose_state_dict_holds_a_non_tensor_is_refused(tmp_path):
+    from decision_transformer.checkpoint import load_checkpoint
+    from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+
+    model = DecisionTransformer(DTConfig(state_dim=11, act_dim=3, backbone=BackboneConfig(n_embd=16, n_layer=1)))
+    state = model.state_dict()
+    state["transformer.h.0.attn.c_attn.weight"] = 3
+    path = tmp_path / "damaged.pt"
+    torch.save({"state_dict": state, "config": {"model_config": model.config.to_dict()}}, path)
+    for load in (load_checkpoint, load_model_file):
+        with pytest.raises(UserError, match=rf"^{path}: damaged checkpoint: state_dict entry "
+                                            r"'transformer.h.0.attn.c_attn.weight' is a int, not a tensor$"):
+            load(path)
+
+
+def test_damaged_files_say_what_torch_found_without_its_advice(tmp_path):
+    """A file torch cannot unpickle is not passed to the importer (whose refusal would read as a security matter),
+    and the message carries torch's finding, not its advice to load untrusted files."""
+    from decision_transformer.checkpoint import load_checkpoint
+
+    path = tmp_path / "model_1.pt"
+    path.write_bytes(b"garbage")
+    for load in (load_checkpoint, load_model_file):
+        with pytest.raises(UserError) as e:
+            load(path)
+        assert "Unsupported operand 103" in str(e.value) and "weights_only" not in str(e.value)
+        assert "\x1b" not in str(e.value) and "refused to import" not in str(e.value)
