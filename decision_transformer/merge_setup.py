@@ -482,6 +482,10 @@ def apply_merge(args, model, spec, device):
 
 def _merge_for_experiment(args, fresh, spec, device):
     sources = [load_model_file(p) for p in args.pretrained_models]
+    for s in sources:   # (as merge_cli: a multi-task model's tensors are laid out per env)
+        if s.is_multi:
+            raise UserError(f"{s.path}: a multi-task model; experiment.py merges single-task models (merge "
+                            f"multi-task ones with experiment_multi.py --multi_pretrained_models)")
     fisher_mod.warn_context(sources, args.K, log)
     fresh_sd = {k: v.detach().clone() for k, v in fresh.state_dict().items()}
     data = DatasetCache(args.data_path, device)

@@ -472,3 +472,19 @@ def test_merged_state_that_cannot_fit_the_fresh_model_fails_before_any_fisher(sr
         assert msg == (f"error: the merged model (model 1: {paths['hopper']}) does not match the model: shape mismatch "
                        "for transformer.wte.weight (checkpoint [50257, 16], model [50, 16]) and 1 more")
     assert estimated == []
+
+
+def test_experiment_refuses_a_multi_task_source(srcs, tmp_path, monkeypatch, capsys):
+    """As merge_cli: a multi-task model among experiment.py's --pretrained_models is one line before any merge, also
+    where only the shared blocks are copied (whose merge would otherwise run on per-env layouts)."""
+    from test_multi import save_multi
+
+    root, data, paths = srcs
+    multi = save_multi(tmp_path / "multi.pt", 0, ["hopper"])
+    monkeypatch.chdir(tmp_path)
+    for order in ((paths["hopper"], multi), (multi, paths["hopper"])):
+        msg = fails(experiment.main, ["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models",
+                                      *map(str, order), "--include", "attn", "--copy_include", *NO_TRAINING], capsys)
+        assert msg == (f"error: {multi}: a multi-task model; experiment.py merges single-task models (merge multi-task "
+                       f"ones with experiment_multi.py --multi_pretrained_models)")
+    assert listed(tmp_path) == [multi]
