@@ -718,16 +718,26 @@ def main(argv=None):
               + (f", specializations {ckpt['specializations']}" if ckpt.get("specializations") else ""), file=sys.stderr)
 
 
-def _bare_state_dict(path):
-    """The tensors of a bare state dict file (loaded with ``weights_only=True``), else None."""
+def _weights_only(path):
+    """The file's content loaded with ``weights_only=True`` (memory-mapped where the format allows: torch's older
+    non-zip format does not), else None: an original pickle, or a damaged file that import_legacy reports."""
     import warnings
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - an original pickle (or a damaged file, which import_legacy reports)
+    if not Path(path).is_file():
         return None
+    for mmap in (True, False):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception:  # noqa: BLE001
+            continue
+    return None
+
+
+def _bare_state_dict(path):
+    """The tensors of a bare state dict file, else None."""
+    obj = _weights_only(path)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj
     return None
@@ -735,7 +745,7 @@ def _bare_state_dict(path):
 
 def _import_any(path, args) -> dict:
     """Our checkpoint dict for an original whole-module pickle or a bare state dict."""
-    state = _bare_state_dict(path) if Path(path).is_file() else None
+    state = _bare_state_dict(path)
     if state is not None:
         return import_state_dict(path, state, args.n_head, args.activation_function, args.max_length, args.env)
     return import_legacy(path, args.env)
@@ -743,16 +753,7 @@ def _import_any(path, args) -> dict:
 
 def _already_converted(path) -> bool:
     """True (with a note) for a checkpoint of this toolkit: a dict with a state dict, loadable without pickled code."""
-    import warnings
-
-    if not Path(path).is_file():
-        return False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - not ours (an original pickle, or a damaged file that import_legacy reports)
-        return False
+    obj = _weights_only(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         print(f"{path}: already a checkpoint of this toolkit; skipped", file=sys.stderr)
         return True

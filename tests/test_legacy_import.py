@@ -581,3 +581,15 @@ def test_damaged_files_say_what_torch_found_without_its_advice(tmp_path):
             load(path)
         assert "Unsupported operand 103" in str(e.value) and "weights_only" not in str(e.value)
         assert "\x1b" not in str(e.value) and "refused to import" not in str(e.value)
+
+
+def test_our_checkpoints_in_torchs_older_format_are_skipped_too(tmp_path, capsys):
+    d = tmp_path / "models" / "hopper"
+    d.mkdir(parents=True)
+    legacy = d / "dt_gym-experiment-hopper-medium-111_best.pt"
+    save_original(LDecisionTransformer(), legacy)
+    ours = d / "dt_gym-experiment-hopper-medium-222_best.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "config": {}}, ours, _use_new_zipfile_serialization=False)
+    legacy_import.main([str(ours), str(legacy), "--out_dir", str(tmp_path / "imported")])
+    assert [p.name for p in (tmp_path / "imported").iterdir()] == [legacy.name]
+    assert f"{ours}: already a checkpoint of this toolkit; skipped" in capsys.readouterr().err
