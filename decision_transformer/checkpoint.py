@@ -179,6 +179,15 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     raise UserError(f"{path}: not a checkpoint (expected a dict with a 'state_dict' or a state dict)")
 
 
+def recorded_count(st: dict, key: str) -> int:
+    """A training state's ``iteration`` / ``step``: a non-negative integer, else ValueError (a resume from a damaged
+    count would cut the run's metrics and overwrite its saved models)."""
+    v = st[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"its {key} {v!r} is not a non-negative integer")
+    return v
+
+
 def holds_pickled_classes(e: Exception) -> bool:
     """Whether ``torch.load(..., weights_only=True)`` failed only because the file pickles classes (a whole pickled
     module, as the originals saved), not because it is damaged."""

@@ -16,8 +16,8 @@ import torch
 
 from decision_transformer import distributed
 from decision_transformer.checkpoint import (atomic_save, check_same_behaviour, find_run, load_checkpoint,
-                                             load_state_into, make_checkpoint, model_name, new_exp_id, run_dir_name,
-                                             set_aside_previous_run, wandb_run_name)
+                                             load_state_into, make_checkpoint, model_name, new_exp_id, recorded_count,
+                                             run_dir_name, set_aside_previous_run, wandb_run_name)
 from decision_transformer.cli import (check_context, check_seed, check_upper_bounds, merge_signature,
                                       reject_unsupported)
 from decision_transformer.data import TrajectoryDataset, load_dataset
@@ -145,8 +145,9 @@ def restore_train_state(path: Path, model, trainer, optimizer, scheduler, genera
         set_rng_state(st["rng"])
         if hasattr(trainer, "load_extra_state"):
             trainer.load_extra_state(st.get("trainer_extra") or {})
-        trainer.step = int(st["step"])
-        st.update(iteration=int(st["iteration"]), best_score=float(st["best_score"]), exp_id=int(st["exp_id"]))
+        trainer.step = recorded_count(st, "step")
+        st.update(iteration=recorded_count(st, "iteration"), best_score=float(st["best_score"]),
+                  exp_id=int(st["exp_id"]))
     except Exception as e:  # noqa: BLE001 - a damaged or crafted state fails in many ways; each is one line
         raise UserError(f"{path}: cannot restore the training state ({type(e).__name__}: {e})") from None
     return st

@@ -176,6 +176,8 @@ def state_iteration(path: Path) -> int | str:
     """The last finished iteration a training state records, or why it cannot be read (a string)."""
     import torch
 
+    from decision_transformer.checkpoint import recorded_count
+
     for mmap in (True, False):  # mapped: no need to read a large state; a file that cannot be mapped is read whole
         try:
             st = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -184,9 +186,11 @@ def state_iteration(path: Path) -> int | str:
             problem = f"not loadable ({type(e).__name__}{': ' + first[:160] if first else ''})"
             continue
         try:
-            return int(st["iteration"])
-        except Exception:  # noqa: BLE001
+            return recorded_count(st, "iteration")
+        except KeyError:
             return "not a training state (no iteration number)"
+        except (TypeError, ValueError) as e:
+            return f"not a training state ({e})"
     return problem
 
 

@@ -157,14 +157,23 @@ def test_resume_bad_training_state(tmp_path, monkeypatch, capsys, hopper_data):
     assert "nothing to resume" in msg and "train_state.pt does not exist" in msg
     run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes", "0")
     st_path = run_dir(tmp_path) / "train_state.pt"
-    st = load_checkpoint(st_path)
-    del st["optimizer"]
-    torch.save(st, st_path)
+    good = load_checkpoint(st_path)
+    torch.save({k: v for k, v in good.items() if k != "optimizer"}, st_path)
     before = (run_dir(tmp_path) / "model_1.pt").read_bytes()
     msg = expect_error(capsys, ["--data_path", str(hopper_data), *TINY, "--max_iters", "2", "--resume",
                                 "--num_steps_per_iter", "2"])
     assert "train_state.pt: cannot restore the training state (KeyError" in msg
     assert (run_dir(tmp_path) / "model_1.pt").read_bytes() == before
+    # a damaged iteration count would cut metrics.jsonl back to it and overwrite the saved models
+    metrics = (run_dir(tmp_path) / "metrics.jsonl").read_bytes()
+    for bad in (-1, 0.5, True):
+        torch.save({**good, "iteration": bad}, st_path)
+        msg = expect_error(capsys, ["--data_path", str(hopper_data), *TINY, "--max_iters", "2", "--resume",
+                                    "--num_steps_per_iter", "2", "--num_eval_episodes", "0"])
+        assert f"cannot restore the training state (ValueError: its iteration {bad!r} is not a non-negative " \
+               f"integer)" in msg
+        assert (run_dir(tmp_path) / "model_1.pt").read_bytes() == before
+        assert (run_dir(tmp_path) / "metrics.jsonl").read_bytes() == metrics
 
 
 def test_resume_refuses_changed_flags(tmp_path, monkeypatch, capsys, hopper_data):

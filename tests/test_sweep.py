@@ -85,6 +85,14 @@ def test_damaged_training_state_is_not_started(tmp_path, hopper_data, capsys):
     assert lines[3].startswith(f"damaged: {part / 'train_state.pt'}: not loadable (UnpicklingError") and \
         lines[3].endswith("move it away to start that run over")
     assert not (tmp_path / "logs").exists() and (part / "train_state.pt").read_bytes() == b"x"
+    # a state whose iteration count is damaged would be resumed from it (its run's metrics cut, models overwritten)
+    import torch
+
+    for bad in (-1, 1.5):
+        torch.save({"iteration": bad}, part / "train_state.pt")
+        assert [s for s, _ in sweep.plan(sweep.load_grid(str(grid)), [])] == ["done", "damaged"]
+        assert sweep.state_iteration(part / "train_state.pt") == \
+            f"not a training state (its iteration {bad!r} is not a non-negative integer)"
 
 
 def test_merge_runs_found_by_their_merge_flags(tmp_path):
