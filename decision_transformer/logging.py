@@ -110,14 +110,19 @@ class RunLogger:
             return
         text = path.read_text(errors="replace")  # bytes a crash left behind make their line unparseable, below
         lines = text.splitlines()
-        kept = []
-        for line in lines:
+        kept, unreadable = [], []
+        for i, line in enumerate(lines, 1):
             try:
                 row = json.loads(line)
-            except ValueError:  # a line cut short when the run was killed
+            except ValueError:  # a line cut short when the run was killed (or a full disk)
+                if line.strip() and not (i == len(lines) and not text.endswith("\n")):
+                    unreadable.append(i)   # (the usual case, a last line cut short, goes without a word)
                 continue
             if not (isinstance(row, dict) and isinstance(row.get("iteration"), int) and row["iteration"] > iteration):
                 kept.append(line)
+        if unreadable:
+            print(f"warning: {path}: dropped {len(unreadable)} unreadable line(s) on resuming (line "
+                  f"{', '.join(map(str, unreadable[:5]))}{' ...' if len(unreadable) > 5 else ''})", file=sys.stderr)
         # a last row cut short before its newline: rewrite, or the next row would be appended to the same line
         if len(kept) != len(lines) or (text and not text.endswith("\n")):
             atomic_write(path, lambda tmp: Path(tmp).write_text("".join(x + "\n" for x in kept)))

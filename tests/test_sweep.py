@@ -919,3 +919,18 @@ def test_a_filesystem_without_flock_runs_unlocked_with_a_warning(tmp_path, monke
         pass
     assert capsys.readouterr().err == (f"warning: cannot lock {lock} (Function not implemented); nothing stops a "
                                        f"second process from training this run at the same time\n")
+
+
+def test_resuming_drops_unreadable_metric_rows_and_says_so_unless_the_last_was_cut(tmp_path, capsys):
+    """A last row cut short by a kill is dropped without a word; an unreadable row elsewhere is dropped with a
+    warning naming its line, so that a resume never removes results silently."""
+    from decision_transformer.logging import RunLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"iteration": 1}\n{"iteration": 2, "x": 0.')
+    RunLogger(tmp_path, {}, resume=True, resume_after=2).finish()
+    assert path.read_text() == '{"iteration": 1}\n' and "warning" not in capsys.readouterr().err
+    path.write_text('{"iteration": 1}\nGARBAGE\n{"iteration": 2}\n{"iteration": 3}\n')
+    RunLogger(tmp_path, {}, resume=True, resume_after=2).finish()
+    assert path.read_text() == '{"iteration": 1}\n{"iteration": 2}\n'
+    assert f"warning: {path}: dropped 1 unreadable line(s) on resuming (line 2)" in capsys.readouterr().err
