@@ -376,7 +376,7 @@ def validate_trajectories(trajs, spec: EnvSpec, source: str, *,
                 raise UserError(f"{where} lacks key {k!r}")
             if not isinstance(t[k], np.ndarray):
                 raise UserError(f"{where}: {k!r} is a {type(t[k]).__name__}, expected a numpy array")
-            if not (np.issubdtype(t[k].dtype, np.floating) or np.issubdtype(t[k].dtype, np.integer)):
+            if t[k].dtype.kind not in "iuf":   # (numpy counts timedelta64 as an integer type)
                 raise UserError(f"{where}: {k!r} has dtype {t[k].dtype}, expected a float array")
         obs, act, rew = t["observations"], t["actions"], t["rewards"]
         if rew.ndim != 1 and not (rew.ndim == 2 and rew.shape[1] == 1):

@@ -759,6 +759,8 @@ def _bad_trajs(kind):
         t[0] = [1, 2, 3]
     elif kind == "list_not_array":
         t[0]["rewards"] = t[0]["rewards"].tolist()
+    elif kind == "timedelta_rewards":       # numpy counts timedelta64 as an integer type
+        t[0]["rewards"] = np.zeros(len(t[0]["rewards"]), dtype="timedelta64[s]")
     return t
 
 
@@ -773,6 +775,7 @@ BAD_CONTENT = {            # kind -> words the message must contain
     "string_terminals": ["trajectory 0", "'terminals'", "dtype"],
     "not_dict": ["trajectory 0", "dict"],
     "list_not_array": ["trajectory 0", "rewards", "numpy"],
+    "timedelta_rewards": ["trajectory 0", "'rewards' has dtype timedelta64[s]"],
 }
 
 
