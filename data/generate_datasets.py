@@ -15,9 +15,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from decision_transformer.data import hdf5_name, pkl_name
 from decision_transformer.envs import D4RL_ENVS, ENVS as ALL_ENVS
+from decision_transformer.errors import UserError, cli_entry
 from decision_transformer.paths import project_path
-from decision_transformer.errors import cli_entry
 
 ENVS = list(D4RL_ENVS)  # "all": the envs with bundled behaviour policies
 OTHER_ENVS = [e for e in ALL_ENVS if e not in D4RL_ENVS]  # no bundled policies: --dataset random, or your --policy_dir
@@ -39,6 +40,9 @@ def main(argv=None):
     p.add_argument("--policy_dir", default=None, help="behaviour policies (default: bundled)")
     p.add_argument("--no_hdf5", action="store_true", help="write only the pkl (and stats)")
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--force", action="store_true",
+                   help="replace datasets of the same names already in --data_path (refused otherwise: they may be "
+                        "converted D4RL files)")
     args = p.parse_args(argv)
     if args.num_transitions is not None and args.num_transitions < 1:
         p.error("--num_transitions must be positive")
@@ -52,6 +56,15 @@ def main(argv=None):
     for env in envs:  # before anything is written
         for dataset in datasets:
             check_generatable(env, dataset, args.policy_dir)
+    # a dataset already there may be real D4RL data converted earlier: never replaced unless asked to
+    existing = [path for env in envs for dataset in datasets
+                for path in [os.path.join(args.data_path, pkl_name(env, dataset))]
+                + ([] if args.no_hdf5 else [os.path.join(args.data_path, hdf5_name(env, dataset))])
+                if os.path.lexists(path)]
+    if existing and not args.force:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise UserError(f"{existing[0]}{more} already exist(s); generating would replace it with generated data: "
+                        f"give another --data_path, or pass --force to overwrite")
     for env in envs:
         for dataset in datasets:
             generate_dataset(args.data_path, env, dataset, num_transitions=args.num_transitions, seed=args.seed,

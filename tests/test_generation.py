@@ -176,6 +176,10 @@ def test_no_episode_end_within_the_transitions_is_refused_before_writing(tmp_pat
     assert "no episode ended within the 50 generated transitions" in msg and "--num_transitions" in msg
     msg = fails(script.main, ["--env", "halfcheetah", "--dataset", "random", "--num_transitions", "40", "--data_path",
                               tmp_path, "--no_progress"], capsys)
+    assert msg == (f"error: {tmp_path / names[0]} and 1 more already exist(s); generating would replace it with "
+                   f"generated data: give another --data_path, or pass --force to overwrite")
+    msg = fails(script.main, ["--env", "halfcheetah", "--dataset", "random", "--num_transitions", "40", "--data_path",
+                              tmp_path, "--no_progress", "--force"], capsys)
     assert "within the 40 generated transitions" in msg
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     for name in names:
