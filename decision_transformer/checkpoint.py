@@ -58,6 +58,28 @@ def wandb_run_name(env: str, dataset: str, model: str, seed: int, K: int = DEFAU
     return f"gym-experiment-{env}-{dataset}-{model}-{seed}" + run_suffix(K, remove_grad_clip, pretrained_block, "-")
 
 
+#: Flags whose values are files or folders: a resume or the sweep launcher matches them as paths, so that
+#: ``./models/a.pt``, ``models/a.pt`` and the absolute path (or a symlink to it) name the same run.
+PATH_FLAGS = frozenset({"pretrained_models", "multi_pretrained_models", "pretrained_model", "merge_base",
+                        "load_checkpoint", "kmeans_cache", "pretrained_lm"})
+
+
+def _as_path(v):
+    return os.path.realpath(v) if isinstance(v, str) and v else v
+
+
+def same_flag_value(key: str, recorded, wanted) -> bool:
+    """Whether a run's recorded flag value is the one asked for now (path flags compared as resolved paths,
+    relative ones against the working directory)."""
+    if recorded == wanted:
+        return True
+    if key not in PATH_FLAGS:
+        return False
+    if isinstance(recorded, list) and isinstance(wanted, list):
+        return [_as_path(v) for v in recorded] == [_as_path(v) for v in wanted]
+    return _as_path(recorded) == _as_path(wanted)
+
+
 def find_run(parent: str | os.PathLike, prefix: str, signature: dict, require: str | None = None) -> Path | None:
     """The newest ``{parent}/{prefix}{run id}`` folder whose ``config.json`` records every flag of ``signature``
     (merge runs: ``cli.merge_signature``; multi-task runs: their training flags) and that holds the file ``require``
@@ -75,7 +97,7 @@ def find_run(parent: str | os.PathLike, prefix: str, signature: dict, require: s
         except (OSError, ValueError):
             continue
         # a flag the file does not record (a run made before the flag existed) is not compared
-        if isinstance(cfg, dict) and all(k not in cfg or cfg[k] == v for k, v in want.items()):
+        if isinstance(cfg, dict) and all(k not in cfg or same_flag_value(k, cfg[k], v) for k, v in want.items()):
             newest = max((f.stat().st_mtime for f in d.iterdir() if f.suffix in (".pt", ".json")), default=0.0)
             found.append((newest, d.name, d))
     return max(found)[2] if found else None

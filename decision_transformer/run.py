@@ -17,7 +17,7 @@ import torch
 from decision_transformer import distributed
 from decision_transformer.checkpoint import (atomic_save, check_same_behaviour, find_run, load_checkpoint,
                                              load_state_into, make_checkpoint, model_name, new_exp_id, recorded_count,
-                                             run_dir_name, set_aside_previous_run, wandb_run_name)
+                                             run_dir_name, same_flag_value, set_aside_previous_run, wandb_run_name)
 from decision_transformer.cli import (check_context, check_seed, check_upper_bounds, merge_signature,
                                       reject_unsupported)
 from decision_transformer.data import TrajectoryDataset, load_dataset
@@ -388,7 +388,7 @@ def resumable_run(parent: Path, prefix: str, signature: dict) -> Path:
         if cfg is None:
             unreadable.append(d.name)
             continue
-        if all(k not in cfg or cfg[k] == v for k, v in want.items()):  # as find_run: unrecorded flags not compared
+        if all(k not in cfg or same_flag_value(k, cfg[k], v) for k, v in want.items()):  # as find_run
             return d
         first = first or (d, cfg)
     if first is None:
@@ -396,7 +396,8 @@ def resumable_run(parent: Path, prefix: str, signature: dict) -> Path:
                         f"({', '.join(sorted(unreadable))}) have neither a readable config.json nor a readable "
                         f"{TRAIN_STATE}")
     other, cfg = first
-    differ = [f"--{k} {v!r} (the run: {cfg[k]!r})" for k, v in want.items() if k in cfg and cfg[k] != v]
+    differ = [f"--{k} {v!r} (the run: {cfg[k]!r})" for k, v in want.items()
+              if k in cfg and not same_flag_value(k, cfg[k], v)]
     raise UserError(f"nothing to resume: no run {prefix}<id> in {parent} was made with these flags; the newest, "
                     f"{other.name}, differs in {'; '.join(differ) or 'its flags'}")
 
@@ -418,7 +419,7 @@ def resume_mismatches(args, config_path: Path | dict) -> list[str]:
         return []
     now = json.loads(json.dumps(vars(args), default=str))
     return [f"--{k} {now[k]!r} (the run: {saved[k]!r})" for k in now
-            if k not in RESUME_FREE and k in saved and saved[k] != now[k]]
+            if k not in RESUME_FREE and k in saved and not same_flag_value(k, saved[k], now[k])]
 
 
 def recorded_config(run_dir: Path, note: bool = True) -> dict | None:

@@ -331,7 +331,10 @@ def test_merge_run_resume_matches_uninterrupted(trained, tmp_path, monkeypatch, 
     # a different merge (attn only) of the same models, written later: --resume must not pick it
     experiment.main([*base, "--max_iters", "1", "--include", "attn"])
     capsys.readouterr()
-    experiment.main([*base, "--max_iters", "2", "--resume"])
+    # the same model files, spelled relative to the working directory (and with ./): the same run
+    spelled = [f"./{os.path.relpath(m[e], b)}" for e in ENVS]
+    at = base.index("--pretrained_models") + 1
+    experiment.main([*base[:at], *spelled, *base[at + len(ENVS):], "--max_iters", "2", "--resume"])
     err = capsys.readouterr().err
     assert "iter 0 (merged, before finetuning)" not in err
     ra = merge_run_dir(a)
