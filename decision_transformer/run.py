@@ -300,6 +300,13 @@ def resume_state_path(args, run_dir: Path | None, lm_script: bool = False) -> Pa
         run_dir = found
     st_path = run_dir / TRAIN_STATE
     if not st_path.is_file():
+        from decision_transformer.sweep import _lock_holder, folder_lock_path
+
+        holder = _lock_holder(folder_lock_path(run_dir))
+        if holder:
+            raise UserError(f"nothing to resume yet: this run is being trained by another process: {holder}, which "
+                            f"has not finished its first iteration ({st_path} does not exist yet); wait for it to end "
+                            f"(then --resume continues it if it stopped early)")
         aside = sorted((p for p in (run_dir / "previous").glob(f"*/{TRAIN_STATE}") if p.is_file()),
                        key=lambda p: p.stat().st_mtime)
         hint = (f"; the run there before the last fresh start was set aside in {aside[-1].parent}: move its files "

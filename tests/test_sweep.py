@@ -859,6 +859,10 @@ def test_a_run_trained_by_another_process_is_refused_by_a_hand_started_one(tmp_p
         assert msg.startswith("error: experiment.py: this run is being trained by another process: another process "
                               f"(pid {os.getpid()}, since ") and f"holds {lock}" in msg, msg
         assert not run_dir.exists()                            # nothing written, nothing set aside
+        # --resume while that process is still in its first iteration: not "nothing to resume"
+        msg = fails(experiment.main, [*argv, "--resume"], capsys)
+        assert msg.startswith("error: nothing to resume yet: this run is being trained by another process: another "
+                              f"process (pid {os.getpid()}, since ") and "has not finished its first iteration" in msg
     finally:
         os.close(fd)
     experiment.main(argv)
