@@ -359,7 +359,8 @@ def precompute_parser():
     p.add_argument("--f_num_batches", type=int, default=100, help="batches")
     p.add_argument("--K", type=int, default=None, help="window length (default: the K the model was trained with, "
                                                       "else 20)")
-    p.add_argument("--device", default="cuda:0", help="falls back to cpu with a warning when CUDA is absent")
+    p.add_argument("--device", default="auto", help="auto = cuda:0 when CUDA is there, else cpu (the original: cuda:0); "
+                                                  "an explicit cuda device falls back to cpu with a warning when CUDA is absent")
     p.add_argument("--threads", default="auto", help=THREADS_HELP)
     p.add_argument("--fisher_type", default="batch", choices=FISHER_TYPES)
     p.add_argument("--seed", type=int, default=666, help="sampler and dropout seed")
