@@ -520,6 +520,7 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
     else:
         resumed_buffer = True
         _move_previous_policies(policy_dir, state_dir / "previous", roles, log)
+    loaded = json.dumps(meta, sort_keys=True) if state_path.exists() else None
     # which update precision trained which steps (a resume may change it)
     meta.setdefault("precision_from_step", [])
     if not meta["precision_from_step"] or meta["precision_from_step"][-1][1] != precision:
@@ -556,6 +557,16 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
         meta["expert_final"] = True  # this run does not write the expert policy
     elif not meta.get("expert_final") and expert_reached():
         finalise_expert(f"it reaches the target {expert_score:.1f} within {expert_tolerance:g}")
+    if loaded is not None and meta["medium_final"] and meta["expert_final"]:
+        # nothing left to train: the state is left as it was (no refill that would advance its RNG, no wall time),
+        # unless this call made a policy final under the rules asked for now
+        changed = {k: v for k, v in meta.items() if k != "precision_from_step"} != \
+            {k: v for k, v in json.loads(loaded).items() if k != "precision_from_step"}
+        if changed:
+            _atomic_torch_save({"agent": agent.state_dict(), "meta": json.dumps(meta),
+                                "numpy_rng": json.dumps(rng.bit_generator.state)}, state_path)
+        log(f"{env_name}: nothing left to train for {' and '.join(roles)} (state: {state_path})")
+        return meta
     actor_np = NumpyActor.from_module(agent.actor)  # views of the live weights
     env = make_env(env_name)
     t_start = time.perf_counter()

@@ -212,6 +212,14 @@ def test_a_medium_only_run_stops_when_final_and_leaves_the_rest(tmp_path):
     assert len(moved) == 1 and (moved[0] / "medium.pt").read_bytes() == b"old medium"
     assert (moved[0] / "replay" / "actor_0000000.pt").read_bytes() == b"old snapshot"
     assert any("moved the previous run's medium.pt, replay" in m for m in logs)
+    # run again with nothing left to train: the committed state is left byte for byte (no buffer refill advancing
+    # its RNG, no wall time added)
+    before = (state / "state.pt").read_bytes()
+    logs.clear()
+    again = train_behaviour_policy("hopper", state, pol, total_steps=3000, medium_score=0.0, medium_window=1e9,
+                                   medium_tolerance=1e9, roles=("medium",), log=logs.append, **TINY)
+    assert again["env_steps"] == 300 and (state / "state.pt").read_bytes() == before
+    assert any("nothing left to train for medium" in m for m in logs)
     # no candidate in the window: no medium policy, the search goes on (snapshots kept)
     state2, pol2 = tmp_path / "state2", tmp_path / "pol2"
     meta = train_behaviour_policy("hopper", state2, pol2, total_steps=600, max_seconds=None, medium_score=1e6,
