@@ -214,8 +214,8 @@ def rollout_policy(env: str, actor, num_transitions: int, seed: int = 0, num_env
             if term or timeout:
                 done_eps.append(_finish(eps[i]))
                 total += int(t[i])
-                if bar is not None:
-                    bar.update(int(t[i]))
+                if bar is not None:  # (episodes of several envs can end past the request: the bar stops at it)
+                    bar.update(max(0, min(int(t[i]), num_transitions - bar.n)))
                 eps[i] = _Episode()
                 t[i] = 0
                 nobs = envs[i].reset()[0]  # each env was seeded once; reseeding every reset costs ~1 ms
@@ -225,6 +225,7 @@ def rollout_policy(env: str, actor, num_transitions: int, seed: int = 0, num_env
         if total + int(t.max()) >= num_transitions:
             break
     if bar is not None:
+        bar.update(num_transitions - bar.n)  # the running episode's tail completes the request
         bar.close()
     for e in envs:
         e.close()

@@ -307,3 +307,27 @@ def test_hdf5_and_stats_writes_are_atomic_and_name_the_file(tmp_path, monkeypatc
     write_d4rl_hdf5(path, {"rewards": np.zeros(3, np.float32)}, {"policy": "x"})
     with h5py.File(path) as f:
         assert f["rewards"].shape == (3,) and f["metadata/policy"][()] == b"x"
+
+
+def test_the_rollout_progress_bar_ends_at_the_request(monkeypatch):
+    """Envs finishing 1000-step episodes together pass the request (3 x 1000 for 2500): the bar stops at it."""
+    from decision_transformer import generation
+
+    class Bar:
+        def __init__(self, total, desc):
+            self.total, self.n, self.seen = total, 0, []
+
+        def update(self, k):
+            self.n += k
+            self.seen.append(self.n)
+
+        def close(self):
+            bars.append(self)
+
+    bars = []
+    monkeypatch.setattr(generation, "_progress", Bar)
+    data = generation.rollout_policy("halfcheetah", generation.random_policy("halfcheetah", 0), 2500, seed=0,
+                                     progress=True)
+    assert len(data["rewards"]) == 2500
+    (bar,) = bars
+    assert bar.n == 2500 and max(bar.seen) == 2500
