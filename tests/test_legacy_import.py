@@ -593,3 +593,76 @@ def test_our_checkpoints_in_torchs_older_format_are_skipped_too(tmp_path, capsys
     legacy_import.main([str(ours), str(legacy), "--out_dir", str(tmp_path / "imported")])
     assert [p.name for p in (tmp_path / "imported").iterdir()] == [legacy.name]
     assert f"{ours}: already a checkpoint of this toolkit; skipped" in capsys.readouterr().err
+
+
+def test_a_geglu_label_takes_the_activation_each_module_class_names(tmp_path):
+    """Every activation class the importer knows is read as a name whose activation computes what the module did."""
+    from transformers.activations import ACT2CLS
+
+    from decision_transformer.models.gpt2 import make_activation
+
+    def cls_of(entry):
+        return entry[0] if isinstance(entry, tuple) else entry
+
+    checked = 0
+    for entry in ACT2CLS.values():
+        cls = cls_of(entry)
+        # (recent transformers' GELUTanh keeps a functools.partial, which the restricted unpickler refuses; the
+        # originals' transformers had no such class)
+        if cls.__name__ not in legacy_import._ACTIVATION_CLASSES or cls.__name__ == "GELUTanh":
+            continue
+        orig = LDecisionTransformer()
+        orig.transformer.config.activation_function = "geglu"   # the released models' label; the MLP is not gated
+        for block in orig.transformer.h:
+            block.mlp.act = entry[0](**entry[1]) if isinstance(entry, tuple) else entry()
+        path = tmp_path / f"dt_gym-experiment-hopper-medium-{checked}.pt"
+        torch.save(orig, path, pickle_module=renaming_pickle, pickle_protocol=2)
+        got = import_legacy(path)["config"]["model_config"]["backbone"]["activation_function"]
+        x = torch.linspace(-4, 4, 101)
+        assert torch.allclose(make_activation(got)(x), orig.transformer.h[0].mlp.act(x), atol=1e-6), \
+            (cls.__name__, got)
+        checked += 1
+    assert checked >= 8
+
+
+def test_a_bare_state_dicts_context_length_and_range_checks(tmp_path, capsys):
+    """K is 20 unless -K or a TAKAGI run folder says otherwise; -K and --n_head below 1 are one line."""
+    _, path = _bare(tmp_path, "hopper/model_0.pt", n_head=4, activation_function="gelu_new")
+    out = tmp_path / "conv.pt"
+    flags = ["--n_head", "4", "--activation_function", "gelu_new"]
+    legacy_import.main([str(path), "--out", str(out), *flags])
+    assert torch.load(out, weights_only=True)["config"]["model_config"]["max_length"] == 20
+    argv = [path, "--out", tmp_path / "other.pt"]
+    assert fails(legacy_import.main, [*argv, *flags, "-K", "0"], capsys) == \
+        "error: --max_length must be at least 1, got 0"
+    assert fails(legacy_import.main, [*argv, "--n_head", "0", "--activation_function", "relu"], capsys) == \
+        "error: --n_head must be at least 1, got 0"
+    assert not (tmp_path / "other.pt").exists()
+
+
+def test_a_bare_state_dict_of_dims_two_envs_share_records_no_env(tmp_path):
+    """halfcheetah and walker2d both take 17-dim states and 6-dim actions: without --env or a folder that names one,
+    the converted checkpoint records none rather than a guess."""
+    from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+
+    path = tmp_path / "x" / "model_0.pt"
+    path.parent.mkdir()
+    torch.save(DecisionTransformer(DTConfig(state_dim=17, act_dim=6, backbone=BackboneConfig(n_embd=16, n_layer=1)))
+               .state_dict(), path)
+    legacy_import.main([str(path), "--out", str(tmp_path / "o.pt"), "--n_head", "1", "--activation_function", "relu"])
+    ckpt = torch.load(tmp_path / "o.pt", weights_only=True)
+    assert ckpt["config"]["env"] is None and ckpt["specializations"] == []
+
+
+def test_a_bare_state_dicts_causal_mask_buffers_are_left_out(tmp_path):
+    """State dicts of the originals' GPT-2 carry each block's causal-mask buffers (attn.bias, attn.masked_bias),
+    which this implementation computes on the fly: they are not copied into the converted checkpoint."""
+    model, path = _bare(tmp_path, "hopper/model_0.pt", n_head=4)
+    state = model.state_dict()
+    for b in range(2):
+        state[f"transformer.h.{b}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64, dtype=torch.uint8))
+        state[f"transformer.h.{b}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, path)
+    legacy_import.main([str(path), "--out", str(tmp_path / "o.pt"), "--n_head", "4", "--activation_function", "relu"])
+    converted = torch.load(tmp_path / "o.pt", weights_only=True)["state_dict"]
+    assert sorted(converted) == sorted(model.state_dict())
