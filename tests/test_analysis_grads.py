@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_analysis_support import tiny_config  # noqa: F401
+from test_analysis_support import tiny_config, tiny_runs  # noqa: F401
 
 from decision_transformer.analysis.attention import (
     attention_distance,
@@ -170,3 +170,20 @@ def test_model_attention_is_masked_and_per_head():
     assert np.allclose(d[:, 0], attention_distance(probs.detach(), tm).numpy())
     legacy = model_attention_distances(model, batch, legacy=True)
     assert legacy.shape == (3, 2, 1) and not math.isclose(float(legacy[0, 0, 0]), float(d[0, 0].mean()))
+
+
+def test_the_confusion_script_applies_eps(tmp_path, tiny_runs):  # noqa: F811
+    """compute_grad_confusion.py's --eps reaches the saved cosines (default 0: the plain cosine; the original's
+    additive term shrinks every off-diagonal cosine towards 0)."""
+    from decision_transformer.analysis import grads
+
+    assert grads.build_confusion_parser().parse_args([]).eps == 0.0
+    saved = {}
+    for eps in ("0", "1e-2"):
+        res = tmp_path / eps
+        grads.run_confusion(grads.build_confusion_parser().parse_args([str(a) for a in [
+            "--checkpoint_dir", tiny_runs, "--env_name_list", "hopper", "--model_name_list", "dt", "--epoch", "1",
+            "--K", "3", "--batch_size", "4", "--results_dir", res, "--figs_dir", tmp_path / "figs", "--eps", eps]]))
+        saved[eps] = np.load(res / "gradcossim_1_dt_hopper_medium_666.npy")
+    off = ~np.eye(4, dtype=bool)
+    assert (np.abs(saved["1e-2"][off]) < np.abs(saved["0"][off])).all()
