@@ -236,7 +236,7 @@ def test_a_block_replacement_run_gets_the_no_lm_optimiser(lm_dirs):
     from decision_transformer.training.optim import optimizer_from_args
 
     host = ["--embed_dim", "32", "--n_layer", "3", "--n_head", "1"]
-    for extra, eps in ((["--pretrained_block", "1"], 1e-8), ([], 1e-6)):
+    for extra, eps in ((["--pretrained_block", "1"], 1e-8), (["--pretrained_block", "0"], 1e-8), ([], 1e-6)):
         args = args_for("--pretrained_lm", str(lm_dirs / "gpt2"), *extra, *(host if extra else []))
         model = build_model_from_args(args, HOPPER)
         opt, _, _ = optimizer_from_args(model, args, torch.device("cpu"))
