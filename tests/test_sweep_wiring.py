@@ -196,6 +196,7 @@ def test_cpu_slots_share_the_cores(tmp_path, monkeypatch):
      "--gpt_kmeans needs --gpt_kmeans_const"),
     ("experiment_multi.py", {"K": 5, "save_model": True, "num_eval_episodes": 0}, {"save_mode": ["last", "best"]},
      "--num_eval_episodes 0 evaluates nothing"),
+    ("lm_cotraining/experiment.py", {"K": 5}, {"pretrained_lm": ["gpt2", None]}, "needs --pretrained_lm"),
 ])
 def test_points_the_programs_checks_refuse_are_invalid(tmp_path, monkeypatch, program, fixed, grid, needle):
     """The planner runs each program's own flag checks (not only its parser): a point they refuse is listed as
@@ -208,3 +209,14 @@ def test_points_the_programs_checks_refuse_are_invalid(tmp_path, monkeypatch, pr
     spec["grid"] = {k: v[1:] for k, v in grid.items()}                     # only the refused point: the grid's error
     with pytest.raises(UserError, match=re.escape(needle)):
         sweep.plan_runs(spec, [])
+
+
+def test_planning_runs_the_checks_without_their_warnings(tmp_path, monkeypatch, capsys):
+    """The checks' warnings belong to the run that starts: planning a grid prints none of them per point."""
+    monkeypatch.chdir(tmp_path)
+    spec = {"program": "experiment.py", "name": "quiet", "fixed": {"outdir": "ck", "K": 5, "save_model": True,
+                                                                    "num_eval_episodes": 0, "save_mode": "both"},
+            "grid": {"seed": [1, 2]}}
+    capsys.readouterr()
+    assert [r.state for r in sweep.plan_runs(spec, [])] == ["new", "new"]
+    assert "--save_mode both" not in capsys.readouterr().err
