@@ -1138,6 +1138,12 @@ def test_returns_to_go_beyond_float32_are_refused_and_huge_ones_warned_about(cap
     trajs[1]["rewards"][:] = 0.99 * RTG_WARN_SCALED * hopper.scale / n     # just within: silent
     validate_trajectories(trajs, hopper, "x.pkl")
     assert capsys.readouterr().err == ""
+    # rewards of alternating sign: their sizes sum past the threshold, the returns-to-go stay far below it (the
+    # cheap bound only selects trajectories to check; the warning is about the returns-to-go themselves)
+    x = 3 * RTG_WARN_SCALED * hopper.scale / n
+    trajs[1]["rewards"][:] = np.where(np.arange(n) % 2 == 0, x, -x).astype(np.float32)
+    validate_trajectories(trajs, hopper, "x.pkl")
+    assert capsys.readouterr().err == ""
     trajs[2]["rewards"][:] = 3e38                                            # each fits float32, the sum does not
     assert np.isfinite(trajs[2]["rewards"]).all()
     with pytest.raises(UserError, match=r"x.pkl: trajectory 2: returns-to-go reach .*beyond float32's range"):
