@@ -1,5 +1,7 @@
 """The analysis parsers accept the flag spellings of the original analysis scripts (TAKAGI's
 can-wikipedia-help-offline-rl/analysis/...): each original spelling parses to the same arguments as ours."""
+from pathlib import Path
+
 import pytest
 
 from decision_transformer.analysis import attention, cka, curves, grads, mi, params, scores
@@ -158,6 +160,8 @@ def test_a_separate_action_error_folder_is_noted(tmp_path, capsys):
     common.check_curve_output_flags(args)
     assert "the action errors are written with the returns to one CSV in --results_dir" in capsys.readouterr().err
     common.check_curve_output_flags(curves.build_grad_clip_parser().parse_args(["-psr", "r", "-psa", "r/"]))
+    common.check_curve_output_flags(curves.build_grad_clip_parser().parse_args(["-psr", "r", "-psa",
+                                                                              str(Path.cwd() / "r")]))
     assert capsys.readouterr().err == ""
 
 

@@ -451,6 +451,11 @@ def test_max_iters_0_writes_the_initial_model_and_says_so(tmp_path, monkeypatch,
     assert f"--max_iters 0: no iteration trained or evaluated; {Path('checkpoints') / run_dir(tmp_path).name}" \
            f"{os.sep}model_0.pt holds the initial model" in capsys.readouterr().err
     assert sorted(p.name for p in run_dir(tmp_path).iterdir()) == ["config.json", "metrics.jsonl", "model_0.pt"]
+    # nothing is trained, so "best without evaluation" is no contradiction: the same run with --save_mode best
+    (tmp_path / "best").mkdir()
+    run(tmp_path / "best", monkeypatch, hopper_data, "--max_iters", "0", "--save_model", "--save_mode", "best",
+        "--num_eval_episodes", "0")
+    assert (run_dir(tmp_path / "best") / "model_0.pt").is_file()
 
 
 def test_bf16_on_cpu_when_asked(tmp_path, monkeypatch, hopper_data):
