@@ -239,9 +239,10 @@ def test_interrupt_stops_the_running_commands(tmp_path, capsys):
 
     import pytest
 
+    # the pid file is written inside the try: the interrupt, sent once it exists, always meets the handler
     script = ("import os, pathlib, sys, time\n"
-              "pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\n"
-              "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+              "try:\n    pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\n    time.sleep(60)\n"
+              "except KeyboardInterrupt:\n"
               "    pathlib.Path(sys.argv[1] + '.stopped').write_text('SIGINT')\n    raise\n")
     cmds = [[sys.executable, "-c", script, str(tmp_path / f"pid{i}")] for i in range(3)]
 
@@ -585,9 +586,10 @@ def test_runs_stop_when_their_launcher_is_killed(tmp_path):
     if not sys.platform.startswith("linux"):
         pytest.skip("the death signal is Linux's")
     pid_file, lock = tmp_path / "pid", tmp_path / ".run.lock"
+    # the pid file is written inside the try: the interrupt, sent once it exists, always meets the handler
     script = ("import os, pathlib, sys, time\n"
-              "pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\n"
-              "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+              "try:\n    pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\n    time.sleep(60)\n"
+              "except KeyboardInterrupt:\n"
               "    pathlib.Path(sys.argv[1] + '.stopped').write_text('SIGINT')\n    raise\n")
     launcher = (f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom pathlib import Path\n"
                 f"from decision_transformer import sweep\n"
