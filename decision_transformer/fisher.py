@@ -327,6 +327,11 @@ def load_fisher(path: str | os.PathLike) -> dict:
     return obj
 
 
+#: The seed of a cached Fisher file's windows and dropout: ``precompute_fisher.py``'s default, and the one a merge run
+#: uses when it computes a missing file, so that the cache is the same whichever tool (or run seed) made it.
+FISHER_SEED = 666
+
+
 def source_record(env: str, dataset: str, K: int, seed) -> dict:
     """What a saved Fisher was estimated on (kept in the file as ``_source``; its name records neither)."""
     return {"env": env, "dataset": dataset, "K": int(K), "seed": None if seed is None else int(seed)}
@@ -363,7 +368,8 @@ def precompute_parser():
                                                   "an explicit cuda device falls back to cpu with a warning when CUDA is absent")
     p.add_argument("--threads", default="auto", help=THREADS_HELP)
     p.add_argument("--fisher_type", default="batch", choices=FISHER_TYPES)
-    p.add_argument("--seed", type=int, default=666, help="sampler and dropout seed")
+    p.add_argument("--seed", type=int, default=FISHER_SEED,
+                   help="sampler and dropout seed (merge runs compute a missing file with this default)")
     p.add_argument("--dataset", default=None, help="data to estimate on (default: the model's own dataset)")
     p.add_argument("--force", action="store_true", help="recompute even if the info file exists")
     return p
@@ -394,9 +400,10 @@ def run_precompute(args) -> Path:
         raise UserError(f"{args.model}: a multi-task model; experiment_multi.py --use_fisher computes its Fisher per env")
     env, dataset = mf.env, args.dataset or mf.dataset
     if env is None or dataset is None:
-        raise UserError(f"{args.model}: cannot tell the model's env and dataset (no stored config, and the path is not "
-                        f"models/{{env}}/dt_gym-experiment-{{env}}-{{dataset}}-{{id}}.pt); pass --dataset and use a "
-                        f"checkpoint with a config")
+        raise UserError(f"{args.model}: cannot tell the model's env and dataset (no stored config, and the path is "
+                        f"neither models/{{env}}/dt_gym-experiment-{{env}}-{{dataset}}-{{id}}.pt nor in a run folder "
+                        f"{{model}}_{{dataset}}_{{env}}_{{seed}}); convert it with `python -m "
+                        f"decision_transformer.legacy_import MODEL --env ENV --dataset DATASET ...` first")
     out = fisher_info_path(args.model, args.f_batch_size, args.f_num_batches, args.fisher_type)
     K = args.K or training_context(mf) or 20  # the info file's name does not record K: the model's own by default
     if out.is_file() and not args.force:
@@ -406,6 +413,9 @@ def run_precompute(args) -> Path:
         if rec and (rec.get("dataset"), rec.get("K")) != (dataset, K):
             raise UserError(f"{out} exists, computed on {env}-{rec.get('dataset')} with K={rec.get('K')}, not on "
                             f"{env}-{dataset} with K={K} (the file name records neither); --force recomputes it")
+        if rec.get("seed") is not None and rec.get("seed") != args.seed:
+            raise UserError(f"{out} exists, computed with --seed {rec.get('seed')}, not {args.seed} (the file name "
+                            f"does not record it); --force recomputes it")
         log(f"{out} exists ({describe(old)}); --force recomputes it")
         return out
     data_file, trajs = load_dataset(args.data_path, env, dataset)

@@ -135,7 +135,7 @@ def source_env_dataset(mf: ModelFile, dataset_override: str | None = None) -> tu
 
 def fisher_for_file(mf: ModelFile, args, data: DatasetCache, device) -> dict:
     """The Fisher info of a single-task model file: loaded from ``<dir>/info/<stem>-bs{B}-nb{N}[-type]`` if it exists,
-    else computed on the model's own dataset (seeded, as ``precompute_fisher.py``) and saved there."""
+    else computed on the model's own dataset (with ``precompute_fisher.py``'s default seed) and saved there."""
     path = fisher_mod.fisher_info_path(mf.path, args.f_batch_size, args.f_num_batches, args.fisher_type)
     if path.is_file():
         info = fisher_mod.load_fisher(path)
@@ -151,11 +151,11 @@ def fisher_for_file(mf: ModelFile, args, data: DatasetCache, device) -> dict:
     model = build_model(mf, device, max_length=K)
     log(f"fisher: {path} not found; computing it ({args.fisher_type}, {args.f_num_batches} x {args.f_batch_size} "
         f"windows of K={K} of {env}-{dataset})")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # (the cache's seed, not the run's: see FISHER_SEED)
         info = fisher_mod.compute_fisher(model, data.get(env, dataset), fisher_type=args.fisher_type,
                                          batch_size=args.f_batch_size, num_batches=args.f_num_batches, K=K,
-                                         seed=args.seed)
-    info["_source"] = fisher_mod.source_record(env, dataset, K, args.seed)
+                                         seed=fisher_mod.FISHER_SEED)
+    info["_source"] = fisher_mod.source_record(env, dataset, K, fisher_mod.FISHER_SEED)
     fisher_mod.save_fisher(info, path)
     log(f"fisher: saved {path} ({fisher_mod.describe(info)})")
     return info

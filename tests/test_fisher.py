@@ -131,6 +131,20 @@ def setup(tmp_path_factory):
                                max_ep_len=50, id_base=100000)
 
 
+def test_precompute_fisher_reads_env_and_dataset_from_a_takagi_run_folder(setup, tmp_path, capsys):
+    """A bare state dict has no config: the run folder {model}_{dataset}_{env}_{seed} names its env and dataset, as
+    legacy_import reads it (before, the error's advice, --dataset, could not help: the env stayed unknown)."""
+    root, data, paths = setup
+    run = tmp_path / "dt_medium_hopper_666_K5"
+    run.mkdir()
+    torch.save(load_checkpoint(paths["hopper"])["state_dict"], run / "model_1.pt")
+    precompute_fisher.main(["--model", str(run / "model_1.pt"), "--data_path", str(data), "--f_batch_size", "4",
+                            "--f_num_batches", "2", "--K", "5", "--device", "cpu"])
+    out = fisher.fisher_info_path(run / "model_1.pt", 4, 2)
+    assert fisher.load_fisher(out)["_source"]["env"] == "hopper"
+    assert fisher.load_fisher(out)["_source"]["dataset"] == "medium"
+
+
 def test_precompute_fisher_cli(setup, monkeypatch):
     root, data, paths = setup
     monkeypatch.chdir(root)
@@ -184,8 +198,8 @@ def test_use_fisher_computes_missing_info_and_uses_it(setup, monkeypatch, capsys
 
 def test_fisher_windows_use_the_models_own_context(setup, monkeypatch, capsys, tmp_path):
     """The info file's name does not record K: precompute_fisher.py and a merge run computing a missing file both use
-    the K the model was trained with (5 here) whatever --K says, so the cached file is the same whichever made it;
-    a merge run with another --K warns."""
+    the K the model was trained with (5 here) whatever --K says, and the same seed whatever the run's --seed, so the
+    cached file is the same whichever made it; a merge run with another --K warns."""
     root, data, paths = setup
     monkeypatch.chdir(root)
     src = tmp_path / paths["hopper"].name
@@ -201,7 +215,7 @@ def test_fisher_windows_use_the_models_own_context(setup, monkeypatch, capsys, t
     experiment.main(["--env", "hopper", "--data_path", str(data), *SMALL, "--K", "8", "--pretrained_models", str(src),
                      str(other), "--include", "attn", "--copy_model", "--use_fisher", "--f_batch_size", "4",
                      "--f_num_batches", "2", "--max_iters", "1", "--num_steps_per_iter", "0",
-                     "--num_eval_episodes", "0", "--outdir", ""])
+                     "--num_eval_episodes", "0", "--outdir", "", "--seed", "1"])  # the run's seed is not the cache's
     err = capsys.readouterr().err
     assert f"warning: {src} was trained with K=5; this run uses K=8 (--K)" in err and "windows of K=5 of" in err
     by_merge = fisher.fisher_tensors(fisher.load_fisher(out))
@@ -234,6 +248,7 @@ def test_a_cached_fisher_records_what_it_was_estimated_on(setup, monkeypatch, ca
     msg = fails(precompute_fisher.main, base + ["--dataset", "expert"], capsys)
     assert "computed on hopper-medium with K=5, not on hopper-expert with K=5" in msg and "--force" in msg
     assert "K=5, not on hopper-medium with K=8" in fails(precompute_fisher.main, base + ["--K", "8"], capsys)
+    assert "computed with --seed 666, not 1" in fails(precompute_fisher.main, base + ["--seed", "1"], capsys)
     assert out.read_bytes() == before
     precompute_fisher.main(base + ["--dataset", "expert", "--force"])
     assert fisher.load_fisher(out)["_source"]["dataset"] == "expert"
