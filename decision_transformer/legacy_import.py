@@ -279,8 +279,14 @@ def _env_from_id(env_id: str) -> str:
 
 def parse_model_path(path: str | Path) -> tuple[str | None, str | None]:
     """(env, dataset) from ``models/{env}/dt_gym-experiment-{env}-{dataset}-{id}[_best].pt`` as the originals did
-    (dataset = the file name's '-'-separated tokens [3:-1]); (None, None) where the name does not say."""
+    (dataset = the file name's '-'-separated tokens [3:-1]), or from a TAKAGI run folder's name; (None, None) where
+    the path does not say."""
+    from decision_transformer.analysis.runs import parse_run_dir
+
     p = Path(path)
+    run = parse_run_dir(p.parent.name)   # TAKAGI's run folders: {model}_{dataset}_{env}_{seed}[_K{K}]...
+    if run is not None:
+        return run.env, run.dataset
     tokens = p.name.split("-")
     env = p.parent.name if p.parent.name in ENVS else (tokens[2] if len(tokens) > 2 and tokens[2] in ENVS else None)
     dataset = "-".join(tokens[3:-1]) if len(tokens) > 4 else None
@@ -527,7 +533,23 @@ def load_model_file(path: str | Path) -> ModelFile:
         raise UserError(f"{path}: not a checkpoint (expected a dict with a 'state_dict', a state dict or an original "
                         f"pickled model)")
     check_model_env(mf)
+    check_model_config(mf)
     return mf
+
+
+def check_model_config(mf: ModelFile) -> None:
+    """A recorded model config must describe a model that can be built (sizes, dropouts, epsilon, activation name:
+    ``BackboneConfig``'s checks): else one line naming the file, before any tool merges or trains from it."""
+    from decision_transformer.models import DTConfig
+    from decision_transformer.models.multi_decision_transformer import MultiDTConfig
+
+    mc = mf.config.get("model_config")
+    if not isinstance(mc, dict):
+        return
+    try:
+        (MultiDTConfig if mf.is_multi else DTConfig).from_dict(mc)
+    except (ValueError, TypeError, KeyError, ArithmeticError) as e:
+        raise UserError(f"{mf.path}: invalid model_config ({e})") from None
 
 
 def checked_state_stats(mean, std, env: str, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -610,6 +632,9 @@ def import_state_dict(path: str | Path, state: dict, n_head: int | None, activat
             if not isinstance(state.get(key), torch.Tensor) or state[key].dim() != 2:
                 raise UserError(f"no 2-D {key}: not a Decision Transformer's state dict")
         cfg = infer_dt_config(state, n_head, activation, max_length or 20)
+        if cfg.max_length > cfg.max_ep_len:
+            raise UserError(f"-K {cfg.max_length} exceeds the model's {cfg.max_ep_len} timesteps; give the K it was "
+                            f"trained with")
         model = DecisionTransformer(cfg)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
@@ -618,7 +643,7 @@ def import_state_dict(path: str | Path, state: dict, n_head: int | None, activat
                         f"({e})") from None
     load_state_into(model, state, path)
     sd, ad = cfg.state_dim, cfg.act_dim
-    path_env, dataset = (run.env, run.dataset) if run is not None else parse_model_path(path)
+    path_env, dataset = parse_model_path(path)
     env = _resolve_env(path, env, path_env, (sd, ad))
     config = {"model_class": "dt", "model_config": cfg.to_dict(), "env": env, "legacy_source": str(path),
               "legacy_class": "state_dict", "seed": None, "dataset": dataset}
@@ -744,10 +769,22 @@ def _bare_state_dict(path):
 
 
 def _import_any(path, args) -> dict:
-    """Our checkpoint dict for an original whole-module pickle or a bare state dict."""
+    """Our checkpoint dict for an original whole-module pickle or a bare state dict; a file that is neither (one
+    torch cannot read at all) is reported with torch's finding."""
+    import warnings
+
     state = _bare_state_dict(path)
     if state is not None:
         return import_state_dict(path, state, args.n_head, args.activation_function, args.max_length, args.env)
+    if Path(path).is_file():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            if not holds_pickled_classes(e):
+                first = torch_load_problem(e) or type(e).__name__
+                raise UserError(f"{path}: not a loadable checkpoint ({first[:200]})") from None
     return import_legacy(path, args.env)
 
 

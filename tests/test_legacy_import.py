@@ -637,6 +637,12 @@ def test_a_bare_state_dicts_context_length_and_range_checks(tmp_path, capsys):
         "error: --max_length must be at least 1, got 0"
     assert fails(legacy_import.main, [*argv, "--n_head", "0", "--activation_function", "relu"], capsys) == \
         "error: --n_head must be at least 1, got 0"
+    assert "-K 2000 exceeds the model's 1000 timesteps" in fails(legacy_import.main, [*argv, *flags, "-K", "2000"],
+                                                                 capsys)
+    text = tmp_path / "notes.pt"
+    text.write_text("not a model at all")
+    msg = fails(legacy_import.main, [text, "--out", tmp_path / "other.pt"], capsys)
+    assert msg.startswith(f"error: {text}: not a loadable checkpoint (") and "refused to import" not in msg
     assert not (tmp_path / "other.pt").exists()
 
 
@@ -666,3 +672,18 @@ def test_a_bare_state_dicts_causal_mask_buffers_are_left_out(tmp_path):
     legacy_import.main([str(path), "--out", str(tmp_path / "o.pt"), "--n_head", "4", "--activation_function", "relu"])
     converted = torch.load(tmp_path / "o.pt", weights_only=True)["state_dict"]
     assert sorted(converted) == sorted(model.state_dict())
+
+
+def test_a_recorded_model_config_no_model_can_use_is_one_line_when_loaded(tmp_path):
+    """Every tool loads model files through load_model_file: a config that BackboneConfig refuses is named there,
+    before a merge writes a file that nothing could rebuild."""
+    from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+
+    model = DecisionTransformer(DTConfig(state_dim=11, act_dim=3, backbone=BackboneConfig(n_embd=16, n_layer=1)))
+    mc = model.config.to_dict()
+    mc["backbone"]["resid_pdrop"] = 1.5
+    path = tmp_path / "bad.pt"
+    torch.save({"state_dict": model.state_dict(), "config": {"model_config": mc}}, path)
+    with pytest.raises(UserError, match=rf"^{path}: invalid model_config \(resid_pdrop must be a probability in "
+                                        r"\[0, 1\), got 1.5\)$"):
+        load_model_file(path)
