@@ -61,11 +61,17 @@ def wandb_run_name(env: str, dataset: str, model: str, seed: int, K: int = DEFAU
 #: Flags whose values are files or folders: a resume or the sweep launcher matches them as paths, so that
 #: ``./models/a.pt``, ``models/a.pt`` and the absolute path (or a symlink to it) name the same run.
 PATH_FLAGS = frozenset({"pretrained_models", "multi_pretrained_models", "pretrained_model", "merge_base",
-                        "load_checkpoint", "kmeans_cache", "pretrained_lm"})
+                        "load_checkpoint", "kmeans_cache", "pretrained_lm", "nlp_dataset_name", "tokenizer_name"})
 
 
 def _as_path(v):
     return os.path.realpath(v) if isinstance(v, str) and v else v
+
+
+def path_normalised(signature: dict) -> dict:
+    """``signature`` with the values of ``PATH_FLAGS`` resolved (as ``same_flag_value`` compares them)."""
+    return {k: ([_as_path(x) for x in v] if isinstance(v, list) else _as_path(v)) if k in PATH_FLAGS else v
+            for k, v in signature.items()}
 
 
 def same_flag_value(key: str, recorded, wanted) -> bool:
@@ -224,7 +230,8 @@ def torch_load_problem(e: Exception) -> str:
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else ""
+    first = lines[0] if lines else ""
+    return first.split(". ", 1)[0].rstrip(".") if ". " in first else first   # the finding, not the advice after it
 
 
 def check_state_dict_tensors(state_dict, source) -> None:

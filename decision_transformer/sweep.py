@@ -174,22 +174,26 @@ def _final_model(args, models_dir: Path, model_type: str):
 
 def state_iteration(path: Path) -> int | str:
     """The last finished iteration a training state records, or why it cannot be read (a string)."""
+    import warnings
+
     import torch
 
-    from decision_transformer.checkpoint import recorded_count
+    from decision_transformer.checkpoint import recorded_count, torch_load_problem
 
     for mmap in (True, False):  # mapped: no need to read a large state; a file that cannot be mapped is read whole
         try:
-            st = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                st = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as e:  # noqa: BLE001 - any failure means the run cannot resume from it
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            first = torch_load_problem(e)
             problem = f"not loadable ({type(e).__name__}{': ' + first[:160] if first else ''})"
             continue
+        if not isinstance(st, dict) or "iteration" not in st:
+            return "not a training state (no iteration number)"
         try:
             return recorded_count(st, "iteration")
-        except KeyError:
-            return "not a training state (no iteration number)"
-        except (TypeError, ValueError) as e:
+        except ValueError as e:
             return f"not a training state ({e})"
     return problem
 
@@ -199,7 +203,10 @@ def _signature_lock(parent: Path, prefix: str, signature: dict) -> Path:
     import hashlib
     import json
 
-    text = json.dumps(json.loads(json.dumps(signature, default=str)), sort_keys=True)
+    from decision_transformer.checkpoint import path_normalised
+
+    # (paths resolved: ./a.pt and a.pt are one run to --resume, so they are one lock)
+    text = json.dumps(path_normalised(json.loads(json.dumps(signature, default=str))), sort_keys=True)
     return parent / f".{prefix}{hashlib.sha1(text.encode()).hexdigest()[:12]}.lock"
 
 

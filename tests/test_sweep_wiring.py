@@ -220,3 +220,39 @@ def test_planning_runs_the_checks_without_their_warnings(tmp_path, monkeypatch, 
     capsys.readouterr()
     assert [r.state for r in sweep.plan_runs(spec, [])] == ["new", "new"]
     assert "--save_mode both" not in capsys.readouterr().err
+
+
+def test_merge_runs_lock_by_the_files_not_their_spelling(tmp_path, monkeypatch):
+    """--resume matches --pretrained_models as files; the launcher's lock of a merge run does too, so a grid point and
+    a hand-started resume that spell the paths differently take one lock (and two such grid points are one run)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    for name in ("a.pt", "b.pt"):
+        (tmp_path / "m" / name).write_bytes(b"x")
+    sig = {"pretrained_models": ["m/a.pt", "m/b.pt"], "include": ["attn"]}
+    same = {"pretrained_models": ["./m/a.pt", str(tmp_path / "m" / "b.pt")], "include": ["attn"]}
+    other = {"pretrained_models": ["m/b.pt", "m/a.pt"], "include": ["attn"]}
+    lock = sweep._signature_lock(tmp_path, "run_", sig)
+    assert sweep._signature_lock(tmp_path, "run_", same) == lock != sweep._signature_lock(tmp_path, "run_", other)
+
+
+def test_a_training_state_that_is_not_a_dict_is_damaged(tmp_path):
+    import torch
+
+    torch.save(torch.zeros(3), tmp_path / "train_state.pt")
+    assert sweep.state_iteration(tmp_path / "train_state.pt") == "not a training state (no iteration number)"
+    (tmp_path / "train_state.pt").write_bytes(b"garbage")
+    problem = sweep.state_iteration(tmp_path / "train_state.pt")
+    assert problem.startswith("not loadable (UnpicklingError: ") and "weights_only" not in problem \
+        and "\x1b" not in problem
+
+
+def test_flags_that_name_files_compare_as_files(tmp_path, monkeypatch):
+    from decision_transformer.checkpoint import PATH_FLAGS, same_flag_value
+
+    monkeypatch.chdir(tmp_path)
+    assert {"pretrained_models", "load_checkpoint", "nlp_dataset_name", "tokenizer_name"} <= PATH_FLAGS
+    assert same_flag_value("nlp_dataset_name", "./corpus.txt", str(tmp_path / "corpus.txt"))
+    assert same_flag_value("pretrained_models", ["a.pt", "./b.pt"], ["./a.pt", "b.pt"])
+    assert not same_flag_value("pretrained_models", ["a.pt", "b.pt"], ["b.pt", "a.pt"])
+    assert not same_flag_value("dataset", "./medium", "medium")          # not a path flag: compared as given
