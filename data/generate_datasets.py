@@ -57,9 +57,10 @@ def main(argv=None):
         for dataset in datasets:
             check_generatable(env, dataset, args.policy_dir)
     # a dataset already there may be real D4RL data converted earlier: never replaced unless asked to
+    # (also with --no_hdf5: the pkl it writes would be read before a D4RL hdf5 of the same dataset)
     existing = [path for env in envs for dataset in datasets
-                for path in [os.path.join(args.data_path, pkl_name(env, dataset))]
-                + ([] if args.no_hdf5 else [os.path.join(args.data_path, hdf5_name(env, dataset))])
+                for path in (os.path.join(args.data_path, pkl_name(env, dataset)),
+                             os.path.join(args.data_path, hdf5_name(env, dataset)))
                 if os.path.lexists(path)]
     if existing and not args.force:
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""

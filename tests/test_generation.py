@@ -181,6 +181,12 @@ def test_no_episode_end_within_the_transitions_is_refused_before_writing(tmp_pat
     msg = fails(script.main, ["--env", "halfcheetah", "--dataset", "random", "--num_transitions", "40", "--data_path",
                               tmp_path, "--no_progress", "--force"], capsys)
     assert "within the 40 generated transitions" in msg
+    # --no_hdf5 writes only a pkl, which loaders read before a D4RL hdf5 of the same dataset: refused as well
+    (tmp_path / names[0]).unlink()
+    msg = fails(script.main, ["--env", "halfcheetah", "--dataset", "random", "--num_transitions", "40", "--data_path",
+                              tmp_path, "--no_progress", "--no_hdf5"], capsys)
+    assert f"{tmp_path / names[1]} already exist(s)" in msg
+    (tmp_path / names[0]).write_bytes(b"an earlier dataset " + names[0].encode())
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     for name in names:
         assert (tmp_path / name).read_bytes() == b"an earlier dataset " + name.encode()
