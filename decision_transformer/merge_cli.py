@@ -176,6 +176,8 @@ def run_merge(args) -> Path:
     if n_multi not in (0, len(sources)):
         raise UserError("cannot merge single-task with multi-task models")
     first = sources[0]
+    if method in ("fisher", "regmean", "greedy_soup"):  # the methods that read data in --K windows
+        fisher_mod.warn_context(sources, args.K, lambda msg: print(msg, file=sys.stderr))
     info = {"method": method, "models": list(args.models), "include": list(args.include),
             "exclude": list(args.exclude)}
     if n_multi:

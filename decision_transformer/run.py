@@ -536,7 +536,16 @@ def _run_locked(args, script: str, take_lock) -> dict:
         cfg = model.config  # --copy_model / --flip train a model with model 1's (or 2's) own architecture
     if args.load_checkpoint:
         ckpt = load_checkpoint(args.load_checkpoint)
-        check_same_behaviour(args.load_checkpoint, (ckpt.get("config") or {}).get("model_config"), cfg.to_dict())
+        from decision_transformer.models.multi_decision_transformer import MODEL_CLASS as MULTI_CLASS
+
+        if isinstance(ckpt.get("config"), dict) and ckpt["config"].get("model_class") == MULTI_CLASS:
+            raise UserError(f"{args.load_checkpoint}: a multi-task model; load it with experiment_multi.py "
+                            f"--load_checkpoint (or --pretrained_model to finetune it)")
+        mc = ckpt["config"].get("model_config") if isinstance(ckpt.get("config"), dict) else None
+        check_same_behaviour(args.load_checkpoint, mc, cfg.to_dict())
+        if isinstance(mc, dict) and isinstance(mc.get("max_length"), int) and mc["max_length"] != args.K:
+            print(f"warning: {args.load_checkpoint} was trained with K={mc['max_length']}; this run uses K={args.K} "
+                  f"(--K)", file=sys.stderr)
         load_state_into(model, ckpt["state_dict"], args.load_checkpoint)
     distributed.broadcast_module(ctx, model)  # torchrun: every rank starts from (and regularises towards) rank 0's
     frozen = freeze_from_args(model, args)

@@ -617,3 +617,26 @@ def test_load_checkpoint_reads_an_original_pickled_model(tmp_path, monkeypatch, 
     imported = import_legacy(path)["state_dict"]
     assert saved.keys() == imported.keys()
     assert all(torch.equal(saved[k], imported[k]) for k in imported)
+
+
+def test_load_checkpoint_refuses_a_multi_task_model(tmp_path, monkeypatch, capsys, hopper_data):
+    from test_multi import save_multi
+
+    multi = save_multi(tmp_path / "multi.pt", 0, ["hopper"])
+    monkeypatch.chdir(tmp_path)
+    msg = expect_error(capsys, ["--data_path", str(hopper_data), *TINY, "--max_iters", "1", "--num_steps_per_iter",
+                                "0", "--load_checkpoint", str(multi)])
+    assert msg == (f"error: {multi}: a multi-task model; load it with experiment_multi.py --load_checkpoint (or "
+                   f"--pretrained_model to finetune it)")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_load_checkpoint_with_another_k_warns(tmp_path, monkeypatch, capsys, hopper_data):
+    run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes",
+        "0")
+    ckpt = run_dir(tmp_path) / "model_1.pt"                                   # trained with K=5 (TINY)
+    (tmp_path / "eval").mkdir()
+    capsys.readouterr()
+    run(tmp_path / "eval", monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "0",
+        "--num_eval_episodes", "0", "--load_checkpoint", str(ckpt), "--K", "3")
+    assert f"warning: {ckpt} was trained with K=5; this run uses K=3 (--K)" in capsys.readouterr().err

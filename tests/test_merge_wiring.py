@@ -489,3 +489,17 @@ def test_experiment_refuses_a_multi_task_source(srcs, tmp_path, monkeypatch, cap
         assert msg == (f"error: {multi}: a multi-task model; experiment.py merges single-task models (merge multi-task "
                        f"ones with experiment_multi.py --multi_pretrained_models)")
     assert listed(tmp_path) == [multi]
+
+
+def test_merge_cli_warns_when_its_windows_are_not_the_models_k(srcs, tmp_path, capsys):
+    """RegMean, greedy soup and Fisher read data in --K windows (default 20): models trained with another K are named."""
+    root, data, paths = srcs
+    models = [str(paths["halfcheetah"]), str(paths["walker2d"])]
+    flags = ["--include", "attn", "--merge_method", "regmean", "--regmean_n_windows", "8", "--batch_size", "8",
+             "--data_path", str(data), "--device", "cpu"]
+    capsys.readouterr()
+    merge_cli.main(["--models", *models, *flags, "--out", str(tmp_path / "a.pt")])
+    err = capsys.readouterr().err
+    assert all(f"warning: {m} was trained with K=5; this run uses K=20 (--K)" in err for m in models)
+    merge_cli.main(["--models", *models, *flags, "--K", "5", "--out", str(tmp_path / "b.pt")])
+    assert "was trained with K=" not in capsys.readouterr().err
