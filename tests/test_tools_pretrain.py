@@ -175,8 +175,9 @@ def test_overwrite_replaces_out_only_once_the_new_one_is_complete(tmp_path, caps
 def test_training_prints_no_library_warning_and_its_loss_is_the_causal_lm_loss(tmp_path, capfd):
     """The next-token loss is computed here (transformers' labels path warns about GPT-2's loss type on every call):
     it equals GPT2LMHeadModel(labels=ids).loss, and a run prints no such warning."""
-    import torch.nn.functional as F
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from decision_transformer.training.lm_pretrain import next_token_loss
 
     make(corpus(tmp_path / "c.txt"), tmp_path / "m")
     assert "loss_type" not in capfd.readouterr().err
@@ -184,6 +185,4 @@ def test_training_prints_no_library_warning_and_its_loss_is_the_causal_lm_loss(t
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
                                        eos_token_id=0)).eval()
     x = torch.randint(0, 50, (3, 9))
-    logits = model(input_ids=x).logits
-    ours = F.cross_entropy(logits[:, :-1].float().reshape(-1, 50), x[:, 1:].reshape(-1))
-    assert torch.allclose(ours, model(input_ids=x, labels=x).loss)
+    assert torch.allclose(next_token_loss(model(input_ids=x).logits, x), model(input_ids=x, labels=x).loss)

@@ -205,10 +205,15 @@ class TextBatches:
 
 # ---- the loss term ----------------------------------------------------------------------------------------------
 
-def lm_loss(backbone, input_ids: torch.Tensor) -> torch.Tensor:
-    """Causal-LM cross-entropy (next-token, mean over the B*(L-1) predictions), as ``GPT2LMHeadModel(labels=ids)``."""
-    logits = backbone.lm_logits(input_ids)                                        # [B, L, V]
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Causal-LM cross-entropy of ``logits`` [B, L, V] for ``input_ids`` [B, L] (next-token, mean over the B*(L-1)
+    predictions, in fp32), as ``GPT2LMHeadModel(labels=ids)``."""
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+
+def lm_loss(backbone, input_ids: torch.Tensor) -> torch.Tensor:
+    """``next_token_loss`` of the backbone's LM head."""
+    return next_token_loss(backbone.lm_logits(input_ids), input_ids)
 
 
 class LMCotraining:

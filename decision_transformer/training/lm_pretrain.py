@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from decision_transformer.errors import UserError
+from decision_transformer.training.lm_cotrain import next_token_loss
 
 EOS = "<|endoftext|>"
 
@@ -185,10 +185,9 @@ def pretrain_chibit(text: str | Path, out_dir: str | Path, *, tokenizer_dir: str
         # random windows of block_size + 1 tokens; labels are the inputs (the model shifts them)
         starts = torch.randint(0, len(ids) - block_size, (batch_size,), generator=g).to(dev)
         x = data[starts.unsqueeze(1) + torch.arange(block_size, device=dev)]
-        # next-token cross-entropy, as GPT2LMHeadModel(labels=x) (computed here: that path warns on every call in
-        # recent transformers, whose loss lookup does not know GPT-2's class name)
-        logits = model(input_ids=x).logits
-        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        # as GPT2LMHeadModel(labels=x), computed here: that path warns on every call in recent transformers,
+        # whose loss lookup does not know GPT-2's class name
+        loss = next_token_loss(model(input_ids=x).logits, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
