@@ -302,7 +302,7 @@ def main(argv=None):
                                                      "dataset the model was trained on, from its config or file name; "
                                                      "else medium)")
     p.add_argument("--env_version", default="v4")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto = the GPU when there is one, else cpu")
     p.add_argument("--out", default=None, help="write OUT.csv and OUT.md")
     args = p.parse_args(argv)
     if args.num_eval_episodes < 1:
