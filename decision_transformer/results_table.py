@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from decision_transformer.cli import HelpFormatter
+from decision_transformer.cli import HelpFormatter, check_upper_bounds
 from decision_transformer.envs import D4RL_ENVS, SUPPORTED_ENV_VERSIONS, check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError, cli_entry
 from decision_transformer.paths import project_path
@@ -259,6 +259,8 @@ def collect(entries: list[str], *, pick: str, **eval_kw) -> dict[str, dict[str, 
         if "=" not in entry:
             raise UserError(f"--row {entry!r}: expected LABEL=PATH")
         label, path = entry.split("=", 1)
+        if not label.strip():
+            raise UserError(f"--row {entry!r}: empty LABEL (the row's name in the table)")
         p_pick, explicit = pick, False
         if "@" in path and not Path(path).exists():
             path, p_pick = path.rsplit("@", 1)
@@ -307,6 +309,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.num_eval_episodes < 1:
         raise UserError(f"--num_eval_episodes must be >= 1 (got {args.num_eval_episodes})")
+    check_upper_bounds(args)   # (--num_eval_episodes: as the training scripts, at most 10,000)
     if not 0 <= args.seed < 2**32:
         raise UserError(f"--seed must be in [0, 2^32), got {args.seed}")
     for env in args.envs:

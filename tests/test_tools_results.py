@@ -157,6 +157,15 @@ def test_pick_on_a_checkpoint_file_is_refused(tmp_path, capsys, no_evaluation):
     assert no_evaluation == [str(good)]
 
 
+def test_an_empty_label_and_a_huge_episode_count_are_refused_before_any_evaluation(tmp_path, capsys,
+                                                                                     no_evaluation):
+    good = hopper_checkpoint(tmp_path / "good.pt", stats=True)
+    assert "empty LABEL" in fails(results_table.main, ["--row", f"={good}"], capsys)
+    assert fails(results_table.main, ["--row", f"a={good}", "--num_eval_episodes", "100000"], capsys) == \
+        "error: --num_eval_episodes 100000 is too large (at most 10,000)"
+    assert no_evaluation == []
+
+
 # ---- the written table -----------------------------------------------------------------------------------------------
 
 def test_out_names_are_appended_not_replaced(tmp_path, capsys):
