@@ -438,6 +438,8 @@ def merged_model(args, data: EnvData, device) -> tuple[MultiDecisionTransformer,
     fisher_mod.warn_context(sources, args.K, log)
     method = resolve_method(args)
     check_multi_sources(sources, method)  # before any Fisher is computed
+    for s in sources:
+        check_covers_envs(s)
     fishers = None
     if method == "fisher":
         fishers = []
@@ -492,6 +494,16 @@ def run_multi(args) -> dict:
                                                                             "experiment_multi.py")))
 
 
+def check_covers_envs(mf) -> None:
+    """A multi-task model this script trains or evaluates must have layers for each of its envs (hopper,
+    halfcheetah, walker2d): else one line, before any data is loaded (it would fail at the first evaluation)."""
+    envs = (mf.config.get("model_config") or {}).get("envs")
+    missing = [e for e in MULTI_ENVS if not isinstance(envs, list) or e not in envs]
+    if missing:
+        raise UserError(f"{mf.path}: a multi-task model of the envs {envs}, without {', '.join(missing)}; "
+                        f"experiment_multi.py trains and evaluates {', '.join(MULTI_ENVS)}")
+
+
 def _run_multi(args, take_lock) -> dict:
     from decision_transformer.run import (autocast_dtype, check_evaluation, check_same_data, clean_folder,
                                           configure_matmul_precision, recorded_config, resolve_device,
@@ -519,6 +531,8 @@ def _run_multi(args, take_lock) -> dict:
     if pre is not None and not pre.is_multi:
         raise UserError(f"{args.pretrained_model}: not a multi-task model (config model_class {pre.model_class!r})")
     ckpt_ref = pre or (load_model_file(args.load_checkpoint) if args.load_checkpoint else None)
+    for mf in [m for m in (pre, ckpt_ref) if m is not None and m.is_multi]:
+        check_covers_envs(mf)
     stats, stats_note = resolve_state_stats(args, envs, ckpt_ref)
     data = EnvData(args, device, stats)
     log(f"state statistics: {stats_note}")

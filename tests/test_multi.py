@@ -629,3 +629,25 @@ def test_multi_load_checkpoint_of_another_architecture_is_refused(data, tmp_path
     msg = fails(experiment_multi.main, [*argv, "--n_head", "1", "--load_checkpoint", ckpt, "--outdir", ""], capsys)
     assert msg == (f"error: {ckpt} was trained with n_head 2; the model these flags build has n_head 1: its weights "
                    f"would run as another network (set --n_head as the checkpoint's run did)")
+
+
+def test_a_multi_task_model_without_one_of_the_three_envs_is_refused(data, tmp_path, monkeypatch, capsys):
+    """A self-consistent multi-task checkpoint of hopper and walker2d only would fail at the first halfcheetah
+    evaluation: one line naming the file and the missing env, before any data is loaded, for every way in."""
+    from conftest import fails
+
+    from decision_transformer.checkpoint import atomic_save, make_checkpoint
+    from decision_transformer.models.multi_decision_transformer import MODEL_CLASS
+
+    m = MultiDecisionTransformer(MultiDTConfig(envs=["hopper", "walker2d"], max_length=5,
+                                               backbone=BackboneConfig(n_embd=16, n_layer=1, n_head=2)))
+    two = tmp_path / "two.pt"
+    atomic_save(make_checkpoint(m.state_dict(), {"model_class": MODEL_CLASS, "model_config": m.config.to_dict(),
+                                                 "dataset": "medium"}, specializations=["hopper"]), two)
+    monkeypatch.chdir(tmp_path)
+    for way in (["--pretrained_model", str(two)], ["--load_checkpoint", str(two)]):
+        msg = fails(experiment_multi.main, ["--data_path", str(data), *TINY, "--embed_dim", "16", "--n_head", "2",
+                                            "--n_layer", "1", *way], capsys)
+        assert msg == (f"error: {two}: a multi-task model of the envs ['hopper', 'walker2d'], without halfcheetah; "
+                       f"experiment_multi.py trains and evaluates hopper, halfcheetah, walker2d")
+    assert not (tmp_path / "checkpoints").exists()
