@@ -183,7 +183,12 @@ def resolve_base(args, sources: Sequence[ModelFile], fresh_state: dict | None = 
     model 1 rebuilt from its stored config (the run's ``model_0.pt``)."""
     base = getattr(args, "merge_base", None)
     if base:
-        return load_model_file(base).state_dict
+        mf = load_model_file(base)
+        if sources and mf.is_multi != sources[0].is_multi:
+            kind = {True: "multi-task", False: "single-task"}
+            raise UserError(f"--merge_base {base}: a {kind[mf.is_multi]} model, but the models merged are "
+                            f"{kind[sources[0].is_multi]}; task vectors need the model they were trained from")
+        return mf.state_dict
     if getattr(args, "pretrained_lm", None) and fresh_state is not None:
         return fresh_state
     first = sources[0]

@@ -138,6 +138,20 @@ def test_merge_base_is_the_task_vector_base(srcs, tmp_path):
         torch.testing.assert_close(got[k], sds[0][k] + sds[1][k], rtol=1e-5, atol=1e-6)
 
 
+def test_a_merge_base_of_the_other_kind_is_refused(srcs, tmp_path, capsys):
+    """Task vectors against a multi-task base for single-task models (or the reverse) share block names and shapes,
+    so nothing else would notice: one line before any merge."""
+    from test_multi import save_multi
+
+    root, data, paths = srcs
+    multi = save_multi(tmp_path / "multi.pt", 0, ["hopper"])
+    msg = fails(merge_cli.main, ["--models", paths["hopper"], paths["halfcheetah"], "--merge_method", "ties",
+                                 "--merge_base", multi, "--include", "attn", "--out", tmp_path / "x.pt"], capsys)
+    assert msg == (f"error: --merge_base {multi}: a multi-task model, but the models merged are single-task; task "
+                   f"vectors need the model they were trained from")
+    assert not (tmp_path / "x.pt").exists()
+
+
 def fresh_lm_state(argv):
     """The fresh --pretrained_lm model experiment.py builds for ``argv`` (construction reseeded with --seed)."""
     from decision_transformer.cli import experiment_parser
