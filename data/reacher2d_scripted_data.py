@@ -30,6 +30,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data_path", default=project_path("data"), help="output folder (default: the project's data "
                                                                       "folder)")
+    p.add_argument("--force", action="store_true", help="replace a dataset of the same name (refused otherwise)")
     args = p.parse_args(argv)
     import math
 
@@ -48,8 +49,12 @@ def main(argv=None):
     from decision_transformer.reacher2d import scripted_trajectories
     from decision_transformer.synthetic import write_pkl
 
+    target = os.path.join(args.data_path, pkl_name("reacher2d", args.dataset))
+    if os.path.lexists(target) and not args.force:   # before any rollout, as the other dataset writers
+        raise UserError(f"{target} already exists; give another --data_path or --dataset, or pass --force to "
+                        f"overwrite it")
     trajs = scripted_trajectories(args.episodes, noise=tuple(args.noise), seed=args.seed)
-    out = write_pkl(os.path.join(args.data_path, pkl_name("reacher2d", args.dataset)), trajs)
+    out = write_pkl(target, trajs)
     returns = np.array([t["rewards"].sum() for t in trajs])
     per = ", ".join(f"noise {s:g}: {returns[j::len(args.noise)].mean():.1f}" for j, s in enumerate(args.noise)
                     if len(returns[j::len(args.noise)]))

@@ -285,3 +285,11 @@ def test_scripted_data_script(tmp_path, capsys):
     assert all(np.array_equal(a["actions"], b["actions"]) for a, b in zip(trajs, again))   # seeded
     assert "--noise values must be finite" in fails(script.main, ["--noise", "-1", "--data_path", tmp_path], capsys)
     assert "unknown dataset" in fails(script.main, ["--dataset", "mine", "--data_path", tmp_path], capsys)
+    # an existing dataset is not replaced without --force
+    before = (tmp_path / "reacher2d-medium-v2.pkl").read_bytes()
+    assert fails(script.main, ["--episodes", "2", "--seed", "4", "--data_path", tmp_path], capsys) == \
+        (f"error: {tmp_path / 'reacher2d-medium-v2.pkl'} already exists; give another --data_path or --dataset, or "
+         f"pass --force to overwrite it")
+    assert (tmp_path / "reacher2d-medium-v2.pkl").read_bytes() == before
+    script.main(["--episodes", "2", "--seed", "4", "--data_path", str(tmp_path), "--force"])
+    assert (tmp_path / "reacher2d-medium-v2.pkl").read_bytes() != before
