@@ -29,6 +29,8 @@ def read_table(path: str) -> dict:
     import numpy as np
 
     from decision_transformer.data import safe_pickle_load
+    from decision_transformer.envs import ENVS as ALL_ENVS
+    from decision_transformer.legacy_import import checked_state_stats
 
     advice = "move it away, or pass --replace to overwrite it"
     try:
@@ -43,6 +45,15 @@ def read_table(path: str) -> dict:
                 and all(isinstance(entry.get(k), np.ndarray) for k in ("state_mean", "state_std"))):
             raise UserError(f"{path} exists but its entry {key!r} is not a dict of state_mean and state_std arrays, "
                             f"so it is not a state statistics table; {advice}")
+        # kept entries are written back: a broken one (NaN, a wrong size, std <= 0) is named now, not passed on
+        env = key.split("-", 1)[0]
+        if env in ALL_ENVS:
+            try:
+                checked_state_stats(entry["state_mean"], entry["state_std"], env, f"{path}: entry {key!r}: ")
+            except UserError as e:
+                raise UserError(f"{e}; {advice}") from None
+        elif not all(np.isfinite(entry[k]).all() for k in ("state_mean", "state_std")):
+            raise UserError(f"{path}: entry {key!r}: stored statistics contain NaN or inf; {advice}")
     return table
 
 

@@ -127,8 +127,14 @@ def check_args(args):
         raise UserError(f"--merge_lambda must be finite (got {args.merge_lambda})")
     if not (math.isfinite(args.fisher_floor) and args.fisher_floor >= 0):
         raise UserError(f"--fisher_floor must be finite and >= 0 (got {args.fisher_floor})")
+    from decision_transformer.run import MERGE_NUMBER_RULES, check_numbers
+
+    check_numbers(args, MERGE_NUMBER_RULES)
     if args.dataset is not None:
         check_dataset_name(args.dataset)
+    for parent in Path(args.out).parents:   # before any Fisher or Gram is computed
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--out {args.out}: {parent} is a file, not a folder")
     out = Path(args.out).resolve()
     for m in [*args.models, *([args.merge_base] if args.merge_base else [])]:
         if Path(m).resolve() == out:

@@ -34,6 +34,8 @@ def resolve_method(args) -> str:
         method = "fisher"
     if method not in merging.MERGE_METHODS:
         raise UserError(f"unknown --merge_method {method!r}; choose one of {', '.join(merging.MERGE_METHODS)}")
+    if getattr(args, "no_trace_norm", False) and getattr(args, "fisher_norm", "trace") not in ("trace", "none"):
+        raise UserError(f"--no_trace_norm (= --fisher_norm none) contradicts --fisher_norm {args.fisher_norm}")
     return method
 
 

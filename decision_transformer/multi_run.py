@@ -168,6 +168,9 @@ def check_multi_args(args):
                             f"replace the {'merged' if other == 'multi_pretrained_models' else 'pretrained'} model's")
     if args.eval_merge_pre and not args.p_list:
         raise UserError("--eval_merge_pre needs --p_list")
+    if args.eval_merge_pre and args.num_eval_episodes == 0:
+        raise UserError("--eval_merge_pre picks --p_list's p by evaluating each, but --num_eval_episodes 0 evaluates "
+                        "nothing")
 
 
 # ---- state statistics -------------------------------------------------------------------------------------------------

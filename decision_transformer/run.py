@@ -202,7 +202,11 @@ _NUMBER_RULES = {
     "p": ("a number in [0, 1]", lambda v: 0 <= v <= 1),
     "merge_lambda": ("a number", lambda v: True),
     "fisher_floor": ("a number >= 0", lambda v: v >= 0),
+    "ties_density": ("a number in (0, 1] (the fraction of each task vector kept)", lambda v: 0 < v <= 1),
+    "regmean_alpha": ("a number in [0, 1]", lambda v: 0 <= v <= 1),
 }
+#: the merge flags among them, which merge_cli checks too
+MERGE_NUMBER_RULES = {k: _NUMBER_RULES[k] for k in ("ties_density", "regmean_alpha")}
 
 
 def check_numbers(args, rules: dict | None = None):

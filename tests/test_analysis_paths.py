@@ -214,4 +214,5 @@ def test_run_all_names_a_misspelt_env_or_a_model_without_runs(tmp_path, k5_runs,
     assert "unknown env 'hoper'" in fails(run_all, [*base, "--env_name_list", "hoper"], capsys)
     msg = fails(run_all, [*base, "--model_name_list", "xx"], capsys)
     assert msg == f"error: no runs of --model_name_list xx (dataset medium) in {k5_runs}; it has runs of dt, gpt2"
+    assert fails(run_all, [*base, "--skip", "params", "cka"], capsys) == "error: --only and --skip both name params"
     assert not (tmp_path / "o").exists()

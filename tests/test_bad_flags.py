@@ -77,6 +77,25 @@ def test_multi_has_no_env_flag(tmp_path, monkeypatch, capsys, env):
     assert not list(tmp_path.iterdir())
 
 
+def test_multi_eval_merge_pre_needs_evaluation(tmp_path, monkeypatch, capsys):
+    """--eval_merge_pre picks p by evaluating: with 0 episodes it would pick nothing and say nothing."""
+    monkeypatch.chdir(tmp_path)
+    msg = fails(experiment_multi.main, [*TINY, "--max_iters", "1", "--multi_pretrained_models", "a.pt", "b.pt",
+                                        "--eval_merge_pre", "--p_list", "0.2", "--num_eval_episodes", "0"], capsys)
+    assert msg == ("error: --eval_merge_pre picks --p_list's p by evaluating each, but --num_eval_episodes 0 "
+                   "evaluates nothing")
+    assert not list(tmp_path.iterdir())
+
+
+def test_experiment_checks_the_merge_numbers_up_front(tmp_path, monkeypatch, capsys, hopper_data):
+    monkeypatch.chdir(tmp_path)
+    for bad, expect in ((["--ties_density", "0"], "--ties_density must be a number in (0, 1]"),
+                        (["--regmean_alpha", "2"], "--regmean_alpha must be a number in [0, 1]")):
+        assert expect in fails(experiment.main, ["--data_path", hopper_data, *TINY, "--max_iters", "1",
+                                                 "--pretrained_models", "a.pt", "b.pt", *bad], capsys)
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("freeze", [[""], ["."]])
 def test_multi_freezing_everything(tmp_path, monkeypatch, capsys, multi_data, freeze):
     monkeypatch.chdir(tmp_path)

@@ -71,6 +71,10 @@ def test_bad_K_never_poisons_the_fisher_cache(tiny, capsys):
     (["--merge_method", "greedy_soup", "--batch_size", "-1"], "--batch_size must be >= 1"),
     (["--merge_method", "regmean", "--regmean_n_windows", "0"], "--regmean_n_windows must be >= 1"),
     (["--K", "0"], "--K must be >= 1"),
+    (["--merge_method", "ties", "--ties_density", "7"], "--ties_density must be a number in (0, 1]"),
+    (["--merge_method", "fisher", "--no_trace_norm", "--fisher_norm", "l2"],
+     "--no_trace_norm (= --fisher_norm none) contradicts --fisher_norm l2"),
+    (["--merge_method", "regmean", "--regmean_alpha", "nan"], "--regmean_alpha must be a number in [0, 1]"),
     (["--dataset", "foo"], "unknown dataset 'foo'"),
     (["--include", "nomatch"], "--include nomatch matches no tensor"),
     (["--include", "attn", "--exclude", "attn"], "--include attn --exclude attn matches no tensor"),
@@ -82,6 +86,19 @@ def test_merge_cli_rejects_bad_options(tiny, tmp_path, capsys, extra, expect):
             "--data_path", str(data), "--K", "5", "--out", str(out), *extra]
     assert expect in fails(merge_cli.main, argv, capsys)
     assert not out.exists()
+
+
+def test_merge_cli_checks_its_output_path_before_any_fisher(tiny, tmp_path, capsys):
+    root, data, paths = tiny
+    models = [tmp_path / "h.pt", tmp_path / "c.pt"]
+    for m, e in zip(models, ("hopper", "halfcheetah")):
+        m.write_bytes(paths[e].read_bytes())
+    (tmp_path / "afile").write_bytes(b"x")
+    msg = fails(merge_cli.main, ["--models", *map(str, models), "--merge_method", "fisher", "--include", "attn",
+                                 "--data_path", str(data), "--K", "5", "--f_num_batches", "1",
+                                 "--out", str(tmp_path / "afile" / "m.pt")], capsys)
+    assert msg == f"error: --out {tmp_path / 'afile' / 'm.pt'}: {tmp_path / 'afile'} is a file, not a folder"
+    assert not (tmp_path / "info").exists()                      # no Fisher was computed (and cached) first
 
 
 def test_merge_cli_never_writes_a_non_finite_merge_or_over_an_input(tiny, tmp_path, capsys):

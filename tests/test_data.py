@@ -1064,7 +1064,13 @@ def test_create_state_stats_updates_an_existing_table(tmp_path, capsys):
         np.testing.assert_array_equal(table[k]["state_mean"], old[k]["state_mean"])
     for content, words in ((b"garbage", ["not a readable state statistics table"]),
                            (pickle.dumps([1, 2]), ["holds a list"]),
-                           (pickle.dumps({"kept": 1}), ["entry 'kept'"])):
+                           (pickle.dumps({"kept": 1}), ["entry 'kept'"]),
+                           (pickle.dumps({"walker2d-medium-v2": {"state_mean": np.full(17, np.nan, np.float32),
+                                                                 "state_std": np.ones(17, np.float32)}}),
+                            ["entry 'walker2d-medium-v2'", "NaN"]),
+                           (pickle.dumps({"walker2d-medium-v2": {"state_mean": np.zeros(11, np.float32),
+                                                                 "state_std": np.ones(11, np.float32)}}),
+                            ["entry 'walker2d-medium-v2'", "17 dims"])):
         out.write_bytes(content)
         msg = fails(main, ["--data_path", tmp_path], capsys)
         assert str(out) in msg and "--replace" in msg and all(w in msg for w in words), msg

@@ -356,6 +356,9 @@ def run(args) -> Path:
     common.check_min(args, 2, "grad_batch_size")  # gradient confusion compares pairs of samples
     common.check_min(args, 0, "epoch2", "grad_epoch", "attention_epoch2")
     common.check_seeds(args, "seed")
+    both = [s for s in (args.only or []) if s in args.skip]
+    if both:
+        raise UserError(f"--only and --skip both name {', '.join(both)}")
     plan = _Plan(args)  # (no runs, a misspelt env: before the output folder is made)
     common.out_dir(args.out_dir)
     steps = [s for s in (args.only or STEPS) if s not in args.skip]
