@@ -57,11 +57,13 @@ def write_problem(path, error: BaseException) -> str:
 
 
 def out_of_memory(e: BaseException) -> bool:
-    """Whether ``e`` is an allocation failure: ``MemoryError``, torch's ``OutOfMemoryError`` (CUDA) or its CPU
-    allocator's ``RuntimeError``."""
+    """Whether ``e`` is an allocation failure: ``MemoryError``, torch's ``OutOfMemoryError`` (CUDA), its CPU
+    allocator's ``RuntimeError``, or MuJoCo's ``ValueError`` ("engine error: Could not allocate memory", many envs)."""
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
         return True
     text = str(e)
+    if isinstance(e, ValueError):
+        return "could not allocate memory" in text.lower()
     return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
@@ -102,7 +104,7 @@ def cli_entry(main):
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
             raise SystemExit(130) from None
-        except (MemoryError, RuntimeError) as e:
+        except (MemoryError, RuntimeError, ValueError) as e:
             if not out_of_memory(e):
                 raise
             print(f"error: out of memory ({_first_line(e)}); reduce the sizes given (batch, model, steps or "

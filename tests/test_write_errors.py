@@ -213,7 +213,8 @@ def test_the_systems_reason_wins_over_a_full_looking_disk(tmp_path, monkeypatch)
 @pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] . "
                                                                "DefaultCPUAllocator: can't allocate memory: you tried "
                                                                "to allocate 8000000000000 bytes. Error code 12"),
-                                   RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")])
+                                   RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                   ValueError("Error: engine error: Could not allocate memory")])  # MuJoCo's
 def test_running_out_of_memory_is_one_line(capsys, error):
     from decision_transformer.errors import cli_entry
 
@@ -229,12 +230,13 @@ def test_running_out_of_memory_is_one_line(capsys, error):
         "); reduce the sizes given (batch, model, steps or episodes)")
 
 
-def test_other_runtime_errors_keep_their_traceback():
+@pytest.mark.parametrize("error", [RuntimeError("a bug"), ValueError("a bug")])
+def test_other_runtime_errors_keep_their_traceback(error):
     from decision_transformer.errors import cli_entry
 
     @cli_entry
     def main(argv=None):
-        raise RuntimeError("a bug")
+        raise error
 
-    with pytest.raises(RuntimeError, match="a bug"):
+    with pytest.raises(type(error), match="a bug"):
         main([])
