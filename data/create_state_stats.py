@@ -29,8 +29,6 @@ def read_table(path: str) -> dict:
     import numpy as np
 
     from decision_transformer.data import safe_pickle_load
-    from decision_transformer.envs import ENVS as ALL_ENVS
-    from decision_transformer.legacy_import import checked_state_stats
 
     advice = "move it away, or pass --replace to overwrite it"
     try:
@@ -45,8 +43,20 @@ def read_table(path: str) -> dict:
                 and all(isinstance(entry.get(k), np.ndarray) for k in ("state_mean", "state_std"))):
             raise UserError(f"{path} exists but its entry {key!r} is not a dict of state_mean and state_std arrays, "
                             f"so it is not a state statistics table; {advice}")
-        # kept entries are written back: a broken one (NaN, a wrong size, std <= 0) is named now, not passed on
-        env = key.split("-", 1)[0]
+    return table
+
+
+def check_kept(table: dict, kept, path: str) -> None:
+    """The entries of an existing table that are written back unchanged must be usable statistics (finite, of the
+    env's state size, std > 0): a broken one is named, not passed on. Entries recomputed now are not checked."""
+    import numpy as np
+
+    from decision_transformer.envs import ENVS as ALL_ENVS
+    from decision_transformer.legacy_import import checked_state_stats
+
+    advice = "move it away, or pass --replace to overwrite it"
+    for key in kept:
+        entry, env = table[key], key.split("-", 1)[0]
         if env in ALL_ENVS:
             try:
                 checked_state_stats(entry["state_mean"], entry["state_std"], env, f"{path}: entry {key!r}: ")
@@ -54,7 +64,6 @@ def read_table(path: str) -> dict:
                 raise UserError(f"{e}; {advice}") from None
         elif not all(np.isfinite(entry[k]).all() for k in ("state_mean", "state_std")):
             raise UserError(f"{path}: entry {key!r}: stored statistics contain NaN or inf; {advice}")
-    return table
 
 
 def compute_stats(data_path: str, envs=ENVS, datasets=DATASETS) -> tuple[dict, list[str]]:
@@ -102,6 +111,7 @@ def main(argv=None):
         raise UserError(f"no datasets found in {args.data_path} for {', '.join(args.envs)} x "
                         f"{', '.join(args.datasets)}")
     kept = [k for k in old if k not in found]
+    check_kept(old, kept, out)   # (before anything is written)
     table = {**old, **found}
     from decision_transformer.files import atomic_write
 

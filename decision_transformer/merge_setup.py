@@ -186,9 +186,12 @@ def resolve_base(args, sources: Sequence[ModelFile], fresh_state: dict | None = 
     base = getattr(args, "merge_base", None)
     if base:
         mf = load_model_file(base)
-        if sources and mf.is_multi != sources[0].is_multi:
+        # (a bare state dict records no kind: its per-env embedding lists tell a multi-task one)
+        base_multi = mf.is_multi if mf.config.get("model_class") else \
+            any(k.startswith("embed_states.") for k in mf.state_dict)
+        if sources and base_multi != sources[0].is_multi:
             kind = {True: "multi-task", False: "single-task"}
-            raise UserError(f"--merge_base {base}: a {kind[mf.is_multi]} model, but the models merged are "
+            raise UserError(f"--merge_base {base}: a {kind[base_multi]} model, but the models merged are "
                             f"{kind[sources[0].is_multi]}; task vectors need the model they were trained from")
         return mf.state_dict
     if getattr(args, "pretrained_lm", None) and fresh_state is not None:

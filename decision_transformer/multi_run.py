@@ -500,8 +500,9 @@ def run_multi(args) -> dict:
 def check_covers_envs(mf) -> None:
     """A multi-task model this script trains or evaluates must have layers for each of its envs (hopper,
     halfcheetah, walker2d): else one line, before any data is loaded (it would fail at the first evaluation)."""
-    envs = (mf.config.get("model_config") or {}).get("envs")
-    missing = [e for e in MULTI_ENVS if not isinstance(envs, list) or e not in envs]
+    mc = mf.config.get("model_config")
+    envs = MultiDTConfig.from_dict(mc).envs if isinstance(mc, dict) else list(MULTI_ENVS)  # (checked on load)
+    missing = [e for e in MULTI_ENVS if e not in envs]
     if missing:
         raise UserError(f"{mf.path}: a multi-task model of the envs {envs}, without {', '.join(missing)}; "
                         f"experiment_multi.py trains and evaluates {', '.join(MULTI_ENVS)}")

@@ -1075,6 +1075,12 @@ def test_create_state_stats_updates_an_existing_table(tmp_path, capsys):
         msg = fails(main, ["--data_path", tmp_path], capsys)
         assert str(out) in msg and "--replace" in msg and all(w in msg for w in words), msg
         assert out.read_bytes() == content
+    # a broken entry that this run recomputes is replaced, not refused
+    broken = {**old, "hopper-medium-v2": {"state_mean": np.full(11, np.nan, np.float32),
+                                          "state_std": np.ones(11, np.float32)}}
+    out.write_bytes(pickle.dumps(broken))
+    main(["--data_path", str(tmp_path), "--envs", "hopper"])
+    np.testing.assert_array_equal(pickle.loads(out.read_bytes())["hopper-medium-v2"]["state_mean"], mean)
     main(["--data_path", str(tmp_path), "--replace"])
     assert set(pickle.loads(out.read_bytes())) == {"hopper-medium-v2"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hopper-medium-v2.pkl", "state_stats.pkl"]

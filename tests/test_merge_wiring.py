@@ -150,6 +150,17 @@ def test_a_merge_base_of_the_other_kind_is_refused(srcs, tmp_path, capsys):
     assert msg == (f"error: --merge_base {multi}: a multi-task model, but the models merged are single-task; task "
                    f"vectors need the model they were trained from")
     assert not (tmp_path / "x.pt").exists()
+    # a bare state dict records no kind: its keys tell it (a multi-task one is refused, a single-task one taken)
+    bare = tmp_path / "bare_multi.pt"
+    torch.save(load_checkpoint(multi)["state_dict"], bare)
+    assert "a multi-task model" in fails(merge_cli.main, ["--models", paths["hopper"], paths["halfcheetah"],
+                                                          "--merge_method", "ties", "--merge_base", bare,
+                                                          "--include", "attn", "--out", tmp_path / "x.pt"], capsys)
+    bare_single = tmp_path / "bare_single.pt"
+    torch.save(load_checkpoint(paths["hopper"])["state_dict"], bare_single)
+    merge_cli.main(["--models", str(paths["hopper"]), str(paths["halfcheetah"]), "--merge_method", "ties",
+                    "--merge_base", str(bare_single), "--include", "attn", "--out", str(tmp_path / "y.pt")])
+    assert (tmp_path / "y.pt").is_file()
 
 
 def fresh_lm_state(argv):

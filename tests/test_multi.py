@@ -651,3 +651,10 @@ def test_a_multi_task_model_without_one_of_the_three_envs_is_refused(data, tmp_p
         assert msg == (f"error: {two}: a multi-task model of the envs ['hopper', 'walker2d'], without halfcheetah; "
                        f"experiment_multi.py trains and evaluates hopper, halfcheetah, walker2d")
     assert not (tmp_path / "checkpoints").exists()
+    # a config that leaves envs out (or gives a tuple) is read as the loader builds it: all three
+    from decision_transformer.legacy_import import ModelFile
+    from decision_transformer.multi_run import check_covers_envs
+
+    full = tiny_multi().config.to_dict()
+    for mc in ({k: v for k, v in full.items() if k != "envs"}, {**full, "envs": tuple(MULTI_ENVS)}):
+        check_covers_envs(ModelFile("x.pt", {}, {"model_class": MODEL_CLASS, "model_config": mc}))
