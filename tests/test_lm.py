@@ -255,6 +255,22 @@ def test_pretrained_block_errors(lm_dirs):
         build_model_from_args(args_for("--pretrained_block", "0"), HOPPER)
 
 
+def test_an_lm_config_no_model_can_use_is_one_line_naming_the_folder(lm_dirs, tmp_path):
+    """A save_pretrained folder whose config.json says n_head 0 or a NaN epsilon: refused naming the folder (it
+    was a ValueError traceback)."""
+    import json
+    import shutil
+
+    for field, value in (("n_head", 0), ("layer_norm_epsilon", float("nan"))):
+        bad = tmp_path / f"lm_{field}"
+        shutil.copytree(lm_dirs / "gpt2", bad)
+        cfg = json.loads((bad / "config.json").read_text())
+        cfg[field] = value
+        (bad / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(UserError, match=rf"^{bad}: its config.json describes no usable model \({field} must"):
+            build_model_from_args(args_for("--pretrained_lm", str(bad)), HOPPER)
+
+
 # ---- k-means alignment --------------------------------------------------------------------------------------------
 
 def materialised(e, c, normalize, mean):

@@ -207,14 +207,17 @@ def backbone_config_from_lm(lm: PretrainedLM, *, dropout: float, legacy_ln: bool
     """
     c = lm.hf_config
     norm = "imagegpt" if lm.model_type == "imagegpt" and not legacy_ln else "layernorm"
-    return BackboneConfig(
-        n_embd=int(c.n_embd), n_layer=int(c.n_layer), n_head=int(c.n_head),
-        n_inner=None if c.n_inner is None else int(c.n_inner),
-        activation_function=str(c.activation_function),
-        resid_pdrop=float(dropout), attn_pdrop=0.1, embd_pdrop=float(c.embd_pdrop),
-        layer_norm_epsilon=float(c.layer_norm_epsilon), initializer_range=float(c.initializer_range),
-        vocab_size=int(c.vocab_size), n_positions=int(c.n_positions), disable_attention=disable_attention,
-        norm_type=norm)
+    try:
+        return BackboneConfig(
+            n_embd=int(c.n_embd), n_layer=int(c.n_layer), n_head=int(c.n_head),
+            n_inner=None if c.n_inner is None else int(c.n_inner),
+            activation_function=str(c.activation_function),
+            resid_pdrop=float(dropout), attn_pdrop=0.1, embd_pdrop=float(c.embd_pdrop),
+            layer_norm_epsilon=float(c.layer_norm_epsilon), initializer_range=float(c.initializer_range),
+            vocab_size=int(c.vocab_size), n_positions=int(c.n_positions), disable_attention=disable_attention,
+            norm_type=norm)
+    except (ValueError, TypeError) as e:  # a config.json no model can be built from (n_head 0, a NaN epsilon ...)
+        raise UserError(f"{lm.path}: its config.json describes no usable model ({e})") from None
 
 
 def tile_positions(table: torch.Tensor, rows: int) -> torch.Tensor:
