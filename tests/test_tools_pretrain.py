@@ -186,3 +186,31 @@ def test_training_prints_no_library_warning_and_its_loss_is_the_causal_lm_loss(t
                                        eos_token_id=0)).eval()
     x = torch.randint(0, 50, (3, 9))
     assert torch.allclose(next_token_loss(model(input_ids=x).logits, x), model(input_ids=x, labels=x).loss)
+
+
+def test_a_diverged_run_saves_nothing_and_keeps_the_earlier_model(tmp_path, capsys, monkeypatch):
+    """A NaN loss stops the run with exit 3 before anything is written: --overwrite keeps the earlier model."""
+    from decision_transformer.training import lm_pretrain
+
+    text, out = corpus(tmp_path / "c.txt"), tmp_path / "m"
+    make(text, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(lm_pretrain, "next_token_loss", lambda logits, x: logits.float().mean() * float("nan"))
+    with pytest.raises(SystemExit) as e:
+        make(text, out, "--overwrite")
+    assert e.value.code == 3
+    assert "error: the loss became NaN or inf by step 2; nothing was saved" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert fails(pretrain_chibit.main, ["--text", text, "--out", tmp_path / "m2", *TINY, "--lr", "1e38"], capsys) == \
+        "error: --lr must be at most 1 (got 1e+38)"
+
+
+def test_a_tokenizer_whose_ids_pass_its_length_sizes_the_vocabulary(tmp_path, monkeypatch):
+    """Token ids beyond len(tokenizer) (a tokenizer with gaps) fit the embedding instead of crashing it."""
+    from decision_transformer.training import lm_pretrain
+
+    ids = torch.arange(200) % 7
+    ids[5] = 350                                                   # beyond the trained tokenizer's 300 entries
+    monkeypatch.setattr(lm_pretrain, "encode_files", lambda files, tok: ids)
+    res = make(corpus(tmp_path / "c.txt"), tmp_path / "m")
+    assert res["vocab_size"] == 351

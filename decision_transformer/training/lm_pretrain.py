@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from decision_transformer.errors import UserError
+from decision_transformer.errors import TrainingDiverged, UserError
 from decision_transformer.training.lm_cotrain import next_token_loss
 
 EOS = "<|endoftext|>"
@@ -91,6 +91,8 @@ def check_settings(**flags):
         raise UserError(f"--warmup_steps must be >= 0 (got {flags['warmup_steps']})")
     if not (math.isfinite(flags["lr"]) and flags["lr"] > 0):
         raise UserError(f"--lr must be a finite number > 0 (got {flags['lr']})")
+    if flags["lr"] > 1:   # AdamW steps each weight by about lr: beyond 1 training diverges (or overflows) at once
+        raise UserError(f"--lr must be at most 1 (got {flags['lr']})")
     if flags["block_size"] > flags["n_positions"]:
         raise UserError(f"--block_size {flags['block_size']} exceeds --n_positions {flags['n_positions']}")
     if flags["n_embd"] % flags["n_head"]:
@@ -166,7 +168,7 @@ def pretrain_chibit(text: str | Path, out_dir: str | Path, *, tokenizer_dir: str
     n_blocks = (len(ids) - 1) // block_size
     if n_blocks < 1:
         raise UserError(f"{text}: {len(ids)} tokens, fewer than one block of {block_size} + 1")
-    vocab = len(tokenizer)
+    vocab = max(len(tokenizer), int(ids.max()) + 1)  # (a tokenizer whose ids leave gaps can exceed its length)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     cfg = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                      bos_token_id=eos, eos_token_id=eos)
@@ -181,6 +183,7 @@ def pretrain_chibit(text: str | Path, out_dir: str | Path, *, tokenizer_dir: str
     data = ids.to(dev)
     first = last = float("nan")
     t0 = time.time()
+    finite = torch.ones((), dtype=torch.bool, device=dev)   # every step's loss finite (read at the log steps)
     for step in range(1, steps + 1):
         # random windows of block_size + 1 tokens; labels are the inputs (the model shifts them)
         starts = torch.randint(0, len(ids) - block_size, (batch_size,), generator=g).to(dev)
@@ -193,11 +196,17 @@ def pretrain_chibit(text: str | Path, out_dir: str | Path, *, tokenizer_dir: str
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        finite &= torch.isfinite(loss.detach())
         if step == 1:
             first = float(loss.detach())
         if step % log_every == 0 or step == steps:
             last = float(loss.detach())
             print(f"step {step}/{steps} loss {last:.4f} ({time.time() - t0:.0f}s)", file=sys.stderr)
+            if not bool(finite):
+                raise TrainingDiverged(f"the loss became NaN or inf by step {step}; nothing was saved (a smaller "
+                                       f"--lr?)")
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise TrainingDiverged("the weights became NaN or inf; nothing was saved (a smaller --lr?)")
     save_model_dir(out, model.cpu(), tokenizer)
     print(f"saved ChibiT-style GPT-2 ({n_layer} layers, hidden {n_embd}, {n_head} heads, vocab {vocab}) to {out_dir}",
           file=sys.stderr)
