@@ -362,6 +362,10 @@ def test_kmeans_cache_created_reused_and_checked(tmp_path, monkeypatch):
         load_or_compute_centres(torch.randn(50, 16), 6, str(cache), seed=0)
     with pytest.raises(UserError, match="holds 6 centres"):
         load_or_compute_centres(wte, 7, str(cache), seed=0)
+    for bad in (torch.ones(6, 8, dtype=torch.bool), torch.ones(6, 8, dtype=torch.complex64)):
+        torch.save(bad, cache)                                     # (cast silently, or with a torch warning)
+        with pytest.raises(UserError, match=r"expected a \[N, H\] float tensor of k-means centres"):
+            load_or_compute_centres(wte, 6, str(cache), seed=0)
 
 
 # ---- init_reg -----------------------------------------------------------------------------------------------------
@@ -511,6 +515,15 @@ def test_joint_token_cache(lm_dirs, tmp_path, monkeypatch, capsys):
         f.write_bytes(b"garbage")
     assert torch.equal(cached_tokenize_corpus([corpus], tok, 16, 400, cache), real([corpus], tok, 16, 400))
     assert len(calls) == 4 and "unreadable token cache" in capsys.readouterr().err
+    # ids no embedding has (negative) or of another dtype would crash the LM's forward: tokenised again
+    f = max(cache.glob("joint_*.pt"), key=lambda p: p.stat().st_mtime_ns)   # the entry just rewritten (16 tokens)
+    good = torch.load(f, weights_only=True)
+    assert good["blocks"].shape[1] == 16
+    for blocks in (good["blocks"] - 500, good["blocks"].float()):
+        torch.save({**good, "blocks": blocks}, f)
+        assert torch.equal(cached_tokenize_corpus([corpus], tok, 16, 400, cache), good["blocks"])
+        assert "unreadable token cache" in capsys.readouterr().err
+    assert len(calls) == 6
 
 
 def test_joint_needs_a_local_corpus(lm_dirs, tmp_path, monkeypatch):

@@ -73,8 +73,8 @@ def load_or_compute_centres(wte: torch.Tensor, n_clusters: int, cache: str | Non
                 c = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:
                 raise UserError(f"{path}: not a k-means centre file ({str(e).strip()[:150]})") from None
-            if not isinstance(c, torch.Tensor) or c.dim() != 2:
-                raise UserError(f"{path}: expected a [N, H] tensor of k-means centres")
+            if not isinstance(c, torch.Tensor) or c.dim() != 2 or not c.is_floating_point():
+                raise UserError(f"{path}: expected a [N, H] float tensor of k-means centres")
             if c.shape[1] != H:
                 raise UserError(f"{path}: centres have hidden size {c.shape[1]} but the LM's is {H}; "
                                 f"delete the file or point --kmeans_cache elsewhere")

@@ -144,7 +144,9 @@ def cached_tokenize_corpus(files: list[Path], tokenizer, block_size: int, vocab_
     if path.is_file():
         try:
             blocks = torch.load(path, weights_only=True)["blocks"]
-            if blocks.dim() == 2 and blocks.shape[1] == block_size and int(blocks.max()) < vocab_size:
+            if (isinstance(blocks, torch.Tensor) and blocks.dtype == torch.long and blocks.dim() == 2
+                    and blocks.shape == (blocks.shape[0], block_size) and blocks.numel()
+                    and int(blocks.min()) >= 0 and int(blocks.max()) < vocab_size):
                 print(f"joint LM training: tokens from the cache {path}", file=sys.stderr)
                 return blocks
         except Exception:  # noqa: BLE001 - any damage means: tokenise again
