@@ -68,7 +68,8 @@ def main(argv=None):
             raise UserError(f"{target} already exists; pass --force to replace it or choose another --dataset "
                             f"or --data_path")
         trajs = load_minari_trajectories(args.dataset_id, root=args.minari_root)
-        validate_trajectories(trajs, get_env_spec(env), args.dataset_id)
+        # the checked copies (next_observations too) are what is written
+        trajs = validate_trajectories(trajs, get_env_spec(env), args.dataset_id, next_observations=True)
         keep = ("observations", "next_observations", "actions", "rewards", "terminals")
         out = write_pkl(target, [{k: t[k] for k in keep} for t in trajs])
         print(f"{out}: {len(trajs)} trajectories, {sum(len(t['rewards']) for t in trajs)} timesteps")
@@ -77,8 +78,7 @@ def main(argv=None):
         if not Path(args.pkl).is_file():
             raise UserError(f"{args.pkl}: file not found")
         env = args.env or env_from_dataset_id(Path(args.pkl).name)
-        trajs = safe_pickle_load(args.pkl)
-        validate_trajectories(trajs, get_env_spec(env), args.pkl)
+        trajs = validate_trajectories(safe_pickle_load(args.pkl), get_env_spec(env), args.pkl, next_observations=True)
         folder = export_minari(trajs, args.dataset_id, env, root=args.minari_root, author=args.author,
                                author_email=args.author_email, code_permalink=args.code_permalink,
                                description=args.description)

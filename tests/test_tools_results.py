@@ -226,6 +226,28 @@ def test_export_needs_a_versioned_dataset_id(tmp_path, capsys, minari_script, da
     assert not (tmp_path / "root").exists()
 
 
+def test_export_checks_next_observations(tmp_path, capsys, minari_script):
+    """Minari's observations are the DT's plus each episode's last next observation: a NaN or a wrong width there
+    is one line, not a NaN dataset or a numpy traceback."""
+    import pickle
+
+    from decision_transformer.synthetic import make_dataset
+
+    pkl = make_dataset(tmp_path / "data", "hopper", "medium", 100, seed=0, max_ep_len=30)
+    trajs = pickle.loads(pkl.read_bytes())
+    for damage, words in ((lambda t: t["next_observations"].__setitem__((-1, 0), float("nan")), "NaN"),
+                          (lambda t: t.__setitem__("next_observations", t["next_observations"][:, :5]), "shape")):
+        bad = [dict(t) for t in trajs]
+        bad[1] = {k: v.copy() for k, v in bad[1].items()}
+        damage(bad[1])
+        path = tmp_path / "bad-hopper-medium-v2.pkl"
+        path.write_bytes(pickle.dumps(bad))
+        msg = fails(minari_script.main, ["export", path, "dt/hopper/medium-v0", "--env", "hopper", "--minari_root",
+                                         tmp_path / "root"], capsys)
+        assert "trajectory 1" in msg and "next_observations" in msg and words in msg, msg
+    assert not (tmp_path / "root").exists()
+
+
 @pytest.fixture
 def exported(tmp_path, minari_script):
     from decision_transformer.synthetic import make_dataset
