@@ -1025,4 +1025,12 @@ def test_a_tokenizer_folder_without_tokenizer_files_is_one_line(lm_dirs, tmp_pat
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     with pytest.raises(UserError, match="holds no tokenizer files"):
         load_tokenizer(model_only, None)
+    # tokenizer_config.json alone loads as an empty tokenizer (which then blamed the corpus): no tokenizer either
+    shutil.copy(lm_dirs / "gpt2" / "tokenizer_config.json", model_only / "tokenizer_config.json")
+    with pytest.raises(UserError, match="holds no tokenizer files"):
+        load_tokenizer(model_only, None)
+    from decision_transformer.training.lm_pretrain import load_tokenizer_dir
+
+    with pytest.raises(UserError, match="the tokenizer there has no vocabulary"):
+        load_tokenizer_dir(model_only)
     assert len(load_tokenizer(lm_dirs / "gpt2", None)) > 100       # a folder with its tokenizer still loads

@@ -53,8 +53,6 @@ def find_text_corpus(name: str, config_name: str | None, data_path: str = "data"
 def load_tokenizer(lm_path: Path, tokenizer_name: str | None):
     """The LM's own tokenizer when its directory has one and ``--tokenizer_name`` is the default; otherwise
     ``--tokenizer_name`` resolved like an LM (local folder, ``checkpoints/NAME``, Hugging Face cache)."""
-    from transformers import AutoTokenizer
-
     from decision_transformer.models.pretrained import find_model_dir
 
     has_own = _has_tokenizer(lm_path)
@@ -66,13 +64,13 @@ def load_tokenizer(lm_path: Path, tokenizer_name: str | None):
         raise UserError(f"--joint: {path} (from --tokenizer_name {tokenizer_name or 'gpt2'}) holds no tokenizer files "
                         f"({', '.join(TOKENIZER_FILES)}); pass --tokenizer_name with a folder that has them, or save "
                         f"the tokenizer into the LM's folder")
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: cannot load a tokenizer ({str(e).strip().splitlines()[0][:200]})") from None
+    from decision_transformer.training.lm_pretrain import load_tokenizer_dir
+
+    return load_tokenizer_dir(path)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+#: the files that hold a tokenizer's vocabulary (tokenizer_config.json alone loads as an empty tokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
 def _has_tokenizer(folder) -> bool:

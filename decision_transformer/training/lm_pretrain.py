@@ -67,9 +67,13 @@ def load_tokenizer_dir(path: str | Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
         raise UserError(f"{path}: cannot load a tokenizer ({str(e).strip().splitlines()[0][:200]})") from None
+    if len(tok) <= 1:   # (a folder with only tokenizer_config.json loads as an empty tokenizer)
+        raise UserError(f"{path}: the tokenizer there has no vocabulary (no tokenizer.json or vocab.json + "
+                        f"merges.txt)")
+    return tok
 
 
 def encode_files(files: list[Path], tokenizer) -> torch.Tensor:
