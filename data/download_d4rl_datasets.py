@@ -35,6 +35,7 @@ def convert(path: str, data_path: str) -> str:
     import numpy as np
 
     from decision_transformer.data import (
+        HDF5_TRAJECTORY_KEYS,
         episode_steps,
         pkl_name,
         read_hdf5,
@@ -46,7 +47,8 @@ def convert(path: str, data_path: str) -> str:
 
     env, dataset = parse_name(path)
     spec = get_env_spec(env)
-    trajs = split_episodes(read_hdf5(path), source=path, max_steps=episode_steps(spec), require_episode=True)
+    trajs = split_episodes(read_hdf5(path, HDF5_TRAJECTORY_KEYS), source=path, max_steps=episode_steps(spec),
+                           require_episode=True)
     # what is written is what was checked: float32 arrays, (T,) rewards, next_observations of the env's width
     trajs = validate_trajectories(trajs, spec, path, next_observations=True)
     out = write_pkl(os.path.join(data_path, pkl_name(env, dataset)), trajs)

@@ -217,8 +217,12 @@ def safe_pickle_load(path: str | os.PathLike):
 # D4RL hdf5
 # --------------------------------------------------------------------------------------------------------------
 
-def read_hdf5(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every dataset of a D4RL hdf5 file, keyed by its path (``infos/qpos``)."""
+#: the arrays of a D4RL hdf5 file that loading reads (its ``infos/*`` and ``metadata/*`` are left on disk)
+HDF5_TRAJECTORY_KEYS = ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts")
+
+
+def read_hdf5(path: str | os.PathLike, keys=None) -> dict[str, np.ndarray]:
+    """The datasets of a D4RL hdf5 file, keyed by their path (``infos/qpos``): all of them, or only ``keys``."""
     import h5py
 
     path = Path(path)
@@ -226,7 +230,7 @@ def read_hdf5(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         with h5py.File(path, "r") as f:
             def visit(name, obj):
-                if isinstance(obj, h5py.Dataset):
+                if isinstance(obj, h5py.Dataset) and (keys is None or name in keys):
                     out[name] = obj[()]
             f.visititems(visit)
     except FileNotFoundError:
@@ -478,7 +482,8 @@ def load_trajectories(path: str | os.PathLike, env: str) -> list[dict[str, np.nd
     path = Path(path)
     spec = get_env_spec(env)
     if path.suffix in (".hdf5", ".h5"):
-        trajs = split_episodes(read_hdf5(path), source=str(path), max_steps=episode_steps(spec), require_episode=True)
+        trajs = split_episodes(read_hdf5(path, HDF5_TRAJECTORY_KEYS), source=str(path), max_steps=episode_steps(spec),
+                               require_episode=True)
     else:
         trajs = safe_pickle_load(path)
     return validate_trajectories(trajs, spec, str(path))

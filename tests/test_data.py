@@ -1177,3 +1177,20 @@ def test_trajectories_longer_than_the_episode_limit_are_warned_about(capsys):
     validate_trajectories([of_length(1000), of_length(1001)], get_env_spec("hopper"), "x.pkl")
     assert capsys.readouterr().err == ("warning: x.pkl: 1 trajectory is longer than hopper's 1000-step episodes "
                                        "(longest 1001); their steps from 999 on share one timestep embedding\n")
+
+
+def test_loading_an_hdf5_reads_only_the_trajectory_arrays(tmp_path):
+    """A D4RL file's infos/* (qpos, qvel, log-probs: about as large as the observations) are not read to load it;
+    a huge compressed one no longer turns a load into an out-of-memory error."""
+    import h5py
+
+    from decision_transformer.data import load_trajectories, read_hdf5
+
+    d = make_flat(40, terminal_rows=(19, 39))
+    path = tmp_path / "hopper_medium-v2.hdf5"
+    with h5py.File(path, "w") as f:
+        for k, v in d.items():
+            f.create_dataset(k, data=v)
+        f.create_dataset("infos/qpos", shape=(10**11,), dtype="f4", chunks=(2**20,), compression="gzip")
+    assert len(load_trajectories(path, "hopper")) == 2
+    assert "infos/qpos" not in read_hdf5(path, ("observations",)) and "observations" in read_hdf5(path, ("observations",))
