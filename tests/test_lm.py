@@ -256,18 +256,19 @@ def test_pretrained_block_errors(lm_dirs):
 
 
 def test_an_lm_config_no_model_can_use_is_one_line_naming_the_folder(lm_dirs, tmp_path):
-    """A save_pretrained folder whose config.json says n_head 0 or a NaN epsilon: refused naming the folder (it
-    was a ValueError traceback)."""
+    """A save_pretrained folder whose config.json says n_head 0, 3 heads for 32 units or a NaN epsilon: refused
+    naming the folder (it was a ValueError traceback, or a line without the folder)."""
     import json
     import shutil
 
-    for field, value in (("n_head", 0), ("layer_norm_epsilon", float("nan"))):
-        bad = tmp_path / f"lm_{field}"
+    for field, value in (("n_head", 0), ("layer_norm_epsilon", float("nan")), ("n_head", 3)):
+        bad = tmp_path / f"lm_{field}_{value}"
         shutil.copytree(lm_dirs / "gpt2", bad)
         cfg = json.loads((bad / "config.json").read_text())
         cfg[field] = value
         (bad / "config.json").write_text(json.dumps(cfg))
-        with pytest.raises(UserError, match=rf"^{bad}: its config.json describes no usable model \({field} must"):
+        with pytest.raises(UserError, match=rf"^{bad}: its config.json describes no usable model \("
+                                            rf"({field} must|hidden size 32 is not divisible by n_head 3)"):
             build_model_from_args(args_for("--pretrained_lm", str(bad)), HOPPER)
 
 

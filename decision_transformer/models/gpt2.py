@@ -66,6 +66,8 @@ class BackboneConfig:
             if not whole(v) or v < (0 if name == "n_layer" else 1):
                 raise ValueError(f"{name} must be a {'non-negative' if name == 'n_layer' else 'positive'} integer, "
                                  f"got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"hidden size {self.n_embd} is not divisible by n_head {self.n_head}")
         if self.n_inner is not None and (not whole(self.n_inner) or self.n_inner < 1):
             raise ValueError(f"n_inner must be a positive integer or None, got {self.n_inner!r}")
         for name in ("resid_pdrop", "attn_pdrop", "embd_pdrop"):
