@@ -270,6 +270,15 @@ def test_an_lm_config_no_model_can_use_is_one_line_naming_the_folder(lm_dirs, tm
         with pytest.raises(UserError, match=rf"^{bad}: its config.json describes no usable model \("
                                             rf"({field} must|hidden size 32 is not divisible by n_head 3)"):
             build_model_from_args(args_for("--pretrained_lm", str(bad)), HOPPER)
+    # weights that do not fit the config: the tensor and both shapes are named
+    bad = tmp_path / "lm_inner"
+    shutil.copytree(lm_dirs / "gpt2", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["n_inner"] = 7
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=rf"^{bad}: its weight files do not fit its config.json: "
+                                        r"h\.0\.mlp\.c_fc\.bias is \[128\] in the files, \[7\] by the config"):
+        build_model_from_args(args_for("--pretrained_lm", str(bad)), HOPPER)
 
 
 # ---- k-means alignment --------------------------------------------------------------------------------------------

@@ -180,7 +180,9 @@ def _read_weights(lm: PretrainedLM) -> dict[str, torch.Tensor]:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, info = AutoModel.from_pretrained(str(lm.path), local_files_only=True, output_loading_info=True)
+        # mismatched shapes are reported below, naming the tensor (transformers' own report is silenced here)
+        model, info = AutoModel.from_pretrained(str(lm.path), local_files_only=True, output_loading_info=True,
+                                                ignore_mismatched_sizes=True)
     except Exception as e:
         raise UserError(f"{lm.path}: cannot load the model weights "
                         f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
@@ -188,6 +190,11 @@ def _read_weights(lm: PretrainedLM) -> dict[str, torch.Tensor]:
         hf_logging.set_verbosity(verbosity)
         if was_enabled:
             hf_logging.enable_progress_bar()
+    bad = sorted(info.get("mismatched_keys") or [])
+    if bad:
+        key, stored, built = bad[0][:3]
+        raise UserError(f"{lm.path}: its weight files do not fit its config.json: {key} is {list(stored)} in the "
+                        f"files, {list(built)} by the config" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
     missing = [k for k in info.get("missing_keys", []) if not k.endswith(_BUFFER_SUFFIXES)]
     if missing:
         raise UserError(f"{lm.path}: the weight files lack {missing[0]}" +
