@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from decision_transformer.errors import UserError
+from decision_transformer.training.corpus import BATCH_LINES, MAX_PIECE_CHARS, encode_batches, text_batches
 from decision_transformer.training.trainer import Trainer, mark_step
 
 LM_BATCH_SIZE = 2          # the originals' per-device batch
@@ -85,25 +86,15 @@ def _find_tokenizer_dir(name, find_model_dir):
 
 
 def tokenize_corpus(files: list[Path], tokenizer, block_size: int, vocab_size: int,
-                    chunk_lines: int = 20000) -> torch.Tensor:
-    """Concatenate the tokens of every file (lines tokenised in chunks, as ``datasets.map`` + ``group_texts``) and
+                    chunk_lines: int = BATCH_LINES, max_chars: int = MAX_PIECE_CHARS) -> torch.Tensor:
+    """Concatenate the tokens of every file (lines tokenised in batches, as ``datasets.map`` + ``group_texts``) and
     cut them into [n_blocks, block_size] (the remainder is dropped)."""
-    ids: list[int] = []
-    for f in files:
-        with open(f, encoding="utf-8", errors="replace") as fh:
-            lines: list[str] = []
-            for line in fh:
-                lines.append(line)
-                if len(lines) == chunk_lines:
-                    ids.extend(t for seq in tokenizer(lines)["input_ids"] for t in seq)
-                    lines = []
-            if lines:
-                ids.extend(t for seq in tokenizer(lines)["input_ids"] for t in seq)
+    ids = torch.from_numpy(encode_batches(text_batches(files, chunk_lines, max_chars), tokenizer))
     n = len(ids) // block_size
     if n == 0:
         raise UserError(f"--joint: the corpus ({', '.join(map(str, files))}) has {len(ids)} tokens, fewer than one "
                         f"block of {block_size}")
-    blocks = torch.tensor(ids[:n * block_size], dtype=torch.long).view(n, block_size)
+    blocks = ids[:n * block_size].view(n, block_size)
     top = int(blocks.max())
     if top >= vocab_size:
         raise UserError(f"--joint: the tokenizer produces id {top} but the LM has only {vocab_size} embeddings; use "

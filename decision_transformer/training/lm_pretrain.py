@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from decision_transformer.errors import TrainingDiverged, UserError
+from decision_transformer.training.corpus import encode_batches, text_batches
 from decision_transformer.training.lm_cotrain import next_token_loss
 
 EOS = "<|endoftext|>"
@@ -35,16 +36,9 @@ def text_files(path: str | Path) -> list[Path]:
     raise UserError(f"{path}: no text file (or folder of .txt/.raw/.tokens files) to pretrain on")
 
 
-def read_text(f: Path) -> str:
-    """The text of a corpus file; bytes that are not UTF-8 become U+FFFD (tokenizer training and encoding agree)."""
-    return f.read_text(encoding="utf-8", errors="replace")
-
-
-def _line_batches(files: list[Path], size: int = 20000):
-    for f in files:
-        lines = read_text(f).splitlines(keepends=True)
-        for i in range(0, len(lines), size):
-            yield lines[i:i + size]
+def _line_batches(files: list[Path]):
+    """The corpus's lines in batches (bad UTF-8 bytes as U+FFFD, so tokenizer training and encoding agree)."""
+    return text_batches(files, split_all=True)
 
 
 def train_bpe_tokenizer(files: list[Path], vocab_size: int):
@@ -77,10 +71,7 @@ def load_tokenizer_dir(path: str | Path):
 
 
 def encode_files(files: list[Path], tokenizer) -> torch.Tensor:
-    ids: list[int] = []
-    for batch in _line_batches(files):
-        ids.extend(t for seq in tokenizer(batch)["input_ids"] for t in seq)
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.from_numpy(encode_batches(_line_batches(files), tokenizer))
 
 
 def check_settings(**flags):
