@@ -281,6 +281,33 @@ def test_an_lm_config_no_model_can_use_is_one_line_naming_the_folder(lm_dirs, tm
         build_model_from_args(args_for("--pretrained_lm", str(bad)), HOPPER)
 
 
+def test_lm_weight_files_that_are_junk_or_hold_nan_are_one_line_naming_them(lm_dirs, tmp_path):
+    """A weight file of junk bytes names the file and says it is damaged (it was a bare "(543911541)"); weights
+    holding NaN are refused when read, naming the tensor (they trained to a NaN loss, exit 3)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    junk = tmp_path / "lm_junk"
+    shutil.copytree(lm_dirs / "gpt2", junk)
+    for f in junk.glob("model*.safetensors"):
+        f.unlink()
+    (junk / "pytorch_model.bin").write_bytes(b"junk bytes here" * 10)
+    with pytest.raises(UserError, match=rf"^{junk}: cannot load the model weights from pytorch_model.bin, damaged or "
+                                        r"not a weight file \(\w+"):
+        build_model_from_args(args_for("--pretrained_lm", str(junk)), HOPPER)
+
+    nan = tmp_path / "lm_nan"
+    shutil.copytree(lm_dirs / "gpt2", nan)
+    weights = load_file(nan / "model.safetensors")
+    key = next(k for k in weights if k.endswith("h.1.mlp.c_proj.weight"))
+    weights[key][0, 0] = float("nan")
+    save_file(weights, nan / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=rf"^{nan}: the weights hold NaN or inf values, in h\.1\.mlp\.c_proj\.weight "
+                                        r"\(a damaged model\)$"):
+        build_model_from_args(args_for("--pretrained_lm", str(nan)), HOPPER)
+
+
 # ---- k-means alignment --------------------------------------------------------------------------------------------
 
 def materialised(e, c, normalize, mean):

@@ -184,8 +184,11 @@ def _read_weights(lm: PretrainedLM) -> dict[str, torch.Tensor]:
         model, info = AutoModel.from_pretrained(str(lm.path), local_files_only=True, output_loading_info=True,
                                                 ignore_mismatched_sizes=True)
     except Exception as e:
-        raise UserError(f"{lm.path}: cannot load the model weights "
-                        f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        files = sorted(f.name for f in lm.path.iterdir() if f.name.startswith(("model", "pytorch_model"))
+                       and f.suffix in (".bin", ".safetensors", ".json"))
+        raise UserError(f"{lm.path}: cannot load the model weights" + (f" from {', '.join(files)}" if files else "")
+                        + f", damaged or not a weight file ({type(e).__name__}" + (f": {why})" if why else ")")) from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if was_enabled:
@@ -199,8 +202,13 @@ def _read_weights(lm: PretrainedLM) -> dict[str, torch.Tensor]:
     if missing:
         raise UserError(f"{lm.path}: the weight files lack {missing[0]}" +
                         (f" and {len(missing) - 1} more tensors" if len(missing) > 1 else ""))
-    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()
-            if not k.endswith(_BUFFER_SUFFIXES)}
+    state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()
+             if not k.endswith(_BUFFER_SUFFIXES)}
+    bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"{lm.path}: the weights hold NaN or inf values, in {bad[0]}" +
+                        (f" and {len(bad) - 1} more tensors" if len(bad) > 1 else "") + " (a damaged model)")
+    return state
 
 
 # ---- architecture and weights into our backbone ---------------------------------------------------------------
