@@ -199,8 +199,10 @@ def test_gradient_scripts(tmp_path, tiny_runs):  # noqa: F811
     res = tmp_path / "res"
     c = np.load(res / "gradcossim_1_dt_hopper_medium_666.npy")
     assert c.shape == (6, 6) and np.allclose(np.diag(c), 1.0, atol=1e-5) and np.allclose(c, c.T, atol=1e-6)
-    summary = {r["model"]: float(r["min_cosine"]) for r in _rows(res / "grad_confusion_1_gpt2_dt_hopper_medium_666.csv")}
-    assert summary["dt"] == pytest.approx(c[~np.eye(6, dtype=bool)].min(), abs=1e-6)
+    rows = {r["model"]: r for r in _rows(res / "grad_confusion_1_gpt2_dt_hopper_medium_666.csv")}
+    assert float(rows["dt"]["min_cosine"]) == pytest.approx(c[~np.eye(6, dtype=bool)].min(), abs=1e-6)
+    # the mean over the pairs i != j, as the minimum: the diagonal's ones are left out
+    assert float(rows["dt"]["mean_cosine"]) == pytest.approx(c[~np.eye(6, dtype=bool)].mean(), abs=1e-6)
     figure_ok(tmp_path / "figs" / "grad_confusion_1_gpt2_dt_hopper_medium_666")
     conf(base + ["--independent_batches"] + out(tmp_path / "ind"))
     ind = tmp_path / "ind" / "res"

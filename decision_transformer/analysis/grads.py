@@ -143,11 +143,19 @@ def per_sample_grad_stats(model, batch, *, train_mode: bool = True, seed: int = 
     return GradStats(gram_h.cpu() if gram else None, sq_h.cpu(), sq_all.cpu())
 
 
+def _pairs(cos: torch.Tensor) -> torch.Tensor:
+    """The off-diagonal entries (i ≠ j) of a cosine matrix."""
+    return cos[~torch.eye(cos.shape[0], dtype=torch.bool)]
+
+
 def grad_confusion(cos: torch.Tensor) -> float:
     """min_{i≠j} cos(g_i, g_j) (Sankararaman et al. 2020: confusion η = max(0, -min))."""
-    n = cos.shape[0]
-    off = ~torch.eye(n, dtype=torch.bool)
-    return float(cos[off].min())
+    return float(_pairs(cos).min())
+
+
+def mean_pairwise_cosine(cos: torch.Tensor) -> float:
+    """The mean of cos(g_i, g_j) over the pairs i ≠ j (the diagonal's ones left out)."""
+    return float(_pairs(cos).mean())
 
 
 def full_batch_param_norms(model, batch, *, clip: float | None = GRAD_CLIP, train_mode: bool = True,
@@ -251,7 +259,7 @@ def run_confusion(args) -> common.Outputs:
             cos = st.cosine(GRAD_CLIP, eps=args.eps)
             name = f"gradcossim_{args.epoch}_{m}_{env}_{args.dataset_name}_{args.seed}{ktag}.npy"
             outs.files.append(common.save_npy(res / name, cos.numpy()))
-            summary.append([m, grad_confusion(cos), float(cos.mean())])
+            summary.append([m, grad_confusion(cos), mean_pairwise_cosine(cos)])
             print(f"{env} {m}: min pairwise cosine {summary[-1][1]:.4f}", file=sys.stderr)
         models = "_".join(args.model_name_list)
         stem = f"grad_confusion_{args.epoch}_{models}_{env}_{args.dataset_name}_{args.seed}{ktag}"
