@@ -404,3 +404,64 @@ def test_a_misspelt_env_name_lists_the_known_envs(runs, tmp_path, capsys, script
     argv[argv.index("hopper")] = "hoper"
     msg = expect_exit(capsys, main, argv)
     assert "unknown env 'hoper'; choose one of hopper, halfcheetah, walker2d" in msg
+
+
+@pytest.mark.parametrize("script", ["score", "nc", "clip"])
+def test_a_metrics_file_that_is_not_text_is_one_line(runs, tmp_path, capsys, script):
+    """Random bytes in metrics.jsonl: one line naming the file (it was a UnicodeDecodeError traceback)."""
+    ck = _copy_runs(runs, tmp_path)
+    metrics = next(ck.glob("dt_medium_hopper_666/metrics.jsonl"))
+    metrics.write_bytes(bytes(range(128, 256)) * 3)
+    argv = [str(a) for a in _argv(script, ck, tmp_path / "o")]
+    msg = expect_exit(capsys, load_script(SCRIPTS[script]).main, argv + (["--K", "20"] if script == "score" else []))
+    assert f"{metrics}: not a text file (byte 0 is not UTF-8)" in msg
+
+
+def _set_returns(metrics, value: str):
+    """Every ``evaluation/target_3600_return_mean`` of a metrics.jsonl set to ``value`` (JSON text)."""
+    import json
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    text = ""
+    for r in rows:
+        if "evaluation/target_3600_return_mean" in r:
+            r["evaluation/target_3600_return_mean"] = "@"
+        text += json.dumps(r).replace('"@"', value) + "\n"
+    metrics.write_text(text)
+
+
+@pytest.mark.parametrize("value", ['"high"', "Infinity", "true", "[1]"])
+def test_a_return_that_is_not_a_number_is_one_line(runs, tmp_path, capsys, value):
+    """A return logged as a string, inf, a bool or a list is damage, named by file and row (strings were read as
+    NaN, so --select last reported an earlier iteration as the last; inf was tabled as 'inf')."""
+    ck = _copy_runs(runs, tmp_path)
+    metrics = next(ck.glob("dt_medium_hopper_666/metrics.jsonl"))
+    _set_returns(metrics, value)
+    msg = expect_exit(capsys, load_script(SCRIPTS["score"]).main, [str(a) for a in _argv("score", ck, tmp_path / "o")]
+                      + ["--K", "20"])
+    assert f"{metrics}: row " in msg and "has evaluation/target_3600_return_mean = " in msg
+    assert msg.rstrip().endswith("not a number")
+
+
+def test_a_run_whose_returns_are_all_null_is_skipped_with_a_note(runs, tmp_path):
+    """Null returns (values not computed) leave the run out with a note rather than an 'n/a' row of -1 epochs."""
+    from decision_transformer.analysis import scores
+
+    ck = _copy_runs(runs, tmp_path)
+    _set_returns(next(ck.glob("dt_medium_hopper_666/metrics.jsonl")), "null")
+    args = scores.build_parser().parse_args([str(a) for a in _argv("score", ck, tmp_path / "o")]
+                                            + ["--K", "20", "--seed_list", "666", "667"])
+    with pytest.raises(UserError, match="no runs found for the score table: .*every "
+                                        "evaluation/target_3600_return_mean value is null"):
+        scores.run(args)
+
+
+@pytest.mark.parametrize("script, flag", [("score", "--seed_list"), ("score", "--model_name_list"),
+                                          ("nc", "--env_name_list"), ("conf", "--model_name_list")])
+def test_a_value_given_twice_in_a_list_flag_is_refused(runs, tmp_path, capsys, script, flag):
+    """--seed_list 666 666 counted one run twice (a '± 0.0' over one seed); every list flag refuses a repeat."""
+    argv = [str(a) for a in _argv(script, runs, tmp_path / "o")]
+    value = {"--seed_list": "666", "--model_name_list": "dt", "--env_name_list": "hopper"}[flag]
+    argv += [flag, value, value]
+    msg = expect_exit(capsys, load_script(SCRIPTS[script]).main, argv)
+    assert f"argument {flag}: {value} is given twice" in msg

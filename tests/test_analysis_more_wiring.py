@@ -12,6 +12,7 @@ from test_analysis_figures import metrics_run
 from decision_transformer.analysis import attention, common, curves, params, report
 from decision_transformer.analysis.runs import RunKey
 from decision_transformer.checkpoint import run_dir_name
+from decision_transformer.errors import UserError
 
 RET = "evaluation/target_3600_return_mean"
 
@@ -23,11 +24,13 @@ def _csv(path):
 
 # ---- curves -----------------------------------------------------------------------------------------------------
 
-def test_metric_series_turns_booleans_into_nan_and_numbers_into_floats():
-    rows = [{"iteration": 1, RET: True}, {"iteration": 2, RET: 3}, {RET: 4.5}]
+def test_metric_series_refuses_booleans_and_turns_null_into_nan_and_numbers_into_floats():
+    rows = [{"iteration": 1, RET: None}, {"iteration": 2, RET: 3}, {RET: 4.5}]
     it, val = curves.metric_series(rows, RET)
     assert it.tolist() == [1, 2, 3]
     assert np.isnan(val[0]) and val[1:].tolist() == [3.0, 4.5]
+    with pytest.raises(UserError, match=f"^m.jsonl: row 2 has {RET} = true, not a number$"):
+        curves.metric_series([{RET: 1.0}, {RET: True}], RET, "m.jsonl")     # a bool is not counted as 1.0
 
 
 def test_wandb_rows_number_iterations_from_step_plus_one(monkeypatch):

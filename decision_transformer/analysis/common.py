@@ -122,6 +122,17 @@ class _Parser(argparse.ArgumentParser):
                 action.help = "(default: %(default)s)"
         return super().format_help()
 
+    def parse_known_args(self, args=None, namespace=None):
+        """Also refuses a value repeated in a list flag (``--seed_list 666 666`` would count one run twice)."""
+        parsed, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            values = getattr(parsed, action.dest, None) if action.dest.endswith("_list") else None
+            if isinstance(values, list):
+                twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+                if twice is not None:
+                    self.error(f"argument {'/'.join(action.option_strings[:1])}: {twice} is given twice")
+        return parsed, extras
+
     def _get_option_tuples(self, option_string):
         seen, unique = set(), []
         for t in super()._get_option_tuples(option_string):

@@ -50,8 +50,14 @@ def read_metrics_jsonl(path) -> list[dict]:
     if not path.is_file():
         raise RunNotFound(f"metrics not found: {path} (runs write it next to their checkpoints; use --from_wandb to "
                           f"read WandB instead)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a text file (byte {e.start} is not UTF-8)") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -115,8 +121,11 @@ def metric_series(rows: list[dict], key: str, source: str = "metrics") -> tuple[
         if key not in r:
             continue
         v = r[key]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or math.isinf(v)):
+            # null (and NaN) is a value not computed; anything else that is not a finite number is damage
+            raise UserError(f"{source}: row {i + 1} has {key} = {json.dumps(v)[:40]}, not a number")
         it.append(int(r.get("iteration", i + 1)))
-        val.append(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan)
+        val.append(math.nan if v is None else float(v))
     return np.array(it), np.array(val, dtype=np.float64)
 
 

@@ -118,6 +118,9 @@ def run(args) -> common.Outputs:
                     missing.append(str(e))
                     continue
                 be, bv, le, lv = best_and_last(it, val)
+                if be < 0:
+                    missing.append(f"{key.dir_name}: every {metric} value is null")
+                    continue
                 norm = (lambda x, env=env: float(d4rl_normalize(env, x))) if args.score_norm == "d4rl" else \
                     (lambda x, env=env: float(dataset_normalize(x, refs[env])))
                 records.append({"env": env, "model": m, "seed": seed, "run": key.dir_name, "best_epoch": be,
