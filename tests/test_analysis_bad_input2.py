@@ -465,3 +465,97 @@ def test_a_value_given_twice_in_a_list_flag_is_refused(runs, tmp_path, capsys, s
     argv += [flag, value, value]
     msg = expect_exit(capsys, load_script(SCRIPTS[script]).main, argv)
     assert f"argument {flag}: {value} is given twice" in msg
+
+
+def _edit_checkpoint(ck, pattern: str, edit):
+    import torch
+
+    path = next(ck.glob(pattern))
+    obj = torch.load(path, weights_only=True)
+    edit(obj)
+    torch.save(obj, path)
+    return path
+
+
+def _overflowing(obj):
+    """Finite weights whose forward pass overflows: every c_fc weight 1e30."""
+    for k, v in obj["state_dict"].items():
+        if k.endswith("mlp.c_fc.weight"):
+            v.fill_(1e30)
+
+
+@pytest.mark.parametrize("script, extra, msg", [
+    ("cka", ["--epoch2", "1"], "model_1.pt: the model's forward pass gives non-finite activations, first at "),
+    ("conf", ["--epoch", "1"], "model_1.pt: the per-sample gradients are not finite (the model's loss overflows)"),
+    ("norm", ["--epoch", "1"], "model_1.pt: the per-sample gradients are not finite"),
+    ("att", ["--epoch2", "4"], "model_4.pt: the attention distances are not finite"),
+])
+def test_a_model_whose_forward_pass_overflows_is_one_line(runs, tmp_path, capsys, script, extra, msg):
+    """Finite weights that overflow in the forward pass gave CKA 0, NaN confusion / norms / attention distances with
+    exit 0; now one line naming the checkpoint, and no result file."""
+    ck = _copy_runs(runs, tmp_path)
+    _edit_checkpoint(ck, "dt_medium_hopper_666/model_1.pt", _overflowing)
+    _edit_checkpoint(ck, "dt_medium_hopper_666_K1/model_4.pt", _overflowing)
+    out = tmp_path / "o"
+    err = expect_exit(capsys, load_script(SCRIPTS[script]).main, _argv(script, ck, out) + extra)
+    assert msg in err
+    assert not (out / "res").exists() or not [p for p in (out / "res").iterdir() if "_1_" in p.name
+                                              or p.name.startswith(("cka_", "grad"))]
+
+
+def test_zero_gradients_are_warned_of(runs, tmp_path, capsys):
+    """All-zero weights give zero gradients, whose cosines are 0: a warning says so (it read as 'no confusion')."""
+    ck = _copy_runs(runs, tmp_path)
+    _edit_checkpoint(ck, "dt_medium_hopper_666/model_1.pt", lambda o: [v.zero_() for v in o["state_dict"].values()])
+    load_script(SCRIPTS["conf"]).main([str(a) for a in _argv("conf", ck, tmp_path / "o")] + ["--epoch", "1"])
+    err = capsys.readouterr().err
+    assert "model_1.pt: 4 of 4 samples have a zero transformer.h gradient (their cosines are 0)" in err
+
+
+def test_biased_cka_needs_three_examples(runs, tmp_path, capsys):
+    """--biased with 1 or 2 examples gave all-0 or all-1 matrices with exit 0."""
+    for n in ("1", "2"):
+        argv = _argv("cka", runs, tmp_path / "o") + ["--biased", "--batch_size", n]
+        assert f"CKA needs at least 3 examples, got {n}" in expect_exit(capsys, load_script(SCRIPTS["cka"]).main, argv)
+
+
+@pytest.mark.parametrize("script", ["cka", "params", "conf"])
+def test_a_multi_task_checkpoint_in_a_run_folder_is_named_as_such(runs, tmp_path, capsys, script):
+    """A multi-task checkpoint was 'invalid model_config (... missing state_dim ...)' for most analyses and was
+    compared without a word by the parameter similarity."""
+    ck = _copy_runs(runs, tmp_path)
+
+    def multi(o):
+        o["config"]["model_config"]["model_class"] = "multi_dt"
+
+    path = _edit_checkpoint(ck, "dt_medium_hopper_666/model_1.pt", multi)
+    extra = {"cka": ["--epoch2", "1"], "params": ["--epoch2", "1"], "conf": ["--epoch", "1"]}[script]
+    err = expect_exit(capsys, load_script(SCRIPTS[script]).main, _argv(script, ck, tmp_path / "o") + extra)
+    assert f"{path}: a multi-task checkpoint (experiment_multi.py); the analyses take single-task runs" in err
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(runs, tmp_path, capsys):
+    """--figs_dir below a file was found only after the results were replaced (mixing two runs' files)."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    out = tmp_path / "o"
+    for flag, value, problem in (("--figs_dir", blocker, "it is a file, not a folder"),
+                                 ("--results_dir", blocker / "res", f"{blocker} is a file, not a folder")):
+        argv = _argv("cka", runs, out) + [flag, value]
+        err = expect_exit(capsys, load_script(SCRIPTS["cka"]).main, argv)
+        assert f"argument {flag}: {value}: {problem}" in err
+    assert not out.exists()
+
+
+def test_plot_cka_refuses_a_matrix_with_nan(runs, tmp_path, capsys):
+    out = tmp_path / "o"
+    load_script(SCRIPTS["cka"]).main([str(a) for a in _argv("cka", runs, out)])
+    capsys.readouterr()
+    f = next((out / "res").glob("*_reward.npy"))
+    mat = np.load(f)
+    mat[:] = np.nan
+    np.save(f, mat)
+    argv = ["--results_dir", out / "res", "--figs_dir", out / "figs", "--env_name_list", "hopper", "--model_name_list",
+            "dt", "--token_list", "reward"]
+    err = expect_exit(capsys, load_script(SCRIPTS["plot_cka"]).main, argv)
+    assert f"{f}: array 'CKA matrix' has NaN or infinite values" in err

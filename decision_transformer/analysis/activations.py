@@ -81,6 +81,14 @@ def get_activations(model, batch, entries=BLOCK_ENTRIES,
     return {k: store[k] for k in mods if k in store}
 
 
+def check_finite_activations(acts: dict[str, torch.Tensor], source):
+    """Refuse activations holding NaN or inf (weights that overflow in the forward pass), naming ``source`` and the
+    first such layer in forward order."""
+    bad = next((k for k, v in acts.items() if not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise UserError(f"{source}: the model's forward pass gives non-finite activations, first at {bad}")
+
+
 def block_of(key: str) -> int:
     return int(key.split(".", 1)[0])
 

@@ -125,6 +125,9 @@ def run(args) -> common.Outputs:
                 data = analysis_dataset(env, args.dataset_name, args.data_path, lm.checkpoint, device)
                 batch = analysis_batch(data, args.batch_size, args.K, args.batch_seed)
                 d = model_attention_distances(lm.model, batch, args.distance_unit, args.legacy)
+                if not np.isfinite(d).all():
+                    raise UserError(f"{lm.path}: the attention distances are not finite (the model's forward pass "
+                                    f"overflows)")
                 dists.append(d)
                 outs.files.append(common.save_npy(
                     res / f"att_dist_{e}_{m}_{env}_{args.dataset_name}_{args.seed}{tag}.npy", d))

@@ -24,6 +24,7 @@ from decision_transformer.analysis.activations import (
     BLOCK_ENTRIES,
     BLOCK_OUTPUT,
     block_of,
+    check_finite_activations,
     entry_of,
     get_activations,
 )
@@ -101,6 +102,8 @@ def center_gram(g, unbiased: bool = False) -> torch.Tensor:
         g = g - m[:, None] - m[None, :]
         g.fill_diagonal_(0)
     else:
+        if n < 3:  # one example centres to zeros (CKA 0), two to rank one (CKA 1 whatever the layers)
+            raise UserError(f"CKA needs at least 3 examples, got {n}")
         g = g - g.mean(0, keepdim=True)
         g = g - g.mean(1, keepdim=True)
     return g
@@ -223,6 +226,8 @@ def run(args) -> common.Outputs:
 
         a1 = get_activations(m1.model, batch, entries, sel)
         a2 = get_activations(m2.model, batch, entries, sel)
+        check_finite_activations(a1, m1.path)
+        check_finite_activations(a2, m2.path)
         del m1, m2
         stem = result_stem(args.epoch1, args.epoch2, args.model_name1, args.model_name2, env, args.dataset_name,
                            args.seed, args.no_context, args.block, args.legacy_feature_index, K_ckpt)
@@ -349,6 +354,7 @@ def plot(args) -> common.Outputs:
                     missing.append(str(f))
                     continue
                 mat = common.load_npy(f)
+                common.check_arrays(f, {"CKA matrix": mat}, ["CKA matrix"])    # compute_cka.py writes finite values
                 layers = res / f"{stem}_layers.csv"
                 names, cols = _read_layers(layers)
                 if not names or names != cols:

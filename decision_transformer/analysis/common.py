@@ -111,6 +111,19 @@ def str2bool(v) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
 
 
+OUTPUT_FOLDER_FLAGS = ("results_dir", "figs_dir", "out_dir", "path_to_save_mi", "path_to_save_activation",
+                       "path_to_save_data")
+
+
+def folder_problem(path) -> str | None:
+    """Why ``path`` cannot be (or become) a folder: it, or a folder above it, is a file; else None."""
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists():
+            return None if q.is_dir() else ("it is a file, not a folder" if q == p else f"{q} is a file, not a folder")
+    return None
+
+
 class _Parser(argparse.ArgumentParser):
     """``--help`` shows every default, also of flags without a help text. An abbreviated flag that is the prefix of
     several spellings of one flag (``--env`` of ``--env_name_list`` and its alias ``--env_name``) is that flag, not
@@ -131,6 +144,11 @@ class _Parser(argparse.ArgumentParser):
                 twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
                 if twice is not None:
                     self.error(f"argument {'/'.join(action.option_strings[:1])}: {twice} is given twice")
+        for action in self._actions:   # before any work: a later folder that cannot be made would leave half a run
+            folder = getattr(parsed, action.dest, None) if action.dest in OUTPUT_FOLDER_FLAGS else None
+            problem = folder_problem(folder) if isinstance(folder, (str, Path)) else None
+            if problem:
+                self.error(f"argument {action.option_strings[0]}: {folder}: {problem}")
         return parsed, extras
 
     def _get_option_tuples(self, option_string):

@@ -86,6 +86,17 @@ class GradStats:
     sqnorm_h: torch.Tensor
     sqnorm_all: torch.Tensor
 
+    def check(self, source):
+        """Refuse non-finite gradients (a loss that overflows), naming ``source``; warn of samples whose
+        ``transformer.h`` gradient is zero (their cosines are 0, which reads as no confusion)."""
+        parts = [self.sqnorm_all, self.sqnorm_h] + ([self.gram_h] if self.gram_h is not None else [])
+        if not all(bool(torch.isfinite(t).all()) for t in parts):
+            raise UserError(f"{source}: the per-sample gradients are not finite (the model's loss overflows)")
+        zero = int((self.sqnorm_h == 0).sum())
+        if zero:
+            common.warn(f"{source}: {zero} of {len(self.sqnorm_h)} samples have a zero transformer.h gradient (their "
+                        f"cosines are 0)")
+
     def clip_coef(self, max_norm: float = GRAD_CLIP) -> torch.Tensor:
         """The per-sample factor of ``clip_grad_norm_(all parameters, max_norm)``."""
         return torch.clamp(max_norm / (self.sqnorm_all.sqrt() + CLIP_EPS), max=1.0)
@@ -256,6 +267,7 @@ def run_confusion(args) -> common.Outputs:
         for m, lm, batch in _batches(args, env, device):
             st = per_sample_grad_stats(lm.model, batch, train_mode=args.train_mode, seed=args.grad_seed,
                                        max_bytes=max_bytes)
+            st.check(lm.path)
             cos = st.cosine(GRAD_CLIP, eps=args.eps)
             name = f"gradcossim_{args.epoch}_{m}_{env}_{args.dataset_name}_{args.seed}{ktag}.npy"
             outs.files.append(common.save_npy(res / name, cos.numpy()))
@@ -295,6 +307,7 @@ def run_norms(args) -> common.Outputs:
         for m, lm, batch in _batches(args, env, device):
             st = per_sample_grad_stats(lm.model, batch, train_mode=args.train_mode, seed=args.grad_seed, gram=False,
                                        max_bytes=max_bytes)
+            st.check(lm.path)
             norms[m] = st.h_norms(clip).numpy()
             perparam[m] = full_batch_param_norms(lm.model, batch, clip=clip, train_mode=args.train_mode,
                                                  seed=args.grad_seed)

@@ -29,6 +29,7 @@ from decision_transformer.data import (
 from decision_transformer.envs import ENVS, get_env_spec
 from decision_transformer.errors import UserError
 from decision_transformer.models import DecisionTransformer, DTConfig
+from decision_transformer.models.multi_decision_transformer import MODEL_CLASS as MULTI_MODEL_CLASS
 from decision_transformer.paths import PROJECT_ROOT, project_path
 
 
@@ -175,6 +176,10 @@ def load_run_checkpoint(checkpoint_dir, key: RunKey, epoch: int) -> tuple[dict, 
         ckpt = _initial_from_other_epoch(checkpoint_dir, key, path)
     else:
         raise _missing(path, key)
+    cfg = (ckpt.get("config") or {}).get("model_config") if isinstance(ckpt.get("config"), dict) else None
+    if isinstance(cfg, dict) and cfg.get("model_class") == MULTI_MODEL_CLASS:
+        raise UserError(f"{path}: a multi-task checkpoint (experiment_multi.py); the analyses take single-task runs "
+                        f"of experiment.py")
     check_checkpoint_env(ckpt, path, key.env)
     return ckpt, path
 
