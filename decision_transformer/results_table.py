@@ -38,7 +38,7 @@ import numpy as np
 
 from decision_transformer.cli import HelpFormatter, check_upper_bounds
 from decision_transformer.envs import D4RL_ENVS, SUPPORTED_ENV_VERSIONS, check_dataset_name, get_env_spec
-from decision_transformer.errors import UserError, cli_entry
+from decision_transformer.errors import TrainingDiverged, UserError, cli_entry
 from decision_transformer.paths import project_path
 from decision_transformer.legacy_import import stored_state_stats
 
@@ -108,6 +108,9 @@ def evaluate_checkpoint(path: str, *, num_episodes: int = 10, seed: int = 666, d
                                     device=device, pool=pool)
         finally:
             pool.close()
+        if not np.isfinite(res.returns).all():
+            raise TrainingDiverged(f"{path}: the {env} evaluation gave non-finite returns: the model's actions are not "
+                                   f"finite numbers (its weights overflow)")
         out[env] = float(np.mean(get_env_spec(env).d4rl_score(res.returns)))
     return out
 

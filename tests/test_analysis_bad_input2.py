@@ -559,3 +559,20 @@ def test_plot_cka_refuses_a_matrix_with_nan(runs, tmp_path, capsys):
             "dt", "--token_list", "reward"]
     err = expect_exit(capsys, load_script(SCRIPTS["plot_cka"]).main, argv)
     assert f"{f}: array 'CKA matrix' has NaN or infinite values" in err
+
+
+def test_analysis_batches_are_bounded_and_cka_checks_its_gram_memory_first(runs, tmp_path, capsys):
+    """--batch_size 100000000 was OOM-killed (exit 137, no message); CKA's n x n Grams are checked against half the
+    machine's memory before any forward pass."""
+    from decision_transformer.analysis.cka import check_gram_memory
+
+    for script in ("cka", "conf", "att", "save"):
+        argv = _argv(script, runs, tmp_path / "o") + ["--batch_size", "100001"]
+        assert "--batch_size 100001 is too large (at most 100,000)" in \
+            expect_exit(capsys, load_script(SCRIPTS[script]).main, argv)
+    err = expect_exit(capsys, load_script(SCRIPTS["cka"]).main, _argv("cka", runs, tmp_path / "o")
+                      + ["--batch_size", "100000"])
+    assert "examples needs" in err and "GiB for its Gram matrices (n² float64 each)" in err
+    check_gram_memory(2, 100, limit=160_000)
+    with pytest.raises(UserError, match=r"^CKA of 2 layers on 101 examples needs 0\.0 GiB"):
+        check_gram_memory(2, 101, limit=160_000)

@@ -166,6 +166,24 @@ def test_an_empty_label_and_a_huge_episode_count_are_refused_before_any_evaluati
     assert no_evaluation == []
 
 
+def test_a_model_whose_actions_are_not_finite_stops_the_table_with_exit_3(tmp_path, capsys):
+    """Finite weights that overflow give NaN actions and NaN returns: exit 3 naming the checkpoint, as a training
+    run's evaluation does, instead of a 'nan' score written with exit 0; nothing is written."""
+    path = hopper_checkpoint(tmp_path / "over.pt", stats=True)
+    obj = torch.load(path, weights_only=True)
+    for k, v in obj["state_dict"].items():
+        if k.endswith("mlp.c_fc.weight"):
+            v.fill_(1e30)
+    torch.save(obj, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)         # MuJoCo's own "Nan, Inf or huge value in CTRL"
+        with pytest.raises(SystemExit) as e:
+            results_table.main(["--row", f"a={path}", "--num_eval_episodes", "1", "--out", str(tmp_path / "t")])
+    assert e.value.code == 3
+    assert f"error: {path}: the hopper evaluation gave non-finite returns" in capsys.readouterr().err
+    assert not list(tmp_path.glob("t.*"))
+
+
 # ---- the written table -----------------------------------------------------------------------------------------------
 
 def test_out_names_are_appended_not_replaced(tmp_path, capsys):

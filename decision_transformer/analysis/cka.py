@@ -13,6 +13,7 @@ hidden unit across the token positions); ``--legacy_feature_index`` reproduces t
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from decision_transformer.analysis.activations import (
     check_finite_activations,
     entry_of,
     get_activations,
+    hooked_modules,
 )
 from decision_transformer.analysis.runs import (
     RunKey,
@@ -131,6 +133,17 @@ def _gram(x, kernel: str, threshold: float) -> torch.Tensor:
     return gram_linear(x) if kernel == "linear" else gram_rbf(x, threshold)
 
 
+def check_gram_memory(n_layers: int, n: int, limit: int | None = None):
+    """Refuse a CKA whose centred Grams (``n_layers`` of n × n float64, held at once) would need more than ``limit``
+    bytes (default: half this machine's memory)."""
+    if limit is None:
+        limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    need = n_layers * n * n * 8
+    if need > limit:
+        raise UserError(f"CKA of {n_layers} layers on {n:,} examples needs {need / 2**30:.1f} GiB for its Gram matrices "
+                        f"(n² float64 each), more than {limit / 2**30:.1f} GiB; use a smaller --batch_size")
+
+
 def cka_matrix(feats1: list, feats2: list, kernel: str = "linear", debiased: bool = True, threshold: float = 1.0,
                eps: float = DEFAULT_EPS) -> np.ndarray:
     """CKA of every pair (feats1[i], feats2[j]), each [n, d_i] with the same n examples: [len(feats1), len(feats2)].
@@ -224,6 +237,8 @@ def run(args) -> common.Outputs:
         def sel(t):
             return select_tokens(t, args.legacy_feature_index)
 
+        check_gram_memory(len(hooked_modules(m1.model, entries)) + len(hooked_modules(m2.model, entries)),
+                          args.batch_size)
         a1 = get_activations(m1.model, batch, entries, sel)
         a2 = get_activations(m2.model, batch, entries, sel)
         check_finite_activations(a1, m1.path)

@@ -303,9 +303,16 @@ def check_seeds(args, *names, bits: int = 32):
                 raise UserError(f"invalid --{n} {s}: use a non-negative integer below 2**{bits}")
 
 
+#: The largest analysis batch (the papers use 50-100 examples); a mistyped size stops at once rather than filling memory
+MAX_ANALYSIS_BATCH = 100_000
+
+
 def check_data_flags(args):
-    """The flags of ``add_data_flags``: --batch_size and --K positive, --batch_seed a seed."""
+    """The flags of ``add_data_flags``: --batch_size and --K positive, --batch_size at most ``MAX_ANALYSIS_BATCH``,
+    --batch_seed a seed."""
     check_positive(args, "batch_size", "K")
+    if args.batch_size > MAX_ANALYSIS_BATCH:
+        raise UserError(f"--batch_size {args.batch_size} is too large (at most {MAX_ANALYSIS_BATCH:,})")
     check_seeds(args, "batch_seed")
 
 

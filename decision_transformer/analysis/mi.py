@@ -22,8 +22,10 @@ timesteps are padding). Failed estimates are NaN and left out of the plots.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,7 @@ from decision_transformer.analysis.activations import (
     BLOCK_ENTRIES,
     BLOCK_OUTPUT,
     block_of,
+    check_finite_activations,
     get_activations,
 )
 from decision_transformer.analysis.mine import LOSSES, estimate_mi
@@ -96,13 +99,14 @@ def build_save_parser():
 
 
 def run_save(args) -> common.Outputs:
+    common.check_min(args, 2, "batch_size")                          # MI of one sample is undefined (all NaN)
     common.check_data_flags(args)
     common.check_seeds(args, "seed")
     common.check_min(args, 0, "epoch")
     device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
-    res = common.out_dir(args.results_dir)
-    act_dir = common.out_dir(args.path_to_save_activation) if args.path_to_save_activation else res
-    data_dir = common.out_dir(args.path_to_save_data) if args.path_to_save_data else res
+    # the folders are made once the first model's activations passed their check (nothing written before)
+    act_dir = args.path_to_save_activation or args.results_dir
+    data_dir = args.path_to_save_data or args.results_dir
     outs = common.Outputs()
     entries = BLOCK_ENTRIES if args.all_layers else (BLOCK_OUTPUT,)
     run_K, ktag = common.run_k(args), _ktag(args)
@@ -113,6 +117,9 @@ def run_save(args) -> common.Outputs:
             data = analysis_dataset(env, args.dataset_name, args.data_path, lm.checkpoint, device)
             batch = analysis_batch(data, args.batch_size, args.K, args.batch_seed)
             acts = get_activations(lm.model, batch, entries)
+            check_finite_activations(acts, lm.path)
+            common.out_dir(args.results_dir)
+            act_dir, data_dir = common.out_dir(act_dir), common.out_dir(data_dir)
             act_file = activation_file(act_dir, args.epoch, m, env, args.dataset_name, args.seed, ktag)
             outs.files.append(common.save_npz(act_file, **{k: v.numpy() for k, v in acts.items()}))
             outs.files.append(common.save_npz(
@@ -153,6 +160,15 @@ def build_mi_parser():
     p.add_argument("--layers", nargs="+", type=int, default=None,
                    help="blocks for --exp_type normal (default: 0, depth//2, depth-1)")
     return p
+
+
+@contextlib.contextmanager
+def _quiet_nan():
+    """numpy's RuntimeWarnings of nanmean / nanstd / nanmedian over all-NaN slices (their result is NaN, which the
+    callers handle), not printed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
 
 
 class _Estimator:
@@ -202,6 +218,8 @@ def run_mi(args) -> common.Outputs:
     _check_data(df, data)
     xs, a_last, mask = _inputs(data)
     B, K = mask.shape
+    if B < 2:
+        raise UserError(f"{df}: {B} sample(s); MI needs at least 2 (save_activation.py --batch_size 2 or more)")
     if args.exp_type != "data":
         act_file = activation_file(args.path_to_activation, args.epoch, args.model_name, env, ds, args.seed, ktag)
         outputs = {k: v for k, v in common.load_npz(act_file).items()
@@ -226,8 +244,9 @@ def run_mi(args) -> common.Outputs:
         ra = np.array([est(xs["rtg"][:, t], xs["action"][:, t], mask[:, t]) for t in range(K)])
         outs.files.append(common.save_npy(out / f"mi_data_state_action_{env}_{ds}_{args.seed}{ktag}.npy", sa))
         outs.files.append(common.save_npy(out / f"mi_data_rtg_action_{env}_{ds}_{args.seed}{ktag}.npy", ra))
-        print(f"{env}: I(s;a) median {np.nanmedian(sa):.3f}, I(R;a) median {np.nanmedian(ra):.3f} nats",
-              file=sys.stderr)
+        with _quiet_nan():
+            print(f"{env}: I(s;a) median {np.nanmedian(sa):.3f}, I(R;a) median {np.nanmedian(ra):.3f} nats",
+                  file=sys.stderr)
         return outs
     stem_tail = f"{args.epoch}_{args.model_name}_{env}_{ds}_{args.seed}{ktag}"
     if args.exp_type == "normal":
@@ -249,8 +268,9 @@ def run_mi(args) -> common.Outputs:
             f = out / f"mi_xy_{layer}_{stem_tail}.npz"
             outs.files.append(common.save_npz(f, x=np.array(ix), y=np.array(iy), position=np.array(pos),
                                               token=np.array(tok), depth=np.array(depth)))
-            print(f"{env} {args.model_name} block {layer}: I(X;T) mean {np.nanmean(ix):.3f}, "
-                  f"I(Y;T) mean {np.nanmean(iy):.3f} nats", file=sys.stderr)
+            with _quiet_nan():
+                print(f"{env} {args.model_name} block {layer}: I(X;T) mean {np.nanmean(ix):.3f}, "
+                      f"I(Y;T) mean {np.nanmean(iy):.3f} nats", file=sys.stderr)
         return outs
     # no_context
     res = {}
@@ -295,9 +315,38 @@ def _pair_average(values: np.ndarray, target: int) -> np.ndarray:
     return np.nanmean(values.reshape(target, n // target), axis=1)
 
 
-def _load_mi_xy(f) -> dict:
+def _check_estimates(f, k, a):
+    """MI estimates ``a`` (array ``k`` of the file ``f``): real numbers or NaN (a failed estimate; MINE never gives
+    inf)."""
+    if np.iscomplexobj(a):
+        raise UserError(f"{f}: array {k!r} is not real ({a.dtype})")
+    if np.isinf(a).any():
+        raise UserError(f"{f}: array {k!r} has infinite values (failed estimates are NaN)")
+
+
+def _load_mi_xy(f, block: int | None = None) -> dict:
+    """A ``normal`` result as run_mi_exp.py writes it: 1-D ``x``, ``y`` (NaN: failed estimates), ``position`` and
+    ``token`` (0, 1, 2: R̂, s, a) of one length, and optionally the model's ``depth`` (a whole number above
+    ``block``); anything else is refused naming the file."""
     d = common.load_npz(f)
-    common.check_arrays(f, d, ("x", "y", "position", "token"), finite=False)  # failed estimates are NaN
+    names = ("x", "y", "position", "token")
+    common.check_arrays(f, d, names, finite=False)                          # failed estimates are NaN
+    shapes = [d[k].shape for k in names]
+    if any(len(sh) != 1 for sh in shapes) or len(set(shapes)) > 1 or shapes[0][0] == 0:
+        raise UserError(f"{f}: arrays x, y, position, token of shapes {', '.join(str(list(sh)) for sh in shapes)}; "
+                        f"run_mi_exp.py writes four 1-D arrays of one length")
+    for k in ("x", "y"):
+        _check_estimates(f, k, d[k])
+    if np.iscomplexobj(d["position"]) or not np.isfinite(d["position"]).all():
+        raise UserError(f"{f}: array 'position' has values that are not finite real numbers")
+    if np.iscomplexobj(d["token"]) or not np.isin(d["token"], (0, 1, 2)).all():
+        raise UserError(f"{f}: array 'token' has values other than 0, 1, 2 (R̂, s, a)")
+    if "depth" in d:
+        v = d["depth"]
+        ok = (v.size == 1 and (np.issubdtype(v.dtype, np.integer) or np.issubdtype(v.dtype, np.floating))
+              and np.isfinite(v).all() and float(v.item()) == int(v.item()) and int(v.item()) >= 1)
+        if not ok or (block is not None and int(v.item()) <= block):
+            raise UserError(f"{f}: 'depth' {v.tolist()!r} is not the depth of a model with block {block}")
     return d
 
 
@@ -313,6 +362,7 @@ def _load_mi_blocks(f) -> dict:
             raise UserError(f"{f}: array {k!r} is not named {{block}}.{{module}} (e.g. 0.mlp.dropout)")
         if a.ndim != 2 or a.shape[0] != 2 or a.shape[1] < 1:
             raise UserError(f"{f}: array {k!r} has shape {list(a.shape)}, expected [2, K]")
+        _check_estimates(f, k, a)
     widths = {a.shape[1] for a in d.values()}
     if len(widths) > 1:
         raise UserError(f"{f}: the blocks' arrays have different K ({sorted(widths)})")
@@ -365,14 +415,27 @@ def plot_mi(args) -> common.Outputs:
     ktag = _ktag(args)
     tail = lambda m: f"{args.epoch}_{m}_{args.env_name}_{args.dataset_name}_{args.seed}{ktag}"
     if args.exp_type == "normal":
-        found = {}
+        found, missing, empty = {}, [], []
         for m in args.model_name_list:
             files = sorted((f for f in res.glob(f"mi_xy_*_{tail(m)}.npz") if f.name.split("_")[2].isdigit()),
                            key=lambda f: int(f.name.split("_")[2]))
-            if files:
-                found[m] = [(int(f.name.split("_")[2]), _load_mi_xy(f)) for f in files]
+            if not files:
+                missing.append(res / f"mi_xy_*_{tail(m)}.npz")
+            elif m not in found:
+                found[m] = []
+                for f in files:
+                    b = int(f.name.split("_")[2])
+                    d = _load_mi_xy(f, b)
+                    found[m].append((b, d))
+                    nan = [w for w in ("x", "y") if np.isnan(d[w]).all()]
+                    if nan:
+                        empty.append(f"{f}: every {' and '.join(nan)} estimate is NaN; nothing of it is drawn")
         if not found:
             raise UserError(f"no MI results mi_xy_*_{tail('{model}')}.npz in {res} (run mine/run_mi_exp.py first)")
+        for f in missing:
+            common.warn(f"{f} not found; that model is left out of the figure")
+        for line in empty:
+            common.warn(line)
         rows = _depth_rows(found)
         nrows = len(rows)
         fig, axes = plt.subplots(nrows, 2, figsize=(10, 2.6 * nrows), squeeze=False)
@@ -401,14 +464,23 @@ def plot_mi(args) -> common.Outputs:
         fig.tight_layout()
         outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
         return outs
-    found = {}
+    found, missing = {}, []
     for m in args.model_name_list:
         f = res / f"mi_{tail(m)}.npz"
         if f.is_file():
             found[m] = _load_mi_blocks(f)
+        else:
+            missing.append(f)
     if not found:
         raise UserError(f"no MI results {res / ('mi_' + tail('{model}') + '.npz')} (run run_mi_exp.py --exp_type "
                         f"no_context first)")
+    for f in missing:
+        common.warn(f"{f} not found; that model is left out of the figure")
+    for m, d in found.items():
+        nan = [w for c, w in enumerate(("state", "action")) if all(np.isnan(a[c]).all() for a in d.values())]
+        if nan:
+            common.warn(f"{res / f'mi_{tail(m)}.npz'}: every {' and '.join(nan)} estimate is NaN; nothing of it is "
+                        f"drawn")
     target = min(len(d) for d in found.values())
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), layout="constrained")
     colors = common.model_colors(list(found))
@@ -416,8 +488,9 @@ def plot_mi(args) -> common.Outputs:
         keys = sorted(d, key=block_of)
         arr = np.stack([d[k] for k in keys])                                     # [blocks, 2, K]
         for c, (ax, name) in enumerate(zip(axes, ("Î(s_t; T)", "Î(a_t; T)"))):
-            mean = _pair_average(np.nanmean(arr[:, c], axis=1), target)
-            std = _pair_average(np.nanstd(arr[:, c], axis=1), target)
+            with _quiet_nan():                                                   # an all-NaN block: a NaN point
+                mean = _pair_average(np.nanmean(arr[:, c], axis=1), target)
+                std = _pair_average(np.nanstd(arr[:, c], axis=1), target)
             ax.errorbar(np.arange(len(mean)), mean, yerr=std, marker="o", ms=3, capsize=2, color=colors[m],
                         label=common.model_label(m))
             ax.set_title(name)
@@ -447,20 +520,39 @@ def build_plot_data_parser():
     return p
 
 
+def _load_mi_data(f) -> np.ndarray:
+    """A ``data`` result as run_mi_exp.py writes it: a non-empty 1-D array of MI per timestep (NaN: failed
+    estimates); anything else is refused naming the file."""
+    a = common.load_npy(f)
+    common.check_arrays(f, {"MI": a}, ("MI",), finite=False)
+    if a.ndim != 1 or a.size == 0:
+        raise UserError(f"{f}: an array of shape {list(a.shape)}; run_mi_exp.py writes a 1-D array (one MI per "
+                        f"timestep)")
+    _check_estimates(f, "MI", a)
+    return a
+
+
 def plot_mi_data(args) -> common.Outputs:
     common.check_seeds(args, "seed")
     plt = common.pyplot()
     res = Path(args.results_dir)
     envs = [args.env_name] if args.env_name else args.env_name_list
     ktag = _ktag(args)
-    found = {}
+    found, missing, empty = {}, [], []
     for env in envs:
         fs = [res / f"mi_data_{w}_action_{env}_{args.dataset_name}_{args.seed}{ktag}.npy" for w in ("state", "rtg")]
-        if all(f.is_file() for f in fs):
-            found[env] = [common.load_npy(f) for f in fs]
+        if not all(f.is_file() for f in fs):
+            missing.append(" and ".join(str(f) for f in fs if not f.is_file()))
+        elif env not in found:
+            found[env] = [_load_mi_data(f) for f in fs]
+            empty += [f for f, a in zip(fs, found[env]) if np.isnan(a).all()]
     if not found:
         raise UserError(f"no data-MI results mi_data_state_action_{{env}}_{args.dataset_name}_{args.seed}{ktag}.npy in "
                         f"{res} (run run_mi_exp.py --exp_type data first)")
+    for f in missing:
+        common.warn(f"{f} not found; that env is left out of the figure")
+    for f in empty:
+        common.warn(f"{f}: every estimate is NaN; its box is empty")
     fig, axes = plt.subplots(1, len(found), figsize=(3.2 * len(found), 3.2), squeeze=False, layout="constrained")
     for ax, (env, (sa, ra)) in zip(axes[0], found.items()):
         ax.boxplot([sa[~np.isnan(sa)], ra[~np.isnan(ra)]])

@@ -1,0 +1,204 @@
+"""Bad input of the MINE / mutual-information scripts: an overflowing forward, fewer than 2 samples, malformed
+result files (one line ``error: ...``, exit 2, nothing written), and all-NaN or missing results (``warning: ...``
+lines, the figure still written)."""
+import numpy as np
+import pytest
+import torch
+from test_analysis_support import expect_exit, load_script, write_run
+
+from decision_transformer.analysis import common, mi
+
+SAVE = "mine/save_activation.py"
+RUN_MI = "mine/run_mi_exp.py"
+PLOT_MI = "analysis/section-52-mutual-information/plot_mutual_information.py"
+PLOT_MI_DATA = "analysis/section-52-mutual-information/plot_mutual_information_data.py"
+SMALL = ["--K", "3", "--device", "cpu"]
+
+
+def _save_argv(ck, out, *extra):
+    return ["--checkpoint_dir", ck, "--env_name_list", "hopper", "--model_name", "dt", *SMALL,
+            "--results_dir", out, *extra]
+
+
+# ---- 1. save_activation.py: a forward that overflows ---------------------------------------------------------------
+
+def test_save_activation_refuses_non_finite_activations(tmp_path, hopper_data, capsys):
+    """Finite weights whose forward overflows (every c_fc weight 1e30): one line naming the checkpoint and the first
+    entry / token with NaN or inf, nothing written (not an .npz that is half NaN with exit 0)."""
+    ck = tmp_path / "checkpoints"
+    d = write_run(ck, "dt", epochs=(40,), data_file=hopper_data / "hopper-medium-v2.pkl")
+    path = d / "model_40.pt"
+    obj = torch.load(path, weights_only=True)
+    for k, v in obj["state_dict"].items():
+        if k.endswith("mlp.c_fc.weight"):
+            v.fill_(1e30)
+    torch.save(obj, path)
+    out = tmp_path / "res"
+    msg = expect_exit(capsys, load_script(SAVE).main, _save_argv(ck, out, "--batch_size", "4"))
+    assert f"{path}: the model's forward pass gives non-finite activations, first at 1.mlp.dropout" in msg
+    assert not out.exists()
+
+
+# ---- 2. fewer than 2 samples ---------------------------------------------------------------------------------------
+
+def test_save_activation_refuses_a_batch_of_one(tmp_path, hopper_data, capsys):
+    ck = tmp_path / "checkpoints"
+    write_run(ck, "dt", epochs=(40,), data_file=hopper_data / "hopper-medium-v2.pkl")
+    out = tmp_path / "res"
+    msg = expect_exit(capsys, load_script(SAVE).main, _save_argv(ck, out, "--batch_size", "1"))
+    assert "invalid --batch_size 1: use an integer >= 2" in msg
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("exp_type", ["normal", "no_context", "data"])
+def test_run_mi_refuses_fewer_than_two_samples(tmp_path, capsys, exp_type):
+    """Activation files of one sample (an older save_activation.py --batch_size 1): refused, not all-NaN MI."""
+    B, K, D = 1, 2, 4
+    rng = np.random.default_rng(0)
+    df = common.save_npz(mi.data_file(tmp_path, "hopper", "medium", 666), states=rng.normal(size=(B, K, 11)),
+                         actions=rng.normal(size=(B, K, 3)), rtg=rng.normal(size=(B, K + 1, 1)),
+                         timesteps=np.zeros((B, K)), attention_mask=np.ones((B, K)))
+    common.save_npz(mi.activation_file(tmp_path, 40, "gpt2", "hopper", "medium", 666),
+                    **{f"{b}.mlp.dropout": rng.normal(size=(B, 3 * K, D)) for b in range(2)})
+    argv = ["-psm", tmp_path / "out", "-pd", tmp_path, "-pa", tmp_path, "--iters", 1, "--mine_hidden", 4,
+            "--batch_size", 2, "--device", "cpu", "--exp_type", exp_type]
+    msg = expect_exit(capsys, load_script(RUN_MI).main, argv)
+    assert f"{df}: 1 sample(s); MI needs at least 2" in msg
+    assert not (tmp_path / "out").exists()
+
+
+# ---- 3. malformed mi_xy_*.npz ----------------------------------------------------------------------------------------
+
+def _xy(n=8, **changes):
+    pos = np.arange(n)
+    arrays = {"x": np.linspace(0, 1, n), "y": np.linspace(1, 2, n), "position": pos, "token": pos % 3,
+              "depth": np.array(2)}
+    arrays.update(changes)
+    return arrays
+
+
+@pytest.mark.parametrize("changes, msg", [
+    ({"x": np.ones(5), "position": np.arange(59), "token": np.arange(59) % 3, "y": np.ones(59)},
+     "arrays x, y, position, token of shapes [5], [59], [59], [59]"),
+    ({"x": np.ones((3, 3))}, "arrays x, y, position, token of shapes [3, 3], [8], [8], [8]"),
+    ({"token": np.arange(8)}, "array 'token' has values other than 0, 1, 2"),
+    ({"token": np.full(8, np.nan)}, "array 'token' has values other than 0, 1, 2"),
+    ({"y": np.full(8, np.inf)}, "array 'y' has infinite values"),
+    ({"position": np.full(8, np.nan)}, "array 'position' has values that are not finite"),
+    ({"depth": np.array(np.nan)}, "'depth' nan is not the depth of a model with block 0"),
+])
+def test_plot_mi_refuses_malformed_xy_results(tmp_path, capsys, changes, msg):
+    res = tmp_path / "res"
+    res.mkdir()
+    f = res / "mi_xy_0_40_dt_hopper_medium_666.npz"
+    np.savez(f, **_xy(**changes))
+    err = expect_exit(capsys, load_script(PLOT_MI).main, ["--results_dir", res, "--figs_dir", tmp_path / "figs",
+                                                          "--model_name_list", "dt"])
+    assert f"{f}: {msg}" in err
+    assert not (tmp_path / "figs").exists()
+
+
+# ---- 4. malformed mi_data_*.npy ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("array, msg", [
+    (np.array(["a", "b"]), "array 'MI' is not numeric"),
+    (np.array(1.0), "an array of shape []; run_mi_exp.py writes a 1-D array"),
+    (np.ones((2, 3)), "an array of shape [2, 3]; run_mi_exp.py writes a 1-D array"),
+    (np.array([1.0, np.inf]), "array 'MI' has infinite values"),
+])
+def test_plot_mi_data_refuses_malformed_results(tmp_path, capsys, array, msg):
+    res = tmp_path / "res"
+    res.mkdir()
+    f = res / "mi_data_state_action_hopper_medium_666.npy"
+    np.save(f, array)
+    np.save(res / "mi_data_rtg_action_hopper_medium_666.npy", np.linspace(0, 1, 3))
+    err = expect_exit(capsys, load_script(PLOT_MI_DATA).main, ["--results_dir", res, "--figs_dir", tmp_path / "figs",
+                                                               "--env_name", "hopper"])
+    assert f"{f}: {msg}" in err
+    assert not (tmp_path / "figs").exists()
+
+
+def test_plot_mi_data_accepts_nan_estimates(tmp_path, capsys):
+    """Failed estimates are NaN (what run_mi_exp.py writes for them): drawn without them, no warning."""
+    res = tmp_path / "res"
+    res.mkdir()
+    for w in ("state", "rtg"):
+        np.save(res / f"mi_data_{w}_action_hopper_medium_666.npy", np.array([0.5, np.nan, 1.0]))
+    load_script(PLOT_MI_DATA).main(["--results_dir", res, "--figs_dir", tmp_path / "figs", "--env_name", "hopper"])
+    assert "warning" not in capsys.readouterr().err
+    assert (tmp_path / "figs" / "mi_data_hopper_medium_666.png").is_file()
+
+
+# ---- 5. every estimate NaN -----------------------------------------------------------------------------------------
+
+def test_all_nan_results_are_warned_about(tmp_path, capsys):
+    res, figs = tmp_path / "res", tmp_path / "figs"
+    res.mkdir()
+    nan = np.full(8, np.nan)
+    xy = res / "mi_xy_0_40_dt_hopper_medium_666.npz"
+    np.savez(xy, **_xy(x=nan, y=nan))
+    blocks = res / "mi_40_dt_hopper_medium_666.npz"
+    np.savez(blocks, **{f"{b}.mlp.dropout": np.full((2, 3), np.nan) for b in range(2)})
+    data = [res / f"mi_data_{w}_action_hopper_medium_666.npy" for w in ("state", "rtg")]
+    for f in data:
+        np.save(f, np.full(3, np.nan))
+    plot = load_script(PLOT_MI).main
+    argv = ["--results_dir", res, "--figs_dir", figs, "--model_name_list", "dt"]
+    capsys.readouterr()
+    plot(argv)
+    err = capsys.readouterr().err
+    assert f"warning: {xy}: every x and y estimate is NaN" in err
+    assert "RuntimeWarning" not in err
+    plot(argv + ["--exp_type", "no_context"])
+    err = capsys.readouterr().err
+    assert f"warning: {blocks}: every state and action estimate is NaN" in err
+    assert "RuntimeWarning" not in err
+    load_script(PLOT_MI_DATA).main(["--results_dir", res, "--figs_dir", figs, "--env_name", "hopper"])
+    err = capsys.readouterr().err
+    assert all(f"warning: {f}: every estimate is NaN" in err for f in data)
+    assert {p.name for p in figs.glob("*.png")} == {"mi_xy_40_dt_hopper_medium_666.png",
+                                                    "mi_no_context_40_dt_hopper_medium_666.png",
+                                                    "mi_data_hopper_medium_666.png"}
+
+
+# ---- 6. models / envs without results ------------------------------------------------------------------------------
+
+def test_missing_models_and_envs_are_warned_about(tmp_path, capsys):
+    res, figs = tmp_path / "res", tmp_path / "figs"
+    res.mkdir()
+    np.savez(res / "mi_xy_0_40_dt_hopper_medium_666.npz", **_xy())
+    np.savez(res / "mi_40_dt_hopper_medium_666.npz", **{f"{b}.mlp.dropout": np.ones((2, 3)) for b in range(2)})
+    for w in ("state", "rtg"):
+        np.save(res / f"mi_data_{w}_action_hopper_medium_666.npy", np.linspace(0, 1, 3))
+    np.save(res / "mi_data_state_action_walker2d_medium_666.npy", np.linspace(0, 1, 3))     # its rtg file missing
+    plot = load_script(PLOT_MI).main
+    argv = ["--results_dir", res, "--figs_dir", figs, "--model_name_list", "dt", "gpt2", "igpt"]
+    capsys.readouterr()
+    plot(argv)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert lines == [f"warning: {res}/mi_xy_*_40_{m}_hopper_medium_666.npz not found; that model is left out of the "
+                     f"figure" for m in ("gpt2", "igpt")]
+    plot(argv + ["--exp_type", "no_context"])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert lines == [f"warning: {res}/mi_40_{m}_hopper_medium_666.npz not found; that model is left out of the figure"
+                     for m in ("gpt2", "igpt")]
+    load_script(PLOT_MI_DATA).main(["--results_dir", res, "--figs_dir", figs, "--env_name_list", "hopper",
+                                    "walker2d", "halfcheetah"])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert len(lines) == 2
+    assert f"{res}/mi_data_rtg_action_walker2d_medium_666.npy not found; that env is left out" in lines[0]
+    assert "mi_data_state_action_walker2d" not in lines[0]
+    assert f"{res}/mi_data_state_action_halfcheetah_medium_666.npy and " in lines[1]
+    assert (figs / "mi_data_hopper_medium_666.png").is_file()
+
+
+def test_nothing_found_is_still_an_error(tmp_path, capsys):
+    res = tmp_path / "res"
+    res.mkdir()
+    argv = ["--results_dir", res, "--figs_dir", tmp_path / "figs"]
+    plot = load_script(PLOT_MI).main
+    assert "no MI results mi_xy_*" in expect_exit(capsys, plot, argv + ["--model_name_list", "gpt2", "igpt"])
+    assert "no MI results" in expect_exit(capsys, plot, argv + ["--exp_type", "no_context"])
+    msg = expect_exit(capsys, load_script(PLOT_MI_DATA).main, argv + ["--env_name_list", "hopper", "walker2d"])
+    assert "no data-MI results" in msg
+    assert not (tmp_path / "figs").exists()
