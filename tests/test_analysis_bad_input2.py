@@ -106,6 +106,8 @@ def _argv(script, ck, out):
     ("plot_mi", ["--seed", "-1"], "invalid --seed -1"),
     ("plot_mi_data", ["--seed", str(2 ** 40)], f"invalid --seed {2 ** 40}"),
     ("all", ["--grad_batch_size", "1"], "invalid --grad_batch_size 1: use an integer >= 2"),
+    ("all", ["--batch_size", "3"], "invalid --batch_size 3: use an integer >= 4"),     # up front, not at the CKA step
+    ("all", ["--grad_batch_size", "100001"], "--grad_batch_size 100001 is too large (at most 100,000)"),
     ("all", ["--mine_iters", "0"], "invalid --mine_iters 0"),
     ("all", ["--grad_epoch", "-1"], "invalid --grad_epoch -1"),
     ("all", ["--seed", "-1"], "invalid --seed -1"),

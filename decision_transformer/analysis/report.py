@@ -352,8 +352,12 @@ def write_report(args, plan: _Plan, results: dict, failures: dict, skipped: list
 
 
 def run(args) -> Path:
-    common.check_positive(args, "run_K", "batch_size", "K", "mine_iters", "mine_hidden")
+    common.check_positive(args, "run_K", "K", "mine_iters", "mine_hidden")
+    common.check_min(args, 4, "batch_size")       # the debiased CKA needs 4 examples (MI 2)
     common.check_min(args, 2, "grad_batch_size")  # gradient confusion compares pairs of samples
+    for name in ("batch_size", "grad_batch_size"):
+        if getattr(args, name) > common.MAX_ANALYSIS_BATCH:
+            raise UserError(f"--{name} {getattr(args, name)} is too large (at most {common.MAX_ANALYSIS_BATCH:,})")
     common.check_min(args, 0, "epoch2", "grad_epoch", "attention_epoch2")
     common.check_seeds(args, "seed")
     both = [s for s in (args.only or []) if s in args.skip]
