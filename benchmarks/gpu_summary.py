@@ -1,0 +1,153 @@
+"""The GPU suite's logs as the README's table: the targets checked, the device named, the overlap default suggested.
+
+    python benchmarks/gpu_summary.py benchmarks/results        # the folder gpu_suite.sh wrote (its $OUT)
+
+Reads ``device.txt`` and the logs of ``gpu_suite.sh`` (``bench_train.txt``, ``bench_core.txt``,
+``bench_train_compile.txt``, ``check_precision_*.txt``, ``bench_analysis.txt``); a log that is missing or was cut
+short leaves its rows out and says so. Prints markdown:
+
+* the device line (``nvidia-smi``'s name, memory and driver);
+* the three targets with the measured figure and met / not met: evaluation of 50 episodes batched against one by one
+  (at least 30x; the best configuration of env workers and overlap groups), training at the paper config on the
+  device against the per-sample loop (at least 5x), MFU at GPT-2 size (at least 35%);
+* every measured row of training and evaluation, the precision checks' results and the analysis speed-ups;
+* the ``overlap_groups`` setting that was fastest at 50 episodes, for the CUDA default in
+  ``decision_transformer/evaluation.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+TARGETS = {"eval": 30.0, "train": 5.0, "mfu": 35.0}
+
+
+def tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
+    """The markdown tables of ``text``: (header cells, rows of cells), the separator line left out."""
+    out, current = [], None
+    for line in text.splitlines():
+        line = line.strip()
+        if not (line.startswith("|") and line.endswith("|")):
+            current = None
+            continue
+        cells = [c.strip() for c in line[1:-1].split("|")]
+        if current is None:
+            current = (cells, [])
+            out.append(current)
+        elif not all(set(c) <= set("-:") and c for c in cells):
+            current[1].append(cells)
+    return out
+
+
+def table(text: str, first_header: str) -> list[dict[str, str]]:
+    """The rows (as {header: cell}) of the first table whose first header cell starts with ``first_header``."""
+    for header, rows in tables(text):
+        if header[0].startswith(first_header):
+            return [dict(zip(header, r)) for r in rows if len(r) == len(header)]
+    return []
+
+
+def number(cell: str) -> float | None:
+    """``"1,234.5"``, ``"12.0x"``, ``"41.3%"`` -> float; ``"-"`` or anything else -> None."""
+    try:
+        return float(cell.replace(",", "").rstrip("x%").strip())
+    except (AttributeError, ValueError):
+        return None
+
+
+def _mfu(row: dict) -> float | None:
+    key = next((k for k in row if k.startswith("MFU")), None)
+    return number(row[key]) if key else None
+
+
+def summarise(folder: Path) -> tuple[str, dict]:
+    """(markdown, figures) of the logs in ``folder``; figures: eval / train / mfu / overlap (None where missing)."""
+    def read(name):
+        f = folder / name
+        return f.read_text(errors="replace") if f.is_file() else None
+
+    lines, figures, missing = [], {"eval": None, "train": None, "mfu": None, "overlap": None}, []
+    device = read("device.txt")
+    dev = [l for l in (device or "").splitlines() if l.strip() and not l.startswith("name")]
+    lines.append(f"Device: {dev[0].strip() if dev else 'unknown (no device.txt)'}\n")
+
+    train = table(read("bench_train.txt") or "", "config")
+    compiled = table(read("bench_train_compile.txt") or "", "config")
+    for name, rows in (("bench_train.txt", train), ("bench_train_compile.txt", compiled)):
+        if not rows:
+            missing.append(name)
+    by = {(r["config"], r["batches"]): r for r in train + compiled}
+    slow = number(by.get(("paper", "per-sample loop"), {}).get("steps/s", ""))
+    fast = [number(r["steps/s"]) for (c, b), r in by.items() if c == "paper" and b.startswith("on-device")]
+    fast = [f for f in fast if f]
+    if slow and fast:
+        figures["train"] = max(fast) / slow
+    gpt2 = by.get(("gpt2", "on-device"))
+    figures["mfu"] = _mfu(gpt2) if gpt2 else None
+
+    ev = table(read("bench_core.txt") or "", "evaluation (")
+    if not ev:
+        missing.append("bench_core.txt")
+    def ratio(r):   # from the two rates (printed to 0.01), not the rounded ratio column
+        return number(r["batched ep/s"]) / number(r["one-by-one ep/s"])
+
+    at50 = [r for r in ev if r.get("episodes") == "50" and number(r.get("batched ep/s", ""))
+            and number(r.get("one-by-one ep/s", ""))]
+    if at50:
+        figures["eval"] = max(ratio(r) for r in at50)
+        fastest = max(at50, key=lambda r: number(r["batched ep/s"]) or 0)
+        figures["overlap"] = fastest["overlap groups"]
+
+    def verdict(key, unit):
+        v = figures[key]
+        if v is None:
+            return "not measured", "-"
+        return f"{v:.1f}{unit}", "met" if v >= TARGETS[key] else "NOT met"
+
+    lines += ["| target | required | measured | result |", "|---|---:|---:|---|"]
+    for key, what, unit in (("eval", "evaluation, 50 episodes, batched vs one by one", "x"),
+                            ("train", "training steps/s at the paper config, on-device vs per-sample loop", "x"),
+                            ("mfu", "MFU at GPT-2 size (768 x 12), bf16", "%")):
+        got, ok = verdict(key, unit)
+        lines.append(f"| {what} | {TARGETS[key]:g}{unit} | {got} | {ok} |")
+    if figures["overlap"] is not None:
+        lines.append(f"\nFastest 50-episode evaluation with overlap groups = {figures['overlap']} (the CUDA default of "
+                     f"`overlap_groups` in decision_transformer/evaluation.py).")
+
+    def show(title, header, rows):
+        if rows:
+            lines.extend(["", f"**{title}**", "", "| " + " | ".join(header) + " |",
+                          "|" + "|".join("---" for _ in header) + "|"]
+                         + ["| " + " | ".join(r.get(h, "") for h in header) + " |" for r in rows])
+
+    if train or compiled:
+        show("Training", list((train or compiled)[0]), train + compiled)
+    show("Evaluation", list(ev[0]) if ev else [], ev)
+    for name in sorted(p.name for p in folder.glob("check_precision_*.txt")):
+        rows = table(read(name), "variant")
+        show(f"Precision ({name[len('check_precision_'):-4]})", list(rows[0]) if rows else [], rows)
+        if not rows:
+            missing.append(name)
+    analysis = table(read("bench_analysis.txt") or "", "analysis")
+    show("Analyses", list(analysis[0]) if analysis else [], analysis)
+    if missing:
+        lines.append(f"\nNo rows in: {', '.join(missing)} (missing, or stopped before its first row).")
+    return "\n".join(lines) + "\n", figures
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="the folder gpu_suite.sh wrote (its $OUT; default there: benchmarks/results)")
+    args = p.parse_args(argv)
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        print(f"error: {folder}: not a folder of GPU suite logs", file=sys.stderr)
+        return 2
+    text, _ = summarise(folder)
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

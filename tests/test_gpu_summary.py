@@ -1,0 +1,77 @@
+"""benchmarks/gpu_summary.py reads the logs the GPU suite's scripts print (made here by their own main functions, with
+the measurements replaced by fixed numbers) and checks the three targets."""
+import types
+
+import pytest
+import torch
+from conftest import load_script
+
+FAKE_CUDA = types.SimpleNamespace(type="cuda")
+
+
+@pytest.fixture
+def logs(tmp_path, monkeypatch, capsys):
+    """A folder as gpu_suite.sh leaves it: device.txt and the logs of bench_train (eager, then compiled) and
+    bench_core, printed by their main functions on a pretend H200."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    train = load_script("benchmarks/bench_train.py")
+    monkeypatch.setattr(train, "bench_device", lambda name: FAKE_CUDA)
+    monkeypatch.setattr(train, "synthetic_trajectories", lambda *a, **k: None)
+    rates = {("paper", True, None): 40.0, ("paper", False, None): 300.0, ("paper", False, "reduce-overhead"): 900.0,
+             ("gpt2", True, None): 10.0, ("gpt2", False, None): 30.0}
+
+    def measure(name, trajs, device, steps, batch_size, K, slow, amp, compile=None):
+        sps = rates[(name, slow, compile)]
+        return sps, sps * batch_size * 60, 1000.0, sps * 1e13 * (1.65 if name == "gpt2" else 0.01), 0.5
+
+    monkeypatch.setattr(train, "measure", measure)
+    train.main(["--configs", "paper", "gpt2"])
+    (tmp_path / "bench_train.txt").write_text(capsys.readouterr().out)
+    train.main(["--configs", "paper", "--compile", "reduce-overhead"])
+    (tmp_path / "bench_train_compile.txt").write_text(capsys.readouterr().out)
+
+    core = load_script("benchmarks/bench_core.py")
+    monkeypatch.setattr(core, "bench_device", lambda name: FAKE_CUDA)
+    monkeypatch.setattr(core, "tune_allocator", lambda: True)
+    monkeypatch.setattr(core, "bench_sampler", lambda device: (1000.0, 50.0))
+    monkeypatch.setattr(core, "bench_env_stepping", lambda n, workers, steps: [(0, 12000.0), (8, 60000.0)])
+    monkeypatch.setattr(core, "bench_forward", lambda device, sizes: [(1, 2.0, 1.0)])
+    eval_rows = [(10, 0, 1, 20.0, 1.0), (50, 0, 1, 30.0, 1.0), (50, 0, 4, 42.0, 1.0), (50, 8, 4, 41.0, 0.8),
+                 (100, 0, 4, 50.0, 1.0)]
+    monkeypatch.setattr(core, "bench_eval", lambda device, episodes, seq, workers, groups: eval_rows)
+    core.main([])
+    (tmp_path / "bench_core.txt").write_text(capsys.readouterr().out)
+    (tmp_path / "device.txt").write_text("name, memory.total [MiB], driver_version\nNVIDIA H200, 143771 MiB, 570.1\n")
+    (tmp_path / "check_precision_paper.txt").write_text(
+        "| variant | loss (max rel.) | weight drift | action (max abs.) | tolerances | result |\n|---|---:|---:|---:|---|---|\n"
+        "| bf16 (fused) | 1.00e-03 | 2.00e-02 | 3.00e-03 | 0.05 / 0.2 / 0.05 | ok |\n")
+    return tmp_path
+
+
+def test_the_targets_are_checked_from_the_logs(logs):
+    summary = load_script("benchmarks/gpu_summary.py")
+    text, figures = summary.summarise(logs)
+    assert figures["train"] == pytest.approx(900.0 / 40.0)          # the fastest on-device row (compiled)
+    assert figures["eval"] == pytest.approx(51.25)                  # 41.0 / 0.8: the best 50-episode ratio
+    assert figures["overlap"] == "4"                                # the fastest 50-episode batched rate: 42.0
+    assert figures["mfu"] == pytest.approx(100 * 30.0 * 1.65e13 / 989e12, abs=0.05)
+    assert text.startswith("Device: NVIDIA H200, 143771 MiB, 570.1\n")
+    assert "| evaluation, 50 episodes, batched vs one by one | 30x | 51.2x | met |" in text
+    assert "| training steps/s at the paper config, on-device vs per-sample loop | 5x | 22.5x | met |" in text
+    assert f"| MFU at GPT-2 size (768 x 12), bf16 | 35% | {figures['mfu']:.1f}% | met |" in text
+    assert "Fastest 50-episode evaluation with overlap groups = 4" in text
+    assert "| bf16 (fused) | 1.00e-03 |" in text and "No rows in" not in text
+
+
+def test_a_missing_or_cut_short_log_is_said_and_its_target_not_measured(logs, capsys):
+    summary = load_script("benchmarks/gpu_summary.py")
+    (logs / "bench_train.txt").unlink()
+    core = (logs / "bench_core.txt").read_text()
+    (logs / "bench_core.txt").write_text(core[:core.index("| | 10 |")])       # stopped before its first eval row
+    text, figures = summary.summarise(logs)
+    assert figures["eval"] is None and figures["mfu"] is None
+    assert figures["train"] == pytest.approx(22.5)                  # the compiled log has its own per-sample row
+    assert "| evaluation, 50 episodes, batched vs one by one | 30x | not measured | - |" in text
+    assert "No rows in: bench_train.txt, bench_core.txt" in text
+    assert summary.main([str(logs / "nothing")]) == 2
+    assert "not a folder of GPU suite logs" in capsys.readouterr().err
