@@ -239,9 +239,16 @@ def check_state_dict_tensors(state_dict, source) -> None:
     if not isinstance(state_dict, dict):
         raise UserError(f"{source}: damaged checkpoint: its state_dict is a {type(state_dict).__name__}, not a dict")
     for k, v in state_dict.items():
-        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise UserError(f"{source}: damaged checkpoint: state_dict entry {k!r} is a {type(v).__name__}, not a "
-                            f"tensor")
+        if not isinstance(k, str):
+            raise UserError(f"{source}: damaged checkpoint: state_dict key {k!r} is {_a(k)}, not a name")
+        if not isinstance(v, torch.Tensor):
+            raise UserError(f"{source}: damaged checkpoint: state_dict entry {k!r} is {_a(v)}, not a tensor")
+
+
+def _a(value) -> str:
+    """'a list', 'an int': the kind of ``value`` with its article."""
+    kind = type(value).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 def check_finite_state(state_dict: dict, source: str):

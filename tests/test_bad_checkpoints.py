@@ -110,6 +110,39 @@ def test_legacy_import_refuses_non_finite_weights(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("state_dict, expect", [
+    ([torch.zeros(1)], "its state_dict is a list, not a dict"),
+    ({0: torch.zeros(1)}, "state_dict key 0 is an int, not a name"),
+    ({"w": torch.zeros(1), ("a", 1): torch.zeros(1)}, "state_dict key ('a', 1) is a tuple, not a name"),
+    ({"w": "zeros"}, "state_dict entry 'w' is a str, not a tensor"),
+], ids=["list", "int_key", "tuple_key", "str_value"])
+def test_a_state_dict_that_does_not_map_names_to_tensors(tmp_path, state_dict, expect):
+    """A bad key is named as a key (its value may well be a tensor), a bad value as a value."""
+    from decision_transformer.checkpoint import load_checkpoint
+
+    path = tmp_path / "bad.pt"
+    torch.save({"state_dict": state_dict}, path)
+    # (load_model_file reads a state_dict that is not a dict as no checkpoint at all)
+    for load in (load_checkpoint,) if isinstance(state_dict, list) else (load_checkpoint, load_model_file):
+        with pytest.raises(UserError) as e:
+            load(path)
+        assert str(e.value) == f"{path}: damaged checkpoint: {expect}"
+
+
+def test_a_damaged_zip_says_what_torch_found_without_its_advice(tmp_path):
+    """torch's zip reader adds sentences of advice after its finding ("This is an internal miniz error. If you..."):
+    only the finding is kept."""
+    from decision_transformer.checkpoint import load_checkpoint
+
+    path = tmp_path / "b.pt"
+    path.write_bytes(b"PK\x03\x04junk")
+    with pytest.raises(UserError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: not a loadable checkpoint (torch.load failed: RuntimeError: ") and \
+        msg.endswith("not a ZIP archive)"), msg
+    assert "internal miniz error" not in msg and "If you" not in msg
+
 # ---- stored state statistics (results_table) -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mean, std, expect", [

@@ -565,7 +565,7 @@ def test_a_checkpoint_whose_state_dict_holds_a_non_tensor_is_refused(tmp_path):
     torch.save({"state_dict": state, "config": {"model_config": model.config.to_dict()}}, path)
     for load in (load_checkpoint, load_model_file):
         with pytest.raises(UserError, match=rf"^{path}: damaged checkpoint: state_dict entry "
-                                            r"'transformer.h.0.attn.c_attn.weight' is a int, not a tensor$"):
+                                            r"'transformer.h.0.attn.c_attn.weight' is an int, not a tensor$"):
             load(path)
 
 
@@ -687,3 +687,50 @@ def test_a_recorded_model_config_no_model_can_use_is_one_line_when_loaded(tmp_pa
     with pytest.raises(UserError, match=rf"^{path}: invalid model_config \(resid_pdrop must be a probability in "
                                         r"\[0, 1\), got 1.5\)$"):
         load_model_file(path)
+
+
+def test_a_bare_state_dict_needs_both_its_head_count_and_its_activation(tmp_path, capsys):
+    """Either of --n_head / --activation_function alone is refused: a gelu_new model given only --n_head would
+    otherwise convert silently with another activation."""
+    _, path = _bare(tmp_path, "hopper/model_0.pt", n_head=4, activation_function="gelu_new")
+    out = tmp_path / "conv.pt"
+    for given in (["--n_head", "4"], ["--activation_function", "relu"]):
+        assert "give --n_head and --activation_function" in fails(legacy_import.main,
+                                                                    [str(path), "--out", str(out), *given], capsys)
+    assert not out.exists()
+
+
+def test_a_context_length_equal_to_the_timestep_count_converts(tmp_path, capsys):
+    """K may equal the model's timestep count (only a longer context is refused), for a bare state dict's -K and
+    for an original's recorded max_length."""
+    _, path = _bare(tmp_path, "hopper/model_0.pt", n_head=4, activation_function="gelu_new")
+    flags = ["--n_head", "4", "--activation_function", "gelu_new"]
+    legacy_import.main([str(path), "--out", str(tmp_path / "k1000.pt"), *flags, "-K", "1000"])
+    assert torch.load(tmp_path / "k1000.pt", weights_only=True)["config"]["model_config"]["max_length"] == 1000
+    assert "-K 1001 exceeds the model's 1000 timesteps" in fails(
+        legacy_import.main, [str(path), "--out", str(tmp_path / "k1001.pt"), *flags, "-K", "1001"], capsys)
+    orig = LDecisionTransformer()
+    orig.max_length = 1000                                          # its embed_timestep has 1000 rows
+    src = tmp_path / "models" / "hopper" / "dt_gym-experiment-hopper-medium-1.pt"
+    src.parent.mkdir(parents=True)
+    save_original(orig, src)
+    assert import_legacy(src)["config"]["model_config"]["max_length"] == 1000
+    orig.max_length = 1001
+    save_original(orig, src)
+    with pytest.raises(UserError, match="its context length max_length 1001 exceeds its 1000 timesteps"):
+        import_legacy(src)
+
+
+def test_env_overrides_a_run_folder_that_names_another_env(tmp_path):
+    """--env wins over the env a TAKAGI run folder names (the weights must fit the env given)."""
+    from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+
+    path = tmp_path / "gpt2_medium_hopper_0" / "model_1.pt"
+    path.parent.mkdir()
+    torch.save(DecisionTransformer(DTConfig(state_dim=17, act_dim=6, backbone=BackboneConfig(n_embd=16, n_layer=1)))
+               .state_dict(), path)
+    out = tmp_path / "o.pt"
+    legacy_import.main([str(path), "--out", str(out), "--env", "walker2d", "--n_head", "1",
+                        "--activation_function", "relu"])
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["config"]["env"] == "walker2d" and ckpt["specializations"] == ["walker2d"]

@@ -682,6 +682,8 @@ def test_get_action_rows_are_batch_independent_at_default_size():
     ("attn_pdrop", float("nan"), "attn_pdrop must be a probability in [0, 1)"),
     ("layer_norm_epsilon", float("nan"), "layer_norm_epsilon must be a finite positive number"),
     ("initializer_range", -0.02, "initializer_range must be a finite positive number"),
+    ("layer_norm_epsilon", 0.0, "layer_norm_epsilon must be a finite positive number, got 0.0"),
+    ("initializer_range", 0.0, "initializer_range must be a finite positive number, got 0.0"),
     ("activation_function", 7, "activation_function must be a name"),
 ])
 def test_backbone_config_refuses_values_no_model_can_use(field, value, message):

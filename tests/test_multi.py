@@ -644,8 +644,12 @@ def test_a_multi_task_model_without_one_of_the_three_envs_is_refused(data, tmp_p
     two = tmp_path / "two.pt"
     atomic_save(make_checkpoint(m.state_dict(), {"model_class": MODEL_CLASS, "model_config": m.config.to_dict(),
                                                  "dataset": "medium"}, specializations=["hopper"]), two)
+    other = tmp_path / "two_walker2d.pt"                          # the same, specialised on another env
+    atomic_save(make_checkpoint(m.state_dict(), {"model_class": MODEL_CLASS, "model_config": m.config.to_dict(),
+                                                 "dataset": "medium"}, specializations=["walker2d"]), other)
     monkeypatch.chdir(tmp_path)
-    for way in (["--pretrained_model", str(two)], ["--load_checkpoint", str(two)]):
+    for way in (["--pretrained_model", str(two)], ["--load_checkpoint", str(two)],
+                ["--multi_pretrained_models", str(two), str(other), "--merge_method", "mean"]):
         msg = fails(experiment_multi.main, ["--data_path", str(data), *TINY, "--embed_dim", "16", "--n_head", "2",
                                             "--n_layer", "1", *way], capsys)
         assert msg == (f"error: {two}: a multi-task model of the envs ['hopper', 'walker2d'], without halfcheetah; "

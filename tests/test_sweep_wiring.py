@@ -247,6 +247,35 @@ def test_a_training_state_that_is_not_a_dict_is_damaged(tmp_path):
         and "\x1b" not in problem
 
 
+def test_a_training_state_without_an_iteration_is_damaged(tmp_path):
+    import torch
+
+    torch.save({"step": 1}, tmp_path / "train_state.pt")
+    assert sweep.state_iteration(tmp_path / "train_state.pt") == "not a training state (no iteration number)"
+
+
+def test_find_run_matches_path_flags_as_files(tmp_path, monkeypatch):
+    """A run recorded with --pretrained_models m/a.pt is the one asked for with ./m/a.pt."""
+    from decision_transformer.checkpoint import find_run
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run_1"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"pretrained_models": ["m/a.pt"]}))
+    (run / "train_state.pt").write_bytes(b"")
+    assert find_run(tmp_path, "run_", {"pretrained_models": ["./m/a.pt"]}, require="train_state.pt") == run
+    assert find_run(tmp_path, "run_", {"pretrained_models": ["m/b.pt"]}, require="train_state.pt") is None
+
+
+def test_a_symlink_to_a_model_names_the_same_model(tmp_path, monkeypatch):
+    from decision_transformer.checkpoint import same_flag_value
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.pt").write_bytes(b"x")
+    (tmp_path / "b.pt").symlink_to(tmp_path / "a.pt")
+    assert same_flag_value("load_checkpoint", "b.pt", "a.pt")
+    assert same_flag_value("pretrained_models", ["b.pt"], [str(tmp_path / "a.pt")])
+
 def test_flags_that_name_files_compare_as_files(tmp_path, monkeypatch):
     from decision_transformer.checkpoint import PATH_FLAGS, same_flag_value
 

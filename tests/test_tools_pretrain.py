@@ -51,6 +51,7 @@ def leftovers(folder: Path, *expected: str) -> list[str]:
     ("--lr", "0", "--lr must be a finite number > 0 (got 0.0)"),
     ("--lr", "nan", "--lr must be a finite number > 0 (got nan)"),
     ("--lr", "inf", "--lr must be a finite number > 0 (got inf)"),
+    ("--lr", "2", "--lr must be at most 1 (got 2.0)"),
     ("--n_head", "3", "--n_embd 16 is not divisible by --n_head 3"),
 ])
 def test_bad_numbers_are_refused_before_the_corpus_is_read(tmp_path, capsys, monkeypatch, flag, value, expect):
@@ -64,6 +65,21 @@ def test_bad_numbers_are_refused_before_the_corpus_is_read(tmp_path, capsys, mon
         f"error: {expect}"
     assert not read and not out.exists()
 
+
+def test_an_lr_of_1_passes_the_checks(tmp_path, monkeypatch):
+    """--lr 1 is the largest learning rate allowed: the run goes on to read the corpus."""
+    from decision_transformer.training import lm_pretrain
+
+    class Reached(Exception):
+        pass
+
+    def reached(path):
+        raise Reached
+
+    monkeypatch.setattr(lm_pretrain, "text_files", reached)
+    with pytest.raises(Reached):
+        make(corpus(tmp_path / "c.txt"), tmp_path / "out", "--lr", "1")
+    assert not (tmp_path / "out").exists()
 
 # ---- the corpus is read one way --------------------------------------------------------------------------------------
 
@@ -204,6 +220,26 @@ def test_a_diverged_run_saves_nothing_and_keeps_the_earlier_model(tmp_path, caps
     assert fails(pretrain_chibit.main, ["--text", text, "--out", tmp_path / "m2", *TINY, "--lr", "1e38"], capsys) == \
         "error: --lr must be at most 1 (got 1e+38)"
 
+
+def test_weights_made_nan_by_the_last_step_save_nothing(tmp_path, capsys, monkeypatch):
+    """Every loss is computed before its step's update: weights that the last update makes NaN leave every loss
+    finite, and are refused before anything is saved (exit 3)."""
+    class NaNAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.fill_(float("nan"))
+
+    monkeypatch.setattr(torch.optim, "AdamW", NaNAdamW)
+    out = tmp_path / "m"
+    with pytest.raises(SystemExit) as e:
+        make(corpus(tmp_path / "c.txt"), out, "--steps", "1")
+    assert e.value.code == 3
+    err = capsys.readouterr().err
+    assert "step 1/1 loss nan" not in err and \
+        "error: the weights became NaN or inf; nothing was saved (a smaller --lr?)" in err
+    assert not out.exists() and leftovers(tmp_path, "c.txt") == []
 
 def test_a_tokenizer_whose_ids_pass_its_length_sizes_the_vocabulary(tmp_path, monkeypatch):
     """Token ids beyond len(tokenizer) (a tokenizer with gaps) fit the embedding instead of crashing it."""

@@ -200,15 +200,20 @@ def _read_weights(lm: PretrainedLM) -> dict[str, torch.Tensor]:
                         f"files, {list(built)} by the config" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
     missing = [k for k in info.get("missing_keys", []) if not k.endswith(_BUFFER_SUFFIXES)]
     if missing:
-        raise UserError(f"{lm.path}: the weight files lack {missing[0]}" +
-                        (f" and {len(missing) - 1} more tensors" if len(missing) > 1 else ""))
+        raise UserError(f"{lm.path}: the weight files lack {missing[0]}{_more_tensors(missing)}")
     state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()
              if not k.endswith(_BUFFER_SUFFIXES)}
     bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
     if bad:
-        raise UserError(f"{lm.path}: the weights hold NaN or inf values, in {bad[0]}" +
-                        (f" and {len(bad) - 1} more tensors" if len(bad) > 1 else "") + " (a damaged model)")
+        raise UserError(f"{lm.path}: the weights hold NaN or inf values, in {bad[0]}{_more_tensors(bad)} (a damaged "
+                        f"model)")
     return state
+
+
+def _more_tensors(names: list) -> str:
+    """' and 1 more tensor', ' and 2 more tensors' after the first of ``names``; '' for one."""
+    n = len(names) - 1
+    return f" and {n} more tensor{'s' * (n > 1)}" if n else ""
 
 
 # ---- architecture and weights into our backbone ---------------------------------------------------------------
