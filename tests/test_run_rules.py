@@ -1,6 +1,6 @@
-"""Checks of run.py's resume and flag rules that no other test pinned down: path flags compared as files when a run is
-resumed, a damaged step count in a training state, the K warning when K grows, and the closed ends of the merge
-numbers' ranges."""
+"""run.py's resume and flag rules: path flags compared as files when a run is resumed, a damaged step count in a
+training state, the K warning when K grows, the closed ends of the merge numbers' ranges; and the counts in the LM
+weight messages."""
 import json
 import types
 
