@@ -2,8 +2,8 @@
 # Every GPU figure of the speed work in one command (one device lease): training throughput and MFU at the paper config
 # and at GPT-2 size (eager, then the paper config under --compile reduce-overhead), sampler and evaluation (50/10/100
 # episodes, with and without env worker processes and overlapped forwards) against the slow paths, and the fast path's
-# numerics against fp32. Output: device.txt, one log per step and summary.md (benchmarks/gpu_summary.py: the
-# targets checked, the README table) under ${OUT:-benchmarks/results}/.
+# numerics against fp32. Output: device.txt and one log per step under ${OUT:-benchmarks/results}/; last, the summary of
+# benchmarks/gpu_summary.py (the targets checked, the README table) is printed.
 #
 #   bash benchmarks/gpu_suite.sh            # on a CUDA machine with torch, gymnasium[mujoco] and this package
 #
@@ -43,9 +43,9 @@ run bench_train 60 "$py" benchmarks/bench_train.py --device cuda --configs paper
 run bench_core 160 "$py" benchmarks/bench_core.py --device cuda --episodes 50 10 100 --stepping_workers 0 8
 run bench_train_compile 90 "$py" benchmarks/bench_train.py --device cuda --configs paper --steps 100 \
     --compile reduce-overhead
-run check_precision_paper 125 "$py" benchmarks/check_precision.py --device cuda --config paper --steps 200
+run check_precision_paper 125 "$py" benchmarks/check_precision.py --device cuda --config paper --steps 100
 run check_precision_gpt2 40 "$py" benchmarks/check_precision.py --device cuda --config gpt2 --steps 50 --no_compile
 run bench_analysis 40 "$py" benchmarks/bench_analysis.py --device cuda
-echo "== summary: the targets, and the README table ($out/summary.md)"
-"$py" benchmarks/gpu_summary.py "$out" | tee "$out/summary.md"
+echo "== summary (printed only: \$OUT keeps the 7 logs, under the device tool's 8 files; rerun it on the logs anywhere)"
+"$py" benchmarks/gpu_summary.py "$out"
 exit $status

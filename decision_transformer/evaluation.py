@@ -15,6 +15,7 @@ import torch
 
 from decision_transformer.env_workers import episode_seed, initial_obs, step_envs  # noqa: F401 (episode_seed)
 from decision_transformer.envs import DEFAULT_ENV_VERSION, get_env_spec, make_env
+from decision_transformer.training.trainer import to_device_async
 
 
 @dataclass
@@ -164,8 +165,11 @@ def evaluate_episodes(model, env: str, target: float, num_episodes: int, state_m
         # Launch the forward of every group first; on a GPU they run while the CPU steps the envs of the groups
         # whose actions are already back. Each episode's action depends on its own history only.
         pending = []
-        for g in np.array_split(idx, min(groups, len(idx))):
-            ti = torch.as_tensor(g, device=device)
+        splits = np.array_split(idx, min(groups, len(idx)))
+        # the indices go to the device in one copy that does not wait for it (a blocking copy per group would wait
+        # for the previous group's forward, and the groups would run one after another)
+        on_device = torch.split(to_device_async(torch.from_numpy(idx), device), [len(g) for g in splits])
+        for g, ti in zip(splits, on_device):
             # the current step's action slot is zero, as the originals' placeholder
             act = model.get_action(states[ti, lo:t + 1], actions[ti, lo:t + 1], rtg[ti, lo:t + 1],
                                    timesteps[ti, lo:t + 1])

@@ -17,6 +17,7 @@ from decision_transformer import merging
 from decision_transformer.checkpoint import check_loadable, load_state_into
 from decision_transformer.errors import UserError
 from decision_transformer.legacy_import import ModelFile, build_model, load_model_file
+from decision_transformer.training.trainer import forked_rng
 
 
 def log(msg: str):
@@ -153,7 +154,7 @@ def fisher_for_file(mf: ModelFile, args, data: DatasetCache, device) -> dict:
     model = build_model(mf, device, max_length=K)
     log(f"fisher: {path} not found; computing it ({args.fisher_type}, {args.f_num_batches} x {args.f_batch_size} "
         f"windows of K={K} of {env}-{dataset})")
-    with torch.random.fork_rng(devices=[]):  # (the cache's seed, not the run's: see FISHER_SEED)
+    with forked_rng():  # (the cache's seed, not the run's: see FISHER_SEED)
         info = fisher_mod.compute_fisher(model, data.get(env, dataset), fisher_type=args.fisher_type,
                                          batch_size=args.f_batch_size, num_batches=args.f_num_batches, K=K,
                                          seed=fisher_mod.FISHER_SEED)
@@ -168,7 +169,7 @@ def multi_fisher(model, envs: Sequence[str], datasets: Sequence, args) -> dict[s
     ``setup_multi``; one env with ``--spec_info``). Each env's estimate uses the same seed."""
     acc = None
     for env, ds in zip(envs, datasets):
-        with torch.random.fork_rng(devices=[]):
+        with forked_rng():
             info = fisher_mod.compute_fisher(model, ds, fisher_type=args.fisher_type, batch_size=args.f_batch_size,
                                              num_batches=args.f_num_batches, K=args.K, seed=args.seed,
                                              model_kwargs={"env": env})
@@ -216,7 +217,7 @@ def resolve_base(args, sources: Sequence[ModelFile], fresh_state: dict | None = 
     from decision_transformer.models import DecisionTransformer, DTConfig
     from decision_transformer.models.multi_decision_transformer import MultiDecisionTransformer, MultiDTConfig
 
-    with torch.random.fork_rng(devices=[]):
+    with forked_rng():
         if first.is_multi:
             init = MultiDecisionTransformer(MultiDTConfig.from_dict(mc), seed=seed)
         else:
@@ -236,7 +237,7 @@ def _rebuild_lm_init(mf: ModelFile) -> dict:
     if (not cfg.get("env") and not mf.is_multi) or cfg.get("seed") is None:
         raise UserError(f"{mf.path} was initialised from {cfg['pretrained_lm']} but its config lacks the env or seed "
                         f"to rebuild that initialisation; pass --merge_base")
-    with torch.random.fork_rng(devices=[]):
+    with forked_rng():
         if mf.is_multi:
             from decision_transformer.multi_run import new_model
 

@@ -198,6 +198,8 @@ def test_gpu_suite_steps_and_budgets(tmp_path):
                           timeout=60)
     assert proc.returncode == 1, proc.stderr
     calls = (tmp_path / "python.log").read_text().splitlines()[1:]        # the first call asks for CUDA
+    summary = calls.pop()                                                 # last, the summary, printed (no budget)
+    assert summary.endswith(f"benchmarks/gpu_summary.py {tmp_path / 'out'}")
     budgets = [int(b) for b in (tmp_path / "budgets.log").read_text().split()]
     assert len(budgets) == len(calls) == 6 and sum(budgets) <= 520
     assert all(c.startswith("MUJOCO_GL=disable benchmarks/") for c in calls)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from decision_transformer.errors import UserError
+from decision_transformer.training.trainer import forked_rng
 
 LOSSES = ("mine", "mine_biased", "fdiv")
 _LOG_EPS = math.log(1e-6)  # the original's μ + 1e-6 in the corrected gradient
@@ -92,7 +93,7 @@ class Mine:
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise UserError(f"unknown MINE loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
-        with torch.random.fork_rng(devices=[]):
+        with forked_rng():
             torch.manual_seed(self.seed)
             self.net = StatisticsNetwork(self.x_dim + self.y_dim, self.hidden, self.hidden_layers).to(self.device)
         self.generator = torch.Generator().manual_seed(self.seed)

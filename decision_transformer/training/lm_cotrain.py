@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from decision_transformer.errors import UserError
 from decision_transformer.training.corpus import BATCH_LINES, MAX_PIECE_CHARS, encode_batches, text_batches
-from decision_transformer.training.trainer import Trainer, mark_step
+from decision_transformer.training.trainer import Trainer, mark_step, to_device_async
 
 LM_BATCH_SIZE = 2          # the originals' per-device batch
 MAX_BLOCK_SIZE = 1024      # the originals' group_texts block size
@@ -156,16 +156,18 @@ class TextBatches:
         self.batch_size = min(batch_size, len(blocks))
         self.generator = torch.Generator().manual_seed(int(seed))
         self._order = torch.empty(0, dtype=torch.long)
+        self._order_on_device = self._order.to(self.blocks.device)   # the order where the blocks are: no copy a step
         self._pos = 0
         self._fingerprint: str | None = None
 
     def next(self) -> torch.Tensor:
         if self._pos + self.batch_size > len(self._order):
             self._order = torch.randperm(len(self.blocks), generator=self.generator)
+            self._order_on_device = to_device_async(self._order, self.blocks.device)
             self._pos = 0
-        idx = self._order[self._pos:self._pos + self.batch_size]
+        idx = self._order_on_device[self._pos:self._pos + self.batch_size]
         self._pos += self.batch_size
-        return self.blocks[idx.to(self.blocks.device)]
+        return self.blocks[idx]
 
     def fingerprint(self) -> str:
         """SHA-256 of the token blocks (computed once): a resumed run checks that it reads the same tokens."""
@@ -192,6 +194,7 @@ class TextBatches:
                              "changed since the run started)")
         self.generator.set_state(state["generator"])
         self._order, self._pos = state["order"].clone(), int(state["pos"])
+        self._order_on_device = self._order.to(self.blocks.device)
 
 
 # ---- the loss term ----------------------------------------------------------------------------------------------

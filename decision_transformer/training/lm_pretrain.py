@@ -21,6 +21,7 @@ import torch
 from decision_transformer.errors import TrainingDiverged, UserError
 from decision_transformer.training.corpus import encode_batches, text_batches
 from decision_transformer.training.lm_cotrain import next_token_loss
+from decision_transformer.training.trainer import to_device_async
 
 EOS = "<|endoftext|>"
 
@@ -181,7 +182,7 @@ def pretrain_chibit(text: str | Path, out_dir: str | Path, *, tokenizer_dir: str
     finite = torch.ones((), dtype=torch.bool, device=dev)   # every step's loss finite (read at the log steps)
     for step in range(1, steps + 1):
         # random windows of block_size + 1 tokens; labels are the inputs (the model shifts them)
-        starts = torch.randint(0, len(ids) - block_size, (batch_size,), generator=g).to(dev)
+        starts = to_device_async(torch.randint(0, len(ids) - block_size, (batch_size,), generator=g), dev)
         x = data[starts.unsqueeze(1) + torch.arange(block_size, device=dev)]
         # as GPT2LMHeadModel(labels=x), computed here: that path warns on every call in recent transformers,
         # whose loss lookup does not know GPT-2's class name

@@ -13,6 +13,21 @@ from decision_transformer.training.losses import masked_action_mse
 GRAD_CLIP = 0.25
 
 
+def forked_rng():
+    """``torch.random.fork_rng`` over the CPU generator and, where CUDA is available, the current GPU's: code inside
+    that seeds torch (``torch.manual_seed`` reseeds every GPU too) leaves the caller's random streams as they were."""
+    return torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else [])
+
+
+def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the device: on CUDA through pinned memory with a non-blocking
+    copy (a plain copy from pageable memory waits for every kernel queued before it); elsewhere ``t.to(device)``."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def compile_module(module, mode):
     """``torch.compile(module)`` in ``mode`` (True = ``default``); the module itself for None/False."""
     if not mode:
