@@ -514,11 +514,23 @@ def test_zero_gradients_are_warned_of(runs, tmp_path, capsys):
     assert "model_1.pt: 4 of 4 samples have a zero transformer.h gradient (their cosines are 0)" in err
 
 
-def test_biased_cka_needs_three_examples(runs, tmp_path, capsys):
-    """--biased with 1 or 2 examples gave all-0 or all-1 matrices with exit 0."""
+def test_biased_cka_needs_three_examples(runs, tmp_path, capsys, monkeypatch):
+    """--biased with 1 or 2 examples gave all-0 or all-1 matrices with exit 0; the flag is checked before any model
+    is loaded, and the estimator itself refuses too."""
+    import torch
+
+    from decision_transformer.analysis import cka
+
+    monkeypatch.setattr(cka, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     for n in ("1", "2"):
         argv = _argv("cka", runs, tmp_path / "o") + ["--biased", "--batch_size", n]
-        assert f"CKA needs at least 3 examples, got {n}" in expect_exit(capsys, load_script(SCRIPTS["cka"]).main, argv)
+        assert f"error: --batch_size {n}: CKA needs at least 3 examples" in \
+            expect_exit(capsys, load_script(SCRIPTS["cka"]).main, argv)
+    argv = _argv("cka", runs, tmp_path / "o") + ["--batch_size", "3"]
+    assert "error: --batch_size 3: debiased CKA needs at least 4 examples (3 with --biased)" in \
+        expect_exit(capsys, load_script(SCRIPTS["cka"]).main, argv)
+    with pytest.raises(UserError, match="^CKA needs at least 3 examples, got 2$"):
+        cka.center_gram(torch.ones(2, 2))
 
 
 @pytest.mark.parametrize("script", ["cka", "params", "conf"])

@@ -229,3 +229,9 @@ def test_report_curves_pass_run_K(tmp_path, monkeypatch):
     plan, args = _plan(tmp_path, "--run_K", "10")
     report.step_curves(plan, args)
     assert [a.run_K for a in got] == [10]
+
+
+def test_metric_series_refuses_an_integer_too_large_for_a_float():
+    """json reads 400 nines as an int; it was an OverflowError traceback."""
+    with pytest.raises(UserError, match=f"^m.jsonl: row 1 has {RET} = 9999.*, not a number$"):
+        curves.metric_series([{"iteration": 1, RET: int("9" * 400)}], RET, "m.jsonl")

@@ -62,8 +62,8 @@ def test_the_lm_text_stream_copies_its_order_once_per_pass(monkeypatch):
 
 
 def test_forked_rng_also_keeps_the_gpu_stream(monkeypatch):
-    """Seeding inside a merge (Fisher, rebuilt initialisations) reseeds every GPU; the fork covers the current one
-    (it covered the CPU only), and the CPU alone where CUDA is not available."""
+    """Seeding inside a merge (Fisher, rebuilt initialisations) reseeds every GPU; the fork covers them all (it
+    covered the CPU only), and the CPU alone where CUDA is not available."""
     from decision_transformer import merge_setup
 
     seen = []
@@ -71,10 +71,10 @@ def test_forked_rng_also_keeps_the_gpu_stream(monkeypatch):
     with trainer.forked_rng():
         pass
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with merge_setup.forked_rng():
         pass
-    assert seen == [[], [0]]
+    assert seen == [[], [0, 1]]                                  # every GPU: a run on cuda:1 keeps its stream too
     state = torch.random.get_rng_state()
     monkeypatch.undo()
     with trainer.forked_rng():

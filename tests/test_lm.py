@@ -297,6 +297,13 @@ def test_lm_weight_files_that_are_junk_or_hold_nan_are_one_line_naming_them(lm_d
                                         r"not a weight file \(\w+"):
         build_model_from_args(args_for("--pretrained_lm", str(junk)), HOPPER)
 
+    bare = tmp_path / "lm_no_weights"
+    bare.mkdir()
+    shutil.copy(lm_dirs / "gpt2" / "config.json", bare / "config.json")
+    with pytest.raises(UserError, match=rf"^{bare}: no weight file \(model.safetensors or pytorch_model.bin\) beside "
+                                        r"its config.json$"):
+        build_model_from_args(args_for("--pretrained_lm", str(bare)), HOPPER)   # nothing damaged: nothing there
+
     nan = tmp_path / "lm_nan"
     shutil.copytree(lm_dirs / "gpt2", nan)
     weights = load_file(nan / "model.safetensors")

@@ -220,6 +220,9 @@ def run(args) -> common.Outputs:
     common.check_seeds(args, "seed")
     common.check_min(args, 0, "epoch1", "epoch2")
     common.check_numbers(args, eps=common.NON_NEGATIVE, rbf_threshold=common.POSITIVE)
+    if args.batch_size < (3 if args.biased else 4):   # before any model is loaded
+        raise UserError(f"--batch_size {args.batch_size}: " + ("CKA needs at least 3 examples" if args.biased else
+                                                               "debiased CKA needs at least 4 examples (3 with --biased)"))
     device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
     entries = (BLOCK_OUTPUT,) if args.block else BLOCK_ENTRIES
     K_ckpt = common.run_k(args)

@@ -110,6 +110,14 @@ def run_metrics(checkpoint_dir, key: RunKey, from_wandb: bool = False, project: 
     return read_metrics_jsonl(key.path(checkpoint_dir) / "metrics.jsonl")
 
 
+def _float_or_nan(v) -> bool:
+    """Whether the number ``v`` is a float value or NaN (not inf, not an integer too large for a float)."""
+    try:
+        return not math.isinf(float(v))
+    except OverflowError:
+        return False
+
+
 def metric_series(rows: list[dict], key: str, source: str = "metrics") -> tuple[np.ndarray, np.ndarray]:
     """(iterations, values) of ``key``; null / missing entries become NaN. Unknown keys are errors."""
     if not any(key in r for r in rows):
@@ -121,7 +129,7 @@ def metric_series(rows: list[dict], key: str, source: str = "metrics") -> tuple[
         if key not in r:
             continue
         v = r[key]
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or math.isinf(v)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not _float_or_nan(v)):
             # null (and NaN) is a value not computed; anything else that is not a finite number is damage
             raise UserError(f"{source}: row {i + 1} has {key} = {json.dumps(v)[:40]}, not a number")
         it.append(int(r.get("iteration", i + 1)))

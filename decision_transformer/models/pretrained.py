@@ -187,8 +187,11 @@ def _read_weights(lm: PretrainedLM) -> dict[str, torch.Tensor]:
         why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         files = sorted(f.name for f in lm.path.iterdir() if f.name.startswith(("model", "pytorch_model"))
                        and f.suffix in (".bin", ".safetensors", ".json"))
-        raise UserError(f"{lm.path}: cannot load the model weights" + (f" from {', '.join(files)}" if files else "")
-                        + f", damaged or not a weight file ({type(e).__name__}" + (f": {why})" if why else ")")) from None
+        if not any(f.endswith((".bin", ".safetensors")) for f in files):
+            raise UserError(f"{lm.path}: no weight file (model.safetensors or pytorch_model.bin) beside its "
+                            f"config.json") from None
+        raise UserError(f"{lm.path}: cannot load the model weights from {', '.join(files)}, damaged or not a weight "
+                        f"file ({type(e).__name__}" + (f": {why})" if why else ")")) from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if was_enabled:

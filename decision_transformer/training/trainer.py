@@ -14,9 +14,9 @@ GRAD_CLIP = 0.25
 
 
 def forked_rng():
-    """``torch.random.fork_rng`` over the CPU generator and, where CUDA is available, the current GPU's: code inside
-    that seeds torch (``torch.manual_seed`` reseeds every GPU too) leaves the caller's random streams as they were."""
-    return torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else [])
+    """``torch.random.fork_rng`` over the CPU generator and every GPU's: code inside that seeds torch
+    (``torch.manual_seed`` reseeds every GPU) leaves the caller's random streams as they were."""
+    return torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else [])
 
 
 def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
