@@ -5,6 +5,7 @@ cells have one format, notes are not repeated, and the block-replacement curves 
 import itertools
 import json
 
+import matplotlib
 import matplotlib.colors as mcolors
 import numpy as np
 import pytest
@@ -362,7 +363,12 @@ def test_block_curves_stay_visible_on_white(tmp_path, tiny_runs, figures):  # no
     curves.run_no_context(_no_context_args(tiny_runs, tmp_path, "--env_name_list", "hopper", "-block"))
     (_, fig), = figures
     colours = {ln.get_label(): ln.get_color() for ln in fig.axes[0].lines}
-    assert mcolors.to_hex(colours["block 0"]) == mcolors.to_hex(mcolors.to_rgba("#440154"))   # viridis' dark end
+    assert mcolors.to_hex(colours["block 0"]) == mcolors.to_hex(matplotlib.colormaps["plasma"](0.1))   # violet
+    # the references in their models' colours, as in every other figure (they were black and red)
+    assert mcolors.to_hex(colours["GPT2 K=1"]) == mcolors.to_hex("C0")
+    assert mcolors.to_hex(colours["Random Init K=1"]) == mcolors.to_hex("C2")
+    assert all(mcolors.to_hex(curves.block_color(b, 12)) not in (mcolors.to_hex("C0"), mcolors.to_hex("C2"))
+               for b in range(12))
     assert all(_contrast_with_white(colours[f"block {b}"]) > 1.8 for b in range(2))
     assert all(_contrast_with_white(curves.block_color(b, 12)) > 1.8 for b in range(12))
     assert len({mcolors.to_hex(curves.block_color(b, 12)) for b in range(12)}) == 12
@@ -417,3 +423,68 @@ def test_cka_plot_pairs_igpt_blocks_or_legacy_consecutive_entries(tmp_path, figu
         lines = {ln.get_label(): ln.get_ydata() for ln in dict(figures)[stem].axes[0].lines if ln.get_label()[0] != "_"}
         np.testing.assert_allclose(lines["iGPT"], expect)
         np.testing.assert_allclose(lines["GPT2"], diags["gpt2"])
+
+
+# ---- presentation: legends clear of the data, one colour per model, whole-number ticks, labelled lines --------------
+
+def test_figures_keep_model_colours_ticks_and_labels(tmp_path, curve_runs, tiny_runs, figures):  # noqa: F811
+    """The attention legend sits outside the axes (inside, it hid whiskers); the grad-clip curves and Fig. 7's bars
+    are drawn in the model's colour (they were C0/C1 whatever the model); epoch axes have whole-number ticks; the
+    gradient-confusion axis says what its bars are; the unclipped norms say so."""
+    from decision_transformer.analysis import grads
+
+    attention.run(attention.build_parser().parse_args([str(a) for a in [
+        "--checkpoint_dir", tiny_runs, "--env_name_list", "hopper", "--model_name_list", "gpt2", "dt", "--K", "3",
+        "--batch_size", "4", "--results_dir", tmp_path / "res", "--figs_dir", tmp_path / "figs"]]))
+    curves.run_grad_clip(curves.build_grad_clip_parser().parse_args(
+        [str(a) for a in ["--checkpoint_dir", curve_runs, "--results_dir", tmp_path / "res", "--figs_dir",
+                          tmp_path / "figs"]]))
+    small = ["--checkpoint_dir", tiny_runs, "--env_name_list", "hopper", "--model_name_list", "igpt", "--K", "3",
+             "--batch_size", "4", "--results_dir", tmp_path / "res", "--figs_dir", tmp_path / "figs"]
+    grads.run_confusion(grads.build_confusion_parser().parse_args([str(a) for a in small]))
+    grads.run_norms(grads.build_norm_parser().parse_args([str(a) for a in small + ["--unclipped"]]))
+    got = dict(figures)
+    legend = got["att_dist_diff_0_4_gpt2_dt_hopper_medium_666_K1"].axes[0].get_legend()
+    assert legend.get_bbox_to_anchor().x0 > got["att_dist_diff_0_4_gpt2_dt_hopper_medium_666_K1"].axes[0].bbox.x1
+    clip = got["learning_curve_grad_clip_gpt2_hopper_medium_666"].axes[0]
+    assert {mcolors.to_hex(line.get_color()) for line in clip.lines} == {mcolors.to_hex("C0")}        # GPT2's blue
+    assert [line.get_linestyle() for line in clip.lines] == ["-", "--"]
+    ticks = clip.get_xticks()
+    assert len(ticks) and all(float(t).is_integer() for t in ticks)
+    per = got["gradnorm_perparam_1_igpt_hopper_medium_666_unclipped"]
+    assert {mcolors.to_hex(p.get_facecolor()) for p in per.axes[0].patches} == {mcolors.to_hex("C1")}  # iGPT's
+    assert not {mcolors.to_hex(p.get_facecolor()) for p in per.axes[1].patches} & \
+        {mcolors.to_hex(f"C{i}") for i in range(10)}                                        # greys, no model's colour
+    assert got["gradnorms_1_igpt_hopper_medium_666_unclipped"].axes[0].get_ylabel() == \
+        "per-sample gradient norm (unclipped)"
+    assert got["grad_confusion_1_igpt_hopper_medium_666"].axes[0].get_ylabel() == "min pairwise cosine (i ≠ j)"
+
+
+def test_parameter_figures_show_negative_cosines_and_share_the_concat_scale(tmp_path, tiny_runs, figures,  # noqa: F811
+                                                                            hopper_data):
+    """A negative cosine gets room below 0 (it was clipped at 0, as if unchanged); --concat rows share one scale;
+    distances flat on the 0-80 axis get a note pointing to --distance_ylim auto."""
+    import torch
+    from test_analysis_support import write_run
+
+    from decision_transformer.analysis import params
+
+    ck = tmp_path / "ck"
+    d = write_run(ck, "dt", data_file=hopper_data / "hopper-medium-v2.pkl", step=1e-4)
+    obj = torch.load(d / "model_40.pt", weights_only=True)
+    first = next(k for k in obj["state_dict"] if k.startswith("transformer.h.0.attn.c_attn.weight"))
+    obj["state_dict"][first] = -obj["state_dict"][first]                        # cosine -1 with its start
+    torch.save(obj, d / "model_40.pt")
+    io = ["--results_dir", tmp_path / "res", "--figs_dir", tmp_path / "figs"]
+    outs = params.run(params.build_parser().parse_args([str(a) for a in ["-plm", ck, "--model_name_list", "dt"] + io]))
+    cos = dict(figures)["paramcos_0_40_dt_hopper_medium_666"]
+    assert cos.axes[0].get_ylim()[0] == pytest.approx(-1.05, abs=1e-3)
+    assert not any("--distance_ylim auto" in n for n in outs.notes)      # the flipped tensor moved far
+    write_run(ck, "gpt2", data_file=hopper_data / "hopper-medium-v2.pkl", step=1e-4)
+    outs = params.run(params.build_parser().parse_args([str(a) for a in ["-plm", ck, "--model_name_list", "gpt2"]
+                                                        + io]))
+    assert any("is under 1% of the 0-80 axis" in n and "--distance_ylim auto" in n for n in outs.notes)
+    params.run(params.build_parser().parse_args([str(a) for a in ["-plm", tiny_runs, "--model_name_list", "gpt2",
+                                                                  "dt", "--concat"] + io]))
+    concat = dict(figures)["paramdist_0_40_gpt2_dt_hopper_medium_666_concat"]
+    assert concat.axes[0].get_ylim() == concat.axes[1].get_ylim()        # one scale: bars comparable across rows

@@ -235,3 +235,34 @@ def test_metric_series_refuses_an_integer_too_large_for_a_float():
     """json reads 400 nines as an int; it was an OverflowError traceback."""
     with pytest.raises(UserError, match=f"^m.jsonl: row 1 has {RET} = 9999.*, not a number$"):
         curves.metric_series([{"iteration": 1, RET: int("9" * 400)}], RET, "m.jsonl")
+
+
+def test_dataset_normalisation_refuses_expert_data_not_above_random(monkeypatch):
+    """Equal random and expert means made the scale infinite ('inf ± nan' in the table, an unreadable figure)."""
+    from decision_transformer.analysis import scores
+
+    trajs = [{"rewards": np.ones(10, dtype=np.float32)}]
+    monkeypatch.setattr(scores, "load_dataset", lambda path, env, ds: (f"{env}-{ds}.pkl", trajs))
+    with pytest.raises(UserError, match=r"^--score_norm dataset: the hopper expert data's mean return \(10\) is not "
+                                        r"above the random data's \(10\) in d; these cannot normalise a score$"):
+        scores.dataset_reference("hopper", "d")
+
+
+def test_the_cka_threshold_line_is_labelled(tmp_path, monkeypatch):
+    from decision_transformer.analysis import cka
+
+    labels = []
+    real = common.legend
+    monkeypatch.setattr(common, "legend", lambda ax, **k: labels.extend(ax.get_legend_handles_labels()[1]) or
+                        real(ax, **k))
+    res = tmp_path / "res"
+    res.mkdir()
+    names = ["0.ln_1", "0.mlp.dropout", "1.ln_1", "1.mlp.dropout"]
+    stem = cka.result_stem(0, 40, "dt", "dt", "hopper", "medium", 666, False, False, False, 20)
+    np.save(res / f"{stem}_state.npy", np.eye(4) * 0.5 + 0.2)
+    common.save_csv(res / f"{stem}_layers.csv", ["axis", "index", "layer"],
+                    [["rows", i, n] for i, n in enumerate(names)] + [["cols", i, n] for i, n in enumerate(names)])
+    cka.plot(cka.build_plot_parser().parse_args([str(a) for a in [
+        "--results_dir", res, "--figs_dir", tmp_path / "figs", "--env_name_list", "hopper", "--model_name_list",
+        "dt", "--token_list", "state"]]))
+    assert "threshold 0.23" in labels

@@ -162,7 +162,7 @@ def run(args) -> common.Outputs:
         ax.set_xlabel(f"normalized block ({pairing})" if paired else "block")
         ax.set_ylabel(f"|Δ attention distance| ({args.distance_unit}s)")
         ax.set_title(f"{env}, epoch {args.epoch1} vs {args.epoch2}, K={K_ckpt} runs, {args.K}-step context")
-        common.legend(ax)
+        common.legend(ax, loc="upper left", bbox_to_anchor=(1.01, 1.0))     # outside: every corner holds whiskers
         stem = f"att_dist_diff_{args.epoch1}_{args.epoch2}_{'_'.join(models)}_{env}_{args.dataset_name}_{args.seed}{tag}"
         outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
         table_rows = []

@@ -399,7 +399,7 @@ def plot(args) -> common.Outputs:
                 above = [n for n, v in zip(names, vals) if v > args.thr]
                 rows += [[m, i, n, float(v)] for i, (n, v) in enumerate(zip(names, vals))]
                 print(f"{env}/{token} {m}: {len(above)} layers above {args.thr}: {', '.join(above)}")
-            ax.axhline(args.thr, ls="--", color="k", lw=1)
+            ax.axhline(args.thr, ls="--", color="k", lw=1, label=f"threshold {args.thr:g}")
             for i in starts[1:]:
                 ax.axvline(i - 0.5, color="0.85", lw=0.8, zorder=0)
             ax.set_xticks(starts, [str(b) for b in range(len(starts))])

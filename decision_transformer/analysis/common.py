@@ -492,6 +492,13 @@ def save_text(path, text: str) -> Path:
     return _atomic_bytes(Path(path), text.encode())
 
 
+def integer_ticks(ax):
+    """Whole-number ticks on the x axis (epochs, blocks), never 1.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def legend(ax, **kwargs):
     """``ax.legend(**kwargs)`` when the axes hold labelled artists (an empty panel gets none, and no warning)."""
     if ax.get_legend_handles_labels()[0]:

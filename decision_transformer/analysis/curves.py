@@ -228,6 +228,7 @@ def run_no_context(args) -> common.Outputs:
             ax.plot(s[0], s[1], ls=ls, color=colors[m], label=f"{common.model_label(m)} K={K}")
         ax.set_title(env)
         ax.set_xlabel("epoch")
+        common.integer_ticks(ax)
         ax.set_ylabel("return (mean)")
         common.legend(ax, fontsize=7)
     outs.notes += common.unique(f"skipped: {msg}" for msg in missing)
@@ -256,11 +257,12 @@ class NoBlockRuns(RunNotFound):
 
 
 #: The part of viridis the block-replacement curves use: its top (light yellow) is hard to see on white.
-BLOCK_CMAP, BLOCK_CMAP_RANGE = "viridis", (0.0, 0.8)
+# violet to orange: away from the reference curves' colours (GPT2 blue, Random Init green), dark enough on white
+BLOCK_CMAP, BLOCK_CMAP_RANGE = "plasma", (0.1, 0.8)
 
 
 def block_color(b: int, depth: int):
-    """The colour of block ``b``'s curve of ``depth``: dark violet (block 0) to green (the deepest block)."""
+    """The colour of block ``b``'s curve of ``depth``: violet (block 0) to orange (the deepest block)."""
     import matplotlib
 
     lo, hi = BLOCK_CMAP_RANGE
@@ -307,7 +309,7 @@ def _block_figure(args, env: str, plt, res: Path) -> common.Outputs:
     curves = [(f"block {b}", RunKey("dt", args.dataset_name, env, args.seed, 1, block=b),
                {"color": block_color(b, depth), "lw": 1.2}) for b in range(depth)]
     curves += [(f"{common.model_label(k.model)} K=1", k,
-                {"color": "k" if k.model == "gpt2" else "r", "ls": "--", "lw": 1.6}) for k in ref_keys]
+                {"color": common.model_color(k.model), "ls": "--", "lw": 1.6}) for k in ref_keys]
     drawn = 0
     for label, key, style in curves:
         for ax, met in zip(axes, (metric, ACTION_ERROR)):
@@ -326,6 +328,7 @@ def _block_figure(args, env: str, plt, res: Path) -> common.Outputs:
     axes[1].set_ylabel("action error (smoothed)")
     for ax in axes:
         ax.set_xlabel("epoch")
+        common.integer_ticks(ax)
     common.legend(axes[1], fontsize=6, ncol=2)
     fig.suptitle(f"{env}: one pretrained block replaced into a K=1 Random Init DT ({depth} blocks)")
     stem = f"learning_curve_block_{env}_{args.dataset_name}_{args.seed}"
@@ -364,12 +367,13 @@ def run_grad_clip(args) -> common.Outputs:
             key = RunKey(args.model_name, args.dataset_name, env, args.seed, args.K, no_grad_clip=ngc)
             for ax, met in zip(axes, (metric, ACTION_ERROR)):
                 it, val = _series(args, key, met, args.max_epoch)
-                ax.plot(it, val, ls=ls, marker=".", label=label)
+                ax.plot(it, val, ls=ls, marker=".", label=label, color=common.model_color(args.model_name))
                 rows += [[label, met, int(i), float(v)] for i, v in zip(it, val)]
         axes[0].set_ylabel("return (mean)")
         axes[1].set_ylabel("action error")
         for ax in axes:
             ax.set_xlabel("epoch")
+            common.integer_ticks(ax)
             common.legend(ax, fontsize=7)
         fig.suptitle(f"{common.model_label(args.model_name)}, {env}")
         stem = f"learning_curve_grad_clip_{args.model_name}_{env}_{args.dataset_name}_{args.seed}"

@@ -287,7 +287,7 @@ def run_confusion(args) -> common.Outputs:
         ax.bar([common.model_label(r[0]) for r in summary], [r[1] for r in summary],
                color=[colors[r[0]] for r in summary])
         ax.axhline(0, color="k", lw=0.8)
-        ax.set_ylabel("gradient confusion (min cosine)")
+        ax.set_ylabel("min pairwise cosine (i ≠ j)")            # confusion = max(0, -bar), as the table says
         ax.set_title(f"{env}, epoch {args.epoch}")
         outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
     return outs
@@ -333,7 +333,7 @@ def run_norms(args) -> common.Outputs:
         ax.set_xticks(range(1, len(models) + 1), [common.model_label(m) for m in models])
         if clip is not None:
             ax.set_ylim(0, GRAD_CLIP * 1.04)
-        ax.set_ylabel("per-sample gradient norm")
+        ax.set_ylabel("per-sample gradient norm" + (" (unclipped)" if clip is None else f" (after the {clip} clip)"))
         ax.set_title(f"{env}, epoch {args.epoch}")
         outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
         for m, pp in perparam.items():
@@ -347,17 +347,18 @@ def _perparam_figure(pp: dict, m, env, args, tag) -> Path:
     names, vals = list(pp), np.array(list(pp.values()))
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.2), gridspec_kw={"width_ratios": [3, 1]},
                                  layout="constrained")
-    a1.bar(np.arange(len(vals)), vals, width=1.0)
+    a1.bar(np.arange(len(vals)), vals, width=1.0, color=common.model_color(m))
     step = max(1, len(names) // 12)
     a1.set_xticks(np.arange(0, len(names), step), [names[i] for i in range(0, len(names), step)], rotation=70,
                   fontsize=6)
-    a1.set_ylabel("gradient norm")
+    a1.set_ylabel("gradient norm" + (" (unclipped)" if args.unclipped else ""))
     a1.set_title(f"{common.model_label(m)}, {env}, epoch {args.epoch}")
     total = vals.sum() if vals.sum() > 0 else 1.0
     order = np.argsort(vals)[::-1][:args.top_k]
     shares = [vals[i] / total for i in order]
     labels = [names[i] for i in order] + ["others"]
-    a2.bar(range(len(labels)), shares + [1 - sum(shares)], color=[f"C{i + 1}" for i in range(len(labels))])
+    greys = [str(0.25 + 0.5 * i / max(len(labels) - 1, 1)) for i in range(len(labels))]   # not the models' colours
+    a2.bar(range(len(labels)), shares + [1 - sum(shares)], color=greys)
     a2.set_xticks(range(len(labels)), labels, rotation=45, fontsize=7)
     a2.set_ylabel("ratio to the sum of norms")
     a2.set_ylim(0, 1)

@@ -501,6 +501,7 @@ def plot_mi(args) -> common.Outputs:
                         if len(d) != target and len(d) % target == 0)
     for ax in axes:
         ax.set_xlabel(f"normalized block ({pairing})" if pairing else "block")
+        common.integer_ticks(ax)
     common.legend(axes[0], fontsize=7)
     stem = f"mi_no_context_{args.epoch}_{'_'.join(found)}_{args.env_name}_{args.dataset_name}_{args.seed}{ktag}"
     outs.figures.append(common.save_figure(fig, args.figs_dir, stem))

@@ -90,6 +90,10 @@ def run(args) -> common.Outputs:
         print(f"{m}: mean l2 {dist.mean():.4f}, mean cosine {cos.mean():.4f} over {len(names)} "
               f"{'blocks' if args.concat else 'tensors'}", file=sys.stderr)
     plt = common.pyplot()
+    top = 1.05 * max(float(np.max(x[1])) for x in results.values())
+    if getattr(args, "distance_ylim", "paper") == "paper" and not args.concat and top < 0.8:
+        outs.notes.append(f"{env}: the largest distance, {top / 1.05:.3g}, is under 1% of the 0-80 axis, where its bars "
+                          f"look flat; --distance_ylim auto fits the axis to the data")
     for what, idx, ylabel in (("paramdist", 1, "L2 distance"), ("paramcos", 2, "cosine similarity")):
         fig, axes = plt.subplots(len(results), 1, figsize=(10, 1.9 * len(results)), squeeze=False)
         colors = common.model_colors(list(results))
@@ -98,11 +102,10 @@ def run(args) -> common.Outputs:
             ax.bar(np.arange(len(vals)), vals, width=0.9 if args.concat else 1.0, color=colors[m])
             ax.set_ylabel(ylabel, fontsize=8)
             ax.set_title(common.model_label(m), fontsize=9)
-            if idx == 2:
-                ax.set_ylim(0, 1.02)
-            elif not args.concat:  # one scale for every row, at least the originals' 0-80 unless auto
-                floor = 80.0 if getattr(args, "distance_ylim", "paper") == "paper" else 0.0
-                top = 1.05 * max(float(np.max(x[1])) for x in results.values())
+            if idx == 2:   # the originals' 0-1, lowered to show a negative cosine
+                ax.set_ylim(min(0.0, min(float(np.min(x[2])) for x in results.values()) - 0.05), 1.02)
+            else:  # one scale for every row; per tensor at least the originals' 0-80 unless auto
+                floor = 80.0 if getattr(args, "distance_ylim", "paper") == "paper" and not args.concat else 0.0
                 ax.set_ylim(0, max(floor, top) or 1.0)
             if args.concat:
                 ax.set_xticks(np.arange(len(names)), [n.split()[-1] for n in names])

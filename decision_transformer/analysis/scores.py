@@ -40,12 +40,15 @@ def dataset_reference(env: str, data_path) -> tuple[float, float, str]:
         for ds in ("random", "expert"):
             _, trajs = load_dataset(data_path, env, ds)
             means.append(float(np.mean([t["rewards"].sum(dtype=np.float64) for t in trajs])))
-        return means[0], means[1], f"{env}-random/expert datasets in {data_path}"
     except UserError as e:
         if env in RECORDED_DATASET_RETURNS:
             r, x = RECORDED_DATASET_RETURNS[env]
             return r, x, f"TAKAGI's recorded {env} random/expert means ({r}, {x}); datasets not found in {data_path}"
         raise UserError(f"--score_norm dataset needs the {env} random and expert datasets: {e}") from None
+    if not means[1] > means[0]:   # the scale 100 / (expert - random) would be infinite or upside down
+        raise UserError(f"--score_norm dataset: the {env} expert data's mean return ({means[1]:.6g}) is not above the "
+                        f"random data's ({means[0]:.6g}) in {data_path}; these cannot normalise a score")
+    return means[0], means[1], f"{env}-random/expert datasets in {data_path}"
 
 
 def dataset_normalize(returns, ref: tuple[float, float]):
