@@ -248,7 +248,7 @@ def check_state_dict_tensors(state_dict, source) -> None:
 def _a(value) -> str:
     """'a list', 'an int': the kind of ``value`` with its article."""
     kind = type(value).__name__
-    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+    return f"{'an' if kind[0].lower() in 'aeiou' else 'a'} {kind}"
 
 
 def check_finite_state(state_dict: dict, source: str):

@@ -1,6 +1,8 @@
 """Damaged or mismatched checkpoints: weights that do not fit the env the file records or its path names, a config that
 is not a dict, an original pickle with NaN weights, stored state statistics that cannot normalise the env's states.
 Each is refused where it is read, with one ``error:`` line naming the file, never a traceback later."""
+import collections
+
 import pytest
 import torch
 
@@ -115,7 +117,8 @@ def test_legacy_import_refuses_non_finite_weights(tmp_path, capsys):
     ({0: torch.zeros(1)}, "state_dict key 0 is an int, not a name"),
     ({"w": torch.zeros(1), ("a", 1): torch.zeros(1)}, "state_dict key ('a', 1) is a tuple, not a name"),
     ({"w": "zeros"}, "state_dict entry 'w' is a str, not a tensor"),
-], ids=["list", "int_key", "tuple_key", "str_value"])
+    ({"w": collections.OrderedDict()}, "state_dict entry 'w' is an OrderedDict, not a tensor"),   # nested dict
+], ids=["list", "int_key", "tuple_key", "str_value", "nested"])
 def test_a_state_dict_that_does_not_map_names_to_tensors(tmp_path, state_dict, expect):
     """A bad key is named as a key (its value may well be a tensor), a bad value as a value."""
     from decision_transformer.checkpoint import load_checkpoint

@@ -224,21 +224,30 @@ def _tokenizer_dir(tmp_path):
     return tmp_path / "tok", tok
 
 
-def test_pretrain_refuses_a_corpus_of_exactly_one_block(tmp_path):
-    """T1: windows are block_size + 1 tokens long, so a corpus of exactly block_size tokens is one line, not a torch
-    error from an empty range of window starts."""
+def test_pretrain_windows_reach_the_last_token_and_need_one_block(tmp_path, monkeypatch):
+    """T1: a window is block_size tokens (the loss shifts the labels inside it), so a corpus of exactly block_size
+    tokens trains on its one window, the last token included (window starts were one short of the end, so the last
+    token was never seen and that corpus was refused); one token fewer is one line, and nothing is written."""
+    from decision_transformer.training import lm_pretrain
     from decision_transformer.training.lm_pretrain import encode_files, pretrain_chibit
 
     tok_dir, tok = _tokenizer_dir(tmp_path)
     text = tmp_path / "short.txt"
     text.write_text("the quick brown fox jumps over the lazy dog.\n")
-    n = len(encode_files([text], tok))
+    ids = encode_files([text], tok)
+    n = len(ids)
     assert 4 < n <= 64
+    seen = []
+    real = lm_pretrain.next_token_loss
+    monkeypatch.setattr(lm_pretrain, "next_token_loss", lambda logits, x: seen.append(x.clone()) or real(logits, x))
+    pretrain_chibit(text, tmp_path / "out", tokenizer_dir=tok_dir, n_layer=1, n_embd=16, n_head=2, n_positions=64,
+                    block_size=n, batch_size=2, steps=1, warmup_steps=1, log_every=1)
+    assert all(torch.equal(row, ids) for row in seen[0])                   # the whole corpus, its last token too
     with pytest.raises(UserError) as e:
-        pretrain_chibit(text, tmp_path / "out", tokenizer_dir=tok_dir, n_layer=1, n_embd=16, n_head=2,
-                        n_positions=64, block_size=n, batch_size=2, steps=1, warmup_steps=1, log_every=1)
-    assert str(e.value) == f"{text}: {n} tokens, fewer than one block of {n} + 1"
-    assert not (tmp_path / "out").exists()
+        pretrain_chibit(text, tmp_path / "out2", tokenizer_dir=tok_dir, n_layer=1, n_embd=16, n_head=2,
+                        n_positions=64, block_size=n + 1, batch_size=2, steps=1, warmup_steps=1, log_every=1)
+    assert str(e.value) == f"{text}: {n} tokens, fewer than one block of {n + 1}"
+    assert not (tmp_path / "out2").exists()
 
 
 def test_pretrain_schedule_and_gradient_clip(tmp_path, monkeypatch):

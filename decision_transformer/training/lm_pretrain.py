@@ -161,9 +161,8 @@ def pretrain_chibit(text: str | Path, out_dir: str | Path, *, tokenizer_dir: str
     torch.manual_seed(seed)
     tokenizer = load_tokenizer_dir(tokenizer_dir) if tokenizer_dir else train_bpe_tokenizer(files, vocab_size)
     ids = encode_files(files, tokenizer)
-    n_blocks = (len(ids) - 1) // block_size
-    if n_blocks < 1:
-        raise UserError(f"{text}: {len(ids)} tokens, fewer than one block of {block_size} + 1")
+    if len(ids) < block_size:
+        raise UserError(f"{text}: {len(ids)} tokens, fewer than one block of {block_size}")
     vocab = max(len(tokenizer), int(ids.max()) + 1)  # (a tokenizer whose ids leave gaps can exceed its length)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     cfg = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
@@ -181,8 +180,8 @@ def pretrain_chibit(text: str | Path, out_dir: str | Path, *, tokenizer_dir: str
     t0 = time.time()
     finite = torch.ones((), dtype=torch.bool, device=dev)   # every step's loss finite (read at the log steps)
     for step in range(1, steps + 1):
-        # random windows of block_size + 1 tokens; labels are the inputs (the model shifts them)
-        starts = to_device_async(torch.randint(0, len(ids) - block_size, (batch_size,), generator=g), dev)
+        # random windows of block_size tokens, the last one included; labels are the inputs (the loss shifts them)
+        starts = to_device_async(torch.randint(0, len(ids) - block_size + 1, (batch_size,), generator=g), dev)
         x = data[starts.unsqueeze(1) + torch.arange(block_size, device=dev)]
         # as GPT2LMHeadModel(labels=x), computed here: that path warns on every call in recent transformers,
         # whose loss lookup does not know GPT-2's class name
