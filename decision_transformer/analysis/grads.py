@@ -351,7 +351,7 @@ def _perparam_figure(pp: dict, m, env, args, tag) -> Path:
     step = max(1, len(names) // 12)
     a1.set_xticks(np.arange(0, len(names), step), [names[i] for i in range(0, len(names), step)], rotation=70,
                   fontsize=6)
-    a1.set_ylabel("gradient norm" + (" (unclipped)" if args.unclipped else ""))
+    a1.set_ylabel("gradient norm" + (" (unclipped)" if getattr(args, "unclipped", False) else ""))
     a1.set_title(f"{common.model_label(m)}, {env}, epoch {args.epoch}")
     total = vals.sum() if vals.sum() > 0 else 1.0
     order = np.argsort(vals)[::-1][:args.top_k]
