@@ -590,3 +590,61 @@ def test_analysis_batches_are_bounded_and_cka_checks_its_gram_memory_first(runs,
     check_gram_memory(2, 100, limit=160_000)
     with pytest.raises(UserError, match=r"^CKA of 2 layers on 101 examples needs 0\.0 GiB"):
         check_gram_memory(2, 101, limit=160_000)
+
+
+def test_cka_checks_the_gram_memory_of_both_models_layers(runs, tmp_path, monkeypatch):
+    """The memory check counts the hooked layers of both models (the Grams of both are held at once)."""
+    from decision_transformer.analysis import cka
+
+    seen = []
+    real = cka.check_gram_memory
+    monkeypatch.setattr(cka, "check_gram_memory", lambda n_layers, n, *a, **k: (seen.append((n_layers, n)),
+                                                                                 real(n_layers, n, *a, **k))[1])
+    out = tmp_path / "o"
+    load_script(SCRIPTS["cka"]).main([str(a) for a in _argv("cka", runs, out)])
+    layers = next((out / "res").glob("*_layers.csv")).read_text().splitlines()[1:]
+    rows, cols = (sum(line.startswith(axis + ",") for line in layers) for axis in ("rows", "cols"))
+    assert rows > 0 and rows == cols
+    assert seen == [(rows + cols, 4)]
+
+
+def test_the_gram_memory_limit_defaults_to_half_the_machines_memory(monkeypatch):
+    from decision_transformer.analysis import cka
+
+    sizes = {"SC_PHYS_PAGES": 80, "SC_PAGE_SIZE": 4000}          # 320,000 bytes: a limit of 160,000
+    monkeypatch.setattr(cka.os, "sysconf", lambda name: sizes[name])
+    cka.check_gram_memory(2, 100)                                  # 160,000 bytes
+    with pytest.raises(UserError, match=r"^CKA of 2 layers on 101 examples needs 0\.0 GiB"):
+        cka.check_gram_memory(2, 101)
+
+
+def test_non_finite_activations_name_the_first_bad_layer():
+    import torch
+
+    from decision_transformer.analysis.activations import check_finite_activations
+
+    ok = torch.zeros(2)
+    for acts, first in (({"0.attn": ok, "1.attn": torch.tensor([0., float("inf")])}, "1.attn"),
+                        ({"0.attn": torch.tensor([float("-inf")]), "1.attn": ok}, "0.attn"),
+                        ({"0.attn": ok, "0.mlp": torch.tensor([float("nan")]), "1.attn": torch.tensor([float("nan")])},
+                         "0.mlp")):
+        with pytest.raises(UserError, match=f"^s: the model's forward pass gives non-finite activations, first at "
+                                            f"{first}$"):
+            check_finite_activations(acts, "s")
+    check_finite_activations({"0.attn": ok, "1.attn": ok}, "s")
+
+
+def test_the_repeated_value_of_a_list_flag_is_the_one_named(runs, tmp_path, capsys):
+    argv = [str(a) for a in _argv("score", runs, tmp_path / "o")] + ["--seed_list", "666", "667", "667"]
+    msg = expect_exit(capsys, load_script(SCRIPTS["score"]).main, argv)
+    assert "argument --seed_list: 667 is given twice" in msg
+
+
+def test_an_output_folder_below_a_file_two_levels_up_is_refused(runs, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    out = tmp_path / "o"
+    argv = _argv("cka", runs, out) + ["--results_dir", blocker / "a" / "res"]
+    err = expect_exit(capsys, load_script(SCRIPTS["cka"]).main, argv)
+    assert f"argument --results_dir: {blocker / 'a' / 'res'}: {blocker} is a file, not a folder" in err
+    assert not out.exists()

@@ -13,8 +13,10 @@ from decision_transformer.analysis.attention import (
     model_attention_distances,
 )
 from decision_transformer.analysis.grads import (
+    GradStats,
     full_batch_param_norms,
     grad_confusion,
+    mean_pairwise_cosine,
     per_sample_grad_stats,
     used_parameters,
 )
@@ -187,3 +189,20 @@ def test_the_confusion_script_applies_eps(tmp_path, tiny_runs):  # noqa: F811
         saved[eps] = np.load(res / "gradcossim_1_dt_hopper_medium_666.npy")
     off = ~np.eye(4, dtype=bool)
     assert (np.abs(saved["1e-2"][off]) < np.abs(saved["0"][off])).all()
+
+
+def test_confusion_and_mean_cosine_leave_the_diagonal_out():
+    assert mean_pairwise_cosine(torch.eye(3)) == 0
+    assert mean_pairwise_cosine(torch.tensor([[1., .5], [.5, 1.]])) == .5
+    # with eps a small gradient's cosine with itself falls below 1, even below its cosines with the others
+    cos = torch.tensor([[.2, .9], [.9, 1.]])
+    assert grad_confusion(cos) == pytest.approx(.9)
+    assert mean_pairwise_cosine(cos) == pytest.approx(.9)
+
+
+def test_a_zero_transformer_h_gradient_is_warned_of_once_per_sample(capsys):
+    GradStats(None, torch.tensor([0., 1., 1.]), torch.ones(3)).check("src")
+    assert capsys.readouterr().err == ("warning: src: 1 of 3 samples have a zero transformer.h gradient (their "
+                                       "cosines are 0)\n")
+    GradStats(None, torch.ones(3), torch.ones(3)).check("src")
+    assert capsys.readouterr().err == ""

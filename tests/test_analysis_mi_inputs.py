@@ -86,6 +86,11 @@ def _xy(n=8, **changes):
     ({"y": np.full(8, np.inf)}, "array 'y' has infinite values"),
     ({"position": np.full(8, np.nan)}, "array 'position' has values that are not finite"),
     ({"depth": np.array(np.nan)}, "'depth' nan is not the depth of a model with block 0"),
+    ({"y": np.array([0.5] * 7 + [-np.inf])}, "array 'y' has infinite values (failed estimates are NaN)"),
+    ({"x": np.ones(8, complex)}, "array 'x' is not real (complex128)"),
+    ({k: np.zeros(0) for k in ("x", "y", "position", "token")},
+     "arrays x, y, position, token of shapes [0], [0], [0], [0]; run_mi_exp.py writes four 1-D arrays of one length"),
+    ({"token": np.array([0, 1, 2, 3] * 2)}, "array 'token' has values other than 0, 1, 2 (R̂, s, a)"),
 ])
 def test_plot_mi_refuses_malformed_xy_results(tmp_path, capsys, changes, msg):
     res = tmp_path / "res"
@@ -96,6 +101,30 @@ def test_plot_mi_refuses_malformed_xy_results(tmp_path, capsys, changes, msg):
                                                           "--model_name_list", "dt"])
     assert f"{f}: {msg}" in err
     assert not (tmp_path / "figs").exists()
+
+
+def test_plot_mi_refuses_a_depth_that_does_not_exceed_the_block(tmp_path, capsys):
+    res = tmp_path / "res"
+    res.mkdir()
+    np.savez(res / "mi_xy_0_40_dt_hopper_medium_666.npz", **_xy(depth=np.array(3)))
+    f = res / "mi_xy_2_40_dt_hopper_medium_666.npz"
+    np.savez(f, **_xy(depth=np.array(2)))
+    err = expect_exit(capsys, load_script(PLOT_MI).main, ["--results_dir", res, "--figs_dir", tmp_path / "figs",
+                                                          "--model_name_list", "dt"])
+    assert f"{f}: 'depth' 2 is not the depth of a model with block 2" in err
+    assert not (tmp_path / "figs").exists()
+
+
+def test_save_activation_refuses_a_data_folder_below_a_file(tmp_path, hopper_data, capsys):
+    ck = tmp_path / "checkpoints"
+    write_run(ck, "dt", epochs=(40,), data_file=hopper_data / "hopper-medium-v2.pkl")
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    out = tmp_path / "res"
+    msg = expect_exit(capsys, load_script(SAVE).main, _save_argv(ck, out, "--batch_size", "4", "--path_to_save_data",
+                                                                 blocker / "x"))
+    assert f"argument --path_to_save_data: {blocker / 'x'}: {blocker} is a file, not a folder" in msg
+    assert not out.exists() and blocker.read_text() == "x"
 
 
 # ---- 4. malformed mi_data_*.npy ------------------------------------------------------------------------------------
@@ -159,6 +188,33 @@ def test_all_nan_results_are_warned_about(tmp_path, capsys):
     assert {p.name for p in figs.glob("*.png")} == {"mi_xy_40_dt_hopper_medium_666.png",
                                                     "mi_no_context_40_dt_hopper_medium_666.png",
                                                     "mi_data_hopper_medium_666.png"}
+
+
+def test_some_nan_estimates_or_one_all_nan_block_are_not_warned_about(tmp_path, capsys):
+    """A warning only when every estimate of x (or y), or of state (or action) in every block, is NaN; numpy's
+    RuntimeWarnings over an all-NaN block are not shown (nor raised)."""
+    import warnings
+
+    res, figs = tmp_path / "res", tmp_path / "figs"
+    res.mkdir()
+    x = np.linspace(0, 1, 8)
+    x[3] = np.nan
+    np.savez(res / "mi_xy_0_40_dt_hopper_medium_666.npz", **_xy(x=x))
+    partial = np.ones((2, 3))
+    partial[:, 1] = np.nan                                       # some NaN in every block, all NaN in none but 0
+    np.savez(res / "mi_40_dt_hopper_medium_666.npz", **{"0.mlp.dropout": np.full((2, 3), np.nan),
+                                                        "1.mlp.dropout": partial})
+    plot = load_script(PLOT_MI).main
+    argv = ["--results_dir", res, "--figs_dir", figs, "--model_name_list", "dt"]
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot(argv)
+        plot(argv + ["--exp_type", "no_context"])
+    assert "warning" not in capsys.readouterr().err
+    assert [w for w in caught if issubclass(w.category, RuntimeWarning)] == []
+    assert {p.name for p in figs.glob("*.png")} == {"mi_xy_40_dt_hopper_medium_666.png",
+                                                    "mi_no_context_40_dt_hopper_medium_666.png"}
 
 
 # ---- 6. models / envs without results ------------------------------------------------------------------------------

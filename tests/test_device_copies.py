@@ -81,3 +81,18 @@ def test_forked_rng_also_keeps_the_gpu_stream(monkeypatch):
         torch.manual_seed(123)
         torch.rand(3)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_lm_pretraining_copies_each_steps_window_starts_without_blocking(tmp_path, monkeypatch):
+    """pretrain_chibit's window starts go to the device through to_device_async, once a step."""
+    from decision_transformer.training import lm_pretrain
+
+    copies = []
+    real = lm_pretrain.to_device_async
+    monkeypatch.setattr(lm_pretrain, "to_device_async",
+                        lambda t, d: copies.append((t.shape, t.dtype, str(d))) or real(t, d))
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog.\n" * 20)
+    lm_pretrain.pretrain_chibit(text, tmp_path / "out", vocab_size=300, n_layer=1, n_embd=16, n_head=2,
+                                n_positions=16, block_size=8, batch_size=2, steps=2, warmup_steps=1, log_every=1)
+    assert copies == [(torch.Size([2]), torch.int64, "cpu")] * 2

@@ -89,3 +89,66 @@ def test_a_warning_between_two_rows_does_not_cut_the_table(logs):
     f.write_text("\n".join(lines[:row] + ["W1201 12:00:00 skipping cudagraphs due to cpu device"] + lines[row:]) + "\n")
     text, figures = summary.summarise(logs)
     assert "under `--compile reduce-overhead`: 22.5x" in text and text.count("compile reduce-overhead |") == 1
+
+
+def _compile_log(tmp_path, monkeypatch, capsys, rates, modes):
+    """bench_train_compile.txt as train.main prints it with ``--compile *modes``, at the fixed ``rates``."""
+    train = load_script("benchmarks/bench_train.py")
+    monkeypatch.setattr(train, "bench_device", lambda name: FAKE_CUDA)
+    monkeypatch.setattr(train, "synthetic_trajectories", lambda *a, **k: None)
+    monkeypatch.setattr(train, "measure", lambda name, trajs, device, steps, batch_size, K, slow, amp, compile=None:
+                        (rates[(name, slow, compile)], 1.0, 1000.0, 1e11, 0.5))
+    train.main(["--configs", "paper", "--compile", *modes])
+    (tmp_path / "bench_train_compile.txt").write_text(capsys.readouterr().out)
+
+
+def test_the_training_target_and_the_compiled_ratio_each_use_their_own_runs_loop(logs, monkeypatch, capsys):
+    """The target divides by the per-sample loop of bench_train.txt, never the compiled run's; the compiled ratio
+    shown is the best compile mode's, over the compiled run's own loop."""
+    summary = load_script("benchmarks/gpu_summary.py")
+    _compile_log(logs, monkeypatch, capsys, {("paper", True, None): 60.0, ("paper", False, None): 300.0,
+                                             ("paper", False, "default"): 1200.0,
+                                             ("paper", False, "reduce-overhead"): 900.0},
+                 ["default", "reduce-overhead"])
+    text, figures = summary.summarise(logs)
+    assert figures["train"] == pytest.approx(300.0 / 40.0)          # not 300 / 60
+    assert "| training steps/s at the paper config, on-device vs per-sample loop | 5x | 7.5x | met |" in text
+    assert "under `--compile reduce-overhead`: 20.0x the per-sample loop of the same run" in text   # 1200 / 60
+
+
+def _set_rows(folder, train_rates):
+    """Rewrite bench_train.txt's steps/s of the paper rows named in ``train_rates`` ({batches: cell}) in place."""
+    summary = load_script("benchmarks/gpu_summary.py")
+    f = folder / "bench_train.txt"
+    text = f.read_text()
+    for row in summary.table(text, "config"):
+        if row["config"] == "paper" and row["batches"] in train_rates:
+            old = next(x for x in text.splitlines() if x.startswith("|") and row["batches"] in x and "paper" in x)
+            text = text.replace(old, old.replace(f" {row['steps/s']} ", f" {train_rates[row['batches']]} ", 1))
+    f.write_text(text)
+
+
+def test_the_fastest_overlap_is_the_fastest_batched_rate_and_exactly_the_target_is_met(logs):
+    summary = load_script("benchmarks/gpu_summary.py")
+    core = logs / "bench_core.txt"
+    text = core.read_text()
+    # the (50, 8, 4, 41.0, 0.8) row with 2 groups: the best ratio (51.25) but not the fastest rate (42.0 at 4 groups)
+    lines = text.splitlines()
+    i = next(i for i, line in enumerate(lines) if "| 41.00 |" in line or "| 41.0 |" in line)
+    c = summary._cells(lines[i])
+    c[c.index("4")] = "2"
+    lines[i] = "| " + " | ".join(c) + " |"
+    core.write_text("\n".join(lines) + "\n")
+    out, figures = summary.summarise(logs)
+    assert figures["eval"] == pytest.approx(51.25)
+    assert figures["overlap"] == "4"
+    _set_rows(logs, {"per-sample loop": "60.0", "on-device": "300.0"})
+    out, figures = summary.summarise(logs)
+    assert figures["train"] == 5.0
+    assert "| training steps/s at the paper config, on-device vs per-sample loop | 5x | 5.0x | met |" in out
+
+
+def test_a_file_given_for_the_folder_is_refused(logs, capsys):
+    summary = load_script("benchmarks/gpu_summary.py")
+    assert summary.main([str(logs / "device.txt")]) == 2
+    assert "device.txt: not a folder of GPU suite logs" in capsys.readouterr().err

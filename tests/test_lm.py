@@ -315,6 +315,46 @@ def test_lm_weight_files_that_are_junk_or_hold_nan_are_one_line_naming_them(lm_d
         build_model_from_args(args_for("--pretrained_lm", str(nan)), HOPPER)
 
 
+def test_damaged_safetensors_files_and_inf_weights_are_named(lm_dirs, tmp_path):
+    """A damaged model.safetensors alone is damaged, not missing; every damaged file is named, with the loader's
+    reason; an inf weight is refused as NaN is."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    junk = tmp_path / "lm_junk_st"
+    junk.mkdir()
+    shutil.copy(lm_dirs / "gpt2" / "config.json", junk / "config.json")
+    (junk / "model.safetensors").write_bytes(b"junk bytes here" * 10)
+    with pytest.raises(UserError, match=rf"^{junk}: cannot load the model weights from model.safetensors, damaged or "
+                                        r"not a weight file \(\w+: .+\)$"):
+        build_model_from_args(args_for("--pretrained_lm", str(junk)), HOPPER)
+
+    shards = tmp_path / "lm_shards"
+    shards.mkdir()
+    shutil.copy(lm_dirs / "gpt2" / "config.json", shards / "config.json")
+    names = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    keys = list(load_file(lm_dirs / "gpt2" / "model.safetensors"))
+    (shards / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: names[i % 2] for i, k in enumerate(keys)}}))
+    for n in names:
+        (shards / n).write_bytes(b"junk bytes here" * 10)
+    with pytest.raises(UserError, match=rf"^{shards}: cannot load the model weights from {names[0]}, {names[1]}, "
+                                        r"model.safetensors.index.json, damaged or not a weight file \(\w+: .+\)$"):
+        build_model_from_args(args_for("--pretrained_lm", str(shards)), HOPPER)
+
+    inf = tmp_path / "lm_inf"
+    shutil.copytree(lm_dirs / "gpt2", inf)
+    weights = load_file(inf / "model.safetensors")
+    key = next(k for k in weights if k.endswith("h.0.attn.c_attn.weight"))
+    weights[key][1, 2] = float("-inf")
+    save_file(weights, inf / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=rf"^{inf}: the weights hold NaN or inf values, in h\.0\.attn\.c_attn\.weight "
+                                        r"\(a damaged model\)$"):
+        build_model_from_args(args_for("--pretrained_lm", str(inf)), HOPPER)
+
+
 # ---- k-means alignment --------------------------------------------------------------------------------------------
 
 def materialised(e, c, normalize, mean):

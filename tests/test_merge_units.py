@@ -83,6 +83,61 @@ def test_merge_keeps_the_stored_dtype():
     assert out["emb.w"].dtype == torch.float16 and torch.equal(out["emb.w"], ah["emb.w"])
 
 
+def _count_forked_rng(monkeypatch, module) -> dict:
+    """Wraps ``module.forked_rng``: {"entered": how often, "depth": how many are open now}."""
+    import contextlib
+
+    real, state = module.forked_rng, {"entered": 0, "depth": 0}
+
+    @contextlib.contextmanager
+    def counting():
+        state["entered"] += 1
+        state["depth"] += 1
+        try:
+            with real():
+                yield
+        finally:
+            state["depth"] -= 1
+
+    monkeypatch.setattr(module, "forked_rng", counting)
+    return state
+
+
+def test_rebuilt_initialisations_and_fisher_estimates_fork_every_devices_rng(monkeypatch, tmp_path):
+    """The merge base rebuilt from a seed, the LM initialisation rebuilt from the run's flags and the Fisher
+    estimates run inside forked_rng (every GPU's generator too, not only the CPU's), leaving the run's streams."""
+    from decision_transformer import merge_setup, model_factory
+
+    rng = _count_forked_rng(monkeypatch, merge_setup)
+    model = tiny_model(seed=3)
+    first = SimpleNamespace(is_multi=False, path="m1.pt", config={"seed": 3, "model_config": model.config.to_dict()})
+    base = merge_setup.resolve_base(SimpleNamespace(merge_base=None, pretrained_lm=None), [first])
+    assert rng == {"entered": 1, "depth": 0}
+    assert all(torch.equal(base[k], v) for k, v in model.state_dict().items())
+
+    inside = []
+    monkeypatch.setattr(model_factory, "build_model_from_args", lambda a, spec: inside.append(rng["depth"]) or model)
+    lm_run = SimpleNamespace(is_multi=False, path="m2.pt", config={"seed": 3, "env": "hopper", "pretrained_lm": "gpt2"})
+    merge_setup.resolve_base(SimpleNamespace(merge_base=None, pretrained_lm=None), [lm_run])
+    assert inside == [1]
+
+    monkeypatch.setattr(fisher, "compute_fisher", lambda *a, **k: inside.append(rng["depth"]) or {})
+    monkeypatch.setattr(fisher, "fisher_tensors", lambda info: {"w": torch.ones(1)})
+    args = SimpleNamespace(fisher_type="batch", f_batch_size=2, f_num_batches=1, K=4, seed=0)
+    merge_setup.multi_fisher(model, ["hopper", "walker2d"], [None, None], args)
+    assert inside == [1, 1, 1]
+
+    monkeypatch.setattr(merge_setup, "build_model", lambda mf, device, max_length: model)
+    monkeypatch.setattr(merge_setup, "source_env_dataset", lambda mf: ("hopper", "medium"))
+    monkeypatch.setattr(fisher, "training_context", lambda mf: 4)
+    monkeypatch.setattr(fisher, "save_fisher", lambda info, path: None)
+    monkeypatch.setattr(fisher, "describe", lambda info: "")
+    monkeypatch.setattr(merge_setup, "log", lambda msg: None)
+    mf = SimpleNamespace(path=str(tmp_path / "model_1.pt"), dataset="medium")
+    merge_setup.fisher_for_file(mf, args, SimpleNamespace(get=lambda env, ds: None), "cpu")
+    assert inside == [1, 1, 1, 1]
+
+
 # ---- fisher.py ----------------------------------------------------------------------------------------------------
 
 def test_chunked_per_example_fishers_match_unchunked(monkeypatch):

@@ -27,6 +27,27 @@ TOL = 0.12
 
 
 
+def test_the_statistics_network_is_built_inside_forked_rng(monkeypatch):
+    """Mine seeds torch to build its network inside forked_rng (every GPU's generator too, not only the CPU's)."""
+    import contextlib
+
+    from decision_transformer.analysis import mine
+
+    real, entered = mine.forked_rng, []
+
+    @contextlib.contextmanager
+    def counting():
+        entered.append(1)
+        with real():
+            yield
+
+    monkeypatch.setattr(mine, "forked_rng", counting)
+    state = torch.random.get_rng_state()
+    Mine(2, 3, hidden=8, hidden_layers=1, seed=5)
+    assert entered == [1]
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 @pytest.mark.parametrize("loss,rho,dim", [("mine", 0.8, 2), ("mine_biased", 0.8, 2), ("fdiv", 0.8, 2),
                                           ("mine", 0.9, 1)])
 def test_correlated_gaussians(loss, rho, dim):

@@ -184,6 +184,26 @@ def test_a_model_whose_actions_are_not_finite_stops_the_table_with_exit_3(tmp_pa
     assert not list(tmp_path.glob("t.*"))
 
 
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_one_non_finite_return_among_finite_ones_stops_the_table_with_exit_3(tmp_path, capsys, monkeypatch, bad):
+    """A single inf (not only NaN, not only when every return is bad) stops the table."""
+    import types
+
+    import numpy as np
+
+    from decision_transformer import evaluation
+
+    path = hopper_checkpoint(tmp_path / "m.pt", stats=True)
+    monkeypatch.setattr(evaluation, "env_pool", lambda *a, **k: types.SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(evaluation, "evaluate_episodes",
+                        lambda *a, **k: types.SimpleNamespace(returns=np.array([100.0, bad])))
+    with pytest.raises(SystemExit) as e:
+        results_table.main(["--row", f"a={path}", "--num_eval_episodes", "2", "--out", str(tmp_path / "t")])
+    assert e.value.code == 3
+    assert f"error: {path}: the hopper evaluation gave non-finite returns" in capsys.readouterr().err
+    assert not list(tmp_path.glob("t.*"))
+
+
 # ---- the written table -----------------------------------------------------------------------------------------------
 
 def test_out_names_are_appended_not_replaced(tmp_path, capsys):
