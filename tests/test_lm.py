@@ -689,6 +689,23 @@ def test_an_originals_parent_path_is_found_below_this_folder_or_the_project(lm_d
     assert capsys.readouterr().err.count("using") == 1
 
 
+def test_a_bare_name_is_found_in_the_projects_checkpoints_from_a_sub_folder(lm_dirs, tmp_path, monkeypatch):
+    """``--pretrained_lm ChibiT`` started from a sub-folder of the project finds the project's checkpoints/ChibiT (it
+    looked in checkpoints/ below the working folder only); one below the working folder still wins."""
+    from decision_transformer import paths
+    from decision_transformer.models.pretrained import find_model_dir
+
+    project = tmp_path / "project"
+    (project / "lm_cotraining").mkdir(parents=True)
+    monkeypatch.chdir(project / "lm_cotraining")
+    monkeypatch.setattr(paths, "PROJECT_ROOT", project)
+    shutil.copytree(lm_dirs / "gpt2", project / "checkpoints" / "ChibiT")
+    assert find_model_dir("ChibiT") == (project / "checkpoints" / "ChibiT", "local")
+    assert find_model_dir("someone/ChibiT")[0] == project / "checkpoints" / "ChibiT"      # a Hub id: its name
+    shutil.copytree(lm_dirs / "gpt2", project / "lm_cotraining" / "checkpoints" / "ChibiT")
+    assert find_model_dir("ChibiT")[0] == Path("checkpoints/ChibiT")
+
+
 def test_pretraining_seed_commands_with_cached_models(tmp_path, monkeypatch, hf_home, hopper_data):
     """TAKAGI's commands: --pretrained_lm gpt2 / openai/imagegpt-small from the HF cache, --remove_grad_clip,
     --K 1 with --pretrained_block (b = 0); run folders named as the analysis scripts expect."""

@@ -81,9 +81,11 @@ def find_model_dir(name: str, what: str = "pretrained model", flag: str = "--pre
     explicit_path = name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
     in_checkpoints = given.parts[:1] == ("checkpoints",)
     if not explicit_path and not in_checkpoints:
-        candidates.append(Path("checkpoints") / name)
-        if given.name != name:                      # a Hub id with an owner: also checkpoints/<model name>
-            candidates.append(Path("checkpoints") / given.name)
+        # checkpoints/ below the working folder, then the project's own (a script started from a sub-folder)
+        for root in (Path("checkpoints"), paths.PROJECT_ROOT / "checkpoints"):
+            for c in (root / name,) + ((root / given.name,) if given.name != name else ()):   # Hub id: its name too
+                if all(c.absolute().resolve() != k.absolute().resolve() for k in candidates):
+                    candidates.append(c)
     ups = len(given.parts) - len(given.parts[next((i for i, q in enumerate(given.parts) if q != ".."),
                                                    len(given.parts)):])
     if ups and len(given.parts) > ups:
