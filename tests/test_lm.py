@@ -608,6 +608,13 @@ def test_joint_token_cache(lm_dirs, tmp_path, monkeypatch, capsys):
         assert torch.equal(cached_tokenize_corpus([corpus], tok, 16, 400, cache), good["blocks"])
         assert "unreadable token cache" in capsys.readouterr().err
     assert len(calls) == 6
+    # an LM with fewer embeddings than the cached ids: refused at once (the same tokenizer gives the same ids), not
+    # called unreadable and tokenised again
+    top = int(good["blocks"].max())
+    with pytest.raises(UserError, match=rf"^--joint: the tokenizer produces id {top} \(tokens from the cache .*joint_"
+                                        rf".*\.pt\) but the LM has only {top} embeddings"):
+        cached_tokenize_corpus([corpus], tok, 16, top, cache)
+    assert len(calls) == 6 and "unreadable" not in capsys.readouterr().err
 
 
 def test_joint_needs_a_local_corpus(lm_dirs, tmp_path, monkeypatch):

@@ -95,11 +95,16 @@ def tokenize_corpus(files: list[Path], tokenizer, block_size: int, vocab_size: i
         raise UserError(f"--joint: the corpus ({', '.join(map(str, files))}) has {len(ids)} tokens, fewer than one "
                         f"block of {block_size}")
     blocks = ids[:n * block_size].view(n, block_size)
+    check_vocabulary(blocks, vocab_size)
+    return blocks
+
+
+def check_vocabulary(blocks: torch.Tensor, vocab_size: int, where: str = ""):
+    """Refuse token ids the LM has no embedding for (a tokenizer that is not the LM's)."""
     top = int(blocks.max())
     if top >= vocab_size:
-        raise UserError(f"--joint: the tokenizer produces id {top} but the LM has only {vocab_size} embeddings; use "
-                        f"the LM's own tokenizer (--tokenizer_name)")
-    return blocks
+        raise UserError(f"--joint: the tokenizer produces id {top}{where} but the LM has only {vocab_size} embeddings; "
+                        f"use the LM's own tokenizer (--tokenizer_name)")
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
@@ -133,13 +138,16 @@ def cached_tokenize_corpus(files: list[Path], tokenizer, block_size: int, vocab_
     if path.is_file():
         try:
             blocks = torch.load(path, weights_only=True)["blocks"]
-            if (isinstance(blocks, torch.Tensor) and blocks.dtype == torch.long and blocks.dim() == 2
-                    and blocks.shape == (blocks.shape[0], block_size) and blocks.numel()
-                    and int(blocks.min()) >= 0 and int(blocks.max()) < vocab_size):
-                print(f"joint LM training: tokens from the cache {path}", file=sys.stderr)
-                return blocks
+            ok = (isinstance(blocks, torch.Tensor) and blocks.dtype == torch.long and blocks.dim() == 2
+                  and blocks.shape == (blocks.shape[0], block_size) and blocks.numel() and int(blocks.min()) >= 0)
         except Exception:  # noqa: BLE001 - any damage means: tokenise again
-            pass
+            ok = False
+        if ok:
+            # the key holds the tokenizer, so tokenising again would give these ids again: an LM without embeddings
+            # for them is refused here
+            check_vocabulary(blocks, vocab_size, f" (tokens from the cache {path})")
+            print(f"joint LM training: tokens from the cache {path}", file=sys.stderr)
+            return blocks
         print(f"warning: {path}: unreadable token cache, tokenising again", file=sys.stderr)
     blocks = tokenize_corpus(files, tokenizer, block_size, vocab_size)
     from decision_transformer.checkpoint import atomic_save
