@@ -281,12 +281,32 @@ def test_an_lm_config_no_model_can_use_is_one_line_naming_the_folder(lm_dirs, tm
         build_model_from_args(args_for("--pretrained_lm", str(bad)), HOPPER)
 
 
+def _config_only(lm_dirs, folder):
+    """``folder`` holding the test GPT-2's config.json and no weights."""
+    import shutil
+
+    folder.mkdir()
+    shutil.copy(lm_dirs / "gpt2" / "config.json", folder / "config.json")
+    return folder
+
+
+def _lm_with_weight(lm_dirs, folder, suffix: str, index: tuple, value: float):
+    """A copy of the test GPT-2 in ``folder`` whose tensor ``*suffix`` holds ``value`` at ``index``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(lm_dirs / "gpt2", folder)
+    weights = load_file(folder / "model.safetensors")
+    weights[next(k for k in weights if k.endswith(suffix))][index] = value
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
 def test_lm_weight_files_that_are_junk_or_hold_nan_are_one_line_naming_them(lm_dirs, tmp_path):
     """A weight file of junk bytes names the file and says it is damaged (it was a bare "(543911541)"); weights
     holding NaN are refused when read, naming the tensor (they trained to a NaN loss, exit 3)."""
     import shutil
-
-    from safetensors.torch import load_file, save_file
 
     junk = tmp_path / "lm_junk"
     shutil.copytree(lm_dirs / "gpt2", junk)
@@ -297,19 +317,12 @@ def test_lm_weight_files_that_are_junk_or_hold_nan_are_one_line_naming_them(lm_d
                                         r"not a weight file \(\w+"):
         build_model_from_args(args_for("--pretrained_lm", str(junk)), HOPPER)
 
-    bare = tmp_path / "lm_no_weights"
-    bare.mkdir()
-    shutil.copy(lm_dirs / "gpt2" / "config.json", bare / "config.json")
+    bare = _config_only(lm_dirs, tmp_path / "lm_no_weights")
     with pytest.raises(UserError, match=rf"^{bare}: no weight file \(model.safetensors or pytorch_model.bin\) beside "
                                         r"its config.json$"):
         build_model_from_args(args_for("--pretrained_lm", str(bare)), HOPPER)   # nothing damaged: nothing there
 
-    nan = tmp_path / "lm_nan"
-    shutil.copytree(lm_dirs / "gpt2", nan)
-    weights = load_file(nan / "model.safetensors")
-    key = next(k for k in weights if k.endswith("h.1.mlp.c_proj.weight"))
-    weights[key][0, 0] = float("nan")
-    save_file(weights, nan / "model.safetensors", metadata={"format": "pt"})
+    nan = _lm_with_weight(lm_dirs, tmp_path / "lm_nan", "h.1.mlp.c_proj.weight", (0, 0), float("nan"))
     with pytest.raises(UserError, match=rf"^{nan}: the weights hold NaN or inf values, in h\.1\.mlp\.c_proj\.weight "
                                         r"\(a damaged model\)$"):
         build_model_from_args(args_for("--pretrained_lm", str(nan)), HOPPER)
@@ -319,21 +332,16 @@ def test_damaged_safetensors_files_and_inf_weights_are_named(lm_dirs, tmp_path):
     """A damaged model.safetensors alone is damaged, not missing; every damaged file is named, with the loader's
     reason; an inf weight is refused as NaN is."""
     import json
-    import shutil
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    junk = tmp_path / "lm_junk_st"
-    junk.mkdir()
-    shutil.copy(lm_dirs / "gpt2" / "config.json", junk / "config.json")
+    junk = _config_only(lm_dirs, tmp_path / "lm_junk_st")
     (junk / "model.safetensors").write_bytes(b"junk bytes here" * 10)
     with pytest.raises(UserError, match=rf"^{junk}: cannot load the model weights from model.safetensors, damaged or "
                                         r"not a weight file \(\w+: .+\)$"):
         build_model_from_args(args_for("--pretrained_lm", str(junk)), HOPPER)
 
-    shards = tmp_path / "lm_shards"
-    shards.mkdir()
-    shutil.copy(lm_dirs / "gpt2" / "config.json", shards / "config.json")
+    shards = _config_only(lm_dirs, tmp_path / "lm_shards")
     names = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
     keys = list(load_file(lm_dirs / "gpt2" / "model.safetensors"))
     (shards / "model.safetensors.index.json").write_text(json.dumps(
@@ -344,12 +352,7 @@ def test_damaged_safetensors_files_and_inf_weights_are_named(lm_dirs, tmp_path):
                                         r"model.safetensors.index.json, damaged or not a weight file \(\w+: .+\)$"):
         build_model_from_args(args_for("--pretrained_lm", str(shards)), HOPPER)
 
-    inf = tmp_path / "lm_inf"
-    shutil.copytree(lm_dirs / "gpt2", inf)
-    weights = load_file(inf / "model.safetensors")
-    key = next(k for k in weights if k.endswith("h.0.attn.c_attn.weight"))
-    weights[key][1, 2] = float("-inf")
-    save_file(weights, inf / "model.safetensors", metadata={"format": "pt"})
+    inf = _lm_with_weight(lm_dirs, tmp_path / "lm_inf", "h.0.attn.c_attn.weight", (1, 2), float("-inf"))
     with pytest.raises(UserError, match=rf"^{inf}: the weights hold NaN or inf values, in h\.0\.attn\.c_attn\.weight "
                                         r"\(a damaged model\)$"):
         build_model_from_args(args_for("--pretrained_lm", str(inf)), HOPPER)
