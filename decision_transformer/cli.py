@@ -316,9 +316,18 @@ def given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
         return set()
 
 
+def check_trace_norm(given: set[str], args):
+    """``--no_trace_norm`` (= ``--fisher_norm none``) with ``--fisher_norm trace`` also given: a contradiction that the
+    default's value alone cannot show (``l2`` is refused where the merge is set up)."""
+    if {"no_trace_norm", "fisher_norm"} <= given and args.no_trace_norm and args.fisher_norm == "trace":
+        raise UserError("--no_trace_norm (= --fisher_norm none) contradicts --fisher_norm trace")
+
+
 def warn_inert_flags(parser: argparse.ArgumentParser, argv, args, *kinds: str):
-    """One warning line per flag of ``INERT_RULES[kind]`` that ``argv`` gives while the flag enabling it is off."""
+    """One warning line per flag of ``INERT_RULES[kind]`` that ``argv`` gives while the flag enabling it is off; and
+    ``check_trace_norm``."""
     given = given_flags(parser, argv)
+    check_trace_norm(given, args)
     for kind in kinds:
         for dests, enabled, switch in INERT_RULES[kind]:
             if enabled(args):

@@ -152,6 +152,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                 raise UserError(f"{args.recipe}: unknown option {k!r} (valid: {', '.join(sorted(actions))})")
         parser.set_defaults(**{k: recipe_value(actions[k], v, args.recipe) for k, v in recipe.items()})
         args = parser.parse_args(argv)  # command-line flags win over the recipe
+    from decision_transformer.cli import check_trace_norm, given_flags
+
+    check_trace_norm(given_flags(parser, argv) | set(read_recipe(args.recipe) if args.recipe else ()), args)
     if not args.models:
         raise UserError("no models to merge: pass --models A B ... or a recipe with 'models'")
     if not args.out:

@@ -2,6 +2,7 @@
 exit 2, and nothing already saved destroyed or replaced by a broken file."""
 import hashlib
 import os
+import types
 
 import pytest
 import torch
@@ -74,6 +75,8 @@ def test_bad_K_never_poisons_the_fisher_cache(tiny, capsys):
     (["--merge_method", "ties", "--ties_density", "7"], "--ties_density must be a number in (0, 1]"),
     (["--merge_method", "fisher", "--no_trace_norm", "--fisher_norm", "l2"],
      "--no_trace_norm (= --fisher_norm none) contradicts --fisher_norm l2"),
+    (["--merge_method", "fisher", "--no_trace_norm", "--fisher_norm", "trace"],       # trace given, not the default
+     "--no_trace_norm (= --fisher_norm none) contradicts --fisher_norm trace"),
     (["--merge_method", "regmean", "--regmean_alpha", "nan"], "--regmean_alpha must be a number in [0, 1]"),
     (["--dataset", "foo"], "unknown dataset 'foo'"),
     (["--include", "nomatch"], "--include nomatch matches no tensor"),
@@ -86,6 +89,28 @@ def test_merge_cli_rejects_bad_options(tiny, tmp_path, capsys, extra, expect):
             "--data_path", str(data), "--K", "5", "--out", str(out), *extra]
     assert expect in fails(merge_cli.main, argv, capsys)
     assert not out.exists()
+
+
+def test_no_trace_norm_with_an_explicit_trace_norm_is_refused_everywhere(tiny, tmp_path, capsys, monkeypatch):
+    """--no_trace_norm --fisher_norm trace was taken as 'none' without a word (trace is the default, so only the
+    flags given tell); a recipe's fisher_norm counts as given; either flag alone is fine."""
+    import experiment
+    import experiment_multi
+
+    root, data, paths = tiny
+    monkeypatch.chdir(tmp_path)                                          # a run that went ahead would write here
+    expect = "error: --no_trace_norm (= --fisher_norm none) contradicts --fisher_norm trace"
+    for main in (experiment.main, experiment_multi.main):
+        assert fails(main, ["--no_trace_norm", "--fisher_norm", "trace", "--max_iters", "0"], capsys) == expect
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("fisher_norm: trace\n")
+    argv = ["--models", str(paths["hopper"]), str(paths["halfcheetah"]), "--out", str(tmp_path / "m.pt")]
+    assert fails(merge_cli.main, argv + ["--recipe", str(recipe), "--no_trace_norm"], capsys) == expect
+    from decision_transformer.cli import check_trace_norm
+
+    args = types.SimpleNamespace(no_trace_norm=True, fisher_norm="trace")
+    check_trace_norm({"no_trace_norm"}, args)                            # the default trace: --no_trace_norm wins
+    check_trace_norm({"fisher_norm"}, types.SimpleNamespace(no_trace_norm=False, fisher_norm="trace"))
 
 
 def test_merge_cli_checks_its_output_path_before_any_fisher(tiny, tmp_path, capsys):
