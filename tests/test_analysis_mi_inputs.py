@@ -158,6 +158,20 @@ def test_plot_mi_data_accepts_nan_estimates(tmp_path, capsys):
     assert (tmp_path / "figs" / "mi_data_hopper_medium_666.png").is_file()
 
 
+def test_plot_mi_data_refuses_state_and_rtg_results_of_different_lengths(tmp_path, capsys):
+    """The two files of one env come from one data file, so one timestep count: a state result of 3 beside an rtg
+    result of 5 (one of them from another run) is refused naming both, not drawn as if they matched."""
+    res = tmp_path / "res"
+    res.mkdir()
+    np.save(res / "mi_data_state_action_hopper_medium_666.npy", np.linspace(0, 1, 3))
+    np.save(res / "mi_data_rtg_action_hopper_medium_666.npy", np.linspace(0, 1, 5))
+    err = expect_exit(capsys, load_script(PLOT_MI_DATA).main, ["--results_dir", res, "--figs_dir", tmp_path / "figs",
+                                                               "--env_name", "hopper"])
+    assert (f"{res / 'mi_data_state_action_hopper_medium_666.npy'} has 3 timesteps but "
+            f"{res / 'mi_data_rtg_action_hopper_medium_666.npy'} has 5") in err
+    assert not (tmp_path / "figs").exists()
+
+
 # ---- 5. every estimate NaN -----------------------------------------------------------------------------------------
 
 def test_all_nan_results_are_warned_about(tmp_path, capsys):

@@ -546,6 +546,10 @@ def plot_mi_data(args) -> common.Outputs:
             missing.append(" and ".join(str(f) for f in fs if not f.is_file()))
         elif env not in found:
             found[env] = [_load_mi_data(f) for f in fs]
+            if found[env][0].size != found[env][1].size:
+                raise UserError(f"{fs[0]} has {found[env][0].size} timesteps but {fs[1]} has {found[env][1].size}; "
+                                f"run_mi_exp.py writes both from one data file, so one is from another run: "
+                                f"run it again for {env}")
             empty += [f for f, a in zip(fs, found[env]) if np.isnan(a).all()]
     if not found:
         raise UserError(f"no data-MI results mi_data_state_action_{{env}}_{args.dataset_name}_{args.seed}{ktag}.npy in "
