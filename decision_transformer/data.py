@@ -620,7 +620,7 @@ class TrajectoryDataset:
         self.rtg = torch.from_numpy(rtg.astype(np.float32)).to(dv)                               # [N]
         self.traj_starts = torch.from_numpy(starts).to(dv)
         self.traj_lens = torch.from_numpy(lengths).to(dv)
-        pad_state = (np.zeros(spec.state_dim, dtype=np.float64) - self.state_mean) / self.state_std
+        pad_state = (np.full(spec.state_dim, PAD_STATE_RAW, dtype=np.float64) - self.state_mean) / self.state_std
         self.pad_state = torch.from_numpy(pad_state.astype(np.float32)).to(dv)
         # Uniform sampling over the kept timesteps == length-weighted trajectory choice + uniform start.
         kept_lens = lengths[self.kept]

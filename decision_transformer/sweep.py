@@ -292,13 +292,6 @@ def run_lock(path: Path | None, program: str):
         _unlock(fd)
 
 
-def run_state(program: str, argv: list[str]) -> tuple[str, Path | None]:
-    """('done' | 'partial' | 'new' | 'damaged' | 'mismatch', run folder) of a run of ``experiment.py``,
-    ``lm_cotraining/experiment.py`` or ``experiment_multi.py``; other programs are always 'new'."""
-    found = inspect_run(program, argv)
-    return found.state, found.folder
-
-
 def inspect_run(program: str, argv: list[str]) -> Found:
     """The state of a run of ``program`` with the flags ``argv`` (see ``Found``); flags the program rejects are a
     ``UserError`` naming the program. A run found in a folder that a training process holds (``folder_lock_path``:

@@ -108,11 +108,6 @@ class MultiDecisionTransformer(nn.Module):
     def act_dim(self) -> int:
         return self.config.act_dims[self.active]
 
-    def env_parameter_prefixes(self, env) -> list[str]:
-        """State-dict prefixes of env's own layers (``embed_states.1.`` ...)."""
-        i = self.env_index(env)
-        return [f"{n}.{i}." for n in ("embed_returns", "embed_states", "embed_actions", "embed_lns", "predict_actions")]
-
     # ---- forward ---------------------------------------------------------------------------------------------------
     def forward(self, states, actions, returns_to_go, timesteps, attention_mask=None, env=None,
                 output_attentions: bool = False, output_hidden_states: bool = False,
