@@ -27,6 +27,10 @@ class EvalResult:
     def metrics(self, env: str, prefix: str = "") -> dict[str, float]:
         spec = get_env_spec(env)
         key = f"{prefix}target_{int(self.target)}"
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite returns: NaN / inf, reported by the caller
+            return self._metrics(spec, key)
+
+    def _metrics(self, spec, key: str) -> dict[str, float]:
         return {
             f"{key}_return_mean": float(np.mean(self.returns)),
             f"{key}_return_std": float(np.std(self.returns)),

@@ -4,6 +4,7 @@
 --spec_info and the logged per-env losses. Evaluations are replaced by fixed returns: no episode is run."""
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -141,9 +142,11 @@ def test_infinite_evaluation_returns_stop_the_run(tmp_path, monkeypatch, capsys,
 
     fixed_returns(monkeypatch, run_mod, {3600: [float("inf")], 1800: [1.0]})
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit) as e, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # numpy's "invalid value" warning would print above the error line
         experiment.main(["--data_path", str(hopper_data), *TINY, "--max_iters", "1", "--num_eval_episodes", "1"])
     assert e.value.code == 3
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: the evaluation of iteration 1 gave non-finite returns (evaluation/target_3600_return_mean): the "
         "model's actions are not finite numbers, its weights have diverged; checkpoints of earlier iterations are kept")
