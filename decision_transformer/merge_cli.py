@@ -212,10 +212,13 @@ def run_merge(args) -> Path:
         warn_architecture([s.config.get("model_config") for s in sources], [s.path for s in sources])
         state, merged_keys = merge_single_sources(sources, args, keys, device, DatasetCache(args.data_path, device))
         n, tot, frac = merging.merged_fraction(state, merged_keys)
-        print(f"merge: {method} of {len(sources)} models over {n} of {tot} tensors ({frac:.1%} of the parameters); "
-              f"the rest from {first.path}", file=sys.stderr)
+        # as merge_setup._report: the unused 50257 x H token table wte dominates the parameter count of a DT
+        _, _, frac_used = merging.merged_fraction({k: v for k, v in state.items() if k != "transformer.wte.weight"},
+                                                  merged_keys)
+        print(f"merge: {method} of {len(sources)} models over {n} of {tot} tensors ({frac:.1%} of the parameters, "
+              f"{frac_used:.1%} without the unused token table wte); the rest from {first.path}", file=sys.stderr)
         specs = list(first.specializations)
-        info.update(merged_tensors=n, merged_fraction=frac)
+        info.update(merged_tensors=n, merged_fraction=frac, merged_fraction_without_wte=frac_used)
     info.update({k: getattr(args, k) for k in ("p", "merge_base", "merge_lambda", "ties_density", "regmean_alpha",
                                                "regmean_n_windows", "fisher_type", "fisher_norm", "no_trace_norm",
                                                "fisher_floor", "fisher_favor_target", "f_batch_size", "f_num_batches",

@@ -12,12 +12,17 @@ Rules shared by every method:
 * everything outside S comes from model 1;
 * tensors are combined in their stored layout (fused q|k|v ``c_attn``, Conv1D [in, out]); no permutation alignment.
 
+Every ``merge_*`` function and :func:`greedy_soup` checks its inputs itself (library callers get a one-line
+``UserError``, not a wrong merge): the models are compatible over S (:func:`check_compatible`; ``names`` label them in
+messages, "model 1", "model 2", ... by default) and S holds at least one floating-point tensor.
+
 Methods: :func:`merge_mean` (uniform soup / 2-model lerp), :func:`merge_fisher` (diagonal Fisher weights),
 :func:`merge_task_arithmetic`, :func:`merge_ties`, :func:`merge_regmean` (with :func:`collect_grams`) and
 :func:`greedy_soup`.
 """
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Sequence
 
@@ -101,6 +106,40 @@ def _float_keys(states: Sequence[StateDict], keys: Sequence[str]) -> list[str]:
     return [k for k in keys if mergeable(states[0][k])]
 
 
+def _model_names(states: Sequence[StateDict], names: Sequence[str] | None) -> list[str]:
+    if names is None:
+        return [f"model {i + 1}" for i in range(len(states))]
+    if len(names) != len(states):
+        raise UserError(f"{len(names)} model names for {len(states)} models")
+    return [str(n) for n in names]
+
+
+def _checked_float_keys(states: Sequence[StateDict], keys: Sequence[str], names: Sequence[str] | None) -> list[str]:
+    """What every merge checks first: at least one model, all compatible over ``keys`` (:func:`check_compatible`), and
+    at least one floating-point tensor among ``keys``. Returns those floating-point keys."""
+    if len(states) < 1:
+        raise UserError("nothing to merge: no models given")
+    if isinstance(keys, str):
+        raise UserError(f"the merged keys must be a list of tensor names, got the string {keys!r}")
+    check_compatible(states, _model_names(states, names), keys)
+    fk = _float_keys(states, keys)
+    if not fk:
+        what = ("the selection is empty" if not len(keys)
+                else f"the {len(keys)} selected keys hold no floating-point tensors")
+        raise UserError(f"nothing to merge: {what} (check the include/exclude substrings, e.g. for a typo)")
+    return fk
+
+
+def _check_finite(value: float, what: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise UserError(f"{what} must be a finite number, got {value}")
+    return value
+
+
 def _finish(out: StateDict, merged: dict[str, torch.Tensor], states: Sequence[StateDict], device=None) -> StateDict:
     for k, v in merged.items():
         v = v.to(states[0][k].dtype)
@@ -111,18 +150,28 @@ def _finish(out: StateDict, merged: dict[str, torch.Tensor], states: Sequence[St
 # ---- uniform ------------------------------------------------------------------------------------------------------
 
 def merge_mean(states: Sequence[StateDict], keys: Sequence[str], p: float = 0.5,
-               weights: Sequence[float] | None = None, device=None) -> StateDict:
-    """Uniform merge over S. Two models: (1 − p)·θ₁ + p·θ₂; N ≥ 3 models: (1/N)·Σᵢ θᵢ (``p`` ignored), unless
-    explicit ``weights`` (summing to 1) are given. Everything outside S (and integer tensors) from model 1."""
+               weights: Sequence[float] | None = None, device=None, *,
+               names: Sequence[str] | None = None) -> StateDict:
+    """Uniform merge over S. Two models: (1 − p)·θ₁ + p·θ₂ with p in [0, 1]; N ≥ 3 models: (1/N)·Σᵢ θᵢ (``p``
+    ignored), unless explicit ``weights`` are given: one per model, finite, ≥ 0 and summing to 1 (within 1e-6), a
+    convex combination. Everything outside S (and integer tensors) from model 1."""
     n = len(states)
-    if n < 1:
-        raise UserError("nothing to merge: no models given")
+    fk = _checked_float_keys(states, keys, names)
     if weights is None:
+        if n == 2:
+            p = _check_finite(p, "the merge weight p")
+            if not 0.0 <= p <= 1.0:
+                raise UserError(f"the merge weight p must be in [0, 1], got {p}")
         weights = [1.0 - p, p] if n == 2 else [1.0 / n] * n
     if len(weights) != n:
         raise UserError(f"{len(weights)} merge weights for {n} models")
+    weights = [_check_finite(w, "a merge weight") for w in weights]
+    if any(w < 0 for w in weights):
+        raise UserError(f"merge weights must be >= 0, got {weights}")
+    if abs(sum(weights) - 1.0) > 1e-6:
+        raise UserError(f"merge weights must sum to 1, got {weights} (sum {sum(weights):g})")
     merged = {}
-    for k in _float_keys(states, keys):
+    for k in fk:
         acc = torch.zeros(states[0][k].shape, dtype=torch.float32, device=states[0][k].device)
         for w, sd in zip(weights, states):
             acc += w * sd[k].to(acc.device, torch.float32)
@@ -173,7 +222,8 @@ def compact_names(keys: Sequence[str], limit: int = 12) -> str:
 
 def merge_fisher(states: Sequence[StateDict], fishers: Sequence[StateDict], keys: Sequence[str], *,
                  norm: str = "trace", floor: float = 1e-6, favor_target: bool = False,
-                 coeffs: Sequence[float] | None = None, device=None, verbose: bool = False) -> StateDict:
+                 coeffs: Sequence[float] | None = None, device=None, verbose: bool = False,
+                 names: Sequence[str] | None = None) -> StateDict:
     """Diagonal-Fisher merge over the keys of S that every Fisher holds:
 
         θ = Σᵢ λᵢ f̃ᵢ ⊙ θᵢ / Σⱼ λⱼ f̃ⱼ   (elementwise)
@@ -181,18 +231,30 @@ def merge_fisher(states: Sequence[StateDict], fishers: Sequence[StateDict], keys
     fᵢ = normalised Fisher (:func:`normalise_fisher`); the floor: f̃ᵢ = fᵢ + ε·f̄ with f̄ the mean element of the
     normalised Fishers over all models and merged tensors (ε = ``floor``; 0 reproduces the original, where an element
     with zero Fisher in every model gives 0/0 = NaN). ``favor_target``: only model 1 is floored, f̃₁ = max(f₁, ε·f̄),
-    so model 1 wins where every Fisher ≈ 0. λ = ``coeffs`` (default all 1, the original). Keys of S without a Fisher
-    (buffers) are taken from model 1, like everything outside S.
+    so model 1 wins where every Fisher ≈ 0. λ = ``coeffs`` (default all 1, the original; one per model, finite, ≥ 0,
+    not all 0). Keys of S without a Fisher in every model (buffers, or a key missing from one Fisher dict) are taken
+    from model 1, like everything outside S; a Fisher tensor must have its model's shape.
     """
     n = len(states)
-    if len(fishers) != n:
-        raise UserError(f"{len(fishers)} Fisher files for {n} models")
-    coeffs = [1.0] * n if coeffs is None else list(coeffs)
+    if fishers is None or len(fishers) != n:
+        raise UserError(f"{0 if fishers is None else len(fishers)} Fisher files for {n} models")
+    _checked_float_keys(states, keys, names)
+    if coeffs is None:
+        coeffs = [1.0] * n
+    else:
+        coeffs = list(coeffs)
+        if len(coeffs) != n:
+            raise UserError(f"{len(coeffs)} Fisher merge coefficients for {n} models")
+        coeffs = [_check_finite(c, "a Fisher merge coefficient") for c in coeffs]
+        if any(c < 0 for c in coeffs) or not any(c > 0 for c in coeffs):
+            raise UserError(f"Fisher merge coefficients must be >= 0 and not all 0, got {coeffs}")
     fkeys = fisher_keys(states, fishers, keys)
     if not fkeys:
         raise UserError("none of the merged tensors has Fisher information (the Fisher covers transformer.h only)")
     for i, f in enumerate(fishers):
         for k in fkeys:
+            if not isinstance(f[k], torch.Tensor):
+                raise UserError(f"the Fisher of model {i + 1}: entry {k} is a {type(f[k]).__name__}, not a tensor")
             if f[k].shape != states[i][k].shape:
                 raise UserError(f"the Fisher of model {i + 1}: tensor {k} has shape {list(f[k].shape)}, the model "
                                 f"{list(states[i][k].shape)}")
@@ -236,8 +298,11 @@ def task_vectors(states: Sequence[StateDict], base: StateDict, keys: Sequence[st
 
 
 def merge_task_arithmetic(states: Sequence[StateDict], base: StateDict, keys: Sequence[str], lam: float = 0.8,
-                          device=None) -> StateDict:
-    """Task arithmetic (Ilharco et al.): θ = θ₀ + λ·Σᵢ τᵢ over S. λ = 1/N gives the uniform mean."""
+                          device=None, *, names: Sequence[str] | None = None) -> StateDict:
+    """Task arithmetic (Ilharco et al.): θ = θ₀ + λ·Σᵢ τᵢ over S. λ = 1/N gives the uniform mean. The base θ₀ must
+    hold every floating-point key of S with the models' shape."""
+    _checked_float_keys(states, keys, names)
+    lam = _check_finite(lam, "the task-vector scale lambda")
     taus = task_vectors(states, base, keys)
     merged = {k: base[k].to(states[0][k].device, torch.float32) + lam * sum(t[k] for t in taus) for k in taus[0]}
     return _finish(_start(states, device), merged, states, device)
@@ -277,8 +342,11 @@ def ties_task_vector(taus: Sequence[dict[str, torch.Tensor]], density: float = 0
 
 
 def merge_ties(states: Sequence[StateDict], base: StateDict, keys: Sequence[str], density: float = 0.2,
-               lam: float = 1.0, device=None) -> StateDict:
-    """TIES-merging: θ = θ₀ + λ·τ_m with τ_m from :func:`ties_task_vector`."""
+               lam: float = 1.0, device=None, *, names: Sequence[str] | None = None) -> StateDict:
+    """TIES-merging: θ = θ₀ + λ·τ_m with τ_m from :func:`ties_task_vector`. The base θ₀ must hold every
+    floating-point key of S with the models' shape."""
+    _checked_float_keys(states, keys, names)
+    lam = _check_finite(lam, "the task-vector scale lambda")
     tau_m = ties_task_vector(task_vectors(states, base, keys), density)
     merged = {k: base[k].to(states[0][k].device, torch.float32) + lam * v for k, v in tau_m.items()}
     return _finish(_start(states, device), merged, states, device)
@@ -300,9 +368,11 @@ def linear_modules(model: torch.nn.Module, keys: Sequence[str]) -> dict[str, tup
 
 @torch.no_grad()
 def collect_grams(model: torch.nn.Module, keys: Sequence[str], batches, forward: Callable) -> dict[str, torch.Tensor]:
-    """Gᵢ = XᵀX / n for every Conv1D / Linear layer of S, from its input activations X (one row per **unmasked**
-    token) over ``batches`` of (inputs, token mask). ``forward(model, batch)`` runs the model and returns the step
-    mask [B, K]; rows of layers that see 3K tokens use the mask repeated per token. float64 accumulation."""
+    """Gᵢ = XᵀX / n for every Conv1D / Linear layer of S (:func:`linear_modules`), from its input activations X (one
+    row per **unmasked** token), in eval mode, float64 accumulation. Each batch of ``batches`` has a ``mask``
+    attribute, the step mask [B, K] (> 0: a real step); ``forward(model, batch)`` runs the model on it (its return
+    value is ignored: the Grams come from forward pre-hooks). A layer whose input is [B, r·K, in] (the DT's blocks see
+    r = 3 tokens per step, step-major) uses the mask repeated r times per step. A layer that never ran has no Gram."""
     mods = linear_modules(model, keys)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -312,6 +382,9 @@ def collect_grams(model: torch.nn.Module, keys: Sequence[str], batches, forward:
         def fn(mod, args):
             x = args[0]
             m = current["mask"]
+            if x.dim() != 3 or x.shape[0] != m.shape[0] or x.shape[1] % m.shape[1] != 0:
+                raise UserError(f"collect_grams: the input of {name} has shape {list(x.shape)}, not [B, r*K, in] "
+                                f"for the step mask's {list(m.shape)} [B, K]")
             if x.shape[1] != m.shape[1]:
                 m = m.repeat_interleave(x.shape[1] // m.shape[1], dim=1)
             rows = x.reshape(-1, x.shape[-1])[m.reshape(-1) > 0].to(torch.float64)
@@ -335,23 +408,43 @@ def collect_grams(model: torch.nn.Module, keys: Sequence[str], batches, forward:
 
 
 def merge_regmean(states: Sequence[StateDict], grams: Sequence[dict[str, torch.Tensor]], keys: Sequence[str],
-                  alpha: float = 0.1, conv1d: dict[str, bool] | None = None, device=None) -> StateDict:
+                  alpha: float = 0.1, conv1d: dict[str, bool] | None = None, device=None, *,
+                  names: Sequence[str] | None = None) -> StateDict:
     """RegMean (Jin et al.) for the linear layers of S:
 
         G̃ᵢ = α·Gᵢ + (1 − α)·diag(Gᵢ),   W = (Σᵢ G̃ᵢ)⁻¹ Σᵢ G̃ᵢ Wᵢ
 
-    with W in Conv1D layout [in, out] (an ``nn.Linear`` weight [out, in] is transposed in and out; ``conv1d`` maps a
-    module name to True for Conv1D, default True). Solved in float64, never inverted. Every other float tensor of S
-    (biases, LayerNorms, layers without a Gram): the plain mean."""
-    if not 0.0 <= alpha <= 1.0:
+    with W in Conv1D layout [in, out] (an ``nn.Linear`` weight [out, in] is transposed in and out). ``conv1d`` maps a
+    module name to True for Conv1D, False for ``nn.Linear``; a module it does not name is taken as **Conv1D**. Pass
+    it for any model with ``nn.Linear`` layers in S: ``{name: is_conv for name, (_, is_conv) in
+    linear_modules(model, keys).items()}``, as ``merge_setup.gram_matrices`` does. Each Gram must be [in, in] for its
+    weight in the declared layout, else a ``UserError`` names the module; a *square* ``nn.Linear`` weight left out of
+    ``conv1d`` cannot be told from its shapes and is merged transposed (wrongly). Solved in float64, never inverted.
+    Every other float tensor of S (biases, LayerNorms, layers without a Gram in every model): the plain mean."""
+    n = len(states)
+    fk = _checked_float_keys(states, keys, names)
+    if grams is None or len(grams) != n:
+        raise UserError(f"{0 if grams is None else len(grams)} Gram matrix sets for {n} models")
+    if not 0.0 <= alpha <= 1.0:  # also false for NaN
         raise UserError(f"--regmean_alpha must be in [0, 1], got {alpha}")
     conv1d = conv1d or {}
-    fk = _float_keys(states, keys)
     merged = {}
     for k in fk:
         mod = k[:-len(".weight")] if k.endswith(".weight") else None
         if mod is not None and all(mod in g for g in grams):
             is_conv = conv1d.get(mod, True)
+            shape = list(states[0][k].shape)
+            if len(shape) != 2:
+                raise UserError(f"merge_regmean: {k} has shape {shape}, not a linear layer's 2-D weight")
+            d_in = shape[0] if is_conv else shape[1]
+            for i, g in enumerate(grams):
+                gs = list(g[mod].shape) if isinstance(g[mod], torch.Tensor) else None
+                if gs != [d_in, d_in]:
+                    layout = "Conv1D [in, out]" if is_conv else "nn.Linear [out, in]"
+                    hint = (" (an nn.Linear layer? pass conv1d={name: is_conv} from linear_modules(model, keys))"
+                            if mod not in conv1d else "")
+                    raise UserError(f"merge_regmean: the Gram matrix of {mod} for model {i + 1} has shape {gs}, but "
+                                    f"its weight {shape} has {d_in} inputs in the {layout} layout{hint}")
             lhs, rhs = 0, 0
             for sd, g in zip(states, grams):
                 G = g[mod].to(torch.float64)
@@ -360,7 +453,11 @@ def merge_regmean(states: Sequence[StateDict], grams: Sequence[dict[str, torch.T
                 W = W if is_conv else W.T
                 lhs = lhs + Gt
                 rhs = rhs + Gt @ W
-            W = torch.linalg.solve(lhs, rhs)
+            try:
+                W = torch.linalg.solve(lhs, rhs)
+            except torch.linalg.LinAlgError:
+                raise UserError(f"merge_regmean: the summed Gram matrix of {mod} is singular (an input that is zero "
+                                f"in every model's data?); leave {k} out of the merged set") from None
             merged[k] = (W if is_conv else W.T).to(torch.float32).to(states[0][k].device)
         else:
             merged[k] = sum(sd[k].to(torch.float32) for sd in states) / len(states)
@@ -370,11 +467,13 @@ def merge_regmean(states: Sequence[StateDict], grams: Sequence[dict[str, torch.T
 # ---- greedy soup --------------------------------------------------------------------------------------------------
 
 def greedy_soup(states: Sequence[StateDict], keys: Sequence[str], score: Callable[[StateDict], float],
-                device=None, verbose: bool = False) -> tuple[StateDict, list[int]]:
+                device=None, verbose: bool = False, *, names: Sequence[str] | None = None
+                ) -> tuple[StateDict, list[int]]:
     """Greedy soup (Wortsman et al.): rank candidates by the held-out ``score`` of each alone (model 1 with S taken
     from candidate i), start from the best, and add each next candidate if the uniform mean of the kept set plus it
     scores strictly higher. Returns the merged state and the kept candidate indices (best first)."""
     n = len(states)
+    _checked_float_keys(states, keys, names)
     alone = []
     for i in range(n):
         sd = merge_mean([states[0], states[i]], keys, weights=[0.0, 1.0], device=device) if i else _start(states, device)
