@@ -291,7 +291,9 @@ def check_same_behaviour(source: str, saved: dict | None, built: dict):
 
 
 def load_state_into(model: torch.nn.Module, state_dict: dict, source: str, strict: bool = True):
-    """Strict load that names the mismatched tensors instead of dumping a traceback."""
+    """Strict load that names the mismatched tensors instead of dumping a traceback. Only names and shapes are
+    compared: a model of another head count or activation takes the weights and computes differently. To rebuild a
+    saved model as it was trained, use ``load_model``."""
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_KEYS)}
     check_finite_state(state_dict, source)
     check_loadable(model.state_dict(), state_dict, source, strict)
@@ -315,3 +317,15 @@ def check_loadable(own: dict, state_dict: dict, source: str, strict: bool = True
         problems.append(f"unexpected {unexpected[0]}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
     if problems:
         raise UserError(f"{source} does not match the model: " + "; ".join(problems))
+
+
+def load_model(path: str | os.PathLike, device=None):
+    """``(model, model file)`` of any model file the toolkit reads (its own checkpoints, those of the training
+    scripts, multi-task ones, bare state dicts and the originals' pickled models): the module rebuilt from the
+    architecture its file records, weights loaded strictly. The ``ModelFile`` gives ``config`` (the run's flags),
+    ``env``, ``dataset``, ``specializations`` and ``raw`` (the whole checkpoint, with ``state_mean`` / ``state_std``
+    where stored). Errors are one-line ``UserError``s naming the file."""
+    from decision_transformer.legacy_import import build_model, load_model_file
+
+    mf = load_model_file(path)
+    return build_model(mf, device), mf

@@ -15,7 +15,8 @@ import torch
 
 from decision_transformer.env_workers import episode_seed, initial_obs, step_envs  # noqa: F401 (episode_seed)
 from decision_transformer.envs import DEFAULT_ENV_VERSION, get_env_spec, make_env
-from decision_transformer.training.trainer import to_device_async
+from decision_transformer.errors import UserError
+from decision_transformer.training.trainer import module_mode, to_device_async
 
 
 @dataclass
@@ -126,21 +127,46 @@ def _host_copy_event(cuda: bool):
     return event
 
 
+def _eval_setup(model, env: str, device, pool: EnvPool | None, env_version: str | None):
+    """(device, pool) of an evaluation: ``device`` None is the model's; a given pool must hold ``env`` (walker2d and
+    halfcheetah share their state and action sizes, so another env's pool would run without an error) and, where
+    ``env_version`` is given, that version. The model must compute in float32, as the rollout buffers do."""
+    params = getattr(model, "parameters", None)   # (any object with get_action and config.max_length will do)
+    param = next(params(), None) if callable(params) else None
+    if param is not None and param.dtype != torch.float32:
+        raise UserError(f"evaluation runs float32 models; this one's parameters are {param.dtype} (use model.float())")
+    device = torch.device(device) if device is not None else (param.device if param is not None else
+                                                                torch.device("cpu"))
+    if pool is None:
+        return device, EnvPool(env, env_version or DEFAULT_ENV_VERSION)
+    if pool.env != env or (env_version is not None and pool.version != env_version):
+        raise UserError(f"the env pool holds {pool.env} {pool.version} envs; this evaluation is of {env} "
+                        f"{env_version or pool.version} (use one pool per env)")
+    return device, pool
+
+
 @torch.no_grad()
 def evaluate_episodes(model, env: str, target: float, num_episodes: int, state_mean, state_std, *,
-                      seed: int = 0, mode: str = "normal", device="cpu", pool: EnvPool | None = None,
-                      env_version: str = DEFAULT_ENV_VERSION, progress=None,
+                      seed: int = 0, mode: str = "normal", device=None, pool: EnvPool | None = None,
+                      env_version: str | None = None, progress=None,
                       overlap_groups: int | None = None) -> EvalResult:
     """Roll out ``num_episodes`` return-conditioned episodes in lockstep with one batched forward per env step.
 
+    ``device`` defaults to the model's; ``pool`` (envs kept between evaluations, ``EnvPool``) must be of ``env``;
+    ``env_version`` defaults to the pool's, or v4. The model runs in eval mode and is left in the mode it was in.
     ``overlap_groups`` (default 4 on CUDA, 1 on CPU) splits the live episodes into groups whose forwards are all
     launched before any env is stepped, so the GPU computes later groups while the CPU steps earlier ones."""
     if num_episodes < 1:
         raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
+    device, pool = _eval_setup(model, env, device, pool, env_version)
+    with module_mode(model, False):
+        return _evaluate_batched(model, env, target, num_episodes, state_mean, state_std, seed, mode, device,
+                                 pool, progress, overlap_groups)
+
+
+def _evaluate_batched(model, env, target, num_episodes, state_mean, state_std, seed, mode, device, pool, progress,
+                      overlap_groups) -> EvalResult:
     spec = get_env_spec(env)
-    model.eval()
-    device = torch.device(device)
-    pool = pool or EnvPool(env, env_version)
     envs = pool.stepper(num_episodes)
     M, L = num_episodes, spec.max_ep_len
     mean = torch.as_tensor(state_mean, dtype=torch.float32, device=device)
@@ -235,11 +261,13 @@ def rollout_episode(model, env_obj, target: float, state_mean, state_std, *, env
 
 
 def evaluate_episodes_sequential(model, env: str, target: float, num_episodes: int, state_mean, state_std, *,
-                                 seed: int = 0, mode: str = "normal", device="cpu", pool: EnvPool | None = None,
-                                 env_version: str = DEFAULT_ENV_VERSION) -> EvalResult:
-    """The slow path: episodes one after another with batch-1 forwards (benchmarks and equivalence tests)."""
-    pool = pool or EnvPool(env, env_version)
+                                 seed: int = 0, mode: str = "normal", device=None, pool: EnvPool | None = None,
+                                 env_version: str | None = None) -> EvalResult:
+    """The slow path: episodes one after another with batch-1 forwards (benchmarks and equivalence tests). Arguments
+    as ``evaluate_episodes``."""
+    device, pool = _eval_setup(model, env, device, pool, env_version)
     env_obj = pool.get(1)[0]
-    out = [rollout_episode(model, env_obj, target, state_mean, state_std, env=env, seed=seed, index=i, mode=mode,
-                           device=device) for i in range(num_episodes)]
+    with module_mode(model, False):
+        out = [rollout_episode(model, env_obj, target, state_mean, state_std, env=env, seed=seed, index=i, mode=mode,
+                               device=device) for i in range(num_episodes)]
     return EvalResult(target, np.array([r for r, _ in out]), np.array([n for _, n in out], dtype=np.int64))

@@ -217,7 +217,8 @@ def sample_batches(dataset, batch_size: int, num_batches: int, K: int, generator
 def compute_fisher(model, dataset, *, fisher_type: str = "batch", batch_size: int = 64, num_batches: int = 100,
                    K: int = 20, seed: int = 666, scope: str = FISHER_SCOPE, forward: Callable = default_forward,
                    model_kwargs: dict | None = None) -> dict:
-    """The Fisher of ``model`` on ``dataset`` (seeded sampler and dropout) as the dict saved in info files."""
+    """The Fisher of ``model`` on ``dataset`` (seeded sampler and dropout) as the dict saved in info files. The
+    dropout seed goes through ``torch.manual_seed(seed)``: torch's global generator is reseeded, as in the scripts."""
     if fisher_type not in FISHER_TYPES:
         raise UserError(f"unknown --fisher_type {fisher_type!r}; choose one of {', '.join(FISHER_TYPES)}")
     if batch_size < 1 or num_batches < 1:

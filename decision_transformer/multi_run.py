@@ -37,7 +37,8 @@ from decision_transformer.merge_setup import (check_merged_state, check_multi_so
 from decision_transformer.models.multi_decision_transformer import (MODEL_CLASS, MULTI_ENVS,
                                                                     MultiDecisionTransformer, MultiDTConfig)
 from decision_transformer.training import (GRAD_CLIP, apply_update, compile_module, freeze_from_args, freeze_unreached,
-                                          mark_step, masked_action_mse, optimizer_from_args, rank_slice)
+                                          mark_step, masked_action_mse, optimizer_from_args, rank_slice,
+                                          warn_context_mismatch)
 from decision_transformer.paths import project_path
 
 NORM_ENVS = ("medium", "medium-expert", "expert", "medium-replay")
@@ -261,6 +262,7 @@ class MultiTrainer:
         self.datasets = [(model.env_index(e), data.get(e)) for e in train_envs]
         self.train_envs = list(train_envs)
         self.batch_size, self.K, self.generator = batch_size, K, generator
+        warn_context_mismatch(model, K)
         self.grad_clip, self.init_reg = grad_clip, init_reg
         # data parallel (torchrun): every rank draws the same per-env global batches and trains on its rows
         self.rank, self.world_size = rank, world_size
@@ -301,6 +303,8 @@ class MultiTrainer:
         self.forward = self.model
 
     def train_step(self):
+        if not self.model.training:   # (an evaluation or analysis in between may have left it in eval mode)
+            self.model.train()
         mark_step(self.compile_mode)
         total, per_env = self._losses(self.generator)
         reg = self.init_reg.loss() if self.init_reg is not None else None

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from decision_transformer.envs import DEFAULT_ENV_VERSION, get_env_spec, make_env
+from decision_transformer.envs import DEFAULT_ENV_VERSION, check_dataset_name, get_env_spec, make_env
+from decision_transformer.errors import UserError
 from decision_transformer.files import atomic_write  # noqa: F401  (the writers below, and their importers)
 
 
@@ -74,11 +75,19 @@ def write_pkl(path: str | os.PathLike, trajectories: list[dict[str, np.ndarray]]
 
 
 def make_dataset(data_path: str | os.PathLike, env: str, dataset: str, num_transitions: int, seed: int = 0,
-                 max_ep_len: int | None = None) -> Path:
+                 max_ep_len: int | None = None, overwrite: bool = False) -> Path:
     """Write ``{data_path}/{env}-{dataset}-v2.pkl`` from random-policy rollouts; returns its path. Too few
-    transitions for one episode to end is an error (the unfinished tail is dropped), not an empty file."""
+    transitions for one episode to end is an error (the unfinished tail is dropped), not an empty file. An existing
+    file of that name (perhaps a real D4RL dataset) is kept, with a ``UserError``, unless ``overwrite``; ``dataset``
+    must be one of D4RL's names (``medium``, ...), the names the training scripts read."""
     from decision_transformer.data import pkl_name, split_episodes
 
+    get_env_spec(env)
+    check_dataset_name(dataset)
+    path = Path(data_path) / pkl_name(env, dataset)
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists; make_dataset keeps it (pass overwrite=True to replace it with "
+                        f"random-policy data)")
     trajs = split_episodes(rollout_flat(env, num_transitions, seed, max_ep_len=max_ep_len),
                            source=f"{num_transitions} random-policy steps of {env}", require_episode=True)
-    return write_pkl(Path(data_path) / pkl_name(env, dataset), trajs)
+    return write_pkl(path, trajs)

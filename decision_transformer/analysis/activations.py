@@ -15,6 +15,7 @@ import torch
 from decision_transformer.analysis.runs import model_inputs
 from decision_transformer.errors import UserError
 from decision_transformer.models.gpt2 import eager_attention
+from decision_transformer.training.trainer import module_mode
 
 BLOCK_ENTRIES = ("ln_1", "attn.c_attn", "attn.c_proj", "attn.resid_dropout", "ln_2", "mlp.c_fc", "mlp.c_proj",
                  "mlp.act", "mlp.dropout")
@@ -53,10 +54,10 @@ def hooked_modules(model, entries=BLOCK_ENTRIES) -> dict[str, torch.nn.Module]:
 @torch.no_grad()
 def get_activations(model, batch, entries=BLOCK_ENTRIES,
                     select: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """One forward of ``batch`` in eval mode; returns the (``select``-reduced) output of every hooked module as a
-    float32 CPU tensor, keyed and ordered as ``hooked_modules``. Full outputs are [B, 3K, D] (c_attn 3D, c_fc and
-    act 4D); ``select`` keeps memory small (e.g. three token positions)."""
-    model.eval()
+    """One forward of ``batch`` in eval mode (the model is left in the mode it was in); returns the
+    (``select``-reduced) output of every hooked module as a float32 CPU tensor, keyed and ordered as
+    ``hooked_modules``. Full outputs are [B, 3K, D] (c_attn 3D, c_fc and act 4D); ``select`` keeps memory small (e.g.
+    three token positions)."""
     mods = hooked_modules(model, entries)
     store: dict[str, torch.Tensor] = {}
     handles = []
@@ -73,7 +74,8 @@ def get_activations(model, batch, entries=BLOCK_ENTRIES,
     try:
         for key, mod in mods.items():
             handles.append(mod.register_forward_hook(make_hook(key)))
-        with eager_attention(model):  # padded positions' activations as the originals computed them
+        # padded positions' activations as the originals computed them
+        with eager_attention(model), module_mode(model, False):
             model(*model_inputs(batch)[:4], attention_mask=batch.mask)
     finally:
         for h in handles:

@@ -30,7 +30,7 @@ from decision_transformer.analysis.runs import (
     model_inputs,
 )
 from decision_transformer.errors import UserError
-from decision_transformer.training import GRAD_CLIP, masked_action_mse
+from decision_transformer.training import GRAD_CLIP, masked_action_mse, module_mode
 
 H_PREFIX = "transformer.h."
 CLIP_EPS = 1e-6           # torch.nn.utils.clip_grad_norm_: coef = max_norm / (total_norm + 1e-6)
@@ -56,8 +56,14 @@ def used_parameters(model, batch) -> list[str]:
 def per_sample_grads(model, batch, names: list[str], *, train_mode: bool = True, seed: int = 0,
                      chunk_size: int | None = None) -> dict[str, torch.Tensor]:
     """``{name: [n, *param.shape]}``: the gradient of each sample's own loss w.r.t. the parameters ``names`` (the
-    others held fixed). Seeded: the same seed (and chunk size) gives the same dropout masks whatever ``names`` is."""
-    model.train(train_mode)
+    others held fixed). Seeded: the same seed (and chunk size) gives the same dropout masks whatever ``names`` is.
+    Dropout is on with ``train_mode``; the model is left in the mode it was in, and torch's random streams as they
+    were."""
+    with module_mode(model, train_mode):
+        return _per_sample_grads(model, batch, names, train_mode, seed, chunk_size)
+
+
+def _per_sample_grads(model, batch, names, train_mode, seed, chunk_size) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters())
     diff = {k: params[k].detach() for k in names}
     fixed = {k: v.detach() for k, v in params.items() if k not in diff}
@@ -133,6 +139,8 @@ def _groups(model, names: list[str], n: int, max_bytes: int) -> list[list[str]]:
 
 def per_sample_grad_stats(model, batch, *, train_mode: bool = True, seed: int = 0, gram: bool = True,
                           max_bytes: int = 1 << 30, chunk_size: int | None = None) -> GradStats:
+    """Per-sample gradient statistics of ``batch`` (``GradStats``), computed ``max_bytes`` of gradients at a time.
+    The model's ``.grad`` are cleared; it is left in the mode it was in."""
     names = used_parameters(model, batch)
     n = batch.states.shape[0]
     dev = next(model.parameters()).device
@@ -171,11 +179,11 @@ def mean_pairwise_cosine(cos: torch.Tensor) -> float:
 
 def full_batch_param_norms(model, batch, *, clip: float | None = GRAD_CLIP, train_mode: bool = True,
                            seed: int = 0) -> dict[str, float]:
-    """L2 norm of the full-batch (clipped) gradient of every ``transformer.h`` tensor (Figure 7)."""
-    model.train(train_mode)
+    """L2 norm of the full-batch (clipped) gradient of every ``transformer.h`` tensor (Figure 7). The model's
+    ``.grad`` are cleared; it is left in the mode it was in."""
     model.zero_grad(set_to_none=True)
     dev = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), module_mode(model, train_mode):
         torch.manual_seed(seed)
         s, a, r, t, m = model_inputs(batch)
         out = model(s, a, r, t, attention_mask=m)

@@ -93,6 +93,7 @@ class DecisionTransformer(nn.Module):
     Parameter names follow the originals (``embed_timestep``, ``embed_return``, ``embed_state``, ``embed_action``,
     ``embed_ln``, ``transformer.*``, ``predict_state``, ``predict_action.0``, ``predict_return``), so their state dicts
     load. With ``share_input_output_proj`` the heads are x @ W_embed (no bias, no parameters of their own).
+    ``seed`` reseeds torch's global generator (``torch.manual_seed``) before the weights are drawn.
     """
 
     def __init__(self, cfg: DTConfig, seed: int | None = None):

@@ -1,7 +1,9 @@
 """The training loop: device-resident batches, no host synchronisation inside a step."""
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -17,6 +19,19 @@ def forked_rng():
     """``torch.random.fork_rng`` over the CPU generator and every GPU's: code inside that seeds torch
     (``torch.manual_seed`` reseeds every GPU) leaves the caller's random streams as they were."""
     return torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else [])
+
+
+@contextlib.contextmanager
+def module_mode(model, training: bool):
+    """``model`` in train (dropout on) or eval mode inside, then back in the mode it was in. Objects without
+    ``training`` (stand-ins that only act) are put in the mode and left there."""
+    was_training = getattr(model, "training", None)
+    model.train(training) if training else model.eval()
+    try:
+        yield model
+    finally:
+        if was_training is not None and was_training != training:
+            model.train(was_training)
 
 
 def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
@@ -79,6 +94,16 @@ def rank_slice(batch, rank: int, world_size: int):
     return part, world_size * part.mask.sum() / batch.mask.sum()
 
 
+def warn_context_mismatch(model, K: int):
+    """A warning when the training windows' length ``K`` is not the model's context ``config.max_length``, which
+    evaluation uses: the model would act on histories of another length than it learnt from (the scripts build the
+    model with ``max_length`` = ``--K``)."""
+    max_length = getattr(getattr(model, "config", None), "max_length", None)
+    if isinstance(max_length, int) and max_length != K:
+        warnings.warn(f"training on windows of K={K} steps a model whose context (config.max_length, used by "
+                      f"evaluation) is {max_length}", stacklevel=3)
+
+
 class Trainer:
     """Owns the model, optimiser, schedule and batch generator; ``train_iteration`` runs ``num_steps`` steps."""
 
@@ -115,6 +140,7 @@ class Trainer:
         self.compile_mode = compile
         self.model = compile_module(self.model, compile)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        warn_context_mismatch(model, K)
 
     def _freeze_unreached(self):
         """Freeze what the loss does not reach (``freeze_unreached``). The probe's text batch (``--joint``) is put
@@ -131,6 +157,8 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         """One update; returns the step's total loss (action MSE plus any auxiliary loss, what the originals logged
         as the training loss) and keeps the action MSE in ``last_action_error``, both without a host sync."""
+        if not self.module.training:   # (an evaluation or analysis in between may have left it in eval mode)
+            self.model.train()
         mark_step(self.compile_mode)
         batch = self.dataset.sample_batch(self.batch_size, self.K, self.generator)
         loss, total = self._loss(batch)

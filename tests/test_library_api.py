@@ -1,0 +1,186 @@
+"""The toolkit used as a Python library: the README's example runs as written, and the library calls make the checks
+the scripts make (an env pool of another env, a model of another dtype, an existing dataset file, a context length
+that differs from the model's) and leave the model in the mode they found it in."""
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from decision_transformer.analysis.activations import get_activations
+from decision_transformer.analysis.grads import full_batch_param_norms, per_sample_grad_stats
+from decision_transformer.checkpoint import atomic_save, load_model, make_checkpoint
+from decision_transformer.data import TrajectoryDataset, load_dataset
+from decision_transformer.envs import get_env_spec
+from decision_transformer.errors import UserError
+from decision_transformer.evaluation import EnvPool, evaluate_episodes, evaluate_episodes_sequential
+from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+from decision_transformer.synthetic import make_dataset
+from decision_transformer.training import Trainer, make_optimizer, warmup_schedule
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+K = 5
+
+
+def _model(env="hopper", max_length=K, n_head=1, activation="relu", seed=0):
+    spec = get_env_spec(env)
+    return DecisionTransformer(DTConfig(spec.state_dim, spec.act_dim, max_length=max_length,
+                                        max_ep_len=spec.max_ep_len,
+                                        backbone=BackboneConfig(n_embd=16, n_layer=1, n_head=n_head,
+                                                                activation_function=activation)), seed=seed)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    make_dataset(d, "hopper", "random", 1500)
+    return TrajectoryDataset(load_dataset(d, "hopper", "random")[1], "hopper")
+
+
+def _trainer(model, data, K=K):
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.0)
+    return Trainer(model, opt, warmup_schedule(opt, 1), data, batch_size=4, K=K,
+                   generator=torch.Generator().manual_seed(0))
+
+
+# ---- the README's example ------------------------------------------------------------------------------------------
+
+def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    text = README.read_text()
+    section = text[text.index("## Using the toolkit from Python"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].count(" ") == 1 and all(float(x) > 0 for x in out[0].split())   # two action errors
+    assert out[2].startswith("mean [") and out[3].startswith("fisher [")
+    cka = re.search(r"\[\[(.*)\]\]", out[4]).group(1)
+    values = [float(x) for x in re.findall(r"-?\d+\.\d+", cka)]
+    assert len(values) == 4 and all(0 <= v <= 1.0001 for v in values)             # 2 blocks x 2 blocks
+    assert out[5].startswith("gradient norm ")
+    assert (tmp_path / "m1.pt").is_file() and (tmp_path / "data" / "hopper-random-v2.pkl").is_file()
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("evaluate", [evaluate_episodes, evaluate_episodes_sequential])
+def test_a_pool_of_another_env_is_refused(evaluate):
+    """walker2d and halfcheetah share their state and action sizes: another env's pool would run the wrong
+    simulator without an error, and its returns would be scored against the wrong reference."""
+    model = _model("halfcheetah")
+    pool = EnvPool("walker2d")
+    try:
+        with pytest.raises(UserError, match="the env pool holds walker2d v4 envs; this evaluation is of halfcheetah"):
+            evaluate(model, "halfcheetah", 6000, 1, np.zeros(17), np.ones(17), pool=pool)
+        with pytest.raises(UserError, match="holds walker2d v4 envs; this evaluation is of walker2d v5"):
+            evaluate(model, "walker2d", 5000, 1, np.zeros(17), np.ones(17), pool=pool, env_version="v5")
+        assert pool.envs == []      # refused before any env was made
+    finally:
+        pool.close()
+
+
+def test_the_pool_sets_the_version_and_the_device_defaults_to_the_models():
+    model = _model()
+    pool = EnvPool("hopper", "v5")
+    try:
+        res = evaluate_episodes(model, "hopper", 3600, 2, np.zeros(11), np.ones(11), pool=pool)
+        assert pool.envs[0].spec.id == "Hopper-v5"
+        same = evaluate_episodes(model, "hopper", 3600, 2, np.zeros(11), np.ones(11), pool=pool, device="cpu",
+                                 env_version="v5")
+        np.testing.assert_array_equal(res.returns, same.returns)
+    finally:
+        pool.close()
+
+
+def test_a_model_that_is_not_float32_is_refused():
+    model = _model().double()
+    with pytest.raises(UserError, match="evaluation runs float32 models; this one's parameters are torch.float64"):
+        evaluate_episodes(model, "hopper", 3600, 1, np.zeros(11), np.ones(11))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_library_calls_leave_the_model_in_its_mode(data, training):
+    """Evaluation, activations and per-sample gradients switch dropout as they need, then put the model back: a
+    training loop that evaluates in between keeps training with dropout."""
+    model = _model()
+    model.train(training)
+    batch = data.sample_batch(4, K, torch.Generator().manual_seed(0))
+    evaluate_episodes(model, "hopper", 3600, 1, data.state_mean, data.state_std)
+    assert model.training is training
+    get_activations(model, batch)
+    assert model.training is training
+    per_sample_grad_stats(model, batch, train_mode=not training)
+    assert model.training is training
+    full_batch_param_norms(model, batch, train_mode=not training)
+    assert model.training is training and all(m.training is training for m in model.modules())
+
+
+def test_train_step_trains_with_dropout_after_an_evaluation_left_it_in_eval_mode(data):
+    model = _model()
+    trainer = _trainer(model, data)
+    model.eval()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(m.training))
+    trainer.train_step()
+    assert seen == [True] and model.training
+
+
+# ---- the trainer's context length ----------------------------------------------------------------------------------
+
+def test_a_trainer_k_other_than_the_models_context_is_warned_about(data):
+    with pytest.warns(UserWarning, match=r"training on windows of K=8 steps a model whose context \(config.max_length, "
+                                         r"used by evaluation\) is 5"):
+        _trainer(_model(max_length=5), data, K=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _trainer(_model(max_length=5), data, K=5)
+
+
+# ---- datasets ------------------------------------------------------------------------------------------------------
+
+def test_make_dataset_keeps_an_existing_file(tmp_path):
+    real = tmp_path / "hopper-medium-v2.pkl"
+    real.write_bytes(b"a real dataset")
+    with pytest.raises(UserError, match=r"hopper-medium-v2.pkl exists; make_dataset keeps it \(pass overwrite=True"):
+        make_dataset(tmp_path, "hopper", "medium", 1500)
+    assert real.read_bytes() == b"a real dataset"
+    make_dataset(tmp_path, "hopper", "medium", 1500, overwrite=True)
+    assert len(load_dataset(tmp_path, "hopper", "medium")[1]) >= 1
+
+
+@pytest.mark.parametrize("env, dataset, msg", [("hopper", "mediumm", "unknown dataset 'mediumm'"),
+                                               ("hoper", "medium", "unknown env 'hoper'")])
+def test_make_dataset_refuses_names_the_scripts_cannot_read(tmp_path, env, dataset, msg):
+    with pytest.raises(UserError, match=msg):
+        make_dataset(tmp_path, env, dataset, 1500)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- loading a saved model -----------------------------------------------------------------------------------------
+
+def test_load_model_rebuilds_the_recorded_architecture(tmp_path, data):
+    """A model saved with 2 heads and gelu comes back with them (a model of 1 head and relu has the same shapes and
+    would take the weights, computing something else)."""
+    model = _model(n_head=2, activation="gelu", seed=3)
+    atomic_save(make_checkpoint(model.state_dict(), {"model_config": model.config.to_dict(), "env": "hopper"},
+                                data.state_mean, data.state_std), tmp_path / "m.pt")
+    loaded, mf = load_model(tmp_path / "m.pt")
+    assert loaded.config.backbone.n_head == 2 and loaded.config.backbone.activation_function == "gelu"
+    assert mf.env == "hopper"
+    np.testing.assert_array_equal(mf.raw["state_mean"], data.state_mean)
+    batch = data.sample_batch(4, K, torch.Generator().manual_seed(1))
+    model.eval()
+    loaded.eval()
+    inputs = (batch.states, batch.actions, batch.rtg[:, :-1], batch.timesteps)
+    torch.testing.assert_close(loaded(*inputs, attention_mask=batch.mask).action_preds,
+                               model(*inputs, attention_mask=batch.mask).action_preds, rtol=0, atol=0)
+
+
+def test_load_model_names_a_missing_or_damaged_file(tmp_path):
+    with pytest.raises(UserError, match="nothing.pt: model file not found"):
+        load_model(tmp_path / "nothing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(UserError, match="junk.pt: not a loadable checkpoint"):
+        load_model(tmp_path / "junk.pt")
