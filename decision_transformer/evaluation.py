@@ -135,6 +135,11 @@ def _eval_setup(model, env: str, device, pool: EnvPool | None, env_version: str 
     param = next(params(), None) if callable(params) else None
     if param is not None and param.dtype != torch.float32:
         raise UserError(f"evaluation runs float32 models; this one's parameters are {param.dtype} (use model.float())")
+    cfg, spec = getattr(model, "config", None), get_env_spec(env)
+    dims = (getattr(cfg, "state_dim", None), getattr(cfg, "act_dim", None))
+    if all(isinstance(d, int) for d in dims) and dims != (spec.state_dim, spec.act_dim):
+        raise UserError(f"the model's states and actions have {dims[0]} and {dims[1]} dimensions; {env}'s have "
+                        f"{spec.state_dim} and {spec.act_dim}")
     device = torch.device(device) if device is not None else (param.device if param is not None else
                                                                 torch.device("cpu"))
     if pool is None:

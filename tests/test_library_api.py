@@ -2,6 +2,7 @@
 the scripts make (an env pool of another env, a model of another dtype, an existing dataset file, a context length
 that differs from the model's) and leave the model in the mode they found it in."""
 import re
+import types
 import warnings
 from pathlib import Path
 
@@ -94,6 +95,13 @@ def test_the_pool_sets_the_version_and_the_device_defaults_to_the_models():
         pool.close()
 
 
+def test_a_model_of_another_envs_dimensions_is_refused():
+    """A hopper model (11 / 3) in walker2d (17 / 6): one line, not a matrix-shape error from inside the forward."""
+    with pytest.raises(UserError, match="the model's states and actions have 11 and 3 dimensions; walker2d's have 17 "
+                                        "and 6"):
+        evaluate_episodes(_model("hopper"), "walker2d", 5000, 1, np.zeros(17), np.ones(17))
+
+
 def test_a_model_that_is_not_float32_is_refused():
     model = _model().double()
     with pytest.raises(UserError, match="evaluation runs float32 models; this one's parameters are torch.float64"):
@@ -136,6 +144,17 @@ def test_a_trainer_k_other_than_the_models_context_is_warned_about(data):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _trainer(_model(max_length=5), data, K=5)
+
+
+def test_a_generator_on_another_device_than_the_data_is_refused():
+    """The sampler draws its indices on the dataset's device: a CPU generator for data on a GPU would fail in the
+    first step with torch's own message; the trainer says what to pass (a stand-in for data on the GPU)."""
+    model = _model()
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.0)
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda"))
+    with pytest.raises(ValueError, match=r"the batch generator is on cpu, the dataset on cuda: make it with "
+                                         r"torch.Generator\(device=dataset.device\)"):
+        Trainer(model, opt, warmup_schedule(opt, 1), on_gpu, batch_size=4, K=K, generator=torch.Generator())
 
 
 # ---- datasets ------------------------------------------------------------------------------------------------------

@@ -118,6 +118,9 @@ class Trainer:
         self.dataset = dataset
         self.batch_size = batch_size
         self.K = K
+        if torch.device(generator.device).type != torch.device(dataset.device).type:
+            raise ValueError(f"the batch generator is on {generator.device}, the dataset on {dataset.device}: make it "
+                             f"with torch.Generator(device=dataset.device)")
         self.generator = generator
         self.grad_clip = grad_clip
         # optional callable(model, out, batch, step) -> loss, or (loss, {log key: scalar tensor}); each key logs its
