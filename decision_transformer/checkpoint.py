@@ -88,8 +88,9 @@ def same_flag_value(key: str, recorded, wanted) -> bool:
 
 def find_run(parent: str | os.PathLike, prefix: str, signature: dict, require: str | None = None) -> Path | None:
     """The newest ``{parent}/{prefix}{run id}`` folder whose ``config.json`` records every flag of ``signature``
-    (merge runs: ``cli.merge_signature``; multi-task runs: their training flags) and that holds the file ``require``
-    if given, or None. Newest = the latest written checkpoint or training state."""
+    (experiment.py merge runs: ``cli.merge_signature``, for ``--resume`` and the sweep planner; the sweep planner's
+    lm_cotraining runs: ``run.resume_signature``, to find a finished run by its last model file) and that holds the
+    file ``require`` if given, or None. Newest = the latest written checkpoint or training state."""
     import json
 
     want = json.loads(json.dumps(signature, default=str))

@@ -28,7 +28,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def add_data_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("data, environment, context")
     g.add_argument("--data_path", type=str, default=project_path("data"),
-                   help="folder with {env}-{dataset}-v2.pkl (or D4RL hdf5); default: the project's data/")
+                   help="folder with {env}-{dataset}-v2.pkl (or D4RL hdf5); default: the project's data/ when started "
+                        "inside the project, ./data when started outside it")
     g.add_argument("--env", type=str, default="hopper", help="hopper, halfcheetah, walker2d or reacher2d")
     g.add_argument("--dataset", type=str, default="medium",
                    help="random, medium, medium-replay, medium-expert or expert")
@@ -123,10 +124,15 @@ def add_run_flags(p: argparse.ArgumentParser, *, project: str = "decision-transf
     g.add_argument("--project", type=str, default=project, help="WandB project")
     g.add_argument("--outdir", type=str, default=outdir_default and project_path(outdir_default),
                    help="per-iteration checkpoints in {outdir}/{run_dir}/model_{iter}.pt; '' disables")
-    g.add_argument("--save_model", action="store_true", help="also save models/{env}/dt_{exp_prefix}[_best].pt")
+    g.add_argument("--save_model", action="store_true",
+                   help="also save models/{env}/{model_type}_{exp_prefix}[_best].pt (dt_... or bc_...)")
     g.add_argument("--save_mode", choices=["last", "best", "both"], default="last")
-    g.add_argument("--resume", action="store_true", help="continue the run in {outdir}/{run_dir} from its last "
-                                                          "checkpoint")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in {outdir}/{run_dir} (a merge run, --pretrained_models: the newest "
+                        "{outdir}/{run_dir}_{id} made with the same merge flags) after its last finished iteration; "
+                        "only --max_iters, --device, --threads, --precision, --compile, --num_eval_episodes, "
+                        "--eval_workers, -w, --project, --save_model, --save_mode, --data_path, --outdir and "
+                        "--no_generate may differ from the run's flags")
     add_fast_path_flags(g)
     g.add_argument("--end_break", action="store_true", help="enter the debugger at the end")
     # Dead in the originals: parsed, recorded in the config, otherwise ignored.
@@ -225,8 +231,9 @@ def add_fast_path_flags(g):
                    help="torch.compile the model for training, in torch's default mode or the one given "
                         "(reduce-overhead: also CUDA graphs on a GPU)")
     g.add_argument("--eval_workers", type=eval_workers_type, default="auto",
-                   help="worker processes that step the evaluation envs; auto = up to 8 on CUDA (one core left "
-                        "free), 0 on CPU (the envs step in this process)")
+                   help="worker processes that step the evaluation envs; auto = on CUDA up to 8 (one core left "
+                        "free, at most one per episode; none below 8 episodes), 0 on CPU (the envs step in this "
+                        "process)")
 
 
 def eval_workers_type(text: str):

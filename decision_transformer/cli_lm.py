@@ -46,7 +46,8 @@ def add_lm_cotraining_flags(p: argparse.ArgumentParser):
     g.add_argument("--nlp_dataset_config_name", type=str, default="wikitext-103-raw-v1")
     g.add_argument("--gpt_lm_const", type=float, default=1.0, help="weight of the LM loss")
     g.add_argument("--lm_const_linear_decay", action="store_true",
-                   help="LM-loss weight decays linearly to 0 over max_iters * num_steps_per_iter steps")
+                   help="LM-loss weight decays linearly over the S = max_iters * num_steps_per_iter steps, "
+                        "from --gpt_lm_const at the first step to --gpt_lm_const / S at the last")
     g.add_argument("--disable_k_annealing", action="store_true",
                    help="k-means loss weight constant (no sigmoid annealing over 15000 steps)")
     g.add_argument("--init_reg", type=float, default=None,
@@ -79,8 +80,9 @@ def lm_cotraining_parser() -> argparse.ArgumentParser:
                            "default models/{env}; '' disables")
         elif action.dest == "resume":
             action.help = ("continue the newest {outdir}/dt_gym-experiment-{env}-{dataset}-{id} run made with these "
-                           "flags after its last finished iteration (only --max_iters and where it runs, reports and "
-                           "saves may change)")
+                           "flags after its last finished iteration (only --max_iters, --device, --threads, "
+                           "--precision, --compile, --num_eval_episodes, --eval_workers, -w, --save_model, "
+                           "--save_mode, --data_path, --outdir, --no_generate and --no_token_cache may differ)")
         elif action.dest == "pretrained_lm":
             action.help = "required: a GPT-2-family directory (checkpoints/ChibiT) or a cached name such as gpt2"
     return p

@@ -365,8 +365,10 @@ def split_episodes(data: dict[str, np.ndarray], source: str = "dataset",
 
 def validate_trajectories(trajs, spec: EnvSpec, source: str, *,
                           next_observations: bool = False) -> list[dict[str, np.ndarray]]:
-    """Check structure, lengths, dtypes, dimensions and finiteness; return float32 copies of the arrays used. With
-    ``next_observations``, trajectories that have them get them checked (shape, finiteness) and kept too."""
+    """Check structure, lengths, dtypes, dimensions and finiteness; return new dicts of the arrays used, as float32,
+    and of the terminals, as a new bool array. An array that already is float32 is not copied: the result shares its
+    memory with ``trajs`` (the array itself; rewards as a (T,) view). With ``next_observations``, trajectories that
+    have them get them checked (shape, finiteness) and kept too."""
     if not isinstance(trajs, list) or not trajs:
         raise UserError(f"{source}: expected a non-empty list of trajectory dicts, got {type(trajs).__name__}"
                         + (" (empty)" if isinstance(trajs, list) else ""))
@@ -541,7 +543,9 @@ def state_stats(trajs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def select_top_trajectories(returns: np.ndarray, lengths: np.ndarray, pct_traj: float) -> np.ndarray:
-    """Indices of the best-return trajectories whose lengths add up to at most ``pct_traj`` of all timesteps.
+    """Indices of the best-return trajectories whose lengths add up to at most ``pct_traj`` of all timesteps (at
+    least 1), taken best first until the next one would exceed that budget; the best trajectory is always kept, even
+    when it alone is longer than the budget.
 
     Uses KZL's final ``<=`` (every trajectory kept at 1.0); REID/TAKAGI/LAWSON's ``<`` dropped the worst one.
     """

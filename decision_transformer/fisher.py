@@ -359,7 +359,8 @@ def precompute_parser():
                                             "own dataset, saved to <model_dir>/info/<stem>-bs{B}-nb{N}[-type] for "
                                             "experiment.py --use_fisher.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--data_path", default=project_path("data"), help="default: the project's data/")
+    p.add_argument("--data_path", default=project_path("data"),
+                   help="default: the project's data/ when started inside the project, ./data when started outside it")
     p.add_argument("--model", required=True, help="model file (our checkpoint, a state dict or an original pickle)")
     p.add_argument("--f_batch_size", type=int, default=64, help="windows per batch")
     p.add_argument("--f_num_batches", type=int, default=100, help="batches")

@@ -53,12 +53,16 @@ def merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec_info", action="store_true", help="multi-task: Fisher on each model's own env only")
     p.add_argument("--f_batch_size", type=int, default=64)
     p.add_argument("--f_num_batches", type=int, default=100)
-    p.add_argument("--data_path", default=project_path("data"), help="default: the project's data/")
+    p.add_argument("--data_path", default=project_path("data"),
+                   help="default: the project's data/ when started inside the project, ./data when started outside it")
     p.add_argument("--dataset", default=None, help="multi-task Fisher data (default: model 1's dataset), "
                                                    "normalised with each model's stored state statistics")
-    p.add_argument("--K", type=int, default=20)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=666)
+    p.add_argument("--K", type=int, default=20, help="context of the RegMean, greedy-soup and multi-task Fisher "
+                                                     "windows (a single-task Fisher uses each model's own K)")
+    p.add_argument("--batch_size", type=int, default=64, help="windows per batch of RegMean and greedy soup")
+    p.add_argument("--seed", type=int, default=666, help="seed of the RegMean, greedy-soup and multi-task Fisher "
+                                                         "windows (a single-task Fisher uses 666, as "
+                                                         "precompute_fisher.py)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", default="auto", help=THREADS_HELP)
     return p
@@ -185,7 +189,9 @@ def run_merge(args) -> Path:
     if n_multi not in (0, len(sources)):
         raise UserError("cannot merge single-task with multi-task models")
     first = sources[0]
-    if method in ("fisher", "regmean", "greedy_soup"):  # the methods that read data in --K windows
+    # the methods that read data in --K windows: RegMean, greedy soup and a multi-task Fisher (a single-task Fisher
+    # uses windows of each model's own K, and precompute_fisher.py's seed, as merge_setup.fisher_for_file)
+    if method in ("regmean", "greedy_soup") or (method == "fisher" and n_multi):
         fisher_mod.warn_context(sources, args.K, lambda msg: print(msg, file=sys.stderr))
     info = {"method": method, "models": list(args.models), "include": list(args.include),
             "exclude": list(args.exclude)}

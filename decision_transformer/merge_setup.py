@@ -455,7 +455,10 @@ def _evaluate_before_finetuning(args, model, spec, device) -> dict:
 def apply_merge(args, model, spec, device):
     """``experiment.py --pretrained_models A [B ...]``: load, merge, choose the model to finetune, apply
     ``--identity_layers`` and ``--merge_frozen``; returns the model to train, on ``device``. Records what was done in
-    ``args.merge_info`` (written to the run's config), including the merged model's evaluation before finetuning."""
+    ``args.merge_info`` (written to the run's config), with the evaluation of the model to train before finetuning
+    (``iteration_0``, logged as iteration 0) when ``--num_eval_episodes`` > 0, the run is not resumed (a resumed run
+    takes the one it recorded) and either ``--max_iters 0`` or ``--num_steps_per_iter`` > 0 (with
+    ``--num_steps_per_iter 0`` iteration 1 evaluates the same model)."""
     check_experiment_merge(args)
     for flag in ("merge_frozen", "identity_layers"):
         if getattr(args, flag) and not args.include:
@@ -479,7 +482,8 @@ def apply_merge(args, model, spec, device):
         info["frozen"] = len(frozen)
     train_model = train_model.to(device)
     resumed = getattr(args, "resume", False)  # a resumed run keeps the evaluation it logged the first time
-    if args.num_eval_episodes and args.max_iters and args.num_steps_per_iter > 0 and not resumed:
+    # --max_iters 0: iteration 0 is the run's only evaluation; --num_steps_per_iter 0: iteration 1 evaluates this model
+    if args.num_eval_episodes and (args.max_iters == 0 or args.num_steps_per_iter > 0) and not resumed:
         logs = _evaluate_before_finetuning(args, train_model, spec, device)
         info["iteration_0"] = logs
         first = [k for k in logs if k.endswith("_return_mean")]

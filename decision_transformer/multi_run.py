@@ -104,9 +104,11 @@ def multi_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_model", action="store_true", help="save models/multi/dt_{exp_prefix}[_best].pt")
     g.add_argument("--save_mode", choices=["last", "best", "both"], default="last")
     g.add_argument("--resume", action="store_true",
-                   help="continue the newest {outdir}/multi/ run made with the same flags (--max_iters, --device, "
-                        "--threads, -w, evaluation and saving flags may change; --seed may be left out) after its "
-                        "last iteration")
+                   help="continue the newest {outdir}/multi/ run made with the same flags after its last "
+                        "iteration (only --max_iters, --device, --threads, --precision, --compile, "
+                        "--num_eval_episodes, --eval_workers, -w, --project, --save_model, --save_mode, --data_path, "
+                        "--outdir and --no_generate may differ, and --seed may be left out; every other flag, such "
+                        "as --env_version, --p_list, --eval_merge_pre or --mode, must be the run's)")
     g.add_argument("--end_break", action="store_true")
     g.add_argument("--note", default=None, help=argparse.SUPPRESS)
     g = p.add_argument_group("multi-task training and finetuning")
@@ -116,13 +118,17 @@ def multi_parser() -> argparse.ArgumentParser:
     g.add_argument("--score_selected", action="store_true", help="average (and model selection) over the selected "
                                                                  "envs only")
     g.add_argument("--eval_merge_pre", action="store_true",
-                   help="evaluate (1-p)·pre + p·post blocks for each p of --p_list instead of the trained ones; keep "
-                        "the best")
+                   help="each iteration, evaluate the blocks (1-p)·pre + p·trained for each p of --p_list instead "
+                        "of the trained ones (pre: the blocks before training); the best p's scores are the "
+                        "iteration's (and best_p), and --save_mode best/both saves that interpolation as _best.pt; "
+                        "training goes on from the trained blocks, which the last model keeps")
     g.add_argument("--p_list", nargs="+", type=float, default=[0.5])
     g.add_argument("--eval_only", action="store_true", help="no training")
     g.add_argument("--pretrained_model", default=None, help="multi-task model to start from")
     g.add_argument("--norm_env", choices=NORM_ENVS, default=None,
-                   help="state statistics of this dataset quality from {data_path}/state_stats.pkl")
+                   help="normalise states with the statistics of this dataset quality: from "
+                        "{data_path}/state_stats.pkl (or those stored in --pretrained_model / --load_checkpoint when "
+                        "it was trained on it); equal to --dataset: computed from the loaded data")
     g = p.add_argument_group("merging")
     g.add_argument("--multi_pretrained_models", nargs="+", default=None,
                    help="multi-task models, each finetuned on one distinct env, to merge")

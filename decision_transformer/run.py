@@ -1,8 +1,10 @@
 """The single-task pipeline behind ``experiment.py`` and ``lm_cotraining/experiment.py``:
 data -> model -> training -> evaluation -> checkpoints.
 
-The two scripts share this pipeline; ``SCRIPTS`` holds what differs (run folder and WandB naming, the k-means
-trainer variant, resume, fp16)."""
+The two scripts share this pipeline; the ``script`` it is run as (``EXPERIMENT`` or ``LM_COTRAINING``) selects what
+differs: ``check_run_flags`` (the LM script needs ``--pretrained_lm``), the ``lm_script`` branches of ``_run_locked``
+(run folder and WandB naming, resume, fp16) and ``make_extra_loss`` (the k-means variant). ``SCRIPTS`` only maps each
+to its script's name, for messages, the run lock and the config."""
 from __future__ import annotations
 
 import math
@@ -675,7 +677,11 @@ def _run_locked(args, script: str, take_lock) -> dict:
         if args.max_iters == 0:
             what = "the merged model" if args.pretrained_models else "the initial model"
             where = f"; {run_dir / 'model_0.pt'} holds {what}" if run_dir is not None else ""
-            print(f"--max_iters 0: no iteration trained or evaluated{where}", file=sys.stderr)
+            if (getattr(args, "merge_info", None) or {}).get("iteration_0"):  # (apply_merge evaluated it)
+                held = f"{run_dir / 'model_0.pt'} holds {what}," if run_dir is not None else f"{what} was"
+                print(f"--max_iters 0: no iteration trained; {held} evaluated as iteration 0", file=sys.stderr)
+            else:
+                print(f"--max_iters 0: no iteration trained or evaluated{where}", file=sys.stderr)
     finally:
         logger.finish()
         pool.close()

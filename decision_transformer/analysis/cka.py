@@ -1,10 +1,12 @@
 """Centred kernel alignment (Kornblith et al. 2019) and Section 5.1's activation-similarity analysis.
 
 CKA(K, L) = <K~, L~>_F / (||K~||_F ||L~||_F + eps) for Gram matrices K = k(X, X), L = k(Y, Y) of n examples, where
-~ is the centring H G H (biased HSIC) or the unbiased centring of Song et al. (2012) (debiased HSIC, the default, as
-TAKAGI). Everything is accumulated in float64. TAKAGI adds eps = 1e-6 to the denominator; that breaks the scale
-invariance for layers with small activations (the norms of their centred Grams can be far below 1e-6), so the
-default is eps = 0 (a constant representation gets CKA 0) and ``--eps 1e-6`` reproduces TAKAGI.
+~ is the centring H G H (biased HSIC) or the unbiased centring of Song et al. (2012) (debiased HSIC: the default of
+the analysis script and of ``cka_matrix``, as TAKAGI; ``--biased`` switches the script to biased HSIC, and the
+library functions ``cka()`` and ``linear_cka()`` default to ``debiased=False``). Everything is accumulated in
+float64. TAKAGI adds eps = 1e-6 to the denominator; that breaks the scale invariance for layers with small
+activations (the norms of their centred Grams can be far below 1e-6), so the default is eps = 0 (a constant
+representation gets CKA 0) and ``--eps 1e-6`` reproduces TAKAGI.
 
 The analysis compares every pair of hooked layers of two checkpoints at the tokens of the **last timestep** of a
 K-step context: sequence positions -3 (R̂_K, "reward"), -2 (s_K, "state"), -1 (a_K, "action"), one example per
