@@ -591,6 +591,12 @@ class TrajectoryDataset:
     def __init__(self, trajs, env: str, *, mode: str = "normal", pct_traj: float = 1.0, device="cpu",
                  state_mean: np.ndarray | None = None, state_std: np.ndarray | None = None):
         spec = get_env_spec(env)
+        for i, t in enumerate(trajs):   # (load_dataset checks all of it; trajectories built by hand, their dims here)
+            dims = (np.shape(t["observations"])[1:], np.shape(t["actions"])[1:])
+            if dims != ((spec.state_dim,), (spec.act_dim,)):
+                raise UserError(f"trajectory {i} has observations of shape {list(np.shape(t['observations']))} and "
+                                f"actions of shape {list(np.shape(t['actions']))}; {env} has {spec.state_dim} state "
+                                f"and {spec.act_dim} action dimensions")
         if mode == "delayed":
             trajs = apply_delayed_mode(trajs)
         elif mode not in ("normal", "noise"):

@@ -159,6 +159,14 @@ def test_a_generator_on_another_device_than_the_data_is_refused():
 
 # ---- datasets ------------------------------------------------------------------------------------------------------
 
+def test_trajectories_of_another_env_are_refused(tmp_path):
+    make_dataset(tmp_path, "hopper", "medium", 1500)
+    trajs = load_dataset(tmp_path, "hopper", "medium")[1]
+    with pytest.raises(UserError, match=r"trajectory 0 has observations of shape \[\d+, 11\] and actions of shape "
+                                        r"\[\d+, 3\]; walker2d has 17 state and 6 action dimensions"):
+        TrajectoryDataset(trajs, "walker2d")
+
+
 def test_make_dataset_keeps_an_existing_file(tmp_path):
     real = tmp_path / "hopper-medium-v2.pkl"
     real.write_bytes(b"a real dataset")
