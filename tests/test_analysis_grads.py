@@ -96,11 +96,21 @@ def test_vmap_matches_explicit_loop(model, action_scale):
     assert grad_confusion(cos) == pytest.approx(float(cos[off].min()), abs=1e-6)
 
 
-def test_memory_bounded_passes_are_identical_in_train_mode(model):
+def test_memory_bounded_passes_are_identical_in_train_mode(model, monkeypatch):
     """Dropout on: the Gram accumulated over one pass per tensor equals the single-pass one (same seeded masks)."""
+    from decision_transformer.analysis import grads
+
+    passes = []  # the parameter names of each per-sample-gradient pass
+    real = grads.per_sample_grads
+    monkeypatch.setattr(grads, "per_sample_grads", lambda m, b, names, **k: (passes.append(list(names)),
+                                                                                 real(m, b, names, **k))[1])
     batch = _batch()
+    names = used_parameters(model, batch)
     one = per_sample_grad_stats(model, batch, train_mode=True, seed=7)
+    assert passes == [names]                                    # the default bound: a single pass
+    passes.clear()
     many = per_sample_grad_stats(model, batch, train_mode=True, seed=7, max_bytes=1)
+    assert len(names) > 1 and passes == [[k] for k in names]    # max_bytes=1: one pass per tensor
     assert torch.allclose(one.gram_h, many.gram_h, rtol=1e-6, atol=1e-12)
     assert torch.equal(one.sqnorm_all, many.sqnorm_all) or torch.allclose(one.sqnorm_all, many.sqnorm_all, rtol=1e-9)
     ev = per_sample_grad_stats(model, batch, train_mode=False)

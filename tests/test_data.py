@@ -10,6 +10,7 @@ import collections
 import math
 import os
 import pickle
+import re
 import warnings
 
 import numpy as np
@@ -349,7 +350,7 @@ def test_pct_traj_restricts_sampling():
 
 @pytest.mark.parametrize("pct", [0.0, -0.5, 1.5])
 def test_pct_traj_out_of_range(pct):
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=re.escape(f"--pct_traj must be in (0, 1], got {pct}")):
         TrajectoryDataset(make_trajs(PCT_LENGTHS, seed=4), "hopper", pct_traj=pct)
 
 
@@ -402,7 +403,7 @@ def test_delayed_mode():
 
 
 def test_unknown_mode():
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="unknown --mode 'delay'; choose normal, delayed or noise"):
         TrajectoryDataset(make_trajs([5], seed=0), "hopper", mode="delay")
 
 

@@ -359,26 +359,28 @@ def test_metrics_other_env_constants():
 # 4. errors
 # ---------------------------------------------------------------------------------------------------------------------
 def test_unknown_env_is_user_error(models):
-    with pytest.raises(UserError):
+    unknown = "unknown env 'ant'; choose one of hopper, halfcheetah, walker2d"
+    with pytest.raises(UserError, match=unknown):
         get_env_spec("ant")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=unknown):
         make_env("ant")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=unknown):
         ev.evaluate_episodes(models["hopper"], "ant", 3600.0, 1, np.zeros(11), np.ones(11))
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=unknown):
         ev.evaluate_episodes_sequential(models["hopper"], "ant", 3600.0, 1, np.zeros(11), np.ones(11))
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=unknown):
         ev.EvalResult(3600.0, np.zeros(2), np.zeros(2)).metrics("ant")
 
 
 def test_unsupported_env_version_is_user_error(models):
-    with pytest.raises(UserError, match="v3"):
+    unsupported = "unsupported --env_version 'v3'; choose one of v4, v5"
+    with pytest.raises(UserError, match=unsupported):
         make_env("hopper", "v3")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=unsupported):
         ev.EnvPool("hopper", "v3").get(1)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=unsupported):
         ev.evaluate_episodes(models["hopper"], "hopper", 3600.0, 1, np.zeros(11), np.ones(11), env_version="v3")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=unsupported):
         ev.evaluate_episodes_sequential(models["hopper"], "hopper", 3600.0, 1, np.zeros(11), np.ones(11),
                                         env_version="v3")
     # the supported versions build

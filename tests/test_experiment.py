@@ -464,11 +464,38 @@ def test_bf16_on_cpu_when_asked(tmp_path, monkeypatch, hopper_data):
     cpu = torch.device("cpu")
     assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", cpu) is None
     assert autocast_dtype("bf16", cpu) is torch.bfloat16
+    from decision_transformer import run as run_mod
+
+    seen = []  # torch.is_autocast_enabled("cpu") at each training (train-mode) forward of the run's model
+    real_init = run_mod.Trainer.__init__
+
+    def spy(self, model, *a, **k):
+        model.register_forward_pre_hook(lambda m, _: seen.append(torch.is_autocast_enabled("cpu")) if m.training
+                                        else None)
+        real_init(self, model, *a, **k)
+
+    monkeypatch.setattr(run_mod.Trainer, "__init__", spy)
     run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "3", "--precision", "bf16")
+    assert len(seen) >= 3 and all(seen)        # the training forwards ran under autocast
     rows = [json.loads(line) for line in (run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["training/train_loss_mean"] > 0
     ckpt = torch.load(run_dir(tmp_path) / "model_1.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
+    seen.clear()
+    fp32 = tmp_path / "fp32"
+    fp32.mkdir()
+    run(fp32, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "3")
+    assert len(seen) >= 3 and not any(seen)    # and without --precision they do not
+
+
+def test_learning_rate_and_weight_decay_reach_the_optimiser(tmp_path, monkeypatch, hopper_data):
+    """--learning_rate and --weight_decay are the AdamW's (the warm-up schedule scales the lr from it)."""
+    run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes",
+        "0", "--learning_rate", "3e-3", "--weight_decay", "0.05")
+    groups = load_checkpoint(run_dir(tmp_path) / "train_state.pt")["optimizer"]["param_groups"]
+    assert groups and all(g["initial_lr"] == 3e-3 and g["weight_decay"] == 0.05 for g in groups)
+    # 2 scheduler steps into a 10-step warm-up (TINY's --warmup_steps 10)
+    assert all(g["lr"] == pytest.approx(3e-3 * 3 / 10, rel=1e-6) for g in groups)
 
 
 def test_freeze_subset_needs_names(capsys):
@@ -485,7 +512,17 @@ def test_freeze_subset_needs_names(capsys):
 
 def test_eval_workers_give_the_same_metrics(tmp_path, monkeypatch, hopper_data):
     """--eval_workers 2 (envs stepped in two worker processes) logs exactly the metrics of stepping them here."""
-    rows = {}
+    from decision_transformer import env_workers
+
+    started = []  # the worker counts of the EnvWorkers the runs start
+    real_init = env_workers.EnvWorkers.__init__
+
+    def spy(self, env, version=env_workers.DEFAULT_ENV_VERSION, workers=2):
+        started.append(workers)
+        real_init(self, env, version, workers)
+
+    monkeypatch.setattr(env_workers.EnvWorkers, "__init__", spy)
+    rows, used = {}, {}
     for w in ("0", "2"):
         d = tmp_path / w
         d.mkdir()
@@ -493,7 +530,9 @@ def test_eval_workers_give_the_same_metrics(tmp_path, monkeypatch, hopper_data):
             "--eval_workers", w)
         row = json.loads((run_dir(d) / "metrics.jsonl").read_text())
         rows[w] = {k: v for k, v in row.items() if k.startswith("evaluation/target")}
+        used[w], started[:] = list(started), []
     assert rows["0"] and rows["0"] == rows["2"]
+    assert used["0"] == [] and used["2"] and set(used["2"]) == {2}  # the envs really were stepped in 2 workers
 
 
 def test_best_model_is_written_before_the_training_state(tmp_path, monkeypatch, capsys, hopper_data):
@@ -640,3 +679,7 @@ def test_load_checkpoint_with_another_k_warns(tmp_path, monkeypatch, capsys, hop
     run(tmp_path / "eval", monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "0",
         "--num_eval_episodes", "0", "--load_checkpoint", str(ckpt), "--K", "3")
     assert f"warning: {ckpt} was trained with K=5; this run uses K=3 (--K)" in capsys.readouterr().err
+    (tmp_path / "same").mkdir()                                               # the checkpoint's own K: no warning
+    run(tmp_path / "same", monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "0",
+        "--num_eval_episodes", "0", "--load_checkpoint", str(ckpt))
+    assert "was trained with K" not in capsys.readouterr().err

@@ -240,10 +240,16 @@ def test_a_cached_fisher_records_what_it_was_estimated_on(setup, monkeypatch, ca
     base = ["--model", str(src), "--data_path", str(mixed), "--f_batch_size", "4", "--f_num_batches", "2",
             "--device", "cpu"]
     out = fisher.fisher_info_path(src, 4, 2)
+    computed = []
+    real_compute = fisher.compute_fisher
+    monkeypatch.setattr(fisher, "compute_fisher", lambda *a, **k: (computed.append(1), real_compute(*a, **k))[1])
     precompute_fisher.main(base)
     assert fisher.load_fisher(out)["_source"] == {"env": "hopper", "dataset": "medium", "K": 5, "seed": 666}
+    assert len(computed) == 1
+    stamp = out.stat().st_mtime_ns
     precompute_fisher.main(base)
     assert "exists" in capsys.readouterr().err
+    assert len(computed) == 1 and out.stat().st_mtime_ns == stamp  # the cached file is reused, not recomputed
     before = out.read_bytes()
     msg = fails(precompute_fisher.main, base + ["--dataset", "expert"], capsys)
     assert "computed on hopper-medium with K=5, not on hopper-expert with K=5" in msg and "--force" in msg
@@ -251,7 +257,7 @@ def test_a_cached_fisher_records_what_it_was_estimated_on(setup, monkeypatch, ca
     assert "computed with --seed 666, not 1" in fails(precompute_fisher.main, base + ["--seed", "1"], capsys)
     assert out.read_bytes() == before
     precompute_fisher.main(base + ["--dataset", "expert", "--force"])
-    assert fisher.load_fisher(out)["_source"]["dataset"] == "expert"
+    assert fisher.load_fisher(out)["_source"]["dataset"] == "expert" and len(computed) == 2
     other = tmp_path / paths["halfcheetah"].name
     other.write_bytes(paths["halfcheetah"].read_bytes())
     precompute_fisher.main(["--model", str(other), "--data_path", str(data), "--f_batch_size", "4",

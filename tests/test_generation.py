@@ -253,11 +253,19 @@ def test_random_policy_is_seeded():
 
 
 def test_bundled_policy_files_load_when_present():
-    """Whatever is bundled (training may still be under way) must load cleanly for its env."""
+    """Whatever is bundled must load cleanly for its env; the package ships hopper's, halfcheetah's and walker2d's
+    medium and expert policies and replay snapshots."""
+    bundled = sorted(p.name for p in generation.BUNDLED_POLICY_DIR.glob("*") if p.is_dir())
+    assert bundled == ["halfcheetah", "hopper", "walker2d"]
+    loaded = []
     for env_dir in sorted(p for p in generation.BUNDLED_POLICY_DIR.glob("*") if p.is_dir()):
+        assert {p.name for p in env_dir.glob("*.pt")} == {"expert.pt", "medium.pt"}, env_dir
+        assert (env_dir / "replay" / "actor_0000000.pt").is_file(), env_dir
         for f in sorted(env_dir.glob("*.pt")) + sorted(env_dir.glob("replay/*.pt"))[:3]:
             _, meta = load_policy(f, env_dir.name)
             assert meta["env"] == env_dir.name
+            loaded.append(f)
+    assert len(loaded) == 3 * (2 + 3)
 
 
 @pytest.mark.parametrize("env", ["hopper", "halfcheetah", "walker2d"])

@@ -486,8 +486,10 @@ def test_a_bare_state_dict_in_a_run_folder_converts_for_the_analyses(tmp_path, c
     run = "gpt2_medium_walker2d_666_K1"
     model, path = _bare(tmp_path, f"takagi/{run}/model_40.pt", n_head=4, activation_function="gelu_new")
     # the weights take hopper's 11-dim states, the folder says walker2d
-    assert "walker2d" in fails(legacy_import.main, [path, "--out_dir", tmp_path / "checkpoints" / run, "--n_head", "4",
-                                                    "--activation_function", "gelu_new"], capsys)
+    msg = fails(legacy_import.main, [path, "--out_dir", tmp_path / "checkpoints" / run, "--n_head", "4",
+                                     "--activation_function", "gelu_new"], capsys)
+    assert f"{path}: state/action dims 11/3, the path's env walker2d needs 17/6" in msg
+    assert not (tmp_path / "checkpoints" / run).exists()
     model, path = _bare(tmp_path, f"takagi/{run.replace('walker2d', 'hopper')}/model_40.pt", n_head=4,
                         activation_function="gelu_new")
     run = path.parent.name

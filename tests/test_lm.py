@@ -799,9 +799,15 @@ def test_merging_seed_lm_command_against_a_fresh_chibit(tmp_path, monkeypatch, c
     mtime = cache.stat().st_mtime_ns
     monkeypatch.chdir(work)
     monkeypatch.setattr(km_mod, "cosine_kmeans", lambda *a, **k: pytest.fail("recomputed despite the cache"))
+    from decision_transformer.training.init_reg import InitReg
+
+    regs = []  # the InitReg terms the run builds
+    real_init = InitReg.__init__
+    monkeypatch.setattr(InitReg, "__init__", lambda self, *a, **k: (regs.append(self), real_init(self, *a, **k))[1])
     no_best = [a for a in seed if a not in ("--save_model", "--save_mode=best")]  # (refused with 0 episodes)
     lm_experiment.main([*no_best, *small, "--max_iters", "1", "--num_eval_episodes", "0", "--joint",
                         "--nlp_dataset_name", str(tmp_path / "wiki.txt"), "--outdir", "joint"])
+    assert [r.weight for r in regs] == [1e-4]                    # --init_reg 1e-4 is the term's weight
     err = capsys.readouterr().err
     assert "centres read from ../kmeans_cache/chibi_1000.pt" in err and "blocks of 512 tokens" in err
     assert cache.stat().st_mtime_ns == mtime
@@ -866,6 +872,12 @@ def test_lm_script_resume_matches_uninterrupted_run(lm_dirs, tmp_path, monkeypat
            "--gpt_kmeans_const", "0.1", "--init_reg", "1e-2", "--joint", "--nlp_dataset_name",
            str(tmp_path / "wiki.txt"), "--no_token_cache", "--dropout", "0.1"]
     monkeypatch.chdir(tmp_path)
+    token_cache = hopper_data / "token_cache"       # where --joint caches its tokens without --no_token_cache
+
+    def cached():
+        return sorted(p.name for p in token_cache.iterdir()) if token_cache.is_dir() else []
+
+    cached_before = cached()
 
     def run_dir(outdir):
         (d,) = [p for p in (tmp_path / outdir).iterdir() if p.name.startswith("dt_gym-experiment-hopper-medium-")]
@@ -903,6 +915,7 @@ def test_lm_script_resume_matches_uninterrupted_run(lm_dirs, tmp_path, monkeypat
     assert "nothing to do" in capsys.readouterr().err
     msg = expect_error(capsys, lm_experiment.main, [*cmd, "--outdir", "c", "--resume"])
     assert "nothing to resume: no run dt_gym-experiment-hopper-medium-<id> in c has finished an iteration" in msg
+    assert cached() == cached_before                 # --no_token_cache: no token cache was written
 
 
 # ---- lm_cotraining/experiment.py --resume: damaged and changed inputs ----------------------------------------------

@@ -211,6 +211,7 @@ def test_joint_text_stream_is_seeded_by_the_run_seed(tiny_gpt_dir, tmp_path):
         perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
         assert torch.equal(first_batch(seed), blocks[perm[:2]]), seed
     assert not torch.equal(first_batch(1), first_batch(2))
+    assert not (tmp_path / "token_cache").exists()   # --no_token_cache: no {data_path}/token_cache/ written
 
 
 # ---- the ChibiT maker ------------------------------------------------------------------------------------------------

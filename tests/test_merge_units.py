@@ -141,15 +141,40 @@ def test_rebuilt_initialisations_and_fisher_estimates_fork_every_devices_rng(mon
 # ---- fisher.py ----------------------------------------------------------------------------------------------------
 
 def test_chunked_per_example_fishers_match_unchunked(monkeypatch):
+    import torch.func
+
+    sizes = []  # the leading (vmapped) size of each vmapped call: windows (empirical), Jacobian rows (Gaussian)
+    real_vmap = torch.func.vmap
+
+    def vmap(fn, *a, **k):
+        mapped = real_vmap(fn, *a, **k)
+
+        def call(*args):
+            sizes.append(next(x.shape[0] for x in args if isinstance(x, torch.Tensor)))
+            return mapped(*args)
+        return call
+
+    monkeypatch.setattr(torch.func, "vmap", vmap)
+
+    def calls(f, *args):
+        sizes.clear()
+        out = f(*args)
+        return out, list(sizes)
+
     model = tiny_model(seed=3)
     batches = [fake_batch(B=5, seed=5), fake_batch(B=5, seed=6)]
-    full_e, n_e = fisher.fisher_empirical(model, batches)
-    full_g, n_g = fisher.fisher_gaussian(model, batches)
+    rows = [int(b.mask.sum()) * 3 for b in batches]                   # one Jacobian row per unmasked action element
+    (full_e, n_e), seen = calls(fisher.fisher_empirical, model, batches)
+    assert seen == [5, 5]                                             # unchunked: one call per batch
+    (full_g, n_g), seen = calls(fisher.fisher_gaussian, model, batches)
+    assert seen == rows
     n_params = sum(p.numel() for p in block_params(model).values())
     monkeypatch.setattr(fisher, "_CHUNK_FLOATS", 2 * n_params)      # 2 windows / 2 Jacobian rows per chunk
     assert fisher._window_chunk(n_params) == 2
-    chunk_e, m_e = fisher.fisher_empirical(model, batches)
-    chunk_g, m_g = fisher.fisher_gaussian(model, batches)
+    (chunk_e, m_e), seen = calls(fisher.fisher_empirical, model, batches)
+    assert seen == [2, 2, 1, 2, 2, 1]
+    (chunk_g, m_g), seen = calls(fisher.fisher_gaussian, model, batches)
+    assert seen == [2] * (rows[0] // 2) + [1] * (rows[0] % 2) + [2] * (rows[1] // 2) + [1] * (rows[1] % 2)
     assert (n_e, n_g, m_e, m_g) == (10, 10, 10, 10)
     assert set(chunk_e) == set(full_e) == set(chunk_g) == set(full_g) == set(block_params(model))
     for k in full_e:

@@ -374,8 +374,8 @@ def test_regmean_grams_come_from_each_models_own_dataset(srcs, tmp_path):
     models = [paths["halfcheetah"], paths["walker2d"]]
     out = tmp_path / "rm.pt"
     merge_cli.main(["--models", *map(str, models), "--include", "attn", "mlp", "--merge_method", "regmean",
-                    "--regmean_n_windows", "20", "--batch_size", "8", "--K", "5", "--data_path", str(data),
-                    "--device", "cpu", "--out", str(out)])
+                    "--regmean_n_windows", "20", "--regmean_alpha", "0.3", "--batch_size", "8", "--K", "5",
+                    "--data_path", str(data), "--device", "cpu", "--out", str(out)])
     got = torch.load(out, weights_only=True)["state_dict"]
 
     def fwd(m, b):
@@ -393,10 +393,12 @@ def test_regmean_grams_come_from_each_models_own_dataset(srcs, tmp_path):
         conv1d = {n: c for n, (_, c) in merging.linear_modules(model, keys).items()}
     assert sorted(grams[0]) == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
                                 "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
-    expect = merging.merge_regmean(sds, grams, keys, alpha=0.1, conv1d=conv1d)
+    expect = merging.merge_regmean(sds, grams, keys, alpha=0.3, conv1d=conv1d)      # --regmean_alpha's, not 0.1
     for k in keys:
         torch.testing.assert_close(got[k], expect[k], rtol=1e-5, atol=1e-6)
     w = "transformer.h.0.mlp.c_fc.weight"
+    default = merging.merge_regmean(sds, grams, keys, alpha=0.1, conv1d=conv1d)
+    assert not torch.allclose(got[w], default[w], rtol=1e-4, atol=1e-5)          # the alpha makes a difference
     assert not torch.allclose(got[w], (sds[0][w] + sds[1][w]) / 2, atol=1e-4)      # really Gram-weighted
 
 
@@ -517,7 +519,8 @@ def test_experiment_refuses_a_multi_task_source(srcs, tmp_path, monkeypatch, cap
 
 
 def test_merge_cli_warns_when_its_windows_are_not_the_models_k(srcs, tmp_path, capsys):
-    """RegMean, greedy soup and Fisher read data in --K windows (default 20): models trained with another K are named."""
+    """RegMean and greedy soup (and a multi-task Fisher) read data in --K windows (default 20): models trained with
+    another K are named (a single-task Fisher uses each model's own K: tests/test_doc_claims.py)."""
     root, data, paths = srcs
     models = [str(paths["halfcheetah"]), str(paths["walker2d"])]
     flags = ["--include", "attn", "--merge_method", "regmean", "--regmean_n_windows", "8", "--batch_size", "8",

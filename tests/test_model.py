@@ -185,7 +185,7 @@ def test_each_block_owns_its_activation_module():
 
 
 def test_unknown_activation_rejected():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown activation function 'no_such_act'; choose geglu or one of "):
         DecisionTransformer(small_cfg(backbone=dict(activation_function="no_such_act")))
 
 
@@ -331,7 +331,8 @@ def test_embed_orders_differ_and_invalid_rejected():
         with torch.no_grad():
             outs.append(m(s, a, r, t, attention_mask=mask).action_preds)
     assert (outs[0] - outs[1]).abs().max() > 1e-4
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("embed_order must be one of ('ln_then_time', 'time_then_ln'), "
+                                                   "got 'time_only'")):
         DecisionTransformer(small_cfg(embed_order="time_only"))
 
 

@@ -85,6 +85,13 @@ def test_load_checkpoint_with_a_longer_k_warns(tmp_path, monkeypatch, capsys, ho
                      "--batch_size", "8", "--max_iters", "1", "--num_steps_per_iter", "0", "--num_eval_episodes", "0",
                      "--load_checkpoint", str(ckpt), "--K", "8"])
     assert f"warning: {ckpt} was trained with K=5; this run uses K=8 (--K)" in capsys.readouterr().err
+    same = tmp_path / "same"                                                  # the checkpoint's own K: no warning
+    same.mkdir()
+    monkeypatch.chdir(same)
+    experiment.main(["--data_path", str(hopper_data), "--embed_dim", "16", "--n_layer", "1", "--n_head", "1",
+                     "--batch_size", "8", "--max_iters", "1", "--num_steps_per_iter", "0", "--num_eval_episodes", "0",
+                     "--load_checkpoint", str(ckpt), "--K", "5"])
+    assert "was trained with K" not in capsys.readouterr().err
 
 
 # ---- the closed ends of the merge numbers' ranges --------------------------------------------------------------------
