@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import warnings
 
 
 class UserError(Exception):
@@ -87,7 +88,11 @@ def cli_entry(main):
         argparse.ArgumentParser.error = _argparse_error  # one line instead of the usage block
         term = _stop_on_sigterm()
         try:
-            return main(argv)
+            with warnings.catch_warnings():
+                # torch warns before it fails on a file that is not one of its own (a plain pickle); the error line
+                # that follows names the file and says why
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                return main(argv)
         except UserError as e:
             msg = " ".join(str(e).split())  # keep it on one line
             print(f"error: {msg}", file=sys.stderr)

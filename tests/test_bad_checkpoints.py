@@ -205,3 +205,17 @@ def test_multi_task_state_statistics_table_is_checked(tmp_path):
     (tmp_path / "state_stats.pkl").write_bytes(pickle.dumps({"hopper-expert-v2": good}))
     stats, _ = resolve_state_stats(args, ["hopper"], None)
     assert stats["hopper"][1].tolist() == [1.0] * 11
+
+
+def test_a_plain_pickle_gives_one_line_without_torchs_warning(tmp_path, capsys):
+    """A file of pickle protocol 4 (not torch's own format): torch warns that its reader may not support the
+    protocol, then fails; the script prints only its own line naming the file."""
+    import warnings
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x80\x04garbage")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        msg = fails(precompute_fisher.main, ["--model", str(bad), "--device", "cpu"], capsys)
+    assert f"{bad}: not a loadable checkpoint (Unsupported operand 103)" in msg
+    assert [str(w.message) for w in caught if "pickle protocol" in str(w.message)] == []
