@@ -325,8 +325,13 @@ def load_model(path: str | os.PathLike, device=None):
     scripts, multi-task ones, bare state dicts and the originals' pickled models): the module rebuilt from the
     architecture its file records, weights loaded strictly. The ``ModelFile`` gives ``config`` (the run's flags),
     ``env``, ``dataset``, ``specializations`` and ``raw`` (the whole checkpoint, with ``state_mean`` / ``state_std``
-    where stored). Errors are one-line ``UserError``s naming the file."""
+    where stored). A multi-task model specialised on one env (finetuned on it) comes with that env's layers
+    selected; otherwise, as built, with its first env's (``model.toggle_env(env)`` selects another). Errors are
+    one-line ``UserError``s naming the file."""
     from decision_transformer.legacy_import import build_model, load_model_file
 
     mf = load_model_file(path)
-    return build_model(mf, device), mf
+    model = build_model(mf, device)
+    if mf.is_multi and len(mf.specializations) == 1 and mf.specializations[0] in model.config.envs:
+        model.toggle_env(mf.specializations[0])
+    return model, mf

@@ -131,8 +131,8 @@ def add_run_flags(p: argparse.ArgumentParser, *, project: str = "decision-transf
                    help="continue the run in {outdir}/{run_dir} (a merge run, --pretrained_models: the newest "
                         "{outdir}/{run_dir}_{id} made with the same merge flags) after its last finished iteration; "
                         "only --max_iters, --device, --threads, --precision, --compile, --num_eval_episodes, "
-                        "--eval_workers, -w, --project, --save_model, --save_mode, --data_path, --outdir and "
-                        "--no_generate may differ from the run's flags")
+                        "--eval_workers, -w, --project, --save_model, --save_mode, --data_path, --outdir, --no_generate and "
+                        "--end_break may differ from the run's flags")
     add_fast_path_flags(g)
     g.add_argument("--end_break", action="store_true", help="enter the debugger at the end")
     # Dead in the originals: parsed, recorded in the config, otherwise ignored.

@@ -136,6 +136,13 @@ def _eval_setup(model, env: str, device, pool: EnvPool | None, env_version: str 
     if param is not None and param.dtype != torch.float32:
         raise UserError(f"evaluation runs float32 models; this one's parameters are {param.dtype} (use model.float())")
     cfg, spec = getattr(model, "config", None), get_env_spec(env)
+    envs = getattr(cfg, "envs", None)   # a multi-task model acts with the env layers it has selected
+    if isinstance(envs, (list, tuple)) and isinstance(getattr(model, "active", None), int):
+        if env not in envs:
+            raise UserError(f"a multi-task model of {', '.join(envs)}; it has no layers for {env}")
+        if envs[model.active] != env:
+            raise UserError(f"the multi-task model has {envs[model.active]}'s layers selected; select {env}'s "
+                            f"first (model.toggle_env({env!r}))")
     dims = (getattr(cfg, "state_dim", None), getattr(cfg, "act_dim", None))
     if all(isinstance(d, int) for d in dims) and dims != (spec.state_dim, spec.act_dim):
         raise UserError(f"the model's states and actions have {dims[0]} and {dims[1]} dimensions; {env}'s have "

@@ -58,7 +58,8 @@ def merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="multi-task Fisher data (default: model 1's dataset), "
                                                    "normalised with each model's stored state statistics")
     p.add_argument("--K", type=int, default=20, help="context of the RegMean, greedy-soup and multi-task Fisher "
-                                                     "windows (a single-task Fisher uses each model's own K)")
+                                                     "windows (a single-task Fisher uses the K its model file "
+                                                     "records, --K for a file that records none)")
     p.add_argument("--batch_size", type=int, default=64, help="windows per batch of RegMean and greedy soup")
     p.add_argument("--seed", type=int, default=666, help="seed of the RegMean, greedy-soup and multi-task Fisher "
                                                          "windows (a single-task Fisher uses 666, as "

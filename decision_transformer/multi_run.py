@@ -107,7 +107,7 @@ def multi_parser() -> argparse.ArgumentParser:
                    help="continue the newest {outdir}/multi/ run made with the same flags after its last "
                         "iteration (only --max_iters, --device, --threads, --precision, --compile, "
                         "--num_eval_episodes, --eval_workers, -w, --project, --save_model, --save_mode, --data_path, "
-                        "--outdir and --no_generate may differ, and --seed may be left out; every other flag, such "
+                        "--outdir, --no_generate and --end_break may differ, and --seed may be left out; every other flag, such "
                         "as --env_version, --p_list, --eval_merge_pre or --mode, must be the run's)")
     g.add_argument("--end_break", action="store_true")
     g.add_argument("--note", default=None, help=argparse.SUPPRESS)

@@ -128,7 +128,7 @@ def test_resume_help_names_exactly_the_flags_a_resume_may_change(name):
     listed_part = re.search(r"only (.*?) may differ", action.help).group(1)
     option_dest = {o: a.dest for a in parser._actions for o in a.option_strings}
     named = {option_dest[f] for f in re.findall(r"(--?\w+)", listed_part)}
-    free = {d for d in RESUME_FREE if d in option_dest.values()} - {"resume", "note", "end_break"}
+    free = {d for d in RESUME_FREE if d in option_dest.values()} - {"resume", "note"}
     assert named == free
     if name == "multi":  # flags the old help called free, which a resume compares
         assert {"env_version", "p_list", "eval_merge_pre", "score_selected", "mode"}.isdisjoint(RESUME_FREE)

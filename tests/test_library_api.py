@@ -55,6 +55,8 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
     out = capsys.readouterr().out.splitlines()
+    exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})   # again, in the same folder
+    assert capsys.readouterr().out.splitlines() == out
     assert out[0].count(" ") == 1 and all(float(x) > 0 for x in out[0].split())   # two action errors
     assert out[2].startswith("mean [") and out[3].startswith("fisher [")
     cka = re.search(r"\[\[(.*)\]\]", out[4]).group(1)
@@ -211,3 +213,79 @@ def test_load_model_names_a_missing_or_damaged_file(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(UserError, match="junk.pt: not a loadable checkpoint"):
         load_model(tmp_path / "junk.pt")
+
+
+# ---- the rest of the library's mode keeping and multi-task models ---------------------------------------------------
+
+def _multi(seed=0):
+    from decision_transformer.models.multi_decision_transformer import MultiDecisionTransformer, MultiDTConfig
+
+    return MultiDecisionTransformer(MultiDTConfig(max_length=K, backbone=BackboneConfig(n_embd=16, n_layer=1,
+                                                                                           n_head=1)), seed=seed)
+
+
+def test_a_multi_task_model_is_evaluated_only_with_the_envs_layers_selected():
+    """walker2d and halfcheetah share their sizes: halfcheetah's embeddings and head would drive walker2d without an
+    error."""
+    model = _multi().toggle_env("halfcheetah")
+    with pytest.raises(UserError, match=r"the multi-task model has halfcheetah's layers selected; select walker2d's "
+                                        r"first \(model.toggle_env\('walker2d'\)\)"):
+        evaluate_episodes(model, "walker2d", 5000, 1, np.zeros(17), np.ones(17))
+    res = evaluate_episodes(model.toggle_env("walker2d"), "walker2d", 5000, 1, np.zeros(17), np.ones(17))
+    assert res.lengths[0] >= 1
+
+
+def test_load_model_selects_the_env_a_multi_task_model_was_specialised_on(tmp_path):
+    from decision_transformer.models.multi_decision_transformer import MODEL_CLASS
+
+    model = _multi(seed=4)
+    for spec, expect in ((["walker2d"], "walker2d"), ([], "hopper")):
+        path = tmp_path / f"multi_{len(spec)}.pt"
+        atomic_save(make_checkpoint(model.state_dict(), {"model_class": MODEL_CLASS,
+                                                         "model_config": model.config.to_dict()},
+                                    specializations=spec), path)
+        loaded, mf = load_model(path)
+        assert loaded.config.envs[loaded.active] == expect and mf.is_multi
+
+
+def test_the_other_library_calls_also_leave_the_model_in_its_mode(data):
+    from decision_transformer.analysis.attention import model_attention_distances
+    from decision_transformer.fisher import compute_fisher
+
+    batch = data.sample_batch(4, K, torch.Generator().manual_seed(0))
+    for training in (True, False):
+        model = _model().train(training)
+        model_attention_distances(model, batch)
+        model_attention_distances(model, batch, legacy=True)
+        compute_fisher(model, data, batch_size=2, num_batches=1, K=K)
+        evaluate_episodes_sequential(model, "hopper", 3600, 1, data.state_mean, data.state_std)
+        assert model.training is training and all(m.training is training for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["amp", "multi"])
+def test_the_other_trainers_train_with_dropout_after_an_evaluation(data, kind):
+    """The LM script's AmpTrainer and the multi-task trainer put the model back in train mode as Trainer does, and
+    the multi-task trainer warns of a K other than the model's context as well."""
+    if kind == "amp":
+        from decision_transformer.training.lm_cotrain import AmpTrainer
+
+        model = _model()
+        opt = make_optimizer(model, lr=1e-3, weight_decay=0.0)
+        trainer = AmpTrainer(model, opt, warmup_schedule(opt, 1), data, batch_size=4, K=K,
+                             generator=torch.Generator().manual_seed(0))
+    else:
+        from decision_transformer.multi_run import MultiTrainer
+
+        model = _multi()
+        opt = make_optimizer(model, lr=1e-3, weight_decay=0.0)
+        envdata = types.SimpleNamespace(get=lambda env: data)
+        with pytest.warns(UserWarning, match="training on windows of K=6 steps a model whose context"):
+            MultiTrainer(model, opt, warmup_schedule(opt, 1), envdata, ["hopper"], batch_size=4, K=6,
+                         generator=torch.Generator().manual_seed(0))
+        trainer = MultiTrainer(model, opt, warmup_schedule(opt, 1), envdata, ["hopper"], batch_size=4, K=K,
+                               generator=torch.Generator().manual_seed(0))
+    model.eval()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(m.training))
+    trainer.train_step()
+    assert seen == [True] and model.training

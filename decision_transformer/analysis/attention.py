@@ -30,6 +30,7 @@ from decision_transformer.analysis.runs import (
     model_inputs,
 )
 from decision_transformer.errors import UserError
+from decision_transformer.training.trainer import module_mode
 
 UNITS = ("token", "timestep")
 
@@ -68,13 +69,14 @@ def legacy_attention_distance(c_attn_out: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def model_attention_distances(model, batch, unit: str = "token", legacy: bool = False) -> np.ndarray:
-    """[B, blocks, heads] (legacy: heads = 1) attention distances of one batch, eval mode."""
-    model.eval()
+    """[B, blocks, heads] (legacy: heads = 1) attention distances of one batch, in eval mode (the model is left in
+    the mode it was in)."""
     if legacy:
         acts = get_activations(model, batch, entries=("attn.c_attn",))
-        return torch.stack([legacy_attention_distance(v) for v in acts.values()], dim=1)[:, :, None].numpy()
+        return torch.stack([legacy_attention_distance(v) for v in acts.values()], dim=1)[:, :, None].cpu().numpy()
     s, a, r, t, m = model_inputs(batch)
-    out = model(s, a, r, t, attention_mask=m, output_attentions=True)
+    with module_mode(model, False):
+        out = model(s, a, r, t, attention_mask=m, output_attentions=True)
     if not out.attentions or any(x is None for x in out.attentions):
         raise UserError("the model returned no attention probabilities (blocks without attention?)")
     token_mask = m.repeat_interleave(3, dim=1)                              # [B, 3K]

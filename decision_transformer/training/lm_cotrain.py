@@ -276,6 +276,8 @@ class AmpTrainer(Trainer):
             self.scaler.load_state_dict(state["grad_scaler"])
 
     def train_step(self) -> torch.Tensor:
+        if not self.module.training:   # (as Trainer.train_step)
+            self.model.train()
         mark_step(self.compile_mode)
         batch = self.dataset.sample_batch(self.batch_size, self.K, self.generator)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
