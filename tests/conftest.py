@@ -43,6 +43,20 @@ def listed(folder) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if not p.name.startswith("."))
 
 
+def merge_with_evaluations_recorded(monkeypatch, tmp_path, data, paths, *flags) -> list:
+    """``experiment.py`` merging hopper's and walker2d's models (``--include attn --copy_model``, then ``flags``) from
+    ``tmp_path``, with the merged model's evaluation before finetuning recorded instead of run: returns those calls."""
+    import experiment
+    from decision_transformer import merge_setup
+
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(merge_setup, "_evaluate_before_finetuning", lambda *a: calls.append(a) or {})
+    experiment.main(["--env", "hopper", "--data_path", str(data), "--pretrained_models", str(paths["hopper"]),
+                     str(paths["walker2d"]), "--include", "attn", "--copy_model", *flags])
+    return calls
+
+
 def fails(main, argv, capsys) -> str:
     """Run an entry point that must reject its input: exit 2, one ``error:`` line, no traceback; returns the line."""
     capsys.readouterr()

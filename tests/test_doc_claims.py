@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import experiment
-from conftest import ROOT, listed, write_source_models
-from decision_transformer import merge_cli, merge_setup
+from conftest import ROOT, listed, merge_with_evaluations_recorded, write_source_models
+from decision_transformer import merge_cli
 
 SMALL = ["--embed_dim", "16", "--n_layer", "1", "--K", "5", "--batch_size", "8", "--warmup_steps", "10"]
 
@@ -52,12 +52,8 @@ def test_merge_run_with_max_iters_0_evaluates_the_merged_model_as_iteration_0(sr
 
 def test_merge_run_with_max_iters_0_and_no_episodes_evaluates_nothing(srcs, tmp_path, monkeypatch, capsys):
     root, data, paths = srcs
-    monkeypatch.chdir(tmp_path)
-    calls = []
-    monkeypatch.setattr(merge_setup, "_evaluate_before_finetuning", lambda *a: calls.append(a) or {})
-    experiment.main(["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models", str(paths["hopper"]),
-                     str(paths["walker2d"]), "--include", "attn", "--copy_model", "--max_iters", "0",
-                     "--num_eval_episodes", "0"])
+    calls = merge_with_evaluations_recorded(monkeypatch, tmp_path, data, paths, *SMALL, "--max_iters", "0",
+                                            "--num_eval_episodes", "0")
     err = capsys.readouterr().err
     (rd,) = listed(tmp_path / "checkpoints")
     assert calls == [] and "iteration_0" not in json.loads((rd / "config.json").read_text())["merge_info"]

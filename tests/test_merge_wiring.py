@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import experiment
-from conftest import fails, listed, write_source_models
+from conftest import fails, listed, merge_with_evaluations_recorded, write_source_models
 from decision_transformer import merge_cli, merge_setup, merging
 from decision_transformer.checkpoint import atomic_save, load_checkpoint, make_checkpoint
 from test_fisher import copies, fake_batch, fisher_file, tiny_model
@@ -467,12 +467,8 @@ def test_windows_batches_add_up_to_n_windows():
 
 def test_no_iteration_0_evaluation_when_nothing_is_finetuned(srcs, tmp_path, monkeypatch, capsys):
     root, data, paths = srcs
-    monkeypatch.chdir(tmp_path)
-    calls = []
-    monkeypatch.setattr(merge_setup, "_evaluate_before_finetuning", lambda *a: calls.append(a) or {})
-    experiment.main(["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models", str(paths["hopper"]),
-                     str(paths["walker2d"]), "--include", "attn", "--copy_model", "--max_iters", "1",
-                     "--num_steps_per_iter", "0", "--num_eval_episodes", "1"])
+    calls = merge_with_evaluations_recorded(monkeypatch, tmp_path, data, paths, *SMALL, "--max_iters", "1",
+                                            "--num_steps_per_iter", "0", "--num_eval_episodes", "1")
     err = capsys.readouterr().err
     assert calls == [] and "iter 0 (merged" not in err
     (rd,) = listed(tmp_path / "checkpoints")
