@@ -225,6 +225,8 @@ def compute_fisher(model, dataset, *, fisher_type: str = "batch", batch_size: in
         raise UserError(f"--f_batch_size and --f_num_batches must be >= 1 (got {batch_size}, {num_batches})")
     if K < 1:
         raise UserError(f"--K must be >= 1 (got {K})")
+    if isinstance(seed, bool) or not isinstance(seed, int):  # torch's seeding takes only ints
+        raise UserError(f"the Fisher seed must be an integer, got {seed!r}")
     device = next(model.parameters()).device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)

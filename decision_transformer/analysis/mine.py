@@ -152,6 +152,8 @@ class Mine:
         """The bound on all n pairs with one fresh permutation for the marginal: DV for ``mine``/``mine_biased``,
         NWJ for ``fdiv`` (TAKAGI evaluated on the training pairs; pass held-out samples to avoid the optimism)."""
         x, y = _as_2d(x, self.device), _as_2d(y, self.device)
+        if y.shape[0] != x.shape[0]:
+            raise UserError(f"x has {x.shape[0]} samples, y has {y.shape[0]}")
         self.net.eval()
         t_joint = self._T(x, y)
         t_marg = self._T(x, y[self._perm(x.shape[0])])
@@ -163,7 +165,14 @@ def estimate_mi(x, y, *, iters: int = 1000, batch_size: int = 50, loss: str = "m
                 hidden_layers: int = 3, lr: float = 1e-4, alpha: float = 0.01, seed: int = 0, device="cpu",
                 eval_x=None, eval_y=None) -> float:
     """Train MINE on (x, y) and return the estimate in nats (on (eval_x, eval_y) if given, else on the training
-    pairs, as TAKAGI). A diverging run returns NaN (the originals recorded NaN or None)."""
+    pairs, as TAKAGI; give both or neither). A diverging run returns NaN (the originals recorded NaN or None)."""
+    if (eval_x is None) != (eval_y is None):
+        raise UserError(f"estimate_mi got eval_{'y' if eval_x is None else 'x'} without "
+                        f"eval_{'x' if eval_x is None else 'y'}: give both held-out samples or neither")
+    if eval_x is not None:
+        ne, nye = _as_2d(eval_x, "cpu").shape[0], _as_2d(eval_y, "cpu").shape[0]
+        if ne != nye:
+            raise UserError(f"eval_x has {ne} samples, eval_y has {nye}")
     xd = _as_2d(x, "cpu").shape[1]
     yd = _as_2d(y, "cpu").shape[1]
     est = Mine(xd, yd, loss=loss, hidden=hidden, hidden_layers=hidden_layers, alpha=alpha, lr=lr, seed=seed,

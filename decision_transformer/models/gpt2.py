@@ -80,6 +80,33 @@ class BackboneConfig:
                 raise ValueError(f"{name} must be a finite positive number, got {v!r}")
         if not isinstance(self.activation_function, str):
             raise ValueError(f"activation_function must be a name, got {self.activation_function!r}")
+        self.block_overrides = self._checked_overrides()
+
+    def _checked_overrides(self) -> dict:
+        """``block_overrides`` keyed by the block's index as a string (an int key becomes one: ``for_block`` looks up
+        str(i), so an int key would be ignored, and a saved config reloads with string keys); a key that is no block
+        index in 0..n_layer-1, or an override that is no dict of ``BLOCK_FIELDS``, is refused."""
+        if not isinstance(self.block_overrides, dict):
+            raise ValueError(f"block_overrides must be a dict {{block index: {{field: value}}}}, "
+                             f"got {self.block_overrides!r}")
+        out = {}
+        for k, over in self.block_overrides.items():
+            if isinstance(k, bool) or not (isinstance(k, int) or (isinstance(k, str) and k.isascii() and k.isdigit())):
+                raise ValueError(f"block_overrides key {k!r} is not a block index (0..{self.n_layer - 1})")
+            i = int(k)
+            if not 0 <= i < self.n_layer:
+                raise ValueError(f"block_overrides key {k!r} is out of range: the backbone has {self.n_layer} blocks "
+                                 f"(0..{self.n_layer - 1})")
+            if str(i) in out:
+                raise ValueError(f"block_overrides names block {i} twice")
+            if not isinstance(over, dict):
+                raise ValueError(f"block_overrides[{k!r}] must be a dict {{field: value}}, got {over!r}")
+            bad = set(over) - set(self.BLOCK_FIELDS)
+            if bad:
+                raise ValueError(f"block_overrides[{i}] sets {sorted(bad)}; only {self.BLOCK_FIELDS} may differ per "
+                                 f"block")
+            out[str(i)] = over
+        return out
 
     @property
     def inner_dim(self) -> int:

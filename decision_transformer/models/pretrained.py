@@ -290,7 +290,32 @@ def load_lm_into_backbone(backbone: torch.nn.Module, lm: PretrainedLM):
 
 
 def transplant_block(backbone: torch.nn.Module, lm: PretrainedLM, b: int):
-    """Overwrite block ``b`` of a random-init backbone with the LM's block ``b`` (--pretrained_block)."""
+    """Overwrite block ``b`` of a random-init backbone with the LM's block ``b`` (--pretrained_block).
+
+    The host's block ``b`` must be built with the LM block's architecture: build the host with
+    ``block_overrides={str(b): block_override_from_lm(lm, dropout=...)}`` (as --pretrained_block does). A host block
+    of other heads, MLP width, activation, norm or norm epsilon is refused (``UserError``): the weights would fit it
+    by shape and run as another network."""
+    cfg = getattr(backbone, "config", None)
+    if isinstance(cfg, BackboneConfig):
+        n = len(backbone.h)
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < n:
+            raise UserError(f"block {b!r} is out of range: the host backbone has {n} blocks")
+        have = cfg.for_block(b)
+        # ImageGPT's block goes into an RMS-norm block, or a LayerNorm one with --igpt_legacy_ln
+        legacy = lm.model_type == "imagegpt" and have.norm_type == "layernorm"
+        want = block_override_from_lm(lm, dropout=0.0, legacy_ln=legacy)
+        want_inner = want["n_inner"] if want["n_inner"] is not None else 4 * have.n_embd
+        diffs = [(name, h, w) for name, h, w in (
+            ("n_head", have.n_head, want["n_head"]), ("n_inner", have.inner_dim, want_inner),
+            ("activation_function", have.activation_function, want["activation_function"]),
+            ("norm_type", have.norm_type, want["norm_type"]),
+            ("layer_norm_epsilon", have.layer_norm_epsilon, want["layer_norm_epsilon"])) if h != w]
+        if diffs:
+            raise UserError(f"{lm.path}: block {b} of the host backbone has "
+                            + ", ".join(f"{name} {h!r}" for name, h, _ in diffs) + ", the LM's block has "
+                            + ", ".join(f"{name} {w!r}" for name, _, w in diffs) + f": build the host with "
+                            f"block_overrides={{'{b}': block_override_from_lm(lm, dropout=...)}}")
     _copy_into(backbone.h[b], lm.state_dict(), f"h.{b}.", str(lm.path))
 
 

@@ -1,0 +1,121 @@
+"""Library calls that used to accept a wrong argument silently or fail deep inside torch: per-block overrides keyed
+by an int or a missing block, a pretrained block copied into a host block of another architecture, MINE's held-out
+samples given by halves or of mismatched sizes, and a Fisher seed that is no integer."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from decision_transformer.analysis.mine import Mine, estimate_mi
+from decision_transformer.errors import UserError
+from decision_transformer.fisher import compute_fisher
+from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+from decision_transformer.models.gpt2 import GPT2Backbone
+from decision_transformer.models.pretrained import block_override_from_lm, locate_lm, transplant_block
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """A tiny GPT-2 (32 units, 2 blocks of 2 heads, gelu_new) written with ``save_pretrained``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path_factory.mktemp("lm") / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=128)).save_pretrained(d)
+    return locate_lm(str(d))
+
+
+# ---- F2: block_overrides keys ----------------------------------------------------------------------------------
+
+def test_an_int_block_override_key_is_applied_and_survives_a_round_trip(lm):
+    over = block_override_from_lm(lm, dropout=0.1)
+    cfg = BackboneConfig(n_embd=32, n_layer=2, n_head=4, block_overrides={1: over})
+    assert cfg.block_overrides == {"1": over}
+    net = GPT2Backbone(cfg)
+    assert net.h[1].attn.n_head == 2 and type(net.h[1].mlp.act).__name__ == "NewGELUActivation"
+    assert net.h[0].attn.n_head == 4
+    same = BackboneConfig(n_embd=32, n_layer=2, n_head=4, block_overrides={"1": over})
+    assert cfg == same
+    back = BackboneConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and back.for_block(1) == cfg.for_block(1)
+
+
+@pytest.mark.parametrize("key", ["5", 2, -1, "x", "-1", 1.0, None])
+def test_a_block_override_key_that_is_no_block_is_refused(lm, key):
+    over = block_override_from_lm(lm, dropout=0.1)
+    with pytest.raises(ValueError, match="block_overrides key"):
+        BackboneConfig(n_embd=32, n_layer=2, n_head=4, block_overrides={key: over})
+
+
+def test_a_block_override_of_a_field_no_block_has_is_refused_at_construction():
+    with pytest.raises(ValueError, match="only .* may differ per block"):
+        BackboneConfig(n_embd=32, n_layer=2, n_head=4, block_overrides={"0": {"n_embd": 16}})
+
+
+def test_a_saved_model_with_a_block_override_reloads_as_the_same_network(lm):
+    over = block_override_from_lm(lm, dropout=0.1)
+    cfg = DTConfig(11, 3, max_length=4, backbone=BackboneConfig(n_embd=32, n_layer=2, n_head=4,
+                                                                block_overrides={0: over}))
+    model = DecisionTransformer(cfg, seed=0)
+    rebuilt = DecisionTransformer(DTConfig.from_dict(json.loads(json.dumps(model.config.to_dict()))))
+    rebuilt.load_state_dict(model.state_dict())
+    assert [b.attn.n_head for b in rebuilt.transformer.h] == [b.attn.n_head for b in model.transformer.h] == [2, 4]
+
+
+# ---- F3: transplant_block checks the host block's architecture ---------------------------------------------------
+
+def test_transplant_into_a_host_block_of_another_architecture_is_refused(lm):
+    host = GPT2Backbone(BackboneConfig(n_embd=32, n_layer=2, n_head=4, n_inner=128))   # relu, 4 heads: fits by shape
+    before = {k: v.clone() for k, v in host.state_dict().items()}
+    with pytest.raises(UserError, match=r"block 1 of the host .*n_head 4.*activation_function 'relu'.*"
+                                        r"block_overrides=\{'1': block_override_from_lm"):
+        transplant_block(host, lm, 1)
+    assert all(torch.equal(v, host.state_dict()[k]) for k, v in before.items())   # nothing copied
+
+
+def test_transplant_into_a_matching_host_block_copies_it(lm):
+    host = GPT2Backbone(BackboneConfig(n_embd=32, n_layer=3, n_head=1,
+                                       block_overrides={"1": block_override_from_lm(lm, dropout=0.1)}))
+    transplant_block(host, lm, 1)
+    sd = lm.state_dict()
+    assert all(torch.equal(v, sd["h.1." + k]) for k, v in host.h[1].state_dict().items())
+
+
+# ---- F5: MINE's held-out samples ---------------------------------------------------------------------------------
+
+def _xy(n, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 2)).astype(np.float32)
+    return x, (x + rng.standard_normal((n, 2))).astype(np.float32)
+
+
+@pytest.mark.parametrize("which", ["eval_x", "eval_y"])
+def test_estimate_mi_needs_both_held_out_samples_or_neither(which):
+    x, y = _xy(32)
+    xe, ye = _xy(32, seed=1)
+    with pytest.raises(UserError, match="give both held-out samples or neither"):
+        estimate_mi(x, y, iters=1, batch_size=16, hidden=4, hidden_layers=1, **{which: xe if which == "eval_x" else ye})
+
+
+def test_estimate_mi_refuses_held_out_samples_of_different_sizes():
+    x, y = _xy(32)
+    xe, ye = _xy(20, seed=1)
+    with pytest.raises(UserError, match="eval_x has 20 samples, eval_y has 19"):
+        estimate_mi(x, y, iters=1, batch_size=16, hidden=4, hidden_layers=1, eval_x=xe, eval_y=ye[:19])
+
+
+def test_mine_estimate_refuses_x_and_y_of_different_sizes():
+    x, y = _xy(32)
+    m = Mine(2, 2, hidden=4, hidden_layers=1)
+    with pytest.raises(UserError, match="x has 32 samples, y has 31"):
+        m.estimate(x, y[:31])
+
+
+# ---- F6: compute_fisher's seed -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [None, 1.5, "3"])
+def test_compute_fisher_refuses_a_seed_that_is_no_integer(seed):
+    model = DecisionTransformer(DTConfig(11, 3, max_length=4, backbone=BackboneConfig(n_embd=8, n_layer=1, n_head=2)))
+    with pytest.raises(UserError, match="seed must be an integer"):
+        compute_fisher(model, None, seed=seed)
