@@ -244,6 +244,29 @@ def test_a_block_replacement_run_gets_the_no_lm_optimiser(lm_dirs):
         assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_an_imagegpt_block_transplants_with_its_own_norm_or_the_legacy_layernorm(lm_dirs, legacy):
+    """--pretrained_block with an ImageGPT: the block keeps its RMS-style norm, or (--igpt_legacy_ln) goes into a
+    LayerNorm block whose biases, absent from the checkpoint, are zero as in the whole-model legacy load."""
+    lm = locate_lm(str(lm_dirs / "igpt"))
+    host = ["--embed_dim", "24", "--n_layer", "2", "--n_head", "1"]
+    flags = ["--pretrained_lm", str(lm_dirs / "igpt"), "--pretrained_block", "1", *host]
+    model = build_model_from_args(args_for(*flags, *(["--igpt_legacy_ln"] if legacy else [])), HOPPER)
+    plain = build_model_from_args(args_for(*host), HOPPER)
+    lm_sd, sd, plain_sd = lm.state_dict(), model.state_dict(), plain.state_dict()
+    block = {k[len("transformer.h.1."):]: v for k, v in sd.items() if k.startswith("transformer.h.1.")}
+    from_lm = [k for k in block if "h.1." + k in lm_sd]
+    assert from_lm and all(torch.equal(block[k], lm_sd["h.1." + k]) for k in from_lm)
+    biases = sorted(k for k in block if k.endswith(("ln_1.bias", "ln_2.bias")))
+    assert sorted(set(block) - set(from_lm)) == biases
+    assert biases == (["ln_1.bias", "ln_2.bias"] if legacy else [])
+    assert all(torch.count_nonzero(block[k]) == 0 for k in biases)
+    assert model.config.backbone.for_block(1).norm_type == ("layernorm" if legacy else "imagegpt")
+    for k in sd:
+        if not k.startswith("transformer.h.1."):
+            assert torch.equal(sd[k], plain_sd[k]), k
+
+
 def test_pretrained_block_errors(lm_dirs):
     gpt = str(lm_dirs / "gpt2")
     with pytest.raises(UserError, match="--embed_dim"):

@@ -273,6 +273,21 @@ def _copy_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], prefix: str
                 v.copy_(sd[prefix + k])
 
 
+_NORM_BIASES = ("ln_1.bias", "ln_2.bias", "ln_f.bias")
+
+
+def _copy_lm_weights(module: torch.nn.Module, sd: dict[str, torch.Tensor], prefix: str, lm: PretrainedLM,
+                     legacy: bool):
+    """``_copy_into`` for LM weights. A legacy-LN ImageGPT load (``legacy``) fills LayerNorms from a checkpoint that has
+    no norm biases: they are set to zero, as GPT-2's initialisation left them in the originals."""
+    _copy_into(module, sd, prefix, str(lm.path), allow_missing=_NORM_BIASES if legacy else ())
+    if legacy:
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if name.endswith(_NORM_BIASES):
+                    p.zero_()
+
+
 def load_lm_into_backbone(backbone: torch.nn.Module, lm: PretrainedLM):
     """Copy the LM's weights into ``backbone`` (built by ``backbone_config_from_lm``). A longer ``wpe`` (extended
     positions) receives the LM's table tiled. Legacy-LN ImageGPT loads leave the LayerNorm biases at zero."""
@@ -280,13 +295,7 @@ def load_lm_into_backbone(backbone: torch.nn.Module, lm: PretrainedLM):
     rows = backbone.wpe.weight.shape[0]
     sd["wpe.weight"] = tile_positions(sd["wpe.weight"], rows)
     legacy = lm.model_type == "imagegpt" and backbone.config.norm_type == "layernorm"
-    norm_biases = ("ln_1.bias", "ln_2.bias", "ln_f.bias")
-    _copy_into(backbone, sd, "", str(lm.path), allow_missing=norm_biases if legacy else ())
-    if legacy:  # the ImageGPT checkpoint has no norm biases: they are zero, as GPT-2's initialisation left them
-        with torch.no_grad():
-            for name, p in backbone.named_parameters():
-                if name.endswith(norm_biases):
-                    p.zero_()
+    _copy_lm_weights(backbone, sd, "", lm, legacy)
 
 
 def transplant_block(backbone: torch.nn.Module, lm: PretrainedLM, b: int):
@@ -316,7 +325,9 @@ def transplant_block(backbone: torch.nn.Module, lm: PretrainedLM, b: int):
                             + ", ".join(f"{name} {h!r}" for name, h, _ in diffs) + ", the LM's block has "
                             + ", ".join(f"{name} {w!r}" for name, _, w in diffs) + f": build the host with "
                             f"block_overrides={{'{b}': block_override_from_lm(lm, dropout=...)}}")
-    _copy_into(backbone.h[b], lm.state_dict(), f"h.{b}.", str(lm.path))
+    # an ImageGPT block in a LayerNorm block (--igpt_legacy_ln): the checkpoint has no norm biases
+    legacy = lm.model_type == "imagegpt" and getattr(backbone.h[b].ln_1, "bias", None) is not None
+    _copy_lm_weights(backbone.h[b], lm.state_dict(), f"h.{b}.", lm, legacy)
 
 
 def block_override_from_lm(lm: PretrainedLM, *, dropout: float, legacy_ln: bool = False) -> dict:
