@@ -140,7 +140,7 @@ def test_exp_types_use_the_right_pairs(tmp_path, monkeypatch):
     mi.run_mi(mi.build_mi_parser().parse_args([str(a) for a in io + ["--exclude_padding"]]))
     layers = sorted(int(f.name.split("_")[2]) for f in tmp_path.glob("mi_xy_*.npz"))
     assert layers == [0, 2, 3]                                          # 0, depth // 2, depth - 1
-    r = np.load(tmp_path / "mi_xy_2_40_gpt2_hopper_medium_666.npz")
+    r = np.load(tmp_path / "mi_xy_2_40_gpt2_hopper_medium_666_nopad.npz")         # tagged: a variant
     assert list(r["position"]) == list(range(3 * K - 1))                # every token but a_K
     assert list(r["x"][:3]) == [4, 4, 4] and list(r["x"][3:]) == [6] * (3 * K - 4)  # padded samples dropped at t=0
     # I(X;T): x_t of each type vs the s_K token (position -2); I(Y;T): a_K vs the token at 3t + i

@@ -160,8 +160,8 @@ def test_exclude_padding_needs_two_samples(tmp_path, monkeypatch):
     data, _ = _mi_files(tmp_path, mask)
     calls = _record(monkeypatch)
     _run_mi(tmp_path, "--exp_type", "data", "--exclude_padding")
-    sa = np.load(tmp_path / "mi_data_state_action_hopper_medium_666.npy")
-    ra = np.load(tmp_path / "mi_data_rtg_action_hopper_medium_666.npy")
+    sa = np.load(tmp_path / "mi_data_state_action_hopper_medium_666_nopad.npy")    # tagged: a variant
+    ra = np.load(tmp_path / "mi_data_rtg_action_hopper_medium_666_nopad.npy")
     assert math.isnan(sa[0]) and math.isnan(ra[0])
     np.testing.assert_array_equal(sa[1:], [1, 2])
     np.testing.assert_array_equal(ra[1:], [3, 4])
@@ -184,6 +184,37 @@ def test_data_boxplot_order(tmp_path, figures):  # noqa: F811
         if len(xs):
             by_box.setdefault(int(round(xs.mean())), set()).update(ys.tolist())
     assert by_box == {1: {1.0}, 2: {2.0}}
+
+
+def test_estimator_variants_write_tagged_results_that_the_plots_read_with_the_same_flags(tmp_path, monkeypatch,
+                                                                                         figures):  # noqa: F811
+    """--exclude_padding, --mine_hidden_layers and --mine_loss runs write next to the default results (they used to
+    replace them); each plotting script reads a variant with the same flags and tags its figure."""
+    _mi_files(tmp_path, np.ones((6, 3)))
+    value = iter(range(1, 10_000))
+    monkeypatch.setattr(mi, "estimate_mi", lambda x, y, **kw: float(next(value)))
+    variant = ["--exclude_padding", "--mine_hidden_layers", "2", "--mine_loss", "fdiv"]
+    for exp in ("normal", "no_context", "data"):
+        _run_mi(tmp_path, "--exp_type", exp)
+        _run_mi(tmp_path, "--exp_type", exp, *variant)
+    tag = "_nopad_L2_fdiv"
+    for stem in ("mi_xy_1_40_gpt2_hopper_medium_666", "mi_40_gpt2_hopper_medium_666"):
+        plain, tagged = np.load(tmp_path / f"{stem}.npz"), np.load(tmp_path / f"{stem}{tag}.npz")
+        k = plain.files[0]
+        assert not np.array_equal(plain[k], tagged[k])            # the variant's estimates kept apart
+    plain = np.load(tmp_path / "mi_data_state_action_hopper_medium_666.npy")
+    tagged = np.load(tmp_path / f"mi_data_state_action_hopper_medium_666{tag}.npy")
+    assert plain.max() < tagged.min()                            # the variant ran later: its own file
+    io = ["--results_dir", str(tmp_path), "--figs_dir", str(tmp_path / "figs"), "--env_name", "hopper"]
+    for flags in ([], variant):
+        mi.plot_mi(mi.build_plot_parser().parse_args(io + ["--model_name_list", "gpt2", *flags]))
+        mi.plot_mi(mi.build_plot_parser().parse_args(io + ["--model_name_list", "gpt2", "--no_context", *flags]))
+        mi.plot_mi_data(mi.build_plot_data_parser().parse_args(io + flags))
+    stems = [stem for stem, _ in figures]
+    assert [s.endswith(tag) for s in stems] == [False] * 3 + [True] * 3
+    assert len(set(stems)) == 6
+    with pytest.raises(UserError, match="--mine_loss run are read with the same flags"):
+        mi.plot_mi_data(mi.build_plot_data_parser().parse_args(io + ["--mine_loss", "mine_biased"]))
 
 
 # ---- grads.py ----------------------------------------------------------------------------------------------------

@@ -75,6 +75,41 @@ def _add_run_k(p, reading: bool):
         common.add_run_k_flag(p)
 
 
+#: run_mi_exp.py's estimator variants and the tag each puts in its file names, so that a variant's results sit next
+#: to the default ones instead of replacing them (``_nopad``, ``_L2``, ``_fdiv``; in this order).
+_VARIANT_HELP = {
+    "exclude_padding": "leave left-padded steps out of each estimate (results tagged _nopad)",
+    "mine_hidden_layers": "hidden layers of the statistics network: the code's 3; the paper's text says 2 (other than 3: "
+                          "results tagged _L{n})",
+    "mine_loss": "mine: the moving-average-corrected bound; other losses tag the results _{loss}",
+}
+
+
+def _add_variant_flags(p, reading: bool):
+    """``--exclude_padding``, ``--mine_hidden_layers`` and ``--mine_loss``: run_mi_exp.py's estimator variants, or
+    (``reading``) which variant's results a plotting script reads."""
+    read = "read the results of run_mi_exp.py run with this flag: " if reading else ""
+    p.add_argument("--exclude_padding", action="store_true", help=read + _VARIANT_HELP["exclude_padding"])
+    p.add_argument("--mine_hidden_layers", type=int, default=3, help=read + _VARIANT_HELP["mine_hidden_layers"])
+    p.add_argument("--mine_loss", choices=LOSSES, default="mine", help=read + _VARIANT_HELP["mine_loss"])
+
+
+def _variant_tag(args) -> str:
+    """The file-name tag of the estimator variant ``args`` selects; empty for the default (the original's)."""
+    return ("_nopad" if args.exclude_padding else "") \
+        + (f"_L{args.mine_hidden_layers}" if args.mine_hidden_layers != 3 else "") \
+        + (f"_{args.mine_loss}" if args.mine_loss != "mine" else "")
+
+
+_SAME_FLAGS = ("; the results of a --run_K, --exclude_padding, --mine_hidden_layers or --mine_loss run are read with "
+               "the same flags")
+
+
+def _tags(args) -> str:
+    """What follows ``{seed}`` in run_mi_exp.py's file names: the run's K tag, then the estimator variant's."""
+    return _ktag(args) + _variant_tag(args)
+
+
 # ---- step 1 -----------------------------------------------------------------------------------------------------
 
 def build_save_parser():
@@ -150,13 +185,11 @@ def build_mi_parser():
     p.add_argument("--model_name", type=str, default="gpt2")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     common.add_threads_flag(p)
-    p.add_argument("--mine_hidden_layers", type=int, default=3, help="the code's 3; the paper's text says 2")
+    _add_variant_flags(p, reading=False)
     p.add_argument("--mine_hidden", type=int, default=400)
-    p.add_argument("--mine_loss", choices=LOSSES, default="mine")
     p.add_argument("--iters", type=int, default=1000, help="passes over the samples")
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--exclude_padding", action="store_true", help="leave left-padded steps out of each estimate")
     p.add_argument("--layers", nargs="+", type=int, default=None,
                    help="blocks for --exp_type normal (default: 0, depth//2, depth-1)")
     return p
@@ -242,13 +275,14 @@ def run_mi(args) -> common.Outputs:
     if args.exp_type == "data":
         sa = np.array([est(xs["state"][:, t], xs["action"][:, t], mask[:, t]) for t in range(K)])
         ra = np.array([est(xs["rtg"][:, t], xs["action"][:, t], mask[:, t]) for t in range(K)])
-        outs.files.append(common.save_npy(out / f"mi_data_state_action_{env}_{ds}_{args.seed}{ktag}.npy", sa))
-        outs.files.append(common.save_npy(out / f"mi_data_rtg_action_{env}_{ds}_{args.seed}{ktag}.npy", ra))
+        tags = _tags(args)
+        outs.files.append(common.save_npy(out / f"mi_data_state_action_{env}_{ds}_{args.seed}{tags}.npy", sa))
+        outs.files.append(common.save_npy(out / f"mi_data_rtg_action_{env}_{ds}_{args.seed}{tags}.npy", ra))
         with _quiet_nan():
             print(f"{env}: I(s;a) median {np.nanmedian(sa):.3f}, I(R;a) median {np.nanmedian(ra):.3f} nats",
                   file=sys.stderr)
         return outs
-    stem_tail = f"{args.epoch}_{args.model_name}_{env}_{ds}_{args.seed}{ktag}"
+    stem_tail = f"{args.epoch}_{args.model_name}_{env}_{ds}_{args.seed}{_tags(args)}"
     if args.exp_type == "normal":
         for layer in layers:
             key = f"{layer}.{BLOCK_OUTPUT}"
@@ -304,6 +338,7 @@ def build_plot_parser():
     p.add_argument("--epoch", type=int, default=40)
     p.add_argument("--model_name_list", nargs="+", default=list(common.MODEL_NAMES))
     _add_run_k(p, reading=True)
+    _add_variant_flags(p, reading=True)
     _add_plot_dirs(p)
     return p
 
@@ -412,7 +447,7 @@ def plot_mi(args) -> common.Outputs:
     plt = common.pyplot()
     res = Path(args.results_dir)
     outs = common.Outputs()
-    ktag = _ktag(args)
+    ktag = _tags(args)
     tail = lambda m: f"{args.epoch}_{m}_{args.env_name}_{args.dataset_name}_{args.seed}{ktag}"
     if args.exp_type == "normal":
         found, missing, empty = {}, [], []
@@ -431,7 +466,8 @@ def plot_mi(args) -> common.Outputs:
                     if nan:
                         empty.append(f"{f}: every {' and '.join(nan)} estimate is NaN; nothing of it is drawn")
         if not found:
-            raise UserError(f"no MI results mi_xy_*_{tail('{model}')}.npz in {res} (run mine/run_mi_exp.py first)")
+            raise UserError(f"no MI results mi_xy_*_{tail('{model}')}.npz in {res} (run mine/run_mi_exp.py first"
+                            f"{_SAME_FLAGS})")
         for f in missing:
             common.warn(f"{f} not found; that model is left out of the figure")
         for line in empty:
@@ -473,7 +509,7 @@ def plot_mi(args) -> common.Outputs:
             missing.append(f)
     if not found:
         raise UserError(f"no MI results {res / ('mi_' + tail('{model}') + '.npz')} (run run_mi_exp.py --exp_type "
-                        f"no_context first)")
+                        f"no_context first{_SAME_FLAGS})")
     for f in missing:
         common.warn(f"{f} not found; that model is left out of the figure")
     for m, d in found.items():
@@ -517,6 +553,7 @@ def build_plot_data_parser():
     p.add_argument("--seed", type=int, default=666)
     p.add_argument("--epoch", type=int, default=40, help="unused (accepted for the originals' command lines)")
     _add_run_k(p, reading=True)
+    _add_variant_flags(p, reading=True)
     _add_plot_dirs(p)
     return p
 
@@ -538,7 +575,7 @@ def plot_mi_data(args) -> common.Outputs:
     plt = common.pyplot()
     res = Path(args.results_dir)
     envs = [args.env_name] if args.env_name else args.env_name_list
-    ktag = _ktag(args)
+    ktag = _tags(args)
     found, missing, empty = {}, [], []
     for env in envs:
         fs = [res / f"mi_data_{w}_action_{env}_{args.dataset_name}_{args.seed}{ktag}.npy" for w in ("state", "rtg")]
@@ -553,7 +590,7 @@ def plot_mi_data(args) -> common.Outputs:
             empty += [f for f, a in zip(fs, found[env]) if np.isnan(a).all()]
     if not found:
         raise UserError(f"no data-MI results mi_data_state_action_{{env}}_{args.dataset_name}_{args.seed}{ktag}.npy in "
-                        f"{res} (run run_mi_exp.py --exp_type data first)")
+                        f"{res} (run run_mi_exp.py --exp_type data first{_SAME_FLAGS})")
     for f in missing:
         common.warn(f"{f} not found; that env is left out of the figure")
     for f in empty:
