@@ -62,7 +62,7 @@ def convert(path: str, data_path: str) -> str:
 def synthetic(args):
     from decision_transformer.cli import check_seed
     from decision_transformer.data import hdf5_name, pkl_name
-    from decision_transformer.synthetic import rollout_flat, write_hdf5
+    from decision_transformer.synthetic import SYNTHETIC_ATTR, rollout_flat, write_hdf5
 
     if args.synthetic < 1:
         raise UserError(f"--synthetic needs a positive number of episodes, got {args.synthetic}")
@@ -79,7 +79,10 @@ def synthetic(args):
     for i, env in enumerate(args.envs):
         for j, dataset in enumerate(args.datasets):
             data = rollout_flat(env, None, seed=args.seed + 1000 * i + j, num_episodes=args.synthetic)
-            path = write_hdf5(os.path.join(args.hdf5_dir, hdf5_name(env, dataset)), data)
+            # marked, so the training scripts never take it from D4RL's cache for the real dataset
+            path = write_hdf5(os.path.join(args.hdf5_dir, hdf5_name(env, dataset)), data, attrs={
+                SYNTHETIC_ATTR: f"{args.synthetic} uniform-random-policy episodes (download_d4rl_datasets.py "
+                                f"--synthetic)"})
             convert(str(path), args.data_path)
 
 

@@ -49,14 +49,39 @@ def hdf5_name(env: str, dataset: str) -> str:
     return f"{env}_{dataset.replace('-', '_')}-v2.hdf5"
 
 
+def synthetic_stand_in(path: str | os.PathLike) -> str | None:
+    """What a ``download_d4rl_datasets.py --synthetic`` hdf5 file says it holds; None for any other file (also one
+    that cannot be read: reading it later says why)."""
+    import h5py
+
+    from decision_transformer.synthetic import SYNTHETIC_ATTR
+
+    try:
+        with h5py.File(path, "r") as f:
+            mark = f.attrs.get(SYNTHETIC_ATTR)
+    except Exception:  # noqa: BLE001  (not hdf5, damaged, unreadable: not a marked stand-in)
+        return None
+    return None if mark is None else str(mark)
+
+
 def find_dataset_file(data_path: str | os.PathLike, env: str, dataset: str) -> Path:
-    """The pkl in ``data_path`` if present, else a D4RL hdf5 with D4RL's name in ``data_path`` or D4RL's cache."""
+    """The pkl in ``data_path`` if present, else a D4RL hdf5 with D4RL's name in ``data_path`` or D4RL's cache. A
+    smoke-test stand-in in D4RL's cache (``download_d4rl_datasets.py --synthetic``) is passed over: it is not the
+    dataset (its conversion went to the ``--data_path`` of that command)."""
     data_path = Path(data_path)
     candidates = [data_path / pkl_name(env, dataset), data_path / hdf5_name(env, dataset)]
     d4rl_dir = os.environ.get("D4RL_DATASET_DIR", os.path.join(os.path.expanduser("~"), ".d4rl", "datasets"))
     candidates.append(Path(d4rl_dir) / hdf5_name(env, dataset))
-    for c in candidates:
+    for i, c in enumerate(candidates):
         if c.is_file():
+            mark = synthetic_stand_in(c) if i else None
+            if mark is not None and i == 2:
+                print(f"note: {c} is a --synthetic smoke-test stand-in, not {env}-{dataset}: passed over",
+                      file=sys.stderr)
+                continue
+            if mark is not None:
+                print(f"warning: {c} is a smoke-test stand-in ({mark}), not D4RL's {env}-{dataset}",
+                      file=sys.stderr)
             return c
     if not get_env_spec(env).d4rl:
         how = ("for smoke runs `python data/generate_datasets.py --env {env} --dataset random` writes random-policy "

@@ -53,14 +53,20 @@ def rollout_flat(env: str, num_transitions: int | None, seed: int = 0, policy=No
     return out
 
 
-def write_hdf5(path: str | os.PathLike, data: dict[str, np.ndarray]) -> Path:
-    """Flat arrays (keys with '/' become groups) as an hdf5 file, written whole and then renamed into place."""
+#: The root attribute that marks an hdf5 file as a smoke-test stand-in (``download_d4rl_datasets.py --synthetic``)
+SYNTHETIC_ATTR = "dt_toolkit_synthetic"
+
+
+def write_hdf5(path: str | os.PathLike, data: dict[str, np.ndarray], attrs: dict | None = None) -> Path:
+    """Flat arrays (keys with '/' become groups) as an hdf5 file, written whole and then renamed into place; ``attrs``
+    become the file's root attributes."""
     import h5py
 
     def write(tmp):
         with h5py.File(tmp, "w") as f:
             for k, v in data.items():
                 f.create_dataset(k, data=v)
+            f.attrs.update(attrs or {})
 
     return atomic_write(path, write)
 

@@ -262,6 +262,35 @@ def test_synthetic_writes_whole_random_episodes_in_d4rl_layout(tmp_path, capsys)
     assert e.value.code == 2 and "positive number of episodes" in capsys.readouterr().err
 
 
+def test_a_synthetic_stand_in_in_d4rls_cache_is_never_taken_for_the_dataset(tmp_path, monkeypatch, capsys):
+    """--synthetic's hdf5 files go to D4RL's cache by default: the training scripts, looking for a dataset missing
+    from their --data_path, used to train on such a smoke-test file. It is marked and passed over there (the dataset
+    is then generated or reported missing); in --data_path itself it is used, with a warning; an unmarked hdf5 in
+    the cache is still read."""
+    import shutil
+
+    from decision_transformer.data import find_dataset_file
+    from decision_transformer.errors import UserError
+    from decision_transformer.synthetic import rollout_flat
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(cache))
+    script.main(["--synthetic", "2", "--envs", "hopper", "--datasets", "medium", "--hdf5_dir", str(cache),
+                 "--data_path", str(tmp_path / "synth")])
+    capsys.readouterr()
+    with pytest.raises(UserError, match="dataset not found"):
+        find_dataset_file(tmp_path / "empty", "hopper", "medium")
+    assert f"{cache / 'hopper_medium-v2.hdf5'} is a --synthetic smoke-test stand-in" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    shutil.copy(cache / "hopper_medium-v2.hdf5", tmp_path / "mine")
+    assert find_dataset_file(tmp_path / "mine", "hopper", "medium") == tmp_path / "mine" / "hopper_medium-v2.hdf5"
+    err = capsys.readouterr().err
+    assert "warning: " in err and "smoke-test stand-in (2 uniform-random-policy episodes" in err
+    (cache / "hopper_medium-v2.hdf5").unlink()
+    write_hdf5(cache / "hopper_medium-v2.hdf5", rollout_flat("hopper", 300, seed=1, max_ep_len=100))
+    assert find_dataset_file(tmp_path / "empty", "hopper", "medium") == cache / "hopper_medium-v2.hdf5"
+
+
 def test_run_from_the_data_folder_writes_there(tmp_path, monkeypatch):
     """The seeds' `cd data; python download_d4rl_datasets.py`: run from inside the project's data folder, the
     datasets go to that folder (where training reads them), not to data/data; from the project's root to data."""
