@@ -27,12 +27,18 @@ def new_exp_id() -> int:
 
 
 def model_name(pretrained_lm: str | None, pretrained_block: int | None = None) -> str:
-    """TAKAGI's model name: ``dt`` (random init or block replacement), ``igpt``, or the LM's last path component."""
-    if not pretrained_lm or pretrained_block is not None:
+    """TAKAGI's model name: ``dt`` (random init, or a GPT-2 block in one), ``igpt``, or the LM's last path component.
+    A block of another LM (``--pretrained_block``) names its run as :func:`block_model_name` does (``dt-igpt``)."""
+    if not pretrained_lm:
         return "dt"
-    if "imagegpt" in pretrained_lm:
-        return "igpt"
-    return Path(pretrained_lm.rstrip("/")).name
+    lm = "igpt" if "imagegpt" in pretrained_lm else Path(pretrained_lm.rstrip("/")).name
+    return lm if pretrained_block is None else block_model_name(lm)
+
+
+def block_model_name(lm: str) -> str:
+    """The model name of a block-replacement run with a block of the LM named ``lm``: ``dt`` for GPT-2 (TAKAGI's only
+    case), ``dt-{lm}`` for any other, so that block runs of different LMs never share a run folder."""
+    return "dt" if lm == "gpt2" else f"dt-{lm}"
 
 
 def run_suffix(K: int, remove_grad_clip: bool, pretrained_block: int | None, sep: str) -> str:

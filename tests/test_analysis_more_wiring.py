@@ -76,6 +76,27 @@ def test_block_curves_default_to_five_epochs_off_hopper_and_use_the_smoothing_we
     assert ret == [(1, 8.0, 8.0), (2, 16.0, 12.0), (3, 24.0, 18.0), (4, 32.0, 25.0), (5, 40.0, 32.5)]
 
 
+def test_block_curves_of_another_lm_read_its_own_runs(tmp_path):
+    """-block --block_lm igpt draws the dt-igpt_..._K1_block{b} runs against igpt's and the random init's K=1 runs;
+    the GPT-2 block runs (dt_...) in the same folder are drawn only by the default figure."""
+    ck = tmp_path / "ck"
+    for b in range(2):
+        metrics_run(ck, "dt", env="walker2d", K=1, block=b, returns=[1.0] * 5)
+        metrics_run(ck, "dt-igpt", env="walker2d", K=1, block=b, returns=[2.0 + b] * 5)
+    metrics_run(ck, "igpt", env="walker2d", K=1, returns=[7.0] * 5)
+    out = ["--results_dir", str(tmp_path / "res"), "--figs_dir", str(tmp_path / "figs")]
+    for lm in ([], ["--block_lm", "igpt"]):
+        curves.run_no_context(curves.build_no_context_parser().parse_args(
+            ["--checkpoint_dir", str(ck), "--env_name_list", "walker2d", "-block", *lm, *out]))
+    ret = "evaluation/target_5000_return_mean"
+    gpt = {(c, float(v)) for c, m, e, v, s in _csv(tmp_path / "res" / "learning_curve_block_walker2d_medium_666.csv")
+           if m == ret}
+    assert gpt == {("block 0", 1.0), ("block 1", 1.0)}
+    igpt = {(c, float(v)) for c, m, e, v, s in
+            _csv(tmp_path / "res" / "learning_curve_block_walker2d_medium_666_igpt.csv") if m == ret}
+    assert igpt == {("block 0", 2.0), ("block 1", 3.0), ("iGPT K=1", 7.0)}
+
+
 # ---- parameter similarity ---------------------------------------------------------------------------------------
 
 def _sd(scale):

@@ -751,9 +751,12 @@ def test_pretraining_seed_commands_with_cached_models(tmp_path, monkeypatch, hf_
     experiment.main([*seed_cmd, "--pretrained_lm", "openai/imagegpt-small", "--remove_grad_clip"])
     experiment.main([*seed_cmd, "--pretrained_lm", "gpt2", "--embed_dim", "32", "--n_layer", "3", "--K", "1",
                      "--pretrained_block", "0"])
+    # an iGPT block 0: its own folder, next to GPT-2's block-0 run (it used to move that one aside)
+    experiment.main([*seed_cmd, "--pretrained_lm", "openai/imagegpt-small", "--embed_dim", "24", "--n_layer", "2",
+                     "--K", "1", "--pretrained_block", "0"])
     ck = tmp_path / "checkpoints"
-    assert [p.name for p in listed(ck)] == ["dt_medium_hopper_666_K1_block0", "gpt2_medium_hopper_666",
-                                                   "igpt_medium_hopper_666_no_grad_clip"]
+    assert [p.name for p in listed(ck)] == ["dt-igpt_medium_hopper_666_K1_block0", "dt_medium_hopper_666_K1_block0",
+                                            "gpt2_medium_hopper_666", "igpt_medium_hopper_666_no_grad_clip"]
     lm_sd = locate_lm("gpt2").state_dict()
     for run, n_embd in (("gpt2_medium_hopper_666", 32), ("igpt_medium_hopper_666_no_grad_clip", 24),
                         ("dt_medium_hopper_666_K1_block0", 32)):

@@ -279,3 +279,12 @@ def test_wandb_run_name():
         "gym-experiment-hopper-medium-gpt2-3-K5-no-grad-clip-block2"
     assert checkpoint.run_dir_name("gpt2", "medium", "hopper", 3, K=5, remove_grad_clip=True, pretrained_block=2) == \
         "gpt2_medium_hopper_3_K5_no_grad_clip_block2"
+
+
+def test_block_runs_of_different_lms_get_different_names():
+    """A GPT-2 block run is TAKAGI's dt_...; a block of any other LM names its run dt-{lm}, so an iGPT block run no
+    longer replaces the GPT-2 one of the same block."""
+    assert [checkpoint.model_name(lm, b) for lm, b in (
+        (None, None), ("gpt2", None), ("gpt2", 0), ("checkpoints/gpt2/", 3), ("openai/imagegpt-small", None),
+        ("openai/imagegpt-small", 0), ("checkpoints/ChibiT", 1))] == \
+        ["dt", "gpt2", "dt", "dt", "igpt", "dt-igpt", "dt-ChibiT"]

@@ -10,7 +10,7 @@ import numpy as np
 
 from decision_transformer.analysis import common
 from decision_transformer.analysis.runs import RunKey, run_depth
-from decision_transformer.checkpoint import wandb_run_name
+from decision_transformer.checkpoint import block_model_name, wandb_run_name
 from decision_transformer.envs import get_env_spec
 from decision_transformer.errors import UserError
 from decision_transformer.paths import project_path
@@ -181,6 +181,9 @@ def build_no_context_parser():
     p.add_argument("--seed", type=int, default=666)
     p.add_argument("-block", "--block", "--block_replacement_exp", dest="block", action="store_true",
                    help="block-replacement curves (runs {dt}_..._K1_block{b}) instead")
+    p.add_argument("--block_lm", type=str, default="gpt2",
+                   help="-block: the LM whose blocks were replaced, by its run name (gpt2: runs dt_..._K1_block{b}; "
+                        "igpt: dt-igpt_..._K1_block{b}), drawn against that LM's and the random init's K=1 runs")
     p.add_argument("--max_epoch", type=int, default=None,
                    help="epochs shown (default: all; with -block 10 for hopper, 5 for the others, as TAKAGI)")
     p.add_argument("--smoothing", type=float, default=0.8, help="EMA weight of the block-replacement curves")
@@ -288,25 +291,26 @@ def run_block_replacement(args) -> common.Outputs:
 
 def _block_figure(args, env: str, plt, res: Path) -> common.Outputs:
     outs = common.Outputs()
-    ref_keys = [RunKey(m, args.dataset_name, env, args.seed, 1) for m in ("gpt2", "dt")]
+    host = block_model_name(args.block_lm)
+    ref_keys = [RunKey(m, args.dataset_name, env, args.seed, 1) for m in (args.block_lm, "dt")]
     depth = None
-    for k in ref_keys[:1] + [RunKey("dt", args.dataset_name, env, args.seed, 1, block=0)]:
+    for k in ref_keys[:1] + [RunKey(host, args.dataset_name, env, args.seed, 1, block=0)]:
         if k.path(args.checkpoint_dir).is_dir():
             depth = run_depth(args.checkpoint_dir, k)
             if depth:
                 break
     if not depth:
-        pattern = f"dt_{args.dataset_name}_{env}_{args.seed}_K1_block*"
+        pattern = f"{host}_{args.dataset_name}_{env}_{args.seed}_K1_block*"
         found = sorted(p.name for p in Path(args.checkpoint_dir).glob(pattern))
         if not found:
-            first = RunKey("dt", args.dataset_name, env, args.seed, 1, block=0).dir_name
+            first = RunKey(host, args.dataset_name, env, args.seed, 1, block=0).dir_name
             raise NoBlockRuns(f"no block-replacement runs for {env}: looked for {Path(args.checkpoint_dir) / first} ...")
         depth = 1 + max(int(n.rsplit("block", 1)[1]) for n in found)
     max_epoch = args.max_epoch or (10 if env == "hopper" else 5)
     metric = return_key(env, args.target)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
     missing, rows = [], []
-    curves = [(f"block {b}", RunKey("dt", args.dataset_name, env, args.seed, 1, block=b),
+    curves = [(f"block {b}", RunKey(host, args.dataset_name, env, args.seed, 1, block=b),
                {"color": block_color(b, depth), "lw": 1.2}) for b in range(depth)]
     curves += [(f"{common.model_label(k.model)} K=1", k,
                 {"color": common.model_color(k.model), "ls": "--", "lw": 1.6}) for k in ref_keys]
@@ -330,8 +334,9 @@ def _block_figure(args, env: str, plt, res: Path) -> common.Outputs:
         ax.set_xlabel("epoch")
         common.integer_ticks(ax)
     common.legend(axes[1], fontsize=6, ncol=2)
-    fig.suptitle(f"{env}: one pretrained block replaced into a K=1 Random Init DT ({depth} blocks)")
-    stem = f"learning_curve_block_{env}_{args.dataset_name}_{args.seed}"
+    lm = "" if host == "dt" else f" {common.model_label(args.block_lm)}"
+    fig.suptitle(f"{env}: one pretrained{lm} block replaced into a K=1 Random Init DT ({depth} blocks)")
+    stem = f"learning_curve_block_{env}_{args.dataset_name}_{args.seed}" + ("" if host == "dt" else f"_{args.block_lm}")
     outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
     outs.files.append(common.save_csv(res / f"{stem}.csv", ["curve", "metric", "epoch", "value", "smoothed"], rows))
     return outs

@@ -199,11 +199,16 @@ def step_curves(plan: _Plan, args) -> common.Outputs:
         outs.extend(o)
     else:
         outs.notes.append("no K=1 runs: Figure 8 skipped")
-    blk = [e for e in plan.envs if any(k.block is not None and k.env == e and k.seed == args.seed for k in plan.keys)]
-    if blk:
-        argv = _argv(args, "curves", *base, "--env_name_list", *blk, "-block")
+    # Figure 9 per LM whose blocks were replaced: GPT-2's runs are dt_..., another LM's dt-{lm}_...
+    hosts = sorted({k.model for k in plan.keys if k.block is not None and k.seed == args.seed
+                    and (k.model == "dt" or k.model.startswith("dt-"))})
+    for host in hosts:
+        blk = [e for e in plan.envs if any(k.block is not None and (k.model, k.env, k.seed) == (host, e, args.seed)
+                                           for k in plan.keys)]
+        lm = "gpt2" if host == "dt" else host[len("dt-"):]
+        argv = _argv(args, "curves", *base, "--env_name_list", *blk, "-block", "--block_lm", lm)
         outs.extend(curves.run_no_context(curves.build_no_context_parser().parse_args(argv)))
-    else:
+    if not hosts:
         outs.notes.append("no block-replacement runs (*_K1_block{b}): Figure 9 skipped")
     ngc = sorted({(k.model, k.env, k.K) for k in plan.keys if k.no_grad_clip and k.seed == args.seed})
     for m, e, K in ngc:
