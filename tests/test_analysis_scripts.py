@@ -293,6 +293,26 @@ def test_run_all_writes_one_report(tmp_path, tiny_runs):  # noqa: F811
     assert torch.load(tiny_runs / "gpt2_medium_hopper_666" / "model_0.pt", weights_only=True)["format_version"] == 1
 
 
+def test_run_all_leaves_an_env_without_d4rl_scores_out_of_the_score_tables(tmp_path):
+    """A reacher2d run next to hopper's (as after the README's reacher2d smoke run): the score step made the whole
+    driver fail ("reacher2d has no D4RL reference returns"); it now tables hopper, says why reacher2d is not there,
+    and the learning curves are still drawn."""
+    ck = tmp_path / "ck"
+    for env in ("hopper", "reacher2d"):
+        write_run(ck, "dt", env=env, epochs=(1, 2))
+        write_run(ck, "dt", env=env, K=1, epochs=(1, 2))
+    load_script("analysis/run_all.py").main([
+        "--checkpoint_dir", str(ck), "--out_dir", str(tmp_path / "rep"), "--only", "scores", "curves"])
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "**Failed" not in text
+    assert "reacher2d: no D4RL reference returns, so no normalised score; left out of the score tables" in text
+    scores = text[text.index("## Section 4"):text.index("## Learning curves")]
+    rows = [line for line in scores.splitlines() if line.startswith("| ") and not line.startswith("| env")]
+    assert rows == ["| hopper | 7.4 (1 seed) |"] * 4                    # Tables 1 and 2, best and last
+    assert (tmp_path / "rep" / "section-55-fine-tuning-no-context" / "figs"
+            / "learning_curve_no_context_dt_medium_666.png").is_file()
+
+
 def test_corrupt_inputs_are_one_line_errors(tmp_path, capsys):
     ck = tmp_path / "checkpoints"
     d = write_run(ck, "dt", epochs=(1,))

@@ -165,8 +165,13 @@ def _data_flags(args) -> list[str]:
 
 def step_scores(plan: _Plan, args) -> common.Outputs:
     outs = common.Outputs()
+    # an env without D4RL reference returns (reacher2d) has no normalised score: its runs stay out of the tables
+    no_ref = [e for e in plan.envs if not get_env_spec(e).has_d4rl_score] if args.score_norm == "d4rl" else []
+    if no_ref:
+        outs.notes.append(f"{', '.join(no_ref)}: no D4RL reference returns, so no normalised score; left out of the "
+                          f"score tables (their raw returns are in each run's metrics.jsonl)")
     for K in dict.fromkeys((args.run_K, 1)):
-        ks = [k for k in plan.keys if k.K == K and k.block is None and not k.no_grad_clip]
+        ks = [k for k in plan.keys if k.K == K and k.block is None and not k.no_grad_clip and k.env not in no_ref]
         if not ks:
             table = "Table 1" if K == 20 else ("Table 2" if K == 1 else f"the K={K} table")
             others = sorted({k.K for k in plan.keys if k.K not in (K, 1) and k.block is None and not k.no_grad_clip})
