@@ -77,7 +77,7 @@ def test_block_curves_default_to_five_epochs_off_hopper_and_use_the_smoothing_we
 
 
 def test_block_curves_of_another_lm_read_its_own_runs(tmp_path):
-    """-block --block_lm igpt draws the dt-igpt_..._K1_block{b} runs against igpt's and the random init's K=1 runs;
+    """-block --replaced_lm igpt draws the dt-igpt_..._K1_block{b} runs against igpt's and the random init's K=1 runs;
     the GPT-2 block runs (dt_...) in the same folder are drawn only by the default figure."""
     ck = tmp_path / "ck"
     for b in range(2):
@@ -85,7 +85,7 @@ def test_block_curves_of_another_lm_read_its_own_runs(tmp_path):
         metrics_run(ck, "dt-igpt", env="walker2d", K=1, block=b, returns=[2.0 + b] * 5)
     metrics_run(ck, "igpt", env="walker2d", K=1, returns=[7.0] * 5)
     out = ["--results_dir", str(tmp_path / "res"), "--figs_dir", str(tmp_path / "figs")]
-    for lm in ([], ["--block_lm", "igpt"]):
+    for lm in ([], ["--replaced_lm", "igpt"]):
         curves.run_no_context(curves.build_no_context_parser().parse_args(
             ["--checkpoint_dir", str(ck), "--env_name_list", "walker2d", "-block", *lm, *out]))
     ret = "evaluation/target_5000_return_mean"

@@ -181,7 +181,7 @@ def build_no_context_parser():
     p.add_argument("--seed", type=int, default=666)
     p.add_argument("-block", "--block", "--block_replacement_exp", dest="block", action="store_true",
                    help="block-replacement curves (runs {dt}_..._K1_block{b}) instead")
-    p.add_argument("--block_lm", type=str, default="gpt2",
+    p.add_argument("--replaced_lm", type=str, default="gpt2",
                    help="-block: the LM whose blocks were replaced, by its run name (gpt2: runs dt_..._K1_block{b}; "
                         "igpt: dt-igpt_..._K1_block{b}), drawn against that LM's and the random init's K=1 runs")
     p.add_argument("--max_epoch", type=int, default=None,
@@ -291,8 +291,8 @@ def run_block_replacement(args) -> common.Outputs:
 
 def _block_figure(args, env: str, plt, res: Path) -> common.Outputs:
     outs = common.Outputs()
-    host = block_model_name(args.block_lm)
-    ref_keys = [RunKey(m, args.dataset_name, env, args.seed, 1) for m in (args.block_lm, "dt")]
+    host = block_model_name(args.replaced_lm)
+    ref_keys = [RunKey(m, args.dataset_name, env, args.seed, 1) for m in (args.replaced_lm, "dt")]
     depth = None
     for k in ref_keys[:1] + [RunKey(host, args.dataset_name, env, args.seed, 1, block=0)]:
         if k.path(args.checkpoint_dir).is_dir():
@@ -334,9 +334,9 @@ def _block_figure(args, env: str, plt, res: Path) -> common.Outputs:
         ax.set_xlabel("epoch")
         common.integer_ticks(ax)
     common.legend(axes[1], fontsize=6, ncol=2)
-    lm = "" if host == "dt" else f" {common.model_label(args.block_lm)}"
+    lm = "" if host == "dt" else f" {common.model_label(args.replaced_lm)}"
     fig.suptitle(f"{env}: one pretrained{lm} block replaced into a K=1 Random Init DT ({depth} blocks)")
-    stem = f"learning_curve_block_{env}_{args.dataset_name}_{args.seed}" + ("" if host == "dt" else f"_{args.block_lm}")
+    stem = f"learning_curve_block_{env}_{args.dataset_name}_{args.seed}" + ("" if host == "dt" else f"_{args.replaced_lm}")
     outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
     outs.files.append(common.save_csv(res / f"{stem}.csv", ["curve", "metric", "epoch", "value", "smoothed"], rows))
     return outs

@@ -211,7 +211,7 @@ def step_curves(plan: _Plan, args) -> common.Outputs:
         blk = [e for e in plan.envs if any(k.block is not None and (k.model, k.env, k.seed) == (host, e, args.seed)
                                            for k in plan.keys)]
         lm = "gpt2" if host == "dt" else host[len("dt-"):]
-        argv = _argv(args, "curves", *base, "--env_name_list", *blk, "-block", "--block_lm", lm)
+        argv = _argv(args, "curves", *base, "--env_name_list", *blk, "-block", "--replaced_lm", lm)
         outs.extend(curves.run_no_context(curves.build_no_context_parser().parse_args(argv)))
     if not hosts:
         outs.notes.append("no block-replacement runs (*_K1_block{b}): Figure 9 skipped")
