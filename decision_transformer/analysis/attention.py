@@ -26,6 +26,7 @@ from decision_transformer.analysis.runs import (
     RunKey,
     analysis_batch,
     analysis_dataset,
+    envs_with_runs,
     load_model,
     model_inputs,
 )
@@ -117,7 +118,7 @@ def run(args) -> common.Outputs:
     outs = common.Outputs()
     tag = f"_K{K_ckpt}" + ("_legacy" if args.legacy else "") + ("_timestep" if args.distance_unit == "timestep" else "")
     plt = common.pyplot()
-    for env in args.env_name_list:
+    for env in envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes):
         gaps = {}
         for m in args.model_name_list:
             key = RunKey(m, args.dataset_name, env, args.seed, K_ckpt)

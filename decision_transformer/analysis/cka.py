@@ -36,6 +36,7 @@ from decision_transformer.analysis.runs import (
     RunKey,
     analysis_batch,
     analysis_dataset,
+    envs_with_runs,
     load_model,
 )
 from decision_transformer.errors import UserError
@@ -230,7 +231,7 @@ def run(args) -> common.Outputs:
     K_ckpt = common.run_k(args)
     res_dir, figs_dir = common.out_dir(args.results_dir), args.figs_dir
     outs = common.Outputs()
-    for env in args.env_name_list:
+    for env in envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes):
         torch.manual_seed(args.seed)
         k1 = RunKey(args.model_name1, args.dataset_name, env, args.seed, K_ckpt)
         k2 = RunKey(args.model_name2, args.dataset_name, env, args.seed, K_ckpt)
@@ -363,13 +364,21 @@ def plot(args) -> common.Outputs:
     res = Path(args.results_dir)
     outs = common.Outputs()
     run_K = common.run_k(args)
-    for env in args.env_name_list:
+
+    def result(env, m, token):
+        stem = result_stem(args.epoch1, args.epoch2, m, m, env, args.dataset_name, args.seed, args.no_context,
+                           args.block, args.legacy_feature_index, run_K)
+        return stem, res / f"{stem}_{token}.npy"
+
+    # an env with no results at all is left out with a note (an error only when no env has any), as in the curves
+    envs = [e for e in args.env_name_list if any(result(e, m, t)[1].is_file()
+                                                 for m in args.model_name_list for t in args.token_list)]
+    outs.notes += [f"skipped {e}: no CKA results of it in {res}" for e in args.env_name_list if envs and e not in envs]
+    for env in envs or args.env_name_list:
         for token in args.token_list:
             curves, missing = {}, []
             for m in args.model_name_list:
-                stem = result_stem(args.epoch1, args.epoch2, m, m, env, args.dataset_name, args.seed, args.no_context,
-                                   args.block, args.legacy_feature_index, run_K)
-                f = res / f"{stem}_{token}.npy"
+                stem, f = result(env, m, token)
                 if not f.is_file():
                     missing.append(str(f))
                     continue

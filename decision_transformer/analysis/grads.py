@@ -25,6 +25,7 @@ from decision_transformer.analysis.runs import (
     RunKey,
     analysis_batch,
     analysis_dataset,
+    envs_with_runs,
     batch_generator,
     load_model,
     model_inputs,
@@ -270,7 +271,7 @@ def run_confusion(args) -> common.Outputs:
     outs = common.Outputs()
     max_bytes = int(args.max_grad_memory_gb * 2**30)
     ktag = common.run_k_tag(common.run_k(args))
-    for env in args.env_name_list:
+    for env in envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes):
         summary = []
         for m, lm, batch in _batches(args, env, device):
             st = per_sample_grad_stats(lm.model, batch, train_mode=args.train_mode, seed=args.grad_seed,
@@ -310,7 +311,7 @@ def run_norms(args) -> common.Outputs:
     tag = common.run_k_tag(common.run_k(args)) + ("_unclipped" if args.unclipped else "")
     max_bytes = int(args.max_grad_memory_gb * 2**30)
     plt = common.pyplot()
-    for env in args.env_name_list:
+    for env in envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes):
         norms, perparam = {}, {}
         for m, lm, batch in _batches(args, env, device):
             st = per_sample_grad_stats(lm.model, batch, train_mode=args.train_mode, seed=args.grad_seed, gram=False,

@@ -105,6 +105,20 @@ def runs_with_other_k(checkpoint_dir, key: RunKey) -> list[RunKey]:
     return sorted(out, key=lambda k: k.K)
 
 
+def envs_with_runs(checkpoint_dir, envs, notes: list) -> list[str]:
+    """``envs`` less those of which ``checkpoint_dir`` holds no run folder at all (any model, dataset, seed or K),
+    each left out with a line in ``notes``, as the learning-curve scripts leave them out; all of ``envs`` when none
+    has one, so that the first missing checkpoint is the error."""
+    root = Path(checkpoint_dir)
+    found = {k.env for k in map(parse_run_dir, (d.name for d in root.iterdir() if d.is_dir()))
+             if k is not None} if root.is_dir() else set()
+    have = [e for e in envs if e in found]
+    if not have:
+        return list(envs)
+    notes += [f"skipped {e}: no runs of it in {checkpoint_dir}" for e in envs if e not in found]
+    return have
+
+
 def other_k_hint(checkpoint_dir, key: RunKey) -> str:
     """``found dt_medium_hopper_666_K5: pass --run_K 5`` for the runs of another K, else empty."""
     others = runs_with_other_k(checkpoint_dir, key)
