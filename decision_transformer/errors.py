@@ -68,7 +68,9 @@ def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message (160 characters at most), or its type's name when the message is empty (as
+    torch's ``EOFError`` for an empty file)."""
     text = str(e).strip()
     line = text.splitlines()[0] if text else type(e).__name__
     return line if len(line) <= 160 else line[:157] + "..."
@@ -112,7 +114,7 @@ def cli_entry(main):
         except (MemoryError, RuntimeError, ValueError) as e:
             if not out_of_memory(e):
                 raise
-            print(f"error: out of memory ({_first_line(e)}); reduce the sizes given (batch, model, steps or "
+            print(f"error: out of memory ({first_line(e)}); reduce the sizes given (batch, model, steps or "
                   f"episodes)", file=sys.stderr)
             raise SystemExit(2) from None
         finally:

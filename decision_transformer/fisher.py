@@ -28,7 +28,7 @@ import torch
 
 from decision_transformer.checkpoint import atomic_save
 from decision_transformer.cli import THREADS_HELP, HelpFormatter, check_context, check_seed
-from decision_transformer.errors import UserError
+from decision_transformer.errors import UserError, first_line
 from decision_transformer.paths import project_path
 from decision_transformer.training.losses import masked_action_mse
 
@@ -320,7 +320,7 @@ def load_fisher(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise UserError(f"{path}: Fisher file not found") from None
     except Exception as e:
-        raise UserError(f"{path}: not a readable Fisher file ({str(e).strip().splitlines()[0][:200]})") from None
+        raise UserError(f"{path}: not a readable Fisher file ({first_line(e)})") from None
     if not isinstance(obj, dict) or not fisher_tensors(obj):
         raise UserError(f"{path}: not a Fisher file (expected a dict of parameter name -> tensor)")
     try:

@@ -37,7 +37,7 @@ import torch
 from decision_transformer.checkpoint import (atomic_save, check_finite_state, check_state_dict_tensors,
                                              holds_pickled_classes, load_state_into, make_checkpoint, torch_load_problem)
 from decision_transformer.envs import ENVS, check_dataset_name, get_env_spec
-from decision_transformer.errors import UserError, cli_entry
+from decision_transformer.errors import UserError, cli_entry, first_line
 
 #: Classes under these module paths become inert stand-ins (the originals' code is never imported).
 STUB_PREFIXES = ("torch.nn.modules.", "transformers.", "decision_transformer.", "trajectory_gpt2", "dt.",
@@ -169,7 +169,7 @@ def unpickle_legacy(path: str | Path):
         raise UserError(f"{path}: refused to import ({e}); only torch/transformers modules and tensors are "
                         f"allowed in an original checkpoint") from None
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"{path}: not a readable checkpoint ({first[:200]})") from None
 
 
@@ -328,7 +328,7 @@ def convert_legacy(root, path: str | Path, env: str | None = None) -> dict:
     except KeyError as e:
         raise UserError(f"{path}: not shaped like an original model: no tensor or attribute {e}") from None
     except (IndexError, ValueError, TypeError, AttributeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         raise UserError(f"{path}: not shaped like an original model ({first[:200]})") from None
 
 

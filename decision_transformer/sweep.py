@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from decision_transformer.cli import positive_int
-from decision_transformer.errors import Interrupted, UserError, cli_entry
+from decision_transformer.errors import Interrupted, UserError, cli_entry, first_line
 from decision_transformer.cpu import available_cpus
 from decision_transformer.paths import project_path
 
@@ -57,7 +57,7 @@ def load_grid(name: str) -> dict:
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text (UTF-8) file") from None
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: not valid YAML ({first_line(e)})") from None
     if (not isinstance(spec, dict) or not isinstance(spec.get("program"), str)
             or not isinstance(spec.get("grid") or {}, dict) or not isinstance(spec.get("fixed") or {}, dict)):
         raise UserError(f"{path}: a grid needs 'program', 'fixed' and 'grid' mappings")

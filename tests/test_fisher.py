@@ -120,6 +120,10 @@ def test_a_zero_or_non_finite_fisher_is_never_saved(tmp_path):
     torch.save({"transformer.h.0.w": torch.zeros(3, 2)}, tmp_path / "poisoned")
     with pytest.raises(UserError, match="zero everywhere.*delete it"):
         fisher.load_fisher(tmp_path / "poisoned")
+    (tmp_path / "empty").write_bytes(b"")          # torch's EOFError has no message: it was an IndexError traceback
+    with pytest.raises(UserError) as e:
+        fisher.load_fisher(tmp_path / "empty")
+    assert str(e.value) == f"{tmp_path / 'empty'}: not a readable Fisher file (EOFError)"
     with pytest.raises(UserError, match="--K must be >= 1"):
         fisher.compute_fisher(tiny_model(), None, K=0)
 

@@ -12,7 +12,7 @@ from decision_transformer.analysis import common
 from decision_transformer.analysis.runs import RunKey, run_depth
 from decision_transformer.checkpoint import block_model_name, wandb_run_name
 from decision_transformer.envs import get_env_spec
-from decision_transformer.errors import UserError
+from decision_transformer.errors import UserError, first_line
 from decision_transformer.paths import project_path
 
 #: TAKAGI's evaluation target per env (``target_{3600|6000|5000}_return_mean``).
@@ -83,7 +83,7 @@ def wandb_history(run_name: str, project: str, entity: str | None = None) -> lis
     try:
         runs = list(wandb.Api().runs(path, filters={"display_name": run_name}))
     except Exception as e:  # noqa: BLE001 - network, auth, unknown project: one line for the user
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         raise UserError(f"cannot query WandB project {path}: {first}") from None
     runs = [r for r in runs if getattr(r, "name", run_name) == run_name]
     finished = [r for r in runs if getattr(r, "state", "finished") == "finished"]

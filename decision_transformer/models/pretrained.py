@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from decision_transformer import paths
-from decision_transformer.errors import UserError
+from decision_transformer.errors import UserError, first_line
 from decision_transformer.models.gpt2 import BackboneConfig
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "imagegpt")
@@ -160,7 +160,7 @@ def locate_lm(name: str) -> PretrainedLM:
 
         hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # a malformed config.json or an architecture transformers does not know
-        raise UserError(f"{path}: cannot read the model config ({str(e).strip().splitlines()[0][:200]})") from None
+        raise UserError(f"{path}: cannot read the model config ({first_line(e)})") from None
     mt = getattr(hf_config, "model_type", None)
     if mt not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"{path}: unsupported architecture {mt!r}; --pretrained_lm supports GPT-2-family (gpt2, "

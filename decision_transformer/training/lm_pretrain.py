@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from decision_transformer.errors import TrainingDiverged, UserError
+from decision_transformer.errors import TrainingDiverged, UserError, first_line
 from decision_transformer.training.corpus import encode_batches, text_batches
 from decision_transformer.training.lm_cotrain import next_token_loss
 from decision_transformer.training.trainer import to_device_async
@@ -64,7 +64,7 @@ def load_tokenizer_dir(path: str | Path):
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
-        raise UserError(f"{path}: cannot load a tokenizer ({str(e).strip().splitlines()[0][:200]})") from None
+        raise UserError(f"{path}: cannot load a tokenizer ({first_line(e)})") from None
     if len(tok) <= 1:   # (a folder with only tokenizer_config.json loads as an empty tokenizer)
         raise UserError(f"{path}: the tokenizer there has no vocabulary (no tokenizer.json or vocab.json + "
                         f"merges.txt)")
