@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from decision_transformer.errors import UserError
+from decision_transformer.errors import UserError, interrupted_by
 
 #: Gymnasium MuJoCo version used for evaluation. ``v4`` has the v3 dynamics the originals evaluated on.
 DEFAULT_ENV_VERSION = "v4"
@@ -96,8 +96,10 @@ def _route_mujoco_warnings():
         return
     try:
         import mujoco
-    except ImportError:  # pragma: no cover
-        return
+    except ImportError as e:
+        if interrupted_by(e):   # Ctrl-C during MuJoCo's import: it fails with ImportError("initialization failed")
+            raise KeyboardInterrupt from e
+        return  # pragma: no cover
 
     def handler(msg):
         if "settotalmass" not in msg:

@@ -76,6 +76,18 @@ def first_line(e: BaseException) -> str:
     return line if len(line) <= 160 else line[:157] + "..."
 
 
+def interrupted_by(e: BaseException) -> bool:
+    """Whether a KeyboardInterrupt (Ctrl-C, or SIGTERM in a script) is among the causes of ``e``: a compiled
+    extension interrupted while it imports (MuJoCo's) fails with an ``ImportError`` made from it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _argparse_error(parser, message):
     raise UserError(f"{parser.prog}: {message} (see {parser.prog} --help)")
 
@@ -94,7 +106,14 @@ def cli_entry(main):
                 # torch warns before it fails on a file that is not one of its own (a plain pickle); the error line
                 # that follows names the file and says why
                 warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-                return main(argv)
+                try:
+                    return main(argv)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as e:  # an error made from an interrupt is the interrupt (exit 130)
+                    if interrupted_by(e):
+                        raise KeyboardInterrupt from e
+                    raise
         except UserError as e:
             msg = " ".join(str(e).split())  # keep it on one line
             print(f"error: {msg}", file=sys.stderr)

@@ -110,6 +110,50 @@ def test_sigterm_stops_a_script_as_ctrl_c_does(capsys):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_an_interrupt_turned_into_an_import_error_is_still_an_interrupt(monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM) while MuJoCo's compiled module imports surfaces as ImportError("initialization failed"):
+    the env module swallowed it (the run went on) and elsewhere it became a traceback. Both are the interrupt now:
+    `error: interrupted`, exit 130."""
+    import builtins
+
+    from decision_transformer import envs
+    from decision_transformer.errors import cli_entry
+
+    real_import = builtins.__import__
+
+    def interrupted_import(name, *args, **kwargs):
+        if name == "mujoco":
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as e:
+                raise ImportError("initialization failed") from e
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(envs, "_MUJOCO_HANDLER_SET", False)
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    with pytest.raises(KeyboardInterrupt):
+        envs._route_mujoco_warnings()
+    monkeypatch.setattr(builtins, "__import__", real_import)
+
+    @cli_entry
+    def main(argv=None):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("MuJoCo is not installed")     # as gymnasium re-raises the failed import
+
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "error: interrupted"
+
+    @cli_entry
+    def plain(argv=None):
+        raise RuntimeError("a bug")                             # no interrupt among its causes: unchanged
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        plain([])
+
+
 def test_run_logger_and_analysis_outputs_name_what_cannot_be_written(tmp_path):
     """config.json with a folder in its place, an analysis output folder that is a file: one line naming it."""
     from decision_transformer.analysis import common
