@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from decision_transformer.errors import UserError, write_problem
+from decision_transformer.files import check_zip_checksums, sync
 
 FORMAT_VERSION = 1
 DEFAULT_K = 20
@@ -148,6 +149,7 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
             raise IsADirectoryError(errno.EISDIR, "it is a folder", str(path))
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(obj, tmp)
+        sync(tmp)
         os.replace(tmp, path)
     except (RuntimeError, OSError) as e:  # torch reports an unwritable or full disk as a RuntimeError
         problem = write_problem(path, e)  # (before the partial file goes: a full disk is still full)
@@ -191,6 +193,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise UserError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
+    check_zip_checksums(path)
     try:
         with warnings.catch_warnings():  # torch warns about legacy formats before failing on them: the error says it
             warnings.simplefilter("ignore")

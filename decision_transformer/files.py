@@ -28,6 +28,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
             except FileExistsError:
                 continue
         write(tmp)
+        sync(tmp)
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
@@ -39,6 +40,37 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
             except OSError:
                 pass
     return path
+
+
+def sync(path: str | os.PathLike):
+    """Flush ``path``'s bytes to the disk before it is renamed over an older file: after a power loss or an OS crash
+    the target is then the old file or the new one, never an empty one. A file system that cannot sync is left be."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_zip_checksums(path: str | os.PathLike):
+    """A ``torch.save`` file (a zip archive) whose bytes no longer match the CRC-32 checksums it stores is a one-line
+    ``UserError``: ``torch.load`` does not check them, so damaged tensor bytes load as other numbers. Files that are
+    not zip archives (torch's legacy format, plain pickles, truncated files) are left to the loader to judge."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
+        return
+    if bad is not None:
+        raise UserError(f"{path}: damaged: the stored bytes of {bad} do not match their checksum (restore the file or "
+                        f"delete it)")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -29,6 +29,7 @@ import torch
 from decision_transformer.checkpoint import atomic_save
 from decision_transformer.cli import THREADS_HELP, HelpFormatter, check_context, check_seed
 from decision_transformer.errors import UserError, first_line
+from decision_transformer.files import check_zip_checksums
 from decision_transformer.paths import project_path
 from decision_transformer.training.losses import masked_action_mse
 
@@ -315,6 +316,8 @@ def save_fisher(info: dict, path: str | os.PathLike) -> Path:
 
 def load_fisher(path: str | os.PathLike) -> dict:
     path = Path(path)
+    if path.is_file():
+        check_zip_checksums(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

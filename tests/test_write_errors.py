@@ -154,6 +154,86 @@ def test_an_interrupt_turned_into_an_import_error_is_still_an_interrupt(monkeypa
         plain([])
 
 
+def _damage_tensor_bytes(path):
+    """Overwrite 16 bytes in the middle of the largest tensor record of a torch.save file, keeping the file a valid
+    zip archive (torch.load reads it without complaint)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 30 + len(info.filename.encode()) + len(info.extra))
+        start = f.tell()
+        f.seek(start + info.file_size // 2)
+        f.write(b"A" * 16)
+    return info.filename
+
+
+def test_damaged_tensor_bytes_are_refused_not_loaded(tmp_path, monkeypatch, capsys):
+    """torch.load does not check the checksums a torch.save file stores: a checkpoint (or resume state), a Fisher file
+    and a k-means cache with damaged tensor bytes loaded as other numbers. Each is now one line naming the file; a
+    damaged token cache is tokenised again, as its docstring says."""
+    from decision_transformer import fisher
+    from decision_transformer.checkpoint import atomic_save, load_checkpoint
+    from decision_transformer.training import kmeans, lm_cotrain
+
+    ckpt = tmp_path / "model_1.pt"
+    atomic_save({"format_version": 1, "state_dict": {"w": torch.randn(4096)}, "config": {}}, ckpt)
+    info = tmp_path / "info"
+    fisher.save_fisher({"transformer.h.0.w": torch.rand(4096), "_stats": {"sum": 1.0, "mean": 0.1}}, info)
+    centres = tmp_path / "kmeans.pt"
+    atomic_save(torch.randn(64, 64), centres)
+    before = load_checkpoint(ckpt)["state_dict"]["w"].clone()
+    for path in (ckpt, info, centres):
+        _damage_tensor_bytes(path)
+    assert not torch.equal(torch.load(ckpt, weights_only=True)["state_dict"]["w"], before)  # torch reads it changed
+    with pytest.raises(UserError) as e:
+        load_checkpoint(ckpt)
+    assert str(e.value).startswith(f"{ckpt}: damaged: the stored bytes of ") and "checksum" in str(e.value)
+    with pytest.raises(UserError, match="damaged"):
+        fisher.load_fisher(info)
+    with pytest.raises(UserError, match="damaged"):
+        kmeans.load_or_compute_centres(torch.randn(100, 64), 64, str(centres), seed=0)
+
+    class Tok:       # a tokenizer of one id per character
+        def __call__(self, texts, **kw):
+            return {"input_ids": [[ord(c) % 50 for c in t] for t in texts]}
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text to tokenise\n" * 200)
+    monkeypatch.setattr(lm_cotrain, "_tokenizer_fingerprint", lambda tok: "fixed")
+    first = lm_cotrain.cached_tokenize_corpus([corpus], Tok(), 8, 100, tmp_path / "cache")
+    [cache] = (tmp_path / "cache").glob("joint_*.pt")
+    _damage_tensor_bytes(cache)
+    capsys.readouterr()
+    again = lm_cotrain.cached_tokenize_corpus([corpus], Tok(), 8, 100, tmp_path / "cache")
+    assert torch.equal(first, again)
+    assert "unreadable token cache, tokenising again" in capsys.readouterr().err
+
+
+def test_files_reach_the_disk_before_they_replace_older_ones(tmp_path, monkeypatch):
+    """Both writers sync the new file before the rename, so a power loss leaves the old file or the new one (a renamed,
+    never-synced file can come back empty)."""
+    import os
+
+    from decision_transformer import files
+    from decision_transformer.checkpoint import atomic_save
+
+    synced = []
+    real = os.fsync
+
+    def record(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    atomic_save({"w": torch.ones(2)}, tmp_path / "a.pt")
+    files.atomic_write(tmp_path / "b.txt", lambda tmp: open(tmp, "w").write("b"))
+    assert len(synced) == 2 and all(p.endswith(".tmp") for p in synced)     # the temporary files, before the rename
+    assert "a.pt." in synced[0] and ".b.txt." in synced[1]
+    assert (tmp_path / "a.pt").is_file() and (tmp_path / "b.txt").read_text() == "b"
+
+
 def test_run_logger_and_analysis_outputs_name_what_cannot_be_written(tmp_path):
     """config.json with a folder in its place, an analysis output folder that is a file: one line naming it."""
     from decision_transformer.analysis import common

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from decision_transformer.errors import UserError
+from decision_transformer.files import check_zip_checksums
 
 KMEANS_FORMS = ("dim", "cosine")
 #: annealing horizon S of each trainer
@@ -69,6 +70,7 @@ def load_or_compute_centres(wte: torch.Tensor, n_clusters: int, cache: str | Non
     if cache:
         path = Path(cache)
         if path.is_file():
+            check_zip_checksums(path)
             try:
                 c = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:

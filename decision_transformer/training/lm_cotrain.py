@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from decision_transformer.errors import UserError
+from decision_transformer.files import check_zip_checksums
 from decision_transformer.training.corpus import BATCH_LINES, MAX_PIECE_CHARS, encode_batches, text_batches
 from decision_transformer.training.trainer import Trainer, mark_step, to_device_async
 
@@ -137,6 +138,7 @@ def cached_tokenize_corpus(files: list[Path], tokenizer, block_size: int, vocab_
     path = Path(cache_dir) / f"joint_{h.hexdigest()[:20]}.pt"
     if path.is_file():
         try:
+            check_zip_checksums(path)
             blocks = torch.load(path, weights_only=True)["blocks"]
             ok = (isinstance(blocks, torch.Tensor) and blocks.dtype == torch.long and blocks.dim() == 2
                   and blocks.shape == (blocks.shape[0], block_size) and blocks.numel() and int(blocks.min()) >= 0)
