@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from decision_transformer.errors import UserError, write_problem
+from decision_transformer.errors import UserError, deferred_interrupts, write_problem
 from decision_transformer.files import check_zip_checksums, sync
 
 FORMAT_VERSION = 1
@@ -133,8 +133,9 @@ def set_aside_previous_run(run_dir: str | os.PathLike) -> Path | None:
         n += 1
         target = run_dir / "previous" / f"{stamp}-{n}"
     target.mkdir(parents=True)
-    for f in files:
-        os.replace(f, target / f.name)
+    with deferred_interrupts():   # all of it or none: a run split across two folders lost its metrics on --resume
+        for f in files:
+            os.replace(f, target / f.name)
     return target
 
 

@@ -234,6 +234,35 @@ def test_files_reach_the_disk_before_they_replace_older_ones(tmp_path, monkeypat
     assert (tmp_path / "a.pt").is_file() and (tmp_path / "b.txt").read_text() == "b"
 
 
+def test_an_interrupt_while_a_run_is_set_aside_moves_all_of_it(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) while a fresh run moves an earlier run's files to previous/: it takes effect after the last
+    move. Stopping between two moves split the earlier run, and its --resume then lost the metrics moved away."""
+    import os
+    import signal
+
+    from decision_transformer import checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    names = ["config.json", "metrics.jsonl", "model_0.pt", "model_1.pt", "train_state.pt"]
+    for n in names:
+        (run / n).write_text(n)
+    real_replace, moved = os.replace, []
+
+    def replace(a, b):
+        if not moved:
+            os.kill(os.getpid(), signal.SIGINT)       # Ctrl-C right before the first move
+        real_replace(a, b)
+        moved.append(os.path.basename(b))
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.set_aside_previous_run(run)
+    assert sorted(moved) == names
+    [aside] = (run / "previous").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == names and sorted(p.name for p in run.iterdir()) == ["previous"]
+
+
 def test_run_logger_and_analysis_outputs_name_what_cannot_be_written(tmp_path):
     """config.json with a folder in its place, an analysis output folder that is a file: one line naming it."""
     from decision_transformer.analysis import common
