@@ -173,6 +173,32 @@ def test_cka_scripts(tmp_path, tiny_runs, capsys):  # noqa: F811
     assert first == pytest.approx((igpt_diag[0] + igpt_diag[9]) / 2)              # 0.ln_1 with 1.ln_1
 
 
+def test_cka_estimator_variants_keep_their_own_results_and_figures(tmp_path, tiny_runs):  # noqa: F811
+    """compute_cka.py --kernel rbf / --biased / --eps wrote the default run's file names: a variant replaced the
+    default results, and an interrupted variant run left a set mixing both that plot_cka.py drew. Variants are now
+    tagged, plot_cka.py reads them with the same flags, and its figures carry the tags (also --block's, which
+    replaced the full figure)."""
+    cka_main = load_script("analysis/section-51-activation-similarity/compute_cka.py").main
+    plot_main = load_script("analysis/section-51-activation-similarity/plot_cka.py").main
+    base = ["--checkpoint_dir", tiny_runs, "--env_name_list", "hopper", "--model_name1", "dt", "--model_name2", "dt",
+            "--block", "--no_heatmap", *DATA, *out(tmp_path)]
+    variant = ["--kernel", "rbf", "--rbf_threshold", "0.5", "--biased", "--eps", "1e-06"]
+    cka_main([str(a) for a in base])
+    cka_main([str(a) for a in base + variant])
+    res = tmp_path / "res"
+    plain = np.load(res / "cka_0_40_dtdt_hopper_medium_666_block_state.npy")
+    tagged = np.load(res / "cka_0_40_dtdt_hopper_medium_666_block_rbf0.5_biased_eps1e-06_state.npy")
+    assert plain.shape == tagged.shape and not np.allclose(plain, tagged)
+    plot = ["--env_name_list", "hopper", "--model_name_list", "dt", "--block", "--token_list", "state", *out(tmp_path)]
+    plot_main(plot)
+    plot_main(plot + variant)
+    figs = sorted(p.stem for p in (tmp_path / "figs").glob("cka_plot_*.png"))
+    assert figs == ["cka_plot_0_40_dt_hopper_medium_666_block_rbf0.5_biased_eps1e-06_state",
+                    "cka_plot_0_40_dt_hopper_medium_666_block_state"]
+    drawn = {r["layer"]: float(r["cka"]) for r in _rows(res / f"{figs[0]}.csv")}
+    assert list(drawn.values()) == pytest.approx(np.diagonal(tagged).tolist())
+
+
 def test_parameter_similarity(tmp_path, tiny_runs):  # noqa: F811
     main = load_script("analysis/section-53-parameter-similarity/parameter_similarity_analysis.py").main
     main(["-plm", tiny_runs, *out(tmp_path)])

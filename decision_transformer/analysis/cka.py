@@ -197,11 +197,7 @@ def build_parser():
     p.add_argument("--legacy_feature_index", action="store_true",
                    help="TAKAGI's indexing: the last three hidden units across positions instead of the last three "
                         "token positions")
-    p.add_argument("--kernel", choices=["linear", "rbf"], default="linear")
-    p.add_argument("--rbf_threshold", type=float, default=1.0, help="RBF bandwidth as a fraction of the median distance")
-    p.add_argument("--biased", action="store_true", help="biased HSIC (plain centring) instead of the debiased one")
-    p.add_argument("--eps", type=float, default=DEFAULT_EPS,
-                   help=f"added to the denominator (TAKAGI: {TAKAGI_EPS}; it distorts layers with small activations)")
+    add_estimator_flags(p, reading=False)
     p.add_argument("--heatmap_token_list", nargs="*", default=list(TOKEN_POSITIONS), choices=list(TOKEN_POSITIONS),
                    help="token types to draw heatmaps of")
     p.add_argument("--no_heatmap", action="store_true")
@@ -211,10 +207,35 @@ def build_parser():
     return p
 
 
-def result_stem(e1, e2, m1, m2, env, ds, seed, no_context=False, block=False, legacy=False, run_K=None) -> str:
-    """The results' file stem; ``_K{run_K}`` for runs of K != 20 (``run_K`` None: 1 with ``no_context``, else 20)."""
+def add_estimator_flags(p, reading: bool):
+    """``--kernel``, ``--rbf_threshold``, ``--biased`` and ``--eps``: the CKA estimator of compute_cka.py, or
+    (``reading``) the estimator whose results plot_cka.py reads. A non-default one tags the file names."""
+    read = "read the results of compute_cka.py run with this flag; " if reading else ""
+    p.add_argument("--kernel", choices=["linear", "rbf"], default="linear",
+                   help=read + "rbf: results tagged _rbf{threshold}")
+    p.add_argument("--rbf_threshold", type=float, default=1.0,
+                   help=read + "RBF bandwidth as a fraction of the median distance")
+    p.add_argument("--biased", action="store_true",
+                   help=read + "biased HSIC (plain centring) instead of the debiased one (results tagged _biased)")
+    p.add_argument("--eps", type=float, default=DEFAULT_EPS,
+                   help=read + f"added to the denominator (TAKAGI: {TAKAGI_EPS}; it distorts layers with small "
+                               f"activations; other than {DEFAULT_EPS:g}: results tagged _eps{{eps}})")
+
+
+def estimator_tag(args) -> str:
+    """The file-name tag of a non-default CKA estimator: ``_rbf{threshold}``, ``_biased``, ``_eps{eps}`` (in this
+    order; empty for the default linear debiased CKA without eps), so its results never replace or mix with the
+    default ones."""
+    return (f"_rbf{args.rbf_threshold:g}" if args.kernel == "rbf" else "") + ("_biased" if args.biased else "") \
+        + (f"_eps{args.eps:g}" if args.eps != DEFAULT_EPS else "")
+
+
+def result_stem(e1, e2, m1, m2, env, ds, seed, no_context=False, block=False, legacy=False, run_K=None,
+                estimator="") -> str:
+    """The results' file stem; ``_K{run_K}`` for runs of K != 20 (``run_K`` None: 1 with ``no_context``, else 20),
+    then the variants' tags and ``estimator`` (:func:`estimator_tag`)."""
     run_K = run_K if run_K is not None else (1 if no_context else common.DEFAULT_RUN_K)
-    tags = common.run_k_tag(run_K) + ("_block" if block else "") + ("_legacyidx" if legacy else "")
+    tags = common.run_k_tag(run_K) + ("_block" if block else "") + ("_legacyidx" if legacy else "") + estimator
     return f"cka_{e1}_{e2}_{m1}{m2}_{env}_{ds}_{seed}{tags}"
 
 
@@ -251,7 +272,8 @@ def run(args) -> common.Outputs:
         check_finite_activations(a2, m2.path)
         del m1, m2
         stem = result_stem(args.epoch1, args.epoch2, args.model_name1, args.model_name2, env, args.dataset_name,
-                           args.seed, args.no_context, args.block, args.legacy_feature_index, K_ckpt)
+                           args.seed, args.no_context, args.block, args.legacy_feature_index, K_ckpt,
+                           estimator_tag(args))
         outs.files.append(common.save_csv(res_dir / f"{stem}_layers.csv", ["axis", "index", "layer"],
                                           [["rows", i, k] for i, k in enumerate(a1)]
                                           + [["cols", i, k] for i, k in enumerate(a2)]))
@@ -328,6 +350,7 @@ def build_plot_parser():
     common.add_run_k_flag(p, "20, or 1 with --no_context (as given to compute_cka.py)")
     p.add_argument("--block", action="store_true")
     p.add_argument("--legacy_feature_index", action="store_true")
+    add_estimator_flags(p, reading=True)
     p.add_argument("--legacy_pairing", action="store_true",
                    help="iGPT's normalized layers as TAKAGI's plot_cka.py: consecutive entries of the flattened "
                         "diagonal averaged (ln_1 with attn.c_attn, ...), not the same entry of blocks 2b and 2b+1")
@@ -367,7 +390,7 @@ def plot(args) -> common.Outputs:
 
     def result(env, m, token):
         stem = result_stem(args.epoch1, args.epoch2, m, m, env, args.dataset_name, args.seed, args.no_context,
-                           args.block, args.legacy_feature_index, run_K)
+                           args.block, args.legacy_feature_index, run_K, estimator_tag(args))
         return stem, res / f"{stem}_{token}.npy"
 
     # an env with no results at all is left out with a note (an error only when no env has any), as in the curves
@@ -396,7 +419,9 @@ def plot(args) -> common.Outputs:
             if not curves:
                 raise UserError(f"no CKA results for {env}/{token}: looked for {', '.join(missing)} (run compute_cka.py "
                                 f"--model_name1 M --model_name2 M --epoch1 {args.epoch1} --epoch2 {args.epoch2}"
-                                f"{f' --run_K {run_K}' if run_K != common.DEFAULT_RUN_K else ''})")
+                                f"{f' --run_K {run_K}' if run_K != common.DEFAULT_RUN_K else ''}; the results of "
+                                f"--block, --legacy_feature_index, --kernel, --biased or --eps runs are read with the "
+                                f"same flags)")
             for f in missing:
                 common.warn(f"{f} not found; that model is left out of the figure")
             target = min(block_of(n[-1]) + 1 for _, n in curves.values())
@@ -423,7 +448,9 @@ def plot(args) -> common.Outputs:
             ax.set_title(f"{env}, {token} token")
             common.legend(ax)
             stem = (f"cka_plot_{args.epoch1}_{args.epoch2}_{'_'.join(curves)}_{env}_{args.dataset_name}_{args.seed}"
-                    + common.run_k_tag(run_K) + f"_{token}" + ("_legacy_pairing" if args.legacy_pairing else ""))
+                    + common.run_k_tag(run_K) + ("_block" if args.block else "")
+                    + ("_legacyidx" if args.legacy_feature_index else "") + estimator_tag(args)
+                    + f"_{token}" + ("_legacy_pairing" if args.legacy_pairing else ""))
             outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
             outs.files.append(common.save_csv(res / f"{stem}.csv", ["model", "index", "layer", "cka"], rows))
     return outs
