@@ -217,6 +217,19 @@ def test_estimator_variants_write_tagged_results_that_the_plots_read_with_the_sa
         mi.plot_mi_data(mi.build_plot_data_parser().parse_args(io + ["--mine_loss", "mine_biased"]))
 
 
+def test_missing_mi_inputs_say_which_command_writes_them(tmp_path):
+    """run_mi_exp.py without save_activation.py's files: the line names the file and the command that writes it."""
+    with pytest.raises(UserError) as e:
+        _run_mi(tmp_path, "--model_name", "igpt", "--epoch", "3")
+    assert str(e.value).startswith(f"{tmp_path / 'data_hopper_medium_666.npz'}: file not found; save_activation.py "
+                                   f"writes it")
+    _mi_files(tmp_path, np.ones((6, 3)))
+    with pytest.raises(UserError) as e:
+        _run_mi(tmp_path, "--model_name", "igpt", "--epoch", "3", "--exp_type", "no_context")
+    assert str(e.value).startswith(f"{tmp_path / 'activation_3_igpt_hopper_medium_666.npz'}: file not found; run "
+                                   f"save_activation.py --model_name igpt --epoch 3 --env_name_list hopper")
+
+
 # ---- grads.py ----------------------------------------------------------------------------------------------------
 
 def test_every_sample_draws_its_own_dropout_masks():

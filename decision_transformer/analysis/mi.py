@@ -240,6 +240,11 @@ def _inputs(data: dict):
         data["attention_mask"] > 0
 
 
+def _absent(path: Path) -> bool:
+    """Neither ``path`` nor the original scripts' pickled ``.npy`` of the same name (which ``load_npz`` reads)."""
+    return not path.exists() and not path.with_suffix(".npy").is_file()
+
+
 def run_mi(args) -> common.Outputs:
     common.check_positive(args, "iters", "batch_size", "mine_hidden", "mine_hidden_layers")
     common.check_numbers(args, lr=common.POSITIVE)
@@ -247,6 +252,10 @@ def run_mi(args) -> common.Outputs:
     common.check_min(args, 0, "epoch")
     ds, env, ktag = args.dataset_name, args.env_name, _ktag(args)
     df = data_file(args.path_to_data, env, ds, args.seed, ktag)
+    run_k = f" --run_K {common.run_k(args)}" if ktag else ""
+    if _absent(df):
+        raise UserError(f"{df}: file not found; save_activation.py writes it (save_activation.py --env_name_list "
+                        f"{env} --dataset_name {ds} --seed {args.seed}{run_k} --model_name M --epoch E)")
     data = common.load_npz(df)
     _check_data(df, data)
     xs, a_last, mask = _inputs(data)
@@ -255,6 +264,10 @@ def run_mi(args) -> common.Outputs:
         raise UserError(f"{df}: {B} sample(s); MI needs at least 2 (save_activation.py --batch_size 2 or more)")
     if args.exp_type != "data":
         act_file = activation_file(args.path_to_activation, args.epoch, args.model_name, env, ds, args.seed, ktag)
+        if _absent(act_file):
+            raise UserError(f"{act_file}: file not found; run save_activation.py --model_name {args.model_name} "
+                            f"--epoch {args.epoch} --env_name_list {env} --dataset_name {ds} --seed {args.seed}{run_k} "
+                            f"first (-pa reads the folder its --results_dir names)")
         outputs = {k: v for k, v in common.load_npz(act_file).items()
                    if k.endswith("." + BLOCK_OUTPUT) and k.split(".", 1)[0].isdigit()}
         if not outputs:
