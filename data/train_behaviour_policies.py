@@ -97,10 +97,23 @@ def main(argv=None):
             expert_score=EXPERT_TARGET_SCORE[env] if args.expert_until == "target" else None,
             expert_tolerance=args.expert_tolerance,
             log=lambda m: print(m, flush=True))
-        print(f"{env}: {meta['env_steps']} env steps; medium at {meta['medium_step']} "
-              f"(score {meta['medium_eval']}, {'final' if meta['medium_final'] else 'still searching'}); "
-              f"expert at {meta['best_step']} (score {meta['best_eval']}, "
-              f"{'final' if meta.get('expert_final') else 'still training'})", flush=True)
+        print(policy_summary(env, meta, args.roles, os.path.join(args.policy_dir, env)), flush=True)
+
+
+def policy_summary(env: str, meta: dict, roles, policy_dir: str) -> str:
+    """The closing line of one env: each role asked for, where its policy was chosen and whether that is final, or
+    that none was found (no file written: train longer, or resume)."""
+    parts = []
+    for role, step, score, final, searching in (
+            ("medium", "medium_step", "medium_eval", "medium_final", "still searching"),
+            ("expert", "best_step", "best_eval", "expert_final", "still training")):
+        if role not in roles:
+            continue
+        if meta.get(step) is None:
+            parts.append(f"no {role} policy yet ({role}.pt not written; train longer or resume)")
+        else:
+            parts.append(f"{role} at {meta[step]} (score {meta[score]}, {'final' if meta.get(final) else searching})")
+    return f"{env}: {meta['env_steps']} env steps; " + "; ".join(parts) + f" [{policy_dir}]"
 
 
 if __name__ == "__main__":

@@ -183,6 +183,25 @@ def test_train_behaviour_policies_flags(tmp_path, monkeypatch, capsys, bad, expe
     assert not list(tmp_path.iterdir())
 
 
+def test_train_behaviour_policies_says_when_no_policy_was_chosen(tmp_path, monkeypatch, capsys):
+    """A medium-only run too short to find a candidate printed "medium at None (score None, final); expert at None":
+    it now says no medium.pt was written, and leaves out the role not asked for."""
+    from decision_transformer import sac
+
+    meta = {"env_steps": 2000, "medium_step": None, "medium_eval": None, "medium_final": True, "best_step": None,
+            "best_eval": None}
+    monkeypatch.setattr(sac, "train_behaviour_policy", lambda *a, **k: meta)
+    main = load_script("data/train_behaviour_policies.py").main
+    main([str(a) for a in ["--env", "hopper", "--roles", "medium", "--total_steps", "2000", "--state_dir",
+                           tmp_path / "state", "--policy_dir", tmp_path / "policies"]])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == (f"hopper: 2000 env steps; no medium policy yet (medium.pt not written; train longer or resume) "
+                    f"[{tmp_path / 'policies' / 'hopper'}]")
+    meta.update(medium_step=1500, medium_eval=31.5, best_step=2000, best_eval=70.1, expert_final=False)
+    main([str(a) for a in ["--env", "hopper", "--state_dir", tmp_path / "state", "--policy_dir", tmp_path / "p2"]])
+    assert "medium at 1500 (score 31.5, final); expert at 2000 (score 70.1, still training)" in capsys.readouterr().out
+
+
 def test_train_behaviour_policy_checks_its_roles_before_making_folders(tmp_path):
     from decision_transformer.errors import UserError
     from decision_transformer.sac import train_behaviour_policy
