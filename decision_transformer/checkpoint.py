@@ -277,37 +277,73 @@ BEHAVIOUR_FIELDS = {("backbone", "n_head"): "--n_head", ("backbone", "activation
                     ("backbone", "block_overrides"): "--pretrained_block", ("action_tanh",): None}
 
 
+#: The recorded model settings that change tensor shapes, and the flag that sets each: named when a checkpoint does not
+#: fit the model the flags build.
+SIZE_FIELDS = {("backbone", "n_embd"): "--embed_dim", ("backbone", "n_layer"): "--n_layer",
+               ("share_input_output_proj",): "--share_input_output_proj", ("state_dim",): "--env",
+               ("act_dim",): "--env", ("extend_positions",): "--extend_positions"}
+
+
+def _recorded(cfg, keys):
+    """The setting at ``keys`` of a model config dict, JSON-normalised (str dict keys); None if absent."""
+    for k in keys:
+        cfg = cfg.get(k) if isinstance(cfg, dict) else None
+    if keys[-1] == "block_overrides" and isinstance(cfg, dict):  # dropout rates do not change the network
+        cfg = {b: {k: v for k, v in o.items() if not k.endswith("_pdrop")} if isinstance(o, dict) else o
+               for b, o in cfg.items()}
+    return None if cfg is None else json.loads(json.dumps(cfg, sort_keys=True, default=str))
+
+
+def _config_diffs(fields: dict, saved, built) -> list[tuple]:
+    return [(keys[-1], flag, _recorded(saved, keys), _recorded(built, keys)) for keys, flag in fields.items()
+            if _recorded(saved, keys) is not None and _recorded(built, keys) is not None
+            and _recorded(saved, keys) != _recorded(built, keys)]
+
+
+def _compare_text(diffs) -> str:
+    return (", ".join(f"{n} {a!r}" for n, _, a, _ in diffs) + "; the model these flags build has "
+            + ", ".join(f"{n} {b!r}" for n, _, _, b in diffs))
+
+
 def check_same_behaviour(source: str, saved: dict | None, built: dict):
     """A ``UserError`` naming the settings (``BEHAVIOUR_FIELDS``) in which the model config a checkpoint records
     (``saved``, its ``config["model_config"]``; nothing is checked without one) differs from the model it is loaded
     into (``built``)."""
-    def get(cfg, keys):
-        for k in keys:
-            cfg = cfg.get(k) if isinstance(cfg, dict) else None
-        if keys[-1] == "block_overrides" and isinstance(cfg, dict):  # dropout rates do not change the network
-            cfg = {b: {k: v for k, v in o.items() if not k.endswith("_pdrop")} if isinstance(o, dict) else o
-                   for b, o in cfg.items()}
-        return None if cfg is None else json.loads(json.dumps(cfg, sort_keys=True, default=str))  # str dict keys
-
     if not isinstance(saved, dict):
         return
-    diffs = [(keys[-1], flag, get(saved, keys), get(built, keys)) for keys, flag in BEHAVIOUR_FIELDS.items()
-             if get(saved, keys) is not None and get(built, keys) is not None and get(saved, keys) != get(built, keys)]
+    diffs = _config_diffs(BEHAVIOUR_FIELDS, saved, built)
     if diffs:
         flags = sorted({flag for _, flag, _, _ in diffs if flag})
-        raise UserError(f"{source} was trained with " + ", ".join(f"{n} {a!r}" for n, _, a, _ in diffs)
-                        + "; the model these flags build has " + ", ".join(f"{n} {b!r}" for n, _, _, b in diffs)
+        raise UserError(f"{source} was trained with " + _compare_text(diffs)
                         + ": its weights would run as another network" + (f" (set {', '.join(flags)} as the "
                                                                            f"checkpoint's run did)" if flags else ""))
 
 
-def load_state_into(model: torch.nn.Module, state_dict: dict, source: str, strict: bool = True):
+def size_hint(saved: dict | None, built: dict) -> str:
+    """`` (it was trained with n_embd 16, ...; the model these flags build has n_embd 128, ...: set --embed_dim ...
+    as its run did)`` for the shape-changing settings (``SIZE_FIELDS``) a checkpoint records differently; empty
+    without a recorded config or a difference."""
+    diffs = _config_diffs(SIZE_FIELDS, saved, built) if isinstance(saved, dict) else []
+    if not diffs:
+        return ""
+    flags = sorted({flag for _, flag, _, _ in diffs})
+    return f" (it was trained with {_compare_text(diffs)}: set {', '.join(flags)} as its run did)"
+
+
+def load_state_into(model: torch.nn.Module, state_dict: dict, source: str, strict: bool = True,
+                    recorded: dict | None = None):
     """Strict load that names the mismatched tensors instead of dumping a traceback. Only names and shapes are
     compared: a model of another head count or activation takes the weights and computes differently. To rebuild a
-    saved model as it was trained, use ``load_model``."""
+    saved model as it was trained, use ``load_model``. ``recorded``: the model config the file records, whose
+    shape-changing settings the error then names with their flags."""
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_KEYS)}
     check_finite_state(state_dict, source)
-    check_loadable(model.state_dict(), state_dict, source, strict)
+    try:
+        check_loadable(model.state_dict(), state_dict, source, strict)
+    except UserError as e:
+        config = getattr(model, "config", None)
+        built = config.to_dict() if hasattr(config, "to_dict") else None
+        raise UserError(f"{e}{size_hint(recorded, built) if built else ''}") from None
     model.load_state_dict(state_dict, strict=strict)
 
 

@@ -563,7 +563,8 @@ def _run_multi(args, take_lock) -> dict:
     if args.load_checkpoint:
         mf = load_model_file(args.load_checkpoint)
         check_same_behaviour(args.load_checkpoint, (mf.config or {}).get("model_config"), model.config.to_dict())
-        load_state_into(model, mf.state_dict, args.load_checkpoint)
+        load_state_into(model, mf.state_dict, args.load_checkpoint,
+                        recorded=(mf.config or {}).get("model_config"))
     model = model.to(device)
     for e in args.selected_training or []:
         if e not in model.specializations:

@@ -552,7 +552,7 @@ def _run_locked(args, script: str, take_lock) -> dict:
         if isinstance(mc, dict) and isinstance(mc.get("max_length"), int) and mc["max_length"] != args.K:
             print(f"warning: {args.load_checkpoint} was trained with K={mc['max_length']}; this run uses K={args.K} "
                   f"(--K)", file=sys.stderr)
-        load_state_into(model, ckpt["state_dict"], args.load_checkpoint)
+        load_state_into(model, ckpt["state_dict"], args.load_checkpoint, recorded=mc)
     distributed.broadcast_module(ctx, model)  # torchrun: every rank starts from (and regularises towards) rank 0's
     frozen = freeze_from_args(model, args)
     if frozen:

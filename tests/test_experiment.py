@@ -361,6 +361,14 @@ def test_checkpoint_mismatch_names_tensor(tmp_path, monkeypatch, capsys, hopper_
     msg = expect_error(capsys, argv)
     assert "does not match the model" in msg and "shape mismatch for transformer.wte.weight" in msg
     assert "(checkpoint [50257, 32], model [50257, 64])" in msg
+    # and which flags the checkpoint's run set: the sizes it records, with their flags
+    assert msg.endswith("(it was trained with n_embd 32; the model these flags build has n_embd 64: set --embed_dim as "
+                        "its run did)")
+    argv = ["--data_path", str(hopper_data), *TINY, "--share_input_output_proj", "--load_checkpoint", str(ckpt)]
+    msg = expect_error(capsys, argv)
+    assert "missing" in msg or "unexpected" in msg
+    assert "share_input_output_proj False; the model these flags build has share_input_output_proj True: set " \
+           "--share_input_output_proj as its run did" in msg
 
 
 def test_malicious_checkpoint_is_refused(tmp_path, monkeypatch, capsys, hopper_data):
