@@ -130,9 +130,9 @@ def cli_entry(main):
                 warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
                 try:
                     return main(argv)
-                except (KeyboardInterrupt, SystemExit):
+                except (KeyboardInterrupt, SystemExit, UserError):   # (a UserError says what it means)
                     raise
-                except BaseException as e:  # an error made from an interrupt is the interrupt (exit 130)
+                except BaseException as e:  # another error made from an interrupt is the interrupt (exit 130)
                     if interrupted_by(e):
                         raise KeyboardInterrupt from e
                     raise

@@ -117,7 +117,7 @@ def test_an_interrupt_turned_into_an_import_error_is_still_an_interrupt(monkeypa
     import builtins
 
     from decision_transformer import envs
-    from decision_transformer.errors import cli_entry
+    from decision_transformer.errors import Interrupted, cli_entry
 
     real_import = builtins.__import__
 
@@ -145,6 +145,18 @@ def test_an_interrupt_turned_into_an_import_error_is_still_an_interrupt(monkeypa
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 130 and capsys.readouterr().err.strip() == "error: interrupted"
+
+    @cli_entry
+    def launcher(argv=None):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:                               # as the sweep launcher says what it stopped
+            raise Interrupted("interrupted: stopped 2 running runs; the same command resumes them") from None
+
+    with pytest.raises(SystemExit) as e:
+        launcher([])
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip() == "error: interrupted: stopped 2 running runs; the same command resumes them"
 
     @cli_entry
     def plain(argv=None):
