@@ -97,7 +97,7 @@ def _route_mujoco_warnings():
     try:
         import mujoco
     except ImportError as e:
-        if interrupted_by(e):   # Ctrl-C during MuJoCo's import: it fails with ImportError("initialization failed")
+        if interrupted_by(e, context=True):   # Ctrl-C during MuJoCo's import: it fails with ImportError("initialization failed")
             raise KeyboardInterrupt from e
         return  # pragma: no cover
 

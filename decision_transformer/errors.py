@@ -77,15 +77,16 @@ def first_line(e: BaseException) -> str:
     return line if len(line) <= 160 else line[:157] + "..."
 
 
-def interrupted_by(e: BaseException) -> bool:
-    """Whether a KeyboardInterrupt (Ctrl-C, or SIGTERM in a script) is among the causes of ``e``: a compiled
-    extension interrupted while it imports (MuJoCo's) fails with an ``ImportError`` made from it."""
+def interrupted_by(e: BaseException, context: bool = False) -> bool:
+    """Whether a KeyboardInterrupt (Ctrl-C, or SIGTERM in a script) is among the causes of ``e`` (``raise ... from``):
+    a compiled extension interrupted while it imports (MuJoCo's) fails with an ``ImportError`` made from it. With
+    ``context``, also an error raised while one was being handled (not for a failed clean-up, which must show)."""
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, KeyboardInterrupt):
             return True
         seen.add(id(e))
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ or (e.__context__ if context else None)
     return False
 
 

@@ -38,6 +38,7 @@ from decision_transformer.checkpoint import (atomic_save, check_finite_state, ch
                                              holds_pickled_classes, load_state_into, make_checkpoint, torch_load_problem)
 from decision_transformer.envs import ENVS, check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError, cli_entry, first_line
+from decision_transformer.files import check_zip_checksums
 
 #: Classes under these module paths become inert stand-ins (the originals' code is never imported).
 STUB_PREFIXES = ("torch.nn.modules.", "transformers.", "decision_transformer.", "trajectory_gpt2", "dt.",
@@ -505,6 +506,7 @@ def load_model_file(path: str | Path) -> ModelFile:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: model file not found")
+    check_zip_checksums(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -773,6 +775,8 @@ def _import_any(path, args) -> dict:
     torch cannot read at all) is reported with torch's finding."""
     import warnings
 
+    if Path(path).is_file():
+        check_zip_checksums(path)
     state = _bare_state_dict(path)
     if state is not None:
         return import_state_dict(path, state, args.n_head, args.activation_function, args.max_length, args.env)

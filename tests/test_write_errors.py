@@ -138,13 +138,26 @@ def test_an_interrupt_turned_into_an_import_error_is_still_an_interrupt(monkeypa
     @cli_entry
     def main(argv=None):
         try:
-            raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            raise RuntimeError("MuJoCo is not installed")     # as gymnasium re-raises the failed import
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as e:
+                raise ImportError("initialization failed") from e
+        except ImportError as e:
+            raise RuntimeError("MuJoCo is not installed") from e   # as gymnasium re-raises the failed import
 
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 130 and capsys.readouterr().err.strip() == "error: interrupted"
+
+    @cli_entry
+    def failed_cleanup(argv=None):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("the progress save failed")      # raised while handling it: shown, not hidden
+
+    with pytest.raises(RuntimeError, match="the progress save failed"):
+        failed_cleanup([])
 
     @cli_entry
     def launcher(argv=None):
@@ -202,6 +215,12 @@ def test_damaged_tensor_bytes_are_refused_not_loaded(tmp_path, monkeypatch, caps
     with pytest.raises(UserError) as e:
         load_checkpoint(ckpt)
     assert str(e.value).startswith(f"{ckpt}: damaged: the stored bytes of ") and "checksum" in str(e.value)
+    # the loader of merge sources, experiment_multi.py, results tables and checkpoint.load_model
+    from decision_transformer.checkpoint import load_model
+    from decision_transformer.legacy_import import load_model_file
+    for load in (load_model_file, load_model):
+        with pytest.raises(UserError, match="damaged"):
+            load(ckpt)
     with pytest.raises(UserError, match="damaged"):
         fisher.load_fisher(info)
     with pytest.raises(UserError, match="damaged"):
