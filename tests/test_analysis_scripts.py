@@ -346,6 +346,24 @@ def test_run_all_writes_one_report(tmp_path, tiny_runs):  # noqa: F811
     assert torch.load(tiny_runs / "gpt2_medium_hopper_666" / "model_0.pt", weights_only=True)["format_version"] == 1
 
 
+def test_run_all_draws_one_block_replacement_figure_per_lm(tmp_path):
+    """GPT-2 block runs (dt_..._block{b}) and iGPT block runs (dt-igpt_..._block{b}) in one folder: run_all draws
+    Figure 9 for each, each against its own LM's K=1 run."""
+    ck = tmp_path / "ck"
+    for b in range(2):
+        write_run(ck, "dt", K=1, block=b, epochs=(1, 2))
+        write_run(ck, "dt-igpt", K=1, block=b, epochs=(1, 2))
+    for m in ("gpt2", "igpt", "dt"):
+        write_run(ck, m, K=1, epochs=(1, 2))
+    load_script("analysis/run_all.py").main([
+        "--checkpoint_dir", str(ck), "--out_dir", str(tmp_path / "rep"), "--only", "curves"])
+    figs = tmp_path / "rep" / "section-55-fine-tuning-no-context" / "figs"
+    assert (figs / "learning_curve_block_hopper_medium_666.png").is_file()
+    assert (figs / "learning_curve_block_hopper_medium_666_igpt.png").is_file()
+    rows = _rows(figs.parent / "results" / "learning_curve_block_hopper_medium_666_igpt.csv")
+    assert {r["curve"] for r in rows} == {"block 0", "block 1", "iGPT K=1", "Random Init K=1"}
+
+
 def test_run_all_leaves_an_env_without_d4rl_scores_out_of_the_score_tables(tmp_path):
     """A reacher2d run next to hopper's (as after the README's reacher2d smoke run): the score step made the whole
     driver fail ("reacher2d has no D4RL reference returns"); it now tables hopper, says why reacher2d is not there,
