@@ -244,6 +244,22 @@ def test_training_forward_runs_under_autocast_only_with_a_precision(amp_dtype):
     assert seen == [amp_dtype is not None]
 
 
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_auxiliary_forwards_run_under_the_same_autocast(amp_dtype):
+    """The auxiliary losses' forwards (--joint's LM pass over the backbone) run under the DT forward's autocast: with
+    bf16 the LM pass ran in fp32, the largest part of a --joint step on a GPU."""
+    tr = _padded_trainer(amp_dtype)
+    seen = []
+
+    def extra(model, out, batch, step):
+        seen.append((torch.is_autocast_enabled("cpu"), (model.transformer.wte.weight[:4] @ torch.ones(16, 2)).dtype))
+        return out.action_preds.new_zeros((), dtype=torch.float32)
+
+    tr.extra_loss = extra
+    tr.train_step()
+    assert seen == [(amp_dtype is not None, amp_dtype or torch.float32)]
+
+
 def test_logged_loss_mean_and_std_are_those_of_the_iteration_steps(monkeypatch):
     tr = _trainer(GRAD_CLIP)
     step, losses = tr.train_step, []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import warnings
 
@@ -192,7 +193,9 @@ class Trainer:
         """(action MSE, total loss) of a batch; under data parallelism of this rank's slice, scaled."""
         if self.world_size > 1:
             batch, scale = self._rank_slice(batch)
-        with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+        autocast = functools.partial(torch.autocast, self.device_type, dtype=self.amp_dtype or torch.bfloat16,
+                                     enabled=self.amp_dtype is not None)
+        with autocast():
             out = self.model(batch.states, batch.actions, batch.rtg[:, :-1], batch.timesteps,
                              attention_mask=batch.mask)
         loss = masked_action_mse(out.action_preds.float(), batch.actions, batch.mask)
@@ -202,7 +205,8 @@ class Trainer:
             loss = loss * scale
         total = loss
         if self.extra_loss is not None:
-            extra = self.extra_loss(self.module, out, batch, self.step)
+            with autocast():   # the auxiliary forwards too (--joint's LM pass); the losses themselves are fp32
+                extra = self.extra_loss(self.module, out, batch, self.step)
             if isinstance(extra, tuple):
                 extra, logs = extra
                 for k, v in logs.items():
