@@ -22,9 +22,18 @@ _IGNORED_KEYS = (".attn.bias", ".attn.masked_bias")
 
 # ---- naming -----------------------------------------------------------------------------------------------------
 
-def new_exp_id() -> int:
-    """A 6-digit run id from OS entropy (not the seeded RNG, so equal-seed runs do not collide)."""
-    return 100000 + secrets.randbelow(900000)
+def new_exp_id(folders=()) -> int:
+    """A 6-digit run id from OS entropy (not the seeded RNG, so equal-seed runs do not collide), drawn again while a
+    file or folder of ``folders`` has a name that ends in it (``..._best.pt``, ``..._{id}``, ``...-{id}.pt``): 900,000
+    ids collide by chance (about one pair in eight among 500 runs), and a taken id would overwrite the other run's
+    model files."""
+    folders = [Path(f) for f in folders if f is not None and Path(f).is_dir()]
+    for _ in range(1000):
+        i = 100000 + secrets.randbelow(900000)
+        if not any(next(f.glob(f"*{i}{end}"), None) is not None for f in folders
+                   for end in ("", ".pt", "_best.pt")):
+            return i
+    raise UserError(f"no free run id in {', '.join(map(str, folders))}")
 
 
 def model_name(pretrained_lm: str | None, pretrained_block: int | None = None) -> str:
@@ -144,7 +153,8 @@ def set_aside_previous_run(run_dir: str | os.PathLike) -> Path | None:
 def atomic_save(obj, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: runs writing one cache never collide
+    # per process, and random: runs writing one cache never collide, also across the hosts of a shared file system
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, "it is a folder", str(path))

@@ -85,7 +85,7 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_temporaries(folder: str | os.PathLike, idle_s: float = 60.0) -> list[Path]:
     """Remove the temporary files that ``atomic_write`` (``.{name}.{pid}.{hex}.tmp``) and ``checkpoint.atomic_save``
-    (``{name}.{pid}.tmp``) left in ``folder`` when their process was killed (``kill -9`` cannot be caught): those of a
+    (``{name}.{pid}.{hex}.tmp``; ``{name}.{pid}.tmp`` from earlier versions) left in ``folder`` when their process was killed (``kill -9`` cannot be caught): those of a
     process that no longer runs here and untouched for ``idle_s`` seconds (a file still being written, also by a
     process on another machine sharing the folder, keeps changing). Returns what was removed."""
     import re
@@ -95,7 +95,7 @@ def remove_stale_temporaries(folder: str | os.PathLike, idle_s: float = 60.0) ->
     removed = []
     if not folder.is_dir():
         return removed
-    pattern = re.compile(r"^(?:\..+\.(\d+)\.[0-9a-f]{8}|.+\.(\d+))\.tmp$")
+    pattern = re.compile(r"^(?:.+\.(\d+)\.[0-9a-f]{8}|.+\.(\d+))\.tmp$")
     for p in folder.iterdir():
         m = pattern.match(p.name)
         if not m:

@@ -593,7 +593,9 @@ def _run_multi(args, take_lock) -> dict:
         except ValueError as e:
             raise UserError(str(e)) from None
 
-    exp_id, start_iter, best_score = distributed.from_main(ctx, new_exp_id()), 0, -float("inf")  # one id for all ranks
+    # one id for all ranks, not yet used by the files it names
+    id_folders = [Path(project_path("models")) / "multi"] + ([Path(args.outdir) / "multi"] if args.outdir else [])
+    exp_id, start_iter, best_score = distributed.from_main(ctx, new_exp_id(id_folders)), 0, -float("inf")
     elapsed = 0.0  # training and evaluation time of the iterations before a resume (time/total goes on from it)
     if resume_dir is not None:
         st = restore_train_state(resume_dir / TRAIN_STATE, model, trainer, optimizer, scheduler, generator)

@@ -39,6 +39,7 @@ import numpy as np
 from decision_transformer.cli import HelpFormatter, check_upper_bounds
 from decision_transformer.envs import D4RL_ENVS, SUPPORTED_ENV_VERSIONS, check_dataset_name, get_env_spec
 from decision_transformer.errors import TrainingDiverged, UserError, cli_entry
+from decision_transformer.files import atomic_write
 from decision_transformer.paths import project_path
 from decision_transformer.legacy_import import stored_state_stats
 
@@ -347,9 +348,9 @@ def main(argv=None):
     print(md, end="")
     if out_files:
         csv_path, md_path = out_files
-        csv_path.parent.mkdir(parents=True, exist_ok=True)
-        csv_path.write_text(to_csv(rows, envs))
-        md_path.write_text(md)
+        csv_text = to_csv(rows, envs)   # each written whole (another process may write the same table)
+        atomic_write(csv_path, lambda tmp: Path(tmp).write_text(csv_text))
+        atomic_write(md_path, lambda tmp: Path(tmp).write_text(md))
         print(f"wrote {csv_path} and {md_path}", file=sys.stderr)
 
 

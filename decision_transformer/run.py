@@ -577,7 +577,9 @@ def _run_locked(args, script: str, take_lock) -> dict:
     except ValueError as e:
         raise UserError(str(e)) from None
 
-    start_iter, best_score, exp_id = 0, -float("inf"), distributed.from_main(ctx, new_exp_id())  # one id for all ranks
+    # one id for all ranks, not yet used by the files it names (models/{env}/..., merge and LM-script run folders)
+    id_folders = [Path(project_path("models")) / args.env] + ([run_dir.parent, run_dir] if run_dir is not None else [])
+    start_iter, best_score, exp_id = 0, -float("inf"), distributed.from_main(ctx, new_exp_id(id_folders))
     elapsed = 0.0  # training and evaluation time of the iterations before a resume (time/total goes on from it)
     if st_path is not None:
         st = restore_train_state(st_path, model, trainer, optimizer, scheduler, generator)

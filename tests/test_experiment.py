@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -563,14 +564,17 @@ def test_best_model_is_written_before_the_training_state(tmp_path, monkeypatch, 
 
 def test_atomic_save_uses_a_temporary_file_of_its_own(tmp_path, monkeypatch):
     """Runs writing one shared cache file (k-means centres, Fisher, tokens) at the same time never share a temporary
-    file: its name carries the process id."""
+    file: its name carries the process id and a random part (hosts sharing a file system reuse process ids)."""
     from decision_transformer import checkpoint
 
     written = []
     real_save = torch.save
     monkeypatch.setattr(checkpoint.torch, "save", lambda obj, f: (written.append(Path(f)), real_save(obj, f)))
     out = checkpoint.atomic_save({"x": torch.ones(2)}, tmp_path / "cache" / "c.pt")
-    assert written == [tmp_path / "cache" / f"c.pt.{os.getpid()}.tmp"] and out.is_file()
+    checkpoint.atomic_save({"x": torch.ones(2)}, tmp_path / "cache" / "c.pt")
+    assert len(written) == 2 and written[0] != written[1] and out.is_file()
+    for w in written:
+        assert w.parent == tmp_path / "cache" and re.fullmatch(rf"c\.pt\.{os.getpid()}\.[0-9a-f]{{8}}\.tmp", w.name)
     assert not list((tmp_path / "cache").glob("*.tmp"))
 
 

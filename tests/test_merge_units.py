@@ -288,3 +288,16 @@ def test_block_runs_of_different_lms_get_different_names():
         (None, None), ("gpt2", None), ("gpt2", 0), ("checkpoints/gpt2/", 3), ("openai/imagegpt-small", None),
         ("openai/imagegpt-small", 0), ("checkpoints/ChibiT", 1))] == \
         ["dt", "gpt2", "dt", "dt", "igpt", "dt-igpt", "dt-ChibiT"]
+
+
+def test_a_run_id_already_naming_files_is_drawn_again(tmp_path, monkeypatch):
+    """Two runs drawing one id overwrote each other's models/{env}/ files; an id some file or folder of the given
+    folders ends in is drawn again."""
+    models = tmp_path / "models" / "hopper"
+    models.mkdir(parents=True)
+    (models / "dt_gym-experiment-hopper-medium-223456_best.pt").write_bytes(b"x")
+    (tmp_path / "dt_medium_hopper_666_323456").mkdir()                      # a merge run's folder
+    draws = iter([123456, 223456, 323456, 423456])
+    monkeypatch.setattr(checkpoint.secrets, "randbelow", lambda n: next(draws) - 100000)
+    assert checkpoint.new_exp_id([models, tmp_path, tmp_path / "absent"]) == 123456
+    assert checkpoint.new_exp_id([models, tmp_path]) == 423456            # 223456 and 323456 are taken

@@ -940,3 +940,29 @@ def test_resuming_drops_unreadable_metric_rows_and_says_so_unless_the_last_was_c
     RunLogger(tmp_path, {}, resume=True, resume_after=2).finish()
     assert path.read_text() == '{"iteration": 1}\n{"iteration": 2}\n'
     assert f"warning: {path}: dropped 1 unreadable line(s) on resuming (line 2)" in capsys.readouterr().err
+
+
+def test_a_lock_file_that_cannot_be_opened_for_writing_still_locks(tmp_path, monkeypatch, capsys):
+    """Another user's lock file (created 0644) in a shared folder cannot be opened read-write: the run trained
+    unlocked, without a word. flock works on a read-only descriptor, so the lock is taken (and still refused to a
+    second holder); a lock that cannot be opened at all is a warning."""
+    lock = tmp_path / "run" / ".lock"
+    lock.parent.mkdir()
+    lock.write_text("")
+    real_open = os.open
+
+    def no_write(path, flags, *a):
+        if flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(sweep.os, "open", no_write)
+    taken, fd = sweep._take_lock(lock)
+    assert taken and fd is not None
+    try:
+        assert sweep._take_lock(lock) == (False, None)                       # a second process: refused
+    finally:
+        os.close(fd)
+    monkeypatch.setattr(sweep.os, "open", lambda *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    assert sweep._take_lock(lock) == (True, None)
+    assert "warning: cannot open the lock" in capsys.readouterr().err

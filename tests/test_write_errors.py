@@ -360,7 +360,8 @@ def _dead_pid() -> int:
 
 
 def test_stale_temporaries_of_killed_processes_are_removed(tmp_path):
-    """What a ``kill -9`` leaves mid-write (``{name}.{pid}.tmp``, ``.{name}.{pid}.{hex}.tmp``) goes when its process no
+    """What a ``kill -9`` leaves mid-write (``{name}.{pid}.{hex}.tmp``, ``.{name}.{pid}.{hex}.tmp``, and the older
+    ``{name}.{pid}.tmp``) goes when its process no
     longer runs and the file has been idle; a live writer's file, a fresh one and other files stay."""
     import os
     import time
@@ -369,6 +370,7 @@ def test_stale_temporaries_of_killed_processes_are_removed(tmp_path):
 
     dead, old = _dead_pid(), time.time() - 600
     names = {f"train_state.pt.{dead}.tmp": True, f".config.json.{dead}.0a1b2c3d.tmp": True,
+             f"model_2.pt.{dead}.12345678.tmp": True, f"model_4.pt.{os.getpid()}.12345678.tmp": False,
              f"model_3.pt.{os.getpid()}.tmp": False, f"notes.{dead}.txt": False, "model_3.pt": False,
              f"fresh.pt.{dead}.tmp": False}
     for name in names:
