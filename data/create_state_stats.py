@@ -110,16 +110,21 @@ def main(argv=None):
     if not found:
         raise UserError(f"no datasets found in {args.data_path} for {', '.join(args.envs)} x "
                         f"{', '.join(args.datasets)}")
-    kept = [k for k in old if k not in found]
-    check_kept(old, kept, out)   # (before anything is written)
-    table = {**old, **found}
-    from decision_transformer.files import atomic_write
+    from decision_transformer.files import atomic_write, exclusive
 
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            pickle.dump(table, f)
+    with exclusive(out, "the state-stats table"):   # two updates at once: each keeps the other's entries
+        merge = not args.replace and os.path.lexists(out)
+        if merge:   # read again: another process may have written the table meanwhile
+            old = read_table(out)
+        kept = [k for k in old if k not in found]
+        check_kept(old, kept, out)   # (before anything is written)
+        table = {**old, **found}
 
-    atomic_write(out, write)  # written whole, then renamed: an existing file is replaced only by a complete one
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                pickle.dump(table, f)
+
+        atomic_write(out, write)  # written whole, then renamed: an existing file is replaced only by a complete one
     merged = f" ({len(found)} computed now, {len(kept)} other entries kept from the existing table)" if merge else ""
     print(f"{out}: {len(table)} datasets{merged}" + (f" (not found: {', '.join(missing)})" if missing else ""))
 

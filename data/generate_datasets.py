@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from decision_transformer.data import hdf5_name, pkl_name
 from decision_transformer.envs import D4RL_ENVS, ENVS as ALL_ENVS
 from decision_transformer.errors import UserError, cli_entry
+from decision_transformer.files import exclusive
 from decision_transformer.paths import project_path
 
 ENVS = list(D4RL_ENVS)  # "all": the envs with bundled behaviour policies
@@ -68,9 +69,15 @@ def main(argv=None):
                         f"give another --data_path, or pass --force to overwrite")
     for env in envs:
         for dataset in datasets:
-            generate_dataset(args.data_path, env, dataset, num_transitions=args.num_transitions, seed=args.seed,
-                             policy_dir=args.policy_dir, write_hdf5=not args.no_hdf5,
-                             progress=not args.no_progress)
+            target = os.path.join(args.data_path, pkl_name(env, dataset))
+            with exclusive(target, "a generated dataset"):   # another generation of it waits, then is refused
+                made = [p for p in (target, os.path.join(args.data_path, hdf5_name(env, dataset))) if os.path.lexists(p)]
+                if made and not args.force:
+                    raise UserError(f"{made[0]} was written by another process meanwhile; generating would replace it: "
+                                    f"give another --data_path, or pass --force to overwrite")
+                generate_dataset(args.data_path, env, dataset, num_transitions=args.num_transitions, seed=args.seed,
+                                 policy_dir=args.policy_dir, write_hdf5=not args.no_hdf5,
+                                 progress=not args.no_progress)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 only ever replaced by a complete one and a failed or interrupted write leaves nothing behind."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
+import sys
 from pathlib import Path
 
 from decision_transformer.errors import UserError, write_problem
@@ -40,6 +42,54 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
             except OSError:
                 pass
     return path
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike, what: str = "it"):
+    """Hold an exclusive lock for making the shared file ``path`` (a dataset, a Fisher file, k-means centres): a second
+    process that would make it too waits here, then finds it made (the caller looks again inside the block). The lock
+    is the hidden file ``.{name}.lock`` beside ``path``, removed on leaving. Where no lock can be had (no ``fcntl``, a
+    file system without ``flock``, a folder that cannot be written) the block runs unlocked: the caller's own write
+    reports an unwritable folder."""
+    path = Path(path)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    lock = path.parent / f".{path.name}.lock"
+    fd, told = None, False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while fd is None:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not told:
+                    print(f"waiting for another process making {path} ({what}) ...", file=sys.stderr, flush=True)
+                    told = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # the holder before us removed the file it locked: lock the one there now
+                current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:
+                os.close(fd)
+                fd = None
+    except OSError:
+        if fd is not None:
+            os.close(fd)
+        fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            try:
+                os.unlink(lock)   # while still held: a waiter then finds its file gone and locks a new one
+            except OSError:
+                pass
+            os.close(fd)
 
 
 def sync(path: str | os.PathLike):

@@ -29,7 +29,7 @@ import torch
 from decision_transformer.checkpoint import atomic_save
 from decision_transformer.cli import THREADS_HELP, HelpFormatter, check_context, check_seed
 from decision_transformer.errors import UserError, first_line
-from decision_transformer.files import check_zip_checksums
+from decision_transformer.files import check_zip_checksums, exclusive
 from decision_transformer.paths import project_path
 from decision_transformer.training.losses import masked_action_mse
 
@@ -413,25 +413,26 @@ def run_precompute(args) -> Path:
                         f"decision_transformer.legacy_import MODEL --env ENV --dataset DATASET ...` first")
     out = fisher_info_path(args.model, args.f_batch_size, args.f_num_batches, args.fisher_type)
     K = args.K or training_context(mf) or 20  # the info file's name does not record K: the model's own by default
-    if out.is_file() and not args.force:
-        old = load_fisher(out)
-        check_fisher_fits(old, mf.state_dict, out, args.model)
-        rec = old.get("_source") if isinstance(old.get("_source"), dict) else {}
-        if rec and (rec.get("dataset"), rec.get("K")) != (dataset, K):
-            raise UserError(f"{out} exists, computed on {env}-{rec.get('dataset')} with K={rec.get('K')}, not on "
-                            f"{env}-{dataset} with K={K} (the file name records neither); --force recomputes it")
-        if rec.get("seed") is not None and rec.get("seed") != args.seed:
-            raise UserError(f"{out} exists, computed with --seed {rec.get('seed')}, not {args.seed} (the file name "
-                            f"does not record it); --force recomputes it")
-        log(f"{out} exists ({describe(old)}); --force recomputes it")
-        return out
-    data_file, trajs = load_dataset(args.data_path, env, dataset)
-    ds = TrajectoryDataset(trajs, env, device=device)     # no pct_traj filter, the dataset's own statistics
-    model = build_model(mf, device, max_length=K)
-    info = compute_fisher(model, ds, fisher_type=args.fisher_type, batch_size=args.f_batch_size,
-                          num_batches=args.f_num_batches, K=K, seed=args.seed)
-    info["_source"] = source_record(env, dataset, K, args.seed)
-    save_fisher(info, out)
-    log(f"{out}: {args.fisher_type} Fisher of {args.model} on {data_file} ({args.f_num_batches} x {args.f_batch_size} "
-        f"windows of K={K}): {describe(info)}")
+    with exclusive(out, "a Fisher file"):   # two processes computing it at once: the second finds it made
+        if out.is_file() and not args.force:
+            old = load_fisher(out)
+            check_fisher_fits(old, mf.state_dict, out, args.model)
+            rec = old.get("_source") if isinstance(old.get("_source"), dict) else {}
+            if rec and (rec.get("dataset"), rec.get("K")) != (dataset, K):
+                raise UserError(f"{out} exists, computed on {env}-{rec.get('dataset')} with K={rec.get('K')}, not on "
+                                f"{env}-{dataset} with K={K} (the file name records neither); --force recomputes it")
+            if rec.get("seed") is not None and rec.get("seed") != args.seed:
+                raise UserError(f"{out} exists, computed with --seed {rec.get('seed')}, not {args.seed} (the file name "
+                                f"does not record it); --force recomputes it")
+            log(f"{out} exists ({describe(old)}); --force recomputes it")
+            return out
+        data_file, trajs = load_dataset(args.data_path, env, dataset)
+        ds = TrajectoryDataset(trajs, env, device=device)     # no pct_traj filter, the dataset's own statistics
+        model = build_model(mf, device, max_length=K)
+        info = compute_fisher(model, ds, fisher_type=args.fisher_type, batch_size=args.f_batch_size,
+                              num_batches=args.f_num_batches, K=K, seed=args.seed)
+        info["_source"] = source_record(env, dataset, K, args.seed)
+        save_fisher(info, out)
+        log(f"{out}: {args.fisher_type} Fisher of {args.model} on {data_file} ({args.f_num_batches} x {args.f_batch_size} "
+            f"windows of K={K}): {describe(info)}")
     return out

@@ -36,6 +36,7 @@ from decision_transformer.envs import (
     make_env,
 )
 from decision_transformer.errors import UserError
+from decision_transformer.files import exclusive
 
 #: Where the bundled behaviour policies live: ``policies/{env}/{medium,expert}.pt`` and ``policies/{env}/replay/``.
 BUNDLED_POLICY_DIR = Path(__file__).resolve().parent / "policies"
@@ -461,11 +462,14 @@ def ensure_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, gene
         raise UserError(
             f"dataset not found: {target}, and it cannot be generated: {why}; convert D4RL files with "
             f"`python data/download_d4rl_datasets.py --hdf5 FILE --data_path {data_path}`")
-    source = "a randomly initialised SAC actor" if dataset == "random" else "the bundled behaviour policies"
-    log(f"{target} not found: generating {env}-{dataset} from {source} (a few minutes; pass --no_generate to turn "
-        f"this off)")
-    generate_dataset(data_path, env, dataset, num_transitions=num_transitions, seed=seed, policy_dir=policy_dir,
-                     write_hdf5=False, log=log)
+    with exclusive(target, "a generated dataset"):   # runs started together on a fresh machine generate it once
+        if target.is_file():
+            return target
+        source = "a randomly initialised SAC actor" if dataset == "random" else "the bundled behaviour policies"
+        log(f"{target} not found: generating {env}-{dataset} from {source} (a few minutes; pass --no_generate to "
+            f"turn this off)")
+        generate_dataset(data_path, env, dataset, num_transitions=num_transitions, seed=seed, policy_dir=policy_dir,
+                         write_hdf5=False, log=log)
     return target
 
 

@@ -16,6 +16,7 @@ from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
 from decision_transformer.checkpoint import check_loadable, load_state_into
 from decision_transformer.errors import UserError
+from decision_transformer.files import exclusive
 from decision_transformer.legacy_import import ModelFile, build_model, load_model_file
 from decision_transformer.training.trainer import forked_rng
 
@@ -140,28 +141,29 @@ def fisher_for_file(mf: ModelFile, args, data: DatasetCache, device) -> dict:
     """The Fisher info of a single-task model file: loaded from ``<dir>/info/<stem>-bs{B}-nb{N}[-type]`` if it exists,
     else computed on the model's own dataset (with ``precompute_fisher.py``'s default seed) and saved there."""
     path = fisher_mod.fisher_info_path(mf.path, args.f_batch_size, args.f_num_batches, args.fisher_type)
-    if path.is_file():
-        info = fisher_mod.load_fisher(path)
-        fisher_mod.check_fisher_fits(info, mf.state_dict, path, mf.path)
-        rec = info.get("_source") if isinstance(info.get("_source"), dict) else {}
-        own = mf.dataset
-        other = f", estimated on {rec.get('dataset')}, not the model's own {own}" \
-            if rec.get("dataset") and own and rec.get("dataset") != own else ""
-        log(f"fisher: loaded {path} ({fisher_mod.describe(info)}{other})")
+    with exclusive(path, "a Fisher file"):   # two runs computing it at once: the second finds it made
+        if path.is_file():
+            info = fisher_mod.load_fisher(path)
+            fisher_mod.check_fisher_fits(info, mf.state_dict, path, mf.path)
+            rec = info.get("_source") if isinstance(info.get("_source"), dict) else {}
+            own = mf.dataset
+            other = f", estimated on {rec.get('dataset')}, not the model's own {own}" \
+                if rec.get("dataset") and own and rec.get("dataset") != own else ""
+            log(f"fisher: loaded {path} ({fisher_mod.describe(info)}{other})")
+            return info
+        env, dataset = source_env_dataset(mf)
+        K = fisher_mod.training_context(mf) or args.K  # as precompute_fisher.py: windows of the model's own context
+        model = build_model(mf, device, max_length=K)
+        log(f"fisher: {path} not found; computing it ({args.fisher_type}, {args.f_num_batches} x {args.f_batch_size} "
+            f"windows of K={K} of {env}-{dataset})")
+        with forked_rng():  # (the cache's seed, not the run's: see FISHER_SEED)
+            info = fisher_mod.compute_fisher(model, data.get(env, dataset), fisher_type=args.fisher_type,
+                                             batch_size=args.f_batch_size, num_batches=args.f_num_batches, K=K,
+                                             seed=fisher_mod.FISHER_SEED)
+        info["_source"] = fisher_mod.source_record(env, dataset, K, fisher_mod.FISHER_SEED)
+        fisher_mod.save_fisher(info, path)
+        log(f"fisher: saved {path} ({fisher_mod.describe(info)})")
         return info
-    env, dataset = source_env_dataset(mf)
-    K = fisher_mod.training_context(mf) or args.K  # as precompute_fisher.py: windows of the model's own context
-    model = build_model(mf, device, max_length=K)
-    log(f"fisher: {path} not found; computing it ({args.fisher_type}, {args.f_num_batches} x {args.f_batch_size} "
-        f"windows of K={K} of {env}-{dataset})")
-    with forked_rng():  # (the cache's seed, not the run's: see FISHER_SEED)
-        info = fisher_mod.compute_fisher(model, data.get(env, dataset), fisher_type=args.fisher_type,
-                                         batch_size=args.f_batch_size, num_batches=args.f_num_batches, K=K,
-                                         seed=fisher_mod.FISHER_SEED)
-    info["_source"] = fisher_mod.source_record(env, dataset, K, fisher_mod.FISHER_SEED)
-    fisher_mod.save_fisher(info, path)
-    log(f"fisher: saved {path} ({fisher_mod.describe(info)})")
-    return info
 
 
 def multi_fisher(model, envs: Sequence[str], datasets: Sequence, args) -> dict[str, torch.Tensor]:

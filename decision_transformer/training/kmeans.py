@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from decision_transformer.errors import UserError
-from decision_transformer.files import check_zip_checksums
+from decision_transformer.files import check_zip_checksums, exclusive
 
 KMEANS_FORMS = ("dim", "cosine")
 #: annealing horizon S of each trainer
@@ -65,39 +65,55 @@ def cosine_kmeans(x: torch.Tensor, n_clusters: int, *, seed: int, tol: float = 1
 def load_or_compute_centres(wte: torch.Tensor, n_clusters: int, cache: str | None, *, seed: int) -> torch.Tensor:
     """Centres [N, H] of the token embeddings ``wte`` [V, H]: read from ``cache`` when it exists (checked against
     N and H), else computed and (if ``cache`` is given) saved there, parent folders created, loadable with
-    ``torch.load(..., weights_only=True)``."""
-    H = wte.shape[1]
-    if cache:
-        path = Path(cache)
-        if path.is_file():
-            check_zip_checksums(path)
-            try:
-                c = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise UserError(f"{path}: not a k-means centre file ({str(e).strip()[:150]})") from None
-            if not isinstance(c, torch.Tensor) or c.dim() != 2 or not c.is_floating_point():
-                raise UserError(f"{path}: expected a [N, H] float tensor of k-means centres")
-            if c.shape[1] != H:
-                raise UserError(f"{path}: centres have hidden size {c.shape[1]} but the LM's is {H}; "
-                                f"delete the file or point --kmeans_cache elsewhere")
-            if c.shape[0] != n_clusters:
-                raise UserError(f"{path}: holds {c.shape[0]} centres but --gpt_kmeans is {n_clusters}")
-            if not torch.isfinite(c).all():
-                raise UserError(f"{path}: centres contain NaN or inf")
-            print(f"k-means: {n_clusters} centres read from {path}", file=sys.stderr)
-            return c.float()
-    else:
+    ``torch.load(..., weights_only=True)``. Runs making one cache at once compute it once: the others wait and read
+    it (the centres depend on ``seed``, so runs sharing a cache all take the first run's)."""
+    if not cache:
         print("warning: no --kmeans_cache given; k-means centres are computed in memory and not saved",
               file=sys.stderr)
-    print(f"k-means: clustering {wte.shape[0]} token embeddings into {n_clusters} centres (cosine) ...",
-          file=sys.stderr)
-    c = cosine_kmeans(wte, n_clusters, seed=seed).cpu().contiguous()
-    if cache:
+        return _cluster(wte, n_clusters, seed)
+    path = Path(cache)
+    with exclusive(path, "k-means centres"):
+        if path.is_file():
+            c = _read_centres(path, n_clusters, wte.shape[1])
+            print(f"k-means: {n_clusters} centres read from {path}", file=sys.stderr)
+            return c
+        c = _cluster(wte, n_clusters, seed)
         from decision_transformer.checkpoint import atomic_save
 
-        path = atomic_save(c, cache)
-        print(f"k-means: centres saved to {path}", file=sys.stderr)
-    return c
+        print(f"k-means: centres saved to {atomic_save(c, path)}", file=sys.stderr)
+        return c
+
+
+def _cluster(wte: torch.Tensor, n_clusters: int, seed: int) -> torch.Tensor:
+    print(f"k-means: clustering {wte.shape[0]} token embeddings into {n_clusters} centres (cosine) ...",
+          file=sys.stderr)
+    return cosine_kmeans(wte, n_clusters, seed=seed).cpu().contiguous()
+
+
+def _read_centres(path: Path, n_clusters: int, H: int) -> torch.Tensor:
+    """A centre file, checked: a finite [n_clusters, H] float tensor."""
+    check_zip_checksums(path)
+    try:
+        c = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a k-means centre file ({str(e).strip()[:150]})") from None
+    if not isinstance(c, torch.Tensor) or c.dim() != 2 or not c.is_floating_point():
+        raise UserError(f"{path}: expected a [N, H] float tensor of k-means centres")
+    if c.shape[1] != H:
+        raise UserError(f"{path}: centres have hidden size {c.shape[1]} but the LM's is {H}; "
+                        f"delete the file or point --kmeans_cache elsewhere")
+    if c.shape[0] != n_clusters:
+        raise UserError(f"{path}: holds {c.shape[0]} centres but --gpt_kmeans is {n_clusters}")
+    if not torch.isfinite(c).all():
+        raise UserError(f"{path}: centres contain NaN or inf")
+    return c.float()
+
+
+def centres_fingerprint(centres: torch.Tensor) -> str:
+    """A short digest of the centres' float32 values (what ``--resume`` compares)."""
+    import hashlib
+
+    return hashlib.sha1(centres.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 # ---- loss -------------------------------------------------------------------------------------------------------
@@ -116,6 +132,7 @@ class KMeansAlignment:
             raise UserError(f"unknown --kmeans_form {form!r}; choose one of {', '.join(KMEANS_FORMS)}")
         self.form, self.mean, self.normalize = form, mean, normalize
         self.const, self.anneal_steps = float(const), anneal_steps
+        self.fingerprint = centres_fingerprint(centres)   # the centres this run trains with (checked on --resume)
         c = centres.float()
         if form == "cosine":
             self.c = F.normalize(c, dim=1)                              # [N, H]

@@ -172,12 +172,19 @@ class Trainer:
         return total.detach()
 
     def extra_state(self) -> dict:
-        """What ``--resume`` needs beyond the optimiser, schedule and generators: the ``--joint`` text stream."""
-        lm = getattr(self.extra_loss, "lm", None)
-        return {"text_batches": lm.batches.state_dict()} if lm is not None else {}
+        """What ``--resume`` needs beyond the optimiser, schedule and generators: the ``--joint`` text stream, and
+        which k-means centres the alignment loss uses."""
+        lm, km = getattr(self.extra_loss, "lm", None), getattr(self.extra_loss, "kmeans", None)
+        return ({"text_batches": lm.batches.state_dict()} if lm is not None else {}) | \
+            ({"kmeans_centres": km.fingerprint} if getattr(km, "fingerprint", None) else {})
 
     def load_extra_state(self, state: dict):
-        lm = getattr(self.extra_loss, "lm", None)
+        lm, km = getattr(self.extra_loss, "lm", None), getattr(self.extra_loss, "kmeans", None)
+        saved = state.get("kmeans_centres")
+        if km is not None and saved is not None and saved != getattr(km, "fingerprint", saved):
+            # (another run with another seed replaced a shared --kmeans_cache, say): it would go on with other centres
+            raise ValueError("the k-means centres of --kmeans_cache are not those the run started with (was the "
+                             "cache replaced?); restore the file, or start the run afresh")
         if lm is not None:
             if "text_batches" not in state:
                 raise KeyError("text_batches (the run was not made with --joint)")
