@@ -519,10 +519,10 @@ def check_covers_envs(mf) -> None:
 
 
 def _run_multi(args, take_lock) -> dict:
-    from decision_transformer.run import (autocast_dtype, check_evaluation, check_same_data, clean_folder,
-                                          configure_matmul_precision, recorded_config, resolve_device,
+    from decision_transformer.run import (autocast_dtype, check_evaluation, check_same_data, check_state_unchanged,
+                                          clean_folder, configure_matmul_precision, recorded_config, resolve_device,
                                           restore_train_state, resumed_past_the_end, save_train_state,
-                                          seed_everything, warn_unsaved_best)
+                                          seed_everything, state_identity, warn_unsaved_best)
 
     check_multi_args(args)
     resume_dir = find_resume_dir(args) if args.resume else None
@@ -598,6 +598,7 @@ def _run_multi(args, take_lock) -> dict:
     exp_id, start_iter, best_score = distributed.from_main(ctx, new_exp_id(id_folders)), 0, -float("inf")
     elapsed = 0.0  # training and evaluation time of the iterations before a resume (time/total goes on from it)
     if resume_dir is not None:
+        st_seen = state_identity(resume_dir / TRAIN_STATE)   # compared once the folder is locked (below)
         st = restore_train_state(resume_dir / TRAIN_STATE, model, trainer, optimizer, scheduler, generator)
         check_same_data(st, resume_dir / TRAIN_STATE, args.data_path, {e: data.state_stats(e) for e in train_envs},
                         {e: data.get(e).num_timesteps for e in train_envs})
@@ -619,6 +620,7 @@ def _run_multi(args, take_lock) -> dict:
     if run_dir is not None and ctx.is_main:
         take_lock(run_dir)  # before the folder is written: a second process training this run stops here
         if resume_dir is not None:
+            check_state_unchanged(resume_dir / TRAIN_STATE, st_seen)
             clean_folder(run_dir)
     if not ctx.is_main:  # under torchrun only rank 0 evaluates, logs and writes files
         run_dir, args.save_model, args.num_eval_episodes = None, False, 0

@@ -155,6 +155,23 @@ def restore_train_state(path: Path, model, trainer, optimizer, scheduler, genera
     return st
 
 
+def state_identity(path: Path) -> tuple | None:
+    """What tells one version of a training state file from another (inode, size, modification time)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def check_state_unchanged(path: Path, seen: tuple | None):
+    """``--resume`` read ``path`` before it held the run folder's lock: another process that trained the run (or set
+    it aside for a fresh one) in the meantime would be overwritten by a continuation of the older state."""
+    if state_identity(path) != seen:
+        raise UserError(f"{path} changed while this --resume was starting (another process trained this run, or "
+                        f"started it afresh, meanwhile); nothing was written: run the --resume again")
+
+
 def check_same_data(st: dict, path, data_file, stats: dict, timesteps: dict):
     """``--resume`` on the data the run started on: the state statistics (single-task ``state_mean``/``state_std``,
     multi-task ``state_stats`` by env) and the timestep counts (``data_timesteps``) its training state recorded must
@@ -582,6 +599,7 @@ def _run_locked(args, script: str, take_lock) -> dict:
     start_iter, best_score, exp_id = 0, -float("inf"), distributed.from_main(ctx, new_exp_id(id_folders))
     elapsed = 0.0  # training and evaluation time of the iterations before a resume (time/total goes on from it)
     if st_path is not None:
+        st_seen = state_identity(st_path)   # compared once the folder is locked (below)
         st = restore_train_state(st_path, model, trainer, optimizer, scheduler, generator)
         check_same_data(st, st_path, data_file, {args.env: (dataset.state_mean, dataset.state_std)},
                         {args.env: dataset.num_timesteps})
@@ -604,6 +622,8 @@ def _run_locked(args, script: str, take_lock) -> dict:
         run_dir = st_path.parent  # a resumed run continues in the folder it was found in (also when renamed)
     if run_dir is not None and ctx.is_main:
         take_lock(run_dir)  # before the folder is written: a second process training this run stops here
+        if st_path is not None:
+            check_state_unchanged(st_path, st_seen)
     if run_dir is not None and ctx.is_main:
         clean_folder(run_dir)
     if not args.resume and run_dir is not None and ctx.is_main:

@@ -695,3 +695,32 @@ def test_load_checkpoint_with_another_k_warns(tmp_path, monkeypatch, capsys, hop
     run(tmp_path / "same", monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "0",
         "--num_eval_episodes", "0", "--load_checkpoint", str(ckpt))
     assert "was trained with K" not in capsys.readouterr().err
+
+
+def test_a_resume_whose_state_changed_before_it_held_the_lock_writes_nothing(tmp_path, monkeypatch, capsys,
+                                                                               hopper_data):
+    """--resume reads the training state before it holds the run folder's lock (it needs the run's model first): a
+    process that trained the run in that window was overwritten by a continuation of the older state, and the folder
+    mixed two runs. The resume now stops with one line once it holds the lock, and writes nothing."""
+    import contextlib
+
+    from decision_transformer import sweep
+
+    flags = ["--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes", "0"]
+    run(tmp_path, monkeypatch, hopper_data, *flags)
+    st = run_dir(tmp_path) / "train_state.pt"
+    before = {p.name: p.read_bytes() for p in run_dir(tmp_path).iterdir() if p.is_file()}
+    real_lock = sweep.run_lock
+
+    @contextlib.contextmanager
+    def late_lock(path, program):
+        t = st.stat().st_mtime_ns + 10**9                   # another process saved the state meanwhile
+        os.utime(st, ns=(t, t))
+        with real_lock(path, program):
+            yield
+
+    monkeypatch.setattr(sweep, "run_lock", late_lock)
+    msg = expect_error(capsys, ["--data_path", str(hopper_data), *TINY, *flags[:1], "2", *flags[2:], "--resume"])
+    assert msg == (f"error: {st.relative_to(tmp_path)} changed while this --resume was starting (another process "
+                   f"trained this run, or started it afresh, meanwhile); nothing was written: run the --resume again")
+    assert {p.name: p.read_bytes() for p in run_dir(tmp_path).iterdir() if p.is_file()} == before
