@@ -374,12 +374,16 @@ class ReplayBuffer:
         return self.obs[idx], self.act[idx], self.rew[idx], self.next_obs[idx], self.done[idx]
 
     def save(self, path):
-        import os
+        from decision_transformer.files import atomic_write
+
         n = self.size
-        tmp = str(path) + ".tmp.npz"
-        np.savez(tmp, obs=self.obs[:n].numpy(), act=self.act[:n].numpy(), rew=self.rew[:n].numpy(),
-                 next_obs=self.next_obs[:n].numpy(), done=self.done[:n].numpy(), ptr=np.int64(self.ptr))
-        os.replace(tmp, path)
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, obs=self.obs[:n].numpy(), act=self.act[:n].numpy(), rew=self.rew[:n].numpy(),
+                         next_obs=self.next_obs[:n].numpy(), done=self.done[:n].numpy(), ptr=np.int64(self.ptr))
+
+        atomic_write(path, write)
 
     def load(self, path):
         with np.load(path) as z:
@@ -396,13 +400,11 @@ def actor_file_dict(actor_state: dict, env: str, *, step: int, half: bool = Fals
 
 
 def _atomic_torch_save(obj, path):
-    import os
-    from pathlib import Path
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``checkpoint.atomic_save``: a temporary file of this process's own, synced, then renamed (a failed write is one
+    line naming the file)."""
+    from decision_transformer.checkpoint import atomic_save
+
+    atomic_save(obj, path)
 
 
 def evaluate_policy(actor: NumpyActor, env_name: str, episodes: int, seed: int) -> np.ndarray:
@@ -430,7 +432,33 @@ def _long_eval(actor_np, env_name, spec, episodes, step) -> tuple[float, float]:
     return float(rets.mean()), float(spec.d4rl_score(rets.mean()))
 
 
-def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps: int = 1_000_000, seed: int = 0,
+def train_behaviour_policy(env_name: str, state_dir, policy_dir, **kwargs) -> dict:
+    """``_train_behaviour_policy`` (see there) holding ``state_dir``'s lock: a second process training into the same
+    state folder (its state, replay buffer and policy files) is a one-line ``UserError`` before anything is written."""
+    from pathlib import Path
+
+    from decision_transformer.envs import get_env_spec
+    from decision_transformer.errors import UserError
+    from decision_transformer.sweep import _lock_holder, _take_lock, _unlock, folder_lock_path
+
+    get_env_spec(env_name)   # the flags' checks before the lock file is made beside state_dir
+    roles = tuple(kwargs.get("roles", ("medium", "expert")))
+    if not roles or set(roles) - {"medium", "expert"}:
+        raise UserError(f"roles must be 'medium' and/or 'expert', got {list(roles)}")
+    if "medium" in roles and kwargs.get("medium_score") is None:
+        raise UserError("the medium role needs a target score (medium_score)")
+    lock = folder_lock_path(Path(state_dir))
+    taken, fd = _take_lock(lock)
+    if not taken:
+        raise UserError(f"{state_dir}: another process is training this behaviour policy ({_lock_holder(lock) or lock}); "
+                        f"wait for it to end (the same command then continues it), or give another --state_dir")
+    try:
+        return _train_behaviour_policy(env_name, state_dir, policy_dir, **kwargs)
+    finally:
+        _unlock(fd)
+
+
+def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps: int = 1_000_000, seed: int = 0,
                            max_seconds: float | None = None, checkpoint_every_s: float = 300.0,
                            eval_every: int = 10_000, eval_episodes: int = 10, snapshot_every: int = 10_000,
                            start_steps: int = 5_000, medium_score: float | None = None, compile: bool = False,
@@ -484,11 +512,7 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps:
         raise UserError(str(e)) from None
     buffer = ReplayBuffer(spec.state_dim, spec.act_dim, buffer_capacity)
     rng = np.random.default_rng(seed)
-    roles = tuple(roles)
-    if not roles or set(roles) - {"medium", "expert"}:
-        raise UserError(f"roles must be 'medium' and/or 'expert', got {list(roles)}")
-    if "medium" in roles and medium_score is None:
-        raise UserError("the medium role needs a target score (medium_score)")
+    roles = tuple(roles)   # (checked by train_behaviour_policy)
     state_dir.mkdir(parents=True, exist_ok=True)
     (policy_dir / "replay").mkdir(parents=True, exist_ok=True)
     meta = {"env_steps": 0, "episodes": 0, "medium_step": None, "medium_eval": None, "medium_final": False,

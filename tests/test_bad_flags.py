@@ -211,6 +211,26 @@ def test_train_behaviour_policy_checks_its_roles_before_making_folders(tmp_path)
     assert not list(tmp_path.iterdir())
 
 
+def test_a_second_process_training_into_one_state_dir_is_refused(tmp_path):
+    """Two train_behaviour_policies.py on one --state_dir shared state.pt and both reported success, one's training
+    lost. The second is now refused in one line, before anything is written."""
+    import os
+
+    from decision_transformer.errors import UserError
+    from decision_transformer.sac import train_behaviour_policy
+    from decision_transformer.sweep import _take_lock, folder_lock_path
+
+    taken, fd = _take_lock(folder_lock_path(tmp_path / "state"))        # "another process" trains there
+    assert taken
+    try:
+        with pytest.raises(UserError, match="another process is training this behaviour policy"):
+            train_behaviour_policy("hopper", tmp_path / "state", tmp_path / "policies", roles=("expert",),
+                                   total_steps=10, buffer_capacity=10)
+    finally:
+        os.close(fd)
+    assert not (tmp_path / "state").exists() and not (tmp_path / "policies").exists()
+
+
 # ---- benchmarks/bench_core.py ----------------------------------------------------------------------------------------
 
 def test_bench_core_stepping_workers(monkeypatch, capsys):
