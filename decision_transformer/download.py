@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from decision_transformer.errors import UserError
+from decision_transformer.files import exclusive
 
 DEFAULT_BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2"
 
@@ -103,7 +105,7 @@ def download_file(url: str, dest: str | os.PathLike, *, size: int | None = None,
                     from tqdm import tqdm
 
                     bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                               desc=dest.name, mininterval=1.0)
+                               desc=dest.name, mininterval=1.0, disable=None, file=sys.stderr)
                 elif bar is not None:
                     bar.n = have
                     bar.refresh()
@@ -144,10 +146,11 @@ def fetch_d4rl(name: str, hdf5_dir: str | os.PathLike, *, url: str | None = None
         raise UserError(f"{name}: not a D4RL gym-mujoco v2 file")
     size, digest = D4RL_FILES[name]
     dest = Path(hdf5_dir) / name
-    if dest.is_file():
-        ok = dest.stat().st_size == size and (not verify or sha256_file(dest) == digest)
-        if ok:
-            return dest
-        raise UserError(f"{dest}: exists but does not match D4RL's size/sha256; delete it to download again")
-    return download_file(url or f"{base_url()}/{name}", dest, size=size, sha256=digest if verify else None,
-                         progress=progress)
+    with exclusive(dest, "a download"):   # two processes fetching one file: the second waits and checks it
+        if dest.is_file():
+            ok = dest.stat().st_size == size and (not verify or sha256_file(dest) == digest)
+            if ok:
+                return dest
+            raise UserError(f"{dest}: exists but does not match D4RL's size/sha256; delete it to download again")
+        return download_file(url or f"{base_url()}/{name}", dest, size=size, sha256=digest if verify else None,
+                             progress=progress)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -286,7 +287,8 @@ def rollout_schedule(env: str, schedule: list[tuple[int, object]], num_transitio
 def _progress(total, desc):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", unit_scale=True, mininterval=2.0)
+    # silent when stderr is not a terminal, as every progress bar here (a log file keeps only the summaries)
+    return tqdm(total=total, desc=desc, unit="step", unit_scale=True, mininterval=2.0, disable=None, file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------------------

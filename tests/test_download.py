@@ -399,3 +399,35 @@ def test_the_offline_hint_names_the_data_scripts_from_where_it_runs(tmp_path, mo
     monkeypatch.chdir(project / "data")
     msg = str(_offline_error("http://x/y", "no route"))
     assert "`python ./download_d4rl_datasets.py --hdf5 FILE ... --data_path .`" in msg and "./generate_datasets.py" in msg
+
+
+def test_a_d4rl_file_downloaded_by_another_process_meanwhile_is_checked_not_fetched_again(tmp_path, monkeypatch):
+    """Two processes fetching one D4RL file shared its .part: the second failed with a traceback. The second now waits
+    for the first and verifies what it downloaded."""
+    import contextlib
+    import hashlib
+
+    body = b"d4rl bytes" * 100
+
+    @contextlib.contextmanager
+    def made_meanwhile(path, what="it"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body)
+        yield
+
+    monkeypatch.setitem(download.D4RL_FILES, "hopper_medium-v2.hdf5", (len(body), hashlib.sha256(body).hexdigest()))
+    monkeypatch.setattr(download, "exclusive", made_meanwhile)
+    monkeypatch.setattr(download, "download_file", lambda *a, **k: pytest.fail("fetched again"))
+    assert download.fetch_d4rl("hopper_medium-v2.hdf5", tmp_path / "cache", progress=False) == \
+        tmp_path / "cache" / "hopper_medium-v2.hdf5"
+
+
+def test_progress_bars_are_silent_when_stderr_is_not_a_terminal(capsys):
+    """Dataset generation and downloads wrote their bars into log files (stderr redirected); like every other bar
+    here they are off there."""
+    from decision_transformer import generation
+
+    bar = generation._progress(100, "hopper-medium")
+    bar.update(50)
+    bar.close()
+    assert bar.disable and capsys.readouterr().err == ""
