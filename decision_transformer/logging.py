@@ -60,6 +60,17 @@ def recorded_wandb_id(run_dir: Path) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def cut_last_line(text: str, lineno: int, path) -> bool:
+    """Whether line ``lineno`` (1-based) of a ``metrics.jsonl`` whose content is ``text`` is its last line, cut short
+    before its newline (a run killed while writing it, or a full disk): the readers leave it out with a warning, as
+    ``--resume`` does, where any other unreadable line is an error."""
+    if lineno != len(text.splitlines()) or text.endswith("\n"):
+        return False
+    print(f"warning: {path}: its last line is cut short (the run was stopped while writing it); left out",
+          file=sys.stderr)
+    return True
+
+
 class RunLogger:
     """``log(metrics, step)`` appends one JSON line to ``{run_dir}/metrics.jsonl`` and logs to WandB when enabled.
 

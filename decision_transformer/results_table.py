@@ -40,6 +40,7 @@ from decision_transformer.cli import HelpFormatter, check_upper_bounds
 from decision_transformer.envs import D4RL_ENVS, SUPPORTED_ENV_VERSIONS, check_dataset_name, get_env_spec
 from decision_transformer.errors import TrainingDiverged, UserError, cli_entry
 from decision_transformer.files import atomic_write
+from decision_transformer.logging import cut_last_line
 from decision_transformer.paths import project_path
 from decision_transformer.legacy_import import stored_state_stats
 
@@ -135,7 +136,8 @@ def _read_run_files(d: Path) -> tuple[dict, list[dict]]:
     otherwise."""
     try:
         config = json.loads((d / "config.json").read_text())
-        lines = (d / "metrics.jsonl").read_text().splitlines()
+        text = (d / "metrics.jsonl").read_text()
+        lines = text.splitlines()
     except FileNotFoundError as e:
         raise UserError(f"{d}: not a run folder ({Path(e.filename).name} missing)") from None
     except json.JSONDecodeError as e:
@@ -151,6 +153,8 @@ def _read_run_files(d: Path) -> tuple[dict, list[dict]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
+            if cut_last_line(text, n, d / "metrics.jsonl"):
+                continue
             raise UserError(f"{d / 'metrics.jsonl'}: line {n} is unreadable ({e})") from None
         if not isinstance(row, dict):
             raise UserError(f"{d / 'metrics.jsonl'}: line {n} is a JSON {type(row).__name__}, not an object")

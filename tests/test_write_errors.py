@@ -426,3 +426,25 @@ def test_other_runtime_errors_keep_their_traceback(error):
 
     with pytest.raises(type(error), match="a bug"):
         main([])
+
+
+def test_a_metrics_file_cut_short_by_a_kill_is_read_by_every_reader(tmp_path, capsys):
+    """A run killed while appending a row leaves a last line without its newline: --resume drops it, but the score
+    tables and learning curves refused the whole run. They now leave that line out with a warning; an unreadable
+    line elsewhere is still an error."""
+    from decision_transformer.analysis.curves import read_metrics_jsonl
+    from decision_transformer.results_table import _read_run_files
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    rows = '{"iteration": 1, "a": 1.0}\n{"iteration": 2, "a": 2.0}\n'
+    (run / "metrics.jsonl").write_text(rows + '{"iteration": 3, "training/train_lo')
+    assert [r["iteration"] for r in read_metrics_jsonl(run / "metrics.jsonl")] == [1, 2]
+    assert [r["iteration"] for r in _read_run_files(run)[1]] == [1, 2]
+    assert capsys.readouterr().err.count("its last line is cut short") == 2
+    (run / "metrics.jsonl").write_text('{"iteration": 1, "a"\n' + rows)       # not the last line: an error
+    with pytest.raises(UserError, match="line 1"):
+        read_metrics_jsonl(run / "metrics.jsonl")
+    with pytest.raises(UserError, match="line 1"):
+        _read_run_files(run)
