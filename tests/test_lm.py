@@ -739,6 +739,58 @@ def test_a_bare_name_is_found_in_the_projects_checkpoints_from_a_sub_folder(lm_d
     assert find_model_dir("ChibiT")[0] == Path("checkpoints/ChibiT")
 
 
+def test_a_hub_id_found_nowhere_is_downloaded_with_one_weight_format(lm_dirs, tmp_path, monkeypatch, capsys):
+    """On a machine with network a Hub id that is on disk nowhere (the seeds' --pretrained_lm gpt2 on a fresh machine)
+    is fetched into the Hugging Face cache: config, tokenizer and the safetensors weights, not the TensorFlow, Flax or
+    ONNX copies. Offline (HF_HUB_OFFLINE, as in these tests) or with the Hub unreachable nothing is tried, and the
+    not-found line says why; a path is never looked up on the Hub."""
+    import huggingface_hub
+
+    from decision_transformer.models import pretrained
+
+    monkeypatch.chdir(tmp_path)
+    repo = ["config.json", "model.safetensors", "tf_model.h5", "flax_model.msgpack", "onnx/decoder_model.onnx",
+            "tokenizer.json", "vocab.json", "merges.txt", "README.md"]
+    listed_for, fetched = [], []
+
+    def list_repo_files(self, name, **kw):
+        listed_for.append(name)
+        return repo
+
+    def snapshot_download(repo_id, cache_dir, allow_patterns=None, local_files_only=False, **kw):
+        if local_files_only:                                            # the cache lookup: not there
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not in the cache")
+        fetched.append((repo_id, cache_dir, allow_patterns))
+        snap = Path(cache_dir) / "models--org--tiny" / "snapshots" / "abc"
+        shutil.copytree(lm_dirs / "gpt2", snap)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(UserError, match=r"HF_HUB_OFFLINE is set: nothing is downloaded"):
+        locate_lm("org/tiny")
+    assert listed_for == []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(pretrained, "_hub_unreachable", lambda: "huggingface.co: Name or service not known")
+    with pytest.raises(UserError, match=r"not reachable from here: huggingface.co: Name or service not known"):
+        locate_lm("org/tiny")
+    assert listed_for == []
+    monkeypatch.setattr(pretrained, "_hub_unreachable", lambda: None)
+    lm = locate_lm("org/tiny")
+    assert lm.source == "hub" and lm.path.name == "abc" and lm.model_type == "gpt2"
+    assert fetched == [("org/tiny", str(pretrained.hf_cache_dir()),
+                        ["config.json", "tokenizer.json", "vocab.json", "merges.txt", "model.safetensors"])]
+    assert "downloading its config and tokenizer files and model.safetensors from the Hugging Face Hub" in \
+        capsys.readouterr().err
+    shutil.rmtree(pretrained.hf_cache_dir() / "models--org--tiny")
+    pretrained.find_model_dir("org/tiny", what="tokenizer", flag="--tokenizer_name")     # a tokenizer: no weights
+    assert fetched[-1][2] == ["config.json", "tokenizer.json", "vocab.json", "merges.txt"]
+    with pytest.raises(UserError, match="not found"):
+        locate_lm("./no/such/folder")                                     # a path: never on the Hub
+    assert listed_for == ["org/tiny", "org/tiny"]
+
+
 def test_pretraining_seed_commands_with_cached_models(tmp_path, monkeypatch, hf_home, hopper_data):
     """TAKAGI's commands: --pretrained_lm gpt2 / openai/imagegpt-small from the HF cache, --remove_grad_clip,
     --K 1 with --pretrained_block (b = 0); run folders named as the analysis scripts expect."""

@@ -1,4 +1,4 @@
-"""Pretrained language/image models for initialising Decision Transformers, found and read without a network.
+"""Pretrained language/image models for initialising Decision Transformers, found on disk (or fetched from the Hub).
 
 A ``--pretrained_lm NAME`` is looked up, in order, as
 
@@ -8,7 +8,9 @@ A ``--pretrained_lm NAME`` is looked up, in order, as
    ``--pretrained_lm ChibiT`` finds ``checkpoints/ChibiT`` and ``openai/imagegpt-small`` finds
    ``checkpoints/imagegpt-small``);
 3. the Hugging Face cache (``HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``), with
-   ``local_files_only`` — ``gpt2`` and ``openai/imagegpt-small`` once downloaded on a networked machine.
+   ``local_files_only`` — ``gpt2`` and ``openai/imagegpt-small`` once downloaded on a networked machine;
+4. for a Hub id found nowhere, a download from the Hugging Face Hub into that cache (the config, tokenizer files and
+   one weight format), unless ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set.
 
 A directory that differs only in letter case is accepted (the originals spell ChibiT both ``ChibiT`` and ``chibiT``).
 Supported architectures: GPT-2 (``model_type`` ``gpt2``: GPT-2, ChibiT) and ImageGPT (``imagegpt``).
@@ -72,6 +74,67 @@ def _hf_cached_snapshot(name: str) -> Path | None:
     return p if _is_model_dir(p) else None
 
 
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+#: The files of a Hub model a DT needs besides one weight format: its config and tokenizer.
+HUB_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+             "merges.txt", "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json")
+
+
+def _hub_download(name: str, flag: str, weights: bool = True) -> tuple[Path | None, str]:
+    """``(snapshot folder, "")`` of Hub model ``name`` downloaded into the Hugging Face cache: its config and tokenizer
+    files and (``weights``; a tokenizer needs none) one weight format (safetensors where the repository has them,
+    else ``pytorch_model.bin``), not the TensorFlow, Flax or ONNX copies. ``(None, why)`` offline, or when the Hub cannot be reached or has no such
+    model; ``why`` goes into the not-found message."""
+    if _hub_offline():
+        return None, " (HF_HUB_OFFLINE is set: nothing is downloaded)"
+    unreachable = _hub_unreachable()
+    if unreachable:   # (at once: the Hub client would retry for half a minute)
+        return None, f" (the Hugging Face Hub is not reachable from here: {unreachable}; HF_HUB_OFFLINE=1 skips trying)"
+    try:
+        import huggingface_hub
+
+        files = [f for f in huggingface_hub.HfApi().list_repo_files(name) if "/" not in f]
+    except Exception as e:  # noqa: BLE001 - no network, no such repository, a gated one: said in one line
+        return None, f" (the Hugging Face Hub could not give it: {first_line(e)})"
+    wanted = [f for f in files if f.endswith(".safetensors")] or [f for f in files if f == "pytorch_model.bin"]
+    if "config.json" not in files or (weights and not wanted):
+        return None, " (the Hub's repository has no config.json with PyTorch weights)"
+    wanted = wanted if weights else []
+    import sys
+
+    print(f"{flag} {name}: downloading its config and tokenizer files{' and ' + ', '.join(wanted) if wanted else ''} "
+          f"from the Hugging Face Hub into {hf_cache_dir()} ...", file=sys.stderr)
+    try:
+        p = Path(huggingface_hub.snapshot_download(repo_id=name, cache_dir=str(hf_cache_dir()),
+                                                   allow_patterns=[f for f in files if f in HUB_FILES] + wanted))
+    except Exception as e:  # noqa: BLE001
+        return None, f" (its download from the Hugging Face Hub failed: {first_line(e)})"
+    return (p, "") if _is_model_dir(p) else (None, f" (the download in {p} has no config.json)")
+
+
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hub's host cannot be connected to (a name that does not resolve, no route, a timeout), or None when it
+    can, or when a proxy is configured (the client then connects through it)."""
+    import socket
+    import urllib.parse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    host = url.hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"{host}: {e.strerror or type(e).__name__}"
+
+
 def find_model_dir(name: str, what: str = "pretrained model", flag: str = "--pretrained_lm") -> tuple[Path, str]:
     """Resolve ``name`` to a local directory: (path, where it was found). One-line ``UserError`` if absent."""
     if not name:
@@ -106,6 +169,11 @@ def find_model_dir(name: str, what: str = "pretrained model", flag: str = "--pre
     snap = _hf_cached_snapshot(name)
     if snap is not None:
         return snap, "hf-cache"
+    hub = "" if explicit_path or in_checkpoints else None
+    if hub is None:
+        snap, hub = _hub_download(name, flag, weights=what != "tokenizer")
+        if snap is not None:
+            return snap, "hub"
     looked = " and ".join(str(c.absolute()) for c in candidates)
     stem = given.name or name
     if explicit_path or in_checkpoints:   # a path, not a Hub id
@@ -115,8 +183,7 @@ def find_model_dir(name: str, what: str = "pretrained model", flag: str = "--pre
         how = (f"copy a save_pretrained directory to checkpoints/{stem} or pass its path to {flag}, or run "
                f"`hf download {name}` on a networked machine and copy its cache folder to HF_HOME")
     raise UserError(f"{what} {name!r} not found: no save_pretrained directory (config.json + weights) at {looked}, "
-                    f"and not in the Hugging Face cache {hf_cache_dir()} (the Hub is not reachable from here); "
-                    f"{how}; see checkpoints/README.md")
+                    f"and not in the Hugging Face cache {hf_cache_dir()}{hub}; {how}; see checkpoints/README.md")
 
 
 @dataclass
