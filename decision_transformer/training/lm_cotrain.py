@@ -47,8 +47,8 @@ def find_text_corpus(name: str, config_name: str | None, data_path: str = "data"
             if files:
                 return files
     looked = ", ".join(str(c) for c in dict.fromkeys(candidates))
-    raise UserError(f"--joint: LM corpus {name!r} ({config_name}) not found locally (looked at {looked}; the "
-                    f"Hugging Face Hub is not reachable); pass --nlp_dataset_name PATH to a text file or a folder of "
+    raise UserError(f"--joint: LM corpus {name!r} ({config_name}) not found locally (looked at {looked}; corpora are "
+                    f"read from disk, never downloaded); pass --nlp_dataset_name PATH to a text file or a folder of "
                     f".txt/.raw files, e.g. the extracted wikitext-103-raw-v1 folder holding wiki.train.raw")
 
 
