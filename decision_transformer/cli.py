@@ -270,16 +270,6 @@ def experiment_parser() -> argparse.ArgumentParser:
     return p
 
 
-#: Flags parsed for compatibility whose features this version does not implement yet: (attribute, is_set).
-UNSUPPORTED: dict = {}
-
-
-def reject_unsupported(args, parser_name: str = "experiment.py"):
-    for attr, is_set in UNSUPPORTED.items():
-        if hasattr(args, attr) and is_set(getattr(args, attr)):
-            raise UserError(f"--{attr} is not supported by this version of {parser_name} yet")
-
-
 # ---- flags that take effect only together with another ---------------------------------------------------------------
 
 #: (flags, whether the flag that enables them is on, that flag): a flag of the first group given on the command line

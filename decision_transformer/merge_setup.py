@@ -252,7 +252,7 @@ def _rebuild_lm_init(mf: ModelFile) -> dict:
 
 # ---- one merge ---------------------------------------------------------------------------------------------------------
 
-def merge_states(method: str, states: Sequence[dict], names: Sequence[str], keys: Sequence[str], args, *,
+def merge_states(method: str, states: Sequence[dict], keys: Sequence[str], args, *,
                  fishers=None, grams=None, conv1d=None, base=None, score=None, device=None) -> dict:
     """Dispatch to the merge method with the options in ``args`` (the scripts' flags)."""
     n = len(states)
@@ -334,7 +334,6 @@ def merge_single_sources(sources: Sequence[ModelFile], args, keys, device, data:
     really combined: for a Fisher merge those with a Fisher)."""
     method = resolve_method(args)
     states = [s.state_dict for s in sources]
-    names = [s.path for s in sources]
     kw: dict = {}
     merged_keys = list(keys)
     if method == "fisher":
@@ -358,7 +357,7 @@ def merge_single_sources(sources: Sequence[ModelFile], args, keys, device, data:
         env, dataset = source_env_dataset(sources[0])
         m = build_model(sources[0], device, max_length=args.K)
         kw["score"] = action_mse_score(m, windows(data.get(env, dataset), 256, args.batch_size, args.K, args.seed))
-    return merge_states(method, states, names, keys, args, device=device, **kw), merged_keys
+    return merge_states(method, states, keys, args, device=device, **kw), merged_keys
 
 
 # ---- multi-task merge ------------------------------------------------------------------------------------------------
@@ -400,7 +399,7 @@ def merge_multi_states(sources: Sequence[ModelFile], args, device, fishers=None,
     merged_keys = fisher_coverage(states, fishers, keys) if method == "fisher" and fishers is not None else keys
     if method in ("task_arithmetic", "ties") and base is None:
         base = resolve_base(args, sources)
-    merged = merge_states(method, states, names, keys, args, fishers=fishers, base=base, device=device)
+    merged = merge_states(method, states, keys, args, fishers=fishers, base=base, device=device)
     envs = MultiDTConfig.from_dict(sources[0].config["model_config"]).envs
     for s, env in zip(sources, specs):
         if env not in envs:

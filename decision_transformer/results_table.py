@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from decision_transformer.cli import HelpFormatter, check_upper_bounds
-from decision_transformer.envs import D4RL_ENVS, SUPPORTED_ENV_VERSIONS, check_dataset_name, get_env_spec
+from decision_transformer.envs import (D4RL_ENVS, DEFAULT_ENV_VERSION, SUPPORTED_ENV_VERSIONS, check_dataset_name,
+                                       get_env_spec)
 from decision_transformer.errors import TrainingDiverged, UserError, cli_entry
 from decision_transformer.files import atomic_write
 from decision_transformer.logging import cut_last_line
@@ -85,7 +86,7 @@ def fallback_dataset(mf, dataset: str | None) -> str:
 
 
 def evaluate_checkpoint(path: str, *, num_episodes: int = 10, seed: int = 666, data_path: str = "data",
-                        dataset: str | None = None, device="cpu", env_version: str = "v4",
+                        dataset: str | None = None, device="cpu", env_version: str = DEFAULT_ENV_VERSION,
                         prepared=None) -> dict[str, float]:
     """{env: mean D4RL score} of a checkpoint, evaluated at each env's first target. A checkpoint without stored state
     statistics (an original pickle) is normalised with those of ``dataset``, by default the model's own training
@@ -193,7 +194,7 @@ def read_run(run_dir: str, pick: str = "best") -> dict[str, float]:
     config, rows = _read_run_files(d)
     multi = config.get("model_class") == "multi_dt"
     envs = _run_envs(config, d, multi)
-    version = config.get("env_version", "v4")
+    version = config.get("env_version", DEFAULT_ENV_VERSION)
     if pick == "0":
         info = config.get("merge_info")
         it0 = info.get("iteration_0") if isinstance(info, dict) else None
@@ -311,7 +312,7 @@ def main(argv=None):
     p.add_argument("--dataset", default=None, help="state statistics for checkpoints that store none (default: the "
                                                      "dataset the model was trained on, from its config or file name; "
                                                      "else medium)")
-    p.add_argument("--env_version", default="v4")
+    p.add_argument("--env_version", default=DEFAULT_ENV_VERSION)
     p.add_argument("--device", default="auto", help="auto = the GPU when there is one, else cpu")
     p.add_argument("--out", default=None, help="write OUT.csv and OUT.md")
     args = p.parse_args(argv)

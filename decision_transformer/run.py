@@ -20,8 +20,7 @@ from decision_transformer import distributed
 from decision_transformer.checkpoint import (atomic_save, check_same_behaviour, find_run, load_checkpoint,
                                              load_state_into, make_checkpoint, model_name, new_exp_id, recorded_count,
                                              run_dir_name, same_flag_value, set_aside_previous_run, wandb_run_name)
-from decision_transformer.cli import (check_context, check_seed, check_upper_bounds, merge_signature,
-                                      reject_unsupported)
+from decision_transformer.cli import check_context, check_seed, check_upper_bounds, merge_signature
 from decision_transformer.data import TrajectoryDataset, load_dataset
 from decision_transformer.envs import check_dataset_name, get_env_spec
 from decision_transformer.errors import TrainingDiverged, UserError
@@ -500,7 +499,6 @@ def check_run_flags(args, script: str):
     lists a point that fails one as invalid); returns (the env's spec, the evaluation targets)."""
     if script == LM_COTRAINING:
         check_lm_script_flags(args)
-    reject_unsupported(args, SCRIPTS[script])
     spec = get_env_spec(args.env)
     spec.gym_id(args.env_version)  # an env that does not exist in that version: before anything is written
     check_dataset_name(args.dataset)
