@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from decision_transformer.errors import UserError, interrupted_by
+from decision_transformer.errors import UserError, deferred_interrupts, interrupted_by
 
 #: Gymnasium MuJoCo version used for evaluation. ``v4`` has the v3 dynamics the originals evaluated on.
 DEFAULT_ENV_VERSION = "v4"
@@ -95,9 +95,12 @@ def _route_mujoco_warnings():
     if _MUJOCO_HANDLER_SET:
         return
     try:
-        import mujoco
+        # Ctrl-C or SIGTERM during MuJoCo's compiled import is lost in it (the import then succeeds) or turned into
+        # ImportError("initialization failed"): held until the import is over (a tenth of a second), then raised
+        with deferred_interrupts():
+            import mujoco
     except ImportError as e:
-        if interrupted_by(e, context=True):   # Ctrl-C during MuJoCo's import: it fails with ImportError("initialization failed")
+        if interrupted_by(e, context=True):
             raise KeyboardInterrupt from e
         return  # pragma: no cover
 

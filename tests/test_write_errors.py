@@ -115,6 +115,7 @@ def test_an_interrupt_turned_into_an_import_error_is_still_an_interrupt(monkeypa
     the env module swallowed it (the run went on) and elsewhere it became a traceback. Both are the interrupt now:
     `error: interrupted`, exit 130."""
     import builtins
+    import os
 
     from decision_transformer import envs
     from decision_transformer.errors import Interrupted, cli_entry
@@ -132,6 +133,22 @@ def test_an_interrupt_turned_into_an_import_error_is_still_an_interrupt(monkeypa
     monkeypatch.setattr(envs, "_MUJOCO_HANDLER_SET", False)
     monkeypatch.setattr(builtins, "__import__", interrupted_import)
     with pytest.raises(KeyboardInterrupt):
+        envs._route_mujoco_warnings()
+
+    def swallowing_import(name, *args, **kwargs):   # the signal lost inside the compiled import, which then succeeds
+        if name == "mujoco":
+            import signal
+            import time
+
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+            except KeyboardInterrupt:
+                pass
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", swallowing_import)
+    with pytest.raises(KeyboardInterrupt):       # held during the import, raised once it is over
         envs._route_mujoco_warnings()
     monkeypatch.setattr(builtins, "__import__", real_import)
 
