@@ -521,6 +521,9 @@ def _run(args, script: str) -> dict:
 def _run_locked(args, script: str, take_lock) -> dict:
     lm_script = script == LM_COTRAINING
     spec, targets = check_run_flags(args, script)
+    if args.outdir == "" and not args.log_to_wandb and not args.save_model:
+        print("warning: --outdir '' writes no run folder, and without -w or --save_model nothing of this run is kept "
+              "but the lines printed here", file=sys.stderr)
     bc = args.model_type == "bc"
     # the originals' BC rollouts had no noise branch (--mode changes a BC run's data only)
     eval_mode = "normal" if bc else args.mode

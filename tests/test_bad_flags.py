@@ -381,4 +381,8 @@ def test_the_scripts_warn_about_inert_flags(tmp_path, monkeypatch, capsys, hoppe
     monkeypatch.chdir(tmp_path)
     experiment.main(["--data_path", str(hopper_data), *TINY, "--max_iters", "1", "--outdir", "", "--ties_density",
                      "0.5"])
-    assert "warning: --ties_density has no effect without --pretrained_models" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: --ties_density has no effect without --pretrained_models" in err
+    # and a run that keeps nothing says so
+    assert "warning: --outdir '' writes no run folder, and without -w or --save_model nothing of this run is kept" in err
+    assert not list(tmp_path.iterdir())
