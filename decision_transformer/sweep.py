@@ -566,11 +566,14 @@ def _flag_value(argv: list[str], names) -> str | None:
 
 
 def _lm_problem(name: str) -> str | None:
-    """Why the language model ``name`` cannot be found here (its one-line error), or None when it can."""
-    from decision_transformer.models.pretrained import locate_lm
+    """Why the language model ``name`` cannot be found here (its one-line error), or None when it can, or when it is
+    not here but the Hugging Face Hub could give it: planning downloads nothing, the run itself does."""
+    from decision_transformer.models.pretrained import WouldDownload, locate_lm
 
     try:
-        locate_lm(name)
+        locate_lm(name, download=False)
+    except WouldDownload:
+        return None
     except UserError as e:
         return str(e)
     return None

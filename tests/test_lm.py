@@ -1236,3 +1236,43 @@ def test_a_tokenizer_folder_without_tokenizer_files_is_one_line(lm_dirs, tmp_pat
     with pytest.raises(UserError, match="the tokenizer there has no vocabulary"):
         load_tokenizer_dir(model_only)
     assert len(load_tokenizer(lm_dirs / "gpt2", None)) > 100       # a folder with its tokenizer still loads
+
+
+def test_a_cached_tokenizer_alone_is_no_model_and_planning_downloads_nothing(lm_dirs, tmp_path, monkeypatch):
+    """A Hub snapshot holding only config and tokenizer files (left by --tokenizer_name gpt2) is not taken for the
+    model: --pretrained_lm gpt2 then downloads the weights. A sweep's planning asks only whether the model could be
+    had: where the Hub could give it, nothing is downloaded and the run is not blocked; where it could not, the
+    run is blocked with the reason."""
+    import huggingface_hub
+
+    from decision_transformer import sweep
+    from decision_transformer.models import pretrained
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    snap = pretrained.hf_cache_dir() / "models--org--tokonly" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(lm_dirs / "gpt2" / f, snap / f)
+    fetched = []
+
+    def snapshot_download(repo_id, cache_dir, allow_patterns=None, local_files_only=False, **kw):
+        if not local_files_only:
+            fetched.append(allow_patterns)
+            for f in (lm_dirs / "gpt2").iterdir():
+                shutil.copy(f, snap / f.name)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
+                        lambda self, name, **kw: ["config.json", "model.safetensors", "tokenizer.json", "tf_model.h5"])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(pretrained, "_hub_unreachable", lambda: "huggingface.co: Name or service not known")
+    assert "not reachable from here" in sweep._lm_problem("org/tokonly")
+    assert pretrained.find_model_dir("org/tokonly", what="tokenizer") == (snap, "hf-cache")
+    monkeypatch.setattr(pretrained, "_hub_unreachable", lambda: None)
+    assert sweep._lm_problem("org/tokonly") is None and fetched == []       # could be had: planned, not fetched
+    lm = locate_lm("org/tokonly")
+    assert lm.source == "hub" and fetched == [["config.json", "tokenizer.json", "model.safetensors"]]
+    assert set(lm.state_dict()) >= {"wte.weight", "h.0.attn.c_attn.weight"}
+    assert locate_lm("org/tokonly").source == "hf-cache" and len(fetched) == 1   # now the weights are cached

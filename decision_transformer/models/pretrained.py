@@ -61,7 +61,14 @@ def _case_variant(p: Path) -> Path | None:
     return None
 
 
-def _hf_cached_snapshot(name: str) -> Path | None:
+def _has_weights(p: Path) -> bool:
+    """Whether folder ``p`` holds PyTorch weights (safetensors or ``pytorch_model*.bin``, sharded or not)."""
+    return any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin"))
+
+
+def _hf_cached_snapshot(name: str, weights: bool = True) -> Path | None:
+    """The Hugging Face cache's snapshot of ``name``; with ``weights``, only one that holds weight files (a snapshot
+    of its tokenizer alone, from ``--tokenizer_name``, is not a model)."""
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -71,7 +78,11 @@ def _hf_cached_snapshot(name: str) -> Path | None:
         p = Path(snapshot_download(repo_id=name, local_files_only=True, cache_dir=str(hf_cache_dir())))
     except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError):
         return None
-    return p if _is_model_dir(p) else None
+    return p if _is_model_dir(p) and (not weights or _has_weights(p)) else None
+
+
+class WouldDownload(Exception):
+    """Raised by ``find_model_dir(download=False)`` where the model is not here but the Hub could give it."""
 
 
 def _hub_offline() -> bool:
@@ -89,11 +100,9 @@ def _hub_download(name: str, flag: str, weights: bool = True) -> tuple[Path | No
     files and (``weights``; a tokenizer needs none) one weight format (safetensors where the repository has them,
     else ``pytorch_model.bin``), not the TensorFlow, Flax or ONNX copies. ``(None, why)`` offline, or when the Hub cannot be reached or has no such
     model; ``why`` goes into the not-found message."""
-    if _hub_offline():
-        return None, " (HF_HUB_OFFLINE is set: nothing is downloaded)"
-    unreachable = _hub_unreachable()
-    if unreachable:   # (at once: the Hub client would retry for half a minute)
-        return None, f" (the Hugging Face Hub is not reachable from here: {unreachable}; HF_HUB_OFFLINE=1 skips trying)"
+    why = _hub_closed()
+    if why:
+        return None, why
     try:
         import huggingface_hub
 
@@ -116,6 +125,16 @@ def _hub_download(name: str, flag: str, weights: bool = True) -> tuple[Path | No
     return (p, "") if _is_model_dir(p) else (None, f" (the download in {p} has no config.json)")
 
 
+def _hub_closed() -> str:
+    """Why nothing can be downloaded from the Hub (offline mode, or its host cannot be reached), "" when it can."""
+    if _hub_offline():
+        return " (HF_HUB_OFFLINE is set: nothing is downloaded)"
+    unreachable = _hub_unreachable()
+    if unreachable:   # (at once: the Hub client would retry for half a minute)
+        return f" (the Hugging Face Hub is not reachable from here: {unreachable}; HF_HUB_OFFLINE=1 skips trying)"
+    return ""
+
+
 def _hub_unreachable(timeout: float = 5.0) -> str | None:
     """Why the Hub's host cannot be connected to (a name that does not resolve, no route, a timeout), or None when it
     can, or when a proxy is configured (the client then connects through it)."""
@@ -135,8 +154,10 @@ def _hub_unreachable(timeout: float = 5.0) -> str | None:
         return f"{host}: {e.strerror or type(e).__name__}"
 
 
-def find_model_dir(name: str, what: str = "pretrained model", flag: str = "--pretrained_lm") -> tuple[Path, str]:
-    """Resolve ``name`` to a local directory: (path, where it was found). One-line ``UserError`` if absent."""
+def find_model_dir(name: str, what: str = "pretrained model", flag: str = "--pretrained_lm",
+                   download: bool = True) -> tuple[Path, str]:
+    """Resolve ``name`` to a local directory: (path, where it was found). One-line ``UserError`` if absent. Without
+    ``download``, a Hub id that is not here raises ``WouldDownload`` where the Hub could be asked for it."""
     if not name:
         raise UserError(f"{flag} is empty")
     given = Path(name).expanduser()
@@ -166,10 +187,14 @@ def find_model_dir(name: str, what: str = "pretrained model", flag: str = "--pre
 
                 print(f"{flag} {name}: using {found}", file=sys.stderr)
             return found, "local"
-    snap = _hf_cached_snapshot(name)
+    snap = _hf_cached_snapshot(name, weights=what != "tokenizer")
     if snap is not None:
         return snap, "hf-cache"
     hub = "" if explicit_path or in_checkpoints else None
+    if hub is None and not download:
+        hub = _hub_closed()
+        if not hub:
+            raise WouldDownload(name)
     if hub is None:
         snap, hub = _hub_download(name, flag, weights=what != "tokenizer")
         if snap is not None:
@@ -219,9 +244,10 @@ class PretrainedLM:
         return self._state
 
 
-def locate_lm(name: str) -> PretrainedLM:
-    """Find ``name`` (see the module docstring) and read its config; weights are read on first use."""
-    path, source = find_model_dir(name)
+def locate_lm(name: str, download: bool = True) -> PretrainedLM:
+    """Find ``name`` (see the module docstring) and read its config; weights are read on first use. ``download``:
+    see ``find_model_dir``."""
+    path, source = find_model_dir(name, download=download)
     try:
         from transformers import AutoConfig
 
