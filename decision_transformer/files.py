@@ -44,13 +44,23 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     return path
 
 
+def open_lock(lock: Path) -> int:
+    """A descriptor of lock file ``lock`` (created, with its folders) to ``flock``: read-only where the file is another
+    user's (``flock`` works on one). ``OSError`` where it cannot be opened at all."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)   # (the umask decides who else may take it)
+    except OSError:
+        return os.open(lock, os.O_RDONLY)
+
+
 @contextlib.contextmanager
 def exclusive(path: str | os.PathLike, what: str = "it"):
     """Hold an exclusive lock for making the shared file ``path`` (a dataset, a Fisher file, k-means centres): a second
     process that would make it too waits here, then finds it made (the caller looks again inside the block). The lock
     is the hidden file ``.{name}.lock`` beside ``path``, removed on leaving. Where no lock can be had (no ``fcntl``, a
-    file system without ``flock``, a folder that cannot be written) the block runs unlocked: the caller's own write
-    reports an unwritable folder."""
+    file system without ``flock``, a folder that cannot be written) the block runs unlocked, with a warning where the
+    folder can be written (an unwritable one: the caller's own write reports it)."""
     path = Path(path)
     try:
         import fcntl
@@ -60,9 +70,8 @@ def exclusive(path: str | os.PathLike, what: str = "it"):
     lock = path.parent / f".{path.name}.lock"
     fd, told = None, False
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         while fd is None:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = open_lock(lock)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -77,10 +86,13 @@ def exclusive(path: str | os.PathLike, what: str = "it"):
             if not current:
                 os.close(fd)
                 fd = None
-    except OSError:
+    except OSError as e:
         if fd is not None:
             os.close(fd)
         fd = None
+        if path.parent.is_dir() and os.access(path.parent, os.W_OK):
+            print(f"warning: cannot lock {lock} ({e.strerror or e}); nothing stops a second process from making "
+                  f"{path} at the same time", file=sys.stderr)
     try:
         yield
     finally:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from decision_transformer.cli import positive_int
 from decision_transformer.errors import Interrupted, UserError, cli_entry, first_line
+from decision_transformer.files import open_lock
 from decision_transformer.cpu import available_cpus
 from decision_transformer.paths import project_path
 
@@ -498,16 +499,12 @@ def _take_lock(path: Path) -> tuple[bool, int | None]:
     if fcntl is None:
         return True, None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)   # (the umask decides who else may take it)
-    except OSError:
-        try:  # another user's lock file: flock works on a read-only descriptor too
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            if path.parent.is_dir() and os.access(path.parent, os.W_OK):
-                print(f"warning: cannot open the lock {path} ({e.strerror or e}); nothing stops a second process "
-                      f"from training this run at the same time", file=sys.stderr)
-            return True, None   # (a folder that cannot be written: the run itself reports it)
+        fd = open_lock(path)
+    except OSError as e:
+        if path.parent.is_dir() and os.access(path.parent, os.W_OK):
+            print(f"warning: cannot open the lock {path} ({e.strerror or e}); nothing stops a second process "
+                  f"from training this run at the same time", file=sys.stderr)
+        return True, None   # (a folder that cannot be written: the run itself reports it)
     for attempt in range(5):  # another process's look (``_lock_holder``) holds it for an instant
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

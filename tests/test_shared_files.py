@@ -37,6 +37,50 @@ def test_exclusive_makes_a_second_holder_wait_and_leaves_no_lock_file(tmp_path, 
     assert os.listdir(target.parent) == []          # the hidden lock file goes with its holder
 
 
+def test_exclusive_waits_on_another_users_lock_file_and_warns_where_it_cannot_lock(tmp_path, monkeypatch, capsys):
+    """A lock file left by another user (one this user may not write) is opened read-only and still makes us wait;
+    where it cannot be opened at all the block runs unlocked, with a warning saying so."""
+    target = tmp_path / "c.pt"
+    lock = tmp_path / ".c.pt.lock"
+    order, inside = [], threading.Event()
+
+    def first():
+        with files.exclusive(target, "centres"):
+            inside.set()
+            time.sleep(0.3)
+            order.append("first done")
+
+    t = threading.Thread(target=first)
+    t.start()
+    inside.wait(5)
+    real_open, modes = os.open, []
+
+    def others_file(path, flags, *a):
+        if str(path) == str(lock):
+            modes.append(flags & os.O_ACCMODE)
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", others_file)
+    with files.exclusive(target, "centres"):
+        order.append("second in")
+    t.join()
+    assert order == ["first done", "second in"] and os.O_RDONLY in modes
+    assert "waiting for another process" in capsys.readouterr().err
+
+    def no_open(path, flags, *a):
+        if str(path) == str(lock):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", no_open)
+    with files.exclusive(target, "centres"):
+        order.append("unlocked")
+    assert order[-1] == "unlocked"
+    assert f"warning: cannot lock {lock} (Permission denied); nothing stops a second process" in capsys.readouterr().err
+
+
 def made_while_waiting(module, make):
     """Replace ``module.exclusive`` by a lock during whose wait "another process" makes the file (``make(path)``)."""
     @contextlib.contextmanager
