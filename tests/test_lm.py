@@ -417,6 +417,9 @@ def test_kmeans_cosine_form(mean):
     torch.testing.assert_close(km.loss(e), ref, atol=1e-6, rtol=1e-5)
     # the two forms are different losses
     assert not torch.allclose(km.loss(e), KMeansAlignment(c, const=1.0, form="dim", mean=mean).loss(e))
+    with torch.autocast("cpu", dtype=torch.bfloat16):                 # a bf16 run: the loss stays fp32
+        inside = km.loss(e)
+    assert inside.dtype == torch.float32 and torch.equal(inside, km.loss(e))
 
 
 def test_anneal_schedules():

@@ -153,8 +153,11 @@ class KMeansAlignment:
         return self.const * (1.0 if self.anneal_steps is None else anneal(step, self.anneal_steps))
 
     def loss(self, all_embs: torch.Tensor) -> torch.Tensor:
-        """all_embs [B, 3K, H] -> scalar (to be minimised)."""
-        e = all_embs.float()
+        """all_embs [B, 3K, H] -> scalar (to be minimised), computed in fp32 also inside a bf16 autocast."""
+        with torch.autocast(all_embs.device.type, enabled=False):
+            return self._loss(all_embs.float())
+
+    def _loss(self, e: torch.Tensor) -> torch.Tensor:
         if self.form == "cosine":
             sim = F.normalize(e, dim=-1) @ self.c.t()                        # [B, 3K, N]
             best = sim.mean(dim=-1) if self.mean else sim.max(dim=-1).values
