@@ -152,6 +152,28 @@ def test_params_files_table_and_auto_axis(tmp_path, fake_params):
                                       "-1.0000 (1.mlp.c_fc.weight) |")
 
 
+def test_params_summary_leaves_out_tensors_that_start_at_zero(tmp_path, monkeypatch, fake_params):
+    """A zero-initialised bias has cosine 0 by definition (its θ₀ has no direction): its bar and file entry stay 0, as
+    the originals', but the table's mean and min cosine are over the other tensors, and a note says so."""
+    start, end = _sd(1.0), _sd(1.0)
+    start["transformer.h.0.attn.c_attn.bias"] = torch.zeros(2)
+    end["transformer.h.0.attn.c_attn.bias"] = torch.tensor([0.5, -0.5])
+    end["transformer.h.1.mlp.c_fc.weight"] = torch.tensor([4.0, 4.0])          # cos 1/sqrt(2)
+    monkeypatch.setattr(params, "load_state_dict", lambda ck, key, e: ({0: start, 40: end}[e], None))
+    assert params.starts_at_zero(start).tolist() == [False, False, False, False, True]   # (state-dict order)
+    assert params.starts_at_zero(start, concat=True).tolist() == [False, False]
+    outs = params.run(params.build_parser().parse_args(
+        ["-plm", str(tmp_path), "--model_name_list", "dt", "--results_dir", str(tmp_path / "res"),
+         "--figs_dir", str(tmp_path / "figs")]))
+    cos = np.load(tmp_path / "res" / "paramcos_0_40_dt_hopper_medium_666.npy")
+    assert cos[4] == 0.0
+    (title, table), = outs.tables
+    row = table.splitlines()[-1].rstrip(" |").split(" | ")
+    mean = (1 + 1 + 1 + 2 ** -0.5) / 4
+    assert row[3] == f"{mean:.4f}" and row[4] == f"{2 ** -0.5:.4f} (1.mlp.c_fc.weight)"
+    assert any("1 of 5 tensors start at zero" in n and "0.attn.c_attn.bias" in n for n in outs.notes)
+
+
 # ---- attention distance -----------------------------------------------------------------------------------------
 
 @pytest.fixture

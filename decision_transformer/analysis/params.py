@@ -33,11 +33,8 @@ def parameter_similarity(sd0: dict, sd1: dict, concat: bool = False) -> tuple[li
     if list(t0) != list(t1):
         missing = sorted(set(t0) ^ set(t1))
         raise UserError(f"the two checkpoints have different transformer.h tensors (e.g. {missing[:1]})")
-    groups: dict[str, list[str]] = {}
-    for k in t0:
-        groups.setdefault(k.split(".", 1)[0] if concat else k, []).append(k)
     names, dist, cos = [], [], []
-    for g, ks in groups.items():
+    for g, ks in _groups(t0, concat).items():
         a = torch.cat([t0[k].reshape(-1).to(torch.float64) for k in ks])
         b = torch.cat([t1[k].reshape(-1).to(torch.float64) for k in ks])
         if a.shape != b.shape:
@@ -46,6 +43,30 @@ def parameter_similarity(sd0: dict, sd1: dict, concat: bool = False) -> tuple[li
         dist.append(float(torch.linalg.norm(b - a)))
         cos.append(float((a @ b) / (torch.linalg.norm(a) * torch.linalg.norm(b) + COS_EPS)))
     return names, np.array(dist), np.array(cos)
+
+
+def _groups(tensors: dict, concat: bool) -> dict[str, list[str]]:
+    """The tensor names of each compared vector: one per tensor, or (``concat``) all of a block's."""
+    groups: dict[str, list[str]] = {}
+    for k in tensors:
+        groups.setdefault(k.split(".", 1)[0] if concat else k, []).append(k)
+    return groups
+
+
+def starts_at_zero(sd0: dict, concat: bool = False) -> np.ndarray:
+    """Per entry of :func:`parameter_similarity`, whether θ₀ is all zeros (a zero-initialised bias): its cosine is 0 by
+    definition, not a measured change of direction."""
+    t0 = block_tensors(sd0)
+    return np.array([all(not bool(t0[k].any()) for k in ks) for ks in _groups(t0, concat).values()], dtype=bool)
+
+
+def _cosine_summary(names: list[str], cos: np.ndarray, measured: np.ndarray) -> tuple[str, str]:
+    """(mean cosine, min cosine with its tensor) over the ``measured`` entries: "n/a" where none is."""
+    if not measured.any():
+        return "n/a", "n/a"
+    idx = np.flatnonzero(measured)
+    low = idx[int(cos[idx].argmin())]
+    return f"{cos[idx].mean():.4f}", f"{cos[low]:.4f} ({names[low]})"
 
 
 def build_parser():
@@ -81,14 +102,21 @@ def run(args) -> common.Outputs:
         sd0, _ = load_state_dict(args.checkpoint_dir, key, args.epoch1)
         sd1, _ = load_state_dict(args.checkpoint_dir, key, args.epoch2)
         names, dist, cos = parameter_similarity(sd0, sd1, args.concat)
-        results[m] = (names, dist, cos)
+        measured = ~starts_at_zero(sd0, args.concat)
+        results[m] = (names, dist, cos, measured)
         base = f"{args.epoch1}_{args.epoch2}_{m}_{env}_{ds}_{args.seed}{tag}"
         outs.files.append(common.save_npy(res / f"paramdist_{base}.npy", dist))
         outs.files.append(common.save_npy(res / f"paramcos_{base}.npy", cos))
         outs.files.append(common.save_csv(res / f"paramsim_{base}.csv", ["tensor", "l2", "cosine"],
                                           [[n, d, c] for n, d, c in zip(names, dist, cos)]))
-        print(f"{m}: mean l2 {dist.mean():.4f}, mean cosine {cos.mean():.4f} over {len(names)} "
-              f"{'blocks' if args.concat else 'tensors'}", file=sys.stderr)
+        unit = "blocks" if args.concat else "tensors"
+        print(f"{m}: mean l2 {dist.mean():.4f} over {len(names)} {unit}, mean cosine "
+              f"{_cosine_summary(names, cos, measured)[0]} over the {int(measured.sum())} that do not start at zero",
+              file=sys.stderr)
+        if not measured.all():
+            outs.notes.append(f"{m}: {int((~measured).sum())} of {len(names)} {unit} start at zero (zero-initialised "
+                              f"biases; e.g. {names[int(np.argmin(measured))]}): their cosine is 0 by definition and is "
+                              f"left out of the mean and min cosine")
     plt = common.pyplot()
     top = 1.05 * max(float(np.max(x[1])) for x in results.values())
     if getattr(args, "distance_ylim", "paper") == "paper" and not args.concat and top < 0.8:
@@ -118,7 +146,7 @@ def run(args) -> common.Outputs:
         stem = f"{what}_{args.epoch1}_{args.epoch2}_{'_'.join(results)}_{env}_{ds}_{args.seed}{tag}{auto}"
         outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
     rows = [[common.model_label(m), f"{r[1].mean():.4f}", f"{r[1].max():.4f} ({r[0][int(r[1].argmax())]})",
-             f"{r[2].mean():.4f}", f"{r[2].min():.4f} ({r[0][int(r[2].argmin())]})"] for m, r in results.items()]
+             *_cosine_summary(*r[0:1], r[2], r[3])] for m, r in results.items()]
     outs.tables.append((f"Parameter change {env}, epoch {args.epoch1} vs {args.epoch2}",
                         common.markdown_table(["model", "mean L2", "max L2", "mean cosine", "min cosine"], rows)))
     return outs
