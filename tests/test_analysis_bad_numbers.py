@@ -23,3 +23,14 @@ def test_context_longer_than_an_episode(tmp_path, hopper_data, capsys):
                                      "dt", "--epoch", "1", "--results_dir", tmp_path / "res", "--device", "cpu",
                                      "--K", "100000"])
     assert "invalid context K 100000: longer than hopper's 1000-step episodes" in err
+
+
+@pytest.mark.parametrize("flag", ["--epoch2", "--attention_epoch2"])
+def test_run_all_refuses_to_compare_epoch_0_with_itself(tmp_path, capsys, flag):
+    """run_all's CKA, MI, parameter and attention steps compare epoch 0 with --epoch2 / --attention_epoch2: 0 is
+    refused (it used to run at another epoch with a note saying epoch 0 was missing)."""
+    write_run(tmp_path / "ck", "dt", epochs=(0, 1))
+    run_all = load_script("analysis/run_all.py").main
+    err = expect_exit(capsys, run_all, ["--checkpoint_dir", tmp_path / "ck", "--out_dir", tmp_path / "out", flag, "0"])
+    assert f"invalid {flag} 0: the analyses compare epoch 0 with it; use an integer >= 1" in err
+    assert not (tmp_path / "out").exists()

@@ -368,7 +368,11 @@ def run(args) -> Path:
     for name in ("batch_size", "grad_batch_size"):
         if getattr(args, name) > common.MAX_ANALYSIS_BATCH:
             raise UserError(f"--{name} {getattr(args, name)} is too large (at most {common.MAX_ANALYSIS_BATCH:,})")
-    common.check_min(args, 0, "epoch2", "grad_epoch", "attention_epoch2")
+    common.check_min(args, 0, "grad_epoch")
+    for name in ("epoch2", "attention_epoch2"):   # compared with epoch 0, so not 0 itself
+        if getattr(args, name) < 1:
+            raise UserError(f"invalid --{name} {getattr(args, name)}: the analyses compare epoch 0 with it; use an "
+                            f"integer >= 1")
     common.check_seeds(args, "seed")
     both = [s for s in (args.only or []) if s in args.skip]
     if both:
