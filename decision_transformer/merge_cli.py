@@ -180,7 +180,7 @@ def run_merge(args) -> Path:
     from decision_transformer.legacy_import import build_model, load_model_file
     from decision_transformer.merge_setup import (DatasetCache, check_merged_state, check_multi_sources,
                                                   check_selection, merge_multi_states, merge_single_sources,
-                                                  multi_fisher, resolve_method, warn_architecture)
+                                                  merge_words, multi_fisher, resolve_method, warn_architecture)
     from decision_transformer.run import resolve_device
 
     device = resolve_device(args.device, args.threads)
@@ -222,7 +222,7 @@ def run_merge(args) -> Path:
         # as merge_setup._report: the unused 50257 x H token table wte dominates the parameter count of a DT
         _, _, frac_used = merging.merged_fraction({k: v for k, v in state.items() if k != "transformer.wte.weight"},
                                                   merged_keys)
-        print(f"merge: {method} of {len(sources)} models over {n} of {tot} tensors ({frac:.1%} of the parameters, "
+        print(f"merge: {merge_words(method, len(sources), args.p)} over {n} of {tot} tensors ({frac:.1%} of the parameters, "
               f"{frac_used:.1%} without the unused token table wte); the rest from {first.path}", file=sys.stderr)
         specs = list(first.specializations)
         info.update(merged_tensors=n, merged_fraction=frac, merged_fraction_without_wte=frac_used)
@@ -238,7 +238,7 @@ def run_merge(args) -> Path:
     extra = {k: first.raw[k] for k in ("state_mean", "state_std", "state_stats") if k in first.raw}
     out = atomic_save(make_checkpoint({k: v.cpu() for k, v in state.items()}, config, specializations=specs,
                                       **extra), args.out)
-    print(f"{out}: merged checkpoint ({method}, {len(sources)} models)", file=sys.stderr)
+    print(f"{out}: merged checkpoint ({merge_words(method, len(sources), args.p)})", file=sys.stderr)
     return out
 
 

@@ -41,6 +41,16 @@ def resolve_method(args) -> str:
     return method
 
 
+def merge_words(method: str, n: int, p: float) -> str:
+    """The merge in words for the log: ``mean of 2 models``, with the weight where two models are not weighted
+    equally (``--p``), and said plainly where one of them gets all of it."""
+    words = f"{method} of {n} models"
+    if n != 2 or method not in ("mean", "fisher") or p == 0.5:
+        return words
+    whole = " (model 1 alone)" if p == 0 else " (model 2 alone)" if p == 1 else ""
+    return f"{words} weighted {1 - p:g} : {p:g} (--p {p:g}){whole}"
+
+
 def check_experiment_merge(args):
     """``experiment.py``'s merge flags that can be judged before any model is loaded: a merge method other than the
     uniform mean needs 2 or more ``--pretrained_models`` (one model is merged uniformly with the fresh
@@ -522,7 +532,8 @@ def _merge_for_experiment(args, fresh, spec, device):
         check_merged_state(merged, "mean", args)
         load_state_into(fresh, merged, f"merge of {names[0]} and {names[1]}")
         info.update(method="mean", base="loaded" if args.flip else "fresh")
-        _report(merged, keys, info, f"mean of the fresh {args.pretrained_lm} model and {sources[0].path}")
+        _report(merged, keys, info, f"mean of the fresh {args.pretrained_lm} model and {sources[0].path}"
+                + merge_words("mean", 2, args.p)[len("mean of 2 models"):])
         return fresh, keys, keys, info
     keys = merging.select_keys(list(sources[0].state_dict), args.include, args.exclude)
     merged_keys = keys
@@ -537,7 +548,7 @@ def _merge_for_experiment(args, fresh, spec, device):
         _check_destination(args, sources, fresh_sd, keys, spec)
         merged, merged_keys = merge_single_sources(sources, args, keys, device, data, fresh_sd)
         check_merged_state(merged, method, args)
-        _report(merged, merged_keys, info, f"{method} of {len(sources)} models")
+        _report(merged, merged_keys, info, merge_words(method, len(sources), args.p))
     # As LAWSON's experiment.py: --flip (2 models) makes model 2, with the merged tensors, the merged model; then
     # --copy_model trains that merged model, --copy_include copies only the merged tensors into the fresh model, and
     # neither loads the merged model's whole state into the fresh one.

@@ -273,3 +273,12 @@ def test_merge_cli_reports_the_merged_fraction_with_and_without_wte(tmp_path, ca
     info = load_checkpoint(out)["config"]["merge_info"]
     assert info["merged_fraction"] == pytest.approx(frac)
     assert info["merged_fraction_without_wte"] == pytest.approx(frac_used)
+    # an unequal weight is said, and one that gives a model all of it is said plainly
+    for p, words in (("0.2", "mean of 2 models weighted 0.8 : 0.2 (--p 0.2)"),
+                     ("0", "mean of 2 models weighted 1 : 0 (--p 0) (model 1 alone)"),
+                     ("1", "mean of 2 models weighted 0 : 1 (--p 1) (model 2 alone)")):
+        merge_cli.main(["--models", *paths, "--include", "attn", "--device", "cpu", "--out", str(out), "--p", p])
+        err = capsys.readouterr().err
+        assert f"merge: {words} over 4 of {tot} tensors" in err and f"merged checkpoint ({words})" in err
+    assert merge_setup.merge_words("fisher", 3, 0.0) == "fisher of 3 models"     # --p weighs two models only
+    assert merge_setup.merge_words("ties", 2, 0.0) == "ties of 2 models"
