@@ -16,8 +16,9 @@ from decision_transformer import fisher, files, generation
 from decision_transformer.training import kmeans
 
 
-def test_exclusive_makes_a_second_holder_wait_and_leaves_no_lock_file(tmp_path, capsys):
-    target = tmp_path / "shared" / "c.pt"
+def held_by_a_thread(target):
+    """(order, thread): a thread that holds ``target``'s lock for 0.3 s, then appends "first done" to ``order``;
+    returns once it holds the lock."""
     order, inside = [], threading.Event()
 
     def first():
@@ -29,6 +30,12 @@ def test_exclusive_makes_a_second_holder_wait_and_leaves_no_lock_file(tmp_path, 
     t = threading.Thread(target=first)
     t.start()
     inside.wait(5)
+    return order, t
+
+
+def test_exclusive_makes_a_second_holder_wait_and_leaves_no_lock_file(tmp_path, capsys):
+    target = tmp_path / "shared" / "c.pt"
+    order, t = held_by_a_thread(target)
     with files.exclusive(target, "centres"):       # (flock: another open file description, as another process)
         order.append("second in")
     t.join()
@@ -42,17 +49,7 @@ def test_exclusive_waits_on_another_users_lock_file_and_warns_where_it_cannot_lo
     where it cannot be opened at all the block runs unlocked, with a warning saying so."""
     target = tmp_path / "c.pt"
     lock = tmp_path / ".c.pt.lock"
-    order, inside = [], threading.Event()
-
-    def first():
-        with files.exclusive(target, "centres"):
-            inside.set()
-            time.sleep(0.3)
-            order.append("first done")
-
-    t = threading.Thread(target=first)
-    t.start()
-    inside.wait(5)
+    order, t = held_by_a_thread(target)
     real_open, modes = os.open, []
 
     def others_file(path, flags, *a):
