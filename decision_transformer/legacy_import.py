@@ -608,6 +608,39 @@ def infer_dt_config(state: dict[str, torch.Tensor], n_head: int = 1, activation:
                     share_input_output_proj="predict_action.0.weight" not in state, backbone=_bb(bb))
 
 
+def _bare_config_like(mf: ModelFile, like):
+    """The DTConfig of bare state dict ``mf``, for a run whose flags built ``like``: ``like`` itself where the dict
+    fits it; else the sizes read from the dict's tensors, with the head count, activation, dropouts and embedding
+    order of ``like`` (what the flags say of how it was trained), and a warning."""
+    from dataclasses import replace
+
+    from decision_transformer.models import DecisionTransformer
+
+    try:
+        want = {k: tuple(v.shape) for k, v in DecisionTransformer(like).state_dict().items()}
+        if want == {k: tuple(v.shape) for k, v in _drop_legacy_buffers(mf.state_dict).items()}:
+            return like
+        inferred = infer_dt_config(mf.state_dict, max_length=like.max_length)
+    except (KeyError, AttributeError, IndexError, TypeError):
+        return like   # not a DT's state dict: the strict load names what does not fit
+    keep = {k: getattr(like.backbone, k) for k in ("resid_pdrop", "attn_pdrop", "embd_pdrop", "layer_norm_epsilon")}
+    n_embd = inferred.backbone.n_embd
+    heads = like.backbone.n_head if n_embd % like.backbone.n_head == 0 else 1
+    act = inferred.backbone.activation_function
+    act = act if act == "geglu" else like.backbone.activation_function
+    bb = replace(inferred.backbone, n_head=heads, activation_function=act, **keep)
+    tied = (like.extend_positions and "transformer.wpe.weight" in mf.state_dict
+            and bb.n_positions >= inferred.max_ep_len)
+    cfg = replace(inferred, backbone=bb, action_tanh=like.action_tanh, embed_order=like.embed_order,
+                  extend_positions=bool(tied))
+    print(f"warning: {mf.path}: a bare state dict, sized unlike the model this command's flags build; rebuilt from "
+          f"its tensors ({n_embd} wide, {bb.n_layer} layers) with {heads} head(s) and {act}"
+          f"{' (the flags head count does not divide its width)' if heads != like.backbone.n_head else ''}: pass "
+          f"the --n_head and --activation_function it was trained with, or record them with `python -m "
+          f"decision_transformer.legacy_import FILE --n_head N --activation_function F --out OUT`", file=sys.stderr)
+    return cfg
+
+
 #: --n_head / --activation_function of the usual initialisations, for the bare-state-dict error message
 _BARE_HINT = ("random-init DT: 1 relu; GPT-2: 12 gelu_new; iGPT-small: 8 quick_gelu; ChibiT: see its config.json")
 
@@ -672,7 +705,7 @@ def build_model(mf: ModelFile, device=None, fallback_config=None, max_length: in
             if mc:
                 cfg = DTConfig.from_dict(mc)
             elif fallback_config is not None:
-                cfg = fallback_config
+                cfg = _bare_config_like(mf, fallback_config)
             else:
                 cfg = infer_dt_config(mf.state_dict)
                 print(f"warning: {mf.path}: a bare state dict records no head count or activation; rebuilt with "

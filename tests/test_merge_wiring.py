@@ -281,6 +281,41 @@ def test_flip_with_copy_model_trains_model_2_with_the_merged_tensors(srcs, tmp_p
     assert msg == "error: --flip needs exactly 2 --pretrained_models, got 3"
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_bare_state_dict_to_finetune_is_sized_from_its_tensors(srcs, tmp_path, monkeypatch, capsys, flip):
+    """--copy_model / --flip finetune a model of the merge; given as a bare state dict (no config) it is rebuilt from
+    its own tensors, with the head count and activation of the command's flags and a warning, not with the sizes of
+    the flags (128 x 3 here against a 16 x 1 model: it used to stop with a shape mismatch). Where the flags build
+    its shapes, they are its config and nothing is said."""
+    root, data, paths = srcs
+    monkeypatch.chdir(tmp_path)
+    bare = {}
+    for env in ("hopper", "halfcheetah"):
+        bare[env] = tmp_path / f"bare_{env}.pt"
+        torch.save(state(paths[env]), bare[env])
+    order = [bare["halfcheetah"], bare["hopper"]] if flip else [bare["hopper"], bare["halfcheetah"]]
+    experiment.main(["--env", "hopper", "--data_path", str(data), "--K", "5", "--batch_size", "8", "--n_head", "2",
+                     "--pretrained_models", *map(str, order), "--include", "attn", "mlp", "--copy_model",
+                     *(["--flip"] if flip else []), *NO_TRAINING])
+    err = capsys.readouterr().err
+    assert f"warning: {bare['hopper']}: a bare state dict, sized unlike the model this command's flags build; " \
+           f"rebuilt from its tensors (16 wide, 1 layers) with 2 head(s) and relu" in err
+    (rd,) = listed(tmp_path / "checkpoints")
+    m0, one, two = state(rd / "model_0.pt"), state(paths["hopper"]), state(paths["halfcheetah"])
+    assert set(m0) == set(one)
+    for k in m0:
+        if k in attn_mlp(one):
+            torch.testing.assert_close(m0[k], 0.5 * one[k] + 0.5 * two[k], rtol=0, atol=1e-7)
+        else:
+            assert torch.equal(m0[k], one[k]), k
+    backbone = json.loads((rd / "config.json").read_text())["model_config"]["backbone"]
+    assert (backbone["n_embd"], backbone["n_layer"], backbone["n_head"]) == (16, 1, 2)
+    experiment.main(["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models",
+                     *map(str, order), "--include", "attn", "mlp", "--copy_model", *(["--flip"] if flip else []),
+                     *NO_TRAINING])
+    assert "sized unlike" not in capsys.readouterr().err
+
+
 def test_load_checkpoint_and_pretrained_models_exclude_each_other(srcs, tmp_path, monkeypatch, capsys):
     """The checkpoint would replace the merged weights (the original skipped the merge without a word): one line,
     before any merge, and nothing written."""
