@@ -231,7 +231,7 @@ def run_merge(args) -> Path:
                                                "fisher_floor", "fisher_favor_target", "f_batch_size", "f_num_batches",
                                                "seed")})
     try:
-        check_merged_state(state, method, args)
+        check_merged_state(state, method, args, [(s.path, s.state_dict) for s in sources])
     except UserError as e:
         raise UserError(f"{e}; {args.out} not written") from None
     config = {**first.config, "merge_info": info}

@@ -93,13 +93,20 @@ def warn_architecture(configs: Sequence[dict | None], names: Sequence[str]):
             f"element all the same")
 
 
-def check_merged_state(state: dict, method: str, args):
-    """A merged state with NaN or inf is refused, naming the merge (not an input file)."""
+def check_merged_state(state: dict, method: str, args, sources=()):
+    """A merged state with NaN or inf is refused: naming the input file where that tensor already was NaN or inf
+    (``sources``: (name, state dict) pairs; a tensor outside the merged set is copied from model 1), else the merge."""
     from decision_transformer.checkpoint import check_finite_state
 
     try:
         check_finite_state(state, f"the {method} merge")
     except UserError as e:
+        bad = next(k for k, v in state.items() if torch.is_floating_point(v) and not torch.isfinite(v).all())
+        for name, sd in sources:
+            v = sd.get(bad)
+            if isinstance(v, torch.Tensor) and torch.is_floating_point(v) and not torch.isfinite(v).all():
+                raise UserError(f"{name}: tensor {bad} contains NaN or inf (the {method} merge would carry it)") \
+                    from None
         hint = ""
         if method == "fisher" and getattr(args, "fisher_floor", None) == 0:
             hint = (" (--fisher_floor 0: an element whose Fisher is zero in every model gives 0/0; a floor > 0, "
@@ -529,7 +536,7 @@ def _merge_for_experiment(args, fresh, spec, device):
         configs = [fresh.config.to_dict(), sources[0].config.get("model_config")]
         warn_architecture(configs[::-1] if args.flip else configs, names)
         merged = merging.merge_mean(states, keys, p=args.p, device=device)
-        check_merged_state(merged, "mean", args)
+        check_merged_state(merged, "mean", args, zip(names, states))
         load_state_into(fresh, merged, f"merge of {names[0]} and {names[1]}")
         info.update(method="mean", base="loaded" if args.flip else "fresh")
         _report(merged, keys, info, f"mean of the fresh {args.pretrained_lm} model and {sources[0].path}"
@@ -547,7 +554,7 @@ def _merge_for_experiment(args, fresh, spec, device):
         warn_architecture([s.config.get("model_config") for s in sources], [s.path for s in sources])
         _check_destination(args, sources, fresh_sd, keys, spec)
         merged, merged_keys = merge_single_sources(sources, args, keys, device, data, fresh_sd)
-        check_merged_state(merged, method, args)
+        check_merged_state(merged, method, args, [(s.path, s.state_dict) for s in sources])
         _report(merged, merged_keys, info, merge_words(method, len(sources), args.p))
     # As LAWSON's experiment.py: --flip (2 models) makes model 2, with the merged tensors, the merged model; then
     # --copy_model trains that merged model, --copy_include copies only the merged tensors into the fresh model, and

@@ -52,6 +52,10 @@ def mergeable(t: torch.Tensor) -> bool:
     return torch.is_floating_point(t)
 
 
+#: modules whose shapes follow the env's state and action sizes (the rest of a DT is shaped by its width and depth)
+_ENV_SIZED = ("embed_state", "embed_action", "predict_state", "predict_action")
+
+
 def check_compatible(states: Sequence[StateDict], names: Sequence[str], keys: Sequence[str]):
     """Every model must hold every key of ``keys`` with model 1's shape. Raises a one-line ``UserError`` naming the
     offending file and the first mismatched tensor (in model 1's key order)."""
@@ -65,8 +69,10 @@ def check_compatible(states: Sequence[StateDict], names: Sequence[str], keys: Se
                 raise UserError(f"{name}: cannot merge with {ref_name}: tensor {k} is missing "
                                 f"(different layer count or architecture?)")
             if sd[k].shape != ref[k].shape:
-                raise UserError(f"{name}: cannot merge with {ref_name}: tensor {k} has shape {list(sd[k].shape)}, "
-                                f"{list(ref[k].shape)} in {ref_name} (different hidden size or architecture?)")
+                why = ("models of envs with other state or action sizes: select the shared blocks, e.g. --include attn "
+                       "mlp" if k.split(".", 1)[0] in _ENV_SIZED else "different hidden size or architecture?")
+                raise UserError(f"{name}: cannot merge with {ref_name}: tensor {k} is {list(sd[k].shape)} in this "
+                                f"model and {list(ref[k].shape)} in {ref_name} ({why})")
         # keys in S of this model that model 1 lacks: e.g. model 2 has more layers
         prefixes = _block_prefixes(keys)
         extra = [k for k in sd if k not in ref and any(k.startswith(p) for p in prefixes)]  # this model's order

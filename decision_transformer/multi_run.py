@@ -468,7 +468,7 @@ def merged_model(args, data: EnvData, device) -> tuple[MultiDecisionTransformer,
                    "the statistics it stores where it has them, else the run's"))
             fishers.append(multi_fisher(m, envs, sets, args))
     state, specs = merge_multi_states(sources, args, device, fishers=fishers)
-    check_merged_state(state, method, args)
+    check_merged_state(state, method, args, [(s.path, s.state_dict) for s in sources])
     model = build_model(ModelFile(sources[0].path, state, sources[0].config, specs), device, max_length=args.K)
     model.specializations = list(specs)
     info = {"method": method, "models": list(args.multi_pretrained_models), "specializations": specs}

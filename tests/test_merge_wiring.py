@@ -316,6 +316,24 @@ def test_a_bare_state_dict_to_finetune_is_sized_from_its_tensors(srcs, tmp_path,
     assert "sized unlike" not in capsys.readouterr().err
 
 
+def test_a_nan_copied_from_model_1_is_blamed_on_its_file_not_the_merge(srcs, tmp_path, monkeypatch, capsys):
+    """Tensors outside the merged set come from model 1: a NaN there is model 1's, and the line names its file (it
+    used to say "the mean merge: tensor ... contains NaN or inf"); in experiment.py and merge_cli alike."""
+    root, data, paths = srcs
+    monkeypatch.chdir(tmp_path)
+    ck = load_checkpoint(paths["hopper"])
+    ck["state_dict"]["embed_state.weight"][0, 0] = float("nan")
+    bad = atomic_save(ck, tmp_path / "nan_hopper.pt")
+    expect = f"error: {bad}: tensor embed_state.weight contains NaN or inf (the mean merge would carry it)"
+    assert fails(experiment.main, ["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models", bad,
+                                   paths["walker2d"], "--include", "attn", "mlp", "--copy_model", *NO_TRAINING],
+                 capsys) == expect
+    assert not (tmp_path / "checkpoints").exists()
+    out = tmp_path / "merged.pt"
+    assert fails(merge_cli.main, ["--models", bad, paths["walker2d"], "--include", "attn", "--device", "cpu",
+                                  "--out", out], capsys) == expect + f"; {out} not written"
+
+
 def test_load_checkpoint_and_pretrained_models_exclude_each_other(srcs, tmp_path, monkeypatch, capsys):
     """The checkpoint would replace the merged weights (the original skipped the merge without a word): one line,
     before any merge, and nothing written."""

@@ -380,7 +380,7 @@ def test_incompatible_checkpoints_name_first_tensor(trained, tmp_path, monkeypat
             "--max_iters", "1", "--num_steps_per_iter", "0", "--num_eval_episodes", "0", "--pretrained_models",
             str(m["hopper"])]
     msg = expect_error(capsys, [*base, str(wide)])
-    assert "wide.pt" in msg and "transformer.h.0.attn.c_attn.weight has shape [32, 96]" in msg
+    assert "wide.pt" in msg and "transformer.h.0.attn.c_attn.weight is [32, 96] in this model" in msg
     msg = expect_error(capsys, [*base, str(deep)])
     assert "deep.pt" in msg and "transformer.h.1.ln_1.weight does not exist" in msg
     # model 1 for another env: its dims do not fit --env

@@ -92,8 +92,15 @@ def test_a_different_hidden_size_is_refused_with_the_callers_names():
     b = {"w": torch.zeros(4, 3)}
     with pytest.raises(UserError) as e:
         merging.merge_mean([a, b], ["w"], names=["a.pt", "b.pt"])
-    assert one_line(e) == ("b.pt: cannot merge with a.pt: tensor w has shape [4, 3], [3, 4] in a.pt (different "
-                           "hidden size or architecture?)")
+    assert one_line(e) == ("b.pt: cannot merge with a.pt: tensor w is [4, 3] in this model and [3, 4] in a.pt "
+                           "(different hidden size or architecture?)")
+    # models of two envs: their state and action layers differ, and the hint is to merge the shared blocks
+    with pytest.raises(UserError) as e:
+        merging.merge_mean([{"embed_state.weight": torch.zeros(16, 11)}, {"embed_state.weight": torch.zeros(16, 17)}],
+                           ["embed_state.weight"], names=["cheetah.pt", "hopper.pt"])
+    assert one_line(e) == ("hopper.pt: cannot merge with cheetah.pt: tensor embed_state.weight is [16, 17] in this "
+                           "model and [16, 11] in cheetah.pt (models of envs with other state or action sizes: select "
+                           "the shared blocks, e.g. --include attn mlp)")
 
 
 def test_the_task_vector_base_must_hold_the_keys_with_the_models_shapes():
