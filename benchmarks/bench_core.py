@@ -181,9 +181,11 @@ def bench_forward(device, batch_sizes, K=20):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="fewer episodes (10 only) and a 2-episode one-by-one baseline")
+    p.add_argument("--quick", action="store_true", help="fewer episodes (10 only, unless --episodes is given) and a "
+                                                        "2-episode one-by-one baseline")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--episodes", type=positive_int, nargs="+", default=[10, 50, 100], help="batched evaluation sizes")
+    p.add_argument("--episodes", type=positive_int, nargs="+", default=None,
+                   help="batched evaluation sizes (default 10 50 100; 10 with --quick)")
     p.add_argument("--no_tune_allocator", action="store_true", help="keep glibc's default malloc thresholds")
     p.add_argument("--env_workers", type=eval_workers_type, nargs="+", default=None,
                    help="evaluation env worker processes to compare (default: 0 and auto on CUDA, 0 on CPU)")
@@ -214,7 +216,7 @@ def main(argv=None):
     print()
 
     cuda = device.type == "cuda"
-    episodes = [10] if args.quick else args.episodes
+    episodes = args.episodes or ([10] if args.quick else [10, 50, 100])
     rows = bench_eval(device, episodes, 2 if args.quick else 5, args.env_workers or ([0, "auto"] if cuda else [0]),
                       args.overlap_groups or ([1, 4] if cuda else [1]))
     print("| evaluation (HalfCheetah-v4, 1000-step episodes, DT 128x3) | episodes | env workers | overlap groups "

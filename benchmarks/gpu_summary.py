@@ -11,7 +11,8 @@ short leaves its rows out and says so. Prints markdown:
   (at least 30x; the best configuration of env workers and overlap groups), eager training at the paper config on
   the device against the per-sample loop (at least 5x; the compiled run's ratio is shown beside it), MFU at GPT-2
   size (at least 35%);
-* every measured row of training and evaluation, the precision checks' results and the analysis speed-ups;
+* every measured row of training and of ``bench_core`` (evaluation, sampler, env stepping, evaluation forward), the
+  precision checks' results and the analysis speed-ups;
 * the ``overlap_groups`` setting that was fastest at 50 episodes, for the CUDA default in
   ``decision_transformer/evaluation.py``.
 """
@@ -143,6 +144,9 @@ def summarise(folder: Path) -> tuple[str, dict]:
     if train or compiled:
         show("Training", list((train or compiled)[0]), train + compiled)
     show("Evaluation", list(ev[0]) if ev else [], ev)
+    for header, rows in tables(read("bench_core.txt") or ""):   # the sampler, env stepping and forward tables
+        if not header[0].startswith("evaluation ("):
+            show(header[0][:1].upper() + header[0][1:], header, [dict(zip(header, r)) for r in rows])
     for config in PRECISION_CONFIGS:
         name = f"check_precision_{config}.txt"
         rows = table(read(name) or "", "variant")

@@ -62,8 +62,8 @@ def add_model_flags(p: argparse.ArgumentParser):
     g.add_argument("--load_checkpoint", type=str, default=None, help="load these weights (strictly) before training")
     g.add_argument("--pretrained_lm", "-plm", type=str, default=None,
                    help="initialise from a pretrained LM: gpt2, openai/imagegpt-small or a save_pretrained directory "
-                        "(e.g. checkpoints/ChibiT); looked up locally, in checkpoints/ and in the HF cache, never "
-                        "downloaded. Its config replaces --embed_dim/--n_layer/--n_head/--activation_function")
+                        "(e.g. checkpoints/ChibiT); looked up locally, in checkpoints/ and in the HF cache, else (a Hub id) "
+                        "downloaded from the Hugging Face Hub where it can be reached (HF_HUB_OFFLINE=1: never). Its config replaces --embed_dim/--n_layer/--n_head/--activation_function")
     g.add_argument("--pretrained_block", "-pb", type=int, default=None,
                    help="put block b of --pretrained_lm into a random-init DT (needs --embed_dim = the LM's hidden "
                         "size); 0 works")

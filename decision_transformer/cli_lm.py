@@ -84,5 +84,5 @@ def lm_cotraining_parser() -> argparse.ArgumentParser:
                            "--precision, --compile, --num_eval_episodes, --eval_workers, -w, --save_model, "
                            "--save_mode, --data_path, --outdir, --no_generate, --no_token_cache and --end_break may differ)")
         elif action.dest == "pretrained_lm":
-            action.help = "required: a GPT-2-family directory (checkpoints/ChibiT) or a cached name such as gpt2"
+            action.help = "required: a GPT-2-family directory (checkpoints/ChibiT) or a Hub id such as gpt2 (local or cached, else downloaded where the Hub can be reached)"
     return p

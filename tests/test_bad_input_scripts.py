@@ -218,3 +218,16 @@ def test_gpu_suite_steps_and_budgets(tmp_path):
     subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True,
                    env={**env, "MUJOCO_GL": "egl"}, timeout=60)
     assert all(c.startswith("MUJOCO_GL=egl ") for c in (tmp_path / "python.log").read_text().splitlines())
+
+
+@pytest.mark.parametrize("argv, sizes", [(["--quick"], [10]), (["--quick", "--episodes", "2"], [2]), ([], [10, 50, 100]),
+                                         (["--episodes", "3", "5"], [3, 5])])
+def test_bench_core_episodes_given_are_measured_also_with_quick(monkeypatch, capsys, argv, sizes):
+    bench = load_script("benchmarks/bench_core.py")
+    asked = []
+    monkeypatch.setattr(bench, "bench_sampler", lambda device: (1000.0, 50.0))
+    monkeypatch.setattr(bench, "bench_env_stepping", lambda n, workers, steps: [(0, 1.0)])
+    monkeypatch.setattr(bench, "bench_forward", lambda device, sizes: [])
+    monkeypatch.setattr(bench, "bench_eval", lambda device, episodes, *a: asked.append(episodes) or [])
+    bench.main(["--device", "cpu", *argv])
+    assert asked == [sizes]

@@ -62,6 +62,9 @@ def test_the_targets_are_checked_from_the_logs(logs):
     assert f"| MFU at GPT-2 size (768 x 12), bf16 | 35% | {figures['mfu']:.1f}% | met |" in text
     assert "Fastest 50-episode evaluation with overlap groups = 4" in text
     assert "| bf16 (fused) | 1.00e-03 |" in text
+    # bench_core's other tables come too: the sampler, env stepping and the evaluation forward
+    assert "**Sampler (batch 64, K 20, 1M timesteps)**" in text and "**Env stepping (50 HalfCheetah-v4 envs" in text
+    assert "|  | 8 | 60,000 |" in text and "**Evaluation forward (DT 128x3, K 20)**" in text
     assert text.rstrip().endswith("No rows in: check_precision_gpt2.txt, bench_analysis.txt (missing, or stopped "
                                   "before its first row).")
 
