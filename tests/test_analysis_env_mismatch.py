@@ -35,6 +35,32 @@ def test_loaders_refuse_another_envs_checkpoint(mismatched, tmp_path):
         load_model(tmp_path / "c", RunKey("dt", "medium", "halfcheetah", 666), 1)
 
 
+def test_loaders_refuse_a_checkpoint_of_another_run_of_the_same_env(tmp_path, capsys):
+    """A checkpoint copied between run folders of one env (another K, model, seed, dataset or block) is refused,
+    naming what it records against what its folder says; an analysis script stops with that one line."""
+    ck = tmp_path / "checkpoints"
+    k20, k1 = write_run(ck, "dt", epochs=(0, 1)), write_run(ck, "dt", K=1, epochs=(0, 1))
+    gpt2, seed42 = write_run(ck, "gpt2", epochs=(0, 1)), write_run(ck, "dt", seed=42, epochs=(0, 1))
+    block = write_run(ck, "dt", K=1, block=0, epochs=(0, 1))
+    key = RunKey("dt", "medium", "hopper", 666)
+    load_model(ck, key, 1)                                        # its own file loads
+    for src, says in ((k1, "K 1 (the folder: 20)"), (gpt2, "model_name 'gpt2' (the folder: 'dt')"),
+                      (seed42, "seed 42 (the folder: 666)")):
+        shutil.copy(src / "model_1.pt", k20 / "model_1.pt")
+        with pytest.raises(UserError, match=r"dt_medium_hopper_666/model_1.pt: the checkpoint records "
+                                            + says.replace("(", r"\(").replace(")", r"\)")
+                                            + "; it belongs to another run than its folder dt_medium_hopper_666$"):
+            load_state_dict(ck, key, 1)
+    shutil.copy(block / "model_1.pt", k1 / "model_1.pt")
+    with pytest.raises(UserError, match=r"records pretrained_block 0 \(the folder: None\)"):
+        load_model(ck, RunKey("dt", "medium", "hopper", 666, K=1), 1)
+    shutil.copy(gpt2 / "model_1.pt", k20 / "model_1.pt")
+    params = load_script("analysis/section-53-parameter-similarity/parameter_similarity_analysis.py").main
+    err = expect_exit(capsys, params, ["-plm", ck, "--model_name_list", "dt", "--epoch2", "1",
+                                       "--results_dir", tmp_path / "r", "--figs_dir", tmp_path / "f"])
+    assert "model_name 'gpt2' (the folder: 'dt')" in err and not list((tmp_path / "r").glob("*"))
+
+
 @pytest.mark.parametrize("script, argv", [
     ("analysis/section-51-activation-similarity/compute_cka.py",
      ["--model_name1", "dt", "--model_name2", "dt", "--epoch1", "0", "--epoch2", "1", "--K", "3", "--batch_size", "6",

@@ -31,7 +31,8 @@ def write_run(root, model, *, env="hopper", dataset="medium", seed=666, K=20, ep
     cfg = tiny_config(env, K, n_layer)
     init = DecisionTransformer(cfg, seed=seed + len(model)).state_dict()
     d = Path(root) / run_dir_name(model, dataset, env, seed, K, no_grad_clip, block)
-    config = {"env": env, "dataset": dataset, "seed": seed, "K": K, "model_name": model,
+    config = {"env": env, "dataset": dataset, "seed": seed, "K": K, "model_name": model, "pretrained_block": block,
+              "remove_grad_clip": no_grad_clip,
               "data_file": str(data_file) if data_file else None, "model_config": cfg.to_dict()}
     g = torch.Generator().manual_seed(seed * 7 + K)
     direction = {k: torch.randn(v.shape, generator=g) for k, v in init.items()}

@@ -182,6 +182,31 @@ def check_checkpoint_env(ckpt: dict, path, env: str):
         raise UserError(f"{path}: the checkpoint was trained on {recorded}, but its run folder is for {env}")
 
 
+def check_checkpoint_run(ckpt: dict, path, key: RunKey):
+    """Refuse a checkpoint that records another run than its folder's (another env, dataset, seed, context K, model,
+    transplanted block or grad-clip setting: a file copied or moved between run folders), naming the file; what the
+    checkpoint does not record is not compared."""
+    check_checkpoint_env(ckpt, path, key.env)
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+
+    def recorded(name, kind):
+        v = config.get(name)
+        return v if isinstance(v, kind) and not isinstance(v, bool) or kind is bool and isinstance(v, bool) else None
+
+    diffs = []
+    for name, kind, want in (("dataset", str, key.dataset), ("seed", int, key.seed), ("K", int, key.K),
+                             ("model_name", str, key.model), ("remove_grad_clip", bool, key.no_grad_clip)):
+        got = recorded(name, kind)
+        if got is not None and got != want:
+            diffs.append(f"{name} {got!r} (the folder: {want!r})")
+    if "pretrained_block" in config and (config["pretrained_block"] is None or recorded("pretrained_block", int)
+                                         is not None) and config["pretrained_block"] != key.block:
+        diffs.append(f"pretrained_block {config['pretrained_block']!r} (the folder: {key.block!r})")
+    if diffs:
+        raise UserError(f"{path}: the checkpoint records {', '.join(diffs)}; it belongs to another run than its "
+                        f"folder {key.dir_name}")
+
+
 def load_run_checkpoint(checkpoint_dir, key: RunKey, epoch: int) -> tuple[dict, Path]:
     path = checkpoint_path(checkpoint_dir, key, epoch)
     if path.is_file():
@@ -194,7 +219,7 @@ def load_run_checkpoint(checkpoint_dir, key: RunKey, epoch: int) -> tuple[dict, 
     if isinstance(cfg, dict) and cfg.get("model_class") == MULTI_MODEL_CLASS:
         raise UserError(f"{path}: a multi-task checkpoint (experiment_multi.py); the analyses take single-task runs "
                         f"of experiment.py")
-    check_checkpoint_env(ckpt, path, key.env)
+    check_checkpoint_run(ckpt, path, key)
     return ckpt, path
 
 
