@@ -432,10 +432,11 @@ def _set_returns(metrics, value: str):
     metrics.write_text(text)
 
 
-@pytest.mark.parametrize("value", ['"high"', "Infinity", "true", "[1]"])
+@pytest.mark.parametrize("value", ['"high"', "Infinity", "true", "[1]", "NaN"])
 def test_a_return_that_is_not_a_number_is_one_line(runs, tmp_path, capsys, value):
-    """A return logged as a string, inf, a bool or a list is damage, named by file and row (strings were read as
-    NaN, so --select last reported an earlier iteration as the last; inf was tabled as 'inf')."""
+    """A return logged as a string, inf, a bool, a list or NaN (a run writes null for a value not computed, and stops
+    rather than log a NaN return) is damage, named by file and row (strings and NaN were read as not computed, so
+    --select last reported an earlier iteration as the last; inf was tabled as 'inf')."""
     ck = _copy_runs(runs, tmp_path)
     metrics = next(ck.glob("dt_medium_hopper_666/metrics.jsonl"))
     _set_returns(metrics, value)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_analysis_figures import metrics_run
 
-from decision_transformer.analysis import attention, common, curves, params, report
+from decision_transformer.analysis import attention, common, curves, params, report, scores
 from decision_transformer.analysis.runs import RunKey
 from decision_transformer.checkpoint import run_dir_name
 from decision_transformer.errors import UserError
@@ -31,6 +31,21 @@ def test_metric_series_refuses_booleans_and_turns_null_into_nan_and_numbers_into
     assert np.isnan(val[0]) and val[1:].tolist() == [3.0, 4.5]
     with pytest.raises(UserError, match=f"^m.jsonl: row 2 has {RET} = true, not a number$"):
         curves.metric_series([{RET: 1.0}, {RET: True}], RET, "m.jsonl")     # a bool is not counted as 1.0
+
+
+def test_metric_series_refuses_an_iteration_logged_twice_and_orders_iterations():
+    """A run logs one row per iteration: a second row of the same iteration (a file pasted together) is an error
+    naming both rows; rows out of order come back in iteration order, so that the last one is the last epoch."""
+    with pytest.raises(UserError, match="^m.jsonl: iteration 2 is logged twice \\(rows 2 and 5\\)$"):
+        curves.metric_series([{"iteration": i, RET: 1.0} for i in (1, 2, 3, 4, 2)], RET, "m.jsonl")
+    it, val = curves.metric_series([{"iteration": i, RET: float(i)} for i in (3, 1, 2)], RET)
+    assert it.tolist() == [1, 2, 3] and val.tolist() == [1.0, 2.0, 3.0]
+    assert scores.best_and_last(*curves.metric_series([{"iteration": 4, RET: 9.0}, {"iteration": 1, RET: 1.0}],
+                                                      RET)) == (4, 9.0, 4, 9.0)
+    # NaN: damage in a metrics.jsonl, a value not computed in a WandB history
+    with pytest.raises(UserError, match="row 1 has .* = NaN, not a number"):
+        curves.metric_series([{"iteration": 1, RET: float("nan")}], RET)
+    assert np.isnan(curves.metric_series([{"iteration": 1, RET: float("nan")}], RET, nan_ok=True)[1]).all()
 
 
 def test_wandb_rows_number_iterations_from_step_plus_one(monkeypatch):

@@ -48,7 +48,7 @@ def write_run(root, model, *, env="hopper", dataset="medium", seed=666, K=20, ep
     for i, r in enumerate(returns, 1):
         row = {"iteration": i, "training/action_error": 1.0 / i, "training/train_loss_mean": 1.0 / i}
         for t in targets:
-            row[f"evaluation/target_{t}_return_mean"] = r if t == targets[0] else r / 2
+            row[f"evaluation/target_{t}_return_mean"] = r if t == targets[0] or r is None else r / 2
         if env == "halfcheetah":
             row["evaluation/target_6000_return_mean"] = r
         rows.append(row)

@@ -277,6 +277,18 @@ def test_select_last_picks_the_last_scores_for_table_and_bars(tmp_path, two_seed
     assert (x, h) == (pytest.approx(0.0), pytest.approx(13.0))
 
 
+def test_dataset_norm_needs_data_only_for_envs_with_runs(tmp_path, two_seeds):
+    """The default env list names all three envs; with hopper runs only, only hopper's random/expert data is read
+    (halfcheetah's, absent, used to stop the table)."""
+    ck, data = two_seeds
+    outs = scores.run(scores.build_parser().parse_args(
+        [str(a) for a in ["--checkpoint_dir", ck, *out(tmp_path), "--model_name_list", "dt", "--score_norm",
+                          "dataset", "--data_path", data, "--no_figure"]]))
+    assert [n for n in outs.notes if n.startswith("dataset-based")] == \
+        [f"dataset-based normalisation for hopper: hopper-random/expert datasets in {data}"]
+    assert [r["env"] for r in _csv(tmp_path / "res" / "normalized_scores_medium_K20_dataset.csv")] == ["hopper"] * 2
+
+
 def test_target_selects_the_metric(tmp_path, two_seeds):
     ck, _ = two_seeds
     scores.run(score_args(ck, tmp_path, "--model_name_list", "dt", "--seed_list", "666", "--target", "1800",
@@ -325,7 +337,7 @@ def test_reid_quotes_only_in_the_d4rl_medium_K20_table(tmp_path):
 
 def test_a_seed_without_scores_is_left_out_of_the_bar(tmp_path, figures):
     ck = tmp_path / "checkpoints"
-    write_run(ck, "dt", epochs=(1,), returns=[math.nan, math.nan])
+    write_run(ck, "dt", epochs=(1,), returns=[None, None])       # null: not computed (a run never writes NaN)
     write_run(ck, "dt", seed=42, epochs=(1,), returns=[100.0, 200.0])
     scores.run(score_args(ck, tmp_path, "--model_name_list", "dt"))
     assert bars(figures[0]) == {common.model_label("dt"): [(pytest.approx(0.0), pytest.approx(d4rl(200.0)))]}

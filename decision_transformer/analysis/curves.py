@@ -121,23 +121,32 @@ def _float_or_nan(v) -> bool:
         return False
 
 
-def metric_series(rows: list[dict], key: str, source: str = "metrics") -> tuple[np.ndarray, np.ndarray]:
-    """(iterations, values) of ``key``; null / missing entries become NaN. Unknown keys are errors."""
+def metric_series(rows: list[dict], key: str, source: str = "metrics",
+                  nan_ok: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(iterations, values) of ``key`` in iteration order; null / missing entries become NaN. Unknown keys, an
+    iteration logged twice and (unless ``nan_ok``: a WandB history) a NaN value are errors: a run writes one row per
+    iteration and stops rather than log a NaN return."""
     if not any(key in r for r in rows):
         avail = sorted({k for r in rows for k in r if k.endswith("return_mean")})
         raise MetricNotLogged(f"{source}: no metric {key!r}" + (f" (has {', '.join(avail[:6])})" if avail else
                                                                   " (no evaluation metrics logged)"))
-    it, val = [], []
+    it, val, row_of = [], [], {}
     for i, r in enumerate(rows):
         if key not in r:
             continue
         v = r[key]
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not _float_or_nan(v)):
-            # null (and NaN) is a value not computed; anything else that is not a finite number is damage
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not _float_or_nan(v)
+                              or (not nan_ok and math.isnan(v))):
+            # null is a value not computed; anything else that is not a finite number is damage
             raise UserError(f"{source}: row {i + 1} has {key} = {json.dumps(v)[:40]}, not a number")
-        it.append(int(r.get("iteration", i + 1)))
+        n = int(r.get("iteration", i + 1))
+        if n in row_of:
+            raise UserError(f"{source}: iteration {n} is logged twice (rows {row_of[n]} and {i + 1})")
+        row_of[n] = i + 1
+        it.append(n)
         val.append(math.nan if v is None else float(v))
-    return np.array(it), np.array(val, dtype=np.float64)
+    order = np.argsort(np.array(it, dtype=np.int64), kind="stable")
+    return np.array(it, dtype=np.int64)[order], np.array(val, dtype=np.float64)[order]
 
 
 def ema_smooth(x, weight: float = 0.8, legacy: bool = False) -> np.ndarray:
@@ -157,7 +166,7 @@ def ema_smooth(x, weight: float = 0.8, legacy: bool = False) -> np.ndarray:
 def _series(args, key: RunKey, metric: str, max_epoch: int | None = None):
     rows = run_metrics(args.checkpoint_dir, key, args.from_wandb, args.wandb_project, args.wandb_entity)
     it, val = metric_series(rows, metric, str(key.path(args.checkpoint_dir) / "metrics.jsonl")
-                            if not args.from_wandb else key.dir_name)
+                            if not args.from_wandb else key.dir_name, nan_ok=args.from_wandb)
     if max_epoch is not None:
         keep = it <= max_epoch
         it, val = it[keep], val[keep]

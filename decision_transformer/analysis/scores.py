@@ -103,9 +103,6 @@ def run(args) -> common.Outputs:
     refs = {}
     for env in args.env_name_list:
         metric = return_key(env, args.target)
-        if args.score_norm == "dataset":
-            refs[env] = dataset_reference(env, args.data_path)
-            outs.notes.append(f"dataset-based normalisation for {env}: {refs[env][2]}")
         for m in args.model_name_list:
             for seed in args.seed_list:
                 key = RunKey(m, args.dataset_name, env, seed, args.K)
@@ -116,7 +113,8 @@ def run(args) -> common.Outputs:
                     missing.append(str(e))
                     continue
                 try:
-                    it, val = metric_series(rows, metric, str(key.path(args.checkpoint_dir) / "metrics.jsonl"))
+                    it, val = metric_series(rows, metric, str(key.path(args.checkpoint_dir) / "metrics.jsonl")
+                                            if not args.from_wandb else key.dir_name, nan_ok=args.from_wandb)
                 except MetricNotLogged as e:
                     missing.append(str(e))
                     continue
@@ -124,6 +122,9 @@ def run(args) -> common.Outputs:
                 if be < 0:
                     missing.append(f"{key.dir_name}: every {metric} value is null")
                     continue
+                if args.score_norm == "dataset" and env not in refs:   # (an env without runs needs no data)
+                    refs[env] = dataset_reference(env, args.data_path)
+                    outs.notes.append(f"dataset-based normalisation for {env}: {refs[env][2]}")
                 norm = (lambda x, env=env: float(d4rl_normalize(env, x))) if args.score_norm == "d4rl" else \
                     (lambda x, env=env: float(dataset_normalize(x, refs[env])))
                 records.append({"env": env, "model": m, "seed": seed, "run": key.dir_name, "best_epoch": be,
