@@ -184,6 +184,11 @@ def _score(value) -> float:
     return -math.inf if math.isnan(value) else value
 
 
+def _iteration(row: dict) -> int:
+    it = row.get("iteration")
+    return it if isinstance(it, int) and not isinstance(it, bool) else -1
+
+
 def read_run(run_dir: str, pick: str = "best") -> dict[str, float]:
     """{env: D4RL score} of an ``experiment.py`` / ``experiment_multi.py`` run folder. ``best`` and ``last`` consider
     the training iterations (1, 2, ...), as the run's own selection does; a merge run's iteration 0 (the merged model
@@ -202,6 +207,12 @@ def read_run(run_dir: str, pick: str = "best") -> dict[str, float]:
             raise UserError(f"{d}: no evaluation before finetuning recorded (@0 needs a merge run of experiment.py; "
                             f"multi-task merge runs record none)")
         return _score_keys(it0, envs, version)
+    seen = {}
+    for n, r in enumerate(rows, 1):   # a run writes one row per iteration: two are a file pasted together
+        it = r.get("iteration")
+        if isinstance(it, int) and it in seen:
+            raise UserError(f"{d / 'metrics.jsonl'}: iteration {it} is logged twice (rows {seen[it]} and {n})")
+        seen[it] = n
     rows = [r for r in rows if _score_keys(r, envs, version)]
     trained = [r for r in rows if r.get("iteration") != 0]
     if not trained:
@@ -209,8 +220,9 @@ def read_run(run_dir: str, pick: str = "best") -> dict[str, float]:
             raise UserError(f"{d}: metrics.jsonl holds only iteration 0 (the merged model before finetuning); "
                             f"read it with @0")
         raise UserError(f"{d}: no evaluation in metrics.jsonl")
-    if pick == "last":
-        return _score_keys(trained[-1], envs, version)
+    if pick == "last":   # the highest iteration (rows out of order are read in iteration order)
+        last = max(range(len(trained)), key=lambda i: (_iteration(trained[i]), i))
+        return _score_keys(trained[last], envs, version)
     if multi:
         key = "evaluation/average_norm_return_mean"
     else:

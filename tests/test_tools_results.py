@@ -72,6 +72,18 @@ def test_a_run_with_only_iteration_0_says_so(tmp_path, capsys):
     assert results_table.read_run(str(run), "0") == {"hopper": 90.0}
 
 
+def test_last_is_the_highest_iteration_and_an_iteration_logged_twice_is_refused(tmp_path, capsys):
+    run = run_folder(tmp_path / "run", {"env": "hopper"},
+                     [single_row("hopper", 1, 1000.0, 30.0), single_row("hopper", 3, 1500.0, 45.0),
+                      single_row("hopper", 2, 2000.0, 60.0)])
+    assert results_table.read_run(str(run), "last") == {"hopper": 45.0}      # iteration 3, not the file's last row
+    twice = run_folder(tmp_path / "twice", {"env": "hopper"},
+                       [single_row("hopper", 1, 1000.0, 30.0), single_row("hopper", 2, 2000.0, 60.0),
+                        single_row("hopper", 2, 3000.0, 90.0)])
+    assert fails(results_table.main, ["--row", f"m={twice}@last"], capsys).endswith(
+        f"{twice / 'metrics.jsonl'}: iteration 2 is logged twice (rows 2 and 3)")
+
+
 # ---- NaN is never the best -------------------------------------------------------------------------------------------
 
 def test_a_nan_score_is_not_picked_as_best(tmp_path):
