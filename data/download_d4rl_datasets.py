@@ -31,7 +31,9 @@ def parse_name(path: str) -> tuple[str, str]:
     return m.group(1), m.group(2).replace("_", "-")
 
 
-def convert(path: str, data_path: str) -> str:
+def convert(path: str, data_path: str, force: bool = True) -> str:
+    """``path`` (a D4RL hdf5) as ``{data_path}/{env}-{dataset}-v2.pkl``; an existing pkl is replaced only with
+    ``force``. A smoke-test stand-in's pkl gets its mark file (the training scripts then warn), and says so."""
     import numpy as np
 
     from decision_transformer.data import (
@@ -40,6 +42,8 @@ def convert(path: str, data_path: str) -> str:
         pkl_name,
         read_hdf5,
         split_episodes,
+        stand_in_mark_path,
+        synthetic_stand_in,
         validate_trajectories,
     )
     from decision_transformer.envs import get_env_spec
@@ -47,11 +51,18 @@ def convert(path: str, data_path: str) -> str:
 
     env, dataset = parse_name(path)
     spec = get_env_spec(env)
+    target = os.path.join(data_path, pkl_name(env, dataset))
+    if not force and os.path.lexists(target):
+        raise UserError(f"{target} exists: converting {path} would replace it; pass --force to overwrite")
+    mark = synthetic_stand_in(path)
     trajs = split_episodes(read_hdf5(path, HDF5_TRAJECTORY_KEYS), source=path, max_steps=episode_steps(spec),
                            require_episode=True)
     # what is written is what was checked: float32 arrays, (T,) rewards, next_observations of the env's width
     trajs = validate_trajectories(trajs, spec, path, next_observations=True)
-    out = write_pkl(os.path.join(data_path, pkl_name(env, dataset)), trajs)
+    out = write_pkl(target, trajs)
+    if mark is not None:   # random-policy data under D4RL's name: the mark goes with it
+        stand_in_mark_path(out).write_text(mark + "\n")
+        print(f"warning: {path} is a smoke-test stand-in ({mark}); {out} is marked as one", file=sys.stderr)
     returns = np.array([t["rewards"].sum() for t in trajs])
     steps = sum(len(t["rewards"]) for t in trajs)
     print(f"{out}: {len(trajs)} trajectories, {steps} timesteps, return mean {returns.mean():.2f} "
@@ -110,14 +121,15 @@ def main(argv=None):
                         "files of those names already there are refused unless --force")
     p.add_argument("--seed", type=int, default=0, help="--synthetic rollouts' seed")
     p.add_argument("--force", action="store_true",
-                   help="--synthetic: overwrite existing hdf5 and pkl files of the same names (refused otherwise)")
+                   help="--synthetic, --hdf5: overwrite existing hdf5 and pkl files of the same names (refused "
+                        "otherwise)")
     args = p.parse_args(argv)
     if args.synthetic is not None:
         synthetic(args)
         return
     if args.hdf5:
         for path in args.hdf5:
-            convert(path, args.data_path)
+            convert(path, args.data_path, force=args.force)
         return
     from decision_transformer.data import hdf5_name
     from decision_transformer.download import base_url, fetch_d4rl

@@ -49,9 +49,20 @@ def hdf5_name(env: str, dataset: str) -> str:
     return f"{env}_{dataset.replace('-', '_')}-v2.hdf5"
 
 
+def stand_in_mark_path(pkl: str | os.PathLike) -> Path:
+    """The file beside a DT pickle that marks it as converted from a smoke-test stand-in (``{name}.synthetic``, the
+    stand-in's description inside): a pickle has no attributes to carry the hdf5's mark."""
+    return Path(pkl).with_suffix(".synthetic")
+
+
 def synthetic_stand_in(path: str | os.PathLike) -> str | None:
-    """What a ``download_d4rl_datasets.py --synthetic`` hdf5 file says it holds; None for any other file (also one
-    that cannot be read: reading it later says why)."""
+    """What a ``download_d4rl_datasets.py --synthetic`` hdf5 file (or a pickle converted from one: its mark file)
+    says it holds; None for any other file (also one that cannot be read: reading it later says why)."""
+    if Path(path).suffix == ".pkl":
+        try:
+            return stand_in_mark_path(path).read_text().strip() or "random-policy data"
+        except OSError:
+            return None
     import h5py
 
     from decision_transformer.synthetic import SYNTHETIC_ATTR
@@ -74,7 +85,7 @@ def find_dataset_file(data_path: str | os.PathLike, env: str, dataset: str) -> P
     candidates.append(Path(d4rl_dir) / hdf5_name(env, dataset))
     for i, c in enumerate(candidates):
         if c.is_file():
-            mark = synthetic_stand_in(c) if i else None
+            mark = synthetic_stand_in(c)
             if mark is not None and i == 2:
                 print(f"note: {c} is a --synthetic smoke-test stand-in, not {env}-{dataset}: passed over",
                       file=sys.stderr)

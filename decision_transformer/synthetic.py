@@ -72,12 +72,17 @@ def write_hdf5(path: str | os.PathLike, data: dict[str, np.ndarray], attrs: dict
 
 
 def write_pkl(path: str | os.PathLike, trajectories: list[dict[str, np.ndarray]]) -> Path:
-    """The DT pickle, written whole and then renamed into place."""
+    """The DT pickle, written whole and then renamed into place; a stand-in mark left by an earlier pickle of that
+    name goes (the writer of a stand-in marks it again)."""
+    from decision_transformer.data import stand_in_mark_path
+
     def write(tmp):
         with open(tmp, "wb") as f:
             pickle.dump(trajectories, f)
 
-    return atomic_write(path, write)
+    out = atomic_write(path, write)
+    stand_in_mark_path(out).unlink(missing_ok=True)
+    return out
 
 
 def make_dataset(data_path: str | os.PathLike, env: str, dataset: str, num_transitions: int, seed: int = 0,

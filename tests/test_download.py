@@ -291,6 +291,39 @@ def test_a_synthetic_stand_in_in_d4rls_cache_is_never_taken_for_the_dataset(tmp_
     assert find_dataset_file(tmp_path / "empty", "hopper", "medium") == cache / "hopper_medium-v2.hdf5"
 
 
+def test_a_stand_ins_pickle_is_marked_and_hdf5_conversion_keeps_an_existing_pickle(tmp_path, capsys):
+    """--synthetic also converts its stand-ins into --data_path, where the training scripts read the pkl first: the
+    pkl carries the mark (a `.synthetic` file beside it) and reading it warns, as reading the stand-in hdf5 does;
+    --hdf5 of a stand-in marks its pkl too. --hdf5 does not replace an existing pkl without --force, and a pkl
+    written over a marked one (the real conversion, generation) drops the mark."""
+    from decision_transformer.data import find_dataset_file
+    from decision_transformer.synthetic import make_dataset, rollout_flat
+
+    synth = tmp_path / "synth"
+    script.main(["--synthetic", "2", "--envs", "hopper", "--datasets", "medium", "--hdf5_dir", str(tmp_path / "h5"),
+                 "--data_path", str(synth)])
+    assert "is marked as one" in capsys.readouterr().err
+    assert find_dataset_file(synth, "hopper", "medium") == synth / "hopper-medium-v2.pkl"
+    assert "warning: " + str(synth / "hopper-medium-v2.pkl") + " is a smoke-test stand-in (2 uniform-random-policy" \
+        in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    make_dataset(mine, "hopper", "medium", 400, max_ep_len=100)
+    before = (mine / "hopper-medium-v2.pkl").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        script.main(["--hdf5", str(tmp_path / "h5" / "hopper_medium-v2.hdf5"), "--data_path", str(mine)])
+    assert e.value.code == 2 and (mine / "hopper-medium-v2.pkl").read_bytes() == before
+    assert f"error: {mine / 'hopper-medium-v2.pkl'} exists: converting" in capsys.readouterr().err
+    script.main(["--hdf5", str(tmp_path / "h5" / "hopper_medium-v2.hdf5"), "--data_path", str(mine), "--force"])
+    assert (mine / "hopper-medium-v2.synthetic").is_file()
+    real = tmp_path / "real" / "hopper_medium-v2.hdf5"
+    write_hdf5(real, rollout_flat("hopper", 300, seed=1, max_ep_len=100))
+    script.main(["--hdf5", str(real), "--data_path", str(mine), "--force"])
+    assert not (mine / "hopper-medium-v2.synthetic").exists()
+    capsys.readouterr()
+    find_dataset_file(mine, "hopper", "medium")
+    assert "stand-in" not in capsys.readouterr().err
+
+
 def test_run_from_the_data_folder_writes_there(tmp_path, monkeypatch):
     """The seeds' `cd data; python download_d4rl_datasets.py`: run from inside the project's data folder, the
     datasets go to that folder (where training reads them), not to data/data; from the project's root to data."""
@@ -334,7 +367,8 @@ def test_synthetic_refuses_to_replace_existing_files(tmp_path, capsys):
     assert sorted(p.name for p in h5.iterdir()) == ["hopper_medium-v2.hdf5", "hopper_random-v2.hdf5"]
     for ds in ("medium", "random"):
         assert len(safe_pickle_load(out / f"hopper-{ds}-v2.pkl")) == 1
-    assert sorted(p.name for p in out.iterdir()) == ["hopper-medium-v2.pkl", "hopper-random-v2.pkl"]
+    assert sorted(p.name for p in out.iterdir()) == ["hopper-medium-v2.pkl", "hopper-medium-v2.synthetic",  # marked
+                                                     "hopper-random-v2.pkl", "hopper-random-v2.synthetic"]
 
 
 def test_write_hdf5_replaces_a_file_only_by_a_complete_one(tmp_path):
