@@ -287,6 +287,7 @@ INERT_RULES = {
         (("save_mode",), lambda a: a.save_model, "--save_model"),
     ],
     "lm_cotraining": [
+        (("disable_k_annealing",), lambda a: a.gpt_kmeans is not None, "--gpt_kmeans"),
         (("tokenizer_name", "nlp_dataset_name", "nlp_dataset_config_name", "gpt_lm_const", "lm_const_linear_decay",
           "no_token_cache"), lambda a: a.joint, "--joint"),
     ],

@@ -133,11 +133,15 @@ _ALLOWED_GLOBALS = {
 }
 
 
+class Refused(pickle.UnpicklingError):
+    """What the restricted unpicklers refuse (code, objects, malformed tensors), as against a damaged stream."""
+
+
 def _latin1_encode(text, encoding="utf-8", errors="strict"):
     """``_codecs.encode`` as numpy arrays pickled at protocol 2 use it (their bytes written as a latin-1 str), and
     nothing else: only a str in latin-1."""
     if not isinstance(text, str) or str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError("_codecs.encode is allowed only for a str in latin-1")
+        raise Refused("_codecs.encode is allowed only for a str in latin-1")
     return text.encode("latin-1", errors="strict")
 
 
@@ -149,13 +153,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _latin1_encode
         if module in ("numpy", "numpy.dtypes") and name.endswith("DType"):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+        raise Refused(f"forbidden global {module}.{name}")
 
 
 def _storage_from_bytes(data):
     """A torch storage from the bytes plain pickling stored for it, read with ``torch.load(weights_only=True)``."""
     if not isinstance(data, (bytes, bytearray)):
-        raise pickle.UnpicklingError(f"tensor storage given as {type(data).__name__}, not bytes")
+        raise Refused(f"tensor storage given as {type(data).__name__}, not bytes")
     import warnings
 
     try:
@@ -165,9 +169,9 @@ def _storage_from_bytes(data):
     except pickle.UnpicklingError as e:  # torch's weights-only refusal: name what was refused
         name, op = re.search(r"GLOBAL ([\w.]+)", str(e)), re.search(r"Unsupported operand (\d+)", str(e))
         what = name.group(1) if name else f"or operation (pickle opcode {op.group(1)})" if op else "or content"
-        raise pickle.UnpicklingError(f"forbidden global {what} in a tensor storage") from None
+        raise Refused(f"forbidden global {what} in a tensor storage") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for damaged bytes
-        raise pickle.UnpicklingError(f"tensor storage not readable ({type(e).__name__}: {e})") from None
+        raise Refused(f"tensor storage not readable ({type(e).__name__}: {e})") from None
 
 
 #: a broadcast view (stride 0) may hold more elements than its storage, up to this many bytes once materialised
@@ -178,26 +182,26 @@ def _checked_view(storage, offset, size, stride, requires_grad, hooks, dtype=Non
     """The checks torch's own rebuild leaves out: ``Tensor.set_`` grows a storage to fit any view, which would hand
     back uninitialised memory as data (or allocate whatever a tiny file asks for)."""
     if not isinstance(storage, torch.storage.TypedStorage):
-        raise pickle.UnpicklingError(f"tensor built on a {type(storage).__name__}, not a storage")
+        raise Refused(f"tensor built on a {type(storage).__name__}, not a storage")
     dtype = storage.dtype if dtype is None else dtype
     if not isinstance(dtype, torch.dtype):
-        raise pickle.UnpicklingError(f"tensor dtype given as {type(dtype).__name__}")
+        raise Refused(f"tensor dtype given as {type(dtype).__name__}")
 
     def count(v):
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
     if not (count(offset) and isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))
             and len(size) == len(stride) and all(map(count, size)) and all(map(count, stride))):
-        raise pickle.UnpicklingError("malformed tensor view (offset, sizes and strides must be integers >= 0)")
+        raise Refused("malformed tensor view (offset, sizes and strides must be integers >= 0)")
     if hooks or requires_grad not in (True, False):
-        raise pickle.UnpicklingError("tensor with backward hooks or a non-boolean requires_grad")
+        raise Refused("tensor with backward hooks or a non-boolean requires_grad")
     itemsize = torch.empty((), dtype=dtype).element_size()
     numel = math.prod(size)
     available = storage._untyped_storage.nbytes()
     if numel and (offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1) * itemsize > available:
-        raise pickle.UnpicklingError(f"a tensor of shape {tuple(size)} reaches beyond its storage of {available} bytes")
+        raise Refused(f"a tensor of shape {tuple(size)} reaches beyond its storage of {available} bytes")
     if numel * itemsize > max(available, _MAX_VIEW_BYTES):
-        raise pickle.UnpicklingError(f"a broadcast tensor of shape {tuple(size)} on {available} bytes: too large")
+        raise Refused(f"a broadcast tensor of shape {tuple(size)} on {available} bytes: too large")
     return tuple(size), tuple(stride)
 
 
@@ -242,8 +246,10 @@ def safe_pickle_load(path: str | os.PathLike):
         raise UserError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a folder, not a dataset file") from None
-    except pickle.UnpicklingError as e:
+    except Refused as e:
         raise UserError(f"{path}: refused to load ({e}); only numpy arrays, lists and dicts are allowed") from None
+    except pickle.UnpicklingError as e:   # a stream cut short or not a pickle at all
+        raise UserError(f"{path}: not a readable pickle (damaged, cut short or another format: {e})") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, ImportError, MemoryError,
             OverflowError, SystemError, RuntimeError) as e:
         raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None

@@ -354,8 +354,9 @@ def test_chibit_vocabulary_is_bounded(tmp_path, capsys):
     ("decision_transformer.cli:experiment_parser", ("experiment",),   # enabled, or left at their defaults: silent
      ["--gpt_kmeans", "10", "--kmeans_cache", "c.pt", "--custom_transformer_decay", "-lmlr", "1e-3"], []),
     ("decision_transformer.cli_lm:lm_cotraining_parser", ("experiment", "lm_cotraining"),
-     ["--tokenizer_name", "t", "--gpt_lm_const", "0.5"],
-     ["--tokenizer_name has no effect without --joint", "--gpt_lm_const has no effect without --joint"]),
+     ["--tokenizer_name", "t", "--gpt_lm_const", "0.5", "--disable_k_annealing"],
+     ["--disable_k_annealing has no effect without --gpt_kmeans", "--tokenizer_name has no effect without --joint",
+      "--gpt_lm_const has no effect without --joint"]),
     ("decision_transformer.cli_lm:lm_cotraining_parser", ("experiment", "lm_cotraining"),
      ["--joint", "--tokenizer_name", "t"], []),
     ("decision_transformer.multi_run:multi_parser", ("multi",), ["--ties_density", "0.5", "--p_list", "0", "1",

@@ -1102,8 +1102,25 @@ def test_protocol_2_pickles_of_numpy_arrays_load_and_codecs_stays_narrow(tmp_pat
     assert np.array_equal(got["hopper-expert-v2"]["state_mean"], np.arange(11, dtype=np.float32))
     bad = tmp_path / "bad.pkl"
     bad.write_bytes(b"\x80\x02c_codecs\nencode\nq\x00X\x01\x00\x00\x00aX\x05\x00\x00\x00rot13\x86R.")
-    with pytest.raises(UserError, match="only for a str in latin-1"):
+    with pytest.raises(UserError, match="refused to load .*only for a str in latin-1"):
         safe_pickle_load(bad)
+
+
+@pytest.mark.parametrize("damage", ["cut", "text"])
+def test_a_damaged_pickle_is_said_to_be_damaged_not_refused(tmp_path, damage):
+    """A pickle cut short or a file of another format is damage ("not a readable pickle"), not a refused object (the
+    message said the file held disallowed objects)."""
+    import pickle
+
+    from decision_transformer.data import safe_pickle_load
+    from decision_transformer.errors import UserError
+
+    p = tmp_path / "hopper-medium-v2.pkl"
+    whole = pickle.dumps([{"rewards": np.arange(500, dtype=np.float32)}])
+    p.write_bytes(whole[:300] if damage == "cut" else b"not a pickle at all\n")
+    with pytest.raises(UserError) as e:
+        safe_pickle_load(p)
+    assert str(e.value).startswith(f"{p}: not a readable pickle") and "refused" not in str(e.value)
 
 
 def test_actions_outside_the_tanh_range_are_warned_about(capsys):
