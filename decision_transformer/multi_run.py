@@ -31,7 +31,7 @@ from decision_transformer.envs import DEFAULT_ENV_VERSION, SUPPORTED_ENV_VERSION
 from decision_transformer.errors import UserError
 from decision_transformer.legacy_import import (ModelFile, build_model, checked_state_stats, load_model_file,
                                                  stored_state_stats)
-from decision_transformer.logging import RunLogger, progress
+from decision_transformer.runlog import RunLogger, progress
 from decision_transformer.merge_setup import (check_merged_state, check_multi_sources, merge_multi_states, multi_fisher,
                                               resolve_method)
 from decision_transformer.models.multi_decision_transformer import (MODEL_CLASS, MULTI_ENVS,

@@ -41,7 +41,7 @@ from decision_transformer.envs import (D4RL_ENVS, DEFAULT_ENV_VERSION, SUPPORTED
                                        get_env_spec)
 from decision_transformer.errors import TrainingDiverged, UserError, cli_entry
 from decision_transformer.files import atomic_write
-from decision_transformer.logging import cut_last_line
+from decision_transformer.runlog import cut_last_line
 from decision_transformer.paths import project_path
 from decision_transformer.legacy_import import stored_state_stats
 

@@ -25,7 +25,7 @@ from decision_transformer.data import TrajectoryDataset, load_dataset
 from decision_transformer.envs import check_dataset_name, get_env_spec
 from decision_transformer.errors import TrainingDiverged, UserError
 from decision_transformer.evaluation import env_pool, evaluate_episodes
-from decision_transformer.logging import RunLogger, check_wandb_mode, progress, summary_line
+from decision_transformer.runlog import RunLogger, check_wandb_mode, progress, summary_line
 from decision_transformer.model_factory import (build_bc_model, build_model_from_args, locate_pretrained,
                                                 make_extra_loss)
 from decision_transformer.cpu import configure_threads

@@ -49,10 +49,11 @@ def load_grid(name: str) -> dict:
 
     path = Path(name)
     if not path.is_file():
-        path = GRID_DIR / f"{name}.yaml"
+        path = GRID_DIR / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in GRID_DIR.glob("*.yaml")))
-        raise UserError(f"unknown grid {name!r}: no file {name} or {path}; known grids: {known}")
+        also = f" or {path}" if str(path) != name else ""
+        raise UserError(f"unknown grid {name!r}: no file {name}{also}; known grids: {known}")
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -664,10 +665,11 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
         raise KeyboardInterrupt
 
     before = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    starting = None   # the run being started: stopped now, it counts as not started
     try:
         while pending or running:
             while pending and free:
-                i, cmd = pending.pop(0)
+                i, cmd = starting = pending.pop(0)
                 lock_fd = None
                 if locks is not None and locks[i] is not None:
                     taken, lock_fd = _take_lock(locks[i])
@@ -675,6 +677,7 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
                         print(f"[skip {names[i]}] running elsewhere: {_lock_holder(locks[i]) or locks[i]}",
                               flush=True)
                         report["elsewhere"].append(names[i])
+                        starting = None
                         continue
                 if recheck is not None:
                     try:
@@ -686,6 +689,7 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
                         _unlock(lock_fd)
                         print(f"[skip {names[i]}] now {state} (another launcher or process got to it first)", flush=True)
                         report["skipped"].append((names[i], state))
+                        starting = None
                         continue
                 slot = free.pop(0)
                 env = dict(os.environ)
@@ -712,6 +716,8 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
                     _unlock(lock_fd)
                     raise
                 running[slot] = (names[i], proc, log, lock_fd)
+                starting = None
+            starting = None
             time.sleep(0.2)
             for slot, (name, proc, log, lock_fd) in list(running.items()):
                 if proc.poll() is not None:
@@ -727,6 +733,8 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
                     del running[slot]
                     free.append(slot)
     except KeyboardInterrupt:
+        if starting is not None and all(name != names[starting[0]] for name, *_ in running.values()):
+            pending.insert(0, starting)
         report["stopped"] += [name for name, *_ in running.values()]
         report["not_started"] += [names[i] for i, _ in pending]
         _stop(running)

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT
 from decision_transformer.errors import UserError
-from decision_transformer.logging import RunLogger
+from decision_transformer.runlog import RunLogger
 
 
 def test_a_bad_wandb_mode_is_refused_before_the_run_folder_is_written(tmp_path, monkeypatch):

@@ -1136,7 +1136,7 @@ def test_lm_resume_keeps_the_first_parts_best_checkpoint(lm_dirs, tmp_path, monk
 def test_resumed_metrics_survive_a_row_cut_before_its_newline(tmp_path):
     """metrics.jsonl of a killed run: a half-written last row is dropped, a last row complete but for its newline
     (or bytes that are not text) does not swallow the next row, which lands on a line of its own."""
-    from decision_transformer.logging import RunLogger
+    from decision_transformer.runlog import RunLogger
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"iteration": 1, "a": 1}\n{"iteration": 2, "a": 2}')  # iteration 2 written but for "\n"
@@ -1152,7 +1152,7 @@ def test_run_config_is_replaced_whole(tmp_path, monkeypatch):
     so that the run can still be found by its flags."""
     import errno
 
-    from decision_transformer.logging import RunLogger
+    from decision_transformer.runlog import RunLogger
 
     RunLogger(tmp_path, {"seed": 1, "env": "hopper"})
     real = Path.write_text

@@ -258,6 +258,24 @@ def test_interrupt_stops_the_running_commands(tmp_path, capsys):
     assert "[stopped a]" in capsys.readouterr().out
 
 
+def test_an_interrupt_while_a_run_is_being_started_counts_it_as_not_started(tmp_path):
+    """Ctrl-C / SIGTERM while a run is being started (its state checked again before it starts) leaves it among the
+    waiting runs of the summary and the message, not out of both."""
+    import pytest
+
+    cmds = [[sys.executable, "-c", "import time; time.sleep(60)"] for _ in range(3)]
+
+    def recheck(i):
+        if i == 1:
+            raise KeyboardInterrupt
+        return "new", cmds[i]
+
+    report = sweep.new_report()
+    with pytest.raises(sweep.Interrupted, match="stopped 1 running and 2 waiting runs"):
+        sweep.launch(cmds, [None, None], tmp_path / "logs", ["a", "b", "c"], recheck=recheck, report=report)
+    assert report["stopped"] == ["a"] and report["not_started"] == ["b", "c"]
+
+
 def test_failed_runs_exit_nonzero(tmp_path, capsys):
     spec = {"program": "experiment.py",
             "fixed": {"data_path": str(tmp_path / "none"), "outdir": "", "no_generate": True},
@@ -274,11 +292,14 @@ def test_failed_runs_exit_nonzero(tmp_path, capsys):
 
 
 def test_unknown_grid(capsys):
-    try:
-        sweep.main(["run", "no_such_grid"])
-    except SystemExit as e:
-        assert e.code == 2
-    assert "unknown grid 'no_such_grid'" in capsys.readouterr().err
+    import pytest
+
+    for name in ("no_such_grid", "no_such_grid.yaml"):
+        with pytest.raises(SystemExit) as e:
+            sweep.main(["run", name])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"unknown grid '{name}': no file {name} or " in err
+        assert f"{sweep.GRID_DIR / 'no_such_grid.yaml'}; known grids: " in err and ".yaml.yaml" not in err
 
 
 def test_export_splits_null(tmp_path):
@@ -792,7 +813,7 @@ def test_wandb_rows_logged_before_a_resume_are_not_sent_again(tmp_path, monkeypa
     is kept through a resumed part run without -w."""
     import types
 
-    from decision_transformer.logging import RunLogger
+    from decision_transformer.runlog import RunLogger
 
     fake = _FakeWandb()
     init = fake.init
@@ -930,7 +951,7 @@ def test_a_filesystem_without_flock_runs_unlocked_with_a_warning(tmp_path, monke
 def test_resuming_drops_unreadable_metric_rows_and_says_so_unless_the_last_was_cut(tmp_path, capsys):
     """A last row cut short by a kill is dropped without a word; an unreadable row elsewhere is dropped with a
     warning naming its line, so that a resume never removes results silently."""
-    from decision_transformer.logging import RunLogger
+    from decision_transformer.runlog import RunLogger
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"iteration": 1}\n{"iteration": 2, "x": 0.')
@@ -966,3 +987,21 @@ def test_a_lock_file_that_cannot_be_opened_for_writing_still_locks(tmp_path, mon
     monkeypatch.setattr(sweep.os, "open", lambda *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     assert sweep._take_lock(lock) == (True, None)
     assert "warning: cannot open the lock" in capsys.readouterr().err
+
+
+def test_the_launcher_starts_from_inside_the_package_folder():
+    """``python -m`` puts the working folder first on the import path: started from inside decision_transformer/, a
+    module of the package named like one of Python's own (it was logging.py) would shadow it and the start crashed."""
+    import os
+    import subprocess
+
+    root = Path(sweep.__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "decision_transformer.sweep", "run", "generated_medium", "--dry_run"],
+                          cwd=root / "decision_transformer", capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "3 runs:" in proc.stdout
+    import sysconfig
+
+    stdlib = {p.stem for p in Path(sysconfig.get_paths()["stdlib"]).iterdir()}
+    assert not [p.name for p in (root / "decision_transformer").glob("*.py") if p.stem in stdlib - {"__init__"}]

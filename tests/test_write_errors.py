@@ -314,7 +314,7 @@ def test_an_interrupt_while_a_run_is_set_aside_moves_all_of_it(tmp_path, monkeyp
 def test_run_logger_and_analysis_outputs_name_what_cannot_be_written(tmp_path):
     """config.json with a folder in its place, an analysis output folder that is a file: one line naming it."""
     from decision_transformer.analysis import common
-    from decision_transformer.logging import RunLogger
+    from decision_transformer.runlog import RunLogger
 
     run = tmp_path / "run"
     (run / "config.json").mkdir(parents=True)

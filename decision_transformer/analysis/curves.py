@@ -13,7 +13,7 @@ from decision_transformer.analysis.runs import RunKey, run_depth
 from decision_transformer.checkpoint import block_model_name, wandb_run_name
 from decision_transformer.envs import get_env_spec
 from decision_transformer.errors import UserError, first_line
-from decision_transformer.logging import cut_last_line
+from decision_transformer.runlog import cut_last_line
 from decision_transformer.paths import project_path
 
 #: TAKAGI's evaluation target per env (``target_{3600|6000|5000}_return_mean``).
