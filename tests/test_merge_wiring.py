@@ -37,6 +37,16 @@ def shared_init(path):
     return DecisionTransformer(cfg, seed=666).state_dict()
 
 
+def assert_trained_mean_of(m0, trained, other):
+    """``m0`` holds the mean of ``trained`` and ``other`` in their attn / mlp tensors and ``trained``'s elsewhere."""
+    assert set(m0) == set(trained)
+    for k in m0:
+        if k in attn_mlp(trained):
+            torch.testing.assert_close(m0[k], 0.5 * trained[k] + 0.5 * other[k], rtol=0, atol=1e-7)
+        else:
+            assert torch.equal(m0[k], trained[k]), k
+
+
 def attn_mlp(sd):
     return [k for k in sd if ("attn" in k or "mlp" in k) and sd[k].is_floating_point()]
 
@@ -268,13 +278,7 @@ def test_flip_with_copy_model_trains_model_2_with_the_merged_tensors(srcs, tmp_p
     err = capsys.readouterr().err
     assert "takes precedence" not in err and "--flip has no effect" not in err
     (rd,) = listed(tmp_path / "checkpoints")
-    m0, one, two = state(rd / "model_0.pt"), state(paths["hopper"]), state(paths["halfcheetah"])
-    assert set(m0) == set(two)
-    for k in m0:
-        if k in attn_mlp(two):
-            torch.testing.assert_close(m0[k], 0.5 * one[k] + 0.5 * two[k], rtol=0, atol=1e-7)
-        else:
-            assert torch.equal(m0[k], two[k]), k
+    assert_trained_mean_of(state(rd / "model_0.pt"), state(paths["halfcheetah"]), state(paths["hopper"]))
     msg = fails(experiment.main, ["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models",
                                   *[str(paths[e]) for e in ("hopper", "halfcheetah", "walker2d")], "--include", "attn",
                                   "--flip", "--copy_model", *NO_TRAINING], capsys)
@@ -301,13 +305,7 @@ def test_a_bare_state_dict_to_finetune_is_sized_from_its_tensors(srcs, tmp_path,
     assert f"warning: {bare['hopper']}: a bare state dict, sized unlike the model this command's flags build; " \
            f"rebuilt from its tensors (16 wide, 1 layers) with 2 head(s) and relu" in err
     (rd,) = listed(tmp_path / "checkpoints")
-    m0, one, two = state(rd / "model_0.pt"), state(paths["hopper"]), state(paths["halfcheetah"])
-    assert set(m0) == set(one)
-    for k in m0:
-        if k in attn_mlp(one):
-            torch.testing.assert_close(m0[k], 0.5 * one[k] + 0.5 * two[k], rtol=0, atol=1e-7)
-        else:
-            assert torch.equal(m0[k], one[k]), k
+    assert_trained_mean_of(state(rd / "model_0.pt"), state(paths["hopper"]), state(paths["halfcheetah"]))
     backbone = json.loads((rd / "config.json").read_text())["model_config"]["backbone"]
     assert (backbone["n_embd"], backbone["n_layer"], backbone["n_head"]) == (16, 1, 2)
     experiment.main(["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models",
