@@ -54,6 +54,14 @@ def test_loaders_refuse_a_checkpoint_of_another_run_of_the_same_env(tmp_path, ca
     shutil.copy(block / "model_1.pt", k1 / "model_1.pt")
     with pytest.raises(UserError, match=r"records pretrained_block 0 \(the folder: None\)"):
         load_model(ck, RunKey("dt", "medium", "hopper", 666, K=1), 1)
+    # a block run of iGPT named `dt` by an earlier version, renamed dt-igpt_... as the README says: still its own run
+    from decision_transformer.checkpoint import atomic_save, load_checkpoint
+
+    old = write_run(ck, "dt-igpt", K=1, block=0, epochs=(1,))
+    ckpt = load_checkpoint(old / "model_1.pt")
+    ckpt["config"].update(model_name="dt", pretrained_lm="openai/imagegpt-small")
+    atomic_save(ckpt, old / "model_1.pt")
+    load_state_dict(ck, RunKey("dt-igpt", "medium", "hopper", 666, K=1, block=0), 1)
     shutil.copy(gpt2 / "model_1.pt", k20 / "model_1.pt")
     params = load_script("analysis/section-53-parameter-similarity/parameter_similarity_analysis.py").main
     err = expect_exit(capsys, params, ["-plm", ck, "--model_name_list", "dt", "--epoch2", "1",

@@ -182,6 +182,17 @@ def check_checkpoint_env(ckpt: dict, path, env: str):
         raise UserError(f"{path}: the checkpoint was trained on {recorded}, but its run folder is for {env}")
 
 
+def _named_now(config: dict) -> str | None:
+    """The model name a run recording ``config`` gets today (block runs of LMs other than GPT-2 were named ``dt`` by
+    earlier versions; renamed ``dt-{lm}`` as the README says, their checkpoints still record ``dt``)."""
+    from decision_transformer.checkpoint import model_name
+
+    lm, block = config.get("pretrained_lm"), config.get("pretrained_block")
+    if "pretrained_lm" not in config or not isinstance(lm, (str, type(None))):
+        return None
+    return model_name(lm, block if isinstance(block, int) and not isinstance(block, bool) else None)
+
+
 def check_checkpoint_run(ckpt: dict, path, key: RunKey):
     """Refuse a checkpoint that records another run than its folder's (another env, dataset, seed, context K, model,
     transplanted block or grad-clip setting: a file copied or moved between run folders), naming the file; what the
@@ -197,7 +208,7 @@ def check_checkpoint_run(ckpt: dict, path, key: RunKey):
     for name, kind, want in (("dataset", str, key.dataset), ("seed", int, key.seed), ("K", int, key.K),
                              ("model_name", str, key.model), ("remove_grad_clip", bool, key.no_grad_clip)):
         got = recorded(name, kind)
-        if got is not None and got != want:
+        if got is not None and got != want and not (name == "model_name" and _named_now(config) == want):
             diffs.append(f"{name} {got!r} (the folder: {want!r})")
     if "pretrained_block" in config and (config["pretrained_block"] is None or recorded("pretrained_block", int)
                                          is not None) and config["pretrained_block"] != key.block:
