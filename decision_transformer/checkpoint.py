@@ -315,6 +315,16 @@ def _compare_text(diffs) -> str:
             + ", ".join(f"{n} {b!r}" for n, _, _, b in diffs))
 
 
+def _advice(diffs) -> str:
+    """What to change: ``pass --X`` / ``drop --X`` for an on/off setting (by the checkpoint's value), ``set --X`` for
+    any other."""
+    kinds = {"set": set(), "pass": set(), "drop": set()}
+    for _, flag, saved, _ in diffs:
+        if flag:
+            kinds[("pass" if saved else "drop") if isinstance(saved, bool) else "set"].add(flag)
+    return ", ".join(f"{verb} {', '.join(sorted(flags))}" for verb, flags in kinds.items() if flags)
+
+
 def check_same_behaviour(source: str, saved: dict | None, built: dict):
     """A ``UserError`` naming the settings (``BEHAVIOUR_FIELDS``) in which the model config a checkpoint records
     (``saved``, its ``config["model_config"]``; nothing is checked without one) differs from the model it is loaded
@@ -323,10 +333,10 @@ def check_same_behaviour(source: str, saved: dict | None, built: dict):
         return
     diffs = _config_diffs(BEHAVIOUR_FIELDS, saved, built)
     if diffs:
-        flags = sorted({flag for _, flag, _, _ in diffs if flag})
+        advice = _advice(diffs)
         raise UserError(f"{source} was trained with " + _compare_text(diffs)
-                        + ": its weights would run as another network" + (f" (set {', '.join(flags)} as the "
-                                                                           f"checkpoint's run did)" if flags else ""))
+                        + ": its weights would run as another network" + (f" ({advice} as the checkpoint's run did)"
+                                                                           if advice else ""))
 
 
 def size_hint(saved: dict | None, built: dict) -> str:
@@ -336,8 +346,7 @@ def size_hint(saved: dict | None, built: dict) -> str:
     diffs = _config_diffs(SIZE_FIELDS, saved, built) if isinstance(saved, dict) else []
     if not diffs:
         return ""
-    flags = sorted({flag for _, flag, _, _ in diffs})
-    return f" (it was trained with {_compare_text(diffs)}: set {', '.join(flags)} as its run did)"
+    return f" (it was trained with {_compare_text(diffs)}: {_advice(diffs)} as its run did)"
 
 
 def load_state_into(model: torch.nn.Module, state_dict: dict, source: str, strict: bool = True,

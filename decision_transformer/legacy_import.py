@@ -238,6 +238,9 @@ def _backbone_config(root, state: dict[str, torch.Tensor]) -> dict:
     if n_head is None:
         attn = _attr(_attr(_attr(tr, "_modules", {}).get("h"), "_modules", {}).get("0"), "_modules", {}).get("attn")
         n_head = _attr(attn, "n_head", 1)
+    if isinstance(n_head, bool) or not isinstance(n_head, int) and not (isinstance(n_head, float)
+                                                                         and n_head.is_integer()):
+        raise UserError(f"n_head {n_head!r}: a head count is a whole number")
     cfg = {"n_embd": H, "n_layer": len(layers), "n_head": int(n_head), "n_inner": inner,
            "activation_function": act, "disable_attention": disable}
     if "transformer.h.0.ln_1.bias" not in state:   # ImageGPT's weight-only RMS-style norm
@@ -550,7 +553,7 @@ def check_model_config(mf: ModelFile) -> None:
         return
     try:
         (MultiDTConfig if mf.is_multi else DTConfig).from_dict(mc)
-    except (ValueError, TypeError, KeyError, ArithmeticError) as e:
+    except (ValueError, TypeError, KeyError, ArithmeticError, AttributeError) as e:   # (a backbone that is no dict)
         raise UserError(f"{mf.path}: invalid model_config ({e})") from None
 
 
@@ -606,6 +609,20 @@ def infer_dt_config(state: dict[str, torch.Tensor], n_head: int = 1, activation:
     return DTConfig(state_dim=state["embed_state.weight"].shape[1], act_dim=state["embed_action.weight"].shape[1],
                     max_length=max_length, max_ep_len=state["embed_timestep.weight"].shape[0],
                     share_input_output_proj="predict_action.0.weight" not in state, backbone=_bb(bb))
+
+
+def _check_sizes_fit(cfg, mf: ModelFile):
+    """The sizes a config records against the tables of the state dict it comes with (timestep, position and token
+    tables, width): one line naming the first that differs."""
+    bb, sd = cfg.backbone, mf.state_dict
+    for key, dim, want, what in (("embed_timestep.weight", 0, cfg.max_ep_len, "max_ep_len"),
+                                 ("transformer.wpe.weight", 0, bb.n_positions, "n_positions"),
+                                 ("transformer.wte.weight", 0, bb.vocab_size, "vocab_size"),
+                                 ("transformer.h.0.ln_1.weight", 0, bb.n_embd, "n_embd")):
+        t = sd.get(key)
+        if isinstance(t, torch.Tensor) and t.dim() > dim and t.shape[dim] != want:
+            raise UserError(f"{mf.path}: its config records {what} {want}, but {key} has {t.shape[dim]} rows; the "
+                            f"config does not describe these weights")
 
 
 def _bare_config_like(mf: ModelFile, like):
@@ -715,8 +732,9 @@ def build_model(mf: ModelFile, device=None, fallback_config=None, max_length: in
                       file=sys.stderr)
             if max_length:
                 cfg = replace(cfg, max_length=max_length)
+            _check_sizes_fit(cfg, mf)   # before building: a recorded size far beyond the weights would allocate it
             model = DecisionTransformer(cfg)
-    except (ValueError, TypeError, KeyError, ArithmeticError) as e:
+    except (ValueError, TypeError, KeyError, ArithmeticError, AttributeError) as e:
         raise UserError(f"{mf.path}: cannot rebuild the model from its config ({e})") from None
     load_state_into(model, mf.state_dict, mf.path)
     return model.to(device) if device is not None else model

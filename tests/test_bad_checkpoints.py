@@ -219,3 +219,25 @@ def test_a_plain_pickle_gives_one_line_without_torchs_warning(tmp_path, capsys):
         msg = fails(precompute_fisher.main, ["--model", str(bad), "--device", "cpu"], capsys)
     assert f"{bad}: not a loadable checkpoint (Unsupported operand 103)" in msg
     assert [str(w.message) for w in caught if "pickle protocol" in str(w.message)] == []
+
+
+@pytest.mark.parametrize("change, expect", [
+    (lambda mc: mc.update(backbone="gpt2"), "invalid model_config ('str' object has no attribute 'items')"),
+    (lambda mc: mc.update(max_length=True), "invalid model_config (max_length must be a positive integer, got True)"),
+    (lambda mc: mc.update(max_ep_len=10 ** 12), "its config records max_ep_len 1000000000000, but "
+                                                "embed_timestep.weight has 1000 rows"),
+    (lambda mc: mc["backbone"].update(n_embd=10 ** 9), "its config records n_embd 1000000000, but "
+                                                       "transformer.h.0.ln_1.weight has 16 rows"),
+], ids=["backbone_str", "K_bool", "huge_max_ep_len", "huge_width"])
+def test_a_recorded_config_that_cannot_describe_its_weights_is_one_line(tmp_path, capsys, change, expect):
+    """A backbone that is no dict (a traceback), a context length of True (taken as K=1), and sizes far beyond the
+    tables of the weights (the model was built, allocating terabytes, before its weights were compared) are refused
+    naming the file, before any model is built."""
+    from decision_transformer.legacy_import import build_model
+
+    ckpt = hopper_ckpt()
+    change(ckpt["config"]["model_config"])
+    path = saved(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(UserError) as e:
+        build_model(load_model_file(path))
+    assert str(e.value).startswith(f"{path}: ") and expect in str(e.value)

@@ -368,8 +368,8 @@ def test_checkpoint_mismatch_names_tensor(tmp_path, monkeypatch, capsys, hopper_
     argv = ["--data_path", str(hopper_data), *TINY, "--share_input_output_proj", "--load_checkpoint", str(ckpt)]
     msg = expect_error(capsys, argv)
     assert "missing" in msg or "unexpected" in msg
-    assert "share_input_output_proj False; the model these flags build has share_input_output_proj True: set " \
-           "--share_input_output_proj as its run did" in msg
+    assert "share_input_output_proj False; the model these flags build has share_input_output_proj True: drop " \
+           "--share_input_output_proj as its run did" in msg     # (it said "set": the wrong way round)
 
 
 def test_malicious_checkpoint_is_refused(tmp_path, monkeypatch, capsys, hopper_data):

@@ -527,13 +527,16 @@ def _huge_context(m):
 
 @pytest.mark.parametrize("damage, message", [
     (_no_timestep, "not shaped like an original model: no tensor or attribute 'embed_timestep.weight'"),
-    (_n_head("four"), "not shaped like an original model (invalid literal for int()"),
+    (_n_head("four"), "n_head 'four': a head count is a whole number"),
+    (_n_head(2.5), "n_head 2.5: a head count is a whole number"),       # (it was cut to 2)
+    (_n_head(True), "n_head True: a head count is a whole number"),     # (it was read as 1)
     (_n_head(0), "n_head must be a positive integer, got 0"),
     (_n_head(5), "hidden size 16 is not divisible by n_head 5"),
     (_activation("bogus"), "unknown activation function 'bogus'"),
     (_eps_nan, "layer_norm_epsilon must be a finite positive number, got nan"),
     (_huge_context, "max_length 1000000000000 exceeds its 1000 timesteps"),
-], ids=["no_timestep", "n_head_str", "n_head_0", "n_head_5", "activation", "eps_nan", "huge_context"])
+], ids=["no_timestep", "n_head_str", "n_head_frac", "n_head_bool", "n_head_0", "n_head_5", "activation", "eps_nan",
+        "huge_context"])
 def test_a_damaged_original_is_one_line_and_nothing_is_written(tmp_path, capsys, damage, message):
     """Pickles that are not shaped like the originals' models, or whose config no model can be built from, are refused
     by the converter before it writes anything (and by every loader)."""

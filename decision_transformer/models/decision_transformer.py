@@ -52,6 +52,16 @@ class DTConfig(BackboneHolder):
     extend_positions: bool = False
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
+    def __post_init__(self):
+        """Sizes positive integers and switches booleans (a recorded ``True`` is no context length)."""
+        for name in ("state_dim", "act_dim", "max_length", "max_ep_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("action_tanh", "share_input_output_proj", "extend_positions"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
 
 @dataclass
 class DTOutput:
