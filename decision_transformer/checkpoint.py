@@ -264,6 +264,19 @@ def check_state_dict_tensors(state_dict, source) -> None:
             raise UserError(f"{source}: damaged checkpoint: state_dict key {k!r} is {_a(k)}, not a name")
         if not isinstance(v, torch.Tensor):
             raise UserError(f"{source}: damaged checkpoint: state_dict entry {k!r} is {_a(v)}, not a tensor")
+        check_not_inflated(v, k, source)
+
+
+def check_not_inflated(t: torch.Tensor, name: str, source) -> None:
+    """A tensor whose elements span more bytes than its storage holds is a broadcast view (stride 0): a model's weights
+    never are, and a small file could unfold into gigabytes wherever it is copied or checked."""
+    try:
+        held = t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):   # (a tensor without storage: nothing to unfold)
+        return
+    if t.numel() * t.element_size() > held:
+        raise UserError(f"{source}: damaged checkpoint: tensor {name} of shape {list(t.shape)} is a broadcast view of "
+                        f"{held:,} bytes, not weights")
 
 
 def _a(value) -> str:

@@ -34,8 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from decision_transformer.checkpoint import (atomic_save, check_finite_state, check_state_dict_tensors,
-                                             holds_pickled_classes, load_state_into, make_checkpoint, torch_load_problem)
+from decision_transformer.checkpoint import (atomic_save, check_finite_state, check_not_inflated,
+                                             check_state_dict_tensors, holds_pickled_classes, load_state_into,
+                                             make_checkpoint, torch_load_problem)
 from decision_transformer.envs import ENVS, check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError, cli_entry, first_line
 from decision_transformer.files import check_zip_checksums
@@ -191,10 +192,12 @@ def module_state(obj, prefix: str = "", skip: tuple[str, ...] = (), _seen: froze
     out: dict[str, torch.Tensor] = {}
     for name, t in (d.get("_parameters") or {}).items():
         if isinstance(t, torch.Tensor):
+            check_not_inflated(t, prefix + name, "the pickled model")
             out[prefix + name] = t.detach().clone()
     nonpersistent = d.get("_non_persistent_buffers_set") or set()
     for name, t in (d.get("_buffers") or {}).items():
         if isinstance(t, torch.Tensor) and name not in nonpersistent:
+            check_not_inflated(t, prefix + name, "the pickled model")
             out[prefix + name] = t.detach().clone()
     for name, m in (d.get("_modules") or {}).items():
         if name in skip or m is None:
@@ -533,6 +536,7 @@ def load_model_file(path: str | Path) -> ModelFile:
         mf = ModelFile(str(path), _drop_legacy_buffers(obj["state_dict"]), config,
                        list(obj.get("specializations") or []), obj)
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        check_state_dict_tensors(obj, path)
         mf = ModelFile(str(path), _drop_legacy_buffers(obj), {}, [], {"state_dict": obj})
     else:
         raise UserError(f"{path}: not a checkpoint (expected a dict with a 'state_dict', a state dict or an original "

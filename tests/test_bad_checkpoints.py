@@ -241,3 +241,23 @@ def test_a_recorded_config_that_cannot_describe_its_weights_is_one_line(tmp_path
     with pytest.raises(UserError) as e:
         build_model(load_model_file(path))
     assert str(e.value).startswith(f"{path}: ") and expect in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "bare", "original"])
+def test_a_broadcast_view_is_refused_before_it_is_unfolded(tmp_path, capsys, kind):
+    """A tensor saved as a stride-0 view of a few bytes (a small file that unfolds into gigabytes when copied or
+    checked) is one line naming the file and tensor, in our checkpoints, bare state dicts and the originals' pickles."""
+    path = tmp_path / "models" / "hopper" / "dt_gym-experiment-hopper-medium-1.pt"
+    path.parent.mkdir(parents=True)
+    if kind == "original":
+        orig = LDecisionTransformer()
+        orig.embed_timestep.weight = torch.nn.Parameter(torch.zeros(1).expand(1000, 16), requires_grad=False)
+        save_original(orig, path)
+    else:
+        ckpt = hopper_ckpt()
+        ckpt["state_dict"]["embed_timestep.weight"] = torch.zeros(1).expand(1000, 16)
+        saved(ckpt if kind == "checkpoint" else ckpt["state_dict"], path)
+    with pytest.raises(UserError) as e:
+        load_model_file(path)
+    assert str(path) in str(e.value) and "embed_timestep.weight of shape [1000, 16] is a broadcast view of 4 bytes" \
+        in str(e.value)
