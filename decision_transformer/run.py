@@ -698,7 +698,9 @@ def _run_locked(args, script: str, take_lock) -> dict:
                                models_dir / f"{args.model_type}_{exp_prefix}.pt")
             print(f"saved {path}", file=sys.stderr)
         if args.max_iters == 0:
-            what = "the merged model" if args.pretrained_models else "the initial model"
+            what = ("the merged model" if args.pretrained_models else
+                    f"the model of {args.load_checkpoint}" if getattr(args, "load_checkpoint", None) else
+                    "the initial model")
             where = f"; {run_dir / 'model_0.pt'} holds {what}" if run_dir is not None else ""
             if (getattr(args, "merge_info", None) or {}).get("iteration_0"):  # (apply_merge evaluated it)
                 held = f"{run_dir / 'model_0.pt'} holds {what}," if run_dir is not None else f"{what} was"

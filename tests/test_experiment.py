@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -460,6 +461,12 @@ def test_max_iters_0_writes_the_initial_model_and_says_so(tmp_path, monkeypatch,
     assert f"--max_iters 0: no iteration trained or evaluated; {Path('checkpoints') / run_dir(tmp_path).name}" \
            f"{os.sep}model_0.pt holds the initial model" in capsys.readouterr().err
     assert sorted(p.name for p in run_dir(tmp_path).iterdir()) == ["config.json", "metrics.jsonl", "model_0.pt"]
+    # with --load_checkpoint it holds the loaded weights, and says so
+    loaded = tmp_path / "loaded.pt"
+    shutil.copy(run_dir(tmp_path) / "model_0.pt", loaded)
+    (tmp_path / "again").mkdir()
+    run(tmp_path / "again", monkeypatch, hopper_data, "--max_iters", "0", "--load_checkpoint", str(loaded))
+    assert f"model_0.pt holds the model of {loaded}" in capsys.readouterr().err
     # nothing is trained, so "best without evaluation" is no contradiction: the same run with --save_mode best
     (tmp_path / "best").mkdir()
     run(tmp_path / "best", monkeypatch, hopper_data, "--max_iters", "0", "--save_model", "--save_mode", "best",
