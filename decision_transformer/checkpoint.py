@@ -328,17 +328,21 @@ def _compare_text(diffs) -> str:
             + ", ".join(f"{n} {b!r}" for n, _, _, b in diffs))
 
 
-def _advice(diffs) -> str:
+def _advice(diffs, negations: dict | None = None) -> str:
     """What to change: ``pass --X`` / ``drop --X`` for an on/off setting (by the checkpoint's value), ``set --X`` for
-    any other."""
+    any other. ``negations``: the script's off switch for a flag that is on by default there (``--extend_positions``
+    -> ``--no_extend_positions`` in the LM script), advised as ``pass`` instead of ``drop``."""
+    negations = negations or {}
     kinds = {"set": set(), "pass": set(), "drop": set()}
     for _, flag, saved, _ in diffs:
-        if flag:
+        if flag and isinstance(saved, bool) and not saved and flag in negations:
+            kinds["pass"].add(negations[flag])
+        elif flag:
             kinds[("pass" if saved else "drop") if isinstance(saved, bool) else "set"].add(flag)
     return ", ".join(f"{verb} {', '.join(sorted(flags))}" for verb, flags in kinds.items() if flags)
 
 
-def check_same_behaviour(source: str, saved: dict | None, built: dict):
+def check_same_behaviour(source: str, saved: dict | None, built: dict, negations: dict | None = None):
     """A ``UserError`` naming the settings (``BEHAVIOUR_FIELDS``) in which the model config a checkpoint records
     (``saved``, its ``config["model_config"]``; nothing is checked without one) differs from the model it is loaded
     into (``built``)."""
@@ -346,28 +350,28 @@ def check_same_behaviour(source: str, saved: dict | None, built: dict):
         return
     diffs = _config_diffs(BEHAVIOUR_FIELDS, saved, built)
     if diffs:
-        advice = _advice(diffs)
+        advice = _advice(diffs, negations)
         raise UserError(f"{source} was trained with " + _compare_text(diffs)
                         + ": its weights would run as another network" + (f" ({advice} as the checkpoint's run did)"
                                                                            if advice else ""))
 
 
-def size_hint(saved: dict | None, built: dict) -> str:
+def size_hint(saved: dict | None, built: dict, negations: dict | None = None) -> str:
     """`` (it was trained with n_embd 16, ...; the model these flags build has n_embd 128, ...: set --embed_dim ...
     as its run did)`` for the shape-changing settings (``SIZE_FIELDS``) a checkpoint records differently; empty
     without a recorded config or a difference."""
     diffs = _config_diffs(SIZE_FIELDS, saved, built) if isinstance(saved, dict) else []
     if not diffs:
         return ""
-    return f" (it was trained with {_compare_text(diffs)}: {_advice(diffs)} as its run did)"
+    return f" (it was trained with {_compare_text(diffs)}: {_advice(diffs, negations)} as its run did)"
 
 
 def load_state_into(model: torch.nn.Module, state_dict: dict, source: str, strict: bool = True,
-                    recorded: dict | None = None):
+                    recorded: dict | None = None, negations: dict | None = None):
     """Strict load that names the mismatched tensors instead of dumping a traceback. Only names and shapes are
     compared: a model of another head count or activation takes the weights and computes differently. To rebuild a
     saved model as it was trained, use ``load_model``. ``recorded``: the model config the file records, whose
-    shape-changing settings the error then names with their flags."""
+    shape-changing settings the error then names with their flags (``negations``: as for ``_advice``)."""
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_KEYS)}
     check_finite_state(state_dict, source)
     try:
@@ -375,7 +379,7 @@ def load_state_into(model: torch.nn.Module, state_dict: dict, source: str, stric
     except UserError as e:
         config = getattr(model, "config", None)
         built = config.to_dict() if hasattr(config, "to_dict") else None
-        raise UserError(f"{e}{size_hint(recorded, built) if built else ''}") from None
+        raise UserError(f"{e}{size_hint(recorded, built, negations) if built else ''}") from None
     model.load_state_dict(state_dict, strict=strict)
 
 

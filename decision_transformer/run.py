@@ -36,6 +36,8 @@ TRAIN_STATE = "train_state.pt"
 EXPERIMENT, LM_COTRAINING = "experiment", "lm_cotraining"
 #: the script each pipeline variant belongs to (for messages)
 SCRIPTS = {EXPERIMENT: "experiment.py", LM_COTRAINING: "lm_cotraining/experiment.py"}
+#: The LM script's off switches for flags on by default there: a checkpoint trained without one is advised to pass them.
+LM_NEGATIONS = {"--extend_positions": "--no_extend_positions"}
 
 
 # ---- small helpers ----------------------------------------------------------------------------------------------
@@ -566,11 +568,12 @@ def _run_locked(args, script: str, take_lock) -> dict:
             raise UserError(f"{args.load_checkpoint}: a multi-task model; load it with experiment_multi.py "
                             f"--load_checkpoint (or --pretrained_model to finetune it)")
         mc = ckpt["config"].get("model_config") if isinstance(ckpt.get("config"), dict) else None
-        check_same_behaviour(args.load_checkpoint, mc, cfg.to_dict())
+        negations = LM_NEGATIONS if lm_script else None
+        check_same_behaviour(args.load_checkpoint, mc, cfg.to_dict(), negations)
         if isinstance(mc, dict) and isinstance(mc.get("max_length"), int) and mc["max_length"] != args.K:
             print(f"warning: {args.load_checkpoint} was trained with K={mc['max_length']}; this run uses K={args.K} "
                   f"(--K)", file=sys.stderr)
-        load_state_into(model, ckpt["state_dict"], args.load_checkpoint, recorded=mc)
+        load_state_into(model, ckpt["state_dict"], args.load_checkpoint, recorded=mc, negations=negations)
     distributed.broadcast_module(ctx, model)  # torchrun: every rank starts from (and regularises towards) rank 0's
     frozen = freeze_from_args(model, args)
     if frozen:

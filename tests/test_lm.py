@@ -1010,6 +1010,22 @@ def _lm_runs(parent: Path) -> list[Path]:
     return sorted(p for p in parent.iterdir() if p.name.startswith("dt_gym-experiment-hopper-medium-"))
 
 
+def test_lm_load_checkpoint_advises_the_lm_scripts_off_switch(lm_dirs, tmp_path, monkeypatch, capsys, hopper_data):
+    """A checkpoint trained with --no_extend_positions, loaded by the LM script (where --extend_positions is on by
+    default): the hint says pass --no_extend_positions, not drop a flag the command never gave."""
+    from lm_cotraining import experiment as lm_experiment
+
+    monkeypatch.chdir(tmp_path)
+    cmd = _lm_resume_cmd(lm_dirs, hopper_data, "--max_iters", "1", "--num_eval_episodes", "0")
+    lm_experiment.main([*cmd, "--no_extend_positions", "--outdir", "o"])
+    (run,) = _lm_runs(tmp_path / "o")
+    capsys.readouterr()
+    msg = expect_error(capsys, lm_experiment.main, [*cmd, "--outdir", "p", "--load_checkpoint", str(run / "model_1.pt")])
+    assert msg.endswith("extend_positions False; the model these flags build has extend_positions True: pass "
+                        "--no_extend_positions as its run did)"), msg
+    assert "drop --extend_positions" not in msg
+
+
 def test_lm_resume_refuses_a_changed_corpus(lm_dirs, tmp_path, monkeypatch, capsys, hopper_data):
     """--joint: a corpus that changed since the run started (same number of blocks, other tokens) stops the resume
     with one line instead of continuing on other text; a damaged training state also stops it, keeping the files."""
