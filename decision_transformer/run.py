@@ -195,8 +195,11 @@ def check_same_data(st: dict, path, data_file, stats: dict, timesteps: dict):
 def parse_targets(env_targets: str | None, default) -> list[float]:
     if env_targets is None:
         return list(default)
+    parts = env_targets.split(",")
+    if env_targets.strip() and any(not t.strip() for t in parts):
+        raise UserError(f"--env_targets has an empty entry (a missing number between commas?): {env_targets!r}")
     try:
-        targets = [float(t) for t in env_targets.split(",") if t.strip()]
+        targets = [float(t) for t in parts if t.strip()]
     except ValueError:
         raise UserError(f"--env_targets must be comma-separated numbers, got {env_targets!r}") from None
     if not targets:

@@ -303,6 +303,8 @@ def test_missing_dataset_is_generated(tmp_path, monkeypatch, capsys):
                                                ("--env_targets", "3600,inf", "is not a return target"),
                                                ("--env_targets", "3600.5", "3600.5 is not a whole number"),
                                                ("--env_targets", "3600,1800,3600", "lists a target twice"),
+                                               ("--env_targets", "3600,,1800", "has an empty entry"),
+                                               ("--env_targets", "3600,", "has an empty entry"),
                                                ("--seed", "-1", "--seed must be in [0, 2^32)"),
                                                ("--learning_rate", "inf", "--learning_rate must be a positive"),
                                                ("--weight_decay", "-1", "--weight_decay must be a number >= 0"),
