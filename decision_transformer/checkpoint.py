@@ -405,7 +405,8 @@ def check_loadable(own: dict, state_dict: dict, source: str, strict: bool = True
 def load_model(path: str | os.PathLike, device=None):
     """``(model, model file)`` of any model file the toolkit reads (its own checkpoints, those of the training
     scripts, multi-task ones, bare state dicts and the originals' pickled models): the module rebuilt from the
-    architecture its file records, weights loaded strictly. The ``ModelFile`` gives ``config`` (the run's flags),
+    architecture its file records, weights loaded strictly, in eval mode (dropout off; ``model.train()`` before
+    training it). The ``ModelFile`` gives ``config`` (the run's flags),
     ``env``, ``dataset``, ``specializations`` and ``raw`` (the whole checkpoint, with ``state_mean`` / ``state_std``
     where stored). A multi-task model specialised on one env (finetuned on it) comes with that env's layers
     selected; otherwise, as built, with its first env's (``model.toggle_env(env)`` selects another). Errors are
@@ -416,4 +417,4 @@ def load_model(path: str | os.PathLike, device=None):
     model = build_model(mf, device)
     if mf.is_multi and len(mf.specializations) == 1 and mf.specializations[0] in model.config.envs:
         model.toggle_env(mf.specializations[0])
-    return model, mf
+    return model.eval(), mf

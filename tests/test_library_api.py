@@ -198,10 +198,10 @@ def test_load_model_rebuilds_the_recorded_architecture(tmp_path, data):
     loaded, mf = load_model(tmp_path / "m.pt")
     assert loaded.config.backbone.n_head == 2 and loaded.config.backbone.activation_function == "gelu"
     assert mf.env == "hopper"
+    assert not loaded.training                       # eval mode, as from_pretrained: dropout off for analyses
     np.testing.assert_array_equal(mf.raw["state_mean"], data.state_mean)
     batch = data.sample_batch(4, K, torch.Generator().manual_seed(1))
     model.eval()
-    loaded.eval()
     inputs = (batch.states, batch.actions, batch.rtg[:, :-1], batch.timesteps)
     torch.testing.assert_close(loaded(*inputs, attention_mask=batch.mask).action_preds,
                                model(*inputs, attention_mask=batch.mask).action_preds, rtol=0, atol=0)
