@@ -118,17 +118,23 @@ def evaluate_checkpoint(path: str, *, num_episodes: int = 10, seed: int = 666, d
     return out
 
 
-def _score_keys(row: dict, envs, env_version) -> dict[str, float]:
-    """{env: d4rl score} from one metrics row (single-task keys ``target_{T}_*``, multi ``target_{T}_{EnvId}_*``)."""
+def _score_keys(row: dict, envs, env_version, where: str = "metrics row") -> dict[str, float]:
+    """{env: d4rl score} from one metrics row (single-task keys ``target_{T}_*``, multi ``target_{T}_{EnvId}_*``); a
+    score that is not a finite number is one error line naming ``where``."""
     out = {}
     for env in envs:
         spec = get_env_spec(env)
         T = int(spec.targets[0])
         for key in (f"evaluation/target_{T}_{spec.gym_id(env_version)}_d4rl_score_mean",
                     f"evaluation/target_{T}_d4rl_score_mean"):
-            if row.get(key) is not None:
-                out[env] = float(row[key])
-                break
+            value = row.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UserError(f"{where}: {key} is {value!r}, not a finite score (a diverged or damaged run; pick "
+                                f"another iteration or rerun it)")
+            out[env] = float(value)
+            break
     return out
 
 
@@ -206,14 +212,15 @@ def read_run(run_dir: str, pick: str = "best") -> dict[str, float]:
         if not isinstance(it0, dict) or not it0:
             raise UserError(f"{d}: no evaluation before finetuning recorded (@0 needs a merge run of experiment.py; "
                             f"multi-task merge runs record none)")
-        return _score_keys(it0, envs, version)
+        return _score_keys(it0, envs, version, f"{d / 'config.json'} (merge_info.iteration_0)")
     seen = {}
     for n, r in enumerate(rows, 1):   # a run writes one row per iteration: two are a file pasted together
         it = r.get("iteration")
         if isinstance(it, int) and it in seen:
             raise UserError(f"{d / 'metrics.jsonl'}: iteration {it} is logged twice (rows {seen[it]} and {n})")
         seen[it] = n
-    rows = [r for r in rows if _score_keys(r, envs, version)]
+    where = lambda r: f"{d / 'metrics.jsonl'} (iteration {r.get('iteration')})"  # noqa: E731
+    rows = [r for r in rows if _score_keys(r, envs, version, where(r))]
     trained = [r for r in rows if r.get("iteration") != 0]
     if not trained:
         if rows:
@@ -222,13 +229,13 @@ def read_run(run_dir: str, pick: str = "best") -> dict[str, float]:
         raise UserError(f"{d}: no evaluation in metrics.jsonl")
     if pick == "last":   # the highest iteration (rows out of order are read in iteration order)
         last = max(range(len(trained)), key=lambda i: (_iteration(trained[i]), i))
-        return _score_keys(trained[last], envs, version)
+        return _score_keys(trained[last], envs, version, where(trained[last]))
     if multi:
         key = "evaluation/average_norm_return_mean"
     else:
         key = f"evaluation/target_{int(get_env_spec(envs[0]).targets[0])}_return_mean"
     best = max(trained, key=lambda r: _score(r.get(key)))  # first of equal bests
-    return _score_keys(best, envs, version)
+    return _score_keys(best, envs, version, where(best))
 
 
 # ---- the table -------------------------------------------------------------------------------------------------------

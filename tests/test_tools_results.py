@@ -97,6 +97,22 @@ def test_a_nan_score_is_not_picked_as_best(tmp_path):
     assert results_table.read_run(str(multi), "best") == {"hopper": 40.0, "walker2d": 20.0}
 
 
+@pytest.mark.parametrize("score", [math.nan, math.inf, "90.0", True])
+def test_a_score_that_is_not_a_finite_number_is_one_line_naming_the_iteration(tmp_path, capsys, score):
+    """A run never logs a non-finite D4RL score (a diverged evaluation stops it): one in metrics.jsonl is a damaged
+    file, said with its iteration, not printed as 'nan' in the table (or a traceback for a string)."""
+    run = run_folder(tmp_path / "run", {"env": "hopper"},
+                     [single_row("hopper", 1, 1000.0, 30.0), single_row("hopper", 2, 2000.0, score)])
+    for pick in ("best", "last"):
+        msg = fails(results_table.main, ["--row", f"m={run}@{pick}"], capsys)
+        assert msg.startswith(f"error: {run / 'metrics.jsonl'} (iteration 2): evaluation/target_3600_d4rl_score_mean "
+                              f"is {score!r}, not a finite score"), msg
+    it0 = merge_run(tmp_path / "merge", [single_row("hopper", 1, 1000.0, 30.0)],
+                    it0=single_row("hopper", 0, 3000.0, score))
+    assert "(merge_info.iteration_0): evaluation/target_3600_d4rl_score_mean" in fails(
+        results_table.main, ["--row", f"m={it0}@0"], capsys)
+
+
 # ---- damaged run files -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("config, rows, expect", [
