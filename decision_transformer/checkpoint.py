@@ -267,16 +267,17 @@ def check_state_dict_tensors(state_dict, source) -> None:
         check_not_inflated(v, k, source)
 
 
-def check_not_inflated(t: torch.Tensor, name: str, source) -> None:
+def check_not_inflated(t: torch.Tensor, name: str, source, kind: str = "checkpoint", holds: str = "weights") -> None:
     """A tensor whose elements span more bytes than its storage holds is a broadcast view (stride 0): a model's weights
-    never are, and a small file could unfold into gigabytes wherever it is copied or checked."""
+    (or a Fisher estimate) never are, and a small file could unfold into gigabytes wherever it is copied or checked.
+    ``kind`` and ``holds`` word the error: ``damaged {kind}: ... not {holds}``."""
     try:
         held = t.untyped_storage().nbytes()
     except (RuntimeError, NotImplementedError):   # (a tensor without storage: nothing to unfold)
         return
     if t.numel() * t.element_size() > held:
-        raise UserError(f"{source}: damaged checkpoint: tensor {name} of shape {list(t.shape)} is a broadcast view of "
-                        f"{held:,} bytes, not weights")
+        raise UserError(f"{source}: damaged {kind}: tensor {name} of shape {list(t.shape)} is a broadcast view of "
+                        f"{held:,} bytes, not {holds}")
 
 
 def _a(value) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from decision_transformer.checkpoint import atomic_save
+from decision_transformer.checkpoint import atomic_save, check_not_inflated
 from decision_transformer.cli import THREADS_HELP, HelpFormatter, check_context, check_seed
 from decision_transformer.errors import UserError, first_line
 from decision_transformer.files import check_zip_checksums, exclusive
@@ -326,6 +326,10 @@ def load_fisher(path: str | os.PathLike) -> dict:
         raise UserError(f"{path}: not a readable Fisher file ({first_line(e)})") from None
     if not isinstance(obj, dict) or not fisher_tensors(obj):
         raise UserError(f"{path}: not a Fisher file (expected a dict of parameter name -> tensor)")
+    for k, v in obj.items():   # the estimates and any tensor among the metadata (``_stats`` of the originals' files)
+        for name, t in ({k: v} if not isinstance(v, dict) else {f"{k}.{n}": x for n, x in v.items()}).items():
+            if isinstance(t, torch.Tensor):
+                check_not_inflated(t, name, path, "Fisher file", "a Fisher estimate")
     try:
         check_fisher(obj, str(path))
     except UserError as e:

@@ -128,6 +128,26 @@ def test_a_zero_or_non_finite_fisher_is_never_saved(tmp_path):
         fisher.compute_fisher(tiny_model(), None, K=0)
 
 
+@pytest.mark.parametrize("entry", ["transformer.h.0.w", "_stats.sum"])
+def test_a_fisher_file_with_a_broadcast_view_is_refused_before_it_is_unfolded(tmp_path, entry):
+    """A Fisher tensor (or a tensor among its metadata) saved as a stride-0 view of 4 bytes would unfold into
+    gigabytes when it is checked or merged: one line naming the file and tensor."""
+    from decision_transformer.errors import UserError
+
+    huge = torch.ones(1).expand(100_000, 100_000)
+    info = {"transformer.h.0.w": torch.rand(3, 2), "_stats": {"sum": 1.0, "mean": 0.1}}
+    if entry == "_stats.sum":
+        info["_stats"]["sum"] = huge
+    else:
+        info[entry] = huge
+    torch.save(info, tmp_path / "inflated")
+    assert (tmp_path / "inflated").stat().st_size < 10_000
+    with pytest.raises(UserError) as e:
+        fisher.load_fisher(tmp_path / "inflated")
+    assert str(e.value) == (f"{tmp_path / 'inflated'}: damaged Fisher file: tensor {entry} of shape [100000, 100000] "
+                            f"is a broadcast view of 4 bytes, not a Fisher estimate")
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Datasets for the three envs and one checkpoint per env with a stored config (equal seeds: shared blocks init)."""
