@@ -127,6 +127,32 @@ def test_save_activation_refuses_a_data_folder_below_a_file(tmp_path, hopper_dat
     assert not out.exists() and blocker.read_text() == "x"
 
 
+def test_activations_saved_on_another_batch_than_the_data_file_are_refused(tmp_path, hopper_data, capsys):
+    """One data_*.npz serves every model: saving a second model's activations on another batch (--batch_seed)
+    rewrites it with a warning, and run_mi_exp.py then refuses the first model's activations (computed on the old
+    batch) with one line instead of pairing them with the wrong states and actions; the second model's run."""
+    ck = tmp_path / "checkpoints"
+    for m in ("dt", "gpt2"):
+        write_run(ck, m, epochs=(40,), data_file=hopper_data / "hopper-medium-v2.pkl")
+    out = tmp_path / "res"
+    save = load_script(SAVE).main
+    save([str(a) for a in _save_argv(ck, out, "--batch_size", "4")])
+    capsys.readouterr()
+    argv = [str(a) for a in _save_argv(ck, out, "--batch_size", "4", "--batch_seed", "1")]
+    argv[argv.index("dt")] = "gpt2"
+    save(argv)
+    assert "held a different batch; activation files saved with it for other models no longer match" in \
+        capsys.readouterr().err
+    mi_argv = ["-pd", out, "-pa", out, "-psm", tmp_path / "mi", "--exp_type", "no_context", "--iters", "1",
+               "--device", "cpu"]
+    err = expect_exit(capsys, load_script(RUN_MI).main, [*mi_argv, "--model_name", "dt"])
+    assert f"{mi.activation_file(out, 40, 'dt', 'hopper', 'medium', 666)}: computed on a different batch than " \
+           f"{mi.data_file(out, 'hopper', 'medium', 666)} holds" in err
+    assert not (tmp_path / "mi").exists()
+    load_script(RUN_MI).main([str(a) for a in [*mi_argv, "--model_name", "gpt2"]])
+    assert (tmp_path / "mi" / "mi_40_gpt2_hopper_medium_666.npz").is_file()
+
+
 # ---- 4. malformed mi_data_*.npy ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("array, msg", [

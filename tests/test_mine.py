@@ -188,10 +188,12 @@ def test_scripts_end_to_end(tmp_path, tiny_runs, capsys):  # noqa: F811
     save(["--checkpoint_dir", str(tiny_runs), "--model_name", "gpt2", "igpt", "--K", "3", "--batch_size", "8",
           "--results_dir", str(res)])
     a = np.load(res / "activation_40_igpt_hopper_medium_666.npz")
-    assert sorted(a.files, key=lambda k: int(k.split(".")[0])) == [f"{i}.mlp.dropout" for i in range(4)]
+    blocks = sorted((k for k in a.files if k != mi.BATCH_KEY), key=lambda k: int(k.split(".")[0]))
+    assert blocks == [f"{i}.mlp.dropout" for i in range(4)] and len(a.files) == 5
     assert a["3.mlp.dropout"].shape == (8, 9, 16)
     d = np.load(res / "data_hopper_medium_666.npz")
     assert d["rtg"].shape == (8, 4, 1) and d["states"].shape == (8, 3, 11)
+    assert str(a[mi.BATCH_KEY]) == mi.batch_digest(d)   # the batch the activations were computed on
     io = ["-psm", res, "-pd", res, "-pa", res, "--iters", 1, "--mine_hidden", 8, "--batch_size", 4, "--device", "cpu"]
     for m in ("gpt2", "igpt"):
         for exp in ("normal", "no_context"):

@@ -2,7 +2,8 @@
 hidden representations, estimated with MINE (``decision_transformer.analysis.mine``).
 
 Step 1, ``save_activation``: per model, one batch (same for every model) -> ``activation_{epoch}_{model}_{env}_{ds}_{seed}.npz``
-(the block outputs ``{i}.mlp.dropout`` [B, 3K, D], or every hooked entry with ``--all_layers``) and
+(the block outputs ``{i}.mlp.dropout`` [B, 3K, D], or every hooked entry with ``--all_layers``, and the batch's
+``batch_digest``) and
 ``data_{env}_{ds}_{seed}.npz`` (states, actions, rtg [B, K+1, 1], timesteps, attention_mask). ``.npz`` instead of
 the originals' pickled ``.npy`` dicts: they load without pickle.
 
@@ -23,6 +24,7 @@ timesteps are padding). Failed estimates are NaN and left out of the plots.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import sys
 import warnings
@@ -60,6 +62,22 @@ def activation_file(folder, epoch, model, env, ds, seed, ktag="") -> Path:
 
 def data_file(folder, env, ds, seed, ktag="") -> Path:
     return Path(folder) / f"data_{env}_{ds}_{seed}{ktag}.npz"
+
+
+#: The activation files' record of the batch they were computed on (``batch_digest``), which run_mi_exp.py compares
+#: with the data file: one ``data_*.npz`` serves every model, and a later save_activation.py on another batch rewrites it.
+BATCH_KEY = "batch_digest"
+_BATCH_ARRAYS = ("states", "actions", "rtg", "attention_mask")
+
+
+def batch_digest(data: dict) -> str:
+    """A fingerprint of a batch's arrays (as float32, with their shapes): equal for the same batch however saved."""
+    h = hashlib.sha256()
+    for k in _BATCH_ARRAYS:
+        a = np.ascontiguousarray(np.asarray(data[k], dtype=np.float32))
+        h.update(f"{k}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def _ktag(args) -> str:
@@ -155,14 +173,33 @@ def run_save(args) -> common.Outputs:
             check_finite_activations(acts, lm.path)
             common.out_dir(args.results_dir)
             act_dir, data_dir = common.out_dir(act_dir), common.out_dir(data_dir)
+            arrays = dict(states=batch.states.cpu().numpy(), actions=batch.actions.cpu().numpy(),
+                          rtg=batch.rtg.cpu().numpy(), timesteps=batch.timesteps.cpu().numpy(),
+                          attention_mask=batch.mask.cpu().numpy())
+            digest = batch_digest(arrays)
             act_file = activation_file(act_dir, args.epoch, m, env, args.dataset_name, args.seed, ktag)
-            outs.files.append(common.save_npz(act_file, **{k: v.numpy() for k, v in acts.items()}))
-            outs.files.append(common.save_npz(
-                data_file(data_dir, env, args.dataset_name, args.seed, ktag), states=batch.states.cpu().numpy(),
-                actions=batch.actions.cpu().numpy(), rtg=batch.rtg.cpu().numpy(),
-                timesteps=batch.timesteps.cpu().numpy(), attention_mask=batch.mask.cpu().numpy()))
+            df = data_file(data_dir, env, args.dataset_name, args.seed, ktag)
+            _warn_replaced_batch(df, digest)
+            outs.files.append(common.save_npz(act_file, **{k: v.numpy() for k, v in acts.items()},
+                                              **{BATCH_KEY: np.array(digest)}))
+            outs.files.append(common.save_npz(df, **arrays))
             print(f"{env} {m}: saved {len(acts)} activations of {args.batch_size} samples", file=sys.stderr)
     return outs
+
+
+def _warn_replaced_batch(df: Path, digest: str):
+    """Rewriting a data file with another batch (other --batch_seed, --batch_size, --data_path or recorded data file)
+    strands the activations saved with the old one: said here, and run_mi_exp.py refuses those pairs."""
+    if not df.is_file():
+        return
+    try:
+        old = batch_digest(common.load_npz(df))
+    except (UserError, KeyError, ValueError):   # an unreadable or foreign file: replaced without comment
+        return
+    if old != digest:
+        common.warn(f"{df} held a different batch; activation files saved with it for other models no longer match "
+                    f"it (run_mi_exp.py refuses them): save every model's activations with the same --batch_seed, "
+                    f"--batch_size and data")
 
 
 # ---- step 2 -----------------------------------------------------------------------------------------------------
@@ -240,6 +277,15 @@ def _inputs(data: dict):
         data["attention_mask"] > 0
 
 
+def _check_same_batch(act_file: Path, recorded, df: Path, data: dict, args):
+    """The batch recorded in the activation file is the data file's (files without the record, such as the
+    originals', are taken as they are)."""
+    if recorded is not None and str(recorded) != batch_digest(data):
+        raise UserError(f"{act_file}: computed on a different batch than {df} holds (save_activation.py rewrote it "
+                        f"since, for another model or other flags); rerun save_activation.py --model_name "
+                        f"{args.model_name} --epoch {args.epoch} with the batch flags the other models used")
+
+
 def _absent(path: Path) -> bool:
     """Neither ``path`` nor the original scripts' pickled ``.npy`` of the same name (which ``load_npz`` reads)."""
     return not path.exists() and not path.with_suffix(".npy").is_file()
@@ -268,10 +314,12 @@ def run_mi(args) -> common.Outputs:
             raise UserError(f"{act_file}: file not found; run save_activation.py --model_name {args.model_name} "
                             f"--epoch {args.epoch} --env_name_list {env} --dataset_name {ds} --seed {args.seed}{run_k} "
                             f"first (-pa reads the folder its --results_dir names)")
-        outputs = {k: v for k, v in common.load_npz(act_file).items()
+        loaded = common.load_npz(act_file)
+        outputs = {k: v for k, v in loaded.items()
                    if k.endswith("." + BLOCK_OUTPUT) and k.split(".", 1)[0].isdigit()}
         if not outputs:
             raise UserError(f"{act_file}: no block outputs (*.{BLOCK_OUTPUT})")
+        _check_same_batch(act_file, loaded.get(BATCH_KEY), df, data, args)
         common.check_arrays(act_file, outputs, outputs)
         for k, v in outputs.items():
             if v.ndim != 3 or v.shape[:2] != (B, 3 * K):
