@@ -163,9 +163,14 @@ def fisher_for_file(mf: ModelFile, args, data: DatasetCache, device) -> dict:
             info = fisher_mod.load_fisher(path)
             fisher_mod.check_fisher_fits(info, mf.state_dict, path, mf.path)
             rec = info.get("_source") if isinstance(info.get("_source"), dict) else {}
-            own = mf.dataset
+            if rec.get("env") and mf.env and rec.get("env") != mf.env:   # (a copied file: its name records no env)
+                raise UserError(f"{path}: a Fisher estimated on {rec.get('env')} data, but {mf.path} is a {mf.env} "
+                                f"model; move the file away or run precompute_fisher.py --model {mf.path} --force")
+            own, own_K = mf.dataset, fisher_mod.training_context(mf)
             other = f", estimated on {rec.get('dataset')}, not the model's own {own}" \
                 if rec.get("dataset") and own and rec.get("dataset") != own else ""
+            if rec.get("K") and own_K and rec.get("K") != own_K:
+                other += f", on windows of K={rec.get('K')}, not the model's own K={own_K}"
             log(f"fisher: loaded {path} ({fisher_mod.describe(info)}{other})")
             return info
         env, dataset = source_env_dataset(mf)

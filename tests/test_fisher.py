@@ -295,6 +295,36 @@ def test_a_cached_fisher_records_what_it_was_estimated_on(setup, monkeypatch, ca
     assert err.count("fisher: loaded") == 2 and err.count("estimated on expert, not the model's own medium") == 1
 
 
+def test_a_merge_refuses_a_cached_fisher_of_another_env_and_notes_another_K(setup, monkeypatch, capsys, tmp_path):
+    """A Fisher file whose record says another env (a copied file: the info file's name records none; walker2d and
+    halfcheetah models share every shape, so the shape check cannot tell) is one line naming the file, not merged
+    with; one estimated on another K is used with the difference said, as for another dataset."""
+    from conftest import fails
+
+    root, data, paths = setup
+    monkeypatch.chdir(root)
+    srcs = []
+    for env in ("walker2d", "halfcheetah"):
+        srcs.append(tmp_path / paths[env].name)
+        srcs[-1].write_bytes(paths[env].read_bytes())
+        precompute_fisher.main(["--model", str(srcs[-1]), "--data_path", str(data), "--f_batch_size", "4",
+                                "--f_num_batches", "2", "--device", "cpu"])
+    walker = fisher.fisher_info_path(srcs[0], 4, 2)
+    info = fisher.load_fisher(walker)
+    argv = ["--env", "walker2d", "--data_path", str(data), *SMALL, "--pretrained_models", *map(str, srcs),
+            "--include", "attn", "--copy_model", "--use_fisher", "--f_batch_size", "4", "--f_num_batches", "2",
+            "--max_iters", "1", "--num_steps_per_iter", "0", "--num_eval_episodes", "0", "--outdir", ""]
+    fisher.save_fisher({**info, "_source": {**info["_source"], "K": 8}}, walker)
+    capsys.readouterr()
+    experiment.main(argv)
+    assert "on windows of K=8, not the model's own K=5" in capsys.readouterr().err
+    fisher.save_fisher({**info, "_source": {**info["_source"], "env": "halfcheetah"}}, walker)
+    before = walker.read_bytes()
+    msg = fails(experiment.main, argv, capsys)
+    assert f"{walker}: a Fisher estimated on halfcheetah data, but {srcs[0]} is a walker2d model" in msg
+    assert walker.read_bytes() == before
+
+
 def copies(paths, folder, *envs):
     """Copies of the setup's checkpoints in ``folder`` (their Fisher files go to ``folder/info``)."""
     out = []
