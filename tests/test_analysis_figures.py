@@ -334,16 +334,26 @@ def test_fig8_script_prints_each_note_once(tmp_path, curve_runs, capsys):
 
 
 def test_report_lists_each_note_once(tmp_path):
-    """A run missing from the score tables (best and last) is one line of report.md."""
+    """A run folder without metrics is one line of report.md (not one per score table, best and last); a
+    combination of the runs' models, seeds and envs that was never trained (no folder) is no line at all: the
+    tables and the no-context figure cover the runs found, not every combination of their lists."""
     ck = tmp_path / "checkpoints"
     metrics_run(ck, "dt")
     metrics_run(ck, "dt", seed=42)
     metrics_run(ck, "gpt2")
+    metrics_run(ck, "dt", env="walker2d")
+    for m, env in (("dt", "hopper"), ("gpt2", "hopper"), ("dt", "walker2d")):
+        metrics_run(ck, m, env=env, K=1)
+    no_metrics = ck / run_dir_name("gpt2", "medium", "hopper", 42, 20, False, None)
+    no_metrics.mkdir()
+    (no_metrics / "model_40.pt").write_bytes(b"")
     args = report.build_parser().parse_args([str(a) for a in ["--checkpoint_dir", ck, "--out_dir", tmp_path / "rep",
-                                                              "--only", "scores"]])
+                                                              "--only", "scores", "curves"]])
     text = report.run(args).read_text()
     notes = [ln for ln in text.splitlines() if ln.startswith("- ")]
-    assert sum("gpt2_medium_hopper_42" in n for n in notes) == 1
+    assert sum(f"metrics not found: {no_metrics / 'metrics.jsonl'}" in n for n in notes) == 1
+    assert not [n for n in notes if "gpt2_medium_walker2d" in n or "dt_medium_walker2d_42" in n], notes
+    assert text.count("| walker2d | n/a | 219.4 (1 seed) |") == 2   # Table 2 best and last: the run found
     assert len(notes) == len(set(notes))
     o = common.Outputs(notes=["a", "b"])
     o.extend(common.Outputs(notes=["b", "c", "a"]))

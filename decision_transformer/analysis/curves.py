@@ -225,10 +225,14 @@ def run_no_context(args) -> common.Outputs:
     envs = args.env_name_list
     colors = common.model_colors(args.model_name_list)
     rows, missing, curves = [], [], {}
+    # run_all.py's figure: only the (env, model, seed, K) runs it found, not every combination of its lists
+    only = getattr(args, "only_runs", None)
     for env in envs:
         metric = return_key(env, args.target)
         for m in args.model_name_list:
             for K, ls in ((1, "-"),) + (((args.run_K, "--"),) if args.run_K != 1 else ()):
+                if only is not None and (env, m, args.seed, K) not in only:
+                    continue
                 s = _try_series(args, RunKey(m, args.dataset_name, env, args.seed, K), metric, args.max_epoch, missing)
                 if s is None:
                     continue
@@ -260,6 +264,8 @@ def run_no_context(args) -> common.Outputs:
         setattr(t_args, k, getattr(args, k))
     t_args.env_name_list, t_args.model_name_list, t_args.seed_list = envs, args.model_name_list, [args.seed]
     t_args.K, t_args.select, t_args.no_figure = 1, "best", True
+    if only is not None:
+        t_args.only_runs = {(e, m, seed) for e, m, seed, K in only if K == 1}
     try:
         outs.extend(scores.run(t_args))
     except UserError as e:

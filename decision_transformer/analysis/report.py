@@ -185,8 +185,10 @@ def step_scores(plan: _Plan, args) -> common.Outputs:
                      "--K", K, "--score_norm", args.score_norm, "--env_name_list", *envs, "--model_name_list",
                      *models, "--seed_list", *seeds, *(["--from_wandb"] if args.from_wandb else []),
                      *(["--data_path", args.data_path] if args.data_path else []))
-        outs.extend(scores.run(scores.build_parser().parse_args(argv + ["--select", "best"])))
-        outs.extend(scores.run(scores.build_parser().parse_args(argv + ["--select", "last", "--no_figure"])))
+        for select in (["best"], ["last", "--no_figure"]):
+            s_args = scores.build_parser().parse_args(argv + ["--select", *select])
+            s_args.only_runs = {(k.env, k.model, k.seed) for k in ks}   # no note for combinations never trained
+            outs.extend(scores.run(s_args))
     return outs
 
 
@@ -199,7 +201,9 @@ def step_curves(plan: _Plan, args) -> common.Outputs:
         models = _ordered({m for e in k1 for m in plan.models(e, K=1, need_ckpt=False)})
         argv = _argv(args, "curves", *base, "--env_name_list", *k1, "--model_name_list", *models,
                      "--run_K", args.run_K)
-        o = curves.run_no_context(curves.build_no_context_parser().parse_args(argv))
+        c_args = curves.build_no_context_parser().parse_args(argv)
+        c_args.only_runs = {(k.env, k.model, k.seed, k.K) for k in plan.keys if k.block is None and not k.no_grad_clip}
+        o = curves.run_no_context(c_args)
         o.tables = []  # Table 2 is in the score section already
         outs.extend(o)
     else:

@@ -101,10 +101,14 @@ def run(args) -> common.Outputs:
     res = common.out_dir(args.results_dir)
     records, missing = [], []
     refs = {}
+    # run_all.py's tables: only the (env, model, seed) runs it found, not every combination of its lists
+    only = getattr(args, "only_runs", None)
     for env in args.env_name_list:
         metric = return_key(env, args.target)
         for m in args.model_name_list:
             for seed in args.seed_list:
+                if only is not None and (env, m, seed) not in only:
+                    continue
                 key = RunKey(m, args.dataset_name, env, seed, args.K)
                 try:
                     rows = run_metrics(args.checkpoint_dir, key, args.from_wandb, args.wandb_project,
