@@ -649,3 +649,32 @@ def test_an_output_folder_below_a_file_two_levels_up_is_refused(runs, tmp_path, 
     err = expect_exit(capsys, load_script(SCRIPTS["cka"]).main, argv)
     assert f"argument --results_dir: {blocker / 'a' / 'res'}: {blocker} is a file, not a folder" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, value", [(None, None), ("load_checkpoint", "other/model_9.pt"),
+                                         ("pretrained_models", ["a.pt", "b.pt"])])
+def test_epoch_0_is_rebuilt_from_the_seed_only_for_a_run_that_started_from_it(tmp_path, flag, value):
+    """Without model_0.pt, a random-init run's initial weights are rebuilt from its seed (the DT constructor reseeds);
+    a run started from --load_checkpoint or a merge began from other weights, so rebuilding them would compare the
+    run with weights it never had: one line instead."""
+    import torch
+
+    from decision_transformer.analysis.runs import load_state_dict
+    from decision_transformer.checkpoint import load_checkpoint
+    from decision_transformer.models import DecisionTransformer, DTConfig
+
+    d = write_run(tmp_path, "dt", epochs=(1, 4))
+    if flag:
+        for e in (1, 4):
+            ckpt = torch.load(d / f"model_{e}.pt", weights_only=True)
+            ckpt["config"][flag] = value
+            torch.save(ckpt, d / f"model_{e}.pt")
+    key = RunKey("dt", "medium", "hopper", 666, 20)
+    if flag is None:
+        sd, _ = load_state_dict(tmp_path, key, 0)
+        cfg = DTConfig.from_dict(load_checkpoint(d / "model_1.pt")["config"]["model_config"])
+        seeded = DecisionTransformer(cfg, seed=666).state_dict()
+        assert sd.keys() == seeded.keys() and all(torch.equal(sd[k], v) for k, v in seeded.items())
+        return
+    with pytest.raises(UserError, match=f"started from --{flag} .*whose weights only model_0.pt holds"):
+        load_state_dict(tmp_path, key, 0)

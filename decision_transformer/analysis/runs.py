@@ -155,13 +155,20 @@ def model_config_of(ckpt: dict, source) -> DTConfig:
 
 def _initial_from_other_epoch(checkpoint_dir, key: RunKey, path: Path) -> dict:
     """Epoch 0 without ``model_0.pt``: a randomly initialised run's initial weights are a function of its seed
-    (the DT constructor reseeds), so rebuild them from another epoch's config. LM-initialised runs need the file."""
+    (the DT constructor reseeds), so rebuild them from another epoch's config. LM-initialised runs, and runs started
+    from a checkpoint or a merge (``--load_checkpoint``, ``--pretrained_models``), need the file."""
     others = [e for e in checkpoint_epochs(checkpoint_dir, key) if e != 0]
     if key.model != "dt" or key.block is not None or not others:
         raise _missing(path, key)
     src = checkpoint_path(checkpoint_dir, key, others[0])
     ckpt = load_checkpoint(src)
-    seed = (ckpt.get("config") or {}).get("seed", key.seed)
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    for flag in ("load_checkpoint", "pretrained_models"):   # started from other weights than the seed's
+        if config.get(flag):
+            given = config[flag] if isinstance(config[flag], str) else " ".join(map(str, config[flag]))
+            raise UserError(f"checkpoint not found: {path} (the run started from --{flag} {given}, whose weights "
+                            f"only model_0.pt holds; they cannot be rebuilt from the seed as a random init's can)")
+    seed = config.get("seed", key.seed)
     model = DecisionTransformer(model_config_of(ckpt, src), seed=int(seed))
     return {**ckpt, "state_dict": model.state_dict(), "iteration": 0}
 
