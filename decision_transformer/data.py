@@ -42,10 +42,13 @@ REQUIRED_KEYS = ("observations", "actions", "rewards")
 # --------------------------------------------------------------------------------------------------------------
 
 def pkl_name(env: str, dataset: str) -> str:
+    """File name of the DT pickle of ``env``-``dataset`` (``hopper-medium-v2.pkl``)."""
     return f"{env}-{dataset}-v2.pkl"
 
 
 def hdf5_name(env: str, dataset: str) -> str:
+    """D4RL's hdf5 file name of ``env``-``dataset``, the dataset's dashes as underscores
+    (``hopper_medium_replay-v2.hdf5``)."""
     return f"{env}_{dataset.replace('-', '_')}-v2.hdf5"
 
 
@@ -147,6 +150,8 @@ def _latin1_encode(text, encoding="utf-8", errors="strict"):
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
+        """Only the allowed numpy and builtin globals, numpy's DType classes and latin-1 ``_codecs.encode``; anything
+        else is ``Refused``."""
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         if (module, name) == ("_codecs", "encode"):
@@ -188,6 +193,7 @@ def _checked_view(storage, offset, size, stride, requires_grad, hooks, dtype=Non
         raise Refused(f"tensor dtype given as {type(dtype).__name__}")
 
     def count(v):
+        """True for an int >= 0 that is not a bool."""
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
     if not (count(offset) and isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))
@@ -221,6 +227,8 @@ class _TensorUnpickler(_RestrictedUnpickler):
     inside its storage."""
 
     def find_class(self, module, name):
+        """Also torch's tensor rebuilds (views checked), storages read weights-only and torch dtypes; else as the
+        parent."""
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor_v3"):
             return _rebuild_tensor_v2 if name.endswith("v2") else _rebuild_tensor_v3
         if (module, name) == ("torch.storage", "_load_from_bytes"):
@@ -272,6 +280,7 @@ def read_hdf5(path: str | os.PathLike, keys=None) -> dict[str, np.ndarray]:
     try:
         with h5py.File(path, "r") as f:
             def visit(name, obj):
+                """Read dataset ``name`` into ``out`` when it is one of ``keys`` (all without ``keys``)."""
                 if isinstance(obj, h5py.Dataset) and (keys is None or name in keys):
                     out[name] = obj[()]
             f.visititems(visit)
@@ -694,6 +703,8 @@ class TrajectoryDataset:
         return traj, start
 
     def sample_batch(self, batch_size: int, K: int, generator: torch.Generator | None = None) -> Batch:
+        """``batch_size`` windows of K steps drawn as ``sample_indices`` and built by ``get_windows``: states
+        [B, K, ds], actions [B, K, da], rtg [B, K + 1, 1] ... (see ``Batch``)."""
         traj, start = self.sample_indices(batch_size, generator)
         return self.get_windows(traj, start, K)
 

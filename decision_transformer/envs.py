@@ -20,6 +20,9 @@ DATASETS = ("random", "medium", "medium-replay", "medium-expert", "expert")
 
 @dataclass(frozen=True)
 class EnvSpec:
+    """Facts of one environment: gymnasium name, state and action sizes, episode length, return targets, RTG scale and
+    D4RL reference returns."""
+
     name: str               # short name used on the command line and in file names (``hopper``)
     gym_name: str           # gymnasium id without version (``Hopper``)
     state_dim: int
@@ -34,6 +37,8 @@ class EnvSpec:
     entry_point: str | None = None  # this project's own env class, registered with gymnasium on first use
 
     def gym_id(self, version: str = DEFAULT_ENV_VERSION) -> str:
+        """The gymnasium id in ``version`` (``Hopper-v4``); a ``UserError`` for a version unsupported or not available
+        for this env."""
         if version not in SUPPORTED_ENV_VERSIONS:
             raise UserError(f"unsupported --env_version {version!r}; choose one of {', '.join(SUPPORTED_ENV_VERSIONS)}")
         if version not in self.versions:
@@ -42,6 +47,7 @@ class EnvSpec:
 
     @property
     def has_d4rl_score(self) -> bool:
+        """Whether D4RL reference returns exist, so that returns have a normalised score."""
         return self.ref_min_score is not None and self.ref_max_score is not None
 
     def d4rl_score(self, returns):
@@ -72,6 +78,7 @@ D4RL_ENVS: tuple[str, ...] = tuple(name for name, spec in ENVS.items() if spec.d
 
 
 def get_env_spec(name: str) -> EnvSpec:
+    """The ``EnvSpec`` of ``name``; a ``UserError`` naming the known envs otherwise."""
     try:
         return ENVS[name]
     except KeyError:
@@ -79,6 +86,7 @@ def get_env_spec(name: str) -> EnvSpec:
 
 
 def check_dataset_name(dataset: str) -> str:
+    """``dataset`` itself if it is one of ``DATASETS``, else a ``UserError``."""
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     return dataset
@@ -105,6 +113,7 @@ def _route_mujoco_warnings():
         return  # pragma: no cover
 
     def handler(msg):
+        """MuJoCo's warning callback: ``msg`` as a Python ``RuntimeWarning``, except the ``settotalmass`` notice."""
         if "settotalmass" not in msg:
             import warnings
 

@@ -21,11 +21,15 @@ from decision_transformer.training.trainer import module_mode, to_device_async
 
 @dataclass
 class EvalResult:
+    """The episode returns and lengths of one evaluation at the return target ``target``."""
+
     target: float
     returns: np.ndarray   # [num_episodes] undiscounted episode returns
     lengths: np.ndarray   # [num_episodes]
 
     def metrics(self, env: str, prefix: str = "") -> dict[str, float]:
+        """Mean and std of the returns and lengths (and of the D4RL scores, where ``env`` has reference returns), keyed
+        ``{prefix}target_{int(target)}_...``."""
         spec = get_env_spec(env)
         key = f"{prefix}target_{int(self.target)}"
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite returns: NaN / inf, reported by the caller
@@ -50,13 +54,17 @@ class LocalEnvs:
         self.envs, self._results = envs, collections.deque()
 
     def reset(self, n: int, seed: int, mode: str) -> np.ndarray:
+        """Forget steps never waited for and reset the first ``n`` envs for an evaluation seeded ``seed`` (``mode`` as
+        ``initial_obs``); initial observations [n, ds]."""
         self._results.clear()  # steps never waited for (an evaluation interrupted between step_async and step_wait)
         return np.stack([initial_obs(self.envs[i], seed, i, mode) for i in range(n)])
 
     def step_async(self, idx: np.ndarray, actions: np.ndarray):
+        """Step the envs ``idx`` with ``actions`` [len(idx), da] now and queue the result for ``step_wait``."""
         self._results.append(step_envs([self.envs[i] for i in idx], actions))
 
     def step_wait(self):
+        """The oldest queued step's (observations [n, ds], rewards [n], episode over [n])."""
         return self._results.popleft()
 
 
@@ -72,6 +80,7 @@ class EnvPool:
         self._remote = None
 
     def get(self, n: int) -> list:
+        """The first ``n`` envs of the pool, created as needed."""
         while len(self.envs) < n:
             self.envs.append(make_env(self.env, self.version))
         return self.envs[:n]
@@ -91,6 +100,7 @@ class EnvPool:
         return LocalEnvs(self.get(n))
 
     def close(self):
+        """Close the pool's envs and worker processes; a later evaluation creates them again."""
         for e in self.envs:
             e.close()
         self.envs = []

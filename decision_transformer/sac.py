@@ -38,6 +38,9 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 @dataclass
 class SACConfig:
+    """SAC hyper-parameters: MLP width, batch size, Adam learning rate, discount, Polyak rate, number of critics and
+    initial temperature."""
+
     hidden: int = 256
     batch_size: int = 256
     lr: float = 3e-4
@@ -124,6 +127,7 @@ class NumpyActor:
 
     def __init__(self, state: dict):
         def arr(k):
+            """State-dict entry ``k`` as a float32 array: a view of a float32 tensor, anything else a converted copy."""
             v = state[k]
             return v.detach().numpy() if isinstance(v, torch.Tensor) and v.dtype == torch.float32 else \
                 np.asarray(v.float().numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
@@ -137,9 +141,12 @@ class NumpyActor:
 
     @classmethod
     def from_module(cls, actor: Actor) -> NumpyActor:
+        """A NumPy actor on views of ``actor``'s live parameters, so it follows the optimiser's updates."""
         return cls(dict(actor.state_dict(keep_vars=True)))
 
     def dist_params(self, obs: np.ndarray):
+        """``obs`` [ds] or [B, ds] -> (mean, log-std clipped to [LOG_STD_MIN, LOG_STD_MAX]) as float32 arrays
+        [..., da]."""
         # The matmuls go through torch on zero-copy views: NumPy's BLAS starts its own thread pool, which on a
         # shared few-core machine made a [16, 17] x [17, 256] product ~20x slower than single-threaded.
         x = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32))
@@ -235,6 +242,8 @@ class SAC:
 
     # -- state ---------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """What a resume needs: config, sizes, actor, critics and target critics, temperature, Adam state, the noise
+        generator's state and the update count."""
         return {
             "config": asdict(self.config), "obs_dim": self.obs_dim, "act_dim": self.act_dim,
             "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
@@ -244,6 +253,8 @@ class SAC:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the networks, temperature, Adam state, noise generator and update count of a ``state_dict`` (its
+        config and sizes are not read)."""
         self.actor.load_state_dict(state["actor"])
         self.critic.load_state_dict(state["critic"])
         self.critic_target.load_state_dict(state["critic_target"])
@@ -264,6 +275,7 @@ class _MLP(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in itertools.pairwise(sizes))
 
     def forward(self, x):
+        """``x`` [B, sizes[0]] -> [B, sizes[-1]]: the Linear layers, a ReLU between each two (none after the last)."""
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
@@ -300,10 +312,14 @@ class ReferenceSAC:
         self.log_alpha.data.copy_(fast.log_alpha.data)
 
     def q_all(self, modules, obs, act):
+        """Q-values of every critic in ``modules``: obs [B, ds], act [B, da] -> [E, B]."""
         x = torch.cat([obs, act], dim=-1)
         return torch.stack([m(x).squeeze(-1) for m in modules])
 
     def update(self, obs, act, rew, next_obs, done, noise_next=None, noise_pi=None):
+        """One textbook SAC step on a batch (tensors [B, ...]): all losses from the pre-update networks, then actor,
+        critic and temperature steps and a Polyak update. ``noise_next``/``noise_pi`` [B, da]: the action noise (drawn
+        when None). Returns critic loss, actor loss and alpha as floats."""
         c = self.config
         b = obs.shape[0]
         noise_next = torch.randn(b, self.act_dim) if noise_next is None else noise_next
@@ -360,6 +376,8 @@ class ReplayBuffer:
         self.done = torch.zeros(capacity)
 
     def add(self, obs, act, rew, next_obs, done):
+        """Store one transition (NumPy observations and action, scalar reward and done) at the pointer, overwriting the
+        oldest once full."""
         i = self.ptr
         self.obs[i] = torch.from_numpy(obs)
         self.act[i] = torch.from_numpy(act)
@@ -370,15 +388,19 @@ class ReplayBuffer:
         self.size = min(self.size + 1, self.capacity)
 
     def sample(self, batch_size, generator):
+        """``batch_size`` stored transitions, drawn uniformly with replacement: obs [B, ds], act [B, da], rew [B],
+        next_obs [B, ds], done [B]."""
         idx = torch.randint(0, self.size, (batch_size,), generator=generator)
         return self.obs[idx], self.act[idx], self.rew[idx], self.next_obs[idx], self.done[idx]
 
     def save(self, path):
+        """Write the filled rows and the pointer to ``path`` as an ``.npz``, atomically."""
         from decision_transformer.files import atomic_write
 
         n = self.size
 
         def write(tmp):
+            """Write the ``.npz`` to the temporary file ``tmp``."""
             with open(tmp, "wb") as f:
                 np.savez(f, obs=self.obs[:n].numpy(), act=self.act[:n].numpy(), rew=self.rew[:n].numpy(),
                          next_obs=self.next_obs[:n].numpy(), done=self.done[:n].numpy(), ptr=np.int64(self.ptr))
@@ -386,6 +408,7 @@ class ReplayBuffer:
         atomic_write(path, write)
 
     def load(self, path):
+        """Read a ``save``d buffer into the first rows; size and pointer as saved."""
         with np.load(path) as z:
             n = len(z["rew"])
             for k in ("obs", "act", "rew", "next_obs", "done"):
@@ -574,6 +597,8 @@ def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps
                 f"final ({why})")
 
     def expert_reached():
+        """Whether the best long-evaluation score reaches ``expert_score - expert_tolerance`` (False without a
+        target)."""
         return expert_score is not None and meta["best_eval"] is not None and \
             meta["best_eval"] >= expert_score - expert_tolerance
 
@@ -597,6 +622,8 @@ def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps
     wall0 = meta["wall_seconds"]
 
     def checkpoint():
+        """Save the resumable state (agent, ``meta`` with the wall time so far, NumPy RNG) and, with ``keep_buffer``,
+        the replay buffer."""
         meta["wall_seconds"] = wall0 + time.perf_counter() - t_start
         _atomic_torch_save({"agent": agent.state_dict(), "meta": json.dumps(meta),
                             "numpy_rng": json.dumps(rng.bit_generator.state)}, state_path)
@@ -674,6 +701,7 @@ def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np,
     stats = None
     steps_at_start, t_rate = meta["env_steps"], time.perf_counter()
     def done():
+        """Whether the medium and expert roles are both final (nothing left to train)."""
         return meta["medium_final"] and meta["expert_final"]
 
     if done():

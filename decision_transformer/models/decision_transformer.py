@@ -23,13 +23,17 @@ class BackboneHolder:
 
     @property
     def hidden_size(self) -> int:
+        """The backbone's width H (``n_embd``)."""
         return self.backbone.n_embd
 
     def to_dict(self) -> dict:
+        """The configuration as a plain dict, the backbone's nested in it."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict):
+        """A configuration from ``to_dict``'s form: unknown keys are dropped, ``backbone`` is rebuilt with
+        ``BackboneConfig.from_dict`` (defaults when absent)."""
         names = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
         d["backbone"] = BackboneConfig.from_dict(d.get("backbone", {}))
@@ -38,6 +42,9 @@ class BackboneHolder:
 
 @dataclass
 class DTConfig(BackboneHolder):
+    """Configuration of the single-task ``DecisionTransformer``: state and action sizes, context K, timestep table,
+    heads and embedding order; sizes and switches are checked on construction."""
+
     state_dim: int
     act_dim: int
     max_length: int = 20             # K, context timesteps
@@ -65,6 +72,9 @@ class DTConfig(BackboneHolder):
 
 @dataclass
 class DTOutput:
+    """What a DT forward returns (shapes beside the fields); with ``last_action_only``, ``state_preds`` and
+    ``return_preds`` are None and ``action_preds`` is [B, 1, da]."""
+
     state_preds: torch.Tensor      # [B, K, ds], from the action token
     action_preds: torch.Tensor     # [B, K, da], from the state token
     return_preds: torch.Tensor     # [B, K, 1], from the action token

@@ -27,6 +27,9 @@ MASK_VALUE = -1e4
 
 @dataclass
 class BackboneConfig:
+    """Hyper-parameters of the GPT-2 backbone (GPT-2's field names), checked on construction, per-block
+    ``block_overrides`` included."""
+
     n_embd: int = 128
     n_layer: int = 3
     n_head: int = 1
@@ -56,9 +59,11 @@ class BackboneConfig:
         """Sizes positive integers, dropouts in [0, 1), epsilon and init scale finite and positive: a model built
         otherwise fails deep inside torch (n_head 0: a division by zero) or computes NaN (eps NaN)."""
         def whole(v):
+            """True for an int that is not a bool."""
             return isinstance(v, int) and not isinstance(v, bool)
 
         def real(v):
+            """True for a finite int or float that is not a bool."""
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         for name in ("n_embd", "n_layer", "n_head", "vocab_size", "n_positions"):
@@ -110,6 +115,7 @@ class BackboneConfig:
 
     @property
     def inner_dim(self) -> int:
+        """Width of the MLP's hidden layer: ``n_inner``, or 4 * ``n_embd`` when it is None."""
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
     def for_block(self, i: int) -> "BackboneConfig":
@@ -123,10 +129,13 @@ class BackboneConfig:
         return replace(self, block_overrides={}, **over)
 
     def to_dict(self) -> dict:
+        """The configuration as a plain dict (``dataclasses.asdict``)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "BackboneConfig":
+        """A configuration from ``to_dict``'s form: unknown keys are dropped, values deep-copied and ``block_overrides``
+        keyed by strings."""
         names = {f.name for f in fields(cls)}
         d = {k: copy.deepcopy(v) for k, v in d.items() if k in names}
         if d.get("block_overrides"):
@@ -146,10 +155,13 @@ class ImageGPTNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x):
+        """``x`` [..., H] -> normalised and scaled, same shape."""
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
 def make_norm(cfg: BackboneConfig) -> nn.Module:
+    """The norm ``cfg.norm_type`` names over ``n_embd`` features (``nn.LayerNorm`` or ``ImageGPTNorm``); ValueError for
+    another type."""
     if cfg.norm_type == "layernorm":
         return nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
     if cfg.norm_type == "imagegpt":
@@ -168,6 +180,7 @@ class Conv1D(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x):
+        """``x`` [..., nx] -> ``x @ weight + bias`` [..., nf]."""
         size_out = x.shape[:-1] + (self.nf,)
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(size_out)
 
@@ -176,11 +189,14 @@ class GEGLU(nn.Module):
     """Gated GELU: the input's two halves (value u, gate g) -> u * GELU(g) (exact erf GELU)."""
 
     def forward(self, x):
+        """``x`` [..., 2D] -> [..., D]."""
         u, g = x.chunk(2, dim=-1)
         return u * F.gelu(g)
 
 
 def make_activation(name: str) -> nn.Module:
+    """A new activation module by name: ``geglu`` or a key of transformers' ``ACT2CLS`` (``relu``, ``gelu_new`` ...);
+    ValueError for another name."""
     if name == "geglu":
         return GEGLU()
     from transformers.activations import ACT2CLS
@@ -192,6 +208,9 @@ def make_activation(name: str) -> nn.Module:
 
 
 class Attention(nn.Module):
+    """Causal multi-head self-attention in GPT-2's layout (fused q/k/v projection ``c_attn``, output ``c_proj``): SDPA,
+    or an eager path with the originals' masking when probabilities are asked for or ``eager`` is set."""
+
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
         if cfg.n_embd % cfg.n_head:
@@ -233,6 +252,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The block's feed-forward: ``c_fc`` -> activation -> ``c_proj`` -> dropout (``c_fc`` twice as wide for GEGLU)."""
+
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
         inner = cfg.inner_dim
@@ -243,6 +264,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.resid_pdrop)
 
     def forward(self, x):
+        """``x`` [B, T, H] -> [B, T, H]."""
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
@@ -271,6 +293,9 @@ class Block(nn.Module):
 
 @dataclass
 class BackboneOutput:
+    """What ``GPT2Backbone.forward`` returns: the final hidden state and, when asked for, every block's input (then the
+    final state) and attention probabilities."""
+
     last_hidden_state: torch.Tensor                       # [B, T, H], after ln_f
     hidden_states: tuple[torch.Tensor, ...] | None = None  # input of each block, then ln_f(output)
     attentions: tuple[torch.Tensor, ...] | None = None     # per block [B, n_head, T, T]

@@ -13,6 +13,8 @@ BC_DROPOUT = 0.1
 
 @dataclass
 class MLPBCConfig:
+    """Configuration of ``MLPBCModel``: state and action sizes, hidden width, layers, context K and dropout."""
+
     state_dim: int
     act_dim: int
     hidden_size: int = 128
@@ -21,10 +23,12 @@ class MLPBCConfig:
     dropout: float = BC_DROPOUT
 
     def to_dict(self) -> dict:
+        """The configuration as a plain dict, tagged ``model_class: mlp_bc``."""
         return {"model_class": "mlp_bc", **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MLPBCConfig":
+        """A configuration from ``to_dict``'s form (unknown keys, ``model_class`` too, are dropped)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -32,6 +32,9 @@ MODEL_CLASS = "multi_dt"
 
 @dataclass
 class MultiDTConfig(BackboneHolder):
+    """Configuration of ``MultiDecisionTransformer``: its envs (in index order) and their state and action sizes, taken
+    from the env table when left empty; the other fields as in ``DTConfig``."""
+
     envs: list[str] = field(default_factory=lambda: list(MULTI_ENVS))
     state_dims: list[int] = field(default_factory=list)   # per env; empty -> from the env table
     act_dims: list[int] = field(default_factory=list)
@@ -86,6 +89,7 @@ class MultiDecisionTransformer(nn.Module):
 
     # ---- env selection ---------------------------------------------------------------------------------------------
     def env_index(self, env) -> int:
+        """The index of ``env``, given as an index (range-checked) or an env name; IndexError or KeyError otherwise."""
         if isinstance(env, int):
             if not 0 <= env < len(self.config.envs):
                 raise IndexError(f"env index {env} out of range for {self.config.envs}")
@@ -102,10 +106,12 @@ class MultiDecisionTransformer(nn.Module):
 
     @property
     def state_dim(self) -> int:
+        """State size of the selected env."""
         return self.config.state_dims[self.active]
 
     @property
     def act_dim(self) -> int:
+        """Action size of the selected env."""
         return self.config.act_dims[self.active]
 
     # ---- forward ---------------------------------------------------------------------------------------------------

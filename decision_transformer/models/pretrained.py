@@ -223,18 +223,22 @@ class PretrainedLM:
 
     @property
     def model_type(self) -> str:
+        """transformers' ``model_type`` of the model (``gpt2`` or ``imagegpt``)."""
         return self.hf_config.model_type
 
     @property
     def n_embd(self) -> int:
+        """Hidden size of the model."""
         return int(self.hf_config.n_embd)
 
     @property
     def n_positions(self) -> int:
+        """Number of position embeddings (rows of ``wpe``)."""
         return int(self.hf_config.n_positions)
 
     @property
     def vocab_size(self) -> int:
+        """Number of token embeddings (rows of ``wte``)."""
         return int(self.hf_config.vocab_size)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

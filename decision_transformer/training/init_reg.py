@@ -13,6 +13,9 @@ from torch import nn
 
 
 class InitReg:
+    """The ``--init_reg`` term over the parameters of ``model`` named ``prefix``*, measured from copies taken at
+    construction."""
+
     def __init__(self, model: nn.Module, weight: float, prefix: str = "transformer.h."):
         self.weight = float(weight)
         self.params = [(n, p) for n, p in model.named_parameters() if n.startswith(prefix)]
@@ -27,4 +30,5 @@ class InitReg:
         return torch.stack(torch._foreach_norm(torch._foreach_sub(params, self.init))).sum()
 
     def loss(self) -> torch.Tensor:
+        """``weight * distance()``: the regulariser as added to the loss (scalar tensor)."""
         return self.weight * self.distance()

@@ -143,6 +143,7 @@ class KMeansAlignment:
             self.c_mean = c.mean(dim=0)                                        # [H]
 
     def to(self, device):
+        """Move the centre tensors to ``device``; returns self."""
         for name in ("c", "c_hi", "c_lo", "c_mean"):
             if hasattr(self, name):
                 setattr(self, name, getattr(self, name).to(device))

@@ -171,6 +171,8 @@ class TextBatches:
         self._fingerprint: str | None = None
 
     def next(self) -> torch.Tensor:
+        """The next batch of token blocks [batch_size, block_size] (long), in this pass's shuffled order; a new pass
+        begins when fewer than ``batch_size`` blocks are left."""
         if self._pos + self.batch_size > len(self._order):
             self._order = torch.randperm(len(self.blocks), generator=self.generator)
             self._order_on_device = to_device_async(self._order, self.blocks.device)
@@ -197,6 +199,8 @@ class TextBatches:
                 "n_blocks": len(self.blocks), "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict):
+        """Continue the stream where ``state_dict`` left it; ValueError for a corpus with another block count or other
+        tokens."""
         if int(state["n_blocks"]) != len(self.blocks):
             raise ValueError(f"the run's LM corpus had {state['n_blocks']} blocks, this one has {len(self.blocks)}")
         if state.get("fingerprint") not in (None, self.fingerprint()):  # states written before it was recorded: None
@@ -221,6 +225,8 @@ def lm_loss(backbone, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 class LMCotraining:
+    """The ``--joint`` term: the DT backbone's next-token loss on the next text batch, weighted by ``weight(step)``."""
+
     def __init__(self, batches: TextBatches, const: float = 1.0, linear_decay: bool = False,
                  total_steps: int | None = None):
         self.batches, self.const, self.linear_decay = batches, float(const), linear_decay
@@ -234,6 +240,7 @@ class LMCotraining:
         return self.const * max(0.0, 1.0 - (step - 1) / self.total_steps)
 
     def loss(self, model) -> torch.Tensor:
+        """Unweighted next-token loss of ``model.transformer`` on the next text batch (a scalar tensor)."""
         return lm_loss(model.transformer, self.batches.next())
 
 
@@ -270,14 +277,18 @@ class AmpTrainer(Trainer):
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
     def extra_state(self) -> dict:
+        """``Trainer.extra_state`` plus the GradScaler's state."""
         return {**super().extra_state(), "grad_scaler": self.scaler.state_dict()}
 
     def load_extra_state(self, state: dict):
+        """``Trainer.load_extra_state``, then the GradScaler's state where one was saved."""
         super().load_extra_state(state)
         if state.get("grad_scaler"):  # empty when the run trained without CUDA (scaler disabled)
             self.scaler.load_state_dict(state["grad_scaler"])
 
     def train_step(self) -> torch.Tensor:
+        """``Trainer.train_step`` under fp16 autocast with a GradScaler (on CUDA; elsewhere the fp32 step): scaled
+        backward, unscale, clip, step. Returns the total loss and keeps the action MSE in ``last_action_error``."""
         if not self.module.training:   # (as Trainer.train_step)
             self.model.train()
         mark_step(self.compile_mode)

@@ -27,6 +27,8 @@ EOS = "<|endoftext|>"
 
 
 def text_files(path: str | Path) -> list[Path]:
+    """The corpus files of ``path``: the file itself, or the folder's .txt/.raw/.tokens/.text files in sorted order; a
+    ``UserError`` when there are none."""
     p = Path(path)
     if p.is_file():
         return [p]
@@ -59,6 +61,7 @@ def train_bpe_tokenizer(files: list[Path], vocab_size: int):
 
 
 def load_tokenizer_dir(path: str | Path):
+    """The tokenizer saved in ``path`` (no download); a ``UserError`` when it cannot be loaded or has no vocabulary."""
     from transformers import AutoTokenizer
 
     try:
@@ -72,6 +75,7 @@ def load_tokenizer_dir(path: str | Path):
 
 
 def encode_files(files: list[Path], tokenizer) -> torch.Tensor:
+    """The token ids of ``files``, in order, as one 1-D int64 tensor."""
     return torch.from_numpy(encode_batches(_line_batches(files), tokenizer))
 
 

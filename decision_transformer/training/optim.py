@@ -8,6 +8,7 @@ from decision_transformer.errors import UserError
 
 
 def trainable(params):
+    """The parameters of ``params`` that require gradients, as a list."""
     return [p for p in params if p.requires_grad]
 
 

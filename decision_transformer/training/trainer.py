@@ -179,6 +179,8 @@ class Trainer:
             ({"kmeans_centres": km.fingerprint} if getattr(km, "fingerprint", None) else {})
 
     def load_extra_state(self, state: dict):
+        """Restore ``extra_state``'s ``--joint`` text stream; ValueError when the k-means centres are not those the run
+        saved, KeyError when a ``--joint`` run resumes a state without a text stream."""
         lm, km = getattr(self.extra_loss, "lm", None), getattr(self.extra_loss, "kmeans", None)
         saved = state.get("kmeans_centres")
         if km is not None and saved is not None and saved != getattr(km, "fingerprint", saved):
