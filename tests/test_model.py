@@ -664,7 +664,7 @@ def test_get_action_rows_are_batch_independent_at_default_size():
     """Evaluation's contract: an episode's action does not depend on which other episodes share the forward."""
     from decision_transformer.models.decision_transformer import LAST_ACTION_TAIL
 
-    assert LAST_ACTION_TAIL >= 4
+    assert LAST_ACTION_TAIL >= 16   # the rows from which AVX-512 GEMM kernels round a row alike for any row count
     m = DecisionTransformer(DTConfig(state_dim=11, act_dim=3), seed=5).eval()
     g = torch.Generator().manual_seed(4)
     s, a, r = torch.randn(6, 20, 11, generator=g), torch.rand(6, 20, 3, generator=g) * 2 - 1, torch.randn(6, 20, 1)

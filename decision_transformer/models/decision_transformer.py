@@ -10,10 +10,11 @@ from torch import nn
 from decision_transformer.models.gpt2 import BackboneConfig, GPT2Backbone
 
 EMBED_ORDERS = ("ln_then_time", "time_then_ln")
-#: ``last_action_only`` runs the last block for the final timestep's three tokens and the one before them. One row (the
-#: state token) would do, but CPU GEMM kernels round a row the same way for any number of rows only from 4 rows on; with
-#: 4 rows per history an episode's actions are bit-identical whether it is evaluated alone or with others.
-LAST_ACTION_TAIL = 4
+#: ``last_action_only`` runs the last block for the final tokens of each history. One row (the state token) would do,
+#: but CPU GEMM kernels round a row the same way for any number of rows only from a threshold on: 4 rows with AVX2,
+#: 16 with AVX-512 (MKL 2024, torch 2.13); with 16 rows per history an episode's actions are bit-identical whether it
+#: is evaluated alone or with others on both.
+LAST_ACTION_TAIL = 16
 
 
 class BackboneHolder:
