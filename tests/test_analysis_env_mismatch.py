@@ -96,3 +96,37 @@ def test_parameter_similarity_refuses_another_envs_checkpoint(mismatched, tmp_pa
     msg = expect_exit(capsys, main, ["-plm", mismatched, "--model_name_list", "dt", "--epoch1", "0", "--epoch2", "1",
                                      "--results_dir", tmp_path / "res", "--figs_dir", tmp_path / "figs"])
     assert "model_1.pt: the model takes 17-dim states" in msg
+
+
+@pytest.mark.parametrize("script, argv, out", [
+    ("analysis/section-54-gradient-analysis/compute_grad_norm.py", ["--model_name_list", "dt", "gpt2", "--epoch", "40"],
+     "gradnorm_perparam_40_{m}_hopper_medium_666.npy"),
+    ("mine/save_activation.py", ["--model_name", "dt", "gpt2", "--epoch", "40"], "activation_40_{m}_hopper_medium_666.npz"),
+])
+def test_models_recording_different_data_files_are_analysed_on_one_batch(tmp_path, hopper_data, capsys, script, argv,
+                                                                         out):
+    """Two runs whose checkpoints record different data files (copies made with other seeds): every model is
+    analysed on the first model's data, so they see the same batch as the README says, with a note naming the file
+    each run recorded; the results equal those of --data_path naming that file."""
+    import numpy as np
+
+    from decision_transformer.synthetic import make_dataset
+
+    other = tmp_path / "other"
+    make_dataset(other, "hopper", "medium", 2000, seed=5, max_ep_len=100)
+    ck = tmp_path / "ck"
+    write_run(ck, "dt", epochs=(40,), data_file=hopper_data / "hopper-medium-v2.pkl")
+    write_run(ck, "gpt2", epochs=(40,), data_file=other / "hopper-medium-v2.pkl")
+    common = ["--checkpoint_dir", ck, "--env_name_list", "hopper", *argv, "--K", "3", "--batch_size", "4",
+              "--device", "cpu"]
+    main = load_script(script).main
+    main([str(a) for a in [*common, "--results_dir", tmp_path / "a"]])
+    err = capsys.readouterr().out
+    assert f"records the data file {(other / 'hopper-medium-v2.pkl').resolve()}; it is analysed on " \
+           f"{(hopper_data / 'hopper-medium-v2.pkl').resolve()}" in err
+    main([str(a) for a in [*common, "--results_dir", tmp_path / "b", "--data_path", hopper_data]])
+    assert "records the data file" not in capsys.readouterr().out
+    for m in ("dt", "gpt2"):
+        a, b = (np.load(tmp_path / d / out.format(m=m)) for d in ("a", "b"))
+        for k in (a.files if hasattr(a, "files") else [None]):
+            assert np.array_equal(a[k] if k else a, b[k] if k else b)

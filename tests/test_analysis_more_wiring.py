@@ -207,7 +207,7 @@ def fake_attention(monkeypatch):
         return D[model]
 
     monkeypatch.setattr(attention, "load_model", load_model)
-    monkeypatch.setattr(attention, "analysis_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(attention, "SharedDataset", lambda *a, **k: types.SimpleNamespace(get=lambda env, lm: None))
     monkeypatch.setattr(attention, "analysis_batch", lambda *a, **k: None)
     monkeypatch.setattr(attention, "model_attention_distances", distances)
     monkeypatch.setattr(common, "save_figure", lambda fig, figs_dir, stem, dpi=120: common.pyplot().close(fig) or stem)

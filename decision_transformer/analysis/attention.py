@@ -24,8 +24,8 @@ from decision_transformer.analysis import common
 from decision_transformer.analysis.activations import get_activations
 from decision_transformer.analysis.runs import (
     RunKey,
+    SharedDataset,
     analysis_batch,
-    analysis_dataset,
     envs_with_runs,
     load_model,
     model_inputs,
@@ -118,6 +118,7 @@ def run(args) -> common.Outputs:
     outs = common.Outputs()
     tag = f"_K{K_ckpt}" + ("_legacy" if args.legacy else "") + ("_timestep" if args.distance_unit == "timestep" else "")
     plt = common.pyplot()
+    datasets = SharedDataset(args.dataset_name, args.data_path, device, outs.notes)   # every model: the same batch
     for env in envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes):
         gaps = {}
         for m in args.model_name_list:
@@ -125,7 +126,7 @@ def run(args) -> common.Outputs:
             dists = []
             for e in (args.epoch1, args.epoch2):
                 lm = load_model(args.checkpoint_dir, key, e, device)
-                data = analysis_dataset(env, args.dataset_name, args.data_path, lm.checkpoint, device)
+                data = datasets.get(env, lm)
                 batch = analysis_batch(data, args.batch_size, args.K, args.batch_seed)
                 d = model_attention_distances(lm.model, batch, args.distance_unit, args.legacy)
                 if not np.isfinite(d).all():

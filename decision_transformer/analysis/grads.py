@@ -23,10 +23,10 @@ from torch.func import functional_call, grad, vmap
 from decision_transformer.analysis import common
 from decision_transformer.analysis.runs import (
     RunKey,
+    SharedDataset,
     analysis_batch,
-    analysis_dataset,
-    envs_with_runs,
     batch_generator,
+    envs_with_runs,
     load_model,
     model_inputs,
 )
@@ -238,13 +238,15 @@ def build_norm_parser():
     return p
 
 
-def _batches(args, env, device):
-    """Per model: (loaded model, batch). Same batch for all models unless --independent_batches."""
+def _batches(args, env, device, notes: list):
+    """Per model: (loaded model, batch), all drawn from one dataset (``SharedDataset``). Same batch for all models
+    unless --independent_batches."""
     shared = None
     run_K = common.run_k(args)
+    datasets = SharedDataset(args.dataset_name, args.data_path, device, notes)
     for m in args.model_name_list:
         lm = load_model(args.checkpoint_dir, RunKey(m, args.dataset_name, env, args.seed, run_K), args.epoch, device)
-        data = analysis_dataset(env, args.dataset_name, args.data_path, lm.checkpoint, device)
+        data = datasets.get(env, lm)
         if args.independent_batches:
             if shared is None:
                 shared = batch_generator(args.batch_seed, data.device)
@@ -273,7 +275,7 @@ def run_confusion(args) -> common.Outputs:
     ktag = common.run_k_tag(common.run_k(args))
     for env in envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes):
         summary = []
-        for m, lm, batch in _batches(args, env, device):
+        for m, lm, batch in _batches(args, env, device, outs.notes):
             st = per_sample_grad_stats(lm.model, batch, train_mode=args.train_mode, seed=args.grad_seed,
                                        max_bytes=max_bytes)
             st.check(lm.path)
@@ -313,7 +315,7 @@ def run_norms(args) -> common.Outputs:
     plt = common.pyplot()
     for env in envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes):
         norms, perparam = {}, {}
-        for m, lm, batch in _batches(args, env, device):
+        for m, lm, batch in _batches(args, env, device, outs.notes):
             st = per_sample_grad_stats(lm.model, batch, train_mode=args.train_mode, seed=args.grad_seed, gram=False,
                                        max_bytes=max_bytes)
             st.check(lm.path)

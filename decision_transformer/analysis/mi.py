@@ -43,8 +43,8 @@ from decision_transformer.analysis.activations import (
 from decision_transformer.analysis.mine import LOSSES, estimate_mi
 from decision_transformer.analysis.runs import (
     RunKey,
+    SharedDataset,
     analysis_batch,
-    analysis_dataset,
     load_model,
 )
 from decision_transformer.errors import UserError
@@ -163,11 +163,12 @@ def run_save(args) -> common.Outputs:
     outs = common.Outputs()
     entries = BLOCK_ENTRIES if args.all_layers else (BLOCK_OUTPUT,)
     run_K, ktag = common.run_k(args), _ktag(args)
+    datasets = SharedDataset(args.dataset_name, args.data_path, device, outs.notes)   # every model: the same batch
     for env in args.env_name_list:
         for m in args.model_name:
             key = RunKey(m, args.dataset_name, env, args.seed, run_K)
             lm = load_model(args.checkpoint_dir, key, args.epoch, device)
-            data = analysis_dataset(env, args.dataset_name, args.data_path, lm.checkpoint, device)
+            data = datasets.get(env, lm)
             batch = analysis_batch(data, args.batch_size, args.K, args.batch_seed)
             acts = get_activations(lm.model, batch, entries)
             check_finite_activations(acts, lm.path)

@@ -300,24 +300,51 @@ def _dataset(path: str, env: str, device: str) -> TrajectoryDataset:
     return TrajectoryDataset(_trajectories(path, env), env, device=device)
 
 
+def analysis_data_file(env: str, dataset: str, data_path: str | None, checkpoint: dict | None = None) -> Path:
+    """The data file of a run's analysis: ``data_path``'s; with None, the file recorded in the checkpoint's config if
+    it still exists (runs record it as an absolute path; an older relative one is also tried below the project),
+    else the project's ``data/``."""
+    if data_path is None and checkpoint is not None:
+        cfg = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
+        recorded = cfg.get("data_file")
+        same = cfg.get("env", env) == env and cfg.get("dataset", dataset) == dataset
+        for cand in ([Path(recorded), PROJECT_ROOT / recorded] if isinstance(recorded, str) and recorded and same
+                     else []):
+            if cand.is_file():
+                return cand.resolve()
+    path, _ = load_dataset(data_path or project_path("data"), env, dataset)
+    return Path(path).resolve()
+
+
 def analysis_dataset(env: str, dataset: str, data_path: str | None, checkpoint: dict | None = None,
                      device="cpu") -> TrajectoryDataset:
-    """The run's dataset (states normalised with its own statistics, as in training).
+    """The run's dataset (``analysis_data_file``; states normalised with its own statistics, as in training)."""
+    path = analysis_data_file(env, dataset, data_path, checkpoint)
+    return _dataset(str(path), env, str(torch.device(device)))
 
-    ``data_path`` None: the data file recorded in the checkpoint's config if it still exists (runs record it as an
-    absolute path; an older relative one is also tried below the project), else the project's ``data/``."""
-    path = None
-    if data_path is None and checkpoint is not None:
-        recorded = (checkpoint.get("config") or {}).get("data_file")
-        cfg = checkpoint.get("config") or {}
-        same = cfg.get("env", env) == env and cfg.get("dataset", dataset) == dataset
-        for cand in ([Path(recorded), PROJECT_ROOT / recorded] if recorded and same else []):
-            if cand.is_file():
-                path = cand
-                break
-    if path is None:
-        path, _ = load_dataset(data_path or project_path("data"), env, dataset)
-    return _dataset(str(Path(path).resolve()), env, str(torch.device(device)))
+
+class SharedDataset:
+    """One dataset per env for every model of an analysis, so that they all see the same batch: ``--data_path``'s,
+    else the one the first model's checkpoint records. A later model whose checkpoint records another data file is
+    said in a note (``notes``), once per env."""
+
+    def __init__(self, dataset: str, data_path: str | None, device, notes: list):
+        self.dataset, self.data_path, self.device, self.notes = dataset, data_path, device, notes
+        self._chosen: dict[str, tuple[TrajectoryDataset, Path, Path]] = {}
+
+    def get(self, env: str, lm: "LoadedModel") -> TrajectoryDataset:
+        """The env's dataset; ``lm`` is the model about to be analysed on it."""
+        if env not in self._chosen:
+            path = analysis_data_file(env, self.dataset, self.data_path, lm.checkpoint)
+            self._chosen[env] = (_dataset(str(path), env, str(torch.device(self.device))), path, lm.path)
+            return self._chosen[env][0]
+        data, path, first = self._chosen[env]
+        if self.data_path is None:
+            own = analysis_data_file(env, self.dataset, None, lm.checkpoint)
+            if own != path:
+                self.notes.append(f"{lm.path} records the data file {own}; it is analysed on {path} (that of "
+                                  f"{first}) so that every model sees the same batch (--data_path chooses one)")
+        return data
 
 
 def batch_generator(seed: int, device) -> torch.Generator:
