@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from decision_transformer import distributed
-from decision_transformer.checkpoint import (atomic_save, check_same_behaviour, find_run, load_checkpoint,
+from decision_transformer.checkpoint import (atomic_save, check_same_behaviour, load_checkpoint,
                                              load_state_into, make_checkpoint, model_name, new_exp_id, recorded_count,
                                              run_dir_name, same_flag_value, set_aside_previous_run, wandb_run_name)
-from decision_transformer.cli import check_context, check_seed, check_upper_bounds, merge_signature
+from decision_transformer.cli import check_context, check_seed, check_upper_bounds
 from decision_transformer.data import TrajectoryDataset, load_dataset
 from decision_transformer.envs import check_dataset_name, get_env_spec
 from decision_transformer.errors import TrainingDiverged, UserError
@@ -310,7 +310,7 @@ def check_args(args):
 
 def resume_state_path(args, run_dir: Path | None, lm_script: bool = False) -> Path:
     """The training state ``--resume`` continues from. A merge run's folder carries its run id
-    (``{run}_{exp_id}``): the newest one made with the same merge flags is taken. The LM script's runs are
+    (``{run}_{exp_id}``): the newest one made with the same flags is taken (``resumable_run``). The LM script's runs are
     ``{outdir}/dt_gym-experiment-{env}-{dataset}-{exp_id}``: the newest one made with the same flags is taken."""
     if run_dir is None:
         if lm_script:
@@ -319,12 +319,8 @@ def resume_state_path(args, run_dir: Path | None, lm_script: bool = False) -> Pa
         raise UserError("--resume needs --outdir (the run folder holds the state to resume)")
     if lm_script:
         return lm_resume_dir(args, run_dir) / TRAIN_STATE
-    if args.pretrained_models:
-        found = find_run(run_dir.parent, f"{run_dir.name}_", merge_signature(args), require=TRAIN_STATE)
-        if found is None:
-            raise UserError(f"nothing to resume: no merge run {run_dir.name}_<id> in {run_dir.parent} made with "
-                            f"these --pretrained_models and merge flags has finished an iteration")
-        run_dir = found
+    if args.pretrained_models:   # of several runs of these merge flags, the newest made with all these flags
+        run_dir = resumable_run(run_dir.parent, f"{run_dir.name}_", resume_signature(args), "merge run")
     st_path = run_dir / TRAIN_STATE
     if not st_path.is_file():
         from decision_transformer.sweep import _lock_holder, folder_lock_path
@@ -401,7 +397,7 @@ def lm_resume_dir(args, parent: Path) -> Path:
     return resumable_run(parent, f"dt_gym-experiment-{args.env}-{args.dataset}-", resume_signature(args))
 
 
-def resumable_run(parent: Path, prefix: str, signature: dict) -> Path:
+def resumable_run(parent: Path, prefix: str, signature: dict, kind: str = "run") -> Path:
     """The newest ``{parent}/{prefix}{id}`` folder with a training state made with the flags ``signature``; when none
     matches, the error names the flags in which the newest such run differs. A run whose ``config.json`` is missing, not
     JSON or not a JSON object is judged by the config its ``train_state.pt`` records (``recorded_config``). Flags a run
@@ -415,7 +411,7 @@ def resumable_run(parent: Path, prefix: str, signature: dict) -> Path:
             newest = max((f.stat().st_mtime for f in d.iterdir() if f.suffix in (".pt", ".json")), default=0.0)
             runs.append((newest, d.name, d))
     if not runs:
-        raise UserError(f"nothing to resume: no run {prefix}<id> in {parent} has finished an iteration")
+        raise UserError(f"nothing to resume: no {kind} {prefix}<id> in {parent} has finished an iteration")
     first, unreadable = None, []
     for _, _, d in sorted(runs, reverse=True):
         cfg = recorded_config(d)
@@ -432,7 +428,7 @@ def resumable_run(parent: Path, prefix: str, signature: dict) -> Path:
     other, cfg = first
     differ = [f"--{k} {v!r} (the run: {cfg[k]!r})" for k, v in want.items()
               if k in cfg and not same_flag_value(k, cfg[k], v)]
-    raise UserError(f"nothing to resume: no run {prefix}<id> in {parent} was made with these flags; the newest, "
+    raise UserError(f"nothing to resume: no {kind} {prefix}<id> in {parent} was made with these flags; the newest, "
                     f"{other.name}, differs in {'; '.join(differ) or 'its flags'}")
 
 

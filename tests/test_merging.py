@@ -355,6 +355,30 @@ def test_merge_run_resume_matches_uninterrupted(trained, tmp_path, monkeypatch, 
     assert "nothing to resume: no merge run dt_medium_hopper_666_K5_<id>" in msg and "finished an iteration" in msg
 
 
+def test_merge_resume_takes_the_run_of_all_these_flags_and_reads_a_lost_config_from_the_state(trained, tmp_path,
+                                                                                                 monkeypatch, capsys):
+    """Two merge runs of the same models and merge flags that differ in another flag (-lr) sit side by side
+    ({run}_{id} each): --resume continues the one made with every flag given, not refusing the newest; and a run
+    whose config.json was lost is found by the config its training state records, as the README says."""
+    root, data, m = trained
+    monkeypatch.chdir(tmp_path)
+    base = ["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models", *[str(m[e]) for e in ENVS],
+            "--include", "attn", "--copy_model", "--num_steps_per_iter", "2", "--num_eval_episodes", "0"]
+    experiment.main([*base, "--max_iters", "1", "-lr", "1e-4"])
+    experiment.main([*base, "--max_iters", "1", "-lr", "3e-4"])
+    runs = sorted(d for d in (tmp_path / "checkpoints").iterdir() if d.is_dir())
+    first = [d for d in runs if json.loads((d / "config.json").read_text())["learning_rate"] == 1e-4][0]
+    capsys.readouterr()
+    experiment.main([*base, "--max_iters", "2", "-lr", "1e-4", "--resume"])
+    assert f"resuming {Path('checkpoints') / first.name} after iteration 1" in capsys.readouterr().err
+    assert (first / "model_2.pt").is_file()
+    (first / "config.json").unlink()
+    experiment.main([*base, "--max_iters", "3", "-lr", "1e-4", "--resume"])
+    err = capsys.readouterr().err
+    assert f"resuming {Path('checkpoints') / first.name} after iteration 2" in err and "read from its" in err
+    assert (first / "model_3.pt").is_file()
+
+
 def expect_error(capsys, argv):
     with pytest.raises(SystemExit) as e:
         experiment.main(argv)
