@@ -342,9 +342,35 @@ def load_fisher(path: str | os.PathLike) -> dict:
 FISHER_SEED = 666
 
 
-def source_record(env: str, dataset: str, K: int, seed) -> dict:
-    """What a saved Fisher was estimated on (kept in the file as ``_source``; its name records neither)."""
-    return {"env": env, "dataset": dataset, "K": int(K), "seed": None if seed is None else int(seed)}
+def source_record(env: str, dataset: str, K: int, seed, state_dict: dict | None = None) -> dict:
+    """What a saved Fisher was estimated on (kept in the file as ``_source``; its name records neither): the data,
+    windows and seed, and the model's weights (``weights_digest``), so that a model file rewritten since (a resumed
+    run's ``_best.pt``, a merge saved to the same path) is not merged with its old Fisher."""
+    rec = {"env": env, "dataset": dataset, "K": int(K), "seed": None if seed is None else int(seed)}
+    if state_dict is not None:
+        rec["weights"] = weights_digest(state_dict)
+    return rec
+
+
+def weights_digest(state_dict: dict) -> str:
+    """A fingerprint of a state dict's tensors (names, dtypes, shapes and bytes)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(state_dict):
+        t = state_dict[k]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def stale_weights(info: dict, state_dict: dict) -> bool:
+    """Whether a Fisher file records weights other than ``state_dict`` (files without the record are not)."""
+    rec = info.get("_source") if isinstance(info.get("_source"), dict) else {}
+    return isinstance(rec.get("weights"), str) and rec["weights"] != weights_digest(state_dict)
 
 
 def describe(info: dict) -> str:
@@ -418,9 +444,16 @@ def run_precompute(args) -> Path:
     out = fisher_info_path(args.model, args.f_batch_size, args.f_num_batches, args.fisher_type)
     K = args.K or training_context(mf) or 20  # the info file's name does not record K: the model's own by default
     with exclusive(out, "a Fisher file"):   # two processes computing it at once: the second finds it made
+        stale = False
         if out.is_file() and not args.force:
             old = load_fisher(out)
-            check_fisher_fits(old, mf.state_dict, out, args.model)
+            stale = stale_weights(old, mf.state_dict)
+            if not stale:
+                check_fisher_fits(old, mf.state_dict, out, args.model)
+        if stale:
+            log(f"{out} was estimated on other weights than {args.model} holds now (the file changed since); "
+                f"recomputing it")
+        elif out.is_file() and not args.force:
             rec = old.get("_source") if isinstance(old.get("_source"), dict) else {}
             if rec and (rec.get("dataset"), rec.get("K")) != (dataset, K):
                 raise UserError(f"{out} exists, computed on {env}-{rec.get('dataset')} with K={rec.get('K')}, not on "
@@ -435,7 +468,7 @@ def run_precompute(args) -> Path:
         model = build_model(mf, device, max_length=K)
         info = compute_fisher(model, ds, fisher_type=args.fisher_type, batch_size=args.f_batch_size,
                               num_batches=args.f_num_batches, K=K, seed=args.seed)
-        info["_source"] = source_record(env, dataset, K, args.seed)
+        info["_source"] = source_record(env, dataset, K, args.seed, mf.state_dict)
         save_fisher(info, out)
         log(f"{out}: {args.fisher_type} Fisher of {args.model} on {data_file} ({args.f_num_batches} x {args.f_batch_size} "
             f"windows of K={K}): {describe(info)}")

@@ -159,8 +159,10 @@ def fisher_for_file(mf: ModelFile, args, data: DatasetCache, device) -> dict:
     else computed on the model's own dataset (with ``precompute_fisher.py``'s default seed) and saved there."""
     path = fisher_mod.fisher_info_path(mf.path, args.f_batch_size, args.f_num_batches, args.fisher_type)
     with exclusive(path, "a Fisher file"):   # two runs computing it at once: the second finds it made
-        if path.is_file():
-            info = fisher_mod.load_fisher(path)
+        info, why = (fisher_mod.load_fisher(path) if path.is_file() else None), "not found"
+        if info is not None and fisher_mod.stale_weights(info, mf.state_dict):
+            info, why = None, f"estimated on other weights than {mf.path} holds now (the file changed since)"
+        if info is not None:
             fisher_mod.check_fisher_fits(info, mf.state_dict, path, mf.path)
             rec = info.get("_source") if isinstance(info.get("_source"), dict) else {}
             if rec.get("env") and mf.env and rec.get("env") != mf.env:   # (a copied file: its name records no env)
@@ -176,13 +178,13 @@ def fisher_for_file(mf: ModelFile, args, data: DatasetCache, device) -> dict:
         env, dataset = source_env_dataset(mf)
         K = fisher_mod.training_context(mf) or args.K  # as precompute_fisher.py: windows of the model's own context
         model = build_model(mf, device, max_length=K)
-        log(f"fisher: {path} not found; computing it ({args.fisher_type}, {args.f_num_batches} x {args.f_batch_size} "
+        log(f"fisher: {path} {why}; computing it ({args.fisher_type}, {args.f_num_batches} x {args.f_batch_size} "
             f"windows of K={K} of {env}-{dataset})")
         with forked_rng():  # (the cache's seed, not the run's: see FISHER_SEED)
             info = fisher_mod.compute_fisher(model, data.get(env, dataset), fisher_type=args.fisher_type,
                                              batch_size=args.f_batch_size, num_batches=args.f_num_batches, K=K,
                                              seed=fisher_mod.FISHER_SEED)
-        info["_source"] = fisher_mod.source_record(env, dataset, K, fisher_mod.FISHER_SEED)
+        info["_source"] = fisher_mod.source_record(env, dataset, K, fisher_mod.FISHER_SEED, mf.state_dict)
         fisher_mod.save_fisher(info, path)
         log(f"fisher: saved {path} ({fisher_mod.describe(info)})")
         return info

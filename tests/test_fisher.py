@@ -7,7 +7,7 @@ import experiment
 import precompute_fisher
 from decision_transformer import fisher, merging
 from conftest import listed, write_source_models
-from decision_transformer.checkpoint import load_checkpoint
+from decision_transformer.checkpoint import atomic_save, load_checkpoint
 from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
 from decision_transformer.training.losses import masked_action_mse
 
@@ -268,7 +268,8 @@ def test_a_cached_fisher_records_what_it_was_estimated_on(setup, monkeypatch, ca
     real_compute = fisher.compute_fisher
     monkeypatch.setattr(fisher, "compute_fisher", lambda *a, **k: (computed.append(1), real_compute(*a, **k))[1])
     precompute_fisher.main(base)
-    assert fisher.load_fisher(out)["_source"] == {"env": "hopper", "dataset": "medium", "K": 5, "seed": 666}
+    assert fisher.load_fisher(out)["_source"] == {"env": "hopper", "dataset": "medium", "K": 5, "seed": 666,
+                                                  "weights": fisher.weights_digest(load_checkpoint(src)["state_dict"])}
     assert len(computed) == 1
     stamp = out.stat().st_mtime_ns
     precompute_fisher.main(base)
@@ -323,6 +324,43 @@ def test_a_merge_refuses_a_cached_fisher_of_another_env_and_notes_another_K(setu
     msg = fails(experiment.main, argv, capsys)
     assert f"{walker}: a Fisher estimated on halfcheetah data, but {srcs[0]} is a walker2d model" in msg
     assert walker.read_bytes() == before
+
+
+def test_a_cached_fisher_of_weights_the_model_file_no_longer_holds_is_recomputed(setup, monkeypatch, capsys,
+                                                                                 tmp_path):
+    """A model file rewritten after its Fisher was cached (a resumed run's _best.pt, a merge saved to the same path):
+    the file records the weights it was estimated on, so precompute_fisher.py and a merge run recompute it instead of
+    using the old estimate without a word."""
+    root, data, paths = setup
+    monkeypatch.chdir(root)
+    src = tmp_path / paths["hopper"].name
+    src.write_bytes(paths["hopper"].read_bytes())
+    base = ["--model", str(src), "--data_path", str(data), "--f_batch_size", "4", "--f_num_batches", "2",
+            "--device", "cpu"]
+    precompute_fisher.main(base)
+    out = fisher.fisher_info_path(src, 4, 2)
+    before = fisher.load_fisher(out)
+    ckpt = load_checkpoint(src)
+    k = next(k for k in ckpt["state_dict"] if k.endswith("attn.c_attn.weight"))
+    ckpt["state_dict"][k] = ckpt["state_dict"][k] * 1.5
+    atomic_save(ckpt, src)
+    capsys.readouterr()
+    precompute_fisher.main(base)
+    assert "was estimated on other weights than" in capsys.readouterr().err
+    after = fisher.load_fisher(out)
+    assert after["_source"]["weights"] == fisher.weights_digest(ckpt["state_dict"]) != before["_source"]["weights"]
+    assert not torch.equal(after[k], before[k])
+    ckpt["state_dict"][k] = ckpt["state_dict"][k] * 2
+    atomic_save(ckpt, src)
+    other = tmp_path / paths["halfcheetah"].name
+    other.write_bytes(paths["halfcheetah"].read_bytes())
+    capsys.readouterr()
+    experiment.main(["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models", str(src), str(other),
+                     "--include", "attn", "--copy_model", "--use_fisher", "--f_batch_size", "4",
+                     "--f_num_batches", "2", "--max_iters", "1", "--num_steps_per_iter", "0",
+                     "--num_eval_episodes", "0", "--outdir", ""])
+    assert f"fisher: {out} estimated on other weights than {src} holds now" in capsys.readouterr().err
+    assert fisher.load_fisher(out)["_source"]["weights"] == fisher.weights_digest(ckpt["state_dict"])
 
 
 def copies(paths, folder, *envs):

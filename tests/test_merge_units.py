@@ -133,7 +133,7 @@ def test_rebuilt_initialisations_and_fisher_estimates_fork_every_devices_rng(mon
     monkeypatch.setattr(fisher, "save_fisher", lambda info, path: None)
     monkeypatch.setattr(fisher, "describe", lambda info: "")
     monkeypatch.setattr(merge_setup, "log", lambda msg: None)
-    mf = SimpleNamespace(path=str(tmp_path / "model_1.pt"), dataset="medium")
+    mf = SimpleNamespace(path=str(tmp_path / "model_1.pt"), dataset="medium", state_dict=model.state_dict())
     merge_setup.fisher_for_file(mf, args, SimpleNamespace(get=lambda env, ds: None), "cpu")
     assert inside == [1, 1, 1, 1]
 
