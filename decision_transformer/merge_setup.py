@@ -14,7 +14,7 @@ import torch
 
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
-from decision_transformer.checkpoint import check_loadable, load_state_into
+from decision_transformer.checkpoint import check_loadable, load_state_into, same_flag_value
 from decision_transformer.errors import UserError
 from decision_transformer.files import exclusive
 from decision_transformer.legacy_import import ModelFile, build_model, load_model_file
@@ -227,6 +227,12 @@ def resolve_base(args, sources: Sequence[ModelFile], fresh_state: dict | None = 
     if first.is_multi:
         pre = first.config.get("pretrained_model")
         if pre:
+            for other in sources[1:]:   # task vectors of models finetuned from another model share no base
+                theirs = other.config.get("pretrained_model")
+                if not theirs or not same_flag_value("pretrained_model", pre, theirs):
+                    log(f"warning: {other.path} was finetuned from {theirs or 'no recorded --pretrained_model'}, not "
+                        f"from {pre} as model 1; its task vector is taken against {pre} (pass --merge_base to choose "
+                        f"the base)")
             log(f"merge base: {pre} (the model {first.path} was finetuned from)")
             return load_model_file(pre).state_dict
     if first.config.get("pretrained_lm"):

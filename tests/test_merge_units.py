@@ -138,6 +138,24 @@ def test_rebuilt_initialisations_and_fisher_estimates_fork_every_devices_rng(mon
     assert inside == [1, 1, 1, 1]
 
 
+def test_multi_task_sources_finetuned_from_another_model_than_model_1s_are_warned_about(monkeypatch, capsys):
+    """Task arithmetic / TIES of multi-task models take model 1's recorded --pretrained_model as the base; a source
+    finetuned from another model (or recording none) has a task vector against a model it never came from: a
+    warning names it (the single-task path warns alike for another seed). The same base spelled ./ is no warning."""
+    from decision_transformer import merge_setup
+
+    monkeypatch.setattr(merge_setup, "load_model_file", lambda p: SimpleNamespace(state_dict={"w": torch.ones(1)}))
+    args = SimpleNamespace(merge_base=None, pretrained_lm=None)
+    mk = lambda path, pre: SimpleNamespace(is_multi=True, path=path, config={"pretrained_model": pre})  # noqa: E731
+    base = merge_setup.resolve_base(args, [mk("a.pt", "pre/m.pt"), mk("b.pt", "./pre/m.pt")])
+    assert torch.equal(base["w"], torch.ones(1)) and "warning" not in capsys.readouterr().err
+    merge_setup.resolve_base(args, [mk("a.pt", "pre/m.pt"), mk("b.pt", "./pre/m.pt"), mk("c.pt", "pre/other.pt"),
+                                    mk("d.pt", None)])
+    err = capsys.readouterr().err
+    assert "warning: c.pt was finetuned from pre/other.pt, not from pre/m.pt as model 1" in err
+    assert "warning: d.pt was finetuned from no recorded --pretrained_model" in err and "b.pt" not in err
+
+
 # ---- fisher.py ----------------------------------------------------------------------------------------------------
 
 def test_chunked_per_example_fishers_match_unchunked(monkeypatch):
