@@ -479,6 +479,11 @@ def test_kmeans_cache_created_reused_and_checked(tmp_path, monkeypatch):
         torch.save(bad, cache)                                     # (cast silently, or with a torch warning)
         with pytest.raises(UserError, match=r"expected a \[N, H\] float tensor of k-means centres"):
             load_or_compute_centres(wte, 6, str(cache), seed=0)
+    # more centres than tokens: one line before the cache's folder is made (it was left behind, empty)
+    fresh = tmp_path / "new_folder" / "c.pt"
+    with pytest.raises(UserError, match="--gpt_kmeans 51 must be between 1 and the LM's vocabulary size 50"):
+        load_or_compute_centres(wte, 51, str(fresh), seed=0)
+    assert not fresh.parent.exists()
 
 
 # ---- init_reg -----------------------------------------------------------------------------------------------------
