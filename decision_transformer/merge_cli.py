@@ -140,6 +140,9 @@ def check_args(args):
     for parent in Path(args.out).parents:   # before any Fisher or Gram is computed
         if parent.exists() and not parent.is_dir():
             raise UserError(f"--out {args.out}: {parent} is a file, not a folder")
+    if Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a folder; name the merged checkpoint's file (e.g. "
+                        f"{Path(args.out) / 'merged.pt'})")
     out = Path(args.out).resolve()
     for m in [*args.models, *([args.merge_base] if args.merge_base else [])]:
         if Path(m).resolve() == out:
@@ -180,12 +183,14 @@ def run_merge(args) -> Path:
     from decision_transformer.legacy_import import build_model, load_model_file
     from decision_transformer.merge_setup import (DatasetCache, check_merged_state, check_multi_sources,
                                                   check_selection, merge_multi_states, merge_single_sources,
-                                                  merge_words, multi_fisher, resolve_method, warn_architecture)
+                                                  merge_words, multi_fisher, resolve_method, warn_architecture,
+                                                  warn_inert_p)
     from decision_transformer.run import resolve_device
 
     device = resolve_device(args.device, args.threads)
     sources = [load_model_file(m) for m in args.models]
     method = resolve_method(args)
+    warn_inert_p(args.p, method, len(sources))
     n_multi = sum(s.is_multi for s in sources)
     if n_multi not in (0, len(sources)):
         raise UserError("cannot merge single-task with multi-task models")

@@ -51,6 +51,14 @@ def merge_words(method: str, n: int, p: float) -> str:
     return f"{words} weighted {1 - p:g} : {p:g} (--p {p:g}){whole}"
 
 
+def warn_inert_p(p: float, method: str, n: int):
+    """``--p`` weights the two models of a mean or Fisher merge; elsewhere it changes nothing (the run still records
+    it), which is said rather than left to be read as applied."""
+    if p != 0.5 and (n != 2 or method not in ("mean", "fisher")):
+        log(f"warning: --p {p:g} has no effect on a {method} merge of {n} models: it weights the two models of a mean "
+            f"or Fisher merge")
+
+
 def check_experiment_merge(args):
     """``experiment.py``'s merge flags that can be judged before any model is loaded: a merge method other than the
     uniform mean needs 2 or more ``--pretrained_models`` (one model is merged uniformly with the fresh
@@ -62,6 +70,10 @@ def check_experiment_merge(args):
                if getattr(args, "pretrained_lm", None)
                else "without --pretrained_lm is loaded without a merge")
         raise UserError(f"{flag} merges 2 or more --pretrained_models (or merge_cli --models A B ...); one model {one}")
+    # (one model with --pretrained_lm is merged with the fresh LM model: two models)
+    n = len(args.pretrained_models) + (len(args.pretrained_models) == 1 and bool(getattr(args, "pretrained_lm", None)))
+    if len(args.pretrained_models) > 1 or n == 2:
+        warn_inert_p(args.p, method, n)
 
 
 def check_selection(keys: Sequence[str], args, where: str):

@@ -289,3 +289,48 @@ def test_merge_cli_reports_the_merged_fraction_with_and_without_wte(tmp_path, ca
         assert f"merge: {words} over 4 of {tot} tensors" in err and f"merged checkpoint ({words})" in err
     assert merge_setup.merge_words("fisher", 3, 0.0) == "fisher of 3 models"     # --p weighs two models only
     assert merge_setup.merge_words("ties", 2, 0.0) == "ties of 2 models"
+
+
+# ---- 6. --p where it weights nothing, --out a folder -------------------------------------------------------------------
+
+def test_p_that_weights_nothing_is_warned_about_and_an_out_folder_is_refused_before_loading(tmp_path, capsys):
+    """--p weights the two models of a mean or Fisher merge: with 3 models (or task arithmetic) it changes nothing,
+    which a warning says (the merge stays the uniform one); --out naming a folder is one line before any model is
+    read (it failed only after the merge was computed)."""
+    cfg = dt_config(1)
+    paths = []
+    for seed in (0, 1, 2):
+        path = tmp_path / f"m{seed}.pt"
+        atomic_save(make_checkpoint(dt_state(1, seed), {"env": "hopper", "dataset": "medium", "seed": 0,
+                                                        "model_config": cfg.to_dict()}), path)
+        paths.append(str(path))
+    base = ["--include", "attn", "--device", "cpu"]
+    merge_cli.main(["--models", *paths, *base, "--out", str(tmp_path / "plain.pt")])
+    capsys.readouterr()
+    merge_cli.main(["--models", *paths, *base, "--p", "0.9", "--out", str(tmp_path / "p.pt")])
+    assert "warning: --p 0.9 has no effect on a mean merge of 3 models" in capsys.readouterr().err
+    a, b = (load_checkpoint(tmp_path / f)["state_dict"] for f in ("plain.pt", "p.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    merge_cli.main(["--models", *paths[:2], *base, "--p", "0.9", "--out", str(tmp_path / "two.pt")])
+    assert "warning" not in capsys.readouterr().err                  # two models: --p weights them
+    merge_cli.main(["--models", *paths[:2], *base, "--p", "0.9", "--merge_method", "task_arithmetic",
+                    "--merge_base", paths[2], "--out", str(tmp_path / "ta.pt")])
+    assert "warning: --p 0.9 has no effect on a task_arithmetic merge of 2 models" in capsys.readouterr().err
+    folder = tmp_path / "outdir"
+    folder.mkdir()
+    with pytest.raises(SystemExit) as e:
+        merge_cli.main(["--models", *paths, *base, "--out", str(folder)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --out {folder} is a folder; name the merged checkpoint's file" in err and "merge:" not in err
+
+
+def test_experiment_merge_flags_warn_about_a_p_that_weights_nothing(capsys):
+    from decision_transformer.cli import experiment_parser
+    from decision_transformer.merge_setup import check_experiment_merge
+
+    for models, extra, warned in ((["a", "b", "c"], [], True), (["a", "b"], [], False),
+                                  (["a", "b"], ["--merge_method", "ties"], True),
+                                  (["a"], ["--pretrained_lm", "gpt2"], False), (["a"], [], False)):
+        check_experiment_merge(experiment_parser().parse_args(["--pretrained_models", *models, "--p", "0.9", *extra]))
+        assert ("warning: --p 0.9 has no effect" in capsys.readouterr().err) == warned, (models, extra)
