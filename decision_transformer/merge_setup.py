@@ -14,7 +14,7 @@ import torch
 
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
-from decision_transformer.checkpoint import check_loadable, load_state_into, same_flag_value
+from decision_transformer.checkpoint import check_finite_state, check_loadable, load_state_into, same_flag_value
 from decision_transformer.errors import UserError
 from decision_transformer.files import exclusive
 from decision_transformer.legacy_import import ModelFile, build_model, load_model_file
@@ -375,6 +375,7 @@ def merge_single_sources(sources: Sequence[ModelFile], args, keys, device, data:
     own dataset (Fisher, Gram matrices) or model 1's (greedy-soup score). Returns (merged state, the keys of S it
     really combined: for a Fisher merge those with a Fisher)."""
     method = resolve_method(args)
+    check_finite_sources(sources)
     states = [s.state_dict for s in sources]
     kw: dict = {}
     merged_keys = list(keys)
@@ -422,6 +423,14 @@ def check_multi_sources(sources: Sequence[ModelFile], method: str):
         raise UserError(f"--merge_method {method} is available for single-task merges only")
     states = [s.state_dict for s in sources]
     merging.check_compatible(states, [s.path for s in sources], list(states[0].keys()))
+    check_finite_sources(sources)
+
+
+def check_finite_sources(sources: Sequence[ModelFile]):
+    """Every model's weights are finite, checked before any Fisher or Gram is computed: a NaN would poison a mean but
+    be trimmed away by TIES, so each method would treat the damaged file differently."""
+    for s in sources:
+        check_finite_state(s.state_dict, str(s.path))
 
 
 def merge_multi_states(sources: Sequence[ModelFile], args, device, fishers=None, base=None) -> tuple[dict, list[str]]:

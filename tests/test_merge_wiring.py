@@ -322,14 +322,15 @@ def test_a_nan_copied_from_model_1_is_blamed_on_its_file_not_the_merge(srcs, tmp
     ck = load_checkpoint(paths["hopper"])
     ck["state_dict"]["embed_state.weight"][0, 0] = float("nan")
     bad = atomic_save(ck, tmp_path / "nan_hopper.pt")
-    expect = f"error: {bad}: tensor embed_state.weight contains NaN or inf (the mean merge would carry it)"
+    expect = f"error: {bad}: tensor embed_state.weight contains NaN or inf"     # (refused before the merge)
     assert fails(experiment.main, ["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models", bad,
                                    paths["walker2d"], "--include", "attn", "mlp", "--copy_model", *NO_TRAINING],
                  capsys) == expect
     assert not (tmp_path / "checkpoints").exists()
     out = tmp_path / "merged.pt"
     assert fails(merge_cli.main, ["--models", bad, paths["walker2d"], "--include", "attn", "--device", "cpu",
-                                  "--out", out], capsys) == expect + f"; {out} not written"
+                                  "--out", out], capsys) == expect
+    assert not out.exists()
 
 
 def test_load_checkpoint_and_pretrained_models_exclude_each_other(srcs, tmp_path, monkeypatch, capsys):

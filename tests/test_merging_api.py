@@ -334,3 +334,27 @@ def test_experiment_merge_flags_warn_about_a_p_that_weights_nothing(capsys):
                                   (["a"], ["--pretrained_lm", "gpt2"], False), (["a"], [], False)):
         check_experiment_merge(experiment_parser().parse_args(["--pretrained_models", *models, "--p", "0.9", *extra]))
         assert ("warning: --p 0.9 has no effect" in capsys.readouterr().err) == warned, (models, extra)
+
+
+@pytest.mark.parametrize("method", ["mean", "ties", "task_arithmetic"])
+def test_a_source_with_a_nan_weight_is_refused_by_every_method(tmp_path, capsys, method):
+    """TIES trimmed a NaN away and wrote a merge of a damaged file; every method now refuses it, naming the file and
+    the tensor, before anything is computed."""
+    cfg = dt_config(1)
+    paths = []
+    for seed in (0, 1, 2):
+        sd = dt_state(1, seed)
+        if seed == 1:
+            k = next(k for k in sd if k.endswith("attn.c_attn.weight"))
+            sd[k][0, 0] = float("nan")
+        path = tmp_path / f"m{seed}.pt"
+        atomic_save(make_checkpoint(sd, {"env": "hopper", "dataset": "medium", "seed": 0,
+                                         "model_config": cfg.to_dict()}), path)
+        paths.append(str(path))
+    out = tmp_path / "merged.pt"
+    with pytest.raises(SystemExit) as e:
+        merge_cli.main(["--models", paths[0], paths[1], "--include", "attn", "--device", "cpu", "--merge_method",
+                        method, "--merge_base", paths[2], "--out", str(out)])
+    assert e.value.code == 2
+    assert f"error: {paths[1]}: tensor {k} contains NaN or inf" in capsys.readouterr().err
+    assert not out.exists()
