@@ -14,7 +14,8 @@ import torch
 
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
-from decision_transformer.checkpoint import check_finite_state, check_loadable, load_state_into, same_flag_value
+from decision_transformer.checkpoint import (BEHAVIOUR_FIELDS, check_finite_state, check_loadable, load_state_into,
+                                             same_flag_value)
 from decision_transformer.errors import UserError
 from decision_transformer.files import exclusive
 from decision_transformer.legacy_import import ModelFile, build_model, load_model_file
@@ -84,20 +85,22 @@ def check_selection(keys: Sequence[str], args, where: str):
         raise UserError(f"{sel} matches no tensor of {where}; nothing to merge")
 
 
-#: Backbone settings that the tensor shapes do not reveal: models differing in them merge, but not like for like.
-ARCH_FIELDS = ("n_head", "activation_function")
-
-
 def warn_architecture(configs: Sequence[dict | None], names: Sequence[str]):
-    """One warning naming the backbone settings (``ARCH_FIELDS``) in which the merged models differ, and which model
-    has which value; models without a stored config are left out."""
+    """One warning naming the model settings that the tensor shapes do not reveal (``BEHAVIOUR_FIELDS``: head count,
+    activation, embedding order, ...) in which the merged models differ, and which model has which value: they merge,
+    but not like for like. Models without a stored config are left out."""
+    import json
+
     diffs = []
-    for field in ARCH_FIELDS:
-        groups: dict = {}
+    for path in BEHAVIOUR_FIELDS:
+        field, groups = path[-1], {}
         for cfg, name in zip(configs, names):
-            value = ((cfg or {}).get("backbone") or {}).get(field)
-            if value is not None:
-                groups.setdefault(value, []).append(str(name))
+            value = cfg if isinstance(cfg, dict) else {}
+            for part in path:
+                value = value.get(part) if isinstance(value, dict) else None
+            if value is not None:   # (grouped by their JSON form: block_overrides are dicts)
+                shown = value if isinstance(value, (str, int, float)) else json.dumps(value, sort_keys=True, default=str)
+                groups.setdefault(shown, []).append(str(name))
         if len(groups) > 1:
             diffs.append(f"{field} (" + "; ".join(f"{v}: {', '.join(ns)}" for v, ns in groups.items()) + ")")
     if diffs:

@@ -542,8 +542,8 @@ def test_degenerate_merges_are_refused(trained, tmp_path, monkeypatch, capsys):
 
 
 def test_models_with_other_heads_or_activation_merge_with_a_warning(trained, tmp_path, monkeypatch, capsys):
-    """n_head and activation_function do not show in the tensor shapes: models differing in them still merge, with
-    one warning naming the settings and which model has which."""
+    """n_head, activation_function and the embedding order do not show in the tensor shapes: models differing in them
+    still merge, with one warning naming the settings and which model has which."""
     import copy
 
     from decision_transformer import merge_cli
@@ -554,10 +554,12 @@ def test_models_with_other_heads_or_activation_merge_with_a_warning(trained, tmp
     bb = ck["config"]["model_config"]["backbone"]
     cfg = copy.deepcopy(ck["config"])
     cfg["model_config"]["backbone"].update(n_head=2, activation_function="gelu_new")
+    cfg["model_config"]["embed_order"] = "time_then_ln"
     other = tmp_path / "heads.pt"
     atomic_save(make_checkpoint(ck["state_dict"], cfg), other)
     expect = (f"warning: the merged models differ in n_head ({bb['n_head']}: {m['hopper']}; 2: {other}) and "
-              f"activation_function ({bb['activation_function']}: {m['hopper']}; gelu_new: {other})")
+              f"activation_function ({bb['activation_function']}: {m['hopper']}; gelu_new: {other}) and "
+              f"embed_order (ln_then_time: {m['hopper']}; time_then_ln: {other})")
     capsys.readouterr()
     merge_cli.main(["--models", str(m["hopper"]), str(other), "--include", "attn", "mlp", "--out",
                     str(tmp_path / "m.pt")])
