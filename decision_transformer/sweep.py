@@ -231,14 +231,13 @@ def run_lock_path(program: str, a) -> Path | None:
             return None
         return _signature_lock(Path(a.outdir) / "multi", f"gym-experiment-multi-{a.dataset}-", multi_signature(a))
     from decision_transformer.checkpoint import run_dir_name
-    from decision_transformer.cli import merge_signature
 
     if not a.outdir:
         return None
     run_dir = Path(a.outdir) / run_dir_name(_model_name(a), a.dataset, a.env, a.seed, a.K, a.remove_grad_clip,
                                             a.pretrained_block)
-    if a.pretrained_models:
-        return _signature_lock(run_dir.parent, f"{run_dir.name}_", merge_signature(a))
+    if a.pretrained_models:   # every flag a resume keeps, as --resume finds the run (run.resume_state_path)
+        return _signature_lock(run_dir.parent, f"{run_dir.name}_", resume_signature(a))
     return folder_lock_path(run_dir)
 
 
@@ -349,8 +348,8 @@ def _inspect_run(program: str, argv: list[str]) -> Found:
     if name != "experiment.py":
         return Found("new")
     from decision_transformer.checkpoint import run_dir_name
-    from decision_transformer.cli import experiment_parser, merge_signature
-    from decision_transformer.run import recorded_config, resume_mismatches
+    from decision_transformer.cli import experiment_parser
+    from decision_transformer.run import recorded_config, resumable_run, resume_mismatches
 
     a = _parse(experiment_parser(), name, argv, lambda a: check_run_flags(a, EXPERIMENT))
     if not a.outdir:
@@ -359,10 +358,14 @@ def _inspect_run(program: str, argv: list[str]) -> Found:
                                             a.pretrained_block)
     final = _final_model(a, Path(project_path("models")) / a.env, a.model_type)
     done_file = f"model_{a.max_iters}.pt"
-    if a.pretrained_models:  # merge runs: {run}_{exp_id}, found by their merge flags
-        prefix = f"{run_dir.name}_"
-        state, folder = _find_state(run_dir.parent, prefix, merge_signature(a), done_file, a.max_iters, final=final)
-        found = Found(state, folder, run_lock_path(name, a), target=f"{run_dir}_<id> (these merge flags)")
+    if a.pretrained_models:  # merge runs: {run}_{exp_id}, found by their flags as --resume finds them
+        prefix, signature = f"{run_dir.name}_", resume_signature(a)
+        try:
+            resumable = resumable_run(run_dir.parent, prefix, signature, "merge run")
+        except UserError:
+            resumable = None
+        state, folder = _find_state(run_dir.parent, prefix, signature, done_file, a.max_iters, resumable, final=final)
+        found = Found(state, folder, run_lock_path(name, a), target=f"{run_dir}_<id> (these flags)")
     else:
         if (run_dir / TRAIN_STATE).is_file():
             state = _state_of(run_dir, done_file, a.max_iters, final)

@@ -125,6 +125,41 @@ def test_merge_runs_found_by_their_merge_flags(tmp_path):
     assert [s for s, _ in states] == ["done", "partial"] and states[1][1][-1] == "--resume"
 
 
+def test_merge_runs_of_the_same_merge_flags_and_another_learning_rate_are_two_runs(tmp_path):
+    """Two grid points that merge alike but finetune with another -lr write two {run}_{id} folders: each is its own
+    run (found, locked and resumed by all its flags, as --resume finds it), not one run 'made with other flags'; a
+    half-done one whose config.json was lost is found by the config its training state records."""
+    import json
+
+    from decision_transformer.cli import experiment_parser
+    from decision_transformer.run import resume_signature
+
+    spec = {"program": "experiment.py", "name": "m",
+            "fixed": {"outdir": str(tmp_path / "ck"), "K": 5, "max_iters": 2, "pretrained_models": ["a.pt", "b.pt"],
+                      "copy_model": True, "include": ["attn"]},
+            "grid": {"learning_rate": [1e-4, 3e-4]}}
+    runs = sweep.plan_runs(spec, [])
+    assert [r.state for r in runs] == ["new", "new"] and runs[0].found.lock != runs[1].found.lock
+
+    def config(lr):
+        return vars(experiment_parser().parse_args(sweep.to_argv({**spec["fixed"], "learning_rate": lr})))
+
+    done = tmp_path / "ck" / "dt_medium_hopper_666_K5_111111"
+    done.mkdir(parents=True)
+    (done / "config.json").write_text(json.dumps(resume_signature(experiment_parser().parse_args(
+        sweep.to_argv({**spec["fixed"], "learning_rate": 1e-4})))))
+    for f in ("model_1.pt", "model_2.pt"):
+        (done / f).write_bytes(b"x")
+    _half_done(done, 2)
+    assert [s for s, _ in sweep.plan(spec, [])] == ["done", "new"]
+    half = tmp_path / "ck" / "dt_medium_hopper_666_K5_222222"
+    half.mkdir()
+    (half / "model_1.pt").write_bytes(b"x")
+    torch.save({"iteration": 1, "config": config(3e-4)}, half / "train_state.pt")   # no config.json
+    states = sweep.plan(spec, [])
+    assert [s for s, _ in states] == ["done", "partial"] and states[1][1][-1] == "--resume"
+
+
 def test_lm_and_multi_runs_found_by_their_flags(tmp_path, monkeypatch):
     """lm_cotraining/experiment.py runs ({outdir}/dt_gym-experiment-{env}-{dataset}-{id}) and experiment_multi.py runs
     ({outdir}/multi/gym-experiment-multi-{dataset}-{id}) are found by the flags in their config.json: finished,
