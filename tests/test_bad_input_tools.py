@@ -136,7 +136,8 @@ def test_merge_cli_never_writes_a_non_finite_merge_or_over_an_input(tiny, tmp_pa
     out.write_bytes(b"an earlier merge")
     msg = fails(merge_cli.main, ["--models", str(nan_model), str(paths["halfcheetah"]), "--include", "attn", "mlp",
                                  "--out", str(out)], capsys)
-    assert "tensor transformer.h.0.attn.c_attn.weight contains NaN or inf" in msg and f"{out} not written" in msg
+    # (refused as an input, before any merge is computed, naming the damaged file)
+    assert msg == f"error: {nan_model}: tensor transformer.h.0.attn.c_attn.weight contains NaN or inf"
     assert out.read_bytes() == b"an earlier merge"
     # --out naming an input model would replace it
     before = snapshot(root / "models")
