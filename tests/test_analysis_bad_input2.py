@@ -249,6 +249,22 @@ def test_plot_cka_refuses_a_matrix_of_another_model(tmp_path, capsys):
     assert not (tmp_path / "figs").exists() and not list(res.glob("cka_plot_*"))
 
 
+def test_plot_cka_refuses_a_complex_matrix(tmp_path, capsys):
+    """A complex matrix passed as numeric and finite (numpy's ComplexWarning, a figure of the real parts); now one line
+    as in the MI plots."""
+    res = tmp_path / "res"
+    stem = res / "cka_0_40_dtdt_hopper_medium_666"
+    names = [f"{b}.{e}" for b in range(3) for e in BLOCK_ENTRIES]
+    common.save_csv(f"{stem}_layers.csv", ["axis", "index", "layer"],
+                    [[axis, i, n] for axis in ("rows", "cols") for i, n in enumerate(names)])
+    common.save_npy(f"{stem}_state.npy", np.eye(27) * (0.5 + 0.1j))
+    argv = ["--env_name_list", "hopper", "--model_name_list", "dt", "--token_list", "state", "--results_dir", res,
+            "--figs_dir", tmp_path / "figs"]
+    msg = expect_exit(capsys, load_script(SCRIPTS["plot_cka"]).main, argv)
+    assert f"{stem}_state.npy: array 'CKA matrix' is not real (complex128)" in msg
+    assert not (tmp_path / "figs").exists() and not list(res.glob("cka_plot_*"))
+
+
 # ---- metrics rows -----------------------------------------------------------------------------------------------
 
 def test_non_integer_iteration_names_the_file_and_line(tmp_path, capsys):
@@ -504,6 +520,50 @@ def test_a_model_whose_forward_pass_overflows_is_one_line(runs, tmp_path, capsys
     assert msg in err
     assert not (out / "res").exists() or not [p for p in (out / "res").iterdir() if "_1_" in p.name
                                               or p.name.startswith(("cka_", "grad"))]
+
+
+def _copy_in_a_deeper_checkpoint(ck, tmp_path, hopper_data, K: int, epoch: int):
+    """``model_{epoch}.pt`` of the dt run of ``K`` replaced by the checkpoint of a 5-block run (the runs have 2)."""
+    import shutil
+
+    other = write_run(tmp_path / "deeper", "dt", K=K, epochs=(epoch,), n_layer=5,
+                      data_file=hopper_data / "hopper-medium-v2.pkl")
+    run = ck / ("dt_medium_hopper_666" + ("" if K == 20 else f"_K{K}"))
+    shutil.copy(other / f"model_{epoch}.pt", run / f"model_{epoch}.pt")
+    return run
+
+
+@pytest.mark.parametrize("extra, sizes", [([], ("2 blocks x 2 heads", "5 blocks x 2 heads")),
+                                          (["--legacy", "--run_K", "1"], ("2 blocks", "5 blocks"))])
+def test_attention_refuses_two_epochs_of_different_size(runs, tmp_path, hopper_data, capsys, extra, sizes):
+    """A model_4.pt copied in from a deeper run crashed with numpy's broadcast ValueError after att_dist_0_* was
+    written; now one line naming both checkpoints and their sizes, and no file of that model."""
+    ck = _copy_runs(runs, tmp_path)
+    run = _copy_in_a_deeper_checkpoint(ck, tmp_path, hopper_data, 1, 4)
+    out = tmp_path / "o"
+    err = expect_exit(capsys, load_script(SCRIPTS["att"]).main, _argv("att", ck, out) + extra)
+    assert (f"{run / 'model_0.pt'} has {sizes[0]} but {run / 'model_4.pt'} has {sizes[1]}: two checkpoints of one "
+            f"run are one model") in err
+    assert not (out / "res").exists() or not list((out / "res").iterdir())
+    assert not (out / "figs").exists()
+
+
+def test_cka_refuses_two_epochs_of_one_run_of_different_depth(runs, tmp_path, hopper_data, capsys):
+    """Epoch 0 against a model_40.pt copied in from a 5-block run gave a 18 x 45 matrix with exit 0 (which plot_cka.py
+    then refused as "rows and columns differ"); now one line naming both checkpoints, nothing written. Two models of
+    different names may differ in depth (a model against another of a different depth): still compared."""
+    ck = _copy_runs(runs, tmp_path)
+    run = _copy_in_a_deeper_checkpoint(ck, tmp_path, hopper_data, 20, 40)
+    out = tmp_path / "o"
+    err = expect_exit(capsys, load_script(SCRIPTS["cka"]).main, _argv("cka", ck, out))
+    assert (f"{run / 'model_0.pt'} has 2 blocks but {run / 'model_40.pt'} has 5: two checkpoints of one run are one "
+            f"model") in err
+    assert not (out / "res").exists() or not list((out / "res").iterdir())
+    write_run(ck, "gpt2", epochs=(40,), n_layer=5, data_file=hopper_data / "hopper-medium-v2.pkl")
+    argv = _argv("cka", ck, out) + ["--model_name2", "gpt2"]
+    load_script(SCRIPTS["cka"]).main([str(a) for a in argv])
+    mats = list((out / "res").glob("cka_0_40_dtgpt2_*.npy"))
+    assert mats and all(np.load(f).shape == (2 * len(BLOCK_ENTRIES), 5 * len(BLOCK_ENTRIES)) for f in mats)
 
 
 def test_zero_gradients_are_warned_of(runs, tmp_path, capsys):

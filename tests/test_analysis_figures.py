@@ -435,6 +435,43 @@ def test_cka_plot_pairs_igpt_blocks_or_legacy_consecutive_entries(tmp_path, figu
         np.testing.assert_allclose(lines["GPT2"], diags["gpt2"])
 
 
+@pytest.mark.parametrize("depths, block, label", [
+    ((5, 3, 2), False, "layer (ticks: first entry of each block, 9 entries per block)"),
+    ((5, 3, 2), True, "block"),
+    ((5, 4, 2), False, "normalized layer (ticks: first entry of each block, 9 entries per block; iGPT: blocks 2b and "
+                       "2b+1 averaged)"),
+])
+def test_cka_plot_says_normalized_only_of_paired_models(tmp_path, figures, depths, block, label):
+    """Depths of which none is a multiple of the shallowest (5, 3, 2 blocks) are drawn block by block: the axis is not
+    "normalized layer", and its block ticks run over the deepest model (not the last model's 2 blocks); a 4-block
+    model next to a 2-block one is paired, and the label says which."""
+    import csv
+
+    from decision_transformer.analysis import cka
+    from decision_transformer.analysis.activations import BLOCK_ENTRIES, BLOCK_OUTPUT
+
+    res = tmp_path / "res"
+    res.mkdir()
+    entries = (BLOCK_OUTPUT,) if block else BLOCK_ENTRIES
+    for m, nb in zip(MODELS, depths):
+        names = [f"{b}.{e}" for b in range(nb) for e in entries]
+        stem = cka.result_stem(0, 40, m, m, "hopper", "medium", 666, block=block)
+        np.save(res / f"{stem}_state.npy", np.diag(np.linspace(0, 1, len(names))))
+        with open(res / f"{stem}_layers.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["axis", "index", "layer"])
+            w.writerows([[axis, i, n] for axis in ("rows", "cols") for i, n in enumerate(names)])
+    argv = ["--env_name_list", "hopper", "--token_list", "state", "--results_dir", str(res), "--figs_dir",
+            str(tmp_path / "figs")] + ["--block"] * block
+    cka.plot(cka.build_plot_parser().parse_args(argv))
+    (_, fig), = figures
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == label
+    # GPT2's 5 blocks (no multiple of 2, so never paired): the longest curve, drawn first
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(b) for b in range(5)]
+    assert list(ax.get_xticks()) == [b * len(entries) for b in range(5)]
+
+
 # ---- presentation: legends clear of the data, one colour per model, whole-number ticks, labelled lines --------------
 
 def test_figures_keep_model_colours_ticks_and_labels(tmp_path, curve_runs, tiny_runs, figures):  # noqa: F811

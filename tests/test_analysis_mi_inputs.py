@@ -115,6 +115,49 @@ def test_plot_mi_refuses_a_depth_that_does_not_exceed_the_block(tmp_path, capsys
     assert not (tmp_path / "figs").exists()
 
 
+def _plot_mi_dt(res, tmp_path):
+    return ["--results_dir", res, "--figs_dir", tmp_path / "figs", "--model_name_list", "dt"]
+
+
+def test_plot_mi_refuses_results_of_one_model_with_different_depths(tmp_path, capsys):
+    """Blocks 0 and 1 of a 2-block dt next to blocks 2 and 4 left over from a 5-block dt in the same folder were drawn
+    as one model ("deep: Random Init block 1" and the 5-block model's blocks in other rows); now one line naming a
+    file of each depth, nothing drawn."""
+    res = tmp_path / "res"
+    res.mkdir()
+    for b, depth in ((0, 2), (1, 2), (2, 5), (4, 5)):
+        np.savez(res / f"mi_xy_{b}_40_dt_hopper_medium_666.npz", **_xy(depth=np.array(depth)))
+    err = expect_exit(capsys, load_script(PLOT_MI).main, _plot_mi_dt(res, tmp_path))
+    assert (f"{res / 'mi_xy_0_40_dt_hopper_medium_666.npz'} records depth 2 but "
+            f"{res / 'mi_xy_2_40_dt_hopper_medium_666.npz'} depth 5: results of two models of different depth") in err
+    assert "remove the stale files, or every mi_xy_*_40_dt_hopper_medium_666.npz, and rerun run_mi_exp.py" in err
+    assert not (tmp_path / "figs").exists()
+    # an older file without the depth whose block the recorded depth does not have
+    for f in res.iterdir():
+        f.unlink()
+    np.savez(res / "mi_xy_0_40_dt_hopper_medium_666.npz", **_xy(depth=np.array(2)))
+    np.savez(res / "mi_xy_4_40_dt_hopper_medium_666.npz", **{k: v for k, v in _xy().items() if k != "depth"})
+    err = expect_exit(capsys, load_script(PLOT_MI).main, _plot_mi_dt(res, tmp_path))
+    assert (f"{res / 'mi_xy_0_40_dt_hopper_medium_666.npz'} records depth 2 but "
+            f"{res / 'mi_xy_4_40_dt_hopper_medium_666.npz'} is block 4") in err
+    assert not (tmp_path / "figs").exists()
+
+
+def test_plot_mi_depths_of_other_runs_and_variants_do_not_conflict(tmp_path, capsys):
+    """Only the files of the figure's model, epoch, env, dataset, seed and tags are one model: a 5-block dt of
+    another seed, epoch or estimator variant next to them is not a conflict."""
+    res = tmp_path / "res"
+    res.mkdir()
+    for b in (0, 1):
+        np.savez(res / f"mi_xy_{b}_40_dt_hopper_medium_666.npz", **_xy(depth=np.array(2)))
+    for name in ("mi_xy_4_40_dt_hopper_medium_42.npz", "mi_xy_4_10_dt_hopper_medium_666.npz",
+                 "mi_xy_4_40_dt_hopper_medium_666_nopad.npz"):
+        np.savez(res / name, **_xy(depth=np.array(5)))
+    load_script(PLOT_MI).main(_plot_mi_dt(res, tmp_path))
+    assert (tmp_path / "figs" / "mi_xy_40_dt_hopper_medium_666.png").is_file()
+    assert "error" not in capsys.readouterr().err
+
+
 def test_save_activation_refuses_a_data_folder_below_a_file(tmp_path, hopper_data, capsys):
     ck = tmp_path / "checkpoints"
     write_run(ck, "dt", epochs=(40,), data_file=hopper_data / "hopper-medium-v2.pkl")

@@ -26,6 +26,7 @@ from decision_transformer.analysis.runs import (
     RunKey,
     SharedDataset,
     analysis_batch,
+    checkpoint_path,
     envs_with_runs,
     load_model,
     model_inputs,
@@ -133,6 +134,14 @@ def run(args) -> common.Outputs:
                     raise UserError(f"{lm.path}: the attention distances are not finite (the model's forward pass "
                                     f"overflows)")
                 dists.append(d)
+            # both epochs before anything is written: a checkpoint copied in from a run of another size has other
+            # blocks or heads, and no per-block gap (numpy would fail to broadcast, after the first file was saved)
+            if dists[0].shape[1:] != dists[1].shape[1:]:
+                p1, p2 = (checkpoint_path(args.checkpoint_dir, key, e) for e in (args.epoch1, args.epoch2))
+                size = [f"{d.shape[1]} blocks" + ("" if args.legacy else f" x {d.shape[2]} heads") for d in dists]
+                raise UserError(f"{p1} has {size[0]} but {p2} has {size[1]}: two checkpoints of one run are one model "
+                                f"(one was copied in from another run?)")
+            for e, d in zip((args.epoch1, args.epoch2), dists):
                 outs.files.append(common.save_npy(
                     res / f"att_dist_{e}_{m}_{env}_{args.dataset_name}_{args.seed}{tag}.npy", d))
             gap = np.abs(dists[1] - dists[0])                                  # [B, blocks, heads]

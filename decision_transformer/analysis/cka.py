@@ -28,6 +28,7 @@ from decision_transformer.analysis.activations import (
     BLOCK_OUTPUT,
     block_of,
     check_finite_activations,
+    depth as model_depth,
     entry_of,
     get_activations,
     hooked_modules,
@@ -258,6 +259,7 @@ def run(args) -> common.Outputs:
         k2 = RunKey(args.model_name2, args.dataset_name, env, args.seed, K_ckpt)
         m1 = load_model(args.checkpoint_dir, k1, args.epoch1, device)
         m2 = load_model(args.checkpoint_dir, k2, args.epoch2, device)
+        check_same_run_depth(m1, m2)
         data = analysis_dataset(env, args.dataset_name, args.data_path, m1.checkpoint, device)
         batch = analysis_batch(data, args.batch_size, args.K, args.batch_seed)
 
@@ -287,6 +289,16 @@ def run(args) -> common.Outputs:
         print(f"{env}: CKA {args.model_name1}@{args.epoch1} vs {args.model_name2}@{args.epoch2}, "
               f"{len(a1)}x{len(a2)} layers, {args.batch_size} samples", file=sys.stderr)
     return outs
+
+
+def check_same_run_depth(m1, m2):
+    """Two epochs of one run (``--model_name1`` = ``--model_name2``) are one model: a checkpoint of another depth
+    (copied in from another run) would give a non-square matrix that plot_cka.py cannot read as epoch vs epoch.
+    Models of different names may differ in depth (GPT2's 12 blocks against iGPT's 24)."""
+    n1, n2 = model_depth(m1.model), model_depth(m2.model)
+    if m1.key == m2.key and n1 != n2:
+        raise UserError(f"{m1.path} has {n1} blocks but {m2.path} has {n2}: two checkpoints of one run are one "
+                        f"model (one was copied in from another run?)")
 
 
 def plot_heatmap(mat, rows, cols, args, env, token, figs_dir, stem):
@@ -407,6 +419,8 @@ def plot(args) -> common.Outputs:
                     continue
                 mat = common.load_npy(f)
                 common.check_arrays(f, {"CKA matrix": mat}, ["CKA matrix"])    # compute_cka.py writes finite values
+                if np.iscomplexobj(mat):                         # numeric and finite, but no CKA value is complex
+                    raise UserError(f"{f}: array 'CKA matrix' is not real ({mat.dtype})")
                 layers = res / f"{stem}_layers.csv"
                 names, cols = _read_layers(layers)
                 if not names or names != cols:
@@ -424,26 +438,36 @@ def plot(args) -> common.Outputs:
                                 f"same flags)")
             for f in missing:
                 common.warn(f"{f} not found; that model is left out of the figure")
-            target = min(block_of(n[-1]) + 1 for _, n in curves.values())
+            depths = {m: block_of(n[-1]) + 1 for m, (_, n) in curves.items()}
+            target = min(depths.values())
             fig, ax = plt.subplots(figsize=(7, 3.6))
-            rows = []
+            rows, shown = [], {}
             for m, (vals, names) in curves.items():
                 vals, names = normalise_depth(vals, names, target, args.legacy_pairing)
-                starts = [i for i, n in enumerate(names) if i == 0 or block_of(names[i - 1]) != block_of(n)]
+                shown[m] = names
                 ax.plot(np.arange(len(vals)), vals, marker=".", color=common.model_colors(list(curves))[m],
                         label=common.model_label(m))
                 above = [n for n, v in zip(names, vals) if v > args.thr]
                 rows += [[m, i, n, float(v)] for i, (n, v) in enumerate(zip(names, vals))]
                 print(f"{env}/{token} {m}: {len(above)} layers above {args.thr}: {', '.join(above)}")
+            # the block ticks of the longest curve drawn (not of the last model's): with depths that are no multiple
+            # of the shallowest (2, 3, 5 blocks) nothing is paired and the deepest model's blocks run furthest
+            names = max(shown.values(), key=len)
+            starts = [i for i, n in enumerate(names) if i == 0 or block_of(names[i - 1]) != block_of(n)]
             ax.axhline(args.thr, ls="--", color="k", lw=1, label=f"threshold {args.thr:g}")
             for i in starts[1:]:
                 ax.axvline(i - 0.5, color="0.85", lw=0.8, zorder=0)
-            ax.set_xticks(starts, [str(b) for b in range(len(starts))])
+            ax.set_xticks(starts, [str(block_of(names[i])) for i in starts])
             lo = min(float(np.nanmin(v[0])) for v in curves.values())
             ax.set_ylim(min(-0.05, lo - 0.05), 1.05)
-            normalised = any(block_of(n[-1]) + 1 != target for _, n in curves.values())
-            ax.set_xlabel(f"{'normalized ' if normalised else ''}layer (ticks: first entry of each block, "
-                          f"{len(names) // max(len(starts), 1)} entries per block)")
+            # "normalized" only with a model that normalise_depth paired, named as in the attention and MI figures
+            paired = [m for m in curves if depths[m] != target and depths[m] % target == 0]
+            per = len(names) // max(len(starts), 1)
+            notes = ([] if per == 1 else [f"ticks: first entry of each block, {per} entries per block"]) \
+                + [f"{common.model_label(m)}: consecutive entries averaged" if args.legacy_pairing
+                   else common.pairing_text(m, depths[m], target) for m in paired]
+            ax.set_xlabel(f"{'normalized ' if paired else ''}{'block' if per == 1 else 'layer'}"
+                          + (f" ({'; '.join(notes)})" if notes else ""))
             ax.set_ylabel(f"CKA (epoch {args.epoch1} vs {args.epoch2})")
             ax.set_title(f"{env}, {token} token")
             common.legend(ax)

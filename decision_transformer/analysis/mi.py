@@ -469,13 +469,34 @@ def _load_mi_blocks(f) -> dict:
 DEPTH_NAMES = ("shallow", "middle", "deep")
 
 
+def _check_one_depth(loaded: list, pattern: Path):
+    """The ``normal`` results of one model (``loaded``: [(file, block, result)], every file of ``pattern``) are of
+    one model depth. A results folder that held an earlier run of a model of the same name but another number of
+    blocks keeps that run's files (run_mi_exp.py writes only the blocks it computes), and Figure 2 would draw both
+    models' blocks as one model's."""
+    recorded = [(f, int(d["depth"].item())) for f, _, d in loaded if "depth" in d]
+    if not recorded:
+        return
+    f1, n1 = recorded[0]
+    other = next(((f, n) for f, n in recorded if n != n1), None)
+    # a file without a recorded depth (older results) conflicts only where its block lies beyond the recorded depth
+    beyond = next(((f, b) for f, b, d in loaded if "depth" not in d and b >= n1), None)
+    if other is None and beyond is None:
+        return
+    what = f"{other[0]} depth {other[1]}" if other else f"{beyond[0]} is block {beyond[1]}"
+    raise UserError(f"{f1} records depth {n1} but {what}: results of two models of different depth in one folder "
+                    f"(one left over from an earlier run); remove the stale files, or every {pattern.name}, and "
+                    f"rerun run_mi_exp.py")
+
+
 def _depth_rows(found: dict) -> list[dict]:
     """Figure 2's rows: each model's blocks placed by relative depth (block / (depth - 1)), so a row holds blocks at
     the same depth of every model (GPT2's block 11 next to iGPT's block 23, a 2-block model's block 1 in the deep
     row), not the i-th file of each model. ``found``: model -> [(block, result)] sorted by block; a result's
-    ``depth`` (files without it: the model's deepest block + 1). Returns per row {"models": {model: (block,
-    result)}, "title": e.g. "deep: GPT2/Random Init block 11, iGPT block 23"} (named "shallow" / "middle" / "deep"
-    only where every block of the row is nearest to its model's first / middle / last block)."""
+    ``depth`` (files without it: the model's deepest block + 1; one per model, see ``_check_one_depth``). Returns
+    per row {"models": {model: (block, result)}, "title": e.g. "deep: GPT2/Random Init block 11, iGPT block 23"}
+    (named "shallow" / "middle" / "deep" only where every block of the row is nearest to its model's first / middle
+    / last block)."""
     rel = {}
     for m, layers in found.items():
         deepest = max(b for b, _ in layers)
@@ -519,14 +540,16 @@ def plot_mi(args) -> common.Outputs:
             if not files:
                 missing.append(res / f"mi_xy_*_{tail(m)}.npz")
             elif m not in found:
-                found[m] = []
+                loaded = []
                 for f in files:
                     b = int(f.name.split("_")[2])
                     d = _load_mi_xy(f, b)
-                    found[m].append((b, d))
+                    loaded.append((f, b, d))
                     nan = [w for w in ("x", "y") if np.isnan(d[w]).all()]
                     if nan:
                         empty.append(f"{f}: every {' and '.join(nan)} estimate is NaN; nothing of it is drawn")
+                _check_one_depth(loaded, res / f"mi_xy_*_{tail(m)}.npz")
+                found[m] = [(b, d) for _, b, d in loaded]
         if not found:
             raise UserError(f"no MI results mi_xy_*_{tail('{model}')}.npz in {res} (run mine/run_mi_exp.py first"
                             f"{_SAME_FLAGS})")
