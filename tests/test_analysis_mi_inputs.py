@@ -196,6 +196,38 @@ def test_activations_saved_on_another_batch_than_the_data_file_are_refused(tmp_p
     assert (tmp_path / "mi" / "mi_40_gpt2_hopper_medium_666.npz").is_file()
 
 
+@pytest.mark.parametrize("exp_type", ["normal", "no_context"])
+def test_mi_figures_warn_when_their_models_saw_different_batches(tmp_path, hopper_data, capsys, exp_type):
+    """MI results record their batch: a figure drawing models whose results came from different batches (one model's
+    activations saved again with another --batch_seed, and its MI recomputed) says so in a warning."""
+    ck = tmp_path / "checkpoints"
+    for m in ("dt", "gpt2"):
+        write_run(ck, m, epochs=(40,), data_file=hopper_data / "hopper-medium-v2.pkl")
+    out = tmp_path / "res"
+    save = load_script(SAVE).main
+    argv = [str(a) for a in _save_argv(ck, out, "--batch_size", "4")]
+    argv[argv.index("dt")] = "dt gpt2"
+    argv = " ".join(argv).split()
+    save(argv)
+    mi_argv = ["-pd", out, "-pa", out, "-psm", out, "--exp_type", exp_type, "--iters", "1", "--mine_hidden", "4",
+               "--layers", "0", "--device", "cpu"]
+    run_mi = load_script(RUN_MI).main
+    for m in ("dt", "gpt2"):
+        run_mi([str(a) for a in [*mi_argv, "--model_name", m]])
+    plot = load_script(PLOT_MI).main
+    plot_argv = [str(a) for a in ["--results_dir", out, "--figs_dir", tmp_path / "figs", "--model_name_list", "dt",
+                                  "gpt2", "--exp_type", exp_type]]
+    capsys.readouterr()
+    plot(plot_argv)
+    assert "different batches" not in capsys.readouterr().err
+    save([*argv[:argv.index("dt")], "gpt2", *argv[argv.index("gpt2") + 1:], "--batch_seed", "1"])
+    run_mi([str(a) for a in [*mi_argv, "--model_name", "gpt2"]])
+    capsys.readouterr()
+    plot(plot_argv)
+    assert "were computed on different batches, so the figure compares models that did not see the same batch" in \
+        capsys.readouterr().err
+
+
 # ---- 4. malformed mi_data_*.npy ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("array, msg", [

@@ -150,7 +150,8 @@ def test_exp_types_use_the_right_pairs(tmp_path, monkeypatch):
     calls.clear()
     mi.run_mi(mi.build_mi_parser().parse_args([str(a) for a in io + ["--exp_type", "no_context"]]))
     nc = np.load(tmp_path / "mi_40_gpt2_hopper_medium_666.npz")
-    assert sorted(nc.files) == [f"{i}.mlp.dropout" for i in range(4)] and nc["0.mlp.dropout"].shape == (2, K)
+    assert sorted(nc.files) == [f"{i}.mlp.dropout" for i in range(4)] + [mi.BATCH_KEY]
+    assert nc["0.mlp.dropout"].shape == (2, K) and str(nc[mi.BATCH_KEY]) == mi.batch_digest(data)
     assert np.allclose(calls[1][0], data["states"][:, 1]) and np.allclose(calls[1][1], acts["0.mlp.dropout"][:, 4])
     calls.clear()
     mi.run_mi(mi.build_mi_parser().parse_args([str(a) for a in io + ["--exp_type", "data"]]))

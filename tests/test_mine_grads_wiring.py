@@ -132,7 +132,7 @@ def test_no_context_pairs_and_block_outputs_only(tmp_path, monkeypatch):
         np.testing.assert_array_equal(x, ex.astype(np.float32))
         np.testing.assert_array_equal(y, ey)
     nc = np.load(tmp_path / "mi_40_gpt2_hopper_medium_666.npz")
-    assert sorted(nc.files) == ["0.mlp.dropout", "1.mlp.dropout"]
+    assert sorted(nc.files) == ["0.mlp.dropout", "1.mlp.dropout", "batch_digest"]   # block outputs and the batch
     np.testing.assert_array_equal(nc["1.mlp.dropout"], [[7, 8, 9], [10, 11, 12]])
 
 

@@ -64,8 +64,9 @@ def data_file(folder, env, ds, seed, ktag="") -> Path:
     return Path(folder) / f"data_{env}_{ds}_{seed}{ktag}.npz"
 
 
-#: The activation files' record of the batch they were computed on (``batch_digest``), which run_mi_exp.py compares
-#: with the data file: one ``data_*.npz`` serves every model, and a later save_activation.py on another batch rewrites it.
+#: The activation and MI result files' record of the batch they were computed on (``batch_digest``): run_mi_exp.py
+#: compares an activation file's with the data file (one ``data_*.npz`` serves every model, and a later
+#: save_activation.py on another batch rewrites it), the MI plots those of the models they draw.
 BATCH_KEY = "batch_digest"
 _BATCH_ARRAYS = ("states", "actions", "rtg", "attention_mask")
 
@@ -363,7 +364,8 @@ def run_mi(args) -> common.Outputs:
                     tok.append(i)
             f = out / f"mi_xy_{layer}_{stem_tail}.npz"
             outs.files.append(common.save_npz(f, x=np.array(ix), y=np.array(iy), position=np.array(pos),
-                                              token=np.array(tok), depth=np.array(depth)))
+                                              token=np.array(tok), depth=np.array(depth),
+                                              **{BATCH_KEY: np.array(batch_digest(data))}))
             with _quiet_nan():
                 print(f"{env} {args.model_name} block {layer}: I(X;T) mean {np.nanmean(ix):.3f}, "
                       f"I(Y;T) mean {np.nanmean(iy):.3f} nats", file=sys.stderr)
@@ -375,7 +377,7 @@ def run_mi(args) -> common.Outputs:
         s_mi = [est(xs["state"][:, t], act[:, 3 * t + 1], mask[:, t]) for t in range(K)]
         a_mi = [est(xs["action"][:, t], act[:, 3 * t + 1], mask[:, t]) for t in range(K)]
         res[key] = np.array([s_mi, a_mi])                                        # [2, K]
-    outs.files.append(common.save_npz(out / f"mi_{stem_tail}.npz", **res))
+    outs.files.append(common.save_npz(out / f"mi_{stem_tail}.npz", **res, **{BATCH_KEY: np.array(batch_digest(data))}))
     return outs
 
 
@@ -451,6 +453,7 @@ def _load_mi_blocks(f) -> dict:
     """A ``no_context`` result: one ``[2, K]`` array (state, action MI per timestep) per ``{block}.{module}`` key, the
     same K for every block; anything else is refused naming the file."""
     d = common.load_npz(f)
+    d.pop(BATCH_KEY, None)                                                  # the batch record: see _warn_batches
     if not d:
         raise UserError(f"{f}: no MI arrays")
     common.check_arrays(f, d, list(d), finite=False)                        # failed estimates are NaN
@@ -467,6 +470,24 @@ def _load_mi_blocks(f) -> dict:
 
 
 DEPTH_NAMES = ("shallow", "middle", "deep")
+
+
+def _warn_batches(files) -> None:
+    """A warning when the result files drawn in one figure record different batches (``BATCH_KEY``; files without
+    the record are left out): their models did not see the same batch, as the figure's comparison assumes."""
+    seen = {}
+    for f in files:
+        try:
+            rec = common.load_npz(f).get(BATCH_KEY)
+        except UserError:
+            continue
+        if rec is not None:
+            seen.setdefault(str(rec), f)
+    if len(seen) > 1:
+        a, b = list(seen.values())[:2]
+        common.warn(f"{a} and {b} were computed on different batches, so the figure compares models that did not see "
+                    f"the same batch: save every model's activations in one save_activation.py call (or with the "
+                    f"same batch flags) and rerun run_mi_exp.py")
 
 
 def _check_one_depth(loaded: list, pattern: Path):
@@ -533,7 +554,7 @@ def plot_mi(args) -> common.Outputs:
     ktag = _tags(args)
     tail = lambda m: f"{args.epoch}_{m}_{args.env_name}_{args.dataset_name}_{args.seed}{ktag}"
     if args.exp_type == "normal":
-        found, missing, empty = {}, [], []
+        found, missing, empty, drawn = {}, [], [], []
         for m in args.model_name_list:
             files = sorted((f for f in res.glob(f"mi_xy_*_{tail(m)}.npz") if f.name.split("_")[2].isdigit()),
                            key=lambda f: int(f.name.split("_")[2]))
@@ -550,6 +571,7 @@ def plot_mi(args) -> common.Outputs:
                         empty.append(f"{f}: every {' and '.join(nan)} estimate is NaN; nothing of it is drawn")
                 _check_one_depth(loaded, res / f"mi_xy_*_{tail(m)}.npz")
                 found[m] = [(b, d) for _, b, d in loaded]
+                drawn += files
         if not found:
             raise UserError(f"no MI results mi_xy_*_{tail('{model}')}.npz in {res} (run mine/run_mi_exp.py first"
                             f"{_SAME_FLAGS})")
@@ -557,6 +579,7 @@ def plot_mi(args) -> common.Outputs:
             common.warn(f"{f} not found; that model is left out of the figure")
         for line in empty:
             common.warn(line)
+        _warn_batches(drawn)
         rows = _depth_rows(found)
         nrows = len(rows)
         fig, axes = plt.subplots(nrows, 2, figsize=(10, 2.6 * nrows), squeeze=False)
@@ -597,6 +620,7 @@ def plot_mi(args) -> common.Outputs:
                         f"no_context first{_SAME_FLAGS})")
     for f in missing:
         common.warn(f"{f} not found; that model is left out of the figure")
+    _warn_batches([res / f"mi_{tail(m)}.npz" for m in found])
     for m, d in found.items():
         nan = [w for c, w in enumerate(("state", "action")) if all(np.isnan(a[c]).all() for a in d.values())]
         if nan:
