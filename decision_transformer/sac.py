@@ -689,6 +689,15 @@ def _prune_snapshots(folder, medium_step):
             p.unlink()
 
 
+def expert_screen(best: float | None, score: float, window: float) -> float | None:
+    """The best screening score so far once ``score`` has been screened, when ``score`` is within ``window`` of the
+    best before it (or the first): that actor gets the long evaluation. None when it is not (no evaluation). A best
+    of exactly 0.0 is a score like any other, not "none yet"."""
+    if best is None:
+        return score
+    return max(score, best) if score >= best - window else None
+
+
 def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np, policy_dir, progress_path,
                 total_steps, seed, snapshot_every, start_steps, eval_every, eval_episodes, medium_target,
                 checkpoint, checkpoint_every_s, max_seconds, t_start, wall0, roles, long_eval_episodes,
@@ -755,9 +764,9 @@ def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np,
                     meta["medium_final"] = True
             if meta["medium_final"] and not was_final:      # the search ended here: medium-replay stops there
                 _prune_snapshots(policy_dir / "replay", meta["medium_step"])
-            if not meta["expert_final"] and (meta["expert_screen"] is None or
-                                             score >= meta["expert_screen"] - expert_window):
-                meta["expert_screen"] = max(score, meta["expert_screen"] or score)
+            screen = None if meta["expert_final"] else expert_screen(meta["expert_screen"], score, expert_window)
+            if screen is not None:
+                meta["expert_screen"] = screen
                 long = _long_eval(actor_np, env_name, spec, long_eval_episodes, step)
                 rec["expert_candidate"] = long[1]
                 if meta["best_eval"] is None or long[1] > meta["best_eval"]:

@@ -345,3 +345,14 @@ def test_behaviour_training_is_seeded(tmp_path):
         actors.append(torch.load(tmp_path / f"p{i}" / "expert.pt", weights_only=True)["actor"])
     assert all(torch.equal(actors[0][k], actors[1][k]) for k in actors[0])
     assert not all(torch.equal(actors[0][k], actors[2][k]) for k in actors[0])
+
+
+def test_the_expert_screen_keeps_a_best_score_of_zero():
+    """A best screening score of exactly 0.0 is a score, not "none yet": a later, lower score inside the window is
+    evaluated but does not lower the bar (it used to replace it, so the threshold could only sink)."""
+    from decision_transformer.sac import expert_screen
+
+    assert expert_screen(None, -5.0, 10.0) == -5.0                    # the first screen
+    assert expert_screen(0.0, -5.0, 10.0) == 0.0                      # within the window: evaluated, bar kept
+    assert expert_screen(0.0, -15.0, 10.0) is None                    # below the window: not evaluated
+    assert expert_screen(0.0, 3.0, 10.0) == 3.0                       # a better one raises the bar
