@@ -2,8 +2,8 @@
 
 Each training step also draws one batch of text (2 blocks of up to 1024 tokens), runs it through the DT's own
 transformer as a causal LM **with** position embeddings and the head tied to ``wte`` and adds w * cross-entropy to
-the loss; w = ``--gpt_lm_const``, decayed linearly to 0 over the run with ``--lm_const_linear_decay``
-(model.md §13). The text is a local corpus tokenised with the LM's tokenizer; nothing is downloaded.
+the loss; w = ``--gpt_lm_const``, decayed linearly over the run with ``--lm_const_linear_decay`` (to const / S on
+the last of S steps, see ``LMCotraining.weight``; model.md §13). The text is a local corpus tokenised with the LM's tokenizer; nothing is downloaded.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ def text_files(path: str | Path) -> list[Path]:
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".raw", ".tokens", ".text"))
         if files:
             return files
-    raise UserError(f"{path}: no text file (or folder of .txt/.raw/.tokens files) to pretrain on")
+    raise UserError(f"{path}: no text file (or folder of .txt/.raw/.tokens/.text files) to pretrain on")
 
 
 def _line_batches(files: list[Path]):
