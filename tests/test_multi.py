@@ -1,6 +1,7 @@
 """The multi-task DT: registered per-env layers (the original's plain-list bug fixed), joint training, and the Merging
 DT seed's three multi-task commands (train, finetune per env, merge) as written, with tiny budgets."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -662,3 +663,30 @@ def test_a_multi_task_model_without_one_of_the_three_envs_is_refused(data, tmp_p
     full = tiny_multi().config.to_dict()
     for mc in ({k: v for k, v in full.items() if k != "envs"}, {**full, "envs": tuple(MULTI_ENVS)}):
         check_covers_envs(ModelFile("x.pt", {}, {"model_class": MODEL_CLASS, "model_config": mc}))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_length", 0, "max_length must be a positive integer, got 0"),
+    ("max_ep_len", True, "max_ep_len must be a positive integer, got True"),
+    ("state_dims", [11, 0, 17], "each of state_dims must be a positive integer, got 0"),
+    ("act_dims", [3, 6.0, 6], "each of act_dims must be a positive integer, got 6.0"),
+    ("extend_positions", "false", "extend_positions must be true or false, got 'false'"),
+])
+def test_multi_config_refuses_sizes_and_switches_no_model_can_use(tmp_path, field, value, message):
+    """As the single-task config: a recorded size of 0 or True, or a switch "false", would build a broken model or read
+    as on; refused where the config is made, and as one line naming the file when a checkpoint records it."""
+    from decision_transformer.checkpoint import atomic_save, make_checkpoint
+    from decision_transformer.errors import UserError
+    from decision_transformer.legacy_import import load_model_file
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MultiDTConfig(**{field: value})
+    m = tiny_multi()
+    cfg = m.config.to_dict()
+    cfg[field] = value
+    path = atomic_save(make_checkpoint(m.state_dict(), {"model_class": "multi_dt", "model_config": cfg}),
+                       tmp_path / "m.pt")
+    with pytest.raises(UserError, match=re.escape(f"{path}: invalid model_config ({message})")):
+        load_model_file(path)
+    with pytest.raises(KeyError):
+        m.env_index(True)

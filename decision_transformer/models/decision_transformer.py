@@ -17,6 +17,22 @@ EMBED_ORDERS = ("ln_then_time", "time_then_ln")
 LAST_ACTION_TAIL = 16
 
 
+def positive_int(name: str, v) -> None:
+    """ValueError unless ``v`` is an integer >= 1 (not a bool)."""
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def check_fields(cfg, sizes) -> None:
+    """A DT config's ``sizes`` positive integers and its switches booleans (a recorded ``True`` is no context length,
+    a string "false" no switch)."""
+    for name in sizes:
+        positive_int(name, getattr(cfg, name))
+    for name in ("action_tanh", "share_input_output_proj", "extend_positions"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+
+
 class BackboneHolder:
     """What the single- and multi-task configs share: a ``backbone`` field, a dict form without unknown keys."""
 
@@ -62,13 +78,7 @@ class DTConfig(BackboneHolder):
 
     def __post_init__(self):
         """Sizes positive integers and switches booleans (a recorded ``True`` is no context length)."""
-        for name in ("state_dim", "act_dim", "max_length", "max_ep_len"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("action_tanh", "share_input_output_proj", "extend_positions"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        check_fields(self, ("state_dim", "act_dim", "max_length", "max_ep_len"))
 
 
 @dataclass

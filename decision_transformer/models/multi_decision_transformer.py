@@ -21,7 +21,8 @@ from torch import nn
 
 from decision_transformer.envs import get_env_spec
 from decision_transformer.models.decision_transformer import (EMBED_ORDERS, LAST_ACTION_TAIL, BackboneHolder,
-                                                                 DTOutput, last_k_padded, timestep_table)
+                                                                 DTOutput, check_fields, last_k_padded, positive_int,
+                                                                 timestep_table)
 from decision_transformer.models.gpt2 import BackboneConfig, GPT2Backbone
 
 #: The original's env order (index 0, 1, 2).
@@ -55,6 +56,10 @@ class MultiDTConfig(BackboneHolder):
             self.act_dims = [get_env_spec(e).act_dim for e in self.envs]
         if not (len(self.envs) == len(self.state_dims) == len(self.act_dims)):
             raise ValueError("envs, state_dims and act_dims must have the same length")
+        for name in ("state_dims", "act_dims"):
+            for v in getattr(self, name):
+                positive_int(f"each of {name}", v)
+        check_fields(self, ("max_length", "max_ep_len"))
 
 
 class MultiDecisionTransformer(nn.Module):
@@ -90,7 +95,7 @@ class MultiDecisionTransformer(nn.Module):
     # ---- env selection ---------------------------------------------------------------------------------------------
     def env_index(self, env) -> int:
         """The index of ``env``, given as an index (range-checked) or an env name; IndexError or KeyError otherwise."""
-        if isinstance(env, int):
+        if isinstance(env, int) and not isinstance(env, bool):   # (True is no env index)
             if not 0 <= env < len(self.config.envs):
                 raise IndexError(f"env index {env} out of range for {self.config.envs}")
             return env
