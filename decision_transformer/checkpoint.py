@@ -286,6 +286,21 @@ def _a(value) -> str:
     return f"{'an' if kind[0].lower() in 'aeiou' else 'a'} {kind}"
 
 
+def weights_digest(state_dict: dict) -> str:
+    """A fingerprint of a state dict's tensors (names, dtypes, shapes and bytes)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(state_dict):
+        t = state_dict[k]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def check_finite_state(state_dict: dict, source: str):
     for k, v in state_dict.items():
         if torch.is_floating_point(v) and not torch.isfinite(v).all():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from decision_transformer.checkpoint import atomic_save, check_not_inflated
+from decision_transformer.checkpoint import atomic_save, check_not_inflated, weights_digest
 from decision_transformer.cli import THREADS_HELP, HelpFormatter, check_context, check_seed
 from decision_transformer.errors import UserError, first_line
 from decision_transformer.files import check_zip_checksums, exclusive
@@ -350,21 +350,6 @@ def source_record(env: str, dataset: str, K: int, seed, state_dict: dict | None 
     if state_dict is not None:
         rec["weights"] = weights_digest(state_dict)
     return rec
-
-
-def weights_digest(state_dict: dict) -> str:
-    """A fingerprint of a state dict's tensors (names, dtypes, shapes and bytes)."""
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=16)
-    for k in sorted(state_dict):
-        t = state_dict[k]
-        if not isinstance(t, torch.Tensor):
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 def stale_weights(info: dict, state_dict: dict) -> bool:

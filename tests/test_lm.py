@@ -1300,3 +1300,32 @@ def test_a_cached_tokenizer_alone_is_no_model_and_planning_downloads_nothing(lm_
     assert lm.source == "hub" and fetched == [["config.json", "tokenizer.json", "model.safetensors"]]
     assert set(lm.state_dict()) >= {"wte.weight", "h.0.attn.c_attn.weight"}
     assert locate_lm("org/tokonly").source == "hf-cache" and len(fetched) == 1   # now the weights are cached
+
+
+def test_resume_refuses_lm_files_replaced_under_init_reg(lm_dirs, tmp_path, monkeypatch, capsys, hopper_data):
+    """--init_reg measures the distance from the weights training started from, rebuilt from the LM folder on every
+    start: a resume after those files changed would measure from other weights (a silently different loss). The
+    training state records them, and the resume is one line; the run's files are left as they were."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lm_cotraining import experiment as lm_experiment
+
+    monkeypatch.chdir(tmp_path)
+    lm = tmp_path / "lm"
+    shutil.copytree(lm_dirs / "gpt2", lm)
+    cmd = [*_lm_resume_cmd(lm_dirs, hopper_data, "--init_reg", "1e-2", "--num_eval_episodes", "0", "--outdir", "o")]
+    cmd[cmd.index("--pretrained_lm") + 1] = str(lm)
+    lm_experiment.main([*cmd, "--max_iters", "1"])
+    (run,) = _lm_runs(tmp_path / "o")
+    weights = lm / "model.safetensors"
+    sd = load_file(weights)
+    save_file({k: v + 0.5 if ".h." in k else v for k, v in sd.items()}, weights, metadata={"format": "pt"})
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    msg = expect_error(capsys, lm_experiment.main, [*cmd, "--max_iters", "2", "--resume"])
+    assert "the --init_reg reference weights" in msg and "are not those the run started with" in msg
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    save_file(sd, weights, metadata={"format": "pt"})                  # restored: the resume goes on
+    lm_experiment.main([*cmd, "--max_iters", "2", "--resume"])
+    assert (run / "model_2.pt").is_file()

@@ -22,6 +22,11 @@ class InitReg:
         if not self.params:
             raise ValueError(f"no parameters named {prefix}* to regularise")
         self.init = [p.detach().clone() for _, p in self.params]
+        # what --resume compares: a run resumed after its LM files (or --load_checkpoint) changed would otherwise
+        # measure the distance from other reference weights than the run started with
+        from decision_transformer.checkpoint import weights_digest
+
+        self.fingerprint = weights_digest({n: t for (n, _), t in zip(self.params, self.init)})
 
     def distance(self) -> torch.Tensor:
         """sum_p ||theta_p - theta0_p||_F (unweighted). Two fused multi-tensor kernels instead of one subtraction and

@@ -173,20 +173,30 @@ class Trainer:
 
     def extra_state(self) -> dict:
         """What ``--resume`` needs beyond the optimiser, schedule and generators: the ``--joint`` text stream, and
-        which k-means centres the alignment loss uses."""
+        which k-means centres the alignment loss and which reference weights ``--init_reg`` use."""
         lm, km = getattr(self.extra_loss, "lm", None), getattr(self.extra_loss, "kmeans", None)
+        reg = getattr(self.extra_loss, "init_reg", None)
         return ({"text_batches": lm.batches.state_dict()} if lm is not None else {}) | \
-            ({"kmeans_centres": km.fingerprint} if getattr(km, "fingerprint", None) else {})
+            ({"kmeans_centres": km.fingerprint} if getattr(km, "fingerprint", None) else {}) | \
+            ({"init_reg_reference": reg.fingerprint} if getattr(reg, "fingerprint", None) else {})
 
     def load_extra_state(self, state: dict):
-        """Restore ``extra_state``'s ``--joint`` text stream; ValueError when the k-means centres are not those the run
-        saved, KeyError when a ``--joint`` run resumes a state without a text stream."""
+        """Restore ``extra_state``'s ``--joint`` text stream; ValueError when the k-means centres or the ``--init_reg``
+        reference weights are not those the run saved, KeyError when a ``--joint`` run resumes a state without a text
+        stream."""
         lm, km = getattr(self.extra_loss, "lm", None), getattr(self.extra_loss, "kmeans", None)
+        reg = getattr(self.extra_loss, "init_reg", None)
         saved = state.get("kmeans_centres")
         if km is not None and saved is not None and saved != getattr(km, "fingerprint", saved):
             # (another run with another seed replaced a shared --kmeans_cache, say): it would go on with other centres
-            raise ValueError("the k-means centres of --kmeans_cache are not those the run started with (was the "
-                             "cache replaced?); restore the file, or start the run afresh")
+            raise ValueError("the k-means centres (read from --kmeans_cache, or computed from the LM's token "
+                             "embeddings) are not those the run started with (was the cache or the LM replaced?); "
+                             "restore the files, or start the run afresh")
+        saved = state.get("init_reg_reference")
+        if reg is not None and saved is not None and saved != getattr(reg, "fingerprint", saved):
+            raise ValueError("the --init_reg reference weights (the model training started from: the --pretrained_lm "
+                             "files or the --load_checkpoint file) are not those the run started with (were they "
+                             "replaced?); restore them, or start the run afresh")
         if lm is not None:
             if "text_batches" not in state:
                 raise KeyError("text_batches (the run was not made with --joint)")
