@@ -21,6 +21,7 @@ The DT's backbone takes the LM's architecture with the originals' dropout overri
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -303,6 +304,12 @@ def _read_weights(lm: PretrainedLM) -> dict[str, torch.Tensor]:
     missing = [k for k in info.get("missing_keys", []) if not k.endswith(_BUFFER_SUFFIXES)]
     if missing:
         raise UserError(f"{lm.path}: the weight files lack {missing[0]}{_more_tensors(missing)}")
+    # blocks the config does not build (config.json with a smaller n_layer): loading would drop them silently
+    extra = sorted(re.sub(r"^transformer\.", "", k) for k in info.get("unexpected_keys", [])
+                   if re.search(r"(^|\.)h\.\d+\.", k) and not k.endswith(_BUFFER_SUFFIXES))
+    if extra:
+        raise UserError(f"{lm.path}: its weight files hold {extra[0]}{_more_tensors(extra)}, blocks beyond the "
+                        f"{model.config.num_hidden_layers} its config.json builds; the config does not fit the weights")
     state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()
              if not k.endswith(_BUFFER_SUFFIXES)}
     bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
