@@ -761,6 +761,7 @@ def main(argv=None):
     b.add_argument("--activation_function", default=None, help="the MLP activation (see --n_head)")
     b.add_argument("--max_length", "-K", type=int, default=None, help="the context length K it was trained with "
                    "(recorded in the checkpoint; default 20)")
+    p.add_argument("--force", action="store_true", help="replace output files that exist (refused otherwise)")
     args = p.parse_args(argv)
     if args.out and len(args.models) != 1:
         raise UserError("--out takes one input model; use --out_dir for several")
@@ -776,7 +777,7 @@ def main(argv=None):
         raise UserError("nothing to convert: every input is already a checkpoint of this toolkit")
     args.models = models
     outs = [Path(args.out) if args.out else Path(args.out_dir) / Path(m).name for m in args.models]
-    check_outputs(args.models, outs)
+    check_outputs(args.models, outs, args.force)
     # every input read and checked before anything is written
     ckpts = [_import_any(m, args) for m in args.models]
     if not any(c["config"]["legacy_class"] == "state_dict" for c in ckpts):
@@ -856,8 +857,9 @@ def _already_converted(path) -> bool:
     return False
 
 
-def check_outputs(inputs, outs):
-    """No output may be an input (the original would be replaced) or the output of another input."""
+def check_outputs(inputs, outs, force: bool = False):
+    """No output may be an input (the original would be replaced) or the output of another input, nor, without
+    ``force``, a file that exists (a run folder's own checkpoint of the same name, say)."""
     seen: dict = {}
     for m, out in zip(inputs, outs):
         r = out.resolve()
@@ -868,6 +870,11 @@ def check_outputs(inputs, outs):
         if r in seen:
             raise UserError(f"{seen[r]} and {m} would both be written to {out}; convert them into different folders")
         seen[r] = m
+    there = [out for out in outs if out.exists()]
+    if there and not force:
+        more = f" (and {len(there) - 1} more)" if len(there) > 1 else ""
+        raise UserError(f"{there[0]} exists{more}: converting would replace it; choose another --out / --out_dir, "
+                        f"or --force to replace")
 
 
 def set_env(ckpt: dict, spec, source) -> None:

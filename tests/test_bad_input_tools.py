@@ -188,6 +188,25 @@ def test_legacy_import_never_overwrites_its_input(tmp_path, capsys):
     assert snapshot(tmp_path) == before and not (tmp_path / "conv").exists()
 
 
+def test_legacy_import_replaces_an_existing_output_only_with_force(tmp_path, capsys):
+    """The README's TAKAGI conversion targets run folders named as experiment.py's own: converting into a folder whose
+    model_1.pt is a trained run's replaced it without a word. An output that exists is refused (one line, nothing
+    written) unless --force."""
+    src = tmp_path / "orig" / "dt_gym-experiment-hopper-medium-706057_best.pt"
+    src.parent.mkdir()
+    save_original(LDecisionTransformer(), src)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / src.name).write_bytes(b"a trained run's checkpoint")
+    before = snapshot(tmp_path)
+    msg = fails(legacy_import.main, [str(src), "--out_dir", str(run)], capsys)
+    assert msg == (f"error: {run / src.name} exists: converting would replace it; choose another --out / --out_dir, "
+                   f"or --force to replace")
+    assert snapshot(tmp_path) == before
+    legacy_import.main([str(src), "--out_dir", str(run), "--force"])
+    assert torch.load(run / src.name, weights_only=True)["config"]["legacy_class"]
+
+
 def test_legacy_import_validates_env_and_dataset(tmp_path, capsys):
     src = tmp_path / "legacy.pt"
     save_original(LDecisionTransformer(), src)                      # hopper dims 11/3
