@@ -118,13 +118,27 @@ def evaluate_checkpoint(path: str, *, num_episodes: int = 10, seed: int = 666, d
     return out
 
 
-def _score_keys(row: dict, envs, env_version, where: str = "metrics row") -> dict[str, float]:
-    """{env: d4rl score} from one metrics row (single-task keys ``target_{T}_*``, multi ``target_{T}_{EnvId}_*``); a
-    score that is not a finite number is one error line naming ``where``."""
+def _first_target(config: dict, env: str, source) -> int:
+    """The return target a run selects its best iteration by and reports: the first of its recorded
+    ``--env_targets`` (experiment.py runs), else the env's first."""
+    raw = config.get("env_targets")
+    if isinstance(raw, str) and raw.strip():
+        from decision_transformer.run import parse_targets
+
+        try:
+            return int(parse_targets(raw, ())[0])
+        except UserError as e:
+            raise UserError(f"{source}: recorded {e}") from None
+    return int(get_env_spec(env).targets[0])
+
+
+def _score_keys(row: dict, envs, env_version, where: str = "metrics row", targets: dict | None = None) -> dict:
+    """{env: d4rl score} from one metrics row (single-task keys ``target_{T}_*``, multi ``target_{T}_{EnvId}_*``, T
+    from ``targets`` or the env's first); a score that is not a finite number is one error line naming ``where``."""
     out = {}
     for env in envs:
         spec = get_env_spec(env)
-        T = int(spec.targets[0])
+        T = (targets or {}).get(env) or int(spec.targets[0])
         for key in (f"evaluation/target_{T}_{spec.gym_id(env_version)}_d4rl_score_mean",
                     f"evaluation/target_{T}_d4rl_score_mean"):
             value = row.get(key)
@@ -206,13 +220,14 @@ def read_run(run_dir: str, pick: str = "best") -> dict[str, float]:
     multi = config.get("model_class") == "multi_dt"
     envs = _run_envs(config, d, multi)
     version = config.get("env_version", DEFAULT_ENV_VERSION)
+    targets = {env: _first_target(config, env, d / "config.json") for env in envs}
     if pick == "0":
         info = config.get("merge_info")
         it0 = info.get("iteration_0") if isinstance(info, dict) else None
         if not isinstance(it0, dict) or not it0:
             raise UserError(f"{d}: no evaluation before finetuning recorded (@0 needs a merge run of experiment.py; "
                             f"multi-task merge runs record none)")
-        return _score_keys(it0, envs, version, f"{d / 'config.json'} (merge_info.iteration_0)")
+        return _score_keys(it0, envs, version, f"{d / 'config.json'} (merge_info.iteration_0)", targets)
     seen = {}
     for n, r in enumerate(rows, 1):   # a run writes one row per iteration: two are a file pasted together
         it = r.get("iteration")
@@ -220,7 +235,7 @@ def read_run(run_dir: str, pick: str = "best") -> dict[str, float]:
             raise UserError(f"{d / 'metrics.jsonl'}: iteration {it} is logged twice (rows {seen[it]} and {n})")
         seen[it] = n
     where = lambda r: f"{d / 'metrics.jsonl'} (iteration {r.get('iteration')})"  # noqa: E731
-    rows = [r for r in rows if _score_keys(r, envs, version, where(r))]
+    rows = [r for r in rows if _score_keys(r, envs, version, where(r), targets)]
     trained = [r for r in rows if r.get("iteration") != 0]
     if not trained:
         if rows:
@@ -229,13 +244,13 @@ def read_run(run_dir: str, pick: str = "best") -> dict[str, float]:
         raise UserError(f"{d}: no evaluation in metrics.jsonl")
     if pick == "last":   # the highest iteration (rows out of order are read in iteration order)
         last = max(range(len(trained)), key=lambda i: (_iteration(trained[i]), i))
-        return _score_keys(trained[last], envs, version, where(trained[last]))
+        return _score_keys(trained[last], envs, version, where(trained[last]), targets)
     if multi:
         key = "evaluation/average_norm_return_mean"
     else:
-        key = f"evaluation/target_{int(get_env_spec(envs[0]).targets[0])}_return_mean"
+        key = f"evaluation/target_{targets[envs[0]]}_return_mean"    # the run's own selection
     best = max(trained, key=lambda r: _score(r.get(key)))  # first of equal bests
-    return _score_keys(best, envs, version, where(best))
+    return _score_keys(best, envs, version, where(best), targets)
 
 
 # ---- the table -------------------------------------------------------------------------------------------------------

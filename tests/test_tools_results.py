@@ -63,6 +63,28 @@ def test_best_and_last_leave_the_merge_evaluation_out(tmp_path):
     assert results_table.read_run(str(run), "0") == {"hopper": 90.0}
 
 
+def test_a_run_of_other_env_targets_is_read_at_its_own_first_target(tmp_path):
+    """A run made with --env_targets selects its best iteration by its first target and logs only its targets: the
+    table reads it the same way (it said "no evaluation" for --env_targets 1800, and picked by 3600 for 1800,3600)."""
+    def row(it, r1800, s1800, r3600=None, s3600=None):
+        out = {"iteration": it, "evaluation/target_1800_return_mean": r1800,
+               "evaluation/target_1800_d4rl_score_mean": s1800}
+        if r3600 is not None:
+            out |= {"evaluation/target_3600_return_mean": r3600, "evaluation/target_3600_d4rl_score_mean": s3600}
+        return out
+
+    only = run_folder(tmp_path / "only", {"env": "hopper", "env_targets": "1800"},
+                      [row(1, 1000.0, 30.0), row(2, 1500.0, 45.0), row(3, 1200.0, 36.0)])
+    assert results_table.read_run(str(only), "best") == {"hopper": 45.0}
+    assert results_table.read_run(str(only), "last") == {"hopper": 36.0}
+    both = run_folder(tmp_path / "both", {"env": "hopper", "env_targets": "1800,3600"},
+                      [row(1, 1000.0, 30.0, 2000.0, 60.0), row(2, 1700.0, 51.0, 1000.0, 30.0)])
+    assert results_table.read_run(str(both), "best") == {"hopper": 51.0}     # iteration 2, best at 1800
+    bad = run_folder(tmp_path / "bad", {"env": "hopper", "env_targets": "1800,,3600"}, [row(1, 1.0, 1.0)])
+    with pytest.raises(UserError, match="config.json: recorded --env_targets has an empty entry"):
+        results_table.read_run(str(bad), "best")
+
+
 def test_a_run_with_only_iteration_0_says_so(tmp_path, capsys):
     run = merge_run(tmp_path / "run", [])
     for pick in ("best", "last"):
