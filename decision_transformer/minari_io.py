@@ -63,7 +63,8 @@ def load_minari_trajectories(dataset_id: str, root: str | os.PathLike | None = N
         where = Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets")) / dataset_id
         # Minari checks metadata.json with asserts and opens main_data.hdf5 only when the episodes are read: any of
         # these from either step is a damaged or missing dataset
-        unreadable = (FileNotFoundError, ValueError, KeyError, OSError, AssertionError)
+        # (a metadata.json that is JSON but no object: Minari calls .keys() on it, an AttributeError or TypeError)
+        unreadable = (FileNotFoundError, ValueError, KeyError, OSError, AssertionError, AttributeError, TypeError)
         try:
             ds = minari.load_dataset(dataset_id, download=False)
         except unreadable as e:

@@ -156,3 +156,14 @@ def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
         export_minari(trajs, "other/hopper/new-v0", "hopper", root=tmp_path)
     assert not (tmp_path / "dt" / "hopper" / "new-v0").exists() and not (tmp_path / "other").exists()
     assert (tmp_path / "dt" / "hopper" / "keep-v0" / "data" / "main_data.hdf5").is_file()
+
+
+@pytest.mark.parametrize("body", ["[]", "null", "3"])
+def test_a_metadata_file_that_is_json_but_no_object_is_one_line(tmp_path, body):
+    """Minari calls .keys() on data/metadata.json: a list or null there was an AttributeError traceback."""
+    pytest.importorskip("minari")
+    trajs = split_episodes(rollout_flat("hopper", 300, seed=0, max_ep_len=100))
+    folder = export_minari(trajs, "dt/hopper/meta-v0", "hopper", root=tmp_path)
+    (folder / "data" / "metadata.json").write_text(body)
+    with pytest.raises(UserError, match="Minari dataset 'dt/hopper/meta-v0' not found or unreadable under"):
+        load_minari_trajectories("dt/hopper/meta-v0", root=tmp_path)
