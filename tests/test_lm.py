@@ -668,6 +668,13 @@ def test_joint_needs_a_local_corpus(lm_dirs, tmp_path, monkeypatch):
     model = build_model_from_args(args, HOPPER)
     with pytest.raises(UserError, match="wikitext.*not found locally.*wiki.train.raw"):
         make_extra_loss(args, model, script="lm_cotraining")
+    # a folder that exists but holds no text file is said as such, not "not found"
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "notes.md").write_text("no corpus")
+    args = lm_cotraining_parser().parse_args(["--pretrained_lm", str(lm_dirs / "gpt2"), "--joint",
+                                              "--nlp_dataset_name", "corpus"])
+    with pytest.raises(UserError, match=r"the folder corpus holds no \.txt/\.raw/\.tokens/\.text file; corpora are"):
+        make_extra_loss(args, model, script="lm_cotraining")
 
 
 # ---- scripts ------------------------------------------------------------------------------------------------------

@@ -47,9 +47,12 @@ def find_text_corpus(name: str, config_name: str | None, data_path: str = "data"
             if files:
                 return files
     looked = ", ".join(str(c) for c in dict.fromkeys(candidates))
-    raise UserError(f"--joint: LM corpus {name!r} ({config_name}) not found locally (looked at {looked}; corpora are "
-                    f"read from disk, never downloaded); pass --nlp_dataset_name PATH to a text file or a folder of "
-                    f".txt/.raw files, e.g. the extracted wikitext-103-raw-v1 folder holding wiki.train.raw")
+    empty = [str(c) for c in dict.fromkeys(candidates) if c.is_dir()]   # there, but without a text file
+    found = (f"the folder {empty[0]} holds no {'/'.join(TEXT_SUFFIXES)} file" if empty
+             else f"not found locally (looked at {looked})")
+    raise UserError(f"--joint: LM corpus {name!r} ({config_name}): {found}; corpora are read from disk, never "
+                    f"downloaded: pass --nlp_dataset_name PATH to a text file or a folder of .txt/.raw files, e.g. the "
+                    f"extracted wikitext-103-raw-v1 folder holding wiki.train.raw")
 
 
 def load_tokenizer(lm_path: Path, tokenizer_name: str | None):
