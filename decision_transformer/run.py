@@ -533,6 +533,8 @@ def _run_locked(args, script: str, take_lock) -> dict:
     ctx, device = distributed.setup(resolve_device(args.device, args.threads))  # torchrun: one process per GPU
     configure_matmul_precision(args.precision, device)
     lm = None if bc else locate_pretrained(args)  # before the data: a missing model is reported at once
+    if lm is not None:   # and damaged weights too (read once, kept), before a missing dataset takes minutes to make
+        lm.state_dict()
     seed_everything(args.seed)
 
     # --resume never generates: a run continues on the data it started on, or not at all

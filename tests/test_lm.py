@@ -1345,3 +1345,19 @@ def test_resume_refuses_lm_files_replaced_under_init_reg(lm_dirs, tmp_path, monk
     save_file(sd, weights, metadata={"format": "pt"})                  # restored: the resume goes on
     lm_experiment.main([*cmd, "--max_iters", "2", "--resume"])
     assert (run / "model_2.pt").is_file()
+
+
+def test_damaged_lm_weights_are_refused_before_a_missing_dataset_is_generated(lm_dirs, tmp_path, monkeypatch,
+                                                                             capsys):
+    """Generating a missing dataset takes minutes: an LM whose weights hold NaN is refused first, not after."""
+    from decision_transformer import generation
+
+    monkeypatch.chdir(tmp_path)
+    nan = _lm_with_weight(lm_dirs, tmp_path / "lm_nan", "h.1.mlp.c_proj.weight", (0, 0), float("nan"))
+    empty = tmp_path / "no_data"
+    empty.mkdir()
+    monkeypatch.setattr(generation, "generate_dataset", lambda *a, **k: pytest.fail("generated before the LM check"))
+    msg = expect_error(capsys, experiment.main, ["--data_path", str(empty), *RUN, "--pretrained_lm", str(nan),
+                                                 "--max_iters", "1"])
+    assert "the weights hold NaN or inf values, in h.1.mlp.c_proj.weight" in msg
+    assert not any(empty.iterdir())
