@@ -52,6 +52,8 @@ def block_model_name(lm: str) -> str:
 
 
 def run_suffix(K: int, remove_grad_clip: bool, pretrained_block: int | None, sep: str) -> str:
+    """The run-name suffix of the non-default settings, joined by ``sep``: ``{sep}K{K}`` (K != 20),
+    ``{sep}no{sep}grad{sep}clip``, ``{sep}block{b}``."""
     s = ""
     if K != DEFAULT_K:
         s += f"{sep}K{K}"
@@ -180,6 +182,8 @@ def _remove(path: Path):
 
 
 def make_checkpoint(state_dict: dict, config: dict, state_mean=None, state_std=None, **extra) -> dict:
+    """A checkpoint dict: format version, the state dict's tensors detached on the CPU, ``config``, the
+    state normalisation as float32 tensors (when given) and any ``extra`` entries."""
     ckpt = {
         "format_version": FORMAT_VERSION,
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
@@ -302,6 +306,7 @@ def weights_digest(state_dict: dict) -> str:
 
 
 def check_finite_state(state_dict: dict, source: str):
+    """Refuse a state dict with a NaN or inf in a floating-point tensor, naming ``source`` and the tensor."""
     for k, v in state_dict.items():
         if torch.is_floating_point(v) and not torch.isfinite(v).all():
             raise UserError(f"{source}: tensor {k} contains NaN or inf")

@@ -26,6 +26,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_data_flags(p: argparse.ArgumentParser):
+    """The "data, environment, context" flags: data folder, env, dataset, mode, ``--K``, batch size and
+    model type."""
     g = p.add_argument_group("data, environment, context")
     g.add_argument("--data_path", type=str, default=project_path("data"),
                    help="folder with {env}-{dataset}-v2.pkl (or D4RL hdf5); default: the project's data/ when started "
@@ -45,6 +47,8 @@ def add_data_flags(p: argparse.ArgumentParser):
 
 
 def add_model_flags(p: argparse.ArgumentParser):
+    """The "model" flags: sizes, activation, dropout, freezing, and initialisation from a checkpoint, a
+    pretrained LM or one of its blocks."""
     g = p.add_argument_group("model")
     g.add_argument("--embed_dim", type=int, default=128)
     g.add_argument("--n_layer", type=int, default=3)
@@ -76,6 +80,7 @@ def add_model_flags(p: argparse.ArgumentParser):
 
 
 def add_kmeans_flags(p: argparse.ArgumentParser):
+    """The k-means language-alignment flags (``--gpt_kmeans`` switches the loss on)."""
     g = p.add_argument_group("k-means language alignment (needs --pretrained_lm)")
     g.add_argument("--gpt_kmeans", type=int, default=None,
                    help="number of k-means centres of the LM's token embeddings; switches the alignment loss on")
@@ -91,6 +96,7 @@ def add_kmeans_flags(p: argparse.ArgumentParser):
 
 
 def add_optim_flags(p: argparse.ArgumentParser):
+    """The "optimisation" flags: learning rates, weight decay, warmup, grad clip and ``--fp16``."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--learning_rate", "-lr", type=float, default=1e-4)
     g.add_argument("--lm_learning_rate", "-lmlr", type=float, default=None,
@@ -109,6 +115,8 @@ THREADS_HELP = ("CPU threads for torch: auto = the cores other processes are not
 
 def add_run_flags(p: argparse.ArgumentParser, *, project: str = "decision-transformer", seed_default=666,
                   outdir_default="checkpoints"):
+    """The "schedule, evaluation, logging, saving" flags, the fast-path flags and the originals' dead flags
+    (accepted, hidden from ``--help``)."""
     g = p.add_argument_group("schedule, evaluation, logging, saving")
     g.add_argument("--num_eval_episodes", type=int, default=100)
     g.add_argument("--max_iters", type=int, default=40)
@@ -143,6 +151,7 @@ def add_run_flags(p: argparse.ArgumentParser, *, project: str = "decision-transf
 
 
 def add_merge_flags(p: argparse.ArgumentParser):
+    """The model-merging flags (``--pretrained_models`` and the merge method's settings)."""
     g = p.add_argument_group("merging (see the README's merging section)")
     g.add_argument("--pretrained_models", nargs="*", default=[])
     g.add_argument("--include", nargs="*", default=[])
@@ -258,6 +267,7 @@ def merge_signature(args) -> dict:
 
 
 def experiment_parser() -> argparse.ArgumentParser:
+    """The parser of ``experiment.py``: every flag group above."""
     p = argparse.ArgumentParser(
         description="Train and evaluate a Decision Transformer on an offline MuJoCo dataset.",
         formatter_class=HelpFormatter)

@@ -30,6 +30,8 @@ def _drop(p: argparse.ArgumentParser, keep_default, predicate):
 
 
 def add_lm_cotraining_flags(p: argparse.ArgumentParser):
+    """The "LM co-training and regularisation" flags: ``--joint`` text co-training and its corpus,
+    the LM-loss weight and decay, k-means annealing, ``--init_reg``, ``--no_extend_positions``."""
     g = p.add_argument_group("LM co-training and regularisation")
     g.add_argument("--no_extend_positions", dest="extend_positions", action="store_false",
                    help="use a separate timestep table (--extend_positions is on by default in this script)")
@@ -55,6 +57,8 @@ def add_lm_cotraining_flags(p: argparse.ArgumentParser):
 
 
 def lm_cotraining_parser() -> argparse.ArgumentParser:
+    """The parser of ``lm_cotraining/experiment.py``: experiment.py's groups without the flags the
+    LM script never had, plus the co-training flags, with this script's defaults and help texts."""
     p = argparse.ArgumentParser(
         description="Train a Decision Transformer initialised from a pretrained language model, with k-means "
                     "language alignment, init_reg and optional LM co-training.",

@@ -17,16 +17,19 @@ import torch
 
 @dataclass
 class DistContext:
+    """This process's place in a torchrun launch: rank, world size, local rank (rank 0 of 1 without torchrun)."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
+        """Whether this process is rank 0."""
         return self.rank == 0
 
     @property
     def enabled(self) -> bool:
+        """Whether more than one process trains (a torchrun launch)."""
         return self.world_size > 1
 
 
@@ -84,6 +87,8 @@ class QuietRank(io.TextIOBase):
         self._buf, self._traceback = "", False
 
     def write(self, s: str) -> int:
+        """Buffer ``s``; pass on its complete lines that start with ``error`` or ``warning``, and every line from a
+        traceback on, prefixed ``[rank N]``. Returns ``len(s)``."""
         self._buf += s
         while "\n" in self._buf:
             line, self._buf = self._buf.split("\n", 1)
@@ -93,13 +98,17 @@ class QuietRank(io.TextIOBase):
         return len(s)
 
     def flush(self):
+        """Flush the wrapped stream (an unfinished line stays buffered)."""
         self.stream.flush()
 
     def isatty(self) -> bool:
+        """False: not a terminal, so progress bars stay off."""
         return False
 
 
 def wrap(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> torch.nn.Module:
+    """``model`` wrapped in DistributedDataParallel on this rank's device under torchrun; ``model`` itself
+    otherwise."""
     if not ctx.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP

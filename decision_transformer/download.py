@@ -42,10 +42,12 @@ CHUNK = 1 << 20
 
 
 def base_url(override: str | None = None) -> str:
+    """The download base URL without a trailing slash: ``override``, else ``D4RL_BASE_URL``, else D4RL's."""
     return (override or os.environ.get("D4RL_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = CHUNK) -> str:
+    """The hex sha256 digest of the file ``path``, read ``chunk`` bytes at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -141,7 +143,8 @@ def download_file(url: str, dest: str | os.PathLike, *, size: int | None = None,
 
 def fetch_d4rl(name: str, hdf5_dir: str | os.PathLike, *, url: str | None = None, verify: bool = True,
                progress: bool = True) -> Path:
-    """``hdf5_dir/name``, downloaded if absent (or failing verification) from ``base_url()/name``."""
+    """``hdf5_dir/name``, downloaded from ``base_url()/name`` if absent; an existing file that fails the size / sha256
+    check is one line asking to delete it (it is not replaced)."""
     if name not in D4RL_FILES:
         raise UserError(f"{name}: not a D4RL gym-mujoco v2 file")
     size, digest = D4RL_FILES[name]

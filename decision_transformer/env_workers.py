@@ -28,6 +28,7 @@ from decision_transformer.errors import UserError
 
 
 def episode_seed(seed: int, i: int) -> int:
+    """The reset seed of episode ``i`` of an evaluation seeded ``seed``: 10000·seed + i."""
     return 10000 * int(seed) + int(i)
 
 
@@ -155,6 +156,7 @@ class EnvWorkers:
 
     @property
     def workers(self) -> int:
+        """The number of worker processes (0 once closed)."""
         return len(self.conns)
 
     @property

@@ -18,6 +18,7 @@ class UserError(Exception):
 
 
 class TrainingDiverged(UserError):
+    """A loss, the weights or an evaluation's returns became NaN or inf (exit code 3)."""
     exit_code = 3
 
 
@@ -121,6 +122,8 @@ def cli_entry(main):
 
     @functools.wraps(main)
     def wrapper(argv=None):
+        """Run ``main(argv)``; a user error, an OS error, Ctrl-C or SIGTERM, or running out of memory is one
+        ``error:`` line and a non-zero exit instead of a traceback."""
         before = argparse.ArgumentParser.error
         argparse.ArgumentParser.error = _argparse_error  # one line instead of the usage block
         term = _stop_on_sigterm()
@@ -178,6 +181,7 @@ def _stop_on_sigterm():
         return None
 
     def stop(signum, frame):
+        """Raise KeyboardInterrupt, as Ctrl-C does."""
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)

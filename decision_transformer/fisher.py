@@ -52,6 +52,7 @@ def fisher_info_path(model_path: str | os.PathLike, f_batch_size: int, f_num_bat
 
 
 def default_forward(model, states, actions, rtg, timesteps, mask, **kw):
+    """The model's action predictions [B, K, da] for one batch of windows (``**kw`` passed to the model)."""
     return model(states, actions, rtg, timesteps, attention_mask=mask, **kw).action_preds
 
 
@@ -128,6 +129,8 @@ def fisher_empirical(model, batches, *, scope: str = FISHER_SCOPE, forward: Call
     wrapper = _Forward(model, forward, model_kwargs)
 
     def window_loss(p, s, a, r, t, m):
+        """ℓ_n of one window (s [K, ds], a [K, da], ...): Σ over unmasked t and k of (â − a)², with ``p`` in the
+        model."""
         # one window, batch dimension added back for the model: s [K, ds] -> [1, K, ds]
         preds = _call(wrapper, p, (s[None], a[None], r[None], t[None], m[None]))
         return (((preds[0] - a) ** 2) * m[:, None]).sum()
@@ -162,6 +165,7 @@ class _Forward(torch.nn.Module):
         self.kw = model_kwargs
 
     def forward(self, *args):
+        """``forward(model, *args, **model_kwargs)``."""
         return self.fwd(self.m, *args, **self.kw)
 
 
@@ -315,6 +319,8 @@ def save_fisher(info: dict, path: str | os.PathLike) -> Path:
 
 
 def load_fisher(path: str | os.PathLike) -> dict:
+    """A Fisher info file, loaded without running pickled code and checked (tensors, no broadcast views,
+    finite, >= 0, not all zero); any problem is one line naming the file."""
     path = Path(path)
     if path.is_file():
         check_zip_checksums(path)
@@ -359,6 +365,7 @@ def stale_weights(info: dict, state_dict: dict) -> bool:
 
 
 def describe(info: dict) -> str:
+    """A Fisher info dict in words: ``{n} tensors, trace {t}`` (the trace from its ``_stats``)."""
     st = info.get("_stats", {})
     s = st.get("sum", float("nan"))
     s = float(s) if not isinstance(s, torch.Tensor) else float(s.sum())
@@ -367,12 +374,14 @@ def describe(info: dict) -> str:
 
 
 def log(msg: str):
+    """Print ``msg`` to stderr."""
     print(msg, file=sys.stderr)
 
 
 # ---- precompute_fisher.py ----------------------------------------------------------------------------------------------
 
 def precompute_parser():
+    """The command-line parser of ``precompute_fisher.py``."""
     import argparse
 
     p = argparse.ArgumentParser(description="Diagonal Fisher of a single-task checkpoint's transformer blocks on its "
@@ -411,6 +420,8 @@ def check_precompute_args(args):
 
 
 def run_precompute(args) -> Path:
+    """``precompute_fisher.py``: estimate and save the Fisher of ``--model`` on its dataset, unless a file
+    for the same weights, data, K and seed exists (``--force`` recomputes it); returns the path."""
     from decision_transformer.data import TrajectoryDataset, load_dataset
     from decision_transformer.legacy_import import build_model, load_model_file
     from decision_transformer.run import resolve_device

@@ -159,6 +159,7 @@ class _one_thread:
 
         @functools.wraps(fn)
         def wrapped(*args, **kwargs):
+            """``fn(*args, **kwargs)`` with torch on one thread."""
             with _one_thread():
                 return fn(*args, **kwargs)
 
@@ -365,6 +366,7 @@ def write_d4rl_hdf5(path: str | os.PathLike, data: dict[str, np.ndarray], metada
     from decision_transformer.files import atomic_write
 
     def write(tmp):
+        """Write the arrays and the ``metadata/*`` scalars into the HDF5 file ``tmp``."""
         with h5py.File(tmp, "w") as f:
             for k, v in data.items():
                 f.create_dataset(k, data=v)
@@ -388,6 +390,8 @@ def dataset_stats(env: str, dataset: str, trajs: list[dict]) -> dict:
 
 
 def format_stats(s: dict) -> str:
+    """One line of ``dataset_stats``: transitions, episodes, return mean +- std and, where the env has D4RL
+    reference returns, the normalised score next to D4RL's average."""
     ref = s["d4rl_average_score"]
     line = (f"{s['env']}-{s['dataset']}: {s['transitions']} transitions, {s['episodes']} episodes, return "
             f"{s['return_mean']:.1f} +- {s['return_std']:.1f}")

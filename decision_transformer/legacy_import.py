@@ -79,6 +79,7 @@ _STUBS: dict[str, type] = {}
 
 
 def stub_class(module: str, name: str) -> type:
+    """The inert stand-in class (a :class:`LegacyObject` subclass) for ``module.name``, made once per path."""
     path = f"{module}.{name}"
     if path not in _STUBS:
         _STUBS[path] = type(name, (LegacyObject,), {"_legacy_path": path, "__module__": __name__ + ".stubs"})
@@ -137,6 +138,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     classes; everything else is refused."""
 
     def find_class(self, module, name):
+        """The allowed global ``module.name`` (a stand-in class for the originals' and library classes); any
+        other is refused with ``UnpicklingError``."""
         if (module, name) in _compat_pickle.NAME_MAPPING:          # protocol-2 pickles name Python 2 modules
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
@@ -442,6 +445,8 @@ def import_legacy(path: str | Path, env: str | None = None) -> dict:
 
 @dataclass
 class ModelFile:
+    """A loaded model file: its path, state dict, recorded config (the run's flags), the envs it was
+    specialised on, the whole checkpoint dict (``raw``) and whether it is an original pickle."""
     path: str
     state_dict: dict[str, torch.Tensor]
     config: dict = field(default_factory=dict)
@@ -451,16 +456,20 @@ class ModelFile:
 
     @property
     def model_class(self) -> str:
+        """The recorded ``model_class``, ``dt`` when none is recorded."""
         return self.config.get("model_class") or "dt"
 
     @property
     def is_multi(self) -> bool:
+        """Whether the file holds a multi-task model."""
         from decision_transformer.models.multi_decision_transformer import MODEL_CLASS
 
         return self.model_class == MODEL_CLASS
 
     @property
     def env(self) -> str | None:
+        """The model's env: the recorded one, else (single-task) the one its path names, else the only env whose
+        state and action sizes its model config has; None where nothing tells."""
         env = self.config.get("env")
         if env is None and not self.is_multi:
             mc = self.config.get("model_config") or {}
@@ -472,6 +481,7 @@ class ModelFile:
 
     @property
     def dataset(self) -> str | None:
+        """The recorded dataset, else the one the file's path names, else None."""
         return self.config.get("dataset") or parse_model_path(self.path)[1]
 
 
@@ -748,6 +758,8 @@ def build_model(mf: ModelFile, device=None, fallback_config=None, max_length: in
 
 @cli_entry
 def main(argv=None):
+    """Convert the originals' whole-module checkpoints (and bare state dicts) into this toolkit's checkpoints;
+    every input is read and checked before anything is written."""
     p = argparse.ArgumentParser(description="Convert the originals' whole-module checkpoints into plain-dict "
                                             "checkpoints (loadable with weights_only=True) without running their code.")
     p.add_argument("models", nargs="+", help="original .pt files")

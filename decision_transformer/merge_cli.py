@@ -30,6 +30,7 @@ from decision_transformer.paths import project_path
 
 
 def merge_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``merge_cli``."""
     p = argparse.ArgumentParser(description="Merge Decision Transformer checkpoints into a new checkpoint.",
                                 formatter_class=HelpFormatter)
     p.add_argument("--recipe", default=None, help="YAML file with any of these options (flags override it)")
@@ -70,6 +71,8 @@ def merge_parser() -> argparse.ArgumentParser:
 
 
 def read_recipe(path: str) -> dict:
+    """A recipe file as a dict of option names to values (YAML); a missing, unreadable or non-mapping file
+    is one line naming it."""
     import yaml
 
     p = Path(path)
@@ -150,6 +153,8 @@ def check_args(args):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The merge options: the recipe's values as defaults, overridden by the command line, then checked
+    (models and output required)."""
     parser = merge_parser()
     args = parser.parse_args(argv)
     if args.recipe:
@@ -180,6 +185,8 @@ def stored_state_stats(mf) -> dict:
 
 
 def run_merge(args) -> Path:
+    """Merge the ``--models`` (all single-task or all multi-task) with the chosen method and write the
+    merged checkpoint, with model 1's config and a ``merge_info`` record, to ``--out``; returns its path."""
     from decision_transformer.legacy_import import build_model, load_model_file
     from decision_transformer.merge_setup import (DatasetCache, check_merged_state, check_multi_sources,
                                                   check_selection, merge_multi_states, merge_single_sources,
@@ -249,6 +256,7 @@ def run_merge(args) -> Path:
 
 @cli_entry
 def main(argv=None):
+    """``merge_cli`` entry point: parse the options and run the merge."""
     run_merge(parse_args(argv))
 
 

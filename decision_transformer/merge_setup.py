@@ -23,6 +23,7 @@ from decision_transformer.training.trainer import forked_rng
 
 
 def log(msg: str):
+    """Print ``msg`` to stderr."""
     print(msg, file=sys.stderr)
 
 
@@ -130,10 +131,12 @@ def check_merged_state(state: dict, method: str, args, sources=()):
 
 
 def fisher_norm(args) -> str:
+    """The Fisher normalisation: ``none`` with ``--no_trace_norm``, else ``--fisher_norm`` (default ``trace``)."""
     return "none" if getattr(args, "no_trace_norm", False) else getattr(args, "fisher_norm", "trace")
 
 
 def merge_lambda(args, method: str) -> float:
+    """The task-vector scale: ``--merge_lambda``, else the method's default (0.8 task arithmetic, else 1.0)."""
     lam = getattr(args, "merge_lambda", None)
     return merging.DEFAULT_LAMBDA.get(method, 1.0) if lam is None else lam
 
@@ -149,6 +152,8 @@ class DatasetCache:
         self._cache: dict = {}
 
     def get(self, env: str, dataset: str):
+        """The ``TrajectoryDataset`` of ``env`` and ``dataset``, loaded on first use (states normalised with ``stats``
+        for the env where given, else with the data's own statistics)."""
         from decision_transformer.data import TrajectoryDataset, load_dataset
 
         key = (env, dataset)
@@ -160,6 +165,8 @@ class DatasetCache:
 
 
 def source_env_dataset(mf: ModelFile, dataset_override: str | None = None) -> tuple[str, str]:
+    """(env, dataset) a single-task model file was trained on (``dataset_override`` replaces the
+    dataset); refused where the file does not tell them."""
     env, dataset = mf.env, dataset_override or mf.dataset
     if env is None or dataset is None:
         raise UserError(f"{mf.path}: cannot tell which env and dataset this model was trained on (no stored config and "
@@ -331,9 +338,12 @@ def windows(dataset, n_windows: int, batch_size: int, K: int, seed: int) -> list
 
 
 def gram_matrices(model, keys, batches, model_kwargs: dict | None = None):
+    """RegMean's inputs: the Gram matrix XᵀX / n of each Conv1D / Linear layer of S over ``batches``
+    (:func:`merging.collect_grams`), and {layer name: is_conv1d}."""
     kw = model_kwargs or {}
 
     def fwd(m, b):
+        """Run model ``m`` on batch ``b`` (the Grams come from the forward pre-hooks)."""
         return m(b.states, b.actions, b.rtg[:, :-1], b.timesteps, attention_mask=b.mask, **kw)
 
     grams = merging.collect_grams(model, keys, batches, fwd)
@@ -349,6 +359,7 @@ def action_mse_score(model, batches, model_kwargs: dict | None = None):
 
     @torch.no_grad()
     def score(state):
+        """Load ``state`` into the model and return −(mean masked action MSE over ``batches``), in eval mode."""
         load_state_into(model, state, "greedy soup candidate")
         model.eval()
         tot = 0.0

@@ -49,6 +49,7 @@ def select_keys(keys: Sequence[str], include: Sequence[str] | None = (), exclude
 
 
 def mergeable(t: torch.Tensor) -> bool:
+    """Whether a tensor takes part in merging: floating point (other tensors keep model 1's values)."""
     return torch.is_floating_point(t)
 
 
@@ -385,7 +386,9 @@ def collect_grams(model: torch.nn.Module, keys: Sequence[str], batches, forward:
     current = {}
 
     def hook(name):
+        """The forward pre-hook of layer ``name``: adds XᵀX of its unmasked input rows to that layer's sum."""
         def fn(mod, args):
+            """Accumulate XᵀX (float64) and the row count of the unmasked rows of the layer's input [B, r·K, in]."""
             x = args[0]
             m = current["mask"]
             if x.dim() != 3 or x.shape[0] != m.shape[0] or x.shape[1] % m.shape[1] != 0:

@@ -83,6 +83,8 @@ def backbone_config_from_args(args, lm, max_ep_len: int) -> BackboneConfig:
 
 
 def build_model(cfg: DTConfig, seed: int) -> DecisionTransformer:
+    """A ``DecisionTransformer`` of ``cfg`` built with construction seeded by ``seed``; an invalid config is a
+    ``UserError``."""
     try:
         return DecisionTransformer(cfg, seed=seed)
     except ValueError as e:

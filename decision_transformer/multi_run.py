@@ -47,12 +47,14 @@ TRAIN_STATE = "train_state.pt"
 
 
 def log(msg: str):
+    """Print ``msg`` to stderr."""
     print(msg, file=sys.stderr)
 
 
 # ---- flags ----------------------------------------------------------------------------------------------------------
 
 def multi_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``experiment_multi.py``."""
     p = argparse.ArgumentParser(description="Multi-task Decision Transformer on hopper, halfcheetah and walker2d: "
                                             "train, finetune per env, merge, evaluate.",
                                 formatter_class=HelpFormatter)
@@ -152,6 +154,8 @@ def multi_parser() -> argparse.ArgumentParser:
 
 
 def check_multi_args(args):
+    """Refuse flags the multi-task script cannot honour (another ``--model_type``, ``--env``, unknown
+    envs or datasets, flags that exclude each other) before anything is loaded."""
     from decision_transformer.envs import check_dataset_name
     from decision_transformer.run import check_args
 
@@ -234,6 +238,7 @@ class EnvData:
         self._cache = {}
 
     def get(self, env: str, dataset: str | None = None):
+        """The ``TrajectoryDataset`` of ``env`` and ``dataset`` (default ``--dataset``), loaded on first use."""
         from decision_transformer.data import TrajectoryDataset, load_dataset
 
         dataset = dataset or self.args.dataset
@@ -248,6 +253,7 @@ class EnvData:
         return self._cache[(env, dataset)]
 
     def state_stats(self, env: str):
+        """The env's state (mean, std): the fixed override where given, else its loaded data's."""
         if env in self.stats:
             return self.stats[env]
         ds = self.get(env)
@@ -309,6 +315,8 @@ class MultiTrainer:
         self.forward = self.model
 
     def train_step(self):
+        """One step on one batch per training env; returns (total loss, [per-env losses], init_reg loss or
+        None), detached."""
         if not self.model.training:   # (an evaluation or analysis in between may have left it in eval mode)
             self.model.train()
         mark_step(self.compile_mode)
@@ -321,6 +329,8 @@ class MultiTrainer:
         return total.detach(), torch.stack(per_env), reg.detach() if reg is not None else None
 
     def train_iteration(self, num_steps: int, iteration: int, bar=None) -> dict:
+        """``num_steps`` training steps (losses checked for NaN / inf); returns the iteration's training
+        logs: loss mean and std, the last step's action error overall and per env, init_reg's."""
         from decision_transformer.training.trainer import CHECK_EVERY, check_losses
 
         self.model.train()
@@ -396,6 +406,7 @@ def evaluate_all(model, envs, data: EnvData, args, device, pools, score_envs, pr
 
 
 def blocks_state(model) -> dict:
+    """Detached copies of the model's ``transformer.h`` tensors, by state-dict key."""
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("transformer.h.")}
 
 
@@ -498,6 +509,8 @@ def find_resume_dir(args) -> Path:
 
 
 def run_multi(args) -> dict:
+    """Run ``experiment_multi.py`` with ``args`` (the run folder locked while it is written); returns the last
+    iteration's logs."""
     import contextlib
 
     from decision_transformer.sweep import folder_lock_path, run_lock
@@ -631,12 +644,16 @@ def _run_multi(args, take_lock) -> dict:
         clean_folder(models_dir)  # (shared by runs: only files of processes gone and idle are removed)
 
     def data_record() -> dict:  # what --resume checks the training data against
+        """The training data's state statistics and timestep counts per training env, as ``--resume`` checks
+        them."""
         return {"state_stats": {e: {k: torch.as_tensor(np.asarray(v, np.float32))
                                     for k, v in zip(("state_mean", "state_std"), data.state_stats(e))}
                                 for e in train_envs},
                 "data_timesteps": {e: data.get(e).num_timesteps for e in train_envs}}
 
     def save(state, path, iteration):
+        """Write ``state`` as a checkpoint to ``path`` with the run's config, ``iteration``, specialisations and
+        every env's state statistics."""
         st = {e: {"state_mean": torch.as_tensor(np.asarray(m, np.float32)),
                   "state_std": torch.as_tensor(np.asarray(s, np.float32))}
               for e in envs for m, s in [data.state_stats(e)]}

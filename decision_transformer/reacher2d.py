@@ -84,6 +84,8 @@ class Reacher2dEnv(gym.Env):
         return np.concatenate([np.sin(q), np.cos(q), self.dt * self.data.qvel.ravel(), tip, target, tip - target])
 
     def reset(self, *, seed=None, options=None):
+        """Random joint angles in [-2, 2] rad at rest and a new target 0.5 to 1.0 from the shoulder; returns
+        (observation [12], {})."""
         super().reset(seed=seed)
         mujoco.mj_resetData(self.model, self.data)
         qpos = self.np_random.uniform(-2.0, 2.0, size=self.model.nq)
@@ -99,6 +101,8 @@ class Reacher2dEnv(gym.Env):
         return self._obs(), {}
 
     def step(self, action):
+        """Apply the clipped torques for ``FRAME_SKIP`` physics steps; returns (observation [12], reward 1.0 within
+        ``REACH_DISTANCE`` (L1) of the target else 0.0, False, False, {"distance", "reward_bonus"})."""
         self.data.ctrl[:] = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
         mujoco.mj_step(self.model, self.data, nstep=FRAME_SKIP)
         tip, target = self._positions()

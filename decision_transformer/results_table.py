@@ -271,6 +271,8 @@ def build_table(rows: dict[str, dict[str, float]], envs=ENV_ORDER) -> tuple[list
 
 
 def to_markdown(header, body) -> str:
+    """The table (``build_table``'s header and rows) as markdown, score columns right-aligned, with a footnote
+    when an average covers only some envs."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in body]
     if any(r[-1].endswith("*") for r in body):
@@ -332,6 +334,8 @@ def collect(entries: list[str], *, pick: str, **eval_kw) -> dict[str, dict[str, 
 
 @cli_entry
 def main(argv=None):
+    """``results_table`` entry point: check the flags and outputs, gather every ``--row``'s scores, print the
+    markdown table and, with ``--out``, write ``OUT.csv`` and ``OUT.md``."""
     from decision_transformer.run import resolve_device
 
     p = argparse.ArgumentParser(description="Per-env D4RL-normalised scores of merge-experiment models as a table.",

@@ -104,12 +104,15 @@ def autocast_dtype(precision: str, device: torch.device):
 
 
 def seed_everything(seed: int):
+    """Seed Python's ``random``, numpy's global generator (``seed`` mod 2^32) and torch."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def rng_state() -> dict:
+    """The global random states of torch (CPU and every CUDA device), numpy and Python, as plain values for
+    a training-state file."""
     st = np.random.get_state()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -118,6 +121,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(st: dict):
+    """Restore the global random states that ``rng_state`` recorded (CUDA's only where both have CUDA)."""
     torch.set_rng_state(st["torch"])
     if st.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -193,6 +197,8 @@ def check_same_data(st: dict, path, data_file, stats: dict, timesteps: dict):
 
 
 def parse_targets(env_targets: str | None, default) -> list[float]:
+    """``--env_targets`` as a list of whole-number returns (``default``'s when None); an empty entry, a
+    non-number, a repeat or an out-of-range value is a ``UserError``."""
     if env_targets is None:
         return list(default)
     parts = env_targets.split(",")
@@ -254,6 +260,8 @@ def check_numbers(args, rules: dict | None = None):
 
 
 def check_args(args):
+    """Refuse invalid flag values and combinations of the training scripts before any data is loaded or
+    file written (sizes, ranges, devices, saving, merging, freezing, ``--model_type bc``)."""
     checks = [("K", args.K >= 1), ("batch_size", args.batch_size >= 1), ("max_iters", args.max_iters >= 0),
               ("num_steps_per_iter", args.num_steps_per_iter >= 0), ("num_eval_episodes", args.num_eval_episodes >= 0),
               ("dropout", 0.0 <= args.dropout < 1.0), ("learning_rate", args.learning_rate > 0),
@@ -490,6 +498,7 @@ def run_lm_cotraining(args) -> dict:
 
 
 def check_lm_script_flags(args):
+    """``lm_cotraining/experiment.py`` needs ``--pretrained_lm``."""
     if not args.pretrained_lm:
         raise UserError("lm_cotraining/experiment.py needs --pretrained_lm (a GPT-2-family model directory such as "
                         "checkpoints/ChibiT, or gpt2); see checkpoints/README.md")

@@ -17,6 +17,8 @@ WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
 
 
 def wandb_credentials_present() -> bool:
+    """Whether WandB credentials are configured: ``WANDB_API_KEY``, or an api.wandb.ai entry in the
+    netrc file (``NETRC`` or ~/.netrc)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
@@ -139,6 +141,8 @@ class RunLogger:
             atomic_write(path, lambda tmp: Path(tmp).write_text("".join(x + "\n" for x in kept)))
 
     def log(self, metrics: dict, step: int | None = None):
+        """Append ``metrics`` (with ``iteration`` = ``step``) as one JSON line to ``metrics.jsonl`` and log them to
+        WandB, which is not sent a step it already has (from before a resume)."""
         if self.run_dir is not None:
             row = {k: _plain(v) for k, v in metrics.items()}
             if step is not None:
@@ -159,6 +163,7 @@ class RunLogger:
             self.wandb_run.log({**metrics, "iteration": step}, step=step)
 
     def finish(self):
+        """Finish the WandB run, if there is one."""
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
@@ -170,6 +175,8 @@ def progress(total: int, desc: str, leave: bool = False):
 
 
 def summary_line(iteration: int, max_iters: int, logs: dict, targets_keys: list[str]) -> str:
+    """The console line of one iteration: loss, each target's mean return (and D4RL score), training and
+    evaluation time."""
     parts = [f"iter {iteration}/{max_iters}"]
     loss = logs.get("training/train_loss_mean")
     if loss is not None and not (isinstance(loss, float) and math.isnan(loss)):

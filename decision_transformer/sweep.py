@@ -45,6 +45,8 @@ PATH_KEYS = ("outdir", "data_path")
 
 
 def load_grid(name: str) -> dict:
+    """A grid by name (a bundled ``sweeps/{name}.yaml``) or path, checked: ``program`` exists, ``fixed`` and
+    ``grid`` are mappings, every grid value a non-empty list; a bundled grid's folders are the project's."""
     import yaml
 
     path = Path(name)
@@ -84,12 +86,15 @@ def load_grid(name: str) -> dict:
 
 
 def expand(spec: dict) -> list[dict]:
+    """The grid's runs: one flag dict per point of the Cartesian product of its lists, over the fixed flags."""
     keys = list(spec["grid"])
     combos = itertools.product(*(spec["grid"][k] for k in keys))
     return [{**spec["fixed"], **dict(zip(keys, values))} for values in combos]
 
 
 def to_argv(params: dict) -> list[str]:
+    """Flags as a command line: ``--k v``, a list as ``--k v1 v2 ...``, ``True`` as a bare ``--k``; None and
+    False are left out."""
     argv = []
     for k, v in params.items():
         if v is None or v is False:
@@ -167,6 +172,8 @@ def _final_model(args, models_dir: Path, model_type: str):
         return None
 
     def final(folder: Path) -> Path | None:
+        """The run's last model file ``{models_dir}/{model_type}_{exp_prefix}.pt``; None where ``folder`` records
+        no ``exp_prefix``."""
         from decision_transformer.run import recorded_config
 
         prefix = (recorded_config(folder, note=False) or {}).get("exp_prefix")
@@ -398,6 +405,7 @@ def _parse(parser, prog: str, argv: list[str], check=None):
     import io
 
     def error(message):
+        """Refuse the flags with one ``UserError`` naming the program (instead of argparse's exit)."""
         raise UserError(f"{prog}: {message} (see {prog} --help)")
 
     parser.prog = prog
@@ -423,6 +431,7 @@ class Run:
 
     @property
     def state(self) -> str:
+        """What ``inspect_run`` found the run to be (a key of ``STATES``)."""
         return self.found.state
 
 
@@ -618,6 +627,8 @@ def _child_setup(cores: list[int] | None):
     prctl, launcher = _death_signal(), os.getpid()
 
     def setup():
+        """In the run's process before it starts: SIGINT back to its default, SIGINT when the launcher dies
+        (Linux), and its own ``cores`` when pinned."""
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         if prctl is not None:
             prctl(1, int(signal.SIGINT), 0, 0, 0)  # PR_SET_PDEATHSIG
@@ -665,6 +676,7 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
     pinned = core_sets(len(slots)) if pin else None
 
     def on_term(signum, frame):
+        """SIGTERM stops the launcher as Ctrl-C does."""
         raise KeyboardInterrupt
 
     before = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
@@ -825,6 +837,7 @@ def export_wandb(spec: dict, out_dir: Path) -> list[Path]:
     name = spec["name"]
 
     def value(k, v):
+        """A grid value as one WandB argument: a one-element list as its element; a longer list is refused."""
         if isinstance(v, (list, tuple)):
             if len(v) != 1:
                 raise UserError(f"grid {name}: {k} = {list(v)!r} cannot be exported: a WandB agent passes a list as "
@@ -898,6 +911,8 @@ def _join_extra(argv: list[str]) -> list[str]:
 
 @cli_entry
 def main(argv=None):
+    """``python -m decision_transformer.sweep``: ``list`` the bundled grids, ``export`` one as WandB sweep files,
+    or ``run`` one (the plan is printed first); runs failed or not started end in one ``UserError``."""
     p = argparse.ArgumentParser(prog="python -m decision_transformer.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -63,6 +63,7 @@ def write_hdf5(path: str | os.PathLike, data: dict[str, np.ndarray], attrs: dict
     import h5py
 
     def write(tmp):
+        """Write the arrays and the root attributes into the HDF5 file ``tmp``."""
         with h5py.File(tmp, "w") as f:
             for k, v in data.items():
                 f.create_dataset(k, data=v)
@@ -77,6 +78,7 @@ def write_pkl(path: str | os.PathLike, trajectories: list[dict[str, np.ndarray]]
     from decision_transformer.data import stand_in_mark_path
 
     def write(tmp):
+        """Pickle the trajectories into ``tmp``."""
         with open(tmp, "wb") as f:
             pickle.dump(trajectories, f)
 

@@ -23,6 +23,7 @@ BLOCK_OUTPUT = "mlp.dropout"
 
 
 def blocks(model) -> torch.nn.ModuleList:
+    """The model's transformer blocks (``model.transformer.h``); a model without them is refused."""
     try:
         return model.transformer.h
     except AttributeError:
@@ -30,6 +31,7 @@ def blocks(model) -> torch.nn.ModuleList:
 
 
 def depth(model) -> int:
+    """The number of transformer blocks of ``model``."""
     return len(blocks(model))
 
 
@@ -63,7 +65,9 @@ def get_activations(model, batch, entries=BLOCK_ENTRIES,
     handles = []
 
     def make_hook(key):
+        """A forward hook that stores its module's output under ``key``."""
         def hook(_module, _inp, out):
+            """Store the output (the first element of a tuple), ``select``-reduced, as a float32 CPU tensor."""
             t = out[0] if isinstance(out, tuple) else out
             t = t.detach()
             if select is not None:
@@ -92,8 +96,10 @@ def check_finite_activations(acts: dict[str, torch.Tensor], source):
 
 
 def block_of(key: str) -> int:
+    """The block index of a ``"{block}.{entry}"`` key."""
     return int(key.split(".", 1)[0])
 
 
 def entry_of(key: str) -> str:
+    """The entry name of a ``"{block}.{entry}"`` key (``"3.mlp.act"`` -> ``"mlp.act"``)."""
     return key.split(".", 1)[1]

@@ -88,6 +88,7 @@ def model_attention_distances(model, batch, unit: str = "token", legacy: bool = 
 # ---- the script -------------------------------------------------------------------------------------------------
 
 def build_parser():
+    """The command-line parser of the attention-distance script (Figure 10)."""
     p = common.parser("Figure 10: change of the attention distance per block between two epochs.")
     # Path flags and --env_name_list also take the original compute_attention_distance.py's spellings.
     common.add_checkpoint_flags(p, aliases=("--path_to_load_model",))
@@ -108,6 +109,8 @@ def build_parser():
 
 
 def run(args) -> common.Outputs:
+    """Save each model's per-block attention distances at ``--epoch1`` and ``--epoch2`` and their gap
+    [B, blocks, heads] per env, with a box plot and a table of the head-averaged gap per block."""
     common.check_data_flags(args)
     common.check_seeds(args, "seed")
     common.check_min(args, 0, "epoch1", "epoch2")

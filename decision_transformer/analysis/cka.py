@@ -116,6 +116,8 @@ def center_gram(g, unbiased: bool = False) -> torch.Tensor:
 
 
 def cka(gram_x, gram_y, debiased: bool = False, eps: float = 0.0) -> float:
+    """CKA of two Gram matrices [n, n] of the same n examples (biased HSIC unless ``debiased``); 0 when the
+    denominator is 0."""
     a = center_gram(gram_x, debiased)
     b = center_gram(gram_y, debiased)
     denom = torch.linalg.norm(a) * torch.linalg.norm(b) + eps
@@ -123,6 +125,7 @@ def cka(gram_x, gram_y, debiased: bool = False, eps: float = 0.0) -> float:
 
 
 def linear_cka(x, y, debiased: bool = False, eps: float = 0.0) -> float:
+    """Linear-kernel CKA of x [n, d_x] and y [n, d_y], the same n examples (biased HSIC unless ``debiased``)."""
     return cka(_gram(x, "linear", 1.0), _gram(y, "linear", 1.0), debiased, eps)
 
 
@@ -154,6 +157,7 @@ def cka_matrix(feats1: list, feats2: list, kernel: str = "linear", debiased: boo
 
     One centred Gram per layer, then all inner products at once (a matrix product of the flattened Grams)."""
     def centred(feats):
+        """The flattened centred Grams [L, n²] of ``feats`` and their norms [L]."""
         c = torch.stack([center_gram(_gram(f, kernel, threshold), debiased).flatten() for f in feats])  # [L, n²]
         return c, torch.linalg.norm(c, dim=1)
 
@@ -181,6 +185,7 @@ def token_features(selected: torch.Tensor, token: str, legacy_feature_index: boo
 # ---- the analysis -----------------------------------------------------------------------------------------------
 
 def build_parser():
+    """The command-line parser of compute_cka.py (Section 5.1)."""
     p = common.parser("Section 5.1: CKA between every pair of hooked layers of two checkpoints (Figure 1, "
                       "appendix heatmaps).")
     # Each flag also takes the original compute_cka.py's spelling (-plm, --model1, ...).
@@ -241,6 +246,8 @@ def result_stem(e1, e2, m1, m2, env, ds, seed, no_context=False, block=False, le
 
 
 def run(args) -> common.Outputs:
+    """CKA between every pair of hooked layers of two checkpoints, per env and token type: saves the matrices, the
+    layer lists and the heatmaps."""
     common.check_data_flags(args)
     common.check_seeds(args, "seed")
     common.check_min(args, 0, "epoch1", "epoch2")
@@ -264,6 +271,7 @@ def run(args) -> common.Outputs:
         batch = analysis_batch(data, args.batch_size, args.K, args.batch_seed)
 
         def sel(t):
+            """The last timestep's tokens of an activation (:func:`select_tokens`)."""
             return select_tokens(t, args.legacy_feature_index)
 
         check_gram_memory(len(hooked_modules(m1.model, entries)) + len(hooked_modules(m2.model, entries)),
@@ -302,12 +310,14 @@ def check_same_run_depth(m1, m2):
 
 
 def plot_heatmap(mat, rows, cols, args, env, token, figs_dir, stem):
+    """Draw one CKA matrix as a heatmap ticked at the block boundaries and save it; returns the PNG path."""
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 5.4))
     im = ax.imshow(mat, origin="lower", cmap="magma", vmin=0, vmax=1, aspect="auto")
     fig.colorbar(im, ax=ax, label="CKA")
     # tick the block boundaries
     def ticks(names):
+        """Positions and labels of the first layer of each block in ``names``."""
         pos = [i for i, k in enumerate(names) if i == 0 or block_of(names[i - 1]) != block_of(k)]
         return pos, [str(block_of(names[i])) for i in pos]
 
@@ -345,6 +355,7 @@ def normalise_depth(values: np.ndarray, names: list[str], target_blocks: int,
 
 
 def build_plot_parser():
+    """The command-line parser of plot_cka.py (Figure 1)."""
     p = common.parser("Figure 1: per-layer CKA of each model with itself between two epochs, with a threshold line.")
     # Each flag also takes the original plot_cka.py's spelling (--cka_threshold_rand_init, --epoch = --epoch2 against
     # epoch 0, --env_name and -rsa with one value, -plc, -psf).
@@ -392,6 +403,8 @@ def _read_layers(path) -> tuple[list[str], list[str]]:
 
 
 def plot(args) -> common.Outputs:
+    """Figure 1: each model's CKA with itself between two epochs, layer by layer (the matrices' diagonals), with the
+    threshold line; one figure and CSV per env and token."""
     common.check_numbers(args, thr=common.FINITE)
     common.check_seeds(args, "seed")
     common.check_min(args, 0, "epoch1", "epoch2")
@@ -401,6 +414,7 @@ def plot(args) -> common.Outputs:
     run_K = common.run_k(args)
 
     def result(env, m, token):
+        """The results' stem and the ``.npy`` path of model ``m``'s CKA matrix for ``env`` and ``token``."""
         stem = result_stem(args.epoch1, args.epoch2, m, m, env, args.dataset_name, args.seed, args.no_context,
                            args.block, args.legacy_feature_index, run_K, estimator_tag(args))
         return stem, res / f"{stem}_{token}.npy"

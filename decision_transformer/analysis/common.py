@@ -39,6 +39,7 @@ MODEL_LABELS = {"gpt2": "GPT2", "igpt": "iGPT", "dt": "Random Init"}
 
 
 def model_label(name: str) -> str:
+    """The display name of a model (``MODEL_LABELS``), else the name itself."""
     return MODEL_LABELS.get(name, name)
 
 
@@ -101,6 +102,7 @@ def unique(items) -> list:
 # ---- flags ------------------------------------------------------------------------------------------------------
 
 def str2bool(v) -> bool:
+    """An argparse type: a bool from true/false, yes/no, on/off, 1/0 and their one-letter forms (any case)."""
     if isinstance(v, bool):
         return v
     s = str(v).strip().lower()
@@ -130,6 +132,7 @@ class _Parser(argparse.ArgumentParser):
     "ambiguous" (argparse, up to at least Python 3.13, counts each spelling as a match)."""
 
     def format_help(self):
+        """The help text, with ``(default: ...)`` as the help of every flag that has none."""
         for action in self._actions:
             if action.help is None:
                 action.help = "(default: %(default)s)"
@@ -161,6 +164,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser of the analysis scripts (every default in ``--help``, repeated list values refused)."""
     return _Parser(description=description, formatter_class=HelpFormatter)
 
 
@@ -187,6 +191,7 @@ def add_data_flags(p, *, device_default: str = "cpu", batch_size: int = 100, dat
 
 
 def add_threads_flag(p):
+    """``--threads``: the CPU threads torch may use (``auto`` by default)."""
     from decision_transformer.cli import THREADS_HELP
 
     p.add_argument("--threads", default="auto", help=THREADS_HELP)
@@ -220,6 +225,8 @@ def add_curve_output_flags(p, section: str):
 
 
 def check_curve_output_flags(args):
+    """Warn when ``-psa`` names another folder than ``--results_dir``: the action errors are
+    written there with the returns."""
     if args.action_error_dir is not None and Path(args.action_error_dir).resolve() != Path(args.results_dir).resolve():
         warn(f"-psa {args.action_error_dir}: the action errors are written with the returns to one CSV in "
              f"--results_dir ({args.results_dir})")
@@ -258,6 +265,7 @@ def run_k_tag(k: int) -> str:
 
 
 def add_wandb_flags(p):
+    """``--from_wandb``, ``--wandb_project`` and ``--wandb_entity``: read run metrics from WandB."""
     p.add_argument("--from_wandb", action="store_true",
                    help="read the run metrics from WandB (by run name) instead of the local metrics.jsonl")
     # -wpn / --wandb_project_name: the original scripts' spelling, a path user_name/project_name
@@ -276,6 +284,7 @@ def check_min(args, low: int, *names):
 
 
 def check_positive(args, *names):
+    """Integer flags ``names`` (None: not given) that must be at least 1."""
     check_min(args, 1, *names)
 
 
@@ -317,6 +326,8 @@ def check_data_flags(args):
 
 
 def resolve_device(name: str, threads: str = "auto"):
+    """The torch device of ``--device`` (cuda falls back to cpu with a warning); also sets torch's CPU threads
+    (``--threads``), as the training scripts do."""
     from decision_transformer.run import resolve_device as _resolve
 
     return _resolve(name, threads)
@@ -343,6 +354,7 @@ class Outputs:
         return self
 
     def print_summary(self, stream=None):
+        """Print the tables, the notes (once each) and the written files and figures to ``stream`` (stdout)."""
         stream = stream or sys.stdout
         for title, md in self.tables:
             print(f"\n{title}\n\n{md}", file=stream)
@@ -353,6 +365,7 @@ class Outputs:
 
 
 def out_dir(path) -> Path:
+    """Create the folder ``path`` (and its parents) if needed and return it; a failure is one line naming it."""
     p = Path(path)
     try:
         p.mkdir(parents=True, exist_ok=True)
@@ -374,6 +387,7 @@ def _atomic_bytes(path: Path, data: bytes) -> Path:
 
 
 def save_npy(path, array) -> Path:
+    """Write one array to ``path`` atomically as ``.npy`` without pickle; returns the path."""
     buf = io.BytesIO()
     np.save(buf, np.asarray(array), allow_pickle=False)
     return _atomic_bytes(Path(path), buf.getvalue())
@@ -465,6 +479,7 @@ def load_legacy_npy_dict(path) -> dict[str, np.ndarray]:
 
 
 def load_npy(path) -> np.ndarray:
+    """One array from an ``.npy`` file, without pickle; a missing or unreadable file is one line naming it."""
     return _load_array_file(path, ".npy")
 
 
@@ -481,6 +496,7 @@ def check_arrays(path, arrays: dict, names, finite: bool = True):
 
 
 def save_csv(path, header: list[str], rows: list[list]) -> Path:
+    """Write ``header`` and ``rows`` to ``path`` atomically as CSV; returns the path."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -489,6 +505,7 @@ def save_csv(path, header: list[str], rows: list[list]) -> Path:
 
 
 def save_text(path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically; returns the path."""
     return _atomic_bytes(Path(path), text.encode())
 
 
@@ -530,10 +547,12 @@ def save_figure(fig, figs_dir, stem: str, dpi: int = 120) -> Path:
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table of ``header`` and ``rows``."""
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def warn(msg: str):
+    """Print ``warning: {msg}`` to stderr."""
     print(f"warning: {msg}", file=sys.stderr)

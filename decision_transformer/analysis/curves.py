@@ -47,6 +47,8 @@ def _is_iteration(v) -> bool:
 
 
 def read_metrics_jsonl(path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``, one dict per line (blank lines and a last line cut short
+    left out); a missing file is ``RunNotFound``, an unreadable one a ``UserError``."""
     path = Path(path)
     if not path.is_file():
         raise RunNotFound(f"metrics not found: {path} (runs write it next to their checkpoints; use --from_wandb to "
@@ -107,6 +109,7 @@ def wandb_history(run_name: str, project: str, entity: str | None = None) -> lis
 
 def run_metrics(checkpoint_dir, key: RunKey, from_wandb: bool = False, project: str = "decision-transformer",
                 entity: str | None = None) -> list[dict]:
+    """The logged rows of run ``key``: its local ``metrics.jsonl``, or (``from_wandb``) its WandB history."""
     if from_wandb:
         return wandb_history(wandb_run_name(key.env, key.dataset, key.model, key.seed, key.K, key.no_grad_clip,
                                             key.block), project, entity)
@@ -184,6 +187,8 @@ def _try_series(args, key, metric, max_epoch=None, missing=None):
 
 
 def build_no_context_parser():
+    """The command-line parser of the K = 1 vs K = 20 figure (Figure 8, Table 2) and, with
+    ``-block``, the block-replacement figure (Figure 9)."""
     p = common.parser("Figure 8 and Table 2 (K = 1 vs K = 20 learning curves); with -block, Figure 9 (block "
                       "replacement).")
     common.add_checkpoint_flags(p)
@@ -211,6 +216,8 @@ def build_no_context_parser():
 
 
 def run_no_context(args) -> common.Outputs:
+    """Figure 8: the K = 1 and ``--run_K`` learning curves, one panel per env, with their CSV and Table 2's
+    normalised scores of the K = 1 runs; with ``--block``, Figure 9 instead."""
     common.check_positive(args, "max_epoch")
     common.check_numbers(args, smoothing=("a number in [0, 1) (the EMA weight of the previous value)",
                                           lambda v: 0 <= v < 1))
@@ -361,6 +368,7 @@ def _block_figure(args, env: str, plt, res: Path) -> common.Outputs:
 
 
 def build_grad_clip_parser():
+    """The command-line parser of the gradient-clip ablation figure (Appendix G.3)."""
     p = common.parser("Appendix G.3: learning curves with and without the 0.25 gradient clip.")
     common.add_checkpoint_flags(p)
     p.add_argument("--model_name", type=str, default="gpt2", help="TAKAGI plotted igpt (pass --model_name igpt)")
@@ -376,6 +384,8 @@ def build_grad_clip_parser():
 
 
 def run_grad_clip(args) -> common.Outputs:
+    """Appendix G.3: per env, the return and action-error curves of the runs with and without the
+    gradient clip, as a figure and a CSV."""
     common.check_positive(args, "K", "max_epoch")
     common.check_seeds(args, "seed")
     common.check_curve_output_flags(args)

@@ -71,6 +71,7 @@ def _per_sample_grads(model, batch, names, train_mode, seed, chunk_size) -> dict
     fixed.update(dict(model.named_buffers()))
 
     def loss_one(d, s, a, r, t, m):
+        """The masked action MSE of one sample (no batch axis) with the parameters ``d`` swapped in."""
         # output_attentions selects the eager attention path, which vmap batches (SDPA falls back to a loop)
         out = functional_call(model, {**fixed, **d}, (s[None], a[None], r[None], t[None]),
                               {"attention_mask": m[None], "output_attentions": True})
@@ -109,6 +110,7 @@ class GradStats:
         return torch.clamp(max_norm / (self.sqnorm_all.sqrt() + CLIP_EPS), max=1.0)
 
     def h_norms(self, clip: float | None = GRAD_CLIP) -> torch.Tensor:
+        """[n] norms of the per-sample ``transformer.h`` gradients, times the clip factor unless ``clip`` is None."""
         n = self.sqnorm_h.sqrt()
         return n if clip is None else n * self.clip_coef(clip)
 
@@ -222,6 +224,7 @@ def _common_parser(desc, batch_size, results_alias):
 
 
 def build_confusion_parser():
+    """The command-line parser of the gradient-confusion script (Figure 5)."""
     p = _common_parser("Figure 5: gradient confusion (minimum pairwise cosine of per-sample gradients).", 50,
                        "--path_to_save_gradcossim")
     p.add_argument("--eps", type=float, default=0.0,
@@ -231,6 +234,7 @@ def build_confusion_parser():
 
 
 def build_norm_parser():
+    """The command-line parser of the gradient-norm script (Figures 6 and 7)."""
     p = _common_parser("Figures 6 and 7: per-sample gradient norms and full-batch per-parameter norms.", 100,
                        "--path_to_save_gradnorm")
     p.add_argument("--unclipped", action="store_true", help="report the norms before the 0.25 clip")
@@ -265,6 +269,8 @@ def _check_flags(args):
 
 
 def run_confusion(args) -> common.Outputs:
+    """Figure 5: per env and model, the [n, n] cosines of the clipped per-sample ``transformer.h``
+    gradients, saved with a CSV, a table and a bar chart of the minimum pairwise cosine."""
     _check_flags(args)
     if args.batch_size < 2:
         raise UserError("gradient confusion needs --batch_size >= 2")
@@ -305,6 +311,8 @@ def run_confusion(args) -> common.Outputs:
 
 
 def run_norms(args) -> common.Outputs:
+    """Figures 6 and 7: per env, the per-sample ``transformer.h`` gradient norms [models, n] (after the clip
+    unless ``--unclipped``) and each model's full-batch per-tensor norms, saved with their figures."""
     _check_flags(args)
     device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
     res = common.out_dir(args.results_dir)

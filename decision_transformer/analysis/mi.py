@@ -51,16 +51,19 @@ from decision_transformer.errors import UserError
 
 #: Relative: resolves against the working directory (the repository's folder when run from its root).
 def mi_dir(kind: str = "results") -> str:
+    """The MI section's default ``results`` (or ``figs``) folder."""
     return common.section_dir("mi", kind)
 TOKENS = ("rtg", "state", "action")
 EXP_TYPES = ("normal", "no_context", "data")
 
 
 def activation_file(folder, epoch, model, env, ds, seed, ktag="") -> Path:
+    """The path of save_activation.py's activation file of one model, epoch and run."""
     return Path(folder) / f"activation_{epoch}_{model}_{env}_{ds}_{seed}{ktag}.npz"
 
 
 def data_file(folder, env, ds, seed, ktag="") -> Path:
+    """The path of save_activation.py's batch file of one env, dataset and seed."""
     return Path(folder) / f"data_{env}_{ds}_{seed}{ktag}.npz"
 
 
@@ -132,6 +135,7 @@ def _tags(args) -> str:
 # ---- step 1 -----------------------------------------------------------------------------------------------------
 
 def build_save_parser():
+    """The command-line parser of save_activation.py (step 1)."""
     p = common.parser("Save block activations and the batch they were computed on, for run_mi_exp.py.")
     common.add_checkpoint_flags(p, aliases=("--path_to_load_model",))  # the original save_activation.py's spelling
     p.add_argument("--env_name_list", nargs="+", default=["hopper"])
@@ -153,6 +157,8 @@ def build_save_parser():
 
 
 def run_save(args) -> common.Outputs:
+    """Step 1: per env and model, save the block outputs (every hooked entry with ``--all_layers``) of one
+    batch with its digest, and the batch itself (states, actions, rtg, timesteps, attention_mask)."""
     common.check_min(args, 2, "batch_size")                          # MI of one sample is undefined (all NaN)
     common.check_data_flags(args)
     common.check_seeds(args, "seed")
@@ -207,6 +213,7 @@ def _warn_replaced_batch(df: Path, digest: str):
 # ---- step 2 -----------------------------------------------------------------------------------------------------
 
 def build_mi_parser():
+    """The command-line parser of run_mi_exp.py (step 2)."""
     import torch
 
     p = common.parser("Mutual information between data and hidden representations with MINE (TAKAGI's "
@@ -294,6 +301,8 @@ def _absent(path: Path) -> bool:
 
 
 def run_mi(args) -> common.Outputs:
+    """Step 2: MINE estimates of the ``--exp_type`` (normal, no_context or data) from the saved batch and
+    activations, written as the ``.npz`` / ``.npy`` files the module docstring lists."""
     common.check_positive(args, "iters", "batch_size", "mine_hidden", "mine_hidden_layers")
     common.check_numbers(args, lr=common.POSITIVE)
     common.check_seeds(args, "seed", bits=62)
@@ -391,6 +400,7 @@ def _add_plot_dirs(p):
 
 
 def build_plot_parser():
+    """The command-line parser of the MI plotting script (Figures 2 and 16)."""
     p = common.parser("Figures 2 and 16 from run_mi_exp.py's results.")
     p.add_argument("--exp_type", choices=("normal", "no_context"), default="normal")
     # the original plot_mutual_information.py's switch for Figure 16
@@ -546,6 +556,8 @@ def _depth_rows(found: dict) -> list[dict]:
 
 
 def plot_mi(args) -> common.Outputs:
+    """Figure 2 (``normal``: Î(X;T) and Î(Y;T) per context position, one row per relative depth) or Figure 16
+    (``no_context``: per-block mean and std over timesteps of Î(s_t; T) and Î(a_t; T))."""
     common.check_seeds(args, "seed")
     common.check_min(args, 0, "epoch")
     plt = common.pyplot()
@@ -654,6 +666,7 @@ def plot_mi(args) -> common.Outputs:
 
 
 def build_plot_data_parser():
+    """The command-line parser of the data-MI plotting script (Figure 22)."""
     p = common.parser("Figure 22: MI between states and actions and between returns-to-go and actions, per env.")
     p.add_argument("--exp_type", choices=("data",), default="data")
     p.add_argument("--env_name_list", nargs="+", default=list(common.ENV_NAMES))
@@ -680,6 +693,7 @@ def _load_mi_data(f) -> np.ndarray:
 
 
 def plot_mi_data(args) -> common.Outputs:
+    """Figure 22: per env, box plots over timesteps of Î(s; a) and Î(R̂; a) of the batch."""
     common.check_seeds(args, "seed")
     plt = common.pyplot()
     res = Path(args.results_dir)

@@ -30,6 +30,7 @@ _LOG_EPS = math.log(1e-6)  # the original's μ + 1e-6 in the corrected gradient
 
 
 def logmeanexp(t: torch.Tensor) -> torch.Tensor:
+    """log(mean(exp(t))) over all elements of ``t``, through ``logsumexp`` (no overflow)."""
     return torch.logsumexp(t.reshape(-1), 0) - math.log(t.numel())
 
 
@@ -52,21 +53,25 @@ class _CorrectedLogMeanExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t, log_mu):
+        """log mean exp(t); ``t`` and ``log_mu`` are kept for the backward pass."""
         ctx.save_for_backward(t, log_mu)
         return logmeanexp(t)
 
     @staticmethod
     def backward(ctx, grad_out):
+        """The gradient e^{t_i} / (n (μ + 1e-6)) times ``grad_out`` for ``t``; none for ``log_mu``."""
         t, log_mu = ctx.saved_tensors
         log_denom = torch.logaddexp(log_mu, torch.full_like(log_mu, _LOG_EPS)) + math.log(t.numel())
         return grad_out * torch.exp(t - log_denom), None
 
 
 def dv_bound(t_joint: torch.Tensor, t_marg: torch.Tensor) -> torch.Tensor:
+    """The Donsker-Varadhan bound E_P[T] - log E_{P_X ⊗ P_Y}[e^T] of one minibatch."""
     return t_joint.mean() - logmeanexp(t_marg)
 
 
 def nwj_bound(t_joint: torch.Tensor, t_marg: torch.Tensor) -> torch.Tensor:
+    """The NWJ / f-divergence bound E_P[T] - E_{P_X ⊗ P_Y}[e^{T - 1}] of one minibatch."""
     return t_joint.mean() - torch.exp(t_marg - 1).mean()
 
 

@@ -70,6 +70,7 @@ def _cosine_summary(names: list[str], cos: np.ndarray, measured: np.ndarray) -> 
 
 
 def build_parser():
+    """The command-line parser of the parameter-similarity script (Figures 3 and 4)."""
     p = common.parser("Figures 3 and 4: per-tensor L2 distance and cosine similarity between two epochs.")
     # The original parameter_similarity_analysis.py's spellings: -plm/--path_to_load_model, -psr, -psf.
     common.add_checkpoint_flags(p, plm_alias=True, aliases=("--path_to_load_model",))
@@ -89,6 +90,8 @@ def build_parser():
 
 
 def run(args) -> common.Outputs:
+    """Figures 3 and 4: per model, the L2 distance and cosine between ``--epoch1`` and ``--epoch2`` of every
+    ``transformer.h`` tensor (or block with ``--concat``), saved as arrays, CSVs, bar charts and a table."""
     common.check_seeds(args, "seed")
     common.check_min(args, 0, "epoch1", "epoch2")
     run_K = common.run_k(args)

@@ -46,6 +46,7 @@ FOLDER = {"scores": "scores", "curves": "no_context", "cka": "cka", "mi": "mi", 
 
 
 def build_parser():
+    """The command-line parser of run_all.py (every analysis, one report)."""
     p = common.parser("Run every analysis of the pre-training paper on a checkpoints folder; write report.md.")
     p.add_argument("--checkpoint_dir", type=str, default=project_path("checkpoints"))
     p.add_argument("--out_dir", type=str, default=project_path((common.OUTPUT_ROOT / "report").as_posix()),
@@ -104,6 +105,8 @@ class _Plan:
         self.envs = sorted({k.env for k in self.keys}, key=lambda e: (list(common.ENV_NAMES) + [e]).index(e))
 
     def models(self, env, K=None, seed=None, need_ckpt=True, plain=True) -> list[str]:
+        """The models of the env's runs of context ``K`` and ``seed`` (default ``--run_K``, ``--seed``), in the paper's
+        order; ``plain``: no block-replacement or no-grad-clip runs; ``need_ckpt``: only runs with checkpoints."""
         K = self.args.run_K if K is None else K
         seed = self.args.seed if seed is None else seed
         out = []
@@ -164,6 +167,8 @@ def _data_flags(args) -> list[str]:
 
 
 def step_scores(plan: _Plan, args) -> common.Outputs:
+    """The score tables (Table 1 of the ``--run_K`` runs, Table 2 of the K = 1 runs), by best and by last
+    epoch; envs without D4RL reference returns are left out under ``--score_norm d4rl``."""
     outs = common.Outputs()
     # an env without D4RL reference returns (reacher2d) has no normalised score: its runs stay out of the tables
     no_ref = [e for e in plan.envs if not get_env_spec(e).has_d4rl_score] if args.score_norm == "d4rl" else []
@@ -193,6 +198,8 @@ def step_scores(plan: _Plan, args) -> common.Outputs:
 
 
 def step_curves(plan: _Plan, args) -> common.Outputs:
+    """The learning curves whose runs exist: Figure 8 (K = 1 runs), Figure 9 per replaced LM (block runs)
+    and Appendix G.3 per no-grad-clip run."""
     outs = common.Outputs()
     wb = ["--from_wandb"] if args.from_wandb else []
     base = ["--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name, "--seed", args.seed, *wb]
@@ -232,6 +239,8 @@ def step_curves(plan: _Plan, args) -> common.Outputs:
 
 
 def step_cka(plan: _Plan, args) -> common.Outputs:
+    """Per env: CKA of each model with itself, epoch 0 vs ``--epoch2`` (or the nearest shared epoch), and
+    Figure 1."""
     outs = common.Outputs()
     for env in plan.envs:
         models, e2 = plan.models_at(env, args.epoch2, "CKA", outs.notes)
@@ -250,6 +259,8 @@ def step_cka(plan: _Plan, args) -> common.Outputs:
 
 
 def step_mi(plan: _Plan, args) -> common.Outputs:
+    """Per env: the activations, the MINE estimates (normal, no_context, data) and Figures 2 and 16; then
+    Figure 22 of every env (a missing one is a note)."""
     outs = common.Outputs()
     res = Path(args.out_dir) / common.SECTIONS["mi"] / "results"
     figs = res.parent / "figs"
@@ -287,6 +298,7 @@ def step_mi(plan: _Plan, args) -> common.Outputs:
 
 
 def step_params(plan: _Plan, args) -> common.Outputs:
+    """Per env: the parameter similarity of epoch 0 vs ``--epoch2`` (or the nearest shared epoch)."""
     outs = common.Outputs()
     for env in plan.envs:
         models, e2 = plan.models_at(env, args.epoch2, "parameter similarity", outs.notes)
@@ -300,6 +312,7 @@ def step_params(plan: _Plan, args) -> common.Outputs:
 
 
 def step_grads(plan: _Plan, args) -> common.Outputs:
+    """Per env: gradient confusion and gradient norms at ``--grad_epoch`` (or the nearest shared epoch)."""
     outs = common.Outputs()
     for env in plan.envs:
         models, e = plan.models_at(env, args.grad_epoch, "gradient analysis", outs.notes)
@@ -316,6 +329,7 @@ def step_grads(plan: _Plan, args) -> common.Outputs:
 
 
 def step_attention(plan: _Plan, args) -> common.Outputs:
+    """Per env: the attention-distance change of the K = 1 runs, epoch 0 vs ``--attention_epoch2``."""
     outs = common.Outputs()
     for env in plan.envs:
         models, e2 = plan.models_at(env, args.attention_epoch2, "attention distance", outs.notes, K=1)
@@ -333,6 +347,8 @@ def _rel(path, start) -> str:
 
 
 def write_report(args, plan: _Plan, results: dict, failures: dict, skipped: list) -> Path:
+    """Write ``{out_dir}/report.md``: the runs found, then each step's tables, figures and notes, or why
+    it failed or was skipped; returns its path."""
     out = Path(args.out_dir)
     intro = (f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} by `analysis/run_all.py`; "
              f"dataset `{args.dataset_name}`, seed {args.seed}, batches of {args.batch_size} samples with "
@@ -366,6 +382,8 @@ def write_report(args, plan: _Plan, results: dict, failures: dict, skipped: list
 
 
 def run(args) -> Path:
+    """Check the flags, run the selected steps (a failing one is recorded and the others go on), write the report
+    and return its path; any failure is then raised as one ``UserError``."""
     common.check_positive(args, "run_K", "K", "mine_iters", "mine_hidden")
     common.check_min(args, 4, "batch_size")       # the debiased CKA needs 4 examples (MI 2)
     common.check_min(args, 2, "grad_batch_size")  # gradient confusion compares pairs of samples

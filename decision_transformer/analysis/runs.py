@@ -35,6 +35,8 @@ from decision_transformer.paths import PROJECT_ROOT, project_path
 
 @dataclass(frozen=True)
 class RunKey:
+    """One run: model, dataset, env, seed, context K, the grad-clip ablation and the replaced block; it names
+    the run's folder."""
     model: str
     dataset: str
     env: str
@@ -45,9 +47,11 @@ class RunKey:
 
     @property
     def dir_name(self) -> str:
+        """The run's folder name (``{model}_{dataset}_{env}_{seed}[_K{K}][_no_grad_clip][_block{b}]``)."""
         return run_dir_name(self.model, self.dataset, self.env, self.seed, self.K, self.no_grad_clip, self.block)
 
     def path(self, checkpoint_dir) -> Path:
+        """The run's folder in ``checkpoint_dir``."""
         return Path(checkpoint_dir) / self.dir_name
 
 
@@ -65,6 +69,8 @@ def parse_run_dir(name: str) -> RunKey | None:
 
 
 def discover_runs(checkpoint_dir) -> list[RunKey]:
+    """The keys of the run folders in ``checkpoint_dir`` that hold a checkpoint or a ``metrics.jsonl``, in
+    name order."""
     root = Path(checkpoint_dir)
     if not root.is_dir():
         raise UserError(f"checkpoint folder not found: {root}")
@@ -77,6 +83,7 @@ def discover_runs(checkpoint_dir) -> list[RunKey]:
 
 
 def checkpoint_epochs(checkpoint_dir, key: RunKey) -> list[int]:
+    """The epochs of the run's ``model_{epoch}.pt`` files, ascending (empty when there are none)."""
     d = key.path(checkpoint_dir)
     out = []
     for p in d.glob("model_*.pt"):
@@ -87,6 +94,7 @@ def checkpoint_epochs(checkpoint_dir, key: RunKey) -> list[int]:
 
 
 def checkpoint_path(checkpoint_dir, key: RunKey, epoch: int) -> Path:
+    """The path of the run's ``model_{epoch}.pt``."""
     return key.path(checkpoint_dir) / f"model_{epoch}.pt"
 
 
@@ -141,6 +149,8 @@ def _missing(path: Path, key: RunKey | None = None) -> UserError:
 
 
 def model_config_of(ckpt: dict, source) -> DTConfig:
+    """The ``DTConfig`` recorded in a checkpoint's ``config['model_config']``; a missing or invalid one,
+    or an MLP behaviour-cloning checkpoint, is refused naming ``source``."""
     cfg = (ckpt.get("config") or {}).get("model_config")
     if not isinstance(cfg, dict):
         raise UserError(f"{source}: the checkpoint has no config['model_config'] to rebuild the model from")
@@ -208,6 +218,7 @@ def check_checkpoint_run(ckpt: dict, path, key: RunKey):
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
 
     def recorded(name, kind):
+        """The config's ``name`` if it is of type ``kind`` (a bool only where ``kind`` is bool), else None."""
         v = config.get(name)
         return v if isinstance(v, kind) and not isinstance(v, bool) or kind is bool and isinstance(v, bool) else None
 
@@ -226,6 +237,8 @@ def check_checkpoint_run(ckpt: dict, path, key: RunKey):
 
 
 def load_run_checkpoint(checkpoint_dir, key: RunKey, epoch: int) -> tuple[dict, Path]:
+    """The checkpoint of ``key`` at ``epoch`` and its path (epoch 0 of a random-init run may be
+    rebuilt from its seed); multi-task checkpoints and those of another run are refused."""
     path = checkpoint_path(checkpoint_dir, key, epoch)
     if path.is_file():
         ckpt = load_checkpoint(path)
@@ -243,6 +256,7 @@ def load_run_checkpoint(checkpoint_dir, key: RunKey, epoch: int) -> tuple[dict, 
 
 @dataclass
 class LoadedModel:
+    """A model rebuilt from a run's checkpoint, with the checkpoint, its path, the run's key and the epoch."""
     model: DecisionTransformer
     checkpoint: dict
     path: Path
@@ -267,6 +281,7 @@ def load_state_dict(checkpoint_dir, key: RunKey, epoch: int) -> tuple[dict, Path
 
 
 def read_run_config(checkpoint_dir, key: RunKey) -> dict | None:
+    """The run's ``config.json`` as a dict, or None when it has none."""
     p = key.path(checkpoint_dir) / "config.json"
     if not p.is_file():
         return None
@@ -348,6 +363,7 @@ class SharedDataset:
 
 
 def batch_generator(seed: int, device) -> torch.Generator:
+    """A torch generator on ``device`` seeded with ``seed``."""
     g = torch.Generator(device=torch.device(device))
     g.manual_seed(int(seed))
     return g

@@ -30,6 +30,7 @@ REID_QUOTED = {("gpt2", "hopper"): (79.1, 1.1), ("gpt2", "halfcheetah"): (42.8, 
 
 
 def d4rl_normalize(env: str, returns):
+    """D4RL-normalised score (x100) of raw ``returns`` of ``env``; an env without reference returns is refused."""
     return get_env_spec(env).d4rl_score(np.asarray(returns, dtype=np.float64))
 
 
@@ -52,11 +53,15 @@ def dataset_reference(env: str, data_path) -> tuple[float, float, str]:
 
 
 def dataset_normalize(returns, ref: tuple[float, float]):
+    """TAKAGI's dataset-based score: 100·(R - random mean) / (expert mean - random mean), ``ref`` =
+    (random mean, expert mean, ...)."""
     r, x = ref[:2]
     return 100.0 * (np.asarray(returns, dtype=np.float64) - r) / (x - r)
 
 
 def best_and_last(it: np.ndarray, val: np.ndarray) -> tuple[int, float, int, float]:
+    """(best epoch, best value, last epoch, last value) over the non-NaN values; (-1, NaN, -1, NaN) when
+    every value is NaN."""
     ok = ~np.isnan(val)
     if not ok.any():
         return -1, math.nan, -1, math.nan
@@ -66,6 +71,7 @@ def best_and_last(it: np.ndarray, val: np.ndarray) -> tuple[int, float, int, flo
 
 
 def mean_std(values: list[float]) -> str:
+    """A table cell: "mean ± std" of the non-NaN values (population std), "x (1 seed)" or "n/a"."""
     v = np.array([x for x in values if not math.isnan(x)])
     if len(v) == 0:
         return "n/a"
@@ -73,6 +79,7 @@ def mean_std(values: list[float]) -> str:
 
 
 def build_parser():
+    """The command-line parser of the normalised-score tables (Tables 1 and 2)."""
     p = common.parser("Table 1 / Table 2: normalised scores (best and last epoch) per env and model, over seeds.")
     common.add_checkpoint_flags(p)
     # --env_name, --model_name, --seed (one value each) and -pld: the original compute_normalized_score.py's spellings
@@ -95,6 +102,8 @@ def build_parser():
 
 
 def run(args) -> common.Outputs:
+    """Tables 1 and 2: each run's best and last normalised score (CSV), the table of the ``--select``-ed value
+    per env and model over seeds (markdown) and, unless ``--no_figure``, its bar chart."""
     common.check_positive(args, "K")
     common.check_seeds(args, "seed_list")
     outs = common.Outputs()
