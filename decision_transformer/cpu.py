@@ -19,8 +19,12 @@ import ctypes.util
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from decision_transformer.errors import UserError
+
+if TYPE_CHECKING:   # (torch is imported where it is used: the sweep launcher uses this module without it)
+    import torch
 
 
 def _cpu_times() -> dict[int, tuple[int, int]] | None:
@@ -41,6 +45,8 @@ def _cpu_times() -> dict[int, tuple[int, int]] | None:
 
 
 def available_cpus() -> list[int]:
+    """The ids of the CPUs this process may run on (its affinity; where that is unknown, all of
+    ``os.cpu_count()``)."""
     try:
         return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
