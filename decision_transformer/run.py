@@ -117,7 +117,7 @@ def rng_state() -> dict:
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": [st[0], st[1].tolist(), int(st[2]), int(st[3]), float(st[4])],
-            "python": [list(random.getstate()[1]), random.getstate()[0]]}
+            "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]]}  # + gauss's cache
 
 
 def set_rng_state(st: dict):
@@ -127,7 +127,8 @@ def set_rng_state(st: dict):
         torch.cuda.set_rng_state_all(st["cuda"])
     n = st["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    random.setstate((st["python"][1], tuple(st["python"][0]), None))
+    py = st["python"]   # (states saved before the Gaussian cache was recorded: without it)
+    random.setstate((py[1], tuple(py[0]), py[2] if len(py) > 2 else None))
 
 
 def save_train_state(path: Path, model, config: dict, trainer, optimizer, scheduler, generator, *, iteration: int,
