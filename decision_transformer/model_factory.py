@@ -40,6 +40,21 @@ def locate_pretrained(args):
     return locate_lm(args.pretrained_lm)
 
 
+def check_lm_flags(args, spec, lm) -> None:
+    """The flags that depend on the located LM (``--pretrained_block`` range, the host's ``--embed_dim``,
+    ``--igpt_legacy_ln``, ``--gpt_kmeans`` within its vocabulary), checked as building the model and its losses
+    would, but before the data is loaded (a missing dataset takes minutes to generate)."""
+    try:
+        build_model_config(args, spec, lm)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    n = getattr(args, "gpt_kmeans", None)
+    if n is not None and getattr(args, "pretrained_block", None) is None:   # (centres of the LM's own wte)
+        from decision_transformer.training.kmeans import check_clusters
+
+        check_clusters(n, lm.vocab_size)
+
+
 def build_model_config(args, spec, lm=None) -> DTConfig:
     """``lm``: the located LM (``locate_pretrained(args)``); looked up here when not given."""
     if lm is None:

@@ -1347,17 +1347,27 @@ def test_resume_refuses_lm_files_replaced_under_init_reg(lm_dirs, tmp_path, monk
     assert (run / "model_2.pt").is_file()
 
 
-def test_damaged_lm_weights_are_refused_before_a_missing_dataset_is_generated(lm_dirs, tmp_path, monkeypatch,
-                                                                             capsys):
-    """Generating a missing dataset takes minutes: an LM whose weights hold NaN is refused first, not after."""
+@pytest.mark.parametrize("lm, extra, expect", [
+    ("nan", [], "the weights hold NaN or inf values, in h.1.mlp.c_proj.weight"),
+    ("gpt2", ["--embed_dim", "32", "--n_layer", "2", "--pretrained_block", "5"],
+     "--pretrained_block 5 is out of range: the host has 2 blocks"),
+    ("gpt2", ["--pretrained_block", "0"], "--pretrained_block needs the host's --embed_dim to equal the LM's"),
+    ("gpt2", ["--gpt_kmeans", "100000", "--gpt_kmeans_const", "0.1"],
+     "--gpt_kmeans 100000 must be between 1 and the LM's vocabulary size"),
+])
+def test_lm_problems_are_refused_before_a_missing_dataset_is_generated(lm_dirs, tmp_path, monkeypatch, capsys, lm,
+                                                                       extra, expect):
+    """Generating a missing dataset takes minutes: an LM whose weights hold NaN, and flags the LM rules out (a
+    block beyond its depth, a host of another width, more k-means centres than tokens), are refused first."""
     from decision_transformer import generation
 
     monkeypatch.chdir(tmp_path)
-    nan = _lm_with_weight(lm_dirs, tmp_path / "lm_nan", "h.1.mlp.c_proj.weight", (0, 0), float("nan"))
+    folder = _lm_with_weight(lm_dirs, tmp_path / "lm_nan", "h.1.mlp.c_proj.weight", (0, 0), float("nan")) \
+        if lm == "nan" else lm_dirs / "gpt2"
     empty = tmp_path / "no_data"
     empty.mkdir()
     monkeypatch.setattr(generation, "generate_dataset", lambda *a, **k: pytest.fail("generated before the LM check"))
-    msg = expect_error(capsys, experiment.main, ["--data_path", str(empty), *RUN, "--pretrained_lm", str(nan),
-                                                 "--max_iters", "1"])
-    assert "the weights hold NaN or inf values, in h.1.mlp.c_proj.weight" in msg
+    msg = expect_error(capsys, experiment.main, ["--data_path", str(empty), *RUN, "--pretrained_lm", str(folder),
+                                                 "--max_iters", "1", *extra])
+    assert expect in msg
     assert not any(empty.iterdir())

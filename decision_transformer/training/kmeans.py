@@ -41,7 +41,7 @@ def cosine_kmeans(x: torch.Tensor, n_clusters: int, *, seed: int, tol: float = 1
     x: [V, H] -> centres [N, H] float32 on x's device."""
     x = x.detach().float()
     V = x.shape[0]
-    _check_clusters(n_clusters, V)
+    check_clusters(n_clusters, V)
     g = torch.Generator().manual_seed(int(seed))
     xn = F.normalize(x, dim=1)
     centres = x[torch.randperm(V, generator=g)[:n_clusters].to(x.device)].clone()
@@ -61,7 +61,8 @@ def cosine_kmeans(x: torch.Tensor, n_clusters: int, *, seed: int, tol: float = 1
     return centres
 
 
-def _check_clusters(n_clusters: int, V: int):
+def check_clusters(n_clusters: int, V: int):
+    """``--gpt_kmeans`` centres within 1 and the vocabulary size ``V`` (one line otherwise)."""
     if not 1 <= n_clusters <= V:
         raise UserError(f"--gpt_kmeans {n_clusters} must be between 1 and the LM's vocabulary size {V}")
 
@@ -75,7 +76,7 @@ def load_or_compute_centres(wte: torch.Tensor, n_clusters: int, cache: str | Non
         print("warning: no --kmeans_cache given; k-means centres are computed in memory and not saved",
               file=sys.stderr)
         return _cluster(wte, n_clusters, seed)
-    _check_clusters(n_clusters, wte.shape[0])   # before the cache's folder is made
+    check_clusters(n_clusters, wte.shape[0])   # before the cache's folder is made
     path = Path(cache)
     with exclusive(path, "k-means centres"):
         if path.is_file():
