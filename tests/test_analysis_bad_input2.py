@@ -738,3 +738,31 @@ def test_epoch_0_is_rebuilt_from_the_seed_only_for_a_run_that_started_from_it(tm
         return
     with pytest.raises(UserError, match=f"started from --{flag} .*whose weights only model_0.pt holds"):
         load_state_dict(tmp_path, key, 0)
+
+
+def test_plot_cka_warns_when_its_models_were_computed_on_different_batches(tmp_path, hopper_data, capsys):
+    """compute_cka.py records the batch in its layer list; plot_cka.py warns when the models it draws saw different
+    batches (another --batch_seed for one of them), and says nothing when they saw the same."""
+    ck = tmp_path / "checkpoints"
+    for m in ("dt", "gpt2"):
+        write_run(ck, m, epochs=(0, 40), data_file=hopper_data / "hopper-medium-v2.pkl")
+    out = tmp_path / "o"
+    compute, plot = load_script(SCRIPTS["cka"]).main, load_script(SCRIPTS["plot_cka"]).main
+    base = [str(a) for a in _argv("cka", ck, out)]
+
+    def run(model, *extra):
+        argv = list(base)
+        argv[argv.index("--model_name1") + 1] = argv[argv.index("--model_name2") + 1] = model
+        compute([*argv, *extra])
+
+    plot_argv = [str(a) for a in [*_argv("plot_cka", ck, out), "--model_name_list", "dt", "gpt2"]]
+    run("dt")
+    run("gpt2")
+    capsys.readouterr()
+    plot(plot_argv)
+    assert "different batches" not in capsys.readouterr().err
+    run("gpt2", "--batch_seed", "5")
+    capsys.readouterr()
+    plot(plot_argv)
+    assert "record different batches, so the figure compares models that did not see the same batch" in \
+        capsys.readouterr().err

@@ -37,6 +37,7 @@ from decision_transformer.analysis.runs import (
     RunKey,
     analysis_batch,
     analysis_dataset,
+    batch_digest,
     envs_with_runs,
     load_model,
 )
@@ -284,9 +285,11 @@ def run(args) -> common.Outputs:
         stem = result_stem(args.epoch1, args.epoch2, args.model_name1, args.model_name2, env, args.dataset_name,
                            args.seed, args.no_context, args.block, args.legacy_feature_index, K_ckpt,
                            estimator_tag(args))
+        # the layer lists, and the batch the matrices were computed on (plot_cka.py compares the models')
         outs.files.append(common.save_csv(res_dir / f"{stem}_layers.csv", ["axis", "index", "layer"],
                                           [["rows", i, k] for i, k in enumerate(a1)]
-                                          + [["cols", i, k] for i, k in enumerate(a2)]))
+                                          + [["cols", i, k] for i, k in enumerate(a2)]
+                                          + [["batch", 0, batch_digest(batch)]]))
         for token in TOKEN_POSITIONS:
             f1 = [token_features(v, token, args.legacy_feature_index) for v in a1.values()]
             f2 = [token_features(v, token, args.legacy_feature_index) for v in a2.values()]
@@ -383,23 +386,27 @@ def build_plot_parser():
     return p
 
 
-def _read_layers(path) -> tuple[list[str], list[str]]:
-    """The row and column layer names of compute_cka.py's ``{stem}_layers.csv``."""
+def _read_layers(path) -> tuple[list[str], list[str], str | None]:
+    """The row and column layer names of compute_cka.py's ``{stem}_layers.csv``, and the batch digest it records
+    (None in files written before it did)."""
     import csv
 
     if not Path(path).is_file():
         raise UserError(f"{path}: file not found (compute_cka.py writes it next to the CKA matrices)")
-    rows, cols = [], []
+    rows, cols, batch = [], [], None
     try:
         with open(path, newline="") as f:
             for i, r in enumerate(csv.DictReader(f), 2):
                 layer = r.get("layer") or ""
+                if r.get("axis") == "batch" and layer:
+                    batch = layer
+                    continue
                 if r.get("axis") not in ("rows", "cols") or not layer.split(".", 1)[0].isdigit():
                     raise UserError(f"{path}: line {i} is not an axis,index,layer row of a CKA layer list")
                 (rows if r["axis"] == "rows" else cols).append(layer)
     except (UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"{path}: not a readable CSV file ({e})") from None
-    return rows, cols
+    return rows, cols, batch
 
 
 def plot(args) -> common.Outputs:
@@ -425,7 +432,7 @@ def plot(args) -> common.Outputs:
     outs.notes += [f"skipped {e}: no CKA results of it in {res}" for e in args.env_name_list if envs and e not in envs]
     for env in envs or args.env_name_list:
         for token in args.token_list:
-            curves, missing = {}, []
+            curves, missing, batches = {}, [], {}
             for m in args.model_name_list:
                 stem, f = result(env, m, token)
                 if not f.is_file():
@@ -436,7 +443,9 @@ def plot(args) -> common.Outputs:
                 if np.iscomplexobj(mat):                         # numeric and finite, but no CKA value is complex
                     raise UserError(f"{f}: array 'CKA matrix' is not real ({mat.dtype})")
                 layers = res / f"{stem}_layers.csv"
-                names, cols = _read_layers(layers)
+                names, cols, batch = _read_layers(layers)
+                if batch is not None:
+                    batches.setdefault(batch, layers)
                 if not names or names != cols:
                     raise UserError(f"{layers}: not the layer list of a model against itself (rows and columns "
                                     f"{'differ' if names or cols else 'are empty'})")
@@ -452,6 +461,11 @@ def plot(args) -> common.Outputs:
                                 f"same flags)")
             for f in missing:
                 common.warn(f"{f} not found; that model is left out of the figure")
+            if len(batches) > 1:
+                a, b = list(batches.values())[:2]
+                common.warn(f"{a} and {b} record different batches, so the figure compares models that did not see "
+                            f"the same batch: rerun compute_cka.py for every model with the same --batch_seed, "
+                            f"--batch_size, --K and data")
             depths = {m: block_of(n[-1]) + 1 for m, (_, n) in curves.items()}
             target = min(depths.values())
             fig, ax = plt.subplots(figsize=(7, 3.6))

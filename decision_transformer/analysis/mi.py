@@ -24,7 +24,6 @@ timesteps are padding). Failed estimates are NaN and left out of the plots.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 import sys
 import warnings
@@ -45,6 +44,7 @@ from decision_transformer.analysis.runs import (
     RunKey,
     SharedDataset,
     analysis_batch,
+    batch_digest,
     load_model,
 )
 from decision_transformer.errors import UserError
@@ -71,19 +71,6 @@ def data_file(folder, env, ds, seed, ktag="") -> Path:
 #: compares an activation file's with the data file (one ``data_*.npz`` serves every model, and a later
 #: save_activation.py on another batch rewrites it), the MI plots those of the models they draw.
 BATCH_KEY = "batch_digest"
-_BATCH_ARRAYS = ("states", "actions", "rtg", "attention_mask")
-
-
-def batch_digest(data: dict) -> str:
-    """A fingerprint of a batch's arrays (as float32, with their shapes): equal for the same batch however saved."""
-    h = hashlib.sha256()
-    for k in _BATCH_ARRAYS:
-        a = np.ascontiguousarray(np.asarray(data[k], dtype=np.float32))
-        h.update(f"{k}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
-
-
 def _ktag(args) -> str:
     """``_K{K}`` in every file name of runs trained with K != 20 (``--run_K``), so they don't overwrite K=20's."""
     return common.run_k_tag(common.run_k(args))

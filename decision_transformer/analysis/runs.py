@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from decision_transformer.checkpoint import (
@@ -381,6 +382,26 @@ def analysis_batch(dataset: TrajectoryDataset, batch_size: int, K: int, seed: in
         raise UserError(f"invalid context K {K}: longer than {dataset.env}'s {dataset.max_ep_len}-step episodes")
     g = generator if generator is not None else batch_generator(seed, dataset.device)
     return dataset.sample_batch(batch_size, K, g)
+
+
+_BATCH_ARRAYS = ("states", "actions", "rtg", "attention_mask")
+
+
+def batch_digest(data) -> str:
+    """A fingerprint of a batch's arrays (as float32, with their shapes): equal for the same batch however saved.
+    ``data``: a dict of those arrays (a MINE ``data_*.npz``) or a ``Batch``."""
+    import hashlib
+
+    if isinstance(data, Batch):
+        data = {"states": data.states, "actions": data.actions, "rtg": data.rtg, "attention_mask": data.mask}
+    h = hashlib.sha256()
+    for k in _BATCH_ARRAYS:
+        v = data[k]
+        v = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
+        a = np.ascontiguousarray(np.asarray(v, dtype=np.float32))
+        h.update(f"{k}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def model_inputs(batch: Batch) -> tuple:
