@@ -293,24 +293,19 @@ def test_an_lm_config_no_model_can_use_is_one_line_naming_the_folder(lm_dirs, tm
         with pytest.raises(UserError, match=rf"^{bad}: its config.json describes no usable model \("
                                             rf"({field} must|hidden size 32 is not divisible by n_head 3)"):
             build_model_from_args(args_for("--pretrained_lm", str(bad)), HOPPER)
-    # weights that do not fit the config: the tensor and both shapes are named
-    bad = tmp_path / "lm_inner"
-    shutil.copytree(lm_dirs / "gpt2", bad)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["n_inner"] = 7
-    (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match=rf"^{bad}: its weight files do not fit its config.json: "
-                                        r"h\.0\.mlp\.c_fc\.bias is \[128\] in the files, \[7\] by the config"):
-        build_model_from_args(args_for("--pretrained_lm", str(bad)), HOPPER)
-    # a config of fewer blocks than the files hold: the extra blocks would be dropped without a word
-    bad = tmp_path / "lm_layer1"
-    shutil.copytree(lm_dirs / "gpt2", bad)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["n_layer"] = 1
-    (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match=rf"^{bad}: its weight files hold h\.1\..* and \d+ more tensors, blocks "
-                                        r"beyond the 1 its config.json builds"):
-        build_model_from_args(args_for("--pretrained_lm", str(bad)), HOPPER)
+    # weights that do not fit the config: the tensor and both shapes are named; a config of fewer blocks than the
+    # files hold (the extra blocks would be dropped without a word) names the first extra tensor
+    for field, value, says in (
+            ("n_inner", 7, r"do not fit its config.json: h\.0\.mlp\.c_fc\.bias is \[128\] in the files, \[7\] by "
+                           r"the config"),
+            ("n_layer", 1, r"hold h\.1\..* and \d+ more tensors, blocks beyond the 1 its config.json builds")):
+        bad = tmp_path / f"lm_{field}"
+        shutil.copytree(lm_dirs / "gpt2", bad)
+        cfg = json.loads((bad / "config.json").read_text())
+        cfg[field] = value
+        (bad / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(UserError, match=rf"^{bad}: its weight files {says}"):
+            build_model_from_args(args_for("--pretrained_lm", str(bad)), HOPPER)
 
 
 def _config_only(lm_dirs, folder):
