@@ -342,9 +342,16 @@ def _inspect_run(program: str, argv: list[str]) -> Found:
         from decision_transformer.run import resumable_run
 
         a = _parse(multi_parser(), name, argv, check_multi_args)
-        if not a.outdir or a.eval_only or a.num_steps_per_iter <= 0:
+        if not a.outdir:
             return Found("new")
         parent, prefix = Path(a.outdir) / "multi", f"gym-experiment-multi-{a.dataset}-"
+        if a.eval_only or a.num_steps_per_iter <= 0:   # keeps no training state: finished = every iteration logged
+            from decision_transformer.checkpoint import find_run
+
+            done = find_run(parent, prefix, multi_signature(a), require="metrics.jsonl")
+            if done is not None and logged_iterations(done / "metrics.jsonl") >= a.max_iters:
+                return Found("done", done, target=f"{parent / prefix}<id> (these flags)")
+            return Found("new")
         try:
             found = resumable_run(parent, prefix, multi_signature(a))  # the run that --resume continues
         except UserError:
@@ -386,6 +393,26 @@ def _inspect_run(program: str, argv: list[str]) -> Found:
             found.note = (f"{found.folder} holds a run made with other flags: {'; '.join(differ)}; move it away (or "
                           f"give this grid another --outdir) to run this one")
     return _with_note(found)
+
+
+def logged_iterations(path: Path) -> int:
+    """The highest ``iteration`` a ``metrics.jsonl`` logs (0 when none can be read; a line cut short is skipped)."""
+    import json
+
+    top = 0
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return 0
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        it = row.get("iteration") if isinstance(row, dict) else None
+        if isinstance(it, int) and not isinstance(it, bool):
+            top = max(top, it)
+    return top
 
 
 def _with_note(found: Found) -> Found:

@@ -160,6 +160,33 @@ def test_merge_runs_of_the_same_merge_flags_and_another_learning_rate_are_two_ru
     assert [s for s, _ in states] == ["done", "partial"] and states[1][1][-1] == "--resume"
 
 
+def test_eval_only_multi_runs_are_finished_once_every_iteration_is_logged(tmp_path, monkeypatch):
+    """experiment_multi.py --eval_only (the multi-task merge-and-evaluate step) keeps no training state: its run is
+    finished when a folder of these flags logs every iteration, and is run again otherwise (it cannot resume)."""
+    import json
+
+    from decision_transformer.multi_run import multi_parser, resume_signature as multi_signature
+
+    monkeypatch.chdir(tmp_path)
+    spec = {"program": "experiment_multi.py", "name": "merge",
+            "fixed": {"outdir": "ck", "max_iters": 2, "num_steps_per_iter": 0, "eval_only": True,
+                      "multi_pretrained_models": ["a.pt", "b.pt"]},
+            "grid": {"seed": [1, 2]}}
+    assert [s for s, _ in sweep.plan(spec, [])] == ["new", "new"]
+
+    def folder(exp_id, seed, iterations):
+        d = tmp_path / "ck" / "multi" / f"gym-experiment-multi-medium-{exp_id}"
+        d.mkdir(parents=True)
+        cfg = multi_signature(multi_parser().parse_args(sweep.to_argv({**spec["fixed"], "seed": seed})))
+        (d / "config.json").write_text(json.dumps(cfg))
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"iteration": i}) + "\n" for i in iterations)
+                                         + '{"iteration": 9')              # (a last line cut short is skipped)
+
+    folder(111, 1, [1, 2])
+    folder(222, 2, [1])                                                     # stopped after iteration 1
+    assert [s for s, _ in sweep.plan(spec, [])] == ["done", "new"]
+
+
 def test_lm_and_multi_runs_found_by_their_flags(tmp_path, monkeypatch):
     """lm_cotraining/experiment.py runs ({outdir}/dt_gym-experiment-{env}-{dataset}-{id}) and experiment_multi.py runs
     ({outdir}/multi/gym-experiment-multi-{dataset}-{id}) are found by the flags in their config.json: finished,
