@@ -311,7 +311,12 @@ def check_args(args):
                             ("gpt_kmeans", getattr(args, "gpt_kmeans", None)),
                             ("init_reg", getattr(args, "init_reg", False)), ("joint", getattr(args, "joint", False)),
                             ("frozen", args.frozen), ("freeze_subset", args.freeze_subset),
-                            ("extend_positions", args.extend_positions)]
+                            ("extend_positions", args.extend_positions),
+                            # (a block index of 0 is given too; a _block{b} run name would say it was used)
+                            ("pretrained_block", getattr(args, "pretrained_block", None) is not None),
+                            ("disable_attention", getattr(args, "disable_attention", False)),
+                            ("share_input_output_proj", getattr(args, "share_input_output_proj", False)),
+                            ("embed_order", getattr(args, "embed_order", "ln_then_time") != "ln_then_time")]
         for name, value in transformer_only:
             if value:
                 raise UserError(f"--{name} applies to the Decision Transformer, not to --model_type bc")
