@@ -593,6 +593,22 @@ def state_stats(trajs) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
+#: ``--mode``: the originals' dataset / rollout variants.
+MODES = ("normal", "delayed", "noise")
+
+
+def check_mode(mode) -> None:
+    """One line unless ``mode`` is one of ``MODES``."""
+    if mode not in MODES:
+        raise UserError(f"unknown --mode {mode!r}; choose normal, delayed or noise")
+
+
+def check_pct_traj(pct_traj) -> None:
+    """One line unless ``pct_traj`` is a number in (0, 1] (NaN is not)."""
+    if not 0.0 < pct_traj <= 1.0:
+        raise UserError(f"--pct_traj must be in (0, 1], got {pct_traj}")
+
+
 def select_top_trajectories(returns: np.ndarray, lengths: np.ndarray, pct_traj: float) -> np.ndarray:
     """Indices of the best-return trajectories whose lengths add up to at most ``pct_traj`` of all timesteps (at
     least 1), taken best first until the next one would exceed that budget; the best trajectory is always kept, even
@@ -600,8 +616,7 @@ def select_top_trajectories(returns: np.ndarray, lengths: np.ndarray, pct_traj: 
 
     Uses KZL's final ``<=`` (every trajectory kept at 1.0); REID/TAKAGI/LAWSON's ``<`` dropped the worst one.
     """
-    if not 0.0 < pct_traj <= 1.0:
-        raise UserError(f"--pct_traj must be in (0, 1], got {pct_traj}")
+    check_pct_traj(pct_traj)
     budget = max(int(pct_traj * lengths.sum()), 1)
     order = np.argsort(returns, kind="stable")  # ascending, as the originals
     total = lengths[order[-1]]
@@ -648,10 +663,9 @@ class TrajectoryDataset:
                 raise UserError(f"trajectory {i} has observations of shape {list(np.shape(t['observations']))} and "
                                 f"actions of shape {list(np.shape(t['actions']))}; {env} has {spec.state_dim} state "
                                 f"and {spec.act_dim} action dimensions")
+        check_mode(mode)
         if mode == "delayed":
             trajs = apply_delayed_mode(trajs)
-        elif mode not in ("normal", "noise"):
-            raise UserError(f"unknown --mode {mode!r}; choose normal, delayed or noise")
         self.spec = spec
         self.env = env
         self.scale = spec.scale

@@ -272,6 +272,10 @@ def check_args(args):
     for name, ok in checks:
         if not ok:
             raise UserError(f"invalid --{name} {getattr(args, name)}")
+    from decision_transformer.data import check_mode, check_pct_traj
+
+    check_mode(args.mode)             # (the dataset checks them too, but only once it is loaded or generated)
+    check_pct_traj(args.pct_traj)
     check_upper_bounds(args)
     check_numbers(args)
     check_device_flags(args)

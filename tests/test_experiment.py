@@ -733,3 +733,25 @@ def test_a_resume_whose_state_changed_before_it_held_the_lock_writes_nothing(tmp
     assert msg == (f"error: {st.relative_to(tmp_path)} changed while this --resume was starting (another process "
                    f"trained this run, or started it afresh, meanwhile); nothing was written: run the --resume again")
     assert {p.name: p.read_bytes() for p in run_dir(tmp_path).iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("flag, value, needle", [("--mode", "foo", "unknown --mode 'foo'"),
+                                                 ("--pct_traj", "0", "--pct_traj must be in (0, 1], got 0.0"),
+                                                 ("--pct_traj", "nan", "--pct_traj must be in (0, 1], got nan")])
+def test_mode_and_pct_traj_are_checked_before_a_missing_dataset_is_generated(tmp_path, monkeypatch, capsys, flag,
+                                                                             value, needle):
+    """The dataset refused them only once loaded, so a missing one was generated first (minutes); the sweep
+    planner, which runs the same flag checks, listed such a grid point as valid."""
+    from decision_transformer import generation
+    from decision_transformer.cli import experiment_parser
+    from decision_transformer.errors import UserError
+    from decision_transformer.run import EXPERIMENT, check_run_flags
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(generation, "generate_dataset", lambda *a, **k: pytest.fail("generated before the check"))
+    empty = tmp_path / "no_data"
+    empty.mkdir()
+    assert needle in expect_error(capsys, ["--data_path", str(empty), *TINY, flag, value])
+    assert not any(empty.iterdir())
+    with pytest.raises(UserError, match=re.escape(needle)):
+        check_run_flags(experiment_parser().parse_args([flag, value]), EXPERIMENT)
