@@ -533,9 +533,9 @@ def check_covers_envs(mf) -> None:
 
 def _run_multi(args, take_lock) -> dict:
     from decision_transformer.run import (autocast_dtype, check_evaluation, check_same_data, check_state_unchanged,
-                                          clean_folder, configure_matmul_precision, recorded_config, resolve_device,
-                                          restore_train_state, resumed_past_the_end, save_train_state,
-                                          seed_everything, state_identity, warn_unsaved_best)
+                                          clean_folder, configure_matmul_precision, end_break, recorded_config,
+                                          resolve_device, restore_train_state, resumed_past_the_end,
+                                          save_train_state, seed_everything, state_identity, warn_unsaved_best)
 
     check_multi_args(args)
     resume_dir = find_resume_dir(args) if args.resume else None
@@ -723,7 +723,7 @@ def _run_multi(args, take_lock) -> dict:
             trainer.close()
         distributed.cleanup(ctx)
     if args.end_break:
-        breakpoint()
+        end_break()
     return logs
 
 

@@ -737,7 +737,20 @@ def _run_locked(args, script: str, take_lock) -> dict:
         trainer.close()
         distributed.cleanup(ctx)
     if args.end_break:
-        breakpoint()
+        end_break()
     return logs
+
+
+def end_break() -> bool:
+    """``--end_break``: the debugger once the run is done (as the originals' ``pdb.set_trace()``). Quitting it (``q``,
+    or end of input with no terminal) ends the finished run normally, not with a traceback."""
+    import bdb
+
+    try:
+        breakpoint()
+        stopped_here = True   # the debugger's first stop: a line inside the try, so that quitting is caught here
+    except bdb.BdbQuit:
+        stopped_here = False
+    return stopped_here
 
 

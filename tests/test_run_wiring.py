@@ -420,3 +420,23 @@ def test_the_rng_states_a_resume_restores_include_pythons_gaussian_cache(tmp_pat
     old = rng_state()
     old["python"] = old["python"][:2]
     set_rng_state(old)
+
+
+@pytest.mark.parametrize("typed", [b"q\n", b""])
+def test_end_break_quit_or_no_input_ends_the_finished_run_normally(tmp_path, hopper_data, typed):
+    """--end_break opens the debugger after the run; quitting it (q), or a closed stdin (a batch job), raised BdbQuit
+    through the script: a traceback and exit 1 for a run that had finished. Now it exits 0."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONBREAKPOINT"} | {"PYTHONPATH": str(ROOT),
+                                                                               "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "experiment.py"), "--data_path", str(hopper_data), "--K", "5",
+                        "--batch_size", "4", "--embed_dim", "16", "--n_layer", "1", "--max_iters", "1",
+                        "--num_steps_per_iter", "1", "--num_eval_episodes", "0", "--end_break", "--outdir", ""],
+                       input=typed, capture_output=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode()[-800:]
+    assert b"(Pdb)" in r.stdout                                       # the debugger did open
