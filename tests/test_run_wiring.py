@@ -440,3 +440,17 @@ def test_end_break_quit_or_no_input_ends_the_finished_run_normally(tmp_path, hop
                        input=typed, capture_output=True, cwd=tmp_path, env=env, timeout=300)
     assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode()[-800:]
     assert b"(Pdb)" in r.stdout                                       # the debugger did open
+
+
+def test_a_learning_rate_whose_step_overflows_float32_stops_as_a_divergence(tmp_path, monkeypatch, capsys,
+                                                                             hopper_data):
+    """-lr 1e38 is finite and passes the flag checks, but Adam's first step size lr / (1 - beta1) overflows float32:
+    a RuntimeError traceback (exit 1) before; now the divergence line and exit 3, as a NaN loss gives."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        experiment.main(["--data_path", str(hopper_data), *TINY, "--max_iters", "1", "--num_steps_per_iter", "3",
+                         "-lr", "1e38", "--weight_decay", "0", "--warmup_steps", "0", "--num_eval_episodes", "0"])
+    assert e.value.code == 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: the optimiser's step overflowed float32")

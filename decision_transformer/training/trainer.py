@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from decision_transformer.data import TrajectoryDataset
-from decision_transformer.errors import TrainingDiverged
+from decision_transformer.errors import TrainingDiverged, first_line
 from decision_transformer.training.losses import masked_action_mse
 
 GRAD_CLIP = 0.25
@@ -64,7 +64,13 @@ def apply_update(total, optimizer, scheduler, params, grad_clip: float | None):
     total.backward()
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
+    try:
+        optimizer.step()
+    except RuntimeError as e:   # a step size beyond float32 (a finite but huge --learning_rate): the run diverged
+        if "overflow" not in str(e):
+            raise
+        raise TrainingDiverged(f"the optimiser's step overflowed float32 ({first_line(e)}); the learning rate is far "
+                               f"too large. Checkpoints of earlier iterations are kept") from None
     scheduler.step()
 
 
