@@ -201,10 +201,11 @@ def nonnegative_int(text: str) -> int:
 MAX_EP_LEN = max(spec.max_ep_len for spec in ENVS.values())
 
 
-def check_context(K: int | None):
-    """``--K`` (None: not given) no longer than an episode (a longer window adds only padding, and memory)."""
-    if K is not None and K > MAX_EP_LEN:
-        raise UserError(f"--K {K} exceeds the episode length {MAX_EP_LEN}")
+def check_context(K: int | None, max_ep_len: int = MAX_EP_LEN, env: str | None = None):
+    """``--K`` (None: not given) no longer than an episode (a longer window adds only padding, and memory): of
+    ``env`` where one is given, else of the longest env's."""
+    if K is not None and K > max_ep_len:
+        raise UserError(f"--K {K} exceeds the episode length {max_ep_len}" + (f" of {env}" if env else ""))
 
 
 #: Upper bounds of the size flags whose memory grows piece by piece (a layer, an env, a window at a time), so that a

@@ -755,3 +755,13 @@ def test_mode_and_pct_traj_are_checked_before_a_missing_dataset_is_generated(tmp
     assert not any(empty.iterdir())
     with pytest.raises(UserError, match=re.escape(needle)):
         check_run_flags(experiment_parser().parse_args([flag, value]), EXPERIMENT)
+
+
+def test_K_is_bounded_by_the_envs_own_episode_length(tmp_path, monkeypatch, capsys):
+    """reacher2d's episodes are 100 steps: --K 101 only adds padding there, and the bound named the longest env's
+    1000 steps (--K 1000 was accepted)."""
+    monkeypatch.chdir(tmp_path)
+    msg = expect_error(capsys, ["--env", "reacher2d", "--dataset", "medium", "--data_path", str(tmp_path),
+                                "--K", "101"])
+    assert msg.endswith("--K 101 exceeds the episode length 100 of reacher2d")
+    assert not any(tmp_path.iterdir())
