@@ -324,6 +324,11 @@ def check_args(args):
         for name, value in transformer_only:
             if value:
                 raise UserError(f"--{name} applies to the Decision Transformer, not to --model_type bc")
+        from decision_transformer.models.mlp_bc import BC_DROPOUT
+
+        if args.dropout != BC_DROPOUT:   # (the run's config.json still records the value given)
+            print(f"warning: --dropout {args.dropout:g} has no effect with --model_type bc: its MLP's dropout is "
+                  f"fixed at {BC_DROPOUT:g}, as the originals'", file=sys.stderr)
 
 
 def resume_state_path(args, run_dir: Path | None, lm_script: bool = False) -> Path:

@@ -124,3 +124,16 @@ def test_bc_batched_evaluation_equals_one_by_one():
     slow = evaluate_episodes_sequential(model, "hopper", 3600, 3, mean, std, seed=1)
     np.testing.assert_allclose(fast.returns, slow.returns, rtol=1e-6)
     np.testing.assert_array_equal(fast.lengths, slow.lengths)
+
+
+def test_bc_says_that_dropout_does_not_reach_its_mlp(tmp_path, monkeypatch, hopper_data, capsys):
+    """The MLP's dropout is fixed at 0.1 (as the originals'); --dropout 0.5 changed nothing without a word while the
+    run's config.json recorded 0.5."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--data_path", str(hopper_data), *TINY, "--model_type", "bc", "--max_iters", "1", "--num_steps_per_iter",
+            "1", "--outdir", ""]
+    experiment.main([*base, "--dropout", "0.5"])
+    assert "warning: --dropout 0.5 has no effect with --model_type bc: its MLP's dropout is fixed at 0.1" in \
+        capsys.readouterr().err
+    experiment.main(base)
+    assert "--dropout" not in capsys.readouterr().err
