@@ -134,7 +134,17 @@ def _checked_float_keys(states: Sequence[StateDict], keys: Sequence[str], names:
         what = ("the selection is empty" if not len(keys)
                 else f"the {len(keys)} selected keys hold no floating-point tensors")
         raise UserError(f"nothing to merge: {what} (check the include/exclude substrings, e.g. for a typo)")
+    for name, sd in zip(_model_names(states, names), states):
+        _check_finite_tensors(sd, fk, name)
     return fk
+
+
+def _check_finite_tensors(state: StateDict, keys: Sequence[str], name: str):
+    """Refuse a NaN or inf in ``state``'s tensors ``keys``: a mean would pass it on, TIES trim it away silently and
+    a Fisher or RegMean merge spread it over the whole tensor, so each method would treat the damage differently."""
+    bad = next((k for k in keys if not bool(torch.isfinite(state[k]).all())), None)
+    if bad is not None:
+        raise UserError(f"{name}: tensor {bad} contains NaN or inf")
 
 
 def _check_finite(value: float, what: str) -> float:
@@ -265,6 +275,13 @@ def merge_fisher(states: Sequence[StateDict], fishers: Sequence[StateDict], keys
             if f[k].shape != states[i][k].shape:
                 raise UserError(f"the Fisher of model {i + 1}: tensor {k} has shape {list(f[k].shape)}, the model "
                                 f"{list(states[i][k].shape)}")
+    for i, f in enumerate(fishers):
+        tensors = [k for k, v in f.items() if isinstance(v, torch.Tensor) and not k.startswith("_")]
+        _check_finite_tensors(f, tensors, f"the Fisher of model {i + 1}")
+        neg = next((k for k in tensors if bool((f[k] < 0).any())), None)
+        if neg is not None:
+            raise UserError(f"the Fisher of model {i + 1}: tensor {neg} has negative entries; a diagonal Fisher is "
+                            f">= 0")
     normed = [normalise_fisher(f, fkeys, norm) for f in fishers]
     if floor > 0:
         total = sum(float(v.to(torch.float64).sum()) for nf in normed for v in nf.values())
@@ -301,6 +318,7 @@ def task_vectors(states: Sequence[StateDict], base: StateDict, keys: Sequence[st
         if base[k].shape != states[0][k].shape:
             raise UserError(f"the merge base's tensor {k} has shape {list(base[k].shape)}, the models "
                             f"{list(states[0][k].shape)}")
+    _check_finite_tensors(base, fk, "the merge base")
     return [{k: sd[k].to(torch.float32) - base[k].to(sd[k].device, torch.float32) for k in fk} for sd in states]
 
 
@@ -454,6 +472,7 @@ def merge_regmean(states: Sequence[StateDict], grams: Sequence[dict[str, torch.T
                             if mod not in conv1d else "")
                     raise UserError(f"merge_regmean: the Gram matrix of {mod} for model {i + 1} has shape {gs}, but "
                                     f"its weight {shape} has {d_in} inputs in the {layout} layout{hint}")
+                _check_finite_tensors(g, [mod], f"merge_regmean: the Gram matrices of model {i + 1}")
             lhs, rhs = 0, 0
             for sd, g in zip(states, grams):
                 G = g[mod].to(torch.float64)

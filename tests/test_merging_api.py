@@ -358,3 +358,47 @@ def test_a_source_with_a_nan_weight_is_refused_by_every_method(tmp_path, capsys,
     assert e.value.code == 2
     assert f"error: {paths[1]}: tensor {k} contains NaN or inf" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ---- 6. non-finite inputs through the library ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_model_tensor_is_refused_by_every_method_called_directly(method, value):
+    states = [dt_state(seed=0), dt_state(seed=1)]
+    keys = blocks(states[0])
+    states[1]["transformer.h.0.mlp.c_fc.weight"][0, 0] = value   # TIES used to trim it away, silently
+    with pytest.raises(UserError) as e:
+        METHODS[method](states, keys)
+    assert one_line(e) == "model 2: tensor transformer.h.0.mlp.c_fc.weight contains NaN or inf"
+
+
+@pytest.mark.parametrize("merge", [merging.merge_task_arithmetic, merging.merge_ties])
+def test_a_non_finite_task_vector_base_is_refused(merge):
+    states = [dt_state(seed=0), dt_state(seed=1)]
+    base = dt_state(seed=2)
+    base["transformer.h.0.attn.c_attn.weight"][1, 2] = float("inf")
+    with pytest.raises(UserError) as e:
+        merge(states, base, blocks(states[0]))
+    assert one_line(e) == "the merge base: tensor transformer.h.0.attn.c_attn.weight contains NaN or inf"
+
+
+def test_a_fisher_with_a_nan_or_a_negative_entry_is_refused():
+    a, b = {"w": torch.zeros(2), "v": torch.ones(2)}, {"w": torch.ones(2), "v": torch.ones(2)}
+    good = {"w": torch.ones(2), "v": torch.ones(2)}
+    for bad, why in ((float("nan"), "contains NaN or inf"), (-0.5, "has negative entries; a diagonal Fisher is >= 0")):
+        F = {"w": torch.ones(2), "v": torch.tensor([1.0, bad])}   # v is outside the merged keys: it still normalises
+        with pytest.raises(UserError) as e:                         # (a NaN used to turn every merged tensor NaN)
+            merging.merge_fisher([a, b], [good, F], ["w"])
+        assert one_line(e) == f"the Fisher of model 2: tensor v {why}"
+    assert torch.allclose(merging.merge_fisher([a, b], [good, good], ["w"])["w"], torch.full((2,), 0.5))
+
+
+def test_regmean_refuses_a_non_finite_gram():
+    W = [torch.randn(3, 2, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    G = torch.eye(3, dtype=torch.float64)
+    bad = G.clone()
+    bad[0, 1] = float("nan")
+    with pytest.raises(UserError) as e:
+        merging.merge_regmean([{"l.weight": W[0]}, {"l.weight": W[1]}], [{"l": G}, {"l": bad}], ["l.weight"])
+    assert one_line(e) == "merge_regmean: the Gram matrices of model 2: tensor l contains NaN or inf"
