@@ -193,3 +193,28 @@ def test_depth_normalisation_pairs_blocks_or_as_the_original_consecutive_entries
     assert [int(n.split(".")[0]) for n in legacy_names] == [i // per for i in range(12 * per)]
     same, same_names = normalise_depth(diag[:12 * per], names[:12 * per], 12, legacy_pairing=True)
     assert same_names == names[:12 * per] and np.array_equal(same, diag[:12 * per])  # 12 blocks: unchanged
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_features_are_refused_not_read_as_cka_0(xy, value):
+    x, y = xy
+    bad = x.copy()
+    bad[0, 0] = value
+    for call in (lambda: cka_matrix([bad], [y]), lambda: cka_matrix([x], [y, bad]),
+                 lambda: linear_cka(bad, y), lambda: cka(gram_rbf(x), gram_linear(bad))):
+        with pytest.raises(UserError, match="^CKA features contain NaN or inf$"):   # cka_matrix used to give 0
+            call()
+    gram = gram_linear(x)
+    gram[0, 1] = value
+    with pytest.raises(UserError, match="^a Gram matrix contains NaN or inf$"):
+        cka(gram, gram_linear(y))
+
+
+def test_features_of_other_example_counts_are_refused(xy):
+    x, y = xy
+    with pytest.raises(UserError, match=r"the same examples: the features hold \[99, 100\] examples"):
+        cka_matrix([x], [y[:99]])
+    with pytest.raises(UserError, match="the same examples: Grams of 100 and 99 examples"):
+        linear_cka(x, y[:99])
+    with pytest.raises(UserError, match=r"must be square \[n, n\], got shape \[100, 3\]"):
+        cka(gram_linear(x), y[:, :3])

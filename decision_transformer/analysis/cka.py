@@ -51,8 +51,17 @@ TAKAGI_EPS = 1e-6
 # ---- the estimator ----------------------------------------------------------------------------------------------
 
 def _as64(x) -> torch.Tensor:
+    """x as float64 [n, features]; refused if it holds NaN or inf (its Grams would be NaN, and a NaN denominator used
+    to read as CKA 0)."""
     t = torch.as_tensor(x)
-    return t.to(torch.float64).reshape(t.shape[0], -1)
+    if t.is_complex():
+        raise UserError("CKA takes real features, got a complex tensor")
+    if t.dim() < 1 or t.shape[0] == 0:
+        raise UserError(f"CKA features must be [n examples, ...] with n >= 1, got shape {list(t.shape)}")
+    t = t.to(torch.float64).reshape(t.shape[0], -1)
+    if not bool(torch.isfinite(t).all()):
+        raise UserError("CKA features contain NaN or inf")
+    return t
 
 
 def gram_linear(x) -> torch.Tensor:
@@ -99,6 +108,10 @@ def center_gram(g, unbiased: bool = False) -> torch.Tensor:
     m_j = Σ_i G_ij / (n - 2), m_j -= Σ_k m_k / (2 (n - 1)), G_ij -= m_i + m_j, zero the diagonal again; then
     <G~, L~> / (n (n - 3)) is the unbiased HSIC estimator."""
     g = torch.as_tensor(g).to(torch.float64).clone()
+    if g.dim() != 2 or g.shape[0] != g.shape[1]:
+        raise UserError(f"a Gram matrix must be square [n, n], got shape {list(g.shape)}")
+    if not bool(torch.isfinite(g).all()):
+        raise UserError("a Gram matrix contains NaN or inf")
     n = g.shape[0]
     if unbiased:
         if n < 4:
@@ -121,6 +134,8 @@ def cka(gram_x, gram_y, debiased: bool = False, eps: float = 0.0) -> float:
     denominator is 0."""
     a = center_gram(gram_x, debiased)
     b = center_gram(gram_y, debiased)
+    if a.shape != b.shape:
+        raise UserError(f"CKA compares the same examples: Grams of {a.shape[0]} and {b.shape[0]} examples")
     denom = torch.linalg.norm(a) * torch.linalg.norm(b) + eps
     return float((a * b).sum() / denom) if denom > 0 else 0.0
 
@@ -162,6 +177,9 @@ def cka_matrix(feats1: list, feats2: list, kernel: str = "linear", debiased: boo
         c = torch.stack([center_gram(_gram(f, kernel, threshold), debiased).flatten() for f in feats])  # [L, n²]
         return c, torch.linalg.norm(c, dim=1)
 
+    sizes = {int(torch.as_tensor(f).shape[0]) if torch.as_tensor(f).dim() else 0 for f in [*feats1, *feats2]}
+    if len(sizes) > 1:
+        raise UserError(f"CKA compares the same examples: the features hold {sorted(sizes)} examples")
     c1, n1 = centred(feats1)
     c2, n2 = centred(feats2)
     denom = n1[:, None] * n2[None, :] + eps
