@@ -119,3 +119,33 @@ def test_compute_fisher_refuses_a_seed_that_is_no_integer(seed):
     model = DecisionTransformer(DTConfig(11, 3, max_length=4, backbone=BackboneConfig(n_embd=8, n_layer=1, n_head=2)))
     with pytest.raises(UserError, match="seed must be an integer"):
         compute_fisher(model, None, seed=seed)
+
+
+# ---- load_lm_into_backbone checks the host's architecture like transplant_block ------------------------------------
+
+@pytest.mark.parametrize("host, why", [
+    (BackboneConfig(n_embd=32, n_layer=2, n_head=1, vocab_size=100, n_positions=128),
+     r"block 0 of the host backbone has n_head 1, activation_function 'relu', the LM's block has n_head 2, "
+     r"activation_function 'gelu_new'"),
+    (None, r"the LM has 2 blocks, the host backbone 1"),
+])
+def test_loading_an_lm_into_a_host_that_fits_only_by_shape_is_refused(lm, host, why):
+    from decision_transformer.models.pretrained import backbone_config_from_lm, load_lm_into_backbone
+
+    if host is None:   # the LM's own architecture, one block fewer: block 1 used to be dropped silently
+        from dataclasses import replace
+        host = replace(backbone_config_from_lm(lm, dropout=0.1), n_layer=1)
+    net = GPT2Backbone(host)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(UserError, match=why + ": build the host with backbone_config_from_lm"):
+        load_lm_into_backbone(net, lm)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())   # nothing copied
+
+
+def test_loading_an_lm_into_its_own_architecture_copies_every_block(lm):
+    from decision_transformer.models.pretrained import backbone_config_from_lm, load_lm_into_backbone
+
+    net = GPT2Backbone(backbone_config_from_lm(lm, dropout=0.1))
+    load_lm_into_backbone(net, lm)
+    sd = lm.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in net.state_dict().items() if k in sd)

@@ -392,9 +392,41 @@ def _copy_lm_weights(module: torch.nn.Module, sd: dict[str, torch.Tensor], prefi
                     p.zero_()
 
 
+def _block_diffs(have: BackboneConfig, want: dict) -> list[tuple[str, object, object]]:
+    """(field, host value, LM value) for each setting that no weight shape shows and that differs between a host
+    block's configuration ``have`` and the LM block ``want`` (from :func:`block_override_from_lm`)."""
+    want_inner = want["n_inner"] if want["n_inner"] is not None else 4 * have.n_embd
+    return [(name, h, w) for name, h, w in (
+        ("n_head", have.n_head, want["n_head"]), ("n_inner", have.inner_dim, want_inner),
+        ("activation_function", have.activation_function, want["activation_function"]),
+        ("norm_type", have.norm_type, want["norm_type"]),
+        ("layer_norm_epsilon", have.layer_norm_epsilon, want["layer_norm_epsilon"])) if h != w]
+
+
+def _describe_diffs(diffs: list[tuple[str, object, object]]) -> str:
+    return (", ".join(f"{name} {h!r}" for name, h, _ in diffs) + ", the LM's block has "
+            + ", ".join(f"{name} {w!r}" for name, _, w in diffs))
+
+
 def load_lm_into_backbone(backbone: torch.nn.Module, lm: PretrainedLM):
     """Copy the LM's weights into ``backbone`` (built by ``backbone_config_from_lm``). A longer ``wpe`` (extended
-    positions) receives the LM's table tiled. Legacy-LN ImageGPT loads leave the LayerNorm biases at zero."""
+    positions) receives the LM's table tiled. Legacy-LN ImageGPT loads leave the LayerNorm biases at zero.
+
+    A host of another depth, or whose blocks differ from the LM's in heads, MLP width, activation, norm or norm
+    epsilon, is refused (``UserError``): the weights would fit it by shape and run as another network."""
+    cfg = getattr(backbone, "config", None)
+    if isinstance(cfg, BackboneConfig):
+        depth = int(lm.hf_config.n_layer)
+        if len(backbone.h) != depth:
+            raise UserError(f"{lm.path}: the LM has {depth} blocks, the host backbone {len(backbone.h)}: build the "
+                            f"host with backbone_config_from_lm(lm, dropout=...)")
+        for b in range(depth):
+            have = cfg.for_block(b)
+            legacy = lm.model_type == "imagegpt" and have.norm_type == "layernorm"
+            diffs = _block_diffs(have, block_override_from_lm(lm, dropout=0.0, legacy_ln=legacy))
+            if diffs:
+                raise UserError(f"{lm.path}: block {b} of the host backbone has {_describe_diffs(diffs)}: build the "
+                                f"host with backbone_config_from_lm(lm, dropout=...)")
     sd = dict(lm.state_dict())
     rows = backbone.wpe.weight.shape[0]
     sd["wpe.weight"] = tile_positions(sd["wpe.weight"], rows)
@@ -417,18 +449,10 @@ def transplant_block(backbone: torch.nn.Module, lm: PretrainedLM, b: int):
         have = cfg.for_block(b)
         # ImageGPT's block goes into an RMS-norm block, or a LayerNorm one with --igpt_legacy_ln
         legacy = lm.model_type == "imagegpt" and have.norm_type == "layernorm"
-        want = block_override_from_lm(lm, dropout=0.0, legacy_ln=legacy)
-        want_inner = want["n_inner"] if want["n_inner"] is not None else 4 * have.n_embd
-        diffs = [(name, h, w) for name, h, w in (
-            ("n_head", have.n_head, want["n_head"]), ("n_inner", have.inner_dim, want_inner),
-            ("activation_function", have.activation_function, want["activation_function"]),
-            ("norm_type", have.norm_type, want["norm_type"]),
-            ("layer_norm_epsilon", have.layer_norm_epsilon, want["layer_norm_epsilon"])) if h != w]
+        diffs = _block_diffs(have, block_override_from_lm(lm, dropout=0.0, legacy_ln=legacy))
         if diffs:
-            raise UserError(f"{lm.path}: block {b} of the host backbone has "
-                            + ", ".join(f"{name} {h!r}" for name, h, _ in diffs) + ", the LM's block has "
-                            + ", ".join(f"{name} {w!r}" for name, _, w in diffs) + f": build the host with "
-                            f"block_overrides={{'{b}': block_override_from_lm(lm, dropout=...)}}")
+            raise UserError(f"{lm.path}: block {b} of the host backbone has {_describe_diffs(diffs)}: build the host "
+                            f"with block_overrides={{'{b}': block_override_from_lm(lm, dropout=...)}}")
     # an ImageGPT block in a LayerNorm block (--igpt_legacy_ln): the checkpoint has no norm biases
     legacy = lm.model_type == "imagegpt" and getattr(backbone.h[b].ln_1, "bias", None) is not None
     _copy_lm_weights(backbone.h[b], lm.state_dict(), f"h.{b}.", lm, legacy)
