@@ -16,7 +16,7 @@ import torch
 from decision_transformer.env_workers import episode_seed, initial_obs, step_envs  # noqa: F401 (episode_seed)
 from decision_transformer.envs import DEFAULT_ENV_VERSION, get_env_spec, make_env
 from decision_transformer.errors import UserError
-from decision_transformer.training.trainer import module_mode, to_device_async
+from decision_transformer.training.trainer import float32_device, module_mode, to_device_async
 
 
 @dataclass
@@ -141,10 +141,7 @@ def _eval_setup(model, env: str, device, pool: EnvPool | None, env_version: str 
     """(device, pool) of an evaluation: ``device`` None is the model's; a given pool must hold ``env`` (walker2d and
     halfcheetah share their state and action sizes, so another env's pool would run without an error) and, where
     ``env_version`` is given, that version. The model must compute in float32, as the rollout buffers do."""
-    params = getattr(model, "parameters", None)   # (any object with get_action and config.max_length will do)
-    param = next(params(), None) if callable(params) else None
-    if param is not None and param.dtype != torch.float32:
-        raise UserError(f"evaluation runs float32 models; this one's parameters are {param.dtype} (use model.float())")
+    own = float32_device(model, "evaluation")
     cfg, spec = getattr(model, "config", None), get_env_spec(env)
     envs = getattr(cfg, "envs", None)   # a multi-task model acts with the env layers it has selected
     if isinstance(envs, (list, tuple)) and isinstance(getattr(model, "active", None), int):
@@ -157,8 +154,7 @@ def _eval_setup(model, env: str, device, pool: EnvPool | None, env_version: str 
     if all(isinstance(d, int) for d in dims) and dims != (spec.state_dim, spec.act_dim):
         raise UserError(f"the model's states and actions have {dims[0]} and {dims[1]} dimensions; {env}'s have "
                         f"{spec.state_dim} and {spec.act_dim}")
-    device = torch.device(device) if device is not None else (param.device if param is not None else
-                                                                torch.device("cpu"))
+    device = torch.device(device) if device is not None else (own if own is not None else torch.device("cpu"))
     if pool is None:
         return device, EnvPool(env, env_version or DEFAULT_ENV_VERSION)
     if pool.env != env or (env_version is not None and pool.version != env_version):

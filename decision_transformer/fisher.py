@@ -32,6 +32,7 @@ from decision_transformer.errors import UserError, first_line
 from decision_transformer.files import check_zip_checksums, exclusive
 from decision_transformer.paths import project_path
 from decision_transformer.training.losses import masked_action_mse
+from decision_transformer.training.trainer import float32_device
 
 FISHER_TYPES = ("batch", "empirical", "gaussian")
 #: The original estimates the Fisher of every parameter whose name contains this.
@@ -232,7 +233,7 @@ def compute_fisher(model, dataset, *, fisher_type: str = "batch", batch_size: in
         raise UserError(f"--K must be >= 1 (got {K})")
     if isinstance(seed, bool) or not isinstance(seed, int):  # torch's seeding takes only ints
         raise UserError(f"the Fisher seed must be an integer, got {seed!r}")
-    device = next(model.parameters()).device
+    device = float32_device(model, "compute_fisher")
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     torch.manual_seed(seed)  # dropout masks of the batch estimate

@@ -149,3 +149,27 @@ def test_loading_an_lm_into_its_own_architecture_copies_every_block(lm):
     load_lm_into_backbone(net, lm)
     sd = lm.state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in net.state_dict().items() if k in sd)
+
+
+# ---- the analyses and the Fisher refuse a model that is not float32, as evaluate_episodes does -----------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_the_analyses_refuse_a_model_that_is_not_float32(dtype):
+    from decision_transformer.analysis.activations import get_activations
+    from decision_transformer.analysis.attention import model_attention_distances
+    from decision_transformer.analysis.grads import full_batch_param_norms, per_sample_grad_stats
+    from decision_transformer.data import Batch
+
+    B, K = 3, 4
+    batch = Batch(torch.randn(B, K, 11), torch.randn(B, K, 3), torch.randn(B, K, 1), torch.zeros(B, K),
+                  torch.randn(B, K + 1, 1), torch.arange(K).repeat(B, 1), torch.ones(B, K))
+    model = DecisionTransformer(DTConfig(11, 3, max_length=K, backbone=BackboneConfig(n_embd=16, n_layer=1, n_head=2)),
+                                seed=0).to(dtype)
+    for f in (get_activations, model_attention_distances, per_sample_grad_stats, full_batch_param_norms):
+        with pytest.raises(UserError, match=rf"^{f.__name__} runs float32 models; this one's parameters are "
+                                            rf"{dtype} \(use model.float\(\)\)$"):   # used to fail deep in torch
+            f(model, batch)
+    with pytest.raises(UserError, match="^compute_fisher runs float32 models"):
+        compute_fisher(model, None)
+    model.float()
+    assert get_activations(model, batch) and model_attention_distances(model, batch).shape == (B, 1, 2)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from decision_transformer.analysis.runs import model_inputs
+from decision_transformer.analysis.runs import batch_for, model_inputs
 from decision_transformer.errors import UserError
 from decision_transformer.models.gpt2 import eager_attention
 from decision_transformer.training.trainer import module_mode
@@ -60,6 +60,7 @@ def get_activations(model, batch, entries=BLOCK_ENTRIES,
     (``select``-reduced) output of every hooked module as a float32 CPU tensor, keyed and ordered as
     ``hooked_modules``. Full outputs are [B, 3K, D] (c_attn 3D, c_fc and act 4D); ``select`` keeps memory small (e.g.
     three token positions)."""
+    batch = batch_for(model, batch, "get_activations")
     mods = hooked_modules(model, entries)
     store: dict[str, torch.Tensor] = {}
     handles = []

@@ -26,6 +26,7 @@ from decision_transformer.analysis.runs import (
     RunKey,
     SharedDataset,
     analysis_batch,
+    batch_for,
     checkpoint_path,
     envs_with_runs,
     load_model,
@@ -73,6 +74,7 @@ def legacy_attention_distance(c_attn_out: torch.Tensor) -> torch.Tensor:
 def model_attention_distances(model, batch, unit: str = "token", legacy: bool = False) -> np.ndarray:
     """[B, blocks, heads] (legacy: heads = 1) attention distances of one batch, in eval mode (the model is left in
     the mode it was in)."""
+    batch = batch_for(model, batch, "model_attention_distances")
     if legacy:
         acts = get_activations(model, batch, entries=("attn.c_attn",))
         return torch.stack([legacy_attention_distance(v) for v in acts.values()], dim=1)[:, :, None].cpu().numpy()

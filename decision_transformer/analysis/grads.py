@@ -25,6 +25,7 @@ from decision_transformer.analysis.runs import (
     RunKey,
     SharedDataset,
     analysis_batch,
+    batch_for,
     batch_generator,
     envs_with_runs,
     load_model,
@@ -144,6 +145,7 @@ def per_sample_grad_stats(model, batch, *, train_mode: bool = True, seed: int = 
                           max_bytes: int = 1 << 30, chunk_size: int | None = None) -> GradStats:
     """Per-sample gradient statistics of ``batch`` (``GradStats``), computed ``max_bytes`` of gradients at a time.
     The model's ``.grad`` are cleared; it is left in the mode it was in."""
+    batch = batch_for(model, batch, "per_sample_grad_stats")
     names = used_parameters(model, batch)
     n = batch.states.shape[0]
     dev = next(model.parameters()).device
@@ -184,6 +186,7 @@ def full_batch_param_norms(model, batch, *, clip: float | None = GRAD_CLIP, trai
                            seed: int = 0) -> dict[str, float]:
     """L2 norm of the full-batch (clipped) gradient of every ``transformer.h`` tensor (Figure 7). The model's
     ``.grad`` are cleared; it is left in the mode it was in."""
+    batch = batch_for(model, batch, "full_batch_param_norms")
     model.zero_grad(set_to_none=True)
     dev = next(model.parameters()).device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), module_mode(model, train_mode):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from decision_transformer.errors import UserError
 from decision_transformer.models import DecisionTransformer, DTConfig
 from decision_transformer.models.multi_decision_transformer import MODEL_CLASS as MULTI_MODEL_CLASS
 from decision_transformer.paths import PROJECT_ROOT, project_path
+from decision_transformer.training.trainer import float32_device
 
 
 @dataclass(frozen=True)
@@ -402,6 +403,15 @@ def batch_digest(data) -> str:
         h.update(f"{k}{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()[:16]
+
+
+def batch_for(model, batch: Batch, what: str) -> Batch:
+    """``batch`` on the device of ``model``'s parameters (tensors elsewhere are copied), after refusing a model that
+    is not float32 (:func:`~decision_transformer.training.trainer.float32_device`, naming ``what``)."""
+    device = float32_device(model, what)
+    if device is None:
+        return batch
+    return Batch(**{f.name: getattr(batch, f.name).to(device) for f in fields(Batch)})
 
 
 def model_inputs(batch: Batch) -> tuple:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from decision_transformer.data import TrajectoryDataset
-from decision_transformer.errors import TrainingDiverged, first_line
+from decision_transformer.errors import TrainingDiverged, UserError, first_line
 from decision_transformer.training.losses import masked_action_mse
 
 GRAD_CLIP = 0.25
@@ -33,6 +33,19 @@ def module_mode(model, training: bool):
     finally:
         if was_training is not None and was_training != training:
             model.train(was_training)
+
+
+def float32_device(model, what: str):
+    """The device of ``model``'s parameters (None for an object without any), after refusing parameters that are
+    not float32: ``what`` (evaluation, an analysis, the Fisher) computes with float32 buffers and batches, so a
+    half or double model would fail deep inside torch."""
+    params = getattr(model, "parameters", None)   # (any object with get_action will do for an evaluation)
+    param = next(params(), None) if callable(params) else None
+    if param is None:
+        return None
+    if param.dtype != torch.float32:
+        raise UserError(f"{what} runs float32 models; this one's parameters are {param.dtype} (use model.float())")
+    return param.device
 
 
 def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
