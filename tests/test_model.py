@@ -697,3 +697,22 @@ def test_backbone_config_refuses_values_no_model_can_use(field, value, message):
     if field in BackboneConfig.BLOCK_FIELDS:
         with pytest.raises(ValueError, match=re.escape(message)):
             BackboneConfig(block_overrides={"0": {field: value}}).for_block(0)
+
+
+def test_a_call_in_the_originals_argument_order_is_a_type_error():
+    """The originals' forward(states, actions, rewards, returns_to_go, timesteps): five positional arguments land the
+    returns-to-go in ``timesteps``; that is a TypeError naming the signature, as the README says, not a deep embedding
+    RuntimeError."""
+    from decision_transformer.models.multi_decision_transformer import MultiDecisionTransformer, MultiDTConfig
+
+    s, a, rtg, t, m = make_inputs()
+    r = torch.zeros_like(rtg)
+    model = DecisionTransformer(small_cfg(), seed=0)
+    with pytest.raises(TypeError, match=r"timesteps must be an integer tensor, got torch.float32; .*without the "
+                                        r"originals' rewards"):
+        model(s, a, r, rtg, t)
+    multi = MultiDecisionTransformer(MultiDTConfig(envs=["hopper"], max_length=K,
+                                                   backbone=BackboneConfig(n_embd=16, n_layer=1, n_head=2)))
+    with pytest.raises(TypeError, match="timesteps must be an integer tensor"):
+        multi(s, a, r, rtg, t)
+    assert model(s, a, rtg, t, attention_mask=m).action_preds.shape == a.shape

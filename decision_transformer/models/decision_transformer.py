@@ -105,6 +105,14 @@ def timestep_table(cfg, transformer: GPT2Backbone) -> nn.Embedding:
     return transformer.wpe
 
 
+def check_timesteps(timesteps: torch.Tensor):
+    """Refuse float timesteps with a ``TypeError``: what a call in the originals' order (states, actions, rewards,
+    returns_to_go, timesteps) passes here, the returns-to-go landing in ``timesteps``."""
+    if timesteps.is_floating_point():
+        raise TypeError(f"timesteps must be an integer tensor, got {timesteps.dtype}; the forward takes (states, "
+                        f"actions, returns_to_go, timesteps, attention_mask=...), without the originals' rewards")
+
+
 def last_k_padded(K: int, states, actions, returns_to_go, timesteps):
     """The last K steps of M equal-length histories, left-padded with zeros to length K, and the attention mask
     (0 at padding, 1 at real steps): the model input of one evaluation step."""
@@ -173,6 +181,7 @@ class DecisionTransformer(nn.Module):
         H = self.config.hidden_size
         if attention_mask is None:
             attention_mask = torch.ones(B, K, dtype=states.dtype, device=states.device)
+        check_timesteps(timesteps)
         time_emb = self.embed_timestep(timesteps)                                        # [B, K, H]
         embs = [self.embed_return(returns_to_go), self.embed_state(states), self.embed_action(actions)]
         if self.config.embed_order == "time_then_ln":

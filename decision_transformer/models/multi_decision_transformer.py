@@ -21,8 +21,8 @@ from torch import nn
 
 from decision_transformer.envs import get_env_spec
 from decision_transformer.models.decision_transformer import (EMBED_ORDERS, LAST_ACTION_TAIL, BackboneHolder,
-                                                                 DTOutput, check_fields, last_k_padded, positive_int,
-                                                                 timestep_table)
+                                                                 DTOutput, check_fields, check_timesteps, last_k_padded,
+                                                                 positive_int, timestep_table)
 from decision_transformer.models.gpt2 import BackboneConfig, GPT2Backbone
 
 #: The original's env order (index 0, 1, 2).
@@ -131,6 +131,7 @@ class MultiDecisionTransformer(nn.Module):
         H = self.config.hidden_size
         if attention_mask is None:
             attention_mask = torch.ones(B, K, dtype=states.dtype, device=states.device)
+        check_timesteps(timesteps)
         time_emb = self.embed_timestep(timesteps)                                         # [B, K, H]
         embs = [self.embed_returns[i](returns_to_go), self.embed_states[i](states), self.embed_actions[i](actions)]
         if self.config.embed_order == "time_then_ln":
