@@ -36,9 +36,9 @@ from decision_transformer.merge_setup import (check_merged_state, check_multi_so
                                               resolve_method)
 from decision_transformer.models.multi_decision_transformer import (MODEL_CLASS, MULTI_ENVS,
                                                                     MultiDecisionTransformer, MultiDTConfig)
-from decision_transformer.training import (GRAD_CLIP, apply_update, compile_module, freeze_from_args, freeze_unreached,
-                                          mark_step, masked_action_mse, optimizer_from_args, rank_slice,
-                                          warn_context_mismatch)
+from decision_transformer.training import (GRAD_CLIP, apply_update, check_batch_shape, compile_module,
+                                          freeze_from_args, freeze_unreached, mark_step, masked_action_mse,
+                                          optimizer_from_args, rank_slice, warn_context_mismatch)
 from decision_transformer.paths import project_path
 
 NORM_ENVS = ("medium", "medium-expert", "expert", "medium-replay")
@@ -273,6 +273,7 @@ class MultiTrainer:
         self.device_type = next(model.parameters()).device.type
         self.datasets = [(model.env_index(e), data.get(e)) for e in train_envs]
         self.train_envs = list(train_envs)
+        check_batch_shape(batch_size, K)
         self.batch_size, self.K, self.generator = batch_size, K, generator
         warn_context_mismatch(model, K)
         self.grad_clip, self.init_reg = grad_clip, init_reg

@@ -159,6 +159,23 @@ def test_a_generator_on_another_device_than_the_data_is_refused():
         Trainer(model, opt, warmup_schedule(opt, 1), on_gpu, batch_size=4, K=K, generator=torch.Generator())
 
 
+@pytest.mark.parametrize("size", [dict(batch_size=0), dict(batch_size=-2), dict(batch_size=4.0), dict(batch_size=True),
+                                  dict(K=0), dict(K=None)])
+def test_a_trainer_batch_of_no_rows_or_steps_is_refused(data, size):
+    """batch_size=0 used to train on an empty batch and stop with "loss became NaN or inf": a divergence, not a
+    bad argument."""
+    from decision_transformer.multi_run import MultiTrainer
+
+    model = _model()
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.0)
+    kw = dict(dict(batch_size=4, K=K), **size)
+    name, value = next(iter(size.items()))
+    with pytest.raises(ValueError, match=rf"^{name} must be a positive integer, got {value!r}$"):
+        Trainer(model, opt, warmup_schedule(opt, 1), data, generator=torch.Generator(), **kw)
+    with pytest.raises(ValueError, match=rf"^{name} must be a positive integer, got {value!r}$"):
+        MultiTrainer(model, opt, warmup_schedule(opt, 1), None, [], generator=torch.Generator(), **kw)
+
+
 # ---- datasets ------------------------------------------------------------------------------------------------------
 
 def test_trajectories_of_another_env_are_refused(tmp_path):

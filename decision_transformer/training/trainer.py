@@ -124,6 +124,14 @@ def warn_context_mismatch(model, K: int):
                       f"evaluation) is {max_length}", stacklevel=3)
 
 
+def check_batch_shape(batch_size, K):
+    """A trainer's ``batch_size`` and context ``K``: positive integers (a batch of 0 rows gives a NaN loss, which
+    would be reported as a divergence)."""
+    for name, v in (("batch_size", batch_size), ("K", K)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
 class Trainer:
     """Owns the model, optimiser, schedule and batch generator; ``train_iteration`` runs ``num_steps`` steps."""
 
@@ -136,6 +144,7 @@ class Trainer:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.dataset = dataset
+        check_batch_shape(batch_size, K)
         self.batch_size = batch_size
         self.K = K
         if torch.device(generator.device).type != torch.device(dataset.device).type:
