@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from decision_transformer.errors import UserError, deferred_interrupts, write_problem
+from decision_transformer.errors import UserError, deferred_interrupts, first_line, write_problem
 from decision_transformer.files import check_zip_checksums, sync
 
 FORMAT_VERSION = 1
@@ -423,6 +423,19 @@ def check_loadable(own: dict, state_dict: dict, source: str, strict: bool = True
         raise UserError(f"{source} does not match the model: " + "; ".join(problems))
 
 
+def _build_bc(mf, device=None) -> torch.nn.Module:
+    """The ``MLPBCModel`` of a behaviour-cloning model file, weights loaded strictly."""
+    from decision_transformer.models.mlp_bc import MLPBCConfig, MLPBCModel
+
+    try:
+        model = MLPBCModel(MLPBCConfig.from_dict(mf.config["model_config"]))
+        model.load_state_dict(mf.state_dict)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"{mf.path}: the weights do not fit the MLP its config records ({first_line(e)[:200]})") \
+            from None
+    return model.to(device) if device is not None else model
+
+
 def load_model(path: str | os.PathLike, device=None):
     """``(model, model file)`` of any model file the toolkit reads (its own checkpoints, those of the training
     scripts, multi-task ones, bare state dicts and the originals' pickled models): the module rebuilt from the
@@ -431,10 +444,13 @@ def load_model(path: str | os.PathLike, device=None):
     ``env``, ``dataset``, ``specializations`` and ``raw`` (the whole checkpoint, with ``state_mean`` / ``state_std``
     where stored). A multi-task model specialised on one env (finetuned on it) comes with that env's layers
     selected; otherwise, as built, with its first env's (``model.toggle_env(env)`` selects another). Errors are
-    one-line ``UserError``s naming the file."""
+    one-line ``UserError``s naming the file. An MLP behaviour-cloning checkpoint (``--model_type bc``) comes back
+    as its ``MLPBCModel``, which ``evaluate_episodes`` takes."""
     from decision_transformer.legacy_import import build_model, load_model_file
 
-    mf = load_model_file(path)
+    mf = load_model_file(path, allow_bc=True)
+    if (mf.config.get("model_config") or {}).get("model_class") == "mlp_bc":
+        return _build_bc(mf, device).eval(), mf
     model = build_model(mf, device)
     if mf.is_multi and len(mf.specializations) == 1 and mf.specializations[0] in model.config.envs:
         model.toggle_env(mf.specializations[0])

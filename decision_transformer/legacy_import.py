@@ -516,9 +516,10 @@ def check_model_env(mf: ModelFile) -> None:
         check_env_dims(mf.path, env, dims, named_by)
 
 
-def load_model_file(path: str | Path) -> ModelFile:
+def load_model_file(path: str | Path, allow_bc: bool = False) -> ModelFile:
     """Our checkpoint or a plain state dict (``weights_only=True``), else an original whole-module pickle (through
-    the restricted importer). Errors name the file; weights that do not fit the model's env are refused."""
+    the restricted importer). Errors name the file; weights that do not fit the model's env are refused. An MLP
+    behaviour-cloning checkpoint is refused unless ``allow_bc`` (``load_model``: the tools take DTs only)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: model file not found")
@@ -541,8 +542,12 @@ def load_model_file(path: str | Path) -> ModelFile:
                 raise UserError(f"{path}: damaged checkpoint: its {name} is a {type(value).__name__}, not a dict")
         check_state_dict_tensors(obj["state_dict"], path)
         if (mc or {}).get("model_class") == "mlp_bc":
-            raise UserError(f"{path}: an MLP behaviour-cloning checkpoint (--model_type bc); merging, finetuning and "
-                            f"the analyses take Decision Transformer checkpoints")
+            if not allow_bc:
+                raise UserError(f"{path}: an MLP behaviour-cloning checkpoint (--model_type bc); merging, finetuning "
+                                f"and the analyses take Decision Transformer checkpoints")
+            mf = ModelFile(str(path), obj["state_dict"], config, [], obj)
+            check_bc_config(mf)
+            return mf
         mf = ModelFile(str(path), _drop_legacy_buffers(obj["state_dict"]), config,
                        list(obj.get("specializations") or []), obj)
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -554,6 +559,20 @@ def load_model_file(path: str | Path) -> ModelFile:
     check_model_env(mf)
     check_model_config(mf)
     return mf
+
+
+def check_bc_config(mf: ModelFile) -> None:
+    """An MLP behaviour-cloning file's model config must build a model, of its env's state and action sizes."""
+    from decision_transformer.models.mlp_bc import MLPBCConfig
+
+    try:
+        cfg = MLPBCConfig.from_dict(mf.config["model_config"])
+        dims = (int(cfg.state_dim), int(cfg.act_dim))
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{mf.path}: invalid model_config ({e})") from None
+    env = mf.config.get("env")
+    if isinstance(env, str) and env in ENVS:
+        check_env_dims(mf.path, env, dims, "its recorded env")
 
 
 def check_model_config(mf: ModelFile) -> None:

@@ -80,6 +80,27 @@ def test_bc_run_of_experiment_py(tmp_path, monkeypatch, hopper_data):
 
     with pytest.raises(UserError, match="MLP behaviour-cloning checkpoint"):
         load_model_file(rd / "model_2.pt")
+    # ... and load_model gives them back as the MLP, for evaluate_episodes (it used to refuse them)
+    from decision_transformer.checkpoint import load_model
+
+    for path in (rd / "model_2.pt", *(tmp_path / "models" / "hopper").glob("bc_*.pt")):
+        model, mf = load_model(path)
+        assert isinstance(model, MLPBCModel) and not model.training and mf.env == "hopper"
+        assert model.config == MLPBCConfig.from_dict(ckpt["config"]["model_config"])
+        assert all(torch.equal(v, ckpt["state_dict"][k]) for k, v in model.state_dict().items())
+    from decision_transformer.evaluation import evaluate_episodes
+
+    model, mf = load_model(rd / "model_2.pt")     # it evaluates as the run did (the run's seed and statistics)
+    result = evaluate_episodes(model, "hopper", 3600, 2, mf.raw["state_mean"], mf.raw["state_std"], seed=666)
+    assert float(result.returns.mean()) == pytest.approx(rows[-1]["evaluation/target_3600_return_mean"], rel=1e-6)
+    bad = dict(ckpt, config=dict(ckpt["config"], model_config=dict(ckpt["config"]["model_config"], state_dim=17)))
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match=r"bad.pt: state/action dims 17/3, its recorded env hopper needs 11/3"):
+        load_model(tmp_path / "bad.pt")
+    del bad["config"]["env"]                     # (no env to check the sizes against: the weights do not fit them)
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match=r"bad.pt: the weights do not fit the MLP its config records"):
+        load_model(tmp_path / "bad.pt")
 
 
 @pytest.mark.parametrize("flag", [["--pretrained_lm", "gpt2"], ["--frozen"], ["--pretrained_models", "a.pt"],
