@@ -77,6 +77,27 @@ def test_grad_clip_curves_keep_max_epoch_and_label_each_run(tmp_path):
                    ("without grad clip", 1, 1.0), ("without grad clip", 2, 2.0), ("without grad clip", 3, 3.0)]
 
 
+def test_grad_clip_curves_of_each_k_get_their_own_files_in_run_all(tmp_path):
+    """run_all draws one gradient-clip figure per K of *_no_grad_clip runs; all used to go to one file name, the last
+    K's replacing the others' (and the report showing one figure twice)."""
+    from decision_transformer.analysis import report
+
+    ck = tmp_path / "ck"
+    for K, base in ((20, 10.0), (5, 100.0)):
+        metrics_run(ck, "dt", K=K, returns=[base * i for i in range(1, 6)])
+        metrics_run(ck, "dt", K=K, returns=[base * i + 1 for i in range(1, 6)], no_grad_clip=True)
+    report.run(report.build_parser().parse_args(["--checkpoint_dir", str(ck), "--model_name_list", "dt",
+                                                 "--env_name_list", "hopper", "--only", "curves",
+                                                 "--out_dir", str(tmp_path / "rep")]))
+    res = tmp_path / "rep" / "section-54-gradient-analysis" / "results"
+    for tag, base in (("", 10.0), ("_K5", 100.0)):
+        rows = _csv(res / f"learning_curve_grad_clip_dt_hopper_medium_666{tag}.csv")
+        assert [float(v) for c, m, e, v in rows if m == RET and c == "with grad clip"][:2] == [base, 2 * base]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert md.count("learning_curve_grad_clip_dt_hopper_medium_666.png") == 1
+    assert md.count("learning_curve_grad_clip_dt_hopper_medium_666_K5.png") == 1
+
+
 def test_block_curves_default_to_five_epochs_off_hopper_and_use_the_smoothing_weight(tmp_path):
     ck = tmp_path / "ck"
     for b in range(2):

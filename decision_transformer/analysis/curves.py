@@ -409,7 +409,8 @@ def run_grad_clip(args) -> common.Outputs:
             common.integer_ticks(ax)
             common.legend(ax, fontsize=7)
         fig.suptitle(f"{common.model_label(args.model_name)}, {env}")
-        stem = f"learning_curve_grad_clip_{args.model_name}_{env}_{args.dataset_name}_{args.seed}"
+        stem = (f"learning_curve_grad_clip_{args.model_name}_{env}_{args.dataset_name}_{args.seed}"
+                f"{common.run_k_tag(args.K)}")   # (each K's figure its own: run_all draws one per K)
         outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
         outs.files.append(common.save_csv(res / f"{stem}.csv", ["curve", "metric", "epoch", "value"], rows))
     return outs
