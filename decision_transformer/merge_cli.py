@@ -35,7 +35,8 @@ def merge_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("--recipe", default=None, help="YAML file with any of these options (flags override it)")
     p.add_argument("--models", nargs="+", default=None, help="checkpoints to merge; the first is the target")
-    p.add_argument("--out", default=None, help="output checkpoint")
+    p.add_argument("--out", default=None, help="output checkpoint (an existing file is replaced only with --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--merge_method", default="mean", choices=merging.MERGE_METHODS)
     p.add_argument("--include", nargs="*", default=[], help="merged keys contain any of these (empty: all keys; "
                                                             "multi-task merges always merge transformer.h)")
@@ -150,6 +151,9 @@ def check_args(args):
     for m in [*args.models, *([args.merge_base] if args.merge_base else [])]:
         if Path(m).resolve() == out:
             raise UserError(f"--out {args.out} is the input model {m}; write the merge to another file")
+    if Path(args.out).exists() and not args.force:
+        raise UserError(f"--out {args.out} exists (a trained model or an earlier merge); name another file, or pass "
+                        f"--force to replace it")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

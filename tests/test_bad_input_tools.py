@@ -126,6 +126,20 @@ def test_merge_cli_checks_its_output_path_before_any_fisher(tiny, tmp_path, caps
     assert not (tmp_path / "info").exists()                      # no Fisher was computed (and cached) first
 
 
+def test_merge_cli_replaces_an_existing_out_file_only_with_force(tiny, tmp_path, capsys):
+    """An --out that exists (another env's trained model, an earlier merge) used to be replaced without a word."""
+    root, data, paths = tiny
+    out = tmp_path / "walker.pt"
+    out.write_bytes(b"a trained walker2d model")
+    merge = ["--models", str(paths["hopper"]), str(paths["halfcheetah"]), "--include", "attn", "--out", str(out)]
+    msg = fails(merge_cli.main, merge, capsys)
+    assert msg == (f"error: --out {out} exists (a trained model or an earlier merge); name another file, or pass "
+                   f"--force to replace it")
+    assert out.read_bytes() == b"a trained walker2d model"
+    merge_cli.main([*merge, "--force"])
+    assert torch.load(out, weights_only=True)["config"]["merge_info"]["include"] == ["attn"]
+
+
 def test_merge_cli_never_writes_a_non_finite_merge_or_over_an_input(tiny, tmp_path, capsys):
     root, data, paths = tiny
     sd = torch.load(paths["hopper"], weights_only=True)
@@ -135,7 +149,7 @@ def test_merge_cli_never_writes_a_non_finite_merge_or_over_an_input(tiny, tmp_pa
     out = tmp_path / "m.pt"
     out.write_bytes(b"an earlier merge")
     msg = fails(merge_cli.main, ["--models", str(nan_model), str(paths["halfcheetah"]), "--include", "attn", "mlp",
-                                 "--out", str(out)], capsys)
+                                 "--out", str(out), "--force"], capsys)
     # (refused as an input, before any merge is computed, naming the damaged file)
     assert msg == f"error: {nan_model}: tensor transformer.h.0.attn.c_attn.weight contains NaN or inf"
     assert out.read_bytes() == b"an earlier merge"

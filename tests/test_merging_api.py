@@ -284,7 +284,8 @@ def test_merge_cli_reports_the_merged_fraction_with_and_without_wte(tmp_path, ca
     for p, words in (("0.2", "mean of 2 models weighted 0.8 : 0.2 (--p 0.2)"),
                      ("0", "mean of 2 models weighted 1 : 0 (--p 0) (model 1 alone)"),
                      ("1", "mean of 2 models weighted 0 : 1 (--p 1) (model 2 alone)")):
-        merge_cli.main(["--models", *paths, "--include", "attn", "--device", "cpu", "--out", str(out), "--p", p])
+        merge_cli.main(["--models", *paths, "--include", "attn", "--device", "cpu", "--out", str(out), "--p", p,
+                        "--force"])
         err = capsys.readouterr().err
         assert f"merge: {words} over 4 of {tot} tensors" in err and f"merged checkpoint ({words})" in err
     assert merge_setup.merge_words("fisher", 3, 0.0) == "fisher of 3 models"     # --p weighs two models only
