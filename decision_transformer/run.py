@@ -500,6 +500,20 @@ def recorded_config(run_dir: Path, note: bool = True) -> dict | None:
 
 # ---- the run ----------------------------------------------------------------------------------------------------
 
+
+def check_inputs_outside(run_dir: Path, args):
+    """A fresh run moves what its folder holds to ``previous/`` first: refuse one that starts from a model file in that
+    folder (``--load_checkpoint``, ``--pretrained_models``), such as a finetune of the run's own ``model_2.pt`` under
+    the same folder name. The file would be moved away under the run, and ``--resume`` could no longer find it."""
+    folder = Path(run_dir).resolve()
+    for flag, paths in (("--load_checkpoint", [getattr(args, "load_checkpoint", None)]),
+                        ("--pretrained_models", getattr(args, "pretrained_models", None) or [])):
+        for p in paths:
+            if p and Path(p).resolve().parent == folder:
+                raise UserError(f"{flag} {p} lies in the folder this run writes ({run_dir}), whose files a fresh run "
+                                f"moves to previous/; copy it elsewhere first, or give this run another --outdir")
+
+
 def run_experiment(args) -> dict:
     """Train and evaluate as ``experiment.py``; returns the last iteration's logs."""
     return _run(args, EXPERIMENT)
@@ -658,6 +672,7 @@ def _run_locked(args, script: str, take_lock) -> dict:
     if run_dir is not None and ctx.is_main:
         clean_folder(run_dir)
     if not args.resume and run_dir is not None and ctx.is_main:
+        check_inputs_outside(run_dir, args)
         moved = set_aside_previous_run(run_dir)
         if moved is not None:
             print(f"warning: {run_dir} held an earlier run; moved it to {moved} (use --resume to continue a run)",

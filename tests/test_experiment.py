@@ -351,6 +351,26 @@ def test_a_fresh_run_sets_an_earlier_one_aside(tmp_path, monkeypatch, capsys, ho
                                                                    "model_1.pt", "previous", "train_state.pt"]
 
 
+def test_a_fresh_run_starting_from_a_model_in_its_own_folder_is_refused(tmp_path, monkeypatch, capsys, hopper_data):
+    """A finetune of the run's own model_2.pt with the same folder name (--load_checkpoint and -lr are not part of
+    it) used to move its source to previous/ under itself; --resume then could not find it."""
+    run(tmp_path, monkeypatch, hopper_data, "--max_iters", "2", "--num_steps_per_iter", "2", "--num_eval_episodes", "0")
+    before = {p.name: p.read_bytes() for p in run_dir(tmp_path).iterdir()}
+    src = run_dir(tmp_path) / "model_2.pt"
+    for path in (src, "./checkpoints/dt_medium_hopper_666_K5/../dt_medium_hopper_666_K5/model_2.pt"):
+        msg = expect_error(capsys, ["--data_path", str(hopper_data), *TINY, "--max_iters", "1", "--num_steps_per_iter",
+                                    "2", "--num_eval_episodes", "0", "--load_checkpoint", str(path), "-lr", "5e-5"])
+        assert msg == (f"error: --load_checkpoint {path} lies in the folder this run writes "
+                       f"({run_dir(tmp_path).relative_to(tmp_path)}), whose files a fresh run moves to previous/; copy "
+                       f"it elsewhere first, or give this run another --outdir")
+        assert {p.name: p.read_bytes() for p in run_dir(tmp_path).iterdir()} == before   # nothing moved
+    copy = tmp_path / "start.pt"
+    copy.write_bytes(src.read_bytes())
+    run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes", "0",
+        "--load_checkpoint", str(copy), "-lr", "5e-5")
+    assert "previous" in {p.name for p in run_dir(tmp_path).iterdir()}
+
+
 def test_corrupt_dataset(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "hopper-medium-v2.pkl").write_bytes(b"\x80\x04garbage")
