@@ -42,7 +42,6 @@ def convert(path: str, data_path: str, force: bool = True) -> str:
         pkl_name,
         read_hdf5,
         split_episodes,
-        stand_in_mark_path,
         synthetic_stand_in,
         validate_trajectories,
     )
@@ -59,9 +58,8 @@ def convert(path: str, data_path: str, force: bool = True) -> str:
                            require_episode=True)
     # what is written is what was checked: float32 arrays, (T,) rewards, next_observations of the env's width
     trajs = validate_trajectories(trajs, spec, path, next_observations=True)
-    out = write_pkl(target, trajs)
-    if mark is not None:   # random-policy data under D4RL's name: the mark goes with it
-        stand_in_mark_path(out).write_text(mark + "\n")
+    out = write_pkl(target, trajs, stand_in=mark)   # random-policy data under D4RL's name: marked as such
+    if mark is not None:
         print(f"warning: {path} is a smoke-test stand-in ({mark}); {out} is marked as one", file=sys.stderr)
     returns = np.array([t["rewards"].sum() for t in trajs])
     steps = sum(len(t["rewards"]) for t in trajs)

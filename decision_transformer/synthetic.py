@@ -72,9 +72,11 @@ def write_hdf5(path: str | os.PathLike, data: dict[str, np.ndarray], attrs: dict
     return atomic_write(path, write)
 
 
-def write_pkl(path: str | os.PathLike, trajectories: list[dict[str, np.ndarray]]) -> Path:
-    """The DT pickle, written whole and then renamed into place; a stand-in mark left by an earlier pickle of that
-    name goes (the writer of a stand-in marks it again)."""
+def write_pkl(path: str | os.PathLike, trajectories: list[dict[str, np.ndarray]], stand_in: str | None = None) -> Path:
+    """The DT pickle, written whole and then renamed into place. ``stand_in`` (what the data is, for random-policy
+    data under D4RL's name): its mark file is written *before* the pickle takes the name, so that no interruption
+    leaves such data unmarked (the training scripts warn on a marked file). Otherwise a mark left by an earlier
+    pickle of that name goes once the new one is in place."""
     from decision_transformer.data import stand_in_mark_path
 
     def write(tmp):
@@ -82,9 +84,19 @@ def write_pkl(path: str | os.PathLike, trajectories: list[dict[str, np.ndarray]]
         with open(tmp, "wb") as f:
             pickle.dump(trajectories, f)
 
-    out = atomic_write(path, write)
-    stand_in_mark_path(out).unlink(missing_ok=True)
-    return out
+    mark = stand_in_mark_path(path)
+    if stand_in is None:
+        out = atomic_write(path, write)
+        mark.unlink(missing_ok=True)
+        return out
+    new_mark = not mark.exists()
+    atomic_write(mark, lambda tmp: Path(tmp).write_text(stand_in + "\n"))
+    try:
+        return atomic_write(path, write)
+    except BaseException:   # the pickle was not replaced: a mark made for it alone goes again
+        if new_mark:
+            mark.unlink(missing_ok=True)
+        raise
 
 
 def make_dataset(data_path: str | os.PathLike, env: str, dataset: str, num_transitions: int, seed: int = 0,

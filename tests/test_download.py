@@ -324,6 +324,43 @@ def test_a_stand_ins_pickle_is_marked_and_hdf5_conversion_keeps_an_existing_pick
     assert "stand-in" not in capsys.readouterr().err
 
 
+def test_a_stand_ins_pickle_is_never_in_place_without_its_mark(tmp_path, monkeypatch):
+    """The mark is written before the pickle takes D4RL's name: an interruption between the two used to leave
+    random-policy data under that name unmarked, trained on without a warning. An interrupted write of the pickle
+    takes a mark made for it alone away again, and leaves a real pickle it would have replaced unmarked."""
+    import os
+
+    from decision_transformer import synthetic
+    from decision_transformer.synthetic import make_dataset
+
+    h5 = tmp_path / "h5" / "hopper_medium-v2.hdf5"
+    script.main(["--synthetic", "2", "--envs", "hopper", "--datasets", "medium", "--hdf5_dir", str(h5.parent),
+                 "--data_path", str(tmp_path / "first")])
+    pkl, mark = tmp_path / "data" / "hopper-medium-v2.pkl", tmp_path / "data" / "hopper-medium-v2.synthetic"
+    replace, seen = os.replace, []
+
+    def watch(src, dst):
+        if Path(dst) == pkl:
+            seen.append(mark.is_file())
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", watch)
+    script.main(["--hdf5", str(h5), "--data_path", str(pkl.parent)])
+    assert seen == [True] and mark.is_file()
+    # an interrupted stand-in write over a real pickle: the real one stays, unmarked
+    make_dataset(pkl.parent, "hopper", "medium", 400, max_ep_len=100, overwrite=True)
+    real = pkl.read_bytes()
+    assert not mark.exists()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt   # Ctrl-C while the pickle is written
+
+    monkeypatch.setattr(synthetic.pickle, "dump", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.write_pkl(pkl, [], stand_in="2 episodes")
+    assert pkl.read_bytes() == real and not mark.exists()
+
+
 def test_run_from_the_data_folder_writes_there(tmp_path, monkeypatch):
     """The seeds' `cd data; python download_d4rl_datasets.py`: run from inside the project's data folder, the
     datasets go to that folder (where training reads them), not to data/data; from the project's root to data."""
