@@ -11,6 +11,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any working directory without installing
 
+from decision_transformer.errors import quiet_startup  # noqa: E402
+
+quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
 from decision_transformer.errors import cli_entry  # noqa: E402
 from decision_transformer.fisher import precompute_parser, run_precompute  # noqa: E402
 

@@ -16,6 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from decision_transformer.errors import quiet_startup  # noqa: E402
+
+quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
 from decision_transformer.envs import D4RL_ENVS  # noqa: E402
 from decision_transformer.paths import project_path  # noqa: E402
 from decision_transformer.errors import UserError, cli_entry  # noqa: E402

@@ -20,6 +20,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from decision_transformer.errors import quiet_startup  # noqa: E402
+
+quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
 from decision_transformer.cli import positive_int
 from decision_transformer.envs import D4RL_ENVS
 from decision_transformer.errors import cli_entry

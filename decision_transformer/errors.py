@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import os
 import sys
 import warnings
 
@@ -116,6 +117,42 @@ def _argparse_error(parser, message):
     raise UserError(f"{parser.prog}: {message} (see {parser.prog} --help)")
 
 
+_STARTUP_HANDLERS: dict = {}   # signal -> the handler quiet_startup replaced, until cli_entry puts it back
+
+
+def quiet_startup(name: str):
+    """Call first thing in a script, with its ``__name__`` (nothing happens unless it is ``"__main__"``): until its
+    ``cli_entry`` main starts, Ctrl-C or SIGTERM ends the script with ``error: interrupted`` and exit 130, as later
+    on, instead of an import traceback or a silent exit. Importing torch and the toolkit takes a second or more, and
+    nothing has been written yet."""
+    import signal
+    import threading
+
+    if name != "__main__" or threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum, frame):
+        """End the script before anything was written: one line, exit 130."""
+        sys.stderr.write("error: interrupted\n")
+        sys.stderr.flush()
+        os._exit(130)
+
+    for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(sig) is default:   # (a handler someone else installed, or SIG_IGN, is kept)
+            _STARTUP_HANDLERS[sig] = signal.signal(sig, stop)
+
+
+def _end_quiet_startup():
+    """Put back the handlers ``quiet_startup`` replaced: from here on Ctrl-C raises KeyboardInterrupt, so that the
+    script's ``finally`` blocks run."""
+    import signal
+    import threading
+
+    while _STARTUP_HANDLERS and threading.current_thread() is threading.main_thread():
+        sig, handler = _STARTUP_HANDLERS.popitem()
+        signal.signal(sig, handler)
+
+
 def cli_entry(main):
     """Wrap a script's ``main`` so that a ``UserError``, a flag argparse rejects or an unwritable / unreadable path
     (an ``OSError`` no earlier check caught) prints one line ``error: <message>`` and exits non-zero."""
@@ -124,6 +161,7 @@ def cli_entry(main):
     def wrapper(argv=None):
         """Run ``main(argv)``; a user error, an OS error, Ctrl-C or SIGTERM, or running out of memory is one
         ``error:`` line and a non-zero exit instead of a traceback."""
+        _end_quiet_startup()
         before = argparse.ArgumentParser.error
         argparse.ArgumentParser.error = _argparse_error  # one line instead of the usage block
         term = _stop_on_sigterm()

@@ -31,6 +31,10 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from decision_transformer.errors import quiet_startup
+
+quiet_startup(__name__)  # (python -m: Ctrl-C while torch loads is one line, exit 130)
+
 import numpy as np
 import torch
 

@@ -21,6 +21,10 @@ import math
 import sys
 from pathlib import Path
 
+from decision_transformer.errors import quiet_startup
+
+quiet_startup(__name__)  # (python -m: Ctrl-C while torch loads is one line, exit 130)
+
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
 from decision_transformer.checkpoint import atomic_save, make_checkpoint

@@ -34,6 +34,10 @@ import math
 import sys
 from pathlib import Path
 
+from decision_transformer.errors import quiet_startup
+
+quiet_startup(__name__)  # (python -m: Ctrl-C while torch loads is one line, exit 130)
+
 import numpy as np
 
 from decision_transformer.cli import HelpFormatter, check_upper_bounds

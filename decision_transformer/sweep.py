@@ -30,6 +30,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from decision_transformer.errors import quiet_startup
+
+quiet_startup(__name__)  # (python -m: Ctrl-C while torch loads is one line, exit 130)
+
 from decision_transformer.cli import positive_int
 from decision_transformer.errors import Interrupted, UserError, cli_entry, first_line
 from decision_transformer.files import open_lock

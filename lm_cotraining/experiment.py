@@ -13,6 +13,10 @@ import sys
 # the repository root (this file's parent folder), so the package imports without installing
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from decision_transformer.errors import quiet_startup  # noqa: E402
+
+quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
 from decision_transformer.cli import warn_inert_flags  # noqa: E402
 from decision_transformer.cli_lm import lm_cotraining_parser  # noqa: E402
 from decision_transformer.errors import cli_entry  # noqa: E402

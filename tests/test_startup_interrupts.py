@@ -1,0 +1,84 @@
+"""Ctrl-C or SIGTERM while a script is still importing torch and the toolkit (a second or more) ends it as later on:
+``error: interrupted``, exit 130, no traceback. Once its ``cli_entry`` main runs, Ctrl-C is a KeyboardInterrupt again,
+so that the script's ``finally`` blocks run."""
+import ast
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: every script a user starts (a file, or a module run with ``python -m``) that imports torch or numpy on the way
+ENTRY_POINTS = [
+    "experiment.py", "experiment_multi.py", "precompute_fisher.py", "lm_cotraining/experiment.py",
+    "lm_cotraining/pretrain_chibit.py", "data/generate_datasets.py", "data/minari_datasets.py",
+    "data/reacher2d_scripted_data.py", "data/train_behaviour_policies.py", "data/download_d4rl_datasets.py",
+    "data/create_state_stats.py", "decision_transformer/legacy_import.py", "decision_transformer/results_table.py",
+    "decision_transformer/sweep.py", "decision_transformer/merge_cli.py",
+]
+
+
+def _python(code: str, sig: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", code.replace("THE_SIGNAL", str(int(sig)))], capture_output=True, text=True,
+                          env=env, timeout=60, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_imports_is_one_line_and_exit_130(sig):
+    out = _python("import os, time\n"
+                  "from decision_transformer.errors import quiet_startup\n"
+                  "quiet_startup('__main__')\n"
+                  "os.kill(os.getpid(), THE_SIGNAL)\n"
+                  "time.sleep(30)\n", sig)
+    assert (out.returncode, out.stderr) == (130, "error: interrupted\n")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_inside_main_a_signal_runs_the_finally_blocks_again(sig):
+    out = _python("import os, time\n"
+                  "from decision_transformer.errors import cli_entry, quiet_startup\n"
+                  "quiet_startup('__main__')\n"
+                  "@cli_entry\n"
+                  "def main(argv=None):\n"
+                  "    try:\n"
+                  "        os.kill(os.getpid(), THE_SIGNAL)\n"
+                  "        time.sleep(30)\n"
+                  "    finally:\n"
+                  "        print('cleaned up', flush=True)\n"
+                  "main()\n", sig)
+    assert (out.returncode, out.stdout, out.stderr) == (130, "cleaned up\n", "error: interrupted\n")
+
+
+def test_only_a_script_run_as_main_changes_the_handlers():
+    out = _python("import signal\n"
+                  "from decision_transformer.errors import quiet_startup\n"
+                  "quiet_startup('decision_transformer.merge_cli')\n"
+                  "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler,\n"
+                  "      signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)\n", signal.SIGINT)
+    assert out.stdout == "True True\n"
+
+
+@pytest.mark.parametrize("path", ENTRY_POINTS)
+def test_every_entry_point_quiets_its_startup_before_importing_torch(path):
+    """The first statement importing anything beyond the standard library and ``decision_transformer.errors`` comes
+    after ``quiet_startup(__name__)`` (a script importing nothing more at its top does so inside its main, where
+    ``cli_entry`` handles Ctrl-C)."""
+    tree = ast.parse((ROOT / path).read_text())
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    quiet = heavy = None
+    for i, node in enumerate(tree.body):
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and \
+                getattr(node.value.func, "id", None) == "quiet_startup" and quiet is None:
+            assert [ast.unparse(a) for a in node.value.args] == ["__name__"]
+            quiet = i
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module] if isinstance(node, ast.ImportFrom) else [])
+        if heavy is None and any(n.split(".")[0] not in stdlib and n != "decision_transformer.errors" for n in names):
+            heavy = i
+    assert heavy is None or (quiet is not None and quiet < heavy), (quiet, heavy)
+    assert 'if __name__ == "__main__"' in (ROOT / path).read_text()
