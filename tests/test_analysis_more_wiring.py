@@ -105,7 +105,7 @@ def test_block_curves_default_to_five_epochs_off_hopper_and_use_the_smoothing_we
     curves.run_no_context(curves.build_no_context_parser().parse_args(
         ["--checkpoint_dir", str(ck), "--env_name_list", "walker2d", "-block", "--smoothing", "0.5",
          "--results_dir", str(tmp_path / "res"), "--figs_dir", str(tmp_path / "figs")]))
-    rows = _csv(tmp_path / "res" / "learning_curve_block_walker2d_medium_666.csv")
+    rows = _csv(tmp_path / "res" / "learning_curve_block_walker2d_medium_666_smooth0.5.csv")   # (tagged weight)
     ret = [(int(e), float(v), float(s)) for c, m, e, v, s in rows
            if c == "block 0" and m == "evaluation/target_5000_return_mean"]
     # y0 = 8, y_n = 0.5 y_{n-1} + 0.5 x_n

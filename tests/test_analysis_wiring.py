@@ -293,7 +293,8 @@ def test_target_selects_the_metric(tmp_path, two_seeds):
     ck, _ = two_seeds
     scores.run(score_args(ck, tmp_path, "--model_name_list", "dt", "--seed_list", "666", "--target", "1800",
                           "--no_figure"))
-    [r] = _csv(tmp_path / "res" / "normalized_scores_medium_K20_d4rl.csv")
+    [r] = _csv(tmp_path / "res" / "normalized_scores_medium_K20_d4rl_target1800.csv")   # tagged, with its target
+    assert int(r["target"]) == 1800
     assert (float(r["best_return"]), float(r["last_return"])) == (150.0, 25.0)   # the 1800 series is half the 3600
     assert float(r["best_score"]) == pytest.approx(d4rl(150.0), rel=1e-12)
 

@@ -18,6 +18,8 @@ from decision_transformer.paths import project_path
 
 #: TAKAGI's evaluation target per env (``target_{3600|6000|5000}_return_mean``).
 TAKAGI_TARGETS = {"hopper": 3600, "halfcheetah": 6000, "walker2d": 5000}
+#: The EMA weight of the block-replacement curves (TAKAGI's).
+DEFAULT_SMOOTHING = 0.8
 ACTION_ERROR = "training/action_error"
 
 
@@ -30,13 +32,22 @@ class MetricNotLogged(UserError):
     """A run whose metrics lack the key asked for: skipped with a note, as a missing run."""
 
 
-def return_key(env: str, target: int | None = None) -> str:
-    """The metric of the evaluated return: TAKAGI's target per env, for other envs (reacher2d) their first one. An
+def eval_target(env: str, target: int | None = None) -> int:
+    """The evaluation target read: ``target``, else TAKAGI's per env, for other envs (reacher2d) their first one. An
     unknown env name is an error listing the known ones."""
     spec = get_env_spec(env)
-    if target is None:
-        target = TAKAGI_TARGETS.get(env, spec.targets[0])
-    return f"evaluation/target_{int(target)}_return_mean"
+    return int(target if target is not None else TAKAGI_TARGETS.get(env, spec.targets[0]))
+
+
+def return_key(env: str, target: int | None = None) -> str:
+    """The metric of the evaluated return at ``eval_target(env, target)``."""
+    return f"evaluation/target_{eval_target(env, target)}_return_mean"
+
+
+def target_tag(args) -> str:
+    """``_target{T}`` in the file names of results read at a ``--target`` given; empty for the default targets, so
+    the default names stay the originals'."""
+    return "" if args.target is None else f"_target{int(args.target)}"
 
 
 # ---- reading metrics --------------------------------------------------------------------------------------------
@@ -203,10 +214,16 @@ def build_no_context_parser():
                         "igpt: dt-igpt_..._K1_block{b}), drawn against that LM's and the random init's K=1 runs")
     p.add_argument("--max_epoch", type=int, default=None,
                    help="epochs shown (default: all; with -block 10 for hopper, 5 for the others, as TAKAGI)")
-    p.add_argument("--smoothing", type=float, default=0.8, help="EMA weight of the block-replacement curves")
-    p.add_argument("--legacy_smoothing", action="store_true", help="TAKAGI's filter start y0 = 1.2 x0")
-    p.add_argument("--target", type=int, default=None, help="evaluation target (default 3600/6000/5000; other envs: their first)")
-    p.add_argument("--score_norm", choices=["d4rl", "dataset"], default="d4rl", help="Table 2's normalisation")
+    p.add_argument("--smoothing", type=float, default=DEFAULT_SMOOTHING,
+                   help=f"EMA weight of the block-replacement curves (other than {DEFAULT_SMOOTHING}: their files "
+                        f"tagged _smooth{{w}})")
+    p.add_argument("--legacy_smoothing", action="store_true",
+                   help="TAKAGI's filter start y0 = 1.2 x0 (block-replacement files tagged _legacysmooth)")
+    p.add_argument("--target", type=int, default=None,
+                   help="evaluation target (default 3600/6000/5000; other envs: their first; given: the files, Table "
+                        "2's too, tagged _target{T})")
+    p.add_argument("--score_norm", choices=["d4rl", "dataset"], default="d4rl",
+                   help="Table 2's normalisation (its files are named by it; the curves are raw returns)")
     p.add_argument("--run_K", type=int, default=20, help="the K of the runs with context drawn against the K=1 runs")
     p.add_argument("--data_path", "--path_to_load_data", "-pld", dest="data_path", type=str,
                    default=project_path("data"), help="random/expert datasets for --score_norm dataset")
@@ -259,7 +276,7 @@ def run_no_context(args) -> common.Outputs:
         common.legend(ax, fontsize=7)
     outs.notes += common.unique(f"skipped: {msg}" for msg in missing)
     stem = (f"learning_curve_no_context_{'_'.join(args.model_name_list)}_{args.dataset_name}_{args.seed}"
-            + common.run_k_tag(args.run_K))
+            + common.run_k_tag(args.run_K) + target_tag(args))
     outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
     outs.files.append(common.save_csv(res / f"{stem}.csv", ["env", "model", "K", "epoch", "return_mean"], rows))
     # Table 2: the K = 1 runs' normalised scores
@@ -278,6 +295,13 @@ def run_no_context(args) -> common.Outputs:
     except UserError as e:
         outs.notes.append(f"Table 2 not written: {e}")
     return outs
+
+
+def block_curve_tag(args) -> str:
+    """The block-replacement files' tag of the settings that change them, where not the default: ``_target{T}``,
+    ``_smooth{w}`` (``--smoothing``), ``_legacysmooth`` (``--legacy_smoothing``), in this order."""
+    return target_tag(args) + (f"_smooth{args.smoothing:g}" if args.smoothing != DEFAULT_SMOOTHING else "") \
+        + ("_legacysmooth" if args.legacy_smoothing else "")
 
 
 class NoBlockRuns(RunNotFound):
@@ -361,7 +385,8 @@ def _block_figure(args, env: str, plt, res: Path) -> common.Outputs:
     common.legend(axes[1], fontsize=6, ncol=2)
     lm = "" if host == "dt" else f" {common.model_label(args.replaced_lm)}"
     fig.suptitle(f"{env}: one pretrained{lm} block replaced into a K=1 Random Init DT ({depth} blocks)")
-    stem = f"learning_curve_block_{env}_{args.dataset_name}_{args.seed}" + ("" if host == "dt" else f"_{args.replaced_lm}")
+    stem = (f"learning_curve_block_{env}_{args.dataset_name}_{args.seed}"
+            + ("" if host == "dt" else f"_{args.replaced_lm}") + block_curve_tag(args))
     outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
     outs.files.append(common.save_csv(res / f"{stem}.csv", ["curve", "metric", "epoch", "value", "smoothed"], rows))
     return outs
@@ -377,7 +402,9 @@ def build_grad_clip_parser():
     p.add_argument("--seed", type=int, default=666)
     p.add_argument("--K", "--run_K", dest="K", type=int, default=20, help="the runs' K (folders ..._K{K})")
     p.add_argument("--max_epoch", type=int, default=10)
-    p.add_argument("--target", type=int, default=None)
+    p.add_argument("--target", type=int, default=None,
+                   help="evaluation target (default 3600/6000/5000; other envs: their first; given: files tagged "
+                        "_target{T})")
     common.add_wandb_flags(p)
     common.add_curve_output_flags(p, "grads")
     return p
@@ -410,7 +437,7 @@ def run_grad_clip(args) -> common.Outputs:
             common.legend(ax, fontsize=7)
         fig.suptitle(f"{common.model_label(args.model_name)}, {env}")
         stem = (f"learning_curve_grad_clip_{args.model_name}_{env}_{args.dataset_name}_{args.seed}"
-                f"{common.run_k_tag(args.K)}")   # (each K's figure its own: run_all draws one per K)
+                f"{common.run_k_tag(args.K)}{target_tag(args)}")   # (each K's figure its own: run_all draws one per K)
         outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
         outs.files.append(common.save_csv(res / f"{stem}.csv", ["curve", "metric", "epoch", "value"], rows))
     return outs

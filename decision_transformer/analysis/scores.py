@@ -4,7 +4,8 @@ Per run: the best (max over evaluated epochs) and the last value of ``evaluation
 normalised with D4RL's reference returns (default) or TAKAGI's dataset-based reference (``--score_norm dataset``:
 100·(R - mean return of the random dataset) / (mean return of the expert dataset - that of the random one)).
 The table shows mean ± std (population std, as numpy) over seeds of the ``--select``-ed value; the CSV has both.
-``--score_norm dataset --select best`` reproduces TAKAGI's Table 1.
+``--score_norm dataset --select best`` reproduces TAKAGI's Table 1. ``--target T`` tags the file names
+``_target{T}``, so they sit next to the default tables; the CSV's ``target`` column says which target each row read.
 """
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ import math
 import numpy as np
 
 from decision_transformer.analysis import common
-from decision_transformer.analysis.curves import MetricNotLogged, RunNotFound, metric_series, return_key, run_metrics
+from decision_transformer.analysis.curves import (
+    TAKAGI_TARGETS,
+    MetricNotLogged,
+    RunNotFound,
+    eval_target,
+    metric_series,
+    return_key,
+    run_metrics,
+    target_tag,
+)
 from decision_transformer.analysis.runs import RunKey
 from decision_transformer.data import load_dataset
 from decision_transformer.envs import get_env_spec
@@ -92,7 +102,9 @@ def build_parser():
     p.add_argument("--score_norm", choices=["d4rl", "dataset"], default="d4rl")
     p.add_argument("--select", choices=["best", "last"], default="best",
                    help="value shown in the table (the CSV always has both)")
-    p.add_argument("--target", type=int, default=None, help="evaluation target (default 3600/6000/5000; other envs: their first)")
+    p.add_argument("--target", type=int, default=None,
+                   help="evaluation target (default 3600/6000/5000; other envs: their first; given: results tagged "
+                        "_target{T})")
     p.add_argument("--data_path", "--path_to_load_data", "-pld", dest="data_path", type=str,
                    default=project_path("data"), help="random/expert datasets for --score_norm dataset")
     p.add_argument("--no_figure", action="store_true")
@@ -140,13 +152,14 @@ def run(args) -> common.Outputs:
                     outs.notes.append(f"dataset-based normalisation for {env}: {refs[env][2]}")
                 norm = (lambda x, env=env: float(d4rl_normalize(env, x))) if args.score_norm == "d4rl" else \
                     (lambda x, env=env: float(dataset_normalize(x, refs[env])))
-                records.append({"env": env, "model": m, "seed": seed, "run": key.dir_name, "best_epoch": be,
-                                "best_return": bv, "best_score": norm(bv), "last_epoch": le, "last_return": lv,
+                records.append({"env": env, "model": m, "seed": seed, "run": key.dir_name,
+                                "target": eval_target(env, args.target), "best_epoch": be, "best_return": bv,
+                                "best_score": norm(bv), "last_epoch": le, "last_return": lv,
                                 "last_score": norm(lv)})
     if not records:
         raise UserError("no runs found for the score table: " + "; ".join(missing[:3]))
     outs.notes += [f"skipped: {msg}" for msg in missing]
-    stem = f"normalized_scores_{args.dataset_name}_K{args.K}_{args.score_norm}"
+    stem = f"normalized_scores_{args.dataset_name}_K{args.K}_{args.score_norm}{target_tag(args)}"
     cols = list(records[0])
     outs.files.append(common.save_csv(res / f"{stem}.csv", cols, [[r[c] for c in cols] for r in records]))
     header = ["env"] + [common.model_label(m) for m in args.model_name_list]
@@ -157,7 +170,8 @@ def run(args) -> common.Outputs:
         for m in args.model_name_list:
             vals = [r[f"{args.select}_score"] for r in records if r["env"] == env and r["model"] == m]
             cell = mean_std(vals)
-            if quoted and (m, env) in REID_QUOTED:
+            # REID's values are at TAKAGI's targets
+            if quoted and (m, env) in REID_QUOTED and eval_target(env, args.target) == TAKAGI_TARGETS[env]:
                 cell += " (REID {:.1f} ± {:.1f})".format(*REID_QUOTED[(m, env)])
             row.append(cell)
         rows.append(row)
@@ -165,8 +179,9 @@ def run(args) -> common.Outputs:
     outs.files.append(common.save_text(res / f"{stem}_{args.select}.md", table + "\n"))
     name = "Table 1" if args.K == 20 else ("Table 2" if args.K == 1 else f"K={args.K}")
     seeds = sorted({r["seed"] for r in records})
+    at = "" if args.target is None else f", target {int(args.target)}"
     outs.tables.append(((f"{name}: {args.select} normalised score ({args.score_norm}), {args.dataset_name}, "
-                         f"K={args.K}, mean ± std over seeds {seeds}"), table))
+                         f"K={args.K}{at}, mean ± std over seeds {seeds}"), table))
     if not args.no_figure:
         outs.figures.append(_figure(records, args, stem))
     return outs
