@@ -144,7 +144,7 @@ def test_run_mi_records_the_depth(tmp_path):
                                                              "--iters", "1", "--batch_size", "3", "--device", "cpu",
                                                              "--layers", "4"]])
     mi.run_mi(args)
-    assert int(np.load(res / "mi_xy_4_40_dt_hopper_medium_666.npz")["depth"]) == 5
+    assert int(np.load(res / "mi_xy_4_40_dt_hopper_medium_666_it1_mb3.npz")["depth"]) == 5    # (tagged settings)
 
 
 # ---- 2. labels over neighbouring panels, empty panels --------------------------------------------------------------
@@ -286,7 +286,7 @@ def test_random_init_alone_keeps_its_colour_in_the_checkpoint_figures(tmp_path, 
     assert [mcolors.to_hex(ln.get_color()) for ln in figs["cka_plot_0_40_dt_hopper_medium_666_state"].axes[0].lines
             if ln.get_label() == "Random Init"] == [green]
     for stem in ("att_dist_diff_0_4_dt_hopper_medium_666_K1", "paramdist_0_40_dt_hopper_medium_666",
-                 "grad_confusion_1_dt_hopper_medium_666"):
+                 "grad_confusion_1_dt_hopper_medium_666_bs4"):                     # (--batch_size 4: tagged)
         assert {mcolors.to_hex(p.get_facecolor()) for p in figs[stem].axes[0].patches} == {green}, stem
 
 
@@ -498,13 +498,13 @@ def test_figures_keep_model_colours_ticks_and_labels(tmp_path, curve_runs, tiny_
     assert [line.get_linestyle() for line in clip.lines] == ["-", "--"]
     ticks = clip.get_xticks()
     assert len(ticks) and all(float(t).is_integer() for t in ticks)
-    per = got["gradnorm_perparam_1_igpt_hopper_medium_666_unclipped"]
+    per = got["gradnorm_perparam_1_igpt_hopper_medium_666_unclipped_bs4"]             # (--batch_size 4: tagged)
     assert {mcolors.to_hex(p.get_facecolor()) for p in per.axes[0].patches} == {mcolors.to_hex("C1")}  # iGPT's
     assert not {mcolors.to_hex(p.get_facecolor()) for p in per.axes[1].patches} & \
         {mcolors.to_hex(f"C{i}") for i in range(10)}                                        # greys, no model's colour
-    assert got["gradnorms_1_igpt_hopper_medium_666_unclipped"].axes[0].get_ylabel() == \
+    assert got["gradnorms_1_igpt_hopper_medium_666_unclipped_bs4"].axes[0].get_ylabel() == \
         "per-sample gradient norm (unclipped)"
-    assert got["grad_confusion_1_igpt_hopper_medium_666"].axes[0].get_ylabel() == "min pairwise cosine (i ≠ j)"
+    assert got["grad_confusion_1_igpt_hopper_medium_666_bs4"].axes[0].get_ylabel() == "min pairwise cosine (i ≠ j)"
 
 
 def test_parameter_figures_show_negative_cosines_and_share_the_concat_scale(tmp_path, tiny_runs, figures,  # noqa: F811

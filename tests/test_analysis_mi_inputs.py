@@ -193,7 +193,7 @@ def test_activations_saved_on_another_batch_than_the_data_file_are_refused(tmp_p
            f"{mi.data_file(out, 'hopper', 'medium', 666)} holds" in err
     assert not (tmp_path / "mi").exists()
     load_script(RUN_MI).main([str(a) for a in [*mi_argv, "--model_name", "gpt2"]])
-    assert (tmp_path / "mi" / "mi_40_gpt2_hopper_medium_666.npz").is_file()
+    assert (tmp_path / "mi" / "mi_40_gpt2_hopper_medium_666_it1.npz").is_file()          # (--iters 1: tagged)
 
 
 @pytest.mark.parametrize("exp_type", ["normal", "no_context"])
@@ -216,7 +216,7 @@ def test_mi_figures_warn_when_their_models_saw_different_batches(tmp_path, hoppe
         run_mi([str(a) for a in [*mi_argv, "--model_name", m]])
     plot = load_script(PLOT_MI).main
     plot_argv = [str(a) for a in ["--results_dir", out, "--figs_dir", tmp_path / "figs", "--model_name_list", "dt",
-                                  "gpt2", "--exp_type", exp_type]]
+                                  "gpt2", "--exp_type", exp_type, "--iters", "1", "--mine_hidden", "4"]]
     capsys.readouterr()
     plot(plot_argv)
     assert "different batches" not in capsys.readouterr().err

@@ -82,13 +82,14 @@ def test_default_outputs_go_under_the_working_directory(tmp_path, tiny_runs, mon
     run_mi = load_script("mine/run_mi_exp.py").main
     run_mi(mine + ["--model_name", "gpt2"])
     run_mi(mine + ["--exp_type", "data"])
-    load_script(f"{MI}/plot_mutual_information.py").main(["--model_name_list", "gpt2"])
-    load_script(f"{MI}/plot_mutual_information_data.py").main(["--env_name", "hopper"])
+    setting = ["--iters", "1", "--mine_hidden", "4", "--batch_size", "3"]        # the plots read what these wrote
+    load_script(f"{MI}/plot_mutual_information.py").main(["--model_name_list", "gpt2", *setting])
+    load_script(f"{MI}/plot_mutual_information_data.py").main(["--env_name", "hopper", *setting])
     mres, mfigs = cwd / MI / "results", cwd / MI / "figs"
     assert (mres / "activation_40_gpt2_hopper_medium_666.npz").is_file()
-    assert (mres / "mi_xy_0_40_gpt2_hopper_medium_666.npz").is_file()
-    assert (mfigs / "mi_xy_40_gpt2_hopper_medium_666.png").is_file()
-    assert (mfigs / "mi_data_hopper_medium_666.png").is_file()
+    assert (mres / "mi_xy_0_40_gpt2_hopper_medium_666_h4_it1_mb3.npz").is_file()
+    assert (mfigs / "mi_xy_40_gpt2_hopper_medium_666_h4_it1_mb3.png").is_file()
+    assert (mfigs / "mi_data_hopper_medium_666_h4_it1_mb3.png").is_file()
 
     load_script("analysis/run_all.py").main(ck + ["--only", "params", "--model_name_list", "dt"])
     assert (cwd / "analysis" / "report" / "report.md").is_file()
@@ -167,7 +168,7 @@ def test_run_k_selects_the_runs(tmp_path, k5_runs, capsys):
     assert np.load(res / "paramdist_0_40_dt_hopper_medium_666_K5.npy").shape == (24,)
     load_script("analysis/section-54-gradient-analysis/compute_grad_norm.py").main(
         base + ["--model_name_list", "dt"])
-    assert np.load(res / "gradnorms_1_dt_hopper_medium_666_K5.npy").shape == (1, 6)
+    assert np.load(res / "gradnorms_1_dt_hopper_medium_666_K5_bs6.npy").shape == (1, 6)    # (--batch_size 6: tagged)
     load_script("analysis/section-56-dependence-on-context/compute_attention_distance.py").main(
         base + ["--model_name_list", "dt"])
     assert np.load(res / "att_dist_diff_0_4_dt_hopper_medium_666_K5.npy").shape == (6, 2, 2)  # [B, blocks, heads]
@@ -179,11 +180,12 @@ def test_run_k_selects_the_runs(tmp_path, k5_runs, capsys):
     io = ["-psm", res, "-pd", res, "-pa", res, "--iters", 1, "--mine_hidden", 4, "--batch_size", 3, "--device", "cpu"]
     run_mi = load_script("mine/run_mi_exp.py").main
     run_mi(io + ["--model_name", "dt", "--run_K", "5"])
-    assert (res / "mi_xy_0_40_dt_hopper_medium_666_K5.npz").is_file()
+    assert (res / "mi_xy_0_40_dt_hopper_medium_666_K5_h4_it1_mb3.npz").is_file()          # (MINE settings: tagged)
     msg = expect_exit(capsys, run_mi, io + ["--model_name", "dt"])                   # K=20 files: none
     assert "data_hopper_medium_666.npz: file not found" in msg
-    load_script(f"{MI}/plot_mutual_information.py").main(["--model_name_list", "dt", "--run_K", "5", *out])
-    assert (tmp_path / "figs" / "mi_xy_40_dt_hopper_medium_666_K5.png").is_file()
+    load_script(f"{MI}/plot_mutual_information.py").main(["--model_name_list", "dt", "--run_K", "5", *out, "--iters",
+                                                          1, "--mine_hidden", 4, "--batch_size", 3])
+    assert (tmp_path / "figs" / "mi_xy_40_dt_hopper_medium_666_K5_h4_it1_mb3.png").is_file()
 
 
 def test_run_all_with_other_k(tmp_path, k5_runs):

@@ -223,27 +223,27 @@ def test_gradient_scripts(tmp_path, tiny_runs):  # noqa: F811
     base = ["--checkpoint_dir", tiny_runs, "--env_name_list", "hopper", "--model_name_list", "gpt2", "dt", *DATA]
     conf(base + out(tmp_path))
     res = tmp_path / "res"
-    c = np.load(res / "gradcossim_1_dt_hopper_medium_666.npy")
+    c = np.load(res / "gradcossim_1_dt_hopper_medium_666_bs6.npy")   # (--batch_size 6: tagged)
     assert c.shape == (6, 6) and np.allclose(np.diag(c), 1.0, atol=1e-5) and np.allclose(c, c.T, atol=1e-6)
-    rows = {r["model"]: r for r in _rows(res / "grad_confusion_1_gpt2_dt_hopper_medium_666.csv")}
+    rows = {r["model"]: r for r in _rows(res / "grad_confusion_1_gpt2_dt_hopper_medium_666_bs6.csv")}
     assert float(rows["dt"]["min_cosine"]) == pytest.approx(c[~np.eye(6, dtype=bool)].min(), abs=1e-6)
     # the mean over the pairs i != j, as the minimum: the diagonal's ones are left out
     assert float(rows["dt"]["mean_cosine"]) == pytest.approx(c[~np.eye(6, dtype=bool)].mean(), abs=1e-6)
-    figure_ok(tmp_path / "figs" / "grad_confusion_1_gpt2_dt_hopper_medium_666")
+    figure_ok(tmp_path / "figs" / "grad_confusion_1_gpt2_dt_hopper_medium_666_bs6")
     conf(base + ["--independent_batches"] + out(tmp_path / "ind"))
     ind = tmp_path / "ind" / "res"
-    assert np.allclose(np.load(ind / "gradcossim_1_gpt2_hopper_medium_666.npy"),
-                       np.load(res / "gradcossim_1_gpt2_hopper_medium_666.npy"))  # first draw: the same batch
-    assert not np.allclose(np.load(ind / "gradcossim_1_dt_hopper_medium_666.npy"), c)  # then a different one
+    assert np.allclose(np.load(ind / "gradcossim_1_gpt2_hopper_medium_666_indep_bs6.npy"),
+                       np.load(res / "gradcossim_1_gpt2_hopper_medium_666_bs6.npy"))  # first draw: the same batch
+    assert not np.allclose(np.load(ind / "gradcossim_1_dt_hopper_medium_666_indep_bs6.npy"), c)  # then another
     norm = load_script("analysis/section-54-gradient-analysis/compute_grad_norm.py").main
     norm(base + out(tmp_path))
-    n = np.load(res / "gradnorms_1_gpt2_dt_hopper_medium_666.npy")
+    n = np.load(res / "gradnorms_1_gpt2_dt_hopper_medium_666_bs6.npy")
     assert n.shape == (2, 6) and (n > 0).all() and (n <= 0.25 + 1e-6).all()
     norm(base + ["--unclipped", "--train_mode", "false"] + out(tmp_path))
-    assert np.load(res / "gradnorms_1_gpt2_dt_hopper_medium_666_unclipped.npy").shape == (2, 6)
-    pp = _rows(res / "gradnorm_perparam_1_dt_hopper_medium_666.csv")
+    assert np.load(res / "gradnorms_1_gpt2_dt_hopper_medium_666_unclipped_evalmode_bs6.npy").shape == (2, 6)
+    pp = _rows(res / "gradnorm_perparam_1_dt_hopper_medium_666_bs6.csv")
     assert len(pp) == 24 and pp[0]["parameter"] == "0.ln_1.weight"
-    figure_ok(tmp_path / "figs" / "gradnorm_perparam_1_dt_hopper_medium_666")
+    figure_ok(tmp_path / "figs" / "gradnorm_perparam_1_dt_hopper_medium_666_bs6")
 
 
 def test_attention_script_and_missing_checkpoint(tmp_path, tiny_runs, capsys):  # noqa: F811
@@ -282,7 +282,7 @@ def test_model_scripts_leave_out_the_default_envs_without_runs(tmp_path, tiny_ru
             assert f"note: skipped {env}: no " in printed, (name, printed)
     res = tmp_path / "res"
     assert (res / "cka_0_40_gpt2gpt2_hopper_medium_666_block_state.npy").is_file()
-    assert (res / "gradcossim_1_dt_hopper_medium_666.npy").is_file()
+    assert (res / "gradcossim_1_dt_hopper_medium_666_bs6.npy").is_file()          # (--batch_size 6: tagged)
     assert (res / "att_dist_diff_0_4_dt_hopper_medium_666_K1.npy").is_file()
     msg = expect_exit(capsys, load_script(f"analysis/{scripts['cka']}").main,
                       ["--checkpoint_dir", str(tiny_runs), "--epoch2", "7", *extra["cka"], *out(tmp_path)])
@@ -324,7 +324,7 @@ def test_on_a_real_experiment_run(tmp_path, monkeypatch, hopper_data):
     assert cka.shape == (18, 18) and np.isfinite(cka).all()
     for title in ("CKA (Fig. 1)", "Figs. 3, 4", "Figs. 5, 6, 7"):
         assert title in text
-    assert "**Failed" not in text and "![grad_confusion_1_dt_hopper_medium_666]" in text
+    assert "**Failed" not in text and "![grad_confusion_1_dt_hopper_medium_666_bs4]" in text   # (--grad_batch_size 4)
 
 
 def test_run_all_writes_one_report(tmp_path, tiny_runs):  # noqa: F811
@@ -340,7 +340,8 @@ def test_run_all_writes_one_report(tmp_path, tiny_runs):  # noqa: F811
     assert "| hopper | gpt2 | 42, 666, 666_K1, 666_no_grad_clip |" in text
     links = [line[line.index("](") + 2:-1] for line in text.splitlines() if line.startswith("![")]
     assert len(links) >= 8 and all((rep / link).is_file() for link in links)
-    assert (rep / "section-52-mutual-information" / "results" / "mi_xy_2_40_igpt_hopper_medium_666.npz").is_file()
+    mres = rep / "section-52-mutual-information" / "results"
+    assert (mres / "mi_xy_2_40_igpt_hopper_medium_666_h4_it1.npz").is_file()     # (--mine_iters 1 --mine_hidden 4)
     cfg = json.loads((tiny_runs / "gpt2_medium_hopper_666" / "config.json").read_text())
     assert cfg["model_name"] == "gpt2"  # the fixture really is named like an LM run
     assert torch.load(tiny_runs / "gpt2_medium_hopper_666" / "model_0.pt", weights_only=True)["format_version"] == 1

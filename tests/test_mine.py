@@ -200,16 +200,18 @@ def test_scripts_end_to_end(tmp_path, tiny_runs, capsys):  # noqa: F811
         for exp in ("normal", "no_context"):
             run_mi([str(x) for x in io + ["--model_name", m, "--exp_type", exp]])
     run_mi([str(x) for x in io + ["--exp_type", "data"]])
-    r = np.load(res / "mi_xy_0_40_gpt2_hopper_medium_666.npz")
+    tag = "_h8_it1_mb4"                                   # --mine_hidden 8 --iters 1 --batch_size 4 tag the files
+    r = np.load(res / f"mi_xy_0_40_gpt2_hopper_medium_666{tag}.npz")
     assert r["x"].shape == (8,) and np.isfinite(r["x"]).all()
     plot = load_script("analysis/section-52-mutual-information/plot_mutual_information.py").main
-    plot(["--results_dir", str(res), "--figs_dir", str(figs), "--model_name_list", "gpt2", "igpt", "dt"])
-    plot(["--results_dir", str(res), "--figs_dir", str(figs), "--exp_type", "no_context"])
+    setting = ["--mine_hidden", "8", "--iters", "1", "--batch_size", "4"]       # the plots read them given the same
+    plot(["--results_dir", str(res), "--figs_dir", str(figs), "--model_name_list", "gpt2", "igpt", "dt", *setting])
+    plot(["--results_dir", str(res), "--figs_dir", str(figs), "--exp_type", "no_context", *setting])
     load_script("analysis/section-52-mutual-information/plot_mutual_information_data.py").main(
-        ["--results_dir", str(res), "--figs_dir", str(figs)])
+        ["--results_dir", str(res), "--figs_dir", str(figs), *setting])
     for stem in ("mi_xy_40_gpt2_igpt_hopper_medium_666", "mi_no_context_40_gpt2_igpt_hopper_medium_666",
                  "mi_data_hopper_medium_666"):
-        assert (figs / f"{stem}.png").stat().st_size > 1000 and (figs / f"{stem}.pdf").is_file()
+        assert (figs / f"{stem}{tag}.png").stat().st_size > 1000 and (figs / f"{stem}{tag}.pdf").is_file()
     msg = expect_exit(capsys, run_mi, io + ["--model_name", "dt"])
     assert "activation_40_dt_hopper_medium_666.npz" in msg and "not found" in msg
 
@@ -228,7 +230,7 @@ def test_save_activation_takes_the_originals_two_output_folders(tmp_path, tiny_r
     load_script("mine/run_mi_exp.py").main([str(x) for x in (
         "-psm", tmp_path / "mi", "-pd", data, "-pa", acts, "--iters", 1, "--mine_hidden", 8, "--batch_size", 4,
         "--device", "cpu", "--model_name", "gpt2")])
-    assert (tmp_path / "mi" / "mi_xy_0_40_gpt2_hopper_medium_666.npz").is_file()
+    assert (tmp_path / "mi" / "mi_xy_0_40_gpt2_hopper_medium_666_h8_it1_mb4.npz").is_file()      # (tagged settings)
 
 
 def test_the_originals_pickled_npy_dicts_are_read_without_running_code(tmp_path, monkeypatch, capsys):

@@ -177,12 +177,13 @@ def add_checkpoint_flags(p, *, plm_alias: bool = False, aliases=()):
     p.add_argument("--dataset_name", type=str, default="medium")
 
 
-def add_data_flags(p, *, device_default: str = "cpu", batch_size: int = 100, data_aliases=()):
-    """The analysis batch's flags; ``data_aliases``: further spellings of ``--data_path``."""
+def add_data_flags(p, *, device_default: str = "cpu", batch_size: int = 100, data_aliases=(), batch_size_help=None):
+    """The analysis batch's flags; ``data_aliases``: further spellings of ``--data_path``; ``batch_size_help``: the
+    help of ``--batch_size``."""
     p.add_argument("--data_path", *data_aliases, dest="data_path", type=str, default=None,
                    help="folder with {env}-{dataset}-v2.pkl; default: the data file recorded in the checkpoint, "
                         "else ./data")
-    p.add_argument("--batch_size", type=int, default=batch_size)
+    p.add_argument("--batch_size", type=int, default=batch_size, help=batch_size_help)
     p.add_argument("--K", type=int, default=20, help="context length of the analysis batch (timesteps)")
     p.add_argument("--batch_seed", type=int, default=0,
                    help="seed of the batch sampler; every model gets the same batch")

@@ -204,9 +204,14 @@ def full_batch_param_norms(model, batch, *, clip: float | None = GRAD_CLIP, trai
 
 # ---- the scripts ------------------------------------------------------------------------------------------------
 
+#: The scripts' default --batch_size: gradient confusion (Figure 5), gradient norms (Figures 6 and 7).
+CONFUSION_BATCH_SIZE, NORM_BATCH_SIZE = 50, 100
+
+
 def _common_parser(desc, batch_size, results_alias):
     """The flags of both scripts; each path flag and --env_name_list also take the original scripts' spelling
-    (``results_alias``: that of --results_dir)."""
+    (``results_alias``: that of --results_dir). A flag that changes the numbers tags the file names when it is not
+    its default (:func:`setting_tag`)."""
     p = common.parser(desc)
     common.add_checkpoint_flags(p, aliases=("--path_to_load_model",))
     p.add_argument("--env_name_list", "--env_name", dest="env_name_list", nargs="+", default=list(common.ENV_NAMES))
@@ -214,35 +219,52 @@ def _common_parser(desc, batch_size, results_alias):
     p.add_argument("--seed", type=int, default=666)
     p.add_argument("--epoch", type=int, default=1, help="checkpoint model_{epoch}.pt (1 = after 2500 steps)")
     p.add_argument("--train_mode", type=common.str2bool, nargs="?", const=True, default=True,
-                   help="dropout on while taking gradients, as the original (--train_mode false: eval mode)")
+                   help="dropout on while taking gradients, as the original (--train_mode false: eval mode; results "
+                        "tagged _evalmode)")
     p.add_argument("--independent_batches", action="store_true",
-                   help="each model draws its own batch from one shared sampler (TAKAGI's behaviour)")
-    p.add_argument("--grad_seed", type=int, default=0, help="seed of the dropout masks")
+                   help="each model draws its own batch from one shared sampler (TAKAGI's behaviour; results tagged "
+                        "_indep)")
+    p.add_argument("--grad_seed", type=int, default=0,
+                   help="seed of the dropout masks (other than 0: results tagged _gseed{n})")
     p.add_argument("--max_grad_memory_gb", type=float, default=1.0,
-                   help="per-sample gradients held at once; larger models take several seeded passes")
+                   help="per-sample gradients held at once; larger models take several seeded passes (same results)")
     common.add_run_k_flag(p)
-    common.add_data_flags(p, device_default="cpu", batch_size=batch_size, data_aliases=("--path_to_load_data",))
+    common.add_data_flags(p, device_default="cpu", batch_size=batch_size, data_aliases=("--path_to_load_data",),
+                          batch_size_help=f"samples per model (other than {batch_size}: results tagged _bs{{n}})")
     common.add_output_flags(p, "grads", results_aliases=(results_alias,), figs_aliases=("--path_to_save_figure",))
     return p
 
 
 def build_confusion_parser():
     """The command-line parser of the gradient-confusion script (Figure 5)."""
-    p = _common_parser("Figure 5: gradient confusion (minimum pairwise cosine of per-sample gradients).", 50,
-                       "--path_to_save_gradcossim")
+    p = _common_parser("Figure 5: gradient confusion (minimum pairwise cosine of per-sample gradients).",
+                       CONFUSION_BATCH_SIZE, "--path_to_save_gradcossim")
     p.add_argument("--eps", type=float, default=0.0,
                    help=f"added to the cosine's denominator (TAKAGI: {TAKAGI_COS_EPS}; it pulls the cosines of small "
-                        "clipped gradients towards 0)")
+                        "clipped gradients towards 0; other than 0: results tagged _eps{eps})")
     return p
 
 
 def build_norm_parser():
     """The command-line parser of the gradient-norm script (Figures 6 and 7)."""
-    p = _common_parser("Figures 6 and 7: per-sample gradient norms and full-batch per-parameter norms.", 100,
-                       "--path_to_save_gradnorm")
-    p.add_argument("--unclipped", action="store_true", help="report the norms before the 0.25 clip")
+    p = _common_parser("Figures 6 and 7: per-sample gradient norms and full-batch per-parameter norms.",
+                       NORM_BATCH_SIZE, "--path_to_save_gradnorm")
+    p.add_argument("--unclipped", action="store_true", help="report the norms before the 0.25 clip (results tagged "
+                                                            "_unclipped)")
     p.add_argument("--top_k", type=int, default=2, help="tensors named in the per-parameter ratio figure")
     return p
+
+
+def setting_tag(args, default_batch_size: int) -> str:
+    """The file-name tag of the gradient settings that change the numbers, where not their default: ``_evalmode``
+    (``--train_mode false``), ``_indep`` (``--independent_batches``), ``_bs{n}`` (``--batch_size`` other than
+    ``default_batch_size``, the script's), ``_gseed{n}`` (``--grad_seed`` other than 0), ``_eps{eps}`` (confusion's
+    ``--eps`` other than 0), in this order; empty for the defaults, so the default names stay the originals' and
+    another setting's results never replace them."""
+    return ("" if args.train_mode else "_evalmode") + ("_indep" if args.independent_batches else "") \
+        + (f"_bs{args.batch_size}" if args.batch_size != default_batch_size else "") \
+        + (f"_gseed{args.grad_seed}" if args.grad_seed != 0 else "") \
+        + (f"_eps{args.eps:g}" if getattr(args, "eps", 0.0) != 0 else "")
 
 
 def _batches(args, env, device, notes: list):
@@ -281,7 +303,7 @@ def run_confusion(args) -> common.Outputs:
     res = common.out_dir(args.results_dir)
     outs = common.Outputs()
     max_bytes = int(args.max_grad_memory_gb * 2**30)
-    ktag = common.run_k_tag(common.run_k(args))
+    ktag = common.run_k_tag(common.run_k(args)) + setting_tag(args, CONFUSION_BATCH_SIZE)
     for env in envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes):
         summary = []
         for m, lm, batch in _batches(args, env, device, outs.notes):
@@ -321,7 +343,8 @@ def run_norms(args) -> common.Outputs:
     res = common.out_dir(args.results_dir)
     outs = common.Outputs()
     clip = None if args.unclipped else GRAD_CLIP
-    tag = common.run_k_tag(common.run_k(args)) + ("_unclipped" if args.unclipped else "")
+    tag = common.run_k_tag(common.run_k(args)) + ("_unclipped" if args.unclipped else "") \
+        + setting_tag(args, NORM_BATCH_SIZE)
     max_bytes = int(args.max_grad_memory_gb * 2**30)
     plt = common.pyplot()
     for env in envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes):

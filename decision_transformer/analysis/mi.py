@@ -84,34 +84,54 @@ def _add_run_k(p, reading: bool):
         common.add_run_k_flag(p)
 
 
-#: run_mi_exp.py's estimator variants and the tag each puts in its file names, so that a variant's results sit next
-#: to the default ones instead of replacing them (``_nopad``, ``_L2``, ``_fdiv``; in this order).
+#: run_mi_exp.py's estimator variants and settings and the tag each puts in its file names, so that their results
+#: sit next to the default ones instead of replacing them (``_nopad``, ``_L2``, ``_fdiv``, ``_h64``, ``_it100``,
+#: ``_mb32``, ``_lr0.001``; in this order).
+MINE_DEFAULTS = {"mine_hidden_layers": 3, "mine_loss": "mine", "mine_hidden": 400, "iters": 1000, "batch_size": 50,
+                 "lr": 1e-4}
 _VARIANT_HELP = {
     "exclude_padding": "leave left-padded steps out of each estimate (results tagged _nopad)",
     "mine_hidden_layers": "hidden layers of the statistics network: the code's 3; the paper's text says 2 (other than 3: "
                           "results tagged _L{n})",
     "mine_loss": "mine: the moving-average-corrected bound; other losses tag the results _{loss}",
+    "mine_hidden": "width of the statistics network's hidden layers (other than 400: results tagged _h{n})",
+    "iters": "passes over the samples per estimate (other than 1000: results tagged _it{n})",
+    "batch_size": "MINE's minibatch (other than 50: results tagged _mb{n})",
+    "lr": "MINE's Adam learning rate (other than 0.0001: results tagged _lr{lr})",
 }
 
 
 def _add_variant_flags(p, reading: bool):
-    """``--exclude_padding``, ``--mine_hidden_layers`` and ``--mine_loss``: run_mi_exp.py's estimator variants, or
-    (``reading``) which variant's results a plotting script reads."""
+    """run_mi_exp.py's estimator variants and settings (``--exclude_padding``, ``--mine_hidden_layers``,
+    ``--mine_loss``, ``--mine_hidden``, ``--iters``, ``--batch_size``, ``--lr``), or (``reading``) which run's results
+    a plotting script reads."""
     read = "read the results of run_mi_exp.py run with this flag: " if reading else ""
+    d = MINE_DEFAULTS
     p.add_argument("--exclude_padding", action="store_true", help=read + _VARIANT_HELP["exclude_padding"])
-    p.add_argument("--mine_hidden_layers", type=int, default=3, help=read + _VARIANT_HELP["mine_hidden_layers"])
-    p.add_argument("--mine_loss", choices=LOSSES, default="mine", help=read + _VARIANT_HELP["mine_loss"])
+    p.add_argument("--mine_hidden_layers", type=int, default=d["mine_hidden_layers"],
+                   help=read + _VARIANT_HELP["mine_hidden_layers"])
+    p.add_argument("--mine_loss", choices=LOSSES, default=d["mine_loss"], help=read + _VARIANT_HELP["mine_loss"])
+    p.add_argument("--mine_hidden", type=int, default=d["mine_hidden"], help=read + _VARIANT_HELP["mine_hidden"])
+    p.add_argument("--iters", type=int, default=d["iters"], help=read + _VARIANT_HELP["iters"])
+    p.add_argument("--batch_size", type=int, default=d["batch_size"], help=read + _VARIANT_HELP["batch_size"])
+    p.add_argument("--lr", type=float, default=d["lr"], help=read + _VARIANT_HELP["lr"])
 
 
 def _variant_tag(args) -> str:
-    """The file-name tag of the estimator variant ``args`` selects; empty for the default (the original's)."""
+    """The file-name tag of the estimator variant and settings ``args`` selects; empty for the default (the
+    original's)."""
+    d = MINE_DEFAULTS
     return ("_nopad" if args.exclude_padding else "") \
-        + (f"_L{args.mine_hidden_layers}" if args.mine_hidden_layers != 3 else "") \
-        + (f"_{args.mine_loss}" if args.mine_loss != "mine" else "")
+        + (f"_L{args.mine_hidden_layers}" if args.mine_hidden_layers != d["mine_hidden_layers"] else "") \
+        + (f"_{args.mine_loss}" if args.mine_loss != d["mine_loss"] else "") \
+        + (f"_h{args.mine_hidden}" if args.mine_hidden != d["mine_hidden"] else "") \
+        + (f"_it{args.iters}" if args.iters != d["iters"] else "") \
+        + (f"_mb{args.batch_size}" if args.batch_size != d["batch_size"] else "") \
+        + (f"_lr{args.lr:g}" if args.lr != d["lr"] else "")
 
 
-_SAME_FLAGS = ("; the results of a --run_K, --exclude_padding, --mine_hidden_layers or --mine_loss run are read with "
-               "the same flags")
+_SAME_FLAGS = ("; the results of a --run_K, --exclude_padding, --mine_hidden_layers, --mine_loss, --mine_hidden, "
+               "--iters, --batch_size or --lr run are read with the same flags")
 
 
 def _tags(args) -> str:
@@ -219,10 +239,6 @@ def build_mi_parser():
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     common.add_threads_flag(p)
     _add_variant_flags(p, reading=False)
-    p.add_argument("--mine_hidden", type=int, default=400)
-    p.add_argument("--iters", type=int, default=1000, help="passes over the samples")
-    p.add_argument("--batch_size", type=int, default=50)
-    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--layers", nargs="+", type=int, default=None,
                    help="blocks for --exp_type normal (default: 0, depth//2, depth-1)")
     return p

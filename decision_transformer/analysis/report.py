@@ -67,8 +67,10 @@ def build_parser():
     p.add_argument("--epoch2", type=int, default=40, help="CKA / MI / parameter epoch (else the nearest below)")
     p.add_argument("--grad_epoch", type=int, default=1)
     p.add_argument("--attention_epoch2", type=int, default=4)
-    p.add_argument("--mine_iters", type=int, default=1000, help="MINE passes per estimate (the original's 1000)")
-    p.add_argument("--mine_hidden", type=int, default=400)
+    p.add_argument("--mine_iters", type=int, default=1000,
+                   help="MINE passes per estimate (the original's 1000; other values: MI files tagged _it{n})")
+    p.add_argument("--mine_hidden", type=int, default=400,
+                   help="MINE's hidden width (other than 400: MI files tagged _h{n})")
     p.add_argument("--score_norm", choices=["d4rl", "dataset"], default="d4rl")
     p.add_argument("--distance_ylim", choices=["paper", "auto"], default="paper",
                    help="parameter-distance axis (see parameter_similarity_analysis.py --help)")
@@ -264,8 +266,10 @@ def step_mi(plan: _Plan, args) -> common.Outputs:
     outs = common.Outputs()
     res = Path(args.out_dir) / common.SECTIONS["mi"] / "results"
     figs = res.parent / "figs"
-    mine_flags = ["--iters", args.mine_iters, "--mine_hidden", args.mine_hidden, "--device", args.device,
-                  "--dataset_name", args.dataset_name, "--seed", args.seed, "--run_K", args.run_K]
+    # the MINE settings tag run_mi_exp.py's files where not the defaults: the plots read them given the same flags
+    setting = ["--iters", args.mine_iters, "--mine_hidden", args.mine_hidden]
+    mine_flags = [*setting, "--device", args.device, "--dataset_name", args.dataset_name, "--seed", args.seed,
+                  "--run_K", args.run_K]
     for env in plan.envs:
         models, e = plan.models_at(env, args.epoch2, "mutual information", outs.notes)
         if e is None:
@@ -285,11 +289,13 @@ def step_mi(plan: _Plan, args) -> common.Outputs:
         for exp in ("normal", "no_context"):
             a = mi.build_plot_parser().parse_args(list(map(str, [
                 "--exp_type", exp, "--env_name", env, "--epoch", e, "--model_name_list", *models, "--seed", args.seed,
-                "--dataset_name", args.dataset_name, "--results_dir", res, "--figs_dir", figs, "--run_K", args.run_K])))
+                "--dataset_name", args.dataset_name, "--results_dir", res, "--figs_dir", figs, "--run_K", args.run_K,
+                *setting])))
             outs.extend(mi.plot_mi(a))
     a = mi.build_plot_data_parser().parse_args(list(map(str, ["--env_name_list", *plan.envs, "--seed", args.seed,
                                                              "--dataset_name", args.dataset_name, "--results_dir", res,
-                                                             "--figs_dir", figs, "--run_K", args.run_K])))
+                                                             "--figs_dir", figs, "--run_K", args.run_K,
+                                                             *setting])))
     try:
         outs.extend(mi.plot_mi_data(a))
     except UserError as err:
