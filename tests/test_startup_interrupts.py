@@ -25,16 +25,22 @@ ENTRY_POINTS = [
 
 
 def _python(code: str, sig: int) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python (Ctrl-C at its default), ``THE_SIGNAL`` in it standing for ``sig``."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-c", code.replace("THE_SIGNAL", str(int(sig)))], capture_output=True, text=True,
-                          env=env, timeout=60, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.run([sys.executable, "-c", code.replace("THE_SIGNAL", str(int(sig)))], capture_output=True,
+                          text=True, env=env, timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+#: a script's first lines: the handlers of its startup installed
+STARTED = ("import os, time\n"
+           "from decision_transformer.errors import cli_entry, quiet_startup\n"
+           "quiet_startup('__main__')\n")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_the_imports_is_one_line_and_exit_130(sig):
-    out = _python("import os, time\n"
-                  "from decision_transformer.errors import quiet_startup\n"
-                  "quiet_startup('__main__')\n"
+    out = _python(STARTED +
                   "os.kill(os.getpid(), THE_SIGNAL)\n"
                   "time.sleep(30)\n", sig)
     assert (out.returncode, out.stderr) == (130, "error: interrupted\n")
@@ -42,9 +48,7 @@ def test_a_signal_during_the_imports_is_one_line_and_exit_130(sig):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_inside_main_a_signal_runs_the_finally_blocks_again(sig):
-    out = _python("import os, time\n"
-                  "from decision_transformer.errors import cli_entry, quiet_startup\n"
-                  "quiet_startup('__main__')\n"
+    out = _python(STARTED +
                   "@cli_entry\n"
                   "def main(argv=None):\n"
                   "    try:\n"

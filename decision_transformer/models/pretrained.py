@@ -403,9 +403,17 @@ def _block_diffs(have: BackboneConfig, want: dict) -> list[tuple[str, object, ob
         ("layer_norm_epsilon", have.layer_norm_epsilon, want["layer_norm_epsilon"])) if h != w]
 
 
-def _describe_diffs(diffs: list[tuple[str, object, object]]) -> str:
-    return (", ".join(f"{name} {h!r}" for name, h, _ in diffs) + ", the LM's block has "
-            + ", ".join(f"{name} {w!r}" for name, _, w in diffs))
+def _check_host_block(cfg: BackboneConfig, lm: PretrainedLM, b: int, fix: str):
+    """Refuse a host block ``b`` (of the backbone configured by ``cfg``) whose architecture differs from the LM's
+    block in a setting that no weight shape shows; ``fix`` says how to build the host instead."""
+    have = cfg.for_block(b)
+    # ImageGPT's block goes into an RMS-norm block, or a LayerNorm one with --igpt_legacy_ln
+    legacy = lm.model_type == "imagegpt" and have.norm_type == "layernorm"
+    diffs = _block_diffs(have, block_override_from_lm(lm, dropout=0.0, legacy_ln=legacy))
+    if diffs:
+        raise UserError(f"{lm.path}: block {b} of the host backbone has "
+                        + ", ".join(f"{name} {h!r}" for name, h, _ in diffs) + ", the LM's block has "
+                        + ", ".join(f"{name} {w!r}" for name, _, w in diffs) + f": build the host with {fix}")
 
 
 def load_lm_into_backbone(backbone: torch.nn.Module, lm: PretrainedLM):
@@ -421,12 +429,7 @@ def load_lm_into_backbone(backbone: torch.nn.Module, lm: PretrainedLM):
             raise UserError(f"{lm.path}: the LM has {depth} blocks, the host backbone {len(backbone.h)}: build the "
                             f"host with backbone_config_from_lm(lm, dropout=...)")
         for b in range(depth):
-            have = cfg.for_block(b)
-            legacy = lm.model_type == "imagegpt" and have.norm_type == "layernorm"
-            diffs = _block_diffs(have, block_override_from_lm(lm, dropout=0.0, legacy_ln=legacy))
-            if diffs:
-                raise UserError(f"{lm.path}: block {b} of the host backbone has {_describe_diffs(diffs)}: build the "
-                                f"host with backbone_config_from_lm(lm, dropout=...)")
+            _check_host_block(cfg, lm, b, "backbone_config_from_lm(lm, dropout=...)")
     sd = dict(lm.state_dict())
     rows = backbone.wpe.weight.shape[0]
     sd["wpe.weight"] = tile_positions(sd["wpe.weight"], rows)
@@ -446,13 +449,7 @@ def transplant_block(backbone: torch.nn.Module, lm: PretrainedLM, b: int):
         n = len(backbone.h)
         if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < n:
             raise UserError(f"block {b!r} is out of range: the host backbone has {n} blocks")
-        have = cfg.for_block(b)
-        # ImageGPT's block goes into an RMS-norm block, or a LayerNorm one with --igpt_legacy_ln
-        legacy = lm.model_type == "imagegpt" and have.norm_type == "layernorm"
-        diffs = _block_diffs(have, block_override_from_lm(lm, dropout=0.0, legacy_ln=legacy))
-        if diffs:
-            raise UserError(f"{lm.path}: block {b} of the host backbone has {_describe_diffs(diffs)}: build the host "
-                            f"with block_overrides={{'{b}': block_override_from_lm(lm, dropout=...)}}")
+        _check_host_block(cfg, lm, b, f"block_overrides={{'{b}': block_override_from_lm(lm, dropout=...)}}")
     # an ImageGPT block in a LayerNorm block (--igpt_legacy_ln): the checkpoint has no norm biases
     legacy = lm.model_type == "imagegpt" and getattr(backbone.h[b].ln_1, "bias", None) is not None
     _copy_lm_weights(backbone.h[b], lm.state_dict(), f"h.{b}.", lm, legacy)
