@@ -361,7 +361,7 @@ def test_a_source_with_a_nan_weight_is_refused_by_every_method(tmp_path, capsys,
     assert not out.exists()
 
 
-# ---- 6. non-finite inputs through the library ----------------------------------------------------------------------------
+# ---- 6. non-finite inputs through the library ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
