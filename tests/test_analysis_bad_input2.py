@@ -631,7 +631,7 @@ def test_plot_cka_refuses_a_matrix_with_nan(runs, tmp_path, capsys):
     mat[:] = np.nan
     np.save(f, mat)
     argv = ["--results_dir", out / "res", "--figs_dir", out / "figs", "--env_name_list", "hopper", "--model_name_list",
-            "dt", "--token_list", "reward"]
+            "dt", "--token_list", "reward", "--K", "3", "--batch_size", "4"]     # (the batch of _argv's small)
     err = expect_exit(capsys, load_script(SCRIPTS["plot_cka"]).main, argv)
     assert f"{f}: array 'CKA matrix' has NaN or infinite values" in err
 
@@ -742,7 +742,8 @@ def test_epoch_0_is_rebuilt_from_the_seed_only_for_a_run_that_started_from_it(tm
 
 def test_plot_cka_warns_when_its_models_were_computed_on_different_batches(tmp_path, hopper_data, capsys):
     """compute_cka.py records the batch in its layer list; plot_cka.py warns when the models it draws saw different
-    batches (another --batch_seed for one of them), and says nothing when they saw the same."""
+    batches, and says nothing when they saw the same. Another --batch_seed for one of them no longer replaces its
+    results (they are tagged _bseed{n}): a batch record that differs stands for other data."""
     ck = tmp_path / "checkpoints"
     for m in ("dt", "gpt2"):
         write_run(ck, m, epochs=(0, 40), data_file=hopper_data / "hopper-medium-v2.pkl")
@@ -755,14 +756,21 @@ def test_plot_cka_warns_when_its_models_were_computed_on_different_batches(tmp_p
         argv[argv.index("--model_name1") + 1] = argv[argv.index("--model_name2") + 1] = model
         compute([*argv, *extra])
 
-    plot_argv = [str(a) for a in [*_argv("plot_cka", ck, out), "--model_name_list", "dt", "gpt2"]]
+    plot_argv = [str(a) for a in [*_argv("plot_cka", ck, out), "--model_name_list", "dt", "gpt2", "--K", "3",
+                                  "--batch_size", "4"]]
     run("dt")
     run("gpt2")
     capsys.readouterr()
     plot(plot_argv)
     assert "different batches" not in capsys.readouterr().err
     run("gpt2", "--batch_seed", "5")
+    layers = out / "res" / "cka_0_40_gpt2gpt2_hopper_medium_666_bs4_ctx3_layers.csv"
+    assert (out / "res" / "cka_0_40_gpt2gpt2_hopper_medium_666_bs4_ctx3_bseed5_layers.csv").is_file()
     capsys.readouterr()
+    plot(plot_argv)
+    assert "different batches" not in capsys.readouterr().err
+    text = layers.read_text()
+    layers.write_text(text[:text.rindex("batch,0,")] + "batch,0,0123456789abcdef\n")   # another batch's record
     plot(plot_argv)
     assert "record different batches, so the figure compares models that did not see the same batch" in \
         capsys.readouterr().err

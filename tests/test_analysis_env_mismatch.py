@@ -100,8 +100,9 @@ def test_parameter_similarity_refuses_another_envs_checkpoint(mismatched, tmp_pa
 
 @pytest.mark.parametrize("script, argv, out", [
     ("analysis/section-54-gradient-analysis/compute_grad_norm.py", ["--model_name_list", "dt", "gpt2", "--epoch", "40"],
-     "gradnorm_perparam_40_{m}_hopper_medium_666_bs4.npy"),     # (--batch_size 4: tagged)
-    ("mine/save_activation.py", ["--model_name", "dt", "gpt2", "--epoch", "40"], "activation_40_{m}_hopper_medium_666.npz"),
+     "gradnorm_perparam_40_{m}_hopper_medium_666_bs4_ctx3.npy"),     # (--batch_size 4, --K 3: tagged)
+    ("mine/save_activation.py", ["--model_name", "dt", "gpt2", "--epoch", "40"],
+     "activation_40_{m}_hopper_medium_666_bs4_ctx3.npz"),
 ])
 def test_models_recording_different_data_files_are_analysed_on_one_batch(tmp_path, hopper_data, capsys, script, argv,
                                                                          out):

@@ -217,7 +217,7 @@ def test_attention_figure_and_table_pair_the_deeper_models_blocks(tmp_path, tiny
     lines = table.splitlines()
     assert lines[0] == "| model | 0 | 1 |"
     assert {line.count("|") for line in lines} == {4}
-    gap = np.load(tmp_path / "res" / "att_dist_diff_0_4_igpt_hopper_medium_666_K1.npy").mean(2)      # [B, 4]
+    gap = np.load(tmp_path / "res" / "att_dist_diff_0_4_igpt_hopper_medium_666_K1_bs6_ctx3.npy").mean(2)  # [B, 4]
     paired = gap.reshape(len(gap), 2, 2).mean(2)
     assert lines[3] == "| iGPT | " + " | ".join(f"{v:.3f}" for v in np.median(paired, 0)) + " |"
     assert "iGPT: blocks 2b and 2b+1 averaged" in title
@@ -277,16 +277,17 @@ def test_random_init_alone_keeps_its_colour_in_the_checkpoint_figures(tmp_path, 
     parse = lambda build, argv: build().parse_args([str(a) for a in argv])  # noqa: E731
     cka.run(parse(cka.build_parser, ck + ["--model_name1", "dt", "--model_name2", "dt", "--no_heatmap"] + io))
     cka.plot(parse(cka.build_plot_parser, ["--env_name_list", "hopper", "--model_name_list", "dt", "--token_list",
-                                           "state"] + io))
+                                           "state", "--K", "3", "--batch_size", "4"] + io))
     attention.run(parse(attention.build_parser, ck + ["--model_name_list", "dt"] + io))
     params.run(parse(params.build_parser, ["-plm", tiny_runs, "--model_name_list", "dt"] + io))
     grads.run_confusion(parse(grads.build_confusion_parser, ck + ["--model_name_list", "dt", "--epoch", "1"] + io))
     green = mcolors.to_hex("C2")
     figs = dict(figures)
-    assert [mcolors.to_hex(ln.get_color()) for ln in figs["cka_plot_0_40_dt_hopper_medium_666_state"].axes[0].lines
+    cka_fig = figs["cka_plot_0_40_dt_hopper_medium_666_bs4_ctx3_state"]
+    assert [mcolors.to_hex(ln.get_color()) for ln in cka_fig.axes[0].lines
             if ln.get_label() == "Random Init"] == [green]
-    for stem in ("att_dist_diff_0_4_dt_hopper_medium_666_K1", "paramdist_0_40_dt_hopper_medium_666",
-                 "grad_confusion_1_dt_hopper_medium_666_bs4"):                     # (--batch_size 4: tagged)
+    for stem in ("att_dist_diff_0_4_dt_hopper_medium_666_K1_bs4_ctx3", "paramdist_0_40_dt_hopper_medium_666",
+                 "grad_confusion_1_dt_hopper_medium_666_bs4_ctx3"):           # (--batch_size 4, --K 3: tagged)
         assert {mcolors.to_hex(p.get_facecolor()) for p in figs[stem].axes[0].patches} == {green}, stem
 
 
@@ -491,20 +492,21 @@ def test_figures_keep_model_colours_ticks_and_labels(tmp_path, curve_runs, tiny_
     grads.run_confusion(grads.build_confusion_parser().parse_args([str(a) for a in small]))
     grads.run_norms(grads.build_norm_parser().parse_args([str(a) for a in small + ["--unclipped"]]))
     got = dict(figures)
-    legend = got["att_dist_diff_0_4_gpt2_dt_hopper_medium_666_K1"].axes[0].get_legend()
-    assert legend.get_bbox_to_anchor().x0 > got["att_dist_diff_0_4_gpt2_dt_hopper_medium_666_K1"].axes[0].bbox.x1
+    legend = got["att_dist_diff_0_4_gpt2_dt_hopper_medium_666_K1_bs4_ctx3"].axes[0].get_legend()
+    assert legend.get_bbox_to_anchor().x0 > \
+        got["att_dist_diff_0_4_gpt2_dt_hopper_medium_666_K1_bs4_ctx3"].axes[0].bbox.x1
     clip = got["learning_curve_grad_clip_gpt2_hopper_medium_666"].axes[0]
     assert {mcolors.to_hex(line.get_color()) for line in clip.lines} == {mcolors.to_hex("C0")}        # GPT2's blue
     assert [line.get_linestyle() for line in clip.lines] == ["-", "--"]
     ticks = clip.get_xticks()
     assert len(ticks) and all(float(t).is_integer() for t in ticks)
-    per = got["gradnorm_perparam_1_igpt_hopper_medium_666_unclipped_bs4"]             # (--batch_size 4: tagged)
+    per = got["gradnorm_perparam_1_igpt_hopper_medium_666_unclipped_bs4_ctx3"]     # (--batch_size 4, --K 3: tagged)
     assert {mcolors.to_hex(p.get_facecolor()) for p in per.axes[0].patches} == {mcolors.to_hex("C1")}  # iGPT's
     assert not {mcolors.to_hex(p.get_facecolor()) for p in per.axes[1].patches} & \
         {mcolors.to_hex(f"C{i}") for i in range(10)}                                        # greys, no model's colour
-    assert got["gradnorms_1_igpt_hopper_medium_666_unclipped_bs4"].axes[0].get_ylabel() == \
+    assert got["gradnorms_1_igpt_hopper_medium_666_unclipped_bs4_ctx3"].axes[0].get_ylabel() == \
         "per-sample gradient norm (unclipped)"
-    assert got["grad_confusion_1_igpt_hopper_medium_666_bs4"].axes[0].get_ylabel() == "min pairwise cosine (i ≠ j)"
+    assert got["grad_confusion_1_igpt_hopper_medium_666_bs4_ctx3"].axes[0].get_ylabel() == "min pairwise cosine (i ≠ j)"
 
 
 def test_parameter_figures_show_negative_cosines_and_share_the_concat_scale(tmp_path, tiny_runs, figures,  # noqa: F811

@@ -196,7 +196,7 @@ def test_the_confusion_script_applies_eps(tmp_path, tiny_runs):  # noqa: F811
         grads.run_confusion(grads.build_confusion_parser().parse_args([str(a) for a in [
             "--checkpoint_dir", tiny_runs, "--env_name_list", "hopper", "--model_name_list", "dt", "--epoch", "1",
             "--K", "3", "--batch_size", "4", "--results_dir", res, "--figs_dir", tmp_path / "figs", "--eps", eps]]))
-        tag = "_bs4" + ("_eps0.01" if eps != "0" else "")             # --batch_size 4 and --eps tag the file name
+        tag = "_bs4" + ("_eps0.01" if eps != "0" else "") + "_ctx3"   # --batch_size 4, --eps and --K tag the name
         saved[eps] = np.load(res / f"gradcossim_1_dt_hopper_medium_666{tag}.npy")
     off = ~np.eye(4, dtype=bool)
     assert (np.abs(saved["1e-2"][off]) < np.abs(saved["0"][off])).all()

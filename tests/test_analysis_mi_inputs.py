@@ -170,10 +170,20 @@ def test_save_activation_refuses_a_data_folder_below_a_file(tmp_path, hopper_dat
     assert not out.exists() and blocker.read_text() == "x"
 
 
+def _other_data(tmp_path):
+    """A folder with another hopper-medium-v2.pkl: the same batch flags draw another batch from it."""
+    from decision_transformer.synthetic import make_dataset
+
+    other = tmp_path / "other"
+    make_dataset(other, "hopper", "medium", 2000, seed=5, max_ep_len=100)
+    return other
+
+
 def test_activations_saved_on_another_batch_than_the_data_file_are_refused(tmp_path, hopper_data, capsys):
-    """One data_*.npz serves every model: saving a second model's activations on another batch (--batch_seed)
-    rewrites it with a warning, and run_mi_exp.py then refuses the first model's activations (computed on the old
-    batch) with one line instead of pairing them with the wrong states and actions; the second model's run."""
+    """One data_*.npz serves every model: saving a second model's activations on another batch of the same flags
+    (other data) rewrites it with a warning, and run_mi_exp.py then refuses the first model's activations (computed
+    on the old batch) with one line instead of pairing them with the wrong states and actions; the second model's
+    run. Another --batch_seed writes files of its own (tagged _bseed{n}) and replaces nothing."""
     ck = tmp_path / "checkpoints"
     for m in ("dt", "gpt2"):
         write_run(ck, m, epochs=(40,), data_file=hopper_data / "hopper-medium-v2.pkl")
@@ -184,22 +194,27 @@ def test_activations_saved_on_another_batch_than_the_data_file_are_refused(tmp_p
     argv = [str(a) for a in _save_argv(ck, out, "--batch_size", "4", "--batch_seed", "1")]
     argv[argv.index("dt")] = "gpt2"
     save(argv)
+    assert "held a different batch" not in capsys.readouterr().err
+    assert (out / "data_hopper_medium_666_bs4_ctx3_bseed1.npz").is_file()
+    save(argv[:-2] + ["--data_path", str(_other_data(tmp_path))])
     assert "held a different batch; activation files saved with it for other models no longer match" in \
         capsys.readouterr().err
     mi_argv = ["-pd", out, "-pa", out, "-psm", tmp_path / "mi", "--exp_type", "no_context", "--iters", "1",
-               "--device", "cpu"]
+               "--device", "cpu", "--K", "3", "--data_batch_size", "4"]
     err = expect_exit(capsys, load_script(RUN_MI).main, [*mi_argv, "--model_name", "dt"])
-    assert f"{mi.activation_file(out, 40, 'dt', 'hopper', 'medium', 666)}: computed on a different batch than " \
-           f"{mi.data_file(out, 'hopper', 'medium', 666)} holds" in err
+    tag = "_bs4_ctx3"
+    assert f"{mi.activation_file(out, 40, 'dt', 'hopper', 'medium', 666, tag)}: computed on a different batch than " \
+           f"{mi.data_file(out, 'hopper', 'medium', 666, tag)} holds" in err
     assert not (tmp_path / "mi").exists()
     load_script(RUN_MI).main([str(a) for a in [*mi_argv, "--model_name", "gpt2"]])
-    assert (tmp_path / "mi" / "mi_40_gpt2_hopper_medium_666_it1.npz").is_file()          # (--iters 1: tagged)
+    assert (tmp_path / "mi" / "mi_40_gpt2_hopper_medium_666_it1_bs4_ctx3.npz").is_file()   # (--iters 1 etc.: tagged)
 
 
 @pytest.mark.parametrize("exp_type", ["normal", "no_context"])
 def test_mi_figures_warn_when_their_models_saw_different_batches(tmp_path, hopper_data, capsys, exp_type):
     """MI results record their batch: a figure drawing models whose results came from different batches (one model's
-    activations saved again with another --batch_seed, and its MI recomputed) says so in a warning."""
+    activations saved again from other data, and its MI recomputed) says so in a warning; another --batch_seed
+    writes files of its own and leaves the figure's alone."""
     ck = tmp_path / "checkpoints"
     for m in ("dt", "gpt2"):
         write_run(ck, m, epochs=(40,), data_file=hopper_data / "hopper-medium-v2.pkl")
@@ -210,17 +225,24 @@ def test_mi_figures_warn_when_their_models_saw_different_batches(tmp_path, hoppe
     argv = " ".join(argv).split()
     save(argv)
     mi_argv = ["-pd", out, "-pa", out, "-psm", out, "--exp_type", exp_type, "--iters", "1", "--mine_hidden", "4",
-               "--layers", "0", "--device", "cpu"]
+               "--layers", "0", "--device", "cpu", "--K", "3", "--data_batch_size", "4"]
     run_mi = load_script(RUN_MI).main
     for m in ("dt", "gpt2"):
         run_mi([str(a) for a in [*mi_argv, "--model_name", m]])
     plot = load_script(PLOT_MI).main
     plot_argv = [str(a) for a in ["--results_dir", out, "--figs_dir", tmp_path / "figs", "--model_name_list", "dt",
-                                  "gpt2", "--exp_type", exp_type, "--iters", "1", "--mine_hidden", "4"]]
+                                  "gpt2", "--exp_type", exp_type, "--iters", "1", "--mine_hidden", "4", "--K", "3",
+                                  "--data_batch_size", "4"]]
     capsys.readouterr()
     plot(plot_argv)
     assert "different batches" not in capsys.readouterr().err
-    save([*argv[:argv.index("dt")], "gpt2", *argv[argv.index("gpt2") + 1:], "--batch_seed", "1"])
+    gpt2_argv = [*argv[:argv.index("dt")], "gpt2", *argv[argv.index("gpt2") + 1:]]
+    save(gpt2_argv + ["--batch_seed", "1"])
+    run_mi([str(a) for a in [*mi_argv, "--model_name", "gpt2", "--batch_seed", "1"]])
+    capsys.readouterr()
+    plot(plot_argv)
+    assert "different batches" not in capsys.readouterr().err
+    save(gpt2_argv + ["--data_path", str(_other_data(tmp_path))])
     run_mi([str(a) for a in [*mi_argv, "--model_name", "gpt2"]])
     capsys.readouterr()
     plot(plot_argv)

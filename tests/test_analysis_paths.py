@@ -20,6 +20,8 @@ from decision_transformer.analysis.runs import RunKey, other_k_hint, runs_with_o
 from decision_transformer.checkpoint import DEFAULT_K
 
 DATA = ["--K", "3", "--batch_size", "6"]
+T = "_bs6_ctx3"                                     # (the tag of DATA's batch: 6 samples, context 3)
+MI_DATA = ["--K", "3", "--data_batch_size", "6"]    # (run_mi_exp.py and the MI plots read DATA's batch so)
 CKA = "analysis/section-51-activation-similarity"
 MI = "analysis/section-52-mutual-information"
 
@@ -71,25 +73,25 @@ def test_default_outputs_go_under_the_working_directory(tmp_path, tiny_runs, mon
     load_script(f"{CKA}/compute_cka.py").main(ck + ["--env_name_list", "hopper", "--heatmap_token_list", "state",
                                                    *DATA])
     res, figs = cwd / CKA / "results", cwd / CKA / "figs"
-    assert (res / "cka_0_40_gpt2gpt2_hopper_medium_666_state.npy").is_file()
-    assert (figs / "cka_0_40_gpt2gpt2_hopper_medium_666_state.png").is_file()
+    assert (res / f"cka_0_40_gpt2gpt2_hopper_medium_666{T}_state.npy").is_file()
+    assert (figs / f"cka_0_40_gpt2gpt2_hopper_medium_666{T}_state.png").is_file()
     load_script(f"{CKA}/plot_cka.py").main(["--env_name_list", "hopper", "--model_name_list", "gpt2",
-                                            "--token_list", "state"])
-    assert (figs / "cka_plot_0_40_gpt2_hopper_medium_666_state.png").is_file()
+                                            "--token_list", "state", *DATA])
+    assert (figs / f"cka_plot_0_40_gpt2_hopper_medium_666{T}_state.png").is_file()
 
     load_script(f"{MI}/save_activation.py").main(ck + ["--model_name", "gpt2", *DATA])
-    mine = ["--iters", "1", "--mine_hidden", "4", "--batch_size", "3", "--device", "cpu"]
+    mine = ["--iters", "1", "--mine_hidden", "4", "--batch_size", "3", "--device", "cpu", *MI_DATA]
     run_mi = load_script("mine/run_mi_exp.py").main
     run_mi(mine + ["--model_name", "gpt2"])
     run_mi(mine + ["--exp_type", "data"])
-    setting = ["--iters", "1", "--mine_hidden", "4", "--batch_size", "3"]        # the plots read what these wrote
+    setting = ["--iters", "1", "--mine_hidden", "4", "--batch_size", "3", *MI_DATA]  # the plots read what these wrote
     load_script(f"{MI}/plot_mutual_information.py").main(["--model_name_list", "gpt2", *setting])
     load_script(f"{MI}/plot_mutual_information_data.py").main(["--env_name", "hopper", *setting])
     mres, mfigs = cwd / MI / "results", cwd / MI / "figs"
-    assert (mres / "activation_40_gpt2_hopper_medium_666.npz").is_file()
-    assert (mres / "mi_xy_0_40_gpt2_hopper_medium_666_h4_it1_mb3.npz").is_file()
-    assert (mfigs / "mi_xy_40_gpt2_hopper_medium_666_h4_it1_mb3.png").is_file()
-    assert (mfigs / "mi_data_hopper_medium_666_h4_it1_mb3.png").is_file()
+    assert (mres / f"activation_40_gpt2_hopper_medium_666{T}.npz").is_file()
+    assert (mres / f"mi_xy_0_40_gpt2_hopper_medium_666_h4_it1_mb3{T}.npz").is_file()
+    assert (mfigs / f"mi_xy_40_gpt2_hopper_medium_666_h4_it1_mb3{T}.png").is_file()
+    assert (mfigs / f"mi_data_hopper_medium_666_h4_it1_mb3{T}.png").is_file()
 
     load_script("analysis/run_all.py").main(ck + ["--only", "params", "--model_name_list", "dt"])
     assert (cwd / "analysis" / "report" / "report.md").is_file()
@@ -154,38 +156,39 @@ def test_run_k_selects_the_runs(tmp_path, k5_runs, capsys):
     base = ["--checkpoint_dir", k5_runs, "--env_name_list", "hopper", "--run_K", "5", *DATA, *out]
     res = tmp_path / "res"
     load_script(f"{CKA}/compute_cka.py").main(base + ["--model_name1", "dt", "--model_name2", "dt", "--no_heatmap"])
-    m = np.load(res / "cka_0_40_dtdt_hopper_medium_666_K5_state.npy")
+    m = np.load(res / f"cka_0_40_dtdt_hopper_medium_666_K5{T}_state.npy")
     assert m.shape == (18, 18) and np.isfinite(m).all()
     load_script(f"{CKA}/plot_cka.py").main(["--env_name_list", "hopper", "--model_name_list", "dt", "--token_list",
-                                            "state", "--run_K", "5", *out])
-    assert (tmp_path / "figs" / "cka_plot_0_40_dt_hopper_medium_666_K5_state.png").is_file()
+                                            "state", "--run_K", "5", *DATA, *out])
+    assert (tmp_path / "figs" / f"cka_plot_0_40_dt_hopper_medium_666_K5{T}_state.png").is_file()
     msg = expect_exit(capsys, load_script(f"{CKA}/plot_cka.py").main,
-                      ["--env_name_list", "hopper", "--model_name_list", "dt", "--token_list", "state", *out])
-    assert "cka_0_40_dtdt_hopper_medium_666_state.npy" in msg                    # the K=20 results: none
+                      ["--env_name_list", "hopper", "--model_name_list", "dt", "--token_list", "state", *DATA, *out])
+    assert f"cka_0_40_dtdt_hopper_medium_666{T}_state.npy" in msg                # the K=20 results: none
 
     load_script("analysis/section-53-parameter-similarity/parameter_similarity_analysis.py").main(
         ["-plm", k5_runs, "--model_name_list", "dt", "--run_K", "5", *out])
     assert np.load(res / "paramdist_0_40_dt_hopper_medium_666_K5.npy").shape == (24,)
     load_script("analysis/section-54-gradient-analysis/compute_grad_norm.py").main(
         base + ["--model_name_list", "dt"])
-    assert np.load(res / "gradnorms_1_dt_hopper_medium_666_K5_bs6.npy").shape == (1, 6)    # (--batch_size 6: tagged)
+    assert np.load(res / f"gradnorms_1_dt_hopper_medium_666_K5{T}.npy").shape == (1, 6)   # (--batch_size 6: tagged)
     load_script("analysis/section-56-dependence-on-context/compute_attention_distance.py").main(
         base + ["--model_name_list", "dt"])
-    assert np.load(res / "att_dist_diff_0_4_dt_hopper_medium_666_K5.npy").shape == (6, 2, 2)  # [B, blocks, heads]
+    assert np.load(res / f"att_dist_diff_0_4_dt_hopper_medium_666_K5{T}.npy").shape == (6, 2, 2)  # [B, blocks, heads]
 
     load_script(f"{MI}/save_activation.py").main(["--checkpoint_dir", k5_runs, "--model_name", "dt", "--run_K", "5",
                                                   *DATA, "--results_dir", res])
-    assert (res / "activation_40_dt_hopper_medium_666_K5.npz").is_file()
-    assert (res / "data_hopper_medium_666_K5.npz").is_file()
-    io = ["-psm", res, "-pd", res, "-pa", res, "--iters", 1, "--mine_hidden", 4, "--batch_size", 3, "--device", "cpu"]
+    assert (res / f"activation_40_dt_hopper_medium_666_K5{T}.npz").is_file()
+    assert (res / f"data_hopper_medium_666_K5{T}.npz").is_file()
+    io = ["-psm", res, "-pd", res, "-pa", res, "--iters", 1, "--mine_hidden", 4, "--batch_size", 3, "--device", "cpu",
+          *MI_DATA]
     run_mi = load_script("mine/run_mi_exp.py").main
     run_mi(io + ["--model_name", "dt", "--run_K", "5"])
-    assert (res / "mi_xy_0_40_dt_hopper_medium_666_K5_h4_it1_mb3.npz").is_file()          # (MINE settings: tagged)
+    assert (res / f"mi_xy_0_40_dt_hopper_medium_666_K5_h4_it1_mb3{T}.npz").is_file()     # (MINE settings: tagged)
     msg = expect_exit(capsys, run_mi, io + ["--model_name", "dt"])                   # K=20 files: none
-    assert "data_hopper_medium_666.npz: file not found" in msg
+    assert f"data_hopper_medium_666{T}.npz: file not found" in msg
     load_script(f"{MI}/plot_mutual_information.py").main(["--model_name_list", "dt", "--run_K", "5", *out, "--iters",
-                                                          1, "--mine_hidden", 4, "--batch_size", 3])
-    assert (tmp_path / "figs" / "mi_xy_40_dt_hopper_medium_666_K5_h4_it1_mb3.png").is_file()
+                                                          1, "--mine_hidden", 4, "--batch_size", 3, *MI_DATA])
+    assert (tmp_path / "figs" / f"mi_xy_40_dt_hopper_medium_666_K5_h4_it1_mb3{T}.png").is_file()
 
 
 def test_run_all_with_other_k(tmp_path, k5_runs):
@@ -201,7 +204,7 @@ def test_run_all_with_other_k(tmp_path, k5_runs):
     text = (tmp_path / "k5" / "report.md").read_text()
     assert "**Failed" not in text and "skipped" not in text and "the K=5 runs" in text
     res = tmp_path / "k5" / "section-51-activation-similarity" / "results"
-    assert np.load(res / "cka_0_40_gpt2gpt2_hopper_medium_666_K5_state.npy").shape == (18, 18)
+    assert np.load(res / "cka_0_40_gpt2gpt2_hopper_medium_666_K5_bs6_ctx3_state.npy").shape == (18, 18)
     assert (tmp_path / "k5" / "section-53-parameter-similarity" / "results"
             / "paramdist_0_40_dt_hopper_medium_666_K5.npy").is_file()
 

@@ -38,8 +38,8 @@ def _rows(path):
 def grad_args(tmp_path, hopper_data):
     ck = tmp_path / "ck"
     write_run(ck, "gpt2", epochs=(1,), data_file=hopper_data / "hopper-medium-v2.pkl", n_layer=1, step=1.0)
-    return ["--checkpoint_dir", str(ck), "--env_name_list", "hopper", "--model_name_list", "gpt2", "--K", "3",
-            "--results_dir", str(tmp_path / "res"), "--figs_dir", str(tmp_path / "figs")]
+    return ["--checkpoint_dir", str(ck), "--env_name_list", "hopper", "--model_name_list", "gpt2",
+            "--results_dir", str(tmp_path / "res"), "--figs_dir", str(tmp_path / "figs")]     # the default batch
 
 
 CONFUSION_FILES = ("gradcossim_1_gpt2_hopper_medium_666{t}.npy", "grad_confusion_1_gpt2_hopper_medium_666{t}.csv")

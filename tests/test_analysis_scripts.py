@@ -150,25 +150,25 @@ def test_cka_scripts(tmp_path, tiny_runs, capsys):  # noqa: F811
     base = ["--checkpoint_dir", tiny_runs, "--env_name_list", "hopper", *DATA, *out(tmp_path)]
     main(base + ["--epoch2", "0", "--no_heatmap"])                               # a checkpoint against itself
     res = tmp_path / "res"
-    m = np.load(res / "cka_0_0_gpt2gpt2_hopper_medium_666_state.npy")
+    m = np.load(res / "cka_0_0_gpt2gpt2_hopper_medium_666_bs6_ctx3_state.npy")
     assert m.shape == (18, 18) and np.allclose(np.diag(m), 1.0, atol=1e-4)
     main(base + ["--model_name1", "igpt", "--model_name2", "dt", "--block", "--no_heatmap"])
-    assert np.load(res / "cka_0_40_igptdt_hopper_medium_666_block_action.npy").shape == (4, 2)
+    assert np.load(res / "cka_0_40_igptdt_hopper_medium_666_block_bs6_ctx3_action.npy").shape == (4, 2)
     main(base + ["--no_context", "--legacy_feature_index", "--no_heatmap"])
-    assert np.load(res / "cka_0_40_gpt2gpt2_hopper_medium_666_K1_legacyidx_reward.npy").shape == (18, 18)
+    assert np.load(res / "cka_0_40_gpt2gpt2_hopper_medium_666_K1_legacyidx_bs6_ctx3_reward.npy").shape == (18, 18)
     for mdl in ("gpt2", "igpt", "dt"):
         main(base + ["--model_name1", mdl, "--model_name2", mdl, "--heatmap_token_list"] + (["state"] if mdl == "dt"
                                                                                               else []))
-    figure_ok(tmp_path / "figs" / "cka_0_40_dtdt_hopper_medium_666_state")
+    figure_ok(tmp_path / "figs" / "cka_0_40_dtdt_hopper_medium_666_bs6_ctx3_state")
     capsys.readouterr()
     load_script("analysis/section-51-activation-similarity/plot_cka.py").main(
-        ["-thr", "0.3", "--env_name_list", "hopper", *out(tmp_path)])
+        ["-thr", "0.3", "--env_name_list", "hopper", *DATA, *out(tmp_path)])
     printed = capsys.readouterr().out
     assert "hopper/state gpt2:" in printed and "above 0.3" in printed
-    figure_ok(tmp_path / "figs" / "cka_plot_0_40_gpt2_igpt_dt_hopper_medium_666_state")
-    rows = _rows(res / "cka_plot_0_40_gpt2_igpt_dt_hopper_medium_666_state.csv")
+    figure_ok(tmp_path / "figs" / "cka_plot_0_40_gpt2_igpt_dt_hopper_medium_666_bs6_ctx3_state")
+    rows = _rows(res / "cka_plot_0_40_gpt2_igpt_dt_hopper_medium_666_bs6_ctx3_state.csv")
     assert sum(r["model"] == "igpt" for r in rows) == 18                            # 4 blocks averaged onto 2
-    igpt_diag = np.diag(np.load(res / "cka_0_40_igptigpt_hopper_medium_666_state.npy"))
+    igpt_diag = np.diag(np.load(res / "cka_0_40_igptigpt_hopper_medium_666_bs6_ctx3_state.npy"))
     first = next(float(r["cka"]) for r in rows if r["model"] == "igpt")
     assert first == pytest.approx((igpt_diag[0] + igpt_diag[9]) / 2)              # 0.ln_1 with 1.ln_1
 
@@ -186,16 +186,17 @@ def test_cka_estimator_variants_keep_their_own_results_and_figures(tmp_path, tin
     cka_main([str(a) for a in base])
     cka_main([str(a) for a in base + variant])
     res = tmp_path / "res"
-    plain = np.load(res / "cka_0_40_dtdt_hopper_medium_666_block_state.npy")
-    tagged = np.load(res / "cka_0_40_dtdt_hopper_medium_666_block_rbf0.5_biased_eps1e-06_state.npy")
+    plain = np.load(res / "cka_0_40_dtdt_hopper_medium_666_block_bs6_ctx3_state.npy")
+    tagged = np.load(res / "cka_0_40_dtdt_hopper_medium_666_block_rbf0.5_biased_eps1e-06_bs6_ctx3_state.npy")
     assert plain.shape == tagged.shape and not np.allclose(plain, tagged)
-    plot = ["--env_name_list", "hopper", "--model_name_list", "dt", "--block", "--token_list", "state", *out(tmp_path)]
+    plot = ["--env_name_list", "hopper", "--model_name_list", "dt", "--block", "--token_list", "state", *DATA,
+            *out(tmp_path)]
     plot_main(plot)
     plot_main(plot + variant)
     figs = sorted(p.stem for p in (tmp_path / "figs").glob("cka_plot_*.png"))
-    assert figs == ["cka_plot_0_40_dt_hopper_medium_666_block_rbf0.5_biased_eps1e-06_state",
-                    "cka_plot_0_40_dt_hopper_medium_666_block_state"]
-    drawn = {r["layer"]: float(r["cka"]) for r in _rows(res / f"{figs[0]}.csv")}
+    assert figs == ["cka_plot_0_40_dt_hopper_medium_666_block_bs6_ctx3_state",
+                    "cka_plot_0_40_dt_hopper_medium_666_block_rbf0.5_biased_eps1e-06_bs6_ctx3_state"]
+    drawn = {r["layer"]: float(r["cka"]) for r in _rows(res / f"{figs[1]}.csv")}
     assert list(drawn.values()) == pytest.approx(np.diagonal(tagged).tolist())
 
 
@@ -223,27 +224,27 @@ def test_gradient_scripts(tmp_path, tiny_runs):  # noqa: F811
     base = ["--checkpoint_dir", tiny_runs, "--env_name_list", "hopper", "--model_name_list", "gpt2", "dt", *DATA]
     conf(base + out(tmp_path))
     res = tmp_path / "res"
-    c = np.load(res / "gradcossim_1_dt_hopper_medium_666_bs6.npy")   # (--batch_size 6: tagged)
+    c = np.load(res / "gradcossim_1_dt_hopper_medium_666_bs6_ctx3.npy")   # (--batch_size 6: tagged)
     assert c.shape == (6, 6) and np.allclose(np.diag(c), 1.0, atol=1e-5) and np.allclose(c, c.T, atol=1e-6)
-    rows = {r["model"]: r for r in _rows(res / "grad_confusion_1_gpt2_dt_hopper_medium_666_bs6.csv")}
+    rows = {r["model"]: r for r in _rows(res / "grad_confusion_1_gpt2_dt_hopper_medium_666_bs6_ctx3.csv")}
     assert float(rows["dt"]["min_cosine"]) == pytest.approx(c[~np.eye(6, dtype=bool)].min(), abs=1e-6)
     # the mean over the pairs i != j, as the minimum: the diagonal's ones are left out
     assert float(rows["dt"]["mean_cosine"]) == pytest.approx(c[~np.eye(6, dtype=bool)].mean(), abs=1e-6)
-    figure_ok(tmp_path / "figs" / "grad_confusion_1_gpt2_dt_hopper_medium_666_bs6")
+    figure_ok(tmp_path / "figs" / "grad_confusion_1_gpt2_dt_hopper_medium_666_bs6_ctx3")
     conf(base + ["--independent_batches"] + out(tmp_path / "ind"))
     ind = tmp_path / "ind" / "res"
-    assert np.allclose(np.load(ind / "gradcossim_1_gpt2_hopper_medium_666_indep_bs6.npy"),
-                       np.load(res / "gradcossim_1_gpt2_hopper_medium_666_bs6.npy"))  # first draw: the same batch
-    assert not np.allclose(np.load(ind / "gradcossim_1_dt_hopper_medium_666_indep_bs6.npy"), c)  # then another
+    assert np.allclose(np.load(ind / "gradcossim_1_gpt2_hopper_medium_666_indep_bs6_ctx3.npy"),
+                       np.load(res / "gradcossim_1_gpt2_hopper_medium_666_bs6_ctx3.npy"))  # first draw: the same batch
+    assert not np.allclose(np.load(ind / "gradcossim_1_dt_hopper_medium_666_indep_bs6_ctx3.npy"), c)  # then another
     norm = load_script("analysis/section-54-gradient-analysis/compute_grad_norm.py").main
     norm(base + out(tmp_path))
-    n = np.load(res / "gradnorms_1_gpt2_dt_hopper_medium_666_bs6.npy")
+    n = np.load(res / "gradnorms_1_gpt2_dt_hopper_medium_666_bs6_ctx3.npy")
     assert n.shape == (2, 6) and (n > 0).all() and (n <= 0.25 + 1e-6).all()
     norm(base + ["--unclipped", "--train_mode", "false"] + out(tmp_path))
-    assert np.load(res / "gradnorms_1_gpt2_dt_hopper_medium_666_unclipped_evalmode_bs6.npy").shape == (2, 6)
-    pp = _rows(res / "gradnorm_perparam_1_dt_hopper_medium_666_bs6.csv")
+    assert np.load(res / "gradnorms_1_gpt2_dt_hopper_medium_666_unclipped_evalmode_bs6_ctx3.npy").shape == (2, 6)
+    pp = _rows(res / "gradnorm_perparam_1_dt_hopper_medium_666_bs6_ctx3.csv")
     assert len(pp) == 24 and pp[0]["parameter"] == "0.ln_1.weight"
-    figure_ok(tmp_path / "figs" / "gradnorm_perparam_1_dt_hopper_medium_666_bs6")
+    figure_ok(tmp_path / "figs" / "gradnorm_perparam_1_dt_hopper_medium_666_bs6_ctx3")
 
 
 def test_attention_script_and_missing_checkpoint(tmp_path, tiny_runs, capsys):  # noqa: F811
@@ -251,13 +252,13 @@ def test_attention_script_and_missing_checkpoint(tmp_path, tiny_runs, capsys):  
     base = ["--checkpoint_dir", tiny_runs, "--env_name_list", "hopper", "--batch_size", "6", *out(tmp_path)]
     main(base + ["--model_name_list", "gpt2", "igpt"])                           # K=1 runs, 20-step contexts
     res = tmp_path / "res"
-    gap = np.load(res / "att_dist_diff_0_4_igpt_hopper_medium_666_K1.npy")
-    d0 = np.load(res / "att_dist_0_igpt_hopper_medium_666_K1.npy")
-    d4 = np.load(res / "att_dist_4_igpt_hopper_medium_666_K1.npy")
+    gap = np.load(res / "att_dist_diff_0_4_igpt_hopper_medium_666_K1_bs6.npy")
+    d0 = np.load(res / "att_dist_0_igpt_hopper_medium_666_K1_bs6.npy")
+    d4 = np.load(res / "att_dist_4_igpt_hopper_medium_666_K1_bs6.npy")
     assert gap.shape == (6, 4, 2) and np.allclose(gap, np.abs(d4 - d0)) and (d0 <= 59).all()
-    figure_ok(tmp_path / "figs" / "att_dist_diff_0_4_gpt2_igpt_hopper_medium_666_K1")
+    figure_ok(tmp_path / "figs" / "att_dist_diff_0_4_gpt2_igpt_hopper_medium_666_K1_bs6")
     main(base + ["--legacy"])
-    assert np.load(res / "att_dist_diff_0_4_dt_hopper_medium_666_K20_legacy.npy").shape == (6, 2, 1)
+    assert np.load(res / "att_dist_diff_0_4_dt_hopper_medium_666_K20_legacy_bs6.npy").shape == (6, 2, 1)
     msg = expect_exit(capsys, main, base + ["--epoch2", "7"])
     assert "checkpoint not found" in msg and "gpt2_medium_hopper_666_K1/model_7.pt" in msg and "model_40.pt" in msg
 
@@ -272,7 +273,7 @@ def test_model_scripts_leave_out_the_default_envs_without_runs(tmp_path, tiny_ru
                "conf": "section-54-gradient-analysis/compute_grad_confusion.py",
                "norm": "section-54-gradient-analysis/compute_grad_norm.py",
                "att": "section-56-dependence-on-context/compute_attention_distance.py"}
-    extra = {"cka": ["--block", "--no_heatmap", *DATA], "plot": [], "conf": ["--model_name_list", "dt", *DATA],
+    extra = {"cka": ["--block", "--no_heatmap", *DATA], "plot": DATA, "conf": ["--model_name_list", "dt", *DATA],
              "norm": ["--model_name_list", "dt", *DATA], "att": ["--model_name_list", "dt", "--batch_size", "6"]}
     for name, script in scripts.items():
         ck = [] if name == "plot" else ["--checkpoint_dir", str(tiny_runs)]
@@ -281,9 +282,9 @@ def test_model_scripts_leave_out_the_default_envs_without_runs(tmp_path, tiny_ru
         for env in ("halfcheetah", "walker2d"):
             assert f"note: skipped {env}: no " in printed, (name, printed)
     res = tmp_path / "res"
-    assert (res / "cka_0_40_gpt2gpt2_hopper_medium_666_block_state.npy").is_file()
-    assert (res / "gradcossim_1_dt_hopper_medium_666_bs6.npy").is_file()          # (--batch_size 6: tagged)
-    assert (res / "att_dist_diff_0_4_dt_hopper_medium_666_K1.npy").is_file()
+    assert (res / "cka_0_40_gpt2gpt2_hopper_medium_666_block_bs6_ctx3_state.npy").is_file()
+    assert (res / "gradcossim_1_dt_hopper_medium_666_bs6_ctx3.npy").is_file()          # (--batch_size 6: tagged)
+    assert (res / "att_dist_diff_0_4_dt_hopper_medium_666_K1_bs6.npy").is_file()
     msg = expect_exit(capsys, load_script(f"analysis/{scripts['cka']}").main,
                       ["--checkpoint_dir", str(tiny_runs), "--epoch2", "7", *extra["cka"], *out(tmp_path)])
     assert "checkpoint not found" in msg and "model_7.pt" in msg
@@ -320,11 +321,12 @@ def test_on_a_real_experiment_run(tmp_path, monkeypatch, hopper_data):
     assert "epoch 40 not in every run; CKA uses epoch 2" in text
     assert "Table 1: best normalised score (d4rl)" in text and "| hopper |" in text
     cka = np.load(tmp_path / "report" / "section-51-activation-similarity" / "results"
-                  / "cka_0_2_dtdt_hopper_medium_666_state.npy")
+                  / "cka_0_2_dtdt_hopper_medium_666_bs6_ctx3_state.npy")        # (--batch_size 6 --K 3: tagged)
     assert cka.shape == (18, 18) and np.isfinite(cka).all()
     for title in ("CKA (Fig. 1)", "Figs. 3, 4", "Figs. 5, 6, 7"):
         assert title in text
-    assert "**Failed" not in text and "![grad_confusion_1_dt_hopper_medium_666_bs4]" in text   # (--grad_batch_size 4)
+    assert "**Failed" not in text
+    assert "![grad_confusion_1_dt_hopper_medium_666_bs4_ctx3]" in text    # (--grad_batch_size 4 --K 3: tagged)
 
 
 def test_run_all_writes_one_report(tmp_path, tiny_runs):  # noqa: F811
@@ -341,7 +343,7 @@ def test_run_all_writes_one_report(tmp_path, tiny_runs):  # noqa: F811
     links = [line[line.index("](") + 2:-1] for line in text.splitlines() if line.startswith("![")]
     assert len(links) >= 8 and all((rep / link).is_file() for link in links)
     mres = rep / "section-52-mutual-information" / "results"
-    assert (mres / "mi_xy_2_40_igpt_hopper_medium_666_h4_it1.npz").is_file()     # (--mine_iters 1 --mine_hidden 4)
+    assert (mres / "mi_xy_2_40_igpt_hopper_medium_666_h4_it1_bs6_ctx3.npz").is_file()   # (the MINE settings, batch)
     cfg = json.loads((tiny_runs / "gpt2_medium_hopper_666" / "config.json").read_text())
     assert cfg["model_name"] == "gpt2"  # the fixture really is named like an LM run
     assert torch.load(tiny_runs / "gpt2_medium_hopper_666" / "model_0.pt", weights_only=True)["format_version"] == 1

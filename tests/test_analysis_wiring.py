@@ -70,7 +70,7 @@ def test_cka_compares_epoch1_with_epoch2(tmp_path, cka_runs, monkeypatch):
     loads = recorder(monkeypatch, cka, "load_model")
     cka.run(cka_args(cka_runs, tmp_path))
     assert [(c["key"].model, c["epoch"]) for c in loads] == [("gpt2", 0), ("gpt2", 40)]
-    m = np.load(tmp_path / "res" / "cka_0_40_gpt2gpt2_hopper_medium_666_state.npy")
+    m = np.load(tmp_path / "res" / "cka_0_40_gpt2gpt2_hopper_medium_666_bs6_ctx3_state.npy")   # (--batch_size, --K)
     assert m.shape == (9, 9) and not np.allclose(np.diag(m), 1.0, atol=1e-3)     # not a checkpoint against itself
 
 

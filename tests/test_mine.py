@@ -188,23 +188,26 @@ def test_scripts_end_to_end(tmp_path, tiny_runs, capsys):  # noqa: F811
     run_mi = load_script("mine/run_mi_exp.py").main
     save(["--checkpoint_dir", str(tiny_runs), "--model_name", "gpt2", "igpt", "--K", "3", "--batch_size", "8",
           "--results_dir", str(res)])
-    a = np.load(res / "activation_40_igpt_hopper_medium_666.npz")
+    batch = "_bs8_ctx3"                                     # --batch_size 8 --K 3 tag every file of the batch
+    a = np.load(res / f"activation_40_igpt_hopper_medium_666{batch}.npz")
     blocks = sorted((k for k in a.files if k != mi.BATCH_KEY), key=lambda k: int(k.split(".")[0]))
     assert blocks == [f"{i}.mlp.dropout" for i in range(4)] and len(a.files) == 5
     assert a["3.mlp.dropout"].shape == (8, 9, 16)
-    d = np.load(res / "data_hopper_medium_666.npz")
+    d = np.load(res / f"data_hopper_medium_666{batch}.npz")
     assert d["rtg"].shape == (8, 4, 1) and d["states"].shape == (8, 3, 11)
     assert str(a[mi.BATCH_KEY]) == mi.batch_digest(d)   # the batch the activations were computed on
-    io = ["-psm", res, "-pd", res, "-pa", res, "--iters", 1, "--mine_hidden", 8, "--batch_size", 4, "--device", "cpu"]
+    io = ["-psm", res, "-pd", res, "-pa", res, "--iters", 1, "--mine_hidden", 8, "--batch_size", 4, "--device", "cpu",
+          "--K", 3, "--data_batch_size", 8]                   # (the batch: save_activation.py's --K, --batch_size)
     for m in ("gpt2", "igpt"):
         for exp in ("normal", "no_context"):
             run_mi([str(x) for x in io + ["--model_name", m, "--exp_type", exp]])
     run_mi([str(x) for x in io + ["--exp_type", "data"]])
-    tag = "_h8_it1_mb4"                                   # --mine_hidden 8 --iters 1 --batch_size 4 tag the files
+    tag = "_h8_it1_mb4" + batch                   # --mine_hidden 8 --iters 1 --batch_size 4 and the batch tag the files
     r = np.load(res / f"mi_xy_0_40_gpt2_hopper_medium_666{tag}.npz")
     assert r["x"].shape == (8,) and np.isfinite(r["x"]).all()
     plot = load_script("analysis/section-52-mutual-information/plot_mutual_information.py").main
-    setting = ["--mine_hidden", "8", "--iters", "1", "--batch_size", "4"]       # the plots read them given the same
+    setting = ["--mine_hidden", "8", "--iters", "1", "--batch_size", "4", "--K", "3",
+               "--data_batch_size", "8"]                                      # the plots read them given the same
     plot(["--results_dir", str(res), "--figs_dir", str(figs), "--model_name_list", "gpt2", "igpt", "dt", *setting])
     plot(["--results_dir", str(res), "--figs_dir", str(figs), "--exp_type", "no_context", *setting])
     load_script("analysis/section-52-mutual-information/plot_mutual_information_data.py").main(
@@ -213,7 +216,8 @@ def test_scripts_end_to_end(tmp_path, tiny_runs, capsys):  # noqa: F811
                  "mi_data_hopper_medium_666"):
         assert (figs / f"{stem}{tag}.png").stat().st_size > 1000 and (figs / f"{stem}{tag}.pdf").is_file()
     msg = expect_exit(capsys, run_mi, io + ["--model_name", "dt"])
-    assert "activation_40_dt_hopper_medium_666.npz" in msg and "not found" in msg
+    assert f"activation_40_dt_hopper_medium_666{batch}.npz" in msg and "not found" in msg
+    assert "--batch_size 8 --K 3" in msg                    # (the hint names the batch's save_activation.py flags)
 
 
 def test_save_activation_takes_the_originals_two_output_folders(tmp_path, tiny_runs):  # noqa: F811
@@ -224,13 +228,13 @@ def test_save_activation_takes_the_originals_two_output_folders(tmp_path, tiny_r
         ["--path_to_load_model", str(tiny_runs), "--model_name", "gpt2", "--K", "3", "--batch_size", "8",
          "--path_to_save_data", str(data), "--path_to_save_activation", str(acts), "--results_dir",
          str(tmp_path / "unused")])
-    assert [p.name for p in listed(data)] == ["data_hopper_medium_666.npz"]
-    assert [p.name for p in listed(acts)] == ["activation_40_gpt2_hopper_medium_666.npz"]
+    assert [p.name for p in listed(data)] == ["data_hopper_medium_666_bs8_ctx3.npz"]
+    assert [p.name for p in listed(acts)] == ["activation_40_gpt2_hopper_medium_666_bs8_ctx3.npz"]
     assert not (tmp_path / "unused").exists() or not listed(tmp_path / "unused")
     load_script("mine/run_mi_exp.py").main([str(x) for x in (
         "-psm", tmp_path / "mi", "-pd", data, "-pa", acts, "--iters", 1, "--mine_hidden", 8, "--batch_size", 4,
-        "--device", "cpu", "--model_name", "gpt2")])
-    assert (tmp_path / "mi" / "mi_xy_0_40_gpt2_hopper_medium_666_h8_it1_mb4.npz").is_file()      # (tagged settings)
+        "--device", "cpu", "--model_name", "gpt2", "--K", 3, "--data_batch_size", 8)])
+    assert (tmp_path / "mi" / "mi_xy_0_40_gpt2_hopper_medium_666_h8_it1_mb4_bs8_ctx3.npz").is_file()  # (tagged)
 
 
 def test_the_originals_pickled_npy_dicts_are_read_without_running_code(tmp_path, monkeypatch, capsys):

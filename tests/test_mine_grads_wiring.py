@@ -286,13 +286,14 @@ def test_unclipped_norms_are_unclipped(grad_run, monkeypatch, tmp_path):
     st = grads.per_sample_grad_stats(model, batch, train_mode=False, gram=False)
     assert (st.sqnorm_all.sqrt() > 0.25).any()                       # the clip would change these samples
     res = tmp_path / "res"
-    np.testing.assert_allclose(np.load(res / "gradnorms_1_gpt2_hopper_medium_666_unclipped_evalmode_bs4.npy"),
+    stem = "gradnorm_perparam_1_gpt2_hopper_medium_666_unclipped_evalmode_bs4_ctx3"   # (the settings and batch)
+    np.testing.assert_allclose(np.load(res / "gradnorms_1_gpt2_hopper_medium_666_unclipped_evalmode_bs4_ctx3.npy"),
                                st.h_norms(None).numpy()[None], rtol=1e-6)
     pp = grads.full_batch_param_norms(model, batch, clip=None, train_mode=False)
     assert sum(v * v for v in pp.values()) > 0.25 ** 2
-    np.testing.assert_allclose(np.load(res / "gradnorm_perparam_1_gpt2_hopper_medium_666_unclipped_evalmode_bs4.npy"),
+    np.testing.assert_allclose(np.load(res / f"{stem}.npy"),
                                list(pp.values()), rtol=1e-6)
-    lines = (res / "gradnorm_perparam_1_gpt2_hopper_medium_666_unclipped_evalmode_bs4.csv").read_text().splitlines()
+    lines = (res / f"{stem}.csv").read_text().splitlines()
     assert lines[0] == "parameter,norm" and [ln.split(",")[0] for ln in lines[1:]] == list(pp)
     np.testing.assert_allclose([float(ln.split(",")[1]) for ln in lines[1:]], list(pp.values()), rtol=1e-6)
 
@@ -305,7 +306,7 @@ def test_share_at_the_clip_column(grad_run, monkeypatch, tmp_path):
 
     _spy(monkeypatch, "per_sample_grad_stats", [], result=stats)
     outs = grads.run_norms(grads.build_norm_parser().parse_args(grad_run))
-    n = np.load(tmp_path / "res" / "gradnorms_1_gpt2_hopper_medium_666_bs4.npy")
+    n = np.load(tmp_path / "res" / "gradnorms_1_gpt2_hopper_medium_666_bs4_ctx3.npy")
     np.testing.assert_allclose(n, [[0.25 / (1 + 1e-6)] * 2 + [0.1] * 2], rtol=1e-9)
     [(title, table)] = outs.tables
     assert title == "Per-sample gradient norms of transformer.h, hopper, epoch 1 (after the 0.25 clip)"

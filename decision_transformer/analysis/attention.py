@@ -104,7 +104,7 @@ def build_parser():
                         "the code); --K is the analysis batch's context")
     p.add_argument("--distance_unit", choices=UNITS, default="token")
     p.add_argument("--legacy", action="store_true", help="TAKAGI's computation (see the module docstring)")
-    common.add_data_flags(p, device_default="cpu", batch_size=100, data_aliases=("--path_to_load_data",))
+    common.add_data_flags(p, device_default="cpu", data_aliases=("--path_to_load_data",))
     common.add_output_flags(p, "attention", results_aliases=("--path_to_save_att_dist_diff",),
                             figs_aliases=("--path_to_save_figure",))
     return p
@@ -122,7 +122,10 @@ def run(args) -> common.Outputs:
         raise UserError(f"invalid --run_K {K_ckpt}: the runs' context length is a positive integer")
     res = common.out_dir(args.results_dir)
     outs = common.Outputs()
-    tag = f"_K{K_ckpt}" + ("_legacy" if args.legacy else "") + ("_timestep" if args.distance_unit == "timestep" else "")
+    # the runs' K, the variants, then a non-default analysis batch (_bs{n}, _ctx{k}, _bseed{n})
+    tag = f"_K{K_ckpt}" + ("_legacy" if args.legacy else "") \
+        + ("_timestep" if args.distance_unit == "timestep" else "") \
+        + common.batch_tag(args.K, args.batch_seed, args.batch_size, common.DEFAULT_BATCH_SIZE)
     plt = common.pyplot()
     datasets = SharedDataset(args.dataset_name, args.data_path, device, outs.notes)   # every model: the same batch
     for env in envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes):

@@ -226,7 +226,7 @@ def build_parser():
     p.add_argument("--heatmap_token_list", nargs="*", default=list(TOKEN_POSITIONS), choices=list(TOKEN_POSITIONS),
                    help="token types to draw heatmaps of")
     p.add_argument("--no_heatmap", action="store_true")
-    common.add_data_flags(p, device_default="cpu", batch_size=100, data_aliases=("--path_to_load_data", "-pld"))
+    common.add_data_flags(p, device_default="cpu", data_aliases=("--path_to_load_data", "-pld"))
     common.add_output_flags(p, "cka", results_aliases=("--path_to_save_cka", "-psc"),
                             figs_aliases=("--path_to_save_figure", "-psf"))
     return p
@@ -255,12 +255,19 @@ def estimator_tag(args) -> str:
         + (f"_eps{args.eps:g}" if args.eps != DEFAULT_EPS else "")
 
 
+def batch_tag(args) -> str:
+    """The file-name tag of a non-default analysis batch (``--batch_size``, ``--K``, ``--batch_seed``;
+    :func:`common.batch_tag`): compute_cka.py's, or (plot_cka.py) the one whose results are read."""
+    return common.batch_tag(args.K, args.batch_seed, args.batch_size, common.DEFAULT_BATCH_SIZE)
+
+
 def result_stem(e1, e2, m1, m2, env, ds, seed, no_context=False, block=False, legacy=False, run_K=None,
-                estimator="") -> str:
+                estimator="", batch="") -> str:
     """The results' file stem; ``_K{run_K}`` for runs of K != 20 (``run_K`` None: 1 with ``no_context``, else 20),
-    then the variants' tags and ``estimator`` (:func:`estimator_tag`)."""
+    then the variants' tags, ``estimator`` (:func:`estimator_tag`) and ``batch`` (:func:`batch_tag`)."""
     run_K = run_K if run_K is not None else (1 if no_context else common.DEFAULT_RUN_K)
-    tags = common.run_k_tag(run_K) + ("_block" if block else "") + ("_legacyidx" if legacy else "") + estimator
+    tags = common.run_k_tag(run_K) + ("_block" if block else "") + ("_legacyidx" if legacy else "") + estimator \
+        + batch
     return f"cka_{e1}_{e2}_{m1}{m2}_{env}_{ds}_{seed}{tags}"
 
 
@@ -302,7 +309,7 @@ def run(args) -> common.Outputs:
         del m1, m2
         stem = result_stem(args.epoch1, args.epoch2, args.model_name1, args.model_name2, env, args.dataset_name,
                            args.seed, args.no_context, args.block, args.legacy_feature_index, K_ckpt,
-                           estimator_tag(args))
+                           estimator_tag(args), batch_tag(args))
         # the layer lists, and the batch the matrices were computed on (plot_cka.py compares the models')
         outs.files.append(common.save_csv(res_dir / f"{stem}_layers.csv", ["axis", "index", "layer"],
                                           [["rows", i, k] for i, k in enumerate(a1)]
@@ -395,6 +402,7 @@ def build_plot_parser():
     p.add_argument("--block", action="store_true")
     p.add_argument("--legacy_feature_index", action="store_true")
     add_estimator_flags(p, reading=True)
+    common.add_batch_read_flags(p, "compute_cka.py")
     p.add_argument("--legacy_pairing", action="store_true",
                    help="iGPT's normalized layers as TAKAGI's plot_cka.py: consecutive entries of the flattened "
                         "diagonal averaged (ln_1 with attn.c_attn, ...), not the same entry of blocks 2b and 2b+1")
@@ -441,7 +449,7 @@ def plot(args) -> common.Outputs:
     def result(env, m, token):
         """The results' stem and the ``.npy`` path of model ``m``'s CKA matrix for ``env`` and ``token``."""
         stem = result_stem(args.epoch1, args.epoch2, m, m, env, args.dataset_name, args.seed, args.no_context,
-                           args.block, args.legacy_feature_index, run_K, estimator_tag(args))
+                           args.block, args.legacy_feature_index, run_K, estimator_tag(args), batch_tag(args))
         return stem, res / f"{stem}_{token}.npy"
 
     # an env with no results at all is left out with a note (an error only when no env has any), as in the curves
@@ -475,8 +483,8 @@ def plot(args) -> common.Outputs:
                 raise UserError(f"no CKA results for {env}/{token}: looked for {', '.join(missing)} (run compute_cka.py "
                                 f"--model_name1 M --model_name2 M --epoch1 {args.epoch1} --epoch2 {args.epoch2}"
                                 f"{f' --run_K {run_K}' if run_K != common.DEFAULT_RUN_K else ''}; the results of "
-                                f"--block, --legacy_feature_index, --kernel, --biased or --eps runs are read with the "
-                                f"same flags)")
+                                f"--block, --legacy_feature_index, --kernel, --biased, --eps, --batch_size, --K or "
+                                f"--batch_seed runs are read with the same flags)")
             for f in missing:
                 common.warn(f"{f} not found; that model is left out of the figure")
             if len(batches) > 1:
@@ -519,7 +527,7 @@ def plot(args) -> common.Outputs:
             common.legend(ax)
             stem = (f"cka_plot_{args.epoch1}_{args.epoch2}_{'_'.join(curves)}_{env}_{args.dataset_name}_{args.seed}"
                     + common.run_k_tag(run_K) + ("_block" if args.block else "")
-                    + ("_legacyidx" if args.legacy_feature_index else "") + estimator_tag(args)
+                    + ("_legacyidx" if args.legacy_feature_index else "") + estimator_tag(args) + batch_tag(args)
                     + f"_{token}" + ("_legacy_pairing" if args.legacy_pairing else ""))
             outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
             outs.files.append(common.save_csv(res / f"{stem}.csv", ["model", "index", "layer", "cka"], rows))

@@ -177,18 +177,53 @@ def add_checkpoint_flags(p, *, plm_alias: bool = False, aliases=()):
     p.add_argument("--dataset_name", type=str, default="medium")
 
 
-def add_data_flags(p, *, device_default: str = "cpu", batch_size: int = 100, data_aliases=(), batch_size_help=None):
+#: The analysis batch's defaults (``add_data_flags``): samples (the gradient scripts have their own), context K and
+#: batch seed.
+DEFAULT_BATCH_SIZE, DEFAULT_BATCH_K, DEFAULT_BATCH_SEED = 100, 20, 0
+
+
+def add_data_flags(p, *, device_default: str = "cpu", batch_size: int = DEFAULT_BATCH_SIZE, data_aliases=(),
+                   batch_size_help=None, batch_size_aliases=()):
     """The analysis batch's flags; ``data_aliases``: further spellings of ``--data_path``; ``batch_size_help``: the
-    help of ``--batch_size``."""
+    help of ``--batch_size`` (default: its :func:`batch_tag`); ``batch_size_aliases``: further spellings of it. A
+    non-default batch tags the results (:func:`batch_tag`)."""
     p.add_argument("--data_path", *data_aliases, dest="data_path", type=str, default=None,
                    help="folder with {env}-{dataset}-v2.pkl; default: the data file recorded in the checkpoint, "
                         "else ./data")
-    p.add_argument("--batch_size", type=int, default=batch_size, help=batch_size_help)
-    p.add_argument("--K", type=int, default=20, help="context length of the analysis batch (timesteps)")
-    p.add_argument("--batch_seed", type=int, default=0,
-                   help="seed of the batch sampler; every model gets the same batch")
+    p.add_argument("--batch_size", *batch_size_aliases, dest="batch_size", type=int, default=batch_size,
+                   help=batch_size_help or f"samples of the analysis batch (other than {batch_size}: results tagged "
+                                           f"_bs{{n}})")
+    p.add_argument("--K", type=int, default=DEFAULT_BATCH_K,
+                   help=f"context length of the analysis batch (timesteps; other than {DEFAULT_BATCH_K}: results "
+                        f"tagged _ctx{{k}}; --run_K selects the runs)")
+    p.add_argument("--batch_seed", type=int, default=DEFAULT_BATCH_SEED,
+                   help=f"seed of the batch sampler; every model gets the same batch (other than "
+                        f"{DEFAULT_BATCH_SEED}: results tagged _bseed{{n}})")
     p.add_argument("--device", type=str, default=device_default, help="cpu, cuda, cuda:N or auto")
     add_threads_flag(p)
+
+
+def add_batch_read_flags(p, what: str, *, batch_size: int = DEFAULT_BATCH_SIZE, size_flag: str = "--batch_size"):
+    """``--K``, ``--batch_seed`` and the sample count (``size_flag``, the attribute of its name): which analysis
+    batch's results (those of ``what`` run with the same flags) a reader reads (:func:`batch_tag`)."""
+    read = f"read the results of {what} run with this flag"
+    p.add_argument(size_flag, type=int, default=batch_size,
+                   help=f"{read}: samples of its analysis batch (other than {batch_size}: tagged _bs{{n}})")
+    p.add_argument("--K", type=int, default=DEFAULT_BATCH_K,
+                   help=f"{read}: context of its analysis batch (other than {DEFAULT_BATCH_K}: tagged _ctx{{k}})")
+    p.add_argument("--batch_seed", type=int, default=DEFAULT_BATCH_SEED,
+                   help=f"{read}: its batch seed (other than {DEFAULT_BATCH_SEED}: tagged _bseed{{n}})")
+
+
+def batch_tag(K: int, batch_seed: int, batch_size: int | None = None, default_batch_size: int | None = None) -> str:
+    """The file-name tag of a non-default analysis batch: ``_bs{n}`` (``batch_size`` other than
+    ``default_batch_size``; left out when either is None, as for the gradient scripts, which tag it among their own
+    settings), ``_ctx{k}`` (context ``K`` other than 20; not ``_K{K}``, the runs' context) and ``_bseed{n}``
+    (``batch_seed`` other than 0), in this order; empty for the default batch, so the default names stay the
+    originals' and another batch's results never replace them."""
+    size = batch_size is not None and default_batch_size is not None and batch_size != default_batch_size
+    return (f"_bs{batch_size}" if size else "") + (f"_ctx{K}" if K != DEFAULT_BATCH_K else "") \
+        + (f"_bseed{batch_seed}" if batch_seed != DEFAULT_BATCH_SEED else "")
 
 
 def add_threads_flag(p):

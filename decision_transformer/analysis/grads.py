@@ -259,12 +259,14 @@ def setting_tag(args, default_batch_size: int) -> str:
     """The file-name tag of the gradient settings that change the numbers, where not their default: ``_evalmode``
     (``--train_mode false``), ``_indep`` (``--independent_batches``), ``_bs{n}`` (``--batch_size`` other than
     ``default_batch_size``, the script's), ``_gseed{n}`` (``--grad_seed`` other than 0), ``_eps{eps}`` (confusion's
-    ``--eps`` other than 0), in this order; empty for the defaults, so the default names stay the originals' and
-    another setting's results never replace them."""
+    ``--eps`` other than 0), then the analysis batch's ``_ctx{k}`` (``--K`` other than 20) and ``_bseed{n}``
+    (``--batch_seed`` other than 0), in this order; empty for the defaults, so the default names stay the originals'
+    and another setting's results never replace them."""
     return ("" if args.train_mode else "_evalmode") + ("_indep" if args.independent_batches else "") \
         + (f"_bs{args.batch_size}" if args.batch_size != default_batch_size else "") \
         + (f"_gseed{args.grad_seed}" if args.grad_seed != 0 else "") \
-        + (f"_eps{args.eps:g}" if getattr(args, "eps", 0.0) != 0 else "")
+        + (f"_eps{args.eps:g}" if getattr(args, "eps", 0.0) != 0 else "") \
+        + common.batch_tag(args.K, args.batch_seed)
 
 
 def _batches(args, env, device, notes: list):

@@ -18,6 +18,10 @@ Step 2, ``run_mi_exp --exp_type``:
 * ``data``: for each t, MI(s_t, a_t) and MI(R̂_t, a_t) of the batch (no activations needed).
   -> ``mi_data_state_action_{env}_{ds}_{seed}.npy``, ``mi_data_rtg_action_{env}_{ds}_{seed}.npy``.
 
+A non-default batch (save_activation.py's ``--batch_size``, ``--K``, ``--batch_seed``) tags the activation and data
+files ``_bs{n}``, ``_ctx{k}``, ``_bseed{n}`` (after ``_K{K}``), and every result computed on it (after the estimator's
+tags); run_mi_exp.py and the plots read them given ``--data_batch_size``, ``--K``, ``--batch_seed``.
+
 Padded steps are included as in the original (``--exclude_padding`` drops, per estimate, the samples whose involved
 timesteps are padding). Failed estimates are NaN and left out of the plots.
 """
@@ -131,12 +135,40 @@ def _variant_tag(args) -> str:
 
 
 _SAME_FLAGS = ("; the results of a --run_K, --exclude_padding, --mine_hidden_layers, --mine_loss, --mine_hidden, "
-               "--iters, --batch_size or --lr run are read with the same flags")
+               "--iters, --batch_size or --lr run are read with the same flags, and those of a save_activation.py "
+               "batch of another --K, --batch_seed or --batch_size given --K, --batch_seed or --data_batch_size")
+
+
+def _add_batch_flags(p):
+    """Which save_activation.py batch run_mi_exp.py and the plots read: ``--K``, ``--batch_seed`` and
+    ``--data_batch_size`` (save_activation.py's ``--batch_size``; here ``--batch_size`` is MINE's minibatch)."""
+    common.add_batch_read_flags(p, "save_activation.py", size_flag="--data_batch_size")
+
+
+def _batch_tag(K: int, batch_seed: int, samples: int) -> str:
+    """The tag of a non-default save_activation.py batch: ``_bs{n}``, ``_ctx{k}``, ``_bseed{n}``
+    (:func:`common.batch_tag`), in the names of its activation and data files and of every result computed on it."""
+    return common.batch_tag(K, batch_seed, samples, common.DEFAULT_BATCH_SIZE)
+
+
+def _data_tags(args) -> str:
+    """What follows ``{seed}`` in the names of the save_activation.py files that run_mi_exp.py reads (``args`` of
+    run_mi_exp.py): the runs' K tag, then the batch's."""
+    return _ktag(args) + _batch_tag(args.K, args.batch_seed, args.data_batch_size)
+
+
+def _batch_hint(args) -> str:
+    """The save_activation.py flags of the batch ``args`` (of run_mi_exp.py) reads, for a hint."""
+    d = common
+    return (f" --batch_size {args.data_batch_size}" if args.data_batch_size != d.DEFAULT_BATCH_SIZE else "") \
+        + (f" --K {args.K}" if args.K != d.DEFAULT_BATCH_K else "") \
+        + (f" --batch_seed {args.batch_seed}" if args.batch_seed != d.DEFAULT_BATCH_SEED else "")
 
 
 def _tags(args) -> str:
-    """What follows ``{seed}`` in run_mi_exp.py's file names: the run's K tag, then the estimator variant's."""
-    return _ktag(args) + _variant_tag(args)
+    """What follows ``{seed}`` in run_mi_exp.py's file names: the run's K tag, the estimator variant's, then the
+    save_activation.py batch's (``_bs{n}``, ``_ctx{k}``, ``_bseed{n}``, where not the default)."""
+    return _ktag(args) + _variant_tag(args) + _batch_tag(args.K, args.batch_seed, args.data_batch_size)
 
 
 # ---- step 1 -----------------------------------------------------------------------------------------------------
@@ -152,7 +184,11 @@ def build_save_parser():
     p.add_argument("--all_layers", action="store_true",
                    help="save every hooked entry (9 per block), not only the block outputs (large)")
     _add_run_k(p, reading=False)
-    common.add_data_flags(p, device_default="cpu", batch_size=100, data_aliases=("--path_to_load_data",))
+    common.add_data_flags(p, device_default="cpu", data_aliases=("--path_to_load_data",),
+                          batch_size_aliases=("--data_batch_size",),
+                          batch_size_help=f"samples of the batch (other than {common.DEFAULT_BATCH_SIZE}: files "
+                                          f"tagged _bs{{n}}, which run_mi_exp.py and the plots read given "
+                                          f"--data_batch_size n; their --batch_size is MINE's minibatch)")
     p.add_argument("--results_dir", type=str, default=mi_dir(),
                    help="relative paths resolve against the working directory")
     # the original save_activation.py's two output folders (run_mi_exp.py's -pd / -pa read them)
@@ -176,7 +212,9 @@ def run_save(args) -> common.Outputs:
     data_dir = args.path_to_save_data or args.results_dir
     outs = common.Outputs()
     entries = BLOCK_ENTRIES if args.all_layers else (BLOCK_OUTPUT,)
-    run_K, ktag = common.run_k(args), _ktag(args)
+    # the runs' K, then a non-default batch (run_mi_exp.py reads these files given the same --run_K, --K,
+    # --batch_seed and --data_batch_size)
+    run_K, ktag = common.run_k(args), _ktag(args) + _batch_tag(args.K, args.batch_seed, args.batch_size)
     datasets = SharedDataset(args.dataset_name, args.data_path, device, outs.notes)   # every model: the same batch
     for env in args.env_name_list:
         for m in args.model_name:
@@ -239,6 +277,7 @@ def build_mi_parser():
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     common.add_threads_flag(p)
     _add_variant_flags(p, reading=False)
+    _add_batch_flags(p)
     p.add_argument("--layers", nargs="+", type=int, default=None,
                    help="blocks for --exp_type normal (default: 0, depth//2, depth-1)")
     return p
@@ -310,9 +349,9 @@ def run_mi(args) -> common.Outputs:
     common.check_numbers(args, lr=common.POSITIVE)
     common.check_seeds(args, "seed", bits=62)
     common.check_min(args, 0, "epoch")
-    ds, env, ktag = args.dataset_name, args.env_name, _ktag(args)
+    ds, env, ktag = args.dataset_name, args.env_name, _data_tags(args)
     df = data_file(args.path_to_data, env, ds, args.seed, ktag)
-    run_k = f" --run_K {common.run_k(args)}" if ktag else ""
+    run_k = (f" --run_K {common.run_k(args)}" if _ktag(args) else "") + _batch_hint(args)
     if _absent(df):
         raise UserError(f"{df}: file not found; save_activation.py writes it (save_activation.py --env_name_list "
                         f"{env} --dataset_name {ds} --seed {args.seed}{run_k} --model_name M --epoch E)")
@@ -416,6 +455,7 @@ def build_plot_parser():
     p.add_argument("--model_name_list", nargs="+", default=list(common.MODEL_NAMES))
     _add_run_k(p, reading=True)
     _add_variant_flags(p, reading=True)
+    _add_batch_flags(p)
     _add_plot_dirs(p)
     return p
 
@@ -679,6 +719,7 @@ def build_plot_data_parser():
     p.add_argument("--epoch", type=int, default=40, help="unused (accepted for the originals' command lines)")
     _add_run_k(p, reading=True)
     _add_variant_flags(p, reading=True)
+    _add_batch_flags(p)
     _add_plot_dirs(p)
     return p
 

@@ -58,9 +58,18 @@ def build_parser():
     p.add_argument("--model_name_list", nargs="+", default=None, help="default: every model with runs")
     p.add_argument("--data_path", type=str, default=None)
     p.add_argument("--device", type=str, default="cpu")
-    p.add_argument("--batch_size", type=int, default=100)
-    p.add_argument("--grad_batch_size", type=int, default=50, help="samples of the gradient-confusion analysis")
-    p.add_argument("--K", type=int, default=20, help="context of the analysis batches")
+    p.add_argument("--batch_size", type=int, default=common.DEFAULT_BATCH_SIZE,
+                   help=f"samples of the analysis batches of CKA, MINE, gradient norms and attention (other than "
+                        f"{common.DEFAULT_BATCH_SIZE}: results tagged _bs{{n}})")
+    p.add_argument("--grad_batch_size", type=int, default=grads.CONFUSION_BATCH_SIZE,
+                   help=f"samples of the gradient-confusion analysis (other than {grads.CONFUSION_BATCH_SIZE}: results "
+                        f"tagged _bs{{n}})")
+    p.add_argument("--K", type=int, default=common.DEFAULT_BATCH_K,
+                   help=f"context of the analysis batches (other than {common.DEFAULT_BATCH_K}: results tagged "
+                        f"_ctx{{k}})")
+    p.add_argument("--batch_seed", type=int, default=common.DEFAULT_BATCH_SEED,
+                   help=f"seed of the analysis batches; every model gets the same batch (other than "
+                        f"{common.DEFAULT_BATCH_SEED}: results tagged _bseed{{n}})")
     p.add_argument("--run_K", type=int, default=20,
                    help="the K of the runs analysed by CKA, MINE, parameters, gradients and Table 1 (folders "
                         "..._K{K}); the attention distance and Table 2 use the K=1 runs")
@@ -164,8 +173,15 @@ def _argv(args, section, *extra) -> list[str]:
 
 
 def _data_flags(args) -> list[str]:
-    flags = ["--device", args.device, "--K", args.K]
+    """The analysis batch's flags but its size (each step passes its own), and the device."""
+    flags = ["--device", args.device, "--K", args.K, "--batch_seed", args.batch_seed]
     return flags + (["--data_path", args.data_path] if args.data_path else [])
+
+
+def _batch_read_flags(args, size_flag: str = "--batch_size") -> list:
+    """The flags by which a reader (plot_cka.py, run_mi_exp.py and the MI plots: ``size_flag --data_batch_size``)
+    finds the results of ``--batch_size``, ``--K`` and ``--batch_seed``, which tag them where not the defaults."""
+    return [size_flag, args.batch_size, "--K", args.K, "--batch_seed", args.batch_seed]
 
 
 def step_scores(plan: _Plan, args) -> common.Outputs:
@@ -255,7 +271,8 @@ def step_cka(plan: _Plan, args) -> common.Outputs:
                          "--run_K", args.run_K, "--heatmap_token_list", "state")  # one heatmap per model in the report
             outs.extend(cka.run(cka.build_parser().parse_args(argv)))
         argv = _argv(args, "cka", "--env_name_list", env, "--model_name_list", *models, "--epoch1", 0, "--epoch2", e2,
-                     "--dataset_name", args.dataset_name, "--seed", args.seed, "--run_K", args.run_K)
+                     "--dataset_name", args.dataset_name, "--seed", args.seed, "--run_K", args.run_K,
+                     *_batch_read_flags(args))
         outs.extend(cka.plot(cka.build_plot_parser().parse_args(argv)))
     return outs
 
@@ -266,8 +283,10 @@ def step_mi(plan: _Plan, args) -> common.Outputs:
     outs = common.Outputs()
     res = Path(args.out_dir) / common.SECTIONS["mi"] / "results"
     figs = res.parent / "figs"
-    # the MINE settings tag run_mi_exp.py's files where not the defaults: the plots read them given the same flags
-    setting = ["--iters", args.mine_iters, "--mine_hidden", args.mine_hidden]
+    # the MINE settings and the batch tag run_mi_exp.py's files where not the defaults (the batch also
+    # save_activation.py's): run_mi_exp.py and the plots read them given the same flags
+    setting = ["--iters", args.mine_iters, "--mine_hidden", args.mine_hidden,
+               *_batch_read_flags(args, "--data_batch_size")]
     mine_flags = [*setting, "--device", args.device, "--dataset_name", args.dataset_name, "--seed", args.seed,
                   "--run_K", args.run_K]
     for env in plan.envs:
@@ -358,8 +377,8 @@ def write_report(args, plan: _Plan, results: dict, failures: dict, skipped: list
     out = Path(args.out_dir)
     intro = (f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} by `analysis/run_all.py`; "
              f"dataset `{args.dataset_name}`, seed {args.seed}, batches of {args.batch_size} samples with "
-             f"K={args.K}, batch seed 0 (every model sees the same batch); CKA, MINE, parameters and gradients on "
-             f"the K={args.run_K} runs. Every figure also exists as PDF next to "
+             f"K={args.K}, batch seed {args.batch_seed} (every model sees the same batch); CKA, MINE, parameters "
+             f"and gradients on the K={args.run_K} runs. Every figure also exists as PDF next to "
              f"its PNG; raw results are in each section's `results/` folder.")
     lines = [f"# Analysis report: `{args.checkpoint_dir}`", "", intro, "", "## Runs found", ""]
     by = defaultdict(list)
@@ -401,7 +420,7 @@ def run(args) -> Path:
         if getattr(args, name) < 1:
             raise UserError(f"invalid --{name} {getattr(args, name)}: the analyses compare epoch 0 with it; use an "
                             f"integer >= 1")
-    common.check_seeds(args, "seed")
+    common.check_seeds(args, "seed", "batch_seed")
     both = [s for s in (args.only or []) if s in args.skip]
     if both:
         raise UserError(f"--only and --skip both name {', '.join(both)}")
