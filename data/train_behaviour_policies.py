@@ -110,7 +110,7 @@ def policy_summary(env: str, meta: dict, roles, policy_dir: str) -> str:
     parts = []
     for role, step, score, final, searching in (
             ("medium", "medium_step", "medium_eval", "medium_final", "still searching"),
-            ("expert", "best_step", "best_eval", "expert_final", "still training")):
+            ("expert", "best_step", "best_eval", "expert_final", "the best so far: more --total_steps trains on")):
         if role not in roles:
             continue
         if meta.get(step) is None:

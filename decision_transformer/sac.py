@@ -573,7 +573,11 @@ def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps
     if not meta["precision_from_step"] or meta["precision_from_step"][-1][1] != precision:
         meta["precision_from_step"].append([meta["env_steps"], precision])
     medium_target = medium_score if "medium" in roles else None
+    # the final flags of a role this run does not train are set for this run only: the state keeps what it had, so a
+    # later run of that role carries on with its search
+    kept_flags = {}
     if medium_target is None:
+        kept_flags["medium_final"] = meta["medium_final"]
         meta["medium_final"] = True  # this run does not search (or touch) the medium policy
     elif not meta["medium_final"] and meta["medium_step"] is not None and \
             abs(meta["medium_eval"] - medium_target) <= medium_tolerance:
@@ -594,7 +598,7 @@ def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps
             best["trained_steps"] = int(meta["env_steps"])
             _atomic_torch_save(best, expert_path)
             log(f"{env_name}: the expert policy of step {best.get('step')} (score {best.get('eval_score')}) is "
-                f"final ({why})")
+                f"final ({why})" + ("" if reached else "; a call with more --total_steps trains on and may replace it"))
 
     def expert_reached():
         """Whether the best long-evaluation score reaches ``expert_score - expert_tolerance`` (False without a
@@ -603,16 +607,17 @@ def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps
             meta["best_eval"] >= expert_score - expert_tolerance
 
     if "expert" not in roles:
+        kept_flags["expert_final"] = meta["expert_final"]
         meta["expert_final"] = True  # this run does not write the expert policy
     elif not meta.get("expert_final") and expert_reached():
         finalise_expert(f"it reaches the target {expert_score:.1f} within {expert_tolerance:g}")
     if loaded is not None and meta["medium_final"] and meta["expert_final"]:
         # nothing left to train: the state is left as it was (no refill that would advance its RNG, no wall time),
         # unless this call made a policy final under the rules asked for now
-        changed = {k: v for k, v in meta.items() if k != "precision_from_step"} != \
+        changed = {k: v for k, v in {**meta, **kept_flags}.items() if k != "precision_from_step"} != \
             {k: v for k, v in json.loads(loaded).items() if k != "precision_from_step"}
         if changed:
-            _atomic_torch_save({"agent": agent.state_dict(), "meta": json.dumps(meta),
+            _atomic_torch_save({"agent": agent.state_dict(), "meta": json.dumps({**meta, **kept_flags}),
                                 "numpy_rng": json.dumps(rng.bit_generator.state)}, state_path)
         log(f"{env_name}: nothing left to train for {' and '.join(roles)} (state: {state_path})")
         return meta
@@ -625,7 +630,7 @@ def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps
         """Save the resumable state (agent, ``meta`` with the wall time so far, NumPy RNG) and, with ``keep_buffer``,
         the replay buffer."""
         meta["wall_seconds"] = wall0 + time.perf_counter() - t_start
-        _atomic_torch_save({"agent": agent.state_dict(), "meta": json.dumps(meta),
+        _atomic_torch_save({"agent": agent.state_dict(), "meta": json.dumps({**meta, **kept_flags}),
                             "numpy_rng": json.dumps(rng.bit_generator.state)}, state_path)
         if keep_buffer:
             buffer.save(buffer_path)
@@ -648,9 +653,9 @@ def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps
     except KeyboardInterrupt:  # Ctrl-C / SIGTERM (see the script): keep the progress, then stop
         checkpoint()
         raise
-    if meta["env_steps"] >= total_steps and not meta["medium_final"]:
-        meta["medium_final"] = True  # the search ends with the closest candidate found
-        _prune_snapshots(policy_dir / "replay", meta["medium_step"])
+    if meta["env_steps"] >= total_steps and not meta["medium_final"] and meta["medium_step"] is not None:
+        meta["medium_final"] = True  # the search ends with the closest candidate found (without one, a later call
+        _prune_snapshots(policy_dir / "replay", meta["medium_step"])   # with more steps searches on)
     if "expert" in roles and meta["env_steps"] >= total_steps and not meta["expert_final"]:
         finalise_expert(f"training reached {total_steps} steps", reached=False)
     checkpoint()

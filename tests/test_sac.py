@@ -356,3 +356,22 @@ def test_the_expert_screen_keeps_a_best_score_of_zero():
     assert expert_screen(0.0, -5.0, 10.0) == 0.0                      # within the window: evaluated, bar kept
     assert expert_screen(0.0, -15.0, 10.0) is None                    # below the window: not evaluated
     assert expert_screen(0.0, 3.0, 10.0) == 3.0                       # a better one raises the bar
+
+
+def test_a_role_this_run_does_not_train_and_a_search_without_a_candidate_go_on_later(tmp_path):
+    """A medium-only run used to store the expert as final (and an expert-only run the medium), and a medium search
+    that ended at --total_steps without a candidate was stored as final: a later call could never train them."""
+    state, pol = tmp_path / "state", tmp_path / "pol"
+    kw = dict(medium_window=10.0, log=lambda m: None, **{**TINY, "eval_every": 300})
+    meta = train_behaviour_policy("hopper", state, pol, total_steps=300, medium_score=1e6, roles=("medium",), **kw)
+    assert meta["env_steps"] == 300 and meta["medium_step"] is None and not meta["medium_final"]
+    saved = json.loads(torch.load(state / "state.pt", weights_only=True)["meta"])
+    assert saved["expert_final"] is False and saved["medium_final"] is False
+    # the same search with more steps goes on, and the expert is trained where a run asks for it
+    meta = train_behaviour_policy("hopper", state, pol, total_steps=600, medium_score=1e6, roles=("medium", "expert"),
+                                  **kw)
+    assert meta["env_steps"] == 600 and (pol / "expert.pt").exists() and meta["best_step"] == 600
+    # an expert-only run leaves the medium search open
+    meta = train_behaviour_policy("hopper", state, pol, total_steps=900, medium_score=1e6, roles=("expert",), **kw)
+    assert meta["env_steps"] == 900
+    assert json.loads(torch.load(state / "state.pt", weights_only=True)["meta"])["medium_final"] is False
