@@ -11,8 +11,9 @@ Ctrl-C/SIGTERM. Progress goes to stdout and ``--state_dir/{env}/progress.jsonl``
 ``decision_transformer.sac.train_behaviour_policy`` for how the medium and expert policies are picked: a 10-episode
 screen, then a 50-episode evaluation of the candidates). Redo one policy without touching the other with, e.g.,
 ``--env hopper --roles medium --run_name hopper-medium``. The replay buffer
-(``replay_buffer.npz``, git-ignored) makes a resume on the same machine exact; elsewhere the buffer is refilled
-with the current policy first.
+(``replay_buffer.npz``, git-ignored) lets a resume on the same machine continue with the buffer it had; elsewhere the
+buffer is refilled with the current policy first. Either way the episode in progress starts again (the env's state is
+not saved), so a resumed run is not identical to one run straight through.
 """
 import argparse
 import os
