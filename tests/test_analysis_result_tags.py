@@ -9,7 +9,7 @@ import pytest
 from test_analysis_support import write_run
 from test_mine_grads_wiring import _mi_files, _run_mi
 
-from decision_transformer.analysis import curves, grads, mi, scores
+from decision_transformer.analysis import attention, cka, common, curves, grads, mi, report, scores
 from decision_transformer.checkpoint import run_dir_name
 from decision_transformer.errors import UserError
 
@@ -55,6 +55,9 @@ NORM_FILES = ("gradnorms_1_gpt2_hopper_medium_666{t}.npy", "gradnorm_perparam_1_
     (["--grad_seed", "3"], "_gseed3", True),
     (["--eps", "0.01", "--grad_seed", "2", "--batch_size", "6", "--independent_batches", "--train_mode", "false"],
      "_evalmode_indep_bs6_gseed2_eps0.01", False),
+    (["--K", "5"], "_ctx5", True),                                   # the analysis batch's context and seed
+    (["--batch_seed", "1"], "_bseed1", True),
+    (["--batch_seed", "1", "--K", "5", "--batch_size", "6", "--eps", "0.01"], "_bs6_eps0.01_ctx5_bseed1", False),
 ])
 def test_gradient_settings_tag_every_file_and_leave_the_defaults(grad_args, tmp_path, flags, tag, norms):
     """Each setting that changes the gradients (or the cosines) tags the npy, the csv and the figure of both scripts;
@@ -81,7 +84,7 @@ def test_gradient_settings_tag_every_file_and_leave_the_defaults(grad_args, tmp_
 
 def test_the_gradient_tags_are_said_in_the_help():
     text = grads.build_confusion_parser().format_help() + grads.build_norm_parser().format_help()
-    for tag in ("_eps{eps}", "_evalmode", "_indep", "_bs{n}", "_gseed{n}", "_unclipped"):
+    for tag in ("_eps{eps}", "_evalmode", "_indep", "_bs{n}", "_gseed{n}", "_unclipped", "_ctx{k}", "_bseed{n}"):
         assert tag in text, tag
 
 
@@ -252,3 +255,187 @@ def test_default_mine_settings_have_no_tag_and_the_help_says_the_tags():
         text = p.format_help()
         for tag in ("_it{n}", "_lr{lr}", "_mb{n}", "_h{n}", "_nopad", "_L{n}"):
             assert tag in text, (build.__name__, tag)
+
+
+# ---- the analysis batch: --batch_size, --K (the batch's context, not the runs' --run_K), --batch_seed ----------------
+
+BATCH_SETTINGS = [
+    (["--batch_seed", "1"], "_bseed1"),
+    (["--K", "5"], "_ctx5"),
+    (["--batch_size", "8"], "_bs8"),
+    (["--K", "5", "--batch_seed", "1", "--batch_size", "8"], "_bs8_ctx5_bseed1"),
+]
+
+
+@pytest.fixture(scope="module")
+def batch_runs(tmp_path_factory, hopper_data):
+    """One-block gpt2 runs: K=20 (epochs 0, 1, 40: CKA, MINE, gradients) and K=1 (epochs 0, 4: attention)."""
+    ck = tmp_path_factory.mktemp("batch") / "ck"
+    data = hopper_data / "hopper-medium-v2.pkl"
+    write_run(ck, "gpt2", epochs=(0, 1, 40), data_file=data, n_layer=1)
+    write_run(ck, "gpt2", K=1, epochs=(0, 4), data_file=data, n_layer=1)
+    return ck
+
+
+def _parse(build, argv):
+    return build().parse_args([str(a) for a in argv])
+
+
+@pytest.mark.parametrize("flags, tag", BATCH_SETTINGS)
+def test_cka_batch_settings_tag_the_results_and_plot_cka_reads_them(tmp_path, batch_runs, flags, tag):
+    """compute_cka.py on another batch (--batch_seed 1 used to replace the default matrices) writes tagged matrices,
+    layer lists and heatmaps next to the default ones; plot_cka.py reads them given the same flags and tags its
+    figure and CSV."""
+    res, figs = tmp_path / "res", tmp_path / "figs"
+    io = ["--results_dir", res, "--figs_dir", figs]
+    argv = ["--checkpoint_dir", batch_runs, "--env_name_list", "hopper", "--heatmap_token_list", "state", *io]
+    cka.run(_parse(cka.build_parser, argv))
+    stem = "cka_0_40_gpt2gpt2_hopper_medium_666"
+    assert {f"{stem}_{t}.npy" for t in ("reward", "state", "action")} | {f"{stem}_layers.csv"} == set(_snapshot(res))
+    plot = ["--env_name_list", "hopper", "--model_name_list", "gpt2", "--token_list", "state", *io]
+    cka.plot(_parse(cka.build_plot_parser, plot))
+    before, before_figs = _snapshot(res), _snapshot(figs)
+    cka.run(_parse(cka.build_parser, argv + flags))
+    assert _new(before, res) == {f"{stem}{tag}_{t}.npy" for t in ("reward", "state", "action")} \
+        | {f"{stem}{tag}_layers.csv"}
+    assert _new(before_figs, figs) == {f"{stem}{tag}_state.{x}" for x in ("png", "pdf")}
+    before, before_figs = _snapshot(res), _snapshot(figs)
+    cka.plot(_parse(cka.build_plot_parser, plot + flags))
+    assert _new(before, res) == {f"cka_plot_0_40_gpt2_hopper_medium_666{tag}_state.csv"}
+    assert _new(before_figs, figs) == {f"cka_plot_0_40_gpt2_hopper_medium_666{tag}_state.{x}" for x in ("png", "pdf")}
+    drawn = [float(r["cka"]) for r in _rows(res / f"cka_plot_0_40_gpt2_hopper_medium_666{tag}_state.csv")]
+    assert drawn == pytest.approx(np.diagonal(np.load(res / f"{stem}{tag}_state.npy")).tolist())
+
+
+def test_plot_cka_reads_another_batch_only_given_its_flags(tmp_path, batch_runs):
+    io = ["--results_dir", tmp_path / "res", "--figs_dir", tmp_path / "figs"]
+    cka.run(_parse(cka.build_parser, ["--checkpoint_dir", batch_runs, "--env_name_list", "hopper", "--no_heatmap",
+                                      "--K", "5", "--batch_seed", "1", *io]))
+    plot = ["--env_name_list", "hopper", "--model_name_list", "gpt2", "--token_list", "state", *io]
+    with pytest.raises(UserError, match=r"cka_0_40_gpt2gpt2_hopper_medium_666_state\.npy .*--batch_size, --K or "
+                                        r"--batch_seed runs are read with the same flags"):
+        cka.plot(_parse(cka.build_plot_parser, plot))
+    cka.plot(_parse(cka.build_plot_parser, plot + ["--K", "5", "--batch_seed", "1"]))
+
+
+@pytest.mark.parametrize("flags, tag", BATCH_SETTINGS)
+def test_attention_batch_settings_tag_every_file(tmp_path, batch_runs, flags, tag):
+    res, figs = tmp_path / "res", tmp_path / "figs"
+    argv = ["--checkpoint_dir", batch_runs, "--env_name_list", "hopper", "--model_name_list", "gpt2",
+            "--results_dir", res, "--figs_dir", figs]
+    attention.run(_parse(attention.build_parser, argv))
+    names = ("att_dist_0_gpt2_hopper_medium_666_K1{t}.npy", "att_dist_4_gpt2_hopper_medium_666_K1{t}.npy",
+             "att_dist_diff_0_4_gpt2_hopper_medium_666_K1{t}.npy")
+    assert set(_snapshot(res)) == {n.format(t="") for n in names}
+    before, before_figs = _snapshot(res), _snapshot(figs)
+    attention.run(_parse(attention.build_parser, argv + flags))
+    assert _new(before, res) == {n.format(t=tag) for n in names}
+    assert _new(before_figs, figs) == {f"att_dist_diff_0_4_gpt2_hopper_medium_666_K1{tag}.{x}" for x in ("png", "pdf")}
+
+
+def _save_activation(ck, res, *flags):
+    return mi.run_save(_parse(mi.build_save_parser, ["--checkpoint_dir", ck, "--model_name", "gpt2",
+                                                     "--results_dir", res, *flags]))
+
+
+def _mi_read_flags(flags):
+    """run_mi_exp.py's and the MI plots' spelling of save_activation.py's batch flags (--batch_size: MINE's)."""
+    return ["--data_batch_size" if f == "--batch_size" else f for f in flags]
+
+
+@pytest.mark.parametrize("flags, tag", BATCH_SETTINGS)
+def test_mine_batch_settings_tag_the_batch_and_results_and_the_readers_find_them(tmp_path, batch_runs, monkeypatch,
+                                                                                 flags, tag):
+    """save_activation.py on another batch (--batch_seed 1 used to replace the data file, stranding every other
+    model's activations) writes tagged activation and data files; run_mi_exp.py reads them given the same flags
+    (--data_batch_size for save_activation.py's --batch_size) and tags its results after the MINE settings' tags;
+    both plotting scripts read those and tag their figures."""
+    res = tmp_path / "res"
+    monkeypatch.setattr(mi, "estimate_mi", lambda x, y, **kw: 1.0)
+    _save_activation(batch_runs, res)
+    assert set(_snapshot(res)) == {"activation_40_gpt2_hopper_medium_666.npz", "data_hopper_medium_666.npz"}
+    before = _snapshot(res)
+    _save_activation(batch_runs, res, *flags)
+    assert _new(before, res) == {f"activation_40_gpt2_hopper_medium_666{tag}.npz", f"data_hopper_medium_666{tag}.npz"}
+    data = np.load(res / f"data_hopper_medium_666{tag}.npz")
+    assert data["states"].shape[:2] == (8 if "_bs8" in tag else 100, 5 if "_ctx5" in tag else 20)
+    read = _mi_read_flags(flags)
+    for extra in ([], read):
+        for exp in ("normal", "no_context", "data"):
+            _run_mi(res, "--exp_type", exp, "--iters", "1", *extra)
+    stems = ("mi_xy_0_40_gpt2_hopper_medium_666{t}.npz", "mi_40_gpt2_hopper_medium_666{t}.npz",
+             "mi_data_state_action_hopper_medium_666{t}.npy", "mi_data_rtg_action_hopper_medium_666{t}.npy")
+    assert _new(before, res) == {f"activation_40_gpt2_hopper_medium_666{tag}.npz", f"data_hopper_medium_666{tag}.npz"} \
+        | {s.format(t="_it1") for s in stems} | {s.format(t="_it1" + tag) for s in stems}
+    figs = tmp_path / "figs"
+    io = ["--results_dir", res, "--figs_dir", figs, "--env_name", "hopper", "--iters", "1"]
+    for extra in ([], read):
+        mi.plot_mi(_parse(mi.build_plot_parser, io + ["--model_name_list", "gpt2", *extra]))
+        mi.plot_mi(_parse(mi.build_plot_parser, io + ["--model_name_list", "gpt2", "--no_context", *extra]))
+        mi.plot_mi_data(_parse(mi.build_plot_data_parser, io + extra))
+    plain = {"mi_xy_40_gpt2_hopper_medium_666_it1", "mi_no_context_40_gpt2_hopper_medium_666_it1",
+             "mi_data_hopper_medium_666_it1"}
+    assert {p.stem for p in figs.glob("*.png")} == plain | {s + tag for s in plain}
+
+
+def test_run_mi_exp_reads_another_batch_only_given_its_flags(tmp_path, batch_runs):
+    """A batch saved with --K 5 --batch_seed 1 only: run_mi_exp.py without those flags finds no data file, and its
+    hint names the flags that would have written it."""
+    res = tmp_path / "res"
+    _save_activation(batch_runs, res, "--K", "5", "--batch_seed", "1", "--batch_size", "8")
+    with pytest.raises(UserError, match=r"data_hopper_medium_666\.npz: file not found"):
+        _run_mi(res, "--exp_type", "data")
+    with pytest.raises(UserError, match=r"data_hopper_medium_666_bs8_ctx5\.npz: file not found; .*--batch_size 8 "
+                                        r"--K 5 --model_name M"):
+        _run_mi(res, "--exp_type", "data", "--K", "5", "--data_batch_size", "8")
+
+
+def test_default_batches_have_no_tag_and_the_help_says_the_tags():
+    assert common.batch_tag(common.DEFAULT_BATCH_K, common.DEFAULT_BATCH_SEED, 100, common.DEFAULT_BATCH_SIZE) == ""
+    assert common.batch_tag(20, 0, 7) == ""                    # no default size: the size is not tagged here
+    for build in (cka.build_parser, cka.build_plot_parser):
+        assert cka.batch_tag(build().parse_args([])) == ""
+    for build in (mi.build_mi_parser, mi.build_plot_parser, mi.build_plot_data_parser):
+        assert mi._tags(build().parse_args([])) == ""
+    parsers = (cka.build_parser, cka.build_plot_parser, attention.build_parser, grads.build_confusion_parser,
+               grads.build_norm_parser, mi.build_save_parser, mi.build_mi_parser, mi.build_plot_parser,
+               mi.build_plot_data_parser, report.build_parser)
+    for build in parsers:
+        text = build().format_help()
+        for tag in ("_bs{n}", "_ctx{k}", "_bseed{n}"):
+            assert tag in text, (build.__module__, build.__name__, tag)
+    for build in (mi.build_mi_parser, mi.build_plot_parser, mi.build_plot_data_parser):
+        assert "--data_batch_size" in build().format_help()
+    # save_activation.py's --batch_size is the batch's; run_mi_exp.py's spelling of it is accepted there too
+    assert mi.build_save_parser().parse_args(["--data_batch_size", "8"]).batch_size == 8
+
+
+def test_run_all_with_non_default_batch_flags_writes_a_complete_report(tmp_path, batch_runs):
+    """run_all passes --batch_size, --grad_batch_size, --K and --batch_seed to every analysis that draws a batch, and
+    to the readers of their files: the report has every figure (none failed), all from tagged files, and a run with
+    the default batch next to it in the same folder keeps its own names."""
+    out = tmp_path / "rep"
+    base = ["--checkpoint_dir", batch_runs, "--out_dir", out, "--mine_iters", "1", "--mine_hidden", "4",
+            "--only", "cka", "mi", "grads", "attention"]
+    report.run(_parse(report.build_parser, base + ["--batch_size", "8", "--grad_batch_size", "6", "--K", "5",
+                                                   "--batch_seed", "1"]))
+    text = (out / "report.md").read_text()
+    assert "**Failed" not in text and "batches of 8 samples with K=5, batch seed 1" in text
+    links = [line[line.index("](") + 2:-1] for line in text.splitlines() if line.startswith("![")]
+    assert all((out / link).is_file() for link in links)
+    stems = {link.rsplit("/", 1)[-1][:-len(".png")] for link in links}
+    assert stems == {"cka_0_40_gpt2gpt2_hopper_medium_666_bs8_ctx5_bseed1_state",
+                     "cka_plot_0_40_gpt2_hopper_medium_666_bs8_ctx5_bseed1_reward",
+                     "cka_plot_0_40_gpt2_hopper_medium_666_bs8_ctx5_bseed1_state",
+                     "cka_plot_0_40_gpt2_hopper_medium_666_bs8_ctx5_bseed1_action",
+                     "mi_xy_40_gpt2_hopper_medium_666_h4_it1_bs8_ctx5_bseed1",
+                     "mi_no_context_40_gpt2_hopper_medium_666_h4_it1_bs8_ctx5_bseed1",
+                     "mi_data_hopper_medium_666_h4_it1_bs8_ctx5_bseed1",
+                     "grad_confusion_1_gpt2_hopper_medium_666_bs6_ctx5_bseed1",
+                     "gradnorms_1_gpt2_hopper_medium_666_bs8_ctx5_bseed1",
+                     "gradnorm_perparam_1_gpt2_hopper_medium_666_bs8_ctx5_bseed1",
+                     "att_dist_diff_0_4_gpt2_hopper_medium_666_K1_bs8_ctx5_bseed1"}
+    mres = out / common.SECTIONS["mi"] / "results"
+    assert np.load(mres / "data_hopper_medium_666_bs8_ctx5_bseed1.npz")["states"].shape[:2] == (8, 5)
+    files = [p.name for p in out.rglob("*") if p.is_file() and p.name != "report.md"]
+    assert files and [f for f in files if "_ctx5_bseed1" not in f] == []          # every result file: tagged
