@@ -199,7 +199,8 @@ def test_train_behaviour_policies_says_when_no_policy_was_chosen(tmp_path, monke
                     f"[{tmp_path / 'policies' / 'hopper'}]")
     meta.update(medium_step=1500, medium_eval=31.5, best_step=2000, best_eval=70.1, expert_final=False)
     main([str(a) for a in ["--env", "hopper", "--state_dir", tmp_path / "state", "--policy_dir", tmp_path / "p2"]])
-    assert "medium at 1500 (score 31.5, final); expert at 2000 (score 70.1, still training)" in capsys.readouterr().out
+    assert ("medium at 1500 (score 31.5, final); expert at 2000 (score 70.1, the best so far: more --total_steps "
+            "trains on)") in capsys.readouterr().out
 
 
 def test_train_behaviour_policy_checks_its_roles_before_making_folders(tmp_path):
