@@ -470,15 +470,24 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, **kwargs) -> di
         raise UserError(f"roles must be 'medium' and/or 'expert', got {list(roles)}")
     if "medium" in roles and kwargs.get("medium_score") is None:
         raise UserError("the medium role needs a target score (medium_score)")
-    lock = folder_lock_path(Path(state_dir))
-    taken, fd = _take_lock(lock)
-    if not taken:
-        raise UserError(f"{state_dir}: another process is training this behaviour policy ({_lock_holder(lock) or lock}); "
-                        f"wait for it to end (the same command then continues it), or give another --state_dir")
+    fds = []
     try:
+        # the state folder, and each role's policy files (medium.pt with replay/, expert.pt; the lock is a hidden
+        # file beside the policy folder): runs of other state folders may write one policy folder, each its own role
+        pol = Path(policy_dir)
+        for where, lock, what, fix in [
+                (state_dir, folder_lock_path(Path(state_dir)), "this behaviour policy", "--state_dir"),
+                *[(policy_dir, pol.parent / f".{pol.name}-{role}.lock", f"the {role} policy of {policy_dir}",
+                   "--policy_dir (or another --roles)") for role in roles]]:
+            taken, fd = _take_lock(lock)
+            if not taken:
+                raise UserError(f"{where}: another process is training {what} ({_lock_holder(lock) or lock}); wait "
+                                f"for it to end (the same command then continues it), or give another {fix}")
+            fds.append(fd)
         return _train_behaviour_policy(env_name, state_dir, policy_dir, **kwargs)
     finally:
-        _unlock(fd)
+        for fd in fds:
+            _unlock(fd)
 
 
 def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps: int = 1_000_000, seed: int = 0,

@@ -232,6 +232,31 @@ def test_a_second_process_training_into_one_state_dir_is_refused(tmp_path):
     assert not (tmp_path / "state").exists() and not (tmp_path / "policies").exists()
 
 
+def test_a_second_process_training_a_role_of_one_policy_folder_is_refused(tmp_path):
+    """Two runs of other state folders but one --policy_dir (the default is one per env) wrote the same medium.pt and
+    replay/ (a fresh one moved the running one's replay/ away). Runs of other roles may still share the folder."""
+    import os
+
+    from decision_transformer.errors import UserError
+    from decision_transformer.sac import train_behaviour_policy
+    from decision_transformer.sweep import _take_lock
+
+    taken, fd = _take_lock(tmp_path / ".policies-medium.lock")   # a run of the medium role
+    assert taken
+    try:
+        with pytest.raises(UserError, match=f"^{tmp_path / 'policies'}: another process is training the medium "
+                                            f"policy of {tmp_path / 'policies'} .*give another --policy_dir"):
+            train_behaviour_policy("hopper", tmp_path / "state", tmp_path / "policies", roles=("medium", "expert"),
+                                   medium_score=1.0, total_steps=10, buffer_capacity=10)
+        assert not (tmp_path / "state").exists()
+        meta = train_behaviour_policy("hopper", tmp_path / "state", tmp_path / "policies", roles=("expert",),
+                                      total_steps=10, buffer_capacity=10, start_steps=5, eval_every=1000,
+                                      log=lambda m: None)
+        assert meta["env_steps"] == 10
+    finally:
+        os.close(fd)
+
+
 # ---- benchmarks/bench_core.py ----------------------------------------------------------------------------------------
 
 def test_bench_core_stepping_workers(monkeypatch, capsys):
