@@ -587,8 +587,8 @@ def _merge_for_experiment(args, fresh, spec, device):
         check_merged_state(merged, "mean", args, zip(names, states))
         load_state_into(fresh, merged, f"merge of {names[0]} and {names[1]}")
         info.update(method="mean", base="loaded" if args.flip else "fresh")
-        _report(merged, keys, info, f"mean of the fresh {args.pretrained_lm} model and {sources[0].path}"
-                + merge_words("mean", 2, args.p)[len("mean of 2 models"):])
+        _report(merged, keys, info, f"mean of {names[0]} and {names[1]}"   # (in --flip's order: model 1 first)
+                + merge_words("mean", 2, args.p)[len("mean of 2 models"):], first=names[0])
         return fresh, keys, keys, info
     keys = merging.select_keys(list(sources[0].state_dict), args.include, args.exclude)
     merged_keys = keys
@@ -676,10 +676,12 @@ def _check_destination(args, sources: Sequence[ModelFile], fresh_sd: dict, keys:
     check_loadable(fresh_sd, first, f"the merged model (model 1: {sources[0].path})")
 
 
-def _report(merged, keys, info, what):
+def _report(merged, keys, info, what, first: str = "model 1"):
+    """Log the merge (``what``) with how much of the model it covers, and record that in ``info``; ``first``: what
+    the tensors outside the merged set come from."""
     n, tot, frac = merging.merged_fraction(merged, keys)
     # the unused 50257 x H token table wte dominates the parameter count of a random-init DT
     _, _, frac_used = merging.merged_fraction({k: v for k, v in merged.items() if k != "transformer.wte.weight"}, keys)
     info.update(merged_tensors=n, merged_fraction=frac, merged_fraction_without_wte=frac_used)
     log(f"merge: {what} over {n} of {tot} tensors ({frac:.1%} of the parameters, {frac_used:.1%} without the unused "
-        f"token table wte); the rest from model 1")
+        f"token table wte); the rest from {first}")

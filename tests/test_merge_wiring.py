@@ -211,7 +211,7 @@ def test_task_arithmetic_with_pretrained_lm_is_relative_to_the_fresh_lm_model(sr
 
 # ---- one model + --pretrained_lm + --flip (item 11) ------------------------------------------------------------------
 
-def test_flip_with_one_model_and_pretrained_lm_makes_the_loaded_model_model_1(srcs, tmp_path, monkeypatch):
+def test_flip_with_one_model_and_pretrained_lm_makes_the_loaded_model_model_1(srcs, tmp_path, monkeypatch, capsys):
     """--pretrained_models A --pretrained_lm lm --flip --p 0.25 --include attn: 0.75·A + 0.25·fresh on attn, A's
     values elsewhere (A: an LM-shaped model, every tensor moved away from the fresh model's)."""
     root, data, paths = srcs
@@ -232,7 +232,12 @@ def test_flip_with_one_model_and_pretrained_lm_makes_the_loaded_model_model_1(sr
     cfg = build_model_from_args(experiment_parser().parse_args(argv), get_env_spec("hopper")).config.to_dict()
     a_path = tmp_path / "models" / "hopper" / "dt_gym-experiment-hopper-medium-300000_best.pt"
     atomic_save(make_checkpoint(a, {"env": "hopper", "dataset": "medium", "seed": 1, "model_config": cfg}), a_path)
+    capsys.readouterr()
     experiment.main([*argv, "--pretrained_models", str(a_path)])
+    # the log names the models in --flip's order (it used to say the fresh model had 0.75 and gave the rest)
+    err = capsys.readouterr().err
+    assert f"merge: mean of {a_path} and the fresh --pretrained_lm {lm} model weighted 0.75 : 0.25 (--p 0.25) over " \
+        in err and f"the rest from {a_path}\n" in err
     (rd,) = listed(work / "checkpoints")
     m0 = state(rd / "model_0.pt")
     keys = [k for k in a if "attn" in k and a[k].is_floating_point()]
