@@ -107,6 +107,17 @@ def random_policy(env: str, seed: int):
     return NumpyActor({k: v.detach().clone() for k, v in Actor(spec.state_dim, spec.act_dim).state_dict().items()})
 
 
+def _snapshot_interval(path: Path) -> int | None:
+    """The steps between two training snapshots that snapshot ``path`` records (``covers``), None if unreadable."""
+    import torch
+
+    try:
+        covers = torch.load(path, map_location="cpu", weights_only=True).get("covers")
+    except Exception:  # noqa: BLE001 - an unreadable snapshot is reported where it is loaded for the rollouts
+        return None
+    return int(covers) if isinstance(covers, int) and covers > 0 else None
+
+
 def replay_snapshots(policy_dir: Path, env: str, until: int) -> list[tuple[int, Path]]:
     """(step, file) of the training snapshots before env step ``until``, sorted; a gap is an error."""
     folder = policy_dir / env / "replay"
@@ -120,6 +131,13 @@ def replay_snapshots(policy_dir: Path, env: str, until: int) -> list[tuple[int, 
             snaps.append((step, p))
     if not snaps or snaps[0][0] != 0:
         raise UserError(f"{folder}: no training snapshots from step 0; medium-replay cannot be regenerated")
+    if len(snaps) > 1:   # snapshots are taken every `every` steps: a missing one would stretch its neighbour's policy
+        steps = [s for s, _ in snaps] + [until]
+        every = _snapshot_interval(snaps[0][1]) or min(b - a for a, b in zip(steps[:-2], steps[1:-1]))
+        gap = next(((a, b) for a, b in zip(steps, steps[1:]) if b - a > every), None)
+        if gap is not None:
+            raise UserError(f"{folder}: the training snapshots have a gap between steps {gap[0]} and {gap[1]} (they "
+                            f"are {every} steps apart); medium-replay cannot be regenerated")
     return snaps
 
 

@@ -477,7 +477,7 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, **kwargs) -> di
         pol = Path(policy_dir)
         for where, lock, what, fix in [
                 (state_dir, folder_lock_path(Path(state_dir)), "this behaviour policy", "--state_dir"),
-                *[(policy_dir, pol.parent / f".{pol.name}-{role}.lock", f"the {role} policy of {policy_dir}",
+                *[(policy_dir, pol.parent / f".{pol.name}.policy-{role}.lock", f"the {role} policy of {policy_dir}",
                    "--policy_dir (or another --roles)") for role in roles]]:
             taken, fd = _take_lock(lock)
             if not taken:
@@ -509,9 +509,10 @@ def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps
       ``long_eval_episodes`` episodes, and the candidate closest to the target so far is ``medium.pt``. The search
       ends (the medium policy is final) at the first candidate within ``medium_tolerance`` of the target (5 points:
       about twice the standard error of a 50-episode mean), after ``medium_patience`` evaluations without a closer
-      candidate, or at ``total_steps``. Until then ``replay/actor_{step}.pt`` (float16 actor snapshots every ``snapshot_every``
-      steps, from which medium-replay is regenerated) are written; when it ends, the snapshots after the medium
-      step are removed. A run whose only role is ``medium`` stops there.
+      candidate, or at ``total_steps`` with a candidate (without one it stays open for a later call). Until then
+      ``replay/actor_{step}.pt`` (float16 actor snapshots every ``snapshot_every`` steps, from which medium-replay
+      is regenerated) are written, also by a run that does not search it; when it ends, the snapshots after the
+      medium step are removed. A run whose only role is ``medium`` stops there.
     * ``expert``: an actor screened within ``expert_window`` of the best screen so far is evaluated over
       ``long_eval_episodes`` episodes; the best of those is ``expert.pt``, marked ``final`` once ``total_steps``
       is reached or, when ``expert_score`` (the target level, D4RL's expert average) is given, as soon as a
@@ -620,15 +621,35 @@ def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps
         meta["expert_final"] = True  # this run does not write the expert policy
     elif not meta.get("expert_final") and expert_reached():
         finalise_expert(f"it reaches the target {expert_score:.1f} within {expert_tolerance:g}")
-    if loaded is not None and meta["medium_final"] and meta["expert_final"]:
+    def end_of_training():
+        """What reaching ``total_steps`` decides: the medium search ends with the closest candidate found (without
+        one, a later call with more steps searches on), and the best expert so far is written final (a later call
+        with more steps trains on and may replace it)."""
+        if meta["env_steps"] < total_steps:
+            return
+        if not meta["medium_final"] and meta["medium_step"] is not None:
+            meta["medium_final"] = True
+            _prune_snapshots(policy_dir / "replay", meta["medium_step"])
+        if "expert" in roles and not meta["expert_final"]:
+            finalise_expert(f"training reached {total_steps} steps", reached=False)
+
+    def medium_open() -> bool:
+        """Whether the state's medium search is open. Its replay snapshots are taken then also by a run that does
+        not search it (``--roles expert``), so that medium-replay never has a gap."""
+        return not kept_flags.get("medium_final", meta["medium_final"])
+
+    if loaded is not None and (meta["medium_final"] and meta["expert_final"] or meta["env_steps"] >= total_steps):
         # nothing left to train: the state is left as it was (no refill that would advance its RNG, no wall time),
         # unless this call made a policy final under the rules asked for now
+        end_of_training()
         changed = {k: v for k, v in {**meta, **kept_flags}.items() if k != "precision_from_step"} != \
             {k: v for k, v in json.loads(loaded).items() if k != "precision_from_step"}
         if changed:
             _atomic_torch_save({"agent": agent.state_dict(), "meta": json.dumps({**meta, **kept_flags}),
                                 "numpy_rng": json.dumps(rng.bit_generator.state)}, state_path)
-        log(f"{env_name}: nothing left to train for {' and '.join(roles)} (state: {state_path})")
+        log(f"{env_name}: nothing left to train for {' and '.join(roles)}"
+            + ("" if meta["medium_final"] and meta["expert_final"] else
+               f" up to {total_steps} env steps (more --total_steps trains on)") + f" (state: {state_path})")
         return meta
     actor_np = NumpyActor.from_module(agent.actor)  # views of the live weights
     env = make_env(env_name)
@@ -662,11 +683,7 @@ def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps
     except KeyboardInterrupt:  # Ctrl-C / SIGTERM (see the script): keep the progress, then stop
         checkpoint()
         raise
-    if meta["env_steps"] >= total_steps and not meta["medium_final"] and meta["medium_step"] is not None:
-        meta["medium_final"] = True  # the search ends with the closest candidate found (without one, a later call
-        _prune_snapshots(policy_dir / "replay", meta["medium_step"])   # with more steps searches on)
-    if "expert" in roles and meta["env_steps"] >= total_steps and not meta["expert_final"]:
-        finalise_expert(f"training reached {total_steps} steps", reached=False)
+    end_of_training()
     checkpoint()
     env.close()
     return meta
@@ -716,7 +733,7 @@ def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np,
                 total_steps, seed, snapshot_every, start_steps, eval_every, eval_episodes, medium_target,
                 checkpoint, checkpoint_every_s, max_seconds, t_start, wall0, roles, long_eval_episodes,
                 medium_window, medium_tolerance, medium_patience, expert_window, log, expert_reached,
-                finalise_expert, expert_score, expert_tolerance, **_):
+                finalise_expert, expert_score, expert_tolerance, medium_open, **_):
     import json
     import time
 
@@ -731,7 +748,7 @@ def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np,
         return  # nothing left to do for this run
     while meta["env_steps"] < total_steps:
         step = meta["env_steps"]
-        if step % snapshot_every == 0 and not meta["medium_final"]:
+        if step % snapshot_every == 0 and medium_open():
             _atomic_torch_save(actor_file_dict(agent.actor.state_dict(), env_name, step=step, half=True,
                                                covers=snapshot_every, uniform_before=start_steps),
                                policy_dir / "replay" / f"actor_{step:07d}.pt")

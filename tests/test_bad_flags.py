@@ -241,7 +241,7 @@ def test_a_second_process_training_a_role_of_one_policy_folder_is_refused(tmp_pa
     from decision_transformer.sac import train_behaviour_policy
     from decision_transformer.sweep import _take_lock
 
-    taken, fd = _take_lock(tmp_path / ".policies-medium.lock")   # a run of the medium role
+    taken, fd = _take_lock(tmp_path / ".policies.policy-medium.lock")   # a run of the medium role
     assert taken
     try:
         with pytest.raises(UserError, match=f"^{tmp_path / 'policies'}: another process is training the medium "

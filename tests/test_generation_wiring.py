@@ -88,11 +88,19 @@ def test_missing_training_snapshots_are_named(tmp_path, policies):  # noqa: F811
 def test_replay_snapshots_stop_before_the_medium_step_and_must_start_at_zero(tmp_path):
     folder = tmp_path / "hopper" / "replay"
     folder.mkdir(parents=True)
-    for step in (0, 1000, 3000, 4000):
+    for step in (0, 1000, 2000, 3000, 4000):
         (folder / f"actor_{step:07d}.pt").write_bytes(b"")
     (folder / "actor_x.pt").write_bytes(b"")
     assert generation.replay_snapshots(tmp_path, "hopper", 3000) == [
-        (0, folder / "actor_0000000.pt"), (1000, folder / "actor_0001000.pt")]
+        (0, folder / "actor_0000000.pt"), (1000, folder / "actor_0001000.pt"), (2000, folder / "actor_0002000.pt")]
+    assert generation.replay_snapshots(tmp_path, "hopper", 2500)[-1][0] == 2000   # (the medium step between two)
+    # a missing snapshot would stretch its neighbour's policy over its steps (a run that took none): refused
+    with pytest.raises(UserError, match="gap between steps 4000 and 6000 \\(they are 1000 steps apart\\)"):
+        generation.replay_snapshots(tmp_path, "hopper", 6000)      # (after the last one, before the medium step)
+    (folder / "actor_0001000.pt").unlink()
+    with pytest.raises(UserError, match="gap between steps 0 and 2000"):
+        generation.replay_snapshots(tmp_path, "hopper", 5000)
+    (folder / "actor_0001000.pt").write_bytes(b"")
     (folder / "actor_0000000.pt").unlink()
     with pytest.raises(UserError, match="no training snapshots from step 0"):
         generation.replay_snapshots(tmp_path, "hopper", 3000)

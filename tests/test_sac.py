@@ -375,3 +375,34 @@ def test_a_role_this_run_does_not_train_and_a_search_without_a_candidate_go_on_l
     meta = train_behaviour_policy("hopper", state, pol, total_steps=900, medium_score=1e6, roles=("expert",), **kw)
     assert meta["env_steps"] == 900
     assert json.loads(torch.load(state / "state.pt", weights_only=True)["meta"])["medium_final"] is False
+
+
+def test_snapshots_stay_contiguous_across_runs_of_other_roles_and_a_finished_rerun_keeps_the_state(tmp_path):
+    """An expert-only run took no replay snapshots while the state's medium search was open, so medium-replay rolled
+    its steps with an older snapshot's policy. A rerun of a run that reached --total_steps (its expert not at the
+    target) used to refill the buffer and rewrite the state. A state folder named like the policy-role lock (the
+    README's --run_name hopper-medium, both folders in one place) used to lock itself out."""
+    from decision_transformer.generation import replay_snapshots
+
+    root = tmp_path / "policies"            # --state_dir and --policy_dir one folder, as the lock names could collide
+    state, pol = root / "hopper-medium", root / "hopper"
+    kw = dict(medium_window=10.0, log=lambda m: None, **{**TINY, "eval_every": 300})
+    train_behaviour_policy("hopper", state, pol, total_steps=300, medium_score=1e6, roles=("medium",), **kw)
+    train_behaviour_policy("hopper", state, pol, total_steps=900, roles=("expert",), **kw)
+    meta = train_behaviour_policy("hopper", state, pol, total_steps=1500, medium_score=0.0, roles=("medium",),
+                                  **{**kw, "medium_window": 1e9})
+    assert meta["medium_final"] and meta["medium_step"] == 1200
+    assert [s for s, _ in replay_snapshots(root, "hopper", 1200)] == [0, 200, 400, 600, 800, 1000]
+    # both roles to their last step, then the same call again: nothing to train, the state byte for byte
+    state2, pol2 = tmp_path / "state2", tmp_path / "pol2"
+    logs = []
+    meta = train_behaviour_policy("hopper", state2, pol2, total_steps=300, medium_score=0.0, roles=("medium", "expert"),
+                                  **{**kw, "medium_window": 1e9, "log": logs.append})
+    assert meta["medium_final"] and not meta["expert_final"] and (pol2 / "expert.pt").exists()
+    before = (state2 / "state.pt").read_bytes()
+    logs.clear()
+    train_behaviour_policy("hopper", state2, pol2, total_steps=300, medium_score=0.0, roles=("medium", "expert"),
+                           **{**kw, "medium_window": 1e9, "log": logs.append})
+    assert (state2 / "state.pt").read_bytes() == before
+    assert logs[1:] == [f"hopper: nothing left to train for medium and expert up to 300 env steps (more --total_steps "
+                        f"trains on) (state: {state2 / 'state.pt'})"]
