@@ -8,6 +8,7 @@ to its script's name, for messages, the run lock and the config."""
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import time
@@ -505,11 +506,23 @@ def check_inputs_outside(run_dir: Path, args):
     """A fresh run moves what its folder holds to ``previous/`` first: refuse one that starts from a model file in that
     folder (``--load_checkpoint``, ``--pretrained_models``), such as a finetune of the run's own ``model_2.pt`` under
     the same folder name. The file would be moved away under the run, and ``--resume`` could no longer find it."""
-    folder = Path(run_dir).resolve()
+    folders = {Path(run_dir).resolve(), Path(os.path.abspath(run_dir))}
+
+    def moved(path: Path) -> bool:
+        """Whether ``path`` is in the folder, below it (subfolders move too) but not in its ``previous/``."""
+        for folder in folders:
+            try:
+                rel = path.relative_to(folder).parts
+            except ValueError:
+                continue
+            if rel and rel[0] != "previous":
+                return True
+        return False
+
     for flag, paths in (("--load_checkpoint", [getattr(args, "load_checkpoint", None)]),
                         ("--pretrained_models", getattr(args, "pretrained_models", None) or [])):
-        for p in paths:
-            if p and Path(p).resolve().parent == folder:
+        for p in paths:   # (a link in the folder moves too, wherever it points)
+            if p and (moved(Path(os.path.abspath(p))) or moved(Path(p).resolve())):
                 raise UserError(f"{flag} {p} lies in the folder this run writes ({run_dir}), whose files a fresh run "
                                 f"moves to previous/; copy it elsewhere first, or give this run another --outdir")
 

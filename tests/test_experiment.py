@@ -364,6 +364,18 @@ def test_a_fresh_run_starting_from_a_model_in_its_own_folder_is_refused(tmp_path
                        f"({run_dir(tmp_path).relative_to(tmp_path)}), whose files a fresh run moves to previous/; copy "
                        f"it elsewhere first, or give this run another --outdir")
         assert {p.name: p.read_bytes() for p in run_dir(tmp_path).iterdir()} == before   # nothing moved
+    # in a subfolder, or a link in the folder to a file elsewhere: both would be moved too
+    (run_dir(tmp_path) / "keep").mkdir()
+    (run_dir(tmp_path) / "keep" / "src.pt").write_bytes(src.read_bytes())
+    elsewhere = tmp_path / "elsewhere.pt"
+    elsewhere.write_bytes(src.read_bytes())
+    (run_dir(tmp_path) / "link.pt").symlink_to(elsewhere)
+    before = {p.name for p in run_dir(tmp_path).iterdir()}
+    for path in (run_dir(tmp_path) / "keep" / "src.pt", run_dir(tmp_path) / "link.pt"):
+        msg = expect_error(capsys, ["--data_path", str(hopper_data), *TINY, "--max_iters", "1", "--num_steps_per_iter",
+                                    "2", "--num_eval_episodes", "0", "--load_checkpoint", str(path)])
+        assert msg.startswith(f"error: --load_checkpoint {path} lies in the folder this run writes")
+    assert {p.name for p in run_dir(tmp_path).iterdir()} == before
     copy = tmp_path / "start.pt"
     copy.write_bytes(src.read_bytes())
     run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes", "0",

@@ -176,6 +176,14 @@ def test_a_trainer_batch_of_no_rows_or_steps_is_refused(data, size):
         MultiTrainer(model, opt, warmup_schedule(opt, 1), None, [], generator=torch.Generator(), **kw)
 
 
+def test_a_trainer_takes_numpy_integer_sizes(data):
+    model = _model()
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.0)
+    trainer = Trainer(model, opt, warmup_schedule(opt, 1), data, batch_size=np.int64(4), K=np.int64(K),
+                      generator=torch.Generator().manual_seed(0))
+    assert np.isfinite(trainer.train_iteration(2, iteration=1)["training/train_loss_mean"])
+
+
 # ---- datasets ------------------------------------------------------------------------------------------------------
 
 def test_trajectories_of_another_env_are_refused(tmp_path):

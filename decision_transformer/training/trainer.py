@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 import time
 import warnings
 
@@ -128,7 +129,7 @@ def check_batch_shape(batch_size, K):
     """A trainer's ``batch_size`` and context ``K``: positive integers (a batch of 0 rows gives a NaN loss, which
     would be reported as a divergence)."""
     for name, v in (("batch_size", batch_size), ("K", K)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:   # (numpy integers are integers)
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
