@@ -131,9 +131,12 @@ def replay_snapshots(policy_dir: Path, env: str, until: int) -> list[tuple[int, 
             snaps.append((step, p))
     if not snaps or snaps[0][0] != 0:
         raise UserError(f"{folder}: no training snapshots from step 0; medium-replay cannot be regenerated")
-    if len(snaps) > 1:   # snapshots are taken every `every` steps: a missing one would stretch its neighbour's policy
-        steps = [s for s, _ in snaps] + [until]
-        every = _snapshot_interval(snaps[0][1]) or min(b - a for a, b in zip(steps[:-2], steps[1:-1]))
+    # snapshots are taken every `covers` steps (recorded in each; else the smallest spacing): a missing one would
+    # stretch its neighbour's policy over its steps
+    steps = [s for s, _ in snaps] + [until]
+    every = _snapshot_interval(snaps[0][1]) or (min(b - a for a, b in zip(steps[:-2], steps[1:-1]))
+                                                if len(snaps) > 1 else None)
+    if every is not None:
         gap = next(((a, b) for a, b in zip(steps, steps[1:]) if b - a > every), None)
         if gap is not None:
             raise UserError(f"{folder}: the training snapshots have a gap between steps {gap[0]} and {gap[1]} (they "

@@ -560,6 +560,11 @@ def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps
             saved = json.loads(state["meta"])
             if "medium_final" not in saved:  # a state from before the medium search: its first pick stays
                 saved["medium_final"] = saved.get("medium_step") is not None
+            # a role final without any policy: what earlier versions stored for a role a run did not train
+            if saved.get("medium_final") and saved.get("medium_step") is None:
+                saved["medium_final"] = False
+            if saved.get("expert_final") and saved.get("best_step") is None:
+                saved["expert_final"] = False
             meta.update(saved)
             rng.bit_generator.state = json.loads(state["numpy_rng"])
         except Exception as e:  # noqa: BLE001 - any failure to read the state is the same user-facing problem
@@ -589,6 +594,10 @@ def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps
     if medium_target is None:
         kept_flags["medium_final"] = meta["medium_final"]
         meta["medium_final"] = True  # this run does not search (or touch) the medium policy
+        if not kept_flags["medium_final"] and meta["env_steps"] > 0:
+            log(f"note: {env_name}: this state's medium search is open, but a run without the medium role takes no "
+                f"replay snapshots (they are the medium role's files): a medium policy this state finds later cannot "
+                f"be turned into medium-replay")
     elif not meta["medium_final"] and meta["medium_step"] is not None and \
             abs(meta["medium_eval"] - medium_target) <= medium_tolerance:
         meta["medium_final"] = True  # already close enough under this tolerance
@@ -632,11 +641,6 @@ def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps
             _prune_snapshots(policy_dir / "replay", meta["medium_step"])
         if "expert" in roles and not meta["expert_final"]:
             finalise_expert(f"training reached {total_steps} steps", reached=False)
-
-    def medium_open() -> bool:
-        """Whether the state's medium search is open. Its replay snapshots are taken then also by a run that does
-        not search it (``--roles expert``), so that medium-replay never has a gap."""
-        return not kept_flags.get("medium_final", meta["medium_final"])
 
     if loaded is not None and (meta["medium_final"] and meta["expert_final"] or meta["env_steps"] >= total_steps):
         # nothing left to train: the state is left as it was (no refill that would advance its RNG, no wall time),
@@ -733,7 +737,7 @@ def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np,
                 total_steps, seed, snapshot_every, start_steps, eval_every, eval_episodes, medium_target,
                 checkpoint, checkpoint_every_s, max_seconds, t_start, wall0, roles, long_eval_episodes,
                 medium_window, medium_tolerance, medium_patience, expert_window, log, expert_reached,
-                finalise_expert, expert_score, expert_tolerance, medium_open, **_):
+                finalise_expert, expert_score, expert_tolerance, **_):
     import json
     import time
 
@@ -748,7 +752,7 @@ def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np,
         return  # nothing left to do for this run
     while meta["env_steps"] < total_steps:
         step = meta["env_steps"]
-        if step % snapshot_every == 0 and medium_open():
+        if step % snapshot_every == 0 and not meta["medium_final"]:
             _atomic_torch_save(actor_file_dict(agent.actor.state_dict(), env_name, step=step, half=True,
                                                covers=snapshot_every, uniform_before=start_steps),
                                policy_dir / "replay" / f"actor_{step:07d}.pt")

@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 from decision_transformer import generation
 from decision_transformer.envs import make_env
@@ -101,6 +102,13 @@ def test_replay_snapshots_stop_before_the_medium_step_and_must_start_at_zero(tmp
     with pytest.raises(UserError, match="gap between steps 0 and 2000"):
         generation.replay_snapshots(tmp_path, "hopper", 5000)
     (folder / "actor_0001000.pt").write_bytes(b"")
+    # a single snapshot before the medium step: its recorded interval tells the gap
+    single = tmp_path / "walker2d" / "replay"
+    single.mkdir(parents=True)
+    torch.save({"step": 0, "covers": 1000}, single / "actor_0000000.pt")
+    assert len(generation.replay_snapshots(tmp_path, "walker2d", 1000)) == 1
+    with pytest.raises(UserError, match="gap between steps 0 and 1500 \\(they are 1000 steps apart\\)"):
+        generation.replay_snapshots(tmp_path, "walker2d", 1500)
     (folder / "actor_0000000.pt").unlink()
     with pytest.raises(UserError, match="no training snapshots from step 0"):
         generation.replay_snapshots(tmp_path, "hopper", 3000)

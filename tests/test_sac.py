@@ -377,32 +377,60 @@ def test_a_role_this_run_does_not_train_and_a_search_without_a_candidate_go_on_l
     assert json.loads(torch.load(state / "state.pt", weights_only=True)["meta"])["medium_final"] is False
 
 
-def test_snapshots_stay_contiguous_across_runs_of_other_roles_and_a_finished_rerun_keeps_the_state(tmp_path):
-    """An expert-only run took no replay snapshots while the state's medium search was open, so medium-replay rolled
-    its steps with an older snapshot's policy. A rerun of a run that reached --total_steps (its expert not at the
-    target) used to refill the buffer and rewrite the state. A state folder named like the policy-role lock (the
-    README's --run_name hopper-medium, both folders in one place) used to lock itself out."""
+def test_snapshots_are_the_medium_roles_and_a_finished_rerun_keeps_the_state(tmp_path):
+    """Replay snapshots are written by runs of the medium role only: an expert-only run of another state sharing the
+    policy folder used to overwrite them. One continuing a state whose medium search is open takes none, says so,
+    and the gap is refused when medium-replay is made (it used to be rolled with an older snapshot's policy). A rerun
+    of a run that reached --total_steps (its expert not at the target) used to refill the buffer and rewrite the
+    state. A state folder named like the policy-role lock (the README's --run_name hopper-medium, both folders in one
+    place) used to lock itself out."""
     from decision_transformer.generation import replay_snapshots
 
     root = tmp_path / "policies"            # --state_dir and --policy_dir one folder, as the lock names could collide
     state, pol = root / "hopper-medium", root / "hopper"
-    kw = dict(medium_window=10.0, log=lambda m: None, **{**TINY, "eval_every": 300})
+    logs = []
+    kw = dict(medium_window=10.0, log=logs.append, **{**TINY, "eval_every": 300})
     train_behaviour_policy("hopper", state, pol, total_steps=300, medium_score=1e6, roles=("medium",), **kw)
-    train_behaviour_policy("hopper", state, pol, total_steps=900, roles=("expert",), **kw)
+    snaps = {p.name: p.read_bytes() for p in (pol / "replay").iterdir()}
+    assert sorted(snaps) == ["actor_0000000.pt", "actor_0000200.pt"]
+    train_behaviour_policy("hopper", root / "other", pol, total_steps=600, roles=("expert",), **kw)   # another state
+    assert {p.name: p.read_bytes() for p in (pol / "replay").iterdir()} == snaps
+    logs.clear()
+    train_behaviour_policy("hopper", state, pol, total_steps=900, roles=("expert",), **kw)          # this state
+    assert any("this state's medium search is open, but a run without the medium role takes no replay" in m
+               for m in logs)
+    assert {p.name: p.read_bytes() for p in (pol / "replay").iterdir()} == snaps
     meta = train_behaviour_policy("hopper", state, pol, total_steps=1500, medium_score=0.0, roles=("medium",),
                                   **{**kw, "medium_window": 1e9})
     assert meta["medium_final"] and meta["medium_step"] == 1200
-    assert [s for s, _ in replay_snapshots(root, "hopper", 1200)] == [0, 200, 400, 600, 800, 1000]
+    with pytest.raises(UserError, match="gap between steps 200 and 1000 \\(they are 200 steps apart\\)"):
+        replay_snapshots(root, "hopper", 1200)
     # both roles to their last step, then the same call again: nothing to train, the state byte for byte
     state2, pol2 = tmp_path / "state2", tmp_path / "pol2"
-    logs = []
     meta = train_behaviour_policy("hopper", state2, pol2, total_steps=300, medium_score=0.0, roles=("medium", "expert"),
-                                  **{**kw, "medium_window": 1e9, "log": logs.append})
+                                  **{**kw, "medium_window": 1e9})
     assert meta["medium_final"] and not meta["expert_final"] and (pol2 / "expert.pt").exists()
     before = (state2 / "state.pt").read_bytes()
     logs.clear()
     train_behaviour_policy("hopper", state2, pol2, total_steps=300, medium_score=0.0, roles=("medium", "expert"),
-                           **{**kw, "medium_window": 1e9, "log": logs.append})
+                           **{**kw, "medium_window": 1e9})
     assert (state2 / "state.pt").read_bytes() == before
     assert logs[1:] == [f"hopper: nothing left to train for medium and expert up to 300 env steps (more --total_steps "
                         f"trains on) (state: {state2 / 'state.pt'})"]
+
+
+def test_a_role_stored_final_without_a_policy_by_earlier_versions_is_open_again(tmp_path):
+    """Earlier versions stored a role a run did not train as final (``expert_final`` with no expert, ``medium_final``
+    with no medium step): such a role could never be trained. It is read as open."""
+    state, pol = tmp_path / "state", tmp_path / "pol"
+    kw = dict(log=lambda m: None, **{**TINY, "eval_every": 300})
+    train_behaviour_policy("hopper", state, pol, total_steps=300, medium_score=1e6, medium_window=10.0,
+                           roles=("medium",), **kw)
+    saved = torch.load(state / "state.pt", weights_only=True)
+    m = json.loads(saved["meta"])
+    assert m["best_step"] is None and m["medium_step"] is None
+    saved["meta"] = json.dumps({**m, "expert_final": True, "medium_final": True})   # as an earlier version stored it
+    torch.save(saved, state / "state.pt")
+    meta = train_behaviour_policy("hopper", state, pol, total_steps=600, roles=("expert",), **kw)
+    assert meta["env_steps"] == 600 and (pol / "expert.pt").exists()
+    assert json.loads(torch.load(state / "state.pt", weights_only=True)["meta"])["medium_final"] is False
