@@ -506,7 +506,8 @@ def test_figures_keep_model_colours_ticks_and_labels(tmp_path, curve_runs, tiny_
         {mcolors.to_hex(f"C{i}") for i in range(10)}                                        # greys, no model's colour
     assert got["gradnorms_1_igpt_hopper_medium_666_unclipped_bs4_ctx3"].axes[0].get_ylabel() == \
         "per-sample gradient norm (unclipped)"
-    assert got["grad_confusion_1_igpt_hopper_medium_666_bs4_ctx3"].axes[0].get_ylabel() == "min pairwise cosine (i ≠ j)"
+    confusion = got["grad_confusion_1_igpt_hopper_medium_666_bs4_ctx3"]
+    assert confusion.axes[0].get_ylabel() == "min pairwise cosine (i ≠ j)"
 
 
 def test_parameter_figures_show_negative_cosines_and_share_the_concat_scale(tmp_path, tiny_runs, figures,  # noqa: F811
