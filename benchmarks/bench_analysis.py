@@ -15,11 +15,15 @@ import os
 import sys
 import time
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from decision_transformer.errors import quiet_startup  # noqa: E402
+
+quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
+import torch  # noqa: E402
 
 from bench_args import bench_device, positive_int  # noqa: E402
 from bench_core import synthetic_trajectories  # noqa: E402

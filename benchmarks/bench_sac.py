@@ -12,10 +12,14 @@ import statistics
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from decision_transformer.errors import quiet_startup  # noqa: E402
+
+quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
+import torch  # noqa: E402
 
 from bench_args import positive_float, positive_int  # noqa: E402
 from decision_transformer.envs import get_env_spec  # noqa: E402

@@ -22,11 +22,15 @@ import argparse
 import os
 import sys
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from decision_transformer.errors import quiet_startup  # noqa: E402
+
+quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
+import torch  # noqa: E402
 
 from bench_args import bench_device, positive_int  # noqa: E402
 from decision_transformer.data import TrajectoryDataset  # noqa: E402

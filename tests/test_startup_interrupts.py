@@ -19,7 +19,8 @@ ENTRY_POINTS = [
     "data/reacher2d_scripted_data.py", "data/train_behaviour_policies.py", "data/download_d4rl_datasets.py",
     "data/create_state_stats.py", "decision_transformer/legacy_import.py", "decision_transformer/results_table.py",
     "decision_transformer/sweep.py", "decision_transformer/merge_cli.py", "analysis/run_all.py",
-    *sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("analysis/section-*/*.py"), *ROOT.glob("mine/*.py")]
+    *sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("analysis/section-*/*.py"), *ROOT.glob("mine/*.py"),
+                                                *ROOT.glob("benchmarks/*.py")]
             if "cli_entry" in p.read_text()),
 ]
 
