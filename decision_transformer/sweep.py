@@ -44,13 +44,30 @@ ROOT = Path(__file__).resolve().parents[1]
 GRID_DIR = Path(__file__).resolve().parent / "sweeps"
 
 
-#: Flags of the shipped grids that name project folders.
-PATH_KEYS = ("outdir", "data_path")
+#: Flags of the shipped grids that name project folders (or files in them), made the project's from wherever inside
+#: the project a grid is run: those of ``PATH_KEYS`` always; those of ``LOCAL_MODEL_KEYS`` when their first part is a
+#: folder of the project (``checkpoints/ChibiT``; not a Hub name such as ``gpt2`` or ``openai/imagegpt-small``).
+PATH_KEYS = ("outdir", "data_path", "kmeans_cache")
+LOCAL_MODEL_KEYS = ("pretrained_lm", "load_checkpoint", "pretrained_models", "multi_pretrained_models",
+                    "pretrained_model", "merge_base")
 
 
-def load_grid(name: str) -> dict:
-    """A grid by name (a bundled ``sweeps/{name}.yaml``) or path, checked: ``program`` exists, ``fixed`` and
-    ``grid`` are mappings, every grid value a non-empty list; a bundled grid's folders are the project's."""
+def _project_value(key: str, value):
+    """A shipped grid's value of flag ``key`` as the launcher passes it (see ``PATH_KEYS``)."""
+    if isinstance(value, list):
+        return [_project_value(key, v) for v in value]
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        return value
+    if key in PATH_KEYS or (key in LOCAL_MODEL_KEYS and (ROOT / Path(value).parts[0]).is_dir()):
+        return project_path(value)
+    return value
+
+
+def load_grid(name: str, project_paths: bool = True) -> dict:
+    """A grid by name (a bundled ``sweeps/{name}.yaml``) or path, checked: ``program`` is a Python file of the project,
+    ``fixed`` and ``grid`` are mappings, every grid value a non-empty list. With ``project_paths``, a bundled grid's
+    folders are the project's from wherever in the project it is run (``PATH_KEYS``); without (``export``: a WandB
+    agent runs ``program`` from the project's root), its values are as written."""
     import yaml
 
     path = Path(name)
@@ -77,13 +94,16 @@ def load_grid(name: str) -> dict:
                             f"value, or move it to 'fixed')")
         if not v:
             raise UserError(f"{path}: grid value of {k!r} is an empty list (the grid would have no runs)")
-    if not (ROOT / spec["program"]).is_file():
+    program = (ROOT / spec["program"]).resolve()
+    if not program.is_file():
         raise UserError(f"{path}: program {spec['program']!r} not found (a path relative to {ROOT})")
-    if path.resolve().parent == GRID_DIR.resolve():
+    if program.suffix != ".py" or ROOT.resolve() not in program.parents:
+        raise UserError(f"{path}: program {spec['program']!r} is not one of the project's Python scripts (a .py file "
+                        f"below {ROOT}, such as experiment.py)")
+    if project_paths and path.resolve().parent == GRID_DIR.resolve():
         # a shipped grid's folders are the project's own, from wherever in the project it is run (as the defaults)
-        for key in PATH_KEYS:
-            if isinstance(spec["fixed"].get(key), str) and not Path(spec["fixed"][key]).is_absolute():
-                spec["fixed"][key] = project_path(spec["fixed"][key])
+        for part in ("fixed", "grid"):
+            spec[part] = {k: _project_value(k, v) for k, v in spec[part].items()}
     spec["name"] = path.stem
     spec["path"] = str(path.resolve())
     return spec
@@ -363,7 +383,8 @@ def _inspect_run(program: str, argv: list[str]) -> Found:
         state, folder = _find_state(parent, prefix, multi_signature(a), None, a.max_iters, found,
                                     _final_model(a, Path(project_path("models")) / "multi", "dt"))
         return _with_note(Found(state, folder, run_lock_path(name, a), target=f"{parent / prefix}<id> (these flags)"))
-    if name != "experiment.py":
+    if name != "experiment.py" or Path(program).resolve() != (ROOT / "experiment.py").resolve():
+        _check_with_parser(program, argv)
         return Found("new")
     from decision_transformer.checkpoint import run_dir_name
     from decision_transformer.cli import experiment_parser
@@ -397,6 +418,57 @@ def _inspect_run(program: str, argv: list[str]) -> Found:
             found.note = (f"{found.folder} holds a run made with other flags: {'; '.join(differ)}; move it away (or "
                           f"give this grid another --outdir) to run this one")
     return _with_note(found)
+
+
+class _Parsed(BaseException):
+    """Raised by ``_check_with_parser``'s stand-in for ``parse_args`` once the flags are parsed."""
+
+
+_PROGRAMS: dict[str, dict] = {}
+
+
+def _check_with_parser(program: str, argv: list[str]):
+    """The flags ``argv`` of a program other than the training scripts (``precompute_fisher.py``, a data or analysis
+    script), checked by its own parser: its ``main(argv)`` runs until its parser has parsed them and is stopped there
+    (nothing else of it runs). A flag the parser rejects is a ``UserError`` naming the program; so is a program
+    without a ``main(argv)``."""
+    import io
+    import runpy
+    import signal
+
+    rel = os.path.relpath(program, ROOT)
+    if program not in _PROGRAMS:   # its top level (imports, definitions) once; not its ``__main__`` block
+        _PROGRAMS[program] = runpy.run_path(program, run_name="__sweep_check__")
+    main = _PROGRAMS[program].get("main")
+    if not callable(main):
+        raise UserError(f"{rel}: not a script the launcher can run (it has no main(argv) function)")
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_args(self, args=None, namespace=None):
+        real(self, args, namespace)
+        raise _Parsed
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
+    err = io.StringIO()
+    argv0, sys.argv[0] = sys.argv[0], program   # (a parser's default prog)
+    argparse.ArgumentParser.parse_args = parse_args
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            main(list(argv))
+    except _Parsed:
+        return
+    except SystemExit as e:   # the parser's error (or --help: exit 0)
+        if e.code not in (0, None):
+            lines = [line for line in err.getvalue().splitlines() if line.strip()]
+            raise UserError(lines[-1].removeprefix("error: ") if lines else f"{rel}: its parser exited {e.code}") \
+                from None
+        return
+    finally:
+        argparse.ArgumentParser.parse_args = real
+        sys.argv[0] = argv0
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    raise UserError(f"{rel}: its main(argv) returned without parsing flags; the launcher cannot check them")
 
 
 def logged_iterations(path: Path) -> int:
@@ -966,7 +1038,7 @@ def main(argv=None):
             spec = load_grid(str(path))
             print(f"{path.stem:24s} {len(expand(spec)):4d} runs  {spec.get('description', '')}")
         return 0
-    spec = load_grid(a.grid)
+    spec = load_grid(a.grid, project_paths=a.cmd != "export")
     if a.cmd == "export":
         for path in export_wandb(spec, Path(a.out)):
             print(f"wrote {path} (start it with `wandb sweep {path}` and `wandb agent ...`)")

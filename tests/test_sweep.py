@@ -924,6 +924,56 @@ def test_shipped_grids_name_the_projects_folders_from_a_sub_folder(monkeypatch):
     assert sweep.load_grid("pretraining_table1")["fixed"]["outdir"] == "../checkpoints"
 
 
+def test_shipped_grids_name_the_projects_models_from_a_sub_folder(monkeypatch):
+    """From a project sub-folder a shipped grid's local LM folder and k-means cache are the project's too; Hub names
+    (gpt2, openai/imagegpt-small) and null stay as written, in the fixed flags and in the grid's lists."""
+    root = Path(sweep.ROOT)
+    monkeypatch.chdir(root / "analysis")
+    fixed = sweep.load_grid("merging_chibit")["fixed"]
+    assert fixed["pretrained_lm"] == "../checkpoints/ChibiT"
+    assert fixed["kmeans_cache"] == "../kmeans_cache/chibi_1000.pt"
+    assert sweep.load_grid("pretraining_table1")["grid"]["pretrained_lm"] == [None, "gpt2", "openai/imagegpt-small"]
+    monkeypatch.chdir(root)
+    assert sweep.load_grid("merging_chibit")["fixed"]["pretrained_lm"] == "checkpoints/ChibiT"
+
+
+def test_export_writes_the_grids_paths_as_written_from_any_folder(tmp_path, monkeypatch):
+    """A WandB agent runs the exported program from the project's root: the export's paths are the grid's own,
+    wherever `export` itself was run."""
+    monkeypatch.chdir(Path(sweep.ROOT) / "analysis")
+    sweep.main(["export", "merging_chibit", "--out", str(tmp_path)])
+    params = yaml.safe_load((tmp_path / "merging_chibit.yaml").read_text())["parameters"]
+    assert params["pretrained_lm"] == {"value": "checkpoints/ChibiT"}
+    assert params["kmeans_cache"] == {"value": "kmeans_cache/chibi_1000.pt"}
+    sweep.main(["export", "pretraining_k1", "--out", str(tmp_path)])
+    for path in tmp_path.glob("pretraining_k1*.yaml"):
+        assert yaml.safe_load(path.read_text())["parameters"]["outdir"] == {"value": "checkpoints"}
+    assert len(list(tmp_path.glob("pretraining_k1*.yaml"))) == 2
+
+
+def test_other_programs_flags_are_checked_by_their_parser(tmp_path, capsys):
+    """A grid of a script other than the training ones (data, Fisher, analysis) has its flags checked by the script's
+    own parser: a rejected value is an invalid point and the dry run exits 2, as the run would; a program that is
+    not one of the project's Python scripts is refused."""
+    grid = tmp_path / "gen.yaml"
+    grid.write_text(yaml.safe_dump({"program": "data/generate_datasets.py", "fixed": {"dataset": "medium"},
+                                    "grid": {"env": ["hopper", "nope"]}}))
+    runs = sweep.plan_runs(sweep.load_grid(str(grid)), [])
+    assert [r.state for r in runs] == ["new", "invalid"]
+    assert "argument --env: invalid choice: 'nope'" in runs[1].found.note
+    assert runs[1].found.note.startswith("generate_datasets.py: ")
+    err = _expect_error(capsys, ["run", str(grid), "--dry_run"])
+    assert err == "error: 1 runs not started: their flags are invalid (see above)"
+    grid.write_text(yaml.safe_dump({"program": "precompute_fisher.py", "fixed": {"bogus": 1}}))
+    err = _expect_error(capsys, ["run", str(grid), "--dry_run"])
+    assert "precompute_fisher.py" in err and ("--model" in err or "--bogus" in err)
+    for program in ("/etc/passwd", "README.md"):
+        grid.write_text(yaml.safe_dump({"program": program, "fixed": {}}))
+        err = _expect_error(capsys, ["run", str(grid), "--dry_run"])
+        assert err.endswith("is not one of the project's Python scripts (a .py file below "
+                            f"{sweep.ROOT}, such as experiment.py)")
+
+
 def test_a_run_trained_by_another_process_is_refused_by_a_hand_started_one(tmp_path, hopper_data, capsys):
     """experiment.py takes the same lock as the launcher: a second start of a run that another process (a launcher,
     or the same command in another shell) is training stops with one line before it writes anything, and the lock is
