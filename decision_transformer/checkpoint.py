@@ -82,8 +82,32 @@ PATH_FLAGS = frozenset({"pretrained_models", "multi_pretrained_models", "pretrai
                         "load_checkpoint", "kmeans_cache", "pretrained_lm", "nlp_dataset_name", "tokenizer_name"})
 
 
-def _as_path(v):
-    return os.path.realpath(v) if isinstance(v, str) and v else v
+#: The key of a run's ``config.json`` (and training state) that records the folder the run was started in: its
+#: relative path flags are relative to that folder, wherever a later resume or launcher compares them from.
+WORKING_DIR = "working_dir"
+
+
+def _as_path(v, base: str | None = None):
+    if not isinstance(v, str) or not v:
+        return v
+    return os.path.realpath(os.path.join(base, v) if base else v)   # (join keeps an absolute v as it is)
+
+
+def recorded_base(config) -> str | None:
+    """The folder a run recorded as its working folder (``WORKING_DIR``), or None (a run made before it was recorded:
+    its relative paths are taken from the working folder of the process reading them)."""
+    base = config.get(WORKING_DIR) if isinstance(config, dict) else None
+    return base if isinstance(base, str) and os.path.isabs(base) else None
+
+
+def recorded_path(config, value):
+    """A path flag's value as a run recorded it, as this process can open it: a relative path that exists below the
+    run's recorded working folder is joined to that folder; anything else (a Hub name, an absolute path) as it is."""
+    base = recorded_base(config)
+    if base and isinstance(value, str) and value and not os.path.isabs(value) and \
+            os.path.exists(os.path.join(base, value)):
+        return os.path.join(base, value)
+    return value
 
 
 def path_normalised(signature: dict) -> dict:
@@ -92,16 +116,17 @@ def path_normalised(signature: dict) -> dict:
             for k, v in signature.items()}
 
 
-def same_flag_value(key: str, recorded, wanted) -> bool:
-    """Whether a run's recorded flag value is the one asked for now (path flags compared as resolved paths,
-    relative ones against the working directory)."""
+def same_flag_value(key: str, recorded, wanted, base: str | None = None) -> bool:
+    """Whether a run's recorded flag value is the one asked for now (path flags compared as resolved paths: the
+    recorded ones relative to ``base``, the run's working folder (``recorded_base``) when given, the ones asked for
+    relative to this process's working folder)."""
     if recorded == wanted:
         return True
     if key not in PATH_FLAGS:
         return False
     if isinstance(recorded, list) and isinstance(wanted, list):
-        return [_as_path(v) for v in recorded] == [_as_path(v) for v in wanted]
-    return _as_path(recorded) == _as_path(wanted)
+        return [_as_path(v, base) for v in recorded] == [_as_path(v) for v in wanted]
+    return _as_path(recorded, base) == _as_path(wanted)
 
 
 def find_run(parent: str | os.PathLike, prefix: str, signature: dict, require: str | None = None) -> Path | None:
@@ -122,7 +147,8 @@ def find_run(parent: str | os.PathLike, prefix: str, signature: dict, require: s
         except (OSError, ValueError):
             continue
         # a flag the file does not record (a run made before the flag existed) is not compared
-        if isinstance(cfg, dict) and all(k not in cfg or same_flag_value(k, cfg[k], v) for k, v in want.items()):
+        if isinstance(cfg, dict) and all(k not in cfg or same_flag_value(k, cfg[k], v, recorded_base(cfg))
+                                         for k, v in want.items()):
             newest = max((f.stat().st_mtime for f in d.iterdir() if f.suffix in (".pt", ".json")), default=0.0)
             found.append((newest, d.name, d))
     return max(found)[2] if found else None

@@ -15,7 +15,7 @@ import torch
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
 from decision_transformer.checkpoint import (BEHAVIOUR_FIELDS, check_finite_state, check_loadable, load_state_into,
-                                             same_flag_value)
+                                             recorded_path, same_flag_value)
 from decision_transformer.errors import UserError
 from decision_transformer.files import exclusive
 from decision_transformer.legacy_import import ModelFile, build_model, load_model_file
@@ -247,10 +247,10 @@ def resolve_base(args, sources: Sequence[ModelFile], fresh_state: dict | None = 
         return fresh_state
     first = sources[0]
     if first.is_multi:
-        pre = first.config.get("pretrained_model")
+        pre = recorded_path(first.config, first.config.get("pretrained_model"))
         if pre:
             for other in sources[1:]:   # task vectors of models finetuned from another model share no base
-                theirs = other.config.get("pretrained_model")
+                theirs = recorded_path(other.config, other.config.get("pretrained_model"))
                 if not theirs or not same_flag_value("pretrained_model", pre, theirs):
                     log(f"warning: {other.path} was finetuned from {theirs or 'no recorded --pretrained_model'}, not "
                         f"from {pre} as model 1; its task vector is taken against {pre} (pass --merge_base to choose "
@@ -287,7 +287,7 @@ def _rebuild_lm_init(mf: ModelFile) -> dict:
     from decision_transformer.envs import get_env_spec
     from decision_transformer.model_factory import build_model_from_args
 
-    cfg = mf.config
+    cfg = {**mf.config, "pretrained_lm": recorded_path(mf.config, mf.config.get("pretrained_lm"))}
     if (not cfg.get("env") and not mf.is_multi) or cfg.get("seed") is None:
         raise UserError(f"{mf.path} was initialised from {cfg['pretrained_lm']} but its config lacks the env or seed "
                         f"to rebuild that initialisation; pass --merge_base")

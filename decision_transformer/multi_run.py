@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import secrets
 import sys
 import time
@@ -24,8 +25,8 @@ import torch
 from decision_transformer import distributed
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
-from decision_transformer.checkpoint import (atomic_save, check_same_behaviour, load_state_into, make_checkpoint,
-                                             new_exp_id)
+from decision_transformer.checkpoint import (WORKING_DIR, atomic_save, check_same_behaviour, load_state_into,
+                                             make_checkpoint, new_exp_id)
 from decision_transformer.cli import THREADS_HELP, HelpFormatter, add_fast_path_flags, add_optim_flags
 from decision_transformer.envs import DEFAULT_ENV_VERSION, SUPPORTED_ENV_VERSIONS, get_env_spec
 from decision_transformer.errors import UserError
@@ -627,7 +628,8 @@ def _run_multi(args, take_lock) -> dict:
     exp_prefix = f"{group}-{exp_id}"
     config = {**vars(args), "model_class": MODEL_CLASS, "model_config": model.config.to_dict(), "exp_id": exp_id,
               "exp_prefix": exp_prefix, "device_used": str(device), "envs": envs, "train_envs": train_envs,
-              "targets": {e: get_env_spec(e).targets[0] for e in envs}, "merge_info": merge_info}
+              "targets": {e: get_env_spec(e).targets[0] for e in envs}, "merge_info": merge_info,
+              WORKING_DIR: os.getcwd()}
     run_dir = Path(args.outdir) / "multi" / exp_prefix if args.outdir else None
     if resume_dir is not None:
         run_dir = resume_dir  # continued in the folder it was found in (also when copied under another run id)

@@ -19,8 +19,9 @@ import torch
 
 from decision_transformer import distributed
 from decision_transformer.checkpoint import (atomic_save, check_same_behaviour, load_checkpoint,
-                                             load_state_into, make_checkpoint, model_name, new_exp_id, recorded_count,
-                                             run_dir_name, same_flag_value, set_aside_previous_run, wandb_run_name)
+                                             load_state_into, make_checkpoint, model_name, new_exp_id, recorded_base,
+                                             recorded_count, run_dir_name, same_flag_value, set_aside_previous_run,
+                                             wandb_run_name, WORKING_DIR)
 from decision_transformer.cli import check_context, check_seed, check_upper_bounds
 from decision_transformer.data import TrajectoryDataset, load_dataset
 from decision_transformer.envs import check_dataset_name, get_env_spec
@@ -442,7 +443,7 @@ def resumable_run(parent: Path, prefix: str, signature: dict, kind: str = "run")
         if cfg is None:
             unreadable.append(d.name)
             continue
-        if all(k not in cfg or same_flag_value(k, cfg[k], v) for k, v in want.items()):  # as find_run
+        if all(k not in cfg or same_flag_value(k, cfg[k], v, recorded_base(cfg)) for k, v in want.items()):
             return d
         first = first or (d, cfg)
     if first is None:
@@ -451,7 +452,7 @@ def resumable_run(parent: Path, prefix: str, signature: dict, kind: str = "run")
                         f"{TRAIN_STATE}")
     other, cfg = first
     differ = [f"--{k} {v!r} (the run: {cfg[k]!r})" for k, v in want.items()
-              if k in cfg and not same_flag_value(k, cfg[k], v)]
+              if k in cfg and not same_flag_value(k, cfg[k], v, recorded_base(cfg))]
     raise UserError(f"nothing to resume: no {kind} {prefix}<id> in {parent} was made with these flags; the newest, "
                     f"{other.name}, differs in {'; '.join(differ) or 'its flags'}")
 
@@ -473,7 +474,7 @@ def resume_mismatches(args, config_path: Path | dict) -> list[str]:
         return []
     now = json.loads(json.dumps(vars(args), default=str))
     return [f"--{k} {now[k]!r} (the run: {saved[k]!r})" for k in now
-            if k not in RESUME_FREE and k in saved and not same_flag_value(k, saved[k], now[k])]
+            if k not in RESUME_FREE and k in saved and not same_flag_value(k, saved[k], now[k], recorded_base(saved))]
 
 
 def recorded_config(run_dir: Path, note: bool = True) -> dict | None:
@@ -694,7 +695,7 @@ def _run_locked(args, script: str, take_lock) -> dict:
     config = {**vars(args), "exp_id": exp_id, "exp_prefix": exp_prefix, "model_name": mname,
               "data_file": str(Path(data_file).resolve()), "device_used": str(device), "targets": targets,
               "model_config": cfg.to_dict(), "script": SCRIPTS[script],
-              "pretrained_lm_path": str(lm.path) if lm is not None else None}
+              "pretrained_lm_path": str(lm.path) if lm is not None else None, WORKING_DIR: os.getcwd()}
     ckpt_extra = dict(state_mean=dataset.state_mean, state_std=dataset.state_std)
     state_extra = dict(data_timesteps={args.env: dataset.num_timesteps})  # what --resume checks the data against
     if not ctx.is_main:  # under torchrun only rank 0 evaluates, logs and writes files

@@ -797,3 +797,22 @@ def test_K_is_bounded_by_the_envs_own_episode_length(tmp_path, monkeypatch, caps
                                 "--K", "101"])
     assert msg.endswith("--K 101 exceeds the episode length 100 of reacher2d")
     assert not any(tmp_path.iterdir())
+
+
+def test_resume_from_another_folder_matches_relative_paths_by_the_runs_folder(tmp_path, monkeypatch, hopper_data):
+    """A run records the folder it was started in: a resume from another folder that names the same
+    --load_checkpoint file by another relative path continues the run (the recorded path is relative to the run's
+    folder, not to the resuming process's)."""
+    run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "2",
+        "--num_eval_episodes", "0")
+    shutil.copy(run_dir(tmp_path) / "model_1.pt", tmp_path / "init.pt")
+    (tmp_path / "a").mkdir()
+    run(tmp_path / "a", monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "2",
+        "--num_eval_episodes", "0", "--load_checkpoint", "../init.pt", "--outdir", "out")
+    folder = tmp_path / "a" / "out" / "dt_medium_hopper_666_K5"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["working_dir"] == str(tmp_path / "a") and config["load_checkpoint"] == "../init.pt"
+    run(tmp_path, monkeypatch, hopper_data, "--max_iters", "2", "--num_steps_per_iter", "2",
+        "--num_eval_episodes", "0", "--load_checkpoint", "init.pt", "--outdir", "a/out", "--resume")
+    assert (folder / "model_2.pt").is_file()
+    assert json.loads((folder / "config.json").read_text())["working_dir"] == str(tmp_path)

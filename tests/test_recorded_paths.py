@@ -1,0 +1,21 @@
+"""Path flags a run recorded are relative to the folder the run was started in (its config's working_dir)."""
+import os
+
+from decision_transformer.checkpoint import recorded_path, same_flag_value
+
+
+def test_recorded_relative_paths_resolve_against_the_runs_folder(tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ck").mkdir()
+    (tmp_path / "run" / "ck" / "m.pt").write_bytes(b"")
+    config = {"working_dir": str(tmp_path / "run"), "pretrained_model": "ck/m.pt"}
+    monkeypatch.chdir(tmp_path)
+    assert recorded_path(config, "ck/m.pt") == os.path.join(str(tmp_path / "run"), "ck/m.pt")
+    assert recorded_path(config, "gpt2") == "gpt2"                        # (a Hub name: nothing there)
+    assert recorded_path({"pretrained_model": "ck/m.pt"}, "ck/m.pt") == "ck/m.pt"   # older runs: as recorded
+    assert recorded_path({"working_dir": "relative"}, "ck/m.pt") == "ck/m.pt"
+    base = str(tmp_path / "run")
+    assert same_flag_value("load_checkpoint", "ck/m.pt", "run/ck/m.pt", base)
+    assert not same_flag_value("load_checkpoint", "ck/m.pt", "run/ck/m.pt")           # without: this folder's
+    assert same_flag_value("pretrained_models", ["ck/m.pt"], [str(tmp_path / "run/ck/m.pt")], base)
+    assert not same_flag_value("seed", 1, 2, base)
