@@ -17,6 +17,12 @@ entries may fill one row, e.g. the three source models):
 ``res/merge.v2.csv``); the CSV's ``envs_averaged`` column counts the envs in each row's average (the markdown's *
 marks an average over fewer envs than the table has).
 
+What a run folder's ``config.json`` records is checked, never silently: a run whose last logged iteration is below its
+``max_iters`` is named on stderr ("stopped at iteration i of n") and its scores are marked †; the run folders of one
+row that differ in a flag of ``COMPARED_FLAGS`` are named on stderr with the flag, and the row's average is marked ‡.
+``last`` is the last evaluated iteration even when its score is null (a diverged evaluation): the cell is ``nan``, left
+out of the average, with a warning naming the run; ``best`` leaves such iterations out, with a warning.
+
     python -m decision_transformer.results_table \
         --row source=models/hopper/A_best.pt --row source=models/halfcheetah/B_best.pt \
         --row source=models/walker2d/C_best.pt \
@@ -58,6 +64,98 @@ def scored_env(env: str, where: str) -> str:
         raise UserError(f"{where}: {env} has no D4RL reference returns, and this table is of D4RL scores "
                         f"(its runs' raw returns are in metrics.jsonl)")
     return env
+
+
+# ---- what a run's config.json says about its scores ------------------------------------------------------------------
+
+#: Recorded flags that change what a run learns or how it is evaluated. Runs read into one table cell (the seeds of a
+#: score-table cell, the run folders of a results-table row) that differ in one of them are named with the flag: a
+#: note, not an error (a mix may be intended). Seeds, devices, paths, threads, logging and the like are not compared.
+COMPARED_FLAGS = ("model_type", "embed_dim", "n_layer", "n_head", "activation_function", "dropout", "K", "batch_size",
+                  "pct_traj", "mode", "learning_rate", "lm_learning_rate", "weight_decay", "warmup_steps",
+                  "custom_transformer_decay", "remove_grad_clip", "max_iters", "num_steps_per_iter",
+                  "num_eval_episodes", "env_version", "embed_order", "disable_attention", "share_input_output_proj",
+                  "extend_positions", "igpt_legacy_ln", "frozen", "freeze_subset", "gpt_kmeans", "gpt_kmeans_const",
+                  "kmeans_mean", "kmeans_form")
+#: Flags read from the recorded architecture (``model_config.backbone``) where there is one: a pretrained LM's config
+#: replaces the sizes given on the command line.
+_BACKBONE_FIELDS = {"embed_dim": "n_embd", "n_layer": "n_layer", "n_head": "n_head",
+                    "activation_function": "activation_function"}
+#: Marks of a cell read from a run that stopped early, and of a row (its average) of runs with differing flags.
+INCOMPLETE_MARK, MIXED_MARK = "†", "‡"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def stopped_early(config: dict | None, last_iteration: int | None) -> str | None:
+    """``stopped at iteration {last} of {max_iters}`` for a run whose last logged iteration is below the ``max_iters``
+    its config records (unfinished, or killed); None for a finished run and one without a config or ``max_iters``."""
+    n = config.get("max_iters") if isinstance(config, dict) else None
+    if not _is_int(n) or last_iteration is None or last_iteration >= n:
+        return None
+    return f"stopped at iteration {last_iteration} of {n}"
+
+
+def recorded_flags(config: dict | None) -> dict:
+    """The ``COMPARED_FLAGS`` a run config records (the model sizes from its ``model_config`` where present)."""
+    if not isinstance(config, dict):
+        return {}
+    mc = config.get("model_config")
+    backbone = mc.get("backbone") if isinstance(mc, dict) else None
+    out = {}
+    for k in COMPARED_FLAGS:
+        if isinstance(backbone, dict) and backbone.get(_BACKBONE_FIELDS.get(k)) is not None:
+            out[k] = backbone[_BACKBONE_FIELDS[k]]
+        elif k in config:
+            out[k] = config[k]
+    return out
+
+
+def _same_value(v):
+    """A value to compare recorded flags by: 3 and 3.0 alike, lists and objects by their JSON."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    return v if v is None or isinstance(v, (bool, str)) else json.dumps(v, sort_keys=True, default=str)
+
+
+def flag_differences(configs: dict) -> list[str]:
+    """``flag value (runs), value (runs)`` for each of ``COMPARED_FLAGS`` on which the configs of ``configs`` (run
+    name -> config; None: no config.json, not compared) differ; a flag a config does not record is not compared."""
+    flags = {name: recorded_flags(cfg) for name, cfg in configs.items() if isinstance(cfg, dict)}
+    out = []
+    for k in COMPARED_FLAGS:
+        groups: dict = {}
+        for name, f in flags.items():
+            if k in f:
+                groups.setdefault(_same_value(f[k]), (json.dumps(f[k], default=str), []))[1].append(name)
+        if len(groups) > 1:
+            out.append(f"{k} " + ", ".join(f"{shown} ({', '.join(names)})" for shown, names in groups.values()))
+    return out
+
+
+def warn(msg: str):
+    """Print ``warning: {msg}`` to stderr."""
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+class RunScores(dict):
+    """{env: D4RL score} of one run folder (``read_run``), with ``incomplete`` (``stopped at iteration i of n`` or
+    None) and ``config`` (its config.json) for the table's marks."""
+
+    incomplete: str | None = None
+    config: dict | None = None
+
+
+class TableRow(dict):
+    """{env: score} of one table row (``collect``), with ``marks`` ({env or "average": mark}) and ``notes`` (what
+    the marks stand for, one line each)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.marks: dict[str, str] = {}
+        self.notes: list[str] = []
 
 
 # ---- scores of one entry ---------------------------------------------------------------------------------------------
@@ -136,15 +234,26 @@ def _first_target(config: dict, env: str, source) -> int:
     return int(get_env_spec(env).targets[0])
 
 
+def _env_score_keys(env: str, env_version, targets: dict | None = None) -> tuple[str, str]:
+    """The metrics keys of ``env``'s D4RL score: multi-task (``target_{T}_{EnvId}_*``), then single-task."""
+    spec = get_env_spec(env)
+    T = (targets or {}).get(env) or int(spec.targets[0])
+    return (f"evaluation/target_{T}_{spec.gym_id(env_version)}_d4rl_score_mean",
+            f"evaluation/target_{T}_d4rl_score_mean")
+
+
+def _evaluated_envs(row: dict, envs, env_version, targets: dict | None = None) -> list[str]:
+    """The envs of which ``row`` holds a score key, also one whose value is null (a diverged evaluation: a run logs
+    a NaN as null): the envs evaluated at that iteration."""
+    return [env for env in envs if any(k in row for k in _env_score_keys(env, env_version, targets))]
+
+
 def _score_keys(row: dict, envs, env_version, where: str = "metrics row", targets: dict | None = None) -> dict:
     """{env: d4rl score} from one metrics row (single-task keys ``target_{T}_*``, multi ``target_{T}_{EnvId}_*``, T
     from ``targets`` or the env's first); a score that is not a finite number is one error line naming ``where``."""
     out = {}
     for env in envs:
-        spec = get_env_spec(env)
-        T = (targets or {}).get(env) or int(spec.targets[0])
-        for key in (f"evaluation/target_{T}_{spec.gym_id(env_version)}_d4rl_score_mean",
-                    f"evaluation/target_{T}_d4rl_score_mean"):
+        for key in _env_score_keys(env, env_version, targets):
             value = row.get(key)
             if value is None:
                 continue
@@ -213,10 +322,13 @@ def _iteration(row: dict) -> int:
     return it if isinstance(it, int) and not isinstance(it, bool) else -1
 
 
-def read_run(run_dir: str, pick: str = "best") -> dict[str, float]:
+def read_run(run_dir: str, pick: str = "best") -> RunScores:
     """{env: D4RL score} of an ``experiment.py`` / ``experiment_multi.py`` run folder. ``best`` and ``last`` consider
     the training iterations (1, 2, ...), as the run's own selection does; a merge run's iteration 0 (the merged model
-    before finetuning) is read with ``0`` only."""
+    before finetuning) is read with ``0`` only. ``last`` is the last evaluated iteration, also when its score is null
+    (a diverged evaluation): that env's score is then NaN, with a warning naming the run; ``best`` leaves such
+    iterations out, with a warning. A run that stopped before its config's ``max_iters`` is named on stderr, and
+    recorded in the result's ``incomplete`` (``best`` and ``last`` only: ``0`` is read before any training)."""
     d = Path(run_dir)
     if pick not in ("best", "last", "0"):
         raise UserError(f"unknown pick {pick!r}; use best, last or 0")
@@ -225,13 +337,16 @@ def read_run(run_dir: str, pick: str = "best") -> dict[str, float]:
     envs = _run_envs(config, d, multi)
     version = config.get("env_version", DEFAULT_ENV_VERSION)
     targets = {env: _first_target(config, env, d / "config.json") for env in envs}
+    out = RunScores()
+    out.config = config
     if pick == "0":
         info = config.get("merge_info")
         it0 = info.get("iteration_0") if isinstance(info, dict) else None
         if not isinstance(it0, dict) or not it0:
             raise UserError(f"{d}: no evaluation before finetuning recorded (@0 needs a merge run of experiment.py; "
                             f"multi-task merge runs record none)")
-        return _score_keys(it0, envs, version, f"{d / 'config.json'} (merge_info.iteration_0)", targets)
+        out.update(_score_keys(it0, envs, version, f"{d / 'config.json'} (merge_info.iteration_0)", targets))
+        return out
     seen = {}
     for n, r in enumerate(rows, 1):   # a run writes one row per iteration: two are a file pasted together
         it = r.get("iteration")
@@ -239,70 +354,113 @@ def read_run(run_dir: str, pick: str = "best") -> dict[str, float]:
             raise UserError(f"{d / 'metrics.jsonl'}: iteration {it} is logged twice (rows {seen[it]} and {n})")
         seen[it] = n
     where = lambda r: f"{d / 'metrics.jsonl'} (iteration {r.get('iteration')})"  # noqa: E731
-    rows = [r for r in rows if _score_keys(r, envs, version, where(r), targets)]
+    for r in rows:   # every score checked, not only the one picked
+        _score_keys(r, envs, version, where(r), targets)
+    logged = [_iteration(r) for r in rows if _iteration(r) >= 0]
+    out.incomplete = stopped_early(config, max(logged, default=0))
+    # the evaluated rows: a score key, also a null one (a diverged evaluation is the run's last, not skipped)
+    rows = [r for r in rows if _evaluated_envs(r, envs, version, targets)]
     trained = [r for r in rows if r.get("iteration") != 0]
     if not trained:
         if rows:
             raise UserError(f"{d}: metrics.jsonl holds only iteration 0 (the merged model before finetuning); "
                             f"read it with @0")
         raise UserError(f"{d}: no evaluation in metrics.jsonl")
+    if out.incomplete:
+        warn(f"{d}: {out.incomplete} (its config.json's max_iters); its scores are marked {INCOMPLETE_MARK}")
     if pick == "last":   # the highest iteration (rows out of order are read in iteration order)
-        last = max(range(len(trained)), key=lambda i: (_iteration(trained[i]), i))
-        return _score_keys(trained[last], envs, version, where(trained[last]), targets)
+        last = trained[max(range(len(trained)), key=lambda i: (_iteration(trained[i]), i))]
+        out.update(_score_keys(last, envs, version, where(last), targets))
+        nan = [e for e in _evaluated_envs(last, envs, version, targets) if e not in out]
+        if nan:
+            warn(f"{d}: its last evaluation (iteration {last.get('iteration')}) has a null {', '.join(nan)} score (a "
+                 f"diverged evaluation): its last score is nan, left out of the average")
+            out.update({e: math.nan for e in nan})
+        return out
     if multi:
         key = "evaluation/average_norm_return_mean"
     else:
         key = f"evaluation/target_{targets[envs[0]]}_return_mean"    # the run's own selection
-    best = max(trained, key=lambda r: _score(r.get(key)))  # first of equal bests
-    return _score_keys(best, envs, version, where(best), targets)
+    scored = [r for r in trained if _score_keys(r, envs, version, where(r), targets)]
+    # evaluations that diverged (a null score, or a NaN / null selection value): never the best, but said
+    with_score = {id(r) for r in scored}
+    nan = [str(r.get("iteration")) for r in trained
+           if id(r) not in with_score or (key in r and _score(r[key]) == -math.inf)]
+    if not scored:
+        warn(f"{d}: every evaluation's score is null (diverged evaluations): its best score is nan")
+        out.update({e: math.nan for e in envs})
+        return out
+    if nan:
+        warn(f"{d}: iteration{'s' if len(nan) > 1 else ''} {', '.join(nan)} evaluated NaN or null (a diverged "
+             f"evaluation), left out of best")
+    best = max(scored, key=lambda r: _score(r.get(key)))  # first of equal bests
+    out.update(_score_keys(best, envs, version, where(best), targets))
+    return out
 
 
 # ---- the table -------------------------------------------------------------------------------------------------------
 
+def _finite(v) -> bool:
+    return v is not None and not math.isnan(v)
+
+
 def build_table(rows: dict[str, dict[str, float]], envs=ENV_ORDER) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted rows: label, one column per env (— where the row has no score), average over the envs
-    the row has."""
+    """Header and formatted rows: label, one column per env (— where the row has no score, nan for a diverged last
+    evaluation), average over the envs the row has a finite score of; a row's ``marks`` (``TableRow``) follow their
+    cells."""
     envs = list(dict.fromkeys(envs))  # each env once
     header = ["model", *envs, "average"]
     body = []
     for label, scores in rows.items():
+        marks = getattr(scores, "marks", {})
         vals = [scores.get(e) for e in envs]
-        have = [v for v in vals if v is not None]
+        have = [v for v in vals if _finite(v)]
         avg = float(np.mean(have)) if have else None
-        body.append([label, *[f"{v:.1f}" if v is not None else "—" for v in vals],
-                     (f"{avg:.1f}" if avg is not None else "—") + ("" if len(have) in (0, len(envs)) else "*")])
+        body.append([label, *[("—" if v is None else f"{v:.1f}") + marks.get(e, "") for e, v in zip(envs, vals)],
+                     (f"{avg:.1f}" if avg is not None else "—") + ("" if len(have) in (0, len(envs)) else "*")
+                     + marks.get("average", "")])
     return header, body
 
 
-def to_markdown(header, body) -> str:
+def to_markdown(header, body, notes=()) -> str:
     """The table (``build_table``'s header and rows) as markdown, score columns right-aligned, with a footnote
-    when an average covers only some envs."""
+    when an average covers only some envs, and ``notes`` (``table_notes``: what the † and ‡ marks stand for)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in body]
-    if any(r[-1].endswith("*") for r in body):
+    if any(r[-1].rstrip(INCOMPLETE_MARK + MIXED_MARK).endswith("*") for r in body):
         lines += ["", "\\* average over the envs that have a score only"]
+    for n in notes:
+        lines += ["", n]
     return "\n".join(lines) + "\n"
+
+
+def table_notes(rows: dict[str, dict[str, float]]) -> list[str]:
+    """The footnotes of the rows' marks (``TableRow.notes``), once each."""
+    return list(dict.fromkeys(n for scores in rows.values() for n in getattr(scores, "notes", [])))
 
 
 def to_csv(rows: dict[str, dict[str, float]], envs=ENV_ORDER) -> str:
     """The table as CSV, at full precision (the markdown table rounds to one decimal): empty cells where a row has
-    no score, the average over the envs the row has, and a last column ``envs_averaged`` with their number (fewer
-    than the env columns: a partial average, the markdown table's *)."""
+    no score (nan: a diverged last evaluation), the average over the envs the row has a finite score of, and a last
+    column ``envs_averaged`` with their number (fewer than the env columns: a partial average, the markdown table's
+    *)."""
     envs = list(dict.fromkeys(envs))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["model", *envs, "average", "envs_averaged"])
     for label, scores in rows.items():
         vals = [scores.get(e) for e in envs]
-        have = [float(v) for v in vals if v is not None]
+        have = [float(v) for v in vals if _finite(v)]
         w.writerow([label, *["" if v is None else float(v) for v in vals],
                     float(np.mean(have)) if have else "", len(have) if have else ""])
     return buf.getvalue()
 
 
-def collect(entries: list[str], *, pick: str, **eval_kw) -> dict[str, dict[str, float]]:
+def collect(entries: list[str], *, pick: str, **eval_kw) -> dict[str, TableRow]:
     """Parse ``LABEL=PATH[@pick]`` entries and gather their scores by label. Every entry is read and checked before
-    the first checkpoint is evaluated."""
+    the first checkpoint is evaluated. A score from a run folder that stopped before its ``max_iters`` is marked †;
+    a row whose run folders differ in a flag of ``COMPARED_FLAGS`` is named on stderr with the flag, its average
+    marked ‡ (each mark explained in the row's ``notes``)."""
     parsed = []
     for entry in entries:
         if "=" not in entry:
@@ -325,14 +483,30 @@ def collect(entries: list[str], *, pick: str, **eval_kw) -> dict[str, dict[str, 
                                                            dataset=eval_kw.get("dataset"))))
         else:
             raise UserError(f"--row {entry!r}: {path} is neither a checkpoint nor a run folder")
-    rows: dict[str, dict[str, float]] = {}
+    rows: dict[str, TableRow] = {}
+    configs: dict[str, dict] = {}   # label -> {run folder: its config}
+    stopped: dict[tuple, str] = {}  # (label, env) -> the note of the run folder that stopped early its score is from
     for label, path, got in parsed:
         scores = got if isinstance(got, dict) else evaluate_checkpoint(path, prepared=got, **eval_kw)
-        row = rows.setdefault(label, {})
+        row = rows.setdefault(label, TableRow())
+        if isinstance(scores, RunScores):
+            configs.setdefault(label, {})[path] = scores.config
         for env, v in scores.items():
             if env in row:
                 print(f"warning: row {label!r} has two {env} scores; keeping the later one ({path})", file=sys.stderr)
             row[env] = v
+            stopped.pop((label, env), None)
+            if getattr(scores, "incomplete", None):
+                stopped[(label, env)] = f"{path} ({scores.incomplete})"
+    for (label, env), note in stopped.items():
+        rows[label].marks[env] = INCOMPLETE_MARK
+        rows[label].notes.append(f"{INCOMPLETE_MARK} from a run that stopped before its max_iters: {note}")
+    for label, named in configs.items():
+        differ = flag_differences(named) if len(named) > 1 else []
+        if differ:
+            warn(f"row {label!r}: its run folders differ in {'; '.join(differ)}")
+            rows[label].marks["average"] = MIXED_MARK
+            rows[label].notes.append(f"{MIXED_MARK} row {label}: run folders with other flags: {'; '.join(differ)}")
     return rows
 
 
@@ -391,7 +565,7 @@ def main(argv=None):
             print(f"warning: row {label!r} has scores for {', '.join(scores)} only, none of --envs "
                   f"{' '.join(envs)}; its cells are empty", file=sys.stderr)
     header, body = build_table(rows, envs)
-    md = to_markdown(header, body)
+    md = to_markdown(header, body, table_notes(rows))
     print(md, end="")
     if out_files:
         csv_path, md_path = out_files

@@ -206,7 +206,8 @@ def build_no_context_parser():
     p.add_argument("--model_name_list", nargs="+", default=["gpt2", "dt"])
     # --env_name, --block_replacement_exp, -pld and -psf: the original plot_learning_curve_no_context.py's spellings
     p.add_argument("--env_name_list", "--env_name", dest="env_name_list", nargs="+", default=list(common.ENV_NAMES))
-    p.add_argument("--seed", type=int, default=666)
+    p.add_argument("--seed", type=int, default=666,
+                   help="the runs' seed (Table 2 of this one seed: files tagged _seed{N})")
     p.add_argument("-block", "--block", "--block_replacement_exp", dest="block", action="store_true",
                    help="block-replacement curves (runs {dt}_..._K1_block{b}) instead")
     p.add_argument("--replaced_lm", type=str, default="gpt2",
@@ -232,9 +233,16 @@ def build_no_context_parser():
     return p
 
 
+def seed_tag(seed: int) -> str:
+    """``_seed{N}``: the file-name tag of the single-seed Table 2 this script writes, so that it sits next to the
+    table over seeds of ``compute_normalized_score.py --K 1`` (same results folder) instead of replacing it."""
+    return f"_seed{int(seed)}"
+
+
 def run_no_context(args) -> common.Outputs:
     """Figure 8: the K = 1 and ``--run_K`` learning curves, one panel per env, with their CSV and Table 2's
-    normalised scores of the K = 1 runs; with ``--block``, Figure 9 instead."""
+    normalised scores of the K = 1 runs of ``--seed`` (files tagged ``_seed{N}``:
+    ``normalized_scores_{dataset}_K1_{norm}_seed{N}[_target{T}]``); with ``--block``, Figure 9 instead."""
     common.check_positive(args, "max_epoch")
     common.check_numbers(args, smoothing=("a number in [0, 1) (the EMA weight of the previous value)",
                                           lambda v: 0 <= v < 1))
@@ -288,6 +296,8 @@ def run_no_context(args) -> common.Outputs:
         setattr(t_args, k, getattr(args, k))
     t_args.env_name_list, t_args.model_name_list, t_args.seed_list = envs, args.model_name_list, [args.seed]
     t_args.K, t_args.select, t_args.no_figure = 1, "best", True
+    # one seed's table: tagged _seed{N}, next to (not over) compute_normalized_score.py --K 1's table over seeds
+    t_args.result_tag = seed_tag(args.seed)
     if only is not None:
         t_args.only_runs = {(e, m, seed) for e, m, seed, K in only if K == 1}
     try:
@@ -353,7 +363,8 @@ def _block_figure(args, env: str, plt, res: Path) -> common.Outputs:
         found = sorted(p.name for p in Path(args.checkpoint_dir).glob(pattern))
         if not found:
             first = RunKey(host, args.dataset_name, env, args.seed, 1, block=0).dir_name
-            raise NoBlockRuns(f"no block-replacement runs for {env}: looked for {Path(args.checkpoint_dir) / first} ...")
+            raise NoBlockRuns(f"no block-replacement runs for {env}: looked for "
+                              f"{Path(args.checkpoint_dir) / first} ...")
         depth = 1 + max(int(n.rsplit("block", 1)[1]) for n in found)
     max_epoch = args.max_epoch or (10 if env == "hopper" else 5)
     metric = return_key(env, args.target)
