@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from decision_transformer.errors import UserError, deferred_interrupts, first_line, write_problem
+from decision_transformer.errors import UserError, checked_device, deferred_interrupts, first_line, write_problem
 from decision_transformer.files import check_zip_checksums, sync
 
 FORMAT_VERSION = 1
@@ -474,6 +474,7 @@ def load_model(path: str | os.PathLike, device=None):
     as its ``MLPBCModel``, which ``evaluate_episodes`` takes."""
     from decision_transformer.legacy_import import build_model, load_model_file
 
+    device = checked_device(device) if device is not None else None
     mf = load_model_file(path, allow_bc=True)
     if (mf.config.get("model_config") or {}).get("model_class") == "mlp_bc":
         return _build_bc(mf, device).eval(), mf

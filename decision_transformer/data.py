@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from decision_transformer.envs import EnvSpec, check_dataset_name, get_env_spec
-from decision_transformer.errors import UserError
+from decision_transformer.errors import UserError, checked_device
 
 # Padding values of the originals' ``get_batch`` (training). Evaluation pads with zeros instead.
 PAD_ACTION = -10.0
@@ -657,7 +657,13 @@ class TrajectoryDataset:
     def __init__(self, trajs, env: str, *, mode: str = "normal", pct_traj: float = 1.0, device="cpu",
                  state_mean: np.ndarray | None = None, state_std: np.ndarray | None = None):
         spec = get_env_spec(env)
+        device = checked_device(device)
+        if isinstance(trajs, tuple) and len(trajs) == 2 and isinstance(trajs[0], (str, os.PathLike)):
+            raise TypeError("TrajectoryDataset takes the trajectories; load_dataset returns (data file, trajectories): "
+                            "data_file, trajs = load_dataset(...)")
         for i, t in enumerate(trajs):   # (load_dataset checks all of it; trajectories built by hand, their dims here)
+            if not isinstance(t, dict):
+                raise TypeError(f"trajectory {i} is a {type(t).__name__}, not a dict of arrays")
             dims = (np.shape(t["observations"])[1:], np.shape(t["actions"])[1:])
             if dims != ((spec.state_dim,), (spec.act_dim,)):
                 raise UserError(f"trajectory {i} has observations of shape {list(np.shape(t['observations']))} and "

@@ -231,3 +231,18 @@ def _restore_sigterm(previous):
         import signal
 
         signal.signal(signal.SIGTERM, previous)
+
+
+def checked_device(device):
+    """``device`` (a name or ``torch.device``) as a ``torch.device`` for the library's calls; a name torch does not
+    know, or a CUDA device on a machine where torch sees none, is a ``UserError`` (the scripts' ``--device cuda``
+    falls back to the CPU with a warning instead)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"device {device!r}: {first_line(e)}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r}: torch sees no CUDA GPU on this machine (use 'cpu')")
+    return dev

@@ -8,6 +8,7 @@ one-episode loop, kept as the slow reference path.
 from __future__ import annotations
 
 import collections
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,8 +16,9 @@ import torch
 
 from decision_transformer.env_workers import episode_seed, initial_obs, step_envs  # noqa: F401 (episode_seed)
 from decision_transformer.envs import DEFAULT_ENV_VERSION, get_env_spec, make_env
-from decision_transformer.errors import UserError
-from decision_transformer.training.trainer import float32_device, module_mode, to_device_async
+from decision_transformer.errors import UserError, checked_device
+from decision_transformer.data import check_mode
+from decision_transformer.training.trainer import check_model_env, float32_device, module_mode, to_device_async
 
 
 @dataclass
@@ -137,24 +139,14 @@ def _host_copy_event(cuda: bool):
     return event
 
 
-def _eval_setup(model, env: str, device, pool: EnvPool | None, env_version: str | None):
+def _eval_setup(model, env: str, device, pool: EnvPool | None, env_version: str | None, mode: str):
     """(device, pool) of an evaluation: ``device`` None is the model's; a given pool must hold ``env`` (walker2d and
     halfcheetah share their state and action sizes, so another env's pool would run without an error) and, where
     ``env_version`` is given, that version. The model must compute in float32, as the rollout buffers do."""
+    check_mode(mode)
     own = float32_device(model, "evaluation")
-    cfg, spec = getattr(model, "config", None), get_env_spec(env)
-    envs = getattr(cfg, "envs", None)   # a multi-task model acts with the env layers it has selected
-    if isinstance(envs, (list, tuple)) and isinstance(getattr(model, "active", None), int):
-        if env not in envs:
-            raise UserError(f"a multi-task model of {', '.join(envs)}; it has no layers for {env}")
-        if envs[model.active] != env:
-            raise UserError(f"the multi-task model has {envs[model.active]}'s layers selected; select {env}'s "
-                            f"first (model.toggle_env({env!r}))")
-    dims = (getattr(cfg, "state_dim", None), getattr(cfg, "act_dim", None))
-    if all(isinstance(d, int) for d in dims) and dims != (spec.state_dim, spec.act_dim):
-        raise UserError(f"the model's states and actions have {dims[0]} and {dims[1]} dimensions; {env}'s have "
-                        f"{spec.state_dim} and {spec.act_dim}")
-    device = torch.device(device) if device is not None else (own if own is not None else torch.device("cpu"))
+    check_model_env(model, env, "evaluation")
+    device = checked_device(device) if device is not None else (own if own is not None else torch.device("cpu"))
     if pool is None:
         return device, EnvPool(env, env_version or DEFAULT_ENV_VERSION)
     if pool.env != env or (env_version is not None and pool.version != env_version):
@@ -174,9 +166,9 @@ def evaluate_episodes(model, env: str, target: float, num_episodes: int, state_m
     ``env_version`` defaults to the pool's, or v4. The model runs in eval mode and is left in the mode it was in.
     ``overlap_groups`` (default 4 on CUDA, 1 on CPU) splits the live episodes into groups whose forwards are all
     launched before any env is stepped, so the GPU computes later groups while the CPU steps earlier ones."""
-    if num_episodes < 1:
-        raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
-    device, pool = _eval_setup(model, env, device, pool, env_version)
+    if isinstance(num_episodes, bool) or not isinstance(num_episodes, numbers.Integral) or num_episodes < 1:
+        raise ValueError(f"num_episodes must be >= 1, got {num_episodes!r} (an integer number of episodes)")
+    device, pool = _eval_setup(model, env, device, pool, env_version, mode)
     with module_mode(model, False):
         return _evaluate_batched(model, env, target, num_episodes, state_mean, state_std, seed, mode, device,
                                  pool, progress, overlap_groups)
@@ -249,6 +241,7 @@ def _evaluate_batched(model, env, target, num_episodes, state_mean, state_std, s
 def rollout_episode(model, env_obj, target: float, state_mean, state_std, *, env: str, seed: int, index: int,
                     mode: str = "normal", device="cpu") -> tuple[float, int]:
     """One episode with a batch-1 forward per step: the originals' ``evaluate_episode_rtg`` loop (slow path)."""
+    check_mode(mode)
     spec = get_env_spec(env)
     model.eval()
     device = torch.device(device)
@@ -283,7 +276,7 @@ def evaluate_episodes_sequential(model, env: str, target: float, num_episodes: i
                                  env_version: str | None = None) -> EvalResult:
     """The slow path: episodes one after another with batch-1 forwards (benchmarks and equivalence tests). Arguments
     as ``evaluate_episodes``."""
-    device, pool = _eval_setup(model, env, device, pool, env_version)
+    device, pool = _eval_setup(model, env, device, pool, env_version, mode)
     env_obj = pool.get(1)[0]
     with module_mode(model, False):
         out = [rollout_episode(model, env_obj, target, state_mean, state_std, env=env, seed=seed, index=i, mode=mode,

@@ -314,3 +314,92 @@ def test_the_other_trainers_train_with_dropout_after_an_evaluation(data, kind):
     model.register_forward_pre_hook(lambda m, args: seen.append(m.training))
     trainer.train_step()
     assert seen == [True] and model.training
+
+
+# ---- wrong inputs a researcher could pass ---------------------------------------------------------------------------
+
+def test_an_unknown_evaluation_mode_is_refused():
+    """A misspelt mode would run as "normal" without a word."""
+    model = _model()
+    for call in (evaluate_episodes, evaluate_episodes_sequential):
+        for mode in ("delay", None):
+            with pytest.raises(UserError, match=f"unknown --mode {mode!r}; choose normal, delayed or noise"):
+                call(model, "hopper", 3600, 1, np.zeros(11), np.ones(11), mode=mode)
+
+
+def test_data_of_another_env_is_refused_by_training_fisher_and_the_analyses(data, tmp_path):
+    """A hopper dataset with a halfcheetah model: one line naming both sizes, instead of a matmul error; a multi-task
+    model with another env's layers selected (or asked for) is refused instead of computing through them."""
+    from decision_transformer.fisher import compute_fisher
+
+    cheetah = _model("halfcheetah")
+    with pytest.raises(UserError, match="training: the model's states and actions have 17 and 6 dimensions; "
+                                        "hopper's have 11 and 3"):
+        _trainer(cheetah, data)
+    with pytest.raises(UserError, match="compute_fisher: the model's states and actions have 17 and 6"):
+        compute_fisher(cheetah, data, batch_size=2, num_batches=1, K=K)
+    batch = data.sample_batch(3, K, torch.Generator().manual_seed(0))
+    for call in (get_activations, per_sample_grad_stats, full_batch_param_norms):
+        with pytest.raises(UserError, match=f"{call.__name__}: the model's states and actions have 17 and 6 "
+                                            f"dimensions, the batch's 11 and 3"):
+            call(cheetah, batch)
+    multi = _multi().toggle_env("walker2d")
+    with pytest.raises(UserError, match="compute_fisher: the multi-task model has walker2d's layers selected"):
+        compute_fisher(multi, data, batch_size=2, num_batches=1, K=K)
+    with pytest.raises(UserError, match="compute_fisher: the forward is asked for walker2d's layers, but the data "
+                                        "are hopper's"):
+        compute_fisher(multi, data, batch_size=2, num_batches=1, K=K, model_kwargs={"env": "walker2d"})
+    assert compute_fisher(multi.toggle_env("hopper"), data, batch_size=2, num_batches=1, K=K)["_stats"]
+
+
+def test_bc_models_misspelt_entries_and_token_types_are_refused(data):
+    from decision_transformer.analysis.attention import model_attention_distances
+    from decision_transformer.analysis.cka import token_features
+    from decision_transformer.models.mlp_bc import MLPBCConfig, MLPBCModel
+
+    batch = data.sample_batch(3, K, torch.Generator().manual_seed(0))
+    bc = MLPBCModel(MLPBCConfig(11, 3, 16, 1, max_length=K))
+    for call in (per_sample_grad_stats, full_batch_param_norms, model_attention_distances, get_activations):
+        with pytest.raises(UserError, match="analyses Decision Transformers; a MLPBCModel has no transformer blocks"):
+            call(bc, batch)
+    with pytest.raises(UserError, match=r"no transformer block has a module 'mlp.droput'"):
+        get_activations(_model(), batch, entries=("mlp.droput",))
+    assert list(get_activations(_model(), batch, entries=("mlp.dropout",))) == ["0.mlp.dropout"]
+    with pytest.raises(UserError, match="unknown token type 'states'; choose one of reward, state, action"):
+        token_features(torch.zeros(2, 3, 4), "states")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_a_cuda_device_without_a_gpu_is_one_line(data, tmp_path):
+    from decision_transformer.analysis.mine import estimate_mi
+
+    msg = "device 'cuda': torch sees no CUDA GPU on this machine"
+    with pytest.raises(UserError, match=msg):
+        TrajectoryDataset(load_dataset_trajs(tmp_path), "hopper", device="cuda")
+    with pytest.raises(UserError, match=msg):
+        evaluate_episodes(_model(), "hopper", 3600, 1, np.zeros(11), np.ones(11), device="cuda")
+    with pytest.raises(UserError, match=msg):
+        estimate_mi(np.zeros((10, 2)), np.zeros((10, 2)), iters=1, device="cuda")
+    path = tmp_path / "m.pt"
+    model = _model()
+    atomic_save(make_checkpoint(model.state_dict(), {"model_config": model.config.to_dict(), "env": "hopper"}), path)
+    with pytest.raises(UserError, match=msg):
+        load_model(path, device="cuda")
+    with pytest.raises(UserError, match="device 'gpu0'"):
+        evaluate_episodes(_model(), "hopper", 3600, 1, np.zeros(11), np.ones(11), device="gpu0")
+
+
+def load_dataset_trajs(folder):
+    make_dataset(folder, "hopper", "random", 300)
+    return load_dataset(folder, "hopper", "random")[1]
+
+
+def test_the_load_dataset_pair_and_a_missing_generator_are_named(tmp_path):
+    make_dataset(tmp_path, "hopper", "random", 300)
+    with pytest.raises(TypeError, match=r"load_dataset returns \(data file, trajectories\)"):
+        TrajectoryDataset(load_dataset(tmp_path, "hopper", "random"), "hopper")
+    ds = TrajectoryDataset(load_dataset(tmp_path, "hopper", "random")[1], "hopper")
+    model = _model()
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.0)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        Trainer(model, opt, warmup_schedule(opt, 1), ds, batch_size=4, K=K, generator=None)

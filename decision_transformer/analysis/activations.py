@@ -36,20 +36,28 @@ def depth(model) -> int:
 
 
 def hooked_modules(model, entries=BLOCK_ENTRIES) -> dict[str, torch.nn.Module]:
-    """``{"{i}.{entry}": module}`` in block-major, entry order; entries a block lacks are skipped."""
-    out, seen = {}, {}
+    """``{"{i}.{entry}": module}`` in block-major, entry order; entries a block lacks are skipped, but an entry given
+    (other than the default ``BLOCK_ENTRIES``) that no block has, a misspelt name, is refused."""
+    if isinstance(entries, str):
+        entries = (entries,)
+    out, seen, found = {}, {}, set()
     for i, block in enumerate(blocks(model)):
         for name in entries:
             try:
                 mod = block.get_submodule(name)
             except AttributeError:
                 continue
+            found.add(name)
             key = f"{i}.{name}"
             if id(mod) in seen:
                 raise UserError(f"modules {seen[id(mod)]} and {key} are the same object; their activations "
                                 f"cannot be told apart")
             seen[id(mod)] = key
             out[key] = mod
+    missing = [name for name in entries if name not in found] if tuple(entries) != BLOCK_ENTRIES else []
+    if missing:
+        raise UserError(f"no transformer block has a module {', '.join(map(repr, missing))}; entries are module "
+                        f"names below a block, such as {', '.join(BLOCK_ENTRIES[:3])}")
     return out
 
 

@@ -196,7 +196,9 @@ def select_tokens(act: torch.Tensor, legacy_feature_index: bool = False) -> torc
 
 
 def token_features(selected: torch.Tensor, token: str, legacy_feature_index: bool = False) -> torch.Tensor:
-    """From ``select_tokens`` output to the [n, d] matrix of one token type."""
+    """From ``select_tokens`` output to the [n, d] matrix of one token type (a key of ``TOKEN_POSITIONS``)."""
+    if token not in TOKEN_POSITIONS:
+        raise UserError(f"unknown token type {token!r}; choose one of {', '.join(TOKEN_POSITIONS)}")
     j = list(TOKEN_POSITIONS).index(token)
     return selected[:, :, j] if legacy_feature_index else selected[:, j, :]
 

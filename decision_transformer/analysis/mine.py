@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from decision_transformer.errors import UserError
+from decision_transformer.errors import UserError, checked_device
 from decision_transformer.training.trainer import forked_rng
 
 LOSSES = ("mine", "mine_biased", "fdiv")
@@ -171,6 +171,7 @@ def estimate_mi(x, y, *, iters: int = 1000, batch_size: int = 50, loss: str = "m
                 eval_x=None, eval_y=None) -> float:
     """Train MINE on (x, y) and return the estimate in nats (on (eval_x, eval_y) if given, else on the training
     pairs, as TAKAGI; give both or neither). A diverging run returns NaN (the originals recorded NaN or None)."""
+    device = checked_device(device)
     if (eval_x is None) != (eval_y is None):
         raise UserError(f"estimate_mi got eval_{'y' if eval_x is None else 'x'} without "
                         f"eval_{'x' if eval_x is None else 'y'}: give both held-out samples or neither")

@@ -406,8 +406,21 @@ def batch_digest(data) -> str:
 
 
 def batch_for(model, batch: Batch, what: str) -> Batch:
-    """``batch`` on the device of ``model``'s parameters (tensors elsewhere are copied), after refusing a model that
-    is not float32 (:func:`~decision_transformer.training.trainer.float32_device`, naming ``what``)."""
+    """``batch`` on the device of ``model``'s parameters (tensors elsewhere are copied), after refusing (naming
+    ``what``) a model without transformer blocks (a BC model), one that is not float32
+    (:func:`~decision_transformer.training.trainer.float32_device`), or a batch whose state or action size is not the
+    model's (another env's data)."""
+    if not isinstance(getattr(model, "transformer", None), torch.nn.Module):
+        raise UserError(f"{what} analyses Decision Transformers; a {type(model).__name__} has no transformer blocks")
+    if not isinstance(batch, Batch):
+        raise TypeError(f"{what} takes a decision_transformer.data.Batch (dataset.sample_batch(...)), got "
+                        f"{type(batch).__name__}")
+    cfg = getattr(model, "config", None)
+    dims = (getattr(cfg, "state_dim", None), getattr(cfg, "act_dim", None))
+    have = (batch.states.shape[-1], batch.actions.shape[-1])
+    if all(isinstance(d, int) for d in dims) and dims != have:
+        raise UserError(f"{what}: the model's states and actions have {dims[0]} and {dims[1]} dimensions, the "
+                        f"batch's {have[0]} and {have[1]} (data of another env?)")
     device = float32_device(model, what)
     if device is None:
         return batch

@@ -49,6 +49,29 @@ def float32_device(model, what: str):
     return param.device
 
 
+def check_model_env(model, env: str, what: str, selected: str | None = None):
+    """Refuse a model that cannot act in ``env`` (``what`` names the call): a multi-task model without ``env``'s
+    layers or with another env's selected (``selected``: the env passed to its forward, which overrides the
+    selection), or a model whose state and action sizes are not ``env``'s (walker2d and halfcheetah share theirs, so
+    only a multi-task model's selection tells them apart)."""
+    from decision_transformer.envs import get_env_spec
+
+    cfg, spec = getattr(model, "config", None), get_env_spec(env)
+    envs = getattr(cfg, "envs", None)   # a multi-task model acts with the env layers it has selected
+    if isinstance(envs, (list, tuple)) and isinstance(getattr(model, "active", None), int):
+        if env not in envs:
+            raise UserError(f"{what}: a multi-task model of {', '.join(envs)}; it has no layers for {env}")
+        if selected is not None and selected != env:
+            raise UserError(f"{what}: the forward is asked for {selected}'s layers, but the data are {env}'s")
+        if selected is None and envs[model.active] != env:
+            raise UserError(f"{what}: the multi-task model has {envs[model.active]}'s layers selected; select "
+                            f"{env}'s first (model.toggle_env({env!r}))")
+    dims = (getattr(cfg, "state_dim", None), getattr(cfg, "act_dim", None))
+    if all(isinstance(d, int) for d in dims) and dims != (spec.state_dim, spec.act_dim):
+        raise UserError(f"{what}: the model's states and actions have {dims[0]} and {dims[1]} dimensions; {env}'s "
+                        f"have {spec.state_dim} and {spec.act_dim}")
+
+
 def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
     """A host tensor on ``device`` without waiting for the device: on CUDA through pinned memory with a non-blocking
     copy (a plain copy from pageable memory waits for every kernel queued before it); elsewhere ``t.to(device)``."""
@@ -148,10 +171,15 @@ class Trainer:
         check_batch_shape(batch_size, K)
         self.batch_size = batch_size
         self.K = K
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator (torch.Generator(device=dataset.device)), got "
+                            f"{type(generator).__name__}")
         if torch.device(generator.device).type != torch.device(dataset.device).type:
             raise ValueError(f"the batch generator is on {generator.device}, the dataset on {dataset.device}: make it "
                              f"with torch.Generator(device=dataset.device)")
         self.generator = generator
+        if isinstance(getattr(dataset, "env", None), str):
+            check_model_env(model, dataset.env, "training")
         self.grad_clip = grad_clip
         # optional callable(model, out, batch, step) -> loss, or (loss, {log key: scalar tensor}); each key logs its
         # value at the iteration's last step, as the originals' diagnostics (and ``training/action_error``) do
