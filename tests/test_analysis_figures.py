@@ -313,7 +313,7 @@ def test_score_bars_leave_out_what_has_no_score(tmp_path, figures):
     assert len(segments) == 1 and abs(segments[0][1][1] - segments[0][0][1]) > 1      # dt's spread, not a 0 cap
     assert abs(segments[0][0][0] - ax.patches[1].get_x() - ax.patches[1].get_width() / 2) < 1e-9
     table = outs.tables[0][1]
-    assert "(1 seed)" in table and "n/a" in table
+    assert "(1 of 2 seeds)" in table and "n/a" in table          # gpt2: one of the title's two seeds
 
 
 def test_score_cells_use_one_decimal():

@@ -143,13 +143,13 @@ def test_no_context_curves_and_table_2_tag_the_target(tmp_path):
     base = ["--checkpoint_dir", str(ck), "--env_name_list", "hopper", "--model_name_list", "dt", *_io(tmp_path)]
     curves.run_no_context(curves.build_no_context_parser().parse_args(base))
     res = tmp_path / "res"
-    assert {"learning_curve_no_context_dt_medium_666.csv", "normalized_scores_medium_K1_d4rl.csv",
-            "normalized_scores_medium_K1_d4rl_best.md"} == set(_snapshot(res))
+    assert {"learning_curve_no_context_dt_medium_666.csv", "normalized_scores_medium_K1_d4rl_seed666.csv",
+            "normalized_scores_medium_K1_d4rl_seed666_best.md"} == set(_snapshot(res))
     before, before_figs = _snapshot(res), _snapshot(tmp_path / "figs")
     curves.run_no_context(curves.build_no_context_parser().parse_args(base + ["--target", "1800"]))
     assert _new(before, res) == {"learning_curve_no_context_dt_medium_666_target1800.csv",
-                                 "normalized_scores_medium_K1_d4rl_target1800.csv",
-                                 "normalized_scores_medium_K1_d4rl_target1800_best.md"}
+                                 "normalized_scores_medium_K1_d4rl_seed666_target1800.csv",
+                                 "normalized_scores_medium_K1_d4rl_seed666_target1800_best.md"}
     assert _new(before_figs, tmp_path / "figs") == {f"learning_curve_no_context_dt_medium_666_target1800.{x}"
                                                     for x in ("png", "pdf")}
     tagged = _rows(res / "learning_curve_no_context_dt_medium_666_target1800.csv")
@@ -158,8 +158,8 @@ def test_no_context_curves_and_table_2_tag_the_target(tmp_path):
     before = _snapshot(res)
     curves.run_no_context(curves.build_no_context_parser().parse_args(base + ["--score_norm", "dataset",
                                                                               "--data_path", str(tmp_path)]))
-    assert _new(before, res) == {"normalized_scores_medium_K1_dataset.csv",
-                                 "normalized_scores_medium_K1_dataset_best.md"}
+    assert _new(before, res) == {"normalized_scores_medium_K1_dataset_seed666.csv",
+                                 "normalized_scores_medium_K1_dataset_seed666_best.md"}
 
 
 @pytest.mark.parametrize("flags, tag", [

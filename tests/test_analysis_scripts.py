@@ -124,7 +124,7 @@ def test_learning_curve_scripts(tmp_path, tiny_runs):  # noqa: F811
     base = ["--checkpoint_dir", tiny_runs, "--env_name_list", "hopper", *out(tmp_path)]
     nc(base)
     figure_ok(tmp_path / "figs" / "learning_curve_no_context_gpt2_dt_medium_666")
-    assert (tmp_path / "res" / "normalized_scores_medium_K1_d4rl_best.md").is_file()       # Table 2
+    assert (tmp_path / "res" / "normalized_scores_medium_K1_d4rl_seed666_best.md").is_file()  # Table 2
     nc(base + ["-block"])
     rows = _rows(tmp_path / "res" / "learning_curve_block_hopper_medium_666.csv")
     assert {r["curve"] for r in rows} == {"block 0", "block 1", "GPT2 K=1", "Random Init K=1"}  # depth 2 from config

@@ -16,7 +16,7 @@ from test_analysis_support import write_run
 from test_tools_results import hopper_checkpoint, run_folder, single_row
 
 from decision_transformer import evaluation, results_table
-from decision_transformer.analysis import cka, common, scores
+from decision_transformer.analysis import cka, common, curves, scores
 from decision_transformer.checkpoint import atomic_save, make_checkpoint
 from decision_transformer.envs import get_env_spec
 from decision_transformer.errors import UserError
@@ -312,8 +312,17 @@ def test_dataset_norm_falls_back_to_the_recorded_hopper_means(tmp_path, two_seed
 
 
 def test_the_last_epoch_is_the_last_evaluated_one():
-    assert scores.best_and_last(np.array([1, 2, 3]), np.array([10.0, 300.0, math.nan])) == (2, 300.0, 2, 300.0)
-    assert scores.best_and_last(np.array([1, 2, 3, 4]), np.array([math.nan, 5.0, 7.0, math.nan])) == (3, 7.0, 3, 7.0)
+    """A NaN evaluation (diverged) is evaluated: the last epoch's NaN is the run's last score, not an earlier one's;
+    the best is over the other values. A WandB row that did not log the key (null there) is no evaluation."""
+    be, bv, le, lv = scores.best_and_last(np.array([1, 2, 3]), np.array([10.0, 300.0, math.nan]))
+    assert (be, bv, le) == (2, 300.0, 3) and math.isnan(lv)
+    be, bv, le, lv = scores.best_and_last(np.array([1, 2, 3, 4]), np.array([math.nan, 5.0, 7.0, math.nan]))
+    assert (be, bv, le) == (3, 7.0, 4) and math.isnan(lv)
+    rows = [{"iteration": 1, "r": 10.0}, {"iteration": 2, "r": 300.0}, {"iteration": 3, "r": None}]
+    it, val = curves.metric_series(rows, "r", nan_ok=True)
+    assert list(it) == [1, 2] and list(val) == [10.0, 300.0]
+    it, val = curves.metric_series(rows, "r")          # a metrics.jsonl's null is its writer's NaN
+    assert list(it) == [1, 2, 3] and math.isnan(val[2])
 
 
 def test_reid_quotes_only_in_the_d4rl_medium_K20_table(tmp_path):

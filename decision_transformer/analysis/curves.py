@@ -137,16 +137,18 @@ def _float_or_nan(v) -> bool:
 
 def metric_series(rows: list[dict], key: str, source: str = "metrics",
                   nan_ok: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(iterations, values) of ``key`` in iteration order; null / missing entries become NaN. Unknown keys, an
-    iteration logged twice and (unless ``nan_ok``: a WandB history) a NaN value are errors: a run writes one row per
-    iteration and stops rather than log a NaN return."""
+    """(iterations, values) of ``key`` in iteration order; null entries become NaN (a ``metrics.jsonl`` writes NaN
+    as null), rows without the key are left out. Unknown keys, an iteration logged twice and (unless ``nan_ok``: a
+    WandB history) a NaN value are errors: a run writes one row per iteration and stops rather than log a NaN return.
+    In a WandB history (``nan_ok``) a null is a step that did not log the key and is left out too, while a NaN is a
+    logged NaN (a diverged evaluation)."""
     if not any(key in r for r in rows):
         avail = sorted({k for r in rows for k in r if k.endswith("return_mean")})
         raise MetricNotLogged(f"{source}: no metric {key!r}" + (f" (has {', '.join(avail[:6])})" if avail else
                                                                   " (no evaluation metrics logged)"))
     it, val, row_of = [], [], {}
     for i, r in enumerate(rows):
-        if key not in r:
+        if key not in r or (nan_ok and r[key] is None):
             continue
         v = r[key]
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not _float_or_nan(v)
