@@ -22,7 +22,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from decision_transformer.errors import quiet_startup  # noqa: E402
@@ -41,7 +40,7 @@ from decision_transformer.errors import cli_entry  # noqa: E402
 from decision_transformer.evaluation import (EnvPool, default_env_workers, evaluate_episodes,  # noqa: E402
                                             evaluate_episodes_sequential)
 from decision_transformer.models import DecisionTransformer, DTConfig  # noqa: E402
-from test_data import reference_get_batch  # noqa: E402  (the originals' per-sample loop)
+from decision_transformer.slow_paths import reference_get_batch  # noqa: E402  (the originals' per-sample loop)
 
 
 def synthetic_trajectories(env, num_timesteps, seed=0):

@@ -8,23 +8,31 @@ host -> device every step. Both train the same model (``paper``: 128 hidden x 3 
 12, the size of the pre-training paper's runs) at batch 64, K=20, on a hopper-sized synthetic dataset. On CUDA,
 ``--amp bf16`` adds bf16 autocast and the optimiser is fused. ``--compile MODE ...`` adds rows for the on-device path
 under ``torch.compile`` (``reduce-overhead`` replays each step as CUDA graphs on a GPU). Each row is printed as soon
-as it is measured, with the loss of its last step (a compiled path that trains wrongly shows there). MFU counts the
-matmul FLOPs (``flops_per_step``) against the GPU's dense bf16 peak (``PEAK_TFLOPS``, printed in the header).
+as it is measured, with the loss of its last step (a compiled path that trains wrongly shows there) and the number of
+steps it timed (``--steps``; gpt2 on the CPU times max(3, --steps // 10)). MFU counts the matmul FLOPs
+(``flops_per_step``) against the GPU's dense bf16 peak (``PEAK_TFLOPS``, printed in the header).
+
+Peak memory is each row's own: on CUDA the most memory torch allocated during its timed steps
+(``max_memory_allocated`` after a reset); on the CPU every row runs in a fresh child process and the figure is that
+process's peak resident set (VmHWM: the Python interpreter, torch, the dataset, the model, the optimiser and the
+steps), so that no row carries the memory of the rows before it.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import pickle
 import random
 import re
 import resource
+import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from decision_transformer.errors import quiet_startup  # noqa: E402
@@ -40,8 +48,8 @@ from decision_transformer.cli import COMPILE_MODES  # noqa: E402
 from decision_transformer.data import Batch, TrajectoryDataset, state_stats  # noqa: E402
 from decision_transformer.errors import UserError, cli_entry  # noqa: E402
 from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig  # noqa: E402
+from decision_transformer.slow_paths import reference_get_batch  # noqa: E402
 from decision_transformer.training import Trainer, make_optimizer, warmup_schedule  # noqa: E402
-from test_data import reference_get_batch  # noqa: E402
 
 CONFIGS = {"paper": dict(n_embd=128, n_layer=3, n_head=1, activation_function="relu"),
            "gpt2": dict(n_embd=768, n_layer=12, n_head=12, activation_function="gelu_new")}
@@ -87,8 +95,81 @@ class SlowSampler:
         return Batch(**{k: v.to(self.device) for k, v in b.items()})
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set size in MiB. On Linux ``VmHWM`` of /proc/self/status: the peak of this
+    process's own memory since it started (or exec'd). Not ``ru_maxrss`` there: at exec the kernel folds the peak of
+    the memory the process had before (after a vfork or fork, its parent's) into it, so a fresh child's ru_maxrss can
+    be its parent's peak. Elsewhere ``ru_maxrss`` (KiB, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 def measure(name, trajs, device, steps, batch_size, K, slow, amp, compile=None):
-    """(steps/s, tokens/s, peak memory MiB, FLOP/s, the last step's loss) of ``steps`` timed training steps."""
+    """(steps/s, tokens/s, peak memory MiB, FLOP/s, the last step's loss) of ``steps`` timed training steps: on CUDA
+    in this process (peak: the most torch allocated during the timed steps), on the CPU in a fresh child process
+    (peak: that process's peak RSS, the row's own and no earlier row's)."""
+    if device.type == "cuda":
+        return measure_here(name, trajs, device, steps, batch_size, K, slow, amp, compile)
+    return measure_in_child(name, trajs, device, steps, batch_size, K, slow, amp, compile)
+
+
+#: The child process of a CPU row: this file imported as a module (its main does not run), the row read from stdin.
+_CHILD = ("import os, signal, sys; signal.signal(signal.SIGINT, lambda *a: os._exit(130)); "
+          "sys.path.insert(0, sys.argv[1]); import bench_train; bench_train.child_main()")
+_RESULT = "bench_train row result: "
+
+
+def measure_in_child(name, trajs, device, steps, batch_size, K, slow, amp, compile=None):
+    """``measure_here`` in a fresh Python process, which gets the row and ``trajs`` pickled on stdin and prints its
+    result on stdout; its stderr is this process's. Ctrl-C stops both (exit 130)."""
+    amp_name = {None: None, torch.bfloat16: "bf16"}[amp]
+    job = dict(name=name, device=str(device), steps=steps, batch_size=batch_size, K=K, slow=slow, amp=amp_name,
+               compile=compile)
+    payload = pickle.dumps((job, trajs), protocol=pickle.HIGHEST_PROTOCOL)
+    with subprocess.Popen([sys.executable, "-c", _CHILD, os.path.dirname(os.path.abspath(__file__))],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+        try:
+            stdout, _ = proc.communicate(payload)
+        except BaseException:   # Ctrl-C or SIGTERM here: the child is stopped and reaped, not left behind
+            proc.kill()
+            proc.wait()
+            raise
+    del payload
+    out = stdout.decode(errors="replace").splitlines()
+    results = [line[len(_RESULT):] for line in out if line.startswith(_RESULT)]
+    for line in out:   # anything else the child printed goes to stderr, not into the table
+        if not line.startswith(_RESULT):
+            print(line, file=sys.stderr)
+    if proc.returncode in (130, -2):
+        raise KeyboardInterrupt
+    if proc.returncode != 0 or not results:
+        how = f"was killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with {proc.returncode}"
+        what = "per-sample loop" if slow else "on-device" + (f", compile {compile}" if compile else "")
+        raise SystemExit(f"error: the process measuring {name} ({what}) {how}"
+                         + ("" if proc.returncode else " without a result") + "; its error output is above")
+    sps, tps, mem, flops, loss = json.loads(results[-1])
+    return sps, tps, mem, flops, loss
+
+
+def child_main():
+    """The child process of ``measure_in_child``: (job, trajs) from stdin, one result line on stdout."""
+    job, trajs = pickle.load(sys.stdin.buffer)
+    amp = {None: None, "bf16": torch.bfloat16}[job["amp"]]
+    result = measure_here(job["name"], trajs, torch.device(job["device"]), job["steps"], job["batch_size"], job["K"],
+                          job["slow"], amp, job["compile"])
+    print(_RESULT + json.dumps(list(result)), flush=True)
+
+
+def measure_here(name, trajs, device, steps, batch_size, K, slow, amp, compile=None):
+    """``measure`` in this process. The CPU peak is ``peak_rss_mib``: this process's whole life, so a fresh process
+    per row (``measure_in_child``) makes it the row's own."""
     cfg = DTConfig(11, 3, max_length=K, backbone=BackboneConfig(**CONFIGS[name]))
     model = DecisionTransformer(cfg, seed=0).to(device)
     fused = device.type == "cuda"
@@ -109,8 +190,7 @@ def measure(name, trajs, device, steps, batch_size, K, slow, amp, compile=None):
     sync()
     dt = time.perf_counter() - start
     sps = steps / dt
-    mem = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()
     return sps, sps * batch_size * 3 * K, mem, flops_per_step(model, batch_size, K) * sps, float(loss)
 
 
@@ -142,14 +222,26 @@ def main(argv=None):
     else:
         peak = None
         print(f"device: cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), autocast {amp}")
-    print(f"torch {torch.__version__}; batch {args.batch_size}, K {args.K}, {args.steps} timed steps\n")
+    # gpt2 on the CPU takes seconds a step: it times a tenth of --steps (at least 3)
+    timed = {name: args.steps if name == "paper" or device.type == "cuda" else max(3, args.steps // 10)
+             for name in args.configs}
+    print(f"torch {torch.__version__}; batch {args.batch_size}, K {args.K}; timed steps: "
+          + ", ".join(f"{name} {n}" for name, n in timed.items())
+          + ("" if all(n == args.steps for n in timed.values()) else " (gpt2 on the CPU: max(3, --steps // 10))"))
+    if device.type == "cuda":
+        mem_head = "peak CUDA memory allocated (MiB)"
+        print("peak memory: the most torch allocated on the GPU during the row's timed steps\n")
+    else:
+        mem_head = "peak RSS of the row's own process (MiB)"
+        print("peak memory: each row runs in a fresh process; its peak resident set (torch, data, model, optimiser, "
+              "steps)\n")
     trajs = synthetic_trajectories("hopper", 1_000_000)
     mfu_head = f"MFU (of {peak:g} TFLOP/s)" if peak else "MFU"
-    print(f"| config | batches | steps/s | tokens/s | peak memory (MiB) | TFLOP/s | {mfu_head} | speed-up "
+    print(f"| config | batches | timed steps | steps/s | tokens/s | {mem_head} | TFLOP/s | {mfu_head} | speed-up "
           "| last loss |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.configs:
-        steps = args.steps if name == "paper" or device.type == "cuda" else max(3, args.steps // 10)
+        steps = timed[name]
         variants = [("per-sample loop", True, None), ("on-device", False, None)]
         variants += [(f"on-device, compile {mode}", False, mode) for mode in args.compile]
         base = None
@@ -158,7 +250,7 @@ def main(argv=None):
                                                  mode)
             base = base or sps
             mfu = f"{100 * flops / (peak * 1e12):.1f}%" if peak else "-"
-            print(f"| {name} | {label} | {sps:.2f} | {tps:,.0f} | {mem:,.0f} | {flops / 1e12:.3f} | {mfu} | "
+            print(f"| {name} | {label} | {steps} | {sps:.2f} | {tps:,.0f} | {mem:,.0f} | {flops / 1e12:.3f} | {mfu} | "
                   f"{sps / base:.2f}x | {loss:.4f}{'' if math.isfinite(loss) else ' (not finite)'} |")
 
 
