@@ -116,17 +116,25 @@ def path_normalised(signature: dict) -> dict:
             for k, v in signature.items()}
 
 
-def same_flag_value(key: str, recorded, wanted, base: str | None = None) -> bool:
-    """Whether a run's recorded flag value is the one asked for now (path flags compared as resolved paths: the
-    recorded ones relative to ``base``, the run's working folder (``recorded_base``) when given, the ones asked for
-    relative to this process's working folder)."""
-    if recorded == wanted:
+def _same_path(recorded, wanted, base: str | None) -> bool:
+    """Whether a recorded path flag value and one asked for now name the same file (see ``same_flag_value``)."""
+    r, w = _as_path(recorded, base), _as_path(wanted)
+    if r == w:
         return True
+    # the same string that names no local file on either side is the same name (a Hub model id such as gpt2)
+    return recorded == wanted and not any(isinstance(p, str) and os.path.exists(p) for p in (r, w))
+
+
+def same_flag_value(key: str, recorded, wanted, base: str | None = None) -> bool:
+    """Whether a run's recorded flag value is the one asked for now. Path flags are compared as the files they name:
+    the recorded ones resolved against ``base``, the run's working folder (``recorded_base``), when given (else this
+    process's), the ones asked for against this process's working folder; the same relative path from another folder
+    names another file. A value that is no local file (a Hub name) is compared as written."""
     if key not in PATH_FLAGS:
-        return False
+        return recorded == wanted
     if isinstance(recorded, list) and isinstance(wanted, list):
-        return [_as_path(v, base) for v in recorded] == [_as_path(v) for v in wanted]
-    return _as_path(recorded, base) == _as_path(wanted)
+        return len(recorded) == len(wanted) and all(_same_path(r, w, base) for r, w in zip(recorded, wanted))
+    return _same_path(recorded, wanted, base)
 
 
 def find_run(parent: str | os.PathLike, prefix: str, signature: dict, require: str | None = None) -> Path | None:

@@ -421,39 +421,71 @@ def _inspect_run(program: str, argv: list[str]) -> Found:
 
 
 class _Parsed(BaseException):
-    """Raised by ``_check_with_parser``'s stand-in for ``parse_args`` once the flags are parsed."""
+    """Raised by ``_check_with_parser``'s stand-ins for argparse once the flags are parsed."""
 
 
 _PROGRAMS: dict[str, dict] = {}
 
 
+def _own_script(path: Path) -> bool:
+    """Whether ``path`` is built as the project's scripts are (read as text, nothing of it run): a ``cli_entry``
+    ``main(argv=None)`` called only under ``if __name__ == "__main__":``, so that its top level only imports and
+    defines, and its ``main`` parses its flags first."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return all(part in text for part in ("@cli_entry\ndef main(argv=None)", 'if __name__ == "__main__":'))
+
+
 def _check_with_parser(program: str, argv: list[str]):
-    """The flags ``argv`` of a program other than the training scripts (``precompute_fisher.py``, a data or analysis
-    script), checked by its own parser: its ``main(argv)`` runs until its parser has parsed them and is stopped there
-    (nothing else of it runs). A flag the parser rejects is a ``UserError`` naming the program; so is a program
-    without a ``main(argv)``."""
+    """The flags ``argv`` of one of the project's other scripts (``precompute_fisher.py``, a data or analysis script:
+    ``_own_script``), checked by its own parser: its ``main(argv)`` runs until its parser has parsed them and is
+    stopped there (nothing else of it runs). A flag the parser rejects, or any error before, is a ``UserError`` naming
+    the program. A script of another make (a user's own) is not run here: its flags go unchecked."""
     import io
     import runpy
     import signal
 
+    if not _own_script(Path(program)):
+        return
     rel = os.path.relpath(program, ROOT)
-    if program not in _PROGRAMS:   # its top level (imports, definitions) once; not its ``__main__`` block
-        _PROGRAMS[program] = runpy.run_path(program, run_name="__sweep_check__")
-    main = _PROGRAMS[program].get("main")
-    if not callable(main):
-        raise UserError(f"{rel}: not a script the launcher can run (it has no main(argv) function)")
-    real = argparse.ArgumentParser.parse_args
+    real_args, real_known = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args
+    depth = 0
+
+    def parse_known_args(self, args=None, namespace=None):
+        """The parse; stopped after the outermost one (one a script calls itself, not a sub-parser's)."""
+        nonlocal depth
+        depth += 1
+        try:
+            result = real_known(self, args, namespace)
+        finally:
+            depth -= 1
+        if depth == 0:
+            raise _Parsed
+        return result
 
     def parse_args(self, args=None, namespace=None):
-        real(self, args, namespace)
+        """The parse, with its check of unknown flags; then stopped."""
+        nonlocal depth
+        depth += 1
+        try:
+            real_args(self, args, namespace)
+        finally:
+            depth -= 1
         raise _Parsed
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
     err = io.StringIO()
     argv0, sys.argv[0] = sys.argv[0], program   # (a parser's default prog)
-    argparse.ArgumentParser.parse_args = parse_args
+    argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args = parse_args, parse_known_args
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            if program not in _PROGRAMS:   # its top level (imports, definitions) once; not its ``__main__`` block
+                _PROGRAMS[program] = runpy.run_path(program, run_name="__sweep_check__")
+            main = _PROGRAMS[program].get("main")
+            if not callable(main):
+                raise UserError(f"{rel}: it has no main(argv) function to run")
             main(list(argv))
     except _Parsed:
         return
@@ -463,8 +495,12 @@ def _check_with_parser(program: str, argv: list[str]):
             raise UserError(lines[-1].removeprefix("error: ") if lines else f"{rel}: its parser exited {e.code}") \
                 from None
         return
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the script's own failure: that point cannot run either
+        raise UserError(f"{rel}: its flags could not be checked ({type(e).__name__}: {first_line(e)})") from None
     finally:
-        argparse.ArgumentParser.parse_args = real
+        argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args = real_args, real_known
         sys.argv[0] = argv0
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

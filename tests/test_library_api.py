@@ -350,6 +350,9 @@ def test_data_of_another_env_is_refused_by_training_fisher_and_the_analyses(data
                                         "are hopper's"):
         compute_fisher(multi, data, batch_size=2, num_batches=1, K=K, model_kwargs={"env": "walker2d"})
     assert compute_fisher(multi.toggle_env("hopper"), data, batch_size=2, num_batches=1, K=K)["_stats"]
+    hopper = multi.env_index("hopper")   # (the forward takes an env's index too)
+    assert compute_fisher(multi.toggle_env("walker2d"), data, batch_size=2, num_batches=1, K=K,
+                          model_kwargs={"env": hopper})["_stats"]
 
 
 def test_bc_models_misspelt_entries_and_token_types_are_refused(data):

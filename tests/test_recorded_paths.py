@@ -19,3 +19,19 @@ def test_recorded_relative_paths_resolve_against_the_runs_folder(tmp_path, monke
     assert not same_flag_value("load_checkpoint", "ck/m.pt", "run/ck/m.pt")           # without: this folder's
     assert same_flag_value("pretrained_models", ["ck/m.pt"], [str(tmp_path / "run/ck/m.pt")], base)
     assert not same_flag_value("seed", 1, 2, base)
+
+
+def test_the_same_relative_path_from_another_folder_names_another_file(tmp_path, monkeypatch):
+    """A run started in a/ with models/m.pt, resumed from b/ with models/m.pt: two files, not the same flag value;
+    a Hub name (no local file on either side) is the same name from any folder."""
+    for d in ("a", "b"):
+        (tmp_path / d / "models").mkdir(parents=True)
+        (tmp_path / d / "models" / "m.pt").write_bytes(d.encode())
+    monkeypatch.chdir(tmp_path / "b")
+    base = str(tmp_path / "a")
+    assert not same_flag_value("load_checkpoint", "models/m.pt", "models/m.pt", base)
+    assert not same_flag_value("pretrained_models", ["models/m.pt"], ["models/m.pt"], base)
+    assert same_flag_value("load_checkpoint", "models/m.pt", "../a/models/m.pt", base)
+    assert same_flag_value("load_checkpoint", "models/m.pt", "models/m.pt")           # no recorded folder: as before
+    assert same_flag_value("pretrained_lm", "gpt2", "gpt2", base)
+    assert same_flag_value("pretrained_lm", "openai/imagegpt-small", "openai/imagegpt-small", base)

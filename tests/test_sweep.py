@@ -967,6 +967,17 @@ def test_other_programs_flags_are_checked_by_their_parser(tmp_path, capsys):
     grid.write_text(yaml.safe_dump({"program": "precompute_fisher.py", "fixed": {"bogus": 1}}))
     err = _expect_error(capsys, ["run", str(grid), "--dry_run"])
     assert "precompute_fisher.py" in err and ("--model" in err or "--bogus" in err)
+    # a script of the user's own make is not run while the grid is planned: listed new, its flags unchecked
+    mine = Path(sweep.ROOT) / f"tmp_sweep_user_script_{os.getpid()}.py"
+    marker = tmp_path / "ran"
+    mine.write_text(f"import sys\nopen({str(marker)!r}, 'w').write('top level')\n"
+                    "def main():\n    pass\nif __name__ == '__main__':\n    main()\n")
+    try:
+        grid.write_text(yaml.safe_dump({"program": mine.name, "grid": {"lr": [0.1, 0.01]}}))
+        assert [r.state for r in sweep.plan_runs(sweep.load_grid(str(grid)), [])] == ["new", "new"]
+        assert not marker.exists()
+    finally:
+        mine.unlink()
     for program in ("/etc/passwd", "README.md"):
         grid.write_text(yaml.safe_dump({"program": program, "fixed": {}}))
         err = _expect_error(capsys, ["run", str(grid), "--dry_run"])

@@ -61,6 +61,8 @@ def check_model_env(model, env: str, what: str, selected: str | None = None):
     if isinstance(envs, (list, tuple)) and isinstance(getattr(model, "active", None), int):
         if env not in envs:
             raise UserError(f"{what}: a multi-task model of {', '.join(envs)}; it has no layers for {env}")
+        if isinstance(selected, int) and not isinstance(selected, bool) and 0 <= selected < len(envs):
+            selected = envs[selected]   # (the forward takes an env's index or its name)
         if selected is not None and selected != env:
             raise UserError(f"{what}: the forward is asked for {selected}'s layers, but the data are {env}'s")
         if selected is None and envs[model.active] != env:
