@@ -94,10 +94,11 @@ def _as_path(v, base: str | None = None):
 
 
 def recorded_base(config) -> str | None:
-    """The folder a run recorded as its working folder (``WORKING_DIR``), or None (a run made before it was recorded:
-    its relative paths are taken from the working folder of the process reading them)."""
+    """The folder a run recorded as its working folder (``WORKING_DIR``), or None: a run made before it was recorded,
+    or one whose folder is gone (the project moved or copied to another machine); its relative paths are then taken
+    from the working folder of the process reading them."""
     base = config.get(WORKING_DIR) if isinstance(config, dict) else None
-    return base if isinstance(base, str) and os.path.isabs(base) else None
+    return base if isinstance(base, str) and os.path.isabs(base) and os.path.isdir(base) else None
 
 
 def recorded_path(config, value):

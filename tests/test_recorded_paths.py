@@ -1,7 +1,7 @@
 """Path flags a run recorded are relative to the folder the run was started in (its config's working_dir)."""
 import os
 
-from decision_transformer.checkpoint import recorded_path, same_flag_value
+from decision_transformer.checkpoint import recorded_base, recorded_path, same_flag_value
 
 
 def test_recorded_relative_paths_resolve_against_the_runs_folder(tmp_path, monkeypatch):
@@ -35,3 +35,14 @@ def test_the_same_relative_path_from_another_folder_names_another_file(tmp_path,
     assert same_flag_value("load_checkpoint", "models/m.pt", "models/m.pt")           # no recorded folder: as before
     assert same_flag_value("pretrained_lm", "gpt2", "gpt2", base)
     assert same_flag_value("pretrained_lm", "openai/imagegpt-small", "openai/imagegpt-small", base)
+
+
+def test_a_run_whose_recorded_folder_is_gone_reads_its_paths_from_here(tmp_path, monkeypatch):
+    """A project moved (or copied to another machine): the recorded working folder no longer exists, so its relative
+    paths are read from the resuming process's folder, as for runs that recorded none."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m.pt").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    gone = {"working_dir": str(tmp_path / "old_place")}
+    assert recorded_base(gone) is None
+    assert same_flag_value("load_checkpoint", "models/m.pt", "models/m.pt", recorded_base(gone))
