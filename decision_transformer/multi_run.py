@@ -664,6 +664,9 @@ def _run_multi(args, take_lock) -> dict:
                                     state_stats=st), path)
         log(f"saved {path}")
 
+    if run_dir is not None and resume_dir is None:   # the initial (or merged) weights, as experiment.py's run folders
+        save(model.state_dict(), run_dir / "model_0.pt", 0)
+
     from decision_transformer.evaluation import env_pool
 
     pools = {e: env_pool(e, args.env_version, args.eval_workers, device, args.num_eval_episodes) for e in envs}

@@ -607,8 +607,14 @@ def test_multi_resume_counts_time_on_and_past_the_end_writes_nothing(data, tmp_p
     argv = ["--dataset", "medium", "--data_path", str(data), *TINY, "--embed_dim", "16", "--n_layer", "1",
             "--n_head", "2", "--seed", "6", "--outdir", str(tmp_path / "ck"), "--num_eval_episodes", "0"]
     experiment_multi.main([*argv, "--max_iters", "1"])
-    experiment_multi.main([*argv, "--max_iters", "2", "--resume"])
     (run,) = (tmp_path / "ck" / "multi").glob("gym-*")
+    init = load_checkpoint(run / "model_0.pt")   # the initial weights: the seeded model, written once
+    assert init["iteration"] == 0
+    fresh = MultiDecisionTransformer(MultiDTConfig.from_dict(init["config"]["model_config"]), seed=6)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(init["state_dict"][k], v), k
+    experiment_multi.main([*argv, "--max_iters", "2", "--resume"])
+    assert load_checkpoint(run / "model_0.pt")["state_dict"].keys() == init["state_dict"].keys()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2] and rows[1]["time/total"] > rows[0]["time/total"]
     before = {p.name: p.read_bytes() for p in run.iterdir()}
