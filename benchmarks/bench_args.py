@@ -40,4 +40,6 @@ def bench_device(name: str, *, cpu_fallback: bool = True) -> torch.device:
             return torch.device("cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if dev.index is not None:   # synchronize(), the peak-memory counters and events then act on this GPU
+            torch.cuda.set_device(dev)
     return dev

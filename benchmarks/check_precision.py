@@ -36,6 +36,7 @@ from bench_args import bench_device, positive_int  # noqa: E402
 from decision_transformer.data import TrajectoryDataset  # noqa: E402
 from decision_transformer.errors import cli_entry  # noqa: E402
 from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig  # noqa: E402
+from decision_transformer.run import native_bf16  # noqa: E402
 from decision_transformer.training import Trainer, make_optimizer, warmup_schedule  # noqa: E402
 
 CONFIGS = {"tiny": dict(n_embd=32, n_layer=1, n_head=1, activation_function="relu"),
@@ -87,7 +88,7 @@ def compare(ref, other) -> tuple[float, float, float]:
 
 def variants(device: torch.device, no_compile: bool) -> dict[str, dict]:
     cuda = device.type == "cuda"
-    bf16 = torch.bfloat16 if (not cuda or torch.cuda.is_bf16_supported()) else None
+    bf16 = torch.bfloat16 if (not cuda or native_bf16(device)) else None
     out = {"fused": dict(fused=True)}
     if cuda:
         out["tf32"] = dict(tf32=True)

@@ -245,4 +245,6 @@ def checked_device(device):
         raise UserError(f"device {device!r}: {first_line(e)}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device!r}: torch sees no CUDA GPU on this machine (use 'cpu')")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev

@@ -8,6 +8,7 @@ one-episode loop, kept as the slow reference path.
 from __future__ import annotations
 
 import collections
+import contextlib
 import numbers
 from dataclasses import dataclass
 
@@ -129,13 +130,14 @@ def default_env_workers(device, num_episodes: int) -> int:
     return max(0, min(8, len(available_cpus()) - 1, num_episodes))
 
 
-def _host_copy_event(cuda: bool):
+def _host_copy_event(device: torch.device):
     """What tells that a group's actions, copied to the host without blocking, have arrived: on CUDA an event
-    recorded after the copy (``synchronize`` waits for it); None on the CPU, where the copy is done on return."""
-    if not cuda:
+    recorded after the copy on ``device``'s stream, where the copy was queued (``synchronize`` waits for it); None on
+    the CPU, where the copy is done on return."""
+    if device.type != "cuda":
         return None
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(device))
     return event
 
 
@@ -169,7 +171,9 @@ def evaluate_episodes(model, env: str, target: float, num_episodes: int, state_m
     if isinstance(num_episodes, bool) or not isinstance(num_episodes, numbers.Integral) or num_episodes < 1:
         raise ValueError(f"num_episodes must be >= 1, got {num_episodes!r} (an integer number of episodes)")
     device, pool = _eval_setup(model, env, device, pool, env_version, mode)
-    with module_mode(model, False):
+    # on a GPU other than the current one, the pinned host copies and their events belong to the model's GPU
+    on_gpu = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with module_mode(model, False), on_gpu:
         return _evaluate_batched(model, env, target, num_episodes, state_mean, state_std, seed, mode, device,
                                  pool, progress, overlap_groups)
 
@@ -215,7 +219,7 @@ def _evaluate_batched(model, env, target, num_episodes, state_mean, state_std, s
                                    timesteps[ti, lo:t + 1])
             actions[ti, t] = act
             host = act.detach().to("cpu", torch.float32, non_blocking=cuda)
-            pending.append((g, ti, host, _host_copy_event(cuda)))
+            pending.append((g, ti, host, _host_copy_event(device)))
         # Each group's envs step as soon as its actions are on the host (in this process at step_async, in worker
         # processes meanwhile), while the GPU still computes the forwards of the groups after it.
         for g, ti, host, done_event in pending:

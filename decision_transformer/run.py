@@ -73,6 +73,12 @@ def resolve_device(name: str, threads: str | int | None = "auto") -> torch.devic
         if dev.type == "cuda" and not torch.cuda.is_available():
             print(f"warning: --device {name} requested but CUDA is not available; running on cpu", file=sys.stderr)
             dev = torch.device("cpu")
+        elif dev.type == "cuda" and dev.index is not None:
+            if dev.index >= torch.cuda.device_count():
+                raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+            # the current device too: what uses it implicitly (streams, events, pinned copies) works on the run's GPU
+            torch.cuda.set_device(dev)
     configure_threads(threads, dev)
     return dev
 
@@ -98,11 +104,18 @@ def autocast_dtype(precision: str, device: torch.device):
     if device.type != "cuda":
         print(f"warning: --precision bf16 applies on CUDA and CPU only; training in fp32 on {device}", file=sys.stderr)
         return None
-    if not torch.cuda.is_bf16_supported():
+    if not native_bf16(device):
         if precision == "bf16":
-            raise UserError("--precision bf16: this GPU does not support bfloat16")
+            raise UserError(f"--precision bf16: this GPU ({torch.cuda.get_device_name(device)}) has no native bfloat16 "
+                            f"(compute capability 8.0 or later, Ampere on)")
         return None
     return torch.bfloat16
+
+
+def native_bf16(device) -> bool:
+    """Whether the CUDA ``device`` computes bfloat16 natively (compute capability 8.0 on; torch's
+    ``is_bf16_supported`` also counts the emulation of older GPUs, which is slower than fp32)."""
+    return torch.cuda.get_device_capability(torch.device(device)) >= (8, 0)
 
 
 def seed_everything(seed: int):
@@ -112,25 +125,48 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    """The global random states of torch (CPU and every CUDA device), numpy and Python, as plain values for
-    a training-state file."""
+def rng_state(device=None) -> dict:
+    """The global random states of torch (CPU, and the run's CUDA device when ``device`` is one), numpy and Python,
+    as plain values for a training-state file. Under torchrun every rank draws the same dropout stream on its own GPU
+    (seeded alike, the same draws), so rank 0's device state is every rank's."""
     st = np.random.get_state()
+    device = torch.device(device) if device is not None else torch.device("cpu")
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
+            "cuda_of_run": True,   # (older states hold every visible GPU's, in device order)
             "numpy": [st[0], st[1].tolist(), int(st[2]), int(st[3]), float(st[4])],
             "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]]}  # + gauss's cache
 
 
-def set_rng_state(st: dict):
-    """Restore the global random states that ``rng_state`` recorded (CUDA's only where both have CUDA)."""
+def set_rng_state(st: dict, device=None):
+    """Restore the global random states that ``rng_state`` recorded; the CUDA state goes to the run's ``device``
+    (each torchrun rank's own), only where both runs had CUDA."""
     torch.set_rng_state(st["torch"])
-    if st.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    saved = st.get("cuda") or []
+    if saved and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # an older state's list is by device number; a GPU it does not hold gets the first one's
+        state = saved[0] if st.get("cuda_of_run") or index >= len(saved) else saved[index]
+        torch.cuda.set_rng_state(state, device)
     n = st["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     py = st["python"]   # (states saved before the Gaussian cache was recorded: without it)
     random.setstate((py[1], tuple(py[0]), py[2] if len(py) > 2 else None))
+
+
+def restore_generator(generator: torch.Generator, saved: torch.Tensor, seed: int, iteration: int):
+    """The batch sampler's saved stream into ``generator``. A CUDA generator's state (seed and offset) and a CPU
+    one's (the Mersenne Twister) cannot stand for each other: a run resumed on the other kind of device draws its
+    batches from a fresh stream seeded from its ``seed`` and ``iteration`` (a warning says so)."""
+    current = generator.get_state()
+    if saved.numel() != current.numel():
+        print(f"warning: the run's batch sampler stream was saved on another kind of device than {generator.device}; "
+              f"the batches after iteration {iteration} are drawn from a new stream (seeded from the run's seed and "
+              f"the iteration), so they differ from an uninterrupted run's", file=sys.stderr)
+        generator.manual_seed((seed * 1_000_003 + iteration) % 2**63)
+        return
+    generator.set_state(saved.to(current.device))
 
 
 def save_train_state(path: Path, model, config: dict, trainer, optimizer, scheduler, generator, *, iteration: int,
@@ -140,7 +176,7 @@ def save_train_state(path: Path, model, config: dict, trainer, optimizer, schedu
     trainer_extra = trainer.extra_state() if hasattr(trainer, "extra_state") else {}
     atomic_save({**make_checkpoint(model.state_dict(), config, **extra), "iteration": iteration, "step": trainer.step,
                  "best_score": best_score, "exp_id": exp_id, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "rng": rng_state(),
+                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "rng": rng_state(generator.device),
                  "trainer_extra": trainer_extra}, path)
 
 
@@ -151,8 +187,9 @@ def restore_train_state(path: Path, model, trainer, optimizer, scheduler, genera
     try:
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
-        generator.set_state(st["generator"].to(generator.get_state().device))
-        set_rng_state(st["rng"])
+        restore_generator(generator, st["generator"], int((st.get("config") or {}).get("seed") or 0),
+                          recorded_count(st, "iteration"))
+        set_rng_state(st["rng"], generator.device)
         if hasattr(trainer, "load_extra_state"):
             trainer.load_extra_state(st.get("trainer_extra") or {})
         trainer.step = recorded_count(st, "step")
