@@ -652,7 +652,11 @@ def _check_sizes_fit(cfg, mf: ModelFile):
     """The sizes a config records against the tables of the state dict it comes with (timestep, position and token
     tables, width): one line naming the first that differs."""
     bb, sd = cfg.backbone, mf.state_dict
-    for key, dim, want, what in (("embed_timestep.weight", 0, cfg.max_ep_len, "max_ep_len"),
+    # with extend_positions the timestep table is the backbone's position table (n_positions rows, at least
+    # max_ep_len), checked below as transformer.wpe
+    timestep_rows = bb.n_positions if getattr(cfg, "extend_positions", False) else cfg.max_ep_len
+    timestep_what = "n_positions" if getattr(cfg, "extend_positions", False) else "max_ep_len"
+    for key, dim, want, what in (("embed_timestep.weight", 0, timestep_rows, timestep_what),
                                  ("transformer.wpe.weight", 0, bb.n_positions, "n_positions"),
                                  ("transformer.wte.weight", 0, bb.vocab_size, "vocab_size"),
                                  ("transformer.h.0.ln_1.weight", 0, bb.n_embd, "n_embd")):

@@ -234,7 +234,7 @@ def run_merge(args) -> Path:
             print(f"warning: --dataset {args.dataset} is for multi-task models; the Fishers, Gram matrices and soup "
                   f"scores of single-task models use each model's own dataset", file=sys.stderr)
         keys = merging.select_keys(list(first.state_dict), args.include, args.exclude)
-        check_selection(keys, args, first.path)
+        check_selection(keys, args, first.path, list(first.state_dict))
         merging.check_compatible([s.state_dict for s in sources], [s.path for s in sources], keys)
         warn_architecture([s.config.get("model_config") for s in sources], [s.path for s in sources])
         state, merged_keys = merge_single_sources(sources, args, keys, device, DatasetCache(args.data_path, device))

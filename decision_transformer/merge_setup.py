@@ -78,8 +78,16 @@ def check_experiment_merge(args):
         warn_inert_p(args.p, method, n)
 
 
-def check_selection(keys: Sequence[str], args, where: str):
-    """The merged set S must not be empty: an --include / --exclude that matches nothing would merge nothing."""
+def check_selection(keys: Sequence[str], args, where: str, all_keys: Sequence[str] = ()):
+    """The merged set S must not be empty: an --include / --exclude that matches nothing would merge nothing. Each
+    --include and --exclude substring must match some tensor of ``all_keys`` (the model's): a misspelt one would
+    silently merge less (or more) than asked for."""
+    for flag in ("include", "exclude"):
+        for sub in getattr(args, flag, None) or []:
+            if all_keys and not any(sub in k for k in all_keys):
+                raise UserError(f"--{flag} {sub} matches no tensor of {where}; " + (
+                    "nothing to merge" if not keys else f"check its spelling (the selection holds {len(keys)} "
+                                                        f"tensors without it)"))
     if not keys:
         sel = " ".join(f"--{k} {' '.join(getattr(args, k) or [])}" for k in ("include", "exclude")
                        if getattr(args, k, None)) or "the selection"
@@ -579,7 +587,7 @@ def _merge_for_experiment(args, fresh, spec, device):
         if args.flip:
             states, names = states[::-1], names[::-1]
         keys = merging.select_keys(list(states[0]), args.include, args.exclude)
-        check_selection(keys, args, names[0])
+        check_selection(keys, args, names[0], list(states[0]))
         merging.check_compatible(states, names, keys)
         configs = [fresh.config.to_dict(), sources[0].config.get("model_config")]
         warn_architecture(configs[::-1] if args.flip else configs, names)
@@ -597,7 +605,7 @@ def _merge_for_experiment(args, fresh, spec, device):
         info["method"] = "none"
         log(f"one pretrained model, no --pretrained_lm: loading {sources[0].path} (no merge)")
     else:
-        check_selection(keys, args, sources[0].path)
+        check_selection(keys, args, sources[0].path, list(sources[0].state_dict))
         merging.check_compatible([s.state_dict for s in sources], [s.path for s in sources], keys)
         warn_architecture([s.config.get("model_config") for s in sources], [s.path for s in sources])
         _check_destination(args, sources, fresh_sd, keys, spec)
@@ -673,7 +681,12 @@ def _check_destination(args, sources: Sequence[ModelFile], fresh_sd: dict, keys:
                 raise UserError(f"--copy_include: merged tensor {k} has shape {list(first[k].shape)}, the fresh "
                                 f"model {list(fresh_sd[k].shape)}")
         return
-    check_loadable(fresh_sd, first, f"the merged model (model 1: {sources[0].path})")
+    try:
+        check_loadable(fresh_sd, first, f"the merged model (model 1: {sources[0].path})")
+    except UserError as e:
+        raise UserError(f"{e}; the merge is loaded into the model these flags build: add --copy_model to build it "
+                        f"from model 1's recorded config, or give the models' sizes (--embed_dim, --n_layer, --K, "
+                        f"...)") from None
 
 
 def _report(merged, keys, info, what, first: str = "model 1"):

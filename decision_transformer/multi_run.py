@@ -666,6 +666,8 @@ def _run_multi(args, take_lock) -> dict:
 
     if run_dir is not None and resume_dir is None:   # the initial (or merged) weights, as experiment.py's run folders
         save(model.state_dict(), run_dir / "model_0.pt", 0)
+    if run_dir is not None:
+        log(f"run folder: {run_dir}")
 
     from decision_transformer.evaluation import env_pool
 

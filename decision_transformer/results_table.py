@@ -76,7 +76,12 @@ COMPARED_FLAGS = ("model_type", "embed_dim", "n_layer", "n_head", "activation_fu
                   "custom_transformer_decay", "remove_grad_clip", "max_iters", "num_steps_per_iter",
                   "num_eval_episodes", "env_version", "embed_order", "disable_attention", "share_input_output_proj",
                   "extend_positions", "igpt_legacy_ln", "frozen", "freeze_subset", "gpt_kmeans", "gpt_kmeans_const",
-                  "kmeans_mean", "kmeans_form")
+                  "kmeans_mean", "kmeans_form",
+                  # how a merge run merged (--use_fisher is read as --merge_method fisher; substrings in any order)
+                  "merge_method", "include", "exclude", "p", "copy_model", "flip", "copy_include", "merge_frozen",
+                  "identity_layers", "no_trace_norm", "merge_lambda", "ties_density", "regmean_alpha",
+                  "regmean_n_windows", "fisher_type", "fisher_floor", "fisher_norm", "fisher_favor_target",
+                  "f_batch_size", "f_num_batches", "spec_info", "fisher_dataset")
 #: Flags read from the recorded architecture (``model_config.backbone``) where there is one: a pretrained LM's config
 #: replaces the sizes given on the command line.
 _BACKBONE_FIELDS = {"embed_dim": "n_embd", "n_layer": "n_layer", "n_head": "n_head",
@@ -110,6 +115,11 @@ def recorded_flags(config: dict | None) -> dict:
             out[k] = backbone[_BACKBONE_FIELDS[k]]
         elif k in config:
             out[k] = config[k]
+    if config.get("use_fisher") is True and "merge_method" in out:
+        out["merge_method"] = "fisher"
+    for k in ("include", "exclude"):
+        if isinstance(out.get(k), list) and all(isinstance(x, str) for x in out[k]):
+            out[k] = sorted(out[k])
     return out
 
 

@@ -746,6 +746,8 @@ def _run_locked(args, script: str, take_lock) -> dict:
     models_dir = Path(project_path("models")) / args.env
     if args.save_model and ctx.is_main:
         clean_folder(models_dir)  # (shared by runs: only files of processes gone and idle are removed)
+    if run_dir is not None:   # (a merge or LM-script run's folder carries a run id: where to find it)
+        print(f"run folder: {run_dir}", file=sys.stderr)
     best_key = f"evaluation/target_{int(targets[0])}_return_mean"
     warn_unsaved_best(args, models_dir / f"{args.model_type}_{exp_prefix}_best.pt", best_score, start_iter)
     pool = env_pool(args.env, args.env_version, args.eval_workers, device, args.num_eval_episodes)

@@ -223,6 +223,24 @@ def test_a_shared_timestep_table_imports_as_extend_positions(tmp_path):
         "extend_positions"] is False
 
 
+def test_our_checkpoint_with_a_longer_shared_position_table_loads(tmp_path):
+    """--extend_positions with an LM of 1024 positions (a ChibiT): the timestep table is the 1024-row wpe, more rows
+    than max_ep_len 1000; the checkpoint's config describes it and every reader builds it."""
+    from decision_transformer.checkpoint import atomic_save, load_model, make_checkpoint
+    from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+
+    cfg = DTConfig(11, 3, max_length=5, extend_positions=True,
+                   backbone=BackboneConfig(n_embd=16, n_layer=1, n_head=1, n_positions=1024))
+    model = DecisionTransformer(cfg, seed=0)
+    assert model.embed_timestep.weight.shape[0] == 1024
+    path = tmp_path / "dt_gym-experiment-hopper-medium-1_best.pt"
+    atomic_save(make_checkpoint(model.state_dict(), {"model_config": cfg.to_dict(), "env": "hopper",
+                                                     "dataset": "medium"}), path)
+    loaded, _ = load_model(path)
+    assert loaded.embed_timestep is loaded.transformer.wpe
+    assert torch.equal(loaded.embed_timestep.weight, model.embed_timestep.weight)
+
+
 def _saved(obj, path):
     save_original(obj, path)
     return path

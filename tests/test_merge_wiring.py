@@ -551,7 +551,9 @@ def test_merged_state_that_cannot_fit_the_fresh_model_fails_before_any_fisher(sr
                        "model [50, 16]")
     else:
         assert msg == (f"error: the merged model (model 1: {paths['hopper']}) does not match the model: shape mismatch "
-                       "for transformer.wte.weight (checkpoint [50257, 16], model [50, 16]) and 1 more")
+                       "for transformer.wte.weight (checkpoint [50257, 16], model [50, 16]) and 1 more; the merge "
+                       "is loaded into the model these flags build: add --copy_model to build it from model 1's "
+                       "recorded config, or give the models' sizes (--embed_dim, --n_layer, --K, ...)")
     assert estimated == []
 
 

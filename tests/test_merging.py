@@ -534,6 +534,14 @@ def test_degenerate_merges_are_refused(trained, tmp_path, monkeypatch, capsys):
     nomatch = ["--include", "nomatch", "--out", str(tmp_path / "none.pt")]
     expect = fails(merge_cli.main, ["--models", str(m["hopper"]), str(m["walker2d"]), *nomatch], capsys)
     assert expect == f"error: --include nomatch matches no tensor of {m['hopper']}; nothing to merge"
+    # a misspelt substring next to one that matches: refused too, instead of merging more or less than asked
+    for flags, bad in ((["--include", "attn", "--exclude", "ln1"], "--exclude ln1"),
+                       (["--include", "attn", "mlpp"], "--include mlpp")):
+        msg = fails(merge_cli.main, ["--models", str(m["hopper"]), str(m["walker2d"]), *flags, "--out",
+                                     str(tmp_path / "typo.pt")], capsys)
+        assert msg.startswith(f"error: {bad} matches no tensor of {m['hopper']}; check its spelling (the selection "
+                              f"holds ") and msg.endswith(" tensors without it)")
+    assert not (tmp_path / "typo.pt").exists()
     msg = fails(experiment.main, ["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models",
                                   str(m["hopper"]), str(m["walker2d"]), "--include", "nomatch", "--copy_model",
                                   "--max_iters", "1", "--num_steps_per_iter", "0", "--num_eval_episodes", "0"], capsys)

@@ -131,6 +131,30 @@ def test_results_table_marks_a_stopped_run_and_notes_rows_of_other_flags(tmp_pat
     assert "‡ row src: run folders with other flags: n_layer" in cap.out
 
 
+def test_results_table_notes_a_row_of_merges_made_differently(tmp_path, capsys):
+    """A mean merge and a Fisher merge (or other --include substrings) in one row are named, their average marked;
+    --use_fisher is --merge_method fisher, and the order of the substrings does not matter."""
+    def run(name, env, **cfg):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"env": env, "max_iters": 1, **cfg}))
+        T = {"hopper": 3600, "walker2d": 5000}[env]
+        (d / "metrics.jsonl").write_text(json.dumps({"iteration": 1, f"evaluation/target_{T}_return_mean": 1.0,
+                                                     f"evaluation/target_{T}_d4rl_score_mean": 5.0}) + "\n")
+        return d
+
+    mean = run("mean", "hopper", merge_method="mean", use_fisher=False, include=["attn", "mlp"])
+    fisher = run("fisher", "walker2d", merge_method="mean", use_fisher=True, include=["mlp", "attn"])
+    results_table.main(["--row", f"m={mean}", "--row", f"m={fisher}", "--envs", "hopper", "walker2d"])
+    cap = capsys.readouterr()
+    assert f"differ in merge_method \"mean\" ({mean}), \"fisher\" ({fisher})" in cap.err
+    assert "include" not in cap.err
+    assert "| m | 5.0 | 5.0 | 5.0‡ |" in cap.out
+    same = run("fisher2", "hopper", merge_method="fisher", include=["attn", "mlp"])
+    results_table.main(["--row", f"m={same}", "--row", f"m={fisher}", "--envs", "hopper", "walker2d"])
+    assert "| m | 5.0 | 5.0 | 5.0 |" in capsys.readouterr().out
+
+
 # ---- 2. a diverged last evaluation -----------------------------------------------------------------------------------
 
 def test_the_last_is_the_last_evaluated_epoch_also_when_nan():
