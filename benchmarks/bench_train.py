@@ -172,6 +172,8 @@ def measure_here(name, trajs, device, steps, batch_size, K, slow, amp, compile=N
     per row (``measure_in_child``) makes it the row's own."""
     cfg = DTConfig(11, 3, max_length=K, backbone=BackboneConfig(**CONFIGS[name]))
     model = DecisionTransformer(cfg, seed=0).to(device)
+    random.seed(0)      # the per-sample loop draws from the global streams, as the originals did: the same batches
+    np.random.seed(0)   # (and last loss) on every run
     fused = device.type == "cuda"
     opt = make_optimizer(model, lr=1e-4, weight_decay=1e-4, fused=fused)
     ds = SlowSampler(trajs, device) if slow else TrajectoryDataset(trajs, "hopper", device=device)
