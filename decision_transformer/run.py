@@ -115,6 +115,8 @@ def autocast_dtype(precision: str, device: torch.device):
 def native_bf16(device) -> bool:
     """Whether the CUDA ``device`` computes bfloat16 natively (compute capability 8.0 on; torch's
     ``is_bf16_supported`` also counts the emulation of older GPUs, which is slower than fp32)."""
+    if not torch.cuda.is_available():
+        return False
     return torch.cuda.get_device_capability(torch.device(device)) >= (8, 0)
 
 
