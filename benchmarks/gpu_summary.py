@@ -19,8 +19,13 @@ short leaves its rows out and says so. Prints markdown:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from decision_transformer.errors import UserError, cli_entry  # noqa: E402
 
 TARGETS = {"eval": 30.0, "train": 5.0, "mfu": 35.0}
 PRECISION_CONFIGS = ("paper", "gpt2")      # the numerics checks gpu_suite.sh runs
@@ -162,14 +167,14 @@ def summarise(folder: Path) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", figures
 
 
+@cli_entry
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="the folder gpu_suite.sh wrote (its $OUT; default there: benchmarks/results)")
     args = p.parse_args(argv)
     folder = Path(args.folder)
     if not folder.is_dir():
-        print(f"error: {folder}: not a folder of GPU suite logs", file=sys.stderr)
-        return 2
+        raise UserError(f"{folder}: not a folder of GPU suite logs")
     text, _ = summarise(folder)
     print(text, end="")
     return 0

@@ -79,7 +79,9 @@ def test_a_missing_or_cut_short_log_is_said_and_its_target_not_measured(logs, ca
     assert figures["train"] is None                                 # the compiled run does not stand in for it
     assert "| evaluation, 50 episodes, batched vs one by one | 30x | not measured | - |" in text
     assert "No rows in: bench_train.txt, bench_core.txt, check_precision_gpt2.txt" in text
-    assert summary.main([str(logs / "nothing")]) == 2
+    with pytest.raises(SystemExit) as stop:
+        summary.main([str(logs / "nothing")])
+    assert stop.value.code == 2
     assert "not a folder of GPU suite logs" in capsys.readouterr().err
 
 
@@ -153,5 +155,7 @@ def test_the_fastest_overlap_is_the_fastest_batched_rate_and_exactly_the_target_
 
 def test_a_file_given_for_the_folder_is_refused(logs, capsys):
     summary = load_script("benchmarks/gpu_summary.py")
-    assert summary.main([str(logs / "device.txt")]) == 2
+    with pytest.raises(SystemExit) as stop:
+        summary.main([str(logs / "device.txt")])
+    assert stop.value.code == 2
     assert "device.txt: not a folder of GPU suite logs" in capsys.readouterr().err

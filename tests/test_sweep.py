@@ -1128,3 +1128,13 @@ def test_the_launcher_starts_from_inside_the_package_folder():
 
     stdlib = {p.stem for p in Path(sysconfig.get_paths()["stdlib"]).iterdir()}
     assert not [p.name for p in (root / "decision_transformer").glob("*.py") if p.stem in stdlib - {"__init__"}]
+
+
+def test_every_script_of_the_project_has_its_flags_checked():
+    """Each of the project's scripts with a ``main`` (top level, data, analysis, MINE, benchmarks, checkpoints) is
+    built as the launcher expects of its own scripts, so a grid of any of them has its flags checked by its parser."""
+    root = Path(sweep.ROOT)
+    scripts = [p for folder in ("", "data", "analysis", "mine", "benchmarks", "checkpoints", "lm_cotraining")
+               for p in sorted((root / folder).glob("*.py")) if "def main(" in p.read_text()]
+    assert len(scripts) > 10
+    assert [p.relative_to(root).as_posix() for p in scripts if not sweep._own_script(p)] == []
