@@ -79,9 +79,15 @@ COMPARED_FLAGS = ("model_type", "embed_dim", "n_layer", "n_head", "activation_fu
                   "kmeans_mean", "kmeans_form",
                   # how a merge run merged (--use_fisher is read as --merge_method fisher; substrings in any order)
                   "merge_method", "include", "exclude", "p", "copy_model", "flip", "copy_include", "merge_frozen",
-                  "identity_layers", "no_trace_norm", "merge_lambda", "ties_density", "regmean_alpha",
+                  "identity_layers", "merge_lambda", "ties_density", "regmean_alpha",
                   "regmean_n_windows", "fisher_type", "fisher_floor", "fisher_norm", "fisher_favor_target",
                   "f_batch_size", "f_num_batches", "spec_info", "fisher_dataset")
+#: Flags only one or two merge methods read: a merge run of another method is not compared on them (their defaults,
+#: recorded all the same, change nothing). ``--no_trace_norm`` is read as ``--fisher_norm none``.
+METHOD_FLAGS = {"fisher_type": ("fisher",), "fisher_floor": ("fisher",), "fisher_norm": ("fisher",),
+                "fisher_favor_target": ("fisher",), "f_batch_size": ("fisher",), "f_num_batches": ("fisher",),
+                "spec_info": ("fisher",), "fisher_dataset": ("fisher",), "merge_lambda": ("task_arithmetic", "ties"),
+                "ties_density": ("ties",), "regmean_alpha": ("regmean",), "regmean_n_windows": ("regmean",)}
 #: Flags read from the recorded architecture (``model_config.backbone``) where there is one: a pretrained LM's config
 #: replaces the sizes given on the command line.
 _BACKBONE_FIELDS = {"embed_dim": "n_embd", "n_layer": "n_layer", "n_head": "n_head",
@@ -117,6 +123,10 @@ def recorded_flags(config: dict | None) -> dict:
             out[k] = config[k]
     if config.get("use_fisher") is True and "merge_method" in out:
         out["merge_method"] = "fisher"
+    if config.get("no_trace_norm") is True and "fisher_norm" in out:
+        out["fisher_norm"] = "none"
+    if "merge_method" in out:
+        out = {k: v for k, v in out.items() if out["merge_method"] in METHOD_FLAGS.get(k, (out["merge_method"],))}
     for k in ("include", "exclude"):
         if isinstance(out.get(k), list) and all(isinstance(x, str) for x in out[k]):
             out[k] = sorted(out[k])

@@ -268,3 +268,20 @@ def test_run_all_marks_a_cell_over_two_of_three_seeds(tmp_path):
     cells = row.strip("| ").split(" | ")
     assert cells[1].endswith("(REID 79.1 ± 1.1)") and "seeds)" not in cells[1]    # GPT2: all three seeds
     assert "(2 of 3 seeds)" in cells[2]                                            # Random Init: two
+
+
+def test_merge_flags_are_compared_only_where_the_merge_method_reads_them():
+    """--no_trace_norm is --fisher_norm none; the Fisher flags of mean merges (recorded at their defaults, unread)
+    and the task-vector scale of Fisher merges are not compared, the Fisher flags of Fisher merges are."""
+    fisher = dict(merge_method="fisher", fisher_norm="trace", no_trace_norm=False, f_batch_size=64, merge_lambda=None)
+    same = results_table.flag_differences({"a": {**fisher, "no_trace_norm": True},
+                                           "b": {**fisher, "fisher_norm": "none"}})
+    assert same == []
+    differ = results_table.flag_differences({"a": {**fisher, "no_trace_norm": True}, "b": fisher})
+    assert len(differ) == 1 and differ[0].startswith("fisher_norm") and "no_trace_norm" not in differ[0]
+    mean = dict(fisher, merge_method="mean")
+    assert results_table.flag_differences({"a": {**mean, "f_batch_size": 8, "no_trace_norm": True}, "b": mean}) == []
+    ties = dict(merge_method="ties", merge_lambda=1.0, ties_density=0.2, f_batch_size=64)
+    assert results_table.flag_differences({"a": ties, "b": {**ties, "f_batch_size": 8}}) == []
+    assert [d.split()[0] for d in results_table.flag_differences({"a": ties, "b": {**ties, "merge_lambda": 0.5}})] \
+        == ["merge_lambda"]
