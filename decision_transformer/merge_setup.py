@@ -681,6 +681,8 @@ def _check_destination(args, sources: Sequence[ModelFile], fresh_sd: dict, keys:
                 raise UserError(f"--copy_include: merged tensor {k} has shape {list(first[k].shape)}, the fresh "
                                 f"model {list(fresh_sd[k].shape)}")
         return
+    if not sources[0].is_multi:  # the tensors outside the merge come from model 1, its embeddings among them
+        _check_fits_env(sources[0], _weight_dims(first, "embed_state.weight", "embed_action.weight"), spec, 1)
     try:
         check_loadable(fresh_sd, first, f"the merged model (model 1: {sources[0].path})")
     except UserError as e:

@@ -381,6 +381,19 @@ def test_the_model_to_finetune_must_fit_env_before_any_merge(srcs, tmp_path, mon
     assert msg.endswith("list the walker2d model first"), msg
 
 
+def test_a_first_model_of_another_env_merged_into_the_fresh_model_names_the_env(srcs, tmp_path, monkeypatch, capsys):
+    """Without --copy_model the merge goes into the fresh model --env builds, its unmerged tensors (the embeddings
+    among them) from model 1: a model 1 of another env is named with the env's dims, not sent to --copy_model."""
+    root, data, paths = srcs
+    monkeypatch.chdir(tmp_path)
+    msg = fails(experiment.main, ["--env", "walker2d", "--data_path", str(data), *SMALL, "--include", "attn",
+                                  "--pretrained_models", str(paths["hopper"]), str(paths["walker2d"]), *NO_TRAINING],
+                capsys)
+    assert msg == (f"error: {paths['hopper']}: this model has state/action dims 11/3, --env walker2d needs 17/6; "
+                   "list the walker2d model first")
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_a_damaged_embedding_in_the_model_to_finetune_is_one_line(srcs, tmp_path, monkeypatch, capsys):
     root, data, paths = srcs
     monkeypatch.chdir(tmp_path)
