@@ -604,6 +604,11 @@ def _merge_for_experiment(args, fresh, spec, device):
         merged = sources[0].state_dict  # one model, no LM: nothing to merge, the model is loaded
         info["method"] = "none"
         log(f"one pretrained model, no --pretrained_lm: loading {sources[0].path} (no merge)")
+        if args.copy_include and not args.copy_model:   # the selection is what is copied into the fresh model
+            check_selection(keys, args, sources[0].path, list(sources[0].state_dict))
+        elif args.include or args.exclude:
+            log("warning: --include/--exclude have no effect here: the one model is loaded whole (they choose what "
+                "--copy_include copies into the fresh model)")
     else:
         check_selection(keys, args, sources[0].path, list(sources[0].state_dict))
         merging.check_compatible([s.state_dict for s in sources], [s.path for s in sources], keys)

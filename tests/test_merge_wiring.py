@@ -394,6 +394,20 @@ def test_a_first_model_of_another_env_merged_into_the_fresh_model_names_the_env(
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_one_model_without_an_lm_checks_the_selection_it_copies(srcs, tmp_path, monkeypatch, capsys):
+    """One --pretrained_models model and no --pretrained_lm: nothing is merged. With --copy_include the selection is
+    what is copied into the fresh model, so a misspelt substring is refused; otherwise the model is loaded whole and
+    a selection given is said to have no effect."""
+    root, data, paths = srcs
+    monkeypatch.chdir(tmp_path)
+    one = ["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models", str(paths["hopper"])]
+    msg = fails(experiment.main, [*one, "--copy_include", "--include", "attn", "mlpp", *NO_TRAINING], capsys)
+    assert msg.startswith(f"error: --include mlpp matches no tensor of {paths['hopper']}; check its spelling"), msg
+    assert not (tmp_path / "checkpoints").exists()
+    experiment.main([*one, "--include", "attn", *NO_TRAINING])
+    assert "warning: --include/--exclude have no effect here: the one model is loaded whole" in capsys.readouterr().err
+
+
 def test_a_damaged_embedding_in_the_model_to_finetune_is_one_line(srcs, tmp_path, monkeypatch, capsys):
     root, data, paths = srcs
     monkeypatch.chdir(tmp_path)
