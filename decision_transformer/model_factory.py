@@ -15,6 +15,7 @@ checkpoint), so ``DecisionTransformer(DTConfig.from_dict(...))`` rebuilds any ru
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -53,6 +54,41 @@ def check_lm_flags(args, spec, lm) -> None:
         from decision_transformer.training.kmeans import check_clusters
 
         check_clusters(n, lm.vocab_size)
+
+
+def check_flags_before_data(args, spec, lm) -> None:
+    """Every model and auxiliary-loss flag that can be checked without the data, checked before it is loaded or
+    generated (minutes): the architecture the flags build (``check_lm_flags`` with an LM; ``--igpt_legacy_ln``
+    without one), ``--gpt_kmeans`` (an LM-initialised model, a weight, the centre count, a ``--kmeans_cache`` of the
+    LM's hidden size) and ``--joint`` (a GPT-2 text LM, its corpus and tokenizer found)."""
+    if lm is not None:
+        check_lm_flags(args, spec, lm)
+    else:
+        build_model_config(args, spec, None)
+    if getattr(args, "gpt_kmeans", None) is not None:
+        check_kmeans_flags(args)
+        cache = getattr(args, "kmeans_cache", None)
+        if cache and Path(cache).is_file():   # (one of another LM would be found only after the data)
+            from decision_transformer.training.kmeans import read_centres
+
+            read_centres(Path(cache), args.gpt_kmeans, lm.n_embd)
+    if getattr(args, "joint", False):
+        from decision_transformer.training.lm_cotrain import joint_sources
+
+        joint_sources(args, lm)
+
+
+def check_kmeans_flags(args) -> None:
+    """``--gpt_kmeans`` needs a model whose token embeddings are the LM's (``--pretrained_lm`` as a whole, not one
+    ``--pretrained_block``) and a weight ``--gpt_kmeans_const``."""
+    if not getattr(args, "pretrained_lm", None):
+        raise UserError("--gpt_kmeans needs a model initialised from --pretrained_lm (centres of its token "
+                        "embeddings)")
+    if getattr(args, "pretrained_block", None) is not None:
+        raise UserError("--gpt_kmeans does not go with --pretrained_block: the centres are of the LM's token "
+                        "embeddings, and with one transplanted block the model's token embeddings are random")
+    if args.gpt_kmeans_const is None:
+        raise UserError("--gpt_kmeans needs --gpt_kmeans_const (the loss weight; the papers use 0.1)")
 
 
 def build_model_config(args, spec, lm=None) -> DTConfig:
@@ -182,11 +218,7 @@ def make_extra_loss(args, model, *, script: str = "experiment", lm=None, device=
     device = device if device is not None else next(model.parameters()).device
     kmeans = init_reg = lm_term = None
     if getattr(args, "gpt_kmeans", None) is not None:
-        if not getattr(args, "pretrained_lm", None) or getattr(args, "pretrained_block", None) is not None:
-            raise UserError("--gpt_kmeans needs a model initialised from --pretrained_lm (centres of its token "
-                            "embeddings)")
-        if args.gpt_kmeans_const is None:
-            raise UserError("--gpt_kmeans needs --gpt_kmeans_const (the loss weight; the papers use 0.1)")
+        check_kmeans_flags(args)
         centres = load_or_compute_centres(model.transformer.wte.weight, args.gpt_kmeans, args.kmeans_cache,
                                           seed=args.seed)
         horizon = None if getattr(args, "disable_k_annealing", False) else ANNEAL_STEPS[script]

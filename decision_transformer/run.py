@@ -28,7 +28,7 @@ from decision_transformer.envs import check_dataset_name, get_env_spec
 from decision_transformer.errors import TrainingDiverged, UserError
 from decision_transformer.evaluation import env_pool, evaluate_episodes
 from decision_transformer.runlog import RunLogger, check_wandb_mode, progress, summary_line
-from decision_transformer.model_factory import (build_bc_model, build_model_from_args, check_lm_flags,
+from decision_transformer.model_factory import (build_bc_model, build_model_from_args, check_flags_before_data,
                                                 locate_pretrained, make_extra_loss)
 from decision_transformer.cpu import configure_threads
 from decision_transformer.training import GRAD_CLIP, ActTrainer, Trainer, freeze_from_args, optimizer_from_args
@@ -627,7 +627,8 @@ def _run_locked(args, script: str, take_lock) -> dict:
     lm = None if bc else locate_pretrained(args)  # before the data: a missing model is reported at once
     if lm is not None:   # and damaged weights too (read once, kept), before a missing dataset takes minutes to make
         lm.state_dict()
-        check_lm_flags(args, spec, lm)
+    if not bc:
+        check_flags_before_data(args, spec, lm)
     seed_everything(args.seed)
 
     # --resume never generates: a run continues on the data it started on, or not at all

@@ -120,8 +120,8 @@ def test_gpt_kmeans_refused_with_pretrained_block(lms):
     model = build_model_from_args(args, HOPPER)
     with pytest.raises(UserError) as e:
         make_extra_loss(args, model)
-    assert str(e.value) == ("--gpt_kmeans needs a model initialised from --pretrained_lm (centres of its token "
-                            "embeddings)")
+    assert str(e.value) == ("--gpt_kmeans does not go with --pretrained_block: the centres are of the LM's token "
+                            "embeddings, and with one transplanted block the model's token embeddings are random")
 
 
 def test_gpt_kmeans_without_a_weight_is_refused(lms):
@@ -238,3 +238,35 @@ def test_unsupported_architecture_is_refused(tmp_path):
         locate_lm(str(d))
     assert str(e.value) == (f"{d}: unsupported architecture 'bert'; --pretrained_lm supports GPT-2-family (gpt2, "
                             f"ChibiT) and ImageGPT models")
+
+
+@pytest.mark.parametrize("script,flags,needle", [
+    ("experiment", ["--gpt_kmeans", "5", "--gpt_kmeans_const", "0.1"],
+     "--gpt_kmeans needs a model initialised from --pretrained_lm"),
+    ("experiment", ["--igpt_legacy_ln"], "--igpt_legacy_ln only applies with an ImageGPT --pretrained_lm"),
+    ("experiment", ["--pretrained_lm", "{gpt2}", "--pretrained_block", "0", "--embed_dim", "32", "--gpt_kmeans", "5",
+                    "--gpt_kmeans_const", "0.1"], "--gpt_kmeans does not go with --pretrained_block"),
+    ("experiment", ["--pretrained_lm", "{gpt2}", "--gpt_kmeans", "5", "--gpt_kmeans_const", "0.1", "--kmeans_cache",
+                    "{cache}"], "centres have hidden size 7 but the LM's is 32"),
+    ("lm_cotraining", ["--pretrained_lm", "{igpt}", "--joint"], "--joint needs a GPT-2-family text LM"),
+    ("lm_cotraining", ["--pretrained_lm", "{gpt2}", "--joint"], "not found locally"),
+], ids=["kmeans_without_lm", "legacy_ln_without_lm", "kmeans_with_block", "kmeans_cache_of_another_lm",
+        "joint_with_igpt", "joint_without_corpus"])
+def test_lm_flag_mistakes_stop_the_run_before_the_data(lms, tmp_path, monkeypatch, capsys, script, flags, needle):
+    """Auxiliary-loss and LM flags that cannot work are one line before the dataset is loaded or generated (which
+    takes minutes), as the other flag checks are."""
+    import experiment
+    from conftest import fails
+    from decision_transformer import run
+    from lm_cotraining import experiment as lm_experiment
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(torch.randn(5, 7), tmp_path / "centres.pt")
+    loaded = []
+    monkeypatch.setattr(run, "load_dataset", lambda *a, **k: loaded.append(a) or pytest.fail("data loaded"))
+    names = {"gpt2": lms / "gpt2", "igpt": lms / "igpt", "cache": tmp_path / "centres.pt"}
+    argv = ["--env", "hopper", "--data_path", str(tmp_path / "none"), "--outdir", "out", "--max_iters", "1",
+            *[f.format(**names) for f in flags]]
+    msg = fails((experiment if script == "experiment" else lm_experiment).main, argv, capsys)
+    assert needle in msg and loaded == []
+    assert not (tmp_path / "none").exists() and not (tmp_path / "out").exists()

@@ -80,7 +80,7 @@ def load_or_compute_centres(wte: torch.Tensor, n_clusters: int, cache: str | Non
     path = Path(cache)
     with exclusive(path, "k-means centres"):
         if path.is_file():
-            c = _read_centres(path, n_clusters, wte.shape[1])
+            c = read_centres(path, n_clusters, wte.shape[1])
             print(f"k-means: {n_clusters} centres read from {path}", file=sys.stderr)
             return c
         c = _cluster(wte, n_clusters, seed)
@@ -96,7 +96,7 @@ def _cluster(wte: torch.Tensor, n_clusters: int, seed: int) -> torch.Tensor:
     return cosine_kmeans(wte, n_clusters, seed=seed).cpu().contiguous()
 
 
-def _read_centres(path: Path, n_clusters: int, H: int) -> torch.Tensor:
+def read_centres(path: Path, n_clusters: int, H: int) -> torch.Tensor:
     """A centre file, checked: a finite [n_clusters, H] float tensor."""
     check_zip_checksums(path)
     try:

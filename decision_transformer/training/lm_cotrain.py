@@ -247,14 +247,20 @@ class LMCotraining:
         return lm_loss(model.transformer, self.batches.next())
 
 
-def build_lm_cotraining(args, model, lm, device) -> LMCotraining:
-    """From the ``lm_cotraining`` flags: find the corpus and tokenizer, tokenise, batch."""
+def joint_sources(args, lm):
+    """(corpus files, tokenizer) of ``--joint``: a GPT-2-family text LM given as a whole, its corpus found under
+    ``--data_path`` and its tokenizer loaded; checked before the RL data is loaded, and again when the term is built."""
     if lm is None or args.pretrained_block is not None:
         raise UserError("--joint needs --pretrained_lm (the LM is co-trained on text)")
     if lm.model_type != "gpt2":
         raise UserError(f"--joint needs a GPT-2-family text LM; {args.pretrained_lm} is {lm.model_type}")
     files = find_text_corpus(args.nlp_dataset_name, args.nlp_dataset_config_name, args.data_path)
-    tokenizer = load_tokenizer(lm.path, args.tokenizer_name)
+    return files, load_tokenizer(lm.path, args.tokenizer_name)
+
+
+def build_lm_cotraining(args, model, lm, device) -> LMCotraining:
+    """From the ``lm_cotraining`` flags: find the corpus and tokenizer, tokenise, batch."""
+    files, tokenizer = joint_sources(args, lm)
     block = min(MAX_BLOCK_SIZE, lm.n_positions, getattr(tokenizer, "model_max_length", MAX_BLOCK_SIZE) or 10**9)
     cache = None if getattr(args, "no_token_cache", False) else Path(args.data_path) / "token_cache"
     blocks = cached_tokenize_corpus(files, tokenizer, block, model.transformer.wte.num_embeddings, cache)
