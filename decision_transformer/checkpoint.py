@@ -41,7 +41,10 @@ def model_name(pretrained_lm: str | None, pretrained_block: int | None = None) -
     A block of another LM (``--pretrained_block``) names its run as :func:`block_model_name` does (``dt-igpt``)."""
     if not pretrained_lm:
         return "dt"
-    lm = "igpt" if "imagegpt" in pretrained_lm else Path(pretrained_lm.rstrip("/")).name
+    name = Path(pretrained_lm.rstrip("/")).name
+    if name in ("", ".."):   # ``.`` or ``..``: the name of the folder they stand for
+        name = Path(os.path.abspath(pretrained_lm)).name or name
+    lm = "igpt" if "imagegpt" in pretrained_lm or "imagegpt" in name else name
     return lm if pretrained_block is None else block_model_name(lm)
 
 

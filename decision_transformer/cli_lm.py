@@ -60,6 +60,7 @@ def lm_cotraining_parser() -> argparse.ArgumentParser:
     """The parser of ``lm_cotraining/experiment.py``: experiment.py's groups without the flags the
     LM script never had, plus the co-training flags, with this script's defaults and help texts."""
     p = argparse.ArgumentParser(
+        prog="lm_cotraining/experiment.py",   # (not "experiment.py": its errors would send to the other script's --help)
         description="Train a Decision Transformer initialised from a pretrained language model, with k-means "
                     "language alignment, init_reg and optional LM co-training.",
         formatter_class=HelpFormatter)

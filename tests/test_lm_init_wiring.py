@@ -270,3 +270,14 @@ def test_lm_flag_mistakes_stop_the_run_before_the_data(lms, tmp_path, monkeypatc
     msg = fails((experiment if script == "experiment" else lm_experiment).main, argv, capsys)
     assert needle in msg and loaded == []
     assert not (tmp_path / "none").exists() and not (tmp_path / "out").exists()
+
+
+def test_the_lm_scripts_flag_errors_name_it(capsys):
+    """A flag the LM script does not have is refused naming lm_cotraining/experiment.py (whose --help lacks it), not
+    experiment.py (whose --help has it)."""
+    from conftest import fails
+    from lm_cotraining import experiment as lm_experiment
+
+    msg = fails(lm_experiment.main, ["--pretrained_lm", "gpt2", "--pretrained_block", "0"], capsys)
+    assert msg == ("error: lm_cotraining/experiment.py: unrecognized arguments: --pretrained_block 0 (see "
+                   "lm_cotraining/experiment.py --help)")

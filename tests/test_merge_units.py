@@ -308,6 +308,19 @@ def test_block_runs_of_different_lms_get_different_names():
         ["dt", "gpt2", "dt", "dt", "igpt", "dt-igpt", "dt-ChibiT"]
 
 
+def test_an_lm_given_as_dot_names_its_run_by_the_folder(tmp_path, monkeypatch):
+    """``--pretrained_lm .`` (or ``..``) from inside the LM's folder names the run by that folder, not by an empty
+    name (a run folder ``_medium_hopper_666`` that no analysis finds)."""
+    (tmp_path / "gpt2" / "sub").mkdir(parents=True)
+    (tmp_path / "imagegpt-small").mkdir()
+    monkeypatch.chdir(tmp_path / "gpt2")
+    assert [checkpoint.model_name(p) for p in (".", "./", "sub/..", "sub/../")] == ["gpt2"] * 4
+    monkeypatch.chdir(tmp_path / "gpt2" / "sub")
+    assert checkpoint.model_name("..") == "gpt2" and checkpoint.model_name("..", 0) == "dt"
+    monkeypatch.chdir(tmp_path / "imagegpt-small")
+    assert checkpoint.model_name(".") == "igpt"
+
+
 def test_a_run_id_already_naming_files_is_drawn_again(tmp_path, monkeypatch):
     """Two runs drawing one id overwrote each other's models/{env}/ files; an id some file or folder of the given
     folders ends in is drawn again."""
