@@ -290,9 +290,12 @@ def test_an_lm_config_no_model_can_use_is_one_line_naming_the_folder(lm_dirs, tm
         cfg = json.loads((bad / "config.json").read_text())
         cfg[field] = value
         (bad / "config.json").write_text(json.dumps(cfg))
-        with pytest.raises(UserError, match=rf"^{bad}: its config.json describes no usable model \("
-                                            rf"({field} must|hidden size 32 is not divisible by n_head 3)"):
+        says = rf"^{bad}: its config.json describes no usable model \(({field} must|hidden size 32 is not divisible "
+        says += r"by n_head 3)"
+        with pytest.raises(UserError, match=says):
             build_model_from_args(args_for("--pretrained_lm", str(bad)), HOPPER)
+        with pytest.raises(UserError, match=says):   # (the scripts read the weights first: not "damaged weights")
+            locate_lm(str(bad)).state_dict()
     # weights that do not fit the config: the tensor and both shapes are named; a config of fewer blocks than the
     # files hold (the extra blocks would be dropped without a word) names the first extra tensor
     for field, value, says in (

@@ -275,6 +275,8 @@ def _read_weights(lm: PretrainedLM) -> dict[str, torch.Tensor]:
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
+    backbone_config_from_lm(lm, dropout=0.1)   # a config.json no model can be built from is said as such, not as
+    #                                            weight files that transformers cannot load
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     verbosity = hf_logging.get_verbosity()
