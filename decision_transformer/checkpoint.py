@@ -376,8 +376,15 @@ def _recorded(cfg, keys):
     return None if cfg is None else json.loads(json.dumps(cfg, sort_keys=True, default=str))
 
 
-def _config_diffs(fields: dict, saved, built) -> list[tuple]:
-    return [(keys[-1], flag, _recorded(saved, keys), _recorded(built, keys)) for keys, flag in fields.items()
+#: The backbone settings a whole --pretrained_lm sets (its config), whatever --n_head, --embed_dim ... say.
+LM_SET_FIELDS = ("n_head", "activation_function", "n_embd", "n_layer")
+
+
+def _config_diffs(fields: dict, saved, built, lm_backbone: bool = False) -> list[tuple]:
+    """(field, flag, saved, built) of each of ``fields`` recorded differently; with ``lm_backbone`` (the model is built
+    from a whole --pretrained_lm) the flag of a setting the LM sets is ``--pretrained_lm``."""
+    return [(keys[-1], "--pretrained_lm" if lm_backbone and keys[:1] == ("backbone",) and keys[-1] in LM_SET_FIELDS
+             else flag, _recorded(saved, keys), _recorded(built, keys)) for keys, flag in fields.items()
             if _recorded(saved, keys) is not None and _recorded(built, keys) is not None
             and _recorded(saved, keys) != _recorded(built, keys)]
 
@@ -401,13 +408,14 @@ def _advice(diffs, negations: dict | None = None) -> str:
     return ", ".join(f"{verb} {', '.join(sorted(flags))}" for verb, flags in kinds.items() if flags)
 
 
-def check_same_behaviour(source: str, saved: dict | None, built: dict, negations: dict | None = None):
+def check_same_behaviour(source: str, saved: dict | None, built: dict, negations: dict | None = None,
+                         lm_backbone: bool = False):
     """A ``UserError`` naming the settings (``BEHAVIOUR_FIELDS``) in which the model config a checkpoint records
     (``saved``, its ``config["model_config"]``; nothing is checked without one) differs from the model it is loaded
-    into (``built``)."""
+    into (``built``; ``lm_backbone``: built from a whole --pretrained_lm, whose config sets the head count ...)."""
     if not isinstance(saved, dict):
         return
-    diffs = _config_diffs(BEHAVIOUR_FIELDS, saved, built)
+    diffs = _config_diffs(BEHAVIOUR_FIELDS, saved, built, lm_backbone)
     if diffs:
         advice = _advice(diffs, negations)
         raise UserError(f"{source} was trained with " + _compare_text(diffs)
@@ -415,18 +423,18 @@ def check_same_behaviour(source: str, saved: dict | None, built: dict, negations
                                                                            if advice else ""))
 
 
-def size_hint(saved: dict | None, built: dict, negations: dict | None = None) -> str:
+def size_hint(saved: dict | None, built: dict, negations: dict | None = None, lm_backbone: bool = False) -> str:
     """`` (it was trained with n_embd 16, ...; the model these flags build has n_embd 128, ...: set --embed_dim ...
     as its run did)`` for the shape-changing settings (``SIZE_FIELDS``) a checkpoint records differently; empty
     without a recorded config or a difference."""
-    diffs = _config_diffs(SIZE_FIELDS, saved, built) if isinstance(saved, dict) else []
+    diffs = _config_diffs(SIZE_FIELDS, saved, built, lm_backbone) if isinstance(saved, dict) else []
     if not diffs:
         return ""
     return f" (it was trained with {_compare_text(diffs)}: {_advice(diffs, negations)} as its run did)"
 
 
 def load_state_into(model: torch.nn.Module, state_dict: dict, source: str, strict: bool = True,
-                    recorded: dict | None = None, negations: dict | None = None):
+                    recorded: dict | None = None, negations: dict | None = None, lm_backbone: bool = False):
     """Strict load that names the mismatched tensors instead of dumping a traceback. Only names and shapes are
     compared: a model of another head count or activation takes the weights and computes differently. To rebuild a
     saved model as it was trained, use ``load_model``. ``recorded``: the model config the file records, whose
@@ -438,7 +446,7 @@ def load_state_into(model: torch.nn.Module, state_dict: dict, source: str, stric
     except UserError as e:
         config = getattr(model, "config", None)
         built = config.to_dict() if hasattr(config, "to_dict") else None
-        raise UserError(f"{e}{size_hint(recorded, built, negations) if built else ''}") from None
+        raise UserError(f"{e}{size_hint(recorded, built, negations, lm_backbone) if built else ''}") from None
     model.load_state_dict(state_dict, strict=strict)
 
 

@@ -611,6 +611,17 @@ def _run(args, script: str) -> dict:
                            lambda folder: held.enter_context(run_lock(folder_lock_path(folder), SCRIPTS[script])))
 
 
+def _recorded_lm_hint(config, pretrained_lm) -> str:
+    """``; its run used --pretrained_lm X`` (or ``no --pretrained_lm``) when a checkpoint's recorded run flags name
+    another --pretrained_lm than this command's; empty otherwise (or without a record)."""
+    if not isinstance(config, dict) or "pretrained_lm" not in config:
+        return ""
+    recorded = config["pretrained_lm"] or None
+    if not isinstance(recorded, (str, type(None))) or recorded == (pretrained_lm or None):
+        return ""
+    return f"; its run used --pretrained_lm {recorded}" if recorded else "; its run used no --pretrained_lm"
+
+
 def _run_locked(args, script: str, take_lock) -> dict:
     lm_script = script == LM_COTRAINING
     spec, targets = check_run_flags(args, script)
@@ -664,11 +675,16 @@ def _run_locked(args, script: str, take_lock) -> dict:
                             f"--load_checkpoint (or --pretrained_model to finetune it)")
         mc = ckpt["config"].get("model_config") if isinstance(ckpt.get("config"), dict) else None
         negations = LM_NEGATIONS if lm_script else None
-        check_same_behaviour(args.load_checkpoint, mc, cfg.to_dict(), negations)
-        if isinstance(mc, dict) and isinstance(mc.get("max_length"), int) and mc["max_length"] != args.K:
-            print(f"warning: {args.load_checkpoint} was trained with K={mc['max_length']}; this run uses K={args.K} "
-                  f"(--K)", file=sys.stderr)
-        load_state_into(model, ckpt["state_dict"], args.load_checkpoint, recorded=mc, negations=negations)
+        lm_backbone = lm is not None and args.pretrained_block is None   # (its config sets heads, sizes ...)
+        try:
+            check_same_behaviour(args.load_checkpoint, mc, cfg.to_dict(), negations, lm_backbone)
+            if isinstance(mc, dict) and isinstance(mc.get("max_length"), int) and mc["max_length"] != args.K:
+                print(f"warning: {args.load_checkpoint} was trained with K={mc['max_length']}; this run uses "
+                      f"K={args.K} (--K)", file=sys.stderr)
+            load_state_into(model, ckpt["state_dict"], args.load_checkpoint, recorded=mc, negations=negations,
+                            lm_backbone=lm_backbone)
+        except UserError as e:
+            raise UserError(f"{e}{_recorded_lm_hint(ckpt.get('config'), args.pretrained_lm)}") from None
     distributed.broadcast_module(ctx, model)  # torchrun: every rank starts from (and regularises towards) rank 0's
     frozen = freeze_from_args(model, args)
     if frozen:

@@ -281,3 +281,35 @@ def test_the_lm_scripts_flag_errors_name_it(capsys):
     msg = fails(lm_experiment.main, ["--pretrained_lm", "gpt2", "--pretrained_block", "0"], capsys)
     assert msg == ("error: lm_cotraining/experiment.py: unrecognized arguments: --pretrained_block 0 (see "
                    "lm_cotraining/experiment.py --help)")
+
+
+def test_a_checkpoint_of_another_lm_is_sent_to_that_lm(lms, tmp_path, monkeypatch, capsys, hopper_data):
+    """--load_checkpoint into a model built from a whole --pretrained_lm: the LM's config sets the heads and sizes, so
+    the advice is the --pretrained_lm the checkpoint's run used, not --n_head (which the LM overrides)."""
+    import experiment
+    from transformers import GPT2Config, GPT2Model
+
+    from conftest import fails
+
+    monkeypatch.chdir(tmp_path)
+    GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=40, vocab_size=50,
+                         layer_norm_epsilon=1e-4)).save_pretrained("four")
+    GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=40, vocab_size=50,
+                         layer_norm_epsilon=1e-4)).save_pretrained("small")
+    common = ["--env", "hopper", "--data_path", str(hopper_data), "--K", "5", "--batch_size", "4", "--max_iters", "1",
+              "--num_steps_per_iter", "1", "--num_eval_episodes", "0"]
+    experiment.main([*common, "--pretrained_lm", str(lms / "gpt2"), "--outdir", "o"])
+    (ckpt,) = (tmp_path / "o").glob("gpt2_*/model_1.pt")
+    msg = fails(experiment.main, [*common, "--pretrained_lm", "four", "--n_head", "2", "--outdir", "p",
+                                  "--load_checkpoint", str(ckpt)], capsys)
+    assert "n_head 2; the model these flags build has n_head 4" in msg, msg
+    assert msg.endswith(f"(set --pretrained_lm as the checkpoint's run did); its run used --pretrained_lm "
+                        f"{lms / 'gpt2'}"), msg
+    msg = fails(experiment.main, [*common, "--pretrained_lm", "small", "--outdir", "p", "--load_checkpoint",
+                                  str(ckpt)], capsys)
+    assert "set --pretrained_lm as its run did" in msg and "--embed_dim" not in msg, msg
+    assert msg.endswith(f"; its run used --pretrained_lm {lms / 'gpt2'}"), msg
+    msg = fails(experiment.main, [*common, "--n_head", "4", "--embed_dim", "32", "--n_layer", "2", "--outdir", "p",
+                                  "--load_checkpoint", str(ckpt)], capsys)
+    assert "set --activation_function, --n_head, --pretrained_lm as the checkpoint's run did" in msg and msg.endswith(
+        f"; its run used --pretrained_lm {lms / 'gpt2'}"), msg
