@@ -809,10 +809,13 @@ def _run_locked(args, script: str, take_lock) -> dict:
                 save_train_state(run_dir / TRAIN_STATE, model, config, trainer, optimizer, scheduler, generator,
                                  iteration=it, best_score=best_score, exp_id=exp_id, elapsed=time.time() - t0,
                                  **ckpt_extra, **state_extra)
-        if args.save_model and args.save_mode in ("last", "both"):
+        last = models_dir / f"{args.model_type}_{exp_prefix}.pt"
+        if args.save_model and args.save_mode in ("last", "both") and st_path is not None \
+                and start_iter >= args.max_iters and last.is_file():   # (written whole: atomic_save)
+            print(f"{last}: the last model is written already (no iteration trained since)", file=sys.stderr)
+        elif args.save_model and args.save_mode in ("last", "both"):
             path = atomic_save(make_checkpoint(model.state_dict(), config, iteration=args.max_iters,
-                                               specializations=[args.env], **ckpt_extra),
-                               models_dir / f"{args.model_type}_{exp_prefix}.pt")
+                                               specializations=[args.env], **ckpt_extra), last)
             print(f"saved {path}", file=sys.stderr)
         if args.max_iters == 0:
             what = ("the merged model" if args.pretrained_models else

@@ -125,6 +125,15 @@ def test_resume_past_the_end_writes_nothing_and_time_total_goes_on(tmp_path, mon
     assert "it has trained 3 iterations, more than --max_iters 2; nothing to do, nothing written" in \
         capsys.readouterr().err
     assert {p: p.read_bytes() for p in record} == record
+    # --max_iters equal to the iterations trained: the last model, written at the end of the run, is not written again
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "models" / "hopper").iterdir()}
+    run(tmp_path, monkeypatch, hopper_data, *args, "--max_iters", "3", "--resume")
+    assert "the last model is written already (no iteration trained since)" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and {p: p.read_bytes() for p in record} == record
+    (last,) = stamps      # one a stop after the training state and before the last model did not write: written
+    last.unlink()
+    run(tmp_path, monkeypatch, hopper_data, *args, "--max_iters", "3", "--resume")
+    assert f"saved {last.relative_to(tmp_path)}" in capsys.readouterr().err and last.is_file()
     assert sorted(record) == sorted([*run_dir(tmp_path).glob("*.json*"), *(tmp_path / "models" / "hopper").iterdir()])
 
 
