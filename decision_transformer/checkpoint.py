@@ -129,11 +129,17 @@ def _same_path(recorded, wanted, base: str | None) -> bool:
     return recorded == wanted and not any(isinstance(p, str) and os.path.exists(p) for p in (r, w))
 
 
+#: List flags of substrings any of which matches: their order changes nothing, so it is not compared.
+UNORDERED_FLAGS = ("freeze_subset", "include", "exclude")
+
+
 def same_flag_value(key: str, recorded, wanted, base: str | None = None) -> bool:
     """Whether a run's recorded flag value is the one asked for now. Path flags are compared as the files they name:
     the recorded ones resolved against ``base``, the run's working folder (``recorded_base``), when given (else this
     process's), the ones asked for against this process's working folder; the same relative path from another folder
     names another file. A value that is no local file (a Hub name) is compared as written."""
+    if key in UNORDERED_FLAGS and isinstance(recorded, list) and isinstance(wanted, list):
+        return sorted(map(str, recorded)) == sorted(map(str, wanted))
     if key not in PATH_FLAGS:
         return recorded == wanted
     if isinstance(recorded, list) and isinstance(wanted, list):

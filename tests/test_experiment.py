@@ -825,3 +825,18 @@ def test_resume_from_another_folder_matches_relative_paths_by_the_runs_folder(tm
         "--num_eval_episodes", "0", "--load_checkpoint", "init.pt", "--outdir", "a/out", "--resume")
     assert (folder / "model_2.pt").is_file()
     assert json.loads((folder / "config.json").read_text())["working_dir"] == str(tmp_path)
+
+
+def test_resume_takes_the_freeze_subset_in_any_order(tmp_path, monkeypatch, capsys, hopper_data):
+    """--freeze_subset (like --include / --exclude) is a set of substrings: the same ones in another order are the same
+    run to resume; another set is a changed flag."""
+    from decision_transformer.checkpoint import same_flag_value
+
+    args = ["--num_steps_per_iter", "1", "--num_eval_episodes", "0"]
+    run(tmp_path, monkeypatch, hopper_data, *args, "--max_iters", "1", "--freeze_subset", "embed_timestep", "ln_f")
+    run(tmp_path, monkeypatch, hopper_data, *args, "--max_iters", "2", "--freeze_subset", "ln_f", "embed_timestep",
+        "--resume")
+    assert "resuming" in capsys.readouterr().err
+    assert same_flag_value("include", ["mlp", "attn"], ["attn", "mlp"])
+    assert not same_flag_value("freeze_subset", ["ln_f"], ["ln_f", "wpe"])
+    assert not same_flag_value("env_targets", [1, 2], [2, 1])       # (the first target is the one a run selects by)
