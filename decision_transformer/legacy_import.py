@@ -460,8 +460,19 @@ class ModelFile:
 
     @property
     def model_class(self) -> str:
-        """The recorded ``model_class``, ``dt`` when none is recorded."""
-        return self.config.get("model_class") or "dt"
+        """The recorded ``model_class``; where none is recorded (a bare state dict) the kind its tensors show: a
+        multi-task DT's per-env layers (``embed_states.{i}``), else ``dt``."""
+        from decision_transformer.models.multi_decision_transformer import MODEL_CLASS
+
+        recorded = self.config.get("model_class")
+        if recorded:
+            return recorded
+        return MODEL_CLASS if any(k.startswith("embed_states.") for k in self.state_dict) else "dt"
+
+    @property
+    def bare(self) -> bool:
+        """Whether the file is a bare state dict: tensors only, no stored config (flags, model config, envs)."""
+        return not self.config and not self.legacy
 
     @property
     def is_multi(self) -> bool:
@@ -752,6 +763,10 @@ def build_model(mf: ModelFile, device=None, fallback_config=None, max_length: in
     from decision_transformer.models.multi_decision_transformer import MultiDecisionTransformer, MultiDTConfig
 
     mc = mf.config.get("model_config")
+    if mf.is_multi and not isinstance(mc, dict):
+        raise UserError(f"{mf.path}: a multi-task state dict without a stored config: nothing records its envs and "
+                        f"sizes to rebuild the model from (experiment_multi.py --load_checkpoint loads a bare state "
+                        f"dict into the model its flags build)")
     try:
         if mf.is_multi:
             cfg = MultiDTConfig.from_dict(mc)

@@ -459,9 +459,7 @@ def merge_multi_states(sources: Sequence[ModelFile], args, device, fishers=None,
     """LAWSON's ``setup_multi`` over N ≥ 2 multi-task models, each specialised on one distinct env: the blocks
     ``transformer.h`` (every floating tensor, no include filter) merged with the method, ``ln_f``/``wpe``/``wte``/
     ``embed_timestep`` from model 1, and each model's own env's embeddings, ``embed_ln`` and action head copied into
-    that env's slots. Returns (state, specializations)."""
-    from decision_transformer.models.multi_decision_transformer import MultiDTConfig
-
+    that env's slots (each model's slot looked up in its own config's envs). Returns (state, specializations)."""
     method = resolve_method(args)
     check_multi_sources(sources, method)
     specs = [s.specializations[0] for s in sources]
@@ -473,20 +471,39 @@ def merge_multi_states(sources: Sequence[ModelFile], args, device, fishers=None,
     if method in ("task_arithmetic", "ties") and base is None:
         base = resolve_base(args, sources)
     merged = merge_states(method, states, keys, args, fishers=fishers, base=base, device=device)
-    envs = MultiDTConfig.from_dict(sources[0].config["model_config"]).envs
+    envs = _model_envs(sources[0])   # the merged model's per-env slots: model 1's
     for s, env in zip(sources, specs):
+        own = _model_envs(s)         # a model may list its envs in another order: its slot is looked up in its own
+        if env not in own:
+            raise UserError(f"{s.path}: specialisation {env!r} is not one of the model's envs {own}")
         if env not in envs:
-            raise UserError(f"{s.path}: specialisation {env!r} is not one of the model's envs {envs}")
-        i = envs.index(env)
-        for prefix in ("embed_returns", "embed_states", "embed_actions", "embed_lns", "predict_actions"):
-            p = f"{prefix}.{i}."
+            raise UserError(f"{s.path}: specialisation {env!r} has no slot in the merged model (model 1, "
+                            f"{sources[0].path}, has the envs {envs})")
+        src, dst = own.index(env), envs.index(env)
+        for prefix in PER_ENV_LAYERS:
+            p = f"{prefix}.{src}."
             for k, v in s.state_dict.items():
                 if k.startswith(p):
-                    merged[k] = v.detach().clone().to(device) if device is not None else v.detach().clone()
+                    out = f"{prefix}.{dst}.{k[len(p):]}"
+                    if out not in merged or merged[out].shape != v.shape:
+                        raise UserError(f"{s.path}: {k} ({env}) has no counterpart of its shape {list(v.shape)} in "
+                                        f"the merged model's {out}")
+                    merged[out] = v.detach().clone().to(device) if device is not None else v.detach().clone()
     n, _, frac = merging.merged_fraction(merged, merged_keys)
-    log(f"multi merge: {method} of {len(sources)} models over {n} block tensors ({frac:.1%} of the parameters); "
-        f"per-env layers from the model specialised on each env ({', '.join(specs)})")
+    log(f"multi merge: {merge_words(method, len(sources), args.p)} over {n} block tensors ({frac:.1%} of the "
+        f"parameters); per-env layers from the model specialised on each env ({', '.join(specs)})")
     return merged, specs
+
+
+#: the multi-task DT's per-env module lists (state-dict keys ``{name}.{env index}.…``)
+PER_ENV_LAYERS = ("embed_returns", "embed_states", "embed_actions", "embed_lns", "predict_actions")
+
+
+def _model_envs(mf: ModelFile) -> list[str]:
+    """The envs of a multi-task model file, in the order of its per-env slots (its config's ``envs``)."""
+    from decision_transformer.models.multi_decision_transformer import MultiDTConfig
+
+    return list(MultiDTConfig.from_dict(mf.config["model_config"]).envs)
 
 
 # ---- experiment.py's hook -----------------------------------------------------------------------------------------------

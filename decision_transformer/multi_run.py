@@ -26,7 +26,7 @@ from decision_transformer import distributed
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
 from decision_transformer.checkpoint import (WORKING_DIR, atomic_save, check_same_behaviour, load_state_into,
-                                             make_checkpoint, new_exp_id)
+                                             make_checkpoint, new_exp_id, weights_digest)
 from decision_transformer.cli import THREADS_HELP, HelpFormatter, add_fast_path_flags, add_optim_flags
 from decision_transformer.envs import DEFAULT_ENV_VERSION, SUPPORTED_ENV_VERSIONS, get_env_spec
 from decision_transformer.errors import UserError
@@ -183,6 +183,36 @@ def check_multi_args(args):
     if args.eval_merge_pre and args.num_eval_episodes == 0:
         raise UserError("--eval_merge_pre picks --p_list's p by evaluating each, but --num_eval_episodes 0 evaluates "
                         "nothing")
+    if args.multi_pretrained_models:   # (as merge_cli: --p weights the two models of a mean or Fisher merge only)
+        from decision_transformer.merge_setup import resolve_method, warn_inert_p
+
+        warn_inert_p(args.p, resolve_method(args), len(args.multi_pretrained_models))
+    check_idle_run(args)
+
+
+def check_idle_run(args):
+    """Runs that do nothing say so: ``--eval_merge_pre`` without training (every blend is the starting model), and
+    runs that neither train nor evaluate (``--eval_only`` / ``--num_steps_per_iter 0`` with ``--num_eval_episodes
+    0``, or ``--max_iters 0``, which is said at the end, as ``experiment.py`` does); refused where such a run would
+    write nothing either (no ``--outdir``, no ``--save_model``) and merges nothing."""
+    train = not args.eval_only and args.num_steps_per_iter > 0
+    idle = "--eval_only" if args.eval_only else "--num_steps_per_iter 0"
+    if args.eval_merge_pre and not train and args.max_iters > 0:
+        log(f"warning: --eval_merge_pre with {idle}: nothing is trained, so every blend (1-p)·pre + p·post of "
+            f"--p_list is the starting model itself, and each p evaluates the same weights")
+    if args.max_iters > 0 and (train or args.num_eval_episodes > 0):
+        return
+    what = "--max_iters 0" if args.max_iters == 0 else f"{idle} with --num_eval_episodes 0"
+    writes = ([f"its run folder in {Path(args.outdir) / 'multi'} (config.json, the starting weights model_0.pt"
+               + (", metrics without scores)" if args.max_iters else ")")] if args.outdir else []) + \
+        (["the model to models/multi/ (--save_model)"] if args.save_model and args.save_mode != "best" else [])
+    if not writes and not args.multi_pretrained_models:
+        raise UserError(f"{what} and --outdir '' without --save_model (--save_mode last or both): nothing would be "
+                        f"trained, evaluated or written")
+    if args.max_iters > 0:
+        log(f"warning: {what}: nothing is trained or evaluated; " + (
+            f"the run only writes {' and '.join(writes)}" if writes else
+            "the merge is computed and checked, then dropped (nothing is written)"))
 
 
 # ---- state statistics -------------------------------------------------------------------------------------------------
@@ -268,8 +298,10 @@ class MultiTrainer:
 
     def __init__(self, model, optimizer, scheduler, data: EnvData, train_envs, *, batch_size, K, generator,
                  grad_clip=GRAD_CLIP, init_reg=None, amp_dtype: torch.dtype | None = None,
-                 compile: bool | str | None = None, rank: int = 0, world_size: int = 1):
+                 compile: bool | str | None = None, rank: int = 0, world_size: int = 1,
+                 merge_pre: str | None = None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.merge_pre = merge_pre                   # fingerprint of the --eval_merge_pre "pre" blocks (--resume)
         self.amp_dtype = amp_dtype                   # bf16 autocast of the forward; the losses are taken in fp32
         self.device_type = next(model.parameters()).device.type
         self.datasets = [(model.env_index(e), data.get(e)) for e in train_envs]
@@ -315,6 +347,28 @@ class MultiTrainer:
     def close(self):
         """Drop the DDP and compile wrappers (see ``Trainer.close``)."""
         self.forward = self.model
+
+    def extra_state(self) -> dict:
+        """What ``--resume`` checks beyond the optimiser, schedule and generators: which reference weights
+        ``--init_reg`` measures from and which "pre" blocks ``--eval_merge_pre`` blends with (fingerprints)."""
+        reg = getattr(self.init_reg, "fingerprint", None)
+        return ({"init_reg_reference": reg} if reg else {}) | \
+            ({"merge_pre_reference": self.merge_pre} if self.merge_pre else {})
+
+    def load_extra_state(self, state: dict):
+        """ValueError when the ``--init_reg`` reference weights or the ``--eval_merge_pre`` "pre" blocks, rebuilt
+        from the files the run starts from, are not those the run saved (a state without the record is taken as
+        it is)."""
+        where = ("the weights training started from: the --pretrained_model, --load_checkpoint or --pretrained_lm "
+                 "files, or the merged models")
+        saved, reg = state.get("init_reg_reference"), getattr(self.init_reg, "fingerprint", None)
+        if reg is not None and saved is not None and saved != reg:
+            raise ValueError(f"the --init_reg reference weights ({where}) are not those the run started with (were "
+                             f"they replaced?); restore them, or start the run afresh")
+        saved = state.get("merge_pre_reference")
+        if self.merge_pre is not None and saved is not None and saved != self.merge_pre:
+            raise ValueError(f"the --eval_merge_pre \"pre\" blocks ({where}) are not those the run started with "
+                             f"(were they replaced?); restore them, or start the run afresh")
 
     def train_step(self):
         """One step on one batch per training env; returns (total loss, [per-env losses], init_reg loss or
@@ -461,6 +515,10 @@ def fisher_datasets(src: ModelFile, envs, dataset: str, data: EnvData, args, dev
 def merged_model(args, data: EnvData, device) -> tuple[MultiDecisionTransformer, dict]:
     """``--multi_pretrained_models``: LAWSON's ``setup_multi`` (uniform or Fisher; task arithmetic / TIES added)."""
     sources = [load_model_file(p) for p in args.multi_pretrained_models]
+    for s in sources:
+        if s.bare and s.is_multi:   # (it would read as a model of no specialisation)
+            raise UserError(f"{s.path}: a bare multi-task state dict: it has no stored config (envs, sizes, "
+                            f"specialisation) to merge it by")
     fisher_mod.warn_context(sources, args.K, log)
     method = resolve_method(args)
     check_multi_sources(sources, method)  # before any Fisher is computed
@@ -494,7 +552,10 @@ def resume_signature(args) -> dict:
     """The flags a resumed multi-task run must share with the run it continues (a missing ``--seed`` matches any)."""
     from decision_transformer.run import resume_signature as flags
 
-    return {k: v for k, v in flags(args).items() if not (k == "seed" and v is None)}
+    out = {k: v for k, v in flags(args).items() if not (k == "seed" and v is None)}
+    if out.get("freeze_subset"):   # substrings any of which freezes a parameter: their order changes nothing (as
+        out["freeze_subset"] = sorted(out["freeze_subset"])   # checkpoint.same_flag_value; the sweep's run lock)
+    return out
 
 
 def find_resume_dir(args) -> Path:
@@ -557,8 +618,13 @@ def _run_multi(args, take_lock) -> dict:
     score_envs = train_envs if (args.score_selected and args.selected_training) else envs
 
     pre = load_model_file(args.pretrained_model) if args.pretrained_model else None
+    if pre is not None and pre.bare and pre.is_multi:
+        raise UserError(f"{args.pretrained_model}: a bare multi-task state dict: it has no stored config (envs, "
+                        f"sizes, flags) to build the model from; --load_checkpoint reads bare state dicts (into the "
+                        f"model these flags build)")
     if pre is not None and not pre.is_multi:
-        raise UserError(f"{args.pretrained_model}: not a multi-task model (config model_class {pre.model_class!r})")
+        what = "a bare state dict of a single-task DT" if pre.bare else f"config model_class {pre.model_class!r}"
+        raise UserError(f"{args.pretrained_model}: not a multi-task model ({what})")
     ckpt_ref = pre or (load_model_file(args.load_checkpoint) if args.load_checkpoint else None)
     for mf in [m for m in (pre, ckpt_ref) if m is not None and m.is_multi]:
         check_covers_envs(mf)
@@ -604,7 +670,8 @@ def _run_multi(args, take_lock) -> dict:
                                    K=args.K, generator=generator,
                                    grad_clip=None if args.remove_grad_clip else GRAD_CLIP, init_reg=init_reg,
                                    amp_dtype=autocast_dtype(args.precision, device), compile=args.compile,
-                                   rank=ctx.rank, world_size=ctx.world_size)
+                                   rank=ctx.rank, world_size=ctx.world_size,
+                                   merge_pre=weights_digest(transformer_pre) if args.eval_merge_pre else None)
         except ValueError as e:
             raise UserError(str(e)) from None
 
@@ -721,8 +788,18 @@ def _run_multi(args, take_lock) -> dict:
                 save_train_state(run_dir / TRAIN_STATE, model, config, trainer, optimizer, scheduler, generator,
                                  iteration=it, best_score=best_score, exp_id=exp_id, elapsed=time.time() - t0,
                                  **data_record())
-        if args.save_model and args.save_mode in ("last", "both"):
-            save(model.state_dict(), models_dir / f"dt_{exp_prefix}.pt", args.max_iters)
+        last = models_dir / f"dt_{exp_prefix}.pt"
+        if args.save_model and args.save_mode in ("last", "both") and resume_dir is not None \
+                and start_iter >= args.max_iters and last.is_file():   # (as experiment.py; written whole)
+            log(f"{last}: the last model is written already (no iteration trained since)")
+        elif args.save_model and args.save_mode in ("last", "both"):
+            save(model.state_dict(), last, args.max_iters)
+        if args.max_iters == 0:   # (as experiment.py)
+            what = ("the merged model" if args.multi_pretrained_models else
+                    f"the model of {args.load_checkpoint or args.pretrained_model}"
+                    if args.load_checkpoint or args.pretrained_model else "the initial model")
+            where = f"; {run_dir / 'model_0.pt'} holds {what}" if run_dir is not None else ""
+            log(f"--max_iters 0: no iteration trained or evaluated{where}")
     finally:
         logger.finish()
         for p in pools.values():
