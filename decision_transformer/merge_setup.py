@@ -435,6 +435,9 @@ def check_multi_sources(sources: Sequence[ModelFile], method: str):
     for s in sources:
         if not s.is_multi:
             raise UserError(f"{s.path}: not a multi-task model (config model_class {s.model_class!r})")
+        if s.bare:   # (it would read as a model of no specialisation)
+            raise UserError(f"{s.path}: a bare multi-task state dict: it has no stored config (envs, sizes, "
+                            f"specialisation) to merge it by")
         if len(s.specializations) != 1:
             raise UserError(f"{s.path}: a merged multi-task model must be specialised on exactly one env, this one "
                             f"has {s.specializations or 'none'} (finetune it with --selected_training ENV)")

@@ -515,13 +515,9 @@ def fisher_datasets(src: ModelFile, envs, dataset: str, data: EnvData, args, dev
 def merged_model(args, data: EnvData, device) -> tuple[MultiDecisionTransformer, dict]:
     """``--multi_pretrained_models``: LAWSON's ``setup_multi`` (uniform or Fisher; task arithmetic / TIES added)."""
     sources = [load_model_file(p) for p in args.multi_pretrained_models]
-    for s in sources:
-        if s.bare and s.is_multi:   # (it would read as a model of no specialisation)
-            raise UserError(f"{s.path}: a bare multi-task state dict: it has no stored config (envs, sizes, "
-                            f"specialisation) to merge it by")
-    fisher_mod.warn_context(sources, args.K, log)
     method = resolve_method(args)
     check_multi_sources(sources, method)  # before any Fisher is computed
+    fisher_mod.warn_context(sources, args.K, log)
     for s in sources:
         check_covers_envs(s)
     fishers = None

@@ -197,6 +197,11 @@ def test_a_bare_multi_task_state_dict_is_named_as_such(data, tmp_path, monkeypat
     other = save_multi(tmp_path / "w.pt", multi_model(seed=3), ["walker2d"])
     msg = fails(experiment_multi.main, [*argv, "--eval_only", "--multi_pretrained_models", bare, other], capsys)
     assert "bare.pt: a bare multi-task state dict" in msg, msg
+    from decision_transformer import merge_cli    # merge_cli's multi-task merge says the same
+
+    msg = fails(merge_cli.main, ["--models", bare, other, "--out", tmp_path / "m.pt"], capsys)
+    assert msg == (f"error: {bare}: a bare multi-task state dict: it has no stored config (envs, sizes, "
+                   f"specialisation) to merge it by")
     experiment_multi.main([str(a) for a in [*argv, "--load_checkpoint", bare, "--outdir", ""]])
     single = tmp_path / "single.pt"   # a bare single-task state dict is named as one
     from decision_transformer.models import DecisionTransformer, DTConfig
