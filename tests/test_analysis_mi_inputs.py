@@ -336,7 +336,7 @@ def test_some_nan_estimates_or_one_all_nan_block_are_not_warned_about(tmp_path, 
     res.mkdir()
     x = np.linspace(0, 1, 8)
     x[3] = np.nan
-    np.savez(res / "mi_xy_0_40_dt_hopper_medium_666.npz", **_xy(x=x))
+    np.savez(res / "mi_xy_0_40_dt_hopper_medium_666.npz", **_xy(x=x, depth=np.array(1)))   # all of a 1-block model
     partial = np.ones((2, 3))
     partial[:, 1] = np.nan                                       # some NaN in every block, all NaN in none but 0
     np.savez(res / "mi_40_dt_hopper_medium_666.npz", **{"0.mlp.dropout": np.full((2, 3), np.nan),
@@ -359,7 +359,7 @@ def test_some_nan_estimates_or_one_all_nan_block_are_not_warned_about(tmp_path, 
 def test_missing_models_and_envs_are_warned_about(tmp_path, capsys):
     res, figs = tmp_path / "res", tmp_path / "figs"
     res.mkdir()
-    np.savez(res / "mi_xy_0_40_dt_hopper_medium_666.npz", **_xy())
+    np.savez(res / "mi_xy_0_40_dt_hopper_medium_666.npz", **_xy(depth=np.array(1)))   # all of a 1-block model
     np.savez(res / "mi_40_dt_hopper_medium_666.npz", **{f"{b}.mlp.dropout": np.ones((2, 3)) for b in range(2)})
     for w in ("state", "rtg"):
         np.save(res / f"mi_data_{w}_action_hopper_medium_666.npy", np.linspace(0, 1, 3))

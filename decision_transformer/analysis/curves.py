@@ -376,8 +376,8 @@ def _block_figure(args, env: str, plt, res: Path) -> common.Outputs:
                {"color": block_color(b, depth), "lw": 1.2}) for b in range(depth)]
     curves += [(f"{common.model_label(k.model)} K=1", k,
                 {"color": common.model_color(k.model), "ls": "--", "lw": 1.6}) for k in ref_keys]
-    drawn = 0
-    for label, key, style in curves:
+    drawn = 0                       # block curves of the return drawn: the reference runs alone are no figure
+    for n, (label, key, style) in enumerate(curves):
         for ax, met in zip(axes, (metric, ACTION_ERROR)):
             s = _try_series(args, key, met, max_epoch, missing if met == metric else None)
             if s is None:
@@ -385,7 +385,7 @@ def _block_figure(args, env: str, plt, res: Path) -> common.Outputs:
             y = ema_smooth(s[1], args.smoothing, args.legacy_smoothing)
             ax.plot(s[0], y, label=label, **style)
             rows += [[label, met, int(i), float(v), float(w)] for i, v, w in zip(s[0], s[1], y)]
-            drawn += met == metric
+            drawn += met == metric and n < depth
     if not drawn:
         plt.close(fig)
         raise NoBlockRuns(f"no block-replacement runs for {env}: " + "; ".join(missing[:2]))
@@ -432,16 +432,25 @@ def run_grad_clip(args) -> common.Outputs:
     plt = common.pyplot()
     outs = common.Outputs()
     res = common.out_dir(args.results_dir)
+    missing = []
     for env in args.env_name_list:
         metric = return_key(env, args.target)
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
-        rows = []
+        rows, drawn = [], 0
         for ngc, label, ls in ((False, "with grad clip", "-"), (True, "without grad clip", "--")):
             key = RunKey(args.model_name, args.dataset_name, env, args.seed, args.K, no_grad_clip=ngc)
             for ax, met in zip(axes, (metric, ACTION_ERROR)):
-                it, val = _series(args, key, met, args.max_epoch)
+                # a run without metrics (or without this metric) is skipped with a note, as in the other curves
+                s = _try_series(args, key, met, args.max_epoch, missing)
+                if s is None:
+                    continue
+                it, val = s
                 ax.plot(it, val, ls=ls, marker=".", label=label, color=common.model_color(args.model_name))
                 rows += [[label, met, int(i), float(v)] for i, v in zip(it, val)]
+                drawn += met == metric
+        if not drawn:                   # neither run of this env has the return: no figure (an empty one was drawn)
+            plt.close(fig)
+            continue
         axes[0].set_ylabel("return (mean)")
         axes[1].set_ylabel("action error")
         for ax in axes:
@@ -453,4 +462,7 @@ def run_grad_clip(args) -> common.Outputs:
                 f"{common.run_k_tag(args.K)}{target_tag(args)}")   # (each K's figure its own: run_all draws one per K)
         outs.figures.append(common.save_figure(fig, args.figs_dir, stem))
         outs.files.append(common.save_csv(res / f"{stem}.csv", ["curve", "metric", "epoch", "value"], rows))
+    if not outs.figures:
+        raise UserError("no runs found for the gradient-clip figure: " + "; ".join(common.unique(missing)[:3]))
+    outs.notes += common.unique(f"skipped: {msg}" for msg in missing)
     return outs

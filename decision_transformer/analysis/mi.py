@@ -563,6 +563,26 @@ def _check_one_depth(loaded: list, pattern: Path):
                     f"rerun run_mi_exp.py")
 
 
+def _default_blocks(depth: int) -> list[int]:
+    """The blocks run_mi_exp.py's ``normal`` writes without ``--layers``: first, middle, last."""
+    return sorted({0, depth // 2, depth - 1})
+
+
+def _missing_blocks(loaded: list) -> tuple[int, list[int]] | None:
+    """(depth, missing blocks) of one model's ``normal`` results (``loaded``: [(file, block, result)], one depth, see
+    ``_check_one_depth``) that hold some but not all of the blocks run_mi_exp.py writes by default (a run killed
+    between two blocks leaves the later ones out); None when complete, without a recorded depth (older results: the
+    gap cannot be told), or when a block outside the default ones shows that ``--layers`` chose the blocks."""
+    depth = next((int(d["depth"].item()) for _, _, d in loaded if "depth" in d), None)
+    if depth is None:
+        return None
+    default, have = _default_blocks(depth), {b for _, b, _ in loaded}
+    if not have <= set(default):
+        return None
+    gap = [b for b in default if b not in have]
+    return (depth, gap) if gap else None
+
+
 def _depth_rows(found: dict) -> list[dict]:
     """Figure 2's rows: each model's blocks placed by relative depth (block / (depth - 1)), so a row holds blocks at
     the same depth of every model (GPT2's block 11 next to iGPT's block 23, a 2-block model's block 1 in the deep
@@ -609,7 +629,7 @@ def plot_mi(args) -> common.Outputs:
     ktag = _tags(args)
     tail = lambda m: f"{args.epoch}_{m}_{args.env_name}_{args.dataset_name}_{args.seed}{ktag}"
     if args.exp_type == "normal":
-        found, missing, empty, drawn = {}, [], [], []
+        found, missing, empty, drawn, gaps = {}, [], [], [], []
         for m in args.model_name_list:
             files = sorted((f for f in res.glob(f"mi_xy_*_{tail(m)}.npz") if f.name.split("_")[2].isdigit()),
                            key=lambda f: int(f.name.split("_")[2]))
@@ -625,6 +645,16 @@ def plot_mi(args) -> common.Outputs:
                     if nan:
                         empty.append(f"{f}: every {' and '.join(nan)} estimate is NaN; nothing of it is drawn")
                 _check_one_depth(loaded, res / f"mi_xy_*_{tail(m)}.npz")
+                gap = _missing_blocks(loaded)
+                if gap:
+                    depth, blocks = gap
+                    names = ", ".join(str(res / f"mi_xy_{b}_{tail(m)}.npz") for b in blocks)
+                    which = f"block{'s' * (len(blocks) > 1)} {', '.join(map(str, blocks))}"
+                    gaps.append(f"{names} not found: {m} (depth {depth}) lacks {which} of the blocks run_mi_exp.py "
+                                f"writes ({', '.join(map(str, _default_blocks(depth)))}; a run killed before its last "
+                                f"block leaves the later ones out), so the figure draws {m} without "
+                                f"{'them' if len(blocks) > 1 else 'it'}; rerun run_mi_exp.py --model_name {m} "
+                                f"--env_name {args.env_name} --epoch {args.epoch} with the flags of its other files")
                 found[m] = [(b, d) for _, b, d in loaded]
                 drawn += files
         if not found:
@@ -632,7 +662,7 @@ def plot_mi(args) -> common.Outputs:
                             f"{_SAME_FLAGS})")
         for f in missing:
             common.warn(f"{f} not found; that model is left out of the figure")
-        for line in empty:
+        for line in gaps + empty:
             common.warn(line)
         _warn_batches(drawn)
         rows = _depth_rows(found)
