@@ -80,6 +80,19 @@ def hopper_data(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def multi_medium_data(tmp_path_factory) -> Path:
+    """A folder with synthetic ``{env}-medium-v2.pkl`` datasets of hopper, halfcheetah and walker2d (300 steps each,
+    episodes of at most 50), for multi-task runs."""
+    from decision_transformer.models.multi_decision_transformer import MULTI_ENVS
+    from decision_transformer.synthetic import make_dataset
+
+    d = tmp_path_factory.mktemp("multi_medium_data")
+    for i, env in enumerate(MULTI_ENVS):
+        make_dataset(d, env, "medium", 300, seed=i, max_ep_len=50)
+    return d
+
+
 def write_source_models(root: Path, envs, *, n: int, max_ep_len: int, id_base: int) -> tuple[Path, Path, dict]:
     """``root/data`` with one medium dataset per env and ``root/models/{env}/dt_gym-experiment-{env}-medium-{id}_best.pt``
     per env: tiny DTs (16 x 1) with a stored config, the same seeded init and blocks perturbed per env, so that merges

@@ -19,14 +19,8 @@ def files(folder) -> dict:
 
 
 @pytest.fixture(scope="module")
-def multi_data(tmp_path_factory):
-    from decision_transformer.models.multi_decision_transformer import MULTI_ENVS
-    from decision_transformer.synthetic import make_dataset
-
-    d = tmp_path_factory.mktemp("multi_data")
-    for i, env in enumerate(MULTI_ENVS):
-        make_dataset(d, env, "medium", 300, seed=i, max_ep_len=50)
-    return d
+def multi_data(multi_medium_data):
+    return multi_medium_data
 
 
 # ---- --resume with a config.json that is JSON but not an object ------------------------------------------------------

@@ -19,13 +19,8 @@ SMALL = ["--K", "5", "--embed_dim", "16", "--n_layer", "1", "--batch_size", "4",
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from decision_transformer.synthetic import make_dataset
-
-    d = tmp_path_factory.mktemp("multi_audit_data")
-    for i, env in enumerate(MULTI_ENVS):
-        make_dataset(d, env, "medium", 200, seed=i, max_ep_len=40)
-    return d
+def data(multi_medium_data):
+    return multi_medium_data
 
 
 def multi_model(seed=0, envs=None):
