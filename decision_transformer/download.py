@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -66,10 +67,13 @@ def _offline_error(url: str, reason) -> UserError:
 
 
 def download_file(url: str, dest: str | os.PathLike, *, size: int | None = None, sha256: str | None = None,
-                  timeout: float = 30.0, max_attempts: int = 5, progress: bool = True) -> Path:
+                  timeout: float = 30.0, max_attempts: int = 5, progress: bool = True,
+                  retry_wait: float = 1.0) -> Path:
     """Download ``url`` to ``dest`` via ``dest.part``, resuming a partial ``.part`` with a Range request and
-    retrying a broken transfer up to ``max_attempts`` times. The finished file must have ``size`` bytes and the
-    ``sha256`` digest (when given), else the ``.part`` is deleted and a UserError raised."""
+    retrying a broken transfer up to ``max_attempts`` times (the n-th retry after ``n * retry_wait`` seconds). A host
+    that cannot be reached at the first attempt is the offline error at once (a ``.part`` is kept for a later run).
+    The finished file must have ``size`` bytes and the ``sha256`` digest (when given), else the ``.part`` is deleted
+    and a UserError raised."""
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise UserError(f"{url}: only http(s) URLs are supported")
     dest = Path(dest)
@@ -78,6 +82,8 @@ def download_file(url: str, dest: str | os.PathLike, *, size: int | None = None,
     bar = None
     try:
         for attempt in range(max_attempts):
+            if attempt:
+                time.sleep(attempt * retry_wait)   # (a brief network blip should not end a long download)
             have = part.stat().st_size if part.exists() else 0
             if size is not None and have > size:  # cannot be a prefix of the right file
                 part.unlink()
@@ -94,8 +100,12 @@ def download_file(url: str, dest: str | os.PathLike, *, size: int | None = None,
                     break
                 raise UserError(f"{url}: HTTP {e.code} {e.reason}") from None
             except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as e:
-                if attempt == 0 and not have:
-                    raise _offline_error(url, getattr(e, "reason", e)) from None
+                if attempt == 0:
+                    err = _offline_error(url, getattr(e, "reason", e))
+                    if have:
+                        err = UserError(f"{err} (the {have} bytes downloaded so far are kept in {part}: run again "
+                                        f"to resume)")
+                    raise err from None
                 continue
             with resp:
                 if have and resp.status != 206:  # server ignored the range: start again

@@ -193,6 +193,22 @@ def test_size_mismatch_and_http_errors(tmp_path):
         download_file("file:///etc/passwd", tmp_path / "x", progress=False)
 
 
+def test_no_network_with_a_partial_download_is_the_offline_advice(tmp_path, capsys):
+    """A ``.part`` left by an earlier run and no network: the same one-line advice as without one (not "incomplete
+    after 5 attempts"), the part kept for a later run."""
+    url = _closed_port_url()
+    part = tmp_path / "hopper_medium-v2.hdf5.part"
+    part.write_bytes(b"x" * 1000)
+    with pytest.raises(SystemExit) as e:
+        script.main(["--envs", "hopper", "--datasets", "medium", "--hdf5_dir", str(tmp_path),
+                     "--data_path", str(tmp_path), "--base_url", url, "--no_progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot download") and "--hdf5" in err and "\n" not in err, err
+    assert err.endswith(f"(the 1000 bytes downloaded so far are kept in {part}: run again to resume)"), err
+    assert part.read_bytes() == b"x" * 1000
+
+
 def _closed_port_url():
     import socket
 
