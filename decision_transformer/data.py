@@ -78,11 +78,24 @@ def synthetic_stand_in(path: str | os.PathLike) -> str | None:
     return None if mark is None else str(mark)
 
 
+def check_dataset_place(data_path: str | os.PathLike, env: str, dataset: str):
+    """``data_path`` is no file and holds no folder named like the dataset's pkl or hdf5: said at once, before a
+    dataset is generated for minutes only to find it cannot be written there."""
+    data_path = Path(data_path)
+    if data_path.exists() and not data_path.is_dir():
+        raise UserError(f"--data_path {data_path}: a file, not a folder of datasets")
+    for c in (data_path / pkl_name(env, dataset), data_path / hdf5_name(env, dataset)):
+        if c.exists() and not c.is_file():
+            raise UserError(f"{c}: a folder (or other non-file) where the dataset file belongs; move it away or pass "
+                            f"another --data_path")
+
+
 def find_dataset_file(data_path: str | os.PathLike, env: str, dataset: str) -> Path:
     """The pkl in ``data_path`` if present, else a D4RL hdf5 with D4RL's name in ``data_path`` or D4RL's cache. A
     smoke-test stand-in in D4RL's cache (``download_d4rl_datasets.py --synthetic``) is passed over: it is not the
     dataset (its conversion went to the ``--data_path`` of that command)."""
     data_path = Path(data_path)
+    check_dataset_place(data_path, env, dataset)
     candidates = [data_path / pkl_name(env, dataset), data_path / hdf5_name(env, dataset)]
     d4rl_dir = os.environ.get("D4RL_DATASET_DIR", os.path.join(os.path.expanduser("~"), ".d4rl", "datasets"))
     candidates.append(Path(d4rl_dir) / hdf5_name(env, dataset))

@@ -474,10 +474,11 @@ def ensure_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, gene
     """The dataset file the scripts should read: an existing ``{env}-{dataset}-v2.pkl`` (or D4RL hdf5, found as
     ``data.find_dataset_file`` does), else one generated from the bundled behaviour policies (``generate=True``).
     Raises a one-line UserError when neither is possible."""
-    from decision_transformer.data import find_dataset_file
+    from decision_transformer.data import check_dataset_place, find_dataset_file
 
     get_env_spec(env)
     check_dataset_name(dataset)
+    check_dataset_place(data_path, env, dataset)
     try:
         return find_dataset_file(data_path, env, dataset)
     except UserError:

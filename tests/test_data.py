@@ -1161,3 +1161,20 @@ def test_loading_an_hdf5_reads_only_the_trajectory_arrays(tmp_path):
         f.create_dataset("infos/qpos", shape=(10**11,), dtype="f4", chunks=(2**20,), compression="gzip")
     assert len(load_trajectories(path, "hopper")) == 2
     assert "infos/qpos" not in read_hdf5(path, ("observations",)) and "observations" in read_hdf5(path, ("observations",))
+
+
+def test_a_folder_where_the_dataset_belongs_is_said_before_generating(tmp_path, monkeypatch):
+    """A folder named like the dataset pickle (or a --data_path that is a file) is one line at once, not minutes of
+    generation that then cannot write the file (nor "dataset not found" with --no_generate)."""
+    from decision_transformer import generation
+
+    monkeypatch.setattr(generation, "generate_dataset", lambda *a, **k: pytest.fail("generated"))
+    (tmp_path / "hopper-medium-v2.pkl").mkdir()
+    for generate in (True, False):
+        with pytest.raises(UserError) as e:
+            generation.ensure_dataset(tmp_path, "hopper", "medium", generate=generate)
+        assert str(e.value) == (f"{tmp_path / 'hopper-medium-v2.pkl'}: a folder (or other non-file) where the dataset "
+                                f"file belongs; move it away or pass another --data_path")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match=r"--data_path .*afile: a file, not a folder of datasets"):
+        generation.ensure_dataset(tmp_path / "afile", "hopper", "medium")
