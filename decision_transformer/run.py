@@ -361,7 +361,9 @@ def check_args(args):
                             ("pretrained_block", getattr(args, "pretrained_block", None) is not None),
                             ("disable_attention", getattr(args, "disable_attention", False)),
                             ("share_input_output_proj", getattr(args, "share_input_output_proj", False)),
-                            ("embed_order", getattr(args, "embed_order", "ln_then_time") != "ln_then_time")]
+                            ("embed_order", getattr(args, "embed_order", "ln_then_time") != "ln_then_time"),
+                            # (its own decay group is the transformer's blocks, which the MLP has none of)
+                            ("custom_transformer_decay", getattr(args, "custom_transformer_decay", False))]
         for name, value in transformer_only:
             if value:
                 raise UserError(f"--{name} applies to the Decision Transformer, not to --model_type bc")

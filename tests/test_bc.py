@@ -105,7 +105,7 @@ def test_bc_run_of_experiment_py(tmp_path, monkeypatch, hopper_data):
 
 @pytest.mark.parametrize("flag", [["--pretrained_lm", "gpt2"], ["--frozen"], ["--pretrained_models", "a.pt"],
                                   ["--pretrained_block", "0"], ["--disable_attention"],
-                                  ["--embed_order", "time_then_ln"]])
+                                  ["--embed_order", "time_then_ln"], ["--custom_transformer_decay"]])
 def test_bc_refuses_transformer_flags(tmp_path, monkeypatch, hopper_data, flag, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
