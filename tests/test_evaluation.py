@@ -184,6 +184,26 @@ def test_lockstep_equals_sequential_default_size_halfcheetah():
     np.testing.assert_array_equal(lock.returns, seq.returns)
 
 
+@pytest.mark.parametrize("K", [1, 2])
+def test_a_short_context_gives_an_episode_the_same_return_alone_or_with_others(K):
+    """K=1 (the no-context recipe): one live episode alone would be a one-row matrix product, which BLAS rounds
+    otherwise than a row of several; short contexts are padded to enough rows, so an episode's return does not depend
+    on how many run beside it, and lockstep equals one by one."""
+    spec = get_env_spec("halfcheetah")
+    model = DecisionTransformer(DTConfig(spec.state_dim, spec.act_dim, max_length=K,
+                                         backbone=BackboneConfig(n_embd=16, n_layer=1)), seed=666).eval()
+    mean, std = norm_stats("halfcheetah")
+    pool = ev.EnvPool("halfcheetah")
+    try:
+        alone = ev.evaluate_episodes(model, "halfcheetah", 6000, 1, mean, std, seed=SEED, pool=pool)
+        three = ev.evaluate_episodes(model, "halfcheetah", 6000, 3, mean, std, seed=SEED, pool=pool)
+        seq = ev.evaluate_episodes_sequential(model, "halfcheetah", 6000, 3, mean, std, seed=SEED, pool=pool)
+    finally:
+        pool.close()
+    assert alone.returns[0] == three.returns[0]
+    np.testing.assert_array_equal(three.returns, seq.returns)
+
+
 def test_halfcheetah_divergence_starts_at_rounding_level(models, pools):
     """Where the batched and sequential halfcheetah rollouts part, the first differing action differs by rounding
     only (identical inputs up to that step): the divergence is float batching, not a logic error."""

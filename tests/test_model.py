@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+from decision_transformer.models.decision_transformer import MIN_EVAL_ROWS
 
 DS, DA = 11, 3          # hopper dimensions
 K = 5
@@ -585,9 +586,14 @@ def test_get_action_left_pads_with_zeros(n):
 
     m.forward = spy
     m.get_action(s, a, r, t)
-    assert torch.equal(seen["states"], s_p) and torch.equal(seen["actions"], a_p)
-    assert torch.equal(seen["rtg"], r_p) and torch.equal(seen["timesteps"], t_p)
-    assert torch.equal(seen["mask"].float(), mask)
+    # the M histories, then copies of the first up to MIN_EVAL_ROWS rows (their actions are dropped)
+    rows = -(-MIN_EVAL_ROWS // K)
+    assert rows > M
+    first = [0] * (rows - M)
+    for key, want in (("states", s_p), ("actions", a_p), ("rtg", r_p), ("timesteps", t_p), ("mask", mask)):
+        assert seen[key].shape[0] == rows, key
+        assert torch.equal(seen[key][:M].to(want.dtype), want) and torch.equal(seen[key][M:].to(want.dtype),
+                                                                               want[first]), key
 
 
 def test_get_action_keeps_last_K_steps():

@@ -15,6 +15,10 @@ EMBED_ORDERS = ("ln_then_time", "time_then_ln")
 #: 16 with AVX-512 (MKL 2024, torch 2.13); with 16 rows per history an episode's actions are bit-identical whether it
 #: is evaluated alone or with others on both.
 LAST_ACTION_TAIL = 16
+#: The fewest rows (histories × steps) any matrix product of an evaluation forward runs on: a short context with few
+#: live episodes (K=1 alone is one row: a matrix-vector product, rounded otherwise) is padded with copies of its first
+#: history up to this, so an episode's actions do not depend on how many others run beside it.
+MIN_EVAL_ROWS = LAST_ACTION_TAIL
 
 
 def positive_int(name: str, v) -> None:
@@ -115,10 +119,16 @@ def check_timesteps(timesteps: torch.Tensor):
 
 def last_k_padded(K: int, states, actions, returns_to_go, timesteps):
     """The last K steps of M equal-length histories, left-padded with zeros to length K, and the attention mask
-    (0 at padding, 1 at real steps): the model input of one evaluation step."""
+    (0 at padding, 1 at real steps): the model input of one evaluation step. Fewer than ``MIN_EVAL_ROWS`` / K
+    histories are followed by copies of the first (rows of the output beyond M are theirs: drop them)."""
     states, actions = states[:, -K:], actions[:, -K:]
     returns_to_go, timesteps = returns_to_go[:, -K:], timesteps[:, -K:]
-    t = states.shape[1]
+    M, t = states.shape[:2]
+    extra = -(-MIN_EVAL_ROWS // K) - M
+    if extra > 0:
+        rows = torch.cat([torch.arange(M, device=states.device), torch.zeros(extra, dtype=torch.long,
+                                                                             device=states.device)])
+        states, actions, returns_to_go, timesteps = (x[rows] for x in (states, actions, returns_to_go, timesteps))
     pad = K - t
     mask = torch.cat([torch.zeros(states.shape[0], pad, device=states.device),
                       torch.ones(states.shape[0], t, device=states.device)], dim=1)
@@ -209,7 +219,8 @@ class DecisionTransformer(nn.Module):
         """Next actions for M histories of equal length t: states [M, t, ds], actions [M, t, da],
         returns_to_go [M, t, 1], timesteps [M, t]. Keeps the last K steps, left-pads with zeros (mask 0), and
         returns the action predicted at the last state token, [M, da]."""
+        M = states.shape[0]
         states, actions, returns_to_go, timesteps, mask = last_k_padded(self.config.max_length, states, actions,
                                                                         returns_to_go, timesteps)
         out = self(states, actions, returns_to_go, timesteps, attention_mask=mask, last_action_only=True)
-        return out.action_preds[:, -1]
+        return out.action_preds[:M, -1]

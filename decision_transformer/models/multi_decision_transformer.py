@@ -159,7 +159,8 @@ class MultiDecisionTransformer(nn.Module):
     @torch.no_grad()
     def get_action(self, states, actions, returns_to_go, timesteps):
         """Next actions of the toggled env for M histories of equal length (as ``DecisionTransformer.get_action``)."""
+        M = states.shape[0]
         states, actions, returns_to_go, timesteps, mask = last_k_padded(self.config.max_length, states, actions,
                                                                         returns_to_go, timesteps)
         return self(states, actions, returns_to_go, timesteps, attention_mask=mask,
-                    last_action_only=True).action_preds[:, -1]
+                    last_action_only=True).action_preds[:M, -1]
