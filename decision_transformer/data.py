@@ -427,6 +427,15 @@ def split_episodes(data: dict[str, np.ndarray], source: str = "dataset",
 # Validation
 # --------------------------------------------------------------------------------------------------------------
 
+class CheckedTrajectories(list):
+    """Trajectories ``validate_trajectories`` returned, checked for the env named ``env`` (a ``TrajectoryDataset`` of
+    that env takes them as they are)."""
+
+    def __init__(self, trajs, env: str):
+        super().__init__(trajs)
+        self.env = env
+
+
 def validate_trajectories(trajs, spec: EnvSpec, source: str, *,
                           next_observations: bool = False) -> list[dict[str, np.ndarray]]:
     """Check structure, lengths, dtypes, dimensions and finiteness; return new dicts of the arrays used, as float32,
@@ -497,7 +506,7 @@ def validate_trajectories(trajs, spec: EnvSpec, source: str, *,
         what = "1 trajectory has" if len(outside) == 1 else f"{len(outside)} trajectories (first: {outside[0]}) have"
         print(f"warning: {source}: {what} actions outside [-1, 1], up to {worst:.3g} in size: the model's tanh action head cannot output them; is this "
               f"{spec.name} data with its actions in the env's [-1, 1] range?", file=sys.stderr)
-    return out
+    return CheckedTrajectories(out, spec.name)
 
 
 #: returns-to-go beyond this many times the env's scale (the model reads rtg / scale: about 0-12 for D4RL's data)
@@ -674,14 +683,20 @@ class TrajectoryDataset:
         if isinstance(trajs, tuple) and len(trajs) == 2 and isinstance(trajs[0], (str, os.PathLike)):
             raise TypeError("TrajectoryDataset takes the trajectories; load_dataset returns (data file, trajectories): "
                             "data_file, trajs = load_dataset(...)")
-        for i, t in enumerate(trajs):   # (load_dataset checks all of it; trajectories built by hand, their dims here)
+        for i, t in enumerate(trajs):   # (another env's trajectories named as such, before the checks below)
             if not isinstance(t, dict):
                 raise TypeError(f"trajectory {i} is a {type(t).__name__}, not a dict of arrays")
+            if not all(isinstance(t.get(k), np.ndarray) for k in ("observations", "actions")):
+                continue   # (said by validate_trajectories below)
             dims = (np.shape(t["observations"])[1:], np.shape(t["actions"])[1:])
             if dims != ((spec.state_dim,), (spec.act_dim,)):
                 raise UserError(f"trajectory {i} has observations of shape {list(np.shape(t['observations']))} and "
                                 f"actions of shape {list(np.shape(t['actions']))}; {env} has {spec.state_dim} state "
                                 f"and {spec.act_dim} action dimensions")
+        if not (isinstance(trajs, CheckedTrajectories) and trajs.env == spec.name):
+            # trajectories built by hand: checked and converted as load_dataset does (float32 arrays, (T,) rewards,
+            # terminals or the originals' dones, no empty or non-finite one)
+            trajs = validate_trajectories(list(trajs), spec, "trajectories")
         check_mode(mode)
         if mode == "delayed":
             trajs = apply_delayed_mode(trajs)

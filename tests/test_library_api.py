@@ -13,7 +13,7 @@ import torch
 from decision_transformer.analysis.activations import get_activations
 from decision_transformer.analysis.grads import full_batch_param_norms, per_sample_grad_stats
 from decision_transformer.checkpoint import atomic_save, load_model, make_checkpoint
-from decision_transformer.data import TrajectoryDataset, load_dataset
+from decision_transformer.data import TrajectoryDataset, load_dataset, validate_trajectories
 from decision_transformer.envs import get_env_spec
 from decision_transformer.errors import UserError
 from decision_transformer.evaluation import EnvPool, evaluate_episodes, evaluate_episodes_sequential
@@ -192,6 +192,37 @@ def test_trajectories_of_another_env_are_refused(tmp_path):
     with pytest.raises(UserError, match=r"trajectory 0 has observations of shape \[\d+, 11\] and actions of shape "
                                         r"\[\d+, 3\]; walker2d has 17 state and 6 action dimensions"):
         TrajectoryDataset(trajs, "walker2d")
+
+
+def test_trajectories_built_by_hand_are_checked_and_converted_as_load_dataset_does(capsys):
+    """float64 arrays (D4RL's medium-replay, the originals' pickles), the originals' ``dones`` or no terminals at all,
+    (T, 1) rewards: converted as load_dataset converts them, so a Trainer trains on them; an empty trajectory or a NaN
+    is one line. Trajectories load_dataset checked for the env are not checked again (no warning twice)."""
+    rng = np.random.default_rng(0)
+
+    def traj(T=30, **kw):
+        return {"observations": rng.random((T, 11)), "actions": rng.random((T, 3)) * 2 - 1,
+                "rewards": rng.random(T), **kw}
+
+    trajs = [traj(dones=np.zeros(30, bool)), traj(rewards=rng.random((30, 1))), traj(terminals=np.eye(30)[-1])]
+    data = TrajectoryDataset(trajs, "hopper")
+    model = _model()
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.0)
+    trainer = Trainer(model, opt, warmup_schedule(opt, 1), data, batch_size=4, K=K,
+                      generator=torch.Generator().manual_seed(0))
+    assert np.isfinite(trainer.train_iteration(2, iteration=1)["training/train_loss_mean"])
+    assert data.states.dtype == torch.float32 and int(data.dones.sum()) == 1
+    with pytest.raises(UserError, match="^trajectories: trajectory 1 is empty$"):
+        TrajectoryDataset([traj(), traj(T=0)], "hopper")
+    bad = traj()
+    bad["observations"][3, 2] = np.nan
+    with pytest.raises(UserError, match="trajectory 0: 'observations' contains NaN or inf"):
+        TrajectoryDataset([bad], "hopper")
+    long = [traj(T=1200)]                       # (a warning load_dataset gives once)
+    checked = validate_trajectories(long, get_env_spec("hopper"), "long.pkl")
+    assert capsys.readouterr().err.count("longer than") == 1
+    TrajectoryDataset(checked, "hopper")
+    assert "longer than" not in capsys.readouterr().err
 
 
 def test_make_dataset_keeps_an_existing_file(tmp_path):
