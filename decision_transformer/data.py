@@ -140,6 +140,7 @@ _ALLOWED_GLOBALS = {
     ("numpy.core.numeric", "_frombuffer"),
     ("numpy._core.numeric", "_frombuffer"),
     ("collections", "OrderedDict"),
+    ("builtins", "list"),      # (how a pickled CheckedTrajectories is rebuilt: a plain list)
     ("builtins", "bool"),
     ("builtins", "int"),
     ("builtins", "float"),
@@ -434,6 +435,9 @@ class CheckedTrajectories(list):
     def __init__(self, trajs, env: str):
         super().__init__(trajs)
         self.env = env
+
+    def __reduce__(self):   # pickled (a user saving load_dataset's result) as a plain list, which the loader reads
+        return list, (list(self),)
 
 
 def validate_trajectories(trajs, spec: EnvSpec, source: str, *,

@@ -82,7 +82,7 @@ def write_pkl(path: str | os.PathLike, trajectories: list[dict[str, np.ndarray]]
     def write(tmp):
         """Pickle the trajectories into ``tmp``."""
         with open(tmp, "wb") as f:
-            pickle.dump(trajectories, f)
+            pickle.dump(list(trajectories), f)   # (a plain list, as the originals' files)
 
     mark = stand_in_mark_path(path)
     if stand_in is None:

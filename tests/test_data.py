@@ -1178,3 +1178,22 @@ def test_a_folder_where_the_dataset_belongs_is_said_before_generating(tmp_path, 
     (tmp_path / "afile").write_text("x")
     with pytest.raises(UserError, match=r"--data_path .*afile: a file, not a folder of datasets"):
         generation.ensure_dataset(tmp_path / "afile", "hopper", "medium")
+
+
+def test_checked_trajectories_pickled_by_a_user_load_again(tmp_path):
+    """load_dataset's trajectories (a checked list) written with plain pickle, as a user saving a subset would: the
+    file holds a plain list the restricted loader reads back; the toolkit's own writer stores a plain list too."""
+    from decision_transformer.data import CheckedTrajectories, load_trajectories
+    from decision_transformer.synthetic import make_dataset, write_pkl
+
+    make_dataset(tmp_path, "hopper", "medium", 300)
+    trajs = load_trajectories(tmp_path / "hopper-medium-v2.pkl", "hopper")
+    assert isinstance(trajs, CheckedTrajectories) and trajs.env == "hopper"
+    with open(tmp_path / "mine.pkl", "wb") as f:
+        pickle.dump(trajs, f)
+    again = load_trajectories(tmp_path / "mine.pkl", "hopper")
+    assert len(again) == len(trajs) and all(np.array_equal(a["rewards"], b["rewards"]) for a, b in zip(again, trajs))
+    write_pkl(tmp_path / "w.pkl", trajs)
+    assert b"CheckedTrajectories" not in (tmp_path / "w.pkl").read_bytes()
+    with open(tmp_path / "w.pkl", "rb") as f:
+        assert type(pickle.load(f)) is list
