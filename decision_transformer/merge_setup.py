@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
 from decision_transformer.checkpoint import (BEHAVIOUR_FIELDS, check_finite_state, check_loadable, load_state_into,
-                                             recorded_path, same_flag_value)
+                                             recorded_base, recorded_path, same_flag_value)
 from decision_transformer.errors import UserError
 from decision_transformer.files import exclusive
 from decision_transformer.legacy_import import ModelFile, build_model, load_model_file
@@ -251,9 +252,17 @@ def resolve_base(args, sources: Sequence[ModelFile], fresh_state: dict | None = 
             raise UserError(f"--merge_base {base}: a {kind[base_multi]} model, but the models merged are "
                             f"{kind[sources[0].is_multi]}; task vectors need the model they were trained from")
         return mf.state_dict
-    if getattr(args, "pretrained_lm", None) and fresh_state is not None:
-        return fresh_state
     first = sources[0]
+    lm = getattr(args, "pretrained_lm", None)
+    if lm and fresh_state is not None and not first.config:
+        log("merge base: the fresh --pretrained_lm model (model 1 records no run config to rebuild its start from)")
+        return fresh_state
+    recorded_lm = first.config.get("pretrained_lm")
+    if lm and not (recorded_lm and same_flag_value("pretrained_lm", recorded_lm, lm, recorded_base(first.config))):
+        start = f"--pretrained_lm {recorded_lm}" if recorded_lm else "a random initialisation"
+        log(f"warning: model 1 ({first.path}) started from {start}, not from this run's --pretrained_lm {lm}: the "
+            f"task vectors are taken against the initialisation the models started from (pass --merge_base to choose "
+            f"the base)")
     if first.is_multi:
         pre = recorded_path(first.config, first.config.get("pretrained_model"))
         if pre:
@@ -265,6 +274,10 @@ def resolve_base(args, sources: Sequence[ModelFile], fresh_state: dict | None = 
                         f"the base)")
             log(f"merge base: {pre} (the model {first.path} was finetuned from)")
             return load_model_file(pre).state_dict
+    if not first.is_multi:
+        started = _recorded_start(first)
+        if started is not None:
+            return started
     if first.config.get("pretrained_lm"):
         return _rebuild_lm_init(first)
     seed, mc = first.config.get("seed"), first.config.get("model_config")
@@ -286,6 +299,23 @@ def resolve_base(args, sources: Sequence[ModelFile], fresh_state: dict | None = 
             init = DecisionTransformer(DTConfig.from_dict(mc), seed=seed)
     log(f"merge base: the initialisation of {first.path} rebuilt from seed {seed}")
     return init.state_dict()
+
+
+def _recorded_start(first: ModelFile) -> dict | None:
+    """θ₀ of a single-task model 1 whose run did not start from its seeded (or LM) initialisation: the
+    ``--load_checkpoint`` file it was trained from (read when it still exists); a run that started from a merge
+    (``--pretrained_models``) is refused, its start is its run's model_0.pt. None for a run of neither."""
+    if first.config.get("pretrained_models"):
+        raise UserError(f"{first.path}: its run started from a merge of --pretrained_models, not from an initialisation "
+                        f"this can rebuild; pass --merge_base (that run's model_0.pt holds the merged start)")
+    start = recorded_path(first.config, first.config.get("load_checkpoint"))
+    if not start:
+        return None
+    if not Path(start).is_file():
+        raise UserError(f"{first.path}: its run started from --load_checkpoint {start}, which is gone; pass --merge_base "
+                        f"(that file, or the run's model_0.pt)")
+    log(f"merge base: {start} (the --load_checkpoint {first.path} was trained from)")
+    return load_model_file(start).state_dict
 
 
 def _rebuild_lm_init(mf: ModelFile) -> dict:

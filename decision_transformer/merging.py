@@ -337,8 +337,9 @@ def _topk_mask(tau: dict[str, torch.Tensor], density: float) -> dict[str, torch.
     """Keep the ``density`` fraction of entries of largest magnitude over the whole flattened task vector."""
     flat = torch.cat([v.reshape(-1).abs() for v in tau.values()])
     k = int(round(density * flat.numel()))
-    if k <= 0:
-        return {n: torch.zeros_like(v, dtype=torch.bool) for n, v in tau.items()}
+    if k <= 0:   # (every task vector trimmed to nothing: the merge would be the base itself)
+        raise UserError(f"TIES density {density:g} keeps none of a task vector's {flat.numel()} entries "
+                        f"(round(density x entries) = 0), so the merge would be the base itself; raise --ties_density")
     if k >= flat.numel():
         return {n: torch.ones_like(v, dtype=torch.bool) for n, v in tau.items()}
     # threshold = the k-th largest magnitude; ties at the threshold are kept (at most a few extra entries)

@@ -183,28 +183,40 @@ def fresh_lm_state(argv):
     return build_model_from_args(args, get_env_spec(args.env)).state_dict()
 
 
-def test_task_arithmetic_with_pretrained_lm_is_relative_to_the_fresh_lm_model(srcs, tmp_path, monkeypatch):
-    """2 models + --pretrained_lm + task arithmetic (λ = 1): θ = fresh + Σ (θᵢ − fresh) on the merged tensors,
-    the fresh LM-initialised model being the base (not model 1's rebuilt random initialisation)."""
+@pytest.mark.parametrize("bare", [False, True], ids=["recorded_start", "bare_state_dicts"])
+def test_task_arithmetic_with_pretrained_lm_is_relative_to_the_models_start(srcs, tmp_path, monkeypatch, capsys,
+                                                                            bare):
+    """2 models + --pretrained_lm + task arithmetic (λ = 1): θ = θ₀ + Σ (θᵢ − θ₀) on the merged tensors, θ₀ being the
+    initialisation the models started from as their runs record it (here their seeded random one, with a warning that
+    it is not this run's LM: as merge_cli takes it); models that record no run (bare state dicts) take the fresh
+    --pretrained_lm model as θ₀."""
     root, data, paths = srcs
     lm = tiny_lm(tmp_path / "lm")
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
     models = [paths["hopper"], paths["walker2d"]]
+    if bare:
+        for i, p in enumerate(list(models)):
+            models[i] = work / f"bare{i}.pt"
+            torch.save(state(p), models[i])
     argv = ["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models", *map(str, models),
             "--pretrained_lm", str(lm), "--merge_method", "task_arithmetic", "--merge_lambda", "1", "--include",
             "attn", "mlp", "--copy_model", *NO_TRAINING]
+    capsys.readouterr()
     experiment.main(argv)
+    err = capsys.readouterr().err
     (rd,) = listed(work / "checkpoints")
     m0 = state(rd / "model_0.pt")
-    fresh, sds = fresh_lm_state(argv), [state(p) for p in models]
+    sds = [state(p) for p in models]
+    base = fresh_lm_state(argv) if bare else shared_init(paths["hopper"])
     keys = attn_mlp(sds[0])
-    assert len(keys) == 8 and not torch.allclose(fresh[keys[0]], shared_init(models[0])[keys[0]])
+    assert len(keys) == 8 and not torch.allclose(fresh_lm_state(argv)[keys[0]], shared_init(paths["hopper"])[keys[0]])
+    assert ("started from a random initialisation, not from this run's --pretrained_lm" in err) == (not bare)
     assert m0.keys() == sds[0].keys()
     for k in m0:
         if k in keys:
-            torch.testing.assert_close(m0[k], fresh[k] + sum(s[k] - fresh[k] for s in sds), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(m0[k], base[k] + sum(s[k] - base[k] for s in sds), rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(m0[k], sds[0][k]), k
 
