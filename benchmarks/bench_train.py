@@ -206,9 +206,11 @@ def main(argv=None):
     p.add_argument("--K", type=positive_int, default=20)
     p.add_argument("--amp", choices=["none", "bf16"], default=None,
                    help="autocast dtype, on CUDA or CPU (default: bf16 on CUDA, none on CPU)")
-    p.add_argument("--compile", nargs="*", choices=COMPILE_MODES, default=[],
-                   help="also time the on-device path under torch.compile in these modes (--compile of the scripts)")
+    p.add_argument("--compile", nargs="*", choices=COMPILE_MODES, default=None,
+                   help="also time the on-device path under torch.compile in these modes (--compile of the scripts; "
+                        "alone: torch's default mode)")
     args = p.parse_args(argv)
+    args.compile = ["default"] if args.compile == [] else (args.compile or [])
     if args.K > 1000:  # the synthetic episodes are at most 1000 steps
         raise UserError(f"invalid --K {args.K}: at most 1000 (the episode length)")
     device = bench_device(args.device)

@@ -33,6 +33,18 @@ class DistContext:
         return self.world_size > 1
 
 
+def check_batch_split(batch_size: int) -> None:
+    """Under torchrun (``WORLD_SIZE`` processes) the global batch splits evenly over them: checked with the flags,
+    before any data is loaded or generated."""
+    from decision_transformer.errors import UserError
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    world = int(world) if world.isdigit() else 1
+    if world > 1 and batch_size % world:
+        raise UserError(f"batch size {batch_size} is not divisible by {world} processes (torchrun's WORLD_SIZE): "
+                        f"give a --batch_size that is")
+
+
 def setup(device: torch.device) -> tuple[DistContext, torch.device]:
     """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1); returns the context and this rank's
     device (``cuda:LOCAL_RANK`` on GPUs, the given device otherwise). A no-op for plain runs."""

@@ -162,6 +162,7 @@ def check_multi_args(args):
 
     if args.model_type != "dt":
         raise UserError(f"--model_type {args.model_type!r}: the multi-task script trains dt only")
+    distributed.check_batch_split(args.batch_size)
     if args.env is not None:
         raise UserError(f"experiment_multi.py has no --env: it trains {', '.join(MULTI_ENVS)} together "
                         f"(--selected_training picks the envs it trains on; experiment.py trains one env)")

@@ -598,6 +598,7 @@ def check_run_flags(args, script: str):
     check_dataset_name(args.dataset)
     check_args(args)
     check_context(args.K, spec.max_ep_len, spec.name)   # (check_args bounds it by the longest env's episodes)
+    distributed.check_batch_split(args.batch_size)
     if getattr(args, "gpt_kmeans", None) is not None and args.gpt_kmeans_const is None:
         raise UserError("--gpt_kmeans needs --gpt_kmeans_const (the loss weight; the papers use 0.1)")
     return spec, parse_targets(args.env_targets, spec.targets)

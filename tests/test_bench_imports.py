@@ -130,3 +130,17 @@ def test_a_cuda_row_is_measured_in_this_process(monkeypatch):
     monkeypatch.setattr(train, "measure_in_child", lambda *a: pytest.fail("a CUDA row went to a child process"))
     assert train.measure("paper", None, types.SimpleNamespace(type="cuda"), 3, 2, 5, False, None) == (1.0,) * 4 + (0.0,)
     assert called and called[0][3] == 3
+
+
+def test_bench_train_compile_alone_times_the_default_mode(monkeypatch, capsys):
+    """``--compile`` without a mode is the scripts' ``--compile``: torch's default mode gets its row (it added none)."""
+    bench = load_script("benchmarks/bench_train.py")
+    seen = []
+    monkeypatch.setattr(bench, "synthetic_trajectories", lambda *a, **k: None)
+    monkeypatch.setattr(bench, "measure", lambda name, trajs, device, steps, bs, K, slow, amp, mode:
+                        seen.append(mode) or (1.0, 1.0, 1.0, 0.0, 0.5))
+    bench.main(["--configs", "paper", "--steps", "1", "--device", "cpu", "--compile"])
+    assert seen == [None, None, "default"]
+    seen.clear()
+    bench.main(["--configs", "paper", "--steps", "1", "--device", "cpu"])
+    assert seen == [None, None]

@@ -205,3 +205,24 @@ def test_ddp_multi_task_two_processes_match_one(tmp_path):
     with pytest.raises(ValueError, match="batch size 7 is not divisible by 2 processes"):
         MultiTrainer(model, opt, warmup_schedule(opt, 2), data, ["hopper"], batch_size=7, K=5,
                      generator=torch.Generator(), rank=0, world_size=2)
+
+
+@pytest.mark.parametrize("script", ["experiment", "experiment_multi"])
+def test_a_batch_that_does_not_split_over_the_processes_stops_before_the_data(tmp_path, monkeypatch, capsys, script):
+    """Under torchrun (WORLD_SIZE) a --batch_size the processes cannot share is one line with the other flag checks,
+    before a dataset is loaded or generated (minutes)."""
+    import importlib
+
+    from conftest import fails
+    from decision_transformer import data, run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for module in (data, run):
+        monkeypatch.setattr(module, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
+    main = importlib.import_module(script).main
+    argv = ["--data_path", str(tmp_path / "none"), "--batch_size", "7", "--max_iters", "1", "--outdir", "o"]
+    msg = fails(main, argv, capsys)
+    assert msg == ("error: batch size 7 is not divisible by 2 processes (torchrun's WORLD_SIZE): give a --batch_size "
+                   "that is")
+    assert not (tmp_path / "none").exists() and not (tmp_path / "o").exists()
