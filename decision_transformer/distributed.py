@@ -7,6 +7,7 @@ Ranks other than 0 print only their errors and warnings.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
@@ -73,6 +74,28 @@ def from_main(ctx: DistContext, value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@contextlib.contextmanager
+def main_checks(ctx: DistContext):
+    """Around what only rank 0 does before training (the run folder's lock, the checks of its files): a refusal there
+    (a ``UserError``) stops every rank with its line, instead of the others training on until their first gradient
+    exchange fails. Without torchrun the block runs as it is."""
+    from decision_transformer.errors import UserError
+
+    failed = None
+    try:
+        yield
+    except UserError as e:
+        if not ctx.enabled:
+            raise
+        failed = e
+    if ctx.enabled:
+        why = from_main(ctx, None if failed is None else str(failed))
+        if failed is not None:
+            raise failed
+        if why is not None:
+            raise UserError(why)
 
 
 def broadcast_module(ctx: DistContext, module: torch.nn.Module):

@@ -697,11 +697,12 @@ def _run_multi(args, take_lock) -> dict:
     run_dir = Path(args.outdir) / "multi" / exp_prefix if args.outdir else None
     if resume_dir is not None:
         run_dir = resume_dir  # continued in the folder it was found in (also when copied under another run id)
-    if run_dir is not None and ctx.is_main:
-        take_lock(run_dir)  # before the folder is written: a second process training this run stops here
-        if resume_dir is not None:
-            check_state_unchanged(resume_dir / TRAIN_STATE, st_seen)
-            clean_folder(run_dir)
+    with distributed.main_checks(ctx):   # (a refusal here stops every torchrun rank)
+        if run_dir is not None and ctx.is_main:
+            take_lock(run_dir)  # before the folder is written: a second process training this run stops here
+            if resume_dir is not None:
+                check_state_unchanged(resume_dir / TRAIN_STATE, st_seen)
+                clean_folder(run_dir)
     if not ctx.is_main:  # under torchrun only rank 0 evaluates, logs and writes files
         run_dir, args.save_model, args.num_eval_episodes = None, False, 0
     logger = RunLogger(run_dir, config, use_wandb=args.log_to_wandb and ctx.is_main, project=args.project, group=group,

@@ -738,18 +738,19 @@ def _run_locked(args, script: str, take_lock) -> dict:
         run_dir = run_dir.with_name(f"{run_dir.name}_{exp_id}")
     if st_path is not None and run_dir is not None:
         run_dir = st_path.parent  # a resumed run continues in the folder it was found in (also when renamed)
-    if run_dir is not None and ctx.is_main:
-        take_lock(run_dir)  # before the folder is written: a second process training this run stops here
-        if st_path is not None:
-            check_state_unchanged(st_path, st_seen)
-    if run_dir is not None and ctx.is_main:
-        clean_folder(run_dir)
-    if not args.resume and run_dir is not None and ctx.is_main:
-        check_inputs_outside(run_dir, args)
-        moved = set_aside_previous_run(run_dir)
-        if moved is not None:
-            print(f"warning: {run_dir} held an earlier run; moved it to {moved} (use --resume to continue a run)",
-                  file=sys.stderr)
+    with distributed.main_checks(ctx):   # (a refusal here stops every torchrun rank)
+        if run_dir is not None and ctx.is_main:
+            take_lock(run_dir)  # before the folder is written: a second process training this run stops here
+            if st_path is not None:
+                check_state_unchanged(st_path, st_seen)
+        if run_dir is not None and ctx.is_main:
+            clean_folder(run_dir)
+        if not args.resume and run_dir is not None and ctx.is_main:
+            check_inputs_outside(run_dir, args)
+            moved = set_aside_previous_run(run_dir)
+            if moved is not None:
+                print(f"warning: {run_dir} held an earlier run; moved it to {moved} (use --resume to continue a "
+                      f"run)", file=sys.stderr)
 
     config = {**vars(args), "exp_id": exp_id, "exp_prefix": exp_prefix, "model_name": mname,
               "data_file": str(Path(data_file).resolve()), "device_used": str(device), "targets": targets,

@@ -81,7 +81,7 @@ def test_ddp_two_processes_match_one(tmp_path, aux):
     assert abs(a["loss"] - b["loss"]) < 1e-5
 
 
-def _torchrun(cwd, script: str, *args: str):
+def _torchrun(cwd, script: str, *args: str, ok=True):
     """``torchrun --nproc_per_node 2 {script} {args}`` on CPU, one thread per process."""
     import subprocess
     import sys
@@ -92,7 +92,7 @@ def _torchrun(cwd, script: str, *args: str):
            str(ROOT / script), *args, "--device", "cpu"]
     proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
     return proc
 
 
@@ -226,3 +226,22 @@ def test_a_batch_that_does_not_split_over_the_processes_stops_before_the_data(tm
     assert msg == ("error: batch size 7 is not divisible by 2 processes (torchrun's WORLD_SIZE): give a --batch_size "
                    "that is")
     assert not (tmp_path / "none").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_refusal_only_rank_0_makes_stops_every_rank_with_its_line(tmp_path, hopper_data, monkeypatch):
+    """A check only rank 0 makes (here: --load_checkpoint of a file in the run's own folder, which a fresh run would
+    move away) stops rank 1 too, with the same line, instead of rank 1 training on into a broken gradient exchange
+    (a gloo traceback)."""
+    import experiment
+
+    flags = ["--data_path", str(hopper_data), "--embed_dim", "16", "--n_layer", "1", "--K", "5", "--batch_size", "8",
+             "--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes", "0"]
+    monkeypatch.chdir(tmp_path)
+    experiment.main([*flags, "--device", "cpu"])
+    own = tmp_path / "checkpoints" / "dt_medium_hopper_666_K5" / "model_1.pt"
+    proc = _torchrun(tmp_path, "experiment.py", *flags, "--load_checkpoint", str(own), ok=False)
+    errors = [line for line in proc.stderr.splitlines() if "error: " in line]
+    # (rank 1's line may be cut off: torchrun stops the other ranks once one has failed)
+    assert 1 <= len(errors) <= 2 and len({e.split("error: ", 1)[1] for e in errors}) == 1, proc.stderr[-3000:]
+    assert "[rank1]" not in proc.stderr and "gloo" not in proc.stderr, proc.stderr[-3000:]   # (torchrun's own report
+    #                                                                                   of the failed ranks follows)
