@@ -38,7 +38,8 @@ def _train(rank: int, world: int, out_path: str, aux: bool = False):
                       extra_loss=aux_losses(model) if aux else None)
     logs = trainer.train_iteration(STEPS, 1)
     if ctx.is_main:
-        torch.save({"state": model.state_dict(), "loss": logs["training/train_loss_mean"]}, out_path)
+        torch.save({"state": model.state_dict(), "loss": logs["training/train_loss_mean"],
+                    "logs": {k: v for k, v in logs.items() if not k.startswith("time/")}}, out_path)
     trainer.close()  # as the training scripts do: without it a rank could abort at exit, after training
     distributed.cleanup(ctx)
     if world > 1:  # no DDP wrapper is left for interpreter shutdown to free after the process group is gone
@@ -79,6 +80,10 @@ def test_ddp_two_processes_match_one(tmp_path, aux):
     assert changed > 10  # training moved the weights, identically
     assert aux == (not torch.equal(a["state"]["transformer.wte.weight"], init["transformer.wte.weight"]))
     assert abs(a["loss"] - b["loss"]) < 1e-5
+    # every logged training value, the auxiliary terms' too (k-means loss, LM loss ...), is the global batch's
+    assert a["logs"].keys() == b["logs"].keys() and (len(a["logs"]) > 3) == aux
+    for k in a["logs"]:
+        assert b["logs"][k] == pytest.approx(a["logs"][k], rel=1e-5, abs=1e-6), k
 
 
 def _torchrun(cwd, script: str, *args: str, ok=True):

@@ -314,6 +314,11 @@ class Trainer:
             if num_steps:
                 dist.all_reduce(self.last_action_error)
                 self.last_action_error /= self.world_size
+            if self.extra_logs:   # the auxiliary terms' logs too: the global batch's, as one process logs them
+                keys = sorted(self.extra_logs)
+                both = torch.stack([self.extra_logs[k].to(losses.device) for k in keys])
+                dist.all_reduce(both)
+                self.extra_logs = dict(zip(keys, both / self.world_size))
         for k, v in self.extra_logs.items():
             logs[k] = float(v)
         self.extra_logs = {}
