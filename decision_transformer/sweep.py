@@ -238,7 +238,12 @@ def _signature_lock(parent: Path, prefix: str, signature: dict) -> Path:
 
     from decision_transformer.checkpoint import path_normalised
 
-    # (paths resolved: ./a.pt and a.pt are one run to --resume, so they are one lock)
+    from decision_transformer.checkpoint import UNORDERED_FLAGS
+
+    # (paths resolved: ./a.pt and a.pt are one run to --resume, so they are one lock; so are --include attn mlp and
+    # --include mlp attn)
+    signature = {k: sorted(map(str, v)) if k in UNORDERED_FLAGS and isinstance(v, list) else v
+                 for k, v in signature.items()}
     text = json.dumps(path_normalised(json.loads(json.dumps(signature, default=str))), sort_keys=True)
     return parent / f".{prefix}{hashlib.sha1(text.encode()).hexdigest()[:12]}.lock"
 

@@ -285,3 +285,16 @@ def test_flags_that_name_files_compare_as_files(tmp_path, monkeypatch):
     assert same_flag_value("pretrained_models", ["a.pt", "./b.pt"], ["./a.pt", "b.pt"])
     assert not same_flag_value("pretrained_models", ["a.pt", "b.pt"], ["b.pt", "a.pt"])
     assert not same_flag_value("dataset", "./medium", "medium")          # not a path flag: compared as given
+
+
+def test_merge_runs_of_the_same_substrings_in_another_order_share_a_lock(tmp_path):
+    """--include / --exclude are sets of substrings: a merge run spelt with them in another order is the same run to
+    --resume, so the launcher's lock (a hash of its flags) is the same too."""
+    from decision_transformer.cli import experiment_parser
+
+    parse = lambda *inc: experiment_parser().parse_args(  # noqa: E731
+        ["--outdir", str(tmp_path), "--pretrained_models", "a.pt", "b.pt", "--include", *inc])
+    assert sweep.run_lock_path("experiment.py", parse("attn", "mlp")) == \
+        sweep.run_lock_path("experiment.py", parse("mlp", "attn"))
+    assert sweep.run_lock_path("experiment.py", parse("attn", "mlp")) != \
+        sweep.run_lock_path("experiment.py", parse("attn"))
