@@ -477,7 +477,27 @@ def check_multi_sources(sources: Sequence[ModelFile], method: str):
     if method in ("regmean", "greedy_soup"):
         raise UserError(f"--merge_method {method} is available for single-task merges only")
     states = [s.state_dict for s in sources]
-    merging.check_compatible(states, [s.path for s in sources], list(states[0].keys()))
+    # per-env slots are matched by env name, not by index; the unused predict_state takes the first env's size
+    per_env = (*(f"{p}." for p in PER_ENV_LAYERS), "predict_state.")
+    merging.check_compatible(states, [s.path for s in sources], [k for k in states[0] if not k.startswith(per_env)])
+    envs = _model_envs(sources[0])   # the merged model's per-env slots: model 1's
+    for s, env in zip(sources, specs):
+        own = _model_envs(s)
+        if env not in own:
+            raise UserError(f"{s.path}: specialisation {env!r} is not one of the model's envs {own}")
+        if env not in envs:
+            raise UserError(f"{s.path}: specialisation {env!r} has no slot in the merged model (model 1, "
+                            f"{sources[0].path}, has the envs {envs})")
+        src, dst = own.index(env), envs.index(env)
+        for prefix in PER_ENV_LAYERS:
+            p = f"{prefix}.{src}."
+            for k, v in s.state_dict.items():
+                out = f"{prefix}.{dst}.{k[len(p):]}"
+                if k.startswith(p) and (out not in states[0] or states[0][out].shape != v.shape):
+                    have = list(states[0][out].shape) if out in states[0] else "missing"
+                    raise UserError(f"{s.path}: cannot merge with {sources[0].path}: its {env} tensor {k} is "
+                                    f"{list(v.shape)}, model 1's {out} is {have} (different hidden size or "
+                                    f"architecture?)")
     check_finite_sources(sources)
 
 
@@ -504,23 +524,15 @@ def merge_multi_states(sources: Sequence[ModelFile], args, device, fishers=None,
     if method in ("task_arithmetic", "ties") and base is None:
         base = resolve_base(args, sources)
     merged = merge_states(method, states, keys, args, fishers=fishers, base=base, device=device)
-    envs = _model_envs(sources[0])   # the merged model's per-env slots: model 1's
+    envs = _model_envs(sources[0])   # the merged model's per-env slots: model 1's (checked by check_multi_sources)
     for s, env in zip(sources, specs):
         own = _model_envs(s)         # a model may list its envs in another order: its slot is looked up in its own
-        if env not in own:
-            raise UserError(f"{s.path}: specialisation {env!r} is not one of the model's envs {own}")
-        if env not in envs:
-            raise UserError(f"{s.path}: specialisation {env!r} has no slot in the merged model (model 1, "
-                            f"{sources[0].path}, has the envs {envs})")
         src, dst = own.index(env), envs.index(env)
         for prefix in PER_ENV_LAYERS:
             p = f"{prefix}.{src}."
             for k, v in s.state_dict.items():
                 if k.startswith(p):
                     out = f"{prefix}.{dst}.{k[len(p):]}"
-                    if out not in merged or merged[out].shape != v.shape:
-                        raise UserError(f"{s.path}: {k} ({env}) has no counterpart of its shape {list(v.shape)} in "
-                                        f"the merged model's {out}")
                     merged[out] = v.detach().clone().to(device) if device is not None else v.detach().clone()
     n, _, frac = merging.merged_fraction(merged, merged_keys)
     log(f"multi merge: {merge_words(method, len(sources), args.p)} over {n} block tensors ({frac:.1%} of the "

@@ -108,10 +108,11 @@ def test_grad_clip_figure_skips_a_run_without_metrics(tmp_path, capsys):
 
 # ---- 3. Figure 2 with a block file missing ---------------------------------------------------------------------------
 
-def _mi_xy(res, model, blocks, depth=None):
+def _mi_xy(res, model, blocks, depth=None, asked=None):
     pos = np.arange(6)
     for b in blocks:
         extra = {} if depth is None else {"depth": np.array(depth)}
+        extra.update({} if asked is None else {"blocks": np.array(asked)})
         np.savez(res / f"mi_xy_{b}_40_{model}_hopper_medium_666.npz", x=np.full(6, 1.0), y=np.full(6, 2.0),
                  position=pos, token=pos % 3, **extra)
 
@@ -146,3 +147,37 @@ def test_mi_plot_warns_of_a_missing_block_file(tmp_path, capsys):
                   [("gpt2", (0, 1, 2), 12), ("igpt", (0, 12, 23), 24)],       # --layers 0 1 2
                   [("gpt2", (0, 6), None), ("igpt", (0, 12, 23), None)]):     # no depth recorded
         assert _plot_mi_warnings(tmp_path, capsys, files) == []
+
+
+def test_mi_plot_measures_gaps_against_the_blocks_recorded_in_the_files(tmp_path, capsys):
+    """run_mi_exp.py records the blocks it was asked for (--layers) in each file: a --layers 0 11 run of a 12-block
+    model is complete (no warning about block 6, the default middle one), and a --layers 0 5 11 run killed after
+    block 5 is warned about block 11, naming the blocks asked for."""
+    assert _plot_mi_warnings(tmp_path, capsys, [("gpt2", (0, 11), 12, (0, 11)), ("igpt", (0, 12, 23), 24)]) == []
+    warnings = _plot_mi_warnings(tmp_path, capsys, [("gpt2", (0, 5), 12, (0, 5, 11)), ("igpt", (0, 12, 23), 24)])
+    assert len(warnings) == 1 and "gpt2 (depth 12) lacks block 11 of the blocks run_mi_exp.py computes (0, 5, 11;" \
+        in warnings[0], warnings
+
+
+def test_run_mi_exp_records_the_blocks_it_computes(tmp_path):
+    """Each mi_xy file of one run_mi_exp.py --layers 0 2 call of a 3-block model holds blocks [0, 2]; without
+    --layers, the default blocks [0, 1, 2]."""
+    from test_analysis_support import load_script
+
+    from decision_transformer.analysis import common, mi
+
+    B, K, D = 6, 2, 4
+    rng = np.random.default_rng(0)
+    common.save_npz(mi.data_file(tmp_path, "hopper", "medium", 666), states=rng.normal(size=(B, K, 11)),
+                    actions=rng.normal(size=(B, K, 3)), rtg=rng.normal(size=(B, K + 1, 1)),
+                    timesteps=np.zeros((B, K)), attention_mask=np.ones((B, K)))
+    common.save_npz(mi.activation_file(tmp_path, 40, "gpt2", "hopper", "medium", 666),
+                    **{f"{b}.mlp.dropout": rng.normal(size=(B, 3 * K, D)) for b in range(3)})
+    for out, layers, want in (("a", ["--layers", 0, 2], [0, 2]), ("b", [], [0, 1, 2])):
+        argv = ["-psm", tmp_path / out, "-pd", tmp_path, "-pa", tmp_path, "--iters", 1, "--mine_hidden", 4,
+                "--batch_size", 2, "--device", "cpu", "--exp_type", "normal", *layers]
+        load_script("mine/run_mi_exp.py").main([str(a) for a in argv])
+        files = sorted((tmp_path / out).glob("mi_xy_*.npz"))
+        assert len(files) == len(want)
+        for f in files:
+            assert np.load(f)["blocks"].tolist() == want, f

@@ -150,6 +150,41 @@ def test_merge_copies_each_models_own_env_slot(tmp_path):
     torch.testing.assert_close(state[k], (sa[k] + sb[k]) / 2)
 
 
+def test_merge_takes_a_hopper_slot_that_moved(tmp_path):
+    """Model 2 lists hopper (11-dim states, 3-dim actions) second: its hopper slot's tensors are shaped like model 1's
+    slot 0, not like model 1's slot 1 (halfcheetah). The merge matches slots by env, so it goes through (it used to
+    be refused as 'different hidden size or architecture?'), and the hopper layers are model 2's own."""
+    from decision_transformer.legacy_import import load_model_file
+    from decision_transformer.merge_setup import merge_multi_states
+
+    a = save_multi(tmp_path / "a.pt", multi_model(seed=1), ["walker2d"])
+    b = save_multi(tmp_path / "b.pt", multi_model(seed=2, envs=["walker2d", "hopper", "halfcheetah"]), ["hopper"])
+    sa, sb = (torch.load(p, weights_only=True)["state_dict"] for p in (a, b))
+    state, specs = merge_multi_states([load_model_file(a), load_model_file(b)], merge_args(), "cpu")
+    assert specs == ["walker2d", "hopper"]
+    assert torch.equal(state["embed_states.0.weight"], sb["embed_states.1.weight"])       # hopper: model 2's slot 1
+    assert torch.equal(state["predict_actions.0.0.weight"], sb["predict_actions.1.0.weight"])
+    assert torch.equal(state["embed_states.2.weight"], sa["embed_states.2.weight"])       # walker2d: model 1's
+    k = "transformer.h.0.attn.c_attn.weight"
+    torch.testing.assert_close(state[k], (sa[k] + sb[k]) / 2)
+
+
+def test_merge_refuses_an_env_slot_of_another_width(tmp_path):
+    """Same envs, but model 2's walker2d slot is 32 wide: named with the env and both shapes, before any merging."""
+    from decision_transformer.errors import UserError
+    from decision_transformer.legacy_import import ModelFile
+    from decision_transformer.merge_setup import check_multi_sources
+
+    m1, m2 = multi_model(seed=1), multi_model(seed=2)
+    sd2 = dict(m2.state_dict())
+    sd2["embed_states.2.weight"] = torch.zeros(32, 17)
+    cfg = {"model_class": MODEL_CLASS, "model_config": m1.config.to_dict()}
+    sources = [ModelFile("a.pt", m1.state_dict(), cfg, ["hopper"]), ModelFile("b.pt", sd2, cfg, ["walker2d"])]
+    with pytest.raises(UserError, match=r"b.pt: cannot merge with a.pt: its walker2d tensor embed_states.2.weight is "
+                                        r"\[32, 17\], model 1's embed_states.2.weight is \[16, 17\]"):
+        check_multi_sources(sources, "average")
+
+
 def test_merge_refuses_a_specialisation_without_a_slot(tmp_path):
     """A model specialised on an env that model 1 (whose layout the merged model takes) has no slot for: one line."""
     from decision_transformer.errors import UserError

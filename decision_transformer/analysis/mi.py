@@ -416,7 +416,7 @@ def run_mi(args) -> common.Outputs:
             f = out / f"mi_xy_{layer}_{stem_tail}.npz"
             outs.files.append(common.save_npz(f, x=np.array(ix), y=np.array(iy), position=np.array(pos),
                                               token=np.array(tok), depth=np.array(depth),
-                                              **{BATCH_KEY: np.array(batch_digest(data))}))
+                                              blocks=np.array(sorted(set(layers))), **{BATCH_KEY: np.array(batch_digest(data))}))
             with _quiet_nan():
                 print(f"{env} {args.model_name} block {layer}: I(X;T) mean {np.nanmean(ix):.3f}, "
                       f"I(Y;T) mean {np.nanmean(iy):.3f} nats", file=sys.stderr)
@@ -499,6 +499,11 @@ def _load_mi_xy(f, block: int | None = None) -> dict:
               and np.isfinite(v).all() and float(v.item()) == int(v.item()) and int(v.item()) >= 1)
         if not ok or (block is not None and int(v.item()) <= block):
             raise UserError(f"{f}: 'depth' {v.tolist()!r} is not the depth of a model with block {block}")
+    if "blocks" in d:   # the blocks the run_mi_exp.py call that wrote this file computed
+        v = d["blocks"]
+        if v.ndim != 1 or not np.issubdtype(v.dtype, np.integer) or (v < 0).any() or (
+                block is not None and block not in v.tolist()):
+            raise UserError(f"{f}: 'blocks' {v.tolist()!r} is not a list of block numbers holding block {block}")
     return d
 
 
@@ -568,19 +573,26 @@ def _default_blocks(depth: int) -> list[int]:
     return sorted({0, depth // 2, depth - 1})
 
 
-def _missing_blocks(loaded: list) -> tuple[int, list[int]] | None:
-    """(depth, missing blocks) of one model's ``normal`` results (``loaded``: [(file, block, result)], one depth, see
-    ``_check_one_depth``) that hold some but not all of the blocks run_mi_exp.py writes by default (a run killed
-    between two blocks leaves the later ones out); None when complete, without a recorded depth (older results: the
-    gap cannot be told), or when a block outside the default ones shows that ``--layers`` chose the blocks."""
+def _missing_blocks(loaded: list) -> tuple[int, list[int], list[int]] | None:
+    """(depth, missing blocks, blocks asked for) of one model's ``normal`` results (``loaded``: [(file, block, result)], one depth, see
+    ``_check_one_depth``) that hold some but not all of the blocks the run_mi_exp.py calls that wrote them computed
+    (a run killed between two blocks leaves the later ones out). The blocks asked for are recorded in each file
+    (``blocks``); files without that record (older results) are measured against the default blocks, unless a
+    block outside those shows that ``--layers`` chose them. None when complete or without a recorded depth (older
+    results: the gap cannot be told)."""
     depth = next((int(d["depth"].item()) for _, _, d in loaded if "depth" in d), None)
     if depth is None:
         return None
-    default, have = _default_blocks(depth), {b for _, b, _ in loaded}
+    have = {b for _, b, _ in loaded}
+    asked = {int(b) for _, _, d in loaded if "blocks" in d for b in d["blocks"].tolist()}
+    if asked:
+        gap = sorted(asked - have)
+        return (depth, gap, sorted(asked)) if gap else None
+    default = _default_blocks(depth)
     if not have <= set(default):
         return None
     gap = [b for b in default if b not in have]
-    return (depth, gap) if gap else None
+    return (depth, gap, default) if gap else None
 
 
 def _depth_rows(found: dict) -> list[dict]:
@@ -647,11 +659,11 @@ def plot_mi(args) -> common.Outputs:
                 _check_one_depth(loaded, res / f"mi_xy_*_{tail(m)}.npz")
                 gap = _missing_blocks(loaded)
                 if gap:
-                    depth, blocks = gap
+                    depth, blocks, asked = gap
                     names = ", ".join(str(res / f"mi_xy_{b}_{tail(m)}.npz") for b in blocks)
                     which = f"block{'s' * (len(blocks) > 1)} {', '.join(map(str, blocks))}"
                     gaps.append(f"{names} not found: {m} (depth {depth}) lacks {which} of the blocks run_mi_exp.py "
-                                f"writes ({', '.join(map(str, _default_blocks(depth)))}; a run killed before its last "
+                                f"computes ({', '.join(map(str, asked))}; a run killed before its last "
                                 f"block leaves the later ones out), so the figure draws {m} without "
                                 f"{'them' if len(blocks) > 1 else 'it'}; rerun run_mi_exp.py --model_name {m} "
                                 f"--env_name {args.env_name} --epoch {args.epoch} with the flags of its other files")
