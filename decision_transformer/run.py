@@ -309,7 +309,9 @@ def check_args(args):
               ("dropout", 0.0 <= args.dropout < 1.0), ("learning_rate", args.learning_rate > 0),
               ("warmup_steps", args.warmup_steps >= 0), ("embed_dim", args.embed_dim >= 1),
               ("n_layer", args.n_layer >= 1), ("n_head", args.n_head >= 1),
-              ("regmean_n_windows", getattr(args, "regmean_n_windows", 1) >= 1)]  # as merge_cli
+              ("regmean_n_windows", getattr(args, "regmean_n_windows", 1) >= 1),   # as merge_cli
+              ("f_batch_size", getattr(args, "f_batch_size", 1) >= 1),
+              ("f_num_batches", getattr(args, "f_num_batches", 1) >= 1)]
     for name, ok in checks:
         if not ok:
             raise UserError(f"invalid --{name} {getattr(args, name)}")

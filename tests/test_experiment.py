@@ -321,6 +321,8 @@ def test_missing_dataset_is_generated(tmp_path, monkeypatch, capsys):
                                                ("--lm_learning_rate", "nan", "--lm_learning_rate must be"),
                                                ("--p", "nan", "--p must be a number in [0, 1]"),
                                                ("--fisher_floor", "-1", "--fisher_floor must be"),
+                                               ("--f_batch_size", "0", "invalid --f_batch_size 0"),
+                                               ("--f_num_batches", "-2", "invalid --f_num_batches -2"),
                                                ("--precision", "fp8", "argument --precision: invalid choice")])
 def test_bad_flags(tmp_path, monkeypatch, capsys, hopper_data, flag, value, needle):
     """One error line, exit 2, and nothing written: not even the run folder of an earlier run is touched."""
