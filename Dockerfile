@@ -1,5 +1,5 @@
-# GPU image: docker build -t dt-toolkit . && docker run --gpus all -it -v $PWD/data:/workspace/data \
-#     -v $PWD/checkpoints:/workspace/checkpoints -v $PWD/models:/workspace/models dt-toolkit bash
+# GPU image: docker build -t dt-toolkit . && docker run --gpus all -it -v $PWD:/workspace dt-toolkit bash
+# (the project folder mounted over the image's copy, so every output, wandb/ included, stays on the host)
 FROM pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime
 
 ENV DEBIAN_FRONTEND=noninteractive \
