@@ -7,7 +7,8 @@ Writes ``{data_path}/{env}-{dataset}-v2.pkl`` (what the training scripts read), 
 ``{env}_{dataset with '-'->'_'}-v2.hdf5`` (with ``timeouts`` and ``infos/qpos|qvel|action_log_probs``; skip with
 ``--no_hdf5``) and ``{env}-{dataset}-v2.stats.json``, and prints each dataset's transitions, episodes, return and
 D4RL-normalised score beside D4RL's published average. Policies come from ``--policy_dir`` (default: the ones
-bundled with the package; see data/train_behaviour_policies.py).
+bundled with the package; see data/train_behaviour_policies.py). Every policy the datasets need is loaded before
+anything is written; an ``expert.pt`` that its training has not marked final is refused unless ``--allow_unfinished``.
 """
 import argparse
 import os
@@ -45,6 +46,9 @@ def main(argv=None):
     p.add_argument("--policy_dir", default=None, help="behaviour policies (default: bundled)")
     p.add_argument("--no_hdf5", action="store_true", help="write only the pkl (and stats)")
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--allow_unfinished", action="store_true",
+                   help="generate expert and medium-expert data from an expert policy whose training has not marked "
+                        "it final (refused otherwise)")
     p.add_argument("--force", action="store_true",
                    help="replace datasets of the same names already in --data_path (refused otherwise: they may be "
                         "converted D4RL files)")
@@ -56,11 +60,16 @@ def main(argv=None):
 
     envs = list(dict.fromkeys([e for a in args.env for e in (ENVS if a == "all" else [a])]))
     datasets = DATASETS if "all" in args.dataset else args.dataset
-    from decision_transformer.generation import check_generatable, generate_dataset
+    from decision_transformer.generation import check_policies, generate_dataset
 
-    for env in envs:  # before anything is written
+    for env in envs:  # before anything is written: every policy the datasets are rolled out from
         for dataset in datasets:
-            check_generatable(env, dataset, args.policy_dir)
+            expert_file, expert = check_policies(env, dataset, args.policy_dir).get("expert", (None, {"final": 1}))
+            if not expert.get("final") and not args.allow_unfinished:
+                raise UserError(f"{expert_file}: an expert policy from unfinished training (step {expert.get('step')}, "
+                                f"eval score {expert.get('eval_score')}); {env}-{dataset} is not generated from it: "
+                                f"train on (data/train_behaviour_policies.py), or pass --allow_unfinished to use it "
+                                f"anyway")
     # a dataset already there may be real D4RL data converted earlier: never replaced unless asked to
     # (also with --no_hdf5: the pkl it writes would be read before a D4RL hdf5 of the same dataset)
     existing = [path for env in envs for dataset in datasets
@@ -75,7 +84,8 @@ def main(argv=None):
         for dataset in datasets:
             target = os.path.join(args.data_path, pkl_name(env, dataset))
             with exclusive(target, "a generated dataset"):   # another generation of it waits, then is refused
-                made = [p for p in (target, os.path.join(args.data_path, hdf5_name(env, dataset))) if os.path.lexists(p)]
+                made = [p for p in (target, os.path.join(args.data_path, hdf5_name(env, dataset)))
+                        if os.path.lexists(p)]
                 if made and not args.force:
                     raise UserError(f"{made[0]} was written by another process meanwhile; generating would replace it: "
                                     f"give another --data_path, or pass --force to overwrite")

@@ -6,14 +6,16 @@ Each call continues from ``--state_dir/{env}/state.pt`` (3 MB: networks, Adam st
 git-ignored and committed deliberately with ``git add -f data/policies_training/*/state.pt
 data/policies_training/*/progress.jsonl data/policies_training/train.log`` - never the replay buffer) and stops
 after ``--total_steps`` environment steps or ``--max_minutes``, checkpointing every few minutes and on
-Ctrl-C/SIGTERM. Progress goes to stdout and ``--state_dir/{env}/progress.jsonl``. Policies land in ``--policy_dir/{env}/``: ``medium.pt``,
-``expert.pt`` and the ``replay/`` snapshots that medium-replay is regenerated from (see
-``decision_transformer.sac.train_behaviour_policy`` for how the medium and expert policies are picked: a 10-episode
-screen, then a 50-episode evaluation of the candidates). Redo one policy without touching the other with, e.g.,
-``--env hopper --roles medium --run_name hopper-medium``. The replay buffer
+Ctrl-C/SIGTERM. Progress goes to stdout and ``--state_dir/{env}/progress.jsonl``. Policies land in
+``--policy_dir/{env}/``: ``medium.pt``, ``expert.pt`` and the ``replay/`` snapshots that medium-replay is
+regenerated from (see ``decision_transformer.sac.train_behaviour_policy`` for how the medium and expert policies are
+picked: a 10-episode screen, then a 50-episode evaluation of the candidates). Redo one policy without touching the
+other with, e.g., ``--env hopper --roles medium --run_name hopper-medium``. The replay buffer
 (``replay_buffer.npz``, git-ignored) lets a resume on the same machine continue with the buffer it had; elsewhere the
-buffer is refilled with the current policy first. Either way the episode in progress starts again (the env's state is
-not saved), so a resumed run is not identical to one run straight through.
+buffer is refilled with the current policy first (also, after a ``note:`` line, when the file is damaged). Either way
+the episode in progress starts again (the env's state is not saved), so a resumed run is not identical to one run
+straight through. An evaluation that Ctrl-C/SIGTERM cut short is run first on resume, a resume keeps the state's
+``--seed``, and a state with NaN or inf weights (a diverged run) is refused in one line.
 """
 import argparse
 import os

@@ -59,6 +59,9 @@ MEDIUM_TARGET_SCORE = {env: D4RL_AVERAGE_SCORE[(env, "medium")] for env in D4RL_
 EXPERT_TARGET_SCORE = {env: D4RL_AVERAGE_SCORE[(env, "expert")] for env in D4RL_ENVS}
 
 DEFAULT_NUM_TRANSITIONS = 1_000_000
+#: The behaviour policies (``{kind}.pt`` in ``policy_dir/{env}/``) each dataset is rolled out from.
+POLICIES_NEEDED = {"random": [], "medium": ["medium"], "expert": ["expert"], "medium-expert": ["medium", "expert"],
+                   "medium-replay": ["medium"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -330,6 +333,21 @@ def check_generatable(env: str, dataset: str, policy_dir=None):
                         f"supply {pkl_name(env, dataset)} yourself (or behaviour policies with --policy_dir)")
 
 
+def check_policies(env: str, dataset: str, policy_dir=None) -> dict[str, tuple[Path, dict]]:
+    """Load every behaviour policy that ``dataset`` is rolled out from (for medium-replay also list its training
+    snapshots), so that a missing or damaged one is a one-line UserError before any rollout; returns (file,
+    metadata) by kind, e.g. ``{"expert": (Path(".../hopper/expert.pt"), {"step": ..., "final": True, ...})}``."""
+    check_generatable(env, dataset, policy_dir)
+    policy_dir = Path(policy_dir) if policy_dir is not None else BUNDLED_POLICY_DIR
+    found = {}
+    for kind in POLICIES_NEEDED[dataset]:
+        path = _policy_path(policy_dir, env, kind)
+        found[kind] = (path, load_policy(path, env)[1])
+    if dataset == "medium-replay":
+        replay_snapshots(policy_dir, env, int(found["medium"][1]["step"]))
+    return found
+
+
 def generate_flat(env: str, dataset: str, num_transitions: int | None = None, seed: int = 0,
                   policy_dir: str | os.PathLike | None = None, progress: bool = False):
     """(flat D4RL-layout arrays, metadata) for one dataset. ``num_transitions`` defaults to 1M (medium-expert: 1M
@@ -358,6 +376,7 @@ def _generate_flat(env, dataset, n, num_transitions, seed, policy_dir, progress)
         data = rollout_policy(env, actor, n, seed=seed + (0 if dataset == "medium" else 1), progress=progress)
         meta.update(policy=f"{env}/{dataset}.pt", iteration=int(pm["step"]))
     elif dataset == "medium-expert":
+        check_policies(env, dataset, policy_dir)   # a broken expert.pt is found before the medium half is rolled out
         med, _ = _generate_flat(env, "medium", n, n, seed, policy_dir, progress)
         exp, em = _generate_flat(env, "expert", n, n, seed, policy_dir, progress)
         ends = np.flatnonzero(med["terminals"] | med["timeouts"])
@@ -453,8 +472,7 @@ def generate_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, nu
 def missing_policies(env: str, dataset: str, policy_dir: str | os.PathLike | None = None) -> str | None:
     """None if the behaviour policies for ``dataset`` are there (and, for expert data, final); else why not."""
     policy_dir = Path(policy_dir) if policy_dir is not None else BUNDLED_POLICY_DIR
-    need = {"random": [], "medium": ["medium"], "expert": ["expert"], "medium-expert": ["medium", "expert"],
-            "medium-replay": ["medium"]}[dataset]
+    need = POLICIES_NEEDED[dataset]
     for k in need:
         if not _policy_path(policy_dir, env, k).is_file():
             return f"no {k} behaviour policy at {_policy_path(policy_dir, env, k)}"
@@ -506,6 +524,7 @@ __all__ = [
     "DATASETS",
     "MEDIUM_TARGET_SCORE",
     "EXPERT_TARGET_SCORE",
+    "check_policies",
     "dataset_stats",
     "ensure_dataset",
     "generate_dataset",

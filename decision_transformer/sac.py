@@ -362,6 +362,8 @@ class ReferenceSAC:
 # ----------------------------------------------------------------------------------------------------------------
 
 POLICY_FORMAT = "dt-toolkit-sac-actor-v1"
+#: a resume without its replay buffer first refills it with this many steps of the current policy (at most its steps)
+REFILL_STEPS = 25_000
 
 
 class ReplayBuffer:
@@ -408,12 +410,53 @@ class ReplayBuffer:
         atomic_write(path, write)
 
     def load(self, path):
-        """Read a ``save``d buffer into the first rows; size and pointer as saved."""
-        with np.load(path) as z:
-            n = len(z["rew"])
-            for k in ("obs", "act", "rew", "next_obs", "done"):
-                getattr(self, k)[:n] = torch.from_numpy(z[k])
-            self.size, self.ptr = n, int(z["ptr"])
+        """Read a ``save``d buffer into the first rows; size and pointer as saved. A file that is not such a buffer
+        for this buffer's sizes (not an ``.npz``, missing arrays, other shapes, more rows than the capacity, a pointer
+        that does not fit them, NaN or inf) raises (``ValueError`` for the checks here) and leaves the buffer empty."""
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: np.asarray(z[k]) for k in ("obs", "act", "rew", "next_obs", "done")}
+            ptr = np.asarray(z["ptr"])
+        n = len(arrays["rew"]) if arrays["rew"].ndim else -1
+        shapes = {"obs": (n, self.obs.shape[1]), "act": (n, self.act.shape[1]), "rew": (n,),
+                  "next_obs": (n, self.obs.shape[1]), "done": (n,)}
+        for k, shape in shapes.items():
+            if arrays[k].shape != shape or not np.issubdtype(arrays[k].dtype, np.number):
+                raise ValueError(f"{k} has shape {arrays[k].shape} ({arrays[k].dtype}), expected {shape}")
+            if not np.isfinite(arrays[k]).all():
+                raise ValueError(f"{k} holds NaN or inf")
+        if n > self.capacity:
+            raise ValueError(f"{n} rows, more than the capacity {self.capacity}")
+        if ptr.shape != () or not np.issubdtype(ptr.dtype, np.integer) or \
+                not (0 <= int(ptr) < self.capacity if n == self.capacity else int(ptr) == n):
+            raise ValueError(f"pointer {ptr.tolist()} does not fit {n} rows of capacity {self.capacity}")
+        for k, a in arrays.items():
+            getattr(self, k)[:n] = torch.from_numpy(a.astype(np.float32))
+        self.size, self.ptr = n, int(ptr)
+
+    def fingerprint(self) -> dict:
+        """What the buffer holds, as the training state records it: capacity, size, pointer and a CRC-32 of the filled
+        rows (a resume continues with a buffer on disk only when it is the one its state was saved with)."""
+        import zlib
+
+        crc = 0
+        for k in ("obs", "act", "rew", "next_obs", "done"):
+            crc = zlib.crc32(np.ascontiguousarray(getattr(self, k)[: self.size].numpy()), crc)
+        return {"capacity": self.capacity, "size": self.size, "ptr": self.ptr, "crc32": crc}
+
+
+def _first_non_finite(obj, prefix: str = "") -> str | None:
+    """The dotted name of the first floating-point tensor or float in the nested dicts/lists ``obj`` that holds NaN
+    or inf (e.g. ``actor.l1.weight``, ``optimizer.state.3.exp_avg``); None when all are finite."""
+    if isinstance(obj, torch.Tensor):
+        return prefix if obj.is_floating_point() and not torch.isfinite(obj).all() else None
+    if isinstance(obj, float):
+        return prefix if not math.isfinite(obj) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        bad = _first_non_finite(v, f"{prefix}.{k}" if prefix else str(k))
+        if bad is not None:
+            return bad
+    return None
 
 
 def actor_file_dict(actor_state: dict, env: str, *, step: int, half: bool = False, **meta) -> dict:
@@ -523,10 +566,14 @@ def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps
     to ``state_dir/previous/``, so that a medium policy and its replay snapshots always come from one run.
     Checkpoints are written at episode boundaries every ``checkpoint_every_s`` seconds and at the end.
 
-    Without a matching replay buffer on disk (fresh machine), training resumes after refilling the buffer with
-    ``min(steps, 25_000)`` steps of the current policy, which are not counted as training steps. ``precision``
-    (``fp32`` or ``bf16``: the hidden layers' matmuls of the update) may change between resumes; the state records
-    from which step each was used.
+    The state records which replay buffer it was saved with (size, pointer, CRC-32): a resume continues with
+    ``replay_buffer.npz`` when it is that buffer. Without it (fresh machine, another buffer, or a damaged file: a
+    ``note:`` line, and the file is replaced at the next checkpoint), training resumes after refilling the buffer with
+    ``min(steps, REFILL_STEPS)`` steps of the current policy, which are not counted as training steps. A state
+    holding NaN or inf (a diverged run) is refused, and a NaN score is never a candidate. An interrupt during an
+    evaluation (or the update just before it) leaves that evaluation due: the resume runs it first. A resume keeps
+    the state's ``seed``. ``precision`` (``fp32`` or ``bf16``: the hidden layers' matmuls of the update) may change
+    between resumes; the state records from which step each was used.
     """
     import json
     import time
@@ -570,13 +617,35 @@ def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps
         except Exception as e:  # noqa: BLE001 - any failure to read the state is the same user-facing problem
             raise UserError(f"{state_path}: cannot resume from this training state ({type(e).__name__}: {e}); "
                             f"move it away to start again") from None
+        # a diverged (or damaged) state would train on NaN and write NaN policies marked final
+        bad = _first_non_finite(state["agent"])
+        if bad is not None:
+            raise UserError(f"{state_path}: cannot resume from this training state: {bad} holds NaN or inf (training "
+                            f"diverged, or the file is damaged); move it away to start again")
+        # a NaN score that an earlier version stored is no score: the next finite candidate replaces it
+        for score, reset in (("best_eval", ("best_step", "expert_final")), ("expert_screen", ()),
+                             ("medium_eval", ("medium_step", "medium_final"))):
+            if isinstance(meta[score], float) and not math.isfinite(meta[score]):
+                log(f"note: {state_path}: its {score} is {meta[score]}; treated as none yet")
+                meta[score] = None
+                meta.update({k: False if k.endswith("_final") else None for k in reset})
         if meta["seed"] != seed:
             log(f"note: resuming with the state's seed {meta['seed']} (asked {seed})")
+            seed = meta["seed"]   # the env seeds of the episodes to come follow the state's
         resumed_buffer = False
         if buffer_path.exists():
-            buffer.load(buffer_path)
-            resumed_buffer = buffer.ptr == meta["env_steps"] % buffer_capacity and \
-                buffer.size == min(meta["env_steps"], buffer_capacity)
+            try:
+                buffer.load(buffer_path)
+            except Exception as e:  # noqa: BLE001 - an optional file: a damaged one is as good as a missing one
+                buffer = ReplayBuffer(spec.state_dim, spec.act_dim, buffer_capacity)
+                log(f"note: {buffer_path}: not a usable replay buffer ({type(e).__name__}: {str(e)[:120]}); refilling "
+                    f"the buffer as if it were missing (the file is replaced at the next checkpoint)")
+            else:
+                if "buffer" in meta:   # the state records the buffer saved with it (None: none was saved)
+                    resumed_buffer = meta["buffer"] is not None and buffer.fingerprint() == meta["buffer"]
+                else:                  # a state from before that record: a buffer that never was refilled
+                    resumed_buffer = buffer.ptr == meta["env_steps"] % buffer_capacity and \
+                        buffer.size == min(meta["env_steps"], buffer_capacity)
         log(f"{env_name}: resuming at {meta['env_steps']} env steps "
             f"({'with' if resumed_buffer else 'without'} its replay buffer)")
     else:
@@ -642,7 +711,9 @@ def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps
         if "expert" in roles and not meta["expert_final"]:
             finalise_expert(f"training reached {total_steps} steps", reached=False)
 
-    if loaded is not None and (meta["medium_final"] and meta["expert_final"] or meta["env_steps"] >= total_steps):
+    # (an evaluation that an interrupt cut short is still to run, also at total_steps)
+    if loaded is not None and (meta["medium_final"] and meta["expert_final"] or
+                               meta["env_steps"] >= total_steps and meta.get("eval_pending") is None):
         # nothing left to train: the state is left as it was (no refill that would advance its RNG, no wall time),
         # unless this call made a policy final under the rules asked for now
         end_of_training()
@@ -662,8 +733,10 @@ def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps
 
     def checkpoint():
         """Save the resumable state (agent, ``meta`` with the wall time so far, NumPy RNG) and, with ``keep_buffer``,
-        the replay buffer."""
+        the replay buffer (``meta["buffer"]`` records which: a resume continues with the file only if it is that
+        one)."""
         meta["wall_seconds"] = wall0 + time.perf_counter() - t_start
+        meta["buffer"] = buffer.fingerprint() if keep_buffer else None
         _atomic_torch_save({"agent": agent.state_dict(), "meta": json.dumps({**meta, **kept_flags}),
                             "numpy_rng": json.dumps(rng.bit_generator.state)}, state_path)
         if keep_buffer:
@@ -671,7 +744,7 @@ def _train_behaviour_policy(env_name: str, state_dir, policy_dir, *, total_steps
 
     if not resumed_buffer:  # refill so that updates do not start from an empty buffer
         buffer = ReplayBuffer(spec.state_dim, spec.act_dim, buffer_capacity)
-        refill = min(meta["env_steps"], 25_000)
+        refill = min(meta["env_steps"], REFILL_STEPS)
         obs, _ = env.reset(seed=seed * 1_000_003 + 999_999)
         for _ in range(refill):
             a, _ = actor_np.act(obs, rng)
@@ -727,8 +800,11 @@ def _prune_snapshots(folder, medium_step):
 def expert_screen(best: float | None, score: float, window: float) -> float | None:
     """The best screening score so far once ``score`` has been screened, when ``score`` is within ``window`` of the
     best before it (or the first): that actor gets the long evaluation. None when it is not (no evaluation). A best
-    of exactly 0.0 is a score like any other, not "none yet"."""
-    if best is None:
+    of exactly 0.0 is a score like any other, not "none yet"; a NaN or infinite score (a diverged actor) is never a
+    candidate, and a NaN best (stored by an earlier version) counts as none."""
+    if not math.isfinite(score):
+        return None
+    if best is None or not math.isfinite(best):
         return score
     return max(score, best) if score >= best - window else None
 
@@ -738,6 +814,7 @@ def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np,
                 checkpoint, checkpoint_every_s, max_seconds, t_start, wall0, roles, long_eval_episodes,
                 medium_window, medium_tolerance, medium_patience, expert_window, log, expert_reached,
                 finalise_expert, expert_score, expert_tolerance, **_):
+    import copy
     import json
     import time
 
@@ -748,8 +825,91 @@ def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np,
         """Whether the medium and expert roles are both final (nothing left to train)."""
         return meta["medium_final"] and meta["expert_final"]
 
+    def evaluate(step):
+        """The evaluation due at ``step`` (``meta["eval_pending"]``): the screen, the medium and expert candidates'
+        long evaluations and policy files, the progress record and the log line. An interrupt (Ctrl-C, SIGTERM) in
+        it puts ``meta`` back as it was before, still pending, so the checkpoint that follows keeps it due and a
+        resume runs it (its evaluations are seeded by the step: the same actor gets the same scores)."""
+        before = copy.deepcopy(meta)
+        try:
+            _evaluate(step)
+        except KeyboardInterrupt:
+            meta.clear()
+            meta.update(before)
+            raise
+        meta.pop("eval_pending", None)
+
+    def _evaluate(step):
+        nonlocal steps_at_start, t_rate
+        rets = evaluate_policy(actor_np, env_name, eval_episodes, seed=10_000_000 + step)
+        score = float(spec.d4rl_score(rets.mean()))
+        now = time.perf_counter()
+        rate = (step - steps_at_start) / max(now - t_rate, 1e-9)
+        steps_at_start, t_rate = step, now
+        rec = {"step": step, "return_mean": float(rets.mean()), "return_std": float(rets.std()),
+               "score": score, "steps_per_s": rate,
+               "wall_s": wall0 + now - t_start}
+        if stats is not None:
+            s = stats.tolist()
+            rec.update(critic_loss=s[0], actor_loss=s[1], alpha=s[3], logp=s[4])
+        closer, was_final = False, meta["medium_final"]
+        if not meta["medium_final"] and abs(score - medium_target) <= medium_window:
+            long = _long_eval(actor_np, env_name, spec, long_eval_episodes, step)
+            rec["medium_candidate"] = long[1]
+            # (a NaN long score is no candidate: it compares False either way)
+            if math.isfinite(long[1]) and (meta["medium_step"] is None or
+                                           abs(long[1] - medium_target) < abs(meta["medium_eval"] - medium_target)):
+                closer = True
+                meta["medium_step"], meta["medium_eval"] = step, long[1]
+                _atomic_torch_save(actor_file_dict(agent.actor.state_dict(), env_name, step=step,
+                                                   eval_return=long[0], eval_score=long[1],
+                                                   eval_episodes=long_eval_episodes, kind="medium"),
+                                   policy_dir / "medium.pt")
+                rec["medium"] = True
+            if abs(long[1] - medium_target) <= medium_tolerance:
+                meta["medium_final"] = True
+        if not meta["medium_final"] and meta["medium_step"] is not None:
+            meta["medium_stale"] = 0 if closer else meta.get("medium_stale", 0) + 1
+            if meta["medium_stale"] >= medium_patience:
+                meta["medium_final"] = True
+        if meta["medium_final"] and not was_final:      # the search ended here: medium-replay stops there
+            _prune_snapshots(policy_dir / "replay", meta["medium_step"])
+        screen = None if meta["expert_final"] else expert_screen(meta["expert_screen"], score, expert_window)
+        if screen is not None:
+            meta["expert_screen"] = screen
+            long = _long_eval(actor_np, env_name, spec, long_eval_episodes, step)
+            rec["expert_candidate"] = long[1]
+            if math.isfinite(long[1]) and (meta["best_eval"] is None or long[1] > meta["best_eval"]):
+                meta["best_eval"], meta["best_step"] = long[1], step
+                _atomic_torch_save(actor_file_dict(agent.actor.state_dict(), env_name, step=step,
+                                                   eval_return=long[0], eval_score=long[1],
+                                                   eval_episodes=long_eval_episodes, kind="expert"),
+                                   policy_dir / "expert.pt")
+                rec["expert"] = True
+            if expert_reached():
+                finalise_expert(f"it reaches the target {expert_score:.1f} within {expert_tolerance:g}")
+        with open(progress_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        notes = [f"medium candidate {rec['medium_candidate']:.1f}" if "medium_candidate" in rec else "",
+                 "medium policy saved" + (" (final)" if meta["medium_final"] else "") if rec.get("medium") else "",
+                 f"medium policy of step {meta['medium_step']} final ({meta['medium_stale']} evaluations without "
+                 f"a closer one)" if meta["medium_final"] and not was_final and not rec.get("medium") else "",
+                 f"expert candidate {rec['expert_candidate']:.1f}" if "expert_candidate" in rec else "",
+                 "expert policy saved" if rec.get("expert") else ""]
+        notes = "; ".join(n for n in notes if n)
+        log(f"{env_name} step {step}: return {rec['return_mean']:.1f} +- {rec['return_std']:.1f} "
+            f"(score {score:.1f}), {rate:.1f} steps/s" + (f" -> {notes}" if notes else ""))
+
     if done():
         return  # nothing left to do for this run
+    pending = meta.get("eval_pending")
+    if pending is not None:
+        if pending == meta["env_steps"]:   # an interrupt cut it short (or came before it): run it now
+            log(f"{env_name}: running the evaluation of step {pending} that an interrupt cut short")
+            evaluate(pending)
+            if done():
+                return
+        meta.pop("eval_pending", None)
     while meta["env_steps"] < total_steps:
         step = meta["env_steps"]
         if step % snapshot_every == 0 and not meta["medium_final"]:
@@ -764,66 +924,13 @@ def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np,
         buffer.add(obs, a, r, nobs, term)  # bootstrap through time-limit truncations
         obs = nobs
         meta["env_steps"] = step = step + 1
+        if step % eval_every == 0:
+            # due from here on: an interrupt in the update or the evaluation leaves it due in the checkpoint
+            meta["eval_pending"] = step
         if buffer.size >= agent.config.batch_size and step > min(start_steps, 1000):
             stats = agent.update(*buffer.sample(agent.config.batch_size, agent.generator))
         if step % eval_every == 0:
-            rets = evaluate_policy(actor_np, env_name, eval_episodes, seed=10_000_000 + step)
-            score = float(spec.d4rl_score(rets.mean()))
-            now = time.perf_counter()
-            rate = (step - steps_at_start) / max(now - t_rate, 1e-9)
-            steps_at_start, t_rate = step, now
-            rec = {"step": step, "return_mean": float(rets.mean()), "return_std": float(rets.std()),
-                   "score": score, "steps_per_s": rate,
-                   "wall_s": wall0 + now - t_start}
-            if stats is not None:
-                s = stats.tolist()
-                rec.update(critic_loss=s[0], actor_loss=s[1], alpha=s[3], logp=s[4])
-            closer, was_final = False, meta["medium_final"]
-            if not meta["medium_final"] and abs(score - medium_target) <= medium_window:
-                long = _long_eval(actor_np, env_name, spec, long_eval_episodes, step)
-                rec["medium_candidate"] = long[1]
-                if meta["medium_step"] is None or \
-                        abs(long[1] - medium_target) < abs(meta["medium_eval"] - medium_target):
-                    closer = True
-                    meta["medium_step"], meta["medium_eval"] = step, long[1]
-                    _atomic_torch_save(actor_file_dict(agent.actor.state_dict(), env_name, step=step,
-                                                       eval_return=long[0], eval_score=long[1],
-                                                       eval_episodes=long_eval_episodes, kind="medium"),
-                                       policy_dir / "medium.pt")
-                    rec["medium"] = True
-                if abs(long[1] - medium_target) <= medium_tolerance:
-                    meta["medium_final"] = True
-            if not meta["medium_final"] and meta["medium_step"] is not None:
-                meta["medium_stale"] = 0 if closer else meta.get("medium_stale", 0) + 1
-                if meta["medium_stale"] >= medium_patience:
-                    meta["medium_final"] = True
-            if meta["medium_final"] and not was_final:      # the search ended here: medium-replay stops there
-                _prune_snapshots(policy_dir / "replay", meta["medium_step"])
-            screen = None if meta["expert_final"] else expert_screen(meta["expert_screen"], score, expert_window)
-            if screen is not None:
-                meta["expert_screen"] = screen
-                long = _long_eval(actor_np, env_name, spec, long_eval_episodes, step)
-                rec["expert_candidate"] = long[1]
-                if meta["best_eval"] is None or long[1] > meta["best_eval"]:
-                    meta["best_eval"], meta["best_step"] = long[1], step
-                    _atomic_torch_save(actor_file_dict(agent.actor.state_dict(), env_name, step=step,
-                                                       eval_return=long[0], eval_score=long[1],
-                                                       eval_episodes=long_eval_episodes, kind="expert"),
-                                       policy_dir / "expert.pt")
-                    rec["expert"] = True
-                if expert_reached():
-                    finalise_expert(f"it reaches the target {expert_score:.1f} within {expert_tolerance:g}")
-            with open(progress_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            notes = [f"medium candidate {rec['medium_candidate']:.1f}" if "medium_candidate" in rec else "",
-                     "medium policy saved" + (" (final)" if meta["medium_final"] else "") if rec.get("medium") else "",
-                     f"medium policy of step {meta['medium_step']} final ({meta['medium_stale']} evaluations without "
-                     f"a closer one)" if meta["medium_final"] and not was_final and not rec.get("medium") else "",
-                     f"expert candidate {rec['expert_candidate']:.1f}" if "expert_candidate" in rec else "",
-                     "expert policy saved" if rec.get("expert") else ""]
-            notes = "; ".join(n for n in notes if n)
-            log(f"{env_name} step {step}: return {rec['return_mean']:.1f} +- {rec['return_std']:.1f} "
-                f"(score {score:.1f}), {rate:.1f} steps/s" + (f" -> {notes}" if notes else ""))
+            evaluate(step)
             if done():
                 break
         if term or trunc:
