@@ -762,12 +762,14 @@ def _run_locked(args, script: str, take_lock) -> dict:
     state_extra = dict(data_timesteps={args.env: dataset.num_timesteps})  # what --resume checks the data against
     if not ctx.is_main:  # under torchrun only rank 0 evaluates, logs and writes files
         run_dir, args.save_model, args.num_eval_episodes = None, False, 0
-    if run_dir is not None and not args.resume:
-        atomic_save(make_checkpoint(model.state_dict(), config, iteration=0, **ckpt_extra), run_dir / "model_0.pt")
     wandb_name = exp_prefix if lm_script else wandb_run_name(args.env, args.dataset, mname, args.seed, args.K,
                                                              args.remove_grad_clip, args.pretrained_block)
+    if args.pretrained_models and not lm_script:  # (as its folder) a merge run is not the plain run of its name
+        wandb_name = f"{wandb_name}-{exp_id}"
     logger = RunLogger(run_dir, config, use_wandb=args.log_to_wandb and ctx.is_main, project=args.project,
                        group=group, name=wandb_name, resume=args.resume, resume_after=start_iter)
+    if run_dir is not None and not args.resume:  # (after WandB started: a WandB that cannot start leaves no files)
+        atomic_save(make_checkpoint(model.state_dict(), config, iteration=0, **ckpt_extra), run_dir / "model_0.pt")
     models_dir = Path(project_path("models")) / args.env
     if args.save_model and ctx.is_main:
         clean_folder(models_dir)  # (shared by runs: only files of processes gone and idle are removed)

@@ -9,23 +9,109 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from decision_transformer.errors import UserError, write_problem
+from decision_transformer.errors import UserError, first_line, interrupted_by, out_of_memory, write_problem
 from decision_transformer.files import atomic_write
 
 #: The values of ``WANDB_MODE`` that wandb accepts.
 WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
 
 
-def wandb_credentials_present() -> bool:
-    """Whether WandB credentials are configured: ``WANDB_API_KEY``, or an api.wandb.ai entry in the
-    netrc file (``NETRC`` or ~/.netrc)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+#: wandb's default server before CoreWeave's Forge (for a wandb whose own default cannot be read)
+_OLD_DEFAULT_BASE_URL = "https://api.wandb.ai"
+
+#: ``WANDB_MODE`` values that log to the server, for which wandb needs credentials
+_ONLINE_MODES = ("online", "run", "shared")
+
+_OFFLINE = "log offline with WANDB_MODE=offline (sync later with `wandb sync`)"
+_REMEDY = f"log in with `wandb login` (or set WANDB_API_KEY), or {_OFFLINE}"
+
+
+def wandb_base_url() -> str:
+    """The WandB server a run logs to, found as wandb finds it: ``WANDB_BASE_URL``, else the ``base_url`` of wandb's
+    settings files (the global one that ``wandb login --host`` writes, ``$WANDB_CONFIG_DIR/settings`` or
+    ~/.config/wandb/settings, overridden by the working folder's ``wandb/settings``), else wandb's default server."""
+    import configparser
+
+    if os.environ.get("WANDB_BASE_URL"):
+        return os.environ["WANDB_BASE_URL"]
+    config_dir = os.environ.get("WANDB_CONFIG_DIR")
+    files = [Path(config_dir).expanduser() / "settings" if config_dir else
+             Path.home() / ".config" / "wandb" / "settings",
+             Path(".wandb" if Path(".wandb").is_dir() else "wandb") / "settings"]
+    url = None
+    for f in files:
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read(f)   # (a missing file reads as empty)
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            continue   # (wandb skips a broken file with a warning)
+        url = parser.get("default", "base_url", fallback=None) or url
+    if url:
+        return url
     try:
-        return "api.wandb.ai" in netrc.read_text()
-    except OSError:
+        from wandb.sdk.wandb_settings import Settings
+
+        return str(Settings().base_url)
+    except Exception:  # noqa: BLE001 - wandb missing or of another layout: its long-standing default
+        return _OLD_DEFAULT_BASE_URL
+
+
+def _netrc_path() -> Path:
+    """The netrc file wandb reads: ``NETRC``, else ~/.netrc (or ~/_netrc, as on Windows, where only that exists)."""
+    if os.environ.get("NETRC"):
+        return Path(os.environ["NETRC"]).expanduser()
+    unix, windows = Path.home() / ".netrc", Path.home() / "_netrc"
+    return windows if not unix.exists() and (windows.exists() or sys.platform == "win32") else unix
+
+
+def wandb_credentials_present() -> bool:
+    """Whether wandb finds credentials for the server it logs to (``wandb_base_url``): ``WANDB_API_KEY`` (or
+    ``WANDB_IDENTITY_TOKEN_FILE``), or a key for that host in the netrc file (``_netrc_path``; for CoreWeave's Forge
+    host, wandb also takes the key of the W&B server behind it)."""
+    import netrc
+    from urllib.parse import urlsplit
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    url = wandb_base_url()
+    hosts = [urlsplit(url).netloc]
+    try:
+        from wandb.sdk.lib.urls import forge_upstream_url   # (the wandb releases that know Forge)
+
+        hosts.append(urlsplit(forge_upstream_url(url)).netloc)
+    except ImportError:
+        pass
+    try:
+        entries = netrc.netrc(_netrc_path())
+    except (OSError, netrc.NetrcParseError):   # none, or unreadable: wandb finds no key there either
         return False
+    return any(host and (entry := entries.authenticators(host)) and entry[2] for host in hosts)
+
+
+def _wandb_importable() -> bool:
+    import importlib.util
+
+    if sys.modules.get("wandb") is not None:
+        return True
+    try:
+        return importlib.util.find_spec("wandb") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def wandb_exit_code(error: BaseException | int | None) -> int:
+    """The exit code WandB records for a run that ended with ``error`` (an exception, or an exit code): the code the
+    script ends with (``cli_entry``): 0 without one, 130 for Ctrl-C or SIGTERM, a ``UserError``'s own code, 1 for
+    any other error."""
+    if error is None or isinstance(error, int):
+        return int(error or 0)
+    if interrupted_by(error):
+        return 130
+    if isinstance(error, SystemExit):
+        return error.code if isinstance(error.code, int) else int(error.code is not None)
+    if isinstance(error, UserError):
+        return error.exit_code
+    return 2 if isinstance(error, OSError) or out_of_memory(error) else 1
 
 
 def _plain(v):
@@ -37,11 +123,18 @@ def _plain(v):
 
 
 def check_wandb_mode() -> str | None:
-    """``WANDB_MODE`` if wandb accepts it (None when unset); else a one-line error. The scripts call it with ``-w``
-    before they write anything."""
+    """``WANDB_MODE`` if wandb accepts it (None when unset); else a one-line error, as for a wandb that cannot be
+    imported, or an explicit online mode without credentials (wandb would stop, or ask for a key, at ``wandb.init``).
+    The scripts call it with ``-w`` before they write anything."""
     mode = os.environ.get("WANDB_MODE")
     if mode is not None and mode not in WANDB_MODES:
         raise UserError(f"WANDB_MODE={mode!r} is not a WandB mode; use one of {', '.join(WANDB_MODES)} or unset it")
+    if not _wandb_importable():
+        raise UserError("-w logs to WandB, but the wandb package is not installed (pip install wandb); or run "
+                        "without -w")
+    if mode in _ONLINE_MODES and not wandb_credentials_present():
+        raise UserError(f"WANDB_MODE={mode}, but no WandB credentials for {wandb_base_url()} were found "
+                        f"(WANDB_API_KEY, or {_netrc_path()}); {_REMEDY}")
     return mode
 
 
@@ -76,14 +169,16 @@ def cut_last_line(text: str, lineno: int, path) -> bool:
 class RunLogger:
     """``log(metrics, step)`` appends one JSON line to ``{run_dir}/metrics.jsonl`` and logs to WandB when enabled.
 
-    WandB honours ``WANDB_MODE``; with no credentials configured it runs offline (sync later with ``wandb sync``).
+    WandB honours ``WANDB_MODE``; with no credentials configured it runs offline (sync later with ``wandb sync``). A
+    WandB that cannot start (not installed, online without credentials, its server unreachable) is a one-line
+    ``UserError``, raised before ``config.json`` is written.
     ``resume``: keep the metrics already logged; with ``resume_after`` N, only the rows of iterations up to N (a run
     stopped after logging an iteration but before saving its training state logs that iteration again).
 
-    With WandB the run's WandB id is recorded in ``config`` as ``wandb_run_id`` (so in ``config.json`` and in what the
-    caller saves with that dict, such as the training state); a resumed run continues the WandB run of that id
-    (``resume="allow"``) instead of starting a new one, and every row carries its ``iteration``, logged as the WandB
-    step.
+    With WandB the run's WandB id (the one WandB used: a sweep agent's wins over the one asked for) is recorded in
+    ``config`` as ``wandb_run_id`` (so in ``config.json`` and in what the caller saves with that dict, such as the
+    training state); a resumed run continues the WandB run of that id (``resume="allow"``) instead of starting a new
+    one, and every row carries its ``iteration``, logged as the WandB step. ``finish`` records the run's exit code.
     """
 
     def __init__(self, run_dir: str | os.PathLike | None, config: dict, *, use_wandb: bool = False,
@@ -91,12 +186,15 @@ class RunLogger:
                  resume: bool = False, resume_after: int | None = None):
         self.run_dir = Path(run_dir) if run_dir else None
         self.wandb_run = None
+        self._ambient = sys.exc_info()[1]   # an error being handled around the run is not the run's (finish)
         mode = check_wandb_mode() if use_wandb else None
         previous_id = recorded_wandb_id(self.run_dir) if resume and self.run_dir is not None else None
         if previous_id and not config.get("wandb_run_id"):  # kept also by a resumed part that runs without WandB
             config["wandb_run_id"] = previous_id
         if use_wandb and not config.get("wandb_run_id"):
             config["wandb_run_id"] = new_wandb_id()
+        if use_wandb:  # before the files: a WandB that cannot start leaves them as they were
+            self.wandb_run = self._start_wandb(config, mode, project, group, name, previous_id)
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # through a temporary file: a run stopped (or a disk full) while writing keeps the previous config.json,
@@ -107,15 +205,42 @@ class RunLogger:
                 (self.run_dir / "metrics.jsonl").write_text("")
             elif resume_after is not None:
                 self._keep_rows_until(resume_after)
-        if use_wandb:
-            import wandb
 
-            if mode is None and not wandb_credentials_present():
-                mode = "offline"
-                print("wandb: no credentials found, logging offline (sync later with `wandb sync`)", file=sys.stderr)
-            resume_args = {"resume": "allow"} if previous_id == config["wandb_run_id"] else {}
-            self.wandb_run = wandb.init(project=project, group=group, name=name, config=config, mode=mode,
-                                        id=config["wandb_run_id"], **resume_args)
+    @staticmethod
+    def _start_wandb(config: dict, mode: str | None, project: str, group: str | None, name: str | None,
+                     previous_id: str | None):
+        """``wandb.init`` of this run; a wandb that cannot be imported, refuses the settings (``UsageError``) or
+        cannot reach its server (``CommError``) is a one-line ``UserError``. Records the id WandB gave the run in
+        ``config``: a sweep agent's (``WANDB_SWEEP_ID`` and ``WANDB_RUN_ID``) wins over the one asked for, and
+        ``--resume`` must continue that run."""
+        try:
+            import wandb
+        except ImportError as e:
+            raise UserError(f"-w logs to WandB, but wandb cannot be imported ({first_line(e)}); reinstall it (pip "
+                            f"install wandb), or run without -w") from None
+        if mode is None and not wandb_credentials_present():
+            mode = "offline"
+            print("wandb: no credentials found, logging offline (sync later with `wandb sync`)", file=sys.stderr)
+        resume_args = {"resume": "allow"} if previous_id == config["wandb_run_id"] else {}
+        wandb_error = getattr(getattr(wandb, "errors", None), "Error", None) or Exception
+        try:
+            run = wandb.init(project=project, group=group, name=name, config=config, mode=mode,
+                             id=config["wandb_run_id"], **resume_args)
+        except wandb_error as e:
+            kind = type(e).__name__
+            if kind == "AuthenticationError":
+                raise UserError(f"WandB refused the credentials for {wandb_base_url()} ({first_line(e)}); log in "
+                                f"again with `wandb login --relogin`, or {_OFFLINE}") from None
+            if kind == "CommError":
+                raise UserError(f"WandB could not reach {wandb_base_url()} ({first_line(e)}); check the connection "
+                                f"(and WANDB_BASE_URL), or {_OFFLINE}") from None
+            raise UserError(f"WandB could not start the run ({first_line(e)}); {_REMEDY}") from None
+        run_id = getattr(run, "id", None)
+        if (isinstance(run_id, str) and run_id and run_id != config["wandb_run_id"]
+                and not getattr(run, "disabled", False)):   # (a disabled run's id means nothing)
+            config["wandb_run_id"] = run_id
+            run.config.update({"wandb_run_id": run_id}, allow_val_change=True)
+        return run
 
     def _keep_rows_until(self, iteration: int):
         path = self.run_dir / "metrics.jsonl"
@@ -162,11 +287,26 @@ class RunLogger:
                 return  # logged before the resume already (WandB keeps a run's steps increasing)
             self.wandb_run.log({**metrics, "iteration": step}, step=step)
 
-    def finish(self):
-        """Finish the WandB run, if there is one."""
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-            self.wandb_run = None
+    def finish(self, error: BaseException | int | None = None):
+        """Finish the WandB run, if there is one, with the exit code of ``error`` (``wandb_exit_code``: an exception
+        or an exit code), so that WandB marks a crashed or interrupted run failed, not finished. Called without
+        ``error`` from a ``finally`` block, the exception on its way out, if any, is taken."""
+        if self.wandb_run is None:
+            return
+        run, self.wandb_run = self.wandb_run, None
+        if error is None:
+            current = sys.exc_info()[1]
+            error = current if current is not self._ambient else None
+        code = wandb_exit_code(error)
+        try:
+            if code:
+                run.finish(exit_code=code)
+            else:
+                run.finish()   # (a success, as wandb takes a finish without a code)
+        except Exception as e:  # noqa: BLE001 - the run's own error, on its way out, is the one to show
+            if not code:
+                raise
+            print(f"warning: WandB could not finish the run: {first_line(e)}", file=sys.stderr)
 
 
 def progress(total: int, desc: str, leave: bool = False):

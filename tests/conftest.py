@@ -13,7 +13,6 @@ sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
 # The user's own D4RL downloads and Hugging Face cache must not change what the tests find: both point at empty
 # folders (tests that need them set their own).
 _EMPTY = tempfile.mkdtemp(prefix="dt-tests-empty-")
@@ -21,6 +20,15 @@ atexit.register(shutil.rmtree, _EMPTY, True)
 os.environ["D4RL_DATASET_DIR"] = os.path.join(_EMPTY, "d4rl")
 os.environ["HF_HOME"] = os.path.join(_EMPTY, "hf")
 os.environ.pop("HF_HUB_CACHE", None)
+# Nor the user's WandB settings: a mode, key, server or netrc would log test runs to the user's account, a WANDB_DIR
+# moves the offline runs tests look for, a sweep agent's WANDB_RUN_ID gives every run its id. All WANDB_* variables
+# go, WandB is disabled, and its settings folder and netrc file are empty ones (tests that need others set them).
+for _name in [k for k in os.environ if k.startswith("WANDB_")]:
+    del os.environ[_name]
+os.environ["WANDB_MODE"] = "disabled"
+os.environ["WANDB_CONFIG_DIR"] = os.path.join(_EMPTY, "wandb-config")
+os.makedirs(os.environ["WANDB_CONFIG_DIR"])
+os.environ["NETRC"] = os.path.join(_EMPTY, "netrc")   # (no such file: no credentials)
 
 import torch  # noqa: E402
 
@@ -94,9 +102,10 @@ def multi_medium_data(tmp_path_factory) -> Path:
 
 
 def write_source_models(root: Path, envs, *, n: int, max_ep_len: int, id_base: int) -> tuple[Path, Path, dict]:
-    """``root/data`` with one medium dataset per env and ``root/models/{env}/dt_gym-experiment-{env}-medium-{id}_best.pt``
-    per env: tiny DTs (16 x 1) with a stored config, the same seeded init and blocks perturbed per env, so that merges
-    and Fishers differ between them. Returns (root, data, {env: path})."""
+    """``root/data`` with one medium dataset per env and
+    ``root/models/{env}/dt_gym-experiment-{env}-medium-{id}_best.pt`` per env: tiny DTs (16 x 1) with a stored config,
+    the same seeded init and blocks perturbed per env, so that merges and Fishers differ between them. Returns (root,
+    data, {env: path})."""
     from decision_transformer.checkpoint import atomic_save, make_checkpoint
     from decision_transformer.envs import get_env_spec
     from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig

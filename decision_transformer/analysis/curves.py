@@ -90,7 +90,8 @@ def read_metrics_jsonl(path) -> list[dict]:
 
 def wandb_history(run_name: str, project: str, entity: str | None = None) -> list[dict]:
     """The logged rows of the finished WandB run called ``run_name`` (unknown names are errors, not TAKAGI's silent
-    fall-back to the last run). ``wandb`` is imported only here."""
+    fall-back to the last run); merge runs of that name, from before merge runs' names carried their run id, are left
+    out. ``wandb`` is imported only here."""
     try:
         import wandb
     except ImportError:
@@ -102,10 +103,15 @@ def wandb_history(run_name: str, project: str, entity: str | None = None) -> lis
         first = first_line(e)
         raise UserError(f"cannot query WandB project {path}: {first}") from None
     runs = [r for r in runs if getattr(r, "name", run_name) == run_name]
+    # merge runs (--pretrained_models) logged before their names carried the run id share the plain run's name
+    merges = [r for r in runs if _merge_run(r)]
+    runs = [r for r in runs if not _merge_run(r)]
     finished = [r for r in runs if getattr(r, "state", "finished") == "finished"]
     if not finished:
+        left = [f"{len(runs)} unfinished"] if runs else []
+        left += [f"{len(merges)} merge run(s) left out"] if merges else []
         raise RunNotFound(f"no finished WandB run named {run_name} in {path}"
-                          + (f" ({len(runs)} unfinished)" if runs else ""))
+                          + (f" ({', '.join(left)})" if left else ""))
     if len(finished) > 1:
         common.warn(f"{len(finished)} finished WandB runs named {run_name}; using the last one listed")
     rows = []
@@ -116,6 +122,12 @@ def wandb_history(run_name: str, project: str, entity: str | None = None) -> lis
             raise UserError(f"WandB run {run_name}: row {i + 1} has a non-integer iteration {row['iteration']!r}")
         rows.append(row)
     return rows
+
+
+def _merge_run(run) -> bool:
+    """Whether a WandB run is a merge run: its config lists ``--pretrained_models``."""
+    config = getattr(run, "config", None)
+    return isinstance(config, dict) and bool(config.get("pretrained_models"))
 
 
 def run_metrics(checkpoint_dir, key: RunKey, from_wandb: bool = False, project: str = "decision-transformer",

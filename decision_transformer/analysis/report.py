@@ -3,8 +3,9 @@
 The runs present decide what runs: score tables for runs with metrics, learning curves where K = 1 / block /
 no-grad-clip runs exist, CKA, MINE, parameter and gradient analyses on the K = 20 runs (``--run_K``), attention
 distance on the K = 1 runs. Epochs are the paper's (CKA / MI / parameters 0 vs 40, gradients 1, attention 0 vs 4)
-when present, otherwise the nearest available one (said in the report). Each analysis calls the same code as its script, with
-its results and figures under ``{out_dir}/{section folder}/``. A failing analysis is reported and the others go on.
+when present, otherwise the nearest available one (said in the report). Each analysis calls the same code as its
+script, with its results and figures under ``{out_dir}/{section folder}/``. A failing analysis is reported and the
+others go on. ``--from_wandb`` (with ``--wandb_project`` and ``--wandb_entity``) reads the run metrics from WandB.
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def build_parser():
                    help="parameter-distance axis (see parameter_similarity_analysis.py --help)")
     p.add_argument("--skip", nargs="*", default=[], choices=STEPS)
     p.add_argument("--only", nargs="*", default=None, choices=STEPS)
-    p.add_argument("--from_wandb", action="store_true")
+    common.add_wandb_flags(p)   # (--from_wandb, --wandb_project, --wandb_entity: passed on to the readers)
     return p
 
 
@@ -178,6 +179,14 @@ def _data_flags(args) -> list[str]:
     return flags + (["--data_path", args.data_path] if args.data_path else [])
 
 
+def _wandb_flags(args) -> list[str]:
+    """``--from_wandb`` and the WandB project (and entity) to read, for the steps that read run metrics."""
+    if not args.from_wandb:
+        return []
+    return ["--from_wandb", "--wandb_project", args.wandb_project,
+            *(["--wandb_entity", args.wandb_entity] if args.wandb_entity else [])]
+
+
 def _batch_read_flags(args, size_flag: str = "--batch_size") -> list:
     """The flags by which a reader (plot_cka.py, run_mi_exp.py and the MI plots: ``size_flag --data_batch_size``)
     finds the results of ``--batch_size``, ``--K`` and ``--batch_seed``, which tag them where not the defaults."""
@@ -206,7 +215,7 @@ def step_scores(plan: _Plan, args) -> common.Outputs:
         envs = [e for e in plan.envs if any(k.env == e for k in ks)]
         argv = _argv(args, "scores", "--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name,
                      "--K", K, "--score_norm", args.score_norm, "--env_name_list", *envs, "--model_name_list",
-                     *models, "--seed_list", *seeds, *(["--from_wandb"] if args.from_wandb else []),
+                     *models, "--seed_list", *seeds, *_wandb_flags(args),
                      *(["--data_path", args.data_path] if args.data_path else []))
         for select in (["best"], ["last", "--no_figure"]):
             s_args = scores.build_parser().parse_args(argv + ["--select", *select])
@@ -219,7 +228,7 @@ def step_curves(plan: _Plan, args) -> common.Outputs:
     """The learning curves whose runs exist: Figure 8 (K = 1 runs), Figure 9 per replaced LM (block runs)
     and Appendix G.3 per no-grad-clip run."""
     outs = common.Outputs()
-    wb = ["--from_wandb"] if args.from_wandb else []
+    wb = _wandb_flags(args)
     base = ["--checkpoint_dir", args.checkpoint_dir, "--dataset_name", args.dataset_name, "--seed", args.seed, *wb]
     k1 = [e for e in plan.envs if plan.models(e, K=1, need_ckpt=False)]
     if k1:
