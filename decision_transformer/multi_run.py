@@ -469,6 +469,24 @@ def blocks_state(model) -> dict:
 
 # ---- model setup ----------------------------------------------------------------------------------------------------------
 
+#: the architecture flags a --pretrained_model or merged models override, with their BackboneConfig fields
+ARCH_FLAGS = {"embed_dim": "n_embd", "n_layer": "n_layer", "n_head": "n_head",
+              "activation_function": "activation_function", "dropout": "resid_pdrop"}
+
+
+def warn_ignored_architecture(args, model, source: str):
+    """A warning naming each architecture flag given (other than its default) that differs from the model built from
+    ``source`` (a ``--pretrained_model`` or the merged models), whose stored architecture wins, as in the original
+    (which loaded whole pickled models): the flag has no effect, and config.json still records it."""
+    defaults = multi_parser().parse_args([])
+    backbone = model.config.backbone
+    diffs = [f"--{flag} {getattr(args, flag)} (the model has {getattr(backbone, field)})"
+             for flag, field in ARCH_FLAGS.items()
+             if getattr(args, flag) != getattr(defaults, flag) and getattr(args, flag) != getattr(backbone, field)]
+    if diffs:
+        log(f"warning: {', '.join(diffs)}: no effect, the architecture is {source}'s")
+
+
 def new_model(args) -> MultiDecisionTransformer:
     """A fresh multi-task DT (reseeded with ``--seed``), its backbone from ``--pretrained_lm`` when given."""
     from decision_transformer.model_factory import backbone_config_from_args, locate_pretrained
@@ -632,9 +650,11 @@ def _run_multi(args, take_lock) -> dict:
     merge_info = None
     if args.multi_pretrained_models:
         model, merge_info = merged_model(args, data, device)
+        warn_ignored_architecture(args, model, "the merged models (model 1)")
     elif pre is not None:
         fisher_mod.warn_context([pre], args.K, log)
         model = build_model(pre, device, max_length=args.K)
+        warn_ignored_architecture(args, model, args.pretrained_model)
         log(f"pretrained: {args.pretrained_model} (specialisations {model.specializations or 'none'})")
     else:
         model = new_model(args).to(device)

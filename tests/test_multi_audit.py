@@ -343,3 +343,23 @@ def test_a_resume_with_nothing_left_to_train_keeps_the_last_model(data, tmp_path
     last.unlink()
     experiment_multi.main([*argv, "--resume"])
     assert f"saved {last.relative_to(tmp_path)}" in capsys.readouterr().err and last.is_file()
+
+
+# ---- architecture flags a --pretrained_model overrides ------------------------------------------------------------
+
+def test_architecture_flags_a_pretrained_model_overrides_are_warned_about(data, tmp_path, monkeypatch, capsys):
+    """--pretrained_model gives the architecture (as the original's whole pickled models did): --embed_dim 32,
+    --n_head 2 and --activation_function gelu_new given against a 16-wide, 1-head relu model are named in one
+    warning; flags left at their defaults, or equal to the model's, are not."""
+    monkeypatch.chdir(tmp_path)
+    pre = save_multi(tmp_path / "pre.pt", multi_model(seed=1), ["hopper"])
+    base = ["--data_path", data, "--K", "5", "--batch_size", "4", "--num_steps_per_iter", "1", "--max_iters", "1",
+            "--warmup_steps", "1", "--device", "cpu", "--num_eval_episodes", "0", "--pretrained_model", pre]
+    experiment_multi.main([str(a) for a in [*base, "--embed_dim", "32", "--n_head", "2",
+                                            "--activation_function", "gelu_new", "--n_layer", "1"]])
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "no effect, the architecture" in ln]
+    assert warnings == [f"warning: --embed_dim 32 (the model has 16), --n_head 2 (the model has 1), "
+                        f"--activation_function gelu_new (the model has relu): no effect, the architecture is "
+                        f"{pre}'s"], warnings
+    experiment_multi.main([str(a) for a in [*base, "--embed_dim", "16", "--outdir", ""]])
+    assert "no effect, the architecture" not in capsys.readouterr().err
