@@ -90,8 +90,9 @@ def compute_stats(data_path: str, envs=ENVS, datasets=DATASETS) -> tuple[dict, l
 @cli_entry
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_path", default=project_path("data"), help="folder with {env}-{dataset}-v2.pkl (or D4RL hdf5); "
-                   "default: the project's data folder")
+    p.add_argument("--data_path", default=project_path("data"),
+                   help="folder with {env}-{dataset}-v2.pkl (or D4RL hdf5); default: the project's data/ when started "
+                        "inside the project, ./data outside it")
     p.add_argument("--out", default=None, help="output file (default: {data_path}/state_stats.pkl)")
     p.add_argument("--envs", nargs="+", default=list(ENVS))
     p.add_argument("--datasets", nargs="+", default=list(DATASETS))

@@ -22,7 +22,7 @@ from decision_transformer.errors import quiet_startup  # noqa: E402
 quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
 
 from decision_transformer.envs import D4RL_ENVS, ENVS
-from decision_transformer.paths import project_path
+from decision_transformer.paths import DATA_PATH_HELP, project_path
 from decision_transformer.errors import UserError, cli_entry
 
 NAME_RE = re.compile(r"^(" + "|".join(ENVS) + r")_(random|medium|medium_replay|medium_expert|expert)-v2\.hdf5$")
@@ -104,7 +104,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hdf5", nargs="+", help="D4RL hdf5 files to convert (no download)")
     p.add_argument("--data_path", "--out_dir", dest="data_path", default=project_path("data"),
-                   help="output folder (default: the project's data folder)")
+                   help=DATA_PATH_HELP)
     p.add_argument("--envs", nargs="+", default=sorted(D4RL_ENVS),
                    choices=sorted(D4RL_ENVS) + [e for e in ENVS if e not in D4RL_ENVS],
                    help="reacher2d has no D4RL files: only with --synthetic (or its own files with --hdf5)")

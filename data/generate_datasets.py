@@ -23,8 +23,8 @@ quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
 from decision_transformer.data import hdf5_name, pkl_name
 from decision_transformer.envs import D4RL_ENVS, ENVS as ALL_ENVS
 from decision_transformer.errors import UserError, cli_entry
-from decision_transformer.files import exclusive
-from decision_transformer.paths import project_path
+from decision_transformer.files import exclusive, refuse_folders
+from decision_transformer.paths import DATA_PATH_HELP, project_path
 
 ENVS = list(D4RL_ENVS)  # "all": the envs with bundled behaviour policies
 OTHER_ENVS = [e for e in ALL_ENVS if e not in D4RL_ENVS]  # no bundled policies: --dataset random, or your --policy_dir
@@ -41,7 +41,7 @@ def main(argv=None):
                    help="rows per dataset (default 1M; medium-expert: this many of each half; medium-replay: "
                         "every training step up to the medium policy, or the first N)")
     p.add_argument("--data_path", default=project_path("data"),
-                   help="output folder (default: the project's data folder)")
+                   help=DATA_PATH_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policy_dir", default=None, help="behaviour policies (default: bundled)")
     p.add_argument("--no_hdf5", action="store_true", help="write only the pkl (and stats)")
@@ -80,6 +80,7 @@ def main(argv=None):
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
         raise UserError(f"{existing[0]}{more} already exist(s); generating would replace it with generated data: "
                         f"give another --data_path, or pass --force to overwrite")
+    refuse_folders(existing)   # (--force: a folder cannot be replaced; said before anything is generated)
     for env in envs:
         for dataset in datasets:
             target = os.path.join(args.data_path, pkl_name(env, dataset))

@@ -18,7 +18,7 @@ from decision_transformer.errors import quiet_startup  # noqa: E402
 
 quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
 
-from decision_transformer.paths import project_path
+from decision_transformer.paths import DATA_PATH_HELP, project_path
 from decision_transformer.errors import UserError, cli_entry
 
 
@@ -31,7 +31,7 @@ def main(argv=None):
     imp.add_argument("--env", default=None, help="default: from the dataset id")
     imp.add_argument("--dataset", required=True, help="quality name for the pkl (medium, expert, ...)")
     imp.add_argument("--data_path", default=project_path("data"),
-                     help="output folder (default: the project's data folder)")
+                     help=DATA_PATH_HELP)
     imp.add_argument("--force", action="store_true", help="replace an existing {env}-{dataset}-v2.pkl")
     exp = sub.add_parser("export", help="DT pkl -> Minari dataset")
     exp.add_argument("pkl")

@@ -20,7 +20,8 @@ quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
 
 from decision_transformer.cli import positive_int  # noqa: E402
 from decision_transformer.errors import UserError, cli_entry  # noqa: E402
-from decision_transformer.paths import project_path  # noqa: E402
+from decision_transformer.files import refuse_folders  # noqa: E402
+from decision_transformer.paths import DATA_PATH_HELP, project_path  # noqa: E402
 
 
 @cli_entry
@@ -32,8 +33,7 @@ def main(argv=None):
     p.add_argument("--noise", type=float, nargs="+", default=[0.1, 0.5, 1.0],
                    help="std of the Gaussian action noise, one per episode in turn (default 0.1 0.5 1.0)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data_path", default=project_path("data"), help="output folder (default: the project's data "
-                                                                      "folder)")
+    p.add_argument("--data_path", default=project_path("data"), help=DATA_PATH_HELP)
     p.add_argument("--force", action="store_true", help="replace a dataset of the same name (refused otherwise)")
     args = p.parse_args(argv)
     import math
@@ -57,6 +57,7 @@ def main(argv=None):
     if os.path.lexists(target) and not args.force:   # before any rollout, as the other dataset writers
         raise UserError(f"{target} already exists; give another --data_path or --dataset, or pass --force to "
                         f"overwrite it")
+    refuse_folders([target])
     trajs = scripted_trajectories(args.episodes, noise=tuple(args.noise), seed=args.seed)
     out = write_pkl(target, trajs)
     returns = np.array([t["rewards"].sum() for t in trajs])

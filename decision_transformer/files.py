@@ -12,6 +12,14 @@ from pathlib import Path
 from decision_transformer.errors import UserError, write_problem
 
 
+def refuse_folders(paths) -> None:
+    """Files about to be written (``--force`` replacing them) checked before the work that makes them: a folder in
+    the place of one is a one-line ``UserError``, as ``atomic_write`` would give only once it is all made."""
+    for p in paths:
+        if Path(p).is_dir():
+            raise UserError(f"cannot write {p}: it is a folder")
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """``write(tmp)`` into a new temporary file beside ``path``, then rename it to ``path``: an existing file is
     replaced only by a complete one, and a failed write leaves no temporary file behind. A file that cannot be written

@@ -8,6 +8,9 @@ from pathlib import Path
 #: The project's root: the folder holding ``experiment.py``, ``data/``, ``checkpoints/``, ``analysis/``.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
+#: The help of the dataset scripts' ``--data_path`` (``project_path("data")``).
+DATA_PATH_HELP = "output folder (default: the project's data/ when started inside the project, ./data outside it)"
+
 
 def project_path(rel: str) -> str:
     """The default path of the project folder ``rel``: ``rel`` itself from the project's root or from outside the

@@ -293,3 +293,26 @@ def test_scripted_data_script(tmp_path, capsys):
     assert (tmp_path / "reacher2d-medium-v2.pkl").read_bytes() == before
     script.main(["--episodes", "2", "--seed", "4", "--data_path", str(tmp_path), "--force"])
     assert (tmp_path / "reacher2d-medium-v2.pkl").read_bytes() != before
+
+
+def test_force_refuses_a_folder_at_the_dataset_path_before_generating(tmp_path, capsys, monkeypatch):
+    """--force cannot replace a folder where the dataset file belongs: one line before any rollout or policy is run
+    (the scripted script and generate_datasets.py both), the folder untouched."""
+    from decision_transformer import generation, reacher2d
+
+    def no_work(*a, **k):
+        raise AssertionError("data generated before the folder was refused")
+
+    monkeypatch.setattr(reacher2d, "scripted_trajectories", no_work)
+    monkeypatch.setattr(generation, "generate_dataset", no_work)
+    (tmp_path / "reacher2d-medium-v2.pkl").mkdir()
+    (tmp_path / "hopper-medium-v2.pkl").mkdir()
+    script = load_script("data/reacher2d_scripted_data.py")
+    msg = fails(script.main, ["--data_path", str(tmp_path), "--force"], capsys)
+    assert msg == f"error: cannot write {tmp_path / 'reacher2d-medium-v2.pkl'}: it is a folder"
+    gen = load_script("data/generate_datasets.py")
+    monkeypatch.setattr(gen, "generate_dataset", no_work, raising=False)
+    msg = fails(gen.main, ["--env", "hopper", "--dataset", "medium", "--data_path", str(tmp_path), "--force",
+                           "--num_transitions", "2000"], capsys)
+    assert msg == f"error: cannot write {tmp_path / 'hopper-medium-v2.pkl'}: it is a folder"
+    assert (tmp_path / "reacher2d-medium-v2.pkl").is_dir() and (tmp_path / "hopper-medium-v2.pkl").is_dir()
