@@ -191,6 +191,10 @@ def check_multi_args(args):
     check_idle_run(args)
 
 
+#: flags that only shape training (warned about in a run that trains nothing)
+TRAINING_ONLY_FLAGS = ("init_reg", "frozen", "freeze_subset", "learning_rate", "weight_decay", "warmup_steps")
+
+
 def check_idle_run(args):
     """Runs that do nothing say so: ``--eval_merge_pre`` without training (every blend is the starting model), and
     runs that neither train nor evaluate (``--eval_only`` / ``--num_steps_per_iter 0`` with ``--num_eval_episodes
@@ -198,6 +202,12 @@ def check_idle_run(args):
     write nothing either (no ``--outdir``, no ``--save_model``) and merges nothing."""
     train = not args.eval_only and args.num_steps_per_iter > 0
     idle = "--eval_only" if args.eval_only else "--num_steps_per_iter 0"
+    if not train:   # the flags that only shape training: given, they would read as applied
+        defaults = multi_parser().parse_args([])
+        given = [f"--{f}" for f in TRAINING_ONLY_FLAGS if getattr(args, f) != getattr(defaults, f)]
+        if given:
+            log(f"warning: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect with {idle}: "
+                f"nothing is trained")
     if args.eval_merge_pre and not train and args.max_iters > 0:
         log(f"warning: --eval_merge_pre with {idle}: nothing is trained, so every blend (1-p)·pre + p·post of "
             f"--p_list is the starting model itself, and each p evaluates the same weights")

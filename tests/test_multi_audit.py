@@ -257,7 +257,8 @@ def test_p_in_multi_task_merges(data, tmp_path, monkeypatch, capsys):
     assert "multi merge: mean of 3 models over" in err
     experiment_multi.main([str(a) for a in [*argv, "--multi_pretrained_models", *paths[:2]]])
     err = capsys.readouterr().err
-    assert "multi merge: mean of 2 models weighted 0.7 : 0.3 (--p 0.3) over" in err and "has no effect" not in err
+    assert "multi merge: mean of 2 models weighted 0.7 : 0.3 (--p 0.3) over" in err
+    assert "--p 0.3 has no effect" not in err
     merged = sorted((tmp_path / "models" / "multi").glob("*.pt"), key=lambda p: p.stat().st_mtime)[-1]
     m = torch.load(merged, weights_only=True)["state_dict"]
     a, b = (torch.load(p, weights_only=True)["state_dict"] for p in paths[:2])
@@ -363,3 +364,21 @@ def test_architecture_flags_a_pretrained_model_overrides_are_warned_about(data, 
                         f"{pre}'s"], warnings
     experiment_multi.main([str(a) for a in [*base, "--embed_dim", "16", "--outdir", ""]])
     assert "no effect, the architecture" not in capsys.readouterr().err
+
+
+def test_training_only_flags_in_a_run_that_trains_nothing_are_warned_about(data, tmp_path, monkeypatch, capsys):
+    """--eval_only (or --num_steps_per_iter 0) with --init_reg, --freeze_subset and -lr given: one warning naming
+    them; flags at their defaults, or a run that trains, give none."""
+    monkeypatch.chdir(tmp_path)
+    i = SMALL.index("--warmup_steps")
+    small = SMALL[:i] + SMALL[i + 2:]
+    base = ["--data_path", data, *small, "--max_iters", "1", "--num_eval_episodes", "1", "--outdir", ""]
+    experiment_multi.main([str(a) for a in [*base, "--eval_only", "--init_reg", "1e-3", "--freeze_subset", "ln",
+                                            "--learning_rate", "1e-3"]])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "nothing is trained" in ln]
+    assert lines == ["warning: --init_reg, --freeze_subset, --learning_rate have no effect with --eval_only: nothing "
+                     "is trained"], lines
+    experiment_multi.main([str(a) for a in [*base, "--num_steps_per_iter", "0"]])
+    assert "no effect with" not in capsys.readouterr().err
+    experiment_multi.main([str(a) for a in [*base, "--init_reg", "1e-3"]])
+    assert "no effect with" not in capsys.readouterr().err
