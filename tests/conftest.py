@@ -30,6 +30,9 @@ os.environ["WANDB_CONFIG_DIR"] = os.path.join(_EMPTY, "wandb-config")
 os.makedirs(os.environ["WANDB_CONFIG_DIR"])
 os.environ["NETRC"] = os.path.join(_EMPTY, "netrc")   # (no such file: no credentials)
 
+# Scripts the tests start as processes get one thread too (the user's own setting wins).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import torch  # noqa: E402
 
 # The tests run many tiny forwards: on two cores one intra-op thread is faster, and much faster when the machine is

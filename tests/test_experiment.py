@@ -36,7 +36,7 @@ def test_seed_command_as_written(tmp_path, hopper_data):
     cmd = [sys.executable, str(ROOT / "experiment.py"), "--env", "hopper", "--dataset", "medium", "--model_type", "dt",
            "--seed", "666", "--outdir", "checkpoints", "--dropout", "0.2", "--share_input_output_proj",
            "--warmup_steps", "5000", "--embed_dim", "768", "--n_layer", "12", "-w",
-           "--data_path", str(hopper_data), "--max_iters", "1", "--num_steps_per_iter", "10",
+           "--data_path", str(hopper_data), "--max_iters", "1", "--num_steps_per_iter", "2",
            "--num_eval_episodes", "2",
            "--batch_size", "2"]  # only to keep a 12 x 768 model fast on two CPU cores
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}

@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -21,6 +22,17 @@ from decision_transformer.runlog import RunLogger, check_wandb_mode, wandb_crede
 KEY = "k" * 40   # (wandb checks a key's form: 40 characters)
 TINY = ["--embed_dim", "16", "--n_layer", "1", "--K", "5", "--batch_size", "8", "--warmup_steps", "10",
         "--num_steps_per_iter", "2", "--num_eval_episodes", "0"]
+
+
+def finished_records(wandb_dir: Path, run_id: str | None = None, wait: float = 10.0) -> dict:
+    """``wandb_records`` once the run's ``exit`` record is there: wandb's writer process can append it tens of
+    milliseconds after ``run.finish()`` returns. Gives up after ``wait`` seconds (``exit`` is then None)."""
+    deadline = time.monotonic() + wait
+    records = wandb_records(wandb_dir, run_id)
+    while records["exit"] is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        records = wandb_records(wandb_dir, run_id)
+    return records
 
 
 def wandb_records(wandb_dir: Path, run_id: str | None = None) -> dict:
@@ -179,18 +191,18 @@ def test_finish_records_the_exit_code_of_the_error_on_its_way_out(offline):
             raise KeyboardInterrupt
         finally:
             logger.finish()
-    assert wandb_records(offline, interrupted)["exit"].exit_code == 130
+    assert finished_records(offline, interrupted)["exit"].exit_code == 130
     try:
         raise ValueError("handled by the caller")
     except ValueError:
         logger = RunLogger(None, {}, use_wandb=True)
         finished = logger.wandb_run.id
         logger.finish()
-    assert wandb_records(offline, finished)["exit"].exit_code == 0
+    assert finished_records(offline, finished)["exit"].exit_code == 0
     logger = RunLogger(None, {}, use_wandb=True)
     crashed = logger.wandb_run.id
     logger.finish(RuntimeError("boom"))
-    assert wandb_records(offline, crashed)["exit"].exit_code == 1
+    assert finished_records(offline, crashed)["exit"].exit_code == 1
 
 
 # 3 and 6, end to end: a sweep agent's run stopped by Ctrl-C
@@ -218,7 +230,7 @@ def test_an_interrupted_sweep_run_is_failed_and_records_the_agents_run_id(offlin
     with pytest.raises(SystemExit) as e:
         experiment.main(["--data_path", str(hopper_data), "--max_iters", "3", "-w", *TINY])
     assert e.value.code == 130
-    records = wandb_records(offline)
+    records = finished_records(offline)
     assert records["run"].run_id == "agentrun1" and records["exit"].exit_code == 130
     rd = tmp_path / "checkpoints" / "dt_medium_hopper_666_K5"
     assert json.loads((rd / "config.json").read_text())["wandb_run_id"] == "agentrun1"
