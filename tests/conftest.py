@@ -40,6 +40,17 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (the default: pyproject.toml's addopts): one worker per core this process may run on, and at most
+    one per 4 GiB of memory (the largest tests train a GPT-2-sized model, a few GiB each)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return cores
+    return max(1, min(cores, int(memory_gib // 4)))
+
+
 def load_script(relpath: str):
     """A script of the project (``data/...py``, ``benchmarks/...py``) as a module."""
     path = ROOT / relpath
