@@ -289,8 +289,15 @@ _MERGE_DESTS = ("include", "exclude", "p", "copy_model", "flip", "copy_include",
                 "use_fisher", "no_trace_norm", "f_batch_size", "f_num_batches", "merge_method", "merge_base",
                 "merge_lambda", "ties_density", "regmean_alpha", "regmean_n_windows", "fisher_type", "fisher_floor",
                 "fisher_norm", "fisher_favor_target", "spec_info", "fisher_dataset")
+#: flags that only shape training (with --num_steps_per_iter 0 they would read as applied); the options of a switch
+#: that is itself listed (--gpt_kmeans's, --custom_transformer_decay's) are left to the switch's own warning
+_TRAINING_DESTS = ("learning_rate", "weight_decay", "warmup_steps", "custom_transformer_decay", "remove_grad_clip",
+                   "frozen", "freeze_subset", "gpt_kmeans")
+_TRAINING = "training steps (--num_steps_per_iter 0 trains nothing)"
+
 INERT_RULES = {
     "experiment": [
+        (_TRAINING_DESTS, lambda a: a.num_steps_per_iter > 0, _TRAINING),
         (("kmeans_cache", "kmeans_mean", "kmeans_form", "gpt_kmeans_const"), lambda a: a.gpt_kmeans is not None,
          "--gpt_kmeans"),
         (("lm_learning_rate",), lambda a: a.custom_transformer_decay, "--custom_transformer_decay"),
@@ -298,6 +305,7 @@ INERT_RULES = {
         (("save_mode",), lambda a: a.save_model, "--save_model"),
     ],
     "lm_cotraining": [
+        (("init_reg", "joint"), lambda a: a.num_steps_per_iter > 0, _TRAINING),
         (("disable_k_annealing",), lambda a: a.gpt_kmeans is not None, "--gpt_kmeans"),
         (("tokenizer_name", "nlp_dataset_name", "nlp_dataset_config_name", "gpt_lm_const", "lm_const_linear_decay",
           "no_token_cache"), lambda a: a.joint, "--joint"),

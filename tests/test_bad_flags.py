@@ -386,6 +386,17 @@ def test_chibit_vocabulary_is_bounded(tmp_path, capsys):
       "--score_selected has no effect without --selected_training"]),
     ("decision_transformer.cli:experiment_parser", ("experiment",), ["--save_mode", "best"],
      ["--save_mode has no effect without --save_model"]),
+    ("decision_transformer.cli_lm:lm_cotraining_parser", ("experiment", "lm_cotraining"),   # a run that trains nothing
+     ["--num_steps_per_iter", "0", "-lr", "1e-3", "-wd", "0.1", "--warmup_steps", "5", "--custom_transformer_decay",
+      "--frozen", "--freeze_subset", "ln", "--gpt_kmeans", "10", "--init_reg", "1e-4", "--joint",
+      "--dropout", "0.2", "--batch_size", "8"],
+     [f"--{f} has no effect without training steps (--num_steps_per_iter 0 trains nothing)"
+      for f in ("learning_rate", "weight_decay", "warmup_steps", "custom_transformer_decay", "frozen",
+                "freeze_subset", "gpt_kmeans", "init_reg", "joint")]),
+    ("decision_transformer.cli:experiment_parser", ("experiment",), ["--num_steps_per_iter", "0", "-rgc"],
+     ["--remove_grad_clip has no effect without training steps (--num_steps_per_iter 0 trains nothing)"]),
+    ("decision_transformer.cli_lm:lm_cotraining_parser", ("experiment", "lm_cotraining"),
+     ["-lr", "1e-3", "--frozen", "--init_reg", "1e-4"], []),
 ])
 def test_flags_without_the_flag_that_enables_them_are_warned_about(parser, kinds, argv, expect, capsys):
     import importlib
