@@ -51,6 +51,37 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(cores, int(memory_gib // 4)))
 
 
+_SKIP = {".git", "__pycache__", ".pytest_cache", ".venv", ".whl"}
+
+
+def _project_files() -> set[str]:
+    """Every file under the project folder, bar git's, caches, virtual environments and installs."""
+    found = set()
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in _SKIP and not d.endswith(".egg-info")]
+        found.update(os.path.relpath(os.path.join(folder, f), ROOT) for f in files)
+    return found
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):   # (the main process; xdist's workers share its folder)
+        session.config._project_files_before = _project_files()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The tests write only under their temporary folders: a file they leave in the project folder (a default
+    output path a test forgot to redirect) fails the run, named."""
+    before = getattr(session.config, "_project_files_before", None)
+    if before is None:
+        return
+    new = sorted(_project_files() - before)
+    if new:
+        shown = ", ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+        print(f"\nerror: the tests wrote into the project folder {ROOT}: {shown}", file=sys.stderr)
+        if session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def load_script(relpath: str):
     """A script of the project (``data/...py``, ``benchmarks/...py``) as a module."""
     path = ROOT / relpath

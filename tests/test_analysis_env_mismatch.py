@@ -104,8 +104,8 @@ def test_parameter_similarity_refuses_another_envs_checkpoint(mismatched, tmp_pa
     ("mine/save_activation.py", ["--model_name", "dt", "gpt2", "--epoch", "40"],
      "activation_40_{m}_hopper_medium_666_bs4_ctx3.npz"),
 ])
-def test_models_recording_different_data_files_are_analysed_on_one_batch(tmp_path, hopper_data, capsys, script, argv,
-                                                                         out):
+def test_models_recording_different_data_files_are_analysed_on_one_batch(tmp_path, monkeypatch, hopper_data, capsys,
+                                                                         script, argv, out):
     """Two runs whose checkpoints record different data files (copies made with other seeds): every model is
     analysed on the first model's data, so they see the same batch as the README says, with a note naming the file
     each run recorded; the results equal those of --data_path naming that file."""
@@ -121,6 +121,7 @@ def test_models_recording_different_data_files_are_analysed_on_one_batch(tmp_pat
     common = ["--checkpoint_dir", ck, "--env_name_list", "hopper", *argv, "--K", "3", "--batch_size", "4",
               "--device", "cpu"]
     main = load_script(script).main
+    monkeypatch.chdir(tmp_path)   # (figures go to the working directory's analysis/ folder)
     main([str(a) for a in [*common, "--results_dir", tmp_path / "a"]])
     err = capsys.readouterr().out
     assert f"records the data file {(other / 'hopper-medium-v2.pkl').resolve()}; it is analysed on " \

@@ -525,7 +525,8 @@ def test_cotraining_step_trains_the_lm_head(lm_dirs, hopper_data):
 
     def one_step(joint: bool):
         extra = ["--joint", "--nlp_dataset_name", str(lm_dirs / "corpus.txt"), "--max_iters", "4",
-                 "--num_steps_per_iter", "5", "--gpt_lm_const", "0.5", "--lm_const_linear_decay"] if joint else []
+                 "--num_steps_per_iter", "5", "--gpt_lm_const", "0.5", "--lm_const_linear_decay",
+                 "--no_token_cache"] if joint else []   # (its cache would go to the project's data/ folder)
         from decision_transformer.cli_lm import lm_cotraining_parser
 
         args = lm_cotraining_parser().parse_args(["--pretrained_lm", str(lm_dirs / "gpt2"), "--K", "5", *extra])
