@@ -164,6 +164,5 @@ def cleanup(ctx: DistContext):
         gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
-    if isinstance(sys.stderr, QuietRank):
+    if isinstance(sys.stderr, QuietRank):   # (kept: the error line a script may still end with gets its prefix)
         sys.stderr.flush()
-        sys.stderr = sys.stderr.stream

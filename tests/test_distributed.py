@@ -1,6 +1,7 @@
 """Data-parallel training on two CPU processes (gloo) equals one process at the same global batch."""
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -146,6 +147,18 @@ def test_quiet_rank_passes_errors_warnings_and_tracebacks_only():
                                                "[rank 3] Traceback (most recent call last):", "[rank 3]   File x",
                                                "[rank 3] ValueError: y"]
     assert not q.isatty()
+
+
+def test_a_rank_keeps_its_prefix_after_leaving_the_process_group(monkeypatch):
+    """The line a script ends with is printed after ``cleanup`` (``error: interrupted`` on Ctrl-C in training): rank
+    1's still carries ``[rank 1]``, so it is not a second copy of rank 0's line."""
+    import io
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", distributed.QuietRank(out, 1))
+    distributed.cleanup(distributed.DistContext(1, 2))    # (no process group to leave here)
+    print("error: interrupted", file=sys.stderr)
+    assert out.getvalue() == "[rank 1] error: interrupted\n"
 
 
 def _tiny_multi(seed: int = 0, **dropout):
