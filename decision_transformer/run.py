@@ -301,6 +301,19 @@ def check_numbers(args, rules: dict | None = None):
     check_seed(getattr(args, "seed", None))
 
 
+def check_model_paths(args):
+    """The model files the flags name exist, before the data step (which may generate a dataset for minutes); in their
+    loaders' words. (Not a flag check: a sweep may plan runs whose models an earlier run has yet to write.)"""
+    for flag, kind in (("load_checkpoint", "checkpoint"), ("pretrained_models", "model file"),
+                       ("pretrained_model", "model file"), ("multi_pretrained_models", "model file")):
+        given = getattr(args, flag, None)
+        for path in [given] if isinstance(given, str) else given or []:
+            if Path(path).is_dir():
+                raise UserError(f"{path}: is a folder, not a {kind}")
+            if not Path(path).is_file():
+                raise UserError(f"{path}: {kind} not found")
+
+
 def check_args(args):
     """Refuse invalid flag values and combinations of the training scripts before any data is loaded or
     file written (sizes, ranges, devices, saving, merging, freezing, ``--model_type bc``)."""
@@ -351,6 +364,12 @@ def check_args(args):
     for name in ("load_checkpoint", "pretrained_lm", "pretrained_model"):  # '' would read as "not given"
         if getattr(args, name, None) == "":
             raise UserError(f"--{name} '': give a path (or leave the flag out)")
+    from decision_transformer.models.gpt2 import check_activation
+
+    try:   # (the model is built after the data step, which may generate a dataset for minutes)
+        check_activation(args.activation_function)
+    except ValueError as e:
+        raise UserError(f"--activation_function: {e}") from None
     if "" in (args.freeze_subset or []):  # before the data and any merge: nothing left to train (see optim.py)
         raise UserError("--freeze_subset '' matches every parameter: nothing is left to train")
     if getattr(args, "model_type", "dt") == "bc":
@@ -630,6 +649,7 @@ def _recorded_lm_hint(config, pretrained_lm) -> str:
 def _run_locked(args, script: str, take_lock) -> dict:
     lm_script = script == LM_COTRAINING
     spec, targets = check_run_flags(args, script)
+    check_model_paths(args)
     if args.outdir == "" and not args.log_to_wandb and not args.save_model:
         print("warning: --outdir '' writes no run folder, and without -w or --save_model nothing of this run is kept "
               "but the lines printed here", file=sys.stderr)

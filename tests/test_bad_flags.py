@@ -418,3 +418,32 @@ def test_the_scripts_warn_about_inert_flags(tmp_path, monkeypatch, capsys, hoppe
     # and a run that keeps nothing says so
     assert "warning: --outdir '' writes no run folder, and without -w or --save_model nothing of this run is kept" in err
     assert not list(tmp_path.iterdir())
+
+
+# ---- model files and the activation: before the data step (which may generate a dataset for minutes) -------------
+
+@pytest.mark.parametrize("script, flags, expect", [
+    ("experiment", ["--load_checkpoint", "nope.pt"], "error: nope.pt: checkpoint not found"),
+    ("experiment", ["--load_checkpoint", "."], "error: .: is a folder, not a checkpoint"),
+    ("experiment", ["--pretrained_models", "nope.pt", "other.pt"], "error: nope.pt: model file not found"),
+    ("experiment", ["--activation_function", "gelu_nwe"],
+     "error: --activation_function: unknown activation function 'gelu_nwe'; choose geglu or one of "),
+    ("experiment_multi", ["--pretrained_model", "nope.pt"], "error: nope.pt: model file not found"),
+    ("experiment_multi", ["--multi_pretrained_models", "nope.pt", "other.pt"], "error: nope.pt: model file not found"),
+    ("experiment_multi", ["--activation_function", "gelu_nwe"],
+     "error: --activation_function: unknown activation function 'gelu_nwe'; choose geglu or one of "),
+])
+def test_model_files_and_the_activation_are_checked_before_the_data_step(tmp_path, monkeypatch, capsys, script, flags,
+                                                                          expect):
+    import importlib
+
+    from decision_transformer import generation
+
+    def data_step(*a, **k):
+        raise AssertionError("the data step was reached (a missing dataset would be generated now)")
+
+    monkeypatch.setattr(generation, "ensure_dataset", data_step)
+    monkeypatch.chdir(tmp_path)
+    line = fails(importlib.import_module(script).main, ["--data_path", tmp_path / "empty", *flags], capsys)
+    assert line.startswith(expect), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

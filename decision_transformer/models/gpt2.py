@@ -194,15 +194,22 @@ class GEGLU(nn.Module):
         return u * F.gelu(g)
 
 
+def check_activation(name: str):
+    """ValueError unless ``name`` is ``geglu`` or a key of transformers' ``ACT2CLS`` (``relu``, ``gelu_new`` ...)."""
+    from transformers.activations import ACT2CLS
+
+    if name != "geglu" and name not in ACT2CLS:
+        raise ValueError(f"unknown activation function {name!r}; choose geglu or one of {', '.join(sorted(ACT2CLS))}")
+
+
 def make_activation(name: str) -> nn.Module:
     """A new activation module by name: ``geglu`` or a key of transformers' ``ACT2CLS`` (``relu``, ``gelu_new`` ...);
     ValueError for another name."""
+    check_activation(name)
     if name == "geglu":
         return GEGLU()
     from transformers.activations import ACT2CLS
 
-    if name not in ACT2CLS:
-        raise ValueError(f"unknown activation function {name!r}; choose geglu or one of {', '.join(sorted(ACT2CLS))}")
     cls = ACT2CLS[name]
     return cls[0](**cls[1]) if isinstance(cls, tuple) else cls()
 
