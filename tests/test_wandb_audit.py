@@ -339,8 +339,8 @@ def test_the_users_wandb_settings_do_not_reach_the_tests(tmp_path):
             "WANDB_BASE_URL": "https://wb.user.example", "WANDB_RUN_ID": "userrun", "WANDB_SWEEP_ID": "usersweep",
             "WANDB_CONFIG_DIR": str(tmp_path / "user-config"), "NETRC": str(tmp_path / "user-netrc")}
     (tmp_path / "user-netrc").write_text(f"machine wb.user.example login u password {KEY}\n")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-p", "no:randomly",
-                           f"{Path(__file__).name}::test_wandb_variables_are_the_tests_own"],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-p",
+                           "no:randomly", f"{Path(__file__).name}::test_wandb_variables_are_the_tests_own"],
                           cwd=ROOT / "tests", env={**os.environ, **user}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
 
