@@ -301,12 +301,30 @@ def check_numbers(args, rules: dict | None = None):
     check_seed(getattr(args, "seed", None))
 
 
+def load_run_data(args, device) -> tuple[Path, TrajectoryDataset]:
+    """(data file, dataset) of a single-task run, and its ``data:`` line. Called once everything that needs no data
+    is checked (the resume state, the model files, the freezing): a missing dataset is generated, which takes
+    minutes. ``--resume`` never generates: a run continues on the data it started on, or not at all."""
+    data_file, trajs = load_dataset(args.data_path, args.env, args.dataset,
+                                    generate=not args.no_generate and not args.resume)
+    dataset = TrajectoryDataset(trajs, args.env, mode=args.mode, pct_traj=args.pct_traj, device=device)
+    print(f"data: {data_file} | {len(dataset)} trajectories, {dataset.num_timesteps} timesteps | returns "
+          f"mean {dataset.traj_returns_all.mean():.2f} std {dataset.traj_returns_all.std():.2f} "
+          f"max {dataset.traj_returns_all.max():.2f} min {dataset.traj_returns_all.min():.2f} | "
+          f"training on {len(dataset.kept)} trajectories", file=sys.stderr)
+    return data_file, dataset
+
+
 def check_model_paths(args):
     """The model files the flags name exist, before the data step (which may generate a dataset for minutes); in their
     loaders' words. (Not a flag check: a sweep may plan runs whose models an earlier run has yet to write.)"""
     for flag, kind in (("load_checkpoint", "checkpoint"), ("pretrained_models", "model file"),
-                       ("pretrained_model", "model file"), ("multi_pretrained_models", "model file")):
+                       ("pretrained_model", "model file"), ("multi_pretrained_models", "model file"),
+                       ("merge_base", "model file")):
         given = getattr(args, flag, None)
+        if flag == "merge_base" and not (getattr(args, "pretrained_models", None)
+                                         or getattr(args, "multi_pretrained_models", None)):
+            continue   # (no merge: the flag has no effect, and is warned about as such)
         for path in [given] if isinstance(given, str) else given or []:
             if Path(path).is_dir():
                 raise UserError(f"{path}: is a folder, not a {kind}")
@@ -667,15 +685,6 @@ def _run_locked(args, script: str, take_lock) -> dict:
         check_flags_before_data(args, spec, lm)
     seed_everything(args.seed)
 
-    # --resume never generates: a run continues on the data it started on, or not at all
-    data_file, trajs = load_dataset(args.data_path, args.env, args.dataset,
-                                    generate=not args.no_generate and not args.resume)
-    dataset = TrajectoryDataset(trajs, args.env, mode=args.mode, pct_traj=args.pct_traj, device=device)
-    print(f"data: {data_file} | {len(dataset)} trajectories, {dataset.num_timesteps} timesteps | returns "
-          f"mean {dataset.traj_returns_all.mean():.2f} std {dataset.traj_returns_all.std():.2f} "
-          f"max {dataset.traj_returns_all.max():.2f} min {dataset.traj_returns_all.min():.2f} | "
-          f"training on {len(dataset.kept)} trajectories", file=sys.stderr)
-
     mname = "bc" if bc else model_name(args.pretrained_lm, args.pretrained_block)
     group = f"gym-experiment-{args.env}-{args.dataset}"
     run_dir = Path(args.outdir) / run_dir_name(mname, args.dataset, args.env, args.seed, args.K,
@@ -689,6 +698,7 @@ def _run_locked(args, script: str, take_lock) -> dict:
     if args.pretrained_models:
         from decision_transformer.merge_setup import apply_merge
 
+        data_file, dataset = load_run_data(args, device)   # (before the merge and its evaluation of the merged model)
         model = apply_merge(args, model, spec, device)
         cfg = model.config  # --copy_model / --flip train a model with model 1's (or 2's) own architecture
     if args.load_checkpoint:
@@ -714,7 +724,8 @@ def _run_locked(args, script: str, take_lock) -> dict:
     frozen = freeze_from_args(model, args)
     if frozen:
         print(f"frozen: {len(frozen)} parameter tensors", file=sys.stderr)
-
+    if not args.pretrained_models:
+        data_file, dataset = load_run_data(args, device)
 
     optimizer, scheduler, generator = optimizer_from_args(model, args, device)
     extra_loss = make_extra_loss(args, model, script=script, lm=lm, device=device)

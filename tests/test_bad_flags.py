@@ -7,7 +7,7 @@ import pytest
 import experiment
 import experiment_multi
 import precompute_fisher
-from conftest import fails, load_script, write_source_models
+from conftest import fails, listed, load_script, write_source_models
 from decision_transformer import merge_cli
 
 TINY = ["--embed_dim", "16", "--n_layer", "1", "--n_head", "2", "--K", "5", "--batch_size", "6", "--warmup_steps",
@@ -432,9 +432,17 @@ def test_the_scripts_warn_about_inert_flags(tmp_path, monkeypatch, capsys, hoppe
     ("experiment_multi", ["--multi_pretrained_models", "nope.pt", "other.pt"], "error: nope.pt: model file not found"),
     ("experiment_multi", ["--activation_function", "gelu_nwe"],
      "error: --activation_function: unknown activation function 'gelu_nwe'; choose geglu or one of "),
+    ("experiment", ["--load_checkpoint", "{bad}"], "error: {bad}: not a loadable checkpoint"),
+    ("experiment", ["--freeze_subset", "nosuchname"], "error: --freeze_subset 'nosuchname' matches no parameter"),
+    ("experiment", ["--resume"], "error: nothing to resume: checkpoints/dt_medium_hopper_666/train_state.pt does "
+                                 "not exist"),
+    ("experiment", ["--merge_method", "task_arithmetic", "--pretrained_models", "{bad}", "{bad}", "--merge_base",
+                    "nope.pt"], "error: nope.pt: model file not found"),
 ])
 def test_model_files_and_the_activation_are_checked_before_the_data_step(tmp_path, monkeypatch, capsys, script, flags,
                                                                           expect):
+    """Everything that needs no data is refused before the data step: a missing dataset would be generated first,
+    for minutes (here that step fails the test); nothing is written."""
     import importlib
 
     from decision_transformer import generation
@@ -443,7 +451,11 @@ def test_model_files_and_the_activation_are_checked_before_the_data_step(tmp_pat
         raise AssertionError("the data step was reached (a missing dataset would be generated now)")
 
     monkeypatch.setattr(generation, "ensure_dataset", data_step)
-    monkeypatch.chdir(tmp_path)
-    line = fails(importlib.import_module(script).main, ["--data_path", tmp_path / "empty", *flags], capsys)
-    assert line.startswith(expect), line
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a checkpoint\n")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    line = fails(importlib.import_module(script).main,
+                 ["--data_path", tmp_path / "empty", *[f.format(bad=bad) for f in flags]], capsys)
+    assert line.startswith(expect.format(bad=bad)), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "work"] and not listed(tmp_path / "work")
