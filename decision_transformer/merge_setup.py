@@ -63,9 +63,16 @@ def warn_inert_p(p: float, method: str, n: int):
 
 
 def check_experiment_merge(args):
-    """``experiment.py``'s merge flags that can be judged before any model is loaded: a merge method other than the
-    uniform mean needs 2 or more ``--pretrained_models`` (one model is merged uniformly with the fresh
-    ``--pretrained_lm`` model, or loaded without a merge)."""
+    """``experiment.py``'s merge flags that can be judged before any model is loaded: ``--merge_frozen`` and
+    ``--identity_layers`` need ``--include``, ``--flip`` at most 2 models, a merge method other than the uniform mean 2 or
+    more ``--pretrained_models`` (one model is merged uniformly with the fresh ``--pretrained_lm`` model, or loaded
+    without a merge)."""
+    for flag in ("merge_frozen", "identity_layers"):
+        if getattr(args, flag, False) and not args.include:
+            raise UserError(f"--{flag} needs --include: without it every tensor is merged, and --{flag} would "
+                            f"{'leave nothing to train' if flag == 'merge_frozen' else 'reset every weight and bias'}")
+    if getattr(args, "flip", False) and len(args.pretrained_models) > 2:   # (one model: see _trained_source)
+        raise UserError(f"--flip needs exactly 2 --pretrained_models, got {len(args.pretrained_models)}")
     method = resolve_method(args)
     if len(args.pretrained_models) == 1 and method != "mean":
         flag = "--use_fisher" if getattr(args, "use_fisher", False) else f"--merge_method {method}"
@@ -596,10 +603,6 @@ def apply_merge(args, model, spec, device):
     takes the one it recorded) and either ``--max_iters 0`` or ``--num_steps_per_iter`` > 0 (with
     ``--num_steps_per_iter 0`` iteration 1 evaluates the same model)."""
     check_experiment_merge(args)
-    for flag in ("merge_frozen", "identity_layers"):
-        if getattr(args, flag) and not args.include:
-            raise UserError(f"--{flag} needs --include: without it every tensor is merged, and --{flag} would "
-                            f"{'leave nothing to train' if flag == 'merge_frozen' else 'reset every weight and bias'}")
     devices = [device] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the run's RNG stream does not depend on how the merge was computed
         train_model, keys, merged_keys, info = _merge_for_experiment(args, model, spec, device)

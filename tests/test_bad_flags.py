@@ -438,6 +438,9 @@ def test_the_scripts_warn_about_inert_flags(tmp_path, monkeypatch, capsys, hoppe
                                  "not exist"),
     ("experiment", ["--merge_method", "task_arithmetic", "--pretrained_models", "{bad}", "{bad}", "--merge_base",
                     "nope.pt"], "error: nope.pt: model file not found"),
+    ("experiment", ["--pretrained_models", "{bad}", "{bad}", "--merge_frozen"], "error: --merge_frozen needs --include"),
+    ("experiment", ["--pretrained_models", "{bad}", "{bad}", "{bad}", "--flip"],
+     "error: --flip needs exactly 2 --pretrained_models, got 3"),
 ])
 def test_model_files_and_the_activation_are_checked_before_the_data_step(tmp_path, monkeypatch, capsys, script, flags,
                                                                           expect):
