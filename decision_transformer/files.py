@@ -20,6 +20,15 @@ def refuse_folders(paths) -> None:
             raise UserError(f"cannot write {p}: it is a folder")
 
 
+def refuse_files_above(path, what: str) -> None:
+    """A folder (or a file's folder) about to be made, checked before the work that fills it: an existing file in
+    its place or above it is a one-line ``UserError`` naming ``what`` writes there."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise UserError(f"{what} writes to {path}/, but {p} is a file")
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """``write(tmp)`` into a new temporary file beside ``path``, then rename it to ``path``: an existing file is
     replaced only by a complete one, and a failed write leaves no temporary file behind. A file that cannot be written

@@ -27,6 +27,7 @@ from decision_transformer.data import TrajectoryDataset, load_dataset
 from decision_transformer.envs import check_dataset_name, get_env_spec
 from decision_transformer.errors import TrainingDiverged, UserError
 from decision_transformer.evaluation import env_pool, evaluate_episodes
+from decision_transformer.files import refuse_files_above, refuse_folders
 from decision_transformer.runlog import RunLogger, check_wandb_mode, progress, summary_line
 from decision_transformer.model_factory import (build_bc_model, build_model_from_args, check_flags_before_data,
                                                 locate_pretrained, make_extra_loss)
@@ -361,9 +362,14 @@ def check_args(args):
     # (experiment_multi.py, which has no --env, saves to models/multi/)
     models_dir = (Path(project_path("models")) / (getattr(args, "env", None) or "multi")
                   if getattr(args, "save_model", False) else None)
-    for p in (models_dir.parent, models_dir) if models_dir is not None else ():  # written after the first iteration
-        if p.exists() and not p.is_dir():
-            raise UserError(f"--save_model writes to {models_dir}/, but {p} is a file")
+    if models_dir is not None:   # (written after the first iteration)
+        refuse_files_above(models_dir, "--save_model")
+    if getattr(args, "outdir", None):   # (written once the model is built, merged, ...)
+        refuse_files_above(Path(args.outdir), "--outdir")
+    cache = getattr(args, "kmeans_cache", None)
+    if cache and getattr(args, "gpt_kmeans", None) is not None:   # (written once the centres are computed)
+        refuse_folders([cache])
+        refuse_files_above(Path(cache).parent, "--kmeans_cache")
     if (getattr(args, "save_model", False) and getattr(args, "save_mode", "last") in ("best", "both")
             and args.num_eval_episodes == 0 and args.max_iters > 0):
         if args.save_mode == "best":  # the best-evaluated model is the only file this mode writes

@@ -439,6 +439,8 @@ def test_the_scripts_warn_about_inert_flags(tmp_path, monkeypatch, capsys, hoppe
     ("experiment", ["--merge_method", "task_arithmetic", "--pretrained_models", "{bad}", "{bad}", "--merge_base",
                     "nope.pt"], "error: nope.pt: model file not found"),
     ("experiment", ["--pretrained_models", "{bad}", "{bad}", "--merge_frozen"], "error: --merge_frozen needs --include"),
+    ("experiment", ["--outdir", "{bad}"], "error: --outdir writes to {bad}/, but {bad} is a file"),
+    ("experiment_multi", ["--outdir", "{bad}/x"], "error: --outdir writes to {bad}/x/, but {bad} is a file"),
     ("experiment", ["--pretrained_models", "{bad}", "{bad}", "{bad}", "--flip"],
      "error: --flip needs exactly 2 --pretrained_models, got 3"),
 ])

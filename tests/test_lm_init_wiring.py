@@ -250,8 +250,12 @@ def test_unsupported_architecture_is_refused(tmp_path):
                     "{cache}"], "centres have hidden size 7 but the LM's is 32"),
     ("lm_cotraining", ["--pretrained_lm", "{igpt}", "--joint"], "--joint needs a GPT-2-family text LM"),
     ("lm_cotraining", ["--pretrained_lm", "{gpt2}", "--joint"], "not found locally"),
+    ("experiment", ["--pretrained_lm", "{gpt2}", "--gpt_kmeans", "5", "--gpt_kmeans_const", "0.1", "--kmeans_cache",
+                    "{cache}/c.pt"], "--kmeans_cache writes to {cache}/, but {cache} is a file"),
+    ("lm_cotraining", ["--pretrained_lm", "{gpt2}", "--gpt_kmeans", "5", "--gpt_kmeans_const", "0.1",
+                       "--kmeans_cache", "{here}"], "cannot write {here}: it is a folder"),
 ], ids=["kmeans_without_lm", "legacy_ln_without_lm", "kmeans_with_block", "kmeans_cache_of_another_lm",
-        "joint_with_igpt", "joint_without_corpus"])
+        "joint_with_igpt", "joint_without_corpus", "kmeans_cache_under_a_file", "kmeans_cache_a_folder"])
 def test_lm_flag_mistakes_stop_the_run_before_the_data(lms, tmp_path, monkeypatch, capsys, script, flags, needle):
     """Auxiliary-loss and LM flags that cannot work are one line before the dataset is loaded or generated (which
     takes minutes), as the other flag checks are."""
@@ -264,11 +268,11 @@ def test_lm_flag_mistakes_stop_the_run_before_the_data(lms, tmp_path, monkeypatc
     torch.save(torch.randn(5, 7), tmp_path / "centres.pt")
     loaded = []
     monkeypatch.setattr(run, "load_dataset", lambda *a, **k: loaded.append(a) or pytest.fail("data loaded"))
-    names = {"gpt2": lms / "gpt2", "igpt": lms / "igpt", "cache": tmp_path / "centres.pt"}
+    names = {"gpt2": lms / "gpt2", "igpt": lms / "igpt", "cache": tmp_path / "centres.pt", "here": tmp_path}
     argv = ["--env", "hopper", "--data_path", str(tmp_path / "none"), "--outdir", "out", "--max_iters", "1",
             *[f.format(**names) for f in flags]]
     msg = fails((experiment if script == "experiment" else lm_experiment).main, argv, capsys)
-    assert needle in msg and loaded == []
+    assert needle.format(**names) in msg and loaded == []
     assert not (tmp_path / "none").exists() and not (tmp_path / "out").exists()
 
 
