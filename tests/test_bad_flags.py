@@ -464,3 +464,16 @@ def test_model_files_and_the_activation_are_checked_before_the_data_step(tmp_pat
                  ["--data_path", tmp_path / "empty", *[f.format(bad=bad) for f in flags]], capsys)
     assert line.startswith(expect.format(bad=bad)), line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "work"] and not listed(tmp_path / "work")
+
+
+def test_a_multi_run_that_trains_nothing_finds_a_missing_dataset_before_writing_its_folder(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """``experiment_multi.py --eval_only`` loads no data for training: the data its checkpoints record (state
+    statistics) is loaded before the run folder is made, so a missing dataset leaves no folder of a run that never
+    started."""
+    monkeypatch.chdir(tmp_path)
+    line = fails(experiment_multi.main, ["--data_path", tmp_path / "empty", "--no_generate", "--eval_only", "--seed",
+                                         "1", "--max_iters", "1", "--num_eval_episodes", "1", "--embed_dim", "16",
+                                         "--n_layer", "1", "--K", "5"], capsys)
+    assert line.startswith(f"error: dataset not found: {tmp_path / 'empty' / 'hopper-medium-v2.pkl'}"), line
+    assert list(tmp_path.iterdir()) == []   # (no run lock either)
