@@ -614,6 +614,23 @@ def test_fp16_loss_scaler_survives_resume(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_a_file_in_the_token_caches_place_is_refused_before_the_data(lm_dirs, tmp_path, monkeypatch, capsys):
+    from conftest import fails
+    from decision_transformer import run
+    from lm_cotraining import experiment as lm_experiment
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "token_cache").write_text("not a folder\n")
+    monkeypatch.setattr(run, "load_dataset", lambda *a, **k: pytest.fail("the data step was reached"))
+    monkeypatch.chdir(tmp_path)
+    msg = fails(lm_experiment.main, ["--pretrained_lm", lm_dirs / "gpt2", "--joint", "--nlp_dataset_name",
+                                     lm_dirs / "corpus.txt", "--data_path", data, "--outdir", "out"], capsys)
+    cache = data / "token_cache"
+    assert msg == f"error: --joint's token cache (--no_token_cache: none) writes to {cache}/, but {cache} is a file"
+    assert listed(tmp_path) == [data]
+
+
 def test_joint_token_cache(lm_dirs, tmp_path, monkeypatch, capsys):
     import os
 

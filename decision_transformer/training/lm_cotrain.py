@@ -255,6 +255,10 @@ def joint_sources(args, lm):
     if lm.model_type != "gpt2":
         raise UserError(f"--joint needs a GPT-2-family text LM; {args.pretrained_lm} is {lm.model_type}")
     files = find_text_corpus(args.nlp_dataset_name, args.nlp_dataset_config_name, args.data_path)
+    if not getattr(args, "no_token_cache", False):   # (written once the corpus is tokenised)
+        from decision_transformer.files import refuse_files_above
+
+        refuse_files_above(Path(args.data_path) / "token_cache", "--joint's token cache (--no_token_cache: none)")
     return files, load_tokenizer(lm.path, args.tokenizer_name)
 
 
