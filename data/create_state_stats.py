@@ -109,6 +109,9 @@ def main(argv=None):
     out = args.out or os.path.join(args.data_path, "state_stats.pkl")
     if os.path.isdir(out):
         raise UserError(f"--out {out}: is a folder; give the file to write, e.g. {Path(out) / 'state_stats.pkl'}")
+    from decision_transformer.files import refuse_files_above
+
+    refuse_files_above(Path(out).parent, "--out")   # (before every dataset is loaded)
     merge = not args.replace and os.path.lexists(out)
     old = read_table(out) if merge else {}  # checked before the work
     found, missing = compute_stats(args.data_path, args.envs, args.datasets)

@@ -23,7 +23,7 @@ quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
 from decision_transformer.data import hdf5_name, pkl_name
 from decision_transformer.envs import D4RL_ENVS, ENVS as ALL_ENVS
 from decision_transformer.errors import UserError, cli_entry
-from decision_transformer.files import exclusive, refuse_folders
+from decision_transformer.files import exclusive, refuse_files_above, refuse_folders
 from decision_transformer.paths import DATA_PATH_HELP, project_path
 
 ENVS = list(D4RL_ENVS)  # "all": the envs with bundled behaviour policies
@@ -81,6 +81,9 @@ def main(argv=None):
         raise UserError(f"{existing[0]}{more} already exist(s); generating would replace it with generated data: "
                         f"give another --data_path, or pass --force to overwrite")
     refuse_folders(existing)   # (--force: a folder cannot be replaced; said before anything is generated)
+    refuse_folders(os.path.join(args.data_path, f"{env}-{dataset}-v2.stats.json")
+                   for env in envs for dataset in datasets)
+    refuse_files_above(args.data_path, "generate_datasets.py")
     for env in envs:
         for dataset in datasets:
             target = os.path.join(args.data_path, pkl_name(env, dataset))

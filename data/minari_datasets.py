@@ -68,6 +68,9 @@ def main(argv=None):
         target = Path(args.data_path) / pkl_name(env, args.dataset)
         if target.is_dir():
             raise UserError(f"{target} is a folder")
+        from decision_transformer.files import refuse_files_above
+
+        refuse_files_above(target.parent, "minari_datasets.py import")   # (before the dataset is loaded)
         if target.exists() and not args.force:
             raise UserError(f"{target} already exists; pass --force to replace it or choose another --dataset "
                             f"or --data_path")

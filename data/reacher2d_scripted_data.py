@@ -20,7 +20,7 @@ quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
 
 from decision_transformer.cli import positive_int  # noqa: E402
 from decision_transformer.errors import UserError, cli_entry  # noqa: E402
-from decision_transformer.files import refuse_folders  # noqa: E402
+from decision_transformer.files import refuse_files_above, refuse_folders  # noqa: E402
 from decision_transformer.paths import DATA_PATH_HELP, project_path  # noqa: E402
 
 
@@ -58,6 +58,7 @@ def main(argv=None):
         raise UserError(f"{target} already exists; give another --data_path or --dataset, or pass --force to "
                         f"overwrite it")
     refuse_folders([target])
+    refuse_files_above(args.data_path, "reacher2d_scripted_data.py")
     trajs = scripted_trajectories(args.episodes, noise=tuple(args.noise), seed=args.seed)
     out = write_pkl(target, trajs)
     returns = np.array([t["rewards"].sum() for t in trajs])

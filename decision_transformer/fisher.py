@@ -442,6 +442,10 @@ def run_precompute(args) -> Path:
                         f"decision_transformer.legacy_import MODEL --env ENV --dataset DATASET ...` first")
     out = fisher_info_path(args.model, args.f_batch_size, args.f_num_batches, args.fisher_type)
     K = args.K or training_context(mf) or 20  # the info file's name does not record K: the model's own by default
+    from decision_transformer.files import refuse_files_above, refuse_folders
+
+    refuse_folders([out])     # (before the lock, which makes its folder, and the estimate)
+    refuse_files_above(out.parent, "precompute_fisher.py")
     with exclusive(out, "a Fisher file"):   # two processes computing it at once: the second finds it made
         stale = False
         if out.is_file() and not args.force:

@@ -924,6 +924,11 @@ def check_outputs(inputs, outs, force: bool = False):
         if r in seen:
             raise UserError(f"{seen[r]} and {m} would both be written to {out}; convert them into different folders")
         seen[r] = m
+    from decision_transformer.files import refuse_files_above, refuse_folders
+
+    refuse_folders(outs)   # (before the first is written: --force replaces files, not folders)
+    for out in outs:
+        refuse_files_above(out.parent, "the conversion")
     there = [out for out in outs if out.exists()]
     if there and not force:
         more = f" (and {len(there) - 1} more)" if len(there) > 1 else ""

@@ -257,3 +257,66 @@ def test_results_table_rejects_bad_options(tiny, tmp_path, capsys, extra, expect
     argv = ["--row", f"h={paths['hopper']}", "--data_path", str(data), "--out", str(out), *extra]
     assert expect in fails(results_table.main, argv, capsys)
     assert not list(tmp_path.iterdir())
+
+
+# ---- output places with a file in the way: refused before the work that fills them ---------------------------------
+
+def _no_work(monkeypatch, *targets):
+    """Replace each ``module.function`` of ``targets`` (the tools' expensive steps) by one that fails the test."""
+    import importlib
+
+    for t in targets:
+        module, name = t.rsplit(".", 1)
+        monkeypatch.setattr(importlib.import_module(module), name,
+                            lambda *a, _t=t, **k: pytest.fail(f"{_t} ran before the refusal"))
+
+
+def test_precompute_fisher_refuses_an_info_place_taken_by_a_file_before_estimating(tiny, tmp_path, monkeypatch,
+                                                                                   capsys):
+    import shutil
+
+    root, data, paths = tiny
+    model = tmp_path / "models" / "hopper" / paths["hopper"].name
+    model.parent.mkdir(parents=True)
+    shutil.copy(paths["hopper"], model)
+    (model.parent / "info").write_text("not a folder\n")
+    _no_work(monkeypatch, "decision_transformer.data.load_dataset", "decision_transformer.fisher.compute_fisher")
+    before = snapshot(tmp_path)
+    msg = fails(precompute_fisher.main, ["--model", model, "--data_path", data], capsys)
+    info = model.parent / "info"
+    assert msg == f"error: precompute_fisher.py writes to {info}/, but {info} is a file"
+    assert snapshot(tmp_path) == before
+
+
+def test_legacy_import_refuses_a_folder_in_a_later_outputs_place_before_writing_any(tmp_path, capsys):
+    srcs = [tmp_path / "leg" / f"model_{i}.pt" for i in range(2)]
+    srcs[0].parent.mkdir()
+    for s in srcs:
+        save_original(LDecisionTransformer(), s)
+    (tmp_path / "out" / "model_1.pt").mkdir(parents=True)
+    msg = fails(legacy_import.main, [*srcs, "--env", "hopper", "--out_dir", tmp_path / "out", "--force"], capsys)
+    assert msg == f"error: cannot write {tmp_path / 'out' / 'model_1.pt'}: it is a folder"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model_1.pt"]
+
+
+@pytest.mark.parametrize("script, argv, work", [
+    ("data/create_state_stats.py", ["--data_path", "{data}", "--out", "{file}/s.pkl"],
+     ["decision_transformer.data.load_dataset"]),
+    ("data/generate_datasets.py", ["--env", "hopper", "--dataset", "random", "--data_path", "{file}",
+                                   "--num_transitions", "100"], ["decision_transformer.generation.generate_flat"]),
+    ("data/reacher2d_scripted_data.py", ["--data_path", "{file}/d", "--episodes", "2"],
+     ["decision_transformer.reacher2d.scripted_trajectories"]),
+    ("data/minari_datasets.py", ["import", "mujoco/hopper/medium-v0", "--dataset", "medium", "--data_path", "{file}"],
+     ["decision_transformer.minari_io.load_minari_trajectories"]),
+])
+def test_dataset_tools_refuse_a_data_place_under_a_file_before_the_work(tiny, tmp_path, monkeypatch, capsys, script,
+                                                                         argv, work):
+    from conftest import load_script
+
+    _no_work(monkeypatch, *work)
+    (tmp_path / "afile").write_text("not a folder\n")
+    monkeypatch.chdir(tmp_path)
+    names = {"data": tiny[1], "file": tmp_path / "afile"}
+    msg = fails(load_script(script).main, [a.format(**names) for a in argv], capsys)
+    assert msg.endswith(f"but {tmp_path / 'afile'} is a file"), msg
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
