@@ -774,3 +774,22 @@ def test_plot_cka_warns_when_its_models_were_computed_on_different_batches(tmp_p
     plot(plot_argv)
     assert "record different batches, so the figure compares models that did not see the same batch" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--device", "bogus"], "error: unknown --device 'bogus'; use auto, cpu, cuda or cuda:N"),
+    (["--data_path", "{empty}"], "error: dataset not found: {empty}/hopper-medium-v2.pkl"),
+    (["--data_path", "{file}"], "error: --data_path {file}: a file, not a folder of datasets"),
+])
+def test_run_all_checks_the_device_and_datasets_before_any_step(runs, tmp_path, capsys, flags, expect):
+    """A misspelt --device or a --data_path without the datasets failed only the steps that run models (cka, mi,
+    grads, attention), after scores, curves and parameters had written their results: one line first, nothing
+    written."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("not a folder\n")
+    names = {"empty": tmp_path / "empty", "file": tmp_path / "afile"}
+    run_all = load_script(SCRIPTS["all"]).main
+    msg = expect_exit(capsys, run_all, ["--checkpoint_dir", runs, "--out_dir", tmp_path / "out",
+                                        *[f.format(**names) for f in flags]])
+    assert msg.startswith(expect.format(**names)), msg
+    assert not (tmp_path / "out").exists()

@@ -415,6 +415,25 @@ def write_report(args, plan: _Plan, results: dict, failures: dict, skipped: list
     return common.save_text(out / "report.md", "\n".join(lines).rstrip() + "\n")
 
 
+#: the steps that run models on each env's data
+DATA_STEPS = ("cka", "mi", "grads", "attention")
+
+
+def check_model_step_inputs(plan: _Plan, args, steps):
+    """``--device`` and ``--data_path``'s datasets, checked before any step: a misspelt device or a missing dataset
+    would otherwise fail only the steps that run models, after the others had written their results."""
+    from decision_transformer.run import check_device_flags
+
+    check_device_flags(args)
+    if args.data_path is None or not any(s in DATA_STEPS for s in steps):
+        return
+    from decision_transformer.data import check_dataset_place, find_dataset_file
+
+    for env in plan.envs:
+        check_dataset_place(args.data_path, env, args.dataset_name)
+        find_dataset_file(args.data_path, env, args.dataset_name)
+
+
 def run(args) -> Path:
     """Check the flags, run the selected steps (a failing one is recorded and the others go on), write the report
     and return its path; any failure is then raised as one ``UserError``."""
@@ -434,8 +453,9 @@ def run(args) -> Path:
     if both:
         raise UserError(f"--only and --skip both name {', '.join(both)}")
     plan = _Plan(args)  # (no runs, a misspelt env: before the output folder is made)
-    common.out_dir(args.out_dir)
     steps = [s for s in (args.only or STEPS) if s not in args.skip]
+    check_model_step_inputs(plan, args, steps)
+    common.out_dir(args.out_dir)
     results, failures = {}, {}
     for step in STEPS:
         if step not in steps:
