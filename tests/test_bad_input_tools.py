@@ -320,3 +320,13 @@ def test_dataset_tools_refuse_a_data_place_under_a_file_before_the_work(tiny, tm
     msg = fails(load_script(script).main, [a.format(**names) for a in argv], capsys)
     assert msg.endswith(f"but {tmp_path / 'afile'} is a file"), msg
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+def test_merge_cli_refuses_a_missing_merge_base(tiny, tmp_path, capsys):
+    """experiment.py refuses it; merge_cli merged without it (a mean does not use the base) and recorded the path."""
+    root, data, paths = tiny
+    for base, why in ((tmp_path / "nope.pt", "model file not found"), (tmp_path, "is a folder, not a model file")):
+        msg = fails(merge_cli.main, ["--models", paths["hopper"], paths["halfcheetah"], "--include", "attn", "mlp",
+                                     "--merge_base", base, "--out", tmp_path / "m.pt"], capsys)
+        assert msg == f"error: {base}: {why}"
+    assert not (tmp_path / "m.pt").exists()
