@@ -428,6 +428,27 @@ def fisher_coverage(states: Sequence[dict], fishers: Sequence[dict], keys: Seque
     return done
 
 
+def check_source_data(sources: Sequence[ModelFile], args, data: DatasetCache, method: str):
+    """Before any Fisher or Gram matrix is computed, for every model (a problem with model 2 was found only after
+    model 1's was made and saved): its env and dataset known, its Fisher file's place free, and the dataset it is
+    computed on found (a model whose Fisher file exists needs none)."""
+    if method not in ("fisher", "regmean", "greedy_soup"):
+        return
+    from decision_transformer.data import check_dataset_place, find_dataset_file
+    from decision_transformer.files import refuse_files_above, refuse_folders
+
+    for s in sources[:1] if method == "greedy_soup" else sources:   # (the soup scores on model 1's data)
+        if method == "fisher":
+            path = fisher_mod.fisher_info_path(s.path, args.f_batch_size, args.f_num_batches, args.fisher_type)
+            refuse_folders([path])
+            refuse_files_above(path.parent, "the Fisher cache")
+            if path.is_file():
+                continue
+        env, dataset = source_env_dataset(s)
+        check_dataset_place(data.data_path, env, dataset)
+        find_dataset_file(data.data_path, env, dataset)
+
+
 def merge_single_sources(sources: Sequence[ModelFile], args, keys, device, data: DatasetCache,
                          fresh_state: dict | None = None) -> tuple[dict, list[str]]:
     """Merge single-task models with ``resolve_method(args)``: data-dependent inputs are computed on each model's
@@ -435,6 +456,7 @@ def merge_single_sources(sources: Sequence[ModelFile], args, keys, device, data:
     really combined: for a Fisher merge those with a Fisher)."""
     method = resolve_method(args)
     check_finite_sources(sources)
+    check_source_data(sources, args, data, method)
     states = [s.state_dict for s in sources]
     kw: dict = {}
     merged_keys = list(keys)

@@ -3,6 +3,7 @@ exit 2, and nothing already saved destroyed or replaced by a broken file."""
 import hashlib
 import os
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -330,3 +331,27 @@ def test_merge_cli_refuses_a_missing_merge_base(tiny, tmp_path, capsys):
                                      "--merge_base", base, "--out", tmp_path / "m.pt"], capsys)
         assert msg == f"error: {base}: {why}"
     assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("method", ["fisher", "regmean"])
+def test_merge_cli_finds_model_2s_missing_dataset_before_model_1s_fisher_or_grams(tiny, tmp_path, monkeypatch,
+                                                                                  capsys, method):
+    import shutil
+
+    from decision_transformer import merge_setup
+
+    root, data, paths = tiny
+    only_hopper = tmp_path / "data"
+    only_hopper.mkdir()
+    shutil.copy(data / "hopper-medium-v2.pkl", only_hopper)
+    models = []
+    for env in ("hopper", "halfcheetah"):
+        (tmp_path / env).mkdir()
+        models.append(Path(shutil.copy(paths[env], tmp_path / env)))
+    for name in ("compute_fisher", "gram_matrices"):
+        mod = fisher if name == "compute_fisher" else merge_setup
+        monkeypatch.setattr(mod, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran before the refusal"))
+    msg = fails(merge_cli.main, ["--models", *models, "--include", "attn", "mlp", "--merge_method", method,
+                                 "--data_path", only_hopper, "--out", tmp_path / "m.pt"], capsys)
+    assert msg.startswith(f"error: dataset not found: {only_hopper / 'halfcheetah-medium-v2.pkl'}"), msg
+    assert not (tmp_path / "hopper" / "info").exists() and not (tmp_path / "m.pt").exists()
