@@ -72,6 +72,22 @@ def convert(path: str, data_path: str, force: bool = True) -> str:
     return str(out)
 
 
+def check_conversions(paths, data_path: str, force: bool):
+    """Every ``--hdf5`` file's name, existence and target checked before the first is converted (a bad second file
+    used to be found after the first was written)."""
+    from decision_transformer.data import pkl_name
+    from decision_transformer.files import refuse_folders
+
+    for path in paths:
+        env, dataset = parse_name(path)
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: file not found")
+        target = os.path.join(data_path, pkl_name(env, dataset))
+        if not force and os.path.lexists(target):
+            raise UserError(f"{target} exists: converting {path} would replace it; pass --force to overwrite")
+        refuse_folders([target])
+
+
 def synthetic(args):
     from decision_transformer.cli import check_seed
     from decision_transformer.data import hdf5_name, pkl_name
@@ -126,10 +142,14 @@ def main(argv=None):
                    help="--synthetic, --hdf5: overwrite existing hdf5 and pkl files of the same names (refused "
                         "otherwise)")
     args = p.parse_args(argv)
+    from decision_transformer.files import refuse_files_above
+
+    refuse_files_above(args.data_path, "download_d4rl_datasets.py")   # (before any download, rollout or read)
     if args.synthetic is not None:
         synthetic(args)
         return
     if args.hdf5:
+        check_conversions(args.hdf5, args.data_path, args.force)
         for path in args.hdf5:
             convert(path, args.data_path, force=args.force)
         return

@@ -518,3 +518,22 @@ def test_progress_bars_are_silent_when_stderr_is_not_a_terminal(capsys):
     bar.update(50)
     bar.close()
     assert bar.disable and capsys.readouterr().err == ""
+
+
+def test_hdf5_conversions_are_all_checked_before_the_first(tmp_path, capsys):
+    """A bad name or a missing second --hdf5 file, or a --data_path under a file, is refused before the first file
+    is converted (the first was written, then the second refused)."""
+    from conftest import fails, load_script
+    from decision_transformer.synthetic import rollout_flat, write_hdf5
+
+    (tmp_path / "in").mkdir()
+    good = write_hdf5(tmp_path / "in" / "hopper_medium-v2.hdf5", rollout_flat("hopper", None, num_episodes=2))
+    main = load_script("data/download_d4rl_datasets.py").main
+    for bad, why in ((tmp_path / "in" / "badname.hdf5", "not a D4RL gym-mujoco v2 file name"),
+                     (tmp_path / "in" / "walker2d_medium-v2.hdf5", "file not found")):
+        msg = fails(main, ["--hdf5", good, bad, "--data_path", tmp_path / "out"], capsys)
+        assert msg.startswith(f"error: {bad}: {why}"), msg
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "afile").write_text("not a folder\n")
+    msg = fails(main, ["--hdf5", good, "--data_path", tmp_path / "afile" / "d"], capsys)
+    assert msg.endswith(f"but {tmp_path / 'afile'} is a file"), msg
