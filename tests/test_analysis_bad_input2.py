@@ -793,3 +793,23 @@ def test_run_all_checks_the_device_and_datasets_before_any_step(runs, tmp_path, 
                                         *[f.format(**names) for f in flags]])
     assert msg.startswith(expect.format(**names)), msg
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", ["cka", "conf", "norm", "att", "save"])
+def test_an_envs_missing_dataset_is_found_before_the_first_env_is_analysed(script, tmp_path, hopper_data, capsys):
+    """Runs of hopper and walker2d, a --data_path holding only hopper's dataset: the scripts analysed hopper and
+    wrote its results before refusing walker2d; now the refusal comes first and nothing is written."""
+    import shutil
+
+    ck = tmp_path / "ck"
+    for env in ("hopper", "walker2d"):
+        write_run(ck, "dt", env=env, K=20, epochs=(0, 1, 40))
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(hopper_data / "hopper-medium-v2.pkl", data)
+    argv = [a for a in _argv(script, ck, tmp_path / "out") if a != "hopper"]   # (--env_name_list: both envs)
+    at = argv.index("--env_name_list") + 1
+    argv[at:at] = ["hopper", "walker2d"]
+    msg = expect_exit(capsys, load_script(SCRIPTS[script]).main, argv + ["--data_path", data])
+    assert msg.startswith(f"error: dataset not found: {data / 'walker2d-medium-v2.pkl'}"), msg
+    assert not (tmp_path / "out").exists()

@@ -120,15 +120,17 @@ def run(args) -> common.Outputs:
     K_ckpt = args.K_ckpt if args.K_ckpt is not None else (20 if args.legacy else 1)
     if K_ckpt < 1:
         raise UserError(f"invalid --run_K {K_ckpt}: the runs' context length is a positive integer")
-    res = common.out_dir(args.results_dir)
     outs = common.Outputs()
+    envs = envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes)
+    common.check_env_datasets(args, envs)
+    res = common.out_dir(args.results_dir)
     # the runs' K, the variants, then a non-default analysis batch (_bs{n}, _ctx{k}, _bseed{n})
     tag = f"_K{K_ckpt}" + ("_legacy" if args.legacy else "") \
         + ("_timestep" if args.distance_unit == "timestep" else "") \
         + common.batch_tag(args.K, args.batch_seed, args.batch_size, common.DEFAULT_BATCH_SIZE)
     plt = common.pyplot()
     datasets = SharedDataset(args.dataset_name, args.data_path, device, outs.notes)   # every model: the same batch
-    for env in envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes):
+    for env in envs:
         gaps = {}
         for m in args.model_name_list:
             key = RunKey(m, args.dataset_name, env, args.seed, K_ckpt)

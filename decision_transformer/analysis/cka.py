@@ -286,9 +286,11 @@ def run(args) -> common.Outputs:
     device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
     entries = (BLOCK_OUTPUT,) if args.block else BLOCK_ENTRIES
     K_ckpt = common.run_k(args)
-    res_dir, figs_dir = common.out_dir(args.results_dir), args.figs_dir
     outs = common.Outputs()
-    for env in envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes):
+    envs = envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes)
+    common.check_env_datasets(args, envs)
+    res_dir, figs_dir = common.out_dir(args.results_dir), args.figs_dir
+    for env in envs:
         torch.manual_seed(args.seed)
         k1 = RunKey(args.model_name1, args.dataset_name, env, args.seed, K_ckpt)
         k2 = RunKey(args.model_name2, args.dataset_name, env, args.seed, K_ckpt)

@@ -400,6 +400,18 @@ class Outputs:
             print(f"wrote {f}", file=stream)
 
 
+def check_env_datasets(args, envs) -> None:
+    """``--data_path``'s dataset of every env found before the first is analysed (and before any output folder is
+    made): a missing one used to stop the script after the envs before it had written their results."""
+    if getattr(args, "data_path", None) is None:   # (each run's recorded data file: found as its model is loaded)
+        return
+    from decision_transformer.data import check_dataset_place, find_dataset_file
+
+    for env in envs:
+        check_dataset_place(args.data_path, env, args.dataset_name)
+        find_dataset_file(args.data_path, env, args.dataset_name)
+
+
 def out_dir(path) -> Path:
     """Create the folder ``path`` (and its parents) if needed and return it; a failure is one line naming it."""
     p = Path(path)

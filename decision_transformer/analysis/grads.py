@@ -302,11 +302,13 @@ def run_confusion(args) -> common.Outputs:
     if args.batch_size < 2:
         raise UserError("gradient confusion needs --batch_size >= 2")
     device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
-    res = common.out_dir(args.results_dir)
     outs = common.Outputs()
+    envs = envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes)
+    common.check_env_datasets(args, envs)
+    res = common.out_dir(args.results_dir)
     max_bytes = int(args.max_grad_memory_gb * 2**30)
     ktag = common.run_k_tag(common.run_k(args)) + setting_tag(args, CONFUSION_BATCH_SIZE)
-    for env in envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes):
+    for env in envs:
         summary = []
         for m, lm, batch in _batches(args, env, device, outs.notes):
             st = per_sample_grad_stats(lm.model, batch, train_mode=args.train_mode, seed=args.grad_seed,
@@ -342,14 +344,16 @@ def run_norms(args) -> common.Outputs:
     unless ``--unclipped``) and each model's full-batch per-tensor norms, saved with their figures."""
     _check_flags(args)
     device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
-    res = common.out_dir(args.results_dir)
     outs = common.Outputs()
+    envs = envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes)
+    common.check_env_datasets(args, envs)
+    res = common.out_dir(args.results_dir)
     clip = None if args.unclipped else GRAD_CLIP
     tag = common.run_k_tag(common.run_k(args)) + ("_unclipped" if args.unclipped else "") \
         + setting_tag(args, NORM_BATCH_SIZE)
     max_bytes = int(args.max_grad_memory_gb * 2**30)
     plt = common.pyplot()
-    for env in envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes):
+    for env in envs:
         norms, perparam = {}, {}
         for m, lm, batch in _batches(args, env, device, outs.notes):
             st = per_sample_grad_stats(lm.model, batch, train_mode=args.train_mode, seed=args.grad_seed, gram=False,

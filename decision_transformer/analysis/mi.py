@@ -215,6 +215,7 @@ def run_save(args) -> common.Outputs:
     # the runs' K, then a non-default batch (run_mi_exp.py reads these files given the same --run_K, --K,
     # --batch_seed and --data_batch_size)
     run_K, ktag = common.run_k(args), _ktag(args) + _batch_tag(args.K, args.batch_seed, args.batch_size)
+    common.check_env_datasets(args, args.env_name_list)
     datasets = SharedDataset(args.dataset_name, args.data_path, device, outs.notes)   # every model: the same batch
     for env in args.env_name_list:
         for m in args.model_name:
