@@ -167,7 +167,7 @@ def unpickle_legacy(path: str | Path):
     """The object tree of an original ``torch.save(model)`` file, classes replaced by :class:`LegacyObject`s."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: model file not found")
+        raise UserError(f"{path}: " + ("is a folder, not a model file" if path.is_dir() else "model file not found"))
     import warnings
 
     try:
@@ -537,7 +537,7 @@ def load_model_file(path: str | Path, allow_bc: bool = False) -> ModelFile:
     behaviour-cloning checkpoint is refused unless ``allow_bc`` (``load_model``: the tools take DTs only)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: model file not found")
+        raise UserError(f"{path}: " + ("is a folder, not a model file" if path.is_dir() else "model file not found"))
     check_zip_checksums(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

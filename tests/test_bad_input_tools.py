@@ -355,3 +355,10 @@ def test_merge_cli_finds_model_2s_missing_dataset_before_model_1s_fisher_or_gram
                                  "--data_path", only_hopper, "--out", tmp_path / "m.pt"], capsys)
     assert msg.startswith(f"error: dataset not found: {only_hopper / 'halfcheetah-medium-v2.pkl'}"), msg
     assert not (tmp_path / "hopper" / "info").exists() and not (tmp_path / "m.pt").exists()
+
+
+def test_a_folder_given_as_a_model_file_is_called_a_folder(tmp_path, capsys):
+    msg = fails(precompute_fisher.main, ["--model", tmp_path], capsys)
+    assert msg == f"error: {tmp_path}: is a folder, not a model file"
+    with pytest.raises(legacy_import.UserError, match="is a folder, not a model file"):
+        legacy_import.unpickle_legacy(tmp_path)
