@@ -513,6 +513,10 @@ def train_behaviour_policy(env_name: str, state_dir, policy_dir, **kwargs) -> di
         raise UserError(f"roles must be 'medium' and/or 'expert', got {list(roles)}")
     if "medium" in roles and kwargs.get("medium_score") is None:
         raise UserError("the medium role needs a target score (medium_score)")
+    from decision_transformer.files import refuse_files_above
+
+    refuse_files_above(state_dir, "--state_dir")   # (both before the locks and folders are made)
+    refuse_files_above(Path(policy_dir) / "replay", "--policy_dir")
     fds = []
     try:
         # the state folder, and each role's policy files (medium.pt with replay/, expert.pt; the lock is a hidden

@@ -317,3 +317,13 @@ def test_a_nan_score_an_earlier_version_stored_counts_as_none(tmp_path):
     meta = train_behaviour_policy("hopper", state, pol, total_steps=300, log=logs.append, **EVALUATED)
     assert f"note: {state / 'state.pt'}: its best_eval is nan; treated as none yet" in logs
     assert meta["best_step"] == 300 and np.isfinite(meta["best_eval"]) and np.isfinite(meta["expert_screen"])
+
+
+def test_a_policy_dir_under_a_file_is_refused_before_any_folder_is_made(tmp_path, capsys):
+    (tmp_path / "afile").write_text("not a folder\n")
+    main = load_script("data/train_behaviour_policies.py").main
+    msg = fails(main, ["--env", "hopper", "--total_steps", "300", "--state_dir", tmp_path / "state", "--policy_dir",
+                       tmp_path / "afile"], capsys)
+    assert msg == f"error: --policy_dir writes to {tmp_path / 'afile' / 'hopper' / 'replay'}/, but " \
+                  f"{tmp_path / 'afile'} is a file"
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
