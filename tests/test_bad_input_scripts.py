@@ -41,7 +41,7 @@ def test_create_state_stats_bad_input(tmp_path, capsys):
     blocker = tmp_path / "afile"
     blocker.write_text("x")
     assert expect_error(capsys, main, ["--data_path", tmp_path, "--out", blocker / "x.pkl"]) == \
-        f"error: cannot write {blocker / 'x.pkl'}: {blocker} is a file, not a folder"
+        f"error: --out writes to {blocker}/, but {blocker} is a file"   # (before any dataset is loaded)
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "hopper-medium-v2.pkl", "state_stats.pkl"]
     # {"kept": 1} is not a stats table: a plain run (which updates the table) refuses it, --replace writes anew
