@@ -445,6 +445,14 @@ def load_state_into(model: torch.nn.Module, state_dict: dict, source: str, stric
     compared: a model of another head count or activation takes the weights and computes differently. To rebuild a
     saved model as it was trained, use ``load_model``. ``recorded``: the model config the file records, whose
     shape-changing settings the error then names with their flags (``negations``: as for ``_advice``)."""
+    state_dict = check_state_fits(model, state_dict, source, strict, recorded, negations, lm_backbone)
+    model.load_state_dict(state_dict, strict=strict)
+
+
+def check_state_fits(model: torch.nn.Module, state_dict: dict, source: str, strict: bool = True,
+                     recorded: dict | None = None, negations: dict | None = None, lm_backbone: bool = False) -> dict:
+    """``load_state_into``'s checks without the load (finite values, names and shapes; the error as there); returns
+    the state without the originals' mask buffers."""
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_KEYS)}
     check_finite_state(state_dict, source)
     try:
@@ -453,7 +461,7 @@ def load_state_into(model: torch.nn.Module, state_dict: dict, source: str, stric
         config = getattr(model, "config", None)
         built = config.to_dict() if hasattr(config, "to_dict") else None
         raise UserError(f"{e}{size_hint(recorded, built, negations, lm_backbone) if built else ''}") from None
-    model.load_state_dict(state_dict, strict=strict)
+    return state_dict
 
 
 def check_loadable(own: dict, state_dict: dict, source: str, strict: bool = True):

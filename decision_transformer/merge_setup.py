@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from decision_transformer import fisher as fisher_mod
 from decision_transformer import merging
-from decision_transformer.checkpoint import (BEHAVIOUR_FIELDS, check_finite_state, check_loadable, load_state_into,
+from decision_transformer.checkpoint import (BEHAVIOUR_FIELDS, check_finite_state, check_state_fits, load_state_into,
                                              recorded_base, recorded_path, same_flag_value)
 from decision_transformer.errors import UserError
 from decision_transformer.files import exclusive
@@ -428,10 +429,12 @@ def fisher_coverage(states: Sequence[dict], fishers: Sequence[dict], keys: Seque
     return done
 
 
-def check_source_data(sources: Sequence[ModelFile], args, data: DatasetCache, method: str):
+def check_source_data(sources: Sequence[ModelFile], args, data: DatasetCache, method: str,
+                      made_later: tuple[str, str] | None = None):
     """Before any Fisher or Gram matrix is computed, for every model (a problem with model 2 was found only after
     model 1's was made and saved): its env and dataset known, its Fisher file's place free, and the dataset it is
-    computed on found (a model whose Fisher file exists needs none)."""
+    computed on found (a model whose Fisher file exists needs none; ``made_later``: an (env, dataset) whose missing
+    file is generated before the merge, only its place is checked)."""
     if method not in ("fisher", "regmean", "greedy_soup"):
         return
     from decision_transformer.data import check_dataset_place, find_dataset_file
@@ -446,7 +449,8 @@ def check_source_data(sources: Sequence[ModelFile], args, data: DatasetCache, me
                 continue
         env, dataset = source_env_dataset(s)
         check_dataset_place(data.data_path, env, dataset)
-        find_dataset_file(data.data_path, env, dataset)
+        if (env, dataset) != made_later:
+            find_dataset_file(data.data_path, env, dataset)
 
 
 def merge_single_sources(sources: Sequence[ModelFile], args, keys, device, data: DatasetCache,
@@ -617,17 +621,75 @@ def _evaluate_before_finetuning(args, model, spec, device) -> dict:
     return logs
 
 
-def apply_merge(args, model, spec, device):
-    """``experiment.py --pretrained_models A [B ...]``: load, merge, choose the model to finetune, apply
-    ``--identity_layers`` and ``--merge_frozen``; returns the model to train, on ``device``. Records what was done in
-    ``args.merge_info`` (written to the run's config), with the evaluation of the model to train before finetuning
-    (``iteration_0``, logged as iteration 0) when ``--num_eval_episodes`` > 0, the run is not resumed (a resumed run
-    takes the one it recorded) and either ``--max_iters 0`` or ``--num_steps_per_iter`` > 0 (with
-    ``--num_steps_per_iter 0`` iteration 1 evaluates the same model)."""
+@dataclass
+class MergePlan:
+    """``experiment.py --pretrained_models``' merge as checked before the data step: the loaded models, the fresh
+    model's state before the merge, the merged set S (``keys``) and the method; for one model merged with the fresh
+    ``--pretrained_lm`` model, the two states and their names in merge order (``--flip``: the loaded one first)."""
+    sources: list
+    fresh_sd: dict
+    keys: list
+    method: str
+    lm_pair: tuple | None = None
+
+
+def prepare_merge(args, fresh, spec) -> MergePlan:
+    """``experiment.py --pretrained_models``, before the data step (a missing dataset is generated, for minutes):
+    load the models and check all that needs no data (the flags, multi-task models, the selection, tensor shapes,
+    NaN or inf, the model to finetune fitting ``--env``, the Fisher files' places and the datasets of the models
+    other than the run's own); warnings about context lengths and architectures are given here, once."""
     check_experiment_merge(args)
+    sources = [load_model_file(p) for p in args.pretrained_models]
+    for s in sources:   # (as merge_cli: a multi-task model's tensors are laid out per env)
+        if s.is_multi:
+            raise UserError(f"{s.path}: a multi-task model; experiment.py merges single-task models (merge "
+                            f"multi-task ones with experiment_multi.py --multi_pretrained_models)")
+    check_finite_sources(sources)
+    fisher_mod.warn_context(sources, args.K, log)
+    fresh_sd = {k: v.detach().clone() for k, v in fresh.state_dict().items()}
+    method = resolve_method(args)
+    if len(sources) == 1 and args.pretrained_lm:
+        # LAWSON: merge the fresh LM-initialised model with the loaded one; model 1 = fresh (--flip: the loaded one)
+        states = [fresh_sd, sources[0].state_dict]
+        names = [f"the fresh --pretrained_lm {args.pretrained_lm} model", sources[0].path]
+        if args.flip:
+            states, names = states[::-1], names[::-1]
+        keys = merging.select_keys(list(states[0]), args.include, args.exclude)
+        check_selection(keys, args, names[0], list(states[0]))
+        merging.check_compatible(states, names, keys)
+        check_state_fits(fresh, states[0], str(names[0]))   # (the merge is loaded into the fresh model)
+        configs = [fresh.config.to_dict(), sources[0].config.get("model_config")]
+        warn_architecture(configs[::-1] if args.flip else configs, names)
+        return MergePlan(sources, fresh_sd, keys, "mean", (states, names))
+    keys = merging.select_keys(list(sources[0].state_dict), args.include, args.exclude)
+    if len(sources) == 1:
+        if args.copy_include and not args.copy_model:   # the selection is what is copied into the fresh model
+            check_selection(keys, args, sources[0].path, list(sources[0].state_dict))
+        elif args.include or args.exclude:
+            log("warning: --include/--exclude have no effect here: the one model is loaded whole (they choose what "
+                "--copy_include copies into the fresh model)")
+    else:
+        check_selection(keys, args, sources[0].path, list(sources[0].state_dict))
+        merging.check_compatible([s.state_dict for s in sources], [s.path for s in sources], keys)
+        warn_architecture([s.config.get("model_config") for s in sources], [s.path for s in sources])
+    _check_destination(args, sources, fresh, keys, spec)
+    if len(sources) > 1:   # (a missing dataset of the run's own env and dataset is generated by the data step)
+        check_source_data(sources, args, DatasetCache(args.data_path, None), method,
+                          made_later=None if args.no_generate or args.resume else (args.env, args.dataset))
+    return MergePlan(sources, fresh_sd, keys, method)
+
+
+def apply_merge(args, plan: MergePlan, model, spec, device):
+    """``experiment.py --pretrained_models A [B ...]`` once its data is loaded (``plan``: from ``prepare_merge``):
+    merge, choose the model to finetune, apply ``--identity_layers`` and ``--merge_frozen``; returns the model to
+    train, on ``device``. Records what was done in ``args.merge_info`` (written to the run's config), with the
+    evaluation of the model to train before finetuning (``iteration_0``, logged as iteration 0) when
+    ``--num_eval_episodes`` > 0, the run is not resumed (a resumed run takes the one it recorded) and either
+    ``--max_iters 0`` or ``--num_steps_per_iter`` > 0 (with ``--num_steps_per_iter 0`` iteration 1 evaluates the
+    same model)."""
     devices = [device] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the run's RNG stream does not depend on how the merge was computed
-        train_model, keys, merged_keys, info = _merge_for_experiment(args, model, spec, device)
+        train_model, keys, merged_keys, info = _merge_for_experiment(args, plan, model, spec, device)
     if args.identity_layers:
         sd = train_model.state_dict()
         load_state_into(train_model, merging.identity_values(sd, [k for k in keys if k in sd]), "identity layers")
@@ -656,28 +718,11 @@ def apply_merge(args, model, spec, device):
     return train_model
 
 
-def _merge_for_experiment(args, fresh, spec, device):
-    sources = [load_model_file(p) for p in args.pretrained_models]
-    for s in sources:   # (as merge_cli: a multi-task model's tensors are laid out per env)
-        if s.is_multi:
-            raise UserError(f"{s.path}: a multi-task model; experiment.py merges single-task models (merge "
-                            f"multi-task ones with experiment_multi.py --multi_pretrained_models)")
-    fisher_mod.warn_context(sources, args.K, log)
-    fresh_sd = {k: v.detach().clone() for k, v in fresh.state_dict().items()}
-    data = DatasetCache(args.data_path, device)
-    method = resolve_method(args)
+def _merge_for_experiment(args, plan: MergePlan, fresh, spec, device):
+    sources, fresh_sd, keys, method = plan.sources, plan.fresh_sd, plan.keys, plan.method
     info: dict = {"method": method, "models": list(args.pretrained_models)}
-    if len(sources) == 1 and args.pretrained_lm:
-        # LAWSON: merge the fresh LM-initialised model with the loaded one; model 1 = fresh (--flip: the loaded one)
-        states = [fresh_sd, sources[0].state_dict]
-        names = [f"the fresh --pretrained_lm {args.pretrained_lm} model", sources[0].path]
-        if args.flip:
-            states, names = states[::-1], names[::-1]
-        keys = merging.select_keys(list(states[0]), args.include, args.exclude)
-        check_selection(keys, args, names[0], list(states[0]))
-        merging.check_compatible(states, names, keys)
-        configs = [fresh.config.to_dict(), sources[0].config.get("model_config")]
-        warn_architecture(configs[::-1] if args.flip else configs, names)
+    if plan.lm_pair is not None:
+        states, names = plan.lm_pair
         merged = merging.merge_mean(states, keys, p=args.p, device=device)
         check_merged_state(merged, "mean", args, zip(names, states))
         load_state_into(fresh, merged, f"merge of {names[0]} and {names[1]}")
@@ -685,22 +730,13 @@ def _merge_for_experiment(args, fresh, spec, device):
         _report(merged, keys, info, f"mean of {names[0]} and {names[1]}"   # (in --flip's order: model 1 first)
                 + merge_words("mean", 2, args.p)[len("mean of 2 models"):], first=names[0])
         return fresh, keys, keys, info
-    keys = merging.select_keys(list(sources[0].state_dict), args.include, args.exclude)
     merged_keys = keys
     if len(sources) == 1:
         merged = sources[0].state_dict  # one model, no LM: nothing to merge, the model is loaded
         info["method"] = "none"
         log(f"one pretrained model, no --pretrained_lm: loading {sources[0].path} (no merge)")
-        if args.copy_include and not args.copy_model:   # the selection is what is copied into the fresh model
-            check_selection(keys, args, sources[0].path, list(sources[0].state_dict))
-        elif args.include or args.exclude:
-            log("warning: --include/--exclude have no effect here: the one model is loaded whole (they choose what "
-                "--copy_include copies into the fresh model)")
     else:
-        check_selection(keys, args, sources[0].path, list(sources[0].state_dict))
-        merging.check_compatible([s.state_dict for s in sources], [s.path for s in sources], keys)
-        warn_architecture([s.config.get("model_config") for s in sources], [s.path for s in sources])
-        _check_destination(args, sources, fresh_sd, keys, spec)
+        data = DatasetCache(args.data_path, device)
         merged, merged_keys = merge_single_sources(sources, args, keys, device, data, fresh_sd)
         check_merged_state(merged, method, args, [(s.path, s.state_dict) for s in sources])
         _report(merged, merged_keys, info, merge_words(method, len(sources), args.p))
@@ -752,33 +788,33 @@ def _check_fits_env(src: ModelFile, dims: tuple[int, int] | None, spec, position
                         f"{spec.state_dim}/{spec.act_dim}; list the {spec.name} model {which}")
 
 
-def _check_destination(args, sources: Sequence[ModelFile], fresh_sd: dict, keys: Sequence[str], spec):
-    """Before any Fisher or Gram is computed: the merged state fits the model it will be loaded into (the fresh model
-    these flags build, unless --copy_model or --flip build it from a source's own config, which must fit --env)."""
+def _check_destination(args, sources: Sequence[ModelFile], fresh, keys: Sequence[str], spec):
+    """Before the data step: the merged state (one model: the loaded one) fits the model it will be loaded into (the
+    fresh model these flags build, unless --copy_model or --flip build it from a source's own config, which must fit
+    --env)."""
     from decision_transformer.legacy_import import _weight_dims
 
-    if args.flip and len(sources) != 2:
-        raise UserError(f"--flip needs exactly 2 --pretrained_models, got {len(sources)}")
     trained = _trained_source(args, sources)
     if trained is not None:
         src = sources[trained]
-        if not src.is_multi:  # (a multi-task model is refused when it is built; damaged weights when loaded)
-            _check_fits_env(src, _weight_dims(src.state_dict, "embed_state.weight", "embed_action.weight"), spec,
-                            trained + 1)
+        _check_fits_env(src, _weight_dims(src.state_dict, "embed_state.weight", "embed_action.weight"), spec,
+                        trained + 1)
         return
-    first = sources[0].state_dict
+    first, fresh_sd = sources[0].state_dict, fresh.state_dict()
     if args.copy_include:
         for k in keys:
             if k in fresh_sd and fresh_sd[k].shape != first[k].shape:
                 raise UserError(f"--copy_include: merged tensor {k} has shape {list(first[k].shape)}, the fresh "
                                 f"model {list(fresh_sd[k].shape)}")
         return
-    if not sources[0].is_multi:  # the tensors outside the merge come from model 1, its embeddings among them
-        _check_fits_env(sources[0], _weight_dims(first, "embed_state.weight", "embed_action.weight"), spec, 1)
+    # the tensors outside the merge come from model 1, its embeddings among them
+    _check_fits_env(sources[0], _weight_dims(first, "embed_state.weight", "embed_action.weight"), spec, 1)
+    what = (f"the merged model (model 1: {sources[0].path})" if len(sources) > 1 else str(sources[0].path))
     try:
-        check_loadable(fresh_sd, first, f"the merged model (model 1: {sources[0].path})")
+        check_state_fits(fresh, first, what)
     except UserError as e:
-        raise UserError(f"{e}; the merge is loaded into the model these flags build: add --copy_model to build it "
+        done = "the merge is" if len(sources) > 1 else "one model without --pretrained_lm is"
+        raise UserError(f"{e}; {done} loaded into the model these flags build: add --copy_model to build it "
                         f"from model 1's recorded config, or give the models' sizes (--embed_dim, --n_layer, --K, "
                         f"...)") from None
 

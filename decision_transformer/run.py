@@ -702,10 +702,11 @@ def _run_locked(args, script: str, take_lock) -> dict:
     model = (build_bc_model(args, spec) if bc else build_model_from_args(args, spec, lm)).to(device)
     cfg = model.config
     if args.pretrained_models:
-        from decision_transformer.merge_setup import apply_merge
+        from decision_transformer.merge_setup import apply_merge, prepare_merge
 
+        plan = prepare_merge(args, model, spec)   # the models loaded and checked before the data step
         data_file, dataset = load_run_data(args, device)   # (before the merge and its evaluation of the merged model)
-        model = apply_merge(args, model, spec, device)
+        model = apply_merge(args, plan, model, spec, device)
         cfg = model.config  # --copy_model / --flip train a model with model 1's (or 2's) own architecture
     if args.load_checkpoint:
         ckpt = load_checkpoint(args.load_checkpoint)

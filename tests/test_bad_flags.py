@@ -3,6 +3,7 @@ nothing written (or, for --resume, nothing of the run changed)."""
 import json
 
 import pytest
+import torch
 
 import experiment
 import experiment_multi
@@ -477,3 +478,60 @@ def test_a_multi_run_that_trains_nothing_finds_a_missing_dataset_before_writing_
                                          "--n_layer", "1", "--K", "5"], capsys)
     assert line.startswith(f"error: dataset not found: {tmp_path / 'empty' / 'hopper-medium-v2.pkl'}"), line
     assert list(tmp_path.iterdir()) == []   # (no run lock either)
+
+
+@pytest.fixture(scope="module")
+def source_models(tmp_path_factory):
+    """Tiny hopper (two) and walker2d source models with stored configs (their datasets are not used here)."""
+    from conftest import write_source_models
+
+    root = tmp_path_factory.mktemp("sources")
+    _, _, paths = write_source_models(root, ["hopper", "walker2d"], n=200, max_ep_len=40, id_base=500)
+    _, _, second = write_source_models(root / "second", ["hopper"], n=200, max_ep_len=40, id_base=600)
+    nan = root / "nan.pt"
+    ckpt = torch.load(paths["hopper"], weights_only=False)
+    ckpt["state_dict"]["transformer.h.0.attn.c_attn.weight"][0, 0] = float("nan")
+    torch.save(ckpt, nan)
+    return {"hopper": paths["hopper"], "hopper2": second["hopper"], "walker2d": paths["walker2d"], "nan": nan}
+
+
+SMALL = ["--embed_dim", "16", "--n_layer", "1", "--n_head", "1", "--K", "5"]
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--pretrained_models", "{bad}", "{bad}"], "error: {bad}: not a loadable checkpoint"),
+    (["--pretrained_models", "{hopper}", "{walker2d}", *SMALL],
+     "error: {walker2d}: cannot merge with {hopper}: tensor embed_state.weight is [16, 17] in this model"),
+    (["--pretrained_models", "{hopper}", "{nan}", *SMALL], "error: {nan}: tensor transformer.h.0.attn.c_attn.weight "),
+    (["--pretrained_models", "{walker2d}", "{walker2d}", "--copy_model", *SMALL],
+     "error: {walker2d}: this model has state/action dims 17/6, --env hopper needs 11/3"),
+    (["--pretrained_models", "{hopper}", "{hopper2}"], "error: the merged model (model 1: {hopper}) does not match "),
+    (["--pretrained_models", "{hopper}"], "error: {hopper} does not match the model: shape mismatch"),
+    (["--pretrained_models", "{hopper}", "--copy_include", "--include", "attn"],
+     "error: --copy_include: merged tensor transformer.h.0.attn.c_attn.weight has shape [16, 48], the fresh model "),
+    (["--pretrained_models", "{hopper}", "{hopper2}", "--use_fisher", "--include", "attn", *SMALL],
+     "error: --data_path {empty}: "),
+    (["--pretrained_models", "{hopper}", "{hopper2}", "--use_fisher", "--include", "attn", "--dataset", "expert",
+      *SMALL], "error: dataset not found: {empty}/hopper-medium-v2.pkl"),
+])
+def test_merge_models_are_checked_before_the_data_step(tmp_path, monkeypatch, capsys, source_models, flags, expect):
+    """experiment.py --pretrained_models: the models are loaded and checked (damaged, NaN, mismatched with each other,
+    not fitting --env or the model they are loaded into, their Fisher or dataset missing where it is not the run's
+    own) before the data step, which would generate a missing dataset for minutes (here it fails the test)."""
+    from decision_transformer import generation
+
+    def data_step(*a, **k):
+        raise AssertionError("the data step was reached (a missing dataset would be generated now)")
+
+    monkeypatch.setattr(generation, "ensure_dataset", data_step)
+    bad, empty = tmp_path / "bad.pt", tmp_path / "empty"
+    bad.write_text("not a checkpoint\n")
+    if "--use_fisher" in flags and "expert" not in flags:
+        empty.write_text("a file where the datasets' folder belongs\n")
+    names = {k: str(v) for k, v in source_models.items()} | {"bad": bad, "empty": empty}
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    line = fails(experiment.main, ["--data_path", empty, "--max_iters", "1", *[f.format(**names) for f in flags]],
+                 capsys)
+    assert line.startswith(expect.format(**names)), line
+    assert not listed(tmp_path / "work") and not list(source_models["hopper"].parent.glob("info*"))
