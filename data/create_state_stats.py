@@ -70,21 +70,30 @@ def check_kept(table: dict, kept, path: str) -> None:
             raise UserError(f"{path}: entry {key!r}: stored statistics contain NaN or inf; {advice}")
 
 
-def compute_stats(data_path: str, envs=ENVS, datasets=DATASETS) -> tuple[dict, list[str]]:
-    from decision_transformer.data import find_dataset_file, load_trajectories, state_stats
+def locate_datasets(data_path: str, envs=ENVS, datasets=DATASETS) -> tuple[dict, list[str]]:
+    """({env}-{dataset}-v2 -> (env, file) of each dataset found, the names of those not found), nothing loaded."""
+    from decision_transformer.data import find_dataset_file
 
-    table, missing = {}, []
+    found, missing = {}, []
     for env in envs:
         for ds in datasets:
             try:
-                path = find_dataset_file(data_path, env, ds)
+                found[f"{env}-{ds}-v2"] = (env, find_dataset_file(data_path, env, ds))
             except UserError:
                 missing.append(f"{env}-{ds}")
-                continue
-            mean, std = state_stats(load_trajectories(path, env))
-            table[f"{env}-{ds}-v2"] = {"state_mean": mean.astype("float32"), "state_std": std.astype("float32")}
-            print(f"{env}-{ds}-v2: {path}", file=sys.stderr)
-    return table, missing
+    return found, missing
+
+
+def compute_stats(located: dict) -> dict:
+    """The table entries of the datasets ``locate_datasets`` found (each loaded in turn)."""
+    from decision_transformer.data import load_trajectories, state_stats
+
+    table = {}
+    for key, (env, path) in located.items():
+        mean, std = state_stats(load_trajectories(path, env))
+        table[key] = {"state_mean": mean.astype("float32"), "state_std": std.astype("float32")}
+        print(f"{key}: {path}", file=sys.stderr)
+    return table
 
 
 @cli_entry
@@ -114,10 +123,12 @@ def main(argv=None):
     refuse_files_above(Path(out).parent, "--out")   # (before every dataset is loaded)
     merge = not args.replace and os.path.lexists(out)
     old = read_table(out) if merge else {}  # checked before the work
-    found, missing = compute_stats(args.data_path, args.envs, args.datasets)
-    if not found:
+    located, missing = locate_datasets(args.data_path, args.envs, args.datasets)
+    if not located:
         raise UserError(f"no datasets found in {args.data_path} for {', '.join(args.envs)} x "
                         f"{', '.join(args.datasets)}")
+    check_kept(old, [k for k in old if k not in located], out)   # (before every dataset is loaded)
+    found = compute_stats(located)
     from decision_transformer.files import atomic_write, exclusive
 
     with exclusive(out, "the state-stats table"):   # two updates at once: each keeps the other's entries

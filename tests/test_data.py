@@ -1036,6 +1036,25 @@ def test_create_state_stats_updates_an_existing_table(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hopper-medium-v2.pkl", "state_stats.pkl"]
 
 
+def test_create_state_stats_refuses_a_broken_kept_entry_before_loading_any_dataset(tmp_path, monkeypatch, capsys):
+    """A kept entry with NaN is refused before the datasets are loaded (which takes minutes for the twelve D4RL
+    ones), not after; the table is left as it was."""
+    from conftest import fails, load_script
+
+    from decision_transformer import data
+
+    main = load_script("data/create_state_stats.py").main
+    synthetic.write_pkl(tmp_path / "hopper-medium-v2.pkl", make_trajs([20, 30], seed=3))
+    out = tmp_path / "state_stats.pkl"
+    content = pickle.dumps({"walker2d-medium-v2": {"state_mean": np.full(17, np.nan, np.float32),
+                                                   "state_std": np.ones(17, np.float32)}})
+    out.write_bytes(content)
+    monkeypatch.setattr(data, "load_trajectories", lambda *a, **k: pytest.fail("a dataset was loaded"))
+    msg = fails(main, ["--data_path", tmp_path, "--envs", "hopper", "walker2d"], capsys)
+    assert "entry 'walker2d-medium-v2'" in msg and "NaN" in msg, msg
+    assert out.read_bytes() == content
+
+
 def test_protocol_2_pickles_of_numpy_arrays_load_and_codecs_stays_narrow(tmp_path):
     """numpy arrays pickled at protocol 2 (Python 3) rebuild their bytes with _codecs.encode(str, 'latin1'): that
     call is allowed, any other use of _codecs.encode is refused."""
