@@ -1,6 +1,7 @@
 """Flag values and run folders the scripts must refuse up front: one line ``error: ...``, exit 2, no traceback, and
 nothing written (or, for --resume, nothing of the run changed)."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -535,3 +536,26 @@ def test_merge_models_are_checked_before_the_data_step(tmp_path, monkeypatch, ca
                  capsys)
     assert line.startswith(expect.format(**names)), line
     assert not listed(tmp_path / "work") and not list(source_models["hopper"].parent.glob("info*"))
+
+
+def test_a_blocked_fisher_place_is_found_before_the_data_step(tmp_path, monkeypatch, capsys, source_models):
+    """experiment.py --use_fisher: a file where a model's ``info/`` Fisher folder belongs is refused before the data
+    step (it was found after it, once the run's dataset had been loaded or generated)."""
+    import shutil
+
+    from decision_transformer import generation
+
+    monkeypatch.setattr(generation, "ensure_dataset",
+                        lambda *a, **k: pytest.fail("the data step was reached (a missing dataset is generated now)"))
+    models = tmp_path / "models" / "hopper"
+    models.mkdir(parents=True)
+    a = Path(shutil.copy(source_models["hopper"], models))
+    b = Path(shutil.copy(source_models["hopper2"], models))
+    (models / "info").write_text("a file where the Fisher files' folder belongs\n")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    line = fails(experiment.main, ["--data_path", tmp_path / "empty", "--max_iters", "1", "--pretrained_models", a, b,
+                                   "--use_fisher", "--include", "attn", *SMALL], capsys)
+    info = models / "info"
+    assert line.startswith(f"error: the Fisher cache writes to {info}/, but {info} is a file"), line
+    assert not listed(tmp_path / "work")
