@@ -780,12 +780,14 @@ def _trained_source(args, sources: Sequence[ModelFile]) -> int | None:
     return 0 if args.copy_model else None
 
 
-def _check_fits_env(src: ModelFile, dims: tuple[int, int] | None, spec, position: int):
-    """The model to finetune (model ``position`` of --pretrained_models) has ``--env``'s state/action dims."""
+def _check_fits_env(src: ModelFile, dims: tuple[int, int] | None, spec, position: int, alone: bool = False):
+    """The model to finetune (model ``position`` of --pretrained_models; ``alone``: the only one) has ``--env``'s
+    state/action dims."""
     if dims is not None and tuple(dims) != (spec.state_dim, spec.act_dim):
         which = "second (--flip trains model 2)" if position == 2 else "first"
+        advice = f"give a {spec.name} model" if alone else f"list the {spec.name} model {which}"
         raise UserError(f"{src.path}: this model has state/action dims {dims[0]}/{dims[1]}, --env {spec.name} needs "
-                        f"{spec.state_dim}/{spec.act_dim}; list the {spec.name} model {which}")
+                        f"{spec.state_dim}/{spec.act_dim}; {advice}")
 
 
 def _check_destination(args, sources: Sequence[ModelFile], fresh, keys: Sequence[str], spec):
@@ -798,7 +800,7 @@ def _check_destination(args, sources: Sequence[ModelFile], fresh, keys: Sequence
     if trained is not None:
         src = sources[trained]
         _check_fits_env(src, _weight_dims(src.state_dict, "embed_state.weight", "embed_action.weight"), spec,
-                        trained + 1)
+                        trained + 1, alone=len(sources) == 1)
         return
     first, fresh_sd = sources[0].state_dict, fresh.state_dict()
     if args.copy_include:
@@ -808,7 +810,8 @@ def _check_destination(args, sources: Sequence[ModelFile], fresh, keys: Sequence
                                 f"model {list(fresh_sd[k].shape)}")
         return
     # the tensors outside the merge come from model 1, its embeddings among them
-    _check_fits_env(sources[0], _weight_dims(first, "embed_state.weight", "embed_action.weight"), spec, 1)
+    _check_fits_env(sources[0], _weight_dims(first, "embed_state.weight", "embed_action.weight"), spec, 1,
+                    alone=len(sources) == 1)
     what = (f"the merged model (model 1: {sources[0].path})" if len(sources) > 1 else str(sources[0].path))
     try:
         check_state_fits(fresh, first, what)

@@ -508,6 +508,8 @@ SMALL = ["--embed_dim", "16", "--n_layer", "1", "--n_head", "1", "--K", "5"]
      "error: {walker2d}: this model has state/action dims 17/6, --env hopper needs 11/3"),
     (["--pretrained_models", "{hopper}", "{hopper2}"], "error: the merged model (model 1: {hopper}) does not match "),
     (["--pretrained_models", "{hopper}"], "error: {hopper} does not match the model: shape mismatch"),
+    (["--pretrained_models", "{walker2d}", *SMALL],
+     "error: {walker2d}: this model has state/action dims 17/6, --env hopper needs 11/3; give a hopper model"),
     (["--pretrained_models", "{hopper}", "--copy_include", "--include", "attn"],
      "error: --copy_include: merged tensor transformer.h.0.attn.c_attn.weight has shape [16, 48], the fresh model "),
     (["--pretrained_models", "{hopper}", "{hopper2}", "--use_fisher", "--include", "attn", *SMALL],
