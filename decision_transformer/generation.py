@@ -106,8 +106,10 @@ def random_policy(env: str, seed: int):
     from decision_transformer.sac import Actor, NumpyActor
 
     spec = get_env_spec(env)
-    torch.manual_seed(seed)
-    return NumpyActor({k: v.detach().clone() for k, v in Actor(spec.state_dim, spec.act_dim).state_dict().items()})
+    with torch.random.fork_rng(devices=[]):   # the caller's stream is left as it was (a run generating its data
+        torch.manual_seed(seed)               # trains as one that finds it)
+        actor = Actor(spec.state_dim, spec.act_dim)
+    return NumpyActor({k: v.detach().clone() for k, v in actor.state_dict().items()})
 
 
 def _snapshot_interval(path: Path) -> int | None:

@@ -168,6 +168,32 @@ def test_evaluation_episodes_start_from_successive_seeds(monkeypatch):
     np.testing.assert_array_equal(sac.evaluate_policy(actor, "hopper", 3, seed=7), [7.0, 8.0, 9.0])
 
 
+def test_random_policy_leaves_torchs_global_stream_alone():
+    """The random actor is built from its own seed without reseeding torch's global generator."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    generation.random_policy("hopper", 0)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_run_that_generates_its_dataset_trains_as_one_that_finds_it(tmp_path, monkeypatch):
+    """A single-task run's data step comes after its model is built: a missing ``random`` dataset generated there
+    reseeded torch's global generator (the random actor's seed), so the run trained with other dropout masks than
+    the same run finding the file (model_1.pt differed)."""
+    import experiment
+
+    monkeypatch.setattr(generation, "DEFAULT_NUM_TRANSITIONS", 3000)
+    monkeypatch.chdir(tmp_path)
+    flags = ["--env", "hopper", "--dataset", "random", "--data_path", "data", "--seed", "1", "--embed_dim", "16",
+             "--n_layer", "1", "--n_head", "1", "--K", "5", "--batch_size", "4", "--max_iters", "1",
+             "--num_steps_per_iter", "3", "--num_eval_episodes", "0"]
+    for out in ("generated", "found"):
+        experiment.main([*flags, "--outdir", out])
+    a, b = (torch.load(next(tmp_path.glob(f"{out}/*/model_1.pt")), weights_only=False)["state_dict"]
+            for out in ("generated", "found"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # synthetic.py
 # ----------------------------------------------------------------------------------------------------------------
