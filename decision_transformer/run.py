@@ -333,6 +333,17 @@ def check_model_paths(args):
                 raise UserError(f"{path}: {kind} not found")
 
 
+def activation_applies(args) -> bool:
+    """Whether ``--activation_function`` shapes the model these flags build: not for the BC MLP, an LM backbone
+    (``--pretrained_lm`` without ``--pretrained_block``: the LM's config sets it) or a multi-task model taken from
+    ``--pretrained_model`` / ``--multi_pretrained_models`` (its recorded architecture), where it has no effect."""
+    if getattr(args, "model_type", "dt") == "bc":
+        return False
+    if getattr(args, "pretrained_model", None) or getattr(args, "multi_pretrained_models", None):
+        return False
+    return not (args.pretrained_lm and getattr(args, "pretrained_block", None) is None)
+
+
 def check_args(args):
     """Refuse invalid flag values and combinations of the training scripts before any data is loaded or
     file written (sizes, ranges, devices, saving, merging, freezing, ``--model_type bc``)."""
@@ -391,7 +402,8 @@ def check_args(args):
     from decision_transformer.models.gpt2 import check_activation
 
     try:   # (the model is built after the data step, which may generate a dataset for minutes)
-        check_activation(args.activation_function)
+        if activation_applies(args):
+            check_activation(args.activation_function)
     except ValueError as e:
         raise UserError(f"--activation_function: {e}") from None
     if "" in (args.freeze_subset or []):  # before the data and any merge: nothing left to train (see optim.py)

@@ -561,3 +561,30 @@ def test_a_blocked_fisher_place_is_found_before_the_data_step(tmp_path, monkeypa
     info = models / "info"
     assert line.startswith(f"error: the Fisher cache writes to {info}/, but {info} is a file"), line
     assert not listed(tmp_path / "work")
+
+
+@pytest.mark.parametrize("where", ["pretrained_lm", "bc", "multi_pretrained_model"])
+def test_an_activation_the_model_does_not_use_is_not_refused(tmp_path, monkeypatch, capsys, hopper_data, where):
+    """--activation_function shapes only a model built from the flags: with an LM backbone (its config sets it), the
+    BC MLP or a multi-task --pretrained_model (its recorded architecture) an unknown name has no effect, as before
+    the flag was checked up front (those runs were refused)."""
+    from test_merging import tiny_lm
+    from test_multi import save_multi
+
+    monkeypatch.chdir(tmp_path)
+    small = ["--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes", "0", "--K", "5",
+             "--batch_size", "4", "--activation_function", "bogus"]
+    if where == "multi_pretrained_model":
+        from decision_transformer.synthetic import make_dataset
+
+        for i, env in enumerate(("hopper", "halfcheetah", "walker2d")):
+            make_dataset(tmp_path / "data", env, "medium", 300, seed=i, max_ep_len=50)
+        save_multi(tmp_path / "base.pt", 0, [])
+        experiment_multi.main([str(a) for a in ["--data_path", tmp_path / "data", "--pretrained_model",
+                                                tmp_path / "base.pt", "--outdir", "runs", *small]])
+        assert "--activation_function bogus (the model has relu): no effect" in capsys.readouterr().err
+    else:
+        flags = ["--pretrained_lm", tiny_lm(tmp_path / "lm")] if where == "pretrained_lm" else ["--model_type", "bc"]
+        experiment.main([str(a) for a in ["--data_path", hopper_data, "--outdir", "runs", *flags, *small]])
+    rows = [json.loads(line) for f in tmp_path.glob("runs/**/metrics.jsonl") for line in f.read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1], rows   # (the run trained its one iteration)
