@@ -387,10 +387,10 @@ def test_the_model_to_finetune_must_fit_env_before_any_merge(srcs, tmp_path, mon
     experiment.main(["--env", "walker2d", *common, "--flip", "--copy_model", "--copy_include", "--pretrained_models",
                      str(paths["hopper"]), str(paths["walker2d"])])
     assert "--flip: training model 2" in capsys.readouterr().err
-    # one model: --flip has nothing to flip, the hint names the first position
+    # one model: --flip has nothing to flip, and there is no position to name: the hint asks for the env's model
     msg = fails(experiment.main, ["--env", "walker2d", "--data_path", str(data), *SMALL, "--flip", "--copy_model",
                                   "--pretrained_models", str(paths["hopper"]), *NO_TRAINING], capsys)
-    assert msg.endswith("list the walker2d model first"), msg
+    assert msg.endswith("this model has state/action dims 11/3, --env walker2d needs 17/6; give a walker2d model"), msg
 
 
 def test_a_first_model_of_another_env_merged_into_the_fresh_model_names_the_env(srcs, tmp_path, monkeypatch, capsys):
