@@ -1,7 +1,8 @@
 """Merging as the scripts use it: load the source models, get the data-dependent quantities (Fisher, Gram matrices,
 base model), merge, and (for ``experiment.py``) pick and prepare the model to finetune.
 
-``apply_merge`` is ``experiment.py``'s hook (``reference/merging.md`` §3); ``merge_states`` and ``merge_multi_states``
+``prepare_merge`` (before the data step: the models loaded and checked) and ``apply_merge`` (after it: the merge)
+are ``experiment.py``'s hooks (``reference/merging.md`` §3); ``merge_states`` and ``merge_multi_states``
 are shared with ``experiment_multi.py`` and ``python -m decision_transformer.merge_cli``. The tensor arithmetic itself
 lives in :mod:`decision_transformer.merging`, the Fisher estimators in :mod:`decision_transformer.fisher`.
 """
