@@ -90,10 +90,11 @@ def check_dataset_place(data_path: str | os.PathLike, env: str, dataset: str):
                             f"another --data_path")
 
 
-def find_dataset_file(data_path: str | os.PathLike, env: str, dataset: str) -> Path:
+def find_dataset_file(data_path: str | os.PathLike, env: str, dataset: str, quiet: bool = False) -> Path:
     """The pkl in ``data_path`` if present, else a D4RL hdf5 with D4RL's name in ``data_path`` or D4RL's cache. A
     smoke-test stand-in in D4RL's cache (``download_d4rl_datasets.py --synthetic``) is passed over: it is not the
-    dataset (its conversion went to the ``--data_path`` of that command)."""
+    dataset (its conversion went to the ``--data_path`` of that command). ``quiet``: without the lines saying so
+    (an up-front check; the lookup that loads the file says them)."""
     data_path = Path(data_path)
     check_dataset_place(data_path, env, dataset)
     candidates = [data_path / pkl_name(env, dataset), data_path / hdf5_name(env, dataset)]
@@ -103,10 +104,11 @@ def find_dataset_file(data_path: str | os.PathLike, env: str, dataset: str) -> P
         if c.is_file():
             mark = synthetic_stand_in(c)
             if mark is not None and i == 2:
-                print(f"note: {c} is a --synthetic smoke-test stand-in, not {env}-{dataset}: passed over",
-                      file=sys.stderr)
+                if not quiet:
+                    print(f"note: {c} is a --synthetic smoke-test stand-in, not {env}-{dataset}: passed over",
+                          file=sys.stderr)
                 continue
-            if mark is not None:
+            if mark is not None and not quiet:
                 print(f"warning: {c} is a smoke-test stand-in ({mark}), not D4RL's {env}-{dataset}",
                       file=sys.stderr)
             return c

@@ -451,7 +451,7 @@ def check_source_data(sources: Sequence[ModelFile], args, data: DatasetCache, me
         env, dataset = source_env_dataset(s)
         check_dataset_place(data.data_path, env, dataset)
         if (env, dataset) != made_later:
-            find_dataset_file(data.data_path, env, dataset)
+            find_dataset_file(data.data_path, env, dataset, quiet=True)
 
 
 def merge_single_sources(sources: Sequence[ModelFile], args, keys, device, data: DatasetCache,

@@ -813,3 +813,38 @@ def test_an_envs_missing_dataset_is_found_before_the_first_env_is_analysed(scrip
     msg = expect_exit(capsys, load_script(SCRIPTS[script]).main, argv + ["--data_path", data])
     assert msg.startswith(f"error: dataset not found: {data / 'walker2d-medium-v2.pkl'}"), msg
     assert not (tmp_path / "out").exists()
+
+
+def test_run_all_needs_no_dataset_for_an_env_that_no_data_step_analyses(runs, tmp_path, hopper_data, capsys):
+    """A walker2d run of another seed is in the score tables only (the data steps analyse --seed's runs): its missing
+    dataset stopped the whole report up front; only the envs a selected data step analyses need one."""
+    import shutil
+
+    ck = tmp_path / "checkpoints"
+    shutil.copytree(runs, ck)
+    write_run(ck, "dt", env="walker2d", seed=7, K=20, epochs=(0, 1, 40))
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(hopper_data / "hopper-medium-v2.pkl", data)
+    run_all = load_script(SCRIPTS["all"]).main
+    argv = ["--checkpoint_dir", ck, "--out_dir", tmp_path / "out", "--only", "cka", "--batch_size", "4", "--K", "3",
+            "--data_path", data]
+    run_all([str(a) for a in argv])
+    assert list((tmp_path / "out").rglob("*.csv")), "CKA of hopper's runs was not written"
+    (data / "hopper-medium-v2.pkl").unlink()   # hopper's runs are analysed: its dataset is still needed up front
+    argv[3] = tmp_path / "out2"
+    msg = expect_exit(capsys, run_all, [str(a) for a in argv])
+    assert msg.startswith(f"error: dataset not found: {data}/hopper-medium-v2.pkl"), msg
+    assert not (tmp_path / "out2").exists()
+
+
+def test_a_stand_in_dataset_is_warned_about_once(runs, tmp_path, capsys):
+    """The up-front dataset check looks the file up quietly: a smoke-test stand-in was warned about twice per env
+    (once by the check, once as it was loaded)."""
+    download = load_script("data/download_d4rl_datasets.py").main
+    download(["--synthetic", "20", "--envs", "hopper", "--datasets", "medium", "--hdf5_dir", str(tmp_path / "h5"),
+              "--data_path", str(tmp_path / "syn")])
+    capsys.readouterr()
+    load_script(SCRIPTS["cka"]).main([str(a) for a in [*_argv("cka", runs, tmp_path / "out"), "--data_path",
+                                                       tmp_path / "syn"]])
+    assert capsys.readouterr().err.count("is a smoke-test stand-in") == 1

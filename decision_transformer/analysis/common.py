@@ -409,7 +409,7 @@ def check_env_datasets(args, envs) -> None:
 
     for env in envs:
         check_dataset_place(args.data_path, env, args.dataset_name)
-        find_dataset_file(args.data_path, env, args.dataset_name)
+        find_dataset_file(args.data_path, env, args.dataset_name, quiet=True)
 
 
 def out_dir(path) -> Path:

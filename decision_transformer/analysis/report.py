@@ -415,23 +415,28 @@ def write_report(args, plan: _Plan, results: dict, failures: dict, skipped: list
     return common.save_text(out / "report.md", "\n".join(lines).rstrip() + "\n")
 
 
-#: the steps that run models on each env's data
-DATA_STEPS = ("cka", "mi", "grads", "attention")
+#: the steps that run models on each env's data, with the epoch flag and the context of the runs they analyse
+#: (None: ``--run_K``)
+DATA_STEPS = {"cka": ("epoch2", None), "mi": ("epoch2", None), "grads": ("grad_epoch", None),
+              "attention": ("attention_epoch2", 1)}
 
 
 def check_model_step_inputs(plan: _Plan, args, steps):
     """``--device`` and ``--data_path``'s datasets, checked before any step: a misspelt device or a missing dataset
-    would otherwise fail only the steps that run models, after the others had written their results."""
+    would otherwise fail only the steps that run models, after the others had written their results. Only the envs
+    a selected step analyses need a dataset (one whose runs a step skips, e.g. of another seed or K, needs none)."""
     from decision_transformer.run import check_device_flags
 
     check_device_flags(args)
-    if args.data_path is None or not any(s in DATA_STEPS for s in steps):
+    if args.data_path is None:
         return
     from decision_transformer.data import check_dataset_place, find_dataset_file
 
     for env in plan.envs:
-        check_dataset_place(args.data_path, env, args.dataset_name)
-        find_dataset_file(args.data_path, env, args.dataset_name)
+        if any(plan.models_at(env, getattr(args, epoch), step, [], K=K)[1] is not None
+               for step, (epoch, K) in DATA_STEPS.items() if step in steps):
+            check_dataset_place(args.data_path, env, args.dataset_name)
+            find_dataset_file(args.data_path, env, args.dataset_name, quiet=True)
 
 
 def run(args) -> Path:
