@@ -571,9 +571,10 @@ def load_trajectories(path: str | os.PathLike, env: str) -> list[dict[str, np.nd
 
 
 def load_dataset(data_path: str | os.PathLike, env: str, dataset: str, *,
-                 generate: bool = False) -> tuple[Path, list[dict[str, np.ndarray]]]:
+                 generate: bool = False, quiet: bool = False) -> tuple[Path, list[dict[str, np.ndarray]]]:
     """Find, load and validate ``{env}-{dataset}-v2``; with ``generate``, a missing dataset is first generated
-    from the bundled behaviour policies (``decision_transformer.generation.ensure_dataset``)."""
+    from the bundled behaviour policies (``decision_transformer.generation.ensure_dataset``). ``quiet``: no word
+    on a smoke-test stand-in (a second load of a file the caller has already loaded, and said so)."""
     get_env_spec(env)
     check_dataset_name(dataset)
     if generate:
@@ -581,7 +582,7 @@ def load_dataset(data_path: str | os.PathLike, env: str, dataset: str, *,
 
         path = ensure_dataset(data_path, env, dataset, generate=True)
     else:
-        path = find_dataset_file(data_path, env, dataset)
+        path = find_dataset_file(data_path, env, dataset, quiet=quiet)
     return path, load_trajectories(path, env)
 
 

@@ -165,8 +165,9 @@ class DatasetCache:
     """``TrajectoryDataset``s by (env, dataset), loaded once, on ``device``; ``stats`` (env -> (mean, std)) fixes the
     state normalisation where the caller knows better than the data (the multi-task script)."""
 
-    def __init__(self, data_path: str, device, stats: dict | None = None):
+    def __init__(self, data_path: str, device, stats: dict | None = None, loaded: tuple[str, str] | None = None):
         self.data_path, self.device, self.stats = data_path, device, stats or {}
+        self.loaded = loaded   # an (env, dataset) the caller has loaded already: read again without its notes
         self._cache: dict = {}
 
     def get(self, env: str, dataset: str):
@@ -176,7 +177,7 @@ class DatasetCache:
 
         key = (env, dataset)
         if key not in self._cache:
-            _, trajs = load_dataset(self.data_path, env, dataset)
+            _, trajs = load_dataset(self.data_path, env, dataset, quiet=key == self.loaded)
             mean, std = self.stats.get(env, (None, None))
             self._cache[key] = TrajectoryDataset(trajs, env, device=self.device, state_mean=mean, state_std=std)
         return self._cache[key]
@@ -607,7 +608,7 @@ def _evaluate_before_finetuning(args, model, spec, device) -> dict:
     from decision_transformer.evaluation import env_pool, evaluate_episodes
     from decision_transformer.run import parse_targets
 
-    _, trajs = load_dataset(args.data_path, args.env, args.dataset)
+    _, trajs = load_dataset(args.data_path, args.env, args.dataset, quiet=True)   # (the run's data, loaded before)
     mean, std = state_stats(trajs)
     pool = env_pool(args.env, args.env_version, getattr(args, "eval_workers", "auto"), device,
                     args.num_eval_episodes)
@@ -638,8 +639,8 @@ def prepare_merge(args, fresh, spec) -> MergePlan:
     """``experiment.py --pretrained_models``, before the data step (a missing dataset is generated, for minutes):
     load the models and check all that needs no data (the flags, multi-task models, the selection, tensor shapes,
     NaN or inf, the model to finetune fitting ``--env``, the Fisher files' places and the datasets of the models
-    other than the run's own); warnings about context lengths and architectures are given here, once."""
-    check_experiment_merge(args)
+    other than the run's own); warnings about context lengths and architectures are given here, once. (The merge
+    flags themselves are checked by ``run.check_args``, ``check_experiment_merge``, before.)"""
     sources = [load_model_file(p) for p in args.pretrained_models]
     for s in sources:   # (as merge_cli: a multi-task model's tensors are laid out per env)
         if s.is_multi:
@@ -711,7 +712,8 @@ def apply_merge(args, plan: MergePlan, model, spec, device):
         logs = _evaluate_before_finetuning(args, train_model, spec, device)
         info["iteration_0"] = logs
         first = [k for k in logs if k.endswith("_return_mean")]
-        log("iter 0 (merged, before finetuning) | " + " | ".join(
+        what = "loaded" if info.get("method") == "none" else "merged"   # (one model without an LM: no merge)
+        log(f"iter 0 ({what}, before finetuning) | " + " | ".join(
             f"{k.split('/')[1][:-len('_return_mean')]} return {logs[k]:.1f}"
             + (f" (d4rl {logs[d]:.1f})" if (d := k.replace("_return_mean", "_d4rl_score_mean")) in logs else "")
             for k in first))
@@ -737,7 +739,7 @@ def _merge_for_experiment(args, plan: MergePlan, fresh, spec, device):
         info["method"] = "none"
         log(f"one pretrained model, no --pretrained_lm: loading {sources[0].path} (no merge)")
     else:
-        data = DatasetCache(args.data_path, device)
+        data = DatasetCache(args.data_path, device, loaded=(args.env, args.dataset))
         merged, merged_keys = merge_single_sources(sources, args, keys, device, data, fresh_sd)
         check_merged_state(merged, method, args, [(s.path, s.state_dict) for s in sources])
         _report(merged, merged_keys, info, merge_words(method, len(sources), args.p))

@@ -588,3 +588,25 @@ def test_an_activation_the_model_does_not_use_is_not_refused(tmp_path, monkeypat
         experiment.main([str(a) for a in ["--data_path", hopper_data, "--outdir", "runs", *flags, *small]])
     rows = [json.loads(line) for f in tmp_path.glob("runs/**/metrics.jsonl") for line in f.read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1], rows   # (the run trained its one iteration)
+
+
+def test_a_merge_run_says_each_thing_once(tmp_path, monkeypatch, capsys, source_models):
+    """A merge run on a smoke-test stand-in dataset: the stand-in was warned about once per load of the run's data
+    (the data step, RegMean's windows, the merged model's evaluation: 3 times) and an inert --p twice (the flag
+    checks ran again in the merge); one model without an LM was evaluated as "merged" after "(no merge)"."""
+    load_script("data/download_d4rl_datasets.py").main(
+        ["--synthetic", "200", "--envs", "hopper", "--datasets", "medium", "--hdf5_dir", str(tmp_path / "h5"),
+         "--data_path", str(tmp_path / "syn")])
+    monkeypatch.chdir(tmp_path)
+    run = ["--data_path", str(tmp_path / "syn"), "--max_iters", "1", "--num_steps_per_iter", "1",
+           "--num_eval_episodes", "1", "--outdir", "runs", *SMALL]
+    capsys.readouterr()
+    experiment.main([*run, "--pretrained_models", str(source_models["hopper"]), str(source_models["hopper2"]),
+                     "--merge_method", "regmean", "--regmean_n_windows", "4", "--batch_size", "2", "--p", "0.3"])
+    err = capsys.readouterr().err
+    assert err.count("is a smoke-test stand-in") == 1, err
+    assert err.count("--p 0.3 has no effect") == 1, err
+    assert "iter 0 (merged, before finetuning)" in err
+    experiment.main([*run, "--pretrained_models", str(source_models["hopper"])])
+    err = capsys.readouterr().err
+    assert "(no merge)" in err and "iter 0 (loaded, before finetuning)" in err and "merged, before" not in err, err
