@@ -90,11 +90,15 @@ def check_dataset_place(data_path: str | os.PathLike, env: str, dataset: str):
                             f"another --data_path")
 
 
+#: the smoke-test stand-ins ``find_dataset_file`` has spoken of in this process (file, passed over)
+_STAND_INS_SAID: set = set()
+
+
 def find_dataset_file(data_path: str | os.PathLike, env: str, dataset: str, quiet: bool = False) -> Path:
     """The pkl in ``data_path`` if present, else a D4RL hdf5 with D4RL's name in ``data_path`` or D4RL's cache. A
     smoke-test stand-in in D4RL's cache (``download_d4rl_datasets.py --synthetic``) is passed over: it is not the
-    dataset (its conversion went to the ``--data_path`` of that command). ``quiet``: without the lines saying so
-    (an up-front check; the lookup that loads the file says them)."""
+    dataset (its conversion went to the ``--data_path`` of that command). A stand-in is spoken of once per process
+    (a report runs many analyses on one file); ``quiet``: not at all (an up-front check; the load says it)."""
     data_path = Path(data_path)
     check_dataset_place(data_path, env, dataset)
     candidates = [data_path / pkl_name(env, dataset), data_path / hdf5_name(env, dataset)]
@@ -103,12 +107,15 @@ def find_dataset_file(data_path: str | os.PathLike, env: str, dataset: str, quie
     for i, c in enumerate(candidates):
         if c.is_file():
             mark = synthetic_stand_in(c)
+            said = quiet or (str(c), i == 2) in _STAND_INS_SAID   # (said once per file and process)
+            if mark is not None and not said:
+                _STAND_INS_SAID.add((str(c), i == 2))
             if mark is not None and i == 2:
-                if not quiet:
+                if not said:
                     print(f"note: {c} is a --synthetic smoke-test stand-in, not {env}-{dataset}: passed over",
                           file=sys.stderr)
                 continue
-            if mark is not None and not quiet:
+            if mark is not None and not said:
                 print(f"warning: {c} is a smoke-test stand-in ({mark}), not D4RL's {env}-{dataset}",
                       file=sys.stderr)
             return c

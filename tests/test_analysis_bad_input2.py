@@ -848,3 +848,16 @@ def test_a_stand_in_dataset_is_warned_about_once(runs, tmp_path, capsys):
     load_script(SCRIPTS["cka"]).main([str(a) for a in [*_argv("cka", runs, tmp_path / "out"), "--data_path",
                                                        tmp_path / "syn"]])
     assert capsys.readouterr().err.count("is a smoke-test stand-in") == 1
+
+
+def test_run_all_speaks_of_a_stand_in_dataset_once(runs, tmp_path, capsys):
+    """Every analysis run_all makes looked the dataset up again (and read the whole file to find its path): a
+    smoke-test stand-in was warned about once per analysis (7 times for a report); now once per process."""
+    load_script("data/download_d4rl_datasets.py").main(
+        ["--synthetic", "20", "--envs", "hopper", "--datasets", "medium", "--hdf5_dir", str(tmp_path / "h5"),
+         "--data_path", str(tmp_path / "syn")])
+    capsys.readouterr()
+    load_script(SCRIPTS["all"]).main([str(a) for a in ["--checkpoint_dir", runs, "--out_dir", tmp_path / "out",
+                                                       "--only", "cka", "grads", "--batch_size", "4", "--K", "3",
+                                                       "--data_path", tmp_path / "syn"]])
+    assert capsys.readouterr().err.count("is a smoke-test stand-in") == 1

@@ -24,10 +24,10 @@ from decision_transformer.checkpoint import (
 from decision_transformer.data import (
     Batch,
     TrajectoryDataset,
-    load_dataset,
+    find_dataset_file,
     load_trajectories,
 )
-from decision_transformer.envs import ENVS, get_env_spec
+from decision_transformer.envs import ENVS, check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError
 from decision_transformer.models import DecisionTransformer, DTConfig
 from decision_transformer.models.multi_decision_transformer import MODEL_CLASS as MULTI_MODEL_CLASS
@@ -329,8 +329,9 @@ def analysis_data_file(env: str, dataset: str, data_path: str | None, checkpoint
                      else []):
             if cand.is_file():
                 return cand.resolve()
-    path, _ = load_dataset(data_path or project_path("data"), env, dataset)
-    return Path(path).resolve()
+    get_env_spec(env)
+    check_dataset_name(dataset)   # (the file is loaded, and checked, by the caller: here only found)
+    return Path(find_dataset_file(data_path or project_path("data"), env, dataset)).resolve()
 
 
 def analysis_dataset(env: str, dataset: str, data_path: str | None, checkpoint: dict | None = None,
