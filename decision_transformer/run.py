@@ -65,6 +65,10 @@ def check_device_flags(args):
         choose_threads(threads, available=1, busy=0.0, current=1)
 
 
+#: the --device names whose CPU fallback has been warned about in this process
+_CPU_FALLBACKS_SAID: set = set()
+
+
 def resolve_device(name: str, threads: str | int | None = "auto") -> torch.device:
     """The torch device for ``--device name``; also sets torch's CPU threads (``--threads``, see cpu.py)."""
     if name in (None, "", "auto"):
@@ -72,7 +76,10 @@ def resolve_device(name: str, threads: str | int | None = "auto") -> torch.devic
     else:
         dev = _device_of(name)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            print(f"warning: --device {name} requested but CUDA is not available; running on cpu", file=sys.stderr)
+            if name not in _CPU_FALLBACKS_SAID:   # (once per process: a report resolves the device per analysis)
+                _CPU_FALLBACKS_SAID.add(name)
+                print(f"warning: --device {name} requested but CUDA is not available; running on cpu",
+                      file=sys.stderr)
             dev = torch.device("cpu")
         elif dev.type == "cuda" and dev.index is not None:
             if dev.index >= torch.cuda.device_count():

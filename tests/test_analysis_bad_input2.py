@@ -861,3 +861,16 @@ def test_run_all_speaks_of_a_stand_in_dataset_once(runs, tmp_path, capsys):
                                                        "--only", "cka", "grads", "--batch_size", "4", "--K", "3",
                                                        "--data_path", tmp_path / "syn"]])
     assert capsys.readouterr().err.count("is a smoke-test stand-in") == 1
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_run_all_warns_of_the_cpu_fallback_once(runs, tmp_path, capsys, monkeypatch):
+    """run_all --device cuda without CUDA: each analysis resolved the device and warned again (14 lines for a
+    report); now once per process."""
+    from decision_transformer import run
+
+    monkeypatch.setattr(run, "_CPU_FALLBACKS_SAID", set(), raising=False)   # (earlier tests may have warned)
+    load_script(SCRIPTS["all"]).main([str(a) for a in ["--checkpoint_dir", runs, "--out_dir", tmp_path / "out",
+                                                       "--only", "cka", "grads", "--batch_size", "4", "--K", "3",
+                                                       "--device", "cuda"]])
+    assert capsys.readouterr().err.count("--device cuda requested but CUDA is not available") == 1
