@@ -14,7 +14,9 @@ from decision_transformer.errors import cli_entry  # noqa: E402
 
 @cli_entry
 def main(argv=None):
-    from decision_transformer.cli import warn_inert_flags
+    from decision_transformer.cli import prefix_other_ranks, warn_inert_flags
+
+    prefix_other_ranks()
     from decision_transformer.multi_run import multi_parser, run_multi
 
     parser = multi_parser()

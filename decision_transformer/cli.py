@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 
 from decision_transformer.envs import DEFAULT_ENV_VERSION, ENVS, SUPPORTED_ENV_VERSIONS
@@ -352,3 +353,13 @@ def warn_inert_flags(parser: argparse.ArgumentParser, argv, args, *kinds: str):
             for dest in dests:
                 if dest in given:
                     print(f"warning: --{dest} has no effect without {switch}", file=sys.stderr)
+
+
+def prefix_other_ranks() -> None:
+    """The training scripts' first step: under torchrun, rank N > 0 prints only its warning and error lines, prefixed
+    ``[rank N]``, from the start (``distributed.quiet_other_ranks``; the flag warnings came out once per rank,
+    unprefixed). Plain runs import nothing here."""
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+        from decision_transformer.distributed import quiet_other_ranks
+
+        quiet_other_ranks()

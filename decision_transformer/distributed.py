@@ -60,9 +60,18 @@ def setup(device: torch.device) -> tuple[DistContext, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if not ctx.is_main and not isinstance(sys.stderr, QuietRank):
-        sys.stderr = QuietRank(sys.stderr, ctx.rank)
+    quiet_other_ranks()
     return ctx, device
+
+
+def quiet_other_ranks() -> None:
+    """Under torchrun, a rank other than 0 prints through ``QuietRank`` (its own warning and error lines, prefixed
+    ``[rank N]``): called by the scripts first thing, so that the flag warnings given before the process group is
+    joined are prefixed too (they came out twice, alike), and by ``setup``. A no-op for plain runs."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    if (world.isdigit() and int(world) > 1 and rank.isdigit() and int(rank) != 0
+            and not isinstance(sys.stderr, QuietRank)):
+        sys.stderr = QuietRank(sys.stderr, int(rank))
 
 
 def from_main(ctx: DistContext, value):

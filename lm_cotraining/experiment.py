@@ -17,13 +17,14 @@ from decision_transformer.errors import quiet_startup  # noqa: E402
 
 quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
 
-from decision_transformer.cli import warn_inert_flags  # noqa: E402
+from decision_transformer.cli import prefix_other_ranks, warn_inert_flags  # noqa: E402
 from decision_transformer.cli_lm import lm_cotraining_parser  # noqa: E402
 from decision_transformer.errors import cli_entry  # noqa: E402
 
 
 @cli_entry
 def main(argv=None):
+    prefix_other_ranks()
     parser = lm_cotraining_parser()
     args = parser.parse_args(argv)
     warn_inert_flags(parser, argv, args, "experiment", "lm_cotraining")

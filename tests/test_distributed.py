@@ -108,8 +108,12 @@ def test_torchrun_experiment(tmp_path, hopper_data):
 
     proc = _torchrun(tmp_path, "experiment.py", "--data_path", str(hopper_data), "--embed_dim", "16", "--n_layer", "1",
                      "--K", "5", "--batch_size", "8", "--max_iters", "1", "--num_steps_per_iter", "3",
-                     "--num_eval_episodes", "1")
+                     "--num_eval_episodes", "1", "--include", "attn")
     assert proc.stderr.count("iter 1/1 |") == 1 and proc.stderr.count("data: ") == 1   # rank 1 stays quiet
+    # a flag warning given before the process group is joined: rank 1's carries its prefix (it came out twice, alike)
+    lines = proc.stderr.splitlines()
+    assert sum(line.startswith("warning: --include") for line in lines) == 1, proc.stderr[-3000:]
+    assert sum(line.startswith("[rank 1] warning: --include") for line in lines) == 1, proc.stderr[-3000:]
     rd = tmp_path / "checkpoints" / "dt_medium_hopper_666_K5"
     assert (rd / "model_1.pt").is_file() and not list(rd.glob("*.tmp"))
     rows = (rd / "metrics.jsonl").read_text().splitlines()
