@@ -86,6 +86,11 @@ def check_experiment_merge(args):
     n = len(args.pretrained_models) + (len(args.pretrained_models) == 1 and bool(getattr(args, "pretrained_lm", None)))
     if len(args.pretrained_models) > 1 or n == 2:
         warn_inert_p(args.p, method, n)
+    else:   # one model, no LM: loaded whole, nothing to weight or flip
+        inert = [f for f, on in (("--p", args.p != 0.5), ("--flip", getattr(args, "flip", False))) if on]
+        if inert:
+            log(f"warning: {' and '.join(inert)} {'has' if len(inert) == 1 else 'have'} no effect: one "
+                f"--pretrained_models model without --pretrained_lm is loaded without a merge")
 
 
 def check_selection(keys: Sequence[str], args, where: str, all_keys: Sequence[str] = ()):

@@ -671,6 +671,7 @@ def _run_multi(args, take_lock) -> dict:
         model = new_model(args).to(device)
     if args.load_checkpoint:
         mf = load_model_file(args.load_checkpoint)
+        fisher_mod.warn_context([mf], args.K, log)   # (as experiment.py: a checkpoint of another K is said)
         check_same_behaviour(args.load_checkpoint, (mf.config or {}).get("model_config"), model.config.to_dict())
         load_state_into(model, mf.state_dict, args.load_checkpoint,
                         recorded=(mf.config or {}).get("model_config"))

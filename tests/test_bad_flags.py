@@ -610,3 +610,23 @@ def test_a_merge_run_says_each_thing_once(tmp_path, monkeypatch, capsys, source_
     experiment.main([*run, "--pretrained_models", str(source_models["hopper"])])
     err = capsys.readouterr().err
     assert "(no merge)" in err and "iter 0 (loaded, before finetuning)" in err and "merged, before" not in err, err
+    experiment.main([*run, "--pretrained_models", str(source_models["hopper"]), "--p", "0.3", "--flip"])
+    assert capsys.readouterr().err.count("warning: --p and --flip have no effect: one --pretrained_models model "
+                                         "without --pretrained_lm is loaded without a merge") == 1
+
+
+def test_a_multi_task_checkpoint_of_another_K_is_said(tmp_path, monkeypatch, capsys):
+    """experiment_multi.py --load_checkpoint of a model trained with another K said nothing (experiment.py warns)."""
+    from test_multi import save_multi
+
+    from decision_transformer.synthetic import make_dataset
+
+    monkeypatch.chdir(tmp_path)
+    for i, env in enumerate(("hopper", "halfcheetah", "walker2d")):
+        make_dataset(tmp_path / "data", env, "medium", 300, seed=i, max_ep_len=50)
+    save_multi(tmp_path / "k5.pt", 0, [])
+    experiment_multi.main([str(a) for a in ["--data_path", tmp_path / "data", "--load_checkpoint", tmp_path / "k5.pt",
+                                            "--embed_dim", "16", "--n_layer", "1", "--n_head", "2", "--K", "4",
+                                            "--max_iters", "1", "--num_steps_per_iter", "1", "--num_eval_episodes",
+                                            "0", "--batch_size", "6", "--outdir", "runs"]])
+    assert capsys.readouterr().err.count(f"warning: {tmp_path / 'k5.pt'} was trained with K=5; this run uses K=4") == 1
