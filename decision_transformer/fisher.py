@@ -442,6 +442,8 @@ def run_precompute(args) -> Path:
                         f"decision_transformer.legacy_import MODEL --env ENV --dataset DATASET ...` first")
     out = fisher_info_path(args.model, args.f_batch_size, args.f_num_batches, args.fisher_type)
     K = args.K or training_context(mf) or 20  # the info file's name does not record K: the model's own by default
+    if args.K:   # (another K than the model's own: said, as the training scripts do)
+        warn_context([mf], args.K, log)
     from decision_transformer.files import refuse_files_above, refuse_folders
 
     refuse_folders([out])     # (before the lock, which makes its folder, and the estimate)

@@ -630,3 +630,17 @@ def test_a_multi_task_checkpoint_of_another_K_is_said(tmp_path, monkeypatch, cap
                                             "--max_iters", "1", "--num_steps_per_iter", "1", "--num_eval_episodes",
                                             "0", "--batch_size", "6", "--outdir", "runs"]])
     assert capsys.readouterr().err.count(f"warning: {tmp_path / 'k5.pt'} was trained with K=5; this run uses K=4") == 1
+
+
+def test_precompute_fisher_says_when_K_is_not_the_models(tmp_path, capsys, source_models):
+    """precompute_fisher.py --K other than the model's training context estimated on other windows without a word."""
+    import shutil
+
+    model = tmp_path / "models" / "hopper" / source_models["hopper"].name
+    model.parent.mkdir(parents=True)
+    shutil.copy(source_models["hopper"], model)
+    data = source_models["hopper"].parents[2] / "data"
+    capsys.readouterr()
+    precompute_fisher.main([str(a) for a in ["--model", model, "--data_path", data, "--f_batch_size", "2",
+                                             "--f_num_batches", "1", "--device", "cpu", "--K", "4"]])
+    assert capsys.readouterr().err.count(f"warning: {model} was trained with K=5; this run uses K=4 (--K)") == 1
