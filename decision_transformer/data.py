@@ -90,15 +90,31 @@ def check_dataset_place(data_path: str | os.PathLike, env: str, dataset: str):
                             f"another --data_path")
 
 
-#: the smoke-test stand-ins ``find_dataset_file`` has spoken of in this process (file, passed over)
+#: the smoke-test stand-ins spoken of in this process (file, passed over)
 _STAND_INS_SAID: set = set()
+
+
+def say_stand_in(path: str | os.PathLike, env: str, dataset: str, passed_over: bool = False,
+                 quiet: bool = False) -> str | None:
+    """``synthetic_stand_in(path)``; a stand-in is spoken of on stderr once per file and process (a report runs many
+    analyses on one file): used, or ``passed_over`` (one in D4RL's cache). ``quiet``: not at all."""
+    mark = synthetic_stand_in(path)
+    key = (str(path), passed_over)
+    if mark is None or quiet or key in _STAND_INS_SAID:
+        return mark
+    _STAND_INS_SAID.add(key)
+    if passed_over:
+        print(f"note: {path} is a --synthetic smoke-test stand-in, not {env}-{dataset}: passed over", file=sys.stderr)
+    else:
+        print(f"warning: {path} is a smoke-test stand-in ({mark}), not D4RL's {env}-{dataset}", file=sys.stderr)
+    return mark
 
 
 def find_dataset_file(data_path: str | os.PathLike, env: str, dataset: str, quiet: bool = False) -> Path:
     """The pkl in ``data_path`` if present, else a D4RL hdf5 with D4RL's name in ``data_path`` or D4RL's cache. A
     smoke-test stand-in in D4RL's cache (``download_d4rl_datasets.py --synthetic``) is passed over: it is not the
-    dataset (its conversion went to the ``--data_path`` of that command). A stand-in is spoken of once per process
-    (a report runs many analyses on one file); ``quiet``: not at all (an up-front check; the load says it)."""
+    dataset (its conversion went to the ``--data_path`` of that command). Stand-ins are spoken of by
+    ``say_stand_in``; ``quiet``: not at all (an up-front check; the load says it)."""
     data_path = Path(data_path)
     check_dataset_place(data_path, env, dataset)
     candidates = [data_path / pkl_name(env, dataset), data_path / hdf5_name(env, dataset)]
@@ -106,18 +122,10 @@ def find_dataset_file(data_path: str | os.PathLike, env: str, dataset: str, quie
     candidates.append(Path(d4rl_dir) / hdf5_name(env, dataset))
     for i, c in enumerate(candidates):
         if c.is_file():
-            mark = synthetic_stand_in(c)
-            said = quiet or (str(c), i == 2) in _STAND_INS_SAID   # (said once per file and process)
-            if mark is not None and not said:
-                _STAND_INS_SAID.add((str(c), i == 2))
-            if mark is not None and i == 2:
-                if not said:
-                    print(f"note: {c} is a --synthetic smoke-test stand-in, not {env}-{dataset}: passed over",
-                          file=sys.stderr)
+            if i == 2 and say_stand_in(c, env, dataset, passed_over=True, quiet=quiet) is not None:
                 continue
-            if mark is not None and not said:
-                print(f"warning: {c} is a smoke-test stand-in ({mark}), not D4RL's {env}-{dataset}",
-                      file=sys.stderr)
+            if i < 2:
+                say_stand_in(c, env, dataset, quiet=quiet)
             return c
     if not get_env_spec(env).d4rl:
         how = ("for smoke runs `python data/generate_datasets.py --env {env} --dataset random` writes random-policy "

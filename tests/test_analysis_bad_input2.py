@@ -863,6 +863,22 @@ def test_run_all_speaks_of_a_stand_in_dataset_once(runs, tmp_path, capsys):
     assert capsys.readouterr().err.count("is a smoke-test stand-in") == 1
 
 
+def test_a_recorded_stand_in_dataset_is_said(tmp_path, capsys):
+    """Without --data_path an analysis uses the data file a checkpoint records; a smoke-test stand-in recorded there
+    was used without a word (the same file found in --data_path is warned about)."""
+    load_script("data/download_d4rl_datasets.py").main(
+        ["--synthetic", "20", "--envs", "hopper", "--datasets", "medium", "--hdf5_dir", str(tmp_path / "h5"),
+         "--data_path", str(tmp_path / "syn")])
+    ck = tmp_path / "checkpoints"
+    write_run(ck, "dt", K=20, epochs=(0, 1, 40), data_file=tmp_path / "syn" / "hopper-medium-v2.pkl")
+    capsys.readouterr()
+    load_script(SCRIPTS["all"]).main([str(a) for a in ["--checkpoint_dir", ck, "--out_dir", tmp_path / "out",
+                                                       "--only", "cka", "grads", "--batch_size", "4", "--K", "3"]])
+    err = capsys.readouterr().err
+    assert err.count("is a smoke-test stand-in") == 1, err
+    assert list((tmp_path / "out").rglob("*.csv")), "the analyses did not run on the recorded file"
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_run_all_warns_of_the_cpu_fallback_once(runs, tmp_path, capsys, monkeypatch):
     """run_all --device cuda without CUDA: each analysis resolved the device and warned again (14 lines for a

@@ -25,6 +25,7 @@ from decision_transformer.data import (
     Batch,
     TrajectoryDataset,
     find_dataset_file,
+    say_stand_in,
     load_trajectories,
 )
 from decision_transformer.envs import ENVS, check_dataset_name, get_env_spec
@@ -328,6 +329,7 @@ def analysis_data_file(env: str, dataset: str, data_path: str | None, checkpoint
         for cand in ([Path(recorded), PROJECT_ROOT / recorded] if isinstance(recorded, str) and recorded and same
                      else []):
             if cand.is_file():
+                say_stand_in(cand, env, dataset)
                 return cand.resolve()
     get_env_spec(env)
     check_dataset_name(dataset)   # (the file is loaded, and checked, by the caller: here only found)
