@@ -50,6 +50,7 @@ def main(argv=None):
     from decision_transformer.data import (
         pkl_name,
         safe_pickle_load,
+        synthetic_stand_in,
         validate_trajectories,
     )
     from decision_transformer.envs import check_dataset_name, get_env_spec
@@ -58,6 +59,7 @@ def main(argv=None):
         env_from_dataset_id,
         export_minari,
         load_minari_trajectories,
+        minari_stand_in,
     )
     from decision_transformer.synthetic import write_pkl
 
@@ -78,18 +80,22 @@ def main(argv=None):
         # the checked copies (next_observations too) are what is written
         trajs = validate_trajectories(trajs, get_env_spec(env), args.dataset_id, next_observations=True)
         keep = ("observations", "next_observations", "actions", "rewards", "terminals")
-        out = write_pkl(target, [{k: t[k] for k in keep} for t in trajs])
-        print(f"{out}: {len(trajs)} trajectories, {sum(len(t['rewards']) for t in trajs)} timesteps")
+        mark = minari_stand_in(args.dataset_id, root=args.minari_root)
+        out = write_pkl(target, [{k: t[k] for k in keep} for t in trajs], stand_in=mark)
+        print(f"{out}: {len(trajs)} trajectories, {sum(len(t['rewards']) for t in trajs)} timesteps"
+              + (f" (a smoke-test stand-in: {mark}; marked as one)" if mark else ""))
     else:
         check_dataset_id(args.dataset_id)
         if not Path(args.pkl).is_file():
             raise UserError(f"{args.pkl}: file not found")
         env = args.env or env_from_dataset_id(Path(args.pkl).name)
         trajs = validate_trajectories(safe_pickle_load(args.pkl), get_env_spec(env), args.pkl, next_observations=True)
+        mark = synthetic_stand_in(args.pkl)
         folder = export_minari(trajs, args.dataset_id, env, root=args.minari_root, author=args.author,
                                author_email=args.author_email, code_permalink=args.code_permalink,
-                               description=args.description)
-        print(f"{folder}: {len(trajs)} episodes")
+                               description=args.description, stand_in=mark)
+        print(f"{folder}: {len(trajs)} episodes"
+              + (f" (a smoke-test stand-in: {mark}; its description says so)" if mark else ""))
 
 
 if __name__ == "__main__":

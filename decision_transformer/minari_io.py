@@ -10,6 +10,7 @@ rewards, terminations and truncations; it becomes one DT trajectory with ``obser
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -94,6 +95,25 @@ def load_minari_trajectories(dataset_id: str, root: str | os.PathLike | None = N
     return trajs
 
 
+#: how an exported smoke-test stand-in's Minari description begins; the rest up to ``]`` is its mark
+STAND_IN_PREFIX = "[smoke-test stand-in: "
+
+
+def minari_stand_in(dataset_id: str, root: str | os.PathLike | None = None) -> str | None:
+    """The stand-in mark (``data.synthetic_stand_in``) an exported smoke-test stand-in carries in its Minari
+    description; None for any other dataset (also one whose metadata cannot be read: loading it says why)."""
+    with _root(root):
+        base = Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
+    try:
+        meta = json.loads((base / dataset_id / "data" / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return None
+    text = meta.get("description") if isinstance(meta, dict) else None
+    if not isinstance(text, str) or not text.startswith(STAND_IN_PREFIX) or "]" not in text:
+        return None
+    return text[len(STAND_IN_PREFIX):text.index("]")] or "random-policy data"
+
+
 def _why(e: BaseException) -> str:
     text = " ".join(str(e).split())[:150]
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
@@ -114,9 +134,11 @@ def check_dataset_id(dataset_id: str) -> str:
 def export_minari(trajs: list[dict[str, np.ndarray]], dataset_id: str, env: str,
                   root: str | os.PathLike | None = None, *, algorithm_name: str = "SAC behaviour policy",
                   description: str | None = None, env_version: str | None = None, author: str | None = None,
-                  author_email: str | None = None, code_permalink: str | None = None):
+                  author_email: str | None = None, code_permalink: str | None = None, stand_in: str | None = None):
     """Write ``trajs`` (DT layout with ``next_observations``) as the Minari dataset ``dataset_id``. The last episode
-    is marked truncated if it neither terminated nor timed out. Returns the dataset's folder. Minari's warnings that
+    is marked truncated if it neither terminated nor timed out. ``stand_in``: the data is a smoke-test stand-in
+    (``data.synthetic_stand_in``), said at the start of the description (``minari_stand_in`` reads it back). Returns
+    the dataset's folder. Minari's warnings that
     optional metadata (author, e-mail, code link, evaluation env) is unset are not shown: the metadata is optional
     and the evaluation env is the collection env."""
     minari = _minari()
@@ -152,7 +174,8 @@ def export_minari(trajs: list[dict[str, np.ndarray]], dataset_id: str, env: str,
                     algorithm_name=algorithm_name, author=author, author_email=author_email,
                     code_permalink=code_permalink, ref_min_score=spec.ref_min_score,
                     ref_max_score=spec.ref_max_score,
-                    description=description or f"{env} dataset exported by decision_transformer.minari_io",
+                    description=(f"{STAND_IN_PREFIX}{stand_in.replace(']', ')')}] " if stand_in else "")
+                    + (description or f"{env} dataset exported by decision_transformer.minari_io"),
                     data_format="hdf5")
         except ValueError as e:  # e.g. the id exists already
             _remove(created)

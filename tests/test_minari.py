@@ -167,3 +167,38 @@ def test_a_metadata_file_that_is_json_but_no_object_is_one_line(tmp_path, body):
     (folder / "data" / "metadata.json").write_text(body)
     with pytest.raises(UserError, match="Minari dataset 'dt/hopper/meta-v0' not found or unreadable under"):
         load_minari_trajectories("dt/hopper/meta-v0", root=tmp_path)
+
+
+def test_a_stand_in_keeps_its_mark_through_minari(tmp_path, capsys):
+    """A pkl converted from a smoke-test stand-in, exported to Minari and imported back, came back unmarked: read as
+    if it were D4RL's data. The mark now travels in the Minari description."""
+    pytest.importorskip("minari")
+    from decision_transformer.data import stand_in_mark_path, synthetic_stand_in
+    from decision_transformer.minari_io import minari_stand_in
+    from conftest import load_script
+
+    from decision_transformer.synthetic import make_dataset
+
+    load_script("data/download_d4rl_datasets.py").main(
+        ["--synthetic", "20", "--envs", "hopper", "--datasets", "medium", "--hdf5_dir", str(tmp_path / "h5"),
+         "--data_path", str(tmp_path / "syn")])
+    mark = synthetic_stand_in(tmp_path / "syn" / "hopper-medium-v2.pkl")
+    assert mark
+    script = _minari_script()
+    root = str(tmp_path / "mroot")
+    script.main(["export", str(tmp_path / "syn" / "hopper-medium-v2.pkl"), "dt/hopper/syn-v0", "--minari_root", root])
+    assert "smoke-test stand-in" in capsys.readouterr().out
+    assert minari_stand_in("dt/hopper/syn-v0", root=root) == mark
+    back = tmp_path / "back"
+    script.main(["import", "dt/hopper/syn-v0", "--dataset", "medium", "--data_path", str(back), "--minari_root", root])
+    assert synthetic_stand_in(back / "hopper-medium-v2.pkl") == mark
+    assert "marked as one" in capsys.readouterr().out
+    # real data exported and imported over it: no mark on either side, and the old mark goes
+    make_dataset(tmp_path / "real", "hopper", "medium", 200, seed=0, max_ep_len=30)
+    script.main(["export", str(tmp_path / "real" / "hopper-medium-v2.pkl"), "dt/hopper/real-v0", "--minari_root", root])
+    assert minari_stand_in("dt/hopper/real-v0", root=root) is None
+    script.main(["import", "dt/hopper/real-v0", "--dataset", "medium", "--data_path", str(back), "--minari_root", root,
+                 "--force"])
+    assert synthetic_stand_in(back / "hopper-medium-v2.pkl") is None
+    assert not stand_in_mark_path(back / "hopper-medium-v2.pkl").exists()
+    assert "stand-in" not in capsys.readouterr().out
