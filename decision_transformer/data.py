@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import os
 import pickle
 import re
@@ -88,6 +89,33 @@ def check_dataset_place(data_path: str | os.PathLike, env: str, dataset: str):
         if c.exists() and not c.is_file():
             raise UserError(f"{c}: a folder (or other non-file) where the dataset file belongs; move it away or pass "
                             f"another --data_path")
+
+
+def checked_state_stats(mean, std, env: str, where: str, stored: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) as float32 vectors of ``env``'s state dim of finite numbers, std positive; else one line that
+    starts with ``where`` (the file and entry they come from, or the call they are given to: ``stored`` False)."""
+    dim, out, what = get_env_spec(env).state_dim, [], "stored " if stored else ""
+    for key, v in (("state_mean", mean), ("state_std", std)):
+        try:
+            a = np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}{what}{key} is a {type(v).__name__}, not numbers") from None
+        if a.shape != (dim,):
+            raise UserError(f"{where}{what}{key} has shape {tuple(a.shape)}, {env} states have {dim} dims")
+        if not np.isfinite(a).all():
+            raise UserError(f"{where}{what}{key} contains NaN or inf")
+        out.append(a)
+    if (out[1] <= 0).any():
+        raise UserError(f"{where}{what}state_std has values <= 0 (down to {out[1].min():.3g})")
+    return out[0], out[1]
+
+
+def check_batch_shape(batch_size, K):
+    """A batch's ``batch_size`` and context ``K`` (a trainer's, a sampled batch's): positive integers (a batch of 0 rows gives a NaN loss, which
+    would be reported as a divergence)."""
+    for name, v in (("batch_size", batch_size), ("K", K)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:   # (numpy integers are integers)
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
 #: the smoke-test stand-ins spoken of in this process (file, passed over)
@@ -728,8 +756,11 @@ class TrajectoryDataset:
         self.max_ep_len = spec.max_ep_len
         self.device = torch.device(device)
         mean, std = state_stats(trajs)
-        self.state_mean = mean if state_mean is None else np.asarray(state_mean, dtype=np.float32)
-        self.state_std = std if state_std is None else np.asarray(state_std, dtype=np.float32)
+        if state_mean is not None or state_std is not None:   # (given ones: checked as a checkpoint's)
+            mean, std = checked_state_stats(mean if state_mean is None else state_mean,
+                                            std if state_std is None else state_std, env, "TrajectoryDataset: ",
+                                            stored=False)
+        self.state_mean, self.state_std = mean, std
 
         lengths = np.array([len(t["rewards"]) for t in trajs], dtype=np.int64)
         returns = np.array([t["rewards"].sum() for t in trajs], dtype=np.float64)
@@ -775,6 +806,7 @@ class TrajectoryDataset:
     def sample_batch(self, batch_size: int, K: int, generator: torch.Generator | None = None) -> Batch:
         """``batch_size`` windows of K steps drawn as ``sample_indices`` and built by ``get_windows``: states
         [B, K, ds], actions [B, K, da], rtg [B, K + 1, 1] ... (see ``Batch``)."""
+        check_batch_shape(batch_size, K)
         traj, start = self.sample_indices(batch_size, generator)
         return self.get_windows(traj, start, K)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -18,8 +19,9 @@ import torch
 from decision_transformer.env_workers import episode_seed, initial_obs, step_envs  # noqa: F401 (episode_seed)
 from decision_transformer.envs import DEFAULT_ENV_VERSION, get_env_spec, make_env
 from decision_transformer.errors import UserError, checked_device
-from decision_transformer.data import check_mode
-from decision_transformer.training.trainer import check_model_env, float32_device, module_mode, to_device_async
+from decision_transformer.data import check_mode, checked_state_stats
+from decision_transformer.training.trainer import (check_model_env, check_timestep_rows, float32_device, module_mode,
+                                                   to_device_async)
 
 
 @dataclass
@@ -32,9 +34,10 @@ class EvalResult:
 
     def metrics(self, env: str, prefix: str = "") -> dict[str, float]:
         """Mean and std of the returns and lengths (and of the D4RL scores, where ``env`` has reference returns), keyed
-        ``{prefix}target_{int(target)}_...``."""
+        ``{prefix}target_{int(target)}_...`` (a target that is no whole number: ``target_0.7_...``)."""
         spec = get_env_spec(env)
-        key = f"{prefix}target_{int(self.target)}"
+        t = float(self.target)
+        key = f"{prefix}target_{int(t) if t.is_integer() else format(t, 'g')}"   # (0.5 and 0.7 are two keys)
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite returns: NaN / inf, reported by the caller
             return self._metrics(spec, key)
 
@@ -148,6 +151,7 @@ def _eval_setup(model, env: str, device, pool: EnvPool | None, env_version: str 
     check_mode(mode)
     own = float32_device(model, "evaluation")
     check_model_env(model, env, "evaluation")
+    check_timestep_rows(model, get_env_spec(env).max_ep_len - 1, "evaluation", f"{env}'s episodes")
     device = checked_device(device) if device is not None else (own if own is not None else torch.device("cpu"))
     if pool is None:
         return device, EnvPool(env, env_version or DEFAULT_ENV_VERSION)
@@ -155,6 +159,15 @@ def _eval_setup(model, env: str, device, pool: EnvPool | None, env_version: str 
         raise UserError(f"the env pool holds {pool.env} {pool.version} envs; this evaluation is of {env} "
                         f"{env_version or pool.version} (use one pool per env)")
     return device, pool
+
+
+def _checked_conditioning(env: str, target, state_mean, state_std) -> tuple[float, np.ndarray, np.ndarray]:
+    """(target, state_mean, state_std) of an evaluation: a finite target; the statistics as
+    ``data.checked_state_stats`` wants them (a zero or NaN std turned every state into inf or NaN)."""
+    if isinstance(target, bool) or not isinstance(target, numbers.Real) or not math.isfinite(target):
+        raise UserError(f"evaluation: the return target must be a finite number, got {target!r}")
+    mean, std = checked_state_stats(state_mean, state_std, env, "evaluation: ", stored=False)
+    return float(target), mean, std
 
 
 @torch.no_grad()
@@ -171,6 +184,7 @@ def evaluate_episodes(model, env: str, target: float, num_episodes: int, state_m
     if isinstance(num_episodes, bool) or not isinstance(num_episodes, numbers.Integral) or num_episodes < 1:
         raise ValueError(f"num_episodes must be >= 1, got {num_episodes!r} (an integer number of episodes)")
     device, pool = _eval_setup(model, env, device, pool, env_version, mode)
+    target, state_mean, state_std = _checked_conditioning(env, target, state_mean, state_std)
     # on a GPU other than the current one, the pinned host copies and their events belong to the model's GPU
     on_gpu = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with module_mode(model, False), on_gpu:
@@ -281,6 +295,7 @@ def evaluate_episodes_sequential(model, env: str, target: float, num_episodes: i
     """The slow path: episodes one after another with batch-1 forwards (benchmarks and equivalence tests). Arguments
     as ``evaluate_episodes``."""
     device, pool = _eval_setup(model, env, device, pool, env_version, mode)
+    target, state_mean, state_std = _checked_conditioning(env, target, state_mean, state_std)
     env_obj = pool.get(1)[0]
     with module_mode(model, False):
         out = [rollout_episode(model, env_obj, target, state_mean, state_std, env=env, seed=seed, index=i, mode=mode,

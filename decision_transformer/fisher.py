@@ -32,7 +32,7 @@ from decision_transformer.errors import UserError, first_line
 from decision_transformer.files import check_zip_checksums, exclusive
 from decision_transformer.paths import project_path
 from decision_transformer.training.losses import masked_action_mse
-from decision_transformer.training.trainer import check_model_env, float32_device
+from decision_transformer.training.trainer import check_data_timesteps, check_model_env, float32_device
 
 FISHER_TYPES = ("batch", "empirical", "gaussian")
 #: The original estimates the Fisher of every parameter whose name contains this.
@@ -236,6 +236,7 @@ def compute_fisher(model, dataset, *, fisher_type: str = "batch", batch_size: in
     device = float32_device(model, "compute_fisher")
     if isinstance(getattr(dataset, "env", None), str):
         check_model_env(model, dataset.env, "compute_fisher", (model_kwargs or {}).get("env"))
+    check_data_timesteps(model, dataset, "compute_fisher")
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     torch.manual_seed(seed)  # dropout masks of the batch estimate

@@ -41,6 +41,7 @@ import torch
 from decision_transformer.checkpoint import (atomic_save, check_finite_state, check_not_inflated,
                                              check_state_dict_tensors, holds_pickled_classes, load_state_into,
                                              make_checkpoint, torch_load_problem)
+from decision_transformer.data import checked_state_stats  # noqa: F401  (also imported from here)
 from decision_transformer.envs import ENVS, check_dataset_name, get_env_spec
 from decision_transformer.errors import UserError, cli_entry, first_line
 from decision_transformer.files import check_zip_checksums
@@ -603,25 +604,6 @@ def check_model_config(mf: ModelFile) -> None:
         (MultiDTConfig if mf.is_multi else DTConfig).from_dict(mc)
     except (ValueError, TypeError, KeyError, ArithmeticError, AttributeError) as e:   # (a backbone that is no dict)
         raise UserError(f"{mf.path}: invalid model_config ({e})") from None
-
-
-def checked_state_stats(mean, std, env: str, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) as float32 vectors of ``env``'s state dim of finite numbers, std positive; else one line that
-    starts with ``where`` (the file and entry they come from)."""
-    dim, out = get_env_spec(env).state_dim, []
-    for key, v in (("state_mean", mean), ("state_std", std)):
-        try:
-            a = np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise UserError(f"{where}stored {key} is a {type(v).__name__}, not numbers") from None
-        if a.shape != (dim,):
-            raise UserError(f"{where}stored {key} has shape {tuple(a.shape)}, {env} states have {dim} dims")
-        if not np.isfinite(a).all():
-            raise UserError(f"{where}stored {key} contains NaN or inf")
-        out.append(a)
-    if (out[1] <= 0).any():
-        raise UserError(f"{where}stored state_std has values <= 0 (down to {out[1].min():.3g})")
-    return out[0], out[1]
 
 
 def stored_state_stats(mf, env: str) -> tuple[np.ndarray, np.ndarray] | None:

@@ -168,8 +168,11 @@ def per_sample_grad_stats(model, batch, *, train_mode: bool = True, seed: int = 
 
 
 def _pairs(cos: torch.Tensor) -> torch.Tensor:
-    """The off-diagonal entries (i ≠ j) of a cosine matrix."""
-    return cos[~torch.eye(cos.shape[0], dtype=torch.bool)]
+    """The off-diagonal entries (i ≠ j) of a cosine matrix (of at least two samples: one has no pair)."""
+    if cos.ndim != 2 or cos.shape[0] != cos.shape[1] or cos.shape[0] < 2:
+        raise ValueError(f"gradient pairs need a square cosine matrix of at least 2 samples, got shape "
+                         f"{tuple(cos.shape)}")
+    return cos[~torch.eye(cos.shape[0], dtype=torch.bool, device=cos.device)]
 
 
 def grad_confusion(cos: torch.Tensor) -> float:

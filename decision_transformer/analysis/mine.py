@@ -77,6 +77,8 @@ def nwj_bound(t_joint: torch.Tensor, t_marg: torch.Tensor) -> torch.Tensor:
 
 def _as_2d(a, device) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a).to(device=device, dtype=torch.float32)
+    if t.ndim == 0 or t.shape[0] == 0:
+        raise UserError(f"MINE takes samples as rows; an array of shape {tuple(t.shape)} holds none")
     return t.reshape(t.shape[0], -1)
 
 

@@ -33,7 +33,7 @@ from decision_transformer.errors import UserError
 from decision_transformer.models import DecisionTransformer, DTConfig
 from decision_transformer.models.multi_decision_transformer import MODEL_CLASS as MULTI_MODEL_CLASS
 from decision_transformer.paths import PROJECT_ROOT, project_path
-from decision_transformer.training.trainer import float32_device
+from decision_transformer.training.trainer import check_timestep_rows, float32_device
 
 
 @dataclass(frozen=True)
@@ -411,8 +411,8 @@ def batch_digest(data) -> str:
 def batch_for(model, batch: Batch, what: str) -> Batch:
     """``batch`` on the device of ``model``'s parameters (tensors elsewhere are copied), after refusing (naming
     ``what``) a model without transformer blocks (a BC model), one that is not float32
-    (:func:`~decision_transformer.training.trainer.float32_device`), or a batch whose state or action size is not the
-    model's (another env's data)."""
+    (:func:`~decision_transformer.training.trainer.float32_device`), a batch whose state or action size is not the
+    model's (another env's data), or one with timesteps beyond the model's table."""
     if not isinstance(getattr(model, "transformer", None), torch.nn.Module):
         raise UserError(f"{what} analyses Decision Transformers; a {type(model).__name__} has no transformer blocks")
     if not isinstance(batch, Batch):
@@ -424,6 +424,8 @@ def batch_for(model, batch: Batch, what: str) -> Batch:
     if all(isinstance(d, int) for d in dims) and dims != have:
         raise UserError(f"{what}: the model's states and actions have {dims[0]} and {dims[1]} dimensions, the "
                         f"batch's {have[0]} and {have[1]} (data of another env?)")
+    if batch.timesteps.numel():
+        check_timestep_rows(model, int(batch.timesteps.max()), what, "the batch")
     device = float32_device(model, what)
     if device is None:
         return batch

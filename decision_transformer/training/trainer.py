@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import numbers
 import time
 import warnings
 
 import numpy as np
 import torch
 
-from decision_transformer.data import TrajectoryDataset
+from decision_transformer.data import TrajectoryDataset, check_batch_shape  # noqa: F401  (also imported from here)
 from decision_transformer.errors import TrainingDiverged, UserError, first_line
 from decision_transformer.training.losses import masked_action_mse
 
@@ -72,6 +71,24 @@ def check_model_env(model, env: str, what: str, selected: str | None = None):
     if all(isinstance(d, int) for d in dims) and dims != (spec.state_dim, spec.act_dim):
         raise UserError(f"{what}: the model's states and actions have {dims[0]} and {dims[1]} dimensions; {env}'s "
                         f"have {spec.state_dim} and {spec.act_dim}")
+
+
+def check_timestep_rows(model, last: int, what: str, source: str):
+    """Refuse a model whose timestep table (``config.max_ep_len`` rows) has no row for timestep ``last``, the
+    largest that ``source`` (the env's episodes, the dataset's windows, a batch) gives it: an ``IndexError`` deep in
+    the embedding otherwise."""
+    rows = getattr(getattr(model, "config", None), "max_ep_len", None)
+    if isinstance(rows, int) and not isinstance(rows, bool) and last >= rows:
+        raise UserError(f"{what}: the model embeds timesteps 0..{rows - 1} (max_ep_len {rows}), but {source} reach "
+                        f"timestep {last}; build it with max_ep_len of at least {last + 1}")
+
+
+def check_data_timesteps(model, dataset, what: str):
+    """``check_timestep_rows`` for the windows of a ``TrajectoryDataset`` (timesteps up to the longest trajectory's
+    last step, clipped to the env's ``max_ep_len - 1`` as the sampler does)."""
+    lens, cap = getattr(dataset, "traj_lens_all", None), getattr(dataset, "max_ep_len", None)
+    if lens is not None and len(lens) and isinstance(cap, int):
+        check_timestep_rows(model, min(int(max(lens)), cap) - 1, what, "the dataset's windows")
 
 
 def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
@@ -150,14 +167,6 @@ def warn_context_mismatch(model, K: int):
                       f"evaluation) is {max_length}", stacklevel=3)
 
 
-def check_batch_shape(batch_size, K):
-    """A trainer's ``batch_size`` and context ``K``: positive integers (a batch of 0 rows gives a NaN loss, which
-    would be reported as a divergence)."""
-    for name, v in (("batch_size", batch_size), ("K", K)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:   # (numpy integers are integers)
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-
 class Trainer:
     """Owns the model, optimiser, schedule and batch generator; ``train_iteration`` runs ``num_steps`` steps."""
 
@@ -182,6 +191,7 @@ class Trainer:
         self.generator = generator
         if isinstance(getattr(dataset, "env", None), str):
             check_model_env(model, dataset.env, "training")
+        check_data_timesteps(model, dataset, "training")
         self.grad_clip = grad_clip
         # optional callable(model, out, batch, step) -> loss, or (loss, {log key: scalar tensor}); each key logs its
         # value at the iteration's last step, as the originals' diagnostics (and ``training/action_error``) do
