@@ -62,7 +62,8 @@ def convert(path: str, data_path: str, force: bool = True) -> str:
                            require_episode=True)
     # what is written is what was checked: float32 arrays, (T,) rewards, next_observations of the env's width
     trajs = validate_trajectories(trajs, spec, path, next_observations=True)
-    out = write_pkl(target, trajs, stand_in=mark)   # random-policy data under D4RL's name: marked as such
+    # random-policy data under D4RL's name: marked as such; without force, a pkl another process wrote meanwhile is kept
+    out = write_pkl(target, trajs, stand_in=mark, replace=force)
     if mark is not None:
         print(f"warning: {path} is a smoke-test stand-in ({mark}); {out} is marked as one", file=sys.stderr)
     returns = np.array([t["rewards"].sum() for t in trajs])
@@ -109,10 +110,11 @@ def synthetic(args):
         for j, dataset in enumerate(args.datasets):
             data = rollout_flat(env, None, seed=args.seed + 1000 * i + j, num_episodes=args.synthetic)
             # marked, so the training scripts never take it from D4RL's cache for the real dataset
+            # (without --force, files another process wrote since the check above are kept)
             path = write_hdf5(os.path.join(args.hdf5_dir, hdf5_name(env, dataset)), data, attrs={
                 SYNTHETIC_ATTR: f"{args.synthetic} uniform-random-policy episodes (download_d4rl_datasets.py "
-                                f"--synthetic)"})
-            convert(str(path), args.data_path)
+                                f"--synthetic)"}, replace=args.force)
+            convert(str(path), args.data_path, force=args.force)
 
 
 @cli_entry

@@ -95,7 +95,7 @@ def main(argv=None):
                                     f"give another --data_path, or pass --force to overwrite")
                 generate_dataset(args.data_path, env, dataset, num_transitions=args.num_transitions, seed=args.seed,
                                  policy_dir=args.policy_dir, write_hdf5=not args.no_hdf5,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, replace=args.force)
 
 
 if __name__ == "__main__":

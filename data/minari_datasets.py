@@ -81,7 +81,7 @@ def main(argv=None):
         trajs = validate_trajectories(trajs, get_env_spec(env), args.dataset_id, next_observations=True)
         keep = ("observations", "next_observations", "actions", "rewards", "terminals")
         mark = minari_stand_in(args.dataset_id, root=args.minari_root)
-        out = write_pkl(target, [{k: t[k] for k in keep} for t in trajs], stand_in=mark)
+        out = write_pkl(target, [{k: t[k] for k in keep} for t in trajs], stand_in=mark, replace=args.force)
         print(f"{out}: {len(trajs)} trajectories, {sum(len(t['rewards']) for t in trajs)} timesteps"
               + (f" (a smoke-test stand-in: {mark}; marked as one)" if mark else ""))
     else:

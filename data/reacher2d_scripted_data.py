@@ -60,7 +60,7 @@ def main(argv=None):
     refuse_folders([target])
     refuse_files_above(args.data_path, "reacher2d_scripted_data.py")
     trajs = scripted_trajectories(args.episodes, noise=tuple(args.noise), seed=args.seed)
-    out = write_pkl(target, trajs)
+    out = write_pkl(target, trajs, replace=args.force)   # (one another process wrote meanwhile is kept)
     returns = np.array([t["rewards"].sum() for t in trajs])
     per = ", ".join(f"noise {s:g}: {returns[j::len(args.noise)].mean():.1f}" for j, s in enumerate(args.noise)
                     if len(returns[j::len(args.noise)]))

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from decision_transformer.errors import UserError, checked_device, deferred_interrupts, first_line, write_problem
-from decision_transformer.files import check_zip_checksums, sync
+from decision_transformer.files import check_zip_checksums, place, sync
 
 FORMAT_VERSION = 1
 DEFAULT_K = 20
@@ -196,8 +196,9 @@ def set_aside_previous_run(run_dir: str | os.PathLike) -> Path | None:
 
 # ---- saving -----------------------------------------------------------------------------------------------------
 
-def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+def atomic_save(obj, path: str | os.PathLike, replace: bool = True) -> Path:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written checkpoint. ``replace``
+    False: written only where no file of that name is (``files.place``)."""
     path = Path(path)
     # per process, and random: runs writing one cache never collide, also across the hosts of a shared file system
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -207,7 +208,7 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(obj, tmp)
         sync(tmp)
-        os.replace(tmp, path)
+        place(tmp, path, replace)
     except (RuntimeError, OSError) as e:  # torch reports an unwritable or full disk as a RuntimeError
         problem = write_problem(path, e)  # (before the partial file goes: a full disk is still full)
         _remove(tmp)

@@ -29,10 +29,41 @@ def refuse_files_above(path, what: str) -> None:
             raise UserError(f"{what} writes to {path}/, but {p} is a file")
 
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
+class WrittenMeanwhile(UserError):
+    """A file written only where none is (``replace=False``) was written by another process while this one was being
+    made: kept, and this one is not written."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        super().__init__(f"{path} was written by another process meanwhile; it is kept and this one is not written "
+                         f"(--force replaces it)")
+
+
+def place(tmp: str | os.PathLike, path: str | os.PathLike, replace: bool = True):
+    """Rename the complete file ``tmp`` to ``path``. ``replace`` False: only where ``path`` is not (yet), decided
+    atomically by a hard link (another process's file of that name, written since the caller's own check, is never
+    replaced: ``WrittenMeanwhile``); on a file system without hard links, checked just before the rename."""
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise WrittenMeanwhile(path) from None
+    except OSError:   # no hard links here (some network and FUSE file systems)
+        if os.path.lexists(path):
+            raise WrittenMeanwhile(path) from None
+        os.replace(tmp, path)
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+
+
+def atomic_write(path: str | os.PathLike, write, replace: bool = True) -> Path:
     """``write(tmp)`` into a new temporary file beside ``path``, then rename it to ``path``: an existing file is
     replaced only by a complete one, and a failed write leaves no temporary file behind. A file that cannot be written
-    (a folder in its place, a full disk, no permission) is a one-line ``UserError`` naming it."""
+    (a folder in its place, a full disk, no permission) is a one-line ``UserError`` naming it. ``replace`` False:
+    written only where no file of that name is (``place``)."""
     path = Path(path)
     tmp = None
     try:
@@ -48,7 +79,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
                 continue
         write(tmp)
         sync(tmp)
-        os.replace(tmp, path)
+        place(tmp, path, replace)
         tmp = None
     except OSError as e:
         raise UserError(f"cannot write {path}: {write_problem(path, e)}") from None

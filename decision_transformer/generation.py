@@ -37,7 +37,7 @@ from decision_transformer.envs import (
     make_env,
 )
 from decision_transformer.errors import UserError
-from decision_transformer.files import exclusive
+from decision_transformer.files import WrittenMeanwhile, exclusive
 
 #: Where the bundled behaviour policies live: ``policies/{env}/{medium,expert}.pt`` and ``policies/{env}/replay/``.
 BUNDLED_POLICY_DIR = Path(__file__).resolve().parent / "policies"
@@ -401,8 +401,10 @@ def _generate_flat(env, dataset, n, num_transitions, seed, policy_dir, progress)
     return data, meta
 
 
-def write_d4rl_hdf5(path: str | os.PathLike, data: dict[str, np.ndarray], metadata: dict | None = None) -> Path:
-    """Atomically write flat arrays (keys with '/' become groups) and ``metadata/*`` scalars."""
+def write_d4rl_hdf5(path: str | os.PathLike, data: dict[str, np.ndarray], metadata: dict | None = None,
+                    replace: bool = True) -> Path:
+    """Atomically write flat arrays (keys with '/' become groups) and ``metadata/*`` scalars (``replace`` False:
+    only where no file of that name is)."""
     import h5py
 
     from decision_transformer.files import atomic_write
@@ -415,7 +417,7 @@ def write_d4rl_hdf5(path: str | os.PathLike, data: dict[str, np.ndarray], metada
             for k, v in (metadata or {}).items():
                 f.create_dataset(f"metadata/{k}", data=v)
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, replace)
 
 
 def dataset_stats(env: str, dataset: str, trajs: list[dict]) -> dict:
@@ -444,9 +446,10 @@ def format_stats(s: dict) -> str:
 
 def generate_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, num_transitions: int | None = None,
                      seed: int = 0, policy_dir: str | os.PathLike | None = None, write_hdf5: bool = True,
-                     progress: bool = True, log=print) -> dict:
+                     progress: bool = True, log=print, replace: bool = True) -> dict:
     """Generate one dataset into ``data_path`` (``{env}-{dataset}-v2.pkl``, optionally D4RL's hdf5 and a
-    ``.stats.json``); returns its stats (with ``seconds`` and file paths)."""
+    ``.stats.json``); returns its stats (with ``seconds`` and file paths). ``replace`` False: a pkl or hdf5 that
+    another process wrote while this one was generated is kept (``files.WrittenMeanwhile``)."""
     from decision_transformer.files import atomic_write
     from decision_transformer.synthetic import write_pkl
 
@@ -461,8 +464,8 @@ def generate_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, nu
                         f"larger --num_transitions")
     out = {}
     if write_hdf5:
-        out["hdf5"] = str(write_d4rl_hdf5(data_path / hdf5_name(env, dataset), data, meta))
-    out["pkl"] = str(write_pkl(data_path / pkl_name(env, dataset), trajs))
+        out["hdf5"] = str(write_d4rl_hdf5(data_path / hdf5_name(env, dataset), data, meta, replace))
+    out["pkl"] = str(write_pkl(data_path / pkl_name(env, dataset), trajs, replace=replace))
     stats = dataset_stats(env, dataset, trajs)
     stats.update(seconds=round(time.perf_counter() - t0, 1), policy=meta["policy"], seed=seed, files=out)
     stats_path = data_path / f"{env}-{dataset}-v2.stats.json"
@@ -516,8 +519,11 @@ def ensure_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, gene
         source = "a randomly initialised SAC actor" if dataset == "random" else "the bundled behaviour policies"
         log(f"{target} not found: generating {env}-{dataset} from {source} (a few minutes; pass --no_generate to "
             f"turn this off)")
-        generate_dataset(data_path, env, dataset, num_transitions=num_transitions, seed=seed, policy_dir=policy_dir,
-                         write_hdf5=False, log=log)
+        try:
+            generate_dataset(data_path, env, dataset, num_transitions=num_transitions, seed=seed,
+                             policy_dir=policy_dir, write_hdf5=False, log=log, replace=False)
+        except WrittenMeanwhile:   # (a conversion, say, that takes no part in this lock)
+            log(f"{target} was written by another process while this one was generated: using that file")
     return target
 
 

@@ -260,7 +260,7 @@ def run_merge(args) -> Path:
     config = {**first.config, "merge_info": info}
     extra = {k: first.raw[k] for k in ("state_mean", "state_std", "state_stats") if k in first.raw}
     out = atomic_save(make_checkpoint({k: v.cpu() for k, v in state.items()}, config, specializations=specs,
-                                      **extra), args.out)
+                                      **extra), args.out, replace=args.force)   # (not one written meanwhile)
     print(f"{out}: merged checkpoint ({merge_words(method, len(sources), args.p)})", file=sys.stderr)
     return out
 

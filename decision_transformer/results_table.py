@@ -100,12 +100,20 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def stopped_early(config: dict | None, last_iteration: int | None) -> str | None:
+def stopped_early(config: dict | None, last_iteration: int | None, run_dir: str | Path | None = None) -> str | None:
     """``stopped at iteration {last} of {max_iters}`` for a run whose last logged iteration is below the ``max_iters``
-    its config records (unfinished, or killed); None for a finished run and one without a config or ``max_iters``."""
+    its config records (unfinished, or killed); ``still being trained ...`` where a process holds the run folder's
+    lock (``run_dir``: a table read while it trains); None for a finished run and one without a config or
+    ``max_iters``."""
     n = config.get("max_iters") if isinstance(config, dict) else None
     if not _is_int(n) or last_iteration is None or last_iteration >= n:
         return None
+    if run_dir is not None:
+        from decision_transformer.sweep import _lock_holder, folder_lock_path
+
+        holder = _lock_holder(folder_lock_path(Path(run_dir)))
+        if holder is not None:
+            return f"still being trained, at iteration {last_iteration} of {n} ({holder})"
     return f"stopped at iteration {last_iteration} of {n}"
 
 
@@ -377,7 +385,7 @@ def read_run(run_dir: str, pick: str = "best") -> RunScores:
     for r in rows:   # every score checked, not only the one picked
         _score_keys(r, envs, version, where(r), targets)
     logged = [_iteration(r) for r in rows if _iteration(r) >= 0]
-    out.incomplete = stopped_early(config, max(logged, default=0))
+    out.incomplete = stopped_early(config, max(logged, default=0), d)
     # the evaluated rows: a score key, also a null one (a diverged evaluation is the run's last, not skipped)
     rows = [r for r in rows if _evaluated_envs(r, envs, version, targets)]
     trained = [r for r in rows if r.get("iteration") != 0]

@@ -12,7 +12,7 @@ import numpy as np
 
 from decision_transformer.envs import DEFAULT_ENV_VERSION, check_dataset_name, get_env_spec, make_env
 from decision_transformer.errors import UserError
-from decision_transformer.files import atomic_write  # noqa: F401  (the writers below, and their importers)
+from decision_transformer.files import WrittenMeanwhile, atomic_write  # noqa: F401  (the writers below, and their importers)
 
 
 def rollout_flat(env: str, num_transitions: int | None, seed: int = 0, policy=None, max_ep_len: int | None = None,
@@ -57,9 +57,10 @@ def rollout_flat(env: str, num_transitions: int | None, seed: int = 0, policy=No
 SYNTHETIC_ATTR = "dt_toolkit_synthetic"
 
 
-def write_hdf5(path: str | os.PathLike, data: dict[str, np.ndarray], attrs: dict | None = None) -> Path:
+def write_hdf5(path: str | os.PathLike, data: dict[str, np.ndarray], attrs: dict | None = None,
+               replace: bool = True) -> Path:
     """Flat arrays (keys with '/' become groups) as an hdf5 file, written whole and then renamed into place; ``attrs``
-    become the file's root attributes."""
+    become the file's root attributes. ``replace`` False: only where no file of that name is (``files.place``)."""
     import h5py
 
     def write(tmp):
@@ -69,14 +70,16 @@ def write_hdf5(path: str | os.PathLike, data: dict[str, np.ndarray], attrs: dict
                 f.create_dataset(k, data=v)
             f.attrs.update(attrs or {})
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, replace)
 
 
-def write_pkl(path: str | os.PathLike, trajectories: list[dict[str, np.ndarray]], stand_in: str | None = None) -> Path:
+def write_pkl(path: str | os.PathLike, trajectories: list[dict[str, np.ndarray]], stand_in: str | None = None,
+              replace: bool = True) -> Path:
     """The DT pickle, written whole and then renamed into place. ``stand_in`` (what the data is, for random-policy
     data under D4RL's name): its mark file is written *before* the pickle takes the name, so that no interruption
     leaves such data unmarked (the training scripts warn on a marked file). Otherwise a mark left by an earlier
-    pickle of that name goes once the new one is in place."""
+    pickle of that name goes once the new one is in place. ``replace`` False: written only where no pickle of that
+    name is, also one another process wrote since the caller's check (``files.WrittenMeanwhile``)."""
     from decision_transformer.data import stand_in_mark_path
 
     def write(tmp):
@@ -86,13 +89,15 @@ def write_pkl(path: str | os.PathLike, trajectories: list[dict[str, np.ndarray]]
 
     mark = stand_in_mark_path(path)
     if stand_in is None:
-        out = atomic_write(path, write)
+        out = atomic_write(path, write, replace)
         mark.unlink(missing_ok=True)
         return out
+    if not replace and os.path.lexists(path):   # (no mark for another process's file)
+        raise WrittenMeanwhile(path)
     new_mark = not mark.exists()
     atomic_write(mark, lambda tmp: Path(tmp).write_text(stand_in + "\n"))
     try:
-        return atomic_write(path, write)
+        return atomic_write(path, write, replace)
     except BaseException:   # the pickle was not replaced: a mark made for it alone goes again
         if new_mark:
             mark.unlink(missing_ok=True)
@@ -110,9 +115,12 @@ def make_dataset(data_path: str | os.PathLike, env: str, dataset: str, num_trans
     get_env_spec(env)
     check_dataset_name(dataset)
     path = Path(data_path) / pkl_name(env, dataset)
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} exists; make_dataset keeps it (pass overwrite=True to replace it with "
-                        f"random-policy data)")
+    keep = (f"{path} exists; make_dataset keeps it (pass overwrite=True to replace it with random-policy data)")
+    if os.path.lexists(path) and not overwrite:
+        raise UserError(keep)
     trajs = split_episodes(rollout_flat(env, num_transitions, seed, max_ep_len=max_ep_len),
                            source=f"{num_transitions} random-policy steps of {env}", require_episode=True)
-    return write_pkl(path, trajs)
+    try:
+        return write_pkl(path, trajs, replace=overwrite)
+    except WrittenMeanwhile:   # (another process wrote it since the check above)
+        raise UserError(keep) from None

@@ -195,7 +195,7 @@ def run(args) -> common.Outputs:
                     continue
                 config = run_config(key.path(args.checkpoint_dir))
                 last_it = last_logged_iteration(rows)
-                stopped = stopped_early(config, last_it)
+                stopped = stopped_early(config, last_it, key.path(args.checkpoint_dir))
                 if stopped:
                     common.warn(f"{key.dir_name}: {stopped}; its cell is marked {INCOMPLETE_MARK}")
                 nan_at = [int(i) for i, v in zip(it, val) if math.isnan(v)]

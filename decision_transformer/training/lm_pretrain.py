@@ -8,6 +8,7 @@ is trained on the same text first.
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
@@ -118,10 +119,11 @@ def check_out_dir(out_dir: str | Path, text: str | Path, overwrite: bool) -> Pat
     return out
 
 
-def save_model_dir(out: Path, model, tokenizer):
+def save_model_dir(out: Path, model, tokenizer, replace: bool = True):
     """Write model and tokenizer to a new temporary folder beside ``out``, then move it into place; an existing
     ``out`` is replaced only once the new folder is complete. Nothing but ``out`` and the tool's own temporary
-    folders is removed."""
+    folders is removed. ``replace`` False: an ``out`` that is no empty folder (another process saved there since the
+    caller's check) is kept, and the new folder goes to ``{out}.new-{pid}`` beside it (a ``UserError`` says so)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     old = None
@@ -131,6 +133,17 @@ def save_model_dir(out: Path, model, tokenizer):
         tmp.chmod(0o777 & ~umask)  # the permissions of a folder made the ordinary way (mkdtemp makes it 0700)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if not replace:
+            try:
+                tmp.rename(out)   # (replaces an empty folder only: atomic, also against another process)
+                return
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise
+            aside = out.with_name(f"{out.name}.new-{os.getpid()}")
+            tmp.rename(aside)
+            raise UserError(f"{out} was written by another process meanwhile; it is kept, and this model is saved to "
+                            f"{aside} instead (--overwrite replaces it)")
         if out.exists():  # --overwrite: set the old folder aside until the new one is in place
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
             out.rename(old / out.name)
@@ -206,7 +219,7 @@ def pretrain_chibit(text: str | Path, out_dir: str | Path, *, tokenizer_dir: str
                                        f"--lr?)")
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise TrainingDiverged("the weights became NaN or inf; nothing was saved (a smaller --lr?)")
-    save_model_dir(out, model.cpu(), tokenizer)
+    save_model_dir(out, model.cpu(), tokenizer, replace=overwrite)
     print(f"saved ChibiT-style GPT-2 ({n_layer} layers, hidden {n_embd}, {n_head} heads, vocab {vocab}) to {out_dir}",
           file=sys.stderr)
     return {"first_loss": first, "last_loss": last, "vocab_size": vocab, "tokens": len(ids),
