@@ -353,14 +353,18 @@ def test_a_stand_ins_pickle_is_never_in_place_without_its_mark(tmp_path, monkeyp
     script.main(["--synthetic", "2", "--envs", "hopper", "--datasets", "medium", "--hdf5_dir", str(h5.parent),
                  "--data_path", str(tmp_path / "first")])
     pkl, mark = tmp_path / "data" / "hopper-medium-v2.pkl", tmp_path / "data" / "hopper-medium-v2.synthetic"
-    replace, seen = os.replace, []
+    seen = []
 
-    def watch(src, dst):
-        if Path(dst) == pkl:
-            seen.append(mark.is_file())
-        return replace(src, dst)
+    def watch(put):
+        """``put`` (os.replace, or os.link: a file written only where none is), noting whether the mark is there."""
+        def watched(src, dst):
+            if Path(dst) == pkl:
+                seen.append(mark.is_file())
+            return put(src, dst)
+        return watched
 
-    monkeypatch.setattr(os, "replace", watch)
+    monkeypatch.setattr(os, "replace", watch(os.replace))
+    monkeypatch.setattr(os, "link", watch(os.link))
     script.main(["--hdf5", str(h5), "--data_path", str(pkl.parent)])
     assert seen == [True] and mark.is_file()
     # an interrupted stand-in write over a real pickle: the real one stays, unmarked
