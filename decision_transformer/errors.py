@@ -118,6 +118,8 @@ def _argparse_error(parser, message):
 
 
 _STARTUP_HANDLERS: dict = {}   # signal -> the handler quiet_startup replaced, until cli_entry puts it back
+_SCRIPT = False   # quiet_startup was called by a script run as __main__ (not by a test that loads it)
+_DEPTH = 0        # cli_entry mains running (one calls another: run_all's analyses)
 
 
 def quiet_startup(name: str):
@@ -128,8 +130,10 @@ def quiet_startup(name: str):
     import signal
     import threading
 
+    global _SCRIPT
     if name != "__main__" or threading.current_thread() is not threading.main_thread():
         return
+    _SCRIPT = True
 
     def stop(signum, frame):
         """End the script before anything was written: one line, exit 130."""
@@ -161,7 +165,9 @@ def cli_entry(main):
     def wrapper(argv=None):
         """Run ``main(argv)``; a user error, an OS error, Ctrl-C or SIGTERM, or running out of memory is one
         ``error:`` line and a non-zero exit instead of a traceback."""
+        global _DEPTH
         _end_quiet_startup()
+        _DEPTH += 1
         before = argparse.ArgumentParser.error
         argparse.ArgumentParser.error = _argparse_error  # one line instead of the usage block
         term = _stop_on_sigterm()
@@ -203,8 +209,36 @@ def cli_entry(main):
         finally:
             argparse.ArgumentParser.error = before
             _restore_sigterm(term)
+            _DEPTH -= 1
+            ending = sys.exc_info()[1]
+            if _SCRIPT and _DEPTH == 0 and (ending is None or isinstance(ending, SystemExit)):
+                _quiet_ending(ending)   # (a crash's traceback is still to be printed: not cut short)
 
     return wrapper
+
+
+def _quiet_ending(exc: BaseException | None):
+    """A script's main has ended, its files written and closed: a Ctrl-C or SIGTERM during the interpreter's teardown
+    (a second or so with torch loaded, atexit callbacks included) ends the process at once with the status it was
+    about to exit with, instead of a silent 143 or a KeyboardInterrupt traceback from torch's atexit callback."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    code = exc.code if isinstance(exc, SystemExit) else 0
+    code = 0 if code is None else code if isinstance(code, int) else 1
+
+    def end(signum, frame):
+        """Exit now with the script's status."""
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL):   # (others' handlers are kept)
+            signal.signal(sig, end)
 
 
 def _stop_on_sigterm():

@@ -9,7 +9,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from decision_transformer.errors import UserError, write_problem
+from decision_transformer.errors import UserError, deferred_interrupts, write_problem
 
 
 def refuse_folders(paths) -> None:
@@ -73,8 +73,9 @@ def atomic_write(path: str | os.PathLike, write, replace: bool = True) -> Path:
         while tmp is None:  # a name of its own (O_EXCL), with the permissions of a plain open(), not mkstemp's 0600
             name = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
             try:
-                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-                tmp = name
+                with deferred_interrupts():   # (made and known as ours at once: an interrupt between left it behind)
+                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                    tmp = name
             except FileExistsError:
                 continue
         write(tmp)

@@ -29,7 +29,7 @@ from decision_transformer.checkpoint import (WORKING_DIR, atomic_save, check_sam
                                              make_checkpoint, new_exp_id, weights_digest)
 from decision_transformer.cli import THREADS_HELP, HelpFormatter, add_fast_path_flags, add_optim_flags
 from decision_transformer.envs import DEFAULT_ENV_VERSION, SUPPORTED_ENV_VERSIONS, get_env_spec
-from decision_transformer.errors import UserError
+from decision_transformer.errors import UserError, deferred_interrupts
 from decision_transformer.legacy_import import (ModelFile, build_model, checked_state_stats, load_model_file,
                                                  stored_state_stats)
 from decision_transformer.runlog import RunLogger, progress
@@ -815,12 +815,13 @@ def _run_multi(args, take_lock) -> dict:
             improved = score is not None and score > best_score
             if improved:
                 best_score = score
-            if args.save_model and improved and args.save_mode in ("best", "both"):
-                save(chosen_state or model.state_dict(), models_dir / f"dt_{exp_prefix}_best.pt", it)
-            if run_dir is not None and trainer is not None:  # for --resume
-                save_train_state(run_dir / TRAIN_STATE, model, config, trainer, optimizer, scheduler, generator,
-                                 iteration=it, best_score=best_score, exp_id=exp_id, elapsed=time.time() - t0,
-                                 **data_record())
+            with deferred_interrupts():   # (written together, as experiment.py's)
+                if args.save_model and improved and args.save_mode in ("best", "both"):
+                    save(chosen_state or model.state_dict(), models_dir / f"dt_{exp_prefix}_best.pt", it)
+                if run_dir is not None and trainer is not None:  # for --resume
+                    save_train_state(run_dir / TRAIN_STATE, model, config, trainer, optimizer, scheduler, generator,
+                                     iteration=it, best_score=best_score, exp_id=exp_id, elapsed=time.time() - t0,
+                                     **data_record())
         last = models_dir / f"dt_{exp_prefix}.pt"
         if args.save_model and args.save_mode in ("last", "both") and resume_dir is not None \
                 and start_iter >= args.max_iters and last.is_file():   # (as experiment.py; written whole)

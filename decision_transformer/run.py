@@ -25,7 +25,7 @@ from decision_transformer.checkpoint import (atomic_save, check_same_behaviour, 
 from decision_transformer.cli import check_context, check_seed, check_upper_bounds
 from decision_transformer.data import TrajectoryDataset, load_dataset
 from decision_transformer.envs import check_dataset_name, get_env_spec
-from decision_transformer.errors import TrainingDiverged, UserError
+from decision_transformer.errors import TrainingDiverged, UserError, deferred_interrupts
 from decision_transformer.evaluation import env_pool, evaluate_episodes
 from decision_transformer.files import refuse_files_above, refuse_folders
 from decision_transformer.runlog import RunLogger, check_wandb_mode, progress, summary_line
@@ -861,19 +861,23 @@ def _run_locked(args, script: str, take_lock) -> dict:
             improved = best_key in logs and logs[best_key] > best_score
             if improved:
                 best_score = logs[best_key]
-            if run_dir is not None:
-                atomic_save(make_checkpoint(model.state_dict(), config, iteration=it, **ckpt_extra),
-                            run_dir / f"model_{it}.pt")
-            # the best model before the training state that records its score: a run stopped between the two
-            # redoes this iteration on resume instead of never writing the model
-            if args.save_model and improved and args.save_mode in ("best", "both"):
-                path = atomic_save(make_checkpoint(model.state_dict(), config, iteration=it, specializations=[args.env],
-                                                   **ckpt_extra), models_dir / f"{args.model_type}_{exp_prefix}_best.pt")
-                print(f"saved {path} (best so far, iteration {it})", file=sys.stderr)
-            if run_dir is not None:
-                save_train_state(run_dir / TRAIN_STATE, model, config, trainer, optimizer, scheduler, generator,
-                                 iteration=it, best_score=best_score, exp_id=exp_id, elapsed=time.time() - t0,
-                                 **ckpt_extra, **state_extra)
+            # the iteration's files are written together: a Ctrl-C or SIGTERM meanwhile stops the run right after
+            # them (one between the first best model and the first training state left a model no --resume finds)
+            with deferred_interrupts():
+                if run_dir is not None:
+                    atomic_save(make_checkpoint(model.state_dict(), config, iteration=it, **ckpt_extra),
+                                run_dir / f"model_{it}.pt")
+                # the best model before the training state that records its score: a run stopped between the two
+                # (SIGKILL) redoes this iteration on resume instead of never writing the model
+                if args.save_model and improved and args.save_mode in ("best", "both"):
+                    path = atomic_save(make_checkpoint(model.state_dict(), config, iteration=it,
+                                                       specializations=[args.env], **ckpt_extra),
+                                       models_dir / f"{args.model_type}_{exp_prefix}_best.pt")
+                    print(f"saved {path} (best so far, iteration {it})", file=sys.stderr)
+                if run_dir is not None:
+                    save_train_state(run_dir / TRAIN_STATE, model, config, trainer, optimizer, scheduler, generator,
+                                     iteration=it, best_score=best_score, exp_id=exp_id, elapsed=time.time() - t0,
+                                     **ckpt_extra, **state_extra)
         last = models_dir / f"{args.model_type}_{exp_prefix}.pt"
         if args.save_model and args.save_mode in ("last", "both") and st_path is not None \
                 and start_iter >= args.max_iters and last.is_file():   # (written whole: atomic_save)

@@ -879,6 +879,29 @@ def test_a_recorded_stand_in_dataset_is_said(tmp_path, capsys):
     assert list((tmp_path / "out").rglob("*.csv")), "the analyses did not run on the recorded file"
 
 
+def test_an_interrupt_while_a_figure_is_saved_stops_the_report(runs, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while matplotlib wrote a PDF surfaced as a zlib.error raised during the interrupt: run_all counted the
+    analysis as failed, went on with the next and exited 2. Now it stops at once: error: interrupted, exit 130."""
+    import zlib
+
+    from decision_transformer.analysis import report
+
+    def interrupted_figure(plan, args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise zlib.error("Error -2 while flushing: inconsistent stream state")
+
+    monkeypatch.setattr(report, "step_cka", interrupted_figure)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        load_script(SCRIPTS["all"]).main([str(a) for a in ["--checkpoint_dir", runs, "--out_dir", tmp_path / "out",
+                                                           "--only", "cka", "grads", "--batch_size", "4", "--K", "3"]])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.rstrip().endswith("error: interrupted"), err
+    assert "== grads" not in err and "Traceback" not in err
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_run_all_warns_of_the_cpu_fallback_once(runs, tmp_path, capsys, monkeypatch):
     """run_all --device cuda without CUDA: each analysis resolved the device and warned again (14 lines for a

@@ -501,6 +501,36 @@ def test_resume_after_a_failed_fresh_start_points_at_the_set_aside_run(tmp_path,
                         f"{run_dir(tmp_path).relative_to(tmp_path)} to resume it")
 
 
+def test_an_interrupt_while_an_iterations_files_are_written_stops_after_all_of_them(tmp_path, monkeypatch, capsys,
+                                                                                     hopper_data):
+    """Ctrl-C between the first best model and the first training state left models/ a best model of a run that
+    --resume could not find (no training state), and the rerun drew another id. The iteration's files are now written
+    together: the run stops right after them, and --resume continues it under its own id."""
+    import signal
+
+    from decision_transformer import run as run_mod
+
+    real_save = run_mod.atomic_save
+
+    def save_then_interrupted(obj, path, *a, **k):
+        out = real_save(obj, path, *a, **k)
+        if str(path).endswith("_best.pt"):
+            signal.raise_signal(signal.SIGINT)   # (Ctrl-C just after the best model is written)
+        return out
+
+    monkeypatch.setattr(run_mod, "atomic_save", save_then_interrupted)
+    monkeypatch.chdir(tmp_path)
+    base = ["--data_path", str(hopper_data), *TINY, "--num_steps_per_iter", "2", "--num_eval_episodes", "1",
+            "--save_model", "--save_mode", "best"]
+    expect_error(capsys, [*base, "--max_iters", "1"], code=130)
+    assert (run_dir(tmp_path) / "train_state.pt").is_file()
+    (best,) = (tmp_path / "models" / "hopper").iterdir()
+    monkeypatch.setattr(run_mod, "atomic_save", real_save)
+    experiment.main([*base, "--max_iters", "2", "--resume"])
+    assert [p.name for p in (tmp_path / "models" / "hopper").iterdir()] == [best.name]
+    assert (run_dir(tmp_path) / "model_2.pt").is_file()
+
+
 def test_max_iters_0_writes_the_initial_model_and_says_so(tmp_path, monkeypatch, capsys, hopper_data):
     run(tmp_path, monkeypatch, hopper_data, "--max_iters", "0")
     assert f"--max_iters 0: no iteration trained or evaluated; {Path('checkpoints') / run_dir(tmp_path).name}" \

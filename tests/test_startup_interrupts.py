@@ -61,6 +61,45 @@ def test_inside_main_a_signal_runs_the_finally_blocks_again(sig):
     assert (out.returncode, out.stdout, out.stderr) == (130, "cleaned up\n", "error: interrupted\n")
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("ending", ["done", "refused"])
+def test_a_signal_during_the_teardown_after_main_ends_it_quietly_with_mains_status(sig, ending):
+    """After main returns, the interpreter's teardown (torch's atexit callbacks: a second or so) ran with the default
+    handlers again: SIGTERM killed a finished script with a silent 143, Ctrl-C gave a KeyboardInterrupt traceback
+    from the atexit callback. Now the process ends at once with the status main gave it."""
+    out = _python(STARTED +
+                  "import atexit\n"
+                  "from decision_transformer.errors import UserError\n"
+                  "@cli_entry\n"
+                  "def main(argv=None):\n"
+                  "    atexit.register(lambda: (os.kill(os.getpid(), THE_SIGNAL), time.sleep(5),\n"
+                  "                             print('teardown went on', flush=True)))\n"
+                  f"    if {ending!r} == 'refused':\n"
+                  "        raise UserError('bad value')\n"
+                  "    print('done', flush=True)\n"
+                  "main()\n", sig)
+    if ending == "done":
+        assert (out.returncode, out.stdout, out.stderr) == (0, "done\n", "")
+    else:
+        assert (out.returncode, out.stdout, out.stderr) == (2, "", "error: bad value\n")
+
+
+def test_a_crash_after_main_keeps_its_traceback_and_nested_mains_leave_the_handlers_alone():
+    out = _python(STARTED +
+                  "import signal\n"
+                  "@cli_entry\n"
+                  "def inner(argv=None):\n"
+                  "    pass\n"
+                  "@cli_entry\n"
+                  "def main(argv=None):\n"
+                  "    inner()\n"
+                  "    print(signal.getsignal(signal.SIGINT) is signal.default_int_handler, flush=True)\n"
+                  "    raise ZeroDivisionError('boom')\n"
+                  "main()\n", signal.SIGINT)
+    assert out.stdout == "True\n" and out.returncode == 1
+    assert "ZeroDivisionError: boom" in out.stderr and "Traceback" in out.stderr
+
+
 def test_only_a_script_run_as_main_changes_the_handlers():
     out = _python("import signal\n"
                   "from decision_transformer.errors import quiet_startup\n"

@@ -153,3 +153,23 @@ def test_a_report_names_a_run_that_is_still_being_trained(tmp_path):
     assert said.startswith(f"still being trained, at iteration 4 of 40 (another process (pid {os.getpid()}"), said
     assert stopped_early({"max_iters": 40}, 40, run) is None
     assert stopped_early({"max_iters": 40}, 4, run) == "stopped at iteration 4 of 40"
+
+
+def test_an_interrupt_right_after_the_temporary_file_is_made_leaves_none(tmp_path, monkeypatch):
+    """The temporary file was created, then recorded as the write's own: an interrupt between the two left an empty
+    .tmp file beside the target (seen beside a dataset's .stats.json)."""
+    import signal
+
+    real_open = os.open
+
+    def open_then_interrupted(path, *a, **k):
+        fd = real_open(path, *a, **k)
+        if str(path).endswith(".tmp"):
+            signal.raise_signal(signal.SIGINT)   # (Ctrl-C just after the file exists)
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "x.stats.json", lambda tmp: Path(tmp).write_text("{}"))
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []

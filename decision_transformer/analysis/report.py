@@ -28,7 +28,7 @@ from decision_transformer.analysis import (
 )
 from decision_transformer.analysis.runs import RunKey, checkpoint_epochs, discover_runs
 from decision_transformer.envs import get_env_spec
-from decision_transformer.errors import UserError
+from decision_transformer.errors import UserError, interrupted_by
 from decision_transformer.paths import project_path
 
 STEPS = ("scores", "curves", "cka", "mi", "params", "grads", "attention")
@@ -467,7 +467,12 @@ def run(args) -> Path:
             continue
         print(f"== {step}", file=sys.stderr)
         try:
-            results[step] = globals()[f"step_{step}"](plan, args)
+            try:
+                results[step] = globals()[f"step_{step}"](plan, args)
+            except Exception as e:   # an error raised while an interrupt was handled (a figure's file being
+                if interrupted_by(e, context=True):   # closed): the interrupt, which stops the whole report
+                    raise KeyboardInterrupt from e
+                raise
         except UserError as e:
             failures[step] = str(e)
             print(f"error in {step}: {e}", file=sys.stderr)
