@@ -134,6 +134,9 @@ def quiet_startup(name: str):
     if name != "__main__" or threading.current_thread() is not threading.main_thread():
         return
     _SCRIPT = True
+    import atexit
+
+    atexit.register(_ignore_late_signals)   # (registered first: the last to run)
 
     def stop(signum, frame):
         """End the script before anything was written: one line, exit 130."""
@@ -171,13 +174,15 @@ def cli_entry(main):
         before = argparse.ArgumentParser.error
         argparse.ArgumentParser.error = _argparse_error  # one line instead of the usage block
         term = _stop_on_sigterm()
+        result = None   # (a main that returns its exit status: the benchmarks' checks)
         try:
             with warnings.catch_warnings():
                 # torch warns before it fails on a file that is not one of its own (a plain pickle); the error line
                 # that follows names the file and says why
                 warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
                 try:
-                    return main(argv)
+                    result = main(argv)
+                    return result
                 except (KeyboardInterrupt, SystemExit, UserError):   # (a UserError says what it means)
                     raise
                 except BaseException as e:  # another error made from an interrupt is the interrupt (exit 130)
@@ -212,22 +217,39 @@ def cli_entry(main):
             _DEPTH -= 1
             ending = sys.exc_info()[1]
             if _SCRIPT and _DEPTH == 0 and (ending is None or isinstance(ending, SystemExit)):
-                _quiet_ending(ending)   # (a crash's traceback is still to be printed: not cut short)
+                # (not after a crash, whose traceback is still to be printed)
+                _quiet_ending(ending if ending is not None else
+                              SystemExit(result if isinstance(result, int) and not isinstance(result, bool) else None))
 
     return wrapper
 
 
-def _quiet_ending(exc: BaseException | None):
+def _ignore_late_signals():
+    """The last atexit callback of a script whose main has ended: from here the interpreter tears its modules down
+    (most of a second with torch loaded), with Python's handlers reset to the defaults (SIGTERM: a silent exit 143);
+    ignored signals stay ignored, and the process ends with its status moments later."""
+    import signal
+
+    if _ENDING:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is _ENDING[0]:
+                signal.signal(sig, signal.SIG_IGN)
+
+
+_ENDING: list = []   # the handler _quiet_ending installed, once it has
+
+
+def _quiet_ending(exc: SystemExit):
     """A script's main has ended, its files written and closed: a Ctrl-C or SIGTERM during the interpreter's teardown
     (a second or so with torch loaded, atexit callbacks included) ends the process at once with the status it was
-    about to exit with, instead of a silent 143 or a KeyboardInterrupt traceback from torch's atexit callback."""
+    about to exit with, instead of a silent 143 or a KeyboardInterrupt traceback from torch's atexit callback (after
+    the atexit callbacks, ``_ignore_late_signals``)."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return
-    code = exc.code if isinstance(exc, SystemExit) else 0
-    code = 0 if code is None else code if isinstance(code, int) else 1
+    code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
 
     def end(signum, frame):
         """Exit now with the script's status."""
@@ -239,6 +261,7 @@ def _quiet_ending(exc: BaseException | None):
     for sig in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL):   # (others' handlers are kept)
             signal.signal(sig, end)
+    _ENDING[:] = [end]
 
 
 def _stop_on_sigterm():
