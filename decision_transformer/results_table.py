@@ -395,7 +395,7 @@ def read_run(run_dir: str, pick: str = "best") -> RunScores:
                             f"read it with @0")
         raise UserError(f"{d}: no evaluation in metrics.jsonl")
     if out.incomplete:
-        warn(f"{d}: {out.incomplete} (its config.json's max_iters); its scores are marked {INCOMPLETE_MARK}")
+        warn(f"{d}: {out.incomplete}; its scores are marked {INCOMPLETE_MARK} (max_iters: its config.json's)")
     if pick == "last":   # the highest iteration (rows out of order are read in iteration order)
         last = trained[max(range(len(trained)), key=lambda i: (_iteration(trained[i]), i))]
         out.update(_score_keys(last, envs, version, where(last), targets))
@@ -528,7 +528,7 @@ def collect(entries: list[str], *, pick: str, **eval_kw) -> dict[str, TableRow]:
                 stopped[(label, env)] = f"{path} ({scores.incomplete})"
     for (label, env), note in stopped.items():
         rows[label].marks[env] = INCOMPLETE_MARK
-        rows[label].notes.append(f"{INCOMPLETE_MARK} from a run that stopped before its max_iters: {note}")
+        rows[label].notes.append(f"{INCOMPLETE_MARK} from a run that had not reached its max_iters: {note}")
     for label, named in configs.items():
         differ = flag_differences(named) if len(named) > 1 else []
         if differ:

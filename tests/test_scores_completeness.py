@@ -61,7 +61,7 @@ def test_a_run_stopped_before_its_max_iters_is_named_and_its_cell_marked(tmp_pat
     row = hopper_row(outs)
     assert row.rstrip(" |").endswith(results_table.INCOMPLETE_MARK)
     table = outs.tables[0][1]
-    assert "stopped before its max_iters: dt_medium_hopper_666 (stopped at iteration 1 of 3)" in table
+    assert "had not reached its max_iters: dt_medium_hopper_666 (stopped at iteration 1 of 3)" in table
     assert table in (tmp_path / "res" / "normalized_scores_medium_K20_d4rl_best.md").read_text()
     by_seed = {r["seed"]: r for r in csv_rows(tmp_path / "res" / "normalized_scores_medium_K20_d4rl.csv")}
     assert (by_seed["666"]["last_iteration"], by_seed["666"]["max_iters"]) == ("1", "3")
@@ -127,7 +127,7 @@ def test_results_table_marks_a_stopped_run_and_notes_rows_of_other_flags(tmp_pat
     assert f"{short}: stopped at iteration 1 of 3" in cap.err
     assert "row 'src'" in cap.err and "n_layer 3 (" in cap.err and "4 (" in cap.err
     assert "| src | 10.0† | 30.0 | 20.0‡ |" in cap.out
-    assert f"† from a run that stopped before its max_iters: {short} (stopped at iteration 1 of 3)" in cap.out
+    assert f"† from a run that had not reached its max_iters: {short} (stopped at iteration 1 of 3)" in cap.out
     assert "‡ row src: run folders with other flags: n_layer" in cap.out
 
 

@@ -251,7 +251,7 @@ def run(args) -> common.Outputs:
 
 
 def _cell_marks(cell_records, extra, select: str, cell: str, footnotes: dict) -> str:
-    """The marks of one table cell (``INCOMPLETE_MARK``: a run that stopped before its max_iters, ``MIXED_MARK``:
+    """The marks of one table cell (``INCOMPLETE_MARK``: a run that had not reached its max_iters, ``MIXED_MARK``:
     runs that differ in a compared flag), with their footnote lines added to ``footnotes``; the runs whose
     ``select``-ed value is NaN go to ``footnotes["nan"]``."""
     marks = ""
@@ -277,7 +277,7 @@ def _footnotes(footnotes: dict, select: str) -> str:
     """The lines under a score table that explain its marks and name the NaN values left out ("" for none)."""
     lines = []
     if footnotes[INCOMPLETE_MARK]:
-        lines.append(f"{INCOMPLETE_MARK} includes a run that stopped before its max_iters: "
+        lines.append(f"{INCOMPLETE_MARK} includes a run that had not reached its max_iters: "
                      + ", ".join(footnotes[INCOMPLETE_MARK]))
     if footnotes[MIXED_MARK]:
         lines.append(f"{MIXED_MARK} runs with other recorded flags in one cell: " + " | ".join(footnotes[MIXED_MARK]))
