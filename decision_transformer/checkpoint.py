@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from decision_transformer.errors import UserError, checked_device, deferred_interrupts, first_line, write_problem
-from decision_transformer.files import check_zip_checksums, place, sync
+from decision_transformer.files import check_zip_checksums, place, short_name, sync
 
 FORMAT_VERSION = 1
 DEFAULT_K = 20
@@ -201,7 +201,7 @@ def atomic_save(obj, path: str | os.PathLike, replace: bool = True) -> Path:
     False: written only where no file of that name is (``files.place``)."""
     path = Path(path)
     # per process, and random: runs writing one cache never collide, also across the hosts of a shared file system
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f"{short_name(path.name)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, "it is a folder", str(path))

@@ -86,6 +86,9 @@ def check_dataset_place(data_path: str | os.PathLike, env: str, dataset: str):
     if data_path.exists() and not data_path.is_dir():
         raise UserError(f"--data_path {data_path}: a file, not a folder of datasets")
     for c in (data_path / pkl_name(env, dataset), data_path / hdf5_name(env, dataset)):
+        if c.is_symlink() and not c.exists():   # (taken for no dataset, it was generated, and then not written)
+            raise UserError(f"{c} is a link to {os.readlink(c)}, which does not exist; remove the link or point it "
+                            f"at the dataset")
         if c.exists() and not c.is_file():
             raise UserError(f"{c}: a folder (or other non-file) where the dataset file belongs; move it away or pass "
                             f"another --data_path")

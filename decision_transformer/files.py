@@ -12,6 +12,12 @@ from pathlib import Path
 from decision_transformer.errors import UserError, deferred_interrupts, write_problem
 
 
+def short_name(name: str, keep: int = 200) -> str:
+    """``name`` cut to its first ``keep`` characters: the part of a file's name that a temporary file or lock beside
+    it carries, so that a legal name of up to 255 characters keeps one of its own within that limit."""
+    return name[:keep]
+
+
 def refuse_folders(paths) -> None:
     """Files about to be written (``--force`` replacing them) checked before the work that makes them: a folder in
     the place of one is a one-line ``UserError``, as ``atomic_write`` would give only once it is all made."""
@@ -20,13 +26,23 @@ def refuse_folders(paths) -> None:
             raise UserError(f"cannot write {p}: it is a folder")
 
 
-def refuse_files_above(path, what: str) -> None:
+def refuse_files_above(path, what: str, writable: bool = True) -> None:
     """A folder (or a file's folder) about to be made, checked before the work that fills it: an existing file in
-    its place or above it is a one-line ``UserError`` naming ``what`` writes there."""
+    its place or above it, or (``writable``) a folder there that cannot be written (no permission, a read-only file
+    system: found only once the work was done, minutes or hours later), is a one-line ``UserError`` naming ``what``
+    writes there."""
     path = Path(path)
     for p in (path, *path.parents):
         if p.exists() and not p.is_dir():
             raise UserError(f"{what} writes to {path}/, but {p} is a file")
+    base = next((p for p in (path.absolute(), *path.absolute().parents) if p.exists()), None)
+    if writable and base is not None and not os.access(base, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(base).f_flag & os.ST_RDONLY)
+        except (OSError, AttributeError):
+            read_only = False
+        raise UserError(f"{what} writes to {path}/, but {base} cannot be written "
+                        f"({'a read-only file system' if read_only else 'permission denied'})")
 
 
 class WrittenMeanwhile(UserError):
@@ -49,6 +65,9 @@ def place(tmp: str | os.PathLike, path: str | os.PathLike, replace: bool = True)
     try:
         os.link(tmp, path)
     except FileExistsError:
+        if os.path.islink(path) and not os.path.exists(path):
+            raise UserError(f"cannot write {path}: a link to {os.readlink(path)}, which does not exist, is in its "
+                            f"place; remove the link (or point it at a file: --force replaces that)") from None
         raise WrittenMeanwhile(path) from None
     except OSError:   # no hard links here (some network and FUSE file systems)
         if os.path.lexists(path):
@@ -71,7 +90,7 @@ def atomic_write(path: str | os.PathLike, write, replace: bool = True) -> Path:
             raise IsADirectoryError(errno.EISDIR, "it is a folder", str(path))
         path.parent.mkdir(parents=True, exist_ok=True)
         while tmp is None:  # a name of its own (O_EXCL), with the permissions of a plain open(), not mkstemp's 0600
-            name = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            name = path.parent / f".{short_name(path.name)}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
             try:
                 with deferred_interrupts():   # (made and known as ours at once: an interrupt between left it behind)
                     os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -116,7 +135,7 @@ def exclusive(path: str | os.PathLike, what: str = "it"):
     except ImportError:  # not POSIX
         yield
         return
-    lock = path.parent / f".{path.name}.lock"
+    lock = path.parent / f".{short_name(path.name)}.lock"
     fd, told = None, False
     try:
         while fd is None:

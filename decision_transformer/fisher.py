@@ -448,7 +448,7 @@ def run_precompute(args) -> Path:
     from decision_transformer.files import refuse_files_above, refuse_folders
 
     refuse_folders([out])     # (before the lock, which makes its folder, and the estimate)
-    refuse_files_above(out.parent, "precompute_fisher.py")
+    refuse_files_above(out.parent, "precompute_fisher.py", writable=args.force or not out.is_file())
     with exclusive(out, "a Fisher file"):   # two processes computing it at once: the second finds it made
         stale = False
         if out.is_file() and not args.force:

@@ -513,6 +513,9 @@ def ensure_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, gene
         raise UserError(
             f"dataset not found: {target}, and it cannot be generated: {why}; convert D4RL files with "
             f"`python data/download_d4rl_datasets.py --hdf5 FILE --data_path {data_path}`")
+    from decision_transformer.files import refuse_files_above
+
+    refuse_files_above(Path(data_path), "generating the missing dataset")   # (not after minutes of generation)
     with exclusive(target, "a generated dataset"):   # runs started together on a fresh machine generate it once
         if target.is_file():
             return target

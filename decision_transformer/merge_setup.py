@@ -451,7 +451,7 @@ def check_source_data(sources: Sequence[ModelFile], args, data: DatasetCache, me
         if method == "fisher":
             path = fisher_mod.fisher_info_path(s.path, args.f_batch_size, args.f_num_batches, args.fisher_type)
             refuse_folders([path])
-            refuse_files_above(path.parent, "the Fisher cache")
+            refuse_files_above(path.parent, "the Fisher cache", writable=not path.is_file())   # (one there: read)
             if path.is_file():
                 continue
         env, dataset = source_env_dataset(s)

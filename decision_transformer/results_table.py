@@ -37,6 +37,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -575,8 +576,9 @@ def main(argv=None):
     out_files = None
     if args.out:
         out = Path(args.out)
-        if out.name in ("", ".", ".."):
-            raise UserError(f"--out {args.out}: give a file name without extension (writes OUT.csv and OUT.md)")
+        if out.name in ("", ".", "..") or args.out.endswith(("/", os.sep)):
+            raise UserError(f"--out {args.out}: give a file name without extension (writes OUT.csv and OUT.md), "
+                            f"not a folder (e.g. {out / 'table'})")
         out_files = out.with_name(out.name + ".csv"), out.with_name(out.name + ".md")  # appended, not replaced
         for f in out_files:
             if f.is_dir():
@@ -584,6 +586,9 @@ def main(argv=None):
         for parent in [out.parent, *out.parent.parents]:  # before the rows are evaluated: a path below a file
             if parent.exists() and not parent.is_dir():
                 raise UserError(f"--out {args.out}: {parent} is a file, not a folder")
+        from decision_transformer.files import refuse_files_above
+
+        refuse_files_above(out.parent, "--out")   # (a folder that cannot be written: before the rows are evaluated)
     device = resolve_device(args.device)
     rows = collect(args.row, pick=args.pick, num_episodes=args.num_eval_episodes, seed=args.seed,
                    data_path=args.data_path, dataset=args.dataset, device=device, env_version=args.env_version)

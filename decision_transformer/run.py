@@ -387,7 +387,7 @@ def check_args(args):
     cache = getattr(args, "kmeans_cache", None)
     if cache and getattr(args, "gpt_kmeans", None) is not None:   # (written once the centres are computed)
         refuse_folders([cache])
-        refuse_files_above(Path(cache).parent, "--kmeans_cache")
+        refuse_files_above(Path(cache).parent, "--kmeans_cache", writable=not Path(cache).is_file())   # (one there: read)
     if (getattr(args, "save_model", False) and getattr(args, "save_mode", "last") in ("best", "both")
             and args.num_eval_episodes == 0 and args.max_iters > 0):
         if args.save_mode == "best":  # the best-evaluated model is the only file this mode writes

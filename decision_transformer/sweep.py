@@ -36,7 +36,7 @@ quiet_startup(__name__)  # (python -m: Ctrl-C while torch loads is one line, exi
 
 from decision_transformer.cli import positive_int
 from decision_transformer.errors import Interrupted, UserError, cli_entry, first_line
-from decision_transformer.files import open_lock
+from decision_transformer.files import open_lock, short_name
 from decision_transformer.cpu import available_cpus
 from decision_transformer.paths import project_path
 
@@ -287,8 +287,8 @@ def _model_name(a) -> str:
 def folder_lock_path(run_dir: Path) -> Path:
     """The lock a training script holds while it trains in ``run_dir``: a hidden file beside the folder. For plain
     ``experiment.py`` runs it is also the launcher's lock (``run_lock_path``), passed on to the run it starts."""
-    run_dir = Path(run_dir)
-    return run_dir.parent / f".{run_dir.name}.lock"
+    run_dir = Path(run_dir).resolve()   # (the folder itself, however reached: through a link, two processes share it)
+    return run_dir.parent / f".{short_name(run_dir.name)}.lock"
 
 
 #: the most runs ``--procs`` starts at a time

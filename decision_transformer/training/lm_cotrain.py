@@ -258,7 +258,8 @@ def joint_sources(args, lm):
     if not getattr(args, "no_token_cache", False):   # (written once the corpus is tokenised)
         from decision_transformer.files import refuse_files_above
 
-        refuse_files_above(Path(args.data_path) / "token_cache", "--joint's token cache (--no_token_cache: none)")
+        cache = Path(args.data_path) / "token_cache"
+        refuse_files_above(cache, "--joint's token cache (--no_token_cache: none)", writable=not cache.is_dir())
     return files, load_tokenizer(lm.path, args.tokenizer_name)
 
 

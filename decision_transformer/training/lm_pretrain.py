@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from decision_transformer.errors import TrainingDiverged, UserError, first_line
+from decision_transformer.files import short_name
 from decision_transformer.training.corpus import encode_batches, text_batches
 from decision_transformer.training.lm_cotrain import next_token_loss
 from decision_transformer.training.trainer import to_device_async
@@ -125,7 +126,7 @@ def save_model_dir(out: Path, model, tokenizer, replace: bool = True):
     folders is removed. ``replace`` False: an ``out`` that is no empty folder (another process saved there since the
     caller's check) is kept, and the new folder goes to ``{out}.new-{pid}`` beside it (a ``UserError`` says so)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{short_name(out.name)}.tmp-"))
     old = None
     try:
         umask = os.umask(0)
@@ -140,12 +141,12 @@ def save_model_dir(out: Path, model, tokenizer, replace: bool = True):
             except OSError as e:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
                     raise
-            aside = out.with_name(f"{out.name}.new-{os.getpid()}")
+            aside = out.with_name(f"{short_name(out.name)}.new-{os.getpid()}")
             tmp.rename(aside)
             raise UserError(f"{out} was written by another process meanwhile; it is kept, and this model is saved to "
                             f"{aside} instead (--overwrite replaces it)")
         if out.exists():  # --overwrite: set the old folder aside until the new one is in place
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{short_name(out.name)}.old-"))
             out.rename(old / out.name)
         try:
             tmp.rename(out)
