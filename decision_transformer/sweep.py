@@ -1082,7 +1082,7 @@ def main(argv=None):
     spec = load_grid(a.grid, project_paths=a.cmd != "export")
     if a.cmd == "export":
         for path in export_wandb(spec, Path(a.out)):
-            print(f"wrote {path} (start it with `wandb sweep {path}` and `wandb agent ...`)")
+            print(f"wrote {path} (start it with `wandb sweep {shlex.quote(str(path))}` and `wandb agent ...`)")
         return 0
     try:
         extra = shlex.split(a.extra)

@@ -1138,3 +1138,16 @@ def test_every_script_of_the_project_has_its_flags_checked():
                for p in sorted((root / folder).glob("*.py")) if "def main(" in p.read_text()]
     assert len(scripts) > 10
     assert [p.relative_to(root).as_posix() for p in scripts if not sweep._own_script(p)] == []
+
+
+def test_the_export_hint_quotes_a_path_with_spaces(tmp_path, capsys):
+    """The printed `wandb sweep FILE` was not quoted: a grid under a folder with a space gave a command that fails."""
+    import shlex
+
+    spec = {"program": "experiment.py", "fixed": {"outdir": "ck"}, "grid": {"seed": [1, 2]}}
+    path = tmp_path / "my grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "sw eeps"
+    sweep.main(["export", str(path), "--out", str(out)])
+    said = capsys.readouterr().out
+    assert f"`wandb sweep {shlex.quote(str(out / 'my grid.yaml'))}`" in said, said
