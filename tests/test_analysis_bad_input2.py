@@ -863,6 +863,18 @@ def test_run_all_speaks_of_a_stand_in_dataset_once(runs, tmp_path, capsys):
     assert capsys.readouterr().err.count("is a smoke-test stand-in") == 1
 
 
+@pytest.mark.parametrize("script", ["conf", "cka", "score", "params", "att"])
+def test_a_checkpoint_dir_that_is_a_file_is_one_line(runs, tmp_path, capsys, script):
+    """A --checkpoint_dir that is a file was looked into: "checkpoint not found: f.pkl/dt_.../model_0.pt (... train
+    it with experiment.py --outdir f.pkl)"."""
+    f = tmp_path / "f.pkl"
+    f.write_bytes(b"x")
+    argv = [str(f) if a == runs else str(a) for a in _argv(script, runs, tmp_path / "out")]
+    msg = expect_exit(capsys, load_script(SCRIPTS[script]).main, argv)
+    assert "argument --checkpoint_dir" in msg and f"{f} is a file, not a folder of run folders (see " in msg, msg
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_recorded_stand_in_dataset_is_said(tmp_path, capsys):
     """Without --data_path an analysis uses the data file a checkpoint records; a smoke-test stand-in recorded there
     was used without a word (the same file found in --data_path is warned about)."""

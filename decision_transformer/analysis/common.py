@@ -5,6 +5,7 @@ import argparse
 import csv
 import io
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,11 +169,18 @@ def parser(description: str) -> argparse.ArgumentParser:
     return _Parser(description=description, formatter_class=HelpFormatter)
 
 
+def _runs_folder(value: str) -> str:
+    """``--checkpoint_dir``: no file (a missing folder is said where its runs are looked for)."""
+    if os.path.exists(value) and not os.path.isdir(value):
+        raise argparse.ArgumentTypeError(f"{value} is a file, not a folder of run folders")
+    return value
+
+
 def add_checkpoint_flags(p, *, plm_alias: bool = False, aliases=()):
     """``--checkpoint_dir`` (``aliases``: further spellings of it, those of the original scripts) and
     ``--dataset_name``."""
     names = ["--checkpoint_dir"] + (["-plm"] if plm_alias else []) + list(aliases)
-    p.add_argument(*names, dest="checkpoint_dir", type=str, default=project_path("checkpoints"),
+    p.add_argument(*names, dest="checkpoint_dir", type=_runs_folder, default=project_path("checkpoints"),
                    help="folder holding the run folders {model}_{dataset}_{env}_{seed}[_K{K}]...")
     p.add_argument("--dataset_name", type=str, default="medium")
 
