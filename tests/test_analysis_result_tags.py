@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from test_analysis_support import write_run
+from test_analysis_support import fake_mine, write_run
 from test_mine_grads_wiring import _mi_files, _run_mi
 
 from decision_transformer.analysis import attention, cka, common, curves, grads, mi, report, scores
@@ -213,7 +213,7 @@ def test_mine_settings_tag_the_results_and_the_plots_read_them(tmp_path, monkeyp
     replaced the 1000-iteration one); both plotting scripts read them given the same flags and tag their figures."""
     _mi_files(tmp_path, np.ones((6, 3)))
     value = iter(range(1, 10_000))
-    monkeypatch.setattr(mi, "estimate_mi", lambda x, y, **kw: float(next(value)))
+    fake_mine(monkeypatch, lambda x, y, **kw: float(next(value)))
     stems = ("mi_xy_0_40_gpt2_hopper_medium_666", "mi_xy_1_40_gpt2_hopper_medium_666", "mi_40_gpt2_hopper_medium_666",
              "mi_data_state_action_hopper_medium_666", "mi_data_rtg_action_hopper_medium_666")
     exts = (".npz", ".npz", ".npz", ".npy", ".npy")
@@ -237,7 +237,7 @@ def test_mine_settings_tag_the_results_and_the_plots_read_them(tmp_path, monkeyp
 
 def test_mine_settings_are_read_only_given_the_same_flags(tmp_path, monkeypatch):
     _mi_files(tmp_path, np.ones((6, 3)))
-    monkeypatch.setattr(mi, "estimate_mi", lambda x, y, **kw: 1.0)
+    fake_mine(monkeypatch, lambda x, y, **kw: 1.0)
     _run_mi(tmp_path, "--exp_type", "data", "--iters", "100")
     io = ["--results_dir", str(tmp_path), "--figs_dir", str(tmp_path / "figs"), "--env_name", "hopper"]
     with pytest.raises(UserError, match=r"mi_data_state_action_\{env\}_medium_666\.npy .*--iters, --batch_size or "
@@ -351,7 +351,7 @@ def test_mine_batch_settings_tag_the_batch_and_results_and_the_readers_find_them
     (--data_batch_size for save_activation.py's --batch_size) and tags its results after the MINE settings' tags;
     both plotting scripts read those and tag their figures."""
     res = tmp_path / "res"
-    monkeypatch.setattr(mi, "estimate_mi", lambda x, y, **kw: 1.0)
+    fake_mine(monkeypatch, lambda x, y, **kw: 1.0)
     _save_activation(batch_runs, res)
     assert set(_snapshot(res)) == {"activation_40_gpt2_hopper_medium_666.npz", "data_hopper_medium_666.npz"}
     before = _snapshot(res)

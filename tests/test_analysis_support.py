@@ -98,3 +98,14 @@ def expect_exit(capsys, main, argv, code=2) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
     return err[-1]
+
+
+def fake_mine(monkeypatch, fake):
+    """Stands ``fake(x, y, seed=..., **settings)`` in for every estimate run_mi_exp.py trains (its progress bar's
+    title left out of the settings)."""
+    from decision_transformer.analysis import mi
+
+    def many(pairs, seeds, *, desc=None, **kw):
+        return [fake(x, y, seed=s, **kw) for (x, y), s in zip(pairs, seeds)]
+
+    monkeypatch.setattr(mi, "estimate_mi_many", many)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import listed
-from test_analysis_support import expect_exit, load_script, tiny_runs  # noqa: F401
+from test_analysis_support import expect_exit, fake_mine, load_script, tiny_runs  # noqa: F401
 
 from decision_transformer.analysis import mi
 from decision_transformer.analysis.mine import (
@@ -135,7 +135,7 @@ def test_exp_types_use_the_right_pairs(tmp_path, monkeypatch):
         calls.append((x.copy(), y.copy()))
         return float(len(x))
 
-    monkeypatch.setattr(mi, "estimate_mi", fake)
+    fake_mine(monkeypatch, fake)
     io = ["-psm", tmp_path, "-pd", tmp_path, "-pa", tmp_path, "--device", "cpu"]
     mi.run_mi(mi.build_mi_parser().parse_args([str(a) for a in io + ["--exclude_padding"]]))
     layers = sorted(int(f.name.split("_")[2]) for f in tmp_path.glob("mi_xy_*.npz"))
@@ -174,7 +174,7 @@ def test_run_from_the_mine_folder_uses_the_projects_mi_folder(tmp_path, monkeypa
              actions=rng.standard_normal((6, 2, 3)), rtg=rng.standard_normal((6, 3, 1)), attention_mask=np.ones((6, 2)))
     (project / "mine").mkdir()
     monkeypatch.chdir(project / "mine")
-    monkeypatch.setattr(mi, "estimate_mi", lambda x, y, **kw: 0.5)
+    fake_mine(monkeypatch, lambda x, y, **kw: 0.5)
     args = mi.build_mi_parser().parse_args(["--exp_type", "data", "--device", "cpu"])
     assert args.path_to_data == args.path_to_save_mi == "../analysis/section-52-mutual-information/results"
     mi.run_mi(args)
@@ -250,7 +250,7 @@ def test_the_originals_pickled_npy_dicts_are_read_without_running_code(tmp_path,
     data = {"states": rng.standard_normal((6, 2, 11)), "actions": rng.standard_normal((6, 2, 3)),
             "rtg": rng.standard_normal((6, 3, 1)), "attention_mask": np.ones((6, 2))}
     np.save(mi.data_file(tmp_path, "hopper", "medium", 666).with_suffix(".npy"), data, allow_pickle=True)
-    monkeypatch.setattr(mi, "estimate_mi", lambda x, y, **kw: 0.25)
+    fake_mine(monkeypatch, lambda x, y, **kw: 0.25)
     mi.run_mi(mi.build_mi_parser().parse_args(["-pd", str(tmp_path), "-psm", str(tmp_path), "--exp_type", "data",
                                                "--device", "cpu"]))
     assert np.load(tmp_path / "mi_data_state_action_hopper_medium_666.npy").tolist() == [0.25, 0.25]

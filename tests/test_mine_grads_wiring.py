@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_analysis_figures import figures  # noqa: F401
 from test_analysis_grads import _batch
-from test_analysis_support import tiny_config, write_run
+from test_analysis_support import fake_mine, tiny_config, write_run
 
 from decision_transformer.analysis import common, grads, mi
 from decision_transformer.analysis.mine import Mine, StatisticsNetwork, estimate_mi, logmeanexp
@@ -108,7 +108,7 @@ def _record(monkeypatch):
         calls.append((x.copy(), y.copy(), kw))
         return float(len(calls))
 
-    monkeypatch.setattr(mi, "estimate_mi", fake)
+    fake_mine(monkeypatch, fake)
     return calls
 
 
@@ -140,11 +140,11 @@ def test_mine_flags_and_distinct_seeds_reach_the_estimator(tmp_path, monkeypatch
     _mi_files(tmp_path, np.ones((6, 3)))
     calls = _record(monkeypatch)
     _run_mi(tmp_path, "--exp_type", "data", "--batch_size", "7", "--lr", "0.01", "--mine_hidden_layers", "2",
-            "--mine_loss", "fdiv", "--mine_hidden", "9", "--iters", "11", "--seed", "666")
+            "--mine_loss", "fdiv", "--mine_hidden", "9", "--iters", "11", "--seed", "666", "--mine_ensemble", "5")
     assert len(calls) == 6
     for i, (_, _, kw) in enumerate(calls):
         assert kw == {"iters": 11, "batch_size": 7, "loss": "fdiv", "hidden": 9, "hidden_layers": 2, "lr": 0.01,
-                      "seed": 667 + i, "device": torch.device("cpu")}
+                      "seed": 667 + i, "device": torch.device("cpu"), "ensemble": 5}
 
 
 def test_pair_average_averages_neighbours():
@@ -192,7 +192,7 @@ def test_estimator_variants_write_tagged_results_that_the_plots_read_with_the_sa
     replace them); each plotting script reads a variant with the same flags and tags its figure."""
     _mi_files(tmp_path, np.ones((6, 3)))
     value = iter(range(1, 10_000))
-    monkeypatch.setattr(mi, "estimate_mi", lambda x, y, **kw: float(next(value)))
+    fake_mine(monkeypatch, lambda x, y, **kw: float(next(value)))
     variant = ["--exclude_padding", "--mine_hidden_layers", "2", "--mine_loss", "fdiv"]
     for exp in ("normal", "no_context", "data"):
         _run_mi(tmp_path, "--exp_type", exp)

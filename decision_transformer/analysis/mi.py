@@ -43,7 +43,7 @@ from decision_transformer.analysis.activations import (
     check_finite_activations,
     get_activations,
 )
-from decision_transformer.analysis.mine import LOSSES, estimate_mi
+from decision_transformer.analysis.mine import LOSSES, estimate_mi_many
 from decision_transformer.analysis.runs import (
     RunKey,
     SharedDataset,
@@ -281,6 +281,9 @@ def build_mi_parser():
     _add_batch_flags(p)
     p.add_argument("--layers", nargs="+", type=int, default=None,
                    help="blocks for --exp_type normal (default: 0, depth//2, depth-1)")
+    p.add_argument("--mine_ensemble", type=int, default=128,
+                   help="MINE estimators trained at once as one batched network (the same estimates up to float "
+                        "rounding; 1 trains them one by one)")
     return p
 
 
@@ -294,22 +297,35 @@ def _quiet_nan():
 
 
 class _Estimator:
+    """Queues the estimates of a result file and trains them together (``estimate_mi_many``); estimate i of the run
+    is seeded ``--seed`` + i, in the order they are queued."""
+
     def __init__(self, args):
         self.args = args
         self.device = common.resolve_device(args.device, getattr(args, "threads", "auto"))
         self.count = 0
+        self.pending: list[tuple[np.ndarray, np.ndarray, int]] = []
 
-    def __call__(self, x, y, keep=None) -> float:
-        a = self.args
+    def __call__(self, x, y, keep=None) -> int:
+        """Queues MI(x, y) (over the samples ``keep`` selects, with ``--exclude_padding``); returns its place in
+        ``results``, -1 for fewer than 2 samples (NaN)."""
         x, y = np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.float32)
-        if keep is not None and a.exclude_padding:
+        if keep is not None and self.args.exclude_padding:
             x, y = x[keep], y[keep]
         if len(x) < 2:
-            return float("nan")
+            return -1
         self.count += 1
-        return estimate_mi(x.reshape(len(x), -1), y.reshape(len(y), -1), iters=a.iters, batch_size=a.batch_size,
-                           loss=a.mine_loss, hidden=a.mine_hidden, hidden_layers=a.mine_hidden_layers, lr=a.lr,
-                           seed=a.seed + self.count, device=self.device)
+        self.pending.append((x.reshape(len(x), -1), y.reshape(len(y), -1), self.args.seed + self.count))
+        return len(self.pending) - 1
+
+    def results(self, handles, desc: str) -> np.ndarray:
+        """Trains the queued estimates (a progress bar titled ``desc``) and returns the values of ``handles``."""
+        a, queued, self.pending = self.args, self.pending, []
+        values = estimate_mi_many([q[:2] for q in queued], [q[2] for q in queued], iters=a.iters,
+                                  batch_size=a.batch_size, loss=a.mine_loss, hidden=a.mine_hidden,
+                                  hidden_layers=a.mine_hidden_layers, lr=a.lr, device=self.device,
+                                  ensemble=a.mine_ensemble, desc=desc) if queued else []
+        return np.array([values[h] if h >= 0 else np.nan for h in handles], dtype=float)
 
 
 def _check_data(path, data: dict):
@@ -346,7 +362,7 @@ def _absent(path: Path) -> bool:
 def run_mi(args) -> common.Outputs:
     """Step 2: MINE estimates of the ``--exp_type`` (normal, no_context or data) from the saved batch and
     activations, written as the ``.npz`` / ``.npy`` files the module docstring lists."""
-    common.check_positive(args, "iters", "batch_size", "mine_hidden", "mine_hidden_layers")
+    common.check_positive(args, "iters", "batch_size", "mine_hidden", "mine_hidden_layers", "mine_ensemble")
     common.check_numbers(args, lr=common.POSITIVE)
     common.check_seeds(args, "seed", bits=62)
     common.check_min(args, 0, "epoch")
@@ -388,8 +404,9 @@ def run_mi(args) -> common.Outputs:
     outs = common.Outputs()
     est = _Estimator(args)
     if args.exp_type == "data":
-        sa = np.array([est(xs["state"][:, t], xs["action"][:, t], mask[:, t]) for t in range(K)])
-        ra = np.array([est(xs["rtg"][:, t], xs["action"][:, t], mask[:, t]) for t in range(K)])
+        handles = [est(xs["state"][:, t], xs["action"][:, t], mask[:, t]) for t in range(K)] \
+            + [est(xs["rtg"][:, t], xs["action"][:, t], mask[:, t]) for t in range(K)]
+        sa, ra = np.split(est.results(handles, f"MINE {env} {ds} data"), 2)
         tags = _tags(args)
         outs.files.append(common.save_npy(out / f"mi_data_state_action_{env}_{ds}_{args.seed}{tags}.npy", sa))
         outs.files.append(common.save_npy(out / f"mi_data_rtg_action_{env}_{ds}_{args.seed}{tags}.npy", ra))
@@ -414,8 +431,9 @@ def run_mi(args) -> common.Outputs:
                     iy.append(est(a_last, act[:, p], keep))
                     pos.append(p)
                     tok.append(i)
+            ix, iy = np.split(est.results(ix + iy, f"MINE {args.model_name} block {layer}"), 2)
             f = out / f"mi_xy_{layer}_{stem_tail}.npz"
-            outs.files.append(common.save_npz(f, x=np.array(ix), y=np.array(iy), position=np.array(pos),
+            outs.files.append(common.save_npz(f, x=ix, y=iy, position=np.array(pos),
                                               token=np.array(tok), depth=np.array(depth),
                                               blocks=np.array(sorted(set(layers))), **{BATCH_KEY: np.array(batch_digest(data))}))
             with _quiet_nan():
@@ -423,12 +441,13 @@ def run_mi(args) -> common.Outputs:
                       f"I(Y;T) mean {np.nanmean(iy):.3f} nats", file=sys.stderr)
         return outs
     # no_context
-    res = {}
+    handles = {}
     for key in sorted(outputs, key=block_of):
         act = outputs[key]
-        s_mi = [est(xs["state"][:, t], act[:, 3 * t + 1], mask[:, t]) for t in range(K)]
-        a_mi = [est(xs["action"][:, t], act[:, 3 * t + 1], mask[:, t]) for t in range(K)]
-        res[key] = np.array([s_mi, a_mi])                                        # [2, K]
+        handles[key] = [est(xs["state"][:, t], act[:, 3 * t + 1], mask[:, t]) for t in range(K)] \
+            + [est(xs["action"][:, t], act[:, 3 * t + 1], mask[:, t]) for t in range(K)]
+    values = est.results([h for hs in handles.values() for h in hs], f"MINE {args.model_name} no context")
+    res = {key: values[i * 2 * K:(i + 1) * 2 * K].reshape(2, K) for i, key in enumerate(handles)}  # [2, K] each
     outs.files.append(common.save_npz(out / f"mi_{stem_tail}.npz", **res, **{BATCH_KEY: np.array(batch_digest(data))}))
     return outs
 
