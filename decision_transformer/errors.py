@@ -160,6 +160,18 @@ def _end_quiet_startup():
         signal.signal(sig, handler)
 
 
+def expand_home(argv: list[str]) -> list[str]:
+    """``--flag=~/path`` as the shell gives ``--flag ~/path``: the shell expands ``~`` only at the start of a word, so
+    a path flag written with ``=`` would otherwise name a folder called ``~`` in the working directory."""
+    out = []
+    for a in argv:
+        flag, eq, value = a.partition("=")
+        if a.startswith("--") and eq and value.startswith("~"):
+            a = f"{flag}={os.path.expanduser(value)}"
+        out.append(a)
+    return out
+
+
 def cli_entry(main):
     """Wrap a script's ``main`` so that a ``UserError``, a flag argparse rejects or an unwritable / unreadable path
     (an ``OSError`` no earlier check caught) prints one line ``error: <message>`` and exits non-zero."""
@@ -171,6 +183,8 @@ def cli_entry(main):
         global _DEPTH
         _end_quiet_startup()
         _DEPTH += 1
+        if argv is None:
+            argv = expand_home(sys.argv[1:])
         before = argparse.ArgumentParser.error
         argparse.ArgumentParser.error = _argparse_error  # one line instead of the usage block
         term = _stop_on_sigterm()

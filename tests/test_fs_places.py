@@ -101,3 +101,20 @@ def test_a_table_out_that_names_a_folder_is_refused(tmp_path, capsys):
     assert msg == (f"error: --out {tmp_path / 'results'}/: give a file name without extension (writes OUT.csv and "
                    f"OUT.md), not a folder (e.g. {tmp_path / 'results' / 'table'})")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_tilde_after_an_equals_sign_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    """--flag=~/x: the shell leaves that ~ alone (it expands ~ only at the start of a word), and the scripts made a
+    folder named ~ in the working directory; they now read it as --flag ~/x."""
+    import sys
+
+    from decision_transformer.errors import expand_home
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert expand_home(["--a=~/x", "--b", "~/y", "-c=~/z", "--d=x~", "--e=~", "p=~/x", "--f=~/g=~/h"]) == [
+        f"--a={tmp_path}/x", "--b", "~/y", "-c=~/z", "--d=x~", f"--e={tmp_path}", "p=~/x", f"--f={tmp_path}/g=~/h"]
+    monkeypatch.setattr(sys, "argv", ["results_table.py", "--row", f"a={tmp_path / 'nothing.pt'}", "--envs", "hopper",
+                                      "--out=~/results/"])
+    with pytest.raises(SystemExit):
+        results_table.main()
+    assert capsys.readouterr().err.startswith(f"error: --out {tmp_path / 'results'}/: give a file name")
