@@ -269,9 +269,16 @@ class MineEnsemble:
             X[e, :, :x.shape[1]], Y[e, :, :y.shape[1]] = x, y
         return X.to(self.device), Y.to(self.device)
 
-    def _perms(self, n: int) -> torch.Tensor:
-        """One permutation of n per member, each from its own generator: [E, n] on the device."""
-        return torch.stack([torch.randperm(n, generator=g) for g in self.generators]).to(self.device)
+    def _perms(self, n: int, shuffles: int = 0, bs: int = 0) -> torch.Tensor:
+        """Per member, from its own generator and in ``Mine``'s order: a permutation of n, then ``shuffles``
+        permutations of bs, side by side: [E, n + shuffles * bs] on the device (from pinned memory on a GPU, so the
+        copy does not wait for the device)."""
+        p = torch.stack([torch.cat([torch.randperm(n, generator=g)] + [torch.randperm(bs, generator=g)
+                                                                        for _ in range(shuffles)])
+                         for g in self.generators])
+        if self.device.type == "cuda":
+            return p.pin_memory().to(self.device, non_blocking=True)
+        return p.to(self.device)
 
     @staticmethod
     def _rows(a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -298,9 +305,10 @@ class MineEnsemble:
         bs = min(batch_size, n)
         if bs < 2:
             raise UserError(f"MINE needs at least 2 samples per batch, got {n} samples")
+        nb = n // bs
         for _ in range(iters):
-            order = self._perms(n)
-            shuffles = [self._perms(bs) for _ in range(n // bs)]
+            perms = self._perms(n, nb, bs)
+            order, shuffles = perms[:, :n], perms[:, n:].reshape(len(self), nb, bs).unbind(1)
             for b, shuffle in enumerate(shuffles):
                 idx = order[:, b * bs:(b + 1) * bs]
                 xb, yb = self._rows(X, idx), self._rows(Y, idx)
