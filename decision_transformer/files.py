@@ -49,10 +49,10 @@ class WrittenMeanwhile(UserError):
     """A file written only where none is (``replace=False``) was written by another process while this one was being
     made: kept, and this one is not written."""
 
-    def __init__(self, path):
+    def __init__(self, path, also: str = ""):
         self.path = Path(path)
         super().__init__(f"{path} was written by another process meanwhile; it is kept and this one is not written "
-                         f"(--force replaces it)")
+                         f"(--force replaces it){'; ' + also if also else ''}")
 
 
 def place(tmp: str | os.PathLike, path: str | os.PathLike, replace: bool = True):

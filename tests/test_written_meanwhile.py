@@ -89,6 +89,21 @@ def test_generate_datasets_keeps_a_pkl_written_while_it_generates(tmp_path, caps
     assert target.read_bytes() == OTHER and only(tmp_path / "d", "hopper-random-v2.pkl")
 
 
+def test_generate_datasets_removes_its_hdf5_when_the_pkl_beside_it_was_written_meanwhile(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """The pair: the hdf5 was written, the pkl refused; the hdf5 (this run's data) stayed beside the other's pkl."""
+    target = tmp_path / "d" / "hopper-random-v2.pkl"
+    monkeypatch.setattr(generation, "generate_flat", other_writes(target, generation.generate_flat))
+    script = load_script("data/generate_datasets.py")
+    argv = ["--env", "hopper", "--dataset", "random", "--num_transitions", "1100", "--data_path", tmp_path / "d",
+            "--no_progress"]
+    msg = fails(script.main, argv, capsys)
+    assert "hopper-random-v2.pkl was written by another process meanwhile" in msg
+    assert msg.endswith(f"the hdf5 generated with this one, {tmp_path / 'd' / 'hopper_random-v2.hdf5'}, is removed "
+                        f"with it")
+    assert target.read_bytes() == OTHER and only(tmp_path / "d", "hopper-random-v2.pkl")
+
+
 def test_a_training_run_uses_a_dataset_written_while_it_generated_its_own(tmp_path, monkeypatch):
     target = tmp_path / "hopper-random-v2.pkl"
     said = []
