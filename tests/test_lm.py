@@ -631,6 +631,42 @@ def test_a_file_in_the_token_caches_place_is_refused_before_the_data(lm_dirs, tm
     assert listed(tmp_path) == [data]
 
 
+def test_a_token_cache_that_cannot_be_written_is_a_warning_and_the_run_goes_on(lm_dirs, tmp_path, monkeypatch,
+                                                                                capsys):
+    """A read-only --data_path (a shared mount): the cache only saves time, so the tokens are used without it; the
+    run used to stop, either before the data (a missing cache folder) or after tokenising (an existing one)."""
+    import errno
+
+    from decision_transformer import checkpoint
+    from decision_transformer.training import lm_cotrain
+    from decision_transformer.training.lm_cotrain import cached_tokenize_corpus, load_tokenizer
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((lm_dirs / "corpus.txt").read_text()[:5000])
+    tok = load_tokenizer(lm_dirs / "gpt2", None)
+    monkeypatch.setattr(checkpoint.torch, "save", read_only)
+    blocks = cached_tokenize_corpus([corpus], tok, 16, 400, tmp_path / "cache")
+    assert torch.equal(blocks, lm_cotrain.tokenize_corpus([corpus], tok, 16, 400))
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"warning: cannot write {tmp_path / 'cache'}/joint_") and "\n" not in err
+    assert err.endswith("; the tokens are used without a cache (--no_token_cache: none, and no warning)")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == []          # no temporary file left
+    # the up-front check leaves a folder that cannot be written alone (a file in the cache's place is still refused)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if mode & os.W_OK else real(p, mode, *a, **k))
+    assert not os.access(tmp_path, os.W_OK)
+    args = Namespace(pretrained_block=None, nlp_dataset_name=str(corpus), nlp_dataset_config_name=None,
+                     data_path=str(tmp_path / "ro"), no_token_cache=False, pretrained_lm="gpt2", tokenizer_name=None)
+    lm = Namespace(model_type="gpt2", path=lm_dirs / "gpt2")
+    assert lm_cotrain.joint_sources(args, lm)[0] == [corpus]
+    (tmp_path / "ro").write_text("a file\n")
+    with pytest.raises(UserError, match="token cache .* but .* is a file"):
+        lm_cotrain.joint_sources(args, lm)
+
+
 def test_joint_token_cache(lm_dirs, tmp_path, monkeypatch, capsys):
     import os
 

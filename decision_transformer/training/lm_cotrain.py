@@ -157,7 +157,11 @@ def cached_tokenize_corpus(files: list[Path], tokenizer, block_size: int, vocab_
     blocks = tokenize_corpus(files, tokenizer, block_size, vocab_size)
     from decision_transformer.checkpoint import atomic_save
 
-    atomic_save({"blocks": blocks, "files": [str(f) for f in files]}, path)
+    try:
+        atomic_save({"blocks": blocks, "files": [str(f) for f in files]}, path)
+    except UserError as e:   # a cache only saves time: a read-only --data_path (a shared mount) does not stop the run
+        print(f"warning: {e}; the tokens are used without a cache (--no_token_cache: none, and no warning)",
+              file=sys.stderr)
     return blocks
 
 
@@ -258,8 +262,10 @@ def joint_sources(args, lm):
     if not getattr(args, "no_token_cache", False):   # (written once the corpus is tokenised)
         from decision_transformer.files import refuse_files_above
 
-        cache = Path(args.data_path) / "token_cache"
-        refuse_files_above(cache, "--joint's token cache (--no_token_cache: none)", writable=not cache.is_dir())
+        # a file in its place is a mistake to say at once; a folder that cannot be written only goes without the
+        # cache (cached_tokenize_corpus warns)
+        refuse_files_above(Path(args.data_path) / "token_cache", "--joint's token cache (--no_token_cache: none)",
+                           writable=False)
     return files, load_tokenizer(lm.path, args.tokenizer_name)
 
 
