@@ -717,6 +717,10 @@ def _run_locked(args, script: str, take_lock) -> dict:
     if lm_script:  # LAWSON: {outdir or models/{env}}/dt_{exp_prefix}/ (named once the run id is drawn, below)
         run_dir = None if args.outdir == "" else Path(args.outdir or Path(project_path("models")) / args.env)
     st_path = resume_state_path(args, run_dir, lm_script) if args.resume else None  # before the merge: nothing to redo if absent
+    if not args.resume and run_dir is not None and not lm_script and not args.pretrained_models:
+        # the folder is named already (LM-script and merge runs get a fresh one, named once the run id is drawn):
+        # said before the model is built and the data loaded or generated, not after
+        check_inputs_outside(run_dir, args)
 
     model = (build_bc_model(args, spec) if bc else build_model_from_args(args, spec, lm)).to(device)
     cfg = model.config

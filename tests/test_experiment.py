@@ -387,6 +387,14 @@ def test_a_fresh_run_starting_from_a_model_in_its_own_folder_is_refused(tmp_path
                                     "2", "--num_eval_episodes", "0", "--load_checkpoint", str(path)])
         assert msg.startswith(f"error: --load_checkpoint {path} lies in the folder this run writes")
     assert {p.name for p in run_dir(tmp_path).iterdir()} == before
+    # said before the model is built and the data loaded (or generated, for minutes)
+    from decision_transformer import run as run_module
+
+    with monkeypatch.context() as m:
+        m.setattr(run_module, "build_model_from_args", lambda *a, **k: pytest.fail("the model was built"))
+        m.setattr(run_module, "load_dataset", lambda *a, **k: pytest.fail("the data step was reached"))
+        msg = expect_error(capsys, ["--data_path", str(hopper_data), *TINY, "--load_checkpoint", str(src)])
+        assert msg.startswith(f"error: --load_checkpoint {src} lies in the folder this run writes")
     copy = tmp_path / "start.pt"
     copy.write_bytes(src.read_bytes())
     run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes", "0",
