@@ -160,14 +160,18 @@ def _end_quiet_startup():
         signal.signal(sig, handler)
 
 
-def expand_home(argv: list[str]) -> list[str]:
-    """``--flag=~/path`` as the shell gives ``--flag ~/path``: the shell expands ``~`` only at the start of a word, so
-    a path flag written with ``=`` would otherwise name a folder called ``~`` in the working directory."""
+def expand_home(argv: list[str], words: bool = False) -> list[str]:
+    """``--flag=~/path`` (or ``-f=~/path``) as the shell gives ``--flag ~/path``: the shell expands ``~`` only at the
+    start of a word, so a path flag written with ``=`` would otherwise name a folder called ``~`` in the working
+    directory. ``words``: also a whole argument that starts with ``~``, for command lines no shell has read (a sweep
+    grid's values, its ``--extra`` split by ``shlex``)."""
     out = []
     for a in argv:
         flag, eq, value = a.partition("=")
-        if a.startswith("--") and eq and value.startswith("~"):
+        if a.startswith("-") and eq and value.startswith("~"):
             a = f"{flag}={os.path.expanduser(value)}"
+        elif words and a.startswith("~"):
+            a = os.path.expanduser(a)
         out.append(a)
     return out
 

@@ -35,7 +35,7 @@ from decision_transformer.errors import quiet_startup
 quiet_startup(__name__)  # (python -m: Ctrl-C while torch loads is one line, exit 130)
 
 from decision_transformer.cli import positive_int
-from decision_transformer.errors import Interrupted, UserError, cli_entry, first_line
+from decision_transformer.errors import Interrupted, UserError, cli_entry, expand_home, first_line
 from decision_transformer.files import open_lock, short_name
 from decision_transformer.cpu import available_cpus
 from decision_transformer.paths import project_path
@@ -593,7 +593,8 @@ def plan_runs(spec: dict, extra: list[str]) -> list[Run]:
     lm_found: dict[str, str | None] = {}
     owners: dict[Path, int] = {}
     for i, params in enumerate(expand(spec)):
-        argv = to_argv(params) + extra
+        # no shell reads these: a ~ in a grid value or in --extra is the home folder here, as in the run it starts
+        argv = expand_home(to_argv(params) + extra, words=True)
         try:
             found = inspect_run(program, argv)
         except UserError as e:

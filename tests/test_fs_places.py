@@ -111,10 +111,28 @@ def test_a_tilde_after_an_equals_sign_is_the_home_folder(tmp_path, monkeypatch, 
     from decision_transformer.errors import expand_home
 
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert expand_home(["--a=~/x", "--b", "~/y", "-c=~/z", "--d=x~", "--e=~", "p=~/x", "--f=~/g=~/h"]) == [
-        f"--a={tmp_path}/x", "--b", "~/y", "-c=~/z", "--d=x~", f"--e={tmp_path}", "p=~/x", f"--f={tmp_path}/g=~/h"]
+    argv = ["--a=~/x", "--b", "~/y", "-c=~/z", "--d=x~", "--e=~", "p=~/x", "--f=~/g=~/h"]
+    assert expand_home(argv) == [f"--a={tmp_path}/x", "--b", "~/y", f"-c={tmp_path}/z", "--d=x~", f"--e={tmp_path}",
+                                 "p=~/x", f"--f={tmp_path}/g=~/h"]
+    # a command line no shell read (a sweep grid's values, its --extra): whole words too
+    assert expand_home(argv, words=True)[2] == f"{tmp_path}/y"
     monkeypatch.setattr(sys, "argv", ["results_table.py", "--row", f"a={tmp_path / 'nothing.pt'}", "--envs", "hopper",
                                       "--out=~/results/"])
     with pytest.raises(SystemExit):
         results_table.main()
     assert capsys.readouterr().err.startswith(f"error: --out {tmp_path / 'results'}/: give a file name")
+
+
+def test_a_sweep_reads_a_tilde_where_its_runs_do(tmp_path, monkeypatch):
+    """A grid value or an --extra flag with ~: the launcher looked for (and locked) a folder named ~ in the working
+    directory while the run it started wrote to the home folder, so a finished run was trained again."""
+    from decision_transformer import sweep
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    spec = {"program": "experiment.py", "name": "t", "fixed": {"outdir": "~/ck", "K": 5, "max_iters": 1},
+            "grid": {"seed": [1]}}
+    for extra in ([], ["--data_path=~/data"], ["--data_path", "~/data"]):
+        (r,) = sweep.plan_runs(spec, extra)
+        assert r.found.target == str(tmp_path / "ck" / "dt_medium_hopper_1_K5")
+        assert "~/ck" not in r.cmd and str(tmp_path / "ck") in r.cmd
+        assert not any("~" in a for a in r.cmd)
