@@ -411,7 +411,9 @@ def test_corrupt_dataset(tmp_path, monkeypatch, capsys):
 
 def test_checkpoint_mismatch_names_tensor(tmp_path, monkeypatch, capsys, hopper_data):
     run(tmp_path, monkeypatch, hopper_data, "--max_iters", "1", "--num_steps_per_iter", "1", "--num_eval_episodes", "0")
-    ckpt = run_dir(tmp_path) / "model_1.pt"
+    # (outside the run's folder, which these flags name too: a source in it is refused first, before the model is built)
+    ckpt = tmp_path / "model_1.pt"
+    shutil.copy(run_dir(tmp_path) / "model_1.pt", ckpt)
     argv = ["--data_path", str(hopper_data), *TINY, "--embed_dim", "64", "--load_checkpoint", str(ckpt)]
     msg = expect_error(capsys, argv)
     assert "does not match the model" in msg and "shape mismatch for transformer.wte.weight" in msg
