@@ -45,7 +45,7 @@ run bench_train_compile 90 "$py" benchmarks/bench_train.py --device cuda --confi
     --compile reduce-overhead
 run check_precision_paper 125 "$py" benchmarks/check_precision.py --device cuda --config paper --steps 100
 run check_precision_gpt2 40 "$py" benchmarks/check_precision.py --device cuda --config gpt2 --steps 50 --no_compile
-run bench_analysis 40 "$py" benchmarks/bench_analysis.py --device cuda --mine_estimates 118 --mine_iters 5
+run bench_analysis 40 "$py" benchmarks/bench_analysis.py --device cuda --mine_estimates 118 --mine_iters 3
 echo "== summary (printed only: \$OUT keeps the 7 logs, under the device tool's 8 files; rerun it on the logs anywhere)"
 "$py" benchmarks/gpu_summary.py "$out"
 exit $status
