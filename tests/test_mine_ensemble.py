@@ -104,6 +104,19 @@ def test_the_progress_bar_counts_every_step(monkeypatch):
     assert len(bars) == 1                                         # no title, no bar
 
 
+def test_a_log_gets_a_line_per_ensemble(capsys):
+    """stderr not a terminal (a log file: no progress bar): a line after each ensemble when there are several."""
+    pairs = _pairs(WIDTHS[:3])
+    estimate_mi_many(pairs, [0, 1, 2], iters=1, ensemble=2, desc="MINE test", **SMALL)
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split(" (")[0] for ln in lines] == ["MINE test: 2 of 3 estimates trained",
+                                                   "MINE test: 3 of 3 estimates trained"]
+    assert all(ln.endswith(" s)") for ln in lines)
+    estimate_mi_many(pairs, [0, 1, 2], iters=1, desc="MINE test", **SMALL)          # one ensemble: the caller says
+    estimate_mi_many(pairs, [0, 1, 2], iters=1, ensemble=2, **SMALL)                # no title: nothing
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda p: estimate_mi_many(p, [1]), "estimate_mi_many takes one seed per pair: 2 pairs, 1 seeds"),
     (lambda p: estimate_mi_many(p, [1, 2], ensemble=0), "the MINE ensemble size must be at least 1, got 0"),

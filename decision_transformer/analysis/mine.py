@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -372,6 +374,7 @@ def estimate_mi_many(pairs, seeds, *, iters: int = 1000, batch_size: int = 50, l
     steps = sum(iters * (n // min(batch_size, n)) for (n, _), members in groups.items()
                 for _ in range(0, len(members), ensemble))
     out = [float("nan")] * len(pairs)
+    done, start = 0, time.perf_counter()
     with progress(steps, desc) if desc else contextlib.nullcontext() as bar:
         for chunk in chunks:
             est = MineEnsemble([(pairs[i][0].shape[1], pairs[i][1].shape[1]) for i in chunk], [seeds[i] for i in chunk],
@@ -381,6 +384,10 @@ def estimate_mi_many(pairs, seeds, *, iters: int = 1000, batch_size: int = 50, l
                     progress=bar)
             for i, v in zip(chunk, est.estimate([evals[i][0] for i in chunk], [evals[i][1] for i in chunk])):
                 out[i] = v
+            done += len(chunk)
+            if desc and len(chunks) > 1 and not sys.stderr.isatty():   # (a log file gets no bar: a line a chunk)
+                print(f"{desc}: {done} of {len(pairs)} estimates trained ({time.perf_counter() - start:.0f} s)",
+                      file=sys.stderr)
     return out
 
 
