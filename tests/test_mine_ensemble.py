@@ -174,3 +174,20 @@ def test_the_ensemble_is_built_inside_forked_rng():
     state = torch.random.get_rng_state()
     mine.MineEnsemble([(1, 2)], [3], hidden=4, hidden_layers=1)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_one_estimator_trains_without_host_sync_and_stops_counting_at_a_nan(monkeypatch):
+    """Mine.fit (estimate_mi's path) reads its bounds once, after the loop (it read two a step); a NaN bound still
+    ends in FloatingPointError, with the history up to it."""
+    reads = []
+    real = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: reads.append(1) or real(self))
+    x, y = _pairs([(2, 2)], n=64)[0]
+    m = mine.Mine(2, 2, hidden=8, hidden_layers=1, seed=0).fit(x, y, iters=3, batch_size=32)
+    assert reads == [1] and len(m.history) == 6 and all(isinstance(v, float) for v in m.history)
+    bad = x.copy()
+    bad[:] = np.nan
+    m = mine.Mine(2, 2, hidden=8, hidden_layers=1, seed=0)
+    with pytest.raises(FloatingPointError, match="MINE bound became NaN or inf"):
+        m.fit(bad, y, iters=3, batch_size=32)
+    assert m.history == []

@@ -144,6 +144,9 @@ class Mine:
         if bs < 2:
             raise UserError(f"MINE needs at least 2 samples per batch, got {n} samples")
         self.net.train()
+        # no host synchronisation a step: the bounds stay on the device until the end, and a NaN or inf bound stops
+        # the training from then on (its gradient masked) instead of being tested for at once
+        finite, bounds = torch.ones((), dtype=torch.bool, device=self.device), []
         for _ in range(iters):
             perm = self._perm(n)
             for b in range(n // bs):
@@ -152,12 +155,18 @@ class Mine:
                 t_joint = self._T(xb, yb)
                 t_marg = self._T(xb, yb[self._perm(bs)])
                 bound = self._objective(t_joint, t_marg)
-                if not torch.isfinite(bound):
-                    raise FloatingPointError("MINE bound became NaN or inf")
+                finite &= torch.isfinite(bound.detach())
                 self.opt.zero_grad(set_to_none=True)
-                (-bound).backward()
+                (-torch.where(finite, bound, torch.zeros_like(bound))).backward()
                 self.opt.step()
-                self.history.append(float(bound.detach()))
+                bounds.append(bound.detach())
+        if bounds:
+            history = torch.stack(bounds).cpu()
+            if not bool(finite):
+                first = int(torch.nonzero(~torch.isfinite(history))[0])
+                self.history += history[:first].tolist()
+                raise FloatingPointError("MINE bound became NaN or inf")
+            self.history += history.tolist()
         return self
 
     @torch.no_grad()
