@@ -28,9 +28,10 @@ def _pairs(widths, n=100, seed=0):
 WIDTHS = [(1, 8), (3, 8), (2, 5), (3, 8)]
 
 
-# mine_biased's gradient makes training chaotic: a relative change of 1e-7 in one input moves its estimate by a few
-# hundredths of a nat within 30 passes, in the one-by-one path alone. Its check therefore runs one pass.
-@pytest.mark.parametrize("loss,iters", [("mine", 30), ("fdiv", 30), ("mine_biased", 1)])
+# MINE training is chaotic: a relative change of 1e-7 in one input moves an estimate by a few thousandths of a nat
+# within 20 passes with the "mine" loss (hundredths within 30, depending on the CPU's float kernels) and within fewer
+# with "mine_biased", in the one-by-one path alone. Their checks therefore stop before the rounding has grown.
+@pytest.mark.parametrize("loss,iters", [("mine", 5), ("fdiv", 30), ("mine_biased", 1)])
 @pytest.mark.parametrize("ensemble", [1, 2, 128])
 def test_the_same_estimates_as_one_by_one(loss, iters, ensemble):
     pairs = _pairs(WIDTHS)

@@ -273,7 +273,7 @@ def test_a_merge_run_has_its_own_wandb_name(offline, tmp_path, monkeypatch):
     (rd,) = (tmp_path / "checkpoints").glob("dt_medium_hopper_666_K5_*")
     exp_id = json.loads((rd / "config.json").read_text())["exp_id"]
     assert rd.name.endswith(f"_{exp_id}")
-    assert wandb_records(offline)["run"].display_name == f"gym-experiment-hopper-medium-dt-666-K5-{exp_id}"
+    assert finished_records(offline)["run"].display_name == f"gym-experiment-hopper-medium-dt-666-K5-{exp_id}"
 
 
 def test_from_wandb_leaves_out_merge_runs_of_the_plain_name(monkeypatch):
