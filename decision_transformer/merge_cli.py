@@ -203,11 +203,13 @@ def run_merge(args) -> Path:
                                                   check_selection, merge_multi_states, merge_single_sources,
                                                   merge_words, multi_fisher, resolve_method, warn_architecture,
                                                   warn_inert_p)
+    from decision_transformer.merge_setup import check_favor_target
     from decision_transformer.run import resolve_device
 
+    method = resolve_method(args)
+    check_favor_target(args, method, len(args.models))
     device = resolve_device(args.device, args.threads)
     sources = [load_model_file(m) for m in args.models]
-    method = resolve_method(args)
     warn_inert_p(args.p, method, len(sources))
     n_multi = sum(s.is_multi for s in sources)
     if n_multi not in (0, len(sources)):

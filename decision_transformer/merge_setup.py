@@ -64,6 +64,15 @@ def warn_inert_p(p: float, method: str, n: int):
             f"or Fisher merge")
 
 
+def check_favor_target(args, method: str, n: int):
+    """``--fisher_favor_target`` floors only model 1's Fisher; ``--p 1`` gives model 1 no weight in a 2-model Fisher
+    merge, so an element where model 2's Fisher is 0 would be 0/0. Refused before any Fisher is estimated."""
+    if method == "fisher" and n == 2 and getattr(args, "fisher_favor_target", False) and args.p == 1:
+        raise UserError("--fisher_favor_target floors only model 1's Fisher, and --p 1 gives model 1 no weight: where "
+                        "model 2's Fisher is 0 the merge would be 0/0; use --p below 1 or leave out "
+                        "--fisher_favor_target")
+
+
 def check_experiment_merge(args):
     """``experiment.py``'s merge flags that can be judged before any model is loaded: ``--merge_frozen`` and
     ``--identity_layers`` need ``--include``, ``--flip`` at most 2 models, a merge method other than the uniform mean 2 or
@@ -86,6 +95,7 @@ def check_experiment_merge(args):
     n = len(args.pretrained_models) + (len(args.pretrained_models) == 1 and bool(getattr(args, "pretrained_lm", None)))
     if len(args.pretrained_models) > 1 or n == 2:
         warn_inert_p(args.p, method, n)
+        check_favor_target(args, method, n)
     else:   # one model, no LM: loaded whole, nothing to weight or flip
         inert = [f for f, on in (("--p", args.p != 0.5), ("--flip", getattr(args, "flip", False))) if on]
         if inert:

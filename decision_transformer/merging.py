@@ -265,6 +265,9 @@ def merge_fisher(states: Sequence[StateDict], fishers: Sequence[StateDict], keys
         coeffs = [_check_finite(c, "a Fisher merge coefficient") for c in coeffs]
         if any(c < 0 for c in coeffs) or not any(c > 0 for c in coeffs):
             raise UserError(f"Fisher merge coefficients must be >= 0 and not all 0, got {coeffs}")
+    if favor_target and floor > 0 and coeffs[0] == 0:
+        raise UserError("favor_target floors only model 1's Fisher, whose merge coefficient is 0: where the other "
+                        "models' Fishers are 0 the merge would be 0/0")
     fkeys = fisher_keys(states, fishers, keys)
     if not fkeys:
         raise UserError("none of the merged tensors has Fisher information (the Fisher covers transformer.h only)")

@@ -185,9 +185,11 @@ def check_multi_args(args):
         raise UserError("--eval_merge_pre picks --p_list's p by evaluating each, but --num_eval_episodes 0 evaluates "
                         "nothing")
     if args.multi_pretrained_models:   # (as merge_cli: --p weights the two models of a mean or Fisher merge only)
-        from decision_transformer.merge_setup import resolve_method, warn_inert_p
+        from decision_transformer.merge_setup import check_favor_target, resolve_method, warn_inert_p
 
-        warn_inert_p(args.p, resolve_method(args), len(args.multi_pretrained_models))
+        method, n = resolve_method(args), len(args.multi_pretrained_models)
+        warn_inert_p(args.p, method, n)
+        check_favor_target(args, method, n)
     check_idle_run(args)
 
 

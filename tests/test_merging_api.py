@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import fails
 from decision_transformer import merge_cli, merge_setup, merging
 from decision_transformer.checkpoint import atomic_save, load_checkpoint, make_checkpoint
 from decision_transformer.errors import UserError
@@ -403,3 +404,32 @@ def test_regmean_refuses_a_non_finite_gram():
     with pytest.raises(UserError) as e:
         merging.merge_regmean([{"l.weight": W[0]}, {"l.weight": W[1]}], [{"l": G}, {"l": bad}], ["l.weight"])
     assert one_line(e) == "merge_regmean: the Gram matrices of model 2: tensor l contains NaN or inf"
+
+
+def test_favor_target_with_p_1_is_refused_before_any_model_is_read(tmp_path, capsys):
+    """--fisher_favor_target floors model 1's Fisher only; --p 1 gives model 1 no weight, so where model 2's Fisher is
+    0 the merge was 0/0 (a NaN stop after the Fisher estimates, without the reason). Refused up front, in the
+    library, merge_cli and experiment.py alike."""
+    from decision_transformer.cli import experiment_parser
+    from decision_transformer.merge_setup import check_experiment_merge
+
+    a, b = dt_state(1, 0), dt_state(1, 1)
+    keys = [k for k in a if ".attn.c_attn.weight" in k]
+    fa, fb = {k: torch.rand_like(a[k]) for k in keys}, {k: torch.rand_like(b[k]) for k in keys}
+    fb[keys[0]][0, 0] = 0.0
+    with pytest.raises(UserError, match="favor_target floors only model 1's Fisher, whose merge coefficient is 0"):
+        merging.merge_fisher([a, b], [fa, fb], keys, favor_target=True, coeffs=[0.0, 1.0])
+    out = merging.merge_fisher([a, b], [fa, fb], keys, favor_target=True, coeffs=[0.01, 0.99])
+    assert all(torch.isfinite(out[k]).all() for k in keys)
+    msg = ("error: --fisher_favor_target floors only model 1's Fisher, and --p 1 gives model 1 no weight: where model "
+           "2's Fisher is 0 the merge would be 0/0; use --p below 1 or leave out --fisher_favor_target")
+    missing = [str(tmp_path / "no_such_a.pt"), str(tmp_path / "no_such_b.pt")]   # (never read: refused first)
+    assert fails(merge_cli.main, ["--models", *missing, "--merge_method", "fisher", "--fisher_favor_target", "--p", "1",
+                                  "--out", tmp_path / "m.pt"], capsys) == msg
+    with pytest.raises(UserError) as e:
+        check_experiment_merge(experiment_parser().parse_args(["--pretrained_models", "a", "b", "--use_fisher",
+                                                               "--fisher_favor_target", "--p", "1"]))
+    assert f"error: {e.value}" == msg
+    for flags in (["--use_fisher", "--fisher_favor_target", "--p", "0.9"], ["--use_fisher", "--p", "1"],
+                  ["--fisher_favor_target", "--p", "1"]):                  # (the last: a mean merge, no Fisher)
+        check_experiment_merge(experiment_parser().parse_args(["--pretrained_models", "a", "b", *flags]))

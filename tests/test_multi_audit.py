@@ -382,3 +382,11 @@ def test_training_only_flags_in_a_run_that_trains_nothing_are_warned_about(data,
     assert "no effect with" not in capsys.readouterr().err
     experiment_multi.main([str(a) for a in [*base, "--init_reg", "1e-3"]])
     assert "no effect with" not in capsys.readouterr().err
+
+
+def test_favor_target_with_p_1_is_refused_before_the_models_are_read(tmp_path, capsys):
+    """As in merge_cli and experiment.py: model 1's floor is its only one, and --p 1 gives it no weight (0/0)."""
+    missing = [tmp_path / "a.pt", tmp_path / "b.pt"]
+    msg = fails(experiment_multi.main, ["--multi_pretrained_models", *missing, "--use_fisher", "--fisher_favor_target",
+                                        "--p", "1"], capsys)
+    assert msg.startswith("error: --fisher_favor_target floors only model 1's Fisher, and --p 1 gives model 1 no")
