@@ -73,6 +73,21 @@ def test_cosine_eps_is_the_originals_additive_term(model):
     assert (st.cosine(0.25, eps=e).abs() < st.cosine(0.25).abs() - 1e-4).all()
 
 
+def test_the_default_cosine_does_not_depend_on_the_gradients_scale():
+    """Without --eps the cosine is that of the directions: gradients with norms of 1e-2, 1e-4 or 1e-7 (products far
+    below 1e-6, which the product's lower bound of 1e-6 used to shrink towards 0) give the same matrix, with its
+    diagonal of ones; a zero gradient's cosines are 0."""
+    g = torch.randn(5, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    g[4] = 0.0
+    expected = torch.nn.functional.cosine_similarity(g[:, None], g[None], dim=-1)   # (0 where a norm is 0)
+    for scale in (1e-2, 1e-4, 1e-7):
+        gs = g / g[:4].norm(dim=1).max() * scale
+        st = GradStats(gram_h=gs @ gs.T, sqnorm_h=(gs * gs).sum(1), sqnorm_all=(gs * gs).sum(1))
+        cos = st.cosine(0.25)
+        torch.testing.assert_close(cos, expected, rtol=1e-9, atol=1e-12)
+        assert torch.allclose(torch.diagonal(cos)[:4], torch.ones(4, dtype=cos.dtype), rtol=1e-12, atol=0)
+
+
 def test_used_parameters_skip_the_unused_tables(model):
     names = used_parameters(model, _batch())
     assert "transformer.wte.weight" not in names and "transformer.wpe.weight" not in names

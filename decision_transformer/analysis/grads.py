@@ -36,7 +36,6 @@ from decision_transformer.training import GRAD_CLIP, masked_action_mse, module_m
 
 H_PREFIX = "transformer.h."
 CLIP_EPS = 1e-6           # torch.nn.utils.clip_grad_norm_: coef = max_norm / (total_norm + 1e-6)
-COS_EPS = 1e-6
 #: the original's additive term in the cosine's denominator (``--eps`` reproduces it)
 TAKAGI_COS_EPS = 1e-6
 
@@ -118,12 +117,14 @@ class GradStats:
     def cosine(self, clip: float | None = GRAD_CLIP, eps: float = 0.0) -> torch.Tensor:
         """[n, n] cosine similarity of the (clipped) ``transformer.h`` gradients: gᵢ·gⱼ / (‖gᵢ‖‖gⱼ‖ + eps). The
         original added eps = 1e-6, which pulls the cosines of small (clipped) gradients towards 0; with eps 0 the
-        product is only kept from 0 (at least ``COS_EPS``) so that a zero gradient gives 0, not NaN."""
+        cosine is that of the directions whatever the norms, and a zero gradient's cosines are 0 (not NaN)."""
         c = self.clip_coef(clip) if clip is not None else torch.ones_like(self.sqnorm_h)
         g = self.gram_h * c[:, None] * c[None, :]
         nrm = torch.sqrt(torch.diagonal(g).clamp(min=0))
         prod = nrm[:, None] * nrm[None, :]
-        return g / (prod + eps) if eps > 0 else g / torch.clamp(prod, min=COS_EPS)
+        if eps > 0:
+            return g / (prod + eps)
+        return torch.where(prod > 0, g / torch.where(prod > 0, prod, 1.0), 0.0)
 
 
 def _groups(model, names: list[str], n: int, max_bytes: int) -> list[list[str]]:
