@@ -177,6 +177,9 @@ def test_legacy_attention_distance_by_hand():
     c_attn = torch.cat([torch.zeros(2, T, D), torch.randn(2, T, 2 * D)], dim=-1)
     expected = (T - 1) * T * (T + 1) / 6 / T / T ** 2
     assert torch.allclose(legacy_attention_distance(c_attn), torch.full((2,), expected, dtype=torch.float64))
+    # --distance_unit timestep: |i//3 - j//3| (it was ignored, and the file tagged _timestep held token distances)
+    steps = sum(i // 3 - j // 3 for i in range(T) for j in range(i + 1)) / T / T ** 2
+    assert torch.allclose(legacy_attention_distance(c_attn, "timestep"), torch.full((2,), steps, dtype=torch.float64))
 
 
 def test_model_attention_is_masked_and_per_head():
@@ -197,6 +200,8 @@ def test_model_attention_is_masked_and_per_head():
     assert np.allclose(d[:, 0], attention_distance(probs.detach(), tm).numpy())
     legacy = model_attention_distances(model, batch, legacy=True)
     assert legacy.shape == (3, 2, 1) and not math.isclose(float(legacy[0, 0, 0]), float(d[0, 0].mean()))
+    legacy_steps = model_attention_distances(model, batch, unit="timestep", legacy=True)
+    assert (legacy_steps < legacy).all()                        # |i//3 - j//3| < |i - j| for some pairs of every row
 
 
 def test_the_confusion_script_applies_eps(tmp_path, tiny_runs):  # noqa: F811

@@ -61,13 +61,14 @@ def attention_distance(probs: torch.Tensor, token_mask: torch.Tensor | None = No
     return (per_query * w).sum(-1) / w.sum(-1).clamp(min=1)
 
 
-def legacy_attention_distance(c_attn_out: torch.Tensor) -> torch.Tensor:
-    """TAKAGI: c_attn output [B, T, 3D] -> [B]: W = tril(softmax(Q Kᵀ / √D)), d = Σ W_ij |i - j| / T²."""
+def legacy_attention_distance(c_attn_out: torch.Tensor, unit: str = "token") -> torch.Tensor:
+    """TAKAGI: c_attn output [B, T, 3D] -> [B]: W = tril(softmax(Q Kᵀ / √D)), d = Σ W_ij |i - j| / T², with |i - j|
+    in tokens (the original) or in timesteps."""
     _, T, D3 = c_attn_out.shape
     D = D3 // 3
     q, k = c_attn_out[..., :D].to(torch.float64), c_attn_out[..., D:2 * D].to(torch.float64)
     w = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(D), dim=-1).tril()
-    return (w * distance_matrix(T, "token", c_attn_out.device)).sum((1, 2)) / T ** 2
+    return (w * distance_matrix(T, unit, c_attn_out.device)).sum((1, 2)) / T ** 2
 
 
 @torch.no_grad()
@@ -77,7 +78,8 @@ def model_attention_distances(model, batch, unit: str = "token", legacy: bool = 
     batch = batch_for(model, batch, "model_attention_distances")
     if legacy:
         acts = get_activations(model, batch, entries=("attn.c_attn",))
-        return torch.stack([legacy_attention_distance(v) for v in acts.values()], dim=1)[:, :, None].cpu().numpy()
+        return torch.stack([legacy_attention_distance(v, unit) for v in acts.values()],
+                           dim=1)[:, :, None].cpu().numpy()
     s, a, r, t, m = model_inputs(batch)
     with module_mode(model, False):
         out = model(s, a, r, t, attention_mask=m, output_attentions=True)
