@@ -92,6 +92,9 @@ def test_cka_matrix_matches_pairs(xy):
     assert np.allclose(cka_matrix(tiny, tiny), cka_matrix(feats, feats), atol=1e-12)
     assert cka_matrix(tiny, tiny, eps=1e-6)[0, 0] < 0.5
     assert abs(cka_matrix([torch.ones(100, 3)], feats[:1])[0, 0]) < 1e-9   # constant representation: 0, not NaN
+    for a, b in (([], feats), (feats, [])):                                 # (was a torch.stack traceback)
+        with pytest.raises(UserError, match="^CKA needs at least one layer's features on each side, got"):
+            cka_matrix(a, b)
 
 
 def test_token_selection_positions_and_legacy_axis():

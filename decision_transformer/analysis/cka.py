@@ -177,6 +177,8 @@ def cka_matrix(feats1: list, feats2: list, kernel: str = "linear", debiased: boo
         c = torch.stack([center_gram(_gram(f, kernel, threshold), debiased).flatten() for f in feats])  # [L, n²]
         return c, torch.linalg.norm(c, dim=1)
 
+    if not len(feats1) or not len(feats2):
+        raise UserError(f"CKA needs at least one layer's features on each side, got {len(feats1)} and {len(feats2)}")
     sizes = {int(torch.as_tensor(f).shape[0]) if torch.as_tensor(f).dim() else 0 for f in [*feats1, *feats2]}
     if len(sizes) > 1:
         raise UserError(f"CKA compares the same examples: the features hold {sorted(sizes)} examples")
