@@ -109,7 +109,9 @@ def make_dataset(data_path: str | os.PathLike, env: str, dataset: str, num_trans
     """Write ``{data_path}/{env}-{dataset}-v2.pkl`` from random-policy rollouts; returns its path. Too few
     transitions for one episode to end is an error (the unfinished tail is dropped), not an empty file. An existing
     file of that name (perhaps a real D4RL dataset) is kept, with a ``UserError``, unless ``overwrite``; ``dataset``
-    must be one of D4RL's names (``medium``, ...), the names the training scripts read."""
+    must be one of D4RL's names (``medium``, ...), the names the training scripts read. Under a name other than
+    ``random`` the pickle is marked as a stand-in (see :func:`write_pkl`): the scripts that read it say it is not
+    D4RL's dataset."""
     from decision_transformer.data import pkl_name, split_episodes
 
     get_env_spec(env)
@@ -121,6 +123,7 @@ def make_dataset(data_path: str | os.PathLike, env: str, dataset: str, num_trans
     trajs = split_episodes(rollout_flat(env, num_transitions, seed, max_ep_len=max_ep_len),
                            source=f"{num_transitions} random-policy steps of {env}", require_episode=True)
     try:
-        return write_pkl(path, trajs, replace=overwrite)
+        stand_in = None if dataset == "random" else f"random-policy data made by make_dataset, {num_transitions} steps"
+        return write_pkl(path, trajs, stand_in=stand_in, replace=overwrite)
     except WrittenMeanwhile:   # (another process wrote it since the check above)
         raise UserError(keep) from None

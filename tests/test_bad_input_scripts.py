@@ -31,6 +31,7 @@ def test_generate_datasets_seed(tmp_path, capsys, seed):
 
 def test_create_state_stats_bad_input(tmp_path, capsys):
     make_dataset(tmp_path, "hopper", "medium", 200, seed=0, max_ep_len=30)
+    made = sorted(p.name for p in tmp_path.iterdir())       # (the pkl and its stand-in mark)
     main = load_script("data/create_state_stats.py").main
     out = tmp_path / "state_stats.pkl"
     out.write_bytes(pickle.dumps({"kept": 1}))
@@ -43,13 +44,13 @@ def test_create_state_stats_bad_input(tmp_path, capsys):
     assert expect_error(capsys, main, ["--data_path", tmp_path, "--out", blocker / "x.pkl"]) == \
         f"error: --out writes to {blocker}/, but {blocker} is a file"   # (before any dataset is loaded)
     assert out.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "hopper-medium-v2.pkl", "state_stats.pkl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", *made, "state_stats.pkl"]
     # {"kept": 1} is not a stats table: a plain run (which updates the table) refuses it, --replace writes anew
     assert "state_stats.pkl" in expect_error(capsys, main, ["--data_path", tmp_path])
     assert out.read_bytes() == before
     main(["--data_path", str(tmp_path), "--replace"])   # replaces it whole, and leaves no temporary file
     assert set(pickle.loads(out.read_bytes())) == {"hopper-medium-v2"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "hopper-medium-v2.pkl", "state_stats.pkl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", *made, "state_stats.pkl"]
 
 
 BENCH_BAD = [

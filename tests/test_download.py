@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import importlib.util
+import pickle
 import threading
 from pathlib import Path
 
@@ -368,7 +369,8 @@ def test_a_stand_ins_pickle_is_never_in_place_without_its_mark(tmp_path, monkeyp
     script.main(["--hdf5", str(h5), "--data_path", str(pkl.parent)])
     assert seen == [True] and mark.is_file()
     # an interrupted stand-in write over a real pickle: the real one stays, unmarked
-    make_dataset(pkl.parent, "hopper", "medium", 400, max_ep_len=100, overwrite=True)
+    make_dataset(tmp_path / "real", "hopper", "random", 400, max_ep_len=100)   # (unmarked under this name)
+    synthetic.write_pkl(pkl, pickle.loads((tmp_path / "real" / "hopper-random-v2.pkl").read_bytes()))
     real = pkl.read_bytes()
     assert not mark.exists()
 

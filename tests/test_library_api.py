@@ -235,6 +235,22 @@ def test_make_dataset_keeps_an_existing_file(tmp_path):
     assert len(load_dataset(tmp_path, "hopper", "medium")[1]) >= 1
 
 
+def test_make_dataset_marks_random_policy_data_under_another_name(tmp_path, capsys):
+    """Random-policy data saved as hopper-medium is marked as a stand-in, so reading it says so (it trained and went
+    into score tables as D4RL's hopper-medium without a word); under the name random it is what the name says."""
+    from decision_transformer.data import stand_in_mark_path
+
+    medium = make_dataset(tmp_path, "hopper", "medium", 1500)
+    random = make_dataset(tmp_path, "hopper", "random", 1500)
+    assert stand_in_mark_path(medium).is_file() and not stand_in_mark_path(random).exists()
+    capsys.readouterr()
+    load_dataset(tmp_path, "hopper", "medium")
+    assert (f"warning: {medium} is a smoke-test stand-in (random-policy data made by make_dataset, 1500 steps), not "
+            f"D4RL's hopper-medium") in capsys.readouterr().err
+    load_dataset(tmp_path, "hopper", "random")
+    assert "stand-in" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("env, dataset, msg", [("hopper", "mediumm", "unknown dataset 'mediumm'"),
                                                ("hoper", "medium", "unknown env 'hoper'")])
 def test_make_dataset_refuses_names_the_scripts_cannot_read(tmp_path, env, dataset, msg):

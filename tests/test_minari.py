@@ -194,8 +194,8 @@ def test_a_stand_in_keeps_its_mark_through_minari(tmp_path, capsys):
     assert synthetic_stand_in(back / "hopper-medium-v2.pkl") == mark
     assert "marked as one" in capsys.readouterr().out
     # real data exported and imported over it: no mark on either side, and the old mark goes
-    make_dataset(tmp_path / "real", "hopper", "medium", 200, seed=0, max_ep_len=30)
-    script.main(["export", str(tmp_path / "real" / "hopper-medium-v2.pkl"), "dt/hopper/real-v0", "--minari_root", root])
+    make_dataset(tmp_path / "real", "hopper", "random", 200, seed=0, max_ep_len=30)   # (unmarked under this name)
+    script.main(["export", str(tmp_path / "real" / "hopper-random-v2.pkl"), "dt/hopper/real-v0", "--minari_root", root])
     assert minari_stand_in("dt/hopper/real-v0", root=root) is None
     script.main(["import", "dt/hopper/real-v0", "--dataset", "medium", "--data_path", str(back), "--minari_root", root,
                  "--force"])
