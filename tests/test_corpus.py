@@ -55,3 +55,20 @@ def test_the_joint_corpus_of_one_long_line_gives_the_blocks_of_the_whole_line(tm
     blocks = tokenize_corpus([one_line], tok, 16, 300, max_chars=300)
     n = len(whole) // 16
     assert blocks.dtype == torch.long and torch.equal(blocks, whole[:n * 16].view(n, 16))
+
+
+def test_blank_lines_of_a_joint_corpus_give_no_tokens(tmp_path):
+    """wikitext's raw files hold " \n" between paragraphs, which the datasets loader makes into rows "" (no tokens);
+    read line by line they were " \n" tokens in the --joint stream (a third of wiki.train.raw's lines)."""
+    from decision_transformer.training import lm_cotrain
+
+    tok = _bpe(tmp_path)
+    rows = [" = Title = \n", "the cat sat on the mat \n", "a dog ran \n"] * 40
+    raw = tmp_path / "wiki.train.raw"
+    raw.write_text("".join(f" \n{r}" for r in rows) + "\n\t\n")
+    expected = torch.tensor([i for r in rows for i in tok([r])["input_ids"][0]])
+    blocks = lm_cotrain.tokenize_corpus([raw], tok, 16, 300, chunk_lines=7)
+    n = len(expected) // 16
+    assert torch.equal(blocks, expected[:n * 16].view(n, 16))
+    cached = lm_cotrain.cached_tokenize_corpus([raw], tok, 16, 300, tmp_path / "cache")
+    assert torch.equal(cached, blocks)

@@ -92,8 +92,10 @@ def _find_tokenizer_dir(name, find_model_dir):
 def tokenize_corpus(files: list[Path], tokenizer, block_size: int, vocab_size: int,
                     chunk_lines: int = BATCH_LINES, max_chars: int = MAX_PIECE_CHARS) -> torch.Tensor:
     """Concatenate the tokens of every file (lines tokenised in batches, as ``datasets.map`` + ``group_texts``) and
-    cut them into [n_blocks, block_size] (the remainder is dropped)."""
-    ids = torch.from_numpy(encode_batches(text_batches(files, chunk_lines, max_chars), tokenizer))
+    cut them into [n_blocks, block_size] (the remainder is dropped). A blank line (whitespace only, as wikitext's
+    `` \n`` between paragraphs) gives no tokens, as the rows ``""`` the ``datasets`` wikitext loader makes of them."""
+    batches = ([line if line.strip() else "" for line in batch] for batch in text_batches(files, chunk_lines, max_chars))
+    ids = torch.from_numpy(encode_batches(batches, tokenizer))
     n = len(ids) // block_size
     if n == 0:
         raise UserError(f"--joint: the corpus ({', '.join(map(str, files))}) has {len(ids)} tokens, fewer than one "
@@ -134,7 +136,8 @@ def cached_tokenize_corpus(files: list[Path], tokenizer, block_size: int, vocab_
 
     if cache_dir is None:
         return tokenize_corpus(files, tokenizer, block_size, vocab_size)
-    h = hashlib.sha256(f"{block_size}|{_tokenizer_fingerprint(tokenizer)}".encode())
+    # ("blank-lines-empty": caches made while blank lines still gave tokens are not taken)
+    h = hashlib.sha256(f"blank-lines-empty|{block_size}|{_tokenizer_fingerprint(tokenizer)}".encode())
     for f in files:
         st = Path(f).stat()
         h.update(f"|{Path(f).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
