@@ -1330,6 +1330,24 @@ def test_a_tokenizer_folder_without_tokenizer_files_is_one_line(lm_dirs, tmp_pat
     assert len(load_tokenizer(lm_dirs / "gpt2", None)) > 100       # a folder with its tokenizer still loads
 
 
+def test_a_model_only_folder_gives_way_to_the_cached_tokenizer(lm_dirs, hf_home, tmp_path, monkeypatch, capsys):
+    """--joint with a model-only checkpoints/gpt2 (the README's offline recipe) and gpt2's snapshot, tokenizer
+    included, in the Hugging Face cache: the cache's tokenizer is used (the folder without one stopped the run)."""
+    import shutil
+
+    from decision_transformer.training.lm_cotrain import load_tokenizer
+
+    model_only = tmp_path / "checkpoints" / "gpt2"
+    model_only.mkdir(parents=True)
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(lm_dirs / "gpt2" / f, model_only / f)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    tok = load_tokenizer(model_only, None)
+    assert len(tok) == len(load_tokenizer(lm_dirs / "gpt2", None)) and len(tok) > 100
+    assert "--tokenizer_name gpt2: checkpoints/gpt2 holds no tokenizer files; using " in capsys.readouterr().err
+
+
 def test_a_cached_tokenizer_alone_is_no_model_and_planning_downloads_nothing(lm_dirs, tmp_path, monkeypatch):
     """A Hub snapshot holding only config and tokenizer files (left by --tokenizer_name gpt2) is not taken for the
     model: --pretrained_lm gpt2 then downloads the weights. A sweep's planning asks only whether the model could be

@@ -83,10 +83,20 @@ def _has_tokenizer(folder) -> bool:
 
 
 def _find_tokenizer_dir(name, find_model_dir):
+    """Where the tokenizer ``name`` is, looked up like an LM; a local model folder without tokenizer files (a model
+    saved alone, as in checkpoints/gpt2) gives way to the Hugging Face cache's snapshot of ``name`` that has them."""
     p = Path(name)
     if p.is_dir() and _has_tokenizer(p):
         return p, "local"
-    return find_model_dir(name, what="tokenizer", flag="--tokenizer_name")
+    path, where = find_model_dir(name, what="tokenizer", flag="--tokenizer_name")
+    if where == "local" and not _has_tokenizer(path):
+        from decision_transformer.models.pretrained import _hf_cached_snapshot
+
+        snap = _hf_cached_snapshot(name, weights=False)
+        if snap is not None and _has_tokenizer(snap):
+            print(f"--tokenizer_name {name}: {path} holds no tokenizer files; using {snap}", file=sys.stderr)
+            return snap, "hf-cache"
+    return path, where
 
 
 def tokenize_corpus(files: list[Path], tokenizer, block_size: int, vocab_size: int,
