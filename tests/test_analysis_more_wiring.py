@@ -154,7 +154,20 @@ def test_parameter_similarity_per_tensor_and_per_block():
     assert names == ["block 0", "block 1"]
     # block 0: a = (1, 0, 0, 2), b = (-1, 0, 0, 2); block 1: a = (3, 0, 0, 4), b = (3, 0, 0, -4)
     assert dist.tolist() == pytest.approx([2.0, 8.0])
-    assert cos.tolist() == pytest.approx([3 / (5 + 1e-6), -7 / (25 + 1e-6)])
+    assert cos.tolist() == pytest.approx([3 / 5, -7 / 25], rel=1e-12)
+    _, _, takagi = params.parameter_similarity(_sd(1.0), _sd(-1.0), concat=True, eps=1e-6)
+    assert takagi.tolist() == pytest.approx([3 / (5 + 1e-6), -7 / (25 + 1e-6)], rel=1e-12)
+
+
+def test_a_small_tensors_cosine_does_not_shrink_unless_eps_asks():
+    """A tensor of norm 1e-4 that keeps its direction has cosine 1 (the original's +1e-6 made it 1e-8 / (1e-8 + 1e-6)
+    ≈ 0.01, as if turned by 90°: ChibiT's small biases read so); --eps 1e-6 reproduces that."""
+    small, moved = _sd(1e-4), _sd(1.01e-4)
+    names, _, cos = params.parameter_similarity(small, moved)
+    i = names.index("1.mlp.c_fc.weight")
+    assert cos[i] == pytest.approx(1.0, rel=1e-12)
+    _, _, takagi = params.parameter_similarity(small, moved, eps=1e-6)
+    assert takagi[i] == pytest.approx(1.6e-7 * 1.01 / (1.6e-7 * 1.01 + 1e-6), rel=1e-6) and takagi[i] < 0.2
 
 
 @pytest.fixture
@@ -179,13 +192,13 @@ def test_params_files_table_and_auto_axis(tmp_path, fake_params):
     dist = np.load(tmp_path / "res" / "paramdist_0_40_dt_hopper_medium_666.npy")
     assert dist.tolist() == pytest.approx([2.0, 0.0, 0.0, 8.0])
     cos = np.load(tmp_path / "res" / "paramcos_0_40_dt_hopper_medium_666.npy")
-    assert cos.tolist() == pytest.approx([-1 / (1 + 1e-6), 1.0, 1.0, -1.0], abs=1e-5)
+    assert cos.tolist() == pytest.approx([-1.0, 1.0, 1.0, -1.0], abs=1e-12)
     stems = dict(fake_params)
     assert stems["paramdist_0_40_dt_hopper_medium_666_auto"][0] == pytest.approx((0.0, 8.4))
     (title, table), = outs.tables
-    # mean L2 (2 + 0 + 0 + 8) / 4; the smallest cosine is -16 / (16 + 1e-6) of 1.mlp.c_fc.weight
+    # mean L2 (2 + 0 + 0 + 8) / 4; the smallest cosine, -1, is first reached at 0.ln_1.weight
     assert table.splitlines()[-1] == ("| Random Init | 2.5000 | 8.0000 (1.mlp.c_fc.weight) | 0.0000 | "
-                                      "-1.0000 (1.mlp.c_fc.weight) |")
+                                      "-1.0000 (0.ln_1.weight) |")
 
 
 def test_params_summary_leaves_out_tensors_that_start_at_zero(tmp_path, monkeypatch, fake_params):
@@ -345,3 +358,18 @@ def test_the_cka_threshold_line_is_labelled(tmp_path, monkeypatch):
         "--results_dir", res, "--figs_dir", tmp_path / "figs", "--env_name_list", "hopper", "--model_name_list",
         "dt", "--token_list", "state"]]))
     assert "threshold 0.23" in labels
+
+
+def test_params_eps_tags_every_file_and_is_checked(tmp_path, fake_params, capsys):
+    """--eps 1e-6 (the original's cosine) is saved under _eps1e-06 beside the default results, never over them."""
+    argv = ["-plm", str(tmp_path), "--model_name_list", "dt", "--epoch1", "0", "--epoch2", "40",
+            "--results_dir", str(tmp_path / "res"), "--figs_dir", str(tmp_path / "figs")]
+    params.run(params.build_parser().parse_args(argv))
+    params.run(params.build_parser().parse_args([*argv, "--eps", "1e-6"]))
+    res = tmp_path / "res"
+    plain, takagi = (np.load(res / f"paramcos_0_40_dt_hopper_medium_666{t}.npy") for t in ("", "_eps1e-06"))
+    assert plain[0] == -1.0 and takagi[0] == pytest.approx(-1 / (1 + 1e-6), rel=1e-12)
+    assert (res / "paramsim_0_40_dt_hopper_medium_666_eps1e-06.csv").is_file()
+    assert any(stem.endswith("_eps1e-06") for stem, _ in fake_params)
+    with pytest.raises(UserError, match="--eps"):
+        params.run(params.build_parser().parse_args([*argv, "--eps", "-1"]))

@@ -1,9 +1,11 @@
 """Section 5.3: how far fine-tuning moves the parameters (Figures 3 and 4).
 
 For every named ``transformer.h`` tensor of a model, θ₀ (epoch1, default the initial weights) and θ_T (epoch2):
-l2 = ||θ_T - θ₀||₂ and cos = <θ₀, θ_T> / (||θ₀|| ||θ_T|| + 1e-6), per tensor as TAKAGI's code and figures
+l2 = ||θ_T - θ₀||₂ and cos = <θ₀, θ_T> / (||θ₀|| ||θ_T||), per tensor as TAKAGI's code and figures
 (ln_1.w, ln_1.b, c_attn.w, c_attn.b, attn.c_proj.w, attn.c_proj.b, ln_2.w, ln_2.b, c_fc.w, c_fc.b, mlp.c_proj.w,
 mlp.c_proj.b per block). ``--concat`` concatenates each block's tensors into one vector (the paper's wording).
+TAKAGI added 1e-6 to the cosine's denominator, which pulls the cosine of a small tensor towards 0 (``--eps 1e-6``
+reproduces it).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from decision_transformer.analysis.runs import RunKey, load_state_dict
 from decision_transformer.errors import UserError
 
 H_PREFIX = "transformer.h."
-COS_EPS = 1e-6
+#: the original's additive term in the cosine's denominator (``--eps`` reproduces it)
+TAKAGI_COS_EPS = 1e-6
 _BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 
@@ -27,8 +30,10 @@ def block_tensors(state_dict: dict) -> dict[str, torch.Tensor]:
             if k.startswith(H_PREFIX) and not k.endswith(_BUFFERS) and torch.is_floating_point(v)}
 
 
-def parameter_similarity(sd0: dict, sd1: dict, concat: bool = False) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(names, l2 distances, cosines), per tensor or (``concat``) per block."""
+def parameter_similarity(sd0: dict, sd1: dict, concat: bool = False,
+                         eps: float = 0.0) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(names, l2 distances, cosines), per tensor or (``concat``) per block. The cosine divides by the norms' product
+    plus ``eps`` (0: the plain cosine, whatever the tensor's scale; a zero tensor's cosine is 0)."""
     t0, t1 = block_tensors(sd0), block_tensors(sd1)
     if list(t0) != list(t1):
         missing = sorted(set(t0) ^ set(t1))
@@ -41,7 +46,8 @@ def parameter_similarity(sd0: dict, sd1: dict, concat: bool = False) -> tuple[li
             raise UserError(f"transformer.h.{ks[0]} has different shapes in the two checkpoints")
         names.append(f"block {g}" if concat else g)
         dist.append(float(torch.linalg.norm(b - a)))
-        cos.append(float((a @ b) / (torch.linalg.norm(a) * torch.linalg.norm(b) + COS_EPS)))
+        prod = float(torch.linalg.norm(a) * torch.linalg.norm(b)) + eps
+        cos.append(float(a @ b) / prod if prod > 0 else 0.0)
     return names, np.array(dist), np.array(cos)
 
 
@@ -80,6 +86,9 @@ def build_parser():
     p.add_argument("--epoch1", type=int, default=0)
     p.add_argument("--epoch2", type=int, default=40)
     p.add_argument("--concat", action="store_true", help="one value per block (all its tensors concatenated)")
+    p.add_argument("--eps", type=float, default=0.0,
+                   help=f"added to the cosine's denominator (TAKAGI: {TAKAGI_COS_EPS}; it pulls the cosines of small "
+                        f"tensors towards 0; other than 0: results tagged _eps{{eps}})")
     p.add_argument("--distance_ylim", choices=["paper", "auto"], default="paper",
                    help="L2-distance axis: paper = 0 to at least 80, as the originals (paper-size models); auto = "
                         "0 to the largest distance (small models, whose bars are flat on 0-80)")
@@ -94,17 +103,18 @@ def run(args) -> common.Outputs:
     ``transformer.h`` tensor (or block with ``--concat``), saved as arrays, CSVs, bar charts and a table."""
     common.check_seeds(args, "seed")
     common.check_min(args, 0, "epoch1", "epoch2")
+    common.check_numbers(args, eps=common.NON_NEGATIVE)
     run_K = common.run_k(args)
     res = common.out_dir(args.results_dir)
     outs = common.Outputs()
-    tag = common.run_k_tag(run_K) + ("_concat" if args.concat else "")
+    tag = common.run_k_tag(run_K) + ("_concat" if args.concat else "") + (f"_eps{args.eps:g}" if args.eps else "")
     env, ds = args.env_name, args.dataset_name
     results = {}
     for m in args.model_name_list:
         key = RunKey(m, ds, env, args.seed, run_K)
         sd0, _ = load_state_dict(args.checkpoint_dir, key, args.epoch1)
         sd1, _ = load_state_dict(args.checkpoint_dir, key, args.epoch2)
-        names, dist, cos = parameter_similarity(sd0, sd1, args.concat)
+        names, dist, cos = parameter_similarity(sd0, sd1, args.concat, args.eps)
         measured = ~starts_at_zero(sd0, args.concat)
         results[m] = (names, dist, cos, measured)
         base = f"{args.epoch1}_{args.epoch2}_{m}_{env}_{ds}_{args.seed}{tag}"
