@@ -133,7 +133,8 @@ def main(argv=None):
                    help="where downloaded hdf5 files are kept")
     p.add_argument("--base_url", default=None, help="download base URL (default $D4RL_BASE_URL or D4RL's server)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
-                   help="check size and sha256 of downloaded files (default on)")
+                   help="check the sha256 of downloaded files (default on; the size is always checked, as it is what "
+                        "an interrupted download resumes by)")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--synthetic", type=int, default=None, metavar="N",
                    help="no download: write N uniform-random-policy episodes per env and dataset as D4RL-named hdf5 "

@@ -121,16 +121,20 @@ def download_file(url: str, dest: str | os.PathLike, *, size: int | None = None,
                 elif bar is not None:
                     bar.n = have
                     bar.refresh()
+                received = 0
                 try:
                     with open(part, mode) as f:
                         while block := resp.read(CHUNK):
                             f.write(block)
+                            received += len(block)
                             if bar is not None:
                                 bar.update(len(block))
                 except (TimeoutError, ConnectionError, OSError):
                     continue  # resume from what was written
             if size is None or part.stat().st_size >= size:
                 break
+            if length is not None and received == int(length):
+                break   # the server sent all it has, and it is not the expected size: retrying would fetch it again
         else:
             raise UserError(f"{url}: download incomplete after {max_attempts} attempts "
                             f"({part.stat().st_size if part.exists() else 0} bytes in {part}); run again to resume")

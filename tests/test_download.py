@@ -194,6 +194,18 @@ def test_size_mismatch_and_http_errors(tmp_path):
         download_file("file:///etc/passwd", tmp_path / "x", progress=False)
 
 
+@pytest.mark.parametrize("ignore_range", [False, True])
+def test_a_served_file_shorter_than_expected_is_a_size_mismatch_at_once(tmp_path, ignore_range):
+    """A mirror whose file is shorter than D4RL's, sent whole: "download incomplete after 5 attempts ... run again to
+    resume" (each run fetched it again, forever) became the size mismatch, after one request."""
+    with Server({"f.hdf5": PAYLOAD}, ignore_range=ignore_range) as s:
+        with pytest.raises(UserError, match=f"^f.hdf5: size mismatch \\({len(PAYLOAD)} bytes, expected "
+                                            f"{len(PAYLOAD) + 5}\\); the partial file was deleted$"):
+            download_file(f"{s.url}/f.hdf5", tmp_path / "f.hdf5", size=len(PAYLOAD) + 5, progress=False, retry_wait=0)
+    assert s.requests == [("f.hdf5", None)]
+    assert not (tmp_path / "f.hdf5.part").exists() and not (tmp_path / "f.hdf5").exists()
+
+
 def test_no_network_with_a_partial_download_is_the_offline_advice(tmp_path, capsys):
     """A ``.part`` left by an earlier run and no network: the same one-line advice as without one (not "incomplete
     after 5 attempts"), the part kept for a later run."""
