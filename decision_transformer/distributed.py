@@ -2,7 +2,8 @@
 
 Every rank draws the same global batch (same seeded generator) and trains on its slice of rows; the Trainer scales
 each slice's loss so that DDP's gradient average equals the gradient of the global batch's masked mean. Results
-match one process at the same global batch up to float summation order (with dropout off; dropout masks differ).
+match one process at the same global batch up to float summation order (with dropout off: each rank other than 0
+draws its own dropout masks, see ``rank_dropout_stream``).
 Ranks other than 0 print only their errors and warnings.
 """
 from __future__ import annotations
@@ -72,6 +73,20 @@ def quiet_other_ranks() -> None:
     if (world.isdigit() and int(world) > 1 and rank.isdigit() and int(rank) != 0
             and not isinstance(sys.stderr, QuietRank)):
         sys.stderr = QuietRank(sys.stderr, int(rank))
+
+
+def rank_dropout_stream(generator: torch.Generator, rank: int, world_size: int) -> None:
+    """At the start of a training iteration under torchrun, a rank other than 0 reseeds torch's global generators
+    (its dropout masks) from the batch sampler's state and its rank. Every rank is seeded alike, so without this
+    each rank's slice of the global batch got the same dropout masks as rank 0's. The sampler's state is the same on
+    every rank and is restored by ``--resume``, so a resumed run draws the masks of an uninterrupted one. Rank 0
+    keeps its stream, a plain run's. A no-op without torchrun."""
+    if world_size <= 1 or rank == 0:
+        return
+    import hashlib
+
+    digest = hashlib.sha256(generator.get_state().numpy().tobytes() + rank.to_bytes(4, "little")).digest()
+    torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def from_main(ctx: DistContext, value):

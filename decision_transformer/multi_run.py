@@ -400,8 +400,10 @@ class MultiTrainer:
     def train_iteration(self, num_steps: int, iteration: int, bar=None) -> dict:
         """``num_steps`` training steps (losses checked for NaN / inf); returns the iteration's training
         logs: loss mean and std, the last step's action error overall and per env, init_reg's."""
+        from decision_transformer.distributed import rank_dropout_stream
         from decision_transformer.training.trainer import CHECK_EVERY, check_losses
 
+        rank_dropout_stream(self.generator, self.rank, self.world_size)
         self.model.train()
         start = time.time()
         totals, envs, regs = [], [], []

@@ -137,8 +137,8 @@ def seed_everything(seed: int):
 
 def rng_state(device=None) -> dict:
     """The global random states of torch (CPU, and the run's CUDA device when ``device`` is one), numpy and Python,
-    as plain values for a training-state file. Under torchrun every rank draws the same dropout stream on its own GPU
-    (seeded alike, the same draws), so rank 0's device state is every rank's."""
+    as plain values for a training-state file. Under torchrun rank 0's states are saved: the other ranks reseed their
+    dropout stream at each iteration's start from the batch sampler's state (``distributed.rank_dropout_stream``)."""
     st = np.random.get_state()
     device = torch.device(device) if device is not None else torch.device("cpu")
     return {"torch": torch.get_rng_state(),

@@ -267,3 +267,46 @@ def test_a_refusal_only_rank_0_makes_stops_every_rank_with_its_line(tmp_path, ho
     assert 1 <= len(errors) <= 2 and len({e.split("error: ", 1)[1] for e in errors}) == 1, proc.stderr[-3000:]
     assert "[rank1]" not in proc.stderr and "gloo" not in proc.stderr, proc.stderr[-3000:]   # (torchrun's own report
     #                                                                                   of the failed ranks follows)
+
+
+def test_a_rank_other_than_0_draws_its_own_dropout_stream_from_the_sampler_state():
+    """Every rank is seeded alike: without a stream of its own each rank's slice of the global batch got rank 0's
+    dropout masks. Ranks other than 0 reseed from the sampler's state (the same on every rank, restored by a resume)
+    and their rank; rank 0, and a plain run, keep theirs."""
+    def draws(rank, world=2, sampler_seed=0):
+        torch.manual_seed(5)
+        distributed.rank_dropout_stream(torch.Generator().manual_seed(sampler_seed), rank, world)
+        return torch.rand(8)
+
+    torch.manual_seed(5)
+    plain = torch.rand(8)
+    assert torch.equal(draws(0), plain) and torch.equal(draws(1, world=1), plain)
+    assert torch.equal(draws(1), draws(1))                              # a resume at this state draws the same
+    assert len({tuple(draws(r).tolist()) for r in (0, 1, 2, 3)}) == 4
+    assert not torch.equal(draws(1), draws(1, sampler_seed=1))          # a new stream each iteration
+
+
+def _masks(rank: int, world: int, port: int, out_path: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    ctx = distributed.setup(torch.device("cpu"))[0]
+    torch.manual_seed(0)                                                # (seeded alike, as the scripts do)
+    bb = BackboneConfig(n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.5, attn_pdrop=0.0, embd_pdrop=0.0, vocab_size=50)
+    model = DecisionTransformer(DTConfig(11, 3, max_length=5, backbone=bb), seed=0)
+    masks = []
+    model.transformer.h[0].mlp.dropout.register_forward_hook(lambda m, i, o: masks.append((o == 0).flatten()))
+    opt = make_optimizer(model, lr=1e-3, weight_decay=1e-4)
+    trainer = Trainer(model, opt, warmup_schedule(opt, 2), TrajectoryDataset(tiny_trajectories(), "hopper"),
+                      batch_size=GLOBAL_BATCH, K=5, generator=torch.Generator().manual_seed(0), rank=ctx.rank,
+                      world_size=ctx.world_size)
+    trainer.train_iteration(1, 1)
+    torch.save(masks[-1], f"{out_path}.{rank}")          # (the training step's; the first is a probe in eval mode)
+    trainer.close()
+    distributed.cleanup(ctx)
+
+
+def test_ddp_ranks_draw_different_dropout_masks(tmp_path):
+    mp.spawn(_masks, args=(2, _free_port(), str(tmp_path / "m")), nprocs=2, join=True)
+    m0, m1 = (torch.load(tmp_path / f"m.{r}", weights_only=True) for r in (0, 1))
+    assert m0.shape == m1.shape and 0.3 < m0.float().mean() < 0.7 and not torch.equal(m0, m1)

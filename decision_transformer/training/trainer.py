@@ -307,6 +307,9 @@ class Trainer:
 
     def train_iteration(self, num_steps: int, iteration: int, bar=None) -> dict:
         """Run ``num_steps`` steps; return the originals' training log keys. Raises ``TrainingDiverged`` on NaN."""
+        from decision_transformer.distributed import rank_dropout_stream
+
+        rank_dropout_stream(self.generator, self.rank, self.world_size)
         self.model.train()
         start = time.time()
         losses = torch.empty(num_steps, device=next(self.model.parameters()).device)
