@@ -39,6 +39,10 @@ import torch  # noqa: E402
 # shared (OpenMP threads spin against each other). Benchmarks and real runs keep torch's default.
 torch.set_num_threads(1)
 
+# run.py binds evaluation.evaluate_episodes when first imported: imported here, before any test patches that name,
+# so that a test which imports it while evaluation is patched cannot leave the fake bound for the tests after it.
+import decision_transformer.run  # noqa: E402,F401
+
 
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto`` (the default: pyproject.toml's addopts): one worker per core this process may run on, and at most
