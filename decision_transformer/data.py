@@ -799,8 +799,10 @@ class TrajectoryDataset:
     # ---- sampling ---------------------------------------------------------------------------------------------
     def sample_indices(self, batch_size: int, generator: torch.Generator | None = None):
         """(trajectory index, start) pairs: trajectory with probability len/sum(len) over the kept set,
-        start uniform in [0, len - 1]. Drawn as one uniform timestep of the kept set, which is the same law."""
-        u = torch.randint(0, self.num_kept_timesteps, (batch_size,), device=self.device, generator=generator)
+        start uniform in [0, len - 1]. Drawn as one uniform timestep of the kept set, which is the same law. A CPU
+        ``generator`` draws on the CPU for a dataset on a GPU too (the analyses' batches, the same on every device)."""
+        dev = generator.device if generator is not None and generator.device.type == "cpu" else self.device
+        u = torch.randint(0, self.num_kept_timesteps, (batch_size,), device=dev, generator=generator).to(self.device)
         j = torch.searchsorted(self.kept_cum, u, right=True)                     # position in the kept list
         traj = self.kept_idx[j]
         start = u - (self.kept_cum[j] - self.traj_lens[traj])

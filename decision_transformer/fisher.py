@@ -18,6 +18,7 @@ the new types), written atomically, loadable with ``weights_only=True``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -220,6 +221,18 @@ def sample_batches(dataset, batch_size: int, num_batches: int, K: int, generator
         yield dataset.sample_batch(batch_size, K, generator)
 
 
+@contextlib.contextmanager
+def full_fp32_matmuls():
+    """TF32 off on CUDA for the block, then as it was: a Fisher estimate is the same whichever tool makes it
+    (``experiment.py`` turns TF32 on for training, ``precompute_fisher.py`` does not), and cached files are shared."""
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
 def compute_fisher(model, dataset, *, fisher_type: str = "batch", batch_size: int = 64, num_batches: int = 100,
                    K: int = 20, seed: int = 666, scope: str = FISHER_SCOPE, forward: Callable = default_forward,
                    model_kwargs: dict | None = None) -> dict:
@@ -233,22 +246,22 @@ def compute_fisher(model, dataset, *, fisher_type: str = "batch", batch_size: in
         raise UserError(f"--K must be >= 1 (got {K})")
     if isinstance(seed, bool) or not isinstance(seed, int):  # torch's seeding takes only ints
         raise UserError(f"the Fisher seed must be an integer, got {seed!r}")
-    device = float32_device(model, "compute_fisher")
+    float32_device(model, "compute_fisher")   # (a float32 model, on one device)
     if isinstance(getattr(dataset, "env", None), str):
         check_model_env(model, dataset.env, "compute_fisher", (model_kwargs or {}).get("env"))
     check_data_timesteps(model, dataset, "compute_fisher")
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)   # (on the CPU: the same windows whatever the device)
     torch.manual_seed(seed)  # dropout masks of the batch estimate
     batches = sample_batches(dataset, batch_size, num_batches, K, gen)
     kw = dict(scope=scope, forward=forward, model_kwargs=model_kwargs)
-    if fisher_type == "batch":
-        F = fisher_batch(model, batches, **kw)
-        n = batch_size * num_batches
-    elif fisher_type == "empirical":
-        F, n = fisher_empirical(model, batches, **kw)
-    else:
-        F, n = fisher_gaussian(model, batches, **kw)
+    with full_fp32_matmuls():
+        if fisher_type == "batch":
+            F = fisher_batch(model, batches, **kw)
+            n = batch_size * num_batches
+        elif fisher_type == "empirical":
+            F, n = fisher_empirical(model, batches, **kw)
+        else:
+            F, n = fisher_gaussian(model, batches, **kw)
     out: dict = dict(F)
     out["_stats"] = _stats(F)
     if fisher_type != "batch":

@@ -251,3 +251,18 @@ def test_section_folders_keep_the_originals_names():
         "mi": "section-52-mutual-information", "params": "section-53-parameter-similarity",
         "grads": "section-54-gradient-analysis", "no_context": "section-55-fine-tuning-no-context",
         "attention": "section-56-dependence-on-context"}
+
+
+def test_an_analysis_batch_is_drawn_by_a_cpu_generator_whatever_the_datasets_device():
+    """A GPU's generator gives another stream than the CPU's: --device cuda analyses saw another batch than --device
+    cpu ones for the same --batch_seed (under the same file tags). The windows are now drawn on the CPU."""
+    from types import SimpleNamespace
+
+    from decision_transformer.analysis.runs import analysis_batch
+
+    gens = []
+    ds = SimpleNamespace(max_ep_len=5, env="hopper", device="cuda",
+                         sample_batch=lambda b, k, g: gens.append(g) or "batch")
+    assert analysis_batch(ds, 2, 5, seed=42) == "batch"
+    (g,), = [gens]
+    assert g.device.type == "cpu" and g.initial_seed() == 42

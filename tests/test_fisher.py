@@ -98,6 +98,32 @@ def test_batch_fisher_is_the_originals_estimate():
         assert torch.allclose(F[k], acc[k] / n_tok, rtol=1e-5, atol=1e-12), k
 
 
+def test_a_fisher_estimate_runs_without_tf32_and_draws_its_windows_on_the_cpu(monkeypatch, hopper_data):
+    """experiment.py turns TF32 on for training and precompute_fisher.py does not: the estimate now runs with TF32
+    off either way (then restores the setting), and its windows come from a CPU generator (a GPU's gives another
+    stream), so a cached file is the same whichever tool, or device, made it."""
+    from decision_transformer.data import TrajectoryDataset, load_dataset
+
+    data = TrajectoryDataset(load_dataset(hopper_data, "hopper", "medium")[1], "hopper")
+    seen = []
+
+    def batch_fisher(model, batches, **kw):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                     [b.states for b in batches]))
+        return {k: torch.ones_like(p) for k, p in block_params(model).items()}
+
+    monkeypatch.setattr(fisher, "fisher_batch", batch_fisher)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    fisher.compute_fisher(tiny_model(), data, batch_size=3, num_batches=2, K=4, seed=7)
+    (matmul, cudnn, states), = seen
+    assert (matmul, cudnn) == (False, False)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32       # restored
+    g = torch.Generator().manual_seed(7)
+    for got in states:
+        assert torch.equal(got, data.get_windows(*data.sample_indices(3, g), 4).states)
+
+
 def test_info_path_names():
     assert str(fisher.fisher_info_path("models/hopper/dt_x-1_best.pt", 64, 750)) == "models/hopper/info/dt_x-1_best-bs64-nb750"
     assert str(fisher.fisher_info_path("/a/b/m.pt", 8, 3, "empirical")).endswith("/a/b/info/m-bs8-nb3-empirical")

@@ -284,7 +284,7 @@ def _batches(args, env, device, notes: list):
         data = datasets.get(env, lm)
         if args.independent_batches:
             if shared is None:
-                shared = batch_generator(args.batch_seed, data.device)
+                shared = batch_generator(args.batch_seed)
             batch = analysis_batch(data, args.batch_size, args.K, args.batch_seed, shared)
         else:
             batch = analysis_batch(data, args.batch_size, args.K, args.batch_seed)

@@ -367,11 +367,10 @@ class SharedDataset:
         return data
 
 
-def batch_generator(seed: int, device) -> torch.Generator:
-    """A torch generator on ``device`` seeded with ``seed``."""
-    g = torch.Generator(device=torch.device(device))
-    g.manual_seed(int(seed))
-    return g
+def batch_generator(seed: int) -> torch.Generator:
+    """A CPU torch generator seeded with ``seed``: an analysis batch is drawn on the CPU whatever the dataset's device
+    (a GPU's generator gives another stream), so ``--device cuda`` analyses see the batch ``--device cpu`` ones do."""
+    return torch.Generator().manual_seed(int(seed))
 
 
 def analysis_batch(dataset: TrajectoryDataset, batch_size: int, K: int, seed: int,
@@ -384,7 +383,7 @@ def analysis_batch(dataset: TrajectoryDataset, batch_size: int, K: int, seed: in
         raise UserError(f"invalid batch size {batch_size} or context K {K}")
     if K > dataset.max_ep_len:  # longer contexts would only add padding
         raise UserError(f"invalid context K {K}: longer than {dataset.env}'s {dataset.max_ep_len}-step episodes")
-    g = generator if generator is not None else batch_generator(seed, dataset.device)
+    g = generator if generator is not None else batch_generator(seed)
     return dataset.sample_batch(batch_size, K, g)
 
 
