@@ -179,6 +179,18 @@ def restore_generator(generator: torch.Generator, saved: torch.Tensor, seed: int
     generator.set_state(saved.to(current.device))
 
 
+#: param-group settings that choose how an optimiser computes its step on this machine, not what it has learnt: a
+#: resume keeps the ones its optimiser was built with (fused AdamW on CUDA), not those of the machine that saved it
+OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
+def keep_implementation(optimizer, implementation: list[dict]):
+    """Put back the param groups' ``OPTIMIZER_IMPLEMENTATION`` settings (``implementation``: one dict per group, as
+    before ``load_state_dict``, which takes the saved ones)."""
+    for g, kept in zip(optimizer.param_groups, implementation):
+        g.update(kept)
+
+
 def save_train_state(path: Path, model, config: dict, trainer, optimizer, scheduler, generator, *, iteration: int,
                      best_score: float, exp_id: int, **extra):
     """What ``--resume`` restores: weights, optimiser, schedule, sampler generator, RNG states, run counters and the
@@ -194,8 +206,10 @@ def restore_train_state(path: Path, model, trainer, optimizer, scheduler, genera
     """Loads a ``save_train_state`` file into the run's objects; returns it (iteration, best_score, exp_id, config)."""
     st = load_checkpoint(path)
     load_state_into(model, st["state_dict"], str(path))
+    implementation = [{k: g[k] for k in OPTIMIZER_IMPLEMENTATION if k in g} for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(st["optimizer"])
+        keep_implementation(optimizer, implementation)
         scheduler.load_state_dict(st["scheduler"])
         restore_generator(generator, st["generator"], int((st.get("config") or {}).get("seed") or 0),
                           recorded_count(st, "iteration"))

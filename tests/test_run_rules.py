@@ -67,6 +67,21 @@ def test_resume_refuses_a_damaged_step_count(tmp_path):
                                 f"non-negative integer)")
 
 
+def test_a_resume_keeps_the_optimizer_implementation_it_was_built_with(tmp_path):
+    """A state saved by a CPU run (AdamW unfused) and resumed on a GPU (fused AdamW) took the saved param groups'
+    fused / foreach settings, silently dropping the fused step; the rest of the groups (lr, weight decay ...) and the
+    moments are the saved ones."""
+    model, trainer, optimizer, scheduler, generator = _train_objects()
+    optimizer.param_groups[0].update(foreach=False, weight_decay=0.3)
+    path = tmp_path / TRAIN_STATE
+    save_train_state(path, model, {}, trainer, optimizer, scheduler, generator, iteration=1, best_score=0.0, exp_id=7)
+    fresh = _train_objects()
+    fresh[2].param_groups[0]["foreach"] = True                     # (as fused=True on CUDA, which this CPU lacks)
+    restore_train_state(path, *fresh)
+    group = fresh[2].param_groups[0]
+    assert group["foreach"] is True and group["weight_decay"] == 0.3
+
+
 # ---- the K a loaded checkpoint was trained with ----------------------------------------------------------------------
 
 def test_load_checkpoint_with_a_longer_k_warns(tmp_path, monkeypatch, capsys, hopper_data):
