@@ -57,6 +57,12 @@ def setup(device: torch.device) -> tuple[DistContext, torch.device]:
 
     ctx = DistContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if ctx.local_rank >= count:
+            from decision_transformer.errors import UserError
+
+            raise UserError(f"torchrun's local rank {ctx.local_rank} needs GPU {ctx.local_rank}, but this machine has "
+                            f"{count}: give --nproc_per_node at most {count}")
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():

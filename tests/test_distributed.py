@@ -310,3 +310,29 @@ def test_ddp_ranks_draw_different_dropout_masks(tmp_path):
     mp.spawn(_masks, args=(2, _free_port(), str(tmp_path / "m")), nprocs=2, join=True)
     m0, m1 = (torch.load(tmp_path / f"m.{r}", weights_only=True) for r in (0, 1))
     assert m0.shape == m1.shape and 0.3 < m0.float().mean() < 0.7 and not torch.equal(m0, m1)
+
+
+def test_more_ranks_than_gpus_is_one_line_before_joining(monkeypatch):
+    """torchrun --nproc_per_node 2 with --device cuda on a one-GPU machine died in torch.cuda.set_device with
+    'invalid device ordinal'; it is a UserError before the process group is joined."""
+    from decision_transformer.errors import UserError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device reached"))
+    monkeypatch.setattr(sys, "stderr", sys.stderr)                  # (quiet_other_ranks is not reached either)
+    with pytest.raises(UserError, match=r"^torchrun's local rank 1 needs GPU 1, but this machine has 1: give "
+                                        r"--nproc_per_node at most 1$"):
+        distributed.setup(torch.device("cuda"))
+
+
+def test_a_trainer_refuses_a_model_and_dataset_on_different_devices():
+    """The README's library example with model.to("cuda") and a CPU dataset failed deep in the forward."""
+    model = DecisionTransformer(DTConfig(11, 3, max_length=5, backbone=BackboneConfig(n_embd=16, n_layer=1)), seed=0)
+    opt = make_optimizer(model, lr=1e-3, weight_decay=1e-4)
+    model.to("meta")                                                # (a device other than the dataset's CPU)
+    with pytest.raises(ValueError, match="^the model is on meta, the dataset on cpu: build the dataset with"):
+        Trainer(model, opt, warmup_schedule(opt, 2), TrajectoryDataset(tiny_trajectories(), "hopper"), batch_size=4,
+                K=5, generator=torch.Generator())

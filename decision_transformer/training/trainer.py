@@ -189,6 +189,11 @@ class Trainer:
             raise ValueError(f"the batch generator is on {generator.device}, the dataset on {dataset.device}: make it "
                              f"with torch.Generator(device=dataset.device)")
         self.generator = generator
+        param = next(iter(model.parameters()), None)
+        if param is not None and param.device.type != torch.device(dataset.device).type:
+            raise ValueError(f"the model is on {param.device}, the dataset on {dataset.device}: build the dataset with "
+                             f"device={param.device.type!r} (TrajectoryDataset(trajectories, env, device=...)) or move "
+                             f"the model")
         if isinstance(getattr(dataset, "env", None), str):
             check_model_env(model, dataset.env, "training")
         check_data_timesteps(model, dataset, "training")
