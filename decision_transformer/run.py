@@ -184,11 +184,17 @@ def restore_generator(generator: torch.Generator, saved: torch.Tensor, seed: int
 OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
 
 
-def keep_implementation(optimizer, implementation: list[dict]):
-    """Put back the param groups' ``OPTIMIZER_IMPLEMENTATION`` settings (``implementation``: one dict per group, as
-    before ``load_state_dict``, which takes the saved ones)."""
-    for g, kept in zip(optimizer.param_groups, implementation):
-        g.update(kept)
+def load_optimizer_state(optimizer, state: dict):
+    """``optimizer.load_state_dict(state)`` with the ``OPTIMIZER_IMPLEMENTATION`` settings of ``optimizer``'s own
+    param groups written into the saved ones first: torch places each ``step`` by the saved groups' settings (on
+    the parameters' device only where fused or capturable), so setting them after the load left a CPU-saved state's
+    steps on the CPU for a fused CUDA step, which refuses them."""
+    groups = state["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"the saved optimiser has {len(groups)} parameter groups, this one {len(optimizer.param_groups)}")
+    groups = [{**g, **{k: cur[k] for k in OPTIMIZER_IMPLEMENTATION if k in cur}}
+              for g, cur in zip(groups, optimizer.param_groups)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 def save_train_state(path: Path, model, config: dict, trainer, optimizer, scheduler, generator, *, iteration: int,
@@ -206,10 +212,8 @@ def restore_train_state(path: Path, model, trainer, optimizer, scheduler, genera
     """Loads a ``save_train_state`` file into the run's objects; returns it (iteration, best_score, exp_id, config)."""
     st = load_checkpoint(path)
     load_state_into(model, st["state_dict"], str(path))
-    implementation = [{k: g[k] for k in OPTIMIZER_IMPLEMENTATION if k in g} for g in optimizer.param_groups]
     try:
-        optimizer.load_state_dict(st["optimizer"])
-        keep_implementation(optimizer, implementation)
+        load_optimizer_state(optimizer, st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         restore_generator(generator, st["generator"], int((st.get("config") or {}).get("seed") or 0),
                           recorded_count(st, "iteration"))

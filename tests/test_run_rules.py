@@ -68,18 +68,39 @@ def test_resume_refuses_a_damaged_step_count(tmp_path):
 
 
 def test_a_resume_keeps_the_optimizer_implementation_it_was_built_with(tmp_path):
-    """A state saved by a CPU run (AdamW unfused) and resumed on a GPU (fused AdamW) took the saved param groups'
-    fused / foreach settings, silently dropping the fused step; the rest of the groups (lr, weight decay ...) and the
-    moments are the saved ones."""
+    """A state saved by a CPU run (AdamW unfused) and resumed on a GPU (fused AdamW) took the saved groups' fused /
+    foreach settings, silently dropping the fused step; the rest of the groups (lr, weight decay ...) and the moments
+    are the saved ones."""
     model, trainer, optimizer, scheduler, generator = _train_objects()
     optimizer.param_groups[0].update(foreach=False, weight_decay=0.3)
     path = tmp_path / TRAIN_STATE
     save_train_state(path, model, {}, trainer, optimizer, scheduler, generator, iteration=1, best_score=0.0, exp_id=7)
     fresh = _train_objects()
-    fresh[2].param_groups[0]["foreach"] = True                     # (as fused=True on CUDA, which this CPU lacks)
+    fresh[2].param_groups[0]["foreach"] = True
     restore_train_state(path, *fresh)
     group = fresh[2].param_groups[0]
     assert group["foreach"] is True and group["weight_decay"] == 0.3
+
+
+def test_a_cpu_saved_optimizer_state_goes_to_the_device_of_a_fused_optimizer():
+    """torch places each saved ``step`` by the saved groups' settings: on the parameters' device only where fused or
+    capturable. Marking the group fused after the load left a CPU run's steps on the CPU, which a fused CUDA AdamW
+    refuses on its first step. The settings go into the saved groups first (a parameter on the meta device stands in
+    for the GPU here)."""
+    from decision_transformer.run import load_optimizer_state
+
+    p = torch.nn.Parameter(torch.ones(3))
+    cpu = torch.optim.AdamW([p], lr=1e-3)
+    p.grad = torch.ones(3)
+    cpu.step()
+    saved = cpu.state_dict()
+    q = torch.nn.Parameter(torch.ones(3, device="meta"))
+    gpu = torch.optim.AdamW([q], lr=1e-3)
+    gpu.param_groups[0]["fused"] = True                            # (as built with fused=True on CUDA)
+    load_optimizer_state(gpu, saved)
+    st = gpu.state[q]
+    assert gpu.param_groups[0]["fused"] is True
+    assert st["step"].device == q.device and st["exp_avg"].device == q.device and st["step"].dtype == torch.float32
 
 
 # ---- the K a loaded checkpoint was trained with ----------------------------------------------------------------------
