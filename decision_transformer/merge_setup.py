@@ -390,9 +390,9 @@ def merge_states(method: str, states: Sequence[dict], keys: Sequence[str], args,
 
 
 def windows(dataset, n_windows: int, batch_size: int, K: int, seed: int) -> list:
-    """``n_windows`` training-sampler windows in batches, from a generator seeded with ``seed``."""
-    gen = torch.Generator(device=dataset.device)
-    gen.manual_seed(seed)
+    """``n_windows`` training-sampler windows in batches, from a CPU generator seeded with ``seed`` (the same windows
+    on any device, as the analyses' and the Fisher's)."""
+    gen = torch.Generator().manual_seed(seed)
     out, left = [], n_windows
     while left > 0:
         out.append(dataset.sample_batch(min(batch_size, left), K, gen))

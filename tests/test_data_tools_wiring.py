@@ -266,3 +266,16 @@ def test_an_analysis_batch_is_drawn_by_a_cpu_generator_whatever_the_datasets_dev
     assert analysis_batch(ds, 2, 5, seed=42) == "batch"
     (g,), = [gens]
     assert g.device.type == "cpu" and g.initial_seed() == 42
+
+
+def test_merge_windows_are_drawn_by_a_cpu_generator_whatever_the_datasets_device():
+    """RegMean's Gram windows and greedy soup's scoring windows, as the analyses' batches and the Fisher's."""
+    from types import SimpleNamespace
+
+    from decision_transformer.merge_setup import windows
+
+    gens = []
+    ds = SimpleNamespace(device="cuda", sample_batch=lambda b, k, g: gens.append((b, g)) or "batch")
+    assert windows(ds, 5, 2, 4, seed=9) == ["batch"] * 3
+    assert [b for b, _ in gens] == [2, 2, 1]
+    assert all(g.device.type == "cpu" and g.initial_seed() == 9 for _, g in gens)

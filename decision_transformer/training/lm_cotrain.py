@@ -222,7 +222,9 @@ class TextBatches:
         """Continue the stream where ``state_dict`` left it; ValueError for a corpus with another block count or other
         tokens."""
         if int(state["n_blocks"]) != len(self.blocks):
-            raise ValueError(f"the run's LM corpus had {state['n_blocks']} blocks, this one has {len(self.blocks)}")
+            raise ValueError(f"the run's LM corpus had {state['n_blocks']} blocks, this one has {len(self.blocks)} (the "
+                             f"corpus text or the tokenizer changed since the run started, or the run predates blank "
+                             f"lines giving no tokens)")
         if state.get("fingerprint") not in (None, self.fingerprint()):  # states written before it was recorded: None
             raise ValueError("the run's LM corpus had other tokens than this one (the corpus text or the tokenizer "
                              "changed since the run started)")
