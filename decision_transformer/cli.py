@@ -23,7 +23,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._format_action(action)
 
     def _get_help_string(self, action):
-        return action.help if action.nargs == 0 else super()._get_help_string(action)
+        # a switch, a default of None (its help says what happens without it) or a help text that states the default
+        # itself: no "(default: ...)" appended, which read as "(default: None)" after the help's own default
+        if action.nargs == 0 or action.default is None or any(w in (action.help or "") for w in ("default:", "(default")):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_data_flags(p: argparse.ArgumentParser):

@@ -133,9 +133,9 @@ class _Parser(argparse.ArgumentParser):
     "ambiguous" (argparse, up to at least Python 3.13, counts each spelling as a match)."""
 
     def format_help(self):
-        """The help text, with ``(default: ...)`` as the help of every flag that has none."""
+        """The help text, with ``(default: ...)`` as the help of every flag that has none (and a default to show)."""
         for action in self._actions:
-            if action.help is None:
+            if action.help is None and action.default not in (None, argparse.SUPPRESS):
                 action.help = "(default: %(default)s)"
         return super().format_help()
 
