@@ -627,9 +627,11 @@ def _run_multi(args, take_lock) -> dict:
     from decision_transformer.run import (autocast_dtype, check_evaluation, check_model_paths, check_same_data,
                                           check_state_unchanged, clean_folder, configure_matmul_precision, end_break,
                                           recorded_config, resolve_device, restore_train_state, resumed_past_the_end,
-                                          save_train_state, seed_everything, state_identity, warn_unsaved_best)
+                                          save_train_state, seed_everything, state_identity, warn_short_warmup,
+                                          warn_unsaved_best)
 
     check_multi_args(args)
+    warn_short_warmup(args, log)
     check_model_paths(args)
     resume_dir = find_resume_dir(args) if args.resume else None
     if resume_dir is not None and args.seed is None:  # (find_resume_dir has read the run's config)

@@ -670,6 +670,17 @@ def check_lm_script_flags(args):
                         "checkpoints/ChibiT, or gpt2); see checkpoints/README.md")
 
 
+def warn_short_warmup(args, log=None):
+    """A learning-rate warm-up longer than the whole run (the default 10k steps in a short first run) leaves the rate
+    at a small fraction of ``--learning_rate``: said once, so that a run that learns little is not taken for broken."""
+    total = args.max_iters * args.num_steps_per_iter
+    if 0 < total < args.warmup_steps and not getattr(args, "eval_only", False):
+        (log or (lambda m: print(m, file=sys.stderr)))(
+            f"warning: --warmup_steps {args.warmup_steps} is longer than this run's {total} training steps: the "
+            f"learning rate rises to {100 * total / args.warmup_steps:.2g}% of --learning_rate by the end (a shorter "
+            f"--warmup_steps reaches it)")
+
+
 def check_run_flags(args, script: str):
     """Every check of a single-task run's flags that needs no dataset or model (also the sweep launcher's, which
     lists a point that fails one as invalid); returns (the env's spec, the evaluation targets)."""
@@ -710,6 +721,7 @@ def _recorded_lm_hint(config, pretrained_lm) -> str:
 def _run_locked(args, script: str, take_lock) -> dict:
     lm_script = script == LM_COTRAINING
     spec, targets = check_run_flags(args, script)
+    warn_short_warmup(args)
     check_model_paths(args)
     if args.outdir == "" and not args.log_to_wandb and not args.save_model:
         print("warning: --outdir '' writes no run folder, and without -w or --save_model nothing of this run is kept "

@@ -185,3 +185,18 @@ def test_lm_weight_files_name_the_first_bad_tensor_and_count_the_rest(tmp_path):
     for n, tail in ((1, ""), (2, " and 1 more tensor")):
         d, msg = damaged(f"nan{n}", nan_first, ("h.0.ln_1.bias", "ln_f.bias")[:n])
         assert msg == f"{d}: the weights hold NaN or inf values, in h.0.ln_1.bias{tail} (a damaged model)"
+
+
+def test_a_warmup_longer_than_the_run_is_said(capsys):
+    """The default 10k warm-up steps in a 100-step first run end at 1% of the learning rate: a run that learns little
+    is said to, not left to look broken; a run as long as its warm-up, or that trains nothing, is not warned about."""
+    from decision_transformer.run import warn_short_warmup
+
+    warn_short_warmup(experiment_parser().parse_args(["--max_iters", "1", "--num_steps_per_iter", "100"]))
+    assert capsys.readouterr().err == ("warning: --warmup_steps 10000 is longer than this run's 100 training steps: "
+                                       "the learning rate rises to 1% of --learning_rate by the end (a shorter "
+                                       "--warmup_steps reaches it)\n")
+    for argv in (["--max_iters", "1", "--num_steps_per_iter", "10000"], ["--num_steps_per_iter", "0"],
+                 ["--max_iters", "1", "--num_steps_per_iter", "100", "--warmup_steps", "50"]):
+        warn_short_warmup(experiment_parser().parse_args(argv))
+        assert capsys.readouterr().err == "", argv
