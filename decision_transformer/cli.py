@@ -25,7 +25,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
         # a switch, a default of None (its help says what happens without it) or a help text that states the default
         # itself: no "(default: ...)" appended, which read as "(default: None)" after the help's own default
-        if action.nargs == 0 or action.default is None or any(w in (action.help or "") for w in ("default:", "(default")):
+        states_it = any(w in (action.help or "") for w in ("default:", "(default"))
+        if action.nargs == 0 or action.default is None or states_it:
             return action.help
         return super()._get_help_string(action)
 
@@ -158,15 +159,28 @@ def add_run_flags(p: argparse.ArgumentParser, *, project: str = "decision-transf
 def add_merge_flags(p: argparse.ArgumentParser):
     """The model-merging flags (``--pretrained_models`` and the merge method's settings)."""
     g = p.add_argument_group("merging (see the README's merging section)")
-    g.add_argument("--pretrained_models", nargs="*", default=[])
-    g.add_argument("--include", nargs="*", default=[])
-    g.add_argument("--exclude", nargs="*", default=[])
-    g.add_argument("--p", type=float, default=0.5)
-    for flag in ("--copy_model", "--flip", "--copy_include", "--merge_frozen", "--identity_layers", "--use_fisher",
-                 "--no_trace_norm"):
-        g.add_argument(flag, action="store_true")
-    g.add_argument("--f_batch_size", type=int, default=64)
-    g.add_argument("--f_num_batches", type=int, default=100)
+    g.add_argument("--pretrained_models", nargs="*", default=[],
+                   help="model files to merge, the target (--env's model) first; one model: loaded, or with "
+                        "--pretrained_lm interpolated with the fresh LM model by --p")
+    g.add_argument("--include", nargs="*", default=[],
+                   help="key substrings of the merged tensors, e.g. attn mlp (none: every tensor)")
+    g.add_argument("--exclude", nargs="*", default=[], help="key substrings left out of the merged tensors")
+    g.add_argument("--p", type=float, default=0.5,
+                   help="2 models: (1-p)·model 1 + p·model 2 (also the Fisher merge's coefficients)")
+    switches = {"--copy_model": "train model 1 with the merged tensors (else they go into a fresh model built from "
+                                "this command's size flags)",
+                "--flip": "train model 2 with the merged tensors (one model with --pretrained_lm: swap the two "
+                          "sides of --p)",
+                "--copy_include": "one model, no LM: copy only the --include tensors into the fresh model",
+                "--merge_frozen": "freeze the merged tensors during finetuning (needs --include)",
+                "--identity_layers": "set the merged weights to 1 and biases to 0, frozen (LayerNorms; needs "
+                                     "--include)",
+                "--use_fisher": "Fisher-weighted merge (= --merge_method fisher); Fisher files computed if missing",
+                "--no_trace_norm": "do not normalise each Fisher by its trace (= --fisher_norm none)"}
+    for flag, what in switches.items():
+        g.add_argument(flag, action="store_true", help=what)
+    g.add_argument("--f_batch_size", type=int, default=64, help="Fisher: windows per batch (part of its file name)")
+    g.add_argument("--f_num_batches", type=int, default=100, help="Fisher: batches (part of its file name)")
     g.add_argument("--merge_method", default="mean",
                    choices=["mean", "fisher", "task_arithmetic", "ties", "regmean", "greedy_soup"])
     g.add_argument("--merge_base", default=None, help="base model for task vectors; default: the shared init "
