@@ -202,6 +202,8 @@ def test_multi_panel_figures_do_not_overlap(tmp_path, curve_runs, tiny_runs, fig
     assert [ax.get_xlabel() for ax in fig16.axes] == ["normalized block (iGPT: blocks 2b and 2b+1 averaged)"] * 2
     assert [(c.get_label(), len(c.lines[0].get_xdata())) for c in fig16.axes[0].containers] == [("iGPT", 12),
                                                                                                   ("GPT2", 12)]
+    # the originals' 0-4.5 nats axis is raised to show every estimate (iGPT's last pair: (1022 + 1023) / 2), not cut
+    assert [ax.get_ylim() for ax in fig16.axes] == [pytest.approx((-0.5, 1022.7))] * 2
 
 
 # ---- 3. attention distance: iGPT's blocks paired ---------------------------------------------------------------------

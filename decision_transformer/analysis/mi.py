@@ -746,6 +746,7 @@ def plot_mi(args) -> common.Outputs:
     target = min(len(d) for d in found.values())
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), layout="constrained")
     colors = common.model_colors(list(found))
+    top = [4.5, 4.5]   # the originals' 4.5 nats, raised to show a higher estimate (it was cut off)
     for m, d in found.items():
         keys = sorted(d, key=block_of)
         arr = np.stack([d[k] for k in keys])                                     # [blocks, 2, K]
@@ -757,7 +758,10 @@ def plot_mi(args) -> common.Outputs:
                         label=common.model_label(m))
             ax.set_title(name)
             ax.set_ylabel("MI (nats)")
-            ax.set_ylim(-0.5, 4.5)
+            high = mean + std
+            if np.isfinite(high).any():
+                top[c] = max(top[c], float(np.nanmax(high[np.isfinite(high)])) + 0.2)
+            ax.set_ylim(-0.5, top[c])
     # every model decides the axis label (not the last one drawn)
     pairing = "; ".join(common.pairing_text(m, len(d), target) for m, d in found.items()
                         if len(d) != target and len(d) % target == 0)
