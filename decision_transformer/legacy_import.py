@@ -164,11 +164,25 @@ restricted_pickle.load = lambda f, **kw: RestrictedUnpickler(f, **kw).load()
 restricted_pickle.UnpicklingError = pickle.UnpicklingError
 
 
+def not_a_model_file(path: str | Path) -> str:
+    """Why ``path``, which is no file, cannot be loaded: missing, or a folder (a run folder: its newest
+    ``model_{i}.pt`` is suggested)."""
+    path = Path(path)
+    if not path.is_dir():
+        return "model file not found"
+    numbered = [(int(m.group(1)), m.group(0)) for f in path.glob("model_*.pt")
+                if (m := re.fullmatch(r"model_(\d+)\.pt", f.name))]
+    if not numbered:
+        return "is a folder, not a model file"
+    return (f"is a folder, not a model file (a run folder: name one of its model_{{i}}.pt, e.g. "
+            f"{path / max(numbered)[1]})")
+
+
 def unpickle_legacy(path: str | Path):
     """The object tree of an original ``torch.save(model)`` file, classes replaced by :class:`LegacyObject`s."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: " + ("is a folder, not a model file" if path.is_dir() else "model file not found"))
+        raise UserError(f"{path}: " + not_a_model_file(path))
     import warnings
 
     try:
@@ -538,7 +552,7 @@ def load_model_file(path: str | Path, allow_bc: bool = False) -> ModelFile:
     behaviour-cloning checkpoint is refused unless ``allow_bc`` (``load_model``: the tools take DTs only)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: " + ("is a folder, not a model file" if path.is_dir() else "model file not found"))
+        raise UserError(f"{path}: " + not_a_model_file(path))
     check_zip_checksums(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -146,8 +146,9 @@ def check_args(args):
     if args.dataset is not None:
         check_dataset_name(args.dataset)
     if args.merge_base and not Path(args.merge_base).is_file():   # (as experiment.py; the merge records the path)
-        raise UserError(f"{args.merge_base}: " + ("is a folder, not a model file" if Path(args.merge_base).is_dir()
-                                                  else "model file not found"))
+        from decision_transformer.legacy_import import not_a_model_file
+
+        raise UserError(f"{args.merge_base}: {not_a_model_file(args.merge_base)}")
     for parent in Path(args.out).parents:   # before any Fisher or Gram is computed
         if parent.exists() and not parent.is_dir():
             raise UserError(f"--out {args.out}: {parent} is a file, not a folder")

@@ -353,7 +353,9 @@ def check_model_paths(args):
             continue   # (no merge: the flag has no effect, and is warned about as such)
         for path in [given] if isinstance(given, str) else given or []:
             if Path(path).is_dir():
-                raise UserError(f"{path}: is a folder, not a {kind}")
+                from decision_transformer.legacy_import import not_a_model_file
+
+                raise UserError(f"{path}: {not_a_model_file(path).replace('model file', kind)}")
             if not Path(path).is_file():
                 raise UserError(f"{path}: {kind} not found")
 

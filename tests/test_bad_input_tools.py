@@ -362,3 +362,17 @@ def test_a_folder_given_as_a_model_file_is_called_a_folder(tmp_path, capsys):
     assert msg == f"error: {tmp_path}: is a folder, not a model file"
     with pytest.raises(legacy_import.UserError, match="is a folder, not a model file"):
         legacy_import.unpickle_legacy(tmp_path)
+    # a run folder: its newest model_{i}.pt is named (by number: model_10 after model_9)
+    run = tmp_path / "dt_medium_hopper_666"
+    run.mkdir()
+    for i in (0, 9, 10):
+        (run / f"model_{i}.pt").write_bytes(b"x")
+    (run / "model_best.pt").write_bytes(b"x")
+    hint = f"is a folder, not a model file (a run folder: name one of its model_{{i}}.pt, e.g. {run / 'model_10.pt'})"
+    assert fails(precompute_fisher.main, ["--model", run], capsys) == f"error: {run}: {hint}"
+    import experiment
+
+    msg = fails(experiment.main, ["--pretrained_models", run, "--data_path", tmp_path], capsys)
+    assert msg == f"error: {run}: {hint}"
+    assert fails(experiment.main, ["--load_checkpoint", run, "--data_path", tmp_path], capsys) == \
+        f"error: {run}: {hint.replace('model file', 'checkpoint')}"
