@@ -78,14 +78,16 @@ def build_parser():
     p.add_argument("--grad_epoch", type=int, default=1)
     p.add_argument("--attention_epoch2", type=int, default=4)
     p.add_argument("--mine_iters", type=int, default=1000,
-                   help="MINE passes per estimate (the original's 1000; other values: MI files tagged _it{n})")
+                   help="MINE passes per estimate (the original's 1000; other values: MI files tagged _it{n}); the MI "
+                        "step is most of a report's time (over an hour per model on 2 CPU cores at 1000): "
+                        "--mine_iters 100 for a first look, or --skip mi")
     p.add_argument("--mine_hidden", type=int, default=400,
                    help="MINE's hidden width (other than 400: MI files tagged _h{n})")
     p.add_argument("--score_norm", choices=["d4rl", "dataset"], default="d4rl")
     p.add_argument("--distance_ylim", choices=["paper", "auto"], default="paper",
                    help="parameter-distance axis (see parameter_similarity_analysis.py --help)")
-    p.add_argument("--skip", nargs="*", default=[], choices=STEPS)
-    p.add_argument("--only", nargs="*", default=None, choices=STEPS)
+    p.add_argument("--skip", nargs="*", default=[], choices=STEPS, help="steps left out")
+    p.add_argument("--only", nargs="*", default=None, choices=STEPS, help="the only steps run (default: all)")
     common.add_wandb_flags(p)   # (--from_wandb, --wandb_project, --wandb_entity: passed on to the readers)
     return p
 
