@@ -151,6 +151,19 @@ def build_bc_model(args, spec):
     return MLPBCModel(cfg, seed=args.seed)
 
 
+def warn_lm_sizes(args, lm):
+    """``--embed_dim`` / ``--n_layer`` / ``--n_head`` given (other than their defaults) with a whole ``--pretrained_lm``
+    backbone, whose sizes win: a warning naming each that differs from the LM's (as experiment_multi.py's)."""
+    from decision_transformer.cli import experiment_parser
+
+    defaults = experiment_parser().parse_args([])
+    lm_sizes = {"embed_dim": lm.n_embd, "n_layer": lm.hf_config.n_layer, "n_head": lm.hf_config.n_head}
+    diffs = [f"--{flag} {getattr(args, flag)} (the LM has {size})" for flag, size in lm_sizes.items()
+             if getattr(args, flag, None) not in (None, getattr(defaults, flag), size)]
+    if diffs:
+        print(f"warning: {', '.join(diffs)}: no effect, the backbone is {lm.path}'s", file=sys.stderr)
+
+
 def build_model_from_args(args, spec, lm=None) -> DecisionTransformer:
     """The model of a run before any checkpoint or merge is loaded into it. Construction is reseeded with
     ``--seed`` (TAKAGI), then the LM's weights (or its block b) are copied in."""
@@ -164,6 +177,7 @@ def build_model_from_args(args, spec, lm=None) -> DecisionTransformer:
         block = getattr(args, "pretrained_block", None)
         if block is None:
             load_lm_into_backbone(model.transformer, lm)
+            warn_lm_sizes(args, lm)
         else:
             transplant_block(model.transformer, lm, block)
         print(f"pretrained: {lm.path} ({lm.model_type}, {lm.source}, hidden {lm.n_embd}, "

@@ -1348,6 +1348,21 @@ def test_a_model_only_folder_gives_way_to_the_cached_tokenizer(lm_dirs, hf_home,
     assert "--tokenizer_name gpt2: checkpoints/gpt2 holds no tokenizer files; using " in capsys.readouterr().err
 
 
+def test_size_flags_a_whole_lm_backbone_overrides_are_warned_about(lm_dirs, capsys):
+    """--embed_dim 256 --n_layer 6 with --pretrained_lm: the LM's sizes win (the model has its 32 × 2 × 2); said, as
+    experiment_multi.py says it, instead of silently training another size than asked. Sizes equal to the LM's, or
+    left at their defaults, are not warned about."""
+    capsys.readouterr()
+    model = build_model_from_args(args_for("--pretrained_lm", str(lm_dirs / "gpt2"), "--embed_dim", "256",
+                                           "--n_layer", "6", "--n_head", "2"), HOPPER)
+    assert model.config.backbone.n_embd == 32 and model.config.backbone.n_layer == 2
+    err = capsys.readouterr().err
+    assert (f"warning: --embed_dim 256 (the LM has 32), --n_layer 6 (the LM has 2): no effect, the backbone is "
+            f"{lm_dirs / 'gpt2'}'s") in err
+    build_model_from_args(args_for("--pretrained_lm", str(lm_dirs / "gpt2"), "--embed_dim", "32"), HOPPER)
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_cached_tokenizer_alone_is_no_model_and_planning_downloads_nothing(lm_dirs, tmp_path, monkeypatch):
     """A Hub snapshot holding only config and tokenizer files (left by --tokenizer_name gpt2) is not taken for the
     model: --pretrained_lm gpt2 then downloads the weights. A sweep's planning asks only whether the model could be
