@@ -70,5 +70,14 @@ def test_blank_lines_of_a_joint_corpus_give_no_tokens(tmp_path):
     blocks = lm_cotrain.tokenize_corpus([raw], tok, 16, 300, chunk_lines=7)
     n = len(expected) // 16
     assert torch.equal(blocks, expected[:n * 16].view(n, 16))
+    # a cache written before blank lines gave no tokens (its key without the rule's tag) is not taken
+    import hashlib
+
+    old = hashlib.sha256(f"16|{lm_cotrain._tokenizer_fingerprint(tok)}".encode())
+    st = raw.stat()
+    old.update(f"|{raw.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    (tmp_path / "cache").mkdir()
+    stale = tmp_path / "cache" / f"joint_{old.hexdigest()[:20]}.pt"
+    torch.save({"blocks": torch.zeros(3, 16, dtype=torch.long)}, stale)
     cached = lm_cotrain.cached_tokenize_corpus([raw], tok, 16, 300, tmp_path / "cache")
     assert torch.equal(cached, blocks)
