@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU figure of the speed work in one command (one device lease): training throughput and MFU at the paper config
 # and at GPT-2 size (eager, then the paper config under --compile reduce-overhead), sampler and evaluation (50/10/100
-# episodes, with and without env worker processes and overlapped forwards) against the slow paths, and the fast path's
-# numerics against fp32. Output: device.txt and one log per step under ${OUT:-benchmarks/results}/; last, the summary of
-# benchmarks/gpu_summary.py (the targets checked, the README table) is printed.
+# episodes, with and without env worker processes and overlapped forwards) against the slow paths, the fast path's
+# numerics against fp32, and last the CUDA-only paths' correctness checks (cuda_checks.py). Output: device.txt and one
+# log per step under ${OUT:-benchmarks/results}/; last, the summary of benchmarks/gpu_summary.py (the targets checked,
+# the README table) is printed.
 #
 #   bash benchmarks/gpu_suite.sh            # on a CUDA machine with torch, gymnasium[mujoco] and this package
 #
-# Each step is stopped after its time budget (seconds, below; 515 in all, to end within a 600 s device command); its
+# Each step is stopped after its time budget (seconds, below; 560 in all, to end within a 600 s device command); its
 # log keeps the rows measured until then, since every benchmark prints a row as soon as it is measured. The target
 # figures come first: training at the paper config against the per-sample loop and at GPT-2 size (MFU), then
 # evaluation at 50 episodes against one by one.
@@ -46,6 +47,7 @@ run bench_train_compile 90 "$py" benchmarks/bench_train.py --device cuda --confi
 run check_precision_paper 125 "$py" benchmarks/check_precision.py --device cuda --config paper --steps 100
 run check_precision_gpt2 40 "$py" benchmarks/check_precision.py --device cuda --config gpt2 --steps 50 --no_compile
 run bench_analysis 40 "$py" benchmarks/bench_analysis.py --device cuda --mine_estimates 118 --mine_iters 3
-echo "== summary (printed only: \$OUT keeps the 7 logs, under the device tool's 8 files; rerun it on the logs anywhere)"
+run cuda_checks 45 "$py" benchmarks/cuda_checks.py
+echo "== summary (printed only: \$OUT keeps device.txt and the 8 logs; rerun it on the logs anywhere)"
 "$py" benchmarks/gpu_summary.py "$out"
 exit $status

@@ -3,8 +3,8 @@
     python benchmarks/gpu_summary.py benchmarks/results        # the folder gpu_suite.sh wrote (its $OUT)
 
 Reads ``device.txt`` and the logs of ``gpu_suite.sh`` (``bench_train.txt``, ``bench_core.txt``,
-``bench_train_compile.txt``, ``check_precision_*.txt``, ``bench_analysis.txt``); a log that is missing or was cut
-short leaves its rows out and says so. Prints markdown:
+``bench_train_compile.txt``, ``check_precision_*.txt``, ``bench_analysis.txt``, ``cuda_checks.txt``); a log that is
+missing or was cut short leaves its rows out and says so. Prints markdown:
 
 * the device line (``nvidia-smi``'s name, memory and driver);
 * the three targets with the measured figure and met / not met: evaluation of 50 episodes batched against one by one
@@ -13,6 +13,7 @@ short leaves its rows out and says so. Prints markdown:
   size (at least 35%);
 * every measured row of training and of ``bench_core`` (evaluation, sampler, env stepping, evaluation forward), the
   precision checks' results and the analysis speed-ups;
+* the CUDA correctness checks of ``cuda_checks.py``, with the names of those that failed;
 * the ``overlap_groups`` setting that was fastest at 50 episodes, for the CUDA default in
   ``decision_transformer/evaluation.py``.
 """
@@ -162,6 +163,13 @@ def summarise(folder: Path) -> tuple[str, dict]:
     show("Analyses", list(analysis[0]) if analysis else [], analysis)
     if not analysis:
         missing.append("bench_analysis.txt")
+    checks = table(read("cuda_checks.txt") or "", "check")
+    show("CUDA checks (cuda_checks.py)", list(checks[0]) if checks else [], checks)
+    if not checks:
+        missing.append("cuda_checks.txt")
+    failed = [r["check"] for r in checks if r.get("result") != "pass"]
+    if failed:
+        lines.append(f"\nCUDA checks failed: {', '.join(failed)}.")
     if missing:
         lines.append(f"\nNo rows in: {', '.join(missing)} (missing, or stopped before its first row).")
     return "\n".join(lines) + "\n", figures

@@ -189,7 +189,7 @@ exec "$@"
 
 
 def test_gpu_suite_steps_and_budgets(tmp_path):
-    """Every benchmark of the GPU suite runs under ``timeout``, within 520 s in all (a device command may run 600 s),
+    """Every step of the GPU suite runs under ``timeout``, within 565 s in all (a device command may run 600 s),
     the target figures first, with MUJOCO_GL=disable (no libEGL needed; evaluation never renders), each step's
     output kept in its own log; a step stopped at its budget is noted, fails the suite, and the next steps still run."""
     import subprocess
@@ -202,16 +202,17 @@ def test_gpu_suite_steps_and_budgets(tmp_path):
     summary = calls.pop()                                                 # last, the summary, printed (no budget)
     assert summary.endswith(f"benchmarks/gpu_summary.py {tmp_path / 'out'}")
     budgets = [int(b) for b in (tmp_path / "budgets.log").read_text().split()]
-    assert len(budgets) == len(calls) == 6 and sum(budgets) <= 520
+    assert len(budgets) == len(calls) == 7 and sum(budgets) <= 565
     assert all(c.startswith("MUJOCO_GL=disable benchmarks/") for c in calls)
     scripts = [c.split()[1] for c in calls]
     assert scripts[:2] == ["benchmarks/bench_train.py", "benchmarks/bench_core.py"]
+    assert scripts[-1] == "benchmarks/cuda_checks.py"
     assert "--compile" not in calls[0] and "--configs paper gpt2" in calls[0]
     assert "--episodes 50 " in calls[1] and calls[1].endswith("--stepping_workers 0 8")
     assert [c for c in calls if "--config gpt2" in c][0].endswith("--no_compile")
     logs = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert logs == ["bench_analysis.txt", "bench_core.txt", "bench_train.txt", "bench_train_compile.txt",
-                    "check_precision_gpt2.txt", "check_precision_paper.txt", "device.txt"]
+                    "check_precision_gpt2.txt", "check_precision_paper.txt", "cuda_checks.txt", "device.txt"]
     kept = (tmp_path / "out" / "bench_core.txt").read_text().splitlines()
     assert kept[0] == "a row" and kept[1].startswith("== bench_core: stopped after its") and len(kept) == 2
     # a MUJOCO_GL of the caller's is kept

@@ -45,7 +45,18 @@ def logs(tmp_path, monkeypatch, capsys):
     (tmp_path / "check_precision_paper.txt").write_text(
         "| variant | loss (max rel.) | weight drift | action (max abs.) | tolerances | result |\n|---|---:|---:|---:|---|---|\n"
         "| bf16 (fused) | 1.00e-03 | 2.00e-02 | 3.00e-03 | 0.05 / 0.2 / 0.05 | ok |\n")
+    (tmp_path / "cuda_checks.txt").write_text(cuda_checks_log(monkeypatch, capsys, {}))
     return tmp_path
+
+
+def cuda_checks_log(monkeypatch, capsys, failing):
+    """cuda_checks.py's output with --device cpu: the batch-window check run, the others replaced by fixed results
+    (those named in ``failing`` fail); returns the text and checks the exit status."""
+    checks = load_script("benchmarks/cuda_checks.py")
+    for name in ("check_graph_reseed", "check_resume", "check_torchrun"):
+        monkeypatch.setattr(checks, name, lambda *a, _n=name: (_n not in failing, f"{_n} measured"))
+    assert checks.main(["--device", "cpu"]) == (1 if failing else 0)
+    return capsys.readouterr().out
 
 
 def test_the_targets_are_checked_from_the_logs(logs):
@@ -65,6 +76,8 @@ def test_the_targets_are_checked_from_the_logs(logs):
     # bench_core's other tables come too: the sampler, env stepping and the evaluation forward
     assert "**Sampler (batch 64, K 20, 1M timesteps)**" in text and "**Env stepping (50 HalfCheetah-v4 envs" in text
     assert "|  | 8 | 60,000 |" in text and "**Evaluation forward (DT 128x3, K 20)**" in text
+    assert "**CUDA checks (cuda_checks.py)**" in text and "| windows | pass | same batch digest: True;" in text
+    assert "| graph_reseed | pass | check_graph_reseed measured |" in text and "CUDA checks failed" not in text
     assert text.rstrip().endswith("No rows in: check_precision_gpt2.txt, bench_analysis.txt (missing, or stopped "
                                   "before its first row).")
 
@@ -159,3 +172,13 @@ def test_a_file_given_for_the_folder_is_refused(logs, capsys):
         summary.main([str(logs / "device.txt")])
     assert stop.value.code == 2
     assert "device.txt: not a folder of GPU suite logs" in capsys.readouterr().err
+
+
+def test_a_failed_cuda_check_is_named(logs, monkeypatch, capsys):
+    summary = load_script("benchmarks/gpu_summary.py")
+    (logs / "cuda_checks.txt").write_text(cuda_checks_log(monkeypatch, capsys, {"check_resume"}))
+    text, _ = summary.summarise(logs)
+    assert "| resume_cpu_to_cuda | FAIL | check_resume measured |" in text
+    assert "\nCUDA checks failed: resume_cpu_to_cuda.\n" in text
+    (logs / "cuda_checks.txt").unlink()
+    assert "No rows in: check_precision_gpt2.txt, bench_analysis.txt, cuda_checks.txt" in summary.summarise(logs)[0]

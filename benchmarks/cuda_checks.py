@@ -1,0 +1,140 @@
+"""Correctness checks of the CUDA-only paths, for one GPU lease (``gpu_suite.sh`` runs it last). Prints one row per
+check (pass / FAIL and what was measured) and exits 1 when one fails:
+
+* ``windows``: an analysis batch and the Fisher estimate's windows drawn for a dataset on the GPU are those of the
+  same dataset on the CPU (the same ``batch_digest``), and the empirical Fisher estimate agrees to float tolerance;
+* ``graph_reseed``: dropout under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) follows a reseeding of
+  torch's generators between replays, as ``distributed.rank_dropout_stream`` needs: the same seed gives the same
+  masks, another seed others;
+* ``resume_cpu_to_cuda``: a run trained one iteration with ``--device cpu`` and resumed with ``--device cuda`` takes
+  its steps (fused AdamW with the CPU-saved optimiser state) and records iteration 2;
+* ``torchrun_nccl``: ``torchrun --nproc_per_node 1`` on the GPU (the NCCL backend) trains one iteration.
+
+    python benchmarks/cuda_checks.py            # on a CUDA machine with torch, gymnasium[mujoco] and this package
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from decision_transformer.errors import quiet_startup  # noqa: E402
+
+quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
+import torch  # noqa: E402
+
+from bench_core import synthetic_trajectories  # noqa: E402
+from decision_transformer.errors import UserError, cli_entry  # noqa: E402
+
+TINY = ["--embed_dim", "16", "--n_layer", "1", "--n_head", "2", "--K", "5", "--batch_size", "4", "--warmup_steps",
+        "10", "--num_steps_per_iter", "2", "--num_eval_episodes", "1"]
+
+
+def check_windows(device):
+    from decision_transformer.analysis.runs import analysis_batch, batch_digest
+    from decision_transformer.data import TrajectoryDataset
+    from decision_transformer.envs import get_env_spec
+    from decision_transformer.fisher import compute_fisher
+    from decision_transformer.models import DecisionTransformer, DTConfig
+
+    trajs = synthetic_trajectories("hopper", 20_000, seed=0)
+    cpu = TrajectoryDataset(trajs, env="hopper", device="cpu")
+    gpu = TrajectoryDataset(trajs, env="hopper", device=device)
+    same = batch_digest(analysis_batch(cpu, 64, 20, 3)) == batch_digest(analysis_batch(gpu, 64, 20, 3))
+    spec = get_env_spec("hopper")
+    model = DecisionTransformer(DTConfig(spec.state_dim, spec.act_dim), seed=0).eval()
+    kw = dict(fisher_type="empirical", batch_size=8, num_batches=2, K=20, seed=5)
+    f_cpu = compute_fisher(model, cpu, **kw)
+    f_gpu = compute_fisher(model.to(device), gpu, **kw)
+    worst = max(float((f_gpu[k].cpu() - v).abs().max() / v.abs().max().clamp_min(1e-30))
+                for k, v in f_cpu.items() if isinstance(v, torch.Tensor) and v.numel())
+    return same and worst < 1e-3, f"same batch digest: {same}; Fisher largest difference {worst:.1e} of its max"
+
+
+def check_graph_reseed(device):
+    from decision_transformer.models import DecisionTransformer, DTConfig
+
+    model = DecisionTransformer(DTConfig(11, 3), seed=0).to(device).train()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    args = [torch.randn(8, 20, 11, generator=g).to(device), torch.randn(8, 20, 3, generator=g).to(device),
+            torch.randn(8, 20, 1, generator=g).to(device), torch.randint(0, 1000, (8, 20), generator=g).to(device)]
+    step = torch.compile(lambda: model(*args).action_preds.clone(), mode="reduce-overhead")
+    for _ in range(3):   # warm-up and capture
+        step()
+    outs = []
+    for seed in (11, 11, 12):
+        torch.manual_seed(seed)
+        outs.append(step())
+    same = torch.equal(outs[0], outs[1])
+    other = not torch.equal(outs[0], outs[2])
+    return same and other, f"seed 11 twice equal: {same}; seed 12 different: {other}"
+
+
+def _experiment(cwd, *args, torchrun=False, timeout=120):
+    cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] if torchrun
+                             else []), os.path.join(ROOT, "experiment.py"), "--data_path", "d", *TINY, *args]
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    tail = (p.stdout + p.stderr).strip().splitlines()[-1:] or [""]
+    return p.returncode, tail[0]
+
+
+def check_resume(device, tmp):
+    from decision_transformer.checkpoint import load_checkpoint
+
+    rc, tail = _experiment(tmp, "--max_iters", "1", "--device", "cpu")
+    if rc:
+        return False, f"the CPU run failed: {tail}"
+    rc, tail = _experiment(tmp, "--max_iters", "2", "--resume", "--device", str(device))
+    if rc:
+        return False, f"the resume on {device} failed: {tail}"
+    st = load_checkpoint(os.path.join(tmp, "checkpoints", "dt_medium_hopper_666_K5", "train_state.pt"))
+    fused = [g.get("fused") for g in st["optimizer"]["param_groups"]]
+    ok = st["iteration"] == 2 and all(bool(f) == (device.type == "cuda") for f in fused)   # (fused on CUDA)
+    return ok, f"iteration {st['iteration']}, fused AdamW groups {fused}"
+
+
+def check_torchrun(device, tmp):
+    rc, tail = _experiment(tmp, "--max_iters", "1", "--device", str(device), "--seed", "7", torchrun=True)
+    return rc == 0, f"exit {rc}: {tail}"
+
+
+@cli_entry
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda (default); cpu only runs the checks' code (a smoke test)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA is not available: these checks are of the GPU paths")
+    from decision_transformer.synthetic import make_dataset
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {name}; torch {torch.__version__}\n")
+    print("| check | result | measured | s |\n|---|---|---|---:|")
+    failed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        make_dataset(os.path.join(tmp, "d"), "hopper", "medium", 2000, seed=0, max_ep_len=100)
+        checks = {"windows": lambda: check_windows(device), "graph_reseed": lambda: check_graph_reseed(device),
+                  "resume_cpu_to_cuda": lambda: check_resume(device, tmp),
+                  "torchrun_nccl": lambda: check_torchrun(device, tmp)}
+        for name, fn in checks.items():
+            start = time.perf_counter()
+            try:
+                ok, what = fn()
+            except Exception as e:  # noqa: BLE001 - every check gets its row
+                ok, what = False, f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
+            failed += not ok
+            print(f"| {name} | {'pass' if ok else 'FAIL'} | {what} | {time.perf_counter() - start:.1f} |", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
