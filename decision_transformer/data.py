@@ -783,6 +783,11 @@ class TrajectoryDataset:
         self.rewards = torch.from_numpy(np.concatenate([t["rewards"] for t in trajs])).to(dv)   # [N]
         self.dones = torch.from_numpy(np.concatenate([t["terminals"] for t in trajs]).astype(np.int64)).to(dv)
         self.rtg = torch.from_numpy(rtg.astype(np.float32)).to(dv)                               # [N]
+        # divided by the scale here, on the host: a GPU divides a tensor by a number as a product with its
+        # reciprocal, which can differ from the division in the last bit, and a batch would then depend on the
+        # device. (The float32 values divided in float64 and rounded: the originals' numbers, bit for bit.)
+        self.rtg_scaled = torch.from_numpy((rtg.astype(np.float32).astype(np.float64) / self.scale)
+                                           .astype(np.float32)).to(dv)                          # [N]
         self.traj_starts = torch.from_numpy(starts).to(dv)
         self.traj_lens = torch.from_numpy(lengths).to(dv)
         pad_state = (np.full(spec.state_dim, PAD_STATE_RAW, dtype=np.float64) - self.state_mean) / self.state_std
@@ -842,6 +847,6 @@ class TrajectoryDataset:
         in_ep = (off1 >= 0) & (start.unsqueeze(1) + off1 < length.unsqueeze(1))
         flat1 = self.traj_starts[traj].unsqueeze(1) + start.unsqueeze(1) + off1.clamp(min=0)
         flat1 = torch.where(in_ep, flat1, torch.zeros_like(flat1))
-        rtg = torch.where(in_ep, self.rtg[flat1], torch.zeros((), device=dv)) / self.scale
+        rtg = torch.where(in_ep, self.rtg_scaled[flat1], torch.zeros((), device=dv))
         mask = real.to(torch.float32)
         return Batch(states, actions, rewards, dones, rtg.unsqueeze(-1), timesteps, mask)

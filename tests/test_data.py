@@ -20,6 +20,7 @@ import torch
 from decision_transformer import synthetic
 from decision_transformer.data import (
     Batch,
+    discount_cumsum,
     TrajectoryDataset,
     load_dataset,
     load_trajectories,
@@ -1216,3 +1217,20 @@ def test_checked_trajectories_pickled_by_a_user_load_again(tmp_path):
     assert b"CheckedTrajectories" not in (tmp_path / "w.pkl").read_bytes()
     with open(tmp_path / "w.pkl", "rb") as f:
         assert type(pickle.load(f)) is list
+
+
+def test_window_rtg_is_divided_by_the_scale_on_the_host(monkeypatch):
+    """A GPU divides a tensor by a number as a product with its reciprocal, which differs from the division in the
+    last bit for some values: the analyses' batches then depended on the device (cuda_checks.py saw another digest).
+    Emulated here by such a division on the CPU: the windows' rtg must still be the float64 quotient rounded to
+    float32 (the originals' numbers), bit for bit."""
+    trajs = make_trajs([300, 200], seed=3)
+    ds = TrajectoryDataset(trajs, "hopper")
+    true_div = torch.Tensor.__truediv__
+    monkeypatch.setattr(torch.Tensor, "__truediv__", lambda a, b: a * (1.0 / b) if isinstance(b, (int, float))
+                        else true_div(a, b))
+    pairs = [(0, s) for s in range(0, 280, 7)] + [(1, s) for s in range(0, 175, 5)]    # (whole windows, no padding)
+    rtg = windows(ds, pairs, 20).rtg.numpy()[..., 0]
+    want = [(discount_cumsum(trajs[i]["rewards"])[s:s + 21].astype(np.float64) / 1000.0).astype(np.float32)
+            for i, s in pairs]
+    assert np.array_equal(rtg, np.stack(want))
