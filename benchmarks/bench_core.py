@@ -36,7 +36,7 @@ from decision_transformer.cli import eval_workers_type, nonnegative_int  # noqa:
 from decision_transformer.cpu import tune_allocator  # noqa: E402
 from decision_transformer.data import TrajectoryDataset, state_stats  # noqa: E402
 from decision_transformer.envs import get_env_spec  # noqa: E402
-from decision_transformer.errors import cli_entry  # noqa: E402
+from decision_transformer.errors import UserError, cli_entry  # noqa: E402
 from decision_transformer.evaluation import (EnvPool, default_env_workers, evaluate_episodes,  # noqa: E402
                                             evaluate_episodes_sequential)
 from decision_transformer.models import DecisionTransformer, DTConfig  # noqa: E402
@@ -102,9 +102,9 @@ def warm_up(model, device):
         torch.cuda.synchronize(device)
 
 
-def bench_eval(device, episodes_list, seq_episodes, workers_list=(0,), groups_list=(None,)):
-    """Yields (episodes, env workers, overlap groups, batched ep/s, one-by-one ep/s) rows as they are measured: every
-    worker and group setting of the first size in ``episodes_list``, then of the next."""
+def bench_eval(device, episodes_list, seq_episodes, workers_list=(0,), groups_list=(None,), graphs_list=(None,)):
+    """Yields (episodes, env workers, overlap groups, CUDA graphs, batched ep/s, one-by-one ep/s) rows as they are
+    measured: every worker, group and graph setting of the first size in ``episodes_list``, then of the next."""
     spec = get_env_spec("halfcheetah")
     model = DecisionTransformer(DTConfig(spec.state_dim, spec.act_dim), seed=0).to(device).eval()
     mean, std = np.zeros(spec.state_dim, np.float32), np.ones(spec.state_dim, np.float32)
@@ -125,11 +125,12 @@ def bench_eval(device, episodes_list, seq_episodes, workers_list=(0,), groups_li
         for n in episodes_list:
             for w, pool in pools:
                 for groups in groups_list:
-                    start = time.perf_counter()
-                    evaluate_episodes(model, "halfcheetah", 6000, n, mean, std, device=device, pool=pool,
-                                      overlap_groups=groups)
-                    yield (n, w, groups or (4 if device.type == "cuda" else 1), n / (time.perf_counter() - start),
-                           seq_rate)
+                    for graphs in graphs_list:
+                        start = time.perf_counter()
+                        evaluate_episodes(model, "halfcheetah", 6000, n, mean, std, device=device, pool=pool,
+                                          overlap_groups=groups, cuda_graphs=graphs)
+                        yield (n, w, groups or 1, "on" if (device.type == "cuda" if graphs is None else graphs)
+                               else "off", n / (time.perf_counter() - start), seq_rate)
     finally:
         for _, pool in pools:
             pool.close()
@@ -193,7 +194,10 @@ def main(argv=None):
     p.add_argument("--env_workers", type=eval_workers_type, nargs="+", default=None,
                    help="evaluation env worker processes to compare (default: 0 and auto on CUDA, 0 on CPU)")
     p.add_argument("--overlap_groups", type=positive_int, nargs="+", default=None,
-                   help="overlapped forward groups to compare (default: 1 and 4 on CUDA, 1 on CPU)")
+                   help="overlapped forward groups to compare (default: 1)")
+    p.add_argument("--cuda_graphs", choices=["on", "off"], nargs="+", default=None,
+                   help="batched evaluation with its forwards replayed from CUDA graphs, and/or plain (default: on "
+                        "and off on CUDA; the CPU has none)")
     p.add_argument("--stepping_workers", type=nonnegative_int, nargs="+", default=[0, 1, 2],
                    help="worker counts of the env-stepping table (50 envs, no model)")
     args = p.parse_args(argv)
@@ -219,14 +223,17 @@ def main(argv=None):
     print()
 
     cuda = device.type == "cuda"
+    if not cuda and "on" in (args.cuda_graphs or []):
+        raise UserError("--cuda_graphs on needs a CUDA device (the CPU has no graphs)")
     episodes = args.episodes or ([10] if args.quick else [10, 50, 100])
     rows = bench_eval(device, episodes, 2 if args.quick else 5, args.env_workers or ([0, "auto"] if cuda else [0]),
-                      args.overlap_groups or ([1, 4] if cuda else [1]))
+                      args.overlap_groups or [1],
+                      [g == "on" for g in args.cuda_graphs or (["on", "off"] if cuda else ["off"])])
     print("| evaluation (HalfCheetah-v4, 1000-step episodes, DT 128x3) | episodes | env workers | overlap groups "
-          "| one-by-one ep/s | batched ep/s | ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for n, w, groups, batched, seq in rows:  # each row printed as soon as it is measured
-        print(f"| | {n} | {w} | {groups} | {seq:.2f} | {batched:.2f} | {batched / seq:.1f}x |")
+          "| CUDA graphs | one-by-one ep/s | batched ep/s | ratio |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|")
+    for n, w, groups, graphs, batched, seq in rows:  # each row printed as soon as it is measured
+        print(f"| | {n} | {w} | {groups} | {graphs} | {seq:.2f} | {batched:.2f} | {batched / seq:.1f}x |")
 
     print("\n| evaluation forward (DT 128x3, K 20) | histories | full forward ms | last_action_only ms | ratio |")
     print("|---|---:|---:|---:|---:|")

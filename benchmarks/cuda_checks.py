@@ -6,6 +6,9 @@ check (pass / FAIL and what was measured) and exits 1 when one fails:
 * ``graph_reseed``: dropout under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) follows a reseeding of
   torch's generators between replays, as ``distributed.rank_dropout_stream`` needs: the same seed gives the same
   masks, another seed others;
+* ``eval_graphs``: the batched evaluation's forwards replayed from CUDA graphs (``evaluation.GraphedActions``) give
+  the plain forwards' actions (shapes in the order an evaluation meets them), and a hopper evaluation the same
+  episode lengths and returns;
 * ``resume_cpu_to_cuda``: a run trained one iteration with ``--device cpu`` and resumed with ``--device cuda`` takes
   its steps (fused AdamW with the CPU-saved optimiser state) and records iteration 2;
 * ``torchrun_nccl``: ``torchrun --nproc_per_node 1`` on the GPU (the NCCL backend) trains one iteration.
@@ -78,6 +81,40 @@ def check_graph_reseed(device):
     return same and other, f"seed 11 twice equal: {same}; seed 12 different: {other}"
 
 
+def check_eval_graphs(device):
+    """GraphedActions against plain forwards on the same histories, shapes in the order an evaluation meets them
+    (growing windows, then fewer rows, so that replays see stale rows), and a hopper evaluation both ways."""
+    import numpy as np
+
+    from decision_transformer.evaluation import EnvPool, GraphedActions, evaluate_episodes
+
+    if device.type != "cuda":
+        return True, "skipped: the CPU has no CUDA graphs"
+    from decision_transformer.models import DecisionTransformer, DTConfig
+
+    model = DecisionTransformer(DTConfig(11, 3), seed=0).to(device).eval()
+    g = torch.Generator(device="cpu").manual_seed(1)
+    graphed, worst = GraphedActions(model, device), 0.0
+    with torch.no_grad():
+        for m, t in [(50, t) for t in range(1, 21)] + [(m, 20) for m in (50, 37, 33, 16, 5, 1, 40)]:
+            xs = (torch.randn(m, t, 11, generator=g), torch.randn(m, t, 3, generator=g),
+                  torch.randn(m, t, 1, generator=g), torch.randint(0, 1000, (m, t), generator=g))
+            xs = [x.to(device) for x in xs]
+            worst = max(worst, float((graphed(*xs) - model.get_action(*xs)).abs().max()))
+    mean, std = np.zeros(11, np.float32), np.ones(11, np.float32)
+    pool = EnvPool("hopper")
+    try:
+        runs = [evaluate_episodes(model, "hopper", 3600, 16, mean, std, seed=3, pool=pool, cuda_graphs=on)
+                for on in (True, False)]
+    finally:
+        pool.close()
+    same_len = bool(np.array_equal(runs[0].lengths, runs[1].lengths))
+    diff = float(np.abs(runs[0].returns - runs[1].returns).max())
+    ok = not graphed.eager and worst < 1e-4 and same_len and diff < 1e-2 * max(1.0, float(runs[1].returns.max()))
+    return ok, (f"{len(graphed.graphs)} graphs; largest action difference {worst:.1e}; hopper 16 episodes: same "
+                f"lengths {same_len}, largest return difference {diff:.1e}")
+
+
 def _experiment(cwd, *args, torchrun=False, timeout=120):
     cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] if torchrun
                              else []), os.path.join(ROOT, "experiment.py"), "--data_path", "d", *TINY, *args]
@@ -123,6 +160,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         make_dataset(os.path.join(tmp, "d"), "hopper", "medium", 2000, seed=0, max_ep_len=100)
         checks = {"windows": lambda: check_windows(device), "graph_reseed": lambda: check_graph_reseed(device),
+                  "eval_graphs": lambda: check_eval_graphs(device),
                   "resume_cpu_to_cuda": lambda: check_resume(device, tmp),
                   "torchrun_nccl": lambda: check_torchrun(device, tmp)}
         for name, fn in checks.items():

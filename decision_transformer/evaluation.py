@@ -133,6 +133,75 @@ def default_env_workers(device, num_episodes: int) -> int:
     return max(0, min(8, len(available_cpus()) - 1, num_episodes))
 
 
+_CAPTURE_STREAMS: dict = {}
+
+
+def _capture_stream(device: torch.device):
+    """The side stream graphs are captured on, one per GPU for the process: cuBLAS keeps a workspace for each stream
+    it has run on, so a new stream for each evaluation would keep adding one."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[index] = torch.cuda.Stream(index)
+    return _CAPTURE_STREAMS[index]
+
+
+class GraphedActions:
+    """``model.get_action`` replayed from CUDA graphs, for the batched evaluation on a GPU, where a forward of the
+    paper's DT is bound by kernel launches (about 2 ms each step on an H200, most of an evaluation step). One graph per
+    input shape, captured when the shape first comes: the rows rounded up to a power of two (the rows beyond the live
+    ones hold earlier inputs, finite; their actions are dropped), the window length 1..K. The graphs share one memory
+    pool. The model must not change while this object is used (one evaluation). A capture that fails (an op of a
+    custom model that a graph cannot hold) is a warning, and the evaluation goes on with plain forwards."""
+
+    def __init__(self, model, device: torch.device):
+        self.model, self.device = model, device
+        self.graphs: dict = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.eager = False
+
+    def __call__(self, states, actions, rtg, timesteps):
+        if self.eager:
+            return self.model.get_action(states, actions, rtg, timesteps)
+        m, t = states.shape[:2]
+        key = (1 << (m - 1).bit_length(), t)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(key[0], (states, actions, rtg, timesteps))
+            if entry is None:
+                return self.model.get_action(states, actions, rtg, timesteps)
+        inputs, out, graph = entry
+        for buf, x in zip(inputs, (states, actions, rtg, timesteps)):
+            buf[:m].copy_(x)
+        graph.replay()
+        return out[:m].clone()
+
+    def _capture(self, rows: int, xs):
+        import warnings
+
+        inputs = [torch.zeros((rows, *x.shape[1:]), dtype=x.dtype, device=self.device) for x in xs]
+        for buf, x in zip(inputs, xs):
+            buf[:len(x)].copy_(x)
+        main, side = torch.cuda.current_stream(self.device), _capture_stream(self.device)
+        side.wait_stream(main)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(side):
+                self.model.get_action(*inputs)          # warm-up: lazy initialisations happen outside the capture
+                graph.capture_begin(pool=self.pool)
+                try:
+                    out = self.model.get_action(*inputs)
+                finally:
+                    graph.capture_end()
+        except Exception as e:  # noqa: BLE001 - any op a graph cannot hold: plain forwards from here on
+            main.wait_stream(side)
+            warnings.warn(f"evaluation: the model's forward could not be captured as a CUDA graph ({type(e).__name__}: "
+                          f"{e}); evaluating with plain forwards", RuntimeWarning, stacklevel=3)
+            self.eager = True
+            return None
+        main.wait_stream(side)
+        return inputs, out, graph
+
+
 def _host_copy_event(device: torch.device):
     """What tells that a group's actions, copied to the host without blocking, have arrived: on CUDA an event
     recorded after the copy on ``device``'s stream, where the copy was queued (``synchronize`` waits for it); None on
@@ -174,13 +243,14 @@ def _checked_conditioning(env: str, target, state_mean, state_std) -> tuple[floa
 def evaluate_episodes(model, env: str, target: float, num_episodes: int, state_mean, state_std, *,
                       seed: int = 0, mode: str = "normal", device=None, pool: EnvPool | None = None,
                       env_version: str | None = None, progress=None,
-                      overlap_groups: int | None = None) -> EvalResult:
+                      overlap_groups: int | None = None, cuda_graphs: bool | None = None) -> EvalResult:
     """Roll out ``num_episodes`` return-conditioned episodes in lockstep with one batched forward per env step.
 
     ``device`` defaults to the model's; ``pool`` (envs kept between evaluations, ``EnvPool``) must be of ``env``;
     ``env_version`` defaults to the pool's, or v4. The model runs in eval mode and is left in the mode it was in.
-    ``overlap_groups`` (default 4 on CUDA, 1 on CPU) splits the live episodes into groups whose forwards are all
-    launched before any env is stepped, so the GPU computes later groups while the CPU steps earlier ones."""
+    ``overlap_groups`` (default 1) splits the live episodes into groups whose forwards are all launched before any
+    env is stepped, so the GPU computes later groups while the CPU steps earlier ones. ``cuda_graphs`` (default: on
+    CUDA) replays the forwards from CUDA graphs (``GraphedActions``); the CPU has none."""
     if isinstance(num_episodes, bool) or not isinstance(num_episodes, numbers.Integral) or num_episodes < 1:
         raise ValueError(f"num_episodes must be >= 1, got {num_episodes!r} (an integer number of episodes)")
     device, pool = _eval_setup(model, env, device, pool, env_version, mode)
@@ -188,12 +258,16 @@ def evaluate_episodes(model, env: str, target: float, num_episodes: int, state_m
     # on a GPU other than the current one, the pinned host copies and their events belong to the model's GPU
     on_gpu = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with module_mode(model, False), on_gpu:
-        return _evaluate_batched(model, env, target, num_episodes, state_mean, state_std, seed, mode, device,
-                                 pool, progress, overlap_groups)
+        graphs = device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        if graphs and device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device; this evaluation runs on {device}")
+        get_action = GraphedActions(model, device) if graphs else model.get_action
+        return _evaluate_batched(get_action, model.config.max_length, env, target, num_episodes, state_mean,
+                                 state_std, seed, mode, device, pool, progress, overlap_groups)
 
 
-def _evaluate_batched(model, env, target, num_episodes, state_mean, state_std, seed, mode, device, pool, progress,
-                      overlap_groups) -> EvalResult:
+def _evaluate_batched(get_action, K, env, target, num_episodes, state_mean, state_std, seed, mode, device, pool,
+                      progress, overlap_groups) -> EvalResult:
     spec = get_env_spec(env)
     envs = pool.stepper(num_episodes)
     M, L = num_episodes, spec.max_ep_len
@@ -212,9 +286,8 @@ def _evaluate_batched(model, env, target, num_episodes, state_mean, state_std, s
     returns = np.zeros(M)
     lengths = np.zeros(M, dtype=np.int64)
     live = np.ones(M, dtype=bool)
-    K = model.config.max_length
     cuda = device.type == "cuda"
-    groups = overlap_groups or (4 if cuda else 1)
+    groups = overlap_groups or 1
     for t in range(L):
         idx = np.flatnonzero(live)
         if len(idx) == 0:
@@ -229,8 +302,7 @@ def _evaluate_batched(model, env, target, num_episodes, state_mean, state_std, s
         on_device = torch.split(to_device_async(torch.from_numpy(idx), device), [len(g) for g in splits])
         for g, ti in zip(splits, on_device):
             # the current step's action slot is zero, as the originals' placeholder
-            act = model.get_action(states[ti, lo:t + 1], actions[ti, lo:t + 1], rtg[ti, lo:t + 1],
-                                   timesteps[ti, lo:t + 1])
+            act = get_action(states[ti, lo:t + 1], actions[ti, lo:t + 1], rtg[ti, lo:t + 1], timesteps[ti, lo:t + 1])
             actions[ti, t] = act
             host = act.detach().to("cpu", torch.float32, non_blocking=cuda)
             pending.append((g, ti, host, _host_copy_event(device)))

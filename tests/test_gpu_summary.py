@@ -36,9 +36,9 @@ def logs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(core, "bench_sampler", lambda device: (1000.0, 50.0))
     monkeypatch.setattr(core, "bench_env_stepping", lambda n, workers, steps: [(0, 12000.0), (8, 60000.0)])
     monkeypatch.setattr(core, "bench_forward", lambda device, sizes: [(1, 2.0, 1.0)])
-    eval_rows = [(10, 0, 1, 20.0, 1.0), (50, 0, 1, 30.0, 1.0), (50, 0, 4, 42.0, 1.0), (50, 8, 4, 41.0, 0.8),
-                 (100, 0, 4, 50.0, 1.0)]
-    monkeypatch.setattr(core, "bench_eval", lambda device, episodes, seq, workers, groups: eval_rows)
+    eval_rows = [(10, 0, 1, "on", 20.0, 1.0), (50, 0, 1, "on", 30.0, 1.0), (50, 0, 4, "on", 42.0, 1.0),
+                 (50, 8, 4, "off", 41.0, 0.8), (100, 0, 4, "on", 50.0, 1.0)]
+    monkeypatch.setattr(core, "bench_eval", lambda device, episodes, seq, workers, groups, graphs: eval_rows)
     core.main([])
     (tmp_path / "bench_core.txt").write_text(capsys.readouterr().out)
     (tmp_path / "device.txt").write_text("name, memory.total [MiB], driver_version\nNVIDIA H200, 143771 MiB, 570.1\n")
