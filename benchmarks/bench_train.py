@@ -111,6 +111,11 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+#: ``measure``'s ``compile`` value for a run with ``--cuda_graph`` (each step replayed from a CUDA graph), and its row
+CUDA_GRAPH = "cuda-graph"
+GRAPH_LABEL = "on-device, CUDA graph step"
+
+
 def measure(name, trajs, device, steps, batch_size, K, slow, amp, compile=None):
     """(steps/s, tokens/s, peak memory MiB, FLOP/s, the last step's loss) of ``steps`` timed training steps: on CUDA
     in this process (peak: the most torch allocated during the timed steps), on the CPU in a fresh child process
@@ -178,8 +183,9 @@ def measure_here(name, trajs, device, steps, batch_size, K, slow, amp, compile=N
     opt = make_optimizer(model, lr=1e-4, weight_decay=1e-4, fused=fused)
     ds = SlowSampler(trajs, device) if slow else TrajectoryDataset(trajs, "hopper", device=device)
     gen = torch.Generator(device=device).manual_seed(0)
+    graph = compile == CUDA_GRAPH
     trainer = Trainer(model, opt, warmup_schedule(opt, 100), ds, batch_size=batch_size, K=K, generator=gen,
-                      amp_dtype=amp, compile=compile)
+                      amp_dtype=amp, compile=None if graph else compile, cuda_graph=graph)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3 if compile is None else 10):  # compiling (and recording CUDA graphs) is not timed
         trainer.train_step()
@@ -209,11 +215,16 @@ def main(argv=None):
     p.add_argument("--compile", nargs="*", choices=COMPILE_MODES, default=None,
                    help="also time the on-device path under torch.compile in these modes (--compile of the scripts; "
                         "alone: torch's default mode)")
+    p.add_argument("--cuda_graph", action="store_true",
+                   help="also time the on-device path with each step replayed from a CUDA graph (--cuda_graph of "
+                        "experiment.py; CUDA only)")
     args = p.parse_args(argv)
     args.compile = ["default"] if args.compile == [] else (args.compile or [])
     if args.K > 1000:  # the synthetic episodes are at most 1000 steps
         raise UserError(f"invalid --K {args.K}: at most 1000 (the episode length)")
     device = bench_device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        raise UserError("--cuda_graph needs a CUDA device")
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     amp_dtype = torch.bfloat16 if amp == "bf16" else None
     if device.type == "cuda":
@@ -248,6 +259,7 @@ def main(argv=None):
         steps = timed[name]
         variants = [("per-sample loop", True, None), ("on-device", False, None)]
         variants += [(f"on-device, compile {mode}", False, mode) for mode in args.compile]
+        variants += [(GRAPH_LABEL, False, CUDA_GRAPH)] if args.cuda_graph else []
         base = None
         for label, slow, mode in variants:  # each row printed as soon as it is measured
             sps, tps, mem, flops, loss = measure(name, trajs, device, steps, args.batch_size, args.K, slow, amp_dtype,

@@ -7,9 +7,15 @@ variants consume no random numbers of their own) and is compared with plain fp32
 autocast, eager):
 
 * ``loss``: the largest relative difference of a step's loss over the run;
-* ``drift``: ||w_variant - w_fp32|| / ||w_fp32 - w_init||, how far the weights moved apart relative to how far
-  training moved them;
+* ``drift``: ||(w_variant - w_init) - (w_fp32 - w_init)|| / ||w_fp32 - w_init||, how far the weights moved apart
+  relative to how far training moved them (each run from its own initial weights);
 * ``action``: the largest absolute difference of the trained models' action predictions on a held-out batch.
+
+A first row, not judged, gives the floor: the reference run again from initial weights perturbed by one float32
+rounding (a relative 2^-24), which shows how far rounding alone takes two fp32 runs apart in these steps (at GPT-2
+size more than the tolerances, which were set at the paper config). On CUDA ``cuda graph fp32`` (``--cuda_graph``
+alone) is compared with the eager run of the same arithmetic (fused AdamW, fp32), and ``cuda graph`` with the rest of
+the fast path (bf16, TF32) with the reference.
 
 Prints a table with the tolerance of each variant and exits 1 when one is exceeded. TF32 applies on CUDA only;
 ``compile`` needs a working C++ compiler (inductor) and is skipped with ``--no_compile``; on CUDA ``compile
@@ -46,23 +52,29 @@ CONFIGS = {"tiny": dict(n_embd=32, n_layer=1, n_head=1, activation_function="rel
 #: (loss, drift, action) tolerances. fp32 reorderings (fused AdamW) stay near rounding; TF32 keeps 10 mantissa
 #: bits and bf16 7, so their runs drift apart by more while training the same way.
 TOLERANCES = {"fused": (1e-4, 1e-3, 1e-4), "tf32": (1e-2, 5e-2, 1e-2), "bf16": (5e-2, 0.25, 5e-2),
-              "compile": (5e-2, 0.25, 5e-2), "compile reduce-overhead": (5e-2, 0.25, 5e-2)}
+              "compile": (5e-2, 0.25, 5e-2), "compile reduce-overhead": (5e-2, 0.25, 5e-2),
+              "cuda graph fp32": (1e-4, 1e-3, 1e-4), "cuda graph": (5e-2, 0.25, 5e-2)}
 
 
 def train_variant(trajs, device, config: str, steps: int, *, fused=False, tf32=False, amp=None, compile=False,
-                  batch_size=64, K=20, seed=0):
+                  cuda_graph=False, batch_size=64, K=20, seed=0, perturb=0.0):
     """(per-step losses [steps], final state dict, initial state dict, action predictions on a held-out batch)."""
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     cfg = DTConfig(11, 3, max_length=K, backbone=BackboneConfig(**CONFIGS[config], resid_pdrop=0.0, embd_pdrop=0.0,
                                                                  attn_pdrop=0.0))
     model = DecisionTransformer(cfg, seed=seed).to(device)
+    if perturb:   # the floor row: every initial weight times (1 + perturb * N(0, 1))
+        g = torch.Generator().manual_seed(seed + 7)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + perturb * torch.randn(p.shape, generator=g).to(device))
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = make_optimizer(model, lr=1e-4, weight_decay=1e-4, fused=fused)
     data = TrajectoryDataset(trajs, "hopper", device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     trainer = Trainer(model, opt, warmup_schedule(opt, 10), data, batch_size=batch_size, K=K, generator=gen,
-                      amp_dtype=amp, compile=compile)
+                      amp_dtype=amp, compile=compile, cuda_graph=cuda_graph)
     losses = torch.stack([trainer.train_step() for _ in range(steps)]).float().cpu()
     held_out = data.sample_batch(batch_size, K, torch.Generator(device=device).manual_seed(seed + 1))
     model.eval()
@@ -78,9 +90,10 @@ def train_variant(trajs, device, config: str, steps: int, *, fused=False, tf32=F
 def compare(ref, other) -> tuple[float, float, float]:
     """(loss, drift, action) differences of ``other`` from ``ref`` (outputs of ``train_variant``)."""
     l0, w0, init, p0 = ref
-    l1, w1, _, p1 = other
+    l1, w1, init1, p1 = other
     loss = float(((l1 - l0).abs() / l0.abs().clamp_min(1e-12)).max())
-    num = sum(float(((w1[k] - w0[k]) ** 2).sum()) for k in w0)
+    # (how each run moved from its own initial weights: the floor row starts from perturbed ones)
+    num = sum(float(((w1[k] - init1[k] - (w0[k] - init[k])) ** 2).sum()) for k in w0)
     den = sum(float(((w0[k] - init[k]) ** 2).sum()) for k in w0)
     drift = (num / max(den, 1e-30)) ** 0.5
     return loss, drift, float((p1 - p0).abs().max())
@@ -98,6 +111,10 @@ def variants(device: torch.device, no_compile: bool) -> dict[str, dict]:
         out["compile"] = dict(compile=True, fused=True, tf32=cuda, amp=bf16 if cuda else None)
         if cuda:  # the training scripts' --compile reduce-overhead: each step replayed as CUDA graphs
             out["compile reduce-overhead"] = dict(compile="reduce-overhead", fused=True, tf32=True, amp=bf16)
+    if cuda:  # --cuda_graph: alone (fp32 arithmetic, so the fused tolerances), and with the rest of the fast path
+        out["cuda graph fp32"] = dict(cuda_graph=True, fused=True)
+        if bf16 is not None:
+            out["cuda graph"] = dict(cuda_graph=True, fused=True, tf32=True, amp=bf16)
     return out
 
 
@@ -122,14 +139,22 @@ def main(argv=None) -> int:
     print(f"reference final loss {float(ref[0][-1]):.5f}\n")
     print("| variant | loss (max rel.) | weight drift | action (max abs.) | tolerances | result |")
     print("|---|---:|---:|---:|---|---|")
-    failed = False
+    # how far rounding alone takes two fp32 runs apart in these steps: the reference from weights perturbed by one
+    # float32 rounding (2^-24); shown, not judged
+    floor = compare(ref, train_variant(trajs, device, args.config, args.steps, batch_size=args.batch_size,
+                                       perturb=2.0 ** -24))
+    print(f"| fp32 floor (weights perturbed by 2^-24) | {floor[0]:.2e} | {floor[1]:.2e} | {floor[2]:.2e} | - | - |")
+    failed, runs = False, {}
     for name, kw in variants(device, args.no_compile).items():
-        got = compare(ref, train_variant(trajs, device, args.config, args.steps, batch_size=args.batch_size, **kw))
+        runs[name] = train_variant(trajs, device, args.config, args.steps, batch_size=args.batch_size, **kw)
+        # --cuda_graph alone against the eager run of the same arithmetic (fused AdamW, fp32): it replays that step
+        got = compare(runs["fused"] if name == "cuda graph fp32" else ref, runs[name])
         tol = TOLERANCES[name]
         ok = all(g <= t for g, t in zip(got, tol))
         failed |= not ok
         label = name + (" (" + ", ".join(k for k, v in kw.items() if v and k != "compile") + ")"
-                        if name.startswith(("bf16", "compile")) else "")
+                        if name.startswith(("bf16", "compile", "cuda graph (")) or name == "cuda graph" else "")
+        label += " (against fused)" if name == "cuda graph fp32" else ""
         print(f"| {label} | {got[0]:.2e} | {got[1]:.2e} | {got[2]:.2e} | {tol[0]:g} / {tol[1]:g} / {tol[2]:g} | "
               f"{'ok' if ok else 'EXCEEDED'} |")
     return 1 if failed else 0

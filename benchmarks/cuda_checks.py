@@ -11,7 +11,9 @@ check (pass / FAIL and what was measured) and exits 1 when one fails:
   episode lengths and returns;
 * ``resume_cpu_to_cuda``: a run trained one iteration with ``--device cpu`` and resumed with ``--device cuda`` takes
   its steps (fused AdamW with the CPU-saved optimiser state) and records iteration 2;
-* ``torchrun_nccl``: ``torchrun --nproc_per_node 1`` on the GPU (the NCCL backend) trains one iteration.
+* ``torchrun_nccl``: ``torchrun --nproc_per_node 1`` on the GPU (the NCCL backend) trains one iteration;
+* ``cuda_graph_run``: ``experiment.py --cuda_graph`` trains an iteration of 12 steps (warm-up, capture, replays) and
+  resumes for a second (its numerics: ``check_precision.py``'s ``cuda graph`` rows).
 
     python benchmarks/cuda_checks.py            # on a CUDA machine with torch, gymnasium[mujoco] and this package
 """
@@ -138,6 +140,23 @@ def check_resume(device, tmp):
     return ok, f"iteration {st['iteration']}, fused AdamW groups {fused}"
 
 
+def check_graph_run(device, tmp):
+    """experiment.py --cuda_graph: an iteration of 12 steps (3 warm-up, the capture, replays), then a --resume."""
+    from decision_transformer.checkpoint import load_checkpoint
+
+    if device.type != "cuda":
+        return True, "skipped: --cuda_graph needs CUDA"
+    common = ["--device", str(device), "--cuda_graph", "--seed", "8", "--num_steps_per_iter", "12"]
+    rc, tail = _experiment(tmp, "--max_iters", "1", *common)
+    if rc:
+        return False, f"the run failed: {tail}"
+    rc, tail = _experiment(tmp, "--max_iters", "2", "--resume", *common)
+    if rc:
+        return False, f"the resume failed: {tail}"
+    st = load_checkpoint(os.path.join(tmp, "checkpoints", "dt_medium_hopper_8_K5", "train_state.pt"))
+    return st["iteration"] == 2 and st["step"] == 24, f"iteration {st['iteration']}, step {st['step']}: {tail}"
+
+
 def check_torchrun(device, tmp):
     rc, tail = _experiment(tmp, "--max_iters", "1", "--device", str(device), "--seed", "7", torchrun=True)
     return rc == 0, f"exit {rc}: {tail}"
@@ -162,7 +181,8 @@ def main(argv=None) -> int:
         checks = {"windows": lambda: check_windows(device), "graph_reseed": lambda: check_graph_reseed(device),
                   "eval_graphs": lambda: check_eval_graphs(device),
                   "resume_cpu_to_cuda": lambda: check_resume(device, tmp),
-                  "torchrun_nccl": lambda: check_torchrun(device, tmp)}
+                  "torchrun_nccl": lambda: check_torchrun(device, tmp),
+                  "cuda_graph_run": lambda: check_graph_run(device, tmp)}
         for name, fn in checks.items():
             start = time.perf_counter()
             try:

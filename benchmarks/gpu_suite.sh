@@ -8,7 +8,7 @@
 #
 #   bash benchmarks/gpu_suite.sh            # on a CUDA machine with torch, gymnasium[mujoco] and this package
 #
-# Each step is stopped after its time budget (seconds, below; 560 in all, to end within a 600 s device command); its
+# Each step is stopped after its time budget (seconds, below; 565 in all, to end within a 600 s device command); its
 # log keeps the rows measured until then, since every benchmark prints a row as soon as it is measured. The target
 # figures come first: training at the paper config against the per-sample loop and at GPT-2 size (MFU), then
 # evaluation at 50 episodes against one by one.
@@ -40,14 +40,14 @@ run() {  # run NAME SECONDS COMMAND...: output to the terminal and $out/NAME.txt
   fi
   [ "$rc" = 0 ] || status=1
 }
-run bench_train 60 "$py" benchmarks/bench_train.py --device cuda --configs paper gpt2 --steps 100
-run bench_core 160 "$py" benchmarks/bench_core.py --device cuda --episodes 50 10 100 --stepping_workers 0 8
-run bench_train_compile 90 "$py" benchmarks/bench_train.py --device cuda --configs paper --steps 100 \
+run bench_train 70 "$py" benchmarks/bench_train.py --device cuda --configs paper gpt2 --steps 100 --cuda_graph
+run bench_core 130 "$py" benchmarks/bench_core.py --device cuda --episodes 50 10 100 --stepping_workers 0 8
+run bench_train_compile 80 "$py" benchmarks/bench_train.py --device cuda --configs paper --steps 100 \
     --compile reduce-overhead
-run check_precision_paper 125 "$py" benchmarks/check_precision.py --device cuda --config paper --steps 100
-run check_precision_gpt2 40 "$py" benchmarks/check_precision.py --device cuda --config gpt2 --steps 50 --no_compile
-run bench_analysis 40 "$py" benchmarks/bench_analysis.py --device cuda --mine_estimates 118 --mine_iters 3
-run cuda_checks 45 "$py" benchmarks/cuda_checks.py
+run check_precision_paper 110 "$py" benchmarks/check_precision.py --device cuda --config paper --steps 100
+run check_precision_gpt2 50 "$py" benchmarks/check_precision.py --device cuda --config gpt2 --steps 50 --no_compile
+run bench_analysis 35 "$py" benchmarks/bench_analysis.py --device cuda --mine_estimates 118 --mine_iters 3
+run cuda_checks 90 "$py" benchmarks/cuda_checks.py
 echo "== summary (printed only: \$OUT keeps device.txt and the 8 logs; rerun it on the logs anywhere)"
 "$py" benchmarks/gpu_summary.py "$out"
 exit $status

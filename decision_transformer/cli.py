@@ -144,10 +144,15 @@ def add_run_flags(p: argparse.ArgumentParser, *, project: str = "decision-transf
     g.add_argument("--resume", action="store_true",
                    help="continue the run in {outdir}/{run_dir} (a merge run, --pretrained_models: the newest "
                         "{outdir}/{run_dir}_{id} made with the same merge flags) after its last finished iteration; "
-                        "only --max_iters, --device, --threads, --precision, --compile, --num_eval_episodes, "
+                        "only --max_iters, --device, --threads, --precision, --compile, --cuda_graph, "
+                        "--num_eval_episodes, "
                         "--eval_workers, -w, --project, --save_model, --save_mode, --data_path, --outdir, --no_generate and "
                         "--end_break may differ from the run's flags")
     add_fast_path_flags(g)
+    g.add_argument("--cuda_graph", action="store_true",
+                   help="replay each training step's forward, backward and gradient clipping from one CUDA graph "
+                        "(the batch sampler and AdamW step as usual): the paper's small DT is bound by kernel "
+                        "launches on a GPU. CUDA only; not with torchrun, --compile or auxiliary losses")
     g.add_argument("--end_break", action="store_true", help="enter the debugger at the end")
     # Dead in the originals: parsed, recorded in the config, otherwise ignored.
     g.add_argument("--note", type=str, default=None, help=argparse.SUPPRESS)

@@ -86,7 +86,7 @@ def lm_cotraining_parser() -> argparse.ArgumentParser:
         elif action.dest == "resume":
             action.help = ("continue the newest {outdir}/dt_gym-experiment-{env}-{dataset}-{id} run made with these "
                            "flags after its last finished iteration (only --max_iters, --device, --threads, "
-                           "--precision, --compile, --num_eval_episodes, --eval_workers, -w, --save_model, "
+                           "--precision, --compile, --cuda_graph, --num_eval_episodes, --eval_workers, -w, --save_model, "
                            "--save_mode, --data_path, --outdir, --no_generate, --no_token_cache and --end_break may differ)")
         elif action.dest == "pretrained_lm":
             action.help = "required: a GPT-2-family directory (checkpoints/ChibiT) or a Hub id such as gpt2 (local or cached, else downloaded where the Hub can be reached)"

@@ -586,7 +586,7 @@ def resumable_run(parent: Path, prefix: str, signature: dict, kind: str = "run")
 #: must match the run it continues.
 RESUME_FREE = frozenset({"max_iters", "resume", "device", "threads", "log_to_wandb", "project", "end_break", "note",
                          "num_eval_episodes", "save_model", "save_mode", "precision", "compile", "data_path",
-                         "outdir", "no_generate", "eval_workers", "no_token_cache"})
+                         "outdir", "no_generate", "eval_workers", "no_token_cache", "cuda_graph"})
 
 
 def resume_mismatches(args, config_path: Path | dict) -> list[str]:
@@ -803,7 +803,8 @@ def _run_locked(args, script: str, take_lock) -> dict:
         trainer = trainer_cls(model, optimizer, scheduler, dataset, batch_size=args.batch_size, K=args.K,
                               generator=generator, grad_clip=None if args.remove_grad_clip or bc else GRAD_CLIP,
                               extra_loss=extra_loss, amp_dtype=autocast_dtype(args.precision, device),
-                              rank=ctx.rank, world_size=ctx.world_size, compile=args.compile)
+                              rank=ctx.rank, world_size=ctx.world_size, compile=args.compile,
+                              cuda_graph=getattr(args, "cuda_graph", False))
     except ValueError as e:
         raise UserError(str(e)) from None
 

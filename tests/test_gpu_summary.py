@@ -18,6 +18,7 @@ def logs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "bench_device", lambda name: FAKE_CUDA)
     monkeypatch.setattr(train, "synthetic_trajectories", lambda *a, **k: None)
     rates = {("paper", True, None): 40.0, ("paper", False, None): 300.0, ("paper", False, "reduce-overhead"): 900.0,
+             ("paper", False, "cuda-graph"): 800.0,
              ("gpt2", True, None): 10.0, ("gpt2", False, None): 30.0}
 
     def measure(name, trajs, device, steps, batch_size, K, slow, amp, compile=None):
@@ -182,3 +183,22 @@ def test_a_failed_cuda_check_is_named(logs, monkeypatch, capsys):
     assert "\nCUDA checks failed: resume_cpu_to_cuda.\n" in text
     (logs / "cuda_checks.txt").unlink()
     assert "No rows in: check_precision_gpt2.txt, bench_analysis.txt, cuda_checks.txt" in summary.summarise(logs)[0]
+
+
+def test_the_training_target_takes_the_cuda_graph_row_where_it_is_faster(logs, monkeypatch, capsys):
+    """bench_train.py --cuda_graph adds a row; the target is the faster of eager and --cuda_graph, both shown."""
+    summary = load_script("benchmarks/gpu_summary.py")
+    train = load_script("benchmarks/bench_train.py")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(train, "bench_device", lambda name: FAKE_CUDA)
+    monkeypatch.setattr(train, "synthetic_trajectories", lambda *a, **k: None)
+    monkeypatch.setattr(train, "measure", lambda name, trajs, device, steps, batch_size, K, slow, amp, compile=None:
+                        ({(True, None): 40.0, (False, None): 300.0, (False, "cuda-graph"): 800.0}[(slow, compile)],
+                         1.0, 1000.0, 1e11, 0.5))
+    train.main(["--configs", "paper", "--cuda_graph"])
+    (logs / "bench_train.txt").write_text(capsys.readouterr().out)
+    text, figures = summary.summarise(logs)
+    assert figures["train"] == pytest.approx(20.0) and figures["train_path"] == "--cuda_graph"
+    assert "| paper | on-device, CUDA graph step | 30 | 800.00 |" in text
+    assert "eager on-device 7.5x, with `--cuda_graph` 20.0x (the target row: the faster)" in text
+    assert "| training steps/s at the paper config, on-device vs per-sample loop | 5x | 20.0x | met |" in text

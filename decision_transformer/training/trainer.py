@@ -120,6 +120,11 @@ def apply_update(total, optimizer, scheduler, params, grad_clip: float | None):
     total.backward()
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer_step(optimizer, scheduler)
+
+
+def optimizer_step(optimizer, scheduler):
+    """The optimiser's step, then the schedule's; an overflowing step is ``TrainingDiverged``."""
     try:
         optimizer.step()
     except RuntimeError as e:   # a step size beyond float32 (a finite but huge --learning_rate): the run diverged
@@ -173,9 +178,10 @@ class Trainer:
     def __init__(self, model, optimizer, scheduler, dataset: TrajectoryDataset, *, batch_size: int, K: int,
                  generator: torch.Generator, grad_clip: float | None = GRAD_CLIP, extra_loss=None,
                  amp_dtype: torch.dtype | None = None, rank: int = 0, world_size: int = 1,
-                 compile: bool | str | None = None):
+                 compile: bool | str | None = None, cuda_graph: bool = False):
         self.model = model                # the module called for the forward (DistributedDataParallel under torchrun)
         self.module = model               # the plain DT
+        self.graph: StepGraph | None = None   # --cuda_graph's (set last)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.dataset = dataset
@@ -219,6 +225,9 @@ class Trainer:
         self.model = compile_module(self.model, compile)
         self.params = [p for p in model.parameters() if p.requires_grad]
         warn_context_mismatch(model, K)
+        if cuda_graph and self.device_type != "cuda":
+            raise ValueError("--cuda_graph needs a CUDA device (it replays each training step as a CUDA graph)")
+        self.graph = StepGraph(self) if cuda_graph else None
 
     def _freeze_unreached(self):
         """Freeze what the loss does not reach (``freeze_unreached``). The probe's text batch (``--joint``) is put
@@ -239,6 +248,11 @@ class Trainer:
             self.model.train()
         mark_step(self.compile_mode)
         batch = self.dataset.sample_batch(self.batch_size, self.K, self.generator)
+        done = self.graph.step(batch) if self.graph is not None else None
+        if done is not None:
+            self.step += 1
+            self.last_action_error = done[0]
+            return done[1]
         loss, total = self._loss(batch)
         apply_update(total, self.optimizer, self.scheduler, self.params, self.grad_clip)
         self.step += 1
@@ -286,8 +300,9 @@ class Trainer:
         """(action MSE, total loss) of a batch; under data parallelism of this rank's slice, scaled."""
         if self.world_size > 1:
             batch, scale = self._rank_slice(batch)
+        # (no cast cache under a CUDA graph: the cached casts of the weights would be the capture's)
         autocast = functools.partial(torch.autocast, self.device_type, dtype=self.amp_dtype or torch.bfloat16,
-                                     enabled=self.amp_dtype is not None)
+                                     enabled=self.amp_dtype is not None, cache_enabled=self.graph is None)
         with autocast():
             out = self.model(batch.states, batch.actions, batch.rtg[:, :-1], batch.timesteps,
                              attention_mask=batch.mask)
@@ -350,6 +365,101 @@ class Trainer:
             logs["training/train_loss_std"] = float("nan")
             logs["training/action_error"] = float("nan")
         return logs
+
+
+class StepGraph:
+    """``--cuda_graph``: a training step's forward, loss, backward and gradient clipping replayed from one CUDA graph.
+    The batch is drawn as in a plain step and copied into the graph's input tensors; AdamW (fused on CUDA) and the
+    schedule step outside it, so the optimiser's state, learning rate and ``--resume`` work as in a plain run. The
+    first ``WARMUP`` steps run as plain steps on the capture stream (torch's lazy initialisations), the next is
+    captured; dropout draws from torch's CUDA generator inside the graph, a new mask at each replay. The gradients
+    live in the graph's memory: the graph writes them (it was captured with none), so nothing zeroes them, and they
+    are put back on the parameters after each replay. Refused with torchrun, ``--compile``, auxiliary losses and a
+    loss scaler; a capture that fails is a warning and plain steps from then on."""
+
+    WARMUP = 3
+
+    def __init__(self, trainer: "Trainer"):
+        for bad, what in ((trainer.world_size > 1, "torchrun"), (trainer.compile_mode, "--compile"),
+                          (trainer.extra_loss is not None, "an auxiliary loss (--joint, k-means, --init_reg ...)"),
+                          (type(trainer).train_step is not Trainer.train_step, f"{type(trainer).__name__}'s own step")):
+            if bad:
+                raise ValueError(f"--cuda_graph cannot be used with {what}")
+        self.trainer = trainer
+        self.warm = 0
+        self.graph = None
+        self.failed = False
+
+    def step(self, batch):
+        """One training step on ``batch``: (action loss, total loss), detached; None where the caller is to take a
+        plain step (after a failed capture). A warm-up step is a plain step on the capture stream; the step after
+        the warm-up captures the graph, then replays it like every later one."""
+        if self.failed:
+            return None
+        t = self.trainer
+        if self.graph is None:
+            if self.warm < self.WARMUP:
+                self.warm += 1
+                main, side = self._side()
+                with torch.cuda.stream(side):
+                    loss, total = t._loss(batch)
+                    apply_update(total, t.optimizer, t.scheduler, t.params, t.grad_clip)
+                main.wait_stream(side)
+                return loss.detach(), total.detach()
+            if not self._capture(batch):
+                return None
+        for name, x in self.inputs.items():
+            x.copy_(getattr(batch, name))
+        self.graph.replay()
+        for p, g in zip(t.params, self.grads):
+            p.grad = g
+        optimizer_step(t.optimizer, t.scheduler)
+        return self.outputs[0].clone(), self.outputs[1].clone()
+
+    def body(self):
+        """What the graph holds: the loss of the input batch, its backward and the gradient clipping."""
+        t = self.trainer
+        loss, total = t._loss(self.batch)
+        total.backward()
+        if t.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(t.params, t.grad_clip)
+        return loss, total
+
+    def _side(self):
+        t = self.trainer
+        main = torch.cuda.current_stream(t.params[0].device)
+        if not hasattr(self, "side"):
+            self.side = torch.cuda.Stream(t.params[0].device)
+        self.side.wait_stream(main)
+        return main, self.side
+
+    def _capture(self, batch):
+        from dataclasses import fields
+
+        t = self.trainer
+        main, side = self._side()
+        self.inputs = {f.name: getattr(batch, f.name).clone() for f in fields(batch)}
+        self.batch = type(batch)(**self.inputs)
+        t.optimizer.zero_grad(set_to_none=True)      # captured with no gradients: the backward writes them
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(side):
+                graph.capture_begin()
+                try:
+                    loss, total = self.body()
+                finally:
+                    graph.capture_end()
+        except Exception as e:  # noqa: BLE001 - an op a graph cannot hold: plain steps from here on
+            main.wait_stream(side)
+            t.optimizer.zero_grad(set_to_none=True)
+            warnings.warn(f"--cuda_graph: the training step could not be captured ({type(e).__name__}: "
+                          f"{first_line(e)}); training goes on with plain steps", RuntimeWarning, stacklevel=4)
+            self.failed = True
+            return False
+        main.wait_stream(side)
+        self.graph, self.outputs = graph, (loss.detach(), total.detach())
+        self.grads = [p.grad for p in t.params]
+        return True
 
 
 #: steps between the host syncs that check the losses for NaN/inf

@@ -1,0 +1,150 @@
+"""``--cuda_graph`` (``training.trainer.StepGraph``) on the CPU, with stand-ins for torch's graph API. A stand-in
+graph's capture runs the step's body as it is (a CPU has no capture); its replay emulates a CUDA graph's: the
+gradients the capture left are overwritten (zeroed, then the body's backward accumulates into them) and the loss
+tensors the capture returned receive the new losses, all from the tensors the capture read. Training must equal
+plain training step for step: warm-up steps, the captured step, every replay with its own batch, the optimiser and
+schedule stepping once per step."""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+from decision_transformer.data import TrajectoryDataset
+from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+from decision_transformer.training import GRAD_CLIP, Trainer, make_optimizer, warmup_schedule
+from decision_transformer.training import trainer as trainer_mod
+
+
+class FakeStream:
+    def __init__(self, *a):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+
+class FakeGraph:
+    def __init__(self):
+        self.owner = None
+
+    def capture_begin(self, *a, **k):
+        pass
+
+    def capture_end(self):
+        pass
+
+    def replay(self):
+        """Writes the captured gradient tensors and losses, and leaves the parameters' ``.grad`` as they were (a
+        CUDA graph writes memory; it does not set Python attributes)."""
+        sg = self.owner
+        params = sg.trainer.params
+        before = [p.grad for p in params]
+        for p, g in zip(params, sg.grads):
+            if g is not None:
+                g.zero_()
+            p.grad = g
+        loss, total = sg.body()
+        sg.outputs[0].copy_(loss.detach())
+        sg.outputs[1].copy_(total.detach())
+        for p, g in zip(params, before):
+            p.grad = g
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    capture = trainer_mod.StepGraph._capture
+
+    def capture_and_own(self, batch):
+        ok = capture(self, batch)
+        if ok:
+            self.graph.owner = self
+        return ok
+
+    monkeypatch.setattr(trainer_mod.StepGraph, "_capture", capture_and_own)
+
+
+def make_trainer(graphed: bool, grad_clip=GRAD_CLIP, bc=False):
+    rng = np.random.default_rng(0)
+    trajs = [{"observations": rng.normal(size=(40, 11)).astype(np.float32),
+              "actions": rng.uniform(-1, 1, (40, 3)).astype(np.float32),
+              "rewards": rng.normal(size=40).astype(np.float32),
+              "terminals": np.zeros(40, bool)} for _ in range(4)]
+    ds = TrajectoryDataset(trajs, "hopper")
+    bb = BackboneConfig(n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = DecisionTransformer(DTConfig(11, 3, max_length=5, backbone=bb), seed=0)
+    opt = make_optimizer(model, lr=1e-3, weight_decay=1e-4)
+    t = Trainer(model, opt, warmup_schedule(opt, 4), ds, batch_size=8, K=5, generator=torch.Generator().manual_seed(3),
+                grad_clip=grad_clip)
+    if graphed:
+        t.graph = trainer_mod.StepGraph(t)    # (Trainer itself refuses --cuda_graph on the CPU)
+    return t
+
+
+@pytest.mark.parametrize("grad_clip", [GRAD_CLIP, None])
+def test_graph_steps_train_as_plain_steps(fake_cuda, grad_clip):
+    plain, graphed = make_trainer(False, grad_clip), make_trainer(True, grad_clip)
+    a = [plain.train_step() for _ in range(10)]
+    b = [graphed.train_step() for _ in range(10)]
+    assert graphed.graph.graph is not None and graphed.graph.warm == trainer_mod.StepGraph.WARMUP
+    assert torch.equal(torch.stack(a), torch.stack(b))
+    assert torch.equal(plain.last_action_error, graphed.last_action_error)
+    for (k, v), w in zip(plain.module.state_dict().items(), graphed.module.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert graphed.step == 10 and graphed.scheduler.last_epoch == plain.scheduler.last_epoch == 10
+    # the losses returned are the steps' own, not views of the graph's outputs that the next replay overwrites
+    assert len({float(x) for x in b}) == 10
+    # a gradient set aside between steps (as zero_grad(set_to_none=True) would) is put back by the next replay
+    for p in graphed.params:
+        p.grad = None
+    plain.train_step(), graphed.train_step()
+    for v, w in zip(plain.module.parameters(), graphed.module.parameters()):
+        assert torch.equal(v, w)
+
+
+def test_a_step_that_cannot_be_captured_is_a_warning_and_plain_steps(fake_cuda, monkeypatch):
+    plain, graphed = make_trainer(False), make_trainer(True)
+
+    def refuse(*a, **k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(FakeGraph, "capture_begin", refuse)
+    a = [plain.train_step() for _ in range(6)]
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        b = [graphed.train_step() for _ in range(6)]
+    assert graphed.graph.failed and torch.equal(torch.stack(a), torch.stack(b))
+
+
+def test_cuda_graph_is_refused_where_it_cannot_work():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        t = make_trainer(False)
+        Trainer(t.module, t.optimizer, t.scheduler, t.dataset, batch_size=8, K=5, generator=t.generator,
+                cuda_graph=True)
+    t = make_trainer(False)
+    t.compile_mode = "default"
+    with pytest.raises(ValueError, match="cannot be used with --compile"):
+        trainer_mod.StepGraph(t)
+    t = make_trainer(False)
+    t.extra_loss = lambda *a: 0.0
+    with pytest.raises(ValueError, match="cannot be used with an auxiliary loss"):
+        trainer_mod.StepGraph(t)
+
+
+def test_experiment_refuses_cuda_graph_without_a_gpu(tmp_path, monkeypatch, capsys, hopper_data):
+    import experiment
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        experiment.main(["--data_path", str(hopper_data), "--embed_dim", "16", "--n_layer", "1", "--n_head", "2",
+                         "--K", "5", "--batch_size", "4", "--num_steps_per_iter", "2", "--max_iters", "1",
+                         "--num_eval_episodes", "1", "--cuda_graph"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "error: --cuda_graph needs a CUDA device (it replays each training step as a CUDA graph)"
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").glob("*/model_*.pt"))
