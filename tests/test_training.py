@@ -142,6 +142,27 @@ def test_fused_adamw_and_bf16_autocast_stay_close_to_fp32():
     assert other[1] > 1.0 and other[2] > 0.05
 
 
+def test_precision_drift_counts_each_runs_own_movement():
+    """check_precision's floor row starts from perturbed weights: the drift compares how far each run moved from its
+    own start, so an offset of the start alone is no drift, and a different movement is."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from check_precision import compare
+
+    g = torch.Generator().manual_seed(0)
+    init = {"w": torch.randn(50, generator=g)}
+    moved = {"w": init["w"] + 0.1 * torch.randn(50, generator=g)}
+    losses, preds = torch.ones(3), torch.zeros(4)
+    offset = 1e-3 * torch.randn(50, generator=g)
+    same_move = ({"w": moved["w"] + offset}, {"w": init["w"] + offset})
+    assert compare((losses, moved, init, preds), (losses, *same_move, preds)) == (0.0, pytest.approx(0, abs=1e-6), 0.0)
+    other = ({"w": moved["w"] + offset + 0.01}, {"w": init["w"] + offset})
+    assert compare((losses, moved, init, preds), (losses, *other, preds))[1] > 0.05
+
+
 @pytest.mark.parametrize("aux", [False, True], ids=["plain", "aux_losses"])
 def test_training_steps_never_wait_for_the_device(aux, monkeypatch):
     """With fused AdamW (what CUDA runs use) a training step, the LM script's auxiliary losses included, makes no
