@@ -14,14 +14,14 @@ autocast, eager):
 A first row, not judged, gives the floor: the reference run again from initial weights perturbed by one float32
 rounding (a relative 2^-24), which shows how far rounding alone takes two fp32 runs apart in these steps (at GPT-2
 size more than the tolerances, which were set at the paper config); after the bf16 row, the same for bf16: two bf16
-runs from weights 2^-24 apart, so that a bf16 difference from fp32 can be set against bf16's own spread. On CUDA ``cuda graph fp32`` (``--cuda_graph``
-alone) is compared with the eager run of the same arithmetic (fused AdamW, fp32), and ``cuda graph`` with the rest of
-the fast path (bf16, TF32) with the reference.
+runs from weights 2^-24 apart, so that a bf16 difference from fp32 can be set against bf16's own spread. On CUDA
+``cuda graph fp32`` (``--cuda_graph`` alone) is compared with the eager run of the same arithmetic (fused AdamW,
+fp32), and ``cuda graph`` with the rest of the fast path (bf16, TF32) with the reference.
 
 Prints a table with the tolerance of each variant and exits 1 when one is exceeded. TF32 applies on CUDA only;
-``compile`` needs a working C++ compiler (inductor) and is skipped with ``--no_compile``; on CUDA ``compile
-reduce-overhead`` (CUDA graphs, the training scripts' ``--compile reduce-overhead``) is checked too, with the
-tolerances of ``compile``.
+``compile`` needs a working C++ compiler (inductor) and is skipped with ``--no_compile``; on CUDA
+``compile reduce-overhead`` (CUDA graphs, the training scripts' ``--compile reduce-overhead``) is checked too, with
+the tolerances of ``compile``.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from bench_args import bench_device, positive_int  # noqa: E402
 from decision_transformer.data import TrajectoryDataset  # noqa: E402
-from decision_transformer.errors import cli_entry  # noqa: E402
+from decision_transformer.errors import UserError, cli_entry  # noqa: E402
 from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig  # noqa: E402
 from decision_transformer.run import native_bf16  # noqa: E402
 from decision_transformer.training import Trainer, make_optimizer, warmup_schedule  # noqa: E402
@@ -77,6 +77,9 @@ def train_variant(trajs, device, config: str, steps: int, *, fused=False, tf32=F
     trainer = Trainer(model, opt, warmup_schedule(opt, 10), data, batch_size=batch_size, K=K, generator=gen,
                       amp_dtype=amp, compile=compile, cuda_graph=cuda_graph)
     losses = torch.stack([trainer.train_step() for _ in range(steps)]).float().cpu()
+    if cuda_graph and (trainer.graph.graph is None or trainer.graph.failed):   # (its rows would be eager training)
+        why = "fell back to plain steps" if trainer.graph.failed else "never captured its graph (too few --steps)"
+        raise UserError(f"the --cuda_graph variant {why}: nothing of the graph would be checked")
     held_out = data.sample_batch(batch_size, K, torch.Generator(device=device).manual_seed(seed + 1))
     model.eval()
     with torch.no_grad():

@@ -12,8 +12,11 @@ check (pass / FAIL and what was measured) and exits 1 when one fails:
 * ``resume_cpu_to_cuda``: a run trained one iteration with ``--device cpu`` and resumed with ``--device cuda`` takes
   its steps (fused AdamW with the CPU-saved optimiser state) and records iteration 2;
 * ``torchrun_nccl``: ``torchrun --nproc_per_node 1`` on the GPU (the NCCL backend) trains one iteration;
+* ``cuda_graph_dropout``: ``Trainer(cuda_graph=True)`` with dropout 0.1 trains as plain steps from the same seeds
+  (the same losses and weights over 30 steps: the replays draw the eager steps' masks), and its graph was used;
 * ``cuda_graph_run``: ``experiment.py --cuda_graph`` trains an iteration of 12 steps (warm-up, capture, replays) and
-  resumes for a second (its numerics: ``check_precision.py``'s ``cuda graph`` rows).
+  resumes for a second without falling back to plain steps (its numerics: ``check_precision.py``'s ``cuda graph``
+  rows).
 
     python benchmarks/cuda_checks.py            # on a CUDA machine with torch, gymnasium[mujoco] and this package
 """
@@ -117,12 +120,12 @@ def check_eval_graphs(device):
                 f"lengths {same_len}, largest return difference {diff:.1e}")
 
 
-def _experiment(cwd, *args, torchrun=False, timeout=120):
+def _experiment(cwd, *args, torchrun=False, timeout=120, full=False):
     cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] if torchrun
                              else []), os.path.join(ROOT, "experiment.py"), "--data_path", "d", *TINY, *args]
     p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     tail = (p.stdout + p.stderr).strip().splitlines()[-1:] or [""]
-    return p.returncode, tail[0]
+    return (p.returncode, tail[0], p.stdout + p.stderr) if full else (p.returncode, tail[0])
 
 
 def check_resume(device, tmp):
@@ -140,6 +143,37 @@ def check_resume(device, tmp):
     return ok, f"iteration {st['iteration']}, fused AdamW groups {fused}"
 
 
+def check_graph_dropout(device):
+    """--cuda_graph with dropout on (0.1, the scripts' default), fp32, against plain steps from the same seeds: the
+    replays must draw the masks eager steps draw (the same losses and weights), and the graph must really be used."""
+    from decision_transformer.data import TrajectoryDataset
+    from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+    from decision_transformer.training import Trainer, make_optimizer, warmup_schedule
+
+    if device.type != "cuda":
+        return True, "skipped: --cuda_graph needs CUDA"
+    trajs = synthetic_trajectories("hopper", 20_000, seed=0)
+    runs = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = DecisionTransformer(DTConfig(11, 3, max_length=20, backbone=BackboneConfig(
+            n_embd=128, n_layer=3, n_head=1, activation_function="relu")), seed=0).to(device)
+        opt = make_optimizer(model, lr=1e-4, weight_decay=1e-4, fused=True)
+        data = TrajectoryDataset(trajs, "hopper", device=device)
+        t = Trainer(model, opt, warmup_schedule(opt, 10), data, batch_size=64, K=20,
+                    generator=torch.Generator(device=device).manual_seed(0), cuda_graph=graphed)
+        torch.manual_seed(1)
+        losses = torch.stack([t.train_step() for _ in range(30)])
+        used = not graphed or (t.graph.graph is not None and not t.graph.failed)
+        runs.append((losses, [p.detach().clone() for p in model.parameters()], used))
+    same_loss = torch.equal(runs[0][0], runs[1][0])
+    same_w = all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    worst = float(((runs[1][0] - runs[0][0]).abs() / runs[0][0].abs()).max())
+    return same_loss and same_w and runs[1][2], (f"graph used: {runs[1][2]}; 30 steps, dropout 0.1: same losses "
+                                                 f"{same_loss} (largest rel. difference {worst:.1e}), same weights "
+                                                 f"{same_w}")
+
+
 def check_graph_run(device, tmp):
     """experiment.py --cuda_graph: an iteration of 12 steps (3 warm-up, the capture, replays), then a --resume."""
     from decision_transformer.checkpoint import load_checkpoint
@@ -147,12 +181,10 @@ def check_graph_run(device, tmp):
     if device.type != "cuda":
         return True, "skipped: --cuda_graph needs CUDA"
     common = ["--device", str(device), "--cuda_graph", "--seed", "8", "--num_steps_per_iter", "12"]
-    rc, tail = _experiment(tmp, "--max_iters", "1", *common)
-    if rc:
-        return False, f"the run failed: {tail}"
-    rc, tail = _experiment(tmp, "--max_iters", "2", "--resume", *common)
-    if rc:
-        return False, f"the resume failed: {tail}"
+    for args in (["--max_iters", "1"], ["--max_iters", "2", "--resume"]):
+        rc, tail, out = _experiment(tmp, *args, *common, full=True)
+        if rc or "could not be captured" in out:
+            return False, f"{' '.join(args)}: " + (f"exit {rc}: {tail}" if rc else "fell back to plain steps")
     st = load_checkpoint(os.path.join(tmp, "checkpoints", "dt_medium_hopper_8_K5", "train_state.pt"))
     return st["iteration"] == 2 and st["step"] == 24, f"iteration {st['iteration']}, step {st['step']}: {tail}"
 
@@ -182,6 +214,7 @@ def main(argv=None) -> int:
                   "eval_graphs": lambda: check_eval_graphs(device),
                   "resume_cpu_to_cuda": lambda: check_resume(device, tmp),
                   "torchrun_nccl": lambda: check_torchrun(device, tmp),
+                  "cuda_graph_dropout": lambda: check_graph_dropout(device),
                   "cuda_graph_run": lambda: check_graph_run(device, tmp)}
         for name, fn in checks.items():
             start = time.perf_counter()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from decision_transformer.cuda_graphs import capture, no_host_sync
 from decision_transformer.env_workers import episode_seed, initial_obs, step_envs  # noqa: F401 (episode_seed)
 from decision_transformer.envs import DEFAULT_ENV_VERSION, get_env_spec, make_env
 from decision_transformer.errors import UserError, checked_device
@@ -186,12 +187,9 @@ class GraphedActions:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.stream(side):
-                self.model.get_action(*inputs)          # warm-up: lazy initialisations happen outside the capture
-                graph.capture_begin(pool=self.pool)
-                try:
-                    out = self.model.get_action(*inputs)
-                finally:
-                    graph.capture_end()
+                with no_host_sync():   # warm-up: lazy initialisations happen outside the capture
+                    self.model.get_action(*inputs)
+                out = capture(graph, lambda: self.model.get_action(*inputs), pool=self.pool)
         except Exception as e:  # noqa: BLE001 - any op a graph cannot hold: plain forwards from here on
             main.wait_stream(side)
             warnings.warn(f"evaluation: the model's forward could not be captured as a CUDA graph ({type(e).__name__}: "

@@ -66,14 +66,52 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(ev, "_CAPTURE_STREAMS", {})
+    modes = []     # (the CPU build has no sync debug mode: the settings are recorded)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: modes[-1] if modes else 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    return modes
 
 
-def graphed_eval(model, env, n, pool):
+def graphed_eval(model, env, n, pool, groups=None):
     mean, std = norm_stats(env)
     graphed = ev.GraphedActions(model, torch.device("cpu"))
     res = ev._evaluate_batched(graphed, model.config.max_length, env, 3600.0, n, mean, std, 1, "normal",
-                               torch.device("cpu"), pool, None, None)
+                               torch.device("cpu"), pool, None, groups)
     return res, graphed
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_overlapped_groups_replay_their_own_graphs(fake_cuda, groups):
+    """Groups of different sizes share graphs by shape; each group's actions are its own (cloned at once)."""
+    model = make_model("hopper")
+    mean, std = norm_stats("hopper")
+    with contextlib.closing(ev.EnvPool("hopper")) as pool:
+        plain = ev.evaluate_episodes(RowwiseModel(model), "hopper", 3600.0, 7, mean, std, seed=1, pool=pool,
+                                     overlap_groups=groups)
+        res, graphed = graphed_eval(Capturable(model), "hopper", 7, pool, groups)
+    assert np.array_equal(res.returns, plain.returns) and np.array_equal(res.lengths, plain.lengths)
+    assert not graphed.eager and fake_cuda[:2] == ["error", 0]     # each warm-up refuses host syncs
+
+
+def test_a_capture_error_names_the_forward_s_own_error(fake_cuda, monkeypatch):
+    model = Capturable(make_model("hopper"))
+    inner = Capturable.get_action
+
+    def fails_in_capture(self, *xs):
+        if FakeGraph.capturing is not None:
+            raise RuntimeError("the real cause: nonzero in the forward")
+        return inner(self, *xs)
+
+    def end_fails(self):
+        FakeGraph.capturing = None
+        raise RuntimeError("operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(Capturable, "get_action", fails_in_capture)
+    monkeypatch.setattr(FakeGraph, "capture_end", end_fails)
+    with contextlib.closing(ev.EnvPool("hopper")) as pool:
+        with pytest.warns(RuntimeWarning, match="the real cause: nonzero in the forward"):
+            _, graphed = graphed_eval(model, "hopper", 2, pool)
+    assert graphed.eager
 
 
 @pytest.mark.parametrize("env, n", [("hopper", 5), ("halfcheetah", 2)])

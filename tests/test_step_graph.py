@@ -14,7 +14,9 @@ import torch
 
 from decision_transformer.data import TrajectoryDataset
 from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig
+from decision_transformer.models.mlp_bc import MLPBCConfig, MLPBCModel
 from decision_transformer.training import GRAD_CLIP, Trainer, make_optimizer, warmup_schedule
+from decision_transformer.training.trainer import ActTrainer
 from decision_transformer.training import trainer as trainer_mod
 
 
@@ -59,6 +61,9 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: FakeStream())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    modes = []     # (the CPU build has no sync debug mode: the settings are recorded)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: modes[-1] if modes else 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
     capture = trainer_mod.StepGraph._capture
 
     def capture_and_own(self, batch):
@@ -68,15 +73,26 @@ def fake_cuda(monkeypatch):
         return ok
 
     monkeypatch.setattr(trainer_mod.StepGraph, "_capture", capture_and_own)
+    return modes
 
 
 def make_trainer(graphed: bool, grad_clip=GRAD_CLIP, bc=False):
+    """A small DT trainer (dropout off, so that a stand-in capture, which runs its body, draws no random numbers), or
+    with ``bc`` an MLP behaviour-cloning ``ActTrainer`` (no clipping, as the scripts)."""
     rng = np.random.default_rng(0)
     trajs = [{"observations": rng.normal(size=(40, 11)).astype(np.float32),
               "actions": rng.uniform(-1, 1, (40, 3)).astype(np.float32),
               "rewards": rng.normal(size=40).astype(np.float32),
               "terminals": np.zeros(40, bool)} for _ in range(4)]
     ds = TrajectoryDataset(trajs, "hopper")
+    if bc:
+        model = MLPBCModel(MLPBCConfig(11, 3, hidden_size=32, n_layer=2, max_length=5, dropout=0.0), seed=0)
+        opt = make_optimizer(model, lr=1e-3, weight_decay=1e-4)
+        t = ActTrainer(model, opt, warmup_schedule(opt, 4), ds, batch_size=8, K=5,
+                       generator=torch.Generator().manual_seed(3), grad_clip=None)
+        if graphed:
+            t.graph = trainer_mod.StepGraph(t)
+        return t
     bb = BackboneConfig(n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = DecisionTransformer(DTConfig(11, 3, max_length=5, backbone=bb), seed=0)
     opt = make_optimizer(model, lr=1e-3, weight_decay=1e-4)
@@ -108,6 +124,15 @@ def test_graph_steps_train_as_plain_steps(fake_cuda, grad_clip):
         assert torch.equal(v, w)
 
 
+def test_behaviour_cloning_graph_steps_train_as_plain_steps(fake_cuda):
+    plain, graphed = make_trainer(False, bc=True), make_trainer(True, bc=True)
+    a = [plain.train_step() for _ in range(8)]
+    b = [graphed.train_step() for _ in range(8)]
+    assert graphed.graph.graph is not None and torch.equal(torch.stack(a), torch.stack(b))
+    for v, w in zip(plain.module.parameters(), graphed.module.parameters()):
+        assert torch.equal(v, w)
+
+
 def test_a_step_that_cannot_be_captured_is_a_warning_and_plain_steps(fake_cuda, monkeypatch):
     plain, graphed = make_trainer(False), make_trainer(True)
 
@@ -119,6 +144,59 @@ def test_a_step_that_cannot_be_captured_is_a_warning_and_plain_steps(fake_cuda, 
     with pytest.warns(RuntimeWarning, match="could not be captured"):
         b = [graphed.train_step() for _ in range(6)]
     assert graphed.graph.failed and torch.equal(torch.stack(a), torch.stack(b))
+
+
+def test_a_capture_error_names_the_body_s_own_error(fake_cuda, monkeypatch):
+    """A body that fails inside the capture: capture_end then fails too (the capture is invalidated); the warning
+    names the body's error, and training goes on with plain steps equal to plain training."""
+    plain, graphed = make_trainer(False), make_trainer(True)
+    body = trainer_mod.StepGraph.body
+
+    def failing_body(self, batch=None):
+        if batch is None:    # (inside the capture)
+            raise RuntimeError("the real cause: a host sync")
+        return body(self, batch)
+
+    def end_fails(self):
+        raise RuntimeError("operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(trainer_mod.StepGraph, "body", failing_body)
+    monkeypatch.setattr(FakeGraph, "capture_end", end_fails)
+    a = [plain.train_step() for _ in range(6)]
+    with pytest.warns(RuntimeWarning, match="the real cause: a host sync"):
+        b = [graphed.train_step() for _ in range(6)]
+    assert graphed.graph.failed and torch.equal(torch.stack(a), torch.stack(b))
+
+
+def test_a_warm_up_step_that_waits_for_the_gpu_is_refused_before_any_capture(fake_cuda, monkeypatch):
+    """The warm-up runs the graph's body where a host sync raises (torch's sync debug mode "error"): such a step
+    gives up before a capture begins, which on torch < 2.13 would leave the CUDA generator marked as capturing."""
+    plain, graphed = make_trainer(False), make_trainer(True)
+    began = []
+    monkeypatch.setattr(FakeGraph, "capture_begin", lambda self, *a, **k: began.append(1))
+
+    @contextlib.contextmanager
+    def syncs():
+        yield
+        raise RuntimeError("called a synchronizing CUDA operation")
+
+    monkeypatch.setattr(trainer_mod, "no_host_sync", syncs)
+    a = [plain.train_step() for _ in range(5)]
+    with pytest.warns(RuntimeWarning, match="called a synchronizing CUDA operation"):
+        b = [graphed.train_step() for _ in range(5)]
+    assert graphed.graph.failed and not began and torch.equal(torch.stack(a), torch.stack(b))
+    for v, w in zip(plain.module.parameters(), graphed.module.parameters()):
+        assert torch.equal(v, w)
+
+
+def test_the_warm_up_refuses_host_syncs(fake_cuda):
+    """Each warm-up step runs the graph's body under sync debug mode "error", then puts the mode back."""
+    graphed = make_trainer(True)
+    graphed.train_step()
+    assert fake_cuda == ["error", 0]
+    for _ in range(trainer_mod.StepGraph.WARMUP):    # the other warm-up steps, the capture, a replay
+        graphed.train_step()
+    assert fake_cuda == ["error", 0] * trainer_mod.StepGraph.WARMUP and graphed.graph.graph is not None
 
 
 def test_cuda_graph_is_refused_where_it_cannot_work():

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import torch
 
+from decision_transformer.cuda_graphs import capture, no_host_sync
 from decision_transformer.data import TrajectoryDataset, check_batch_shape  # noqa: F401  (also imported from here)
 from decision_transformer.errors import TrainingDiverged, UserError, first_line
 from decision_transformer.training.losses import masked_action_mse
@@ -375,7 +376,9 @@ class StepGraph:
     captured; dropout draws from torch's CUDA generator inside the graph, a new mask at each replay. The gradients
     live in the graph's memory: the graph writes them (it was captured with none), so nothing zeroes them, and they
     are put back on the parameters after each replay. Refused with torchrun, ``--compile``, auxiliary losses and a
-    loss scaler; a capture that fails is a warning and plain steps from then on."""
+    loss scaler; a warm-up step that waits for the GPU, or a capture that fails, is a warning and plain steps from then
+    on. What the capture saw stays: the trainable parameters, the modules' train/eval modes, the TF32 setting (a
+    parameter frozen afterwards would still be updated)."""
 
     WARMUP = 3
 
@@ -401,9 +404,15 @@ class StepGraph:
             if self.warm < self.WARMUP:
                 self.warm += 1
                 main, side = self._side()
-                with torch.cuda.stream(side):
-                    loss, total = t._loss(batch)
-                    apply_update(total, t.optimizer, t.scheduler, t.params, t.grad_clip)
+                try:
+                    with torch.cuda.stream(side):
+                        t.optimizer.zero_grad(set_to_none=True)
+                        with no_host_sync():   # what the graph will hold, run once where a wait is a plain error
+                            loss, total = self.body(batch)
+                        optimizer_step(t.optimizer, t.scheduler)
+                except RuntimeError as e:
+                    main.wait_stream(side)
+                    return self._give_up(e)   # (no update was made: this batch gets a plain step)
                 main.wait_stream(side)
                 return loss.detach(), total.detach()
             if not self._capture(batch):
@@ -416,14 +425,23 @@ class StepGraph:
         optimizer_step(t.optimizer, t.scheduler)
         return self.outputs[0].clone(), self.outputs[1].clone()
 
-    def body(self):
-        """What the graph holds: the loss of the input batch, its backward and the gradient clipping."""
+    def body(self, batch=None):
+        """What the graph holds: the loss of the input batch (``batch`` in a warm-up step), its backward and the
+        gradient clipping."""
         t = self.trainer
-        loss, total = t._loss(self.batch)
+        loss, total = t._loss(self.batch if batch is None else batch)
         total.backward()
         if t.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(t.params, t.grad_clip)
         return loss, total
+
+    def _give_up(self, e: BaseException):
+        """Plain steps from here on, with a warning that names why; None (the caller takes a plain step)."""
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+        warnings.warn(f"--cuda_graph: the training step could not be captured ({type(e).__name__}: {first_line(e)}); "
+                      f"training goes on with plain steps", RuntimeWarning, stacklevel=5)
+        self.failed = True
+        return None
 
     def _side(self):
         t = self.trainer
@@ -444,17 +462,10 @@ class StepGraph:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.stream(side):
-                graph.capture_begin()
-                try:
-                    loss, total = self.body()
-                finally:
-                    graph.capture_end()
+                loss, total = capture(graph, self.body)
         except Exception as e:  # noqa: BLE001 - an op a graph cannot hold: plain steps from here on
             main.wait_stream(side)
-            t.optimizer.zero_grad(set_to_none=True)
-            warnings.warn(f"--cuda_graph: the training step could not be captured ({type(e).__name__}: "
-                          f"{first_line(e)}); training goes on with plain steps", RuntimeWarning, stacklevel=4)
-            self.failed = True
+            self._give_up(e)
             return False
         main.wait_stream(side)
         self.graph, self.outputs = graph, (loss.detach(), total.detach())
@@ -485,7 +496,8 @@ class ActTrainer(Trainer):
     def _loss(self, batch):
         if self.world_size > 1:  # equal rows per rank: DDP's average is the global batch's mean as it is
             batch, _ = self._rank_slice(batch)
-        with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+        with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.bfloat16,
+                            enabled=self.amp_dtype is not None, cache_enabled=self.graph is None):
             preds = self.model(batch.states)
         loss = torch.nn.functional.mse_loss(preds.float(), batch.actions[:, -1])
         return loss, loss
