@@ -40,6 +40,7 @@ from decision_transformer.models.multi_decision_transformer import (MODEL_CLASS,
 from decision_transformer.training import (GRAD_CLIP, apply_update, check_batch_shape, compile_module,
                                           freeze_from_args, freeze_unreached, mark_step, masked_action_mse,
                                           optimizer_from_args, rank_slice, warn_context_mismatch)
+from decision_transformer.training.trainer import StepGraph
 from decision_transformer.paths import project_path
 
 NORM_ENVS = ("medium", "medium-expert", "expert", "medium-replay")
@@ -99,6 +100,10 @@ def multi_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (cuda falls back to cpu with a warning)")
     g.add_argument("--threads", default="auto", help=THREADS_HELP)
     add_fast_path_flags(g)
+    g.add_argument("--cuda_graph", action="store_true",
+                   help="replay each training step (every env's forward and loss, --init_reg, the backward and "
+                        "gradient clipping) from one CUDA graph; the batch sampler and AdamW step as usual. CUDA "
+                        "only; not with torchrun or --compile")
     g.add_argument("--seed", type=int, default=None, help="None: drawn from OS entropy, logged and used everywhere")
     g.add_argument("--log_to_wandb", "-w", action="store_true")
     g.add_argument("--project", default="multi-decision-transformer")
@@ -108,7 +113,7 @@ def multi_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_mode", choices=["last", "best", "both"], default="last")
     g.add_argument("--resume", action="store_true",
                    help="continue the newest {outdir}/multi/ run made with the same flags after its last "
-                        "iteration (only --max_iters, --device, --threads, --precision, --compile, "
+                        "iteration (only --max_iters, --device, --threads, --precision, --compile, --cuda_graph, "
                         "--num_eval_episodes, --eval_workers, -w, --project, --save_model, --save_mode, --data_path, "
                         "--outdir, --no_generate and --end_break may differ, and --seed may be left out; every other flag, such "
                         "as --env_version, --p_list, --eval_merge_pre or --mode, must be the run's)")
@@ -312,8 +317,9 @@ class MultiTrainer:
     def __init__(self, model, optimizer, scheduler, data: EnvData, train_envs, *, batch_size, K, generator,
                  grad_clip=GRAD_CLIP, init_reg=None, amp_dtype: torch.dtype | None = None,
                  compile: bool | str | None = None, rank: int = 0, world_size: int = 1,
-                 merge_pre: str | None = None):
+                 merge_pre: str | None = None, cuda_graph: bool = False):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.graph = None                            # --cuda_graph's StepGraph (set last)
         self.merge_pre = merge_pre                   # fingerprint of the --eval_merge_pre "pre" blocks (--resume)
         self.amp_dtype = amp_dtype                   # bf16 autocast of the forward; the losses are taken in fp32
         self.device_type = next(model.parameters()).device.type
@@ -338,17 +344,36 @@ class MultiTrainer:
         self.forward, self.compile_mode = compile_module(self.forward, compile), compile
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.step = 0
+        if cuda_graph:   # (training.trainer.StepGraph: the env batches are drawn first, then one graph for the step)
+            if self.device_type != "cuda":
+                raise ValueError("--cuda_graph needs a CUDA device (it replays each training step as a CUDA graph)")
+            for bad, what in ((world_size > 1, "torchrun"), (compile, "--compile")):
+                if bad:
+                    raise ValueError(f"--cuda_graph cannot be used with {what}")
+            self.graph = StepGraph(self, self._graph_losses)
+
+    def _graph_losses(self, batches):
+        """``StepGraph``'s losses: (what is backpropagated, (total, per-env losses, init_reg loss or 0))."""
+        total, per_env = self._losses_on(batches)
+        reg = self.init_reg.loss() if self.init_reg is not None else None
+        if reg is not None:
+            total = total + reg
+        return total, (total.detach(), torch.stack(per_env), reg.detach() if reg is not None else total.detach() * 0)
 
     def _losses(self, generator):
         """(Σ_env loss, per-env losses): each env's masked action MSE on a batch drawn from ``generator``; under data
         parallelism of this rank's rows, scaled so that DDP's average is the global batch's."""
+        return self._losses_on((ds.sample_batch(self.batch_size, self.K, generator) for _, ds in self.datasets))
+
+    def _losses_on(self, batches):
+        """``_losses`` on given batches, one per training env in order (drawn lazily: a plain step draws each
+        env's batch just before its forward)."""
         total, per_env = 0.0, []
-        for i, ds in self.datasets:
-            b = ds.sample_batch(self.batch_size, self.K, generator)
+        for (i, ds), b in zip(self.datasets, batches):
             if self.world_size > 1:
                 b, scale = rank_slice(b, self.rank, self.world_size)
             with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.bfloat16,
-                                enabled=self.amp_dtype is not None):
+                                enabled=self.amp_dtype is not None, cache_enabled=self.graph is None):
                 out = self.forward(b.states, b.actions, b.rtg[:, :-1], b.timesteps, attention_mask=b.mask, env=i)
             loss = masked_action_mse(out.action_preds.float(), b.actions, b.mask)
             if self.world_size > 1:
@@ -389,7 +414,15 @@ class MultiTrainer:
         if not self.model.training:   # (an evaluation or analysis in between may have left it in eval mode)
             self.model.train()
         mark_step(self.compile_mode)
-        total, per_env = self._losses(self.generator)
+        if self.graph is not None:
+            batches = [ds.sample_batch(self.batch_size, self.K, self.generator) for _, ds in self.datasets]
+            done = self.graph.step(batches)
+            if done is not None:
+                self.step += 1
+                return done[0], done[1], done[2] if self.init_reg is not None else None
+            total, per_env = self._losses_on(batches)
+        else:
+            total, per_env = self._losses(self.generator)
         reg = self.init_reg.loss() if self.init_reg is not None else None
         if reg is not None:
             total = total + reg
@@ -706,7 +739,8 @@ def _run_multi(args, take_lock) -> dict:
                                    grad_clip=None if args.remove_grad_clip else GRAD_CLIP, init_reg=init_reg,
                                    amp_dtype=autocast_dtype(args.precision, device), compile=args.compile,
                                    rank=ctx.rank, world_size=ctx.world_size,
-                                   merge_pre=weights_digest(transformer_pre) if args.eval_merge_pre else None)
+                                   merge_pre=weights_digest(transformer_pre) if args.eval_merge_pre else None,
+                                   cuda_graph=args.cuda_graph)
         except ValueError as e:
             raise UserError(str(e)) from None
 

@@ -48,9 +48,8 @@ class FakeGraph:
             if g is not None:
                 g.zero_()
             p.grad = g
-        loss, total = sg.body()
-        sg.outputs[0].copy_(loss.detach())
-        sg.outputs[1].copy_(total.detach())
+        for out, new in zip(sg.outputs, sg.body()):
+            out.copy_(new)
         for p, g in zip(params, before):
             p.grad = g
 
@@ -152,10 +151,10 @@ def test_a_capture_error_names_the_body_s_own_error(fake_cuda, monkeypatch):
     plain, graphed = make_trainer(False), make_trainer(True)
     body = trainer_mod.StepGraph.body
 
-    def failing_body(self, batch=None):
-        if batch is None:    # (inside the capture)
+    def failing_body(self, batches=None):
+        if batches is None:    # (inside the capture)
             raise RuntimeError("the real cause: a host sync")
-        return body(self, batch)
+        return body(self, batches)
 
     def end_fails(self):
         raise RuntimeError("operation failed due to a previous error during capture")
@@ -226,3 +225,41 @@ def test_experiment_refuses_cuda_graph_without_a_gpu(tmp_path, monkeypatch, caps
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         "error: --cuda_graph needs a CUDA device (it replays each training step as a CUDA graph)"
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").glob("*/model_*.pt"))
+
+
+@pytest.mark.parametrize("init_reg", [None, 1e-2])
+def test_multi_task_graph_steps_train_as_plain_steps(fake_cuda, tmp_path, init_reg):
+    """experiment_multi.py --cuda_graph: each env's batch drawn first (in a plain step's order), then one graph for
+    every env's forward and loss, --init_reg, the backward and clipping; per-env and init_reg logs as plain steps."""
+    from decision_transformer.models.multi_decision_transformer import MultiDecisionTransformer, MultiDTConfig
+    from decision_transformer.multi_run import EnvData, MultiTrainer, multi_parser
+    from decision_transformer.synthetic import make_dataset
+    from decision_transformer.training.init_reg import InitReg
+
+    for i, env in enumerate(("hopper", "walker2d")):
+        make_dataset(tmp_path, env, "medium", 200, seed=i, max_ep_len=40)
+    args = multi_parser().parse_args(["--data_path", str(tmp_path), "--K", "5"])
+
+    def trainer(graphed):
+        bb = BackboneConfig(n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, attn_pdrop=0.0, embd_pdrop=0.0)
+        model = MultiDecisionTransformer(MultiDTConfig(max_length=5, backbone=bb), seed=0)
+        opt = make_optimizer(model, lr=1e-3, weight_decay=1e-4)
+        t = MultiTrainer(model, opt, warmup_schedule(opt, 2), EnvData(args, "cpu", {}), ["hopper", "walker2d"],
+                         batch_size=6, K=5, generator=torch.Generator().manual_seed(0),
+                         init_reg=InitReg(model, init_reg) if init_reg else None)
+        if graphed:
+            t.graph = trainer_mod.StepGraph(t, t._graph_losses)   # (MultiTrainer refuses --cuda_graph on the CPU)
+        return t
+
+    plain, graphed = trainer(False), trainer(True)
+    for _ in range(8):
+        a, b = plain.train_step(), graphed.train_step()
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert (a[2] is None and b[2] is None) if init_reg is None else torch.equal(a[2], b[2])
+    assert graphed.graph.graph is not None and graphed.step == 8
+    for v, w in zip(plain.model.parameters(), graphed.model.parameters()):
+        assert torch.equal(v, w)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        m = plain.model
+        MultiTrainer(m, plain.optimizer, plain.scheduler, EnvData(args, "cpu", {}), ["hopper"], batch_size=6, K=5,
+                     generator=torch.Generator(), cuda_graph=True)

@@ -249,7 +249,7 @@ class Trainer:
             self.model.train()
         mark_step(self.compile_mode)
         batch = self.dataset.sample_batch(self.batch_size, self.K, self.generator)
-        done = self.graph.step(batch) if self.graph is not None else None
+        done = self.graph.step([batch]) if self.graph is not None else None
         if done is not None:
             self.step += 1
             self.last_action_error = done[0]
@@ -382,21 +382,32 @@ class StepGraph:
 
     WARMUP = 3
 
-    def __init__(self, trainer: "Trainer"):
-        for bad, what in ((trainer.world_size > 1, "torchrun"), (trainer.compile_mode, "--compile"),
-                          (trainer.extra_loss is not None, "an auxiliary loss (--joint, k-means, --init_reg ...)"),
-                          (type(trainer).train_step is not Trainer.train_step, f"{type(trainer).__name__}'s own step")):
-            if bad:
-                raise ValueError(f"--cuda_graph cannot be used with {what}")
-        self.trainer = trainer
+    def __init__(self, trainer, losses=None):
+        """``trainer``: its ``params``, ``optimizer``, ``scheduler`` and ``grad_clip`` are used. ``losses(batches)``
+        -> (the loss to backpropagate, a tuple of detached tensors a step returns); default: a ``Trainer``'s
+        ``(action loss, total loss)`` of one batch, with its refusals."""
+        if losses is None:
+            for bad, what in ((trainer.world_size > 1, "torchrun"), (trainer.compile_mode, "--compile"),
+                              (trainer.extra_loss is not None, "an auxiliary loss (--joint, k-means, --init_reg ...)"),
+                              (type(trainer).train_step is not Trainer.train_step,
+                               f"{type(trainer).__name__}'s own step")):
+                if bad:
+                    raise ValueError(f"--cuda_graph cannot be used with {what}")
+
+            def losses(batches):
+                loss, total = trainer._loss(batches[0])
+                return total, (loss.detach(), total.detach())
+
+        self.trainer, self.losses = trainer, losses
         self.warm = 0
         self.graph = None
         self.failed = False
 
-    def step(self, batch):
-        """One training step on ``batch``: (action loss, total loss), detached; None where the caller is to take a
-        plain step (after a failed capture). A warm-up step is a plain step on the capture stream; the step after
-        the warm-up captures the graph, then replays it like every later one."""
+    def step(self, batches: list):
+        """One training step on ``batches`` (the batches a plain step would draw, in its order): the tuple of
+        ``losses``, each a fresh tensor; None where the caller is to take a plain step (after a failed capture). A
+        warm-up step is a plain step on the capture stream; the step after the warm-up captures the graph, then
+        replays it like every later one."""
         if self.failed:
             return None
         t = self.trainer
@@ -408,32 +419,33 @@ class StepGraph:
                     with torch.cuda.stream(side):
                         t.optimizer.zero_grad(set_to_none=True)
                         with no_host_sync():   # what the graph will hold, run once where a wait is a plain error
-                            loss, total = self.body(batch)
+                            outs = self.body(batches)
                         optimizer_step(t.optimizer, t.scheduler)
                 except RuntimeError as e:
                     main.wait_stream(side)
-                    return self._give_up(e)   # (no update was made: this batch gets a plain step)
+                    return self._give_up(e)   # (no update was made: these batches get a plain step)
                 main.wait_stream(side)
-                return loss.detach(), total.detach()
-            if not self._capture(batch):
+                return outs
+            if not self._capture(batches):
                 return None
-        for name, x in self.inputs.items():
-            x.copy_(getattr(batch, name))
+        for inputs, batch in zip(self.inputs, batches):
+            for name, x in inputs.items():
+                x.copy_(getattr(batch, name))
         self.graph.replay()
         for p, g in zip(t.params, self.grads):
             p.grad = g
         optimizer_step(t.optimizer, t.scheduler)
-        return self.outputs[0].clone(), self.outputs[1].clone()
+        return tuple(o.clone() for o in self.outputs)
 
-    def body(self, batch=None):
-        """What the graph holds: the loss of the input batch (``batch`` in a warm-up step), its backward and the
-        gradient clipping."""
+    def body(self, batches=None):
+        """What the graph holds: the losses of the input batches (``batches`` in a warm-up step), the backward and
+        the gradient clipping; returns the ``losses`` outputs."""
         t = self.trainer
-        loss, total = t._loss(self.batch if batch is None else batch)
+        total, outs = self.losses(self.batches if batches is None else batches)
         total.backward()
         if t.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(t.params, t.grad_clip)
-        return loss, total
+        return outs
 
     def _give_up(self, e: BaseException):
         """Plain steps from here on, with a warning that names why; None (the caller takes a plain step)."""
@@ -451,24 +463,24 @@ class StepGraph:
         self.side.wait_stream(main)
         return main, self.side
 
-    def _capture(self, batch):
+    def _capture(self, batches):
         from dataclasses import fields
 
         t = self.trainer
         main, side = self._side()
-        self.inputs = {f.name: getattr(batch, f.name).clone() for f in fields(batch)}
-        self.batch = type(batch)(**self.inputs)
+        self.inputs = [{f.name: getattr(b, f.name).clone() for f in fields(b)} for b in batches]
+        self.batches = [type(b)(**inputs) for b, inputs in zip(batches, self.inputs)]
         t.optimizer.zero_grad(set_to_none=True)      # captured with no gradients: the backward writes them
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.stream(side):
-                loss, total = capture(graph, self.body)
+                outs = capture(graph, self.body)
         except Exception as e:  # noqa: BLE001 - an op a graph cannot hold: plain steps from here on
             main.wait_stream(side)
             self._give_up(e)
             return False
         main.wait_stream(side)
-        self.graph, self.outputs = graph, (loss.detach(), total.detach())
+        self.graph, self.outputs = graph, outs
         self.grads = [p.grad for p in t.params]
         return True
 
