@@ -14,6 +14,7 @@ check (pass / FAIL and what was measured) and exits 1 when one fails:
 * ``torchrun_nccl``: ``torchrun --nproc_per_node 1`` on the GPU (the NCCL backend) trains one iteration;
 * ``cuda_graph_dropout``: ``Trainer(cuda_graph=True)`` with dropout 0.1 trains as plain steps from the same seeds
   (the same losses and weights over 30 steps: the replays draw the eager steps' masks), and its graph was used;
+* ``multi_cuda_graph``: the same for ``experiment_multi.py``'s trainer (two envs, ``--init_reg``);
 * ``cuda_graph_run``: ``experiment.py --cuda_graph`` trains an iteration of 12 steps (warm-up, capture, replays) and
   resumes for a second without falling back to plain steps (its numerics: ``check_precision.py``'s ``cuda graph``
   rows).
@@ -174,6 +175,39 @@ def check_graph_dropout(device):
                                                  f"{same_w}")
 
 
+def check_multi_graph(device, tmp):
+    """experiment_multi.py's trainer with --cuda_graph (dropout 0.1, --init_reg) against plain steps from the same
+    seeds: the same losses, per-env losses and weights over 20 steps, and the graph used."""
+    from decision_transformer.models.multi_decision_transformer import MultiDecisionTransformer, MultiDTConfig
+    from decision_transformer.multi_run import EnvData, MultiTrainer, multi_parser
+    from decision_transformer.synthetic import make_dataset
+    from decision_transformer.training import make_optimizer, warmup_schedule
+    from decision_transformer.training.init_reg import InitReg
+
+    if device.type != "cuda":
+        return True, "skipped: --cuda_graph needs CUDA"
+    make_dataset(os.path.join(tmp, "d"), "walker2d", "medium", 2000, seed=1, max_ep_len=100)
+    args = multi_parser().parse_args(["--data_path", os.path.join(tmp, "d"), "--K", "20"])
+    runs = []
+    for graphed in (False, True):
+        model = MultiDecisionTransformer(MultiDTConfig(max_length=20), seed=0).to(device)
+        opt = make_optimizer(model, lr=1e-4, weight_decay=1e-4, fused=True)
+        t = MultiTrainer(model, opt, warmup_schedule(opt, 10), EnvData(args, device, {}), ["hopper", "walker2d"],
+                         batch_size=16, K=20, generator=torch.Generator(device=device).manual_seed(0),
+                         init_reg=InitReg(model, 1e-2), cuda_graph=graphed)
+        torch.manual_seed(1)
+        steps = [t.train_step() for _ in range(20)]
+        used = not graphed or (t.graph.graph is not None and not t.graph.failed)
+        runs.append((torch.stack([s[0] for s in steps]), torch.stack([s[1] for s in steps]),
+                     [p.detach().clone() for p in model.parameters()], used))
+    same = torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    same_w = all(torch.equal(a, b) for a, b in zip(runs[0][2], runs[1][2]))
+    worst = float(((runs[1][0] - runs[0][0]).abs() / runs[0][0].abs()).max())
+    return same and same_w and runs[1][3], (f"graph used: {runs[1][3]}; 2 envs, 20 steps, dropout 0.1, init_reg: same "
+                                            f"losses {same} (largest rel. difference {worst:.1e}), same weights "
+                                            f"{same_w}")
+
+
 def check_graph_run(device, tmp):
     """experiment.py --cuda_graph: an iteration of 12 steps (3 warm-up, the capture, replays), then a --resume."""
     from decision_transformer.checkpoint import load_checkpoint
@@ -215,6 +249,7 @@ def main(argv=None) -> int:
                   "resume_cpu_to_cuda": lambda: check_resume(device, tmp),
                   "torchrun_nccl": lambda: check_torchrun(device, tmp),
                   "cuda_graph_dropout": lambda: check_graph_dropout(device),
+                  "multi_cuda_graph": lambda: check_multi_graph(device, tmp),
                   "cuda_graph_run": lambda: check_graph_run(device, tmp)}
         for name, fn in checks.items():
             start = time.perf_counter()

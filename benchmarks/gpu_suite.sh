@@ -41,13 +41,13 @@ run() {  # run NAME SECONDS COMMAND...: output to the terminal and $out/NAME.txt
   [ "$rc" = 0 ] || status=1
 }
 run bench_train 70 "$py" benchmarks/bench_train.py --device cuda --configs paper gpt2 --steps 100 --cuda_graph
-run bench_core 110 "$py" benchmarks/bench_core.py --device cuda --episodes 50 10 100 --stepping_workers 0 8
+run bench_core 100 "$py" benchmarks/bench_core.py --device cuda --episodes 50 10 100 --stepping_workers 0 8
 run bench_train_compile 80 "$py" benchmarks/bench_train.py --device cuda --configs paper --steps 100 \
     --compile reduce-overhead
 run check_precision_paper 105 "$py" benchmarks/check_precision.py --device cuda --config paper --steps 100
 run check_precision_gpt2 50 "$py" benchmarks/check_precision.py --device cuda --config gpt2 --steps 50 --no_compile
 run bench_analysis 30 "$py" benchmarks/bench_analysis.py --device cuda --mine_estimates 118 --mine_iters 3
-run cuda_checks 120 "$py" benchmarks/cuda_checks.py
+run cuda_checks 130 "$py" benchmarks/cuda_checks.py
 echo "== summary (printed only: \$OUT keeps device.txt and the 8 logs; rerun it on the logs anywhere)"
 "$py" benchmarks/gpu_summary.py "$out"
 exit $status
