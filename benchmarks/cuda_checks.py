@@ -165,14 +165,20 @@ def check_graph_dropout(device):
                     generator=torch.Generator(device=device).manual_seed(0), cuda_graph=graphed)
         torch.manual_seed(1)
         losses = torch.stack([t.train_step() for _ in range(30)])
-        used = not graphed or (t.graph.graph is not None and not t.graph.failed)
-        runs.append((losses, [p.detach().clone() for p in model.parameters()], used))
-    same_loss = torch.equal(runs[0][0], runs[1][0])
-    same_w = all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
-    worst = float(((runs[1][0] - runs[0][0]).abs() / runs[0][0].abs()).max())
-    return same_loss and same_w and runs[1][2], (f"graph used: {runs[1][2]}; 30 steps, dropout 0.1: same losses "
-                                                 f"{same_loss} (largest rel. difference {worst:.1e}), same weights "
-                                                 f"{same_w}")
+        runs.append(((losses,), model, t))
+    return _same_training(runs, "30 steps, dropout 0.1")
+
+
+def _same_training(runs, what: str):
+    """(ok, text) for a plain run and a --cuda_graph run, each (loss tensors, model, trainer): the same losses and
+    weights, bit for bit, and the graph captured and not given up."""
+    (l0, m0, _), (l1, m1, t1) = runs
+    used = t1.graph.graph is not None and not t1.graph.failed
+    same = all(torch.equal(a, b) for a, b in zip(l0, l1))
+    same_w = all(torch.equal(a, b) for a, b in zip(m0.parameters(), m1.parameters()))
+    worst = float(((l1[0] - l0[0]).abs() / l0[0].abs()).max())
+    return same and same_w and used, (f"graph used: {used}; {what}: same losses {same} (largest rel. difference "
+                                      f"{worst:.1e}), same weights {same_w}")
 
 
 def check_multi_graph(device, tmp):
@@ -197,15 +203,8 @@ def check_multi_graph(device, tmp):
                          init_reg=InitReg(model, 1e-2), cuda_graph=graphed)
         torch.manual_seed(1)
         steps = [t.train_step() for _ in range(20)]
-        used = not graphed or (t.graph.graph is not None and not t.graph.failed)
-        runs.append((torch.stack([s[0] for s in steps]), torch.stack([s[1] for s in steps]),
-                     [p.detach().clone() for p in model.parameters()], used))
-    same = torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-    same_w = all(torch.equal(a, b) for a, b in zip(runs[0][2], runs[1][2]))
-    worst = float(((runs[1][0] - runs[0][0]).abs() / runs[0][0].abs()).max())
-    return same and same_w and runs[1][3], (f"graph used: {runs[1][3]}; 2 envs, 20 steps, dropout 0.1, init_reg: same "
-                                            f"losses {same} (largest rel. difference {worst:.1e}), same weights "
-                                            f"{same_w}")
+        runs.append(((torch.stack([s[0] for s in steps]), torch.stack([s[1] for s in steps])), model, t))
+    return _same_training(runs, "2 envs, 20 steps, dropout 0.1, init_reg")
 
 
 def check_graph_run(device, tmp):

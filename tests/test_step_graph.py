@@ -133,22 +133,28 @@ def test_behaviour_cloning_graph_steps_train_as_plain_steps(fake_cuda):
 
 
 def test_a_step_that_cannot_be_captured_is_a_warning_and_plain_steps(fake_cuda, monkeypatch):
-    plain, graphed = make_trainer(False), make_trainer(True)
-
     def refuse(*a, **k):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(FakeGraph, "capture_begin", refuse)
-    a = [plain.train_step() for _ in range(6)]
-    with pytest.warns(RuntimeWarning, match="could not be captured"):
-        b = [graphed.train_step() for _ in range(6)]
+    falls_back_to_plain_steps("could not be captured")
+
+
+def falls_back_to_plain_steps(warning: str, steps: int = 6):
+    """A graphed trainer warns (``warning``) and trains as a plain one over ``steps`` steps; returns it."""
+    plain, graphed = make_trainer(False), make_trainer(True)
+    a = [plain.train_step() for _ in range(steps)]
+    with pytest.warns(RuntimeWarning, match=warning):
+        b = [graphed.train_step() for _ in range(steps)]
     assert graphed.graph.failed and torch.equal(torch.stack(a), torch.stack(b))
+    for v, w in zip(plain.module.parameters(), graphed.module.parameters()):
+        assert torch.equal(v, w)
+    return graphed
 
 
 def test_a_capture_error_names_the_body_s_own_error(fake_cuda, monkeypatch):
     """A body that fails inside the capture: capture_end then fails too (the capture is invalidated); the warning
     names the body's error, and training goes on with plain steps equal to plain training."""
-    plain, graphed = make_trainer(False), make_trainer(True)
     body = trainer_mod.StepGraph.body
 
     def failing_body(self, batches=None):
@@ -161,16 +167,12 @@ def test_a_capture_error_names_the_body_s_own_error(fake_cuda, monkeypatch):
 
     monkeypatch.setattr(trainer_mod.StepGraph, "body", failing_body)
     monkeypatch.setattr(FakeGraph, "capture_end", end_fails)
-    a = [plain.train_step() for _ in range(6)]
-    with pytest.warns(RuntimeWarning, match="the real cause: a host sync"):
-        b = [graphed.train_step() for _ in range(6)]
-    assert graphed.graph.failed and torch.equal(torch.stack(a), torch.stack(b))
+    falls_back_to_plain_steps("the real cause: a host sync")
 
 
 def test_a_warm_up_step_that_waits_for_the_gpu_is_refused_before_any_capture(fake_cuda, monkeypatch):
     """The warm-up runs the graph's body where a host sync raises (torch's sync debug mode "error"): such a step
     gives up before a capture begins, which on torch < 2.13 would leave the CUDA generator marked as capturing."""
-    plain, graphed = make_trainer(False), make_trainer(True)
     began = []
     monkeypatch.setattr(FakeGraph, "capture_begin", lambda self, *a, **k: began.append(1))
 
@@ -180,12 +182,8 @@ def test_a_warm_up_step_that_waits_for_the_gpu_is_refused_before_any_capture(fak
         raise RuntimeError("called a synchronizing CUDA operation")
 
     monkeypatch.setattr(trainer_mod, "no_host_sync", syncs)
-    a = [plain.train_step() for _ in range(5)]
-    with pytest.warns(RuntimeWarning, match="called a synchronizing CUDA operation"):
-        b = [graphed.train_step() for _ in range(5)]
-    assert graphed.graph.failed and not began and torch.equal(torch.stack(a), torch.stack(b))
-    for v, w in zip(plain.module.parameters(), graphed.module.parameters()):
-        assert torch.equal(v, w)
+    falls_back_to_plain_steps("called a synchronizing CUDA operation", steps=5)
+    assert not began
 
 
 def test_the_warm_up_refuses_host_syncs(fake_cuda):
