@@ -225,8 +225,15 @@ def test_experiment_refuses_cuda_graph_without_a_gpu(tmp_path, monkeypatch, caps
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").glob("*/model_*.pt"))
 
 
+def graphed_logs_equal(plain, graphed, steps=6) -> bool:
+    """One ``train_iteration`` of ``steps`` steps of each: the logs (but the time) equal."""
+    a, b = plain.train_iteration(steps, 1), graphed.train_iteration(steps, 1)
+    return {k: v for k, v in a.items() if not k.startswith("time/")} == \
+        {k: v for k, v in b.items() if not k.startswith("time/")}
+
+
 @pytest.mark.parametrize("init_reg", [None, 1e-2])
-def test_multi_task_graph_steps_train_as_plain_steps(fake_cuda, tmp_path, init_reg):
+def test_multi_task_graph_steps_train_as_plain_steps(fake_cuda, tmp_path, init_reg, monkeypatch):
     """experiment_multi.py --cuda_graph: each env's batch drawn first (in a plain step's order), then one graph for
     every env's forward and loss, --init_reg, the backward and clipping; per-env and init_reg logs as plain steps."""
     from decision_transformer.models.multi_decision_transformer import MultiDecisionTransformer, MultiDTConfig
@@ -250,13 +257,21 @@ def test_multi_task_graph_steps_train_as_plain_steps(fake_cuda, tmp_path, init_r
         return t
 
     plain, graphed = trainer(False), trainer(True)
+    assert graphed_logs_equal(plain, graphed)       # train_iteration's logs, per env and init_reg's too
     for _ in range(8):
         a, b = plain.train_step(), graphed.train_step()
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         assert (a[2] is None and b[2] is None) if init_reg is None else torch.equal(a[2], b[2])
-    assert graphed.graph.graph is not None and graphed.step == 8
+    assert graphed.graph.graph is not None and graphed.step == 14
     for v, w in zip(plain.model.parameters(), graphed.model.parameters()):
         assert torch.equal(v, w)
+    # a capture that fails: a warning, then plain steps on the same batches, as plain training
+    failing = trainer(True)
+    monkeypatch.setattr(FakeGraph, "capture_begin", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no graph")))
+    again = trainer(False)
+    with pytest.warns(RuntimeWarning, match="no graph"):
+        assert graphed_logs_equal(again, failing, steps=6)
+    assert failing.graph.failed and failing.step == again.step == 6
     with pytest.raises(ValueError, match="needs a CUDA device"):
         m = plain.model
         MultiTrainer(m, plain.optimizer, plain.scheduler, EnvData(args, "cpu", {}), ["hopper"], batch_size=6, K=5,

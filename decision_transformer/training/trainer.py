@@ -420,10 +420,11 @@ class StepGraph:
                         t.optimizer.zero_grad(set_to_none=True)
                         with no_host_sync():   # what the graph will hold, run once where a wait is a plain error
                             outs = self.body(batches)
-                        optimizer_step(t.optimizer, t.scheduler)
                 except RuntimeError as e:
                     main.wait_stream(side)
                     return self._give_up(e)   # (no update was made: these batches get a plain step)
+                with torch.cuda.stream(side):
+                    optimizer_step(t.optimizer, t.scheduler)
                 main.wait_stream(side)
                 return outs
             if not self._capture(batches):
