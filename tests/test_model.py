@@ -185,6 +185,53 @@ def test_each_block_owns_its_activation_module():
     assert len({id(a) for a in acts}) == 3
 
 
+def test_gelu_new_is_transformers_op_sequence_in_fp32_and_the_fused_kernel_under_autocast():
+    """gelu_new outside autocast: transformers' NewGELUActivation bit for bit, forward and backward (the originals'
+    numbers). Under autocast: torch's fused tanh GELU (one kernel each way), bit for bit, and the same function."""
+    from transformers.activations import NewGELUActivation
+
+    from decision_transformer.models.gpt2 import make_activation
+
+    act = make_activation("gelu_new")
+    x = (torch.randn(64, 48, generator=torch.Generator().manual_seed(0)) * 3).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = act(x), NewGELUActivation()(x_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.equal(y, y_ref) and torch.equal(x.grad, x_ref.grad)
+    assert not torch.equal(y, F.gelu(x, approximate="tanh"))   # the two paths are distinguishable in fp32
+    xb = x.detach().bfloat16().requires_grad_()
+    xb_ref = xb.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb = act(xb)
+    yb_ref = F.gelu(xb_ref, approximate="tanh")
+    yb.backward(g.bfloat16())
+    yb_ref.backward(g.bfloat16())
+    assert yb.dtype == torch.bfloat16
+    assert torch.equal(yb, yb_ref) and torch.equal(xb.grad, xb_ref.grad)
+    torch.testing.assert_close(yb.float(), NewGELUActivation()(xb.detach().float()), atol=0.05, rtol=0.01)
+
+
+def test_gelu_new_model_under_bf16_autocast_tracks_fp32():
+    """A gelu_new DT's forward and gradients under CPU bf16 autocast (the fused GELU) stay near its fp32 ones (dropout
+    off)."""
+    m = DecisionTransformer(small_cfg(backbone=dict(activation_function="gelu_new")), seed=0).eval()
+    states, actions, rtg, timesteps, mask = make_inputs()
+
+    def run(amp):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = m(states, actions, rtg, timesteps, attention_mask=mask).action_preds
+        real(out.float(), mask).pow(2).mean().backward()
+        return real(out.float(), mask).detach(), torch.cat([p.grad.flatten() for p in m.parameters()
+                                                           if p.grad is not None])
+
+    (a32, g32), (a16, g16) = run(False), run(True)
+    torch.testing.assert_close(a16, a32, atol=0.03, rtol=0)
+    assert (g16 - g32).norm() / g32.norm() < 0.05
+
+
 def test_unknown_activation_rejected():
     with pytest.raises(ValueError, match="unknown activation function 'no_such_act'; choose geglu or one of "):
         DecisionTransformer(small_cfg(backbone=dict(activation_function="no_such_act")))

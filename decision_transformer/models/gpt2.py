@@ -194,6 +194,20 @@ class GEGLU(nn.Module):
         return u * F.gelu(g)
 
 
+class TanhGELU(nn.Module):
+    """GPT-2's ``gelu_new``: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))). Outside autocast it runs transformers'
+    sequence of elementwise ops (the originals' numbers bit for bit). Under autocast (the bf16 fast path) it runs
+    torch's fused kernel of the same function, equal up to rounding: one kernel forward and one backward, each reading
+    and writing the [B, 3K, 4H] activations once, instead of about eight and fifteen kernels whose intermediates CUDA
+    autocast keeps in fp32 (``pow`` is on its fp32 list)."""
+
+    def forward(self, x):
+        """``x`` [...] -> GELU(x) (tanh approximation), same shape."""
+        if torch.is_autocast_enabled(x.device.type):
+            return F.gelu(x, approximate="tanh")
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
 def check_activation(name: str):
     """ValueError unless ``name`` is ``geglu`` or a key of transformers' ``ACT2CLS`` (``relu``, ``gelu_new`` ...)."""
     from transformers.activations import ACT2CLS
@@ -203,11 +217,13 @@ def check_activation(name: str):
 
 
 def make_activation(name: str) -> nn.Module:
-    """A new activation module by name: ``geglu`` or a key of transformers' ``ACT2CLS`` (``relu``, ``gelu_new`` ...);
-    ValueError for another name."""
+    """A new activation module by name: ``geglu`` or a key of transformers' ``ACT2CLS`` (``relu``, ``gelu_new`` ...;
+    ``gelu_new`` is ``TanhGELU``); ValueError for another name."""
     check_activation(name)
     if name == "geglu":
         return GEGLU()
+    if name == "gelu_new":
+        return TanhGELU()
     from transformers.activations import ACT2CLS
 
     cls = ACT2CLS[name]
