@@ -10,7 +10,12 @@ host -> device every step. Both train the same model (``paper``: 128 hidden x 3 
 under ``torch.compile`` (``reduce-overhead`` replays each step as CUDA graphs on a GPU). Each row is printed as soon
 as it is measured, with the loss of its last step (a compiled path that trains wrongly shows there) and the number of
 steps it timed (``--steps``; gpt2 on the CPU times max(3, --steps // 10)). MFU counts the matmul FLOPs
-(``flops_per_step``) against the GPU's dense bf16 peak (``PEAK_TFLOPS``, printed in the header).
+(``flops_per_step``) against the GPU's dense bf16 peak (``PEAK_TFLOPS``, printed in the header). ``--no_loop``
+leaves out the per-sample loop rows (the speed-up is then against the eager on-device row), for batch sizes the
+originals' loop would take long to build (``--batch_size 512 --no_loop``: MFU at GPT-2 size when the GPU is filled).
+``--profile N`` profiles N more steps of every row after its timed ones and prints, under the row, the operators
+(with the CUDA kernels they ran) that took the most time: ``torch.profiler``'s table sorted by self device time on
+CUDA, by self CPU time on the CPU.
 
 Peak memory is each row's own: on CUDA the most memory torch allocated during its timed steps
 (``max_memory_allocated`` after a reset); on the CPU every row runs in a fresh child process and the figure is that
@@ -116,13 +121,14 @@ CUDA_GRAPH = "cuda-graph"
 GRAPH_LABEL = "on-device, CUDA graph step"
 
 
-def measure(name, trajs, device, steps, batch_size, K, slow, amp, compile=None):
+def measure(name, trajs, device, steps, batch_size, K, slow, amp, compile=None, profile=0):
     """(steps/s, tokens/s, peak memory MiB, FLOP/s, the last step's loss) of ``steps`` timed training steps: on CUDA
     in this process (peak: the most torch allocated during the timed steps), on the CPU in a fresh child process
-    (peak: that process's peak RSS, the row's own and no earlier row's)."""
+    (peak: that process's peak RSS, the row's own and no earlier row's). ``profile``: that many more steps are
+    profiled after the timed ones and the table printed (stderr)."""
     if device.type == "cuda":
-        return measure_here(name, trajs, device, steps, batch_size, K, slow, amp, compile)
-    return measure_in_child(name, trajs, device, steps, batch_size, K, slow, amp, compile)
+        return measure_here(name, trajs, device, steps, batch_size, K, slow, amp, compile, profile)
+    return measure_in_child(name, trajs, device, steps, batch_size, K, slow, amp, compile, profile)
 
 
 #: The child process of a CPU row: this file imported as a module (its main does not run), the row read from stdin.
@@ -131,12 +137,12 @@ _CHILD = ("import os, signal, sys; signal.signal(signal.SIGINT, lambda *a: os._e
 _RESULT = "bench_train row result: "
 
 
-def measure_in_child(name, trajs, device, steps, batch_size, K, slow, amp, compile=None):
+def measure_in_child(name, trajs, device, steps, batch_size, K, slow, amp, compile=None, profile=0):
     """``measure_here`` in a fresh Python process, which gets the row and ``trajs`` pickled on stdin and prints its
     result on stdout; its stderr is this process's. Ctrl-C stops both (exit 130)."""
     amp_name = {None: None, torch.bfloat16: "bf16"}[amp]
     job = dict(name=name, device=str(device), steps=steps, batch_size=batch_size, K=K, slow=slow, amp=amp_name,
-               compile=compile)
+               compile=compile, profile=profile)
     payload = pickle.dumps((job, trajs), protocol=pickle.HIGHEST_PROTOCOL)
     with subprocess.Popen([sys.executable, "-c", _CHILD, os.path.dirname(os.path.abspath(__file__))],
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
@@ -168,11 +174,11 @@ def child_main():
     job, trajs = pickle.load(sys.stdin.buffer)
     amp = {None: None, "bf16": torch.bfloat16}[job["amp"]]
     result = measure_here(job["name"], trajs, torch.device(job["device"]), job["steps"], job["batch_size"], job["K"],
-                          job["slow"], amp, job["compile"])
+                          job["slow"], amp, job["compile"], job["profile"])
     print(_RESULT + json.dumps(list(result)), flush=True)
 
 
-def measure_here(name, trajs, device, steps, batch_size, K, slow, amp, compile=None):
+def measure_here(name, trajs, device, steps, batch_size, K, slow, amp, compile=None, profile=0):
     """``measure`` in this process. The CPU peak is ``peak_rss_mib``: this process's whole life, so a fresh process
     per row (``measure_in_child``) makes it the row's own."""
     cfg = DTConfig(11, 3, max_length=K, backbone=BackboneConfig(**CONFIGS[name]))
@@ -199,7 +205,29 @@ def measure_here(name, trajs, device, steps, batch_size, K, slow, amp, compile=N
     dt = time.perf_counter() - start
     sps = steps / dt
     mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()
+    if profile:
+        print(profile_table(trainer, profile, device), file=sys.stderr, flush=True)
     return sps, sps * batch_size * 3 * K, mem, flops_per_step(model, batch_size, K) * sps, float(loss)
+
+
+#: rows of ``profile_table``: the operators that took the most time
+PROFILE_ROWS = 20
+
+
+def profile_table(trainer, steps, device) -> str:
+    """``torch.profiler``'s table of ``steps`` training steps of ``trainer``: the ``PROFILE_ROWS`` operators and CUDA
+    kernels with the most self time (device time on CUDA, CPU time on the CPU), headed by one line."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return (f"profile of {steps} steps (sorted by {key}):\n"
+            + prof.key_averages().table(sort_by=key, row_limit=PROFILE_ROWS))
 
 
 @cli_entry
@@ -218,6 +246,10 @@ def main(argv=None):
     p.add_argument("--cuda_graph", action="store_true",
                    help="also time the on-device path with each step replayed from a CUDA graph (--cuda_graph of "
                         "experiment.py; CUDA only)")
+    p.add_argument("--no_loop", action="store_true",
+                   help="leave out the per-sample loop rows (the speed-up is then against the on-device row)")
+    p.add_argument("--profile", type=positive_int, default=None, metavar="N",
+                   help="profile N more steps of each row and print the operators that took the most time")
     args = p.parse_args(argv)
     args.compile = ["default"] if args.compile == [] else (args.compile or [])
     if args.K > 1000:  # the synthetic episodes are at most 1000 steps
@@ -257,13 +289,14 @@ def main(argv=None):
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.configs:
         steps = timed[name]
-        variants = [("per-sample loop", True, None), ("on-device", False, None)]
+        variants = [] if args.no_loop else [("per-sample loop", True, None)]
+        variants += [("on-device", False, None)]
         variants += [(f"on-device, compile {mode}", False, mode) for mode in args.compile]
         variants += [(GRAPH_LABEL, False, CUDA_GRAPH)] if args.cuda_graph else []
         base = None
         for label, slow, mode in variants:  # each row printed as soon as it is measured
             sps, tps, mem, flops, loss = measure(name, trajs, device, steps, args.batch_size, args.K, slow, amp_dtype,
-                                                 mode)
+                                                 mode, **({"profile": args.profile} if args.profile else {}))
             base = base or sps
             mfu = f"{100 * flops / (peak * 1e12):.1f}%" if peak else "-"
             print(f"| {name} | {label} | {steps} | {sps:.2f} | {tps:,.0f} | {mem:,.0f} | {flops / 1e12:.3f} | {mfu} | "

@@ -3,6 +3,8 @@ was already saved is touched. Everything here fails before any real work starts.
 bookkeeping (FLOP counts, GPU peaks, the variants checked, the order rows are measured and printed in) and the GPU
 suite's steps, run with stand-ins for python, timeout and nvidia-smi."""
 import pickle
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,7 +175,7 @@ def _suite_stand_ins(tmp_path, fail_step=None):
     bin_dir.mkdir()
     (bin_dir / "python").write_text(f"""#!/usr/bin/env bash
 echo "MUJOCO_GL=${{MUJOCO_GL:-}} $*" >> {tmp_path / 'python.log'}
-case "$*" in *{fail_step or 'no step fails'}*) echo "a row"; exit 124;; esac
+case "$*" in *"{fail_step or 'no step fails'}"*) echo "a row"; exit 124;; esac
 """)
     (bin_dir / "timeout").write_text(f"""#!/usr/bin/env bash
 while [[ $1 == -* ]]; do [[ $1 == -k || $1 == -s ]] && shift; shift; done
@@ -202,17 +204,20 @@ def test_gpu_suite_steps_and_budgets(tmp_path):
     summary = calls.pop()                                                 # last, the summary, printed (no budget)
     assert summary.endswith(f"benchmarks/gpu_summary.py {tmp_path / 'out'}")
     budgets = [int(b) for b in (tmp_path / "budgets.log").read_text().split()]
-    assert len(budgets) == len(calls) == 7 and sum(budgets) <= 565
+    assert len(budgets) == len(calls) == 8 and sum(budgets) <= 565
     assert all(c.startswith("MUJOCO_GL=disable benchmarks/") for c in calls)
     scripts = [c.split()[1] for c in calls]
-    assert scripts[:2] == ["benchmarks/bench_train.py", "benchmarks/bench_core.py"]
+    assert scripts[:3] == ["benchmarks/bench_train.py", "benchmarks/bench_train.py", "benchmarks/bench_core.py"]
     assert scripts[-1] == "benchmarks/cuda_checks.py"
     assert "--compile" not in calls[0] and "--configs paper gpt2" in calls[0]
-    assert "--episodes 50 " in calls[1] and calls[1].endswith("--stepping_workers 0 8")
+    assert "--configs gpt2 --batch_size 512" in calls[1]      # GPT-2 size at a batch that fills the GPU (MFU)
+    assert "--no_loop" in calls[1] and "--cuda_graph" in calls[1] and "--profile" in calls[1]
+    assert "--episodes 50 " in calls[2] and calls[2].endswith("--stepping_workers 0 8")
     assert [c for c in calls if "--config gpt2" in c][0].endswith("--no_compile")
     logs = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert logs == ["bench_analysis.txt", "bench_core.txt", "bench_train.txt", "bench_train_compile.txt",
-                    "check_precision_gpt2.txt", "check_precision_paper.txt", "cuda_checks.txt", "device.txt"]
+                    "bench_train_gpt2.txt", "check_precision_gpt2.txt", "check_precision_paper.txt", "cuda_checks.txt",
+                    "device.txt"]
     kept = (tmp_path / "out" / "bench_core.txt").read_text().splitlines()
     assert kept[0] == "a row" and kept[1].startswith("== bench_core: stopped after its") and len(kept) == 2
     # a MUJOCO_GL of the caller's is kept
@@ -220,6 +225,31 @@ def test_gpu_suite_steps_and_budgets(tmp_path):
     subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True,
                    env={**env, "MUJOCO_GL": "egl"}, timeout=60)
     assert all(c.startswith("MUJOCO_GL=egl ") for c in (tmp_path / "python.log").read_text().splitlines())
+
+
+def test_gpu_suite_runs_the_steps_named_only(tmp_path):
+    """``gpu_suite.sh STEP ...`` runs those steps in the suite's order, then the summary; an unknown name is an
+    error before anything runs."""
+    import subprocess
+
+    env = _suite_stand_ins(tmp_path)
+    suite = str(ROOT / "benchmarks" / "gpu_suite.sh")
+    proc = subprocess.run(["bash", suite, "cuda_checks", "bench_train_gpt2"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    calls = (tmp_path / "python.log").read_text().splitlines()[1:]
+    assert [c.split()[1] for c in calls] == ["benchmarks/bench_train.py", "benchmarks/cuda_checks.py",
+                                             "benchmarks/gpu_summary.py"]
+    assert "--batch_size 512" in calls[0] and (tmp_path / "budgets.log").read_text().split() == ["40", "125"]
+    (tmp_path / "python.log").unlink()
+    proc = subprocess.run(["bash", suite, "bench_train", "no_such_step"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode == 2 and not (tmp_path / "python.log").exists()
+    assert proc.stderr.startswith("error: unknown step 'no_such_step'; the steps: bench_train bench_train_gpt2 ")
+    # every step the suite runs can be named
+    names = re.findall(r"^run (\w+) \d+ ", Path(suite).read_text(), re.M)
+    listed = re.search(r"^steps=\(([^)]*)\)", Path(suite).read_text(), re.M).group(1).split()
+    assert names == listed and len(names) == 8
 
 
 @pytest.mark.parametrize("argv, sizes", [(["--quick"], [10]), (["--quick", "--episodes", "2"], [2]), ([], [10, 50, 100]),

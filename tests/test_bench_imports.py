@@ -132,6 +132,30 @@ def test_a_cuda_row_is_measured_in_this_process(monkeypatch):
     assert called and called[0][3] == 3
 
 
+def test_bench_train_no_loop_leaves_out_the_loop_rows_and_profile_reaches_each_row(monkeypatch, capsys):
+    bench = load_script("benchmarks/bench_train.py")
+    seen = []
+    monkeypatch.setattr(bench, "synthetic_trajectories", lambda *a, **k: None)
+    monkeypatch.setattr(bench, "measure", lambda name, trajs, device, steps, bs, K, slow, amp, mode, **kw:
+                        seen.append((slow, mode, kw)) or ({None: 2.0, "default": 3.0}[mode], 1.0, 1.0, 0.0, 0.5))
+    bench.main(["--configs", "paper", "--steps", "1", "--device", "cpu", "--no_loop", "--compile", "--profile", "4",
+                "--batch_size", "512"])
+    assert seen == [(False, None, {"profile": 4}), (False, "default", {"profile": 4})]
+    out = capsys.readouterr().out
+    assert "per-sample loop" not in out and "batch 512, K 20" in out
+    assert "| paper | on-device | 1 | 2.00 |" in out and "| 1.00x |" in out and "| 1.50x |" in out
+
+
+def test_bench_train_profile_prints_the_operators_that_took_the_most_time(capsys):
+    """One CPU row measured with ``profile``: the profiler's table, with the matmuls in it, comes on stderr."""
+    bench = load_script("benchmarks/bench_train.py")
+    trajs = bench.synthetic_trajectories("hopper", 3000)
+    sps, *_ = bench.measure_here("paper", trajs, torch.device("cpu"), 1, 4, 5, False, None, None, 2)
+    err = capsys.readouterr().err
+    assert sps > 0 and err.startswith("profile of 2 steps (sorted by self_cpu_time_total):")
+    assert "aten::addmm" in err and "Self CPU time total" in err
+
+
 def test_bench_train_compile_alone_times_the_default_mode(monkeypatch, capsys):
     """``--compile`` without a mode is the scripts' ``--compile``: torch's default mode gets its row (it added none)."""
     bench = load_script("benchmarks/bench_train.py")

@@ -71,7 +71,8 @@ def test_the_targets_are_checked_from_the_logs(logs):
     assert "| evaluation, 50 episodes, batched vs one by one | 30x | 51.2x | met |" in text
     assert "| training steps/s at the paper config, on-device vs per-sample loop | 5x | 7.5x | met |" in text
     assert "under `--compile reduce-overhead`: 22.5x the per-sample loop of the same run" in text
-    assert f"| MFU at GPT-2 size (768 x 12), bf16 | 35% | {figures['mfu']:.1f}% | met |" in text
+    assert f"| MFU at GPT-2 size (768 x 12), bf16 | 35% | {figures['mfu']:.1f}% (batch 64, on-device) | met |" in text
+    assert figures["mfu_at"] == "batch 64, on-device" and "MFU at GPT-2 size: " not in text   # one row: no list
     assert "Fastest 50-episode evaluation with overlap groups = 4" in text
     assert "| bf16 (fused) | 1.00e-03 |" in text
     # bench_core's other tables come too: the sampler, env stepping and the evaluation forward
@@ -81,6 +82,35 @@ def test_the_targets_are_checked_from_the_logs(logs):
     assert "| graph_reseed | pass | check_graph_reseed measured |" in text and "CUDA checks failed" not in text
     assert text.rstrip().endswith("No rows in: check_precision_gpt2.txt, bench_analysis.txt (missing, or stopped "
                                   "before its first row).")
+
+
+def test_mfu_is_the_best_gpt2_row_of_either_batch_and_is_named(logs, monkeypatch, capsys):
+    """MFU at GPT-2 size: the best on-device row (eager or --cuda_graph) of bench_train.txt (batch 64) and
+    bench_train_gpt2.txt (a larger batch, no loop rows), named by batch and path; every such row is listed."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    train = load_script("benchmarks/bench_train.py")
+    monkeypatch.setattr(train, "bench_device", lambda name: FAKE_CUDA)
+    monkeypatch.setattr(train, "synthetic_trajectories", lambda *a, **k: None)
+    flops = {(None, 64): 50e12, ("cuda-graph", 64): 150e12, (None, 512): 200e12, ("cuda-graph", 512): 360e12}
+
+    def measure(name, trajs, device, steps, batch_size, K, slow, amp, compile=None, **kw):
+        return 10.0, 1.0, 1000.0, (1e12 if slow else flops[(compile, batch_size)]), 0.5
+
+    monkeypatch.setattr(train, "measure", measure)
+    train.main(["--configs", "gpt2", "--cuda_graph"])
+    (logs / "bench_train.txt").write_text(capsys.readouterr().out)
+    summary = load_script("benchmarks/gpu_summary.py")
+    text, figures = summary.summarise(logs)
+    assert figures["mfu"] == pytest.approx(15.2) and figures["mfu_at"] == "batch 64, on-device, CUDA graph step"
+    assert "| 35% | 15.2% (batch 64, on-device, CUDA graph step) | NOT met |" in text
+    assert "MFU at GPT-2 size: batch 64, on-device 5.1%; batch 64, on-device, CUDA graph step 15.2%." in text
+    train.main(["--configs", "gpt2", "--batch_size", "512", "--no_loop", "--cuda_graph", "--profile", "2"])
+    (logs / "bench_train_gpt2.txt").write_text(capsys.readouterr().out + "profile of 2 steps (sorted by x):\n---\n")
+    text, figures = summary.summarise(logs)
+    assert figures["mfu"] == pytest.approx(36.4) and figures["mfu_at"] == "batch 512, on-device, CUDA graph step"
+    assert "| MFU at GPT-2 size (768 x 12), bf16 | 35% | 36.4% (batch 512, on-device, CUDA graph step) | met |" in text
+    assert "batch 512, on-device 20.2%; batch 512, on-device, CUDA graph step 36.4%." in text
+    assert "**Training at GPT-2 size, batch 512**" in text and text.count("| gpt2 | on-device |") == 2
 
 
 def test_a_missing_or_cut_short_log_is_said_and_its_target_not_measured(logs, capsys):
