@@ -226,6 +226,18 @@ def test_mine_checks_every_layer_before_writing(tmp_path, capsys):
 
 # ---- CKA results against their layer list -----------------------------------------------------------------------
 
+def test_plot_cka_without_results_names_the_commands_and_run_alls_folder(tmp_path, capsys):
+    """No results in --results_dir: the error says what writes them, and where run_all.py keeps its own."""
+    plot = load_script(SCRIPTS["plot_cka"]).main
+    msg = expect_exit(capsys, plot, ["--env_name_list", "hopper", "--model_name_list", "dt", "--token_list", "state",
+                                     "--results_dir", tmp_path / "empty", "--figs_dir", tmp_path / "figs"])
+    assert msg.startswith("error: no CKA results for hopper/state: looked for ")
+    assert "(run compute_cka.py --model_name1 M --model_name2 M --epoch1 0 --epoch2 40;" in msg
+    assert msg.rstrip().endswith("run_all.py keeps its results under its --out_dir: --results_dir "
+                                 "OUT/section-51-activation-similarity/results)")
+    assert not (tmp_path / "figs").exists()
+
+
 def test_plot_cka_refuses_a_matrix_of_another_model(tmp_path, capsys):
     """A 3 x 3 matrix next to the layer list of a 3-block model (27 hooked layers): refused, not a 3-point curve."""
     res = tmp_path / "res"

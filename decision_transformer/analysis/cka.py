@@ -490,7 +490,8 @@ def plot(args) -> common.Outputs:
                                 f"--model_name1 M --model_name2 M --epoch1 {args.epoch1} --epoch2 {args.epoch2}"
                                 f"{f' --run_K {run_K}' if run_K != common.DEFAULT_RUN_K else ''}; the results of "
                                 f"--block, --legacy_feature_index, --kernel, --biased, --eps, --batch_size, --K or "
-                                f"--batch_seed runs are read with the same flags)")
+                                f"--batch_seed runs are read with the same flags; run_all.py keeps its results under "
+                                f"its --out_dir: --results_dir OUT/{common.SECTIONS['cka']}/results)")
             for f in missing:
                 common.warn(f"{f} not found; that model is left out of the figure")
             if len(batches) > 1:
