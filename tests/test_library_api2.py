@@ -33,7 +33,7 @@ def test_an_int_block_override_key_is_applied_and_survives_a_round_trip(lm):
     cfg = BackboneConfig(n_embd=32, n_layer=2, n_head=4, block_overrides={1: over})
     assert cfg.block_overrides == {"1": over}
     net = GPT2Backbone(cfg)
-    assert net.h[1].attn.n_head == 2 and type(net.h[1].mlp.act).__name__ == "NewGELUActivation"
+    assert net.h[1].attn.n_head == 2 and type(net.h[1].mlp.act).__name__ == "TanhGELU"  # gelu_new
     assert net.h[0].attn.n_head == 4
     same = BackboneConfig(n_embd=32, n_layer=2, n_head=4, block_overrides={"1": over})
     assert cfg == same
