@@ -625,6 +625,35 @@ def plan_runs(spec: dict, extra: list[str]) -> list[Run]:
     return out
 
 
+def disk_lines(runs: list[Run]) -> list[str]:
+    """The plan's disk estimate (``disk_estimate.summary``) of the runs to start or resume: those of experiment.py
+    and lm_cotraining/experiment.py sized from their flags; others named as not estimated."""
+    from decision_transformer import disk_estimate
+    from decision_transformer.cli import experiment_parser
+    from decision_transformer.cli_lm import lm_cotraining_parser
+
+    estimates, unsized = [], []
+    for r in runs:
+        if r.state not in ("new", "partial"):
+            continue
+        program = Path(r.cmd[1])
+        lm_script = program.parent.name == "lm_cotraining" and program.name == "experiment.py"
+        if not lm_script and program.resolve() != (ROOT / "experiment.py").resolve():
+            unsized.append(f"{program.name} runs are not sized")
+            continue
+        try:
+            a = _parse(lm_cotraining_parser() if lm_script else experiment_parser(), program.name, r.argv)
+            model = disk_estimate.model_size(a)
+        except (UserError, ValueError, OSError) as e:   # (an architecture the run itself would refuse)
+            unsized.append(first_line(str(e)))
+            continue
+        folder = disk_estimate.folder_of(a, lm_script) or Path(project_path("models")) / a.env
+        done = r.found.folder if r.state == "partial" else None
+        estimates.append(disk_estimate.RunDisk(disk_estimate.run_bytes(a, done, model, lm_script), model.file,
+                                               folder))
+    return disk_estimate.summary(estimates, unsized)
+
+
 def _differ(a: dict, b: dict) -> str:
     """The flags in which two grid points differ, in words."""
     keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
@@ -1113,6 +1142,8 @@ def main(argv=None):
         elif r.state == "invalid":  # named by its grid values
             print(f"invalid: {shlex.join(to_argv({k: r.params[k] for k in spec['grid']})) or shlex.join(r.argv)}: "
                   f"{r.found.note}")
+    for line in disk_lines(runs):   # last: what the runs to start or resume will write
+        print(line)
     if a.dry_run:  # exits as the real run would for runs it could not start
         errors = _not_started(count)
         if errors:

@@ -133,7 +133,8 @@ def test_a_run_found_damaged_at_its_recheck_makes_the_launcher_exit_2(tmp_path, 
     monkeypatch.setattr(sweep, "launch", launch_after_damage)
     err, out = _fails_with(capsys, ["run", str(grid), "--log_dir", str(tmp_path / "logs")])
     assert err == "error: 1 runs not started: their training state cannot be read (see above)"
-    assert out[0].startswith("new ") and "now damaged (another launcher or process got to it first)" in out[2]
+    assert out[0].startswith("new ") and out[2].startswith("disk: about ") and out[3].startswith("disk: ")  # the plan
+    assert "now damaged (another launcher or process got to it first)" in out[4]
     assert out[-1] == "summary of 1 runs: 0 done, 0 failed, 0 skipped (finished before), 1 damaged"
     assert not (tmp_path / "ck" / "dt_medium_hopper_1_K5").exists() and list((tmp_path / "logs").iterdir()) == []
 

@@ -1,0 +1,143 @@
+"""How much disk a training run will write, estimated from its flags before it starts (the sweep launcher's plan).
+
+A run of ``experiment.py`` or ``lm_cotraining/experiment.py`` with a run folder writes one model file per iteration
+(``model_0.pt`` ... ``model_{max_iters}.pt``) and keeps one training state (weights and AdamW's two moments), and with
+``--save_model`` one or two more model files under ``models/{env}/``. A model file is the model's fp32 state dict, so
+its size follows from the architecture the flags build: the model is built on torch's ``meta`` device (no memory, no
+weights read; an LM's ``config.json`` is read for its sizes), and a merge run's from the size of the models it merges.
+AdamW keeps two moments of each tensor a loss reaches: all but the token embeddings (``transformer.wte``; reached by
+``--joint``'s LM loss and k-means) and the state and return heads. The figures are estimates: a file's pickle framing
+and the run's config add a little.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from decision_transformer.errors import UserError
+
+
+#: The tensors of a DT that no loss reaches without an auxiliary loss: AdamW keeps no moments of them.
+UNTRAINED_PREFIXES = ("transformer.wte.", "predict_state.", "predict_return.")
+
+
+@dataclass
+class ModelSize:
+    """A model file's bytes (``file``) and those of the tensors AdamW keeps moments of (``trained``)."""
+    file: int
+    trained: int
+
+
+@dataclass
+class RunDisk:
+    """What one run still writes: ``total`` bytes, of which ``model`` bytes per model file, into ``folder`` (the file
+    system of its ``--outdir``)."""
+    total: int
+    model: int
+    folder: Path
+
+
+def model_size(args) -> ModelSize:
+    """The bytes of the state dict of the model that ``args`` (experiment.py's or lm_cotraining/experiment.py's
+    flags) trains, built on the meta device, and of the part AdamW keeps moments of; a merge run's
+    (``--pretrained_models``): the largest of its models' files (all counted as trained). A ``UserError`` where the
+    model cannot be sized here (an LM that is not found, a missing model file)."""
+    import torch
+
+    from decision_transformer.envs import get_env_spec
+    from decision_transformer.model_factory import build_bc_model, build_model, build_model_config, locate_pretrained
+
+    if getattr(args, "pretrained_models", None):
+        files = [Path(p) for p in args.pretrained_models]
+        missing = [str(p) for p in files if not p.is_file()]
+        if missing:
+            raise UserError(f"{missing[0]}: file not found")
+        size = max(os.path.getsize(p) for p in files)
+        return ModelSize(size, size)
+    spec = get_env_spec(args.env)
+    with torch.device("meta"):
+        if args.model_type == "bc":
+            model = build_bc_model(args, spec)
+        else:
+            model = build_model(build_model_config(args, spec, locate_pretrained(args)), args.seed)
+    sizes = {k: t.numel() * t.element_size() for k, t in model.state_dict().items()}
+    aux = getattr(args, "joint", False) or getattr(args, "gpt_kmeans", None) is not None
+    untrained = () if args.model_type == "bc" else UNTRAINED_PREFIXES[1:] if aux else UNTRAINED_PREFIXES
+    return ModelSize(sum(sizes.values()), sum(n for k, n in sizes.items() if not k.startswith(untrained)))
+
+
+def run_bytes(args, folder: Path | None, model: ModelSize, lm_script: bool = False) -> int:
+    """The bytes a run with the flags ``args`` writes from the start, with a model of ``model``'s size: its run
+    folder (``--outdir``; none with ``--outdir ''``) gets ``model_0.pt`` ... ``model_{max_iters}.pt`` and the training
+    state (the weights and two AdamW moments), ``--save_model`` the best and/or last model. ``folder``: the folder of
+    the run's earlier part (a run to resume); what it holds already is not counted again. ``lm_script``: the flags
+    are lm_cotraining/experiment.py's."""
+    has_folder = folder_of(args, lm_script) is not None
+    files = args.max_iters + 1 if has_folder else 0
+    state = model.file + 2 * model.trained if has_folder else 0
+    if getattr(args, "save_model", False):
+        files += 2 if args.save_mode == "both" else 1
+    total = files * model.file + state
+    if folder is not None and folder.is_dir():
+        total -= sum(f.stat().st_size for f in folder.glob("model_*.pt") if f.is_file())
+    return max(total, 0)
+
+
+def folder_of(args, lm_script: bool = False) -> Path | None:
+    """The folder a run writes its model files in: ``--outdir`` (``lm_script``, lm_cotraining/experiment.py: also
+    its default, ``models/{env}``), or None for a run without one."""
+    from decision_transformer.paths import project_path
+
+    outdir = getattr(args, "outdir", None)
+    if lm_script:
+        return None if outdir == "" else Path(outdir or Path(project_path("models")) / args.env)
+    return Path(outdir) if outdir else None
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Free bytes on the file system that holds ``folder`` (or its nearest existing parent); None where unknown."""
+    p = folder.resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def human(n: float) -> str:
+    """Bytes in words: ``512 B``, ``3.4 MB``, ``281 GB`` (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 100 else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def summary(estimates: list[RunDisk], unsized: list[str]) -> list[str]:
+    """Lines for the plan: the total the runs to start or resume will write, the largest model file, the free space
+    of each file system they write to (a warning where the total there is more), and the runs not sized."""
+    lines = []
+    if estimates:
+        total = sum(e.total for e in estimates)
+        largest = max(e.model for e in estimates)
+        lines.append(f"disk: about {human(total)} to write for {len(estimates)} runs (model files up to "
+                     f"{human(largest)} each; one per iteration and a training state per run folder)")
+        by_fs: dict[int, list[RunDisk]] = {}
+        for e in estimates:
+            p = e.folder.resolve()
+            while not p.exists() and p != p.parent:
+                p = p.parent
+            by_fs.setdefault(p.stat().st_dev if p.exists() else -1, []).append(e)
+        for group in by_fs.values():
+            need, free = sum(e.total for e in group), free_bytes(group[0].folder)
+            if free is not None and need > free:
+                lines.append(f"warning: the file system of {group[0].folder} has {human(free)} free, less than the "
+                             f"{human(need)} these runs write there")
+            elif free is not None:
+                lines.append(f"disk: {human(free)} free where {group[0].folder} is")
+    if unsized:
+        lines.append(f"disk: not estimated for {len(unsized)} runs ({'; '.join(sorted(set(unsized)))})")
+    return lines

@@ -1,0 +1,93 @@
+"""The disk a run will write, estimated from its flags (decision_transformer/disk_estimate.py), against what real runs
+write, and the sweep launcher's plan lines."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+import experiment
+from decision_transformer import disk_estimate, sweep
+from decision_transformer.cli import experiment_parser
+
+TINY = ["--K", "5", "--batch_size", "4", "--warmup_steps", "2", "--num_eval_episodes", "1", "--device", "cpu",
+        "--num_steps_per_iter", "2"]
+
+
+def _written(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*.pt"))
+
+
+@pytest.mark.parametrize("model_flags", [["--embed_dim", "64", "--n_layer", "2"],
+                                         ["--model_type", "bc", "--embed_dim", "512", "--n_layer", "3"]])
+def test_the_estimate_matches_what_a_run_writes(tmp_path, monkeypatch, hopper_data, model_flags):
+    """A run with a run folder and --save_model --save_mode both: its model files, training state and saved models
+    are within 2% of the estimate made from its flags before it started (the config and pickle framing)."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data_path", str(hopper_data), "--outdir", str(tmp_path / "ck"), "--max_iters", "2", "--save_model",
+            "--save_mode", "both", *TINY, *model_flags]
+    args = experiment_parser().parse_args(argv)
+    size = disk_estimate.model_size(args)
+    estimate = disk_estimate.run_bytes(args, None, size)
+    experiment.main(argv)
+    written = _written(tmp_path / "ck") + _written(tmp_path / "models")
+    assert len(list((tmp_path / "ck").rglob("model_*.pt"))) == 3 and len(list((tmp_path / "models").rglob("*.pt"))) == 2
+    assert written == pytest.approx(estimate, rel=0.02)
+    if "bc" not in model_flags:   # the token embeddings, most of this model, have no AdamW moments
+        assert size.trained < 0.2 * size.file
+
+
+def test_the_arithmetic_of_run_bytes(tmp_path):
+    """max_iters + 1 model files and a training state in the run folder; --save_model adds one file (two with
+    --save_mode both); no run folder, none of those; a run to resume does not count what its folder holds."""
+    size = disk_estimate.ModelSize(file=100, trained=10)
+
+    def est(*flags, folder=None):
+        return disk_estimate.run_bytes(experiment_parser().parse_args(list(flags)), folder, size)
+
+    assert est("--outdir", "ck", "--max_iters", "3") == 4 * 100 + (100 + 2 * 10)
+    assert est("--outdir", "ck", "--max_iters", "3", "--save_model") == 5 * 100 + 120
+    assert est("--outdir", "ck", "--max_iters", "3", "--save_model", "--save_mode", "both") == 6 * 100 + 120
+    assert est("--outdir", "", "--max_iters", "3") == 0
+    assert est("--outdir", "", "--max_iters", "3", "--save_model") == 100
+    done = tmp_path / "run"
+    done.mkdir()
+    for i in range(2):
+        (done / f"model_{i}.pt").write_bytes(b"x" * 100)
+    assert est("--outdir", "ck", "--max_iters", "3", folder=done) == 2 * 100 + 120
+    assert disk_estimate.human(512) == "512 B" and disk_estimate.human(3.45e6) == "3.5 MB"
+    assert disk_estimate.human(281e9) == "281 GB" and disk_estimate.human(2.5e13) == "25.0 TB"
+
+
+def test_the_plan_shows_the_disk_and_warns_when_the_file_system_is_too_small(tmp_path, monkeypatch, capsys,
+                                                                             hopper_data):
+    spec = {"program": "experiment.py",
+            "fixed": {"data_path": str(hopper_data), "outdir": str(tmp_path / "ck"), "embed_dim": 32, "n_layer": 1,
+                      "max_iters": 4},
+            "grid": {"seed": [1, 2]}}
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump(spec))
+    size = disk_estimate.model_size(experiment_parser().parse_args(sweep.to_argv(spec["fixed"])))
+    per_run = 5 * size.file + size.file + 2 * size.trained
+    assert sweep.main(["run", str(grid), "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert f"disk: about {disk_estimate.human(2 * per_run)} to write for 2 runs (model files up to " \
+           f"{disk_estimate.human(size.file)} each;" in out
+    assert "free where" in out and "warning" not in out
+    monkeypatch.setattr(disk_estimate, "free_bytes", lambda folder: per_run)
+    sweep.main(["run", str(grid), "--dry_run"])
+    out = capsys.readouterr().out
+    assert f"warning: the file system of {tmp_path / 'ck'} has {disk_estimate.human(per_run)} free, less than the " \
+           f"{disk_estimate.human(2 * per_run)} these runs write there" in out
+    assert not (tmp_path / "ck").exists()      # a dry run writes nothing
+
+
+def test_runs_that_cannot_be_sized_are_named(tmp_path, monkeypatch):
+    """A run whose LM is not here, or of a program not sized (experiment_multi.py), is listed as not estimated."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    runs = [sweep.Run({}, argv, ["python", str(sweep.ROOT / program), *argv], sweep.Found("new"))
+            for program, argv in (("experiment.py", ["--pretrained_lm", str(tmp_path / "no_lm"), "--outdir", "ck"]),
+                                  ("experiment_multi.py", ["--outdir", "ck"]))]
+    lines = sweep.disk_lines(runs)
+    assert len(lines) == 1 and lines[0].startswith("disk: not estimated for 2 runs (")
+    assert "experiment_multi.py runs are not sized" in lines[0] and "no_lm" in lines[0]
