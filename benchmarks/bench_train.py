@@ -13,9 +13,9 @@ steps it timed (``--steps``; gpt2 on the CPU times max(3, --steps // 10)). MFU c
 (``flops_per_step``) against the GPU's dense bf16 peak (``PEAK_TFLOPS``, printed in the header). ``--no_loop``
 leaves out the per-sample loop rows (the speed-up is then against the eager on-device row), for batch sizes the
 originals' loop would take long to build (``--batch_size 512 --no_loop``: MFU at GPT-2 size when the GPU is filled).
-``--profile N`` profiles N more steps of every row after its timed ones and prints, under the row, the operators
-(with the CUDA kernels they ran) that took the most time: ``torch.profiler``'s table sorted by self device time on
-CUDA, by self CPU time on the CPU.
+``--profile N`` profiles N more steps of every row after its timed ones and prints on stderr, just before the row,
+the operators (with the CUDA kernels they ran) that took the most time: ``torch.profiler``'s table sorted by self
+device time on CUDA, by self CPU time on the CPU. A profile that fails is one line, and the row is still printed.
 
 Peak memory is each row's own: on CUDA the most memory torch allocated during its timed steps
 (``max_memory_allocated`` after a reset); on the CPU every row runs in a fresh child process and the figure is that
@@ -51,7 +51,7 @@ from bench_args import bench_device, positive_int  # noqa: E402
 from bench_core import synthetic_trajectories  # noqa: E402
 from decision_transformer.cli import COMPILE_MODES  # noqa: E402
 from decision_transformer.data import Batch, TrajectoryDataset, state_stats  # noqa: E402
-from decision_transformer.errors import UserError, cli_entry  # noqa: E402
+from decision_transformer.errors import UserError, cli_entry, first_line  # noqa: E402
 from decision_transformer.models import BackboneConfig, DecisionTransformer, DTConfig  # noqa: E402
 from decision_transformer.slow_paths import reference_get_batch  # noqa: E402
 from decision_transformer.training import Trainer, make_optimizer, warmup_schedule  # noqa: E402
@@ -206,7 +206,11 @@ def measure_here(name, trajs, device, steps, batch_size, K, slow, amp, compile=N
     sps = steps / dt
     mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()
     if profile:
-        print(profile_table(trainer, profile, device), file=sys.stderr, flush=True)
+        try:
+            table = profile_table(trainer, profile, device)
+        except Exception as e:   # (the profiler is an aid: its failure costs the row nothing)
+            table = f"profile of {profile} steps failed: {type(e).__name__}: {first_line(e)}"
+        print(table, file=sys.stderr, flush=True)
     return sps, sps * batch_size * 3 * K, mem, flops_per_step(model, batch_size, K) * sps, float(loss)
 
 

@@ -645,7 +645,7 @@ def disk_lines(runs: list[Run]) -> list[str]:
             a = _parse(lm_cotraining_parser() if lm_script else experiment_parser(), program.name, r.argv)
             model = disk_estimate.model_size(a)
         except (UserError, ValueError, OSError) as e:   # (an architecture the run itself would refuse)
-            unsized.append(first_line(str(e)))
+            unsized.append(first_line(e))
             continue
         folder = disk_estimate.folder_of(a, lm_script) or Path(project_path("models")) / a.env
         done = r.found.folder if r.state == "partial" else None

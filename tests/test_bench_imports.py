@@ -156,6 +156,19 @@ def test_bench_train_profile_prints_the_operators_that_took_the_most_time(capsys
     assert "aten::addmm" in err and "Self CPU time total" in err
 
 
+def test_a_failed_profile_is_one_line_and_the_row_is_still_measured(monkeypatch, capsys):
+    bench = load_script("benchmarks/bench_train.py")
+
+    def broken(*a):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nmore detail")
+
+    monkeypatch.setattr(bench, "profile_table", broken)
+    trajs = bench.synthetic_trajectories("hopper", 3000)
+    sps, *_ = bench.measure_here("paper", trajs, torch.device("cpu"), 1, 4, 5, False, None, None, 2)
+    assert sps > 0
+    assert capsys.readouterr().err == "profile of 2 steps failed: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED\n"
+
+
 def test_bench_train_compile_alone_times_the_default_mode(monkeypatch, capsys):
     """``--compile`` without a mode is the scripts' ``--compile``: torch's default mode gets its row (it added none)."""
     bench = load_script("benchmarks/bench_train.py")
