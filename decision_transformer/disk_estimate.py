@@ -2,7 +2,9 @@
 
 A run of ``experiment.py`` or ``lm_cotraining/experiment.py`` with a run folder writes one model file per iteration
 (``model_0.pt`` ... ``model_{max_iters}.pt``) and keeps one training state (weights and AdamW's two moments), and with
-``--save_model`` one or two more model files under ``models/{env}/``. A model file is the model's fp32 state dict, so
+``--save_model`` one or two more model files under ``models/{env}/``. A run of ``experiment_multi.py`` writes its
+initial (or merged) model and the training state into its run folder, and with ``--save_model`` one or two more under
+``models/multi/``. A model file is the model's fp32 state dict, so
 its size follows from the architecture the flags build: the model is built on torch's ``meta`` device (no memory, no
 weights read; an LM's ``config.json`` is read for its sizes), and a merge run's from the size of the models it merges.
 AdamW keeps two moments of each tensor a loss reaches: all but the token embeddings (``transformer.wte``; reached by
@@ -50,22 +52,61 @@ def model_size(args) -> ModelSize:
     from decision_transformer.model_factory import build_bc_model, build_model, build_model_config, locate_pretrained
 
     if getattr(args, "pretrained_models", None):
-        files = [Path(p) for p in args.pretrained_models]
-        missing = [str(p) for p in files if not p.is_file()]
-        if missing:
-            raise UserError(f"{missing[0]}: file not found")
-        size = max(os.path.getsize(p) for p in files)
-        return ModelSize(size, size)
+        return _files_size(args.pretrained_models)
     spec = get_env_spec(args.env)
     with torch.device("meta"):
         if args.model_type == "bc":
             model = build_bc_model(args, spec)
         else:
             model = build_model(build_model_config(args, spec, locate_pretrained(args)), args.seed)
-    sizes = {k: t.numel() * t.element_size() for k, t in model.state_dict().items()}
     aux = getattr(args, "joint", False) or getattr(args, "gpt_kmeans", None) is not None
-    untrained = () if args.model_type == "bc" else UNTRAINED_PREFIXES[1:] if aux else UNTRAINED_PREFIXES
+    return _state_size(model, () if args.model_type == "bc" else UNTRAINED_PREFIXES[1:] if aux else UNTRAINED_PREFIXES)
+
+
+def multi_model_size(args) -> ModelSize:
+    """``model_size`` of an experiment_multi.py run: the fresh multi-task DT its flags build, on the meta device, or
+    the largest of the model files it starts from (``--multi_pretrained_models``, ``--pretrained_model``)."""
+    import torch
+
+    from decision_transformer.model_factory import locate_pretrained
+    from decision_transformer.models.multi_decision_transformer import MultiDecisionTransformer
+    from decision_transformer.multi_run import new_model_config
+
+    files = args.multi_pretrained_models or ([args.pretrained_model] if args.pretrained_model else [])
+    if files:
+        return _files_size(files)
+    cfg = new_model_config(args, locate_pretrained(args))
+    with torch.device("meta"):
+        model = MultiDecisionTransformer(cfg, seed=args.seed or 0)
+    return _state_size(model, UNTRAINED_PREFIXES)
+
+
+def _files_size(paths) -> ModelSize:
+    """The largest of the model files ``paths`` (all of it counted as trained); a ``UserError`` for a missing one."""
+    files = [Path(p) for p in paths]
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise UserError(f"{missing[0]}: file not found")
+    size = max(os.path.getsize(p) for p in files)
+    return ModelSize(size, size)
+
+
+def _state_size(model, untrained) -> ModelSize:
+    """``ModelSize`` of ``model``'s state dict, the tensors whose names start with ``untrained`` not trained."""
+    sizes = {k: t.numel() * t.element_size() for k, t in model.state_dict().items()}
     return ModelSize(sum(sizes.values()), sum(n for k, n in sizes.items() if not k.startswith(untrained)))
+
+
+def multi_run_bytes(args, folder: Path | None, model: ModelSize) -> int:
+    """The bytes an experiment_multi.py run with the flags ``args`` writes: with a run folder (``--outdir``), its
+    ``model_0.pt`` (not again for a run to resume, ``folder``) and, when it trains, its training state;
+    ``--save_model`` the best and/or last model."""
+    train = not args.eval_only and args.num_steps_per_iter > 0
+    files = 1 if args.outdir and folder is None else 0
+    state = model.file + 2 * model.trained if args.outdir and train else 0
+    if args.save_model:
+        files += 2 if args.save_mode == "both" else 1
+    return files * model.file + state
 
 
 def run_bytes(args, folder: Path | None, model: ModelSize, lm_script: bool = False) -> int:
@@ -123,8 +164,8 @@ def summary(estimates: list[RunDisk], unsized: list[str]) -> list[str]:
     if estimates:
         total = sum(e.total for e in estimates)
         largest = max(e.model for e in estimates)
-        lines.append(f"disk: about {human(total)} to write for {len(estimates)} runs (model files up to "
-                     f"{human(largest)} each; one per iteration and a training state per run folder)")
+        lines.append(f"disk: about {human(total)} to write for {len(estimates)} runs (model files of up to "
+                     f"{human(largest)})")
         by_fs: dict[int, list[RunDisk]] = {}
         for e in estimates:
             p = e.folder.resolve()

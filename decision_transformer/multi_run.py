@@ -534,18 +534,24 @@ def warn_ignored_architecture(args, model, source: str):
         log(f"warning: {', '.join(diffs)}: no effect, the architecture is {source}'s")
 
 
+def new_model_config(args, lm=None) -> MultiDTConfig:
+    """The config of the fresh multi-task DT the flags describe (``lm``: the located ``--pretrained_lm``, or None)."""
+    from decision_transformer.model_factory import backbone_config_from_args
+
+    max_ep_len = max(get_env_spec(e).max_ep_len for e in MULTI_ENVS)
+    return MultiDTConfig(envs=list(MULTI_ENVS), max_length=args.K, max_ep_len=max_ep_len,
+                         share_input_output_proj=args.share_input_output_proj, embed_order=args.embed_order,
+                         extend_positions=bool(args.extend_positions),
+                         backbone=backbone_config_from_args(args, lm, max_ep_len))
+
+
 def new_model(args) -> MultiDecisionTransformer:
     """A fresh multi-task DT (reseeded with ``--seed``), its backbone from ``--pretrained_lm`` when given."""
-    from decision_transformer.model_factory import backbone_config_from_args, locate_pretrained
+    from decision_transformer.model_factory import locate_pretrained
 
     lm = locate_pretrained(args)
-    max_ep_len = max(get_env_spec(e).max_ep_len for e in MULTI_ENVS)
-    cfg = MultiDTConfig(envs=list(MULTI_ENVS), max_length=args.K, max_ep_len=max_ep_len,
-                        share_input_output_proj=args.share_input_output_proj, embed_order=args.embed_order,
-                        extend_positions=bool(args.extend_positions),
-                        backbone=backbone_config_from_args(args, lm, max_ep_len))
     try:
-        model = MultiDecisionTransformer(cfg, seed=args.seed)
+        model = MultiDecisionTransformer(new_model_config(args, lm), seed=args.seed)
     except ValueError as e:
         raise UserError(str(e)) from None
     if lm is not None:

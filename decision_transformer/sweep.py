@@ -626,11 +626,12 @@ def plan_runs(spec: dict, extra: list[str]) -> list[Run]:
 
 
 def disk_lines(runs: list[Run]) -> list[str]:
-    """The plan's disk estimate (``disk_estimate.summary``) of the runs to start or resume: those of experiment.py
-    and lm_cotraining/experiment.py sized from their flags; others named as not estimated."""
+    """The plan's disk estimate (``disk_estimate.summary``) of the runs to start or resume: those of the three
+    training scripts sized from their flags; others named as not estimated."""
     from decision_transformer import disk_estimate
     from decision_transformer.cli import experiment_parser
     from decision_transformer.cli_lm import lm_cotraining_parser
+    from decision_transformer.multi_run import multi_parser
 
     estimates, unsized = [], []
     for r in runs:
@@ -638,19 +639,26 @@ def disk_lines(runs: list[Run]) -> list[str]:
             continue
         program = Path(r.cmd[1])
         lm_script = program.parent.name == "lm_cotraining" and program.name == "experiment.py"
-        if not lm_script and program.resolve() != (ROOT / "experiment.py").resolve():
+        multi = program.resolve() == (ROOT / "experiment_multi.py").resolve()
+        if not (lm_script or multi) and program.resolve() != (ROOT / "experiment.py").resolve():
             unsized.append(f"{program.name} runs are not sized")
             continue
+        done = r.found.folder if r.state == "partial" else None
         try:
-            a = _parse(lm_cotraining_parser() if lm_script else experiment_parser(), program.name, r.argv)
-            model = disk_estimate.model_size(a)
+            if multi:
+                a = _parse(multi_parser(), program.name, r.argv)
+                model = disk_estimate.multi_model_size(a)
+                total = disk_estimate.multi_run_bytes(a, done, model)
+                folder = Path(a.outdir) if a.outdir else Path(project_path("models")) / "multi"
+            else:
+                a = _parse(lm_cotraining_parser() if lm_script else experiment_parser(), program.name, r.argv)
+                model = disk_estimate.model_size(a)
+                total = disk_estimate.run_bytes(a, done, model, lm_script)
+                folder = disk_estimate.folder_of(a, lm_script) or Path(project_path("models")) / a.env
         except (UserError, ValueError, OSError) as e:   # (an architecture the run itself would refuse)
             unsized.append(first_line(e))
             continue
-        folder = disk_estimate.folder_of(a, lm_script) or Path(project_path("models")) / a.env
-        done = r.found.folder if r.state == "partial" else None
-        estimates.append(disk_estimate.RunDisk(disk_estimate.run_bytes(a, done, model, lm_script), model.file,
-                                               folder))
+        estimates.append(disk_estimate.RunDisk(total, model.file, folder))
     return disk_estimate.summary(estimates, unsized)
 
 

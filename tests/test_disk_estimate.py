@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 import experiment
+import experiment_multi
 from decision_transformer import disk_estimate, sweep
 from decision_transformer.cli import experiment_parser
 
@@ -34,6 +35,27 @@ def test_the_estimate_matches_what_a_run_writes(tmp_path, monkeypatch, hopper_da
     assert written == pytest.approx(estimate, rel=0.02)
     if "bc" not in model_flags:   # the token embeddings, most of this model, have no AdamW moments
         assert size.trained < 0.2 * size.file
+
+
+def test_a_multi_task_run_is_estimated_as_it_writes(tmp_path, monkeypatch, multi_medium_data):
+    """experiment_multi.py with a run folder and --save_model --save_mode both: model_0.pt, the training state and the
+    best and last models, within 2% of the estimate; the plan of a grid of it says the same figure."""
+    from decision_transformer.multi_run import multi_parser
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data_path", str(multi_medium_data), "--outdir", str(tmp_path / "ck"), "--max_iters", "2", "--seed", "1",
+            "--embed_dim", "32", "--n_layer", "1", "--save_model", "--save_mode", "both", "--num_steps_per_iter", "2",
+            "--num_eval_episodes", "1", "--K", "5", "--batch_size", "4", "--warmup_steps", "2", "--device", "cpu"]
+    args = multi_parser().parse_args(argv)
+    size = disk_estimate.multi_model_size(args)
+    estimate = disk_estimate.multi_run_bytes(args, None, size)
+    runs = [sweep.Run({}, argv, ["python", str(sweep.ROOT / "experiment_multi.py"), *argv], sweep.Found("new"))]
+    assert sweep.disk_lines(runs)[0].startswith(f"disk: about {disk_estimate.human(estimate)} to write for 1 runs")
+    experiment_multi.main(argv)
+    written = _written(tmp_path / "ck") + _written(tmp_path / "models")
+    assert len(list((tmp_path / "ck").rglob("*.pt"))) == 2 and len(list((tmp_path / "models").rglob("*.pt"))) == 2
+    assert written == pytest.approx(estimate, rel=0.02)
+    assert disk_estimate.multi_run_bytes(args, tmp_path / "ck", size) == estimate - size.file   # model_0.pt is there
 
 
 def test_the_arithmetic_of_run_bytes(tmp_path):
@@ -70,8 +92,8 @@ def test_the_plan_shows_the_disk_and_warns_when_the_file_system_is_too_small(tmp
     per_run = 5 * size.file + size.file + 2 * size.trained
     assert sweep.main(["run", str(grid), "--dry_run"]) == 0
     out = capsys.readouterr().out
-    assert f"disk: about {disk_estimate.human(2 * per_run)} to write for 2 runs (model files up to " \
-           f"{disk_estimate.human(size.file)} each;" in out
+    assert f"disk: about {disk_estimate.human(2 * per_run)} to write for 2 runs (model files of up to " \
+           f"{disk_estimate.human(size.file)})\n" in out
     assert "free where" in out and "warning" not in out
     monkeypatch.setattr(disk_estimate, "free_bytes", lambda folder: per_run)
     sweep.main(["run", str(grid), "--dry_run"])
@@ -82,12 +104,12 @@ def test_the_plan_shows_the_disk_and_warns_when_the_file_system_is_too_small(tmp
 
 
 def test_runs_that_cannot_be_sized_are_named(tmp_path, monkeypatch):
-    """A run whose LM is not here, or of a program not sized (experiment_multi.py), is listed as not estimated."""
+    """A run whose LM is not here, or of a program not sized (a data script), is listed as not estimated."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     runs = [sweep.Run({}, argv, ["python", str(sweep.ROOT / program), *argv], sweep.Found("new"))
             for program, argv in (("experiment.py", ["--pretrained_lm", str(tmp_path / "no_lm"), "--outdir", "ck"]),
-                                  ("experiment_multi.py", ["--outdir", "ck"]))]
+                                  ("data/generate_datasets.py", ["--envs", "hopper"]))]
     lines = sweep.disk_lines(runs)
     assert len(lines) == 1 and lines[0].startswith("disk: not estimated for 2 runs (")
-    assert "experiment_multi.py runs are not sized" in lines[0] and "no_lm" in lines[0]
+    assert "generate_datasets.py runs are not sized" in lines[0] and "no_lm" in lines[0]
