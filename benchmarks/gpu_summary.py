@@ -88,6 +88,30 @@ def _batch(text: str) -> str | None:
     return m.group(1) if m else None
 
 
+#: rows of each step profile shown in the summary
+PROFILE_TOP = 8
+
+
+def profiles(text: str) -> list[tuple[str, list[str]]]:
+    """bench_train.py --profile's tables in a log: (the row each profiles, its ``PROFILE_TOP`` first lines: the
+    column header and the operators with the most time). A profile comes just before its row's table line."""
+    lines, out = text.splitlines(), []
+    for i, line in enumerate(lines):
+        if not line.startswith("profile of "):
+            continue
+        if "failed" in line:
+            body = []
+        else:
+            rules = [j for j in range(i + 1, min(len(lines), i + 8 + PROFILE_TOP)) if lines[j].startswith("---")]
+            top = lines[rules[1] + 1:rules[1] + 1 + PROFILE_TOP] if len(rules) >= 2 else []
+            top = top[:next((k for k, t in enumerate(top) if t.startswith("---")), len(top))]   # (the closing rule)
+            body = lines[rules[0] + 1:rules[1]] + top if len(rules) >= 2 else []
+        row = next((c for j in range(i + 1, len(lines)) for c in [_cells(lines[j])] if c and len(c) > 2
+                    and not _separator(c)), None)
+        out.append((f"{row[0]}, {row[1]}" if row else "?", [line] + [b.rstrip() for b in body]))
+    return out
+
+
 def summarise(folder: Path) -> tuple[str, dict]:
     """(markdown, figures) of the logs in ``folder``; figures: eval / train / mfu / mfu_at / overlap (None where
     missing)."""
@@ -191,6 +215,9 @@ def summarise(folder: Path) -> tuple[str, dict]:
         show(f"Precision ({config})", list(rows[0]) if rows else [], rows)
         if not rows:
             missing.append(name)
+    for row, body in profiles(read("bench_train_gpt2.txt") or ""):
+        lines.extend(["", f"**Profile ({row}, batch {_batch(read('bench_train_gpt2.txt')) or '?'})**", "", "```",
+                      *body, "```"])
     analysis = table(read("bench_analysis.txt") or "", "analysis")
     show("Analyses", list(analysis[0]) if analysis else [], analysis)
     if not analysis:

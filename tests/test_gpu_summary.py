@@ -232,3 +232,27 @@ def test_the_training_target_takes_the_cuda_graph_row_where_it_is_faster(logs, m
     assert "| paper | on-device, CUDA graph step | 30 | 800.00 |" in text
     assert "eager on-device 7.5x, with `--cuda_graph` 20.0x (the target row: the faster)" in text
     assert "| training steps/s at the paper config, on-device vs per-sample loop | 5x | 20.0x | met |" in text
+
+
+def test_the_step_profiles_of_the_large_batch_log_are_shown(logs):
+    """bench_train_gpt2.txt's --profile tables (printed just before their rows) come in the summary: the column header
+    and the top operators, under the row they profiled; a failed profile is its one line."""
+    import torch
+
+    bench = load_script("benchmarks/bench_train.py")
+    trajs = bench.synthetic_trajectories("hopper", 3000)
+    trainer = types.SimpleNamespace(train_step=lambda: torch.randn(64, 64) @ torch.randn(64, 64))
+    table = bench.profile_table(trainer, 2, torch.device("cpu"))
+    assert trajs and "aten::mm" in table
+    head = ("torch 2.13; batch 512, K 20; timed steps: gpt2 30\n\n| config | batches | timed steps | steps/s |\n"
+            "|---|---|---:|---:|\n")
+    (logs / "bench_train_gpt2.txt").write_text(head + table + "\n| gpt2 | on-device | 30 | 5.00 |\n"
+                                               "profile of 3 steps failed: RuntimeError: CUPTI\n"
+                                               "| gpt2 | on-device, CUDA graph step | 30 | 9.00 |\n")
+    text, _ = load_script("benchmarks/gpu_summary.py").summarise(logs)
+    shown = text[text.index("**Profile (gpt2, on-device, batch 512)**"):]
+    block = shown.split("```\n")[1].split("\n```")[0].splitlines()
+    assert block[0] == "profile of 2 steps (sorted by self_cpu_time_total):" and "Name" in block[1]
+    assert any("aten::mm" in line for line in block[2:]) and not any(line.startswith("---") for line in block)
+    assert "**Profile (gpt2, on-device, CUDA graph step, batch 512)**\n\n```\nprofile of 3 steps failed: " \
+           "RuntimeError: CUPTI\n```" in text
