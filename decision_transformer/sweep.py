@@ -633,7 +633,7 @@ def disk_lines(runs: list[Run]) -> list[str]:
     from decision_transformer.cli_lm import lm_cotraining_parser
     from decision_transformer.multi_run import multi_parser
 
-    estimates, unsized = [], []
+    estimates, unsized, lms = [], [], {}
     for r in runs:
         if r.state not in ("new", "partial"):
             continue
@@ -647,16 +647,19 @@ def disk_lines(runs: list[Run]) -> list[str]:
         try:
             if multi:
                 a = _parse(multi_parser(), program.name, r.argv)
-                model = disk_estimate.multi_model_size(a)
+                model = disk_estimate.multi_model_size(a, lms)
                 total = disk_estimate.multi_run_bytes(a, done, model)
                 folder = Path(a.outdir) if a.outdir else Path(project_path("models")) / "multi"
             else:
                 a = _parse(lm_cotraining_parser() if lm_script else experiment_parser(), program.name, r.argv)
-                model = disk_estimate.model_size(a)
+                model = disk_estimate.model_size(a, lms)
                 total = disk_estimate.run_bytes(a, done, model, lm_script)
                 folder = disk_estimate.folder_of(a, lm_script) or Path(project_path("models")) / a.env
-        except (UserError, ValueError, OSError) as e:   # (an architecture the run itself would refuse)
-            unsized.append(first_line(e))
+        except (UserError, ValueError, OSError) as e:   # an LM not here yet, a missing model file, an architecture
+            unsized.append(first_line(e))                # the run itself would refuse
+            continue
+        except Exception as e:   # (a bug in the estimate): the plan, and the launch, go on without it
+            unsized.append(f"{program.name}: {type(e).__name__}: {first_line(e)}")
             continue
         estimates.append(disk_estimate.RunDisk(total, model.file, folder))
     return disk_estimate.summary(estimates, unsized)

@@ -113,3 +113,73 @@ def test_runs_that_cannot_be_sized_are_named(tmp_path, monkeypatch):
     lines = sweep.disk_lines(runs)
     assert len(lines) == 1 and lines[0].startswith("disk: not estimated for 2 runs (")
     assert "generate_datasets.py runs are not sized" in lines[0] and "no_lm" in lines[0]
+
+
+def test_what_a_run_leaves_unwritten_is_not_counted(tmp_path):
+    """--max_iters 0 writes model_0.pt and no training state (and no best model: nothing is evaluated); a run to
+    resume whose folder holds its training state replaces it (no new bytes); the best model needs an evaluation."""
+    from decision_transformer.multi_run import multi_parser
+
+    size = disk_estimate.ModelSize(file=100, trained=10)
+
+    def est(*flags, folder=None, parser=experiment_parser):
+        bytes_of = disk_estimate.multi_run_bytes if parser is multi_parser else disk_estimate.run_bytes
+        return bytes_of(parser().parse_args(list(flags)), folder, size)
+
+    assert est("--outdir", "ck", "--max_iters", "0") == 100
+    assert est("--outdir", "ck", "--max_iters", "0", "--save_model", "--save_mode", "both") == 200
+    assert est("--outdir", "ck", "--max_iters", "2", "--save_model", "--save_mode", "best",
+               "--num_eval_episodes", "0") == 300 + 120
+    done = tmp_path / "run"
+    done.mkdir()
+    (done / "model_0.pt").write_bytes(b"x" * 100)
+    assert est("--outdir", "ck", "--max_iters", "3", folder=done) == 3 * 100 + 120
+    (done / "train_state.pt").write_bytes(b"x" * 120)
+    assert est("--outdir", "ck", "--max_iters", "3", folder=done) == 3 * 100
+    assert est("--outdir", "ck", "--max_iters", "3", parser=multi_parser) == 100 + 120
+    assert est("--outdir", "ck", "--max_iters", "0", parser=multi_parser) == 100
+    assert est("--outdir", "ck", "--max_iters", "3", folder=done, parser=multi_parser) == 0
+
+
+def test_a_table_under_two_names_is_counted_once(tmp_path, monkeypatch, hopper_data):
+    """--extend_positions: the timestep table is transformer.wpe (one tensor, two state-dict keys, stored once in a
+    file): the estimate of the model file is within 1% of the file the run writes."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data_path", str(hopper_data), "--outdir", str(tmp_path / "ck"), "--max_iters", "0", "--extend_positions",
+            "--embed_dim", "32", "--n_layer", "1", *TINY]
+    size = disk_estimate.model_size(experiment_parser().parse_args(argv))
+    experiment.main(argv)
+    (written,) = (tmp_path / "ck").rglob("model_0.pt")
+    assert size.file == pytest.approx(written.stat().st_size, rel=0.01)
+
+
+def test_the_plan_downloads_no_lm_and_looks_each_up_once(tmp_path, monkeypatch, capsys):
+    """An LM that is neither here nor in the Hugging Face cache, with the Hub reachable: the runs are listed as not
+    estimated (the run downloads it), nothing is downloaded; a local LM is looked up once for all the runs using it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from decision_transformer.models import pretrained
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(pretrained, "_hub_closed", lambda *a, **k: "")
+
+    def no_download(*a, **k):
+        raise AssertionError("the plan downloaded an LM")
+
+    monkeypatch.setattr(pretrained, "_hub_download", no_download)
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=40, vocab_size=50)).save_pretrained(
+        tmp_path / "checkpoints" / "tiny")
+    calls = []
+    real = pretrained.locate_lm
+    monkeypatch.setattr(pretrained, "locate_lm", lambda name, download=True: calls.append(name) or real(name, download))
+
+    def run(lm, seed):
+        argv = ["--pretrained_lm", lm, "--outdir", "ck", "--seed", str(seed), "--max_iters", "1"]
+        return sweep.Run({}, argv, ["python", str(sweep.ROOT / "experiment.py"), *argv], sweep.Found("new"))
+
+    lines = sweep.disk_lines([run("org/absent-lm", s) for s in (1, 2)] + [run("tiny", s) for s in (1, 2, 3)])
+    assert lines[0].startswith("disk: about ") and "for 3 runs" in lines[0]
+    assert lines[-1].startswith("disk: not estimated for 2 runs (--pretrained_lm org/absent-lm: not downloaded yet")
+    assert sorted(calls) == ["org/absent-lm", "tiny"]
+    assert capsys.readouterr().err.count("using ") <= 1
