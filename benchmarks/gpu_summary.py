@@ -155,6 +155,8 @@ def summarise(folder: Path) -> tuple[str, dict]:
     if mfu_rows:
         figures["mfu_at"], figures["mfu"] = max(mfu_rows, key=lambda row: row[1])
     large = table(read("bench_train_gpt2.txt") or "", "config")
+    if not large:
+        missing.append("bench_train_gpt2.txt")
 
     ev = table(read("bench_core.txt") or "", "evaluation (")
     if not ev:

@@ -80,8 +80,8 @@ def test_the_targets_are_checked_from_the_logs(logs):
     assert "|  | 8 | 60,000 |" in text and "**Evaluation forward (DT 128x3, K 20)**" in text
     assert "**CUDA checks (cuda_checks.py)**" in text and "| windows | pass | same batch digest: True;" in text
     assert "| graph_reseed | pass | check_graph_reseed measured |" in text and "CUDA checks failed" not in text
-    assert text.rstrip().endswith("No rows in: check_precision_gpt2.txt, bench_analysis.txt (missing, or stopped "
-                                  "before its first row).")
+    assert text.rstrip().endswith("No rows in: bench_train_gpt2.txt, check_precision_gpt2.txt, bench_analysis.txt "
+                                  "(missing, or stopped before its first row).")
 
 
 def test_mfu_is_the_best_gpt2_row_of_either_batch_and_is_named(logs, monkeypatch, capsys):
@@ -122,7 +122,7 @@ def test_a_missing_or_cut_short_log_is_said_and_its_target_not_measured(logs, ca
     assert figures["eval"] is None and figures["mfu"] is None
     assert figures["train"] is None                                 # the compiled run does not stand in for it
     assert "| evaluation, 50 episodes, batched vs one by one | 30x | not measured | - |" in text
-    assert "No rows in: bench_train.txt, bench_core.txt, check_precision_gpt2.txt" in text
+    assert "No rows in: bench_train.txt, bench_train_gpt2.txt, bench_core.txt, check_precision_gpt2.txt" in text
     with pytest.raises(SystemExit) as stop:
         summary.main([str(logs / "nothing")])
     assert stop.value.code == 2
@@ -212,7 +212,8 @@ def test_a_failed_cuda_check_is_named(logs, monkeypatch, capsys):
     assert "| resume_cpu_to_cuda | FAIL | check_resume measured |" in text
     assert "\nCUDA checks failed: resume_cpu_to_cuda.\n" in text
     (logs / "cuda_checks.txt").unlink()
-    assert "No rows in: check_precision_gpt2.txt, bench_analysis.txt, cuda_checks.txt" in summary.summarise(logs)[0]
+    missing = "No rows in: bench_train_gpt2.txt, check_precision_gpt2.txt, bench_analysis.txt, cuda_checks.txt"
+    assert missing in summary.summarise(logs)[0]
 
 
 def test_the_training_target_takes_the_cuda_graph_row_where_it_is_faster(logs, monkeypatch, capsys):
