@@ -144,6 +144,22 @@ def _state(folder: Path | None) -> bool:
     return folder is not None and (folder / TRAIN_STATE).is_file()
 
 
+def saved_already(args, folder: Path | None, models_dir: Path, model_type: str) -> int:
+    """The bytes of the ``--save_model`` files (``{models_dir}/{model_type}_{exp_prefix}.pt`` and ``..._best.pt``)
+    that the earlier part of a run to resume (its folder, ``folder``; its ``exp_prefix`` from its config) wrote
+    already: the run replaces them, no new bytes."""
+    if folder is None or not getattr(args, "save_model", False):
+        return 0
+    from decision_transformer.run import recorded_config
+
+    prefix = (recorded_config(folder, note=False) or {}).get("exp_prefix")
+    if not isinstance(prefix, str) or not prefix:
+        return 0
+    names = ([f"{model_type}_{prefix}.pt"] if args.save_mode in ("last", "both") else []) + \
+        ([f"{model_type}_{prefix}_best.pt"] if args.save_mode in ("best", "both") else [])
+    return sum((models_dir / n).stat().st_size for n in names if (models_dir / n).is_file())
+
+
 def multi_run_bytes(args, folder: Path | None, model: ModelSize) -> int:
     """The bytes an experiment_multi.py run with the flags ``args`` writes: with a run folder (``--outdir``), its
     ``model_0.pt`` (not again for a run to resume, ``folder``) and, when it trains an iteration, its training state

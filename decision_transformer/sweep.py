@@ -648,20 +648,24 @@ def disk_lines(runs: list[Run]) -> list[str]:
             if multi:
                 a = _parse(multi_parser(), program.name, r.argv)
                 model = disk_estimate.multi_model_size(a, lms)
-                total = disk_estimate.multi_run_bytes(a, done, model)
-                folder = Path(a.outdir) if a.outdir else Path(project_path("models")) / "multi"
+                models_dir = Path(project_path("models")) / "multi"
+                total = disk_estimate.multi_run_bytes(a, done, model) - \
+                    disk_estimate.saved_already(a, done, models_dir, "dt")
+                folder = Path(a.outdir) if a.outdir else models_dir
             else:
                 a = _parse(lm_cotraining_parser() if lm_script else experiment_parser(), program.name, r.argv)
                 model = disk_estimate.model_size(a, lms)
-                total = disk_estimate.run_bytes(a, done, model, lm_script)
-                folder = disk_estimate.folder_of(a, lm_script) or Path(project_path("models")) / a.env
+                models_dir = Path(project_path("models")) / a.env
+                total = disk_estimate.run_bytes(a, done, model, lm_script) - \
+                    disk_estimate.saved_already(a, done, models_dir, a.model_type)
+                folder = disk_estimate.folder_of(a, lm_script) or models_dir
         except (UserError, ValueError, OSError) as e:   # an LM not here yet, a missing model file, an architecture
             unsized.append(first_line(e))                # the run itself would refuse
             continue
         except Exception as e:   # (a bug in the estimate): the plan, and the launch, go on without it
             unsized.append(f"{program.name}: {type(e).__name__}: {first_line(e)}")
             continue
-        estimates.append(disk_estimate.RunDisk(total, model.file, folder))
+        estimates.append(disk_estimate.RunDisk(max(total, 0), model.file, folder))
     return disk_estimate.summary(estimates, unsized)
 
 
@@ -865,6 +869,10 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
         raise KeyboardInterrupt
 
     before = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    # a launcher started in the background by a non-interactive shell ignores SIGINT, while its runs do not (see
+    # ``_child_setup``): a Ctrl-C to the process group would stop the runs and the launcher would start the next ones
+    before_int = signal.signal(signal.SIGINT, signal.default_int_handler) \
+        if _main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN else None
     starting = None   # the run being started: stopped now, it counts as not started
     try:
         while pending or running:
@@ -943,6 +951,8 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
     finally:
         if before is not None:
             signal.signal(signal.SIGTERM, before)
+        if before_int is not None:
+            signal.signal(signal.SIGINT, before_int)
     return failed
 
 
@@ -1173,8 +1183,11 @@ def main(argv=None):
         return state, [*r.cmd[:2], *r.argv, *(["--resume"] if state == "partial" else [])]
 
     try:
+        # a run that writes no run folder (a data, Fisher or analysis script; --outdir '') is locked by its log's
+        # name (the grid and its flags): two launchers sharing a --log_dir never start it twice at once
+        locks = [runs[i].found.lock or Path(a.log_dir) / f".{names[i]}.lock" for i in todo]
         failed = launch([runs[i].cmd for i in todo], slots, Path(a.log_dir), [names[i] for i in todo],
-                        grid=spec["path"], pin=not a.no_pin, locks=[runs[i].found.lock for i in todo],
+                        grid=spec["path"], pin=not a.no_pin, locks=locks,
                         recheck=recheck, report=report) if todo else 0
     finally:
         print(_summary(runs, report), flush=True)

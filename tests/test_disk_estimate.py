@@ -183,3 +183,21 @@ def test_the_plan_downloads_no_lm_and_looks_each_up_once(tmp_path, monkeypatch, 
     assert lines[-1].startswith("disk: not estimated for 2 runs (--pretrained_lm org/absent-lm: not downloaded yet")
     assert sorted(calls) == ["org/absent-lm", "tiny"]
     assert capsys.readouterr().err.count("using ") <= 1
+
+
+def test_a_resumed_run_does_not_count_the_saved_models_it_replaces(tmp_path, monkeypatch, hopper_data):
+    """A finished --save_model --save_mode both run whose last model was moved away is to resume: it writes that one
+    model again; its best model, written already and only replaced, is not counted."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data_path", str(hopper_data), "--outdir", str(tmp_path / "ck"), "--max_iters", "1", "--save_model",
+            "--save_mode", "both", "--embed_dim", "32", "--n_layer", "1", *TINY]
+    experiment.main(argv)
+    (last,) = (p for p in (tmp_path / "models" / "hopper").glob("*.pt") if not p.name.endswith("_best.pt"))
+    size = last.stat().st_size
+    last.rename(tmp_path / "moved.pt")
+    found = sweep.inspect_run(str(sweep.ROOT / "experiment.py"), argv)
+    assert found.state == "partial"
+    run = sweep.Run({}, argv, ["python", str(sweep.ROOT / "experiment.py"), *argv, "--resume"], found)
+    model = disk_estimate.model_size(experiment_parser().parse_args(argv))
+    assert model.file == pytest.approx(size, rel=0.02)
+    assert sweep.disk_lines([run])[0].startswith(f"disk: about {disk_estimate.human(model.file)} to write for 1 runs")

@@ -1151,3 +1151,61 @@ def test_the_export_hint_quotes_a_path_with_spaces(tmp_path, capsys):
     sweep.main(["export", str(path), "--out", str(out)])
     said = capsys.readouterr().out
     assert f"`wandb sweep {shlex.quote(str(out / 'my grid.yaml'))}`" in said, said
+
+
+def test_a_point_without_a_run_folder_is_locked_by_its_log(tmp_path, capsys):
+    """A run of a script that writes no run folder (here a script of the user's own) is locked by its log's name in
+    --log_dir: while another launcher holds it, a launch skips it as running elsewhere and does not start it."""
+    mine = Path(sweep.ROOT) / f"tmp_sweep_lock_script_{os.getpid()}.py"
+    marker = tmp_path / "ran"
+    mine.write_text(f"open({str(marker)!r}, 'a').write('ran ')\n")
+    grid = tmp_path / "mine.yaml"
+    try:
+        grid.write_text(yaml.safe_dump({"program": mine.name, "grid": {"lr": [0.1]}}))
+        runs = sweep.plan_runs(sweep.load_grid(str(grid)), [])
+        assert runs[0].found.lock is None
+        lock = tmp_path / "logs" / f".mine_{sweep._run_key(runs[0])}.lock"
+        taken, fd = sweep._take_lock(lock)
+        assert taken and fd is not None
+        try:
+            sweep.main(["run", str(grid), "--log_dir", str(tmp_path / "logs"), "--no_pin"])
+        finally:
+            os.close(fd)
+        assert "running elsewhere" in capsys.readouterr().out and not marker.exists()
+        assert sweep.main(["run", str(grid), "--log_dir", str(tmp_path / "logs"), "--no_pin"]) == 0
+        assert marker.read_text() == "ran "
+    finally:
+        mine.unlink()
+
+
+def test_a_launcher_that_ignores_sigint_still_stops_on_it(tmp_path):
+    """Started in the background by a script, the launcher inherits an ignored SIGINT; a SIGINT still stops it as
+    Ctrl-C does: its running command stops, the waiting one is never started."""
+    import signal
+    import subprocess
+    import threading
+
+    from conftest import ROOT
+
+    pid_file = tmp_path / "pid"
+    script = ("import os, pathlib, sys, time\n"
+              "try:\n    pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\n    time.sleep(60)\n"
+              "except KeyboardInterrupt:\n"
+              "    pathlib.Path(sys.argv[1] + '.stopped').write_text('SIGINT')\n    raise\n")
+    cmds = [[sys.executable, "-c", script, str(pid_file)], [sys.executable, "-c", script, str(tmp_path / "second")]]
+    launcher = (f"import signal, sys\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nsys.path.insert(0, {str(ROOT)!r})\n"
+                f"from pathlib import Path\nfrom decision_transformer import sweep\n"
+                f"try:\n    sweep.launch({cmds!r}, [None], Path({str(tmp_path / 'logs')!r}), ['a', 'b'])\n"
+                f"except sweep.Interrupted:\n    sys.exit(130)\n")
+    proc = subprocess.Popen([sys.executable, "-c", launcher])
+    try:
+        for _ in range(300):
+            if pid_file.is_file() and pid_file.read_text():
+                break
+            threading.Event().wait(0.1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        assert (tmp_path / "pid.stopped").read_text() == "SIGINT" and not (tmp_path / "second").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
