@@ -8,6 +8,7 @@ Ranks other than 0 print only their errors and warnings.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import os
@@ -67,18 +68,35 @@ def setup(device: torch.device) -> tuple[DistContext, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # a run that stops with an error before ``cleanup`` (a missing dataset, a damaged file) leaves the group at
+        # exit: a rank exiting with it alive could abort ("terminate called without an active exception")
+        atexit.register(_leave_at_exit)
     quiet_other_ranks()
     return ctx, device
+
+
+def _leave_at_exit():
+    """At interpreter exit: leave the process group if ``cleanup`` did not."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def quiet_other_ranks() -> None:
     """Under torchrun, a rank other than 0 prints through ``QuietRank`` (its own warning and error lines, prefixed
     ``[rank N]``): called by the scripts first thing, so that the flag warnings given before the process group is
-    joined are prefixed too (they came out twice, alike), and by ``setup``. A no-op for plain runs."""
+    joined are prefixed too (they came out twice, alike), and by ``setup``; rank 0's stderr is made line-buffered.
+    A no-op for plain runs."""
     rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-    if (world.isdigit() and int(world) > 1 and rank.isdigit() and int(rank) != 0
-            and not isinstance(sys.stderr, QuietRank)):
+    if not (world.isdigit() and int(world) > 1 and rank.isdigit()):
+        return
+    if int(rank) != 0 and not isinstance(sys.stderr, QuietRank):
         sys.stderr = QuietRank(sys.stderr, int(rank))
+    elif int(rank) == 0 and hasattr(sys.stderr, "reconfigure"):
+        # rank 0 writes each line whole (``print`` writes the text, then the newline): another rank's line, written
+        # in one piece by QuietRank, never lands between the two halves of one of rank 0's on a shared terminal
+        sys.stderr.reconfigure(write_through=False, line_buffering=True)
 
 
 def rank_dropout_stream(generator: torch.Generator, rank: int, world_size: int) -> None:
@@ -150,6 +168,7 @@ class QuietRank(io.TextIOBase):
     def __init__(self, stream, rank: int):
         self.stream, self.rank = stream, rank
         self._buf, self._traceback = "", False
+        self._torch_tag = f"[rank{rank}]: "
 
     def write(self, s: str) -> int:
         """Buffer ``s``; pass on its complete lines that start with ``error`` or ``warning``, and every line from a
@@ -157,6 +176,8 @@ class QuietRank(io.TextIOBase):
         self._buf += s
         while "\n" in self._buf:
             line, self._buf = self._buf.split("\n", 1)
+            if line.startswith(self._torch_tag):   # torch.distributed's excepthook tags each traceback line
+                line = line[len(self._torch_tag):]
             self._traceback = self._traceback or line.startswith("Traceback")
             if self._traceback or line.startswith(("error", "warning")):
                 self.stream.write(f"[rank {self.rank}] {line}\n")

@@ -696,14 +696,14 @@ def prepare_merge(args, fresh, spec) -> MergePlan:
     return MergePlan(sources, fresh_sd, keys, method)
 
 
-def apply_merge(args, plan: MergePlan, model, spec, device):
+def apply_merge(args, plan: MergePlan, model, spec, device, evaluate: bool = True):
     """``experiment.py --pretrained_models A [B ...]`` once its data is loaded (``plan``: from ``prepare_merge``):
     merge, choose the model to finetune, apply ``--identity_layers`` and ``--merge_frozen``; returns the model to
     train, on ``device``. Records what was done in ``args.merge_info`` (written to the run's config), with the
-    evaluation of the model to train before finetuning (``iteration_0``, logged as iteration 0) when
-    ``--num_eval_episodes`` > 0, the run is not resumed (a resumed run takes the one it recorded) and either
-    ``--max_iters 0`` or ``--num_steps_per_iter`` > 0 (with ``--num_steps_per_iter 0`` iteration 1 evaluates the
-    same model)."""
+    evaluation of the model to train before finetuning (``iteration_0``, logged as iteration 0) when ``evaluate``
+    (False on torchrun's ranks other than 0, which neither evaluate nor log), ``--num_eval_episodes`` > 0, the run is
+    not resumed (a resumed run takes the one it recorded) and either ``--max_iters 0`` or ``--num_steps_per_iter`` > 0
+    (with ``--num_steps_per_iter 0`` iteration 1 evaluates the same model)."""
     devices = [device] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the run's RNG stream does not depend on how the merge was computed
         train_model, keys, merged_keys, info = _merge_for_experiment(args, plan, model, spec, device)
@@ -723,7 +723,7 @@ def apply_merge(args, plan: MergePlan, model, spec, device):
     train_model = train_model.to(device)
     resumed = getattr(args, "resume", False)  # a resumed run keeps the evaluation it logged the first time
     # --max_iters 0: iteration 0 is the run's only evaluation; --num_steps_per_iter 0: iteration 1 evaluates this model
-    if args.num_eval_episodes and (args.max_iters == 0 or args.num_steps_per_iter > 0) and not resumed:
+    if evaluate and args.num_eval_episodes and (args.max_iters == 0 or args.num_steps_per_iter > 0) and not resumed:
         logs = _evaluate_before_finetuning(args, train_model, spec, device)
         info["iteration_0"] = logs
         first = [k for k in logs if k.endswith("_return_mean")]

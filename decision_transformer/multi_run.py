@@ -775,11 +775,10 @@ def _run_multi(args, take_lock) -> dict:
     run_dir = Path(args.outdir) / "multi" / exp_prefix if args.outdir else None
     if resume_dir is not None:
         run_dir = resume_dir  # continued in the folder it was found in (also when copied under another run id)
-    if run_dir is not None and ctx.is_main:   # the checkpoints record every env's state statistics: a dataset that
-        for e in envs:                        # is missing or damaged is found before the run folder is written
-            data.state_stats(e)               # (a run that trains has loaded its envs' already)
     with distributed.main_checks(ctx):   # (a refusal here stops every torchrun rank)
-        if run_dir is not None and ctx.is_main:
+        if run_dir is not None and ctx.is_main:   # the checkpoints record every env's state statistics: a dataset
+            for e in envs:                        # that is missing or damaged is found before the run folder is
+                data.state_stats(e)               # written (a run that trains has loaded its envs' already)
             take_lock(run_dir)  # before the folder is written: a second process training this run stops here
             if resume_dir is not None:
                 check_state_unchanged(resume_dir / TRAIN_STATE, st_seen)

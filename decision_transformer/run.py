@@ -761,7 +761,7 @@ def _run_locked(args, script: str, take_lock) -> dict:
 
         plan = prepare_merge(args, model, spec)   # the models loaded and checked before the data step
         data_file, dataset = load_run_data(args, device)   # (before the merge and its evaluation of the merged model)
-        model = apply_merge(args, plan, model, spec, device)
+        model = apply_merge(args, plan, model, spec, device, evaluate=ctx.is_main)   # (only rank 0 evaluates)
         cfg = model.config  # --copy_model / --flip train a model with model 1's (or 2's) own architecture
     if args.load_checkpoint:
         ckpt = load_checkpoint(args.load_checkpoint)

@@ -336,3 +336,86 @@ def test_a_trainer_refuses_a_model_and_dataset_on_different_devices():
     with pytest.raises(ValueError, match="^the model is on meta, the dataset on cpu: build the dataset with"):
         Trainer(model, opt, warmup_schedule(opt, 2), TrajectoryDataset(tiny_trajectories(), "hopper"), batch_size=4,
                 K=5, generator=torch.Generator())
+
+
+def test_quiet_rank_passes_the_tracebacks_torch_tags():
+    """Once the process group is joined, torch.distributed's excepthook tags each traceback line ``[rankN]: ``: the
+    traceback still passes, with the rank's own prefix instead."""
+    import io
+
+    out = io.StringIO()
+    q = distributed.QuietRank(out, 1)
+    q.write("[rank1]: Traceback (most recent call last):\n[rank1]:   File x\n[rank1]: RuntimeError: injected\n")
+    assert out.getvalue().splitlines() == ["[rank 1] Traceback (most recent call last):", "[rank 1]   File x",
+                                           "[rank 1] RuntimeError: injected"]
+
+
+def test_a_rank_that_fails_after_joining_shows_its_traceback_and_leaves_the_group(tmp_path):
+    """Rank 1 raising once the process group is joined (before any cleanup): its traceback is printed, prefixed
+    ``[rank 1]``, and each rank leaves the group at exit (a rank exiting inside it could abort)."""
+    from conftest import ROOT
+
+    script = tmp_path / "crash.py"
+    script.write_text(
+        f"import atexit, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport torch\nimport torch.distributed as dist\n"
+        "from decision_transformer import distributed\n"
+        "atexit.register(lambda: print(f'warning: in the group at exit: {dist.is_initialized()}', file=sys.stderr))\n"
+        "distributed.quiet_other_ranks()\nctx, _ = distributed.setup(torch.device('cpu'))\n"
+        "if ctx.rank == 1:\n    raise RuntimeError('injected')\n")
+    proc = _torchrun(tmp_path, str(script), ok=False)
+    lines = proc.stderr.splitlines()
+    assert "[rank 1] RuntimeError: injected" in lines and "[rank 1] Traceback (most recent call last):" in lines, \
+        proc.stderr[-3000:]
+    assert "warning: in the group at exit: False" in lines, proc.stderr[-3000:]
+    assert "[rank 1] warning: in the group at exit: False" in lines, proc.stderr[-3000:]
+
+
+def test_a_missing_dataset_of_an_evaluated_env_stops_every_rank_with_its_line(tmp_path):
+    """experiment_multi.py trains on hopper alone but evaluates every env: a missing dataset of another env (rank 0
+    checks it before the run folder is written) stops rank 1 with the same line, not with a broken broadcast."""
+    make_dataset(tmp_path / "data", "hopper", "medium", 200, seed=0, max_ep_len=40)
+    proc = _torchrun(tmp_path, "experiment_multi.py", "--dataset", "medium", "--data_path", str(tmp_path / "data"),
+                     "--embed_dim", "16", "--n_layer", "1", "--n_head", "2", "--K", "5", "--batch_size", "6",
+                     "--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes", "1", "--seed", "1",
+                     "--selected_training", "hopper", "--no_generate", ok=False)
+    errors = [line for line in proc.stderr.splitlines() if "error: dataset not found" in line]
+    assert any(e.startswith("error: ") for e in errors), proc.stderr[-3000:]
+    assert any(e.startswith("[rank 1] error: ") for e in errors), proc.stderr[-3000:]
+
+
+def test_only_rank_0_evaluates_a_merged_model_before_finetuning(tmp_path):
+    """A merge run under torchrun: the merged model's evaluation before finetuning (iteration 0) is rank 0's alone."""
+    from conftest import ROOT, write_source_models
+
+    root, data, paths = write_source_models(tmp_path / "src", ("hopper", "walker2d"), n=250, max_ep_len=50,
+                                            id_base=400000)
+    script = tmp_path / "spy.py"
+    script.write_text(
+        f"import os, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport experiment\n"
+        "from decision_transformer import merge_setup\nreal = merge_setup._evaluate_before_finetuning\n"
+        "def spy(*a):\n    print(f'warning: rank {os.environ[\"RANK\"]} evaluates the merged model', file=sys.stderr)\n"
+        "    return real(*a)\nmerge_setup._evaluate_before_finetuning = spy\nexperiment.main(sys.argv[1:])\n")
+    proc = _torchrun(tmp_path, str(script), "--env", "hopper", "--data_path", str(data), "--pretrained_models",
+                     str(paths["hopper"]), str(paths["walker2d"]), "--include", "attn", "--copy_model",
+                     "--embed_dim", "16", "--n_layer", "1", "--K", "5", "--batch_size", "8", "--max_iters", "1",
+                     "--num_steps_per_iter", "2", "--num_eval_episodes", "1", "--warmup_steps", "2")
+    assert proc.stderr.count("evaluates the merged model") == 1, proc.stderr[-3000:]
+    assert "warning: rank 0 evaluates the merged model" in proc.stderr
+
+
+def test_rank_0_writes_whole_lines_under_torchrun(monkeypatch):
+    """Rank 0's stderr is line-buffered under torchrun: ``print`` gives one write per line, so another rank's line
+    cannot land between a line's text and its newline."""
+    import io
+
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, write_through=True)
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    distributed.quiet_other_ranks()
+    assert sys.stderr is stream and stream.line_buffering and not stream.write_through
+    print("warning: half", end="", file=sys.stderr)
+    assert raw.getvalue() == b""      # held until its newline
+    print(file=sys.stderr)
+    assert raw.getvalue() == b"warning: half\n"
