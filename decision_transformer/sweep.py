@@ -85,7 +85,8 @@ def load_grid(name: str, project_paths: bool = True) -> dict:
         raise UserError(f"{path}: not valid YAML ({first_line(e)})") from None
     if (not isinstance(spec, dict) or not isinstance(spec.get("program"), str)
             or not isinstance(spec.get("grid") or {}, dict) or not isinstance(spec.get("fixed") or {}, dict)):
-        raise UserError(f"{path}: a grid needs 'program', 'fixed' and 'grid' mappings")
+        raise UserError(f"{path}: a grid needs a 'program' (a script's path); 'fixed' and 'grid', where given, are "
+                        f"mappings of flags to values (a grid without 'grid' is one run of its fixed flags)")
     spec["fixed"] = spec.get("fixed") or {}
     spec["grid"] = spec.get("grid") or {}
     for k, v in spec["grid"].items():

@@ -1209,3 +1209,15 @@ def test_a_launcher_that_ignores_sigint_still_stops_on_it(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_grid_of_the_wrong_shape_is_one_line_and_one_without_grid_is_one_run(tmp_path, capsys):
+    grid = tmp_path / "g.yaml"
+    for bad in ([1, 2], {"fixed": {"seed": 1}}, {"program": "experiment.py", "grid": [1]}):
+        grid.write_text(yaml.safe_dump(bad))
+        err = _expect_error(capsys, ["run", str(grid), "--dry_run"])
+        assert err == (f"error: {grid}: a grid needs a 'program' (a script's path); 'fixed' and 'grid', where given, "
+                       f"are mappings of flags to values (a grid without 'grid' is one run of its fixed flags)")
+    grid.write_text(yaml.safe_dump({"program": "experiment.py", "fixed": {"seed": 3, "outdir": str(tmp_path / "ck")}}))
+    (run,) = sweep.plan_runs(sweep.load_grid(str(grid)), [])
+    assert run.argv == ["--outdir", str(tmp_path / "ck"), "--seed", "3"] and run.state == "new"
