@@ -202,6 +202,9 @@ def main(argv=None):
                    help="worker counts of the env-stepping table (50 envs, no model)")
     args = p.parse_args(argv)
     device = bench_device(args.device)
+    cuda = device.type == "cuda"
+    if not cuda and "on" in (args.cuda_graphs or []):   # (before minutes of sampler and stepping rows)
+        raise UserError("--cuda_graphs on needs a CUDA device (the CPU has no graphs)")
     tuned = False if args.no_tune_allocator else tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -222,9 +225,6 @@ def main(argv=None):
         print(f"| | {w or 'none (this process)'} | {steps_s:,.0f} |")
     print()
 
-    cuda = device.type == "cuda"
-    if not cuda and "on" in (args.cuda_graphs or []):
-        raise UserError("--cuda_graphs on needs a CUDA device (the CPU has no graphs)")
     episodes = args.episodes or ([10] if args.quick else [10, 50, 100])
     rows = bench_eval(device, episodes, 2 if args.quick else 5, args.env_workers or ([0, "auto"] if cuda else [0]),
                       args.overlap_groups or [1],

@@ -11,8 +11,9 @@
 #                                                         # gymnasium[mujoco] and this package
 #   bash benchmarks/gpu_suite.sh bench_train_gpt2 cuda_checks     # these steps only (names: the list below)
 #
-# Each step is stopped after its time budget (seconds, below; 565 in all, to end within a 600 s device command); its
-# log keeps the rows measured until then, since every benchmark prints a row as soon as it is measured. The target
+# Each step is stopped after its time budget (seconds, below; 565 in all, to end within a 600 s device command, with
+# 2 s more per step for one that ignores SIGTERM); its log keeps the rows measured until then, since every benchmark
+# prints a row as soon as it is measured, and ends with a line saying it was cut (gpu_summary.py names such logs). The target
 # figures come first: training at the paper config against the per-sample loop and at GPT-2 size (MFU), then
 # evaluation at 50 episodes against one by one. Steps named on the command line run alone, in the suite's order; the
 # summary then reads every log in $OUT, those of earlier runs included.
@@ -47,7 +48,7 @@ run() {  # run NAME SECONDS COMMAND...: output to the terminal and $out/NAME.txt
   shift 2
   if [ -n "$selected" ] && [[ " $selected " != *" $name "* ]]; then return; fi   # not among the steps named
   echo "== $name (at most ${secs} s): $*"
-  timeout -k 5 "$secs" "$@" 2>&1 | tee "$out/$name.txt"
+  timeout -k 2 "$secs" "$@" 2>&1 | tee "$out/$name.txt"
   local rc=${PIPESTATUS[0]}
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
     echo "== $name: stopped after its ${secs} s budget; the rows above were measured" | tee -a "$out/$name.txt"

@@ -33,6 +33,8 @@ from decision_transformer.errors import UserError, cli_entry  # noqa: E402
 TARGETS = {"eval": 30.0, "train": 5.0, "mfu": 35.0}
 GRAPH_LABEL = "on-device, CUDA graph step"     # bench_train.py's row of --cuda_graph
 PRECISION_CONFIGS = ("paper", "gpt2")      # the numerics checks gpu_suite.sh runs
+LOGS = ("bench_train.txt", "bench_train_gpt2.txt", "bench_core.txt", "bench_train_compile.txt",
+        *(f"check_precision_{c}.txt" for c in PRECISION_CONFIGS), "bench_analysis.txt", "cuda_checks.txt")
 
 
 def _cells(line: str) -> list[str] | None:
@@ -228,12 +230,37 @@ def summarise(folder: Path) -> tuple[str, dict]:
     show("CUDA checks (cuda_checks.py)", list(checks[0]) if checks else [], checks)
     if not checks:
         missing.append("cuda_checks.txt")
-    failed = [r["check"] for r in checks if r.get("result") != "pass"]
+    failed = [r["check"] for r in checks if r.get("result") not in ("pass", "skip")]
     if failed:
         lines.append(f"\nCUDA checks failed: {', '.join(failed)}.")
+    if checks:
+        unreached = [c for c in check_names() if c not in {r["check"] for r in checks}]
+        if unreached:
+            lines.append(f"\nCUDA checks not run: {', '.join(unreached)}.")
     if missing:
         lines.append(f"\nNo rows in: {', '.join(missing)} (missing, or stopped before its first row).")
+    cut = [f"{name} ({budget} s)" for name in LOGS for budget in [cut_short(read(name) or "")] if budget]
+    if cut:
+        lines.append(f"\nCut short by their time budgets: {', '.join(cut)}; the rows after those shown were not "
+                     f"measured.")
     return "\n".join(lines) + "\n", figures
+
+
+def cut_short(text: str) -> str | None:
+    """The time budget (seconds, as gpu_suite.sh wrote it) of a log whose step was stopped by it, or None."""
+    m = re.search(r"^== \S+: stopped after its (\d+) s budget", text, re.M)
+    return m.group(1) if m else None
+
+
+def check_names() -> tuple[str, ...]:
+    """cuda_checks.py's ``CHECK_NAMES``, read from its source (no torch import here)."""
+    import ast
+
+    tree = ast.parse((Path(__file__).parent / "cuda_checks.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "CHECK_NAMES" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    raise AssertionError("cuda_checks.py defines no CHECK_NAMES")
 
 
 @cli_entry

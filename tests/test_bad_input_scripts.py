@@ -78,12 +78,23 @@ BENCH_BAD = [
     ("check_precision.py", ["--steps", "0"], "--steps: must be at least 1"),
     ("check_precision.py", ["--batch_size", "-1"], "--batch_size: must be at least 1"),
     ("check_precision.py", ["--device", "foo"], "unknown --device 'foo'"),
+    ("cuda_checks.py", ["--device", "tpu"], "unknown --device 'tpu'"),
+    ("cuda_checks.py", ["--device", "meta"], "unsupported --device 'meta'"),
 ]
 
 
 @pytest.mark.parametrize("script, argv, msg", BENCH_BAD, ids=[f"{s}{' '.join(a)}" for s, a, _ in BENCH_BAD])
 def test_benchmark_flags(capsys, script, argv, msg):
     assert msg in expect_error(capsys, load_script(f"benchmarks/{script}").main, argv)
+
+
+def test_bench_core_refuses_cuda_graphs_on_the_cpu_before_measuring(capsys):
+    """--cuda_graphs on without a GPU: refused before the sampler and env-stepping tables (minutes) are measured."""
+    with pytest.raises(SystemExit) as e:
+        load_script("benchmarks/bench_core.py").main(["--device", "cpu", "--cuda_graphs", "on"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and err.strip() == ("error: --cuda_graphs on needs a CUDA device (the CPU "
+                                                               "has no graphs)")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

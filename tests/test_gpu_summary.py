@@ -257,3 +257,24 @@ def test_the_step_profiles_of_the_large_batch_log_are_shown(logs):
     assert any("aten::mm" in line for line in block[2:]) and not any(line.startswith("---") for line in block)
     assert "**Profile (gpt2, on-device, CUDA graph step, batch 512)**\n\n```\nprofile of 3 steps failed: " \
            "RuntimeError: CUPTI\n```" in text
+
+
+def test_logs_cut_short_by_their_budget_are_named_with_the_checks_never_run(logs):
+    """gpu_suite.sh ends a step stopped by its time budget with a line saying so: the summary names each such log,
+    and the CUDA checks the cut log never reached; a check skipped (here, on the CPU) is shown as such, not failed."""
+    summary = load_script("benchmarks/gpu_summary.py")
+    full = (logs / "cuda_checks.txt").read_text()
+    assert "| cuda_graph_dropout | skip | skipped: --cuda_graph needs CUDA |" in full
+    text, _ = summary.summarise(logs)
+    assert "CUDA checks failed" not in text and "CUDA checks not run" not in text and "Cut short" not in text
+    head = full[:full.index("| resume_cpu_to_cuda |")]
+    (logs / "cuda_checks.txt").write_text(head + "== cuda_checks: stopped after its 125 s budget; the rows above "
+                                          "were measured\n")
+    core = (logs / "bench_core.txt").read_text()
+    (logs / "bench_core.txt").write_text(core + "== bench_core: stopped after its 95 s budget; the rows above were "
+                                         "measured\n")
+    text, _ = summary.summarise(logs)
+    assert ("\nCUDA checks not run: resume_cpu_to_cuda, torchrun_nccl, cuda_graph_dropout, multi_cuda_graph, "
+            "cuda_graph_run.\n") in text
+    assert ("\nCut short by their time budgets: bench_core.txt (95 s), cuda_checks.txt (125 s); the rows after those "
+            "shown were not measured.\n") in text
