@@ -142,7 +142,7 @@ def measure_in_child(name, trajs, device, steps, batch_size, K, slow, amp, compi
     result on stdout; its stderr is this process's. Ctrl-C stops both (exit 130)."""
     amp_name = {None: None, torch.bfloat16: "bf16"}[amp]
     job = dict(name=name, device=str(device), steps=steps, batch_size=batch_size, K=K, slow=slow, amp=amp_name,
-               compile=compile, profile=profile)
+               compile=compile, profile=profile, threads=torch.get_num_threads())   # (--threads: the child's too)
     payload = pickle.dumps((job, trajs), protocol=pickle.HIGHEST_PROTOCOL)
     with subprocess.Popen([sys.executable, "-c", _CHILD, os.path.dirname(os.path.abspath(__file__))],
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
@@ -172,6 +172,7 @@ def measure_in_child(name, trajs, device, steps, batch_size, K, slow, amp, compi
 def child_main():
     """The child process of ``measure_in_child``: (job, trajs) from stdin, one result line on stdout."""
     job, trajs = pickle.load(sys.stdin.buffer)
+    torch.set_num_threads(job["threads"])
     amp = {None: None, "bf16": torch.bfloat16}[job["amp"]]
     result = measure_here(job["name"], trajs, torch.device(job["device"]), job["steps"], job["batch_size"], job["K"],
                           job["slow"], amp, job["compile"], job["profile"])
@@ -254,7 +255,12 @@ def main(argv=None):
                    help="leave out the per-sample loop rows (the speed-up is then against the on-device row)")
     p.add_argument("--profile", type=positive_int, default=None, metavar="N",
                    help="profile N more steps of each row and print the operators that took the most time")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads of every row (default: torch's choice; 1 on a shared machine gives "
+                        "steadier CPU figures)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.compile = ["default"] if args.compile == [] else (args.compile or [])
     if args.K > 1000:  # the synthetic episodes are at most 1000 steps
         raise UserError(f"invalid --K {args.K}: at most 1000 (the episode length)")

@@ -181,3 +181,47 @@ def test_bench_train_compile_alone_times_the_default_mode(monkeypatch, capsys):
     seen.clear()
     bench.main(["--configs", "paper", "--steps", "1", "--device", "cpu"])
     assert seen == [None, None]
+
+
+def test_bench_train_threads_reach_every_row(monkeypatch, capsys):
+    """--threads sets this process's torch threads (the header says so) and each CPU row's child process's, which gets
+    the count with its row."""
+    import io
+    import pickle
+    import sys
+
+    bench = load_script("benchmarks/bench_train.py")
+    before = torch.get_num_threads()
+    jobs = []
+    monkeypatch.setattr(bench, "synthetic_trajectories", lambda *a, **k: None)
+
+    class Proc:   # the child, not started: the job it would read is kept
+        returncode = 0
+
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def communicate(self, payload):
+            jobs.append(pickle.loads(payload)[0])
+            return (bench._RESULT + "[1.0, 1.0, 1.0, 0.0, 0.5]\n").encode(), None
+
+    monkeypatch.setattr(bench.subprocess, "Popen", Proc)
+    try:
+        bench.main(["--configs", "paper", "--steps", "1", "--device", "cpu", "--threads", "1"])
+        assert "cores, 1 torch threads)" in capsys.readouterr().out
+        assert [j["threads"] for j in jobs] == [1, 1]
+        seen = []
+        monkeypatch.setattr(bench, "measure_here", lambda *a: seen.append(torch.get_num_threads()) or (1, 1, 1, 0, 0))
+        torch.set_num_threads(2)
+        job = dict(jobs[0], threads=1)
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(pickle.dumps((job, None)))))
+        bench.child_main()
+        assert seen == [1]
+    finally:
+        torch.set_num_threads(before)
