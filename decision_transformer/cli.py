@@ -152,7 +152,8 @@ def add_run_flags(p: argparse.ArgumentParser, *, project: str = "decision-transf
     g.add_argument("--cuda_graph", action="store_true",
                    help="replay each training step's forward, backward and gradient clipping from one CUDA graph "
                         "(the batch sampler and AdamW step as usual): the paper's small DT is bound by kernel "
-                        "launches on a GPU. CUDA only; not with torchrun, --compile or auxiliary losses")
+                        "launches on a GPU. CUDA only; not with torchrun, --compile, auxiliary losses or "
+                        "lm_cotraining's --fp16")
     g.add_argument("--end_break", action="store_true", help="enter the debugger at the end")
     # Dead in the originals: parsed, recorded in the config, otherwise ignored.
     g.add_argument("--note", type=str, default=None, help=argparse.SUPPRESS)

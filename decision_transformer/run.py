@@ -63,6 +63,14 @@ def check_device_flags(args):
     threads = getattr(args, "threads", None)
     if threads is not None and str(threads) != "auto":
         choose_threads(threads, available=1, busy=0.0, current=1)
+    if getattr(args, "cuda_graph", False):   # (the Trainer refuses these too, but only once the data is loaded)
+        if (_device_of(name).type if name not in (None, "", "auto") else "cuda") != "cuda" \
+                or not torch.cuda.is_available():
+            raise UserError("--cuda_graph needs a CUDA device (it replays each training step as a CUDA graph)")
+        for bad, what in ((args.compile is not None, "--compile"),
+                          (int(os.environ.get("WORLD_SIZE", "1") or 1) > 1, "torchrun")):
+            if bad:
+                raise UserError(f"--cuda_graph cannot be used with {what}")
 
 
 #: the --device names whose CPU fallback has been warned about in this process
@@ -696,6 +704,13 @@ def check_run_flags(args, script: str):
     distributed.check_batch_split(args.batch_size)
     if getattr(args, "gpt_kmeans", None) is not None and args.gpt_kmeans_const is None:
         raise UserError("--gpt_kmeans needs --gpt_kmeans_const (the loss weight; the papers use 0.1)")
+    if getattr(args, "cuda_graph", False):   # (a graphed step has no auxiliary losses, nor --fp16's GradScaler)
+        aux = [f for f in ("gpt_kmeans", "init_reg", "joint") if getattr(args, f, None) not in (None, False, 0, 0.0)]
+        if aux:
+            raise UserError(f"--cuda_graph cannot be used with an auxiliary loss (--{aux[0]})")
+        if script == LM_COTRAINING and args.fp16:
+            raise UserError("--cuda_graph cannot be used with --fp16 (its GradScaler step); --precision bf16 is the "
+                            "graphed mixed precision")
     return spec, parse_targets(args.env_targets, spec.targets)
 
 

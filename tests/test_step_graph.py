@@ -276,3 +276,39 @@ def test_multi_task_graph_steps_train_as_plain_steps(fake_cuda, tmp_path, init_r
         m = plain.model
         MultiTrainer(m, plain.optimizer, plain.scheduler, EnvData(args, "cpu", {}), ["hopper"], batch_size=6, K=5,
                      generator=torch.Generator(), cuda_graph=True)
+
+
+def test_cuda_graph_refusals_come_with_the_flag_checks(tmp_path, monkeypatch, capsys):
+    """--cuda_graph with what it cannot graph (--compile, torchrun, an auxiliary loss, the LM script's --fp16) is
+    refused with the flag checks, before any data is read (the sweep planner lists such points as invalid), also where
+    a GPU is seen; without a GPU, --cuda_graph itself is."""
+    import experiment
+    import experiment_multi
+    from lm_cotraining import experiment as lm_experiment
+
+    from decision_transformer import sweep
+    from decision_transformer.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    missing = ["--data_path", str(tmp_path / "no_data"), "--no_generate"]
+
+    def refused(main, *flags) -> str:
+        with pytest.raises(SystemExit) as stop:
+            main([*missing, "--cuda_graph", *flags])
+        assert stop.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert refused(experiment.main, "--device", "cpu") == \
+        "error: --cuda_graph needs a CUDA device (it replays each training step as a CUDA graph)"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert refused(experiment.main, "--compile") == "error: --cuda_graph cannot be used with --compile"
+    assert refused(experiment_multi.main, "--compile") == "error: --cuda_graph cannot be used with --compile"
+    lm = ["--pretrained_lm", str(tmp_path / "lm")]
+    assert refused(lm_experiment.main, *lm, "--gpt_kmeans", "8", "--gpt_kmeans_const", "0.1") == \
+        "error: --cuda_graph cannot be used with an auxiliary loss (--gpt_kmeans)"
+    assert refused(lm_experiment.main, *lm, "--fp16") == ("error: --cuda_graph cannot be used with --fp16 (its "
+                                                          "GradScaler step); --precision bf16 is the graphed mixed "
+                                                          "precision")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="^experiment.py: --cuda_graph cannot be used with torchrun$"):
+        sweep.inspect_run(str(sweep.ROOT / "experiment.py"), [*missing, "--cuda_graph", "--outdir", "ck"])
