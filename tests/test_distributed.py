@@ -419,3 +419,21 @@ def test_rank_0_writes_whole_lines_under_torchrun(monkeypatch):
     assert raw.getvalue() == b""      # held until its newline
     print(file=sys.stderr)
     assert raw.getvalue() == b"warning: half\n"
+
+
+def test_a_resumed_torchrun_run_trains_as_an_uninterrupted_one(tmp_path, hopper_data):
+    """Dropout on, two ranks: one iteration, then --resume to two, gives the weights of two iterations in one go (the
+    ranks' dropout streams follow the sampler state the training state restores)."""
+    flags = ["--data_path", str(hopper_data), "--embed_dim", "16", "--n_layer", "1", "--K", "5", "--batch_size", "8",
+             "--num_steps_per_iter", "3", "--num_eval_episodes", "0"]
+    for name, runs in (("whole", [["--max_iters", "2"]]),
+                       ("resumed", [["--max_iters", "1"], ["--max_iters", "2", "--resume"]])):
+        for extra in runs:
+            _torchrun(tmp_path, "experiment.py", *flags, "--outdir", str(tmp_path / name), *extra)
+    (whole,) = (tmp_path / "whole").glob("*/model_2.pt")
+    (resumed,) = (tmp_path / "resumed").glob("*/model_2.pt")
+    a = torch.load(whole, weights_only=True)["state_dict"]
+    b = torch.load(resumed, weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    first = torch.load(next((tmp_path / "whole").glob("*/model_1.pt")), weights_only=True)["state_dict"]
+    assert not all(torch.equal(a[k], first[k]) for k in a)    # the second iteration trained
