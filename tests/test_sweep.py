@@ -392,7 +392,8 @@ def test_bad_grid_files_and_flags(tmp_path, capsys):
     cases = {"scalar": ("program: experiment.py\nfixed: {env: hopper}\ngrid: {seed: 5}\n", "must be a list of values"),
              "empty": ("program: experiment.py\ngrid: {seed: []}\n", "empty list"),
              "noprog": ("program: nonexist.py\ngrid: {seed: [1]}\n", "program 'nonexist.py' not found"),
-             "fixedlist": ("program: experiment.py\nfixed: [1]\ngrid: {seed: [1]}\n", "'grid' mappings")}
+             "fixedlist": ("program: experiment.py\nfixed: [1]\ngrid: {seed: [1]}\n",
+                           "'fixed' and 'grid', where given, are mappings")}
     for name, (text, msg) in cases.items():
         (tmp_path / f"{name}.yaml").write_text(text)
         for argv in (["run", str(tmp_path / f"{name}.yaml"), "--dry_run"],
