@@ -58,8 +58,16 @@ class MLPBCModel(nn.Module):
 
     @torch.no_grad()
     def get_action(self, states, actions=None, returns_to_go=None, timesteps=None):
-        """The DT's evaluation interface: histories [M, t, ds] (other inputs ignored); fewer than K states are
-        left-padded with zeros."""
-        K = self.config.max_length
+        """The DT's evaluation interface: histories [M, t, ds] (other inputs ignored) -> [M, da]; fewer than K states
+        are left-padded with zeros. Fewer than ``MIN_EVAL_ROWS`` histories are run with copies of the first up to that
+        many rows (as the DT's ``last_k_padded``): CPU GEMM rounds a row the same way for any number of rows only from
+        a threshold on, so an episode's actions do not depend on how many others are evaluated beside it."""
+        from decision_transformer.models.decision_transformer import MIN_EVAL_ROWS
+
+        K, M = self.config.max_length, states.shape[0]
         states = states[:, -K:]
-        return self(F.pad(states, (0, 0, K - states.shape[1], 0)))
+        if M < MIN_EVAL_ROWS:
+            rows = torch.cat([torch.arange(M, device=states.device),
+                              torch.zeros(MIN_EVAL_ROWS - M, dtype=torch.long, device=states.device)])
+            states = states[rows]
+        return self(F.pad(states, (0, 0, K - states.shape[1], 0)))[:M]
