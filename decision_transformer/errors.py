@@ -103,7 +103,10 @@ def deferred_interrupts():
         yield
         return
     held = []
-    before = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    # an ignored signal stays ignored (an env worker's SIGINT): a handler here would also un-ignore it for the
+    # processes started meanwhile (MuJoCo's import starts some), which Ctrl-C would then stop with a traceback
+    before = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+              if signal.getsignal(s) != signal.SIG_IGN}
     try:
         yield
     finally:

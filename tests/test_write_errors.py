@@ -465,3 +465,27 @@ def test_a_metrics_file_cut_short_by_a_kill_is_read_by_every_reader(tmp_path, ca
         read_metrics_jsonl(run / "metrics.jsonl")
     with pytest.raises(UserError, match="line 1"):
         _read_run_files(run)
+
+
+def test_deferred_interrupts_leave_an_ignored_signal_ignored():
+    """An env worker ignores SIGINT: while files are moved together, it stays ignored (a handler there would be
+    inherited as the default by processes started meanwhile, which a Ctrl-C would then stop with a traceback); a
+    signal handled before is held back and raised after, as before."""
+    import signal
+
+    from decision_transformer.errors import deferred_interrupts
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    caught = []
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda *a: caught.append("after"))
+        with deferred_interrupts():
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)      # ignored
+            signal.raise_signal(signal.SIGTERM)     # held
+            caught.append("inside")
+        assert caught == ["inside", "after"] and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
