@@ -181,7 +181,14 @@ def child_main():
 
 def measure_here(name, trajs, device, steps, batch_size, K, slow, amp, compile=None, profile=0):
     """``measure`` in this process. The CPU peak is ``peak_rss_mib``: this process's whole life, so a fresh process
-    per row (``measure_in_child``) makes it the row's own."""
+    per row (``measure_in_child``) makes it the row's own. On CUDA the peak is that of the timed steps, and for a
+    ``--cuda_graph`` row that of its first step on (the warm-up steps and the capture): its activations are allocated
+    while the graph is captured (in the graph's own memory pool, which the replays reuse) and never again."""
+    import gc
+
+    gc.collect()   # an earlier row's trainer (a graphed one is freed by the cycle collector): not in this row's peak
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     cfg = DTConfig(11, 3, max_length=K, backbone=BackboneConfig(**CONFIGS[name]))
     model = DecisionTransformer(cfg, seed=0).to(device)
     random.seed(0)      # the per-sample loop draws from the global streams, as the originals did: the same batches
@@ -194,10 +201,12 @@ def measure_here(name, trajs, device, steps, batch_size, K, slow, amp, compile=N
     trainer = Trainer(model, opt, warmup_schedule(opt, 100), ds, batch_size=batch_size, K=K, generator=gen,
                       amp_dtype=amp, compile=None if graph else compile, cuda_graph=graph)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda" and graph:
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(3 if compile is None else 10):  # compiling (and recording CUDA graphs) is not timed
         trainer.train_step()
     sync()
-    if device.type == "cuda":
+    if device.type == "cuda" and not graph:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):

@@ -267,14 +267,25 @@ def test_logs_cut_short_by_their_budget_are_named_with_the_checks_never_run(logs
     assert "| cuda_graph_dropout | skip | skipped: --cuda_graph needs CUDA |" in full
     text, _ = summary.summarise(logs)
     assert "CUDA checks failed" not in text and "CUDA checks not run" not in text and "Cut short" not in text
-    head = full[:full.index("| resume_cpu_to_cuda |")]
+    head = full[:full.index("| windows |")]
     (logs / "cuda_checks.txt").write_text(head + "== cuda_checks: stopped after its 125 s budget; the rows above "
                                           "were measured\n")
     core = (logs / "bench_core.txt").read_text()
     (logs / "bench_core.txt").write_text(core + "== bench_core: stopped after its 95 s budget; the rows above were "
                                          "measured\n")
     text, _ = summary.summarise(logs)
-    assert ("\nCUDA checks not run: resume_cpu_to_cuda, torchrun_nccl, cuda_graph_dropout, multi_cuda_graph, "
-            "cuda_graph_run.\n") in text
+    assert "\nCUDA checks not run: windows, graph_reseed, eval_graphs, resume_cpu_to_cuda, torchrun_nccl.\n" in text
     assert ("\nCut short by their time budgets: bench_core.txt (95 s), cuda_checks.txt (125 s); the rows after those "
             "shown were not measured.\n") in text
+
+
+def test_cuda_checks_run_the_never_passed_paths_first_and_only_those_named(monkeypatch, capsys):
+    checks = load_script("benchmarks/cuda_checks.py")
+    for name in ("check_graph_reseed", "check_resume", "check_torchrun"):
+        monkeypatch.setattr(checks, name, lambda *a, _n=name: (True, f"{_n} measured"))
+    assert checks.main(["--device", "cpu"]) == 0
+    rows = [line.split(" | ")[0][2:] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert rows[:3] == ["cuda_graph_dropout", "multi_cuda_graph", "cuda_graph_run"] and len(rows) == 8
+    assert checks.main(["--device", "cpu", "--only", "windows", "torchrun_nccl"]) == 0
+    rows = [line.split(" | ")[0][2:] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["windows", "torchrun_nccl"]
