@@ -1135,6 +1135,12 @@ def main(argv=None):
         return 0
     spec = load_grid(a.grid, project_paths=a.cmd != "export")
     if a.cmd == "export":
+        program = str(ROOT / spec["program"])
+        for i, params in enumerate(expand(spec)):   # the flags each point passes, checked by the program's parser
+            try:
+                _check_with_parser(program, to_argv(params))
+            except UserError as e:
+                raise UserError(f"grid {spec['name']}: point {i + 1} ({shlex.join(to_argv(params))}): {e}") from None
         for path in export_wandb(spec, Path(a.out)):
             print(f"wrote {path} (start it with `wandb sweep {shlex.quote(str(path))}` and `wandb agent ...`)")
         return 0

@@ -1222,3 +1222,18 @@ def test_a_grid_of_the_wrong_shape_is_one_line_and_one_without_grid_is_one_run(t
     grid.write_text(yaml.safe_dump({"program": "experiment.py", "fixed": {"seed": 3, "outdir": str(tmp_path / "ck")}}))
     (run,) = sweep.plan_runs(sweep.load_grid(str(grid)), [])
     assert run.argv == ["--outdir", str(tmp_path / "ck"), "--seed", "3"] and run.state == "new"
+
+
+def test_export_checks_each_points_flags_with_the_programs_parser(tmp_path, capsys):
+    """A WandB agent would start every point of an exported sweep with its flags: a flag the program rejects is a
+    one-line error naming the point, and no sweep file is written."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"program": "experiment.py", "fixed": {"K": 5},
+                                    "grid": {"seed": [1], "bogus": [2]}}))
+    err = _expect_error(capsys, ["export", str(grid), "--out", str(tmp_path / "out")])
+    assert err == ("error: grid g: point 1 (--K 5 --bogus 2 --seed 1): experiment.py: unrecognized arguments: "
+                   "--bogus 2 (see experiment.py --help)")
+    assert not (tmp_path / "out").exists()
+    grid.write_text(yaml.safe_dump({"program": "experiment.py", "fixed": {"K": 5}, "grid": {"seed": [1, 2]}}))
+    assert sweep.main(["export", str(grid), "--out", str(tmp_path / "out")]) == 0
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["g.yaml"]
