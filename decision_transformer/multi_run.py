@@ -663,9 +663,9 @@ def check_covers_envs(mf) -> None:
 
 
 def _run_multi(args, take_lock) -> dict:
-    from decision_transformer.run import (autocast_dtype, check_evaluation, check_model_paths, check_same_data,
-                                          check_state_unchanged, clean_folder, configure_matmul_precision, end_break,
-                                          recorded_config, resolve_device, restore_train_state, resumed_past_the_end,
+    from decision_transformer.run import (autocast_dtype, check_evaluation, check_graph_device, check_model_paths,
+                                          check_same_data, check_state_unchanged, clean_folder,
+                                          configure_matmul_precision, end_break, recorded_config, resolve_device, restore_train_state, resumed_past_the_end,
                                           save_train_state, seed_everything, state_identity, warn_short_warmup,
                                           warn_unsaved_best)
 
@@ -679,6 +679,7 @@ def _run_multi(args, take_lock) -> dict:
             raise UserError(f"--resume: {resume_dir} does not record the seed it drew; pass it with --seed")
         args.seed = seed
     ctx, device = distributed.setup(resolve_device(args.device, args.threads))  # torchrun: one process per GPU
+    check_graph_device(args, device)
     if args.seed is None:  # under torchrun rank 0's draw, so that every rank samples the same global batches
         args.seed = distributed.from_main(ctx, secrets.randbelow(2**31))
         log(f"seed: {args.seed} (drawn from OS entropy; pass --seed {args.seed} to repeat this run)")

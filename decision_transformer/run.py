@@ -64,13 +64,22 @@ def check_device_flags(args):
     if threads is not None and str(threads) != "auto":
         choose_threads(threads, available=1, busy=0.0, current=1)
     if getattr(args, "cuda_graph", False):   # (the Trainer refuses these too, but only once the data is loaded)
-        if (_device_of(name).type if name not in (None, "", "auto") else "cuda") != "cuda" \
-                or not torch.cuda.is_available():
-            raise UserError("--cuda_graph needs a CUDA device (it replays each training step as a CUDA graph)")
+        if name not in (None, "", "auto") and _device_of(name).type != "cuda":   # (no GPU here: check_graph_device)
+            raise UserError(CUDA_GRAPH_NEEDS_CUDA)
         for bad, what in ((args.compile is not None, "--compile"),
                           (int(os.environ.get("WORLD_SIZE", "1") or 1) > 1, "torchrun")):
             if bad:
                 raise UserError(f"--cuda_graph cannot be used with {what}")
+
+
+CUDA_GRAPH_NEEDS_CUDA = "--cuda_graph needs a CUDA device (it replays each training step as a CUDA graph)"
+
+
+def check_graph_device(args, device: torch.device):
+    """``--cuda_graph`` on the run's resolved device: refused where it is not a GPU, as the run starts (before its
+    data). Not among the flag checks: the sweep planner, which runs those, may plan on a machine without a GPU."""
+    if getattr(args, "cuda_graph", False) and device.type != "cuda":
+        raise UserError(CUDA_GRAPH_NEEDS_CUDA)
 
 
 #: the --device names whose CPU fallback has been warned about in this process
@@ -749,6 +758,7 @@ def _run_locked(args, script: str, take_lock) -> dict:
     if bc:
         targets = targets[:1]  # the MLP ignores the target: one evaluation (the originals' first target)
     ctx, device = distributed.setup(resolve_device(args.device, args.threads))  # torchrun: one process per GPU
+    check_graph_device(args, device)
     configure_matmul_precision(args.precision, device)
     lm = None if bc else locate_pretrained(args)  # before the data: a missing model is reported at once
     if lm is not None:   # and damaged weights too (read once, kept), before a missing dataset takes minutes to make

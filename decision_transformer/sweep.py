@@ -676,6 +676,13 @@ def _differ(a: dict, b: dict) -> str:
     return ", ".join(f"--{k} {a.get(k)!r} / {b.get(k)!r}" for k in keys) or "the same flags"
 
 
+def _argv_key(argv: list[str]) -> str:
+    """A short hash of a run's flags."""
+    import hashlib
+
+    return hashlib.sha1("\0".join(argv).encode()).hexdigest()[:8]
+
+
 def _run_key(run: Run) -> str:
     """What names a run's log: its lock file (the run folder it writes to) or, without one, its flags."""
     import hashlib
@@ -1191,8 +1198,8 @@ def main(argv=None):
 
     try:
         # a run that writes no run folder (a data, Fisher or analysis script; --outdir '') is locked by its log's
-        # name (the grid and its flags): two launchers sharing a --log_dir never start it twice at once
-        locks = [runs[i].found.lock or Path(a.log_dir) / f".{names[i]}.lock" for i in todo]
+        # name and all its flags (--extra's too): two launchers sharing a --log_dir never start it twice at once
+        locks = [runs[i].found.lock or Path(a.log_dir) / f".{names[i]}-{_argv_key(runs[i].argv)}.lock" for i in todo]
         failed = launch([runs[i].cmd for i in todo], slots, Path(a.log_dir), [names[i] for i in todo],
                         grid=spec["path"], pin=not a.no_pin, locks=locks,
                         recheck=recheck, report=report) if todo else 0

@@ -281,7 +281,8 @@ def test_multi_task_graph_steps_train_as_plain_steps(fake_cuda, tmp_path, init_r
 def test_cuda_graph_refusals_come_with_the_flag_checks(tmp_path, monkeypatch, capsys):
     """--cuda_graph with what it cannot graph (--compile, torchrun, an auxiliary loss, the LM script's --fp16) is
     refused with the flag checks, before any data is read (the sweep planner lists such points as invalid), also where
-    a GPU is seen; without a GPU, --cuda_graph itself is."""
+    a GPU is seen; without a GPU, --cuda_graph itself is, as the run starts (before its data), but a sweep of it still
+    plans on a machine without one (--dry_run)."""
     import experiment
     import experiment_multi
     from lm_cotraining import experiment as lm_experiment
@@ -298,8 +299,10 @@ def test_cuda_graph_refusals_come_with_the_flag_checks(tmp_path, monkeypatch, ca
         assert stop.value.code == 2
         return capsys.readouterr().err.strip().splitlines()[-1]
 
-    assert refused(experiment.main, "--device", "cpu") == \
-        "error: --cuda_graph needs a CUDA device (it replays each training step as a CUDA graph)"
+    for main in (experiment.main, experiment_multi.main):
+        assert refused(main) == "error: --cuda_graph needs a CUDA device (it replays each training step as a CUDA graph)"
+    assert sweep.inspect_run(str(sweep.ROOT / "experiment.py"), [*missing, "--cuda_graph", "--outdir", "ck"]).state \
+        == "new"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert refused(experiment.main, "--compile") == "error: --cuda_graph cannot be used with --compile"
     assert refused(experiment_multi.main, "--compile") == "error: --cuda_graph cannot be used with --compile"

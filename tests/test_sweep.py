@@ -1155,26 +1155,30 @@ def test_the_export_hint_quotes_a_path_with_spaces(tmp_path, capsys):
 
 
 def test_a_point_without_a_run_folder_is_locked_by_its_log(tmp_path, capsys):
-    """A run of a script that writes no run folder (here a script of the user's own) is locked by its log's name in
-    --log_dir: while another launcher holds it, a launch skips it as running elsewhere and does not start it."""
+    """A run of a script that writes no run folder (here a script of the user's own) is locked by its log's name and
+    its flags in --log_dir: while another launcher holds it, a launch skips it as running elsewhere and does not start
+    it; the same point with other --extra flags is another run and starts."""
     mine = Path(sweep.ROOT) / f"tmp_sweep_lock_script_{os.getpid()}.py"
     marker = tmp_path / "ran"
-    mine.write_text(f"open({str(marker)!r}, 'a').write('ran ')\n")
+    mine.write_text(f"import sys\nopen({str(marker)!r}, 'a').write(' '.join(sys.argv[1:]) + ';')\n")
     grid = tmp_path / "mine.yaml"
     try:
         grid.write_text(yaml.safe_dump({"program": mine.name, "grid": {"lr": [0.1]}}))
         runs = sweep.plan_runs(sweep.load_grid(str(grid)), [])
         assert runs[0].found.lock is None
-        lock = tmp_path / "logs" / f".mine_{sweep._run_key(runs[0])}.lock"
+        lock = tmp_path / "logs" / f".mine_{sweep._run_key(runs[0])}-{sweep._argv_key(runs[0].argv)}.lock"
         taken, fd = sweep._take_lock(lock)
         assert taken and fd is not None
         try:
             sweep.main(["run", str(grid), "--log_dir", str(tmp_path / "logs"), "--no_pin"])
+            assert "running elsewhere" in capsys.readouterr().out and not marker.exists()
+            assert sweep.main(["run", str(grid), "--log_dir", str(tmp_path / "logs"), "--no_pin", "--extra",
+                               "--seed 2"]) == 0
+            assert marker.read_text() == "--lr 0.1 --seed 2;"
         finally:
             os.close(fd)
-        assert "running elsewhere" in capsys.readouterr().out and not marker.exists()
         assert sweep.main(["run", str(grid), "--log_dir", str(tmp_path / "logs"), "--no_pin"]) == 0
-        assert marker.read_text() == "ran "
+        assert marker.read_text() == "--lr 0.1 --seed 2;--lr 0.1;"
     finally:
         mine.unlink()
 
