@@ -143,7 +143,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="--synthetic rollouts' seed")
     p.add_argument("--force", action="store_true",
                    help="--synthetic, --hdf5: overwrite existing hdf5 and pkl files of the same names (refused "
-                        "otherwise)")
+                        "otherwise); a download: convert over an existing pkl (kept otherwise, and not downloaded)")
     args = p.parse_args(argv)
     from decision_transformer.files import refuse_files_above
 
@@ -157,6 +157,7 @@ def main(argv=None):
             convert(path, args.data_path, force=args.force)
         return
     from decision_transformer.data import hdf5_name
+    from decision_transformer.data import pkl_name
     from decision_transformer.download import base_url, fetch_d4rl
     from decision_transformer.envs import get_env_spec
 
@@ -166,10 +167,14 @@ def main(argv=None):
     root = base_url(args.base_url)
     for env in args.envs:
         for dataset in args.datasets:
+            target = os.path.join(args.data_path, pkl_name(env, dataset))
+            if not args.force and os.path.lexists(target):   # (a dataset converted already, or one of the user's)
+                print(f"{target} exists: kept, nothing downloaded (pass --force to download and convert again)")
+                continue
             name = hdf5_name(env, dataset)
             path = fetch_d4rl(name, args.hdf5_dir, url=f"{root}/{name}", verify=args.verify,
                               progress=not args.no_progress)
-            convert(str(path), args.data_path)
+            convert(str(path), args.data_path, force=args.force)
 
 
 if __name__ == "__main__":

@@ -555,3 +555,20 @@ def test_hdf5_conversions_are_all_checked_before_the_first(tmp_path, capsys):
     (tmp_path / "afile").write_text("not a folder\n")
     msg = fails(main, ["--hdf5", good, "--data_path", tmp_path / "afile" / "d"], capsys)
     assert msg.endswith(f"but {tmp_path / 'afile'} is a file"), msg
+
+
+def test_a_download_keeps_an_existing_pkl_unless_forced(tmp_path, capsys):
+    """A pkl already at the download's target (converted before, or the user's own) is kept and nothing is
+    downloaded; before, the download was converted over it without --force."""
+    target = tmp_path / "hopper-medium-v2.pkl"
+    target.write_bytes(b"the user's dataset")
+    url = _closed_port_url()   # (a download attempt would fail)
+    script.main(["--envs", "hopper", "--datasets", "medium", "--hdf5_dir", str(tmp_path / "cache"),
+                 "--data_path", str(tmp_path), "--base_url", url, "--no_progress"])
+    assert f"{target} exists: kept, nothing downloaded (pass --force" in capsys.readouterr().out
+    assert target.read_bytes() == b"the user's dataset"
+    with pytest.raises(SystemExit) as e:   # --force: downloads (here: fails offline), the pkl untouched
+        script.main(["--envs", "hopper", "--datasets", "medium", "--hdf5_dir", str(tmp_path / "cache"),
+                     "--data_path", str(tmp_path), "--base_url", url, "--no_progress", "--force"])
+    assert e.value.code == 2 and "cannot download" in capsys.readouterr().err
+    assert target.read_bytes() == b"the user's dataset"
