@@ -289,7 +289,9 @@ def merge_fisher(states: Sequence[StateDict], fishers: Sequence[StateDict], keys
     if floor > 0:
         total = sum(float(v.to(torch.float64).sum()) for nf in normed for v in nf.values())
         count = sum(v.numel() for nf in normed for v in nf.values())
-        fbar = total / count
+        # every Fisher 0 over the merged tensors (a branch no loss reaches, such as --disable_attention's attn):
+        # any positive floor makes each element the plain (or, favouring the target, model 1's) value, not 0/0
+        fbar = total / count if total > 0 else 1.0
         if favor_target:
             normed[0] = {k: torch.clamp(v, min=floor * fbar) for k, v in normed[0].items()}
         else:

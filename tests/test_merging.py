@@ -583,3 +583,19 @@ def test_models_with_other_heads_or_activation_merge_with_a_warning(trained, tmp
     merge_cli.main(["--models", str(m["hopper"]), str(m["walker2d"]), "--include", "attn", "--out",
                     str(tmp_path / "same.pt")])
     assert "differ in" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("favor_target", [False, True])
+def test_fisher_merge_with_every_fisher_zero_is_the_plain_or_target_merge(favor_target):
+    """Fishers that are 0 on every merged tensor (a branch no loss reaches): the floor's f̄ was 0, so every element
+    came out 0/0 = NaN; now the plain average (model 1's values when favouring the target)."""
+    g = torch.Generator().manual_seed(0)
+    a = {"transformer.h.0.attn.c_attn.weight": torch.randn(4, 12, generator=g)}
+    b = {"transformer.h.0.attn.c_attn.weight": torch.randn(4, 12, generator=g)}
+    keys = list(a)
+    # (the trace covers the whole file: a tensor outside the merged ones has Fisher information)
+    zero = {keys[0]: torch.zeros(4, 12), "transformer.h.0.ln_1.weight": torch.ones(4)}
+    out = merging.merge_fisher([a, b], [zero, dict(zero)], keys, favor_target=favor_target)
+    k = keys[0]
+    expected = a[k] if favor_target else (a[k] + b[k]) / 2
+    torch.testing.assert_close(out[k], expected)
