@@ -409,19 +409,9 @@ def write_d4rl_hdf5(path: str | os.PathLike, data: dict[str, np.ndarray], metada
                     replace: bool = True) -> Path:
     """Atomically write flat arrays (keys with '/' become groups) and ``metadata/*`` scalars (``replace`` False:
     only where no file of that name is)."""
-    import h5py
+    from decision_transformer.synthetic import write_hdf5
 
-    from decision_transformer.files import atomic_write
-
-    def write(tmp):
-        """Write the arrays and the ``metadata/*`` scalars into the HDF5 file ``tmp``."""
-        with h5py.File(tmp, "w") as f:
-            for k, v in data.items():
-                f.create_dataset(k, data=v)
-            for k, v in (metadata or {}).items():
-                f.create_dataset(f"metadata/{k}", data=v)
-
-    return atomic_write(path, write, replace)
+    return write_hdf5(path, {**data, **{f"metadata/{k}": v for k, v in (metadata or {}).items()}}, replace=replace)
 
 
 def dataset_stats(env: str, dataset: str, trajs: list[dict]) -> dict:

@@ -60,15 +60,24 @@ SYNTHETIC_ATTR = "dt_toolkit_synthetic"
 def write_hdf5(path: str | os.PathLike, data: dict[str, np.ndarray], attrs: dict | None = None,
                replace: bool = True) -> Path:
     """Flat arrays (keys with '/' become groups) as an hdf5 file, written whole and then renamed into place; ``attrs``
-    become the file's root attributes. ``replace`` False: only where no file of that name is (``files.place``)."""
+    become the file's root attributes. ``replace`` False: only where no file of that name is (``files.place``).
+
+    The file is built in memory and only its finished bytes go to disk: HDF5 writing into a file on a full disk
+    crashes the process (a segfault while h5py closes it), where a plain write gives the one-line error of
+    ``atomic_write``."""
     import h5py
 
+    with h5py.File(f"{os.fspath(path)}.image", "w", driver="core", backing_store=False) as f:
+        for k, v in data.items():
+            f.create_dataset(k, data=v)
+        f.attrs.update(attrs or {})
+        f.flush()
+        image = f.id.get_file_image()
+
     def write(tmp):
-        """Write the arrays and the root attributes into the HDF5 file ``tmp``."""
-        with h5py.File(tmp, "w") as f:
-            for k, v in data.items():
-                f.create_dataset(k, data=v)
-            f.attrs.update(attrs or {})
+        """The finished file's bytes into ``tmp``."""
+        with open(tmp, "wb") as out:
+            out.write(image)
 
     return atomic_write(path, write, replace)
 

@@ -301,23 +301,34 @@ def test_hdf5_and_stats_writes_are_atomic_and_name_the_file(tmp_path, monkeypatc
 
     import h5py
 
+    from decision_transformer import synthetic
     from decision_transformer.errors import UserError
     from decision_transformer.generation import write_d4rl_hdf5
 
     path = tmp_path / "hopper_medium-v2.hdf5"
     path.write_bytes(b"old")
-    real = h5py.File
 
-    def full_disk(name, mode="r", *a, **k):
-        f = real(name, mode, *a, **k)
-        f.close()
-        raise OSError(errno.ENOSPC, "No space left on device")
+    class FullDisk:
+        """A file whose writes stop part-way with ENOSPC."""
 
-    monkeypatch.setattr(h5py, "File", full_disk)
-    with pytest.raises(UserError, match=rf"^cannot write {path}: "):
+        def __init__(self, name, mode):
+            self.f = open(name, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(synthetic, "open", FullDisk, raising=False)
+    with pytest.raises(UserError, match=rf"^cannot write {path}: no space left on the device$"):
         write_d4rl_hdf5(path, {"rewards": np.zeros(3, np.float32)})
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
-    monkeypatch.setattr(h5py, "File", real)
+    monkeypatch.delattr(synthetic, "open")
     write_d4rl_hdf5(path, {"rewards": np.zeros(3, np.float32)}, {"policy": "x"})
     with h5py.File(path) as f:
         assert f["rewards"].shape == (3,) and f["metadata/policy"][()] == b"x"

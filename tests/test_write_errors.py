@@ -489,3 +489,48 @@ def test_deferred_interrupts_leave_an_ignored_signal_ignored():
     finally:
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
+
+
+def _full_disk_runner():
+    """A command prefix running a shell in a private mount namespace (``unshare -rm``), or None where this machine
+    does not allow one: there a small tmpfs stands for a full disk."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return None
+    try:
+        ok = subprocess.run(["unshare", "-rm", "sh", "-c", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    return ["unshare", "-rm", "sh", "-c"] if ok else None
+
+
+@pytest.mark.parametrize("script", ["generate", "synthetic"])
+def test_a_really_full_disk_under_an_hdf5_write_is_one_line_and_leaves_nothing(tmp_path, script):
+    """HDF5 writing into a file on a full disk crashed the process (h5py segfaults closing it), leaving a temporary
+    file and a lock: on a real 40 kB tmpfs both dataset writers now stop with the one-line error and leave the folder
+    empty."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    runner = _full_disk_runner()
+    if runner is None:
+        pytest.skip("no private mount namespace (unshare -rm) on this machine")
+    root = Path(__file__).resolve().parents[1]
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    cmd = ([sys.executable, "data/generate_datasets.py", "--env", "hopper", "--dataset", "random",
+            "--num_transitions", "300"] if script == "generate" else
+           [sys.executable, "data/download_d4rl_datasets.py", "--synthetic", "50", "--envs", "hopper", "--datasets",
+            "random", "--hdf5_dir", str(disk)])
+    cmd += ["--no_progress", "--data_path", str(disk)]
+    inner = (f"mount -t tmpfs -o size=40k tmpfs {disk} || exit 99; {' '.join(cmd)}; rc=$?; "
+             f"echo @@left; ls -A {disk}; exit $rc")   # (the tmpfs goes with the namespace: listed inside it)
+    r = subprocess.run(runner + [inner], cwd=root, capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, (r.returncode, r.stderr[-2000:])
+    assert lines[0].startswith(f"error: cannot write {disk}/") and lines[0].endswith(
+        ".hdf5: no space left on the device"), lines
+    assert r.stdout.split("@@left")[-1].split() == []
