@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from decision_transformer.envs import ENVS, get_env_spec, registered_id
-from decision_transformer.errors import UserError
+from decision_transformer.errors import UserError, write_problem
 
 
 def _minari():
@@ -138,64 +140,126 @@ def export_minari(trajs: list[dict[str, np.ndarray]], dataset_id: str, env: str,
     """Write ``trajs`` (DT layout with ``next_observations``) as the Minari dataset ``dataset_id``. The last episode
     is marked truncated if it neither terminated nor timed out. ``stand_in``: the data is a smoke-test stand-in
     (``data.synthetic_stand_in``), said at the start of the description (``minari_stand_in`` reads it back). Returns
-    the dataset's folder. Minari's warnings that
-    optional metadata (author, e-mail, code link, evaluation env) is unset are not shown: the metadata is optional
-    and the evaluation env is the collection env."""
-    minari = _minari()
-    from minari.data_collector import EpisodeBuffer
+    the dataset's folder. Minari's warnings that optional metadata (author, e-mail, code link, evaluation env) is
+    unset are not shown: the metadata is optional and the evaluation env is the collection env.
 
+    Minari writes the dataset in a child process, into a hidden temporary root beside the datasets, and the finished
+    dataset is then renamed into place: HDF5 writing on a full disk crashes the process that writes (a segfault in
+    h5py), so a failure of any kind is one line here, and no partial dataset is left to block the next try."""
+    _minari()
     from decision_transformer.envs import DEFAULT_ENV_VERSION
 
     check_dataset_id(dataset_id)
     spec = get_env_spec(env)
-    buffers = []
+    episodes = []
     for i, t in enumerate(trajs):
         if "next_observations" not in t:
             raise UserError(f"trajectory {i} has no next_observations; Minari needs the final observation")
         n = len(t["rewards"])
-        obs = np.concatenate([t["observations"], t["next_observations"][-1:]]).astype(np.float32)
         term = np.asarray(t.get("terminals", np.zeros(n, bool)), dtype=bool).reshape(-1)
         trunc = np.asarray(t.get("timeouts", np.zeros(n, bool)), dtype=bool).reshape(-1)
         if not term[-1] and not trunc[-1]:
             trunc = trunc.copy()
             trunc[-1] = True  # Minari episodes end with a termination or a truncation
-        buffers.append(EpisodeBuffer(id=i, observations=obs, actions=np.asarray(t["actions"], dtype=np.float32),
-                                     rewards=np.asarray(t["rewards"], dtype=np.float64).reshape(-1),
-                                     terminations=term, truncations=trunc, infos={}))
+        episodes.append(dict(observations=np.concatenate([t["observations"], t["next_observations"][-1:]]).astype(
+                                 np.float32),
+                             actions=np.asarray(t["actions"], dtype=np.float32),
+                             rewards=np.asarray(t["rewards"], dtype=np.float64).reshape(-1),
+                             terminations=term, truncations=trunc))
+    env_key = (env, env_version or DEFAULT_ENV_VERSION)
+    options = dict(env=registered_id(*env_key), algorithm_name=algorithm_name,
+                   author=author, author_email=author_email, code_permalink=code_permalink,
+                   ref_min_score=spec.ref_min_score, ref_max_score=spec.ref_max_score,
+                   description=(f"{STAND_IN_PREFIX}{stand_in.replace(']', ')')}] " if stand_in else "")
+                   + (description or f"{env} dataset exported by decision_transformer.minari_io"),
+                   data_format="hdf5")
     with _root(root):
         where = Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets")).resolve()
-        created = _first_missing(where / dataset_id)
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r".*is set to None\.", category=UserWarning)
-                warnings.filterwarnings("ignore", message=".*out of date.*")  # gymnasium on the v4 envs
-                ds = minari.create_dataset_from_buffers(
-                    dataset_id, buffers, env=registered_id(env, env_version or DEFAULT_ENV_VERSION),
-                    algorithm_name=algorithm_name, author=author, author_email=author_email,
-                    code_permalink=code_permalink, ref_min_score=spec.ref_min_score,
-                    ref_max_score=spec.ref_max_score,
-                    description=(f"{STAND_IN_PREFIX}{stand_in.replace(']', ')')}] " if stand_in else "")
-                    + (description or f"{env} dataset exported by decision_transformer.minari_io"),
-                    data_format="hdf5")
-        except ValueError as e:  # e.g. the id exists already
-            _remove(created)
-            raise UserError(f"cannot create Minari dataset {dataset_id!r}: {e}") from None
-        except BaseException:
-            _remove(created)  # no partial dataset is left behind
-            raise
-        return Path(ds.storage.data_path).parent
+    target = where / dataset_id
+    if os.path.lexists(target):
+        raise UserError(f"cannot create Minari dataset {dataset_id!r}: {target} exists already")
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".dt-export-", dir=where))
+    except OSError as e:
+        raise UserError(f"cannot write Minari dataset {dataset_id!r} into {where}: {write_problem(where, e)}") from None
+    proc = None
+    try:
+        proc = multiprocessing.get_context("spawn").Process(
+            target=_create_dataset, args=(str(tmp), dataset_id, episodes, env_key, options), daemon=True)
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            raise UserError(f"cannot create Minari dataset {dataset_id!r} in {where}: "
+                            f"{_export_failure(tmp, proc.exitcode)}")
+        _place_export(tmp, where, dataset_id)
+    finally:
+        if proc is not None and proc.is_alive():   # (interrupted)
+            proc.terminate()
+            proc.join()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
-def _first_missing(path: Path) -> Path | None:
-    """The outermost folder of ``path`` that does not exist yet (what a failed export must remove), or None."""
-    missing = None
-    for p in [path, *path.parents]:
-        if p.exists():
-            break
-        missing = p
-    return missing
+_CHILD_ERROR = ".error"
 
 
-def _remove(path: Path | None):
-    if path is not None and path.exists():
-        shutil.rmtree(path, ignore_errors=True)
+def _create_dataset(root: str, dataset_id: str, episodes: list[dict], env_key: tuple[str, str], options: dict):
+    """(In the child process of ``export_minari``.) Minari's ``create_dataset_from_buffers`` into the root ``root``,
+    with the env ``env_key`` (name, version) registered (the project's own envs are registered per process);
+    its stderr goes to a file there (what a crash prints is not the user's), an exception's one line to
+    ``root/.error`` with exit status 3."""
+    import sys
+
+    with contextlib.suppress(OSError):
+        log = open(Path(root) / ".stderr", "w")
+        os.dup2(log.fileno(), 2)
+    os.environ["MINARI_DATASETS_PATH"] = root
+    try:
+        import minari
+        from minari.data_collector import EpisodeBuffer
+
+        registered_id(*env_key)
+        buffers = [EpisodeBuffer(id=i, infos={}, **e) for i, e in enumerate(episodes)]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*is set to None\.", category=UserWarning)
+            warnings.filterwarnings("ignore", message=".*out of date.*")  # gymnasium on the v4 envs
+            minari.create_dataset_from_buffers(dataset_id, buffers, **options)
+    except Exception as e:
+        with contextlib.suppress(OSError):
+            (Path(root) / _CHILD_ERROR).write_text(str(e) if isinstance(e, ValueError) else _why(e))
+        sys.exit(3)
+
+
+def _export_failure(tmp: Path, exitcode: int) -> str:
+    """Why the child of ``export_minari`` failed: its error, else a full disk (under 1 MiB free where it wrote),
+    else the crash and the last line it printed."""
+    with contextlib.suppress(OSError):
+        return (tmp / _CHILD_ERROR).read_text().strip() or "failed"
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(tmp).free < 2 ** 20:
+            return "no space left on the device"
+    last = ""
+    with contextlib.suppress(OSError):
+        lines = (tmp / ".stderr").read_text(errors="replace").strip().splitlines()
+        last = f" ({' '.join(lines[-1].split())[:150]})" if lines else ""
+    return (f"the writer process was killed by signal {-exitcode}" if exitcode < 0
+            else f"the writer process exited with status {exitcode}") + last
+
+
+def _place_export(tmp: Path, where: Path, dataset_id: str):
+    """The dataset ``dataset_id`` made under the temporary root ``tmp`` renamed into ``where``, with the namespace
+    metadata files Minari made that ``where`` lacks."""
+    parts = Path(dataset_id).parts
+    try:
+        for k in range(1, len(parts)):
+            (where / Path(*parts[:k])).mkdir(exist_ok=True)
+            meta = Path(*parts[:k]) / "namespace_metadata.json"
+            if (tmp / meta).exists() and not (where / meta).exists():
+                os.replace(tmp / meta, where / meta)
+        os.rename(tmp / dataset_id, where / dataset_id)
+    except OSError as e:
+        if os.path.lexists(where / dataset_id) and not isinstance(e, (NotADirectoryError, PermissionError)):
+            raise UserError(f"cannot create Minari dataset {dataset_id!r}: {where / dataset_id} was written by "
+                            f"another process meanwhile; it is kept and this one is not written") from None
+        raise UserError(f"cannot write Minari dataset {dataset_id!r} into {where}: {write_problem(where, e)}") from None

@@ -140,6 +140,12 @@ def test_export_with_a_relative_root(tmp_path, monkeypatch, capsys):
 
 
 def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    """Minari failing part-way through its writing (in the child process that writes; forked here, so that it sees
+    the patched writer) is one line, and no partial dataset, namespace folder or temporary root is left."""
+    import multiprocessing
+
+    from decision_transformer import minari_io
+
     minari = pytest.importorskip("minari")
     trajs = split_episodes(rollout_flat("hopper", 200, seed=0, max_ep_len=30))
     export_minari(trajs, "dt/hopper/keep-v0", "hopper", root=tmp_path)   # a dataset of the same namespace stays
@@ -150,12 +156,17 @@ def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(minari, "create_dataset_from_buffers", failing)
-    with pytest.raises(OSError):
-        export_minari(trajs, "dt/hopper/new-v0", "hopper", root=tmp_path)
-    with pytest.raises(OSError):
-        export_minari(trajs, "other/hopper/new-v0", "hopper", root=tmp_path)
-    assert not (tmp_path / "dt" / "hopper" / "new-v0").exists() and not (tmp_path / "other").exists()
-    assert (tmp_path / "dt" / "hopper" / "keep-v0" / "data" / "main_data.hdf5").is_file()
+    fork = multiprocessing.get_context("fork")
+    monkeypatch.setattr(minari_io.multiprocessing, "get_context", lambda _: fork)
+    for dataset_id in ("dt/hopper/new-v0", "other/hopper/new-v0"):
+        with pytest.raises(UserError) as ei:
+            export_minari(trajs, dataset_id, "hopper", root=tmp_path)
+        assert "\n" not in str(ei.value) and str(ei.value) == (f"cannot create Minari dataset {dataset_id!r} in {tmp_path}: "
+                                          f"OSError: [Errno 28] No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dt"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "dt", "dt/hopper", "dt/hopper/keep-v0", "dt/hopper/keep-v0/data", "dt/hopper/keep-v0/data/main_data.hdf5",
+        "dt/hopper/keep-v0/data/metadata.json", "dt/hopper/namespace_metadata.json", "dt/namespace_metadata.json"]
 
 
 @pytest.mark.parametrize("body", ["[]", "null", "3"])

@@ -506,11 +506,11 @@ def _full_disk_runner():
     return ["unshare", "-rm", "sh", "-c"] if ok else None
 
 
-@pytest.mark.parametrize("script", ["generate", "synthetic"])
+@pytest.mark.parametrize("script", ["generate", "synthetic", "minari"])
 def test_a_really_full_disk_under_an_hdf5_write_is_one_line_and_leaves_nothing(tmp_path, script):
     """HDF5 writing into a file on a full disk crashed the process (h5py segfaults closing it), leaving a temporary
-    file and a lock: on a real 40 kB tmpfs both dataset writers now stop with the one-line error and leave the folder
-    empty."""
+    file and a lock, or (Minari export) a partial dataset that blocked the next try: on a real 40 kB tmpfs the dataset
+    writers now stop with the one-line error and leave the folder empty."""
     import subprocess
     import sys
     from pathlib import Path
@@ -521,16 +521,26 @@ def test_a_really_full_disk_under_an_hdf5_write_is_one_line_and_leaves_nothing(t
     root = Path(__file__).resolve().parents[1]
     disk = tmp_path / "disk"
     disk.mkdir()
-    cmd = ([sys.executable, "data/generate_datasets.py", "--env", "hopper", "--dataset", "random",
-            "--num_transitions", "300"] if script == "generate" else
-           [sys.executable, "data/download_d4rl_datasets.py", "--synthetic", "50", "--envs", "hopper", "--datasets",
-            "random", "--hdf5_dir", str(disk)])
-    cmd += ["--no_progress", "--data_path", str(disk)]
-    inner = (f"mount -t tmpfs -o size=40k tmpfs {disk} || exit 99; {' '.join(cmd)}; rc=$?; "
+    if script == "generate":
+        cmd = ["data/generate_datasets.py", "--env", "hopper", "--dataset", "random", "--num_transitions", "300",
+               "--no_progress", "--data_path", str(disk)]
+        end = ".hdf5: no space left on the device"
+    elif script == "synthetic":
+        cmd = ["data/download_d4rl_datasets.py", "--synthetic", "50", "--envs", "hopper", "--datasets", "random",
+               "--hdf5_dir", str(disk), "--no_progress", "--data_path", str(disk)]
+        end = ".hdf5: no space left on the device"
+    else:
+        pytest.importorskip("minari")
+        from decision_transformer.data import split_episodes
+        from decision_transformer.synthetic import rollout_flat, write_pkl
+
+        pkl = write_pkl(tmp_path / "hopper-random-v2.pkl", split_episodes(rollout_flat("hopper", 1000, seed=0)))
+        cmd = ["data/minari_datasets.py", "export", str(pkl), "dt/hopper/full-v0", "--minari_root", str(disk)]
+        end = f"Minari dataset 'dt/hopper/full-v0' in {disk}: no space left on the device"
+    inner = (f"mount -t tmpfs -o size=40k tmpfs {disk} || exit 99; {sys.executable} {' '.join(cmd)}; rc=$?; "
              f"echo @@left; ls -A {disk}; exit $rc")   # (the tmpfs goes with the namespace: listed inside it)
     r = subprocess.run(runner + [inner], cwd=root, capture_output=True, text=True, timeout=300)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, (r.returncode, r.stderr[-2000:])
-    assert lines[0].startswith(f"error: cannot write {disk}/") and lines[0].endswith(
-        ".hdf5: no space left on the device"), lines
+    assert lines[0].startswith("error: cannot ") and lines[0].endswith(end), lines
     assert r.stdout.split("@@left")[-1].split() == []
