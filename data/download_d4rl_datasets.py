@@ -73,20 +73,29 @@ def convert(path: str, data_path: str, force: bool = True) -> str:
     return str(out)
 
 
-def check_conversions(paths, data_path: str, force: bool):
+def check_conversions(paths, data_path: str, force: bool) -> list[str]:
     """Every ``--hdf5`` file's name, existence and target checked before the first is converted (a bad second file
-    used to be found after the first was written)."""
+    used to be found after the first was written). Returns the files to convert: a file given twice once; two files
+    that would write the same pkl are one line."""
     from decision_transformer.data import pkl_name
     from decision_transformer.files import refuse_folders
 
+    todo, source = [], {}
     for path in paths:
         env, dataset = parse_name(path)
         if not os.path.isfile(path):
             raise UserError(f"{path}: file not found")
         target = os.path.join(data_path, pkl_name(env, dataset))
+        if target in source:
+            if os.path.samefile(source[target], path):
+                continue
+            raise UserError(f"{source[target]} and {path} would both be converted to {target}; give one of them")
         if not force and os.path.lexists(target):
             raise UserError(f"{target} exists: converting {path} would replace it; pass --force to overwrite")
         refuse_folders([target])
+        source[target] = path
+        todo.append(path)
+    return todo
 
 
 def synthetic(args):
@@ -152,8 +161,7 @@ def main(argv=None):
         synthetic(args)
         return
     if args.hdf5:
-        check_conversions(args.hdf5, args.data_path, args.force)
-        for path in args.hdf5:
+        for path in check_conversions(args.hdf5, args.data_path, args.force):
             convert(path, args.data_path, force=args.force)
         return
     from decision_transformer.data import hdf5_name

@@ -353,6 +353,26 @@ def test_a_stand_ins_pickle_is_marked_and_hdf5_conversion_keeps_an_existing_pick
     assert "stand-in" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_two_hdf5_files_for_one_pkl_are_refused_and_one_file_twice_is_converted_once(tmp_path, capsys, force):
+    """``--hdf5 a/hopper_medium-v2.hdf5 b/hopper_medium-v2.hdf5`` wrote the first and then stopped on it (or with
+    --force silently replaced it with the second); both are checked first now. The same file given twice was refused
+    as replacing its own fresh pkl: it is converted once."""
+    first, second = tmp_path / "a" / "hopper_medium-v2.hdf5", tmp_path / "b" / "hopper_medium-v2.hdf5"
+    write_hdf5(first, flat(20) | {"timeouts": np.arange(20) % 10 == 9})
+    write_hdf5(second, flat(30, seed=1) | {"timeouts": np.arange(30) % 10 == 9})
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        script.main(["--hdf5", str(first), str(second), "--data_path", str(out)] + ["--force"] * force)
+    assert e.value.code == 2 and not out.exists()
+    assert capsys.readouterr().err.strip() == (f"error: {first} and {second} would both be converted to "
+                                               f"{out / 'hopper-medium-v2.pkl'}; give one of them")
+    script.main(["--hdf5", str(first), str(tmp_path / "a" / ".." / "a" / first.name), "--data_path", str(out)]
+                + ["--force"] * force)
+    assert [len(t["rewards"]) for t in safe_pickle_load(out / "hopper-medium-v2.pkl")] == [10, 10]
+    assert capsys.readouterr().out.count("hopper-medium-v2.pkl: 2 trajectories") == 1
+
+
 def test_a_stand_ins_pickle_is_never_in_place_without_its_mark(tmp_path, monkeypatch):
     """The mark is written before the pickle takes D4RL's name: an interruption between the two used to leave
     random-policy data under that name unmarked, trained on without a warning. An interrupted write of the pickle
