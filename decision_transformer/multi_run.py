@@ -664,7 +664,7 @@ def check_covers_envs(mf) -> None:
 
 def _run_multi(args, take_lock) -> dict:
     from decision_transformer.run import (autocast_dtype, check_evaluation, check_graph_device, check_model_paths,
-                                          check_same_data, check_state_unchanged, clean_folder,
+                                          check_own_state, check_same_data, check_state_unchanged, clean_folder,
                                           configure_matmul_precision, end_break, recorded_config, resolve_device, restore_train_state, resumed_past_the_end,
                                           save_train_state, seed_everything, state_identity, warn_short_warmup,
                                           warn_unsaved_best)
@@ -678,6 +678,8 @@ def _run_multi(args, take_lock) -> dict:
         if not isinstance(seed, int):
             raise UserError(f"--resume: {resume_dir} does not record the seed it drew; pass it with --seed")
         args.seed = seed
+    if resume_dir is not None:
+        check_own_state(resume_dir / TRAIN_STATE, resume_signature(args))
     ctx, device = distributed.setup(resolve_device(args.device, args.threads))  # torchrun: one process per GPU
     check_graph_device(args, device)
     if args.seed is None:  # under torchrun rank 0's draw, so that every rank samples the same global batches

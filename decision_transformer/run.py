@@ -231,7 +231,11 @@ def restore_train_state(path: Path, model, trainer, optimizer, scheduler, genera
     load_state_into(model, st["state_dict"], str(path))
     try:
         load_optimizer_state(optimizer, st["optimizer"])
+        fresh = scheduler.state_dict()
         scheduler.load_state_dict(st["scheduler"])
+        unlike = _unlike(scheduler.state_dict(), fresh)
+        if unlike:   # (torch takes any values; a wrong one failed only at the first step, as a traceback)
+            raise ValueError(f"its scheduler state has {unlike}")
         restore_generator(generator, st["generator"], int((st.get("config") or {}).get("seed") or 0),
                           recorded_count(st, "iteration"))
         set_rng_state(st["rng"], generator.device)
@@ -243,6 +247,28 @@ def restore_train_state(path: Path, model, trainer, optimizer, scheduler, genera
     except Exception as e:  # noqa: BLE001 - a damaged or crafted state fails in many ways; each is one line
         raise UserError(f"{path}: cannot restore the training state ({type(e).__name__}: {e})") from None
     return st
+
+
+def _unlike(value, like, name: str = "") -> str | None:
+    """Where ``value`` differs in form from ``like`` (types, list lengths, dict keys; floats must be finite): e.g.
+    ``last_epoch 'x' (an int is expected)``; None when it has the same form."""
+    if isinstance(like, dict):
+        if not isinstance(value, dict):
+            return f"{name or 'the state'} {value!r:.60} (a dict is expected)"
+        return next((u for k in like for u in [_unlike(value.get(k), like[k], k)] if u), None)
+    if isinstance(like, (list, tuple)):
+        if not isinstance(value, (list, tuple)) or len(value) != len(like):
+            return f"{name} {value!r:.60} ({len(like)} values are expected)"
+        return next((u for v, w in zip(value, like) for u in [_unlike(v, w, name)] if u), None)
+    if isinstance(like, bool) or like is None or isinstance(like, str):
+        return None if type(value) is type(like) else f"{name} {value!r:.60} ({type(like).__name__} is expected)"
+    if isinstance(like, int):
+        ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 or like < 0)
+        return None if ok else f"{name} {value!r:.60} (an integer{' ≥ 0' if like >= 0 else ''} is expected)"
+    if isinstance(like, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else f"{name} {value!r:.60} (a finite number is expected)"
+    return None
 
 
 def state_identity(path: Path) -> tuple | None:
@@ -485,7 +511,9 @@ def resume_state_path(args, run_dir: Path | None, lm_script: bool = False) -> Pa
                             "models/{env}, or give the folder the run was made in)")
         raise UserError("--resume needs --outdir (the run folder holds the state to resume)")
     if lm_script:
-        return lm_resume_dir(args, run_dir) / TRAIN_STATE
+        st_path = lm_resume_dir(args, run_dir) / TRAIN_STATE
+        check_own_state(st_path, resume_signature(args))
+        return st_path
     if args.pretrained_models:   # of several runs of these merge flags, the newest made with all these flags
         run_dir = resumable_run(run_dir.parent, f"{run_dir.name}_", resume_signature(args), "merge run")
     st_path = run_dir / TRAIN_STATE
@@ -507,6 +535,7 @@ def resume_state_path(args, run_dir: Path | None, lm_script: bool = False) -> Pa
         free = sorted(k for k in RESUME_FREE if hasattr(args, k) and k not in ("resume", "note"))
         raise UserError(f"--resume: {run_dir} was made with other flags: {'; '.join(differ)}. Resume with the run's "
                         f"flags (only {', '.join('--' + f for f in free)} may change)")
+    check_own_state(st_path, resume_signature(args))
     return st_path
 
 
@@ -630,16 +659,40 @@ def recorded_config(run_dir: Path, note: bool = True) -> dict | None:
             return cfg
     except (OSError, ValueError):
         pass
-    try:  # the training state records the run's config too
-        cfg = torch.load(run_dir / TRAIN_STATE, map_location="cpu", weights_only=True, mmap=True).get("config")
-    except Exception:  # noqa: BLE001 - damaged as well: the run's flags cannot be told
-        return None
-    if not isinstance(cfg, dict):
-        return None
-    if note:
+    cfg = state_config(run_dir / TRAIN_STATE)   # the training state records the run's config too
+    if cfg is not None and note:
         print(f"note: {run_dir / 'config.json'} is missing or not JSON (a JSON object); the run's flags are read "
               f"from its {TRAIN_STATE}", file=sys.stderr)
-    return json.loads(json.dumps(cfg, default=str))
+    return cfg
+
+
+def state_config(path: Path) -> dict | None:
+    """The config (flags and more, as JSON values) a training state file records; None where it cannot be read."""
+    import json
+
+    try:
+        cfg = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config")
+    except Exception:  # noqa: BLE001 - damaged: the run's flags cannot be told (restoring it says why)
+        return None
+    return json.loads(json.dumps(cfg, default=str)) if isinstance(cfg, dict) else None
+
+
+def check_own_state(st_path: Path, signature: dict):
+    """``--resume``: the training state ``st_path`` must record the flags ``signature`` that its folder's config.json
+    matched. A ``train_state.pt`` copied in from another run (another seed, say) was continued silently as this run;
+    one line instead. A state whose config cannot be read is left to ``restore_train_state`` to report."""
+    import json
+
+    saved = state_config(st_path)
+    if saved is None:
+        return
+    want = json.loads(json.dumps(signature, default=str))
+    differ = [f"--{k} {saved[k]!r} (this run: {want[k]!r})" for k in want
+              if k in saved and not same_flag_value(k, saved[k], want[k], recorded_base(saved))]
+    if differ:
+        raise UserError(f"--resume: {st_path} was saved by a run with other flags than the run in {st_path.parent}: "
+                        f"{'; '.join(differ)}. It is another run's training state (copied in?): put this run's own "
+                        f"back, or start the run afresh without --resume")
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------

@@ -185,6 +185,15 @@ def test_resume_bad_training_state(tmp_path, monkeypatch, capsys, hopper_data):
                f"integer)" in msg
         assert (run_dir(tmp_path) / "model_1.pt").read_bytes() == before
         assert (run_dir(tmp_path) / "metrics.jsonl").read_bytes() == metrics
+    # torch loads any scheduler values; a wrong one was a traceback at the first step
+    for key, bad, why in (("last_epoch", "x", "'x' (an integer ≥ 0 is expected)"),
+                          ("base_lrs", [], "[] (1 values are expected)"),
+                          ("base_lrs", [float("nan")], "nan (a finite number is expected)")):
+        torch.save({**good, "scheduler": {**good["scheduler"], key: bad}}, st_path)
+        msg = expect_error(capsys, ["--data_path", str(hopper_data), *TINY, "--max_iters", "2", "--resume",
+                                    "--num_steps_per_iter", "2", "--num_eval_episodes", "0"])
+        assert msg.endswith(f"cannot restore the training state (ValueError: its scheduler state has {key} {why})")
+        assert (run_dir(tmp_path) / "metrics.jsonl").read_bytes() == metrics
 
 
 def test_resume_refuses_changed_flags(tmp_path, monkeypatch, capsys, hopper_data):
@@ -201,6 +210,28 @@ def test_resume_refuses_changed_flags(tmp_path, monkeypatch, capsys, hopper_data
     assert "it has finished all 1 iterations, nothing to do" in capsys.readouterr().err
     run(tmp_path, monkeypatch, hopper_data, *args, "--max_iters", "2", "--resume", "--num_eval_episodes", "1")
     assert (run_dir(tmp_path) / "model_2.pt").is_file()
+
+
+def test_resume_refuses_another_runs_training_state(tmp_path, monkeypatch, capsys, hopper_data):
+    """A train_state.pt copied in from another run (here the seed-2 run's, into the seed-1 run's folder, whose
+    config.json matches the command) was continued silently as this run: one line now, and nothing is written."""
+    import shutil
+
+    args = ["--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes", "0"]
+    run(tmp_path, monkeypatch, hopper_data, *args, "--seed", "1")
+    run(tmp_path, monkeypatch, hopper_data, *args, "--seed", "2")
+    mine, other = run_dir(tmp_path, "dt_medium_hopper_1_K5"), run_dir(tmp_path, "dt_medium_hopper_2_K5")
+    shutil.copy(other / "train_state.pt", mine / "train_state.pt")
+    before = {p.name: p.read_bytes() for p in mine.iterdir() if p.is_file()}
+    msg = expect_error(capsys, ["--data_path", str(hopper_data), *TINY, *args, "--seed", "1", "--max_iters", "2",
+                                "--resume"])
+    rel = mine.relative_to(tmp_path)   # (as --outdir names it)
+    assert msg == (f"error: --resume: {rel / 'train_state.pt'} was saved by a run with other flags than the run in "
+                   f"{rel}: --seed 2 (this run: 1). It is another run's training state (copied in?): put this "
+                   f"run's own back, or start the run afresh without --resume")
+    assert {p.name: p.read_bytes() for p in mine.iterdir() if p.is_file()} == before
+    run(tmp_path, monkeypatch, hopper_data, *args, "--seed", "2", "--max_iters", "2", "--resume")
+    assert (other / "model_2.pt").is_file()
 
 
 def test_evaluate_only_and_load_checkpoint(tmp_path, monkeypatch, hopper_data):

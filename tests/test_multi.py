@@ -390,6 +390,35 @@ def test_resume_with_a_broken_config_and_a_changed_flag(data, tmp_path, monkeypa
     assert [json.loads(x)["iteration"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_resume_refuses_another_runs_training_state(data, tmp_path, monkeypatch, capsys):
+    """A multi-task run's train_state.pt replaced by another run's (another seed) is one line, and nothing is
+    written; the run's own state resumes."""
+    import shutil
+
+    base = ["--dataset", "medium", "--data_path", str(data), *TINY, "--embed_dim", "16", "--n_layer", "1",
+            "--n_head", "2", "--num_eval_episodes", "0", "--max_iters", "1"]
+    for seed, where in ((1, "a"), (2, "b")):
+        (tmp_path / where).mkdir()
+        monkeypatch.chdir(tmp_path / where)
+        experiment_multi.main([*base, "--seed", str(seed)])
+    (mine,) = (tmp_path / "a" / "checkpoints" / "multi").glob("gym-*")
+    (other,) = (tmp_path / "b" / "checkpoints" / "multi").glob("gym-*")
+    own = (mine / "train_state.pt").read_bytes()
+    shutil.copy(other / "train_state.pt", mine / "train_state.pt")
+    before = {p.name: p.read_bytes() for p in mine.iterdir() if p.is_file()}
+    monkeypatch.chdir(tmp_path / "a")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        experiment_multi.main([*base, "--max_iters", "2", "--resume", "--seed", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: --resume: ") and \
+        "was saved by a run with other flags than the run in" in err[-1] and "--seed 2 (this run: 1)" in err[-1]
+    assert {p.name: p.read_bytes() for p in mine.iterdir() if p.is_file()} == before
+    (mine / "train_state.pt").write_bytes(own)
+    experiment_multi.main([*base, "--max_iters", "2", "--resume"])
+    assert [json.loads(x)["iteration"] for x in (mine / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_resume_continues_in_the_folder_it_found(data, tmp_path, monkeypatch):
     """A multi-task run folder copied under another run id is continued in place; the original is left as it was."""
     import shutil
