@@ -55,6 +55,11 @@ def test_normalisation_golden_values():
 def test_ema_smoothing():
     assert np.allclose(curves.ema_smooth([1.0, 2.0, 3.0]), [1.0, 1.2, 1.56])
     assert np.allclose(curves.ema_smooth([1.0, 2.0, 3.0], legacy=True), [1.2, 1.36, 1.688])  # TAKAGI's y0 = 1.2 x0
+    # a missing epoch (NaN in WandB's history) is a gap: it did not carry NaN through the rest of the curve
+    nan = float("nan")
+    np.testing.assert_allclose(curves.ema_smooth([1.0, nan, 2.0, 3.0]), [1.0, nan, 1.2, 1.56])
+    np.testing.assert_allclose(curves.ema_smooth([nan, 1.0, 2.0], legacy=True), [nan, 1.2, 1.36])
+    assert curves.ema_smooth([]).shape == (0,) and np.isnan(curves.ema_smooth([nan, nan])).all()
 
 
 def _rows(path):

@@ -178,14 +178,18 @@ def metric_series(rows: list[dict], key: str, source: str = "metrics",
 
 
 def ema_smooth(x, weight: float = 0.8, legacy: bool = False) -> np.ndarray:
-    """y_n = weight·y_{n-1} + (1 - weight)·x_n with y_0 = x_0 (``legacy``: TAKAGI's filter start y_0 = 1.2·x_0)."""
+    """y_n = weight·y_{n-1} + (1 - weight)·x_n with y_0 = x_0 (``legacy``: TAKAGI's filter start y_0 = 1.2·x_0).
+    A missing value (NaN: an epoch WandB's history lacks) stays NaN and is passed over: the filter goes on from the
+    last value before it (and starts at the first value there is), so one gap does not make the rest of the curve
+    NaN."""
     x = np.asarray(x, dtype=np.float64)
-    y = np.empty_like(x)
-    if len(x) == 0:
-        return y
-    y[0] = 1.2 * x[0] if legacy else x[0]
-    for n in range(1, len(x)):
-        y[n] = weight * y[n - 1] + (1 - weight) * x[n]
+    y = np.full_like(x, np.nan)
+    prev = None
+    for n, v in enumerate(x):
+        if np.isnan(v):
+            continue
+        prev = (1.2 * v if legacy else v) if prev is None else weight * prev + (1 - weight) * v
+        y[n] = prev
     return y
 
 
