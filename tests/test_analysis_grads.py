@@ -237,3 +237,42 @@ def test_a_zero_transformer_h_gradient_is_warned_of_once_per_sample(capsys):
                                        "cosines are 0)\n")
     GradStats(None, torch.ones(3), torch.ones(3)).check("src")
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("which", ["confusion", "norms", "attention", "params", "activations"])
+def test_a_missing_later_model_stops_the_per_model_scripts_before_any_result(tmp_path, tiny_runs, which):  # noqa: F811
+    """--model_name_list dt igpt where igpt has no seed-42 run: one line naming the missing checkpoint, and no
+    result of dt (the first model) is written; before, dt's files were saved and then the script stopped."""
+    from decision_transformer.analysis import attention, grads, mi, params
+    from decision_transformer.errors import UserError
+
+    io = ["--results_dir", tmp_path / "res", "--figs_dir", tmp_path / "figs"]
+    batch = ["--K", "3", "--batch_size", "4"]
+    build, run, argv, per_model = {
+        "confusion": (grads.build_confusion_parser, grads.run_confusion,
+                      ["--env_name_list", "hopper", "--model_name_list", "dt", "igpt", "--epoch", "1", *batch],
+                      "gradcossim_1_{}_hopper_medium_42_bs4_ctx3.npy"),
+        "norms": (grads.build_norm_parser, grads.run_norms,
+                  ["--env_name_list", "hopper", "--model_name_list", "dt", "igpt", "--epoch", "1", *batch],
+                  "gradnorm_perparam_1_{}_hopper_medium_42_bs4_ctx3.npy"),
+        "attention": (attention.build_parser, attention.run,
+                      ["--env_name_list", "hopper", "--model_name_list", "dt", "igpt", "--epoch1", "1", "--epoch2",
+                       "2", "--run_K", "20", *batch], "att_dist_1_{}_hopper_medium_42_K20_bs4_ctx3.npy"),
+        "params": (params.build_parser, params.run,
+                   ["--env_name", "hopper", "--model_name_list", "dt", "igpt", "--epoch1", "1", "--epoch2", "2"],
+                   "paramdist_1_2_{}_hopper_medium_42.npy"),
+        "activations": (mi.build_save_parser, mi.run_save,
+                        ["--env_name_list", "hopper", "--model_name", "dt", "igpt", "--epoch", "1", *batch],
+                        "{}"),
+    }[which]
+    argv = ["--checkpoint_dir", tiny_runs, "--seed", "42", *argv, *(io[:2] if which == "activations" else io)]
+    with pytest.raises(UserError, match=r"checkpoint not found: .*igpt.*model_1\.pt"):
+        run(build().parse_args([str(a) for a in argv]))
+    for folder in ("res", "figs"):
+        assert not (tmp_path / folder).exists() or [p.name for p in (tmp_path / folder).rglob("*")] == []
+    argv[argv.index("igpt")] = "gpt2"                       # with both runs there, both models' results are written
+    run(build().parse_args([str(a) for a in argv]))
+    written = sorted(p.name for p in (tmp_path / "res").iterdir())
+    for m in ("dt", "gpt2"):
+        assert (per_model.format(m) in written if which != "activations" else
+                any(f"_{m}_hopper_medium_42" in name and name.endswith(".npz") for name in written)), written

@@ -174,6 +174,7 @@ def test_a_small_tensors_cosine_does_not_shrink_unless_eps_asks():
 def fake_params(monkeypatch):
     sds = {0: _sd(1.0), 40: _sd(-1.0), 4: _sd(3.0)}
     monkeypatch.setattr(params, "load_state_dict", lambda ck, key, e: (sds[e], None))
+    monkeypatch.setattr(params, "require_checkpoints", lambda *a: None)   # (no files: stand-in weights)
     figs = []
 
     def save(fig, figs_dir, stem, dpi=120):
@@ -209,6 +210,7 @@ def test_params_summary_leaves_out_tensors_that_start_at_zero(tmp_path, monkeypa
     end["transformer.h.0.attn.c_attn.bias"] = torch.tensor([0.5, -0.5])
     end["transformer.h.1.mlp.c_fc.weight"] = torch.tensor([4.0, 4.0])          # cos 1/sqrt(2)
     monkeypatch.setattr(params, "load_state_dict", lambda ck, key, e: ({0: start, 40: end}[e], None))
+    monkeypatch.setattr(params, "require_checkpoints", lambda *a: None)   # (no files: stand-in weights)
     assert params.starts_at_zero(start).tolist() == [False, False, False, False, True]   # (state-dict order)
     assert params.starts_at_zero(start, concat=True).tolist() == [False, False]
     outs = params.run(params.build_parser().parse_args(
@@ -241,6 +243,8 @@ def fake_attention(monkeypatch):
         return D[model]
 
     monkeypatch.setattr(attention, "load_model", load_model)
+
+    monkeypatch.setattr(attention, "require_checkpoints", lambda *a: None)   # (no files: stand-in models)
     monkeypatch.setattr(attention, "SharedDataset", lambda *a, **k: types.SimpleNamespace(get=lambda env, lm: None))
     monkeypatch.setattr(attention, "analysis_batch", lambda *a, **k: None)
     monkeypatch.setattr(attention, "model_attention_distances", distances)

@@ -31,6 +31,7 @@ from decision_transformer.analysis.runs import (
     envs_with_runs,
     load_model,
     model_inputs,
+    require_checkpoints,
 )
 from decision_transformer.errors import UserError
 from decision_transformer.training.trainer import module_mode
@@ -131,6 +132,9 @@ def run(args) -> common.Outputs:
         + ("_timestep" if args.distance_unit == "timestep" else "") \
         + common.batch_tag(args.K, args.batch_seed, args.batch_size, common.DEFAULT_BATCH_SIZE)
     plt = common.pyplot()
+    require_checkpoints(args.checkpoint_dir, [(RunKey(m, args.dataset_name, env, args.seed, K_ckpt), e)
+                                              for env in envs for m in args.model_name_list
+                                              for e in (args.epoch1, args.epoch2)])   # (before any file is written)
     datasets = SharedDataset(args.dataset_name, args.data_path, device, outs.notes)   # every model: the same batch
     for env in envs:
         gaps = {}

@@ -30,6 +30,7 @@ from decision_transformer.analysis.runs import (
     envs_with_runs,
     load_model,
     model_inputs,
+    require_checkpoints,
 )
 from decision_transformer.errors import UserError
 from decision_transformer.training import GRAD_CLIP, masked_action_mse, module_mode
@@ -273,6 +274,14 @@ def setting_tag(args, default_batch_size: int) -> str:
         + common.batch_tag(args.K, args.batch_seed)
 
 
+def _require_models(args, envs):
+    """Every model's checkpoint in every env, checked before any gradient is computed (one missing model used to
+    stop the script after the earlier models' results were written)."""
+    run_K = common.run_k(args)
+    require_checkpoints(args.checkpoint_dir, [(RunKey(m, args.dataset_name, env, args.seed, run_K), args.epoch)
+                                              for env in envs for m in args.model_name_list])
+
+
 def _batches(args, env, device, notes: list):
     """Per model: (loaded model, batch), all drawn from one dataset (``SharedDataset``). Same batch for all models
     unless --independent_batches."""
@@ -309,6 +318,7 @@ def run_confusion(args) -> common.Outputs:
     outs = common.Outputs()
     envs = envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes)
     common.check_env_datasets(args, envs)
+    _require_models(args, envs)
     res = common.out_dir(args.results_dir)
     max_bytes = int(args.max_grad_memory_gb * 2**30)
     ktag = common.run_k_tag(common.run_k(args)) + setting_tag(args, CONFUSION_BATCH_SIZE)
@@ -351,6 +361,7 @@ def run_norms(args) -> common.Outputs:
     outs = common.Outputs()
     envs = envs_with_runs(args.checkpoint_dir, args.env_name_list, outs.notes)
     common.check_env_datasets(args, envs)
+    _require_models(args, envs)
     res = common.out_dir(args.results_dir)
     clip = None if args.unclipped else GRAD_CLIP
     tag = common.run_k_tag(common.run_k(args)) + ("_unclipped" if args.unclipped else "") \

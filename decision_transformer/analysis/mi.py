@@ -50,6 +50,7 @@ from decision_transformer.analysis.runs import (
     analysis_batch,
     batch_digest,
     load_model,
+    require_checkpoints,
 )
 from decision_transformer.errors import UserError
 
@@ -216,6 +217,8 @@ def run_save(args) -> common.Outputs:
     # --batch_seed and --data_batch_size)
     run_K, ktag = common.run_k(args), _ktag(args) + _batch_tag(args.K, args.batch_seed, args.batch_size)
     common.check_env_datasets(args, args.env_name_list)
+    require_checkpoints(args.checkpoint_dir, [(RunKey(m, args.dataset_name, env, args.seed, run_K), args.epoch)
+                                              for env in args.env_name_list for m in args.model_name])
     datasets = SharedDataset(args.dataset_name, args.data_path, device, outs.notes)   # every model: the same batch
     for env in args.env_name_list:
         for m in args.model_name:

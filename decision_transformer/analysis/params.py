@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from decision_transformer.analysis import common
-from decision_transformer.analysis.runs import RunKey, load_state_dict
+from decision_transformer.analysis.runs import RunKey, load_state_dict, require_checkpoints
 from decision_transformer.errors import UserError
 
 H_PREFIX = "transformer.h."
@@ -110,6 +110,8 @@ def run(args) -> common.Outputs:
     tag = common.run_k_tag(run_K) + ("_concat" if args.concat else "") + (f"_eps{args.eps:g}" if args.eps else "")
     env, ds = args.env_name, args.dataset_name
     results = {}
+    require_checkpoints(args.checkpoint_dir, [(RunKey(m, ds, env, args.seed, run_K), e)
+                                              for m in args.model_name_list for e in (args.epoch1, args.epoch2)])
     for m in args.model_name_list:
         key = RunKey(m, ds, env, args.seed, run_K)
         sd0, _ = load_state_dict(args.checkpoint_dir, key, args.epoch1)

@@ -186,6 +186,19 @@ def _initial_from_other_epoch(checkpoint_dir, key: RunKey, path: Path) -> dict:
     return {**ckpt, "state_dict": model.state_dict(), "iteration": 0}
 
 
+def require_checkpoints(checkpoint_dir, runs):
+    """The one-line error ``load_run_checkpoint`` gives for the first missing checkpoint of ``runs`` (pairs of a
+    ``RunKey`` and an epoch), found without loading anything: a script that writes results per model checks every
+    model first, so that a missing later one stops it before the earlier ones' files are written."""
+    for key, epoch in runs:
+        path = checkpoint_path(checkpoint_dir, key, epoch)
+        if path.is_file():
+            continue
+        if epoch != 0 or key.model != "dt" or key.block is not None or \
+                not [e for e in checkpoint_epochs(checkpoint_dir, key) if e != 0]:
+            raise _missing(path, key)
+
+
 def check_checkpoint_env(ckpt: dict, path, env: str):
     """Refuse a checkpoint whose model was built for another env than the run folder's ``env`` (state / action
     sizes, or the env its config records), naming the file."""
