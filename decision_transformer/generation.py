@@ -461,14 +461,16 @@ def generate_dataset(data_path: str | os.PathLike, env: str, dataset: str, *, nu
         out["hdf5"] = str(write_d4rl_hdf5(data_path / hdf5_name(env, dataset), data, meta, replace))
     try:
         out["pkl"] = str(write_pkl(data_path / pkl_name(env, dataset), trajs, replace=replace))
-    except WrittenMeanwhile as e:
-        if "hdf5" not in out:
+    except UserError as e:
+        if "hdf5" not in out or replace:
             raise
         # the hdf5 was written a moment ago only where none was (replace=False): it is this call's own, and would
-        # now sit beside another process's pkl of other data
+        # now sit beside another process's pkl of other data, or alone (a full disk), refusing the next try
         Path(out["hdf5"]).unlink(missing_ok=True)
-        raise WrittenMeanwhile(e.path, also=f"the hdf5 generated with this one, {out['hdf5']}, is removed "
-                                            f"with it") from None
+        also = f"the hdf5 generated with this one, {out['hdf5']}, is removed with it"
+        if isinstance(e, WrittenMeanwhile):
+            raise WrittenMeanwhile(e.path, also=also) from None
+        raise UserError(f"{e}; {also}") from None
     stats = dataset_stats(env, dataset, trajs)
     stats.update(seconds=round(time.perf_counter() - t0, 1), policy=meta["policy"], seed=seed, files=out)
     stats_path = data_path / f"{env}-{dataset}-v2.stats.json"

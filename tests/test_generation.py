@@ -379,3 +379,31 @@ def test_a_small_request_is_rolled_out_in_one_env():
         with pytest.raises(Seen) as e:
             generation.rollout_policy("hopper", Counting(), n)
         assert e.value.args == (envs,), n
+
+
+def test_a_failed_pkl_write_takes_the_new_hdf5_with_it(tmp_path, monkeypatch):
+    """The pkl failing after the hdf5 was written where none was (a full disk between the two) left that hdf5 alone,
+    and the next try was refused as replacing an existing dataset: it is removed with the failure, which says so."""
+    from decision_transformer import synthetic
+    from decision_transformer.synthetic import rollout_flat
+
+    monkeypatch.setattr(generation, "generate_flat",
+                        lambda env, ds, n, seed, policy_dir, progress: (rollout_flat(env, 300, seed=0, max_ep_len=50),
+                                                                        {"policy": "x"}))
+
+    def full_disk(path, *a, **k):
+        raise UserError(f"cannot write {path}: no space left on the device")
+
+    monkeypatch.setattr(synthetic, "write_pkl", full_disk)
+    with pytest.raises(UserError) as e:
+        generation.generate_dataset(tmp_path, "hopper", "random", replace=False, progress=False, log=lambda *a: None)
+    hdf5 = tmp_path / "hopper_random-v2.hdf5"
+    assert str(e.value) == (f"cannot write {tmp_path / 'hopper-random-v2.pkl'}: no space left on the device; the hdf5 "
+                            f"generated with this one, {hdf5}, is removed with it")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    monkeypatch.setattr(generation, "generate_flat",
+                        lambda env, ds, n, seed, policy_dir, progress: (rollout_flat(env, 300, seed=0, max_ep_len=50),
+                                                                        {"policy": "x"}))
+    generation.generate_dataset(tmp_path, "hopper", "random", replace=False, progress=False, log=lambda *a: None)
+    assert hdf5.is_file() and (tmp_path / "hopper-random-v2.pkl").is_file()
