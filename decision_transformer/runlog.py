@@ -1,7 +1,9 @@
 """Run logging: WandB (online, offline or disabled), a local ``metrics.jsonl`` and ``config.json``, progress bars."""
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
 import os
 import sys
@@ -186,6 +188,7 @@ class RunLogger:
                  resume: bool = False, resume_after: int | None = None):
         self.run_dir = Path(run_dir) if run_dir else None
         self.wandb_run = None
+        self._raise_log_errors = logging.raiseExceptions
         self._ambient = sys.exc_info()[1]   # an error being handled around the run is not the run's (finish)
         mode = check_wandb_mode() if use_wandb else None
         previous_id = recorded_wandb_id(self.run_dir) if resume and self.run_dir is not None else None
@@ -194,7 +197,14 @@ class RunLogger:
         if use_wandb and not config.get("wandb_run_id"):
             config["wandb_run_id"] = new_wandb_id()
         if use_wandb:  # before the files: a WandB that cannot start leaves them as they were
-            self.wandb_run = self._start_wandb(config, mode, project, group, name, previous_id)
+            # wandb's debug.log handler prints a traceback for every line it cannot write (dozens on a full disk);
+            # finish() says it once instead, naming WandB's folder
+            self._raise_log_errors, logging.raiseExceptions = logging.raiseExceptions, False
+            try:
+                self.wandb_run = self._start_wandb(config, mode, project, group, name, previous_id)
+            finally:
+                if self.wandb_run is None:
+                    logging.raiseExceptions = self._raise_log_errors
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # through a temporary file: a run stopped (or a disk full) while writing keeps the previous config.json,
@@ -298,15 +308,45 @@ class RunLogger:
             current = sys.exc_info()[1]
             error = current if current is not self._ambient else None
         code = wandb_exit_code(error)
+        folder = _wandb_folder(run)
         try:
             if code:
                 run.finish(exit_code=code)
             else:
                 run.finish()   # (a success, as wandb takes a finish without a code)
-        except Exception as e:  # noqa: BLE001 - the run's own error, on its way out, is the one to show
-            if not code:
-                raise
-            print(f"warning: WandB could not finish the run: {first_line(e)}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - the run's own files are complete: a warning, not an error
+            full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (folder and _disk_full(folder))
+            problem = "no space left on the device" if full else first_line(e)
+            print(f"warning: WandB could not finish the run{f' in {folder}' if folder else ''}: {problem}"
+                  f"{self._own_files()}", file=sys.stderr)
+        else:
+            if folder and _disk_full(folder):   # wandb cuts its record short on a full disk without a word
+                print(f"warning: the disk of WandB's folder {folder} is full: its record of this run may be cut "
+                      f"short{self._own_files()}", file=sys.stderr)
+        finally:
+            logging.raiseExceptions = self._raise_log_errors
+
+    def _own_files(self) -> str:
+        return "" if self.run_dir is None else f" (the run's own files in {self.run_dir} are not affected)"
+
+
+def _wandb_folder(run) -> Path | None:
+    """The folder WandB keeps a run's files in (``wandb/run-...``, ``wandb/offline-run-...``), if it has one."""
+    try:
+        files = getattr(run, "dir", None)
+    except Exception:  # noqa: BLE001 - a run that cannot say
+        return None
+    return Path(files).parent if isinstance(files, str) and files else None
+
+
+def _disk_full(folder: Path) -> bool:
+    """Under 1 MiB free where ``folder`` is (or nearest folder above it that exists)."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.is_dir())).free < 2 ** 20
+    except (OSError, StopIteration):
+        return False
 
 
 def progress(total: int, desc: str, leave: bool = False):

@@ -544,3 +544,45 @@ def test_a_really_full_disk_under_an_hdf5_write_is_one_line_and_leaves_nothing(t
     assert r.returncode == 2 and len(lines) == 1, (r.returncode, r.stderr[-2000:])
     assert lines[0].startswith("error: cannot ") and lines[0].endswith(end), lines
     assert r.stdout.split("@@left")[-1].split() == []
+
+
+@pytest.mark.parametrize("size, said", [("4k", "could not finish the run in"), ("40k", "is full: its record")])
+def test_a_full_wandb_folder_is_one_warning_and_the_run_completes(tmp_path, size, said):
+    """WandB's folder on a full disk: wandb's log handler printed a traceback for each line it could not write (93
+    of them) and the run ended with an unnamed ``error: No space left on device`` although its own files were
+    complete; or (a little room) wandb cut its record short without a word. Now one warning names WandB's folder
+    and the run exits 0 with its files complete."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("wandb")
+    runner = _full_disk_runner()
+    if runner is None:
+        pytest.skip("no private mount namespace (unshare -rm) on this machine")
+    from decision_transformer.data import split_episodes
+    from decision_transformer.synthetic import rollout_flat, write_pkl
+
+    root = Path(__file__).resolve().parents[1]
+    write_pkl(tmp_path / "hopper-medium-v2.pkl", split_episodes(rollout_flat("hopper", 600, seed=0)))
+    disk, out = tmp_path / "disk", tmp_path / "out"
+    disk.mkdir()
+    cmd = [sys.executable, str(root / "experiment.py"), "--data_path", str(tmp_path), "--env", "hopper", "--dataset",
+           "medium", "--max_iters", "3", "--num_steps_per_iter", "5", "--num_eval_episodes", "1", "--embed_dim", "16",
+           "--n_layer", "1", "--n_head", "1", "--batch_size", "4", "--K", "5", "--warmup_steps", "1", "-w",
+           "--outdir", str(out)]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(disk), "PYTHONPATH": str(root)}
+    env.pop("WANDB_SILENT", None)
+    inner = f"mount -t tmpfs -o size={size} tmpfs {disk} || exit 99; {' '.join(cmd)}"
+    r = subprocess.run(runner + [inner], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+    assert "Logging error" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    warnings = [line for line in r.stderr.splitlines() if line.startswith(("warning: WandB", "warning: the disk"))]
+    assert len(warnings) == 1 and said in warnings[0] and str(disk / "wandb") in warnings[0], r.stderr[-3000:]
+    assert warnings[0].endswith(f"(the run's own files in {out / 'dt_medium_hopper_666_K5'} are not affected)"), warnings
+    assert str(disk / "wandb") in warnings[0] and ("no space left on the device" in warnings[0] or size == "40k")
+    rows = [json.loads(line) for line in (out / "dt_medium_hopper_666_K5" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["iteration"] for row in rows] == [1, 2, 3]
+    assert (out / "dt_medium_hopper_666_K5" / "model_3.pt").is_file()
