@@ -586,3 +586,35 @@ def test_a_full_wandb_folder_is_one_warning_and_the_run_completes(tmp_path, size
     rows = [json.loads(line) for line in (out / "dt_medium_hopper_666_K5" / "metrics.jsonl").read_text().splitlines()]
     assert [row["iteration"] for row in rows] == [1, 2, 3]
     assert (out / "dt_medium_hopper_666_K5" / "model_3.pt").is_file()
+
+
+@pytest.mark.parametrize("size", ["8k", "100k"])
+def test_a_really_full_disk_under_a_language_model_save_is_one_line_and_leaves_nothing(tmp_path, size):
+    """pretrain_chibit.py on a full disk ended in a traceback of safetensors' (or tokenizers') own error; on a real
+    tmpfs it now stops with one error line naming --out and leaves the folder empty."""
+    import random
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    runner = _full_disk_runner()
+    if runner is None:
+        pytest.skip("no private mount namespace (unshare -rm) on this machine")
+    root = Path(__file__).resolve().parents[1]
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(" ".join(rng.choice(words) for _ in range(20)) for _ in range(300)))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    cmd = [sys.executable, "lm_cotraining/pretrain_chibit.py", "--text", str(text), "--out", str(disk / "m"),
+           "--vocab_size", "300", "--steps", "2", "--block_size", "16", "--batch_size", "2", "--n_positions", "64",
+           "--n_embd", "32", "--n_layer", "1"]
+    inner = (f"mount -t tmpfs -o size={size} tmpfs {disk} || exit 99; {' '.join(cmd)}; rc=$?; "
+             f"echo @@left; ls -A {disk}; exit $rc")
+    r = subprocess.run(runner + [inner], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"error: cannot write {disk / 'm'}: no space left on the device"], r.stderr[-2000:]
+    assert r.stdout.split("@@left")[-1].split() == []

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from decision_transformer.errors import TrainingDiverged, UserError, first_line
+from decision_transformer.errors import TrainingDiverged, UserError, first_line, write_problem
 from decision_transformer.files import short_name
 from decision_transformer.training.corpus import encode_batches, text_batches
 from decision_transformer.training.lm_cotrain import next_token_loss
@@ -125,15 +125,21 @@ def save_model_dir(out: Path, model, tokenizer, replace: bool = True):
     ``out`` is replaced only once the new folder is complete. Nothing but ``out`` and the tool's own temporary
     folders is removed. ``replace`` False: an ``out`` that is no empty folder (another process saved there since the
     caller's check) is kept, and the new folder goes to ``{out}.new-{pid}`` beside it (a ``UserError`` says so)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{short_name(out.name)}.tmp-"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{short_name(out.name)}.tmp-"))
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {write_problem(out, e)}") from None
     old = None
     try:
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # the permissions of a folder made the ordinary way (mkdtemp makes it 0700)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        except Exception as e:  # noqa: BLE001 - safetensors' and tokenizers' own errors too (a full disk): one line
+            raise UserError(f"cannot write {out}: {write_problem(tmp / 'model.safetensors', e)}") from None
         if not replace:
             try:
                 tmp.rename(out)   # (replaces an empty folder only: atomic, also against another process)
