@@ -272,6 +272,7 @@ def main(argv=None) -> int:
                 ok, what = False, f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
             failed += not ok
             result = "FAIL" if not ok else "skip" if what.startswith("skipped") else "pass"
+            what = what.replace("\n", " ").replace("|", "\\|")   # (one markdown cell: gpu_summary.py reads it)
             print(f"| {name} | {result} | {what} | {time.perf_counter() - start:.1f} |", flush=True)
     return 1 if failed else 0
 

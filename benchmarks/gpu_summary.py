@@ -40,7 +40,9 @@ LOGS = ("bench_train.txt", "bench_train_gpt2.txt", "bench_core.txt", "bench_trai
 
 def _cells(line: str) -> list[str] | None:
     line = line.strip()
-    return [c.strip() for c in line[1:-1].split("|")] if line.startswith("|") and line.endswith("|") else None
+    if not (line.startswith("|") and line.endswith("|") and not line.endswith("\\|")):
+        return None
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line[1:-1])]   # (a bar escaped as \| stays in its cell)
 
 
 def _separator(cells) -> bool:

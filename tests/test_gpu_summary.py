@@ -205,6 +205,21 @@ def test_a_file_given_for_the_folder_is_refused(logs, capsys):
     assert "device.txt: not a folder of GPU suite logs" in capsys.readouterr().err
 
 
+def test_a_failed_cuda_check_whose_output_holds_a_bar_is_named(logs, monkeypatch, capsys):
+    """A check's text with ``|`` in it (the tail of a run's summary line ``iter 1/1 | loss ...``) split its row into
+    more cells than the header: the row, the failure with it, vanished from the summary."""
+    summary = load_script("benchmarks/gpu_summary.py")
+    checks = load_script("benchmarks/cuda_checks.py")
+    for name in ("check_graph_reseed", "check_resume"):
+        monkeypatch.setattr(checks, name, lambda *a: (True, "measured"))
+    monkeypatch.setattr(checks, "check_torchrun", lambda *a: (False, "exit 1: iter 1/1 | loss 0.5 | error: boom"))
+    assert checks.main(["--device", "cpu"]) == 1
+    (logs / "cuda_checks.txt").write_text(capsys.readouterr().out)
+    text, _ = summary.summarise(logs)
+    assert "\nCUDA checks failed: torchrun_nccl.\n" in text
+    assert "exit 1: iter 1/1 \\| loss 0.5 \\| error: boom" in text   # (still a markdown cell: the bars escaped)
+
+
 def test_a_failed_cuda_check_is_named(logs, monkeypatch, capsys):
     summary = load_script("benchmarks/gpu_summary.py")
     (logs / "cuda_checks.txt").write_text(cuda_checks_log(monkeypatch, capsys, {"check_resume"}))
