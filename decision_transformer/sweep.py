@@ -35,8 +35,9 @@ from decision_transformer.errors import quiet_startup
 quiet_startup(__name__)  # (python -m: Ctrl-C while torch loads is one line, exit 130)
 
 from decision_transformer.cli import positive_int
-from decision_transformer.errors import Interrupted, UserError, cli_entry, expand_home, first_line
-from decision_transformer.files import open_lock, short_name
+from decision_transformer.errors import (Interrupted, UserError, cli_entry, expand_home, first_line,
+                                         write_problem)
+from decision_transformer.files import atomic_write, open_lock, short_name
 from decision_transformer.cpu import available_cpus
 from decision_transformer.paths import project_path
 
@@ -917,10 +918,18 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
                 elif "OMP_NUM_THREADS" not in env:  # concurrent CPU runs: share the cores instead of oversubscribing
                     env["OMP_NUM_THREADS"] = str(max(1, len(pinned[slot]) if pinned else
                                                      len(available_cpus()) // len(slots)))
-                log = open(log_dir / f"{names[i]}.log", "a")
+                log_path, log = log_dir / f"{names[i]}.log", None
                 mark = f"[grid {grid}] " if grid else ""
-                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {mark}{shlex.join(cmd)}\n")
-                log.flush()
+                try:
+                    log = open(log_path, "a")
+                    log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {mark}{shlex.join(cmd)}\n")
+                    log.flush()
+                except OSError as e:   # (a full disk: the runs are stopped below, as on Ctrl-C)
+                    if log is not None:
+                        with contextlib.suppress(OSError):
+                            log.close()
+                    _unlock(lock_fd)
+                    raise _LogUnwritable(f"cannot write {log_path}: {write_problem(log_path, e)}") from None
                 where = slots[slot] if slots[slot] is not None else slot
                 print(f"[start {names[i]}] slot {where}: {shlex.join(cmd[1:])}", flush=True)
                 try:
@@ -948,20 +957,26 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
                     print(f"[end {name}] {status}", flush=True)
                     del running[slot]
                     free.append(slot)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _LogUnwritable) as e:
         if starting is not None and all(name != names[starting[0]] for name, *_ in running.values()):
             pending.insert(0, starting)
         report["stopped"] += [name for name, *_ in running.values()]
         report["not_started"] += [names[i] for i, _ in pending]
         _stop(running)
-        raise Interrupted(f"interrupted: stopped {len(running)} running and {len(pending)} waiting runs; the same "
-                          f"command resumes them") from None
+        what = f"stopped {len(running)} running and {len(pending)} waiting runs; the same command resumes them"
+        if isinstance(e, _LogUnwritable):
+            raise UserError(f"{e}; {what}") from None
+        raise Interrupted(f"interrupted: {what}") from None
     finally:
         if before is not None:
             signal.signal(signal.SIGTERM, before)
         if before_int is not None:
             signal.signal(signal.SIGINT, before_int)
     return failed
+
+
+class _LogUnwritable(UserError):
+    """A run's log that cannot be written (a full disk): the launcher stops, as on Ctrl-C, naming the log."""
 
 
 def _unlock(fd: int | None):
@@ -1067,7 +1082,8 @@ def export_wandb(spec: dict, out_dir: Path) -> list[Path]:
                  "program": spec["program"], "method": "grid", "parameters": params,
                  "command": ["${env}", "${interpreter}", "${program}", "${args_no_boolean_flags}"]}
         path = out_dir / f"{name}{suffix}.yaml"
-        path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+        text = yaml.safe_dump(sweep, sort_keys=False)   # (a complete file or none: a full disk is one line)
+        atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text))
         paths.append(path)
     return paths
 
@@ -1244,7 +1260,7 @@ def _summary(runs: list[Run], report: dict) -> str:
         if n:
             parts.append(f"{n} {words}")
     if report["stopped"] or report["not_started"]:
-        parts.append(f"{len(report['stopped'])} stopped and {len(report['not_started'])} not started (interrupted)")
+        parts.append(f"{len(report['stopped'])} stopped and {len(report['not_started'])} not started (the launcher was stopped)")
     return f"summary of {len(runs)} runs: " + ", ".join(parts)
 
 

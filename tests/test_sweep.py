@@ -338,6 +338,22 @@ def test_an_interrupt_while_a_run_is_being_started_counts_it_as_not_started(tmp_
     assert report["stopped"] == ["a"] and report["not_started"] == ["b", "c"]
 
 
+def test_a_run_log_that_cannot_be_written_stops_the_launcher_naming_it(tmp_path):
+    """A run's log that cannot be opened or written (a full disk; here a folder in its place) ended the launcher with
+    an error naming no file, its runs left going and out of the summary. Now the log is named, the runs are stopped
+    as on Ctrl-C, and the summary counts them (the same command resumes them)."""
+    import pytest
+
+    cmds = [[sys.executable, "-c", "import time; time.sleep(60)"] for _ in range(3)]
+    (tmp_path / "logs" / "b.log").mkdir(parents=True)
+    report = sweep.new_report()
+    with pytest.raises(sweep.UserError) as e:
+        sweep.launch(cmds, [None, None], tmp_path / "logs", ["a", "b", "c"], report=report)
+    assert str(e.value) == (f"cannot write {tmp_path / 'logs' / 'b.log'}: it is a folder; stopped 1 running and 2 "
+                            f"waiting runs; the same command resumes them")
+    assert report["stopped"] == ["a"] and report["not_started"] == ["b", "c"]
+
+
 def test_failed_runs_exit_nonzero(tmp_path, capsys):
     spec = {"program": "experiment.py",
             "fixed": {"data_path": str(tmp_path / "none"), "outdir": "", "no_generate": True},
@@ -1241,3 +1257,23 @@ def test_export_checks_each_points_flags_with_the_programs_parser(tmp_path, caps
     grid.write_text(yaml.safe_dump({"program": "experiment.py", "fixed": {"K": 5}, "grid": {"seed": [1, 2]}}))
     assert sweep.main(["export", str(grid), "--out", str(tmp_path / "out")]) == 0
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["g.yaml"]
+
+
+def test_an_export_onto_a_full_disk_is_one_line_and_leaves_no_cut_yaml(tmp_path, monkeypatch):
+    """``export`` wrote each YAML in place: a full disk left an empty or cut-short sweep config (which ``wandb sweep``
+    then reads) and an error naming no file. Now each is written whole or not at all, and the error names it."""
+    import errno
+    from pathlib import Path
+
+    real = Path.write_text
+
+    def full(self, text, *a, **k):
+        real(self, text[: len(text) // 2], *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(sweep.UserError) as e:
+        sweep.export_wandb(sweep.load_grid("pretraining_table1"), tmp_path)
+    assert str(e.value).startswith("cannot write ") and str(e.value).endswith(".yaml: no space left on the device")
+    assert str(tmp_path) in str(e.value)
+    assert [p.name for p in tmp_path.iterdir()] == []
