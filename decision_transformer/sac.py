@@ -892,8 +892,13 @@ def _train_loop(*, env_name, spec, agent, buffer, rng, meta, env, obs, actor_np,
                 rec["expert"] = True
             if expert_reached():
                 finalise_expert(f"it reaches the target {expert_score:.1f} within {expert_tolerance:g}")
-        with open(progress_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:
+            with open(progress_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:   # (the state saved last resumes the run)
+            from decision_transformer.errors import UserError, write_problem
+
+            raise UserError(f"cannot write {progress_path}: {write_problem(progress_path, e)}") from None
         notes = [f"medium candidate {rec['medium_candidate']:.1f}" if "medium_candidate" in rec else "",
                  "medium policy saved" + (" (final)" if meta["medium_final"] else "") if rec.get("medium") else "",
                  f"medium policy of step {meta['medium_step']} final ({meta['medium_stale']} evaluations without "

@@ -434,3 +434,20 @@ def test_a_role_stored_final_without_a_policy_by_earlier_versions_is_open_again(
     meta = train_behaviour_policy("hopper", state, pol, total_steps=600, roles=("expert",), **kw)
     assert meta["env_steps"] == 600 and (pol / "expert.pt").exists()
     assert json.loads(torch.load(state / "state.pt", weights_only=True)["meta"])["medium_final"] is False
+
+
+def test_a_progress_log_that_cannot_be_written_is_one_line_naming_it(tmp_path):
+    """The evaluation row appended to ``progress.jsonl`` (a full disk; here a folder in its place) ended in a bare
+    IsADirectoryError / OSError naming no file; now a one-line ``UserError`` names the log."""
+    import pytest
+
+    from decision_transformer.errors import UserError
+
+    kw = {"total_steps": 300, "eval_every": 200, "eval_episodes": 1, "snapshot_every": 200, "start_steps": 100,
+          "medium_score": 0.0, "medium_window": 1e9, "medium_tolerance": 1e9, "long_eval_episodes": 1,
+          "config": SACConfig(hidden=32, batch_size=64), "buffer_capacity": 5000}
+    state, pol = tmp_path / "state", tmp_path / "pol"
+    (state / "progress.jsonl").mkdir(parents=True)
+    with pytest.raises(UserError) as e:
+        train_behaviour_policy("hopper", state, pol, log=lambda *_: None, **kw)
+    assert str(e.value) == f"cannot write {state / 'progress.jsonl'}: it is a folder"
