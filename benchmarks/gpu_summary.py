@@ -208,8 +208,10 @@ def summarise(folder: Path) -> tuple[str, dict]:
                           "|" + "|".join("---" for _ in header) + "|"]
                          + ["| " + " | ".join(r.get(h, "") for h in header) + " |" for r in rows])
 
-    if train or compiled:
-        show("Training", list((train or compiled)[0]), train + compiled)
+    if train:
+        show("Training (bench_train.txt, eager)", list(train[0]), train)
+    if compiled:   # (a table of its own: its rows look like the eager ones)
+        show("Training under --compile (bench_train_compile.txt)", list(compiled[0]), compiled)
     if large:
         show(f"Training at GPT-2 size, batch {_batch(read('bench_train_gpt2.txt')) or '?'}", list(large[0]), large)
     show("Evaluation", list(ev[0]) if ev else [], ev)

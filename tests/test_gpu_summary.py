@@ -304,3 +304,15 @@ def test_cuda_checks_run_the_never_passed_paths_first_and_only_those_named(monke
     assert checks.main(["--device", "cpu", "--only", "windows", "torchrun_nccl"]) == 0
     rows = [line.split(" | ")[0][2:] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     assert rows == ["windows", "torchrun_nccl"]
+
+
+def test_the_compiled_training_rows_are_a_table_of_their_own(logs, monkeypatch, capsys):
+    """The eager and the ``--compile`` training logs' rows were shown in one table, alike and unlabelled."""
+    summary = load_script("benchmarks/gpu_summary.py")
+    (logs / "bench_train_compile.txt").write_text((logs / "bench_train.txt").read_text())
+    text, _ = summary.summarise(logs)
+    eager = text.split("**Training (bench_train.txt, eager)**")[1].split("**")[0]
+    compiled = text.split("**Training under --compile (bench_train_compile.txt)**")[1].split("**")[0]
+    rows = [line for line in eager.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) > 1 and [line for line in compiled.splitlines() if line.startswith("| ") and "---" not in line] \
+        == rows
