@@ -135,11 +135,18 @@ def save_model_dir(out: Path, model, tokenizer, replace: bool = True):
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # the permissions of a folder made the ordinary way (mkdtemp makes it 0700)
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()   # (transformers' shard bar; the caller says what was saved, in one line)
         try:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         except Exception as e:  # noqa: BLE001 - safetensors' and tokenizers' own errors too (a full disk): one line
             raise UserError(f"cannot write {out}: {write_problem(tmp / 'model.safetensors', e)}") from None
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         if not replace:
             try:
                 tmp.rename(out)   # (replaces an empty folder only: atomic, also against another process)
