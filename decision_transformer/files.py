@@ -78,17 +78,38 @@ def place(tmp: str | os.PathLike, path: str | os.PathLike, replace: bool = True)
         os.unlink(tmp)
 
 
+def make_folders(folder: str | os.PathLike) -> list[Path]:
+    """Make ``folder`` with the folders above it; the ones this call made, outermost first (for ``remove_folders``
+    after a write into them failed). A folder that cannot be made leaves none of those it made behind."""
+    folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not os.path.lexists(p)][::-1]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        remove_folders(made)
+        raise
+    return made
+
+
+def remove_folders(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (``make_folders``'s list) that are empty, innermost first: a failed write leaves no
+    empty folders where there were none. A folder that something was written into meanwhile stays."""
+    for p in reversed(folders):
+        with contextlib.suppress(OSError):
+            p.rmdir()
+
+
 def atomic_write(path: str | os.PathLike, write, replace: bool = True) -> Path:
     """``write(tmp)`` into a new temporary file beside ``path``, then rename it to ``path``: an existing file is
     replaced only by a complete one, and a failed write leaves no temporary file behind. A file that cannot be written
-    (a folder in its place, a full disk, no permission) is a one-line ``UserError`` naming it. ``replace`` False:
-    written only where no file of that name is (``place``)."""
+    (a folder in its place, a full disk, no permission) is a one-line ``UserError`` naming it, and leaves none of the
+    folders made for it. ``replace`` False: written only where no file of that name is (``place``)."""
     path = Path(path)
-    tmp = None
+    tmp, made = None, []
     try:
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, "it is a folder", str(path))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        made = make_folders(path.parent)
         while tmp is None:  # a name of its own (O_EXCL), with the permissions of a plain open(), not mkstemp's 0600
             name = path.parent / f".{short_name(path.name)}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
             try:
@@ -109,6 +130,8 @@ def atomic_write(path: str | os.PathLike, write, replace: bool = True) -> Path:
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass
+        if not os.path.lexists(path):
+            remove_folders(made)
     return path
 
 
@@ -136,8 +159,9 @@ def exclusive(path: str | os.PathLike, what: str = "it"):
         yield
         return
     lock = path.parent / f".{short_name(path.name)}.lock"
-    fd, told = None, False
+    fd, told, made = None, False, []
     try:
+        made = make_folders(lock.parent)
         while fd is None:
             fd = open_lock(lock)
             try:
@@ -170,6 +194,8 @@ def exclusive(path: str | os.PathLike, what: str = "it"):
             except OSError:
                 pass
             os.close(fd)
+        if not os.path.lexists(path):   # (not made: no empty folders left for it)
+            remove_folders(made)
 
 
 def sync(path: str | os.PathLike):

@@ -12,7 +12,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from decision_transformer.errors import UserError, first_line, interrupted_by, out_of_memory, write_problem
-from decision_transformer.files import atomic_write
+from decision_transformer.files import atomic_write, make_folders, remove_folders
 
 #: The values of ``WANDB_MODE`` that wandb accepts.
 WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
@@ -206,11 +206,15 @@ class RunLogger:
                 if self.wandb_run is None:
                     logging.raiseExceptions = self._raise_log_errors
         if self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            made = make_folders(self.run_dir)
             # through a temporary file: a run stopped (or a disk full) while writing keeps the previous config.json,
             # by which --resume and the sweep launcher find the run
             text = json.dumps(config, indent=2, default=str) + "\n"
-            atomic_write(self.run_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
+            try:
+                atomic_write(self.run_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
+            except BaseException:   # (a new run folder left empty is not left behind)
+                remove_folders(made)
+                raise
             if not resume:
                 (self.run_dir / "metrics.jsonl").write_text("")
             elif resume_after is not None:

@@ -618,3 +618,67 @@ def test_a_really_full_disk_under_a_language_model_save_is_one_line_and_leaves_n
     assert r.stderr.splitlines()[-1:] == [f"error: cannot write {disk / 'm'}: no space left on the device"]
     assert "Writing model shards" not in r.stderr, r.stderr[-2000:]   # (transformers' bar, not a terminal here)
     assert r.stdout.split("@@left")[-1].split() == []
+
+
+def test_a_failed_write_leaves_no_empty_folders_it_made(tmp_path, monkeypatch):
+    """A write that failed (a full disk) left behind the folders made for it: ``info/`` of a Fisher file that was never
+    written, ``create_state_stats.py --out a/b/stats.pkl``'s ``a/b``, a new run folder with no ``config.json`` (each
+    merge try a new ``_{id}`` folder). Now they go, while folders that were there before, or hold anything, stay."""
+    from decision_transformer.files import atomic_write, exclusive
+    from decision_transformer.runlog import RunLogger
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("shutil.disk_usage", lambda p: SimpleNamespace(total=1, used=1, free=0))
+    (tmp_path / "kept").mkdir()
+    target = tmp_path / "kept" / "a" / "b" / "stats.pkl"
+    with pytest.raises(UserError, match=f"^cannot write {target}: no space left on the device$"):
+        atomic_write(target, full)
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
+    fisher = tmp_path / "models" / "info" / "m-bs4-nb2"
+    with pytest.raises(UserError):
+        with exclusive(fisher, "Fisher information"):    # the lock beside it made info/ first
+            atomic_write(fisher, full)
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
+    monkeypatch.setattr("decision_transformer.runlog.atomic_write", lambda path, write: atomic_write(path, full))
+    with pytest.raises(UserError, match="config.json: no space left on the device$"):
+        RunLogger(tmp_path / "out" / "run_123", {"a": 1})
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
+    (tmp_path / "kept" / "a").mkdir()
+    (tmp_path / "kept" / "a" / "other").write_text("x")   # a folder something is in stays
+    with pytest.raises(UserError):
+        atomic_write(tmp_path / "kept" / "a" / "b" / "c" / "x", full)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "kept", "other"]
+    with exclusive(tmp_path / "made" / "x"):   # a file that was made keeps its folder
+        atomic_write(tmp_path / "made" / "x", lambda tmp: tmp.write_text("y"))
+    assert (tmp_path / "made" / "x").read_text() == "y" and list((tmp_path / "made").iterdir()) == [
+        tmp_path / "made" / "x"]
+
+
+def test_state_statistics_on_a_really_full_disk_leave_no_folders(tmp_path):
+    """create_state_stats.py --out into folders yet to be made, on a real full tmpfs: one line, and the folders it
+    made for the file are gone."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from decision_transformer.data import split_episodes
+    from decision_transformer.synthetic import rollout_flat, write_pkl
+
+    runner = _full_disk_runner()
+    if runner is None:
+        pytest.skip("no private mount namespace (unshare -rm) on this machine")
+    root = Path(__file__).resolve().parents[1]
+    write_pkl(tmp_path / "hopper-medium-v2.pkl", split_episodes(rollout_flat("hopper", 300, seed=0)))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = disk / "a" / "b" / "stats.pkl"
+    cmd = [sys.executable, "data/create_state_stats.py", "--data_path", str(tmp_path), "--envs", "hopper",
+           "--datasets", "medium", "--out", str(out)]
+    inner = (f"mount -t tmpfs -o size=4k tmpfs {disk} || exit 99; dd if=/dev/zero of={disk}/fill bs=1k 2>/dev/null; "
+             f"{' '.join(cmd)}; rc=$?; echo @@left; ls -A {disk}; exit $rc")
+    r = subprocess.run(runner + [inner], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.splitlines()[-1:] == [f"error: cannot write {out}: no space left on the device"], r.stderr
+    assert r.stdout.split("@@left")[-1].split() == ["fill"]
