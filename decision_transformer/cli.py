@@ -179,8 +179,8 @@ def add_merge_flags(p: argparse.ArgumentParser):
                           "sides of --p)",
                 "--copy_include": "one model, no LM: copy only the --include tensors into the fresh model",
                 "--merge_frozen": "freeze the merged tensors during finetuning (needs --include)",
-                "--identity_layers": "set the merged weights to 1 and biases to 0, frozen (LayerNorms; needs "
-                                     "--include)",
+                "--identity_layers": "set the merged weights to 1 and biases to 0 (LayerNorms; needs "
+                                     "--include; --merge_frozen freezes them)",
                 "--use_fisher": "Fisher-weighted merge (= --merge_method fisher); Fisher files computed if missing",
                 "--no_trace_norm": "do not normalise each Fisher by its trace (= --fisher_norm none)"}
     for flag, what in switches.items():

@@ -299,6 +299,22 @@ def test_merge_methods_end_to_end(trained, monkeypatch):
     assert torch.equal(m1["transformer.h.0.ln_1.weight"], torch.ones(16))
     assert torch.equal(m1["transformer.h.0.ln_1.bias"], torch.zeros(16))
 
+    # --identity_layers alone sets them but does not freeze them (only --merge_frozen does), as its help says
+    work = root / "runs_id_free"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    experiment.main(["--env", "hopper", "--data_path", str(data), *SMALL, "--pretrained_models",
+                     *[str(m[e]) for e in ENVS], "--include", "ln_1", "--copy_model", "--identity_layers",
+                     "--max_iters", "1", "--num_steps_per_iter", "2", "--num_eval_episodes", "0"])
+    (rd,) = listed(work / "checkpoints")
+    m0, m1 = (load_checkpoint(rd / f"model_{i}.pt")["state_dict"] for i in (0, 1))
+    assert torch.equal(m0["transformer.h.0.ln_1.weight"], torch.ones(16))
+    assert not torch.equal(m1["transformer.h.0.ln_1.weight"], torch.ones(16))
+    from decision_transformer.cli import experiment_parser
+
+    (said,) = [a.help for a in experiment_parser()._actions if "--identity_layers" in a.option_strings]
+    assert "frozen" not in said.replace("--merge_frozen", ""), said
+
     # --copy_include: only the merged tensors go into the fresh model
     work = root / "runs_ci"
     work.mkdir()
