@@ -503,7 +503,7 @@ def merge_regmean(states: Sequence[StateDict], grams: Sequence[dict[str, torch.T
 def greedy_soup(states: Sequence[StateDict], keys: Sequence[str], score: Callable[[StateDict], float],
                 device=None, verbose: bool = False, *, names: Sequence[str] | None = None
                 ) -> tuple[StateDict, list[int]]:
-    """Greedy soup (Wortsman et al.): rank candidates by the held-out ``score`` of each alone (model 1 with S taken
+    """Greedy soup (Wortsman et al.): rank candidates by the ``score`` of each alone (model 1 with S taken
     from candidate i), start from the best, and add each next candidate if the uniform mean of the kept set plus it
     scores strictly higher. Returns the merged state and the kept candidate indices (best first)."""
     n = len(states)
@@ -527,7 +527,7 @@ def greedy_soup(states: Sequence[StateDict], keys: Sequence[str], score: Callabl
             kept.append(i)
             best, best_sd = s, sd
     if verbose:
-        print(f"greedy soup: kept models {[i + 1 for i in kept]} (held-out scores alone: "
+        print(f"greedy soup: kept models {[i + 1 for i in kept]} (scores alone: "
               + ", ".join(f"{a:.4f}" for a in alone) + ")", file=sys.stderr)
     return best_sd, kept
 
