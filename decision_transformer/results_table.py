@@ -47,7 +47,7 @@ quiet_startup(__name__)  # (python -m: Ctrl-C while torch loads is one line, exi
 
 import numpy as np
 
-from decision_transformer.cli import HelpFormatter, check_upper_bounds
+from decision_transformer.cli import THREADS_HELP, HelpFormatter, check_upper_bounds
 from decision_transformer.envs import (D4RL_ENVS, DEFAULT_ENV_VERSION, SUPPORTED_ENV_VERSIONS, check_dataset_name,
                                        get_env_spec)
 from decision_transformer.errors import TrainingDiverged, UserError, cli_entry
@@ -559,6 +559,7 @@ def main(argv=None):
                                                      "else medium)")
     p.add_argument("--env_version", default=DEFAULT_ENV_VERSION)
     p.add_argument("--device", default="auto", help="auto = the GPU when there is one, else cpu")
+    p.add_argument("--threads", default="auto", help=THREADS_HELP)
     p.add_argument("--out", default=None, help="write OUT.csv and OUT.md")
     args = p.parse_args(argv)
     if args.num_eval_episodes < 1:
@@ -589,7 +590,7 @@ def main(argv=None):
         from decision_transformer.files import refuse_files_above
 
         refuse_files_above(out.parent, "--out")   # (a folder that cannot be written: before the rows are evaluated)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, args.threads)
     rows = collect(args.row, pick=args.pick, num_episodes=args.num_eval_episodes, seed=args.seed,
                    data_path=args.data_path, dataset=args.dataset, device=device, env_version=args.env_version)
     envs = list(dict.fromkeys(args.envs))

@@ -18,7 +18,7 @@ from decision_transformer.errors import quiet_startup  # noqa: E402
 
 quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
 
-from decision_transformer.cli import HelpFormatter  # noqa: E402
+from decision_transformer.cli import THREADS_HELP, HelpFormatter  # noqa: E402
 from decision_transformer.errors import cli_entry  # noqa: E402
 
 
@@ -42,6 +42,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup_steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--threads", default="auto", help=THREADS_HELP)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out folder (once the new model is completely written)")
     return p
@@ -53,10 +54,11 @@ def main(argv=None):
     from decision_transformer.run import resolve_device
     from decision_transformer.training.lm_pretrain import pretrain_chibit
 
+    device = str(resolve_device(args.device, args.threads))
     return pretrain_chibit(args.text, args.out, tokenizer_dir=args.tokenizer, vocab_size=args.vocab_size,
                     n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, n_positions=args.n_positions,
                     block_size=args.block_size, batch_size=args.batch_size, steps=args.steps, lr=args.lr,
-                    warmup_steps=args.warmup_steps, seed=args.seed, device=str(resolve_device(args.device)),
+                    warmup_steps=args.warmup_steps, seed=args.seed, device=device,
                     overwrite=args.overwrite)
 
 

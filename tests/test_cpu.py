@@ -132,3 +132,45 @@ def test_launcher_runs_take_sigint_even_when_the_launcher_ignores_it(tmp_path):
     finally:
         signal.signal(signal.SIGINT, before)
     assert (tmp_path / "a.log").read_text().strip().splitlines()[-1] == "sigint True"
+
+
+def test_every_script_with_device_takes_threads(capsys):
+    """Setting the device also chooses the CPU threads, and a busy machine gets the line `threads: n (...; pass
+    --threads N to choose)`: pretrain_chibit.py, run_all.py and results_table printed it but refused the flag.
+    Every script whose --help lists --device now takes --threads; run_all.py passes it on to each analysis."""
+    import glob
+
+    from conftest import ROOT
+    from test_analysis_support import load_script
+
+    scripts = sorted({*glob.glob("*.py", root_dir=ROOT), *glob.glob("*/*.py", root_dir=ROOT),
+                      *glob.glob("analysis/*/*.py", root_dir=ROOT)} - {"setup.py"})
+    scripts = [s for s in scripts if not s.startswith(("tests/", "decision_transformer/", "docs/"))
+               and "__main__" in (ROOT / s).read_text()]
+    # (these benchmarks keep torch's own thread count: they choose none, so they never print the line)
+    own_threads = {"benchmarks/bench_analysis.py", "benchmarks/check_precision.py", "benchmarks/cuda_checks.py"}
+    for s in own_threads:
+        assert "resolve_device" not in (ROOT / s).read_text() and "configure_threads" not in (ROOT / s).read_text()
+    mains = {s: (lambda s=s: load_script(s).main) for s in scripts}
+    from decision_transformer import merge_cli, results_table
+
+    mains.update({"results_table": lambda: results_table.main, "merge_cli": lambda: merge_cli.main})
+    with_device, missing = [], []
+    for name, main in mains.items():
+        try:
+            with pytest.raises(SystemExit):
+                main()(["--help"])
+        except Exception as e:   # (a script without argparse, or one that runs without --help)
+            raise AssertionError(f"{name}: --help did not exit ({e!r})") from None
+        text = capsys.readouterr().out
+        if "--device" in text:
+            with_device.append(name)
+            if "--threads" not in text and name not in own_threads:
+                missing.append(name)
+    assert len(with_device) > 15 and {"results_table", "lm_cotraining/pretrain_chibit.py",
+                                       "analysis/run_all.py"} <= set(with_device), with_device
+    assert missing == []
+    from decision_transformer.analysis import report
+
+    args = report.build_parser().parse_args(["--threads", "1"])
+    assert report._data_flags(args)[:4] == ["--device", "cpu", "--threads", "1"]

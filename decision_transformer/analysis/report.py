@@ -59,6 +59,7 @@ def build_parser():
     p.add_argument("--model_name_list", nargs="+", default=None, help="default: every model with runs")
     p.add_argument("--data_path", type=str, default=None)
     p.add_argument("--device", type=str, default="cpu")
+    common.add_threads_flag(p)
     p.add_argument("--batch_size", type=int, default=common.DEFAULT_BATCH_SIZE,
                    help=f"samples of the analysis batches of CKA, MINE, gradient norms and attention (other than "
                         f"{common.DEFAULT_BATCH_SIZE}: results tagged _bs{{n}})")
@@ -177,7 +178,7 @@ def _argv(args, section, *extra) -> list[str]:
 
 def _data_flags(args) -> list[str]:
     """The analysis batch's flags but its size (each step passes its own), and the device."""
-    flags = ["--device", args.device, "--K", args.K, "--batch_seed", args.batch_seed]
+    flags = ["--device", args.device, "--threads", args.threads, "--K", args.K, "--batch_seed", args.batch_seed]
     return flags + (["--data_path", args.data_path] if args.data_path else [])
 
 
@@ -298,8 +299,8 @@ def step_mi(plan: _Plan, args) -> common.Outputs:
     # save_activation.py's): run_mi_exp.py and the plots read them given the same flags
     setting = ["--iters", args.mine_iters, "--mine_hidden", args.mine_hidden,
                *_batch_read_flags(args, "--data_batch_size")]
-    mine_flags = [*setting, "--device", args.device, "--dataset_name", args.dataset_name, "--seed", args.seed,
-                  "--run_K", args.run_K]
+    mine_flags = [*setting, "--device", args.device, "--threads", args.threads, "--dataset_name", args.dataset_name,
+                  "--seed", args.seed, "--run_K", args.run_K]
     for env in plan.envs:
         models, e = plan.models_at(env, args.epoch2, "mutual information", outs.notes)
         if e is None:
