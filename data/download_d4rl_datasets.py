@@ -164,8 +164,7 @@ def main(argv=None):
         for path in check_conversions(args.hdf5, args.data_path, args.force):
             convert(path, args.data_path, force=args.force)
         return
-    from decision_transformer.data import hdf5_name
-    from decision_transformer.data import pkl_name
+    from decision_transformer.data import hdf5_name, pkl_name, synthetic_stand_in
     from decision_transformer.download import base_url, fetch_d4rl
     from decision_transformer.envs import get_env_spec
 
@@ -177,7 +176,13 @@ def main(argv=None):
         for dataset in args.datasets:
             target = os.path.join(args.data_path, pkl_name(env, dataset))
             if not args.force and os.path.lexists(target):   # (a dataset converted already, or one of the user's)
-                print(f"{target} exists: kept, nothing downloaded (pass --force to download and convert again)")
+                mark = synthetic_stand_in(target)
+                if mark is not None:   # (random-policy data under D4RL's name: the real one is what was asked for)
+                    print(f"warning: {target} exists and is a smoke-test stand-in ({mark}), not D4RL's data: kept, "
+                          f"nothing downloaded; pass --force to download and convert D4RL's file over it",
+                          file=sys.stderr)
+                else:
+                    print(f"{target} exists: kept, nothing downloaded (pass --force to download and convert again)")
                 continue
             name = hdf5_name(env, dataset)
             path = fetch_d4rl(name, args.hdf5_dir, url=f"{root}/{name}", verify=args.verify,

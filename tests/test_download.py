@@ -587,6 +587,16 @@ def test_a_download_keeps_an_existing_pkl_unless_forced(tmp_path, capsys):
                  "--data_path", str(tmp_path), "--base_url", url, "--no_progress"])
     assert f"{target} exists: kept, nothing downloaded (pass --force" in capsys.readouterr().out
     assert target.read_bytes() == b"the user's dataset"
+    # a smoke-test stand-in (--synthetic) kept there is said to be one: the seed's download step run after a
+    # smoke test kept random-policy data with the same words as a real dataset
+    stand_in = tmp_path / "hopper-medium-v2.synthetic"
+    stand_in.write_text("4 uniform-random-policy episodes")
+    script.main(["--envs", "hopper", "--datasets", "medium", "--hdf5_dir", str(tmp_path / "cache"),
+                 "--data_path", str(tmp_path), "--base_url", url, "--no_progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: {target} exists and is a smoke-test stand-in (4 uniform-random-policy episodes), not "
+                   f"D4RL's data: kept, nothing downloaded; pass --force to download and convert D4RL's file over it"]
+    stand_in.unlink()
     with pytest.raises(SystemExit) as e:   # --force: downloads (here: fails offline), the pkl untouched
         script.main(["--envs", "hopper", "--datasets", "medium", "--hdf5_dir", str(tmp_path / "cache"),
                      "--data_path", str(tmp_path), "--base_url", url, "--no_progress", "--force"])
