@@ -95,12 +95,17 @@ def check_dataset_place(data_path: str | os.PathLike, env: str, dataset: str):
 
 
 def checked_state_stats(mean, std, env: str, where: str, stored: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) as float32 vectors of ``env``'s state dim of finite numbers, std positive; else one line that
-    starts with ``where`` (the file and entry they come from, or the call they are given to: ``stored`` False)."""
+    """(mean, std) as float32 vectors of ``env``'s state dim of finite real numbers, std at least ``STD_EPS`` (every
+    std is the data's std + ``STD_EPS``: dividing by less, such as a subnormal 1e-45, blows the normalised states up
+    until training diverges); else one line that starts with ``where`` (the file and entry they come from, or the
+    call they are given to: ``stored`` False)."""
     dim, out, what = get_env_spec(env).state_dim, [], "stored " if stored else ""
     for key, v in (("state_mean", mean), ("state_std", std)):
         try:
-            a = np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
+            raw = np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
+            if np.iscomplexobj(raw):   # (float32 of it drops the imaginary parts with only a ComplexWarning)
+                raise UserError(f"{where}{what}{key} holds complex numbers, not real ones")
+            a = np.asarray(raw, dtype=np.float32)
         except (TypeError, ValueError):
             raise UserError(f"{where}{what}{key} is a {type(v).__name__}, not numbers") from None
         if a.shape != (dim,):
@@ -110,6 +115,9 @@ def checked_state_stats(mean, std, env: str, where: str, stored: bool = True) ->
         out.append(a)
     if (out[1] <= 0).any():
         raise UserError(f"{where}{what}state_std has values <= 0 (down to {out[1].min():.3g})")
+    if (out[1] < np.float32(STD_EPS)).any():
+        raise UserError(f"{where}{what}state_std has values below {STD_EPS:g} (down to {out[1].min():.3g}): every "
+                        f"std is the data's std + {STD_EPS:g}, and states divided by less blow up")
     return out[0], out[1]
 
 
@@ -657,11 +665,15 @@ def apply_delayed_mode(trajs):
     return out
 
 
+#: added to every state std (as the originals): no std of a table or checkpoint is below it
+STD_EPS = 1e-6
+
+
 def state_stats(trajs) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std (+1e-6) over every observation of the dataset, float32, as the originals."""
+    """Mean and std (+``STD_EPS``) over every observation of the dataset, float32, as the originals."""
     states = np.concatenate([t["observations"] for t in trajs], axis=0).astype(np.float32, copy=False)
     with np.errstate(over="ignore"):
-        mean, std = np.mean(states, axis=0), np.std(states, axis=0) + 1e-6
+        mean, std = np.mean(states, axis=0), np.std(states, axis=0) + STD_EPS
     if not (np.isfinite(mean).all() and np.isfinite(std).all()):
         raise UserError(f"the observations are too large to normalise (up to {np.abs(states).max():.3g}): their mean "
                         f"or standard deviation overflows float32")

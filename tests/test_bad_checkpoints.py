@@ -156,6 +156,11 @@ def test_a_damaged_zip_says_what_torch_found_without_its_advice(tmp_path):
     (torch.zeros(11), torch.full((11,), float("inf")), "stored state_std contains NaN or inf"),
     (torch.zeros(11), torch.zeros(11), "stored state_std has values <= 0 (down to 0)"),
     (torch.zeros(11), -torch.ones(11), "stored state_std has values <= 0 (down to -1)"),
+    # a subnormal std passed the check and made training diverge; a complex mean lost its imaginary parts silently
+    (torch.zeros(11), torch.full((11,), 1e-45), "stored state_std has values below 1e-06 (down to 1.4e-45): every "
+                                                "std is the data's std + 1e-06, and states divided by less blow up"),
+    (torch.zeros(11, dtype=torch.complex64) + 1j, torch.ones(11), "stored state_mean holds complex numbers, not real "
+                                                                   "ones"),
     (torch.zeros(11), None, "no stored state_std"),
 ])
 def test_results_table_checks_stored_statistics(tmp_path, capsys, mean, std, expect):

@@ -1021,7 +1021,13 @@ def test_create_state_stats_updates_an_existing_table(tmp_path, capsys):
                             ["entry 'walker2d-medium-v2'", "NaN"]),
                            (pickle.dumps({"walker2d-medium-v2": {"state_mean": np.zeros(11, np.float32),
                                                                  "state_std": np.ones(11, np.float32)}}),
-                            ["entry 'walker2d-medium-v2'", "17 dims"])):
+                            ["entry 'walker2d-medium-v2'", "17 dims"]),
+                           (pickle.dumps({"walker2d-medium-v2": {"state_mean": np.zeros(17) + 1j,
+                                                                 "state_std": np.ones(17, np.float32)}}),
+                            ["entry 'walker2d-medium-v2'", "complex numbers"]),
+                           (pickle.dumps({"walker2d-medium-v2": {"state_mean": np.zeros(17, np.float32),
+                                                                 "state_std": np.full(17, 1e-45, np.float32)}}),
+                            ["entry 'walker2d-medium-v2'", "state_std has values below 1e-06"])):
         out.write_bytes(content)
         msg = fails(main, ["--data_path", tmp_path], capsys)
         assert str(out) in msg and "--replace" in msg and all(w in msg for w in words), msg
