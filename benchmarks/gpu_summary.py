@@ -276,6 +276,9 @@ def main(argv=None) -> int:
     folder = Path(args.folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder of GPU suite logs")
+    if not any((folder / name).is_file() for name in (*LOGS, "device.txt")):   # (a wrong folder: not a table of gaps)
+        raise UserError(f"{folder}: none of gpu_suite.sh's logs ({', '.join(LOGS)}) is in it; give the folder "
+                        f"gpu_suite.sh wrote (its $OUT)")
     text, _ = summarise(folder)
     print(text, end="")
     return 0

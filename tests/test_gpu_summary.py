@@ -203,6 +203,14 @@ def test_a_file_given_for_the_folder_is_refused(logs, capsys):
         summary.main([str(logs / "device.txt")])
     assert stop.value.code == 2
     assert "device.txt: not a folder of GPU suite logs" in capsys.readouterr().err
+    # a folder without any of the suite's logs (a wrong one) gave a table of "not measured" rows and exit 0
+    (logs / "other").mkdir()
+    (logs / "other" / "m.pt").write_bytes(b"x")
+    with pytest.raises(SystemExit) as stop:
+        summary.main([str(logs / "other")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {logs / 'other'}: none of gpu_suite.sh's logs ("), err
 
 
 def test_a_failed_cuda_check_whose_output_holds_a_bar_is_named(logs, monkeypatch, capsys):
