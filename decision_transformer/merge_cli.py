@@ -196,6 +196,31 @@ def stored_state_stats(mf) -> dict:
     return {env: stored_for(mf, env) for env in (table if isinstance(table, dict) else [None])}
 
 
+def check_sources_rebuild(sources) -> None:
+    """Each model file rebuilds into the model its config describes (sizes that fit its weights, no tensor the model
+    lacks, a known env), checked on torch's meta device (no memory): a merged file made from one that does not, with
+    model 1's config, is refused by every tool that loads it, yet was written with exit 0. Bare state dicts record
+    no config to disagree with."""
+    import warnings
+
+    import torch
+
+    from decision_transformer.envs import get_env_spec
+    from decision_transformer.legacy_import import build_model
+
+    for s in sources:
+        if s.bare:
+            continue
+        if not s.is_multi and s.env is not None:
+            try:
+                get_env_spec(s.env)
+            except UserError as e:
+                raise UserError(f"{s.path}: its config records {e}") from None
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")   # (loading weights into meta tensors is a no-op torch warns of)
+            build_model(s)
+
+
 def run_merge(args) -> Path:
     """Merge the ``--models`` (all single-task or all multi-task) with the chosen method and write the
     merged checkpoint, with model 1's config and a ``merge_info`` record, to ``--out``; returns its path."""
@@ -211,6 +236,7 @@ def run_merge(args) -> Path:
     check_favor_target(args, method, len(args.models))
     device = resolve_device(args.device, args.threads)
     sources = [load_model_file(m) for m in args.models]
+    check_sources_rebuild(sources)
     warn_inert_p(args.p, method, len(sources))
     n_multi = sum(s.is_multi for s in sources)
     if n_multi not in (0, len(sources)):

@@ -337,6 +337,34 @@ def test_lm_weight_must_not_be_negative(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_merge_cli_refuses_a_model_whose_config_does_not_rebuild_it(tiny, tmp_path, capsys):
+    """A model file whose config does not fit its weights (state_dim 17 over hopper's), with a tensor its model
+    lacks, or of an unknown env was merged and written with exit 0, a file every other tool then refused. Now the
+    model file is named in one line and nothing is written."""
+    root, data, paths = tiny
+    good = torch.load(paths["hopper"], weights_only=True)
+    bad = []
+    for name, change in (("sdim", lambda c: c["config"]["model_config"].update(state_dim=17)),
+                         ("extra", lambda c: c["state_dict"].update({"extra.weight": torch.zeros(3)})),
+                         ("env", lambda c: c["config"].update(env="ant"))):
+        c = torch.load(paths["hopper"], weights_only=True)
+        change(c)
+        torch.save(c, tmp_path / f"{name}.pt")
+        bad.append(tmp_path / f"{name}.pt")
+    out = tmp_path / "m.pt"
+    for b, words in zip(bad, ("does not match the model: shape mismatch for embed_state.weight (checkpoint [16, 11], "
+                              "model [16, 17])", "does not match the model: unexpected extra.weight",
+                              "its config records unknown env 'ant'")):
+        for models in ((b, paths["hopper"]), (paths["hopper"], b)):   # model 1 (its config is written) or another
+            msg = fails(merge_cli.main, ["--models", *models, "--include", "attn", "--data_path", data,
+                                         "--out", out], capsys)
+            assert msg.startswith(f"error: {b}") and words in msg, msg
+            assert not out.exists()
+    merge_cli.main(list(map(str, ["--models", paths["hopper"], paths["hopper"], "--include", "attn", "--data_path",
+                                  data, "--out", out])))
+    assert out.is_file() and good["config"]["env"] == "hopper"
+
+
 def test_merge_and_sweep_bound_their_counts(tiny, tmp_path, capsys):
     root, data, paths = tiny
     out = tmp_path / "m.pt"
