@@ -216,13 +216,28 @@ def sync(path: str | os.PathLike):
 def check_zip_checksums(path: str | os.PathLike):
     """A ``torch.save`` file (a zip archive) whose bytes no longer match the CRC-32 checksums it stores is a one-line
     ``UserError``: ``torch.load`` does not check them, so damaged tensor bytes load as other numbers. Files that are
-    not zip archives (torch's legacy format, plain pickles, truncated files) are left to the loader to judge."""
+    not zip archives (torch's legacy format, plain pickles) are left to the loader to judge; one that begins as a zip
+    archive but has no end (a save or copy that did not finish) is said to be cut short, where torch's own error reads
+    ``Invalid argument`` or ``failed finding central directory``."""
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
+    except zipfile.BadZipFile:
+        try:
+            with open(path, "rb") as f:
+                begins_as_zip = f.read(4) == b"PK\x03\x04"
+                f.seek(max(0, os.fstat(f.fileno()).st_size - (1 << 16) - 22))
+                has_end = b"PK\x05\x06" in f.read()   # (the end-of-archive record, within its comment's reach)
+        except OSError:
+            return
+        if begins_as_zip and not has_end:
+            raise UserError(f"{path}: cut short: it begins as a zip archive (torch.save's format) but its end is "
+                            f"missing, as a save or copy that did not finish leaves a file (restore it or delete "
+                            f"it)") from None
+        return
+    except (OSError, EOFError, ValueError, NotImplementedError):
         return
     if bad is not None:
         raise UserError(f"{path}: damaged: the stored bytes of {bad} do not match their checksum (restore the file or "

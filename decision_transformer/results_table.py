@@ -594,10 +594,10 @@ def main(argv=None):
     rows = collect(args.row, pick=args.pick, num_episodes=args.num_eval_episodes, seed=args.seed,
                    data_path=args.data_path, dataset=args.dataset, device=device, env_version=args.env_version)
     envs = list(dict.fromkeys(args.envs))
-    if rows and not any(env in envs for scores in rows.values() for env in scores):   # (an empty table: a mistake)
-        have = sorted({env for scores in rows.values() for env in scores})
+    if out_files and rows and not any(env in envs for scores in rows.values() for env in scores):
+        have = sorted({env for scores in rows.values() for env in scores})   # (a table of empty cells: a mistake)
         raise UserError(f"no row has a score for --envs {' '.join(envs)} (the rows have scores for "
-                        f"{', '.join(have) or 'no env'}); nothing {'written' if out_files else 'to show'}")
+                        f"{', '.join(have) or 'no env'}); --out {args.out} not written")
     for label, scores in rows.items():
         if scores and not any(env in envs for env in scores):
             print(f"warning: row {label!r} has scores for {', '.join(scores)} only, none of --envs "

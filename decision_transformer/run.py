@@ -517,6 +517,8 @@ def resume_state_path(args, run_dir: Path | None, lm_script: bool = False) -> Pa
     if args.pretrained_models:   # of several runs of these merge flags, the newest made with all these flags
         run_dir = resumable_run(run_dir.parent, f"{run_dir.name}_", resume_signature(args), "merge run")
     st_path = run_dir / TRAIN_STATE
+    if st_path.is_dir():
+        raise UserError(f"cannot resume: {st_path} is a folder, not the run's training state")
     if not st_path.is_file():
         from decision_transformer.sweep import _lock_holder, folder_lock_path
 

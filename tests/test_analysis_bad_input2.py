@@ -937,3 +937,41 @@ def test_run_all_warns_of_the_cpu_fallback_once(runs, tmp_path, capsys, monkeypa
                                                        "--only", "cka", "grads", "--batch_size", "4", "--K", "3",
                                                        "--device", "cuda"]])
     assert capsys.readouterr().err.count("--device cuda requested but CUDA is not available") == 1
+
+
+def test_a_folder_or_a_foreign_tensor_in_a_run_is_named_for_what_it_is(runs, tmp_path, capsys):
+    """A folder named model_40.pt was 'checkpoint not found: ...model_40.pt; the folder has ... model_40.pt', a folder
+    named metrics.jsonl 'metrics not found'; an epoch's checkpoint lacking a block tensor, or holding an integer
+    one, was 'the two checkpoints have different transformer.h tensors', naming neither file."""
+    import shutil
+
+    import torch
+
+    ck = _copy_runs(runs, tmp_path)
+    params = load_script(SCRIPTS["params"]).main
+    last = _edit_checkpoint(ck, "dt_medium_hopper_666/model_40.pt",
+                            lambda o: o["state_dict"].pop("transformer.h.1.mlp.c_fc.bias"))
+    first = last.with_name("model_0.pt")
+    msg = expect_exit(capsys, params, _argv("params", ck, tmp_path / "o1"))
+    assert msg == (f"error: {first} has transformer.h.1.mlp.c_fc.bias, which {last} lacks: the two are not the same "
+                   f"model at two epochs"), msg
+    _edit_checkpoint(ck, "dt_medium_hopper_666/model_40.pt", lambda o: o["state_dict"].update(
+        {"transformer.h.1.mlp.c_fc.bias": torch.zeros(o["state_dict"]["transformer.h.1.mlp.c_proj.weight"].shape[0],
+                                                      dtype=torch.int64)}))
+    msg = expect_exit(capsys, params, _argv("params", ck, tmp_path / "o2"))
+    assert msg.startswith(f"error: {last}: transformer.h.1.mlp.c_fc.bias holds int64 numbers, not floating point"), msg
+    last.unlink()
+    last.mkdir()
+    msg = expect_exit(capsys, params, _argv("params", ck, tmp_path / "o3"))
+    assert msg == f"error: {last}: is a folder, not a checkpoint file", msg
+    cka = load_script(SCRIPTS["cka"]).main
+    msg = expect_exit(capsys, cka, _argv("cka", ck, tmp_path / "o4") + ["--epoch2", "40"])
+    assert msg == f"error: {last}: is a folder, not a checkpoint file", msg
+    metrics = ck / "dt_medium_hopper_666" / "metrics.jsonl"
+    metrics.unlink()
+    metrics.mkdir()
+    score = load_script(SCRIPTS["score"]).main
+    msg = expect_exit(capsys, score, _argv("score", ck, tmp_path / "o5") + ["--K", "20"])
+    assert msg == f"error: {metrics}: is a folder, not the run's metrics file", msg
+    shutil.rmtree(metrics)
+    assert not list(tmp_path.glob("o*/res/*"))

@@ -138,13 +138,31 @@ def test_a_damaged_zip_says_what_torch_found_without_its_advice(tmp_path):
     from decision_transformer.checkpoint import load_checkpoint
 
     path = tmp_path / "b.pt"
-    path.write_bytes(b"PK\x03\x04junk")
+    path.write_bytes(b"PK\x03\x04" + bytes(100) + b"PK\x05\x06" + bytes(6) + b"\x01\x00" + bytes(10))   # 0 of 1 entry
     with pytest.raises(UserError) as e:
         load_checkpoint(path)
     msg = str(e.value)
     assert msg.startswith(f"{path}: not a loadable checkpoint (torch.load failed: RuntimeError: ") and \
-        msg.endswith("not a ZIP archive)"), msg
+        msg.endswith("unsupported multidisk archive)"), msg
     assert "internal miniz error" not in msg and "If you" not in msg
+
+
+@pytest.mark.parametrize("keep", [4, 100, 5000, -30])
+def test_a_checkpoint_cut_short_is_said_to_be(tmp_path, keep):
+    """A torch.save file cut short (a copy or save that did not finish) read 'torch.load failed: OSError: [Errno 22]
+    Invalid argument' or 'failed finding central directory'; now it is named as cut short, by every loader."""
+    from decision_transformer.checkpoint import atomic_save, load_checkpoint, make_checkpoint
+
+    whole = tmp_path / "whole.pt"
+    atomic_save(make_checkpoint({"w": torch.ones(2000)}, {"env": "hopper"}), whole)
+    path = tmp_path / "train_state.pt"
+    path.write_bytes(whole.read_bytes()[:keep])
+    for load in (load_checkpoint, load_model_file):
+        with pytest.raises(UserError) as e:
+            load(path)
+        assert str(e.value) == (f"{path}: cut short: it begins as a zip archive (torch.save's format) but its end is "
+                                f"missing, as a save or copy that did not finish leaves a file (restore it or delete "
+                                f"it)")
 
 # ---- stored state statistics (results_table) -------------------------------------------------------------------------
 

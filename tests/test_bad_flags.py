@@ -672,3 +672,19 @@ def test_precompute_fisher_says_when_K_is_not_the_models(tmp_path, capsys, sourc
     precompute_fisher.main([str(a) for a in ["--model", model, "--data_path", data, "--f_batch_size", "2",
                                              "--f_num_batches", "1", "--device", "cpu", "--K", "4"]])
     assert capsys.readouterr().err.count(f"warning: {model} was trained with K=5; this run uses K=4 (--K)") == 1
+
+
+def test_resuming_from_a_folder_where_the_training_state_belongs_says_so(tmp_path, monkeypatch, capsys):
+    """A folder named train_state.pt in the run folder read 'nothing to resume: ... train_state.pt does not exist'."""
+    import experiment
+
+    from decision_transformer import generation
+
+    monkeypatch.setattr(generation, "ensure_dataset", lambda *a, **k: pytest.fail("the data step was reached"))
+    monkeypatch.chdir(tmp_path)
+    state = tmp_path / "checkpoints" / "dt_medium_hopper_666" / "train_state.pt"
+    state.mkdir(parents=True)
+    line = fails(experiment.main, ["--data_path", tmp_path / "empty", "--resume"], capsys)
+    assert line == "error: cannot resume: checkpoints/dt_medium_hopper_666/train_state.pt is a folder, not the run's " \
+                   "training state", line
+    assert state.is_dir() and not list(state.iterdir())

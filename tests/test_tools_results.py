@@ -293,14 +293,15 @@ def test_envs_are_deduplicated_and_a_row_outside_them_is_said(tmp_path, capsys):
     warnings = [line for line in out.err.splitlines() if line.startswith("warning:")]
     assert warnings == ["warning: row 'w' has scores for walker2d only, none of --envs hopper; its cells are empty"]
     # no row with a score for any of --envs: a table of empty cells replaced the one at --out (exit 0); now one line,
-    # and the table written before stays
+    # and the table written before stays (without --out the empty table is shown, as test_analysis_wiring checks)
     before = [(tmp_path / f"t.{x}").read_text() for x in ("csv", "md")]
     with pytest.raises(SystemExit) as e:
         results_table.main(list(map(str, ["--row", f"w={walk}", "--envs", "hopper", "halfcheetah", "--out",
                                            tmp_path / "t"])))
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: no row has a score for --envs hopper halfcheetah (the rows have scores for walker2d); nothing written"]
+        f"error: no row has a score for --envs hopper halfcheetah (the rows have scores for walker2d); --out "
+        f"{tmp_path / 't'} not written"]
     assert [(tmp_path / f"t.{x}").read_text() for x in ("csv", "md")] == before
 
 

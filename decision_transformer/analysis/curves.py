@@ -61,6 +61,8 @@ def read_metrics_jsonl(path) -> list[dict]:
     """The rows of a run's ``metrics.jsonl``, one dict per line (blank lines and a last line cut short
     left out); a missing file is ``RunNotFound``, an unreadable one a ``UserError``."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not the run's metrics file")
     if not path.is_file():
         raise RunNotFound(f"metrics not found: {path} (runs write it next to their checkpoints; use --from_wandb to "
                           f"read WandB instead)")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from decision_transformer.analysis import common
-from decision_transformer.analysis.runs import RunKey, load_state_dict, require_checkpoints
+from decision_transformer.analysis.runs import RunKey, checkpoint_path, load_state_dict, require_checkpoints
 from decision_transformer.errors import UserError
 
 H_PREFIX = "transformer.h."
@@ -30,14 +30,23 @@ def block_tensors(state_dict: dict) -> dict[str, torch.Tensor]:
             if k.startswith(H_PREFIX) and not k.endswith(_BUFFERS) and torch.is_floating_point(v)}
 
 
-def parameter_similarity(sd0: dict, sd1: dict, concat: bool = False,
-                         eps: float = 0.0) -> tuple[list[str], np.ndarray, np.ndarray]:
+def parameter_similarity(sd0: dict, sd1: dict, concat: bool = False, eps: float = 0.0,
+                         sources: tuple = ("the first checkpoint", "the second checkpoint")
+                         ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(names, l2 distances, cosines), per tensor or (``concat``) per block. The cosine divides by the norms' product
-    plus ``eps`` (0: the plain cosine, whatever the tensor's scale; a zero tensor's cosine is 0)."""
+    plus ``eps`` (0: the plain cosine, whatever the tensor's scale; a zero tensor's cosine is 0). ``sources``: the
+    two state dicts' files, which an error names."""
+    for sd, source in zip((sd0, sd1), sources):
+        odd = next((k for k, v in sd.items() if k.startswith(H_PREFIX) and not k.endswith(_BUFFERS)
+                    and isinstance(v, torch.Tensor) and not torch.is_floating_point(v)), None)
+        if odd is not None:
+            raise UserError(f"{source}: {odd} holds {str(sd[odd].dtype).replace('torch.', '')} numbers, not floating "
+                            f"point ones (a damaged or converted checkpoint)")
     t0, t1 = block_tensors(sd0), block_tensors(sd1)
-    if list(t0) != list(t1):
-        missing = sorted(set(t0) ^ set(t1))
-        raise UserError(f"the two checkpoints have different transformer.h tensors (e.g. {missing[:1]})")
+    if set(t0) != set(t1):   # (the same tensors in another order compare by name)
+        k, i = next((k, i) for i, (a, b) in enumerate(((t0, t1), (t1, t0))) for k in a if k not in b)
+        raise UserError(f"{sources[i]} has {H_PREFIX}{k}, which {sources[1 - i]} lacks: the two are not the same "
+                        f"model at two epochs")
     names, dist, cos = [], [], []
     for g, ks in _groups(t0, concat).items():
         a = torch.cat([t0[k].reshape(-1).to(torch.float64) for k in ks])
@@ -116,7 +125,9 @@ def run(args) -> common.Outputs:
         key = RunKey(m, ds, env, args.seed, run_K)
         sd0, _ = load_state_dict(args.checkpoint_dir, key, args.epoch1)
         sd1, _ = load_state_dict(args.checkpoint_dir, key, args.epoch2)
-        names, dist, cos = parameter_similarity(sd0, sd1, args.concat, args.eps)
+        names, dist, cos = parameter_similarity(sd0, sd1, args.concat, args.eps,
+                                                sources=tuple(checkpoint_path(args.checkpoint_dir, key, e)
+                                                              for e in (args.epoch1, args.epoch2)))
         measured = ~starts_at_zero(sd0, args.concat)
         results[m] = (names, dist, cos, measured)
         base = f"{args.epoch1}_{args.epoch2}_{m}_{env}_{ds}_{args.seed}{tag}"

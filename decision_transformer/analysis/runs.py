@@ -139,6 +139,8 @@ def other_k_hint(checkpoint_dir, key: RunKey) -> str:
 
 
 def _missing(path: Path, key: RunKey | None = None) -> UserError:
+    if path.is_dir():   # (not "not found; the folder has ... model_1.pt": it is there, as a folder)
+        return UserError(f"{path}: is a folder, not a checkpoint file")
     d = path.parent
     if not d.is_dir():
         hint = other_k_hint(d.parent, key) if key is not None else ""
