@@ -975,3 +975,25 @@ def test_a_folder_or_a_foreign_tensor_in_a_run_is_named_for_what_it_is(runs, tmp
     assert msg == f"error: {metrics}: is a folder, not the run's metrics file", msg
     shutil.rmtree(metrics)
     assert not list(tmp_path.glob("o*/res/*"))
+
+
+@pytest.mark.parametrize("config, said", [
+    ('{"max_iters": "abc"}', 'max_iters is "abc", not a whole number >= 0; whether the run finished is not checked'),
+    ('{"max_iters": null}', "max_iters is null, not a whole number >= 0; whether the run finished is not checked"),
+    ('{"max_iters": -3}', "max_iters is -3, not a whole number >= 0; whether the run finished is not checked"),
+    (None, "a folder, not a run config; the run's iterations and flags are not checked"),
+])
+def test_a_run_config_the_score_table_cannot_use_is_said(runs, tmp_path, capsys, config, said):
+    """A config.json whose max_iters is no count, or a folder in its place, went without a word (a JSON list got a
+    warning): the table could not tell whether the run had finished."""
+    ck = _copy_runs(runs, tmp_path)
+    path = ck / "dt_medium_hopper_666" / "config.json"
+    path.unlink(missing_ok=True)
+    if config is None:
+        path.mkdir()
+    else:
+        path.write_text(config)
+    score = load_script(SCRIPTS["score"]).main
+    score([str(a) for a in _argv("score", ck, tmp_path / "o") + ["--K", "20"]])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if str(path) in line]
+    assert warnings == [f"warning: {path}: {said}"], warnings

@@ -113,6 +113,9 @@ def run_config(run_dir) -> dict | None:
     """A run folder's ``config.json`` as a dict; None where there is none (older runs, WandB-only runs). One that
     cannot be read is None with a warning: the scores are read as without it."""
     path = Path(run_dir) / "config.json"
+    if path.is_dir():
+        common.warn(f"{path}: a folder, not a run config; the run's iterations and flags are not checked")
+        return None
     if not path.is_file():
         return None
     try:
@@ -124,6 +127,10 @@ def run_config(run_dir) -> dict | None:
         common.warn(f"{path}: not a run config (a JSON {type(config).__name__}); the run's iterations and flags are "
                     f"not checked")
         return None
+    n = config.get("max_iters")
+    if "max_iters" in config and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        common.warn(f"{path}: max_iters is {json.dumps(n)}, not a whole number >= 0; whether the run finished is not "
+                    f"checked")
     return config
 
 
