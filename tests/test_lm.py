@@ -786,8 +786,11 @@ def test_an_originals_parent_path_is_found_below_this_folder_or_the_project(lm_d
     monkeypatch.chdir(root)
     monkeypatch.setattr(paths, "PROJECT_ROOT", project)
     with pytest.raises(UserError, match=r"at .*/work/\.\./checkpoints/chibiT and .*/work/checkpoints/chibiT and "
-                                        r".*/project/checkpoints/chibiT"):
+                                        r".*/project/checkpoints/chibiT") as e:
         find_model_dir("../checkpoints/chibiT")
+    # the ChibiT it suggests making goes into the project (where it is found), not beside it as ../checkpoints/ did
+    assert str(e.value).endswith("lm_cotraining/pretrain_chibit.py --text FILE --out ../project/checkpoints/chibiT); "
+                                 "see checkpoints/README.md"), str(e.value)
     shutil.copytree(lm_dirs / "gpt2", project / "checkpoints" / "ChibiT")
     assert find_model_dir("../checkpoints/chibiT")[0] == project / "checkpoints" / "ChibiT"
     assert capsys.readouterr().err == f"--pretrained_lm ../checkpoints/chibiT: using {project}/checkpoints/ChibiT\n"

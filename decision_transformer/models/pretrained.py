@@ -203,8 +203,11 @@ def find_model_dir(name: str, what: str = "pretrained model", flag: str = "--pre
     looked = " and ".join(str(c.absolute()) for c in candidates)
     stem = given.name or name
     if explicit_path or in_checkpoints:   # a path, not a Hub id
+        out = name
+        if ups and len(given.parts) > ups:   # (an originals' ../ path: made inside the project, where it is found too)
+            out = os.path.relpath(paths.PROJECT_ROOT / Path(*given.parts[ups:]))
         how = (f"create or copy a save_pretrained model directory there (ChibiT without a download: python "
-               f"lm_cotraining/pretrain_chibit.py --text FILE --out {name})")
+               f"lm_cotraining/pretrain_chibit.py --text FILE --out {out})")
     else:
         how = (f"copy a save_pretrained directory to checkpoints/{stem} or pass its path to {flag}, or run "
                f"`hf download {name}` on a networked machine and copy its cache folder to HF_HOME")
