@@ -145,6 +145,8 @@ def test_original_command_line(build, orig, ours):
     (curves.build_no_context_parser, "-pld d -psr r -psa r -psf f --seed 1 --env_name walker2d --model_name gpt2 "
                                      "--dataset_name medium --from_wandb -block -wpn u/p --device cuda"),
     (cka.build_plot_parser, "-plc r -psf f --env_name hopper -rsa state -thr 0.23 --device cpu"),
+    # the data plot took the MI plots' --exp_type (default normal) and plots the data experiment whatever it says
+    (mi.build_plot_data_parser, "-plm r -psf f --exp_type normal --env_name hopper --seed 1 --epoch 40"),
 ])
 def test_the_original_scripts_full_flag_sets_parse(build, argv):
     """Every flag of the original plotting scripts parses, also their --device (never read: nothing runs a model)

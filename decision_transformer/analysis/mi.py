@@ -780,7 +780,9 @@ def plot_mi(args) -> common.Outputs:
 def build_plot_data_parser():
     """The command-line parser of the data-MI plotting script (Figure 22)."""
     p = common.parser("Figure 22: MI between states and actions and between returns-to-go and actions, per env.")
-    p.add_argument("--exp_type", choices=("data",), default="data")
+    p.add_argument("--exp_type", choices=("data", "normal", "no_context"), default="data",
+                   help="unused: this script plots the data experiment (accepted for the originals' command lines, "
+                        "which passed --exp_type normal, their default)")
     p.add_argument("--env_name_list", nargs="+", default=list(common.ENV_NAMES))
     p.add_argument("--env_name", type=str, default=None, help="a single env (overrides --env_name_list)")
     p.add_argument("--dataset_name", type=str, default="medium")
