@@ -20,6 +20,7 @@ on another grid with the same run, skips it as running elsewhere. A run stops (S
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import contextlib
 import itertools
 import os
@@ -64,6 +65,31 @@ def _project_value(key: str, value):
     return value
 
 
+class _DuplicateKey(Exception):
+    """A mapping of a grid file that gives one key twice (YAML keeps the last: the first's values vanished)."""
+
+
+def _unique_key_loader():
+    """yaml's safe loader, refusing a key given twice in one mapping (``seed: [1, 2]`` and later ``seed: [3]``, or
+    two ``grid:`` sections), which ``safe_load`` resolves silently by keeping the last."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, collections.abc.Hashable):   # (a list as a key: yaml's own error says it)
+                    continue
+                if key in seen:
+                    raise _DuplicateKey(f"{key!r} is given twice (lines {seen[key]} and {key_node.start_mark.line + 1}"
+                                        f"): YAML would keep the last and drop the first's values")
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def load_grid(name: str, project_paths: bool = True) -> dict:
     """A grid by name (a bundled ``sweeps/{name}.yaml``) or path, checked: ``program`` is a Python file of the project,
     ``fixed`` and ``grid`` are mappings, every grid value a non-empty list. With ``project_paths``, a bundled grid's
@@ -79,7 +105,9 @@ def load_grid(name: str, project_paths: bool = True) -> dict:
         also = f" or {path}" if str(path) != name else ""
         raise UserError(f"unknown grid {name!r}: no file {name}{also}; known grids: {known}")
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        spec = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())
+    except _DuplicateKey as e:
+        raise UserError(f"{path}: {e}") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text (UTF-8) file") from None
     except yaml.YAMLError as e:
@@ -880,8 +908,8 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
     before = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
     # a launcher started in the background by a non-interactive shell ignores SIGINT, while its runs do not (see
     # ``_child_setup``): a Ctrl-C to the process group would stop the runs and the launcher would start the next ones
-    before_int = signal.signal(signal.SIGINT, signal.default_int_handler) \
-        if _main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN else None
+    sigint = _sigint_taken()
+    sigint.__enter__()
     starting = None   # the run being started: stopped now, it counts as not started
     try:
         while pending or running:
@@ -970,8 +998,7 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
     finally:
         if before is not None:
             signal.signal(signal.SIGTERM, before)
-        if before_int is not None:
-            signal.signal(signal.SIGINT, before_int)
+        sigint.__exit__(None, None, None)
     return failed
 
 
@@ -1045,11 +1072,12 @@ def _stop(running: dict, grace_s: float = 30.0):
         print(f"[stopped {name}]", flush=True)
 
 
-def export_wandb(spec: dict, out_dir: Path) -> list[Path]:
+def export_wandb(spec: dict, out_dir: Path, check=None) -> list[Path]:
     """WandB grid-sweep files. A grid value ``null`` cannot be expressed in one sweep: the grid is split per value
     of that parameter (one sweep without the flag, one with the other values); a parameter whose only value is
     ``null`` is left out. A WandB agent passes a value as one ``--flag=value`` argument: a one-element list is
-    exported as its element, and a grid with a list of several values (a flag taking several) is refused."""
+    exported as its element, and a grid with a list of several values (a flag taking several) is refused. ``check``:
+    called once the values are known to export, before anything is written."""
     import yaml
 
     name = spec["name"]
@@ -1073,6 +1101,8 @@ def export_wandb(spec: dict, out_dir: Path) -> list[Path]:
         k = nullable[0]
         rest = {kk: vv for kk, vv in grid.items() if kk != k}
         variants = [(f"-no-{k}", rest), (f"-{k}", {**rest, k: [v for v in grid[k] if v is not None]})]
+    if check is not None:
+        check()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for suffix, variant in variants:
@@ -1128,10 +1158,31 @@ def _join_extra(argv: list[str]) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def _sigint_taken():
+    """SIGINT raises KeyboardInterrupt for the block, also in a launcher started in the background by a
+    non-interactive shell, which ignores it: planning a grid takes seconds (it inspects every run folder), and such a
+    launcher ignored a SIGINT then and went on to run the whole grid."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler) \
+        if _main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
+
+
 @cli_entry
 def main(argv=None):
     """``python -m decision_transformer.sweep``: ``list`` the bundled grids, ``export`` one as WandB sweep files,
     or ``run`` one (the plan is printed first); runs failed or not started end in one ``UserError``."""
+    with _sigint_taken():
+        return _main(argv)
+
+
+def _main(argv=None):
     p = argparse.ArgumentParser(prog="python -m decision_transformer.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -1164,13 +1215,18 @@ def main(argv=None):
                 _check_with_parser(program, to_argv(params))
             except UserError as e:
                 raise UserError(f"grid {spec['name']}: point {i + 1} ({shlex.join(to_argv(params))}): {e}") from None
-        for path in export_wandb(spec, Path(a.out)):
+        # two points that are one run (the same folder) are refused, as by `run`: a sweep would train it twice
+        for path in export_wandb(spec, Path(a.out), check=lambda: plan_runs(spec, [])):
             print(f"wrote {path} (start it with `wandb sweep {shlex.quote(str(path))}` and `wandb agent ...`)")
         return 0
     try:
         extra = shlex.split(a.extra)
     except ValueError as e:
         raise UserError(f"--extra {a.extra!r}: {e} (it is split as a shell command line)") from None
+    resume = next((x for x in extra if x.split("=", 1)[0] in ("--resume", "--resum", "--resu")), None)
+    if resume is not None:   # (every run then failed: a new one has nothing to resume)
+        raise UserError(f"--extra {a.extra!r}: leave {resume} out: the launcher resumes each run that stopped part "
+                        f"way by itself, and starts the others anew")
     if a.gpus is None and a.procs > MAX_PROCS:
         raise UserError(f"--procs {a.procs} is too large (at most {MAX_PROCS} processes at a time)")
     slots = _gpu_slots(a.gpus) if a.gpus is not None else [None] * a.procs

@@ -1277,3 +1277,55 @@ def test_an_export_onto_a_full_disk_is_one_line_and_leaves_no_cut_yaml(tmp_path,
     assert str(e.value).startswith("cannot write ") and str(e.value).endswith(".yaml: no space left on the device")
     assert str(tmp_path) in str(e.value)
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_grid_mistakes_that_lost_or_doubled_runs_are_one_line(tmp_path, capsys, monkeypatch):
+    """A key given twice in a grid file (YAML keeps the last: `seed: [1, 2]` ... `seed: [3]` planned one run, exit 0);
+    an export of two points that are one run (a WandB sweep trained it twice, one over the other); `--extra --resume`
+    (every new run failed, its error blaming the launcher's own lock)."""
+    monkeypatch.chdir(tmp_path)
+    grid = tmp_path / "g.yaml"
+    grid.write_text("program: experiment.py\nfixed:\n  env: hopper\ngrid:\n  seed: [1, 2]\n  K: [5]\n  seed: [3]\n")
+    err = _expect_error(capsys, ["run", str(grid), "--dry_run"])
+    assert err == f"error: {grid}: 'seed' is given twice (lines 5 and 7): YAML would keep the last and drop the " \
+                  f"first's values"
+    grid.write_text("program: experiment.py\ngrid:\n  seed: [1]\ngrid:\n  K: [5]\n")
+    assert "'grid' is given twice (lines 2 and 4)" in _expect_error(capsys, ["export", str(grid)])
+    grid.write_text(yaml.safe_dump({"program": "experiment.py", "fixed": {"env": "hopper"}, "grid": {"seed": [1, 1]}}))
+    err = _expect_error(capsys, ["export", str(grid), "--out", str(tmp_path / "out")])
+    assert err.startswith("error: grid g: runs 1 and 2 (the same flags) are one and the same run, ") and \
+        err.endswith("make them differ in a flag that names the run folder, or give them different --outdir values")
+    assert not (tmp_path / "out").exists()
+    grid.write_text(yaml.safe_dump({"program": "experiment.py", "fixed": {"env": "hopper"}, "grid": {"seed": [1, 2]}}))
+    for extra in ("--resume", "--max_iters 1 --resume", "--resu"):
+        err = _expect_error(capsys, ["run", str(grid), "--extra", extra])
+        assert err.startswith(f"error: --extra {extra!r}: leave {extra.split()[-1]} out: the launcher resumes each "
+                              f"run that stopped part way by itself"), err
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "sweep_logs").exists()
+
+
+def test_a_launcher_that_ignores_sigint_stops_on_it_while_planning(tmp_path, monkeypatch, capsys):
+    """Started in the background (SIGINT ignored), the launcher took SIGINT only once it launched runs: one sent
+    while it planned (seconds for a large grid) was lost, and it went on to run the whole grid."""
+    import signal
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"program": "experiment.py", "fixed": {"env": "hopper",
+                                                                          "outdir": str(tmp_path / "ck")},
+                                    "grid": {"seed": [1, 2]}}))
+
+    def planning(*a, **k):
+        signal.raise_signal(signal.SIGINT)   # (arrives while the grid is planned)
+        pytest.fail("the launcher planned on after a SIGINT")
+
+    monkeypatch.setattr(sweep, "plan_runs", planning)
+    monkeypatch.setattr(sweep, "launch", lambda *a, **k: pytest.fail("the launcher started runs"))
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(SystemExit) as e:
+            sweep.main(["run", str(grid), "--log_dir", str(tmp_path / "logs")])
+        assert e.value.code == 130
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN   # as it was, once the launcher is done
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: interrupted")
