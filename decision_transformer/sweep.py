@@ -985,6 +985,10 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
                     print(f"[end {name}] {status}", flush=True)
                     del running[slot]
                     free.append(slot)
+                    if proc.returncode != 0 and _disk_full(Path(log.name)):
+                        # (its output, and so its error line, went to a log on a full disk: the next runs' would too)
+                        raise _LogUnwritable(f"cannot write {log.name}: no space left on the device (run {name} "
+                                             f"stopped with exit {proc.returncode}, its log cut short)")
     except (KeyboardInterrupt, _LogUnwritable) as e:
         if starting is not None and all(name != names[starting[0]] for name, *_ in running.values()):
             pending.insert(0, starting)
@@ -1000,6 +1004,16 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
             signal.signal(signal.SIGTERM, before)
         sigint.__exit__(None, None, None)
     return failed
+
+
+def _disk_full(path: Path) -> bool:
+    """Whether the file system of ``path`` has under 1 MiB free (as ``errors.write_problem`` judges a full disk)."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(path.parent).free < 2 ** 20
+    except OSError:
+        return False
 
 
 class _LogUnwritable(UserError):

@@ -354,6 +354,29 @@ def test_a_run_log_that_cannot_be_written_stops_the_launcher_naming_it(tmp_path)
     assert report["stopped"] == ["a"] and report["not_started"] == ["b", "c"]
 
 
+def test_a_run_that_fails_with_its_logs_disk_full_stops_the_launcher_naming_the_log(tmp_path, monkeypatch, capsys):
+    """A run whose log filled the disk stopped (its output could not be written) with its log cut short and no reason
+    anywhere: 'FAILED (exit 1, see ...)', and the launcher started the next run into the same full disk. Now the
+    launcher stops as on a log it cannot open, naming the log and the full disk."""
+    import shutil
+    from types import SimpleNamespace
+
+    import pytest
+
+    cmds = [[sys.executable, "-c", "import sys; sys.exit(1)"], [sys.executable, "-c", "import time; time.sleep(60)"]]
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=1, used=1, free=0)
+                        if str(p).startswith(str(tmp_path)) else real(p))
+    report = sweep.new_report()
+    with pytest.raises(sweep.UserError) as e:
+        sweep.launch(cmds, [None], tmp_path / "logs", ["a", "b"], report=report)
+    assert str(e.value) == (f"cannot write {tmp_path / 'logs' / 'a.log'}: no space left on the device (run a stopped "
+                            f"with exit 1, its log cut short); stopped 0 running and 1 waiting runs; the same command "
+                            f"resumes them")
+    assert report["failed"] == [("a", 1, str(tmp_path / "logs" / "a.log"))] and report["not_started"] == ["b"]
+    assert "[end a] FAILED (exit 1" in capsys.readouterr().out
+
+
 def test_failed_runs_exit_nonzero(tmp_path, capsys):
     spec = {"program": "experiment.py",
             "fixed": {"data_path": str(tmp_path / "none"), "outdir": "", "no_generate": True},
