@@ -120,8 +120,9 @@ def load_grid(name: str, project_paths: bool = True) -> dict:
     spec["grid"] = spec.get("grid") or {}
     for k, v in spec["grid"].items():
         if not isinstance(v, list):
-            raise UserError(f"{path}: grid value of {k!r} must be a list of values, got {v!r} (write [{v}] for one "
-                            f"value, or move it to 'fixed')")
+            shown = "null" if v is None else v   # (as YAML writes it: [None] would be the string 'None')
+            raise UserError(f"{path}: grid value of {k!r} must be a list of values, got {shown} (write [{shown}] for "
+                            f"one value, or move it to 'fixed')")
         if not v:
             raise UserError(f"{path}: grid value of {k!r} is an empty list (the grid would have no runs)")
     program = (ROOT / spec["program"]).resolve()
@@ -892,7 +893,11 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
     iterations stay saved, and the same command resumes them. A run also gets SIGINT when the launcher dies (Linux)."""
     import signal
 
-    log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:   # (before any run starts)
+        raise UserError(f"cannot make the runs' log folder {log_dir} (--log_dir): {write_problem(log_dir, e)}") \
+            from None
     names = names or [f"run_{i:03d}" for i in range(len(commands))]
     report = new_report() if report is None else report
     pending = list(enumerate(commands))

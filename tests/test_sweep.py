@@ -1352,3 +1352,18 @@ def test_a_launcher_that_ignores_sigint_stops_on_it_while_planning(tmp_path, mon
     finally:
         signal.signal(signal.SIGINT, before)
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: interrupted")
+
+
+def test_a_null_grid_value_and_an_unmakeable_log_folder_are_named_as_such(tmp_path, capsys):
+    """`grid: {seed: }` suggested `[None]`, which YAML reads as the string 'None'; a --log_dir that could not be made
+    was the system's bare reason after the path, naming neither the flag nor what was being done."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text("program: experiment.py\ngrid: {seed: }\n")
+    assert _expect_error(capsys, ["run", str(grid), "--dry_run"]) == (
+        f"error: {grid}: grid value of 'seed' must be a list of values, got null (write [null] for one value, or move "
+        f"it to 'fixed')")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(sweep.UserError) as e:
+        sweep.launch([[sys.executable, "-c", "pass"]], [None], tmp_path / "afile" / "logs", ["a"])
+    assert str(e.value) == (f"cannot make the runs' log folder {tmp_path / 'afile' / 'logs'} (--log_dir): "
+                            f"{tmp_path / 'afile'} is a file, not a folder")
