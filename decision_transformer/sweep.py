@@ -219,20 +219,34 @@ def _state_of(folder: Path, done_file: str | None, max_iters: int, final=None) -
     return "partial" if last is not None and not last.is_file() else "done"  # resumed: it writes the final model
 
 
-def _final_model(args, models_dir: Path, model_type: str):
+def _final_model(args, sub: str, model_type: str):
     """For runs that save their last model (``--save_model`` with ``--save_mode last`` or ``both``): a function of the
-    run folder giving that file, ``{models_dir}/{model_type}_{exp_prefix}.pt``, written after the last training
-    state (None where the folder does not record its ``exp_prefix``); else None."""
+    run folder giving that file, ``models/{sub}/{model_type}_{exp_prefix}.pt``, written after the last training
+    state (None where the folder does not record its ``exp_prefix``); else None. ``models/`` is the project's (from
+    inside it), else the one below the folder the run was started in (outside the project, a run writes there, and a
+    launcher started elsewhere looks there too)."""
     if not (getattr(args, "save_model", False) and getattr(args, "save_mode", "last") in ("last", "both")):
         return None
 
     def final(folder: Path) -> Path | None:
-        """The run's last model file ``{models_dir}/{model_type}_{exp_prefix}.pt``; None where ``folder`` records
+        """The run's last model file ``models/{sub}/{model_type}_{exp_prefix}.pt``; None where ``folder`` records
         no ``exp_prefix``."""
+        from decision_transformer.checkpoint import recorded_base
+        from decision_transformer.paths import PROJECT_ROOT
         from decision_transformer.run import recorded_config
 
-        prefix = (recorded_config(folder, note=False) or {}).get("exp_prefix")
-        return models_dir / f"{model_type}_{prefix}.pt" if isinstance(prefix, str) and prefix else None
+        config = recorded_config(folder, note=False) or {}
+        prefix = config.get("exp_prefix")
+        if not (isinstance(prefix, str) and prefix):
+            return None
+        name = f"{model_type}_{prefix}.pt"
+        path = Path(project_path("models")) / sub / name
+        base = recorded_base(config)
+        if not path.is_file() and base:
+            started, root = Path(base).resolve(), PROJECT_ROOT.resolve()
+            if started != root and root not in started.parents:   # (what project_path gave the run there)
+                return started / "models" / sub / name
+        return path
     return final
 
 
@@ -393,7 +407,7 @@ def _inspect_run(program: str, argv: list[str]) -> Found:
         except UserError:
             found = None
         state, folder = _find_state(parent, prefix, resume_signature(a), f"model_{a.max_iters}.pt", a.max_iters,
-                                    found, _final_model(a, Path(project_path("models")) / a.env, a.model_type))
+                                    found, _final_model(a, a.env, a.model_type))
         return _with_note(Found(state, folder, run_lock_path("lm_cotraining/experiment.py", a),
                                 target=f"{parent / prefix}<id> (these flags)"))
     if name == "experiment_multi.py":
@@ -417,7 +431,7 @@ def _inspect_run(program: str, argv: list[str]) -> Found:
         except UserError:
             found = None
         state, folder = _find_state(parent, prefix, multi_signature(a), None, a.max_iters, found,
-                                    _final_model(a, Path(project_path("models")) / "multi", "dt"))
+                                    _final_model(a, "multi", "dt"))
         return _with_note(Found(state, folder, run_lock_path(name, a), target=f"{parent / prefix}<id> (these flags)"))
     if name != "experiment.py" or Path(program).resolve() != (ROOT / "experiment.py").resolve():
         _check_with_parser(program, argv)
@@ -431,7 +445,7 @@ def _inspect_run(program: str, argv: list[str]) -> Found:
         return Found("new")
     run_dir = Path(a.outdir) / run_dir_name(_model_name(a), a.dataset, a.env, a.seed, a.K, a.remove_grad_clip,
                                             a.pretrained_block)
-    final = _final_model(a, Path(project_path("models")) / a.env, a.model_type)
+    final = _final_model(a, a.env, a.model_type)
     done_file = f"model_{a.max_iters}.pt"
     if a.pretrained_models:  # merge runs: {run}_{exp_id}, found by their flags as --resume finds them
         prefix, signature = f"{run_dir.name}_", resume_signature(a)

@@ -1367,3 +1367,22 @@ def test_a_null_grid_value_and_an_unmakeable_log_folder_are_named_as_such(tmp_pa
         sweep.launch([[sys.executable, "-c", "pass"]], [None], tmp_path / "afile" / "logs", ["a"])
     assert str(e.value) == (f"cannot make the runs' log folder {tmp_path / 'afile' / 'logs'} (--log_dir): "
                             f"{tmp_path / 'afile'} is a file, not a folder")
+
+
+def test_a_finished_run_started_elsewhere_outside_the_project_is_done_from_here(tmp_path, monkeypatch):
+    """Outside the project a --save_model run writes models/ below the folder it was started in: re-planned from
+    another folder, the launcher looked for the last model below its own and took the finished run for half done
+    (its resume then wrote a second copy of the model)."""
+    import json
+
+    spec, d = _saved_model_run(tmp_path, "l3", 2, outdir=str(tmp_path / "ck"))
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "working_dir": str(tmp_path / "a")}))
+    saved = tmp_path / "a" / "models" / "hopper" / "dt_gym-experiment-hopper-medium-123.pt"
+    saved.parent.mkdir(parents=True)
+    saved.write_bytes(b"x")
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "b")
+    assert [s for s, _ in sweep.plan(spec, [])] == ["done"]
+    saved.unlink()                                                    # not there either: the run still writes it
+    assert [s for s, _ in sweep.plan(spec, [])] == ["partial"]
