@@ -1014,7 +1014,8 @@ def launch(commands: list[list[str]], slots: list[str | None], log_dir: Path, na
         report["stopped"] += [name for name, *_ in running.values()]
         report["not_started"] += [names[i] for i, _ in pending]
         _stop(running)
-        what = f"stopped {len(running)} running and {len(pending)} waiting runs; the same command resumes them"
+        what = (f"stopped {len(running)} running and {len(pending)} waiting runs; the same command "
+                f"{'resumes' if running else 'starts'} them")   # (none had started: nothing to resume)
         if isinstance(e, _LogUnwritable):
             raise UserError(f"{e}; {what}") from None
         raise Interrupted(f"interrupted: {what}") from None

@@ -372,7 +372,7 @@ def test_a_run_that_fails_with_its_logs_disk_full_stops_the_launcher_naming_the_
         sweep.launch(cmds, [None], tmp_path / "logs", ["a", "b"], report=report)
     assert str(e.value) == (f"cannot write {tmp_path / 'logs' / 'a.log'}: no space left on the device (run a stopped "
                             f"with exit 1, its log cut short); stopped 0 running and 1 waiting runs; the same command "
-                            f"resumes them")
+                            f"starts them")
     assert report["failed"] == [("a", 1, str(tmp_path / "logs" / "a.log"))] and report["not_started"] == ["b"]
     assert "[end a] FAILED (exit 1" in capsys.readouterr().out
 
