@@ -186,6 +186,9 @@ def check_multi_args(args):
                             f"replace the {'merged' if other == 'multi_pretrained_models' else 'pretrained'} model's")
     if args.eval_merge_pre and not args.p_list:
         raise UserError("--eval_merge_pre needs --p_list")
+    twice = next((p for i, p in enumerate(args.p_list or []) if p in args.p_list[:i]), None)
+    if twice is not None:   # (a second whole evaluation of one blend, logged over the first)
+        raise UserError(f"--p_list gives {twice:g} twice")
     if args.eval_merge_pre and args.num_eval_episodes == 0:
         raise UserError("--eval_merge_pre picks --p_list's p by evaluating each, but --num_eval_episodes 0 evaluates "
                         "nothing")
@@ -700,6 +703,10 @@ def _run_multi(args, take_lock) -> dict:
         what = "a bare state dict of a single-task DT" if pre.bare else f"config model_class {pre.model_class!r}"
         raise UserError(f"{args.pretrained_model}: not a multi-task model ({what})")
     ckpt_ref = pre or (load_model_file(args.load_checkpoint) if args.load_checkpoint else None)
+    if args.load_checkpoint and not ckpt_ref.is_multi:   # (before its statistics are read as a multi-task model's)
+        what = "a bare state dict of a single-task DT" if ckpt_ref.bare else f"config model_class " \
+                                                                                f"{ckpt_ref.model_class!r}"
+        raise UserError(f"{args.load_checkpoint}: not a multi-task model ({what})")
     for mf in [m for m in (pre, ckpt_ref) if m is not None and m.is_multi]:
         check_covers_envs(mf)
     stats, stats_note = resolve_state_stats(args, envs, ckpt_ref)

@@ -241,7 +241,16 @@ def test_multi_bad_input(data, tmp_path, monkeypatch, capsys):
         experiment_multi.main(["--data_path", str(data), "--pretrained_model", str(single), *TINY])
     assert "not a multi-task model" in capsys.readouterr().err
     assert load_checkpoint(single)  # untouched
+    # as --load_checkpoint: the same line (it was a shape mismatch, or, with --dataset expert, "stored state_mean has
+    # shape (11,), halfcheetah states have 17 dims", as if the checkpoint's statistics were damaged)
+    for dataset in ("medium", "expert"):
+        with pytest.raises(SystemExit):
+            experiment_multi.main(["--data_path", str(data), "--load_checkpoint", str(single), *TINY,
+                                   "--dataset", dataset])
+        assert capsys.readouterr().err.strip().splitlines()[-1] == \
+            f"error: {single}: not a multi-task model (config model_class 'dt')"
     for flags, needle in ((["--seed", "-1"], "--seed must be in"), (["--p_list", "nan"], "--p_list values must be"),
+                          (["--p_list", "0.5", "0.25", "0.5"], "--p_list gives 0.5 twice"),
                           (["--init_reg", "-1"], "--init_reg must be a number >= 0"),
                           (["--weight_decay", "nan"], "--weight_decay must be"),
                           (["--learning_rate", "0.1", "--weight_decay", "20"], "lr * wd must be below 1"),
