@@ -469,10 +469,14 @@ def test_cosine_kmeans_recovers_directions():
 
 
 def test_kmeans_cache_created_reused_and_checked(tmp_path, monkeypatch):
+    from decision_transformer.training.kmeans import table_fingerprint as km_table
+
     wte = torch.randn(50, 8)
     cache = tmp_path / "deep" / "er" / "c.pt"
     c = load_or_compute_centres(wte, 6, str(cache), seed=0)
-    stored = torch.load(cache, weights_only=True)
+    stored = torch.load(cache, weights_only=True)   # (with a record of the token table it was made from)
+    assert set(stored) == {"centres", "token_table"} and stored["token_table"] == km_table(wte)
+    stored = stored["centres"]
     assert stored.shape == (6, 8) and stored.dtype == torch.float32 and torch.equal(stored, c)
     from decision_transformer.training import kmeans as km_mod
 
@@ -486,6 +490,19 @@ def test_kmeans_cache_created_reused_and_checked(tmp_path, monkeypatch):
         torch.save(bad, cache)                                     # (cast silently, or with a torch warning)
         with pytest.raises(UserError, match=r"expected a \[N, H\] float tensor of k-means centres"):
             load_or_compute_centres(wte, 6, str(cache), seed=0)
+    # another LM's table of the same sizes: its centres were used without a word (the seed names one fixed
+    # kmeans_cache/chibi_1000.pt for every run); a bare tensor, as the originals' caches are, records no table
+    other = torch.randn(50, 8)
+    torch.save({"centres": c, "token_table": km_table(wte)}, cache)
+    with pytest.raises(UserError) as e:
+        load_or_compute_centres(other, 6, str(cache), seed=0)
+    assert str(e.value) == (f"{cache}: centres of another language model (its token table's digest {km_table(wte)}, "
+                            f"this LM's {km_table(other)}); delete the file or point --kmeans_cache elsewhere")
+    torch.save(c, cache)
+    assert torch.equal(load_or_compute_centres(other, 6, str(cache), seed=0), c)
+    cache.write_text("garbage\n")
+    with pytest.raises(UserError, match=r"not a k-means centre file \(Unsupported operand 103\)$"):
+        load_or_compute_centres(wte, 6, str(cache), seed=0)
     # more centres than tokens: one line before the cache's folder is made (it was left behind, empty)
     fresh = tmp_path / "new_folder" / "c.pt"
     with pytest.raises(UserError, match="--gpt_kmeans 51 must be between 1 and the LM's vocabulary size 50"):
@@ -932,7 +949,7 @@ def test_merging_seed_lm_command_against_a_fresh_chibit(tmp_path, monkeypatch, c
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cache = tmp_path / "kmeans_cache" / "chibi_1000.pt"
-    centres = torch.load(cache, weights_only=True)
+    centres = torch.load(cache, weights_only=True)["centres"]   # (beside the record of the LM's token table)
     assert centres.shape == (1000, 128)
     runs = list((work / "models" / "hopper").glob("dt_gym-experiment-hopper-medium-*"))
     best = [p for p in runs if p.name.endswith("_best.pt")]

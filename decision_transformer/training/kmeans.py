@@ -69,7 +69,8 @@ def check_clusters(n_clusters: int, V: int):
 
 def load_or_compute_centres(wte: torch.Tensor, n_clusters: int, cache: str | None, *, seed: int) -> torch.Tensor:
     """Centres [N, H] of the token embeddings ``wte`` [V, H]: read from ``cache`` when it exists (checked against
-    N and H), else computed and (if ``cache`` is given) saved there, parent folders created, loadable with
+    N and H, and against ``wte`` where the file records the token table it was made from), else computed and (if
+    ``cache`` is given) saved there with that record, parent folders created, loadable with
     ``torch.load(..., weights_only=True)``. Runs making one cache at once compute it once: the others wait and read
     it (the centres depend on ``seed``, so runs sharing a cache all take the first run's)."""
     if not cache:
@@ -80,14 +81,27 @@ def load_or_compute_centres(wte: torch.Tensor, n_clusters: int, cache: str | Non
     path = Path(cache)
     with exclusive(path, "k-means centres"):
         if path.is_file():
-            c = read_centres(path, n_clusters, wte.shape[1])
+            c = read_centres(path, n_clusters, wte.shape[1], wte)
             print(f"k-means: {n_clusters} centres read from {path}", file=sys.stderr)
             return c
         c = _cluster(wte, n_clusters, seed)
         from decision_transformer.checkpoint import atomic_save
 
-        print(f"k-means: centres saved to {atomic_save(c, path)}", file=sys.stderr)
+        saved = atomic_save({"centres": c, TABLE_KEY: table_fingerprint(wte)}, path)
+        print(f"k-means: centres saved to {saved}", file=sys.stderr)
         return c
+
+
+#: the key of a centre file's record of the token table its centres were made from (``table_fingerprint``)
+TABLE_KEY = "token_table"
+
+
+def table_fingerprint(wte: torch.Tensor) -> str:
+    """A digest of a token table's shape and float32 values: the LM a centre file was made from."""
+    import hashlib
+
+    t = wte.detach().float().cpu().contiguous()
+    return hashlib.sha1(repr(tuple(t.shape)).encode() + t.numpy().tobytes()).hexdigest()[:16]
 
 
 def _cluster(wte: torch.Tensor, n_clusters: int, seed: int) -> torch.Tensor:
@@ -96,13 +110,20 @@ def _cluster(wte: torch.Tensor, n_clusters: int, seed: int) -> torch.Tensor:
     return cosine_kmeans(wte, n_clusters, seed=seed).cpu().contiguous()
 
 
-def read_centres(path: Path, n_clusters: int, H: int) -> torch.Tensor:
-    """A centre file, checked: a finite [n_clusters, H] float tensor."""
+def read_centres(path: Path, n_clusters: int, H: int, wte: torch.Tensor | None = None) -> torch.Tensor:
+    """A centre file, checked: a finite [n_clusters, H] float tensor; with ``wte``, made from that token table where
+    the file records which (files of this toolkit: ``{"centres", TABLE_KEY}``; a bare tensor, as the originals' caches
+    are, records none)."""
+    from decision_transformer.checkpoint import torch_load_problem
+
     check_zip_checksums(path)
     try:
         c = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path}: not a k-means centre file ({str(e).strip()[:150]})") from None
+        raise UserError(f"{path}: not a k-means centre file ({torch_load_problem(e) or type(e).__name__})") from None
+    made_from = None
+    if isinstance(c, dict) and "centres" in c:
+        made_from, c = c.get(TABLE_KEY), c["centres"]
     if not isinstance(c, torch.Tensor) or c.dim() != 2 or not c.is_floating_point():
         raise UserError(f"{path}: expected a [N, H] float tensor of k-means centres")
     if c.shape[1] != H:
@@ -112,6 +133,9 @@ def read_centres(path: Path, n_clusters: int, H: int) -> torch.Tensor:
         raise UserError(f"{path}: holds {c.shape[0]} centres but --gpt_kmeans is {n_clusters}")
     if not torch.isfinite(c).all():
         raise UserError(f"{path}: centres contain NaN or inf")
+    if wte is not None and isinstance(made_from, str) and made_from != table_fingerprint(wte):
+        raise UserError(f"{path}: centres of another language model (its token table's digest {made_from}, this "
+                        f"LM's {table_fingerprint(wte)}); delete the file or point --kmeans_cache elsewhere")
     return c.float()
 
 
