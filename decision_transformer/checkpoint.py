@@ -370,7 +370,8 @@ BEHAVIOUR_FIELDS = {("backbone", "n_head"): "--n_head", ("backbone", "activation
 #: fit the model the flags build.
 SIZE_FIELDS = {("backbone", "n_embd"): "--embed_dim", ("backbone", "n_layer"): "--n_layer",
                ("share_input_output_proj",): "--share_input_output_proj", ("state_dim",): "--env",
-               ("act_dim",): "--env", ("extend_positions",): "--extend_positions"}
+               ("act_dim",): "--env", ("extend_positions",): "--extend_positions",
+               ("backbone", "vocab_size"): "--pretrained_lm"}   # (the token table: the LM the run started from)
 
 
 def _recorded(cfg, keys):

@@ -313,6 +313,16 @@ def test_a_checkpoint_of_another_lm_is_sent_to_that_lm(lms, tmp_path, monkeypatc
                                   str(ckpt)], capsys)
     assert "set --pretrained_lm as its run did" in msg and "--embed_dim" not in msg, msg
     assert msg.endswith(f"; its run used --pretrained_lm {lms / 'gpt2'}"), msg
+    # a model of another token table (the LM it started from) loaded without that LM, its sizes given: the advice
+    # named only the other shape settings (--extend_positions), whose fix then failed on wte alone
+    GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=40, vocab_size=50)).save_pretrained("plain")
+    experiment.main([*common, "--pretrained_lm", "plain", "--outdir", "s"])
+    (small_ckpt,) = (tmp_path / "s").glob("plain_*/model_1.pt")
+    msg = fails(experiment.main, [*common, "--n_head", "2", "--embed_dim", "16", "--n_layer", "1",
+                                  "--activation_function", "gelu_new", "--outdir", "q", "--load_checkpoint",
+                                  str(small_ckpt)], capsys)
+    assert "shape mismatch for transformer.wte.weight (checkpoint [50, 16], model [50257, 16])" in msg, msg
+    assert "vocab_size 50" in msg and "set --pretrained_lm" in msg, msg
     msg = fails(experiment.main, [*common, "--n_head", "4", "--embed_dim", "32", "--n_layer", "2", "--outdir", "p",
                                   "--load_checkpoint", str(ckpt)], capsys)
     assert "set --activation_function, --n_head, --pretrained_lm as the checkpoint's run did" in msg and msg.endswith(
