@@ -1228,8 +1228,8 @@ def _main(argv=None):
     r.add_argument("--no_pin", action="store_true",
                    help="do not pin each slot's runs to their own set of CPU cores (pinned when there are enough)")
     r.add_argument("--log_dir", default="sweep_logs",
-                   help="where each run's output goes, one log per grid point ({grid}_{key}.log; default: sweep_logs "
-                        "in the working folder)")
+                   help="where each run's output goes, one log per grid point ({grid}_{hash of its run "
+                        "folder}.log; default: sweep_logs in the working folder)")
     r.add_argument("--dry_run", action="store_true", help="print the plan only")
     r.add_argument("--extra", default="", help="flags appended to every run, e.g. \"--max_iters 1 --device cpu\"")
     e = sub.add_parser("export", help="write WandB sweep files")
