@@ -88,10 +88,10 @@ def test_grad_clip_figure_skips_a_run_without_metrics(tmp_path, capsys):
     run = _main(GRAD_CLIP)
     run(["--checkpoint_dir", ck, "--model_name", "igpt", "--env_name_list", "hopper", "walker2d", *_out(tmp_path)])
     lines = capsys.readouterr().out.splitlines()
-    missing = ck / "igpt_medium_walker2d_666_no_grad_clip" / "metrics.jsonl"
-    assert [ln for ln in lines if ln.startswith("note:")] == [f"note: skipped: metrics not found: {missing} (runs "
-                                                              f"write it next to their checkpoints; use --from_wandb "
-                                                              f"to read WandB instead)"]
+    # (a run never trained: "no run", where it said "metrics not found: .../metrics.jsonl" of a folder never made)
+    assert [ln for ln in lines if ln.startswith("note:")] == [f"note: skipped: no run igpt_medium_walker2d_666_no_grad_"
+                                                              f"clip in {ck} (train it, or use --from_wandb to read "
+                                                              f"WandB instead)"]
     wrote = {ln.rsplit("/", 1)[-1] for ln in lines if ln.startswith("wrote ")}
     for env in ("hopper", "walker2d"):
         stem = f"learning_curve_grad_clip_igpt_{env}_medium_666"
@@ -102,7 +102,7 @@ def test_grad_clip_figure_skips_a_run_without_metrics(tmp_path, capsys):
     empty = tmp_path / "empty"
     msg = fails(load_script(GRAD_CLIP).main, ["--checkpoint_dir", ck, "--model_name", "gpt2", "--env_name_list",
                                               "hopper", *_out(empty)], capsys)
-    assert "no runs found for the gradient-clip figure: metrics not found:" in msg
+    assert "no runs found for the gradient-clip figure: no run gpt2_medium_hopper_666 in" in msg
     assert not _written(empty)
 
 

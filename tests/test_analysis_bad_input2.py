@@ -419,7 +419,7 @@ def test_missing_runs_are_notes_in_the_outputs(runs, tmp_path, capsys):
     args = scores.build_parser().parse_args([str(a) for a in _argv("score", runs, tmp_path / "o")]
                                             + ["--K", "20", "--seed_list", "666", "667"])
     outs = scores.run(args)
-    assert any(n.startswith("skipped: metrics not found:") and "_667" in n for n in outs.notes)
+    assert any(n.startswith("skipped: no run dt_medium_hopper_667 in ") for n in outs.notes), outs.notes
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         o = curves.run_no_context(curves.build_no_context_parser().parse_args(

@@ -96,7 +96,7 @@ def test_score_table_best_last_and_dataset_norm(tmp_path, capsys):
     capsys.readouterr()
     msg = expect_exit(capsys, main, ["--checkpoint_dir", ck, "--model_name_list", "gpt2", "--env_name_list", "hopper",
                                      *out(tmp_path)])
-    assert "gpt2_medium_hopper_666/metrics.jsonl" in msg
+    assert f"no run gpt2_medium_hopper_666 in {ck} (train it" in msg, msg
 
 
 def test_from_wandb_with_a_fake_api(tmp_path, monkeypatch):

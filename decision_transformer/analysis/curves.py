@@ -63,6 +63,9 @@ def read_metrics_jsonl(path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not the run's metrics file")
+    if not path.parent.is_dir():   # (a run never trained here: not a run whose metrics went missing)
+        raise RunNotFound(f"no run {path.parent.name} in {path.parent.parent} (train it, or use --from_wandb to read "
+                          f"WandB instead)")
     if not path.is_file():
         raise RunNotFound(f"metrics not found: {path} (runs write it next to their checkpoints; use --from_wandb to "
                           f"read WandB instead)")
